@@ -1,0 +1,138 @@
+"""Typed, validated configuration.
+
+Entry points compose YAML with Hydra and hand the plain dict to `*.from_dict`; library code only
+sees these frozen dataclasses, so `Engine(EngineConfig(...))` works from plain Python too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _from_dict(cls, data: dict[str, Any] | None, where: str):
+    data = dict(data or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    for name, f in names.items():
+        sub = _NESTED.get((cls.__name__, name))
+        if sub is not None and name in data and not isinstance(data[name], sub):
+            data[name] = sub.from_dict(data[name], f"{where}.{name}")
+        if name in data and isinstance(data[name], list):
+            data[name] = tuple(data[name])
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the base model comes from and how it is placed.
+
+    path: a Hugging Face folder, or "tiny" for the embedded default (made locally, cached).
+    max_memory_bytes: per-device budget for accelerate's placement, e.g. {"0": 20e9, "1": 20e9};
+    empty means "everything on engine.device".
+    """
+
+    path: str = "tiny"
+    dtype: str = "auto"
+    served_name: str = ""
+    max_memory_bytes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(bool(self.path), "model.path must not be empty")
+        _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+
+    @classmethod
+    def from_dict(cls, data, where="model"):
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The adapter catalogue (host tier) and the device slot pool.
+
+    rank_buckets: slot ranks; an adapter goes to the smallest bucket >= its rank.
+    device_slots: slots per bucket on the device (int: same for every bucket).
+    host_mem_bytes: host-tier budget; least-recently-used adapters beyond it are dropped and
+    re-read from disk when needed (0 = unbounded).
+    """
+
+    dir: str = "demo"
+    rank_buckets: tuple[int, ...] = (8, 16, 32, 64, 128)
+    device_slots: int = 4
+    host_mem_bytes: int = 0
+    allowed_roots: tuple[str, ...] = ()
+    preload: str = "none"
+
+    def __post_init__(self):
+        b = self.rank_buckets
+        _check(len(b) > 0, "adapters.rank_buckets must not be empty")
+        _check(all(isinstance(r, int) and r > 0 for r in b), f"adapters.rank_buckets={b} must be positive ints")
+        _check(list(b) == sorted(set(b)), f"adapters.rank_buckets={b} must be strictly increasing")
+        _check(self.device_slots >= 1, f"adapters.device_slots={self.device_slots} must be >= 1")
+        _check(self.host_mem_bytes >= 0, "adapters.host_mem_bytes must be >= 0")
+        _check(self.preload in ("none", "all"), f"adapters.preload={self.preload!r} must be none|all")
+
+    @property
+    def max_rank(self) -> int:
+        return self.rank_buckets[-1]
+
+    @classmethod
+    def from_dict(cls, data, where="adapters"):
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine needs. device "auto" = cuda when present, else cpu."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    max_tokens_per_step: int = 4096
+    compile: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.max_batch_size >= 1, f"engine.max_batch_size={self.max_batch_size} must be >= 1")
+        _check(self.max_seq_len >= 2, f"engine.max_seq_len={self.max_seq_len} must be >= 2")
+        _check(self.max_tokens_per_step >= 1, "engine.max_tokens_per_step must be >= 1")
+        _check(self.dtype in DTYPES, f"engine.dtype={self.dtype!r} is not one of {DTYPES}")
+        _check(str(self.compile) in ("auto", "True", "False", "true", "false"),
+               f"engine.compile={self.compile!r} must be auto|true|false")
+
+    @classmethod
+    def from_dict(cls, data, where="engine"):
+        return _from_dict(cls, data, where)
+
+
+_NESTED = {
+    ("EngineConfig", "model"): ModelConfig,
+    ("EngineConfig", "adapters"): AdapterConfig,
+}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    _check(device == "cpu" or device.startswith("cuda"), f"engine.device={device!r} must be auto|cpu|cuda[:N]")
+    if device.startswith("cuda"):
+        _check(torch.cuda.is_available(), f"engine.device={device!r} but CUDA is not available")
+    return device

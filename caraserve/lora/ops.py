@@ -1,0 +1,69 @@
+"""Batched LoRA operators: plain-torch references and the dispatch to the Triton kernels.
+
+Every operator adds, for each row i of x that belongs to a rank bucket,
+    y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i]
+where s_i is the row's slot. The references run on CPU and are the ground truth in tests; on
+CUDA the same calls go to `triton_ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from caraserve.lora.batch import LoraIndex
+
+
+def sgmv_reference(
+    y: torch.Tensor,  # [T, out] accumulated in place
+    x: torch.Tensor,  # [T, in]
+    a: torch.Tensor,  # [S, in, R]
+    b: torch.Tensor,  # [S, R, out]
+    scale: torch.Tensor,  # [S] float32
+    index: LoraIndex,
+) -> None:
+    """Segment form: y[s:s+n] += scale[k] * (x[s:s+n] @ A[k]) @ B[k] for each segment (s, n, k)."""
+    for start, count, slot in index.segments:
+        xs = x[start : start + count]
+        delta = (xs @ a[slot]) @ b[slot]
+        y[start : start + count] += (delta * scale[slot]).to(y.dtype)
+
+
+def bgmv_reference(
+    y: torch.Tensor,  # [N, out] accumulated in place
+    x: torch.Tensor,  # [N, in]
+    a: torch.Tensor,  # [S, in, R]
+    b: torch.Tensor,  # [S, R, out]
+    scale: torch.Tensor,  # [S] float32
+    index: LoraIndex,
+) -> None:
+    """Row form: y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i], one gathered slot per row."""
+    rows = slice(index.row_start, index.row_end)
+    slots = index.row_slot.long()
+    v = torch.bmm(x[rows].unsqueeze(1), a[slots])  # [n, 1, R]
+    delta = torch.bmm(v, b[slots]).squeeze(1) * scale[slots].unsqueeze(1)  # [n, out]
+    y[rows] += delta.to(y.dtype)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    index: LoraIndex,
+    is_decode: bool,
+) -> None:
+    """Adds the LoRA delta of one rank bucket to y; Triton on CUDA, torch elsewhere.
+
+    On CPU the segment form serves decode too: rows are ordered by slot, so a decode step costs
+    one small matmul pair per distinct adapter instead of a gather of every row's weights.
+    """
+    if y.is_cuda:
+        from caraserve.lora import triton_ops
+
+        if is_decode:
+            triton_ops.bgmv(y, x, a, b, scale, index)
+        else:
+            triton_ops.sgmv(y, x, a, b, scale, index)
+        return
+    sgmv_reference(y, x, a, b, scale, index)

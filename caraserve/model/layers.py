@@ -1,0 +1,92 @@
+"""Building blocks of the decoder: RMSNorm, rotary embedding, and the LoRA-aware linear layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caraserve.lora.batch import LoraBatch
+from caraserve.lora.ops import add_lora
+
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the variance taken in float32 (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))  # [dim]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] float32 and the cos/sin scale of the config's rope type."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE:
+        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE})")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=torch.device("cpu"))
+    return inv.float(), float(scale)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding for explicit positions (one per token)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim/2] float32
+        self.scale = scale
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 -> cos, sin [T, head_dim] in `dtype`."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; cos/sin [T, head_dim]: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+class LoraLinear(nn.Module):
+    """y = x W^T + b, plus each token's own LoRA delta scale * (x A) B when the batch carries one.
+
+    The adapter weights live in the device pool, not here: `LoraBatch` names, per rank bucket,
+    the stacked slot tensors and which tokens use which slot. `key` is (layer index, module name)
+    and picks this layer's weights out of them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, layer: int, name: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # [out]
+        self.layer = layer
+        self.name = name
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None:
+            for group in lora.groups:
+                weights = group.weights.get(self.name)
+                if weights is not None:
+                    a, b = weights
+                    add_lora(y, x, a[self.layer], b[self.layer], group.scale, group.index, lora.is_decode)
+        return y

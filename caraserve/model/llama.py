@@ -1,0 +1,232 @@
+"""A Llama-family decoder built for serving: packed batches, explicit positions, slot KV cache.
+
+Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
+MistralForCausalLM (sliding window) and Qwen2ForCausalLM (q/k/v bias). Parameter names equal
+the Hugging Face checkpoint names, so a state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caraserve.model.batch import ForwardBatch
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, apply_rotary, rope_inv_freq
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [slots, max_len, n_kv, hd]
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or an option of it is not supported."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    max_position: int
+
+    @classmethod
+    def from_hf(cls, cfg) -> ModelArgs:
+        archs = list(getattr(cfg, "architectures", None) or [])
+        arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}"
+            )
+        family = ARCHITECTURES[arch]
+        n_layers = cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        windows: list[int | None] = [None] * n_layers
+        if family == "mistral" and getattr(cfg, "sliding_window", None):
+            windows = [int(cfg.sliding_window)] * n_layers
+        layer_types = getattr(cfg, "layer_types", None)
+        if family == "qwen2" and getattr(cfg, "use_sliding_window", False) and layer_types:
+            windows = [int(cfg.sliding_window) if t == "sliding_attention" else None for t in layer_types]
+        attn_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_eps=cfg.rms_norm_eps,
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else attn_bias,
+            o_bias=False if family == "qwen2" else attn_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            sliding_windows=tuple(windows),
+            max_position=getattr(cfg, "max_position_embeddings", 2048),
+        )
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA-targetable projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+        return shapes[name]
+
+
+def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
+    """[n, ctx] bool: key j is visible from query position p iff j <= p (and p - j < window)."""
+    k_pos = torch.arange(ctx, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.args = args
+        self.window = args.sliding_windows[layer]
+        h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.q_proj = LoraLinear(h, q, args.qkv_bias, layer, "q_proj")
+        self.k_proj = LoraLinear(h, kv, args.qkv_bias, layer, "k_proj")
+        self.v_proj = LoraLinear(h, kv, args.qkv_bias, layer, "v_proj")
+        self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
+
+    def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
+        a = self.args
+        t = x.shape[0]
+        q = self.q_proj(x, fb.lora).view(t, a.num_heads, a.head_dim)
+        k = self.k_proj(x, fb.lora).view(t, a.num_kv_heads, a.head_dim)
+        v = self.v_proj(x, fb.lora).view(t, a.num_kv_heads, a.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = cache
+        k_cache[fb.token_slots, fb.positions] = k
+        v_cache[fb.token_slots, fb.positions] = v
+        out = self._decode(q, fb, k_cache, v_cache) if fb.is_decode else self._prefill(q, fb, k_cache, v_cache)
+        return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb.lora)
+
+    def _decode(self, q, fb: ForwardBatch, k_cache, v_cache):
+        ctx = fb.max_context
+        keys = k_cache[fb.slots, :ctx].transpose(1, 2)  # [B, n_kv, ctx, hd]
+        vals = v_cache[fb.slots, :ctx].transpose(1, 2)
+        q_pos = fb.context_lens_t - 1  # [B]
+        k_pos = torch.arange(ctx, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - self.window
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], enable_gqa=True
+        )  # [B, H, 1, hd]
+        return out.squeeze(2)
+
+    def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
+        out = torch.empty_like(q)
+        start = 0
+        for i, (n, ctx) in enumerate(zip(fb.query_lens, fb.context_lens)):
+            slot = fb.slots[i]
+            keys = k_cache[slot, :ctx].transpose(0, 1)  # [n_kv, ctx, hd]
+            vals = v_cache[slot, :ctx].transpose(0, 1)
+            qi = q[start : start + n].transpose(0, 1)  # [H, n, hd]
+            if n == ctx and (self.window is None or ctx <= self.window):
+                o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=True)
+            else:
+                mask = _attention_mask(fb.positions[start : start + n], ctx, self.window)
+                o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=True)
+            out[start : start + n] = o.transpose(0, 1)
+            start += n
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        h, i = args.hidden_size, args.intermediate_size
+        self.gate_proj = LoraLinear(h, i, args.mlp_bias, layer, "gate_proj")
+        self.up_proj = LoraLinear(h, i, args.mlp_bias, layer, "up_proj")
+        self.down_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
+
+    def forward(self, x, lora):
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.mlp = MLP(args, layer)
+
+    def forward(self, h, cos, sin, fb: ForwardBatch, cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache)
+        return h + self.mlp(self.post_attention_layernorm(h), fb.lora)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head. `forward` returns logits of each sequence's last token (or of
+    every token with all_logits=True)."""
+
+    def __init__(self, args: ModelArgs, hf_config):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            inv_freq, scale = rope_inv_freq(hf_config)
+        self.rotary = Rotary(inv_freq, scale)
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.input_layernorm.weight.device for layer in self.model.layers]
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch, kv: KVCacheLayers, all_logits: bool = False) -> torch.Tensor:
+        dtype = self.model.embed_tokens.weight.dtype
+        h = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
+        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}
+        for layer, cache in zip(self.model.layers, kv):
+            dev = layer.input_layernorm.weight.device
+            if dev not in batches:
+                fbd = fb if fb.input_ids.device == dev else fb.to(dev)
+                cos, sin = self.rotary.cos_sin(fbd.positions.to(self.rotary.inv_freq.device), dtype)
+                batches[dev] = (fbd, cos.to(dev), sin.to(dev))
+            fbd, cos, sin = batches[dev]
+            h = layer(h.to(dev), cos, sin, fbd, cache)
+        h = h.to(self.model.norm.weight.device)
+        if not all_logits and not fb.is_decode:
+            h = h[fb.last_rows.to(h.device)]
+        return self.lm_head(self.model.norm(h).to(self.lm_head.weight.device))

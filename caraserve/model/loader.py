@@ -1,0 +1,176 @@
+"""Loads a Hugging Face model folder as it is: config.json, single or sharded safetensors.
+
+Placement: with a memory budget for several devices, accelerate's `infer_auto_device_map`
+decides which decoder layers go where, and each tensor is read straight onto its device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from caraserve.model.llama import CausalLM, ModelArgs
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The folder cannot be loaded; the message names the file and tensor."""
+
+
+def load_hf_config(path: str | os.PathLike):
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    cfg_file = folder / "config.json"
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{cfg_file} is missing: not a Hugging Face model folder")
+    try:
+        json.loads(cfg_file.read_text())
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelLoadError(f"{cfg_file} cannot be read: {e}") from e
+
+
+def resolve_dtype(name: str, hf_config) -> torch.dtype:
+    if name == "auto":
+        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, torch.dtype):
+            return cfg_dtype
+        return DTYPES.get(str(cfg_dtype), torch.float32)
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from e
+        return {name: folder / fname for name, fname in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder} (only safetensors checkpoints load)")
+    mapping: dict[str, Path] = {}
+    for f in files:
+        for name in _open(f).keys():
+            mapping[name] = f
+    return mapping
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModelLoadError(f"cannot read {file}: {e}") from e
+
+
+def plan_placement(
+    model: nn.Module, dtype: torch.dtype, device: str, max_memory_bytes: dict | None
+) -> dict[str, str]:
+    """Module name -> device. Without a budget everything goes to `device`; with one, accelerate
+    places whole decoder layers within the per-device budgets."""
+    if not max_memory_bytes:
+        return {"": device}
+    from accelerate import infer_auto_device_map
+
+    budget = {(int(k) if str(k).isdigit() else k): int(v) for k, v in max_memory_bytes.items()}
+    dmap = infer_auto_device_map(
+        model, max_memory=budget, no_split_module_classes=["DecoderLayer"], dtype=dtype
+    )
+    placed = {}
+    for name, dev in dmap.items():
+        if dev == "disk":
+            raise ModelLoadError(
+                f"the memory budget {max_memory_bytes} leaves {name!r} for disk offload, which is not supported"
+            )
+        placed[name] = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+    return placed
+
+
+def _device_for(name: str, placement: dict[str, str]) -> str:
+    best, dev = -1, placement.get("", "cpu")
+    for prefix, d in placement.items():
+        if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) > best:
+            best, dev = len(prefix), d
+    return dev
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_memory_bytes: dict | None = None,
+) -> CausalLM:
+    """Builds our decoder from a Hugging Face folder, reading each tensor onto its device."""
+    folder = Path(path)
+    hf_config = load_hf_config(folder)
+    args = ModelArgs.from_hf(hf_config)
+    torch_dtype = resolve_dtype(dtype, hf_config)
+    with torch.device("meta"):
+        model = CausalLM(args, hf_config)
+    placement = plan_placement(model, torch_dtype, device, max_memory_bytes)
+    files = _weight_files(folder)
+    handles: dict[Path, object] = {}
+    expected = dict(model.named_parameters())
+    if args.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    for name, param in expected.items():
+        file = files.get(name)
+        if file is None:
+            raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {folder}")
+        if file not in handles:
+            if not file.is_file():
+                raise ModelLoadError(f"{file} (holding {name!r}) does not exist")
+            handles[file] = _open(file)
+        try:
+            tensor = handles[file].get_tensor(name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from e
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = tensor.to(device=_device_for(name, placement), dtype=torch_dtype)
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    if args.tie_embeddings:
+        embed = model.model.embed_tokens.weight
+        head_dev = _device_for("lm_head.weight", placement)
+        model.lm_head.weight = embed if str(embed.device) == head_dev else nn.Parameter(
+            embed.detach().to(head_dev), requires_grad=False
+        )
+    extra = sorted(set(files) - set(dict(model.named_parameters())) - {"lm_head.weight"})
+    if extra:
+        log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
+    from caraserve.model.layers import rope_inv_freq
+
+    inv_freq, _ = rope_inv_freq(hf_config)
+    model.rotary.inv_freq = inv_freq.to(_device_for("model.layers.0", placement))
+    model.eval()
+    log.info("loaded %s (%s, %s) from %s", args.architecture, torch_dtype, placement, folder)
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {e}") from e

@@ -1,0 +1,62 @@
+"""Shared builders for tests: random tiny Hugging Face checkpoints and a plain reference."""
+
+from __future__ import annotations
+
+import torch
+
+from caraserve.kv_cache import KVCache
+from caraserve.model.batch import ForwardBatch
+
+
+def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):
+    """Writes a random tiny HF checkpoint of `arch` to folder and returns the HF model (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
+    cfg_cls, model_cls = classes[arch]
+    kw = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    cfg = cfg_cls(**kw)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the default init: sharper logits
+            p.normal_(0, 0.1)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model
+
+
+def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, max_seq_len=256):
+    """Prefill all prompts in one packed batch, then decode the given tokens in batched steps.
+
+    decode_tokens[i][t] is the token fed to sequence i at decode step t. Returns
+    (prefill logits per prompt [len_i, V], decode logits per step [B, V]).
+    """
+    a = model.args
+    dtype = model.model.embed_tokens.weight.dtype
+    kv = KVCache(len(prompts), max_seq_len, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
+    slots = [kv.allocate() for _ in prompts]
+    fb = ForwardBatch.build(prompts, [0] * len(prompts), slots, device, is_decode=False,
+                            lora=lora_fn(False) if lora_fn else None)
+    logits = model(fb, kv.layers, all_logits=True)
+    pre, start = [], 0
+    for p in prompts:
+        pre.append(logits[start : start + len(p)])
+        start += len(p)
+    lens = [len(p) for p in prompts]
+    steps = []
+    for t in range(len(decode_tokens[0])):
+        fb = ForwardBatch.build([[d[t]] for d in decode_tokens], lens, slots, device, is_decode=True,
+                                lora=lora_fn(True) if lora_fn else None)
+        steps.append(model(fb, kv.layers))
+        lens = [n + 1 for n in lens]
+    return pre, steps

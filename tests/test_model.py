@@ -1,0 +1,173 @@
+"""Our decoder against transformers' implementation, and the Hugging Face folder loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_prefill_decode, save_random_hf_model
+from safetensors.torch import load_file, save_file
+
+from caraserve.model.llama import UnsupportedModelError
+from caraserve.model.loader import ModelLoadError, load_model, plan_placement
+
+CONFIGS = {
+    "llama-gqa": ("llama", {}),
+    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "llama3-rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "mistral-window": ("mistral", {"sliding_window": 6}),
+    "qwen2-bias": ("qwen2", {"num_key_value_heads": 1}),
+}
+PROMPTS = [[5, 9, 3, 17, 22, 7, 1, 90, 4], [11, 2, 60], [3], [40, 41, 42, 43, 44, 45, 46]]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    arch, overrides = CONFIGS[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = save_random_hf_model(folder, arch, **overrides)
+    return hf, load_model(folder, "float32")
+
+
+def test_prefill_and_decode_logits_match_transformers(pair):
+    hf, ours = pair
+    g = torch.Generator().manual_seed(1)
+    steps = 20
+    decode = [torch.randint(0, 128, (steps,), generator=g).tolist() for _ in PROMPTS]
+    pre, dec = run_prefill_decode(ours, PROMPTS, decode)
+    with torch.no_grad():
+        for i, p in enumerate(PROMPTS):
+            full = hf(torch.tensor([p + decode[i]])).logits[0]
+            assert rel_err(pre[i], full[: len(p)]) < 1e-4
+            for t in range(steps):
+                assert rel_err(dec[t][i], full[len(p) + t]) < 1e-4
+
+
+def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    from caraserve.kv_cache import KVCache
+    from caraserve.model.batch import ForwardBatch
+
+    a = model.args
+    kv = KVCache(1, 128, a.num_kv_heads, a.head_dim, torch.float32, model.layer_devices())
+    out, seq, is_decode = [], list(prompt), False
+    feed = list(prompt)
+    for _ in range(new_tokens):
+        fb = ForwardBatch.build([feed], [len(seq) - len(feed)], [0], "cpu", is_decode=is_decode)
+        tok = int(model(fb, kv.layers)[0].argmax())
+        out.append(tok)
+        seq.append(tok)
+        feed, is_decode = [tok], True
+    return out
+
+
+def test_greedy_generation_matches_transformers_generate(pair):
+    hf, ours = pair
+    prompt = PROMPTS[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert greedy(ours, prompt, 12) == ref
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = save_random_hf_model(tmp_path / "src", "llama")
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    ours = load_model(tmp_path / "sharded", "float32")
+    pre, _ = run_prefill_decode(ours, PROMPTS[:1], [[1]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(PROMPTS[:1])).logits[0]
+    assert rel_err(pre[0], ref) < 1e-4
+
+
+def test_bfloat16_loads_and_runs(tmp_path):
+    hf = save_random_hf_model(tmp_path, "llama")
+    ours = load_model(tmp_path, "bfloat16")
+    assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
+    pre, dec = run_prefill_decode(ours, PROMPTS, [[1, 2]] * len(PROMPTS))
+    assert pre[0].dtype == torch.bfloat16 and torch.isfinite(dec[-1].float()).all()
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    assert rel_err(pre[0].float(), ref) < 0.05  # bf16 rounding, same function
+
+
+def test_dtype_auto_follows_config(tmp_path):
+    save_random_hf_model(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(tmp_path, "auto").lm_head.weight.dtype == torch.float16
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    save_random_hf_model(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_names_tensor(tmp_path):
+    save_random_hf_model(tmp_path, "llama")
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(f))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_file(tmp_path):
+    save_random_hf_model(tmp_path, "llama")
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+    save_file(tensors, str(f))
+    with pytest.raises(ModelLoadError, match=r"k_proj\.weight.*model\.safetensors.*\(3, 64\)"):
+        load_model(tmp_path)
+
+
+def test_unreadable_weights_and_missing_config(tmp_path):
+    save_random_hf_model(tmp_path, "llama")
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_model(tmp_path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nothing-here")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_placement_splits_layers_within_budget(tmp_path):
+    from caraserve.model.loader import load_hf_config
+    from caraserve.model.llama import CausalLM, ModelArgs
+
+    save_random_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    cfg = load_hf_config(tmp_path)
+    with torch.device("meta"):
+        model = CausalLM(ModelArgs.from_hf(cfg), cfg)
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    embed_bytes = model.model.embed_tokens.weight.numel() * 4
+    budget = {0: embed_bytes + 2 * layer_bytes + 1024, 1: 10**9}
+    placement = plan_placement(model, torch.float32, "cpu", budget)
+    on = {name: dev for name, dev in placement.items() if name.startswith("model.layers.")}
+    assert set(on.values()) == {"cuda:0", "cuda:1"}
+    assert on["model.layers.0"] == "cuda:0" and on["model.layers.3"] == "cuda:1"
+
+
+def test_placement_is_honoured_on_cpu(tmp_path):
+    hf = save_random_hf_model(tmp_path, "llama")
+    ours = load_model(tmp_path, "float32", "cpu", max_memory_bytes={"cpu": 10**9})
+    assert all(d.type == "cpu" for d in ours.layer_devices())
+    pre, _ = run_prefill_decode(ours, PROMPTS[:1], [[1]])
+    with torch.no_grad():
+        assert rel_err(pre[0], hf(torch.tensor(PROMPTS[:1])).logits[0]) < 1e-4

@@ -60,3 +60,35 @@ def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None
         steps.append(model(fb, kv.layers))
         lens = [n + 1 for n in lens]
     return pre, steps
+
+
+def save_peft_adapter(base_folder, out_folder, seed: int, **lora_kwargs):
+    """Trains nothing: wraps the HF model in peft with random (nonzero) A and B and saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    kw = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+              bias="none", task_type="CAUSAL_LM", init_lora_weights=False)
+    kw.update(lora_kwargs)
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(**kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    pm.save_pretrained(str(out_folder))
+    return out_folder
+
+
+def peft_logits(base_folder, adapter_folder, tokens):
+    """Logits [len, V] of transformers (+ peft when adapter_folder) for one sequence alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    if adapter_folder is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_folder)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0]

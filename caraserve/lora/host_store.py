@@ -1,0 +1,144 @@
+"""The host tier: every registered adapter, its metadata always, its weights within a budget.
+
+Weights beyond `budget_bytes` are dropped least-recently-used first and re-read from disk on
+the next use, so the catalogue can be far larger than host memory. With CUDA present the
+weights are pinned, which lets device copies run asynchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caraserve.lora.checkpoint import AdapterError, LoraWeights, check_name, load_adapter
+
+log = logging.getLogger(__name__)
+
+
+class UnknownAdapterError(KeyError):
+    """No adapter of that name is registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+    scale: float
+    targets: tuple[str, ...]
+    nbytes: int
+
+
+class HostStore:
+    def __init__(
+        self, model_args, budget_bytes: int = 0, dtype: torch.dtype = torch.float32, pin: bool | None = None
+    ):
+        self.model_args = model_args
+        self.dtype = dtype
+        self.budget_bytes = budget_bytes
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._info: dict[str, AdapterInfo] = {}
+        self._weights: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU order, oldest first
+        self._lock = threading.Lock()
+        self.disk_reads = 0
+
+    def register_dir(self, root: str | Path) -> tuple[list[str], dict[str, str]]:
+        """Registers every adapter folder under root. Returns (registered, {name: error}); a broken
+        adapter is reported and skipped, the others still register."""
+        root = Path(root)
+        if not root.is_dir():
+            raise AdapterError(f"adapter folder {root} does not exist")
+        ok, bad = [], {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                self.register(folder.name, folder)
+                ok.append(folder.name)
+            except AdapterError as e:
+                bad[folder.name] = str(e)
+                log.error("%s", e)
+        return ok, bad
+
+    def register(self, name: str, path: str | Path) -> AdapterInfo:
+        """Validates and registers one adapter; on any error nothing changes."""
+        check_name(name)
+        with self._lock:
+            if name in self._info:
+                raise AdapterError(f"adapter {name!r} is already registered (from {self._info[name].path})")
+        weights = self._prepare(load_adapter(path, self.model_args, name))
+        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.targets, weights.nbytes)
+        with self._lock:
+            if name in self._info:
+                raise AdapterError(f"adapter {name!r} is already registered (from {self._info[name].path})")
+            self._info[name] = info
+            self._keep(weights)
+        log.info("registered adapter %s (rank %d, %s)", name, info.rank, ",".join(info.targets))
+        return info
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if name not in self._info:
+                raise UnknownAdapterError(f"adapter {name!r} is not registered")
+            del self._info[name]
+            self._weights.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._info)
+
+    def info(self, name: str) -> AdapterInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered") from None
+
+    def get(self, name: str) -> LoraWeights:
+        """The adapter's weights, re-read from disk when the budget dropped them."""
+        with self._lock:
+            info = self.info(name)
+            w = self._weights.get(name)
+            if w is not None:
+                self._weights.move_to_end(name)
+                return w
+        w = self._prepare(load_adapter(info.path, self.model_args, name))
+        with self._lock:
+            self.disk_reads += 1
+            if name in self._info:
+                self._keep(w)
+        return w
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(w.nbytes for w in self._weights.values())
+
+    def _prepare(self, w: LoraWeights) -> LoraWeights:
+        """In the serving dtype, pinned when CUDA is present (async device copies need it)."""
+
+        def conv(t):
+            t = t.to(self.dtype)
+            return t.pin_memory() if self.pin else t
+
+        a = {m: conv(t) for m, t in w.a.items()}
+        b = {m: conv(t) for m, t in w.b.items()}
+        return LoraWeights(w.name, w.path, w.rank, w.scale, a, b)
+
+    def _keep(self, w: LoraWeights) -> None:
+        self._weights[w.name] = w
+        self._weights.move_to_end(w.name)
+        if self.budget_bytes <= 0:
+            return
+        total = sum(x.nbytes for x in self._weights.values())
+        while total > self.budget_bytes and len(self._weights) > 1:
+            _, dropped = self._weights.popitem(last=False)
+            total -= dropped.nbytes
+            log.debug("host budget: dropped %s weights (re-read on next use)", dropped.name)

@@ -136,3 +136,11 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda"):
         _check(torch.cuda.is_available(), f"engine.device={device!r} but CUDA is not available")
     return device
+
+
+def engine_config(composed: dict[str, Any]) -> EngineConfig:
+    """EngineConfig from a composed entry-point config with `model`, `adapters`, `engine` keys."""
+    engine = dict(composed.get("engine") or {})
+    engine["model"] = ModelConfig.from_dict(composed.get("model"))
+    engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
+    return EngineConfig.from_dict(engine)

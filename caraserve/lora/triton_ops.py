@@ -134,7 +134,7 @@ def _sgmv_expand_kernel(
         other=0.0,
     )
     bb = tl.load(
-        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        b_ptr + 0 * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
         mask=r_mask[:, None] & n_mask[None, :],
         other=0.0,
     )

@@ -1,0 +1,278 @@
+"""Engine: add_request / step / generate / abort. Owns every component; holds no global state."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from caraserve.config import EngineConfig, resolve_device
+from caraserve.kv_cache import KVCache
+from caraserve.lora.checkpoint import AdapterError
+from caraserve.lora.device_pool import DevicePool
+from caraserve.lora.host_store import AdapterInfo, HostStore
+from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
+from caraserve.request import FinishReason, Request, RequestError, RequestOutput, RequestState, SamplingParams
+from caraserve.runner import ModelRunner
+from caraserve.sampler import sample
+from caraserve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None); "tiny" and "demo" name the embedded default."""
+    model_path, adapter_dir = cfg.model.path, cfg.adapters.dir
+    if model_path == "tiny" or adapter_dir == "demo":
+        from caraserve.model.tiny import tiny_paths
+
+        tiny_model, tiny_adapters = tiny_paths()
+        model_path = tiny_model if model_path == "tiny" else model_path
+        adapter_dir = tiny_adapters if adapter_dir == "demo" else adapter_dir
+    return Path(model_path), (Path(adapter_dir) if adapter_dir not in ("", None, "none") else None)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.device = torch.device(resolve_device(cfg.device))
+        model_path, adapter_dir = resolve_paths(cfg)
+        self.model_path = model_path
+        hf_config = load_hf_config(model_path)
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else cfg.model.dtype
+        self.dtype = resolve_dtype(dtype_name, hf_config)
+        if self.device.type == "cpu" and dtype_name == "auto" and self.dtype != torch.float32:
+            self.dtype = torch.float32  # half-precision matmuls are slow on CPUs without bf16 units
+        self.model = load_model(model_path, str(self.dtype).removeprefix("torch."), str(self.device),
+                                cfg.model.max_memory_bytes or None)
+        self.tokenizer = self._tokenizer(model_path)
+        eos = getattr(hf_config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        args = self.model.args
+        self.max_seq_len = min(cfg.max_seq_len, args.max_position)
+        self.kv = KVCache(cfg.max_batch_size, self.max_seq_len, args.num_kv_heads, args.head_dim,
+                          self.dtype, self.model.layer_devices())
+        self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype)
+        self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
+                               self.model.layer_devices())
+        self.adapter_errors: dict[str, str] = {}
+        if adapter_dir is not None:
+            self._register_dir(adapter_dir)
+        self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step)
+        self.runner = ModelRunner(self.model, self.kv, self.pool, self.device)
+        self._requests: dict[str, Request] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._seed_rng = torch.Generator().manual_seed(cfg.seed)
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        if cfg.adapters.preload == "all":
+            self.preload_all()
+
+    @staticmethod
+    def _tokenizer(path: Path):
+        try:
+            return load_tokenizer(path)
+        except Exception as e:  # a weights-only folder still serves token ids
+            log.warning("no tokenizer in %s (%s): only token-id prompts are accepted", path, e)
+            return None
+
+    # ---- adapters -------------------------------------------------------------------------
+    def _register_dir(self, root: Path) -> None:
+        ok, bad = self.store.register_dir(root)
+        self.adapter_errors.update(bad)
+        for name in ok:
+            try:
+                self.pool.check(self.store.get(name))
+            except AdapterError as e:
+                self.store.unregister(name)
+                self.adapter_errors[name] = str(e)
+                log.error("%s", e)
+        log.info("%d adapters registered from %s (%d refused)", len(self.store.names()), root, len(bad))
+
+    def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Validates and registers one adapter at run time; on error nothing changes."""
+        with self._lock:
+            info = self.store.register(name, path)
+            try:
+                self.pool.check(self.store.get(name))
+            except AdapterError:
+                self.store.unregister(name)
+                raise
+            return info
+
+    def unregister_adapter(self, name: str) -> None:
+        """Removes an adapter; refused (AdapterError) while requests use it."""
+        with self._lock:
+            if self.scheduler.holds_adapter(name) or any(
+                r.adapter == name for r in self._requests.values() if not r.finished
+            ):
+                raise AdapterError(f"adapter {name!r} is in use by running requests")
+            self.pool.evict(name)
+            self.store.unregister(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return [self.store.info(n) for n in self.store.names()]
+
+    def preload_all(self) -> None:
+        """Makes every registered adapter resident (the CACHED baseline); needs enough slots."""
+        for name in self.store.names():
+            if not self.pool.load(self.store.get(name)):
+                raise AdapterError(f"not enough device slots to preload adapter {name!r}")
+            self.pool.wait_loaded(name)
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Validates and queues a request; raises RequestError (nothing changes) when it is bad."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
+        if adapter is not None and adapter not in self.store:
+            raise RequestError(f"unknown adapter {adapter!r}")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length {self.max_seq_len}"
+            )
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._requests and not self._requests[rid].finished:
+                raise RequestError(f"request id {rid!r} is already in flight")
+            req = Request(rid, prompt_ids, params, adapter)
+            if not params.greedy:
+                seed = params.seed if params.seed is not None else int(
+                    torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+                self._generators[rid] = torch.Generator(self.device).manual_seed(seed)
+            self._requests[rid] = req
+            self.scheduler.add(req)
+        return rid
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send prompt token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            vocab = self.model.args.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("prompt is empty")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its slots; False when it is unknown or already finished."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.finished:
+                return False
+            self._finish(req, FinishReason.ABORT)
+            return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def request(self, request_id: str) -> Request | None:
+        """The request while it is in flight (finished requests are forgotten)."""
+        return self._requests.get(request_id)
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns an output for every request that made progress."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            logits = self.runner.run(batch)
+            emitting = []
+            for i, req in enumerate(batch.requests):
+                if not batch.is_decode:
+                    req.num_computed += batch.chunk_lens[i]
+                    if req.num_computed < len(req.prompt_ids):
+                        continue  # chunked prefill: more of the prompt to go
+                    req.state = RequestState.DECODE
+                emitting.append(i)
+            if not emitting:
+                return []
+            rows = torch.tensor(emitting, device=logits.device)
+            reqs = [batch.requests[i] for i in emitting]
+            tokens, logprobs = sample(logits[rows], [r.params for r in reqs],
+                                      [self._generators.get(r.request_id) for r in reqs])
+            now = time.perf_counter()
+            return [self._append(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
+
+    def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput:
+        req.output_ids.append(token)
+        if req.params.logprobs:
+            req.output_logprobs.append(logprob)
+        if req.first_token_s is None:
+            req.first_token_s = now
+        prev_text = req.text
+        p = req.params
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason = FinishReason.EOS
+        elif token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+            if cut >= 0 and reason is None:
+                text, reason = text[:cut], FinishReason.STOP
+            req.text = text
+        if reason is None and (len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(req, reason)
+        shown = req.text if req.finished or not req.text.endswith("\ufffd") else req.text.rstrip("\ufffd")
+        return RequestOutput(
+            req.request_id, [token], list(req.output_ids), req.finished, req.finish_reason, shown,
+            shown[len(prev_text.rstrip("\ufffd")):] if shown.startswith(prev_text.rstrip("\ufffd")) else "",
+            logprobs=list(req.output_logprobs) if p.logprobs else None,
+        )
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+        req.finish_s = time.perf_counter()
+        self.scheduler.finish(req)
+        self._generators.pop(req.request_id, None)
+        self._requests.pop(req.request_id, None)
+
+    # ---- conveniences ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        adapters: list[str | None] | None = None,
+    ) -> list[Request]:
+        """Runs prompts to completion; returns the finished requests in input order."""
+        n = len(prompts)
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
+        adapters = adapters or [None] * n
+        reqs = [self._requests[self.add_request(p, sp, a)] for p, sp, a in zip(prompts, params_list, adapters)]
+        while any(not r.finished for r in reqs):
+            self.step()
+        return reqs
+
+    def stream(self, prompt, params: SamplingParams | None = None, adapter: str | None = None) -> Iterator[RequestOutput]:
+        """Adds one request and yields its outputs as they come, stepping the engine."""
+        rid = self.add_request(prompt, params, adapter)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return

@@ -1,0 +1,126 @@
+"""Iteration-level scheduling: which requests run in the next step.
+
+Each step is either a prefill step (new prompts, or chunks of long prompts, up to
+`max_tokens_per_step` tokens) or a decode step (one token for every running request). A finished
+request leaves at once; a waiting one joins at the next prefill step.
+
+Admission is FCFS with skip-ahead: a request whose adapter is still being copied to the device,
+or whose rank bucket has no free slot, waits without holding back requests behind it. To keep
+it from starving, once the oldest such request is blocked on a full bucket, no younger request
+may take a slot of that bucket (the bucket drains as running requests finish).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from caraserve.kv_cache import KVCache
+from caraserve.lora.device_pool import AdapterState, DevicePool
+from caraserve.lora.host_store import HostStore
+from caraserve.request import Request, RequestState
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    is_decode: bool
+    requests: list[Request]
+    chunk_lens: list[int]  # prompt tokens computed this step per request (1 per request in decode)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCache,
+        pool: DevicePool,
+        store: HostStore,
+        max_batch_size: int,
+        max_tokens_per_step: int,
+    ):
+        self.kv = kv
+        self.pool = pool
+        self.store = store
+        self.max_batch_size = max_batch_size
+        self.max_tokens_per_step = max_tokens_per_step
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admitted: prefilling (maybe chunked) or decoding
+        self._holds: set[str] = set()  # request ids holding an adapter slot reference
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _adapter_ready(self, req: Request, blocked_buckets: set[int]) -> bool:
+        """Makes sure the request's adapter is (being) loaded and held; True when resident."""
+        if req.adapter is None:
+            return True
+        if req.request_id not in self._holds:
+            weights = self.store.get(req.adapter)
+            bucket = self.pool.bucket_for(weights.rank)
+            if self.pool.state(req.adapter) is AdapterState.HOST:
+                req.cold_start = True
+                if bucket in blocked_buckets or not self.pool.load(weights):
+                    blocked_buckets.add(bucket)
+                    return False
+            self.pool.acquire(req.adapter)
+            self._holds.add(req.request_id)
+        if self.pool.state(req.adapter) is AdapterState.LOADING:
+            req.state = RequestState.LOADING_ADAPTER
+            return False
+        return True
+
+    def schedule(self) -> ScheduledBatch | None:
+        self.pool.poll()
+        budget = self.max_tokens_per_step
+        batch: list[Request] = []
+        chunks: list[int] = []
+        for req in self.running:  # unfinished chunked prefills first
+            if req.state is RequestState.PREFILL and budget > 0:
+                n = min(len(req.prompt_ids) - req.num_computed, budget)
+                batch.append(req)
+                chunks.append(n)
+                budget -= n
+        blocked: set[int] = set()
+        admitted: list[Request] = []
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
+                break
+            if self.kv.free_slots == 0:
+                break
+            if not self._adapter_ready(req, blocked):
+                continue
+            req.kv_slot = self.kv.allocate()
+            req.state = RequestState.PREFILL
+            n = min(len(req.prompt_ids), budget)
+            batch.append(req)
+            chunks.append(n)
+            budget -= n
+            admitted.append(req)
+        for req in admitted:
+            self.waiting.remove(req)
+            self.running.append(req)
+        if batch:
+            return ScheduledBatch(False, batch, chunks)
+        decoding = [r for r in self.running if r.state is RequestState.DECODE]
+        if decoding:
+            return ScheduledBatch(True, decoding, [1] * len(decoding))
+        return None
+
+    def finish(self, req: Request) -> None:
+        """Frees everything the request holds (KV slot, adapter reference, queue place)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.kv_slot is not None:
+            self.kv.free(req.kv_slot)
+            req.kv_slot = None
+        if req.request_id in self._holds:
+            self._holds.discard(req.request_id)
+            self.pool.release(req.adapter)
+
+    def holds_adapter(self, name: str) -> bool:
+        return any(r.adapter == name for r in list(self.waiting) + self.running if r.request_id in self._holds)

@@ -1,0 +1,67 @@
+"""Offline batch generation.
+
+    python scripts/generate.py input=IN.jsonl output=OUT.jsonl [model.path=DIR adapters.dir=DIR]
+        [engine.max_batch_size=32 engine.compile=false adapters.device_slots=2 ...]
+
+Without `input`, generates for a few demo prompts (one per demo adapter) and prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from caraserve.config import engine_config
+from caraserve.engine import Engine
+from caraserve.offline import run_offline
+
+log = logging.getLogger("generate")
+
+DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Server:", "The quick brown fox"]
+
+
+def _demo_lines(engine: Engine) -> list[str]:
+    adapters = [None] + [a.name for a in engine.adapters()]
+    return [json.dumps({"id": f"demo-{i}", "prompt": p, "adapter": adapters[i % len(adapters)],
+                        "max_tokens": 24, "temperature": 0})
+            for i, p in enumerate(DEMO_PROMPTS + DEMO_PROMPTS[:1])]
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> int:
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    engine = Engine(engine_config(composed))
+    if cfg.input is None:
+        lines = _demo_lines(engine)
+    else:
+        path = Path(hydra.utils.to_absolute_path(cfg.input))
+        if not path.is_file():
+            log.error("input file %s does not exist", path)
+            return 2
+        lines = path.read_text().splitlines()
+    bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
+    results, summary = run_offline(engine, lines, bar)
+    bar.close()
+    if cfg.output is not None:
+        out = Path(hydra.utils.to_absolute_path(cfg.output))
+        out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    elif cfg.input is None:
+        for line, r in zip(lines, results):
+            req = json.loads(line)
+            print(f"[{req['adapter'] or 'base'}] {req['prompt']!r} -> {r.get('text', r.get('error'))!r}")
+    else:
+        for r in results:
+            print(json.dumps(r))
+    print(f"{summary.requests} requests ({summary.errors} errors), {summary.output_tokens} tokens in "
+          f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,8 +18,10 @@ import torch  # noqa: E402
 try:
     import triton  # noqa: E402, F401
 except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported ({exc!r}); the Triton kernels are untestable here",
-                allow_module_level=True)
+    pytest.skip(
+        f"triton cannot be imported ({exc!r}); the Triton kernels are untestable here",
+        allow_module_level=True,
+    )
 
 from caraserve.lora import ops, triton_ops  # noqa: E402
 from caraserve.lora.batch import LoraIndex  # noqa: E402
@@ -48,7 +50,7 @@ def _slots_for(gen: torch.Generator, n_req: int, popularity: str) -> tuple[list[
         slots: list[int | None] = torch.randint(0, n_slots, (n_req,), generator=gen).tolist()
         without = torch.rand(n_req, generator=gen) < 0.5
         without[torch.randint(0, n_req, (1,), generator=gen)] = False  # keep at least one adapter row
-        return [None if w else s for s, w in zip(slots, without.tolist())], n_slots
+        return [None if w else s for s, w in zip(slots, without.tolist(), strict=True)], n_slots
     raise ValueError(popularity)
 
 
@@ -67,8 +69,8 @@ def _make_case(
     n_in, n_out = dims
     slots, n_slots = _slots_for(gen, n_req, popularity)
     counts = torch.randint(1, max_tokens + 1, (n_req,), generator=gen).tolist()
-    with_adapter = [(s, c) for s, c in zip(slots, counts) if s is not None]
-    without = [c for s, c in zip(slots, counts) if s is None]
+    with_adapter = [(s, c) for s, c in zip(slots, counts, strict=True) if s is not None]
+    without = [c for s, c in zip(slots, counts, strict=True) if s is None]
     if sort_by_slot:  # the runner's order; unsorted keeps repeated non-adjacent slots
         with_adapter.sort(key=lambda sc: sc[0])
     before = PAD_BEFORE + sum(without[: len(without) // 2])
@@ -158,8 +160,9 @@ def test_bgmv_split_k(split_k: int) -> None:
 @pytest.mark.parametrize("op", ("sgmv", "bgmv"))
 def test_low_precision(op: str, dtype: torch.dtype) -> None:
     max_tokens = 40 if op == "sgmv" else 1
-    case = _make_case(seed=7, n_req=17, popularity="zipf", rank=17, dims=(48, 100), max_tokens=max_tokens,
-                      dtype=dtype)
+    case = _make_case(
+        seed=7, n_req=17, popularity="zipf", rank=17, dims=(48, 100), max_tokens=max_tokens, dtype=dtype
+    )
     kernel, reference = (
         (triton_ops.sgmv, ops.sgmv_reference) if op == "sgmv" else (triton_ops.bgmv, ops.bgmv_reference)
     )

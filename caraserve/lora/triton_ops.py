@@ -40,9 +40,13 @@ def _sgmv_shrink_kernel(
     row_base,  # int, index.row_start (row 0 of v)
     IN,  # int, input features
     R,  # int, LoRA rank
-    stride_vm, stride_vr,  # v strides
-    stride_xm, stride_xk,  # x strides
-    stride_as, stride_ak, stride_ar,  # A strides
+    stride_vm,  # v row stride (elements)
+    stride_vr,  # v rank stride (elements)
+    stride_xm,  # x row stride (elements)
+    stride_xk,  # x input-feature stride (elements)
+    stride_as,  # A slot stride (elements)
+    stride_ak,  # A input-feature stride (elements)
+    stride_ar,  # A rank stride (elements)
     BLOCK_M: tl.constexpr,  # rows per tile (>= 16 for tl.dot)
     BLOCK_K: tl.constexpr,  # input features per step (>= 16)
     BLOCK_R: tl.constexpr,  # next_power_of_2(R), >= 16
@@ -102,10 +106,14 @@ def _sgmv_expand_kernel(
     row_base,  # int, index.row_start (row 0 of v)
     OUT,  # int, output features
     R,  # int, LoRA rank
-    stride_ym, stride_yn,  # y strides
-    stride_vm, stride_vr,  # v strides
-    stride_bs, stride_br, stride_bn,  # B strides
-    stride_scale,  # scale stride
+    stride_ym,  # y row stride (elements)
+    stride_yn,  # y output-column stride (elements)
+    stride_vm,  # v row stride (elements)
+    stride_vr,  # v rank stride (elements)
+    stride_bs,  # B slot stride (elements)
+    stride_br,  # B rank stride (elements)
+    stride_bn,  # B output-column stride (elements)
+    stride_scale,  # scale slot stride (elements)
     BLOCK_M: tl.constexpr,  # rows per tile (>= 16)
     BLOCK_N: tl.constexpr,  # output columns per tile (>= 16)
     BLOCK_R: tl.constexpr,  # next_power_of_2(R), >= 16
@@ -134,7 +142,7 @@ def _sgmv_expand_kernel(
         other=0.0,
     )
     bb = tl.load(
-        b_ptr + 0 * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
         mask=r_mask[:, None] & n_mask[None, :],
         other=0.0,
     )
@@ -160,9 +168,13 @@ def _bgmv_shrink_kernel(
     IN,  # int, input features
     R,  # int, LoRA rank
     K_PER_SPLIT,  # int, input features per program along axis 1 (multiple of BLOCK_K)
-    stride_vm, stride_vr,  # v strides
-    stride_xm, stride_xk,  # x strides
-    stride_as, stride_ak, stride_ar,  # A strides
+    stride_vm,  # v row stride (elements)
+    stride_vr,  # v rank stride (elements)
+    stride_xm,  # x row stride (elements)
+    stride_xk,  # x input-feature stride (elements)
+    stride_as,  # A slot stride (elements)
+    stride_ak,  # A input-feature stride (elements)
+    stride_ar,  # A rank stride (elements)
     SPLIT_K: tl.constexpr,  # programs sharing one row's reduction over IN
     BLOCK_K: tl.constexpr,  # input features per step
     BLOCK_R: tl.constexpr,  # next_power_of_2(R)
@@ -204,10 +216,14 @@ def _bgmv_expand_kernel(
     row_base,  # int, index.row_start
     OUT,  # int, output features
     R,  # int, LoRA rank
-    stride_ym, stride_yn,  # y strides
-    stride_vm, stride_vr,  # v strides
-    stride_bs, stride_br, stride_bn,  # B strides
-    stride_scale,  # scale stride
+    stride_ym,  # y row stride (elements)
+    stride_yn,  # y output-column stride (elements)
+    stride_vm,  # v row stride (elements)
+    stride_vr,  # v rank stride (elements)
+    stride_bs,  # B slot stride (elements)
+    stride_br,  # B rank stride (elements)
+    stride_bn,  # B output-column stride (elements)
+    stride_scale,  # scale slot stride (elements)
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # next_power_of_2(R)
 ):
@@ -273,8 +289,8 @@ def sgmv(
     n_rows = index.row_end - index.row_start
     v = torch.empty((n_rows, rank), dtype=torch.float32, device=y.device)
 
-    block_m = min(64, _np2(index.max_seg_len, 16))
     block_r = _np2(rank, 16)
+    block_m = min(64 if block_r <= 128 else 32, _np2(index.max_seg_len, 16))  # acc tile stays in registers
     block_k = min(64, _np2(n_in, 16))
     block_n = min(128 if block_r <= 64 else 64, _np2(n_out, 16))
     m_blocks = triton.cdiv(index.max_seg_len, block_m)

@@ -1,0 +1,195 @@
+"""The engine end to end on the embedded tiny model against transformers + peft."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+from caraserve.engine import Engine
+from caraserve.model.tiny import tiny_paths, write_random_adapter
+from caraserve.request import FinishReason, RequestError, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 12
+EXTRA = {"extra-r4": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+         "extra-r24": (24, 12, ["v_proj", "down_proj"])}
+PROMPTS = ["def fibonacci(n):", "import os", "class Server(object):\n    def", "x = 1", "for i in range(",
+           "return self", "while True:", "print('hello world')", "try:\n    pass\nexcept"]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    """The tiny model and a folder with the 4 demo adapters plus 2 more (6 adapters, ranks 4-64)."""
+    model_dir, demo_dir = tiny_paths()
+    adapters = tmp_path_factory.mktemp("adapters")
+    for d in demo_dir.iterdir():
+        os.symlink(d, adapters / d.name)
+    for i, (name, (r, alpha, targets)) in enumerate(EXTRA.items()):
+        write_random_adapter(adapters / name, r, alpha, targets, seed=500 + i)
+    names = sorted(p.name for p in adapters.iterdir())
+    return model_dir, adapters, names
+
+
+@pytest.fixture(scope="module")
+def workload(catalogue):
+    model_dir, _, names = catalogue
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    items = []
+    for i, p in enumerate(PROMPTS * 2):
+        adapter = None if i % 4 == 3 else names[i % len(names)]
+        items.append((tok(p)["input_ids"], adapter))
+    return items
+
+
+@pytest.fixture(scope="module")
+def reference(catalogue, workload):
+    """Greedy tokens of transformers (+ peft) for each request alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapters, names = catalogue
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, str(adapters / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(str(adapters / n), adapter_name=n)
+    out = []
+    for ids, adapter in workload:
+        kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3)
+        with torch.no_grad():
+            if adapter is None:
+                with peft.disable_adapter():
+                    seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
+            else:
+                peft.set_adapter(adapter)
+                seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
+        out.append(seq[0, len(ids):].tolist())
+    return out
+
+
+def make_engine(catalogue, **engine_kw) -> Engine:
+    model_dir, adapters, _ = catalogue
+    slots = engine_kw.pop("device_slots", 4)
+    return Engine(EngineConfig(model=ModelConfig(path=str(model_dir)),
+                               adapters=AdapterConfig(dir=str(adapters), device_slots=slots), **engine_kw))
+
+
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("max_batch_size,device_slots,compile", [(32, 4, "false"), (1, 4, "false"), (32, 1, "false")])
+def test_greedy_matches_transformers_peft(catalogue, workload, reference, max_batch_size, device_slots, compile):
+    engine = make_engine(catalogue, max_batch_size=max_batch_size, device_slots=device_slots, compile=compile)
+    reqs = engine.generate([ids for ids, _ in workload], GREEDY, [a for _, a in workload])
+    for (ids, adapter), req, ref in zip(workload, reqs, reference):
+        assert req.output_ids == ref, f"adapter {adapter}"
+        assert req.finish_reason is FinishReason.LENGTH
+    if device_slots == 1:
+        assert engine.pool.evictions > 0  # adapters had to take turns in the slots
+    assert engine.kv.free_slots == max_batch_size
+
+
+def test_adapters_change_the_output(reference, workload):
+    by_prompt = {}
+    for (ids, adapter), ref in zip(workload, reference):
+        by_prompt.setdefault(tuple(ids), set()).add(tuple(ref))
+    assert any(len(v) > 1 for v in by_prompt.values())
+
+
+def test_generate_script_matches_reference(catalogue, workload, reference, tmp_path):
+    model_dir, adapters, _ = catalogue
+    lines = [json.dumps({"id": f"r{i}", "prompt_token_ids": ids, "adapter": a, "max_tokens": NEW_TOKENS,
+                         "temperature": 0, "ignore_eos": True}) for i, (ids, a) in enumerate(workload)]
+    lines.insert(3, "{not json")
+    lines.insert(5, json.dumps({"id": "bad-adapter", "prompt": "x", "adapter": "nope"}))
+    lines.insert(7, json.dumps({"id": "bad-param", "prompt": "x", "temperature": -1}))
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), f"input={src}", f"output={dst}",
+         f"model.path={model_dir}", f"adapters.dir={adapters}", "adapters.device_slots=2", "progress=false"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert len(rows) == len(lines)
+    assert "not valid JSON" in rows[3]["error"]
+    assert rows[5] == {"id": "bad-adapter", "error": "unknown adapter 'nope'"}
+    assert "temperature" in rows[7]["error"]
+    good = [r for r in rows if "error" not in r]
+    assert [r["id"] for r in good] == [f"r{i}" for i in range(len(workload))]
+    assert [r["token_ids"] for r in good] == reference
+    assert all(r["finish_reason"] == "length" for r in good)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_seeded_sampling_is_reproducible(catalogue):
+    engine = make_engine(catalogue)
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    a = engine.generate(["import os"] * 3, sp, [None, "demo-r8", "demo-r8"])
+    b = engine.generate(["import os"], sp, ["demo-r8"])
+    assert a[1].output_ids == a[2].output_ids == b[0].output_ids
+    other = engine.generate(["import os"], SamplingParams(max_tokens=16, seed=99, ignore_eos=True), ["demo-r8"])
+    assert other[0].output_ids != b[0].output_ids
+
+
+def test_stop_string_and_stop_token_and_eos(catalogue):
+    engine = make_engine(catalogue)
+    free = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    stop_text = free.text[5:8]
+    assert stop_text
+    stopped = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, stop=[stop_text]))[0]
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stop_text not in stopped.text and free.text.startswith(stopped.text)
+    tok = free.output_ids[4]
+    by_id = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0,
+                                                            stop_token_ids=[tok], ignore_eos=True))[0]
+    assert by_id.finish_reason is FinishReason.STOP and by_id.output_ids[-1] == tok
+    assert len(by_id.output_ids) == free.output_ids.index(tok) + 1
+    engine.eos_ids = {free.output_ids[2]}
+    eos = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert eos.finish_reason is FinishReason.EOS and len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
+
+
+def test_abort_frees_slots(catalogue):
+    engine = make_engine(catalogue, max_batch_size=2)
+    rid = engine.add_request("import os", SamplingParams(max_tokens=50, ignore_eos=True), "demo-r16")
+    engine.step()
+    engine.step()
+    assert engine.kv.free_slots == 1 and engine.pool._where["demo-r16"].refs == 1
+    assert engine.abort(rid)
+    assert engine.kv.free_slots == 2 and engine.pool._where["demo-r16"].refs == 0
+    assert not engine.abort(rid) and not engine.has_unfinished()
+
+
+def test_bad_requests_change_nothing(catalogue):
+    engine = make_engine(catalogue, max_seq_len=64)
+    with pytest.raises(RequestError, match="unknown adapter"):
+        engine.add_request("x", adapter="missing")
+    with pytest.raises(RequestError, match="exceeds the context length 64"):
+        engine.add_request("x", SamplingParams(max_tokens=100))
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request([10**9])
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert not engine.has_unfinished() and engine.kv.free_slots == engine.kv.num_slots
+
+
+def test_long_prompt_is_prefilled_in_chunks(catalogue):
+    engine = make_engine(catalogue, max_tokens_per_step=16)
+    whole = make_engine(catalogue)
+    prompt = list(range(10, 80))
+    a = engine.generate([prompt], GREEDY, ["demo-r32"])[0]
+    b = whole.generate([prompt], GREEDY, ["demo-r32"])[0]
+    assert a.output_ids == b.output_ids

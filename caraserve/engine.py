@@ -219,29 +219,49 @@ class Engine:
             req.output_logprobs.append(logprob)
         if req.first_token_s is None:
             req.first_token_s = now
-        prev_text = req.text
         p = req.params
         reason = None
         if token in self.eos_ids and not p.ignore_eos:
             reason = FinishReason.EOS
         elif token in p.stop_token_ids:
             reason = FinishReason.STOP
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            if cut >= 0 and reason is None:
-                text, reason = text[:cut], FinishReason.STOP
-            req.text = text
-        if reason is None and (len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len):
+        elif len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
             reason = FinishReason.LENGTH
+        new_text = self._detokenize(req, flush=reason is not None)
+        if p.stop and new_text:
+            # Only the new text and the longest stop string before it can hold a new match.
+            tail_from = max(0, len(req.text) - len(new_text) - max(map(len, p.stop)))
+            hits = [i for i in (req.text.find(s, tail_from) for s in p.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                new_text = new_text[: max(0, len(new_text) - (len(req.text) - cut))]
+                req.text = req.text[:cut]
+                reason = FinishReason.STOP
         if reason is not None:
             self._finish(req, reason)
-        shown = req.text if req.finished or not req.text.endswith("\ufffd") else req.text.rstrip("\ufffd")
         return RequestOutput(
-            req.request_id, [token], list(req.output_ids), req.finished, req.finish_reason, shown,
-            shown[len(prev_text.rstrip("\ufffd")):] if shown.startswith(prev_text.rstrip("\ufffd")) else "",
+            req.request_id, [token], list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
             logprobs=list(req.output_logprobs) if p.logprobs else None,
         )
+
+    def _detokenize(self, req: Request, flush: bool) -> str:
+        """Appends the text of newly complete characters to req.text and returns it.
+
+        Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
+        next token completes it (or the request finishes). Only a short window is decoded per
+        token, so the cost does not grow with the output length.
+        """
+        if self.tokenizer is None:
+            return ""
+        ids = req.output_ids
+        prefix = self.tokenizer.decode(ids[req.detok_prefix : req.detok_read], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[req.detok_prefix :], skip_special_tokens=True)
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not flush):
+            return ""
+        new_text = full[len(prefix) :]
+        req.detok_prefix, req.detok_read = req.detok_read, len(ids)
+        req.text += new_text
+        return new_text
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.state = RequestState.FINISHED

@@ -95,6 +95,8 @@ class Request:
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
     text: str = ""  # detokenized output (filled when a tokenizer is present)
+    detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
+    detok_read: int = 0
 
     @property
     def finished(self) -> bool:

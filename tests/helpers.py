@@ -10,8 +10,14 @@ from caraserve.model.batch import ForwardBatch
 
 def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):
     """Writes a random tiny HF checkpoint of `arch` to folder and returns the HF model (float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),

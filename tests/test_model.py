@@ -148,8 +148,8 @@ def test_unreadable_weights_and_missing_config(tmp_path):
 
 
 def test_placement_splits_layers_within_budget(tmp_path):
-    from caraserve.model.loader import load_hf_config
     from caraserve.model.llama import CausalLM, ModelArgs
+    from caraserve.model.loader import load_hf_config
 
     save_random_hf_model(tmp_path, "llama", num_hidden_layers=4)
     cfg = load_hf_config(tmp_path)

@@ -1,4 +1,4 @@
-"""Triton SGMV/BGMV kernels against the plain-torch references, run by the Triton interpreter.
+"""Triton SGMV/BGMV kernels against the plain-torch references (interpreter on CPU, compiled on CUDA).
 
 Every case builds one rank bucket inside a larger batch: base-only rows before and after it
 (plus the requests without adapter in the "partial" mix) must stay bit-identical, and so must the
@@ -8,23 +8,34 @@ small and odd where possible: the interpreter costs several milliseconds per gri
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the kernels run in the Triton interpreter; the switch is read when `@triton.jit`
+# decorates, so it must be set before triton (and caraserve.lora.triton_ops) is first imported.
+# On a CUDA machine the same tests check the compiled kernels on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
-    import triton  # noqa: E402, F401
+    import triton  # noqa: F401
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(
         f"triton cannot be imported ({exc!r}); the Triton kernels are untestable here",
         allow_module_level=True,
     )
 
+_preloaded = "caraserve.lora.triton_ops" in sys.modules
 from caraserve.lora import ops, triton_ops  # noqa: E402
 from caraserve.lora.batch import LoraIndex  # noqa: E402
+
+if _preloaded and DEVICE == "cpu":  # decorated before the switch was set: re-decorate interpreted
+    triton_ops = importlib.reload(triton_ops)
 
 BATCH_SIZES = (1, 3, 17, 64, 65)
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "partial")
@@ -81,16 +92,17 @@ def _make_case(
         segments.append((row, count, slot))
         row += count
     n_rows = row + after
-    index = LoraIndex.from_segments(segments, device="cpu")
+    index = LoraIndex.from_segments(segments, device=DEVICE)
 
     # x and y are column slices of wider buffers (row stride != row length); a, b are layer slices.
     x_wide = torch.randn(n_rows, n_in + 7, generator=gen).to(dtype)
     y_wide = torch.randn(n_rows, n_out + 5, generator=gen).to(dtype)
-    x = x_wide[:, 3 : 3 + n_in]
-    y = y_wide[:, 2 : 2 + n_out]
     a_all = (torch.randn(N_LAYERS, n_slots, n_in, rank, generator=gen) / n_in**0.5).to(dtype)
     b_all = (torch.randn(N_LAYERS, n_slots, rank, n_out, generator=gen) / rank**0.5).to(dtype)
     scale = torch.rand(n_slots, generator=gen, dtype=torch.float32) * 2 + 0.25
+    y_wide, x_wide, a_all, b_all, scale = (t.to(DEVICE) for t in (y_wide, x_wide, a_all, b_all, scale))
+    x = x_wide[:, 3 : 3 + n_in]
+    y = y_wide[:, 2 : 2 + n_out]
     return y_wide, y, x, a_all[1], b_all[1], scale, index
 
 

@@ -67,6 +67,8 @@ class LoraGroup:
     weights: dict  # module name -> (A [L, S, in, R], B [L, S, R, out]) slot tensors of the bucket
     scale: torch.Tensor  # [S] float32, lora_alpha / r (or / sqrt(r)) of each slot
     index: LoraIndex
+    modules: frozenset = frozenset()  # modules targeted by some adapter of the group (others are zero)
+    host_scale: tuple[float, ...] = ()  # `scale` on the host, so CPU kernels need no device read
 
 
 @dataclass(frozen=True)

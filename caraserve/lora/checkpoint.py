@@ -57,7 +57,7 @@ class LoraWeights:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise AdapterError(
             f"adapter name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators or '..')"
         )
@@ -97,13 +97,41 @@ def _read_config(name: str, folder: Path) -> dict:
     alpha = cfg.get("lora_alpha", r)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise AdapterError(f"adapter {name!r}: lora_alpha={alpha!r} must be a number")
+    if cfg.get("alora_invocation_tokens"):
+        raise AdapterError(f"adapter {name!r}: activated LoRA (alora_invocation_tokens) is not supported")
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         for t in targets:
+            if not isinstance(t, str):
+                raise AdapterError(f"adapter {name!r}: target_modules entries must be strings, got {t!r}")
             if t in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"adapter {name!r}: LoRA on {t} is not supported")
             if t.split(".")[-1] not in TARGETS:
                 raise AdapterError(f"adapter {name!r}: target module {t!r} does not exist in the model")
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"adapter {name!r}: target_modules regex {targets!r} is invalid ({e})") from e
+    elif targets is not None:
+        raise AdapterError(f"adapter {name!r}: target_modules must be a list of names or a regex string")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))
+    ):
+        raise AdapterError(f"adapter {name!r}: layers_to_transform={layers!r} must be an int or a list of ints")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"adapter {name!r}: {key} must be an object of pattern -> value")
+        for k, v in pattern.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise AdapterError(f"adapter {name!r}: {key} key {k!r} is not a valid regex ({e})") from e
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or (key == "rank_pattern" and not isinstance(v, int)):
+                raise AdapterError(f"adapter {name!r}: {key}[{k!r}]={v!r} must be a positive number")
     if cfg.get("fan_in_fan_out"):
         # PEFT turns it off for nn.Linear targets, which is all a Llama has.
         log.warning("adapter %r: fan_in_fan_out=true ignored for Linear layers (as PEFT does)", name)
@@ -125,10 +153,20 @@ def _read_tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
     raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
 
 
+def _is_target(cfg: dict, module_key: str) -> bool:
+    """PEFT's rule for which modules get LoRA layers (tensors of other modules are ignored)."""
+    targets = cfg.get("target_modules")
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_key) is not None
+    return any(module_key == t or module_key.endswith("." + t) for t in targets)
+
+
 def load_adapter(folder: str | Path, model_args, name: str | None = None) -> LoraWeights:
     """Reads and validates the PEFT adapter in `folder` for a base model with `model_args`."""
     folder = Path(folder)
-    name = check_name(name or folder.name)
+    name = check_name(folder.name if name is None else name)
     if not folder.is_dir():
         raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
     cfg = _read_config(name, folder)
@@ -151,8 +189,15 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None) -> Lor
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}"
             )
+        if not _is_target(cfg, f"model.layers.{layer}.{parent}.{module}"):
+            log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, key)
+            continue
         pairs.setdefault((layer, module), {})[ab] = t
     if not pairs:
+        if isinstance(cfg.get("target_modules"), str):
+            raise AdapterError(
+                f"adapter {name!r}: target_modules regex {cfg['target_modules']!r} matches no module of the model"
+            )
         raise AdapterError(f"adapter {name!r}: the checkpoint holds no LoRA tensors")
     layers_ok = cfg.get("layers_to_transform")
     if isinstance(layers_ok, int):

@@ -39,6 +39,7 @@ class _Slot:
     adapter: str | None = None
     refs: int = 0
     last_used: int = 0
+    targets: tuple = ()  # modules the adapter in the slot targets
     event: object = None  # torch.cuda.Event of the copy in flight, or None
 
 
@@ -48,6 +49,7 @@ class _Bucket:
     weights: dict  # module -> (A, B); A [L, S, in, R] (or a per-layer list of [S, in, R])
     scale: torch.Tensor  # [S] float32
     slots: list = field(default_factory=list)
+    host_scale: list = field(default_factory=list)  # [S] the same scales as host floats
 
 
 class DevicePool:
@@ -84,7 +86,7 @@ class DevicePool:
                     b = [torch.zeros(S, R, fan_out, dtype=dtype, device=d) for d in layer_devices]
                 weights[m] = (a, b)
             scale = torch.zeros(S, dtype=torch.float32, device=self.device)
-            self.buckets.append(_Bucket(R, weights, scale, [_Slot(bi, i) for i in range(S)]))
+            self.buckets.append(_Bucket(R, weights, scale, [_Slot(bi, i) for i in range(S)], [0.0] * S))
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +105,10 @@ class DevicePool:
 
     def check(self, w: LoraWeights) -> None:
         """Raises AdapterError when the adapter can never be placed in this pool."""
-        self.bucket_for(w.rank)
+        if w.rank > self.rank_buckets[-1]:
+            raise AdapterError(
+                f"adapter {w.name!r}: rank {w.rank} exceeds the largest rank bucket {self.rank_buckets[-1]}"
+            )
         missing = [m for m in w.targets if m not in self.targets]
         if missing:
             raise AdapterError(f"adapter {w.name!r} targets {missing}, not in the pool's modules {self.targets}")
@@ -137,7 +142,7 @@ class DevicePool:
             log.debug("evicting %s from bucket %d slot %d", slot.adapter, slot.bucket, slot.index)
             del self._where[slot.adapter]
             self.evictions += 1
-        slot.adapter, slot.refs, slot.last_used = w.name, 0, next(self._clock)
+        slot.adapter, slot.refs, slot.last_used, slot.targets = w.name, 0, next(self._clock), w.targets
         self._where[w.name] = slot
         self._copy_in(bucket, slot, w)
         self.loads += 1
@@ -171,6 +176,7 @@ class DevicePool:
                 da[..., :r].copy_(ha, non_blocking=True)
                 db[..., :r, :].copy_(hb, non_blocking=True)
         bucket.scale[s].fill_(w.scale)
+        bucket.host_scale[s] = w.scale
 
     def poll(self) -> list[str]:
         """Flips finished copies to resident; returns the adapters that became resident."""
@@ -233,5 +239,7 @@ class DevicePool:
         groups = []
         for b, segs in sorted(per_bucket.items()):
             bucket = self.buckets[b]
-            groups.append(LoraGroup(bucket.rank, bucket.weights, bucket.scale, LoraIndex.from_segments(segs, device)))
+            modules = frozenset(m for _, _, s in segs for m in bucket.slots[s].targets)
+            groups.append(LoraGroup(bucket.rank, bucket.weights, bucket.scale, LoraIndex.from_segments(segs, device),
+                                    modules, tuple(bucket.host_scale)))
         return LoraBatch(tuple(groups), is_decode)

@@ -64,6 +64,9 @@ class HostStore:
             except AdapterError as e:
                 bad[folder.name] = str(e)
                 log.error("%s", e)
+            except Exception as e:  # one unreadable adapter must not stop the scan
+                bad[folder.name] = f"adapter {folder.name!r}: cannot be read ({type(e).__name__}: {e})"
+                log.error("%s", bad[folder.name])
         return ok, bad
 
     def register(self, name: str, path: str | Path) -> AdapterInfo:

@@ -44,16 +44,21 @@ def bgmv_reference(
     y[rows] += delta.to(y.dtype)
 
 
-def add_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
+def sgmv_host(
+    y: torch.Tensor,  # [T, out] accumulated in place
+    x: torch.Tensor,  # [T, in]
+    a: torch.Tensor,  # [S, in, R]
+    b: torch.Tensor,  # [S, R, out]
+    host_scale: tuple[float, ...],  # [S] scales as host floats
     index: LoraIndex,
-    is_decode: bool,
 ) -> None:
-    """Adds the LoRA delta of one rank bucket to y; Triton on CUDA, torch elsewhere.
+    """sgmv_reference with the scale folded into one addmm per segment (fewer ops on CPU)."""
+    for start, count, slot in index.segments:
+        y[start : start + count].addmm_(x[start : start + count] @ a[slot], b[slot], alpha=host_scale[slot])
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group, is_decode: bool) -> None:
+    """Adds the LoRA delta of one rank bucket (a LoraGroup) to y; Triton on CUDA, torch elsewhere.
 
     On CPU the segment form serves decode too: rows are ordered by slot, so a decode step costs
     one small matmul pair per distinct adapter instead of a gather of every row's weights.
@@ -61,9 +66,9 @@ def add_lora(
     if y.is_cuda:
         from caraserve.lora import triton_ops
 
-        if is_decode:
-            triton_ops.bgmv(y, x, a, b, scale, index)
-        else:
-            triton_ops.sgmv(y, x, a, b, scale, index)
-        return
-    sgmv_reference(y, x, a, b, scale, index)
+        kernel = triton_ops.bgmv if is_decode else triton_ops.sgmv
+        kernel(y, x, a, b, group.scale, group.index)
+    elif group.host_scale:
+        sgmv_host(y, x, a, b, group.host_scale, group.index)
+    else:
+        sgmv_reference(y, x, a, b, group.scale, group.index)

@@ -331,9 +331,12 @@ def bgmv(
     b: torch.Tensor,  # [S, R, out]
     scale: torch.Tensor,  # [S] float32
     index: LoraIndex,
-    split_k: int | None = None,  # programs per row for the IN reduction; None picks one (atomics if > 1)
+    split_k: int | None = 1,  # programs per row for the IN reduction; None picks one (atomics if > 1)
 ) -> None:
-    """Row form: y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i], one gathered slot per row."""
+    """Row form: y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i], one gathered slot per row.
+
+    split_k defaults to 1 so a decode step is bit-for-bit repeatable: with split_k > 1 the
+    partial sums meet in fp32 atomics whose order is not fixed."""
     n_in, rank, n_out = _check_args(y, x, a, b, scale, index)
     n_rows = index.row_end - index.row_start
     if split_k is None:

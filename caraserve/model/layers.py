@@ -85,8 +85,7 @@ class LoraLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if lora is not None:
             for group in lora.groups:
-                weights = group.weights.get(self.name)
-                if weights is not None:
-                    a, b = weights
-                    add_lora(y, x, a[self.layer], b[self.layer], group.scale, group.index, lora.is_decode)
+                if self.name in group.modules:
+                    a, b = group.weights[self.name]
+                    add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
         return y

@@ -106,6 +106,11 @@ def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.
     return mask
 
 
+def decode_mask(context_lens: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
+    """[B, 1, 1, ctx] bool for one new token per sequence at position context_len - 1."""
+    return _attention_mask(context_lens - 1, ctx, window)[:, None, None, :]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -117,7 +122,7 @@ class Attention(nn.Module):
         self.v_proj = LoraLinear(h, kv, args.qkv_bias, layer, "v_proj")
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
 
-    def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor], masks: dict):
         a = self.args
         t = x.shape[0]
         q = self.q_proj(x, fb.lora).view(t, a.num_heads, a.head_dim)
@@ -127,22 +132,21 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         k_cache[fb.token_slots, fb.positions] = k
         v_cache[fb.token_slots, fb.positions] = v
-        out = self._decode(q, fb, k_cache, v_cache) if fb.is_decode else self._prefill(q, fb, k_cache, v_cache)
+        if fb.is_decode:
+            out = self._decode(q, fb, k_cache, v_cache, masks)
+        else:
+            out = self._prefill(q, fb, k_cache, v_cache)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb.lora)
 
-    def _decode(self, q, fb: ForwardBatch, k_cache, v_cache):
+    def _decode(self, q, fb: ForwardBatch, k_cache, v_cache, masks: dict):
         ctx = fb.max_context
         keys = k_cache[fb.slots, :ctx].transpose(1, 2)  # [B, n_kv, ctx, hd]
         vals = v_cache[fb.slots, :ctx].transpose(1, 2)
-        q_pos = fb.context_lens_t - 1  # [B]
-        k_pos = torch.arange(ctx, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if self.window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - self.window
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], enable_gqa=True
-        )  # [B, H, 1, hd]
-        return out.squeeze(2)
+        mask = masks.get(self.window)
+        if mask is None:
+            mask = masks[self.window] = decode_mask(fb.context_lens_t, ctx, self.window)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(2)  # [B, H, hd]
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
         out = torch.empty_like(q)
@@ -182,8 +186,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
         self.mlp = MLP(args, layer)
 
-    def forward(self, h, cos, sin, fb: ForwardBatch, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache)
+    def forward(self, h, cos, sin, fb: ForwardBatch, cache, masks: dict):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache, masks)
         return h + self.mlp(self.post_attention_layernorm(h), fb.lora)
 
 
@@ -217,15 +221,15 @@ class CausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, kv: KVCacheLayers, all_logits: bool = False) -> torch.Tensor:
         dtype = self.model.embed_tokens.weight.dtype
         h = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
-        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}
+        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor, dict]] = {}
         for layer, cache in zip(self.model.layers, kv):
             dev = layer.input_layernorm.weight.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
                 cos, sin = self.rotary.cos_sin(fbd.positions.to(self.rotary.inv_freq.device), dtype)
-                batches[dev] = (fbd, cos.to(dev), sin.to(dev))
-            fbd, cos, sin = batches[dev]
-            h = layer(h.to(dev), cos, sin, fbd, cache)
+                batches[dev] = (fbd, cos.to(dev), sin.to(dev), {})  # masks: built once per window
+            fbd, cos, sin, masks = batches[dev]
+            h = layer(h.to(dev), cos, sin, fbd, cache, masks)
         h = h.to(self.model.norm.weight.device)
         if not all_logits and not fb.is_decode:
             h = h[fb.last_rows.to(h.device)]

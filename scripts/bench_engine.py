@@ -1,0 +1,170 @@
+"""Engine throughput and latency vs Hugging Face transformers + peft, in one process and one run.
+
+    python scripts/bench_engine.py [--requests 32] [--new-tokens 64] [--repeats 3] [--threads 1]
+        [--model DIR --adapters DIR] [--compile false|true|both] [--out profiles/bench_engine.json]
+
+Same model, adapters, prompts and greedy settings for every system:
+  (a) caraserve, each request with its own adapter (4 adapters of ranks 8-64, mixed in the batch)
+  (b) caraserve, base model only (the same requests without adapters)
+  (c) transformers + peft, one batched `generate(adapter_names=...)` with the same mix
+Prints output tokens/s, TTFT and TPOT (p50/p99) and the ratios; writes JSON. Medians over repeats.
+TTFT/TPOT of (c): its batch generates in lock-step, so TTFT is the time to the first token of the
+batch (a 1-token generate) and TPOT the remaining time divided by the remaining tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog and then",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy",
+    "import os\nimport sys\n\nclass Worker(object):\n    def __init__(self",
+    "This program is free software; you can redistribute it and/or modify it under the terms",
+    "for i in range(10):\n    print(i)\n",
+    "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND",
+    "Licensed under the Apache License, Version 2.0 (the License); you may not use",
+]
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run_ours(engine, prompts, adapters, new_tokens):
+    from caraserve.request import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    reqs = engine.generate(prompts, sp, adapters)
+    wall = time.perf_counter() - t0
+    ttft = [r.first_token_s - r.arrival_s for r in reqs]
+    tpot = [(r.finish_s - r.first_token_s) / max(1, len(r.output_ids) - 1) for r in reqs]
+    tokens = sum(len(r.output_ids) for r in reqs)
+    return {"tokens_per_s": tokens / wall, "ttft_s": ttft, "tpot_s": tpot, "wall_s": wall,
+            "outputs": [r.output_ids for r in reqs]}
+
+
+def run_hf(model, tok, prompts, adapters, new_tokens):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    names = [a or "__base__" for a in adapters]
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, adapter_names=names)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        wall = time.perf_counter() - t0
+    n = len(prompts)
+    tpot = (wall - ttft) / max(1, new_tokens - 1)
+    return {"tokens_per_s": n * new_tokens / wall, "ttft_s": [ttft] * n, "tpot_s": [tpot] * n, "wall_s": wall,
+            "outputs": out[:, enc["input_ids"].shape[1]:].tolist()}
+
+
+def summarize(runs):
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "ttft_p50_ms": 1e3 * statistics.median(pct(r["ttft_s"], 50) for r in runs),
+        "ttft_p99_ms": 1e3 * statistics.median(pct(r["ttft_s"], 99) for r in runs),
+        "tpot_p50_ms": 1e3 * statistics.median(pct(r["tpot_s"], 50) for r in runs),
+        "tpot_p99_ms": 1e3 * statistics.median(pct(r["tpot_s"], 99) for r in runs),
+        "runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--adapters", default="demo")
+    ap.add_argument("--compile", default="false", choices=["false", "true", "both"])
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default="profiles/bench_engine.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+    from caraserve.engine import Engine, resolve_paths
+
+    base_cfg = EngineConfig(model=ModelConfig(path=args.model), adapters=AdapterConfig(dir=args.adapters))
+    model_dir, adapter_dir = resolve_paths(base_cfg)
+    names = sorted(p.name for p in adapter_dir.iterdir() if p.is_dir())
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+    adapters = [names[i % len(names)] for i in range(args.requests)]
+    systems = {}
+    outputs = {}
+    compiles = ["false", "true"] if args.compile == "both" else [args.compile]
+    for comp in compiles:
+        cfg = EngineConfig(model=ModelConfig(path=str(model_dir)),
+                           adapters=AdapterConfig(dir=str(adapter_dir), device_slots=len(names)),
+                           max_batch_size=args.requests, compile=comp, device="cpu")
+        engine = Engine(cfg)
+        run_ours(engine, prompts[:4], adapters[:4], 4)  # warm-up (and compile)
+        tag = "" if len(compiles) == 1 else f" compile={comp}"
+        for label, ads in ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts))):
+            runs = [run_ours(engine, prompts, ads, args.new_tokens) for _ in range(args.repeats)]
+            systems[label] = summarize(runs)
+            outputs[label] = runs[0]["outputs"]
+        del engine
+    if not args.skip_hf:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok.padding_side = "left"
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(base, str(adapter_dir / names[0]), adapter_name=names[0])
+        for n in names[1:]:
+            model.load_adapter(str(adapter_dir / n), adapter_name=n)
+        model.eval()
+        run_hf(model, tok, prompts[:4], adapters[:4], 4)
+        runs = [run_hf(model, tok, prompts, adapters, args.new_tokens) for _ in range(args.repeats)]
+        systems["transformers+peft mixed LoRA"] = summarize(runs)
+        outputs["transformers+peft mixed LoRA"] = runs[0]["outputs"]
+
+    ours = next(k for k in systems if k.startswith("caraserve mixed"))
+    base_key = next(k for k in systems if k.startswith("caraserve base"))
+    ratios = {"mixed LoRA vs own base-only": systems[ours]["tokens_per_s"] / systems[base_key]["tokens_per_s"]}
+    if "transformers+peft mixed LoRA" in systems:
+        ratios["mixed LoRA vs transformers+peft"] = (
+            systems[ours]["tokens_per_s"] / systems["transformers+peft mixed LoRA"]["tokens_per_s"])
+        same = sum(a == b for a, b in zip(outputs[ours], outputs["transformers+peft mixed LoRA"]))
+        ratios["greedy outputs equal to transformers+peft"] = f"{same}/{len(prompts)}"
+
+    print(f"\n{'system':38s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s}")
+    for name, s in systems.items():
+        print(f"{name:38s} {s['tokens_per_s']:8.1f} {s['ttft_p50_ms']:8.1f}ms {s['ttft_p99_ms']:8.1f}ms "
+              f"{s['tpot_p50_ms']:8.2f}ms {s['tpot_p99_ms']:8.2f}ms")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}")
+    result = {
+        "header": {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                   "model": str(args.model), "dtype": "float32", "torch": torch.__version__,
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "workload": {"requests": args.requests, "new_tokens": args.new_tokens, "adapters": names,
+                     "repeats": args.repeats},
+        "systems": systems, "ratios": ratios,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,373 @@
+"""HostStore's memory budget (drop and re-read) and DevicePool's slots on CPU: rank buckets, states,
+LRU eviction, holding, zero padding, batch metadata and memory size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import save_random_hf_model
+
+from caraserve.lora.checkpoint import TARGETS, AdapterError
+from caraserve.lora.device_pool import AdapterState, DevicePool
+from caraserve.lora.host_store import HostStore, UnknownAdapterError
+from caraserve.model.loader import load_model
+from caraserve.model.tiny import write_random_adapter
+
+SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+L = 2
+# (in, out) of each module for hidden 64, 4 heads of 16, 2 kv heads, intermediate 112
+DIMS = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+        "gate_proj": (64, 112), "up_proj": (64, 112), "down_proj": (112, 64)}
+QV = ["q_proj", "v_proj"]
+ALL = list(TARGETS)
+# name -> (rank, alpha, targets)
+ADAPTERS = {
+    "r5": (5, 10, QV),
+    "r5b": (5, 5, ["q_proj", "k_proj"]),
+    "r8": (8, 16, QV),
+    "r9-qv": (9, 18, QV),
+    "r12-all": (12, 12, ALL),
+    "r16-all": (16, 8, ALL),
+    "r17": (17, 17, ["o_proj", "down_proj"]),
+    "r32": (32, 64, ALL),
+    "r40": (40, 40, QV),
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    save_random_hf_model(root / "base", "llama")
+    for i, (name, (r, alpha, targets)) in enumerate(ADAPTERS.items()):
+        write_random_adapter(root / "adapters" / name, r, alpha, targets, seed=100 + i, shape=SHAPE)
+    for i in range(5):  # same size each: r=8 on q_proj, v_proj
+        write_random_adapter(root / "budget" / f"b{i}", 8, 16, QV, seed=200 + i, shape=SHAPE)
+    args = load_model(root / "base", "float32").args
+    assert {m: args.module_shape(m) for m in TARGETS} == DIMS
+    store = HostStore(args)
+    ok, bad = store.register_dir(root / "adapters")
+    assert sorted(ok) == sorted(ADAPTERS) and not bad
+    return root, args, store
+
+
+@pytest.fixture
+def pool(env):
+    _, args, _ = env
+    return DevicePool(args, (8, 16, 32), 2, torch.float32, [torch.device("cpu")] * L)
+
+
+def _clone(w):
+    return {("a", m): t.clone() for m, t in w.a.items()} | {("b", m): t.clone() for m, t in w.b.items()}
+
+
+def _equal(w, snap):
+    now = _clone(w)
+    return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
+
+
+def _qv8_bytes() -> int:
+    # a: [L, in, 8], b: [L, 8, out] for q_proj (64 -> 64) and v_proj (64 -> 32), float32
+    return 4 * L * 8 * ((64 + 64) + (64 + 32))
+
+
+# ---------------------------------------------------------------- HostStore budget
+
+
+def test_budget_keeps_at_most_budget_and_rereads_dropped(env):
+    root, args, _ = env
+    nb = _qv8_bytes()
+    budget = nb * 5 // 2  # room for two
+    store = HostStore(args, budget_bytes=budget)
+    first = {}
+    for i in range(5):
+        name = f"b{i}"
+        info = store.register(name, root / "budget" / name)
+        assert info.nbytes == nb
+        assert store.resident_bytes() <= budget
+        reads = store.disk_reads
+        first[name] = _clone(store.get(name))  # still resident right after registering
+        assert store.disk_reads == reads
+    assert store.names() == [f"b{i}" for i in range(5)]
+    assert store.resident_bytes() == 2 * nb  # b3, b4
+    assert store.disk_reads == 0
+
+    for name in ("b4", "b3"):
+        w = store.get(name)
+        assert store.disk_reads == 0 and _equal(w, first[name])
+    w0 = store.get("b0")  # dropped: read again
+    assert store.disk_reads == 1
+    assert _equal(w0, first["b0"])
+    assert store.resident_bytes() == 2 * nb  # b0 in, b4 (least recently used) out
+    assert store.get("b0") is w0 and store.disk_reads == 1
+    store.get("b3")
+    assert store.disk_reads == 1
+    w4 = store.get("b4")
+    assert store.disk_reads == 2 and _equal(w4, first["b4"])
+    for i in range(5):
+        assert _equal(store.get(f"b{i}"), first[f"b{i}"])
+        assert store.resident_bytes() <= budget
+    # differently seeded adapters differ, so the equality checks above mean something
+    assert not torch.equal(first["b0"][("a", "q_proj")], first["b1"][("a", "q_proj")])
+
+
+def test_budget_lru_follows_get(env):
+    root, args, _ = env
+    nb = _qv8_bytes()
+    store = HostStore(args, budget_bytes=nb * 5 // 2)
+    store.register("b0", root / "budget" / "b0")
+    store.register("b1", root / "budget" / "b1")
+    store.get("b0")  # b1 is now the least recently used
+    store.register("b2", root / "budget" / "b2")
+    store.get("b0")
+    store.get("b2")
+    assert store.disk_reads == 0
+    store.get("b1")
+    assert store.disk_reads == 1
+
+
+def test_no_budget_keeps_everything_and_tiny_budget_keeps_one(env):
+    root, args, _ = env
+    nb = _qv8_bytes()
+    unlimited = HostStore(args)
+    tiny = HostStore(args, budget_bytes=nb // 2)
+    for i in range(5):
+        unlimited.register(f"b{i}", root / "budget" / f"b{i}")
+        tiny.register(f"b{i}", root / "budget" / f"b{i}")
+    assert unlimited.resident_bytes() == 5 * nb
+    assert tiny.resident_bytes() == nb  # the newest stays even when alone it exceeds the budget
+    for i in range(5):
+        unlimited.get(f"b{i}")
+    assert unlimited.disk_reads == 0
+
+
+def test_store_dtype_sets_resident_size(env):
+    root, args, _ = env
+    store = HostStore(args, dtype=torch.float16)
+    info = store.register("b0", root / "budget" / "b0")
+    assert info.nbytes == _qv8_bytes() // 2 == store.resident_bytes()
+    assert all(t.dtype == torch.float16 for t in store.get("b0").a.values())
+
+
+def test_unregister_then_get_raises(env):
+    root, args, _ = env
+    nb = _qv8_bytes()
+    store = HostStore(args, budget_bytes=nb * 5 // 2)
+    for i in range(3):
+        store.register(f"b{i}", root / "budget" / f"b{i}")
+    store.unregister("b2")  # resident
+    store.unregister("b0")  # dropped by the budget
+    assert store.names() == ["b1"] and "b2" not in store and "b0" not in store
+    assert store.resident_bytes() == nb
+    for name in ("b0", "b2"):
+        with pytest.raises(UnknownAdapterError, match=f"adapter '{name}' is not registered"):
+            store.get(name)
+        with pytest.raises(UnknownAdapterError):
+            store.info(name)
+        with pytest.raises(UnknownAdapterError):
+            store.unregister(name)
+    assert store.disk_reads == 0
+    store.register("b2", root / "budget" / "b3")  # the name is free again, now for other weights
+    ref = HostStore(args)
+    ref.register("b3", root / "budget" / "b3")
+    assert _equal(store.get("b2"), _clone(ref.get("b3")))
+
+
+# ---------------------------------------------------------------- DevicePool
+
+
+def _expected_pool_bytes(buckets, slots, targets, elem):
+    return sum(L * slots * (DIMS[m][0] * R + R * DIMS[m][1]) * elem for R in buckets for m in targets)
+
+
+def test_pool_nbytes(env):
+    _, args, _ = env
+    cpu = [torch.device("cpu")] * L
+    p = DevicePool(args, (8, 16, 32), 2, torch.float32, cpu)
+    assert p.nbytes == _expected_pool_bytes((8, 16, 32), 2, TARGETS, 4) == 2 * 2 * 56 * 976 * 4
+    p16 = DevicePool(args, (4, 64), 3, torch.float16, cpu, targets=("q_proj", "down_proj"))
+    assert p16.nbytes == _expected_pool_bytes((4, 64), 3, ("q_proj", "down_proj"), 2)
+    a, b = p16.buckets[1].weights["down_proj"]
+    assert a.shape == (L, 3, 112, 64) and b.shape == (L, 3, 64, 64) and a.dtype == torch.float16
+
+
+@pytest.mark.parametrize("name,bucket", [("r5", 0), ("r8", 0), ("r9-qv", 1), ("r16-all", 1), ("r17", 2), ("r32", 2)])
+def test_rank_bucket_and_state(env, pool, name, bucket):
+    _, _, store = env
+    w = store.get(name)
+    assert pool.state(name) is AdapterState.HOST
+    assert pool.load(w) is True
+    assert pool.state(name) is AdapterState.RESIDENT  # CPU copies are immediate
+    assert pool.poll() == []
+    b, s = pool.slot_of(name)
+    assert b == bucket and s in (0, 1)
+    assert pool.used_slots() == 1 and pool.loads == 1
+    bk = pool.buckets[b]
+    for m in TARGETS:
+        a, bb = bk.weights[m]
+        if m in w.a:
+            r = w.a[m].shape[-1]
+            assert torch.equal(a[:, s, :, :r], w.a[m]) and torch.equal(bb[:, s, :r, :], w.b[m])
+            assert not a[:, s, :, r:].any() and not bb[:, s, r:, :].any()
+        else:
+            assert not a[:, s].any() and not bb[:, s].any()
+    assert bk.scale[s].item() == pytest.approx(w.scale)
+    # loading again is a no-op
+    assert pool.load(w) is True and pool.slot_of(name) == (b, s) and pool.loads == 1
+
+
+def test_rank_over_largest_bucket_refused(env, pool):
+    _, _, store = env
+    with pytest.raises(AdapterError, match=r"rank 40 exceeds the largest rank bucket 32"):
+        pool.load(store.get("r40"))
+    assert pool.state("r40") is AdapterState.HOST and pool.used_slots() == 0 and pool.loads == 0
+    with pytest.raises(AdapterError):
+        pool.bucket_for(33)
+    assert [pool.bucket_for(r) for r in (1, 8, 9, 16, 17, 32)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_rank_refusal_names_adapter(env, pool):
+    _, _, store = env
+    with pytest.raises(AdapterError, match=r"'r40'"):
+        pool.load(store.get("r40"))
+
+
+def test_targets_outside_pool_refused(env):
+    _, args, store = env
+    p = DevicePool(args, (8, 16, 32), 2, torch.float32, [torch.device("cpu")] * L, targets=("q_proj", "v_proj"))
+    assert p.load(store.get("r8"))
+    with pytest.raises(AdapterError, match=r"adapter 'r16-all' targets \['k_proj', 'o_proj'"):
+        p.load(store.get("r16-all"))
+    assert p.state("r16-all") is AdapterState.HOST and p.used_slots() == 1
+
+
+def test_lru_eviction_picks_least_recently_used_idle_slot(env, pool):
+    _, _, store = env
+    assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
+    s5, s5b = pool.slot_of("r5")[1], pool.slot_of("r5b")[1]
+    assert s5 != s5b
+    pool.acquire("r5")  # r5 used after r5b: r5b is the least recently used
+    pool.release("r5")
+    assert pool.load(store.get("r8"))
+    assert pool.evictions == 1
+    assert pool.state("r5b") is AdapterState.HOST and pool.state("r5") is AdapterState.RESIDENT
+    assert pool.slot_of("r8") == (0, s5b)
+    # now r5 is least recently used: it goes next
+    assert pool.load(store.get("r5b"))
+    assert pool.state("r5") is AdapterState.HOST and pool.slot_of("r5b") == (0, s5)
+    assert pool.evictions == 2 and pool.used_slots() == 2
+    # other buckets are untouched by bucket 0's pressure
+    assert pool.load(store.get("r17")) and pool.slot_of("r17")[0] == 2 and pool.evictions == 2
+
+
+def test_held_slot_never_evicted(env, pool):
+    _, _, store = env
+    assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
+    pool.acquire("r5")  # held, and then made the least recently used
+    pool.acquire("r5b")
+    pool.release("r5b")
+    assert pool.load(store.get("r8"))  # must take r5b's slot, not the older but held r5
+    assert pool.state("r5") is AdapterState.RESIDENT and pool.state("r5b") is AdapterState.HOST
+    pool.acquire("r8")  # both slots held now
+    before = {n: pool.slot_of(n) for n in ("r5", "r8")}
+    loads, evictions = pool.loads, pool.evictions
+    assert pool.load(store.get("r5b")) is False
+    assert pool.state("r5b") is AdapterState.HOST
+    assert {n: pool.slot_of(n) for n in ("r5", "r8")} == before
+    assert (pool.loads, pool.evictions) == (loads, evictions)
+    # a second hold on r5: one release is not enough
+    pool.acquire("r5")
+    pool.release("r5")
+    assert pool.load(store.get("r5b")) is False
+    pool.release("r5")
+    assert pool.load(store.get("r5b")) is True
+    assert pool.state("r5") is AdapterState.HOST and pool.slot_of("r5b") == before["r5"]
+    assert pool.state("r8") is AdapterState.RESIDENT
+
+
+def test_evict_refuses_while_held(env, pool):
+    _, _, store = env
+    assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
+    pool.acquire("r5")
+    assert pool.evict("r5") is False
+    assert pool.state("r5") is AdapterState.RESIDENT and pool.used_slots() == 2
+    pool.release("r5")
+    slot = pool.slot_of("r5")
+    assert pool.evict("r5") is True
+    assert pool.state("r5") is AdapterState.HOST and pool.used_slots() == 1
+    assert pool.evict("r5") is True  # not resident: nothing to do
+    evictions = pool.evictions
+    assert pool.load(store.get("r8"))  # takes the freed slot without evicting r5b
+    assert pool.slot_of("r8") == slot and pool.evictions == evictions
+    assert pool.state("r5b") is AdapterState.RESIDENT
+
+
+def test_reused_slot_is_zero_padded(env, pool):
+    _, _, store = env
+    y, z, x = store.get("r16-all"), store.get("r12-all"), store.get("r9-qv")
+    assert pool.load(y) and pool.load(z)
+    b, sy = pool.slot_of("r16-all")
+    _, sz = pool.slot_of("r12-all")
+    assert b == 1 and pool.slot_of("r12-all")[0] == 1 and sy != sz
+    bk = pool.buckets[b]
+    r = x.rank
+    assert r == 9
+    # Y filled the region that X will not cover
+    assert bk.weights["q_proj"][0][:, sy, :, r:].abs().sum() > 0
+    assert bk.weights["gate_proj"][1][:, sy].abs().sum() > 0
+    z_before = {m: (a[:, sz].clone(), bb[:, sz].clone()) for m, (a, bb) in bk.weights.items()}
+    pool.acquire("r12-all")
+    pool.release("r12-all")  # Y is now the least recently used
+    assert pool.load(x)
+    assert pool.slot_of("r9-qv") == (b, sy) and pool.state("r16-all") is AdapterState.HOST
+    for m in TARGETS:
+        a, bb = bk.weights[m]
+        if m in x.a:
+            assert torch.equal(a[:, sy, :, :r], x.a[m]) and torch.equal(bb[:, sy, :r, :], x.b[m])
+            assert not a[:, sy, :, r:].any(), f"{m} A padding"
+            assert not bb[:, sy, r:, :].any(), f"{m} B padding"
+        else:
+            assert not a[:, sy].any() and not bb[:, sy].any(), f"untargeted {m}"
+        # the neighbouring slot is untouched
+        assert torch.equal(a[:, sz], z_before[m][0]) and torch.equal(bb[:, sz], z_before[m][1])
+    assert bk.scale[sy].item() == pytest.approx(x.scale) and x.scale != pytest.approx(y.scale)
+    assert bk.scale[sz].item() == pytest.approx(z.scale)
+
+
+def test_make_batch_groups_by_bucket(env, pool):
+    _, _, store = env
+    for name in ("r5", "r8", "r17"):
+        assert pool.load(store.get(name))
+    sa, sb, sc = pool.slot_of("r5")[1], pool.slot_of("r8")[1], pool.slot_of("r17")[1]
+    assert pool.slot_of("r17")[0] == 2 and sa != sb
+    reqs = [("r17", 2), (None, 3), ("r5", 2), ("r8", 4), (None, 1), ("r5", 1)]
+    reqs.sort(key=lambda q: pool.sort_key(q[0]))
+    runs, start = [], 0
+    for name, n in reqs:
+        runs.append((start, n, name))
+        start += n
+    # base rows first, then bucket 0 ordered by slot, then bucket 2
+    bucket0 = ["r5", "r5", "r8"] if sa < sb else ["r8", "r5", "r5"]
+    assert [q[2] for q in runs] == [None, None] + bucket0 + ["r17"]
+    batch = pool.make_batch(runs, False, "cpu")
+    assert batch is not None and batch.is_decode is False
+    assert [g.rank for g in batch.groups] == [8, 32]
+    g0, g2 = batch.groups
+    n_a, n_b = 3, 4  # the two r5 requests merge into one segment
+    first, second = ((sa, n_a), (sb, n_b)) if sa < sb else ((sb, n_b), (sa, n_a))
+    idx = g0.index
+    assert idx.segments == ((4, first[1], first[0]), (4 + first[1], second[1], second[0]))
+    assert (idx.row_start, idx.row_end, idx.max_seg_len) == (4, 11, 4)
+    assert idx.row_slot.tolist() == [first[0]] * first[1] + [second[0]] * second[1]
+    assert idx.seg_start.tolist() == [4, 4 + first[1]] and idx.seg_len.tolist() == [first[1], second[1]]
+    assert idx.seg_slot.tolist() == [first[0], second[0]] and idx.seg_slot.dtype == torch.int32
+    assert g0.weights is pool.buckets[0].weights and g0.scale is pool.buckets[0].scale
+    assert g2.index.segments == ((11, 2, sc),) and g2.index.row_slot.tolist() == [sc, sc]
+    assert g2.weights is pool.buckets[2].weights
+
+    dec = pool.make_batch([(0, 1, None), (1, 1, "r5"), (2, 1, "r5"), (3, 1, "r17")], True, "cpu")
+    assert dec.is_decode is True and [g.rank for g in dec.groups] == [8, 32]
+    assert dec.groups[0].index.segments == ((1, 2, sa),) and dec.groups[1].index.segments == ((3, 1, sc),)
+
+    assert pool.make_batch([(0, 5, None), (5, 2, None)], False, "cpu") is None
+    assert pool.make_batch([], True, "cpu") is None

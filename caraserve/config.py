@@ -106,6 +106,7 @@ class EngineConfig:
     max_seq_len: int = 2048
     max_tokens_per_step: int = 4096
     compile: str = "auto"
+    compile_cache_dir: str = "compiled/cache"
     seed: int = 0
 
     def __post_init__(self):
@@ -113,8 +114,9 @@ class EngineConfig:
         _check(self.max_seq_len >= 2, f"engine.max_seq_len={self.max_seq_len} must be >= 2")
         _check(self.max_tokens_per_step >= 1, "engine.max_tokens_per_step must be >= 1")
         _check(self.dtype in DTYPES, f"engine.dtype={self.dtype!r} is not one of {DTYPES}")
-        _check(str(self.compile) in ("auto", "True", "False", "true", "false"),
+        _check(str(self.compile).lower() in ("auto", "true", "false"),
                f"engine.compile={self.compile!r} must be auto|true|false")
+        object.__setattr__(self, "compile", str(self.compile).lower())
 
     @classmethod
     def from_dict(cls, data, where="engine"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from caraserve.config import EngineConfig, resolve_device
+from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import DevicePool
@@ -64,7 +65,8 @@ class Engine:
         if adapter_dir is not None:
             self._register_dir(adapter_dir)
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step)
-        self.runner = ModelRunner(self.model, self.kv, self.pool, self.device)
+        self.graphs = self._decode_graphs(model_path)
+        self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
@@ -72,6 +74,20 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload == "all":
             self.preload_all()
+
+    def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
+        """The compiled decode step, per engine.compile: true = every decode step; auto = what
+        measures faster on the device (see README: on CPU, steps without LoRA rows only)."""
+        mode = self.config.compile
+        if mode == "false":
+            return None
+        cfg = self.config
+        key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
+                                     cfg.adapters.rank_buckets)
+        cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
+        lora_steps = mode == "true" or self.device.type == "cuda"
+        return DecodeGraphs(self.model, self.kv.layers, self.pool, self.kv.scratch_slot, cfg.max_batch_size,
+                            cache, lora_steps)
 
     @staticmethod
     def _tokenizer(path: Path):

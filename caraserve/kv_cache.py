@@ -25,7 +25,9 @@ class KVCache:
     ):
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
-        shape = (num_slots, max_seq_len, num_kv_heads, head_dim)
+        # One extra slot that no request owns: padding rows of a compiled decode step write there.
+        self.scratch_slot = num_slots
+        shape = (num_slots + 1, max_seq_len, num_kv_heads, head_dim)
         # per layer: k, v [slots, max_len, n_kv, hd] on that layer's device
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))

@@ -92,8 +92,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--adapters", default="demo")
-    ap.add_argument("--compile", default="false", choices=["false", "true", "both"])
+    ap.add_argument("--compile", default="auto", help="comma list of engine.compile modes: auto,false,true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="profiles/bench_engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,13 +109,14 @@ def main():
     adapters = [names[i % len(names)] for i in range(args.requests)]
     systems = {}
     outputs = {}
-    compiles = ["false", "true"] if args.compile == "both" else [args.compile]
+    compiles = args.compile.split(",")
     for comp in compiles:
         cfg = EngineConfig(model=ModelConfig(path=str(model_dir)),
                            adapters=AdapterConfig(dir=str(adapter_dir), device_slots=len(names)),
-                           max_batch_size=args.requests, compile=comp, device="cpu")
+                           max_batch_size=args.requests, compile=comp, device=args.device)
         engine = Engine(cfg)
-        run_ours(engine, prompts[:4], adapters[:4], 4)  # warm-up (and compile)
+        for warm in (adapters, [None] * len(prompts)):  # warm-up: compiles every variant the runs use
+            run_ours(engine, prompts, warm, 4)
         tag = "" if len(compiles) == 1 else f" compile={comp}"
         for label, ads in ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts))):
             runs = [run_ours(engine, prompts, ads, args.new_tokens) for _ in range(args.repeats)]
@@ -137,9 +139,18 @@ def main():
         systems["transformers+peft mixed LoRA"] = summarize(runs)
         outputs["transformers+peft mixed LoRA"] = runs[0]["outputs"]
 
+    ratios = {}
     ours = next(k for k in systems if k.startswith("caraserve mixed"))
     base_key = next(k for k in systems if k.startswith("caraserve base"))
-    ratios = {"mixed LoRA vs own base-only": systems[ours]["tokens_per_s"] / systems[base_key]["tokens_per_s"]}
+    for comp in compiles[1:]:
+        tag = f" compile={comp}"
+        ratios[f"mixed LoRA{tag} vs compile={compiles[0]}"] = (
+            systems[f"caraserve mixed LoRA{tag}"]["tokens_per_s"]
+            / systems[f"caraserve mixed LoRA compile={compiles[0]}"]["tokens_per_s"])
+        ratios[f"base only{tag} vs compile={compiles[0]}"] = (
+            systems[f"caraserve base only{tag}"]["tokens_per_s"]
+            / systems[f"caraserve base only compile={compiles[0]}"]["tokens_per_s"])
+    ratios["mixed LoRA vs own base-only"] = systems[ours]["tokens_per_s"] / systems[base_key]["tokens_per_s"]
     if "transformers+peft mixed LoRA" in systems:
         ratios["mixed LoRA vs transformers+peft"] = (
             systems[ours]["tokens_per_s"] / systems["transformers+peft mixed LoRA"]["tokens_per_s"])

@@ -78,6 +78,7 @@ def reference(catalogue, workload):
 def make_engine(catalogue, **engine_kw) -> Engine:
     model_dir, adapters, _ = catalogue
     slots = engine_kw.pop("device_slots", 4)
+    engine_kw.setdefault("compile", "false")
     return Engine(EngineConfig(model=ModelConfig(path=str(model_dir)),
                                adapters=AdapterConfig(dir=str(adapters), device_slots=slots), **engine_kw))
 
@@ -116,7 +117,8 @@ def test_generate_script_matches_reference(catalogue, workload, reference, tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "generate.py"), f"input={src}", f"output={dst}",
-         f"model.path={model_dir}", f"adapters.dir={adapters}", "adapters.device_slots=2", "progress=false"],
+         f"model.path={model_dir}", f"adapters.dir={adapters}", "adapters.device_slots=2", "progress=false",
+         "engine.compile=false"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,175 @@
+"""DecodeGraphs: the decode step as one compiled pure tensor function.
+
+One variant per (batch-size bucket, rank bucket): the batch is padded to a power-of-two row
+count (padding rows write into a scratch KV slot that no request owns) and the LoRA delta of
+every bucket up to the batch's largest rank bucket is computed in the BGMV form (one slot index
+per row; rows of other buckets get scale 0). The KV length is a dynamic dimension, so a longer
+context does not recompile. Compiled artifacts are saved to, and loaded from, a cache folder
+keyed by model, dtype, device and torch version, so a restarted engine skips the compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from caraserve.lora.batch import LoraBatch
+from caraserve.model.layers import apply_rotary
+from caraserve.model.llama import CausalLM, decode_mask
+
+log = logging.getLogger(__name__)
+
+
+def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_batch_size,)
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_layers, pool, scratch_slot: int, max_batch_size: int,
+                 cache_file: Path | None = None, lora_steps: bool = True):
+        self.model = model
+        self.kv_layers = kv_layers
+        self.pool = pool
+        self.scratch_slot = scratch_slot
+        self.batch_buckets = batch_buckets(max_batch_size)
+        self.max_seq_len = kv_layers[0][0].shape[1]
+        self.cache_file = cache_file
+        self.lora_steps = lora_steps  # False: only steps without LoRA rows run compiled
+        self.device = model.model.embed_tokens.weight.device
+        self._fns: dict[tuple[int, int], object] = {}
+        self.compile_s = 0.0
+        if cache_file is not None and cache_file.is_file():
+            torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+            log.info("loaded compile artifacts from %s", cache_file)
+
+    @staticmethod
+    def cache_key(model_path: str, dtype: torch.dtype, device: torch.device, max_batch_size: int,
+                  rank_buckets) -> str:
+        cfg = Path(model_path, "config.json")
+        text = cfg.read_text() if cfg.is_file() else model_path
+        raw = f"{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def handles(self, lora: LoraBatch | None) -> bool:
+        return lora is None or self.lora_steps
+
+    def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor:
+        n = len(tokens)
+        bsz = bucket_up(n, self.batch_buckets)
+        pad = bsz - n
+        dev = self.device
+        ids = torch.tensor([t[0] for t in tokens] + [0] * pad, device=dev)
+        pos = torch.tensor(list(starts) + [0] * pad, device=dev)
+        kv_slots = torch.tensor(list(slots) + [self.scratch_slot] * pad, device=dev)
+        ctx = max(starts) + 1
+        kpos = torch.empty(ctx, device=dev)  # only its length matters: the KV length, a dynamic dim
+        torch._dynamo.maybe_mark_dynamic(kpos, 0)
+        nb, row_slot, row_scale = self._lora_rows(lora, bsz)
+        with torch.inference_mode():
+            logits = self._variant(bsz, nb)(ids, pos, kv_slots, kpos, row_slot, row_scale)
+        return logits[:n]
+
+    def _lora_rows(self, lora: LoraBatch | None, bsz: int):
+        """(index of the batch's largest bucket + 1, row_slot [nb, B] int64, row_scale [nb, B] f32)."""
+        if lora is None:
+            return 0, None, None
+        nb = max(self.pool.rank_buckets.index(g.rank) for g in lora.groups) + 1
+        row_slot = torch.zeros(nb, bsz, dtype=torch.int64)
+        row_scale = torch.zeros(nb, bsz, dtype=torch.float32)
+        for g in lora.groups:
+            b = self.pool.rank_buckets.index(g.rank)
+            for start, count, slot in g.index.segments:
+                row_slot[b, start : start + count] = slot
+                row_scale[b, start : start + count] = g.host_scale[slot]
+        return nb, row_slot.to(self.device), row_scale.to(self.device)
+
+    def _variant(self, bsz: int, nb: int):
+        fn = self._fns.get((bsz, nb))
+        if fn is not None:
+            return fn
+        compiled = torch.compile(self._step_fn(bsz, nb), fullgraph=True)
+        log.info("compiling the decode step for batch bucket %d, %d rank bucket(s)", bsz, nb)
+
+        def first_call(*args):
+            t0 = time.perf_counter()
+            out = compiled(*args)
+            self.compile_s += time.perf_counter() - t0
+            self._fns[(bsz, nb)] = compiled
+            self._save()
+            return out
+
+        return first_call
+
+    def _save(self) -> None:
+        if self.cache_file is None:
+            return
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(".tmp")
+            tmp.write_bytes(artifacts[0])
+            tmp.replace(self.cache_file)
+
+    def _step_fn(self, bsz: int, nb: int):
+        m, kv_layers = self.model, self.kv_layers
+        a = m.args
+        buckets = self.pool.buckets[:nb]
+
+        def lora(y, x, name, layer, row_slot, row_scale):
+            for b, bucket in enumerate(buckets):
+                la, lb = bucket.weights[name]
+                sl = row_slot[b]
+                v = torch.bmm(x.unsqueeze(1), la[layer][sl])  # [B, 1, R]
+                d = torch.bmm(v, lb[layer][sl]).squeeze(1)  # [B, out]
+                y = y + (d * row_scale[b].unsqueeze(1)).to(y.dtype)
+            return y
+
+        def proj(mod, x, row_slot, row_scale):
+            y = F.linear(x, mod.weight, mod.bias)
+            return lora(y, x, mod.name, mod.layer, row_slot, row_scale) if nb else y
+
+        def step(ids, pos, slots, kpos, row_slot, row_scale):
+            ctx = kpos.shape[0]
+            h = m.model.embed_tokens(ids)
+            cos, sin = m.rotary.cos_sin(pos, h.dtype)
+            masks = {}
+            for layer, (kc, vc) in zip(m.model.layers, kv_layers):
+                at = layer.self_attn
+                if at.window not in masks:
+                    masks[at.window] = decode_mask(pos + 1, ctx, at.window)
+                x = layer.input_layernorm(h)
+                q = proj(at.q_proj, x, row_slot, row_scale).view(bsz, a.num_heads, a.head_dim)
+                k = proj(at.k_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
+                v = proj(at.v_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                kc.index_put_((slots, pos), k)
+                vc.index_put_((slots, pos), v)
+                keys = kc[slots, :ctx].transpose(1, 2)
+                vals = vc[slots, :ctx].transpose(1, 2)
+                o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=masks[at.window],
+                                                   enable_gqa=True).squeeze(2)
+                h = h + proj(at.o_proj, o.reshape(bsz, -1), row_slot, row_scale)
+                x = layer.post_attention_layernorm(h)
+                mlp = layer.mlp
+                g = proj(mlp.gate_proj, x, row_slot, row_scale)
+                u = proj(mlp.up_proj, x, row_slot, row_scale)
+                h = h + proj(mlp.down_proj, F.silu(g) * u, row_slot, row_scale)
+            return m.lm_head(m.model.norm(h))
+
+        return step

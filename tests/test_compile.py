@@ -1,0 +1,60 @@
+"""The compiled decode step gives the tokens of the eager one, and its artifacts persist."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import save_peft_adapter, save_random_hf_model
+
+from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+from caraserve.engine import Engine
+from caraserve.graphs import batch_buckets, bucket_up
+from caraserve.request import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    save_random_hf_model(root / "base", "llama", num_hidden_layers=2)
+    save_peft_adapter(root / "base", root / "adapters" / "r8", seed=1, r=8,
+                      target_modules=["q_proj", "v_proj", "down_proj"])
+    save_peft_adapter(root / "base", root / "adapters" / "r20", seed=2, r=20, lora_alpha=10,
+                      target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])
+    return root
+
+
+def engine(root, compile_mode, cache_dir):
+    return Engine(EngineConfig(model=ModelConfig(path=str(root / "base")),
+                               adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32)),
+                               max_batch_size=4, max_seq_len=64, compile=compile_mode,
+                               compile_cache_dir=str(cache_dir), device="cpu"))
+
+
+def test_bucket_helpers():
+    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_buckets(6) == (1, 2, 4, 6)
+    assert bucket_up(3, batch_buckets(6)) == 4 and bucket_up(5, batch_buckets(6)) == 6
+    with pytest.raises(ValueError):
+        bucket_up(7, batch_buckets(6))
+
+
+def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
+    prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
+    adapters = ["r8", None, "r20", "r8"]
+    eager = engine(small, "false", tmp_path / "unused")
+    want = [r.output_ids for r in eager.generate(prompts, GREEDY, adapters)]
+    want_base = [r.output_ids for r in eager.generate(prompts[:3], GREEDY, [None] * 3)]
+    assert eager.graphs is None
+
+    compiled = engine(small, "true", tmp_path / "cache")
+    got = [r.output_ids for r in compiled.generate(prompts, GREEDY, adapters)]
+    got_base = [r.output_ids for r in compiled.generate(prompts[:3], GREEDY, [None] * 3)]
+    assert got == want and got_base == want_base
+    assert compiled.graphs.compile_s > 0
+    assert set(compiled.graphs._fns) >= {(4, 3), (4, 0)}  # (batch bucket, rank buckets up to 32)
+    files = list((tmp_path / "cache").glob("decode-*.bin"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+
+    restarted = engine(small, "true", tmp_path / "cache")
+    assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(ValueError):
@@ -75,8 +76,12 @@ class AdapterConfig:
     host_mem_bytes: int = 0
     allowed_roots: tuple[str, ...] = ()
     preload: str = "none"
+    target_modules: tuple[str, ...] = LORA_TARGETS  # modules the device pool holds slots for
 
     def __post_init__(self):
+        bad = [m for m in self.target_modules if m not in LORA_TARGETS]
+        _check(not bad and len(self.target_modules) > 0,
+               f"adapters.target_modules={self.target_modules} must be a non-empty subset of {LORA_TARGETS}")
         b = self.rank_buckets
         _check(len(b) > 0, "adapters.rank_buckets must not be empty")
         _check(all(isinstance(r, int) and r > 0 for r in b), f"adapters.rank_buckets={b} must be positive ints")

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from caraserve.kv_cache import KVCache
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
+from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
 from caraserve.request import FinishReason, Request, RequestError, RequestOutput, RequestState, SamplingParams
 from caraserve.runner import ModelRunner
@@ -39,28 +41,28 @@ def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None):
+    """The serving engine. `model` may be a prebuilt CausalLM (benchmarks build random ones on the
+    device); otherwise `config.model.path` is loaded."""
+
+    def __init__(self, config: EngineConfig | None = None, model: CausalLM | None = None):
         self.config = cfg = config or EngineConfig()
         self.device = torch.device(resolve_device(cfg.device))
-        model_path, adapter_dir = resolve_paths(cfg)
+        if model is None:
+            model_path, adapter_dir = resolve_paths(cfg)
+            self._load(model_path)
+        else:
+            model_path = Path(cfg.model.path)
+            adapter_dir = resolve_paths(replace(cfg, model=replace(cfg.model, path=str(model_path))))[1]
+            self.model, self.tokenizer, self.eos_ids = model, None, set()
+            self.dtype = model.model.embed_tokens.weight.dtype
         self.model_path = model_path
-        hf_config = load_hf_config(model_path)
-        dtype_name = cfg.dtype if cfg.dtype != "auto" else cfg.model.dtype
-        self.dtype = resolve_dtype(dtype_name, hf_config)
-        if self.device.type == "cpu" and dtype_name == "auto" and self.dtype != torch.float32:
-            self.dtype = torch.float32  # half-precision matmuls are slow on CPUs without bf16 units
-        self.model = load_model(model_path, str(self.dtype).removeprefix("torch."), str(self.device),
-                                cfg.model.max_memory_bytes or None)
-        self.tokenizer = self._tokenizer(model_path)
-        eos = getattr(hf_config, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
         self.kv = KVCache(cfg.max_batch_size, self.max_seq_len, args.num_kv_heads, args.head_dim,
                           self.dtype, self.model.layer_devices())
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype)
         self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
-                               self.model.layer_devices())
+                               self.model.layer_devices(), cfg.adapters.target_modules)
         self.adapter_errors: dict[str, str] = {}
         if adapter_dir is not None:
             self._register_dir(adapter_dir)
@@ -74,6 +76,19 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload == "all":
             self.preload_all()
+
+    def _load(self, model_path: Path) -> None:
+        cfg = self.config
+        hf_config = load_hf_config(model_path)
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else cfg.model.dtype
+        self.dtype = resolve_dtype(dtype_name, hf_config)
+        if self.device.type == "cpu" and dtype_name == "auto" and self.dtype != torch.float32:
+            self.dtype = torch.float32  # half-precision matmuls are slow on CPUs without bf16 units
+        self.model = load_model(model_path, str(self.dtype).removeprefix("torch."), str(self.device),
+                                cfg.model.max_memory_bytes or None)
+        self.tokenizer = self._tokenizer(model_path)
+        eos = getattr(hf_config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
         """The compiled decode step, per engine.compile: true = every decode step; auto = what

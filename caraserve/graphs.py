@@ -4,7 +4,8 @@ One variant per (batch-size bucket, rank bucket): the batch is padded to a power
 count (padding rows write into a scratch KV slot that no request owns) and the LoRA delta of
 every bucket up to the batch's largest rank bucket is computed in the BGMV form (one slot index
 per row; rows of other buckets get scale 0). The KV length is a dynamic dimension, so a longer
-context does not recompile. Compiled artifacts are saved to, and loaded from, a cache folder
+context does not recompile; on CUDA each variant is replayed as a CUDA graph
+(mode="reduce-overhead"), recorded once per power-of-two KV length. Compiled artifacts are saved to, and loaded from, a cache folder
 keyed by model, dtype, device and torch version, so a restarted engine skips the compile.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from caraserve.model.layers import apply_rotary
 from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
+_USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -52,11 +55,18 @@ class DecodeGraphs:
         self.cache_file = cache_file
         self.lora_steps = lora_steps  # False: only steps without LoRA rows run compiled
         self.device = model.model.embed_tokens.weight.device
+        self.cuda_graphs = self.device.type == "cuda"
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
-        if cache_file is not None and cache_file.is_file():
-            torch.compiler.load_cache_artifacts(cache_file.read_bytes())
-            log.info("loaded compile artifacts from %s", cache_file)
+        if cache_file is not None:
+            # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
+            # portable artifacts below do not: keeping it beside them makes a restart cheap.
+            # Only when the user has not chosen a folder (torch fills the variable in on first use).
+            if not _USER_INDUCTOR_DIR:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_file.parent.resolve() / "inductor")
+            if cache_file.is_file():
+                torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+                log.info("loaded compile artifacts from %s", cache_file)
 
     @staticmethod
     def cache_key(model_path: str, dtype: torch.dtype, device: torch.device, max_batch_size: int,
@@ -78,6 +88,8 @@ class DecodeGraphs:
         pos = torch.tensor(list(starts) + [0] * pad, device=dev)
         kv_slots = torch.tensor(list(slots) + [self.scratch_slot] * pad, device=dev)
         ctx = max(starts) + 1
+        if self.cuda_graphs:  # a CUDA graph is recorded per KV length: round it up to few sizes
+            ctx = min(self.max_seq_len, max(64, 1 << (ctx - 1).bit_length()))
         kpos = torch.empty(ctx, device=dev)  # only its length matters: the KV length, a dynamic dim
         torch._dynamo.maybe_mark_dynamic(kpos, 0)
         nb, row_slot, row_scale = self._lora_rows(lora, bsz)
@@ -103,7 +115,8 @@ class DecodeGraphs:
         fn = self._fns.get((bsz, nb))
         if fn is not None:
             return fn
-        compiled = torch.compile(self._step_fn(bsz, nb), fullgraph=True)
+        mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
+        compiled = torch.compile(self._step_fn(bsz, nb), fullgraph=True, mode=mode)
         log.info("compiling the decode step for batch bucket %d, %d rank bucket(s)", bsz, nb)
 
         def first_call(*args):
@@ -142,7 +155,9 @@ class DecodeGraphs:
 
         def proj(mod, x, row_slot, row_scale):
             y = F.linear(x, mod.weight, mod.bias)
-            return lora(y, x, mod.name, mod.layer, row_slot, row_scale) if nb else y
+            if nb and mod.name in self.pool.targets:
+                y = lora(y, x, mod.name, mod.layer, row_slot, row_scale)
+            return y
 
         def step(ids, pos, slots, kpos, row_slot, row_scale):
             ctx = kpos.shape[0]

@@ -47,6 +47,7 @@ class HostStore:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._info: dict[str, AdapterInfo] = {}
         self._weights: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU order, oldest first
+        self._pinned: dict[str, LoraWeights] = {}  # added from memory: never dropped
         self._lock = threading.Lock()
         self.disk_reads = 0
 
@@ -85,12 +86,26 @@ class HostStore:
         log.info("registered adapter %s (rank %d, %s)", name, info.rank, ",".join(info.targets))
         return info
 
+    def add(self, weights: LoraWeights) -> AdapterInfo:
+        """Registers weights made in memory (benchmarks, tests); kept regardless of the budget
+        since there is no file to re-read them from."""
+        check_name(weights.name)
+        w = self._prepare(weights)
+        info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes)
+        with self._lock:
+            if w.name in self._info:
+                raise AdapterError(f"adapter {w.name!r} is already registered (from {self._info[w.name].path})")
+            self._info[w.name] = info
+            self._pinned[w.name] = w
+        return info
+
     def unregister(self, name: str) -> None:
         with self._lock:
             if name not in self._info:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered")
             del self._info[name]
             self._weights.pop(name, None)
+            self._pinned.pop(name, None)
 
     def __contains__(self, name: str) -> bool:
         return name in self._info
@@ -109,6 +124,8 @@ class HostStore:
         """The adapter's weights, re-read from disk when the budget dropped them."""
         with self._lock:
             info = self.info(name)
+            if name in self._pinned:
+                return self._pinned[name]
             w = self._weights.get(name)
             if w is not None:
                 self._weights.move_to_end(name)

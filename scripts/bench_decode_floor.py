@@ -1,0 +1,174 @@
+"""Decode step time vs the memory-bandwidth floor, LoRA vs base, compiled (CUDA graphs) vs eager.
+
+    python scripts/bench_decode_floor.py [--shape llama2-7b|small] [--batch 32] [--adapters 32]
+        [--prompt-tokens 128] [--steps 32] [--dtype bfloat16] [--out profiles/<device>/decode_floor.json]
+
+Builds a model of the given shape with random weights directly on the device (no download, no
+checkpoint on disk) and `--adapters` random in-memory LoRA adapters of ranks 8/16/32/64 on
+q/k/v/o. In the same run it measures the device's copy bandwidth and reports
+  floor       = bytes of the base weights / bandwidth (a decode step must read them all once)
+  step        = median decode step time of a full batch (TPOT), per mode:
+                {eager, compiled} x {base only, mixed LoRA}
+and the ratios step/floor, LoRA/base and compiled/eager. Writes JSON with a provenance header.
+`--shape small` runs the same on a CPU in a minute (to check the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+}
+RANKS = (8, 16, 32, 64)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig
+
+    from caraserve.model.llama import CausalLM, ModelArgs
+
+    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], **SHAPES[shape])
+    with torch.device("meta"):
+        model = CausalLM(ModelArgs.from_hf(cfg), cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    from caraserve.model.layers import rope_inv_freq
+
+    model.rotary.inv_freq = rope_inv_freq(cfg)[0].to(device)
+    return model.eval()
+
+
+def random_adapter(name: str, rank: int, args, seed: int):
+    from caraserve.lora.checkpoint import LoraWeights
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    for m in TARGETS:
+        fan_in, fan_out = args.module_shape(m)
+        a[m] = torch.randn(args.num_layers, fan_in, rank, generator=g) / fan_in**0.5
+        b[m] = torch.randn(args.num_layers, rank, fan_out, generator=g) * 0.01
+    return LoraWeights(name, "", rank, 2.0, a, b)
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src)
+    sync()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def measure(engine, prompts, adapters, steps) -> dict:
+    from caraserve.request import SamplingParams
+
+    sp = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters)  # warm
+    t0 = time.perf_counter()
+    reqs = engine.generate(prompts, sp, adapters)
+    wall = time.perf_counter() - t0
+    tpot = statistics.median((r.finish_s - r.first_token_s) / (len(r.output_ids) - 1) for r in reqs)
+    return {"tpot_ms": tpot * 1e3, "tokens_per_s": len(reqs) * steps / wall}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--modes", default="false,true", help="engine.compile modes to run")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+    from caraserve.engine import Engine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = random_model(args.shape, dtype, device)
+    margs = model.args
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth_gbs(device)
+    floor_ms = weight_bytes / (bw * 1e9) * 1e3
+    names = [f"lora{i}-r{RANKS[i % len(RANKS)]}" for i in range(args.adapters)]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, margs.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(args.batch)]
+    mixed = [names[i % len(names)] for i in range(args.batch)]
+    rows = {}
+    for mode in args.modes.split(","):
+        cfg = EngineConfig(
+            model=ModelConfig(path=f"random-{args.shape}"),
+            adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS,
+                                   device_slots=-(-args.adapters // len(RANKS))),
+            device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
+            compile=mode, compile_cache_dir="")
+        engine = Engine(cfg, model=model)
+        for i, n in enumerate(names):
+            engine.store.add(random_adapter(n, RANKS[i % len(RANKS)], margs, seed=i))
+        label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
+        rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
+        rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for r in rows.values():
+        r["step_over_floor"] = r["tpot_ms"] / floor_ms
+    ratios = {}
+    for label in ("eager", "compiled"):
+        if f"{label} base only" in rows:
+            ratios[f"{label}: LoRA / base step"] = rows[f"{label} mixed LoRA"]["tpot_ms"] / rows[f"{label} base only"]["tpot_ms"]
+    if "compiled base only" in rows and "eager base only" in rows:
+        for kind in ("base only", "mixed LoRA"):
+            ratios[f"{kind}: compiled / eager step"] = rows[f"compiled {kind}"]["tpot_ms"] / rows[f"eager {kind}"]["tpot_ms"]
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")
+    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
+    for k, r in rows.items():
+        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    out = Path(args.out or f"profiles/{device.type}/decode_floor_{args.shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS, "targets": TARGETS,
+                     "prompt_tokens": args.prompt_tokens, "steps": args.steps},
+        "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "floor_ms": floor_ms, "rows": rows, "ratios": ratios,
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU checks in one run (~8 min on one H100/H200): the GPU tests (Triton kernels compiled for the
+# device, CUDA engine == CPU engine, CUDA-graph decode == eager, async adapter copies), then the
+# decode-vs-floor benchmark on a Llama-2-7B-shaped model with random bf16 weights made on the GPU
+# and 32 adapters of ranks 8-64, and the LoRA-operator benchmark. Results go to profiles/gpu/.
+# The device image has torch/triton/transformers/peft but no network: run from the source tree.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PWD}" HF_HUB_OFFLINE=1 CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
+mkdir -p profiles/gpu
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+status=0
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_ops.py -x 2>&1 | tail -15 \
+    || status=1
+timeout 240 python scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 \
+    --out profiles/gpu/decode_floor_llama2-7b.json || status=1
+timeout 90 python scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json || status=1
+exit $status

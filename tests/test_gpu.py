@@ -1,0 +1,59 @@
+"""CUDA paths: Triton kernels inside the engine, async adapter copies, CUDA-graph decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import save_peft_adapter, save_random_hf_model
+
+from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+from caraserve.engine import Engine
+from caraserve.lora.device_pool import AdapterState
+from caraserve.request import SamplingParams
+
+pytestmark = pytest.mark.gpu
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    save_random_hf_model(root / "base", "llama", num_hidden_layers=2)
+    save_peft_adapter(root / "base", root / "adapters" / "r8", seed=1, r=8, target_modules=["q_proj", "v_proj"])
+    save_peft_adapter(root / "base", root / "adapters" / "r24", seed=2, r=24,
+                      target_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return root
+
+
+def engine(root, device, compile_mode="false"):
+    return Engine(EngineConfig(model=ModelConfig(path=str(root / "base"), dtype="float32"),
+                               adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32)),
+                               max_batch_size=4, max_seq_len=64, device=device, compile=compile_mode,
+                               compile_cache_dir=""))
+
+
+PROMPTS = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
+ADAPTERS = ["r8", None, "r24", "r8"]
+
+
+def test_cuda_engine_matches_cpu_engine(small):
+    want = [r.output_ids for r in engine(small, "cpu").generate(PROMPTS, GREEDY, ADAPTERS)]
+    got = [r.output_ids for r in engine(small, "cuda").generate(PROMPTS, GREEDY, ADAPTERS)]
+    assert got == want
+
+
+def test_cuda_graph_decode_matches_eager(small):
+    want = [r.output_ids for r in engine(small, "cuda").generate(PROMPTS, GREEDY, ADAPTERS)]
+    e = engine(small, "cuda", "true")
+    assert e.graphs.cuda_graphs
+    assert [r.output_ids for r in e.generate(PROMPTS, GREEDY, ADAPTERS)] == want
+
+
+def test_adapter_copy_is_async_and_becomes_resident(small):
+    e = engine(small, "cuda")
+    assert e.pool.load(e.store.get("r24"))
+    assert e.pool.state("r24") in (AdapterState.LOADING, AdapterState.RESIDENT)
+    torch.cuda.synchronize()
+    e.pool.poll()
+    assert e.pool.state("r24") is AdapterState.RESIDENT
+    assert e.store.get("r24").a["k_proj"].is_pinned()

@@ -28,7 +28,7 @@ def _from_dict(cls, data: dict[str, Any] | None, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    for name, f in names.items():
+    for name in names:
         sub = _NESTED.get((cls.__name__, name))
         if sub is not None and name in data and not isinstance(data[name], sub):
             data[name] = sub.from_dict(data[name], f"{where}.{name}")

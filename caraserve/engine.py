@@ -318,7 +318,9 @@ class Engine:
             self.step()
         return reqs
 
-    def stream(self, prompt, params: SamplingParams | None = None, adapter: str | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt, params: SamplingParams | None = None, adapter: str | None = None
+    ) -> Iterator[RequestOutput]:
         """Adds one request and yields its outputs as they come, stepping the engine."""
         rid = self.add_request(prompt, params, adapter)
         while True:

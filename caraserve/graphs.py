@@ -5,8 +5,9 @@ count (padding rows write into a scratch KV slot that no request owns) and the L
 every bucket up to the batch's largest rank bucket is computed in the BGMV form (one slot index
 per row; rows of other buckets get scale 0). The KV length is a dynamic dimension, so a longer
 context does not recompile; on CUDA each variant is replayed as a CUDA graph
-(mode="reduce-overhead"), recorded once per power-of-two KV length. Compiled artifacts are saved to, and loaded from, a cache folder
-keyed by model, dtype, device and torch version, so a restarted engine skips the compile.
+(mode="reduce-overhead"), recorded once per power-of-two KV length. Compiled artifacts are saved
+to, and loaded from, a cache folder keyed by model, dtype, device and torch version, so a
+restarted engine skips the compile.
 """
 
 from __future__ import annotations

@@ -146,10 +146,12 @@ def main():
     ratios = {}
     for label in ("eager", "compiled"):
         if f"{label} base only" in rows:
-            ratios[f"{label}: LoRA / base step"] = rows[f"{label} mixed LoRA"]["tpot_ms"] / rows[f"{label} base only"]["tpot_ms"]
+            lora, base = rows[f"{label} mixed LoRA"], rows[f"{label} base only"]
+            ratios[f"{label}: LoRA / base step"] = lora["tpot_ms"] / base["tpot_ms"]
     if "compiled base only" in rows and "eager base only" in rows:
         for kind in ("base only", "mixed LoRA"):
-            ratios[f"{kind}: compiled / eager step"] = rows[f"compiled {kind}"]["tpot_ms"] / rows[f"eager {kind}"]["tpot_ms"]
+            compiled, eager = rows[f"compiled {kind}"], rows[f"eager {kind}"]
+            ratios[f"{kind}: compiled / eager step"] = compiled["tpot_ms"] / eager["tpot_ms"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")

@@ -118,7 +118,8 @@ def main():
         for warm in (adapters, [None] * len(prompts)):  # warm-up: compiles every variant the runs use
             run_ours(engine, prompts, warm, 4)
         tag = "" if len(compiles) == 1 else f" compile={comp}"
-        for label, ads in ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts))):
+        runs_of = ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts)))
+        for label, ads in runs_of:
             runs = [run_ours(engine, prompts, ads, args.new_tokens) for _ in range(args.repeats)]
             systems[label] = summarize(runs)
             outputs[label] = runs[0]["outputs"]
@@ -140,8 +141,8 @@ def main():
         outputs["transformers+peft mixed LoRA"] = runs[0]["outputs"]
 
     ratios = {}
-    ours = next(k for k in systems if k.startswith("caraserve mixed"))
-    base_key = next(k for k in systems if k.startswith("caraserve base"))
+    ours = next((k for k in systems if k.startswith("caraserve mixed") and "compile=" not in k),
+                f"caraserve mixed LoRA compile={'auto' if 'auto' in compiles else compiles[0]}")
     for comp in compiles[1:]:
         tag = f" compile={comp}"
         ratios[f"mixed LoRA{tag} vs compile={compiles[0]}"] = (
@@ -150,7 +151,10 @@ def main():
         ratios[f"base only{tag} vs compile={compiles[0]}"] = (
             systems[f"caraserve base only{tag}"]["tokens_per_s"]
             / systems[f"caraserve base only compile={compiles[0]}"]["tokens_per_s"])
-    ratios["mixed LoRA vs own base-only"] = systems[ours]["tokens_per_s"] / systems[base_key]["tokens_per_s"]
+    for comp in compiles:
+        tag = "" if len(compiles) == 1 else f" compile={comp}"
+        mixed, base = systems[f"caraserve mixed LoRA{tag}"], systems[f"caraserve base only{tag}"]
+        ratios[f"mixed LoRA vs own base-only{tag}"] = mixed["tokens_per_s"] / base["tokens_per_s"]
     if "transformers+peft mixed LoRA" in systems:
         ratios["mixed LoRA vs transformers+peft"] = (
             systems[ours]["tokens_per_s"] / systems["transformers+peft mixed LoRA"]["tokens_per_s"])

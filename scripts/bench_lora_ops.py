@@ -3,8 +3,8 @@
     python scripts/bench_lora_ops.py [--hidden 4096] [--ranks 8,16,32,64] [--batches 1,8,32,64]
         [--prefill-tokens 512] [--repeats 20] [--threads 1] [--out profiles/bench_lora_ops_cpu.json]
 
-For one q_proj-shaped projection (hidden -> hidden) and adapters of mixed ranks in one rank
-bucket, per batch size and popularity (distinct / uniform / zipf / identical):
+For one q_proj-shaped projection (hidden -> hidden) and adapters of ranks 8-64 (one rank bucket
+each, as in the device pool), per batch size and popularity (distinct / uniform / zipf / identical):
   batched : our batched operator (CPU: segment form over slot-ordered rows; CUDA: Triton BGMV/SGMV)
   loop    : a per-request loop, x_i @ A_i @ B_i * s_i one request at a time
   base    : the base projection x @ W^T the delta rides on
@@ -61,7 +61,6 @@ def bandwidth_gbs(device, sync) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--rank-bucket", type=int, default=64)
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -77,15 +76,14 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
-    h, R, S = args.hidden, args.rank_bucket, args.slots
+    h, S = args.hidden, args.slots
     ranks = [int(r) for r in args.ranks.split(",")]
-    slot_rank = [ranks[s % len(ranks)] for s in range(S)]
-    a = torch.zeros(S, h, R, dtype=dtype, device=dev)  # zero-padded beyond each slot's rank
-    b = torch.zeros(S, R, h, dtype=dtype, device=dev)
-    for s, r in enumerate(slot_rank):
-        a[s, :, :r] = (torch.randn(h, r, generator=g) / h**0.5).to(dtype)
-        b[s, :r] = (torch.randn(r, h, generator=g) * 0.05).to(dtype)
-    scale = torch.full((S,), 2.0, device=dev)
+    nb = len(ranks)
+    # As in the device pool: one tensor pair per rank bucket; global slot s = bucket s % nb.
+    per_bucket = -(-S // nb)
+    a = [(torch.randn(per_bucket, h, r, generator=g) / h**0.5).to(device=dev, dtype=dtype) for r in ranks]
+    b = [(torch.randn(per_bucket, r, h, generator=g) * 0.05).to(device=dev, dtype=dtype) for r in ranks]
+    scale = torch.full((per_bucket,), 2.0, device=dev)
     w = (torch.randn(h, h, generator=g) / h**0.5).to(device=dev, dtype=dtype)
     bw = bandwidth_gbs(dev, sync) if dev.type == "cuda" else None
 
@@ -94,24 +92,26 @@ def main():
     for n, is_prefill in cases:
         for pop in ("distinct", "uniform", "zipf", "identical"):
             nreq = max(1, n // 64) if is_prefill else n
-            req_slots = sorted(popularity(pop, nreq, S, g))
+            req_slots = sorted(popularity(pop, nreq, S, g), key=lambda s: (s % nb, s // nb))
             lens = [n // nreq + (1 if i < n % nreq else 0) for i in range(nreq)] if is_prefill else [1] * nreq
             segs, start = [], 0
+            by_bucket: dict[int, list] = {}
             for s, ln in zip(req_slots, lens):
-                segs.append((start, ln, s))
+                segs.append((start, ln, s % nb, s // nb))
+                by_bucket.setdefault(s % nb, []).append((start, ln, s // nb))
                 start += ln
-            index = LoraIndex.from_segments(segs, dev)
-            group = LoraGroup(R, {}, scale, index, frozenset(), tuple(scale.tolist()))
+            groups = [(bk, LoraGroup(ranks[bk], {}, scale, LoraIndex.from_segments(sg, dev), frozenset(),
+                                     tuple(scale.tolist()))) for bk, sg in by_bucket.items()]
             x = torch.randn(start, h, generator=g).to(device=dev, dtype=dtype)
             y = torch.zeros(start, h, device=dev, dtype=dtype)
 
             def batched():
-                add_lora(y, x, a, b, group, is_decode=not is_prefill)
+                for bk, group in groups:
+                    add_lora(y, x, a[bk], b[bk], group, is_decode=not is_prefill)
 
             def loop():
-                for st, ln, s in segs:
-                    r = slot_rank[s]
-                    y[st : st + ln] += ((x[st : st + ln] @ a[s, :, :r]) @ b[s, :r]) * 2.0
+                for st, ln, bk, k in segs:
+                    y[st : st + ln] += ((x[st : st + ln] @ a[bk][k]) @ b[bk][k]) * 2.0
 
             def base():
                 torch.nn.functional.linear(x, w)
@@ -121,26 +121,26 @@ def main():
                    "batched_us": t_b, "loop_us": t_l, "base_us": t_base,
                    "loop_over_batched": t_l / t_b, "batched_over_base": t_b / t_base}
             if bw:
-                distinct = len(set(req_slots))
-                weight_bytes = distinct * 2 * h * R * a.element_size()
+                weight_bytes = sum(2 * h * ranks[s % nb] * x.element_size() for s in set(req_slots))
                 row["floor_us"] = weight_bytes / (bw * 1e9) * 1e6
                 row["batched_over_floor"] = t_b / row["floor_us"]
             rows.append(row)
 
-    print(f"\ndevice={dev} dtype={dtype} hidden={h} rank bucket={R} ranks={ranks} threads={args.threads}")
+    print(f"\ndevice={dev} dtype={dtype} hidden={h} ranks (one bucket each)={ranks} threads={args.threads}")
     hdr = f"{'form':5s} {'tokens':>6s} {'reqs':>4s} {'popularity':10s} {'batched':>9s} {'loop':>9s} {'base':>9s} " \
           f"{'loop/batched':>12s} {'batched/base':>12s}"
     print(hdr + ("  floor  batched/floor" if bw else ""))
     for r in rows:
         line = (f"{r['form']:5s} {r['tokens']:6d} {r['requests']:4d} {r['popularity']:10s} {r['batched_us']:8.1f}u "
-                f"{r['loop_us']:8.1f}u {r['base_us']:8.1f}u {r['loop_over_batched']:11.2f}x {r['batched_over_base']:11.2f}x")
+                f"{r['loop_us']:8.1f}u {r['base_us']:8.1f}u {r['loop_over_batched']:11.2f}x "
+                f"{r['batched_over_base']:11.2f}x")
         if bw:
             line += f" {r['floor_us']:7.1f}u {r['batched_over_floor']:8.2f}x"
         print(line)
     out = args.out or f"profiles/bench_lora_ops_{dev.type}.json"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     result = {"header": {"device": name, "dtype": str(dtype), "torch": torch.__version__, "threads": args.threads,
-                         "hidden": h, "rank_bucket": R, "ranks": ranks, "copy_bandwidth_gbs": bw,
+                         "hidden": h, "ranks": ranks, "copy_bandwidth_gbs": bw,
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
               "rows": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 def test_greedy_matches_transformers_peft(catalogue, workload, reference, max_batch_size, device_slots, compile):
     engine = make_engine(catalogue, max_batch_size=max_batch_size, device_slots=device_slots, compile=compile)
     reqs = engine.generate([ids for ids, _ in workload], GREEDY, [a for _, a in workload])
-    for (ids, adapter), req, ref in zip(workload, reqs, reference):
+    for (_, adapter), req, ref in zip(workload, reqs, reference):
         assert req.output_ids == ref, f"adapter {adapter}"
         assert req.finish_reason is FinishReason.LENGTH
     if device_slots == 1:
@@ -100,7 +100,7 @@ def test_greedy_matches_transformers_peft(catalogue, workload, reference, max_ba
 
 def test_adapters_change_the_output(reference, workload):
     by_prompt = {}
-    for (ids, adapter), ref in zip(workload, reference):
+    for (ids, _), ref in zip(workload, reference):
         by_prompt.setdefault(tuple(ids), set()).add(tuple(ref))
     assert any(len(v) > 1 for v in by_prompt.values())
 
@@ -159,7 +159,8 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
     assert len(by_id.output_ids) == free.output_ids.index(tok) + 1
     engine.eos_ids = {free.output_ids[2]}
     eos = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0))[0]
-    assert eos.finish_reason is FinishReason.EOS and len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
+    assert eos.finish_reason is FinishReason.EOS
+    assert len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
 
 
 def test_abort_frees_slots(catalogue):

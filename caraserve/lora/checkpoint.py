@@ -130,7 +130,8 @@ def _read_config(name: str, folder: Path) -> dict:
                 re.compile(k)
             except re.error as e:
                 raise AdapterError(f"adapter {name!r}: {key} key {k!r} is not a valid regex ({e})") from e
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or (key == "rank_pattern" and not isinstance(v, int)):
+            wrong_type = not isinstance(v, int) if key == "rank_pattern" else not isinstance(v, (int, float))
+            if wrong_type or isinstance(v, bool) or v <= 0:
                 raise AdapterError(f"adapter {name!r}: {key}[{k!r}]={v!r} must be a positive number")
     if cfg.get("fan_in_fan_out"):
         # PEFT turns it off for nn.Linear targets, which is all a Llama has.

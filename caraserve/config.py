@@ -128,6 +128,31 @@ class EngineConfig:
         return _from_dict(cls, data, where)
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server. api_key empty = the CARASERVE_API_KEY environment variable, if set."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = ""
+    api_key: str = ""
+    max_queue: int = 256
+    max_body_bytes: int = 4 * 2**20
+    drain_timeout_s: float = 30.0
+    unload_timeout_s: float = 60.0
+    log_level: str = "info"
+
+    def __post_init__(self):
+        _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
+        _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
+        _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")
+        _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data, where="server"):
+        return _from_dict(cls, data, where)
+
+
 _NESTED = {
     ("EngineConfig", "model"): ModelConfig,
     ("EngineConfig", "adapters"): AdapterConfig,

@@ -102,7 +102,7 @@ class Engine:
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
         lora_steps = mode == "true" or self.device.type == "cuda"
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.kv.scratch_slot, cfg.max_batch_size,
-                            cache, lora_steps)
+                            cache, lora_steps, background=mode == "auto")
 
     @staticmethod
     def _tokenizer(path: Path):
@@ -145,6 +145,10 @@ class Engine:
                 raise AdapterError(f"adapter {name!r} is in use by running requests")
             self.pool.evict(name)
             self.store.unregister(name)
+
+    def adapter_state(self, name: str) -> str:
+        """host | loading | resident"""
+        return self.pool.state(name).value
 
     def adapters(self) -> list[AdapterInfo]:
         return [self.store.info(n) for n in self.store.names()]
@@ -270,10 +274,28 @@ class Engine:
                 reason = FinishReason.STOP
         if reason is not None:
             self._finish(req, reason)
+        return self._output(req, [token], new_text)
+
+    @staticmethod
+    def _output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
-            req.request_id, [token], list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
-            logprobs=list(req.output_logprobs) if p.logprobs else None,
+            req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
+            error=req.error, logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            prompt_tokens=len(req.prompt_ids),
+            ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
+            e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
+            cold_start=req.cold_start,
         )
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finishes every unfinished request with an error (after a failed step)."""
+        with self._lock:
+            outs = []
+            for req in list(self._requests.values()):
+                req.error = message
+                self._finish(req, FinishReason.ERROR)
+                outs.append(self._output(req, [], ""))
+            return outs
 
     def _detokenize(self, req: Request, flush: bool) -> str:
         """Appends the text of newly complete characters to req.text and returns it.

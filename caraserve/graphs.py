@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, scratch_slot: int, max_batch_size: int,
-                 cache_file: Path | None = None, lora_steps: bool = True):
+                 cache_file: Path | None = None, lora_steps: bool = True, background: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
@@ -59,6 +61,11 @@ class DecodeGraphs:
         self.cuda_graphs = self.device.type == "cuda"
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
+        # background: a missing variant compiles on a worker thread while steps run eagerly
+        self._jobs: queue.Queue | None = queue.Queue() if background else None
+        self._queued: set[tuple[int, int]] = set()
+        if background:
+            threading.Thread(target=self._compile_worker, name="caraserve-compile", daemon=True).start()
         if cache_file is not None:
             # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
             # portable artifacts below do not: keeping it beside them makes a restart cheap.
@@ -77,12 +84,19 @@ class DecodeGraphs:
         raw = f"{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
-    def handles(self, lora: LoraBatch | None) -> bool:
-        return lora is None or self.lora_steps
-
-    def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor:
+    def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor | None:
+        """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
+        (LoRA steps not compiled, or the variant still compiling in the background)."""
+        if lora is not None and not self.lora_steps:
+            return None
         n = len(tokens)
         bsz = bucket_up(n, self.batch_buckets)
+        nb = self._num_buckets(lora)
+        if (bsz, nb) not in self._fns and self._jobs is not None:
+            if (bsz, nb) not in self._queued:
+                self._queued.add((bsz, nb))
+                self._jobs.put((bsz, nb))
+            return None
         pad = bsz - n
         dev = self.device
         ids = torch.tensor([t[0] for t in tokens] + [0] * pad, device=dev)
@@ -93,16 +107,21 @@ class DecodeGraphs:
             ctx = min(self.max_seq_len, max(64, 1 << (ctx - 1).bit_length()))
         kpos = torch.empty(ctx, device=dev)  # only its length matters: the KV length, a dynamic dim
         torch._dynamo.maybe_mark_dynamic(kpos, 0)
-        nb, row_slot, row_scale = self._lora_rows(lora, bsz)
+        row_slot, row_scale = self._lora_rows(lora, bsz, nb)
         with torch.inference_mode():
             logits = self._variant(bsz, nb)(ids, pos, kv_slots, kpos, row_slot, row_scale)
         return logits[:n]
 
-    def _lora_rows(self, lora: LoraBatch | None, bsz: int):
-        """(index of the batch's largest bucket + 1, row_slot [nb, B] int64, row_scale [nb, B] f32)."""
+    def _num_buckets(self, lora: LoraBatch | None) -> int:
+        """Rank buckets the variant covers: up to the batch's largest one (0 = no LoRA)."""
         if lora is None:
-            return 0, None, None
-        nb = max(self.pool.rank_buckets.index(g.rank) for g in lora.groups) + 1
+            return 0
+        return max(self.pool.rank_buckets.index(g.rank) for g in lora.groups) + 1
+
+    def _lora_rows(self, lora: LoraBatch | None, bsz: int, nb: int):
+        """row_slot [nb, B] int64 and row_scale [nb, B] float32 (rows outside a bucket: scale 0)."""
+        if lora is None:
+            return None, None
         row_slot = torch.zeros(nb, bsz, dtype=torch.int64)
         row_scale = torch.zeros(nb, bsz, dtype=torch.float32)
         for g in lora.groups:
@@ -110,7 +129,30 @@ class DecodeGraphs:
             for start, count, slot in g.index.segments:
                 row_slot[b, start : start + count] = slot
                 row_scale[b, start : start + count] = g.host_scale[slot]
-        return nb, row_slot.to(self.device), row_scale.to(self.device)
+        return row_slot.to(self.device), row_scale.to(self.device)
+
+    def _compile_worker(self) -> None:
+        while True:
+            bsz, nb = self._jobs.get()
+            dev = self.device
+            zeros = torch.zeros(bsz, dtype=torch.int64, device=dev)
+            slots = torch.full((bsz,), self.scratch_slot, dtype=torch.int64, device=dev)
+            kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
+            torch._dynamo.maybe_mark_dynamic(kpos, 0)
+            rows = (torch.zeros(nb, bsz, dtype=torch.int64, device=dev),
+                    torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb else (None, None)
+            try:
+                with torch.inference_mode():  # every row writes the scratch KV slot only
+                    self._variant(bsz, nb)(zeros, zeros, slots, kpos, *rows)
+            except Exception:
+                log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
+            finally:
+                self._jobs.task_done()
+
+    def wait_compiled(self) -> None:
+        """Blocks until every queued background compile has finished."""
+        if self._jobs is not None:
+            self._jobs.join()
 
     def _variant(self, bsz: int, nb: int):
         fn = self._fns.get((bsz, nb))

@@ -124,3 +124,7 @@ class RequestOutput:
     new_text: str = ""
     error: str | None = None
     logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    ttft_s: float | None = None  # arrival -> first token
+    e2e_s: float | None = None  # arrival -> finish (set when finished)
+    cold_start: bool = False  # the adapter was not resident when the request arrived

@@ -38,9 +38,10 @@ class ModelRunner:
             runs.append((row, n, r.adapter if use_lora else None))
             row += n
         lora = self.pool.make_batch(runs, batch.is_decode, self.device)
-        if batch.is_decode and self.decode_fn is not None and self.decode_fn.handles(lora):
+        logits = None
+        if batch.is_decode and self.decode_fn is not None:
             logits = self.decode_fn(tokens, starts, slots, lora)
-        else:
+        if logits is None:
             fb = ForwardBatch.build(tokens, starts, slots, self.device, batch.is_decode, lora)
             logits = self.model(fb, self.kv.layers)
         inverse = torch.empty(len(order), dtype=torch.int64)

@@ -117,6 +117,8 @@ def main():
         engine = Engine(cfg)
         for warm in (adapters, [None] * len(prompts)):  # warm-up: compiles every variant the runs use
             run_ours(engine, prompts, warm, 4)
+            if engine.graphs is not None:
+                engine.graphs.wait_compiled()
         tag = "" if len(compiles) == 1 else f" compile={comp}"
         runs_of = ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts)))
         for label, ads in runs_of:

@@ -58,3 +58,15 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
 
     restarted = engine(small, "true", tmp_path / "cache")
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
+
+
+def test_auto_compiles_in_the_background_and_serves_eagerly_meanwhile(small, tmp_path):
+    prompts = [[5, 6, 7], [9, 10, 11]]
+    want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY)]
+    auto = engine(small, "auto", tmp_path / "cache")
+    assert not auto.graphs.lora_steps  # on CPU, steps with LoRA rows stay eager
+    first = [r.output_ids for r in auto.generate(prompts, GREEDY)]
+    auto.graphs.wait_compiled()
+    assert (2, 0) in auto.graphs._fns
+    again = [r.output_ids for r in auto.generate(prompts, GREEDY)]
+    assert first == want and again == want

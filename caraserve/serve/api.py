@@ -1,0 +1,278 @@
+"""The OpenAI-compatible HTTP app: completions, chat, models, adapter management, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from caraserve.config import ServerConfig
+from caraserve.lora.checkpoint import AdapterError, check_name
+from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.serve import protocol as proto
+from caraserve.serve.async_engine import AsyncEngine, QueueFullError
+from caraserve.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_
+
+
+def _err(status: int, message: str, type_: str) -> JSONResponse:
+    return JSONResponse(proto.error_body(message, type_, status), status_code=status)
+
+
+class _Guard:
+    """ASGI middleware: API key (all but /health) and request body size."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+                return await _err(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                  "authentication_error")(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _err(413, f"request body exceeds {self.max_body_bytes} bytes",
+                              "invalid_request_error")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adapter_roots: list[Path]) -> FastAPI:
+    engine = service.engine
+    metrics = ServerMetrics(service)
+    service.on_output = metrics.observe
+    app = FastAPI(title="CaraServe", version="0.1.0")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return _err(e.status, e.message, e.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
+        return _err(400, "; ".join(parts) or "invalid request", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return _err(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        log.exception("unhandled error")
+        return _err(500, "internal server error", "internal_error")
+
+    def resolve_model(name: str) -> str | None:
+        if name == served_name:
+            return None
+        if service.is_serving(name):
+            return name
+        raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
+
+    def sampling(body: proto._Sampling, max_tokens: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(body.logprobs),
+            )
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    def encode(prompt) -> list[int]:
+        try:
+            return engine.encode(prompt)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    async def start(prompt_ids, params, adapter, rid) -> asyncio.Queue:
+        try:
+            return await service.submit(prompt_ids, params, adapter, rid)
+        except QueueFullError as e:
+            metrics.rejected("queue_full")
+            raise ApiError(503, str(e), "server_overloaded") from e
+        except RequestError as e:
+            metrics.rejected("bad_request")
+            status = 404 if "unknown adapter" in str(e) else 400
+            raise ApiError(status, str(e), "invalid_request_error" if status == 400 else "not_found_error") from e
+
+    async def collect(http: Request, rid: str, queue: asyncio.Queue) -> RequestOutput:
+        """Waits for the final output; a client that goes away aborts the request."""
+        while True:
+            try:
+                out = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    await service.abort(rid)
+                    raise ApiError(499, "client disconnected", "client_closed") from None
+                continue
+            if out.finished:
+                return out
+
+    def stream(rid: str, queue: asyncio.Queue, chunk, final_usage: bool):
+        async def events():
+            done = False
+            try:
+                while not done:
+                    out: RequestOutput = await queue.get()
+                    done = out.finished
+                    finish = out.finish_reason.openai if done else None
+                    if out.new_text or done:
+                        yield f"data: {json.dumps(chunk(out.new_text, finish))}\n\n"
+                    if done and final_usage:
+                        body = chunk("", None)
+                        body["choices"] = []
+                        body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids))
+                        yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not done:  # client went away mid-stream: free its slot
+                    await service.abort(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def check_finished(out: RequestOutput):
+        if out.error is not None:
+            raise ApiError(500, out.error, "internal_error")
+
+    def include_usage(raw: dict) -> bool:
+        opts = raw.get("stream_options") or {}
+        return bool(isinstance(opts, dict) and opts.get("include_usage"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [proto.model_card(served_name, str(engine.model_path), max_model_len=engine.max_seq_len)]
+        for info in engine.adapters():
+            if service.is_serving(info.name):
+                cards.append(proto.model_card(info.name, info.path, parent=served_name, rank=info.rank,
+                                              resident=engine.adapter_state(info.name) == "resident"))
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(body: proto.CompletionRequest, http: Request):
+        adapter = resolve_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ApiError(400, "batched prompts are not supported: send one prompt per request",
+                               "invalid_request_error")
+            prompt = prompt[0]
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "invalid_request_error")
+        ids = encode(prompt)
+        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16)
+        rid = proto.new_id("cmpl")
+        queue = await start(ids, params, adapter, rid)
+        if body.stream:
+            return stream(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
+                          include_usage(await http.json()))
+        out = await collect(http, rid, queue)
+        check_finished(out)
+        logprobs = None
+        if body.logprobs and out.logprobs is not None:
+            tokens = [engine.tokenizer.decode([t]) if engine.tokenizer else str(t) for t in out.output_ids]
+            logprobs = {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
+        return proto.completion_response(rid, body.model, out.text, out.finish_reason.openai, len(ids),
+                                         len(out.output_ids), logprobs)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: proto.ChatCompletionRequest, http: Request):
+        adapter = resolve_model(body.model)
+        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "invalid_request_error")
+        messages = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
+            raise ApiError(400, f"cannot apply the chat template: {e}", "invalid_request_error") from e
+        ids = encode(ids)
+        limit = body.max_completion_tokens or body.max_tokens
+        params = sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)))
+        rid = proto.new_id("chatcmpl")
+        queue = await start(ids, params, adapter, rid)
+        if body.stream:
+            first = [True]
+
+            def chunk(text, fin):
+                delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
+                first[0] = False
+                return proto.chat_chunk(rid, body.model, delta, fin)
+
+            return stream(rid, queue, chunk, include_usage(await http.json()))
+        out = await collect(http, rid, queue)
+        check_finished(out)
+        return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: proto.LoadLoraRequest):
+        try:
+            check_name(body.lora_name)
+        except AdapterError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        path = Path(body.lora_path).expanduser()
+        resolved = path.resolve()
+        if not any(resolved == root or resolved.is_relative_to(root) for root in adapter_roots):
+            raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots",
+                           "invalid_request_error")
+        if body.lora_name == served_name:
+            raise ApiError(400, f"{body.lora_name!r} is the base model's name", "invalid_request_error")
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(
+                None, engine.register_adapter, body.lora_name, resolved)
+        except AdapterError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        return {"status": "ok", "lora_name": info.name, "rank": info.rank}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: proto.UnloadLoraRequest):
+        if not service.is_serving(body.lora_name):
+            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
+        try:
+            await service.retire_adapter(body.lora_name, server.unload_timeout_s)
+        except TimeoutError as e:
+            raise ApiError(503, str(e), "server_overloaded") from e
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    return _Guard(app, server.api_key, server.max_body_bytes)

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one server, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from caraserve.request import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, service):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("caraserve_requests", "Requests by final status", ["status"], registry=r)
+        self.ttft = Histogram("caraserve_ttft_seconds", "Time to first token", ["adapter"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("caraserve_tpot_seconds", "Time per output token after the first", ["adapter"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("caraserve_generated_tokens", "Tokens generated", registry=r)
+        engine = service.engine
+        Gauge("caraserve_queue_length", "Requests waiting", registry=r).set_function(lambda: service.num_waiting)
+        Gauge("caraserve_running_batch_size", "Requests running", registry=r).set_function(
+            lambda: service.num_running)
+        Gauge("caraserve_adapter_slots_used", "Device adapter slots in use", registry=r).set_function(
+            engine.pool.used_slots)
+        Gauge("caraserve_adapter_slots_total", "Device adapter slots", registry=r).set_function(
+            lambda: sum(len(b.slots) for b in engine.pool.buckets))
+        Gauge("caraserve_adapter_loads_total", "Adapter copies to the device", registry=r).set_function(
+            lambda: engine.pool.loads)
+        Gauge("caraserve_adapter_evictions_total", "Adapters evicted from the device", registry=r).set_function(
+            lambda: engine.pool.evictions)
+
+    def observe(self, out: RequestOutput) -> None:
+        self.tokens.inc(len(out.new_token_ids))
+        if not out.finished:
+            return
+        self.requests.labels(out.finish_reason.value).inc()
+        kind = "cold" if out.cold_start else "warm"
+        if out.ttft_s is not None:
+            self.ttft.labels(kind).observe(out.ttft_s)
+            if out.e2e_s is not None and len(out.output_ids) > 1:
+                self.tpot.labels(kind).observe((out.e2e_s - out.ttft_s) / (len(out.output_ids) - 1))
+
+    def rejected(self, reason: str) -> None:
+        self.requests.labels(f"rejected_{reason}").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -126,15 +126,15 @@ class Engine:
         log.info("%d adapters registered from %s (%d refused)", len(self.store.names()), root, len(bad))
 
     def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validates and registers one adapter at run time; on error nothing changes."""
-        with self._lock:
-            info = self.store.register(name, path)
-            try:
-                self.pool.check(self.store.get(name))
-            except AdapterError:
-                self.store.unregister(name)
-                raise
-            return info
+        """Validates and registers one adapter at run time; on error nothing changes. Safe to call
+        from another thread while the engine steps (the store has its own lock)."""
+        info = self.store.register(name, path)
+        try:
+            self.pool.check(self.store.get(name))
+        except AdapterError:
+            self.store.unregister(name)
+            raise
+        return info
 
     def unregister_adapter(self, name: str) -> None:
         """Removes an adapter; refused (AdapterError) while requests use it."""
@@ -207,14 +207,15 @@ class Engine:
             raise RequestError("prompt is empty")
         return ids
 
-    def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its slots; False when it is unknown or already finished."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its slots; its final output, or None when it is unknown or
+        already finished."""
         with self._lock:
             req = self._requests.get(request_id)
             if req is None or req.finished:
-                return False
+                return None
             self._finish(req, FinishReason.ABORT)
-            return True
+            return self._output(req, [], "")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -29,6 +30,14 @@ from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+
+
+def _own_code(fn, name: str):
+    """fn with a code object of its own. Dynamo keeps its compiled entries (and its recompile
+    limit, 8) per code object; variants made from one closure would share that limit and, past
+    it, silently run eagerly."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -135,7 +144,8 @@ class DecodeGraphs:
         while True:
             bsz, nb = self._jobs.get()
             dev = self.device
-            zeros = torch.zeros(bsz, dtype=torch.int64, device=dev)
+            ids = torch.zeros(bsz, dtype=torch.int64, device=dev)
+            pos = torch.zeros(bsz, dtype=torch.int64, device=dev)  # distinct from ids: dynamo guards aliasing
             slots = torch.full((bsz,), self.scratch_slot, dtype=torch.int64, device=dev)
             kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
             torch._dynamo.maybe_mark_dynamic(kpos, 0)
@@ -143,7 +153,7 @@ class DecodeGraphs:
                     torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb else (None, None)
             try:
                 with torch.inference_mode():  # every row writes the scratch KV slot only
-                    self._variant(bsz, nb)(zeros, zeros, slots, kpos, *rows)
+                    self._variant(bsz, nb)(ids, pos, slots, kpos, *rows)
             except Exception:
                 log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
             finally:
@@ -159,7 +169,8 @@ class DecodeGraphs:
         if fn is not None:
             return fn
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
-        compiled = torch.compile(self._step_fn(bsz, nb), fullgraph=True, mode=mode)
+        compiled = torch.compile(_own_code(self._step_fn(bsz, nb), f"decode_b{bsz}_r{nb}"), fullgraph=True,
+                                 mode=mode)
         log.info("compiling the decode step for batch bucket %d, %d rank bucket(s)", bsz, nb)
 
         def first_call(*args):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -46,8 +47,11 @@ def main(cfg: DictConfig) -> int:
     service.start()
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
              server.host, server.port)
+    # SIGTERM/SIGINT: uvicorn stops accepting and lets running requests finish (bounded); it then
+    # re-raises the signal to the handler it found, which here ends the process normally (exit 0).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: log.info("drained; exiting"))
     try:
-        # SIGTERM: uvicorn stops accepting, lets running requests finish (bounded), then returns.
         uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
                     timeout_graceful_shutdown=server.drain_timeout_s)
     finally:

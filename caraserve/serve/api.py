@@ -95,6 +95,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             return None
         if service.is_serving(name):
             return name
+        metrics.rejected("unknown_model")
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
     def sampling(body: proto._Sampling, max_tokens: int | None) -> SamplingParams:
@@ -131,7 +132,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                 out = await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
-                    await service.abort(rid)
+                    service.abort(rid)
                     raise ApiError(499, "client disconnected", "client_closed") from None
                 continue
             if out.finished:
@@ -155,7 +156,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                 yield "data: [DONE]\n\n"
             finally:
                 if not done:  # client went away mid-stream: free its slot
-                    await service.abort(rid)
+                    service.abort(rid)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -1,14 +1,17 @@
 """AsyncEngine: runs the engine's step loop on its own thread and feeds asyncio callers.
 
-The HTTP handlers never run a model step: they queue requests (validation happens at once, so a
-bad request changes nothing) and await their outputs, which the engine thread hands over with
-`loop.call_soon_threadsafe`.
+Only the engine thread touches the engine's queues: handlers send it commands (add, abort,
+unregister) through an inbox it drains between steps, and await a future for the result. So a
+handler never waits for a step to finish to get the engine lock, and a validation error comes
+back before anything changed. Outputs go back with `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -36,9 +39,10 @@ class AsyncEngine:
         self.on_output = on_output  # called on the engine thread with every RequestOutput
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._inbox: queue.Queue = queue.Queue()  # (callable, args, concurrent Future or None)
         self._stop = threading.Event()
         self._retired: set[str] = set()
+        self._submitting = 0  # accepted by a handler, not yet in the engine's queue
         self._thread = threading.Thread(target=self._run, name="caraserve-engine", daemon=True)
 
     def start(self) -> None:
@@ -46,12 +50,17 @@ class AsyncEngine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
         self._thread.join(timeout=10)
+
+    def _call(self, fn, *args) -> concurrent.futures.Future:
+        """Runs fn(*args) on the engine thread between steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, args, fut))
+        return fut
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return len(self.engine.scheduler.waiting) + self._submitting
 
     @property
     def num_running(self) -> int:
@@ -69,19 +78,28 @@ class AsyncEngine:
         waiter = _Waiter(loop, asyncio.Queue())
         with self._lock:
             self._waiters[request_id] = waiter
+        self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
         try:
-            await loop.run_in_executor(None, self.engine.add_request, prompt_ids, params, adapter, request_id)
+            await asyncio.wrap_future(self._call(self.engine.add_request, prompt_ids, params, adapter, request_id))
         except BaseException:
             with self._lock:
                 self._waiters.pop(request_id, None)
             raise
-        self._wake.set()
+        finally:
+            self._submitting -= 1
         return waiter.queue
 
-    async def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:
+        """Queues the abort (no await: it must work from a cancelled handler too)."""
         with self._lock:
             self._waiters.pop(request_id, None)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.abort, request_id)
+
+        def run():
+            out = self.engine.abort(request_id)
+            if out is not None and self.on_output is not None:
+                self.on_output(out)
+
+        self._call(run)
 
     async def retire_adapter(self, name: str, timeout_s: float) -> None:
         """Stops new requests for the adapter at once, waits for its running ones, removes it."""
@@ -92,7 +110,7 @@ class AsyncEngine:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"adapter {name!r} is still in use after {timeout_s:.0f} s")
                 await asyncio.sleep(0.05)
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.unregister_adapter, name)
+            await asyncio.wrap_future(self._call(self.engine.unregister_adapter, name))
         finally:
             self._retired.discard(name)
 
@@ -115,11 +133,27 @@ class AsyncEngine:
         if waiter is not None:
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, out)
 
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, args, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # handed to the awaiting handler
+                    fut.set_exception(e)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._run_commands(block=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
                 continue
             try:
                 outputs = self.engine.step()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,5 +102,3 @@ def model_card(name: str, root: str, parent: str | None = None, **extra) -> dict
     card.update(extra)
     return card
 
-
-FinishReasonLiteral = Literal["stop", "length", "abort", "error"]

@@ -100,11 +100,41 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class CpuAssistConfig:
+    """CPU-assisted prefill of requests whose adapter is not on the device yet.
+
+    mode: off = wait for the adapter copy (on-demand loading); on = prefill at once with the LoRA
+    delta computed on the CPU; auto = on only when the thread plan predicts the CPU path ends
+    the prefill before the copy would. plan_file: a plan written by scripts/profile_cpu_lora.py
+    ("" = profiles/cpu_lora_plan.json if present, else a default). threads: CPU worker threads
+    (0 = all cores but one, at least one). emulate_copy_gbps: on a CPU-only machine the "device"
+    copy is a memcpy; a value > 0 paces it at that bandwidth to emulate PCIe (benchmarks, tests).
+    """
+
+    mode: str = "off"
+    threads: int = 0
+    plan_file: str = ""
+    emulate_copy_gbps: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.mode, bool):  # YAML 1.1 reads a bare off/on as a boolean
+            object.__setattr__(self, "mode", "on" if self.mode else "off")
+        _check(self.mode in ("off", "on", "auto"), f"cpu_assist.mode={self.mode!r} must be off|on|auto")
+        _check(self.threads >= 0, f"cpu_assist.threads={self.threads} must be >= 0")
+        _check(self.emulate_copy_gbps >= 0, "cpu_assist.emulate_copy_gbps must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data, where="cpu_assist"):
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an Engine needs. device "auto" = cuda when present, else cpu."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    cpu_assist: CpuAssistConfig = field(default_factory=CpuAssistConfig)
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 32
@@ -156,6 +186,7 @@ class ServerConfig:
 _NESTED = {
     ("EngineConfig", "model"): ModelConfig,
     ("EngineConfig", "adapters"): AdapterConfig,
+    ("EngineConfig", "cpu_assist"): CpuAssistConfig,
 }
 
 
@@ -175,4 +206,5 @@ def engine_config(composed: dict[str, Any]) -> EngineConfig:
     engine = dict(composed.get("engine") or {})
     engine["model"] = ModelConfig.from_dict(composed.get("model"))
     engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
+    engine["cpu_assist"] = CpuAssistConfig.from_dict(composed.get("cpu_assist"))
     return EngineConfig.from_dict(engine)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from caraserve.config import EngineConfig, resolve_device
+from caraserve.cpu_assist.handoff import Handoff
+from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache
 from caraserve.lora.checkpoint import AdapterError
@@ -62,13 +64,16 @@ class Engine:
                           self.dtype, self.model.layer_devices())
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype)
         self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
-                               self.model.layer_devices(), cfg.adapters.target_modules)
+                               self.model.layer_devices(), cfg.adapters.target_modules,
+                               cfg.cpu_assist.emulate_copy_gbps)
         self.adapter_errors: dict[str, str] = {}
         if adapter_dir is not None:
             self._register_dir(adapter_dir)
-        self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step)
+        self.handoff, assist = self._cpu_assist()
+        self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
+                                   assist)
         self.graphs = self._decode_graphs(model_path)
-        self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs)
+        self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
@@ -76,6 +81,24 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload == "all":
             self.preload_all()
+
+    def _cpu_assist(self):
+        """(Handoff, admission predicate) per cpu_assist.mode; (None, None) when off."""
+        ca = self.config.cpu_assist
+        if ca.mode == "off":
+            return None, None
+        plan = ThreadPlan.load(ca.plan_file, ca.threads)
+        if ca.mode == "on":
+            return Handoff(plan), lambda req, weights: True
+        args = self.model.args
+
+        def pays(req, weights) -> bool:
+            """auto: the CPU path wins when its LoRA work ends before the adapter copy would."""
+            flops = sum(2 * args.num_layers * a.shape[-1] * sum(args.module_shape(m)) for m, a in weights.a.items())
+            cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops)
+            return cpu_s < plan.copy_seconds(weights.nbytes, ca.emulate_copy_gbps)
+
+        return Handoff(plan), pays
 
     def _load(self, model_path: Path) -> None:
         cfg = self.config

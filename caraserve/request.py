@@ -94,6 +94,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
+    cpu_assisted: bool = False  # prefilled (at least partly) with the LoRA delta from the CPU
     text: str = ""  # detokenized output (filled when a tokenizer is present)
     detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
     detok_read: int = 0

@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from caraserve.cpu_assist.handoff import HostSegment
 from caraserve.kv_cache import KVCache
-from caraserve.lora.device_pool import DevicePool
+from caraserve.lora.batch import LoraBatch
+from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 from caraserve.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, pool: DevicePool, device: torch.device, decode_fn=None):
+    def __init__(self, model: CausalLM, kv: KVCache, pool: DevicePool, device: torch.device, decode_fn=None,
+                 store=None, handoff=None):
         self.model = model
         self.kv = kv
         self.pool = pool
         self.device = device
         self.decode_fn = decode_fn  # compiled decode step (graphs.DecodeGraphs) or None for eager
+        self.store = store  # host tier, for CPU-assisted rows
+        self.handoff = handoff  # cpu_assist Handoff, or None when CPU assist is off
 
     def run(self, batch: ScheduledBatch, use_lora: bool = True) -> torch.Tensor:
         """Logits [B, V] of each request's last computed token, in the batch's order."""
         reqs = batch.requests
+
+        def on_device(r) -> str | None:
+            """The adapter whose device slot the row reads, None for base rows and CPU-assisted ones."""
+            if not use_lora or r.adapter is None:
+                return None
+            if not batch.is_decode and self.pool.state(r.adapter) is not AdapterState.RESIDENT:
+                return None
+            return r.adapter
+
+        placed = [on_device(r) for r in reqs]  # read once: a copy may land meanwhile
         # Rows ordered by (rank bucket, slot): each bucket and each adapter is one contiguous run.
-        order = sorted(range(len(reqs)), key=lambda i: self.pool.sort_key(reqs[i].adapter if use_lora else None))
-        tokens, starts, slots, runs = [], [], [], []
+        order = sorted(range(len(reqs)), key=lambda i: self.pool.sort_key(placed[i]))
+        tokens, starts, slots, runs, host = [], [], [], [], []
         row = 0
         for i in order:
             r, n = reqs[i], batch.chunk_lens[i]
+            adapter = placed[i]
+            if use_lora and r.adapter is not None and adapter is None:
+                host.append(HostSegment(row, n, self.store.get(r.adapter)))  # still loading: CPU path
             if batch.is_decode:
                 tokens.append([r.last_token])
                 starts.append(r.context_len - 1)
@@ -35,9 +55,14 @@ class ModelRunner:
                 tokens.append(r.prompt_ids[r.num_computed : r.num_computed + n])
                 starts.append(r.num_computed)
             slots.append(r.kv_slot)
-            runs.append((row, n, r.adapter if use_lora else None))
+            runs.append((row, n, adapter))
             row += n
         lora = self.pool.make_batch(runs, batch.is_decode, self.device)
+        if host:
+            if self.handoff is None:
+                raise RuntimeError("a prefill row's adapter is not resident and CPU assist is off")
+            lora = replace(lora, host=tuple(host), handoff=self.handoff) if lora is not None else \
+                LoraBatch((), False, tuple(host), self.handoff)
         logits = None
         if batch.is_decode and self.decode_fn is not None:
             logits = self.decode_fn(tokens, starts, slots, lora)

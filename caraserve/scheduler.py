@@ -4,6 +4,9 @@ Each step is either a prefill step (new prompts, or chunks of long prompts, up t
 `max_tokens_per_step` tokens) or a decode step (one token for every running request). A finished
 request leaves at once; a waiting one joins at the next prefill step.
 
+With CPU assist, a request whose adapter is still being copied is admitted for prefill at once
+(its LoRA delta computed on the CPU) and decodes once the copy has landed.
+
 Admission is FCFS with skip-ahead: a request whose adapter is still being copied to the device,
 or whose rank bucket has no free slot, waits without holding back requests behind it. To keep
 it from starving, once the oldest such request is blocked on a full bucket, no younger request
@@ -36,6 +39,7 @@ class Scheduler:
         store: HostStore,
         max_batch_size: int,
         max_tokens_per_step: int,
+        assist=None,
     ):
         self.kv = kv
         self.pool = pool
@@ -45,6 +49,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling (maybe chunked) or decoding
         self._holds: set[str] = set()  # request ids holding an adapter slot reference
+        # assist(request, weights) -> bool: prefill now with a CPU-computed LoRA delta instead of
+        # waiting for the adapter's copy (None: always wait)
+        self.assist = assist
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -68,6 +75,9 @@ class Scheduler:
             self.pool.acquire(req.adapter)
             self._holds.add(req.request_id)
         if self.pool.state(req.adapter) is AdapterState.LOADING:
+            if self.assist is not None and self.assist(req, self.store.get(req.adapter)):
+                req.cpu_assisted = True
+                return True
             req.state = RequestState.LOADING_ADAPTER
             return False
         return True
@@ -104,7 +114,9 @@ class Scheduler:
             self.running.append(req)
         if batch:
             return ScheduledBatch(False, batch, chunks)
-        decoding = [r for r in self.running if r.state is RequestState.DECODE]
+        # Decode never uses the CPU path: a CPU-assisted request decodes once its adapter landed.
+        decoding = [r for r in self.running if r.state is RequestState.DECODE
+                    and (r.adapter is None or self.pool.state(r.adapter) is AdapterState.RESIDENT)]
         if decoding:
             return ScheduledBatch(True, decoding, [1] * len(decoding))
         return None

@@ -77,3 +77,5 @@ class LoraBatch:
 
     groups: tuple[LoraGroup, ...]
     is_decode: bool  # one row per request (BGMV form) rather than prompt segments (SGMV form)
+    host: tuple = ()  # cpu_assist HostSegments: rows whose adapter is not resident yet (prefill only)
+    handoff: object = None  # the cpu_assist Handoff that computes `host` on CPU workers

@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,28 @@ from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex
 from caraserve.lora.checkpoint import TARGETS, AdapterError, LoraWeights
 
 log = logging.getLogger(__name__)
+
+
+class _PacedCopy:
+    """A host copy on its own thread that takes at least `seconds` (an emulated PCIe transfer on a
+    CPU-only machine); query/synchronize mirror torch.cuda.Event's."""
+
+    def __init__(self, copy, seconds: float):
+        self._done = threading.Event()
+
+        def run():
+            t0 = time.perf_counter()
+            copy()
+            time.sleep(max(0.0, seconds - (time.perf_counter() - t0)))
+            self._done.set()
+
+        threading.Thread(target=run, name="caraserve-copy", daemon=True).start()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
 
 
 class AdapterState(enum.Enum):
@@ -61,6 +85,7 @@ class DevicePool:
         dtype: torch.dtype,
         layer_devices: list[torch.device],
         targets: tuple[str, ...] = TARGETS,
+        emulate_copy_gbps: float = 0.0,
     ):
         self.rank_buckets = tuple(rank_buckets)
         self.targets = tuple(targets)
@@ -72,6 +97,7 @@ class DevicePool:
         self.evictions = 0
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.emulate_copy_gbps = 0.0 if cuda else emulate_copy_gbps
         self.buckets: list[_Bucket] = []
         L, S = model_args.num_layers, slots_per_bucket
         for bi, R in enumerate(self.rank_buckets):
@@ -150,7 +176,11 @@ class DevicePool:
 
     def _copy_in(self, bucket: _Bucket, slot: _Slot, w: LoraWeights) -> None:
         if self._copy_stream is None:
-            self._write(bucket, slot.index, w)
+            if self.emulate_copy_gbps > 0:
+                seconds = w.nbytes / (self.emulate_copy_gbps * 1e9)
+                slot.event = _PacedCopy(lambda: self._write(bucket, slot.index, w), seconds)
+            else:
+                self._write(bucket, slot.index, w)
             return
         # The compute stream may still read the evicted adapter: order the overwrite after it.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))

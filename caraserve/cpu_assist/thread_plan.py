@@ -1,0 +1,78 @@
+"""Thread plan: how the CPU-assisted LoRA work of a request is split over CPU workers, and the
+cost model `cpu_assist.mode=auto` decides with.
+
+A plan file (written by scripts/profile_cpu_lora.py) holds measured CPU LoRA throughput per
+(tokens, rank, threads) and, per (tokens, rank), the fewest threads that meet the per-layer
+time budget. Without one, a default from this machine class's measured facts is used (fp32
+LoRA-shaped matmuls reach ~30 GFLOP/s per core) and the fact is logged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GFLOPS_PER_THREAD = 30.0
+DEFAULT_TOKENS_PER_THREAD = 256  # below this, splitting a prompt costs more than it saves
+DEFAULT_PLAN = Path("profiles") / "cpu_lora_plan.json"
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    max_threads: int
+    gflops_per_thread: float = DEFAULT_GFLOPS_PER_THREAD
+    # (tokens, rank) -> threads, from a profile; tokens and ranks sorted ascending
+    grid_tokens: tuple[int, ...] = ()
+    grid_ranks: tuple[int, ...] = ()
+    threads_table: tuple[tuple[int, ...], ...] = ()
+    source: str = "default"
+    copy_gbps: float = 16.0  # host -> device adapter copy bandwidth assumed by `auto`
+    cores: tuple[int, ...] = field(default_factory=tuple)  # cores the workers may use
+
+    @classmethod
+    def load(cls, plan_file: str, threads: int) -> ThreadPlan:
+        cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+        max_threads = threads or max(1, len(cores) - 1 if cores else (os.cpu_count() or 2) - 1)
+        path = Path(plan_file) if plan_file else DEFAULT_PLAN
+        if not path.is_file():
+            if plan_file:
+                raise FileNotFoundError(f"cpu_assist.plan_file {plan_file} does not exist")
+            log.info("no CPU LoRA thread plan at %s: default plan (%d threads, %.0f GFLOP/s each); "
+                     "run scripts/profile_cpu_lora.py to measure one", path, max_threads, DEFAULT_GFLOPS_PER_THREAD)
+            return cls(max_threads, cores=cores)
+        data = json.loads(path.read_text())
+        plan = data["plan"]
+        return cls(
+            max_threads=max_threads,
+            gflops_per_thread=float(plan["gflops_per_thread"]),
+            grid_tokens=tuple(plan["tokens"]),
+            grid_ranks=tuple(plan["ranks"]),
+            threads_table=tuple(tuple(row) for row in plan["threads"]),
+            source=str(path),
+            cores=cores,
+        )
+
+    def threads_for(self, tokens: int, rank: int) -> int:
+        """Workers a request of `tokens` prompt tokens and this rank gets (clamped to the grid)."""
+        if self.threads_table:
+            ti = min(bisect.bisect_left(self.grid_tokens, tokens), len(self.grid_tokens) - 1)
+            ri = min(bisect.bisect_left(self.grid_ranks, rank), len(self.grid_ranks) - 1)
+            want = self.threads_table[ti][ri]
+        else:
+            want = math.ceil(tokens / DEFAULT_TOKENS_PER_THREAD)
+        return max(1, min(want, self.max_threads))
+
+    def cpu_lora_seconds(self, tokens: int, flops_per_token: float) -> float:
+        """Predicted CPU time of a request's LoRA deltas over a whole prefill."""
+        threads = self.threads_for(tokens, 1)
+        return tokens * flops_per_token / (self.gflops_per_thread * 1e9 * threads)
+
+    def copy_seconds(self, nbytes: int, emulate_gbps: float = 0.0) -> float:
+        return nbytes / ((emulate_gbps or self.copy_gbps) * 1e9)

@@ -1,0 +1,53 @@
+"""The CPU LoRA sweep writes a plan that ThreadPlan reads back; the script runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.profiling.cpu_lora import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_plan_round_trip(tmp_path):
+    result = sweep(64, [4, 32], [4, 16], [1, 2], repeats=1, budget_s=1e-9)
+    assert len(result["measurements"]) == 2 * 2 * 2
+    assert all(m["seconds"] > 0 and m["gflops"] > 0 for m in result["measurements"])
+    # a budget nothing meets: the plan falls back to the most threads measured
+    assert result["plan"]["threads"] == [[2, 2], [2, 2]]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(result))
+    plan = ThreadPlan.load(str(path), threads=8)
+    assert plan.source == str(path) and plan.gflops_per_thread > 0
+    assert plan.threads_for(4, 4) == 2 and plan.threads_for(10_000, 500) == 2  # clamped to the grid
+    assert ThreadPlan.load(str(path), threads=1).threads_for(32, 16) == 1  # capped by the workers
+
+
+def test_missing_plan_file_is_an_error_and_default_otherwise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="plan_file"):
+        ThreadPlan.load(str(tmp_path / "nope.json"), threads=1)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # no profiles/cpu_lora_plan.json here
+    try:
+        assert ThreadPlan.load("", threads=2).source == "default"
+    finally:
+        os.chdir(cwd)
+
+
+def test_profile_script_writes_json_and_png(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "profile_cpu_lora.py"), "--hidden", "64", "--tokens", "4,16",
+         "--ranks", "4", "--threads", "1,2", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["header"]["hidden"] == 64 and data["plan"]["tokens"] == [4, 16]
+    assert out.with_suffix(".png").stat().st_size > 1000

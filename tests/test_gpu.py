@@ -57,3 +57,19 @@ def test_adapter_copy_is_async_and_becomes_resident(small):
     e.pool.poll()
     assert e.pool.state("r24") is AdapterState.RESIDENT
     assert e.store.get("r24").a["k_proj"].is_pinned()
+
+
+def test_cpu_assisted_prefill_on_cuda_matches_resident(small):
+    from caraserve.config import CpuAssistConfig
+
+    def make(mode, preload):
+        return Engine(EngineConfig(model=ModelConfig(path=str(small / "base"), dtype="float32"),
+                                   adapters=AdapterConfig(dir=str(small / "adapters"), rank_buckets=(8, 16, 32),
+                                                          preload=preload),
+                                   cpu_assist=CpuAssistConfig(mode=mode, threads=2),
+                                   max_batch_size=4, max_seq_len=64, device="cuda", compile="false"))
+
+    want = [r.output_ids for r in make("off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
+    assisted = make("on", "none")
+    reqs = assisted.generate(PROMPTS, GREEDY, ADAPTERS)
+    assert [r.output_ids for r in reqs] == want

@@ -57,18 +57,6 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device):
     return model.eval()
 
 
-def random_adapter(name: str, rank: int, args, seed: int):
-    from caraserve.lora.checkpoint import LoraWeights
-
-    g = torch.Generator().manual_seed(seed)
-    a, b = {}, {}
-    for m in TARGETS:
-        fan_in, fan_out = args.module_shape(m)
-        a[m] = torch.randn(args.num_layers, fan_in, rank, generator=g) / fan_in**0.5
-        b[m] = torch.randn(args.num_layers, rank, fan_out, generator=g) * 0.01
-    return LoraWeights(name, "", rank, 2.0, a, b)
-
-
 def copy_bandwidth_gbs(device: torch.device) -> float:
     n = (1 << 30) if device.type == "cuda" else (1 << 27)
     src = torch.empty(n, dtype=torch.uint8, device=device)
@@ -111,6 +99,7 @@ def main():
 
     from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
     from caraserve.engine import Engine
+    from caraserve.lora.synthetic import random_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -134,7 +123,7 @@ def main():
             compile=mode, compile_cache_dir="")
         engine = Engine(cfg, model=model)
         for i, n in enumerate(names):
-            engine.store.add(random_adapter(n, RANKS[i % len(RANKS)], margs, seed=i))
+            engine.store.add(random_lora(n, RANKS[i % len(RANKS)], margs, TARGETS, seed=i))
         label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
         rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
         rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)

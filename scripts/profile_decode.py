@@ -1,0 +1,105 @@
+"""Profile the engine's decode-step and prefill latency and fit the rank-aware latency model.
+
+    python scripts/profile_decode.py [--model tiny] [--batch-sizes 1,4,8,16,32] [--ranks 8,16,32,64,128]
+        [--prompt-tokens 16,64,256] [--decode-steps 8] [--out profiles/<device>/<model>/latency.json]
+
+Runs the real engine (eager, so compile time does not leak into the numbers) over batch size x
+rank mix (each rank alone, all mixed, and base only; every request with an adapter of its own)
+and, for prefill, x prompt tokens. Fits caraserve.cluster.perf_model.PerfModel (candidate feature
+sets chosen by held-out error), prints R^2 and the held-out relative error, and writes the raw
+medians and the fitted model as JSON with a provenance header, plus a PNG of measured vs
+predicted. Run with OMP_NUM_THREADS=1 on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from caraserve.cluster.perf_model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
+from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+from caraserve.engine import Engine
+from caraserve.profiling.decode import rank_mixes, sweep
+
+RANK_BUCKETS = (8, 16, 32, 64, 128)
+
+
+def plot(rows: list[dict], model: PerfModel, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, kind in zip(axes, ("decode", "prefill")):
+        pts = [(r["seconds"] * 1e3, predict(model, r) * 1e3, r["mix"]) for r in rows if r["kind"] == kind]
+        for mix in sorted({p[2] for p in pts}):
+            xs = [p[0] for p in pts if p[2] == mix]
+            ys = [p[1] for p in pts if p[2] == mix]
+            ax.scatter(xs, ys, label=mix, s=18)
+        hi = max(max(p[0], p[1]) for p in pts)
+        ax.plot([0, hi], [0, hi], "k--", lw=1)
+        ax.set(xlabel="measured ms", ylabel="predicted ms", title=f"{kind} step")
+        ax.legend(fontsize=7)
+    fig.suptitle(model.describe(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def predict(model: PerfModel, row: dict) -> float:
+    if row["kind"] == "decode":
+        return model.predict(DecodeFeatures.of(row["ranks"]))
+    return model.predict(PrefillFeatures.of([row["tokens_per_request"]] * row["batch_size"], row["ranks"]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--batch-sizes", default="1,4,8,16,32")
+    ap.add_argument("--ranks", default="8,16,32,64,128")
+    ap.add_argument("--prompt-tokens", default="16,64,256")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ints = lambda s: [int(v) for v in s.split(",")]
+    sizes, ranks, tokens = ints(args.batch_sizes), ints(args.ranks), ints(args.prompt_tokens)
+    engine = Engine(EngineConfig(
+        model=ModelConfig(path=args.model),
+        adapters=AdapterConfig(dir="none", rank_buckets=RANK_BUCKETS, device_slots=max(sizes)),
+        device=args.device, compile="false", max_batch_size=max(sizes),
+        max_seq_len=max(tokens) + args.decode_steps + 8, max_tokens_per_step=max(sizes) * max(tokens)))
+    total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
+    with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
+        rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
+    header = make_header(dev_name, args.model, str(engine.dtype).removeprefix("torch."),
+                         threads=torch.get_num_threads())
+    model = PerfModel.fit(
+        [(DecodeFeatures.of(r["ranks"]), r["seconds"]) for r in rows if r["kind"] == "decode"],
+        [(PrefillFeatures.of([r["tokens_per_request"]] * r["batch_size"], r["ranks"]), r["seconds"])
+         for r in rows if r["kind"] == "prefill"],
+        header, rank_buckets=RANK_BUCKETS)
+    device_dir = "cpu" if args.device == "cpu" else "gpu"
+    out = Path(args.out or f"profiles/{device_dir}/{Path(args.model).name}/latency.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"header": header, "raw": rows, "model": model.to_dict()}, indent=2) + "\n")
+    plot(rows, model, out.with_suffix(".png"))
+    print(model.describe())
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

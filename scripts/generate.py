@@ -34,7 +34,7 @@ def _demo_lines(engine: Engine) -> list[str]:
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     engine = Engine(engine_config(composed))
     if cfg.input is None:
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> int:
         path = Path(hydra.utils.to_absolute_path(cfg.input))
         if not path.is_file():
             log.error("input file %s does not exist", path)
-            return 2
+            raise SystemExit(2)  # hydra.main drops return values
         lines = path.read_text().splitlines()
     bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
     results, summary = run_offline(engine, lines, bar)
@@ -60,8 +60,7 @@ def main(cfg: DictConfig) -> int:
             print(json.dumps(r))
     print(f"{summary.requests} requests ({summary.errors} errors), {summary.output_tokens} tokens in "
           f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -56,6 +56,8 @@ HEADER_KEYS = ("device", "model", "dtype", "torch", "created")
 PARSIMONY_REL = 0.05
 PARSIMONY_ABS = 1e-4
 
+MEMO_ENTRIES = 1 << 18
+
 
 @dataclass(frozen=True)
 class DecodeFeatures:
@@ -151,7 +153,10 @@ class LinearFit:
         return cls(terms, coef, arr.min(axis=0), arr.max(axis=0), x.T @ x, x.T @ y, report)
 
     def predict(self, v: Vector) -> float:
-        return sum(c * f(v) for c, f in zip(self.coef, self._fns))
+        y = 0.0
+        for c, f in zip(self.coef, self._fns):
+            y += c * f(v)
+        return y
 
     def clamp(self, v: Vector) -> Vector:
         return tuple(min(max(x, lo), hi) for x, lo, hi in zip(v, self.lo, self.hi))
@@ -255,6 +260,8 @@ class PerfModel:
         self.clamp = clamp
         self.forgetting = forgetting
         self.rank_buckets = tuple(int(b) for b in rank_buckets)
+        # Routers ask the same few batch shapes over and over; observe() clears it.
+        self._memo: dict[tuple, float] = {}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -322,13 +329,27 @@ class PerfModel:
         """Seconds of one decode step over `batch_size` running requests (0 for an empty batch)."""
         if batch_size <= 0:
             return 0.0
-        return self._predict(self.decode, (batch_size, max_rank, sum_ranks, batch_size, sum_ranks))
+        key = (0, batch_size, max_rank, sum_ranks)
+        y = self._memo.get(key)
+        if y is None:
+            y = self._memoize(key, self._predict(self.decode, (batch_size, max_rank, sum_ranks, batch_size, sum_ranks)))
+        return y
 
     def prefill_s(self, batch_size: int, tokens: int, max_rank: int, token_rank: int) -> float:
         """Seconds of one prefill of `batch_size` new requests holding `tokens` prompt tokens."""
         if batch_size <= 0:
             return 0.0
-        return self._predict(self.prefill, (batch_size, max_rank, 0, tokens, token_rank))
+        key = (1, batch_size, tokens, max_rank, token_rank)
+        y = self._memo.get(key)
+        if y is None:
+            y = self._memoize(key, self._predict(self.prefill, (batch_size, max_rank, 0, tokens, token_rank)))
+        return y
+
+    def _memoize(self, key: tuple, y: float) -> float:
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = y
+        return y
 
     def predict(self, features: DecodeFeatures | PrefillFeatures) -> float:
         if isinstance(features, DecodeFeatures):
@@ -347,6 +368,7 @@ class PerfModel:
             raise ValueError(f"observed seconds={seconds} must be positive")
         fit = self.decode if isinstance(features, DecodeFeatures) else self.prefill
         fit.observe(bucket_rank(features.vector(), self.rank_buckets), float(seconds), self.forgetting)
+        self._memo.clear()
 
     # ---- serialization ------------------------------------------------------------------------
 

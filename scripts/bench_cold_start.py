@@ -1,6 +1,6 @@
 """Cold starts: TTFT, TPOT and latency when adapters are not on the device, per loading policy.
 
-    OMP_NUM_THREADS=1 python scripts/bench_cold_start.py [--requests 64] [--rate 4] [--adapters 64]
+    OMP_NUM_THREADS=1 python scripts/bench_cold_start.py [--requests 64] [--rate 2] [--adapters 64]
         [--slots 2] [--popularity uniform|zipf] [--targets qkvo|all] [--copy-gbps 0.1] [--threads 1]
         [--repeats 1] [--seed 0] [--out profiles/cpu/bench_cold_start.json]
 
@@ -26,10 +26,19 @@ What CPU-only numbers mean. There is no accelerator here: the "device" that runs
 the same CPU whose other core runs the CPU-assist workers, and the host -> device adapter copy is a
 memcpy paced to --copy-gbps (cpu_assist.emulate_copy_gbps) to stand in for a PCIe link. The header
 prints each rank's adapter size, its emulated copy time and this machine's prefill time, so the
-ratio copy / prefill, which decides how much a cold start costs, is visible. The default 0.1 GB/s
-makes a rank-64 copy last about as long as the prefill of a ~100-token prompt on this model, the
-regime the paper describes (a copy often longer than most prompts' prefill); it is a modelling
-choice, not a measurement of any link. On a GPU the workers would not compete with the device.
+ratio copy / prefill, which decides how much a cold start costs, is visible. --copy-gbps is a
+modelling choice, not a measurement of any link; it sets that ratio. For Llama-2-7B on an A10 a
+rank-64 q/k/v/o adapter is ~134 MB: ~5 ms over pinned PCIe 4 (~25 GB/s), "tens of ms" as the paper
+measured, against ~40 ms for a 256-token prefill, i.e. copy / prefill(256) ~ 0.13 to ~1. Here a
+256-token prefill takes ~50-60 ms and a rank-64 adapter is 1.75 MiB, so that range is ~0.25 GB/s
+down to ~0.03 GB/s; the default 0.1 GB/s (rank-64 copy ~18 ms, about a 100-token prefill) sits
+in between. Two more CPU-only effects: the CPU-assist workers run on the same two cores as the
+"device" (on a GPU they would not compete with it), and a decode step here costs more with every
+row it adds (~8 ms at batch 1, ~+2-3 ms per row), so a policy that admits requests sooner (CACHED,
+CPU-assisted) can lose in TPOT and latency what it wins in TTFT, while on-demand's waits for a
+slot act as admission control. The machine should be otherwise idle: the header records the load
+average before and after, and each run the CPU-seconds other processes took (a warning is printed
+when that is over 5 % of the run's wall time).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from caraserve.lora.synthetic import random_lora
 
 RANKS = (8, 16, 32, 64)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,17 +90,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def random_adapter(name: str, rank: int, targets, margs, seed: int):
-    """Like scripts/bench_decode_floor.py's: seeded random A and B for the model's shapes."""
-    from caraserve.lora.checkpoint import LoraWeights
+def busy_cpu_s() -> float | None:
+    """Seconds of CPU time every process on the machine has used (Linux /proc/stat), or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
-    g = torch.Generator().manual_seed(seed)
-    a, b = {}, {}
-    for m in targets:
-        fan_in, fan_out = margs.module_shape(m)
-        a[m] = torch.randn(margs.num_layers, fan_in, rank, generator=g) / fan_in**0.5
-        b[m] = torch.randn(margs.num_layers, rank, fan_out, generator=g) * 0.01
-    return LoraWeights(name, "", rank, 2.0, a, b)
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def make_workload(args, vocab: int):
@@ -156,6 +168,7 @@ def drive(engine, items) -> dict:
     from caraserve.request import FinishReason, SamplingParams
 
     reqs, late, i = [], [], 0
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
     t0 = time.perf_counter()
     while i < len(items) or engine.has_unfinished():
         now = time.perf_counter() - t0
@@ -172,6 +185,9 @@ def drive(engine, items) -> dict:
         nxt = items[i].arrival_s - (time.perf_counter() - t0) if i < len(items) else 5e-4
         time.sleep(min(5e-4, max(0.0, nxt)))
     wall = time.perf_counter() - t0
+    busy1 = busy_cpu_s()
+    # CPU time other processes took during the run: nonzero means the numbers are contaminated
+    foreign = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - (own_cpu_s() - own0))
     bad = [r.request_id for r in reqs if r.finish_reason is not FinishReason.LENGTH
            or len(r.output_ids) != r.params.max_tokens]
     if bad:
@@ -201,6 +217,7 @@ def drive(engine, items) -> dict:
         "late_mean_ms": 1e3 * statistics.fmean(late),
         "late_max_ms": 1e3 * max(late),
         "wall_s": wall,
+        "other_processes_cpu_s": foreign if foreign is not None else float("nan"),
         "tokens_per_s": sum(len(r.output_ids) for r in reqs) / wall,
     })
     return {"stats": stats, "outputs": [list(r.output_ids) for r in reqs]}
@@ -226,7 +243,7 @@ def prefill_ms(engine, adapter: str, vocab: int, lengths=(64, 128, 256, 512)) ->
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s (2: ~50%% busy)")
     ap.add_argument("--adapters", type=int, default=64)
     ap.add_argument("--slots", type=int, default=2, help="device slots per rank bucket (not CACHED)")
     ap.add_argument("--popularity", default="uniform", choices=("uniform", "zipf"))
@@ -263,7 +280,7 @@ def main():
     vocab = margs.vocab_size
     targets = QKVO if args.targets == "qkvo" else ALL7
     adapter_ranks, items = make_workload(args, vocab)
-    adapters = [random_adapter(n, r, targets, margs, seed=i) for i, (n, r) in enumerate(adapter_ranks.items())]
+    adapters = [random_lora(n, r, margs, tuple(targets), seed=i) for i, (n, r) in enumerate(adapter_ranks.items())]
     per_bucket = max(sum(r == b for r in adapter_ranks.values()) for b in RANKS)
 
     size = {r: next((w.nbytes for w in adapters if w.rank == r), 0) for r in RANKS}
@@ -275,8 +292,9 @@ def main():
     outputs: dict[str, list] = {}
     plan_source, prefill = "", {}
     bar = tqdm(total=len(policies) * args.repeats, desc="policies x repeats", file=sys.stderr)
+    load_start = os.getloadavg()
     for rep in range(args.repeats):
-        for policy in policies:
+        for policy in policies[rep % len(policies):] + policies[: rep % len(policies)]:  # rotated per repeat
             bar.set_postfix_str(f"{policy} #{rep + 1}")
             slots = per_bucket if policy == "CACHED" else args.slots
             engine = make_engine(policy, model, model_dir, args, targets, slots, adapters)
@@ -323,6 +341,8 @@ def main():
         "copy_gbps": args.copy_gbps, "threads": args.threads, "torch_threads": args.torch_threads,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpu_assist_plan": plan_source,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "loadavg_1_5_15_start": [round(x, 2) for x in load_start],
+        "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
     }
     emulation = {"adapter_bytes": size, "copy_ms": copy_ms, "prefill_ms_rank64_resident": prefill}
     workload = {
@@ -341,7 +361,8 @@ def main():
           f"{args.adapters} adapters ({len(used)} used, ranks {rank_counts}), {args.popularity}, "
           f"targets {args.targets}, prompt {args.prompt_min}-{args.prompt_max} (mean "
           f"{workload['mean_prompt_tokens']:.0f}), output {args.output_min}-{args.output_max}; "
-          f"slots/bucket {args.slots} (CACHED {per_bucket}); repeats {args.repeats} (medians)")
+          f"slots/bucket {args.slots} (CACHED {per_bucket}); repeats {args.repeats} (medians); load average "
+          f"{load_start[0]:.2f} at start, {header['loadavg_1_5_15_end'][0]:.2f} at end")
     print(f"emulated copy at {args.copy_gbps:g} GB/s: "
           + ", ".join(f"r{r} {size[r] / 2**20:.2f} MiB -> {copy_ms[r]:.1f} ms" for r in RANKS))
     print("prefill here (rank-64 adapter resident): "
@@ -363,6 +384,10 @@ def main():
               f"greedy outputs equal to CACHED {s['outputs_equal_to_cached']}, wall {s['wall_s']:.1f} s")
     for k, v in pairs.items():
         print(f"{k}: {v:.2f}x")
+    busy = {p: max(r["other_processes_cpu_s"] for r in runs[p]) for p in policies}
+    if any(v > 0.05 * systems[p]["wall_s"] for p, v in busy.items()):
+        print("WARNING: other processes used the CPU during the runs (max CPU-seconds per run: "
+              + ", ".join(f"{p} {v:.1f}" for p, v in busy.items()) + "): the numbers are contaminated")
     result = {"header": header, "emulation": emulation, "workload": workload, "systems": systems,
               "ratios": ratios, "pairs": pairs}
     out = Path(args.out)

@@ -129,12 +129,33 @@ class CpuAssistConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """SLO-aware admission inside one engine. With slo_ms > 0 and a latency model (perf_model:
+    a JSON from scripts/profile_decode.py), a waiting request joins the running batch only while
+    the predicted decode step of the enlarged batch stays within slo_ms (a lone request always
+    runs). The model is refit online from the engine's own decode-step timings."""
+
+    slo_ms: float = 0.0
+    perf_model: str = ""
+
+    def __post_init__(self):
+        _check(self.slo_ms >= 0, f"scheduler.slo_ms={self.slo_ms} must be >= 0")
+        _check(not (self.slo_ms > 0 and not self.perf_model),
+               "scheduler.slo_ms needs scheduler.perf_model (a latency JSON from scripts/profile_decode.py)")
+
+    @classmethod
+    def from_dict(cls, data, where="scheduler"):
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an Engine needs. device "auto" = cuda when present, else cpu."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     cpu_assist: CpuAssistConfig = field(default_factory=CpuAssistConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 32
@@ -187,6 +208,7 @@ _NESTED = {
     ("EngineConfig", "model"): ModelConfig,
     ("EngineConfig", "adapters"): AdapterConfig,
     ("EngineConfig", "cpu_assist"): CpuAssistConfig,
+    ("EngineConfig", "scheduler"): SchedulerConfig,
 }
 
 
@@ -207,4 +229,5 @@ def engine_config(composed: dict[str, Any]) -> EngineConfig:
     engine["model"] = ModelConfig.from_dict(composed.get("model"))
     engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
     engine["cpu_assist"] = CpuAssistConfig.from_dict(composed.get("cpu_assist"))
+    engine["scheduler"] = SchedulerConfig.from_dict(composed.get("scheduler"))
     return EngineConfig.from_dict(engine)

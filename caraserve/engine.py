@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -70,8 +71,9 @@ class Engine:
         if adapter_dir is not None:
             self._register_dir(adapter_dir)
         self.handoff, assist = self._cpu_assist()
+        self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
-                                   assist)
+                                   assist, self.perf_model, cfg.scheduler.slo_ms)
         self.graphs = self._decode_graphs(model_path)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self._requests: dict[str, Request] = {}
@@ -81,6 +83,15 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload == "all":
             self.preload_all()
+
+    def _perf_model(self):
+        path = self.config.scheduler.perf_model
+        if not path:
+            return None
+        from caraserve.cluster.perf_model import PerfModel
+
+        data = json.loads(Path(path).read_text())
+        return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
 
     def _cpu_assist(self):
         """(Handoff, admission predicate) per cpu_assist.mode; (None, None) when off."""
@@ -254,6 +265,7 @@ class Engine:
             batch = self.scheduler.schedule()
             if batch is None:
                 return []
+            t0 = time.perf_counter()
             logits = self.runner.run(batch)
             emitting = []
             for i, req in enumerate(batch.requests):
@@ -269,8 +281,17 @@ class Engine:
             reqs = [batch.requests[i] for i in emitting]
             tokens, logprobs = sample(logits[rows], [r.params for r in reqs],
                                       [self._generators.get(r.request_id) for r in reqs])
-            now = time.perf_counter()
+            now = time.perf_counter()  # sampling read the tokens back: the step has finished
+            if batch.is_decode and self.perf_model is not None:
+                self._observe_step(batch, now - t0)
             return [self._append(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
+
+    def _observe_step(self, batch, seconds: float) -> None:
+        """Online refit of the latency model from this machine's own decode steps."""
+        from caraserve.cluster.perf_model import DecodeFeatures
+
+        ranks = [self.scheduler.rank_of(r) for r in batch.requests]
+        self.perf_model.observe(DecodeFeatures.of(ranks), seconds)
 
     def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput:
         req.output_ids.append(token)

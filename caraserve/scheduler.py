@@ -40,6 +40,8 @@ class Scheduler:
         max_batch_size: int,
         max_tokens_per_step: int,
         assist=None,
+        perf_model=None,
+        slo_ms: float = 0.0,
     ):
         self.kv = kv
         self.pool = pool
@@ -52,6 +54,8 @@ class Scheduler:
         # assist(request, weights) -> bool: prefill now with a CPU-computed LoRA delta instead of
         # waiting for the adapter's copy (None: always wait)
         self.assist = assist
+        self.perf_model = perf_model  # cluster.perf_model.PerfModel, used when slo_ms > 0
+        self.slo_s = slo_ms / 1e3
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -59,6 +63,18 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    def rank_of(self, req: Request) -> int:
+        return self.store.info(req.adapter).rank if req.adapter is not None else 0
+
+    def _within_slo(self, batch: list[Request], req: Request) -> bool:
+        """Would the decode step with `req` added still meet the per-token SLO? (A lone request
+        always runs, so an SLO tighter than any step cannot stall the engine.)"""
+        if self.slo_s <= 0 or self.perf_model is None or not batch:
+            return True
+        ranks = [self.rank_of(r) for r in batch] + [self.rank_of(req)]
+        bucket = next((b for b in self.pool.rank_buckets if b >= max(ranks)), max(ranks)) if max(ranks) else 0
+        return self.perf_model.decode_s(len(ranks), bucket, sum(ranks)) <= self.slo_s
 
     def _adapter_ready(self, req: Request, blocked_buckets: set[int]) -> bool:
         """Makes sure the request's adapter is (being) loaded and held; True when resident."""
@@ -100,6 +116,8 @@ class Scheduler:
                 break
             if self.kv.free_slots == 0:
                 break
+            if not self._within_slo(self.running + admitted, req):
+                break  # FCFS: later requests wait too, so this one is next when the batch shrinks
             if not self._adapter_ready(req, blocked):
                 continue
             req.kv_slot = self.kv.allocate()

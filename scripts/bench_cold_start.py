@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from caraserve.lora.synthetic import random_lora
+from caraserve.model.synthetic import SHAPES, random_model
 
 RANKS = (8, 16, 32, 64)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -107,7 +108,7 @@ def own_cpu_s() -> float:
 def make_workload(args, vocab: int):
     """(adapter name -> rank, requests), all from --seed."""
     rng = random.Random(args.seed)
-    ranks = [rng.choice(RANKS) for _ in range(args.adapters)]
+    ranks = [rng.choice(args.rank_mix) for _ in range(args.adapters)]
     names = [f"cold{i:03d}-r{r}" for i, r in enumerate(ranks)]
     if args.popularity == "zipf":
         order = list(range(args.adapters))
@@ -136,7 +137,7 @@ def make_engine(policy, model, model_dir, args, targets, slots, adapters):
         adapters=AdapterConfig(dir="none", rank_buckets=RANKS, device_slots=slots, target_modules=targets,
                                preload="all" if policy == "CACHED" else "none"),
         cpu_assist=CpuAssistConfig(mode=MODES[policy], threads=args.threads, emulate_copy_gbps=args.copy_gbps),
-        device="cpu", max_batch_size=args.max_batch, max_seq_len=args.prompt_max + args.output_max + 8,
+        device=args.device, max_batch_size=args.max_batch, max_seq_len=args.prompt_max + args.output_max + 8,
         compile="false", compile_cache_dir="")
     engine = Engine(cfg, model=model)
     for w in adapters:
@@ -259,6 +260,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {POLICIES}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", *sorted(SHAPES)],
+                    help="tiny = the embedded default; others: random weights made on the device")
+    ap.add_argument("--ranks", default="8,16,32,64", help="adapter ranks to draw from (buckets stay 8-64)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="profiles/cpu/bench_cold_start.json")
     args = ap.parse_args()
     policies = args.policies.split(",")
@@ -274,8 +279,13 @@ def main():
     from caraserve.model.tiny import tiny_paths
 
     t_start = time.perf_counter()
-    model_dir, _ = tiny_paths()
-    model = load_model(model_dir, "float32", "cpu", None).eval()
+    args.rank_mix = [int(r) for r in args.ranks.split(",")]
+    if args.shape == "tiny":
+        model_dir, _ = tiny_paths()
+        model = load_model(model_dir, "float32", args.device, None).eval()
+    else:  # copies are real on CUDA (emulate_copy_gbps only paces CPU-only "devices")
+        model_dir = Path(f"random-{args.shape}")
+        model = random_model(args.shape, torch.bfloat16 if args.device == "cuda" else torch.float32, args.device)
     margs = model.args
     vocab = margs.vocab_size
     targets = QKVO if args.targets == "qkvo" else ALL7
@@ -335,8 +345,10 @@ def main():
             pairs[f"on-demand / {assisted} mean TTFT"] = od["ttft_mean_ms"] / cs["ttft_mean_ms"]
 
     header = {
-        "device": "cpu (no accelerator: the 'device' is this CPU; adapter copies are paced memcpys)",
-        "cpu": cpu_name(), "cores": os.cpu_count(), "model": "tiny", "dtype": "float32",
+        "device": torch.cuda.get_device_name() if args.device == "cuda"
+        else "cpu (no accelerator: the 'device' is this CPU; adapter copies are paced memcpys)",
+        "cpu": cpu_name(), "cores": os.cpu_count(), "model": args.shape,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "copy_gbps": args.copy_gbps, "threads": args.threads, "torch_threads": args.torch_threads,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpu_assist_plan": plan_source,

@@ -25,36 +25,10 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-}
+from caraserve.model.synthetic import SHAPES, random_model
+
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def random_model(shape: str, dtype: torch.dtype, device: torch.device):
-    from transformers import LlamaConfig
-
-    from caraserve.model.llama import CausalLM, ModelArgs
-
-    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], **SHAPES[shape])
-    with torch.device("meta"):
-        model = CausalLM(ModelArgs.from_hf(cfg), cfg)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=g)
-    from caraserve.model.layers import rope_inv_freq
-
-    model.rotary.inv_freq = rope_inv_freq(cfg)[0].to(device)
-    return model.eval()
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks in one run (~8 min on one H100/H200): the GPU tests (Triton kernels compiled for the
+# GPU checks in one run (~10 min on one H100/H200): the GPU tests (Triton kernels compiled for the
 # device, CUDA engine == CPU engine, CUDA-graph decode == eager, async adapter copies), then the
 # decode-vs-floor benchmark on a Llama-2-7B-shaped model with random bf16 weights made on the GPU
-# and 32 adapters of ranks 8-64, and the LoRA-operator benchmark. Results go to profiles/gpu/.
+# and 32 adapters of ranks 8-64, the LoRA-operator benchmark and the cold-start benchmark.
+# Results go to profiles/gpu/.
 # The device image has torch/triton/transformers/peft but no network: run from the source tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +16,8 @@ timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test
 timeout 240 python scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 \
     --out profiles/gpu/decode_floor_llama2-7b.json || status=1
 timeout 90 python scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json || status=1
+# Cold starts on the 7B shape with rank-64 adapters: CACHED vs on-demand vs CPU-assisted vs auto
+# (paper targets: CPU-assisted TTFT p50 within 1.10x of CACHED, mean latency >= 1.4x better than on-demand).
+timeout 200 python scripts/bench_cold_start.py --shape llama2-7b --ranks 64 --requests 48 --rate 4 \
+    --threads 8 --torch-threads 1 --out profiles/gpu/bench_cold_start_llama2-7b.json || status=1
 exit $status

@@ -41,7 +41,9 @@ def main(cfg: DictConfig) -> int:
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = replace(server, api_key=os.environ["CARASERVE_API_KEY"])
     engine = Engine(engine_config(composed))
-    served_name = server.served_model_name or engine.config.model.served_name or Path(engine.model_path).name
+    model_cfg = engine.config.model
+    served_name = (server.served_model_name or model_cfg.served_name
+                   or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
     service = AsyncEngine(engine, server.max_queue)
     app = build_app(service, server, served_name, adapter_roots(engine))
     service.start()

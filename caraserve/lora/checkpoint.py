@@ -171,7 +171,39 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None) -> Lor
     if not folder.is_dir():
         raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
     cfg = _read_config(name, folder)
-    tensors = _read_tensors(name, folder)
+    pairs = _collect_pairs(name, cfg, _read_tensors(name, folder), model_args)
+    use_rslora = bool(cfg.get("use_rslora", False))
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+
+    def scaling(rank, alph):
+        return alph / math.sqrt(rank) if use_rslora else alph / rank
+
+    base_scale = scaling(r, alpha)
+    ranks: dict[str, int] = {}
+    per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
+        want_r = _pattern_value(cfg.get("rank_pattern"), key, r)
+        a, b = _checked_pair(name, cfg, key, layer, module, ab, want_r, model_args)
+        if ranks.setdefault(module, want_r) != want_r:
+            raise AdapterError(f"adapter {name!r}: {module} has different ranks in different layers")
+        ratio = scaling(want_r, _pattern_value(cfg.get("alpha_pattern"), key, alpha)) / base_scale
+        bt = b.t().float()
+        per_layer.setdefault(module, {})[layer] = (a.t().float(), bt * ratio if ratio != 1.0 else bt)
+    out_a, out_b = {}, {}
+    for module, layers in per_layer.items():  # stacked per module, zeros in untouched layers
+        fan_in, fan_out = model_args.module_shape(module)
+        out_a[module] = torch.zeros(model_args.num_layers, fan_in, ranks[module])
+        out_b[module] = torch.zeros(model_args.num_layers, ranks[module], fan_out)
+        for layer, (a, b) in layers.items():
+            out_a[module][layer] = a
+            out_b[module][layer] = b
+    return LoraWeights(name, str(folder), max(ranks.values()), base_scale, out_a, out_b)
+
+
+def _collect_pairs(name: str, cfg: dict, tensors: dict, model_args) -> dict[tuple[int, str], dict]:
+    """(layer, module) -> {"A": tensor, "B": tensor} for the targeted modules; refuses keys of
+    unsupported kinds (embedding/lm_head LoRA, DoRA) and modules or layers the model lacks."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if "lora_embedding" in key or "embed_tokens" in key:
@@ -200,51 +232,31 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None) -> Lor
                 f"adapter {name!r}: target_modules regex {cfg['target_modules']!r} matches no module of the model"
             )
         raise AdapterError(f"adapter {name!r}: the checkpoint holds no LoRA tensors")
+    return pairs
+
+
+def _checked_pair(name: str, cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int,
+                  model_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A [r, in] and lora_B [out, r] of one module, after every check against the config
+    and the base model."""
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(f"adapter {name!r}: {key} has lora_{'B' if 'A' in ab else 'A'} missing")
     layers_ok = cfg.get("layers_to_transform")
     if isinstance(layers_ok, int):
         layers_ok = [layers_ok]
-    use_rslora = bool(cfg.get("use_rslora", False))
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-
-    def scaling(rank, alph):
-        return alph / math.sqrt(rank) if use_rslora else alph / rank
-
-    base_scale = scaling(r, alpha)
-    ranks: dict[str, int] = {}
-    per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for (layer, module), ab in sorted(pairs.items()):
-        key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"adapter {name!r}: {key} has lora_{'B' if 'A' in ab else 'A'} missing")
-        if layers_ok is not None and layer not in layers_ok:
-            raise AdapterError(f"adapter {name!r}: {key} is outside layers_to_transform={layers_ok}")
-        a, b = ab["A"], ab["B"]
-        fan_in, fan_out = model_args.module_shape(module)
-        want_r = _pattern_value(cfg.get("rank_pattern"), key, r)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"adapter {name!r}: {key} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
-        if a.shape[0] != want_r:
-            raise AdapterError(f"adapter {name!r}: {key} has rank {a.shape[0]} but the config says r={want_r}")
-        if a.shape[1] != fan_in or b.shape[0] != fan_out:
-            raise AdapterError(
-                f"adapter {name!r}: {key} shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
-                f"base model's {module} ({fan_in} -> {fan_out})"
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")
-        if ranks.setdefault(module, want_r) != want_r:
-            raise AdapterError(f"adapter {name!r}: {module} has different ranks in different layers")
-        ratio = scaling(want_r, _pattern_value(cfg.get("alpha_pattern"), key, alpha)) / base_scale
-        bt = b.t().float()
-        per_layer.setdefault(module, {})[layer] = (a.t().float(), bt * ratio if ratio != 1.0 else bt)
-    out_a, out_b = {}, {}
-    n_layers = model_args.num_layers
-    for module, layers in per_layer.items():
-        fan_in, fan_out = model_args.module_shape(module)
-        rank = ranks[module]
-        out_a[module] = torch.zeros(n_layers, fan_in, rank)
-        out_b[module] = torch.zeros(n_layers, rank, fan_out)
-        for layer, (a, b) in layers.items():
-            out_a[module][layer] = a
-            out_b[module][layer] = b
-    return LoraWeights(name, str(folder), max(ranks.values()), base_scale, out_a, out_b)
+    if layers_ok is not None and layer not in layers_ok:
+        raise AdapterError(f"adapter {name!r}: {key} is outside layers_to_transform={layers_ok}")
+    a, b = ab["A"], ab["B"]
+    fan_in, fan_out = model_args.module_shape(module)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(f"adapter {name!r}: {key} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+    if a.shape[0] != want_r:
+        raise AdapterError(f"adapter {name!r}: {key} has rank {a.shape[0]} but the config says r={want_r}")
+    if a.shape[1] != fan_in or b.shape[0] != fan_out:
+        raise AdapterError(
+            f"adapter {name!r}: {key} shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
+            f"base model's {module} ({fan_in} -> {fan_out})"
+        )
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")
+    return a, b

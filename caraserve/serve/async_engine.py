@@ -78,15 +78,22 @@ class AsyncEngine:
         waiter = _Waiter(loop, asyncio.Queue())
         with self._lock:
             self._waiters[request_id] = waiter
-        self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
+        with self._lock:
+            self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
+
+        def add():
+            try:
+                self.engine.add_request(prompt_ids, params, adapter, request_id)
+            finally:
+                with self._lock:  # on the engine thread, as the request enters (or skips) the queue
+                    self._submitting -= 1
+
         try:
-            await asyncio.wrap_future(self._call(self.engine.add_request, prompt_ids, params, adapter, request_id))
+            await asyncio.wrap_future(self._call(add))
         except BaseException:
             with self._lock:
                 self._waiters.pop(request_id, None)
             raise
-        finally:
-            self._submitting -= 1
         return waiter.queue
 
     def abort(self, request_id: str) -> None:

@@ -19,7 +19,7 @@ from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache
 from caraserve.lora.checkpoint import AdapterError
-from caraserve.lora.device_pool import DevicePool
+from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
 from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
@@ -193,6 +193,29 @@ class Engine:
             if not self.pool.load(self.store.get(name)):
                 raise AdapterError(f"not enough device slots to preload adapter {name!r}")
             self.pool.wait_loaded(name)
+
+    def snapshot(self) -> dict:
+        """The live state a router reads (`/v1/state`): running and queued requests with their
+        ranks and remaining output tokens, resident adapters, every adapter's rank, and the
+        latency model the scheduler keeps refitting (None without one). Plain JSON types."""
+        with self._lock:
+            sched = self.scheduler
+
+            def view(r: Request) -> dict:
+                return {"request_id": r.request_id, "adapter": r.adapter, "rank": sched.rank_of(r),
+                        "prompt_tokens": len(r.prompt_ids),
+                        "remaining_tokens": max(r.params.max_tokens - len(r.output_ids), 0)}
+
+            names = self.store.names()
+            return {
+                "max_batch_size": sched.max_batch_size,
+                "running": [view(r) for r in sched.running],
+                "queued": [view(r) for r in sched.waiting],
+                "resident_adapters": [n for n in names if self.pool.state(n) is AdapterState.RESIDENT],
+                "adapters": {n: self.store.info(n).rank for n in names},
+                "slo_ms": sched.slo_s * 1e3,
+                "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None,
+            }
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(

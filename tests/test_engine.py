@@ -174,6 +174,22 @@ def test_abort_frees_slots(catalogue):
     assert not engine.abort(rid) and not engine.has_unfinished()
 
 
+def test_snapshot_reports_queue_ranks_and_remaining_tokens(catalogue):
+    engine = make_engine(catalogue, max_batch_size=1)
+    a = engine.add_request("import os", SamplingParams(max_tokens=10, ignore_eos=True), "demo-r32", "a")
+    engine.add_request("x = 1", SamplingParams(max_tokens=7, ignore_eos=True), None, "b")
+    engine.step()  # prefill of a (batch size 1: b waits), first token
+    engine.step()  # a decodes its second token
+    snap = engine.snapshot()
+    assert snap["max_batch_size"] == 1 and snap["adapters"]["demo-r32"] == 32 and snap["perf_model"] is None
+    assert [(v["request_id"], v["adapter"], v["rank"], v["remaining_tokens"]) for v in snap["running"]] == [
+        (a, "demo-r32", 32, 8)]
+    assert [(v["request_id"], v["rank"], v["remaining_tokens"]) for v in snap["queued"]] == [("b", 0, 7)]
+    assert snap["queued"][0]["prompt_tokens"] == len(engine.encode("x = 1"))
+    assert "demo-r32" in snap["resident_adapters"]
+    json.dumps(snap)  # plain JSON for /v1/state
+
+
 def test_bad_requests_change_nothing(catalogue):
     engine = make_engine(catalogue, max_seq_len=64)
     with pytest.raises(RequestError, match="unknown adapter"):

@@ -169,6 +169,20 @@ def test_bad_requests_get_openai_errors(server, client, body, status, needle):
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_state_for_routers_and_request_ids(server, client):
+    r = httpx.post(server["base"] + "/v1/completions", headers={**auth(), "X-Request-Id": "rt-test-1"},
+                   json={"model": "demo-r16", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["id"] == "rt-test-1"
+    bad = httpx.post(server["base"] + "/v1/completions", headers={**auth(), "X-Request-Id": "no spaces/please"},
+                     json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
+    state = httpx.get(server["base"] + "/v1/state", headers=auth()).json()
+    assert state["model"] == "tiny" and state["max_batch_size"] == 4
+    assert state["adapters"]["demo-r16"] == 16 and "demo-r16" in state["resident_adapters"]
+    assert state["running"] == [] and state["queued"] == [] and state["perf_model"] is None
+    assert httpx.get(server["base"] + "/v1/state").status_code == 401
+
+
 def test_body_too_large_and_bad_json(server):
     r = httpx.post(server["base"] + "/v1/completions", headers=auth(),
                    json={"model": "tiny", "prompt": "x" * 30000})

@@ -147,3 +147,55 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, data, where="scheduler"):
         return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class RouterServiceConfig:
+    """The HTTP router over caraserve.serve replicas (`python -m caraserve.router`).
+
+    replicas: base URLs (http://host:port). policy: a name in caraserve.cluster.policies.POLICIES.
+    slo_ms / avg_output_tokens / resident_discount: as RouterConfig (the policy's parameters).
+    poll_interval_s: how often each replica's /v1/state is read. first_token_timeout_s: a replica
+    that has not sent the first streamed token (or, not streaming, the whole answer within
+    request_timeout_s) is given up and the request goes to another replica, at most
+    max_attempts replicas per request. max_failures: consecutive failures that mark a replica
+    down; a down replica is probed on /health every probe_interval_s and comes back when it
+    answers. max_wait_s: how long a request may wait for a replica with room before a 503.
+    perf_model: latency JSON for replicas that publish no model of their own ("" = the
+    paper-like linear model). replica_api_key: sent to the replicas as a bearer token.
+    """
+
+    replicas: tuple[str, ...] = ()
+    policy: str = "rank_aware"
+    slo_ms: float = 40.0
+    avg_output_tokens: float = 64.0
+    resident_discount: float = 0.1
+    poll_interval_s: float = 0.1
+    first_token_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0
+    max_attempts: int = 3
+    max_failures: int = 2
+    probe_interval_s: float = 1.0
+    max_wait_s: float = 60.0
+    perf_model: str = ""
+    replica_api_key: str = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(len(self.replicas) >= 1, "replicas: give at least one replica URL, e.g. replicas=[http://127.0.0.1:8001]")
+        for url in self.replicas:
+            _check(isinstance(url, str) and url.startswith(("http://", "https://")),
+                   f"replicas: {url!r} is not an http(s):// URL")
+        _check(len(set(self.replicas)) == len(self.replicas), f"replicas: duplicate URL in {list(self.replicas)}")
+        _check(self.slo_ms > 0, f"router.slo_ms={self.slo_ms} must be > 0")
+        _check(self.avg_output_tokens >= 1, f"router.avg_output_tokens={self.avg_output_tokens} must be >= 1")
+        _check(0 <= self.resident_discount < 1, "router.resident_discount must be in [0, 1)")
+        for name in ("poll_interval_s", "first_token_timeout_s", "request_timeout_s", "probe_interval_s",
+                     "max_wait_s"):
+            _check(getattr(self, name) > 0, f"router.{name}={getattr(self, name)} must be > 0")
+        _check(self.max_attempts >= 1, f"router.max_attempts={self.max_attempts} must be >= 1")
+        _check(self.max_failures >= 1, f"router.max_failures={self.max_failures} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data, where="router"):
+        return _from_dict(cls, data, where)

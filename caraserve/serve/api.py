@@ -5,65 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from caraserve.config import ServerConfig
 from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.request import RequestError, RequestOutput, SamplingParams
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, QueueFullError
+from caraserve.serve.http import ApiError, Guard, install_error_handlers
 from caraserve.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
-
-
-def _err(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse(proto.error_body(message, type_, status), status_code=status)
-
-
-class _Guard:
-    """ASGI middleware: API key (all but /health) and request body size."""
-
-    def __init__(self, app, api_key: str, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                return await _err(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                  "authentication_error")(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _err(413, f"request body exceeds {self.max_body_bytes} bytes",
-                              "invalid_request_error")(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error")
-            return message
-
-        return await self.app(scope, limited_receive, send)
 
 
 def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adapter_roots: list[Path]) -> FastAPI:
@@ -72,23 +27,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
     service.on_output = metrics.observe
     app = FastAPI(title="CaraServe", version="0.1.0")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_, e: ApiError):
-        return _err(e.status, e.message, e.type)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
-        return _err(400, "; ".join(parts) or "invalid request", "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_, e: StarletteHTTPException):
-        return _err(e.status_code, str(e.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        log.exception("unhandled error")
-        return _err(500, "internal server error", "internal_error")
+    install_error_handlers(app)
 
     def resolve_model(name: str) -> str | None:
         if name == served_name:
@@ -160,6 +99,17 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def request_id(http: Request, prefix: str) -> str:
+        """The caller's X-Request-Id when given (a router uses it to match its requests with the
+        replica's /v1/state), else a fresh id."""
+        rid = http.headers.get("x-request-id")
+        if rid is None:
+            return proto.new_id(prefix)
+        if not proto.valid_request_id(rid):
+            raise ApiError(400, "X-Request-Id must be 1-128 characters of letters, digits, '-', '_', '.' or ':'",
+                           "invalid_request_error")
+        return rid
+
     def check_finished(out: RequestOutput):
         if out.error is not None:
             raise ApiError(500, out.error, "internal_error")
@@ -175,6 +125,13 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
     @app.get("/metrics")
     async def get_metrics():
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/state")
+    async def state():
+        """Live state for a router (caraserve.cluster.router): see Engine.snapshot."""
+        snap = await service.call(engine.snapshot)
+        snap["model"] = served_name
+        return snap
 
     @app.get("/v1/models")
     async def models():
@@ -198,7 +155,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             raise ApiError(400, "echo is not supported", "invalid_request_error")
         ids = encode(prompt)
         params = sampling(body, body.max_tokens if body.max_tokens is not None else 16)
-        rid = proto.new_id("cmpl")
+        rid = request_id(http, "cmpl")
         queue = await start(ids, params, adapter, rid)
         if body.stream:
             return stream(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
@@ -231,7 +188,7 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         ids = encode(ids)
         limit = body.max_completion_tokens or body.max_tokens
         params = sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)))
-        rid = proto.new_id("chatcmpl")
+        rid = request_id(http, "chatcmpl")
         queue = await start(ids, params, adapter, rid)
         if body.stream:
             first = [True]
@@ -276,4 +233,4 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             raise ApiError(503, str(e), "server_overloaded") from e
         return {"status": "ok", "lora_name": body.lora_name}
 
-    return _Guard(app, server.api_key, server.max_body_bytes)
+    return Guard(app, server.api_key, server.max_body_bytes)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from caraserve.engine import Engine
-from caraserve.request import RequestOutput, SamplingParams
+from caraserve.request import RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class AsyncEngine:
         self._inbox.put((fn, args, fut))
         return fut
 
+    async def call(self, fn, *args):
+        """Runs fn(*args) on the engine thread between steps and returns its result."""
+        return await asyncio.wrap_future(self._call(fn, *args))
+
     @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._submitting
@@ -77,8 +81,9 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, asyncio.Queue())
         with self._lock:
+            if request_id in self._waiters:
+                raise RequestError(f"request id {request_id!r} is already in flight")
             self._waiters[request_id] = waiter
-        with self._lock:
             self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
 
         def add():

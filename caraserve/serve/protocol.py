@@ -6,6 +6,7 @@ are plain dicts shaped as OpenAI's and vLLM's so existing clients work unchanged
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -64,6 +65,13 @@ def error_body(message: str, type_: str, code: int) -> dict:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def valid_request_id(rid: str) -> bool:
+    return _REQUEST_ID.fullmatch(rid) is not None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

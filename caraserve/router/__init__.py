@@ -1,0 +1,1 @@
+"""`python -m caraserve.router`: the OpenAI-compatible router over caraserve.serve replicas."""

@@ -133,13 +133,21 @@ class SchedulerConfig:
     """SLO-aware admission inside one engine. With slo_ms > 0 and a latency model (perf_model:
     a JSON from scripts/profile_decode.py), a waiting request joins the running batch only while
     the predicted decode step of the enlarged batch stays within slo_ms (a lone request always
-    runs). The model is refit online from the engine's own decode-step timings."""
+    runs). The model is refit online from the engine's own decode-step timings.
+
+    rank_grouping: when more requests wait than the batch has room for, those whose rank bucket
+    the running batch already has go first, so the decode step does not take on another bucket
+    needlessly; a request that would break the SLO lets the ones behind it that fit go ahead.
+    max_passed_over bounds both: a request overtaken that many times is not overtaken again."""
 
     slo_ms: float = 0.0
     perf_model: str = ""
+    rank_grouping: bool = True
+    max_passed_over: int = 8
 
     def __post_init__(self):
         _check(self.slo_ms >= 0, f"scheduler.slo_ms={self.slo_ms} must be >= 0")
+        _check(self.max_passed_over >= 0, f"scheduler.max_passed_over={self.max_passed_over} must be >= 0")
         _check(not (self.slo_ms > 0 and not self.perf_model),
                "scheduler.slo_ms needs scheduler.perf_model (a latency JSON from scripts/profile_decode.py)")
 

@@ -73,7 +73,8 @@ class Engine:
         self.handoff, assist = self._cpu_assist()
         self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
-                                   assist, self.perf_model, cfg.scheduler.slo_ms)
+                                   assist, self.perf_model, cfg.scheduler.slo_ms,
+                                   cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None)
         self.graphs = self._decode_graphs(model_path)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self._requests: dict[str, Request] = {}

@@ -11,6 +11,13 @@ Admission is FCFS with skip-ahead: a request whose adapter is still being copied
 or whose rank bucket has no free slot, waits without holding back requests behind it. To keep
 it from starving, once the oldest such request is blocked on a full bucket, no younger request
 may take a slot of that bucket (the bucket drains as running requests finish).
+
+Rank-bucket grouping (`max_passed_over` not None): when more requests wait than the batch has
+room for, those whose rank bucket the running batch already has (or base-model ones) are taken
+first, so the decode step does not take on another, larger bucket needlessly; and with an SLO, a
+request whose rank would push the predicted step past it lets the requests behind it that fit go
+ahead. A request overtaken `max_passed_over` times is overtaken no more: it goes first, and with
+an SLO it waits at the head until the batch has shrunk enough for it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Scheduler:
         assist=None,
         perf_model=None,
         slo_ms: float = 0.0,
+        max_passed_over: int | None = None,
     ):
         self.kv = kv
         self.pool = pool
@@ -56,6 +64,8 @@ class Scheduler:
         self.assist = assist
         self.perf_model = perf_model  # cluster.perf_model.PerfModel, used when slo_ms > 0
         self.slo_s = slo_ms / 1e3
+        self.max_passed_over = max_passed_over  # None: strict FCFS admission
+        self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -75,6 +85,25 @@ class Scheduler:
         ranks = [self.rank_of(r) for r in batch] + [self.rank_of(req)]
         bucket = next((b for b in self.pool.rank_buckets if b >= max(ranks)), max(ranks)) if max(ranks) else 0
         return self.perf_model.decode_s(len(ranks), bucket, sum(ranks)) <= self.slo_s
+
+    def _bucket(self, req: Request) -> int:
+        return self.pool.bucket_for(self.rank_of(req)) if req.adapter is not None else -1
+
+    def _may_overtake(self, req: Request) -> bool:
+        """May requests behind `req` be admitted before it?"""
+        return self.max_passed_over is not None and self._passed_over.get(req.request_id, 0) < self.max_passed_over
+
+    def _admission_order(self, waiting: list[Request]) -> list[Request]:
+        """The waiting requests (in arrival order) in the order admission considers them (see the
+        module docstring)."""
+        room = self.max_batch_size - len(self.running)
+        if self.max_passed_over is None or len(waiting) <= room or not self.running:
+            return waiting
+        present = {self._bucket(r) for r in self.running} | {-1}
+        due = [r for r in waiting if not self._may_overtake(r)]
+        grouped = [r for r in waiting if self._may_overtake(r) and self._bucket(r) in present]
+        others = [r for r in waiting if self._may_overtake(r) and self._bucket(r) not in present]
+        return due + grouped + others
 
     def _adapter_ready(self, req: Request, blocked_buckets: set[int]) -> bool:
         """Makes sure the request's adapter is (being) loaded and held; True when resident."""
@@ -111,12 +140,15 @@ class Scheduler:
                 budget -= n
         blocked: set[int] = set()
         admitted: list[Request] = []
-        for req in list(self.waiting):
+        arrival = list(self.waiting)
+        for req in self._admission_order(arrival):
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
                 break
             if self.kv.free_slots == 0:
                 break
             if not self._within_slo(self.running + admitted, req):
+                if self._may_overtake(req):
+                    continue  # rank grouping: a lower-rank request behind it may still fit
                 break  # FCFS: later requests wait too, so this one is next when the batch shrinks
             if not self._adapter_ready(req, blocked):
                 continue
@@ -130,6 +162,12 @@ class Scheduler:
         for req in admitted:
             self.waiting.remove(req)
             self.running.append(req)
+            self._passed_over.pop(req.request_id, None)
+        if admitted and self.max_passed_over is not None:
+            youngest = max(arrival.index(r) for r in admitted)
+            for req in arrival[:youngest]:
+                if req not in admitted:  # older than an admitted request and still waiting
+                    self._passed_over[req.request_id] = self._passed_over.get(req.request_id, 0) + 1
         if batch:
             return ScheduledBatch(False, batch, chunks)
         # Decode never uses the CPU path: a CPU-assisted request decodes once its adapter landed.
@@ -141,6 +179,7 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         """Frees everything the request holds (KV slot, adapter reference, queue place)."""
+        self._passed_over.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

@@ -95,6 +95,10 @@ class Request:
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
     cpu_assisted: bool = False  # prefilled (at least partly) with the LoRA delta from the CPU
+    # While its adapter was loading: prefill layer passes whose LoRA delta came from the CPU, and
+    # those that read the layers of its device slot already landed.
+    assist_cpu_layers: int = 0
+    assist_device_layers: int = 0
     text: str = ""  # detokenized output (filled when a tokenizer is present)
     detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
     detok_read: int = 0

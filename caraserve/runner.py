@@ -41,13 +41,16 @@ class ModelRunner:
         placed = [on_device(r) for r in reqs]  # read once: a copy may land meanwhile
         # Rows ordered by (rank bucket, slot): each bucket and each adapter is one contiguous run.
         order = sorted(range(len(reqs)), key=lambda i: self.pool.sort_key(placed[i]))
-        tokens, starts, slots, runs, host = [], [], [], [], []
+        tokens, starts, slots, runs, host, assisted = [], [], [], [], [], []
         row = 0
         for i in order:
             r, n = reqs[i], batch.chunk_lens[i]
             adapter = placed[i]
             if use_lora and r.adapter is not None and adapter is None:
-                host.append(HostSegment(row, n, self.store.get(r.adapter)))  # still loading: CPU path
+                # still loading: CPU path, or its slot for the layers already landed
+                landing = self.pool.landing(r.adapter, row, n, self.device)
+                host.append(HostSegment(row, n, self.store.get(r.adapter), landing))
+                assisted.append((r, landing))
             if batch.is_decode:
                 tokens.append([r.last_token])
                 starts.append(r.context_len - 1)
@@ -69,6 +72,10 @@ class ModelRunner:
         if logits is None:
             fb = ForwardBatch.build(tokens, starts, slots, self.device, batch.is_decode, lora)
             logits = self.model(fb, self.kv.layers)
+        for r, landing in assisted:  # each layer's path was chosen as the forward was launched
+            on_device = sum(landing.on_device.values())
+            r.assist_device_layers += on_device
+            r.assist_cpu_layers += len(landing.on_device) - on_device
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return logits[inverse.to(logits.device)]

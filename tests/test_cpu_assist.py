@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 
 import pytest
 import torch
 
 from caraserve.config import AdapterConfig, CpuAssistConfig, EngineConfig, ModelConfig
+from caraserve.cpu_assist import handoff as handoff_mod
+from caraserve.cpu_assist.handoff import Handoff, HostSegment
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.engine import Engine
 from caraserve.lora.device_pool import AdapterState
@@ -18,6 +22,7 @@ from caraserve.request import RequestState, SamplingParams
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 SLOW_COPY_GBPS = 0.004  # a ~1-3 MB adapter takes ~0.3-1 s to "copy": prefill runs before it lands
+FAST_COPY_GBPS = 1000.0  # paced copies that take no time: a CopyGate alone decides when layers land
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +137,126 @@ def test_auto_uses_the_cpu_only_when_the_plan_says_it_pays():
     # 4096 tokens x 100 MFLOP on one thread: 14 s -> wait for the copy instead
     assert plan.cpu_lora_seconds(4096, 1e8) > plan.copy_seconds(8_000_000)
     assert plan.threads_for(4096, 64) == 1 and ThreadPlan(max_threads=8).threads_for(1000, 64) == 4
+
+
+class CopyGate:
+    """DevicePool.copy_gate for tests: group g of adapter `name` lands only once allow(name, n > g)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.allowed: dict[str, int] = {}
+        self.cv = threading.Condition()
+
+    def __call__(self, name: str, group: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.allowed.get(name, 0) > group, timeout=60)
+
+    def allow(self, name: str, groups: int, layers: int) -> None:
+        """Lets the first `groups` groups land and waits until `layers` leading layers have."""
+        with self.cv:
+            self.allowed[name] = groups
+            self.cv.notify_all()
+        deadline = time.time() + 30
+        while self.pool.layers_ready(name) < layers and time.time() < deadline:
+            time.sleep(0.002)
+        assert self.pool.layers_ready(name) == layers
+
+
+def test_layers_that_landed_run_on_the_device_and_tokens_stay_exact(catalogue, cached):
+    """Loading adapters with 0-3 of their 4 layers landed, one of them landing the rest while the
+    prefill runs: each layer takes the device or the CPU path, and the tokens equal CACHED."""
+    landed = {"demo-r8": 0, "demo-r16": 1, "only-down_proj": 2, "demo-r32": 3, "only-q_proj": 1}
+    items = workload(list(landed) + ["demo-r64", None], [300, 37, 5, 120])
+    want, _ = run(cached, items)
+    engine = make(catalogue, mode="on", gbps=FAST_COPY_GBPS)
+    pool, gate = engine.pool, CopyGate(engine.pool)
+    pool.copy_gate = gate
+    assert pool.num_layers == 4 and pool.layers_ready("demo-r8") == 0  # tiny model: one layer per group
+    assert pool.load(engine.store.get("demo-r64"))
+    gate.allow("demo-r64", 4, 4)
+    pool.wait_loaded("demo-r64")
+    for name, k in landed.items():
+        assert pool.load(engine.store.get(name))
+        gate.allow(name, k, k)
+        assert pool.state(name) is AdapterState.LOADING
+
+    def land_the_rest(module, args):  # right before layer 2 runs, demo-r16 lands completely
+        gate.allow("demo-r16", 4, 4)
+
+    hook = engine.model.model.layers[2].register_forward_pre_hook(land_the_rest)
+    try:
+        ids = [engine.add_request(p, GREEDY, a) for p, a in items]
+        reqs = {engine.request(i).adapter: engine.request(i) for i in ids}
+        engine.step()  # every request prefills in this one step
+    finally:
+        hook.remove()
+    assert all(r.output_ids for r in reqs.values())
+    on_device = {name: (reqs[name].assist_device_layers, reqs[name].assist_cpu_layers) for name in landed}
+    assert on_device == {"demo-r8": (0, 4), "demo-r16": (3, 1), "only-down_proj": (2, 2), "demo-r32": (3, 1),
+                         "only-q_proj": (1, 3)}
+    assert (reqs["demo-r64"].assist_device_layers, reqs["demo-r64"].assist_cpu_layers) == (0, 0)
+    assert not reqs["demo-r64"].cpu_assisted and reqs["demo-r32"].cpu_assisted
+    for name in landed:
+        gate.allow(name, 4, 4)
+    while engine.has_unfinished():
+        engine.step()
+    assert [reqs[a].output_ids for _, a in items] == want
+
+
+def test_chunked_prefill_moves_to_the_device_as_layers_land(catalogue, cached):
+    items = workload(["demo-r32", "only-up_proj"], [600, 330])
+    want, _ = run(cached, items)
+    engine = make(catalogue, mode="on", gbps=FAST_COPY_GBPS, max_tokens_per_step=128)
+    gate = CopyGate(engine.pool)
+    engine.pool.copy_gate = gate
+    reqs = [engine.request(engine.add_request(p, GREEDY, a)) for p, a in items]
+    landed = {a: 0 for _, a in items}
+    while engine.has_unfinished():
+        engine.step()
+        for a in landed:  # one more layer of each copy in flight lands after every step
+            if engine.pool.state(a) is AdapterState.LOADING:
+                landed[a] = min(landed[a] + 1, 4)
+                gate.allow(a, landed[a], landed[a])
+    assert [r.output_ids for r in reqs] == want
+    # demo-r32 prefills in 5 chunks with 0, 1, 2, 3 layers landed, then resident (not assisted);
+    # only-up_proj starts in the 5th step's leftover budget and goes the same way
+    assert (reqs[0].assist_device_layers, reqs[0].assist_cpu_layers) == (0 + 1 + 2 + 3, 4 + 3 + 2 + 1)
+    assert reqs[1].assist_device_layers > 0 and reqs[1].assist_cpu_layers > 0
+
+
+def test_simultaneous_cold_requests_get_disjoint_workers(monkeypatch, caplog):
+    ran = []  # (segment start, worker thread) per CPU slice
+    delta = handoff_mod.lora_delta
+
+    def recording(x, a, b, scale, ready=None):
+        ran.append((x.data_ptr(), threading.current_thread().name))
+        return delta(x, a, b, scale, ready)
+
+    monkeypatch.setattr(handoff_mod, "lora_delta", recording)
+    g = torch.Generator().manual_seed(0)
+
+    class W:  # a host LoraWeights of one layer and module
+        def __init__(self, r):
+            self.a = {"q_proj": torch.randn(1, 16, r, generator=g)}
+            self.b = {"q_proj": torch.randn(1, r, 8, generator=g)}
+            self.scale = 0.5
+
+    handoff = Handoff(ThreadPlan(max_threads=2))
+    try:
+        x = torch.randn(12, 16, generator=g)
+        segs = (HostSegment(0, 5, W(4)), HostSegment(5, 7, W(8)))
+        y = torch.zeros(12, 8)
+        handoff.add(y, handoff.submit(x, 0, "q_proj", segs))
+        want = torch.cat([s.weights.scale * (x[s.start:s.start + s.count] @ s.weights.a["q_proj"][0])
+                          @ s.weights.b["q_proj"][0] for s in segs])
+        torch.testing.assert_close(y, want)
+        assert len({name for _, name in ran}) == 2  # one worker each, not queued behind each other
+        ran.clear()
+        with caplog.at_level(logging.INFO, logger=handoff_mod.__name__):
+            three = segs + (HostSegment(0, 3, W(4)),)
+            for _ in range(2):
+                handoff.add(torch.zeros(12, 8), handoff.submit(x, 0, "q_proj", three))
+        assert sum("share workers" in r.getMessage() for r in caplog.records) == 1  # logged once
+        assert len(ran) == 6 and len({name for _, name in ran}) == 2
+    finally:
+        handoff.close()

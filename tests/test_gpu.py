@@ -73,3 +73,35 @@ def test_cpu_assisted_prefill_on_cuda_matches_resident(small):
     assisted = make("on", "none")
     reqs = assisted.generate(PROMPTS, GREEDY, ADAPTERS)
     assert [r.output_ids for r in reqs] == want
+
+
+def test_cuda_copy_lands_in_layer_order_and_assisted_prefill_stays_exact(small):
+    """Copy events per layer group on CUDA: with the copy stream held back, a prefill starts with no
+    layer landed (CPU path), layers_ready only grows to all layers, and the tokens stay exact."""
+    from caraserve.config import CpuAssistConfig
+
+    def make(mode, preload):
+        return Engine(EngineConfig(model=ModelConfig(path=str(small / "base"), dtype="float32"),
+                                   adapters=AdapterConfig(dir=str(small / "adapters"), rank_buckets=(8, 16, 32),
+                                                          preload=preload),
+                                   cpu_assist=CpuAssistConfig(mode=mode, threads=2),
+                                   max_batch_size=4, max_seq_len=64, device="cuda", compile="false"))
+
+    want = [r.output_ids for r in make("off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
+    e = make("on", "none")
+    pool = e.pool
+    with torch.cuda.stream(pool._copy_stream):
+        torch.cuda._sleep(int(1e9))  # ~0.5 s of spinning ahead of the adapter copies
+    assert pool.load(e.store.get("r24"))
+    assert pool.layers_ready("r24") == 0 and pool.state("r24") is AdapterState.LOADING
+    reqs = e.generate(PROMPTS, GREEDY, ADAPTERS)
+    assert [r.output_ids for r in reqs] == want
+    assert reqs[2].cpu_assisted and reqs[2].assist_cpu_layers > 0
+    with torch.cuda.stream(pool._copy_stream):
+        torch.cuda._sleep(int(1e9))
+    e.pool.evict("r8")
+    assert pool.load(e.store.get("r8"))
+    seen = []
+    while not pool.poll():
+        seen.append(pool.layers_ready("r8"))
+    assert seen and seen[0] == 0 and seen == sorted(seen) and pool.layers_ready("r8") == pool.num_layers

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.cpu_assist.thread_plan import ThreadPlan, assign_cores
 from caraserve.profiling.cpu_lora import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +51,19 @@ def test_profile_script_writes_json_and_png(tmp_path):
     data = json.loads(out.read_text())
     assert data["header"]["hidden"] == 64 and data["plan"]["tokens"] == [4, 16]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_assign_cores_disjoint_while_cores_last_then_shared():
+    cores = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert assign_cores([2, 1, 3], cores) == [(10, 11), (12,), (13, 14, 15)]
+    assert assign_cores([8], cores) == [tuple(cores)]
+    # asked for more than there is: one each first, the rest round-robin, still disjoint
+    assert assign_cores([4, 4], [0, 1, 2]) == [(0, 1), (2,)]
+    assert assign_cores([5, 1, 5], cores) == [(10, 11, 12, 13), (14,), (15, 16, 17)]
+    # more requests than cores: one core each, shared in turn
+    assert assign_cores([1, 2, 1], [5, 7]) == [(5,), (7,), (5,)]
+    assert assign_cores([], cores) == []
+    with pytest.raises(ValueError, match="at least one core"):
+        assign_cores([1], [])
+    with pytest.raises(ValueError, match="at least one core"):
+        assign_cores([0, 1], cores)

@@ -1,10 +1,15 @@
 """Sync-free hand-off of LoRA work between the device and CPU workers.
 
 At every adapted projection of a prefill, the rows of requests whose adapter is still on its way
-to the device get their delta scale * (x A) B from the host copy of the adapter:
+to the device get their delta scale * (x A) B from the host copy of the adapter, until the layer
+they are at has landed in the adapter's device slot:
 
     launching thread          device stream                 CPU worker(s)
     ----------------          -------------                 -------------
+    at layer l, per loading adapter: has the copy group holding layer l landed? (event query,
+    never a wait; asked once per layer, and the copy stream lands groups in layer order)
+      yes: its rows join the device LoRA groups of this layer, read from its slot
+      no:  its rows take the CPU path below
     submit(x rows)  -------->  copy rows -> pinned host
                                record event E  ..........>  wait E (worker thread, not the
     launch base GEMM  ------>  y = x W^T                    launching one), compute the delta
@@ -12,31 +17,43 @@ to the device get their delta scale * (x A) B from the host copy of the adapter:
     add(y, pending): wait the worker's result (host-side, CPU work only), then
                      enqueue copy delta -> device and y[rows] += delta on the same stream
 
-The launching thread never synchronizes the device: it only waits for CPU work, while the base
-GEMM and the device LoRA kernels already queued keep the device busy. Stream order makes the
-rows visible to the worker once E has completed, and makes the add run after its upload.
+The launching thread never synchronizes the device: it only queries copy events and waits for
+CPU work, while the base GEMM and the device LoRA kernels already queued keep the device busy.
+Stream order makes the rows visible to the worker once E has completed, and makes the add run
+after its upload. A copy group whose event has completed needs no stream wait before the device
+kernels read it: everything launched afterwards sees the finished copy. So a cold request's
+prefill moves to the device layer by layer as its adapter lands (early layers on the device,
+later ones on the CPU while the copy is still behind), and is exact on either path.
+
+Requests on the CPU path at the same time get disjoint workers, each pinned to its own core,
+as many as the thread plan gives them while cores last (`assign_cores`); past that they share.
 On a CPU-only machine the "device" is the CPU: rows are read in place (no copy, no event) and
 the worker threads run beside the thread that runs the base GEMM.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.cpu_assist.thread_plan import ThreadPlan, assign_cores
 from caraserve.cpu_assist.worker import lora_delta, pin_worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HostSegment:
-    """Rows [start, start + count) use `weights` (a host LoraWeights) through the CPU path."""
+    """Rows [start, start + count) use `weights` (a host LoraWeights) through the CPU path, except at
+    the layers where `landing` (a lora.batch.Landing, or None) finds the adapter's slot landed."""
 
     start: int
     count: int
     weights: object
+    landing: object = None
 
 
 @dataclass
@@ -48,20 +65,29 @@ class Pending:
 class Handoff:
     def __init__(self, plan: ThreadPlan):
         self.plan = plan
-        cores = list(plan.cores)
         workers = max(1, plan.max_threads)
-        self._pool = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="caraserve-cpu-lora",
-            initializer=pin_worker, initargs=(cores[-workers:] if len(cores) > workers else cores,),
-        )
+        cores = list(plan.cores)
+        cores = cores[-workers:] if len(cores) > workers else cores  # the first ones run the device side
+        # One single-thread lane per worker, pinned to one core: requests given disjoint lanes
+        # never queue behind each other.
+        self._lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"caraserve-cpu-lora-{i}", initializer=pin_worker,
+                               initargs=([cores[i % len(cores)]] if cores else [],))
+            for i in range(workers)
+        ]
+        self._shared_logged = False
 
     def submit(self, x: torch.Tensor, layer: int, module: str, segments: tuple[HostSegment, ...]) -> list[Pending]:
         """Starts the CPU deltas of every segment whose adapter targets `module`."""
+        work = [seg for seg in segments if module in seg.weights.a]
+        wants = [self.plan.threads_for(seg.count, seg.weights.a[module].shape[-1]) for seg in work]
+        if sum(wants) > len(self._lanes) and not self._shared_logged:
+            log.info("%d CPU-assisted requests want %d CPU workers, %d exist: they share workers "
+                     "(logged once)", len(work), sum(wants), len(self._lanes))
+            self._shared_logged = True
         pending = []
-        for seg in segments:
+        for seg, lanes in zip(work, assign_cores(wants, range(len(self._lanes)))):
             w = seg.weights
-            if module not in w.a:
-                continue
             rows = x[seg.start : seg.start + seg.count]
             event = None
             if rows.is_cuda:
@@ -71,12 +97,10 @@ class Handoff:
                 event.record()
                 rows = host
             a, b = w.a[module][layer], w.b[module][layer]
+            step = -(-seg.count // len(lanes))
             parts = []
-            n = seg.count
-            k = self.plan.threads_for(n, a.shape[-1])
-            step = -(-n // k)
-            for off in range(0, n, step):
-                fut: Future = self._pool.submit(lora_delta, rows[off : off + step], a, b, w.scale, event)
+            for lane, off in zip(lanes, range(0, seg.count, step)):
+                fut: Future = self._lanes[lane].submit(lora_delta, rows[off : off + step], a, b, w.scale, event)
                 parts.append((off, fut))
             pending.append(Pending(seg.start, parts))
         return pending
@@ -91,4 +115,5 @@ class Handoff:
                 y[start : start + delta.shape[0]] += delta.to(y.device, non_blocking=True).to(y.dtype)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=False, cancel_futures=True)

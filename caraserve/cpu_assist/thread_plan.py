@@ -1,5 +1,6 @@
-"""Thread plan: how the CPU-assisted LoRA work of a request is split over CPU workers, and the
-cost model `cpu_assist.mode=auto` decides with.
+"""Thread plan: how the CPU-assisted LoRA work of a request is split over CPU workers, which cores
+requests running at once get (`assign_cores`), and the cost model `cpu_assist.mode=auto` decides
+with.
 
 A plan file (written by scripts/profile_cpu_lora.py) holds measured CPU LoRA throughput per
 (tokens, rank, threads) and, per (tokens, rank), the fewest threads that meet the per-layer
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,3 +78,31 @@ class ThreadPlan:
 
     def copy_seconds(self, nbytes: int, emulate_gbps: float = 0.0) -> float:
         return nbytes / ((emulate_gbps or self.copy_gbps) * 1e9)
+
+
+def assign_cores(wants: Sequence[int], cores: Sequence[int]) -> list[tuple[int, ...]]:
+    """Cores for requests whose CPU LoRA work runs at the same time; request i asks for wants[i].
+
+    While the cores last the sets are disjoint: every request first gets one core, in order, then
+    the remaining cores go round-robin to the requests still short of their ask. With more
+    requests than cores, request i gets core cores[i % len(cores)], shared with others.
+    """
+    n = len(cores)
+    if n == 0:
+        raise ValueError("assign_cores needs at least one core")
+    if any(w < 1 for w in wants):
+        raise ValueError(f"every request needs at least one core, asked {list(wants)}")
+    if len(wants) > n:
+        return [(cores[i % n],) for i in range(len(wants))]
+    give = [1] * len(wants)
+    left = n - len(wants)
+    while left and any(g < w for g, w in zip(give, wants)):
+        for i, w in enumerate(wants):
+            if left and give[i] < w:
+                give[i] += 1
+                left -= 1
+    out, pos = [], 0
+    for g in give:
+        out.append(tuple(cores[pos : pos + g]))
+        pos += g
+    return out

@@ -8,7 +8,8 @@ BGMV reads one slot index per row (decode: one token per request).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +72,27 @@ class LoraGroup:
     host_scale: tuple[float, ...] = ()  # `scale` on the host, so CPU kernels need no device read
 
 
+@dataclass
+class Landing:
+    """One request's rows in a prefill step while its adapter is still being copied to its slot.
+
+    Layer l of the slot is used once `ready()` (leading layers resident, DevicePool.layers_ready:
+    a query, never a wait) exceeds l; until then the CPU path computes that layer. The answer is
+    taken once per layer, at its first adapted projection, so every module of a layer takes the
+    same path. A layer judged landed needs no device-side wait: on CUDA its copy event has
+    completed, so kernels launched from now on read the finished copy.
+    """
+
+    group: LoraGroup | None  # the rows in the adapter's slot (one segment); None: it has no slot
+    ready: Callable[[], int]
+    on_device: dict[int, bool] = field(default_factory=dict)  # layer -> delta taken from the slot
+
+    def landed(self, layer: int) -> bool:
+        if layer not in self.on_device:
+            self.on_device[layer] = layer < self.ready()
+        return self.on_device[layer]
+
+
 @dataclass(frozen=True)
 class LoraBatch:
     """All LoRA work of a step; rows in no group use the base model only."""
@@ -79,3 +101,16 @@ class LoraBatch:
     is_decode: bool  # one row per request (BGMV form) rather than prompt segments (SGMV form)
     host: tuple = ()  # cpu_assist HostSegments: rows whose adapter is not resident yet (prefill only)
     handoff: object = None  # the cpu_assist Handoff that computes `host` on CPU workers
+
+    def at_layer(self, layer: int) -> tuple[tuple, tuple[LoraGroup, ...]]:
+        """(host segments whose delta at `layer` comes from the CPU, groups computed on the device):
+        a loading adapter's rows join the device groups from the layers of its slot that landed."""
+        if not self.host:
+            return (), self.groups
+        host, groups = [], list(self.groups)
+        for seg in self.host:
+            if seg.landing is not None and seg.landing.landed(layer):
+                groups.append(seg.landing.group)
+            else:
+                host.append(seg)
+        return tuple(host), tuple(groups)

@@ -5,10 +5,15 @@ scale [S]. An adapter of rank r lives in the smallest bucket with R >= r, zero-p
 the padding contributes nothing). Addresses never change, so compiled steps and CUDA graphs
 that captured them stay valid; loading is a copy into a slot, never an allocation.
 
-States: host-only -> loading -> resident. On CUDA the copy runs on a side stream and the slot
-turns resident when its event has completed (`poll`); on CPU the copy is immediate. A slot whose
-adapter is used by running requests (`acquire`/`release` counts) is never evicted; when every
-slot of a bucket is busy, `load` returns False and the caller waits.
+States: host-only -> loading -> resident. The copy goes layer group by layer group (groups of
+`pipeline_layers` layers), each group with its own completion marker: on CUDA an event recorded
+on a side stream after the group's copies, on a CPU-only machine with an emulated link a flag the
+paced copy thread sets once the group's share of the emulated time has passed (without
+emulation the copy is immediate). `layers_ready` counts the leading layers whose group has
+landed, so CPU-assisted prefill can move a loading adapter's rows to the device layer by layer;
+the slot turns resident only when every group has landed (`poll`). A slot whose adapter is used
+by running requests (`acquire`/`release` counts), or whose copy is in flight, is never evicted;
+when every slot of a bucket is busy, `load` returns False and the caller waits.
 """
 
 from __future__ import annotations
@@ -18,36 +23,71 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex
+from caraserve.lora.batch import Landing, LoraBatch, LoraGroup, LoraIndex
 from caraserve.lora.checkpoint import TARGETS, AdapterError, LoraWeights
 
 log = logging.getLogger(__name__)
 
 
-class _PacedCopy:
-    """A host copy on its own thread that takes at least `seconds` (an emulated PCIe transfer on a
-    CPU-only machine); query/synchronize mirror torch.cuda.Event's."""
+MAX_COPY_GROUPS = 8  # default pipelining: about this many layer groups (and markers) per copy
 
-    def __init__(self, copy, seconds: float):
-        self._done = threading.Event()
+
+class _HostMarker(threading.Event):
+    """Completion marker of one layer group of a paced copy; query/synchronize mirror
+    torch.cuda.Event's."""
+
+    def query(self) -> bool:
+        return self.is_set()
+
+    def synchronize(self) -> None:
+        self.wait()
+
+
+class _PacedCopy:
+    """A host copy on its own thread that emulates a link of a given speed on a CPU-only machine:
+    group g is written, then marked landed once its share of `seconds` has passed since the start
+    (and after `gate(g)` returns, when a gate is given)."""
+
+    def __init__(self, writes: list[Callable[[], None]], seconds: float, gate: Callable[[int], None] | None):
+        self.markers = [_HostMarker() for _ in writes]
 
         def run():
             t0 = time.perf_counter()
-            copy()
-            time.sleep(max(0.0, seconds - (time.perf_counter() - t0)))
-            self._done.set()
+            for g, (write, marker) in enumerate(zip(writes, self.markers)):
+                write()
+                time.sleep(max(0.0, t0 + seconds * (g + 1) / len(writes) - time.perf_counter()))
+                if gate is not None:
+                    gate(g)
+                marker.set()
 
         threading.Thread(target=run, name="caraserve-copy", daemon=True).start()
 
-    def query(self) -> bool:
-        return self._done.is_set()
 
-    def synchronize(self) -> None:
-        self._done.wait()
+@dataclass
+class _Copy:
+    """A copy in flight: marker g completes when layers [0, ends[g]) of the slot have landed."""
+
+    markers: list  # torch.cuda.Event or _HostMarker, one per layer group, completing in order
+    ends: tuple[int, ...]  # leading layers resident once each marker has completed
+    landed: int = 0  # markers already seen complete (only grows)
+
+    def layers_ready(self) -> int:
+        """Leading layers resident now; queries markers, never waits on them."""
+        while self.landed < len(self.markers) and self.markers[self.landed].query():
+            self.landed += 1
+        return self.ends[self.landed - 1] if self.landed else 0
+
+    def done(self) -> bool:
+        return self.layers_ready() == self.ends[-1]
+
+    def wait(self) -> None:
+        self.markers[-1].synchronize()  # groups complete in order: the last one implies all
+        self.landed = len(self.markers)
 
 
 class AdapterState(enum.Enum):
@@ -64,7 +104,7 @@ class _Slot:
     refs: int = 0
     last_used: int = 0
     targets: tuple = ()  # modules the adapter in the slot targets
-    event: object = None  # torch.cuda.Event of the copy in flight, or None
+    copy: _Copy | None = None  # the copy in flight, None once resident
 
 
 @dataclass
@@ -86,7 +126,15 @@ class DevicePool:
         layer_devices: list[torch.device],
         targets: tuple[str, ...] = TARGETS,
         emulate_copy_gbps: float = 0.0,
+        pipeline_layers: int = 0,
+        copy_gate: Callable[[str, int], None] | None = None,
     ):
+        """pipeline_layers: layers per copy group, each with its own completion marker (0 = about
+        MAX_COPY_GROUPS groups per adapter). copy_gate(adapter, group), CPU emulation only: called
+        on the copy thread before a group is marked landed, so tests can hold a copy at an exact
+        layer."""
+        if pipeline_layers < 0:
+            raise ValueError(f"pipeline_layers={pipeline_layers} must be >= 0")
         self.rank_buckets = tuple(rank_buckets)
         self.targets = tuple(targets)
         self.device = layer_devices[0]
@@ -98,8 +146,12 @@ class DevicePool:
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.emulate_copy_gbps = 0.0 if cuda else emulate_copy_gbps
+        self.copy_gate = copy_gate
         self.buckets: list[_Bucket] = []
         L, S = model_args.num_layers, slots_per_bucket
+        self.num_layers = L
+        step = pipeline_layers or -(-L // MAX_COPY_GROUPS)
+        self._groups = [(l0, min(l0 + step, L)) for l0 in range(0, L, step)]  # [first, end) layers
         for bi, R in enumerate(self.rank_buckets):
             weights = {}
             for m in self.targets:
@@ -143,7 +195,15 @@ class DevicePool:
         slot = self._where.get(name)
         if slot is None:
             return AdapterState.HOST
-        return AdapterState.LOADING if slot.event is not None else AdapterState.RESIDENT
+        return AdapterState.LOADING if slot.copy is not None else AdapterState.RESIDENT
+
+    def layers_ready(self, name: str) -> int:
+        """Leading layers of the adapter resident in its slot: 0 without a slot, all once resident.
+        Never blocks (it queries the copy's markers); the answer only grows while the copy runs."""
+        slot = self._where.get(name)
+        if slot is None:
+            return 0
+        return self.num_layers if slot.copy is None else slot.copy.layers_ready()
 
     def slot_of(self, name: str) -> tuple[int, int]:
         s = self._where[name]
@@ -161,7 +221,7 @@ class DevicePool:
         bucket = self.buckets[self.bucket_for(w.rank)]
         slot = next((s for s in bucket.slots if s.adapter is None), None)
         if slot is None:
-            idle = [s for s in bucket.slots if s.refs == 0 and s.event is None]
+            idle = [s for s in bucket.slots if s.refs == 0 and s.copy is None]
             if not idle:
                 return False
             slot = min(idle, key=lambda s: s.last_used)
@@ -175,53 +235,66 @@ class DevicePool:
         return True
 
     def _copy_in(self, bucket: _Bucket, slot: _Slot, w: LoraWeights) -> None:
+        s = slot.index
+        # The scale goes first: group 0's marker then covers it too.
+        writes = [lambda l0=l0, l1=l1, first=(l0 == 0): self._write(bucket, s, w, l0, l1, first)
+                  for l0, l1 in self._groups]
+        ends = tuple(l1 for _, l1 in self._groups)
+        bucket.host_scale[s] = w.scale
         if self._copy_stream is None:
             if self.emulate_copy_gbps > 0:
-                seconds = w.nbytes / (self.emulate_copy_gbps * 1e9)
-                slot.event = _PacedCopy(lambda: self._write(bucket, slot.index, w), seconds)
+                gate = self.copy_gate
+                paced = _PacedCopy(writes, w.nbytes / (self.emulate_copy_gbps * 1e9),
+                                   (lambda g: gate(w.name, g)) if gate is not None else None)
+                slot.copy = _Copy(paced.markers, ends)
             else:
-                self._write(bucket, slot.index, w)
+                for write in writes:
+                    write()
             return
         # The compute stream may still read the evicted adapter: order the overwrite after it.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        markers = []
         with torch.cuda.stream(self._copy_stream):
-            self._write(bucket, slot.index, w)
-            slot.event = torch.cuda.Event()
-            slot.event.record(self._copy_stream)
+            for write in writes:
+                write()
+                markers.append(torch.cuda.Event())
+                markers[-1].record(self._copy_stream)
+        slot.copy = _Copy(markers, ends)
 
-    def _write(self, bucket: _Bucket, s: int, w: LoraWeights) -> None:
+    def _write(self, bucket: _Bucket, s: int, w: LoraWeights, l0: int, l1: int, with_scale: bool) -> None:
+        """Copies layers [l0, l1) of `w` into slot s, zero-padded to the bucket's rank."""
         for m, (a, b) in bucket.weights.items():
             host_a, host_b = w.a.get(m), w.b.get(m)
-            layers = range(len(a)) if isinstance(a, list) else [None]
-            for layer in layers:
-                da = a[layer][s] if layer is not None else a[:, s]  # [(L,) in, R]
-                db = b[layer][s] if layer is not None else b[:, s]  # [(L,) R, out]
+            if isinstance(a, list):  # one tensor per layer (layers spread over devices)
+                parts = [(a[layer][s], b[layer][s], layer) for layer in range(l0, l1)]
+            else:
+                parts = [(a[l0:l1, s], b[l0:l1, s], slice(l0, l1))]
+            for da, db, layers in parts:  # da [(l,) in, R], db [(l,) R, out]
                 da.zero_()
                 db.zero_()
                 if host_a is None:
                     continue
-                ha = host_a[layer] if layer is not None else host_a
-                hb = host_b[layer] if layer is not None else host_b
+                ha, hb = host_a[layers], host_b[layers]  # [(l,) in, r], [(l,) r, out]
                 r = ha.shape[-1]
                 da[..., :r].copy_(ha, non_blocking=True)
                 db[..., :r, :].copy_(hb, non_blocking=True)
-        bucket.scale[s].fill_(w.scale)
-        bucket.host_scale[s] = w.scale
+        if with_scale:
+            bucket.scale[s].fill_(w.scale)
 
     def poll(self) -> list[str]:
         """Flips finished copies to resident; returns the adapters that became resident."""
         done = []
         for name, slot in self._where.items():
-            if slot.event is not None and slot.event.query():
-                slot.event = None
+            if slot.copy is not None and slot.copy.done():
+                slot.copy = None
                 done.append(name)
         return done
 
     def wait_loaded(self, name: str) -> None:
         slot = self._where[name]
-        if slot.event is not None:
-            slot.event.synchronize()
-            slot.event = None
+        if slot.copy is not None:
+            slot.copy.wait()
+            slot.copy = None
 
     def acquire(self, name: str) -> None:
         slot = self._where[name]
@@ -240,9 +313,9 @@ class DevicePool:
             return True
         if slot.refs > 0:
             return False
-        if slot.event is not None:
-            slot.event.synchronize()
-            slot.event = None
+        if slot.copy is not None:
+            slot.copy.wait()
+            slot.copy = None
         del self._where[name]
         slot.adapter = None
         return True
@@ -257,7 +330,7 @@ class DevicePool:
         self, runs: list[tuple[int, int, str | None]], is_decode: bool, device: torch.device | str
     ) -> LoraBatch | None:
         """LoRA metadata for rows given as (start, count, adapter or None) runs, already ordered by
-        `sort_key`. Rows of adapters still loading must not be passed here."""
+        `sort_key`. Rows of adapters still loading must not be passed here (see `landing`)."""
         per_bucket: dict[int, list[tuple[int, int, int]]] = {}
         for start, count, name in runs:
             if name is None:
@@ -273,3 +346,9 @@ class DevicePool:
             groups.append(LoraGroup(bucket.rank, bucket.weights, bucket.scale, LoraIndex.from_segments(segs, device),
                                     modules, tuple(bucket.host_scale)))
         return LoraBatch(tuple(groups), is_decode)
+
+    def landing(self, name: str, start: int, count: int, device: torch.device | str) -> Landing:
+        """Rows [start, start + count) of an adapter still loading, in the device form of its slot,
+        used layer by layer as its groups land (never, when the adapter has no slot)."""
+        group = self.make_batch([(start, count, name)], False, device).groups[0] if name in self._where else None
+        return Landing(group, lambda: self.layers_ready(name))

@@ -82,14 +82,14 @@ class LoraLinear(nn.Module):
         self.name = name
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        host, groups = lora.at_layer(self.layer) if lora is not None else ((), ())
         # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
-        pending = lora.handoff.submit(x, self.layer, self.name, lora.host) if lora is not None and lora.host else ()
+        pending = lora.handoff.submit(x, self.layer, self.name, host) if host else ()
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None:
-            for group in lora.groups:
-                if self.name in group.modules:
-                    a, b = group.weights[self.name]
-                    add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
-            if pending:
-                lora.handoff.add(y, pending)
+        for group in groups:
+            if self.name in group.modules:
+                a, b = group.weights[self.name]
+                add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
+        if pending:
+            lora.handoff.add(y, pending)
         return y

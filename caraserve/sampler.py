@@ -28,10 +28,10 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[float]]:
-    """One token per row and its log-probability under the model's (untempered) distribution."""
+    """One token per row and its log-probability under the model's (untempered) distribution
+    (0.0 for rows whose params do not ask for logprobs: that pass over the vocabulary is skipped)."""
     logits = logits.float()
-    logprobs_all = logits.log_softmax(-1)
-    tokens = logits.argmax(-1)
+    tokens = _argmax(logits)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
@@ -41,5 +41,20 @@ def sample(
         probs = _filter(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
         for row, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
-    chosen = logprobs_all.gather(-1, tokens[:, None])[:, 0]
-    return tokens.tolist(), chosen.tolist()
+    chosen = [0.0] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    if wanted:
+        idx = torch.tensor(wanted, device=logits.device)
+        rows = logits[idx]
+        lp = rows.gather(-1, tokens[idx][:, None])[:, 0] - rows.logsumexp(-1)
+        for i, v in zip(wanted, lp.tolist()):
+            chosen[i] = v
+    return tokens.tolist(), chosen
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] int64, the first maximum of each row. On CPU numpy's vectorised argmax is
+    ~10x faster than torch's reduction for a vocabulary-wide row; both take the first of ties."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(logits.numpy().argmax(-1).astype("int64"))
+    return logits.argmax(-1)

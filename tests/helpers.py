@@ -41,16 +41,17 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     return model
 
 
-def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, max_seq_len=256):
+def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, max_seq_len=256, kv_slots=None):
     """Prefill all prompts in one packed batch, then decode the given tokens in batched steps.
 
-    decode_tokens[i][t] is the token fed to sequence i at decode step t. Returns
-    (prefill logits per prompt [len_i, V], decode logits per step [B, V]).
+    decode_tokens[i][t] is the token fed to sequence i at decode step t. kv_slots: the KV slot
+    of each sequence (default 0..B-1). Returns (prefill logits per prompt [len_i, V], decode
+    logits per step [B, V]).
     """
     a = model.args
     dtype = model.model.embed_tokens.weight.dtype
-    kv = KVCache(len(prompts), max_seq_len, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
-    slots = [kv.allocate() for _ in prompts]
+    slots = list(kv_slots) if kv_slots is not None else list(range(len(prompts)))
+    kv = KVCache(max(slots) + 1, max_seq_len, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
     fb = ForwardBatch.build(prompts, [0] * len(prompts), slots, device, is_decode=False,
                             lora=lora_fn(False) if lora_fn else None)
     logits = model(fb, kv.layers, all_logits=True)

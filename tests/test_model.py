@@ -36,12 +36,18 @@ def pair(request, tmp_path_factory):
     return hf, load_model(folder, "float32")
 
 
-def test_prefill_and_decode_logits_match_transformers(pair):
+# KV slots of the sequences: in order, permuted (decode attends in slot space, a view of the
+# cache), and sparse (decode gathers each sequence's keys)
+SLOT_LAYOUTS = {"in_order": None, "permuted": [2, 0, 3, 1], "sparse": [0, 9, 4, 17]}
+
+
+@pytest.mark.parametrize("layout", sorted(SLOT_LAYOUTS))
+def test_prefill_and_decode_logits_match_transformers(pair, layout):
     hf, ours = pair
     g = torch.Generator().manual_seed(1)
     steps = 20
     decode = [torch.randint(0, 128, (steps,), generator=g).tolist() for _ in PROMPTS]
-    pre, dec = run_prefill_decode(ours, PROMPTS, decode)
+    pre, dec = run_prefill_decode(ours, PROMPTS, decode, kv_slots=SLOT_LAYOUTS[layout])
     with torch.no_grad():
         for i, p in enumerate(PROMPTS):
             full = hf(torch.tensor([p + decode[i]])).logits[0]

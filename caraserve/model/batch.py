@@ -26,6 +26,10 @@ class ForwardBatch:
     context_lens: tuple[int, ...]  # same as context_lens_t, on the host
     is_decode: bool
     lora: LoraBatch | None = None
+    # Decode with dense KV slots (max slot < 2 B): attention runs over cache slots [0, slot_span)
+    # as a view of the cache instead of gathering each sequence's keys. 0 = gather.
+    slot_span: int = 0
+    slot_context_lens_t: torch.Tensor | None = None  # [slot_span] int64, 1 for slots not in the batch
 
     @property
     def num_seqs(self) -> int:
@@ -50,6 +54,7 @@ class ForwardBatch:
             token_slots=self.token_slots.to(device),
             slots=self.slots.to(device),
             context_lens_t=self.context_lens_t.to(device),
+            slot_context_lens_t=None if self.slot_context_lens_t is None else self.slot_context_lens_t.to(device),
         )
 
     @classmethod
@@ -79,4 +84,11 @@ class ForwardBatch:
         def t(v):
             return torch.tensor(v, dtype=torch.int64, device=device)
 
-        return cls(t(flat), t(pos), t(tslots), t(slots), t(ctx), query_lens, ctx, is_decode, lora)
+        span, slot_ctx = 0, None
+        if is_decode and max(slots) < 2 * len(slots):
+            span = max(slots) + 1
+            per_slot = [1] * span
+            for s, c in zip(slots, ctx):
+                per_slot[s] = c
+            slot_ctx = t(per_slot)
+        return cls(t(flat), t(pos), t(tslots), t(slots), t(ctx), query_lens, ctx, is_decode, lora, span, slot_ctx)

@@ -140,9 +140,21 @@ class Attention(nn.Module):
 
     def _decode(self, q, fb: ForwardBatch, k_cache, v_cache, masks: dict):
         ctx = fb.max_context
+        mask = masks.get(self.window)
+        if fb.slot_span:
+            # Slot space: every cache slot below the span attends (a view of the cache, no copy);
+            # rows move to their slot and back. Gathering each row's keys instead copies the cache.
+            n = fb.slot_span
+            keys = k_cache[:n, :ctx].transpose(1, 2)  # [n, n_kv, ctx, hd]
+            vals = v_cache[:n, :ctx].transpose(1, 2)
+            if mask is None:
+                mask = masks[self.window] = decode_mask(fb.slot_context_lens_t, ctx, self.window)
+            qs = q.new_zeros(n, q.shape[1], 1, q.shape[2])  # [n, H, 1, hd]
+            qs[fb.slots] = q.unsqueeze(2)
+            out = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, enable_gqa=True)
+            return out[fb.slots].squeeze(2)  # [B, H, hd]
         keys = k_cache[fb.slots, :ctx].transpose(1, 2)  # [B, n_kv, ctx, hd]
         vals = v_cache[fb.slots, :ctx].transpose(1, 2)
-        mask = masks.get(self.window)
         if mask is None:
             mask = masks[self.window] = decode_mask(fb.context_lens_t, ctx, self.window)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=True)

@@ -7,7 +7,8 @@ Same model, adapters, prompts and greedy settings for every system:
   (a) caraserve, each request with its own adapter (4 adapters of ranks 8-64, mixed in the batch)
   (b) caraserve, base model only (the same requests without adapters)
   (c) transformers + peft, one batched `generate(adapter_names=...)` with the same mix
-Prints output tokens/s, TTFT and TPOT (p50/p99) and the ratios; writes JSON. Medians over repeats.
+Prints output tokens/s, TTFT and TPOT (p50/p99) and the ratios; writes JSON. Medians over repeats,
+which alternate between the systems.
 TTFT/TPOT of (c): its batch generates in lock-step, so TTFT is the time to the first token of the
 batch (a 1-token generate) and TPOT the remaining time divided by the remaining tokens.
 """
@@ -107,9 +108,10 @@ def main():
     names = sorted(p.name for p in adapter_dir.iterdir() if p.is_dir())
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     adapters = [names[i % len(names)] for i in range(args.requests)]
-    systems = {}
-    outputs = {}
+    # Every system is built first, then the repeats go round-robin over them, so drift in this
+    # (shared, noisy) machine's speed hits every system alike instead of whichever ran last.
     compiles = args.compile.split(",")
+    runners = {}  # label -> () -> one run's result
     for comp in compiles:
         cfg = EngineConfig(model=ModelConfig(path=str(model_dir)),
                            adapters=AdapterConfig(dir=str(adapter_dir), device_slots=len(names)),
@@ -120,12 +122,9 @@ def main():
             if engine.graphs is not None:
                 engine.graphs.wait_compiled()
         tag = "" if len(compiles) == 1 else f" compile={comp}"
-        runs_of = ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", [None] * len(prompts)))
-        for label, ads in runs_of:
-            runs = [run_ours(engine, prompts, ads, args.new_tokens) for _ in range(args.repeats)]
-            systems[label] = summarize(runs)
-            outputs[label] = runs[0]["outputs"]
-        del engine
+        base_only = [None] * len(prompts)
+        for label, ads in ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", base_only)):
+            runners[label] = lambda engine=engine, ads=ads: run_ours(engine, prompts, ads, args.new_tokens)
     if not args.skip_hf:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,9 +137,13 @@ def main():
             model.load_adapter(str(adapter_dir / n), adapter_name=n)
         model.eval()
         run_hf(model, tok, prompts[:4], adapters[:4], 4)
-        runs = [run_hf(model, tok, prompts, adapters, args.new_tokens) for _ in range(args.repeats)]
-        systems["transformers+peft mixed LoRA"] = summarize(runs)
-        outputs["transformers+peft mixed LoRA"] = runs[0]["outputs"]
+        runners["transformers+peft mixed LoRA"] = lambda: run_hf(model, tok, prompts, adapters, args.new_tokens)
+    results = {label: [] for label in runners}
+    for _ in range(args.repeats):
+        for label, run in runners.items():
+            results[label].append(run())
+    systems = {label: summarize(runs) for label, runs in results.items()}
+    outputs = {label: runs[0]["outputs"] for label, runs in results.items()}
 
     ratios = {}
     ours = next((k for k in systems if k.startswith("caraserve mixed") and "compile=" not in k),

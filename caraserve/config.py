@@ -109,12 +109,16 @@ class CpuAssistConfig:
     ("" = profiles/cpu_lora_plan.json if present, else a default). threads: CPU worker threads
     (0 = all cores but one, at least one). emulate_copy_gbps: on a CPU-only machine the "device"
     copy is a memcpy; a value > 0 paces it at that bandwidth to emulate PCIe (benchmarks, tests).
+    pipeline_layers: an adapter is copied in groups of this many layers, and a CPU-assisted
+    prefill moves each group's layers to the device as soon as the group has landed (0 = about
+    8 groups per adapter).
     """
 
     mode: str = "off"
     threads: int = 0
     plan_file: str = ""
     emulate_copy_gbps: float = 0.0
+    pipeline_layers: int = 0
 
     def __post_init__(self):
         if isinstance(self.mode, bool):  # YAML 1.1 reads a bare off/on as a boolean
@@ -122,6 +126,7 @@ class CpuAssistConfig:
         _check(self.mode in ("off", "on", "auto"), f"cpu_assist.mode={self.mode!r} must be off|on|auto")
         _check(self.threads >= 0, f"cpu_assist.threads={self.threads} must be >= 0")
         _check(self.emulate_copy_gbps >= 0, "cpu_assist.emulate_copy_gbps must be >= 0")
+        _check(self.pipeline_layers >= 0, f"cpu_assist.pipeline_layers={self.pipeline_layers} must be >= 0")
 
     @classmethod
     def from_dict(cls, data, where="cpu_assist"):

@@ -66,7 +66,7 @@ class Engine:
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype)
         self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
                                self.model.layer_devices(), cfg.adapters.target_modules,
-                               cfg.cpu_assist.emulate_copy_gbps)
+                               cfg.cpu_assist.emulate_copy_gbps, cfg.cpu_assist.pipeline_layers)
         self.adapter_errors: dict[str, str] = {}
         if adapter_dir is not None:
             self._register_dir(adapter_dir)

@@ -36,12 +36,12 @@ def catalogue(tmp_path_factory):
     return model_dir, root
 
 
-def make(catalogue, mode="off", slots=16, gbps=0.0, preload="none", **kw):
+def make(catalogue, mode="off", slots=16, gbps=0.0, preload="none", pipeline_layers=0, **kw):
     model_dir, root = catalogue
     return Engine(EngineConfig(
         model=ModelConfig(path=str(model_dir)),
         adapters=AdapterConfig(dir=str(root), device_slots=slots, preload=preload),
-        cpu_assist=CpuAssistConfig(mode=mode, emulate_copy_gbps=gbps, threads=1),
+        cpu_assist=CpuAssistConfig(mode=mode, emulate_copy_gbps=gbps, threads=1, pipeline_layers=pipeline_layers),
         device="cpu", compile="false", max_batch_size=32, **kw))
 
 
@@ -260,3 +260,12 @@ def test_simultaneous_cold_requests_get_disjoint_workers(monkeypatch, caplog):
         assert len(ran) == 6 and len({name for _, name in ran}) == 2
     finally:
         handoff.close()
+
+
+def test_pipeline_layers_setting_reaches_the_pool(catalogue):
+    from caraserve.config import ConfigError, CpuAssistConfig
+
+    assert make(catalogue, mode="on", pipeline_layers=3).pool._groups == [(0, 3), (3, 4)]
+    assert make(catalogue, mode="on").pool._groups == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 4 layers: one each
+    with pytest.raises(ConfigError, match="pipeline_layers"):
+        CpuAssistConfig(pipeline_layers=-1)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -59,6 +58,7 @@ import torch
 
 from caraserve.lora.synthetic import random_lora
 from caraserve.model.synthetic import SHAPES, random_model
+from caraserve.profiling.machine import cpu_name
 
 RANKS = (8, 16, 32, 64)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,16 +79,6 @@ class Item:
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def busy_cpu_s() -> float | None:

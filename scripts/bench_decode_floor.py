@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from caraserve.model.synthetic import SHAPES, random_model
+from caraserve.profiling.machine import cpu_name
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -115,7 +115,7 @@ def main():
         for kind in ("base only", "mixed LoRA"):
             compiled, eager = rows[f"compiled {kind}"], rows[f"eager {kind}"]
             ratios[f"{kind}: compiled / eager step"] = compiled["tpot_ms"] / eager["tpot_ms"]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")
     print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -102,6 +101,7 @@ def main():
 
     from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
     from caraserve.engine import Engine, resolve_paths
+    from caraserve.profiling.machine import cpu_name
 
     base_cfg = EngineConfig(model=ModelConfig(path=args.model), adapters=AdapterConfig(dir=args.adapters))
     model_dir, adapter_dir = resolve_paths(base_cfg)
@@ -173,7 +173,7 @@ def main():
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}")
     result = {
-        "header": {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "header": {"device": "cpu", "cpu": cpu_name(), "threads": args.threads,
                    "model": str(args.model), "dtype": "float32", "torch": torch.__version__,
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "workload": {"requests": args.requests, "new_tokens": args.new_tokens, "adapters": names,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ import torch
 
 from caraserve.lora.batch import LoraGroup, LoraIndex
 from caraserve.lora.ops import add_lora
+from caraserve.profiling.machine import cpu_name
 
 
 def popularity(kind: str, n: int, slots: int, g: torch.Generator) -> list[int]:
@@ -138,7 +138,7 @@ def main():
             line += f" {r['floor_us']:7.1f}u {r['batched_over_floor']:8.2f}x"
         print(line)
     out = args.out or f"profiles/bench_lora_ops_{dev.type}.json"
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     result = {"header": {"device": name, "dtype": str(dtype), "torch": torch.__version__, "threads": args.threads,
                          "hidden": h, "ranks": ranks, "copy_bandwidth_gbs": bw,
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -41,6 +41,8 @@ import httpx
 import numpy as np
 from bench_serve import WORDS, pct
 
+from caraserve.profiling.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tiny", "demo-r8", "demo-r16", "demo-r32", "demo-r64")
 
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    header = {"device": "cpu", "platform": platform.platform(), "processor": platform.processor(),
+    header = {"device": "cpu", "cpu": cpu_name(), "platform": platform.platform(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
               "logs": str(logdir)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from caraserve.cluster.perf_model import DecodeFeatures, PerfModel, PrefillFeatu
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.profiling.decode import rank_mixes, sweep
+from caraserve.profiling.machine import cpu_name
 
 RANK_BUCKETS = (8, 16, 32, 64, 128)
 
@@ -83,9 +83,9 @@ def main() -> int:
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     header = make_header(dev_name, args.model, str(engine.dtype).removeprefix("torch."),
-                         threads=torch.get_num_threads())
+                         threads=torch.get_num_threads(), cpu=cpu_name())
     model = PerfModel.fit(
         [(DecodeFeatures.of(r["ranks"]), r["seconds"]) for r in rows if r["kind"] == "decode"],
         [(PrefillFeatures.of([r["tokens_per_request"]] * r["batch_size"], r["ranks"]), r["seconds"])

@@ -4,7 +4,6 @@ time fits the budget (the device time of the projection it hides behind)."""
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from datetime import datetime, timezone
 import torch
 
 from caraserve.cpu_assist.worker import lora_delta
+from caraserve.profiling.machine import cpu_name
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -64,7 +64,7 @@ def sweep(hidden: int, tokens: list[int], ranks: list[int], threads: list[int], 
             p.shutdown()
     single = [row["gflops"] for row in rows if row["threads"] == 1]
     return {
-        "header": {"device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "header": {"device": "cpu", "cpu": cpu_name(), "torch": torch.__version__,
                    "intra_op_threads": torch.get_num_threads(), "hidden": hidden,
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "plan": {"gflops_per_thread": statistics.median(single), "tokens": tokens, "ranks": ranks, "threads": plan,

@@ -301,14 +301,18 @@ class Engine:
                 emitting.append(i)
             if not emitting:
                 return []
-            rows = torch.tensor(emitting, device=logits.device)
+            if len(emitting) < len(batch.requests):  # chunked prefills still under way emit nothing
+                logits = logits[torch.tensor(emitting, device=logits.device)]
             reqs = [batch.requests[i] for i in emitting]
-            tokens, logprobs = sample(logits[rows], [r.params for r in reqs],
+            tokens, logprobs = sample(logits, [r.params for r in reqs],
                                       [self._generators.get(r.request_id) for r in reqs])
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
             if batch.is_decode and self.perf_model is not None:
                 self._observe_step(batch, now - t0)
-            return [self._append(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
+            for r, t, lp in zip(reqs, tokens, logprobs):
+                self._add_token(r, t, lp, now)
+            texts = self._detokenize(reqs)
+            return [self._check_stop(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
 
     def _observe_step(self, batch, seconds: float) -> None:
         """Online refit of the latency model from this machine's own decode steps."""
@@ -317,21 +321,28 @@ class Engine:
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         self.perf_model.observe(DecodeFeatures.of(ranks), seconds)
 
-    def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput:
+    def _add_token(self, req: Request, token: int, logprob: float, now: float) -> None:
         req.output_ids.append(token)
         if req.params.logprobs:
             req.output_logprobs.append(logprob)
         if req.first_token_s is None:
             req.first_token_s = now
-        p = req.params
-        reason = None
+
+    def _end_reason(self, req: Request) -> FinishReason | None:
+        """Why the request ends with its last token (EOS, a stop token, its length), or None."""
+        p, token = req.params, req.output_ids[-1]
         if token in self.eos_ids and not p.ignore_eos:
-            reason = FinishReason.EOS
-        elif token in p.stop_token_ids:
-            reason = FinishReason.STOP
-        elif len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
-            reason = FinishReason.LENGTH
-        new_text = self._detokenize(req, flush=reason is not None)
+            return FinishReason.EOS
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _check_stop(self, req: Request, token: int, new_text: str) -> RequestOutput:
+        """Finishes the request on EOS, a stop token, its length, or a stop string in its text."""
+        p = req.params
+        reason = self._end_reason(req)
         if p.stop and new_text:
             # Only the new text and the longest stop string before it can hold a new match.
             tail_from = max(0, len(req.text) - len(new_text) - max(map(len, p.stop)))
@@ -366,24 +377,30 @@ class Engine:
                 outs.append(self._output(req, [], ""))
             return outs
 
-    def _detokenize(self, req: Request, flush: bool) -> str:
-        """Appends the text of newly complete characters to req.text and returns it.
+    def _detokenize(self, reqs: list[Request]) -> list[str]:
+        """Appends to each request's text the newly complete characters of its last token.
 
         Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
-        next token completes it (or the request finishes). Only a short window is decoded per
-        token, so the cost does not grow with the output length.
+        next token completes it (or the request ends). Only a short window is decoded per token,
+        so the cost does not grow with the output length, and every request of the step is
+        decoded in one batched call.
         """
         if self.tokenizer is None:
-            return ""
-        ids = req.output_ids
-        prefix = self.tokenizer.decode(ids[req.detok_prefix : req.detok_read], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[req.detok_prefix :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not flush):
-            return ""
-        new_text = full[len(prefix) :]
-        req.detok_prefix, req.detok_read = req.detok_read, len(ids)
-        req.text += new_text
-        return new_text
+            return [""] * len(reqs)
+        windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
+        windows += [r.output_ids[r.detok_prefix :] for r in reqs]
+        decoded = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+        out = []
+        for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :]):
+            # the tail may stay incomplete only while more tokens can come to complete it
+            if len(full) <= len(prefix) or (full.endswith("\ufffd") and self._end_reason(r) is None):
+                out.append("")
+                continue
+            new_text = full[len(prefix) :]
+            r.detok_prefix, r.detok_read = r.detok_read, len(r.output_ids)
+            r.text += new_text
+            out.append(new_text)
+        return out
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.state = RequestState.FINISHED

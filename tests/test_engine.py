@@ -284,3 +284,25 @@ def test_rank_grouping_lets_requests_that_fit_the_slo_go_ahead(catalogue, tmp_pa
         engine.step()
         runs[grouping] = _admitted(engine, "bc")
     assert runs == {True: ["c"], False: []}  # strict FCFS: c waits behind b although it fits
+
+
+def test_incremental_detokenization_holds_split_characters(catalogue):
+    from caraserve.request import Request
+
+    engine = make_engine(catalogue)
+    text = "naïve café → ✓ 東京 done"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    singles = [engine.tokenizer.decode([t]) for t in ids]
+    assert any("\ufffd" in s for s in singles)  # some token ends inside a character
+    reqs = [Request("a", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True)),
+            Request("b", [1], SamplingParams(max_tokens=len(ids) + 5, ignore_eos=True))]
+    pieces = {"a": [], "b": []}
+    for t in ids:  # both requests of the step decoded in one batched call
+        for r in reqs:
+            r.output_ids.append(t)
+        for r, piece in zip(reqs, engine._detokenize(reqs)):
+            pieces[r.request_id].append(piece)
+    for r in reqs:
+        assert all("\ufffd" not in p for p in pieces[r.request_id])
+        assert "".join(pieces[r.request_id]) == r.text
+    assert reqs[0].text == engine.tokenizer.decode(ids)  # a ends with its last token: nothing held back

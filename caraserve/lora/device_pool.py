@@ -141,6 +141,7 @@ class DevicePool:
         self._one_device = len(set(layer_devices)) == 1
         self._clock = itertools.count(1)
         self._where: dict[str, _Slot] = {}
+        self._batches: dict[tuple, LoraBatch | None] = {}  # make_batch's cache, cleared on every load
         self.loads = 0
         self.evictions = 0
         cuda = self.device.type == "cuda"
@@ -230,6 +231,7 @@ class DevicePool:
             self.evictions += 1
         slot.adapter, slot.refs, slot.last_used, slot.targets = w.name, 0, next(self._clock), w.targets
         self._where[w.name] = slot
+        self._batches.clear()  # cached batch metadata names slots by adapter: a slot changed hands
         self._copy_in(bucket, slot, w)
         self.loads += 1
         return True
@@ -331,6 +333,18 @@ class DevicePool:
     ) -> LoraBatch | None:
         """LoRA metadata for rows given as (start, count, adapter or None) runs, already ordered by
         `sort_key`. Rows of adapters still loading must not be passed here (see `landing`)."""
+        # A decode batch keeps its layout for many steps: the metadata (and its index tensors) is
+        # reused until a request joins or leaves or a slot changes hands.
+        key = (tuple(runs), is_decode, str(device))
+        cached = self._batches.get(key)
+        if cached is not None:
+            return cached
+        if len(self._batches) >= 256:
+            self._batches.clear()
+        self._batches[key] = batch = self._build_batch(runs, is_decode, device)
+        return batch
+
+    def _build_batch(self, runs, is_decode, device) -> LoraBatch | None:
         per_bucket: dict[int, list[tuple[int, int, int]]] = {}
         for start, count, name in runs:
             if name is None:

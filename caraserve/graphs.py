@@ -1,7 +1,9 @@
 """DecodeGraphs: the decode step as one compiled pure tensor function.
 
 One variant per (batch-size bucket, rank bucket): the batch is padded to a power-of-two row
-count (padding rows write into a scratch KV slot that no request owns) and the LoRA delta of
+count (padding rows write into a scratch KV slot, slot 0, that no request owns), attention runs
+in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step whose
+KV slots lie beyond its bucket runs eagerly, which gathers them), and the LoRA delta of
 every bucket up to the batch's largest rank bucket is computed in the BGMV form (one slot index
 per row; rows of other buckets get scale 0). The KV length is a dynamic dimension, so a longer
 context does not recompile; on CUDA each variant is replayed as a CUDA graph
@@ -30,6 +32,7 @@ from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+STEP_VERSION = 2  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -90,12 +93,14 @@ class DecodeGraphs:
                   rank_buckets) -> str:
         cfg = Path(model_path, "config.json")
         text = cfg.read_text() if cfg.is_file() else model_path
-        raw = f"{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
+        # STEP_VERSION changes whenever the step function does, so stale artifacts are not reloaded
+        raw = f"{STEP_VERSION}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (LoRA steps not compiled, or the variant still compiling in the background)."""
+        (LoRA steps not compiled, the variant still compiling in the background, or KV slots
+        beyond the batch bucket)."""
         if lora is not None and not self.lora_steps:
             return None
         n = len(tokens)
@@ -106,11 +111,17 @@ class DecodeGraphs:
                 self._queued.add((bsz, nb))
                 self._jobs.put((bsz, nb))
             return None
+        if max(slots) > bsz:
+            return None  # KV slots not dense: the eager step gathers each row's keys instead
         pad = bsz - n
         dev = self.device
         ids = torch.tensor([t[0] for t in tokens] + [0] * pad, device=dev)
         pos = torch.tensor(list(starts) + [0] * pad, device=dev)
         kv_slots = torch.tensor(list(slots) + [self.scratch_slot] * pad, device=dev)
+        per_slot = [1] * (bsz + 1)  # context length of each cache slot in [0, bsz]; 1 where no row
+        for s, p in zip(slots, starts):
+            per_slot[s] = p + 1
+        slot_ctx = torch.tensor(per_slot, device=dev)
         ctx = max(starts) + 1
         if self.cuda_graphs:  # a CUDA graph is recorded per KV length: round it up to few sizes
             ctx = min(self.max_seq_len, max(64, 1 << (ctx - 1).bit_length()))
@@ -118,7 +129,7 @@ class DecodeGraphs:
         torch._dynamo.maybe_mark_dynamic(kpos, 0)
         row_slot, row_scale = self._lora_rows(lora, bsz, nb)
         with torch.inference_mode():
-            logits = self._variant(bsz, nb)(ids, pos, kv_slots, kpos, row_slot, row_scale)
+            logits = self._variant(bsz, nb)(ids, pos, kv_slots, slot_ctx, kpos, row_slot, row_scale)
         return logits[:n]
 
     def _num_buckets(self, lora: LoraBatch | None) -> int:
@@ -147,13 +158,14 @@ class DecodeGraphs:
             ids = torch.zeros(bsz, dtype=torch.int64, device=dev)
             pos = torch.zeros(bsz, dtype=torch.int64, device=dev)  # distinct from ids: dynamo guards aliasing
             slots = torch.full((bsz,), self.scratch_slot, dtype=torch.int64, device=dev)
+            slot_ctx = torch.ones(bsz + 1, dtype=torch.int64, device=dev)
             kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
             torch._dynamo.maybe_mark_dynamic(kpos, 0)
             rows = (torch.zeros(nb, bsz, dtype=torch.int64, device=dev),
                     torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb else (None, None)
             try:
                 with torch.inference_mode():  # every row writes the scratch KV slot only
-                    self._variant(bsz, nb)(ids, pos, slots, kpos, *rows)
+                    self._variant(bsz, nb)(ids, pos, slots, slot_ctx, kpos, *rows)
             except Exception:
                 log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
             finally:
@@ -213,7 +225,9 @@ class DecodeGraphs:
                 y = lora(y, x, mod.name, mod.layer, row_slot, row_scale)
             return y
 
-        def step(ids, pos, slots, kpos, row_slot, row_scale):
+        span = bsz + 1  # attention runs over cache slots [0, bsz]: the scratch slot and the rows' slots
+
+        def step(ids, pos, slots, slot_ctx, kpos, row_slot, row_scale):
             ctx = kpos.shape[0]
             h = m.model.embed_tokens(ids)
             cos, sin = m.rotary.cos_sin(pos, h.dtype)
@@ -221,7 +235,7 @@ class DecodeGraphs:
             for layer, (kc, vc) in zip(m.model.layers, kv_layers):
                 at = layer.self_attn
                 if at.window not in masks:
-                    masks[at.window] = decode_mask(pos + 1, ctx, at.window)
+                    masks[at.window] = decode_mask(slot_ctx, ctx, at.window)
                 x = layer.input_layernorm(h)
                 q = proj(at.q_proj, x, row_slot, row_scale).view(bsz, a.num_heads, a.head_dim)
                 k = proj(at.k_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
@@ -229,10 +243,14 @@ class DecodeGraphs:
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
                 kc.index_put_((slots, pos), k)
                 vc.index_put_((slots, pos), v)
-                keys = kc[slots, :ctx].transpose(1, 2)
-                vals = vc[slots, :ctx].transpose(1, 2)
-                o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=masks[at.window],
-                                                   enable_gqa=True).squeeze(2)
+                # Slot space: the keys are a view of the cache (no per-row gather); each row's query
+                # goes to its slot and its output comes back from there. Padding rows all share the
+                # scratch slot: which of them lands there does not matter, their outputs are dropped.
+                keys = kc[:span, :ctx].transpose(1, 2)  # [span, n_kv, ctx, hd]
+                vals = vc[:span, :ctx].transpose(1, 2)
+                qs = q.new_zeros(span, a.num_heads, 1, a.head_dim).index_put((slots,), q.unsqueeze(2))
+                o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=masks[at.window],
+                                                   enable_gqa=True)[slots].squeeze(2)
                 h = h + proj(at.o_proj, o.reshape(bsz, -1), row_slot, row_scale)
                 x = layer.post_attention_layernorm(h)
                 mlp = layer.mlp

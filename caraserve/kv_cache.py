@@ -1,4 +1,4 @@
-"""The KV cache: one preallocated [slots, max_len, n_kv, head_dim] buffer pair per layer.
+"""The KV cache: one preallocated [slots + 1, max_len, n_kv, head_dim] buffer pair per layer.
 
 A request holds one slot for its lifetime; the buffers never move, so compiled steps and CUDA
 graphs that captured their addresses stay valid.
@@ -25,15 +25,16 @@ class KVCache:
     ):
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
-        # One extra slot that no request owns: padding rows of a compiled decode step write there.
-        self.scratch_slot = num_slots
+        # Slot 0 belongs to no request: padding rows of a compiled decode step write there. It
+        # comes first so that slots [0, n] cover the scratch slot and the first n request slots.
+        self.scratch_slot = 0
         shape = (num_slots + 1, max_seq_len, num_kv_heads, head_dim)
         # per layer: k, v [slots, max_len, n_kv, hd] on that layer's device
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
             for d in layer_devices
         ]
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots, 0, -1))  # lowest first, reused last-in first-out: slots stay dense
 
     @property
     def free_slots(self) -> int:
@@ -45,7 +46,7 @@ class KVCache:
         return self._free.pop()
 
     def free(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots or slot in self._free:
+        if not 1 <= slot <= self.num_slots or slot in self._free:
             raise ValueError(f"KV slot {slot} is not allocated")
         self._free.append(slot)
 

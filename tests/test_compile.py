@@ -56,6 +56,9 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     files = list((tmp_path / "cache").glob("decode-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
+    # one row in KV slot 4: beyond its batch bucket (1), so no slot-space view covers it -> eager
+    assert compiled.graphs([[5]], [3], [4], None) is None
+
     restarted = engine(small, "true", tmp_path / "cache")
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 

@@ -2,7 +2,7 @@
 
     python scripts/bench_router.py [--replicas 2] [--requests 300] [--rate 20] [--policies rank_aware,round_robin,
         most_idle,random,first_fit,dlora] [--kill-policy rank_aware] [--slo-ms 100] [--seed 0]
-        [--out profiles/cpu/bench_router.json]
+        [--rounds 1] [--out profiles/cpu/bench_router.json]
 
 Starts --replicas servers on the embedded default (tiny model + demo adapters; each its own
 process, `engine.compile=false`, publishing the latency model profiles/cpu/tiny/latency.json on
@@ -11,8 +11,10 @@ through the router: Poisson arrivals at --rate, the base model and the demo adap
 drawn uniformly, prompts of 8-96 words, max_tokens 8-48 with ignore_eos, greedy, not streamed (so
 a request cut off by a dying replica is retried whole). One more run, labelled `<policy>+kill`,
 SIGKILLs the first replica when half of the requests have been sent; the router must retry what
-was in flight there on the others and lose nothing. The killed replica is restarted before the
-next run.
+was in flight there on the others and lose nothing. Every run gets fresh replicas; with --rounds
+N every policy runs N times, the order rotated by one each round, and medians are reported (a
+2-core VM slows down and speeds up over minutes: a single run per policy in a fixed order
+measures the machine as much as the policy).
 
 Per run: requests completed / sent, errors, retries (from the router's /metrics), SLO attainment
 (the fraction of sent requests that completed with E2E / output tokens <= --slo-ms), mean, p50 and
@@ -64,13 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="policy of the extra run with a replica killed ('' = none)")
     p.add_argument("--slo-ms", type=float, default=100.0, help="per-token latency SLO, for the router and the report")
     p.add_argument("--max-batch-size", type=int, default=16, help="engine.max_batch_size of each replica")
+    p.add_argument("--rounds", type=int, default=1, help="runs per policy (order rotated per round; medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="profiles/cpu/bench_router.json")
     args = p.parse_args(argv)
     if args.replicas < 2 and args.kill_policy:
         p.error("killing a replica needs --replicas >= 2")
-    if args.requests < 2 or args.rate <= 0:
-        p.error("--requests must be >= 2 and --rate > 0")
+    if args.requests < 2 or args.rate <= 0 or args.rounds < 1:
+        p.error("--requests must be >= 2, --rate > 0 and --rounds >= 1")
     return args
 
 
@@ -207,33 +210,50 @@ def summarize(label: str, recs: list[dict], slo_s: float, n_retries: int) -> dic
 def main(argv=None) -> int:
     args = parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
-    runs = [(p, False) for p in policies] + ([(args.kill_policy, True)] if args.kill_policy else [])
+    # Each round runs every policy, in an order rotated by one per round, on fresh replicas: a
+    # machine that slows down over minutes, or replicas that age, must not favour whoever runs first.
+    runs = []
+    for k in range(args.rounds):
+        order = policies[k % len(policies):] + policies[: k % len(policies)]
+        runs += [(p, False, k) for p in order]
+    runs += [(args.kill_policy, True, 0)] if args.kill_policy else []
     work = make_workload(args)
     logdir = Path(tempfile.mkdtemp(prefix="caraserve-bench-router-"))
     cluster = Cluster(args, logdir)
     results = []
     try:
-        for policy, kill in runs:
+        for policy, kill, k in runs:
+            cluster.stop()
             cluster.start_replicas()
             router_url, router = cluster.start_router(policy)
             label = f"{policy}+kill" if kill else policy
-            print(f"[{label}] {len(work)} requests at {args.rate}/s over {args.replicas} replicas", file=sys.stderr)
+            print(f"[{label} round {k + 1}] {len(work)} requests at {args.rate}/s over {args.replicas} replicas",
+                  file=sys.stderr)
             recs = asyncio.run(drive(router_url, work, (lambda: cluster.kill(0)) if kill else None))
-            results.append(summarize(label, recs, args.slo_ms / 1e3, retries(router_url)))
+            results.append({**summarize(label, recs, args.slo_ms / 1e3, retries(router_url)), "round": k + 1})
             router.terminate()
             router.wait(timeout=30)
     finally:
         cluster.stop()
-    cols = ("run", "completed", "errors", "retries", "slo_attainment", "per_token_mean_ms", "per_token_p99_ms",
-            "e2e_p50_s", "e2e_p99_s")
+    cols = ("run", "round", "completed", "errors", "retries", "slo_attainment", "per_token_mean_ms",
+            "per_token_p99_ms", "e2e_p50_s", "e2e_p99_s")
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    medians = {}
+    for label in dict.fromkeys(r["run"] for r in results):
+        mine = [r for r in results if r["run"] == label]
+        medians[label] = {key: float(np.median([r[key] for r in mine])) for key in
+                          ("slo_attainment", "per_token_mean_ms", "per_token_p99_ms")}
+        medians[label]["completed"] = f"{sum(r['completed'] for r in mine)}/{sum(r['sent'] for r in mine)}"
+    print(f"\nmedians over {args.rounds} round(s): policy | SLO attainment | mean ms/token | p99 ms/token")
+    for label, m in medians.items():
+        print(f"{label} | {m['slo_attainment']:.3f} | {m['per_token_mean_ms']:.1f} | {m['per_token_p99_ms']:.1f}"
+              f" | completed {m['completed']}")
     header = {"device": "cpu", "cpu": cpu_name(), "platform": platform.platform(),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
-              "logs": str(logdir)}
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"header": header, "runs": results}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"header": header, "medians": medians, "runs": results}, indent=2) + "\n")
     print(f"wrote {args.out}; server logs in {logdir}", file=sys.stderr)
     lost = [r for r in results if r["errors"]]
     return 1 if lost else 0

@@ -329,8 +329,9 @@ class Router:
         except (httpx.HTTPError, asyncio.TimeoutError, StopAsyncIteration) as e:
             if resp is not None:
                 await resp.aclose()
-            what = "no first token" if isinstance(e, (asyncio.TimeoutError, StopAsyncIteration)) else type(e).__name__
-            raise ReplicaFailed(f"{what} within {timeout:.0f} s" if what == "no first token" else f"{what}: {e}") from e
+            if isinstance(e, httpx.HTTPError):
+                raise ReplicaFailed(f"{type(e).__name__}: {e}") from e
+            raise ReplicaFailed(f"no first token within {timeout:.0f} s") from e
         except BaseException:
             if resp is not None:
                 await resp.aclose()

@@ -50,6 +50,8 @@ class FakeReplica:
         if path == "/health":
             return httpx.Response(200, json={"status": "ok"})
         if path == "/v1/state":
+            if self.mode == "slow_state":  # busy in a long engine step
+                raise httpx.ReadTimeout("state read timed out", request=request)
             return httpx.Response(200, json=self.state())
         body = json.loads(request.content)
         if self.mode == "error500":
@@ -150,6 +152,22 @@ def test_failed_replica_is_retried_marked_down_and_probed_back():
     assert all(o.status_code == 200 and b"from b" in o.body for o in outs)
     assert nb == 4
     assert down is False and back is True
+
+
+def test_a_slow_state_read_does_not_mark_a_replica_down():
+    async def go():
+        a = FakeReplica("a")
+        router = make_router([a], max_failures=1)
+        await router.start()
+        a.mode = "slow_state"
+        await asyncio.sleep(0.3)  # ~15 polls time out
+        up = router.replicas[0].up
+        a.mode = "ok"
+        r = await router.forward("/v1/completions", {"model": "base", "prompt": "x"})
+        await router.close()
+        return up, r.status_code
+
+    assert run(go()) == (True, 200)
 
 
 def test_client_errors_pass_through_without_retry():

@@ -168,10 +168,15 @@ class Router:
 
     async def _read_state(self, rep: Replica) -> None:
         try:
-            r = await self.client.get(rep.url + "/v1/state", timeout=max(1.0, 10 * self.cfg.poll_interval_s))
+            # A replica answers between two engine steps: a long prefill delays the answer, and a
+            # slow answer is not a failure (the last state and the router's own accounting serve).
+            r = await self.client.get(rep.url + "/v1/state", timeout=self.cfg.first_token_timeout_s)
             r.raise_for_status()
             snap = r.json()
             perf = PerfModel.from_dict(snap["perf_model"]) if snap.get("perf_model") else None
+        except httpx.TimeoutException:
+            log.debug("replica %s: state read timed out", rep.url)
+            return
         except (httpx.HTTPError, ValueError, KeyError) as e:
             self._failed(rep, f"state read failed: {type(e).__name__}: {e}")
             return

@@ -77,7 +77,7 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, not field-by-field, in queues and lookups
 class Request:
     request_id: str
     prompt_ids: list[int]

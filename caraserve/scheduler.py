@@ -164,9 +164,10 @@ class Scheduler:
             self.running.append(req)
             self._passed_over.pop(req.request_id, None)
         if admitted and self.max_passed_over is not None:
-            youngest = max(arrival.index(r) for r in admitted)
+            taken = set(map(id, admitted))
+            youngest = max(i for i, r in enumerate(arrival) if id(r) in taken)
             for req in arrival[:youngest]:
-                if req not in admitted:  # older than an admitted request and still waiting
+                if id(req) not in taken:  # older than an admitted request and still waiting
                     self._passed_over[req.request_id] = self._passed_over.get(req.request_id, 0) + 1
         if batch:
             return ScheduledBatch(False, batch, chunks)

@@ -34,6 +34,8 @@ def main(cfg: DictConfig) -> int:
     server = ServerConfig.from_dict(composed.get("server"))
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = replace(server, api_key=os.environ["CARASERVE_API_KEY"])
+    if not router_cfg.replica_api_key and server.api_key:  # replicas behind one key, as usual
+        router_cfg = replace(router_cfg, replica_api_key=server.api_key)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise
     router = Router(router_cfg)
     app = build_router_app(router, server)

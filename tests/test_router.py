@@ -56,6 +56,8 @@ class FakeReplica:
         body = json.loads(request.content)
         if self.mode == "error500":
             return httpx.Response(500, json={"error": {"message": "boom"}})
+        if self.mode == "busy":
+            return httpx.Response(503, json={"error": {"message": "queue full"}})
         if body.get("max_tokens") == 999:
             return httpx.Response(400, json={"error": {"message": "bad max_tokens"}})
         if self.hold is not None:
@@ -168,6 +170,25 @@ def test_a_slow_state_read_does_not_mark_a_replica_down():
         return up, r.status_code
 
     assert run(go()) == (True, 200)
+
+
+def test_every_attempt_failing_names_the_replicas_and_busy_ones_give_503():
+    async def go():
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router = make_router([a, b], max_attempts=2, max_failures=10)
+        await router.start()
+        a.mode = b.mode = "error500"
+        with pytest.raises(Exception) as broken:
+            await router.forward("/v1/completions", {"model": "base", "prompt": "x"})
+        a.mode = b.mode = "busy"
+        with pytest.raises(Exception) as busy:
+            await router.forward("/v1/completions", {"model": "base", "prompt": "x"})
+        await router.close()
+        return broken.value, busy.value
+
+    broken, busy = run(go())
+    assert broken.status == 502 and "http://a" in broken.message and "http://b" in broken.message
+    assert busy.status == 503 and "overloaded" in busy.message
 
 
 def test_client_errors_pass_through_without_retry():

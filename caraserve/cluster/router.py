@@ -284,12 +284,15 @@ class Router:
                 self._done(rep, rid)
                 self._failed(rep, str(e), e.counts)
                 self._emit("retry", rep)
-                errors.append(f"{rep.url}: {e}")
+                errors.append((rep.url, e))
             except BaseException:
                 self._done(rep, rid)
                 raise
-        raise ApiError(502, f"no replica could serve the request after {len(errors)} attempts: "
-                       + "; ".join(errors), "bad_gateway")
+        message = (f"no replica could serve the request after {len(errors)} attempts: "
+                   + "; ".join(f"{url}: {e}" for url, e in errors))
+        if not any(e.counts for _, e in errors):  # every replica tried was merely busy
+            raise ApiError(503, message, "server_overloaded")
+        raise ApiError(502, message, "bad_gateway")
 
     @staticmethod
     def _check_status(r: httpx.Response) -> None:

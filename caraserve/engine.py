@@ -23,6 +23,7 @@ from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
 from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
+from caraserve.output_processor import OutputProcessor
 from caraserve.request import FinishReason, Request, RequestError, RequestOutput, RequestState, SamplingParams
 from caraserve.runner import ModelRunner
 from caraserve.sampler import sample
@@ -56,11 +57,12 @@ class Engine:
         else:
             model_path = Path(cfg.model.path)
             adapter_dir = resolve_paths(replace(cfg, model=replace(cfg.model, path=str(model_path))))[1]
-            self.model, self.tokenizer, self.eos_ids = model, None, set()
+            self.model, self.tokenizer, self._eos_ids = model, None, set()
             self.dtype = model.model.embed_tokens.weight.dtype
         self.model_path = model_path
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
+        self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.kv = KVCache(cfg.max_batch_size, self.max_seq_len, args.num_kv_heads, args.head_dim,
                           self.dtype, self.model.layer_devices())
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype)
@@ -123,7 +125,7 @@ class Engine:
                                 cfg.model.max_memory_bytes or None)
         self.tokenizer = self._tokenizer(model_path)
         eos = getattr(hf_config, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
         """The compiled decode step, per engine.compile: true = every decode step; auto = what
@@ -273,7 +275,7 @@ class Engine:
             if req is None or req.finished:
                 return None
             self._finish(req, FinishReason.ABORT)
-            return self._output(req, [], "")
+            return self.outputs.output(req, [], "")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -310,9 +312,9 @@ class Engine:
             if batch.is_decode and self.perf_model is not None:
                 self._observe_step(batch, now - t0)
             for r, t, lp in zip(reqs, tokens, logprobs):
-                self._add_token(r, t, lp, now)
-            texts = self._detokenize(reqs)
-            return [self._check_stop(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
+                self.outputs.add_token(r, t, lp, now)
+            texts = self.outputs.detokenize(reqs)
+            return [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
 
     def _observe_step(self, batch, seconds: float) -> None:
         """Online refit of the latency model from this machine's own decode steps."""
@@ -321,51 +323,11 @@ class Engine:
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         self.perf_model.observe(DecodeFeatures.of(ranks), seconds)
 
-    def _add_token(self, req: Request, token: int, logprob: float, now: float) -> None:
-        req.output_ids.append(token)
-        if req.params.logprobs:
-            req.output_logprobs.append(logprob)
-        if req.first_token_s is None:
-            req.first_token_s = now
-
-    def _end_reason(self, req: Request) -> FinishReason | None:
-        """Why the request ends with its last token (EOS, a stop token, its length), or None."""
-        p, token = req.params, req.output_ids[-1]
-        if token in self.eos_ids and not p.ignore_eos:
-            return FinishReason.EOS
-        if token in p.stop_token_ids:
-            return FinishReason.STOP
-        if len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _check_stop(self, req: Request, token: int, new_text: str) -> RequestOutput:
-        """Finishes the request on EOS, a stop token, its length, or a stop string in its text."""
-        p = req.params
-        reason = self._end_reason(req)
-        if p.stop and new_text:
-            # Only the new text and the longest stop string before it can hold a new match.
-            tail_from = max(0, len(req.text) - len(new_text) - max(map(len, p.stop)))
-            hits = [i for i in (req.text.find(s, tail_from) for s in p.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                new_text = new_text[: max(0, len(new_text) - (len(req.text) - cut))]
-                req.text = req.text[:cut]
-                reason = FinishReason.STOP
+    def _emit(self, req: Request, token: int, new_text: str) -> RequestOutput:
+        reason, new_text = self.outputs.stop(req, new_text)
         if reason is not None:
             self._finish(req, reason)
-        return self._output(req, [token], new_text)
-
-    @staticmethod
-    def _output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
-        return RequestOutput(
-            req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
-            error=req.error, logprobs=list(req.output_logprobs) if req.params.logprobs else None,
-            prompt_tokens=len(req.prompt_ids),
-            ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
-            e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
-            cold_start=req.cold_start,
-        )
+        return self.outputs.output(req, [token], new_text)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finishes every unfinished request with an error (after a failed step)."""
@@ -374,33 +336,8 @@ class Engine:
             for req in list(self._requests.values()):
                 req.error = message
                 self._finish(req, FinishReason.ERROR)
-                outs.append(self._output(req, [], ""))
+                outs.append(self.outputs.output(req, [], ""))
             return outs
-
-    def _detokenize(self, reqs: list[Request]) -> list[str]:
-        """Appends to each request's text the newly complete characters of its last token.
-
-        Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
-        next token completes it (or the request ends). Only a short window is decoded per token,
-        so the cost does not grow with the output length, and every request of the step is
-        decoded in one batched call.
-        """
-        if self.tokenizer is None:
-            return [""] * len(reqs)
-        windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
-        windows += [r.output_ids[r.detok_prefix :] for r in reqs]
-        decoded = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
-        out = []
-        for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :]):
-            # the tail may stay incomplete only while more tokens can come to complete it
-            if len(full) <= len(prefix) or (full.endswith("\ufffd") and self._end_reason(r) is None):
-                out.append("")
-                continue
-            new_text = full[len(prefix) :]
-            r.detok_prefix, r.detok_read = r.detok_read, len(r.output_ids)
-            r.text += new_text
-            out.append(new_text)
-        return out
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.state = RequestState.FINISHED

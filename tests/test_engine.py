@@ -157,7 +157,7 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
                                                             stop_token_ids=[tok], ignore_eos=True))[0]
     assert by_id.finish_reason is FinishReason.STOP and by_id.output_ids[-1] == tok
     assert len(by_id.output_ids) == free.output_ids.index(tok) + 1
-    engine.eos_ids = {free.output_ids[2]}
+    engine.outputs.eos_ids = {free.output_ids[2]}
     eos = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0))[0]
     assert eos.finish_reason is FinishReason.EOS
     assert len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
@@ -300,7 +300,7 @@ def test_incremental_detokenization_holds_split_characters(catalogue):
     for t in ids:  # both requests of the step decoded in one batched call
         for r in reqs:
             r.output_ids.append(t)
-        for r, piece in zip(reqs, engine._detokenize(reqs)):
+        for r, piece in zip(reqs, engine.outputs.detokenize(reqs)):
             pieces[r.request_id].append(piece)
     for r in reqs:
         assert all("\ufffd" not in p for p in pieces[r.request_id])

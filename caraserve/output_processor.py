@@ -1,0 +1,88 @@
+"""OutputProcessor: from sampled tokens to request progress.
+
+Appends each request's new token, detokenizes incrementally (one batched call per step), decides
+when a request ends (EOS, a stop token, its length, a stop string in its text) and builds the
+RequestOutput snapshots the engine hands to its callers.
+"""
+
+from __future__ import annotations
+
+from caraserve.request import FinishReason, Request, RequestOutput
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_ids: set[int], max_seq_len: int):
+        self.tokenizer = tokenizer  # None: token ids only, no text
+        self.eos_ids = eos_ids
+        self.max_seq_len = max_seq_len
+
+    @staticmethod
+    def add_token(req: Request, token: int, logprob: float, now: float) -> None:
+        req.output_ids.append(token)
+        if req.params.logprobs:
+            req.output_logprobs.append(logprob)
+        if req.first_token_s is None:
+            req.first_token_s = now
+
+    def end_reason(self, req: Request) -> FinishReason | None:
+        """Why the request ends with its last token (EOS, a stop token, its length), or None."""
+        p, token = req.params, req.output_ids[-1]
+        if token in self.eos_ids and not p.ignore_eos:
+            return FinishReason.EOS
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def detokenize(self, reqs: list[Request]) -> list[str]:
+        """Appends to each request's text the newly complete characters of its last token.
+
+        Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
+        next token completes it (or the request ends). Only a short window is decoded per token,
+        so the cost does not grow with the output length, and every request of the step is
+        decoded in one batched call.
+        """
+        if self.tokenizer is None:
+            return [""] * len(reqs)
+        windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
+        windows += [r.output_ids[r.detok_prefix :] for r in reqs]
+        decoded = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+        out = []
+        for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :]):
+            # the tail may stay incomplete only while more tokens can come to complete it
+            if len(full) <= len(prefix) or (full.endswith("\ufffd") and self.end_reason(r) is None):
+                out.append("")
+                continue
+            new_text = full[len(prefix) :]
+            r.detok_prefix, r.detok_read = r.detok_read, len(r.output_ids)
+            r.text += new_text
+            out.append(new_text)
+        return out
+
+    def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
+        """(why the request ends now or None, the new text up to a stop string). A stop string
+        found in the text cuts req.text before it."""
+        reason = self.end_reason(req)
+        stops = req.params.stop
+        if stops and new_text:
+            # Only the new text and the longest stop string before it can hold a new match.
+            tail_from = max(0, len(req.text) - len(new_text) - max(map(len, stops)))
+            hits = [i for i in (req.text.find(s, tail_from) for s in stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                new_text = new_text[: max(0, len(new_text) - (len(req.text) - cut))]
+                req.text = req.text[:cut]
+                reason = FinishReason.STOP
+        return reason, new_text
+
+    @staticmethod
+    def output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
+            error=req.error, logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            prompt_tokens=len(req.prompt_ids),
+            ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
+            e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
+            cold_start=req.cold_start,
+        )

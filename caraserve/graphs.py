@@ -257,6 +257,6 @@ class DecodeGraphs:
                 g = proj(mlp.gate_proj, x, row_slot, row_scale)
                 u = proj(mlp.up_proj, x, row_slot, row_scale)
                 h = h + proj(mlp.down_proj, F.silu(g) * u, row_slot, row_scale)
-            return m.lm_head(m.model.norm(h))
+            return m.head(m.model.norm(h))
 
         return step

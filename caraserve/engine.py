@@ -60,6 +60,7 @@ class Engine:
             self.model, self.tokenizer, self._eos_ids = model, None, set()
             self.dtype = model.model.embed_tokens.weight.dtype
         self.model_path = model_path
+        self.model.pack_lm_head(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
@@ -292,20 +293,21 @@ class Engine:
             if batch is None:
                 return []
             t0 = time.perf_counter()
-            logits = self.runner.run(batch)
-            emitting = []
-            for i, req in enumerate(batch.requests):
+            logits, order = self.runner.run(batch)  # logits row j: batch.requests[order[j]]
+            emitting = []  # logits rows of the requests that emit a token
+            for j, i in enumerate(order):
+                req = batch.requests[i]
                 if not batch.is_decode:
                     req.num_computed += batch.chunk_lens[i]
                     if req.num_computed < len(req.prompt_ids):
                         continue  # chunked prefill: more of the prompt to go
                     req.state = RequestState.DECODE
-                emitting.append(i)
+                emitting.append(j)
             if not emitting:
                 return []
-            if len(emitting) < len(batch.requests):  # chunked prefills still under way emit nothing
-                logits = logits[torch.tensor(emitting, device=logits.device)]
-            reqs = [batch.requests[i] for i in emitting]
+            if len(emitting) < len(order):  # chunked prefills still under way emit nothing
+                logits = logits.index_select(0, torch.tensor(emitting, device=logits.device))
+            reqs = [batch.requests[order[j]] for j in emitting]
             tokens, logprobs = sample(logits, [r.params for r in reqs],
                                       [self._generators.get(r.request_id) for r in reqs])
             now = time.perf_counter()  # sampling read the tokens back: the step has finished

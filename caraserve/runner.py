@@ -26,8 +26,10 @@ class ModelRunner:
         self.store = store  # host tier, for CPU-assisted rows
         self.handoff = handoff  # cpu_assist Handoff, or None when CPU assist is off
 
-    def run(self, batch: ScheduledBatch, use_lora: bool = True) -> torch.Tensor:
-        """Logits [B, V] of each request's last computed token, in the batch's order."""
+    def run(self, batch: ScheduledBatch, use_lora: bool = True) -> tuple[torch.Tensor, list[int]]:
+        """(logits [B, V] of each request's last computed token, order): row j belongs to
+        batch.requests[order[j]]. Rows come in the forward's own order (grouped by adapter), so
+        the caller maps rows to requests instead of copying the logits back into batch order."""
         reqs = batch.requests
 
         def on_device(r) -> str | None:
@@ -76,6 +78,4 @@ class ModelRunner:
             on_device = sum(landing.on_device.values())
             r.assist_device_layers += on_device
             r.assist_cpu_layers += len(landing.on_device) - on_device
-        inverse = torch.empty(len(order), dtype=torch.int64)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits[inverse.to(logits.device)]
+        return logits, order

@@ -358,7 +358,7 @@ class DevicePool:
             bucket = self.buckets[b]
             modules = frozenset(m for _, _, s in segs for m in bucket.slots[s].targets)
             groups.append(LoraGroup(bucket.rank, bucket.weights, bucket.scale, LoraIndex.from_segments(segs, device),
-                                    modules, tuple(bucket.host_scale)))
+                                    modules, tuple(bucket.host_scale), tuple(s.targets for s in bucket.slots)))
         return LoraBatch(tuple(groups), is_decode)
 
     def landing(self, name: str, start: int, count: int, device: torch.device | str) -> Landing:

@@ -87,9 +87,15 @@ class LoraLinear(nn.Module):
         pending = lora.handoff.submit(x, self.layer, self.name, host) if host else ()
         y = F.linear(x, self.weight, self.bias)
         for group in groups:
-            if self.name in group.modules:
+            if self.name not in group.modules:
+                continue
+            if y.is_cuda or not group.host_scale:
                 a, b = group.weights[self.name]
                 add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
+                continue
+            # CPU: one small matmul pair per adapter, on views prepared once per batch layout
+            for start, end, a, b, scale in group.cpu_runs(self.layer, self.name):
+                y[start:end].addmm_(torch.mm(x[start:end], a), b, alpha=scale)
         if pending:
             lora.handoff.add(y, pending)
         return y

@@ -129,8 +129,8 @@ class Engine:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
-        """The compiled decode step, per engine.compile: true = every decode step; auto = what
-        measures faster on the device (see README: on CPU, steps without LoRA rows only)."""
+        """The compiled decode step, per engine.compile: true = each variant compiles at its first
+        use; auto = variants compile on a background thread while those steps run eagerly."""
         mode = self.config.compile
         if mode == "false":
             return None
@@ -138,9 +138,8 @@ class Engine:
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
-        lora_steps = mode == "true" or self.device.type == "cuda"
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.kv.scratch_slot, cfg.max_batch_size,
-                            cache, lora_steps, background=mode == "auto")
+                            cache, background=mode == "auto")
 
     @staticmethod
     def _tokenizer(path: Path):

@@ -1,15 +1,18 @@
-"""DecodeGraphs: the decode step as one compiled pure tensor function.
+"""DecodeGraphs: the decode step as one compiled tensor function over preallocated buffers.
 
-One variant per (batch-size bucket, rank bucket): the batch is padded to a power-of-two row
-count (padding rows write into a scratch KV slot, slot 0, that no request owns), attention runs
-in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step whose
-KV slots lie beyond its bucket runs eagerly, which gathers them), and the LoRA delta of
-every bucket up to the batch's largest rank bucket is computed in the BGMV form (one slot index
-per row; rows of other buckets get scale 0). The KV length is a dynamic dimension, so a longer
-context does not recompile; on CUDA each variant is replayed as a CUDA graph
-(mode="reduce-overhead"), recorded once per power-of-two KV length. Compiled artifacts are saved
-to, and loaded from, a cache folder keyed by model, dtype, device and torch version, so a
-restarted engine skips the compile.
+One variant per (batch-size bucket, LoRA form): the batch is padded to a power-of-two row
+count (padding rows write into a scratch KV slot, slot 0, that no request owns), and attention
+runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step
+whose KV slots lie beyond its bucket runs eagerly, which gathers them). The LoRA delta has two
+forms. On GPUs, BGMV over every rank bucket up to the batch's largest (one slot index per row;
+rows of other buckets get scale 0), one variant per number of buckets. On CPU, where a gather
+of every row's weights costs more than the whole step, an opaque op per module runs the eager
+form (one small matmul pair per adapter, `add_lora_runs`) on the step's LoraBatch, which the
+op reads from the thread running the step: one variant serves every adapter mix. The KV
+length is a dynamic dimension, so a longer context does not recompile; on CUDA each variant is
+replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two KV length.
+Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
+and torch version, so a restarted engine skips the compile.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from caraserve.lora.batch import LoraBatch
+from caraserve.lora.ops import add_lora_runs
 from caraserve.model.layers import apply_rotary
 from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 2  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 3  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -41,6 +45,23 @@ def _own_code(fn, name: str):
     it, silently run eagerly."""
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+HOST_RUNS = -1  # the "rank buckets" of a variant whose LoRA runs through cpu_lora_runs_
+_step = threading.local()  # .lora: the LoraBatch of the compiled step running on this thread
+
+
+@torch.library.custom_op("caraserve::cpu_lora_runs_", mutates_args=("y",))
+def cpu_lora_runs_(y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+    """y += the LoRA delta of module `module` of `layer` for the running step's rows (CPU)."""
+    lora = _step.lora
+    if lora is not None:
+        add_lora_runs(y, x, lora.groups, layer, module)
+
+
+@cpu_lora_runs_.register_fake
+def _(y, x, layer, module) -> None:
+    return None
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -60,7 +81,7 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, scratch_slot: int, max_batch_size: int,
-                 cache_file: Path | None = None, lora_steps: bool = True, background: bool = False):
+                 cache_file: Path | None = None, background: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
@@ -68,9 +89,9 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_batch_size)
         self.max_seq_len = kv_layers[0][0].shape[1]
         self.cache_file = cache_file
-        self.lora_steps = lora_steps  # False: only steps without LoRA rows run compiled
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
+        self.host_runs = self.device.type == "cpu"  # LoRA through cpu_lora_runs_ rather than BGMV
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly
@@ -99,13 +120,10 @@ class DecodeGraphs:
 
     def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (LoRA steps not compiled, the variant still compiling in the background, or KV slots
-        beyond the batch bucket)."""
-        if lora is not None and not self.lora_steps:
-            return None
+        (the variant still compiling in the background, or KV slots beyond the batch bucket)."""
         n = len(tokens)
         bsz = bucket_up(n, self.batch_buckets)
-        nb = self._num_buckets(lora)
+        nb = HOST_RUNS if lora is not None and self.host_runs else self._num_buckets(lora)
         if (bsz, nb) not in self._fns and self._jobs is not None:
             if (bsz, nb) not in self._queued:
                 self._queued.add((bsz, nb))
@@ -127,9 +145,13 @@ class DecodeGraphs:
             ctx = min(self.max_seq_len, max(64, 1 << (ctx - 1).bit_length()))
         kpos = torch.empty(ctx, device=dev)  # only its length matters: the KV length, a dynamic dim
         torch._dynamo.maybe_mark_dynamic(kpos, 0)
-        row_slot, row_scale = self._lora_rows(lora, bsz, nb)
-        with torch.inference_mode():
-            logits = self._variant(bsz, nb)(ids, pos, kv_slots, slot_ctx, kpos, row_slot, row_scale)
+        row_slot, row_scale = self._lora_rows(lora, bsz, nb) if nb != HOST_RUNS else (None, None)
+        _step.lora = lora
+        try:
+            with torch.inference_mode():
+                logits = self._variant(bsz, nb)(ids, pos, kv_slots, slot_ctx, kpos, row_slot, row_scale)
+        finally:
+            _step.lora = None
         return logits[:n]
 
     def _num_buckets(self, lora: LoraBatch | None) -> int:
@@ -162,7 +184,8 @@ class DecodeGraphs:
             kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
             torch._dynamo.maybe_mark_dynamic(kpos, 0)
             rows = (torch.zeros(nb, bsz, dtype=torch.int64, device=dev),
-                    torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb else (None, None)
+                    torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb > 0 else (None, None)
+            _step.lora = None  # HOST_RUNS variants: no LoRA rows in this run
             try:
                 with torch.inference_mode():  # every row writes the scratch KV slot only
                     self._variant(bsz, nb)(ids, pos, slots, slot_ctx, kpos, *rows)
@@ -183,7 +206,8 @@ class DecodeGraphs:
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
         compiled = torch.compile(_own_code(self._step_fn(bsz, nb), f"decode_b{bsz}_r{nb}"), fullgraph=True,
                                  mode=mode)
-        log.info("compiling the decode step for batch bucket %d, %d rank bucket(s)", bsz, nb)
+        log.info("compiling the decode step for batch bucket %d (LoRA: %s)", bsz,
+                 "per-adapter runs" if nb == HOST_RUNS else f"BGMV over {nb} rank bucket(s)" if nb else "none")
 
         def first_call(*args):
             t0 = time.perf_counter()
@@ -208,7 +232,7 @@ class DecodeGraphs:
     def _step_fn(self, bsz: int, nb: int):
         m, kv_layers = self.model, self.kv_layers
         a = m.args
-        buckets = self.pool.buckets[:nb]
+        buckets = self.pool.buckets[:max(nb, 0)]
 
         def lora(y, x, name, layer, row_slot, row_scale):
             for b, bucket in enumerate(buckets):
@@ -221,7 +245,9 @@ class DecodeGraphs:
 
         def proj(mod, x, row_slot, row_scale):
             y = F.linear(x, mod.weight, mod.bias)
-            if nb and mod.name in self.pool.targets:
+            if nb == HOST_RUNS and mod.name in self.pool.targets:
+                torch.ops.caraserve.cpu_lora_runs_(y, x, mod.layer, mod.name)
+            elif nb and mod.name in self.pool.targets:
                 y = lora(y, x, mod.name, mod.layer, row_slot, row_scale)
             return y
 

@@ -7,7 +7,7 @@ from helpers import save_peft_adapter, save_random_hf_model
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
-from caraserve.graphs import batch_buckets, bucket_up
+from caraserve.graphs import HOST_RUNS, batch_buckets, bucket_up
 from caraserve.request import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -52,7 +52,8 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     got_base = [r.output_ids for r in compiled.generate(prompts[:3], GREEDY, [None] * 3)]
     assert got == want and got_base == want_base
     assert compiled.graphs.compile_s > 0
-    assert set(compiled.graphs._fns) >= {(4, 3), (4, 0)}  # (batch bucket, rank buckets up to 32)
+    # (batch bucket, LoRA form): on CPU the LoRA runs of the step go through one op per module
+    assert set(compiled.graphs._fns) >= {(4, HOST_RUNS), (4, 0)}
     files = list((tmp_path / "cache").glob("decode-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
@@ -63,11 +64,21 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 
 
+def test_compiled_bgmv_form_equals_eager(small, tmp_path):
+    """The GPU form of the compiled LoRA step (BGMV over the rank buckets), run here on CPU."""
+    prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23]]
+    adapters = ["r8", "r20", None]
+    want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
+    bgmv = engine(small, "true", tmp_path / "cache")
+    bgmv.graphs.host_runs = False
+    assert [r.output_ids for r in bgmv.generate(prompts, GREEDY, adapters)] == want
+    assert (4, 3) in bgmv.graphs._fns and not any(nb == HOST_RUNS for _, nb in bgmv.graphs._fns)
+
+
 def test_auto_compiles_in_the_background_and_serves_eagerly_meanwhile(small, tmp_path):
     prompts = [[5, 6, 7], [9, 10, 11]]
     want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY)]
     auto = engine(small, "auto", tmp_path / "cache")
-    assert not auto.graphs.lora_steps  # on CPU, steps with LoRA rows stay eager
     first = [r.output_ids for r in auto.generate(prompts, GREEDY)]
     auto.graphs.wait_compiled()
     assert (2, 0) in auto.graphs._fns

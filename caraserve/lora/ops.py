@@ -72,3 +72,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         sgmv_host(y, x, a, b, group.host_scale, group.index)
     else:
         sgmv_reference(y, x, a, b, group.scale, group.index)
+
+
+def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str) -> None:
+    """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of
+    `groups` that targets module `name` (weight views prepared once per batch layout)."""
+    for group in groups:
+        if name in group.modules:
+            for start, end, a, b, scale in group.cpu_runs(layer, name):
+                y[start:end].addmm_(torch.mm(x[start:end], a), b, alpha=scale)

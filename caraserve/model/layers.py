@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caraserve.lora.batch import LoraBatch
-from caraserve.lora.ops import add_lora
+from caraserve.lora.ops import add_lora, add_lora_runs
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -86,16 +86,13 @@ class LoraLinear(nn.Module):
         # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
         pending = lora.handoff.submit(x, self.layer, self.name, host) if host else ()
         y = F.linear(x, self.weight, self.bias)
-        for group in groups:
-            if self.name not in group.modules:
-                continue
-            if y.is_cuda or not group.host_scale:
-                a, b = group.weights[self.name]
-                add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
-                continue
-            # CPU: one small matmul pair per adapter, on views prepared once per batch layout
-            for start, end, a, b, scale in group.cpu_runs(self.layer, self.name):
-                y[start:end].addmm_(torch.mm(x[start:end], a), b, alpha=scale)
+        if not y.is_cuda:
+            add_lora_runs(y, x, groups, self.layer, self.name)
+        else:
+            for group in groups:
+                if self.name in group.modules:
+                    a, b = group.weights[self.name]
+                    add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
         if pending:
             lora.handoff.add(y, pending)
         return y

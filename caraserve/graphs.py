@@ -54,7 +54,7 @@ _step = threading.local()  # .lora: the LoraBatch of the compiled step running o
 @torch.library.custom_op("caraserve::cpu_lora_runs_", mutates_args=("y",))
 def cpu_lora_runs_(y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
     """y += the LoRA delta of module `module` of `layer` for the running step's rows (CPU)."""
-    lora = _step.lora
+    lora = getattr(_step, "lora", None)
     if lora is not None:
         add_lora_runs(y, x, lora.groups, layer, module)
 
@@ -204,8 +204,8 @@ class DecodeGraphs:
         if fn is not None:
             return fn
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
-        compiled = torch.compile(_own_code(self._step_fn(bsz, nb), f"decode_b{bsz}_r{nb}"), fullgraph=True,
-                                 mode=mode)
+        name = f"decode_b{bsz}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
+        compiled = torch.compile(_own_code(self._step_fn(bsz, nb), name), fullgraph=True, mode=mode)
         log.info("compiling the decode step for batch bucket %d (LoRA: %s)", bsz,
                  "per-adapter runs" if nb == HOST_RUNS else f"BGMV over {nb} rank bucket(s)" if nb else "none")
 

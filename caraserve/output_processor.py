@@ -15,6 +15,17 @@ class OutputProcessor:
         self.tokenizer = tokenizer  # None: token ids only, no text
         self.eos_ids = eos_ids
         self.max_seq_len = max_seq_len
+        self._decode_batch = self._batch_decoder(tokenizer)
+
+    @staticmethod
+    def _batch_decoder(tokenizer):
+        """lists of ids -> texts without special tokens. A fast tokenizer's own Rust decoder when
+        transformers would add nothing to it (no space clean-up): the same text without the
+        per-id Python conversions of `batch_decode`, which cost ~1 ms per 32-row step."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            return lambda windows: backend.decode_batch(windows, skip_special_tokens=True)
+        return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True)
 
     @staticmethod
     def add_token(req: Request, token: int, logprob: float, now: float) -> None:
@@ -47,7 +58,7 @@ class OutputProcessor:
             return [""] * len(reqs)
         windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
         windows += [r.output_ids[r.detok_prefix :] for r in reqs]
-        decoded = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+        decoded = self._decode_batch(windows)
         out = []
         for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :]):
             # the tail may stay incomplete only while more tokens can come to complete it

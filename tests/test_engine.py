@@ -306,3 +306,7 @@ def test_incremental_detokenization_holds_split_characters(catalogue):
         assert all("\ufffd" not in p for p in pieces[r.request_id])
         assert "".join(pieces[r.request_id]) == r.text
     assert reqs[0].text == engine.tokenizer.decode(ids)  # a ends with its last token: nothing held back
+    # the step's batched decoder (the tokenizer's Rust one) equals transformers' batch_decode
+    tok = engine.tokenizer
+    windows = [[tok.bos_token_id] + ids[:5] + [tok.eos_token_id], ids[3:], []]
+    assert engine.outputs._decode_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)

@@ -211,14 +211,16 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_eps)
 
 
-@torch.library.custom_op("caraserve::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head). A custom op so
-    that compiled steps call it as it is: the packed weight has no strides inductor can lower."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+# x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head). An op of our own so
+# that compiled steps call it as it is: the packed weight has no strides inductor can lower.
+_lib = torch.library.Library("caraserve", "FRAGMENT")
+_lib.define("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor")
+_lib.impl("packed_linear",
+          lambda x, packed, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+          "CompositeExplicitAutograd")  # the packed weight is an MkldnnCPU tensor, x a CPU one
 
 
-@packed_linear.register_fake
+@torch.library.register_fake("caraserve::packed_linear")
 def _(x, packed, out_features):
     return x.new_empty(x.shape[0], out_features)
 
@@ -255,7 +257,7 @@ class CausalLM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab] of final hidden states [T, hidden] (already normed)."""
         if self._packed_head is not None:
-            return packed_linear(h, self._packed_head, self.args.vocab_size)
+            return torch.ops.caraserve.packed_linear(h, self._packed_head, self.args.vocab_size)
         return self.lm_head(h)
 
     def layer_devices(self) -> list[torch.device]:

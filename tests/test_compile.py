@@ -64,6 +64,21 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 
 
+def test_cpu_lora_steps_run_eagerly_with_several_threads(small, tmp_path):
+    import torch
+
+    from caraserve.lora.batch import LoraBatch
+
+    graphs = engine(small, "true", tmp_path / "cache").graphs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert graphs([[5]], [3], [1], LoraBatch((), True)) is None  # measured 4x slower compiled
+    finally:
+        torch.set_num_threads(threads)
+    assert not graphs._fns and not graphs._queued
+
+
 def test_compiled_bgmv_form_equals_eager(small, tmp_path):
     """The GPU form of the compiled LoRA step (BGMV over the rank buckets), run here on CPU."""
     prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23]]

@@ -134,6 +134,13 @@ class Engine:
         mode = self.config.compile
         if mode == "false":
             return None
+        if mode == "auto" and self.device.type == "cpu" and torch.get_num_threads() > 1:
+            # A background compile thread gives OpenMP a second thread team; with more teams' threads
+            # than cores GOMP stops spinning between parallel regions, and every small op of every
+            # later step waits on a wake-up (measured: LoRA steps 4x slower for good, 2 threads).
+            log.info("engine.compile=auto: %d CPU threads, so decode steps run eagerly "
+                     "(engine.compile=true compiles them at first use)", torch.get_num_threads())
+            return None
         cfg = self.config
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)

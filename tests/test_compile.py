@@ -64,7 +64,7 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 
 
-def test_cpu_lora_steps_run_eagerly_with_several_threads(small, tmp_path):
+def test_cpu_with_several_threads_keeps_lora_steps_eager_and_auto_off(small, tmp_path):
     import torch
 
     from caraserve.lora.batch import LoraBatch
@@ -77,6 +77,13 @@ def test_cpu_lora_steps_run_eagerly_with_several_threads(small, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert not graphs._fns and not graphs._queued
+
+    torch.set_num_threads(2)  # auto: no background compile thread beside several OpenMP threads
+    try:
+        assert engine(small, "auto", tmp_path / "cache").graphs is None
+    finally:
+        torch.set_num_threads(threads)
+    assert engine(small, "auto", tmp_path / "cache").graphs is not None
 
 
 def test_compiled_bgmv_form_equals_eager(small, tmp_path):

@@ -244,7 +244,8 @@ class CausalLM(nn.Module):
     def pack_lm_head(self, batch_hint: int) -> bool:
         """On CPU in float32, keeps a copy of the LM head weight in oneDNN's blocked layout, so the
         [B, hidden] x [hidden, vocab] GEMM of every step runs ~25-30% faster than F.linear (the
-        head is the largest GEMM of a small model's decode step). False where it does not apply."""
+        head is the largest GEMM of a small model's decode step). The copy costs the head's size
+        again in memory (vocab x hidden x 4 bytes). False where it does not apply."""
         w = self.lm_head.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False

@@ -135,9 +135,10 @@ class Engine:
         if mode == "false":
             return None
         if mode == "auto" and self.device.type == "cpu" and torch.get_num_threads() > 1:
-            # A background compile thread gives OpenMP a second thread team; with more teams' threads
-            # than cores GOMP stops spinning between parallel regions, and every small op of every
-            # later step waits on a wake-up (measured: LoRA steps 4x slower for good, 2 threads).
+            # Measured with 2 threads: once a background compile thread has run a compiled step,
+            # every later step's small ops are ~4x slower for good. The likely cause: that thread's
+            # OpenMP team makes more team threads than cores, so GOMP stops spinning between
+            # parallel regions (GOMP_SPINCOUNT=0 reproduces the slowdown without it).
             log.info("engine.compile=auto: %d CPU threads, so decode steps run eagerly "
                      "(engine.compile=true compiles them at first use)", torch.get_num_threads())
             return None

@@ -1,0 +1,157 @@
+"""Linear laws over batch features: least-squares fits, selection among candidate feature sets by
+held-out error, and exponentially weighted sufficient statistics for online refits. The latency
+model (perf_model.py) is built from these. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Every phase's features live in one vector, so one term vocabulary serves both phases.
+VARS = ("batch_size", "max_rank", "sum_ranks", "tokens", "token_rank")
+Vector = tuple[float, float, float, float, float]
+
+TERMS: dict[str, Callable[[Vector], float]] = {
+    "1": lambda v: 1.0,
+    "bs": lambda v: v[0],
+    "bs*max_rank": lambda v: v[0] * v[1],
+    "sum_ranks": lambda v: v[2],
+    "tokens": lambda v: v[3],
+    "tokens*max_rank": lambda v: v[3] * v[1],
+    "token_rank": lambda v: v[4],
+}
+
+# A candidate with more terms must beat the simplest adequate one by more than this on held-out
+# relative error; otherwise noise alone would decide between nested feature sets.
+PARSIMONY_REL = 0.05
+PARSIMONY_ABS = 1e-4
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How a phase's model was chosen. heldout_rel_err: mean |pred - y| / y on the test split."""
+
+    terms: tuple[str, ...]
+    r2: float
+    heldout_rel_err: float
+    samples: int
+    candidates: tuple[dict, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"terms": list(self.terms), "r2": self.r2, "heldout_rel_err": self.heldout_rel_err,
+                "samples": self.samples, "candidates": list(self.candidates)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FitReport:
+        return cls(tuple(d["terms"]), float(d["r2"]), float(d["heldout_rel_err"]), int(d["samples"]),
+                   tuple(d.get("candidates", ())))
+
+
+def design(terms: Sequence[str], vectors: Sequence[Vector]) -> np.ndarray:
+    return np.array([[TERMS[t](v) for t in terms] for v in vectors], dtype=np.float64)
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    ss_res = float(((y - pred) ** 2).sum())
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+
+class LinearFit:
+    """y = sum_k coef_k * term_k(v), with exponentially weighted sufficient statistics
+    (X^T W X and X^T W y) from which `observe` re-solves the coefficients."""
+
+    def __init__(self, terms: Sequence[str], coef: Sequence[float], lo: Sequence[float], hi: Sequence[float],
+                 xtx: np.ndarray, xty: np.ndarray, report: FitReport):
+        unknown = [t for t in terms if t not in TERMS]
+        if unknown:
+            raise ValueError(f"unknown term(s) {unknown}; known: {sorted(TERMS)}")
+        self.terms = tuple(terms)
+        self.coef = tuple(float(c) for c in coef)
+        self.lo = [float(x) for x in lo]
+        self.hi = [float(x) for x in hi]
+        self.xtx = np.asarray(xtx, dtype=np.float64).reshape(len(terms), len(terms))
+        self.xty = np.asarray(xty, dtype=np.float64).reshape(len(terms))
+        self.report = report
+        self.observed = 0
+        self._fns = tuple(TERMS[t] for t in self.terms)
+
+    @classmethod
+    def from_samples(cls, terms: Sequence[str], vectors: Sequence[Vector], y: np.ndarray,
+                     report: FitReport | None = None) -> LinearFit:
+        x = design(terms, vectors)
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        arr = np.array(vectors, dtype=np.float64)
+        if report is None:
+            report = FitReport(tuple(terms), _r2(y, x @ coef), float("nan"), len(y))
+        return cls(terms, coef, arr.min(axis=0), arr.max(axis=0), x.T @ x, x.T @ y, report)
+
+    def predict(self, v: Vector) -> float:
+        y = 0.0
+        for c, f in zip(self.coef, self._fns):
+            y += c * f(v)
+        return y
+
+    def clamp(self, v: Vector) -> Vector:
+        return tuple(min(max(x, lo), hi) for x, lo, hi in zip(v, self.lo, self.hi))
+
+    def in_range(self, v: Vector) -> bool:
+        return all(lo <= x <= hi for x, lo, hi in zip(v, self.lo, self.hi))
+
+    def observe(self, v: Vector, y: float, forgetting: float) -> None:
+        x = np.array([f(v) for f in self._fns], dtype=np.float64)
+        self.xtx = forgetting * self.xtx + np.outer(x, x)
+        self.xty = forgetting * self.xty + x * y
+        self.coef = tuple(float(c) for c in np.linalg.lstsq(self.xtx, self.xty, rcond=None)[0])
+        # What was observed has been measured, so it widens the range clamping trusts.
+        self.lo = [min(a, b) for a, b in zip(self.lo, v)]
+        self.hi = [max(a, b) for a, b in zip(self.hi, v)]
+        self.observed += 1
+
+    def to_dict(self) -> dict:
+        return {"terms": list(self.terms), "coef": list(self.coef),
+                "lo": dict(zip(VARS, self.lo)), "hi": dict(zip(VARS, self.hi)),
+                "xtx": self.xtx.tolist(), "xty": self.xty.tolist(), "observed": self.observed,
+                "report": self.report.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearFit:
+        fit = cls(d["terms"], d["coef"], [d["lo"][k] for k in VARS], [d["hi"][k] for k in VARS],
+                  np.array(d["xtx"]), np.array(d["xty"]), FitReport.from_dict(d["report"]))
+        fit.observed = int(d.get("observed", 0))
+        return fit
+
+
+def select_fit(vectors: Sequence[Vector], seconds: Sequence[float], candidates: Sequence[Sequence[str]],
+               rng: np.random.Generator, test_fraction: float) -> LinearFit:
+    """Fit every candidate on a train split, keep the simplest whose held-out error is within
+    the parsimony margin of the best, and refit it on all samples."""
+    y = np.asarray(seconds, dtype=np.float64)
+    n = len(y)
+    if n != len(vectors):
+        raise ValueError(f"{len(vectors)} feature rows but {n} timings")
+    if np.any(y <= 0):
+        raise ValueError("timings must be positive seconds")
+    n_test = max(1, int(round(n * test_fraction)))
+    perm = rng.permutation(n)
+    test, train = perm[:n_test], perm[n_test:]
+    tried = []
+    for terms in candidates:
+        if len(train) < len(terms) + 1:
+            continue
+        x_tr = design(terms, [vectors[i] for i in train])
+        coef = np.linalg.lstsq(x_tr, y[train], rcond=None)[0]
+        pred = design(terms, [vectors[i] for i in test]) @ coef
+        err = float(np.mean(np.abs(pred - y[test]) / y[test]))
+        tried.append({"terms": list(terms), "heldout_rel_err": err, "r2_train": _r2(y[train], x_tr @ coef)})
+    if not tried:
+        raise ValueError(f"{n} samples are too few to fit and test any of {list(candidates)}")
+    best = min(c["heldout_rel_err"] for c in tried)
+    ok = [c for c in tried if c["heldout_rel_err"] <= best * (1 + PARSIMONY_REL) + PARSIMONY_ABS]
+    chosen = min(ok, key=lambda c: (len(c["terms"]), c["heldout_rel_err"]))
+    fit = LinearFit.from_samples(chosen["terms"], vectors, y)
+    fit.report = FitReport(tuple(chosen["terms"]), fit.report.r2, chosen["heldout_rel_err"], n, tuple(tried))
+    return fit

@@ -215,12 +215,13 @@ def drive(engine, items) -> dict:
 
 
 def prefill_ms(engine, adapter: str, vocab: int, lengths=(64, 128, 256, 512)) -> dict:
-    """This machine's prefill time (median of 3) with a resident adapter, per prompt length."""
+    """This machine's prefill time (median of 3) with a resident adapter, per prompt length (those
+    that fit the engine's context)."""
     from caraserve.request import SamplingParams
 
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     out = {}
-    for n in lengths:
+    for n in (n for n in lengths if n < engine.max_seq_len):
         prompt = [4 + (7 * j) % (vocab - 4) for j in range(n)]
         times = []
         for _ in range(3):
@@ -231,7 +232,7 @@ def prefill_ms(engine, adapter: str, vocab: int, lengths=(64, 128, 256, 512)) ->
     return out
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s (2: ~50%% busy)")
@@ -260,16 +261,117 @@ def main():
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or "CACHED" not in policies:
         ap.error(f"--policies must include CACHED and name only {POLICIES}; got {unknown or policies}")
+    args.policy_list = policies
+    args.rank_mix = [int(r) for r in args.ranks.split(",")]
+    return args
+
+
+def run_policies(args, model, model_dir, targets, adapters, items, per_bucket, vocab):
+    """Every policy over the same items, --repeats times in rotated order: (per-policy run stats,
+    each policy's first outputs, the CPU-assist plan's source, CACHED's prefill times)."""
+    from tqdm import tqdm
+
+    policies = args.policy_list
+    rank64 = next(w.name for w in adapters if w.rank == max(w.rank for w in adapters))
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    outputs: dict[str, list] = {}
+    plan_source, prefill = "", {}
+    bar = tqdm(total=len(policies) * args.repeats, desc="policies x repeats", file=sys.stderr)
+    for rep in range(args.repeats):
+        for policy in policies[rep % len(policies):] + policies[: rep % len(policies)]:  # rotated per repeat
+            bar.set_postfix_str(f"{policy} #{rep + 1}")
+            slots = per_bucket if policy == "CACHED" else args.slots
+            engine = make_engine(policy, model, model_dir, args, targets, slots, adapters)
+            warm_up(engine, policy, adapters, vocab)
+            if policy == "CACHED" and not prefill:
+                prefill = prefill_ms(engine, rank64, vocab)
+            if engine.handoff is not None:
+                plan_source = engine.handoff.plan.source
+            res = drive(engine, items)
+            runs[policy].append(res["stats"])
+            outputs.setdefault(policy, res["outputs"])
+            if engine.handoff is not None:
+                engine.handoff.close()
+            del engine
+            bar.update(1)
+    bar.close()
+    return runs, outputs, plan_source, prefill
+
+
+def summarize(runs, outputs, n_items):
+    """(systems: per-policy medians and runs, ratios to CACHED, on-demand / assisted pairs)."""
+    systems = {}
+    for policy, rs in runs.items():
+        systems[policy] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        systems[policy]["runs"] = rs
+        same = sum(a == b for a, b in zip(outputs[policy], outputs["CACHED"]))
+        systems[policy]["outputs_equal_to_cached"] = f"{same}/{n_items}"
+    base = systems["CACHED"]
+    ratios = {}
+    for policy, s in systems.items():
+        ratios[policy] = {
+            "ttft_mean_vs_cached": s["ttft_mean_ms"] / base["ttft_mean_ms"],
+            "ttft_p50_vs_cached": s["ttft_p50_ms"] / base["ttft_p50_ms"],
+            "e2e_mean_vs_cached": s["e2e_mean_ms"] / base["e2e_mean_ms"],
+        }
+    pairs = {}
+    for assisted in ("CPU-assisted", "auto"):
+        if "on-demand" in systems and assisted in systems:
+            od, cs = systems["on-demand"], systems[assisted]
+            pairs[f"on-demand / {assisted} mean latency"] = od["e2e_mean_ms"] / cs["e2e_mean_ms"]
+            pairs[f"on-demand / {assisted} mean TTFT"] = od["ttft_mean_ms"] / cs["ttft_mean_ms"]
+    return systems, ratios, pairs
+
+
+def print_report(args, result: dict) -> None:
+    header, em, workload = result["header"], result["emulation"], result["workload"]
+    systems, ratios, pairs = result["systems"], result["ratios"], result["pairs"]
+    print(f"\n{header['cpu']} ({header['cores']} cores), tiny model fp32, torch {torch.__version__}, "
+          f"cpu_assist.threads={args.threads}, plan: {header['cpu_assist_plan'] or 'n/a'}")
+    w = workload
+    print(f"workload: {args.requests} requests, Poisson {args.rate:g} req/s over {w['arrival_span_s']:.1f} s, "
+          f"{args.adapters} adapters ({w['adapters_used']} used, ranks {w['rank_counts']}), {args.popularity}, "
+          f"targets {args.targets}, prompt {args.prompt_min}-{args.prompt_max} (mean "
+          f"{w['mean_prompt_tokens']:.0f}), output {args.output_min}-{args.output_max}; "
+          f"slots/bucket {args.slots} (CACHED {w['cached_slots_per_bucket']}); repeats {args.repeats} (medians); "
+          f"load average {header['loadavg_1_5_15_start'][0]:.2f} at start, "
+          f"{header['loadavg_1_5_15_end'][0]:.2f} at end")
+    print(f"emulated copy at {args.copy_gbps:g} GB/s: "
+          + ", ".join(f"r{r} {em['adapter_bytes'][r] / 2**20:.2f} MiB -> {em['copy_ms'][r]:.1f} ms" for r in RANKS))
+    print("prefill here (rank-64 adapter resident): "
+          + ", ".join(f"{n} tok {ms:.1f} ms" for n, ms in em['prefill_ms_rank64_resident'].items()))
+    cols = "".join(f" {m.upper() + ' ' + q:>10s}" for m in METRICS for q in ("mean", "p50", "p99"))
+    print(f"\n{'policy':13s}{cols} {'cold':>5s} {'assist':>6s} {'loads':>5s} {'late':>6s} {'x TTFT':>7s} "
+          f"{'x TTFT50':>8s} {'x e2e':>6s}")
+    for policy, s in systems.items():
+        vals = "".join(f" {s[f'{m}_{q}_ms']:10.1f}" for m in METRICS for q in ("mean", "p50", "p99"))
+        r = ratios[policy]
+        print(f"{policy:13s}{vals} {s['cold_starts']:5.0f} {s['cpu_assisted']:6.0f} {s['loads']:5.0f} "
+              f"{s['late_mean_ms']:6.1f} {r['ttft_mean_vs_cached']:6.2f}x {r['ttft_p50_vs_cached']:7.2f}x "
+              f"{r['e2e_mean_vs_cached']:5.2f}x")
+    print("(ms; x = ratio to CACHED; late = mean ms a request waited for a step to end before its add, "
+          "not in TTFT)")
+    for policy, s in systems.items():
+        print(f"{policy}: cold-start TTFT mean {s['ttft_cold_mean_ms']:.1f} ms, TTFT from the due time (late "
+              f"included) mean {s['ttft_from_due_mean_ms']:.1f} p99 {s['ttft_from_due_p99_ms']:.1f} ms, "
+              f"greedy outputs equal to CACHED {s['outputs_equal_to_cached']}, wall {s['wall_s']:.1f} s")
+    for k, v in pairs.items():
+        print(f"{k}: {v:.2f}x")
+    busy = {p: max(r["other_processes_cpu_s"] for r in s["runs"]) for p, s in systems.items()}
+    if any(v > 0.05 * systems[p]["wall_s"] for p, v in busy.items()):
+        print("WARNING: other processes used the CPU during the runs (max CPU-seconds per run: "
+              + ", ".join(f"{p} {v:.1f}" for p, v in busy.items()) + "): the numbers are contaminated")
+
+
+def main():
+    args = parse_args()
     torch.set_num_threads(args.torch_threads)
     logging_off()
-
-    from tqdm import tqdm
 
     from caraserve.model.loader import load_model
     from caraserve.model.tiny import tiny_paths
 
     t_start = time.perf_counter()
-    args.rank_mix = [int(r) for r in args.ranks.split(",")]
     if args.shape == "tiny":
         model_dir, _ = tiny_paths()
         model = load_model(model_dir, "float32", args.device, None).eval()
@@ -288,51 +390,10 @@ def main():
     rank_counts = {r: sum(v == r for v in adapter_ranks.values()) for r in RANKS}
     used = sorted({it.adapter for it in items})
 
-    runs: dict[str, list[dict]] = {p: [] for p in policies}
-    outputs: dict[str, list] = {}
-    plan_source, prefill = "", {}
-    bar = tqdm(total=len(policies) * args.repeats, desc="policies x repeats", file=sys.stderr)
     load_start = os.getloadavg()
-    for rep in range(args.repeats):
-        for policy in policies[rep % len(policies):] + policies[: rep % len(policies)]:  # rotated per repeat
-            bar.set_postfix_str(f"{policy} #{rep + 1}")
-            slots = per_bucket if policy == "CACHED" else args.slots
-            engine = make_engine(policy, model, model_dir, args, targets, slots, adapters)
-            warm_up(engine, policy, adapters, vocab)
-            if policy == "CACHED" and not prefill:
-                prefill = prefill_ms(engine, next(w.name for w in adapters if w.rank == max(size)), vocab)
-            if engine.handoff is not None:
-                plan_source = engine.handoff.plan.source
-            res = drive(engine, items)
-            runs[policy].append(res["stats"])
-            outputs.setdefault(policy, res["outputs"])
-            if engine.handoff is not None:
-                engine.handoff.close()
-            del engine
-            bar.update(1)
-    bar.close()
-
-    systems = {}
-    for policy, rs in runs.items():
-        systems[policy] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        systems[policy]["runs"] = rs
-        same = sum(a == b for a, b in zip(outputs[policy], outputs["CACHED"]))
-        systems[policy]["outputs_equal_to_cached"] = f"{same}/{len(items)}"
-    base = systems["CACHED"]
-    ratios = {}
-    for policy in policies:
-        s = systems[policy]
-        ratios[policy] = {
-            "ttft_mean_vs_cached": s["ttft_mean_ms"] / base["ttft_mean_ms"],
-            "ttft_p50_vs_cached": s["ttft_p50_ms"] / base["ttft_p50_ms"],
-            "e2e_mean_vs_cached": s["e2e_mean_ms"] / base["e2e_mean_ms"],
-        }
-    pairs = {}
-    for assisted in ("CPU-assisted", "auto"):
-        if "on-demand" in systems and assisted in systems:
-            od, cs = systems["on-demand"], systems[assisted]
-            pairs[f"on-demand / {assisted} mean latency"] = od["e2e_mean_ms"] / cs["e2e_mean_ms"]
-            pairs[f"on-demand / {assisted} mean TTFT"] = od["ttft_mean_ms"] / cs["ttft_mean_ms"]
+    runs, outputs, plan_source, prefill = run_policies(args, model, model_dir, targets, adapters, items,
+                                                       per_bucket, vocab)
+    systems, ratios, pairs = summarize(runs, outputs, len(items))
 
     header = {
         "device": torch.cuda.get_device_name() if args.device == "cuda"
@@ -357,41 +418,9 @@ def main():
         "mean_output_tokens": statistics.fmean(it.max_tokens for it in items),
     }
 
-    print(f"\n{header['cpu']} ({header['cores']} cores), tiny model fp32, torch {torch.__version__}, "
-          f"cpu_assist.threads={args.threads}, plan: {plan_source or 'n/a'}")
-    print(f"workload: {args.requests} requests, Poisson {args.rate:g} req/s over {items[-1].arrival_s:.1f} s, "
-          f"{args.adapters} adapters ({len(used)} used, ranks {rank_counts}), {args.popularity}, "
-          f"targets {args.targets}, prompt {args.prompt_min}-{args.prompt_max} (mean "
-          f"{workload['mean_prompt_tokens']:.0f}), output {args.output_min}-{args.output_max}; "
-          f"slots/bucket {args.slots} (CACHED {per_bucket}); repeats {args.repeats} (medians); load average "
-          f"{load_start[0]:.2f} at start, {header['loadavg_1_5_15_end'][0]:.2f} at end")
-    print(f"emulated copy at {args.copy_gbps:g} GB/s: "
-          + ", ".join(f"r{r} {size[r] / 2**20:.2f} MiB -> {copy_ms[r]:.1f} ms" for r in RANKS))
-    print("prefill here (rank-64 adapter resident): "
-          + ", ".join(f"{n} tok {ms:.1f} ms" for n, ms in prefill.items()))
-    cols = "".join(f" {m.upper() + ' ' + q:>10s}" for m in METRICS for q in ("mean", "p50", "p99"))
-    print(f"\n{'policy':13s}{cols} {'cold':>5s} {'assist':>6s} {'loads':>5s} {'late':>6s} {'x TTFT':>7s} "
-          f"{'x TTFT50':>8s} {'x e2e':>6s}")
-    for policy, s in systems.items():
-        vals = "".join(f" {s[f'{m}_{q}_ms']:10.1f}" for m in METRICS for q in ("mean", "p50", "p99"))
-        r = ratios[policy]
-        print(f"{policy:13s}{vals} {s['cold_starts']:5.0f} {s['cpu_assisted']:6.0f} {s['loads']:5.0f} "
-              f"{s['late_mean_ms']:6.1f} {r['ttft_mean_vs_cached']:6.2f}x {r['ttft_p50_vs_cached']:7.2f}x "
-              f"{r['e2e_mean_vs_cached']:5.2f}x")
-    print("(ms; x = ratio to CACHED; late = mean ms a request waited for a step to end before its add, "
-          "not in TTFT)")
-    for policy, s in systems.items():
-        print(f"{policy}: cold-start TTFT mean {s['ttft_cold_mean_ms']:.1f} ms, TTFT from the due time (late "
-              f"included) mean {s['ttft_from_due_mean_ms']:.1f} p99 {s['ttft_from_due_p99_ms']:.1f} ms, "
-              f"greedy outputs equal to CACHED {s['outputs_equal_to_cached']}, wall {s['wall_s']:.1f} s")
-    for k, v in pairs.items():
-        print(f"{k}: {v:.2f}x")
-    busy = {p: max(r["other_processes_cpu_s"] for r in runs[p]) for p in policies}
-    if any(v > 0.05 * systems[p]["wall_s"] for p, v in busy.items()):
-        print("WARNING: other processes used the CPU during the runs (max CPU-seconds per run: "
-              + ", ".join(f"{p} {v:.1f}" for p, v in busy.items()) + "): the numbers are contaminated")
     result = {"header": header, "emulation": emulation, "workload": workload, "systems": systems,
               "ratios": ratios, "pairs": pairs}
+    print_report(args, result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -105,6 +105,14 @@ class DecodeGraphs:
         # background: a missing variant compiles on a worker thread while steps run eagerly
         self._jobs: queue.Queue | None = queue.Queue() if background else None
         self._queued: set[tuple[int, int]] = set()
+        if self.cuda_graphs:
+            # The step writes the KV cache and reads the adapter slots, tensors it closes over
+            # (graph inputs to the compiler). CUDA-graph trees skip graphs that mutate inputs
+            # unless those inputs keep a fixed address, which these do for the engine's lifetime.
+            lora = [w for bk in pool.buckets for ab in bk.weights.values() for w in ab]
+            lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
+            for t in [t for kv in kv_layers for t in kv] + lora:
+                torch._dynamo.mark_static_address(t)
         if background:
             threading.Thread(target=self._compile_worker, name="caraserve-compile", daemon=True).start()
         if cache_file is not None:

@@ -76,6 +76,8 @@ def main():
     from caraserve.lora.synthetic import random_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch._logging.set_logs(perf_hints=True)  # prints why a compiled step was not CUDA-graphed
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = random_model(args.shape, dtype, device)
     margs = model.args
@@ -87,7 +89,9 @@ def main():
     prompts = [torch.randint(0, margs.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.batch)]
     mixed = [names[i % len(names)] for i in range(args.batch)]
-    rows = {}
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    out = Path(args.out or f"profiles/{device.type}/decode_floor_{args.shape}.json")
+    rows, notes = {}, {}
     for mode in args.modes.split(","):
         cfg = EngineConfig(
             model=ModelConfig(path=f"random-{args.shape}"),
@@ -101,9 +105,44 @@ def main():
         label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
         rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
         rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
+        if engine.graphs is not None:
+            notes[label] = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips()}
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # written after every mode: a run stopped during a later mode's compile keeps the earlier rows
+        report = {
+            "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS, "targets": TARGETS,
+                         "prompt_tokens": args.prompt_tokens, "steps": args.steps},
+            "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "floor_ms": floor_ms,
+            "rows": rows, "ratios": ratios_of(rows, floor_ms), "compile": notes,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    ratios = report["ratios"]
+    print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")
+    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
+    for k, r in rows.items():
+        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    for k, v in notes.items():
+        print(f"{k}: compile {v['compile_s']:.1f} s, CUDA-graph skips {v['cudagraph_skips'] or 'none'}")
+    print(f"wrote {out}")
+
+
+def cudagraph_skips() -> int:
+    """Compiled graphs that torch's CUDA-graph trees declined to record (the reasons go to the
+    perf-hints log, switched on in main)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def ratios_of(rows: dict, floor_ms: float) -> dict:
     for r in rows.values():
         r["step_over_floor"] = r["tpot_ms"] / floor_ms
     ratios = {}
@@ -115,24 +154,7 @@ def main():
         for kind in ("base only", "mixed LoRA"):
             compiled, eager = rows[f"compiled {kind}"], rows[f"eager {kind}"]
             ratios[f"{kind}: compiled / eager step"] = compiled["tpot_ms"] / eager["tpot_ms"]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
-    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")
-    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
-    for k, r in rows.items():
-        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    out = Path(args.out or f"profiles/{device.type}/decode_floor_{args.shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
-                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS, "targets": TARGETS,
-                     "prompt_tokens": args.prompt_tokens, "steps": args.steps},
-        "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "floor_ms": floor_ms, "rows": rows, "ratios": ratios,
-    }, indent=2))
-    print(f"wrote {out}")
+    return ratios
 
 
 if __name__ == "__main__":

@@ -44,9 +44,14 @@ def test_cuda_engine_matches_cpu_engine(small):
 
 def test_cuda_graph_decode_matches_eager(small):
     want = [r.output_ids for r in engine(small, "cuda").generate(PROMPTS, GREEDY, ADAPTERS)]
+    from torch._dynamo.utils import counters
+
+    counters["inductor"]["cudagraph_skips"] = 0
     e = engine(small, "cuda", "true")
     assert e.graphs.cuda_graphs
     assert [r.output_ids for r in e.generate(PROMPTS, GREEDY, ADAPTERS)] == want
+    assert e.graphs.compile_s > 0  # the steps above ran compiled
+    assert counters["inductor"]["cudagraph_skips"] == 0  # and were recorded as CUDA graphs, not run plainly
 
 
 def test_adapter_copy_is_async_and_becomes_resident(small):

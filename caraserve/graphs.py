@@ -4,8 +4,9 @@ One variant per (batch-size bucket, LoRA form): the batch is padded to a power-o
 count (padding rows write into a scratch KV slot, slot 0, that no request owns), and attention
 runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step
 whose KV slots lie beyond its bucket runs eagerly, which gathers them). The LoRA delta has two
-forms. On GPUs, BGMV over every rank bucket up to the batch's largest (one slot index per row;
-rows of other buckets get scale 0), one variant per number of buckets. On CPU, where a gather
+forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module whatever the adapter
+mix, `triton_ops.bgmv_multi`; each row carries its rank bucket, slot, rank and scale), one
+variant per batch bucket. On CPU, where a gather
 of every row's weights costs more than the whole step, an opaque op per module runs the eager
 form (one small matmul pair per adapter, `add_lora_runs`) on the step's LoraBatch, which the
 op reads from the thread running the step: one variant serves every adapter mix. The KV
@@ -36,7 +37,7 @@ from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 3  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 4  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -176,23 +177,22 @@ class DecodeGraphs:
         return logits[:n]
 
     def _num_buckets(self, lora: LoraBatch | None) -> int:
-        """Rank buckets the variant covers: up to the batch's largest one (0 = no LoRA)."""
-        if lora is None:
-            return 0
-        return max(self.pool.rank_buckets.index(g.rank) for g in lora.groups) + 1
+        """Rank buckets the variant covers: all of the pool's (0 = no LoRA)."""
+        return 0 if lora is None else len(self.pool.buckets)
 
     def _lora_rows(self, lora: LoraBatch | None, bsz: int, nb: int):
-        """row_slot [nb, B] int64 and row_scale [nb, B] float32 (rows outside a bucket: scale 0)."""
+        """row_meta [3, B] int32 (rank bucket, -1 for none; slot; rank) and row_scale [B] float32."""
         if lora is None:
             return None, None
-        row_slot = torch.zeros(nb, bsz, dtype=torch.int64)
-        row_scale = torch.zeros(nb, bsz, dtype=torch.float32)
+        meta = torch.zeros(3, bsz, dtype=torch.int32)
+        meta[0] = -1
+        row_scale = torch.zeros(bsz, dtype=torch.float32)
         for g in lora.groups:
             b = self.pool.rank_buckets.index(g.rank)
             for start, count, slot in g.index.segments:
-                row_slot[b, start : start + count] = slot
-                row_scale[b, start : start + count] = g.host_scale[slot]
-        return row_slot.to(self.device), row_scale.to(self.device)
+                meta[:, start : start + count] = torch.tensor([b, slot, g.rank], dtype=torch.int32)[:, None]
+                row_scale[start : start + count] = g.host_scale[slot]
+        return meta.to(self.device), row_scale.to(self.device)
 
     def _compile_worker(self) -> None:
         while True:
@@ -204,8 +204,8 @@ class DecodeGraphs:
             slot_ctx = torch.ones(bsz + 1, dtype=torch.int64, device=dev)
             kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
             torch._dynamo.maybe_mark_dynamic(kpos, 0)
-            rows = (torch.zeros(nb, bsz, dtype=torch.int64, device=dev),
-                    torch.zeros(nb, bsz, dtype=torch.float32, device=dev)) if nb > 0 else (None, None)
+            rows = (torch.full((3, bsz), -1, dtype=torch.int32, device=dev),  # every row: no adapter
+                    torch.zeros(bsz, dtype=torch.float32, device=dev)) if nb > 0 else (None, None)
             _step.lora = None  # HOST_RUNS variants: no LoRA rows in this run
             try:
                 with torch.inference_mode():  # every row writes the scratch KV slot only
@@ -254,14 +254,22 @@ class DecodeGraphs:
         m, kv_layers = self.model, self.kv_layers
         a = m.args
         buckets = self.pool.buckets[:max(nb, 0)]
+        triton_lora = self.device.type == "cuda"
+        if triton_lora:
+            from caraserve.lora import triton_ops
 
-        def lora(y, x, name, layer, row_slot, row_scale):
+        def lora(y, x, name, layer, meta, row_scale):
+            if triton_lora:
+                triton_ops.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
+                                      [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
+                return y
+            # The same rows in torch ops (CPU tests of the GPU form): gather every row's slot
+            slot = meta[1].long()
             for b, bucket in enumerate(buckets):
                 la, lb = bucket.weights[name]
-                sl = row_slot[b]
-                v = torch.bmm(x.unsqueeze(1), la[layer][sl])  # [B, 1, R]
-                d = torch.bmm(v, lb[layer][sl]).squeeze(1)  # [B, out]
-                y = y + (d * row_scale[b].unsqueeze(1)).to(y.dtype)
+                v = torch.bmm(x.unsqueeze(1), la[layer][slot])  # [B, 1, R]
+                d = torch.bmm(v, lb[layer][slot]).squeeze(1)  # [B, out]
+                y = y + (d * torch.where(meta[0] == b, row_scale, 0.0).unsqueeze(1)).to(y.dtype)
             return y
 
         def proj(mod, x, row_slot, row_scale):

@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="false,true", help="engine.compile modes to run")
+    ap.add_argument("--workloads", default="base,mixed", help="base (no adapters) and/or mixed (LoRA rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -103,8 +104,10 @@ def main():
         for i, n in enumerate(names):
             engine.store.add(random_lora(n, RANKS[i % len(RANKS)], margs, TARGETS, seed=i))
         label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
-        rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
-        rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
+        if "base" in args.workloads.split(","):
+            rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
+        if "mixed" in args.workloads.split(","):
+            rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
         if engine.graphs is not None:
             notes[label] = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips()}
         del engine
@@ -147,11 +150,13 @@ def ratios_of(rows: dict, floor_ms: float) -> dict:
         r["step_over_floor"] = r["tpot_ms"] / floor_ms
     ratios = {}
     for label in ("eager", "compiled"):
-        if f"{label} base only" in rows:
+        if f"{label} base only" in rows and f"{label} mixed LoRA" in rows:
             lora, base = rows[f"{label} mixed LoRA"], rows[f"{label} base only"]
             ratios[f"{label}: LoRA / base step"] = lora["tpot_ms"] / base["tpot_ms"]
-    if "compiled base only" in rows and "eager base only" in rows:
+    if any(k.startswith("compiled") for k in rows) and any(k.startswith("eager") for k in rows):
         for kind in ("base only", "mixed LoRA"):
+            if f"compiled {kind}" not in rows or f"eager {kind}" not in rows:
+                continue
             compiled, eager = rows[f"compiled {kind}"], rows[f"eager {kind}"]
             ratios[f"{kind}: compiled / eager step"] = compiled["tpot_ms"] / eager["tpot_ms"]
     return ratios

@@ -192,3 +192,56 @@ def test_rejects_mismatched_shapes() -> None:
         triton_ops.bgmv(y, x, a, b[:, :3], scale, index)
     with pytest.raises(ValueError):
         triton_ops.bgmv(y, x, a, b, scale[:1], index)
+
+
+def _multi_case(seed: int, ranks: tuple[int, ...], n_rows: int, dims: tuple[int, int], dtype=torch.float32):
+    """Rows spread over rank buckets (some rows without an adapter) for the multi-bucket BGMV."""
+    gen = torch.Generator().manual_seed(seed)
+    n_in, n_out, n_slots = *dims, 3
+    a = [torch.randn(n_slots, n_in, r, generator=gen).to(dtype).to(DEVICE) for r in ranks]
+    b = [torch.randn(n_slots, r, n_out, generator=gen).to(dtype).to(DEVICE) for r in ranks]
+    bucket = torch.randint(-1, len(ranks), (n_rows,), generator=gen)
+    slot = torch.randint(0, n_slots, (n_rows,), generator=gen)
+    rank = torch.tensor([ranks[k] if k >= 0 else 0 for k in bucket.tolist()])
+    meta = torch.stack([bucket, slot, rank]).to(torch.int32).to(DEVICE)
+    scale = (torch.rand(n_rows, generator=gen) + 0.5).to(DEVICE)
+    x = torch.randn(n_rows, n_in, generator=gen).to(dtype).to(DEVICE)
+    y = torch.randn(n_rows, n_out, generator=gen).to(dtype).to(DEVICE)
+    want = y.double().clone()
+    for i, (k, s) in enumerate(zip(bucket.tolist(), slot.tolist())):
+        if k >= 0:
+            want[i] += scale[i].double() * (x[i].double() @ a[k][s].double()) @ b[k][s].double()
+    return y, x, a, b, meta, scale, want
+
+
+@pytest.mark.parametrize("split_k", (1, 3, None))
+@pytest.mark.parametrize("ranks", ((8, 16, 32, 64), (1, 5, 33), tuple(range(1, 11))), ids=("4b", "odd", "10b"))
+def test_bgmv_multi_matches_reference(ranks: tuple[int, ...], split_k: int | None) -> None:
+    """Multi-bucket BGMV (the compiled decode step's LoRA on CUDA): every row against float64,
+    rows without an adapter untouched, more buckets than one launch holds (10 > 8)."""
+    y, x, a, b, meta, scale, want = _multi_case(len(ranks) * 7 + (split_k or 0), ranks, 13, (80, 36))
+    untouched = (meta[0] < 0).cpu()
+    before = y.clone()
+    triton_ops.bgmv_multi(y, x, a, b, meta, scale, split_k=split_k)
+    torch.testing.assert_close(y.double().cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(y.cpu()[untouched], before.cpu()[untouched])
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
+def test_bgmv_multi_low_precision(dtype: torch.dtype) -> None:
+    y, x, a, b, meta, scale, want = _multi_case(3, (8, 16, 32, 64), 9, (64, 48), dtype=dtype)
+    triton_ops.bgmv_multi(y, x, a, b, meta, scale)
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(y.double().cpu(), want.cpu(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_bgmv_multi_rejects_bad_arguments() -> None:
+    y, x, a, b, meta, scale, _ = _multi_case(0, (4, 8), 5, (32, 16))
+    with pytest.raises(ValueError, match="one A and one B"):
+        triton_ops.bgmv_multi(y, x, a, b[:1], meta, scale)
+    with pytest.raises(ValueError, match="rows"):
+        triton_ops.bgmv_multi(y, x, a, b, meta[:, :2], scale)
+    with pytest.raises(ValueError, match="bucket shapes"):
+        triton_ops.bgmv_multi(y, x, [t[:, :16] for t in a], b, meta, scale)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_ops.bgmv_multi(y, x, [t.transpose(1, 2).contiguous().transpose(1, 2) for t in a], b, meta, scale)

@@ -101,6 +101,8 @@ class DecodeGraphs:
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
         self.host_runs = self.device.type == "cpu"  # LoRA through cpu_lora_runs_ rather than BGMV
+        # The BGMV form's kernels: Triton on CUDA; torch gathers elsewhere (CPU tests of that form)
+        self.triton_lora = self.device.type == "cuda"
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly
@@ -254,7 +256,7 @@ class DecodeGraphs:
         m, kv_layers = self.model, self.kv_layers
         a = m.args
         buckets = self.pool.buckets[:max(nb, 0)]
-        triton_lora = self.device.type == "cuda"
+        triton_lora = self.triton_lora
         if triton_lora:
             from caraserve.lora import triton_ops
 

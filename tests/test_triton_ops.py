@@ -245,3 +245,50 @@ def test_bgmv_multi_rejects_bad_arguments() -> None:
         triton_ops.bgmv_multi(y, x, [t[:, :16] for t in a], b, meta, scale)
     with pytest.raises(ValueError, match="contiguous"):
         triton_ops.bgmv_multi(y, x, [t.transpose(1, 2).contiguous().transpose(1, 2) for t in a], b, meta, scale)
+
+
+def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
+    """The compiled CUDA step's LoRA form (bgmv_multi over every rank bucket) inside the decode
+    step function itself, run uncompiled here (the interpreter on CPU), gives the eager tokens."""
+    from helpers import save_peft_adapter, save_random_hf_model
+
+    from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+    from caraserve.engine import Engine
+    from caraserve.request import SamplingParams
+
+    save_random_hf_model(tmp_path / "base", "llama", num_hidden_layers=2)
+    save_peft_adapter(tmp_path / "base", tmp_path / "adapters" / "r8", seed=1, r=8,
+                      target_modules=["q_proj", "v_proj", "down_proj"])
+    save_peft_adapter(tmp_path / "base", tmp_path / "adapters" / "r20", seed=2, r=20, lora_alpha=10,
+                      target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])
+
+    def engine(compile_mode):
+        return Engine(EngineConfig(model=ModelConfig(path=str(tmp_path / "base")),
+                                   adapters=AdapterConfig(dir=str(tmp_path / "adapters"), rank_buckets=(8, 16, 32)),
+                                   max_batch_size=4, max_seq_len=64, compile=compile_mode, compile_cache_dir="",
+                                   device=DEVICE))
+
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompts, adapters = [[5, 6, 7], [9, 10], [20, 21, 22, 23]], ["r8", "r20", None]
+    want = [r.output_ids for r in engine("false").generate(prompts, greedy, adapters)]
+    e = engine("true")
+    graphs = e.graphs
+    graphs.host_runs, graphs.triton_lora = False, True
+    calls = []
+    real = triton_ops.bgmv_multi
+    import caraserve.lora.triton_ops as live  # the module the step imports (this file may hold a reload)
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    live.bgmv_multi = counted
+    try:
+        for bsz in graphs.batch_buckets:  # every variant as the plain step function: no compile
+            for nb in (0, len(graphs.pool.buckets)):
+                graphs._fns[(bsz, nb)] = graphs._step_fn(bsz, nb)
+        got = [r.output_ids for r in e.generate(prompts, greedy, adapters)]
+    finally:
+        live.bgmv_multi = real
+    assert got == want
+    assert calls  # the LoRA rows went through the Triton form

@@ -5,7 +5,7 @@ count (padding rows write into a scratch KV slot, slot 0, that no request owns),
 runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step
 whose KV slots lie beyond its bucket runs eagerly, which gathers them). The LoRA delta has two
 forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module whatever the adapter
-mix, `triton_ops.bgmv_multi`; each row carries its rank bucket, slot, rank and scale), one
+mix, `triton_multi.bgmv_multi`; each row carries its rank bucket, slot, rank and scale), one
 variant per batch bucket. On CPU, where a gather
 of every row's weights costs more than the whole step, an opaque op per module runs the eager
 form (one small matmul pair per adapter, `add_lora_runs`) on the step's LoraBatch, which the
@@ -258,12 +258,12 @@ class DecodeGraphs:
         buckets = self.pool.buckets[:max(nb, 0)]
         triton_lora = self.triton_lora
         if triton_lora:
-            from caraserve.lora import triton_ops
+            from caraserve.lora import triton_multi
 
         def lora(y, x, name, layer, meta, row_scale):
             if triton_lora:
-                triton_ops.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
-                                      [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
+                triton_multi.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
+                                        [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
                 return y
             # The same rows in torch ops (CPU tests of the GPU form): gather every row's slot
             slot = meta[1].long()

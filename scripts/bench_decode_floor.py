@@ -59,7 +59,7 @@ def measure(engine, prompts, adapters, steps) -> dict:
     return {"tpot_ms": tpot * 1e3, "tokens_per_s": len(reqs) * steps / wall}
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=32)
@@ -70,49 +70,76 @@ def main():
     ap.add_argument("--modes", default="false,true", help="engine.compile modes to run")
     ap.add_argument("--workloads", default="base,mixed", help="base (no adapters) and/or mixed (LoRA rows)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_mode(args, mode: str, model, device: torch.device, names: list[str], prompts) -> tuple[dict, dict | None]:
+    """The rows of one engine.compile mode (base only and/or mixed LoRA) and its compile notes."""
     from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
     from caraserve.engine import Engine
     from caraserve.lora.synthetic import random_lora
 
+    cfg = EngineConfig(
+        model=ModelConfig(path=f"random-{args.shape}"),
+        adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS,
+                               device_slots=-(-args.adapters // len(RANKS))),
+        device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
+        compile=mode, compile_cache_dir="")
+    engine = Engine(cfg, model=model)
+    for i, n in enumerate(names):
+        engine.store.add(random_lora(n, RANKS[i % len(RANKS)], model.args, TARGETS, seed=i))
+    label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
+    rows = {}
+    if "base" in args.workloads.split(","):
+        rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
+    if "mixed" in args.workloads.split(","):
+        mixed = [names[i % len(names)] for i in range(args.batch)]
+        rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
+    notes = None
+    if engine.graphs is not None:
+        notes = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips()}
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, notes
+
+
+def print_report(report: dict) -> None:
+    h, w = report["header"], report["workload"]
+    print(f"\n{h['device']}: {h['model']} {h['dtype']}, batch {w['batch']}, {w['adapters']} adapters ranks {RANKS}")
+    print(f"weights {report['weight_bytes'] / 1e9:.2f} GB, copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s, "
+          f"floor {report['floor_ms']:.3f} ms/step")
+    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
+    for k, r in report["rows"].items():
+        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
+    for k, v in report["ratios"].items():
+        print(f"{k}: {v:.2f}x")
+    for k, v in report["compile"].items():
+        print(f"{k}: compile {v['compile_s']:.1f} s, CUDA-graph skips {v['cudagraph_skips'] or 'none'}")
+
+
+def main():
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch._logging.set_logs(perf_hints=True)  # prints why a compiled step was not CUDA-graphed
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = random_model(args.shape, dtype, device)
-    margs = model.args
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth_gbs(device)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     names = [f"lora{i}-r{RANKS[i % len(RANKS)]}" for i in range(args.adapters)]
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, margs.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+    prompts = [torch.randint(0, model.args.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.batch)]
-    mixed = [names[i % len(names)] for i in range(args.batch)]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     out = Path(args.out or f"profiles/{device.type}/decode_floor_{args.shape}.json")
     rows, notes = {}, {}
     for mode in args.modes.split(","):
-        cfg = EngineConfig(
-            model=ModelConfig(path=f"random-{args.shape}"),
-            adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS,
-                                   device_slots=-(-args.adapters // len(RANKS))),
-            device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
-            compile=mode, compile_cache_dir="")
-        engine = Engine(cfg, model=model)
-        for i, n in enumerate(names):
-            engine.store.add(random_lora(n, RANKS[i % len(RANKS)], margs, TARGETS, seed=i))
-        label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
-        if "base" in args.workloads.split(","):
-            rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
-        if "mixed" in args.workloads.split(","):
-            rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
-        if engine.graphs is not None:
-            notes[label] = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips()}
-        del engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        mode_rows, mode_notes = run_mode(args, mode, model, device, names, prompts)
+        rows.update(mode_rows)
+        if mode_notes is not None:
+            notes["compiled" if mode == "true" else f"compile={mode}"] = mode_notes
         # written after every mode: a run stopped during a later mode's compile keeps the earlier rows
         report = {
             "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
@@ -124,16 +151,7 @@ def main():
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
-    ratios = report["ratios"]
-    print(f"\n{dev_name}: {args.shape} {dtype}, batch {args.batch}, {args.adapters} adapters ranks {RANKS}")
-    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw:.0f} GB/s, floor {floor_ms:.3f} ms/step")
-    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
-    for k, r in rows.items():
-        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    for k, v in notes.items():
-        print(f"{k}: compile {v['compile_s']:.1f} s, CUDA-graph skips {v['cudagraph_skips'] or 'none'}")
+    print_report(report)
     print(f"wrote {out}")
 
 

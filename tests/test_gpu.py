@@ -54,6 +54,17 @@ def test_cuda_graph_decode_matches_eager(small):
     assert counters["inductor"]["cudagraph_skips"] == 0  # and were recorded as CUDA graphs, not run plainly
 
 
+def test_cuda_auto_compile_in_background_then_graphs_match_eager(small):
+    """engine.compile=auto (the default): variants compile on a background thread while steps
+    run eagerly; once compiled, the engine thread replays them as CUDA graphs, same tokens."""
+    want = [r.output_ids for r in engine(small, "cuda").generate(PROMPTS, GREEDY, ADAPTERS)]
+    e = engine(small, "cuda", "auto")
+    assert [r.output_ids for r in e.generate(PROMPTS, GREEDY, ADAPTERS)] == want  # eager meanwhile
+    e.graphs.wait_compiled()
+    assert e.graphs._fns  # the background compiles succeeded
+    assert [r.output_ids for r in e.generate(PROMPTS, GREEDY, ADAPTERS)] == want  # compiled now
+
+
 def test_adapter_copy_is_async_and_becomes_resident(small):
     e = engine(small, "cuda")
     assert e.pool.load(e.store.get("r24"))

@@ -261,6 +261,10 @@ def parse_args() -> argparse.Namespace:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or "CACHED" not in policies:
         ap.error(f"--policies must include CACHED and name only {POLICIES}; got {unknown or policies}")
+    for what in ("prompt", "output"):
+        lo, hi = getattr(args, f"{what}_min"), getattr(args, f"{what}_max")
+        if not 1 <= lo <= hi:
+            ap.error(f"need 1 <= --{what}-min <= --{what}-max; got {lo} and {hi}")
     args.policy_list = policies
     args.rank_mix = [int(r) for r in args.ranks.split(",")]
     return args
@@ -368,16 +372,8 @@ def main():
     torch.set_num_threads(args.torch_threads)
     logging_off()
 
-    from caraserve.model.loader import load_model
-    from caraserve.model.tiny import tiny_paths
-
     t_start = time.perf_counter()
-    if args.shape == "tiny":
-        model_dir, _ = tiny_paths()
-        model = load_model(model_dir, "float32", args.device, None).eval()
-    else:  # copies are real on CUDA (emulate_copy_gbps only paces CPU-only "devices")
-        model_dir = Path(f"random-{args.shape}")
-        model = random_model(args.shape, torch.bfloat16 if args.device == "cuda" else torch.float32, args.device)
+    model_dir, model = load_bench_model(args)
     margs = model.args
     vocab = margs.vocab_size
     targets = QKVO if args.targets == "qkvo" else ALL7
@@ -395,18 +391,7 @@ def main():
                                                        per_bucket, vocab)
     systems, ratios, pairs = summarize(runs, outputs, len(items))
 
-    header = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda"
-        else "cpu (no accelerator: the 'device' is this CPU; adapter copies are paced memcpys)",
-        "cpu": cpu_name(), "cores": os.cpu_count(), "model": args.shape,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "torch": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "copy_gbps": args.copy_gbps, "threads": args.threads, "torch_threads": args.torch_threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpu_assist_plan": plan_source,
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "loadavg_1_5_15_start": [round(x, 2) for x in load_start],
-        "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
-    }
+    header = provenance(args, model, plan_source, load_start)
     emulation = {"adapter_bytes": size, "copy_ms": copy_ms, "prefill_ms_rank64_resident": prefill}
     workload = {
         "requests": args.requests, "rate": args.rate, "adapters": args.adapters, "adapters_used": len(used),
@@ -425,6 +410,34 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+def load_bench_model(args):
+    """(model folder or pseudo-path, model): the embedded tiny model, or random weights of a shape."""
+    from caraserve.model.loader import load_model
+    from caraserve.model.tiny import tiny_paths
+
+    if args.shape == "tiny":
+        model_dir, _ = tiny_paths()
+        return model_dir, load_model(model_dir, "float32", args.device, None).eval()
+    # copies are real on CUDA (emulate_copy_gbps only paces CPU-only "devices")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return Path(f"random-{args.shape}"), random_model(args.shape, dtype, args.device)
+
+
+def provenance(args, model, plan_source: str, load_start) -> dict:
+    return {
+        "device": torch.cuda.get_device_name() if args.device == "cuda"
+        else "cpu (no accelerator: the 'device' is this CPU; adapter copies are paced memcpys)",
+        "cpu": cpu_name(), "cores": os.cpu_count(), "model": args.shape,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": args.copy_gbps, "threads": args.threads, "torch_threads": args.torch_threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpu_assist_plan": plan_source,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "loadavg_1_5_15_start": [round(x, 2) for x in load_start],
+        "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def logging_off():

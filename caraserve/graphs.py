@@ -1,15 +1,16 @@
 """DecodeGraphs: the decode step as one compiled tensor function over preallocated buffers.
 
 One variant per (batch-size bucket, LoRA form): the batch is padded to a power-of-two row
-count (padding rows write into a scratch KV slot, slot 0, that no request owns), and attention
-runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a step
-whose KV slots lie beyond its bucket runs eagerly, which gathers them). The LoRA delta has two
-forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module whatever the adapter
-mix, `triton_multi.bgmv_multi`; each row carries its rank bucket, slot, rank and scale), one
-variant per batch bucket. On CPU, where a gather
-of every row's weights costs more than the whole step, an opaque op per module runs the eager
-form (one small matmul pair per adapter, `add_lora_runs`) on the step's LoraBatch, which the
-op reads from the thread running the step: one variant serves every adapter mix. The KV
+count (padding rows write into a scratch KV slot, slot 0, that no request owns). Attention on
+GPUs runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a
+step whose KV slots lie beyond its bucket runs eagerly, which gathers them); on CPU (float32)
+an opaque op runs a C kernel that reads each row's own slot and positions (`cpu_kernels`). The
+LoRA delta has two forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module
+whatever the adapter mix, `triton_multi.bgmv_multi`; each row carries its rank bucket, slot,
+rank and scale), one variant per batch bucket. On CPU, where a gather of every row's weights
+costs more than the whole step, an opaque op per module runs the eager form (`add_lora_runs`:
+every adapter's rows of the module in one call of a C kernel) on the step's LoraBatch, which
+the op reads from the thread running the step: one variant serves every adapter mix. The KV
 length is a dynamic dimension, so a longer context does not recompile; on CUDA each variant is
 replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two KV length.
 Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from caraserve import cpu_kernels
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs
 from caraserve.model.layers import apply_rotary
@@ -37,7 +39,7 @@ from caraserve.model.llama import CausalLM, decode_mask
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 4  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 5  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -62,7 +64,7 @@ def _cpu_lora_runs(y: torch.Tensor, x: torch.Tensor, layer: int, module: str) ->
     """y += the LoRA delta of module `module` of `layer` for the running step's rows (CPU)."""
     lora = getattr(_step, "lora", None)
     if lora is not None:
-        add_lora_runs(y, x, lora.groups, layer, module)
+        add_lora_runs(y, x, lora.groups, layer, module, lora.cpu_tables)
 
 
 _lib.impl("cpu_lora_runs_", _cpu_lora_runs, "CPU")
@@ -71,6 +73,30 @@ _lib.impl("cpu_lora_runs_", _cpu_lora_runs, "CPU")
 @torch.library.register_fake("caraserve::cpu_lora_runs_")
 def _(y, x, layer, module) -> None:
     return None
+
+
+_lib.define("cpu_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lens, int window)"
+            " -> Tensor")
+
+
+def _cpu_decode_attention(q, k_cache, v_cache, slots, lens, window: int) -> torch.Tensor:
+    """Each row's query over its own cache slot, positions [0, len) (the C kernel; torch's SDPA
+    over gathered keys if the kernel declines these tensors)."""
+    out = cpu_kernels.decode_attention(q, k_cache, v_cache, slots, lens, window or None)
+    if out is not None:
+        return out
+    ctx = int(lens.max())
+    keys, vals = k_cache[slots, :ctx].transpose(1, 2), v_cache[slots, :ctx].transpose(1, 2)
+    mask = decode_mask(lens, ctx, window or None)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=True).squeeze(2)
+
+
+_lib.impl("cpu_decode_attention", _cpu_decode_attention, "CPU")
+
+
+@torch.library.register_fake("caraserve::cpu_decode_attention")
+def _(q, k_cache, v_cache, slots, lens, window):
+    return torch.empty_like(q)
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -103,6 +129,9 @@ class DecodeGraphs:
         self.host_runs = self.device.type == "cpu"  # LoRA through cpu_lora_runs_ rather than BGMV
         # The BGMV form's kernels: Triton on CUDA; torch gathers elsewhere (CPU tests of that form)
         self.triton_lora = self.device.type == "cuda"
+        # CPU float32: attention through the C kernel (each row over its own slot), else slot space
+        self.cpu_attention = (self.host_runs and model.model.embed_tokens.weight.dtype == torch.float32
+                              and cpu_kernels.kernel() is not None)
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly
@@ -139,12 +168,7 @@ class DecodeGraphs:
 
     def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (the variant still compiling in the background, KV slots beyond the batch bucket, or a
-        LoRA step on CPU with more than one intra-op thread)."""
-        if lora is not None and self.host_runs and torch.get_num_threads() > 1:
-            # With several intra-op threads, a LoRA step whose small matmuls run from inside the
-            # compiled graph was measured ~4x slower than the eager step (44 vs 12 ms, 2 threads)
-            return None
+        (the variant still compiling in the background, or KV slots beyond the batch bucket)."""
         n = len(tokens)
         bsz = bucket_up(n, self.batch_buckets)
         nb = HOST_RUNS if lora is not None and self.host_runs else self._num_buckets(lora)
@@ -153,7 +177,7 @@ class DecodeGraphs:
                 self._queued.add((bsz, nb))
                 self._jobs.put((bsz, nb))
             return None
-        if max(slots) > bsz:
+        if max(slots) > bsz and not self.cpu_attention:
             return None  # KV slots not dense: the eager step gathers each row's keys instead
         pad = bsz - n
         dev = self.device
@@ -161,8 +185,9 @@ class DecodeGraphs:
         pos = torch.tensor(list(starts) + [0] * pad, device=dev)
         kv_slots = torch.tensor(list(slots) + [self.scratch_slot] * pad, device=dev)
         per_slot = [1] * (bsz + 1)  # context length of each cache slot in [0, bsz]; 1 where no row
-        for s, p in zip(slots, starts):
-            per_slot[s] = p + 1
+        if not self.cpu_attention:  # (the attention kernel takes each row's own length instead)
+            for s, p in zip(slots, starts):
+                per_slot[s] = p + 1
         slot_ctx = torch.tensor(per_slot, device=dev)
         ctx = max(starts) + 1
         if self.cuda_graphs:  # a CUDA graph is recorded per KV length: round it up to few sizes
@@ -283,6 +308,7 @@ class DecodeGraphs:
             return y
 
         span = bsz + 1  # attention runs over cache slots [0, bsz]: the scratch slot and the rows' slots
+        cpu_attention = self.cpu_attention
 
         def step(ids, pos, slots, slot_ctx, kpos, row_slot, row_scale):
             ctx = kpos.shape[0]
@@ -291,8 +317,6 @@ class DecodeGraphs:
             masks = {}
             for layer, (kc, vc) in zip(m.model.layers, kv_layers):
                 at = layer.self_attn
-                if at.window not in masks:
-                    masks[at.window] = decode_mask(slot_ctx, ctx, at.window)
                 x = layer.input_layernorm(h)
                 q = proj(at.q_proj, x, row_slot, row_scale).view(bsz, a.num_heads, a.head_dim)
                 k = proj(at.k_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
@@ -300,14 +324,19 @@ class DecodeGraphs:
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
                 kc.index_put_((slots, pos), k)
                 vc.index_put_((slots, pos), v)
-                # Slot space: the keys are a view of the cache (no per-row gather); each row's query
-                # goes to its slot and its output comes back from there. Padding rows all share the
-                # scratch slot: which of them lands there does not matter, their outputs are dropped.
-                keys = kc[:span, :ctx].transpose(1, 2)  # [span, n_kv, ctx, hd]
-                vals = vc[:span, :ctx].transpose(1, 2)
-                qs = q.new_zeros(span, a.num_heads, 1, a.head_dim).index_put((slots,), q.unsqueeze(2))
-                o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=masks[at.window],
-                                                   enable_gqa=True)[slots].squeeze(2)
+                if cpu_attention:  # the C kernel: each row over its own slot and positions
+                    o = torch.ops.caraserve.cpu_decode_attention(q, kc, vc, slots, pos + 1, at.window or 0)
+                else:
+                    # Slot space: the keys are a view of the cache (no per-row gather); each row's query
+                    # goes to its slot and its output comes back from there. Padding rows all share the
+                    # scratch slot: which of them lands there does not matter, their outputs are dropped.
+                    if at.window not in masks:
+                        masks[at.window] = decode_mask(slot_ctx, ctx, at.window)
+                    keys = kc[:span, :ctx].transpose(1, 2)  # [span, n_kv, ctx, hd]
+                    vals = vc[:span, :ctx].transpose(1, 2)
+                    qs = q.new_zeros(span, a.num_heads, 1, a.head_dim).index_put((slots,), q.unsqueeze(2))
+                    o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=masks[at.window],
+                                                       enable_gqa=True)[slots].squeeze(2)
                 h = h + proj(at.o_proj, o.reshape(bsz, -1), row_slot, row_scale)
                 x = layer.post_attention_layernorm(h)
                 mlp = layer.mlp

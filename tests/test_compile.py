@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import save_peft_adapter, save_random_hf_model
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.graphs import HOST_RUNS, batch_buckets, bucket_up
+from caraserve.model.batch import ForwardBatch
 from caraserve.request import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -57,29 +59,31 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     files = list((tmp_path / "cache").glob("decode-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
-    # one row in KV slot 4: beyond its batch bucket (1), so no slot-space view covers it -> eager
-    assert compiled.graphs([[5]], [3], [4], None) is None
+    # KV slot 4 lies beyond the batch bucket (1). On CPU the attention kernel reads each row's own
+    # slot, so the compiled step takes it; the slot-space form (GPUs) leaves such a step to eager.
+    tokens, starts, slots = [[5]], [3], [4]
+    assert compiled.graphs.cpu_attention
+    logits = compiled.graphs(tokens, starts, slots, None)
+    fb = ForwardBatch.build(tokens, starts, slots, compiled.device, True, None)
+    assert logits is not None and torch.allclose(logits, compiled.model(fb, compiled.kv.layers), atol=1e-5)
+    compiled.graphs.cpu_attention = False
+    assert compiled.graphs(tokens, starts, slots, None) is None
 
     restarted = engine(small, "true", tmp_path / "cache")
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 
 
-def test_cpu_with_several_threads_keeps_lora_steps_eager_and_auto_off(small, tmp_path):
-    import torch
-
-    from caraserve.lora.batch import LoraBatch
-
-    graphs = engine(small, "true", tmp_path / "cache").graphs
+def test_cpu_with_several_threads_compiles_lora_steps_and_auto_stays_off(small, tmp_path):
+    """With several intra-op threads LoRA steps compile too (their runs go to the single-threaded
+    C kernel); `auto` still starts no background compile thread beside several OpenMP threads."""
+    prompts, adapters = [[5, 6, 7], [9, 10]], ["r8", "r20"]
+    want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert graphs([[5]], [3], [1], LoraBatch((), True)) is None  # measured 4x slower compiled
-    finally:
-        torch.set_num_threads(threads)
-    assert not graphs._fns and not graphs._queued
-
-    torch.set_num_threads(2)  # auto: no background compile thread beside several OpenMP threads
-    try:
+        compiled = engine(small, "true", tmp_path / "cache")
+        assert [r.output_ids for r in compiled.generate(prompts, GREEDY, adapters)] == want
+        assert (2, HOST_RUNS) in compiled.graphs._fns
         assert engine(small, "auto", tmp_path / "cache").graphs is None
     finally:
         torch.set_num_threads(threads)

@@ -118,6 +118,7 @@ class LoraBatch:
     is_decode: bool  # one row per request (BGMV form) rather than prompt segments (SGMV form)
     host: tuple = ()  # cpu_assist HostSegments: rows whose adapter is not resident yet (prefill only)
     handoff: object = None  # the cpu_assist Handoff that computes `host` on CPU workers
+    cpu_tables: dict = field(default_factory=dict, compare=False, repr=False)  # (layer, module) -> RunTable
 
     def at_layer(self, layer: int) -> tuple[tuple, tuple[LoraGroup, ...]]:
         """(host segments whose delta at `layer` comes from the CPU, groups computed on the device):

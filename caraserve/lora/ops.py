@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from caraserve import cpu_kernels
 from caraserve.lora.batch import LoraIndex
 
 
@@ -74,9 +75,22 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         sgmv_reference(y, x, a, b, group.scale, group.index)
 
 
-def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str) -> None:
+def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str, tables: dict | None = None) -> None:
     """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of
-    `groups` that targets module `name` (weight views prepared once per batch layout)."""
+    `groups` that targets module `name` (weight views prepared once per batch layout). Float32
+    decode-sized runs go to the C kernel (`cpu_kernels`), all of a module's runs in one call;
+    `tables` (a LoraBatch's `cpu_tables`) keeps their argument arrays across steps."""
+    fn = cpu_kernels.kernel() if cpu_kernels.usable(y, x) else None
+    if fn is not None:
+        table = tables.get((layer, name)) if tables is not None else None
+        if table is None:
+            table = cpu_kernels.RunTable(run for group in groups if name in group.modules
+                                        for run in group.cpu_runs(layer, name))
+            if tables is not None:
+                tables[(layer, name)] = table
+        if table.fits:
+            table.apply(fn, y, x)
+            return
     for group in groups:
         if name in group.modules:
             for start, end, a, b, scale in group.cpu_runs(layer, name):

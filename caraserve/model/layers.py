@@ -87,7 +87,8 @@ class LoraLinear(nn.Module):
         pending = lora.handoff.submit(x, self.layer, self.name, host) if host else ()
         y = F.linear(x, self.weight, self.bias)
         if not y.is_cuda:
-            add_lora_runs(y, x, groups, self.layer, self.name)
+            tables = lora.cpu_tables if lora is not None and not lora.host else None  # landing rows vary
+            add_lora_runs(y, x, groups, self.layer, self.name, tables)
         else:
             for group in groups:
                 if self.name in group.modules:

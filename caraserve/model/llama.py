@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from caraserve import cpu_kernels
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, apply_rotary, rope_inv_freq
 
@@ -154,6 +155,10 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb.lora)
 
     def _decode(self, q, fb: ForwardBatch, k_cache, v_cache, masks: dict):
+        if not q.is_cuda:  # the C kernel: each row over its own positions (None: not available)
+            out = cpu_kernels.decode_attention(q, k_cache, v_cache, fb.slots, fb.context_lens_t, self.window)
+            if out is not None:
+                return out
         ctx = fb.max_context
         mask = masks.get(self.window)
         if fb.slot_span:

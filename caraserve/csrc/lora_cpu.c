@@ -1,0 +1,157 @@
+/* The CPU LoRA delta of one module for every adapter run of a step, in one call:
+ *
+ *     y[start:end] += scale * (x[start:end] @ A) @ B        for each run (start, end, A, B, rank, scale)
+ *
+ * x [rows, in] and y [rows, out] are row-major with row strides ldx / ldy; A [in, rank] and
+ * B [rank, out] are contiguous row-major (a slot of the adapter pool). Rows go in blocks (eight
+ * while a run has that many, then four): a block's shrink (x A) lands in a small buffer that its
+ * expand reads at once, so nothing of size rows x rank is allocated, and each block reads A and
+ * B once. The inner loops have fixed widths so the compiler keeps the accumulators in vector
+ * registers (8 x 1 or 4 x 2 vectors); a block of fewer real rows repeats its last row and stores
+ * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once)
+ * and the column blocks walk them with a stride, so the loops prefetch ahead.
+ * Single-threaded: a decode step's runs take a few microseconds each.
+ */
+#include <stdint.h>
+
+typedef struct {
+    int64_t start, end;  /* rows [start, end) of x and y */
+    const float *a;      /* [in, rank] */
+    const float *b;      /* [rank, out] */
+    int64_t rank;
+    float scale;
+} lora_run;
+
+#define VL 8             /* floats per vector */
+#define MAX_IB 8         /* rows of the tallest block */
+#define MAX_RANK 1024    /* ranks the block buffer holds */
+#define PREFETCH_ROWS 16 /* how far down A the shrink asks for its column block */
+
+/* GCC vector extensions: AVX registers where the CPU has them, pairs of SSE ones elsewhere */
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
+#define LOAD(p) (*(const vf_u *)(p))
+
+/* v[i][r0 : r0 + NV*VL] = sum_k x_i[k] * a[k][r0 : r0 + NV*VL] for the IB rows of a block */
+#define SHRINK(IB, NV)                                                                        \
+    static void shrink_##IB##_##NV(const float *const *xr, const float *a, int64_t in,         \
+                                   int64_t rank, int64_t r0, float *v) {                      \
+        vf acc[IB][NV];                                                                       \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
+        for (int64_t k = 0; k < in; k++) {                                                    \
+            const float *ak = a + k * rank + r0;                                              \
+            __builtin_prefetch(ak + PREFETCH_ROWS * rank);                                    \
+            vf av[NV];                                                                        \
+            for (int j = 0; j < NV; j++) av[j] = LOAD(ak + j * VL);                           \
+            for (int i = 0; i < IB; i++) {                                                    \
+                const float xv = xr[i][k];                                                    \
+                for (int j = 0; j < NV; j++) acc[i][j] += xv * av[j];                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++)                                                      \
+                for (int l = 0; l < VL; l++) v[i * rank + r0 + j * VL + l] = acc[i][j][l];    \
+    }
+
+/* y_i[o0 : o0 + NV*VL] += scale * sum_r v[i][r] * b[r][o0 : o0 + NV*VL] for the first `rows` rows */
+#define EXPAND(IB, NV)                                                                        \
+    static void expand_##IB##_##NV(float *const *yr, int rows, const float *v, const float *b, \
+                                   int64_t rank, int64_t out, int64_t o0, float scale) {      \
+        vf acc[IB][NV];                                                                       \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
+        for (int64_t r = 0; r < rank; r++) {                                                  \
+            const float *br = b + r * out + o0;                                               \
+            __builtin_prefetch(br + NV * VL); /* this row's part of the next column block */ \
+            vf bv[NV];                                                                        \
+            for (int j = 0; j < NV; j++) bv[j] = LOAD(br + j * VL);                           \
+            for (int i = 0; i < IB; i++) {                                                    \
+                const float vv = v[i * rank + r];                                             \
+                for (int j = 0; j < NV; j++) acc[i][j] += vv * bv[j];                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < rows; i++)                                                        \
+            for (int j = 0; j < NV; j++)                                                      \
+                for (int l = 0; l < VL; l++) yr[i][o0 + j * VL + l] += scale * acc[i][j][l];  \
+    }
+
+SHRINK(8, 1)
+SHRINK(4, 2)
+SHRINK(4, 1)
+EXPAND(8, 1)
+EXPAND(4, 2)
+EXPAND(4, 1)
+
+/* The columns past the last full vector: plain loops */
+static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t in, int64_t rank, int64_t r0,
+                        float *v) {
+    for (; r0 < rank; r0++) {
+        for (int i = 0; i < ib; i++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < in; k++) s += xr[i][k] * a[k * rank + r0];
+            v[i * rank + r0] = s;
+        }
+    }
+}
+
+static void expand_tail(float *const *yr, int rows, const float *v, const float *b, int64_t rank, int64_t out,
+                        int64_t o0, float scale) {
+    for (; o0 < out; o0++) {
+        for (int i = 0; i < rows; i++) {
+            float s = 0.0f;
+            for (int64_t r = 0; r < rank; r++) s += v[i * rank + r] * b[r * out + o0];
+            yr[i][o0] += scale * s;
+        }
+    }
+}
+
+/* One block of ib (8 or 4) rows, `rows` of them real */
+static void block(const float *const *xr, float *const *yr, int ib, int rows, const lora_run *run, int64_t in,
+                  int64_t out, float *v) {
+    const float *a = run->a, *b = run->b;
+    const int64_t rank = run->rank;
+    int64_t c = 0;
+    if (ib == 8) {
+        for (; c + VL <= rank; c += VL) shrink_8_1(xr, a, in, rank, c, v);
+    } else {
+        for (; c + 2 * VL <= rank; c += 2 * VL) shrink_4_2(xr, a, in, rank, c, v);
+        for (; c + VL <= rank; c += VL) shrink_4_1(xr, a, in, rank, c, v);
+    }
+    shrink_tail(xr, ib, a, in, rank, c, v);
+    c = 0;
+    if (ib == 8) {
+        for (; c + VL <= out; c += VL) expand_8_1(yr, rows, v, b, rank, out, c, run->scale);
+    } else {
+        for (; c + 2 * VL <= out; c += 2 * VL) expand_4_2(yr, rows, v, b, rank, out, c, run->scale);
+        for (; c + VL <= out; c += VL) expand_4_1(yr, rows, v, b, rank, out, c, run->scale);
+    }
+    expand_tail(yr, rows, v, b, rank, out, c, run->scale);
+}
+
+/* Returns 0, or -1 (nothing done) when a run's rank exceeds MAX_RANK. */
+int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
+              const lora_run *runs, int64_t nruns) {
+    float v[MAX_IB * MAX_RANK];
+    for (int64_t n = 0; n < nruns; n++) {
+        if (runs[n].rank > MAX_RANK) return -1;
+    }
+    for (int64_t n = 0; n < nruns; n++) {
+        const lora_run *run = &runs[n];
+        for (int64_t i0 = run->start; i0 < run->end;) {
+            const int64_t left = run->end - i0;
+            const int ib = left >= 8 ? 8 : 4;
+            const int rows = (int)(left < ib ? left : ib);
+            const float *xr[MAX_IB];
+            float *yr[MAX_IB];
+            for (int i = 0; i < ib; i++) {
+                const int64_t row = i0 + (i < rows ? i : rows - 1);
+                xr[i] = x + row * ldx;
+                yr[i] = y + row * ldy;
+            }
+            block(xr, yr, ib, rows, run, in, out, v);
+            i0 += rows;
+        }
+    }
+    return 0;
+}

@@ -1,5 +1,5 @@
 """C kernels for the CPU decode step: the LoRA delta (`csrc/lora_cpu.c`) and decode attention
-(`csrc/attention_cpu.c`).
+(`csrc/attention_cpu.c`, decode rows and prompt tokens alike).
 
 A decode step on CPU adds, for every adapted module, one small matmul pair per adapter in the
 batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
@@ -89,8 +89,8 @@ def _load() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lora_runs.restype = ctypes.c_int
     lib.lora_runs.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.POINTER(LoraRun), i64]
-    lib.decode_attention.restype = ctypes.c_int
-    lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
+    lib.slot_attention.restype = ctypes.c_int
+    lib.slot_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
     return lib
 
 
@@ -141,12 +141,13 @@ def usable(y: torch.Tensor, x: torch.Tensor) -> bool:
             and y.stride(1) == 1 and x.stride(1) == 1)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lens: torch.Tensor, window: int | None) -> torch.Tensor | None:
-    """Attention of one query per row over its own cache slot (see csrc/attention_cpu.c):
-    q [n, H, hd], caches [S, L, KV, hd], slots/lens [n] int64 (lens = context lengths, query
-    at len - 1). None when the kernel is unavailable or does not take these tensors (or slots
-    and lengths outside the cache)."""
+    """Attention of one query token per row over its own cache slot, positions [0, len) (or the
+    last `window` of them), see csrc/attention_cpu.c: q [n, H, hd], caches [S, L, KV, hd],
+    slots/lens [n] int64 (a row's token sits at position len - 1: a decode row, or a prompt
+    token whose keys are already in the cache). None when the kernel is unavailable or does not
+    take these tensors (or slots and lengths outside the cache)."""
     lib = _library()
     if lib is None or not attention_usable(q, k_cache, v_cache):
         return None
@@ -155,7 +156,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return None
     n, heads, hd = q.shape
     out = torch.empty_like(q)
-    rc = lib.decode_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    rc = lib.slot_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                               slots.data_ptr(), lens.data_ptr(), n, heads, k_cache.shape[2], hd,
                               k_cache.shape[0], k_cache.shape[1], window or 0, hd ** -0.5)
     if rc == -2:

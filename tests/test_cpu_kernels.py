@@ -143,7 +143,7 @@ def test_decode_attention_matches_float64(fn, heads, kv_heads, hd, window):
     slots = torch.tensor([7, 0, 11, 3, 5])
     lens = torch.tensor([1, 40, 9, 17, 8])  # 8 and 17: the 8-key blocks and their tails
     q = torch.randn(5, heads, hd, generator=g)
-    out = cpu_kernels.decode_attention(q, k_cache, v_cache, slots, lens, window)
+    out = cpu_kernels.slot_attention(q, k_cache, v_cache, slots, lens, window)
     want = attention_reference(q, k_cache, v_cache, slots, lens, window)
     assert out is not None and out.shape == q.shape
     assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
@@ -153,10 +153,10 @@ def test_decode_attention_declines_what_it_does_not_take(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)
     slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
-    assert cpu_kernels.decode_attention(q, k_cache, k_cache, slots, lens, None) is not None
-    assert cpu_kernels.decode_attention(q.double(), k_cache.double(), k_cache.double(), slots, lens, None) is None
-    assert cpu_kernels.decode_attention(torch.randn(2, 3, 16), k_cache, k_cache, slots, lens, None) is None  # 3 % 2
-    assert cpu_kernels.decode_attention(q, k_cache, k_cache, slots, torch.tensor([3, 9]), None) is None  # > max_len
-    assert cpu_kernels.decode_attention(q, k_cache, k_cache, slots, torch.tensor([0, 2]), None) is None  # empty
-    assert cpu_kernels.decode_attention(q, k_cache, k_cache, slots.int(), lens, None) is None
-    assert cpu_kernels.decode_attention(q, k_cache, k_cache, torch.tensor([0, 4]), lens, None) is None  # no slot 4
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens, None) is not None
+    assert cpu_kernels.slot_attention(q.double(), k_cache.double(), k_cache.double(), slots, lens, None) is None
+    assert cpu_kernels.slot_attention(torch.randn(2, 3, 16), k_cache, k_cache, slots, lens, None) is None  # 3 % 2
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, torch.tensor([3, 9]), None) is None  # > max_len
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, torch.tensor([0, 2]), None) is None  # empty
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots.int(), lens, None) is None
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, torch.tensor([0, 4]), lens, None) is None  # no slot 4

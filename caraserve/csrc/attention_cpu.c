@@ -1,10 +1,11 @@
-/* Decode attention on CPU: one new query token per row against that row's own KV cache slot.
+/* Attention of single query tokens on CPU, each against its own KV cache slot: a decode row, or
+ * one token of a prompt whose keys are already in the cache (causal by construction).
  *
  *     out[i, h] = softmax_j(scale * q[i, h] . K[slot_i, j, h / G]) @ V[slot_i, j, h / G]
  *
- * over the positions j in [lo_i, len_i): len_i is the row's context length (its query is at
- * len_i - 1) and lo_i = max(0, len_i - window) with a sliding window, else 0. G = heads / kv_heads
- * query heads share a KV head (GQA). The cache is [slots, max_len, kv_heads, head_dim] float32,
+ * over the positions j in [lo_i, len_i): len_i - 1 is the token's own position, and lo_i is
+ * max(0, len_i - window) with a sliding window, else 0. G = heads / kv_heads query heads share
+ * a KV head (GQA). The cache is [slots, max_len, kv_heads, head_dim] float32,
  * contiguous; q and out are [rows, heads, head_dim]. Each row reads only its own positions: no
  * mask, no padding to the longest context. Scores go eight keys at a time (independent vector
  * chains), the weighted sum of values 64 columns at a time in registers. Single-threaded;
@@ -78,7 +79,7 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
 
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above, a length outside [1, max_len] or a
  * slot outside the cache; -2 when out of memory. */
-int decode_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *slots,
+int slot_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *slots,
                      const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
                      int64_t num_slots, int64_t max_len, int64_t window, float scale) {
     const int64_t group = heads / kv_heads;

@@ -3,7 +3,9 @@
 
 A decode step on CPU adds, for every adapted module, one small matmul pair per adapter in the
 batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
-LoRA kernel does all runs of one module in one call, with no allocation. Decode attention
+LoRA kernel does all runs of one module in one call, with no allocation, reading packed copies
+of the slots' weights (column panels read front to back; the pool's own layout made it walk
+them with a stride, and a step finds them in L3 or memory, not in cache). Decode attention
 through torch's SDPA takes a mask over the longest context and ~0.4 ms a layer for a 32-row
 batch of the embedded model; the attention kernel reads each row's own positions only.
 
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -35,7 +38,8 @@ MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, w
 
 class LoraRun(ctypes.Structure):
     _fields_ = [("start", ctypes.c_int64), ("end", ctypes.c_int64), ("a", ctypes.c_void_p),
-                ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("packed", ctypes.c_int64),
+                ("scale", ctypes.c_float)]
 
 
 _lock = threading.Lock()
@@ -111,20 +115,26 @@ def kernel():
 
 
 class RunTable:
-    """The runs of one module of one step, as the kernel's argument array. Keeps the weight
-    views alive. `fits` is False when the kernel should not take them (long runs, big ranks,
-    weights that are not contiguous float32): then the caller uses torch."""
+    """The runs of one module of one step, as the kernel's argument array. `fits` is False when
+    the kernel should not take them (long runs, big ranks, weights that are not contiguous
+    float32): then the caller uses torch. Runs whose rank and output width are multiples of 8
+    point at packed copies of their weights (`packed`); the table keeps what it points at alive."""
 
     def __init__(self, runs):
         runs = list(runs)  # (start, end, A [in, R], B [R, out], scale)
-        self._tensors = [t for _, _, a, b, _ in runs for t in (a, b)]
         self.fits = all(
             end - start <= MAX_ROWS and a.shape[1] <= MAX_RANK and a.dtype == torch.float32 and
             b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and not a.is_cuda
             for start, end, a, b, _ in runs)
         self.n = len(runs)
-        self.array = (LoraRun * max(1, self.n))(*[
-            LoraRun(start, end, a.data_ptr(), b.data_ptr(), a.shape[1], scale) for start, end, a, b, scale in runs])
+        self._tensors, entries = [], []
+        for start, end, a, b, scale in runs:
+            rank = a.shape[1]
+            pair = packed(a, b) if self.fits else None
+            a, b = pair or (a, b)
+            self._tensors += [a, b]
+            entries.append(LoraRun(start, end, a.data_ptr(), b.data_ptr(), rank, pair is not None, scale))
+        self.array = (LoraRun * max(1, self.n))(*entries)
 
     def apply(self, fn, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[rows] += scale * (x[rows] @ A) @ B for every run; y and x float32 rows with unit column stride."""
@@ -132,6 +142,38 @@ class RunTable:
             return
         if fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], y.shape[1], self.array, self.n):
             raise RuntimeError("CPU LoRA kernel refused a run (rank beyond its buffer)")
+
+
+# Packed copies of pool slots, per slot tensor: A [in, R] as [R/8, in, 8] and B [R, out] as
+# [out/8, R, 8], so the kernel reads each column block front to back. Kept per pool tensor a
+# slot view belongs to (a freed pool tensor takes its copies along) and checked against its
+# version counter, which every write into the pool's slots bumps (a new adapter in any slot of
+# the tensor makes the next table repack what it uses).
+_packs: dict[int, tuple[weakref.ref, dict]] = {}  # id(pool tensor) -> (its weakref, {slot key: pack})
+
+
+def packed(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed A, packed B) for the slot views a [in, R], b [R, out], or None when R or out is
+    not a multiple of 8 (the unpacked kernel takes those)."""
+    (in_f, rank), out = a.shape, b.shape[1]
+    if rank % 8 or out % 8:
+        return None
+    a_base = a._base if a._base is not None else a
+    b_base = b._base if b._base is not None else b
+    entry = _packs.get(id(a_base))
+    if entry is None or entry[0]() is not a_base:
+        entry = _packs[id(a_base)] = (weakref.ref(a_base), {})
+        weakref.finalize(a_base, _packs.pop, id(a_base), None)
+    per_base = entry[1]
+    key = (a.storage_offset(), in_f, rank, id(b_base), b.storage_offset(), out)
+    hit = per_base.get(key)
+    versions = (a._version, b._version)
+    if hit is not None and hit[0]() is b_base and hit[1] == versions:
+        return hit[2], hit[3]
+    pa = a.reshape(in_f, rank // 8, 8).permute(1, 0, 2).contiguous()
+    pb = b.reshape(rank, out // 8, 8).permute(1, 0, 2).contiguous()
+    per_base[key] = (weakref.ref(b_base), versions, pa, pb)
+    return pa, pb
 
 
 def usable(y: torch.Tensor, x: torch.Tensor) -> bool:

@@ -160,3 +160,31 @@ def test_decode_attention_declines_what_it_does_not_take(fn):
     assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, torch.tensor([0, 2]), None) is None  # empty
     assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots.int(), lens, None) is None
     assert cpu_kernels.slot_attention(q, k_cache, k_cache, torch.tensor([0, 4]), lens, None) is None  # no slot 4
+
+
+def test_packed_copies_follow_writes_into_the_pool(fn):
+    """Runs of rank and width multiples of 8 read packed copies; a write into the pool tensor (a
+    new adapter in a slot) makes the next table repack instead of reading stale weights."""
+    g = torch.Generator().manual_seed(11)
+    pool_a, pool_b = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 24, generator=g)  # [slots, in, R]
+    x, y0 = torch.randn(6, 32, generator=g), torch.randn(6, 24, generator=g)
+
+    def run_once(pool_a, pool_b):
+        runs = [(0, 3, pool_a[1], pool_b[1], 0.5), (3, 6, pool_a[2], pool_b[2], 2.0)]
+        table = cpu_kernels.RunTable(runs)
+        y = y0.clone()
+        table.apply(fn, y, x)
+        assert torch.allclose(y.double(), reference(y0, x, runs), rtol=1e-5, atol=1e-5)
+        return table
+
+    table = run_once(pool_a, pool_b)
+    assert [table.array[i].packed for i in range(2)] == [1, 1]
+    assert run_once(pool_a, pool_b).array[0].a == table.array[0].a  # the same packed copy, not a new one
+    pool_a[2].copy_(torch.randn(32, 16, generator=g))  # another adapter lands in slot 2
+    pool_b[2].zero_()
+    run_once(pool_a, pool_b)
+    odd = cpu_kernels.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
+    assert odd.fits and odd.array[0].packed == 0
+    before = len(cpu_kernels._packs)
+    del pool_a  # a freed pool tensor takes its packed copies along
+    assert len(cpu_kernels._packs) == before - 1

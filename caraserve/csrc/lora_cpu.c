@@ -8,8 +8,9 @@
  * expand reads at once, so nothing of size rows x rank is allocated, and each block reads A and
  * B once. The inner loops have fixed widths so the compiler keeps the accumulators in vector
  * registers (8 x 1 or 4 x 2 vectors); a block of fewer real rows repeats its last row and stores
- * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once)
- * and the column blocks walk them with a stride, so the loops prefetch ahead.
+ * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
+ * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
+ * ahead; a run may instead point at a packed copy (column panels, read front to back).
  * Single-threaded: a decode step's runs take a few microseconds each.
  */
 #include <stdint.h>
@@ -19,6 +20,7 @@ typedef struct {
     const float *a;      /* [in, rank] */
     const float *b;      /* [rank, out] */
     int64_t rank;
+    int64_t packed;      /* a, b in the panel layout below (rank and out multiples of 8) */
     float scale;
 } lora_run;
 
@@ -129,12 +131,79 @@ static void block(const float *const *xr, float *const *yr, int ib, int rows, co
     expand_tail(yr, rows, v, b, rank, out, c, run->scale);
 }
 
-/* Returns 0, or -1 (nothing done) when a run's rank exceeds MAX_RANK. */
+/* The packed layout (cpu_kernels.pack): A as [rank/8][in][8] and B as [out/8][rank][8], so each
+ * column block below reads one contiguous panel front to back (no strided walk). */
+#define PSHRINK(IB, NV)                                                                       \
+    static void pshrink_##IB##_##NV(const float *const *xr, const float *ap, int64_t in,       \
+                                    int64_t rank, int64_t c, float *v) {                      \
+        vf acc[IB][NV];                                                                       \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
+        const float *panel = ap + c * in; /* c: first rank column, a multiple of VL */        \
+        for (int64_t k = 0; k < in; k++) {                                                    \
+            vf av[NV];                                                                        \
+            for (int j = 0; j < NV; j++) av[j] = LOAD(panel + (j * in + k) * VL);             \
+            for (int i = 0; i < IB; i++) {                                                    \
+                const float xv = xr[i][k];                                                    \
+                for (int j = 0; j < NV; j++) acc[i][j] += xv * av[j];                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++)                                                      \
+                for (int l = 0; l < VL; l++) v[i * rank + c + j * VL + l] = acc[i][j][l];     \
+    }
+
+#define PEXPAND(IB, NV)                                                                       \
+    static void pexpand_##IB##_##NV(float *const *yr, int rows, const float *v, const float *bp, \
+                                    int64_t rank, int64_t o0, float scale) {                  \
+        vf acc[IB][NV];                                                                       \
+        for (int i = 0; i < IB; i++)                                                          \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
+        const float *panel = bp + o0 * rank; /* o0: first output column, a multiple of VL */  \
+        for (int64_t r = 0; r < rank; r++) {                                                  \
+            vf bv[NV];                                                                        \
+            for (int j = 0; j < NV; j++) bv[j] = LOAD(panel + (j * rank + r) * VL);           \
+            for (int i = 0; i < IB; i++) {                                                    \
+                const float vv = v[i * rank + r];                                             \
+                for (int j = 0; j < NV; j++) acc[i][j] += vv * bv[j];                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < rows; i++)                                                        \
+            for (int j = 0; j < NV; j++)                                                      \
+                for (int l = 0; l < VL; l++) yr[i][o0 + j * VL + l] += scale * acc[i][j][l];  \
+    }
+
+PSHRINK(8, 1)
+PSHRINK(4, 2)
+PSHRINK(4, 1)
+PEXPAND(8, 1)
+PEXPAND(4, 2)
+PEXPAND(4, 1)
+
+/* One block of a packed run: rank and out are multiples of VL */
+static void packed_block(const float *const *xr, float *const *yr, int ib, int rows, const lora_run *run,
+                         int64_t in, int64_t out, float *v) {
+    const int64_t rank = run->rank;
+    int64_t c = 0;
+    if (ib == 8) {
+        for (; c < rank; c += VL) pshrink_8_1(xr, run->a, in, rank, c, v);
+        for (c = 0; c < out; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, c, run->scale);
+        return;
+    }
+    for (; c + 2 * VL <= rank; c += 2 * VL) pshrink_4_2(xr, run->a, in, rank, c, v);
+    for (; c < rank; c += VL) pshrink_4_1(xr, run->a, in, rank, c, v);
+    for (c = 0; c + 2 * VL <= out; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, c, run->scale);
+    for (; c < out; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, c, run->scale);
+}
+
+/* Returns 0, or -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
+ * output width is not a multiple of VL. */
 int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
               const lora_run *runs, int64_t nruns) {
     float v[MAX_IB * MAX_RANK];
     for (int64_t n = 0; n < nruns; n++) {
         if (runs[n].rank > MAX_RANK) return -1;
+        if (runs[n].packed && (runs[n].rank % VL || out % VL)) return -1;
     }
     for (int64_t n = 0; n < nruns; n++) {
         const lora_run *run = &runs[n];
@@ -149,7 +218,11 @@ int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, in
                 xr[i] = x + row * ldx;
                 yr[i] = y + row * ldy;
             }
-            block(xr, yr, ib, rows, run, in, out, v);
+            if (run->packed) {
+                packed_block(xr, yr, ib, rows, run, in, out, v);
+            } else {
+                block(xr, yr, ib, rows, run, in, out, v);
+            }
             i0 += rows;
         }
     }

@@ -61,9 +61,14 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", *map(str, SOURCES), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
+        base = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", *map(str, SOURCES), "-o", tmp]
+        # OpenMP shares a call's work over the caller's team (torch's: the same libgomp once torch
+        # has loaded it); a compiler without it builds the single-threaded form
+        for cmd in (base + ["-fopenmp", "-lm"], base + ["-lm"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)
     finally:

@@ -15,6 +15,15 @@ def fn():
     return f
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """Intra-op threads: with 2 the kernels share a call's work out over an OpenMP team."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def reference(y, x, runs):
     out = y.double().clone()
     for start, end, a, b, scale in runs:
@@ -42,7 +51,7 @@ def make_runs(layout, in_f, out_f, ranks, g):
     ([8], (128,), 688, 256),
     ([4, 4], (1, 3), 9, 3),  # smaller than one vector everywhere
 ])
-def test_kernel_matches_float64(fn, layout, ranks, in_f, out_f):
+def test_kernel_matches_float64(fn, layout, ranks, in_f, out_f, threads):
     g = torch.Generator().manual_seed(len(layout) * 31 + in_f)
     runs, rows = make_runs(layout, in_f, out_f, ranks, g)
     wide = torch.randn(rows, in_f + 5, generator=g)
@@ -136,7 +145,7 @@ def attention_reference(q, k_cache, v_cache, slots, lens, window):
 
 @pytest.mark.parametrize("heads,kv_heads,hd,window", [(4, 2, 64, None), (8, 8, 32, None), (6, 2, 20, 5),
                                                       (4, 1, 128, 3)])
-def test_decode_attention_matches_float64(fn, heads, kv_heads, hd, window):
+def test_slot_attention_matches_float64(fn, heads, kv_heads, hd, window, threads):
     g = torch.Generator().manual_seed(heads * 100 + hd)
     k_cache = torch.randn(12, 40, kv_heads, hd, generator=g)
     v_cache = torch.randn(12, 40, kv_heads, hd, generator=g)
@@ -149,7 +158,7 @@ def test_decode_attention_matches_float64(fn, heads, kv_heads, hd, window):
     assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
 
 
-def test_decode_attention_declines_what_it_does_not_take(fn):
+def test_slot_attention_declines_what_it_does_not_take(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)
     slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])

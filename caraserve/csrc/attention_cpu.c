@@ -8,8 +8,8 @@
  * a KV head (GQA). The cache is [slots, max_len, kv_heads, head_dim] float32,
  * contiguous; q and out are [rows, heads, head_dim]. Each row reads only its own positions: no
  * mask, no padding to the longest context. Scores go eight keys at a time (independent vector
- * chains), the weighted sum of values 64 columns at a time in registers. Single-threaded;
- * softmax in float32 with the maximum subtracted.
+ * chains), the weighted sum of values 64 columns at a time in registers; softmax in float32 with
+ * the maximum subtracted. Rows are shared out over the calling thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -88,36 +88,45 @@ int slot_attention(float *out, const float *q, const float *kc, const float *vc,
         if (lens[i] < 1 || lens[i] > max_len || slots[i] < 0 || slots[i] >= num_slots) return -1;
     }
     const int64_t pos_stride = kv_heads * head_dim, slot_stride = max_len * pos_stride;
-    float *scores = malloc(sizeof(float) * max_len);
-    if (scores == NULL) return -2;
-    for (int64_t i = 0; i < rows; i++) {
-        const int64_t len = lens[i];
-        const int64_t lo = window > 0 && len > window ? len - window : 0;
-        const float *kslot = kc + slots[i] * slot_stride, *vslot = vc + slots[i] * slot_stride;
-        for (int64_t g = 0; g < kv_heads; g++) {
-            const float *qg = q + (i * heads + g * group) * head_dim;
-            float *og = out + (i * heads + g * group) * head_dim;
-            for (int64_t h = 0; h < group; h++) {
-                const float *qh = qg + h * head_dim;
-                float *sh = scores;
-                int64_t j = lo;
-                for (; j + PB <= len; j += PB) dots(qh, kslot + j * pos_stride + g * head_dim, pos_stride, head_dim, sh + j);
-                for (; j < len; j++) sh[j] = dot(qh, kslot + j * pos_stride + g * head_dim, head_dim);
-                float mx = -INFINITY, sum = 0.0f;
-                for (j = lo; j < len; j++) {
-                    sh[j] *= scale;
-                    if (sh[j] > mx) mx = sh[j];
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel if (rows > 1) reduction(| : failed)
+#endif
+    {
+        float *scores = malloc(sizeof(float) * max_len);
+        if (scores == NULL) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 2)
+#endif
+        for (int64_t i = 0; i < rows; i++) {
+            if (scores == NULL) continue;
+            const int64_t len = lens[i];
+            const int64_t lo = window > 0 && len > window ? len - window : 0;
+            const float *kslot = kc + slots[i] * slot_stride, *vslot = vc + slots[i] * slot_stride;
+            for (int64_t g = 0; g < kv_heads; g++) {
+                for (int64_t h = 0; h < group; h++) {
+                    const float *qh = q + (i * heads + g * group + h) * head_dim;
+                    float *oh = out + (i * heads + g * group + h) * head_dim;
+                    float *sh = scores;
+                    int64_t j = lo;
+                    for (; j + PB <= len; j += PB) dots(qh, kslot + j * pos_stride + g * head_dim, pos_stride, head_dim, sh + j);
+                    for (; j < len; j++) sh[j] = dot(qh, kslot + j * pos_stride + g * head_dim, head_dim);
+                    float mx = -INFINITY, sum = 0.0f;
+                    for (j = lo; j < len; j++) {
+                        sh[j] *= scale;
+                        if (sh[j] > mx) mx = sh[j];
+                    }
+                    for (j = lo; j < len; j++) {
+                        sh[j] = expf(sh[j] - mx);
+                        sum += sh[j];
+                    }
+                    const float inv = 1.0f / sum;
+                    for (j = lo; j < len; j++) sh[j] *= inv;
+                    weighted_sum(oh, sh, vslot + g * head_dim, pos_stride, lo, len, head_dim);
                 }
-                for (j = lo; j < len; j++) {
-                    sh[j] = expf(sh[j] - mx);
-                    sum += sh[j];
-                }
-                const float inv = 1.0f / sum;
-                for (j = lo; j < len; j++) sh[j] *= inv;
-                weighted_sum(og + h * head_dim, sh, vslot + g * head_dim, pos_stride, lo, len, head_dim);
             }
         }
+        free(scores);
     }
-    free(scores);
-    return 0;
+    return failed ? -2 : 0;
 }

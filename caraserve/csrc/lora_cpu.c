@@ -11,9 +11,9 @@
  * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
  * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
  * ahead; a run may instead point at a packed copy (column panels, read front to back).
- * Single-threaded: a decode step's runs take a few microseconds each.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 typedef struct {
     int64_t start, end;  /* rows [start, end) of x and y */
@@ -87,8 +87,8 @@ EXPAND(4, 1)
 
 /* The columns past the last full vector: plain loops */
 static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t in, int64_t rank, int64_t r0,
-                        float *v) {
-    for (; r0 < rank; r0++) {
+                        int64_t r1, float *v) {
+    for (; r0 < r1; r0++) {
         for (int i = 0; i < ib; i++) {
             float s = 0.0f;
             for (int64_t k = 0; k < in; k++) s += xr[i][k] * a[k * rank + r0];
@@ -98,37 +98,14 @@ static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t 
 }
 
 static void expand_tail(float *const *yr, int rows, const float *v, const float *b, int64_t rank, int64_t out,
-                        int64_t o0, float scale) {
-    for (; o0 < out; o0++) {
+                        int64_t o0, int64_t o1, float scale) {
+    for (; o0 < o1; o0++) {
         for (int i = 0; i < rows; i++) {
             float s = 0.0f;
             for (int64_t r = 0; r < rank; r++) s += v[i * rank + r] * b[r * out + o0];
             yr[i][o0] += scale * s;
         }
     }
-}
-
-/* One block of ib (8 or 4) rows, `rows` of them real */
-static void block(const float *const *xr, float *const *yr, int ib, int rows, const lora_run *run, int64_t in,
-                  int64_t out, float *v) {
-    const float *a = run->a, *b = run->b;
-    const int64_t rank = run->rank;
-    int64_t c = 0;
-    if (ib == 8) {
-        for (; c + VL <= rank; c += VL) shrink_8_1(xr, a, in, rank, c, v);
-    } else {
-        for (; c + 2 * VL <= rank; c += 2 * VL) shrink_4_2(xr, a, in, rank, c, v);
-        for (; c + VL <= rank; c += VL) shrink_4_1(xr, a, in, rank, c, v);
-    }
-    shrink_tail(xr, ib, a, in, rank, c, v);
-    c = 0;
-    if (ib == 8) {
-        for (; c + VL <= out; c += VL) expand_8_1(yr, rows, v, b, rank, out, c, run->scale);
-    } else {
-        for (; c + 2 * VL <= out; c += 2 * VL) expand_4_2(yr, rows, v, b, rank, out, c, run->scale);
-        for (; c + VL <= out; c += VL) expand_4_1(yr, rows, v, b, rank, out, c, run->scale);
-    }
-    expand_tail(yr, rows, v, b, rank, out, c, run->scale);
 }
 
 /* The packed layout (cpu_kernels.pack): A as [rank/8][in][8] and B as [out/8][rank][8], so each
@@ -180,51 +157,143 @@ PEXPAND(8, 1)
 PEXPAND(4, 2)
 PEXPAND(4, 1)
 
-/* One block of a packed run: rank and out are multiples of VL */
-static void packed_block(const float *const *xr, float *const *yr, int ib, int rows, const lora_run *run,
-                         int64_t in, int64_t out, float *v) {
+/* Rank columns [c0, c1) of one block's shrink; c0 is a multiple of VL */
+static void shrink_range(const float *const *xr, int ib, const lora_run *run, int64_t in, int64_t c0, int64_t c1,
+                         float *v) {
     const int64_t rank = run->rank;
-    int64_t c = 0;
-    if (ib == 8) {
-        for (; c < rank; c += VL) pshrink_8_1(xr, run->a, in, rank, c, v);
-        for (c = 0; c < out; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, c, run->scale);
+    int64_t c = c0;
+    if (run->packed) {
+        if (ib == 8) {
+            for (; c < c1; c += VL) pshrink_8_1(xr, run->a, in, rank, c, v);
+        } else {
+            for (; c + 2 * VL <= c1; c += 2 * VL) pshrink_4_2(xr, run->a, in, rank, c, v);
+            for (; c < c1; c += VL) pshrink_4_1(xr, run->a, in, rank, c, v);
+        }
         return;
     }
-    for (; c + 2 * VL <= rank; c += 2 * VL) pshrink_4_2(xr, run->a, in, rank, c, v);
-    for (; c < rank; c += VL) pshrink_4_1(xr, run->a, in, rank, c, v);
-    for (c = 0; c + 2 * VL <= out; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, c, run->scale);
-    for (; c < out; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, c, run->scale);
+    if (ib == 8) {
+        for (; c + VL <= c1; c += VL) shrink_8_1(xr, run->a, in, rank, c, v);
+    } else {
+        for (; c + 2 * VL <= c1; c += 2 * VL) shrink_4_2(xr, run->a, in, rank, c, v);
+        for (; c + VL <= c1; c += VL) shrink_4_1(xr, run->a, in, rank, c, v);
+    }
+    shrink_tail(xr, ib, run->a, in, rank, c, c1, v);
 }
 
-/* Returns 0, or -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
- * output width is not a multiple of VL. */
+/* Output columns [o0, o1) of one block's expand; o0 is a multiple of VL */
+static void expand_range(float *const *yr, int ib, int rows, const lora_run *run, int64_t out, int64_t o0,
+                         int64_t o1, const float *v) {
+    const int64_t rank = run->rank;
+    int64_t c = o0;
+    if (run->packed) {
+        if (ib == 8) {
+            for (; c < o1; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, c, run->scale);
+        } else {
+            for (; c + 2 * VL <= o1; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, c, run->scale);
+            for (; c < o1; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, c, run->scale);
+        }
+        return;
+    }
+    if (ib == 8) {
+        for (; c + VL <= o1; c += VL) expand_8_1(yr, rows, v, run->b, rank, out, c, run->scale);
+    } else {
+        for (; c + 2 * VL <= o1; c += 2 * VL) expand_4_2(yr, rows, v, run->b, rank, out, c, run->scale);
+        for (; c + VL <= o1; c += VL) expand_4_1(yr, rows, v, run->b, rank, out, c, run->scale);
+    }
+    expand_tail(yr, rows, v, run->b, rank, out, c, o1, run->scale);
+}
+
+/* A block of rows of one run: ib (8 or 4) rows, `rows` of them real, its shrink in v */
+typedef struct {
+    const lora_run *run;
+    int64_t i0;
+    int ib, rows;
+    float *v;
+} lora_block;
+
+static void block_rows(const lora_block *b, float *y, int64_t ldy, const float *x, int64_t ldx,
+                       const float **xr, float **yr) {
+    for (int i = 0; i < b->ib; i++) {
+        const int64_t row = b->i0 + (i < b->rows ? i : b->rows - 1);
+        xr[i] = x + row * ldx;
+        yr[i] = y + row * ldy;
+    }
+}
+
+#define SHRINK_CHUNK 16 /* rank columns per work item */
+#define EXPAND_CHUNK 64 /* output columns per work item */
+
+/* Returns 0; -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
+ * output width is not a multiple of VL; -2 when out of memory. Work items (a block's rank or
+ * output columns) are shared out over the calling thread's OpenMP team when the call is big
+ * enough to pay for it: shrinks first, then, after the barrier, expands. */
 int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
               const lora_run *runs, int64_t nruns) {
-    float v[MAX_IB * MAX_RANK];
-    for (int64_t n = 0; n < nruns; n++) {
-        if (runs[n].rank > MAX_RANK) return -1;
-        if (runs[n].packed && (runs[n].rank % VL || out % VL)) return -1;
-    }
+    int64_t nblocks = 0, vsize = 0, nshrink = 0, macs = 0;
     for (int64_t n = 0; n < nruns; n++) {
         const lora_run *run = &runs[n];
-        for (int64_t i0 = run->start; i0 < run->end;) {
+        if (run->rank > MAX_RANK) return -1;
+        if (run->packed && (run->rank % VL || out % VL)) return -1;
+        const int64_t rows = run->end - run->start;
+        const int64_t blocks = rows / 8 + (rows % 8 + 3) / 4;
+        nblocks += blocks;
+        vsize += blocks * MAX_IB * run->rank;
+        nshrink += blocks * ((run->rank + SHRINK_CHUNK - 1) / SHRINK_CHUNK);
+        macs += rows * run->rank * (in + out);
+    }
+    if (nblocks == 0) return 0;
+    lora_block *blocks = malloc(sizeof(lora_block) * nblocks);
+    int32_t *shrink_item = malloc(sizeof(int32_t) * 2 * nshrink); /* (block, chunk) per item */
+    float *vbuf = malloc(sizeof(float) * vsize);
+    if (blocks == NULL || shrink_item == NULL || vbuf == NULL) {
+        free(blocks), free(shrink_item), free(vbuf);
+        return -2;
+    }
+    int64_t b = 0, t = 0;
+    float *v = vbuf;
+    for (int64_t n = 0; n < nruns; n++) {
+        const lora_run *run = &runs[n];
+        for (int64_t i0 = run->start; i0 < run->end; b++) {
             const int64_t left = run->end - i0;
             const int ib = left >= 8 ? 8 : 4;
             const int rows = (int)(left < ib ? left : ib);
-            const float *xr[MAX_IB];
-            float *yr[MAX_IB];
-            for (int i = 0; i < ib; i++) {
-                const int64_t row = i0 + (i < rows ? i : rows - 1);
-                xr[i] = x + row * ldx;
-                yr[i] = y + row * ldy;
+            blocks[b] = (lora_block){run, i0, ib, rows, v};
+            for (int64_t c = 0; c < run->rank; c += SHRINK_CHUNK, t++) {
+                shrink_item[2 * t] = (int32_t)b;
+                shrink_item[2 * t + 1] = (int32_t)(c / SHRINK_CHUNK);
             }
-            if (run->packed) {
-                packed_block(xr, yr, ib, rows, run, in, out, v);
-            } else {
-                block(xr, yr, ib, rows, run, in, out, v);
-            }
+            v += MAX_IB * run->rank;
             i0 += rows;
         }
     }
+    const int64_t per_block = (out + EXPAND_CHUNK - 1) / EXPAND_CHUNK, nexpand = nblocks * per_block;
+#ifdef _OPENMP
+#pragma omp parallel if (macs >= 256 * 1024)
+#endif
+    {
+        const float *xr[MAX_IB];
+        float *yr[MAX_IB];
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < nshrink; item++) {
+            const lora_block *blk = &blocks[shrink_item[2 * item]];
+            const int64_t c0 = (int64_t)shrink_item[2 * item + 1] * SHRINK_CHUNK;
+            const int64_t c1 = c0 + SHRINK_CHUNK < blk->run->rank ? c0 + SHRINK_CHUNK : blk->run->rank;
+            block_rows(blk, y, ldy, x, ldx, xr, yr);
+            shrink_range(xr, blk->ib, blk->run, in, c0, c1, blk->v);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < nexpand; item++) {
+            const lora_block *blk = &blocks[item / per_block];
+            const int64_t o0 = (item % per_block) * EXPAND_CHUNK;
+            const int64_t o1 = o0 + EXPAND_CHUNK < out ? o0 + EXPAND_CHUNK : out;
+            block_rows(blk, y, ldy, x, ldx, xr, yr);
+            expand_range(yr, blk->ib, blk->rows, blk->run, out, o0, o1, blk->v);
+        }
+    }
+    free(blocks), free(shrink_item), free(vbuf);
     return 0;
 }

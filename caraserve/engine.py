@@ -135,10 +135,10 @@ class Engine:
         if mode == "false":
             return None
         if mode == "auto" and self.device.type == "cpu" and torch.get_num_threads() > 1:
-            # Measured with 2 threads: once a background compile thread has run a compiled step,
-            # every later step's small ops are ~4x slower for good. The likely cause: that thread's
-            # OpenMP team makes more team threads than cores, so GOMP stops spinning between
-            # parallel regions (GOMP_SPINCOUNT=0 reproduces the slowdown without it).
+            # Measured with 2 threads: once a variant compiled on a background thread, every later
+            # step ran 2.5-4x slower for good, each OpenMP-parallel op in it (GEMMs, inductor's
+            # kernels, the CPU kernels) ~2x slower, with no other thread busy. Neither running the
+            # compile thread's OpenMP regions on one thread nor OMP_WAIT_POLICY=active changed it.
             log.info("engine.compile=auto: %d CPU threads, so decode steps run eagerly "
                      "(engine.compile=true compiles them at first use)", torch.get_num_threads())
             return None

@@ -34,18 +34,30 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
 #define LOAD(p) (*(const vf_u *)(p))
 
-/* v[i][r0 : r0 + NV*VL] = sum_k x_i[k] * a[k][r0 : r0 + NV*VL] for the IB rows of a block */
-#define SHRINK(IB, NV)                                                                        \
-    static void shrink_##IB##_##NV(const float *const *xr, const float *a, int64_t in,         \
-                                   int64_t rank, int64_t r0, float *v) {                      \
+/* Where a shrink reads vector j of A's row k, rank columns from c, and an expand vector j of B's
+ * row r, output columns from o0: in the pool's layout (A [in][rank], B [rank][out]; the column
+ * blocks walk them with a stride, so the loops prefetch ahead) or in the packed one
+ * (cpu_kernels.packed: A [rank/VL][in][VL], B [out/VL][rank][VL]; each block reads its panels
+ * front to back, which the hardware prefetcher follows on its own). */
+#define A_POOL(k, j) (a + (k) * rank + c + (j) * VL)
+#define B_POOL(r, j) (b + (r) * out + o0 + (j) * VL)
+#define A_PACKED(k, j) (a + c * in + ((j) * in + (k)) * VL)
+#define B_PACKED(r, j) (b + o0 * rank + ((j) * rank + (r)) * VL)
+#define PREFETCH_A_POOL(k, nv) __builtin_prefetch(A_POOL((k) + PREFETCH_ROWS, 0))
+#define PREFETCH_B_POOL(r, nv) __builtin_prefetch(B_POOL(r, nv)) /* the next column block */
+#define NO_PREFETCH(k, nv) ((void)0)
+
+/* v[i][c : c + NV*VL] = sum_k x_i[k] * A[k][c : c + NV*VL] for the IB rows of a block */
+#define SHRINK(NAME, IB, NV, AT, PREFETCH)                                                    \
+    static void NAME(const float *const *xr, const float *a, int64_t in, int64_t rank, int64_t c, \
+                     float *v) {                                                              \
         vf acc[IB][NV];                                                                       \
         for (int i = 0; i < IB; i++)                                                          \
             for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
         for (int64_t k = 0; k < in; k++) {                                                    \
-            const float *ak = a + k * rank + r0;                                              \
-            __builtin_prefetch(ak + PREFETCH_ROWS * rank);                                    \
+            PREFETCH(k, NV);                                                                  \
             vf av[NV];                                                                        \
-            for (int j = 0; j < NV; j++) av[j] = LOAD(ak + j * VL);                           \
+            for (int j = 0; j < NV; j++) av[j] = LOAD(AT(k, j));                              \
             for (int i = 0; i < IB; i++) {                                                    \
                 const float xv = xr[i][k];                                                    \
                 for (int j = 0; j < NV; j++) acc[i][j] += xv * av[j];                         \
@@ -53,21 +65,20 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
         }                                                                                     \
         for (int i = 0; i < IB; i++)                                                          \
             for (int j = 0; j < NV; j++)                                                      \
-                for (int l = 0; l < VL; l++) v[i * rank + r0 + j * VL + l] = acc[i][j][l];    \
+                for (int l = 0; l < VL; l++) v[i * rank + c + j * VL + l] = acc[i][j][l];     \
     }
 
-/* y_i[o0 : o0 + NV*VL] += scale * sum_r v[i][r] * b[r][o0 : o0 + NV*VL] for the first `rows` rows */
-#define EXPAND(IB, NV)                                                                        \
-    static void expand_##IB##_##NV(float *const *yr, int rows, const float *v, const float *b, \
-                                   int64_t rank, int64_t out, int64_t o0, float scale) {      \
+/* y_i[o0 : o0 + NV*VL] += scale * sum_r v[i][r] * B[r][o0 : o0 + NV*VL] for the first `rows` rows */
+#define EXPAND(NAME, IB, NV, AT, PREFETCH)                                                    \
+    static void NAME(float *const *yr, int rows, const float *v, const float *b, int64_t rank,  \
+                     int64_t out, int64_t o0, float scale) {                                  \
         vf acc[IB][NV];                                                                       \
         for (int i = 0; i < IB; i++)                                                          \
             for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
         for (int64_t r = 0; r < rank; r++) {                                                  \
-            const float *br = b + r * out + o0;                                               \
-            __builtin_prefetch(br + NV * VL); /* this row's part of the next column block */ \
+            PREFETCH(r, NV);                                                                  \
             vf bv[NV];                                                                        \
-            for (int j = 0; j < NV; j++) bv[j] = LOAD(br + j * VL);                           \
+            for (int j = 0; j < NV; j++) bv[j] = LOAD(AT(r, j));                              \
             for (int i = 0; i < IB; i++) {                                                    \
                 const float vv = v[i * rank + r];                                             \
                 for (int j = 0; j < NV; j++) acc[i][j] += vv * bv[j];                         \
@@ -78,12 +89,18 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
                 for (int l = 0; l < VL; l++) yr[i][o0 + j * VL + l] += scale * acc[i][j][l];  \
     }
 
-SHRINK(8, 1)
-SHRINK(4, 2)
-SHRINK(4, 1)
-EXPAND(8, 1)
-EXPAND(4, 2)
-EXPAND(4, 1)
+SHRINK(shrink_8_1, 8, 1, A_POOL, PREFETCH_A_POOL)
+SHRINK(shrink_4_2, 4, 2, A_POOL, PREFETCH_A_POOL)
+SHRINK(shrink_4_1, 4, 1, A_POOL, PREFETCH_A_POOL)
+EXPAND(expand_8_1, 8, 1, B_POOL, PREFETCH_B_POOL)
+EXPAND(expand_4_2, 4, 2, B_POOL, PREFETCH_B_POOL)
+EXPAND(expand_4_1, 4, 1, B_POOL, PREFETCH_B_POOL)
+SHRINK(pshrink_8_1, 8, 1, A_PACKED, NO_PREFETCH)
+SHRINK(pshrink_4_2, 4, 2, A_PACKED, NO_PREFETCH)
+SHRINK(pshrink_4_1, 4, 1, A_PACKED, NO_PREFETCH)
+EXPAND(pexpand_8_1, 8, 1, B_PACKED, NO_PREFETCH)
+EXPAND(pexpand_4_2, 4, 2, B_PACKED, NO_PREFETCH)
+EXPAND(pexpand_4_1, 4, 1, B_PACKED, NO_PREFETCH)
 
 /* The columns past the last full vector: plain loops */
 static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t in, int64_t rank, int64_t r0,
@@ -107,55 +124,6 @@ static void expand_tail(float *const *yr, int rows, const float *v, const float 
         }
     }
 }
-
-/* The packed layout (cpu_kernels.pack): A as [rank/8][in][8] and B as [out/8][rank][8], so each
- * column block below reads one contiguous panel front to back (no strided walk). */
-#define PSHRINK(IB, NV)                                                                       \
-    static void pshrink_##IB##_##NV(const float *const *xr, const float *ap, int64_t in,       \
-                                    int64_t rank, int64_t c, float *v) {                      \
-        vf acc[IB][NV];                                                                       \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
-        const float *panel = ap + c * in; /* c: first rank column, a multiple of VL */        \
-        for (int64_t k = 0; k < in; k++) {                                                    \
-            vf av[NV];                                                                        \
-            for (int j = 0; j < NV; j++) av[j] = LOAD(panel + (j * in + k) * VL);             \
-            for (int i = 0; i < IB; i++) {                                                    \
-                const float xv = xr[i][k];                                                    \
-                for (int j = 0; j < NV; j++) acc[i][j] += xv * av[j];                         \
-            }                                                                                 \
-        }                                                                                     \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++)                                                      \
-                for (int l = 0; l < VL; l++) v[i * rank + c + j * VL + l] = acc[i][j][l];     \
-    }
-
-#define PEXPAND(IB, NV)                                                                       \
-    static void pexpand_##IB##_##NV(float *const *yr, int rows, const float *v, const float *bp, \
-                                    int64_t rank, int64_t o0, float scale) {                  \
-        vf acc[IB][NV];                                                                       \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
-        const float *panel = bp + o0 * rank; /* o0: first output column, a multiple of VL */  \
-        for (int64_t r = 0; r < rank; r++) {                                                  \
-            vf bv[NV];                                                                        \
-            for (int j = 0; j < NV; j++) bv[j] = LOAD(panel + (j * rank + r) * VL);           \
-            for (int i = 0; i < IB; i++) {                                                    \
-                const float vv = v[i * rank + r];                                             \
-                for (int j = 0; j < NV; j++) acc[i][j] += vv * bv[j];                         \
-            }                                                                                 \
-        }                                                                                     \
-        for (int i = 0; i < rows; i++)                                                        \
-            for (int j = 0; j < NV; j++)                                                      \
-                for (int l = 0; l < VL; l++) yr[i][o0 + j * VL + l] += scale * acc[i][j][l];  \
-    }
-
-PSHRINK(8, 1)
-PSHRINK(4, 2)
-PSHRINK(4, 1)
-PEXPAND(8, 1)
-PEXPAND(4, 2)
-PEXPAND(4, 1)
 
 /* Rank columns [c0, c1) of one block's shrink; c0 is a multiple of VL */
 static void shrink_range(const float *const *xr, int ib, const lora_run *run, int64_t in, int64_t c0, int64_t c1,
@@ -187,10 +155,10 @@ static void expand_range(float *const *yr, int ib, int rows, const lora_run *run
     int64_t c = o0;
     if (run->packed) {
         if (ib == 8) {
-            for (; c < o1; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, c, run->scale);
+            for (; c < o1; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, out, c, run->scale);
         } else {
-            for (; c + 2 * VL <= o1; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, c, run->scale);
-            for (; c < o1; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, c, run->scale);
+            for (; c + 2 * VL <= o1; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, out, c, run->scale);
+            for (; c < o1; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, out, c, run->scale);
         }
         return;
     }

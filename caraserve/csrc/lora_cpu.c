@@ -191,32 +191,10 @@ static void block_rows(const lora_block *b, float *y, int64_t ldy, const float *
 #define SHRINK_CHUNK 16 /* rank columns per work item */
 #define EXPAND_CHUNK 64 /* output columns per work item */
 
-/* Returns 0; -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
- * output width is not a multiple of VL; -2 when out of memory. Work items (a block's rank or
- * output columns) are shared out over the calling thread's OpenMP team when the call is big
- * enough to pay for it: shrinks first, then, after the barrier, expands. */
-int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
-              const lora_run *runs, int64_t nruns) {
-    int64_t nblocks = 0, vsize = 0, nshrink = 0, macs = 0;
-    for (int64_t n = 0; n < nruns; n++) {
-        const lora_run *run = &runs[n];
-        if (run->rank > MAX_RANK) return -1;
-        if (run->packed && (run->rank % VL || out % VL)) return -1;
-        const int64_t rows = run->end - run->start;
-        const int64_t blocks = rows / 8 + (rows % 8 + 3) / 4;
-        nblocks += blocks;
-        vsize += blocks * MAX_IB * run->rank;
-        nshrink += blocks * ((run->rank + SHRINK_CHUNK - 1) / SHRINK_CHUNK);
-        macs += rows * run->rank * (in + out);
-    }
-    if (nblocks == 0) return 0;
-    lora_block *blocks = malloc(sizeof(lora_block) * nblocks);
-    int32_t *shrink_item = malloc(sizeof(int32_t) * 2 * nshrink); /* (block, chunk) per item */
-    float *vbuf = malloc(sizeof(float) * vsize);
-    if (blocks == NULL || shrink_item == NULL || vbuf == NULL) {
-        free(blocks), free(shrink_item), free(vbuf);
-        return -2;
-    }
+/* Cuts the runs into row blocks (eight rows while a run has that many, then four), each with
+ * its part of vbuf for the shrink, and lists the shrink work items: (block, rank chunk) pairs. */
+static void plan_blocks(const lora_run *runs, int64_t nruns, lora_block *blocks, int32_t *shrink_item,
+                        float *vbuf) {
     int64_t b = 0, t = 0;
     float *v = vbuf;
     for (int64_t n = 0; n < nruns; n++) {
@@ -234,6 +212,35 @@ int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, in
             i0 += rows;
         }
     }
+}
+
+/* Returns 0; -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
+ * output width is not a multiple of VL; -2 when out of memory. Work items (a block's rank or
+ * output columns) are shared out over the calling thread's OpenMP team when the call is big
+ * enough to pay for it: shrinks first, then, after the barrier, expands. */
+int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
+              const lora_run *runs, int64_t nruns) {
+    int64_t nblocks = 0, vsize = 0, nshrink = 0, macs = 0;
+    for (int64_t n = 0; n < nruns; n++) {
+        const lora_run *run = &runs[n];
+        if (run->rank > MAX_RANK) return -1;
+        if (run->packed && (run->rank % VL || out % VL)) return -1;
+        const int64_t rows = run->end - run->start;
+        const int64_t blocks = rows / 8 + (rows % 8 + 3) / 4; /* as plan_blocks cuts them */
+        nblocks += blocks;
+        vsize += blocks * MAX_IB * run->rank;
+        nshrink += blocks * ((run->rank + SHRINK_CHUNK - 1) / SHRINK_CHUNK);
+        macs += rows * run->rank * (in + out);
+    }
+    if (nblocks == 0) return 0;
+    lora_block *blocks = malloc(sizeof(lora_block) * nblocks);
+    int32_t *shrink_item = malloc(sizeof(int32_t) * 2 * nshrink); /* (block, chunk) per item */
+    float *vbuf = malloc(sizeof(float) * vsize);
+    if (blocks == NULL || shrink_item == NULL || vbuf == NULL) {
+        free(blocks), free(shrink_item), free(vbuf);
+        return -2;
+    }
+    plan_blocks(runs, nruns, blocks, shrink_item, vbuf);
     const int64_t per_block = (out + EXPAND_CHUNK - 1) / EXPAND_CHUNK, nexpand = nblocks * per_block;
 #ifdef _OPENMP
 #pragma omp parallel if (macs >= 256 * 1024)

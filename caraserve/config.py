@@ -67,16 +67,20 @@ class AdapterConfig:
     rank_buckets: slot ranks; an adapter goes to the smallest bucket >= its rank.
     device_slots: slots per bucket on the device (int: same for every bucket).
     host_mem_bytes: host-tier budget; least-recently-used adapters beyond it are dropped and
-    re-read from disk when needed (0 = unbounded).
+    re-read from disk when needed (-1 = a quarter of the machine's memory, 0 = unbounded).
+    max_registered: adapters that may be registered at once (start-up and runtime loads).
+    max_file_bytes: an adapter file (config or weights) larger than this is refused.
     """
 
     dir: str = "demo"
     rank_buckets: tuple[int, ...] = (8, 16, 32, 64, 128)
     device_slots: int = 4
-    host_mem_bytes: int = 0
+    host_mem_bytes: int = -1
     allowed_roots: tuple[str, ...] = ()
     preload: str = "none"
     target_modules: tuple[str, ...] = LORA_TARGETS  # modules the device pool holds slots for
+    max_registered: int = 16384
+    max_file_bytes: int = 4 * 2**30
 
     def __post_init__(self):
         bad = [m for m in self.target_modules if m not in LORA_TARGETS]
@@ -87,7 +91,9 @@ class AdapterConfig:
         _check(all(isinstance(r, int) and r > 0 for r in b), f"adapters.rank_buckets={b} must be positive ints")
         _check(list(b) == sorted(set(b)), f"adapters.rank_buckets={b} must be strictly increasing")
         _check(self.device_slots >= 1, f"adapters.device_slots={self.device_slots} must be >= 1")
-        _check(self.host_mem_bytes >= 0, "adapters.host_mem_bytes must be >= 0")
+        _check(self.host_mem_bytes >= -1, "adapters.host_mem_bytes must be -1 (auto), 0 (unbounded) or > 0")
+        _check(self.max_registered >= 1, f"adapters.max_registered={self.max_registered} must be >= 1")
+        _check(self.max_file_bytes >= 1024, f"adapters.max_file_bytes={self.max_file_bytes} must be >= 1024")
         _check(self.preload in ("none", "all"), f"adapters.preload={self.preload!r} must be none|all")
 
     @property
@@ -162,6 +168,35 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request limits, checked when a request is added (server and offline alike), so that
+    the work a request brings stays bounded whatever a client sends.
+
+    max_prompt_bytes: a text prompt's UTF-8 bytes, checked before it is tokenized.
+    max_stop_strings / max_stop_chars: number of stop strings and their total length.
+    max_stop_token_ids: number of stop token ids.
+    max_logprobs: the largest `logprobs` (completions) / `top_logprobs` (chat) accepted.
+    max_chat_messages: messages in one chat request.
+    """
+
+    max_prompt_bytes: int = 2**20
+    max_stop_strings: int = 16
+    max_stop_chars: int = 4096
+    max_stop_token_ids: int = 256
+    max_logprobs: int = 20
+    max_chat_messages: int = 1024
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(value >= 0, f"limits.{f.name}={value} must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data, where="limits"):
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an Engine needs. device "auto" = cuda when present, else cpu."""
 
@@ -169,6 +204,7 @@ class EngineConfig:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     cpu_assist: CpuAssistConfig = field(default_factory=CpuAssistConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 32
@@ -194,12 +230,23 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The HTTP server. api_key empty = the CARASERVE_API_KEY environment variable, if set."""
+    """The HTTP server. api_key empty = the CARASERVE_API_KEY environment variable, if set.
+
+    admin_api_key: when set, adapter loading and unloading need this key instead of api_key.
+    allow_runtime_lora: with neither key set, /v1/load_lora_adapter and /v1/unload_lora_adapter
+    are off unless this is true (anyone who can reach the server could load adapters).
+    timeout_keep_alive_s: an idle keep-alive connection is closed after this long.
+    limit_concurrency: connections and tasks beyond this many at once get 503.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str = ""
     api_key: str = ""
+    admin_api_key: str = ""
+    allow_runtime_lora: bool = False
+    timeout_keep_alive_s: float = 5.0
+    limit_concurrency: int = 1024
     max_queue: int = 256
     max_body_bytes: int = 4 * 2**20
     drain_timeout_s: float = 30.0
@@ -211,6 +258,8 @@ class ServerConfig:
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
+        _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
+        _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
 
     @classmethod
     def from_dict(cls, data, where="server"):
@@ -222,6 +271,7 @@ _NESTED = {
     ("EngineConfig", "adapters"): AdapterConfig,
     ("EngineConfig", "cpu_assist"): CpuAssistConfig,
     ("EngineConfig", "scheduler"): SchedulerConfig,
+    ("EngineConfig", "limits"): LimitsConfig,
 }
 
 
@@ -243,4 +293,5 @@ def engine_config(composed: dict[str, Any]) -> EngineConfig:
     engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
     engine["cpu_assist"] = CpuAssistConfig.from_dict(composed.get("cpu_assist"))
     engine["scheduler"] = SchedulerConfig.from_dict(composed.get("scheduler"))
+    engine["limits"] = LimitsConfig.from_dict(composed.get("limits"))
     return EngineConfig.from_dict(engine)

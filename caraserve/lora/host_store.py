@@ -8,6 +8,7 @@ weights are pinned, which lets device copies run asynchronously.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,13 +38,19 @@ class AdapterInfo:
     nbytes: int
 
 
+def default_budget_bytes() -> int:
+    """A quarter of the machine's physical memory: the host tier must leave room for the model
+    load, the KV cache and the process itself."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 class HostStore:
     def __init__(
         self, model_args, budget_bytes: int = 0, dtype: torch.dtype = torch.float32, pin: bool | None = None
     ):
         self.model_args = model_args
         self.dtype = dtype
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = default_budget_bytes() if budget_bytes < 0 else budget_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._info: dict[str, AdapterInfo] = {}
         self._weights: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU order, oldest first

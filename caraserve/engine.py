@@ -24,12 +24,28 @@ from caraserve.lora.host_store import AdapterInfo, HostStore
 from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
 from caraserve.output_processor import OutputProcessor
-from caraserve.request import FinishReason, Request, RequestError, RequestOutput, RequestState, SamplingParams
+from caraserve.request import (
+    ErrorCause,
+    FinishReason,
+    Request,
+    RequestError,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+)
 from caraserve.runner import ModelRunner
 from caraserve.sampler import sample
-from caraserve.scheduler import Scheduler
+from caraserve.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed in a way no single request explains: the engine cannot serve any more."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
@@ -238,6 +254,7 @@ class Engine:
     ) -> str:
         """Validates and queues a request; raises RequestError (nothing changes) when it is bad."""
         params = params or SamplingParams()
+        self.check_params(params)
         prompt_ids = self.encode(prompt)
         if adapter is not None and adapter not in self.store:
             raise RequestError(f"unknown adapter {adapter!r}")
@@ -259,12 +276,41 @@ class Engine:
             self.scheduler.add(req)
         return rid
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
+        the vocabulary; SamplingParams itself has checked their types and ranges."""
+        lim = self.config.limits
+        if len(params.stop) > lim.max_stop_strings:
+            raise RequestError(f"stop: at most {lim.max_stop_strings} stop strings, got {len(params.stop)}")
+        if sum(map(len, params.stop)) > lim.max_stop_chars:
+            raise RequestError(f"stop: the stop strings may total at most {lim.max_stop_chars} characters")
+        if len(params.stop_token_ids) > lim.max_stop_token_ids:
+            raise RequestError(f"stop_token_ids: at most {lim.max_stop_token_ids} ids, "
+                               f"got {len(params.stop_token_ids)}")
+        vocab = self.model.args.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
+
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; RequestError when it is not one (or past engine.limits)."""
+        limit = self.config.limits.max_prompt_bytes
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: send prompt token ids")
+            # checked before tokenizing: the tokenizer's work grows with the text
+            if len(prompt) > limit:  # a character is at least one byte: no need to encode to know
+                raise RequestError(f"prompt: longer than {limit} bytes (limits.max_prompt_bytes)")
+            try:
+                size = len(prompt.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise RequestError(f"prompt is not valid Unicode ({e.reason} at position {e.start})") from None
+            if size > limit:
+                raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, (list, tuple)):
+            if len(prompt) > self.max_seq_len:
+                raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length "
+                                   f"{self.max_seq_len}")
             ids = list(prompt)
             vocab = self.model.args.vocab_size
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
@@ -294,36 +340,105 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch; returns an output for every request that made progress."""
+        """Runs one scheduled batch; returns an output for every request that made progress or
+        ended. A fault in one request's part of the step fails that request only (see
+        `_forward` and `_sample`); EngineDeadError means no request explains it."""
         with self._lock:
+            outs = self._fail_rejected()
             batch = self.scheduler.schedule()
+            outs += self._fail_rejected()
             if batch is None:
-                return []
+                return outs
             t0 = time.perf_counter()
-            logits, order = self.runner.run(batch)  # logits row j: batch.requests[order[j]]
-            emitting = []  # logits rows of the requests that emit a token
-            for j, i in enumerate(order):
-                req = batch.requests[i]
+            logits, reqs, failed = self._forward(batch)  # logits row j: reqs[j]
+            outs += [self._fail(r, f"the model step failed on this request ({why})") for r, why in failed]
+            chunk = dict(zip(map(id, batch.requests), batch.chunk_lens))
+            emitting, rows = [], []  # the requests that emit a token, their logits rows
+            for j, req in enumerate(reqs):
                 if not batch.is_decode:
-                    req.num_computed += batch.chunk_lens[i]
+                    req.num_computed += chunk[id(req)]
                     if req.num_computed < len(req.prompt_ids):
                         continue  # chunked prefill: more of the prompt to go
                     req.state = RequestState.DECODE
-                emitting.append(j)
+                emitting.append(req)
+                rows.append(j)
             if not emitting:
-                return []
-            if len(emitting) < len(order):  # chunked prefills still under way emit nothing
-                logits = logits.index_select(0, torch.tensor(emitting, device=logits.device))
-            reqs = [batch.requests[order[j]] for j in emitting]
-            tokens, logprobs = sample(logits, [r.params for r in reqs],
-                                      [self._generators.get(r.request_id) for r in reqs])
+                return outs
+            if len(rows) < len(reqs):
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            tokens, logprobs, bad = self._sample(logits, emitting)
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
-            if batch.is_decode and self.perf_model is not None:
+            if batch.is_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)
+            outs += [self._fail(emitting[i], f"sampling failed on this request ({why})") for i, why in bad.items()]
+            reqs = [r for i, r in enumerate(emitting) if i not in bad]
+            tokens = [t for i, t in enumerate(tokens) if i not in bad]
+            logprobs = [lp for i, lp in enumerate(logprobs) if i not in bad]
             for r, t, lp in zip(reqs, tokens, logprobs):
                 self.outputs.add_token(r, t, lp, now)
             texts = self.outputs.detokenize(reqs)
-            return [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
+            return outs + [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
+
+    def _forward(self, batch) -> tuple[torch.Tensor, list[Request], list[tuple[Request, str]]]:
+        """(logits [R, V], the request of each row, [(request, why it failed)]).
+
+        When the batched forward raises, each request runs again alone and eagerly (writing the
+        same KV entries again is harmless), so only the requests whose own forward raises fail.
+        If every one of several requests fails alone, no request explains the fault: the engine
+        is broken (EngineDeadError)."""
+        try:
+            logits, order = self.runner.run(batch)
+            return logits, [batch.requests[i] for i in order], []
+        except Exception as e:
+            if len(batch.requests) == 1:
+                log.exception("step failed on request %s", batch.requests[0].request_id)
+                return None, [], [(batch.requests[0], _describe(e))]
+            log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), _describe(e))
+        rows, reqs, failed = [], [], []
+        for req, n in zip(batch.requests, batch.chunk_lens):
+            try:
+                rows.append(self.runner.run(ScheduledBatch(batch.is_decode, [req], [n]), eager=True)[0])
+                reqs.append(req)
+            except Exception as e:
+                log.exception("step failed on request %s", req.request_id)
+                failed.append((req, _describe(e)))
+        if not rows:
+            raise EngineDeadError(f"every request of a {len(failed)}-request step failed alone: {failed[0][1]}")
+        return torch.cat(rows), reqs, failed
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[float], dict[int, str]]:
+        """(token per row, logprob per row, {row: why it failed}). When the batched sampler raises,
+        the rows are sampled one by one from the generators' states before the batched attempt,
+        so the requests that do not fail get the tokens they would have got without the others."""
+        params = [r.params for r in reqs]
+        generators = [self._generators.get(r.request_id) for r in reqs]
+        states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
+        try:
+            tokens, logprobs = sample(logits, params, generators)
+            return tokens, logprobs, {}
+        except Exception as e:
+            log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), _describe(e))
+        tokens, logprobs, bad = [0] * len(reqs), [0.0] * len(reqs), {}
+        for i in range(len(reqs)):
+            if i in states:
+                generators[i].set_state(states[i])
+            try:
+                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])
+            except Exception as e:
+                log.exception("sampling failed on request %s", reqs[i].request_id)
+                bad[i] = _describe(e)
+        if len(bad) == len(reqs) > 1:
+            raise EngineDeadError(f"sampling failed on every row of a {len(reqs)}-row step: {bad[0]}")
+        return tokens, logprobs, bad
+
+    def _fail_rejected(self) -> list[RequestOutput]:
+        """Ends the requests the scheduler could not admit for a reason of their own."""
+        return [self._fail(r, why) for r, why in self.scheduler.take_rejected()]
+
+    def _fail(self, req: Request, why: str) -> RequestOutput:
+        req.error, req.error_cause = why, ErrorCause.REQUEST
+        self._finish(req, FinishReason.ERROR)
+        return self.outputs.output(req, [], "")
 
     def _observe_step(self, batch, seconds: float) -> None:
         """Online refit of the latency model from this machine's own decode steps."""
@@ -339,11 +454,12 @@ class Engine:
         return self.outputs.output(req, [token], new_text)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """Finishes every unfinished request with an error (after a failed step)."""
+        """Finishes every unfinished request with an error: for faults of the engine as a whole
+        (EngineDeadError, a lost device), never for one request's fault."""
         with self._lock:
             outs = []
             for req in list(self._requests.values()):
-                req.error = message
+                req.error, req.error_cause = message, ErrorCause.ENGINE
                 self._finish(req, FinishReason.ERROR)
                 outs.append(self.outputs.output(req, [], ""))
             return outs

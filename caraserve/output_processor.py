@@ -91,7 +91,8 @@ class OutputProcessor:
     def output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
             req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
-            error=req.error, logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            error=req.error, error_cause=req.error_cause,
+            logprobs=list(req.output_logprobs) if req.params.logprobs else None,
             prompt_tokens=len(req.prompt_ids),
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,

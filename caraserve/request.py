@@ -12,6 +12,13 @@ class RequestError(ValueError):
     """A request is invalid (bad parameters, unknown adapter, prompt too long)."""
 
 
+class ErrorCause(enum.Enum):
+    """Why a request ended with an error."""
+
+    REQUEST = "request"  # its own part of a step raised; the other requests went on
+    ENGINE = "engine"  # the engine failed as a whole: every request in flight ended
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"  # queued, not admitted yet
     LOADING_ADAPTER = "loading_adapter"  # admitted, waiting for its adapter's device copy
@@ -33,12 +40,32 @@ class FinishReason(enum.Enum):
         return {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort", "error": "error"}[self.value]
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Temperatures below this sample greedily (as vLLM does): dividing float32 logits by a smaller one
+# overflows them, and the distribution is a point mass long before that anyway.
+MIN_TEMPERATURE = 1e-5
+# Above this the tempered distribution is uniform to float32 precision: a larger value is a mistake.
+MAX_TEMPERATURE = 100.0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """What a request asks of the sampler. Every field is checked against what the step can
+    represent (integers that reach torch fit int64, temperatures meaningful in float32), so a
+    value that passes here cannot make a step raise."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1 or 0 = off
+    top_k: int = -1  # -1 or 0 = off; values past the vocabulary mean off too
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -52,29 +79,36 @@ class SamplingParams:
 
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (list, tuple)) and self.stop is not None:
+            bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) and self.stop_token_ids is not None:
+            bad(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
-            bad(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            bad(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad(f"seed must be an integer, got {self.seed!r}")
-        if self.n != 1:
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            bad(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
+            bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.logprobs, bool):
+            bad(f"logprobs must be true or false, got {self.logprobs!r}")
+        if not _is_int(self.n) or self.n != 1:
             bad(f"n={self.n!r} is not supported (only n=1)")
         if not all(isinstance(s, str) and s for s in self.stop):
-            bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            bad("stop must be a string or a list of non-empty strings")
+        if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+            bad("stop_token_ids must be integers in [0, 2**63 - 1]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field, in queues and lookups
@@ -89,6 +123,7 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_cause: ErrorCause | None = None
     kv_slot: int | None = None
     num_computed: int = 0  # prompt tokens already in the KV cache
     first_token_s: float | None = None
@@ -128,6 +163,7 @@ class RequestOutput:
     text: str = ""
     new_text: str = ""
     error: str | None = None
+    error_cause: ErrorCause | None = None
     logprobs: list[float] | None = None
     prompt_tokens: int = 0
     ttft_s: float | None = None  # arrival -> first token

@@ -26,10 +26,11 @@ class ModelRunner:
         self.store = store  # host tier, for CPU-assisted rows
         self.handoff = handoff  # cpu_assist Handoff, or None when CPU assist is off
 
-    def run(self, batch: ScheduledBatch, use_lora: bool = True) -> tuple[torch.Tensor, list[int]]:
+    def run(self, batch: ScheduledBatch, use_lora: bool = True, eager: bool = False) -> tuple[torch.Tensor, list[int]]:
         """(logits [B, V] of each request's last computed token, order): row j belongs to
         batch.requests[order[j]]. Rows come in the forward's own order (grouped by adapter), so
-        the caller maps rows to requests instead of copying the logits back into batch order."""
+        the caller maps rows to requests instead of copying the logits back into batch order.
+        eager: skip the compiled decode step (a fault-isolation rerun must not compile a variant)."""
         reqs = batch.requests
 
         def on_device(r) -> str | None:
@@ -69,7 +70,7 @@ class ModelRunner:
             lora = replace(lora, host=tuple(host), handoff=self.handoff) if lora is not None else \
                 LoraBatch((), False, tuple(host), self.handoff)
         logits = None
-        if batch.is_decode and self.decode_fn is not None:
+        if batch.is_decode and self.decode_fn is not None and not eager:
             logits = self.decode_fn(tokens, starts, slots, lora)
         if logits is None:
             fb = ForwardBatch.build(tokens, starts, slots, self.device, batch.is_decode, lora)

@@ -36,7 +36,8 @@ def sample(
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
         temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-        top_k = torch.tensor([max(params[i].top_k, 0) for i in sampled], device=logits.device)
+        vocab = logits.shape[-1]  # a top_k past the vocabulary keeps every token, as off does
+        top_k = torch.tensor([min(max(params[i].top_k, 0), vocab) for i in sampled], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
         probs = _filter(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
         for row, i in enumerate(sampled):

@@ -66,6 +66,13 @@ class Scheduler:
         self.slo_s = slo_ms / 1e3
         self.max_passed_over = max_passed_over  # None: strict FCFS admission
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
+        self._rejected: list[tuple[Request, str]] = []  # could not be admitted, for a reason of their own
+
+    def take_rejected(self) -> list[tuple[Request, str]]:
+        """(request, why) for the waiting requests admission refused since the last call (e.g. an
+        adapter that can no longer be read); they have left the queue, the engine ends them."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -150,7 +157,13 @@ class Scheduler:
                 if self._may_overtake(req):
                     continue  # rank grouping: a lower-rank request behind it may still fit
                 break  # FCFS: later requests wait too, so this one is next when the batch shrinks
-            if not self._adapter_ready(req, blocked):
+            try:
+                ready = self._adapter_ready(req, blocked)
+            except Exception as e:  # this request's adapter, not the engine: it alone fails
+                self.waiting.remove(req)
+                self._rejected.append((req, f"its adapter cannot be used ({type(e).__name__}: {e})"))
+                continue
+            if not ready:
                 continue
             req.kv_slot = self.kv.allocate()
             req.state = RequestState.PREFILL

@@ -1,0 +1,178 @@
+"""A fault in one request's part of a step fails that request only; the engine's own faults end
+every request and say so. Validation refuses what the step could not take."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from caraserve.config import EngineConfig, LimitsConfig
+from caraserve.engine import Engine, EngineDeadError
+from caraserve.offline import run_offline
+from caraserve.request import ErrorCause, FinishReason, RequestError, SamplingParams
+
+MARK = 7777  # a token id no clean prompt below holds: the planted forward fault keys on it
+PROMPTS = [[1, 100, 200, 300], [1, 55, 66], [1, 400, 401, 402, 403], [1, 9, 8, 7, 6, 5]]
+ADAPTERS = [None, "demo-r8", "demo-r64", "demo-r16"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(compile="false", max_batch_size=8, max_seq_len=256,
+                               limits=LimitsConfig(max_prompt_bytes=4096, max_stop_strings=4, max_stop_chars=64,
+                                                   max_stop_token_ids=8)))
+
+
+def clean_params():
+    """Greedy rows and one seeded sampled row: the sampled one shows generator states survive."""
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    return [greedy, greedy, SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True), greedy]
+
+
+def run(engine, extra=None):
+    """Tokens of the clean requests, run together with `extra` (prompt, params, adapter) if given;
+    and the extra request's final state."""
+    rids = [engine.add_request(p, sp, a) for p, sp, a in zip(PROMPTS, clean_params(), ADAPTERS)]
+    planted = engine.add_request(*extra) if extra is not None else None
+    reqs = {rid: engine.request(rid) for rid in rids + ([planted] if planted else [])}
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return [finals[r].output_ids for r in rids], (finals[planted] if planted else None), reqs
+
+
+class FaultyModel:
+    """The engine's model, except that a forward whose input holds MARK raises (always=True: every
+    forward raises, as a broken device would)."""
+
+    def __init__(self, model, always=False):
+        self.model, self.always = model, always
+
+    def __call__(self, fb, kv, *args, **kwargs):
+        if self.always or bool((fb.input_ids == MARK).any()):
+            raise RuntimeError("planted fault")
+        return self.model(fb, kv, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_sampler_fault_fails_only_its_request(engine):
+    clean, _, _ = run(engine)
+    bad = SamplingParams(max_tokens=10, temperature=0.5, ignore_eos=True)
+    object.__setattr__(bad, "temperature", math.nan)  # past validation: the sampler raises on it
+    tokens, planted, _ = run(engine, ([1, 300, 301], bad, "demo-r32"))
+    assert tokens == clean
+    assert planted.finish_reason is FinishReason.ERROR and planted.error_cause is ErrorCause.REQUEST
+    assert "sampling failed" in planted.error and engine.request(planted.request_id) is None
+
+
+def test_forward_fault_fails_only_its_request(engine, monkeypatch):
+    clean, _, _ = run(engine)
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    tokens, planted, _ = run(engine, ([1, MARK, 5], SamplingParams(max_tokens=10, temperature=0), "demo-r8"))
+    assert tokens == clean
+    assert planted.error_cause is ErrorCause.REQUEST and "planted fault" in planted.error
+    assert engine.kv.free_slots == engine.config.max_batch_size  # its KV slot came back
+
+
+def test_unusable_adapter_fails_only_its_request(engine, monkeypatch):
+    clean, _, _ = run(engine)
+    engine.pool.evict("demo-r32")
+    real_get = engine.store.get
+
+    def get(name):
+        if name == "demo-r32":
+            raise OSError("adapter file vanished")
+        return real_get(name)
+
+    monkeypatch.setattr(engine.store, "get", get)
+    tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "demo-r32"))
+    assert tokens == clean
+    assert planted.error_cause is ErrorCause.REQUEST and "adapter file vanished" in planted.error
+
+
+def test_fault_of_every_row_is_the_engines(engine, monkeypatch):
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model, always=True))
+    for p, a in zip(PROMPTS[:2], ADAPTERS[:2]):
+        engine.add_request(p, SamplingParams(max_tokens=4, temperature=0), a)
+    with pytest.raises(EngineDeadError):
+        engine.step()
+    outs = engine.fail_all("engine failed")
+    assert len(outs) == 2 and all(o.error_cause is ErrorCause.ENGINE for o in outs)
+    assert not engine.has_unfinished()
+
+
+def test_offline_batch_survives_poisoned_lines(engine, monkeypatch):
+    clean, _, _ = run(engine)
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    import json
+
+    good = [json.dumps({"id": f"g{i}", "prompt_token_ids": p, "adapter": a, "max_tokens": 10, "temperature": 0,
+                        "ignore_eos": True}) for i, (p, a) in enumerate(zip(PROMPTS, ADAPTERS)) if i != 2]
+    lines = [good[0], "", json.dumps({"id": "big-seed", "prompt": "x", "seed": 2**64}), good[1],
+             "[1, 2]", json.dumps({"prompt": "x", "max_tokens": True}), "   ",
+             json.dumps({"id": "poison", "prompt_token_ids": [1, MARK], "max_tokens": 3}), good[2],
+             json.dumps({"id": 17, "prompt_token_ids": [1, 10**30]})]
+    results, summary = run_offline(engine, lines)
+    assert summary.blank_lines == 2 and summary.requests == 8 and summary.errors == 5
+    by_id = {r["id"]: r for r in results}
+    assert [by_id[f"g{i}"]["token_ids"] for i in (0, 1, 3)] == [clean[0], clean[1], clean[3]]
+    assert "seed" in by_id["big-seed"]["error"] and by_id["big-seed"]["error"].startswith("line 3:")
+    assert by_id["5"]["error"].startswith("line 5:")  # no id: the line number, counted from 1
+    assert "max_tokens" in by_id["6"]["error"]
+    assert "planted fault" in by_id["poison"]["error"]
+    assert "token ids" in by_id["17"]["error"]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"temperature": math.nan}, "temperature"), ({"temperature": 1e300}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": math.inf}, "top_p"),
+    ({"top_k": 2**64}, "top_k"), ({"top_k": -2}, "top_k"), ({"top_k": True}, "top_k"),
+    ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": True}, "n"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"), ({"stop_token_ids": [2**63]}, "stop_token_ids"),
+    ({"stop": [""]}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"), ({"logprobs": 1}, "logprobs"),
+])
+def test_sampling_params_refuse_what_the_step_cannot_take(kwargs, field):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_borderline_params_run(engine):
+    """Values at the edges of what is valid run, and mean what they say."""
+    greedy = engine.generate([[1, 5, 6]], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
+    tiny_t = engine.generate([[1, 5, 6]], SamplingParams(max_tokens=6, temperature=1e-30, seed=-(2**63)))
+    assert tiny_t[0].output_ids == greedy  # below float32's meaningful range: greedy
+    wide = engine.generate([[1, 5, 6]], SamplingParams(max_tokens=6, temperature=1.0, top_k=2**63 - 1,
+                                                       top_p=1e-300, seed=-(2**63)))
+    assert wide[0].output_ids == greedy  # a nucleus of one token is the greedy token
+
+
+@pytest.mark.parametrize("prompt,params,needle", [
+    ("x" * 5000, {}, "max_prompt_bytes"),
+    ("é" * 3000, {}, "max_prompt_bytes"),  # 3000 characters, 6000 bytes
+    ("bad \ud800 surrogate", {}, "not valid Unicode"),
+    ([1, True, 3], {}, "token ids"),
+    ("x", {"stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),
+    ("x", {"stop": ["a" * 40, "b" * 40]}, "64 characters"),
+    ("x", {"stop_token_ids": list(range(9))}, "at most 8 ids"),
+    ("x", {"stop_token_ids": [10**9]}, "stop_token_ids"),
+])
+def test_engine_limits(engine, prompt, params, needle):
+    with pytest.raises(RequestError, match=needle):
+        engine.add_request(prompt, SamplingParams(**params))
+    assert not engine.has_unfinished()
+
+
+def test_sampler_clamps_top_k_past_the_vocabulary():
+    from caraserve.sampler import sample
+
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    tokens, _ = sample(logits, [SamplingParams(temperature=1e-3, top_k=2**63 - 1)], [gen])
+    assert tokens == [1]

@@ -296,6 +296,10 @@ class Router:
 
     @staticmethod
     def _check_status(r: httpx.Response) -> None:
+        """Raises ReplicaFailed when another replica may serve the request; a 5xx the replica marks
+        as caused by the request itself goes back to the client like a 4xx."""
+        if r.headers.get(proto.FAULT_HEADER) == "request":
+            return
         if r.status_code == 503:
             raise ReplicaFailed("overloaded (503)", counts=False)
         if r.status_code >= 500:

@@ -118,4 +118,4 @@ def build_router_app(router: Router, server: ServerConfig):
     async def unload_lora(http: Request):
         return await router.broadcast("/v1/unload_lora_adapter", await _body(http, proto.UnloadLoraRequest))
 
-    return Guard(app, server.api_key, server.max_body_bytes)
+    return Guard(app, server.api_key, server.max_body_bytes, server.admin_api_key, server.allow_runtime_lora)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -12,9 +13,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from caraserve.config import ServerConfig
 from caraserve.lora.checkpoint import AdapterError, check_name
-from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
 from caraserve.serve import protocol as proto
-from caraserve.serve.async_engine import AsyncEngine, QueueFullError
+from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.http import ApiError, Guard, install_error_handlers
 from caraserve.serve.metrics import ServerMetrics
 
@@ -37,18 +38,33 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         metrics.rejected("unknown_model")
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
-    def sampling(body: proto._Sampling, max_tokens: int | None) -> SamplingParams:
+    limits = engine.config.limits
+    # Tokenizing and templating a large input takes a while: it runs on this thread, off the event
+    # loop, one input at a time (the tokenizer's state is not shared with other threads here).
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caraserve-tokenize")
+
+    def sampling(body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
+            raise ApiError(400, f"logprobs must be in [0, {limits.max_logprobs}], got {logprobs}",
+                           "invalid_request_error")
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(body.logprobs),
+                ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(logprobs),
             )
+            engine.check_params(params)
+            return params
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    def encode(prompt) -> list[int]:
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
+
+    async def encode(prompt) -> list[int]:
         try:
+            if isinstance(prompt, str) and len(prompt) > 1024:
+                return await off_loop(engine.encode, prompt)
             return engine.encode(prompt)
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
@@ -59,6 +75,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         except QueueFullError as e:
             metrics.rejected("queue_full")
             raise ApiError(503, str(e), "server_overloaded") from e
+        except EngineUnavailableError as e:
+            raise ApiError(503, str(e), "engine_unavailable") from e
         except RequestError as e:
             metrics.rejected("bad_request")
             status = 404 if "unknown adapter" in str(e) else 400
@@ -87,6 +105,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                     finish = out.finish_reason.openai if done else None
                     if out.new_text or done:
                         yield f"data: {json.dumps(chunk(out.new_text, finish))}\n\n"
+                    if done and out.error is not None:
+                        status, type_ = error_kind(out)
+                        yield f"data: {json.dumps(proto.error_body(out.error, type_, status))}\n\n"
                     if done and final_usage:
                         body = chunk("", None)
                         body["choices"] = []
@@ -110,9 +131,17 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                            "invalid_request_error")
         return rid
 
+    def error_kind(out: RequestOutput) -> tuple[int, str]:
+        """(HTTP status, error type) of a request that ended with an error. A request whose own
+        part of a step failed is told so (type request_failed): a router must not retry it
+        elsewhere or hold it against this replica."""
+        return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
+
     def check_finished(out: RequestOutput):
         if out.error is not None:
-            raise ApiError(500, out.error, "internal_error")
+            status, type_ = error_kind(out)
+            headers = {proto.FAULT_HEADER: "request"} if type_ == "request_failed" else None
+            raise ApiError(status, out.error, type_, headers)
 
     def include_usage(raw: dict) -> bool:
         opts = raw.get("stream_options") or {}
@@ -120,6 +149,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
 
     @app.get("/health")
     async def health():
+        if not service.healthy:
+            raise ApiError(503, f"the engine is not serving ({service.fault or 'stopped'})", "engine_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -153,8 +184,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             prompt = prompt[0]
         if body.echo:
             raise ApiError(400, "echo is not supported", "invalid_request_error")
-        ids = encode(prompt)
-        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16)
+        logprobs = int(body.logprobs) if body.logprobs is not None else None
+        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16, logprobs)
+        ids = await encode(prompt)
         rid = request_id(http, "cmpl")
         queue = await start(ids, params, adapter, rid)
         if body.stream:
@@ -174,20 +206,33 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         adapter = resolve_model(body.model)
         if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions", "invalid_request_error")
-        messages = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            messages.append({"role": m.role, "content": content or ""})
+        if len(body.messages) > limits.max_chat_messages:
+            raise ApiError(400, f"messages: at most {limits.max_chat_messages} messages, got {len(body.messages)}",
+                           "invalid_request_error")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
-            raise ApiError(400, f"cannot apply the chat template: {e}", "invalid_request_error") from e
-        ids = encode(ids)
-        limit = body.max_completion_tokens or body.max_tokens
-        params = sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)))
+            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in messages)
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"messages: not valid Unicode ({e.reason})", "invalid_request_error") from None
+        if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
+            raise ApiError(400, f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
+                           "(limits.max_prompt_bytes)", "invalid_request_error")
+        wanted = body.top_logprobs if body.logprobs else None
+        sampling(body, 1, wanted)  # bad parameters are refused before the template runs
+
+        def render() -> list[int]:
+            try:
+                text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
+                raise RequestError(f"cannot apply the chat template: {e}") from e
+            return engine.encode(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        try:
+            ids = await off_loop(render)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
         rid = request_id(http, "chatcmpl")
         queue = await start(ids, params, adapter, rid)
         if body.stream:
@@ -209,8 +254,11 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             check_name(body.lora_name)
         except AdapterError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
-        path = Path(body.lora_path).expanduser()
-        resolved = path.resolve()
+        try:
+            resolved = Path(body.lora_path).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, unknown ~user
+            raise ApiError(400, f"lora_path {body.lora_path!r} is not a usable path ({e})",
+                           "invalid_request_error") from e
         if not any(resolved == root or resolved.is_relative_to(root) for root in adapter_roots):
             raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots",
                            "invalid_request_error")
@@ -221,6 +269,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                 None, engine.register_adapter, body.lora_name, resolved)
         except AdapterError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
+        except (OSError, ValueError) as e:  # unreadable files of the caller's choosing
+            raise ApiError(400, f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})",
+                           "invalid_request_error") from e
         return {"status": "ok", "lora_name": info.name, "rank": info.rank}
 
     @app.post("/v1/unload_lora_adapter")
@@ -229,8 +280,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
         try:
             await service.retire_adapter(body.lora_name, server.unload_timeout_s)
-        except TimeoutError as e:
-            raise ApiError(503, str(e), "server_overloaded") from e
+        except (TimeoutError, AdapterError) as e:  # still in use: the caller may retry later
+            raise ApiError(409, f"cannot unload adapter {body.lora_name!r}: {e}", "conflict_error") from e
         return {"status": "ok", "lora_name": body.lora_name}
 
-    return Guard(app, server.api_key, server.max_body_bytes)
+    return Guard(app, server.api_key, server.max_body_bytes, server.admin_api_key, server.allow_runtime_lora)

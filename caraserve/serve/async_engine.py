@@ -26,6 +26,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine failed as a whole (or its thread is gone): it takes no requests."""
+
+
 @dataclass
 class _Waiter:
     loop: asyncio.AbstractEventLoop
@@ -43,6 +47,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._retired: set[str] = set()
         self._submitting = 0  # accepted by a handler, not yet in the engine's queue
+        self.fault: str | None = None  # set once a fault no request explains ended every request
         self._thread = threading.Thread(target=self._run, name="caraserve-engine", daemon=True)
 
     def start(self) -> None:
@@ -70,12 +75,19 @@ class AsyncEngine:
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
+    @property
+    def healthy(self) -> bool:
+        return self.fault is None and self._thread.is_alive() and not self._stop.is_set()
+
     def is_serving(self, adapter: str) -> bool:
         return adapter in self.engine.store and adapter not in self._retired
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                      request_id: str) -> asyncio.Queue:
-        """Queues a request; raises RequestError / QueueFullError without changing anything."""
+        """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
+        changing anything."""
+        if not self.healthy:
+            raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
         if self.num_waiting >= self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
         loop = asyncio.get_running_loop()
@@ -162,6 +174,18 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _refuse_pending(self) -> None:
+        """After an engine fault: commands still queued fail instead of waiting forever."""
+        while True:
+            try:
+                fn, args, fut = self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineUnavailableError(f"the engine is not serving ({self.fault})"))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
@@ -169,8 +193,13 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a failed step must not kill the server: fail its requests
-                log.exception("engine step failed")
-                outputs = self.engine.fail_all(f"internal error: {type(e).__name__}: {e}")
+            except Exception as e:
+                # The engine isolates one request's faults itself (Engine.step): what reaches here
+                # is the engine's own, so every request ends and /health reports it from now on.
+                log.exception("engine step failed: the engine stops serving")
+                self.fault = f"{type(e).__name__}: {e}"
+                outputs = self.engine.fail_all(f"internal error: {self.fault}")
             for out in outputs:
                 self._deliver(out)
+            if self.fault is not None:
+                self._refuse_pending()

@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str):
+    """An error answered as OpenAI-style JSON with this HTTP status (and extra headers)."""
+
+    def __init__(self, status: int, message: str, type_: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.headers = status, message, type_, headers
 
 
-def error_response(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse(proto.error_body(message, type_, status), status_code=status)
+def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(proto.error_body(message, type_, status), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -32,7 +34,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return error_response(e.status, e.message, e.type)
+        return error_response(e.status, e.message, e.type, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
@@ -49,34 +51,72 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "internal_error")
 
 
-class Guard:
-    """ASGI middleware: API key (all but /health) and request body size."""
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
-    def __init__(self, app, api_key: str, max_body_bytes: int):
+
+class Guard:
+    """ASGI middleware: API keys and request body size, checked before the app sees a request.
+
+    Keys: api_key guards every path but /health. The adapter-management paths take admin_key
+    instead when one is set; with no key at all they are off unless allow_admin (anyone who can
+    reach the server could otherwise load files into it). Body: a declared Content-Length over
+    the limit is refused at once; a body without one (chunked) is read up to the limit and
+    refused as soon as it passes it, so the app never sees a partial body."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int, admin_key: str = "", allow_admin: bool = False):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.admin_key, self.allow_admin = admin_key, allow_admin
+
+    def _refusal(self, path: str, auth: str) -> tuple[int, str, str] | None:
+        """(status, message, type) when the caller may not use this path, else None."""
+        def matches(key: str) -> bool:
+            return secrets.compare_digest(auth.encode(), f"Bearer {key}".encode())
+
+        if path in ADMIN_PATHS:
+            key = self.admin_key or self.api_key
+            if not key and not self.allow_admin:
+                return (403, "runtime adapter loading is off: set server.admin_api_key (or server.api_key), "
+                        "or server.allow_runtime_lora=true", "permission_error")
+            if key and not matches(key):
+                which = "admin API key" if self.admin_key else "API key"
+                return 401, f"missing or invalid {which} (Authorization: Bearer <key>)", "authentication_error"
+            return None
+        if self.api_key and path != "/health" and not matches(self.api_key):
+            return 401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error"
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                return await error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                  "authentication_error")(scope, receive, send)
+        refusal = self._refusal(scope["path"], headers.get(b"authorization", b"").decode("latin-1"))
+        if refusal is not None:
+            return await error_response(*refusal)(scope, receive, send)
+        too_large = error_response(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error")
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await error_response(413, f"request body exceeds {self.max_body_bytes} bytes",
-                              "invalid_request_error")(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit():
+                return await error_response(400, "Content-Length is not a number",
+                                            "invalid_request_error")(scope, receive, send)
+            if int(length) > self.max_body_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await too_large(scope, receive, send)
+        replayed = False
 
-        return await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)

@@ -13,9 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Strict types: JSON true is not 1, "0.5" is not a number, 1.0 is not a token id (as OpenAI's
+# API). Ranges are checked by SamplingParams and the engine, with the field named.
+_STRICT = ConfigDict(extra="ignore", strict=True)
+
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
     max_tokens: int | None = None
@@ -38,25 +42,48 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    model_config = _STRICT
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message's text (the text parts of a multi-part content, joined)."""
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content if part.type == "text")
+        return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
 
 
 class LoadLoraRequest(BaseModel):
+    model_config = _STRICT
+
     lora_name: str
     lora_path: str
 
 
 class UnloadLoraRequest(BaseModel):
+    model_config = _STRICT
+
     lora_name: str
+
+
+# Set on a 5xx caused by the request itself (its own part of a step failed): a router returns it
+# to the client as is, without retrying elsewhere or counting it against the replica.
+FAULT_HEADER = "x-caraserve-fault"
 
 
 def error_body(message: str, type_: str, code: int) -> dict:

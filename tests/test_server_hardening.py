@@ -1,0 +1,227 @@
+"""The HTTP server under bad input: every bad request gets a 4xx naming the problem, a request
+whose own step fails gets an error (with its message, streamed or not) and nothing else changes,
+adapter management needs its key, and the engine's own faults make /health say so."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from test_isolation import MARK, FaultyModel
+from test_server import free_port
+
+from caraserve.config import AdapterConfig, EngineConfig, LimitsConfig, ServerConfig
+from caraserve.engine import Engine
+from caraserve.model.tiny import tiny_paths
+from caraserve.serve.api import build_app
+from caraserve.serve.async_engine import AsyncEngine
+from caraserve.serve.http import Guard
+from caraserve.serve.protocol import FAULT_HEADER
+
+KEY, ADMIN = "user-key", "admin-key"
+
+
+def serve(app, port: int):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """An in-process server (so a test can plant faults in its engine) on a loopback port."""
+    root = tmp_path_factory.mktemp("hardening")
+    adapters = root / "adapters"
+    shutil.copytree(tiny_paths()[1], adapters)
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
+                                 adapters=AdapterConfig(dir=str(adapters)),
+                                 limits=LimitsConfig(max_prompt_bytes=8000, max_chat_messages=8)))
+    service = AsyncEngine(engine, max_queue=16)
+    cfg = ServerConfig(api_key=KEY, admin_api_key=ADMIN, max_body_bytes=20000, unload_timeout_s=0.3)
+    app = build_app(service, cfg, "tiny", [adapters.resolve()])
+    service.start()
+    port = free_port()
+    server, thread = serve(app, port)
+    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "service": service, "adapters": adapters}
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.stop()
+
+
+def post(live, path, body, key=KEY):
+    """POSTs body as JSON; NaN and Infinity are sent as JSON's common extension writes them."""
+    return httpx.post(live["base"] + path, content=json.dumps(body), timeout=60,
+                      headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+
+
+def completion(live, model="tiny", prompt=(1, 5, 6, 7), **extra):
+    body = {"model": model, "prompt": prompt if isinstance(prompt, str) else list(prompt), "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
+    return post(live, "/v1/completions", body)
+
+
+def stream_events(live, body) -> list[dict]:
+    events = []
+    with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"temperature": math.nan}, "temperature"), ({"temperature": 1e300}, "temperature"),
+    ({"temperature": "0.5"}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 2**70}, "top_k"), ({"top_k": True}, "top_k"), ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**70)}, "seed"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2**70}, "context length"),
+    ({"n": True}, "n"), ({"stream": "yes"}, "stream"), ({"logprobs": 10**6}, "logprobs"),
+    ({"stop_token_ids": list(range(300))}, "stop_token_ids"), ({"stop_token_ids": [10**12]}, "stop_token_ids"),
+    ({"stop": ["s"] * 20}, "stop"), ({"prompt": [1, True, 3]}, "prompt"), ({"prompt": [1, 2**70]}, "token ids"),
+    ({"prompt": [1.0, 2.0]}, "prompt"), ({"prompt": "x" * 9000}, "max_prompt_bytes"),
+    ({"ignore_eos": "false"}, "ignore_eos"),
+])
+def test_bad_fields_get_400_naming_them(live, body, field):
+    r = completion(live, **body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_chat_limits(live):
+    msgs = [{"role": "user", "content": "hi"}] * 9
+    r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 2})
+    assert r.status_code == 400 and "at most 8 messages" in r.json()["error"]["message"]
+    parts = [{"type": "text", "text": 5}]
+    r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 9000}]})
+    assert r.status_code == 400 and "max_prompt_bytes" in r.json()["error"]["message"]
+
+
+def test_request_fault_fails_it_alone(live, monkeypatch):
+    clean = [completion(live, model=m, prompt=(1, 40 + i, 50)).json()["choices"][0]["text"]
+             for i, m in enumerate(["tiny", "demo-r8", "demo-r64"])]
+    engine = live["engine"]
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    results: dict = {}
+
+    def good(i, m):
+        results[i] = completion(live, model=m, prompt=(1, 40 + i, 50))
+
+    threads = [threading.Thread(target=good, args=(i, m)) for i, m in enumerate(["tiny", "demo-r8", "demo-r64"])]
+    for t in threads:
+        t.start()
+    bad = completion(live, model="demo-r16", prompt=(1, MARK, 3))
+    events = stream_events(live, {"model": "demo-r8", "prompt": [1, MARK], "max_tokens": 4})
+    for t in threads:
+        t.join()
+    assert bad.status_code == 500 and bad.headers[FAULT_HEADER] == "request"
+    assert bad.json()["error"]["type"] == "request_failed" and "planted fault" in bad.json()["error"]["message"]
+    assert events[-1]["error"]["type"] == "request_failed" and "planted fault" in events[-1]["error"]["message"]
+    assert [results[i].json()["choices"][0]["text"] for i in range(3)] == clean
+    assert httpx.get(live["base"] + "/health").status_code == 200
+
+
+def test_adapter_management_needs_the_admin_key(live):
+    body = {"lora_name": "again-r8", "lora_path": str(live["adapters"] / "demo-r8")}
+    r = post(live, "/v1/load_lora_adapter", body, key=KEY)
+    assert r.status_code == 401 and "admin API key" in r.json()["error"]["message"]
+    r = post(live, "/v1/load_lora_adapter", body, key=ADMIN)
+    assert r.status_code == 200, r.text
+    assert post(live, "/v1/unload_lora_adapter", {"lora_name": "again-r8"}, key=KEY).status_code == 401
+    r = post(live, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp/\x00bad"}, key=ADMIN)
+    assert r.status_code == 400 and "lora_path" in r.json()["error"]["message"]
+    assert post(live, "/v1/unload_lora_adapter", {"lora_name": "again-r8"}, key=ADMIN).status_code == 200
+
+
+def test_unloading_an_adapter_in_use_is_a_conflict(live):
+    done = {}
+
+    def long_request():
+        done["r"] = completion(live, model="demo-r32", max_tokens=200)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.time() + 10
+    while not live["engine"].scheduler.running and time.time() < deadline:
+        time.sleep(0.01)
+    r = post(live, "/v1/unload_lora_adapter", {"lora_name": "demo-r32"}, key=ADMIN)
+    t.join()
+    assert r.status_code == 409 and "still in use" in r.json()["error"]["message"]
+    assert done["r"].status_code == 200
+    assert completion(live, model="demo-r32").status_code == 200  # still served
+
+
+def test_chunked_body_over_the_limit_gets_413(live):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 1000
+
+    r = httpx.post(live["base"] + "/v1/completions", content=chunks(), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 413 and "20000 bytes" in r.json()["error"]["message"]
+
+    def small():
+        yield json.dumps({"model": "tiny", "prompt": [1, 2], "max_tokens": 2}).encode()
+
+    r = httpx.post(live["base"] + "/v1/completions", content=small(), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_runtime_lora_is_off_without_any_key():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(guard, path):
+        transport = httpx.ASGITransport(app=guard)
+
+        async def go():
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return await c.post(path, json={})
+
+        import asyncio
+
+        return asyncio.run(go())
+
+    off = Guard(app, "", 1 << 20)
+    r = call(off, "/v1/load_lora_adapter")
+    assert r.status_code == 403 and "allow_runtime_lora" in r.json()["error"]["message"]
+    assert call(off, "/v1/unload_lora_adapter").status_code == 403
+    assert call(off, "/v1/completions").status_code == 200
+    assert call(Guard(app, "", 1 << 20, allow_admin=True), "/v1/load_lora_adapter").status_code == 200
+
+
+def test_engine_fault_makes_the_server_unhealthy(live, monkeypatch):
+    """Last in this module: the engine stops serving for good."""
+    engine = live["engine"]
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model, always=True))
+    results = {}
+
+    def call(i):
+        results[i] = completion(live, prompt=(1, 70 + i))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status_code for r in results.values())
+    assert statuses[0] == 500 and set(statuses) <= {500, 503}
+    assert all(FAULT_HEADER not in r.headers for r in results.values())
+    health = httpx.get(live["base"] + "/health")
+    assert health.status_code == 503 and "planted fault" in health.json()["error"]["message"]
+    r = completion(live)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"

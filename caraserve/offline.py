@@ -3,7 +3,8 @@
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
 OpenAI API (max_tokens, temperature, top_p, seed, stop) plus vLLM's top_k, ignore_eos,
 stop_token_ids}. Output line: {"id", "text", "token_ids", "finish_reason"} or {"id", "error"}.
-One bad line yields an error line and never stops the others.
+One bad line yields an error line and never stops the others; a blank line is skipped and counted.
+Lines are numbered from 1, in messages and as the id of a line that gives none.
 """
 
 from __future__ import annotations
@@ -27,75 +28,113 @@ class OfflineSummary:
     errors: int
     output_tokens: int
     seconds: float
+    blank_lines: int = 0  # skipped, not requests
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def parse_line(line: str, index: int) -> tuple[str, dict]:
-    """(id, kwargs for Engine.add_request); raises RequestError naming what is wrong."""
+def line_id(obj, number: int) -> str:
+    """The user's id of a parsed line, else its 1-based line number (as in error messages)."""
+    if isinstance(obj, dict) and obj.get("id") is not None:
+        return obj["id"] if isinstance(obj["id"], str) else json.dumps(obj["id"])
+    return str(number)
+
+
+def parse_line(line: str, number: int) -> tuple[str, dict]:
+    """(id, kwargs for Engine.add_request) of the 1-based line `number`; raises LineError (which
+    carries the id when the line had one) naming what is wrong."""
     try:
         obj = json.loads(line)
-    except ValueError as e:
-        raise RequestError(f"line {index + 1} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise LineError(str(number), f"line {number} is not valid JSON: {e}") from None
+    rid = line_id(obj, number)
+
+    def bad(msg: str) -> LineError:
+        return LineError(rid, f"line {number}: {msg}")
+
     if not isinstance(obj, dict):
-        raise RequestError(f"line {index + 1} must be a JSON object")
-    rid = str(obj.get("id", index))
+        raise bad("must be a JSON object")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}")
+        raise bad(f"unknown field(s) {unknown}")
     if ("prompt" in obj) == ("prompt_token_ids" in obj):
-        raise RequestError("give exactly one of 'prompt' (text) or 'prompt_token_ids' (list of ints)")
+        raise bad("give exactly one of 'prompt' (text) or 'prompt_token_ids' (list of ints)")
     prompt = obj.get("prompt", obj.get("prompt_token_ids"))
     if "prompt" in obj and not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string")
+        raise bad("'prompt' must be a string")
     if "prompt_token_ids" in obj and not isinstance(prompt, list):
-        raise RequestError("'prompt_token_ids' must be a list of integers")
+        raise bad("'prompt_token_ids' must be a list of integers")
     adapter = obj.get("adapter")
     if adapter is not None and not isinstance(adapter, str):
-        raise RequestError("'adapter' must be a name or null")
+        raise bad("'adapter' must be a name or null")
     kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj and obj[k] is not None}
     try:
         params = SamplingParams(**kwargs)
-    except TypeError as e:
-        raise RequestError(str(e)) from e
+    except (RequestError, TypeError) as e:
+        raise bad(str(e)) from None
     return rid, {"prompt": prompt, "params": params, "adapter": adapter}
 
 
+class LineError(ValueError):
+    """A line that cannot become a request; `rid` is the id its error line carries."""
+
+    def __init__(self, rid: str, message: str):
+        super().__init__(message)
+        self.rid = rid
+
+
 def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict], OfflineSummary]:
-    """Runs every line through the engine at once (continuous batching does the rest)."""
+    """Runs every line through the engine at once (continuous batching does the rest). Every
+    non-blank line gets a result line, in input order: a bad line or a request the engine failed
+    gets {"id", "error"}, and nothing stops the others."""
     results: list[dict | None] = []
     pending: dict[str, tuple[int, str]] = {}  # engine request id -> (output index, user id)
+    blank = 0
     t0 = time.perf_counter()
-    for i, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
+            blank += 1
             continue
-        user_id = str(i)
         try:
-            user_id, kwargs = parse_line(line, i)
-            rid = engine.add_request(**kwargs)
+            user_id, kwargs = parse_line(line, number)
+            try:
+                rid = engine.add_request(**kwargs)
+            except (RequestError, AdapterError) as e:
+                raise LineError(user_id, f"line {number}: {e}") from None
+            except Exception as e:  # whatever a line holds, it fails alone
+                raise LineError(user_id, f"line {number}: {type(e).__name__}: {e}") from None
             pending[rid] = (len(results), user_id)
             results.append(None)
-        except (RequestError, AdapterError) as e:
-            results.append({"id": user_id, "error": str(e)})
+        except LineError as e:
+            results.append({"id": e.rid, "error": str(e)})
     if progress is not None:
         progress.reset(total=len(results))
         progress.update(len(results) - len(pending))
     tokens = 0
     while pending:
-        for out in engine.step():
+        try:
+            outs = engine.step()
+        except Exception as e:  # the engine as a whole failed: every pending request says so
+            outs = engine.fail_all(f"engine failed: {type(e).__name__}: {e}")
+        for out in outs:
             if not out.finished or out.request_id not in pending:
                 continue
             pos, user_id = pending.pop(out.request_id)
-            results[pos] = {"id": user_id, "text": out.text, "token_ids": out.output_ids,
-                            "finish_reason": out.finish_reason.openai}
-            if out.logprobs is not None:
-                results[pos]["logprobs"] = out.logprobs
-            tokens += len(out.output_ids)
+            if out.error is not None:
+                results[pos] = {"id": user_id, "error": out.error}
+            else:
+                results[pos] = {"id": user_id, "text": out.text, "token_ids": out.output_ids,
+                                "finish_reason": out.finish_reason.openai}
+                if out.logprobs is not None:
+                    results[pos]["logprobs"] = out.logprobs
+                tokens += len(out.output_ids)
             if progress is not None:
                 progress.update(1)
         if pending and not engine.has_unfinished():
-            raise RuntimeError("engine stopped with requests pending")
+            for pos, user_id in pending.values():
+                results[pos] = {"id": user_id, "error": "the engine dropped this request"}
+            break
     errors = sum(1 for r in results if "error" in r)
-    return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0)
+    return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank)

@@ -58,7 +58,8 @@ def main(cfg: DictConfig) -> None:
     else:
         for r in results:
             print(json.dumps(r))
-    print(f"{summary.requests} requests ({summary.errors} errors), {summary.output_tokens} tokens in "
+    blank = f", {summary.blank_lines} blank lines skipped" if summary.blank_lines else ""
+    print(f"{summary.requests} requests ({summary.errors} errors{blank}), {summary.output_tokens} tokens in "
           f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)
 
 

@@ -124,8 +124,8 @@ def test_generate_script_matches_reference(catalogue, workload, reference, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert len(rows) == len(lines)
-    assert "not valid JSON" in rows[3]["error"]
-    assert rows[5] == {"id": "bad-adapter", "error": "unknown adapter 'nope'"}
+    assert rows[3] == {"id": "4", "error": rows[3]["error"]} and "line 4 is not valid JSON" in rows[3]["error"]
+    assert rows[5] == {"id": "bad-adapter", "error": "line 6: unknown adapter 'nope'"}
     assert "temperature" in rows[7]["error"]
     good = [r for r in rows if "error" not in r]
     assert [r["id"] for r in good] == [f"r{i}" for i in range(len(workload))]

@@ -24,6 +24,7 @@ from caraserve.cluster.router import Router
 from caraserve.config import ConfigError, ServerConfig
 from caraserve.model.tiny import tiny_paths
 from caraserve.router.app import build_router_app
+from caraserve.serve.protocol import FAULT_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,9 @@ class FakeReplica:
             return httpx.Response(503, json={"error": {"message": "queue full"}})
         if body.get("max_tokens") == 999:
             return httpx.Response(400, json={"error": {"message": "bad max_tokens"}})
+        if body.get("max_tokens") == 666:  # the request's own step failed on this replica
+            return httpx.Response(500, json={"error": {"message": "poisoned", "type": "request_failed"}},
+                                  headers={FAULT_HEADER: "request"})
         if self.hold is not None:
             await self.hold.wait()
         self.completions += 1
@@ -205,6 +209,23 @@ def test_client_errors_pass_through_without_retry():
     r, sent = run(go())
     assert r.status_code == 400 and b"bad max_tokens" in r.body
     assert sent == ["sent"]
+
+
+def test_a_request_fault_is_returned_without_retry_or_blame():
+    async def go():
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router = make_router([a, b], max_failures=1)
+        sent = []
+        router.on_event = lambda kind, url: sent.append(kind)
+        await router.start()
+        r = await router.forward("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 666})
+        reps = list(router.replicas)
+        await router.close()
+        return r, sent, reps
+
+    r, sent, reps = run(go())
+    assert r.status_code == 500 and b"poisoned" in r.body
+    assert sent == ["sent"] and all(rep.up and rep.failures == 0 for rep in reps)
 
 
 async def _read_stream(resp) -> bytes:

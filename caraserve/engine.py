@@ -40,6 +40,10 @@ from caraserve.scheduler import ScheduledBatch, Scheduler
 log = logging.getLogger(__name__)
 
 
+# One-request steps failing in a row, none succeeding between them, that make a fault the engine's.
+FAILED_STEPS_FATAL = 3
+
+
 class EngineDeadError(RuntimeError):
     """A step failed in a way no single request explains: the engine cannot serve any more."""
 
@@ -101,6 +105,7 @@ class Engine:
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._failed_steps = 0  # consecutive one-request steps whose forward raised
         if cfg.adapters.preload == "all":
             self.preload_all()
 
@@ -388,10 +393,12 @@ class Engine:
         is broken (EngineDeadError)."""
         try:
             logits, order = self.runner.run(batch)
+            self._failed_steps = 0
             return logits, [batch.requests[i] for i in order], []
         except Exception as e:
             if len(batch.requests) == 1:
                 log.exception("step failed on request %s", batch.requests[0].request_id)
+                self._count_failed_step(_describe(e))
                 return None, [], [(batch.requests[0], _describe(e))]
             log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), _describe(e))
         rows, reqs, failed = [], [], []
@@ -404,7 +411,15 @@ class Engine:
                 failed.append((req, _describe(e)))
         if not rows:
             raise EngineDeadError(f"every request of a {len(failed)}-request step failed alone: {failed[0][1]}")
+        self._failed_steps = 0
         return torch.cat(rows), reqs, failed
+
+    def _count_failed_step(self, why: str) -> None:
+        """A one-request step that fails may be that request's fault or the engine's; several in
+        a row with no step succeeding between them are the engine's."""
+        self._failed_steps += 1
+        if self._failed_steps >= FAILED_STEPS_FATAL:
+            raise EngineDeadError(f"{self._failed_steps} steps in a row failed, each on its only request: {why}")
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[float], dict[int, str]]:
         """(token per row, logprob per row, {row: why it failed}). When the batched sampler raises,

@@ -217,7 +217,13 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
             raise ApiError(400, f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
                            "(limits.max_prompt_bytes)", "invalid_request_error")
-        wanted = body.top_logprobs if body.logprobs else None
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many)",
+                           "invalid_request_error")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
+            raise ApiError(400, f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}",
+                           "invalid_request_error")
+        wanted = (body.top_logprobs or 0) if body.logprobs else None
         sampling(body, 1, wanted)  # bad parameters are refused before the template runs
 
         def render() -> list[int]:

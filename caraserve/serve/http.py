@@ -25,6 +25,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # A message may quote the caller's input, lone surrogates included: escape what UTF-8 cannot carry.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(proto.error_body(message, type_, status), status_code=status, headers=headers)
 
 

@@ -13,15 +13,27 @@ They are built once per machine with the system C compiler (`$CC`, else `cc`) in
 `$CARASERVE_CACHE/kernels` (default `~/.cache/caraserve/kernels`), keyed by the sources, the
 compiler and the CPU's flags, and loaded with ctypes. Without a compiler, or with
 `CARASERVE_CPU_KERNELS=0`, torch runs those parts instead (same results to float rounding).
+
+Whoever can write into that folder chooses code this process runs, so: the folder is made
+0700 and refused (torch then) unless it is this user's and nobody else may write into it; a
+build records the library's SHA-256 next to it, and a library is loaded only after its bytes
+match (else it is built again, and if that fails too, torch); a library that lacks a function
+is not used. The wrappers check every tensor the kernels will read or write through a pointer
+before handing it over, and the kernels check the same again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
+import hmac
 import logging
+import operator
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -37,13 +49,30 @@ MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, w
 
 
 class LoraRun(ctypes.Structure):
+    """csrc/lora_cpu.c's lora_run, field for field (the library's lora_run_bytes() must agree)."""
     _fields_ = [("start", ctypes.c_int64), ("end", ctypes.c_int64), ("a", ctypes.c_void_p),
-                ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("packed", ctypes.c_int64),
-                ("scale", ctypes.c_float)]
+                ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("a_in", ctypes.c_int64),
+                ("b_out", ctypes.c_int64), ("a_len", ctypes.c_int64), ("b_len", ctypes.c_int64),
+                ("packed", ctypes.c_int64), ("scale", ctypes.c_float)]
 
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# Every function the wrappers call, as (restype, argtypes): a library that lacks one is not used.
+SYMBOLS = {
+    "lora_run_bytes": (_I64, []),
+    # y, ldy, x, ldx, rows, in, out, runs, nruns
+    "lora_runs": (ctypes.c_int, [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.POINTER(LoraRun), _I64]),
+    # out, q, k_cache, v_cache, slots, lens, rows, heads, kv_heads, head_dim, num_slots, max_len, window, scale
+    "slot_attention": (ctypes.c_int, [_PTR] * 6 + [_I64] * 7 + [ctypes.c_float]),
+}
+
+# The process's one loaded library (dlopen'ed code cannot be unloaded); `reset()` forgets it.
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+class _Refused(RuntimeError):
+    """A cache folder or file that this process will not load code from."""
 
 
 def _cpu_flags() -> str:
@@ -56,9 +85,72 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
+def cache_dir() -> Path:
+    """Where the built kernels live: `$CARASERVE_CACHE/kernels` (default ~/.cache/caraserve/kernels)."""
+    return Path(os.environ.get("CARASERVE_CACHE", Path.home() / ".cache" / "caraserve")) / "kernels"
+
+
+def artifact(cc: str) -> Path:
+    """The library built by compiler `cc` on this machine, keyed by the sources, the compiler's
+    version and the CPU's flags (another CPU or compiler builds its own)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + _cpu_flags().encode()
+    return cache_dir() / f"cpu-{hashlib.sha256(text).hexdigest()[:16]}.so"
+
+
+def digest_path(lib: Path) -> Path:
+    """The SHA-256 of `lib` recorded when it was built (hex, one line)."""
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _private_dir(path: Path) -> None:
+    """Makes `path` with mode 0700 unless it exists; refuses it unless it is a folder of this user
+    that nobody else may write into (anyone who can would choose the code this process runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode goes through the umask
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Refused(f"{path} is not a folder")
+    if st.st_uid != os.getuid():
+        raise _Refused(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise _Refused(f"{path} is writable by its group or by others (mode {st.st_mode & 0o777:o}; "
+                       f"`chmod 700 {path}` if it is yours and nobody else wrote into it)")
+
+
+def _read_own(path: Path) -> bytes:
+    """The bytes of `path`: a regular file (not a link) of this user that nobody else may write."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise _Refused(f"{path} is not a file of this user that only it may write")
+        return f.read()
+
+
+def _unverified(lib: Path) -> str | None:
+    """Why `lib` may not be loaded, or None: it is the very bytes whose SHA-256 `_build` recorded."""
+    try:
+        data = _read_own(lib)
+        recorded = _read_own(digest_path(lib)).decode("ascii", "replace").strip()
+    except FileNotFoundError as e:
+        return f"{e.filename} is missing"
+    except (OSError, _Refused) as e:
+        return str(e)
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), recorded):
+        return f"{lib} is not the file that was built (its SHA-256 differs from the recorded one)"
+    return None
+
+
 def _build(cc: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    """Compiles the sources into `out`, then records its SHA-256 next to it, each by a rename, so
+    no reader sees half a file. Both are read-only: a loaded library is mapped from its file, so
+    a new build replaces the file rather than writing into it."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent, prefix=".build-")
     os.close(fd)
     try:
         base = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", *map(str, SOURCES), "-o", tmp]
@@ -70,10 +162,28 @@ def _build(cc: str, out: Path) -> None:
                 break
         else:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.chmod(tmp, 0o500)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".digest-")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{digest}\n")
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, digest_path(out))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One process at a time checks and builds (a second waits, then finds the first's build)."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -84,22 +194,38 @@ def _load() -> ctypes.CDLL | None:
         log.info("no C compiler: the CPU LoRA delta and decode attention run through torch")
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + _cpu_flags().encode()
-        key = hashlib.sha256(text).hexdigest()[:16]
-        root = Path(os.environ.get("CARASERVE_CACHE", Path.home() / ".cache" / "caraserve"))
-        path = root / "kernels" / f"cpu-{key}.so"
-        if not path.is_file():
-            _build(cc, path)
-        lib = ctypes.PyDLL(str(path))  # keeps the GIL: a call lasts microseconds
+        path = artifact(cc)
+        _private_dir(path.parent)
+        with _build_lock(path.parent):
+            why = _unverified(path)
+            if why is not None:
+                if os.path.lexists(path):
+                    log.warning("CPU kernels: %s; building them again", why)
+                _build(cc, path)
+                why = _unverified(path)
+                if why is not None:
+                    raise _Refused(f"built again, but {why}")
+            lib = ctypes.PyDLL(str(path))  # keeps the GIL: a call lasts microseconds
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("CPU kernels unavailable (%s); the LoRA delta and decode attention run through torch", e)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.lora_runs.restype = ctypes.c_int
-    lib.lora_runs.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.POINTER(LoraRun), i64]
-    lib.slot_attention.restype = ctypes.c_int
-    lib.slot_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
+    return _bind(lib, path)
+
+
+def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:
+    """`lib` with the signatures of SYMBOLS set, or None when it lacks one or its lora_run differs."""
+    for name, (restype, argtypes) in SYMBOLS.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            log.warning("CPU kernels unavailable (%s has no function %s: built from other sources); the "
+                        "LoRA delta and decode attention run through torch", path, name)
+            return None
+        fn.restype, fn.argtypes = restype, argtypes
+    if lib.lora_run_bytes() != ctypes.sizeof(LoraRun):
+        log.warning("CPU kernels unavailable (%s: a lora_run of %d bytes, this wrapper's has %d); torch runs "
+                    "those parts", path, lib.lora_run_bytes(), ctypes.sizeof(LoraRun))
+        return None
     return lib
 
 
@@ -113,40 +239,110 @@ def _library() -> ctypes.CDLL | None:
     return _lib
 
 
+def reset() -> None:
+    """Forgets the loaded library (or its absence): the next use checks, and if need be builds,
+    it again under the environment of then (tests that point `CARASERVE_CACHE` elsewhere). A
+    library once loaded stays mapped: the old one keeps serving calls already made."""
+    global _lib
+    with _lock:
+        _lib = False
+
+
 def kernel():
     """The LoRA kernel function, or None when the kernels are unavailable."""
     lib = _library()
     return lib.lora_runs if lib is not None else None
 
 
+def _checked_run(i: int, run) -> tuple[int, int, torch.Tensor, torch.Tensor, float]:
+    """Run i as (start, end, A [in, R], B [R, out], scale), or a ValueError naming what is wrong."""
+    try:
+        start, end, a, b, scale = run
+        start, end, scale = operator.index(start), operator.index(end), float(scale)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"runs[{i}]: expected (start row, end row, A, B, scale), got {run!r} ({e})") from None
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
+        shapes = [list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (a, b)]
+        raise ValueError(f"runs[{i}]: A and B must be 2-D tensors, got {shapes[0]} and {shapes[1]}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"runs[{i}]: A [in, R] is {list(a.shape)} but B [R, out] is {list(b.shape)}: "
+                         "their ranks differ")
+    if not 0 <= start <= end:
+        raise ValueError(f"runs[{i}]: rows [{start}, {end}) are not a range of rows")
+    return start, end, a, b, scale
+
+
+def _disjoint(runs) -> bool:
+    spans = sorted((start, end) for start, end, *_ in runs if end > start)
+    return all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
+
+
+def _rows(name: str, t, width: int) -> tuple[int, int]:
+    """(rows, row stride) of t, or a ValueError naming `name` unless t is [rows, width] float32 on
+    the CPU in rows of unit column stride that do not overlap (what the kernel reads through a
+    pointer). On the step's path: one call per module, so attribute reads are few."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_cpu or t.dim() != 2:
+        got = f"a {t.dim()}-D {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected a 2-D float32 CPU tensor, got {got}")
+    (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+    if cols != width:
+        raise ValueError(f"{name}: {cols} columns, but the runs' weights take {width}")
+    if col_stride != 1 or (rows > 1 and row_stride < width):
+        raise ValueError(f"{name}: strides {t.stride()} are not rows of unit column stride")
+    return rows, row_stride
+
+
 class RunTable:
     """The runs of one module of one step, as the kernel's argument array. `fits` is False when
     the kernel should not take them (long runs, big ranks, weights that are not contiguous
-    float32): then the caller uses torch. Runs whose rank and output width are multiples of 8
-    point at packed copies of their weights (`packed`); the table keeps what it points at alive."""
+    float32 on the CPU, runs that share rows): then the caller uses torch. Runs whose rank and
+    output width are multiples of 8 point at packed copies of their weights (`packed`); the table
+    keeps what it points at alive. Runs that no path could compute (ranks of A and B that differ,
+    runs of one module with different widths, rows that are no range) raise a ValueError."""
 
     def __init__(self, runs):
-        runs = list(runs)  # (start, end, A [in, R], B [R, out], scale)
-        self.fits = all(
-            end - start <= MAX_ROWS and a.shape[1] <= MAX_RANK and a.dtype == torch.float32 and
-            b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and not a.is_cuda
-            for start, end, a, b, _ in runs)
+        runs = [_checked_run(i, run) for i, run in enumerate(runs)]  # (start, end, A [in, R], B [R, out], scale)
         self.n = len(runs)
+        self.in_features = runs[0][2].shape[0] if runs else 0
+        self.out_features = runs[0][3].shape[1] if runs else 0
+        for i, (_, _, a, b, _) in enumerate(runs):
+            if a.shape[0] != self.in_features or b.shape[1] != self.out_features:
+                raise ValueError(f"runs[{i}]: A {list(a.shape)} and B {list(b.shape)} are not of runs[0]'s widths "
+                                 f"(in {self.in_features}, out {self.out_features}): one module's runs share them")
+        self.end_row = max((end for _, end, *_ in runs), default=0)  # y and x need this many rows
+        self.fits = self.in_features >= 1 and self.out_features >= 1 and _disjoint(runs) and all(
+            end - start <= MAX_ROWS and 1 <= a.shape[1] <= MAX_RANK and a.dtype == torch.float32 and
+            b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and a.device.type == "cpu"
+            and b.device.type == "cpu" for start, end, a, b, _ in runs)
         self._tensors, entries = [], []
-        for start, end, a, b, scale in runs:
+        for start, end, a, b, scale in runs if self.fits else ():
             rank = a.shape[1]
-            pair = packed(a, b) if self.fits else None
+            pair = packed(a, b)
             a, b = pair or (a, b)
             self._tensors += [a, b]
-            entries.append(LoraRun(start, end, a.data_ptr(), b.data_ptr(), rank, pair is not None, scale))
-        self.array = (LoraRun * max(1, self.n))(*entries)
+            entries.append(LoraRun(start, end, a.data_ptr(), b.data_ptr(), rank, self.in_features,
+                                   self.out_features, a.numel(), b.numel(), pair is not None, scale))
+        self.array = (LoraRun * max(1, len(entries)))(*entries)
 
     def apply(self, fn, y: torch.Tensor, x: torch.Tensor) -> None:
-        """y[rows] += scale * (x[rows] @ A) @ B for every run; y and x float32 rows with unit column stride."""
+        """y[rows] += scale * (x[rows] @ A) @ B for every run; y [rows, out] and x [rows, in]
+        float32 CPU rows of unit column stride. Everything the kernel will read or write through
+        a pointer is checked first (ValueError naming the argument); the kernel checks again."""
+        if not self.fits:
+            raise ValueError("runs: not the kernel's (RunTable.fits is False): the caller runs them through torch")
         if self.n == 0:
             return
-        if fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], y.shape[1], self.array, self.n):
-            raise RuntimeError("CPU LoRA kernel refused a run (rank beyond its buffer)")
+        rows, ldy = _rows("y", y, self.out_features)
+        x_rows, ldx = _rows("x", x, self.in_features)
+        if x_rows != rows:
+            raise ValueError(f"x: {x_rows} rows, but y has {rows}")
+        if self.end_row > rows:
+            raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
+        rc = fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, self.in_features, self.out_features, self.array, self.n)
+        if rc == -2:
+            raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
+        if rc:
+            raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
 
 
 # Packed copies of pool slots, per slot tensor: A [in, R] as [R/8, in, 8] and B [R, out] as
@@ -194,17 +390,29 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     last `window` of them), see csrc/attention_cpu.c: q [n, H, hd], caches [S, L, KV, hd],
     slots/lens [n] int64 (a row's token sits at position len - 1: a decode row, or a prompt
     token whose keys are already in the cache). None when the kernel is unavailable or does not
-    take these tensors (or slots and lengths outside the cache)."""
+    take these tensors (or slots and lengths outside the cache). slots and lens that are not
+    one entry per row of q, or a negative window, raise a ValueError: no path computes those."""
+    n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
+    for name, t in (("slots", slots), ("lens", lens)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"slot_attention: {name} must be a 1-D tensor of one entry per row of q ({n}), "
+                             f"got {shape}")
+    if window is not None and window < 0:
+        raise ValueError(f"slot_attention: window must be None or >= 0, got {window}")
     lib = _library()
     if lib is None or not attention_usable(q, k_cache, v_cache):
         return None
-    slots, lens = slots.contiguous(), lens.contiguous()
-    if slots.dtype != torch.int64 or lens.dtype != torch.int64:
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in (slots, lens)):
         return None
     n, heads, hd = q.shape
+    kv_heads = k_cache.shape[2]
+    if kv_heads < 1 or heads % kv_heads:
+        return None
+    slots, lens = slots.contiguous(), lens.contiguous()
     out = torch.empty_like(q)
     rc = lib.slot_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                              slots.data_ptr(), lens.data_ptr(), n, heads, k_cache.shape[2], hd,
+                              slots.data_ptr(), lens.data_ptr(), n, heads, kv_heads, hd,
                               k_cache.shape[0], k_cache.shape[1], window or 0, hd ** -0.5)
     if rc == -2:
         raise MemoryError("decode attention: no memory for the score buffer")
@@ -214,6 +422,6 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 def attention_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Float32 CPU tensors in the layouts the attention kernel reads."""
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
-            and k_cache.device.type == "cpu" and q.dim() == 3 and k_cache.dim() == 4
-            and k_cache.shape == v_cache.shape and q.is_contiguous() and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and q.shape[2] == k_cache.shape[3])
+            and k_cache.device.type == "cpu" and v_cache.device.type == "cpu" and q.dim() == 3
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and q.is_contiguous()
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[2] == k_cache.shape[3])

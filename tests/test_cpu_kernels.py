@@ -1,4 +1,15 @@
-"""The C kernel of the CPU LoRA delta (caraserve/lora/cpu_kernels.py) against a float64 reference."""
+"""The C kernels of the CPU path (caraserve/cpu_kernels.py) against float64 references, and what
+the module refuses: unsafe cache folders, libraries that are not what was built, calls whose
+runs or tensors fall outside their buffers."""
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +208,344 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
     before = len(cpu_kernels._packs)
     del pool_a  # a freed pool tensor takes its packed copies along
     assert len(cpu_kernels._packs) == before - 1
+
+
+# --- the build cache and the library's integrity ------------------------------------------------
+# Every test below points CARASERVE_CACHE at a folder of its own and makes the module forget the
+# library it loaded (monkeypatch puts the session's back afterwards).
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """This test's own cache folder (its kernels folder returned), the library not loaded yet."""
+    monkeypatch.setenv("CARASERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CARASERVE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    return tmp_path / "cache" / "kernels"
+
+
+def reload(monkeypatch):
+    """The LoRA kernel as a process starting now finds it."""
+    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    return cpu_kernels.kernel()
+
+
+def compiler():
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def the_library(kernels: Path) -> Path:
+    (lib,) = kernels.glob("cpu-*.so")
+    return lib
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return sha256_of(path.read_bytes())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Writes through a rename, as an attacker or a half-finished copy would: never into the file,
+    which this process may have mapped."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def check_kernel_works(fn):
+    g = torch.Generator().manual_seed(21)
+    runs, rows = make_runs([3, 5], 16, 24, (8,), g)
+    x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
+    want = reference(y, x, runs)
+    cpu_kernels.RunTable(runs).apply(fn, y, x)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_folder_is_private_and_the_library_hashed(fresh_cache, monkeypatch):
+    fn = cpu_kernels.kernel()
+    assert fn is not None
+    assert stat.S_IMODE(fresh_cache.stat().st_mode) == 0o700
+    lib = the_library(fresh_cache)
+    digest = lib.with_name(lib.name + ".sha256")
+    assert digest.read_text().strip() == sha256(lib)
+    assert not stat.S_IMODE(lib.stat().st_mode) & 0o222  # read-only: rebuilt by rename, never edited
+    assert sorted(p.name for p in fresh_cache.iterdir() if not p.name.startswith(".")) == [lib.name, digest.name]
+    check_kernel_works(fn)
+
+
+def stub_library(path: Path, source: str) -> None:
+    src = path.with_name("stub.c")
+    src.write_text(source)
+    subprocess.run([compiler(), "-shared", "-fPIC", str(src), "-o", str(path)], check=True, capture_output=True)
+    src.unlink()
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "replaced"])
+def test_tampered_library_is_rebuilt_not_loaded(fresh_cache, monkeypatch, caplog, how):
+    assert cpu_kernels.kernel() is not None
+    lib = the_library(fresh_cache)
+    good = lib.read_bytes()
+    if how == "flipped":
+        bad = good[:1] + bytes([good[1] ^ 0xFF]) + good[2:]
+    elif how == "truncated":
+        bad = good[: len(good) // 8]
+    else:  # another library, with a plausible function
+        stub_library(fresh_cache / "other.so", "int lora_runs(void) { return 0; }\n")
+        bad = (fresh_cache / "other.so").read_bytes()
+        (fresh_cache / "other.so").unlink()
+    replace_file(lib, bad)
+    opened = []  # the SHA-256 of each file handed to dlopen, as it was at that moment
+    real = ctypes.PyDLL
+    monkeypatch.setattr(ctypes, "PyDLL", lambda name, *a, **k: opened.append(sha256(Path(name))) or real(name, *a, **k))
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        fn = reload(monkeypatch)
+    assert "SHA-256" in caplog.text and str(lib) in caplog.text
+    assert opened and sha256_of(bad) not in opened
+    assert fn is not None  # built again, and what is on disk now is what was recorded
+    assert lib.read_bytes() != bad
+    assert lib.with_name(lib.name + ".sha256").read_text().strip() == sha256(lib)
+    check_kernel_works(fn)
+
+
+def test_tampered_library_that_cannot_be_rebuilt_falls_back_to_torch(fresh_cache, monkeypatch, caplog):
+    assert cpu_kernels.kernel() is not None
+    lib = the_library(fresh_cache)
+    good = lib.read_bytes()
+    replace_file(lib, good[:1] + bytes([good[1] ^ 0xFF]) + good[2:])
+    builds = []
+    monkeypatch.setattr(cpu_kernels, "_build", lambda cc, out: builds.append(out))  # a build that changes nothing
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert reload(monkeypatch) is None
+    assert builds == [lib]
+    assert "unavailable" in caplog.text and "SHA-256" in caplog.text
+    q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
+    assert cpu_kernels.slot_attention(q, cache, cache, torch.tensor([0]), torch.tensor([2]), None) is None
+
+
+@pytest.fixture(scope="module")
+def session_kernels(fn):
+    """The session's kernels folder (built by `fn`), before any test points the cache elsewhere."""
+    return Path(os.environ["CARASERVE_CACHE"]) / "kernels"
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "someone else's"])
+def test_unsafe_cache_folder_is_refused(session_kernels, fresh_cache, monkeypatch, caplog, how):
+    """A library in a folder others may write into is not loaded, even one whose hash matches."""
+    fresh_cache.mkdir(parents=True)
+    for p in session_kernels.glob("cpu-*.so*"):
+        shutil.copy(p, fresh_cache / p.name)
+    os.chmod(fresh_cache, {"world-writable": 0o777, "group-writable": 0o770, "someone else's": 0o700}[how])
+    if how == "someone else's":
+        uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    before = sorted(p.name for p in fresh_cache.iterdir())
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.kernel() is None
+    assert "unavailable" in caplog.text and str(fresh_cache) in caplog.text
+    assert sorted(p.name for p in fresh_cache.iterdir()) == before  # nothing built there either
+    q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
+    assert cpu_kernels.slot_attention(q, cache, cache, torch.tensor([0]), torch.tensor([2]), None) is None
+
+
+def test_unsafe_cache_folder_still_computes_the_same_tokens(session_kernels, fresh_cache, monkeypatch):
+    """The engine with the session's kernels, then with the cache refused (torch): same tokens."""
+    from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+    from caraserve.engine import Engine
+    from caraserve.model.tiny import tiny_paths
+    from caraserve.request import SamplingParams
+
+    monkeypatch.setenv("CARASERVE_CACHE", str(session_kernels.parent))
+    assert reload(monkeypatch) is not None
+    model_dir, adapters = tiny_paths()
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(model_dir)),
+                                 adapters=AdapterConfig(dir=str(adapters), device_slots=2), compile="false"))
+    names = sorted(p.name for p in adapters.iterdir())
+    prompts = [[1, 5, 7, 9], [1, 4, 4], [1, 8, 2, 6, 3], [1, 9]]
+    chosen = [names[0], names[1 % len(names)], None, names[0]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with_kernels = [r.output_ids for r in engine.generate(prompts, params, chosen)]
+
+    fresh_cache.mkdir(parents=True)
+    os.chmod(fresh_cache, 0o777)
+    monkeypatch.setenv("CARASERVE_CACHE", str(fresh_cache.parent))
+    assert reload(monkeypatch) is None
+    without = [r.output_ids for r in engine.generate(prompts, params, chosen)]
+    assert without == with_kernels and all(len(t) == 4 for t in without)
+
+
+@pytest.mark.parametrize("source", [
+    "int lora_runs(void) { return 0; }\n",  # a library of an older version: functions missing
+    "long lora_run_bytes(void) { return 8; }\nint lora_runs(void) { return 0; }\n"
+    "int slot_attention(void) { return 0; }\n",  # every function, but another lora_run layout
+], ids=["missing-function", "other-struct"])
+def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeypatch, caplog, source):
+    """A library whose hash checks out but that lacks a function (or disagrees on lora_run):
+    torch runs those parts, with a warning; no AttributeError."""
+    lib = cpu_kernels.artifact(compiler())
+    fresh_cache.mkdir(parents=True, mode=0o700)
+    os.chmod(fresh_cache, 0o700)
+    stub_library(lib, source)
+    lib.with_name(lib.name + ".sha256").write_text(sha256(lib) + "\n")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.kernel() is None
+    assert "unavailable" in caplog.text and str(lib) in caplog.text
+    g = torch.Generator().manual_seed(5)
+    runs, rows = make_runs([3, 5], 16, 24, (8,), g)
+    x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
+    want = reference(y, x, runs)
+    add_lora_runs(y, x, (_Group(runs),), 0, "q_proj", {})
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_forgets_the_library(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CARASERVE_CPU_KERNELS", "0")
+    assert cpu_kernels.kernel() is None
+    monkeypatch.delenv("CARASERVE_CPU_KERNELS")
+    assert cpu_kernels.kernel() is None  # remembered
+    cpu_kernels.reset()
+    assert cpu_kernels.kernel() is not None
+
+
+# --- what the LoRA wrapper and kernel refuse ------------------------------------------------------
+# Tensors that the kernel must not reach past are views into bigger buffers, so that a kernel
+# without the checks would only scribble inside the test's own memory.
+
+
+def weights(in_f, rank, out_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(in_f, rank, generator=g), torch.randn(rank, out_f, generator=g)
+
+
+@pytest.mark.parametrize("case", ["ranks differ", "widths differ", "rows reversed", "negative row", "not tensors",
+                                  "1-D weights"])
+def test_run_table_refuses_malformed_runs(case):
+    a, b = weights(16, 8, 12)
+    runs = {
+        "ranks differ": [(0, 2, a, b[:4], 1.0)],
+        "widths differ": [(0, 2, a, b, 1.0), (2, 4, torch.randn(20, 8), b, 1.0)],
+        "rows reversed": [(3, 1, a, b, 1.0)],
+        "negative row": [(-2, 1, a, b, 1.0)],
+        "not tensors": [(0, 2, a.tolist(), b, 1.0)],
+        "1-D weights": [(0, 2, a.flatten(), b, 1.0)],
+    }[case]
+    with pytest.raises(ValueError, match=r"runs\[\d\]"):
+        cpu_kernels.RunTable(runs)
+
+
+def test_run_table_with_shared_rows_goes_to_torch():
+    """Two runs over the same rows: the kernel expands blocks in parallel, so torch takes them."""
+    a, b = weights(16, 8, 16)
+    assert not cpu_kernels.RunTable([(0, 4, a, b, 1.0), (2, 6, a, b, 1.0)]).fits
+    assert cpu_kernels.RunTable([(0, 4, a, b, 1.0), (4, 6, a, b, 1.0)]).fits
+
+
+@pytest.mark.parametrize("case", ["rows past y", "x narrower", "y narrower", "fewer x rows", "float64 y",
+                                  "column-strided x", "overlapping y rows", "table that does not fit"])
+def test_apply_refuses_what_falls_outside_the_buffers(fn, case):
+    a, b = weights(16, 8, 12, seed=1)
+    big_x, big_y = torch.randn(8, 16), torch.randn(8, 12)
+    x, y, runs = big_x[:4], big_y[:4], [(0, 2, a, b, 1.0), (2, 4, a, b, 0.5)]
+    name = {"rows past y": "runs", "x narrower": "x", "y narrower": "y", "fewer x rows": "x", "float64 y": "y",
+            "column-strided x": "x", "overlapping y rows": "y", "table that does not fit": "runs"}[case]
+    if case == "rows past y":
+        runs[1] = (2, 6, a, b, 0.5)
+    elif case == "x narrower":
+        x = big_x[:4, :12]
+    elif case == "y narrower":
+        y = big_y[:4, :8]
+    elif case == "fewer x rows":
+        x = big_x[:3]
+    elif case == "float64 y":
+        y = torch.zeros(4, 12, dtype=torch.float64)
+    elif case == "column-strided x":
+        x = torch.randn(16, 4).t()
+    elif case == "overlapping y rows":
+        y = big_y.flatten()[:20].as_strided((4, 12), (2, 1))
+    else:
+        runs = [(0, 2, a.double(), b.double(), 1.0)]
+    table = cpu_kernels.RunTable(runs)
+    before = big_y.clone(), y.clone()
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        table.apply(fn, y, x)
+    assert torch.equal(big_y, before[0]) and torch.equal(y, before[1])  # nothing written
+
+
+def direct_call(fn, y, x, runs, rows=None, ldx=None, ldy=None):
+    array = (cpu_kernels.LoraRun * max(1, len(runs)))(*runs)
+    return fn(y.data_ptr(), y.stride(0) if ldy is None else ldy, x.data_ptr(), x.stride(0) if ldx is None else ldx,
+              y.shape[0] if rows is None else rows, x.shape[1], y.shape[1], array, len(runs))
+
+
+@pytest.mark.parametrize("case", ["end past rows", "negative start", "A of another width", "B of another width",
+                                  "A shorter than its shape", "B shorter than its shape", "rank 0",
+                                  "rank beyond the buffer", "packed rank not a multiple of 8", "rows shared",
+                                  "row stride under the width", "null weights"])
+def test_kernel_refuses_inconsistent_calls(fn, case):
+    """The C side, called directly, returns -1 and touches nothing for calls that do not add up."""
+    a, b = weights(16, 8, 24, seed=2)
+    big_x, big_y = torch.randn(8, 16), torch.randn(8, 24)
+    x, y = big_x[:4], big_y[:4]
+
+    def run(start=0, end=2, a_=a, b_=b, rank=8, a_in=16, b_out=24, a_len=None, b_len=None, packed=0):
+        return cpu_kernels.LoraRun(start, end, a_.data_ptr() if a_ is not None else None,
+                                   b_.data_ptr() if b_ is not None else None, rank, a_in, b_out,
+                                   a.numel() if a_len is None else a_len, b.numel() if b_len is None else b_len,
+                                   packed, 1.0)
+
+    assert direct_call(fn, y.clone(), x, [run(), run(2, 4)]) == 0  # the same call, consistent
+    runs, kw = [run(), run(2, 4)], {}
+    if case == "end past rows":
+        runs[1] = run(2, 6)
+    elif case == "negative start":
+        runs[0] = run(-1, 2)
+    elif case == "A of another width":
+        runs[0] = run(a_in=12)
+    elif case == "B of another width":
+        runs[0] = run(b_out=32)
+    elif case == "A shorter than its shape":
+        runs[0] = run(a_len=16 * 8 - 1)
+    elif case == "B shorter than its shape":
+        runs[0] = run(b_len=8 * 24 - 1)
+    elif case == "rank 0":
+        runs[0] = run(rank=0)
+    elif case == "rank beyond the buffer":
+        runs[0] = run(rank=cpu_kernels.MAX_RANK + 8, a_len=1 << 40, b_len=1 << 40)
+    elif case == "packed rank not a multiple of 8":
+        runs[0] = run(rank=4, packed=1)
+    elif case == "rows shared":
+        runs[1] = run(1, 4)
+    elif case == "row stride under the width":
+        kw = {"ldx": 8}
+    else:
+        runs[0] = run(a_=None)
+    before = big_y.clone()
+    assert direct_call(fn, y, x, runs, **kw) == -1
+    assert torch.equal(big_y, before)
+
+
+def test_slot_attention_refuses_inconsistent_inputs(fn):
+    k_cache = torch.randn(4, 8, 2, 16)
+    q = torch.randn(2, 4, 16)
+    slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
+    with pytest.raises(ValueError, match="slots"):
+        cpu_kernels.slot_attention(q, k_cache, k_cache, torch.tensor([0, 1, 2]), lens, None)
+    with pytest.raises(ValueError, match="lens"):
+        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens.view(2, 1), None)
+    with pytest.raises(ValueError, match="lens"):
+        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, [3, 8], None)
+    with pytest.raises(ValueError, match="window"):
+        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens, -1)
+
+
+def test_slot_attention_never_hands_c_a_bad_pointer(fn):
+    """Tensors the kernel cannot read (another device) or shapes it would divide by: declined."""
+    k_cache = torch.randn(4, 8, 2, 16)
+    q = torch.randn(2, 4, 16)
+    slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache.to("meta"), slots, lens, None) is None
+    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots.to("meta"), lens, None) is None
+    no_heads = torch.randn(4, 8, 0, 16)
+    assert cpu_kernels.slot_attention(q, no_heads, no_heads, slots, lens, None) is None

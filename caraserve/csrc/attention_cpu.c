@@ -77,13 +77,18 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
 }
 
-/* Returns 0; -1 (nothing written) for shapes beyond the limits above, a length outside [1, max_len] or a
- * slot outside the cache; -2 when out of memory. */
+/* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
+ * are not a multiple of kv_heads, a negative window, a length outside [1, max_len] or a slot
+ * outside the cache; -2 when out of memory. */
 int slot_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *slots,
                      const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
                      int64_t num_slots, int64_t max_len, int64_t window, float scale) {
+    if (rows < 0 || heads < 1 || kv_heads < 1 || head_dim < 1 || head_dim > MAX_HEAD_DIM) return -1;
+    if (num_slots < 0 || max_len < 1 || window < 0) return -1;
+    if (rows > 0 && (out == NULL || q == NULL || kc == NULL || vc == NULL || slots == NULL || lens == NULL))
+        return -1;
     const int64_t group = heads / kv_heads;
-    if (group * kv_heads != heads || head_dim > MAX_HEAD_DIM) return -1;
+    if (group * kv_heads != heads) return -1;
     for (int64_t i = 0; i < rows; i++) {
         if (lens[i] < 1 || lens[i] > max_len || slots[i] < 0 || slots[i] >= num_slots) return -1;
     }

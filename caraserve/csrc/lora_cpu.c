@@ -11,23 +11,35 @@
  * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
  * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
  * ahead; a run may instead point at a packed copy (column panels, read front to back).
+ *
+ * Every call is checked before anything is read or written (cpu_kernels.RunTable checks the
+ * same first, with messages): rows inside x and y, runs disjoint (the expands of different
+ * blocks run in parallel), each run's weights of the call's in / out widths and no longer than
+ * the buffers they point into. The caller's word on those buffers is all C can check.
  */
 #include <stdint.h>
 #include <stdlib.h>
 
 typedef struct {
-    int64_t start, end;  /* rows [start, end) of x and y */
-    const float *a;      /* [in, rank] */
-    const float *b;      /* [rank, out] */
-    int64_t rank;
-    int64_t packed;      /* a, b in the panel layout below (rank and out multiples of 8) */
+    int64_t start, end;    /* rows [start, end) of x and y */
+    const float *a;        /* [a_in, rank] float32 */
+    const float *b;        /* [rank, b_out] float32 */
+    int64_t rank;          /* in [1, MAX_RANK] */
+    int64_t a_in, b_out;   /* the weights' own widths: must be the call's in and out */
+    int64_t a_len, b_len;  /* floats readable from a and from b */
+    int64_t packed;        /* a, b in the panel layout below (rank and out multiples of 8) */
     float scale;
 } lora_run;
+
+/* The struct's size, which cpu_kernels.LoraRun must have (a library and a wrapper of different
+ * versions refuse each other instead of reading each other's fields wrong). */
+int64_t lora_run_bytes(void) { return (int64_t)sizeof(lora_run); }
 
 #define VL 8             /* floats per vector */
 #define MAX_IB 8         /* rows of the tallest block */
 #define MAX_RANK 1024    /* ranks the block buffer holds */
 #define PREFETCH_ROWS 16 /* how far down A the shrink asks for its column block */
+#define MAX_WIDTH (INT64_C(1) << 32) /* in and out: far past any model, and in * rank cannot overflow */
 
 /* GCC vector extensions: AVX registers where the CPU has them, pairs of SSE ones elsewhere */
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -214,23 +226,54 @@ static void plan_blocks(const lora_run *runs, int64_t nruns, lora_block *blocks,
     }
 }
 
-/* Returns 0; -1 (nothing done) when a run's rank exceeds MAX_RANK or a packed run's rank or
- * output width is not a multiple of VL; -2 when out of memory. Work items (a block's rank or
- * output columns) are shared out over the calling thread's OpenMP team when the call is big
- * enough to pay for it: shrinks first, then, after the barrier, expands. */
-int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
+/* Whether one run stays inside the call's buffers: rows within [0, rows), weights of the call's
+ * widths, rank within the block buffer, as many floats as the weights need behind a and b. */
+static int run_ok(const lora_run *run, int64_t rows, int64_t in, int64_t out) {
+    if (run->start < 0 || run->start > run->end || run->end > rows) return 0;
+    if (run->rank < 1 || run->rank > MAX_RANK || run->a == NULL || run->b == NULL) return 0;
+    if (run->a_in != in || run->b_out != out) return 0;
+    if (run->a_len < in * run->rank || run->b_len < run->rank * out) return 0;
+    if (run->packed != 0 && run->packed != 1) return 0;
+    return !run->packed || (run->rank % VL == 0 && out % VL == 0);
+}
+
+/* 1 when every run is inside the buffers and no row belongs to two runs, 0 when not, -2 when
+ * out of memory. */
+static int runs_ok(const lora_run *runs, int64_t nruns, int64_t rows, int64_t in, int64_t out) {
+    for (int64_t n = 0; n < nruns; n++)
+        if (!run_ok(&runs[n], rows, in, out)) return 0;
+    if (nruns < 2) return 1;
+    unsigned char *taken = calloc(rows > 0 ? (size_t)rows : 1, 1);
+    if (taken == NULL) return -2;
+    int ok = 1;
+    for (int64_t n = 0; n < nruns && ok; n++)
+        for (int64_t i = runs[n].start; i < runs[n].end && ok; i++) ok = !taken[i]++;
+    free(taken);
+    return ok;
+}
+
+/* y and x have `rows` rows (row strides ldy >= out and ldx >= in unless there is at most one).
+ * Returns 0; -1 (nothing read or written) when the call or a run fails the checks above;
+ * -2 when out of memory. Work items (a block's rank or output columns) are shared out over the
+ * calling thread's OpenMP team when the call is big enough to pay for it: shrinks first, then,
+ * after the barrier, expands. */
+int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t in, int64_t out,
               const lora_run *runs, int64_t nruns) {
+    if (nruns < 0 || rows < 0 || in < 1 || out < 1 || in > MAX_WIDTH || out > MAX_WIDTH) return -1;
+    if (nruns > 0 && runs == NULL) return -1;
+    if (rows > 0 && (y == NULL || x == NULL)) return -1;
+    if (rows > 1 && (ldy < out || ldx < in)) return -1;
+    const int ok = runs_ok(runs, nruns, rows, in, out);
+    if (ok != 1) return ok == -2 ? -2 : -1;
     int64_t nblocks = 0, vsize = 0, nshrink = 0, macs = 0;
     for (int64_t n = 0; n < nruns; n++) {
         const lora_run *run = &runs[n];
-        if (run->rank > MAX_RANK) return -1;
-        if (run->packed && (run->rank % VL || out % VL)) return -1;
-        const int64_t rows = run->end - run->start;
-        const int64_t blocks = rows / 8 + (rows % 8 + 3) / 4; /* as plan_blocks cuts them */
+        const int64_t run_rows = run->end - run->start;
+        const int64_t blocks = run_rows / 8 + (run_rows % 8 + 3) / 4; /* as plan_blocks cuts them */
         nblocks += blocks;
         vsize += blocks * MAX_IB * run->rank;
         nshrink += blocks * ((run->rank + SHRINK_CHUNK - 1) / SHRINK_CHUNK);
-        macs += rows * run->rank * (in + out);
+        macs += run_rows * run->rank * (in + out);
     }
     if (nblocks == 0) return 0;
     lora_block *blocks = malloc(sizeof(lora_block) * nblocks);

@@ -3,6 +3,8 @@
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`).
 Everything is checked before the weights are returned, so a broken adapter never reaches the
 host store or the device: each problem raises `AdapterError` naming the adapter and the reason.
+What a read may touch is bounded too (`ReadLimits`: file sizes, the folders files may resolve
+into), and user regexes in the config are matched so that no pattern can hang the process.
 """
 
 from __future__ import annotations
@@ -10,11 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from caraserve.lora.module_patterns import (
+    MAX_PATTERN_KEYS,
+    ModuleRules,
+    PatternError,
+    check_regex,
+    key_regex,
+    module_names,
+    module_rules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +39,9 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# PEFT configs are a few KB (a few hundred with a key per module); parsing a huge JSON would
+# take far more memory than the file, so the config has a cap of its own below max_file_bytes.
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 class AdapterError(ValueError):
@@ -56,6 +73,21 @@ class LoraWeights:
         return tuple(m for m in TARGETS if m in self.a)
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What reading an adapter may touch; HostStore passes the engine's adapters.* settings."""
+
+    max_file_bytes: int | None = None  # any adapter file larger than this is refused; None: no cap
+    roots: tuple[Path, ...] | None = None  # resolved folders every read file must lie in; None: anywhere
+
+    def check_inside(self, name: str, path: Path, real: Path) -> None:
+        if self.roots is not None and not any(real == r or real.is_relative_to(r) for r in self.roots):
+            raise AdapterError(
+                f"adapter {name!r}: {path} resolves to {real}, outside the allowed adapter roots "
+                f"({', '.join(map(str, self.roots))}; adapters.allowed_roots)"
+            )
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise AdapterError(
@@ -64,21 +96,61 @@ def check_name(name: str) -> str:
     return name
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module's full name wins."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+def _check_stat(name: str, path: Path, st: os.stat_result, limits: ReadLimits, cap: int | None) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterError(f"adapter {name!r}: {path} is not a regular file")
+    if cap is not None and st.st_size > cap:
+        knob = f"adapters.max_file_bytes={limits.max_file_bytes}" if cap == limits.max_file_bytes else \
+            f"the adapter_config.json cap of {cap} bytes"
+        raise AdapterError(f"adapter {name!r}: {path} is {st.st_size} bytes, more than {knob}")
 
 
-def _read_config(name: str, folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterError(f"adapter {name!r}: {path} is missing")
+def _open_file(name: str, path: Path, limits: ReadLimits, cap: int | None) -> tuple[int, str] | None:
+    """(fd, a path that reads that fd) of an adapter file after the checks that must come before
+    any read: it resolves inside the roots, is a regular file, is within the size cap. None: no file."""
     try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
+        real = path.resolve()  # not strict: a dangling link out of the roots is refused as such
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise AdapterError(f"adapter {name!r}: cannot resolve {path} ({e})") from e
+    limits.check_inside(name, path, real)
+    try:
+        _check_stat(name, path, os.stat(real), limits, cap)  # before opening: FIFOs and devices stay unopened
+        # the file may be swapped between the checks and the open: a FIFO must not block the open,
+        # a symlink must not be followed, and the opened file itself is checked again
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot open {path} ({e})") from e
+    try:
+        _check_stat(name, path, os.fstat(fd), limits, cap)
+        proc = f"/proc/self/fd/{fd}"
+        if os.path.islink(proc):  # Linux: where the open really landed (a folder swapped for a link)
+            limits.check_inside(name, path, Path(os.readlink(proc)))
+            return fd, proc
+        return fd, str(real)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
+    path = folder / "adapter_config.json"
+    cap = min(MAX_CONFIG_BYTES, limits.max_file_bytes or MAX_CONFIG_BYTES)
+    opened = _open_file(name, path, limits, cap)
+    if opened is None:
+        raise AdapterError(f"adapter {name!r}: {path} is missing")
+    with os.fdopen(opened[0], "rb") as f:
+        try:
+            data = f.read(cap + 1)
+        except OSError as e:
+            raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+    if len(data) > cap:  # it grew after the check
+        raise AdapterError(f"adapter {name!r}: {path} is more than {cap} bytes")
+    try:
+        cfg = json.loads(data)
+    except ValueError as e:
         raise AdapterError(f"adapter {name!r}: {path} is not valid JSON ({e})") from e
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter {name!r}: {path} must hold a JSON object")
@@ -109,10 +181,7 @@ def _read_config(name: str, folder: Path) -> dict:
             if t.split(".")[-1] not in TARGETS:
                 raise AdapterError(f"adapter {name!r}: target module {t!r} does not exist in the model")
     elif isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise AdapterError(f"adapter {name!r}: target_modules regex {targets!r} is invalid ({e})") from e
+        _check_regex(name, "target_modules regex", targets, targets)
     elif targets is not None:
         raise AdapterError(f"adapter {name!r}: target_modules must be a list of names or a regex string")
     layers = cfg.get("layers_to_transform")
@@ -121,17 +190,19 @@ def _read_config(name: str, folder: Path) -> dict:
         or (isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))
     ):
         raise AdapterError(f"adapter {name!r}: layers_to_transform={layers!r} must be an int or a list of ints")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = cfg.get(key) or {}
+    patterns = {key: cfg.get(key) or {} for key in ("rank_pattern", "alpha_pattern")}
+    for key, pattern in patterns.items():
         if not isinstance(pattern, dict):
             raise AdapterError(f"adapter {name!r}: {key} must be an object of pattern -> value")
+    n_keys = sum(map(len, patterns.values()))
+    if n_keys > MAX_PATTERN_KEYS:
+        raise AdapterError(f"adapter {name!r}: rank_pattern and alpha_pattern hold {n_keys} keys, "
+                           f"more than {MAX_PATTERN_KEYS}")
+    for key, pattern in patterns.items():
         for k, v in pattern.items():
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise AdapterError(f"adapter {name!r}: {key} key {k!r} is not a valid regex ({e})") from e
+            _check_regex(name, f"{key} key", k, key_regex(k))
             wrong_type = not isinstance(v, int) if key == "rank_pattern" else not isinstance(v, (int, float))
-            if wrong_type or isinstance(v, bool) or v <= 0:
+            if wrong_type or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise AdapterError(f"adapter {name!r}: {key}[{k!r}]={v!r} must be a positive number")
     if cfg.get("fan_in_fan_out"):
         # PEFT turns it off for nn.Linear targets, which is all a Llama has.
@@ -139,39 +210,51 @@ def _read_config(name: str, folder: Path) -> dict:
     return cfg
 
 
-def _read_tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
-    st, binf = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+def _check_regex(name: str, what: str, pattern: str, regex: str) -> None:
     try:
-        if st.is_file():
-            from safetensors.torch import load_file
+        check_regex(what, pattern, regex)
+    except PatternError as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from e
 
-            return load_file(str(st))
-        if binf.is_file():
-            return torch.load(str(binf), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or corrupt files raise library-specific errors
-        bad = st if st.is_file() else binf
-        raise AdapterError(f"adapter {name!r}: cannot read {bad} ({e})") from e
+
+def _read_tensors(name: str, folder: Path, limits: ReadLimits) -> dict[str, torch.Tensor]:
+    for path in (folder / "adapter_model.safetensors", folder / "adapter_model.bin"):
+        opened = _open_file(name, path, limits, limits.max_file_bytes)
+        if opened is None:
+            continue
+        fd, readable = opened
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if path.suffix == ".safetensors":
+                    from safetensors.torch import load_file
+
+                    return load_file(readable)
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt files raise library-specific errors
+            raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
     raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
 
 
-def _is_target(cfg: dict, module_key: str) -> bool:
-    """PEFT's rule for which modules get LoRA layers (tensors of other modules are ignored)."""
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module_key) is not None
-    return any(module_key == t or module_key.endswith("." + t) for t in targets)
-
-
-def load_adapter(folder: str | Path, model_args, name: str | None = None) -> LoraWeights:
-    """Reads and validates the PEFT adapter in `folder` for a base model with `model_args`."""
+def load_adapter(folder: str | Path, model_args, name: str | None = None,
+                 limits: ReadLimits | None = None) -> LoraWeights:
+    """Reads and validates the PEFT adapter in `folder` for a base model with `model_args`;
+    `limits` bounds what the read may touch (default: nothing)."""
     folder = Path(folder)
     name = check_name(folder.name if name is None else name)
-    if not folder.is_dir():
+    limits = limits or ReadLimits()
+    try:
+        real = folder.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise AdapterError(f"adapter {name!r}: cannot resolve folder {folder} ({e})") from e
+    limits.check_inside(name, folder, real)
+    if not real.is_dir():
         raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
-    cfg = _read_config(name, folder)
-    pairs = _collect_pairs(name, cfg, _read_tensors(name, folder), model_args)
+    cfg = _read_config(name, folder, limits)
+    try:  # before the weights: a refused pattern costs no weights read
+        rules = module_rules(cfg, module_names(model_args.num_layers))
+    except PatternError as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from e
+    pairs = _collect_pairs(name, cfg, rules, _read_tensors(name, folder, limits), model_args)
     use_rslora = bool(cfg.get("use_rslora", False))
     r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
 
@@ -183,11 +266,11 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None) -> Lor
     per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (layer, module), ab in sorted(pairs.items()):
         key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
-        want_r = _pattern_value(cfg.get("rank_pattern"), key, r)
+        want_r = rules.rank.get(key, r)
         a, b = _checked_pair(name, cfg, key, layer, module, ab, want_r, model_args)
         if ranks.setdefault(module, want_r) != want_r:
             raise AdapterError(f"adapter {name!r}: {module} has different ranks in different layers")
-        ratio = scaling(want_r, _pattern_value(cfg.get("alpha_pattern"), key, alpha)) / base_scale
+        ratio = scaling(want_r, rules.alpha.get(key, alpha)) / base_scale
         bt = b.t().float()
         per_layer.setdefault(module, {})[layer] = (a.t().float(), bt * ratio if ratio != 1.0 else bt)
     out_a, out_b = {}, {}
@@ -201,7 +284,8 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None) -> Lor
     return LoraWeights(name, str(folder), max(ranks.values()), base_scale, out_a, out_b)
 
 
-def _collect_pairs(name: str, cfg: dict, tensors: dict, model_args) -> dict[tuple[int, str], dict]:
+def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, tensors: dict,
+                   model_args) -> dict[tuple[int, str], dict]:
     """(layer, module) -> {"A": tensor, "B": tensor} for the targeted modules; refuses keys of
     unsupported kinds (embedding/lm_head LoRA, DoRA) and modules or layers the model lacks."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -222,7 +306,7 @@ def _collect_pairs(name: str, cfg: dict, tensors: dict, model_args) -> dict[tupl
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}"
             )
-        if not _is_target(cfg, f"model.layers.{layer}.{parent}.{module}"):
+        if rules.targets is not None and f"model.layers.{layer}.{parent}.{module}" not in rules.targets:
             log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, key)
             continue
         pairs.setdefault((layer, module), {})[ab] = t

@@ -1,0 +1,206 @@
+"""PEFT's module-name patterns (a target_modules regex, rank_pattern / alpha_pattern keys),
+resolved over the base model's module names so that no pattern can hang the process.
+
+Python's `re` backtracks: `(a+)+$` or `(x+x+)+y` take exponential time, `.*.*.*.*x` polynomial
+time with a large exponent, and the GIL is held throughout, so a thread cannot be given a
+timeout. The rule here:
+- a pattern is only ever matched against the model's finite set of module names
+  (model.layers.{i}.{self_attn|mlp}.{q_proj..down_proj}), and is at most MAX_PATTERN_CHARS long;
+  an adapter holds at most MAX_PATTERN_KEYS rank_pattern + alpha_pattern keys;
+- a pattern without repeats, lookarounds or backreferences has a static bound on its
+  backtracking (the product of its alternations' branch counts, times its length, per start
+  position); while that bound over all of an adapter's patterns and names stays under
+  INPROC_STEPS, they are matched in this process;
+- anything else is matched in a short-lived worker process that gets MATCH_TIMEOUT_S of matching
+  time (its interpreter's start-up not counted); a pattern still running then is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+try:
+    from re import _constants as _sre  # Python >= 3.11
+    from re import _parser as _sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
+
+MAX_PATTERN_CHARS = 512  # one target_modules regex or one rank_pattern / alpha_pattern key
+MAX_PATTERN_KEYS = 1024  # rank_pattern and alpha_pattern keys together
+MATCH_TIMEOUT_S = 1.0  # matching time the worker gets for one adapter's patterns
+INPROC_STEPS = 5_000_000  # bound on regex steps matched in this process (tens of ms at worst)
+_WORKER_START_S = 10.0  # on top of MATCH_TIMEOUT_S: a busy machine starts an interpreter slowly
+
+# Runs with `python -I -S`: standard library only, no user site or PYTHONPATH. SIGALRM interrupts
+# sre's matching loop (it checks for signals), so the budget holds even inside one match.
+_WORKER = r"""
+import json, re, signal, sys
+def stop(*_):
+    raise TimeoutError
+job = json.load(sys.stdin)
+signal.signal(signal.SIGALRM, stop)
+signal.setitimer(signal.ITIMER_REAL, job["budget_s"])
+out, i = [], 0
+try:
+    for i, (regex, full) in enumerate(job["jobs"]):
+        rx = re.compile(regex)
+        test = rx.fullmatch if full else rx.match
+        out.append([k for k, n in enumerate(job["names"]) if test(n)])
+    result = {"matches": out}
+except TimeoutError:
+    result = {"timeout": i}
+signal.setitimer(signal.ITIMER_REAL, 0)
+json.dump(result, sys.stdout)
+"""
+
+
+class PatternError(ValueError):
+    """A pattern is refused; the message names the config field and the pattern."""
+
+
+class _Timeout(Exception):
+    """args[0]: the index of the job still running when time ran out (None: the worker itself)."""
+
+
+@dataclass(frozen=True)
+class ModuleRules:
+    """One config's targeting rules, resolved over the model's module names."""
+
+    targets: frozenset[str] | None  # module names that get LoRA; None: every module
+    rank: dict  # module name -> rank_pattern value, for the names some key matches
+    alpha: dict  # module name -> alpha_pattern value, likewise
+
+
+def module_names(num_layers: int) -> tuple[str, ...]:
+    parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    return tuple(f"model.layers.{i}.{p}.{m}" for i in range(num_layers) for m, p in parent.items())
+
+
+def key_regex(key: str) -> str:
+    """PEFT's rule for rank_pattern / alpha_pattern: the key matches the end of the module's name."""
+    return rf"(.*\.)?({key})$"
+
+
+def check_regex(what: str, pattern: str, regex: str) -> None:
+    """Refuses a pattern that is too long or does not compile (as the regex PEFT builds from it)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise PatternError(f"{what} is {len(pattern)} characters, more than {MAX_PATTERN_CHARS}")
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise PatternError(f"{what} {pattern!r} is not a valid regex ({e})") from e
+
+
+def module_rules(cfg: dict, names: tuple[str, ...]) -> ModuleRules:
+    """PEFT's rules: a target_modules string must fullmatch a name, a list entry equal it or end it
+    after a "."; the first rank_pattern / alpha_pattern key matching a name's end gives its value.
+    The config is already validated (types, check_regex on every pattern)."""
+    targets = cfg.get("target_modules")
+    jobs = [("target_modules regex", targets, targets, True)] if isinstance(targets, str) else []
+    for field in ("rank_pattern", "alpha_pattern"):
+        jobs += [(f"{field} key", k, key_regex(k), False) for k in cfg.get(field) or {}]
+    found = iter(_match(jobs, names))
+    if isinstance(targets, str):
+        chosen = next(found)
+    elif targets is not None:
+        chosen = frozenset(n for n in names if any(n == t or n.endswith("." + t) for t in targets))
+    else:
+        chosen = None
+    firsts = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        first: dict = {}
+        for value in (cfg.get(field) or {}).values():
+            for n in next(found):
+                first.setdefault(n, value)
+        firsts.append(first)
+    return ModuleRules(chosen, *firsts)
+
+
+def _match(jobs: list[tuple[str, str, str, bool]], names: tuple[str, ...]) -> list[frozenset[str]]:
+    """For each (what, pattern, regex, fullmatch) job, the names its regex matches."""
+    matched: list = [None] * len(jobs)
+    spent, far = 0, []
+    for i, (_, pattern, regex, full) in enumerate(jobs):
+        steps = _steps_bound(pattern, full, names)
+        if steps is not None and spent + steps <= INPROC_STEPS:
+            spent += steps
+            rx = re.compile(regex)
+            test = rx.fullmatch if full else rx.match
+            matched[i] = frozenset(n for n in names if test(n))
+        else:
+            far.append(i)
+    if far:
+        try:
+            found = _match_in_worker(tuple((jobs[i][2], jobs[i][3]) for i in far), names)
+        except _Timeout as e:
+            what, pattern = ("patterns", "") if e.args[0] is None else jobs[far[e.args[0]]][:2]
+            raise PatternError(
+                f"{what} {pattern!r} takes more than {MATCH_TIMEOUT_S:g}s to match the model's {len(names)} "
+                f"module names (nested or overlapping repeats?); refused, simplify the pattern"
+            ) from None
+        for i, m in zip(far, found):
+            matched[i] = m
+    return matched
+
+
+def _paths(parsed) -> int | None:
+    """Backtracking paths through a parsed regex without repeats; None for constructs not bounded here."""
+    total = 1
+    for op, av in parsed:
+        if op in (_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN, _sre.AT):
+            continue
+        if op is _sre.SUBPATTERN:
+            n = _paths(av[-1])
+        elif op is _sre.BRANCH:
+            counts = [_paths(alt) for alt in av[1]]
+            n = None if None in counts else sum(counts)
+        else:  # repeats, lookarounds, backreferences, conditionals
+            return None
+        if n is None:
+            return None
+        total *= n
+        if total > INPROC_STEPS:
+            return None
+    return total
+
+
+def _steps_bound(pattern: str, full: bool, names: tuple[str, ...]) -> int | None:
+    """A bound on sre's steps matching the job of `pattern` over `names`; None: not bounded."""
+    try:
+        paths = _paths(_sre_parse.parse(pattern))
+    except Exception:  # private API: should it change, every pattern goes to the worker
+        return None
+    if paths is None:
+        return None
+    longest = max(map(len, names))
+    # a key's `(.*\.)?` prefix scans the name once and tries the key after each "." and at 0
+    starts = 1 if full else max(n.count(".") for n in names) + 1
+    return len(names) * (longest + starts * paths * (len(pattern) + 1))
+
+
+# A memo of a pure function: re-reading an adapter that the host budget dropped does not start
+# a worker again. Timeouts raise, so they are not memoized (a busy machine may time out once).
+@functools.lru_cache(maxsize=256)
+def _match_in_worker(jobs: tuple[tuple[str, bool], ...], names: tuple[str, ...]) -> tuple[frozenset[str], ...]:
+    job = json.dumps({"jobs": jobs, "names": names, "budget_s": MATCH_TIMEOUT_S})
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _WORKER], input=job, capture_output=True,
+                              text=True, timeout=MATCH_TIMEOUT_S + _WORKER_START_S)
+    except subprocess.TimeoutExpired:  # run() has killed it
+        raise _Timeout(None) from None
+    except OSError as e:
+        raise PatternError(f"patterns cannot be checked: the matching worker did not start ({e})") from e
+    try:
+        out = json.loads(done.stdout)
+    except ValueError:
+        raise PatternError(f"patterns cannot be checked: the matching worker failed ({done.stderr[-300:]!r})") from None
+    if "timeout" in out:
+        raise _Timeout(out["timeout"])
+    return tuple(frozenset(names[k] for k in m) for m in out["matches"])

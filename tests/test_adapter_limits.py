@@ -94,7 +94,8 @@ def test_cap_on_registered_adapters_at_run_time(env):
 
 
 def test_engine_applies_the_adapter_limits(env, tmp_path):
-    """The engine hands adapters.max_registered and its adapters dir (as the root) to the store."""
+    """The engine hands adapters.max_registered and its adapters dir (as the root of runtime
+    loads) to the store."""
     from caraserve.engine import Engine
 
     root, _ = env
@@ -107,11 +108,15 @@ def test_engine_applies_the_adapter_limits(env, tmp_path):
     engine = Engine(EngineConfig(model=ModelConfig(path=str(root / "base")),
                                  adapters=AdapterConfig(dir=str(adapters), max_registered=2, rank_buckets=(8, 16)),
                                  device="cpu", compile="false", max_batch_size=2, max_seq_len=64))
-    assert [a.name for a in engine.adapters()] == ["a0", "a1"]
-    assert "outside the allowed adapter roots" in engine.adapter_errors["a-escape"]
+    # the operator's own folder follows its symlinks; the cap still holds
+    assert [a.name for a in engine.adapters()] == ["a-escape", "a0"]
+    assert "adapters.max_registered=2" in engine.adapter_errors["a1"]
     assert "adapters.max_registered=2" in engine.adapter_errors["a2"]
     with pytest.raises(AdapterError, match=r"adapters\.max_registered=2"):
         engine.register_adapter("late", adapters / "a2")
+    engine.unregister_adapter("a0")
+    with pytest.raises(AdapterError, match="outside the allowed adapter roots"):  # runtime loads are confined
+        engine.register_adapter("late", escape)
 
 
 # ---------------------------------------------------------------- adapters.max_file_bytes
@@ -174,8 +179,8 @@ def test_symlink_leaving_the_root_refused_and_inside_accepted(env, tmp_path, whi
     with pytest.raises(AdapterError, match=rf"adapter 'escape': .*resolves to {re.escape(str(target.resolve()))}"
                                            r".*outside the allowed adapter roots"):
         store.register("escape", escape)
-    ok, bad = store.register_dir(inside)
-    assert ok == ["shared"] and "outside the allowed adapter roots" in bad["escape"]
+    ok, bad = HostStore(args, roots=[inside]).register_dir(inside)  # the operator's folder: links followed
+    assert ok == ["escape", "shared"] and not bad
     assert store.register("fine", linked("fine", shared)).rank == 8  # a link inside the root is fine
     assert HostStore(args).register("free", escape).rank == 8  # no roots: no confinement (plain-Python use)
 

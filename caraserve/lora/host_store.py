@@ -14,6 +14,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class AdapterInfo:
     scale: float
     targets: tuple[str, ...]
     nbytes: int
+    confined: bool = True  # its files must resolve inside the store's roots (runtime loads)
 
 
 _UNKNOWN_MEM_BYTES = 16 * 2**30  # what the budget assumes when neither sysconf nor cgroups tell
@@ -123,7 +125,9 @@ class HostStore:
                 full += 1
                 continue
             try:
-                self.register(folder.name, folder)
+                # The operator's own folder: its symlinks are the operator's (e.g. into a Hugging
+                # Face cache), so they are followed; runtime loads stay inside the roots.
+                self.register(folder.name, folder, confined=False)
                 ok.append(folder.name)
             except AdapterError as e:
                 bad[folder.name] = str(e)
@@ -136,19 +140,23 @@ class HostStore:
                       self.max_registered)
         return ok, bad
 
-    def register(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validates and registers one adapter; on any error nothing changes."""
+    def register(self, name: str, path: str | Path, confined: bool = True) -> AdapterInfo:
+        """Validates and registers one adapter; on any error nothing changes. confined: its files
+        must resolve inside the store's roots (False only for the operator's start-up folder)."""
         check_name(name)
         with self._lock:
             self._check_room(name)  # before the read: a full store costs no disk read
-        weights = self._prepare(load_adapter(path, self.model_args, name, self.limits))
-        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.targets, weights.nbytes)
+        weights = self._prepare(load_adapter(path, self.model_args, name, self._limits(confined)))
+        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.targets, weights.nbytes, confined)
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._info[name] = info
             self._keep(weights)
         log.info("registered adapter %s (rank %d, %s)", name, info.rank, ",".join(info.targets))
         return info
+
+    def _limits(self, confined: bool) -> ReadLimits:
+        return self.limits if confined else dataclasses.replace(self.limits, roots=None)
 
     def add(self, weights: LoraWeights) -> AdapterInfo:
         """Registers weights made in memory (benchmarks, tests); kept regardless of the budget
@@ -193,7 +201,7 @@ class HostStore:
             if w is not None:
                 self._weights.move_to_end(name)
                 return w
-        w = self._prepare(load_adapter(info.path, self.model_args, name, self.limits))
+        w = self._prepare(load_adapter(info.path, self.model_args, name, self._limits(info.confined)))
         with self._lock:
             self.disk_reads += 1
             if name in self._info:

@@ -88,7 +88,8 @@ class Engine:
                           self.dtype, self.model.layer_devices())
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype,
                                max_registered=cfg.adapters.max_registered, max_file_bytes=cfg.adapters.max_file_bytes,
-                               roots=cfg.adapters.allowed_roots or ((adapter_dir,) if adapter_dir else None))
+                               roots=cfg.adapters.allowed_roots or ((adapter_dir,) if adapter_dir else None),
+                               max_rank=cfg.adapters.max_rank)
         self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
                                self.model.layer_devices(), cfg.adapters.target_modules,
                                cfg.cpu_assist.emulate_copy_gbps, cfg.cpu_assist.pipeline_layers)

@@ -294,3 +294,17 @@ def test_default_budget_is_a_quarter_of_the_memory_the_process_may_use(env, tmp_
 
     store = HostStore(args, budget_bytes=-1)
     assert 0 < store.budget_bytes == default_budget_bytes() <= phys // 4
+
+
+def test_rank_past_the_largest_bucket_refused_before_stacking(env, tmp_path, monkeypatch):
+    """Stacking allocates layers x in x rank: a huge declared rank must be refused before it."""
+    root, args = env
+    big = tmp_path / "big"
+    write_random_adapter(big, 32, 16, QV, seed=2, shape=SHAPE)
+    stacked = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: stacked.append(a) or real_zeros(*a, **k))
+    with pytest.raises(AdapterError, match=r"rank 32 is larger than the largest rank bucket 16"):
+        HostStore(args, max_rank=16).register("big", big)
+    assert not stacked
+    assert HostStore(args, max_rank=32).register("big", big).rank == 32

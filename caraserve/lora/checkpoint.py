@@ -79,6 +79,7 @@ class ReadLimits:
 
     max_file_bytes: int | None = None  # any adapter file larger than this is refused; None: no cap
     roots: tuple[Path, ...] | None = None  # resolved folders every read file must lie in; None: anywhere
+    max_rank: int | None = None  # larger ranks are refused before any weights are stacked; None: no cap
 
     def check_inside(self, name: str, path: Path, real: Path) -> None:
         if self.roots is not None and not any(real == r or real.is_relative_to(r) for r in self.roots):
@@ -254,9 +255,13 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
         rules = module_rules(cfg, module_names(model_args.num_layers))
     except PatternError as e:
         raise AdapterError(f"adapter {name!r}: {e}") from e
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    top = max([r, *rules.rank.values()])
+    if limits.max_rank is not None and top > limits.max_rank:  # stacking allocates layers x rank
+        raise AdapterError(f"adapter {name!r}: rank {top} is larger than the largest rank bucket "
+                           f"{limits.max_rank} (adapters.rank_buckets)")
     pairs = _collect_pairs(name, cfg, rules, _read_tensors(name, folder, limits), model_args)
     use_rslora = bool(cfg.get("use_rslora", False))
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
 
     def scaling(rank, alph):
         return alph / math.sqrt(rank) if use_rslora else alph / rank

@@ -91,12 +91,13 @@ def _cgroup_limit_bytes(proc_cgroup: Path, cgroup_root: Path) -> int | None:
 
 class HostStore:
     """Every registered adapter. budget_bytes: -1 = default_budget_bytes(), 0 = unbounded.
-    roots: folders adapter files may resolve into (None: anywhere, for plain-Python use)."""
+    roots: folders adapter files may resolve into (None: anywhere, for plain-Python use).
+    max_rank: adapters of a larger rank are refused before their weights are stacked."""
 
     def __init__(
         self, model_args, budget_bytes: int = 0, dtype: torch.dtype = torch.float32, pin: bool | None = None, *,
         max_registered: int = AdapterConfig.max_registered, max_file_bytes: int | None = AdapterConfig.max_file_bytes,
-        roots: Iterable[str | Path] | None = None,
+        roots: Iterable[str | Path] | None = None, max_rank: int | None = None,
     ):
         self.model_args = model_args
         self.dtype = dtype
@@ -104,7 +105,7 @@ class HostStore:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.max_registered = max_registered
         resolved = None if roots is None else tuple(Path(r).expanduser().resolve() for r in roots)
-        self.limits = ReadLimits(max_file_bytes, resolved)
+        self.limits = ReadLimits(max_file_bytes, resolved, max_rank)
         self._info: dict[str, AdapterInfo] = {}
         self._weights: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU order, oldest first
         self._pinned: dict[str, LoraWeights] = {}  # added from memory: never dropped

@@ -1,5 +1,5 @@
-"""C kernels for the CPU decode step: the LoRA delta (`csrc/lora_cpu.c`) and decode attention
-(`csrc/attention_cpu.c`, decode rows and prompt tokens alike).
+"""Wrappers of the C kernels for the CPU decode step: the LoRA delta (`csrc/lora_cpu.c`) and
+decode attention (`csrc/attention_cpu.c`, decode rows and prompt tokens alike).
 
 A decode step on CPU adds, for every adapted module, one small matmul pair per adapter in the
 batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
@@ -9,249 +9,25 @@ them with a stride, and a step finds them in L3 or memory, not in cache). Decode
 through torch's SDPA takes a mask over the longest context and ~0.4 ms a layer for a 32-row
 batch of the embedded model; the attention kernel reads each row's own positions only.
 
-They are built once per machine with the system C compiler (`$CC`, else `cc`) into
-`$CARASERVE_CACHE/kernels` (default `~/.cache/caraserve/kernels`), keyed by the sources, the
-compiler and the CPU's flags, and loaded with ctypes. Without a compiler, or with
-`CARASERVE_CPU_KERNELS=0`, torch runs those parts instead (same results to float rounding).
-
-Whoever can write into that folder chooses code this process runs, so: the folder is made
-0700 and refused (torch then) unless it is this user's and nobody else may write into it; a
-build records the library's SHA-256 next to it, and a library is loaded only after its bytes
-match (else it is built again, and if that fails too, torch); a library that lacks a function
-is not used. The wrappers check every tensor the kernels will read or write through a pointer
-before handing it over, and the kernels check the same again.
+The library itself (built, cached, checked and loaded once per machine) is
+`caraserve.kernel_library`; where it is unavailable these wrappers answer None (or `fits` is
+False) and torch runs those parts instead (same results to float rounding). The wrappers check
+every tensor the kernels will read or write through a pointer before handing it over, and the
+kernels check the same again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
-import hashlib
-import hmac
-import logging
 import operator
-import os
-import shutil
-import stat
-import subprocess
-import tempfile
-import threading
 import weakref
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-SOURCES = (Path(__file__).parent / "csrc" / "lora_cpu.c", Path(__file__).parent / "csrc" / "attention_cpu.c")
+from caraserve import kernel_library
+from caraserve.kernel_library import LoraRun
+
 MAX_RANK = 1024  # the kernel's block buffer (csrc/lora_cpu.c)
 MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, which win there
-
-
-class LoraRun(ctypes.Structure):
-    """csrc/lora_cpu.c's lora_run, field for field (the library's lora_run_bytes() must agree)."""
-    _fields_ = [("start", ctypes.c_int64), ("end", ctypes.c_int64), ("a", ctypes.c_void_p),
-                ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("a_in", ctypes.c_int64),
-                ("b_out", ctypes.c_int64), ("a_len", ctypes.c_int64), ("b_len", ctypes.c_int64),
-                ("packed", ctypes.c_int64), ("scale", ctypes.c_float)]
-
-
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# Every function the wrappers call, as (restype, argtypes): a library that lacks one is not used.
-SYMBOLS = {
-    "lora_run_bytes": (_I64, []),
-    # y, ldy, x, ldx, rows, in, out, runs, nruns
-    "lora_runs": (ctypes.c_int, [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.POINTER(LoraRun), _I64]),
-    # out, q, k_cache, v_cache, slots, lens, rows, heads, kv_heads, head_dim, num_slots, max_len, window, scale
-    "slot_attention": (ctypes.c_int, [_PTR] * 6 + [_I64] * 7 + [ctypes.c_float]),
-}
-
-# The process's one loaded library (dlopen'ed code cannot be unloaded); `reset()` forgets it.
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
-
-
-class _Refused(RuntimeError):
-    """A cache folder or file that this process will not load code from."""
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def cache_dir() -> Path:
-    """Where the built kernels live: `$CARASERVE_CACHE/kernels` (default ~/.cache/caraserve/kernels)."""
-    return Path(os.environ.get("CARASERVE_CACHE", Path.home() / ".cache" / "caraserve")) / "kernels"
-
-
-def artifact(cc: str) -> Path:
-    """The library built by compiler `cc` on this machine, keyed by the sources, the compiler's
-    version and the CPU's flags (another CPU or compiler builds its own)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + _cpu_flags().encode()
-    return cache_dir() / f"cpu-{hashlib.sha256(text).hexdigest()[:16]}.so"
-
-
-def digest_path(lib: Path) -> Path:
-    """The SHA-256 of `lib` recorded when it was built (hex, one line)."""
-    return lib.with_name(lib.name + ".sha256")
-
-
-def _private_dir(path: Path) -> None:
-    """Makes `path` with mode 0700 unless it exists; refuses it unless it is a folder of this user
-    that nobody else may write into (anyone who can would choose the code this process runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=0o700)
-        os.chmod(path, 0o700)  # mkdir's mode goes through the umask
-    except FileExistsError:
-        pass
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise _Refused(f"{path} is not a folder")
-    if st.st_uid != os.getuid():
-        raise _Refused(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})")
-    if st.st_mode & 0o022:
-        raise _Refused(f"{path} is writable by its group or by others (mode {st.st_mode & 0o777:o}; "
-                       f"`chmod 700 {path}` if it is yours and nobody else wrote into it)")
-
-
-def _read_own(path: Path) -> bytes:
-    """The bytes of `path`: a regular file (not a link) of this user that nobody else may write."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise _Refused(f"{path} is not a file of this user that only it may write")
-        return f.read()
-
-
-def _unverified(lib: Path) -> str | None:
-    """Why `lib` may not be loaded, or None: it is the very bytes whose SHA-256 `_build` recorded."""
-    try:
-        data = _read_own(lib)
-        recorded = _read_own(digest_path(lib)).decode("ascii", "replace").strip()
-    except FileNotFoundError as e:
-        return f"{e.filename} is missing"
-    except (OSError, _Refused) as e:
-        return str(e)
-    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), recorded):
-        return f"{lib} is not the file that was built (its SHA-256 differs from the recorded one)"
-    return None
-
-
-def _build(cc: str, out: Path) -> None:
-    """Compiles the sources into `out`, then records its SHA-256 next to it, each by a rename, so
-    no reader sees half a file. Both are read-only: a loaded library is mapped from its file, so
-    a new build replaces the file rather than writing into it."""
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent, prefix=".build-")
-    os.close(fd)
-    try:
-        base = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", *map(str, SOURCES), "-o", tmp]
-        # OpenMP shares a call's work over the caller's team (torch's: the same libgomp once torch
-        # has loaded it); a compiler without it builds the single-threaded form
-        for cmd in (base + ["-fopenmp", "-lm"], base + ["-lm"]):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if proc.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.chmod(tmp, 0o500)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, out)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".digest-")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{digest}\n")
-        os.chmod(tmp, 0o400)
-        os.replace(tmp, digest_path(out))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path):
-    """One process at a time checks and builds (a second waits, then finds the first's build)."""
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("CARASERVE_CPU_KERNELS", "1") == "0":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.info("no C compiler: the CPU LoRA delta and decode attention run through torch")
-        return None
-    try:
-        path = artifact(cc)
-        _private_dir(path.parent)
-        with _build_lock(path.parent):
-            why = _unverified(path)
-            if why is not None:
-                if os.path.lexists(path):
-                    log.warning("CPU kernels: %s; building them again", why)
-                _build(cc, path)
-                why = _unverified(path)
-                if why is not None:
-                    raise _Refused(f"built again, but {why}")
-            lib = ctypes.PyDLL(str(path))  # keeps the GIL: a call lasts microseconds
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernels unavailable (%s); the LoRA delta and decode attention run through torch", e)
-        return None
-    return _bind(lib, path)
-
-
-def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:
-    """`lib` with the signatures of SYMBOLS set, or None when it lacks one or its lora_run differs."""
-    for name, (restype, argtypes) in SYMBOLS.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            log.warning("CPU kernels unavailable (%s has no function %s: built from other sources); the "
-                        "LoRA delta and decode attention run through torch", path, name)
-            return None
-        fn.restype, fn.argtypes = restype, argtypes
-    if lib.lora_run_bytes() != ctypes.sizeof(LoraRun):
-        log.warning("CPU kernels unavailable (%s: a lora_run of %d bytes, this wrapper's has %d); torch runs "
-                    "those parts", path, lib.lora_run_bytes(), ctypes.sizeof(LoraRun))
-        return None
-    return lib
-
-
-def _library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (built on first use; thread-safe)."""
-    global _lib
-    if _lib is False:
-        with _lock:
-            if _lib is False:
-                _lib = _load()
-    return _lib
-
-
-def reset() -> None:
-    """Forgets the loaded library (or its absence): the next use checks, and if need be builds,
-    it again under the environment of then (tests that point `CARASERVE_CACHE` elsewhere). A
-    library once loaded stays mapped: the old one keeps serving calls already made."""
-    global _lib
-    with _lock:
-        _lib = False
-
-
-def kernel():
-    """The LoRA kernel function, or None when the kernels are unavailable."""
-    lib = _library()
-    return lib.lora_runs if lib is not None else None
 
 
 def _checked_run(i: int, run) -> tuple[int, int, torch.Tensor, torch.Tensor, float]:
@@ -378,7 +154,7 @@ def packed(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def usable(y: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the kernel can take these activations (then `kernel()` decides if it exists)."""
+    """Whether the kernel can take these activations (then `kernel_library.kernel()` decides if it exists)."""
     return (y.dtype == torch.float32 and x.dtype == torch.float32 and y.device.type == "cpu"
             and x.device.type == "cpu" and y.dim() == 2 and x.dim() == 2
             and y.stride(1) == 1 and x.stride(1) == 1)
@@ -400,7 +176,7 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                              f"got {shape}")
     if window is not None and window < 0:
         raise ValueError(f"slot_attention: window must be None or >= 0, got {window}")
-    lib = _library()
+    lib = kernel_library.library()
     if lib is None or not attention_usable(q, k_cache, v_cache):
         return None
     if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in (slots, lens)):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caraserve import cpu_kernels
+from caraserve import cpu_kernels, kernel_library
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs
 from caraserve.model.layers import apply_rotary
@@ -131,7 +131,7 @@ class DecodeGraphs:
         self.triton_lora = self.device.type == "cuda"
         # CPU float32: attention through the C kernel (each row over its own slot), else slot space
         self.cpu_attention = (self.host_runs and model.model.embed_tokens.weight.dtype == torch.float32
-                              and cpu_kernels.kernel() is not None)
+                              and kernel_library.library() is not None)
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly

@@ -1,6 +1,6 @@
-"""The C kernels of the CPU path (caraserve/cpu_kernels.py) against float64 references, and what
-the module refuses: unsafe cache folders, libraries that are not what was built, calls whose
-runs or tensors fall outside their buffers."""
+"""The C kernels of the CPU path (caraserve/cpu_kernels.py, built by caraserve/kernel_library.py)
+against float64 references, and what the modules refuse: unsafe cache folders, libraries that
+are not what was built, calls whose runs or tensors fall outside their buffers."""
 
 import ctypes
 import hashlib
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from caraserve import cpu_kernels
+from caraserve import cpu_kernels, kernel_library
 from caraserve.lora.ops import add_lora_runs
 
 
 @pytest.fixture(scope="module")
 def fn():
-    f = cpu_kernels.kernel()
+    f = kernel_library.kernel()
     if f is None:
         pytest.fail("the CPU LoRA kernel did not build (is a C compiler installed?)")
     return f
@@ -128,8 +128,8 @@ def test_add_lora_runs_both_paths_agree(rows_per_run):
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("CARASERVE_CPU_KERNELS", "0")
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
-    assert cpu_kernels.kernel() is None
+    monkeypatch.setattr(kernel_library, "_lib", False)
+    assert kernel_library.kernel() is None
     g = torch.Generator().manual_seed(5)
     runs, rows = make_runs([3, 5], 16, 24, (8,), g)
     x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
@@ -220,14 +220,14 @@ def fresh_cache(tmp_path, monkeypatch):
     """This test's own cache folder (its kernels folder returned), the library not loaded yet."""
     monkeypatch.setenv("CARASERVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CARASERVE_CPU_KERNELS", raising=False)
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    monkeypatch.setattr(kernel_library, "_lib", False)
     return tmp_path / "cache" / "kernels"
 
 
 def reload(monkeypatch):
     """The LoRA kernel as a process starting now finds it."""
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
-    return cpu_kernels.kernel()
+    monkeypatch.setattr(kernel_library, "_lib", False)
+    return kernel_library.kernel()
 
 
 def compiler():
@@ -265,7 +265,7 @@ def check_kernel_works(fn):
 
 
 def test_cache_folder_is_private_and_the_library_hashed(fresh_cache, monkeypatch):
-    fn = cpu_kernels.kernel()
+    fn = kernel_library.kernel()
     assert fn is not None
     assert stat.S_IMODE(fresh_cache.stat().st_mode) == 0o700
     lib = the_library(fresh_cache)
@@ -285,7 +285,7 @@ def stub_library(path: Path, source: str) -> None:
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "replaced"])
 def test_tampered_library_is_rebuilt_not_loaded(fresh_cache, monkeypatch, caplog, how):
-    assert cpu_kernels.kernel() is not None
+    assert kernel_library.kernel() is not None
     lib = the_library(fresh_cache)
     good = lib.read_bytes()
     if how == "flipped":
@@ -300,7 +300,7 @@ def test_tampered_library_is_rebuilt_not_loaded(fresh_cache, monkeypatch, caplog
     opened = []  # the SHA-256 of each file handed to dlopen, as it was at that moment
     real = ctypes.PyDLL
     monkeypatch.setattr(ctypes, "PyDLL", lambda name, *a, **k: opened.append(sha256(Path(name))) or real(name, *a, **k))
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         fn = reload(monkeypatch)
     assert "SHA-256" in caplog.text and str(lib) in caplog.text
     assert opened and sha256_of(bad) not in opened
@@ -311,13 +311,13 @@ def test_tampered_library_is_rebuilt_not_loaded(fresh_cache, monkeypatch, caplog
 
 
 def test_tampered_library_that_cannot_be_rebuilt_falls_back_to_torch(fresh_cache, monkeypatch, caplog):
-    assert cpu_kernels.kernel() is not None
+    assert kernel_library.kernel() is not None
     lib = the_library(fresh_cache)
     good = lib.read_bytes()
     replace_file(lib, good[:1] + bytes([good[1] ^ 0xFF]) + good[2:])
     builds = []
-    monkeypatch.setattr(cpu_kernels, "_build", lambda cc, out: builds.append(out))  # a build that changes nothing
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    monkeypatch.setattr(kernel_library, "_build", lambda cc, out: builds.append(out))  # a build that changes nothing
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         assert reload(monkeypatch) is None
     assert builds == [lib]
     assert "unavailable" in caplog.text and "SHA-256" in caplog.text
@@ -342,8 +342,8 @@ def test_unsafe_cache_folder_is_refused(session_kernels, fresh_cache, monkeypatc
         uid = os.getuid()
         monkeypatch.setattr(os, "getuid", lambda: uid + 1)
     before = sorted(p.name for p in fresh_cache.iterdir())
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
-        assert cpu_kernels.kernel() is None
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
+        assert kernel_library.kernel() is None
     assert "unavailable" in caplog.text and str(fresh_cache) in caplog.text
     assert sorted(p.name for p in fresh_cache.iterdir()) == before  # nothing built there either
     q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
@@ -384,13 +384,13 @@ def test_unsafe_cache_folder_still_computes_the_same_tokens(session_kernels, fre
 def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeypatch, caplog, source):
     """A library whose hash checks out but that lacks a function (or disagrees on lora_run):
     torch runs those parts, with a warning; no AttributeError."""
-    lib = cpu_kernels.artifact(compiler())
+    lib = kernel_library.artifact(compiler())
     fresh_cache.mkdir(parents=True, mode=0o700)
     os.chmod(fresh_cache, 0o700)
     stub_library(lib, source)
     lib.with_name(lib.name + ".sha256").write_text(sha256(lib) + "\n")
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
-        assert cpu_kernels.kernel() is None
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
+        assert kernel_library.kernel() is None
     assert "unavailable" in caplog.text and str(lib) in caplog.text
     g = torch.Generator().manual_seed(5)
     runs, rows = make_runs([3, 5], 16, 24, (8,), g)
@@ -402,11 +402,11 @@ def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeyp
 
 def test_reset_forgets_the_library(fresh_cache, monkeypatch):
     monkeypatch.setenv("CARASERVE_CPU_KERNELS", "0")
-    assert cpu_kernels.kernel() is None
+    assert kernel_library.kernel() is None
     monkeypatch.delenv("CARASERVE_CPU_KERNELS")
-    assert cpu_kernels.kernel() is None  # remembered
-    cpu_kernels.reset()
-    assert cpu_kernels.kernel() is not None
+    assert kernel_library.kernel() is None  # remembered
+    kernel_library.reset()
+    assert kernel_library.kernel() is not None
 
 
 # --- what the LoRA wrapper and kernel refuse ------------------------------------------------------
@@ -474,7 +474,7 @@ def test_apply_refuses_what_falls_outside_the_buffers(fn, case):
 
 
 def direct_call(fn, y, x, runs, rows=None, ldx=None, ldy=None):
-    array = (cpu_kernels.LoraRun * max(1, len(runs)))(*runs)
+    array = (kernel_library.LoraRun * max(1, len(runs)))(*runs)
     return fn(y.data_ptr(), y.stride(0) if ldy is None else ldy, x.data_ptr(), x.stride(0) if ldx is None else ldx,
               y.shape[0] if rows is None else rows, x.shape[1], y.shape[1], array, len(runs))
 
@@ -490,10 +490,10 @@ def test_kernel_refuses_inconsistent_calls(fn, case):
     x, y = big_x[:4], big_y[:4]
 
     def run(start=0, end=2, a_=a, b_=b, rank=8, a_in=16, b_out=24, a_len=None, b_len=None, packed=0):
-        return cpu_kernels.LoraRun(start, end, a_.data_ptr() if a_ is not None else None,
-                                   b_.data_ptr() if b_ is not None else None, rank, a_in, b_out,
-                                   a.numel() if a_len is None else a_len, b.numel() if b_len is None else b_len,
-                                   packed, 1.0)
+        return kernel_library.LoraRun(start, end, a_.data_ptr() if a_ is not None else None,
+                                      b_.data_ptr() if b_ is not None else None, rank, a_in, b_out,
+                                      a.numel() if a_len is None else a_len, b.numel() if b_len is None else b_len,
+                                      packed, 1.0)
 
     assert direct_call(fn, y.clone(), x, [run(), run(2, 4)]) == 0  # the same call, consistent
     runs, kw = [run(), run(2, 4)], {}

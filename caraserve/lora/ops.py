@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from caraserve import cpu_kernels
+from caraserve import cpu_kernels, kernel_library
 from caraserve.lora.batch import LoraIndex
 
 
@@ -80,7 +80,7 @@ def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: st
     `groups` that targets module `name` (weight views prepared once per batch layout). Float32
     decode-sized runs go to the C kernel (`cpu_kernels`), all of a module's runs in one call;
     `tables` (a LoraBatch's `cpu_tables`) keeps their argument arrays across steps."""
-    fn = cpu_kernels.kernel() if cpu_kernels.usable(y, x) else None
+    fn = kernel_library.kernel() if cpu_kernels.usable(y, x) else None
     if fn is not None:
         table = tables.get((layer, name)) if tables is not None else None
         if table is None:

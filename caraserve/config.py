@@ -2,16 +2,26 @@
 
 Entry points compose YAML with Hydra and hand the plain dict to `*.from_dict`; library code only
 sees these frozen dataclasses, so `Engine(EngineConfig(...))` works from plain Python too.
+`from_dict` checks every value against its field's annotation (an int field takes an int or a
+whole float such as 8e9, never a bool or a string; a float field takes an int too; lists become
+tuples) and refuses unknown keys, naming the key as the command line spells it
+(`engine.max_batch_size`) and suggesting the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 class ConfigError(ValueError):
@@ -23,18 +33,133 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _from_dict(cls, data: dict[str, Any] | None, where: str):
-    data = dict(data or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    for name in names:
-        sub = _NESTED.get((cls.__name__, name))
-        if sub is not None and name in data and not isinstance(data[name], sub):
-            data[name] = sub.from_dict(data[name], f"{where}.{name}")
-        if name in data and isinstance(data[name], list):
-            data[name] = tuple(data[name])
-    return cls(**data)
+def show(value: Any) -> str:
+    """A value as it would be written in YAML or on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
+def _join(where: str, name: Any) -> str:
+    return f"{where}.{name}" if where else str(name)
+
+
+def unknown_key(key: str, known: Iterable[str], where: str = "") -> str:
+    """'unknown key engine.max_batchsize; did you mean engine.max_batch_size?'"""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {_join(where, key)}; did you mean {_join(where, close[0])}?"
+    return f"unknown key {_join(where, key)}" + (f" (known: {', '.join(known)})" if known else "")
+
+
+def check_keys(data: Mapping, known: Iterable[str], where: str = "") -> None:
+    """Refuses keys of `data` not in `known`, suggesting the closest known key."""
+    known = set(known)
+    _check(set(map(str, data)) <= known,
+           "; ".join(unknown_key(k, known, where) for k in sorted(set(map(str, data)) - known)))
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if tp is tuple or origin is tuple:
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if tp is dict or origin is dict:
+        return f"a mapping of {_plural(args[1])}" if args else "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _plural(tp: Any) -> str:
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(tp, _describe(tp))
+
+
+def check_type(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp`, as it is to be stored: a whole float as an
+    int (40e9 for an int of bytes), a list as a tuple, a nested mapping as its dataclass. Raises
+    ConfigError naming `key`, the value and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def refuse():
+        raise ConfigError(f"{key}={show(value)} must be {_describe(tp)}")
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return check_type(value, a, key)
+                except ConfigError:
+                    pass
+        refuse()
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            refuse()
+        return dataclass_from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            refuse()
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            refuse()
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            refuse()
+        return float(value)
+    if tp is str:
+        # An int is taken as its digits (an API key or a name may be all digits, and Hydra reads
+        # a bare 12345 as an int); a float or a bool would not round-trip, so it is refused.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            refuse()
+        return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            refuse()
+        elem = args[0] if args else Any
+        return tuple(check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if value is None:  # YAML null: conf/model/tiny.yaml writes an empty budget so, as Hydra
+            # cannot override an empty mapping in place
+            return {}
+        if not isinstance(value, Mapping):
+            refuse()
+        kt, vt = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            try:
+                k = check_type(k, kt, "")
+            except ConfigError:
+                raise ConfigError(f"{key}: the key {show(k)} must be {_describe(kt)}") from None
+            out[k] = check_type(v, vt, _join(key, k))
+        return out
+    return value
+
+
+def dataclass_from_dict(cls, data: Mapping[str, Any] | None, where: str):
+    """cls(**data) with every value checked against its field's annotation (see check_type)."""
+    if data is None:
+        data = {}
+    _check(isinstance(data, Mapping), f"{where}={show(data)} must be a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    check_keys(data, names, where)
+    return cls(**{name: check_type(value, hints[name], _join(where, name)) for name, value in data.items()})
 
 
 @dataclass(frozen=True)
@@ -42,22 +167,27 @@ class ModelConfig:
     """Where the base model comes from and how it is placed.
 
     path: a Hugging Face folder, or "tiny" for the embedded default (made locally, cached).
-    max_memory_bytes: per-device budget for accelerate's placement, e.g. {"0": 20e9, "1": 20e9};
-    empty means "everything on engine.device".
+    max_memory_bytes: per-device budget for accelerate's placement, keyed by CUDA device index or
+    "cpu", e.g. {"0": 20_000_000_000, "1": 20_000_000_000} (on the command line
+    'model.max_memory_bytes={0: 20e9, 1: 20e9}'); empty means "everything on engine.device".
     """
 
     path: str = "tiny"
     dtype: str = "auto"
     served_name: str = ""
-    max_memory_bytes: dict = field(default_factory=dict)
+    max_memory_bytes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(bool(self.path), "model.path must not be empty")
         _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        for dev, budget in self.max_memory_bytes.items():
+            _check(str(dev).isdigit() or dev == "cpu",
+                   f"model.max_memory_bytes: the key {dev!r} must be a CUDA device index (0, 1, ...) or cpu")
+            _check(budget > 0, f"model.max_memory_bytes.{dev}={budget} must be > 0")
 
     @classmethod
     def from_dict(cls, data, where="model"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -102,7 +232,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data, where="adapters"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -120,7 +250,7 @@ class CpuAssistConfig:
     8 groups per adapter).
     """
 
-    mode: str = "off"
+    mode: str | bool = "off"  # YAML 1.1 and Hydra may hand over a bare on/off/true/false as a bool
     threads: int = 0
     plan_file: str = ""
     emulate_copy_gbps: float = 0.0
@@ -136,7 +266,7 @@ class CpuAssistConfig:
 
     @classmethod
     def from_dict(cls, data, where="cpu_assist"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -164,7 +294,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, data, where="scheduler"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -193,7 +323,7 @@ class LimitsConfig:
 
     @classmethod
     def from_dict(cls, data, where="limits"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -210,7 +340,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     max_tokens_per_step: int = 4096
-    compile: str = "auto"
+    compile: str | bool = "auto"  # engine.compile=true arrives as a bool; kept as "true"
     compile_cache_dir: str = "compiled/cache"
     seed: int = 0
 
@@ -225,7 +355,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, data, where="engine"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -260,19 +390,12 @@ class ServerConfig:
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
         _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
         _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
+        _check(self.log_level in LOG_LEVELS,
+               f"server.log_level={self.log_level!r} must be one of {'|'.join(LOG_LEVELS)}")
 
     @classmethod
     def from_dict(cls, data, where="server"):
-        return _from_dict(cls, data, where)
-
-
-_NESTED = {
-    ("EngineConfig", "model"): ModelConfig,
-    ("EngineConfig", "adapters"): AdapterConfig,
-    ("EngineConfig", "cpu_assist"): CpuAssistConfig,
-    ("EngineConfig", "scheduler"): SchedulerConfig,
-    ("EngineConfig", "limits"): LimitsConfig,
-}
+        return dataclass_from_dict(cls, data, where)
 
 
 def resolve_device(device: str) -> str:
@@ -286,9 +409,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+ENGINE_SECTIONS = ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits")
+
+
 def engine_config(composed: dict[str, Any]) -> EngineConfig:
-    """EngineConfig from a composed entry-point config with `model`, `adapters`, `engine` keys."""
-    engine = dict(composed.get("engine") or {})
+    """EngineConfig from a composed entry-point config with the ENGINE_SECTIONS keys (each one
+    checked under its own name, as the command line spells it: `model.path`, `engine.seed`)."""
+    engine = composed.get("engine") or {}
+    _check(isinstance(engine, Mapping), f"engine={show(engine)} must be a mapping of keys")
+    engine = dict(engine)
+    nested = [f"engine.{name}" for name in ENGINE_SECTIONS if name in engine]
+    _check(not nested, f"unknown key {', '.join(nested)}; those are sections of their own (model.*, adapters.*, ...)")
     engine["model"] = ModelConfig.from_dict(composed.get("model"))
     engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
     engine["cpu_assist"] = CpuAssistConfig.from_dict(composed.get("cpu_assist"))

@@ -146,7 +146,8 @@ class DecodeGraphs:
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
         if background:
-            threading.Thread(target=self._compile_worker, name="caraserve-compile", daemon=True).start()
+            # Not a daemon thread: see _compile_worker
+            threading.Thread(target=self._compile_worker, name="caraserve-compile").start()
         if cache_file is not None:
             # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
             # portable artifacts below do not: keeping it beside them makes a restart cheap.
@@ -222,8 +223,23 @@ class DecodeGraphs:
         return meta.to(self.device), row_scale.to(self.device)
 
     def _compile_worker(self) -> None:
+        """Compiles queued variants until the main thread has finished. At interpreter exit the
+        interpreter then waits for the compile in progress (whose artifacts are saved) instead of
+        ending the thread where it stands: a daemon thread inside torch is ended by pthread_exit
+        when it next takes the GIL, and that unwind through torch's C++ frames aborts the process
+        ("terminate called without an active exception", status 134). A server that must not
+        wait ends its process with os._exit once drained (caraserve.serve)."""
+        main = threading.main_thread()
         while True:
-            bsz, nb = self._jobs.get()
+            try:
+                bsz, nb = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                if not main.is_alive():
+                    return
+                continue
+            if not main.is_alive():  # exiting: no new compile
+                self._jobs.task_done()
+                continue
             dev = self.device
             ids = torch.zeros(bsz, dtype=torch.int64, device=dev)
             pos = torch.zeros(bsz, dtype=torch.int64, device=dev)  # distinct from ids: dynamo guards aliasing

@@ -17,7 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from caraserve.config import engine_config
+from caraserve.cli import config_task, run
+from caraserve.config import ENGINE_SECTIONS, check_keys, engine_config
 from caraserve.engine import Engine
 from caraserve.offline import run_offline
 
@@ -34,8 +35,10 @@ def _demo_lines(engine: Engine) -> list[str]:
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@config_task
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
+    check_keys(composed, (*ENGINE_SECTIONS, "input", "output", "progress"))
     engine = Engine(engine_config(composed))
     if cfg.input is None:
         lines = _demo_lines(engine)
@@ -64,4 +67,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -1,16 +1,14 @@
 """Typed, validated configuration of cluster simulations: the cluster, the workload, the router.
 
-scripts/simulate.py composes YAML with Hydra and hands plain dicts to `*.from_dict`; from Python,
-build the dataclasses directly.
+scripts/simulate.py composes YAML with Hydra and hands plain dicts to `*.from_dict`, which checks
+each value's type as caraserve.config does; from Python, build the dataclasses directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-from caraserve.config import ConfigError
+from caraserve.config import ConfigError, dataclass_from_dict
 
 LENGTH_DISTS = ("lognormal", "uniform", "fixed")
 ARRIVALS = ("poisson", "gamma")
@@ -20,20 +18,6 @@ POPULARITIES = ("uniform", "zipf")
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-def _from_dict(cls, data: dict[str, Any] | None, where: str, nested: dict[str, type] | None = None):
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    for name, sub in (nested or {}).items():
-        if name in data and not isinstance(data[name], sub):
-            data[name] = sub.from_dict(data[name], f"{where}.{name}")
-    for name, value in data.items():
-        if isinstance(value, list):
-            data[name] = tuple(value)
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -59,7 +43,7 @@ class LengthDist:
 
     @classmethod
     def from_dict(cls, data, where="length"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -101,7 +85,7 @@ class WorkloadConfig:
 
     @classmethod
     def from_dict(cls, data, where="workload"):
-        return _from_dict(cls, data, where, {"prompt_tokens": LengthDist, "output_tokens": LengthDist})
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -126,7 +110,7 @@ class ClusterConfig:
 
     @classmethod
     def from_dict(cls, data, where="cluster"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -146,7 +130,7 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, data, where="scheduler"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -198,4 +182,4 @@ class RouterServiceConfig:
 
     @classmethod
     def from_dict(cls, data, where="router"):
-        return _from_dict(cls, data, where)
+        return dataclass_from_dict(cls, data, where)

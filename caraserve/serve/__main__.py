@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import hydra
-import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
-from caraserve.config import ServerConfig, engine_config
+from caraserve.cli import config_task, run, serve_http
+from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_keys, engine_config
 from caraserve.engine import Engine, resolve_paths
 from caraserve.serve.api import build_app
 from caraserve.serve.async_engine import AsyncEngine
@@ -34,13 +34,20 @@ def adapter_roots(engine: Engine) -> list[Path]:
     return [Path(r).expanduser().resolve() for r in roots]
 
 
-@hydra.main(config_path="../../conf", config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> int:
-    composed = OmegaConf.to_container(cfg, resolve=True)
+def configs(composed: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
+    """The engine's and the HTTP server's typed configs from the composed conf/serve.yaml."""
+    check_keys(composed, (*ENGINE_SECTIONS, "server"))
     server = ServerConfig.from_dict(composed.get("server"))
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = replace(server, api_key=os.environ["CARASERVE_API_KEY"])
-    engine = Engine(engine_config(composed))
+    return engine_config(composed), server
+
+
+@hydra.main(config_path="../../conf", config_name="serve", version_base="1.3")
+@config_task
+def main(cfg: DictConfig) -> None:
+    engine_cfg, server = configs(OmegaConf.to_container(cfg, resolve=True))  # before the model loads
+    engine = Engine(engine_cfg)
     model_cfg = engine.config.model
     served_name = (server.served_model_name or model_cfg.served_name
                    or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
@@ -49,17 +56,22 @@ def main(cfg: DictConfig) -> int:
     service.start()
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
              server.host, server.port)
-    # SIGTERM/SIGINT: uvicorn stops accepting and lets running requests finish (bounded); it then
-    # re-raises the signal to the handler it found, which here ends the process normally (exit 0).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: log.info("drained; exiting"))
     try:
-        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
-                    timeout_graceful_shutdown=server.drain_timeout_s)
+        serve_http(app, server, log)  # until SIGTERM/SIGINT, then drains the running requests
     finally:
         service.stop()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = run(main)
+    # Drained, and the engine thread has stopped: end here, without the interpreter's
+    # finalization. A daemon thread may still be inside torch: the background compile of a
+    # decode variant (engine.compile=auto) takes tens of seconds and cannot be interrupted.
+    # Finalization ends such a thread with pthread_exit when it next takes the GIL, and the
+    # unwind through torch's C++ frames (a pybind11 destructor that takes the GIL again) calls
+    # std::terminate: "terminate called without an active exception", SIGABRT, status 134.
+    # Waiting for the compile instead would hold a stopping server for up to a compile's length.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,0 +1,299 @@
+"""Configuration: typed values, unknown keys, the README's overrides, and what the entry points
+print for a configuration mistake (one line, exit status 2); the router's clean SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from caraserve import config
+from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
+from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig, engine_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def refused(cls, data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        cls.from_dict(data)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("value, shown", [("abc", "'abc'"), (8.5, "8.5"), (True, "true"), (None, "null"),
+                                          ([8], "[8]")])
+def test_int_field_refuses_what_is_not_an_integer(value, shown):
+    assert refused(EngineConfig, {"max_batch_size": value}) == f"engine.max_batch_size={shown} must be an integer"
+
+
+def test_int_field_takes_a_whole_float_as_an_int():
+    cfg = AdapterConfig.from_dict({"host_mem_bytes": 8e9, "rank_buckets": [8, 16.0]})
+    assert cfg.host_mem_bytes == 8_000_000_000 and type(cfg.host_mem_bytes) is int
+    assert cfg.rank_buckets == (8, 16) and all(type(r) is int for r in cfg.rank_buckets)
+
+
+def test_float_bool_str_and_list_fields_are_checked():
+    cfg = ServerConfig.from_dict({"timeout_keep_alive_s": 3, "api_key": 12345})
+    assert cfg.timeout_keep_alive_s == 3.0 and type(cfg.timeout_keep_alive_s) is float
+    assert cfg.api_key == "12345"  # Hydra reads a bare 12345 as an int
+    assert refused(ServerConfig, {"timeout_keep_alive_s": "3"}) == "server.timeout_keep_alive_s='3' must be a number"
+    assert refused(ServerConfig, {"drain_timeout_s": True}) == "server.drain_timeout_s=true must be a number"
+    assert refused(ServerConfig, {"allow_runtime_lora": "yes"}) == \
+        "server.allow_runtime_lora='yes' must be a boolean (true/false)"
+    assert refused(ServerConfig, {"allow_runtime_lora": 1}) == \
+        "server.allow_runtime_lora=1 must be a boolean (true/false)"
+    assert refused(ServerConfig, {"host": 1.5}) == "server.host=1.5 must be a string"
+    assert refused(ServerConfig, {"log_level": True}) == "server.log_level=true must be a string"
+    assert refused(AdapterConfig, {"rank_buckets": [8, "x"]}) == "adapters.rank_buckets[1]='x' must be an integer"
+    assert refused(AdapterConfig, {"rank_buckets": 8}) == "adapters.rank_buckets=8 must be a list of integers"
+    assert refused(AdapterConfig, {"allowed_roots": "/a"}) == "adapters.allowed_roots='/a' must be a list of strings"
+    assert EngineConfig.from_dict({"compile": True}).compile == "true"  # engine.compile=true: a bool is taken
+
+
+def test_nested_sections_are_named_as_on_the_command_line():
+    with pytest.raises(ConfigError, match=r"^model\.path=5\.5 must be a string$"):
+        engine_config({"model": {"path": 5.5}})
+    with pytest.raises(ConfigError, match=r"^cpu_assist\.threads='two' must be an integer$"):
+        engine_config({"cpu_assist": {"threads": "two"}})
+    with pytest.raises(ConfigError, match=r"^server=5 must be a mapping of keys$"):
+        ServerConfig.from_dict(5)
+    with pytest.raises(ConfigError, match=r"^workload\.prompt_tokens\.min_tokens=2\.5 must be an integer$"):
+        WorkloadConfig.from_dict({"prompt_tokens": {"min_tokens": 2.5}})
+    with pytest.raises(ConfigError, match=r"^workload\.num_adapters='x' must be an integer$"):
+        WorkloadConfig.from_dict({"num_adapters": "x"})
+
+
+def test_unknown_key_suggests_the_closest_known_one():
+    assert refused(EngineConfig, {"max_batchsize": 3}) == \
+        "unknown key engine.max_batchsize; did you mean engine.max_batch_size?"
+    msg = refused(ServerConfig, {"zzz": 3})
+    assert msg.startswith("unknown key server.zzz (known: admin_api_key, allow_runtime_lora, ")
+    with pytest.raises(ConfigError, match=r"^unknown key srever; did you mean server\?$"):
+        config.check_keys({"srever": {}}, ("model", "server"))
+
+
+def test_max_memory_bytes_takes_device_indices_and_float_literals():
+    cfg = ModelConfig.from_dict({"max_memory_bytes": {0: 40e9, "1": 40e9, "cpu": 8_000_000_000}})
+    assert cfg.max_memory_bytes == {"0": 40_000_000_000, "1": 40_000_000_000, "cpu": 8_000_000_000}
+    assert all(type(v) is int for v in cfg.max_memory_bytes.values())
+    assert ModelConfig.from_dict({"max_memory_bytes": None}).max_memory_bytes == {}
+    assert refused(ModelConfig, {"max_memory_bytes": {0: 1.5}}) == "model.max_memory_bytes.0=1.5 must be an integer"
+    assert "the key 'disk' must be a CUDA device index" in refused(ModelConfig, {"max_memory_bytes": {"disk": 10}})
+
+
+# ---- Hydra: what a user types ----
+
+def composed(name: str, overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return OmegaConf.to_container(compose(name, overrides=overrides), resolve=True)
+
+
+def hydra_error(name: str, overrides: list[str]) -> str:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(Exception) as e:
+            compose(name, overrides=overrides)
+    from caraserve.cli import one_line
+
+    return one_line(e.value)
+
+
+def test_hydra_errors_read_as_one_line():
+    assert hydra_error("serve", ["engine.max_batchsize=3"]) == \
+        "unknown key engine.max_batchsize; did you mean engine.max_batch_size?"
+    msg = hydra_error("serve", ['model.max_memory_bytes={"0": 40e9}'])
+    assert msg.startswith("cannot parse 'model.max_memory_bytes={\"0\": 40e9}'") and "unquoted" in msg
+    assert hydra_error("serve", ["model=nope"]) == "In 'serve': Could not find 'model/nope'; available: tiny"
+    for msg in (hydra_error("serve", ["engine.max_batch_size=[1"]), hydra_error("serve", ["server.port=1,2"])):
+        assert "\n" not in msg
+
+
+def test_added_unknown_key_is_refused_like_an_overridden_one():
+    cfg = composed("serve", ["+engine.max_batchsize=3"])
+    with pytest.raises(ConfigError) as e:
+        engine_config(cfg)
+    assert str(e.value) == "unknown key engine.max_batchsize; did you mean engine.max_batch_size?"
+
+
+ENTRIES = {"caraserve.serve": "serve", "scripts/generate.py": "generate", "caraserve.router": "router",
+           "scripts/simulate.py": "simulate"}
+SERVE_SECTIONS = ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "server")
+
+
+def readme_overrides() -> list[tuple[str, list[str]]]:
+    """(config name, overrides) for every command in README.md's bash blocks and every inline
+    `section.key=value` span (those are the server's), split as a shell would."""
+    text = (ROOT / "README.md").read_text()
+    found = []
+
+    def commands(words: list[str], inline: bool = False) -> None:
+        for i, w in enumerate(words):
+            if w in ENTRIES:
+                rest = []
+                for x in words[i + 1:]:
+                    if x in ("&&", "&", "|", ";"):
+                        break
+                    rest.append(x)
+                overrides = [x for x in rest if "=" in x and not x.startswith("-")]
+                if overrides or not inline:  # an inline mention of an entry point is no command
+                    found.append((ENTRIES[w], overrides))
+
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            commands(shlex.split(line, comments=True))
+    for span in re.findall(r"`([^`\n]+)`", text):
+        try:
+            words = shlex.split(span)
+        except ValueError:
+            continue
+        if words and all(re.match(r"^[a-z_]+(\.[a-z_]+)+=", w) and w.split(".")[0] in SERVE_SECTIONS
+                         for w in words):
+            found.append(("serve", words))
+        else:
+            commands(words, inline=True)
+    return found
+
+
+def convert(name: str, cfg: dict) -> None:
+    """What the entry point does with the composed config before it starts anything."""
+    if name == "serve":
+        from caraserve.serve.__main__ import configs
+        configs(cfg)
+    elif name == "router":
+        from caraserve.router.__main__ import configs
+        configs(cfg)
+    elif name == "generate":
+        config.check_keys(cfg, ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output",
+                         "progress"))
+        engine_config(cfg)
+    else:  # as scripts/simulate.py
+        ClusterConfig.from_dict(cfg["cluster"])
+        WorkloadConfig.from_dict(cfg["workload"])
+        RouterConfig.from_dict(cfg["scheduler"])
+
+
+def test_every_readme_override_composes_and_converts():
+    found = readme_overrides()
+    assert len(found) >= 15 and {c for c, _ in found} == set(ENTRIES.values())
+    assert any("model.max_memory_bytes" in o for _, ovs in found for o in ovs)
+    for name, overrides in found:
+        convert(name, composed(name, overrides))
+
+
+def test_readme_max_memory_bytes_override_gives_int_bytes_per_device():
+    [overrides] = [ovs for _, ovs in readme_overrides() if any("max_memory_bytes" in o for o in ovs)]
+    cfg = engine_config(composed("serve", overrides))
+    assert cfg.model.max_memory_bytes == {"0": 40_000_000_000, "1": 40_000_000_000}
+
+
+# ---- the entry points ----
+
+def run_entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+# server.port=0: should a check ever let the value through, the server binds no fixed port
+@pytest.mark.parametrize("args, line", [
+    (("-m", "caraserve.serve", "server.port=0", "engine.max_batch_size=abc"),
+     "error: engine.max_batch_size='abc' must be an integer"),
+    (("-m", "caraserve.serve", "server.port=0", "engine.max_batchsize=3"),
+     "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
+    (("-m", "caraserve.router", "server.port=0", "replicas=[http://127.0.0.1:9]", "router.max_attempts=2.5"),
+     "error: router.max_attempts=2.5 must be an integer"),
+    ((str(ROOT / "scripts" / "generate.py"), "+engine.max_batchsize=3"),
+     "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
+])
+def test_entry_point_prints_one_line_and_exits_2(args, line, tmp_path):
+    p = run_entry(*args, cwd=ROOT if args[0] == "-m" else tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.splitlines() == [line] and p.stdout == ""
+
+
+def test_entry_point_parse_error_is_one_line(tmp_path):
+    p = run_entry("-m", "caraserve.serve", 'model.max_memory_bytes={"0": 40e9, "1": 40e9}', cwd=ROOT)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and p.stderr.startswith("error: cannot parse")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_router_exits_0_on_sigterm(tmp_path):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "router.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "caraserve.router", "replicas=[http://127.0.0.1:9]",
+                                 f"server.port={port}", "router.probe_interval_s=60"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "router.log").read_text()[-2000:]
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "router.log").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_server_exits_0_on_sigterm_during_a_background_compile(tmp_path):
+    """engine.compile=auto on CPU with one thread compiles decode variants on a background
+    thread; a SIGTERM while one compiles used to abort the process at exit (status 134) in about
+    a third to a half of the tries. Each try starts on an empty compile cache and is stopped at
+    another point of the compile."""
+    from caraserve.model.tiny import tiny_paths
+
+    tiny_paths()  # built here once, not inside the first server's start
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for attempt, delay in enumerate((0.5, 1.5, 3.0, 4.5)):
+        port, cache, log_file = free_port(), tmp_path / f"cache{attempt}", tmp_path / f"serve{attempt}.log"
+        with open(log_file, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "caraserve.serve", f"server.port={port}",
+                                     "engine.compile=auto", f"engine.compile_cache_dir={cache}"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log_file.read_text()[-2000:]
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            for model in ("tiny", "demo-r8"):  # decode steps queue the variants' compiles
+                r = httpx.post(base + "/v1/completions", timeout=60,
+                               json={"model": model, "prompt": "x", "max_tokens": 4})
+                assert r.status_code == 200, r.text
+            while "compiling the decode step" not in log_file.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=60)
+            text = log_file.read_text()
+            assert status == 0, text[-2000:]
+            assert "terminate called" not in text
+        finally:
+            if proc.poll() is None:
+                proc.kill()

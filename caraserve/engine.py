@@ -116,7 +116,7 @@ class Engine:
         path = self.config.scheduler.perf_model
         if not path:
             return None
-        from caraserve.cluster.perf_model import PerfModel
+        from caraserve.perf.model import PerfModel
 
         data = json.loads(Path(path).read_text())
         return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
@@ -460,7 +460,7 @@ class Engine:
 
     def _observe_step(self, batch, seconds: float) -> None:
         """Online refit of the latency model from this machine's own decode steps."""
-        from caraserve.cluster.perf_model import DecodeFeatures
+        from caraserve.perf.model import DecodeFeatures
 
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         self.perf_model.observe(DecodeFeatures.of(ranks), seconds)

@@ -62,7 +62,7 @@ class Scheduler:
         # assist(request, weights) -> bool: prefill now with a CPU-computed LoRA delta instead of
         # waiting for the adapter's copy (None: always wait)
         self.assist = assist
-        self.perf_model = perf_model  # cluster.perf_model.PerfModel, used when slo_ms > 0
+        self.perf_model = perf_model  # perf.model.PerfModel, used when slo_ms > 0
         self.slo_s = slo_ms / 1e3
         self.max_passed_over = max_passed_over  # None: strict FCFS admission
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first

@@ -5,7 +5,7 @@
 
 Runs the real engine (eager, so compile time does not leak into the numbers) over batch size x
 rank mix (each rank alone, all mixed, and base only; every request with an adapter of its own)
-and, for prefill, x prompt tokens. Fits caraserve.cluster.perf_model.PerfModel (candidate feature
+and, for prefill, x prompt tokens. Fits caraserve.perf.model.PerfModel (candidate feature
 sets chosen by held-out error), prints R^2 and the held-out relative error, and writes the raw
 medians and the fitted model as JSON with a provenance header, plus a PNG of measured vs
 predicted. Run with OMP_NUM_THREADS=1 on a shared CPU.
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from caraserve.cluster.perf_model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
+from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
 from caraserve.profiling.decode import rank_mixes, sweep
 from caraserve.profiling.machine import cpu_name
 

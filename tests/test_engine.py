@@ -217,8 +217,8 @@ def test_long_prompt_is_prefilled_in_chunks(catalogue):
 def test_slo_admission_limits_the_batch_and_refits_online(catalogue, tmp_path):
     import json as _json
 
-    from caraserve.cluster.perf_model import PerfModel
     from caraserve.config import SchedulerConfig
+    from caraserve.perf.model import PerfModel
 
     # 1 request: 20 ms per step, 2 requests: 30 ms; a 5 ms SLO stays below every real step here too
     # (the model refits online toward this machine's ~10 ms steps), so one request runs at a time
@@ -266,8 +266,8 @@ def test_rank_grouping_keeps_the_bucket_and_does_not_starve(catalogue):
 
 
 def test_rank_grouping_lets_requests_that_fit_the_slo_go_ahead(catalogue, tmp_path):
-    from caraserve.cluster.perf_model import PerfModel
     from caraserve.config import SchedulerConfig
+    from caraserve.perf.model import PerfModel
 
     # 2 requests at rank 8: 10 + 2*8*0.1 = 11.6 ms; with a rank-64 one: 10 + 2*64*0.1 = 22.8 ms
     model = PerfModel.linear(decode_base_ms=10.0, decode_per_request_ms=0.0, decode_per_rank_request_ms=0.1)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from caraserve.cluster.perf_model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
+from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
 
 HEADER = make_header("test-device", "test-model", "float32")
 RANKS = (8, 16, 32, 64)

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from caraserve.cluster.perf_model import PerfModel
 from caraserve.cluster.policies import (
     POLICIES,
     PolicyParams,
@@ -14,6 +13,7 @@ from caraserve.cluster.policies import (
     RequestView,
     make_policy,
 )
+from caraserve.perf.model import PerfModel
 
 PERF = PerfModel.linear()  # padded kernel: a step costs ~ batch size x max rank
 PARAMS = PolicyParams(slo_s=0.040, avg_output_tokens=200)

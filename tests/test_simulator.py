@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from caraserve.cluster.config import ClusterConfig, LengthDist, RouterConfig, WorkloadConfig
-from caraserve.cluster.perf_model import PerfModel
 from caraserve.cluster.policies import Policy, PolicyParams, make_policy
 from caraserve.cluster.simulator import load_perf_model, simulate, timeline
 from caraserve.cluster.workload import SimRequest, generate
 from caraserve.config import ConfigError
+from caraserve.perf.model import PerfModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = PerfModel.linear()

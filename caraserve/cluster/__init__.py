@@ -1,5 +1,6 @@
-"""Cluster-level serving: the batch latency model, routing policies and a discrete-event simulator.
+"""Cluster-level serving: routing policies, a discrete-event simulator and its workloads.
 
-Nothing here imports torch or the engine: the latency model sits below both the engine's
-scheduler and the cluster policies, and the simulator must run anywhere in seconds.
+Nothing here imports torch, the engine or the servers: the policies price a replica with the
+latency model below (caraserve.perf) from its typed state (caraserve.state), and the simulator
+must run anywhere in seconds.
 """

@@ -19,7 +19,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from caraserve.cluster.perf_model import PerfModel
+from caraserve.perf.model import PerfModel
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
 from caraserve.cluster.config import RouterServiceConfig
-from caraserve.cluster.perf_model import PerfModel
 from caraserve.cluster.policies import PolicyParams, ReplicaState, RequestView, make_policy
+from caraserve.perf.model import PerfModel
 from caraserve.serve import protocol as proto
 from caraserve.serve.http import ApiError
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
-from caraserve.cluster.perf_model import PerfModel
 from caraserve.cluster.policies import Policy, PolicyParams, ReplicaState, RequestView, make_policy
 from caraserve.cluster.workload import SimRequest, generate
+from caraserve.perf.model import PerfModel
 
 log = logging.getLogger(__name__)
 

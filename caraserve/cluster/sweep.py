@@ -8,8 +8,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
-from caraserve.cluster.perf_model import PerfModel
 from caraserve.cluster.simulator import simulate
+from caraserve.perf.model import PerfModel
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Linear laws over batch features: least-squares fits, selection among candidate feature sets by
 held-out error, and exponentially weighted sufficient statistics for online refits. The latency
-model (perf_model.py) is built from these. Nothing here imports torch.
+model (model.py) is built from these. Nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caraserve.cluster.linear_fit import FitReport, LinearFit, Vector, design, select_fit
+from caraserve.perf.linear_fit import FitReport, LinearFit, Vector, design, select_fit
 
 log = logging.getLogger(__name__)
 

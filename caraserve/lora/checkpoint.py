@@ -1,8 +1,11 @@
 """Reads LoRA adapters saved by PEFT and validates them against the base model.
 
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`).
-Everything is checked before the weights are returned, so a broken adapter never reaches the
-host store or the device: each problem raises `AdapterError` naming the adapter and the reason.
+`inspect_adapter` checks everything the config and the safetensors header show, reading no
+weights (registration: its cost does not grow with the adapter's bytes); `load_adapter` reads the
+weights, checks all that again plus their values, and stacks them. A broken adapter never reaches
+the host store's memory or the device: each problem raises `AdapterError` naming the adapter and
+the reason.
 What a read may touch is bounded too (`ReadLimits`: file sizes, the folders files may resolve
 into), and user regexes in the config are matched so that no pattern can hang the process.
 """
@@ -14,12 +17,12 @@ import logging
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, open_file, read_weights
 from caraserve.lora.module_patterns import (
     MAX_PATTERN_KEYS,
     ModuleRules,
@@ -38,14 +41,9 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # PEFT configs are a few KB (a few hundred with a key per module); parsing a huge JSON would
 # take far more memory than the file, so the config has a cap of its own below max_file_bytes.
 MAX_CONFIG_BYTES = 16 * 2**20
-
-
-class AdapterError(ValueError):
-    """The adapter cannot be used; the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -73,73 +71,10 @@ class LoraWeights:
         return tuple(m for m in TARGETS if m in self.a)
 
 
-@dataclass(frozen=True)
-class ReadLimits:
-    """What reading an adapter may touch; HostStore passes the engine's adapters.* settings."""
-
-    max_file_bytes: int | None = None  # any adapter file larger than this is refused; None: no cap
-    roots: tuple[Path, ...] | None = None  # resolved folders every read file must lie in; None: anywhere
-    max_rank: int | None = None  # larger ranks are refused before any weights are stacked; None: no cap
-
-    def check_inside(self, name: str, path: Path, real: Path) -> None:
-        if self.roots is not None and not any(real == r or real.is_relative_to(r) for r in self.roots):
-            raise AdapterError(
-                f"adapter {name!r}: {path} resolves to {real}, outside the allowed adapter roots "
-                f"({', '.join(map(str, self.roots))}; adapters.allowed_roots)"
-            )
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise AdapterError(
-            f"adapter name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators or '..')"
-        )
-    return name
-
-
-def _check_stat(name: str, path: Path, st: os.stat_result, limits: ReadLimits, cap: int | None) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise AdapterError(f"adapter {name!r}: {path} is not a regular file")
-    if cap is not None and st.st_size > cap:
-        knob = f"adapters.max_file_bytes={limits.max_file_bytes}" if cap == limits.max_file_bytes else \
-            f"the adapter_config.json cap of {cap} bytes"
-        raise AdapterError(f"adapter {name!r}: {path} is {st.st_size} bytes, more than {knob}")
-
-
-def _open_file(name: str, path: Path, limits: ReadLimits, cap: int | None) -> tuple[int, str] | None:
-    """(fd, a path that reads that fd) of an adapter file after the checks that must come before
-    any read: it resolves inside the roots, is a regular file, is within the size cap. None: no file."""
-    try:
-        real = path.resolve()  # not strict: a dangling link out of the roots is refused as such
-    except (OSError, RuntimeError) as e:  # symlink loops
-        raise AdapterError(f"adapter {name!r}: cannot resolve {path} ({e})") from e
-    limits.check_inside(name, path, real)
-    try:
-        _check_stat(name, path, os.stat(real), limits, cap)  # before opening: FIFOs and devices stay unopened
-        # the file may be swapped between the checks and the open: a FIFO must not block the open,
-        # a symlink must not be followed, and the opened file itself is checked again
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise AdapterError(f"adapter {name!r}: cannot open {path} ({e})") from e
-    try:
-        _check_stat(name, path, os.fstat(fd), limits, cap)
-        proc = f"/proc/self/fd/{fd}"
-        if os.path.islink(proc):  # Linux: where the open really landed (a folder swapped for a link)
-            limits.check_inside(name, path, Path(os.readlink(proc)))
-            return fd, proc
-        return fd, str(real)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
     path = folder / "adapter_config.json"
     cap = min(MAX_CONFIG_BYTES, limits.max_file_bytes or MAX_CONFIG_BYTES)
-    opened = _open_file(name, path, limits, cap)
+    opened = open_file(name, path, limits, cap)
     if opened is None:
         raise AdapterError(f"adapter {name!r}: {path} is missing")
     with os.fdopen(opened[0], "rb") as f:
@@ -218,28 +153,71 @@ def _check_regex(name: str, what: str, pattern: str, regex: str) -> None:
         raise AdapterError(f"adapter {name!r}: {e}") from e
 
 
-def _read_tensors(name: str, folder: Path, limits: ReadLimits) -> dict[str, torch.Tensor]:
-    for path in (folder / "adapter_model.safetensors", folder / "adapter_model.bin"):
-        opened = _open_file(name, path, limits, limits.max_file_bytes)
-        if opened is None:
-            continue
-        fd, readable = opened
-        try:
-            with os.fdopen(fd, "rb") as f:
-                if path.suffix == ".safetensors":
-                    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What registration learns from the config and the safetensors header, no weights read."""
 
-                    return load_file(readable)
-                return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt files raise library-specific errors
-            raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
-    raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
+    name: str
+    path: str
+    rank: int  # largest rank over modules
+    scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
+    targets: tuple[str, ...]  # modules with LoRA, in TARGETS order
+    numel: int  # elements of the stacked a and b tensors together
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Host bytes of the stacked weights in `dtype`, as LoraWeights.nbytes will report them."""
+        return self.numel * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """An adapter's validated structure: which tensors feed which stacked (layer, module) entry."""
+
+    rank: int
+    scale: float
+    ranks: dict  # module -> rank
+    pairs: dict  # (layer, module) -> (module key, key of lora_A, key of lora_B, ratio folded into b)
+
+
+def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
+                    limits: ReadLimits | None = None) -> AdapterMeta:
+    """Validates the PEFT adapter in `folder` for a base model with `model_args` from what its
+    config and safetensors header show, reading no weights (a legacy .bin is read whole and its
+    values checked too). NaN/Inf in a safetensors file is found by load_adapter, on first use."""
+    name, folder, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
+    found = read_weights(name, folder, limits, header_only=True)
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
+    layout = _layout(name, cfg, rules, shapes, model_args)
+    if any(isinstance(v, torch.Tensor) for v in found.values()):
+        _check_finite(name, layout, found)
+    numel = sum(model_args.num_layers * sum(model_args.module_shape(m)) * r for m, r in layout.ranks.items())
+    return AdapterMeta(name, str(folder), layout.rank, layout.scale, tuple(m for m in TARGETS if m in layout.ranks),
+                       numel)
 
 
 def load_adapter(folder: str | Path, model_args, name: str | None = None,
                  limits: ReadLimits | None = None) -> LoraWeights:
     """Reads and validates the PEFT adapter in `folder` for a base model with `model_args`;
     `limits` bounds what the read may touch (default: nothing)."""
+    name, folder, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
+    tensors = read_weights(name, folder, limits, header_only=False)
+    layout = _layout(name, cfg, rules, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
+    _check_finite(name, layout, tensors)
+    out_a, out_b = {}, {}
+    for module, r in layout.ranks.items():  # stacked per module, zeros in untouched layers
+        fan_in, fan_out = model_args.module_shape(module)
+        out_a[module] = torch.zeros(model_args.num_layers, fan_in, r)
+        out_b[module] = torch.zeros(model_args.num_layers, r, fan_out)
+    for (layer, module), (_, ka, kb, ratio) in layout.pairs.items():
+        bt = tensors[kb].t().float()
+        out_a[module][layer] = tensors[ka].t().float()
+        out_b[module][layer] = bt * ratio if ratio != 1.0 else bt
+    return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b)
+
+
+def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None, model_args):
+    """(name, folder, config, module rules, limits) after every check that needs no weights file:
+    the name, the folder's confinement, the config, its patterns, the rank cap."""
     folder = Path(folder)
     name = check_name(folder.name if name is None else name)
     limits = limits or ReadLimits()
@@ -255,12 +233,16 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
         rules = module_rules(cfg, module_names(model_args.num_layers))
     except PatternError as e:
         raise AdapterError(f"adapter {name!r}: {e}") from e
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    top = max([r, *rules.rank.values()])
+    top = max([cfg["r"], *rules.rank.values()])
     if limits.max_rank is not None and top > limits.max_rank:  # stacking allocates layers x rank
         raise AdapterError(f"adapter {name!r}: rank {top} is larger than the largest rank bucket "
                            f"{limits.max_rank} (adapters.rank_buckets)")
-    pairs = _collect_pairs(name, cfg, rules, _read_tensors(name, folder, limits), model_args)
+    return name, folder, cfg, rules, limits
+
+
+def _layout(name: str, cfg: dict, rules: ModuleRules, shapes: dict[str, tuple[int, ...]], model_args) -> _Layout:
+    """Every check the tensor names and shapes allow, against the config and the base model."""
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scaling(rank, alph):
@@ -268,33 +250,23 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
 
     base_scale = scaling(r, alpha)
     ranks: dict[str, int] = {}
-    per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for (layer, module), ab in sorted(pairs.items()):
+    pairs = {}
+    for (layer, module), ab in sorted(_collect_pairs(name, cfg, rules, shapes, model_args).items()):
         key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
         want_r = rules.rank.get(key, r)
-        a, b = _checked_pair(name, cfg, key, layer, module, ab, want_r, model_args)
+        _check_pair(name, cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
         if ranks.setdefault(module, want_r) != want_r:
             raise AdapterError(f"adapter {name!r}: {module} has different ranks in different layers")
-        ratio = scaling(want_r, rules.alpha.get(key, alpha)) / base_scale
-        bt = b.t().float()
-        per_layer.setdefault(module, {})[layer] = (a.t().float(), bt * ratio if ratio != 1.0 else bt)
-    out_a, out_b = {}, {}
-    for module, layers in per_layer.items():  # stacked per module, zeros in untouched layers
-        fan_in, fan_out = model_args.module_shape(module)
-        out_a[module] = torch.zeros(model_args.num_layers, fan_in, ranks[module])
-        out_b[module] = torch.zeros(model_args.num_layers, ranks[module], fan_out)
-        for layer, (a, b) in layers.items():
-            out_a[module][layer] = a
-            out_b[module][layer] = b
-    return LoraWeights(name, str(folder), max(ranks.values()), base_scale, out_a, out_b)
+        pairs[(layer, module)] = (key, ab["A"], ab["B"], scaling(want_r, rules.alpha.get(key, alpha)) / base_scale)
+    return _Layout(max(ranks.values()), base_scale, {m: ranks[m] for m in TARGETS if m in ranks}, pairs)
 
 
-def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, tensors: dict,
-                   model_args) -> dict[tuple[int, str], dict]:
-    """(layer, module) -> {"A": tensor, "B": tensor} for the targeted modules; refuses keys of
+def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, shapes: dict,
+                   model_args) -> dict[tuple[int, str], dict[str, str]]:
+    """(layer, module) -> {"A": key, "B": key} for the targeted modules; refuses keys of
     unsupported kinds (embedding/lm_head LoRA, DoRA) and modules or layers the model lacks."""
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
         if "lora_embedding" in key or "embed_tokens" in key:
             raise AdapterError(f"adapter {name!r}: embedding LoRA ({key}) is not supported")
         if "lm_head" in key:
@@ -314,7 +286,7 @@ def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, tensors: dict,
         if rules.targets is not None and f"model.layers.{layer}.{parent}.{module}" not in rules.targets:
             log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, key)
             continue
-        pairs.setdefault((layer, module), {})[ab] = t
+        pairs.setdefault((layer, module), {})[ab] = key
     if not pairs:
         if isinstance(cfg.get("target_modules"), str):
             raise AdapterError(
@@ -324,9 +296,9 @@ def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, tensors: dict,
     return pairs
 
 
-def _checked_pair(name: str, cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int,
-                  model_args) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_A [r, in] and lora_B [out, r] of one module, after every check against the config
+def _check_pair(name: str, cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int,
+                model_args) -> None:
+    """Checks the shapes of lora_A [r, in] and lora_B [out, r] of one module against the config
     and the base model."""
     if set(ab) != {"A", "B"}:
         raise AdapterError(f"adapter {name!r}: {key} has lora_{'B' if 'A' in ab else 'A'} missing")
@@ -337,15 +309,17 @@ def _checked_pair(name: str, cfg: dict, key: str, layer: int, module: str, ab: d
         raise AdapterError(f"adapter {name!r}: {key} is outside layers_to_transform={layers_ok}")
     a, b = ab["A"], ab["B"]
     fan_in, fan_out = model_args.module_shape(module)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise AdapterError(f"adapter {name!r}: {key} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
-    if a.shape[0] != want_r:
-        raise AdapterError(f"adapter {name!r}: {key} has rank {a.shape[0]} but the config says r={want_r}")
-    if a.shape[1] != fan_in or b.shape[0] != fan_out:
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        raise AdapterError(f"adapter {name!r}: {key} has lora_A {a} and lora_B {b}")
+    if a[0] != want_r:
+        raise AdapterError(f"adapter {name!r}: {key} has rank {a[0]} but the config says r={want_r}")
+    if a[1] != fan_in or b[0] != fan_out:
         raise AdapterError(
-            f"adapter {name!r}: {key} shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
-            f"base model's {module} ({fan_in} -> {fan_out})"
+            f"adapter {name!r}: {key} shapes A {a}, B {b} do not fit the base model's {module} ({fan_in} -> {fan_out})"
         )
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")
-    return a, b
+
+
+def _check_finite(name: str, layout: _Layout, tensors: dict) -> None:
+    for key, ka, kb, _ in layout.pairs.values():
+        if not (torch.isfinite(tensors[ka]).all() and torch.isfinite(tensors[kb]).all()):
+            raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")

@@ -1,0 +1,173 @@
+"""The files of an adapter folder, opened and read within bounds.
+
+Every file is opened only after it is known to resolve inside the allowed roots, to be a regular
+file and to be within the size cap (`ReadLimits`). The weights file can be read two ways: its
+safetensors header alone (names, shapes, dtypes: what registration validates, no tensor bytes),
+or whole (the first use, which also checks the values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# A LoRA header holds a few hundred entries of ~100 bytes each; parsing a huge JSON would take far
+# more memory than the file, so headers have a cap of their own (safetensors' own is 100 MB).
+MAX_HEADER_BYTES = 16 * 2**20
+# bytes per element of each safetensors dtype torch can hold
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be used; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What reading an adapter may touch; HostStore passes the engine's adapters.* settings."""
+
+    max_file_bytes: int | None = None  # any adapter file larger than this is refused; None: no cap
+    roots: tuple[Path, ...] | None = None  # resolved folders every read file must lie in; None: anywhere
+    max_rank: int | None = None  # larger ranks are refused before any weights are stacked; None: no cap
+
+    def check_inside(self, name: str, path: Path, real: Path) -> None:
+        if self.roots is not None and not any(real == r or real.is_relative_to(r) for r in self.roots):
+            raise AdapterError(
+                f"adapter {name!r}: {path} resolves to {real}, outside the allowed adapter roots "
+                f"({', '.join(map(str, self.roots))}; adapters.allowed_roots)"
+            )
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise AdapterError(
+            f"adapter name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators or '..')"
+        )
+    return name
+
+
+def _check_stat(name: str, path: Path, st: os.stat_result, limits: ReadLimits, cap: int | None) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterError(f"adapter {name!r}: {path} is not a regular file")
+    if cap is not None and st.st_size > cap:
+        knob = f"adapters.max_file_bytes={limits.max_file_bytes}" if cap == limits.max_file_bytes else \
+            f"the adapter_config.json cap of {cap} bytes"
+        raise AdapterError(f"adapter {name!r}: {path} is {st.st_size} bytes, more than {knob}")
+
+
+def open_file(name: str, path: Path, limits: ReadLimits, cap: int | None) -> tuple[int, str] | None:
+    """(fd, a path that reads that fd) of an adapter file after the checks that must come before
+    any read: it resolves inside the roots, is a regular file, is within the size cap. None: no file."""
+    try:
+        real = path.resolve()  # not strict: a dangling link out of the roots is refused as such
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise AdapterError(f"adapter {name!r}: cannot resolve {path} ({e})") from e
+    limits.check_inside(name, path, real)
+    try:
+        _check_stat(name, path, os.stat(real), limits, cap)  # before opening: FIFOs and devices stay unopened
+        # the file may be swapped between the checks and the open: a FIFO must not block the open,
+        # a symlink must not be followed, and the opened file itself is checked again
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot open {path} ({e})") from e
+    try:
+        _check_stat(name, path, os.fstat(fd), limits, cap)
+        proc = f"/proc/self/fd/{fd}"
+        if os.path.islink(proc):  # Linux: where the open really landed (a folder swapped for a link)
+            limits.check_inside(name, path, Path(os.readlink(proc)))
+            return fd, proc
+        return fd, str(real)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_weights(name: str, folder: Path, limits: ReadLimits,
+                 header_only: bool) -> dict[str, torch.Tensor | tuple[int, ...]]:
+    """The weights file's tensors by key, or with header_only their shapes alone (a safetensors
+    file's header: no tensor bytes are read). A legacy `.bin` is a pickle without a header, so it
+    is always read whole (rare: PEFT has written safetensors by default for years)."""
+    for path in (folder / f for f in WEIGHT_FILES):
+        opened = open_file(name, path, limits, limits.max_file_bytes)
+        if opened is None:
+            continue
+        fd, readable = opened
+        with os.fdopen(fd, "rb") as f:
+            if path.suffix == ".safetensors" and header_only:
+                return _header_shapes(name, path, fd)
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors.torch import load_file
+
+                    tensors = load_file(readable)
+                else:
+                    tensors = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated or corrupt files raise library-specific errors
+                raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+        if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+            raise AdapterError(f"adapter {name!r}: {path} does not hold a mapping of names to tensors")
+        return tensors
+    raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
+
+
+def _header_shapes(name: str, path: Path, fd: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (an 8-byte little-endian length, then JSON), with
+    the checks safetensors makes on open, so a truncated or corrupt file is refused here too."""
+
+    def bad(why: str) -> AdapterError:
+        return AdapterError(f"adapter {name!r}: cannot read {path} (not a valid safetensors file: {why})")
+
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"header length {n} does not fit the file's {size} bytes (or the cap {MAX_HEADER_BYTES})")
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+    if len(raw) != n:  # it shrank after the size check
+        raise bad(f"header of {n} bytes is truncated")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise bad(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    shapes, spans = {}, []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(dtype, str) and dtype in _DTYPE_BYTES and _ints(shape) and _ints(offsets)
+                and len(offsets) == 2 and offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[dtype]):
+            raise bad(f"tensor {key!r} has dtype {dtype!r}, shape {shape!r} and data_offsets {offsets!r}")
+        shapes[key] = tuple(shape)
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise bad("the tensors' data overlap or leave gaps")
+        end = stop
+    if end != size - 8 - n:
+        raise bad(f"the header describes {end} bytes of tensor data, the file holds {size - 8 - n} (truncated?)")
+    return shapes
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)

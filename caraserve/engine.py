@@ -24,6 +24,7 @@ from caraserve.lora.host_store import AdapterInfo, HostStore
 from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
 from caraserve.output_processor import OutputProcessor
+from caraserve.perf.model import DecodeFeatures, PerfModel
 from caraserve.request import (
     ErrorCause,
     FinishReason,
@@ -36,6 +37,7 @@ from caraserve.request import (
 from caraserve.runner import ModelRunner
 from caraserve.sampler import sample
 from caraserve.scheduler import ScheduledBatch, Scheduler
+from caraserve.state import EngineState, RequestView
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,6 @@ class Engine:
         path = self.config.scheduler.perf_model
         if not path:
             return None
-        from caraserve.perf.model import PerfModel
-
         data = json.loads(Path(path).read_text())
         return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
 
@@ -229,28 +229,23 @@ class Engine:
                 raise AdapterError(f"not enough device slots to preload adapter {name!r}")
             self.pool.wait_loaded(name)
 
-    def snapshot(self) -> dict:
-        """The live state a router reads (`/v1/state`): running and queued requests with their
-        ranks and remaining output tokens, resident adapters, every adapter's rank, and the
-        latency model the scheduler keeps refitting (None without one). Plain JSON types."""
+    def snapshot(self) -> EngineState:
+        """The live state a router reads (`/v1/state`, a Ray replica's routing stats): running and
+        queued requests with their ranks and remaining output tokens, resident adapters, every
+        adapter's rank, and a copy of the latency model the scheduler keeps refitting."""
         with self._lock:
             sched = self.scheduler
 
-            def view(r: Request) -> dict:
-                return {"request_id": r.request_id, "adapter": r.adapter, "rank": sched.rank_of(r),
-                        "prompt_tokens": len(r.prompt_ids),
-                        "remaining_tokens": max(r.params.max_tokens - len(r.output_ids), 0)}
+            def view(r: Request) -> RequestView:
+                return RequestView(r.adapter or "", sched.rank_of(r), len(r.prompt_ids),
+                                   max(r.params.max_tokens - len(r.output_ids), 0), r.request_id)
 
             names = self.store.names()
-            return {
-                "max_batch_size": sched.max_batch_size,
-                "running": [view(r) for r in sched.running],
-                "queued": [view(r) for r in sched.waiting],
-                "resident_adapters": [n for n in names if self.pool.state(n) is AdapterState.RESIDENT],
-                "adapters": {n: self.store.info(n).rank for n in names},
-                "slo_ms": sched.slo_s * 1e3,
-                "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None,
-            }
+            perf = PerfModel.from_dict(self.perf_model.to_dict()) if self.perf_model is not None else None
+            return EngineState(
+                sched.max_batch_size, tuple(view(r) for r in sched.running), tuple(view(r) for r in sched.waiting),
+                frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT),
+                {n: self.store.info(n).rank for n in names}, sched.slo_s * 1e3, perf)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -460,8 +455,6 @@ class Engine:
 
     def _observe_step(self, batch, seconds: float) -> None:
         """Online refit of the latency model from this machine's own decode steps."""
-        from caraserve.perf.model import DecodeFeatures
-
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         self.perf_model.observe(DecodeFeatures.of(ranks), seconds)
 

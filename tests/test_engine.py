@@ -15,6 +15,7 @@ from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.model.tiny import tiny_paths, write_random_adapter
 from caraserve.request import FinishReason, RequestError, SamplingParams
+from caraserve.state import EngineState
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 12
@@ -180,14 +181,14 @@ def test_snapshot_reports_queue_ranks_and_remaining_tokens(catalogue):
     engine.add_request("x = 1", SamplingParams(max_tokens=7, ignore_eos=True), None, "b")
     engine.step()  # prefill of a (batch size 1: b waits), first token
     engine.step()  # a decodes its second token
-    snap = engine.snapshot()
-    assert snap["max_batch_size"] == 1 and snap["adapters"]["demo-r32"] == 32 and snap["perf_model"] is None
-    assert [(v["request_id"], v["adapter"], v["rank"], v["remaining_tokens"]) for v in snap["running"]] == [
-        (a, "demo-r32", 32, 8)]
-    assert [(v["request_id"], v["rank"], v["remaining_tokens"]) for v in snap["queued"]] == [("b", 0, 7)]
-    assert snap["queued"][0]["prompt_tokens"] == len(engine.encode("x = 1"))
-    assert "demo-r32" in snap["resident_adapters"]
-    json.dumps(snap)  # plain JSON for /v1/state
+    state = engine.snapshot()
+    assert state.max_batch_size == 1 and state.adapters["demo-r32"] == 32 and state.perf_model is None
+    assert [(v.request_id, v.adapter, v.rank, v.remaining_tokens) for v in state.running] == [(a, "demo-r32", 32, 8)]
+    assert [(v.request_id, v.rank, v.remaining_tokens) for v in state.queued] == [("b", 0, 7)]
+    assert state.queued[0].prompt_tokens == len(engine.encode("x = 1"))
+    assert "demo-r32" in state.resident_adapters
+    wire = json.loads(json.dumps(state.to_dict()))  # plain JSON for /v1/state and Ray's routing stats
+    assert EngineState.from_dict(wire) == state
 
 
 def test_bad_requests_change_nothing(catalogue):

@@ -20,17 +20,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from caraserve.perf.model import PerfModel
-
-
-@dataclass(frozen=True)
-class RequestView:
-    """What a router knows of one request. remaining_tokens: output tokens still to generate
-    (for a queued request: all of them)."""
-
-    adapter: str
-    rank: int
-    prompt_tokens: int
-    remaining_tokens: int
+from caraserve.state import EngineState, RequestView
 
 
 @dataclass(frozen=True)
@@ -48,6 +38,13 @@ class ReplicaState:
     resident_adapters: frozenset[str]
     perf: PerfModel
     steps_since_snapshot: int = 0
+
+    @classmethod
+    def of(cls, state: EngineState, fallback: PerfModel, extra_queued: tuple[RequestView, ...] = ()) -> ReplicaState:
+        """A replica as its engine state shows it (judged with `fallback` when it publishes no
+        latency model), plus requests a router sent it since that state was taken."""
+        return cls(state.running, state.queued + extra_queued, state.max_batch_size, state.resident_adapters,
+                   state.perf_model or fallback)
 
     @cached_property
     def num_requests(self) -> int:

@@ -75,13 +75,11 @@ class Replica:
 
         def views(items) -> list[RequestView]:
             out = []
-            for v in items:
-                rid = v["request_id"]
-                seen.add(rid)
-                if rid.startswith(prefix) and rid not in self.inflight:
+            for v in map(RequestView.from_dict, items):
+                seen.add(v.request_id)
+                if v.request_id.startswith(prefix) and v.request_id not in self.inflight:
                     continue  # ours, and finished since the read
-                out.append(RequestView(v["adapter"] or "", int(v["rank"]), int(v["prompt_tokens"]),
-                                       int(v["remaining_tokens"])))
+                out.append(v)
             return out
 
         running = views(snap.get("running", ()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +83,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
             status = 404 if "unknown adapter" in str(e) else 400
             raise ApiError(status, str(e), "invalid_request_error" if status == 400 else "not_found_error") from e
 
-    async def collect(http: Request, rid: str, queue: asyncio.Queue) -> RequestOutput:
-        """Waits for the final output; a client that goes away aborts the request."""
+    async def next_output(http: Request, rid: str, queue: asyncio.Queue, final: bool) -> RequestOutput:
+        """The next output (the final one when `final`); a client that goes away aborts the request."""
         while True:
             try:
                 out = await asyncio.wait_for(queue.get(), timeout=0.5)
@@ -92,15 +93,22 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                     service.abort(rid)
                     raise ApiError(499, "client disconnected", "client_closed") from None
                 continue
-            if out.finished:
+            if out.finished or not final:
                 return out
 
-    def stream(rid: str, queue: asyncio.Queue, chunk, final_usage: bool):
+    async def stream(http: Request, rid: str, queue: asyncio.Queue, chunk, final_usage: bool):
+        """Server-sent events. The response starts with the first output, so a request that fails
+        before its first token (e.g. its adapter's weights are refused on first read) gets its
+        HTTP status instead of a 200 with an error event."""
+        first = await next_output(http, rid, queue, final=False)
+        if first.finished and not first.output_ids:
+            check_finished(first)
+
         async def events():
             done = False
             try:
-                while not done:
-                    out: RequestOutput = await queue.get()
+                out = first
+                while True:
                     done = out.finished
                     finish = out.finish_reason.openai if done else None
                     if out.new_text or done:
@@ -113,6 +121,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                         body["choices"] = []
                         body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids))
                         yield f"data: {json.dumps(body)}\n\n"
+                    if done:
+                        break
+                    out = await queue.get()
                 yield "data: [DONE]\n\n"
             finally:
                 if not done:  # client went away mid-stream: free its slot
@@ -134,7 +145,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
     def error_kind(out: RequestOutput) -> tuple[int, str]:
         """(HTTP status, error type) of a request that ended with an error. A request whose own
         part of a step failed is told so (type request_failed): a router must not retry it
-        elsewhere or hold it against this replica."""
+        elsewhere or hold it against this replica. An adapter refused on first read is a 400."""
+        if out.error_cause is ErrorCause.ADAPTER:  # the adapter the caller named cannot be used
+            return 400, "invalid_request_error"
         return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
 
     def check_finished(out: RequestOutput):
@@ -159,10 +172,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
 
     @app.get("/v1/state")
     async def state():
-        """Live state for a router (caraserve.cluster.router): see Engine.snapshot."""
-        snap = await service.call(engine.snapshot)
-        snap["model"] = served_name
-        return snap
+        """Live state for a router: the typed EngineState (see Engine.snapshot) as JSON."""
+        return dataclasses.replace(await service.call(engine.snapshot), model=served_name).to_dict()
 
     @app.get("/v1/models")
     async def models():
@@ -190,9 +201,9 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
         rid = request_id(http, "cmpl")
         queue = await start(ids, params, adapter, rid)
         if body.stream:
-            return stream(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
-                          include_usage(await http.json()))
-        out = await collect(http, rid, queue)
+            return await stream(http, rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
+                                include_usage(await http.json()))
+        out = await next_output(http, rid, queue, final=True)
         check_finished(out)
         logprobs = None
         if body.logprobs and out.logprobs is not None:
@@ -249,8 +260,8 @@ def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adap
                 first[0] = False
                 return proto.chat_chunk(rid, body.model, delta, fin)
 
-            return stream(rid, queue, chunk, include_usage(await http.json()))
-        out = await collect(http, rid, queue)
+            return await stream(http, rid, queue, chunk, include_usage(await http.json()))
+        out = await next_output(http, rid, queue, final=True)
         check_finished(out)
         return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids))
 

@@ -1,0 +1,74 @@
+"""EngineState: the typed snapshot of one engine that everything routing-related reads.
+
+`Engine.snapshot()` produces it; the server's `/v1/state` and a Ray replica's routing stats carry
+it as JSON (`to_dict` / `from_dict`); the routing policies turn it into their `ReplicaState`, and
+the simulator builds the same views for its simulated replicas. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from caraserve.perf.model import PerfModel
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """What a router knows of one request. remaining_tokens: output tokens still to generate
+    (for a queued request: all of them). request_id: the engine's id ("" where none is known)."""
+
+    adapter: str
+    rank: int
+    prompt_tokens: int
+    remaining_tokens: int
+    request_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "adapter": self.adapter or None, "rank": self.rank,
+                "prompt_tokens": self.prompt_tokens, "remaining_tokens": self.remaining_tokens}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RequestView:
+        return cls(d.get("adapter") or "", int(d["rank"]), int(d["prompt_tokens"]), int(d["remaining_tokens"]),
+                   str(d.get("request_id") or ""))
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """One engine between two steps. running: requests in the batch (being prefilled or decoded);
+    queued: admitted, waiting for a step to take them. adapters: every registered adapter's rank
+    (name -> rank); resident_adapters: those in a device slot now. perf_model: a copy of the
+    latency model the scheduler keeps refitting (None without one). model: the served base
+    model's name ("" when the engine alone does not know it)."""
+
+    max_batch_size: int
+    running: tuple[RequestView, ...] = ()
+    queued: tuple[RequestView, ...] = ()
+    resident_adapters: frozenset[str] = frozenset()
+    adapters: Mapping[str, int] = field(default_factory=dict)
+    slo_ms: float = 0.0
+    perf_model: PerfModel | None = None
+    model: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapters", dict(self.adapters))  # a copy the caller cannot change
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (the wire form of /v1/state and of a Ray replica's routing stats)."""
+        return {"model": self.model, "max_batch_size": self.max_batch_size,
+                "running": [v.to_dict() for v in self.running], "queued": [v.to_dict() for v in self.queued],
+                "resident_adapters": sorted(self.resident_adapters), "adapters": dict(self.adapters),
+                "slo_ms": self.slo_ms,
+                "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EngineState:
+        """The inverse of to_dict; raises KeyError / ValueError / TypeError on a malformed state."""
+        perf = d.get("perf_model")
+        return cls(int(d["max_batch_size"]), tuple(RequestView.from_dict(v) for v in d.get("running") or ()),
+                   tuple(RequestView.from_dict(v) for v in d.get("queued") or ()),
+                   frozenset(d.get("resident_adapters") or ()),
+                   {str(k): int(v) for k, v in (d.get("adapters") or {}).items()}, float(d.get("slo_ms") or 0.0),
+                   PerfModel.from_dict(perf) if perf else None, str(d.get("model") or ""))

@@ -1,5 +1,7 @@
 """Broken adapters are refused with an AdapterError naming the adapter and the reason; a refused
-adapter leaves nothing behind in the HostStore and the adapters already registered keep working."""
+adapter leaves nothing behind in the HostStore and the adapters already registered keep working.
+What the config and the safetensors header show is refused at registration; bad values (NaN/Inf)
+only on the first read of the weights, which marks the adapter broken."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from helpers import peft_logits, save_peft_adapter, save_random_hf_model
 from safetensors.torch import load_file, save_file
 
-from caraserve.lora.checkpoint import AdapterError, load_adapter
+from caraserve.lora.checkpoint import AdapterError, inspect_adapter, load_adapter
 from caraserve.lora.host_store import HostStore, UnknownAdapterError
 from caraserve.model.loader import load_model
 
@@ -154,11 +156,6 @@ CASES = {
                             r"target module mlp\.q_proj does not exist in the model"),
     "tensor-unexpected-key": (_b("good", lambda d: _edit_tensors(d, _add("some.other.weight", (4, 4)))),
                               r"unexpected tensor 'some\.other\.weight'"),
-    "nan-in-b": (_b("good", lambda d: _edit_tensors(d, _poison(float("nan"), "B"))),
-                 r"layers\.1\.self_attn\.v_proj holds NaN or Inf"),
-    "inf-in-a": (_b("good", lambda d: _edit_tensors(d, _poison(float("inf"), "A"))),
-                 r"layers\.1\.self_attn\.v_proj holds NaN or Inf"),
-    "neg-inf-in-b": (_b("good", lambda d: _edit_tensors(d, _poison(float("-inf"), "B"))), r"holds NaN or Inf"),
     "dora-config": (_b("good", lambda d: _edit_config(d, use_dora=True)), r"use_dora=true \(DoRA\) is not supported"),
     "dora-peft": (_b("peft-dora", lambda d: None), r"use_dora=true \(DoRA\) is not supported"),
     "dora-tensor": (_b("good", lambda d: _edit_tensors(
@@ -190,6 +187,14 @@ CASES = {
                                     r"layers\.1\..* is outside layers_to_transform=\[0\]"),
     "rank-pattern-mismatch": (_b("good", lambda d: _edit_config(d, rank_pattern={"layers.1.self_attn.q_proj": 4})),
                                r"has rank 8 but the config says r=4"),
+}
+# broken values: the header is fine, so these register and are refused when first read
+VALUE_CASES = {
+    "nan-in-b": (_b("good", lambda d: _edit_tensors(d, _poison(float("nan"), "B"))),
+                 r"layers\.1\.self_attn\.v_proj holds NaN or Inf"),
+    "inf-in-a": (_b("good", lambda d: _edit_tensors(d, _poison(float("inf"), "A"))),
+                 r"layers\.1\.self_attn\.v_proj holds NaN or Inf"),
+    "neg-inf-in-b": (_b("good", lambda d: _edit_tensors(d, _poison(float("-inf"), "B"))), r"holds NaN or Inf"),
 }
 
 
@@ -227,13 +232,15 @@ def test_broken_adapter_refused_and_nothing_left(env, store, tmp_path, case):
     root, src, args = env
     build, reason = CASES[case]
     folder = build(src, tmp_path / case)
-    names, resident = store.names(), store.resident_bytes()
     keep = store.get("keep")
     snap = _snapshot(keep)
+    names, cached = store.names(), store.stats().cached_bytes
 
     with pytest.raises(AdapterError, match=_msg(case, reason)):
         store.register(case, folder)
-    # load_adapter alone gives the same refusal
+    # inspect_adapter and load_adapter alone give the same refusal
+    with pytest.raises(AdapterError, match=_msg(case, reason)):
+        inspect_adapter(folder, args, case)
     with pytest.raises(AdapterError, match=_msg(case, reason)):
         load_adapter(folder, args, case)
 
@@ -243,15 +250,37 @@ def test_broken_adapter_refused_and_nothing_left(env, store, tmp_path, case):
         store.info(case)
     with pytest.raises(UnknownAdapterError):
         store.get(case)
-    assert store.resident_bytes() == resident
-    reads = store.disk_reads
+    assert store.stats().cached_bytes == cached
+    reads = store.stats().disk_reads
     again = store.get("keep")
-    assert store.disk_reads == reads
+    assert store.stats().disk_reads == reads
     assert _same(again, snap)
     assert _same(load_adapter(src / "good", args, "keep"), snap)
     # no leftover blocks the name: a good adapter can take it afterwards
     info = store.register(case, src / "good2")
     assert info.rank == 4 and store.names() == sorted(["keep", case])
+
+
+@pytest.mark.parametrize("case", list(VALUE_CASES))
+def test_bad_values_refused_on_first_read_and_adapter_marked_broken(env, store, tmp_path, case):
+    _, src, args = env
+    build, reason = VALUE_CASES[case]
+    folder = build(src, tmp_path / case)
+    info = store.register(case, folder)  # the header is fine
+    assert info.rank == 8 and store.broken(case) is None
+    with pytest.raises(AdapterError, match=_msg(case, reason)):
+        store.get(case)
+    assert re.search(_msg(case, reason), store.broken(case))
+    assert case in store and not store.ready(case)  # stays registered so requests get a clear error
+    reads = store.stats().disk_reads
+    with pytest.raises(AdapterError, match=_msg(case, reason)):  # refused again without a re-read
+        store.get(case)
+    assert store.stats().disk_reads == reads
+    with pytest.raises(AdapterError, match=_msg(case, reason)):
+        load_adapter(folder, args, case)
+    assert _same(store.get("keep"), _snapshot(load_adapter(src / "good", args)))
+    store.unregister(case)  # the name is free again
+    assert store.register(case, src / "good2").rank == 4 and store.broken(case) is None
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ".", "", "x/../y", "a\\b", "..x", "x..y", "a b"])
@@ -294,19 +323,22 @@ def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
     _copy(src / "good", d / "bad name")  # not a plain name
     _copy(src / "good", d / ".hidden")  # skipped
     (d / "README.txt").write_text("not an adapter")  # skipped
-    broken = ["bad-json", "nan-in-b", "missing-weights", "target-c-attn", "shape-hidden32", "dora-peft"]
+    broken = ["bad-json", "missing-weights", "target-c-attn", "shape-hidden32", "dora-peft"]
     for case in broken:
         CASES[case][0](src, d / case)
+    VALUE_CASES["nan-in-b"][0](src, d / "nan-in-b")  # registers: refused on first read
 
     ok, bad = store.register_dir(d)
 
-    assert ok == ["good-a", "good-b"]
+    assert ok == ["good-a", "good-b", "nan-in-b"]
     assert sorted(bad) == sorted(broken + ["keep", "bad name"])
     for case in broken:
         assert re.search(_msg(case, CASES[case][1]), bad[case]), bad[case]
     assert re.search(r"adapter 'keep' is already registered", bad["keep"])
     assert re.search(r"adapter name 'bad name' is not a plain name", bad["bad name"])
-    assert store.names() == ["good-a", "good-b", "keep"]
+    assert store.names() == ["good-a", "good-b", "keep", "nan-in-b"]
+    with pytest.raises(AdapterError, match=_msg("nan-in-b", VALUE_CASES["nan-in-b"][1])):
+        store.get("nan-in-b")
     assert _same(store.get("good-a"), _snapshot(load_adapter(src / "good", args)))
     assert _same(store.get("good-b"), _snapshot(load_adapter(src / "good2", args)))
     assert store.info("keep").path == str(src / "good")

@@ -74,6 +74,14 @@ def _qv8_bytes() -> int:
 # ---------------------------------------------------------------- HostStore budget
 
 
+def _reads(store) -> int:
+    return store.stats().disk_reads
+
+
+def _cached_bytes(store) -> int:
+    return store.stats().cached_bytes
+
+
 def test_budget_keeps_at_most_budget_and_rereads_dropped(env):
     root, args, _ = env
     nb = _qv8_bytes()
@@ -84,29 +92,30 @@ def test_budget_keeps_at_most_budget_and_rereads_dropped(env):
         name = f"b{i}"
         info = store.register(name, root / "budget" / name)
         assert info.nbytes == nb
-        assert store.resident_bytes() <= budget
-        reads = store.disk_reads
-        first[name] = _clone(store.get(name))  # still resident right after registering
-        assert store.disk_reads == reads
+        assert _reads(store) == i and _cached_bytes(store) <= budget  # registration reads no weights
+        first[name] = _clone(store.get(name))  # the first use reads them
+        assert _reads(store) == i + 1
+        store.get(name)  # now in memory
+        assert _reads(store) == i + 1 and _cached_bytes(store) <= budget
     assert store.names() == [f"b{i}" for i in range(5)]
-    assert store.resident_bytes() == 2 * nb  # b3, b4
-    assert store.disk_reads == 0
+    assert _cached_bytes(store) == 2 * nb  # b3, b4
+    assert _reads(store) == 5
 
     for name in ("b4", "b3"):
         w = store.get(name)
-        assert store.disk_reads == 0 and _equal(w, first[name])
+        assert _reads(store) == 5 and _equal(w, first[name])
     w0 = store.get("b0")  # dropped: read again
-    assert store.disk_reads == 1
+    assert _reads(store) == 6
     assert _equal(w0, first["b0"])
-    assert store.resident_bytes() == 2 * nb  # b0 in, b4 (least recently used) out
-    assert store.get("b0") is w0 and store.disk_reads == 1
+    assert _cached_bytes(store) == 2 * nb  # b0 in, b4 (least recently used) out
+    assert store.get("b0") is w0 and _reads(store) == 6
     store.get("b3")
-    assert store.disk_reads == 1
+    assert _reads(store) == 6
     w4 = store.get("b4")
-    assert store.disk_reads == 2 and _equal(w4, first["b4"])
+    assert _reads(store) == 7 and _equal(w4, first["b4"])
     for i in range(5):
         assert _equal(store.get(f"b{i}"), first[f"b{i}"])
-        assert store.resident_bytes() <= budget
+        assert _cached_bytes(store) <= budget
     # differently seeded adapters differ, so the equality checks above mean something
     assert not torch.equal(first["b0"][("a", "q_proj")], first["b1"][("a", "q_proj")])
 
@@ -117,13 +126,15 @@ def test_budget_lru_follows_get(env):
     store = HostStore(args, budget_bytes=nb * 5 // 2)
     store.register("b0", root / "budget" / "b0")
     store.register("b1", root / "budget" / "b1")
+    store.get("b1")
     store.get("b0")  # b1 is now the least recently used
     store.register("b2", root / "budget" / "b2")
-    store.get("b0")
     store.get("b2")
-    assert store.disk_reads == 0
+    assert _reads(store) == 3
+    store.get("b0")
+    assert _reads(store) == 3
     store.get("b1")
-    assert store.disk_reads == 1
+    assert _reads(store) == 4
 
 
 def test_no_budget_keeps_everything_and_tiny_budget_keeps_one(env):
@@ -132,21 +143,23 @@ def test_no_budget_keeps_everything_and_tiny_budget_keeps_one(env):
     unlimited = HostStore(args)
     tiny = HostStore(args, budget_bytes=nb // 2)
     for i in range(5):
-        unlimited.register(f"b{i}", root / "budget" / f"b{i}")
-        tiny.register(f"b{i}", root / "budget" / f"b{i}")
-    assert unlimited.resident_bytes() == 5 * nb
-    assert tiny.resident_bytes() == nb  # the newest stays even when alone it exceeds the budget
+        for store in (unlimited, tiny):
+            store.register(f"b{i}", root / "budget" / f"b{i}")
+            store.get(f"b{i}")
+    assert _cached_bytes(unlimited) == 5 * nb
+    assert _cached_bytes(tiny) == nb  # the newest stays even when alone it exceeds the budget
     for i in range(5):
         unlimited.get(f"b{i}")
-    assert unlimited.disk_reads == 0
+    assert _reads(unlimited) == 5
 
 
 def test_store_dtype_sets_resident_size(env):
     root, args, _ = env
     store = HostStore(args, dtype=torch.float16)
     info = store.register("b0", root / "budget" / "b0")
-    assert info.nbytes == _qv8_bytes() // 2 == store.resident_bytes()
+    assert info.nbytes == _qv8_bytes() // 2
     assert all(t.dtype == torch.float16 for t in store.get("b0").a.values())
+    assert _cached_bytes(store) == info.nbytes == store.get("b0").nbytes
 
 
 def test_unregister_then_get_raises(env):
@@ -155,10 +168,11 @@ def test_unregister_then_get_raises(env):
     store = HostStore(args, budget_bytes=nb * 5 // 2)
     for i in range(3):
         store.register(f"b{i}", root / "budget" / f"b{i}")
-    store.unregister("b2")  # resident
+        store.get(f"b{i}")
+    store.unregister("b2")  # in memory
     store.unregister("b0")  # dropped by the budget
     assert store.names() == ["b1"] and "b2" not in store and "b0" not in store
-    assert store.resident_bytes() == nb
+    assert _cached_bytes(store) == nb
     for name in ("b0", "b2"):
         with pytest.raises(UnknownAdapterError, match=f"adapter '{name}' is not registered"):
             store.get(name)
@@ -166,7 +180,7 @@ def test_unregister_then_get_raises(env):
             store.info(name)
         with pytest.raises(UnknownAdapterError):
             store.unregister(name)
-    assert store.disk_reads == 0
+    assert _reads(store) == 3
     store.register("b2", root / "budget" / "b3")  # the name is free again, now for other weights
     ref = HostStore(args)
     ref.register("b3", root / "budget" / "b3")

@@ -1,29 +1,53 @@
 """The host tier: every registered adapter, its metadata always, its weights within a budget.
 
-Weights beyond `budget_bytes` are dropped least-recently-used first and re-read from disk on
-the next use, so the catalogue can be far larger than host memory. With CUDA present the
-weights are pinned, which lets device copies run asynchronously. What one registration may cost
-is bounded: at most `max_registered` adapters, files of at most `max_file_bytes`, read only from
-inside `roots` (symlinks resolved).
+Registration reads only an adapter's config and safetensors header (`inspect_adapter`), so
+registering thousands costs neither start-up time nor memory in proportion to their bytes. The
+weights are read on first use: `get` on the calling thread, `fetch` on the store's own I/O threads
+(so the engine's step never waits on a disk), with at most one read in flight per adapter. A read
+that finds bad values (NaN/Inf) or files changed since registration marks the adapter broken: it
+stays registered, so a request naming it gets a clear error, until it is unregistered.
+
+Weights beyond `budget_bytes` are dropped least-recently-used first and re-read on the next use,
+so the catalogue can be far larger than host memory; the weights of a held adapter (requests
+running on it or loading it) are never dropped. With CUDA present the weights are pinned, which
+lets device copies run asynchronously. What one registration may cost is bounded: at most
+`max_registered` adapters, files of at most `max_file_bytes`, read only from inside `roots`
+(symlinks resolved).
+
+The engine thread, the event loop and the I/O threads all call in: one lock guards the catalogue,
+and it is never held during a disk read.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable
+import bisect
 import dataclasses
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from caraserve.config import AdapterConfig
-from caraserve.lora.checkpoint import AdapterError, LoraWeights, ReadLimits, check_name, load_adapter
+from caraserve.lora.checkpoint import (
+    AdapterError,
+    LoraWeights,
+    ReadLimits,
+    check_name,
+    inspect_adapter,
+    load_adapter,
+)
+from caraserve.lora.host_memory import default_budget_bytes
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AdapterInfo", "HostStore", "HostStoreStats", "UnknownAdapterError", "default_budget_bytes"]
 
 
 class UnknownAdapterError(KeyError):
@@ -44,61 +68,48 @@ class AdapterInfo:
     confined: bool = True  # its files must resolve inside the store's roots (runtime loads)
 
 
-_UNKNOWN_MEM_BYTES = 16 * 2**30  # what the budget assumes when neither sysconf nor cgroups tell
+@dataclass(frozen=True)
+class HostStoreStats:
+    """A snapshot of the host tier, for metrics."""
+
+    registered: int
+    cached: int  # adapters whose weights are in host memory
+    cached_bytes: int  # their bytes (adapters added from memory included)
+    budget_bytes: int  # 0: unbounded
+    hits: int  # get / fetch calls answered from memory
+    misses: int  # get / fetch calls that waited on a disk read (one they started or one in flight)
+    disk_reads: int  # weight reads done, failed ones included
+    read_seconds_total: float  # time those reads took
 
 
-def default_budget_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
-                         cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """A quarter of the memory this process may use: the host tier must leave room for the model
-    load, the KV cache and the process itself. In a container that is the cgroup's memory limit,
-    not the machine's (a quarter of a large host can exceed a pod's whole limit)."""
-    try:
-        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or the name is unknown
-        phys = None
-    known = [m for m in (phys, _cgroup_limit_bytes(proc_cgroup, cgroup_root)) if m and m > 0]
-    if not known:
-        log.warning("machine memory unknown: host adapter budget assumes %d bytes", _UNKNOWN_MEM_BYTES)
-    return max(min(known or [_UNKNOWN_MEM_BYTES]) // 4, 1)
+class _Entry:
+    """One registered adapter; mutated only under the store's lock."""
 
+    __slots__ = ("info", "weights", "from_memory", "holds", "reading", "broken")
 
-def _cgroup_limit_bytes(proc_cgroup: Path, cgroup_root: Path) -> int | None:
-    """The tightest memory limit on this process's cgroup and its ancestors (v2 memory.max, v1
-    memory.limit_in_bytes); None when there is none or it cannot be read."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    limits = []
-    for line in lines:
-        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":
-            base, file = cgroup_root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, file = cgroup_root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        here = base / rel.strip().lstrip("/")
-        for folder in (here, *(p for p in here.parents if p == base or base in p.parents)):
-            try:
-                text = (folder / file).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < 2**60:  # "max" and v1's near-2**63 mean no limit
-                limits.append(int(text))
-    return min(limits) if limits else None
+    def __init__(self, info: AdapterInfo, from_memory: bool = False):
+        self.info = info
+        self.weights: LoraWeights | None = None  # in host memory now
+        self.from_memory = from_memory  # added from memory: no file to re-read, never dropped
+        self.holds = 0
+        self.reading: Future | None = None  # the read in flight
+        self.broken: str | None = None  # why its weights were refused
 
 
 class HostStore:
     """Every registered adapter. budget_bytes: -1 = default_budget_bytes(), 0 = unbounded.
     roots: folders adapter files may resolve into (None: anywhere, for plain-Python use).
-    max_rank: adapters of a larger rank are refused before their weights are stacked."""
+    max_rank: adapters of a larger rank are refused before their weights are stacked.
+    io_threads: the threads `fetch` reads weights on (started on the first fetch; `close` ends them).
+    on_read: if set, called with each weight read's seconds, from the thread that read."""
 
     def __init__(
         self, model_args, budget_bytes: int = 0, dtype: torch.dtype = torch.float32, pin: bool | None = None, *,
         max_registered: int = AdapterConfig.max_registered, max_file_bytes: int | None = AdapterConfig.max_file_bytes,
-        roots: Iterable[str | Path] | None = None, max_rank: int | None = None,
+        roots: Iterable[str | Path] | None = None, max_rank: int | None = None, io_threads: int = 2,
     ):
+        if io_threads < 1:
+            raise ValueError(f"io_threads={io_threads} must be at least 1")
         self.model_args = model_args
         self.dtype = dtype
         self.budget_bytes = default_budget_bytes() if budget_bytes < 0 else budget_bytes
@@ -106,12 +117,20 @@ class HostStore:
         self.max_registered = max_registered
         resolved = None if roots is None else tuple(Path(r).expanduser().resolve() for r in roots)
         self.limits = ReadLimits(max_file_bytes, resolved, max_rank)
-        self._info: dict[str, AdapterInfo] = {}
-        self._weights: OrderedDict[str, LoraWeights] = OrderedDict()  # LRU order, oldest first
-        self._pinned: dict[str, LoraWeights] = {}  # added from memory: never dropped
+        self.io_threads = io_threads
+        self.on_read: Callable[[float], None] | None = None
+        self._entries: dict[str, _Entry] = {}
+        self._sorted: list[str] = []  # registered names, kept sorted so that listing thousands is cheap
+        self._lru: OrderedDict[str, None] = OrderedDict()  # file-backed names with weights in memory, oldest first
+        self._cached = 0
+        self._cached_bytes = 0
+        self._hits = self._misses = self._disk_reads = 0
+        self._read_s = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
         self._lock = threading.Lock()
-        self.disk_reads = 0
 
+    # ---- the catalogue ------------------------------------------------------------------
     def register_dir(self, root: str | Path) -> tuple[list[str], dict[str, str]]:
         """Registers every adapter folder under root. Returns (registered, {name: error}); a broken
         adapter is reported and skipped, the others still register."""
@@ -121,7 +140,7 @@ class HostStore:
         ok, bad = [], {}
         full = 0
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if len(self._info) >= self.max_registered:  # one log line for all of them, not one each
+            if len(self._entries) >= self.max_registered:  # one log line for all of them, not one each
                 bad[folder.name] = self._full_message(folder.name)
                 full += 1
                 continue
@@ -142,22 +161,19 @@ class HostStore:
         return ok, bad
 
     def register(self, name: str, path: str | Path, confined: bool = True) -> AdapterInfo:
-        """Validates and registers one adapter; on any error nothing changes. confined: its files
-        must resolve inside the store's roots (False only for the operator's start-up folder)."""
+        """Validates one adapter from its config and safetensors header (no weights read) and
+        registers it; on any error nothing changes. confined: its files must resolve inside the
+        store's roots (False only for the operator's start-up folder)."""
         check_name(name)
         with self._lock:
             self._check_room(name)  # before the read: a full store costs no disk read
-        weights = self._prepare(load_adapter(path, self.model_args, name, self._limits(confined)))
-        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.targets, weights.nbytes, confined)
+        meta = inspect_adapter(path, self.model_args, name, self._limits(confined))
+        info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined)
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
-            self._info[name] = info
-            self._keep(weights)
+            self._insert(_Entry(info))
         log.info("registered adapter %s (rank %d, %s)", name, info.rank, ",".join(info.targets))
         return info
-
-    def _limits(self, confined: bool) -> ReadLimits:
-        return self.limits if confined else dataclasses.replace(self.limits, roots=None)
 
     def add(self, weights: LoraWeights) -> AdapterInfo:
         """Registers weights made in memory (benchmarks, tests); kept regardless of the budget
@@ -167,62 +183,187 @@ class HostStore:
         info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes)
         with self._lock:
             self._check_room(w.name)
-            self._info[w.name] = info
-            self._pinned[w.name] = w
+            entry = _Entry(info, from_memory=True)
+            self._insert(entry)
+            self._cache(w.name, entry, w)
         return info
 
     def unregister(self, name: str) -> None:
+        """Forgets the adapter, broken or not; a read in flight still answers its waiters but
+        caches nothing."""
         with self._lock:
-            if name not in self._info:
+            entry = self._entries.pop(name, None)
+            if entry is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered")
-            del self._info[name]
-            self._weights.pop(name, None)
-            self._pinned.pop(name, None)
+            del self._sorted[bisect.bisect_left(self._sorted, name)]
+            if entry.weights is not None:
+                self._drop(name, entry)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info
+        return name in self._entries
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self._info)
+            return list(self._sorted)
+
+    def names_page(self, after: str | None, limit: int) -> tuple[list[str], bool]:
+        """At most `limit` names sorted, those strictly after `after` (None: from the first), and
+        whether more follow."""
+        if limit < 0:
+            raise ValueError(f"limit={limit} must not be negative")
+        with self._lock:
+            start = 0 if after is None else bisect.bisect_right(self._sorted, after)
+            return self._sorted[start:start + limit], start + limit < len(self._sorted)
 
     def info(self, name: str) -> AdapterInfo:
+        return self._entry(name).info
+
+    # ---- the weights ----------------------------------------------------------------------
+    def get(self, name: str) -> LoraWeights:
+        """The adapter's weights, read from disk on this thread when not in memory (or waiting
+        for the read already in flight). AdapterError when they are refused (see `broken`)."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.broken is not None:
+                raise AdapterError(entry.broken)
+            if entry.weights is not None:
+                self._hit(name, entry)
+                return entry.weights
+            self._misses += 1
+            future, mine = entry.reading, entry.reading is None
+            if mine:
+                future = entry.reading = _running()
+        if mine:
+            self._read(name, entry, future)
+        return future.result()
+
+    def fetch(self, name: str) -> Future:
+        """A future of the adapter's weights: already done when they are in memory, else the read
+        in flight or a new one on the store's I/O threads. Its exception is the AdapterError of
+        refused weights. Waiters cannot cancel it (others may share it)."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.broken is not None:
+                return _failed(AdapterError(entry.broken))
+            if entry.weights is not None:
+                self._hit(name, entry)
+                return _done(entry.weights)
+            self._misses += 1
+            if entry.reading is not None:
+                return entry.reading
+            if self._closed:
+                raise RuntimeError("the host store is closed: no more reads on its I/O threads")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="adapter-io")
+                weakref.finalize(self, self._pool.shutdown, wait=False)  # a store dropped without close()
+            entry.reading = future = _running()
+            self._pool.submit(self._read, name, entry, future)
+            return future
+
+    def ready(self, name: str) -> bool:
+        """Its weights are in host memory now (False for unknown names); no I/O."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and entry.weights is not None
+
+    def broken(self, name: str) -> str | None:
+        """Why the adapter's weights were refused when read, else None (also for unknown names)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return None if entry is None else entry.broken
+
+    def hold(self, name: str) -> None:
+        """One more user (a request running on it or loading it): the budget keeps its weights."""
+        with self._lock:
+            entry = self._entry(name)
+            entry.holds += 1
+            if name in self._lru:
+                self._lru.move_to_end(name)
+
+    def release(self, name: str) -> None:
+        """Ends one hold; then the budget may drop the weights. A no-op for a name unregistered meanwhile."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return
+            if entry.holds == 0:
+                log.warning("adapter %s released more often than held", name)
+                return
+            entry.holds -= 1
+            if entry.holds == 0:
+                self._trim()
+
+    def stats(self) -> HostStoreStats:
+        with self._lock:
+            return HostStoreStats(len(self._entries), self._cached, self._cached_bytes, self.budget_bytes,
+                                  self._hits, self._misses, self._disk_reads, self._read_s)
+
+    def close(self) -> None:
+        """Ends the I/O threads after the reads already queued (their waiters get answers)."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _limits(self, confined: bool) -> ReadLimits:
+        return self.limits if confined else dataclasses.replace(self.limits, roots=None)
+
+    def _entry(self, name: str) -> _Entry:
         try:
-            return self._info[name]
+            return self._entries[name]
         except KeyError:
             raise UnknownAdapterError(f"adapter {name!r} is not registered") from None
 
-    def get(self, name: str) -> LoraWeights:
-        """The adapter's weights, re-read from disk when the budget dropped them."""
-        with self._lock:
-            info = self.info(name)
-            if name in self._pinned:
-                return self._pinned[name]
-            w = self._weights.get(name)
-            if w is not None:
-                self._weights.move_to_end(name)
-                return w
-        w = self._prepare(load_adapter(info.path, self.model_args, name, self._limits(info.confined)))
-        with self._lock:
-            self.disk_reads += 1
-            if name in self._info:
-                self._keep(w)
-        return w
-
-    def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(w.nbytes for w in self._weights.values())
+    def _insert(self, entry: _Entry) -> None:
+        self._entries[entry.info.name] = entry
+        bisect.insort(self._sorted, entry.info.name)
 
     def _check_room(self, name: str) -> None:
         """Refuses a taken name or a full store; call with the lock held."""
-        if name in self._info:
-            raise AdapterError(f"adapter {name!r} is already registered (from {self._info[name].path})")
-        if len(self._info) >= self.max_registered:
+        if name in self._entries:
+            raise AdapterError(f"adapter {name!r} is already registered (from {self._entries[name].info.path})")
+        if len(self._entries) >= self.max_registered:
             raise AdapterError(self._full_message(name))
 
     def _full_message(self, name: str) -> str:
-        return (f"adapter {name!r} refused: {len(self._info)} adapters are registered, the cap "
+        return (f"adapter {name!r} refused: {len(self._entries)} adapters are registered, the cap "
                 f"adapters.max_registered={self.max_registered}; unregister one or raise the cap")
+
+    def _read(self, name: str, entry: _Entry, future: Future) -> None:
+        """Reads the weights and answers `future`; runs on an I/O thread or get's caller, never
+        under the lock."""
+        start = time.perf_counter()
+        weights, error = None, None
+        try:
+            info = entry.info
+            w = load_adapter(info.path, self.model_args, name, self._limits(info.confined))
+            _check_unchanged(info, w, self.dtype)
+            weights = self._prepare(w)
+        except BaseException as e:  # the future must be answered, or its waiters hang
+            error = e
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._disk_reads += 1
+            self._read_s += seconds
+            entry.reading = None
+            if self._entries.get(name) is entry:  # not unregistered meanwhile
+                if isinstance(error, AdapterError):  # other errors (memory, ...) are not the adapter's
+                    entry.broken = str(error)
+                    log.error("%s; requests naming it are refused until it is unregistered", error)
+                elif weights is not None:
+                    self._cache(name, entry, weights)
+        on_read = self.on_read
+        if on_read is not None:
+            try:
+                on_read(seconds)
+            except Exception:  # metrics must not fail a read
+                log.exception("host store on_read callback failed")
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(weights)
 
     def _prepare(self, w: LoraWeights) -> LoraWeights:
         """In the serving dtype, pinned when CUDA is present (async device copies need it)."""
@@ -235,13 +376,73 @@ class HostStore:
         b = {m: conv(t) for m, t in w.b.items()}
         return LoraWeights(w.name, w.path, w.rank, w.scale, a, b)
 
-    def _keep(self, w: LoraWeights) -> None:
-        self._weights[w.name] = w
-        self._weights.move_to_end(w.name)
-        if self.budget_bytes <= 0:
+    def _hit(self, name: str, entry: _Entry) -> None:
+        self._hits += 1
+        if not entry.from_memory:
+            self._lru.move_to_end(name)
+
+    def _cache(self, name: str, entry: _Entry, w: LoraWeights) -> None:
+        entry.weights = w
+        self._cached += 1
+        self._cached_bytes += w.nbytes
+        if not entry.from_memory:
+            self._lru[name] = None
+        self._trim(keep=name)
+
+    def _drop(self, name: str, entry: _Entry) -> None:
+        self._cached -= 1
+        self._cached_bytes -= entry.weights.nbytes
+        entry.weights = None
+        self._lru.pop(name, None)
+
+    def _trim(self, keep: str | None = None) -> None:
+        """Drops least-recently-used weights until the budget holds, sparing held adapters and
+        `keep` (just read: about to be used). With everything else held the budget stays exceeded
+        until a release."""
+        over = self._cached_bytes - self.budget_bytes
+        if self.budget_bytes <= 0 or over <= 0:
             return
-        total = sum(x.nbytes for x in self._weights.values())
-        while total > self.budget_bytes and len(self._weights) > 1:
-            _, dropped = self._weights.popitem(last=False)
-            total -= dropped.nbytes
-            log.debug("host budget: dropped %s weights (re-read on next use)", dropped.name)
+        victims = []
+        for name in self._lru:
+            entry = self._entries[name]
+            if name != keep and entry.holds == 0:
+                victims.append((name, entry))
+                over -= entry.weights.nbytes
+                if over <= 0:
+                    break
+        for name, entry in victims:
+            self._drop(name, entry)
+            log.debug("host budget: dropped %s weights (re-read on next use)", name)
+        if over > 0:
+            log.debug("host budget exceeded by %d bytes: the other cached adapters are held", over)
+
+
+def _check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:
+    """The scheduler and the device pool plan with what registration saw; weights that differ
+    (the files were replaced since) are refused rather than served under the old plan."""
+    numel = sum(t.numel() for d in (w.a, w.b) for t in d.values())
+    now = (w.rank, w.scale, w.targets, numel * dtype.itemsize)
+    then = (info.rank, info.scale, info.targets, info.nbytes)
+    if now != then:
+        raise AdapterError(
+            f"adapter {info.name!r}: its files in {info.path} changed since it was registered (rank, scale, "
+            f"modules, bytes were {then}, now {now}); unregister it and register it again"
+        )
+
+
+def _running() -> Future:
+    f: Future = Future()
+    f.set_running_or_notify_cancel()  # a shared future: no waiter may cancel it for the others
+    return f
+
+
+def _done(w: LoraWeights) -> Future:
+    f: Future = Future()
+    f.set_result(w)
+    return f
+
+
+def _failed(e: BaseException) -> Future:
+    f: Future = Future()
+    f.set_exception(e)
+    return f

@@ -16,6 +16,7 @@ class ErrorCause(enum.Enum):
     """Why a request ended with an error."""
 
     REQUEST = "request"  # its own part of a step raised; the other requests went on
+    ADAPTER = "adapter"  # its adapter's weights were refused when first read (the caller named it)
     ENGINE = "engine"  # the engine failed as a whole: every request in flight ended
 
 

@@ -111,6 +111,21 @@ def test_models_lists_base_and_adapters(client):
     assert isinstance(cards["demo-r8"].model_extra["resident"], bool)
 
 
+def test_models_paging_over_sorted_names(server):
+    def page(**params):
+        r = httpx.get(server["base"] + "/v1/models", params=params, headers=auth())
+        assert r.status_code == 200, r.text
+        return [c["id"] for c in r.json()["data"]], r.json()["has_more"]
+
+    assert page() == (["tiny", "demo-r16", "demo-r32", "demo-r64", "demo-r8"], False)
+    assert page(limit=2) == (["tiny", "demo-r16"], True)
+    assert page(limit=2, after="demo-r16") == (["demo-r32", "demo-r64"], True)
+    assert page(limit=2, after="demo-r64") == (["demo-r8"], False)
+    assert page(after="demo-r20") == (["demo-r32", "demo-r64", "demo-r8"], False)  # a cursor gone since
+    assert page(after="tiny", limit=1) == (["demo-r16"], True)
+    assert httpx.get(server["base"] + "/v1/models", params={"limit": 0}, headers=auth()).status_code == 400
+
+
 def test_dynamic_load_use_unload(server, client):
     extra = server["adapters"] / "late-r12"
     write_random_adapter(extra, 12, 24, ["q_proj", "down_proj"], seed=7)
@@ -236,6 +251,16 @@ def test_metrics_exposed(server, client):
                  "caraserve_adapter_slots_used", "caraserve_adapter_loads_total", "caraserve_generated_tokens_total",
                  'caraserve_requests_total{status="length"}'):
         assert name in text, name
+
+
+def test_gateway_metrics_in_vllms_names(server, client):
+    """The names and labels the Gateway API Inference Extension's vLLM scrapers read."""
+    text = httpx.get(server["base"] + "/metrics", headers=auth()).text
+    assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
+    assert 'vllm:num_requests_waiting{model_name="tiny"} 0.0' in text
+    info = [ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and 'running_lora_adapters=""' in info[0] and 'waiting_lora_adapters=""' in info[0]
+    assert 'max_lora="' in info[0] and float(info[0].rsplit(" ", 1)[1]) > 1.7e9  # the time of the scrape
 
 
 def test_sigterm_drains_running_requests(server):

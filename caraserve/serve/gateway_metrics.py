@@ -1,0 +1,45 @@
+"""vLLM-compatible metrics, so Kubernetes endpoint pickers route to caraserve replicas unchanged.
+
+The Gateway API Inference Extension (and llm-d and KServe, which build on it) scrape each model
+server's /metrics and, for vLLM, read:
+  vllm:num_requests_waiting / vllm:num_requests_running   queue depth and batch size (gauges)
+  vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}
+      one sample whose value is the time it was taken (vLLM sets it to the current time); the
+      labels name the adapters of running and waiting requests (comma-separated) and how many
+      adapters the server holds on the device at once. A LoRA-affinity scorer sends a request to
+      a server already running its adapter, else to one with room for another adapter.
+This collector computes them at scrape time, one series each (vLLM's own gauge keeps a series
+per label combination ever seen; a scraper takes the newest, which is the only one here).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+
+class GatewayMetrics(Collector):
+    def __init__(self, service, model_name: str):
+        self.service, self.model_name = service, model_name
+
+    def collect(self):
+        sched, pool = self.service.engine.scheduler, self.service.engine.pool
+        running, waiting = list(sched.running), list(sched.waiting)  # copies: the engine thread moves them
+        for name, doc, value in (("vllm:num_requests_running", "Requests in the running batch", len(running)),
+                                 ("vllm:num_requests_waiting", "Requests waiting to be scheduled",
+                                  self.service.num_waiting)):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], value)
+            yield g
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: unix time)",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        max_lora = sum(len(b.slots) for b in pool.buckets)
+        names = [",".join(sorted({r.adapter for r in reqs if r.adapter})) for reqs in (running, waiting)]
+        info.add_metric([str(max_lora), *names], time.time())
+        yield info
+
+
+def add_gateway_metrics(registry: CollectorRegistry, service, model_name: str) -> None:
+    registry.register(GatewayMetrics(service, model_name))

@@ -1,0 +1,319 @@
+"""The service layer under the HTTP routes: what an OpenAI-compatible front does, without HTTP.
+
+`Service` is the interface the route modules (caraserve.serve.routes) call; two implement it:
+`EngineService` here (one engine, the plain server; also what each Ray replica runs) and the Ray
+ingress's service (caraserve.ray_serve.ingress), which routes each call to a replica. A call
+answers a dict (a JSON body), an async iterator of SSE lines (a stream), or raises ApiError,
+whose type carries its HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from caraserve.lora.checkpoint import AdapterError, check_name
+from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
+from caraserve.serve import protocol as proto
+from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
+from caraserve.serve.gateway_metrics import add_gateway_metrics
+from caraserve.serve.http import ApiError
+from caraserve.serve.metrics import ServerMetrics
+from caraserve.state import EngineState
+
+log = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[bool]]
+Answer = dict | AsyncIterator[str]
+
+
+class Service(Protocol):
+    """What the routes need. disconnected: tells whether the client went away (a non-streamed
+    call aborts its request then); a stream's consumer going away aborts it by closing it."""
+
+    async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
+                         disconnected: Disconnected | None = None) -> Answer: ...
+
+    async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
+                   disconnected: Disconnected | None = None) -> Answer: ...
+
+    async def models(self) -> list[dict]: ...
+
+    async def load_adapter(self, body: proto.LoadLoraRequest) -> dict: ...
+
+    async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict: ...
+
+    async def health(self) -> dict: ...
+
+    async def metrics(self) -> tuple[bytes, str]: ...
+
+    async def state(self) -> dict: ...
+
+
+def error_kind(out: RequestOutput) -> tuple[int, str]:
+    """(HTTP status, error type) of a request that ended with an error. A request whose own part
+    of a step failed is told so (type request_failed): a router must not retry it elsewhere or
+    hold it against this replica."""
+    return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
+
+
+class EngineService:
+    """One engine behind the OpenAI API (see the module docstring)."""
+
+    def __init__(self, service: AsyncEngine, served_name: str, adapter_roots: list[Path], unload_timeout_s: float):
+        self.service, self.engine = service, service.engine
+        self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
+        self.limits = self.engine.config.limits
+        self.metrics_ = ServerMetrics(service)
+        add_gateway_metrics(self.metrics_.registry, service, served_name)
+        service.on_output = self.metrics_.observe
+        # Tokenizing and templating a large input takes a while: it runs on this thread, off the
+        # event loop, one input at a time (the tokenizer's state is not shared with other threads).
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caraserve-tokenize")
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def resolve_model(self, name: str) -> str | None:
+        if name == self.served_name:
+            return None
+        if self.service.is_serving(name):
+            return name
+        self.metrics_.rejected("unknown_model")
+        raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
+
+    def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
+            raise ApiError(400, f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}",
+                           "invalid_request_error")
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(logprobs),
+            )
+            self.engine.check_params(params)
+            return params
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def _encode(self, prompt) -> list[int]:
+        try:
+            if isinstance(prompt, str) and len(prompt) > 1024:
+                return await self._off_loop(self.engine.encode, prompt)
+            return self.engine.encode(prompt)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    async def _start(self, prompt_ids, params, adapter, rid) -> asyncio.Queue:
+        try:
+            return await self.service.submit(prompt_ids, params, adapter, rid)
+        except QueueFullError as e:
+            self.metrics_.rejected("queue_full")
+            raise ApiError(503, str(e), "server_overloaded") from e
+        except EngineUnavailableError as e:
+            raise ApiError(503, str(e), "engine_unavailable") from e
+        except RequestError as e:
+            self.metrics_.rejected("bad_request")
+            if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
+                raise ApiError(404, str(e), "not_found_error") from e
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
+        """Waits for the final output; a client that goes away aborts the request."""
+        while True:
+            try:
+                out = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if disconnected is not None and await disconnected():
+                    self.service.abort(rid)
+                    raise ApiError(499, "client disconnected", "client_closed") from None
+                continue
+            if out.finished:
+                return out
+
+    async def _events(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool) -> AsyncIterator[str]:
+        done = False
+        try:
+            while not done:
+                out: RequestOutput = await queue.get()
+                done = out.finished
+                finish = out.finish_reason.openai if done else None
+                if out.new_text or done:
+                    yield f"data: {json.dumps(chunk(out.new_text, finish))}\n\n"
+                if done and out.error is not None:
+                    status, type_ = error_kind(out)
+                    yield f"data: {json.dumps(proto.error_body(out.error, type_, status))}\n\n"
+                if done and final_usage:
+                    body = chunk("", None)
+                    body["choices"] = []
+                    body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids))
+                    yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the consumer went away mid-stream: free the request's slot
+                self.service.abort(rid)
+
+    @staticmethod
+    def _check_finished(out: RequestOutput) -> None:
+        if out.error is not None:
+            status, type_ = error_kind(out)
+            headers = {proto.FAULT_HEADER: "request"} if type_ == "request_failed" else None
+            raise ApiError(status, out.error, type_, headers)
+
+    # ---- the API ------------------------------------------------------------------------------
+
+    async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
+                         disconnected: Disconnected | None = None) -> Answer:
+        adapter = self.resolve_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ApiError(400, "batched prompts are not supported: send one prompt per request",
+                               "invalid_request_error")
+            prompt = prompt[0]
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "invalid_request_error")
+        logprobs = int(body.logprobs) if body.logprobs is not None else None
+        params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, logprobs)
+        ids = await self._encode(prompt)
+        queue = await self._start(ids, params, adapter, rid)
+        if body.stream:
+            return self._events(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
+                                include_usage)
+        out = await self._collect(rid, queue, disconnected)
+        self._check_finished(out)
+        logprobs_body = None
+        if body.logprobs and out.logprobs is not None:
+            tok = self.engine.tokenizer
+            tokens = [tok.decode([t]) if tok else str(t) for t in out.output_ids]
+            logprobs_body = {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None,
+                             "text_offset": None}
+        return proto.completion_response(rid, body.model, out.text, out.finish_reason.openai, len(ids),
+                                         len(out.output_ids), logprobs_body)
+
+    def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
+        engine, limits = self.engine, self.limits
+        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "invalid_request_error")
+        if len(body.messages) > limits.max_chat_messages:
+            raise ApiError(400, f"messages: at most {limits.max_chat_messages} messages, got {len(body.messages)}",
+                           "invalid_request_error")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in messages)
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"messages: not valid Unicode ({e.reason})", "invalid_request_error") from None
+        if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
+            raise ApiError(400, f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
+                           "(limits.max_prompt_bytes)", "invalid_request_error")
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many)",
+                           "invalid_request_error")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
+            raise ApiError(400, f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}",
+                           "invalid_request_error")
+        return messages
+
+    async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
+                   disconnected: Disconnected | None = None) -> Answer:
+        adapter = self.resolve_model(body.model)
+        messages = self._chat_checks(body)
+        engine = self.engine
+        wanted = (body.top_logprobs or 0) if body.logprobs else None
+        self.sampling(body, 1, wanted)  # bad parameters are refused before the template runs
+
+        def render() -> list[int]:
+            try:
+                text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
+                raise RequestError(f"cannot apply the chat template: {e}") from e
+            return engine.encode(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        try:
+            ids = await self._off_loop(render)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
+        queue = await self._start(ids, params, adapter, rid)
+        if body.stream:
+            first = [True]
+
+            def chunk(text, fin):
+                delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
+                first[0] = False
+                return proto.chat_chunk(rid, body.model, delta, fin)
+
+            return self._events(rid, queue, chunk, include_usage)
+        out = await self._collect(rid, queue, disconnected)
+        self._check_finished(out)
+        return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids))
+
+    async def models(self) -> list[dict]:
+        engine = self.engine
+        cards = [proto.model_card(self.served_name, str(engine.model_path), max_model_len=engine.max_seq_len)]
+        for info in engine.adapters():
+            if self.service.is_serving(info.name):
+                cards.append(proto.model_card(info.name, info.path, parent=self.served_name, rank=info.rank,
+                                              resident=engine.adapter_state(info.name) == "resident"))
+        return cards
+
+    async def load_adapter(self, body: proto.LoadLoraRequest) -> dict:
+        try:
+            check_name(body.lora_name)
+        except AdapterError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        try:
+            resolved = Path(body.lora_path).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, unknown ~user
+            raise ApiError(400, f"lora_path {body.lora_path!r} is not a usable path ({e})",
+                           "invalid_request_error") from e
+        if not any(resolved == root or resolved.is_relative_to(root) for root in self.adapter_roots):
+            raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots",
+                           "invalid_request_error")
+        if body.lora_name == self.served_name:
+            raise ApiError(400, f"{body.lora_name!r} is the base model's name", "invalid_request_error")
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.register_adapter, body.lora_name, resolved)
+        except AdapterError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
+        except (OSError, ValueError) as e:  # unreadable files of the caller's choosing
+            raise ApiError(400, f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})",
+                           "invalid_request_error") from e
+        return {"status": "ok", "lora_name": info.name, "rank": info.rank}
+
+    async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:
+        if not self.service.is_serving(body.lora_name):
+            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
+        try:
+            await self.service.retire_adapter(body.lora_name, self.unload_timeout_s)
+        except (TimeoutError, AdapterError) as e:  # still in use: the caller may retry later
+            raise ApiError(409, f"cannot unload adapter {body.lora_name!r}: {e}", "conflict_error") from e
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    async def health(self) -> dict:
+        if not self.service.healthy:
+            raise ApiError(503, f"the engine is not serving ({self.service.fault or 'stopped'})",
+                           "engine_unavailable")
+        return {"status": "ok"}
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return self.metrics_.render(), self.metrics_.content_type
+
+    async def engine_state(self) -> EngineState:
+        """The typed EngineState (Engine.snapshot) with the served model's name."""
+        return replace(await self.service.call(self.engine.snapshot), model=self.served_name)
+
+    async def state(self) -> dict:
+        """The EngineState's wire form (/v1/state)."""
+        return (await self.engine_state()).to_dict()

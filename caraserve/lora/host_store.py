@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from caraserve.lora.checkpoint import (
     load_adapter,
 )
 from caraserve.lora.host_memory import default_budget_bytes
+from caraserve.lora.weight_cache import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ class HostStore:
             raise ValueError(f"io_threads={io_threads} must be at least 1")
         self.model_args = model_args
         self.dtype = dtype
-        self.budget_bytes = default_budget_bytes() if budget_bytes < 0 else budget_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.max_registered = max_registered
         resolved = None if roots is None else tuple(Path(r).expanduser().resolve() for r in roots)
@@ -121,14 +120,16 @@ class HostStore:
         self.on_read: Callable[[float], None] | None = None
         self._entries: dict[str, _Entry] = {}
         self._sorted: list[str] = []  # registered names, kept sorted so that listing thousands is cheap
-        self._lru: OrderedDict[str, None] = OrderedDict()  # file-backed names with weights in memory, oldest first
-        self._cached = 0
-        self._cached_bytes = 0
+        self._cache = WeightCache(default_budget_bytes() if budget_bytes < 0 else budget_bytes)
         self._hits = self._misses = self._disk_reads = 0
         self._read_s = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._lock = threading.Lock()
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._cache.budget_bytes
 
     # ---- the catalogue ------------------------------------------------------------------
     def register_dir(self, root: str | Path) -> tuple[list[str], dict[str, str]]:
@@ -185,7 +186,7 @@ class HostStore:
             self._check_room(w.name)
             entry = _Entry(info, from_memory=True)
             self._insert(entry)
-            self._cache(w.name, entry, w)
+            self._cache.put(entry, w)
         return info
 
     def unregister(self, name: str) -> None:
@@ -197,7 +198,7 @@ class HostStore:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered")
             del self._sorted[bisect.bisect_left(self._sorted, name)]
             if entry.weights is not None:
-                self._drop(name, entry)
+                self._cache.drop(entry)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -227,7 +228,8 @@ class HostStore:
             if entry.broken is not None:
                 raise AdapterError(entry.broken)
             if entry.weights is not None:
-                self._hit(name, entry)
+                self._hits += 1
+                self._cache.touch(entry)
                 return entry.weights
             self._misses += 1
             future, mine = entry.reading, entry.reading is None
@@ -246,7 +248,8 @@ class HostStore:
             if entry.broken is not None:
                 return _failed(AdapterError(entry.broken))
             if entry.weights is not None:
-                self._hit(name, entry)
+                self._hits += 1
+                self._cache.touch(entry)
                 return _done(entry.weights)
             self._misses += 1
             if entry.reading is not None:
@@ -277,8 +280,7 @@ class HostStore:
         with self._lock:
             entry = self._entry(name)
             entry.holds += 1
-            if name in self._lru:
-                self._lru.move_to_end(name)
+            self._cache.touch(entry)
 
     def release(self, name: str) -> None:
         """Ends one hold; then the budget may drop the weights. A no-op for a name unregistered meanwhile."""
@@ -291,11 +293,11 @@ class HostStore:
                 return
             entry.holds -= 1
             if entry.holds == 0:
-                self._trim()
+                self._cache.trim()
 
     def stats(self) -> HostStoreStats:
         with self._lock:
-            return HostStoreStats(len(self._entries), self._cached, self._cached_bytes, self.budget_bytes,
+            return HostStoreStats(len(self._entries), self._cache.count, self._cache.nbytes, self.budget_bytes,
                                   self._hits, self._misses, self._disk_reads, self._read_s)
 
     def close(self) -> None:
@@ -353,7 +355,7 @@ class HostStore:
                     entry.broken = str(error)
                     log.error("%s; requests naming it are refused until it is unregistered", error)
                 elif weights is not None:
-                    self._cache(name, entry, weights)
+                    self._cache.put(entry, weights)
         on_read = self.on_read
         if on_read is not None:
             try:
@@ -375,46 +377,6 @@ class HostStore:
         a = {m: conv(t) for m, t in w.a.items()}
         b = {m: conv(t) for m, t in w.b.items()}
         return LoraWeights(w.name, w.path, w.rank, w.scale, a, b)
-
-    def _hit(self, name: str, entry: _Entry) -> None:
-        self._hits += 1
-        if not entry.from_memory:
-            self._lru.move_to_end(name)
-
-    def _cache(self, name: str, entry: _Entry, w: LoraWeights) -> None:
-        entry.weights = w
-        self._cached += 1
-        self._cached_bytes += w.nbytes
-        if not entry.from_memory:
-            self._lru[name] = None
-        self._trim(keep=name)
-
-    def _drop(self, name: str, entry: _Entry) -> None:
-        self._cached -= 1
-        self._cached_bytes -= entry.weights.nbytes
-        entry.weights = None
-        self._lru.pop(name, None)
-
-    def _trim(self, keep: str | None = None) -> None:
-        """Drops least-recently-used weights until the budget holds, sparing held adapters and
-        `keep` (just read: about to be used). With everything else held the budget stays exceeded
-        until a release."""
-        over = self._cached_bytes - self.budget_bytes
-        if self.budget_bytes <= 0 or over <= 0:
-            return
-        victims = []
-        for name in self._lru:
-            entry = self._entries[name]
-            if name != keep and entry.holds == 0:
-                victims.append((name, entry))
-                over -= entry.weights.nbytes
-                if over <= 0:
-                    break
-        for name, entry in victims:
-            self._drop(name, entry)
-            log.debug("host budget: dropped %s weights (re-read on next use)", name)
-        if over > 0:
-            log.debug("host budget exceeded by %d bytes: the other cached adapters are held", over)
 
 
 def _check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:

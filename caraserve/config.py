@@ -200,6 +200,8 @@ class AdapterConfig:
     re-read from disk when needed (-1 = a quarter of the machine's memory, 0 = unbounded).
     max_registered: adapters that may be registered at once (start-up and runtime loads).
     max_file_bytes: an adapter file (config or weights) larger than this is refused.
+    resolve_dirs: a request naming an unregistered adapter `x` registers `<dir>/x` from the first
+    of these folders that has it (read on first use, confined like a runtime load).
     """
 
     dir: str = "demo"
@@ -211,6 +213,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = LORA_TARGETS  # modules the device pool holds slots for
     max_registered: int = 16384
     max_file_bytes: int = 4 * 2**30
+    resolve_dirs: tuple[str, ...] = ()
 
     def __post_init__(self):
         bad = [m for m in self.target_modules if m not in LORA_TARGETS]
@@ -224,7 +227,7 @@ class AdapterConfig:
         _check(self.host_mem_bytes >= -1, "adapters.host_mem_bytes must be -1 (auto), 0 (unbounded) or > 0")
         _check(self.max_registered >= 1, f"adapters.max_registered={self.max_registered} must be >= 1")
         _check(self.max_file_bytes >= 1024, f"adapters.max_file_bytes={self.max_file_bytes} must be >= 1024")
-        _check(self.preload in ("none", "all"), f"adapters.preload={self.preload!r} must be none|all")
+        _check(self.preload in ("none", "host", "all"), f"adapters.preload={self.preload!r} must be none|host|all")
 
     @property
     def max_rank(self) -> int:

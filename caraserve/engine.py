@@ -18,7 +18,7 @@ from caraserve.cpu_assist.handoff import Handoff
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache
-from caraserve.lora.checkpoint import AdapterError
+from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
 from caraserve.model.llama import CausalLM
@@ -90,7 +90,7 @@ class Engine:
                           self.dtype, self.model.layer_devices())
         self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype,
                                max_registered=cfg.adapters.max_registered, max_file_bytes=cfg.adapters.max_file_bytes,
-                               roots=cfg.adapters.allowed_roots or ((adapter_dir,) if adapter_dir else None),
+                               roots=self._adapter_roots(adapter_dir),
                                max_rank=cfg.adapters.max_rank)
         self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
                                self.model.layer_devices(), cfg.adapters.target_modules,
@@ -111,8 +111,17 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._failed_steps = 0  # consecutive one-request steps whose forward raised
-        if cfg.adapters.preload == "all":
+        if cfg.adapters.preload == "host":
+            self.preload_host()
+        elif cfg.adapters.preload == "all":
             self.preload_all()
+
+    def _adapter_roots(self, adapter_dir: Path | None) -> tuple | None:
+        """Folders runtime loads may read from: adapters.allowed_roots (default adapters.dir) and
+        the resolver's folders; None when there are none (no confinement)."""
+        a = self.config.adapters
+        roots = tuple(a.allowed_roots or ((adapter_dir,) if adapter_dir else ())) + tuple(a.resolve_dirs)
+        return roots or None
 
     def _perf_model(self):
         path = self.config.scheduler.perf_model
@@ -187,7 +196,7 @@ class Engine:
         self.adapter_errors.update(bad)
         for name in ok:
             try:
-                self.pool.check(self.store.get(name))
+                self.pool.check(self.store.info(name))
             except AdapterError as e:
                 self.store.unregister(name)
                 self.adapter_errors[name] = str(e)
@@ -199,7 +208,7 @@ class Engine:
         from another thread while the engine steps (the store has its own lock)."""
         info = self.store.register(name, path)
         try:
-            self.pool.check(self.store.get(name))
+            self.pool.check(info)
         except AdapterError:
             self.store.unregister(name)
             raise
@@ -221,6 +230,12 @@ class Engine:
 
     def adapters(self) -> list[AdapterInfo]:
         return [self.store.info(n) for n in self.store.names()]
+
+    def preload_host(self) -> None:
+        """Reads every registered adapter's weights into the host tier (as far as its budget
+        holds them), so no first use waits for a disk read."""
+        for name in self.store.names():
+            self.store.get(name)
 
     def preload_all(self) -> None:
         """Makes every registered adapter resident (the CACHED baseline); needs enough slots."""
@@ -259,8 +274,8 @@ class Engine:
         params = params or SamplingParams()
         self.check_params(params)
         prompt_ids = self.encode(prompt)
-        if adapter is not None and adapter not in self.store:
-            raise RequestError(f"unknown adapter {adapter!r}")
+        if adapter is not None:
+            self.check_adapter(adapter)
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -278,6 +293,37 @@ class Engine:
             self._requests[rid] = req
             self.scheduler.add(req)
         return rid
+
+    def check_adapter(self, name: str) -> None:
+        """Refuses (RequestError) an adapter that is not registered and cannot be resolved, or
+        whose weights were refused when first read."""
+        if name not in self.store and not self.resolve_adapter(name):
+            raise RequestError(f"unknown adapter {name!r}")
+        why = self.store.broken(name)
+        if why is not None:
+            raise RequestError(f"adapter {name!r} cannot be used: {why}")
+
+    def resolve_adapter(self, name: str) -> bool:
+        """Registers `<dir>/<name>` from the first of adapters.resolve_dirs that has it (as vLLM's
+        LoRA resolvers do); True when the adapter is registered now. Reads the adapter's config and
+        header only; confined to the roots like any runtime load."""
+        try:
+            check_name(name)  # a plain name: never a path that leaves the folder
+        except AdapterError:
+            return False
+        for folder in self.config.adapters.resolve_dirs:
+            path = Path(folder).expanduser() / name
+            if not path.is_dir():
+                continue
+            try:
+                self.register_adapter(name, path)
+            except AdapterError as e:
+                if name in self.store:  # registered meanwhile by a concurrent resolve
+                    return True
+                raise RequestError(f"adapter {name!r} found in {folder} but refused: {e}") from e
+            log.info("resolved adapter %s from %s", name, folder)
+            return True
+        return name in self.store
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
@@ -446,10 +492,16 @@ class Engine:
 
     def _fail_rejected(self) -> list[RequestOutput]:
         """Ends the requests the scheduler could not admit for a reason of their own."""
-        return [self._fail(r, why) for r, why in self.scheduler.take_rejected()]
+        outs = []
+        for req, e in self.scheduler.take_rejected():
+            if isinstance(e, AdapterError):
+                outs.append(self._fail(req, f"adapter {req.adapter!r} cannot be used: {e}", ErrorCause.ADAPTER))
+            else:
+                outs.append(self._fail(req, f"its adapter cannot be used ({_describe(e)})"))
+        return outs
 
-    def _fail(self, req: Request, why: str) -> RequestOutput:
-        req.error, req.error_cause = why, ErrorCause.REQUEST
+    def _fail(self, req: Request, why: str, cause: ErrorCause = ErrorCause.REQUEST) -> RequestOutput:
+        req.error, req.error_cause = why, cause
         self._finish(req, FinishReason.ERROR)
         return self.outputs.output(req, [], "")
 

@@ -22,6 +22,7 @@ an SLO it waits at the head until the batch has shrunk enough for it.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -66,11 +67,12 @@ class Scheduler:
         self.slo_s = slo_ms / 1e3
         self.max_passed_over = max_passed_over  # None: strict FCFS admission
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
-        self._rejected: list[tuple[Request, str]] = []  # could not be admitted, for a reason of their own
+        self._rejected: list[tuple[Request, Exception]] = []  # not admitted, for a reason of their own
 
-    def take_rejected(self) -> list[tuple[Request, str]]:
+    def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
-        adapter that can no longer be read); they have left the queue, the engine ends them."""
+        adapter whose weights were refused on their first read); they have left the queue, the
+        engine ends them."""
         rejected, self._rejected = self._rejected, []
         return rejected
 
@@ -113,26 +115,42 @@ class Scheduler:
         return due + grouped + others
 
     def _adapter_ready(self, req: Request, blocked_buckets: set[int]) -> bool:
-        """Makes sure the request's adapter is (being) loaded and held; True when resident."""
-        if req.adapter is None:
+        """Makes sure the request's adapter is (being) loaded and held; True when it may run.
+        Never waits: weights not in host memory are read on the store's I/O threads while the
+        request waits here and the others run. Raises the AdapterError of weights refused on
+        their first read."""
+        name = req.adapter
+        if name is None:
             return True
         if req.request_id not in self._holds:
-            weights = self.store.get(req.adapter)
-            bucket = self.pool.bucket_for(weights.rank)
-            if self.pool.state(req.adapter) is AdapterState.HOST:
+            if self.pool.state(name) is AdapterState.HOST:
                 req.cold_start = True
-                if bucket in blocked_buckets or not self.pool.load(weights):
+                bucket = self.pool.bucket_for(self.store.info(name).rank)
+                if bucket in blocked_buckets:
+                    return False
+                read = self.store.fetch(name)
+                if not read.done():
+                    return False
+                if not self.pool.load(read.result()):
                     blocked_buckets.add(bucket)
                     return False
-            self.pool.acquire(req.adapter)
+            self.pool.acquire(name)
+            self.store.hold(name)  # its host copy stays while the device copy or CPU assist needs it
             self._holds.add(req.request_id)
-        if self.pool.state(req.adapter) is AdapterState.LOADING:
-            if self.assist is not None and self.assist(req, self.store.get(req.adapter)):
+        if self.pool.state(name) is AdapterState.LOADING:
+            read = self.store.fetch(name)
+            if self.assist is not None and read.done() and self.assist(req, read.result()):
                 req.cpu_assisted = True
                 return True
             req.state = RequestState.LOADING_ADAPTER
             return False
         return True
+
+    def _prefetch(self) -> None:
+        """Starts the host reads of the adapters the next admissions will need."""
+        for req in itertools.islice(self.waiting, self.max_batch_size):
+            if req.adapter is not None and self.pool.state(req.adapter) is AdapterState.HOST:
+                self.store.fetch(req.adapter)
 
     def schedule(self) -> ScheduledBatch | None:
         self.pool.poll()
@@ -161,7 +179,7 @@ class Scheduler:
                 ready = self._adapter_ready(req, blocked)
             except Exception as e:  # this request's adapter, not the engine: it alone fails
                 self.waiting.remove(req)
-                self._rejected.append((req, f"its adapter cannot be used ({type(e).__name__}: {e})"))
+                self._rejected.append((req, e))
                 continue
             if not ready:
                 continue
@@ -182,6 +200,7 @@ class Scheduler:
             for req in arrival[:youngest]:
                 if id(req) not in taken:  # older than an admitted request and still waiting
                     self._passed_over[req.request_id] = self._passed_over.get(req.request_id, 0) + 1
+        self._prefetch()
         if batch:
             return ScheduledBatch(False, batch, chunks)
         # Decode never uses the CPU path: a CPU-assisted request decodes once its adapter landed.
@@ -204,6 +223,7 @@ class Scheduler:
         if req.request_id in self._holds:
             self._holds.discard(req.request_id)
             self.pool.release(req.adapter)
+            self.store.release(req.adapter)
 
     def holds_adapter(self, name: str) -> bool:
         return any(r.adapter == name for r in list(self.waiting) + self.running if r.request_id in self._holds)

@@ -36,7 +36,7 @@ def catalogue(tmp_path_factory):
     return model_dir, root
 
 
-def make(catalogue, mode="off", slots=16, gbps=0.0, preload="none", pipeline_layers=0, **kw):
+def make(catalogue, mode="off", slots=16, gbps=0.0, preload="host", pipeline_layers=0, **kw):
     model_dir, root = catalogue
     return Engine(EngineConfig(
         model=ModelConfig(path=str(model_dir)),

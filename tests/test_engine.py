@@ -80,8 +80,10 @@ def make_engine(catalogue, **engine_kw) -> Engine:
     model_dir, adapters, _ = catalogue
     slots = engine_kw.pop("device_slots", 4)
     engine_kw.setdefault("compile", "false")
+    # preload=host: admission never waits for a first disk read, so each step admits what it can
     return Engine(EngineConfig(model=ModelConfig(path=str(model_dir)),
-                               adapters=AdapterConfig(dir=str(adapters), device_slots=slots), **engine_kw))
+                               adapters=AdapterConfig(dir=str(adapters), device_slots=slots, preload="host"),
+                               **engine_kw))
 
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)

@@ -4,12 +4,14 @@ every request and say so. Validation refuses what the step could not take."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from caraserve.config import EngineConfig, LimitsConfig
+from caraserve.config import AdapterConfig, EngineConfig, LimitsConfig
 from caraserve.engine import Engine, EngineDeadError
+from caraserve.model.tiny import write_random_adapter
 from caraserve.offline import run_offline
 from caraserve.request import ErrorCause, FinishReason, RequestError, SamplingParams
 
@@ -46,14 +48,16 @@ def run(engine, extra=None):
 
 
 class FaultyModel:
-    """The engine's model, except that a forward whose input holds MARK raises (always=True: every
-    forward raises, as a broken device would)."""
+    """The engine's model, except that a forward whose input holds MARK raises, and so does a
+    decode step of a sequence reaching `at_context` tokens (always=True: every forward raises, as
+    a broken device would)."""
 
-    def __init__(self, model, always=False):
-        self.model, self.always = model, always
+    def __init__(self, model, always=False, at_context=None):
+        self.model, self.always, self.at_context = model, always, at_context
 
     def __call__(self, fb, kv, *args, **kwargs):
-        if self.always or bool((fb.input_ids == MARK).any()):
+        late = fb.is_decode and self.at_context in fb.context_lens
+        if self.always or late or bool((fb.input_ids == MARK).any()):
             raise RuntimeError("planted fault")
         return self.model(fb, kv, *args, **kwargs)
 
@@ -80,20 +84,50 @@ def test_forward_fault_fails_only_its_request(engine, monkeypatch):
     assert engine.kv.free_slots == engine.config.max_batch_size  # its KV slot came back
 
 
-def test_unusable_adapter_fails_only_its_request(engine, monkeypatch):
+def nan_adapter(folder: Path) -> Path:
+    """A demo-shaped adapter whose weights hold a NaN: its header is fine, its values are not."""
+    from safetensors.torch import load_file, save_file
+
+    write_random_adapter(folder, 8, 16, ["q_proj", "v_proj"], seed=3)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    next(iter(tensors.values()))[0, 0] = math.nan
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def test_adapter_refused_on_first_read_fails_only_its_request(engine, tmp_path):
+    """Registration reads the header only; the NaN shows on the first read, which fails that
+    request alone (ErrorCause.ADAPTER: a 400 at the API) and then refuses the adapter at once."""
     clean, _, _ = run(engine)
-    engine.pool.evict("demo-r32")
-    real_get = engine.store.get
+    engine.store.register("nan-r8", nan_adapter(tmp_path / "nan-r8"), confined=False)  # outside the roots
+    try:
+        tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "nan-r8"))
+        assert tokens == clean
+        assert planted.error_cause is ErrorCause.ADAPTER and "NaN" in planted.error
+        with pytest.raises(RequestError, match="nan-r8.*cannot be used.*NaN"):
+            engine.add_request([1, 2], SamplingParams(max_tokens=2), "nan-r8")
+    finally:
+        engine.unregister_adapter("nan-r8")
 
-    def get(name):
-        if name == "demo-r32":
-            raise OSError("adapter file vanished")
-        return real_get(name)
 
-    monkeypatch.setattr(engine.store, "get", get)
-    tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "demo-r32"))
-    assert tokens == clean
-    assert planted.error_cause is ErrorCause.REQUEST and "adapter file vanished" in planted.error
+def test_resolver_registers_on_first_use_and_confines(tmp_path):
+    tenants = tmp_path / "tenants"
+    write_random_adapter(tenants / "tenant-7", 8, 16, ["q_proj"], seed=4)
+    write_random_adapter(tmp_path / "outside" / "x", 8, 16, ["q_proj"], seed=5)
+    (tenants / "escape").symlink_to(tmp_path / "outside" / "x")  # a folder leaving the roots
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64,
+                                 adapters=AdapterConfig(resolve_dirs=(str(tenants),))))
+    assert "tenant-7" not in engine.store
+    out = engine.generate([[1, 5, 6]], SamplingParams(max_tokens=3, temperature=0), adapters=["tenant-7"])
+    assert "tenant-7" in engine.store and out[0].finish_reason is FinishReason.LENGTH
+    with pytest.raises(RequestError, match="unknown adapter 'tenant-8'"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=2), "tenant-8")
+    with pytest.raises(RequestError, match="escape.*outside the allowed adapter roots"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=2), "escape")
+    for bad in ("../tenants/tenant-7", "a/b"):
+        with pytest.raises(RequestError, match="unknown adapter"):
+            engine.add_request([1, 2], SamplingParams(max_tokens=2), bad)
 
 
 def test_fault_of_every_row_is_the_engines(engine, monkeypatch):

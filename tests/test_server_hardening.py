@@ -66,19 +66,23 @@ def post(live, path, body, key=KEY):
 
 
 def completion(live, model="tiny", prompt=(1, 5, 6, 7), **extra):
-    body = {"model": model, "prompt": prompt if isinstance(prompt, str) else list(prompt), "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
+    prompt = prompt if isinstance(prompt, str) else list(prompt)
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
     return post(live, "/v1/completions", body)
 
 
-def stream_events(live, body) -> list[dict]:
+def stream_events(live, body) -> tuple[int, list[dict]]:
+    """(status, the data events before [DONE]) of a streamed completion."""
     events = []
     with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
-        assert r.status_code == 200
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, [r.json()]
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
-    return events
+    return 200, events
 
 
 @pytest.mark.parametrize("body,field", [
@@ -108,7 +112,8 @@ def test_chat_limits(live):
     r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 9000}]})
     assert r.status_code == 400 and "max_prompt_bytes" in r.json()["error"]["message"]
     for extra, field in [({"logprobs": 10**6}, "logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs")]:
-        r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra})
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
+        r = post(live, "/v1/chat/completions", body)
         assert r.status_code == 400 and field in r.json()["error"]["message"]
 
 
@@ -123,7 +128,8 @@ def test_request_fault_fails_it_alone(live, monkeypatch):
     clean = [completion(live, model=m, prompt=(1, 40 + i, 50)).json()["choices"][0]["text"]
              for i, m in enumerate(["tiny", "demo-r8", "demo-r64"])]
     engine = live["engine"]
-    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    long_prompt = [1] + list(range(200, 236))  # 37 tokens: only it reaches a context of 40
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model, at_context=40))
     results: dict = {}
 
     def good(i, m):
@@ -133,11 +139,16 @@ def test_request_fault_fails_it_alone(live, monkeypatch):
     for t in threads:
         t.start()
     bad = completion(live, model="demo-r16", prompt=(1, MARK, 3))
-    events = stream_events(live, {"model": "demo-r8", "prompt": [1, MARK], "max_tokens": 4})
+    status, early = stream_events(live, {"model": "demo-r8", "prompt": [1, MARK], "max_tokens": 4})
+    late_status, events = stream_events(live, {"model": "demo-r8", "prompt": long_prompt, "max_tokens": 8})
     for t in threads:
         t.join()
     assert bad.status_code == 500 and bad.headers[FAULT_HEADER] == "request"
     assert bad.json()["error"]["type"] == "request_failed" and "planted fault" in bad.json()["error"]["message"]
+    # before its first token a stream gets the status; after it, an error event with the message
+    assert status == 500 and early[0]["error"]["type"] == "request_failed"
+    assert late_status == 200 and sum(bool(e.get("choices") and e["choices"][0]["text"]) for e in events) >= 1
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
     assert events[-1]["error"]["type"] == "request_failed" and "planted fault" in events[-1]["error"]["message"]
     assert [results[i].json()["choices"][0]["text"] for i in range(3)] == clean
     assert httpx.get(live["base"] + "/health").status_code == 200

@@ -5,8 +5,10 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from caraserve.request import RequestOutput
+from caraserve.serve.gc_monitor import GcMonitor
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ServerMetrics:
@@ -32,6 +34,30 @@ class ServerMetrics:
             lambda: engine.pool.loads)
         Gauge("caraserve_adapter_evictions_total", "Adapters evicted from the device", registry=r).set_function(
             lambda: engine.pool.evictions)
+        Gauge("caraserve_adapters_resident", "Adapters in a device slot (loaded or loading)",
+              registry=r).set_function(engine.pool.used_slots)
+        self._host_tier(engine.store, r)
+        self.gc_pause = Histogram("caraserve_gc_pause_seconds", "Python garbage-collection pauses", ["generation"],
+                                  buckets=_PAUSE_BUCKETS, registry=r)
+        self.gc_monitor = GcMonitor(lambda gen, s: self.gc_pause.labels(str(gen)).observe(s))
+
+    def _host_tier(self, store, r: CollectorRegistry) -> None:
+        """The adapters' host tier: what it holds, how often it had to read, how long reads took."""
+        stat = {
+            "caraserve_adapters_registered": ("Adapters registered", lambda s: s.registered),
+            "caraserve_adapters_cached": ("Adapters whose weights are in host memory", lambda s: s.cached),
+            "caraserve_host_tier_bytes": ("Bytes of adapter weights in host memory", lambda s: s.cached_bytes),
+            "caraserve_host_tier_budget_bytes": ("Host-tier budget (0 = unbounded)", lambda s: s.budget_bytes),
+            "caraserve_host_tier_hits_total": ("Adapter weight lookups answered from memory", lambda s: s.hits),
+            "caraserve_host_tier_misses_total": ("Adapter weight lookups that waited on a disk read",
+                                                 lambda s: s.misses),
+            "caraserve_adapter_disk_reads_total": ("Adapter weight reads from disk", lambda s: s.disk_reads),
+        }
+        for name, (doc, get) in stat.items():
+            Gauge(name, doc, registry=r).set_function(lambda get=get: get(store.stats()))
+        self.disk_read = Histogram("caraserve_adapter_disk_read_seconds", "Adapter weight read time",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        store.on_read = self.disk_read.observe
 
     def observe(self, out: RequestOutput) -> None:
         self.tokens.inc(len(out.new_token_ids))

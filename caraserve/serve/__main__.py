@@ -21,6 +21,7 @@ from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_
 from caraserve.engine import Engine, resolve_paths
 from caraserve.serve.api import build_app
 from caraserve.serve.async_engine import AsyncEngine
+from caraserve.serve.gc_monitor import freeze_startup_heap
 
 log = logging.getLogger("caraserve.serve")
 
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> None:
                    or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
     service = AsyncEngine(engine, server.max_queue)
     app = build_app(service, server, served_name, adapter_roots(engine))
+    freeze_startup_heap()  # the model and libraries are never garbage: keep full collections off them
     service.start()
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
              server.host, server.port)

@@ -101,6 +101,9 @@ class Policy:
     """Base of every policy; subclasses implement choose()."""
 
     name: ClassVar[str] = ""
+    # Whether the replicas' order only breaks ties (a router may then shuffle it to break them at
+    # random); False where the order is the policy (first_fit, round_robin).
+    order_breaks_ties: ClassVar[bool] = True
 
     def __init__(self, params: PolicyParams, rng: np.random.Generator | None = None):
         self.params = params
@@ -182,6 +185,7 @@ class RoundRobin(Policy):
     """The next replica with room after the last one chosen."""
 
     name = "round_robin"
+    order_breaks_ties = False
 
     def __init__(self, params, rng=None):
         super().__init__(params, rng)
@@ -201,6 +205,7 @@ class FirstFit(Policy):
     """Punica: the first replica (in index order) with room; packs replicas to their max batch."""
 
     name = "first_fit"
+    order_breaks_ties = False
 
     def choose(self, request, replicas):
         open_ = open_replicas(replicas)
@@ -232,6 +237,15 @@ class DLora(Policy):
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (RankAware, RandomChoice, RoundRobin, FirstFit, MostIdle, DLora)
 }
+
+
+def ranking(policy: Policy, request: RequestView, replicas: Sequence[ReplicaState]) -> list[int]:
+    """Every replica's index, the policy's choice first, then the rest from the least loaded
+    (fallbacks for a router whose first choice turns out to be full); with no choice (every
+    replica full by the states), all of them from the least loaded."""
+    first = policy.choose(request, replicas)
+    rest = sorted((i for i in range(len(replicas)) if i != first), key=lambda i: (replicas[i].num_requests, i))
+    return rest if first is None else [first, *rest]
 
 
 def make_policy(name: str, params: PolicyParams, rng: np.random.Generator | None = None) -> Policy:

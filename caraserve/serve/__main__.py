@@ -44,14 +44,20 @@ def configs(composed: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
     return engine_config(composed), server
 
 
+def served_name_of(engine: Engine, server: ServerConfig) -> str:
+    """The base model's name in the API: server.served_model_name, else the model config's, else
+    `tiny` for the embedded default or the model folder's name."""
+    model_cfg = engine.config.model
+    return (server.served_model_name or model_cfg.served_name
+            or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
+
+
 @hydra.main(config_path="../../conf", config_name="serve", version_base="1.3")
 @config_task
 def main(cfg: DictConfig) -> None:
     engine_cfg, server = configs(OmegaConf.to_container(cfg, resolve=True))  # before the model loads
     engine = Engine(engine_cfg)
-    model_cfg = engine.config.model
-    served_name = (server.served_model_name or model_cfg.served_name
-                   or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
+    served_name = served_name_of(engine, server)
     service = AsyncEngine(engine, server.max_queue)
     app = build_app(service, server, served_name, adapter_roots(engine))
     freeze_startup_heap()  # the model and libraries are never garbage: keep full collections off them

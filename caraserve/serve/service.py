@@ -132,6 +132,9 @@ class EngineService:
         while True:
             try:
                 out = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
+                self.service.abort(rid)
+                raise
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
                     self.service.abort(rid)

@@ -1,0 +1,50 @@
+"""python -m caraserve.ray_serve: engine replicas on Ray Serve behind one OpenAI-compatible
+ingress (Hydra entry point; conf/ray_serve.yaml).
+
+    python -m caraserve.ray_serve [model.path=DIR adapters.dir=DIR cluster.replicas=N
+        router.policy=rank_aware server.host=H server.port=P ray.address=auto ...]
+
+Starts a local Ray instance (files under ray.temp_dir), or joins one with ray.address=auto,
+deploys the application and serves until SIGTERM / SIGINT, then shuts Serve down.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from caraserve.cli import config_task, run
+from caraserve.ray_serve.app import app_config, deploy
+
+log = logging.getLogger("caraserve.ray_serve")
+
+
+@hydra.main(config_path="../../conf", config_name="ray_serve", version_base="1.3")
+@config_task
+def main(cfg: DictConfig) -> None:
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    app_cfg = app_config(composed)  # a configuration mistake stops here, before Ray starts
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(app_cfg)
+        log.info("serving on http://%s:%d with %d replicas, policy %s", app_cfg.server.host, app_cfg.server.port,
+                 app_cfg.replicas.replicas, app_cfg.routing.policy)
+        stop.wait()
+    finally:
+        log.info("shutting down")
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,110 @@
+"""The Ray Serve application (EngineReplica deployment + ingress) and the Ray instance under it.
+
+`build_application(composed)` takes the composed conf/ray_serve.yaml (plain dict). `app_builder`
+is what a Serve config file names (conf/ray/serve_config.yaml: `serve run` / `serve deploy` /
+KubeRay): its `args.overrides` are the same Hydra overrides as the command line's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from caraserve.config import ENGINE_SECTIONS, ServerConfig, check_keys, engine_config
+from caraserve.ray_serve.config import RayConfig, ReplicasConfig, RoutingConfig
+from caraserve.ray_serve.ingress import Ingress
+from caraserve.ray_serve.replica import EngineReplica
+from caraserve.ray_serve.request_router import RankAwareRequestRouter
+
+log = logging.getLogger(__name__)
+
+SECTIONS = (*ENGINE_SECTIONS, "server", "cluster", "router", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    replicas: ReplicasConfig
+    routing: RoutingConfig
+    ray: RayConfig
+    server: ServerConfig
+    engine_sections: dict[str, Any]  # what each replica builds its engine and server from
+
+
+def app_config(composed: dict[str, Any]) -> AppConfig:
+    """The typed settings of the composed conf/ray_serve.yaml (ConfigError on a bad one), before
+    anything starts."""
+    check_keys(composed, SECTIONS)
+    server = ServerConfig.from_dict(composed.get("server"))
+    if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
+        server = dataclasses.replace(server, api_key=os.environ["CARASERVE_API_KEY"])
+    engine_sections = {k: composed[k] for k in ENGINE_SECTIONS if k in composed}
+    engine_config(engine_sections)  # checked here, not first in every replica
+    return AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), RoutingConfig.from_dict(composed.get("router")),
+                     RayConfig.from_dict(composed.get("ray")), server,
+                     {**engine_sections, "server": dataclasses.asdict(server)})
+
+
+def build_application(cfg: AppConfig):
+    """The bound application: the ingress over `cfg.replicas.replicas` engine replicas."""
+    gpus = cfg.replicas.gpus_per_replica
+    if gpus < 0:  # one GPU per replica where the cluster has GPUs
+        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    routing = cfg.routing
+    router_kwargs = {"policy": routing.policy, "slo_ms": routing.slo_ms, "avg_output_tokens": routing.avg_output_tokens,
+                     "resident_discount": routing.resident_discount, "perf_model": routing.perf_model,
+                     "seed": routing.seed}
+    replica = serve.deployment(EngineReplica, name="EngineReplica").options(
+        num_replicas=cfg.replicas.replicas,
+        ray_actor_options={"num_cpus": cfg.replicas.cpus_per_replica, "num_gpus": gpus},
+        max_ongoing_requests=cfg.replicas.max_ongoing_requests,
+        health_check_period_s=cfg.replicas.health_check_period_s,
+        request_router_config=RequestRouterConfig(
+            request_router_class=RankAwareRequestRouter, request_router_kwargs=router_kwargs,
+            request_routing_stats_period_s=routing.stats_period_s,
+            request_routing_stats_timeout_s=max(routing.stats_period_s, 5.0)),
+    )
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.server.limit_concurrency)
+    return ingress.bind(replica.bind(cfg.engine_sections), dataclasses.asdict(cfg.server),
+                        dataclasses.asdict(routing))
+
+
+def start_ray(cfg: RayConfig) -> None:
+    """Joins cfg.address, or starts a local instance whose files go under cfg.temp_dir."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+        return
+    os.makedirs(cfg.temp_dir, exist_ok=True)
+    ray.init(num_cpus=cfg.num_cpus or None, _temp_dir=os.path.abspath(cfg.temp_dir), include_dashboard=False,
+             logging_level=logging.WARNING)
+
+
+def deploy(cfg: AppConfig, blocking: bool = False):
+    """Starts Ray if needed, Serve's HTTP proxy on server.host:port, and the application."""
+    start_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    return serve.run(build_application(cfg), name=cfg.ray.app_name, route_prefix=cfg.ray.route_prefix,
+                     blocking=blocking)
+
+
+def app_builder(args: dict[str, Any]):
+    """For a Serve config file: `args: {overrides: ["cluster.replicas=4", ...]}` (Hydra overrides
+    of conf/ray_serve.yaml, as on the command line; ray.* and server.host/port are Serve's own
+    settings there)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf_dir = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base="1.3"):
+        composed = OmegaConf.to_container(compose("ray_serve", overrides=list(args.get("overrides", ()))),
+                                          resolve=True)
+    composed.pop("hydra", None)
+    return build_application(app_config(composed))

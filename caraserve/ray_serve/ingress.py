@@ -1,0 +1,243 @@
+"""The OpenAI-compatible ingress of the Ray Serve application.
+
+The same route modules and guard as the plain server (caraserve.serve.routes, serve.api) over
+`RayService`, which sends each call to an EngineReplica through a streaming DeploymentHandle;
+RankAwareRequestRouter picks the replica from the call's RouteHint.
+
+Failures. Ray Serve does not retry a call a replica has accepted. RayService does, on another
+replica, as long as nothing has reached the client: when the replica dies or cannot be reached
+(a Ray error), sends nothing within `first_token_timeout_s` (a whole non-streamed answer:
+`request_timeout_s`), or answers 5xx for a reason of its own (overloaded, its engine failed). A
+4xx, or a 5xx the replica marks as caused by the request (header x-caraserve-fault: request),
+goes back to the client as it is, once. A stream that breaks after its first token ends with
+an error event and [DONE].
+
+Fan-out. Adapter loads and unloads go to every replica, one after the other (each call names
+the replicas already done; the router sends it to another, and a call reaching a replica done
+already ends the round); /v1/models is the union of the replicas' lists; /health counts the
+replicas that answer healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from ray import exceptions as ray_errors
+from ray.serve.exceptions import RayServeException
+
+from caraserve.config import ServerConfig
+from caraserve.ray_serve.config import RoutingConfig
+from caraserve.ray_serve.messages import Head, RouteHint
+from caraserve.serve import protocol as proto
+from caraserve.serve.api import guarded_app
+from caraserve.serve.http import ApiError
+
+log = logging.getLogger("ray.serve.caraserve")
+
+MAX_FAN_OUT = 1024  # replicas one fan-out round reaches at most
+# A replica that cannot serve the request: Ray's errors (dead or unreachable actor, a raise in
+# the replica), Serve's (back pressure), and no answer in time.
+TRANSPORT_ERRORS = (ray_errors.RayError, RayServeException, asyncio.TimeoutError, StopAsyncIteration)
+
+
+class Retry(Exception):
+    """This replica could not serve this request; another may."""
+
+
+def estimate_prompt_tokens(body) -> int:
+    """The ingress has no tokenizer: token ids are counted, text is taken at ~4 bytes a token."""
+    if isinstance(body, proto.ChatCompletionRequest):
+        return max(1, sum(len(m.text().encode()) + 16 for m in body.messages) // 4)  # + role and template
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0]
+    return max(1, len(str(prompt or "").encode()) // 4)
+
+
+def _raise_answer(head: Head) -> None:
+    """The replica's error as the client gets it (status, body's message and type, headers)."""
+    err = (head.body or {}).get("error", {})
+    raise ApiError(head.status, err.get("message", "error"), err.get("type", "internal_error"), head.headers)
+
+
+class RayService:
+    """caraserve.serve.service.Service over the replicas of a Ray Serve deployment."""
+
+    def __init__(self, replicas, routing: RoutingConfig):
+        self.replicas, self.cfg = replicas, routing
+        self.registry = r = CollectorRegistry()
+        self.calls = Counter("caraserve_ray_requests", "Completion calls by outcome", ["outcome"], registry=r)
+        self.retries = Counter("caraserve_ray_retries", "Calls given up on a replica and retried", ["reason"],
+                               registry=r)
+
+    # ---- completions --------------------------------------------------------------------------
+
+    async def completion(self, body, rid, include_usage, disconnected=None):
+        return await self._generate("completion", body, rid, include_usage, disconnected)
+
+    async def chat(self, body, rid, include_usage, disconnected=None):
+        return await self._generate("chat", body, rid, include_usage, disconnected)
+
+    async def _generate(self, kind: str, body, rid: str, include_usage: bool, disconnected):
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = limit if isinstance(limit, int) and limit > 0 else int(self.cfg.avg_output_tokens)
+        prompt_tokens = estimate_prompt_tokens(body)
+        errors: list[str] = []
+        for attempt in range(self.cfg.max_attempts):
+            # A retry gets an id of its own: the replica tried first may still list the first one.
+            hint = RouteHint(body.model, prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
+                             attempt)
+            gen = self.replicas.options(stream=True).generate.remote(hint, kind, body, include_usage)
+            try:
+                answer = await self._first(gen, body.stream, disconnected)
+            except Retry as e:
+                gen.cancel()
+                errors.append(str(e))
+                log.warning("request %s: attempt %d failed (%s)", rid, attempt, e)
+                continue
+            except BaseException:
+                gen.cancel()
+                raise
+            self.calls.labels("ok" if not isinstance(answer, ApiError) else "refused").inc()
+            if isinstance(answer, ApiError):
+                raise answer
+            return answer
+        self.calls.labels("failed").inc()
+        raise ApiError(503 if all(e.startswith("overloaded") for e in errors) else 502,
+                       f"no replica could serve the request after {len(errors)} attempts: " + "; ".join(errors),
+                       "server_overloaded" if all(e.startswith("overloaded") for e in errors) else "bad_gateway")
+
+    async def _first(self, gen, stream: bool, disconnected):
+        """The replica's answer: a dict, an ApiError for the client, or a stream (its first line
+        already received); raises Retry when another replica should try."""
+        timeout = self.cfg.first_token_timeout_s if stream else self.cfg.request_timeout_s
+        try:
+            head: Head = await self._wait(anext(gen), timeout, disconnected)
+            if head.body is not None:
+                if head.status == 200:
+                    return head.body
+                if head.status >= 500 and (head.headers or {}).get(proto.FAULT_HEADER) != "request":
+                    reason = "overloaded" if head.status == 503 else "replica_fault"
+                    self.retries.labels(reason).inc()
+                    raise Retry(f"{reason}: replica {head.replica} answered {head.status}")
+                try:
+                    _raise_answer(head)
+                except ApiError as e:
+                    return e
+            first = await self._wait(anext(gen), self.cfg.first_token_timeout_s, disconnected)
+        except TRANSPORT_ERRORS as e:
+            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else "transport"
+            self.retries.labels(reason).inc()
+            raise Retry(f"{reason}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return self._relay(gen, first)
+
+    @staticmethod
+    async def _wait(step, timeout: float, disconnected):
+        """Awaits step within timeout; a client that goes away meanwhile ends the call (499)."""
+        task = asyncio.ensure_future(step)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(0.5, max(deadline - loop.time(), 0)))
+                if done:
+                    return task.result()
+                if loop.time() >= deadline:
+                    raise asyncio.TimeoutError
+                if disconnected is not None and await disconnected():
+                    raise ApiError(499, "client disconnected", "client_closed")
+        finally:
+            task.cancel()
+
+    async def _relay(self, gen, first: str) -> AsyncIterator[str]:
+        finished = False
+        try:
+            yield first
+            async for line in gen:
+                yield line
+            finished = True
+        except TRANSPORT_ERRORS as e:
+            finished = True
+            log.warning("stream broke after its first token: %s", type(e).__name__)
+            err = proto.error_body(f"replica failed mid-stream: {type(e).__name__}", "bad_gateway", 502)
+            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away: cancelling aborts the request on the replica
+                gen.cancel()
+
+    # ---- fan-out ------------------------------------------------------------------------------
+
+    async def _fan_out(self, op: str, body=None) -> list[Head]:
+        covered: set[str] = set()
+        heads: list[Head] = []
+        while len(covered) < MAX_FAN_OUT:
+            try:
+                head: Head = await self.replicas.fan_out.remote(RouteHint(covered=frozenset(covered)), op, body)
+            except TRANSPORT_ERRORS as e:
+                raise ApiError(502, f"a replica failed during {op}: {type(e).__name__}", "bad_gateway") from e
+            if head.skipped or head.replica in covered:
+                break
+            covered.add(head.replica)
+            heads.append(head)
+        return heads
+
+    async def _everywhere(self, op: str, body) -> dict:
+        heads = await self._fan_out(op, body)
+        for head in heads:
+            if head.status != 200:
+                err = (head.body or {}).get("error", {})
+                raise ApiError(head.status, f"replica {head.replica}: {err.get('message', '')}",
+                               err.get("type", "internal_error"), head.headers)
+        return {**heads[0].body, "replicas": len(heads)}
+
+    async def load_adapter(self, body) -> dict:
+        return await self._everywhere("load_adapter", body)
+
+    async def unload_adapter(self, body) -> dict:
+        return await self._everywhere("unload_adapter", body)
+
+    async def models(self) -> list[dict]:
+        cards: dict[str, dict] = {}
+        base = None
+        for head in await self._fan_out("models"):
+            if head.status != 200:
+                continue
+            data = head.body["data"]
+            base = base or data[0]
+            for card in data[1:]:
+                seen = cards.setdefault(card["id"], card)
+                seen["resident"] = bool(seen.get("resident")) or bool(card.get("resident"))
+        if base is None:
+            raise ApiError(503, "no replica answered", "server_overloaded")
+        return [base, *cards.values()]
+
+    async def health(self) -> dict:
+        heads = await self._fan_out("health")
+        up = sum(h.status == 200 for h in heads)
+        if not up:
+            raise ApiError(503, "no replica is serving", "engine_unavailable")
+        return {"status": "ok", "replicas_up": up, "replicas": len(heads)}
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def state(self) -> dict:
+        return {"policy": self.cfg.policy,
+                "replicas": [{"replica": h.replica, **h.body} for h in await self._fan_out("state") if h.status == 200]}
+
+
+class Ingress:
+    """The ingress deployment (wrapped by serve.ingress() in app.py): the API over RayService."""
+
+    def __init__(self, replicas, server: dict, routing: dict):
+        self.server = ServerConfig.from_dict(server)
+        self.service = RayService(replicas, RoutingConfig.from_dict(routing))
+
+    def __serve_build_asgi_app__(self):
+        return guarded_app(self.service, self.server, title="CaraServe on Ray Serve")

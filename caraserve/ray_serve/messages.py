@@ -1,0 +1,35 @@
+"""What the ingress, the request router and the replicas pass each other through Ray Serve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """The first argument of every call to a replica: what the request router reads
+    (`pending_request.args[0]`). adapter: the requested model name (an adapter or the base
+    model; the router looks its rank up in the replicas' states). request_id: the engine's id
+    for the request; attempt: 0, then 1, 2... for retries of the same request (the router keeps
+    them off replicas already tried). covered: for calls that go to every replica in turn
+    (adapter loads, model lists), the replicas already done (their unique ids)."""
+
+    adapter: str = ""
+    prompt_tokens: int = 1
+    max_tokens: int = 16
+    request_id: str = ""
+    attempt: int = 0
+    covered: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """A replica's first answer to a call: a complete JSON answer (body; an error when status is
+    not 200, with the headers the client must see), or, with body None, the start of a stream
+    (SSE lines follow). replica: the unique id of the replica that answered."""
+
+    status: int = 200
+    body: dict | None = None
+    headers: dict[str, str] | None = None
+    replica: str = ""
+    skipped: bool = False  # a fan-out call that reached a replica already covered: nothing was done

@@ -1,0 +1,110 @@
+"""The Ray ingress's retry rules without a Ray instance: RayService over a fake streaming handle
+whose replicas answer as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("ray")
+
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from caraserve.ray_serve.config import RoutingConfig  # noqa: E402
+from caraserve.ray_serve.ingress import RayService  # noqa: E402
+from caraserve.ray_serve.messages import Head  # noqa: E402
+from caraserve.serve import protocol as proto  # noqa: E402
+from caraserve.serve.http import ApiError  # noqa: E402
+
+
+class FakeGen:
+    """One call's answer: items (a Head, SSE lines) or exceptions raised in their place."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    """Each generate call takes the next scripted answer; records the hints."""
+
+    def __init__(self, answers):
+        self.answers, self.hints, self.gens = list(answers), [], []
+        self.generate = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, hint, *_):
+        self.hints.append(hint)
+        gen = FakeGen(self.answers.pop(0))
+        self.gens.append(gen)
+        return gen
+
+
+def error_head(status: int, type_: str, fault: bool = False) -> Head:
+    headers = {proto.FAULT_HEADER: "request"} if fault else None
+    return Head(status, proto.error_body("boom", type_, status), headers, "r1")
+
+
+def run(answers, stream: bool = False):
+    handle = FakeHandle(answers)
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    body = proto.CompletionRequest(model="demo-r8", prompt="x", max_tokens=4, stream=stream)
+
+    async def go():
+        try:
+            answer = await service.completion(body, "req-1", False)
+        except ApiError as e:
+            return e
+        if isinstance(answer, dict):
+            return answer
+        return [line async for line in answer]
+
+    return asyncio.run(go()), handle, service
+
+
+@pytest.mark.parametrize("head", [error_head(404, "not_found_error"), error_head(400, "invalid_request_error"),
+                                  error_head(500, "request_failed", fault=True)])
+def test_client_errors_and_request_faults_go_back_once(head):
+    result, handle, service = run([[head], [Head(200, {"ok": 1})]])
+    assert isinstance(result, ApiError) and result.status == head.status and len(handle.hints) == 1
+    assert result.headers == head.headers
+    assert service.retries.labels("replica_fault")._value.get() == 0
+
+
+@pytest.mark.parametrize("first", [[error_head(503, "server_overloaded")], [error_head(500, "internal_error")],
+                                   [ActorDiedError()]])
+def test_replica_failures_are_retried_elsewhere_with_a_fresh_id(first):
+    result, handle, _ = run([first, [Head(200, {"ok": 1})]])
+    assert result == {"ok": 1} and [h.attempt for h in handle.hints] == [0, 1]
+    assert [h.request_id for h in handle.hints] == ["req-1", "req-1.1"] and handle.gens[0].cancelled
+
+
+def test_every_attempt_failing_is_a_502_naming_them():
+    result, handle, _ = run([[ActorDiedError()]] * 3)
+    assert isinstance(result, ApiError) and result.status == 502 and len(handle.hints) == 3
+    assert result.message.count("transport") == 3
+
+
+def test_stream_retried_before_its_first_token_and_ended_with_an_error_event_after():
+    lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
+    result, handle, _ = run([[Head(200, None), ActorDiedError()], [Head(200, None), *lines]], stream=True)
+    assert result == lines and len(handle.hints) == 2
+    result, handle, _ = run([[Head(200, None), lines[0], ActorDiedError()]], stream=True)
+    assert result[0] == lines[0] and "replica failed mid-stream" in result[1] and result[1].endswith("[DONE]\n\n")
+    assert len(handle.hints) == 1

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from caraserve.adapter_catalog import AdapterCatalog
 from caraserve.config import EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import Handoff
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache
-from caraserve.lora.checkpoint import AdapterError, check_name
-from caraserve.lora.device_pool import AdapterState, DevicePool
-from caraserve.lora.host_store import AdapterInfo, HostStore
+from caraserve.lora.checkpoint import AdapterError
+from caraserve.lora.device_pool import AdapterState
+from caraserve.lora.host_store import AdapterInfo
 from caraserve.model.llama import CausalLM
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
 from caraserve.output_processor import OutputProcessor
@@ -35,23 +36,12 @@ from caraserve.request import (
     SamplingParams,
 )
 from caraserve.runner import ModelRunner
-from caraserve.sampler import sample
-from caraserve.scheduler import ScheduledBatch, Scheduler
+from caraserve.scheduler import Scheduler
 from caraserve.state import EngineState, RequestView
+from caraserve.step_isolation import StepIsolation, describe
 
 log = logging.getLogger(__name__)
 
-
-# One-request steps failing in a row, none succeeding between them, that make a fault the engine's.
-FAILED_STEPS_FATAL = 3
-
-
-class EngineDeadError(RuntimeError):
-    """A step failed in a way no single request explains: the engine cannot serve any more."""
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
 
 
 def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
@@ -88,16 +78,10 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.kv = KVCache(cfg.max_batch_size, self.max_seq_len, args.num_kv_heads, args.head_dim,
                           self.dtype, self.model.layer_devices())
-        self.store = HostStore(args, cfg.adapters.host_mem_bytes, self.dtype,
-                               max_registered=cfg.adapters.max_registered, max_file_bytes=cfg.adapters.max_file_bytes,
-                               roots=self._adapter_roots(adapter_dir),
-                               max_rank=cfg.adapters.max_rank)
-        self.pool = DevicePool(args, cfg.adapters.rank_buckets, cfg.adapters.device_slots, self.dtype,
-                               self.model.layer_devices(), cfg.adapters.target_modules,
-                               cfg.cpu_assist.emulate_copy_gbps, cfg.cpu_assist.pipeline_layers)
-        self.adapter_errors: dict[str, str] = {}
-        if adapter_dir is not None:
-            self._register_dir(adapter_dir)
+        self.catalog = AdapterCatalog(cfg.adapters, cfg.cpu_assist, args, self.dtype, self.model.layer_devices(),
+                                      adapter_dir)
+        self.store, self.pool = self.catalog.store, self.catalog.pool
+        self.adapter_errors = self.catalog.errors
         self.handoff, assist = self._cpu_assist()
         self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
@@ -105,23 +89,14 @@ class Engine:
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None)
         self.graphs = self._decode_graphs(model_path)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
+        self.isolation = StepIsolation(self.runner)
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._failed_steps = 0  # consecutive one-request steps whose forward raised
-        if cfg.adapters.preload == "host":
-            self.preload_host()
-        elif cfg.adapters.preload == "all":
-            self.preload_all()
-
-    def _adapter_roots(self, adapter_dir: Path | None) -> tuple | None:
-        """Folders runtime loads may read from: adapters.allowed_roots (default adapters.dir) and
-        the resolver's folders; None when there are none (no confinement)."""
-        a = self.config.adapters
-        roots = tuple(a.allowed_roots or ((adapter_dir,) if adapter_dir else ())) + tuple(a.resolve_dirs)
-        return roots or None
+        if cfg.adapters.preload != "none":
+            self.catalog.preload(cfg.adapters.preload)
 
     def _perf_model(self):
         path = self.config.scheduler.perf_model
@@ -191,28 +166,9 @@ class Engine:
             return None
 
     # ---- adapters -------------------------------------------------------------------------
-    def _register_dir(self, root: Path) -> None:
-        ok, bad = self.store.register_dir(root)
-        self.adapter_errors.update(bad)
-        for name in ok:
-            try:
-                self.pool.check(self.store.info(name))
-            except AdapterError as e:
-                self.store.unregister(name)
-                self.adapter_errors[name] = str(e)
-                log.error("%s", e)
-        log.info("%d adapters registered from %s (%d refused)", len(self.store.names()), root, len(bad))
-
     def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validates and registers one adapter at run time; on error nothing changes. Safe to call
-        from another thread while the engine steps (the store has its own lock)."""
-        info = self.store.register(name, path)
-        try:
-            self.pool.check(info)
-        except AdapterError:
-            self.store.unregister(name)
-            raise
-        return info
+        """Validates and registers one adapter at run time (AdapterCatalog.register)."""
+        return self.catalog.register(name, path)
 
     def unregister_adapter(self, name: str) -> None:
         """Removes an adapter; refused (AdapterError) while requests use it."""
@@ -221,28 +177,18 @@ class Engine:
                 r.adapter == name for r in self._requests.values() if not r.finished
             ):
                 raise AdapterError(f"adapter {name!r} is in use by running requests")
-            self.pool.evict(name)
-            self.store.unregister(name)
+            self.catalog.remove(name)
 
     def adapter_state(self, name: str) -> str:
         """host | loading | resident"""
         return self.pool.state(name).value
 
     def adapters(self) -> list[AdapterInfo]:
-        return [self.store.info(n) for n in self.store.names()]
-
-    def preload_host(self) -> None:
-        """Reads every registered adapter's weights into the host tier (as far as its budget
-        holds them), so no first use waits for a disk read."""
-        for name in self.store.names():
-            self.store.get(name)
+        return self.catalog.infos()
 
     def preload_all(self) -> None:
         """Makes every registered adapter resident (the CACHED baseline); needs enough slots."""
-        for name in self.store.names():
-            if not self.pool.load(self.store.get(name)):
-                raise AdapterError(f"not enough device slots to preload adapter {name!r}")
-            self.pool.wait_loaded(name)
+        self.catalog.preload("all")
 
     def snapshot(self) -> EngineState:
         """The live state a router reads (`/v1/state`, a Ray replica's routing stats): running and
@@ -275,7 +221,7 @@ class Engine:
         self.check_params(params)
         prompt_ids = self.encode(prompt)
         if adapter is not None:
-            self.check_adapter(adapter)
+            self.catalog.check(adapter)
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -294,36 +240,9 @@ class Engine:
             self.scheduler.add(req)
         return rid
 
-    def check_adapter(self, name: str) -> None:
-        """Refuses (RequestError) an adapter that is not registered and cannot be resolved, or
-        whose weights were refused when first read."""
-        if name not in self.store and not self.resolve_adapter(name):
-            raise RequestError(f"unknown adapter {name!r}")
-        why = self.store.broken(name)
-        if why is not None:
-            raise RequestError(f"adapter {name!r} cannot be used: {why}")
-
     def resolve_adapter(self, name: str) -> bool:
-        """Registers `<dir>/<name>` from the first of adapters.resolve_dirs that has it (as vLLM's
-        LoRA resolvers do); True when the adapter is registered now. Reads the adapter's config and
-        header only; confined to the roots like any runtime load."""
-        try:
-            check_name(name)  # a plain name: never a path that leaves the folder
-        except AdapterError:
-            return False
-        for folder in self.config.adapters.resolve_dirs:
-            path = Path(folder).expanduser() / name
-            if not path.is_dir():
-                continue
-            try:
-                self.register_adapter(name, path)
-            except AdapterError as e:
-                if name in self.store:  # registered meanwhile by a concurrent resolve
-                    return True
-                raise RequestError(f"adapter {name!r} found in {folder} but refused: {e}") from e
-            log.info("resolved adapter %s from %s", name, folder)
-            return True
-        return name in self.store
+        """Registers an unknown adapter from adapters.resolve_dirs (AdapterCatalog.resolve)."""
+        return self.catalog.resolve(name)
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
@@ -390,8 +309,8 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns an output for every request that made progress or
-        ended. A fault in one request's part of the step fails that request only (see
-        `_forward` and `_sample`); EngineDeadError means no request explains it."""
+        ended. A fault in one request's part of the step fails that request only
+        (caraserve.step_isolation); EngineDeadError means no request explains it."""
         with self._lock:
             outs = self._fail_rejected()
             batch = self.scheduler.schedule()
@@ -399,7 +318,7 @@ class Engine:
             if batch is None:
                 return outs
             t0 = time.perf_counter()
-            logits, reqs, failed = self._forward(batch)  # logits row j: reqs[j]
+            logits, reqs, failed = self.isolation.forward(batch)  # logits row j: reqs[j]
             outs += [self._fail(r, f"the model step failed on this request ({why})") for r, why in failed]
             chunk = dict(zip(map(id, batch.requests), batch.chunk_lens))
             emitting, rows = [], []  # the requests that emit a token, their logits rows
@@ -415,7 +334,8 @@ class Engine:
                 return outs
             if len(rows) < len(reqs):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            tokens, logprobs, bad = self._sample(logits, emitting)
+            tokens, logprobs, bad = self.isolation.sample(
+                logits, emitting, [self._generators.get(r.request_id) for r in emitting])
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
             if batch.is_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)
@@ -428,68 +348,6 @@ class Engine:
             texts = self.outputs.detokenize(reqs)
             return outs + [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
 
-    def _forward(self, batch) -> tuple[torch.Tensor, list[Request], list[tuple[Request, str]]]:
-        """(logits [R, V], the request of each row, [(request, why it failed)]).
-
-        When the batched forward raises, each request runs again alone and eagerly (writing the
-        same KV entries again is harmless), so only the requests whose own forward raises fail.
-        If every one of several requests fails alone, no request explains the fault: the engine
-        is broken (EngineDeadError)."""
-        try:
-            logits, order = self.runner.run(batch)
-            self._failed_steps = 0
-            return logits, [batch.requests[i] for i in order], []
-        except Exception as e:
-            if len(batch.requests) == 1:
-                log.exception("step failed on request %s", batch.requests[0].request_id)
-                self._count_failed_step(_describe(e))
-                return None, [], [(batch.requests[0], _describe(e))]
-            log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), _describe(e))
-        rows, reqs, failed = [], [], []
-        for req, n in zip(batch.requests, batch.chunk_lens):
-            try:
-                rows.append(self.runner.run(ScheduledBatch(batch.is_decode, [req], [n]), eager=True)[0])
-                reqs.append(req)
-            except Exception as e:
-                log.exception("step failed on request %s", req.request_id)
-                failed.append((req, _describe(e)))
-        if not rows:
-            raise EngineDeadError(f"every request of a {len(failed)}-request step failed alone: {failed[0][1]}")
-        self._failed_steps = 0
-        return torch.cat(rows), reqs, failed
-
-    def _count_failed_step(self, why: str) -> None:
-        """A one-request step that fails may be that request's fault or the engine's; several in
-        a row with no step succeeding between them are the engine's."""
-        self._failed_steps += 1
-        if self._failed_steps >= FAILED_STEPS_FATAL:
-            raise EngineDeadError(f"{self._failed_steps} steps in a row failed, each on its only request: {why}")
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[float], dict[int, str]]:
-        """(token per row, logprob per row, {row: why it failed}). When the batched sampler raises,
-        the rows are sampled one by one from the generators' states before the batched attempt,
-        so the requests that do not fail get the tokens they would have got without the others."""
-        params = [r.params for r in reqs]
-        generators = [self._generators.get(r.request_id) for r in reqs]
-        states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
-        try:
-            tokens, logprobs = sample(logits, params, generators)
-            return tokens, logprobs, {}
-        except Exception as e:
-            log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), _describe(e))
-        tokens, logprobs, bad = [0] * len(reqs), [0.0] * len(reqs), {}
-        for i in range(len(reqs)):
-            if i in states:
-                generators[i].set_state(states[i])
-            try:
-                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])
-            except Exception as e:
-                log.exception("sampling failed on request %s", reqs[i].request_id)
-                bad[i] = _describe(e)
-        if len(bad) == len(reqs) > 1:
-            raise EngineDeadError(f"sampling failed on every row of a {len(reqs)}-row step: {bad[0]}")
-        return tokens, logprobs, bad
-
     def _fail_rejected(self) -> list[RequestOutput]:
         """Ends the requests the scheduler could not admit for a reason of their own."""
         outs = []
@@ -497,7 +355,7 @@ class Engine:
             if isinstance(e, AdapterError):
                 outs.append(self._fail(req, f"adapter {req.adapter!r} cannot be used: {e}", ErrorCause.ADAPTER))
             else:
-                outs.append(self._fail(req, f"its adapter cannot be used ({_describe(e)})"))
+                outs.append(self._fail(req, f"its adapter cannot be used ({describe(e)})"))
         return outs
 
     def _fail(self, req: Request, why: str, cause: ErrorCause = ErrorCause.REQUEST) -> RequestOutput:

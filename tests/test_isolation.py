@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from caraserve.config import AdapterConfig, EngineConfig, LimitsConfig
-from caraserve.engine import Engine, EngineDeadError
+from caraserve.engine import Engine
 from caraserve.model.tiny import write_random_adapter
 from caraserve.offline import run_offline
 from caraserve.request import ErrorCause, FinishReason, RequestError, SamplingParams
+from caraserve.step_isolation import EngineDeadError
 
 MARK = 7777  # a token id no clean prompt below holds: the planted forward fault keys on it
 PROMPTS = [[1, 100, 200, 300], [1, 55, 66], [1, 400, 401, 402, 403], [1, 9, 8, 7, 6, 5]]

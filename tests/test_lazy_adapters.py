@@ -51,7 +51,7 @@ def test_start_up_heap_is_frozen_and_pauses_are_timed():
         frozen = freeze_startup_heap()
         assert frozen > 0 and gc.get_freeze_count() == frozen
         gc.collect()
-        assert pauses and pauses[-1][0] == 2 and pauses[-1][1] >= 0
+        assert any(gen == 2 and seconds >= 0 for gen, seconds in pauses)  # the full collection was timed
     finally:
         monitor.close()
         gc.unfreeze()

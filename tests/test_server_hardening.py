@@ -17,12 +17,13 @@ from test_isolation import MARK, FaultyModel
 from test_server import free_port
 
 from caraserve.config import AdapterConfig, EngineConfig, LimitsConfig, ServerConfig
-from caraserve.engine import FAILED_STEPS_FATAL, Engine
+from caraserve.engine import Engine
 from caraserve.model.tiny import tiny_paths
 from caraserve.serve.api import build_app
 from caraserve.serve.async_engine import AsyncEngine
 from caraserve.serve.http import Guard
 from caraserve.serve.protocol import FAULT_HEADER
+from caraserve.step_isolation import FAILED_STEPS_FATAL
 
 KEY, ADMIN = "user-key", "admin-key"
 

@@ -1,1 +1,0 @@
-"""`python -m caraserve.router`: the OpenAI-compatible router over caraserve.serve replicas."""

@@ -1,0 +1,96 @@
+"""Fault isolation inside a step: a request whose own forward or sampling raises fails alone.
+
+When the batched forward raises, each request runs again alone and eagerly (writing the same KV
+entries again is harmless), so only the requests whose own forward raises fail. When the
+batched sampler raises, the rows are sampled one by one from the generators' states before the
+batched attempt, so the requests that do not fail get the tokens they would have got without the
+others. A fault no request explains (every row fails alone, or one-request steps keep failing)
+is the engine's: EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from caraserve.request import Request
+from caraserve.sampler import sample
+from caraserve.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+# One-request steps failing in a row, none succeeding between them, that make a fault the engine's.
+FAILED_STEPS_FATAL = 3
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed in a way no single request explains: the engine cannot serve any more."""
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class StepIsolation:
+    """Runs a step's forward and sampling through `runner`, isolating per-request faults."""
+
+    def __init__(self, runner):
+        self.runner = runner  # runner.run(batch, eager=...) -> (logits [B, V], row order)
+        self._failed_steps = 0  # consecutive one-request steps whose forward raised
+
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request], list[tuple[Request, str]]]:
+        """(logits [R, V], the request of each row, [(request, why it failed)])."""
+        try:
+            logits, order = self.runner.run(batch)
+            self._failed_steps = 0
+            return logits, [batch.requests[i] for i in order], []
+        except Exception as e:
+            if len(batch.requests) == 1:
+                log.exception("step failed on request %s", batch.requests[0].request_id)
+                self._count_failed_step(describe(e))
+                return None, [], [(batch.requests[0], describe(e))]
+            log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), describe(e))
+        rows, reqs, failed = [], [], []
+        for req, n in zip(batch.requests, batch.chunk_lens):
+            try:
+                rows.append(self.runner.run(ScheduledBatch(batch.is_decode, [req], [n]), eager=True)[0])
+                reqs.append(req)
+            except Exception as e:
+                log.exception("step failed on request %s", req.request_id)
+                failed.append((req, describe(e)))
+        if not rows:
+            raise EngineDeadError(f"every request of a {len(failed)}-request step failed alone: {failed[0][1]}")
+        self._failed_steps = 0
+        return torch.cat(rows), reqs, failed
+
+    def _count_failed_step(self, why: str) -> None:
+        """A one-request step that fails may be that request's fault or the engine's; several in
+        a row with no step succeeding between them are the engine's."""
+        self._failed_steps += 1
+        if self._failed_steps >= FAILED_STEPS_FATAL:
+            raise EngineDeadError(f"{self._failed_steps} steps in a row failed, each on its only request: {why}")
+
+    @staticmethod
+    def sample(logits: torch.Tensor, reqs: list[Request],
+               generators: list[torch.Generator | None]) -> tuple[list[int], list[float], dict[int, str]]:
+        """(token per row, logprob per row, {row: why it failed}) for logits [R, V]."""
+        params = [r.params for r in reqs]
+        states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
+        try:
+            tokens, logprobs = sample(logits, params, generators)
+            return tokens, logprobs, {}
+        except Exception as e:
+            log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), describe(e))
+        tokens, logprobs, bad = [0] * len(reqs), [0.0] * len(reqs), {}
+        for i in range(len(reqs)):
+            if i in states:
+                generators[i].set_state(states[i])
+            try:
+                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])
+            except Exception as e:
+                log.exception("sampling failed on request %s", reqs[i].request_id)
+                bad[i] = describe(e)
+        if len(bad) == len(reqs) > 1:
+            raise EngineDeadError(f"sampling failed on every row of a {len(reqs)}-row step: {bad[0]}")
+        return tokens, logprobs, bad

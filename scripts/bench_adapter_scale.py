@@ -10,7 +10,8 @@ starts `python -m caraserve.serve adapters.dir=<those>` on a free loopback port 
   RSS        the server's VmRSS after start-up and its peak (VmHWM) at the end
   /v1/models the median of 5 full listings
   workload   --requests streamed completions from --clients concurrent clients, models drawn
-             Zipf-like over all N adapters (scripts/bench_serve.py's driver and summary)
+             Zipf-like over all N adapters (scripts/bench_serve.py's driver and summary), after a
+             warm-up of 2 x --clients requests to the base model (no adapter is read early)
 The last run repeats --budget-size with `adapters.host_mem_bytes` at --budget-frac of those
 adapters' bytes (the unbounded run of that size is its peer). One run per configuration: the
 targets are ratios within this run (N=5000 vs N=4, bounded vs unbounded). A table goes to stdout,
@@ -143,6 +144,11 @@ def one_config(args, n: int, budget: int, tmp: Path) -> dict:
     try:
         rss_start = proc_kb(proc.pid, "VmRSS")
         listing_s = models_latency_s(url)
+        common = ["--url", url, "--rate", "0", "--prompt-tokens", str(args.prompt_tokens), "--output-tokens",
+                  str(args.output_tokens), "--concurrency-limit", str(args.clients), "--seed", str(args.seed)]
+        # warm-up on the base model only: first-step costs measured nowhere, no adapter read early
+        asyncio.run(bench_serve.run(bench_serve.parse_args(common + ["--requests", str(2 * args.clients),
+                                                                     "--adapters", "tiny"])))
         order = random.Random(args.seed + 1).sample(names, len(names))  # Zipf ranks over a shuffled list
         bench = bench_serve.parse_args([
             "--url", url, "--rate", "0", "--requests", str(args.requests), "--adapters", ",".join(order),

@@ -157,9 +157,9 @@ class AsyncEngine:
         if waiter is not None:
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, out)
 
-    def _run_commands(self, block: bool) -> None:
+    def _run_commands(self, block: bool, timeout_s: float = 0.05) -> None:
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=timeout_s) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -187,8 +187,13 @@ class AsyncEngine:
                 fut.set_exception(EngineUnavailableError(f"the engine is not serving ({self.fault})"))
 
     def _run(self) -> None:
+        outputs = [None]
         while not self._stop.is_set():
-            self._run_commands(block=not self.engine.has_unfinished())
+            # Requests that only wait (an adapter being read or copied) leave nothing to step: wait
+            # a little for commands instead of spinning on a core the reads and copies need.
+            busy = self.engine.has_unfinished()
+            waiting_only = busy and not outputs and not self.engine.scheduler.running
+            self._run_commands(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
             if not self.engine.has_unfinished():
                 continue
             try:

@@ -59,7 +59,9 @@ class Service(Protocol):
 def error_kind(out: RequestOutput) -> tuple[int, str]:
     """(HTTP status, error type) of a request that ended with an error. A request whose own part
     of a step failed is told so (type request_failed): a router must not retry it elsewhere or
-    hold it against this replica."""
+    hold it against this replica. An adapter whose weights were refused is the caller's (400)."""
+    if out.error_cause is ErrorCause.ADAPTER:
+        return 400, "invalid_request_error"
     return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
 
 
@@ -127,11 +129,11 @@ class EngineService:
                 raise ApiError(404, str(e), "not_found_error") from e
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
-        """Waits for the final output; a client that goes away aborts the request."""
+    async def _next(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
+        """The request's next output; a caller that goes away meanwhile aborts the request."""
         while True:
             try:
-                out = await asyncio.wait_for(queue.get(), timeout=0.5)
+                return await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
                 self.service.abort(rid)
                 raise
@@ -139,15 +141,28 @@ class EngineService:
                 if disconnected is not None and await disconnected():
                     self.service.abort(rid)
                     raise ApiError(499, "client disconnected", "client_closed") from None
-                continue
+
+    async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
+        """Waits for the final output."""
+        while True:
+            out = await self._next(rid, queue, disconnected)
             if out.finished:
                 return out
 
-    async def _events(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool) -> AsyncIterator[str]:
-        done = False
+    async def _stream(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool,
+                      disconnected: Disconnected | None) -> AsyncIterator[str]:
+        """The stream, once its first output is there: a request that fails before its first
+        token gets its HTTP status (ApiError) instead of a stream, as a non-streamed one would."""
+        first = await self._next(rid, queue, disconnected)
+        if first.finished and not first.output_ids:
+            self._check_finished(first)
+        return self._events(rid, queue, chunk, final_usage, first)
+
+    async def _events(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool,
+                      first: RequestOutput) -> AsyncIterator[str]:
+        done, out = False, first
         try:
-            while not done:
-                out: RequestOutput = await queue.get()
+            while True:
                 done = out.finished
                 finish = out.finish_reason.openai if done else None
                 if out.new_text or done:
@@ -160,6 +175,9 @@ class EngineService:
                     body["choices"] = []
                     body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids))
                     yield f"data: {json.dumps(body)}\n\n"
+                if done:
+                    break
+                out = await queue.get()
             yield "data: [DONE]\n\n"
         finally:
             if not done:  # the consumer went away mid-stream: free the request's slot
@@ -190,8 +208,8 @@ class EngineService:
         ids = await self._encode(prompt)
         queue = await self._start(ids, params, adapter, rid)
         if body.stream:
-            return self._events(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
-                                include_usage)
+            return await self._stream(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
+                                      include_usage, disconnected)
         out = await self._collect(rid, queue, disconnected)
         self._check_finished(out)
         logprobs_body = None
@@ -256,7 +274,7 @@ class EngineService:
                 first[0] = False
                 return proto.chat_chunk(rid, body.model, delta, fin)
 
-            return self._events(rid, queue, chunk, include_usage)
+            return await self._stream(rid, queue, chunk, include_usage, disconnected)
         out = await self._collect(rid, queue, disconnected)
         self._check_finished(out)
         return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids))

@@ -1,4 +1,4 @@
-"""What the entry points (python -m caraserve.serve, python -m caraserve.router,
+"""What the entry points (python -m caraserve.serve, python -m caraserve.ray_serve,
 scripts/generate.py) share: a configuration mistake is one line on stderr and exit status 2,
 whether Hydra finds it (an override it cannot parse, a key the YAML lacks) or the typed
 dataclasses do (a value of the wrong type, a bad value, an added unknown key); and the HTTP

@@ -1,5 +1,5 @@
 """Configuration: typed values, unknown keys, the README's overrides, and what the entry points
-print for a configuration mistake (one line, exit status 2); the router's clean SIGTERM."""
+print for a configuration mistake (one line, exit status 2); the server's clean SIGTERM."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_added_unknown_key_is_refused_like_an_overridden_one():
     assert str(e.value) == "unknown key engine.max_batchsize; did you mean engine.max_batch_size?"
 
 
-ENTRIES = {"caraserve.serve": "serve", "scripts/generate.py": "generate", "caraserve.router": "router",
+ENTRIES = {"caraserve.serve": "serve", "scripts/generate.py": "generate", "caraserve.ray_serve": "ray_serve",
            "scripts/simulate.py": "simulate"}
 SERVE_SECTIONS = ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "server")
 
@@ -170,9 +170,9 @@ def convert(name: str, cfg: dict) -> None:
     if name == "serve":
         from caraserve.serve.__main__ import configs
         configs(cfg)
-    elif name == "router":
-        from caraserve.router.__main__ import configs
-        configs(cfg)
+    elif name == "ray_serve":
+        from caraserve.ray_serve.app import app_config
+        app_config(cfg)
     elif name == "generate":
         config.check_keys(cfg, ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output",
                          "progress"))
@@ -211,7 +211,7 @@ def run_entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      "error: engine.max_batch_size='abc' must be an integer"),
     (("-m", "caraserve.serve", "server.port=0", "engine.max_batchsize=3"),
      "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
-    (("-m", "caraserve.router", "server.port=0", "replicas=[http://127.0.0.1:9]", "router.max_attempts=2.5"),
+    (("-m", "caraserve.ray_serve", "server.port=0", "router.max_attempts=2.5"),
      "error: router.max_attempts=2.5 must be an integer"),
     ((str(ROOT / "scripts" / "generate.py"), "+engine.max_batchsize=3"),
      "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
@@ -231,29 +231,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_router_exits_0_on_sigterm(tmp_path):
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(tmp_path / "router.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "caraserve.router", "replicas=[http://127.0.0.1:9]",
-                                 f"server.port={port}", "router.probe_interval_s=60"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "router.log").read_text()[-2000:]
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, (tmp_path / "router.log").read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.slow

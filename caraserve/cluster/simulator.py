@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
-from caraserve.cluster.policies import Policy, PolicyParams, ReplicaState, RequestView, make_policy
+from caraserve.cluster.policies import Policy, PolicyParams, ReplicaState, make_policy
 from caraserve.cluster.workload import SimRequest, generate
 from caraserve.perf.model import PerfModel
+from caraserve.state import RequestView
 
 log = logging.getLogger(__name__)
 

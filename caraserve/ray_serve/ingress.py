@@ -33,8 +33,8 @@ from caraserve.config import ServerConfig
 from caraserve.ray_serve.config import RoutingConfig
 from caraserve.ray_serve.messages import Head, RouteHint
 from caraserve.serve import protocol as proto
-from caraserve.serve.api import guarded_app
 from caraserve.serve.http import ApiError
+from caraserve.serve.routes import guarded_app
 
 log = logging.getLogger("ray.serve.caraserve")
 

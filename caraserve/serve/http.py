@@ -1,5 +1,5 @@
-"""HTTP pieces shared by the server and the router: OpenAI-style errors and the guard middleware
-(API key, request body size). Nothing here imports torch, so the router stays light."""
+"""HTTP pieces shared by the server and the Ray ingress: OpenAI-style errors and the guard
+middleware (API key, request body size). Nothing here imports torch, so the ingress stays light."""
 
 from __future__ import annotations
 

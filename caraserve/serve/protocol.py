@@ -1,4 +1,4 @@
-"""The OpenAI-compatible wire schema, shared by the server and the router.
+"""The OpenAI-compatible wire schema, shared by the server and the Ray ingress.
 
 Request bodies are pydantic models (unknown fields are ignored, as OpenAI's API does); responses
 are plain dicts shaped as OpenAI's and vLLM's so existing clients work unchanged.

@@ -4,10 +4,17 @@ Ray ingress mount the same routes over their own service."""
 
 from fastapi import FastAPI
 
+from caraserve.config import ServerConfig
+from caraserve.serve.http import Guard, install_error_handlers
 from caraserve.serve.routes import admin, completions, models, ops
 
 
-def mount(app: FastAPI, service) -> None:
+def guarded_app(service, server: ServerConfig, title: str = "CaraServe", lifespan=None) -> Guard:
+    """The API's routes over a service (caraserve.serve.service.Service), errors as OpenAI JSON,
+    keys and body size checked first. Imports no torch: the Ray ingress builds its app with it."""
+    app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
     app.state.service = service
     for module in (completions, models, admin, ops):
         app.include_router(module.router)
+    return Guard(app, server.api_key, server.max_body_bytes, server.admin_api_key, server.allow_runtime_lora)

@@ -258,6 +258,7 @@ def test_gateway_metrics_in_vllms_names(server, client):
     text = httpx.get(server["base"] + "/metrics", headers=auth()).text
     assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
     assert 'vllm:num_requests_waiting{model_name="tiny"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="tiny"} 0.0' in text
     info = [ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")]
     assert len(info) == 1 and 'running_lora_adapters=""' in info[0] and 'waiting_lora_adapters=""' in info[0]
     assert 'max_lora="' in info[0] and float(info[0].rsplit(" ", 1)[1]) > 1.7e9  # the time of the scrape

@@ -3,6 +3,7 @@
 The Gateway API Inference Extension (and llm-d and KServe, which build on it) scrape each model
 server's /metrics and, for vLLM, read:
   vllm:num_requests_waiting / vllm:num_requests_running   queue depth and batch size (gauges)
+  vllm:kv_cache_usage_perc   the fraction of the KV cache in use (0-1), for KV-aware scorers
   vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}
       one sample whose value is the time it was taken (vLLM sets it to the current time); the
       labels name the adapters of running and waiting requests (comma-separated) and how many
@@ -25,7 +26,8 @@ class GatewayMetrics(Collector):
         self.service, self.model_name = service, model_name
 
     def collect(self):
-        sched, pool = self.service.engine.scheduler, self.service.engine.pool
+        engine = self.service.engine
+        sched, pool, kv = engine.scheduler, engine.pool, engine.kv
         running, waiting = list(sched.running), list(sched.waiting)  # copies: the engine thread moves them
         for name, doc, value in (("vllm:num_requests_running", "Requests in the running batch", len(running)),
                                  ("vllm:num_requests_waiting", "Requests waiting to be scheduled",
@@ -33,6 +35,10 @@ class GatewayMetrics(Collector):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], value)
             yield g
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of the KV cache in use (1 = all)",
+                                  labels=["model_name"])
+        usage.add_metric([self.model_name], 1.0 - kv.free_slots / kv.num_slots)
+        yield usage
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: unix time)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         max_lora = sum(len(b.slots) for b in pool.buckets)

@@ -3,6 +3,7 @@ errors, the Serve config file's application, the KubeRay example's."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,43 @@ def test_serve_config_files_build_the_application(path):
     assert (module, name) == ("caraserve.ray_serve.app", "app_builder")
     built = app_builder(app["args"])
     assert type(built).__name__ == "Application"
+
+
+@pytest.mark.slow
+def test_entry_point_serves_and_exits_0_on_sigterm(tmp_path):
+    import os
+    import signal
+    import socket
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="csray", dir="/tmp")
+    log = open(tmp_path / "ray_serve.log", "w")
+    cmd = [sys.executable, "-m", "caraserve.ray_serve", "cluster.replicas=1", "engine.compile=false",
+           "engine.max_batch_size=2", f"server.port={port}", f"ray.temp_dir={temp}", "ray.num_cpus=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "ray_serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "demo-r8", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "ray_serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -33,10 +33,10 @@ def main(cfg: DictConfig) -> None:
     from ray import serve
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         deploy(app_cfg)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, whose own handlers they replace
+            signal.signal(sig, lambda *_: stop.set())
         log.info("serving on http://%s:%d with %d replicas, policy %s", app_cfg.server.host, app_cfg.server.port,
                  app_cfg.replicas.replicas, app_cfg.routing.policy)
         stop.wait()

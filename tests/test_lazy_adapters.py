@@ -80,3 +80,47 @@ def test_host_tier_and_gc_metrics_exported(name):
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
     assert values and values[0] >= 1
     metrics.gc_monitor.close()
+
+
+def test_server_resolves_tenants_on_first_use_and_refuses_broken_ones_with_400(tmp_path):
+    """adapters.resolve_dirs through the HTTP API: a tenant folder registers on its first request;
+    a tenant whose weights hold a NaN registers (headers are fine) and its first request gets a
+    400 naming the NaN, as does every later one; the server keeps serving."""
+    import asyncio
+
+    import httpx
+    from test_isolation import nan_adapter
+
+    from caraserve.config import AdapterConfig, ServerConfig
+    from caraserve.model.tiny import write_random_adapter
+    from caraserve.serve.api import build_app
+    from caraserve.serve.async_engine import AsyncEngine
+
+    tenants = tmp_path / "tenants"
+    write_random_adapter(tenants / "tenant-1", 8, 16, ["q_proj", "v_proj"], seed=11)
+    nan_adapter(tenants / "tenant-nan")
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(resolve_dirs=(str(tenants),))))
+    service = AsyncEngine(engine, 8)
+    app = build_app(service, ServerConfig(), "tiny", [])
+    service.start()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            def body(model, **kw):
+                return {"model": model, "prompt": [1, 5, 6], "max_tokens": 3, "temperature": 0, **kw}
+
+            good = await c.post("/v1/completions", json=body("tenant-1"))
+            unknown = await c.post("/v1/completions", json=body("tenant-2"))
+            nan = [await c.post("/v1/completions", json=body("tenant-nan", stream=s)) for s in (True, False)]
+            base = await c.post("/v1/completions", json=body("tiny"))
+            return good, unknown, nan, base
+
+    try:
+        good, unknown, nan, base = asyncio.run(go())
+    finally:
+        service.stop()
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+    assert unknown.status_code == 404
+    assert [r.status_code for r in nan] == [400, 400] and all("NaN" in r.json()["error"]["message"] for r in nan)
+    assert base.status_code == 200

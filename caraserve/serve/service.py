@@ -81,11 +81,21 @@ class EngineService:
 
     # ---- pieces -------------------------------------------------------------------------------
 
-    def resolve_model(self, name: str) -> str | None:
+    async def resolve_model(self, name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); an adapter not registered
+        yet is looked up in adapters.resolve_dirs (a disk read, off the event loop)."""
         if name == self.served_name:
             return None
         if self.service.is_serving(name):
             return name
+        if self.engine.config.adapters.resolve_dirs:
+            try:
+                found = await asyncio.get_running_loop().run_in_executor(None, self.engine.resolve_adapter, name)
+            except RequestError as e:  # found, but refused: the caller named a broken adapter
+                self.metrics_.rejected("bad_request")
+                raise ApiError(400, str(e), "invalid_request_error") from e
+            if found and self.service.is_serving(name):
+                return name
         self.metrics_.rejected("unknown_model")
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
@@ -194,7 +204,7 @@ class EngineService:
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
                          disconnected: Disconnected | None = None) -> Answer:
-        adapter = self.resolve_model(body.model)
+        adapter = await self.resolve_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
@@ -246,7 +256,7 @@ class EngineService:
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None) -> Answer:
-        adapter = self.resolve_model(body.model)
+        adapter = await self.resolve_model(body.model)
         messages = self._chat_checks(body)
         engine = self.engine
         wanted = (body.top_logprobs or 0) if body.logprobs else None

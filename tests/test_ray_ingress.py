@@ -108,3 +108,25 @@ def test_stream_retried_before_its_first_token_and_ended_with_an_error_event_aft
     result, handle, _ = run([[Head(200, None), lines[0], ActorDiedError()]], stream=True)
     assert result[0] == lines[0] and "replica failed mid-stream" in result[1] and result[1].endswith("[DONE]\n\n")
     assert len(handle.hints) == 1
+
+
+def test_a_replica_started_after_a_runtime_load_gets_the_adapter_and_the_request_once():
+    class FanOut:
+        calls: list = []
+
+        async def remote(self, hint, op, body):
+            self.calls.append((hint.target, op, body.lora_name))
+            return Head(200, {"status": "ok"}, None, hint.target)
+
+    missing = Head(404, proto.error_body("The model `late` does not exist.", "not_found_error", 404), None, "new")
+    handle = FakeHandle([[missing], [Head(200, {"ok": 1}, None, "new")], [missing], [missing]])
+    handle.fan_out = FanOut()
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    service.runtime_adapters["late"] = proto.LoadLoraRequest(lora_name="late", lora_path="/adapters/late")
+    body = proto.CompletionRequest(model="late", prompt="x", max_tokens=4)
+    assert asyncio.run(service.completion(body, "req-1", False)) == {"ok": 1}
+    assert handle.fan_out.calls == [("new", "load_adapter", "late")]
+    assert [(h.attempt, h.target) for h in handle.hints] == [(0, ""), (1, "new")]
+    with pytest.raises(ApiError) as e:  # still missing after the re-load: the 404 goes back
+        asyncio.run(service.completion(body, "req-2", False))
+    assert e.value.status == 404 and len(handle.hints) == 4

@@ -77,6 +77,17 @@ def test_rank_aware_prefers_the_replica_holding_the_adapter_and_retries_go_elsew
     assert choose(router, reps, "y", adapter="a64", attempt=1) == "r1"
 
 
+def test_a_call_naming_a_target_replica_goes_there_while_it_is_up():
+    router = make_router("most_idle")
+    reps = [replica("r1", idle()), replica("r2", idle(queued=(RequestView("a8", 8, 1, 1, "z"),) * 3))]
+    hint = RouteHint("a8", 16, 32, "t", 1, target="r2")
+    pending = SimpleNamespace(args=[hint], kwargs={}, metadata=SimpleNamespace(internal_request_id="it"))
+    assert asyncio.run(router.choose_replicas(reps, pending))[0][0].replica_id.unique_id == "r2"
+    gone = SimpleNamespace(args=[RouteHint("a8", 16, 32, "u", 1, target="r9")], kwargs={},
+                           metadata=SimpleNamespace(internal_request_id="iu"))
+    assert asyncio.run(router.choose_replicas(reps, gone))[0][0].replica_id.unique_id == "r1"
+
+
 def test_replicas_without_the_adapter_are_skipped_and_fan_outs_go_to_the_others():
     router = make_router("round_robin")
     reps = [replica("r1", EngineState(8, adapters={"a8": 8}, model="tiny")),

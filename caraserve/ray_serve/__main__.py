@@ -11,6 +11,7 @@ deploys the application and serves until SIGTERM / SIGINT, then shuts Serve down
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -47,4 +48,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    status = run(main)
+    # Serve and Ray are shut down: end here, without the interpreter's finalization, which can
+    # abort (SIGABRT) while Ray's C++ threads are still unwinding.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -15,7 +15,9 @@ an error event and [DONE].
 Fan-out. Adapter loads and unloads go to every replica, one after the other (each call names
 the replicas already done; the router sends it to another, and a call reaching a replica done
 already ends the round); /v1/models is the union of the replicas' lists; /health counts the
-replicas that answer healthy.
+replicas that answer healthy. The ingress remembers the adapters loaded through it: a replica
+that answers 404 for one of them (Serve started it after the load: a replacement, or a scale-up)
+gets the adapter loaded, and the request is retried there once.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class RayService:
         self.replicas, self.cfg = replicas, routing
         self.registry = r = CollectorRegistry()
         self.calls = Counter("caraserve_ray_requests", "Completion calls by outcome", ["outcome"], registry=r)
+        self.runtime_adapters: dict[str, proto.LoadLoraRequest] = {}  # loaded through this ingress
         self.retries = Counter("caraserve_ray_retries", "Calls given up on a replica and retried", ["reason"],
                                registry=r)
 
@@ -89,13 +92,14 @@ class RayService:
         max_tokens = limit if isinstance(limit, int) and limit > 0 else int(self.cfg.avg_output_tokens)
         prompt_tokens = estimate_prompt_tokens(body)
         errors: list[str] = []
+        target, resynced = "", False
         for attempt in range(self.cfg.max_attempts):
             # A retry gets an id of its own: the replica tried first may still list the first one.
             hint = RouteHint(body.model, prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
-                             attempt)
+                             attempt, target=target)
             gen = self.replicas.options(stream=True).generate.remote(hint, kind, body, include_usage)
             try:
-                answer = await self._first(gen, body.stream, disconnected)
+                answer, replica = await self._first(gen, body.stream, disconnected)
             except Retry as e:
                 gen.cancel()
                 errors.append(str(e))
@@ -104,6 +108,11 @@ class RayService:
             except BaseException:
                 gen.cancel()
                 raise
+            if (isinstance(answer, ApiError) and answer.status == 404 and body.model in self.runtime_adapters
+                    and not resynced and attempt + 1 < self.cfg.max_attempts):
+                resynced, target = True, replica
+                await self._reload(replica, body.model)
+                continue
             self.calls.labels("ok" if not isinstance(answer, ApiError) else "refused").inc()
             if isinstance(answer, ApiError):
                 raise answer
@@ -114,14 +123,14 @@ class RayService:
                        "server_overloaded" if all(e.startswith("overloaded") for e in errors) else "bad_gateway")
 
     async def _first(self, gen, stream: bool, disconnected):
-        """The replica's answer: a dict, an ApiError for the client, or a stream (its first line
-        already received); raises Retry when another replica should try."""
+        """(The replica's answer, the replica): a dict, an ApiError for the client, or a stream (its
+        first line already received); raises Retry when another replica should try."""
         timeout = self.cfg.first_token_timeout_s if stream else self.cfg.request_timeout_s
         try:
             head: Head = await self._wait(anext(gen), timeout, disconnected)
             if head.body is not None:
                 if head.status == 200:
-                    return head.body
+                    return head.body, head.replica
                 if head.status >= 500 and (head.headers or {}).get(proto.FAULT_HEADER) != "request":
                     reason = "overloaded" if head.status == 503 else "replica_fault"
                     self.retries.labels(reason).inc()
@@ -129,13 +138,23 @@ class RayService:
                 try:
                     _raise_answer(head)
                 except ApiError as e:
-                    return e
+                    return e, head.replica
             first = await self._wait(anext(gen), self.cfg.first_token_timeout_s, disconnected)
         except TRANSPORT_ERRORS as e:
             reason = "timeout" if isinstance(e, asyncio.TimeoutError) else "transport"
             self.retries.labels(reason).inc()
             raise Retry(f"{reason}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return self._relay(gen, first)
+        return self._relay(gen, first), head.replica
+
+    async def _reload(self, replica: str, name: str) -> None:
+        """Loads a runtime adapter onto a replica started after it was loaded."""
+        try:
+            head: Head = await self.replicas.fan_out.remote(RouteHint(target=replica), "load_adapter",
+                                                            self.runtime_adapters[name])
+        except TRANSPORT_ERRORS as e:
+            log.warning("re-loading adapter %s onto replica %s failed: %s", name, replica, type(e).__name__)
+            return
+        log.info("adapter %s re-loaded onto replica %s: %d", name, head.replica, head.status)
 
     @staticmethod
     async def _wait(step, timeout: float, disconnected):
@@ -197,9 +216,12 @@ class RayService:
         return {**heads[0].body, "replicas": len(heads)}
 
     async def load_adapter(self, body) -> dict:
-        return await self._everywhere("load_adapter", body)
+        result = await self._everywhere("load_adapter", body)
+        self.runtime_adapters[body.lora_name] = body
+        return result
 
     async def unload_adapter(self, body) -> dict:
+        self.runtime_adapters.pop(body.lora_name, None)
         return await self._everywhere("unload_adapter", body)
 
     async def models(self) -> list[dict]:

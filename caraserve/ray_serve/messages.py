@@ -12,7 +12,9 @@ class RouteHint:
     model; the router looks its rank up in the replicas' states). request_id: the engine's id
     for the request; attempt: 0, then 1, 2... for retries of the same request (the router keeps
     them off replicas already tried). covered: for calls that go to every replica in turn
-    (adapter loads, model lists), the replicas already done (their unique ids)."""
+    (adapter loads, model lists), the replicas already done (their unique ids). target: the one
+    replica the call must reach when it is up (a runtime adapter re-loaded onto a replica that
+    Serve started after the adapter was loaded, and the request retried there)."""
 
     adapter: str = ""
     prompt_tokens: int = 1
@@ -20,6 +22,7 @@ class RouteHint:
     request_id: str = ""
     attempt: int = 0
     covered: frozenset[str] | None = None
+    target: str = ""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ The request's adapter, prompt and output lengths reach the router as the call's 
 (Serve tries them in that order when one's queue is full); ties are broken at random (the
 replicas are shuffled first) except for policies whose order is the policy (first_fit,
 round_robin), which see the replicas sorted by id. A retry of a request (hint.attempt > 0) is
-kept off the replicas already tried while others are up. Each decision is logged (logger
+kept off the replicas already tried while others are up; a call naming a target replica goes
+there while it is up. Each decision is logged (logger
 `ray.serve.caraserve`, so it lands in the ingress replica's Serve log).
 """
 
@@ -107,6 +108,8 @@ class RankAwareRequestRouter(RequestRouter):
             left = [r for r in candidate_replicas if r.replica_id.unique_id not in hint.covered]
             return [left or candidate_replicas]
         candidates = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        if hint.target:
+            candidates = [r for r in candidates if r.replica_id.unique_id == hint.target] or candidates
         tried = self._tried.get(hint.request_id) or set()
         if hint.attempt > 0:
             candidates = [r for r in candidates if r.replica_id not in tried] or candidates

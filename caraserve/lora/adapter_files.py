@@ -170,4 +170,4 @@ def _header_shapes(name: str, path: Path, fd: int) -> dict[str, tuple[int, ...]]
 
 
 def _ints(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    return type(v) is list and all(type(x) is int and x >= 0 for x in v)  # JSON ints: not bools

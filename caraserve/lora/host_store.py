@@ -173,7 +173,9 @@ class HostStore:
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._insert(_Entry(info))
-        log.info("registered adapter %s (rank %d, %s)", name, info.rank, ",".join(info.targets))
+        # the start-up folder's thousands of adapters get one summary line (register_dir's caller)
+        log.log(logging.INFO if confined else logging.DEBUG, "registered adapter %s (rank %d, %s)", name, info.rank,
+                ",".join(info.targets))
         return info
 
     def add(self, weights: LoraWeights) -> AdapterInfo:

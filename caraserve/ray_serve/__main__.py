@@ -10,6 +10,7 @@ deploys the application and serves until SIGTERM / SIGINT, then shuts Serve down
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ log = logging.getLogger("caraserve.ray_serve")
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     app_cfg = app_config(composed)  # a configuration mistake stops here, before Ray starts
+    faulthandler.enable()  # a crash inside Ray's shutdown leaves the Python stacks in the log
     import ray
     from ray import serve
 
@@ -43,6 +45,8 @@ def main(cfg: DictConfig) -> None:
         stop.wait()
     finally:
         log.info("shutting down")
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the shutdown
+            signal.signal(sig, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
 

@@ -106,3 +106,12 @@ def serve_http(app, server: ServerConfig, log: logging.Logger) -> None:
     uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
                 timeout_graceful_shutdown=server.drain_timeout_s,
                 timeout_keep_alive=server.timeout_keep_alive_s, limit_concurrency=server.limit_concurrency)
+
+
+def exit_now(status: int) -> NoReturn:
+    """Ends the process once an entry point has shut down what it started, without the
+    interpreter's finalization (see the callers for the threads that make it abort)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

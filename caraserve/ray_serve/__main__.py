@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import signal
-import sys
 import threading
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from caraserve.cli import config_task, run
+from caraserve.cli import config_task, exit_now, run
 from caraserve.ray_serve.app import app_config, deploy
 
 log = logging.getLogger("caraserve.ray_serve")
@@ -55,7 +53,4 @@ if __name__ == "__main__":
     status = run(main)
     # Serve and Ray are shut down: end here, without the interpreter's finalization, which can
     # abort (SIGABRT) while Ray's C++ threads are still unwinding.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_now(status)

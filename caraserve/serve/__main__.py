@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from caraserve.cli import config_task, run, serve_http
+from caraserve.cli import config_task, exit_now, run, serve_http
 from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_keys, engine_config
 from caraserve.engine import Engine, resolve_paths
 from caraserve.serve.api import build_app
@@ -79,7 +78,4 @@ if __name__ == "__main__":
     # unwind through torch's C++ frames (a pybind11 destructor that takes the GIL again) calls
     # std::terminate: "terminate called without an active exception", SIGABRT, status 134.
     # Waiting for the compile instead would hold a stopping server for up to a compile's length.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_now(status)

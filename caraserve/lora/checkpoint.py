@@ -184,8 +184,8 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     """Validates the PEFT adapter in `folder` for a base model with `model_args` from what its
     config and safetensors header show, reading no weights (a legacy .bin is read whole and its
     values checked too). NaN/Inf in a safetensors file is found by load_adapter, on first use."""
-    name, folder, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
-    found = read_weights(name, folder, limits, header_only=True)
+    name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
+    found = read_weights(name, real, limits, header_only=True)
     shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
     layout = _layout(name, cfg, rules, shapes, model_args)
     if any(isinstance(v, torch.Tensor) for v in found.values()):
@@ -199,8 +199,8 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
                  limits: ReadLimits | None = None) -> LoraWeights:
     """Reads and validates the PEFT adapter in `folder` for a base model with `model_args`;
     `limits` bounds what the read may touch (default: nothing)."""
-    name, folder, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
-    tensors = read_weights(name, folder, limits, header_only=False)
+    name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
+    tensors = read_weights(name, real, limits, header_only=False)
     layout = _layout(name, cfg, rules, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
     _check_finite(name, layout, tensors)
     out_a, out_b = {}, {}
@@ -216,8 +216,8 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
 
 
 def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None, model_args):
-    """(name, folder, config, module rules, limits) after every check that needs no weights file:
-    the name, the folder's confinement, the config, its patterns, the rank cap."""
+    """(name, folder, its real path, config, module rules, limits) after every check that needs no
+    weights file: the name, the folder's confinement, the config, its patterns, the rank cap."""
     folder = Path(folder)
     name = check_name(folder.name if name is None else name)
     limits = limits or ReadLimits()
@@ -228,7 +228,7 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     limits.check_inside(name, folder, real)
     if not real.is_dir():
         raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
-    cfg = _read_config(name, folder, limits)
+    cfg = _read_config(name, real, limits)
     try:  # before the weights: a refused pattern costs no weights read
         rules = module_rules(cfg, module_names(model_args.num_layers))
     except PatternError as e:
@@ -237,7 +237,7 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     if limits.max_rank is not None and top > limits.max_rank:  # stacking allocates layers x rank
         raise AdapterError(f"adapter {name!r}: rank {top} is larger than the largest rank bucket "
                            f"{limits.max_rank} (adapters.rank_buckets)")
-    return name, folder, cfg, rules, limits
+    return name, folder, real, cfg, rules, limits
 
 
 def _layout(name: str, cfg: dict, rules: ModuleRules, shapes: dict[str, tuple[int, ...]], model_args) -> _Layout:

@@ -2,164 +2,30 @@
 
 Entry points compose YAML with Hydra and hand the plain dict to `*.from_dict`; library code only
 sees these frozen dataclasses, so `Engine(EngineConfig(...))` works from plain Python too.
-`from_dict` checks every value against its field's annotation (an int field takes an int or a
-whole float such as 8e9, never a bool or a string; a float field takes an int too; lists become
-tuples) and refuses unknown keys, naming the key as the command line spells it
-(`engine.max_batch_size`) and suggesting the closest known one.
+`from_dict` checks every value against its field's annotation and refuses unknown keys, naming
+the key as the command line spells it (`engine.max_batch_size`); the checks are in
+caraserve/config_checks.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from caraserve.config_checks import (  # noqa: F401  (ConfigError, check_keys, unknown_key: re-exported)
+    ConfigError,
+    _check,
+    check_keys,
+    dataclass_from_dict,
+    show,
+    unknown_key,
+)
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def show(value: Any) -> str:
-    """A value as it would be written in YAML or on the command line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    return repr(value)
-
-
-def _join(where: str, name: Any) -> str:
-    return f"{where}.{name}" if where else str(name)
-
-
-def unknown_key(key: str, known: Iterable[str], where: str = "") -> str:
-    """'unknown key engine.max_batchsize; did you mean engine.max_batch_size?'"""
-    known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key {_join(where, key)}; did you mean {_join(where, close[0])}?"
-    return f"unknown key {_join(where, key)}" + (f" (known: {', '.join(known)})" if known else "")
-
-
-def check_keys(data: Mapping, known: Iterable[str], where: str = "") -> None:
-    """Refuses keys of `data` not in `known`, suggesting the closest known key."""
-    known = set(known)
-    _check(set(map(str, data)) <= known,
-           "; ".join(unknown_key(k, known, where) for k in sorted(set(map(str, data)) - known)))
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    if tp is tuple or origin is tuple:
-        return f"a list of {_plural(args[0])}" if args else "a list"
-    if tp is dict or origin is dict:
-        return f"a mapping of {_plural(args[1])}" if args else "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _plural(tp: Any) -> str:
-    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(tp, _describe(tp))
-
-
-def check_type(value: Any, tp: Any, key: str) -> Any:
-    """`value` checked against the annotation `tp`, as it is to be stored: a whole float as an
-    int (40e9 for an int of bytes), a list as a tuple, a nested mapping as its dataclass. Raises
-    ConfigError naming `key`, the value and the expected type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def refuse():
-        raise ConfigError(f"{key}={show(value)} must be {_describe(tp)}")
-
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is not type(None):
-                try:
-                    return check_type(value, a, key)
-                except ConfigError:
-                    pass
-        refuse()
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            refuse()
-        return dataclass_from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            refuse()
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            refuse()
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-            refuse()
-        return float(value)
-    if tp is str:
-        # An int is taken as its digits (an API key or a name may be all digits, and Hydra reads
-        # a bare 12345 as an int); a float or a bool would not round-trip, so it is refused.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            refuse()
-        return value
-    if tp is tuple or origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            refuse()
-        elem = args[0] if args else Any
-        return tuple(check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is dict or origin is dict:
-        if value is None:  # YAML null: conf/model/tiny.yaml writes an empty budget so, as Hydra
-            # cannot override an empty mapping in place
-            return {}
-        if not isinstance(value, Mapping):
-            refuse()
-        kt, vt = args or (Any, Any)
-        out = {}
-        for k, v in value.items():
-            try:
-                k = check_type(k, kt, "")
-            except ConfigError:
-                raise ConfigError(f"{key}: the key {show(k)} must be {_describe(kt)}") from None
-            out[k] = check_type(v, vt, _join(key, k))
-        return out
-    return value
-
-
-def dataclass_from_dict(cls, data: Mapping[str, Any] | None, where: str):
-    """cls(**data) with every value checked against its field's annotation (see check_type)."""
-    if data is None:
-        data = {}
-    _check(isinstance(data, Mapping), f"{where}={show(data)} must be a mapping of keys")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    check_keys(data, names, where)
-    return cls(**{name: check_type(value, hints[name], _join(where, name)) for name, value in data.items()})
 
 
 @dataclass(frozen=True)

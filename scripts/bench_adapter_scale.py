@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="", help="where generated adapters live (default: a folder under "
                                                  "$CARASERVE_CACHE, reused across runs)")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="an extra override for every server, e.g. adapters.device_slots=8 (repeatable)")
     p.add_argument("--out", default="profiles/cpu/bench_adapter_scale.json")
     args = p.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
@@ -110,7 +112,7 @@ def start_server(args, folder: Path, budget: int, log_path: Path) -> tuple[subpr
     port = free_port()
     cmd = [sys.executable, "-m", "caraserve.serve", f"server.port={port}", f"adapters.dir={folder}",
            f"adapters.host_mem_bytes={budget}", "engine.compile=false", "server.log_level=warning",
-           "server.max_queue=1024"]
+           "server.max_queue=1024", *args.server_arg]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -99,3 +99,21 @@ def peft_logits(base_folder, adapter_folder, tokens):
         model = PeftModel.from_pretrained(model, str(adapter_folder)).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0]
+
+
+def copy_adapter(src, dst):
+    """A copy of the adapter folder `src` at `dst` (to break without touching the original)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder, **fields) -> None:
+    """Overwrites fields of the adapter's adapter_config.json."""
+    import json
+
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(fields)
+    path.write_text(json.dumps(cfg))

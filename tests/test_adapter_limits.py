@@ -4,17 +4,15 @@ regexes may take; the host tier's default budget follows the memory the process 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_random_hf_model
+from helpers import copy_adapter, edit_config, save_random_hf_model
 from safetensors.torch import load_file
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
@@ -38,17 +36,6 @@ def env(tmp_path_factory):
     return root, load_model(root / "base", "float32").args
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_config(d: Path, **kw) -> None:
-    cfg = json.loads((d / CFG).read_text())
-    cfg.update(kw)
-    (d / CFG).write_text(json.dumps(cfg))
-
-
 @pytest.fixture
 def guard():
     """Fails a test that hangs inside `re` (sre checks for signals) instead of hanging the suite."""
@@ -69,7 +56,7 @@ def guard():
 def test_cap_on_registered_adapters_at_start_up_scan(env, tmp_path):
     root, args = env
     for i in range(4):
-        _copy(root / "src" / "good", tmp_path / f"a{i}")
+        copy_adapter(root / "src" / "good", tmp_path / f"a{i}")
     store = HostStore(args, max_registered=2)
     ok, bad = store.register_dir(tmp_path)
     assert ok == ["a0", "a1"] and sorted(bad) == ["a2", "a3"]
@@ -101,8 +88,8 @@ def test_engine_applies_the_adapter_limits(env, tmp_path):
     root, _ = env
     adapters = tmp_path / "adapters"
     for i in range(3):
-        _copy(root / "src" / "good", adapters / f"a{i}")
-    escape = _copy(root / "src" / "good", adapters / "a-escape")  # sorts first
+        copy_adapter(root / "src" / "good", adapters / f"a{i}")
+    escape = copy_adapter(root / "src" / "good", adapters / "a-escape")  # sorts first
     (escape / ST).unlink()
     (escape / ST).symlink_to(root / "src" / "good" / ST)
     engine = Engine(EngineConfig(model=ModelConfig(path=str(root / "base")),
@@ -137,7 +124,7 @@ def test_file_over_max_file_bytes_refused_without_reading_it(env, tmp_path, monk
     from caraserve.lora.checkpoint import ReadLimits
 
     root, args = env
-    d = _copy(root / "src" / "good", tmp_path / "big")
+    d = copy_adapter(root / "src" / "good", tmp_path / "big")
     if which == BIN:
         torch.save(load_file(str(d / ST)), str(d / BIN))
         (d / ST).unlink()
@@ -162,15 +149,15 @@ def test_file_over_max_file_bytes_refused_without_reading_it(env, tmp_path, monk
 def test_symlink_leaving_the_root_refused_and_inside_accepted(env, tmp_path, which):
     root, args = env
     inside, outside = tmp_path / "adapters", tmp_path / "elsewhere"
-    target = _copy(root / "src" / "good", outside / "good")
-    shared = _copy(root / "src" / "good", inside / "shared")
+    target = copy_adapter(root / "src" / "good", outside / "good")
+    shared = copy_adapter(root / "src" / "good", inside / "shared")
     store = HostStore(args, roots=[inside])
 
     def linked(name: str, to: Path) -> Path:
         if which == "folder":
             (inside / name).symlink_to(to, target_is_directory=True)
             return inside / name
-        d = _copy(root / "src" / "good", inside / name)
+        d = copy_adapter(root / "src" / "good", inside / name)
         (d / which).unlink()
         (d / which).symlink_to(to / which)
         return d
@@ -188,7 +175,7 @@ def test_symlink_leaving_the_root_refused_and_inside_accepted(env, tmp_path, whi
 @pytest.mark.parametrize("which", [CFG, ST])
 def test_fifo_refused_without_blocking(env, tmp_path, guard, which):
     root, args = env
-    d = _copy(root / "src" / "good", tmp_path / "fifo")
+    d = copy_adapter(root / "src" / "good", tmp_path / "fifo")
     (d / which).unlink()
     os.mkfifo(d / which)
     with pytest.raises(AdapterError, match=rf"adapter 'fifo': .*{re.escape(which)} is not a regular file"):
@@ -201,8 +188,8 @@ def test_fifo_refused_without_blocking(env, tmp_path, guard, which):
 @pytest.mark.parametrize("field", ["target_modules", "rank_pattern", "alpha_pattern"])
 def test_pathological_regex_refused_quickly(env, tmp_path, guard, field):
     root, args = env
-    d = _copy(root / "src" / "good", tmp_path / "evil")
-    _edit_config(d, **({field: EVIL} if field == "target_modules" else {field: {EVIL: 8}}))
+    d = copy_adapter(root / "src" / "good", tmp_path / "evil")
+    edit_config(d, **({field: EVIL} if field == "target_modules" else {field: {EVIL: 8}}))
     store = HostStore(args)
     what = "target_modules regex" if field == "target_modules" else f"{field} key"
     t0 = time.monotonic()
@@ -214,11 +201,11 @@ def test_pathological_regex_refused_quickly(env, tmp_path, guard, field):
 
 def test_pattern_length_and_key_count_are_capped(env, tmp_path):
     root, args = env
-    d = _copy(root / "src" / "good", tmp_path / "long")
-    _edit_config(d, target_modules="q_proj|" * 100)
+    d = copy_adapter(root / "src" / "good", tmp_path / "long")
+    edit_config(d, target_modules="q_proj|" * 100)
     with pytest.raises(AdapterError, match=r"adapter 'long': target_modules regex is 700 characters, more than 512"):
         load_adapter(d, args)
-    _edit_config(d, target_modules=QV, rank_pattern={f"k{i}": 8 for i in range(600)},
+    edit_config(d, target_modules=QV, rank_pattern={f"k{i}": 8 for i in range(600)},
                  alpha_pattern={f"k{i}": 8 for i in range(600)})
     with pytest.raises(AdapterError, match=r"rank_pattern and alpha_pattern hold 1200 keys, more than 1024"):
         load_adapter(d, args)
@@ -259,8 +246,8 @@ def test_patterns_resolve_as_peft_resolves_them(env, tmp_path, monkeypatch, wher
         n for n in names if n.endswith(".q_proj") or n.endswith(".up_proj")}
 
     root, args = env
-    d = _copy(root / "src" / "good", tmp_path / "regex")
-    _edit_config(d, target_modules=r".*\.(q_proj|v_proj)", rank_pattern={r"layers\.\d\.self_attn\.v.*": 8},
+    d = copy_adapter(root / "src" / "good", tmp_path / "regex")
+    edit_config(d, target_modules=r".*\.(q_proj|v_proj)", rank_pattern={r"layers\.\d\.self_attn\.v.*": 8},
                  alpha_pattern={"v_proj": 32})
     got, ref = load_adapter(d, args), load_adapter(root / "src" / "good", args)
     assert got.targets == ref.targets == ("q_proj", "v_proj")

@@ -5,14 +5,12 @@ only on the first read of the weights, which marks the adapter broken."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import peft_logits, save_peft_adapter, save_random_hf_model
+from helpers import copy_adapter, edit_config, peft_logits, save_peft_adapter, save_random_hf_model
 from safetensors.torch import load_file, save_file
 
 from caraserve.lora.checkpoint import AdapterError, inspect_adapter, load_adapter
@@ -54,17 +52,6 @@ def store(env):
 
 
 # ---------------------------------------------------------------- builders of broken copies
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_config(d: Path, **kw) -> None:
-    cfg = json.loads((d / CFG).read_text())
-    cfg.update(kw)
-    (d / CFG).write_text(json.dumps(cfg))
 
 
 def _edit_tensors(d: Path, fn) -> None:
@@ -117,7 +104,7 @@ def _b(src, fn):
     """Builder: copy src adapter to dst, then apply fn(dst)."""
 
     def build(srcroot: Path, dst: Path) -> Path:
-        d = _copy(srcroot / src, dst)
+        d = copy_adapter(srcroot / src, dst)
         fn(d)
         return d
 
@@ -143,12 +130,12 @@ CASES = {
                               r"cannot read .*adapter_model\.safetensors"),
     "truncated-bin": (_b("good", lambda d: (_to_bin(d), _truncate(d / BIN))), r"cannot read .*adapter_model\.bin"),
     "no-tensors": (_b("good", lambda d: save_file({}, str(d / ST))), r"holds no LoRA tensors"),
-    "r-mismatch": (_b("good", lambda d: _edit_config(d, r=4)), r"has rank 8 but the config says r=4"),
-    "r-not-positive": (_b("good", lambda d: _edit_config(d, r=0)), r"r=0 must be a positive integer"),
-    "alpha-not-number": (_b("good", lambda d: _edit_config(d, lora_alpha="16")), r"lora_alpha='16' must be a number"),
-    "peft-type-ia3": (_b("good", lambda d: _edit_config(d, peft_type="IA3")), r"peft_type IA3 is not supported"),
+    "r-mismatch": (_b("good", lambda d: edit_config(d, r=4)), r"has rank 8 but the config says r=4"),
+    "r-not-positive": (_b("good", lambda d: edit_config(d, r=0)), r"r=0 must be a positive integer"),
+    "alpha-not-number": (_b("good", lambda d: edit_config(d, lora_alpha="16")), r"lora_alpha='16' must be a number"),
+    "peft-type-ia3": (_b("good", lambda d: edit_config(d, peft_type="IA3")), r"peft_type IA3 is not supported"),
     "shape-hidden32": (_b("hidden32", lambda d: None), r"do not fit the base model's q_proj \(64 -> 64\)"),
-    "target-c-attn": (_b("good", lambda d: _edit_config(d, target_modules=["c_attn"])),
+    "target-c-attn": (_b("good", lambda d: edit_config(d, target_modules=["c_attn"])),
                       r"target module 'c_attn' does not exist in the model"),
     "tensor-unknown-module": (_b("good", lambda d: _edit_tensors(d, _rename("self_attn.q_proj", "self_attn.c_attn"))),
                               r"target module self_attn\.c_attn does not exist in the model"),
@@ -156,11 +143,11 @@ CASES = {
                             r"target module mlp\.q_proj does not exist in the model"),
     "tensor-unexpected-key": (_b("good", lambda d: _edit_tensors(d, _add("some.other.weight", (4, 4)))),
                               r"unexpected tensor 'some\.other\.weight'"),
-    "dora-config": (_b("good", lambda d: _edit_config(d, use_dora=True)), r"use_dora=true \(DoRA\) is not supported"),
+    "dora-config": (_b("good", lambda d: edit_config(d, use_dora=True)), r"use_dora=true \(DoRA\) is not supported"),
     "dora-peft": (_b("peft-dora", lambda d: None), r"use_dora=true \(DoRA\) is not supported"),
     "dora-tensor": (_b("good", lambda d: _edit_tensors(
         d, _add(f"{P}.0.self_attn.q_proj.lora_magnitude_vector", (64,)))), r"DoRA weights .*magnitude_vector"),
-    "modules-to-save-config": (_b("good", lambda d: _edit_config(d, modules_to_save=["lm_head"])),
+    "modules-to-save-config": (_b("good", lambda d: edit_config(d, modules_to_save=["lm_head"])),
                                r"modules_to_save=\['lm_head'\] is not supported"),
     "modules-to-save-peft": (_b("peft-mts", lambda d: None), r"modules_to_save=\['lm_head'\] is not supported"),
     "embedding-tensor": (_b("good", lambda d: _edit_tensors(
@@ -170,8 +157,8 @@ CASES = {
     "lm-head-tensor": (_b("good", lambda d: _edit_tensors(d, _add("base_model.model.lm_head.lora_A.weight", (8, 64)))),
                        r"LoRA on lm_head \(.*lm_head\.lora_A\.weight\) is not supported"),
     "lm-head-peft": (_b("peft-lm-head", lambda d: None), r"LoRA on lm_head is not supported"),
-    "bias-all-config": (_b("good", lambda d: _edit_config(d, bias="all")), r"bias='all' is not supported"),
-    "bias-lora-only-config": (_b("good", lambda d: _edit_config(d, bias="lora_only")),
+    "bias-all-config": (_b("good", lambda d: edit_config(d, bias="all")), r"bias='all' is not supported"),
+    "bias-lora-only-config": (_b("good", lambda d: edit_config(d, bias="lora_only")),
                               r"bias='lora_only' is not supported"),
     "bias-peft": (_b("peft-bias", lambda d: None), r"bias='all' is not supported"),
     "lora-bias-peft": (_b("peft-lora-bias", lambda d: None), r"unexpected tensor .*lora_B\.bias"),
@@ -183,9 +170,9 @@ CASES = {
                                 r"layers\.2\.self_attn\.q_proj\.lora_[AB]\.weight' is for layer 2, the model has 2"),
     "layer-far-beyond-model": (_b("good", lambda d: _edit_tensors(d, _layer_beyond(5))),
                                r"is for layer 5, the model has 2"),
-    "outside-layers-to-transform": (_b("good", lambda d: _edit_config(d, layers_to_transform=[0])),
+    "outside-layers-to-transform": (_b("good", lambda d: edit_config(d, layers_to_transform=[0])),
                                     r"layers\.1\..* is outside layers_to_transform=\[0\]"),
-    "rank-pattern-mismatch": (_b("good", lambda d: _edit_config(d, rank_pattern={"layers.1.self_attn.q_proj": 4})),
+    "rank-pattern-mismatch": (_b("good", lambda d: edit_config(d, rank_pattern={"layers.1.self_attn.q_proj": 4})),
                                r"has rank 8 but the config says r=4"),
 }
 # broken values: the header is fine, so these register and are refused when first read
@@ -317,11 +304,11 @@ def test_missing_folder_refused(env, store, tmp_path):
 def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
     _, src, args = env
     d = tmp_path / "adapters"
-    _copy(src / "good", d / "good-a")
-    _copy(src / "good2", d / "good-b")
-    _copy(src / "good", d / "keep")  # already registered in the store
-    _copy(src / "good", d / "bad name")  # not a plain name
-    _copy(src / "good", d / ".hidden")  # skipped
+    copy_adapter(src / "good", d / "good-a")
+    copy_adapter(src / "good2", d / "good-b")
+    copy_adapter(src / "good", d / "keep")  # already registered in the store
+    copy_adapter(src / "good", d / "bad name")  # not a plain name
+    copy_adapter(src / "good", d / ".hidden")  # skipped
     (d / "README.txt").write_text("not an adapter")  # skipped
     broken = ["bad-json", "missing-weights", "target-c-attn", "shape-hidden32", "dora-peft"]
     for case in broken:
@@ -352,7 +339,7 @@ def test_register_dir_missing_root(env, store, tmp_path):
 @pytest.mark.parametrize("src_name", ["good", "good2"])
 def test_bin_checkpoint_equals_safetensors(env, store, tmp_path, src_name):
     _, src, _ = env
-    d = _copy(src / src_name, tmp_path / f"{src_name}-bin")
+    d = copy_adapter(src / src_name, tmp_path / f"{src_name}-bin")
     _to_bin(d)
     assert not (d / ST).exists() and (d / BIN).is_file()
     store.register("st", src / src_name)
@@ -365,8 +352,8 @@ def test_bin_checkpoint_equals_safetensors(env, store, tmp_path, src_name):
 
 def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path):
     root, src, _ = env
-    d = _copy(src / "good", tmp_path / "fifo")
-    _edit_config(d, fan_in_fan_out=True)
+    d = copy_adapter(src / "good", tmp_path / "fifo")
+    edit_config(d, fan_in_fan_out=True)
     info = store.register("fifo", d)
     assert info.rank == 8 and info.targets == ("q_proj", "v_proj")
     assert _same(store.get("fifo"), _snapshot(store.get("keep")))
@@ -388,8 +375,8 @@ MALFORMED = {
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_config_values_raise_adapter_error(env, store, tmp_path, case):
     _, src, _ = env
-    d = _copy(src / "good", tmp_path / case)
-    _edit_config(d, **MALFORMED[case])
+    d = copy_adapter(src / "good", tmp_path / case)
+    edit_config(d, **MALFORMED[case])
     with pytest.raises(AdapterError, match=_msg(case, "")):
         store.register(case, d)
 
@@ -397,17 +384,17 @@ def test_malformed_config_values_raise_adapter_error(env, store, tmp_path, case)
 def test_register_dir_survives_malformed_config(env, store, tmp_path):
     _, src, _ = env
     d = tmp_path / "adapters"
-    _copy(src / "good", d / "a-good")
-    _edit_config(_copy(src / "good", d / "b-weird"), target_modules=[1])
-    _copy(src / "good2", d / "c-good")
+    copy_adapter(src / "good", d / "a-good")
+    edit_config(copy_adapter(src / "good", d / "b-weird"), target_modules=[1])
+    copy_adapter(src / "good2", d / "c-good")
     ok, bad = store.register_dir(d)
     assert ok == ["a-good", "c-good"] and list(bad) == ["b-weird"]
 
 
 def test_tensors_outside_target_modules_not_applied(env, store, tmp_path):
     _, src, _ = env
-    d = _copy(src / "good", tmp_path / "q-only")
-    _edit_config(d, target_modules=["q_proj"])  # the file still holds v_proj tensors
+    d = copy_adapter(src / "good", tmp_path / "q-only")
+    edit_config(d, target_modules=["q_proj"])  # the file still holds v_proj tensors
     try:
         store.register("q-only", d)
     except AdapterError:
@@ -417,15 +404,15 @@ def test_tensors_outside_target_modules_not_applied(env, store, tmp_path):
 
 def test_string_target_modules_matching_nothing_refused(env, store, tmp_path):
     _, src, _ = env
-    d = _copy(src / "good", tmp_path / "str-target")
-    _edit_config(d, target_modules="c_attn")
+    d = copy_adapter(src / "good", tmp_path / "str-target")
+    edit_config(d, target_modules="c_attn")
     with pytest.raises(AdapterError, match=_msg("str-target", "c_attn")):
         store.register("str-target", d)
 
 
 def test_alora_refused(env, store, tmp_path):
     _, src, _ = env
-    d = _copy(src / "good", tmp_path / "alora")
-    _edit_config(d, alora_invocation_tokens=[9, 33])
+    d = copy_adapter(src / "good", tmp_path / "alora")
+    edit_config(d, alora_invocation_tokens=[9, 33])
     with pytest.raises(AdapterError, match=_msg("alora", "alora")):
         store.register("alora", d)

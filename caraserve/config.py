@@ -206,9 +206,16 @@ class EngineConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     device: str = "auto"
     dtype: str = "auto"
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
+    max_batch_size: int = 32  # requests running at once
+    max_seq_len: int = 2048  # prompt + output tokens of one request
     max_tokens_per_step: int = 4096
+    # Paged KV cache: blocks of kv_block_size tokens. Their number: num_kv_blocks when > 0, else
+    # kv_cache_bytes when > 0, else on CUDA gpu_memory_utilization of the device's memory less
+    # what the model and adapter pools took, and on CPU max_batch_size x max_seq_len tokens.
+    kv_block_size: int = 16
+    num_kv_blocks: int = 0
+    kv_cache_bytes: int = 0
+    gpu_memory_utilization: float = 0.9
     compile: str | bool = "auto"  # engine.compile=true arrives as a bool; kept as "true"
     compile_cache_dir: str = "compiled/cache"
     seed: int = 0
@@ -217,6 +224,11 @@ class EngineConfig:
         _check(self.max_batch_size >= 1, f"engine.max_batch_size={self.max_batch_size} must be >= 1")
         _check(self.max_seq_len >= 2, f"engine.max_seq_len={self.max_seq_len} must be >= 2")
         _check(self.max_tokens_per_step >= 1, "engine.max_tokens_per_step must be >= 1")
+        _check(1 <= self.kv_block_size <= 4096, f"engine.kv_block_size={self.kv_block_size} must be in 1..4096")
+        _check(self.num_kv_blocks >= 0, f"engine.num_kv_blocks={self.num_kv_blocks} must be >= 0 (0 = from memory)")
+        _check(self.kv_cache_bytes >= 0, f"engine.kv_cache_bytes={self.kv_cache_bytes} must be >= 0 (0 = auto)")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"engine.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _check(self.dtype in DTYPES, f"engine.dtype={self.dtype!r} is not one of {DTYPES}")
         _check(str(self.compile).lower() in ("auto", "true", "false"),
                f"engine.compile={self.compile!r} must be auto|true|false")

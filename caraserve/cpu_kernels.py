@@ -1,5 +1,5 @@
-"""Wrappers of the C kernels for the CPU decode step: the LoRA delta (`csrc/lora_cpu.c`) and
-decode attention (`csrc/attention_cpu.c`, decode rows and prompt tokens alike).
+"""Wrappers of the C kernels for the CPU step: the LoRA delta (`csrc/lora_cpu.c`) and attention
+over the paged KV cache (`csrc/attention_cpu.c`, decode rows and prompt tokens alike).
 
 A decode step on CPU adds, for every adapted module, one small matmul pair per adapter in the
 batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
@@ -160,43 +160,50 @@ def usable(y: torch.Tensor, x: torch.Tensor) -> bool:
             and y.stride(1) == 1 and x.stride(1) == 1)
 
 
-def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, window: int | None) -> torch.Tensor | None:
-    """Attention of one query token per row over its own cache slot, positions [0, len) (or the
-    last `window` of them), see csrc/attention_cpu.c: q [n, H, hd], caches [S, L, KV, hd],
-    slots/lens [n] int64 (a row's token sits at position len - 1: a decode row, or a prompt
-    token whose keys are already in the cache). None when the kernel is unavailable or does not
-    take these tensors (or slots and lengths outside the cache). slots and lens that are not
-    one entry per row of q, or a negative window, raise a ValueError: no path computes those."""
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Attention of one query token per row over its sequence's positions [0, len) of a paged
+    cache (or the last `window` of them), see csrc/attention_cpu.c and
+    `caraserve.attention.paged_attention_reference` for the semantics: q [n, H, hd], caches
+    [blocks, block_size, KV, hd], block_tables [S, W] int64, row_seq/lens [n] int64 (a row's
+    token sits at position len - 1 of sequence row_seq: a decode row, or a prompt token whose
+    keys are already in the cache). None when the kernel is unavailable or does not take these
+    tensors (or sequences, lengths and block ids outside the table and the cache). row_seq and
+    lens that are not one entry per row of q, or a negative window, raise a ValueError: no path
+    computes those."""
     n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
-    for name, t in (("slots", slots), ("lens", lens)):
+    for name, t in (("row_seq", row_seq), ("lens", lens)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"slot_attention: {name} must be a 1-D tensor of one entry per row of q ({n}), "
+            raise ValueError(f"paged_attention: {name} must be a 1-D tensor of one entry per row of q ({n}), "
                              f"got {shape}")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
+        shape = list(block_tables.shape) if isinstance(block_tables, torch.Tensor) else type(block_tables).__name__
+        raise ValueError(f"paged_attention: block_tables must be a 2-D tensor [sequences, blocks], got {shape}")
     if window is not None and window < 0:
-        raise ValueError(f"slot_attention: window must be None or >= 0, got {window}")
+        raise ValueError(f"paged_attention: window must be None or >= 0, got {window}")
     lib = kernel_library.library()
     if lib is None or not attention_usable(q, k_cache, v_cache):
         return None
-    if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in (slots, lens)):
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in (block_tables, row_seq, lens)):
         return None
     n, heads, hd = q.shape
-    kv_heads = k_cache.shape[2]
-    if kv_heads < 1 or heads % kv_heads:
+    blocks, block_size, kv_heads, _ = k_cache.shape
+    if kv_heads < 1 or heads % kv_heads or block_tables.shape[1] < 1:
         return None
-    slots, lens = slots.contiguous(), lens.contiguous()
+    block_tables, row_seq, lens = block_tables.contiguous(), row_seq.contiguous(), lens.contiguous()
     out = torch.empty_like(q)
-    rc = lib.slot_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                              slots.data_ptr(), lens.data_ptr(), n, heads, kv_heads, hd,
-                              k_cache.shape[0], k_cache.shape[1], window or 0, hd ** -0.5)
+    rc = lib.paged_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                             block_tables.data_ptr(), row_seq.data_ptr(), lens.data_ptr(), n, heads, kv_heads, hd,
+                             blocks, block_size, block_tables.shape[0], block_tables.shape[1], window or 0,
+                             hd ** -0.5)
     if rc == -2:
-        raise MemoryError("decode attention: no memory for the score buffer")
+        raise MemoryError("paged attention: no memory for the score buffer")
     return out if rc == 0 else None
 
 
 def attention_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Float32 CPU tensors in the layouts the attention kernel reads."""
+    """Float32 CPU tensors in the layouts the attention kernel reads (caches [blocks, block_size, KV, hd])."""
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
             and k_cache.device.type == "cpu" and v_cache.device.type == "cpu" and q.dim() == 3
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and q.is_contiguous()

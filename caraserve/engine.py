@@ -15,10 +15,11 @@ import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
 from caraserve.config import EngineConfig, resolve_device
+from caraserve.config_checks import ConfigError
 from caraserve.cpu_assist.handoff import Handoff
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.kv_cache import KVCache
+from caraserve.kv_cache import KVCache, block_bytes, blocks_for
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
@@ -76,10 +77,11 @@ class Engine:
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
-        self.kv = KVCache(cfg.max_batch_size, self.max_seq_len, args.num_kv_heads, args.head_dim,
-                          self.dtype, self.model.layer_devices())
         self.catalog = AdapterCatalog(cfg.adapters, cfg.cpu_assist, args, self.dtype, self.model.layer_devices(),
                                       adapter_dir)
+        # after the model and the adapter pool: on CUDA the KV cache takes the memory they left
+        self.kv = KVCache(self._num_kv_blocks(), cfg.kv_block_size, args.num_kv_heads, args.head_dim,
+                          self.dtype, self.model.layer_devices())
         self.store, self.pool = self.catalog.store, self.catalog.pool
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = self._cpu_assist()
@@ -97,6 +99,27 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload != "none":
             self.catalog.preload(cfg.adapters.preload)
+
+    def _num_kv_blocks(self) -> int:
+        """KV blocks per engine.num_kv_blocks, else engine.kv_cache_bytes, else the device's default
+        (CUDA: gpu_memory_utilization of the memory less what is allocated; CPU: the memory
+        max_batch_size requests of max_seq_len tokens take)."""
+        cfg, args = self.config, self.model.args
+        per_block = block_bytes(cfg.kv_block_size, args.num_kv_heads, args.head_dim, self.dtype, args.num_layers)
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        budget = cfg.kv_cache_bytes
+        if not budget and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
+        if not budget:
+            budget = cfg.max_batch_size * blocks_for(self.max_seq_len, cfg.kv_block_size) * per_block
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ConfigError(f"the KV cache budget ({budget} bytes) holds no block of {cfg.kv_block_size} tokens "
+                             f"({per_block} bytes): raise engine.kv_cache_bytes or engine.gpu_memory_utilization, "
+                             "or set engine.num_kv_blocks")
+        return int(blocks)
 
     def _perf_model(self):
         path = self.config.scheduler.perf_model
@@ -154,7 +177,7 @@ class Engine:
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
-        return DecodeGraphs(self.model, self.kv.layers, self.pool, self.kv.scratch_slot, cfg.max_batch_size,
+        return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
                             cache, background=mode == "auto")
 
     @staticmethod
@@ -206,7 +229,9 @@ class Engine:
             return EngineState(
                 sched.max_batch_size, tuple(view(r) for r in sched.running), tuple(view(r) for r in sched.waiting),
                 frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT),
-                {n: self.store.info(n).rank for n in names}, sched.slo_s * 1e3, perf)
+                {n: self.store.info(n).rank for n in names}, sched.slo_s * 1e3, perf,
+                kv_block_size=self.kv.block_size, kv_blocks_total=self.kv.num_blocks,
+                kv_blocks_free=self.kv.free_blocks, preemptions=sched.num_preemptions)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -226,6 +251,11 @@ class Engine:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length {self.max_seq_len}"
+            )
+        if len(prompt_ids) + params.max_tokens > self.kv.capacity_tokens:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the whole KV "
+                f"cache ({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)"
             )
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -325,7 +355,7 @@ class Engine:
             for j, req in enumerate(reqs):
                 if not batch.is_decode:
                     req.num_computed += chunk[id(req)]
-                    if req.num_computed < len(req.prompt_ids):
+                    if req.num_computed < req.prefill_len:
                         continue  # chunked prefill: more of the prompt to go
                     req.state = RequestState.DECODE
                 emitting.append(req)

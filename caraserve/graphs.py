@@ -1,18 +1,18 @@
 """DecodeGraphs: the decode step as one compiled tensor function over preallocated buffers.
 
 One variant per (batch-size bucket, LoRA form): the batch is padded to a power-of-two row
-count (padding rows write into a scratch KV slot, slot 0, that no request owns). Attention on
-GPUs runs in slot space over a view of cache slots [0, bucket] (no per-row copy of the keys; a
-step whose KV slots lie beyond its bucket runs eagerly, which gathers them); on CPU (float32)
-an opaque op runs a C kernel that reads each row's own slot and positions (`cpu_kernels`). The
+count (padding rows write into the scratch KV block, block 0, that no request owns). Attention
+reads the paged KV cache through each row's block table (`caraserve.attention`): on CPU an
+opaque op runs the C kernel, on GPUs the gathered form, which the compiler fuses. The
 LoRA delta has two forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module
 whatever the adapter mix, `triton_multi.bgmv_multi`; each row carries its rank bucket, slot,
 rank and scale), one variant per batch bucket. On CPU, where a gather of every row's weights
 costs more than the whole step, an opaque op per module runs the eager form (`add_lora_runs`:
 every adapter's rows of the module in one call of a C kernel) on the step's LoraBatch, which
-the op reads from the thread running the step: one variant serves every adapter mix. The KV
-length is a dynamic dimension, so a longer context does not recompile; on CUDA each variant is
-replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two KV length.
+the op reads from the thread running the step: one variant serves every adapter mix. On CUDA
+the block-table width is a dynamic dimension, so a longer context does not recompile, and each
+variant is replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two
+width.
 Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
 and torch version, so a restarted engine skips the compile.
 """
@@ -31,15 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caraserve import cpu_kernels, kernel_library
+from caraserve.attention import paged_attention, write_kv
+from caraserve.kv_cache import blocks_for
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs
 from caraserve.model.layers import apply_rotary
-from caraserve.model.llama import CausalLM, decode_mask
+from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 5  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 6  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -75,30 +76,6 @@ def _(y, x, layer, module) -> None:
     return None
 
 
-_lib.define("cpu_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lens, int window)"
-            " -> Tensor")
-
-
-def _cpu_decode_attention(q, k_cache, v_cache, slots, lens, window: int) -> torch.Tensor:
-    """Each row's query over its own cache slot, positions [0, len) (the C kernel; torch's SDPA
-    over gathered keys if the kernel declines these tensors)."""
-    out = cpu_kernels.slot_attention(q, k_cache, v_cache, slots, lens, window or None)
-    if out is not None:
-        return out
-    ctx = int(lens.max())
-    keys, vals = k_cache[slots, :ctx].transpose(1, 2), v_cache[slots, :ctx].transpose(1, 2)
-    mask = decode_mask(lens, ctx, window or None)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=True).squeeze(2)
-
-
-_lib.impl("cpu_decode_attention", _cpu_decode_attention, "CPU")
-
-
-@torch.library.register_fake("caraserve::cpu_decode_attention")
-def _(q, k_cache, v_cache, slots, lens, window):
-    return torch.empty_like(q)
-
-
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if n <= b:
@@ -115,23 +92,20 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, kv_layers, pool, scratch_slot: int, max_batch_size: int,
+    def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
                  cache_file: Path | None = None, background: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
-        self.scratch_slot = scratch_slot
         self.batch_buckets = batch_buckets(max_batch_size)
-        self.max_seq_len = kv_layers[0][0].shape[1]
+        self.block_size = kv_layers[0][0].shape[1]
+        self.max_blocks = blocks_for(max_seq_len, self.block_size)  # block-table width a request can need
         self.cache_file = cache_file
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
         self.host_runs = self.device.type == "cpu"  # LoRA through cpu_lora_runs_ rather than BGMV
         # The BGMV form's kernels: Triton on CUDA; torch gathers elsewhere (CPU tests of that form)
         self.triton_lora = self.device.type == "cuda"
-        # CPU float32: attention through the C kernel (each row over its own slot), else slot space
-        self.cpu_attention = (self.host_runs and model.model.embed_tokens.weight.dtype == torch.float32
-                              and kernel_library.library() is not None)
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly
@@ -167,9 +141,9 @@ class DecodeGraphs:
         raw = f"{STEP_VERSION}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
-    def __call__(self, tokens, starts, slots, lora: LoraBatch | None) -> torch.Tensor | None:
+    def __call__(self, tokens, starts, tables, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (the variant still compiling in the background, or KV slots beyond the batch bucket)."""
+        (the variant still compiling in the background)."""
         n = len(tokens)
         bsz = bucket_up(n, self.batch_buckets)
         nb = HOST_RUNS if lora is not None and self.host_runs else self._num_buckets(lora)
@@ -178,28 +152,31 @@ class DecodeGraphs:
                 self._queued.add((bsz, nb))
                 self._jobs.put((bsz, nb))
             return None
-        if max(slots) > bsz and not self.cpu_attention:
-            return None  # KV slots not dense: the eager step gathers each row's keys instead
         pad = bsz - n
+        bs = self.block_size
+        # Block-table width: on CPU always the widest a request can need (the C kernel reads only
+        # each row's own blocks, and one shape needs no dynamic dimension); on CUDA, where the
+        # attention gathers the table's blocks and a CUDA graph is recorded per width, the
+        # batch's widest rounded up to a power of two (a dynamic dimension).
+        width = self.max_blocks
+        if self.cuda_graphs:
+            width = min(self.max_blocks, 1 << (max(map(len, tables)) - 1).bit_length())
+        ids = torch.tensor([t[0] for t in tokens] + [0] * pad)
+        pos = torch.tensor(list(starts) + [0] * pad)
+        # padding rows write position 0 of the scratch block (block 0, offset 0) and read it back
+        slot_mapping = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)] + [0] * pad)
+        block_tables = torch.zeros(bsz, width, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t)
         dev = self.device
-        ids = torch.tensor([t[0] for t in tokens] + [0] * pad, device=dev)
-        pos = torch.tensor(list(starts) + [0] * pad, device=dev)
-        kv_slots = torch.tensor(list(slots) + [self.scratch_slot] * pad, device=dev)
-        per_slot = [1] * (bsz + 1)  # context length of each cache slot in [0, bsz]; 1 where no row
-        if not self.cpu_attention:  # (the attention kernel takes each row's own length instead)
-            for s, p in zip(slots, starts):
-                per_slot[s] = p + 1
-        slot_ctx = torch.tensor(per_slot, device=dev)
-        ctx = max(starts) + 1
-        if self.cuda_graphs:  # a CUDA graph is recorded per KV length: round it up to few sizes
-            ctx = min(self.max_seq_len, max(64, 1 << (ctx - 1).bit_length()))
-        kpos = torch.empty(ctx, device=dev)  # only its length matters: the KV length, a dynamic dim
-        torch._dynamo.maybe_mark_dynamic(kpos, 0)
+        ids, pos, slot_mapping, block_tables = (t.to(dev) for t in (ids, pos, slot_mapping, block_tables))
+        if self.cuda_graphs:
+            torch._dynamo.maybe_mark_dynamic(block_tables, 1)
         row_slot, row_scale = self._lora_rows(lora, bsz, nb) if nb != HOST_RUNS else (None, None)
         _step.lora = lora
         try:
             with torch.inference_mode():
-                logits = self._variant(bsz, nb)(ids, pos, kv_slots, slot_ctx, kpos, row_slot, row_scale)
+                logits = self._variant(bsz, nb)(ids, pos, slot_mapping, block_tables, row_slot, row_scale)
         finally:
             _step.lora = None
         return logits[:n]
@@ -243,16 +220,17 @@ class DecodeGraphs:
             dev = self.device
             ids = torch.zeros(bsz, dtype=torch.int64, device=dev)
             pos = torch.zeros(bsz, dtype=torch.int64, device=dev)  # distinct from ids: dynamo guards aliasing
-            slots = torch.full((bsz,), self.scratch_slot, dtype=torch.int64, device=dev)
-            slot_ctx = torch.ones(bsz + 1, dtype=torch.int64, device=dev)
-            kpos = torch.empty(64 if self.cuda_graphs else 2, device=dev)
-            torch._dynamo.maybe_mark_dynamic(kpos, 0)
+            slot_mapping = torch.zeros(bsz, dtype=torch.int64, device=dev)
+            width = min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks
+            block_tables = torch.zeros(bsz, width, dtype=torch.int64, device=dev)
+            if self.cuda_graphs:
+                torch._dynamo.maybe_mark_dynamic(block_tables, 1)
             rows = (torch.full((3, bsz), -1, dtype=torch.int32, device=dev),  # every row: no adapter
                     torch.zeros(bsz, dtype=torch.float32, device=dev)) if nb > 0 else (None, None)
             _step.lora = None  # HOST_RUNS variants: no LoRA rows in this run
             try:
-                with torch.inference_mode():  # every row writes the scratch KV slot only
-                    self._variant(bsz, nb)(ids, pos, slots, slot_ctx, kpos, *rows)
+                with torch.inference_mode():  # every row writes the scratch KV block only
+                    self._variant(bsz, nb)(ids, pos, slot_mapping, block_tables, *rows)
             except Exception:
                 log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
             finally:
@@ -327,14 +305,11 @@ class DecodeGraphs:
                 y = lora(y, x, mod.name, mod.layer, row_slot, row_scale)
             return y
 
-        span = bsz + 1  # attention runs over cache slots [0, bsz]: the scratch slot and the rows' slots
-        cpu_attention = self.cpu_attention
-
-        def step(ids, pos, slots, slot_ctx, kpos, row_slot, row_scale):
-            ctx = kpos.shape[0]
+        def step(ids, pos, slot_mapping, block_tables, row_slot, row_scale):
             h = m.model.embed_tokens(ids)
             cos, sin = m.rotary.cos_sin(pos, h.dtype)
-            masks = {}
+            rows = torch.arange(bsz, device=ids.device)
+            lens = pos + 1
             for layer, (kc, vc) in zip(m.model.layers, kv_layers):
                 at = layer.self_attn
                 x = layer.input_layernorm(h)
@@ -342,21 +317,8 @@ class DecodeGraphs:
                 k = proj(at.k_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
                 v = proj(at.v_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-                kc.index_put_((slots, pos), k)
-                vc.index_put_((slots, pos), v)
-                if cpu_attention:  # the C kernel: each row over its own slot and positions
-                    o = torch.ops.caraserve.cpu_decode_attention(q, kc, vc, slots, pos + 1, at.window or 0)
-                else:
-                    # Slot space: the keys are a view of the cache (no per-row gather); each row's query
-                    # goes to its slot and its output comes back from there. Padding rows all share the
-                    # scratch slot: which of them lands there does not matter, their outputs are dropped.
-                    if at.window not in masks:
-                        masks[at.window] = decode_mask(slot_ctx, ctx, at.window)
-                    keys = kc[:span, :ctx].transpose(1, 2)  # [span, n_kv, ctx, hd]
-                    vals = vc[:span, :ctx].transpose(1, 2)
-                    qs = q.new_zeros(span, a.num_heads, 1, a.head_dim).index_put((slots,), q.unsqueeze(2))
-                    o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=masks[at.window],
-                                                       enable_gqa=True)[slots].squeeze(2)
+                write_kv(kc, vc, slot_mapping, k, v)
+                o = paged_attention(q, kc, vc, block_tables, rows, lens, at.window)
                 h = h + proj(at.o_proj, o.reshape(bsz, -1), row_slot, row_scale)
                 x = layer.post_attention_layernorm(h)
                 mlp = layer.mlp

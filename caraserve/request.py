@@ -125,8 +125,12 @@ class Request:
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_cause: ErrorCause | None = None
-    kv_slot: int | None = None
-    num_computed: int = 0  # prompt tokens already in the KV cache
+    block_table: list[int] = field(default_factory=list)  # its KV blocks, in position order
+    num_computed: int = 0  # tokens of the prefill (prefill_ids) already in the KV cache
+    # Output tokens that are part of the prefill: after a preemption the request recomputes its
+    # prompt and the tokens it had generated, then goes on decoding.
+    recompute: int = 0
+    preemptions: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
@@ -144,8 +148,21 @@ class Request:
         return self.state is RequestState.FINISHED
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens the prefill puts in the cache: the prompt, plus the outputs to recompute."""
+        return len(self.prompt_ids) + self.recompute
+
+    def prefill_ids(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) of the prefill."""
+        n = len(self.prompt_ids)
+        if start + count <= n:
+            return self.prompt_ids[start : start + count]
+        return (self.prompt_ids + self.output_ids[: self.recompute])[start : start + count]
+
+    @property
     def context_len(self) -> int:
-        return self.num_computed + len(self.output_ids)
+        """Tokens in the KV cache once the token fed next is in (a decode row's position + 1)."""
+        return self.num_computed + len(self.output_ids) - self.recompute
 
     @property
     def last_token(self) -> int:

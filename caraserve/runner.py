@@ -44,7 +44,7 @@ class ModelRunner:
         placed = [on_device(r) for r in reqs]  # read once: a copy may land meanwhile
         # Rows ordered by (rank bucket, slot): each bucket and each adapter is one contiguous run.
         order = sorted(range(len(reqs)), key=lambda i: self.pool.sort_key(placed[i]))
-        tokens, starts, slots, runs, host, assisted = [], [], [], [], [], []
+        tokens, starts, tables, runs, host, assisted = [], [], [], [], [], []
         row = 0
         for i in order:
             r, n = reqs[i], batch.chunk_lens[i]
@@ -58,9 +58,9 @@ class ModelRunner:
                 tokens.append([r.last_token])
                 starts.append(r.context_len - 1)
             else:
-                tokens.append(r.prompt_ids[r.num_computed : r.num_computed + n])
+                tokens.append(r.prefill_ids(r.num_computed, n))
                 starts.append(r.num_computed)
-            slots.append(r.kv_slot)
+            tables.append(r.block_table)
             runs.append((row, n, adapter))
             row += n
         lora = self.pool.make_batch(runs, batch.is_decode, self.device)
@@ -71,9 +71,9 @@ class ModelRunner:
                 LoraBatch((), False, tuple(host), self.handoff)
         logits = None
         if batch.is_decode and self.decode_fn is not None and not eager:
-            logits = self.decode_fn(tokens, starts, slots, lora)
+            logits = self.decode_fn(tokens, starts, tables, lora)
         if logits is None:
-            fb = ForwardBatch.build(tokens, starts, slots, self.device, batch.is_decode, lora)
+            fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, lora)
             logits = self.model(fb, self.kv.layers)
         for r, landing in assisted:  # each layer's path was chosen as the forward was launched
             on_device = sum(landing.on_device.values())

@@ -4,6 +4,14 @@ Each step is either a prefill step (new prompts, or chunks of long prompts, up t
 `max_tokens_per_step` tokens) or a decode step (one token for every running request). A finished
 request leaves at once; a waiting one joins at the next prefill step.
 
+KV memory is paged (`caraserve.kv_cache`): a request takes its prompt's blocks when admitted
+and one more block each time its generated tokens fill one, and returns them all when it
+finishes. Admission stops when the next request's prompt would not fit (leaving a small
+watermark free while others run). When decoding requests cannot grow, the youngest running
+request is preempted: its blocks are freed and it goes back to the head of the queue, to
+recompute its prompt and generated tokens later. A request larger than the whole cache is
+refused when it arrives, so nothing deadlocks and nothing is lost.
+
 With CPU assist, a request whose adapter is still being copied is admitted for prefill at once
 (its LoRA delta computed on the CPU) and decodes once the copy has landed.
 
@@ -68,6 +76,7 @@ class Scheduler:
         self.max_passed_over = max_passed_over  # None: strict FCFS admission
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
         self._rejected: list[tuple[Request, Exception]] = []  # not admitted, for a reason of their own
+        self.num_preemptions = 0  # running requests sent back to recompute when KV blocks ran out
 
     def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
@@ -152,14 +161,45 @@ class Scheduler:
             if req.adapter is not None and self.pool.state(req.adapter) is AdapterState.HOST:
                 self.store.fetch(req.adapter)
 
+    def _watermark(self, others_running: bool) -> int:
+        """Blocks admission leaves free while other requests run, so they can grow a while
+        before one is preempted (none when nothing else runs: a lone request always starts)."""
+        return max(1, self.kv.num_blocks // 100) if others_running else 0
+
+    def _youngest_running(self) -> Request:
+        return max(self.running, key=lambda r: r.arrival_s)
+
+    def preempt(self, req: Request) -> None:
+        """Frees a running request's KV blocks and sends it back to the head of the queue: it
+        recomputes its prompt and the tokens it generated (the same tokens: the recomputed keys
+        are those it had) and goes on decoding. It keeps its adapter reference."""
+        self.kv.free(req.block_table)
+        req.recompute = len(req.output_ids)
+        req.num_computed = 0
+        req.state = RequestState.WAITING
+        req.preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def _grow_or_preempt(self, req: Request, tokens: int) -> bool:
+        """Gives `req` blocks for `tokens` positions, preempting the youngest running requests
+        (`req` itself last) until they fit; False when `req` was preempted."""
+        while not self.kv.grow(req.block_table, tokens):
+            victim = self._youngest_running()
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
     def schedule(self) -> ScheduledBatch | None:
         self.pool.poll()
         budget = self.max_tokens_per_step
         batch: list[Request] = []
         chunks: list[int] = []
-        for req in self.running:  # unfinished chunked prefills first
+        for req in self.running:  # unfinished chunked prefills first (their blocks are taken already)
             if req.state is RequestState.PREFILL and budget > 0:
-                n = min(len(req.prompt_ids) - req.num_computed, budget)
+                n = min(req.prefill_len - req.num_computed, budget)
                 batch.append(req)
                 chunks.append(n)
                 budget -= n
@@ -169,8 +209,10 @@ class Scheduler:
         for req in self._admission_order(arrival):
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
                 break
-            if self.kv.free_slots == 0:
-                break
+            # the whole prefill's blocks are taken at admission, so a chunked prefill never waits
+            need = self.kv.blocks_needed(req.block_table, req.prefill_len)
+            if need + self._watermark(bool(self.running or admitted)) > self.kv.free_blocks:
+                break  # KV memory: later requests wait too, so this one is next when blocks free up
             if not self._within_slo(self.running + admitted, req):
                 if self._may_overtake(req):
                     continue  # rank grouping: a lower-rank request behind it may still fit
@@ -183,9 +225,10 @@ class Scheduler:
                 continue
             if not ready:
                 continue
-            req.kv_slot = self.kv.allocate()
+            if not self.kv.grow(req.block_table, req.prefill_len):
+                raise AssertionError("KV blocks counted free could not be taken")
+            n = min(req.prefill_len, budget)
             req.state = RequestState.PREFILL
-            n = min(len(req.prompt_ids), budget)
             batch.append(req)
             chunks.append(n)
             budget -= n
@@ -203,23 +246,34 @@ class Scheduler:
         self._prefetch()
         if batch:
             return ScheduledBatch(False, batch, chunks)
-        # Decode never uses the CPU path: a CPU-assisted request decodes once its adapter landed.
-        decoding = [r for r in self.running if r.state is RequestState.DECODE
-                    and (r.adapter is None or self.pool.state(r.adapter) is AdapterState.RESIDENT)]
+        return self._decode_batch()
+
+    def _decode_batch(self) -> ScheduledBatch | None:
+        """One token for every decoding request, oldest first, each with the KV block its token
+        needs (the youngest running requests preempted when blocks run out). Decode never uses
+        the CPU path: a CPU-assisted request decodes once its adapter landed."""
+        decoding = []
+        for req in sorted(self.running, key=lambda r: r.arrival_s):
+            if req.state is not RequestState.DECODE or req not in self.running:
+                continue
+            if req.adapter is not None and self.pool.state(req.adapter) is not AdapterState.RESIDENT:
+                continue
+            if self._grow_or_preempt(req, req.context_len):
+                decoding.append(req)
+        decoding = [r for r in decoding if r in self.running]  # a younger one's growth may have preempted it
         if decoding:
             return ScheduledBatch(True, decoding, [1] * len(decoding))
         return None
 
     def finish(self, req: Request) -> None:
-        """Frees everything the request holds (KV slot, adapter reference, queue place)."""
+        """Frees everything the request holds (KV blocks, adapter reference, queue place)."""
         self._passed_over.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.kv_slot is not None:
-            self.kv.free(req.kv_slot)
-            req.kv_slot = None
+        if req.block_table:
+            self.kv.free(req.block_table)
         if req.request_id in self._holds:
             self._holds.discard(req.request_id)
             self.pool.release(req.adapter)

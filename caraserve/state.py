@@ -41,7 +41,9 @@ class EngineState:
     queued: admitted, waiting for a step to take them. adapters: every registered adapter's rank
     (name -> rank); resident_adapters: those in a device slot now. perf_model: a copy of the
     latency model the scheduler keeps refitting (None without one). model: the served base
-    model's name ("" when the engine alone does not know it)."""
+    model's name ("" when the engine alone does not know it). kv_blocks_total / kv_blocks_free:
+    the paged KV cache's blocks of kv_block_size tokens; preemptions: running requests sent back
+    to recompute because KV blocks ran out, since the engine started."""
 
     max_batch_size: int
     running: tuple[RequestView, ...] = ()
@@ -51,6 +53,10 @@ class EngineState:
     slo_ms: float = 0.0
     perf_model: PerfModel | None = None
     model: str = ""
+    kv_block_size: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    preemptions: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", dict(self.adapters))  # a copy the caller cannot change
@@ -61,7 +67,9 @@ class EngineState:
                 "running": [v.to_dict() for v in self.running], "queued": [v.to_dict() for v in self.queued],
                 "resident_adapters": sorted(self.resident_adapters), "adapters": dict(self.adapters),
                 "slo_ms": self.slo_ms,
-                "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None}
+                "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None,
+                "kv_block_size": self.kv_block_size, "kv_blocks_total": self.kv_blocks_total,
+                "kv_blocks_free": self.kv_blocks_free, "preemptions": self.preemptions}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineState:
@@ -71,4 +79,6 @@ class EngineState:
                    tuple(RequestView.from_dict(v) for v in d.get("queued") or ()),
                    frozenset(d.get("resident_adapters") or ()),
                    {str(k): int(v) for k, v in (d.get("adapters") or {}).items()}, float(d.get("slo_ms") or 0.0),
-                   PerfModel.from_dict(perf) if perf else None, str(d.get("model") or ""))
+                   PerfModel.from_dict(perf) if perf else None, str(d.get("model") or ""),
+                   int(d.get("kv_block_size") or 0), int(d.get("kv_blocks_total") or 0),
+                   int(d.get("kv_blocks_free") or 0), int(d.get("preemptions") or 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from caraserve.kv_cache import KVCache
+from caraserve.kv_cache import KVCache, blocks_for
 from caraserve.model.batch import ForwardBatch
 
 
@@ -41,18 +41,41 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     return model
 
 
-def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, max_seq_len=256, kv_slots=None):
+def block_tables_for(lengths: list[int], block_size: int, layout: str = "in_order") -> tuple[list[list[int]], int]:
+    """(a block table per sequence holding `lengths[i]` positions, blocks used). in_order: each
+    sequence's blocks consecutive; scattered: every block id shuffled and dealt out round-robin,
+    so no sequence's blocks are adjacent or ascending."""
+    need = [blocks_for(n, block_size) for n in lengths]
+    ids = list(range(1, sum(need) + 1))  # block 0 is the cache's scratch block
+    if layout == "in_order":
+        tables, start = [], 0
+        for k in need:
+            tables.append(ids[start : start + k])
+            start += k
+        return tables, len(ids)
+    if layout != "scattered":
+        raise ValueError(layout)
+    ids = [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(0)).tolist()]
+    tables = [[] for _ in lengths]
+    while ids:
+        for i, k in enumerate(need):
+            if len(tables[i]) < k and ids:
+                tables[i].append(ids.pop())
+    return tables, sum(need)
+
+
+def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, block_size=16, layout="in_order"):
     """Prefill all prompts in one packed batch, then decode the given tokens in batched steps.
 
-    decode_tokens[i][t] is the token fed to sequence i at decode step t. kv_slots: the KV slot
-    of each sequence (default 0..B-1). Returns (prefill logits per prompt [len_i, V], decode
-    logits per step [B, V]).
+    decode_tokens[i][t] is the token fed to sequence i at decode step t. block_size and layout
+    (block_tables_for) place each sequence's KV in the paged cache. Returns (prefill logits per
+    prompt [len_i, V], decode logits per step [B, V]).
     """
     a = model.args
     dtype = model.model.embed_tokens.weight.dtype
-    slots = list(kv_slots) if kv_slots is not None else list(range(len(prompts)))
-    kv = KVCache(max(slots) + 1, max_seq_len, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
-    fb = ForwardBatch.build(prompts, [0] * len(prompts), slots, device, is_decode=False,
+    tables, used = block_tables_for([len(p) + len(d) for p, d in zip(prompts, decode_tokens)], block_size, layout)
+    kv = KVCache(used, block_size, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
+    fb = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, device, is_decode=False,
                             lora=lora_fn(False) if lora_fn else None)
     logits = model(fb, kv.layers, all_logits=True)
     pre, start = [], 0
@@ -62,7 +85,7 @@ def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None
     lens = [len(p) for p in prompts]
     steps = []
     for t in range(len(decode_tokens[0])):
-        fb = ForwardBatch.build([[d[t]] for d in decode_tokens], lens, slots, device, is_decode=True,
+        fb = ForwardBatch.build([[d[t]] for d in decode_tokens], lens, tables, block_size, device, is_decode=True,
                                 lora=lora_fn(True) if lora_fn else None)
         steps.append(model(fb, kv.layers))
         lens = [n + 1 for n in lens]

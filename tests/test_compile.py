@@ -26,11 +26,11 @@ def small(tmp_path_factory):
     return root
 
 
-def engine(root, compile_mode, cache_dir):
+def engine(root, compile_mode, cache_dir, **kw):
     return Engine(EngineConfig(model=ModelConfig(path=str(root / "base")),
                                adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32)),
                                max_batch_size=4, max_seq_len=64, compile=compile_mode,
-                               compile_cache_dir=str(cache_dir), device="cpu"))
+                               compile_cache_dir=str(cache_dir), device="cpu", **kw))
 
 
 def test_bucket_helpers():
@@ -59,18 +59,28 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     files = list((tmp_path / "cache").glob("decode-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
-    # KV slot 4 lies beyond the batch bucket (1). On CPU the attention kernel reads each row's own
-    # slot, so the compiled step takes it; the slot-space form (GPUs) leaves such a step to eager.
-    tokens, starts, slots = [[5]], [3], [4]
-    assert compiled.graphs.cpu_attention
-    logits = compiled.graphs(tokens, starts, slots, None)
-    fb = ForwardBatch.build(tokens, starts, slots, compiled.device, True, None)
+    # A sequence whose KV blocks are scattered and descending: the compiled step reads the same
+    # keys through the block table as the eager one
+    bs = compiled.kv.block_size
+    tokens, starts, tables = [[5]], [bs + 3], [[7, 2]]
+    logits = compiled.graphs(tokens, starts, tables, None)
+    fb = ForwardBatch.build(tokens, starts, tables, bs, compiled.device, True, None)
     assert logits is not None and torch.allclose(logits, compiled.model(fb, compiled.kv.layers), atol=1e-5)
-    compiled.graphs.cpu_attention = False
-    assert compiled.graphs(tokens, starts, slots, None) is None
 
     restarted = engine(small, "true", tmp_path / "cache")
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
+
+
+def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):
+    """A KV cache of 6 blocks of 4 tokens for 4 requests of 8-10 tokens: requests are preempted
+    and recompute, in compiled decode steps as in eager ones, and every token stays the same."""
+    prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
+    adapters = ["r8", None, "r20", "r8"]
+    want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
+    for mode in ("false", "true"):
+        tight = engine(small, mode, tmp_path / "cache", kv_block_size=4, num_kv_blocks=6)
+        assert [r.output_ids for r in tight.generate(prompts, GREEDY, adapters)] == want
+        assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 6
 
 
 def test_cpu_with_several_threads_compiles_lora_steps_and_auto_stays_off(small, tmp_path):

@@ -138,48 +138,73 @@ def test_disabled_by_environment(monkeypatch):
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def attention_reference(q, k_cache, v_cache, slots, lens, window):
-    """float64 softmax attention of each row's query over its own slot's visible positions."""
+def attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window):
+    """float64 softmax attention of each row's query over its sequence's visible positions."""
     n, heads, hd = q.shape
-    group = heads // k_cache.shape[2]
+    group, bs = heads // k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(n, heads, hd, dtype=torch.float64)
     for i in range(n):
         length = int(lens[i])
         lo = max(0, length - window) if window else 0
+        blocks = tables[row_seq[i]]
+        keys = torch.cat([k_cache[b] for b in blocks])  # [W * bs, kv, hd]: the sequence's positions in order
+        vals = torch.cat([v_cache[b] for b in blocks])
+        assert keys.shape[0] == len(blocks) * bs
         for h in range(heads):
-            k = k_cache[slots[i], lo:length, h // group].double()
-            v = v_cache[slots[i], lo:length, h // group].double()
+            k = keys[lo:length, h // group].double()
+            v = vals[lo:length, h // group].double()
             w = torch.softmax(k @ q[i, h].double() / hd ** 0.5, 0)
             out[i, h] = w @ v
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd,window", [(4, 2, 64, None), (8, 8, 32, None), (6, 2, 20, 5),
-                                                      (4, 1, 128, 3)])
-def test_slot_attention_matches_float64(fn, heads, kv_heads, hd, window, threads):
-    g = torch.Generator().manual_seed(heads * 100 + hd)
-    k_cache = torch.randn(12, 40, kv_heads, hd, generator=g)
-    v_cache = torch.randn(12, 40, kv_heads, hd, generator=g)
-    slots = torch.tensor([7, 0, 11, 3, 5])
-    lens = torch.tensor([1, 40, 9, 17, 8])  # 8 and 17: the 8-key blocks and their tails
-    q = torch.randn(5, heads, hd, generator=g)
-    out = cpu_kernels.slot_attention(q, k_cache, v_cache, slots, lens, window)
-    want = attention_reference(q, k_cache, v_cache, slots, lens, window)
+def paged_case(heads, kv_heads, hd, block_size, seed=0):
+    """Three sequences holding scattered blocks of a cache with two spare, and rows of each: decode
+    rows and prompt tokens, lengths 1, block_size, 8, 17, 40 (the 8-key chunks and their tails)."""
+    g = torch.Generator().manual_seed(seed)
+    width = -(-40 // block_size)
+    k_cache = torch.randn(3 * width + 3, block_size, kv_heads, hd, generator=g)
+    v_cache = torch.randn(3 * width + 3, block_size, kv_heads, hd, generator=g)
+    perm = torch.randperm(3 * width + 2, generator=g)[: 3 * width] + 1  # block 0 unused, as the scratch block is
+    tables = perm.view(3, width).contiguous()
+    row_seq = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    lens = torch.tensor([1, 40, 9, 17, 8, block_size, 40])
+    q = torch.randn(7, heads, hd, generator=g)
+    return q, k_cache, v_cache, tables, row_seq, lens
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,window,block_size", [
+    (4, 2, 64, None, 16), (8, 8, 32, None, 5), (6, 2, 20, 5, 3), (4, 1, 128, 3, 16), (4, 2, 64, 11, 1)])
+def test_paged_attention_matches_float64(fn, heads, kv_heads, hd, window, block_size, threads):
+    from caraserve.attention import paged_attention_reference
+
+    q, k_cache, v_cache, tables, row_seq, lens = paged_case(heads, kv_heads, hd, block_size, heads * 100 + hd)
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, window)
+    want = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, window)
     assert out is not None and out.shape == q.shape
     assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
+    # the plain-torch statement of the semantics agrees with the same float64 loop
+    ref = paged_attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window)
+    assert torch.allclose(ref.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_slot_attention_declines_what_it_does_not_take(fn):
+def test_paged_attention_declines_what_it_does_not_take(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)
-    slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens, None) is not None
-    assert cpu_kernels.slot_attention(q.double(), k_cache.double(), k_cache.double(), slots, lens, None) is None
-    assert cpu_kernels.slot_attention(torch.randn(2, 3, 16), k_cache, k_cache, slots, lens, None) is None  # 3 % 2
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, torch.tensor([3, 9]), None) is None  # > max_len
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots, torch.tensor([0, 2]), None) is None  # empty
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots.int(), lens, None) is None
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, torch.tensor([0, 4]), lens, None) is None  # no slot 4
+    tables, row_seq, lens = torch.tensor([[1], [3]]), torch.tensor([0, 1]), torch.tensor([3, 8])
+
+    def call(q=q, k=k_cache, tables=tables, row_seq=row_seq, lens=lens):
+        return cpu_kernels.paged_attention(q, k, k, tables, row_seq, lens, None)
+
+    assert call() is not None
+    assert call(q=q.double(), k=k_cache.double()) is None
+    assert call(q=torch.randn(2, 3, 16)) is None  # 3 heads over 2 KV heads
+    assert call(lens=torch.tensor([3, 9])) is None  # past the table's one block of 8
+    assert call(lens=torch.tensor([0, 2])) is None  # a row with nothing to attend to
+    assert call(row_seq=row_seq.int()) is None
+    assert call(row_seq=torch.tensor([0, 2])) is None  # no sequence 2
+    assert call(tables=torch.tensor([[1], [4]])) is None  # no block 4
+    assert call(tables=torch.tensor([[1], [-1]])) is None
 
 
 def test_packed_copies_follow_writes_into_the_pool(fn):
@@ -322,7 +347,8 @@ def test_tampered_library_that_cannot_be_rebuilt_falls_back_to_torch(fresh_cache
     assert builds == [lib]
     assert "unavailable" in caplog.text and "SHA-256" in caplog.text
     q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
-    assert cpu_kernels.slot_attention(q, cache, cache, torch.tensor([0]), torch.tensor([2]), None) is None
+    assert cpu_kernels.paged_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([2]),
+                                       None) is None
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +373,8 @@ def test_unsafe_cache_folder_is_refused(session_kernels, fresh_cache, monkeypatc
     assert "unavailable" in caplog.text and str(fresh_cache) in caplog.text
     assert sorted(p.name for p in fresh_cache.iterdir()) == before  # nothing built there either
     q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
-    assert cpu_kernels.slot_attention(q, cache, cache, torch.tensor([0]), torch.tensor([2]), None) is None
+    assert cpu_kernels.paged_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([2]),
+                                       None) is None
 
 
 def test_unsafe_cache_folder_still_computes_the_same_tokens(session_kernels, fresh_cache, monkeypatch):
@@ -379,7 +406,7 @@ def test_unsafe_cache_folder_still_computes_the_same_tokens(session_kernels, fre
 @pytest.mark.parametrize("source", [
     "int lora_runs(void) { return 0; }\n",  # a library of an older version: functions missing
     "long lora_run_bytes(void) { return 8; }\nint lora_runs(void) { return 0; }\n"
-    "int slot_attention(void) { return 0; }\n",  # every function, but another lora_run layout
+    "int paged_attention(void) { return 0; }\n",  # every function, but another lora_run layout
 ], ids=["missing-function", "other-struct"])
 def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeypatch, caplog, source):
     """A library whose hash checks out but that lacks a function (or disagrees on lora_run):
@@ -526,26 +553,29 @@ def test_kernel_refuses_inconsistent_calls(fn, case):
     assert torch.equal(big_y, before)
 
 
-def test_slot_attention_refuses_inconsistent_inputs(fn):
+def test_paged_attention_refuses_inconsistent_inputs(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)
-    slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
-    with pytest.raises(ValueError, match="slots"):
-        cpu_kernels.slot_attention(q, k_cache, k_cache, torch.tensor([0, 1, 2]), lens, None)
+    tables, row_seq, lens = torch.tensor([[1], [3]]), torch.tensor([0, 1]), torch.tensor([3, 8])
+    with pytest.raises(ValueError, match="row_seq"):
+        cpu_kernels.paged_attention(q, k_cache, k_cache, tables, torch.tensor([0, 1, 1]), lens, None)
     with pytest.raises(ValueError, match="lens"):
-        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens.view(2, 1), None)
+        cpu_kernels.paged_attention(q, k_cache, k_cache, tables, row_seq, lens.view(2, 1), None)
     with pytest.raises(ValueError, match="lens"):
-        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, [3, 8], None)
+        cpu_kernels.paged_attention(q, k_cache, k_cache, tables, row_seq, [3, 8], None)
+    with pytest.raises(ValueError, match="block_tables"):
+        cpu_kernels.paged_attention(q, k_cache, k_cache, tables.view(-1), row_seq, lens, None)
     with pytest.raises(ValueError, match="window"):
-        cpu_kernels.slot_attention(q, k_cache, k_cache, slots, lens, -1)
+        cpu_kernels.paged_attention(q, k_cache, k_cache, tables, row_seq, lens, -1)
 
 
-def test_slot_attention_never_hands_c_a_bad_pointer(fn):
+def test_paged_attention_never_hands_c_a_bad_pointer(fn):
     """Tensors the kernel cannot read (another device) or shapes it would divide by: declined."""
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)
-    slots, lens = torch.tensor([0, 1]), torch.tensor([3, 8])
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache.to("meta"), slots, lens, None) is None
-    assert cpu_kernels.slot_attention(q, k_cache, k_cache, slots.to("meta"), lens, None) is None
+    tables, row_seq, lens = torch.tensor([[1], [3]]), torch.tensor([0, 1]), torch.tensor([3, 8])
+    assert cpu_kernels.paged_attention(q, k_cache, k_cache.to("meta"), tables, row_seq, lens, None) is None
+    assert cpu_kernels.paged_attention(q, k_cache, k_cache, tables.to("meta"), row_seq, lens, None) is None
+    assert cpu_kernels.paged_attention(q, k_cache, k_cache, tables, row_seq.to("meta"), lens, None) is None
     no_heads = torch.randn(4, 8, 0, 16)
-    assert cpu_kernels.slot_attention(q, no_heads, no_heads, slots, lens, None) is None
+    assert cpu_kernels.paged_attention(q, no_heads, no_heads, tables, row_seq, lens, None) is None

@@ -82,7 +82,7 @@ def test_forward_fault_fails_only_its_request(engine, monkeypatch):
     tokens, planted, _ = run(engine, ([1, MARK, 5], SamplingParams(max_tokens=10, temperature=0), "demo-r8"))
     assert tokens == clean
     assert planted.error_cause is ErrorCause.REQUEST and "planted fault" in planted.error
-    assert engine.kv.free_slots == engine.config.max_batch_size  # its KV slot came back
+    assert engine.kv.free_blocks == engine.kv.num_blocks  # its KV blocks came back
 
 
 def nan_adapter(folder: Path) -> Path:

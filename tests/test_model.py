@@ -36,18 +36,21 @@ def pair(request, tmp_path_factory):
     return hf, load_model(folder, "float32")
 
 
-# KV slots of the sequences: in order, permuted (decode attends in slot space, a view of the
-# cache), and sparse (decode gathers each sequence's keys)
-SLOT_LAYOUTS = {"in_order": None, "permuted": [2, 0, 3, 1], "sparse": [0, 9, 4, 17]}
+# Paged KV layouts (block size, block placement): one block per sequence (the old one-slot
+# layout), blocks of 4 in order, blocks of 4 scattered (no two of a sequence adjacent), and
+# blocks of one token
+KV_LAYOUTS = {"one_block": (32, "in_order"), "paged": (4, "in_order"), "scattered": (4, "scattered"),
+              "bs1": (1, "scattered")}
 
 
-@pytest.mark.parametrize("layout", sorted(SLOT_LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(KV_LAYOUTS))
 def test_prefill_and_decode_logits_match_transformers(pair, layout):
     hf, ours = pair
     g = torch.Generator().manual_seed(1)
     steps = 20
     decode = [torch.randint(0, 128, (steps,), generator=g).tolist() for _ in PROMPTS]
-    pre, dec = run_prefill_decode(ours, PROMPTS, decode, kv_slots=SLOT_LAYOUTS[layout])
+    block_size, placement = KV_LAYOUTS[layout]
+    pre, dec = run_prefill_decode(ours, PROMPTS, decode, block_size=block_size, layout=placement)
     with torch.no_grad():
         for i, p in enumerate(PROMPTS):
             full = hf(torch.tensor([p + decode[i]])).logits[0]
@@ -73,11 +76,12 @@ def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     from caraserve.model.batch import ForwardBatch
 
     a = model.args
-    kv = KVCache(1, 128, a.num_kv_heads, a.head_dim, torch.float32, model.layer_devices())
+    kv = KVCache(16, 8, a.num_kv_heads, a.head_dim, torch.float32, model.layer_devices())
+    table = list(range(16, 0, -1))  # blocks in descending order
     out, seq, is_decode = [], list(prompt), False
     feed = list(prompt)
     for _ in range(new_tokens):
-        fb = ForwardBatch.build([feed], [len(seq) - len(feed)], [0], "cpu", is_decode=is_decode)
+        fb = ForwardBatch.build([feed], [len(seq) - len(feed)], [table], 8, "cpu", is_decode=is_decode)
         tok = int(model(fb, kv.layers)[0].argmax())
         out.append(tok)
         seq.append(tok)

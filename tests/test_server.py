@@ -249,7 +249,8 @@ def test_metrics_exposed(server, client):
     text = httpx.get(server["base"] + "/metrics", headers=auth()).text
     for name in ("caraserve_ttft_seconds_bucket", "caraserve_tpot_seconds", "caraserve_queue_length",
                  "caraserve_adapter_slots_used", "caraserve_adapter_loads_total", "caraserve_generated_tokens_total",
-                 'caraserve_requests_total{status="length"}'):
+                 'caraserve_requests_total{status="length"}', "caraserve_kv_blocks_total", "caraserve_kv_blocks_used",
+                 "caraserve_preemptions_total"):
         assert name in text, name
 
 
@@ -259,6 +260,7 @@ def test_gateway_metrics_in_vllms_names(server, client):
     assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
     assert 'vllm:num_requests_waiting{model_name="tiny"} 0.0' in text
     assert 'vllm:kv_cache_usage_perc{model_name="tiny"} 0.0' in text
+    assert 'vllm:num_preemptions_total{model_name="tiny"} 0.0' in text
     info = [ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")]
     assert len(info) == 1 and 'running_lora_adapters=""' in info[0] and 'waiting_lora_adapters=""' in info[0]
     assert 'max_lora="' in info[0] and float(info[0].rsplit(" ", 1)[1]) > 1.7e9  # the time of the scrape

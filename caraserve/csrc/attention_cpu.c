@@ -1,15 +1,17 @@
-/* Attention of single query tokens on CPU, each against its own KV cache slot: a decode row, or
- * one token of a prompt whose keys are already in the cache (causal by construction).
+/* Attention of single query tokens on CPU over a paged KV cache: a decode row, or one token of a
+ * prompt whose keys are already in the cache (causal by construction).
  *
- *     out[i, h] = softmax_j(scale * q[i, h] . K[slot_i, j, h / G]) @ V[slot_i, j, h / G]
+ *     out[i, h] = softmax_j(scale * q[i, h] . K[s_i, j, h / G]) @ V[s_i, j, h / G]
  *
- * over the positions j in [lo_i, len_i): len_i - 1 is the token's own position, and lo_i is
- * max(0, len_i - window) with a sliding window, else 0. G = heads / kv_heads query heads share
- * a KV head (GQA). The cache is [slots, max_len, kv_heads, head_dim] float32,
- * contiguous; q and out are [rows, heads, head_dim]. Each row reads only its own positions: no
- * mask, no padding to the longest context. Scores go eight keys at a time (independent vector
- * chains), the weighted sum of values 64 columns at a time in registers; softmax in float32 with
- * the maximum subtracted. Rows are shared out over the calling thread's OpenMP team.
+ * over the positions j in [lo_i, len_i) of row i's sequence s_i = row_seq[i]: len_i - 1 is the
+ * token's own position, and lo_i is max(0, len_i - window) with a sliding window, else 0. G =
+ * heads / kv_heads query heads share a KV head (GQA). The cache is [blocks, block_size,
+ * kv_heads, head_dim] float32, contiguous; position j of sequence s lives in block
+ * block_tables[s, j / block_size] at offset j % block_size. q and out are [rows, heads,
+ * head_dim]. Each row reads only its own positions: no mask, no padding to the longest context.
+ * Scores go eight keys at a time (independent vector chains), the weighted sum of values 64
+ * columns at a time in registers; softmax in float32 with the maximum subtracted. Rows are shared
+ * out over the calling thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -55,44 +57,53 @@ static void dots(const float *q, const float *k, int64_t stride, int64_t d, floa
     }
 }
 
-/* o[0:d] = sum_j w[j] * v_j over j in [lo, hi), v_j = v + j * stride: 64 columns at a time in registers */
+/* o[0:d] += sum_j w[j] * v_j over j in [lo, hi), v_j = v + j * stride: 64 columns at a time in registers */
 #define CW 8 /* vectors of columns per pass */
 static void weighted_sum(float *o, const float *w, const float *v, int64_t stride, int64_t lo, int64_t hi,
                          int64_t d) {
     int64_t c = 0;
     for (; c + CW * VL <= d; c += CW * VL) {
         vf acc[CW];
-        for (int t = 0; t < CW; t++) acc[t] = (vf){0};
+        for (int t = 0; t < CW; t++) acc[t] = LOAD(o + c + t * VL);
         for (int64_t j = lo; j < hi; j++) {
             const float *vj = v + j * stride + c;
             for (int t = 0; t < CW; t++) acc[t] += w[j] * LOAD(vj + t * VL);
         }
-        for (int t = 0; t < CW; t++)
-            for (int l = 0; l < VL; l++) o[c + t * VL + l] = acc[t][l];
+        for (int t = 0; t < CW; t++) STORE(o + c + t * VL, acc[t]);
     }
     for (; c < d; c++) {
-        float t = 0.0f;
+        float t = o[c];
         for (int64_t j = lo; j < hi; j++) t += w[j] * v[j * stride + c];
         o[c] = t;
     }
 }
 
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
- * are not a multiple of kv_heads, a negative window, a length outside [1, max_len] or a slot
- * outside the cache; -2 when out of memory. */
-int slot_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *slots,
-                     const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                     int64_t num_slots, int64_t max_len, int64_t window, float scale) {
+ * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
+ * block table, a length outside [1, table_width * block_size], or a block id outside the cache
+ * for a position the row reads; -2 when out of memory. */
+int paged_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *block_tables,
+                    const int64_t *row_seq, const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t num_seqs, int64_t table_width,
+                    int64_t window, float scale) {
     if (rows < 0 || heads < 1 || kv_heads < 1 || head_dim < 1 || head_dim > MAX_HEAD_DIM) return -1;
-    if (num_slots < 0 || max_len < 1 || window < 0) return -1;
-    if (rows > 0 && (out == NULL || q == NULL || kc == NULL || vc == NULL || slots == NULL || lens == NULL))
+    if (num_blocks < 1 || block_size < 1 || num_seqs < 0 || table_width < 1 || window < 0) return -1;
+    if (table_width > INT64_MAX / block_size) return -1;
+    if (rows > 0 && (out == NULL || q == NULL || kc == NULL || vc == NULL || block_tables == NULL ||
+                     row_seq == NULL || lens == NULL))
         return -1;
-    const int64_t group = heads / kv_heads;
+    const int64_t group = heads / kv_heads, max_len = table_width * block_size;
     if (group * kv_heads != heads) return -1;
     for (int64_t i = 0; i < rows; i++) {
-        if (lens[i] < 1 || lens[i] > max_len || slots[i] < 0 || slots[i] >= num_slots) return -1;
+        const int64_t s = row_seq[i], len = lens[i];
+        if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
+        const int64_t lo = window > 0 && len > window ? len - window : 0;
+        for (int64_t b = lo / block_size; b <= (len - 1) / block_size; b++) {
+            const int64_t blk = block_tables[s * table_width + b];
+            if (blk < 0 || blk >= num_blocks) return -1;
+        }
     }
-    const int64_t pos_stride = kv_heads * head_dim, slot_stride = max_len * pos_stride;
+    const int64_t pos_stride = kv_heads * head_dim, block_stride = block_size * pos_stride;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel if (rows > 1) reduction(| : failed)
@@ -107,27 +118,41 @@ int slot_attention(float *out, const float *q, const float *kc, const float *vc,
             if (scores == NULL) continue;
             const int64_t len = lens[i];
             const int64_t lo = window > 0 && len > window ? len - window : 0;
-            const float *kslot = kc + slots[i] * slot_stride, *vslot = vc + slots[i] * slot_stride;
+            const int64_t *table = block_tables + row_seq[i] * table_width;
             for (int64_t g = 0; g < kv_heads; g++) {
                 for (int64_t h = 0; h < group; h++) {
                     const float *qh = q + (i * heads + g * group + h) * head_dim;
                     float *oh = out + (i * heads + g * group + h) * head_dim;
                     float *sh = scores;
-                    int64_t j = lo;
-                    for (; j + PB <= len; j += PB) dots(qh, kslot + j * pos_stride + g * head_dim, pos_stride, head_dim, sh + j);
-                    for (; j < len; j++) sh[j] = dot(qh, kslot + j * pos_stride + g * head_dim, head_dim);
+                    /* scores block by block: inside a block the keys are evenly spaced */
+                    for (int64_t j0 = lo; j0 < len;) {
+                        const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                        const int64_t first = b * block_size; /* position of the block's offset 0 */
+                        const float *kb = kc + table[b] * block_stride + g * head_dim;
+                        int64_t j = j0;
+                        for (; j + PB <= j1; j += PB) dots(qh, kb + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
+                        for (; j < j1; j++) sh[j] = dot(qh, kb + (j - first) * pos_stride, head_dim);
+                        j0 = j1;
+                    }
                     float mx = -INFINITY, sum = 0.0f;
-                    for (j = lo; j < len; j++) {
+                    for (int64_t j = lo; j < len; j++) {
                         sh[j] *= scale;
                         if (sh[j] > mx) mx = sh[j];
                     }
-                    for (j = lo; j < len; j++) {
+                    for (int64_t j = lo; j < len; j++) {
                         sh[j] = expf(sh[j] - mx);
                         sum += sh[j];
                     }
                     const float inv = 1.0f / sum;
-                    for (j = lo; j < len; j++) sh[j] *= inv;
-                    weighted_sum(oh, sh, vslot + g * head_dim, pos_stride, lo, len, head_dim);
+                    for (int64_t j = lo; j < len; j++) sh[j] *= inv;
+                    for (int64_t c = 0; c < head_dim; c++) oh[c] = 0.0f;
+                    for (int64_t j0 = lo; j0 < len;) {
+                        const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                        const int64_t first = b * block_size;
+                        const float *vb = vc + table[b] * block_stride + g * head_dim;
+                        weighted_sum(oh, sh + first, vb, pos_stride, j0 - first, j1 - first, head_dim);
+                        j0 = j1;
+                    }
                 }
             }
         }

@@ -15,21 +15,21 @@ class ForwardBatch:
 
     Prefill (is_decode False): several prompts (or prompt chunks) of different lengths.
     Decode (is_decode True): one token per sequence.
+    KV: position p of sequence i lives in block block_tables[i, p // bs] at offset p % bs of the
+    paged cache (`caraserve.kv_cache`); unused table entries name the scratch block.
     """
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, absolute position of each token
-    token_slots: torch.Tensor  # [T] int64, KV-cache slot of each token's sequence
-    slots: torch.Tensor  # [B] int64, KV-cache slot of each sequence
+    slot_mapping: torch.Tensor  # [T] int64, block * bs + offset where each token's key and value go
+    block_tables: torch.Tensor  # [B, W] int64, each sequence's blocks in position order
+    row_seq: torch.Tensor  # [T] int64, the sequence of each token
+    row_lens: torch.Tensor  # [T] int64, positions + 1: the keys each token attends to (before a window)
     context_lens_t: torch.Tensor  # [B] int64, tokens in the cache after this step
     query_lens: tuple[int, ...]  # new tokens per sequence
     context_lens: tuple[int, ...]  # same as context_lens_t, on the host
     is_decode: bool
     lora: LoraBatch | None = None
-    # Decode with dense KV slots (max slot < 2 B): attention runs over cache slots [0, slot_span)
-    # as a view of the cache instead of gathering each sequence's keys. 0 = gather.
-    slot_span: int = 0
-    slot_context_lens_t: torch.Tensor | None = None  # [slot_span] int64, 1 for slots not in the batch
 
     @property
     def num_seqs(self) -> int:
@@ -51,10 +51,11 @@ class ForwardBatch:
             self,
             input_ids=self.input_ids.to(device),
             positions=self.positions.to(device),
-            token_slots=self.token_slots.to(device),
-            slots=self.slots.to(device),
+            slot_mapping=self.slot_mapping.to(device),
+            block_tables=self.block_tables.to(device),
+            row_seq=self.row_seq.to(device),
+            row_lens=self.row_lens.to(device),
             context_lens_t=self.context_lens_t.to(device),
-            slot_context_lens_t=None if self.slot_context_lens_t is None else self.slot_context_lens_t.to(device),
         )
 
     @classmethod
@@ -62,33 +63,35 @@ class ForwardBatch:
         cls,
         token_ids: list[list[int]],
         start_positions: list[int],
-        slots: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
         device: torch.device | str,
         is_decode: bool,
         lora: LoraBatch | None = None,
     ) -> ForwardBatch:
         """From host lists: new tokens per sequence, the position of each one's first new token,
-        and each sequence's KV slot."""
-        if not (len(token_ids) == len(start_positions) == len(slots)) or not token_ids:
-            raise ValueError("token_ids, start_positions and slots must be non-empty and of one length")
+        and each sequence's KV block table (enough blocks for its context after this step)."""
+        if not (len(token_ids) == len(start_positions) == len(block_tables)) or not token_ids:
+            raise ValueError("token_ids, start_positions and block_tables must be non-empty and of one length")
         query_lens = tuple(len(t) for t in token_ids)
         if min(query_lens) == 0:
             raise ValueError("every sequence needs at least one new token")
         if is_decode and max(query_lens) != 1:
             raise ValueError("a decode batch has exactly one new token per sequence")
+        ctx = tuple(p + n for p, n in zip(start_positions, query_lens))
+        for i, (table, c) in enumerate(zip(block_tables, ctx)):
+            if len(table) * block_size < c:
+                raise ValueError(f"sequence {i}: {len(table)} KV blocks of {block_size} cannot hold {c} positions")
         flat = [t for seq in token_ids for t in seq]
         pos = [p + j for p, n in zip(start_positions, query_lens) for j in range(n)]
-        tslots = [s for s, n in zip(slots, query_lens) for _ in range(n)]
-        ctx = tuple(p + n for p, n in zip(start_positions, query_lens))
+        seq = [i for i, n in enumerate(query_lens) for _ in range(n)]
+        slot_mapping = [block_tables[i][p // block_size] * block_size + p % block_size for i, p in zip(seq, pos)]
+        width = max(len(t) for t in block_tables)
+        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
         def t(v):
             return torch.tensor(v, dtype=torch.int64, device=device)
 
-        span, slot_ctx = 0, None
-        if is_decode and max(slots) < 2 * len(slots):
-            span = max(slots) + 1
-            per_slot = [1] * span
-            for s, c in zip(slots, ctx):
-                per_slot[s] = c
-            slot_ctx = t(per_slot)
-        return cls(t(flat), t(pos), t(tslots), t(slots), t(ctx), query_lens, ctx, is_decode, lora, span, slot_ctx)
+        positions = t(pos)
+        return cls(t(flat), positions, t(slot_mapping), t(tables), t(seq), positions + 1, t(ctx), query_lens, ctx,
+                   is_decode, lora)

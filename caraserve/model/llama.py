@@ -1,4 +1,4 @@
-"""A Llama-family decoder built for serving: packed batches, explicit positions, slot KV cache.
+"""A Llama-family decoder built for serving: packed batches, explicit positions, paged KV cache.
 
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
 MistralForCausalLM (sliding window) and Qwen2ForCausalLM (q/k/v bias). Parameter names equal
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from caraserve import cpu_kernels
+from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
+from caraserve.attention import paged_attention, write_kv
+from caraserve.kv_cache import blocks_for
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, apply_rotary, rope_inv_freq
 
@@ -26,7 +28,7 @@ ARCHITECTURES = {
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [slots, max_len, n_kv, hd]
+KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
 
 
 class UnsupportedModelError(ValueError):
@@ -127,11 +129,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tenso
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
-def decode_mask(context_lens: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
-    """[B, 1, 1, ctx] bool for one new token per sequence at position context_len - 1."""
-    return _attention_mask(context_lens - 1, ctx, window)[:, None, None, :]
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -143,7 +140,7 @@ class Attention(nn.Module):
         self.v_proj = LoraLinear(h, kv, args.qkv_bias, layer, "v_proj")
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
 
-    def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor], masks: dict):
+    def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
         t = x.shape[0]
         q = self.q_proj(x, fb.lora).view(t, a.num_heads, a.head_dim)
@@ -151,54 +148,27 @@ class Attention(nn.Module):
         v = self.v_proj(x, fb.lora).view(t, a.num_kv_heads, a.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = cache
-        k_cache[fb.token_slots, fb.positions] = k
-        v_cache[fb.token_slots, fb.positions] = v
+        write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
         if fb.is_decode:
-            out = self._decode(q, fb, k_cache, v_cache, masks)
+            out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window)
         else:
             out = self._prefill(q, fb, k_cache, v_cache)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb.lora)
-
-    def _decode(self, q, fb: ForwardBatch, k_cache, v_cache, masks: dict):
-        if not q.is_cuda:  # the C kernel: each row over its own positions (None: not available)
-            out = cpu_kernels.slot_attention(q, k_cache, v_cache, fb.slots, fb.context_lens_t, self.window)
-            if out is not None:
-                return out
-        ctx = fb.max_context
-        mask = masks.get(self.window)
-        if fb.slot_span:
-            # Slot space: every cache slot below the span attends (a view of the cache, no copy);
-            # rows move to their slot and back. Gathering each row's keys instead copies the cache.
-            n = fb.slot_span
-            keys = k_cache[:n, :ctx].transpose(1, 2)  # [n, n_kv, ctx, hd]
-            vals = v_cache[:n, :ctx].transpose(1, 2)
-            if mask is None:
-                mask = masks[self.window] = decode_mask(fb.slot_context_lens_t, ctx, self.window)
-            qs = q.new_zeros(n, q.shape[1], 1, q.shape[2])  # [n, H, 1, hd]
-            qs[fb.slots] = q.unsqueeze(2)
-            out = sdpa(qs, keys, vals, attn_mask=mask)
-            return out[fb.slots].squeeze(2)  # [B, H, hd]
-        keys = k_cache[fb.slots, :ctx].transpose(1, 2)  # [B, n_kv, ctx, hd]
-        vals = v_cache[fb.slots, :ctx].transpose(1, 2)
-        if mask is None:
-            mask = masks[self.window] = decode_mask(fb.context_lens_t, ctx, self.window)
-        out = sdpa(q.unsqueeze(2), keys, vals, attn_mask=mask)
-        return out.squeeze(2)  # [B, H, hd]
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
             # call for the batch instead of an SDPA call per prompt (~0.15 ms each for short ones)
-            lens = fb.positions + 1
-            out = cpu_kernels.slot_attention(q, k_cache, v_cache, fb.token_slots, lens, self.window)
+            out = cpu_kernels.paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens,
+                                              self.window)
             if out is not None:
                 return out
         out = torch.empty_like(q)
-        start = 0
+        start, bs = 0, k_cache.shape[1]
         for i, (n, ctx) in enumerate(zip(fb.query_lens, fb.context_lens)):
-            slot = fb.slots[i]
-            keys = k_cache[slot, :ctx].transpose(0, 1)  # [n_kv, ctx, hd]
-            vals = v_cache[slot, :ctx].transpose(0, 1)
+            blocks = fb.block_tables[i, : blocks_for(ctx, bs)]
+            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [n_kv, ctx, hd]
+            vals = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
             qi = q[start : start + n].transpose(0, 1)  # [H, n, hd]
             if n == ctx and (self.window is None or ctx <= self.window):
                 o = sdpa(qi, keys, vals, is_causal=True)
@@ -230,8 +200,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
         self.mlp = MLP(args, layer)
 
-    def forward(self, h, cos, sin, fb: ForwardBatch, cache, masks: dict):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache, masks)
+    def forward(self, h, cos, sin, fb: ForwardBatch, cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache)
         return h + self.mlp(self.post_attention_layernorm(h), fb.lora)
 
 
@@ -241,20 +211,6 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_eps)
-
-
-# x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head). An op of our own so
-# that compiled steps call it as it is: the packed weight has no strides inductor can lower.
-_lib = torch.library.Library("caraserve", "FRAGMENT")
-_lib.define("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor")
-_lib.impl("packed_linear",
-          lambda x, packed, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-          "CompositeExplicitAutograd")  # the packed weight is an MkldnnCPU tensor, x a CPU one
-
-
-@torch.library.register_fake("caraserve::packed_linear")
-def _(x, packed, out_features):
-    return x.new_empty(x.shape[0], out_features)
 
 
 class CausalLM(nn.Module):
@@ -300,15 +256,15 @@ class CausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, kv: KVCacheLayers, all_logits: bool = False) -> torch.Tensor:
         dtype = self.model.embed_tokens.weight.dtype
         h = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
-        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor, dict]] = {}
+        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}
         for layer, cache in zip(self.model.layers, kv):
             dev = layer.input_layernorm.weight.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
                 cos, sin = self.rotary.cos_sin(fbd.positions.to(self.rotary.inv_freq.device), dtype)
-                batches[dev] = (fbd, cos.to(dev), sin.to(dev), {})  # masks: built once per window
-            fbd, cos, sin, masks = batches[dev]
-            h = layer(h.to(dev), cos, sin, fbd, cache, masks)
+                batches[dev] = (fbd, cos.to(dev), sin.to(dev))
+            fbd, cos, sin = batches[dev]
+            h = layer(h.to(dev), cos, sin, fbd, cache)
         h = h.to(self.model.norm.weight.device)
         if not all_logits and not fb.is_decode:
             h = h[fb.last_rows.to(h.device)]

@@ -3,7 +3,8 @@
 The Gateway API Inference Extension (and llm-d and KServe, which build on it) scrape each model
 server's /metrics and, for vLLM, read:
   vllm:num_requests_waiting / vllm:num_requests_running   queue depth and batch size (gauges)
-  vllm:kv_cache_usage_perc   the fraction of the KV cache in use (0-1), for KV-aware scorers
+  vllm:kv_cache_usage_perc   the fraction of the KV cache's blocks in use (0-1), for KV-aware scorers
+  vllm:num_preemptions_total requests preempted because KV blocks ran out (counter)
   vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}
       one sample whose value is the time it was taken (vLLM sets it to the current time); the
       labels name the adapters of running and waiting requests (comma-separated) and how many
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 
@@ -37,8 +38,12 @@ class GatewayMetrics(Collector):
             yield g
         usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of the KV cache in use (1 = all)",
                                   labels=["model_name"])
-        usage.add_metric([self.model_name], 1.0 - kv.free_slots / kv.num_slots)
+        usage.add_metric([self.model_name], kv.used_blocks / kv.num_blocks)
         yield usage
+        preempted = CounterMetricFamily("vllm:num_preemptions", "Requests preempted (KV blocks ran out)",
+                                        labels=["model_name"])
+        preempted.add_metric([self.model_name], sched.num_preemptions)
+        yield preempted
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: unix time)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         max_lora = sum(len(b.slots) for b in pool.buckets)

@@ -36,6 +36,12 @@ class ServerMetrics:
             lambda: engine.pool.evictions)
         Gauge("caraserve_adapters_resident", "Adapters in a device slot (loaded or loading)",
               registry=r).set_function(engine.pool.used_slots)
+        Gauge("caraserve_kv_blocks_used", "Paged KV cache blocks held by requests", registry=r).set_function(
+            lambda: engine.kv.used_blocks)
+        Gauge("caraserve_kv_blocks_total", "Paged KV cache blocks", registry=r).set_function(
+            lambda: engine.kv.num_blocks)
+        Gauge("caraserve_preemptions_total", "Running requests preempted to recompute (KV blocks ran out)",
+              registry=r).set_function(lambda: engine.scheduler.num_preemptions)
         self._host_tier(engine.store, r)
         self.gc_pause = Histogram("caraserve_gc_pause_seconds", "Python garbage-collection pauses", ["generation"],
                                   buckets=_PAUSE_BUCKETS, registry=r)

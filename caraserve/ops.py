@@ -1,0 +1,51 @@
+"""CaraServe's custom torch ops, all in the one `caraserve` torch.library namespace.
+
+Each is a plain dispatcher op (a Python kernel registered per device): ~3 us a call, where a
+torch.library.custom_op costs ~25 us. Compiled steps call them as opaque nodes (each has a fake
+implementation giving its output's shape), so a C kernel or a packed weight needs no lowering.
+The C kernels' wrappers (`caraserve.cpu_kernels`) check every tensor before a pointer is
+handed over; where a kernel declines its inputs the op computes the same with torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from caraserve import cpu_kernels
+
+_lib = torch.library.Library("caraserve", "DEF")
+
+
+# x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head): the packed weight
+# has no strides inductor can lower.
+_lib.define("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor")
+_lib.impl("packed_linear",
+          lambda x, packed, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+          "CompositeExplicitAutograd")  # the packed weight is an MkldnnCPU tensor, x a CPU one
+
+
+@torch.library.register_fake("caraserve::packed_linear")
+def _(x, packed, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+# Attention over the paged KV cache (caraserve.attention.paged_attention_reference states it).
+_lib.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor row_seq, "
+            "Tensor lens, int window) -> Tensor")
+
+
+def _paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int) -> torch.Tensor:
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
+    if out is not None:
+        return out
+    from caraserve.attention import paged_attention_reference
+
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
+
+
+_lib.impl("paged_attention", _paged_attention, "CPU")
+
+
+@torch.library.register_fake("caraserve::paged_attention")
+def _(q, k_cache, v_cache, block_tables, row_seq, lens, window):
+    return torch.empty_like(q)

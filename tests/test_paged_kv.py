@@ -1,0 +1,134 @@
+"""The paged KV cache: blocks taken as tokens arrive, freed at finish, and preemption when they
+run out (the youngest request recomputes later, its tokens unchanged)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caraserve.config import AdapterConfig, EngineConfig
+from caraserve.config_checks import ConfigError
+from caraserve.engine import Engine
+from caraserve.kv_cache import KVCache, block_bytes, blocks_for
+from caraserve.request import FinishReason, RequestError, SamplingParams
+from caraserve.state import EngineState
+
+
+def cache(blocks=6, block_size=4) -> KVCache:
+    return KVCache(blocks, block_size, 2, 8, torch.float32, [torch.device("cpu")])
+
+
+def test_blocks_are_taken_as_tokens_arrive_and_come_back():
+    kv = cache()
+    assert (kv.free_blocks, kv.capacity_tokens, kv.layers[0][0].shape) == (6, 24, (7, 4, 2, 8))
+    table: list[int] = []
+    assert kv.grow(table, 5) and len(table) == 2 and kv.used_blocks == 2
+    assert kv.grow(table, 8) and len(table) == 2  # the second block has room for positions 5-7
+    assert kv.blocks_needed(table, 9) == 1 and kv.blocks_needed(table, 3) == 0
+    other: list[int] = []
+    assert not kv.grow(other, 17) and other == [] and kv.free_blocks == 4  # 5 blocks: refused, none taken
+    assert 0 not in table  # block 0 is the scratch block, never handed out
+    kv.free(table)
+    assert table == [] and kv.free_blocks == 6
+    with pytest.raises(ValueError, match="not a block"):
+        kv.free([0])
+    kept = []
+    kv.grow(kept, 1)
+    with pytest.raises(ValueError, match="twice"):
+        kv.free(kept * 2)
+
+
+def test_block_arithmetic():
+    assert [blocks_for(n, 16) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
+    assert block_bytes(16, 2, 64, torch.float32, 4) == 2 * 4 * 16 * 2 * 64 * 4
+    assert block_bytes(16, 2, 64, torch.bfloat16, 4) == 2 * 4 * 16 * 2 * 64 * 2
+
+
+def engine(**kw) -> Engine:
+    kw.setdefault("compile", "false")
+    return Engine(EngineConfig(device="cpu", adapters=AdapterConfig(dir="demo", preload="host"), **kw))
+
+
+PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [1, 7, 300], [1, 44, 45, 46, 47], [1, 90], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+ADAPTERS = ["demo-r16", None, "demo-r64", "demo-r8", "demo-r16"]
+
+
+def test_default_budget_is_the_memory_of_one_slot_per_request():
+    e = engine(max_batch_size=4, max_seq_len=128)
+    assert e.kv.block_size == 16 and e.kv.num_blocks == 4 * 128 // 16
+    a = e.model.args
+    per_block = block_bytes(16, a.num_kv_heads, a.head_dim, torch.float32, a.num_layers)
+    assert engine(kv_cache_bytes=10 * per_block + 5).kv.num_blocks == 10
+    assert engine(num_kv_blocks=7, kv_cache_bytes=10 * per_block).kv.num_blocks == 7  # the count wins
+    with pytest.raises(ConfigError, match="holds no block"):
+        engine(kv_cache_bytes=per_block - 1)
+
+
+@pytest.mark.parametrize("key,value", [("kv_block_size", 0), ("num_kv_blocks", -1), ("kv_cache_bytes", -5),
+                                       ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5)])
+def test_bad_kv_settings_are_refused_by_name(key, value):
+    with pytest.raises(ConfigError, match=f"engine.{key}"):
+        EngineConfig(**{key: value})
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                                    SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=7,
+                                                   ignore_eos=True)], ids=["greedy", "seeded"])
+def test_preempted_requests_recompute_the_same_tokens(params):
+    roomy = engine()
+    want = [r.output_ids for r in roomy.generate(PROMPTS, params, ADAPTERS)]
+    # 12 blocks of 4 tokens: each request needs 4-9 blocks, so at most ~2 run at once
+    tight = engine(kv_block_size=4, num_kv_blocks=12)
+    reqs = tight.generate(PROMPTS, params, ADAPTERS)
+    assert [r.output_ids for r in reqs] == want
+    assert all(r.finish_reason is FinishReason.LENGTH for r in reqs)
+    assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 12
+    state = tight.snapshot()
+    assert (state.preemptions, state.kv_blocks_total, state.kv_blocks_free, state.kv_block_size) == (
+        tight.scheduler.num_preemptions, 12, 12, 4)
+    assert EngineState.from_dict(state.to_dict()) == state
+
+
+def test_chunked_prefill_with_preemption_gives_the_same_tokens():
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    long_prompts = [list(range(1, 60)), list(range(100, 140)), list(range(200, 230))]
+    want = [r.output_ids for r in engine().generate(long_prompts, params, ["demo-r32", None, "demo-r16"])]
+    tight = engine(kv_block_size=8, num_kv_blocks=12, max_tokens_per_step=16)
+    got = tight.generate(long_prompts, params, ["demo-r32", None, "demo-r16"])
+    assert [r.output_ids for r in got] == want and tight.scheduler.num_preemptions > 0
+
+
+def test_the_youngest_request_is_the_one_preempted():
+    e = engine(kv_block_size=4, num_kv_blocks=8)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    old = e.add_request([1, 2, 3, 4, 5, 6], params)
+    young = e.add_request([1, 9, 8, 7, 6, 5], params)
+    reqs = {rid: e.request(rid) for rid in (old, young)}
+    while e.has_unfinished():
+        e.step()
+    assert reqs[old].preemptions == 0 and reqs[young].preemptions > 0
+    assert e.kv.free_blocks == 8
+
+
+def test_requests_larger_than_the_whole_cache_are_refused():
+    e = engine(kv_block_size=4, num_kv_blocks=5)
+    with pytest.raises(RequestError, match="whole KV cache"):
+        e.add_request([1, 2, 3], SamplingParams(max_tokens=18))
+    assert not e.has_unfinished()
+    e.add_request([1, 2, 3], SamplingParams(max_tokens=17, ignore_eos=True))  # 20 tokens: exactly the cache
+    while e.has_unfinished():
+        e.step()
+    assert e.kv.free_blocks == 5
+
+
+def test_more_requests_in_flight_than_one_slot_each_allowed():
+    """The same memory as 2 slots of 64 tokens holds all 5 short requests at once when paged."""
+    e = engine(max_batch_size=8, max_seq_len=64, kv_cache_bytes=0, kv_block_size=4, num_kv_blocks=32)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for p, a in zip(PROMPTS, ADAPTERS):
+        e.add_request(p, params, a)
+    most = 0
+    while e.has_unfinished():
+        e.step()
+        most = max(most, len(e.scheduler.running))
+    assert most == len(PROMPTS) and e.scheduler.num_preemptions == 0

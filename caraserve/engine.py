@@ -83,6 +83,7 @@ class Engine:
         self.kv = KVCache(self._num_kv_blocks(), cfg.kv_block_size, args.num_kv_heads, args.head_dim,
                           self.dtype, self.model.layer_devices())
         self.store, self.pool = self.catalog.store, self.catalog.pool
+        self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = self._cpu_assist()
         self.perf_model = self._perf_model()

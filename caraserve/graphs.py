@@ -1,20 +1,19 @@
-"""DecodeGraphs: the decode step as one compiled tensor function over preallocated buffers.
+"""DecodeGraphs: the model's own forward (`CausalLM.run`), compiled per batch bucket for decode
+steps, over buffers of fixed address.
 
-One variant per (batch-size bucket, LoRA form): the batch is padded to a power-of-two row
-count (padding rows write into the scratch KV block, block 0, that no request owns). Attention
-reads the paged KV cache through each row's block table (`caraserve.attention`): on CPU an
-opaque op runs the C kernel, on GPUs the gathered form, which the compiler fuses. The
-LoRA delta has two forms. On GPUs, a multi-bucket BGMV (two Triton kernels per adapted module
-whatever the adapter mix, `triton_multi.bgmv_multi`; each row carries its rank bucket, slot,
-rank and scale), one variant per batch bucket. On CPU, where a gather of every row's weights
-costs more than the whole step, an opaque op per module runs the eager form (`add_lora_runs`:
-every adapter's rows of the module in one call of a C kernel) on the step's LoraBatch, which
-the op reads from the thread running the step: one variant serves every adapter mix. On CUDA
-the block-table width is a dynamic dimension, so a longer context does not recompile, and each
+One variant per (batch-size bucket, LoRA form): the batch is padded to a power-of-two row count
+(padding rows write position 0 of the scratch KV block, block 0, that no request owns). A step
+fills its bucket's buffers (token ids, positions, KV slot mapping, block tables, and on GPUs the
+LoRA row table), wraps them in a ForwardBatch and runs the compiled forward: no second copy of
+any layer exists here. The LoRA delta reaches the forward through the layers' LoRA backend
+(`caraserve.lora.backend`): on GPUs a multi-bucket BGMV over the row table (two Triton kernels
+per adapted module whatever the adapter mix), on CPU an opaque op that hands the prepared step's
+rows to the C kernel; either way one variant per batch bucket serves every adapter mix.
+Attention reads the paged KV cache through the block tables (`caraserve.attention`). On CUDA the
+block-table width is a dynamic dimension, so a longer context does not recompile, and each
 variant is replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two
-width.
-Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
-and torch version, so a restarted engine skips the compile.
+width. Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype,
+device and torch version, so a restarted engine skips the compile.
 """
 
 from __future__ import annotations
@@ -29,18 +28,16 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from caraserve.attention import paged_attention, write_kv
 from caraserve.kv_cache import blocks_for
+from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
 from caraserve.lora.batch import LoraBatch
-from caraserve.lora.ops import add_lora_runs
-from caraserve.model.layers import apply_rotary
+from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 6  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 7  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -51,29 +48,7 @@ def _own_code(fn, name: str):
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-HOST_RUNS = -1  # the "rank buckets" of a variant whose LoRA runs through cpu_lora_runs_
-_step = threading.local()  # .lora: the LoraBatch of the compiled step running on this thread
-
-
-# A plain dispatcher op (a Python kernel registered for CPU): ~3 us a call, where a
-# torch.library.custom_op costs ~25 us, and a step makes one call per adapted module.
-_lib = torch.library.Library("caraserve", "FRAGMENT")
-_lib.define("cpu_lora_runs_(Tensor(a!) y, Tensor x, int layer, str module) -> ()")
-
-
-def _cpu_lora_runs(y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-    """y += the LoRA delta of module `module` of `layer` for the running step's rows (CPU)."""
-    lora = getattr(_step, "lora", None)
-    if lora is not None:
-        add_lora_runs(y, x, lora.groups, layer, module, lora.cpu_tables)
-
-
-_lib.impl("cpu_lora_runs_", _cpu_lora_runs, "CPU")
-
-
-@torch.library.register_fake("caraserve::cpu_lora_runs_")
-def _(y, x, layer, module) -> None:
-    return None
+HOST_RUNS = -1  # the "rank buckets" of a variant whose LoRA rows go to the CPU backend's op
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -103,9 +78,8 @@ class DecodeGraphs:
         self.cache_file = cache_file
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
-        self.host_runs = self.device.type == "cpu"  # LoRA through cpu_lora_runs_ rather than BGMV
-        # The BGMV form's kernels: Triton on CUDA; torch gathers elsewhere (CPU tests of that form)
-        self.triton_lora = self.device.type == "cuda"
+        self.host_runs = self.device.type == "cpu"  # LoRA through the CPU backend's op rather than BGMV rows
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch bucket -> the step's inputs
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # background: a missing variant compiles on a worker thread while steps run eagerly
@@ -143,7 +117,8 @@ class DecodeGraphs:
 
     def __call__(self, tokens, starts, tables, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (the variant still compiling in the background)."""
+        (the variant still compiling in the background). The model's LoRA backends hold the
+        step's LoraBatch already (CausalLM.prepare_lora)."""
         n = len(tokens)
         bsz = bucket_up(n, self.batch_buckets)
         nb = HOST_RUNS if lora is not None and self.host_runs else self._num_buckets(lora)
@@ -161,25 +136,52 @@ class DecodeGraphs:
         width = self.max_blocks
         if self.cuda_graphs:
             width = min(self.max_blocks, 1 << (max(map(len, tables)) - 1).bit_length())
-        ids = torch.tensor([t[0] for t in tokens] + [0] * pad)
-        pos = torch.tensor(list(starts) + [0] * pad)
-        # padding rows write position 0 of the scratch block (block 0, offset 0) and read it back
-        slot_mapping = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)] + [0] * pad)
-        block_tables = torch.zeros(bsz, width, dtype=torch.int64)
+        host_tables = torch.zeros(bsz, self.max_blocks, dtype=torch.int64)
         for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t)
-        dev = self.device
-        ids, pos, slot_mapping, block_tables = (t.to(dev) for t in (ids, pos, slot_mapping, block_tables))
-        if self.cuda_graphs:
-            torch._dynamo.maybe_mark_dynamic(block_tables, 1)
-        row_slot, row_scale = self._lora_rows(lora, bsz, nb) if nb != HOST_RUNS else (None, None)
-        _step.lora = lora
-        try:
-            with torch.inference_mode():
-                logits = self._variant(bsz, nb)(ids, pos, slot_mapping, block_tables, row_slot, row_scale)
-        finally:
-            _step.lora = None
+            host_tables[i, : len(t)] = torch.tensor(t)
+        buf = self._fill(bsz, {
+            "input_ids": torch.tensor([t[0] for t in tokens] + [0] * pad),
+            "positions": torch.tensor(list(starts) + [0] * pad),
+            # padding rows write position 0 of the scratch block (block 0, offset 0) and read it back
+            "slot_mapping": torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)] + [0] * pad),
+            "block_tables": host_tables,
+            "row_lens": torch.tensor([p + 1 for p in starts] + [1] * pad),
+        })
+        rows = self._lora_rows(lora, bsz, nb) if nb > 0 else None
+        if rows is not None:
+            buf["meta"].copy_(rows[0])
+            buf["scale"].copy_(rows[1])
+        fb = self._batch(bsz, nb, buf, width, tuple(p + 1 for p in starts) + (1,) * pad)
+        with torch.inference_mode():
+            logits = self._variant(bsz, nb)(fb)
         return logits[:n]
+
+    def _fill(self, bsz: int, host: dict[str, torch.Tensor], own: bool = True) -> dict[str, torch.Tensor]:
+        """The bucket's device buffers (made at its first step) with the step's values copied in;
+        own=False: buffers of the caller's own (the background compile, which must not write
+        into buffers a step of another variant of the bucket may be reading)."""
+        buf = self._buffers.get(bsz) if own else None
+        if buf is None:
+            dev = self.device
+            buf = {k: torch.zeros_like(v, device=dev) for k, v in host.items()}
+            buf["rows"] = torch.arange(bsz, device=dev)
+            buf["meta"] = torch.full((3, bsz), -1, dtype=torch.int32, device=dev)
+            buf["scale"] = torch.zeros(bsz, dtype=torch.float32, device=dev)
+            if own:
+                self._buffers[bsz] = buf
+        for k, v in host.items():
+            buf[k].copy_(v, non_blocking=True)
+        return buf
+
+    def _batch(self, bsz: int, nb: int, buf: dict, width: int, context_lens: tuple[int, ...]) -> ForwardBatch:
+        """The step's ForwardBatch over the bucket's buffers."""
+        tables = buf["block_tables"][:, :width] if width < self.max_blocks else buf["block_tables"]
+        if self.cuda_graphs:
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+        mode = LORA_NONE if nb == 0 else LORA_GROUPS if nb == HOST_RUNS else LORA_ROWS
+        return ForwardBatch(buf["input_ids"], buf["positions"], buf["slot_mapping"], tables, buf["rows"],
+                            buf["row_lens"], buf["row_lens"], (1,) * bsz, context_lens, True, mode,
+                            (buf["meta"], buf["scale"]) if mode == LORA_ROWS else None)
 
     def _num_buckets(self, lora: LoraBatch | None) -> int:
         """Rank buckets the variant covers: all of the pool's (0 = no LoRA)."""
@@ -197,7 +199,7 @@ class DecodeGraphs:
             for start, count, slot in g.index.segments:
                 meta[:, start : start + count] = torch.tensor([b, slot, g.rank], dtype=torch.int32)[:, None]
                 row_scale[start : start + count] = g.host_scale[slot]
-        return meta.to(self.device), row_scale.to(self.device)
+        return meta, row_scale
 
     def _compile_worker(self) -> None:
         """Compiles queued variants until the main thread has finished. At interpreter exit the
@@ -217,20 +219,18 @@ class DecodeGraphs:
             if not main.is_alive():  # exiting: no new compile
                 self._jobs.task_done()
                 continue
-            dev = self.device
-            ids = torch.zeros(bsz, dtype=torch.int64, device=dev)
-            pos = torch.zeros(bsz, dtype=torch.int64, device=dev)  # distinct from ids: dynamo guards aliasing
-            slot_mapping = torch.zeros(bsz, dtype=torch.int64, device=dev)
-            width = min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks
-            block_tables = torch.zeros(bsz, width, dtype=torch.int64, device=dev)
-            if self.cuda_graphs:
-                torch._dynamo.maybe_mark_dynamic(block_tables, 1)
-            rows = (torch.full((3, bsz), -1, dtype=torch.int32, device=dev),  # every row: no adapter
-                    torch.zeros(bsz, dtype=torch.float32, device=dev)) if nb > 0 else (None, None)
-            _step.lora = None  # HOST_RUNS variants: no LoRA rows in this run
+            buf = self._fill(bsz, {  # every row: position 0 of the scratch block, no adapter
+                "input_ids": torch.zeros(bsz, dtype=torch.int64),
+                "positions": torch.zeros(bsz, dtype=torch.int64),
+                "slot_mapping": torch.zeros(bsz, dtype=torch.int64),
+                "block_tables": torch.zeros(bsz, self.max_blocks, dtype=torch.int64),
+                "row_lens": torch.ones(bsz, dtype=torch.int64),
+            }, own=False)
+            fb = self._batch(bsz, nb, buf, min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks,
+                             (1,) * bsz)
             try:
-                with torch.inference_mode():  # every row writes the scratch KV block only
-                    self._variant(bsz, nb)(ids, pos, slot_mapping, block_tables, *rows)
+                with torch.inference_mode():
+                    self._variant(bsz, nb)(fb)
             except Exception:
                 log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
             finally:
@@ -251,7 +251,7 @@ class DecodeGraphs:
         # for the engine's lifetime: guarding them cost ~0.2 ms of a ~10 ms CPU step, where a
         # step's host time is its time. (GPU steps replay CUDA graphs: their guards are left alone.)
         options = None if self.cuda_graphs else {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        compiled = torch.compile(_own_code(self._step_fn(bsz, nb), name), fullgraph=True, mode=mode, options=options)
+        compiled = torch.compile(_own_code(self.step_fn(), name), fullgraph=True, mode=mode, options=options)
         log.info("compiling the decode step for batch bucket %d (LoRA: %s)", bsz,
                  "per-adapter runs" if nb == HOST_RUNS else f"BGMV over {nb} rank bucket(s)" if nb else "none")
 
@@ -265,6 +265,15 @@ class DecodeGraphs:
 
         return first_call
 
+    def step_fn(self):
+        """The function each variant compiles: the model's own forward over the engine's KV cache."""
+        model, kv_layers = self.model, self.kv_layers
+
+        def step(fb: ForwardBatch) -> torch.Tensor:
+            return model.run(fb, kv_layers)
+
+        return step
+
     def _save(self) -> None:
         if self.cache_file is None:
             return
@@ -274,57 +283,3 @@ class DecodeGraphs:
             tmp = self.cache_file.with_suffix(".tmp")
             tmp.write_bytes(artifacts[0])
             tmp.replace(self.cache_file)
-
-    def _step_fn(self, bsz: int, nb: int):
-        m, kv_layers = self.model, self.kv_layers
-        a = m.args
-        buckets = self.pool.buckets[:max(nb, 0)]
-        triton_lora = self.triton_lora
-        if triton_lora:
-            from caraserve.lora import triton_multi
-
-        def lora(y, x, name, layer, meta, row_scale):
-            if triton_lora:
-                triton_multi.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
-                                        [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
-                return y
-            # The same rows in torch ops (CPU tests of the GPU form): gather every row's slot
-            slot = meta[1].long()
-            for b, bucket in enumerate(buckets):
-                la, lb = bucket.weights[name]
-                v = torch.bmm(x.unsqueeze(1), la[layer][slot])  # [B, 1, R]
-                d = torch.bmm(v, lb[layer][slot]).squeeze(1)  # [B, out]
-                y = y + (d * torch.where(meta[0] == b, row_scale, 0.0).unsqueeze(1)).to(y.dtype)
-            return y
-
-        def proj(mod, x, row_slot, row_scale):
-            y = F.linear(x, mod.weight, mod.bias)
-            if nb == HOST_RUNS and mod.name in self.pool.targets:
-                torch.ops.caraserve.cpu_lora_runs_(y, x, mod.layer, mod.name)
-            elif nb and mod.name in self.pool.targets:
-                y = lora(y, x, mod.name, mod.layer, row_slot, row_scale)
-            return y
-
-        def step(ids, pos, slot_mapping, block_tables, row_slot, row_scale):
-            h = m.model.embed_tokens(ids)
-            cos, sin = m.rotary.cos_sin(pos, h.dtype)
-            rows = torch.arange(bsz, device=ids.device)
-            lens = pos + 1
-            for layer, (kc, vc) in zip(m.model.layers, kv_layers):
-                at = layer.self_attn
-                x = layer.input_layernorm(h)
-                q = proj(at.q_proj, x, row_slot, row_scale).view(bsz, a.num_heads, a.head_dim)
-                k = proj(at.k_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
-                v = proj(at.v_proj, x, row_slot, row_scale).view(bsz, a.num_kv_heads, a.head_dim)
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-                write_kv(kc, vc, slot_mapping, k, v)
-                o = paged_attention(q, kc, vc, block_tables, rows, lens, at.window)
-                h = h + proj(at.o_proj, o.reshape(bsz, -1), row_slot, row_scale)
-                x = layer.post_attention_layernorm(h)
-                mlp = layer.mlp
-                g = proj(mlp.gate_proj, x, row_slot, row_scale)
-                u = proj(mlp.up_proj, x, row_slot, row_scale)
-                h = h + proj(mlp.down_proj, F.silu(g) * u, row_slot, row_scale)
-            return m.head(m.model.norm(h))
-
-        return step

@@ -49,3 +49,23 @@ _lib.impl("paged_attention", _paged_attention, "CPU")
 @torch.library.register_fake("caraserve::paged_attention")
 def _(q, k_cache, v_cache, block_tables, row_seq, lens, window):
     return torch.empty_like(q)
+
+
+# y += the LoRA delta of one module of one layer for the step prepared in LoRA backend `backend`
+# (caraserve.lora.backend.CpuLoraBackend): the step's rows and weights are Python objects the
+# backend holds, so a compiled step passes only the backend's handle.
+_lib.define("lora_runs_(Tensor(a!) y, Tensor x, int backend, int layer, str module) -> ()")
+
+
+def _lora_runs(y: torch.Tensor, x: torch.Tensor, backend: int, layer: int, module: str) -> None:
+    from caraserve.lora.backend import run_prepared
+
+    run_prepared(backend, y, x, layer, module)
+
+
+_lib.impl("lora_runs_", _lora_runs, "CPU")
+
+
+@torch.library.register_fake("caraserve::lora_runs_")
+def _(y, x, backend, layer, module) -> None:
+    return None

@@ -69,11 +69,12 @@ class ModelRunner:
                 raise RuntimeError("a prefill row's adapter is not resident and CPU assist is off")
             lora = replace(lora, host=tuple(host), handoff=self.handoff) if lora is not None else \
                 LoraBatch((), False, tuple(host), self.handoff)
+        mode = self.model.prepare_lora(lora)
         logits = None
         if batch.is_decode and self.decode_fn is not None and not eager:
             logits = self.decode_fn(tokens, starts, tables, lora)
         if logits is None:
-            fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, lora)
+            fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, mode)
             logits = self.model(fb, self.kv.layers)
         for r, landing in assisted:  # each layer's path was chosen as the forward was launched
             on_device = sum(landing.on_device.values())

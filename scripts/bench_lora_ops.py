@@ -20,11 +20,12 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from caraserve.lora.batch import LoraGroup, LoraIndex
-from caraserve.lora.ops import add_lora
+from caraserve.lora.backend import backend_for
+from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex
 from caraserve.profiling.machine import cpu_name
 
 
@@ -100,14 +101,17 @@ def main():
                 segs.append((start, ln, s % nb, s // nb))
                 by_bucket.setdefault(s % nb, []).append((start, ln, s // nb))
                 start += ln
-            groups = [(bk, LoraGroup(ranks[bk], {}, scale, LoraIndex.from_segments(sg, dev), frozenset(),
-                                     tuple(scale.tolist()))) for bk, sg in by_bucket.items()]
+            groups = tuple(LoraGroup(ranks[bk], {"q_proj": (a[bk][None], b[bk][None])}, scale,
+                                     LoraIndex.from_segments(sg, dev), frozenset({"q_proj"}), tuple(scale.tolist()))
+                           for bk, sg in by_bucket.items())
+            # the device's LoRA backend, as the engine's layers use it (layer 0, module q_proj)
+            backend = backend_for(torch.device(dev), SimpleNamespace(targets={"q_proj"}, buckets=[]))
+            backend.prepare(LoraBatch(groups, not is_prefill))
             x = torch.randn(start, h, generator=g).to(device=dev, dtype=dtype)
             y = torch.zeros(start, h, device=dev, dtype=dtype)
 
             def batched():
-                for bk, group in groups:
-                    add_lora(y, x, a[bk], b[bk], group, is_decode=not is_prefill)
+                backend.add_groups(y, x, groups, 0, "q_proj", None)
 
             def loop():
                 for st, ln, bk, k in segs:

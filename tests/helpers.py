@@ -67,7 +67,8 @@ def block_tables_for(lengths: list[int], block_size: int, layout: str = "in_orde
 def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None, block_size=16, layout="in_order"):
     """Prefill all prompts in one packed batch, then decode the given tokens in batched steps.
 
-    decode_tokens[i][t] is the token fed to sequence i at decode step t. block_size and layout
+    decode_tokens[i][t] is the token fed to sequence i at decode step t. lora_fn(is_decode): the
+    step's LoraBatch (the model's adapter pool attached with use_lora). block_size and layout
     (block_tables_for) place each sequence's KV in the paged cache. Returns (prefill logits per
     prompt [len_i, V], decode logits per step [B, V]).
     """
@@ -75,8 +76,8 @@ def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None
     dtype = model.model.embed_tokens.weight.dtype
     tables, used = block_tables_for([len(p) + len(d) for p, d in zip(prompts, decode_tokens)], block_size, layout)
     kv = KVCache(used, block_size, a.num_kv_heads, a.head_dim, dtype, model.layer_devices())
-    fb = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, device, is_decode=False,
-                            lora=lora_fn(False) if lora_fn else None)
+    mode = model.prepare_lora(lora_fn(False) if lora_fn else None)
+    fb = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, device, is_decode=False, lora_mode=mode)
     logits = model(fb, kv.layers, all_logits=True)
     pre, start = [], 0
     for p in prompts:
@@ -85,8 +86,9 @@ def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None
     lens = [len(p) for p in prompts]
     steps = []
     for t in range(len(decode_tokens[0])):
+        mode = model.prepare_lora(lora_fn(True) if lora_fn else None)
         fb = ForwardBatch.build([[d[t]] for d in decode_tokens], lens, tables, block_size, device, is_decode=True,
-                                lora=lora_fn(True) if lora_fn else None)
+                                lora_mode=mode)
         steps.append(model(fb, kv.layers))
         lens = [n + 1 for n in lens]
     return pre, steps

@@ -46,6 +46,7 @@ def setup(tmp_path_factory):
     pool = DevicePool(model.args, (8, 16, 32, 64), 4, torch.float32, model.layer_devices())
     for name in ADAPTERS:
         assert pool.load(store.get(name))
+    model.use_lora(pool)
     return root, model, pool
 
 

@@ -272,9 +272,12 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     prompts, adapters = [[5, 6, 7], [9, 10], [20, 21, 22, 23]], ["r8", "r20", None]
     want = [r.output_ids for r in engine("false").generate(prompts, greedy, adapters)]
+    from caraserve.lora.backend import TritonLoraBackend
+
     e = engine("true")
     graphs = e.graphs
-    graphs.host_runs, graphs.triton_lora = False, True
+    graphs.host_runs = False  # the GPU form: LoRA rows as a BGMV row table
+    e.model.use_lora(e.pool, lambda device, pool: TritonLoraBackend(pool))
     calls = []
     real = triton_multi.bgmv_multi
     live = sys.modules["caraserve.lora.triton_multi"]  # the module the step imports
@@ -287,7 +290,7 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     try:
         for bsz in graphs.batch_buckets:  # every variant as the plain step function: no compile
             for nb in (0, len(graphs.pool.buckets)):
-                graphs._fns[(bsz, nb)] = graphs._step_fn(bsz, nb)
+                graphs._fns[(bsz, nb)] = graphs.step_fn()
         got = [r.output_ids for r in e.generate(prompts, greedy, adapters)]
     finally:
         live.bgmv_multi = real

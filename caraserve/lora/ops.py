@@ -1,9 +1,9 @@
-"""Batched LoRA operators: plain-torch references and the dispatch to the Triton kernels.
+"""Batched LoRA operators of one rank bucket: the plain-torch references the kernels are tested
+against, and the CPU form (`add_lora_runs`) the CPU backend runs.
 
 Every operator adds, for each row i of x that belongs to a rank bucket,
     y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i]
-where s_i is the row's slot. The references run on CPU and are the ground truth in tests; on
-CUDA the same calls go to `triton_ops`.
+where s_i is the row's slot. Which device runs which form is `caraserve.lora.backend`'s choice.
 """
 
 from __future__ import annotations
@@ -43,36 +43,6 @@ def bgmv_reference(
     v = torch.bmm(x[rows].unsqueeze(1), a[slots])  # [n, 1, R]
     delta = torch.bmm(v, b[slots]).squeeze(1) * scale[slots].unsqueeze(1)  # [n, out]
     y[rows] += delta.to(y.dtype)
-
-
-def sgmv_host(
-    y: torch.Tensor,  # [T, out] accumulated in place
-    x: torch.Tensor,  # [T, in]
-    a: torch.Tensor,  # [S, in, R]
-    b: torch.Tensor,  # [S, R, out]
-    host_scale: tuple[float, ...],  # [S] scales as host floats
-    index: LoraIndex,
-) -> None:
-    """sgmv_reference with the scale folded into one addmm per segment (fewer ops on CPU)."""
-    for start, count, slot in index.segments:
-        y[start : start + count].addmm_(x[start : start + count] @ a[slot], b[slot], alpha=host_scale[slot])
-
-
-def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group, is_decode: bool) -> None:
-    """Adds the LoRA delta of one rank bucket (a LoraGroup) to y; Triton on CUDA, torch elsewhere.
-
-    On CPU the segment form serves decode too: rows are ordered by slot, so a decode step costs
-    one small matmul pair per distinct adapter instead of a gather of every row's weights.
-    """
-    if y.is_cuda:
-        from caraserve.lora import triton_ops
-
-        kernel = triton_ops.bgmv if is_decode else triton_ops.sgmv
-        kernel(y, x, a, b, group.scale, group.index)
-    elif group.host_scale:
-        sgmv_host(y, x, a, b, group.host_scale, group.index)
-    else:
-        sgmv_reference(y, x, a, b, group.scale, group.index)
 
 
 def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str, tables: dict | None = None) -> None:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from caraserve.lora.triton_ops import _BGMV_TILE, _auto_split_k, _np2
+from caraserve.lora.triton_common import BGMV_TILE, auto_split_k, np2
 
 MULTI_BUCKETS = 8
 
@@ -146,17 +146,17 @@ def bgmv_multi(
         if not (ai.is_contiguous() and bi.is_contiguous()):
             raise ValueError("bucket weights must be contiguous")
     if split_k is None:
-        split_k = _auto_split_k(n_rows, n_in)
+        split_k = auto_split_k(n_rows, n_in)
     for first in range(0, len(a), MULTI_BUCKETS):
         ga, gb = a[first : first + MULTI_BUCKETS], b[first : first + MULTI_BUCKETS]
         nb = len(ga)
-        block_r = _np2(max(t.shape[2] for t in ga))
-        block_k = min(_np2(n_in), max(16, _BGMV_TILE // block_r))
+        block_r = np2(max(t.shape[2] for t in ga))
+        block_k = min(np2(n_in), max(16, BGMV_TILE // block_r))
         chunk = triton.cdiv(n_in, max(1, min(split_k, n_in)))
-        block_k = min(block_k, _np2(chunk))
+        block_k = min(block_k, np2(chunk))
         k_per_split = triton.cdiv(chunk, block_k) * block_k
         splits = triton.cdiv(n_in, k_per_split)
-        block_n = min(_np2(n_out), max(16, _BGMV_TILE // block_r))
+        block_n = min(np2(n_out), max(16, BGMV_TILE // block_r))
         pa = list(ga) + [ga[0]] * (MULTI_BUCKETS - nb)
         pb = list(gb) + [gb[0]] * (MULTI_BUCKETS - nb)
         v = torch.empty((splits, n_rows, block_r), dtype=torch.float32, device=y.device)

@@ -24,9 +24,7 @@ import triton
 import triton.language as tl
 
 from caraserve.lora.batch import LoraIndex
-
-# Budget of fp32 elements for one 2-D register tile in the BGMV kernels.
-_BGMV_TILE = 8192
+from caraserve.lora.triton_common import BGMV_TILE, auto_split_k, np2
 
 
 @triton.jit
@@ -271,10 +269,6 @@ def _check_args(
     return n_in, rank, n_out
 
 
-def _np2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(n))
-
-
 def sgmv(
     y: torch.Tensor,  # [T, out] accumulated in place
     x: torch.Tensor,  # [T, in]
@@ -289,10 +283,10 @@ def sgmv(
     n_rows = index.row_end - index.row_start
     v = torch.empty((n_rows, rank), dtype=torch.float32, device=y.device)
 
-    block_r = _np2(rank, 16)
-    block_m = min(64 if block_r <= 128 else 32, _np2(index.max_seg_len, 16))  # acc tile stays in registers
-    block_k = min(64, _np2(n_in, 16))
-    block_n = min(128 if block_r <= 64 else 64, _np2(n_out, 16))
+    block_r = np2(rank, 16)
+    block_m = min(64 if block_r <= 128 else 32, np2(index.max_seg_len, 16))  # acc tile stays in registers
+    block_k = min(64, np2(n_in, 16))
+    block_n = min(128 if block_r <= 64 else 64, np2(n_out, 16))
     m_blocks = triton.cdiv(index.max_seg_len, block_m)
     # The interpreter stores bf16 as raw uint16 and its tl.dot multiplies the bit patterns
     # (triton-lang/triton#11584); compiled kernels keep the native bf16 dot.
@@ -317,13 +311,6 @@ def sgmv(
     )  # fmt: skip
 
 
-def _auto_split_k(n_rows: int, n_in: int) -> int:
-    """Splits the IN reduction when few rows would leave the GPU idle; 1 (deterministic) otherwise."""
-    if n_rows >= 64 or n_in < 2048:
-        return 1
-    return min(8, n_in // 1024)
-
-
 def bgmv(
     y: torch.Tensor,  # [T, out] accumulated in place; rows index.row_start..row_end are touched
     x: torch.Tensor,  # [T, in]
@@ -340,17 +327,17 @@ def bgmv(
     n_in, rank, n_out = _check_args(y, x, a, b, scale, index)
     n_rows = index.row_end - index.row_start
     if split_k is None:
-        split_k = _auto_split_k(n_rows, n_in)
+        split_k = auto_split_k(n_rows, n_in)
     split_k = max(1, min(split_k, n_in))
 
-    block_r = _np2(rank)
-    block_k = min(_np2(n_in), max(16, _BGMV_TILE // block_r))
+    block_r = np2(rank)
+    block_k = min(np2(n_in), max(16, BGMV_TILE // block_r))
     chunk = triton.cdiv(n_in, split_k)
     if split_k > 1:
-        block_k = min(block_k, _np2(chunk))
+        block_k = min(block_k, np2(chunk))
     k_per_split = triton.cdiv(chunk, block_k) * block_k
     split_k = triton.cdiv(n_in, k_per_split)  # drop programs that would see no input feature
-    block_n = min(_np2(n_out), max(16, _BGMV_TILE // block_r))
+    block_n = min(np2(n_out), max(16, BGMV_TILE // block_r))
 
     alloc = torch.zeros if split_k > 1 else torch.empty
     v = alloc((n_rows, rank), dtype=torch.float32, device=y.device)

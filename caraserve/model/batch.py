@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from caraserve.lora.batch import LoraBatch
+from caraserve.lora.backend import LORA_NONE
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ForwardBatch:
     query_lens: tuple[int, ...]  # new tokens per sequence
     context_lens: tuple[int, ...]  # same as context_lens_t, on the host
     is_decode: bool
-    lora: LoraBatch | None = None
+    lora_mode: int = LORA_NONE  # how the LoRA backend finds the step's rows (caraserve.lora.backend)
+    lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # LORA_ROWS: meta [3, B] int32, scale [B]
 
     @property
     def num_seqs(self) -> int:
@@ -46,7 +47,7 @@ class ForwardBatch:
         return ends.to(self.input_ids.device)
 
     def to(self, device: torch.device | str) -> ForwardBatch:
-        """Copy of the index tensors on another device (the LoRA batch stays where it is)."""
+        """Copy of the index tensors on another device (the LoRA row table stays where it is)."""
         return replace(
             self,
             input_ids=self.input_ids.to(device),
@@ -67,7 +68,7 @@ class ForwardBatch:
         block_size: int,
         device: torch.device | str,
         is_decode: bool,
-        lora: LoraBatch | None = None,
+        lora_mode: int = LORA_NONE,
     ) -> ForwardBatch:
         """From host lists: new tokens per sequence, the position of each one's first new token,
         and each sequence's KV block table (enough blocks for its context after this step)."""
@@ -94,4 +95,4 @@ class ForwardBatch:
 
         positions = t(pos)
         return cls(t(flat), positions, t(slot_mapping), t(tables), t(seq), positions + 1, t(ctx), query_lens, ctx,
-                   is_decode, lora)
+                   is_decode, lora_mode)

@@ -6,9 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caraserve.lora.batch import LoraBatch
-from caraserve.lora.ops import add_lora, add_lora_runs
-
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
@@ -67,11 +64,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LoraLinear(nn.Module):
-    """y = x W^T + b, plus each token's own LoRA delta scale * (x A) B when the batch carries one.
+    """y = x W^T + b, plus each token's own LoRA delta scale * (x A) B when the step has LoRA rows.
 
-    The adapter weights live in the device pool, not here: `LoraBatch` names, per rank bucket,
-    the stacked slot tensors and which tokens use which slot. `key` is (layer index, module name)
-    and picks this layer's weights out of them.
+    The adapter weights live in the device pool, not here: the layer's LoRA backend
+    (`caraserve.lora.backend`, attached by CausalLM.use_lora) holds the step's rows and computes
+    the delta; `layer` and `name` pick this projection's weights out of the pool's slots.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, layer: int, name: str):
@@ -80,20 +77,9 @@ class LoraLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # [out]
         self.layer = layer
         self.name = name
+        self.backend = None  # LoraBackend of this layer's device; None: a model without adapters
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        host, groups = lora.at_layer(self.layer) if lora is not None else ((), ())
-        # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
-        pending = lora.handoff.submit(x, self.layer, self.name, host) if host else ()
-        y = F.linear(x, self.weight, self.bias)
-        if not y.is_cuda:
-            tables = lora.cpu_tables if lora is not None and not lora.host else None  # landing rows vary
-            add_lora_runs(y, x, groups, self.layer, self.name, tables)
-        else:
-            for group in groups:
-                if self.name in group.modules:
-                    a, b = group.weights[self.name]
-                    add_lora(y, x, a[self.layer], b[self.layer], group, lora.is_decode)
-        if pending:
-            lora.handoff.add(y, pending)
-        return y
+    def forward(self, x: torch.Tensor, fb) -> torch.Tensor:
+        if self.backend is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.backend.linear(self, x, fb)

@@ -18,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
 from caraserve.attention import paged_attention, write_kv
 from caraserve.kv_cache import blocks_for
+from caraserve.lora.backend import backend_for, lora_mode
+from caraserve.lora.batch import LoraBatch
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, apply_rotary, rope_inv_freq
 
@@ -143,9 +145,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
         t = x.shape[0]
-        q = self.q_proj(x, fb.lora).view(t, a.num_heads, a.head_dim)
-        k = self.k_proj(x, fb.lora).view(t, a.num_kv_heads, a.head_dim)
-        v = self.v_proj(x, fb.lora).view(t, a.num_kv_heads, a.head_dim)
+        q = self.q_proj(x, fb).view(t, a.num_heads, a.head_dim)
+        k = self.k_proj(x, fb).view(t, a.num_kv_heads, a.head_dim)
+        v = self.v_proj(x, fb).view(t, a.num_kv_heads, a.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
@@ -153,7 +155,7 @@ class Attention(nn.Module):
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window)
         else:
             out = self._prefill(q, fb, k_cache, v_cache)
-        return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb.lora)
+        return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb)
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
@@ -188,8 +190,8 @@ class MLP(nn.Module):
         self.up_proj = LoraLinear(h, i, args.mlp_bias, layer, "up_proj")
         self.down_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
 
-    def forward(self, x, lora):
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+    def forward(self, x, fb: ForwardBatch):
+        return self.down_proj(F.silu(self.gate_proj(x, fb)) * self.up_proj(x, fb), fb)
 
 
 class DecoderLayer(nn.Module):
@@ -202,7 +204,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, fb: ForwardBatch, cache):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache)
-        return h + self.mlp(self.post_attention_layernorm(h), fb.lora)
+        return h + self.mlp(self.post_attention_layernorm(h), fb)
 
 
 class Decoder(nn.Module):
@@ -228,6 +230,7 @@ class CausalLM(nn.Module):
             inv_freq, scale = rope_inv_freq(hf_config)
         self.rotary = Rotary(inv_freq, scale)
         self._packed_head: torch.Tensor | None = None  # see pack_lm_head
+        self.lora_backends: dict = {}  # layer device -> LoraBackend (use_lora)
 
     def pack_lm_head(self, batch_hint: int) -> bool:
         """On CPU in float32, keeps a copy of the LM head weight in oneDNN's blocked layout, so the
@@ -252,8 +255,33 @@ class CausalLM(nn.Module):
     def layer_devices(self) -> list[torch.device]:
         return [layer.input_layernorm.weight.device for layer in self.model.layers]
 
+    def use_lora(self, pool, make=backend_for) -> None:
+        """Attaches the adapter pool: every projection of a layer gets its device's LoRA backend
+        (`make(device, pool)`; tests pass another backend class to run its form elsewhere)."""
+        self.lora_backends = {}
+        for layer in self.model.layers:
+            dev = layer.input_layernorm.weight.device
+            if dev not in self.lora_backends:
+                self.lora_backends[dev] = make(dev, pool)
+            for mod in layer.modules():
+                if isinstance(mod, LoraLinear):
+                    mod.backend = self.lora_backends[dev]
+
+    def prepare_lora(self, lora: LoraBatch | None) -> int:
+        """Hands the step's LoRA rows to the backends; the ForwardBatch.lora_mode of an eager step."""
+        if lora is not None and not self.lora_backends:
+            raise ValueError("a step with LoRA rows needs the adapter pool: call use_lora(pool) first")
+        for backend in self.lora_backends.values():
+            backend.prepare(lora)
+        return lora_mode(lora)
+
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, kv: KVCacheLayers, all_logits: bool = False) -> torch.Tensor:
+        return self.run(fb, kv, all_logits)
+
+    def run(self, fb: ForwardBatch, kv: KVCacheLayers, all_logits: bool = False) -> torch.Tensor:
+        """`forward` without its inference-mode wrapper: the function eager steps run and compiled
+        steps compile (caraserve.graphs), for every step kind."""
         dtype = self.model.embed_tokens.weight.dtype
         h = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
         batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}

@@ -1,0 +1,185 @@
+"""LoRA backends: the one interface through which the model's projections get their LoRA delta,
+with one implementation per device.
+
+Semantics (every backend; `TorchLoraBackend` is the plain-torch statement, the tests' oracle):
+
+    y = x @ W^T + bias                                   x [T, in], W [out, in], y [T, out]
+    for each group g of the step (one rank bucket), each of its segments (rows [s, s+n), slot k)
+    whose adapter targets the module:
+        y[s:s+n] += scale_g[k] * (x[s:s+n] @ A_g[layer, k]) @ B_g[layer, k]
+                                                         A_g [L, S, in, R], B_g [L, S, R, out]
+    for each CPU-assisted segment (a prompt whose adapter is still being copied; prefill only):
+        the same delta from the adapter's host weights, computed on CPU workers while the device
+        runs the base GEMM, or from its device slot for the layers that have landed
+
+The runner calls `prepare(lora)` once per step with the step's LoraBatch (None: no LoRA rows);
+the model's LoraLinear calls `linear(module, x, fb)`. A compiled step calls the same `linear`:
+its Python branches read only constants of the step's ForwardBatch (`lora_mode`), and the
+device-specific work is either an opaque op (CPU) or kernels over tensors of the ForwardBatch
+(GPU: `lora_rows`, the BGMV row table), so one compiled variant serves every adapter mix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from caraserve.lora.batch import LoraBatch
+from caraserve.lora.ops import add_lora_runs, sgmv_reference
+
+# ForwardBatch.lora_mode: how a step's LoRA rows are described
+LORA_NONE = 0  # no LoRA rows
+LORA_GROUPS = 1  # the prepared LoraBatch's groups (eager steps; compiled CPU steps through the op)
+LORA_ROWS = 2  # ForwardBatch.lora_rows: one (bucket, slot, rank) and scale per row (compiled GPU steps)
+LORA_HOST = 3  # LORA_GROUPS plus CPU-assisted segments (eager prefill only)
+
+_live: dict[int, weakref.ref] = {}  # handle -> backend, for the CPU op (torch ops take no Python objects)
+_handles = itertools.count(1)
+
+
+class LoraBackend:
+    """The interface and what every device shares: the CPU-assisted rows and the step's state."""
+
+    def __init__(self, pool):
+        self.pool = pool  # DevicePool: the rank buckets' stacked slot tensors
+        self.targets = frozenset(pool.targets)
+        self._lora: LoraBatch | None = None
+        self.handle = next(_handles)
+        _live[self.handle] = weakref.ref(self, lambda _, h=self.handle: _live.pop(h, None))
+
+    def prepare(self, lora: LoraBatch | None) -> None:
+        """The step's LoRA rows; called once per step before the forward."""
+        self._lora = lora
+
+    def linear(self, mod, x: torch.Tensor, fb) -> torch.Tensor:
+        """mod's x @ W^T + b plus the delta of the step's LoRA rows (see the module docstring)."""
+        mode = fb.lora_mode
+        if mode == LORA_HOST:
+            return self._linear_with_host(mod, x)
+        y = F.linear(x, mod.weight, mod.bias)
+        if mode != LORA_NONE and mod.name in self.targets:
+            y = self.add(y, x, mod.layer, mod.name, fb)
+        return y
+
+    def _linear_with_host(self, mod, x: torch.Tensor) -> torch.Tensor:
+        lora = self._lora
+        host, groups = lora.at_layer(mod.layer)
+        # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
+        pending = lora.handoff.submit(x, mod.layer, mod.name, host) if host else ()
+        y = F.linear(x, mod.weight, mod.bias)
+        if mod.name in self.targets:
+            self.add_groups(y, x, groups, mod.layer, mod.name, None)
+        if pending:
+            lora.handoff.add(y, pending)
+        return y
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, fb) -> torch.Tensor:
+        """y plus the delta of the step's rows (LORA_GROUPS or LORA_ROWS); may work in place."""
+        raise NotImplementedError
+
+    def add_groups(self, y, x, groups, layer: int, name: str, tables: dict | None) -> None:
+        """y += the delta of `groups` (LoraGroups) in place."""
+        raise NotImplementedError
+
+    def _rows(self, y, x, layer: int, name: str, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+        """The row form in torch ops: every row gathers its slot's weights (y + delta, not in place)."""
+        slot = meta[1].long()
+        for b, bucket in enumerate(self.pool.buckets):
+            la, lb = bucket.weights[name]
+            v = torch.bmm(x.unsqueeze(1), la[layer][slot])  # [B, 1, R]
+            d = torch.bmm(v, lb[layer][slot]).squeeze(1)  # [B, out]
+            y = y + (d * torch.where(meta[0] == b, row_scale, 0.0).unsqueeze(1)).to(y.dtype)
+        return y
+
+
+class TorchLoraBackend(LoraBackend):
+    """The semantics in plain torch ops, on any device: the oracle of the tests."""
+
+    def add(self, y, x, layer, name, fb):
+        if fb.lora_mode == LORA_ROWS:
+            return self._rows(y, x, layer, name, *fb.lora_rows)
+        self.add_groups(y, x, self._lora.groups, layer, name, None)
+        return y
+
+    def add_groups(self, y, x, groups, layer, name, tables):
+        for group in groups:
+            if name in group.modules:
+                a, b = group.weights[name]
+                sgmv_reference(y, x, a[layer], b[layer], group.scale, group.index)
+
+
+class CpuLoraBackend(LoraBackend):
+    """CPU: every adapter's rows of a module in one call of the C kernel (`add_lora_runs`; torch's
+    GEMMs for long prompt segments or where the kernel is unavailable). Steps reach it through the
+    op `caraserve::lora_runs_`, opaque to the compiler, which finds this backend by its handle and
+    reads the prepared LoraBatch: one compiled variant serves every adapter mix."""
+
+    def add(self, y, x, layer, name, fb):
+        if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
+            return self._rows(y, x, layer, name, *fb.lora_rows)
+        torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
+        return y
+
+    def add_groups(self, y, x, groups, layer, name, tables):
+        add_lora_runs(y, x, groups, layer, name, tables)
+
+    def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
+        """The op's body: y += the prepared step's delta."""
+        lora = self._lora
+        if lora is not None:
+            add_lora_runs(y, x, lora.groups, layer, name, lora.cpu_tables)
+
+
+class TritonLoraBackend(LoraBackend):
+    """CUDA: SGMV (prefill segments) and BGMV (decode rows) Triton kernels per rank bucket in
+    eager steps; in compiled steps one multi-bucket BGMV per module over the row table, whatever
+    the adapter mix."""
+
+    def add(self, y, x, layer, name, fb):
+        if fb.lora_mode == LORA_ROWS:
+            from caraserve.lora import triton_multi
+
+            buckets = self.pool.buckets
+            meta, row_scale = fb.lora_rows
+            triton_multi.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
+                                    [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
+            return y
+        self.add_groups(y, x, self._lora.groups, layer, name, None)
+        return y
+
+    def add_groups(self, y, x, groups, layer, name, tables):
+        from caraserve.lora import triton_ops
+
+        for group in groups:
+            if name in group.modules:
+                a, b = group.weights[name]
+                kernel = triton_ops.bgmv if self._lora.is_decode else triton_ops.sgmv
+                kernel(y, x, a[layer], b[layer], group.scale, group.index)
+
+
+def lora_mode(lora: LoraBatch | None) -> int:
+    """The ForwardBatch.lora_mode of an eager step over `lora`."""
+    if lora is None:
+        return LORA_NONE
+    return LORA_HOST if lora.host else LORA_GROUPS
+
+
+def backend_for(device: torch.device, pool) -> LoraBackend:
+    """The backend of a device: the one place where the device picks the LoRA implementation."""
+    if device.type == "cuda":
+        return TritonLoraBackend(pool)
+    if device.type == "cpu":
+        return CpuLoraBackend(pool)
+    return TorchLoraBackend(pool)
+
+
+def run_prepared(handle: int, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
+    """The CPU op's body (caraserve.ops): the live backend `handle` adds its step's delta."""
+    ref = _live.get(handle)
+    backend = ref() if ref is not None else None
+    if backend is None:
+        raise RuntimeError(f"LoRA backend {handle} no longer exists")
+    backend.run_prepared(y, x, layer, name)

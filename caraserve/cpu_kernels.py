@@ -19,7 +19,6 @@ kernels check the same again.
 from __future__ import annotations
 
 import operator
-import weakref
 
 import torch
 
@@ -72,11 +71,13 @@ class RunTable:
     """The runs of one module of one step, as the kernel's argument array. `fits` is False when
     the kernel should not take them (long runs, big ranks, weights that are not contiguous
     float32 on the CPU, runs that share rows): then the caller uses torch. Runs whose rank and
-    output width are multiples of 8 point at packed copies of their weights (`packed`); the table
-    keeps what it points at alive. Runs that no path could compute (ranks of A and B that differ,
-    runs of one module with different widths, rows that are no range) raise a ValueError."""
+    output width are multiples of 8 point at packed copies of their weights, from `pack(a, b)`
+    (default `packed`, a fresh copy; the CPU LoRA backend passes its cache); the table keeps what
+    it points at alive. Runs that no path could compute (ranks of A and B that differ, runs of
+    one module with different widths, rows that are no range) raise a ValueError."""
 
-    def __init__(self, runs):
+    def __init__(self, runs, pack=None):
+        pack = pack or packed
         runs = [_checked_run(i, run) for i, run in enumerate(runs)]  # (start, end, A [in, R], B [R, out], scale)
         self.n = len(runs)
         self.in_features = runs[0][2].shape[0] if runs else 0
@@ -93,7 +94,7 @@ class RunTable:
         self._tensors, entries = [], []
         for start, end, a, b, scale in runs if self.fits else ():
             rank = a.shape[1]
-            pair = packed(a, b)
+            pair = pack(a, b)
             a, b = pair or (a, b)
             self._tensors += [a, b]
             entries.append(LoraRun(start, end, a.data_ptr(), b.data_ptr(), rank, self.in_features,
@@ -121,36 +122,15 @@ class RunTable:
             raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
 
 
-# Packed copies of pool slots, per slot tensor: A [in, R] as [R/8, in, 8] and B [R, out] as
-# [out/8, R, 8], so the kernel reads each column block front to back. Kept per pool tensor a
-# slot view belongs to (a freed pool tensor takes its copies along) and checked against its
-# version counter, which every write into the pool's slots bumps (a new adapter in any slot of
-# the tensor makes the next table repack what it uses).
-_packs: dict[int, tuple[weakref.ref, dict]] = {}  # id(pool tensor) -> (its weakref, {slot key: pack})
-
-
 def packed(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed A, packed B) for the slot views a [in, R], b [R, out], or None when R or out is
-    not a multiple of 8 (the unpacked kernel takes those)."""
+    """Packed copies of a [in, R] and b [R, out], so the kernel reads each column block front to
+    back: A as [R/8, in, 8], B as [out/8, R, 8]. None when R or out is not a multiple of 8 (the
+    unpacked kernel takes those)."""
     (in_f, rank), out = a.shape, b.shape[1]
     if rank % 8 or out % 8:
         return None
-    a_base = a._base if a._base is not None else a
-    b_base = b._base if b._base is not None else b
-    entry = _packs.get(id(a_base))
-    if entry is None or entry[0]() is not a_base:
-        entry = _packs[id(a_base)] = (weakref.ref(a_base), {})
-        weakref.finalize(a_base, _packs.pop, id(a_base), None)
-    per_base = entry[1]
-    key = (a.storage_offset(), in_f, rank, id(b_base), b.storage_offset(), out)
-    hit = per_base.get(key)
-    versions = (a._version, b._version)
-    if hit is not None and hit[0]() is b_base and hit[1] == versions:
-        return hit[2], hit[3]
-    pa = a.reshape(in_f, rank // 8, 8).permute(1, 0, 2).contiguous()
-    pb = b.reshape(rank, out // 8, 8).permute(1, 0, 2).contiguous()
-    per_base[key] = (weakref.ref(b_base), versions, pa, pb)
-    return pa, pb
+    return (a.reshape(in_f, rank // 8, 8).permute(1, 0, 2).contiguous(),
+            b.reshape(rank, out // 8, 8).permute(1, 0, 2).contiguous())
 
 
 def usable(y: torch.Tensor, x: torch.Tensor) -> bool:

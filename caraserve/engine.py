@@ -103,16 +103,18 @@ class Engine:
 
     def _num_kv_blocks(self) -> int:
         """KV blocks per engine.num_kv_blocks, else engine.kv_cache_bytes, else the device's default
-        (CUDA: gpu_memory_utilization of the memory less what is allocated; CPU: the memory
-        max_batch_size requests of max_seq_len tokens take)."""
+        (CUDA: gpu_memory_utilization of the device's memory less what is in use on it; CPU: the
+        memory max_batch_size requests of max_seq_len tokens take)."""
         cfg, args = self.config, self.model.args
         per_block = block_bytes(cfg.kv_block_size, args.num_kv_heads, args.head_dim, self.dtype, args.num_layers)
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         budget = cfg.kv_cache_bytes
         if not budget and self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device)
+            # vLLM's rule: this engine may use that fraction of the device's memory, less what is in
+            # use there already (its model and adapter pools, and anything else on the device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free)
         if not budget:
             budget = cfg.max_batch_size * blocks_for(self.max_seq_len, cfg.kv_block_size) * per_block
         blocks = budget // per_block
@@ -162,24 +164,26 @@ class Engine:
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
         """The compiled decode step, per engine.compile: true = each variant compiles at its first
-        use; auto = variants compile on a background thread while those steps run eagerly."""
+        use; auto = on CUDA the same (a graphed step is ~10x an eager one), on CPU variants
+        compile when the engine is idle (`idle`) while their steps run eagerly, so no step waits
+        for a compile and a job that never idles runs as eagerly as compile=false."""
         mode = self.config.compile
         if mode == "false":
-            return None
-        if mode == "auto" and self.device.type == "cpu" and torch.get_num_threads() > 1:
-            # Measured with 2 threads: once a variant compiled on a background thread, every later
-            # step ran 2.5-4x slower for good, each OpenMP-parallel op in it (GEMMs, inductor's
-            # kernels, the CPU kernels) ~2x slower, with no other thread busy. Neither running the
-            # compile thread's OpenMP regions on one thread nor OMP_WAIT_POLICY=active changed it.
-            log.info("engine.compile=auto: %d CPU threads, so decode steps run eagerly "
-                     "(engine.compile=true compiles them at first use)", torch.get_num_threads())
             return None
         cfg = self.config
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
-                            cache, background=mode == "auto")
+                            cache, deferred=mode == "auto" and self.device.type != "cuda")
+
+    def idle(self) -> bool:
+        """Work for a moment with nothing to step: compiles one pending decode-step variant
+        (engine.compile=auto). True when it did something (call again while idle)."""
+        with self._lock:
+            if self.graphs is None or self.has_unfinished():
+                return False
+            return self.graphs.compile_pending()
 
     @staticmethod
     def _tokenizer(path: Path):

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
-import threading
 import time
 import types
 from pathlib import Path
@@ -49,6 +47,7 @@ def _own_code(fn, name: str):
 
 
 HOST_RUNS = -1  # the "rank buckets" of a variant whose LoRA rows go to the CPU backend's op
+ANY_BATCH = 0  # the "batch bucket" of a CPU variant: the batch size is a dynamic dimension
 
 
 def bucket_up(n: int, buckets: tuple[int, ...]) -> int:
@@ -68,7 +67,7 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
-                 cache_file: Path | None = None, background: bool = False):
+                 cache_file: Path | None = None, deferred: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
@@ -82,9 +81,11 @@ class DecodeGraphs:
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch bucket -> the step's inputs
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
-        # background: a missing variant compiles on a worker thread while steps run eagerly
-        self._jobs: queue.Queue | None = queue.Queue() if background else None
-        self._queued: set[tuple[int, int]] = set()
+        # deferred: a missing variant's steps run eagerly and it waits in `pending` (with how many
+        # steps wanted it) until the engine is idle and calls compile_pending()
+        self.deferred = deferred
+        self.pending: dict[tuple[int, int], int] = {}
+        self.failed: set[tuple[int, int]] = set()  # variants whose compile raised: their steps stay eager
         if self.cuda_graphs:
             # The step writes the KV cache and reads the adapter slots, tensors it closes over
             # (graph inputs to the compiler). CUDA-graph trees skip graphs that mutate inputs
@@ -93,9 +94,6 @@ class DecodeGraphs:
             lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
-        if background:
-            # Not a daemon thread: see _compile_worker
-            threading.Thread(target=self._compile_worker, name="caraserve-compile").start()
         if cache_file is not None:
             # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
             # portable artifacts below do not: keeping it beside them makes a restart cheap.
@@ -117,16 +115,18 @@ class DecodeGraphs:
 
     def __call__(self, tokens, starts, tables, lora: LoraBatch | None) -> torch.Tensor | None:
         """Logits [n, V] of the compiled step, or None when the caller should run it eagerly
-        (the variant still compiling in the background). The model's LoRA backends hold the
-        step's LoraBatch already (CausalLM.prepare_lora)."""
+        (deferred and the variant not compiled yet). The model's LoRA backends hold the step's
+        LoraBatch already (CausalLM.prepare_lora)."""
         n = len(tokens)
-        bsz = bucket_up(n, self.batch_buckets)
-        nb = HOST_RUNS if lora is not None and self.host_runs else self._num_buckets(lora)
-        if (bsz, nb) not in self._fns and self._jobs is not None:
-            if (bsz, nb) not in self._queued:
-                self._queued.add((bsz, nb))
-                self._jobs.put((bsz, nb))
+        key = self.variant_key(n, lora)
+        if key in self.failed:
             return None
+        if self.deferred and key not in self._fns:
+            self.pending[key] = self.pending.get(key, 0) + 1
+            return None
+        # CUDA: padded to the bucket (one CUDA graph per bucket); CPU: the batch is a dynamic
+        # dimension, padded only to 2 rows (a size-1 batch would compile a second, specialized graph)
+        bsz, nb = (key[0], key[1]) if self.cuda_graphs else (max(n, 2), key[1])
         pad = bsz - n
         bs = self.block_size
         # Block-table width: on CPU always the widest a request can need (the C kernel reads only
@@ -153,13 +153,21 @@ class DecodeGraphs:
             buf["scale"].copy_(rows[1])
         fb = self._batch(bsz, nb, buf, width, tuple(p + 1 for p in starts) + (1,) * pad)
         with torch.inference_mode():
-            logits = self._variant(bsz, nb)(fb)
+            logits = self._variant(*key)(fb)
         return logits[:n]
+
+    def variant_key(self, n: int, lora: LoraBatch | None) -> tuple[int, int]:
+        """(batch bucket, LoRA form) of the variant a step of n rows runs: on CUDA the padded
+        batch bucket and how many rank buckets its BGMV covers (0: no LoRA); on CPU ANY_BATCH
+        (a dynamic batch dimension) and HOST_RUNS, one variant for every step (with no LoRA rows
+        the op adds nothing, for ~1% of a base step)."""
+        if not self.cuda_graphs:
+            return ANY_BATCH, HOST_RUNS if self.host_runs and self.pool.targets else self._num_buckets(lora)
+        return bucket_up(n, self.batch_buckets), self._num_buckets(lora)
 
     def _fill(self, bsz: int, host: dict[str, torch.Tensor], own: bool = True) -> dict[str, torch.Tensor]:
         """The bucket's device buffers (made at its first step) with the step's values copied in;
-        own=False: buffers of the caller's own (the background compile, which must not write
-        into buffers a step of another variant of the bucket may be reading)."""
+        own=False: buffers of the caller's own (a compile's dummy step)."""
         buf = self._buffers.get(bsz) if own else None
         if buf is None:
             dev = self.device
@@ -178,6 +186,9 @@ class DecodeGraphs:
         tables = buf["block_tables"][:, :width] if width < self.max_blocks else buf["block_tables"]
         if self.cuda_graphs:
             torch._dynamo.maybe_mark_dynamic(tables, 1)
+        else:  # one variant for every batch size
+            for t in (*buf.values(), tables):
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is buf["meta"] else 0)
         mode = LORA_NONE if nb == 0 else LORA_GROUPS if nb == HOST_RUNS else LORA_ROWS
         return ForwardBatch(buf["input_ids"], buf["positions"], buf["slot_mapping"], tables, buf["rows"],
                             buf["row_lens"], buf["row_lens"], (1,) * bsz, context_lens, True, mode,
@@ -201,58 +212,48 @@ class DecodeGraphs:
                 row_scale[start : start + count] = g.host_scale[slot]
         return meta, row_scale
 
-    def _compile_worker(self) -> None:
-        """Compiles queued variants until the main thread has finished. At interpreter exit the
-        interpreter then waits for the compile in progress (whose artifacts are saved) instead of
-        ending the thread where it stands: a daemon thread inside torch is ended by pthread_exit
-        when it next takes the GIL, and that unwind through torch's C++ frames aborts the process
-        ("terminate called without an active exception", status 134). A server that must not
-        wait ends its process with os._exit once drained (caraserve.serve)."""
-        main = threading.main_thread()
-        while True:
-            try:
-                bsz, nb = self._jobs.get(timeout=0.5)
-            except queue.Empty:
-                if not main.is_alive():
-                    return
-                continue
-            if not main.is_alive():  # exiting: no new compile
-                self._jobs.task_done()
-                continue
-            buf = self._fill(bsz, {  # every row: position 0 of the scratch block, no adapter
-                "input_ids": torch.zeros(bsz, dtype=torch.int64),
-                "positions": torch.zeros(bsz, dtype=torch.int64),
-                "slot_mapping": torch.zeros(bsz, dtype=torch.int64),
-                "block_tables": torch.zeros(bsz, self.max_blocks, dtype=torch.int64),
-                "row_lens": torch.ones(bsz, dtype=torch.int64),
-            }, own=False)
-            fb = self._batch(bsz, nb, buf, min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks,
-                             (1,) * bsz)
-            try:
-                with torch.inference_mode():
-                    self._variant(bsz, nb)(fb)
-            except Exception:
-                log.exception("background compile of batch bucket %d failed; those steps stay eager", bsz)
-            finally:
-                self._jobs.task_done()
-
-    def wait_compiled(self) -> None:
-        """Blocks until every queued background compile has finished."""
-        if self._jobs is not None:
-            self._jobs.join()
+    def compile_pending(self) -> bool:
+        """Compiles (or loads from the artifact cache) the pending variant the most steps wanted,
+        in the calling thread, over a dummy step (every row: position 0 of the scratch block, no
+        adapter). False when nothing is pending. The engine calls it when it has nothing to step:
+        compiling then delays no step, and it runs in the thread that runs the steps (with
+        several OpenMP threads, variants compiled on another thread made every later step
+        2.5-4x slower)."""
+        if not self.pending:
+            return False
+        key = max(self.pending, key=self.pending.get)
+        del self.pending[key]
+        bsz, nb = key if self.cuda_graphs else (2, key[1])
+        buf = self._fill(bsz, {
+            "input_ids": torch.zeros(bsz, dtype=torch.int64),
+            "positions": torch.zeros(bsz, dtype=torch.int64),
+            "slot_mapping": torch.zeros(bsz, dtype=torch.int64),
+            "block_tables": torch.zeros(bsz, self.max_blocks, dtype=torch.int64),
+            "row_lens": torch.ones(bsz, dtype=torch.int64),
+        }, own=False)
+        fb = self._batch(bsz, nb, buf, min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks, (1,) * bsz)
+        for backend in self.model.lora_backends.values():
+            backend.prepare(None)  # a LoRA variant's dummy rows use no adapter
+        try:
+            with torch.inference_mode():
+                self._variant(*key)(fb)
+        except Exception:
+            log.exception("compiling the decode step variant %s failed; those steps stay eager", key)
+            self.failed.add(key)
+        return True
 
     def _variant(self, bsz: int, nb: int):
         fn = self._fns.get((bsz, nb))
         if fn is not None:
             return fn
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
-        name = f"decode_b{bsz}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
+        name = f"decode_b{bsz or 'any'}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
         # The step reads the model's modules (weights, layer indices, windows), which never change
         # for the engine's lifetime: guarding them cost ~0.2 ms of a ~10 ms CPU step, where a
         # step's host time is its time. (GPU steps replay CUDA graphs: their guards are left alone.)
         options = None if self.cuda_graphs else {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         compiled = torch.compile(_own_code(self.step_fn(), name), fullgraph=True, mode=mode, options=options)
-        log.info("compiling the decode step for batch bucket %d (LoRA: %s)", bsz,
+        log.info("compiling the decode step for batch bucket %s (LoRA: %s)", bsz or "any",
                  "per-adapter runs" if nb == HOST_RUNS else f"BGMV over {nb} rank bucket(s)" if nb else "none")
 
         def first_call(*args):

@@ -128,6 +128,7 @@ def make_engine(policy, model, model_dir, args, targets, slots, adapters):
                                preload="all" if policy == "CACHED" else "none"),
         cpu_assist=CpuAssistConfig(mode=MODES[policy], threads=args.threads, emulate_copy_gbps=args.copy_gbps),
         device=args.device, max_batch_size=args.max_batch, max_seq_len=args.prompt_max + args.output_max + 8,
+        num_kv_blocks=args.max_batch * -(-(args.prompt_max + args.output_max + 8) // 16),  # each request's longest
         compile="false", compile_cache_dir="")
     engine = Engine(cfg, model=model)
     for w in adapters:

@@ -84,6 +84,7 @@ def run_mode(args, mode: str, model, device: torch.device, names: list[str], pro
         adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS,
                                device_slots=-(-args.adapters // len(RANKS))),
         device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
+        num_kv_blocks=args.batch * -(-(args.prompt_tokens + args.steps + 8) // 16),  # what the batch needs
         compile=mode, compile_cache_dir="")
     engine = Engine(cfg, model=model)
     for i, n in enumerate(names):

@@ -98,6 +98,7 @@ def main():
     from caraserve.config import AdapterConfig, EngineConfig
     from caraserve.engine import Engine
     from caraserve.kv_cache import block_bytes
+    from caraserve.profiling.machine import cpu_name
 
     def engine(block_size: int) -> Engine:
         probe = Engine(EngineConfig(device="cpu", compile="false", max_batch_size=1, max_seq_len=64))
@@ -131,21 +132,11 @@ def main():
     print(f"paged / one-slot: in flight {ratio['in_flight_mean']:.2f}x, throughput {ratio['tokens_per_s']:.2f}x, "
           f"TTFT p50 {ratio['ttft_p50_s']:.2f}x, p99 {ratio['ttft_p99_s']:.2f}x")
     out = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": os.uname().nodename,
-           "cpu": _cpu_name(), "threads": args.threads, "args": vars(args), "kv": meta, "median": med,
+           "cpu": cpu_name(), "threads": args.threads, "args": vars(args), "kv": meta, "median": med,
            "ratio_paged_over_one_slot": ratio, "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # GPU checks in one run on one H100/H200, within one 10-minute device call (the per-step time
-# limits below add up to 9.7 minutes; on an H200 the tests took 106 s and the floor ~190 s, most
-# of it compiling the two 7B-shaped variants): the GPU tests (Triton kernels compiled for the
+# limits below add up to 10.3 minutes: run "tests floor floor128" and "lora cold" as two calls
+# when a call is capped at 10; on an H200 the tests took 106 s and the floor ~190 s, most of it
+# compiling the two 7B-shaped variants): the GPU tests (Triton kernels compiled for the
 # device, CUDA engine == CPU engine, CUDA-graph decode == eager and actually graphed, async
 # adapter copies), then the decode-vs-floor benchmark on a Llama-2-7B-shaped model with random
 # bf16 weights made on the GPU and 32 adapters of ranks 8-64 (eager and CUDA graphs, LoRA and
 # base), the LoRA-operator benchmark and the cold-start benchmark.
 #   scripts/gpu_check.sh                 every step
-#   scripts/gpu_check.sh floor cold      only the named steps (tests floor lora cold), e.g. a rerun
+#   scripts/gpu_check.sh floor cold      only the named steps (tests floor floor128 lora cold), e.g. a rerun
 #   FLOOR_MODES=false scripts/gpu_check.sh floor     the floor benchmark without compiling
 # Results go to profiles/gpu/; when OUT names a folder, the log and the JSON files are copied there
 # too. The device image has torch/triton/transformers/peft but no network: run from the source tree.
@@ -16,9 +17,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor lora cold}"
+steps="${*:-tests floor floor128 lora cold}"
 for s in $steps; do
-    case $s in tests|floor|lora|cold) ;; *) echo "unknown step '$s' (steps: tests floor lora cold)" >&2; exit 2 ;; esac
+    case $s in tests|floor|floor128|lora|cold) ;;
+        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold)" >&2; exit 2 ;;
+    esac
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
@@ -40,8 +43,12 @@ if want tests; then
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py
 fi
 if want floor; then
-    run 280 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 \
+    run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 \
         --modes "${FLOOR_MODES:-false,true}" --out profiles/gpu/decode_floor_llama2-7b.json
+fi
+if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
+    run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 \
+        --modes true --out profiles/gpu/decode_floor_llama2-7b_b128.json
 fi
 if want lora; then
     run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json

@@ -79,7 +79,8 @@ def main() -> int:
         model=ModelConfig(path=args.model),
         adapters=AdapterConfig(dir="none", rank_buckets=RANK_BUCKETS, device_slots=max(sizes)),
         device=args.device, compile="false", max_batch_size=max(sizes),
-        max_seq_len=max(tokens) + args.decode_steps + 8, max_tokens_per_step=max(sizes) * max(tokens)))
+        max_seq_len=max(tokens) + args.decode_steps + 8, max_tokens_per_step=max(sizes) * max(tokens),
+        num_kv_blocks=max(sizes) * -(-(max(tokens) + args.decode_steps + 8) // 16)))
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)

@@ -46,7 +46,8 @@ def main():
         model=ModelConfig(path=f"random-{args.shape}"),
         adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS, device_slots=args.batch),
         device=device.type, max_batch_size=args.batch,
-        max_seq_len=args.prompt_tokens + warm + 2 * args.steps + 8, compile=args.compile, compile_cache_dir=""),
+        max_seq_len=args.prompt_tokens + warm + 2 * args.steps + 8, compile=args.compile, compile_cache_dir="",
+        num_kv_blocks=args.batch * -(-(args.prompt_tokens + warm + 2 * args.steps + 8) // 16)),
         model=model)
     names = [f"lora{i}-r{RANKS[i % len(RANKS)]}" for i in range(len(RANKS))]
     for i, n in enumerate(names):

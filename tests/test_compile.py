@@ -8,7 +8,7 @@ from helpers import save_peft_adapter, save_random_hf_model
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
-from caraserve.graphs import HOST_RUNS, batch_buckets, bucket_up
+from caraserve.graphs import ANY_BATCH, HOST_RUNS, batch_buckets, bucket_up
 from caraserve.model.batch import ForwardBatch
 from caraserve.request import SamplingParams
 
@@ -54,8 +54,9 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     got_base = [r.output_ids for r in compiled.generate(prompts[:3], GREEDY, [None] * 3)]
     assert got == want and got_base == want_base
     assert compiled.graphs.compile_s > 0
-    # (batch bucket, LoRA form): on CPU the LoRA runs of the step go through one op per module
-    assert set(compiled.graphs._fns) >= {(4, HOST_RUNS), (4, 0)}
+    # (batch bucket, LoRA form): on CPU one variant for every batch size, whose LoRA runs go
+    # through one op per module; the same variant serves base-only steps
+    assert set(compiled.graphs._fns) == {(ANY_BATCH, HOST_RUNS)}
     files = list((tmp_path / "cache").glob("decode-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
@@ -83,9 +84,9 @@ def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):
         assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 6
 
 
-def test_cpu_with_several_threads_compiles_lora_steps_and_auto_stays_off(small, tmp_path):
-    """With several intra-op threads LoRA steps compile too (their runs go to the single-threaded
-    C kernel); `auto` still starts no background compile thread beside several OpenMP threads."""
+def test_cpu_with_several_threads_compiles_lora_steps(small, tmp_path):
+    """With several intra-op threads LoRA steps compile too (their runs go to the C kernel), and
+    `auto` compiles as well (in the thread that steps, when idle)."""
     prompts, adapters = [[5, 6, 7], [9, 10]], ["r8", "r20"]
     want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
     threads = torch.get_num_threads()
@@ -93,11 +94,13 @@ def test_cpu_with_several_threads_compiles_lora_steps_and_auto_stays_off(small, 
     try:
         compiled = engine(small, "true", tmp_path / "cache")
         assert [r.output_ids for r in compiled.generate(prompts, GREEDY, adapters)] == want
-        assert (2, HOST_RUNS) in compiled.graphs._fns
-        assert engine(small, "auto", tmp_path / "cache").graphs is None
+        assert (ANY_BATCH, HOST_RUNS) in compiled.graphs._fns
+        auto = engine(small, "auto", tmp_path / "cache")
+        assert [r.output_ids for r in auto.generate(prompts, GREEDY, adapters)] == want
+        assert auto.idle() and (ANY_BATCH, HOST_RUNS) in auto.graphs._fns
+        assert [r.output_ids for r in auto.generate(prompts, GREEDY, adapters)] == want
     finally:
         torch.set_num_threads(threads)
-    assert engine(small, "auto", tmp_path / "cache").graphs is not None
 
 
 def test_compiled_bgmv_form_equals_eager(small, tmp_path):
@@ -108,15 +111,25 @@ def test_compiled_bgmv_form_equals_eager(small, tmp_path):
     bgmv = engine(small, "true", tmp_path / "cache")
     bgmv.graphs.host_runs = False
     assert [r.output_ids for r in bgmv.generate(prompts, GREEDY, adapters)] == want
-    assert (4, len(bgmv.pool.buckets)) in bgmv.graphs._fns and not any(nb == HOST_RUNS for _, nb in bgmv.graphs._fns)
+    assert (ANY_BATCH, len(bgmv.pool.buckets)) in bgmv.graphs._fns
+    assert not any(nb == HOST_RUNS for _, nb in bgmv.graphs._fns)
 
 
-def test_auto_compiles_in_the_background_and_serves_eagerly_meanwhile(small, tmp_path):
+def test_auto_serves_eagerly_and_compiles_when_idle(small, tmp_path):
+    """engine.compile=auto on CPU: steps whose variant is not compiled run eagerly (a job that
+    never idles never waits for a compile); Engine.idle compiles the variant the most steps
+    wanted, one per call, and later steps run it. The tokens never change."""
     prompts = [[5, 6, 7], [9, 10, 11]]
     want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY)]
     auto = engine(small, "auto", tmp_path / "cache")
     first = [r.output_ids for r in auto.generate(prompts, GREEDY)]
-    auto.graphs.wait_compiled()
-    assert (2, 0) in auto.graphs._fns
+    assert first == want and auto.graphs._fns == {}
+    assert auto.graphs.pending == {(ANY_BATCH, HOST_RUNS): GREEDY.max_tokens - 1}
+    rid = auto.add_request([1, 2], GREEDY)
+    assert not auto.idle()  # not idle: a request is in flight
+    auto.abort(rid)
+    assert auto.idle() and (ANY_BATCH, HOST_RUNS) in auto.graphs._fns and auto.graphs.pending == {}
+    assert not auto.idle()  # nothing left to compile
+    compile_s = auto.graphs.compile_s
     again = [r.output_ids for r in auto.generate(prompts, GREEDY)]
-    assert first == want and again == want
+    assert again == want and auto.graphs.compile_s == compile_s  # ran the compiled variant, no new compile

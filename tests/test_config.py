@@ -234,11 +234,11 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_server_exits_0_on_sigterm_during_a_background_compile(tmp_path):
-    """engine.compile=auto on CPU with one thread compiles decode variants on a background
-    thread; a SIGTERM while one compiles used to abort the process at exit (status 134) in about
-    a third to a half of the tries. Each try starts on an empty compile cache and is stopped at
-    another point of the compile."""
+def test_server_exits_0_on_sigterm_during_an_idle_compile(tmp_path):
+    """engine.compile=auto on CPU compiles decode variants on the engine thread once the server
+    is idle; a SIGTERM while one compiles (a compile in a thread other than the main one) used to
+    abort the process at exit (status 134) in about a third to a half of the tries. Each try
+    starts on an empty compile cache and is stopped at another point of the compile."""
     from caraserve.model.tiny import tiny_paths
 
     tiny_paths()  # built here once, not inside the first server's start

@@ -208,31 +208,58 @@ def test_paged_attention_declines_what_it_does_not_take(fn):
 
 
 def test_packed_copies_follow_writes_into_the_pool(fn):
-    """Runs of rank and width multiples of 8 read packed copies; a write into the pool tensor (a
-    new adapter in a slot) makes the next table repack instead of reading stale weights."""
+    """Runs of rank and width multiples of 8 read packed copies, which the CPU LoRA backend makes
+    once per slot; a write into a slot of the pool (a new adapter) empties its cache, so the next
+    table repacks instead of reading stale weights."""
+    from types import SimpleNamespace
+
+    from caraserve.lora.backend import CpuLoraBackend
+
     g = torch.Generator().manual_seed(11)
     pool_a, pool_b = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 24, generator=g)  # [slots, in, R]
+    pool = SimpleNamespace(targets=("q_proj",), buckets=[], on_write=[])
+    backend = CpuLoraBackend(pool)
     x, y0 = torch.randn(6, 32, generator=g), torch.randn(6, 24, generator=g)
 
-    def run_once(pool_a, pool_b):
+    def run_once():
         runs = [(0, 3, pool_a[1], pool_b[1], 0.5), (3, 6, pool_a[2], pool_b[2], 2.0)]
-        table = cpu_kernels.RunTable(runs)
+        table = cpu_kernels.RunTable(runs, backend._pack)
         y = y0.clone()
         table.apply(fn, y, x)
         assert torch.allclose(y.double(), reference(y0, x, runs), rtol=1e-5, atol=1e-5)
         return table
 
-    table = run_once(pool_a, pool_b)
+    table = run_once()
     assert [table.array[i].packed for i in range(2)] == [1, 1]
-    assert run_once(pool_a, pool_b).array[0].a == table.array[0].a  # the same packed copy, not a new one
-    pool_a[2].copy_(torch.randn(32, 16, generator=g))  # another adapter lands in slot 2
+    assert run_once().array[0].a == table.array[0].a  # the same packed copy, not a new one
+    pool_a[2].copy_(torch.randn(32, 16, generator=g))  # another adapter lands in slot 2 ...
     pool_b[2].zero_()
-    run_once(pool_a, pool_b)
+    for notify in pool.on_write:  # ... and the pool says so
+        notify(0, 2)
+    assert run_once().array[0].a != table.array[0].a  # repacked
     odd = cpu_kernels.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
     assert odd.fits and odd.array[0].packed == 0
-    before = len(cpu_kernels._packs)
-    del pool_a  # a freed pool tensor takes its packed copies along
-    assert len(cpu_kernels._packs) == before - 1
+
+
+def test_pool_writes_reach_the_backend():
+    """DevicePool calls its on_write listeners for each slot write (how the backend's caches learn)."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    writes = []
+    pool.on_write.append(lambda bucket, slot: writes.append((bucket, slot)))
+    assert pool.load(store.get("demo-r16"))
+    assert writes and {bucket for bucket, _ in writes} == {1}  # rank 16's bucket, one slot of it
+    assert len({slot for _, slot in writes}) == 1
 
 
 # --- the build cache and the library's integrity ------------------------------------------------

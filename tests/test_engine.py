@@ -106,6 +106,16 @@ def test_greedy_matches_transformers_peft(catalogue, workload, reference, max_ba
     assert engine.kv.free_blocks == engine.kv.num_blocks
 
 
+def test_compiled_steps_with_preemption_match_transformers_peft(catalogue, workload, reference, tmp_path):
+    """engine.compile=true (the model's forward compiled for decode steps) with a KV cache small
+    enough that requests are preempted and recomputed: the tokens of transformers + peft."""
+    engine = make_engine(catalogue, compile="true", compile_cache_dir=str(tmp_path), kv_block_size=4,
+                         num_kv_blocks=16)
+    reqs = engine.generate([ids for ids, _ in workload], GREEDY, [a for _, a in workload])
+    assert [r.output_ids for r in reqs] == reference
+    assert engine.graphs.compile_s > 0 and engine.scheduler.num_preemptions > 0
+
+
 def test_adapters_change_the_output(reference, workload):
     by_prompt = {}
     for (ids, _), ref in zip(workload, reference):

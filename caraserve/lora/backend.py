@@ -27,6 +27,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from caraserve.cpu_kernels import packed
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs, sgmv_reference
 
@@ -78,14 +79,25 @@ class LoraBackend:
 
     def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, fb) -> torch.Tensor:
         """y plus the delta of the step's rows (LORA_GROUPS or LORA_ROWS); may work in place."""
-        raise NotImplementedError
+        if fb.lora_mode == LORA_ROWS:
+            return self.add_rows(y, x, layer, name, *fb.lora_rows)
+        self.add_groups(y, x, self._lora.groups, layer, name, None)
+        return y
 
     def add_groups(self, y, x, groups, layer: int, name: str, tables: dict | None) -> None:
-        """y += the delta of `groups` (LoraGroups) in place."""
+        """y += the delta of `groups` (LoraGroups) in place, a group at a time."""
+        for group in groups:
+            if name in group.modules:
+                a, b = group.weights[name]
+                self.add_group(y, x, a[layer], b[layer], group)
+
+    def add_group(self, y, x, a: torch.Tensor, b: torch.Tensor, group) -> None:
+        """y += one rank bucket's delta: a [S, in, R], b [S, R, out] the module's slots at one layer."""
         raise NotImplementedError
 
-    def _rows(self, y, x, layer: int, name: str, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """The row form in torch ops: every row gathers its slot's weights (y + delta, not in place)."""
+    def add_rows(self, y, x, layer: int, name: str, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+        """The row form: meta [3, B] int32 (rank bucket or -1, slot, rank), row_scale [B]. In torch
+        ops here (every row gathers its slot's weights; y + delta, not in place)."""
         slot = meta[1].long()
         for b, bucket in enumerate(self.pool.buckets):
             la, lb = bucket.weights[name]
@@ -98,39 +110,59 @@ class LoraBackend:
 class TorchLoraBackend(LoraBackend):
     """The semantics in plain torch ops, on any device: the oracle of the tests."""
 
-    def add(self, y, x, layer, name, fb):
-        if fb.lora_mode == LORA_ROWS:
-            return self._rows(y, x, layer, name, *fb.lora_rows)
-        self.add_groups(y, x, self._lora.groups, layer, name, None)
-        return y
-
-    def add_groups(self, y, x, groups, layer, name, tables):
-        for group in groups:
-            if name in group.modules:
-                a, b = group.weights[name]
-                sgmv_reference(y, x, a[layer], b[layer], group.scale, group.index)
+    def add_group(self, y, x, a, b, group):
+        sgmv_reference(y, x, a, b, group.scale, group.index)
 
 
 class CpuLoraBackend(LoraBackend):
     """CPU: every adapter's rows of a module in one call of the C kernel (`add_lora_runs`; torch's
     GEMMs for long prompt segments or where the kernel is unavailable). Steps reach it through the
     op `caraserve::lora_runs_`, opaque to the compiler, which finds this backend by its handle and
-    reads the prepared LoraBatch: one compiled variant serves every adapter mix."""
+    reads the prepared LoraBatch: one compiled variant serves every adapter mix.
+
+    It owns two caches: the kernel's argument tables of the prepared batch layout (kept while
+    the pool hands out the same LoraBatch, i.e. while a decode batch's rows and slots stay), and
+    packed copies of the slot weights they read. A write into any slot of the pool empties both
+    (DevicePool.on_write), so no table or copy outlives the weights it was made from."""
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        self._tables: dict = {}  # (layer, module) -> cpu_kernels.RunTable of the prepared layout
+        self._packs: dict = {}  # (A address, B address, shapes) -> packed copies of a slot's weights
+        if hasattr(pool, "on_write"):
+            pool.on_write.append(self._slot_written)
+
+    def prepare(self, lora: LoraBatch | None) -> None:
+        if lora is not self._lora:
+            self._tables = {}  # another batch layout
+        super().prepare(lora)
+
+    def _slot_written(self, bucket: int, slot: int) -> None:
+        self._tables, self._packs = {}, {}
+
+    def _pack(self, a: torch.Tensor, b: torch.Tensor):
+        """Packed copies of the slot views a [in, R], b [R, out] (cpu_kernels.packed), made once
+        per slot until the pool writes a slot again."""
+        key = (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape))
+        pair = self._packs.get(key)
+        if pair is None:
+            pair = self._packs[key] = packed(a, b)
+        return pair
 
     def add(self, y, x, layer, name, fb):
         if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
-            return self._rows(y, x, layer, name, *fb.lora_rows)
+            return self.add_rows(y, x, layer, name, *fb.lora_rows)
         torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
         return y
 
     def add_groups(self, y, x, groups, layer, name, tables):
-        add_lora_runs(y, x, groups, layer, name, tables)
+        add_lora_runs(y, x, groups, layer, name, tables, self._pack)
 
     def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
         """The op's body: y += the prepared step's delta."""
         lora = self._lora
         if lora is not None:
-            add_lora_runs(y, x, lora.groups, layer, name, lora.cpu_tables)
+            add_lora_runs(y, x, lora.groups, layer, name, self._tables, self._pack)
 
 
 class TritonLoraBackend(LoraBackend):
@@ -138,26 +170,32 @@ class TritonLoraBackend(LoraBackend):
     eager steps; in compiled steps one multi-bucket BGMV per module over the row table, whatever
     the adapter mix."""
 
-    def add(self, y, x, layer, name, fb):
-        if fb.lora_mode == LORA_ROWS:
-            from caraserve.lora import triton_multi
+    def __init__(self, pool):
+        from caraserve.lora import triton_multi
 
-            buckets = self.pool.buckets
-            meta, row_scale = fb.lora_rows
-            triton_multi.bgmv_multi(y, x, [bk.weights[name][0][layer] for bk in buckets],
-                                    [bk.weights[name][1][layer] for bk in buckets], meta, row_scale)
-            return y
-        self.add_groups(y, x, self._lora.groups, layer, name, None)
+        super().__init__(pool)
+        # (layer, module) -> the buckets' address tables for triton_multi, read once here: the
+        # pool's tensors never move, and a compiled step cannot read addresses while traced
+        self._tables: dict = {}
+        for name in self.targets if pool.buckets else ():
+            for layer in range(len(pool.buckets[0].weights[name][0])):
+                a = [bk.weights[name][0][layer] for bk in pool.buckets]
+                b = [bk.weights[name][1][layer] for bk in pool.buckets]
+                self._tables[(layer, name)] = triton_multi.pointer_tables(a, b)
+
+    def add_rows(self, y, x, layer, name, meta, row_scale):
+        from caraserve.lora import triton_multi
+
+        a = [bk.weights[name][0][layer] for bk in self.pool.buckets]
+        b = [bk.weights[name][1][layer] for bk in self.pool.buckets]
+        triton_multi.bgmv_multi(y, x, a, b, meta, row_scale, tables=self._tables[(layer, name)])
         return y
 
-    def add_groups(self, y, x, groups, layer, name, tables):
+    def add_group(self, y, x, a, b, group):
         from caraserve.lora import triton_ops
 
-        for group in groups:
-            if name in group.modules:
-                a, b = group.weights[name]
-                kernel = triton_ops.bgmv if self._lora.is_decode else triton_ops.sgmv
-                kernel(y, x, a[layer], b[layer], group.scale, group.index)
+        kernel = triton_ops.bgmv if self._lora.is_decode else triton_ops.sgmv
+        kernel(y, x, a, b, group.scale, group.index)
 
 
 def lora_mode(lora: LoraBatch | None) -> int:

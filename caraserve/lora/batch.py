@@ -71,22 +71,16 @@ class LoraGroup:
     modules: frozenset = frozenset()  # modules targeted by some adapter of the group (others are zero)
     host_scale: tuple[float, ...] = ()  # `scale` on the host, so CPU kernels need no device read
     slot_targets: tuple = ()  # [S] modules the adapter in each slot targets (empty: all of `modules`)
-    _runs: dict = field(default_factory=dict, compare=False, repr=False)  # cpu_runs' cache
 
     def cpu_runs(self, layer: int, name: str) -> tuple:
         """The CPU form of this group's work on one module of one layer: (first row, end row,
-        A [in, R], B [R, out], scale) per segment whose adapter targets the module. Built once
-        per batch layout (the pool reuses a decode batch's LoraBatch while its rows stay), so a
-        step does no indexing into the slot tensors."""
-        runs = self._runs.get((layer, name))
-        if runs is None:
-            a, b = self.weights[name]
-            a, b = a[layer], b[layer]  # [S, in, R], [S, R, out]
-            runs = self._runs[(layer, name)] = tuple(
-                (start, start + count, a[slot], b[slot], self.host_scale[slot])
-                for start, count, slot in self.index.segments
-                if not self.slot_targets or name in self.slot_targets[slot])
-        return runs
+        A [in, R], B [R, out], scale) per segment whose adapter targets the module (the CPU
+        backend turns them into a kernel table once per batch layout)."""
+        a, b = self.weights[name]
+        a, b = a[layer], b[layer]  # [S, in, R], [S, R, out]
+        return tuple((start, start + count, a[slot], b[slot], self.host_scale[slot])
+                     for start, count, slot in self.index.segments
+                     if not self.slot_targets or name in self.slot_targets[slot])
 
 
 @dataclass
@@ -118,7 +112,6 @@ class LoraBatch:
     is_decode: bool  # one row per request (BGMV form) rather than prompt segments (SGMV form)
     host: tuple = ()  # cpu_assist HostSegments: rows whose adapter is not resident yet (prefill only)
     handoff: object = None  # the cpu_assist Handoff that computes `host` on CPU workers
-    cpu_tables: dict = field(default_factory=dict, compare=False, repr=False)  # (layer, module) -> RunTable
 
     def at_layer(self, layer: int) -> tuple[tuple, tuple[LoraGroup, ...]]:
         """(host segments whose delta at `layer` comes from the CPU, groups computed on the device):

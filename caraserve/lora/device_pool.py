@@ -142,6 +142,9 @@ class DevicePool:
         self._clock = itertools.count(1)
         self._where: dict[str, _Slot] = {}
         self._batches: dict[tuple, LoraBatch | None] = {}  # make_batch's cache, cleared on every load
+        # Called with (bucket index, slot) after each write into a slot (possibly on a copy
+        # thread): caches derived from slot weights (the CPU LoRA backend's) drop them.
+        self.on_write: list = []
         self.loads = 0
         self.evictions = 0
         cuda = self.device.type == "cuda"
@@ -282,6 +285,9 @@ class DevicePool:
                 db[..., :r, :].copy_(hb, non_blocking=True)
         if with_scale:
             bucket.scale[s].fill_(w.scale)
+        index = self.buckets.index(bucket)
+        for fn in self.on_write:
+            fn(index, s)
 
     def poll(self) -> list[str]:
         """Flips finished copies to resident; returns the adapters that became resident."""

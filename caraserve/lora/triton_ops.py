@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from caraserve.lora.batch import LoraIndex
-from caraserve.lora.triton_common import BGMV_TILE, auto_split_k, np2
+from caraserve.lora.triton_common import BGMV_TILE, add_into, auto_split_k, np2, row_expand, row_shrink, segment_tile
 
 
 @triton.jit
@@ -53,17 +53,10 @@ def _sgmv_shrink_kernel(
     """v[s+m] = x[s+m] @ A[k] for rows m in [pid1*BLOCK_M, +BLOCK_M) of segment pid0 = (s, n, k)."""
     g = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    seg_len = tl.load(seg_len_ptr + g)
-    if m0 >= seg_len:
+    if m0 >= tl.load(seg_len_ptr + g):
         return
-    start = tl.load(seg_start_ptr + g)
-    slot = tl.load(seg_slot_ptr + g).to(tl.int64)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    rows = (start + offs_m).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
+    m_mask, rows, slot, offs_r, r_mask = segment_tile(g, m0, seg_start_ptr, seg_len_ptr, seg_slot_ptr, R,
+                                                      BLOCK_M, BLOCK_R)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, IN, BLOCK_K):
@@ -120,17 +113,10 @@ def _sgmv_expand_kernel(
     """y[s+m, n] += scale[k] * v[s+m] @ B[k][:, n] for the (pid1 rows, pid2 columns) tile of segment pid0."""
     g = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    seg_len = tl.load(seg_len_ptr + g)
-    if m0 >= seg_len:
+    if m0 >= tl.load(seg_len_ptr + g):
         return
-    start = tl.load(seg_start_ptr + g)
-    slot = tl.load(seg_slot_ptr + g).to(tl.int64)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    rows = (start + offs_m).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
+    m_mask, rows, slot, offs_r, r_mask = segment_tile(g, m0, seg_start_ptr, seg_len_ptr, seg_slot_ptr, R,
+                                                      BLOCK_M, BLOCK_R)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < OUT
 
@@ -150,10 +136,8 @@ def _sgmv_expand_kernel(
         delta = tl.dot(vb.to(bb.dtype), bb, input_precision="ieee")
     delta = delta * tl.load(scale_ptr + slot * stride_scale)
 
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    yb = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (yb.to(tl.float32) + delta).to(yb.dtype), mask=mask)
+    add_into(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, delta,
+             m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -185,17 +169,8 @@ def _bgmv_shrink_kernel(
 
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        offs_k = k_begin + k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < IN
-        xb = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=k_mask, other=0.0)
-        ab = tl.load(
-            a_ptr + slot * stride_as + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=k_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        acc += tl.sum(xb.to(tl.float32)[:, None] * ab.to(tl.float32), axis=0)
+    acc = row_shrink(x_ptr + row * stride_xm, stride_xk, a_ptr + slot * stride_as, stride_ak, stride_ar, offs_r,
+                     r_mask, k_begin, K_PER_SPLIT, IN, BLOCK_K, BLOCK_R)
 
     v_ptrs = v_ptr + i * stride_vm + offs_r * stride_vr
     if SPLIT_K == 1:
@@ -236,17 +211,8 @@ def _bgmv_expand_kernel(
     n_mask = offs_n < OUT
 
     vb = tl.load(v_ptr + i * stride_vm + offs_r * stride_vr, mask=r_mask, other=0.0)
-    bb = tl.load(
-        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=r_mask[:, None] & n_mask[None, :],
-        other=0.0,
-    )
-    delta = tl.sum(vb[:, None] * bb.to(tl.float32), axis=0)
-    delta = delta * tl.load(scale_ptr + slot * stride_scale)
-
-    y_ptrs = y_ptr + row * stride_ym + offs_n * stride_yn
-    yb = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (yb.to(tl.float32) + delta).to(yb.dtype), mask=n_mask)
+    delta = row_expand(vb, b_ptr + slot * stride_bs, stride_br, stride_bn, offs_r, r_mask, offs_n, n_mask)
+    add_into(y_ptr + row * stride_ym + offs_n * stride_yn, delta * tl.load(scale_ptr + slot * stride_scale), n_mask)
 
 
 def _check_args(

@@ -72,8 +72,9 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     status = run(main)
     # Drained, and the engine thread has stopped: end here, without the interpreter's
-    # finalization. A daemon thread may still be inside torch: the background compile of a
-    # decode variant (engine.compile=auto) takes tens of seconds and cannot be interrupted.
+    # finalization. A daemon thread may still be inside torch: the engine thread's compile of a
+    # decode variant at an idle moment (engine.compile=auto) takes tens of seconds and cannot be
+    # interrupted.
     # Finalization ends such a thread with pthread_exit when it next takes the GIL, and the
     # unwind through torch's C++ frames (a pybind11 destructor that takes the GIL again) calls
     # std::terminate: "terminate called without an active exception", SIGABRT, status 134.

@@ -22,6 +22,10 @@ from caraserve.request import RequestError, RequestOutput, SamplingParams
 log = logging.getLogger(__name__)
 
 
+# Seconds without requests before the engine thread does idle work (Engine.idle)
+IDLE_WORK_AFTER_S = 1.0
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting."""
 
@@ -188,6 +192,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         outputs = [None]
+        last_busy = time.monotonic()
         while not self._stop.is_set():
             # Requests that only wait (an adapter being read or copied) leave nothing to step: wait
             # a little for commands instead of spinning on a core the reads and copies need.
@@ -195,7 +200,11 @@ class AsyncEngine:
             waiting_only = busy and not outputs and not self.engine.scheduler.running
             self._run_commands(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
             if not self.engine.has_unfinished():
+                # idle for a while: the moment a compile (engine.compile=auto) delays the least
+                if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty() and self.engine.idle():
+                    last_busy = time.monotonic()
                 continue
+            last_busy = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as e:

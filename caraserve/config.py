@@ -213,6 +213,7 @@ class EngineConfig:
     # kv_cache_bytes when > 0, else on CUDA gpu_memory_utilization of the device's memory less
     # what the model and adapter pools took, and on CPU max_batch_size x max_seq_len tokens.
     kv_block_size: int = 16
+    prefix_caching: bool = True  # requests share the KV blocks of a prompt prefix (same adapter) already computed
     num_kv_blocks: int = 0
     kv_cache_bytes: int = 0
     gpu_memory_utilization: float = 0.9

@@ -89,7 +89,8 @@ class Engine:
         self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
-                                   cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None)
+                                   cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,
+                                   prefix_caching=cfg.prefix_caching)
         self.graphs = self._decode_graphs(model_path)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self.isolation = StepIsolation(self.runner)
@@ -236,7 +237,9 @@ class Engine:
                 frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT),
                 {n: self.store.info(n).rank for n in names}, sched.slo_s * 1e3, perf,
                 kv_block_size=self.kv.block_size, kv_blocks_total=self.kv.num_blocks,
-                kv_blocks_free=self.kv.free_blocks, preemptions=sched.num_preemptions)
+                kv_blocks_free=self.kv.free_blocks, preemptions=sched.num_preemptions,
+                kv_blocks_cached=self.kv.cached_blocks, prefix_query_tokens=self.kv.query_tokens,
+                prefix_hit_tokens=self.kv.hit_tokens)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -267,6 +270,8 @@ class Engine:
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
             req = Request(rid, prompt_ids, params, adapter)
+            if adapter is not None:  # the registration its KV depends on (a reload is another)
+                req.adapter_key = f"{adapter}#{self.store.info(adapter).uid}"
             if not params.greedy:
                 seed = params.seed if params.seed is not None else int(
                     torch.randint(0, 2**62, (1,), generator=self._seed_rng))
@@ -366,6 +371,7 @@ class Engine:
                 emitting.append(req)
                 rows.append(j)
             if not emitting:
+                self.scheduler.publish(batch.requests)
                 return outs
             if len(rows) < len(reqs):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
@@ -380,6 +386,7 @@ class Engine:
             logprobs = [lp for i, lp in enumerate(logprobs) if i not in bad]
             for r, t, lp in zip(reqs, tokens, logprobs):
                 self.outputs.add_token(r, t, lp, now)
+            self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed
             texts = self.outputs.detokenize(reqs)
             return outs + [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
 

@@ -6,22 +6,37 @@ table[p // block_size] at offset p % block_size. Blocks are freed when the reque
 is preempted. The buffers never move, so compiled steps and CUDA graphs that captured their
 addresses stay valid. Block 0 belongs to no request: padding rows of a compiled step write
 there, and unused table entries point at it.
+
+Prefix caching: a full block can be published under the hash of (the adapter's identity, its
+tokens, and every token before it) (`block_hashes`). A request whose prompt starts with
+published blocks shares them (reference counts) and computes only the rest. A published block
+nobody holds stays cached until its memory is needed: empty blocks are taken first, then the
+least recently released cached ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import torch
-
-SCRATCH_BLOCK = 0
-
-
-class KVCacheFullError(RuntimeError):
-    """Not enough free KV blocks."""
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
     """Blocks that hold `tokens` positions."""
     return -(-tokens // block_size)
+
+
+def block_hashes(prev: list[bytes], tokens: list[int], block_size: int, adapter_key: str) -> list[bytes]:
+    """`prev` (the hashes of the first len(prev) full blocks of `tokens`) extended to every full
+    block of `tokens`. Block i's hash covers the adapter's identity (a new one for every load of
+    an adapter; "" for the base model), its tokens and, through block i-1's hash, all before it."""
+    out = list(prev)
+    for i in range(len(out), len(tokens) // block_size):
+        h = hashlib.sha256(out[-1] if out else b"adapter:" + adapter_key.encode())
+        h.update(b"".join(t.to_bytes(8, "little", signed=True) for t in tokens[i * block_size : (i + 1) * block_size]))
+        out.append(h.digest()[:16])
+    return out
 
 
 def block_bytes(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, num_layers: int) -> int:
@@ -50,15 +65,27 @@ class KVCache:
             (torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
             for d in layer_devices
         ]
-        self._free = list(range(num_blocks, 0, -1))  # lowest first, reused last-in first-out
+        self._free = list(range(num_blocks, 0, -1))  # blocks holding nothing, lowest first, reused LIFO
+        self._refs = [0] * (num_blocks + 1)  # requests holding each block
+        self._hash_of: dict[int, bytes] = {}  # published block -> its hash
+        self._cached: dict[bytes, int] = {}  # hash -> its published block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # published blocks nobody holds, LRU first
+        self.query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # of those, found cached
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a request can take: the empty ones and the cached ones nobody holds."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Published blocks, held or not."""
+        return len(self._cached)
 
     @property
     def capacity_tokens(self) -> int:
@@ -69,25 +96,75 @@ class KVCache:
         """Blocks a sequence holding `table` must add to hold `tokens` positions."""
         return max(blocks_for(tokens, self.block_size) - len(table), 0)
 
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        else:  # the least recently released cached block: its content is forgotten
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+        self._refs[block] = 1
+        return block
+
     def grow(self, table: list[int], tokens: int) -> bool:
         """Appends blocks to `table` until it holds `tokens` positions; False (nothing taken)
         when not enough are free."""
         need = self.blocks_needed(table, tokens)
-        if need > len(self._free):
+        if need > self.free_blocks:
             return False
         for _ in range(need):
-            table.append(self._free.pop())
+            table.append(self._take())
         return True
 
     def free(self, table: list[int]) -> None:
-        """Returns every block of `table` to the pool and empties it."""
+        """Releases every block of `table` and empties it: a block nobody holds any more becomes
+        empty, or, if published, stays cached until its memory is needed."""
         for block in table:
             if not 1 <= block <= self.num_blocks:
                 raise ValueError(f"KV block {block} is not a block of this cache")
-        if len(set(table)) != len(table) or set(table) & set(self._free):
+        if len(set(table)) != len(table) or any(self._refs[b] < 1 for b in table):
             raise ValueError("KV blocks freed twice")
-        self._free.extend(reversed(table))
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None  # most recently released last
+                else:
+                    self._free.append(block)
         table.clear()
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The published blocks of the longest prefix of `hashes` (taking nothing)."""
+        blocks = []
+        for h in hashes:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def evictable_among(self, blocks: list[int]) -> int:
+        """How many of `blocks` nobody holds (sharing them takes them from the free count)."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def share(self, table: list[int], blocks: list[int]) -> None:
+        """Puts published `blocks` (from `match`) at the start of an empty `table`, holding them."""
+        if table:
+            raise ValueError("shared prefix blocks go first, into an empty block table")
+        for block in blocks:
+            if block not in self._hash_of:
+                raise ValueError(f"KV block {block} is not published")
+            self._refs[block] += 1
+            self._evictable.pop(block, None)
+            table.append(block)
+
+    def publish(self, block: int, h: bytes) -> None:
+        """Makes a full block a request holds findable under hash `h` (unless another block
+        already is: then this one stays private and is freed as usual)."""
+        if self._refs[block] < 1:
+            raise ValueError(f"KV block {block} is not held")
+        if h not in self._cached and block not in self._hash_of:
+            self._cached[h] = block
+            self._hash_of[block] = h
 
     @property
     def bytes(self) -> int:

@@ -97,4 +97,5 @@ class OutputProcessor:
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
             cold_start=req.cold_start,
+            cached_tokens=req.cached_tokens,
         )

@@ -131,6 +131,13 @@ class Request:
     # prompt and the tokens it had generated, then goes on decoding.
     recompute: int = 0
     preemptions: int = 0
+    # Prefix caching: the adapter registration the KV depends on ("" = base model), the hashes of
+    # the request's full blocks so far, how many of its blocks are published, and the prompt
+    # tokens its first admission found cached.
+    adapter_key: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)
+    published_blocks: int = 0
+    cached_tokens: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
@@ -160,6 +167,12 @@ class Request:
         return (self.prompt_ids + self.output_ids[: self.recompute])[start : start + count]
 
     @property
+    def kv_tokens(self) -> int:
+        """Positions whose keys and values are in the cache (the prefill's computed tokens, then
+        one more per decode step)."""
+        return self.num_computed + max(len(self.output_ids) - self.recompute - 1, 0)
+
+    @property
     def context_len(self) -> int:
         """Tokens in the KV cache once the token fed next is in (a decode row's position + 1)."""
         return self.num_computed + len(self.output_ids) - self.recompute
@@ -187,3 +200,4 @@ class RequestOutput:
     ttft_s: float | None = None  # arrival -> first token
     e2e_s: float | None = None  # arrival -> finish (set when finished)
     cold_start: bool = False  # the adapter was not resident when the request arrived
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

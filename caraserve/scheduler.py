@@ -34,7 +34,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from caraserve.kv_cache import KVCache
+from caraserve.kv_cache import KVCache, block_hashes
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import HostStore
 from caraserve.request import Request, RequestState
@@ -59,6 +59,7 @@ class Scheduler:
         perf_model=None,
         slo_ms: float = 0.0,
         max_passed_over: int | None = None,
+        prefix_caching: bool = False,
     ):
         self.kv = kv
         self.pool = pool
@@ -77,6 +78,7 @@ class Scheduler:
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
         self._rejected: list[tuple[Request, Exception]] = []  # not admitted, for a reason of their own
         self.num_preemptions = 0  # running requests sent back to recompute when KV blocks ran out
+        self.prefix_caching = prefix_caching
 
     def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
@@ -161,6 +163,45 @@ class Scheduler:
             if req.adapter is not None and self.pool.state(req.adapter) is AdapterState.HOST:
                 self.store.fetch(req.adapter)
 
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The published blocks the request's prefill can start from (none without prefix
+        caching). At least the prefill's last token is left to compute: its logits are needed."""
+        if not self.prefix_caching:
+            return []
+        tokens = req.prompt_ids + req.output_ids[: req.recompute]
+        req.block_hashes = block_hashes(req.block_hashes, tokens, self.kv.block_size, req.adapter_key)
+        hit = self.kv.match(req.block_hashes[: (req.prefill_len - 1) // self.kv.block_size])
+        return hit
+
+    def _take_prefix(self, req: Request, hit: list[int]) -> None:
+        """Admits the request onto its cached prefix: shares the blocks, skips their tokens."""
+        if self.prefix_caching:
+            self.kv.query_tokens += req.prefill_len
+            self.kv.hit_tokens += len(hit) * self.kv.block_size
+        if not hit:
+            return
+        self.kv.share(req.block_table, hit)
+        req.num_computed = len(hit) * self.kv.block_size
+        req.published_blocks = len(hit)
+        if not req.preemptions:
+            req.cached_tokens = req.num_computed
+
+    def publish(self, reqs: list[Request]) -> None:
+        """Publishes the blocks the step filled (prefix caching): each request's full blocks whose
+        tokens are all in the cache."""
+        if not self.prefix_caching:
+            return
+        bs = self.kv.block_size
+        for req in reqs:
+            full = req.kv_tokens // bs
+            if full <= req.published_blocks or req.finished:
+                continue
+            tokens = req.prompt_ids + req.output_ids
+            req.block_hashes = block_hashes(req.block_hashes, tokens[: full * bs], bs, req.adapter_key)
+            for i in range(req.published_blocks, full):
+                self.kv.publish(req.block_table[i], req.block_hashes[i])
+            req.published_blocks = full
+
     def _watermark(self, others_running: bool) -> int:
         """Blocks admission leaves free while other requests run, so they can grow a while
         before one is preempted (none when nothing else runs: a lone request always starts)."""
@@ -176,6 +217,7 @@ class Scheduler:
         self.kv.free(req.block_table)
         req.recompute = len(req.output_ids)
         req.num_computed = 0
+        req.published_blocks = 0
         req.state = RequestState.WAITING
         req.preemptions += 1
         self.num_preemptions += 1
@@ -209,8 +251,10 @@ class Scheduler:
         for req in self._admission_order(arrival):
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
                 break
-            # the whole prefill's blocks are taken at admission, so a chunked prefill never waits
-            need = self.kv.blocks_needed(req.block_table, req.prefill_len)
+            # the whole prefill's blocks are taken at admission, so a chunked prefill never waits;
+            # blocks of a cached prefix are shared instead
+            hit = self._cached_prefix(req)
+            need = self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
             if need + self._watermark(bool(self.running or admitted)) > self.kv.free_blocks:
                 break  # KV memory: later requests wait too, so this one is next when blocks free up
             if not self._within_slo(self.running + admitted, req):
@@ -225,9 +269,10 @@ class Scheduler:
                 continue
             if not ready:
                 continue
+            self._take_prefix(req, hit)
             if not self.kv.grow(req.block_table, req.prefill_len):
                 raise AssertionError("KV blocks counted free could not be taken")
-            n = min(req.prefill_len, budget)
+            n = min(req.prefill_len - req.num_computed, budget)
             req.state = RequestState.PREFILL
             batch.append(req)
             chunks.append(n)

@@ -43,7 +43,9 @@ class EngineState:
     latency model the scheduler keeps refitting (None without one). model: the served base
     model's name ("" when the engine alone does not know it). kv_blocks_total / kv_blocks_free:
     the paged KV cache's blocks of kv_block_size tokens; preemptions: running requests sent back
-    to recompute because KV blocks ran out, since the engine started."""
+    to recompute because KV blocks ran out, since the engine started; kv_blocks_cached: blocks
+    published for prefix reuse; prefix_query_tokens / prefix_hit_tokens: prompt tokens looked up
+    in the prefix cache and found there."""
 
     max_batch_size: int
     running: tuple[RequestView, ...] = ()
@@ -57,6 +59,9 @@ class EngineState:
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     preemptions: int = 0
+    kv_blocks_cached: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", dict(self.adapters))  # a copy the caller cannot change
@@ -69,7 +74,9 @@ class EngineState:
                 "slo_ms": self.slo_ms,
                 "perf_model": self.perf_model.to_dict() if self.perf_model is not None else None,
                 "kv_block_size": self.kv_block_size, "kv_blocks_total": self.kv_blocks_total,
-                "kv_blocks_free": self.kv_blocks_free, "preemptions": self.preemptions}
+                "kv_blocks_free": self.kv_blocks_free, "preemptions": self.preemptions,
+                "kv_blocks_cached": self.kv_blocks_cached, "prefix_query_tokens": self.prefix_query_tokens,
+                "prefix_hit_tokens": self.prefix_hit_tokens}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineState:
@@ -81,4 +88,6 @@ class EngineState:
                    {str(k): int(v) for k, v in (d.get("adapters") or {}).items()}, float(d.get("slo_ms") or 0.0),
                    PerfModel.from_dict(perf) if perf else None, str(d.get("model") or ""),
                    int(d.get("kv_block_size") or 0), int(d.get("kv_blocks_total") or 0),
-                   int(d.get("kv_blocks_free") or 0), int(d.get("preemptions") or 0))
+                   int(d.get("kv_blocks_free") or 0), int(d.get("preemptions") or 0),
+                   int(d.get("kv_blocks_cached") or 0), int(d.get("prefix_query_tokens") or 0),
+                   int(d.get("prefix_hit_tokens") or 0))

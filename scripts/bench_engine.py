@@ -152,8 +152,8 @@ def main():
         engine = Engine(cfg)
         for warm in (adapters, [None] * len(prompts)):  # warm-up: compiles every variant the runs use
             run_ours(engine, prompts, warm, 4)
-            if engine.graphs is not None:
-                engine.graphs.wait_compiled()
+            while engine.idle():  # as a server's engine thread does between bursts (compile=auto)
+                pass
         tag = "" if len(compiles) == 1 else f" compile={comp}"
         base_only = [None] * len(prompts)
         for label, ads in ((f"caraserve mixed LoRA{tag}", adapters), (f"caraserve base only{tag}", base_only)):

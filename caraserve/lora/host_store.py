@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -66,6 +67,10 @@ class AdapterInfo:
     targets: tuple[str, ...]
     nbytes: int
     confined: bool = True  # its files must resolve inside the store's roots (runtime loads)
+    uid: int = 0  # this registration's number: a reload under the same name gets a new one (prefix caching)
+
+
+_uids = itertools.count(1)  # registration numbers, unique in the process
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ class HostStore:
         with self._lock:
             self._check_room(name)  # before the read: a full store costs no disk read
         meta = inspect_adapter(path, self.model_args, name, self._limits(confined))
-        info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined)
+        info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined,
+                           next(_uids))
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._insert(_Entry(info))
@@ -183,7 +189,7 @@ class HostStore:
         since there is no file to re-read them from."""
         check_name(weights.name)
         w = self._prepare(weights)
-        info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes)
+        info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes, uid=next(_uids))
         with self._lock:
             self._check_room(w.name)
             entry = _Entry(info, from_memory=True)

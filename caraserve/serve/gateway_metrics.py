@@ -5,6 +5,8 @@ server's /metrics and, for vLLM, read:
   vllm:num_requests_waiting / vllm:num_requests_running   queue depth and batch size (gauges)
   vllm:kv_cache_usage_perc   the fraction of the KV cache's blocks in use (0-1), for KV-aware scorers
   vllm:num_preemptions_total requests preempted because KV blocks ran out (counter)
+  vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total   prompt tokens looked up in and
+      found in the prefix cache (counters; their ratio is the hit rate)
   vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}
       one sample whose value is the time it was taken (vLLM sets it to the current time); the
       labels name the adapters of running and waiting requests (comma-separated) and how many
@@ -44,6 +46,12 @@ class GatewayMetrics(Collector):
                                         labels=["model_name"])
         preempted.add_metric([self.model_name], sched.num_preemptions)
         yield preempted
+        for name, doc, value in (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  kv.query_tokens),
+                                 ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", kv.hit_tokens)):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], value)
+            yield c
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: unix time)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         max_lora = sum(len(b.slots) for b in pool.buckets)

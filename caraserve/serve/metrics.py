@@ -40,6 +40,12 @@ class ServerMetrics:
             lambda: engine.kv.used_blocks)
         Gauge("caraserve_kv_blocks_total", "Paged KV cache blocks", registry=r).set_function(
             lambda: engine.kv.num_blocks)
+        Gauge("caraserve_kv_blocks_cached", "Paged KV blocks published for prefix reuse (held or not)",
+              registry=r).set_function(lambda: engine.kv.cached_blocks)
+        Gauge("caraserve_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache",
+              registry=r).set_function(lambda: engine.kv.query_tokens)
+        Gauge("caraserve_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache",
+              registry=r).set_function(lambda: engine.kv.hit_tokens)
         Gauge("caraserve_preemptions_total", "Running requests preempted to recompute (KV blocks ran out)",
               registry=r).set_function(lambda: engine.scheduler.num_preemptions)
         self._host_tier(engine.store, r)

@@ -101,16 +101,18 @@ def valid_request_id(rid: str) -> bool:
     return _REQUEST_ID.fullmatch(rid) is not None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_response(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int,
-                        completion_tokens: int, logprobs: dict | None = None) -> dict:
+                        completion_tokens: int, logprobs: dict | None = None, cached_tokens: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:
@@ -119,11 +121,11 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dic
 
 
 def chat_response(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int,
-                  completion_tokens: int) -> dict:
+                  completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish, "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:

@@ -183,7 +183,7 @@ class EngineService:
                 if done and final_usage:
                     body = chunk("", None)
                     body["choices"] = []
-                    body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids))
+                    body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens)
                     yield f"data: {json.dumps(body)}\n\n"
                 if done:
                     break
@@ -229,7 +229,7 @@ class EngineService:
             logprobs_body = {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None,
                              "text_offset": None}
         return proto.completion_response(rid, body.model, out.text, out.finish_reason.openai, len(ids),
-                                         len(out.output_ids), logprobs_body)
+                                         len(out.output_ids), logprobs_body, out.cached_tokens)
 
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
         engine, limits = self.engine, self.limits
@@ -287,7 +287,8 @@ class EngineService:
             return await self._stream(rid, queue, chunk, include_usage, disconnected)
         out = await self._collect(rid, queue, disconnected)
         self._check_finished(out)
-        return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids))
+        return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids),
+                                   out.cached_tokens)
 
     async def models(self) -> list[dict]:
         engine = self.engine

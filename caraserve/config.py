@@ -148,12 +148,17 @@ class SchedulerConfig:
     rank_grouping: when more requests wait than the batch has room for, those whose rank bucket
     the running batch already has go first, so the decode step does not take on another bucket
     needlessly; a request that would break the SLO lets the ones behind it that fit go ahead.
-    max_passed_over bounds both: a request overtaken that many times is not overtaken again."""
+    max_passed_over bounds both: a request overtaken that many times is not overtaken again.
+
+    mixed_steps: a step carries every decoding request's next token and, with the rest of
+    engine.max_tokens_per_step, prefill chunks; false: a step is either prefill or decode, and
+    prefill goes first (a long prompt stalls every running request's next token)."""
 
     slo_ms: float = 0.0
     perf_model: str = ""
     rank_grouping: bool = True
     max_passed_over: int = 8
+    mixed_steps: bool = True
 
     def __post_init__(self):
         _check(self.slo_ms >= 0, f"scheduler.slo_ms={self.slo_ms} must be >= 0")

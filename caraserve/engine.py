@@ -90,7 +90,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,
-                                   prefix_caching=cfg.prefix_caching)
+                                   prefix_caching=cfg.prefix_caching, mixed_steps=cfg.scheduler.mixed_steps)
         self.graphs = self._decode_graphs(model_path)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self.isolation = StepIsolation(self.runner)
@@ -363,7 +363,7 @@ class Engine:
             chunk = dict(zip(map(id, batch.requests), batch.chunk_lens))
             emitting, rows = [], []  # the requests that emit a token, their logits rows
             for j, req in enumerate(reqs):
-                if not batch.is_decode:
+                if req.state is RequestState.PREFILL:  # (a mixed step's other rows decode)
                     req.num_computed += chunk[id(req)]
                     if req.num_computed < req.prefill_len:
                         continue  # chunked prefill: more of the prompt to go

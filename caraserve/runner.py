@@ -12,6 +12,7 @@ from caraserve.lora.batch import LoraBatch
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
+from caraserve.request import RequestState
 from caraserve.scheduler import ScheduledBatch
 
 
@@ -37,7 +38,7 @@ class ModelRunner:
             """The adapter whose device slot the row reads, None for base rows and CPU-assisted ones."""
             if not use_lora or r.adapter is None:
                 return None
-            if not batch.is_decode and self.pool.state(r.adapter) is not AdapterState.RESIDENT:
+            if r.state is RequestState.PREFILL and self.pool.state(r.adapter) is not AdapterState.RESIDENT:
                 return None
             return r.adapter
 
@@ -54,7 +55,7 @@ class ModelRunner:
                 landing = self.pool.landing(r.adapter, row, n, self.device)
                 host.append(HostSegment(row, n, self.store.get(r.adapter), landing))
                 assisted.append((r, landing))
-            if batch.is_decode:
+            if r.state is RequestState.DECODE:  # a decode step's rows, or a mixed step's decode rows
                 tokens.append([r.last_token])
                 starts.append(r.context_len - 1)
             else:

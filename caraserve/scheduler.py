@@ -1,8 +1,8 @@
 """Iteration-level scheduling: which requests run in the next step.
 
-Each step is either a prefill step (new prompts, or chunks of long prompts, up to
-`max_tokens_per_step` tokens) or a decode step (one token for every running request). A finished
-request leaves at once; a waiting one joins at the next prefill step.
+A step carries one token for every decoding request and, with the rest of `max_tokens_per_step`,
+prefill chunks: the unfinished chunked prefills first, then new prompts (mixed steps). Without
+mixed steps a step is either prefill (first) or decode. A finished request leaves at once.
 
 KV memory is paged (`caraserve.kv_cache`): a request takes its prompt's blocks when admitted
 and one more block each time its generated tokens fill one, and returns them all when it
@@ -42,9 +42,12 @@ from caraserve.request import Request, RequestState
 
 @dataclass(frozen=True)
 class ScheduledBatch:
+    """A step's rows. is_decode: every row decodes (one token each); otherwise prefill chunks,
+    and in a mixed step decode rows too (the requests whose state is DECODE)."""
+
     is_decode: bool
     requests: list[Request]
-    chunk_lens: list[int]  # prompt tokens computed this step per request (1 per request in decode)
+    chunk_lens: list[int]  # tokens computed this step per request (1 for a decode row)
 
 
 class Scheduler:
@@ -60,6 +63,7 @@ class Scheduler:
         slo_ms: float = 0.0,
         max_passed_over: int | None = None,
         prefix_caching: bool = False,
+        mixed_steps: bool = False,
     ):
         self.kv = kv
         self.pool = pool
@@ -79,6 +83,7 @@ class Scheduler:
         self._rejected: list[tuple[Request, Exception]] = []  # not admitted, for a reason of their own
         self.num_preemptions = 0  # running requests sent back to recompute when KV blocks ran out
         self.prefix_caching = prefix_caching
+        self.mixed_steps = mixed_steps
 
     def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
@@ -236,7 +241,9 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         self.pool.poll()
-        budget = self.max_tokens_per_step
+        # mixed steps: every decoding request's next token first, then prefill with what is left
+        decoding = self._decode_rows() if self.mixed_steps else []
+        budget = self.max_tokens_per_step - len(decoding)
         batch: list[Request] = []
         chunks: list[int] = []
         for req in self.running:  # unfinished chunked prefills first (their blocks are taken already)
@@ -290,13 +297,16 @@ class Scheduler:
                     self._passed_over[req.request_id] = self._passed_over.get(req.request_id, 0) + 1
         self._prefetch()
         if batch:
-            return ScheduledBatch(False, batch, chunks)
-        return self._decode_batch()
+            decoding = [r for r in decoding if r in self.running]
+            return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks)
+        if not self.mixed_steps:
+            decoding = self._decode_rows()
+        return ScheduledBatch(True, decoding, [1] * len(decoding)) if decoding else None
 
-    def _decode_batch(self) -> ScheduledBatch | None:
-        """One token for every decoding request, oldest first, each with the KV block its token
-        needs (the youngest running requests preempted when blocks run out). Decode never uses
-        the CPU path: a CPU-assisted request decodes once its adapter landed."""
+    def _decode_rows(self) -> list[Request]:
+        """The decoding requests, oldest first, each with the KV block its next token needs (the
+        youngest running requests preempted when blocks run out). Decode never uses the CPU
+        path: a CPU-assisted request decodes once its adapter landed."""
         decoding = []
         for req in sorted(self.running, key=lambda r: r.arrival_s):
             if req.state is not RequestState.DECODE or req not in self.running:
@@ -305,10 +315,7 @@ class Scheduler:
                 continue
             if self._grow_or_preempt(req, req.context_len):
                 decoding.append(req)
-        decoding = [r for r in decoding if r in self.running]  # a younger one's growth may have preempted it
-        if decoding:
-            return ScheduledBatch(True, decoding, [1] * len(decoding))
-        return None
+        return [r for r in decoding if r in self.running]  # a younger one's growth may have preempted it
 
     def finish(self, req: Request) -> None:
         """Frees everything the request holds (KV blocks, adapter reference, queue place)."""

@@ -132,3 +132,57 @@ def test_more_requests_in_flight_than_one_slot_each_allowed():
         e.step()
         most = max(most, len(e.scheduler.running))
     assert most == len(PROMPTS) and e.scheduler.num_preemptions == 0
+
+
+def test_mixed_steps_carry_decode_rows_beside_prefill_chunks():
+    """A long prompt arriving while others decode: each step gives every running request its next
+    token and prefills a chunk of the prompt with the rest of the token budget."""
+    from caraserve.config import SchedulerConfig
+    from caraserve.request import RequestState
+
+    e = engine(max_tokens_per_step=24)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    early = [e.add_request(p, params, a) for p, a in zip(PROMPTS[:3], ADAPTERS[:3])]
+    e.step()  # their prefill
+    long_prompt = list(range(5, 105))  # 100 tokens: five chunks of at most 21 beside 3 decode rows
+    late = e.add_request(long_prompt, params, "demo-r32")
+    batch = e.scheduler.schedule()
+    assert not batch.is_decode and len(batch.requests) == 4
+    kinds = {r.request_id: (r.state, n) for r, n in zip(batch.requests, batch.chunk_lens)}
+    assert all(kinds[rid] == (RequestState.DECODE, 1) for rid in early)
+    assert kinds[late] == (RequestState.PREFILL, 21)
+
+    def stalls(mixed: bool) -> int:
+        """Steps in which the early requests got no token while the long prompt prefilled."""
+        eng = engine(max_tokens_per_step=24, scheduler=SchedulerConfig(mixed_steps=mixed))
+        rids = [eng.add_request(p, params, a) for p, a in zip(PROMPTS[:3], ADAPTERS[:3])]
+        eng.step()
+        long_req = eng.request(eng.add_request(long_prompt, params, "demo-r32"))
+        stalled = 0
+        while eng.has_unfinished():
+            got = {o.request_id for o in eng.step() if o.new_token_ids}
+            if long_req.state is RequestState.PREFILL:
+                stalled += not (got & set(rids))
+        return stalled
+
+    assert stalls(mixed=True) == 0 and stalls(mixed=False) >= 3
+
+
+def test_mixed_steps_give_the_tokens_of_separate_steps():
+    from caraserve.config import SchedulerConfig
+
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    prompts = PROMPTS + [list(range(7, 90)), list(range(300, 350))]
+    adapters = ADAPTERS + ["demo-r64", None]
+    outs = {}
+    for mixed in (True, False):
+        e = engine(max_tokens_per_step=16, scheduler=SchedulerConfig(mixed_steps=mixed))
+        reqs = []
+        for p, a in zip(prompts, adapters):  # arrivals spread over the steps
+            reqs.append(e.request(e.add_request(p, params, a)))
+            e.step()
+            e.step()
+        while e.has_unfinished():
+            e.step()
+        outs[mixed] = [r.output_ids for r in reqs]
+    assert outs[True] == outs[False]

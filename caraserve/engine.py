@@ -298,6 +298,8 @@ class Engine:
         vocab = self.model.args.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; RequestError when it is not one (or past engine.limits)."""
@@ -376,7 +378,7 @@ class Engine:
             if len(rows) < len(reqs):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             tokens, logprobs, bad = self.isolation.sample(
-                logits, emitting, [self._generators.get(r.request_id) for r in emitting])
+                logits, emitting, [self._generators.get(r.request_id) for r in emitting], self.outputs.eos_ids)
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
             if batch.is_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)

@@ -18,7 +18,8 @@ from caraserve.lora.checkpoint import AdapterError
 from caraserve.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "n", "logprobs")
+                   "ignore_eos", "n", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                   "min_tokens", "logit_bias")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
 
 

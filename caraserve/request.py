@@ -47,6 +47,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MIN_TEMPERATURE = 1e-5
 # Above this the tempered distribution is uniform to float32 precision: a larger value is a mistake.
 MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 
 
 def _is_int(value) -> bool:
@@ -73,6 +75,13 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False  # log-probability of each chosen token
+    # Logit adjustments (caraserve.sampler.adjust_logits states them): OpenAI's presence and
+    # frequency penalties and logit_bias ({token id: bias}), vLLM's repetition_penalty and min_tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(msg):
@@ -96,6 +105,28 @@ class SamplingParams:
             bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
             bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                bad(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:  # JSON object keys are strings: OpenAI's logit_bias names token ids as "123"
+            bias = tuple((int(t) if isinstance(t, str) and t.isdecimal() else t, b) for t, b in (bias or ()))
+        except (TypeError, ValueError):
+            bad("logit_bias must map token ids to numbers")
+        if len(bias) > MAX_LOGIT_BIAS:
+            bad(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        for t, b in bias:
+            if not _is_int(t) or not 0 <= t <= INT64_MAX:
+                bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not _is_number(b) or not -100 <= b <= 100:
+                bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
+        object.__setattr__(self, "logit_bias", bias)
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
@@ -106,6 +137,12 @@ class SamplingParams:
             bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids must be integers in [0, 2**63 - 1]")
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether any logit adjustment applies (the sampler skips the others' rows)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -1,4 +1,5 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Batched token sampling: logit adjustments (penalties, logit_bias, min_tokens), then greedy,
+temperature, top-k, top-p, per-request seeds."""
 
 from __future__ import annotations
 
@@ -23,14 +24,62 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def adjust_logits(
+    logits: torch.Tensor,  # [B, V] float32
+    params: list[SamplingParams],
+    histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids so far) per row
+    eos_ids=(),
+) -> torch.Tensor:
+    """Semantics, for each row whose params adjust (a new tensor; other rows are unchanged):
+        logits[t] += logit_bias[t]                                  for t in logit_bias
+        logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r   for t in prompt or output
+                                                                    (r = repetition_penalty, vLLM's)
+        logits[t] -= frequency_penalty * count(t in output) + presence_penalty * (t in output)
+        logits[t] = -inf  for t in stop_token_ids and (unless ignore_eos) eos_ids,
+                          while fewer than min_tokens tokens are out
+    in that order. Token ids past the vocabulary are ignored."""
+    rows = [i for i, p in enumerate(params) if p.adjusts]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    dev = logits.device
+    for i in rows:
+        p, (prompt, output) = params[i], histories[i]
+        row = logits[i]
+        bias = [(t, b) for t, b in p.logit_bias if t < vocab]
+        if bias:
+            row.index_add_(0, torch.tensor([t for t, _ in bias], device=dev),
+                           torch.tensor([b for _, b in bias], dtype=row.dtype, device=dev))
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({t for t in prompt if t < vocab} | {t for t in output if t < vocab}),
+                                dtype=torch.int64, device=dev)
+            v = row[seen]
+            row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and output:
+            counts = torch.bincount(torch.tensor(output, device=dev), minlength=vocab)[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if len(output) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+            banned = sorted(t for t in banned if t < vocab)
+            if banned:
+                row[torch.tensor(banned, device=dev)] = float("-inf")
+    return logits
+
+
 def sample(
     logits: torch.Tensor,  # [B, V] any float dtype
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,  # per row, for the adjustments
+    eos_ids=(),
 ) -> tuple[list[int], list[float]]:
-    """One token per row and its log-probability under the model's (untempered) distribution
-    (0.0 for rows whose params do not ask for logprobs: that pass over the vocabulary is skipped)."""
-    logits = logits.float()
+    """One token per row, chosen from the adjusted logits (`adjust_logits`), and its
+    log-probability under the model's own (unadjusted, untempered) distribution (0.0 for rows
+    whose params do not ask for logprobs: that pass over the vocabulary is skipped)."""
+    raw = logits = logits.float()
+    if histories is not None:
+        logits = adjust_logits(logits, params, histories, eos_ids)
     tokens = _argmax(logits)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -46,7 +95,7 @@ def sample(
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if wanted:
         idx = torch.tensor(wanted, device=logits.device)
-        rows = logits[idx]
+        rows = raw[idx]
         lp = rows.gather(-1, tokens[idx][:, None])[:, 0] - rows.logsumexp(-1)
         for i, v in zip(wanted, lp.tolist()):
             chosen[i] = v

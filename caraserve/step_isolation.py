@@ -72,13 +72,14 @@ class StepIsolation:
             raise EngineDeadError(f"{self._failed_steps} steps in a row failed, each on its only request: {why}")
 
     @staticmethod
-    def sample(logits: torch.Tensor, reqs: list[Request],
-               generators: list[torch.Generator | None]) -> tuple[list[int], list[float], dict[int, str]]:
+    def sample(logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None],
+               eos_ids=()) -> tuple[list[int], list[float], dict[int, str]]:
         """(token per row, logprob per row, {row: why it failed}) for logits [R, V]."""
         params = [r.params for r in reqs]
+        histories = [(r.prompt_ids, r.output_ids) for r in reqs]
         states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
         try:
-            tokens, logprobs = sample(logits, params, generators)
+            tokens, logprobs = sample(logits, params, generators, histories, eos_ids)
             return tokens, logprobs, {}
         except Exception as e:
             log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), describe(e))
@@ -87,7 +88,8 @@ class StepIsolation:
             if i in states:
                 generators[i].set_state(states[i])
             try:
-                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])
+                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1],
+                                                      histories[i : i + 1], eos_ids)
             except Exception as e:
                 log.exception("sampling failed on request %s", reqs[i].request_id)
                 bad[i] = describe(e)

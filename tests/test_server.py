@@ -83,6 +83,18 @@ def test_completions_plain_and_streaming(client, model):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_sampling_options_and_cached_tokens(client):
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty and min_tokens; the usage says
+    how much of the prompt came from the prefix cache."""
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    biased = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, presence_penalty=1.0,
+                                       frequency_penalty=0.5, logit_bias={"25": 100},
+                                       extra_body={"repetition_penalty": 1.2, "min_tokens": 8})
+    assert biased.choices[0].text != plain.choices[0].text and biased.usage.completion_tokens == 8
+    assert biased.usage.prompt_tokens_details.cached_tokens > 0  # the plain request's prompt blocks
+
+
 def test_adapters_change_output_and_token_prompts(client):
     texts = {m: client.completions.create(model=m, prompt=[1, 445, 596], max_tokens=6, temperature=0,
                                           extra_body={"ignore_eos": True}).choices[0].text
@@ -175,6 +187,9 @@ def test_api_key_enforced(server):
     ({"model": "tiny", "prompt": "x", "max_tokens": 600}, 400, "context length"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "token ids"),
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
 ])
 def test_bad_requests_get_openai_errors(server, client, body, status, needle):
     r = httpx.post(server["base"] + "/v1/completions", headers=auth(), json=body)

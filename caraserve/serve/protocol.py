@@ -31,7 +31,12 @@ class _Sampling(BaseModel):
     seed: int | None = None
     logprobs: bool | int | None = None
     user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias
     # vLLM's extensions
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
     top_k: int = -1
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None

@@ -108,6 +108,9 @@ class EngineService:
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(logprobs),
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                logit_bias=body.logit_bias or (),
             )
             self.engine.check_params(params)
             return params

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from caraserve.config_checks import (  # noqa: F401  (ConfigError, check_keys, unknown_key: re-exported)
@@ -253,6 +254,8 @@ class ServerConfig:
     allow_runtime_lora: with neither key set, /v1/load_lora_adapter and /v1/unload_lora_adapter
     are off unless this is true (anyone who can reach the server could load adapters).
     timeout_keep_alive_s: an idle keep-alive connection is closed after this long.
+    chat_template: the chat template of /v1/chat/completions, as a file or inline Jinja (vLLM's
+    --chat-template), for models whose tokenizer has none or to replace it.
     limit_concurrency: connections and tasks beyond this many at once get 503.
     """
 
@@ -269,12 +272,16 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     unload_timeout_s: float = 60.0
     log_level: str = "info"
+    chat_template: str = ""  # a Jinja file, or the template itself; "" = the tokenizer's own
 
     def __post_init__(self):
         _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
+        _check(not self.chat_template or Path(self.chat_template).is_file() or "{{" in self.chat_template
+               or "{%" in self.chat_template,
+               f"server.chat_template={self.chat_template!r}: no such file, and not a Jinja template")
         _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
         _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
         _check(self.log_level in LOG_LEVELS,

@@ -39,7 +39,7 @@ class EngineReplica:
         engine = Engine(engine_cfg)
         self.async_engine = AsyncEngine(engine, server.max_queue)
         self.service = EngineService(self.async_engine, served_name_of(engine, server), adapter_roots(engine),
-                                     server.unload_timeout_s)
+                                     server.unload_timeout_s, server.chat_template)
         self.async_engine.start()
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -68,8 +68,12 @@ def error_kind(out: RequestOutput) -> tuple[int, str]:
 class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
-    def __init__(self, service: AsyncEngine, served_name: str, adapter_roots: list[Path], unload_timeout_s: float):
+    def __init__(self, service: AsyncEngine, served_name: str, adapter_roots: list[Path], unload_timeout_s: float,
+                 chat_template: str = ""):
         self.service, self.engine = service, service.engine
+        # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
+        path = Path(chat_template) if chat_template else None
+        self.chat_template = path.read_text() if path is not None and path.is_file() else chat_template or None
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
         self.metrics_ = ServerMetrics(service)
@@ -214,15 +218,18 @@ class EngineService:
                 raise ApiError(400, "batched prompts are not supported: send one prompt per request",
                                "invalid_request_error")
             prompt = prompt[0]
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "invalid_request_error")
         logprobs = int(body.logprobs) if body.logprobs is not None else None
         params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, logprobs)
         ids = await self._encode(prompt)
+        # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
+        echoed = [self._prompt_text(prompt, ids)] if body.echo else [""]
         queue = await self._start(ids, params, adapter, rid)
         if body.stream:
-            return await self._stream(rid, queue, lambda text, fin: proto.completion_chunk(rid, body.model, text, fin),
-                                      include_usage, disconnected)
+            def chunk(text, fin):
+                text, echoed[0] = echoed[0] + text, ""
+                return proto.completion_chunk(rid, body.model, text, fin)
+
+            return await self._stream(rid, queue, chunk, include_usage, disconnected)
         out = await self._collect(rid, queue, disconnected)
         self._check_finished(out)
         logprobs_body = None
@@ -231,13 +238,21 @@ class EngineService:
             tokens = [tok.decode([t]) if tok else str(t) for t in out.output_ids]
             logprobs_body = {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None,
                              "text_offset": None}
-        return proto.completion_response(rid, body.model, out.text, out.finish_reason.openai, len(ids),
+        return proto.completion_response(rid, body.model, echoed[0] + out.text, out.finish_reason.openai, len(ids),
                                          len(out.output_ids), logprobs_body, out.cached_tokens)
+
+    def _prompt_text(self, prompt, ids: list[int]) -> str:
+        """The prompt as text, for echo (token-id prompts decoded; as ids without a tokenizer)."""
+        if isinstance(prompt, str):
+            return prompt
+        tok = self.engine.tokenizer
+        return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
 
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
         engine, limits = self.engine, self.limits
-        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
-            raise ApiError(400, "this model has no chat template: use /v1/completions", "invalid_request_error")
+        if engine.tokenizer is None or not (self.chat_template or getattr(engine.tokenizer, "chat_template", None)):
+            raise ApiError(400, "this model has no chat template: use /v1/completions or set server.chat_template",
+                           "invalid_request_error")
         if len(body.messages) > limits.max_chat_messages:
             raise ApiError(400, f"messages: at most {limits.max_chat_messages} messages, got {len(body.messages)}",
                            "invalid_request_error")
@@ -267,7 +282,8 @@ class EngineService:
 
         def render() -> list[int]:
             try:
-                text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = engine.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                            add_generation_prompt=True)
             except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
                 raise RequestError(f"cannot apply the chat template: {e}") from e
             return engine.encode(engine.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,78 @@
+"""server.chat_template and echo, on an in-process server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ServerConfig
+from caraserve.engine import Engine
+from caraserve.serve.api import build_app
+from caraserve.serve.async_engine import AsyncEngine
+
+TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    import socket
+
+    folder = tmp_path_factory.mktemp("template")
+    (folder / "chat.jinja").write_text(TEMPLATE)
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
+                                 adapters=AdapterConfig(dir="none")))
+    service = AsyncEngine(engine, max_queue=16)
+    app = build_app(service, ServerConfig(chat_template=str(folder / "chat.jinja")), "tiny", [])
+    service.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"base": f"http://127.0.0.1:{port}", "engine": engine}
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.stop()
+
+
+def test_chat_template_from_a_file_is_used(live):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def main():"}]
+    r = httpx.post(live["base"] + "/v1/chat/completions", timeout=60,
+                   json={"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    tok = live["engine"].tokenizer
+    rendered = "<system> Be brief.\n<user> def main():\n<assistant>"
+    assert r.json()["usage"]["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    # the same prompt through completions gives the same tokens
+    c = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": tok(rendered, add_special_tokens=False)["input_ids"],
+                         "max_tokens": 4, "temperature": 0})
+    assert c.json()["choices"][0]["text"] == r.json()["choices"][0]["message"]["content"]
+
+
+def test_echo_puts_the_prompt_before_the_completion(live):
+    body = {"model": "tiny", "prompt": "import os\n", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    echoed = httpx.post(live["base"] + "/v1/completions", json={**body, "echo": True}, timeout=60).json()
+    assert echoed["choices"][0]["text"] == "import os\n" + plain
+    with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "echo": True, "stream": True},
+                      timeout=60) as r:
+        import json
+
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                 if line.startswith("data: {")]
+    assert texts[0].startswith("import os\n") and "".join(texts) == "import os\n" + plain
+
+
+def test_a_chat_template_that_is_neither_file_nor_template_is_refused():
+    with pytest.raises(ConfigError, match="server.chat_template"):
+        ServerConfig(chat_template="/no/such/file.jinja")
+    assert ServerConfig(chat_template=TEMPLATE).chat_template == TEMPLATE

@@ -182,6 +182,7 @@ class LimitsConfig:
     max_stop_token_ids: number of stop token ids.
     max_logprobs: the largest `logprobs` (completions) / `top_logprobs` (chat) accepted.
     max_chat_messages: messages in one chat request.
+    max_n: completions per request (`n`); each is a request of its own sharing the prompt's blocks.
     """
 
     max_prompt_bytes: int = 2**20
@@ -190,6 +191,7 @@ class LimitsConfig:
     max_stop_token_ids: int = 256
     max_logprobs: int = 20
     max_chat_messages: int = 1024
+    max_n: int = 16
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

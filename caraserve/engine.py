@@ -248,9 +248,14 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        after: str | None = None,
     ) -> str:
-        """Validates and queues a request; raises RequestError (nothing changes) when it is bad."""
+        """Validates and queues a request; raises RequestError (nothing changes) when it is bad.
+        after: the id of a request of the same prompt in flight (the n completions of one API
+        call): this one is admitted once that one's prefill is done, and shares its blocks."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
         self.check_params(params)
         prompt_ids = self.encode(prompt)
         if adapter is not None:
@@ -269,7 +274,7 @@ class Engine:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
-            req = Request(rid, prompt_ids, params, adapter)
+            req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None)
             if adapter is not None:  # the registration its KV depends on (a reload is another)
                 req.adapter_key = f"{adapter}#{self.store.info(adapter).uid}"
             if not params.greedy:

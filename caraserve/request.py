@@ -131,8 +131,8 @@ class SamplingParams:
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
             bad(f"logprobs must be true or false, got {self.logprobs!r}")
-        if not _is_int(self.n) or self.n != 1:
-            bad(f"n={self.n!r} is not supported (only n=1)")
+        if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
+            bad(f"n={self.n!r} must be an integer >= 1")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
@@ -172,6 +172,7 @@ class Request:
     # the request's full blocks so far, how many of its blocks are published, and the prompt
     # tokens its first admission found cached.
     adapter_key: str = ""
+    after: Request | None = None  # a sibling of the same prompt (n > 1): admitted once its prefill is done
     block_hashes: list[bytes] = field(default_factory=list)
     published_blocks: int = 0
     cached_tokens: int = 0

@@ -258,6 +258,10 @@ class Scheduler:
         for req in self._admission_order(arrival):
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
                 break
+            first = req.after
+            if self.prefix_caching and first is not None and not first.finished and first.state in (
+                    RequestState.WAITING, RequestState.LOADING_ADAPTER, RequestState.PREFILL):
+                continue  # a sibling: its prompt's blocks are computed once, by the first
             # the whole prefill's blocks are taken at admission, so a chunked prefill never waits;
             # blocks of a cached prefix are shared instead
             hit = self._cached_prefix(req)

@@ -13,7 +13,7 @@ from caraserve.config import AdapterConfig, EngineConfig
 from caraserve.engine import Engine
 from caraserve.kv_cache import KVCache, block_hashes
 from caraserve.model.tiny import tiny_paths, write_random_adapter
-from caraserve.request import SamplingParams
+from caraserve.request import RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SYSTEM = list(range(100, 180))  # an 80-token shared prefix: 5 blocks of 16
@@ -134,3 +134,19 @@ def test_hits_show_in_the_snapshot_and_a_small_cache_still_completes():
     state = e.snapshot()
     assert state.prefix_hit_tokens == e.kv.hit_tokens > 0 and state.prefix_query_tokens >= state.prefix_hit_tokens
     assert state.kv_blocks_cached == e.kv.cached_blocks > 0 and e.kv.free_blocks == 12
+
+
+def test_a_sibling_waits_for_the_first_prefill_and_shares_it():
+    """add_request(after=...): the n completions of one call compute their prompt once."""
+    e = engine()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    first = e.add_request(PROMPTS[2], params, "demo-r16")
+    second = e.add_request(PROMPTS[2], params, "demo-r16", after=first)
+    sib = e.request(second)
+    e.step()  # the first prefills; the sibling waits for it
+    assert sib.state.value == "waiting"
+    while e.has_unfinished():
+        e.step()
+    assert sib.cached_tokens == 80 and sib.output_ids == e.generate([PROMPTS[2]], params, ["demo-r16"])[0].output_ids
+    with pytest.raises(RequestError, match="n=2"):
+        e.add_request([1, 2], SamplingParams(n=2))

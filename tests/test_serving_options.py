@@ -76,3 +76,24 @@ def test_a_chat_template_that_is_neither_file_nor_template_is_refused():
     with pytest.raises(ConfigError, match="server.chat_template"):
         ServerConfig(chat_template="/no/such/file.jinja")
     assert ServerConfig(chat_template=TEMPLATE).chat_template == TEMPLATE
+
+
+def test_n_completions_share_the_prompt_and_differ_by_seed(live):
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "ignore_eos": True, "n": 3, "seed": 11,
+            "temperature": 1.0}
+    r = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2] and out["usage"]["completion_tokens"] == 18
+    assert len({c["text"] for c in out["choices"]}) > 1  # seeds 11, 12, 13
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the 2nd and 3rd reused the 1st's blocks
+    again = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in out["choices"]]  # reproducible
+    one = httpx.post(live["base"] + "/v1/completions", json={**body, "n": 1, "seed": 12}, timeout=60).json()
+    assert one["choices"][0]["text"] == out["choices"][1]["text"]  # choice i is the seed + i request
+    chat = httpx.post(live["base"] + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                            "n": 2, "temperature": 0})
+    assert chat.status_code == 200 and [c["index"] for c in chat.json()["choices"]] == [0, 1]
+    assert chat.json()["choices"][0]["message"] == chat.json()["choices"][1]["message"]  # greedy: the same

@@ -87,7 +87,7 @@ class AsyncEngine:
         return adapter in self.engine.store and adapter not in self._retired
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                     request_id: str) -> asyncio.Queue:
+                     request_id: str, after: str | None = None) -> asyncio.Queue:
         """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
         changing anything."""
         if not self.healthy:
@@ -104,7 +104,7 @@ class AsyncEngine:
 
         def add():
             try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id)
+                self.engine.add_request(prompt_ids, params, adapter, request_id, after)
             finally:
                 with self._lock:  # on the engine thread, as the request enters (or skips) the queue
                     self._submitting -= 1

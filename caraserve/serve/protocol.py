@@ -113,10 +113,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int,
-                        completion_tokens: int, logprobs: dict | None = None, cached_tokens: int = 0) -> dict:
+def completion_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None]],
+                        prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """choices: (text, finish_reason, logprobs) of each of the n completions."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
+            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}
+                        for i, (text, finish, logprobs) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
@@ -125,11 +127,12 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dic
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int,
+def chat_response(rid: str, model: str, choices: list[tuple[str, str | None]], prompt_tokens: int,
                   completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """choices: (text, finish_reason) of each of the n completions."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None} for i, (text, finish) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 

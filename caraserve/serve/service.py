@@ -104,14 +104,20 @@ class EngineService:
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The params of each of the body's `n` engine requests (n is the service's to fan out)."""
         if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
             raise ApiError(400, f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}",
                            "invalid_request_error")
+        if not 1 <= body.n <= self.limits.max_n:
+            raise ApiError(400, f"n must be in [1, {self.limits.max_n}] (limits.max_n), got {body.n}",
+                           "invalid_request_error")
+        if body.n > 1 and body.stream:
+            raise ApiError(400, "n > 1 with stream is not supported: send n requests", "invalid_request_error")
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=body.ignore_eos, n=body.n, logprobs=bool(logprobs),
+                ignore_eos=body.ignore_eos, logprobs=bool(logprobs),
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
                 logit_bias=body.logit_bias or (),
@@ -132,9 +138,9 @@ class EngineService:
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    async def _start(self, prompt_ids, params, adapter, rid) -> asyncio.Queue:
+    async def _start(self, prompt_ids, params, adapter, rid, after: str | None = None) -> asyncio.Queue:
         try:
-            return await self.service.submit(prompt_ids, params, adapter, rid)
+            return await self.service.submit(prompt_ids, params, adapter, rid, after)
         except QueueFullError as e:
             self.metrics_.rejected("queue_full")
             raise ApiError(503, str(e), "server_overloaded") from e
@@ -158,6 +164,29 @@ class EngineService:
                 if disconnected is not None and await disconnected():
                     self.service.abort(rid)
                     raise ApiError(499, "client disconnected", "client_closed") from None
+
+    async def _all_of(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue, n: int,
+                      disconnected: Disconnected | None) -> list[RequestOutput]:
+        """The final outputs of request `rid` and of n - 1 more of its prompt (`{rid}-{i}`),
+        admitted once `rid` has prefilled so they share its prompt's KV blocks; with a seed,
+        request i samples with seed + i (the n completions differ, reproducibly). A failure
+        aborts the ones still running."""
+        runs = [(rid, queue)]
+        try:
+            for i in range(1, n):
+                seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
+                sid = f"{rid}-{i}"
+                runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid)))
+            outs = []
+            for sid, q in runs:
+                out = await self._collect(sid, q, disconnected)
+                self._check_finished(out)
+                outs.append(out)
+            return outs
+        except BaseException:
+            for sid, _ in runs:
+                self.service.abort(sid)
+            raise
 
     async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
         """Waits for the final output."""
@@ -230,16 +259,18 @@ class EngineService:
                 return proto.completion_chunk(rid, body.model, text, fin)
 
             return await self._stream(rid, queue, chunk, include_usage, disconnected)
-        out = await self._collect(rid, queue, disconnected)
-        self._check_finished(out)
-        logprobs_body = None
-        if body.logprobs and out.logprobs is not None:
+        outs = await self._all_of(ids, params, adapter, rid, queue, body.n, disconnected)
+
+        def logprobs_of(out):
+            if not (body.logprobs and out.logprobs is not None):
+                return None
             tok = self.engine.tokenizer
             tokens = [tok.decode([t]) if tok else str(t) for t in out.output_ids]
-            logprobs_body = {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None,
-                             "text_offset": None}
-        return proto.completion_response(rid, body.model, echoed[0] + out.text, out.finish_reason.openai, len(ids),
-                                         len(out.output_ids), logprobs_body, out.cached_tokens)
+            return {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
+
+        return proto.completion_response(rid, body.model, [(echoed[0] + o.text, o.finish_reason.openai, logprobs_of(o))
+                                                           for o in outs], len(ids),
+                                         sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 
     def _prompt_text(self, prompt, ids: list[int]) -> str:
         """The prompt as text, for echo (token-id prompts decoded; as ids without a tokenizer)."""
@@ -304,10 +335,9 @@ class EngineService:
                 return proto.chat_chunk(rid, body.model, delta, fin)
 
             return await self._stream(rid, queue, chunk, include_usage, disconnected)
-        out = await self._collect(rid, queue, disconnected)
-        self._check_finished(out)
-        return proto.chat_response(rid, body.model, out.text, out.finish_reason.openai, len(ids), len(out.output_ids),
-                                   out.cached_tokens)
+        outs = await self._all_of(ids, params, adapter, rid, queue, body.n, disconnected)
+        return proto.chat_response(rid, body.model, [(o.text, o.finish_reason.openai) for o in outs], len(ids),
+                                   sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 
     async def models(self) -> list[dict]:
         engine = self.engine

@@ -269,3 +269,35 @@ def test_pipeline_layers_setting_reaches_the_pool(catalogue):
     assert make(catalogue, mode="on").pool._groups == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 4 layers: one each
     with pytest.raises(ConfigError, match="pipeline_layers"):
         CpuAssistConfig(pipeline_layers=-1)
+
+
+def test_cold_prefill_inside_a_mixed_step_and_after_a_prefix_hit(catalogue, cached):
+    """A cold request arriving while another decodes is prefilled in a mixed step on the CPU path;
+    a second cold request of the same adapter and prefix computes only what the cache lacks."""
+    g = torch.Generator().manual_seed(8)
+    prefix = torch.randint(10, 7000, (64,), generator=g).tolist()
+    items = [(torch.randint(10, 7000, (20,), generator=g).tolist(), None),
+             (prefix + [11, 12, 13], "only-v_proj"), (prefix + [21, 22], "only-v_proj")]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = [r.output_ids for r in cached.generate([p for p, _ in items], params, [a for _, a in items])]
+    engine = make(catalogue, mode="on", gbps=SLOW_COPY_GBPS)
+    steps = []
+    run_batch = engine.runner.run
+
+    def recorded(batch, **kw):
+        steps.append((batch.is_decode, [r.state for r in batch.requests], [r.cpu_assisted for r in batch.requests]))
+        return run_batch(batch, **kw)
+
+    engine.runner.run = recorded
+    warm = engine.request(engine.add_request(items[0][0], params, None))
+    while warm.state is not RequestState.DECODE:
+        engine.step()
+    first = engine.request(engine.add_request(items[1][0], params, "only-v_proj"))
+    engine.step()
+    is_decode, states, assisted = steps[-1]  # the decoding request's token beside the cold prompt
+    assert not is_decode and sorted(s.value for s in states) == ["decode", "prefill"] and any(assisted)
+    second = engine.request(engine.add_request(items[2][0], params, "only-v_proj"))
+    while engine.has_unfinished():
+        engine.step()
+    assert [warm.output_ids, first.output_ids, second.output_ids] == want
+    assert first.cpu_assisted and second.cpu_assisted and second.cached_tokens == 64

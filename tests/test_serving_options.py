@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
+from test_server import free_port
+from test_server_hardening import serve
 
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ServerConfig
 from caraserve.engine import Engine
@@ -19,8 +17,6 @@ TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    import socket
-
     folder = tmp_path_factory.mktemp("template")
     (folder / "chat.jinja").write_text(TEMPLATE)
     engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
@@ -28,16 +24,8 @@ def live(tmp_path_factory):
     service = AsyncEngine(engine, max_queue=16)
     app = build_app(service, ServerConfig(chat_template=str(folder / "chat.jinja")), "tiny", [])
     service.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield {"base": f"http://127.0.0.1:{port}", "engine": engine}
+    server, thread = serve(app, free_port())
+    yield {"base": f"http://127.0.0.1:{server.config.port}", "engine": engine}
     server.should_exit = True
     thread.join(timeout=10)
     service.stop()

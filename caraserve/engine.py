@@ -15,11 +15,10 @@ import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
 from caraserve.config import EngineConfig, resolve_device
-from caraserve.config_checks import ConfigError
 from caraserve.cpu_assist.handoff import Handoff
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.kv_cache import KVCache, block_bytes, blocks_for
+from caraserve.kv_cache import KVCache, plan_blocks
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
@@ -80,8 +79,8 @@ class Engine:
         self.catalog = AdapterCatalog(cfg.adapters, cfg.cpu_assist, args, self.dtype, self.model.layer_devices(),
                                       adapter_dir)
         # after the model and the adapter pool: on CUDA the KV cache takes the memory they left
-        self.kv = KVCache(self._num_kv_blocks(), cfg.kv_block_size, args.num_kv_heads, args.head_dim,
-                          self.dtype, self.model.layer_devices())
+        self.kv = KVCache(plan_blocks(cfg, args, self.dtype, self.device, self.max_seq_len), cfg.kv_block_size,
+                          args.num_kv_heads, args.head_dim, self.dtype, self.model.layer_devices())
         self.store, self.pool = self.catalog.store, self.catalog.pool
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
@@ -101,29 +100,6 @@ class Engine:
         self._lock = threading.RLock()
         if cfg.adapters.preload != "none":
             self.catalog.preload(cfg.adapters.preload)
-
-    def _num_kv_blocks(self) -> int:
-        """KV blocks per engine.num_kv_blocks, else engine.kv_cache_bytes, else the device's default
-        (CUDA: gpu_memory_utilization of the device's memory less what is in use on it; CPU: the
-        memory max_batch_size requests of max_seq_len tokens take)."""
-        cfg, args = self.config, self.model.args
-        per_block = block_bytes(cfg.kv_block_size, args.num_kv_heads, args.head_dim, self.dtype, args.num_layers)
-        if cfg.num_kv_blocks:
-            return cfg.num_kv_blocks
-        budget = cfg.kv_cache_bytes
-        if not budget and self.device.type == "cuda":
-            # vLLM's rule: this engine may use that fraction of the device's memory, less what is in
-            # use there already (its model and adapter pools, and anything else on the device)
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * cfg.gpu_memory_utilization) - (total - free)
-        if not budget:
-            budget = cfg.max_batch_size * blocks_for(self.max_seq_len, cfg.kv_block_size) * per_block
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ConfigError(f"the KV cache budget ({budget} bytes) holds no block of {cfg.kv_block_size} tokens "
-                             f"({per_block} bytes): raise engine.kv_cache_bytes or engine.gpu_memory_utilization, "
-                             "or set engine.num_kv_blocks")
-        return int(blocks)
 
     def _perf_model(self):
         path = self.config.scheduler.perf_model

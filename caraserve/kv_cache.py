@@ -44,6 +44,32 @@ def block_bytes(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def plan_blocks(cfg, args, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> int:
+    """KV blocks per engine.num_kv_blocks, else engine.kv_cache_bytes, else the device's default
+    (CUDA: gpu_memory_utilization of the device's memory less what is in use on it, so call it
+    after the model and the adapter pools are allocated; CPU: the memory max_batch_size requests
+    of max_seq_len tokens take). cfg: the EngineConfig; args: the model's ModelArgs."""
+    from caraserve.config_checks import ConfigError
+
+    per_block = block_bytes(cfg.kv_block_size, args.num_kv_heads, args.head_dim, dtype, args.num_layers)
+    if cfg.num_kv_blocks:
+        return cfg.num_kv_blocks
+    budget = cfg.kv_cache_bytes
+    if not budget and device.type == "cuda":
+        # vLLM's rule: this engine may use that fraction of the device's memory, less what is in
+        # use there already (its model and adapter pools, and anything else on the device)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free)
+    if not budget:
+        budget = cfg.max_batch_size * blocks_for(max_seq_len, cfg.kv_block_size) * per_block
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ConfigError(f"the KV cache budget ({budget} bytes) holds no block of {cfg.kv_block_size} tokens "
+                          f"({per_block} bytes): raise engine.kv_cache_bytes or engine.gpu_memory_utilization, "
+                          "or set engine.num_kv_blocks")
+    return int(blocks)
+
+
 class KVCache:
     def __init__(
         self,

@@ -54,8 +54,13 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     row_seq: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor:
     """paged_attention_reference's result from the device's kernel: on CPU an op running the C
-    kernel (the reference where the kernel declines the tensors); elsewhere the reference, which
-    a compiled step fuses."""
+    kernel (the reference where the kernel declines the tensors); on CUDA the Triton kernel
+    (`caraserve.attention_triton`: each row reads its own blocks in place, where the reference
+    gathers the table's whole width); elsewhere the reference."""
     if q.device.type == "cpu":
         return torch.ops.caraserve.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or 0)
+    if q.is_cuda:
+        from caraserve import attention_triton
+
+        return attention_triton.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, row_seq, lens, window)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window)

@@ -9,11 +9,12 @@ any layer exists here. The LoRA delta reaches the forward through the layers' Lo
 (`caraserve.lora.backend`): on GPUs a multi-bucket BGMV over the row table (two Triton kernels
 per adapted module whatever the adapter mix), on CPU an opaque op that hands the prepared step's
 rows to the C kernel; either way one variant per batch bucket serves every adapter mix.
-Attention reads the paged KV cache through the block tables (`caraserve.attention`). On CUDA the
-block-table width is a dynamic dimension, so a longer context does not recompile, and each
-variant is replayed as a CUDA graph (mode="reduce-overhead"), recorded once per power-of-two
-width. Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype,
-device and torch version, so a restarted engine skips the compile.
+Attention reads the paged KV cache through the block tables (`caraserve.attention`: a kernel
+that reads each row's own blocks, so the tables always have the widest width a request can need
+and a longer context recompiles nothing). On CUDA each variant is replayed as a CUDA graph
+(mode="reduce-overhead"), one per batch bucket. Compiled artifacts are saved to, and loaded
+from, a cache folder keyed by model, dtype, device and torch version, so a restarted engine
+skips the compile.
 """
 
 from __future__ import annotations
@@ -129,13 +130,6 @@ class DecodeGraphs:
         bsz, nb = (key[0], key[1]) if self.cuda_graphs else (max(n, 2), key[1])
         pad = bsz - n
         bs = self.block_size
-        # Block-table width: on CPU always the widest a request can need (the C kernel reads only
-        # each row's own blocks, and one shape needs no dynamic dimension); on CUDA, where the
-        # attention gathers the table's blocks and a CUDA graph is recorded per width, the
-        # batch's widest rounded up to a power of two (a dynamic dimension).
-        width = self.max_blocks
-        if self.cuda_graphs:
-            width = min(self.max_blocks, 1 << (max(map(len, tables)) - 1).bit_length())
         host_tables = torch.zeros(bsz, self.max_blocks, dtype=torch.int64)
         for i, t in enumerate(tables):
             host_tables[i, : len(t)] = torch.tensor(t)
@@ -151,7 +145,7 @@ class DecodeGraphs:
         if rows is not None:
             buf["meta"].copy_(rows[0])
             buf["scale"].copy_(rows[1])
-        fb = self._batch(bsz, nb, buf, width, tuple(p + 1 for p in starts) + (1,) * pad)
+        fb = self._batch(bsz, nb, buf, tuple(p + 1 for p in starts) + (1,) * pad)
         with torch.inference_mode():
             logits = self._variant(*key)(fb)
         return logits[:n]
@@ -181,13 +175,11 @@ class DecodeGraphs:
             buf[k].copy_(v, non_blocking=True)
         return buf
 
-    def _batch(self, bsz: int, nb: int, buf: dict, width: int, context_lens: tuple[int, ...]) -> ForwardBatch:
+    def _batch(self, bsz: int, nb: int, buf: dict, context_lens: tuple[int, ...]) -> ForwardBatch:
         """The step's ForwardBatch over the bucket's buffers."""
-        tables = buf["block_tables"][:, :width] if width < self.max_blocks else buf["block_tables"]
-        if self.cuda_graphs:
-            torch._dynamo.maybe_mark_dynamic(tables, 1)
-        else:  # one variant for every batch size
-            for t in (*buf.values(), tables):
+        tables = buf["block_tables"]
+        if not self.cuda_graphs:  # one variant for every batch size
+            for t in buf.values():
                 torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is buf["meta"] else 0)
         mode = LORA_NONE if nb == 0 else LORA_GROUPS if nb == HOST_RUNS else LORA_ROWS
         return ForwardBatch(buf["input_ids"], buf["positions"], buf["slot_mapping"], tables, buf["rows"],
@@ -231,7 +223,7 @@ class DecodeGraphs:
             "block_tables": torch.zeros(bsz, self.max_blocks, dtype=torch.int64),
             "row_lens": torch.ones(bsz, dtype=torch.int64),
         }, own=False)
-        fb = self._batch(bsz, nb, buf, min(self.max_blocks, 4) if self.cuda_graphs else self.max_blocks, (1,) * bsz)
+        fb = self._batch(bsz, nb, buf, (1,) * bsz)
         for backend in self.model.lora_backends.values():
             backend.prepare(None)  # a LoRA variant's dummy rows use no adapter
         try:

@@ -30,13 +30,16 @@ except Exception as exc:  # pragma: no cover - depends on the environment
         allow_module_level=True,
     )
 
-_preloaded = {m for m in ("caraserve.lora.triton_ops", "caraserve.lora.triton_multi") if m in sys.modules}
+_preloaded = {m for m in ("caraserve.lora.triton_ops", "caraserve.lora.triton_multi", "caraserve.attention_triton")
+              if m in sys.modules}
+from caraserve import attention_triton  # noqa: E402
 from caraserve.lora import ops, triton_multi, triton_ops  # noqa: E402
 from caraserve.lora.batch import LoraIndex  # noqa: E402
 
 if _preloaded and DEVICE == "cpu":  # decorated before the switch was set: re-decorate interpreted
     triton_ops = importlib.reload(triton_ops)
     triton_multi = importlib.reload(triton_multi)
+    attention_triton = importlib.reload(attention_triton)
 
 BATCH_SIZES = (1, 3, 17, 64, 65)
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "partial")
@@ -296,3 +299,25 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
         live.bgmv_multi = real
     assert got == want
     assert calls  # the LoRA rows went through the Triton form
+
+
+@pytest.mark.parametrize("heads,kv,d,bs,window", [(4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None)])
+def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window) -> None:
+    """The Triton paged attention (GPUs) against the plain-torch statement of the semantics:
+    scattered blocks, rows of one sequence at several lengths, GQA, a sliding window."""
+    from caraserve.attention import paged_attention_reference
+
+    g = torch.Generator().manual_seed(heads * 10 + d)
+    width = -(-11 // bs)
+    k = torch.randn(3 * width + 2, bs, kv, d, generator=g)
+    v = torch.randn(3 * width + 2, bs, kv, d, generator=g)
+    tables = (torch.randperm(3 * width + 1, generator=g)[: 3 * width] + 1).view(3, width)
+    row_seq = torch.tensor([0, 1, 2, 1, 0])
+    lens = torch.tensor([11, 1, 7, bs, 3])
+    q = torch.randn(5, heads, d, generator=g)
+    want = paged_attention_reference(q, k, v, tables, row_seq, lens, window)
+    args = [t.to(DEVICE) for t in (q, k, v, tables, row_seq, lens)]
+    got = attention_triton.paged_attention(*args, window)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="int64"):
+        attention_triton.paged_attention(*args[:4], args[4].int(), args[5], window)

@@ -33,14 +33,6 @@ class ForwardBatch:
     lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # LORA_ROWS: meta [3, B] int32, scale [B]
 
     @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
-    @property
-    def max_context(self) -> int:
-        return max(self.context_lens)
-
-    @property
     def last_rows(self) -> torch.Tensor:
         """[B] int64 row of each sequence's last token."""
         ends = torch.tensor(self.query_lens, dtype=torch.int64).cumsum(0) - 1

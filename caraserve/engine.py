@@ -361,7 +361,7 @@ class Engine:
             tokens, logprobs, bad = self.isolation.sample(
                 logits, emitting, [self._generators.get(r.request_id) for r in emitting], self.outputs.eos_ids)
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
-            if batch.is_decode and self.perf_model is not None and not failed and not bad:
+            if batch.num_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)
             outs += [self._fail(emitting[i], f"sampling failed on this request ({why})") for i, why in bad.items()]
             reqs = [r for i, r in enumerate(emitting) if i not in bad]
@@ -389,9 +389,10 @@ class Engine:
         return self.outputs.output(req, [], "")
 
     def _observe_step(self, batch, seconds: float) -> None:
-        """Online refit of the latency model from this machine's own decode steps."""
+        """Online refit of the latency model from this machine's own decode and mixed steps."""
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
-        self.perf_model.observe(DecodeFeatures.of(ranks), seconds)
+        n = batch.num_decode
+        self.perf_model.observe(DecodeFeatures.of(ranks[:n], batch.chunk_lens[n:], ranks[n:]), seconds)
 
     def _emit(self, req: Request, token: int, new_text: str) -> RequestOutput:
         reason, new_text = self.outputs.stop(req, new_text)

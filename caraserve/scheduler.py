@@ -48,6 +48,7 @@ class ScheduledBatch:
     is_decode: bool
     requests: list[Request]
     chunk_lens: list[int]  # tokens computed this step per request (1 for a decode row)
+    num_decode: int = 0  # the first num_decode rows decode (all of them when is_decode)
 
 
 class Scheduler:
@@ -243,7 +244,7 @@ class Scheduler:
         self.pool.poll()
         # mixed steps: every decoding request's next token first, then prefill with what is left
         decoding = self._decode_rows() if self.mixed_steps else []
-        budget = self.max_tokens_per_step - len(decoding)
+        budget = min(self.max_tokens_per_step - len(decoding), self._slo_prefill_tokens(decoding))
         batch: list[Request] = []
         chunks: list[int] = []
         for req in self.running:  # unfinished chunked prefills first (their blocks are taken already)
@@ -302,10 +303,32 @@ class Scheduler:
         self._prefetch()
         if batch:
             decoding = [r for r in decoding if r in self.running]
-            return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks)
+            return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks, len(decoding))
         if not self.mixed_steps:
             decoding = self._decode_rows()
-        return ScheduledBatch(True, decoding, [1] * len(decoding)) if decoding else None
+        return ScheduledBatch(True, decoding, [1] * len(decoding), len(decoding)) if decoding else None
+
+    def _slo_prefill_tokens(self, decoding: list[Request]) -> int:
+        """The most prompt tokens a mixed step may carry beside `decoding` and still be predicted
+        within the per-token SLO (unbounded without an SLO or decode rows). At least one KV
+        block's worth, so prompts progress however tight the SLO (as a lone request always runs)."""
+        if self.slo_s <= 0 or self.perf_model is None or not decoding:
+            return self.max_tokens_per_step
+        ranks = [self.rank_of(r) for r in decoding]
+        prompts = [r for r in self.running if r.state is RequestState.PREFILL]
+        prompts += list(itertools.islice(self.waiting, self.max_batch_size))
+        chunk_rank = max((self.rank_of(r) for r in prompts), default=0)  # priced at the costliest
+        top = max(max(ranks), chunk_rank)
+        bucket = next((b for b in self.pool.rank_buckets if b >= top), top) if top else 0
+
+        def fits(tokens: int) -> bool:
+            return self.perf_model.decode_s(len(ranks), bucket, sum(ranks), tokens, tokens * chunk_rank) <= self.slo_s
+
+        lo, hi = 0, self.max_tokens_per_step  # largest t in [lo, hi] that fits: binary search
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return max(lo, self.kv.block_size)
 
     def _decode_rows(self) -> list[Request]:
         """The decoding requests, oldest first, each with the KV block its next token needs (the

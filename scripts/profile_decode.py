@@ -1,11 +1,12 @@
-"""Profile the engine's decode-step and prefill latency and fit the rank-aware latency model.
+"""Profile the engine's decode-step, prefill and mixed-step latency and fit the rank-aware latency model.
 
     python scripts/profile_decode.py [--model tiny] [--batch-sizes 1,4,8,16,32] [--ranks 8,16,32,64,128]
         [--prompt-tokens 16,64,256] [--decode-steps 8] [--out profiles/<device>/<model>/latency.json]
 
 Runs the real engine (eager, so compile time does not leak into the numbers) over batch size x
 rank mix (each rank alone, all mixed, and base only; every request with an adapter of its own)
-and, for prefill, x prompt tokens. Fits caraserve.perf.model.PerfModel (candidate feature
+and, for prefill and mixed steps (the batch decoding while a new prompt is prefilled in the same
+step), x prompt tokens. Fits caraserve.perf.model.PerfModel (candidate feature
 sets chosen by held-out error), prints R^2 and the held-out relative error, and writes the raw
 medians and the fitted model as JSON with a provenance header, plus a PNG of measured vs
 predicted. Run with OMP_NUM_THREADS=1 on a shared CPU.
@@ -40,13 +41,15 @@ def plot(rows: list[dict], model: PerfModel, png: Path) -> None:
     except ImportError:
         logging.warning("matplotlib is not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, kind in zip(axes, ("decode", "prefill")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, kind in zip(axes, ("decode", "mixed", "prefill")):
         pts = [(r["seconds"] * 1e3, predict(model, r) * 1e3, r["mix"]) for r in rows if r["kind"] == kind]
         for mix in sorted({p[2] for p in pts}):
             xs = [p[0] for p in pts if p[2] == mix]
             ys = [p[1] for p in pts if p[2] == mix]
             ax.scatter(xs, ys, label=mix, s=18)
+        if not pts:
+            continue
         hi = max(max(p[0], p[1]) for p in pts)
         ax.plot([0, hi], [0, hi], "k--", lw=1)
         ax.set(xlabel="measured ms", ylabel="predicted ms", title=f"{kind} step")
@@ -56,10 +59,16 @@ def plot(rows: list[dict], model: PerfModel, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def predict(model: PerfModel, row: dict) -> float:
+def features(row: dict) -> DecodeFeatures | PrefillFeatures:
     if row["kind"] == "decode":
-        return model.predict(DecodeFeatures.of(row["ranks"]))
-    return model.predict(PrefillFeatures.of([row["tokens_per_request"]] * row["batch_size"], row["ranks"]))
+        return DecodeFeatures.of(row["ranks"])
+    if row["kind"] == "mixed":
+        return DecodeFeatures.of(row["ranks"], [row["prefill_tokens"]], [row["chunk_rank"]])
+    return PrefillFeatures.of([row["tokens_per_request"]] * row["batch_size"], row["ranks"])
+
+
+def predict(model: PerfModel, row: dict) -> float:
+    return model.predict(features(row))
 
 
 def main() -> int:
@@ -78,20 +87,19 @@ def main() -> int:
     engine = Engine(EngineConfig(
         model=ModelConfig(path=args.model),
         adapters=AdapterConfig(dir="none", rank_buckets=RANK_BUCKETS, device_slots=max(sizes)),
-        device=args.device, compile="false", max_batch_size=max(sizes),
-        max_seq_len=max(tokens) + args.decode_steps + 8, max_tokens_per_step=max(sizes) * max(tokens),
-        num_kv_blocks=max(sizes) * -(-(max(tokens) + args.decode_steps + 8) // 16)))
+        device=args.device, compile="false", max_batch_size=max(sizes) + 1, prefix_caching=False,
+        max_seq_len=max(tokens) + args.decode_steps + len(tokens) + 8,
+        max_tokens_per_step=max(sizes) * max(tokens) + max(tokens),
+        num_kv_blocks=(max(sizes) + 1) * -(-(max(tokens) + args.decode_steps + len(tokens) + 8) // 16)))
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     header = make_header(dev_name, args.model, str(engine.dtype).removeprefix("torch."),
                          threads=torch.get_num_threads(), cpu=cpu_name())
-    model = PerfModel.fit(
-        [(DecodeFeatures.of(r["ranks"]), r["seconds"]) for r in rows if r["kind"] == "decode"],
-        [(PrefillFeatures.of([r["tokens_per_request"]] * r["batch_size"], r["ranks"]), r["seconds"])
-         for r in rows if r["kind"] == "prefill"],
-        header, rank_buckets=RANK_BUCKETS)
+    model = PerfModel.fit([(features(r), r["seconds"]) for r in rows if r["kind"] != "prefill"],
+                          [(features(r), r["seconds"]) for r in rows if r["kind"] == "prefill"],
+                          header, rank_buckets=RANK_BUCKETS)
     device_dir = "cpu" if args.device == "cpu" else "gpu"
     out = Path(args.out or f"profiles/{device_dir}/{Path(args.model).name}/latency.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,38 @@ def test_mixed_steps_carry_decode_rows_beside_prefill_chunks():
     assert stalls(mixed=True) == 0 and stalls(mixed=False) >= 3
 
 
+def test_slo_bounds_the_prompt_tokens_a_mixed_step_carries(tmp_path):
+    """With a per-token SLO, a mixed step takes only as many prompt tokens as keep its predicted
+    time within it (at least one KV block's worth), and the engine learns from mixed steps."""
+    import json
+
+    from caraserve.config import SchedulerConfig
+    from caraserve.perf.model import PerfModel
+
+    # decode step 2 ms whatever the batch; each prompt token 0.01 ms more: 2.2 ms holds 20 tokens
+    model = PerfModel.linear(decode_base_ms=2.0, decode_per_request_ms=0.0, decode_per_rank_request_ms=0.0,
+                             prefill_base_ms=1.0, prefill_per_token_ms=0.01, prefill_per_token_rank_ms=0.0)
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps({"model": model.to_dict()}))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    chunks = {}
+    for slo in (2.2, 2.005, 0.0):
+        sched = SchedulerConfig(slo_ms=slo, perf_model=str(path)) if slo else SchedulerConfig()
+        e = engine(max_tokens_per_step=256, scheduler=sched)
+        early = [e.add_request(p, params, a) for p, a in zip(PROMPTS[:3], ADAPTERS[:3])]
+        e.step()  # their prefill (a step without decode rows teaches the decode law nothing)
+        late = e.add_request(list(range(5, 105)), params, "demo-r32")
+        batch = e.scheduler.schedule()
+        assert batch.num_decode == 3 and [r.request_id for r in batch.requests[:3]] == early
+        chunks[slo] = batch.chunk_lens[3]
+        if slo:
+            observed = e.perf_model.decode.observed
+            e.step()
+            assert e.perf_model.decode.observed == observed + 1  # a mixed step was observed
+        assert e.request(late) is not None
+    assert chunks == {2.2: 20, 2.005: e.kv.block_size, 0.0: 100}
+
+
 def test_mixed_steps_give_the_tokens_of_separate_steps():
     from caraserve.config import SchedulerConfig
 

@@ -171,3 +171,51 @@ def test_paper_like_linear_model_calibration():
     assert 1e-4 <= per_token <= 1.1e-4  # compute bound: ~0.1 ms per prompt token, ~5 % more at rank 64
     assert m.prefill_s(1, 256, 32, 256 * 32) / m.decode_s(32, 32, 32 * 32) == pytest.approx(1.5, rel=0.2)
     assert m.decode_s(0, 0, 0) == 0.0 and m.prefill_s(0, 0, 0, 0) == 0.0
+
+
+def mixed_step(f: DecodeFeatures) -> float:
+    """A decode step that also computes prompt chunks: per-token cost below a prefill's (the
+    weights are read once for both)."""
+    return padded_decode(f) + 6e-5 * f.prefill_tokens + 1.5e-7 * f.prefill_token_rank
+
+
+def _mixed_features(rng, n):
+    out = []
+    for b in _batches(rng, n):
+        k = int(rng.integers(0, 3))  # 0: a plain decode step
+        chunks = [int(t) for t in rng.integers(16, 512, size=k)]
+        out.append(DecodeFeatures.of(b, chunks, [int(r) for r in rng.choice(RANKS, size=k)]))
+    return out
+
+
+def test_fit_learns_mixed_steps_from_mixed_samples():
+    rng = np.random.default_rng(5)
+    dec = _samples(mixed_step, _mixed_features(rng, 300))
+    pre = _samples(prefill_law, [PrefillFeatures.of(t, r) for t, r in _prompts(rng, 120)])
+    m = PerfModel.fit(dec, pre, HEADER)
+    assert m.decode.terms == ("1", "bs", "bs*max_rank", "tokens", "token_rank")
+    np.testing.assert_allclose(m.decode.coef, [0.02, 1e-4, 4e-6, 6e-5, 1.5e-7], rtol=1e-6)
+    f = DecodeFeatures.of([16] * 8, [300, 40], [64, 8])
+    assert (f.batch_size, f.max_rank, f.sum_ranks, f.prefill_tokens, f.prefill_token_rank) == (8, 64, 128, 340, 19520)
+    assert m.predict(f) == pytest.approx(mixed_step(f), rel=1e-9)
+    assert m.decode_s(8, 64, 128, 340, 19520) == pytest.approx(mixed_step(f), rel=1e-9)
+    m2 = PerfModel.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert m2.predict(f) == pytest.approx(m.predict(f), rel=1e-12)
+
+
+def test_decode_law_without_mixed_terms_prices_prompt_tokens_by_the_prefill_law():
+    m = _fit()  # profiled without mixed steps
+    assert "tokens" not in m.decode.terms
+    plain = DecodeFeatures.of([16] * 8)
+    mixed = DecodeFeatures.of([16] * 8, [256], [32])
+    extra = prefill_law(PrefillFeatures.of([256], [32])) - 0.01  # the prefill law less its fixed part
+    assert m.predict(mixed) == pytest.approx(padded_decode(mixed) + extra, rel=1e-9)  # padded to rank 32
+    assert m.predict(mixed) > m.predict(plain) + extra
+    # Observing such a step teaches the decode law its own part only: a mixed step as slow as
+    # predicted leaves the plain step's prediction where it was.
+    before = m.predict(plain)
+    for _ in range(50):
+        m.observe(mixed, padded_decode(mixed) + extra)
+    assert m.predict(plain) == pytest.approx(before, rel=1e-6)
+    m.observe(mixed, 1.3 * padded_decode(mixed) + extra)
+    assert m.predict(plain) > before

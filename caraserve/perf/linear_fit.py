@@ -23,6 +23,12 @@ TERMS: dict[str, Callable[[Vector], float]] = {
     "tokens*max_rank": lambda v: v[3] * v[1],
     "token_rank": lambda v: v[4],
 }
+# The VARS each term reads: clamping and range checks look only at what a fit uses (a decode fit
+# without prefill terms ignores its vectors' prefill fields, whatever their range).
+TERM_VARS: dict[str, tuple[int, ...]] = {
+    "1": (), "bs": (0,), "bs*max_rank": (0, 1), "sum_ranks": (2,), "tokens": (3,),
+    "tokens*max_rank": (3, 1), "token_rank": (4,),
+}
 
 # A candidate with more terms must beat the simplest adequate one by more than this on held-out
 # relative error; otherwise noise alone would decide between nested feature sets.
@@ -78,6 +84,7 @@ class LinearFit:
         self.report = report
         self.observed = 0
         self._fns = tuple(TERMS[t] for t in self.terms)
+        self._used = sorted({i for t in self.terms for i in TERM_VARS[t]})
 
     @classmethod
     def from_samples(cls, terms: Sequence[str], vectors: Sequence[Vector], y: np.ndarray,
@@ -95,11 +102,17 @@ class LinearFit:
             y += c * f(v)
         return y
 
+    def uses(self, term: str) -> bool:
+        return term in self.terms
+
     def clamp(self, v: Vector) -> Vector:
-        return tuple(min(max(x, lo), hi) for x, lo, hi in zip(v, self.lo, self.hi))
+        out = list(v)
+        for i in self._used:
+            out[i] = min(max(v[i], self.lo[i]), self.hi[i])
+        return tuple(out)
 
     def in_range(self, v: Vector) -> bool:
-        return all(lo <= x <= hi for x, lo, hi in zip(v, self.lo, self.hi))
+        return all(self.lo[i] <= v[i] <= self.hi[i] for i in self._used)
 
     def observe(self, v: Vector, y: float, forgetting: float) -> None:
         x = np.array([f(v) for f in self._fns], dtype=np.float64)

@@ -12,6 +12,11 @@ Extrapolation is the default because the law is physical (more requests or highe
 more work): clamping would make a batch of 64 look as cheap as the largest profiled batch of 32
 and lead a router to overpack.
 
+Mixed steps (decode rows plus prefill chunks in one step) are decode steps with prompt tokens:
+their features add the step's prefill tokens and sum(chunk_tokens x rank). A decode fit profiled
+with mixed steps has terms for them; one that was not adds the prefill law's per-token cost (its
+prediction less its fixed part) and learns only the decode part of the mixed steps it observes.
+
 All times are seconds. Nothing here imports torch: the model is shared by the engine's scheduler
 and the cluster policies and must load in a router process.
 """
@@ -32,8 +37,12 @@ from caraserve.perf.linear_fit import FitReport, LinearFit, Vector, design, sele
 
 log = logging.getLogger(__name__)
 
-# Padded kernel, unpadded kernel, or both (a kernel that pads within rank buckets).
-DECODE_CANDIDATES = (("1", "bs", "bs*max_rank"), ("1", "bs", "sum_ranks"), ("1", "bs", "bs*max_rank", "sum_ranks"))
+# Padded kernel, unpadded kernel, or both (a kernel that pads within rank buckets); each alone or
+# with the prompt tokens a mixed step carries (and their LoRA work).
+DECODE_CANDIDATES = tuple(
+    law + mixed
+    for law in (("1", "bs", "bs*max_rank"), ("1", "bs", "sum_ranks"), ("1", "bs", "bs*max_rank", "sum_ranks"))
+    for mixed in ((), ("tokens",), ("tokens", "token_rank")))
 PREFILL_CANDIDATES = (("1", "tokens"), ("1", "tokens", "tokens*max_rank"), ("1", "tokens", "token_rank"),
                       ("1", "tokens", "tokens*max_rank", "token_rank"))
 
@@ -44,18 +53,24 @@ MEMO_ENTRIES = 1 << 18
 
 @dataclass(frozen=True)
 class DecodeFeatures:
-    """One decode step: every running request contributes one token."""
+    """One decode step: every running request contributes one token. A mixed step also carries
+    `prefill_tokens` prompt tokens; prefill_token_rank = sum over its chunks of tokens * rank."""
 
     batch_size: int
     max_rank: int
     sum_ranks: int
+    prefill_tokens: int = 0
+    prefill_token_rank: int = 0
 
     @classmethod
-    def of(cls, ranks: Sequence[int]) -> DecodeFeatures:
-        return cls(len(ranks), max(ranks, default=0), sum(ranks))
+    def of(cls, ranks: Sequence[int], chunks: Sequence[int] = (), chunk_ranks: Sequence[int] = ()) -> DecodeFeatures:
+        """ranks: the decode rows' adapter ranks (0: base model); chunks, chunk_ranks: the prompt
+        tokens of each prefill chunk in the step and its adapter's rank."""
+        return cls(len(ranks), max((*ranks, *chunk_ranks), default=0), sum(ranks), sum(chunks),
+                   sum(t * r for t, r in zip(chunks, chunk_ranks, strict=True)))
 
     def vector(self) -> Vector:
-        return (self.batch_size, self.max_rank, self.sum_ranks, self.batch_size, self.sum_ranks)
+        return (self.batch_size, self.max_rank, self.sum_ranks, self.prefill_tokens, self.prefill_token_rank)
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,11 @@ class PerfModel:
         split seeded by `seed`."""
         rng = np.random.default_rng(seed)
         fits = []
-        for samples, candidates in ((decode_samples, DECODE_CANDIDATES), (prefill_samples, PREFILL_CANDIDATES)):
+        if not any(f.prefill_tokens for f, _ in decode_samples):  # no mixed steps: nothing to fit them by
+            decode_candidates = tuple(c for c in DECODE_CANDIDATES if "tokens" not in c)
+        else:
+            decode_candidates = DECODE_CANDIDATES
+        for samples, candidates in ((decode_samples, decode_candidates), (prefill_samples, PREFILL_CANDIDATES)):
             vectors = [bucket_rank(f.vector(), tuple(rank_buckets)) for f, _ in samples]
             fits.append(select_fit(vectors, [s for _, s in samples], candidates, rng, test_fraction))
         model = cls(fits[0], fits[1], header, clamp=clamp, forgetting=forgetting, rank_buckets=rank_buckets)
@@ -181,15 +200,27 @@ class PerfModel:
             v = fit.clamp(v)
         return max(fit.predict(v), 0.0)
 
-    def decode_s(self, batch_size: int, max_rank: int, sum_ranks: int) -> float:
-        """Seconds of one decode step over `batch_size` running requests (0 for an empty batch)."""
+    def decode_s(self, batch_size: int, max_rank: int, sum_ranks: int, prefill_tokens: int = 0,
+                 prefill_token_rank: int = 0) -> float:
+        """Seconds of one decode step over `batch_size` running requests (0 for an empty batch);
+        with prefill_tokens > 0, of a mixed step that also computes that many prompt tokens."""
         if batch_size <= 0:
             return 0.0
-        key = (0, batch_size, max_rank, sum_ranks)
+        key = (0, batch_size, max_rank, sum_ranks, prefill_tokens, prefill_token_rank)
         y = self._memo.get(key)
         if y is None:
-            y = self._memoize(key, self._predict(self.decode, (batch_size, max_rank, sum_ranks, batch_size, sum_ranks)))
+            v = (batch_size, max_rank, sum_ranks, prefill_tokens, prefill_token_rank)
+            y = self._predict(self.decode, v) + self._unmodelled_prefill_s(v)
+            y = self._memoize(key, y)
         return y
+
+    def _unmodelled_prefill_s(self, v: Vector) -> float:
+        """The prompt tokens of a mixed step that the decode law has no terms for, priced by the
+        prefill law without its fixed part (which the decode step already pays)."""
+        if v[3] <= 0 or self.decode.uses("tokens"):
+            return 0.0
+        chunk = (1, v[1], 0, v[3], v[4])
+        return max(self._predict(self.prefill, chunk) - self.prefill.predict((1, v[1], 0, 0, 0)), 0.0)
 
     def prefill_s(self, batch_size: int, tokens: int, max_rank: int, token_rank: int) -> float:
         """Seconds of one prefill of `batch_size` new requests holding `tokens` prompt tokens."""
@@ -209,7 +240,7 @@ class PerfModel:
 
     def predict(self, features: DecodeFeatures | PrefillFeatures) -> float:
         if isinstance(features, DecodeFeatures):
-            return self.decode_s(features.batch_size, features.max_rank, features.sum_ranks)
+            return self.decode_s(*features.vector())
         return self.prefill_s(features.batch_size, features.tokens, features.max_rank, features.token_rank)
 
     def in_range(self, features: DecodeFeatures | PrefillFeatures) -> bool:
@@ -223,7 +254,12 @@ class PerfModel:
         if seconds <= 0:
             raise ValueError(f"observed seconds={seconds} must be positive")
         fit = self.decode if isinstance(features, DecodeFeatures) else self.prefill
-        fit.observe(bucket_rank(features.vector(), self.rank_buckets), float(seconds), self.forgetting)
+        v = bucket_rank(features.vector(), self.rank_buckets)
+        if fit is self.decode:
+            seconds -= self._unmodelled_prefill_s(v)  # the decode law learns its own part only
+            if seconds <= 0:
+                return
+        fit.observe(v, float(seconds), self.forgetting)
         self._memo.clear()
 
     # ---- serialization ------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The latency sweep behind scripts/profile_decode.py: decode-step and prefill times of the real
-engine over batch size x rank mix (x prompt tokens for prefill), each request with an adapter
-of its own (distinct adapters, the costly case for the batched kernels)."""
+"""The latency sweep behind scripts/profile_decode.py: decode-step, prefill and mixed-step times
+of the real engine over batch size x rank mix (x prompt tokens for prefill and mixed steps), each
+request with an adapter of its own (distinct adapters, the costly case for the batched kernels).
+A mixed step is a decode step of the batch that also prefills one new prompt whole. The engine
+must run without prefix caching (every prompt computed) and with mixed steps."""
 
 from __future__ import annotations
 
@@ -44,13 +46,18 @@ def _features(engine, names, prompt_tokens) -> dict:
 
 def sweep(engine, batch_sizes: list[int], ranks: list[int], prompt_tokens: list[int], decode_steps: int,
           progress=None) -> list[dict]:
-    """Rows {kind: decode|prefill, mix, batch_size, ranks, max_rank, sum_ranks, prompt_tokens, seconds}."""
+    """Rows {kind: decode|prefill|mixed, mix, batch_size, ranks, max_rank, sum_ranks, prompt_tokens,
+    seconds}; mixed rows also {prefill_tokens, chunk_rank} of the prompt the decode step carried."""
+    if engine.config.prefix_caching or not engine.config.scheduler.mixed_steps:
+        raise ValueError("the latency sweep needs engine.prefix_caching=false and scheduler.mixed_steps=true")
     rows, registered = [], set()
     for mix_name, mix in rank_mixes(ranks).items():
         for bs in batch_sizes:
             names = _adapters_for(engine, mix, bs, registered)
             for tokens in prompt_tokens:
-                params = SamplingParams(max_tokens=decode_steps + 2, temperature=0, ignore_eos=True)
+                first = tokens == prompt_tokens[0]  # decode and mixed steps: once per batch
+                params = SamplingParams(max_tokens=decode_steps + 2 + (len(prompt_tokens) if first else 0),
+                                        temperature=0, ignore_eos=True)
                 for i, n in enumerate(names):
                     engine.add_request([10 + (i + j) % 500 for j in range(tokens)], params, n)
                 t0 = time.perf_counter()
@@ -58,15 +65,37 @@ def sweep(engine, batch_sizes: list[int], ranks: list[int], prompt_tokens: list[
                 seconds = time.perf_counter() - t0
                 rows.append({"kind": "prefill", "mix": mix_name, **_features(engine, names, tokens * bs),
                              "tokens_per_request": tokens, "seconds": seconds})
-                times = []
-                while engine.has_unfinished():
-                    t0 = time.perf_counter()
-                    outs = engine.step()
-                    if outs and len(outs) == bs:
-                        times.append(time.perf_counter() - t0)
-                if tokens == prompt_tokens[0] and times:
+                times = [_timed_step(engine, bs) for _ in range(decode_steps)]
+                times = [t for t in times if t is not None]
+                if first and times:
                     rows.append({"kind": "decode", "mix": mix_name, **_features(engine, names, 0),
                                  "seconds": statistics.median(times[1:] or times)})
+                if first:
+                    rows += _mixed_rows(engine, mix_name, names, prompt_tokens)
+                while engine.has_unfinished():
+                    engine.step()
                 if progress is not None:
                     progress.update(1)
+    return rows
+
+
+def _timed_step(engine, outputs: int) -> float | None:
+    """Seconds of one step, None unless it gave `outputs` outputs (e.g. a request finished early)."""
+    t0 = time.perf_counter()
+    outs = engine.step()
+    return time.perf_counter() - t0 if len(outs) == outputs else None
+
+
+def _mixed_rows(engine, mix_name: str, names: list[str | None], prompt_tokens: list[int]) -> list[dict]:
+    """One mixed step per prompt length: the running batch decodes while a new prompt (of the
+    first adapter of the batch, one output token) is prefilled whole in the same step."""
+    rows = []
+    once = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for k, tokens in enumerate(prompt_tokens):
+        engine.add_request([600 + (k * 131 + j) % 400 for j in range(tokens)], once, names[0])
+        seconds = _timed_step(engine, len(names) + 1)  # every decode row and the new prompt
+        if seconds is not None:
+            chunk_rank = engine.store.info(names[0]).rank if names[0] else 0
+            rows.append({"kind": "mixed", "mix": mix_name, **_features(engine, names, 0),
+                         "prefill_tokens": tokens, "chunk_rank": chunk_rank, "seconds": seconds})
     return rows

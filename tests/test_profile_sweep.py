@@ -1,0 +1,43 @@
+"""The latency sweep (scripts/profile_decode.py): decode, prefill and mixed-step rows from the real
+engine, and a latency model fitted on them that prices a mixed step's prompt tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from caraserve.config import AdapterConfig, EngineConfig
+from caraserve.engine import Engine
+from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
+from caraserve.profiling.decode import sweep
+
+TOKENS = [8, 40]
+
+
+def _engine(**kw) -> Engine:
+    return Engine(EngineConfig(device="cpu", compile="false", adapters=AdapterConfig(dir="none", device_slots=4),
+                               max_batch_size=5, max_seq_len=64, max_tokens_per_step=256, **kw))
+
+
+def test_sweep_measures_mixed_steps_and_the_fit_prices_them():
+    rows = sweep(_engine(prefix_caching=False), [1, 4], [8, 32], TOKENS, decode_steps=3)
+    mixed = [r for r in rows if r["kind"] == "mixed"]
+    decode = [r for r in rows if r["kind"] == "decode"]
+    # one mixed step per prompt length for every (rank mix, batch size): r8, r32, mixed, base
+    assert len(mixed) == 4 * 2 * len(TOKENS) and len(decode) == 4 * 2
+    assert {r["prefill_tokens"] for r in mixed} == set(TOKENS)
+    assert all(r["seconds"] > 0 for r in rows)
+    assert {r["chunk_rank"] for r in mixed if r["mix"] == "r32"} == {32}
+    assert {r["chunk_rank"] for r in mixed if r["mix"] == "base"} == {0}
+    model = PerfModel.fit(
+        [(DecodeFeatures.of(r["ranks"], [r.get("prefill_tokens", 0)], [r.get("chunk_rank", 0)]), r["seconds"])
+         for r in mixed + decode],
+        [(PrefillFeatures.of([r["tokens_per_request"]] * r["batch_size"], r["ranks"]), r["seconds"])
+         for r in rows if r["kind"] == "prefill"],
+        make_header("cpu", "tiny", "float32"))
+    assert "tokens" in model.decode.terms  # the mixed samples' prompt tokens explain their time
+    assert model.decode_s(4, 32, 128, 40, 40 * 32) > model.decode_s(4, 32, 128)
+
+
+def test_sweep_refuses_an_engine_that_would_skip_prompt_tokens():
+    with pytest.raises(ValueError, match="prefix_caching"):
+        sweep(_engine(), [1], [8], TOKENS, decode_steps=1)

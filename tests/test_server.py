@@ -183,7 +183,7 @@ def test_api_key_enforced(server):
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "n": 17}, 400, "limits.max_n"),
-    ({"model": "tiny", "prompt": "x", "n": 2, "stream": True}, 400, "n > 1 with stream"),
+    ({"model": "tiny", "prompt": "x", "n": 0, "stream": True}, 400, "limits.max_n"),
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 600}, 400, "context length"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "token ids"),

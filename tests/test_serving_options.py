@@ -85,3 +85,41 @@ def test_n_completions_share_the_prompt_and_differ_by_seed(live):
                             "n": 2, "temperature": 0})
     assert chat.status_code == 200 and [c["index"] for c in chat.json()["choices"]] == [0, 1]
     assert chat.json()["choices"][0]["message"] == chat.json()["choices"][1]["message"]  # greedy: the same
+
+
+def _events(base: str, path: str, body: dict) -> list[dict]:
+    import json
+
+    with httpx.stream("POST", base + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_streamed_n_completions_are_the_non_streamed_choices(live):
+    body = {"model": "tiny", "prompt": "class Stack:\n", "max_tokens": 6, "ignore_eos": True, "n": 3, "seed": 5,
+            "temperature": 1.0, "echo": True}
+    whole = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60).json()
+    events = _events(live["base"], "/v1/completions",
+                     {**body, "stream": True, "stream_options": {"include_usage": True}})
+    texts, finishes = ["", "", ""], {}
+    for e in events[:-1]:
+        (c,) = e["choices"]
+        texts[c["index"]] += c["text"]
+        if c["finish_reason"] is not None:
+            finishes[c["index"]] = c["finish_reason"]
+    assert texts == [c["text"] for c in whole["choices"]]  # each starts with the echoed prompt once
+    assert all(t.startswith("class Stack:\n") for t in texts) and finishes == {0: "length", 1: "length", 2: "length"}
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 18
+    # chat: every choice's first delta carries the role, and the choices are the non-streamed ones
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+            "seed": 3, "temperature": 1.0, "ignore_eos": True}
+    whole = httpx.post(live["base"] + "/v1/chat/completions", json=chat, timeout=60).json()
+    deltas: dict[int, list[dict]] = {0: [], 1: []}
+    for e in _events(live["base"], "/v1/chat/completions", {**chat, "stream": True}):
+        (c,) = e["choices"]
+        deltas[c["index"]].append(c["delta"])
+    for i in (0, 1):
+        assert deltas[i][0]["role"] == "assistant" and all("role" not in d for d in deltas[i][1:])
+        assert "".join(d.get("content", "") for d in deltas[i]) == whole["choices"][i]["message"]["content"]

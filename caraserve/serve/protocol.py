@@ -122,9 +122,9 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, str | Non
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
 
 
 def chat_response(rid: str, model: str, choices: list[tuple[str, str | None]], prompt_tokens: int,
@@ -136,9 +136,9 @@ def chat_response(rid: str, model: str, choices: list[tuple[str, str | None]], p
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
 
 def model_card(name: str, root: str, parent: str | None = None, **extra) -> dict:

@@ -10,7 +10,6 @@ whose type carries its HTTP status.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +18,13 @@ from pathlib import Path
 from typing import Protocol
 
 from caraserve.lora.checkpoint import AdapterError, check_name
-from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
+from caraserve.request import RequestError, RequestOutput, SamplingParams
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.gateway_metrics import add_gateway_metrics
 from caraserve.serve.http import ApiError
 from caraserve.serve.metrics import ServerMetrics
+from caraserve.serve.streaming import Chunker, error_kind, events
 from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,6 @@ class Service(Protocol):
     async def metrics(self) -> tuple[bytes, str]: ...
 
     async def state(self) -> dict: ...
-
-
-def error_kind(out: RequestOutput) -> tuple[int, str]:
-    """(HTTP status, error type) of a request that ended with an error. A request whose own part
-    of a step failed is told so (type request_failed): a router must not retry it elsewhere or
-    hold it against this replica. An adapter whose weights were refused is the caller's (400)."""
-    if out.error_cause is ErrorCause.ADAPTER:
-        return 400, "invalid_request_error"
-    return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
 
 
 class EngineService:
@@ -111,8 +102,6 @@ class EngineService:
         if not 1 <= body.n <= self.limits.max_n:
             raise ApiError(400, f"n must be in [1, {self.limits.max_n}] (limits.max_n), got {body.n}",
                            "invalid_request_error")
-        if body.n > 1 and body.stream:
-            raise ApiError(400, "n > 1 with stream is not supported: send n requests", "invalid_request_error")
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -165,18 +154,30 @@ class EngineService:
                     self.service.abort(rid)
                     raise ApiError(499, "client disconnected", "client_closed") from None
 
-    async def _all_of(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue, n: int,
-                      disconnected: Disconnected | None) -> list[RequestOutput]:
-        """The final outputs of request `rid` and of n - 1 more of its prompt (`{rid}-{i}`),
-        admitted once `rid` has prefilled so they share its prompt's KV blocks; with a seed,
-        request i samples with seed + i (the n completions differ, reproducibly). A failure
-        aborts the ones still running."""
+    async def _start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
+                       n: int) -> list[tuple[str, asyncio.Queue]]:
+        """Request `rid` (started: `queue`) and n - 1 more of its prompt (`{rid}-{i}`), admitted
+        once `rid` has prefilled so they share its prompt's KV blocks; with a seed, request i
+        samples with seed + i (the n completions differ, reproducibly)."""
         runs = [(rid, queue)]
         try:
             for i in range(1, n):
                 seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
                 sid = f"{rid}-{i}"
                 runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid)))
+        except BaseException:
+            self._abort(runs)
+            raise
+        return runs
+
+    def _abort(self, runs: list[tuple[str, asyncio.Queue]]) -> None:
+        for sid, _ in runs:
+            self.service.abort(sid)
+
+    async def _all_of(self, runs: list[tuple[str, asyncio.Queue]],
+                      disconnected: Disconnected | None) -> list[RequestOutput]:
+        """The final outputs of every run; a failure aborts the ones still running."""
+        try:
             outs = []
             for sid, q in runs:
                 out = await self._collect(sid, q, disconnected)
@@ -184,8 +185,7 @@ class EngineService:
                 outs.append(out)
             return outs
         except BaseException:
-            for sid, _ in runs:
-                self.service.abort(sid)
+            self._abort(runs)
             raise
 
     async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
@@ -195,39 +195,19 @@ class EngineService:
             if out.finished:
                 return out
 
-    async def _stream(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool,
+    async def _stream(self, runs: list[tuple[str, asyncio.Queue]], chunker: Chunker, final_usage: bool,
                       disconnected: Disconnected | None) -> AsyncIterator[str]:
-        """The stream, once its first output is there: a request that fails before its first
-        token gets its HTTP status (ApiError) instead of a stream, as a non-streamed one would."""
-        first = await self._next(rid, queue, disconnected)
-        if first.finished and not first.output_ids:
-            self._check_finished(first)
-        return self._events(rid, queue, chunk, final_usage, first)
-
-    async def _events(self, rid: str, queue: asyncio.Queue, chunk, final_usage: bool,
-                      first: RequestOutput) -> AsyncIterator[str]:
-        done, out = False, first
+        """The stream of every run's outputs (caraserve.serve.streaming), once the first run's
+        first output is there: a request that fails before its first token gets its HTTP status
+        (ApiError) instead of a stream, as a non-streamed one would."""
         try:
-            while True:
-                done = out.finished
-                finish = out.finish_reason.openai if done else None
-                if out.new_text or done:
-                    yield f"data: {json.dumps(chunk(out.new_text, finish))}\n\n"
-                if done and out.error is not None:
-                    status, type_ = error_kind(out)
-                    yield f"data: {json.dumps(proto.error_body(out.error, type_, status))}\n\n"
-                if done and final_usage:
-                    body = chunk("", None)
-                    body["choices"] = []
-                    body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens)
-                    yield f"data: {json.dumps(body)}\n\n"
-                if done:
-                    break
-                out = await queue.get()
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # the consumer went away mid-stream: free the request's slot
-                self.service.abort(rid)
+            first = await self._next(*runs[0], disconnected)
+            if first.finished and not first.output_ids:
+                self._check_finished(first)
+        except BaseException:
+            self._abort(runs)
+            raise
+        return events(runs, first, chunker, final_usage, self.service.abort)
 
     @staticmethod
     def _check_finished(out: RequestOutput) -> None:
@@ -251,15 +231,19 @@ class EngineService:
         params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, logprobs)
         ids = await self._encode(prompt)
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
-        echoed = [self._prompt_text(prompt, ids)] if body.echo else [""]
-        queue = await self._start(ids, params, adapter, rid)
+        echoed = self._prompt_text(prompt, ids) if body.echo else ""
+        runs = await self._start_n(ids, params, adapter, rid, await self._start(ids, params, adapter, rid), body.n)
         if body.stream:
-            def chunk(text, fin):
-                text, echoed[0] = echoed[0] + text, ""
-                return proto.completion_chunk(rid, body.model, text, fin)
+            def chunker(index: int):
+                pending = [echoed]
 
-            return await self._stream(rid, queue, chunk, include_usage, disconnected)
-        outs = await self._all_of(ids, params, adapter, rid, queue, body.n, disconnected)
+                def chunk(text, fin):
+                    text, pending[0] = pending[0] + text, ""
+                    return proto.completion_chunk(rid, body.model, text, fin, index)
+                return chunk
+
+            return await self._stream(runs, chunker, include_usage, disconnected)
+        outs = await self._all_of(runs, disconnected)
 
         def logprobs_of(out):
             if not (body.logprobs and out.logprobs is not None):
@@ -268,7 +252,7 @@ class EngineService:
             tokens = [tok.decode([t]) if tok else str(t) for t in out.output_ids]
             return {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
 
-        return proto.completion_response(rid, body.model, [(echoed[0] + o.text, o.finish_reason.openai, logprobs_of(o))
+        return proto.completion_response(rid, body.model, [(echoed + o.text, o.finish_reason.openai, logprobs_of(o))
                                                            for o in outs], len(ids),
                                          sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 
@@ -325,17 +309,19 @@ class EngineService:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
-        queue = await self._start(ids, params, adapter, rid)
+        runs = await self._start_n(ids, params, adapter, rid, await self._start(ids, params, adapter, rid), body.n)
         if body.stream:
-            first = [True]
+            def chunker(index: int):
+                first = [True]
 
-            def chunk(text, fin):
-                delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
-                first[0] = False
-                return proto.chat_chunk(rid, body.model, delta, fin)
+                def chunk(text, fin):
+                    delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
+                    first[0] = False
+                    return proto.chat_chunk(rid, body.model, delta, fin, index)
+                return chunk
 
-            return await self._stream(rid, queue, chunk, include_usage, disconnected)
-        outs = await self._all_of(ids, params, adapter, rid, queue, body.n, disconnected)
+            return await self._stream(runs, chunker, include_usage, disconnected)
+        outs = await self._all_of(runs, disconnected)
         return proto.chat_response(rid, body.model, [(o.text, o.finish_reason.openai) for o in outs], len(ids),
                                    sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 

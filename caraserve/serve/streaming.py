@@ -1,0 +1,78 @@
+"""Server-sent events of one API request's n engine requests (the n choices of a completion).
+
+Each choice's outputs become chunks tagged with its `index`, in the order the engine produced
+them; choices interleave. A choice that ends with an error ends the stream: its error event
+follows its last chunk and the other choices are aborted (the caller asked for one response).
+The usage chunk (`stream_options.include_usage`) comes last and counts every choice's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+from caraserve.request import ErrorCause, RequestOutput
+from caraserve.serve import protocol as proto
+
+# chunk(index) -> (text, finish_reason) -> the chunk's JSON body; one function per choice, so a
+# choice's first chunk can carry what only the first does (the chat role, an echoed prompt)
+Chunker = Callable[[int], Callable[[str, str | None], dict]]
+
+
+def error_kind(out: RequestOutput) -> tuple[int, str]:
+    """(HTTP status, error type) of a request that ended with an error. A request whose own part
+    of a step failed is told so (type request_failed): a router must not retry it elsewhere or
+    hold it against this replica. An adapter whose weights were refused is the caller's (400)."""
+    if out.error_cause is ErrorCause.ADAPTER:
+        return 400, "invalid_request_error"
+    return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, chunker: Chunker,
+                 final_usage: bool, abort: Callable[[str], None]) -> AsyncIterator[str]:
+    """The SSE lines of `runs` ((request id, output queue) per choice, in index order); `first`
+    is the first output of choice 0, already taken from its queue. Requests still running when
+    the consumer goes away are aborted."""
+    merged: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+    merged.put_nowait((0, first))
+
+    async def pump(i: int, queue: asyncio.Queue, done: bool) -> None:
+        while not done:
+            out = await queue.get()
+            merged.put_nowait((i, out))
+            done = out.finished
+
+    pumps = [asyncio.ensure_future(pump(i, q, i == 0 and first.finished)) for i, (_, q) in enumerate(runs)]
+    chunks = [chunker(i) for i in range(len(runs))]
+    finished: dict[int, RequestOutput] = {}
+    try:
+        while len(finished) < len(runs):
+            i, out = await merged.get()
+            finish = out.finish_reason.openai if out.finished else None
+            if out.new_text or out.finished:
+                yield _sse(chunks[i](out.new_text, finish))
+            if not out.finished:
+                continue
+            finished[i] = out
+            if out.error is not None:
+                status, type_ = error_kind(out)
+                yield _sse(proto.error_body(out.error, type_, status))
+                break
+        if final_usage:
+            body = chunks[0]("", None)
+            body["choices"] = []
+            body["usage"] = proto.usage(first.prompt_tokens, sum(len(o.output_ids) for o in finished.values()),
+                                        max(o.cached_tokens for o in finished.values()))
+            yield _sse(body)
+        yield "data: [DONE]\n\n"
+    finally:
+        for p in pumps:
+            p.cancel()
+        for i, (rid, _) in enumerate(runs):
+            if i not in finished:  # the consumer went away, or another choice failed
+                abort(rid)

@@ -1,0 +1,72 @@
+"""The SSE stream of a request's n choices (caraserve.serve.streaming), over fake engine queues."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from caraserve.request import ErrorCause, FinishReason, RequestOutput
+from caraserve.serve import protocol as proto
+from caraserve.serve.streaming import events
+
+
+def out(rid, text, finished=False, reason=None, error=None, n_out=1):
+    return RequestOutput(rid, [1], [1] * n_out, finished, reason, new_text=text, error=error,
+                         error_cause=ErrorCause.REQUEST if error else None, prompt_tokens=4)
+
+
+def chunker(i):
+    return lambda text, fin: proto.completion_chunk("r", "m", text, fin, i)
+
+
+async def _collect(runs, first, aborted, usage=True, stop_after=None):
+    lines = []
+    gen = events(runs, first, chunker, usage, aborted.append)
+    async for line in gen:
+        lines.append(line)
+        if stop_after is not None and len(lines) == stop_after:
+            await gen.aclose()  # the consumer goes away
+            break
+    return [json.loads(x[6:]) if x.startswith("data: {") else x.strip() for x in lines]
+
+
+def test_choices_interleave_by_index_and_usage_counts_them_all():
+    async def main():
+        q0, q1 = asyncio.Queue(), asyncio.Queue()
+        for o in (out("a", " y"), out("a", " z", True, FinishReason.LENGTH, n_out=3)):
+            q0.put_nowait(o)
+        for o in (out("b", "p"), out("b", "q", True, FinishReason.STOP, n_out=2)):
+            q1.put_nowait(o)
+        aborted = []
+        got = await _collect([("a", q0), ("b", q1)], out("a", "x"), aborted)
+        return got, aborted
+
+    got, aborted = asyncio.run(main())
+    assert got[-1] == "data: [DONE]" and got[-2]["usage"]["completion_tokens"] == 5 and got[-2]["choices"] == []
+    texts = {0: "", 1: ""}
+    for e in got[:-2]:
+        texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+    assert texts == {0: "x y z", 1: "pq"} and aborted == []
+
+
+def test_a_failed_choice_ends_the_stream_and_aborts_the_others():
+    async def main():
+        q0, q1 = asyncio.Queue(), asyncio.Queue()
+        q1.put_nowait(out("b", "", True, FinishReason.ERROR, error="boom"))
+        aborted = []
+        got = await _collect([("a", q0), ("b", q1)], out("a", "x"), aborted, usage=False)
+        return got, aborted
+
+    got, aborted = asyncio.run(main())
+    assert got[-2]["error"]["message"] == "boom" and got[-1] == "data: [DONE]"
+    assert aborted == ["a"]  # still running when its sibling failed
+
+
+def test_a_consumer_going_away_aborts_every_unfinished_choice():
+    async def main():
+        q0, q1 = asyncio.Queue(), asyncio.Queue()
+        aborted = []
+        await _collect([("a", q0), ("b", q1)], out("a", "x"), aborted, stop_after=1)
+        return aborted
+
+    assert sorted(asyncio.run(main())) == ["a", "b"]

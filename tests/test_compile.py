@@ -84,6 +84,21 @@ def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):
         assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 4
 
 
+def test_compiled_steps_after_prefix_hits_give_the_cold_eager_tokens(small, tmp_path):
+    """Requests that start from another's cached prompt blocks decode in compiled steps to the
+    tokens of a cold eager run (no prefix cache)."""
+    shared = list(range(30, 70))  # 40 tokens: two full blocks of 16 are cached and shared
+    prompts = [shared + [5], shared + [6, 7], shared + [5]]
+    adapters = ["r20", "r20", None]
+    cold = engine(small, "false", tmp_path / "unused", prefix_caching=False)
+    want = [cold.generate([p], GREEDY, [a])[0].output_ids for p, a in zip(prompts, adapters)]
+    warm = engine(small, "true", tmp_path / "cache")
+    got = [warm.generate([p], GREEDY, [a])[0] for p, a in zip(prompts, adapters)]
+    assert [r.output_ids for r in got] == want
+    assert [r.cached_tokens for r in got] == [0, 32, 0]  # the base request never takes the adapter's blocks
+    assert warm.graphs._fns  # the decode steps ran compiled
+
+
 def test_cpu_with_several_threads_compiles_lora_steps(small, tmp_path):
     """With several intra-op threads LoRA steps compile too (their runs go to the C kernel), and
     `auto` compiles as well (in the thread that steps, when idle)."""

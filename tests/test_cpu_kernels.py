@@ -209,34 +209,38 @@ def test_paged_attention_declines_what_it_does_not_take(fn):
 
 def test_packed_copies_follow_writes_into_the_pool(fn):
     """Runs of rank and width multiples of 8 read packed copies, which the CPU LoRA backend makes
-    once per slot; a write into a slot of the pool (a new adapter) empties its cache, so the next
-    table repacks instead of reading stale weights."""
+    once per slot; a write into a slot of the pool (a new adapter) drops that slot's copies, so
+    the next table repacks it instead of reading stale weights, and keeps the other slots'."""
     from types import SimpleNamespace
 
     from caraserve.lora.backend import CpuLoraBackend
 
     g = torch.Generator().manual_seed(11)
-    pool_a, pool_b = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 24, generator=g)  # [slots, in, R]
-    pool = SimpleNamespace(targets=("q_proj",), buckets=[], on_write=[])
+    pool_a, pool_b = torch.randn(2, 3, 32, 16, generator=g), torch.randn(2, 3, 16, 24, generator=g)  # [L, S, ...]
+    pool = SimpleNamespace(targets=("q_proj",), on_write=[],
+                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_b)})])
     backend = CpuLoraBackend(pool)
     x, y0 = torch.randn(6, 32, generator=g), torch.randn(6, 24, generator=g)
 
-    def run_once():
-        runs = [(0, 3, pool_a[1], pool_b[1], 0.5), (3, 6, pool_a[2], pool_b[2], 2.0)]
+    def run_once(layer=1):
+        runs = [(0, 3, pool_a[layer][1], pool_b[layer][1], 0.5), (3, 6, pool_a[layer][2], pool_b[layer][2], 2.0)]
         table = cpu_kernels.RunTable(runs, backend._pack)
         y = y0.clone()
         table.apply(fn, y, x)
         assert torch.allclose(y.double(), reference(y0, x, runs), rtol=1e-5, atol=1e-5)
         return table
 
-    table = run_once()
+    table, other_layer = run_once(), run_once(layer=0)
     assert [table.array[i].packed for i in range(2)] == [1, 1]
     assert run_once().array[0].a == table.array[0].a  # the same packed copy, not a new one
-    pool_a[2].copy_(torch.randn(32, 16, generator=g))  # another adapter lands in slot 2 ...
-    pool_b[2].zero_()
+    pool_a[:, 2].copy_(torch.randn(2, 32, 16, generator=g))  # another adapter lands in slot 2 ...
+    pool_b[:, 2].zero_()
     for notify in pool.on_write:  # ... and the pool says so
         notify(0, 2)
-    assert run_once().array[0].a != table.array[0].a  # repacked
+    again = run_once()
+    assert again.array[1].a != table.array[1].a  # slot 2 repacked (run_once checked its new weights)
+    assert again.array[0].a == table.array[0].a  # slot 1 untouched: its copy kept
+    assert run_once(layer=0).array[1].a != other_layer.array[1].a  # every layer of slot 2
     odd = cpu_kernels.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
     assert odd.fits and odd.array[0].packed == 0
 

@@ -122,8 +122,11 @@ class CpuLoraBackend(LoraBackend):
 
     It owns two caches: the kernel's argument tables of the prepared batch layout (kept while
     the pool hands out the same LoraBatch, i.e. while a decode batch's rows and slots stay), and
-    packed copies of the slot weights they read. A write into any slot of the pool empties both
-    (DevicePool.on_write), so no table or copy outlives the weights it was made from."""
+    packed copies of the slot weights they read. A write into a slot (DevicePool.on_write) drops
+    that slot's packed copies and every table, so no table or copy outlives the weights it was
+    made from; the other slots' copies stay (with thousands of tenants a slot is written at
+    nearly every admission, and repacking every resident adapter each time would cost more than
+    the steps)."""
 
     def __init__(self, pool):
         super().__init__(pool)
@@ -138,7 +141,13 @@ class CpuLoraBackend(LoraBackend):
         super().prepare(lora)
 
     def _slot_written(self, bucket: int, slot: int) -> None:
-        self._tables, self._packs = {}, {}
+        self._tables = {}
+        if not self._packs:
+            return
+        written = set()  # addresses of the slot's A views, one per (module, layer)
+        for a, _ in self.pool.buckets[bucket].weights.values():
+            written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
+        self._packs = {k: v for k, v in self._packs.items() if k[0] not in written}
 
     def _pack(self, a: torch.Tensor, b: torch.Tensor):
         """Packed copies of the slot views a [in, R], b [R, out] (cpu_kernels.packed), made once

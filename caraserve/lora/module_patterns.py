@@ -22,7 +22,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 try:
     from re import _constants as _sre  # Python >= 3.11
@@ -35,6 +37,8 @@ MAX_PATTERN_CHARS = 512  # one target_modules regex or one rank_pattern / alpha_
 MAX_PATTERN_KEYS = 1024  # rank_pattern and alpha_pattern keys together
 MATCH_TIMEOUT_S = 1.0  # matching time the worker gets for one adapter's patterns
 INPROC_STEPS = 5_000_000  # bound on regex steps matched in this process (tens of ms at worst)
+# module_rules keeps answers for pattern sets up to this size as JSON: 64 of them, a few MB at most
+_MEMO_KEY_CHARS = 64 * 1024
 _WORKER_START_S = 10.0  # on top of MATCH_TIMEOUT_S: a busy machine starts an interpreter slowly
 
 # Runs with `python -I -S`: standard library only, no user site or PYTHONPATH. SIGALRM interrupts
@@ -73,10 +77,11 @@ class ModuleRules:
     """One config's targeting rules, resolved over the model's module names."""
 
     targets: frozenset[str] | None  # module names that get LoRA; None: every module
-    rank: dict  # module name -> rank_pattern value, for the names some key matches
-    alpha: dict  # module name -> alpha_pattern value, likewise
+    rank: Mapping[str, int]  # module name -> rank_pattern value, for the names some key matches
+    alpha: Mapping[str, float]  # module name -> alpha_pattern value, likewise
 
 
+@functools.lru_cache(maxsize=16)
 def module_names(num_layers: int) -> tuple[str, ...]:
     parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -101,11 +106,26 @@ def check_regex(what: str, pattern: str, regex: str) -> None:
 def module_rules(cfg: dict, names: tuple[str, ...]) -> ModuleRules:
     """PEFT's rules: a target_modules string must fullmatch a name, a list entry equal it or end it
     after a "."; the first rank_pattern / alpha_pattern key matching a name's end gives its value.
-    The config is already validated (types, check_regex on every pattern)."""
-    targets = cfg.get("target_modules")
+    The config is already validated (types, check_regex on every pattern).
+
+    Resolved once per distinct (patterns, names): a start-up folder of thousands of adapters
+    usually holds a handful of distinct configs, and resolving costs a pass of every pattern over
+    every module name. The key is the patterns as JSON (order kept: the first matching key wins)
+    and INPROC_STEPS, which decides where matching runs."""
+    fields = json.dumps([cfg.get("target_modules"), cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}])
+    if len(fields) > _MEMO_KEY_CHARS:  # a rare huge pattern set is resolved each time, not kept
+        return _resolve.__wrapped__(fields, names, INPROC_STEPS)
+    return _resolve(fields, names, INPROC_STEPS)
+
+
+# The answers are shared between adapters: their rank / alpha maps are read-only views. Refusals
+# raise, so they are not memoized (a timeout on a busy machine is tried again next time).
+@functools.lru_cache(maxsize=64)
+def _resolve(fields: str, names: tuple[str, ...], _inproc_steps: int) -> ModuleRules:
+    targets, rank_pattern, alpha_pattern = json.loads(fields)
     jobs = [("target_modules regex", targets, targets, True)] if isinstance(targets, str) else []
-    for field in ("rank_pattern", "alpha_pattern"):
-        jobs += [(f"{field} key", k, key_regex(k), False) for k in cfg.get(field) or {}]
+    jobs += [("rank_pattern key", k, key_regex(k), False) for k in rank_pattern]
+    jobs += [("alpha_pattern key", k, key_regex(k), False) for k in alpha_pattern]
     found = iter(_match(jobs, names))
     if isinstance(targets, str):
         chosen = next(found)
@@ -114,12 +134,12 @@ def module_rules(cfg: dict, names: tuple[str, ...]) -> ModuleRules:
     else:
         chosen = None
     firsts = []
-    for field in ("rank_pattern", "alpha_pattern"):
+    for pattern in (rank_pattern, alpha_pattern):
         first: dict = {}
-        for value in (cfg.get(field) or {}).values():
+        for value in pattern.values():
             for n in next(found):
                 first.setdefault(n, value)
-        firsts.append(first)
+        firsts.append(MappingProxyType(first))
     return ModuleRules(chosen, *firsts)
 
 

@@ -12,17 +12,21 @@ into), and user regexes in the config are matched so that no pattern can hang th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import re
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
-from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, open_file, read_weights
+from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, open_file, read_capped, read_weights
 from caraserve.lora.module_patterns import (
     MAX_PATTERN_KEYS,
     ModuleRules,
@@ -77,11 +81,7 @@ def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
     opened = open_file(name, path, limits, cap)
     if opened is None:
         raise AdapterError(f"adapter {name!r}: {path} is missing")
-    with os.fdopen(opened[0], "rb") as f:
-        try:
-            data = f.read(cap + 1)
-        except OSError as e:
-            raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+    data = read_capped(name, path, opened[0], cap)
     if len(data) > cap:  # it grew after the check
         raise AdapterError(f"adapter {name!r}: {path} is more than {cap} bytes")
     try:
@@ -175,8 +175,10 @@ class _Layout:
 
     rank: int
     scale: float
-    ranks: dict  # module -> rank
-    pairs: dict  # (layer, module) -> (module key, key of lora_A, key of lora_B, ratio folded into b)
+    ranks: Mapping  # module -> rank
+    pairs: Mapping  # (layer, module) -> (module key, key of lora_A, key of lora_B, ratio folded into b)
+    targets: tuple[str, ...]  # the modules in ranks, in TARGETS order
+    numel: int  # elements of the stacked a and b tensors together
 
 
 def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
@@ -186,13 +188,13 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     values checked too). NaN/Inf in a safetensors file is found by load_adapter, on first use."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
     found = read_weights(name, real, limits, header_only=True)
-    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
-    layout = _layout(name, cfg, rules, shapes, model_args)
-    if any(isinstance(v, torch.Tensor) for v in found.values()):
+    # all shapes (a safetensors header) or all tensors (a .bin, read whole)
+    tensors = isinstance(next(iter(found.values()), None), torch.Tensor)
+    shapes = {k: tuple(t.shape) for k, t in found.items()} if tensors else found
+    layout = _layout(name, cfg, shapes, model_args)
+    if tensors:
         _check_finite(name, layout, found)
-    numel = sum(model_args.num_layers * sum(model_args.module_shape(m)) * r for m, r in layout.ranks.items())
-    return AdapterMeta(name, str(folder), layout.rank, layout.scale, tuple(m for m in TARGETS if m in layout.ranks),
-                       numel)
+    return AdapterMeta(name, str(folder), layout.rank, layout.scale, layout.targets, layout.numel)
 
 
 def load_adapter(folder: str | Path, model_args, name: str | None = None,
@@ -201,7 +203,7 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     `limits` bounds what the read may touch (default: nothing)."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
     tensors = read_weights(name, real, limits, header_only=False)
-    layout = _layout(name, cfg, rules, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
+    layout = _layout(name, cfg, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
     _check_finite(name, layout, tensors)
     out_a, out_b = {}, {}
     for module, r in layout.ranks.items():  # stacked per module, zeros in untouched layers
@@ -221,12 +223,15 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     folder = Path(folder)
     name = check_name(folder.name if name is None else name)
     limits = limits or ReadLimits()
-    try:
-        real = folder.resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops
+    try:  # os.path.realpath and one stat: Path.resolve and is_dir cost two stats and much more time
+        real = Path(os.path.realpath(folder))
+        is_dir = stat.S_ISDIR(os.stat(real).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as e:  # a symlink loop (non-strict realpath leaves it in place for stat to find), no access
         raise AdapterError(f"adapter {name!r}: cannot resolve folder {folder} ({e})") from e
     limits.check_inside(name, folder, real)
-    if not real.is_dir():
+    if not is_dir:
         raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
     cfg = _read_config(name, real, limits)
     try:  # before the weights: a refused pattern costs no weights read
@@ -240,8 +245,51 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     return name, folder, real, cfg, rules, limits
 
 
-def _layout(name: str, cfg: dict, rules: ModuleRules, shapes: dict[str, tuple[int, ...]], model_args) -> _Layout:
-    """Every check the tensor names and shapes allow, against the config and the base model."""
+def _layout(name: str, cfg: dict, shapes: dict[str, tuple[int, ...]], model_args) -> _Layout:
+    """Every check the tensor names and shapes allow, against the config and the base model.
+
+    Done once per distinct (config fields it reads, tensor shapes, model): adapters trained alike
+    share all three, and the checks walk every tensor. The key holds everything the checks read,
+    so an adapter that differs in any of it is checked on its own."""
+    fields = json.dumps([cfg.get(k) for k in _LAYOUT_FIELDS])
+    key = tuple(shapes.items())
+    try:
+        if len(fields) > _MEMO_FIELDS_CHARS or len(key) > _MEMO_TENSORS:
+            layout, ignored = _checked_layout.__wrapped__(fields, key, model_args)
+        else:
+            layout, ignored = _checked_layout(fields, key, model_args)
+    except _Refused as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from None
+    for k in ignored:
+        log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, k)
+    return layout
+
+
+# the config fields _checked_layout reads (the rest of the config was checked by _read_config)
+_LAYOUT_FIELDS = ("r", "lora_alpha", "use_rslora", "layers_to_transform", "target_modules", "rank_pattern",
+                  "alpha_pattern")
+# larger keys are checked each time, not kept (the memo holds 32 layouts); an adapter on all seven
+# modules of 80 layers has 1120 tensors
+_MEMO_FIELDS_CHARS = 64 * 1024
+_MEMO_TENSORS = 4096
+
+
+class _Refused(Exception):
+    """A layout check failed; the message says why, without the adapter's name."""
+
+
+# Layouts are shared between adapters: their maps are read-only views. Refusals raise, so they
+# are not memoized.
+@functools.lru_cache(maxsize=32)
+def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tuple[str, ...]]:
+    """(the layout, keys ignored as outside target_modules) of an adapter whose config has
+    `fields` (JSON of _LAYOUT_FIELDS) and whose tensors have `shapes` ((key, shape) pairs)."""
+    cfg = {k: v for k, v in zip(_LAYOUT_FIELDS, json.loads(fields)) if v is not None}
+    try:
+        rules = module_rules(cfg, module_names(model_args.num_layers))  # memoized: _open_folder resolved it
+    except PatternError as e:
+        raise _Refused(str(e)) from None
+    shapes = dict(shapes)
     r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
     use_rslora = bool(cfg.get("use_rslora", False))
 
@@ -251,72 +299,72 @@ def _layout(name: str, cfg: dict, rules: ModuleRules, shapes: dict[str, tuple[in
     base_scale = scaling(r, alpha)
     ranks: dict[str, int] = {}
     pairs = {}
-    for (layer, module), ab in sorted(_collect_pairs(name, cfg, rules, shapes, model_args).items()):
+    found, ignored = _collect_pairs(cfg, rules, shapes, model_args)
+    for (layer, module), ab in sorted(found.items()):
         key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
         want_r = rules.rank.get(key, r)
-        _check_pair(name, cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
+        _check_pair(cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
         if ranks.setdefault(module, want_r) != want_r:
-            raise AdapterError(f"adapter {name!r}: {module} has different ranks in different layers")
+            raise _Refused(f"{module} has different ranks in different layers")
         pairs[(layer, module)] = (key, ab["A"], ab["B"], scaling(want_r, rules.alpha.get(key, alpha)) / base_scale)
-    return _Layout(max(ranks.values()), base_scale, {m: ranks[m] for m in TARGETS if m in ranks}, pairs)
+    targets = tuple(m for m in TARGETS if m in ranks)
+    numel = sum(model_args.num_layers * sum(model_args.module_shape(m)) * ranks[m] for m in targets)
+    layout = _Layout(max(ranks.values()), base_scale, MappingProxyType({m: ranks[m] for m in targets}),
+                     MappingProxyType(pairs), targets, numel)
+    return layout, tuple(ignored)
 
 
-def _collect_pairs(name: str, cfg: dict, rules: ModuleRules, shapes: dict,
-                   model_args) -> dict[tuple[int, str], dict[str, str]]:
-    """(layer, module) -> {"A": key, "B": key} for the targeted modules; refuses keys of
-    unsupported kinds (embedding/lm_head LoRA, DoRA) and modules or layers the model lacks."""
+def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
+                   model_args) -> tuple[dict[tuple[int, str], dict[str, str]], list[str]]:
+    """(layer, module) -> {"A": key, "B": key} for the targeted modules, and the keys of modules
+    outside target_modules (ignored, as PEFT does); refuses keys of unsupported kinds
+    (embedding/lm_head LoRA, DoRA) and modules or layers the model lacks."""
     pairs: dict[tuple[int, str], dict[str, str]] = {}
+    ignored = []
     for key in shapes:
         if "lora_embedding" in key or "embed_tokens" in key:
-            raise AdapterError(f"adapter {name!r}: embedding LoRA ({key}) is not supported")
+            raise _Refused(f"embedding LoRA ({key}) is not supported")
         if "lm_head" in key:
-            raise AdapterError(f"adapter {name!r}: LoRA on lm_head ({key}) is not supported")
+            raise _Refused(f"LoRA on lm_head ({key}) is not supported")
         if "magnitude_vector" in key:
-            raise AdapterError(f"adapter {name!r}: DoRA weights ({key}) are not supported")
+            raise _Refused(f"DoRA weights ({key}) are not supported")
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r}")
+            raise _Refused(f"unexpected tensor {key!r}")
         layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
         if module not in TARGETS or _PARENT[module] != parent:
-            raise AdapterError(f"adapter {name!r}: target module {parent}.{module} does not exist in the model")
+            raise _Refused(f"target module {parent}.{module} does not exist in the model")
         if layer >= model_args.num_layers:
-            raise AdapterError(
-                f"adapter {name!r}: tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}"
-            )
+            raise _Refused(f"tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}")
         if rules.targets is not None and f"model.layers.{layer}.{parent}.{module}" not in rules.targets:
-            log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, key)
+            ignored.append(key)
             continue
         pairs.setdefault((layer, module), {})[ab] = key
     if not pairs:
         if isinstance(cfg.get("target_modules"), str):
-            raise AdapterError(
-                f"adapter {name!r}: target_modules regex {cfg['target_modules']!r} matches no module of the model"
-            )
-        raise AdapterError(f"adapter {name!r}: the checkpoint holds no LoRA tensors")
-    return pairs
+            raise _Refused(f"target_modules regex {cfg['target_modules']!r} matches no module of the model")
+        raise _Refused("the checkpoint holds no LoRA tensors")
+    return pairs, ignored
 
 
-def _check_pair(name: str, cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int,
-                model_args) -> None:
+def _check_pair(cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int, model_args) -> None:
     """Checks the shapes of lora_A [r, in] and lora_B [out, r] of one module against the config
     and the base model."""
     if set(ab) != {"A", "B"}:
-        raise AdapterError(f"adapter {name!r}: {key} has lora_{'B' if 'A' in ab else 'A'} missing")
+        raise _Refused(f"{key} has lora_{'B' if 'A' in ab else 'A'} missing")
     layers_ok = cfg.get("layers_to_transform")
     if isinstance(layers_ok, int):
         layers_ok = [layers_ok]
     if layers_ok is not None and layer not in layers_ok:
-        raise AdapterError(f"adapter {name!r}: {key} is outside layers_to_transform={layers_ok}")
+        raise _Refused(f"{key} is outside layers_to_transform={layers_ok}")
     a, b = ab["A"], ab["B"]
     fan_in, fan_out = model_args.module_shape(module)
     if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-        raise AdapterError(f"adapter {name!r}: {key} has lora_A {a} and lora_B {b}")
+        raise _Refused(f"{key} has lora_A {a} and lora_B {b}")
     if a[0] != want_r:
-        raise AdapterError(f"adapter {name!r}: {key} has rank {a[0]} but the config says r={want_r}")
+        raise _Refused(f"{key} has rank {a[0]} but the config says r={want_r}")
     if a[1] != fan_in or b[0] != fan_out:
-        raise AdapterError(
-            f"adapter {name!r}: {key} shapes A {a}, B {b} do not fit the base model's {module} ({fan_in} -> {fan_out})"
-        )
+        raise _Refused(f"{key} shapes A {a}, B {b} do not fit the base model's {module} ({fan_in} -> {fan_out})")
 
 
 def _check_finite(name: str, layout: _Layout, tensors: dict) -> None:

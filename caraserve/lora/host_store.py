@@ -145,7 +145,9 @@ class HostStore:
             raise AdapterError(f"adapter folder {root} does not exist")
         ok, bad = [], {}
         full = 0
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        # by name: the same order as by path (one parent), and far cheaper to sort thousands
+        for folder in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                             key=lambda p: p.name):
             if len(self._entries) >= self.max_registered:  # one log line for all of them, not one each
                 bad[folder.name] = self._full_message(folder.name)
                 full += 1

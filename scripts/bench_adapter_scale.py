@@ -2,6 +2,7 @@
 
     python scripts/bench_adapter_scale.py [--sizes 4,1000,5000] [--budget-size 1000 --budget-frac 0.1]
         [--requests 300] [--clients 6] [--output-tokens 32] [--workdir DIR] [--out PATH]
+    python scripts/bench_adapter_scale.py --startup-only [--sizes 4,5000] [--repeat 3]
 
 For every N it writes N random PEFT adapters for the embedded tiny model (ranks 8/16/32/64 in
 equal shares, seeded, q/k/v/o or all seven modules; written once into --workdir and reused),
@@ -16,6 +17,8 @@ The last run repeats --budget-size with `adapters.host_mem_bytes` at --budget-fr
 adapters' bytes (the unbounded run of that size is its peer). One run per configuration: the
 targets are ratios within this run (N=5000 vs N=4, bounded vs unbounded). A table goes to stdout,
 everything to --out with a provenance header.
+--startup-only starts and stops each server --repeat times, measuring start-up alone (the median
+counts; no listing, no workload, no bounded run) and writes --out only when it is given.
 """
 
 from __future__ import annotations
@@ -58,11 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--server-arg", action="append", default=[],
                    help="an extra override for every server, e.g. adapters.device_slots=8 (repeatable)")
-    p.add_argument("--out", default="profiles/cpu/bench_adapter_scale.json")
+    p.add_argument("--startup-only", action="store_true", help="measure start-up alone (see above)")
+    p.add_argument("--repeat", type=int, default=3, help="start-ups per size with --startup-only")
+    p.add_argument("--out", default=None, help="default: profiles/cpu/bench_adapter_scale.json (full runs only)")
     args = p.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if not args.sizes or min(args.sizes) < 1 or args.requests < 1 or args.clients < 1:
         p.error("--sizes must be positive counts; --requests and --clients >= 1")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.out is None and not args.startup_only:
+        args.out = "profiles/cpu/bench_adapter_scale.json"
     if not 0 < args.budget_frac <= 1:
         p.error("--budget-frac must be in (0, 1]")
     return args
@@ -174,6 +183,31 @@ def one_config(args, n: int, budget: int, tmp: Path) -> dict:
             "errors": summary["errors"], "summary": summary}
 
 
+def startup_only(args, tmp: Path) -> tuple[list[dict], dict]:
+    """Each size's server started and stopped --repeat times: its start-up seconds and RSS."""
+    runs = []
+    for n in args.sizes:
+        folder, times, rss = adapters_dir(args, n), [], []
+        for k in range(args.repeat):
+            proc, _, startup_s = start_server(args, folder, 0, tmp / f"server-{n}-{k}.log")
+            rss.append(proc_kb(proc.pid, "VmRSS"))
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            times.append(startup_s)
+        runs.append({"adapters": n, "startup_s": sorted(times)[len(times) // 2], "startup_runs_s": times,
+                     "rss_start_kb": max(rss)})
+        print(f"{n:>9} adapters: start-up {runs[-1]['startup_s']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}), "
+              f"RSS {runs[-1]['rss_start_kb'] / 1024:.0f} MB")
+    first, largest = runs[0], max(runs, key=lambda r: r["adapters"])
+    ratios = {f"startup_{largest['adapters']}_vs_{first['adapters']}": largest["startup_s"] / first["startup_s"]}
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    return runs, ratios
+
+
 def report(runs: list[dict]) -> dict:
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -205,14 +239,17 @@ def report(runs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.sizes:
-            runs.append(one_config(args, n, 0, Path(tmp)))
-        if args.budget_size:
-            budget = max(1, int(folder_bytes(adapters_dir(args, args.budget_size)) * args.budget_frac))
-            runs.append(one_config(args, args.budget_size, budget, Path(tmp)))
-    ratios = report(runs)
+        if args.startup_only:
+            runs, ratios = startup_only(args, Path(tmp))
+        else:
+            runs = [one_config(args, n, 0, Path(tmp)) for n in args.sizes]
+            if args.budget_size:
+                budget = max(1, int(folder_bytes(adapters_dir(args, args.budget_size)) * args.budget_frac))
+                runs.append(one_config(args, args.budget_size, budget, Path(tmp)))
+            ratios = report(runs)
+    if args.out is None:  # --startup-only without --out
+        return 0
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     header = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),

@@ -26,9 +26,10 @@ def small(tmp_path_factory):
     return root
 
 
-def engine(root, compile_mode, cache_dir, **kw):
+def engine(root, compile_mode, cache_dir, preload="none", **kw):
     return Engine(EngineConfig(model=ModelConfig(path=str(root / "base")),
-                               adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32)),
+                               adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32),
+                                                      preload=preload),
                                max_batch_size=4, max_seq_len=64, compile=compile_mode,
                                compile_cache_dir=str(cache_dir), device="cpu", **kw))
 
@@ -74,12 +75,14 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
 
 def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):
     """A KV cache of 4 blocks of 4 tokens for 4 requests of 7-10 tokens: requests are preempted
-    and recompute, in compiled decode steps as in eager ones, and every token stays the same."""
+    and recompute, in compiled decode steps as in eager ones, and every token stays the same.
+    The adapters are resident from the start: with copies in flight, when requests are admitted
+    (and so whether blocks run out) would depend on the copy thread's timing."""
     prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
     adapters = ["r8", None, "r20", "r8"]
     want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
     for mode in ("false", "true"):
-        tight = engine(small, mode, tmp_path / "cache", kv_block_size=4, num_kv_blocks=4)
+        tight = engine(small, mode, tmp_path / "cache", preload="all", kv_block_size=4, num_kv_blocks=4)
         assert [r.output_ids for r in tight.generate(prompts, GREEDY, adapters)] == want
         assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 4
 

@@ -19,6 +19,7 @@ from caraserve.cpu_assist.handoff import Handoff
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache, plan_blocks
+from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
@@ -377,7 +378,9 @@ class Engine:
         """Ends the requests the scheduler could not admit for a reason of their own."""
         outs = []
         for req, e in self.scheduler.take_rejected():
-            if isinstance(e, AdapterError):
+            if isinstance(e, AdapterReadError):  # the machine's fault, not the caller's: a later use reads again
+                outs.append(self._fail(req, f"adapter {req.adapter!r} could not be read ({e}); retry"))
+            elif isinstance(e, AdapterError):
                 outs.append(self._fail(req, f"adapter {req.adapter!r} cannot be used: {e}", ErrorCause.ADAPTER))
             else:
                 outs.append(self._fail(req, f"its adapter cannot be used ({describe(e)})"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 
@@ -180,6 +181,7 @@ class Request:
     finish_s: float | None = None
     cold_start: bool = False  # its adapter was not resident on arrival
     cpu_assisted: bool = False  # prefilled (at least partly) with the LoRA delta from the CPU
+    adapter_read: Future | None = None  # the host read of its adapter it waits for
     # While its adapter was loading: prefill layer passes whose LoRA delta came from the CPU, and
     # those that read the layers of its device slot already landed.
     assist_cpu_layers: int = 0

@@ -145,9 +145,13 @@ class Scheduler:
                 bucket = self.pool.bucket_for(self.store.info(name).rank)
                 if bucket in blocked_buckets:
                     return False
-                read = self.store.fetch(name)
+                # the read this request waits for: a failed one fails the requests that waited on
+                # it (a new fetch would start another read and hide the failure)
+                read = req.adapter_read if req.adapter_read is not None else self.store.fetch(name)
                 if not read.done():
+                    req.adapter_read = read
                     return False
+                req.adapter_read = None
                 if not self.pool.load(read.result()):
                     blocked_buckets.add(bucket)
                     return False
@@ -166,8 +170,12 @@ class Scheduler:
     def _prefetch(self) -> None:
         """Starts the host reads of the adapters the next admissions will need."""
         for req in itertools.islice(self.waiting, self.max_batch_size):
-            if req.adapter is not None and self.pool.state(req.adapter) is AdapterState.HOST:
-                self.store.fetch(req.adapter)
+            if req.adapter is None or req.adapter_read is not None:
+                continue
+            if self.pool.state(req.adapter) is AdapterState.HOST:
+                read = self.store.fetch(req.adapter)
+                if not read.done():
+                    req.adapter_read = read
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The published blocks the request's prefill can start from (none without prefix

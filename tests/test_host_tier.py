@@ -173,6 +173,38 @@ def test_files_changed_or_vanished_after_registration_refused_on_read(env, store
     assert "changed since" in store.broken("changed") and "no adapter_model" in store.broken("gone")
 
 
+def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(env, stores, monkeypatch):
+    """EIO (or no file descriptors, no memory) is the machine's, not the adapter's: that read
+    fails, the adapter is not marked broken, and the next use reads it again."""
+    import errno
+
+    import safetensors.torch
+
+    from caraserve.lora.adapter_files import AdapterReadError
+
+    root, args = env
+    store = stores(args)
+    store.register("a", root / "many" / "a00")
+    real, failures = safetensors.torch.load_file, [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(*a, **k):
+        if failures:
+            raise failures.pop()
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", flaky)
+    with pytest.raises(AdapterReadError, match=r"adapter 'a': cannot read .*Input/output error"):
+        store.fetch("a").result(timeout=30)
+    assert store.broken("a") is None
+    assert _same(store.fetch("a").result(timeout=30), load_adapter(root / "many" / "a00", args))
+    failures.append(PermissionError(errno.EACCES, "Permission denied"))  # says something about the files
+    store.unregister("a")
+    store.register("a", root / "many" / "a00")
+    with pytest.raises(AdapterError, match="Permission denied") as refused:
+        store.get("a")
+    assert not isinstance(refused.value, AdapterReadError) and "Permission denied" in store.broken("a")
+
+
 # ---------------------------------------------------------------- reads off the caller's thread
 
 

@@ -112,6 +112,37 @@ def test_adapter_refused_on_first_read_fails_only_its_request(engine, tmp_path):
         engine.unregister_adapter("nan-r8")
 
 
+def test_an_io_error_on_first_read_fails_that_request_and_the_next_one_reads_again(engine, tmp_path, monkeypatch):
+    """A read that fails for a reason that may pass (EIO) fails the request waiting on it with
+    the engine's fault (500), does not mark the adapter broken, and the next request reads again."""
+    import errno
+
+    import safetensors.torch
+
+    from caraserve.model.tiny import write_random_adapter
+
+    clean, _, _ = run(engine)
+    write_random_adapter(tmp_path / "eio-r8", 8, 16, ["q_proj"], seed=3)
+    engine.store.register("eio-r8", tmp_path / "eio-r8", confined=False)
+    real, failures = safetensors.torch.load_file, [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(*a, **k):
+        if failures:
+            raise failures.pop()
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", flaky)
+    try:
+        tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "eio-r8"))
+        assert tokens == clean
+        assert planted.error_cause is ErrorCause.REQUEST and "could not be read" in planted.error
+        assert engine.store.broken("eio-r8") is None
+        again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), adapters=["eio-r8"])[0]
+        assert again.error is None and len(again.output_ids) == 4
+    finally:
+        engine.unregister_adapter("eio-r8")
+
+
 def test_resolver_registers_on_first_use_and_confines(tmp_path):
     tenants = tmp_path / "tenants"
     write_random_adapter(tenants / "tenant-7", 8, 16, ["q_proj"], seed=4)

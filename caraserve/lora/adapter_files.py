@@ -38,6 +38,22 @@ class AdapterError(ValueError):
     """The adapter cannot be used; the message names it and says why."""
 
 
+class AdapterReadError(AdapterError):
+    """A read failed for a reason of the machine's, not the adapter's (an I/O error, no file
+    descriptors or memory left): this use fails, the next one reads again."""
+
+
+# OSErrors that say something about the files themselves (the adapter is broken until fixed);
+# any other one (EIO, EMFILE, ENOMEM, EINTR, ...) may pass
+_LASTING = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def read_failed(name: str, what: str, path: Path, e: BaseException) -> AdapterError:
+    """The error of a failed open or read of `path`: AdapterReadError when it may pass."""
+    kind = AdapterReadError if isinstance(e, OSError) and not isinstance(e, _LASTING) else AdapterError
+    return kind(f"adapter {name!r}: {what} {path} ({e})")
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """What reading an adapter may touch; HostStore passes the engine's adapters.* settings."""
@@ -98,7 +114,7 @@ def open_file(name: str, path: Path, limits: ReadLimits, cap: int | None) -> tup
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise AdapterError(f"adapter {name!r}: cannot open {path} ({e})") from e
+        raise read_failed(name, "cannot open", path, e) from e
     try:
         _check_stat(name, path, os.fstat(fd), limits, cap)
         proc = f"/proc/self/fd/{fd}"
@@ -127,7 +143,7 @@ def read_capped(name: str, path: Path, fd: int, cap: int) -> bytes:
             chunks.append(chunk)
             got += len(chunk)
     except OSError as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+        raise read_failed(name, "cannot read", path, e) from e
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -157,7 +173,7 @@ def read_weights(name: str, folder: Path, limits: ReadLimits,
                 else:
                     tensors = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # truncated or corrupt files raise library-specific errors
-                raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+                raise read_failed(name, "cannot read", path, e) from e
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise AdapterError(f"adapter {name!r}: {path} does not hold a mapping of names to tensors")
@@ -180,7 +196,7 @@ def _header_shapes(name: str, path: Path, fd: int) -> dict[str, tuple[int, ...]]
             raise bad(f"header length {n} does not fit the file's {size} bytes (or the cap {MAX_HEADER_BYTES})")
         raw = os.pread(fd, n, 8)
     except OSError as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e})") from e
+        raise read_failed(name, "cannot read", path, e) from e
     if len(raw) != n:  # it shrank after the size check
         raise bad(f"header of {n} bytes is truncated")
     # thousands of adapters trained alike have byte-identical headers: each is parsed once

@@ -5,7 +5,8 @@ registering thousands costs neither start-up time nor memory in proportion to th
 weights are read on first use: `get` on the calling thread, `fetch` on the store's own I/O threads
 (so the engine's step never waits on a disk), with at most one read in flight per adapter. A read
 that finds bad values (NaN/Inf) or files changed since registration marks the adapter broken: it
-stays registered, so a request naming it gets a clear error, until it is unregistered.
+stays registered, so a request naming it gets a clear error, until it is unregistered; a read
+that fails for a reason that may pass (an I/O error) fails only the requests waiting on it.
 
 Weights beyond `budget_bytes` are dropped least-recently-used first and re-read on the next use,
 so the catalogue can be far larger than host memory; the weights of a held adapter (requests
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from caraserve.config import AdapterConfig
+from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import (
     AdapterError,
     LoraWeights,
@@ -361,7 +363,8 @@ class HostStore:
             self._read_s += seconds
             entry.reading = None
             if self._entries.get(name) is entry:  # not unregistered meanwhile
-                if isinstance(error, AdapterError):  # other errors (memory, ...) are not the adapter's
+                # other errors (memory, an I/O error that may pass, ...) are not the adapter's
+                if isinstance(error, AdapterError) and not isinstance(error, AdapterReadError):
                     entry.broken = str(error)
                     log.error("%s; requests naming it are refused until it is unregistered", error)
                 elif weights is not None:

@@ -266,6 +266,40 @@ def test_pool_writes_reach_the_backend():
     assert len({slot for _, slot in writes}) == 1
 
 
+def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written_slot():
+    """Kernel tables belong to the prepared layout: a write into a slot the layout does not read
+    (another tenant's adapter landing) keeps them, a write into one it reads drops them."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import CpuLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    backend = CpuLoraBackend(pool)
+    assert pool.load(store.get("demo-r16"))
+    pool.poll()
+    lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")
+    backend.prepare(lora)
+    x = torch.randn(1, args.hidden_size)
+    y = torch.zeros(1, args.module_shape("q_proj")[1])
+    backend.run_prepared(y, x, 0, "q_proj")
+    tables = backend._tables
+    assert tables and y.abs().sum() > 0
+    assert pool.load(store.get("demo-r8"))  # another bucket's slot written
+    assert backend._tables is tables and backend._tables
+    bucket, slot = pool.slot_of("demo-r16")
+    for notify in pool.on_write:  # the prepared layout's own slot written
+        notify(bucket, slot)
+    assert not backend._tables
+
+
 # --- the build cache and the library's integrity ------------------------------------------------
 # Every test below points CARASERVE_CACHE at a folder of its own and makes the module forget the
 # library it loaded (monkeypatch puts the session's back afterwards).

@@ -274,6 +274,32 @@ def test_lru_eviction_picks_least_recently_used_idle_slot(env, pool):
     assert pool.load(store.get("r17")) and pool.slot_of("r17")[0] == 2 and pool.evictions == 2
 
 
+def test_batch_layouts_outlive_loads_of_other_adapters_but_not_an_eviction(env, pool):
+    """make_batch's cached layouts (and what kernels keep per layout) stay while other adapters
+    load; an evicted adapter's layouts go, so its next slot is the one a new layout names."""
+    _, _, store = env
+
+    def touch(name):
+        pool.acquire(name)
+        pool.release(name)
+
+    def layout(name):
+        return pool.make_batch([(0, 1, name)], True, "cpu")
+
+    assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))  # bucket 0's two slots
+    first, old_slot = layout("r5b"), pool.slot_of("r5b")[1]
+    assert pool.load(store.get("r17")) and layout("r5b") is first  # another bucket's load
+    touch("r5b")
+    assert pool.load(store.get("r8")) and pool.state("r5") is AdapterState.HOST  # r5 evicted
+    assert layout("r5b") is first
+    touch("r8")
+    assert pool.load(store.get("r5")) and pool.state("r5b") is AdapterState.HOST  # r5b evicted: r5 in its slot
+    touch("r5")
+    assert pool.load(store.get("r5b")) and pool.state("r8") is AdapterState.HOST  # back, in r8's slot
+    again = layout("r5b")
+    assert again is not first and again.groups[0].index.segments[0][2] == pool.slot_of("r5b")[1] != old_slot
+
+
 def test_held_slot_never_evicted(env, pool):
     _, _, store = env
     assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))

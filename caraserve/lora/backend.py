@@ -123,10 +123,11 @@ class CpuLoraBackend(LoraBackend):
     It owns two caches: the kernel's argument tables of the prepared batch layout (kept while
     the pool hands out the same LoraBatch, i.e. while a decode batch's rows and slots stay), and
     packed copies of the slot weights they read. A write into a slot (DevicePool.on_write) drops
-    that slot's packed copies and every table, so no table or copy outlives the weights it was
-    made from; the other slots' copies stay (with thousands of tenants a slot is written at
-    nearly every admission, and repacking every resident adapter each time would cost more than
-    the steps)."""
+    that slot's packed copies, and the tables when the prepared layout reads that slot, so no
+    table or copy outlives the weights it was made from; everything else stays (with thousands
+    of tenants a slot is written at nearly every admission, in several layer groups, and
+    rebuilding every table and repacking every resident adapter each time cost more than the
+    LoRA work of the steps)."""
 
     def __init__(self, pool):
         super().__init__(pool)
@@ -141,7 +142,10 @@ class CpuLoraBackend(LoraBackend):
         super().prepare(lora)
 
     def _slot_written(self, bucket: int, slot: int) -> None:
-        self._tables = {}
+        lora = self._lora
+        if lora is not None and any(g.rank == self.pool.buckets[bucket].rank and
+                                    any(s == slot for *_, s in g.index.segments) for g in lora.groups):
+            self._tables = {}  # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
         if not self._packs:
             return
         written = set()  # addresses of the slot's A views, one per (module, layer)

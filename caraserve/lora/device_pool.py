@@ -141,7 +141,7 @@ class DevicePool:
         self._one_device = len(set(layer_devices)) == 1
         self._clock = itertools.count(1)
         self._where: dict[str, _Slot] = {}
-        self._batches: dict[tuple, LoraBatch | None] = {}  # make_batch's cache, cleared on every load
+        self._batches: dict[tuple, LoraBatch | None] = {}  # make_batch's cache (entries of evicted adapters dropped)
         # Called with (bucket index, slot) after each write into a slot (possibly on a copy
         # thread): caches derived from slot weights (the CPU LoRA backend's) drop them.
         self.on_write: list = []
@@ -232,9 +232,12 @@ class DevicePool:
             log.debug("evicting %s from bucket %d slot %d", slot.adapter, slot.bucket, slot.index)
             del self._where[slot.adapter]
             self.evictions += 1
+            # cached batch metadata names slots by adapter: the evicted one's no longer holds (the
+            # others' slots did not move, so their layouts, and what kernels keep for them, stay)
+            gone = slot.adapter
+            self._batches = {k: v for k, v in self._batches.items() if all(r[2] != gone for r in k[0])}
         slot.adapter, slot.refs, slot.last_used, slot.targets = w.name, 0, next(self._clock), w.targets
         self._where[w.name] = slot
-        self._batches.clear()  # cached batch metadata names slots by adapter: a slot changed hands
         self._copy_in(bucket, slot, w)
         self.loads += 1
         return True

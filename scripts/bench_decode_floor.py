@@ -1,11 +1,13 @@
 """Decode step time vs the memory-bandwidth floor, LoRA vs base, compiled (CUDA graphs) vs eager.
 
     python scripts/bench_decode_floor.py [--shape llama2-7b|small] [--batch 32] [--adapters 32]
-        [--prompt-tokens 128] [--steps 32] [--dtype bfloat16] [--out profiles/<device>/decode_floor.json]
+        [--targets attn|all] [--prompt-tokens 128] [--steps 32] [--dtype bfloat16]
+        [--out profiles/<device>/decode_floor.json]
 
 Builds a model of the given shape with random weights directly on the device (no download, no
 checkpoint on disk) and `--adapters` random in-memory LoRA adapters of ranks 8/16/32/64 on
-q/k/v/o. In the same run it measures the device's copy bandwidth and reports
+q/k/v/o (`--targets attn`) or on all seven projections (`--targets all`). In the same run it
+measures the device's copy bandwidth and reports
   floor       = bytes of the base weights / bandwidth (a decode step must read them all once)
   step        = median decode step time of a full batch (TPOT), per mode:
                 {eager, compiled} x {base only, mixed LoRA}
@@ -28,7 +30,8 @@ from caraserve.model.synthetic import SHAPES, random_model
 from caraserve.profiling.machine import cpu_name
 
 RANKS = (8, 16, 32, 64)
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
@@ -64,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--targets", default="attn", choices=sorted(TARGETS), help="modules the adapters adapt")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default=None)
@@ -81,14 +85,14 @@ def run_mode(args, mode: str, model, device: torch.device, names: list[str], pro
 
     cfg = EngineConfig(
         model=ModelConfig(path=f"random-{args.shape}"),
-        adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS,
+        adapters=AdapterConfig(dir="none", rank_buckets=RANKS, target_modules=TARGETS[args.targets],
                                device_slots=-(-args.adapters // len(RANKS))),
         device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
         num_kv_blocks=args.batch * -(-(args.prompt_tokens + args.steps + 8) // 16),  # what the batch needs
         compile=mode, compile_cache_dir="")
     engine = Engine(cfg, model=model)
     for i, n in enumerate(names):
-        engine.store.add(random_lora(n, RANKS[i % len(RANKS)], model.args, TARGETS, seed=i))
+        engine.store.add(random_lora(n, RANKS[i % len(RANKS)], model.args, TARGETS[args.targets], seed=i))
     label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
     rows = {}
     if "base" in args.workloads.split(","):
@@ -145,7 +149,8 @@ def main():
         report = {
             "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-            "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS, "targets": TARGETS,
+            "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS,
+                         "targets": TARGETS[args.targets],
                          "prompt_tokens": args.prompt_tokens, "steps": args.steps},
             "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "floor_ms": floor_ms,
             "rows": rows, "ratios": ratios_of(rows, floor_ms), "compile": notes,

@@ -1,11 +1,18 @@
-"""Cold vs warm start of a compiled engine: the same offline job run twice in fresh processes.
+"""Cold vs warm start of a compiled engine: the same job run twice in fresh processes.
 
     python scripts/bench_warm_start.py [--rounds 1] [--out profiles/cpu/bench_warm_start.json]
+    python scripts/bench_warm_start.py --shape llama2-7b [--batch 8] [--out profiles/gpu/warm_start_llama2-7b.json]
 
-Each round runs `scripts/generate.py` with `engine.compile=true` on the demo prompts (base and
-adapter rows, so both the base and the LoRA decode variants compile) twice: first with an empty
-compile cache folder, then again with the folder the first run filled. Prints the wall time of
-each process (start to exit) and the ratio; the two runs' outputs must be equal.
+Each round runs the job twice: first with an empty compile cache folder, then again with the
+folder the first run filled; the two runs' outputs must be equal. Without --shape the job is
+`scripts/generate.py` with `engine.compile=true` on the demo prompts (base and adapter rows, so
+both the base and the LoRA decode variants compile), timed from process start to exit. With
+--shape the job builds a model of that shape with random weights on the device
+(caraserve.model.synthetic) and four random adapters (ranks 8-64, all seven modules), and serves
+one batch of `--batch` requests (half base, half adapters; 8 tokens each) with
+`engine.compile=true`: it reports the time from process launch to the first token and to the
+batch's last token (the decode steps compile at their first use, so the second includes every
+compile or cache load).
 """
 
 from __future__ import annotations
@@ -34,11 +41,103 @@ def run_once(cache_dir: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def run_shape(args, cache_dir: Path, out: Path) -> dict:
+    """One --shape job in a fresh process: seconds from launch to its first and last token."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    launched = time.time()
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--shape", args.shape,
+                    "--batch", str(args.batch), "--cache", str(cache_dir), "--result", str(out)],
+                   check=True, cwd=ROOT, env=env)
+    result = json.loads(out.read_text())
+    return {"first_token_s": result["first_token_at"] - launched, "last_token_s": result["last_token_at"] - launched,
+            "outputs": result["outputs"]}
+
+
+def child(args) -> None:
+    """The --shape job (runs in the process being timed)."""
+    import torch
+
+    from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+    from caraserve.engine import Engine
+    from caraserve.lora.synthetic import random_lora
+    from caraserve.model.synthetic import random_model
+    from caraserve.request import SamplingParams
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(args.shape, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    engine = Engine(EngineConfig(
+        model=ModelConfig(path=f"random-{args.shape}"), device=device.type, compile="true",
+        compile_cache_dir=args.cache, max_batch_size=args.batch, max_seq_len=64,
+        num_kv_blocks=args.batch * 4, adapters=AdapterConfig(dir="none", rank_buckets=(8, 16, 32, 64),
+                                                             target_modules=targets, device_slots=1)), model=model)
+    names = []
+    for i, rank in enumerate((8, 16, 32, 64)):
+        engine.store.add(random_lora(f"a{rank}", rank, model.args, targets, seed=i))
+        names.append(f"a{rank}")
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = torch.randint(0, model.args.vocab_size, (24,), generator=g).tolist()
+        engine.add_request(prompt, params, None if i % 2 == 0 else names[i // 2 % len(names)])
+    first, outputs = None, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            first = first or time.time()
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    Path(args.result).write_text(json.dumps({"first_token_at": first, "last_token_at": time.time(),
+                                             "outputs": [outputs[k] for k in sorted(outputs)]}))
+
+
+def main_shape(args) -> None:
+    import torch
+
+    cold, warm = [], []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="caraserve-warm-") as tmp:
+            tmp = Path(tmp)
+            cold.append(run_shape(args, tmp / "compiled", tmp / "cold.json"))
+            warm.append(run_shape(args, tmp / "compiled", tmp / "warm.json"))
+        if cold[-1].pop("outputs") != warm[-1].pop("outputs"):
+            raise SystemExit("the warm start's outputs differ from the cold start's")
+        c, w = cold[-1], warm[-1]
+        print(f"round {r + 1}: first token cold {c['first_token_s']:.1f} s / warm {w['first_token_s']:.1f} s; "
+              f"last token cold {c['last_token_s']:.1f} s / warm {w['last_token_s']:.1f} s")
+    med = {f"{kind}_{key}": statistics.median(x[key] for x in runs) for kind, runs in (("cold", cold), ("warm", warm))
+           for key in ("first_token_s", "last_token_s")}
+    ratios = {"warm_vs_cold_first_token": med["warm_first_token_s"] / med["cold_first_token_s"],
+              "warm_vs_cold_last_token": med["warm_last_token_s"] / med["cold_last_token_s"]}
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"header": {"device": device, "model": args.shape, "torch": torch.__version__,
+                         "command": f"python scripts/bench_warm_start.py --shape {args.shape} --batch {args.batch}",
+                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+              "cold": cold, "warm": warm, "medians": med, "ratios": ratios}
+    out = Path(args.out or f"profiles/{'gpu' if torch.cuda.is_available() else 'cpu'}/warm_start_{args.shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--out", default="profiles/cpu/bench_warm_start.json")
+    ap.add_argument("--shape", default=None, help="a caraserve.model.synthetic shape (e.g. llama2-7b, small)")
+    ap.add_argument("--batch", type=int, default=8, help="--shape: requests in the batch")
+    ap.add_argument("--out", default=None, help="default: profiles/cpu/bench_warm_start.json, "
+                                                "or profiles/<cpu|gpu>/warm_start_<shape>.json with --shape")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.shape:
+        return main_shape(args)
+    args.out = args.out or "profiles/cpu/bench_warm_start.json"
     from caraserve.profiling.machine import cpu_name
 
     cold, warm = [], []

@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# GPU checks in one run on one H100/H200, within one 10-minute device call (the per-step time
-# limits below add up to 10.3 minutes: run "tests floor floor128" and "lora cold" as two calls
-# when a call is capped at 10; on an H200 the tests took 106 s and the floor ~190 s, most of it
-# compiling the two 7B-shaped variants): the GPU tests (Triton kernels compiled for the
-# device, CUDA engine == CPU engine, CUDA-graph decode == eager and actually graphed, async
-# adapter copies), then the decode-vs-floor benchmark on a Llama-2-7B-shaped model with random
-# bf16 weights made on the GPU and 32 adapters of ranks 8-64 (eager and CUDA graphs, LoRA and
-# base), the LoRA-operator benchmark and the cold-start benchmark.
-#   scripts/gpu_check.sh                 every step
-#   scripts/gpu_check.sh floor cold      only the named steps (tests floor floor128 lora cold), e.g. a rerun
-#   FLOOR_MODES=false scripts/gpu_check.sh floor     the floor benchmark without compiling
-# Results go to profiles/gpu/; when OUT names a folder, the log and the JSON files are copied there
-# too. The device image has torch/triton/transformers/peft but no network: run from the source tree.
+# GPU checks on one H100/H200. Every step has its own time limit; together they take more than
+# one 10-minute device call, so run them as three calls: "tests floor floor128" (8.3 min at
+# most), "lora cold peft" (5 min) and "warm" (4 min). On an H200 the tests took 106 s and the
+# floor ~190 s, most of it compiling the two 7B-shaped variants. Steps:
+#   tests     the GPU tests (Triton kernels compiled for the device, CUDA engine == CPU engine,
+#             CUDA-graph decode == eager and actually graphed, async adapter copies)
+#   floor     decode step vs the memory floor on a Llama-2-7B-shaped model with random bf16
+#             weights made on the GPU, 32 adapters of ranks 8-64 on all seven projections, batch 32
+#             (eager and CUDA graphs, LoRA and base); floor128: the same at batch 128, compiled
+#   lora      the LoRA-operator benchmark
+#   cold      the cold-start benchmark (CPU-assisted prefill vs on-demand loading vs cached)
+#   peft      the same model, adapters and prompts through transformers + peft (the peer)
+#   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present)
+#   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step)
+#   FLOOR_MODES=false scripts/gpu_check.sh floor   the floor benchmark without compiling
+# Results go to profiles/gpu/ (each JSON with the device, and the commit and command where the
+# script records them); when OUT names a folder, the log and the JSON files are copied there too.
+# The device image has torch/triton/transformers/peft but no network: run from the source tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor floor128 lora cold}"
+steps="${*:-tests floor floor128 lora cold peft warm}"
 for s in $steps; do
-    case $s in tests|floor|floor128|lora|cold) ;;
-        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold)" >&2; exit 2 ;;
+    case $s in tests|floor|floor128|lora|cold|peft|warm) ;;
+        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm)" >&2; exit 2 ;;
     esac
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
@@ -43,11 +48,11 @@ if want tests; then
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py
 fi
 if want floor; then
-    run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 \
+    run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
         --modes "${FLOOR_MODES:-false,true}" --out profiles/gpu/decode_floor_llama2-7b.json
 fi
 if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
-    run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 \
+    run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 --targets all \
         --modes true --out profiles/gpu/decode_floor_llama2-7b_b128.json
 fi
 if want lora; then
@@ -58,6 +63,13 @@ if want cold; then
     # (paper targets: CPU-assisted TTFT p50 within 1.10x of CACHED, mean latency >= 1.4x better than on-demand).
     run 120 cold "$PY" scripts/bench_cold_start.py --shape llama2-7b --ranks 64 --requests 48 --rate 4 \
         --threads 8 --torch-threads 1 --out profiles/gpu/bench_cold_start_llama2-7b.json
+fi
+if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
+    run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
+        --out profiles/gpu/peft_peer_llama2-7b.json
+fi
+if want warm; then  # target: warm restart <= 0.25x of the cold start (to the batch's last token)
+    run 240 warm "$PY" scripts/bench_warm_start.py --shape llama2-7b --batch 8 --out profiles/gpu/warm_start_llama2-7b.json
 fi
 echo "gpu_check: steps '$steps' -> $([[ $status == 0 ]] && echo ok || echo FAILED)"
 if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi

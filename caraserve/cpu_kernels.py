@@ -19,6 +19,7 @@ kernels check the same again.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 
@@ -67,6 +68,31 @@ def _rows(name: str, t, width: int) -> tuple[int, int]:
     return rows, row_stride
 
 
+class KernelWeights(NamedTuple):
+    """One adapter's A [in, R] and B [R, out] of one module as the kernel reads them: packed
+    copies when R and out are multiples of 8, else the tensors themselves (kept alive here)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    in_features: int
+    out_features: int
+    packed: bool
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor, pack=None) -> KernelWeights | None:
+        """None when the kernel cannot read them (not contiguous float32 on the CPU, a rank
+        outside its buffers); `pack(a, b)` (default `packed`) makes the packed copies."""
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2
+                and a.shape[1] == b.shape[0] and 1 <= a.shape[1] <= MAX_RANK and a.dtype == torch.float32
+                and b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+                and a.device.type == "cpu" and b.device.type == "cpu"):
+            return None
+        pair = (pack or packed)(a, b)
+        pa, pb = pair or (a, b)
+        return cls(pa, pb, a.shape[1], a.shape[0], b.shape[1], pair is not None)
+
+
 class RunTable:
     """The runs of one module of one step, as the kernel's argument array. `fits` is False when
     the kernel should not take them (long runs, big ranks, weights that are not contiguous
@@ -77,28 +103,49 @@ class RunTable:
     one module with different widths, rows that are no range) raise a ValueError."""
 
     def __init__(self, runs, pack=None):
-        pack = pack or packed
         runs = [_checked_run(i, run) for i, run in enumerate(runs)]  # (start, end, A [in, R], B [R, out], scale)
-        self.n = len(runs)
-        self.in_features = runs[0][2].shape[0] if runs else 0
-        self.out_features = runs[0][3].shape[1] if runs else 0
+        in_features = runs[0][2].shape[0] if runs else 0
+        out_features = runs[0][3].shape[1] if runs else 0
         for i, (_, _, a, b, _) in enumerate(runs):
-            if a.shape[0] != self.in_features or b.shape[1] != self.out_features:
+            if a.shape[0] != in_features or b.shape[1] != out_features:
                 raise ValueError(f"runs[{i}]: A {list(a.shape)} and B {list(b.shape)} are not of runs[0]'s widths "
-                                 f"(in {self.in_features}, out {self.out_features}): one module's runs share them")
+                                 f"(in {in_features}, out {out_features}): one module's runs share them")
+        shaped = _disjoint(runs) and all(end - start <= MAX_ROWS for start, end, *_ in runs)
+        self._build(in_features, out_features,
+                    [(start, end, KernelWeights.of(a, b, pack) if shaped else None, scale)
+                     for start, end, a, b, scale in runs])
+
+    @classmethod
+    def of_weights(cls, in_features: int, out_features: int, runs) -> RunTable:
+        """A table from (start row, end row, KernelWeights or None, scale) runs whose weights
+        were made (and checked) once per slot by the caller: what the CPU backend builds each
+        time a step's layout changes. The rows and widths are checked here."""
+        checked = []
+        for i, (start, end, w, scale) in enumerate(runs):
+            start, end, scale = operator.index(start), operator.index(end), float(scale)
+            if not 0 <= start <= end:
+                raise ValueError(f"runs[{i}]: rows [{start}, {end}) are not a range of rows")
+            if w is not None and not isinstance(w, KernelWeights):
+                raise ValueError(f"runs[{i}]: expected KernelWeights or None, got {type(w).__name__}")
+            if w is not None and (w.in_features, w.out_features) != (in_features, out_features):
+                raise ValueError(f"runs[{i}]: weights of widths ({w.in_features}, {w.out_features}) in a table "
+                                 f"of ({in_features}, {out_features})")
+            checked.append((start, end, w, scale))
+        table = cls.__new__(cls)
+        shaped = _disjoint(checked) and all(end - start <= MAX_ROWS for start, end, *_ in checked)
+        table._build(in_features, out_features, checked if shaped else [(s, e, None, c) for s, e, _, c in checked])
+        return table
+
+    def _build(self, in_features: int, out_features: int, runs) -> None:
+        self.n = len(runs)
+        self.in_features, self.out_features = in_features, out_features
         self.end_row = max((end for _, end, *_ in runs), default=0)  # y and x need this many rows
-        self.fits = self.in_features >= 1 and self.out_features >= 1 and _disjoint(runs) and all(
-            end - start <= MAX_ROWS and 1 <= a.shape[1] <= MAX_RANK and a.dtype == torch.float32 and
-            b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and a.device.type == "cpu"
-            and b.device.type == "cpu" for start, end, a, b, _ in runs)
+        self.fits = in_features >= 1 and out_features >= 1 and all(w is not None for _, _, w, _ in runs)
         self._tensors, entries = [], []
-        for start, end, a, b, scale in runs if self.fits else ():
-            rank = a.shape[1]
-            pair = pack(a, b)
-            a, b = pair or (a, b)
-            self._tensors += [a, b]
-            entries.append(LoraRun(start, end, a.data_ptr(), b.data_ptr(), rank, self.in_features,
-                                   self.out_features, a.numel(), b.numel(), pair is not None, scale))
+        for start, end, w, scale in runs if self.fits else ():
+            self._tensors.append(w)
+            entries.append(LoraRun(start, end, w.a.data_ptr(), w.b.data_ptr(), w.rank, in_features, out_features,
+                                   w.a.numel(), w.b.numel(), w.packed, scale))
         self.array = (LoraRun * max(1, len(entries)))(*entries)
 
     def apply(self, fn, y: torch.Tensor, x: torch.Tensor) -> None:

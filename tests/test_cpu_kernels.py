@@ -245,6 +245,31 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
     assert odd.fits and odd.array[0].packed == 0
 
 
+def test_tables_of_per_slot_weights_equal_the_reference_and_check_rows_and_widths(fn):
+    """RunTable.of_weights (the CPU backend's per-layout tables over weights made once per slot)
+    computes the reference, falls back (fits False) where the kernel cannot take a run, and
+    refuses rows and widths that do not fit."""
+    g = torch.Generator().manual_seed(5)
+    a8, b8 = torch.randn(32, 8, generator=g), torch.randn(8, 24, generator=g)  # packed
+    a12, b12 = torch.randn(32, 12, generator=g), torch.randn(12, 24, generator=g)  # rank 12: not packed
+    w8, w12 = cpu_kernels.KernelWeights.of(a8, b8), cpu_kernels.KernelWeights.of(a12, b12)
+    assert w8.packed and not w12.packed and (w8.in_features, w8.out_features) == (32, 24)
+    x, y0 = torch.randn(5, 32, generator=g), torch.randn(5, 24, generator=g)
+    table = cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 0.5), (2, 5, w12, 2.0)])
+    y = y0.clone()
+    table.apply(fn, y, x)
+    assert torch.allclose(y.double(), reference(y0, x, [(0, 2, a8, b8, 0.5), (2, 5, a12, b12, 2.0)]), atol=1e-5)
+    assert cpu_kernels.KernelWeights.of(a8.double(), b8.double()) is None  # not the kernel's dtype
+    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 1.0), (1, 3, w8, 1.0)]).fits  # shared rows
+    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, None, 1.0)]).fits
+    with pytest.raises(ValueError, match="not a range"):
+        cpu_kernels.RunTable.of_weights(32, 24, [(3, 2, w8, 1.0)])
+    with pytest.raises(ValueError, match="widths"):
+        cpu_kernels.RunTable.of_weights(32, 16, [(0, 2, w8, 1.0)])
+    with pytest.raises(ValueError, match="KernelWeights"):
+        cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, (a8, b8), 1.0)])
+
+
 def test_pool_writes_reach_the_backend():
     """DevicePool calls its on_write listeners for each slot write (how the backend's caches learn)."""
     from transformers import AutoConfig

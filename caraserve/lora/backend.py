@@ -27,7 +27,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from caraserve.cpu_kernels import packed
+from caraserve.cpu_kernels import KernelWeights, RunTable, packed
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs, sgmv_reference
 
@@ -132,7 +132,8 @@ class CpuLoraBackend(LoraBackend):
     def __init__(self, pool):
         super().__init__(pool)
         self._tables: dict = {}  # (layer, module) -> cpu_kernels.RunTable of the prepared layout
-        self._packs: dict = {}  # (A address, B address, shapes) -> packed copies of a slot's weights
+        # (A address, in, R, out) -> cpu_kernels.KernelWeights (or None) of a slot's weights
+        self._packs: dict = {}
         if hasattr(pool, "on_write"):
             pool.on_write.append(self._slot_written)
 
@@ -153,14 +154,39 @@ class CpuLoraBackend(LoraBackend):
             written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
         self._packs = {k: v for k, v in self._packs.items() if k[0] not in written}
 
+    def _weights(self, a: torch.Tensor, b: torch.Tensor) -> KernelWeights | None:
+        """The kernel's form of the slot views a [in, R], b [R, out], made (packed and checked)
+        once per slot until the pool writes that slot again."""
+        key = (a.data_ptr(), a.shape[0], a.shape[1], b.shape[1])
+        try:
+            return self._packs[key]
+        except KeyError:
+            w = self._packs[key] = KernelWeights.of(a, b, packed)
+            return w
+
     def _pack(self, a: torch.Tensor, b: torch.Tensor):
-        """Packed copies of the slot views a [in, R], b [R, out] (cpu_kernels.packed), made once
-        per slot until the pool writes a slot again."""
-        key = (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape))
-        pair = self._packs.get(key)
-        if pair is None:
-            pair = self._packs[key] = packed(a, b)
-        return pair
+        """Packed copies of the slot views a and b, or None (the `pack` of a generic RunTable)."""
+        w = self._weights(a, b)
+        return (w.a, w.b) if w is not None and w.packed else None
+
+    def _table(self, groups, layer: int, name: str) -> RunTable:
+        """The kernel table of module `name` of `layer` over the groups' runs, from the slots'
+        cached KernelWeights (a step's layout changes at every admission: this is on the step)."""
+        runs, widths = [], None
+        for g in groups:
+            if name not in g.modules:
+                continue
+            la, lb = g.weights[name]
+            la, lb = la[layer], lb[layer]  # [S, in, R], [S, R, out]
+            widths = (la.shape[1], lb.shape[2])
+            base, step = la.data_ptr(), la.stride(0) * la.element_size()  # slot s's A is at base + s * step
+            for start, count, slot in g.index.segments:
+                if g.slot_targets and name not in g.slot_targets[slot]:
+                    continue
+                key = (base + slot * step, la.shape[1], la.shape[2], lb.shape[2])
+                w = self._packs[key] if key in self._packs else self._weights(la[slot], lb[slot])
+                runs.append((start, start + count, w, g.host_scale[slot]))
+        return RunTable.of_weights(*(widths or (0, 0)), runs)
 
     def add(self, y, x, layer, name, fb):
         if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
@@ -169,13 +195,13 @@ class CpuLoraBackend(LoraBackend):
         return y
 
     def add_groups(self, y, x, groups, layer, name, tables):
-        add_lora_runs(y, x, groups, layer, name, tables, self._pack)
+        add_lora_runs(y, x, groups, layer, name, tables, self._pack, self._table)
 
     def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
         """The op's body: y += the prepared step's delta."""
         lora = self._lora
         if lora is not None:
-            add_lora_runs(y, x, lora.groups, layer, name, self._tables, self._pack)
+            add_lora_runs(y, x, lora.groups, layer, name, self._tables, self._pack, self._table)
 
 
 class TritonLoraBackend(LoraBackend):

@@ -46,17 +46,21 @@ def bgmv_reference(
 
 
 def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str, tables: dict | None = None,
-                  pack=None) -> None:
+                  pack=None, make_table=None) -> None:
     """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of
     `groups` that targets module `name`. Float32 decode-sized runs go to the C kernel
     (`cpu_kernels`), all of a module's runs in one call; `tables` (the CPU backend's, per batch
-    layout) keeps their argument arrays across steps, `pack(a, b)` gives the packed weights."""
+    layout) keeps their argument arrays across steps; `make_table(groups, layer, name)` builds
+    one (default: a RunTable of the groups' runs whose packed weights come from `pack(a, b)`)."""
     fn = kernel_library.kernel() if cpu_kernels.usable(y, x) else None
     if fn is not None:
         table = tables.get((layer, name)) if tables is not None else None
         if table is None:
-            table = cpu_kernels.RunTable((run for group in groups if name in group.modules
-                                          for run in group.cpu_runs(layer, name)), pack)
+            if make_table is not None:
+                table = make_table(groups, layer, name)
+            else:
+                table = cpu_kernels.RunTable((run for group in groups if name in group.modules
+                                              for run in group.cpu_runs(layer, name)), pack)
             if tables is not None:
                 tables[(layer, name)] = table
         if table.fits:

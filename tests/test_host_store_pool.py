@@ -298,6 +298,8 @@ def test_batch_layouts_outlive_loads_of_other_adapters_but_not_an_eviction(env, 
     assert pool.load(store.get("r5b")) and pool.state("r8") is AdapterState.HOST  # back, in r8's slot
     again = layout("r5b")
     assert again is not first and again.groups[0].index.segments[0][2] == pool.slot_of("r5b")[1] != old_slot
+    assert pool.evict("r5b") and pool.load(store.get("r5b"))  # unloaded and back (e.g. new weights, same name)
+    assert layout("r5b") is not again
 
 
 def test_held_slot_never_evicted(env, pool):

@@ -230,12 +230,8 @@ class DevicePool:
                 return False
             slot = min(idle, key=lambda s: s.last_used)
             log.debug("evicting %s from bucket %d slot %d", slot.adapter, slot.bucket, slot.index)
-            del self._where[slot.adapter]
+            self._forget(slot.adapter)
             self.evictions += 1
-            # cached batch metadata names slots by adapter: the evicted one's no longer holds (the
-            # others' slots did not move, so their layouts, and what kernels keep for them, stay)
-            gone = slot.adapter
-            self._batches = {k: v for k, v in self._batches.items() if all(r[2] != gone for r in k[0])}
         slot.adapter, slot.refs, slot.last_used, slot.targets = w.name, 0, next(self._clock), w.targets
         self._where[w.name] = slot
         self._copy_in(bucket, slot, w)
@@ -327,9 +323,17 @@ class DevicePool:
         if slot.copy is not None:
             slot.copy.wait()
             slot.copy = None
-        del self._where[name]
+        self._forget(name)
         slot.adapter = None
         return True
+
+    def _forget(self, name: str) -> None:
+        """Takes the adapter out of the pool's index. Cached batch metadata names slots by
+        adapter: its layouts go (the adapter may come back in another slot, or under its name
+        another adapter); the others' slots did not move, so their layouts, and what kernels
+        keep for them, stay."""
+        del self._where[name]
+        self._batches = {k: v for k, v in self._batches.items() if all(r[2] != name for r in k[0])}
 
     def sort_key(self, name: str | None) -> tuple[int, int]:
         """Orders rows so each bucket, and each adapter inside it, is contiguous (base rows first)."""

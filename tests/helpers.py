@@ -142,3 +142,19 @@ def edit_config(folder, **fields) -> None:
     cfg = json.loads(path.read_text())
     cfg.update(fields)
     path.write_text(json.dumps(cfg))
+
+
+def failing_weight_reads(monkeypatch, *errors: BaseException) -> list:
+    """Makes the next safetensors weight reads raise `errors` (in order), later ones read as
+    usual; returns the queue, to which a test may add more."""
+    import safetensors.torch
+
+    real, queue = safetensors.torch.load_file, list(errors)
+
+    def flaky(*a, **k):
+        if queue:
+            raise queue.pop(0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", flaky)
+    return queue

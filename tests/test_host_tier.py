@@ -178,21 +178,14 @@ def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(env, stor
     fails, the adapter is not marked broken, and the next use reads it again."""
     import errno
 
-    import safetensors.torch
+    from helpers import failing_weight_reads
 
     from caraserve.lora.adapter_files import AdapterReadError
 
     root, args = env
     store = stores(args)
     store.register("a", root / "many" / "a00")
-    real, failures = safetensors.torch.load_file, [OSError(errno.EIO, "Input/output error")]
-
-    def flaky(*a, **k):
-        if failures:
-            raise failures.pop()
-        return real(*a, **k)
-
-    monkeypatch.setattr(safetensors.torch, "load_file", flaky)
+    failures = failing_weight_reads(monkeypatch, OSError(errno.EIO, "Input/output error"))
     with pytest.raises(AdapterReadError, match=r"adapter 'a': cannot read .*Input/output error"):
         store.fetch("a").result(timeout=30)
     assert store.broken("a") is None

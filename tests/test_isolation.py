@@ -117,21 +117,14 @@ def test_an_io_error_on_first_read_fails_that_request_and_the_next_one_reads_aga
     the engine's fault (500), does not mark the adapter broken, and the next request reads again."""
     import errno
 
-    import safetensors.torch
+    from helpers import failing_weight_reads
 
     from caraserve.model.tiny import write_random_adapter
 
     clean, _, _ = run(engine)
     write_random_adapter(tmp_path / "eio-r8", 8, 16, ["q_proj"], seed=3)
     engine.store.register("eio-r8", tmp_path / "eio-r8", confined=False)
-    real, failures = safetensors.torch.load_file, [OSError(errno.EIO, "Input/output error")]
-
-    def flaky(*a, **k):
-        if failures:
-            raise failures.pop()
-        return real(*a, **k)
-
-    monkeypatch.setattr(safetensors.torch, "load_file", flaky)
+    failing_weight_reads(monkeypatch, OSError(errno.EIO, "Input/output error"))
     try:
         tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "eio-r8"))
         assert tokens == clean

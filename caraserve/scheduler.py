@@ -158,6 +158,7 @@ class Scheduler:
             self.pool.acquire(name)
             self.store.hold(name)  # its host copy stays while the device copy or CPU assist needs it
             self._holds.add(req.request_id)
+            req.adapter_read = None  # a read ahead it no longer needs (another request loaded the adapter)
         if self.pool.state(name) is AdapterState.LOADING:
             read = self.store.fetch(name)
             if self.assist is not None and read.done() and self.assist(req, read.result()):

@@ -378,8 +378,9 @@ class Engine:
         """Ends the requests the scheduler could not admit for a reason of their own."""
         outs = []
         for req, e in self.scheduler.take_rejected():
-            if isinstance(e, AdapterReadError):  # the machine's fault, not the caller's: a later use reads again
-                outs.append(self._fail(req, f"adapter {req.adapter!r} could not be read ({e}); retry"))
+            if isinstance(e, AdapterReadError):  # this machine's (a router retries elsewhere); the next use reads again
+                why = f"adapter {req.adapter!r} could not be read ({e}); retry"
+                outs.append(self._fail(req, why, ErrorCause.ENGINE))
             elif isinstance(e, AdapterError):
                 outs.append(self._fail(req, f"adapter {req.adapter!r} cannot be used: {e}", ErrorCause.ADAPTER))
             else:

@@ -270,6 +270,46 @@ def test_tables_of_per_slot_weights_equal_the_reference_and_check_rows_and_width
         cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, (a8, b8), 1.0)])
 
 
+def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
+    """DevicePool.on_write runs on the copy thread while steps add packed weights: dropping a
+    slot's copies must not trip over the engine thread's inserts (a dict changing size while
+    iterated killed the copy thread, leaving its adapter loading forever)."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from caraserve.lora.backend import CpuLoraBackend
+
+    pool_a = torch.zeros(2, 3, 16, 8)  # [L, S, in, R]
+    pool = SimpleNamespace(targets=("q_proj",), on_write=[],
+                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_a)})])
+    backend = CpuLoraBackend(pool)
+    backend._packs = {(i, 0, 0, 0): None for i in range(2000)}
+    stop, errors = threading.Event(), []
+
+    def steps():  # the engine thread: new entries all the time
+        i = 10**6
+        while not stop.is_set():
+            backend._packs[(i, 0, 0, 0)] = None
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    t = threading.Thread(target=steps)
+    t.start()
+    try:
+        for _ in range(50):
+            try:
+                backend._slot_written(0, 1)
+            except RuntimeError as e:
+                errors.append(e)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert not errors
+
+
 def test_pool_writes_reach_the_backend():
     """DevicePool calls its on_write listeners for each slot write (how the backend's caches learn)."""
     from transformers import AutoConfig

@@ -113,8 +113,9 @@ def test_adapter_refused_on_first_read_fails_only_its_request(engine, tmp_path):
 
 
 def test_an_io_error_on_first_read_fails_that_request_and_the_next_one_reads_again(engine, tmp_path, monkeypatch):
-    """A read that fails for a reason that may pass (EIO) fails the request waiting on it with
-    the engine's fault (500), does not mark the adapter broken, and the next request reads again."""
+    """A read that fails for a reason that may pass (EIO) fails the request waiting on it as this
+    machine's fault (ErrorCause.ENGINE: a 500 a router retries on another replica), does not mark
+    the adapter broken, and the next request reads again."""
     import errno
 
     from helpers import failing_weight_reads
@@ -128,7 +129,7 @@ def test_an_io_error_on_first_read_fails_that_request_and_the_next_one_reads_aga
     try:
         tokens, planted, _ = run(engine, ([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), "eio-r8"))
         assert tokens == clean
-        assert planted.error_cause is ErrorCause.REQUEST and "could not be read" in planted.error
+        assert planted.error_cause is ErrorCause.ENGINE and "could not be read" in planted.error
         assert engine.store.broken("eio-r8") is None
         again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), adapters=["eio-r8"])[0]
         assert again.error is None and len(again.output_ids) == 4

@@ -195,9 +195,35 @@ def test_slo_bounds_the_prompt_tokens_a_mixed_step_carries(tmp_path):
         if slo:
             observed = e.perf_model.decode.observed
             e.step()
-            assert e.perf_model.decode.observed == observed + 1  # a mixed step was observed
+            assert e.perf_model.decode.observed == observed  # no prompt-token terms: nothing to learn
         assert e.request(late) is not None
     assert chunks == {2.2: 20, 2.005: e.kv.block_size, 0.0: 100}
+
+
+def test_a_latency_law_with_prompt_token_terms_learns_from_mixed_steps(tmp_path):
+    import json
+
+    import numpy as np
+
+    from caraserve.config import SchedulerConfig
+    from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
+
+    rng = np.random.default_rng(0)
+    dec = [(DecodeFeatures.of([16] * int(b), [int(t)], [16]), 0.002 + 1e-4 * b + 1e-5 * t)
+           for b, t in zip(rng.integers(1, 9, 40), rng.integers(0, 200, 40))]
+    pre = [(PrefillFeatures.of([int(t)], [16]), 0.001 + 1e-5 * t) for t in rng.integers(8, 200, 20)]
+    model = PerfModel.fit(dec, pre, make_header("test", "tiny", "float32"))
+    assert "tokens" in model.decode.terms
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps({"model": model.to_dict()}))
+    e = engine(max_tokens_per_step=256, scheduler=SchedulerConfig(slo_ms=1000.0, perf_model=str(path)))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for p, a in zip(PROMPTS[:3], ADAPTERS[:3]):
+        e.add_request(p, params, a)
+    e.step()
+    e.add_request(list(range(5, 105)), params, "demo-r32")
+    e.step()  # three decode rows and the new prompt
+    assert e.perf_model.decode.observed == 1
 
 
 def test_mixed_steps_give_the_tokens_of_separate_steps():

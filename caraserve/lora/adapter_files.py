@@ -50,7 +50,8 @@ _LASTING = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectory
 
 def read_failed(name: str, what: str, path: Path, e: BaseException) -> AdapterError:
     """The error of a failed open or read of `path`: AdapterReadError when it may pass."""
-    kind = AdapterReadError if isinstance(e, OSError) and not isinstance(e, _LASTING) else AdapterError
+    passing = isinstance(e, MemoryError) or (isinstance(e, OSError) and not isinstance(e, _LASTING))
+    kind = AdapterReadError if passing else AdapterError
     return kind(f"adapter {name!r}: {what} {path} ({e})")
 
 

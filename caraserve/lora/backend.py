@@ -114,6 +114,9 @@ class TorchLoraBackend(LoraBackend):
         sgmv_reference(y, x, a, b, group.scale, group.index)
 
 
+MISSING = object()
+
+
 class CpuLoraBackend(LoraBackend):
     """CPU: every adapter's rows of a module in one call of the C kernel (`add_lora_runs`; torch's
     GEMMs for long prompt segments or where the kernel is unavailable). Steps reach it through the
@@ -152,17 +155,18 @@ class CpuLoraBackend(LoraBackend):
         written = set()  # addresses of the slot's A views, one per (module, layer)
         for a, _ in self.pool.buckets[bucket].weights.values():
             written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
-        self._packs = {k: v for k, v in self._packs.items() if k[0] not in written}
+        # This runs on the copy thread while the engine thread may add entries: list() takes the
+        # items in one step (no Python code runs inside it), and the dict is replaced whole.
+        self._packs = {k: v for k, v in list(self._packs.items()) if k[0] not in written}
 
     def _weights(self, a: torch.Tensor, b: torch.Tensor) -> KernelWeights | None:
         """The kernel's form of the slot views a [in, R], b [R, out], made (packed and checked)
         once per slot until the pool writes that slot again."""
         key = (a.data_ptr(), a.shape[0], a.shape[1], b.shape[1])
-        try:
-            return self._packs[key]
-        except KeyError:
-            w = self._packs[key] = KernelWeights.of(a, b, packed)
-            return w
+        packs = self._packs  # one dict throughout: the copy thread may replace it (_slot_written)
+        if key not in packs:
+            packs[key] = KernelWeights.of(a, b, packed)
+        return packs[key]
 
     def _pack(self, a: torch.Tensor, b: torch.Tensor):
         """Packed copies of the slot views a and b, or None (the `pack` of a generic RunTable)."""
@@ -184,7 +188,9 @@ class CpuLoraBackend(LoraBackend):
                 if g.slot_targets and name not in g.slot_targets[slot]:
                     continue
                 key = (base + slot * step, la.shape[1], la.shape[2], lb.shape[2])
-                w = self._packs[key] if key in self._packs else self._weights(la[slot], lb[slot])
+                w = self._packs.get(key, MISSING)
+                if w is MISSING:
+                    w = self._weights(la[slot], lb[slot])
                 runs.append((start, start + count, w, g.host_scale[slot]))
         return RunTable.of_weights(*(widths or (0, 0)), runs)
 

@@ -15,7 +15,8 @@ and lead a router to overpack.
 Mixed steps (decode rows plus prefill chunks in one step) are decode steps with prompt tokens:
 their features add the step's prefill tokens and sum(chunk_tokens x rank). A decode fit profiled
 with mixed steps has terms for them; one that was not adds the prefill law's per-token cost (its
-prediction less its fixed part) and learns only the decode part of the mixed steps it observes.
+prediction less its fixed part) and learns nothing from the mixed steps it observes (what it
+would learn is the prefill law's error, which no online refit corrects).
 
 All times are seconds. Nothing here imports torch: the model is shared by the engine's scheduler
 and the cluster policies and must load in a router process.
@@ -145,10 +146,11 @@ class PerfModel:
         split seeded by `seed`."""
         rng = np.random.default_rng(seed)
         fits = []
-        if not any(f.prefill_tokens for f, _ in decode_samples):  # no mixed steps: nothing to fit them by
-            decode_candidates = tuple(c for c in DECODE_CANDIDATES if "tokens" not in c)
-        else:
-            decode_candidates = DECODE_CANDIDATES
+        # Samples with mixed steps are fitted by laws with prompt-token terms only (a law without
+        # them would fold the prompts' cost into its other terms, and prediction adds it again);
+        # samples without them by laws without (nothing to fit the terms by).
+        mixed = any(f.prefill_tokens for f, _ in decode_samples)
+        decode_candidates = tuple(c for c in DECODE_CANDIDATES if ("tokens" in c) == mixed)
         for samples, candidates in ((decode_samples, decode_candidates), (prefill_samples, PREFILL_CANDIDATES)):
             vectors = [bucket_rank(f.vector(), tuple(rank_buckets)) for f, _ in samples]
             fits.append(select_fit(vectors, [s for _, s in samples], candidates, rng, test_fraction))
@@ -255,10 +257,8 @@ class PerfModel:
             raise ValueError(f"observed seconds={seconds} must be positive")
         fit = self.decode if isinstance(features, DecodeFeatures) else self.prefill
         v = bucket_rank(features.vector(), self.rank_buckets)
-        if fit is self.decode:
-            seconds -= self._unmodelled_prefill_s(v)  # the decode law learns its own part only
-            if seconds <= 0:
-                return
+        if fit is self.decode and v[3] > 0 and not fit.uses("tokens"):
+            return  # a mixed step, and a law with no terms for its prompt tokens: nothing to learn
         fit.observe(v, float(seconds), self.forgetting)
         self._memo.clear()
 

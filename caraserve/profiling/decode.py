@@ -48,8 +48,14 @@ def sweep(engine, batch_sizes: list[int], ranks: list[int], prompt_tokens: list[
           progress=None) -> list[dict]:
     """Rows {kind: decode|prefill|mixed, mix, batch_size, ranks, max_rank, sum_ranks, prompt_tokens,
     seconds}; mixed rows also {prefill_tokens, chunk_rank} of the prompt the decode step carried."""
-    if engine.config.prefix_caching or not engine.config.scheduler.mixed_steps:
-        raise ValueError("the latency sweep needs engine.prefix_caching=false and scheduler.mixed_steps=true")
+    cfg = engine.config
+    if cfg.prefix_caching or not cfg.scheduler.mixed_steps or cfg.scheduler.slo_ms > 0:
+        raise ValueError("the latency sweep needs engine.prefix_caching=false, scheduler.mixed_steps=true and no "
+                         "scheduler.slo_ms (every prompt computed whole, in the step it is timed in)")
+    need = max(max(batch_sizes) * max(prompt_tokens), max(batch_sizes) + max(prompt_tokens))
+    if cfg.max_tokens_per_step < need:
+        raise ValueError(f"the latency sweep needs engine.max_tokens_per_step >= {need} (a batch's prompts, or a "
+                         "batch's decode rows and one prompt, in one step)")
     rows, registered = [], set()
     for mix_name, mix in rank_mixes(ranks).items():
         for bs in batch_sizes:

@@ -1,7 +1,7 @@
 """Adapters per replica: the server with N generated adapters, from start-up to a Zipf workload.
 
     python scripts/bench_adapter_scale.py [--sizes 4,1000,5000] [--budget-size 1000 --budget-frac 0.1]
-        [--requests 300] [--clients 6] [--output-tokens 32] [--workdir DIR] [--out PATH]
+        [--requests 300] [--clients 6] [--output-tokens 32] [--rounds 1] [--workdir DIR] [--out PATH]
     python scripts/bench_adapter_scale.py --startup-only [--sizes 4,5000] [--repeat 3]
 
 For every N it writes N random PEFT adapters for the embedded tiny model (ranks 8/16/32/64 in
@@ -14,9 +14,10 @@ starts `python -m caraserve.serve adapters.dir=<those>` on a free loopback port 
              Zipf-like over all N adapters (scripts/bench_serve.py's driver and summary), after a
              warm-up of 2 x --clients requests to the base model (no adapter is read early)
 The last run repeats --budget-size with `adapters.host_mem_bytes` at --budget-frac of those
-adapters' bytes (the unbounded run of that size is its peer). One run per configuration: the
-targets are ratios within this run (N=5000 vs N=4, bounded vs unbounded). A table goes to stdout,
-everything to --out with a provenance header.
+adapters' bytes (the unbounded run of that size is its peer). The targets are ratios within this
+run (N=5000 vs N=4, bounded vs unbounded). With --rounds K every configuration runs K times, in
+alternating order, and the table holds each figure's median (every round's figures and ratios
+are kept too). A table goes to stdout, everything to --out with a provenance header.
 --startup-only starts and stops each server --repeat times, measuring start-up alone (the median
 counts; no listing, no workload, no bounded run) and writes --out only when it is given.
 """
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,13 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an extra override for every server, e.g. adapters.device_slots=8 (repeatable)")
     p.add_argument("--startup-only", action="store_true", help="measure start-up alone (see above)")
     p.add_argument("--repeat", type=int, default=3, help="start-ups per size with --startup-only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="full runs: every configuration this many times, in alternating order; medians reported")
     p.add_argument("--out", default=None, help="default: profiles/cpu/bench_adapter_scale.json (full runs only)")
     args = p.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if not args.sizes or min(args.sizes) < 1 or args.requests < 1 or args.clients < 1:
         p.error("--sizes must be positive counts; --requests and --clients >= 1")
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.rounds < 1:
+        p.error("--repeat and --rounds must be at least 1")
     if args.out is None and not args.startup_only:
         args.out = "profiles/cpu/bench_adapter_scale.json"
     if not 0 < args.budget_frac <= 1:
@@ -208,6 +214,28 @@ def startup_only(args, tmp: Path) -> tuple[list[dict], dict]:
     return runs, ratios
 
 
+MEDIAN_KEYS = ("startup_s", "rss_start_kb", "rss_peak_kb", "models_list_s", "tokens_per_s", "ttft_p50_s",
+               "ttft_p99_s")
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One configuration's rounds as one row: the median of each figure, errors summed, the
+    rounds kept."""
+    if len(runs) == 1:
+        return runs[0]
+    row = {k: v for k, v in runs[0].items() if k != "summary"}
+    for k in MEDIAN_KEYS:
+        row[k] = statistics.median(r[k] for r in runs)
+    row["errors"] = sum(r["errors"] for r in runs)
+    row["rounds"] = runs
+    return row
+
+
+def report_quiet(runs: list[dict]) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return report(runs)
+
+
 def report(runs: list[dict]) -> dict:
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -243,11 +271,21 @@ def main(argv=None) -> int:
         if args.startup_only:
             runs, ratios = startup_only(args, Path(tmp))
         else:
-            runs = [one_config(args, n, 0, Path(tmp)) for n in args.sizes]
+            configs = [(n, 0) for n in args.sizes]
             if args.budget_size:
                 budget = max(1, int(folder_bytes(adapters_dir(args, args.budget_size)) * args.budget_frac))
-                runs.append(one_config(args, args.budget_size, budget, Path(tmp)))
+                configs.append((args.budget_size, budget))
+            rounds = []
+            for r in range(args.rounds):  # alternating order: a drifting machine weighs on every configuration
+                order = configs if r % 2 == 0 else configs[::-1]
+                done = {cfg: one_config(args, *cfg, Path(tmp)) for cfg in order}
+                rounds.append([done[cfg] for cfg in configs])
+            runs = [median_run([rnd[i] for rnd in rounds]) for i in range(len(configs))]
             ratios = report(runs)
+            if args.rounds > 1:
+                ratios["per_round"] = [report_quiet(rnd) for rnd in rounds]
+                print("per round:", ", ".join(f"{k} " + "/".join(f"{r[k]:.2f}" for r in ratios["per_round"])
+                                              for k in ratios["per_round"][0]))
     if args.out is None:  # --startup-only without --out
         return 0
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

@@ -156,6 +156,22 @@ def test_nan_adapter_registers_and_is_refused_on_first_use(env, stores, tmp_path
     assert store.broken("nan") is None and "nan" not in store
 
 
+def test_huge_finite_weights_are_not_taken_for_inf(env, stores, tmp_path):
+    """The first read checks values through a sum per module; weights whose sum overflows to Inf
+    while every value is finite are accepted (the exact check decides)."""
+    root, args = env
+    folder = shutil.copytree(root / "many" / "a00", tmp_path / "huge")
+    t = load_file(str(folder / ST))
+    key = next(k for k in sorted(t) if "lora_B" in k)
+    t[key] = t[key].clone()
+    t[key][0, :2] = 3e38  # finite in float32; their sum is not
+    save_file(t, str(folder / ST))
+    store = stores(args)
+    store.register("huge", folder)
+    w = store.get("huge")
+    assert store.broken("huge") is None and torch.isfinite(torch.cat([b.flatten() for b in w.b.values()])).all()
+
+
 def test_files_changed_or_vanished_after_registration_refused_on_read(env, stores, tmp_path):
     root, args = env
     store = stores(args)

@@ -205,18 +205,25 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     tensors = read_weights(name, real, limits, header_only=False)
     layout = _layout(name, cfg, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
     out_a, out_b = {}, {}
+    covered: dict[str, int] = {}
+    for _, module in layout.pairs:
+        covered[module] = covered.get(module, 0) + 1
     for module, r in layout.ranks.items():  # stacked per module, zeros in untouched layers
         fan_in, fan_out = model_args.module_shape(module)
-        out_a[module] = torch.zeros(model_args.num_layers, fan_in, r)
-        out_b[module] = torch.zeros(model_args.num_layers, r, fan_out)
+        new = torch.empty if covered.get(module) == model_args.num_layers else torch.zeros
+        out_a[module] = new(model_args.num_layers, fan_in, r)
+        out_b[module] = new(model_args.num_layers, r, fan_out)
     for (layer, module), (_, ka, kb, _) in layout.pairs.items():
         out_a[module][layer] = tensors[ka].t()
         out_b[module][layer] = tensors[kb].t()
-    # one check per stacked module instead of one per tensor (the reads run beside the steps);
-    # the per-tensor check then only names the culprit
-    if not all(bool(torch.isfinite(t).all()) for t in (*out_a.values(), *out_b.values())):
+    # The reads run beside the steps, so the values are checked in one pass per stacked module
+    # without allocating: a sum is finite when every value is (huge finite values may overflow
+    # it: then the exact check decides, and the per-tensor one names the culprit).
+    stacked = (*out_a.values(), *out_b.values())
+    if not all(bool(torch.isfinite(t.sum())) for t in stacked) and \
+            not all(bool(torch.isfinite(t).all()) for t in stacked):
         _check_finite(name, layout, tensors)
-        raise AdapterError(f"adapter {name!r}: holds NaN or Inf values")
+        raise AdapterError(f"adapter {name!r}: holds values beyond float32's range")
     for (layer, module), (*_, ratio) in layout.pairs.items():
         if ratio != 1.0:
             out_b[module][layer] *= ratio

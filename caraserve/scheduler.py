@@ -16,9 +16,11 @@ With CPU assist, a request whose adapter is still being copied is admitted for p
 (its LoRA delta computed on the CPU) and decodes once the copy has landed.
 
 Admission is FCFS with skip-ahead: a request whose adapter is still being copied to the device,
-or whose rank bucket has no free slot, waits without holding back requests behind it. To keep
-it from starving, once the oldest such request is blocked on a full bucket, no younger request
-may take a slot of that bucket (the bucket drains as running requests finish).
+or that finds no slot (every slot of its rank bucket and of the larger ones held by running
+requests; DevicePool.load spills into a larger bucket when its own is held), waits without
+holding back requests behind it. To keep it from starving, once the oldest such request is
+blocked, no younger request may take a slot of the buckets it could use (they drain as running
+requests finish).
 
 Rank-bucket grouping (`max_passed_over` not None): when more requests wait than the batch has
 room for, those whose rank bucket the running batch already has (or base-model ones) are taken
@@ -152,8 +154,9 @@ class Scheduler:
                     req.adapter_read = read
                     return False
                 req.adapter_read = None
-                if not self.pool.load(read.result()):
-                    blocked_buckets.add(bucket)
+                if not self.pool.load(read.result(), avoid=blocked_buckets):
+                    # it could use a slot of any bucket from its own up: younger requests take none
+                    blocked_buckets.update(range(bucket, len(self.pool.rank_buckets)))
                     return False
             self.pool.acquire(name)
             self.store.hold(name)  # its host copy stays while the device copy or CPU assist needs it

@@ -115,10 +115,15 @@ def test_state_machine_and_no_eviction_during_assisted_prefill(catalogue):
     req = engine.request(rid)
     assert pool.state("demo-r32") is AdapterState.LOADING and req.cpu_assisted
     assert req.state is RequestState.DECODE and len(req.output_ids) == 1
-    # the only rank-32 slot is held: another rank-32 adapter can neither evict it nor load
+    # the only rank-32 slot is held: another rank-32 adapter cannot evict it (it takes the larger
+    # bucket's slot), and with that one held too it cannot load
     other = engine.store.get("only-gate_proj")  # rank 24 -> bucket 32
     assert pool.bucket_for(other.rank) == pool.slot_of("demo-r32")[0]
-    assert not pool.load(other)
+    larger = set(range(pool.bucket_for(other.rank) + 1, len(pool.rank_buckets)))
+    assert not pool.load(other, avoid=larger)
+    assert pool.load(other) and pool.slot_of("only-gate_proj")[0] in larger
+    assert pool.state("demo-r32") is not AdapterState.HOST  # not evicted
+    assert pool.evict("only-gate_proj")
     assert not engine.step()  # nothing to decode until the copy lands
     deadline = time.time() + 30
     while pool.state("demo-r32") is not AdapterState.RESIDENT and time.time() < deadline:
@@ -127,7 +132,7 @@ def test_state_machine_and_no_eviction_during_assisted_prefill(catalogue):
     assert pool.state("demo-r32") is AdapterState.RESIDENT
     while engine.has_unfinished():
         engine.step()
-    assert pool.load(other)  # released: now it can take the slot
+    assert pool.load(other, avoid=larger) and pool.slot_of("only-gate_proj")[0] == pool.bucket_for(other.rank)
 
 
 def test_auto_uses_the_cpu_only_when_the_plan_says_it_pays():

@@ -313,18 +313,33 @@ def test_held_slot_never_evicted(env, pool):
     pool.acquire("r8")  # both slots held now
     before = {n: pool.slot_of(n) for n in ("r5", "r8")}
     loads, evictions = pool.loads, pool.evictions
-    assert pool.load(store.get("r5b")) is False
+    larger = {1, 2}  # the rank-16 and rank-32 buckets, which could take it zero-padded
+    assert pool.load(store.get("r5b"), avoid=larger) is False
     assert pool.state("r5b") is AdapterState.HOST
     assert {n: pool.slot_of(n) for n in ("r5", "r8")} == before
     assert (pool.loads, pool.evictions) == (loads, evictions)
     # a second hold on r5: one release is not enough
     pool.acquire("r5")
     pool.release("r5")
-    assert pool.load(store.get("r5b")) is False
+    assert pool.load(store.get("r5b"), avoid=larger) is False
     pool.release("r5")
-    assert pool.load(store.get("r5b")) is True
+    assert pool.load(store.get("r5b"), avoid=larger) is True
     assert pool.state("r5") is AdapterState.HOST and pool.slot_of("r5b") == before["r5"]
     assert pool.state("r8") is AdapterState.RESIDENT
+
+
+def test_a_held_bucket_spills_into_a_larger_one(env, pool):
+    """Every slot of its own bucket held by running requests: the adapter takes a larger bucket's
+    slot (zero-padded, the same delta) rather than wait; False only when those are held too."""
+    _, _, store = env
+    for name in ("r5", "r5b"):
+        assert pool.load(store.get(name))
+        pool.acquire(name)
+    assert pool.load(store.get("r8")) and pool.slot_of("r8")[0] == 1  # bucket 0 held: the rank-16 one
+    w = store.get("r8")
+    a = pool.buckets[1].weights["q_proj"][0][:, pool.slot_of("r8")[1]]  # [L, in, 16]
+    assert torch.equal(a[..., : w.rank], w.a["q_proj"]) and not a[..., w.rank:].any()
+    assert pool.evictions == 0 and pool.spills == 1
 
 
 def test_evict_refuses_while_held(env, pool):

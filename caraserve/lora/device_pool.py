@@ -147,6 +147,7 @@ class DevicePool:
         self.on_write: list = []
         self.loads = 0
         self.evictions = 0
+        self.spills = 0  # loads into a larger bucket than the adapter's own (its own was held)
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.emulate_copy_gbps = 0.0 if cuda else emulate_copy_gbps
@@ -216,19 +217,27 @@ class DevicePool:
     def used_slots(self) -> int:
         return len(self._where)
 
-    def load(self, w: LoraWeights) -> bool:
-        """Starts copying `w` into a slot (no-op when already there). False when every slot of its
-        bucket is held by running requests."""
+    def load(self, w: LoraWeights, avoid: frozenset[int] | set[int] = frozenset()) -> bool:
+        """Starts copying `w` into a slot (no-op when already there). Its own rank bucket first (a
+        free slot, else the least recently used idle one); when every slot there is held by
+        running requests, a larger bucket's (zero-padded to that rank: the same delta, more
+        work), except the buckets in `avoid`. False when all of them are held."""
         if w.name in self._where:
             return True
         self.check(w)
-        bucket = self.buckets[self.bucket_for(w.rank)]
-        slot = next((s for s in bucket.slots if s.adapter is None), None)
+        home = self.bucket_for(w.rank)
+        slot = None
+        for b in range(home, len(self.buckets)):
+            if b != home and b in avoid:
+                continue
+            slot = self._free_or_idle(self.buckets[b])
+            if slot is not None:
+                break
         if slot is None:
-            idle = [s for s in bucket.slots if s.refs == 0 and s.copy is None]
-            if not idle:
-                return False
-            slot = min(idle, key=lambda s: s.last_used)
+            return False
+        self.spills += slot.bucket != home
+        bucket = self.buckets[slot.bucket]
+        if slot.adapter is not None:
             log.debug("evicting %s from bucket %d slot %d", slot.adapter, slot.bucket, slot.index)
             self._forget(slot.adapter)
             self.evictions += 1
@@ -237,6 +246,15 @@ class DevicePool:
         self._copy_in(bucket, slot, w)
         self.loads += 1
         return True
+
+    @staticmethod
+    def _free_or_idle(bucket: _Bucket) -> _Slot | None:
+        """A free slot of the bucket, else its least recently used one no request holds."""
+        slot = next((s for s in bucket.slots if s.adapter is None), None)
+        if slot is None:
+            idle = [s for s in bucket.slots if s.refs == 0 and s.copy is None]
+            slot = min(idle, key=lambda s: s.last_used) if idle else None
+        return slot
 
     def _copy_in(self, bucket: _Bucket, slot: _Slot, w: LoraWeights) -> None:
         s = slot.index

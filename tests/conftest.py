@@ -25,3 +25,14 @@ def _tiny_cache(tmp_path_factory):
     """Every test session builds the embedded default in its own cache unless one is given."""
     if "CARASERVE_CACHE" not in os.environ:
         os.environ["CARASERVE_CACHE"] = str(tmp_path_factory.mktemp("caraserve-cache"))
+
+
+@pytest.fixture(scope="module")
+def fn():
+    """The CPU LoRA kernel's entry point (the C library built for this machine)."""
+    from caraserve import kernel_library
+
+    f = kernel_library.kernel()
+    if f is None:
+        pytest.fail("the CPU LoRA kernel did not build (is a C compiler installed?)")
+    return f

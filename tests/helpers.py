@@ -158,3 +158,11 @@ def failing_weight_reads(monkeypatch, *errors: BaseException) -> list:
 
     monkeypatch.setattr(safetensors.torch, "load_file", flaky)
     return queue
+
+
+def lora_reference(y, x, runs):
+    """y + scale * (x A) B over each (start, end, A, B, scale) run's rows, in float64."""
+    out = y.double().clone()
+    for start, end, a, b, scale in runs:
+        out[start:end] += scale * (x[start:end].double() @ a.double()) @ b.double()
+    return out

@@ -1,0 +1,168 @@
+"""The CPU LoRA backend's caches: packed kernel weights made once per slot and dropped when the
+pool writes that slot (on the copy thread), and kernel tables kept per step layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import lora_reference as reference
+
+from caraserve import cpu_kernels
+
+
+def test_packed_copies_follow_writes_into_the_pool(fn):
+    """Runs of rank and width multiples of 8 read packed copies, which the CPU LoRA backend makes
+    once per slot; a write into a slot of the pool (a new adapter) drops that slot's copies, so
+    the next table repacks it instead of reading stale weights, and keeps the other slots'."""
+    from types import SimpleNamespace
+
+    from caraserve.lora.backend import CpuLoraBackend
+
+    g = torch.Generator().manual_seed(11)
+    pool_a, pool_b = torch.randn(2, 3, 32, 16, generator=g), torch.randn(2, 3, 16, 24, generator=g)  # [L, S, ...]
+    pool = SimpleNamespace(targets=("q_proj",), on_write=[],
+                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_b)})])
+    backend = CpuLoraBackend(pool)
+    x, y0 = torch.randn(6, 32, generator=g), torch.randn(6, 24, generator=g)
+
+    def run_once(layer=1):
+        runs = [(0, 3, pool_a[layer][1], pool_b[layer][1], 0.5), (3, 6, pool_a[layer][2], pool_b[layer][2], 2.0)]
+        table = cpu_kernels.RunTable(runs, backend._pack)
+        y = y0.clone()
+        table.apply(fn, y, x)
+        assert torch.allclose(y.double(), reference(y0, x, runs), rtol=1e-5, atol=1e-5)
+        return table
+
+    table, other_layer = run_once(), run_once(layer=0)
+    assert [table.array[i].packed for i in range(2)] == [1, 1]
+    assert run_once().array[0].a == table.array[0].a  # the same packed copy, not a new one
+    pool_a[:, 2].copy_(torch.randn(2, 32, 16, generator=g))  # another adapter lands in slot 2 ...
+    pool_b[:, 2].zero_()
+    for notify in pool.on_write:  # ... and the pool says so
+        notify(0, 2)
+    again = run_once()
+    assert again.array[1].a != table.array[1].a  # slot 2 repacked (run_once checked its new weights)
+    assert again.array[0].a == table.array[0].a  # slot 1 untouched: its copy kept
+    assert run_once(layer=0).array[1].a != other_layer.array[1].a  # every layer of slot 2
+    odd = cpu_kernels.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
+    assert odd.fits and odd.array[0].packed == 0
+
+
+def test_tables_of_per_slot_weights_equal_the_reference_and_check_rows_and_widths(fn):
+    """RunTable.of_weights (the CPU backend's per-layout tables over weights made once per slot)
+    computes the reference, falls back (fits False) where the kernel cannot take a run, and
+    refuses rows and widths that do not fit."""
+    g = torch.Generator().manual_seed(5)
+    a8, b8 = torch.randn(32, 8, generator=g), torch.randn(8, 24, generator=g)  # packed
+    a12, b12 = torch.randn(32, 12, generator=g), torch.randn(12, 24, generator=g)  # rank 12: not packed
+    w8, w12 = cpu_kernels.KernelWeights.of(a8, b8), cpu_kernels.KernelWeights.of(a12, b12)
+    assert w8.packed and not w12.packed and (w8.in_features, w8.out_features) == (32, 24)
+    x, y0 = torch.randn(5, 32, generator=g), torch.randn(5, 24, generator=g)
+    table = cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 0.5), (2, 5, w12, 2.0)])
+    y = y0.clone()
+    table.apply(fn, y, x)
+    assert torch.allclose(y.double(), reference(y0, x, [(0, 2, a8, b8, 0.5), (2, 5, a12, b12, 2.0)]), atol=1e-5)
+    assert cpu_kernels.KernelWeights.of(a8.double(), b8.double()) is None  # not the kernel's dtype
+    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 1.0), (1, 3, w8, 1.0)]).fits  # shared rows
+    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, None, 1.0)]).fits
+    with pytest.raises(ValueError, match="not a range"):
+        cpu_kernels.RunTable.of_weights(32, 24, [(3, 2, w8, 1.0)])
+    with pytest.raises(ValueError, match="widths"):
+        cpu_kernels.RunTable.of_weights(32, 16, [(0, 2, w8, 1.0)])
+    with pytest.raises(ValueError, match="KernelWeights"):
+        cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, (a8, b8), 1.0)])
+
+
+def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
+    """DevicePool.on_write runs on the copy thread while steps add packed weights: dropping a
+    slot's copies must not trip over the engine thread's inserts (a dict changing size while
+    iterated killed the copy thread, leaving its adapter loading forever)."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from caraserve.lora.backend import CpuLoraBackend
+
+    pool_a = torch.zeros(2, 3, 16, 8)  # [L, S, in, R]
+    pool = SimpleNamespace(targets=("q_proj",), on_write=[],
+                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_a)})])
+    backend = CpuLoraBackend(pool)
+    backend._packs = {(i, 0, 0, 0): None for i in range(2000)}
+    stop, errors = threading.Event(), []
+
+    def steps():  # the engine thread: new entries all the time
+        i = 10**6
+        while not stop.is_set():
+            backend._packs[(i, 0, 0, 0)] = None
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    t = threading.Thread(target=steps)
+    t.start()
+    try:
+        for _ in range(50):
+            try:
+                backend._slot_written(0, 1)
+            except RuntimeError as e:
+                errors.append(e)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert not errors
+
+
+def test_pool_writes_reach_the_backend():
+    """DevicePool calls its on_write listeners for each slot write (how the backend's caches learn)."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    writes = []
+    pool.on_write.append(lambda bucket, slot: writes.append((bucket, slot)))
+    assert pool.load(store.get("demo-r16"))
+    assert writes and {bucket for bucket, _ in writes} == {1}  # rank 16's bucket, one slot of it
+    assert len({slot for _, slot in writes}) == 1
+
+
+def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written_slot():
+    """Kernel tables belong to the prepared layout: a write into a slot the layout does not read
+    (another tenant's adapter landing) keeps them, a write into one it reads drops them."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import CpuLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    backend = CpuLoraBackend(pool)
+    assert pool.load(store.get("demo-r16"))
+    pool.poll()
+    lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")
+    backend.prepare(lora)
+    x = torch.randn(1, args.hidden_size)
+    y = torch.zeros(1, args.module_shape("q_proj")[1])
+    backend.run_prepared(y, x, 0, "q_proj")
+    tables = backend._tables
+    assert tables and y.abs().sum() > 0
+    assert pool.load(store.get("demo-r8"))  # another bucket's slot written
+    assert backend._tables is tables and backend._tables
+    bucket, slot = pool.slot_of("demo-r16")
+    for notify in pool.on_write:  # the prepared layout's own slot written
+        notify(bucket, slot)
+    assert not backend._tables

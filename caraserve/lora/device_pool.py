@@ -269,9 +269,8 @@ class DevicePool:
                 paced = _PacedCopy(writes, w.nbytes / (self.emulate_copy_gbps * 1e9),
                                    (lambda g: gate(w.name, g)) if gate is not None else None)
                 slot.copy = _Copy(paced.markers, ends)
-            else:
-                for write in writes:
-                    write()
+            else:  # one write over every layer: nothing reads the slot before the copy returns
+                self._write(bucket, s, w, 0, self.num_layers, True)
             return
         # The compute stream may still read the evicted adapter: order the overwrite after it.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -292,14 +291,17 @@ class DevicePool:
             else:
                 parts = [(a[l0:l1, s], b[l0:l1, s], slice(l0, l1))]
             for da, db, layers in parts:  # da [(l,) in, R], db [(l,) R, out]
-                da.zero_()
-                db.zero_()
-                if host_a is None:
+                if host_a is None:  # a module the adapter leaves alone adds nothing
+                    da.zero_()
+                    db.zero_()
                     continue
                 ha, hb = host_a[layers], host_b[layers]  # [(l,) in, r], [(l,) r, out]
                 r = ha.shape[-1]
                 da[..., :r].copy_(ha, non_blocking=True)
                 db[..., :r, :].copy_(hb, non_blocking=True)
+                if r < da.shape[-1]:  # the padding up to the bucket's rank adds nothing either
+                    da[..., r:].zero_()
+                    db[..., r:, :].zero_()
         if with_scale:
             bucket.scale[s].fill_(w.scale)
         index = self.buckets.index(bucket)

@@ -44,6 +44,56 @@ def test_a_disk_read_in_flight_never_stalls_a_running_decode(monkeypatch):
     engine.abort(base)
 
 
+def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_busy(monkeypatch):
+    """The read of a request's adapter starts as the request arrives, not when the engine thread
+    next schedules: it overlaps the step in progress (here a command holding the engine thread)."""
+    import asyncio
+
+    from caraserve.serve.async_engine import AsyncEngine
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256))
+    real_load = host_store.load_adapter
+    started = threading.Event()
+
+    def load(path, args, name, *a, **kw):
+        started.set()
+        return real_load(path, args, name, *a, **kw)
+
+    monkeypatch.setattr(host_store, "load_adapter", load)
+    service = AsyncEngine(engine, 8)
+    service.start()
+    busy, release = threading.Event(), threading.Event()
+    try:
+        service._call(lambda: (busy.set(), release.wait(10)))  # the engine thread is in a "step"
+        assert busy.wait(10)
+
+        async def submit():
+            task = asyncio.ensure_future(service.submit([1, 8, 9], SamplingParams(max_tokens=2, temperature=0),
+                                                        "demo-r64", "cold"))
+            read_early = await asyncio.to_thread(started.wait, 10)
+            release.set()  # the "step" ends; the request is added and runs
+            queue = await task
+            while not (out := await queue.get()).finished:
+                pass
+            return read_early, out
+
+        read_early, out = asyncio.run(submit())
+    finally:
+        release.set()
+        service.stop()
+    assert read_early and out.error is None and len(out.output_ids) == 2
+    # a resident adapter, an unknown name or a queue as long as the batch start nothing
+    started.clear()
+    engine.scheduler.read_ahead("demo-r64")
+    engine.scheduler.read_ahead("no-such-adapter")
+    engine.scheduler.waiting.extend([object()] * 2)
+    engine.scheduler.read_ahead("demo-r8")
+    engine.scheduler.waiting.clear()
+    assert not started.wait(0.2) and not engine.store.ready("demo-r8")
+    engine.scheduler.read_ahead("demo-r8")  # room in the queue: the read starts
+    assert started.wait(10)
+
+
 def test_start_up_heap_is_frozen_and_pauses_are_timed():
     pauses = []
     monitor = GcMonitor(lambda gen, s: pauses.append((gen, s)))

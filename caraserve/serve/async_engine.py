@@ -102,6 +102,9 @@ class AsyncEngine:
             self._waiters[request_id] = waiter
             self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
 
+        if adapter is not None:  # its read overlaps the step in progress (the add waits for it to end)
+            self.engine.scheduler.read_ahead(adapter)
+
         def add():
             try:
                 self.engine.add_request(prompt_ids, params, adapter, request_id, after)

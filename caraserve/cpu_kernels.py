@@ -21,6 +21,7 @@ from __future__ import annotations
 import operator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from caraserve import kernel_library
@@ -28,6 +29,7 @@ from caraserve.kernel_library import LoraRun
 
 MAX_RANK = 1024  # the kernel's block buffer (csrc/lora_cpu.c)
 MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, which win there
+RUN_RECORD = np.dtype(LoraRun)  # the kernel's lora_run as a numpy record, field for field
 
 
 def _checked_run(i: int, run) -> tuple[int, int, torch.Tensor, torch.Tensor, float]:
@@ -163,6 +165,68 @@ class RunTable:
         if self.end_row > rows:
             raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
         rc = fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, self.in_features, self.out_features, self.array, self.n)
+        if rc == -2:
+            raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
+        if rc:
+            raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
+
+
+def run_records(weights: list[KernelWeights]) -> np.ndarray:
+    """LoraRun records of the weights (rows and scale zero: a step layout sets them)."""
+    rec = np.zeros(len(weights), RUN_RECORD)
+    for field, values in (("a", [w.a.data_ptr() for w in weights]), ("b", [w.b.data_ptr() for w in weights]),
+                          ("rank", [w.rank for w in weights]), ("a_in", [w.in_features for w in weights]),
+                          ("b_out", [w.out_features for w in weights]), ("a_len", [w.a.numel() for w in weights]),
+                          ("b_len", [w.b.numel() for w in weights]), ("packed", [w.packed for w in weights])):
+        rec[field] = values
+    return rec
+
+
+class StepRuns:
+    """The kernel's runs of one step layout for every (layer, module) at once: records [L, M, n],
+    entry [l, m, j] segment j's run of module m at layer l. A segment whose adapter leaves a
+    module alone has an empty row range there. Built from per-slot records (`run_records`, made
+    once per slot write) with a few array operations, so a layout change costs no table per
+    module. The rows must be disjoint ranges of at most MAX_ROWS rows (the caller's segments)."""
+
+    def __init__(self, slot_records: list[np.ndarray], targeted: np.ndarray, rows: list[tuple[int, int]],
+                 scales: list[float], widths: list[tuple[int, int]]):
+        """slot_records: per segment its slot's records [L, M]; targeted [M, n] bool; rows per
+        segment (start, end); widths (in, out) per module."""
+        if not (len(slot_records) == len(rows) == len(scales) == targeted.shape[1]) or \
+                targeted.shape[0] != len(widths):
+            raise ValueError("StepRuns: one record array, row range, scale and targets column per segment, "
+                             "one width pair per module")
+        if any(not 0 <= start <= end or end - start > MAX_ROWS for start, end in rows) or \
+                not _disjoint([(start, end) for start, end in rows]):
+            raise ValueError(f"StepRuns: rows {rows} are not disjoint ranges of at most {MAX_ROWS} rows")
+        starts = np.array([start for start, _ in rows], dtype=np.int64)
+        ends = np.array([end for _, end in rows], dtype=np.int64)
+        rec = np.stack(slot_records, axis=-1)  # [L, M, n]
+        rec["start"] = starts
+        rec["end"] = np.where(targeted, ends, starts)
+        rec["scale"] = np.array(scales, dtype=np.float32)
+        self.records, self.n, self.widths = rec, len(rows), widths
+        self.active = targeted.any(axis=1).tolist()  # per module: does any segment adapt it
+        self.end_row = int(ends.max(initial=0))
+        self._base, self._modules = rec.ctypes.data, rec.shape[1]
+        self._stride = self.n * rec.itemsize
+
+    def apply(self, fn, y: torch.Tensor, x: torch.Tensor, layer: int, module: int) -> None:
+        """y[rows] += scale * (x[rows] @ A) @ B for every run of (layer, module), as RunTable.apply."""
+        if not 0 <= layer < self.records.shape[0] or not 0 <= module < self._modules:
+            raise ValueError(f"StepRuns: no layer {layer} / module {module} in records {self.records.shape}")
+        if not self.active[module]:
+            return
+        in_features, out_features = self.widths[module]
+        rows, ldy = _rows("y", y, out_features)
+        x_rows, ldx = _rows("x", x, in_features)
+        if x_rows != rows:
+            raise ValueError(f"x: {x_rows} rows, but y has {rows}")
+        if self.end_row > rows:
+            raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
+        rc = fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, in_features, out_features,
+                self._base + (layer * self._modules + module) * self._stride, self.n)
         if rc == -2:
             raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
         if rc:

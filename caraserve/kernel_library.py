@@ -47,7 +47,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SYMBOLS = {
     "lora_run_bytes": (_I64, []),
     # y, ldy, x, ldx, rows, in, out, runs, nruns
-    "lora_runs": (ctypes.c_int, [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.POINTER(LoraRun), _I64]),
+    "lora_runs": (ctypes.c_int, [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64]),
     # out, q, k_cache, v_cache, block_tables, row_seq, lens, rows, heads, kv_heads, head_dim, num_blocks,
     # block_size, num_seqs, table_width, window, scale
     "paged_attention": (ctypes.c_int, [_PTR] * 7 + [_I64] * 9 + [ctypes.c_float]),

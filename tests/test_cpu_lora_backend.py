@@ -21,7 +21,7 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
     g = torch.Generator().manual_seed(11)
     pool_a, pool_b = torch.randn(2, 3, 32, 16, generator=g), torch.randn(2, 3, 16, 24, generator=g)  # [L, S, ...]
     pool = SimpleNamespace(targets=("q_proj",), on_write=[],
-                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_b)})])
+                           buckets=[SimpleNamespace(rank=16, weights={"q_proj": (pool_a, pool_b)})])
     backend = CpuLoraBackend(pool)
     x, y0 = torch.randn(6, 32, generator=g), torch.randn(6, 24, generator=g)
 
@@ -85,7 +85,7 @@ def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
 
     pool_a = torch.zeros(2, 3, 16, 8)  # [L, S, in, R]
     pool = SimpleNamespace(targets=("q_proj",), on_write=[],
-                           buckets=[SimpleNamespace(weights={"q_proj": (pool_a, pool_a)})])
+                           buckets=[SimpleNamespace(rank=8, weights={"q_proj": (pool_a, pool_a)})])
     backend = CpuLoraBackend(pool)
     backend._packs = {(i, 0, 0, 0): None for i in range(2000)}
     stop, errors = threading.Event(), []
@@ -158,11 +158,57 @@ def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written
     x = torch.randn(1, args.hidden_size)
     y = torch.zeros(1, args.module_shape("q_proj")[1])
     backend.run_prepared(y, x, 0, "q_proj")
-    tables = backend._tables
-    assert tables and y.abs().sum() > 0
+    step = backend._step
+    assert isinstance(step, cpu_kernels.StepRuns) and y.abs().sum() > 0
     assert pool.load(store.get("demo-r8"))  # another bucket's slot written
-    assert backend._tables is tables and backend._tables
+    assert backend._step is step
     bucket, slot = pool.slot_of("demo-r16")
+    assert (16, slot) in backend._slots
     for notify in pool.on_write:  # the prepared layout's own slot written
         notify(bucket, slot)
-    assert not backend._tables
+    assert backend._step is not step and (16, slot) not in backend._slots
+
+
+def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
+    """One StepRuns serves every (layer, module) of a decode layout mixing rank buckets, shared
+    slots and adapters that leave modules alone: each equals the plain-torch backend's delta."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import CpuLoraBackend, TorchLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers,
+                      targets=targets)
+    names = sorted(store.names())
+    for name in names:
+        assert pool.load(store.get(name))
+    assert any(set(store.get(n).targets) != set(targets) for n in names)  # some leave modules alone
+    runs, row = [], 0
+    for i, name in enumerate(sorted(names, key=pool.sort_key)):
+        runs.append((row, 1 + i % 3, name))
+        row += 1 + i % 3
+    lora = pool.make_batch(runs, True, "cpu")
+    cpu, ref = CpuLoraBackend(pool), TorchLoraBackend(pool)
+    cpu.prepare(lora)
+    ref.prepare(lora)
+    g = torch.Generator().manual_seed(3)
+    for layer in range(args.num_layers):
+        for name in targets:
+            fan_in, fan_out = args.module_shape(name)
+            x, y0 = torch.randn(row, fan_in, generator=g), torch.randn(row, fan_out, generator=g)
+            y, expect = y0.clone(), y0.clone()
+            cpu.run_prepared(y, x, layer, name)
+            ref.add_groups(expect, x, lora.groups, layer, name, None)
+            assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), (layer, name)
+    assert isinstance(cpu._step, cpu_kernels.StepRuns)
+    with pytest.raises(ValueError, match="disjoint"):
+        cpu_kernels.StepRuns([cpu._step.records[..., 0]] * 2, cpu._step.records["end"][0, :, :2] > 0,
+                             [(0, 3), (2, 4)], [1.0, 1.0], cpu._step.widths)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import itertools
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from caraserve.cpu_kernels import KernelWeights, RunTable, packed
+from caraserve import cpu_kernels, kernel_library
+from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, RunTable, StepRuns, packed, run_records
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs, sgmv_reference
 
@@ -137,19 +139,26 @@ class CpuLoraBackend(LoraBackend):
         self._tables: dict = {}  # (layer, module) -> cpu_kernels.RunTable of the prepared layout
         # (A address, in, R, out) -> cpu_kernels.KernelWeights (or None) of a slot's weights
         self._packs: dict = {}
+        # (bucket rank, slot) -> the slot's run records [L, M] (None: the kernel cannot read it)
+        self._slots: dict = {}
+        self._step = MISSING  # StepRuns of the prepared layout (None: not the kernel's), made at first use
+        self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
         if hasattr(pool, "on_write"):
             pool.on_write.append(self._slot_written)
 
     def prepare(self, lora: LoraBatch | None) -> None:
         if lora is not self._lora:
-            self._tables = {}  # another batch layout
+            self._tables, self._step = {}, MISSING  # another batch layout
         super().prepare(lora)
 
     def _slot_written(self, bucket: int, slot: int) -> None:
         lora = self._lora
-        if lora is not None and any(g.rank == self.pool.buckets[bucket].rank and
-                                    any(s == slot for *_, s in g.index.segments) for g in lora.groups):
-            self._tables = {}  # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
+        rank = self.pool.buckets[bucket].rank
+        self._slots.pop((rank, slot), None)
+        if lora is not None and any(g.rank == rank and any(s == slot for *_, s in g.index.segments)
+                                    for g in lora.groups):
+            # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
+            self._tables, self._step = {}, MISSING
         if not self._packs:
             return
         written = set()  # addresses of the slot's A views, one per (module, layer)
@@ -206,8 +215,59 @@ class CpuLoraBackend(LoraBackend):
     def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
         """The op's body: y += the prepared step's delta."""
         lora = self._lora
-        if lora is not None:
+        if lora is None:
+            return
+        step = self._step
+        if step is MISSING:
+            step = self._step = self._step_runs(lora)
+        fn = kernel_library.kernel() if step is not None and cpu_kernels.usable(y, x) else None
+        if fn is not None:
+            step.apply(fn, y, x, layer, self._modules[name])
+        else:
             add_lora_runs(y, x, lora.groups, layer, name, self._tables, self._pack, self._table)
+
+    def _step_runs(self, lora: LoraBatch) -> StepRuns | None:
+        """The layout's runs of every module from its slots' records (None when a segment is too
+        long for the kernel or a slot's weights are not the kernel's: torch then, per module)."""
+        records, rows, scales, targeted = [], [], [], []
+        for g in lora.groups:
+            for start, count, slot in g.index.segments:
+                rec = self._slot_records(g, slot)
+                if rec is None or count > MAX_ROWS:
+                    return None
+                records.append(rec)
+                rows.append((start, start + count))
+                scales.append(g.host_scale[slot])
+                mods = g.slot_targets[slot] if g.slot_targets else g.modules
+                targeted.append([name in mods and name in g.modules for name in self._modules])
+        if not records:
+            return None
+        widths = [(a[0].shape[-2], b[0].shape[-1]) for a, b in (lora.groups[0].weights[n] for n in self._modules)]
+        step = StepRuns([rec for rec, _ in records], np.array(targeted, dtype=bool).T, rows, scales, widths)
+        step.keep = records  # the weights its records point at live as long as it does
+        return step
+
+    def _slot_records(self, g, slot: int) -> tuple | None:
+        """(run records [L, M], the weights they point at) of the adapter in the group's slot, made
+        once per slot write: packed weights for the modules it adapts, the slot's own (zero) views
+        for the rest, whose runs a step leaves empty."""
+        key = (g.rank, slot)
+        rec = self._slots.get(key, MISSING)
+        if rec is not MISSING:
+            return rec
+        mods = g.slot_targets[slot] if g.slot_targets else g.modules
+        weights = []
+        for name in self._modules:
+            la, lb = g.weights[name]
+            for layer in range(len(la)):
+                a, b = la[layer][slot], lb[layer][slot]
+                weights.append(self._weights(a, b) if name in mods else KernelWeights.of(a, b, lambda a, b: None))
+        if any(w is None for w in weights):
+            rec = None
+        else:
+            rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights)  # [L, M]
+        self._slots[key] = rec
+        return rec
 
 
 class TritonLoraBackend(LoraBackend):

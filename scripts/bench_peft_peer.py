@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from caraserve.lora.synthetic import random_lora
+from caraserve.model.llama import checkpoint_tensors
 from caraserve.model.synthetic import SHAPES, random_model
 from caraserve.profiling.machine import cpu_name
 
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
 
 def hf_twin(model, shape: str):
     """A transformers LlamaForCausalLM over the same parameter tensors as `model` (assigned, not
-    copied: the parameter names are the checkpoint's on both sides)."""
+    copied: `checkpoint_tensors` names them as the checkpoint does, fused projections as row views)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -62,7 +63,7 @@ def hf_twin(model, shape: str):
     cfg = LlamaConfig(architectures=["LlamaForCausalLM"], **SHAPES[shape])
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    state = checkpoint_tensors(model)
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     if unexpected or any("rotary_emb" not in k for k in missing):
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")

@@ -138,6 +138,24 @@ def test_unsupported_architecture_is_refused(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_hold_the_checkpoint_tensors(tmp_path, arch):
+    """q/k/v and gate/up load into one projection each (one GEMM); `checkpoint_tensors` gives
+    back every checkpoint tensor, bit for bit, under its own name (qwen2: q/k/v biases too), and
+    no checkpoint tensor is left unused."""
+    from caraserve.model.llama import checkpoint_tensors
+
+    save_random_hf_model(tmp_path, arch)
+    model = load_model(tmp_path)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert [n for n, *_ in attn.qkv_proj.parts] == ["q_proj", "k_proj", "v_proj"]
+    assert [n for n, *_ in mlp.gate_up_proj.parts] == ["gate_proj", "up_proj"]
+    assert (attn.qkv_proj.bias is not None) == (arch == "qwen2")
+    ours, theirs = checkpoint_tensors(model), load_file(str(tmp_path / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_missing_tensor_names_tensor(tmp_path):
     save_random_hf_model(tmp_path, "llama")
     f = tmp_path / "model.safetensors"

@@ -58,25 +58,37 @@ class LoraBackend:
         self._lora = lora
 
     def linear(self, mod, x: torch.Tensor, fb) -> torch.Tensor:
-        """mod's x @ W^T + b plus the delta of the step's LoRA rows (see the module docstring)."""
+        """mod's x @ W^T + b plus the delta of the step's LoRA rows (see the module docstring);
+        a fused projection (mod.parts) gets each part's delta in its own columns."""
         mode = fb.lora_mode
         if mode == LORA_HOST:
             return self._linear_with_host(mod, x)
         y = F.linear(x, mod.weight, mod.bias)
-        if mode != LORA_NONE and mod.name in self.targets:
-            y = self.add(y, x, mod.layer, mod.name, fb)
+        if mode == LORA_NONE:
+            return y
+        if len(mod.parts) == 1:
+            return self.add(y, x, mod.layer, mod.name, fb) if mod.name in self.targets else y
+        for name, lo, hi in mod.parts:
+            if name in self.targets:
+                part = y[:, lo:hi]
+                out = self.add(part, x, mod.layer, name, fb)
+                if out is not part:  # the row form adds out of place
+                    part.copy_(out)
         return y
 
     def _linear_with_host(self, mod, x: torch.Tensor) -> torch.Tensor:
         lora = self._lora
         host, groups = lora.at_layer(mod.layer)
         # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
-        pending = lora.handoff.submit(x, mod.layer, mod.name, host) if host else ()
+        pending = [(lo, hi, lora.handoff.submit(x, mod.layer, name, host) if host else ())
+                   for name, lo, hi in mod.parts]
         y = F.linear(x, mod.weight, mod.bias)
-        if mod.name in self.targets:
-            self.add_groups(y, x, groups, mod.layer, mod.name, None)
-        if pending:
-            lora.handoff.add(y, pending)
+        for (name, lo, hi), (_, _, work) in zip(mod.parts, pending):
+            part = y if len(mod.parts) == 1 else y[:, lo:hi]
+            if name in self.targets:
+                self.add_groups(part, x, groups, mod.layer, name, None)
+            if work:
+                lora.handoff.add(part, work)
         return y
 
     def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, fb) -> torch.Tensor:

@@ -66,20 +66,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class LoraLinear(nn.Module):
     """y = x W^T + b, plus each token's own LoRA delta scale * (x A) B when the step has LoRA rows.
 
+    Projections that read the same input are fused into one (q/k/v, gate/up: one GEMM instead of
+    three or two): `parts` names the checkpoint projection behind each column range of y, and
+    each part gets the delta of its own adapter module. The checkpoint keeps its separate tensors;
+    the loader stacks them (`checkpoint_parts`).
+
     The adapter weights live in the device pool, not here: the layer's LoRA backend
     (`caraserve.lora.backend`, attached by CausalLM.use_lora) holds the step's rows and computes
-    the delta; `layer` and `name` pick this projection's weights out of the pool's slots.
+    the delta; `layer` and each part's name pick its weights out of the pool's slots.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, layer: int, name: str):
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool, layer: int,
+                 name: str | tuple[str, ...]):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # [out]
+        names = (name,) if isinstance(name, str) else tuple(name)
+        outs = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        if len(names) != len(outs):
+            raise ValueError(f"LoraLinear: {len(names)} part names for {len(outs)} output widths")
+        ends = [sum(outs[: i + 1]) for i in range(len(outs))]
+        self.parts = tuple((n, end - o, end) for n, o, end in zip(names, outs, ends))  # (name, first, end column)
+        self.weight = nn.Parameter(torch.empty(ends[-1], in_features))  # [out, in]
+        self.bias = nn.Parameter(torch.zeros(ends[-1])) if bias else None  # [out]
         self.layer = layer
-        self.name = name
+        self.name = "+".join(names)
         self.backend = None  # LoraBackend of this layer's device; None: a model without adapters
 
     def forward(self, x: torch.Tensor, fb) -> torch.Tensor:
         if self.backend is None:
             return F.linear(x, self.weight, self.bias)
         return self.backend.linear(self, x, fb)
+
+    def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
+        """(checkpoint tensor name, first row, end row) of this layer's parameter `attr` (weight
+        or bias) for a module named `prefix`: a fused projection's parameter stacks the
+        checkpoint tensors of its parts (their modules are the fused module's siblings)."""
+        if len(self.parts) == 1:
+            return [(f"{prefix}.{attr}", 0, self.parts[0][2])]
+        parent = prefix.rpartition(".")[0]
+        return [(f"{parent}.{name}.{attr}" if parent else f"{name}.{attr}", lo, hi) for name, lo, hi in self.parts]

@@ -2,7 +2,9 @@
 
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
 MistralForCausalLM (sliding window) and Qwen2ForCausalLM (q/k/v bias). Parameter names equal
-the Hugging Face checkpoint names, so a state dict loads without renaming.
+the Hugging Face checkpoint names, except that projections reading the same input are fused
+(`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
+loader stacks their checkpoint tensors, and `checkpoint_tensors` names them back.
 """
 
 from __future__ import annotations
@@ -137,17 +139,16 @@ class Attention(nn.Module):
         self.args = args
         self.window = args.sliding_windows[layer]
         h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.q_proj = LoraLinear(h, q, args.qkv_bias, layer, "q_proj")
-        self.k_proj = LoraLinear(h, kv, args.qkv_bias, layer, "k_proj")
-        self.v_proj = LoraLinear(h, kv, args.qkv_bias, layer, "v_proj")
+        self.widths = (q, kv, kv)
+        self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
         t = x.shape[0]
-        q = self.q_proj(x, fb).view(t, a.num_heads, a.head_dim)
-        k = self.k_proj(x, fb).view(t, a.num_kv_heads, a.head_dim)
-        v = self.v_proj(x, fb).view(t, a.num_kv_heads, a.head_dim)
+        q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
+        q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
+        v = v.view(t, a.num_kv_heads, a.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
@@ -186,12 +187,12 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         h, i = args.hidden_size, args.intermediate_size
-        self.gate_proj = LoraLinear(h, i, args.mlp_bias, layer, "gate_proj")
-        self.up_proj = LoraLinear(h, i, args.mlp_bias, layer, "up_proj")
+        self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"))
         self.down_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
 
     def forward(self, x, fb: ForwardBatch):
-        return self.down_proj(F.silu(self.gate_proj(x, fb)) * self.up_proj(x, fb), fb)
+        gate, up = self.gate_up_proj(x, fb).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, fb)
 
 
 class DecoderLayer(nn.Module):
@@ -297,3 +298,17 @@ class CausalLM(nn.Module):
         if not all_logits and not fb.is_decode:
             h = h[fb.last_rows.to(h.device)]
         return self.head(self.model.norm(h).to(self.lm_head.weight.device))
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters under the checkpoint's names, a fused projection's as views of its
+    rows (e.g. to hand them to a transformers model of the same config without a copy)."""
+    out = {}
+    for name, p in model.named_parameters():
+        prefix, _, attr = name.rpartition(".")
+        mod = model.get_submodule(prefix)
+        if isinstance(mod, LoraLinear):
+            out.update((ck, p[lo:hi]) for ck, lo, hi in mod.checkpoint_parts(prefix, attr))
+        else:
+            out[name] = p
+    return out

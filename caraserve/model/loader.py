@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from caraserve.model.layers import LoraLinear
 from caraserve.model.llama import CausalLM, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,21 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         for name in _open(f).keys():
             mapping[name] = f
     return mapping
+
+
+def _read_tensor(folder: Path, files: dict[str, Path], handles: dict, name: str) -> torch.Tensor:
+    """Checkpoint tensor `name` (its file opened once), or a ModelLoadError naming it."""
+    file = files.get(name)
+    if file is None:
+        raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {folder}")
+    if file not in handles:
+        if not file.is_file():
+            raise ModelLoadError(f"{file} (holding {name!r}) does not exist")
+        handles[file] = _open(file)
+    try:
+        return handles[file].get_tensor(name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from e
 
 
 def _open(file: Path):
@@ -129,25 +145,23 @@ def load_model(
     expected = dict(model.named_parameters())
     if args.tie_embeddings:
         expected.pop("lm_head.weight", None)
+    used = set()
     for name, param in expected.items():
-        file = files.get(name)
-        if file is None:
-            raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {folder}")
-        if file not in handles:
-            if not file.is_file():
-                raise ModelLoadError(f"{file} (holding {name!r}) does not exist")
-            handles[file] = _open(file)
-        try:
-            tensor = handles[file].get_tensor(name)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from e
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ModelLoadError(
-                f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-            )
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        value = tensor.to(device=_device_for(name, placement), dtype=torch_dtype)
+        # a fused projection's parameter stacks its parts' checkpoint tensors
+        parts = module.checkpoint_parts(module_name, attr) if isinstance(module, LoraLinear) else \
+            [(name, 0, param.shape[0] if param.dim() else 0)]
+        dev = _device_for(name, placement)
+        values = []
+        for ck, lo, hi in parts:
+            shape = (hi - lo, *param.shape[1:]) if len(parts) > 1 else tuple(param.shape)
+            tensor = _read_tensor(folder, files, handles, ck)
+            if tuple(tensor.shape) != shape:
+                raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
+            values.append(tensor.to(device=dev, dtype=torch_dtype))
+            used.add(ck)
+        value = values[0] if len(values) == 1 else torch.cat(values)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         embed = model.model.embed_tokens.weight
@@ -155,7 +169,7 @@ def load_model(
         model.lm_head.weight = embed if str(embed.device) == head_dev else nn.Parameter(
             embed.detach().to(head_dev), requires_grad=False
         )
-    extra = sorted(set(files) - set(dict(model.named_parameters())) - {"lm_head.weight"})
+    extra = sorted(set(files) - used - {"lm_head.weight"})
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
     from caraserve.model.layers import rope_inv_freq

@@ -239,6 +239,86 @@ def test_bgmv_multi_low_precision(dtype: torch.dtype) -> None:
     torch.testing.assert_close(y.double().cpu(), want.cpu(), rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("split_k", (1, 3))
+def test_bgmv_multi_parts_fill_their_own_columns(split_k: int) -> None:
+    """The parts of a fused projection (here q, k, v of widths 36, 20, 20, the k part left out as
+    an unadapted module would be) in one launch pair: each part's columns get its own delta,
+    the columns of no part and the rows without an adapter stay bit for bit."""
+    ranks, n_rows, n_in = (8, 16, 32), 11, 48
+    cases = [_multi_case(40 + k, ranks, n_rows, (n_in, out)) for k, out in enumerate((36, 20, 20))]
+    x, meta, scale = cases[0][1], cases[0][4], cases[0][5]
+    gen = torch.Generator().manual_seed(9)
+    y = torch.randn(n_rows, 76, generator=gen).to(DEVICE)
+    want = y.double().clone()
+    parts = []
+    for (_, _, a, b, *_), col in ((cases[0], 0), (cases[2], 56)):
+        parts.append((a, b, col))
+        for i, (k, s) in enumerate(zip(meta[0].tolist(), meta[1].tolist())):
+            if k >= 0:
+                d = scale[i].double() * (x[i].double() @ a[k][s].double()) @ b[k][s].double()
+                want[i, col : col + b[0].shape[2]] += d.to(want.device)
+    before = y.clone()
+    triton_multi.bgmv_multi_parts(y, x, parts, meta, scale, split_k=split_k)
+    torch.testing.assert_close(y.double().cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(y[:, 36:56].cpu(), before[:, 36:56].cpu())  # the k part's columns
+    assert torch.equal(y.cpu()[(meta[0] < 0).cpu()], before.cpu()[(meta[0] < 0).cpu()])
+    with pytest.raises(ValueError, match="outside"):
+        triton_multi.bgmv_multi_parts(y, x, [(parts[1][0], parts[1][1], 60)], meta, scale)
+
+
+def test_fused_projection_row_form_equals_the_torch_semantics() -> None:
+    """A fused q/k/v projection in the compiled GPU step's row form (one bgmv_multi_parts launch
+    pair over the parts the pool adapts) against the plain-torch backend's groups: every part's
+    delta lands in its own columns."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.layers import LoraLinear
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device(DEVICE)] * args.num_layers)
+    names = ["demo-r8", "demo-r16"]  # q/v and q/k/v/o adapters
+    for name in names:
+        assert pool.load(store.get(name))
+    pool.poll()
+    h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    g = torch.Generator().manual_seed(4)
+    mod = LoraLinear(h, (q, kv, kv), False, 1, ("q_proj", "k_proj", "v_proj")).to(DEVICE)
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=g))
+    rows = [(0, 2, None), (2, 3, "demo-r8"), (5, 2, "demo-r16")]
+    lora = pool.make_batch([r for r in rows if r[2]], True, DEVICE)
+    x = torch.randn(7, h, generator=g).to(DEVICE)
+    ref = TorchLoraBackend(pool)
+    ref.prepare(lora)
+    mod.backend = ref
+    want = mod(x, SimpleNamespace(lora_mode=LORA_GROUPS))
+    meta, scale = torch.full((3, 7), -1, dtype=torch.int32), torch.zeros(7)
+    for start, count, name in rows[1:]:
+        bucket, slot = pool.slot_of(name)
+        meta[:, start : start + count] = torch.tensor([bucket, slot, pool.buckets[bucket].rank])[:, None]
+        scale[start : start + count] = pool.buckets[bucket].host_scale[slot]
+    tri = TritonLoraBackend(pool)
+    tri.attach(mod)
+    mod.backend = tri
+    got = mod(x, SimpleNamespace(lora_mode=LORA_ROWS, lora_rows=(meta.to(DEVICE), scale.to(DEVICE))))
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+    base = torch.nn.functional.linear(x, mod.weight)
+    for cols in (slice(0, q), slice(q, q + kv), slice(q + kv, None)):  # demo-r16's rows: every part's delta
+        assert not torch.allclose(got[5:, cols].cpu(), base[5:, cols].cpu(), atol=1e-3)
+    assert torch.equal(got[2:5, q : q + kv].cpu(), base[2:5, q : q + kv].cpu())  # demo-r8 leaves k alone
+    assert torch.equal(got[:2].cpu(), base[:2].cpu())  # base rows
+
+
 def test_bgmv_multi_rejects_bad_arguments() -> None:
     y, x, a, b, meta, scale, _ = _multi_case(0, (4, 8), 5, (32, 16))
     with pytest.raises(ValueError, match="one A and one B"):
@@ -282,23 +362,28 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     graphs.host_runs = False  # the GPU form: LoRA rows as a BGMV row table
     e.model.use_lora(e.pool, lambda device, pool: TritonLoraBackend(pool))
     calls = []
-    real = triton_multi.bgmv_multi
     live = sys.modules["caraserve.lora.triton_multi"]  # the module the step imports
+    real = {name: getattr(live, name) for name in ("bgmv_multi", "bgmv_multi_parts")}
 
-    def counted(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
+    def counted(name):
+        def call(*args, **kw):
+            calls.append(name)
+            return real[name](*args, **kw)
+        return call
 
-    live.bgmv_multi = counted
+    for name in real:
+        setattr(live, name, counted(name))
     try:
         for n in range(1, 5):  # every variant as the plain step function: no compile
             for lora in (None, object()):
                 graphs._fns[graphs.variant_key(n, lora)] = graphs.step_fn()
         got = [r.output_ids for r in e.generate(prompts, greedy, adapters)]
     finally:
-        live.bgmv_multi = real
+        for name, fn in real.items():
+            setattr(live, name, fn)
     assert got == want
-    assert calls  # the LoRA rows went through the Triton form
+    # the LoRA rows went through the Triton form: o and down alone, q/k/v and gate/up fused
+    assert set(calls) == {"bgmv_multi", "bgmv_multi_parts"}
 
 
 @pytest.mark.parametrize("heads,kv,d,bs,window", [(4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None)])

@@ -68,12 +68,22 @@ class LoraBackend:
             return y
         if len(mod.parts) == 1:
             return self.add(y, x, mod.layer, mod.name, fb) if mod.name in self.targets else y
-        for name, lo, hi in mod.parts:
-            if name in self.targets:
-                part = y[:, lo:hi]
-                out = self.add(part, x, mod.layer, name, fb)
-                if out is not part:  # the row form adds out of place
-                    part.copy_(out)
+        parts = [part for part in mod.parts if part[0] in self.targets]
+        if fb.lora_mode == LORA_ROWS:
+            return self.add_rows_parts(y, x, mod.layer, parts, *fb.lora_rows)
+        for name, lo, hi in parts:
+            self.add(y[:, lo:hi], x, mod.layer, name, fb)  # in place
+        return y
+
+    def attach(self, mod) -> None:
+        """Called once for each projection using this backend (before any step)."""
+
+    def add_rows_parts(self, y, x, layer: int, parts, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+        """The row form over the parts (name, first, end column) of a fused projection, each
+        into its own columns of y (here one part at a time, out of place)."""
+        for name, lo, hi in parts:
+            part = y[:, lo:hi]
+            part.copy_(self.add_rows(part, x, layer, name, meta, row_scale))
         return y
 
     def _linear_with_host(self, mod, x: torch.Tensor) -> torch.Tensor:
@@ -300,12 +310,30 @@ class TritonLoraBackend(LoraBackend):
                 b = [bk.weights[name][1][layer] for bk in pool.buckets]
                 self._tables[(layer, name)] = triton_multi.pointer_tables(a, b)
 
+    def attach(self, mod):
+        from caraserve.lora import triton_multi
+
+        parts = [part for part in mod.parts if part[0] in self.targets]
+        if len(parts) > 1 and self.pool.buckets:  # one launch pair for the fused projection's parts
+            self._tables[(mod.layer, tuple(parts))] = triton_multi.part_tables(self._parts(mod.layer, parts))
+
+    def _parts(self, layer: int, parts) -> list:
+        return [([bk.weights[name][0][layer] for bk in self.pool.buckets],
+                 [bk.weights[name][1][layer] for bk in self.pool.buckets], lo) for name, lo, _ in parts]
+
     def add_rows(self, y, x, layer, name, meta, row_scale):
         from caraserve.lora import triton_multi
 
         a = [bk.weights[name][0][layer] for bk in self.pool.buckets]
         b = [bk.weights[name][1][layer] for bk in self.pool.buckets]
         triton_multi.bgmv_multi(y, x, a, b, meta, row_scale, tables=self._tables[(layer, name)])
+        return y
+
+    def add_rows_parts(self, y, x, layer, parts, meta, row_scale):
+        from caraserve.lora import triton_multi
+
+        triton_multi.bgmv_multi_parts(y, x, self._parts(layer, parts), meta, row_scale,
+                                      tables=self._tables[(layer, tuple(parts))])
         return y
 
     def add_group(self, y, x, a, b, group):

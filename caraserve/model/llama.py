@@ -267,6 +267,7 @@ class CausalLM(nn.Module):
             for mod in layer.modules():
                 if isinstance(mod, LoraLinear):
                     mod.backend = self.lora_backends[dev]
+                    mod.backend.attach(mod)
 
     def prepare_lora(self, lora: LoraBatch | None) -> int:
         """Hands the step's LoRA rows to the backends; the ForwardBatch.lora_mode of an eager step."""

@@ -171,14 +171,20 @@ class RunTable:
             raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
 
 
-def run_records(weights: list[KernelWeights]) -> np.ndarray:
-    """LoraRun records of the weights (rows and scale zero: a step layout sets them)."""
+def run_records(weights: list[KernelWeights | None]) -> np.ndarray:
+    """LoraRun records of the weights (rows and scale zero: a step layout sets them); None gives
+    an all-zero record, which the kernel refuses (no weights) if a call ever hands it over. The
+    records hold addresses, not the tensors: whoever keeps them keeps the weights alive."""
     rec = np.zeros(len(weights), RUN_RECORD)
-    for field, values in (("a", [w.a.data_ptr() for w in weights]), ("b", [w.b.data_ptr() for w in weights]),
-                          ("rank", [w.rank for w in weights]), ("a_in", [w.in_features for w in weights]),
-                          ("b_out", [w.out_features for w in weights]), ("a_len", [w.a.numel() for w in weights]),
-                          ("b_len", [w.b.numel() for w in weights]), ("packed", [w.packed for w in weights])):
-        rec[field] = values
+    some = [(i, w) for i, w in enumerate(weights) if w is not None]
+    if not some:
+        return rec
+    index = [i for i, _ in some]
+    for field, values in (("a", [w.a.data_ptr() for _, w in some]), ("b", [w.b.data_ptr() for _, w in some]),
+                          ("rank", [w.rank for _, w in some]), ("a_in", [w.in_features for _, w in some]),
+                          ("b_out", [w.out_features for _, w in some]), ("a_len", [w.a.numel() for _, w in some]),
+                          ("b_len", [w.b.numel() for _, w in some]), ("packed", [w.packed for _, w in some])):
+        rec[field][index] = values
     return rec
 
 
@@ -190,9 +196,10 @@ class StepRuns:
     module. The rows must be disjoint ranges of at most MAX_ROWS rows (the caller's segments)."""
 
     def __init__(self, slot_records: list[np.ndarray], targeted: np.ndarray, rows: list[tuple[int, int]],
-                 scales: list[float], widths: list[tuple[int, int]]):
+                 scales: list[float], widths: list[tuple[int, int]], keep=()):
         """slot_records: per segment its slot's records [L, M]; targeted [M, n] bool; rows per
-        segment (start, end); widths (in, out) per module."""
+        segment (start, end); widths (in, out) per module; keep: what owns the weights the
+        records point at (held as long as these runs are)."""
         if not (len(slot_records) == len(rows) == len(scales) == targeted.shape[1]) or \
                 targeted.shape[0] != len(widths):
             raise ValueError("StepRuns: one record array, row range, scale and targets column per segment, "
@@ -202,11 +209,11 @@ class StepRuns:
             raise ValueError(f"StepRuns: rows {rows} are not disjoint ranges of at most {MAX_ROWS} rows")
         starts = np.array([start for start, _ in rows], dtype=np.int64)
         ends = np.array([end for _, end in rows], dtype=np.int64)
-        rec = np.stack(slot_records, axis=-1)  # [L, M, n]
+        rec = np.ascontiguousarray(np.stack(slot_records, axis=-1))  # [L, M, n], addressed by offset below
         rec["start"] = starts
         rec["end"] = np.where(targeted, ends, starts)
         rec["scale"] = np.array(scales, dtype=np.float32)
-        self.records, self.n, self.widths = rec, len(rows), widths
+        self.records, self.n, self.widths, self.keep = rec, len(rows), widths, keep
         self.active = targeted.any(axis=1).tolist()  # per module: does any segment adapt it
         self.end_row = int(ends.max(initial=0))
         self._base, self._modules = rec.ctypes.data, rec.shape[1]

@@ -171,12 +171,13 @@ class Scheduler:
             return False
         return True
 
-    def read_ahead(self, adapter: str) -> None:
+    def read_ahead(self, adapter: str, ahead: int = 0) -> None:
         """Starts the host read of an arriving request's adapter when the request will be among
-        the next admissions, so the read overlaps the step in progress instead of starting at the
-        next one (the request would then sit out that step). Called as a request arrives, from any
-        thread: it reads only the queue's length and the pool's state, and the store locks its own."""
-        if len(self.waiting) < self.max_batch_size and adapter in self.store and \
+        the next admissions (fewer than a batch waiting, counting `ahead` requests arriving before
+        it), so the read overlaps the step in progress instead of starting at the next one (the
+        request would then sit out that step). Called as a request arrives, from any thread: it
+        reads only the queue's length and the pool's state, and the store locks its own."""
+        if len(self.waiting) + ahead < self.max_batch_size and adapter in self.store and \
                 self.pool.state(adapter) is AdapterState.HOST:
             self.store.fetch(adapter)
 

@@ -212,3 +212,42 @@ def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
     with pytest.raises(ValueError, match="disjoint"):
         cpu_kernels.StepRuns([cpu._step.records[..., 0]] * 2, cpu._step.records["end"][0, :, :2] > 0,
                              [(0, 3), (2, 4)], [1.0, 1.0], cpu._step.widths)
+
+
+def test_records_built_while_the_copy_thread_writes_their_slot_are_used_once_not_kept(monkeypatch):
+    """A slot's run records built while the pool writes that slot (the copy thread's on_write
+    arriving mid-build) serve that call only: the next use builds them again from the new
+    weights."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import MISSING, CpuLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    backend = CpuLoraBackend(pool)
+    assert pool.load(store.get("demo-r16"))
+    lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")
+    bucket, slot = pool.slot_of("demo-r16")
+    real, fired = backend._weights, []
+
+    def weights(a, b):
+        if not fired:  # the copy thread lands a write into this very slot mid-build
+            fired.append(1)
+            backend._slot_written(bucket, slot)
+        return real(a, b)
+
+    monkeypatch.setattr(backend, "_weights", weights)
+    backend.prepare(lora)
+    x, y = torch.randn(1, args.hidden_size), torch.zeros(1, args.module_shape("q_proj")[1])
+    backend.run_prepared(y, x, 0, "q_proj")
+    assert fired and (16, slot) not in backend._slots and backend._step is MISSING
+    backend.run_prepared(y, x, 0, "q_proj")  # built again, now kept
+    assert (16, slot) in backend._slots and isinstance(backend._step, cpu_kernels.StepRuns)
+

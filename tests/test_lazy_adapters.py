@@ -94,6 +94,35 @@ def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_
     assert started.wait(10)
 
 
+def test_a_failing_read_ahead_leaves_the_request_served(monkeypatch):
+    """The read-ahead is a hint: if it raises (the adapter unregistered meanwhile, the store
+    closed), the request is still added and served, and nothing of it is left behind."""
+    import asyncio
+
+    from caraserve.serve.async_engine import AsyncEngine
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256))
+
+    def broken(adapter, ahead=0):
+        raise KeyError(adapter)
+
+    monkeypatch.setattr(engine.scheduler, "read_ahead", broken)
+    service = AsyncEngine(engine, 8)
+    service.start()
+    try:
+        async def run():
+            queue = await service.submit([1, 8, 9], SamplingParams(max_tokens=2, temperature=0), "demo-r8", "r1")
+            while not (out := await queue.get()).finished:
+                pass
+            return out
+
+        out = asyncio.run(run())
+    finally:
+        service.stop()
+    assert out.error is None and len(out.output_ids) == 2
+    assert not service._waiters and service._submitting == 0
+
+
 def test_start_up_heap_is_frozen_and_pauses_are_timed():
     pauses = []
     monitor = GcMonitor(lambda gen, s: pauses.append((gen, s)))

@@ -90,10 +90,9 @@ class LoraBackend:
         lora = self._lora
         host, groups = lora.at_layer(mod.layer)
         # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
-        pending = [(lo, hi, lora.handoff.submit(x, mod.layer, name, host) if host else ())
-                   for name, lo, hi in mod.parts]
+        pending = [lora.handoff.submit(x, mod.layer, name, host) if host else () for name, _, _ in mod.parts]
         y = F.linear(x, mod.weight, mod.bias)
-        for (name, lo, hi), (_, _, work) in zip(mod.parts, pending):
+        for (name, lo, hi), work in zip(mod.parts, pending):
             part = y if len(mod.parts) == 1 else y[:, lo:hi]
             if name in self.targets:
                 self.add_groups(part, x, groups, mod.layer, name, None)
@@ -147,14 +146,16 @@ class CpuLoraBackend(LoraBackend):
     op `caraserve::lora_runs_`, opaque to the compiler, which finds this backend by its handle and
     reads the prepared LoraBatch: one compiled variant serves every adapter mix.
 
-    It owns two caches: the kernel's argument tables of the prepared batch layout (kept while
-    the pool hands out the same LoraBatch, i.e. while a decode batch's rows and slots stay), and
-    packed copies of the slot weights they read. A write into a slot (DevicePool.on_write) drops
-    that slot's packed copies, and the tables when the prepared layout reads that slot, so no
-    table or copy outlives the weights it was made from; everything else stays (with thousands
-    of tenants a slot is written at nearly every admission, in several layer groups, and
-    rebuilding every table and repacking every resident adapter each time cost more than the
-    LoRA work of the steps)."""
+    Its caches: packed copies of the slot weights (`_packs`), each slot's run records over every
+    (layer, module) (`_slots`), and the prepared batch layout's kernel runs, built from those
+    records (`_step`, a cpu_kernels.StepRuns; kept while the pool hands out the same LoraBatch,
+    i.e. while a decode batch's rows and slots stay). Layouts the kernel does not take whole
+    (long prompt segments, weights it cannot read) use per-module tables (`_tables`, with a torch
+    fallback per module). A write into a slot (DevicePool.on_write) drops that slot's copies and
+    records, and the layout's runs when the layout reads that slot, so nothing outlives the
+    weights it was made from; everything else stays (with thousands of tenants a slot is written
+    at nearly every admission, and rebuilding every table and repacking every resident adapter
+    each time cost more than the LoRA work of the steps)."""
 
     def __init__(self, pool):
         super().__init__(pool)
@@ -164,6 +165,9 @@ class CpuLoraBackend(LoraBackend):
         # (bucket rank, slot) -> the slot's run records [L, M] (None: the kernel cannot read it)
         self._slots: dict = {}
         self._step = MISSING  # StepRuns of the prepared layout (None: not the kernel's), made at first use
+        # Slot writes so far, overall and per (bucket rank, slot): a record or layout built while
+        # the copy thread wrote one of its slots is used once, not kept
+        self._writes, self._slot_writes = 0, {}
         self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
         if hasattr(pool, "on_write"):
             pool.on_write.append(self._slot_written)
@@ -176,19 +180,21 @@ class CpuLoraBackend(LoraBackend):
     def _slot_written(self, bucket: int, slot: int) -> None:
         lora = self._lora
         rank = self.pool.buckets[bucket].rank
+        if self._packs:
+            written = set()  # addresses of the slot's A views, one per (module, layer)
+            for a, _ in self.pool.buckets[bucket].weights.values():
+                written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
+            # This runs on the copy thread while the engine thread may add entries: list() takes
+            # the items in one step (no Python code runs inside it), and the dict is replaced whole.
+            self._packs = {k: v for k, v in list(self._packs.items()) if k[0] not in written}
         self._slots.pop((rank, slot), None)
         if lora is not None and any(g.rank == rank and any(s == slot for *_, s in g.index.segments)
                                     for g in lora.groups):
             # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
             self._tables, self._step = {}, MISSING
-        if not self._packs:
-            return
-        written = set()  # addresses of the slot's A views, one per (module, layer)
-        for a, _ in self.pool.buckets[bucket].weights.values():
-            written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
-        # This runs on the copy thread while the engine thread may add entries: list() takes the
-        # items in one step (no Python code runs inside it), and the dict is replaced whole.
-        self._packs = {k: v for k, v in list(self._packs.items()) if k[0] not in written}
+        # counted last: a build that began before this write ended finds the count changed
+        self._slot_writes[(rank, slot)] = self._slot_writes.get((rank, slot), 0) + 1
+        self._writes += 1
 
     def _weights(self, a: torch.Tensor, b: torch.Tensor) -> KernelWeights | None:
         """The kernel's form of the slot views a [in, R], b [R, out], made (packed and checked)
@@ -241,7 +247,10 @@ class CpuLoraBackend(LoraBackend):
             return
         step = self._step
         if step is MISSING:
-            step = self._step = self._step_runs(lora)
+            writes = self._writes
+            step = self._step_runs(lora)
+            if self._writes == writes and lora is self._lora:
+                self._step = step
         fn = kernel_library.kernel() if step is not None and cpu_kernels.usable(y, x) else None
         if fn is not None:
             step.apply(fn, y, x, layer, self._modules[name])
@@ -265,30 +274,34 @@ class CpuLoraBackend(LoraBackend):
         if not records:
             return None
         widths = [(a[0].shape[-2], b[0].shape[-1]) for a, b in (lora.groups[0].weights[n] for n in self._modules)]
-        step = StepRuns([rec for rec, _ in records], np.array(targeted, dtype=bool).T, rows, scales, widths)
-        step.keep = records  # the weights its records point at live as long as it does
-        return step
+        return StepRuns([rec for rec, _ in records], np.array(targeted, dtype=bool).T, rows, scales, widths,
+                        keep=records)
 
     def _slot_records(self, g, slot: int) -> tuple | None:
         """(run records [L, M], the weights they point at) of the adapter in the group's slot, made
-        once per slot write: packed weights for the modules it adapts, the slot's own (zero) views
-        for the rest, whose runs a step leaves empty."""
+        once per slot write: packed weights for the modules it adapts, the slot's own views for
+        the rest (runs a step leaves empty). Layers on another device (a model split over
+        devices) get empty records: this backend is never called for them."""
         key = (g.rank, slot)
         rec = self._slots.get(key, MISSING)
         if rec is not MISSING:
             return rec
+        writes = self._slot_writes.get(key, 0)
         mods = g.slot_targets[slot] if g.slot_targets else g.modules
-        weights = []
+        weights, usable = [], True
         for name in self._modules:
             la, lb = g.weights[name]
             for layer in range(len(la)):
                 a, b = la[layer][slot], lb[layer][slot]
-                weights.append(self._weights(a, b) if name in mods else KernelWeights.of(a, b, lambda a, b: None))
-        if any(w is None for w in weights):
-            rec = None
-        else:
-            rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights)  # [L, M]
-        self._slots[key] = rec
+                if a.device.type != "cpu":
+                    weights.append(None)
+                    continue
+                w = self._weights(a, b) if name in mods else KernelWeights.of(a, b, lambda a, b: None)
+                usable = usable and w is not None
+                weights.append(w)
+        rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights) if usable else None  # [L, M]
+        if self._slot_writes.get(key, 0) == writes:
+            self._slots[key] = rec
         return rec
 
 

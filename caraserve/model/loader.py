@@ -153,15 +153,17 @@ def load_model(
         parts = module.checkpoint_parts(module_name, attr) if isinstance(module, LoraLinear) else \
             [(name, 0, param.shape[0] if param.dim() else 0)]
         dev = _device_for(name, placement)
-        values = []
+        value = None if len(parts) == 1 else torch.empty(param.shape, dtype=torch_dtype, device=dev)
         for ck, lo, hi in parts:
-            shape = (hi - lo, *param.shape[1:]) if len(parts) > 1 else tuple(param.shape)
+            shape = (hi - lo, *param.shape[1:]) if value is not None else tuple(param.shape)
             tensor = _read_tensor(folder, files, handles, ck)
             if tuple(tensor.shape) != shape:
                 raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
-            values.append(tensor.to(device=dev, dtype=torch_dtype))
+            if value is None:
+                value = tensor.to(device=dev, dtype=torch_dtype)
+            else:  # each part straight into its rows: no second copy of the fused parameter
+                value[lo:hi].copy_(tensor)
             used.add(ck)
-        value = values[0] if len(values) == 1 else torch.cat(values)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         embed = model.model.embed_tokens.weight

@@ -102,8 +102,11 @@ class AsyncEngine:
             self._waiters[request_id] = waiter
             self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
 
-        if adapter is not None:  # its read overlaps the step in progress (the add waits for it to end)
-            self.engine.scheduler.read_ahead(adapter)
+        if adapter is not None:  # the read overlaps the step in progress; the add below runs after it
+            try:
+                self.engine.scheduler.read_ahead(adapter, ahead=self._submitting - 1)
+            except Exception:  # a hint only: the engine checks the adapter when it adds the request
+                log.debug("read-ahead of %r failed", adapter, exc_info=True)
 
         def add():
             try:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks on one H100/H200. Every step has its own time limit; together they take more than
-# one 10-minute device call, so run them as three calls: "tests floor floor128" (8.3 min at
-# most), "lora cold peft" (5 min) and "warm" (4 min). On an H200 the tests took 106 s and the
-# floor ~190 s, most of it compiling the two 7B-shaped variants. Steps:
+# GPU checks on one H100/H200, in order of what matters most, within one deadline (DEADLINE_S,
+# default 570 s: one 10-minute device call with room to copy the results back). Every step has
+# its own time limit, cut to what the deadline leaves; a step that would get under 30 s is
+# skipped and said so, and every step writes its JSON as it goes, so a call that runs out still
+# returns what it measured. Rerun the skipped steps by name in a second call. On an H200 the
+# tests took 106 s and the floor ~190 s, most of it compiling the two 7B-shaped variants. Steps:
 #   tests     the GPU tests (Triton kernels compiled for the device, CUDA engine == CPU engine,
 #             CUDA-graph decode == eager and actually graphed, async adapter copies)
 #   floor     decode step vs the memory floor on a Llama-2-7B-shaped model with random bf16
@@ -22,7 +24,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor floor128 lora cold peft warm}"
+steps="${*:-tests floor peft cold floor128 warm lora}"
+deadline=${DEADLINE_S:-570}
 for s in $steps; do
     case $s in tests|floor|floor128|lora|cold|peft|warm) ;;
         *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm)" >&2; exit 2 ;;
@@ -33,8 +36,14 @@ if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && exec > >(tee "$OUT/gpu_check.log
 mkdir -p profiles/gpu
 status=0
 run() {  # run LIMIT_S NAME CMD...: one step under a time limit, its output to the console and the log
-    local limit=$1 name=$2 t0=$SECONDS rc
+    local limit=$1 name=$2 t0=$SECONDS rc left=$((deadline - SECONDS))
     shift 2
+    if ((left < 30)); then
+        echo "=== $name: skipped, ${left}s left of the ${deadline}s deadline (run it by name in another call)"
+        status=1
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@" 2>&1
     rc=$?
@@ -51,12 +60,9 @@ if want floor; then
     run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
         --modes "${FLOOR_MODES:-false,true}" --out profiles/gpu/decode_floor_llama2-7b.json
 fi
-if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
-    run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 --targets all \
-        --modes true --out profiles/gpu/decode_floor_llama2-7b_b128.json
-fi
-if want lora; then
-    run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json
+if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
+    run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
+        --out profiles/gpu/peft_peer_llama2-7b.json
 fi
 if want cold; then
     # Cold starts on the 7B shape with rank-64 adapters: CACHED vs on-demand vs CPU-assisted vs auto
@@ -64,12 +70,15 @@ if want cold; then
     run 120 cold "$PY" scripts/bench_cold_start.py --shape llama2-7b --ranks 64 --requests 48 --rate 4 \
         --threads 8 --torch-threads 1 --out profiles/gpu/bench_cold_start_llama2-7b.json
 fi
-if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
-    run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
-        --out profiles/gpu/peft_peer_llama2-7b.json
+if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
+    run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 --targets all \
+        --modes true --out profiles/gpu/decode_floor_llama2-7b_b128.json
 fi
 if want warm; then  # target: warm restart <= 0.25x of the cold start (to the batch's last token)
     run 240 warm "$PY" scripts/bench_warm_start.py --shape llama2-7b --batch 8 --out profiles/gpu/warm_start_llama2-7b.json
+fi
+if want lora; then
+    run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json
 fi
 echo "gpu_check: steps '$steps' -> $([[ $status == 0 ]] && echo ok || echo FAILED)"
 if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi

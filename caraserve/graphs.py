@@ -36,7 +36,7 @@ from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 7  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 8  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -203,6 +203,19 @@ class DecodeGraphs:
                 meta[:, start : start + count] = torch.tensor([b, slot, g.rank], dtype=torch.int32)[:, None]
                 row_scale[start : start + count] = g.host_scale[slot]
         return meta, row_scale
+
+    def warm_up(self) -> None:
+        """Compiles now what a CPU step can ask for, so no step waits for a compile: one variant
+        (the batch is a dynamic dimension, and LoRA rows of any adapter mix go through the
+        backend's op). On CUDA every batch bucket is its own graph: they compile at first use."""
+        if self.cuda_graphs:
+            return
+        key = self.variant_key(2, None)
+        if key not in self._fns and key not in self.failed:
+            self.pending[key] = 1
+            t0 = time.perf_counter()
+            self.compile_pending()
+            log.info("decode step compiled at start-up in %.1f s", time.perf_counter() - t0)
 
     def compile_pending(self) -> bool:
         """Compiles (or loads from the artifact cache) the pending variant the most steps wanted,

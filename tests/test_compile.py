@@ -51,10 +51,13 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert eager.graphs is None
 
     compiled = engine(small, "true", tmp_path / "cache")
+    # on CPU, compile=true compiles at start-up: no request waits for it
+    assert set(compiled.graphs._fns) == {(ANY_BATCH, HOST_RUNS)} and compiled.graphs.compile_s > 0
+    compile_s = compiled.graphs.compile_s
     got = [r.output_ids for r in compiled.generate(prompts, GREEDY, adapters)]
     got_base = [r.output_ids for r in compiled.generate(prompts[:3], GREEDY, [None] * 3)]
     assert got == want and got_base == want_base
-    assert compiled.graphs.compile_s > 0
+    assert compiled.graphs.compile_s == compile_s  # the steps ran that variant, no compile among them
     # (batch bucket, LoRA form): on CPU one variant for every batch size, whose LoRA runs go
     # through one op per module; the same variant serves base-only steps
     assert set(compiled.graphs._fns) == {(ANY_BATCH, HOST_RUNS)}
@@ -126,8 +129,8 @@ def test_compiled_bgmv_form_equals_eager(small, tmp_path):
     prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23]]
     adapters = ["r8", "r20", None]
     want = [r.output_ids for r in engine(small, "false", tmp_path / "unused").generate(prompts, GREEDY, adapters)]
-    bgmv = engine(small, "true", tmp_path / "cache")
-    bgmv.graphs.host_runs = False
+    bgmv = engine(small, "auto", tmp_path / "cache")  # nothing compiled yet on CPU
+    bgmv.graphs.host_runs, bgmv.graphs.deferred = False, False  # the GPU form, compiled at first use
     assert [r.output_ids for r in bgmv.generate(prompts, GREEDY, adapters)] == want
     assert (ANY_BATCH, len(bgmv.pool.buckets)) in bgmv.graphs._fns
     assert not any(nb == HOST_RUNS for _, nb in bgmv.graphs._fns)

@@ -141,12 +141,11 @@ class Engine:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
-        """The compiled decode step, per engine.compile: true = compiled before the engine serves
-        (on CPU its one variant, at start-up: a request never waits for it) or, on CUDA, each
-        batch bucket's at its first use; auto = on CUDA as true (a graphed step is ~10x an eager
-        one), on CPU the variant compiles when the engine is idle (`idle`) while steps run
-        eagerly, so no step waits for a compile and a job that never idles runs as eagerly as
-        compile=false."""
+        """The compiled decode step, per engine.compile: true = each variant at its first use, or
+        before serving with `warm_up` (on CPU, where one variant serves every step); auto = on
+        CUDA as true (a graphed step is ~10x an eager one), on CPU the variant compiles when the
+        engine is idle (`idle`) while steps run eagerly, so no step waits for a compile and a
+        job that never idles runs as eagerly as compile=false."""
         mode = self.config.compile
         if mode == "false":
             return None
@@ -154,11 +153,15 @@ class Engine:
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
-        graphs = DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
-                              cache, deferred=mode == "auto" and self.device.type != "cuda")
-        if mode == "true":
-            graphs.warm_up()
-        return graphs
+        return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
+                            cache, deferred=mode == "auto" and self.device.type != "cuda")
+
+    def warm_up(self) -> None:
+        """engine.compile=true: compiles now, on the calling thread (the one that will run the
+        steps: variants compiled on another thread made later CPU steps slower), what steps can
+        be compiled ahead of (on CPU the one variant), so no request waits for it."""
+        if self.graphs is not None and self.config.compile == "true":
+            self.graphs.warm_up()
 
     def idle(self) -> bool:
         """Work for a moment with nothing to step: compiles one pending decode-step variant

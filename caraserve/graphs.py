@@ -215,7 +215,10 @@ class DecodeGraphs:
             self.pending[key] = 1
             t0 = time.perf_counter()
             self.compile_pending()
-            log.info("decode step compiled at start-up in %.1f s", time.perf_counter() - t0)
+            if key in self._fns:
+                log.info("decode step compiled before serving in %.1f s", time.perf_counter() - t0)
+            else:
+                log.warning("the decode step did not compile (see above): steps run eagerly")
 
     def compile_pending(self) -> bool:
         """Compiles (or loads from the artifact cache) the pending variant the most steps wanted,

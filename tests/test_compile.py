@@ -51,7 +51,8 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert eager.graphs is None
 
     compiled = engine(small, "true", tmp_path / "cache")
-    # on CPU, compile=true compiles at start-up: no request waits for it
+    assert not compiled.graphs._fns
+    compiled.warm_up()  # what the server's engine thread and an offline job do before serving
     assert set(compiled.graphs._fns) == {(ANY_BATCH, HOST_RUNS)} and compiled.graphs.compile_s > 0
     compile_s = compiled.graphs.compile_s
     got = [r.output_ids for r in compiled.generate(prompts, GREEDY, adapters)]
@@ -154,3 +155,46 @@ def test_auto_serves_eagerly_and_compiles_when_idle(small, tmp_path):
     compile_s = auto.graphs.compile_s
     again = [r.output_ids for r in auto.generate(prompts, GREEDY)]
     assert again == want and auto.graphs.compile_s == compile_s  # ran the compiled variant, no new compile
+
+
+def test_the_server_warms_up_on_its_engine_thread_before_it_reports_ready(small, tmp_path, monkeypatch):
+    """compile=true: the AsyncEngine's thread compiles before it serves (the thread that runs
+    the steps), /health's readiness waits for it, and requests queued meanwhile are served."""
+    import asyncio
+    import threading
+
+    from caraserve.serve.async_engine import AsyncEngine
+
+    e = engine(small, "true", tmp_path / "cache")
+    threads, release = [], threading.Event()
+    real = e.graphs.compile_pending
+
+    def compile_pending():
+        threads.append(threading.current_thread().name)
+        release.wait(10)
+        return real()
+
+    monkeypatch.setattr(e.graphs, "compile_pending", compile_pending)
+    service = AsyncEngine(e, 8)
+    service.start()
+
+    async def scenario():
+        while not threads:
+            await asyncio.sleep(0.01)
+        assert threads == ["caraserve-engine"] and service.healthy and not service.ready
+        task = asyncio.ensure_future(service.submit([5, 6, 7], GREEDY, "r8", "q"))
+        await asyncio.sleep(0.2)
+        assert not task.done()  # queued while the engine thread compiles
+        release.set()
+        queue = await task
+        while not (out := await queue.get()).finished:
+            pass
+        return out
+
+    try:
+        out = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        release.set()
+        service.stop()
+    assert out.error is None and len(out.output_ids) == GREEDY.max_tokens
+    assert service._warm.is_set() and set(e.graphs._fns) == {(ANY_BATCH, HOST_RUNS)}

@@ -319,6 +319,57 @@ def test_fused_projection_row_form_equals_the_torch_semantics() -> None:
     assert torch.equal(got[:2].cpu(), base[:2].cpu())  # base rows
 
 
+def test_fused_projections_with_one_or_no_adapted_part_in_the_row_form() -> None:
+    """A pool adapting q and o only: the fused q/k/v projection has one adapted part (its
+    module's own launch pair, into q's columns) and gate/up none (base only), as the torch
+    backend computes them."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.layers import LoraLinear
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    pool = DevicePool(args, (8, 16), 2, torch.float32, [torch.device(DEVICE)] * args.num_layers,
+                      targets=("q_proj", "o_proj"))
+    w = store.get("demo-r8")
+    w.a.pop("v_proj"), w.b.pop("v_proj")  # as an adapter of q alone
+    assert pool.load(w)
+    pool.poll()
+    h, q, kv, i = (args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
+                   args.intermediate_size)
+    g = torch.Generator().manual_seed(6)
+    mods = [LoraLinear(h, (q, kv, kv), False, 0, ("q_proj", "k_proj", "v_proj")).to(DEVICE),
+            LoraLinear(h, (i, i), False, 0, ("gate_proj", "up_proj")).to(DEVICE)]
+    for mod in mods:
+        with torch.no_grad():
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g))
+    lora = pool.make_batch([(1, 2, "demo-r8")], True, DEVICE)
+    x = torch.randn(3, h, generator=g).to(DEVICE)
+    bucket, slot = pool.slot_of("demo-r8")
+    meta = torch.tensor([[-1, bucket, bucket], [0, slot, slot], [0, 8, 8]], dtype=torch.int32).to(DEVICE)
+    scale = torch.tensor([0.0, w.scale, w.scale]).to(DEVICE)
+    ref, tri = TorchLoraBackend(pool), TritonLoraBackend(pool)
+    ref.prepare(lora)
+    for mod in mods:
+        mod.backend = ref
+        want = mod(x, SimpleNamespace(lora_mode=LORA_GROUPS))
+        tri.attach(mod)
+        mod.backend = tri
+        got = mod(x, SimpleNamespace(lora_mode=LORA_ROWS, lora_rows=(meta, scale)))
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+    base = torch.nn.functional.linear(x, mods[0].weight)
+    assert not torch.allclose(got.cpu(), want.cpu() * 0) and not torch.allclose(want[1:, :q], base[1:, :q])
+
+
 def test_bgmv_multi_rejects_bad_arguments() -> None:
     y, x, a, b, meta, scale, _ = _multi_case(0, (4, 8), 5, (32, 16))
     with pytest.raises(ValueError, match="one A and one B"):
@@ -363,12 +414,12 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     e.model.use_lora(e.pool, lambda device, pool: TritonLoraBackend(pool))
     calls = []
     live = sys.modules["caraserve.lora.triton_multi"]  # the module the step imports
-    real = {name: getattr(live, name) for name in ("bgmv_multi", "bgmv_multi_parts")}
+    real = {"bgmv_multi_parts": live.bgmv_multi_parts}
 
     def counted(name):
-        def call(*args, **kw):
-            calls.append(name)
-            return real[name](*args, **kw)
+        def call(y, x, parts, *args, **kw):
+            calls.append(len(parts))
+            return real[name](y, x, parts, *args, **kw)
         return call
 
     for name in real:
@@ -383,7 +434,7 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
             setattr(live, name, fn)
     assert got == want
     # the LoRA rows went through the Triton form: o and down alone, q/k/v and gate/up fused
-    assert set(calls) == {"bgmv_multi", "bgmv_multi_parts"}
+    assert set(calls) == {1, 2, 3}
 
 
 @pytest.mark.parametrize("heads,kv,d,bs,window", [(4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None)])

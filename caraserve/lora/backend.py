@@ -69,10 +69,13 @@ class LoraBackend:
         if len(mod.parts) == 1:
             return self.add(y, x, mod.layer, mod.name, fb) if mod.name in self.targets else y
         parts = [part for part in mod.parts if part[0] in self.targets]
-        if fb.lora_mode == LORA_ROWS:
+        if fb.lora_mode == LORA_ROWS and len(parts) > 1:
             return self.add_rows_parts(y, x, mod.layer, parts, *fb.lora_rows)
         for name, lo, hi in parts:
-            self.add(y[:, lo:hi], x, mod.layer, name, fb)  # in place
+            part = y[:, lo:hi]
+            out = self.add(part, x, mod.layer, name, fb)
+            if out is not part:  # the row form adds out of place
+                part.copy_(out)
         return y
 
     def attach(self, mod) -> None:
@@ -314,33 +317,28 @@ class TritonLoraBackend(LoraBackend):
         from caraserve.lora import triton_multi
 
         super().__init__(pool)
-        # (layer, module) -> the buckets' address tables for triton_multi, read once here: the
-        # pool's tensors never move, and a compiled step cannot read addresses while traced
+        # (layer, parts) -> triton_multi.part_tables of those parts, read once here: the pool's
+        # tensors never move, and a compiled step cannot read addresses while traced. Every
+        # adapted module alone (parts ((name, 0, out),)) here, fused projections in `attach`.
         self._tables: dict = {}
         for name in self.targets if pool.buckets else ():
             for layer in range(len(pool.buckets[0].weights[name][0])):
-                a = [bk.weights[name][0][layer] for bk in pool.buckets]
-                b = [bk.weights[name][1][layer] for bk in pool.buckets]
-                self._tables[(layer, name)] = triton_multi.pointer_tables(a, b)
+                parts = ((name, 0, pool.buckets[0].weights[name][1][layer].shape[-1]),)
+                self._tables[(layer, parts)] = triton_multi.part_tables(self._parts(layer, parts))
 
     def attach(self, mod):
         from caraserve.lora import triton_multi
 
-        parts = [part for part in mod.parts if part[0] in self.targets]
+        parts = tuple(part for part in mod.parts if part[0] in self.targets)
         if len(parts) > 1 and self.pool.buckets:  # one launch pair for the fused projection's parts
-            self._tables[(mod.layer, tuple(parts))] = triton_multi.part_tables(self._parts(mod.layer, parts))
+            self._tables[(mod.layer, parts)] = triton_multi.part_tables(self._parts(mod.layer, parts))
 
     def _parts(self, layer: int, parts) -> list:
         return [([bk.weights[name][0][layer] for bk in self.pool.buckets],
                  [bk.weights[name][1][layer] for bk in self.pool.buckets], lo) for name, lo, _ in parts]
 
     def add_rows(self, y, x, layer, name, meta, row_scale):
-        from caraserve.lora import triton_multi
-
-        a = [bk.weights[name][0][layer] for bk in self.pool.buckets]
-        b = [bk.weights[name][1][layer] for bk in self.pool.buckets]
-        triton_multi.bgmv_multi(y, x, a, b, meta, row_scale, tables=self._tables[(layer, name)])
-        return y
+        return self.add_rows_parts(y, x, layer, ((name, 0, y.shape[1]),), meta, row_scale)
 
     def add_rows_parts(self, y, x, layer, parts, meta, row_scale):
         from caraserve.lora import triton_multi

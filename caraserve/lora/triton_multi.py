@@ -12,8 +12,9 @@ splits the input features over several programs per row and the expand adds thei
 in a fixed order: results repeat bit for bit.
 
 Modules that read the same input (the parts of a fused projection: q/k/v, gate/up) take one
-launch pair together (`bgmv_multi_parts`): the shrink reads each row's x once for every part,
-and the expand writes each part into its own columns of the fused output.
+launch pair together (`bgmv_multi_parts`): the shrink's grid has a parts axis (each part's
+programs read the row's x), and the expand writes each part into its own columns of the fused
+output.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def bgmv_multi(
         raise ValueError(f"expected one A and one B per rank bucket, got {len(a)} and {len(b)}")
     if tables is not None:
         a_table, b_table = tables
-        if a_table.shape != (len(a),) or b_table.shape != (len(b),) or a_table.dtype != torch.int64:
+        if a_table.shape != (len(a),) or b_table.shape != (len(b),) or \
+                a_table.dtype != torch.int64 or b_table.dtype != torch.int64:
             raise ValueError(f"tables: expected two [{len(a)}] int64 address tables, got {tuple(a_table.shape)} "
                              f"{a_table.dtype} and {tuple(b_table.shape)} {b_table.dtype}")
         one = torch.zeros(1, dtype=torch.int32, device=y.device)
@@ -180,7 +182,8 @@ def bgmv_multi_parts(
     n_parts = len(parts)
     a_table, b_table, outs, cols = tables if tables is not None else part_tables(parts)
     if a_table.shape != (n_parts, n_buckets) or b_table.shape != (n_parts, n_buckets) or \
-            a_table.dtype != torch.int64 or outs.shape != (n_parts,) or cols.shape != (n_parts,):
+            a_table.dtype != torch.int64 or b_table.dtype != torch.int64 or outs.shape != (n_parts,) or \
+            cols.shape != (n_parts,):
         raise ValueError(f"tables: expected [{n_parts}, {n_buckets}] int64 address tables and [{n_parts}] widths "
                          f"and columns, got {tuple(a_table.shape)} {a_table.dtype}, {tuple(b_table.shape)}, "
                          f"{tuple(outs.shape)}, {tuple(cols.shape)}")

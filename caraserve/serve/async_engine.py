@@ -49,6 +49,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()  # (callable, args, concurrent Future or None)
         self._stop = threading.Event()
+        self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._retired: set[str] = set()
         self._submitting = 0  # accepted by a handler, not yet in the engine's queue
         self.fault: str | None = None  # set once a fault no request explains ended every request
@@ -82,6 +83,11 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self.fault is None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """Healthy and done warming up (engine.compile=true compiles first, on the engine thread)."""
+        return self.healthy and self._warm.is_set()
 
     def is_serving(self, adapter: str) -> bool:
         return adapter in self.engine.store and adapter not in self._retired
@@ -197,6 +203,10 @@ class AsyncEngine:
                 fut.set_exception(EngineUnavailableError(f"the engine is not serving ({self.fault})"))
 
     def _run(self) -> None:
+        try:
+            self.engine.warm_up()  # on this thread, which runs the steps; requests queue meanwhile
+        finally:
+            self._warm.set()
         outputs = [None]
         last_busy = time.monotonic()
         while not self._stop.is_set():

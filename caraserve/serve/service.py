@@ -372,6 +372,8 @@ class EngineService:
         if not self.service.healthy:
             raise ApiError(503, f"the engine is not serving ({self.service.fault or 'stopped'})",
                            "engine_unavailable")
+        if not self.service.ready:
+            raise ApiError(503, "the engine is warming up (compiling its decode step)", "engine_unavailable")
         return {"status": "ok"}
 
     async def metrics(self) -> tuple[bytes, str]:

@@ -166,3 +166,22 @@ def lora_reference(y, x, runs):
     for start, end, a, b, scale in runs:
         out[start:end] += scale * (x[start:end].double() @ a.double()) @ b.double()
     return out
+
+
+def tiny_pool(rank_buckets=(8, 16, 32, 64), slots: int = 2, device="cpu", targets=None):
+    """(model args, host store of the demo adapters, an empty DevicePool) for the embedded tiny
+    model: what the LoRA backend tests build their layouts from."""
+    from transformers import AutoConfig
+
+    from caraserve.lora.device_pool import DevicePool
+    from caraserve.lora.host_store import HostStore
+    from caraserve.model.llama import ModelArgs
+    from caraserve.model.tiny import tiny_paths
+
+    model_dir, adapters = tiny_paths()
+    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    store = HostStore(args)
+    store.register_dir(adapters)
+    kw = {} if targets is None else {"targets": tuple(targets)}
+    pool = DevicePool(args, tuple(rank_buckets), slots, torch.float32, [torch.device(device)] * args.num_layers, **kw)
+    return args, store, pool

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import lora_reference as reference
+from helpers import tiny_pool
 
 from caraserve import cpu_kernels
 
@@ -115,18 +116,7 @@ def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
 
 def test_pool_writes_reach_the_backend():
     """DevicePool calls its on_write listeners for each slot write (how the backend's caches learn)."""
-    from transformers import AutoConfig
-
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
-
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
-    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    args, store, pool = tiny_pool()
     writes = []
     pool.on_write.append(lambda bucket, slot: writes.append((bucket, slot)))
     assert pool.load(store.get("demo-r16"))
@@ -137,19 +127,9 @@ def test_pool_writes_reach_the_backend():
 def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written_slot():
     """Kernel tables belong to the prepared layout: a write into a slot the layout does not read
     (another tenant's adapter landing) keeps them, a write into one it reads drops them."""
-    from transformers import AutoConfig
-
     from caraserve.lora.backend import CpuLoraBackend
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
 
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
-    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    args, store, pool = tiny_pool()
     backend = CpuLoraBackend(pool)
     assert pool.load(store.get("demo-r16"))
     pool.poll()
@@ -172,21 +152,10 @@ def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written
 def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
     """One StepRuns serves every (layer, module) of a decode layout mixing rank buckets, shared
     slots and adapters that leave modules alone: each equals the plain-torch backend's delta."""
-    from transformers import AutoConfig
-
     from caraserve.lora.backend import CpuLoraBackend, TorchLoraBackend
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
 
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers,
-                      targets=targets)
+    args, store, pool = tiny_pool(targets=targets)
     names = sorted(store.names())
     for name in names:
         assert pool.load(store.get(name))
@@ -218,19 +187,9 @@ def test_records_built_while_the_copy_thread_writes_their_slot_are_used_once_not
     """A slot's run records built while the pool writes that slot (the copy thread's on_write
     arriving mid-build) serve that call only: the next use builds them again from the new
     weights."""
-    from transformers import AutoConfig
-
     from caraserve.lora.backend import MISSING, CpuLoraBackend
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
 
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
-    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device("cpu")] * args.num_layers)
+    args, store, pool = tiny_pool()
     backend = CpuLoraBackend(pool)
     assert pool.load(store.get("demo-r16"))
     lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")

@@ -272,20 +272,12 @@ def test_fused_projection_row_form_equals_the_torch_semantics() -> None:
     delta lands in its own columns."""
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
+    from helpers import tiny_pool
 
     from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
     from caraserve.model.layers import LoraLinear
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
 
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
-    pool = DevicePool(args, (8, 16, 32, 64), 2, torch.float32, [torch.device(DEVICE)] * args.num_layers)
+    args, store, pool = tiny_pool(device=DEVICE)
     names = ["demo-r8", "demo-r16"]  # q/v and q/k/v/o adapters
     for name in names:
         assert pool.load(store.get(name))
@@ -325,21 +317,12 @@ def test_fused_projections_with_one_or_no_adapted_part_in_the_row_form() -> None
     backend computes them."""
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
+    from helpers import tiny_pool
 
     from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
-    from caraserve.lora.device_pool import DevicePool
-    from caraserve.lora.host_store import HostStore
     from caraserve.model.layers import LoraLinear
-    from caraserve.model.llama import ModelArgs
-    from caraserve.model.tiny import tiny_paths
 
-    model_dir, adapters = tiny_paths()
-    args = ModelArgs.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    store = HostStore(args)
-    store.register_dir(adapters)
-    pool = DevicePool(args, (8, 16), 2, torch.float32, [torch.device(DEVICE)] * args.num_layers,
-                      targets=("q_proj", "o_proj"))
+    args, store, pool = tiny_pool((8, 16), device=DEVICE, targets=("q_proj", "o_proj"))
     w = store.get("demo-r8")
     w.a.pop("v_proj"), w.b.pop("v_proj")  # as an adapter of q alone
     assert pool.load(w)

@@ -1,10 +1,15 @@
 """Paged attention as a Triton kernel (GPUs): the semantics of
 `caraserve.attention.paged_attention_reference`, reading each row's KV blocks in place.
 
-One program per (row, KV head): it walks the row's blocks through the block table, scores the
-GROUP query heads that share the KV head against each block's keys at once, and keeps an online
-softmax (running maximum and sum) so the values are read once, in one pass. Nothing is gathered
-or copied: a row reads only its own positions [lo, len), block by block.
+One program per (row, KV head, split): it walks its part of the row's blocks through the block
+table, scores the GROUP query heads that share the KV head against each block's keys at once,
+and keeps an online softmax (running maximum and sum) so the values are read once, in one pass.
+Nothing is gathered or copied: a row reads only its own positions [lo, len), block by block.
+
+With one split a program writes the output itself. Few rows and KV heads leave most of a GPU
+idle while long contexts are walked block after block, so the block table's width is then cut
+into splits walked in parallel (flash-decoding), each leaving its partial maximum, sum and
+weighted values, and a second kernel combines the splits of each (row, KV head).
 """
 
 from __future__ import annotations
@@ -13,24 +18,33 @@ import torch
 import triton
 import triton.language as tl
 
+# Programs (rows x KV heads) from which a decode batch fills a GPU without splitting its contexts
+SPLIT_BELOW_PROGRAMS = 256
+MAX_SPLITS = 16
+MIN_BLOCKS_PER_SPLIT = 8
+
 
 @triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [T, H, D]
+    part_ptr,  # [T, KV, SPLITS, BLOCK_G, BLOCK_D] float32: each split's weighted values (SPLITS > 1)
+    ms_ptr,  # [T, KV, SPLITS, 2, BLOCK_G] float32: each split's running maximum and sum (SPLITS > 1)
     q_ptr,  # [T, H, D]
     k_ptr, v_ptr,  # [blocks, BS, KV, D] contiguous
     tables_ptr,  # [S, W] int64
     row_seq_ptr, lens_ptr,  # [T] int64
     scale,
     window,  # 0: none
+    blocks_per_split,  # int: split i walks the row's blocks [i * blocks_per_split, (i + 1) * blocks_per_split)
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_tab,
-    KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(row_seq_ptr + row)
     length = tl.load(lens_ptr + row)
     lo = tl.where((window > 0) & (length > window), length - window, 0)
@@ -46,7 +60,9 @@ def _paged_attention_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     offs_s = tl.arange(0, BLOCK_S)
     pos_stride = KV * D
-    for b in range(lo // BS, (length + BS - 1) // BS):
+    b_begin = tl.maximum(lo // BS, split * blocks_per_split)
+    b_end = tl.minimum((length + BS - 1) // BS, (split + 1) * blocks_per_split)
+    for b in range(b_begin, b_end):
         block = tl.load(tables_ptr + seq * stride_tab + b).to(tl.int64)
         pos = b * BS + offs_s
         p_mask = (offs_s < BS) & (pos >= lo) & (pos < length)
@@ -63,16 +79,64 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
-    o = acc / s[:, None]
+    if SPLITS == 1:
+        o = acc / s[:, None]
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:  # a split with no blocks leaves m = -inf, s = 0, acc = 0: it weighs nothing below
+        at = (row * KV + kvh) * SPLITS + split
+        tl.store(part_ptr + at * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :], acc)
+        tl.store(ms_ptr + at * 2 * BLOCK_G + offs_g, m)
+        tl.store(ms_ptr + at * 2 * BLOCK_G + BLOCK_G + offs_g, s)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,  # [T, H, D]
+    part_ptr, ms_ptr,  # the splits' partial results, as _paged_attention_kernel leaves them
+    stride_ot, stride_oh,
+    KV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) s_i over the splits i of one (row, KV
+    head), M the largest m_i (every row has a position, so some split has a finite m_i)."""
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    first = (row * KV + kvh) * SPLITS
+    top = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    for i in tl.static_range(SPLITS):
+        top = tl.maximum(top, tl.load(ms_ptr + (first + i) * 2 * BLOCK_G + offs_g))
+    total = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for i in tl.static_range(SPLITS):
+        w = tl.exp(tl.load(ms_ptr + (first + i) * 2 * BLOCK_G + offs_g) - top)
+        total += w * tl.load(ms_ptr + (first + i) * 2 * BLOCK_G + BLOCK_G + offs_g)
+        acc += w[:, None] * tl.load(part_ptr + (first + i) * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D
+                                    + offs_d[None, :])
+    heads = kvh * GROUP + offs_g
     tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+             (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+             mask=(offs_g < GROUP)[:, None] & (offs_d < D)[None, :])
+
+
+def splits_for(rows: int, kv_heads: int, table_width: int) -> int:
+    """Context splits of a decode batch: 1 when rows x KV heads fill a GPU, else enough to
+    walk a full-width block table in parallel (at least MIN_BLOCKS_PER_SPLIT blocks each). It
+    depends on shapes only, so a CUDA graph of a batch bucket keeps its choice."""
+    if rows * kv_heads >= SPLIT_BELOW_PROGRAMS:
+        return 1
+    return max(1, min(MAX_SPLITS, table_width // MIN_BLOCKS_PER_SPLIT, -(-SPLIT_BELOW_PROGRAMS // (rows * kv_heads))))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor:
+                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
+                    splits: int | None = None) -> torch.Tensor:
     """paged_attention_reference's result; q [T, H, D] contiguous, caches [blocks, BS, KV, D]
-    contiguous, block_tables [S, W] int64, row_seq / lens [T] int64, on one device. Every shape
-    is checked here; block ids and lengths are the caller's (the scheduler's) to keep in range."""
+    contiguous, block_tables [S, W] int64, row_seq / lens [T] int64, on one device; splits: of
+    each row's blocks, walked in parallel (None: `splits_for`). Every shape is checked here;
+    block ids and lengths are the caller's (the scheduler's) to keep in range."""
     t, heads, d = q.shape
     blocks, bs, kv, dk = k_cache.shape
     if k_cache.shape != v_cache.shape or dk != d or heads % kv or q.dim() != 3:
@@ -85,13 +149,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError("paged attention: q and the caches must be contiguous")
     if any(x.dtype != torch.int64 for x in (block_tables, row_seq, lens)):
         raise ValueError("paged attention: block_tables, row_seq and lens must be int64")
+    width = block_tables.shape[1]
+    splits = splits_for(t, kv, width) if splits is None else splits
+    if not 1 <= splits <= max(1, width):
+        raise ValueError(f"paged attention: splits={splits} must be in [1, {max(1, width)}] (the table's width)")
     tables = block_tables.contiguous()
     out = torch.empty_like(q)
     group = heads // kv
-    _paged_attention_kernel[(t, kv)](
-        out, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0,
+    block_g, block_d = max(2, triton.next_power_of_2(group)), triton.next_power_of_2(d)
+    if splits > 1:
+        part = torch.empty((t, kv, splits, block_g, block_d), dtype=torch.float32, device=q.device)
+        ms = torch.empty((t, kv, splits, 2, block_g), dtype=torch.float32, device=q.device)
+    else:
+        part = ms = out  # not read or written
+    _paged_attention_kernel[(t, kv, splits)](
+        out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0, -(-width // splits),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-        KV=kv, D=d, BS=bs, GROUP=group, BLOCK_G=max(2, triton.next_power_of_2(group)),
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_S=triton.next_power_of_2(bs),
+        KV=kv, D=d, BS=bs, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(bs),
     )
+    if splits > 1:
+        _combine_splits_kernel[(t, kv)](
+            out, part, ms, out.stride(0), out.stride(1),
+            KV=kv, D=d, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
+        )
     return out

@@ -421,9 +421,11 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("heads,kv,d,bs,window", [(4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None)])
-def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window) -> None:
+@pytest.mark.parametrize("splits", (1, 3, None))
+def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window, splits) -> None:
     """The Triton paged attention (GPUs) against the plain-torch statement of the semantics:
-    scattered blocks, rows of one sequence at several lengths, GQA, a sliding window."""
+    scattered blocks, rows of one sequence at several lengths, GQA, a sliding window; contexts
+    walked in one pass or in splits combined after (rows shorter than a split included)."""
     from caraserve.attention import paged_attention_reference
 
     g = torch.Generator().manual_seed(heads * 10 + d)
@@ -436,7 +438,9 @@ def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window) 
     q = torch.randn(5, heads, d, generator=g)
     want = paged_attention_reference(q, k, v, tables, row_seq, lens, window)
     args = [t.to(DEVICE) for t in (q, k, v, tables, row_seq, lens)]
-    got = attention_triton.paged_attention(*args, window)
+    got = attention_triton.paged_attention(*args, window, splits=splits and min(splits, width))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="splits"):
+        attention_triton.paged_attention(*args, window, splits=width + 1)
     with pytest.raises(ValueError, match="int64"):
         attention_triton.paged_attention(*args[:4], args[4].int(), args[5], window)

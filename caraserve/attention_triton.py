@@ -8,8 +8,9 @@ Nothing is gathered or copied: a row reads only its own positions [lo, len), blo
 
 With one split a program writes the output itself. Few rows and KV heads leave most of a GPU
 idle while long contexts are walked block after block, so the block table's width is then cut
-into splits walked in parallel (flash-decoding), each leaving its partial maximum, sum and
-weighted values, and a second kernel combines the splits of each (row, KV head).
+into splits walked in parallel (flash-decoding): split i takes the i-th share of each row's own
+blocks and leaves its partial maximum, sum and weighted values, and a second kernel combines the
+splits of each (row, KV head).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ def _paged_attention_kernel(
     row_seq_ptr, lens_ptr,  # [T] int64
     scale,
     window,  # 0: none
-    blocks_per_split,  # int: split i walks the row's blocks [i * blocks_per_split, (i + 1) * blocks_per_split)
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_tab,
@@ -60,8 +60,12 @@ def _paged_attention_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     offs_s = tl.arange(0, BLOCK_S)
     pos_stride = KV * D
-    b_begin = tl.maximum(lo // BS, split * blocks_per_split)
-    b_end = tl.minimum((length + BS - 1) // BS, (split + 1) * blocks_per_split)
+    # split i of SPLITS walks the i-th share of the row's own blocks (shorter rows: some none)
+    first = lo // BS
+    end = (length + BS - 1) // BS
+    per = (end - first + SPLITS - 1) // SPLITS
+    b_begin = first + split * per
+    b_end = tl.minimum(end, b_begin + per)
     for b in range(b_begin, b_end):
         block = tl.load(tables_ptr + seq * stride_tab + b).to(tl.int64)
         pos = b * BS + offs_s
@@ -84,7 +88,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:  # a split with no blocks leaves m = -inf, s = 0, acc = 0: it weighs nothing below
-        at = (row * KV + kvh) * SPLITS + split
+        at = ((row * KV + kvh) * SPLITS + split).to(tl.int64)
         tl.store(part_ptr + at * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :], acc)
         tl.store(ms_ptr + at * 2 * BLOCK_G + offs_g, m)
         tl.store(ms_ptr + at * 2 * BLOCK_G + BLOCK_G + offs_g, s)
@@ -104,7 +108,7 @@ def _combine_splits_kernel(
     kvh = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    first = (row * KV + kvh) * SPLITS
+    first = ((row * KV + kvh) * SPLITS).to(tl.int64)
     top = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     for i in tl.static_range(SPLITS):
         top = tl.maximum(top, tl.load(ms_ptr + (first + i) * 2 * BLOCK_G + offs_g))
@@ -134,8 +138,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
                     splits: int | None = None) -> torch.Tensor:
     """paged_attention_reference's result; q [T, H, D] contiguous, caches [blocks, BS, KV, D]
-    contiguous, block_tables [S, W] int64, row_seq / lens [T] int64, on one device; splits: of
-    each row's blocks, walked in parallel (None: `splits_for`). Every shape is checked here;
+    contiguous, block_tables [S, W] int64, row_seq / lens [T] int64, on one device; splits: shares
+    of each row's own blocks walked in parallel (None: `splits_for`). Every shape is checked here;
     block ids and lengths are the caller's (the scheduler's) to keep in range."""
     t, heads, d = q.shape
     blocks, bs, kv, dk = k_cache.shape
@@ -160,10 +164,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         part = torch.empty((t, kv, splits, block_g, block_d), dtype=torch.float32, device=q.device)
         ms = torch.empty((t, kv, splits, 2, block_g), dtype=torch.float32, device=q.device)
-    else:
-        part = ms = out  # not read or written
+    else:  # the kernel neither reads nor writes them (a tensor of their own: no alias of `out`)
+        part = ms = torch.empty(1, dtype=torch.float32, device=q.device)
     _paged_attention_kernel[(t, kv, splits)](
-        out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0, -(-width // splits),
+        out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         KV=kv, D=d, BS=bs, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(bs),

@@ -35,6 +35,8 @@ from caraserve.request import (
     RequestOutput,
     RequestState,
     SamplingParams,
+    check_limits,
+    prompt_ids,
 )
 from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
@@ -276,50 +278,12 @@ class Engine:
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
-        the vocabulary; SamplingParams itself has checked their types and ranges."""
-        lim = self.config.limits
-        if len(params.stop) > lim.max_stop_strings:
-            raise RequestError(f"stop: at most {lim.max_stop_strings} stop strings, got {len(params.stop)}")
-        if sum(map(len, params.stop)) > lim.max_stop_chars:
-            raise RequestError(f"stop: the stop strings may total at most {lim.max_stop_chars} characters")
-        if len(params.stop_token_ids) > lim.max_stop_token_ids:
-            raise RequestError(f"stop_token_ids: at most {lim.max_stop_token_ids} ids, "
-                               f"got {len(params.stop_token_ids)}")
-        vocab = self.model.args.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
-        if any(t >= vocab for t, _ in params.logit_bias):
-            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        the vocabulary (`request.check_limits`)."""
+        check_limits(params, self.config.limits, self.model.args.vocab_size)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt; RequestError when it is not one (or past engine.limits)."""
-        limit = self.config.limits.max_prompt_bytes
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer: send prompt token ids")
-            # checked before tokenizing: the tokenizer's work grows with the text
-            if len(prompt) > limit:  # a character is at least one byte: no need to encode to know
-                raise RequestError(f"prompt: longer than {limit} bytes (limits.max_prompt_bytes)")
-            try:
-                size = len(prompt.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                raise RequestError(f"prompt is not valid Unicode ({e.reason} at position {e.start})") from None
-            if size > limit:
-                raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (list, tuple)):
-            if len(prompt) > self.max_seq_len:
-                raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length "
-                                   f"{self.max_seq_len}")
-            ids = list(prompt)
-            vocab = self.model.args.vocab_size
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-                raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        else:
-            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise RequestError("prompt is empty")
-        return ids
+        """Token ids of a prompt; RequestError when it is not one (`request.prompt_ids`)."""
+        return prompt_ids(prompt, self.tokenizer, self.config.limits, self.max_seq_len, self.model.args.vocab_size)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slots; its final output, or None when it is unknown or

@@ -150,6 +150,53 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
+def check_limits(params: SamplingParams, lim, vocab: int) -> None:
+    """Refuses (RequestError naming the field) sampling parameters beyond the limits `lim`
+    (config.LimitsConfig) or a vocabulary of `vocab` tokens; SamplingParams itself has checked
+    their types and ranges."""
+    if len(params.stop) > lim.max_stop_strings:
+        raise RequestError(f"stop: at most {lim.max_stop_strings} stop strings, got {len(params.stop)}")
+    if sum(map(len, params.stop)) > lim.max_stop_chars:
+        raise RequestError(f"stop: the stop strings may total at most {lim.max_stop_chars} characters")
+    if len(params.stop_token_ids) > lim.max_stop_token_ids:
+        raise RequestError(f"stop_token_ids: at most {lim.max_stop_token_ids} ids, "
+                           f"got {len(params.stop_token_ids)}")
+    if any(t >= vocab for t in params.stop_token_ids):
+        raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
+    if any(t >= vocab for t, _ in params.logit_bias):
+        raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+
+
+def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int) -> list[int]:
+    """Token ids of a prompt (text through `tokenizer`, or token ids); RequestError when it is
+    not one, or past the limits `lim` (config.LimitsConfig), the context length or the vocabulary."""
+    limit = lim.max_prompt_bytes
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer: send prompt token ids")
+        # checked before tokenizing: the tokenizer's work grows with the text
+        if len(prompt) > limit:  # a character is at least one byte: no need to encode to know
+            raise RequestError(f"prompt: longer than {limit} bytes (limits.max_prompt_bytes)")
+        try:
+            size = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise RequestError(f"prompt is not valid Unicode ({e.reason} at position {e.start})") from None
+        if size > limit:
+            raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
+        ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, (list, tuple)):
+        if len(prompt) > max_seq_len:
+            raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length {max_seq_len}")
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+    else:
+        raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise RequestError("prompt is empty")
+    return ids
+
+
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field, in queues and lookups
 class Request:
     request_id: str

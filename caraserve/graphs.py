@@ -20,12 +20,14 @@ skips the compile.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from caraserve.kv_cache import blocks_for
@@ -66,6 +68,34 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(out) + (max_batch_size,)
 
 
+STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "row_lens", "block_tables")
+
+
+def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_size: int) -> None:
+    """Writes a decode step of n rows into the bucket's host arrays (B >= n rows):
+        input_ids[i] = tokens[i][0]; positions[i] = starts[i]; row_lens[i] = starts[i] + 1
+        block_tables[i, :len(tables[i])] = tables[i], zeros after
+        slot_mapping[i] = tables[i][starts[i] // bs] * bs + starts[i] % bs
+    and the padding rows i >= n as position 0 of the scratch block (block 0), which they write
+    and read back. Vectorised: a step's inputs cost the same few numpy calls at any batch size."""
+    n = len(tokens)
+    lens = np.fromiter(map(len, tables), np.int64, n)
+    pos = np.fromiter(starts, np.int64, n)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
+    table = out["block_tables"]
+    if lens.max(initial=0) > table.shape[1]:
+        raise ValueError(f"a block table of {lens.max()} blocks exceeds the step's width {table.shape[1]}")
+    table[:] = 0
+    table[np.repeat(np.arange(n), lens), np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
+    out["input_ids"][:n] = np.fromiter((t[0] for t in tokens), np.int64, n)
+    out["positions"][:n] = pos
+    out["row_lens"][:n] = pos + 1
+    out["slot_mapping"][:n] = table[np.arange(n), pos // block_size] * block_size + pos % block_size
+    for k in ("input_ids", "positions", "slot_mapping"):
+        out[k][n:] = 0
+    out["row_lens"][n:] = 1
+
+
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
                  cache_file: Path | None = None, deferred: bool = False):
@@ -80,6 +110,8 @@ class DecodeGraphs:
         self.cuda_graphs = self.device.type == "cuda"
         self.host_runs = self.device.type == "cpu"  # LoRA through the CPU backend's op rather than BGMV rows
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch bucket -> the step's inputs
+        self._staging: dict[int, dict[str, torch.Tensor]] = {}  # CUDA: their pinned host twins
+        self._staged: dict[int, torch.cuda.Event] = {}  # CUDA: after the last copies out of _staging
         self._fns: dict[tuple[int, int], object] = {}
         self.compile_s = 0.0
         # deferred: a missing variant's steps run eagerly and it waits in `pending` (with how many
@@ -129,22 +161,14 @@ class DecodeGraphs:
         # dimension, padded only to 2 rows (a size-1 batch would compile a second, specialized graph)
         bsz, nb = (key[0], key[1]) if self.cuda_graphs else (max(n, 2), key[1])
         pad = bsz - n
-        bs = self.block_size
-        host_tables = torch.zeros(bsz, self.max_blocks, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            host_tables[i, : len(t)] = torch.tensor(t)
-        buf = self._fill(bsz, {
-            "input_ids": torch.tensor([t[0] for t in tokens] + [0] * pad),
-            "positions": torch.tensor(list(starts) + [0] * pad),
-            # padding rows write position 0 of the scratch block (block 0, offset 0) and read it back
-            "slot_mapping": torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)] + [0] * pad),
-            "block_tables": host_tables,
-            "row_lens": torch.tensor([p + 1 for p in starts] + [1] * pad),
-        })
-        rows = self._lora_rows(lora, bsz, nb) if nb > 0 else None
-        if rows is not None:
-            buf["meta"].copy_(rows[0])
-            buf["scale"].copy_(rows[1])
+        buf, stage = self._step_buffers(bsz)
+        stage_step_inputs({k: stage[k].numpy() for k in STEP_INPUTS}, tokens, starts, tables, self.block_size)
+        if nb > 0:
+            self._lora_rows(lora, stage["meta"].numpy(), stage["scale"].numpy())
+        if stage is not buf:
+            for k in (*STEP_INPUTS, "meta", "scale") if nb > 0 else STEP_INPUTS:
+                buf[k].copy_(stage[k], non_blocking=True)
+            self._staged[bsz].record()  # the next step refills the staging tensors after these copies
         fb = self._batch(bsz, nb, buf, tuple(p + 1 for p in starts) + (1,) * pad)
         with torch.inference_mode():
             logits = self._variant(*key)(fb)
@@ -159,21 +183,30 @@ class DecodeGraphs:
             return ANY_BATCH, HOST_RUNS if self.host_runs and self.pool.targets else self._num_buckets(lora)
         return bucket_up(n, self.batch_buckets), self._num_buckets(lora)
 
-    def _fill(self, bsz: int, host: dict[str, torch.Tensor], own: bool = True) -> dict[str, torch.Tensor]:
-        """The bucket's device buffers (made at its first step) with the step's values copied in;
-        own=False: buffers of the caller's own (a compile's dummy step)."""
-        buf = self._buffers.get(bsz) if own else None
+    def _new_buffers(self, bsz: int, device: torch.device, pin: bool = False) -> dict[str, torch.Tensor]:
+        """Zeroed step inputs of a bsz-row batch (pinned host memory with pin=True)."""
+        def z(*shape, dtype=torch.int64):
+            return torch.zeros(*shape, dtype=dtype, device=device, pin_memory=pin)
+
+        return {"input_ids": z(bsz), "positions": z(bsz), "slot_mapping": z(bsz), "row_lens": z(bsz),
+                "block_tables": z(bsz, self.max_blocks),
+                "meta": z(3, bsz, dtype=torch.int32), "scale": z(bsz, dtype=torch.float32)}
+
+    def _step_buffers(self, bsz: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the bucket's device buffers, the host tensors a step fills): the same tensors on CPU;
+        on CUDA pinned twins, copied in asynchronously, whose refill first waits for the last
+        step's copies out of them."""
+        buf = self._buffers.get(bsz)
         if buf is None:
-            dev = self.device
-            buf = {k: torch.zeros_like(v, device=dev) for k, v in host.items()}
-            buf["rows"] = torch.arange(bsz, device=dev)
-            buf["meta"] = torch.full((3, bsz), -1, dtype=torch.int32, device=dev)
-            buf["scale"] = torch.zeros(bsz, dtype=torch.float32, device=dev)
-            if own:
-                self._buffers[bsz] = buf
-        for k, v in host.items():
-            buf[k].copy_(v, non_blocking=True)
-        return buf
+            buf = self._buffers[bsz] = self._new_buffers(bsz, self.device)
+            buf["rows"] = torch.arange(bsz, device=self.device)
+            if self.cuda_graphs:
+                self._staging[bsz] = self._new_buffers(bsz, torch.device("cpu"), pin=True)
+                self._staged[bsz] = torch.cuda.Event()
+        if not self.cuda_graphs:
+            return buf, buf
+        self._staged[bsz].synchronize()
+        return buf, self._staging[bsz]
 
     def _batch(self, bsz: int, nb: int, buf: dict, context_lens: tuple[int, ...]) -> ForwardBatch:
         """The step's ForwardBatch over the bucket's buffers."""
@@ -190,19 +223,17 @@ class DecodeGraphs:
         """Rank buckets the variant covers: all of the pool's (0 = no LoRA)."""
         return 0 if lora is None else len(self.pool.buckets)
 
-    def _lora_rows(self, lora: LoraBatch | None, bsz: int, nb: int):
-        """row_meta [3, B] int32 (rank bucket, -1 for none; slot; rank) and row_scale [B] float32."""
+    def _lora_rows(self, lora: LoraBatch | None, meta, scale) -> None:
+        """Fills the row table: meta [3, B] int32 (rank bucket, -1 for none; slot; rank) and
+        scale [B] float32, numpy views of the step's host tensors."""
+        meta[0], meta[1:], scale[:] = -1, 0, 0.0
         if lora is None:
-            return None, None
-        meta = torch.zeros(3, bsz, dtype=torch.int32)
-        meta[0] = -1
-        row_scale = torch.zeros(bsz, dtype=torch.float32)
+            return
         for g in lora.groups:
             b = self.pool.rank_buckets.index(g.rank)
             for start, count, slot in g.index.segments:
-                meta[:, start : start + count] = torch.tensor([b, slot, g.rank], dtype=torch.int32)[:, None]
-                row_scale[start : start + count] = g.host_scale[slot]
-        return meta, row_scale
+                meta[:, start : start + count] = ((b,), (slot,), (g.rank,))
+                scale[start : start + count] = g.host_scale[slot]
 
     def warm_up(self) -> None:
         """Compiles now what a CPU step can ask for, so no step waits for a compile: one variant
@@ -232,13 +263,8 @@ class DecodeGraphs:
         key = max(self.pending, key=self.pending.get)
         del self.pending[key]
         bsz, nb = key if self.cuda_graphs else (2, key[1])
-        buf = self._fill(bsz, {
-            "input_ids": torch.zeros(bsz, dtype=torch.int64),
-            "positions": torch.zeros(bsz, dtype=torch.int64),
-            "slot_mapping": torch.zeros(bsz, dtype=torch.int64),
-            "block_tables": torch.zeros(bsz, self.max_blocks, dtype=torch.int64),
-            "row_lens": torch.ones(bsz, dtype=torch.int64),
-        }, own=False)
+        buf = self._new_buffers(bsz, self.device)  # every row: position 0 of the scratch block, no adapter
+        buf["rows"], buf["row_lens"][:], buf["meta"][0] = torch.arange(bsz, device=self.device), 1, -1
         fb = self._batch(bsz, nb, buf, (1,) * bsz)
         for backend in self.model.lora_backends.values():
             backend.prepare(None)  # a LoRA variant's dummy rows use no adapter

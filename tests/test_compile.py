@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import save_peft_adapter, save_random_hf_model
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
-from caraserve.graphs import ANY_BATCH, HOST_RUNS, batch_buckets, bucket_up
+from caraserve.graphs import ANY_BATCH, HOST_RUNS, STEP_INPUTS, batch_buckets, bucket_up, stage_step_inputs
 from caraserve.model.batch import ForwardBatch
 from caraserve.request import SamplingParams
 
@@ -32,6 +33,37 @@ def engine(root, compile_mode, cache_dir, preload="none", **kw):
                                                       preload=preload),
                                max_batch_size=4, max_seq_len=64, compile=compile_mode,
                                compile_cache_dir=str(cache_dir), device="cpu", **kw))
+
+
+def staged_reference(tokens, starts, tables, rows, width, bs):
+    """The step inputs row by row, in plain Python (padding rows: position 0 of block 0)."""
+    n = len(tokens)
+    pad = rows - n
+    return {"input_ids": [t[0] for t in tokens] + [0] * pad, "positions": list(starts) + [0] * pad,
+            "slot_mapping": [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)] + [0] * pad,
+            "row_lens": [p + 1 for p in starts] + [1] * pad,
+            "block_tables": [list(t) + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad}
+
+
+@pytest.mark.parametrize("n, rows", [(1, 2), (3, 4), (5, 5), (7, 8)])
+def test_staged_step_inputs_equal_the_row_by_row_definition(n, rows):
+    g = torch.Generator().manual_seed(n)
+    bs, width = 4, 6
+    lens = torch.randint(1, width + 1, (n,), generator=g).tolist()
+    tables = [torch.randperm(40, generator=g)[:k].add(1).tolist() for k in lens]
+    starts = [int(torch.randint(0, k * bs, (1,), generator=g)) for k in lens]
+    tokens = [[int(t)] for t in torch.randint(0, 100, (n,), generator=g)]
+    # arrays full of a previous, wider step's values: the fill must overwrite every entry
+    out = {k: np.full((rows, width) if k == "block_tables" else rows, 99, dtype=np.int64) for k in STEP_INPUTS}
+    stage_step_inputs(out, tokens, starts, tables, bs)
+    want = staged_reference(tokens, starts, tables, rows, width, bs)
+    assert {k: v.tolist() for k, v in out.items()} == want
+
+
+def test_staged_step_inputs_refuse_a_table_wider_than_the_step():
+    out = {k: np.zeros((2, 2) if k == "block_tables" else 2, dtype=np.int64) for k in STEP_INPUTS}
+    with pytest.raises(ValueError, match="3 blocks exceeds the step's width 2"):
+        stage_step_inputs(out, [[1], [2]], [0, 0], [[1], [1, 2, 3]], 4)
 
 
 def test_bucket_helpers():

@@ -358,13 +358,14 @@ class Scheduler:
         path: a CPU-assisted request decodes once its adapter landed."""
         decoding = []
         for req in sorted(self.running, key=lambda r: r.arrival_s):
-            if req.state is not RequestState.DECODE or req not in self.running:
+            if req.state is not RequestState.DECODE:  # (a preempted request is WAITING again)
                 continue
             if req.adapter is not None and self.pool.state(req.adapter) is not AdapterState.RESIDENT:
                 continue
             if self._grow_or_preempt(req, req.context_len):
                 decoding.append(req)
-        return [r for r in decoding if r in self.running]  # a younger one's growth may have preempted it
+        # a younger one's growth may have preempted one taken before it (ties in arrival time)
+        return [r for r in decoding if r.state is RequestState.DECODE]
 
     def finish(self, req: Request) -> None:
         """Frees everything the request holds (KV blocks, adapter reference, queue place)."""

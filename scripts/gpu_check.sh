@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on one H100/H200, in a fixed order of what matters most (tests floor peft cold
-# floor128 warm lora, whatever order they are named in), within one deadline (DEADLINE_S, default
+# floor128 warm lora overhead, whatever order they are named in), within one deadline (DEADLINE_S, default
 # 570 s: one 10-minute device call with room to copy the results back). Every step has its own
 # time limit, cut to what the deadline leaves; a step that would get under 30 s is skipped and
 # named at the end (exit 3 when steps were skipped and none failed), to be run by name in a
@@ -15,6 +15,8 @@
 #   cold      the cold-start benchmark (CPU-assisted prefill vs on-demand loading vs cached)
 #   peft      the same model, adapters and prompts through transformers + peft (the peer)
 #   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present)
+#   overhead  the host's share of a compiled decode step (the tiny model's CUDA graph is short, so
+#             a step's time beyond it is scheduling, inputs, sampling's read-back, detokenizing)
 #   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step, as
 #                                                  many as the deadline leaves room for)
 #   FLOOR_MODES=false scripts/gpu_check.sh floor   the floor benchmark without compiling
@@ -26,12 +28,12 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor peft cold floor128 warm lora}"
+steps="${*:-tests floor peft cold floor128 warm lora overhead}"
 deadline=${DEADLINE_S:-570}
 if ! [[ $deadline =~ ^[1-9][0-9]*$ ]]; then echo "DEADLINE_S must be a number of seconds, got '$deadline'" >&2; exit 2; fi
 for s in $steps; do
-    case $s in tests|floor|floor128|lora|cold|peft|warm) ;;
-        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm)" >&2; exit 2 ;;
+    case $s in tests|floor|floor128|lora|cold|peft|warm|overhead) ;;
+        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm overhead)" >&2; exit 2 ;;
     esac
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
@@ -84,6 +86,10 @@ if want warm; then  # target: warm restart <= 0.25x of the cold start (to the ba
 fi
 if want lora; then
     run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json
+fi
+if want overhead; then
+    run 90 overhead "$PY" scripts/bench_step_overhead.py --device cuda --compile true --batches 32,128 \
+        --workloads mixed --repeats 1 --steps 50 --out profiles/gpu/bench_step_overhead.json
 fi
 echo "gpu_check: steps '$steps' -> $([[ $status == 0 ]] && echo ok || echo FAILED)${skipped:+ (skipped:$skipped)}"
 if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi

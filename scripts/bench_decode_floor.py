@@ -11,7 +11,12 @@ measures the device's copy bandwidth and reports
   floor       = bytes of the base weights / bandwidth (a decode step must read them all once)
   step        = median decode step time of a full batch (TPOT), per mode:
                 {eager, compiled} x {base only, mixed LoRA}
-and the ratios step/floor, LoRA/base and compiled/eager. Writes JSON with a provenance header.
+and the ratios step/floor, LoRA/base and compiled/eager. The floor counts what every step must
+read: the base weights, and the KV cache of the batch's contexts (`kv_floor_ms`: weights + KV, the
+base rows' own floor); a mixed-LoRA step also reads the weights of each distinct adapter in the
+batch (`lora_floor_ms`), so `lora_floor_ms / kv_floor_ms` is the smallest LoRA / base step ratio
+the memory allows. Each row reports its step over the weights-only floor (`step_over_floor`) and
+over its own floor (`step_over_own_floor`). Writes JSON with a provenance header.
 `--shape small` runs the same on a CPU in a minute (to check the script).
 """
 
@@ -48,6 +53,19 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return 2 * n / statistics.median(times) / 1e9
+
+
+def kv_bytes_per_step(model_args, batch: int, prompt_tokens: int, steps: int, elem: int) -> float:
+    """Mean KV bytes a decode step of the measured run reads: every row its own context (keys and
+    values of every layer), which runs from prompt_tokens + 1 to prompt_tokens + steps - 1."""
+    per_token = model_args.num_layers * 2 * model_args.num_kv_heads * model_args.head_dim * elem
+    return batch * (prompt_tokens + steps / 2) * per_token
+
+
+def adapter_bytes(model_args, ranks, targets, elem: int) -> int:
+    """Bytes of the A and B weights of adapters of these ranks on these modules, every layer."""
+    per_rank = sum(sum(model_args.module_shape(m)) for m in targets) * model_args.num_layers * elem
+    return sum(ranks) * per_rank
 
 
 def measure(engine, prompts, adapters, steps) -> dict:
@@ -112,11 +130,14 @@ def run_mode(args, mode: str, model, device: torch.device, names: list[str], pro
 def print_report(report: dict) -> None:
     h, w = report["header"], report["workload"]
     print(f"\n{h['device']}: {h['model']} {h['dtype']}, batch {w['batch']}, {w['adapters']} adapters ranks {RANKS}")
-    print(f"weights {report['weight_bytes'] / 1e9:.2f} GB, copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s, "
-          f"floor {report['floor_ms']:.3f} ms/step")
-    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/floor':>10s}")
+    print(f"weights {report['weight_bytes'] / 1e9:.2f} GB, KV {report['kv_bytes_per_step'] / 1e9:.2f} GB/step, "
+          f"adapters {report['adapter_bytes_per_step'] / 1e9:.2f} GB/step, copy bandwidth "
+          f"{report['copy_bandwidth_gbs']:.0f} GB/s; floors (ms/step): weights {report['floor_ms']:.3f}, "
+          f"+ KV {report['kv_floor_ms']:.3f}, + adapters {report['lora_floor_ms']:.3f}")
+    print(f"{'mode':26s} {'step ms':>9s} {'tok/s':>9s} {'step/weights':>12s} {'step/own floor':>14s}")
     for k, r in report["rows"].items():
-        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:9.2f}x")
+        print(f"{k:26s} {r['tpot_ms']:9.3f} {r['tokens_per_s']:9.0f} {r['step_over_floor']:11.2f}x "
+              f"{r['step_over_own_floor']:13.2f}x")
     for k, v in report["ratios"].items():
         print(f"{k}: {v:.2f}x")
     for k, v in report["compile"].items():
@@ -134,6 +155,12 @@ def main():
     bw = copy_bandwidth_gbs(device)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     names = [f"lora{i}-r{RANKS[i % len(RANKS)]}" for i in range(args.adapters)]
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_bytes = kv_bytes_per_step(model.args, args.batch, args.prompt_tokens, args.steps, elem)
+    in_batch = [RANKS[i % len(RANKS)] for i in range(min(args.batch, args.adapters))]  # the distinct adapters
+    lora_bytes = adapter_bytes(model.args, in_batch, TARGETS[args.targets], elem)
+    floors = {"weights": floor_ms, "base": (weight_bytes + kv_bytes) / (bw * 1e9) * 1e3,
+              "lora": (weight_bytes + kv_bytes + lora_bytes) / (bw * 1e9) * 1e3}
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.args.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.batch)]
@@ -152,8 +179,9 @@ def main():
             "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS,
                          "targets": TARGETS[args.targets],
                          "prompt_tokens": args.prompt_tokens, "steps": args.steps},
-            "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "floor_ms": floor_ms,
-            "rows": rows, "ratios": ratios_of(rows, floor_ms), "compile": notes,
+            "weight_bytes": weight_bytes, "kv_bytes_per_step": kv_bytes, "adapter_bytes_per_step": lora_bytes,
+            "copy_bandwidth_gbs": bw, "floor_ms": floor_ms, "kv_floor_ms": floors["base"],
+            "lora_floor_ms": floors["lora"], "rows": rows, "ratios": ratios_of(rows, floors), "compile": notes,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -169,10 +197,13 @@ def cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
-def ratios_of(rows: dict, floor_ms: float) -> dict:
-    for r in rows.values():
-        r["step_over_floor"] = r["tpot_ms"] / floor_ms
-    ratios = {}
+def ratios_of(rows: dict, floors: dict) -> dict:
+    """Each row's step over the weights-only floor and over its own (base: + KV; LoRA: + adapters),
+    and the ratios between rows."""
+    for label, r in rows.items():
+        r["step_over_floor"] = r["tpot_ms"] / floors["weights"]
+        r["step_over_own_floor"] = r["tpot_ms"] / floors["lora" if label.endswith("mixed LoRA") else "base"]
+    ratios = {"floors: LoRA / base (the least a LoRA step can cost)": floors["lora"] / floors["base"]}
     for label in ("eager", "compiled"):
         if f"{label} base only" in rows and f"{label} mixed LoRA" in rows:
             lora, base = rows[f"{label} mixed LoRA"], rows[f"{label} base only"]

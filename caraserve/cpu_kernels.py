@@ -306,3 +306,84 @@ def attention_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             and k_cache.device.type == "cpu" and v_cache.device.type == "cpu" and q.dim() == 3
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and q.is_contiguous()
             and k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[2] == k_cache.shape[3])
+
+
+def _float_rows(name: str, t, width: int) -> int:
+    """t's row stride, or a ValueError unless t is [rows, width] float32 on the CPU in rows of unit
+    column stride that do not overlap."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_cpu or t.dim() != 2:
+        got = f"a {t.dim()}-D {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected a 2-D float32 CPU tensor, got {got}")
+    if t.shape[1] != width or t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) < width):
+        raise ValueError(f"{name}: shape {list(t.shape)} strides {t.stride()} are not rows of {width} columns")
+    return t.stride(0)
+
+
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor | None:
+    """csrc/layer_ops_cpu.c's add_rms_norm: residual += x in place (x None: no add), then
+    w * residual / sqrt(mean(residual^2) + eps) per row, as a new [T, D] tensor. residual
+    contiguous [T, D], x [T, D] with unit column stride, weight [D], all float32 on the CPU. None
+    when the kernel is unavailable; tensors it cannot take raise a ValueError naming them."""
+    lib = kernel_library.library()
+    if lib is None:
+        return None
+    if not isinstance(residual, torch.Tensor) or residual.dim() != 2 or not residual.is_contiguous():
+        raise ValueError("add_rms_norm: residual must be a contiguous 2-D tensor")
+    rows, dim = residual.shape
+    _float_rows("add_rms_norm: residual", residual, dim)
+    ld_x = 0 if x is None else _float_rows("add_rms_norm: x", x, dim)
+    if x is not None and x.shape[0] != rows:
+        raise ValueError(f"add_rms_norm: x has {x.shape[0]} rows, residual {rows}")
+    if weight.dtype != torch.float32 or not weight.is_cpu or weight.shape != (dim,) or not weight.is_contiguous():
+        raise ValueError(f"add_rms_norm: weight must be a contiguous float32 CPU tensor [{dim}], "
+                         f"got {list(weight.shape)} {weight.dtype}")
+    out = torch.empty_like(residual)
+    rc = lib.add_rms_norm(out.data_ptr(), residual.data_ptr(), None if x is None else x.data_ptr(),
+                          weight.data_ptr(), rows, dim, ld_x, eps)
+    if rc:
+        raise RuntimeError(f"add_rms_norm kernel refused the call (code {rc})")
+    return out
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """csrc/layer_ops_cpu.c's rotary_write_kv: the rotated q as a new contiguous [T, H, hd] tensor;
+    the rotated k and v written to the caches [blocks, bs, KV, hd] at slot_mapping [T] int64. q
+    [T, H, hd], k / v [T, KV, hd] with rows of unit-stride heads, cos / sin [T, hd] contiguous, all
+    float32 on the CPU. None when the kernel is unavailable; tensors it cannot take raise a
+    ValueError naming them (a slot outside the caches too, before anything is written)."""
+    lib = kernel_library.library()
+    if lib is None:
+        return None
+    t, heads, hd = q.shape
+    kv = k_cache.shape[2] if k_cache.dim() == 4 else -1
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != hd:
+        raise ValueError(f"rotary_write_kv: caches {list(k_cache.shape)} / {list(v_cache.shape)} are not "
+                         f"[blocks, block_size, kv_heads, {hd}]")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dtype != torch.float32 or not c.is_cpu or not c.is_contiguous():
+            raise ValueError(f"rotary_write_kv: {name} must be a contiguous float32 CPU tensor")
+    lds = []
+    for name, x, n in (("q", q, heads), ("k", k, kv), ("v", v, kv)):
+        if x.dim() != 3 or x.shape != (t, n, hd) or x.stride(2) != 1 or x.stride(1) != hd:
+            raise ValueError(f"rotary_write_kv: {name} must be [{t}, {n}, {hd}] in rows of contiguous heads, "
+                             f"got {list(x.shape)} strides {x.stride()}")
+        lds.append(_float_rows(f"rotary_write_kv: {name}", x.flatten(1), n * hd))
+    for name, x in (("cos", cos), ("sin", sin)):
+        if not x.is_contiguous() or x.shape != (t, hd):
+            raise ValueError(f"rotary_write_kv: {name} must be contiguous [{t}, {hd}], got {list(x.shape)}")
+        _float_rows(f"rotary_write_kv: {name}", x, hd)
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_cpu or slot_mapping.shape != (t,):
+        raise ValueError(f"rotary_write_kv: slot_mapping must be int64 CPU [{t}], got {list(slot_mapping.shape)} "
+                         f"{slot_mapping.dtype}")
+    slots = slot_mapping.contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    q_out = torch.empty((t, heads, hd), dtype=torch.float32)
+    rc = lib.rotary_write_kv(q_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
+                             sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), t, heads, kv,
+                             hd, *lds, num_slots)
+    if rc:
+        raise ValueError(f"rotary_write_kv: the kernel refused the call (code {rc}): an odd head size or a slot "
+                         f"outside the caches' {num_slots}")
+    return q_out

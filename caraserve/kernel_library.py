@@ -1,6 +1,7 @@
-"""The built C library of the CPU kernels (`csrc/lora_cpu.c`, `csrc/attention_cpu.c`): finding
-the compiler, building, caching, checking and loading it, and binding the functions the
-wrappers in `caraserve.cpu_kernels` call, with `LoraRun`, the struct both sides of the ABI share.
+"""The built C library of the CPU kernels (`csrc/lora_cpu.c`, `csrc/attention_cpu.c`,
+`csrc/layer_ops_cpu.c`): finding the compiler, building, caching, checking and loading it, and
+binding the functions the wrappers in `caraserve.cpu_kernels` call, with `LoraRun`, the struct
+both sides of the ABI share.
 
 The library is built once per machine with the system C compiler (`$CC`, else `cc`) into
 `$CARASERVE_CACHE/kernels` (default `~/.cache/caraserve/kernels`), keyed by the sources, the
@@ -31,7 +32,7 @@ import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SOURCES = (Path(__file__).parent / "csrc" / "lora_cpu.c", Path(__file__).parent / "csrc" / "attention_cpu.c")
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("lora_cpu.c", "attention_cpu.c", "layer_ops_cpu.c"))
 
 
 class LoraRun(ctypes.Structure):
@@ -51,6 +52,11 @@ SYMBOLS = {
     # out, q, k_cache, v_cache, block_tables, row_seq, lens, rows, heads, kv_heads, head_dim, num_blocks,
     # block_size, num_seqs, table_width, window, scale
     "paged_attention": (ctypes.c_int, [_PTR] * 7 + [_I64] * 9 + [ctypes.c_float]),
+    # out, residual, x, w, rows, dim, ld_x, eps
+    "add_rms_norm": (ctypes.c_int, [_PTR] * 4 + [_I64] * 3 + [ctypes.c_float]),
+    # q_out, q, k, v, cos, sin, k_cache, v_cache, slots, tokens, heads, kv_heads, head_dim, ld_q, ld_k, ld_v,
+    # num_slots
+    "rotary_write_kv": (ctypes.c_int, [_PTR] * 9 + [_I64] * 8),
 }
 
 # The process's one loaded library (dlopen'ed code cannot be unloaded); `reset()` forgets it.

@@ -1,0 +1,154 @@
+"""The fused elementwise stages of a decoder layer (add + RMSNorm; rotary + KV write) against their
+plain-torch references: the C kernels of eager CPU steps, and the Triton kernels of eager GPU
+steps (in the Triton interpreter on CPU, compiled on CUDA)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # read when `@triton.jit` decorates: before layer_ops_triton is first imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from caraserve import cpu_kernels, kernel_library  # noqa: E402
+from caraserve.attention import rotary_write_kv_reference  # noqa: E402
+from caraserve.model.layers import add_rms_norm_reference, fused_kernels  # noqa: E402
+
+needs_library = pytest.mark.skipif(kernel_library.library() is None, reason="no C compiler for the CPU kernels")
+
+
+def norm_case(rows: int, dim: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(rows, dim + 5, generator=g).to(dtype).to(device)  # x: columns of a wider tensor
+    return wide[:, 2 : 2 + dim], torch.randn(rows, dim, generator=g).to(dtype).to(device), \
+        torch.randn(dim, generator=g).to(dtype).to(device)
+
+
+def rotary_case(tokens: int, heads: int, kv: int, hd: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """q, k, v as column views of one fused projection's output, cos/sin of random positions, caches
+    full of a marker value, and distinct slots."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv) * hd + 3, generator=g).to(dtype).to(device)
+    q = qkv[:, : heads * hd].view(tokens, heads, hd)
+    k = qkv[:, heads * hd : (heads + kv) * hd].view(tokens, kv, hd)
+    v = qkv[:, (heads + kv) * hd : (heads + 2 * kv) * hd].view(tokens, kv, hd)
+    angles = torch.rand(tokens, hd // 2, generator=g) * 6.3
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+    caches = [torch.full((6, 4, kv, hd), 7.0, dtype=dtype, device=device) for _ in range(2)]
+    slots = torch.randperm(24, generator=g)[:tokens].to(device)
+    return q, k, v, cos, sin, caches, slots
+
+
+@needs_library
+@pytest.mark.parametrize("with_x", [True, False])
+def test_cpu_add_rms_norm_equals_the_reference(with_x):
+    x, residual, w = norm_case(7, 37)
+    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5)
+    got = cpu_kernels.add_rms_norm(x if with_x else None, residual, w, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(residual, want_sum)  # the sum, written into the residual's own memory
+
+
+@needs_library
+def test_cpu_add_rms_norm_refuses_what_it_cannot_read():
+    x, residual, w = norm_case(4, 16)
+    with pytest.raises(ValueError, match="residual must be a contiguous"):
+        cpu_kernels.add_rms_norm(x, residual.t().contiguous().t(), w, 1e-5)
+    with pytest.raises(ValueError, match="x: expected a 2-D float32"):
+        cpu_kernels.add_rms_norm(x.double(), residual, w, 1e-5)
+    with pytest.raises(ValueError, match="x has 3 rows"):
+        cpu_kernels.add_rms_norm(x[:3], residual, w, 1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        cpu_kernels.add_rms_norm(x, residual, w[:8], 1e-5)
+
+
+@needs_library
+@pytest.mark.parametrize("heads, kv", [(4, 2), (3, 3)])
+def test_cpu_rotary_write_kv_equals_the_reference(heads, kv):
+    q, k, v, cos, sin, (kc, vc), slots = rotary_case(5, heads, kv, 8)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
+    got = cpu_kernels.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kc, kc_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc, vc_ref)
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[slots] = False
+    assert (kc.view(24, -1)[untouched] == 7.0).all()  # no other slot written
+
+
+@needs_library
+def test_cpu_rotary_write_kv_refuses_a_slot_outside_the_caches_before_writing():
+    q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 2, 2, 8)
+    slots[2] = 24
+    with pytest.raises(ValueError, match="outside the caches' 24"):
+        cpu_kernels.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    assert (kc == 7.0).all() and (vc == 7.0).all()
+    with pytest.raises(ValueError, match="q must be"):
+        cpu_kernels.rotary_write_kv(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, cos, sin, kc, vc, slots)
+    with pytest.raises(ValueError, match="cos must be contiguous"):
+        cpu_kernels.rotary_write_kv(q, k, v, cos.t(), sin, kc, vc, slots)
+
+
+def test_compiled_steps_take_the_torch_form():
+    seen = []
+
+    def probe(t):
+        seen.append(fused_kernels(t))
+        return t + 1
+
+    torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert seen == [None]
+    if kernel_library.library() is not None:
+        assert fused_kernels(torch.zeros(2)) == "cpu"
+    assert fused_kernels(torch.zeros(2, dtype=torch.bfloat16)) is None  # the C kernels are float32
+
+
+def tolerance(dtype, ulps: int) -> dict:
+    """assert_close's tolerance for `ulps` last-bit differences of a bfloat16 result (float32: ~exact).
+    The interpreter rounds float32 to bfloat16 toward zero where a GPU rounds to nearest, so on
+    CPU every bfloat16 rounding may be one bit off."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-6, atol=1e-6)
+    bits = ulps + (2 if DEVICE == "cpu" else 0)
+    return dict(rtol=bits * 2 ** -7, atol=bits * 2 ** -7) if bits else dict(rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def layer_ops_triton():
+    pytest.importorskip("triton")
+    import caraserve.layer_ops_triton as mod
+
+    if DEVICE == "cpu" and "caraserve.layer_ops_triton" in sys.modules and not getattr(mod, "_interpreted", False):
+        mod = importlib.reload(mod)  # decorated before the switch was set: re-decorate interpreted
+        mod._interpreted = True
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_x", [True, False])
+def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_x):
+    x, residual, w = norm_case(3, 24, dtype, DEVICE, seed=2)
+    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5)
+    got = layer_ops_triton.add_rms_norm(x if with_x else None, residual, w, 1e-5)
+    # float32 sums in another order: a bfloat16 result may differ by its last bit
+    torch.testing.assert_close(got, want, **tolerance(dtype, ulps=1))
+    torch.testing.assert_close(residual, want_sum, **tolerance(dtype, ulps=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype):
+    q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 3, 1, 12, dtype, DEVICE, seed=3)  # odd heads, hd/2 = 6
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
+    got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    # each product and the sum rounded to the dtype, as the torch form does: the same bits
+    torch.testing.assert_close(got, want, **tolerance(dtype, ulps=0))
+    torch.testing.assert_close(kc, kc_ref, **tolerance(dtype, ulps=0))
+    assert torch.equal(vc, vc_ref)

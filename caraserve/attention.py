@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from caraserve import ops  # noqa: F401  (registers torch.ops.caraserve.*)
+from caraserve import (
+    cpu_kernels,
+    ops,  # noqa: F401  (registers torch.ops.caraserve.*)
+)
+from caraserve.model.layers import apply_rotary, fused_kernels
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
@@ -23,6 +27,29 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
     n_kv, hd = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, n_kv, hd).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, n_kv, hd).index_copy_(0, slot_mapping, v)
+
+
+def rotary_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Semantics: q_rot = apply_rotary(q, cos, sin); write_kv(caches, slot_mapping, apply_rotary(k,
+    cos, sin), v); returns q_rot. q [T, H, hd], k / v [T, n_kv, hd], cos / sin [T, hd]."""
+    write_kv(k_cache, v_cache, slot_mapping, apply_rotary(k, cos, sin), v)
+    return apply_rotary(q, cos, sin)
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_write_kv_reference's result (and cache writes) from one kernel in eager steps
+    (`caraserve.model.layers.fused_kernels`), from the torch form in compiled ones."""
+    kind = fused_kernels(q)
+    if kind == "cpu":
+        return cpu_kernels.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    if kind == "cuda":
+        from caraserve import layer_ops_triton
+
+        return layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return rotary_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

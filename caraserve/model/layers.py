@@ -6,22 +6,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from caraserve import cpu_kernels, kernel_library
+
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics (x, residual [T, D]; weight [D]; one dtype):
+        r = residual + x        (r = residual when x is None; the sum in the activations' dtype)
+        out = weight * (r32 / sqrt(mean(r32^2) + eps)).to(dtype),  r32 = r in float32 (as Llama)
+    -> (out, r): the normalized rows, and the residual stream carried on to the next add."""
+    r = residual if x is None else residual + x
+    h = r.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(r.dtype), r
+
+
+def fused_kernels(t: torch.Tensor) -> str | None:
+    """Which fused elementwise kernel runs for activations t in this step: "cpu" (float32, the C
+    library built), "cuda" (Triton), or None for the torch form. A compiled step always takes the
+    torch form, which inductor fuses with the GEMMs' neighbours on its own."""
+    if torch.compiler.is_compiling():
+        return None
+    if t.is_cuda:
+        return "cuda"
+    if t.dtype == torch.float32 and t.device.type == "cpu" and kernel_library.library() is not None:
+        return "cpu"
+    return None
+
+
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the variance taken in float32 (as Llama does)."""
+    """y = w * x / sqrt(mean(x^2) + eps), the variance taken in float32 (as Llama does), with the
+    residual add before it fused in (`add_rms_norm_reference`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))  # [dim]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); x None: (norm(residual), residual). Eager steps run
+        it as one kernel, which may write the sum into residual's own memory: the caller passes a
+        residual it owns and uses only the one returned."""
+        kind = fused_kernels(residual)
+        if kind is None:
+            return add_rms_norm_reference(x, residual, self.weight, self.eps)
+        residual = residual.contiguous()
+        if kind == "cpu":
+            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
+        from caraserve import layer_ops_triton
+
+        return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps), residual
 
 
 def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
@@ -57,7 +93,8 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, head_dim]: x*cos + rotate_half(x)*sin."""
+    """x [T, heads, head_dim]; cos/sin [T, head_dim]: x*cos + rotate_half(x)*sin, each product
+    and the sum in x's dtype (rotate_half(x) = (-x[d/2:], x[:d/2]))."""
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]

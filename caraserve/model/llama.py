@@ -18,12 +18,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
-from caraserve.attention import paged_attention, write_kv
+from caraserve.attention import paged_attention, rotary_write_kv
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, apply_rotary, rope_inv_freq
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -149,9 +149,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = cache
-        write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
+        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping)
         if fb.is_decode:
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window)
         else:
@@ -203,9 +202,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
         self.mlp = MLP(args, layer)
 
-    def forward(self, h, cos, sin, fb: ForwardBatch, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fb, cache)
-        return h + self.mlp(self.post_attention_layernorm(h), fb)
+    def forward(self, x, residual, cos, sin, fb: ForwardBatch, cache):
+        """(this layer's output, the residual stream before it is added): the add happens in the
+        next norm, fused with it. The first layer gets x None and the embeddings as residual."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, fb, cache), residual)
+        return self.mlp(h, fb), residual
 
 
 class Decoder(nn.Module):
@@ -285,7 +287,8 @@ class CausalLM(nn.Module):
         """`forward` without its inference-mode wrapper: the function eager steps run and compiled
         steps compile (caraserve.graphs), for every step kind."""
         dtype = self.model.embed_tokens.weight.dtype
-        h = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
+        residual = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
+        h = None  # each layer's output, added to the residual stream by the next norm
         batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}
         for layer, cache in zip(self.model.layers, kv):
             dev = layer.input_layernorm.weight.device
@@ -294,11 +297,13 @@ class CausalLM(nn.Module):
                 cos, sin = self.rotary.cos_sin(fbd.positions.to(self.rotary.inv_freq.device), dtype)
                 batches[dev] = (fbd, cos.to(dev), sin.to(dev))
             fbd, cos, sin = batches[dev]
-            h = layer(h.to(dev), cos, sin, fbd, cache)
-        h = h.to(self.model.norm.weight.device)
+            h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
+        dev = self.model.norm.weight.device
+        h, residual = h.to(dev), residual.to(dev)
         if not all_logits and not fb.is_decode:
-            h = h[fb.last_rows.to(h.device)]
-        return self.head(self.model.norm(h).to(self.lm_head.weight.device))
+            rows = fb.last_rows.to(dev)
+            h, residual = h[rows], residual[rows]
+        return self.head(self.model.norm(h, residual)[0].to(self.lm_head.weight.device))
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -61,7 +61,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
     "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
 if want tests; then
-    run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py
+    run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py \
+        tests/test_layer_ops.py
 fi
 if want floor; then
     run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \

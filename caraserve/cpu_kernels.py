@@ -316,7 +316,7 @@ def _float_rows(name: str, t, width: int) -> int:
         raise ValueError(f"{name}: expected a 2-D float32 CPU tensor, got {got}")
     if t.shape[1] != width or t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) < width):
         raise ValueError(f"{name}: shape {list(t.shape)} strides {t.stride()} are not rows of {width} columns")
-    return t.stride(0)
+    return t.stride(0) if t.shape[0] > 1 else width  # (a lone row's stride is arbitrary)
 
 
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,

@@ -7,9 +7,17 @@ and `caraserve.attention.rotary_write_kv_reference`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+
+
+def _on(t: torch.Tensor):
+    """The launch's device context: Triton launches on the current CUDA device and its stream,
+    and a placed model's layers may live on another GPU than the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -49,10 +57,12 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
     if weight.shape != (dim,) or not weight.is_contiguous():
         raise ValueError(f"add_rms_norm: weight must be contiguous [{dim}], got {list(weight.shape)}")
     out = torch.empty_like(residual)
+    block = triton.next_power_of_2(dim)  # a row per program; wide rows get more warps (fewer registers each)
     if rows:
-        _add_rms_norm_kernel[(rows,)](out, residual, residual if x is None else x, weight, dim,
-                                      0 if x is None else x.stride(0), eps, HAS_X=x is not None,
-                                      BLOCK=triton.next_power_of_2(dim))
+        with _on(residual):
+            _add_rms_norm_kernel[(rows,)](out, residual, residual if x is None else x, weight, dim,
+                                          0 if x is None else x.stride(0), eps, HAS_X=x is not None,
+                                          BLOCK=block, num_warps=min(16, max(4, block // 512)))
     return out
 
 
@@ -128,8 +138,9 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         raise ValueError("rotary_write_kv: the caches must be contiguous")
     q_out = torch.empty((t, heads, d), dtype=q.dtype, device=q.device)
     if t:
-        _rotary_write_kv_kernel[(t,)](
-            q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping.contiguous(), heads, kv,
-            q.stride(0), k.stride(0), v.stride(0), HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
-            BLOCK_HALF=triton.next_power_of_2(d // 2))
+        with _on(q):  # no fused multiply-adds: each product rounds as in the torch form, float32 too
+            _rotary_write_kv_kernel[(t,)](
+                q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping.contiguous(), heads, kv,
+                q.stride(0), k.stride(0), v.stride(0), HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
+                BLOCK_HALF=triton.next_power_of_2(d // 2), enable_fp_fusion=False)
     return q_out

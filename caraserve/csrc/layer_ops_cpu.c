@@ -14,20 +14,47 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Returns 0; -1 (nothing written) for shapes out of range or missing pointers. */
+#define VL 8
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
+#define LOAD(p) (*(const vf_u *)(p))
+#define STORE(p, v) (*(vf_u *)(p) = (v))
+
+/* r[0:d] += x[0:d] (x may be NULL), and returns sum(r^2): four independent vector chains */
+static float add_and_square(float *r, const float *x, int64_t d) {
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 4 * VL <= d; i += 4 * VL)
+        for (int u = 0; u < 4; u++) {
+            vf v = LOAD(r + i + u * VL);
+            if (x != NULL) {
+                v += LOAD(x + i + u * VL);
+                STORE(r + i + u * VL, v);
+            }
+            acc[u] += v * v;
+        }
+    vf a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float ss = 0.0f;
+    for (int l = 0; l < VL; l++) ss += a[l];
+    for (; i < d; i++) {
+        if (x != NULL) r[i] += x[i];
+        ss += r[i] * r[i];
+    }
+    return ss;
+}
+
+/* Returns 0; -1 (nothing written) for shapes out of range or missing pointers. Rows are shared
+ * out over the calling thread's OpenMP team (a prefill's thousands of rows). */
 int add_rms_norm(float *out, float *residual, const float *x, const float *w, int64_t rows, int64_t dim,
                  int64_t ld_x, float eps) {
     if (rows < 0 || dim < 1 || (x != NULL && ld_x < dim) || !(eps >= 0.0f)) return -1;
     if (rows > 0 && (out == NULL || residual == NULL || w == NULL)) return -1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 16))
+#endif
     for (int64_t t = 0; t < rows; t++) {
         float *r = residual + t * dim;
-        if (x != NULL) {
-            const float *xt = x + t * ld_x;
-            for (int64_t i = 0; i < dim; i++) r[i] += xt[i];
-        }
-        float ss = 0.0f;
-        for (int64_t i = 0; i < dim; i++) ss += r[i] * r[i];
-        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        const float inv = 1.0f / sqrtf(add_and_square(r, x == NULL ? NULL : x + t * ld_x, dim) / (float)dim + eps);
         float *o = out + t * dim;
         for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (r[i] * inv);
     }
@@ -56,6 +83,9 @@ int rotary_write_kv(float *q_out, const float *q, const float *k, const float *v
     for (int64_t t = 0; t < tokens; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     const int64_t half = head_dim / 2, kv_width = kv_heads * head_dim;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (tokens * (heads + kv_heads) * head_dim >= (1 << 16))
+#endif
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos_t + t * head_dim, *s = sin_t + t * head_dim;
         for (int64_t h = 0; h < heads; h++)

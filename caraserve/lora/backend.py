@@ -187,9 +187,12 @@ class CpuLoraBackend(LoraBackend):
             written = set()  # addresses of the slot's A views, one per (module, layer)
             for a, _ in self.pool.buckets[bucket].weights.values():
                 written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
-            # This runs on the copy thread while the engine thread may add entries: list() takes
-            # the items in one step (no Python code runs inside it), and the dict is replaced whole.
-            self._packs = {k: v for k, v in list(self._packs.items()) if k[0] not in written}
+            # This runs on the copy thread while the engine thread may add entries: dict.copy()
+            # clones the table in one C call that allocates nothing per item (list(d.items())
+            # makes a tuple per item, and a garbage collection those allocations start may run
+            # Python code and hand the GIL over mid-iteration); the dict is replaced whole.
+            packs = self._packs.copy()
+            self._packs = {k: v for k, v in packs.items() if k[0] not in written}
         self._slots.pop((rank, slot), None)
         if lora is not None and any(g.rank == rank and any(s == slot for *_, s in g.index.segments)
                                     for g in lora.groups):

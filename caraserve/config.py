@@ -226,6 +226,11 @@ class EngineConfig:
     kv_cache_bytes: int = 0
     gpu_memory_utilization: float = 0.9
     compile: str | bool = "auto"  # engine.compile=true arrives as a bool; kept as "true"
+    # How a CUDA decode step is graphed (engine.compile true or auto): "compile" = torch.compile
+    # with CUDA-graph replay (inductor fuses the elementwise ops); "capture" = the eager forward
+    # (fused Triton kernels, cuBLAS, Triton attention and LoRA) captured per batch bucket at
+    # start-up with torch.cuda.graph, as SGLang does by default: nothing to compile.
+    cuda_graphs: str = "compile"
     compile_cache_dir: str = "compiled/cache"
     seed: int = 0
 
@@ -242,6 +247,8 @@ class EngineConfig:
         _check(str(self.compile).lower() in ("auto", "true", "false"),
                f"engine.compile={self.compile!r} must be auto|true|false")
         object.__setattr__(self, "compile", str(self.compile).lower())
+        _check(self.cuda_graphs in ("compile", "capture"),
+               f"engine.cuda_graphs={self.cuda_graphs!r} must be compile|capture")
 
     @classmethod
     def from_dict(cls, data, where="engine"):

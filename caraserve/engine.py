@@ -156,13 +156,15 @@ class Engine:
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
-                            cache, deferred=mode == "auto" and self.device.type != "cuda")
+                            cache, deferred=mode == "auto" and self.device.type != "cuda",
+                            capture=cfg.cuda_graphs == "capture")
 
     def warm_up(self) -> None:
-        """engine.compile=true: compiles now, on the calling thread (the one that will run the
-        steps: variants compiled on another thread made later CPU steps slower), what steps can
-        be compiled ahead of (on CPU the one variant), so no request waits for it."""
-        if self.graphs is not None and self.config.compile == "true":
+        """Compiles or captures now, on the calling thread (the one that will run the steps:
+        variants compiled on another thread made later CPU steps slower), what steps can be
+        made ahead of, so no request waits for it: with engine.compile=true on CPU the one
+        variant; on CUDA with engine.cuda_graphs=capture every batch bucket's graphs."""
+        if self.graphs is not None and (self.config.compile == "true" or self.graphs.capture):
             self.graphs.warm_up()
 
     def idle(self) -> bool:

@@ -12,13 +12,15 @@ rows to the C kernel; either way one variant per batch bucket serves every adapt
 Attention reads the paged KV cache through the block tables (`caraserve.attention`: a kernel
 that reads each row's own blocks, so the tables always have the widest width a request can need
 and a longer context recompiles nothing). On CUDA each variant is replayed as a CUDA graph
-(mode="reduce-overhead"), one per batch bucket. Compiled artifacts are saved to, and loaded
-from, a cache folder keyed by model, dtype, device and torch version, so a restarted engine
-skips the compile.
+(mode="reduce-overhead"), one per batch bucket; or, with capture (engine.cuda_graphs=capture),
+the eager forward itself is captured with torch.cuda.graph per bucket, with no compile at all.
+Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
+and torch version, so a restarted engine skips the compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -98,7 +100,7 @@ def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
-                 cache_file: Path | None = None, deferred: bool = False):
+                 cache_file: Path | None = None, deferred: bool = False, capture: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
@@ -108,6 +110,17 @@ class DecodeGraphs:
         self.cache_file = cache_file
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
+        # CUDA: graphs captured over the eager forward (no torch.compile), else compiled ones
+        self.capture = capture and self.cuda_graphs
+        self._graph_pool = None  # captured graphs' shared memory pool (made at the first capture)
+        self._side = None  # the stream captures and their warm-ups run on
+        devices = {*model.layer_devices(), model.model.norm.weight.device, model.lm_head.weight.device}
+        if self.capture and devices != {self.device}:
+            # a capture records one device's stream: cross-device copies between layers would not
+            # be recorded (or would synchronize), so a placed model gets the compiled variants
+            log.warning("engine.cuda_graphs=capture needs the whole model on %s (it spans %s): "
+                        "compiling the decode step instead", self.device, sorted(map(str, devices)))
+            self.capture = False
         self.host_runs = self.device.type == "cpu"  # LoRA through the CPU backend's op rather than BGMV rows
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch bucket -> the step's inputs
         self._staging: dict[int, dict[str, torch.Tensor]] = {}  # CUDA: their pinned host twins
@@ -161,18 +174,40 @@ class DecodeGraphs:
         # dimension, padded only to 2 rows (a size-1 batch would compile a second, specialized graph)
         bsz, nb = (key[0], key[1]) if self.cuda_graphs else (max(n, 2), key[1])
         pad = bsz - n
-        buf, stage = self._step_buffers(bsz)
-        stage_step_inputs({k: stage[k].numpy() for k in STEP_INPUTS}, tokens, starts, tables, self.block_size)
-        if nb > 0:
-            self._lora_rows(lora, stage["meta"].numpy(), stage["scale"].numpy())
-        if stage is not buf:
-            for k in (*STEP_INPUTS, "meta", "scale") if nb > 0 else STEP_INPUTS:
-                buf[k].copy_(stage[k], non_blocking=True)
-            self._staged[bsz].record()  # the next step refills the staging tensors after these copies
-        fb = self._batch(bsz, nb, buf, tuple(p + 1 for p in starts) + (1,) * pad)
+        with self._on_device():
+            buf, stage = self._step_buffers(bsz)
+            stage_step_inputs({k: stage[k].numpy() for k in STEP_INPUTS}, tokens, starts, tables, self.block_size)
+            if nb > 0:
+                self._lora_rows(lora, stage["meta"].numpy(), stage["scale"].numpy())
+            if stage is not buf:
+                for k in (*STEP_INPUTS, "meta", "scale") if nb > 0 else STEP_INPUTS:
+                    buf[k].copy_(stage[k], non_blocking=True)
+                # the next step refills the staging tensors after these copies
+                self._staged[bsz].record(torch.cuda.current_stream(self.device))
+            fb = self._batch(bsz, nb, buf, tuple(p + 1 for p in starts) + (1,) * pad)
+            if self.capture and key not in self._fns:  # (a variant warm_up did not capture)
+                logits = self._capture_variant(key, fb)
+                return None if logits is None else logits[:n]
+            return self._run(key, fb)[:n]
+
+    def _run(self, key: tuple[int, int], fb: ForwardBatch) -> torch.Tensor:
         with torch.inference_mode():
-            logits = self._variant(*key)(fb)
-        return logits[:n]
+            return self._variant(*key)(fb)
+
+    def _on_device(self):
+        """CUDA: this engine's GPU as the current device (streams, events and captures are made on
+        the current one, and an engine may run on another GPU than cuda:0)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _capture_variant(self, key: tuple[int, int], fb: ForwardBatch):
+        """Captures the variant over fb (its bucket's buffers) and replays it once: its logits, or
+        None when the capture failed (logged; the variant's steps then run eagerly)."""
+        try:
+            return self._run(key, fb)
+        except Exception:
+            log.exception("capturing the decode step's CUDA graph %s failed; those steps stay eager", key)
+            self.failed.add(key)
+            return None
 
     def variant_key(self, n: int, lora: LoraBatch | None) -> tuple[int, int]:
         """(batch bucket, LoRA form) of the variant a step of n rows runs: on CUDA the padded
@@ -200,10 +235,10 @@ class DecodeGraphs:
         if buf is None:
             buf = self._buffers[bsz] = self._new_buffers(bsz, self.device)
             buf["rows"] = torch.arange(bsz, device=self.device)
-            if self.cuda_graphs:
+            if self.device.type == "cuda":
                 self._staging[bsz] = self._new_buffers(bsz, torch.device("cpu"), pin=True)
                 self._staged[bsz] = torch.cuda.Event()
-        if not self.cuda_graphs:
+        if self.device.type != "cuda":
             return buf, buf
         self._staged[bsz].synchronize()
         return buf, self._staging[bsz]
@@ -238,8 +273,20 @@ class DecodeGraphs:
     def warm_up(self) -> None:
         """Compiles now what a CPU step can ask for, so no step waits for a compile: one variant
         (the batch is a dynamic dimension, and LoRA rows of any adapter mix go through the
-        backend's op). On CUDA every batch bucket is its own graph: they compile at first use."""
+        backend's op). On CUDA every batch bucket is its own graph: compiled ones are made at
+        first use, captured ones here, each over its bucket's buffers holding a dummy step."""
         if self.cuda_graphs:
+            if self.capture:
+                t0 = time.perf_counter()
+                forms = (0, len(self.pool.buckets)) if self.pool.targets and self.pool.buckets else (0,)
+                for backend in self.model.lora_backends.values():
+                    backend.prepare(None)  # a LoRA variant's dummy rows use no adapter
+                with self._on_device():
+                    for bsz in reversed(self.batch_buckets):  # largest first: the smaller reuse its pool
+                        for nb in forms:
+                            if (bsz, nb) not in self._fns and (bsz, nb) not in self.failed:
+                                self._capture_variant((bsz, nb), self._dummy_batch(bsz, nb))
+                log.info("captured %d decode-step CUDA graphs in %.1f s", len(self._fns), time.perf_counter() - t0)
             return
         key = self.variant_key(2, None)
         if key not in self._fns and key not in self.failed:
@@ -276,10 +323,61 @@ class DecodeGraphs:
             self.failed.add(key)
         return True
 
+    def _dummy_batch(self, bsz: int, nb: int) -> ForwardBatch:
+        """The bucket's own buffers holding a step of bsz rows at position 0 of the scratch block
+        (block 0), no adapter (what a CUDA graph is captured over)."""
+        buf = self._step_buffers(bsz)[0]
+        for k in STEP_INPUTS:
+            buf[k].zero_()
+        buf["row_lens"].fill_(1)
+        buf["meta"].zero_()
+        buf["meta"][0] = -1
+        buf["scale"].zero_()
+        return self._batch(bsz, nb, buf, (1,) * bsz)
+
+    def _captured(self, bsz: int, nb: int):
+        """The step function of a variant as a CUDA graph of the eager forward over the bucket's
+        buffers, recorded at its first call. The graph reads every step input from the buffers
+        and writes the logits into its own output tensor, which each replay refills."""
+        step, replay, out = self.step_fn(), None, None
+
+        def run(fb: ForwardBatch) -> torch.Tensor:
+            nonlocal replay, out
+            if replay is None:
+                replay, out = self._record(lambda: step(fb))
+            replay()
+            return out
+
+        return run
+
+    def _record(self, fn) -> tuple:
+        """(replay, output) of a CUDA graph of fn(): two eager runs on a side stream first (Triton
+        builds its kernels and cuBLAS its workspace: nothing may compile or synchronize while a
+        stream captures), then the capture on that stream."""
+        if self._graph_pool is None:
+            # one side stream for every capture (cuBLAS keeps a workspace per stream) and one
+            # memory pool for every bucket's graph (a step's logits are read before the next replay)
+            self._side = torch.cuda.Stream(self.device)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            for _ in range(2):
+                fn()
+        main.wait_stream(self._side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the adapter copy thread's CUDA calls meanwhile do not void the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._side, capture_error_mode="thread_local"):
+            out = fn()
+        main.wait_stream(self._side)
+        return graph.replay, out
+
     def _variant(self, bsz: int, nb: int):
         fn = self._fns.get((bsz, nb))
         if fn is not None:
             return fn
+        if self.capture:
+            return self._first_call(bsz, nb, self._captured(bsz, nb), "capturing")
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
         name = f"decode_b{bsz or 'any'}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
         # The step reads the model's modules (weights, layer indices, windows), which never change
@@ -287,15 +385,21 @@ class DecodeGraphs:
         # step's host time is its time. (GPU steps replay CUDA graphs: their guards are left alone.)
         options = None if self.cuda_graphs else {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         compiled = torch.compile(_own_code(self.step_fn(), name), fullgraph=True, mode=mode, options=options)
-        log.info("compiling the decode step for batch bucket %s (LoRA: %s)", bsz or "any",
+        return self._first_call(bsz, nb, compiled, "compiling")
+
+    def _first_call(self, bsz: int, nb: int, fn, verb: str):
+        """fn, whose first call (the compile or the capture) is timed into compile_s and, once
+        it has succeeded, makes fn the variant's step function."""
+        log.info("%s the decode step for batch bucket %s (LoRA: %s)", verb, bsz or "any",
                  "per-adapter runs" if nb == HOST_RUNS else f"BGMV over {nb} rank bucket(s)" if nb else "none")
 
         def first_call(*args):
             t0 = time.perf_counter()
-            out = compiled(*args)
+            out = fn(*args)
             self.compile_s += time.perf_counter() - t0
-            self._fns[(bsz, nb)] = compiled
-            self._save()
+            self._fns[(bsz, nb)] = fn
+            if not self.capture:
+                self._save()
             return out
 
         return first_call

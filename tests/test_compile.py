@@ -230,3 +230,12 @@ def test_the_server_warms_up_on_its_engine_thread_before_it_reports_ready(small,
         service.stop()
     assert out.error is None and len(out.output_ids) == GREEDY.max_tokens
     assert service._warm.is_set() and set(e.graphs._fns) == {(ANY_BATCH, HOST_RUNS)}
+
+
+def test_captured_cuda_graphs_leave_a_cpu_engine_as_it_was(small, tmp_path):
+    """engine.cuda_graphs=capture is how a CUDA step is graphed: a CPU engine still defers its
+    one compiled variant to an idle moment (auto), with nothing to capture at warm-up."""
+    e = engine(small, "auto", tmp_path, cuda_graphs="capture")
+    assert not e.graphs.capture and e.graphs.deferred
+    e.warm_up()
+    assert not e.graphs._fns

@@ -60,6 +60,8 @@ def test_float_bool_str_and_list_fields_are_checked():
     assert refused(AdapterConfig, {"rank_buckets": 8}) == "adapters.rank_buckets=8 must be a list of integers"
     assert refused(AdapterConfig, {"allowed_roots": "/a"}) == "adapters.allowed_roots='/a' must be a list of strings"
     assert EngineConfig.from_dict({"compile": True}).compile == "true"  # engine.compile=true: a bool is taken
+    assert EngineConfig.from_dict({"cuda_graphs": "capture"}).cuda_graphs == "capture"
+    assert refused(EngineConfig, {"cuda_graphs": "eager"}) == "engine.cuda_graphs='eager' must be compile|capture"
 
 
 def test_nested_sections_are_named_as_on_the_command_line():

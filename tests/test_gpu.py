@@ -25,11 +25,11 @@ def small(tmp_path_factory):
     return root
 
 
-def engine(root, device, compile_mode="false"):
+def engine(root, device, compile_mode="false", **kw):
     return Engine(EngineConfig(model=ModelConfig(path=str(root / "base"), dtype="float32"),
                                adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16, 32)),
                                max_batch_size=4, max_seq_len=64, device=device, compile=compile_mode,
-                               compile_cache_dir="", num_kv_blocks=16))
+                               compile_cache_dir="", num_kv_blocks=16, **kw))
 
 
 PROMPTS = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
@@ -62,6 +62,26 @@ def test_cuda_auto_compiles_at_first_use_and_graphs_match_eager(small):
     assert not e.graphs.deferred
     assert [r.output_ids for r in e.generate(PROMPTS, GREEDY, ADAPTERS)] == want
     assert e.graphs._fns and e.graphs.compile_s > 0
+
+
+def test_captured_cuda_graphs_match_eager(small):
+    """engine.cuda_graphs=capture: every bucket's graphs are captured at warm-up over the eager
+    forward (nothing compiled), and replaying them gives the eager tokens, batch after batch as
+    requests join and finish (the graphs read every step input from their buffers)."""
+    later = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+    def run(e):
+        first = e.generate(PROMPTS, GREEDY, ADAPTERS)
+        second = e.generate(PROMPTS[1:] + [[3, 4, 5, 6, 7]], later, ADAPTERS[::-1])
+        return [r.output_ids for r in first + second]
+
+    want = run(engine(small, "cuda"))
+    e = engine(small, "cuda", "true", cuda_graphs="capture")
+    e.warm_up()
+    assert e.graphs.capture and len(e.graphs._fns) == 2 * len(e.graphs.batch_buckets)  # base and LoRA forms
+    captured = dict(e.graphs._fns)
+    assert run(e) == want
+    assert e.graphs._fns == captured  # replays only: nothing captured or compiled at the steps
 
 
 def test_adapter_copy_is_async_and_becomes_resident(small):

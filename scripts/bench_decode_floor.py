@@ -10,7 +10,8 @@ q/k/v/o (`--targets attn`) or on all seven projections (`--targets all`). In the
 measures the device's copy bandwidth and reports
   floor       = bytes of the base weights / bandwidth (a decode step must read them all once)
   step        = median decode step time of a full batch (TPOT), per mode:
-                {eager, compiled} x {base only, mixed LoRA}
+                {eager, compiled, captured} x {base only, mixed LoRA}
+                (captured: engine.cuda_graphs=capture, CUDA graphs of the eager forward, no compile)
 and the ratios step/floor, LoRA/base and compiled/eager. The floor counts what every step must
 read: the base weights, and the KV cache of the batch's contexts (`kv_floor_ms`: weights + KV, the
 base rows' own floor); a mixed-LoRA step also reads the weights of each distinct adapter in the
@@ -35,6 +36,7 @@ from caraserve.model.synthetic import SHAPES, random_model
 from caraserve.profiling.machine import cpu_name
 
 RANKS = (8, 16, 32, 64)
+MODE_LABELS = {"false": "eager", "true": "compiled", "capture": "captured"}
 TARGETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
@@ -89,7 +91,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--modes", default="false,true", help="engine.compile modes to run")
+    ap.add_argument("--modes", default="false,true",
+                    help="engine.compile modes to run, and capture (compile=true with engine.cuda_graphs=capture)")
     ap.add_argument("--workloads", default="base,mixed", help="base (no adapters) and/or mixed (LoRA rows)")
     ap.add_argument("--out", default=None)
     return ap.parse_args()
@@ -107,11 +110,13 @@ def run_mode(args, mode: str, model, device: torch.device, names: list[str], pro
                                device_slots=-(-args.adapters // len(RANKS))),
         device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.steps + 8,
         num_kv_blocks=args.batch * -(-(args.prompt_tokens + args.steps + 8) // 16),  # what the batch needs
-        compile=mode, compile_cache_dir="")
+        compile="true" if mode == "capture" else mode, compile_cache_dir="",
+        cuda_graphs="capture" if mode == "capture" else "compile")
     engine = Engine(cfg, model=model)
+    engine.warm_up()  # (captured graphs are made here; compiled ones at their first step)
     for i, n in enumerate(names):
         engine.store.add(random_lora(n, RANKS[i % len(RANKS)], model.args, TARGETS[args.targets], seed=i))
-    label = "compiled" if mode == "true" else "eager" if mode == "false" else f"compile={mode}"
+    label = MODE_LABELS.get(mode, f"compile={mode}")
     rows = {}
     if "base" in args.workloads.split(","):
         rows[f"{label} base only"] = measure(engine, prompts, [None] * args.batch, args.steps)
@@ -171,7 +176,7 @@ def main():
         mode_rows, mode_notes = run_mode(args, mode, model, device, names, prompts)
         rows.update(mode_rows)
         if mode_notes is not None:
-            notes["compiled" if mode == "true" else f"compile={mode}"] = mode_notes
+            notes[MODE_LABELS.get(mode, f"compile={mode}")] = mode_notes
         # written after every mode: a run stopped during a later mode's compile keeps the earlier rows
         report = {
             "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
@@ -204,10 +209,14 @@ def ratios_of(rows: dict, floors: dict) -> dict:
         r["step_over_floor"] = r["tpot_ms"] / floors["weights"]
         r["step_over_own_floor"] = r["tpot_ms"] / floors["lora" if label.endswith("mixed LoRA") else "base"]
     ratios = {"floors: LoRA / base (the least a LoRA step can cost)": floors["lora"] / floors["base"]}
-    for label in ("eager", "compiled"):
+    for label in MODE_LABELS.values():
         if f"{label} base only" in rows and f"{label} mixed LoRA" in rows:
             lora, base = rows[f"{label} mixed LoRA"], rows[f"{label} base only"]
             ratios[f"{label}: LoRA / base step"] = lora["tpot_ms"] / base["tpot_ms"]
+    for kind in ("base only", "mixed LoRA"):
+        if f"captured {kind}" in rows and f"compiled {kind}" in rows:
+            ratios[f"{kind}: captured / compiled step"] = (rows[f"captured {kind}"]["tpot_ms"]
+                                                           / rows[f"compiled {kind}"]["tpot_ms"])
     if any(k.startswith("compiled") for k in rows) and any(k.startswith("eager") for k in rows):
         for kind in ("base only", "mixed LoRA"):
             if f"compiled {kind}" not in rows or f"eager {kind}" not in rows:

@@ -10,7 +10,8 @@
 #             CUDA-graph decode == eager and actually graphed, async adapter copies)
 #   floor     decode step vs the memory floor on a Llama-2-7B-shaped model with random bf16
 #             weights made on the GPU, 32 adapters of ranks 8-64 on all seven projections, batch 32
-#             (eager and CUDA graphs, LoRA and base); floor128: the same at batch 128, compiled
+#             (CUDA graphs captured over the eager forward, compiled ones, eager; LoRA and base);
+#             floor128: the same at batch 128, graphed only
 #   lora      the LoRA-operator benchmark
 #   cold      the cold-start benchmark (CPU-assisted prefill vs on-demand loading vs cached)
 #   peft      the same model, adapters and prompts through transformers + peft (the peer)
@@ -19,7 +20,7 @@
 #             a step's time beyond it is scheduling, inputs, sampling's read-back, detokenizing)
 #   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step, as
 #                                                  many as the deadline leaves room for)
-#   FLOOR_MODES=false scripts/gpu_check.sh floor   the floor benchmark without compiling
+#   FLOOR_MODES=capture scripts/gpu_check.sh floor the floor benchmark without compiling
 # Results go to profiles/gpu/ (each JSON with the device, and the commit and command where the
 # script records them); when OUT names a folder, the log and the JSON files are copied there too.
 # The device image has torch/triton/transformers/peft but no network: run from the source tree.
@@ -65,8 +66,8 @@ if want tests; then
         tests/test_layer_ops.py
 fi
 if want floor; then
-    run 200 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
-        --modes "${FLOOR_MODES:-false,true}" --out profiles/gpu/decode_floor_llama2-7b.json
+    run 240 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
+        --modes "${FLOOR_MODES:-capture,true,false}" --out profiles/gpu/decode_floor_llama2-7b.json
 fi
 if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
     run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
@@ -80,7 +81,7 @@ if want cold; then
 fi
 if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
     run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 --targets all \
-        --modes true --out profiles/gpu/decode_floor_llama2-7b_b128.json
+        --modes capture,true --out profiles/gpu/decode_floor_llama2-7b_b128.json
 fi
 if want warm; then  # target: warm restart <= 0.25x of the cold start (to the batch's last token)
     run 240 warm "$PY" scripts/bench_warm_start.py --shape llama2-7b --batch 8 --out profiles/gpu/warm_start_llama2-7b.json

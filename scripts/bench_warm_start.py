@@ -12,7 +12,9 @@ both the base and the LoRA decode variants compile), timed from process start to
 one batch of `--batch` requests (half base, half adapters; 8 tokens each) with
 `engine.compile=true`: it reports the time from process launch to the first token and to the
 batch's last token (the decode steps compile at their first use, so the second includes every
-compile or cache load).
+compile or cache load). With --shape, a third run per round uses engine.cuda_graphs=capture (CUDA
+graphs of the eager forward, captured before the first step, nothing compiled) on an empty
+cache: the start-up a server gets with no compile cache at all.
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ def run_once(cache_dir: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_shape(args, cache_dir: Path, out: Path) -> dict:
+def run_shape(args, cache_dir: Path, out: Path, graphs: str = "compile") -> dict:
     """One --shape job in a fresh process: seconds from launch to its first and last token."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     launched = time.time()
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--shape", args.shape,
-                    "--batch", str(args.batch), "--cache", str(cache_dir), "--result", str(out)],
+                    "--batch", str(args.batch), "--cache", str(cache_dir), "--result", str(out),
+                    "--cuda-graphs", graphs],
                    check=True, cwd=ROOT, env=env)
     result = json.loads(out.read_text())
     return {"first_token_s": result["first_token_at"] - launched, "last_token_s": result["last_token_at"] - launched,
@@ -70,13 +73,14 @@ def child(args) -> None:
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     engine = Engine(EngineConfig(
         model=ModelConfig(path=f"random-{args.shape}"), device=device.type, compile="true",
-        compile_cache_dir=args.cache, max_batch_size=args.batch, max_seq_len=64,
+        compile_cache_dir=args.cache, cuda_graphs=args.cuda_graphs, max_batch_size=args.batch, max_seq_len=64,
         num_kv_blocks=args.batch * 4, adapters=AdapterConfig(dir="none", rank_buckets=(8, 16, 32, 64),
                                                              target_modules=targets, device_slots=1)), model=model)
     names = []
     for i, rank in enumerate((8, 16, 32, 64)):
         engine.store.add(random_lora(f"a{rank}", rank, model.args, targets, seed=i))
         names.append(f"a{rank}")
+    engine.warm_up()  # as a server does before it serves (captured graphs are made here)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     for i in range(args.batch):
@@ -94,28 +98,36 @@ def child(args) -> None:
 def main_shape(args) -> None:
     import torch
 
-    cold, warm = [], []
+    cold, warm, captured = [], [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="caraserve-warm-") as tmp:
             tmp = Path(tmp)
             cold.append(run_shape(args, tmp / "compiled", tmp / "cold.json"))
             warm.append(run_shape(args, tmp / "compiled", tmp / "warm.json"))
-        if cold[-1].pop("outputs") != warm[-1].pop("outputs"):
+            captured.append(run_shape(args, tmp / "empty", tmp / "captured.json", graphs="capture"))
+        outputs = cold[-1].pop("outputs")
+        if warm[-1].pop("outputs") != outputs:
             raise SystemExit("the warm start's outputs differ from the cold start's")
-        c, w = cold[-1], warm[-1]
-        print(f"round {r + 1}: first token cold {c['first_token_s']:.1f} s / warm {w['first_token_s']:.1f} s; "
-              f"last token cold {c['last_token_s']:.1f} s / warm {w['last_token_s']:.1f} s")
-    med = {f"{kind}_{key}": statistics.median(x[key] for x in runs) for kind, runs in (("cold", cold), ("warm", warm))
+        # (bfloat16 GEMMs outside inductor may round differently: reported, not required)
+        captured[-1]["same_outputs_as_compiled"] = captured[-1].pop("outputs") == outputs
+        c, w, k = cold[-1], warm[-1], captured[-1]
+        print(f"round {r + 1}: first token cold {c['first_token_s']:.1f} s / warm {w['first_token_s']:.1f} s / "
+              f"captured {k['first_token_s']:.1f} s; last token cold {c['last_token_s']:.1f} s / warm "
+              f"{w['last_token_s']:.1f} s / captured {k['last_token_s']:.1f} s")
+    runs_of = (("cold", cold), ("warm", warm), ("captured", captured))
+    med = {f"{kind}_{key}": statistics.median(x[key] for x in runs) for kind, runs in runs_of
            for key in ("first_token_s", "last_token_s")}
     ratios = {"warm_vs_cold_first_token": med["warm_first_token_s"] / med["cold_first_token_s"],
-              "warm_vs_cold_last_token": med["warm_last_token_s"] / med["cold_last_token_s"]}
+              "warm_vs_cold_last_token": med["warm_last_token_s"] / med["cold_last_token_s"],
+              "captured_vs_cold_first_token": med["captured_first_token_s"] / med["cold_first_token_s"],
+              "captured_vs_cold_last_token": med["captured_last_token_s"] / med["cold_last_token_s"]}
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"header": {"device": device, "model": args.shape, "torch": torch.__version__,
                          "command": f"python scripts/bench_warm_start.py --shape {args.shape} --batch {args.batch}",
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-              "cold": cold, "warm": warm, "medians": med, "ratios": ratios}
+              "cold": cold, "warm": warm, "captured": captured, "medians": med, "ratios": ratios}
     out = Path(args.out or f"profiles/{'gpu' if torch.cuda.is_available() else 'cpu'}/warm_start_{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -132,6 +144,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--cuda-graphs", default="compile", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)

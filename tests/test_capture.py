@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import save_peft_adapter, save_random_hf_model
 
-if not torch.cuda.is_available():  # read when `@triton.jit` decorates: before the kernels are imported
-    os.environ["TRITON_INTERPRET"] = "1"
+if torch.cuda.is_available():
+    pytest.skip("emulates on CPU what tests/test_gpu.py runs on the GPU", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # read when `@triton.jit` decorates: before the kernels are imported
 pytest.importorskip("triton")
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig  # noqa: E402

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caraserve.graph_capture import GraphCapture
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
 from caraserve.lora.batch import LoraBatch
@@ -112,8 +113,7 @@ class DecodeGraphs:
         self.cuda_graphs = self.device.type == "cuda"
         # CUDA: graphs captured over the eager forward (no torch.compile), else compiled ones
         self.capture = capture and self.cuda_graphs
-        self._graph_pool = None  # captured graphs' shared memory pool (made at the first capture)
-        self._side = None  # the stream captures and their warm-ups run on
+        self.capturer = GraphCapture(self.device)  # (used with capture only)
         devices = {*model.layer_devices(), model.model.norm.weight.device, model.lm_head.weight.device}
         if self.capture and devices != {self.device}:
             # a capture records one device's stream: cross-device copies between layers would not
@@ -335,49 +335,12 @@ class DecodeGraphs:
         buf["scale"].zero_()
         return self._batch(bsz, nb, buf, (1,) * bsz)
 
-    def _captured(self, bsz: int, nb: int):
-        """The step function of a variant as a CUDA graph of the eager forward over the bucket's
-        buffers, recorded at its first call. The graph reads every step input from the buffers
-        and writes the logits into its own output tensor, which each replay refills."""
-        step, replay, out = self.step_fn(), None, None
-
-        def run(fb: ForwardBatch) -> torch.Tensor:
-            nonlocal replay, out
-            if replay is None:
-                replay, out = self._record(lambda: step(fb))
-            replay()
-            return out
-
-        return run
-
-    def _record(self, fn) -> tuple:
-        """(replay, output) of a CUDA graph of fn(): two eager runs on a side stream first (Triton
-        builds its kernels and cuBLAS its workspace: nothing may compile or synchronize while a
-        stream captures), then the capture on that stream."""
-        if self._graph_pool is None:
-            # one side stream for every capture (cuBLAS keeps a workspace per stream) and one
-            # memory pool for every bucket's graph (a step's logits are read before the next replay)
-            self._side = torch.cuda.Stream(self.device)
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        main = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            for _ in range(2):
-                fn()
-        main.wait_stream(self._side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the adapter copy thread's CUDA calls meanwhile do not void the capture
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._side, capture_error_mode="thread_local"):
-            out = fn()
-        main.wait_stream(self._side)
-        return graph.replay, out
-
     def _variant(self, bsz: int, nb: int):
         fn = self._fns.get((bsz, nb))
         if fn is not None:
             return fn
         if self.capture:
-            return self._first_call(bsz, nb, self._captured(bsz, nb), "capturing")
+            return self._first_call(bsz, nb, self.capturer.step(self.step_fn()), "capturing")
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
         name = f"decode_b{bsz or 'any'}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
         # The step reads the model's modules (weights, layer indices, windows), which never change

@@ -3,7 +3,7 @@ eager fallback of captured decode graphs, with the CUDA graph itself emulated (a
 recorded step again over the same buffers into the same output tensor, which is what a graph
 replay does for a step that reads every input from its buffers). The LoRA rows take the GPU row
 form (multi-bucket BGMV through the Triton interpreter). The CUDA calls themselves
-(`DecodeGraphs._record`) run in tests/test_gpu.py on a GPU."""
+(`GraphCapture.record`) run in tests/test_gpu.py on a GPU."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def captured_engine(root, record):
     g = e.graphs
     g.cuda_graphs, g.capture, g.deferred, g.host_runs = True, True, False, False
     e.model.use_lora(e.pool, lambda device, pool: TritonLoraBackend(pool))
-    g._record = record
+    g.capturer.record = record
     return e
 
 

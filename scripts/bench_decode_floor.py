@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,8 +125,9 @@ def run_mode(args, mode: str, model, device: torch.device, names: list[str], pro
         mixed = [names[i % len(names)] for i in range(args.batch)]
         rows[f"{label} mixed LoRA"] = measure(engine, prompts, mixed, args.steps)
     notes = None
-    if engine.graphs is not None:
-        notes = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips()}
+    if engine.graphs is not None:  # variants that failed to compile or capture ran eagerly
+        notes = {"compile_s": engine.graphs.compile_s, "cudagraph_skips": cudagraph_skips(),
+                 "failed_variants": sorted(map(list, engine.graphs.failed))}
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -146,7 +148,11 @@ def print_report(report: dict) -> None:
     for k, v in report["ratios"].items():
         print(f"{k}: {v:.2f}x")
     for k, v in report["compile"].items():
-        print(f"{k}: compile {v['compile_s']:.1f} s, CUDA-graph skips {v['cudagraph_skips'] or 'none'}")
+        if "error" in v:
+            print(f"{k}: FAILED ({v['error']})")
+            continue
+        print(f"{k}: compile {v['compile_s']:.1f} s, CUDA-graph skips {v['cudagraph_skips'] or 'none'}"
+              + (f", variants left eager {v['failed_variants']}" if v["failed_variants"] else ""))
 
 
 def main():
@@ -171,12 +177,20 @@ def main():
                for _ in range(args.batch)]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     out = Path(args.out or f"profiles/{device.type}/decode_floor_{args.shape}.json")
-    rows, notes = {}, {}
+    rows, notes, failed = {}, {}, []
     for mode in args.modes.split(","):
-        mode_rows, mode_notes = run_mode(args, mode, model, device, names, prompts)
+        label = MODE_LABELS.get(mode, f"compile={mode}")
+        try:
+            mode_rows, mode_notes = run_mode(args, mode, model, device, names, prompts)
+        except Exception as e:  # the other modes' rows are still worth the device time
+            traceback.print_exc()
+            failed.append(mode)
+            mode_rows, mode_notes = {}, {"error": f"{type(e).__name__}: {e}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.update(mode_rows)
         if mode_notes is not None:
-            notes[MODE_LABELS.get(mode, f"compile={mode}")] = mode_notes
+            notes[label] = mode_notes
         # written after every mode: a run stopped during a later mode's compile keeps the earlier rows
         report = {
             "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
@@ -192,6 +206,8 @@ def main():
         out.write_text(json.dumps(report, indent=2))
     print_report(report)
     print(f"wrote {out}")
+    if failed:
+        raise SystemExit(f"modes that failed: {', '.join(failed)} (their errors are in the report)")
 
 
 def cudagraph_skips() -> int:

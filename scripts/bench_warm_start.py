@@ -104,7 +104,11 @@ def main_shape(args) -> None:
             tmp = Path(tmp)
             cold.append(run_shape(args, tmp / "compiled", tmp / "cold.json"))
             warm.append(run_shape(args, tmp / "compiled", tmp / "warm.json"))
-            captured.append(run_shape(args, tmp / "empty", tmp / "captured.json", graphs="capture"))
+            try:  # (a failed captured start must not cost the cold and warm rows)
+                captured.append(run_shape(args, tmp / "empty", tmp / "captured.json", graphs="capture"))
+            except subprocess.CalledProcessError as e:
+                captured.append({"error": f"exit {e.returncode}", "first_token_s": float("nan"),
+                                 "last_token_s": float("nan"), "outputs": None})
         outputs = cold[-1].pop("outputs")
         if warm[-1].pop("outputs") != outputs:
             raise SystemExit("the warm start's outputs differ from the cold start's")
@@ -132,6 +136,8 @@ def main_shape(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if any("error" in k for k in captured):
+        raise SystemExit("a captured start failed (see its error in the report)")
 
 
 def main() -> None:

@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # GPU checks on one H100/H200, in a fixed order of what matters most (tests floor peft cold
-# floor128 warm lora overhead, whatever order they are named in), within one deadline (DEADLINE_S, default
-# 570 s: one 10-minute device call with room to copy the results back). Every step has its own
-# time limit, cut to what the deadline leaves; a step that would get under 30 s is skipped and
-# named at the end (exit 3 when steps were skipped and none failed), to be run by name in a
-# second call. Each step's JSON is copied to OUT as soon as the step ends. On an H200 the
-# tests took 106 s and the floor ~190 s, most of it compiling the two 7B-shaped variants. Steps:
+# floor128 warm compiled lora overhead, whatever order they are named in), within one deadline
+# (DEADLINE_S, default 570 s: one 10-minute device call with room to copy the results back). Every
+# step has its own time limit, cut to what the deadline leaves; a step that would get under 30 s
+# is skipped and named at the end (exit 3 when steps were skipped and none failed), to be run by
+# name in a second call. Each step's JSON is copied to OUT as soon as the step ends. On an H200
+# the tests took 106 s and a compiled floor ~190 s, most of it compiling the two 7B-shaped
+# variants: the floor steps now capture their graphs instead, and the compiled comparison comes
+# later. Steps:
 #   tests     the GPU tests (Triton kernels compiled for the device, CUDA engine == CPU engine,
 #             CUDA-graph decode == eager and actually graphed, async adapter copies)
 #   floor     decode step vs the memory floor on a Llama-2-7B-shaped model with random bf16
 #             weights made on the GPU, 32 adapters of ranks 8-64 on all seven projections, batch 32
-#             (CUDA graphs captured over the eager forward, compiled ones, eager; LoRA and base);
-#             floor128: the same at batch 128, graphed only
+#             (CUDA graphs captured over the eager forward, and eager; LoRA and base); floor128:
+#             the same at batch 128, captured only; compiled: the batch-32 floor with torch.compile's
+#             CUDA graphs (engine.cuda_graphs=compile; ~3 minutes of compiling), for the comparison
 #   lora      the LoRA-operator benchmark
 #   cold      the cold-start benchmark (CPU-assisted prefill vs on-demand loading vs cached)
 #   peft      the same model, adapters and prompts through transformers + peft (the peer)
-#   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present)
+#   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present), and a
+#             start with captured graphs
 #   overhead  the host's share of a compiled decode step (the tiny model's CUDA graph is short, so
 #             a step's time beyond it is scheduling, inputs, sampling's read-back, detokenizing)
 #   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step, as
 #                                                  many as the deadline leaves room for)
-#   FLOOR_MODES=capture scripts/gpu_check.sh floor the floor benchmark without compiling
+#   FLOOR_MODES=capture scripts/gpu_check.sh floor the floor benchmark without its eager rows
 # Results go to profiles/gpu/ (each JSON with the device, and the commit and command where the
 # script records them); when OUT names a folder, the log and the JSON files are copied there too.
 # The device image has torch/triton/transformers/peft but no network: run from the source tree.
@@ -29,12 +33,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor peft cold floor128 warm lora overhead}"
+steps="${*:-tests floor peft cold floor128 warm compiled lora overhead}"
 deadline=${DEADLINE_S:-570}
 if ! [[ $deadline =~ ^[1-9][0-9]*$ ]]; then echo "DEADLINE_S must be a number of seconds, got '$deadline'" >&2; exit 2; fi
 for s in $steps; do
-    case $s in tests|floor|floor128|lora|cold|peft|warm|overhead) ;;
-        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm overhead)" >&2; exit 2 ;;
+    case $s in tests|floor|floor128|lora|cold|peft|warm|compiled|overhead) ;;
+        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm compiled overhead)" >&2
+           exit 2 ;;
     esac
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
@@ -67,7 +72,7 @@ if want tests; then
 fi
 if want floor; then
     run 240 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
-        --modes "${FLOOR_MODES:-capture,true,false}" --out profiles/gpu/decode_floor_llama2-7b.json
+        --modes "${FLOOR_MODES:-capture,false}" --out profiles/gpu/decode_floor_llama2-7b.json
 fi
 if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
     run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
@@ -79,12 +84,16 @@ if want cold; then
     run 120 cold "$PY" scripts/bench_cold_start.py --shape llama2-7b --ranks 64 --requests 48 --rate 4 \
         --threads 8 --torch-threads 1 --out profiles/gpu/bench_cold_start_llama2-7b.json
 fi
-if want floor128; then  # the larger batch the paged KV cache fits (compiled only: eager adds little)
+if want floor128; then  # the larger batch the paged KV cache fits (captured only: eager adds little)
     run 150 floor128 "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 128 --adapters 32 --targets all \
-        --modes capture,true --out profiles/gpu/decode_floor_llama2-7b_b128.json
+        --modes capture --out profiles/gpu/decode_floor_llama2-7b_b128.json
 fi
 if want warm; then  # target: warm restart <= 0.25x of the cold start (to the batch's last token)
     run 240 warm "$PY" scripts/bench_warm_start.py --shape llama2-7b --batch 8 --out profiles/gpu/warm_start_llama2-7b.json
+fi
+if want compiled; then  # torch.compile's CUDA graphs on the floor workload: captured / compiled
+    run 240 compiled "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
+        --modes true --out profiles/gpu/decode_floor_llama2-7b_compiled.json
 fi
 if want lora; then
     run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on one H100/H200, in a fixed order of what matters most (tests floor peft cold
-# floor128 warm compiled lora overhead, whatever order they are named in), within one deadline
-# (DEADLINE_S, default 570 s: one 10-minute device call with room to copy the results back). Every
+# floor128 warm attention compiled lora overhead, whatever order they are named in), within one
+# deadline (DEADLINE_S, default 570 s: one 10-minute device call with room to copy the results back). Every
 # step has its own time limit, cut to what the deadline leaves; a step that would get under 30 s
 # is skipped and named at the end (exit 3 when steps were skipped and none failed), to be run by
 # name in a second call. Each step's JSON is copied to OUT as soon as the step ends. On an H200
@@ -20,6 +20,8 @@
 #   peft      the same model, adapters and prompts through transformers + peft (the peer)
 #   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present), and a
 #             start with captured graphs
+#   attention paged decode attention at batch 32 and 128 on the 7B shape: our Triton kernel vs
+#             FlexAttention's paged form, both against the KV bytes' memory floor
 #   overhead  the host's share of a compiled decode step (the tiny model's CUDA graph is short, so
 #             a step's time beyond it is scheduling, inputs, sampling's read-back, detokenizing)
 #   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step, as
@@ -33,12 +35,12 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     CARASERVE_CACHE="${CARASERVE_CACHE:-/tmp/caraserve-cache}"
 PY="${PYTHON:-python3}"
-steps="${*:-tests floor peft cold floor128 warm compiled lora overhead}"
+steps="${*:-tests floor peft cold floor128 warm attention compiled lora overhead}"
 deadline=${DEADLINE_S:-570}
 if ! [[ $deadline =~ ^[1-9][0-9]*$ ]]; then echo "DEADLINE_S must be a number of seconds, got '$deadline'" >&2; exit 2; fi
 for s in $steps; do
-    case $s in tests|floor|floor128|lora|cold|peft|warm|compiled|overhead) ;;
-        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm compiled overhead)" >&2
+    case $s in tests|floor|floor128|lora|cold|peft|warm|attention|compiled|overhead) ;;
+        *) echo "unknown step '$s' (steps: tests floor floor128 lora cold peft warm attention compiled overhead)" >&2
            exit 2 ;;
     esac
 done
@@ -90,6 +92,10 @@ if want floor128; then  # the larger batch the paged KV cache fits (captured onl
 fi
 if want warm; then  # target: warm restart <= 0.25x of the cold start (to the batch's last token)
     run 240 warm "$PY" scripts/bench_warm_start.py --shape llama2-7b --batch 8 --out profiles/gpu/warm_start_llama2-7b.json
+fi
+if want attention; then  # the kernel against FlexAttention's paged form (keep the faster, saying why)
+    run 120 attention "$PY" scripts/bench_paged_attention.py --shape llama2-7b --batches 32,128 \
+        --out profiles/gpu/bench_paged_attention.json
 fi
 if want compiled; then  # torch.compile's CUDA graphs on the floor workload: captured / compiled
     run 240 compiled "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \

@@ -1,0 +1,159 @@
+"""Paged decode attention: our kernel vs FlexAttention's paged form, both against the memory floor.
+
+    python scripts/bench_paged_attention.py [--shape llama2-7b|small] [--batches 32,128] [--context 160]
+        [--block-size 16] [--iters 50] [--out profiles/<gpu|cpu>/bench_paged_attention.json]
+
+One decode row per sequence, every row at `--context` positions, over a paged KV cache of
+`--block-size`-token blocks scattered at random (the engine's layout: [blocks, block_size, kv
+heads, head dim]). Each batch runs:
+  ours   caraserve.attention.paged_attention: the Triton kernel on CUDA (the C kernel on CPU)
+  flex   torch's FlexAttention (compiled) over the same blocks as its PagedAttention lays them
+         out (one physical sequence per KV head; the block table converted into a block mask)
+  floor  the KV bytes a step reads (every row its own context, keys and values) / the device's
+         copy bandwidth measured in the same run
+and checks both outputs against `caraserve.attention.paged_attention_reference`. FlexAttention's
+block mask depends on the step's lengths, so a serving step would rebuild it: its build time is
+reported beside the kernel time. Writes JSON with a provenance header. `--shape small` on a CPU
+checks the script (the C kernel against FlexAttention's CPU form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from bench_decode_floor import copy_bandwidth_gbs
+
+from caraserve.model.synthetic import SHAPES
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def timed_us(fn, iters: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def flex_setup(k_cache, v_cache, tables, lens, bs: int):
+    """(build, run): build() makes the physical block mask of these tables and lengths; run(q, mask)
+    is FlexAttention over the caches laid out as PagedAttention keeps them."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, width = tables.shape
+    blocks, _, kv, d = k_cache.shape
+    dev = k_cache.device
+    paged = PagedAttention(n_pages=blocks, page_size=bs, max_batch_size=batch, device=str(dev))
+    paged.page_table[:, :width] = tables
+    paged.physical_to_logical.scatter_(1, tables, torch.arange(width, device=dev).expand(batch, width).contiguous())
+    k_phys = k_cache.permute(2, 0, 1, 3).reshape(1, kv, blocks * bs, d).expand(batch, -1, -1, -1)
+    v_phys = v_cache.permute(2, 0, 1, 3).reshape(1, kv, blocks * bs, d).expand(batch, -1, -1, -1)
+    flex = torch.compile(flex_attention, fullgraph=True)
+
+    def build():
+        def inside(b, h, q_idx, kv_idx):
+            return kv_idx < lens[b]
+        logical = create_block_mask(inside, batch, None, 1, width * bs, device=str(dev), BLOCK_SIZE=bs)
+        return paged.convert_logical_block_mask(logical, kv_len=lens)
+
+    def run(q, mask):
+        return flex(q[:, :, None, :], k_phys, v_phys, block_mask=mask, enable_gqa=True, scale=d ** -0.5)[:, :, 0]
+
+    return build, run
+
+
+def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: float) -> dict:
+    from caraserve.attention import paged_attention, paged_attention_reference
+
+    shape = SHAPES[args.shape]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d = shape["hidden_size"] // heads
+    bs, width = args.block_size, -(-args.context // args.block_size)
+    blocks = batch * width + 1  # block 0: the engine's scratch block, owned by no row
+    g = torch.Generator().manual_seed(batch)
+    k_cache = torch.randn(blocks, bs, kv, d, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(blocks, bs, kv, d, generator=g).to(dtype).to(device)
+    tables = (torch.randperm(blocks - 1, generator=g)[: batch * width] + 1).view(batch, width).to(device)
+    lens = torch.full((batch,), args.context, dtype=torch.int64, device=device)
+    rows = torch.arange(batch, device=device)
+    q = torch.randn(batch, heads, d, generator=g).to(dtype).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    want = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, rows, lens, None)
+
+    ours = paged_attention(q, k_cache, v_cache, tables, rows, lens, None)
+    row = {"batch": batch, "context": args.context, "heads": heads, "kv_heads": kv, "head_dim": d,
+           "ours_max_err": (ours.float() - want).abs().max().item()}
+    row["ours_us"] = timed_us(lambda: paged_attention(q, k_cache, v_cache, tables, rows, lens, None), args.iters,
+                              sync)
+    try:
+        build, run = flex_setup(k_cache, v_cache, tables, lens, bs)
+        mask = build()
+        row["flex_max_err"] = (run(q, mask).float() - want).abs().max().item()
+        row["flex_us"] = timed_us(lambda: run(q, mask), args.iters, sync)
+        row["flex_mask_build_us"] = timed_us(build, max(3, args.iters // 10), sync)
+    except Exception as e:  # FlexAttention is experimental: a failure is a result, not the end of the run
+        row["flex_error"] = f"{type(e).__name__}: {e}"
+    kv_bytes = 2 * batch * args.context * kv * d * k_cache.element_size()
+    row["kv_bytes"] = kv_bytes
+    row["floor_us"] = kv_bytes / (bw_gbs * 1e9) * 1e6
+    row["ours_over_floor"] = row["ours_us"] / row["floor_us"]
+    if "flex_us" in row:
+        row["flex_over_floor"] = row["flex_us"] / row["floor_us"]
+        row["flex_over_ours"] = row["flex_us"] / row["ours_us"]
+    return row
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama2-7b" if cuda else "small", choices=sorted(SHAPES))
+    ap.add_argument("--batches", default="32,128")
+    ap.add_argument("--context", type=int, default=160, help="positions every row attends to")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--out", default=None, help="default: profiles/<gpu|cpu>/bench_paged_attention.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bw = copy_bandwidth_gbs(device)
+    rows = [measure(args, int(b), device, dtype, bw) for b in args.batches.split(",")]
+    print(f"{'batch':>5} {'ours us':>9} {'flex us':>9} {'floor us':>9} {'ours/floor':>10} {'flex/floor':>10} "
+          f"{'flex mask us':>12}  errors (ours, flex)")
+    for r in rows:
+        flex = r.get("flex_us", float("nan"))
+        print(f"{r['batch']:>5} {r['ours_us']:>9.1f} {flex:>9.1f} {r['floor_us']:>9.1f} {r['ours_over_floor']:>9.2f}x "
+              f"{r.get('flex_over_floor', float('nan')):>9.2f}x {r.get('flex_mask_build_us', float('nan')):>12.1f}  "
+              f"{r['ours_max_err']:.2g}, {r.get('flex_max_err', r.get('flex_error'))}")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    out = Path(args.out or f"profiles/{'gpu' if cuda else 'cpu'}/bench_paged_attention.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "header": {"device": name, "dtype": str(dtype), "torch": torch.__version__, "commit": commit(),
+                   "copy_bandwidth_gbs": bw, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "command": "python scripts/bench_paged_attention.py "
+                              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())},
+        "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,10 @@ def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_
     table = out["block_tables"]
     if lens.max(initial=0) > table.shape[1]:
         raise ValueError(f"a block table of {lens.max()} blocks exceeds the step's width {table.shape[1]}")
+    short = np.flatnonzero(pos >= lens * block_size)
+    if short.size:  # (its slot would be read from the table's zero padding: the scratch block)
+        i = int(short[0])
+        raise ValueError(f"row {i}: position {pos[i]} is past its {lens[i]} KV blocks of {block_size}")
     table[:] = 0
     table[np.repeat(np.arange(n), lens), np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
     out["input_ids"][:n] = np.fromiter((t[0] for t in tokens), np.int64, n)

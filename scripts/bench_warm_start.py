@@ -14,7 +14,8 @@ one batch of `--batch` requests (half base, half adapters; 8 tokens each) with
 batch's last token (the decode steps compile at their first use, so the second includes every
 compile or cache load). With --shape, a third run per round uses engine.cuda_graphs=capture (CUDA
 graphs of the eager forward, captured before the first step, nothing compiled) on an empty
-cache: the start-up a server gets with no compile cache at all.
+cache: the start-up a server gets with no compile cache at all (on a CPU, where there is nothing
+to capture, it compiles as the cold run does).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ if want attention; then  # the kernel against FlexAttention's paged form (keep t
 fi
 if want compiled; then  # torch.compile's CUDA graphs on the floor workload: captured / compiled
     run 240 compiled "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
-        --modes true --out profiles/gpu/decode_floor_llama2-7b_compiled.json
+        --modes capture,true --out profiles/gpu/decode_floor_llama2-7b_compiled.json
 fi
 if want lora; then
     run 30 lora "$PY" scripts/bench_lora_ops.py --hidden 4096 --out profiles/gpu/bench_lora_ops.json

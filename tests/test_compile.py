@@ -60,10 +60,12 @@ def test_staged_step_inputs_equal_the_row_by_row_definition(n, rows):
     assert {k: v.tolist() for k, v in out.items()} == want
 
 
-def test_staged_step_inputs_refuse_a_table_wider_than_the_step():
+def test_staged_step_inputs_refuse_a_table_wider_than_the_step_or_a_position_past_it():
     out = {k: np.zeros((2, 2) if k == "block_tables" else 2, dtype=np.int64) for k in STEP_INPUTS}
     with pytest.raises(ValueError, match="3 blocks exceeds the step's width 2"):
         stage_step_inputs(out, [[1], [2]], [0, 0], [[1], [1, 2, 3]], 4)
+    with pytest.raises(ValueError, match="row 1: position 8 is past its 2 KV blocks of 4"):
+        stage_step_inputs(out, [[1], [2]], [3, 8], [[1], [5, 6]], 4)
 
 
 def test_bucket_helpers():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,14 +30,7 @@ import torch
 from bench_decode_floor import copy_bandwidth_gbs
 
 from caraserve.model.synthetic import SHAPES
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+from caraserve.profiling.machine import source_commit
 
 
 def timed_us(fn, iters: int, sync) -> float:
@@ -147,7 +139,7 @@ def main() -> None:
     out = Path(args.out or f"profiles/{'gpu' if cuda else 'cpu'}/bench_paged_attention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "header": {"device": name, "dtype": str(dtype), "torch": torch.__version__, "commit": commit(),
+        "header": {"device": name, "dtype": str(dtype), "torch": torch.__version__, "commit": source_commit(),
                    "copy_bandwidth_gbs": bw, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "command": "python scripts/bench_paged_attention.py "
                               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())},

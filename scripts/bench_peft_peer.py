@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from caraserve.lora.synthetic import random_lora
 from caraserve.model.llama import checkpoint_tensors
 from caraserve.model.synthetic import SHAPES, random_model
-from caraserve.profiling.machine import cpu_name
+from caraserve.profiling.machine import cpu_name, source_commit
 
 RANKS = (8, 16, 32, 64)
 TARGETS = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -117,13 +116,6 @@ def run_peft(model, prompts, adapters, new_tokens) -> tuple[float, list[list[int
     return len(prompts) * new_tokens / wall, out[:, ids.shape[1]:].tolist()
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
 
 def main() -> None:
     from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
@@ -164,7 +156,7 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     report = {
         "header": {"device": dev_name, "model": args.shape, "dtype": str(dtype), "torch": torch.__version__,
-                   "commit": commit(), "command": "python scripts/bench_peft_peer.py " + " ".join(
+                   "commit": source_commit(), "command": "python scripts/bench_peft_peer.py " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "workload": {"batch": args.batch, "adapters": args.adapters, "ranks": RANKS, "targets": targets,

@@ -29,20 +29,12 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 PHASES = ("schedule", "inputs", "forward", "sample", "detokenize", "outputs")
 
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def timed(totals: dict, key: str, fn):
@@ -159,7 +151,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device")
     args.out = args.out or f"profiles/{'gpu' if args.device == 'cuda' else 'cpu'}/bench_step_overhead.json"
     torch.set_num_threads(args.threads)
-    from caraserve.profiling.machine import cpu_name
+    from caraserve.profiling.machine import cpu_name, source_commit
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
 
@@ -176,7 +168,7 @@ def main() -> None:
         rows.append({"batch": b, "workload": w, "ms": med, "runs_host_ms": [round(r["host"], 3) for r in rs]})
         print(f"{b:>5} {w:>8} " + " ".join(f"{med[p]:>10.3f}" for p in (*PHASES, "step", "host"))
               + f"  {med['host_over_forward']:.2f}")
-    out = {"header": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+    out = {"header": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(),
                       "device": device_name, "cpu": cpu_name(), "threads": args.threads,
                       "torch": torch.__version__, "args": vars(args),
                       "command": "python scripts/bench_step_overhead.py "

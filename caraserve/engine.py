@@ -15,8 +15,7 @@ import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
 from caraserve.config import EngineConfig, resolve_device
-from caraserve.cpu_assist.handoff import Handoff
-from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache, plan_blocks
 from caraserve.lora.adapter_files import AdapterReadError
@@ -87,7 +86,7 @@ class Engine:
         self.store, self.pool = self.catalog.store, self.catalog.pool
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
-        self.handoff, assist = self._cpu_assist()
+        self.handoff, assist = handoff_for(self.config.cpu_assist, self.model.args)
         self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
@@ -110,24 +109,6 @@ class Engine:
             return None
         data = json.loads(Path(path).read_text())
         return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
-
-    def _cpu_assist(self):
-        """(Handoff, admission predicate) per cpu_assist.mode; (None, None) when off."""
-        ca = self.config.cpu_assist
-        if ca.mode == "off":
-            return None, None
-        plan = ThreadPlan.load(ca.plan_file, ca.threads)
-        if ca.mode == "on":
-            return Handoff(plan), lambda req, weights: True
-        args = self.model.args
-
-        def pays(req, weights) -> bool:
-            """auto: the CPU path wins when its LoRA work ends before the adapter copy would."""
-            flops = sum(2 * args.num_layers * a.shape[-1] * sum(args.module_shape(m)) for m, a in weights.a.items())
-            cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops)
-            return cpu_s < plan.copy_seconds(weights.nbytes, ca.emulate_copy_gbps)
-
-        return Handoff(plan), pays
 
     def _load(self, model_path: Path) -> None:
         cfg = self.config

@@ -117,3 +117,22 @@ class Handoff:
     def close(self) -> None:
         for lane in self._lanes:
             lane.shutdown(wait=False, cancel_futures=True)
+
+
+def handoff_for(ca, model_args):
+    """(Handoff, admission predicate(request, host weights) -> bool) for the engine's
+    cpu_assist settings (CpuAssistConfig); (None, None) when the mode is off. The predicate of
+    "auto": the CPU path wins when its LoRA work ends before the adapter copy would."""
+    if ca.mode == "off":
+        return None, None
+    plan = ThreadPlan.load(ca.plan_file, ca.threads)
+    if ca.mode == "on":
+        return Handoff(plan), lambda req, weights: True
+
+    def pays(req, weights) -> bool:
+        flops = sum(2 * model_args.num_layers * a.shape[-1] * sum(model_args.module_shape(m))
+                    for m, a in weights.a.items())
+        cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops)
+        return cpu_s < plan.copy_seconds(weights.nbytes, ca.emulate_copy_gbps)
+
+    return Handoff(plan), pays

@@ -2,8 +2,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One OpenMP thread (the C kernels' and torch's) unless the caller chose: read when the OpenMP
+# runtime loads, so before torch. Tests that race a CPU worker against an emulated copy assume
+# the step's kernels do not take the worker's core (`pytest` alone gets what CI sets).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

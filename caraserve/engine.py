@@ -74,7 +74,7 @@ class Engine:
             self.model, self.tokenizer, self._eos_ids = model, None, set()
             self.dtype = model.model.embed_tokens.weight.dtype
         self.model_path = model_path
-        self.model.pack_lm_head(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
+        self.model.pack_weights(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)

@@ -16,16 +16,16 @@ from caraserve import cpu_kernels
 _lib = torch.library.Library("caraserve", "DEF")
 
 
-# x [T, in] @ W^T with W in oneDNN's packed layout (CausalLM.pack_lm_head): the packed weight
-# has no strides inductor can lower.
-_lib.define("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor")
+# x [T, in] @ W^T (+ bias) with W in oneDNN's packed layout (CausalLM.pack_weights): the packed
+# weight has no strides inductor can lower.
+_lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
 _lib.impl("packed_linear",
-          lambda x, packed, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+          lambda x, packed, bias, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
           "CompositeExplicitAutograd")  # the packed weight is an MkldnnCPU tensor, x a CPU one
 
 
 @torch.library.register_fake("caraserve::packed_linear")
-def _(x, packed, out_features):
+def _(x, packed, bias, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 

@@ -174,6 +174,16 @@ def test_paged_attention_matches_float64(fn, heads, kv_heads, hd, window, block_
     assert torch.allclose(ref.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_paged_attention_peaked_softmax(fn):
+    """Scores hundreds apart (most weights underflow to zero, e^x below float32's range) still
+    give the float64 result: the vector exp's clamp and the maximum subtraction."""
+    q, k_cache, v_cache, tables, row_seq, lens = paged_case(4, 2, 64, 16, 7)
+    q = q * 60
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, None)
+    want = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, None)
+    assert out is not None and torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_paged_attention_declines_what_it_does_not_take(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)

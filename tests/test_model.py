@@ -9,6 +9,7 @@ import torch
 from helpers import run_prefill_decode, save_random_hf_model
 from safetensors.torch import load_file, save_file
 
+from caraserve.model.layers import LoraLinear
 from caraserve.model.llama import UnsupportedModelError
 from caraserve.model.loader import ModelLoadError, load_model, plan_placement
 
@@ -59,16 +60,28 @@ def test_prefill_and_decode_logits_match_transformers(pair, layout):
                 assert rel_err(dec[t][i], full[len(p) + t]) < 1e-4
 
 
-def test_packed_lm_head_equals_the_linear_head(pair):
+def test_packed_weights_give_the_same_logits(pair):
+    """pack_weights (oneDNN's layout for the head and every projection) changes no number beyond
+    float32 rounding, at batch sizes other than the hint too; unpack_weights goes back."""
     _, ours = pair
-    h = torch.randn(6, ours.args.hidden_size, generator=torch.Generator().manual_seed(2))
-    want = ours.lm_head(h)
-    assert ours.pack_lm_head(batch_hint=4)  # CPU, float32: oneDNN's packed layout
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(6, ours.args.hidden_size, generator=g)
+    want_head = ours.lm_head(h)
+    want_pre, want_dec = run_prefill_decode(ours, PROMPTS, [[5, 9, 1]] * len(PROMPTS))
+    n_lin = sum(isinstance(m, LoraLinear) for m in ours.modules())
+    assert ours.pack_weights(batch_hint=4) == 1 + n_lin  # CPU, float32: every GEMM weight
     try:
-        assert rel_err(ours.head(h), want) < 1e-5
-        assert rel_err(ours.head(h[:1]), want[:1]) < 1e-5  # a batch size other than the hint
+        assert all(m.packed is not None for m in ours.modules() if isinstance(m, LoraLinear))
+        assert rel_err(ours.head(h), want_head) < 1e-5
+        assert rel_err(ours.head(h[:1]), want_head[:1]) < 1e-5
+        pre, dec = run_prefill_decode(ours, PROMPTS, [[5, 9, 1]] * len(PROMPTS))
+        for a, b in zip(pre + dec, want_pre + want_dec):
+            assert rel_err(a, b) < 1e-5
     finally:
-        ours._packed_head = None
+        ours.unpack_weights()
+    assert ours._packed_head is None and all(m.packed is None for m in ours.modules() if isinstance(m, LoraLinear))
+    assert ours.pack_weights(batch_hint=4, memory_share=1e-12) == 0  # copies that would not fit: none made
+    assert ours._packed_head is None
 
 
 def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -118,7 +131,7 @@ def test_bfloat16_loads_and_runs(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
     assert rel_err(pre[0].float(), ref) < 0.05  # bf16 rounding, same function
-    assert not ours.pack_lm_head(4) and ours._packed_head is None  # the packed head is float32-only
+    assert ours.pack_weights(4) == 0 and ours._packed_head is None  # packing is float32-only
 
 
 def test_dtype_auto_follows_config(tmp_path):

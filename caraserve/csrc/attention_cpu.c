@@ -9,9 +9,10 @@
  * kv_heads, head_dim] float32, contiguous; position j of sequence s lives in block
  * block_tables[s, j / block_size] at offset j % block_size. q and out are [rows, heads,
  * head_dim]. Each row reads only its own positions: no mask, no padding to the longest context.
- * Scores go eight keys at a time (independent vector chains), the weighted sum of values 64
- * columns at a time in registers; softmax in float32 with the maximum subtracted. Rows are shared
- * out over the calling thread's OpenMP team.
+ * A row goes block by block, every head of a block at once, so each block is read from memory
+ * once. Scores go eight keys at a time (independent vector chains, summed by a shuffle tree), the
+ * weighted sum of values 64 columns at a time in registers; softmax in float32 with the maximum
+ * subtracted and a vector exp. Rows are shared out over the calling thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,7 +21,9 @@
 #define VL 8
 #define MAX_HEAD_DIM 512
 
+
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
 #define LOAD(p) (*(const vf_u *)(p))
 #define STORE(p, v) (*(vf_u *)(p) = (v))
@@ -40,6 +43,18 @@ static float dot(const float *a, const float *b, int64_t d) {
     return s;
 }
 
+/* lane p of the result = the sum of the lanes of a[p]: eight horizontal sums as a tree of
+ * pairwise shuffles and adds (7 vector adds instead of 56 scalar ones) */
+static vf hsum8(const vf a[8]) {
+    const vi lo = {0, 8, 2, 10, 4, 12, 6, 14}, hi = {1, 9, 3, 11, 5, 13, 7, 15};
+    vf t[4], u[2];
+    for (int p = 0; p < 4; p++) t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], lo) + __builtin_shuffle(a[2 * p], a[2 * p + 1], hi);
+    const vi lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    for (int p = 0; p < 2; p++) u[p] = __builtin_shuffle(t[2 * p], t[2 * p + 1], lo2) + __builtin_shuffle(t[2 * p], t[2 * p + 1], hi2);
+    const vi lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+    return __builtin_shuffle(u[0], u[1], lo3) + __builtin_shuffle(u[0], u[1], hi3);
+}
+
 /* s[p] = q . k_p for the PB keys k_p = k + p * stride: PB independent accumulator chains */
 #define PB 8
 static void dots(const float *q, const float *k, int64_t stride, int64_t d, float *s) {
@@ -50,11 +65,28 @@ static void dots(const float *q, const float *k, int64_t stride, int64_t d, floa
         const vf qv = LOAD(q + c);
         for (int p = 0; p < PB; p++) acc[p] += qv * LOAD(k + p * stride + c);
     }
-    for (int p = 0; p < PB; p++) {
-        float t = hsum(acc[p]);
-        for (int64_t e = c; e < d; e++) t += q[e] * k[p * stride + e];
-        s[p] = t;
-    }
+    vf r = hsum8(acc);
+    for (int64_t e = c; e < d; e++)
+        for (int p = 0; p < PB; p++) r[p] += q[e] * k[p * stride + e];
+    STORE(s, r);
+}
+
+/* e^x lane by lane for x <= 0 (softmax scores minus their maximum): 2^n * p(f), x = n ln2 + f,
+ * |f| <= ln2 / 2, p of degree 6 (relative error ~2e-7); below -87 the result is 0 */
+static vf vexp(vf x) {
+    const vf lg2e = (vf){0} + 1.44269504f, ln2_hi = (vf){0} + 0.693359375f, ln2_lo = (vf){0} - 2.12194440e-4f;
+    const vf lim = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vi below = x < lim;
+    x = (vf)(((vi)x & ~below) | ((vi)lim & below));
+    vf n = (x * lg2e + magic) - magic;
+    vf f = x - n * ln2_hi - n * ln2_lo;
+    vf p = (vf){0} + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.0f;
+    return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
 /* o[0:d] += sum_j w[j] * v_j over j in [lo, hi), v_j = v + j * stride: 64 columns at a time in registers */
@@ -93,7 +125,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                      row_seq == NULL || lens == NULL))
         return -1;
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
-    if (group * kv_heads != heads) return -1;
+    if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads) return -1;
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
@@ -109,7 +141,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #pragma omp parallel if (rows > 1) reduction(| : failed)
 #endif
     {
-        float *scores = malloc(sizeof(float) * max_len);
+        float *scores = malloc(sizeof(float) * heads * max_len);
         if (scores == NULL) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 2)
@@ -119,41 +151,56 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
             const int64_t len = lens[i];
             const int64_t lo = window > 0 && len > window ? len - window : 0;
             const int64_t *table = block_tables + row_seq[i] * table_width;
-            for (int64_t g = 0; g < kv_heads; g++) {
-                for (int64_t h = 0; h < group; h++) {
-                    const float *qh = q + (i * heads + g * group + h) * head_dim;
-                    float *oh = out + (i * heads + g * group + h) * head_dim;
-                    float *sh = scores;
-                    /* scores block by block: inside a block the keys are evenly spaced */
-                    for (int64_t j0 = lo; j0 < len;) {
-                        const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                        const int64_t first = b * block_size; /* position of the block's offset 0 */
-                        const float *kb = kc + table[b] * block_stride + g * head_dim;
-                        int64_t j = j0;
-                        for (; j + PB <= j1; j += PB) dots(qh, kb + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
-                        for (; j < j1; j++) sh[j] = dot(qh, kb + (j - first) * pos_stride, head_dim);
-                        j0 = j1;
-                    }
-                    float mx = -INFINITY, sum = 0.0f;
-                    for (int64_t j = lo; j < len; j++) {
-                        sh[j] *= scale;
-                        if (sh[j] > mx) mx = sh[j];
-                    }
-                    for (int64_t j = lo; j < len; j++) {
-                        sh[j] = expf(sh[j] - mx);
-                        sum += sh[j];
-                    }
-                    const float inv = 1.0f / sum;
-                    for (int64_t j = lo; j < len; j++) sh[j] *= inv;
-                    for (int64_t c = 0; c < head_dim; c++) oh[c] = 0.0f;
-                    for (int64_t j0 = lo; j0 < len;) {
-                        const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                        const int64_t first = b * block_size;
-                        const float *vb = vc + table[b] * block_stride + g * head_dim;
-                        weighted_sum(oh, sh + first, vb, pos_stride, j0 - first, j1 - first, head_dim);
-                        j0 = j1;
-                    }
+            const float *qi = q + i * heads * head_dim;
+            float *oi = out + i * heads * head_dim;
+            /* pass 1, block by block: every head's scores against the block's keys, so each
+             * block (contiguous) is read from memory once and reused from L1 by every head */
+            for (int64_t j0 = lo; j0 < len;) {
+                const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                const int64_t first = b * block_size;
+                const float *kb = kc + table[b] * block_stride;
+                for (int64_t h = 0; h < heads; h++) {
+                    const float *qh = qi + h * head_dim, *kh = kb + (h / group) * head_dim;
+                    float *sh = scores + h * max_len;
+                    int64_t j = j0;
+                    for (; j + PB <= j1; j += PB) dots(qh, kh + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
+                    for (; j < j1; j++) sh[j] = dot(qh, kh + (j - first) * pos_stride, head_dim);
                 }
+                j0 = j1;
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                float *sh = scores + h * max_len;
+                float mx = -INFINITY, sum = 0.0f;
+                for (int64_t j = lo; j < len; j++) {
+                    sh[j] *= scale;
+                    if (sh[j] > mx) mx = sh[j];
+                }
+                const vf mxv = (vf){0} + mx;
+                vf sv = {0};
+                int64_t j = lo;
+                for (; j + VL <= len; j += VL) {
+                    const vf e = vexp(LOAD(sh + j) - mxv);
+                    STORE(sh + j, e);
+                    sv += e;
+                }
+                for (; j < len; j++) {
+                    sh[j] = expf(sh[j] - mx);
+                    sum += sh[j];
+                }
+                sum += hsum(sv);
+                const float inv = 1.0f / sum;
+                for (int64_t j = lo; j < len; j++) sh[j] *= inv;
+            }
+            for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
+            /* pass 2, block by block: every head's weighted sum of the block's values */
+            for (int64_t j0 = lo; j0 < len;) {
+                const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                const int64_t first = b * block_size;
+                const float *vb = vc + table[b] * block_stride;
+                for (int64_t h = 0; h < heads; h++)
+                    weighted_sum(oi + h * head_dim, scores + h * max_len + first, vb + (h / group) * head_dim,
+                                 pos_stride, j0 - first, j1 - first, head_dim);
+                j0 = j1;
             }
         }
         free(scores);

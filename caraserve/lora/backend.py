@@ -26,7 +26,6 @@ import weakref
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from caraserve import cpu_kernels, kernel_library
 from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, RunTable, StepRuns, packed, run_records
@@ -63,7 +62,7 @@ class LoraBackend:
         mode = fb.lora_mode
         if mode == LORA_HOST:
             return self._linear_with_host(mod, x)
-        y = F.linear(x, mod.weight, mod.bias)
+        y = mod.base(x)
         if mode == LORA_NONE:
             return y
         if len(mod.parts) == 1:
@@ -94,7 +93,7 @@ class LoraBackend:
         host, groups = lora.at_layer(mod.layer)
         # CPU-assisted rows start first, so their CPU work overlaps the base GEMM below.
         pending = [lora.handoff.submit(x, mod.layer, name, host) if host else () for name, _, _ in mod.parts]
-        y = F.linear(x, mod.weight, mod.bias)
+        y = mod.base(x)
         for (name, lo, hi), work in zip(mod.parts, pending):
             part = y if len(mod.parts) == 1 else y[:, lo:hi]
             if name in self.targets:

@@ -13,17 +13,23 @@ _UNKNOWN_MEM_BYTES = 16 * 2**30  # what the budget assumes when neither sysconf 
 
 def default_budget_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
                          cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """A quarter of the memory this process may use: the host tier must leave room for the model
-    load, the KV cache and the process itself. In a container that is the cgroup's memory limit,
-    not the machine's (a quarter of a large host can exceed a pod's whole limit)."""
+    """A quarter of the memory this process may use (usable_memory_bytes): the host tier must
+    leave room for the model load, the KV cache and the process itself."""
+    return max(usable_memory_bytes(proc_cgroup, cgroup_root) // 4, 1)
+
+
+def usable_memory_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The memory this process may use: in a container the cgroup's memory limit, not the
+    machine's (a share of a large host can exceed a pod's whole limit)."""
     try:
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or the name is unknown
         phys = None
     known = [m for m in (phys, _cgroup_limit_bytes(proc_cgroup, cgroup_root)) if m and m > 0]
     if not known:
-        log.warning("machine memory unknown: host adapter budget assumes %d bytes", _UNKNOWN_MEM_BYTES)
-    return max(min(known or [_UNKNOWN_MEM_BYTES]) // 4, 1)
+        log.warning("machine memory unknown: assuming %d bytes", _UNKNOWN_MEM_BYTES)
+    return min(known or [_UNKNOWN_MEM_BYTES])
 
 
 def _cgroup_limit_bytes(proc_cgroup: Path, cgroup_root: Path) -> int | None:

@@ -127,11 +127,19 @@ class LoraLinear(nn.Module):
         self.layer = layer
         self.name = "+".join(names)
         self.backend = None  # LoraBackend of this layer's device; None: a model without adapters
+        self.packed: torch.Tensor | None = None  # weight in oneDNN's layout (CausalLM.pack_weights)
 
     def forward(self, x: torch.Tensor, fb) -> torch.Tensor:
         if self.backend is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.base(x)
         return self.backend.linear(self, x, fb)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b [T, out] of x [T, in], without any LoRA delta: from the packed copy of W
+        when the model has one (the same numbers, computed faster on CPU)."""
+        if self.packed is not None:
+            return torch.ops.caraserve.packed_linear(x, self.packed, self.bias, self.weight.shape[0])
+        return F.linear(x, self.weight, self.bias)
 
     def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
         """(checkpoint tensor name, first row, end row) of this layer's parameter `attr` (weight

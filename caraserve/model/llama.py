@@ -9,6 +9,7 @@ loader stacks their checkpoint tensors, and `checkpoint_tensors` names them back
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,11 @@ from caraserve.attention import paged_attention, rotary_write_kv
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
+from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -232,27 +236,45 @@ class CausalLM(nn.Module):
         with torch.device("cpu"):  # real values even when the model is built on the meta device
             inv_freq, scale = rope_inv_freq(hf_config)
         self.rotary = Rotary(inv_freq, scale)
-        self._packed_head: torch.Tensor | None = None  # see pack_lm_head
+        self._packed_head: torch.Tensor | None = None  # see pack_weights
         self.lora_backends: dict = {}  # layer device -> LoraBackend (use_lora)
 
-    def pack_lm_head(self, batch_hint: int) -> bool:
-        """On CPU in float32, keeps a copy of the LM head weight in oneDNN's blocked layout, so the
-        [B, hidden] x [hidden, vocab] GEMM of every step runs ~25-30% faster than F.linear (the
-        head is the largest GEMM of a small model's decode step). The copy costs the head's size
-        again in memory (vocab x hidden x 4 bytes). False where it does not apply."""
-        w = self.lm_head.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return False
-        try:
-            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-        except (AttributeError, RuntimeError):  # a torch build without the op
-            return False
-        return True
+    def pack_weights(self, batch_hint: int, memory_share: float = 0.25) -> int:
+        """On CPU in float32, keeps a copy of the LM head's and every projection's weight in
+        oneDNN's blocked layout: F.linear re-packs the weight on every call, which at decode batch
+        sizes costs about as much as the product itself (the head and the projections then run
+        ~1.5x faster). The copies cost the weights' size again in memory, so nothing is packed
+        when they would take more than `memory_share` of the memory this process may use. Returns the
+        number of weights packed (0 where it does not apply). Call it once the weights are final:
+        a copy does not follow later writes to its weight."""
+        lins = [m for m in self.modules() if isinstance(m, LoraLinear)]
+        weights = [self.lm_head.weight] + [m.weight for m in lins]
+        if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+            return 0
+        if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            return 0
+        need = sum(w.numel() * w.element_size() for w in weights)
+        if need > memory_share * usable_memory_bytes():
+            log.info("not packing the weights for oneDNN: the copies (%.1f GB) would not fit in %.0f%% of the "
+                     "available memory", need / 2**30, memory_share * 100)
+            return 0
+        pack = torch.ops.mkldnn._reorder_linear_weight
+        self._packed_head = pack(self.lm_head.weight.detach(), batch_hint)
+        for m in lins:
+            m.packed = pack(m.weight.detach(), batch_hint)
+        return len(weights)
+
+    def unpack_weights(self) -> None:
+        """Drops the packed copies (pack_weights): every GEMM reads the weights themselves again."""
+        self._packed_head = None
+        for m in self.modules():
+            if isinstance(m, LoraLinear):
+                m.packed = None
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab] of final hidden states [T, hidden] (already normed)."""
         if self._packed_head is not None:
-            return torch.ops.caraserve.packed_linear(h, self._packed_head, self.args.vocab_size)
+            return torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
         return self.lm_head(h)
 
     def layer_devices(self) -> list[torch.device]:

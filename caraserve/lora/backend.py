@@ -68,6 +68,11 @@ class LoraBackend:
         if len(mod.parts) == 1:
             return self.add(y, x, mod.layer, mod.name, fb) if mod.name in self.targets else y
         parts = [part for part in mod.parts if part[0] in self.targets]
+        return self.add_parts(y, x, mod, parts, fb) if parts else y
+
+    def add_parts(self, y, x, mod, parts, fb) -> torch.Tensor:
+        """y plus the delta of each adapted part (name, first, end column) of the fused
+        projection `mod`, each in its own columns of y; may work in place."""
         if fb.lora_mode == LORA_ROWS and len(parts) > 1:
             return self.add_rows_parts(y, x, mod.layer, parts, *fb.lora_rows)
         for name, lo, hi in parts:
@@ -171,6 +176,7 @@ class CpuLoraBackend(LoraBackend):
         # the copy thread wrote one of its slots is used once, not kept
         self._writes, self._slot_writes = 0, {}
         self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
+        self._fused: dict[str, tuple] = {}  # fused projection's name -> its adapted parts (attach)
         if hasattr(pool, "on_write"):
             pool.on_write.append(self._slot_written)
 
@@ -236,17 +242,30 @@ class CpuLoraBackend(LoraBackend):
                 runs.append((start, start + count, w, g.host_scale[slot]))
         return RunTable.of_weights(*(widths or (0, 0)), runs)
 
+    def attach(self, mod) -> None:
+        parts = tuple(part for part in mod.parts if part[0] in self.targets)
+        if len(mod.parts) > 1 and parts:
+            self._fused[mod.name] = parts
+
     def add(self, y, x, layer, name, fb):
         if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
             return self.add_rows(y, x, layer, name, *fb.lora_rows)
         torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
         return y
 
+    def add_parts(self, y, x, mod, parts, fb):
+        """A fused projection's parts in one op call (the op's body goes over the parts)."""
+        if fb.lora_mode != LORA_GROUPS or self._fused.get(mod.name) != tuple(parts):
+            return super().add_parts(y, x, mod, parts, fb)
+        torch.ops.caraserve.lora_runs_(y, x, self.handle, mod.layer, mod.name)
+        return y
+
     def add_groups(self, y, x, groups, layer, name, tables):
         add_lora_runs(y, x, groups, layer, name, tables, self._pack, self._table)
 
     def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
-        """The op's body: y += the prepared step's delta."""
+        """The op's body: y += the prepared step's delta of module `name`, or of each adapted
+        part of the fused projection `name` in its own columns."""
         lora = self._lora
         if lora is None:
             return
@@ -257,10 +276,12 @@ class CpuLoraBackend(LoraBackend):
             if self._writes == writes and lora is self._lora:
                 self._step = step
         fn = kernel_library.kernel() if step is not None and cpu_kernels.usable(y, x) else None
-        if fn is not None:
-            step.apply(fn, y, x, layer, self._modules[name])
-        else:
-            add_lora_runs(y, x, lora.groups, layer, name, self._tables, self._pack, self._table)
+        for part, lo, hi in self._fused.get(name, ((name, 0, None),)):
+            yp = y if hi is None else y[:, lo:hi]
+            if fn is not None:
+                step.apply(fn, yp, x, layer, self._modules[part])
+            else:
+                add_lora_runs(yp, x, lora.groups, layer, part, self._tables, self._pack, self._table)
 
     def _step_runs(self, lora: LoraBatch) -> StepRuns | None:
         """The layout's runs of every module from its slots' records (None when a segment is too

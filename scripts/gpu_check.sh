@@ -70,6 +70,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
     "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
 if want tests; then
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py \
+        tests/test_triton_attention.py \
         tests/test_layer_ops.py
 fi
 if want floor; then

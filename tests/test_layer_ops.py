@@ -4,16 +4,9 @@ steps (in the Triton interpreter on CPU, compiled on CUDA)."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # read when `@triton.jit` decorates: before layer_ops_triton is first imported
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import DEVICE, kernel_modules
 
 from caraserve import cpu_kernels, kernel_library  # noqa: E402
 from caraserve.attention import rotary_write_kv_reference  # noqa: E402
@@ -122,13 +115,7 @@ def tolerance(dtype, ulps: int) -> dict:
 
 @pytest.fixture(scope="module")
 def layer_ops_triton():
-    pytest.importorskip("triton")
-    import caraserve.layer_ops_triton as mod
-
-    if DEVICE == "cpu" and "caraserve.layer_ops_triton" in sys.modules and not getattr(mod, "_interpreted", False):
-        mod = importlib.reload(mod)  # decorated before the switch was set: re-decorate interpreted
-        mod._interpreted = True
-    return mod
+    return kernel_modules("caraserve.layer_ops_triton")[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,38 +8,15 @@ small and odd where possible: the interpreter costs several milliseconds per gri
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 
 import pytest
 import torch
+from triton_interpret import DEVICE, kernel_modules
 
-# Without a GPU the kernels run in the Triton interpreter; the switch is read when `@triton.jit`
-# decorates, so it must be set before triton (and caraserve.lora.triton_ops) is first imported.
-# On a CUDA machine the same tests check the compiled kernels on the GPU.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-try:
-    import triton  # noqa: F401
-except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(
-        f"triton cannot be imported ({exc!r}); the Triton kernels are untestable here",
-        allow_module_level=True,
-    )
-
-_preloaded = {m for m in ("caraserve.lora.triton_ops", "caraserve.lora.triton_multi", "caraserve.attention_triton")
-              if m in sys.modules}
-from caraserve import attention_triton  # noqa: E402
-from caraserve.lora import ops, triton_multi, triton_ops  # noqa: E402
+triton_ops, triton_multi = kernel_modules("caraserve.lora.triton_ops", "caraserve.lora.triton_multi")
+from caraserve.lora import ops  # noqa: E402
 from caraserve.lora.batch import LoraIndex  # noqa: E402
-
-if _preloaded and DEVICE == "cpu":  # decorated before the switch was set: re-decorate interpreted
-    triton_ops = importlib.reload(triton_ops)
-    triton_multi = importlib.reload(triton_multi)
-    attention_triton = importlib.reload(attention_triton)
 
 BATCH_SIZES = (1, 3, 17, 64, 65)
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "partial")
@@ -418,29 +395,3 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     assert got == want
     # the LoRA rows went through the Triton form: o and down alone, q/k/v and gate/up fused
     assert set(calls) == {1, 2, 3}
-
-
-@pytest.mark.parametrize("heads,kv,d,bs,window", [(4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None)])
-@pytest.mark.parametrize("splits", (1, 3, None))
-def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window, splits) -> None:
-    """The Triton paged attention (GPUs) against the plain-torch statement of the semantics:
-    scattered blocks, rows of one sequence at several lengths, GQA, a sliding window; contexts
-    walked in one pass or in splits combined after (rows shorter than a split included)."""
-    from caraserve.attention import paged_attention_reference
-
-    g = torch.Generator().manual_seed(heads * 10 + d)
-    width = -(-11 // bs)
-    k = torch.randn(3 * width + 2, bs, kv, d, generator=g)
-    v = torch.randn(3 * width + 2, bs, kv, d, generator=g)
-    tables = (torch.randperm(3 * width + 1, generator=g)[: 3 * width] + 1).view(3, width)
-    row_seq = torch.tensor([0, 1, 2, 1, 0])
-    lens = torch.tensor([11, 1, 7, bs, 3])
-    q = torch.randn(5, heads, d, generator=g)
-    want = paged_attention_reference(q, k, v, tables, row_seq, lens, window)
-    args = [t.to(DEVICE) for t in (q, k, v, tables, row_seq, lens)]
-    got = attention_triton.paged_attention(*args, window, splits=splits and min(splits, width))
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="splits"):
-        attention_triton.paged_attention(*args, window, splits=width + 1)
-    with pytest.raises(ValueError, match="int64"):
-        attention_triton.paged_attention(*args[:4], args[4].int(), args[5], window)

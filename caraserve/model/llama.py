@@ -129,6 +129,10 @@ _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 PREFILL_KERNEL_MAX_TOKENS = 512
 
 
+# [False] once the Triton prefill kernel failed on this device (then SDPA per sequence, as a fallback)
+_triton_prefill = [True]
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """F.scaled_dot_product_attention with GQA, minus cuDNN's backend on CUDA (see above)."""
     if not q.is_cuda:
@@ -162,6 +166,19 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb)
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
+        if q.is_cuda and _triton_prefill[0]:
+            # one launch for the step's prompts, chunks and decode rows, over the cache in place
+            from caraserve import attention_triton
+
+            try:
+                return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
+                                                          fb.query_lens, fb.context_lens_t, self.window)
+            except Exception as e:  # a Triton that cannot build the kernel for this device
+                if isinstance(e, ValueError):
+                    raise
+                _triton_prefill[0] = False
+                log.warning("the Triton prefill attention kernel failed (%s); prefill attention runs "
+                            "through SDPA, one call per sequence, from now on", e)
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
             # call for the batch instead of an SDPA call per prompt (~0.15 ms each for short ones)

@@ -1,7 +1,9 @@
-"""Paged decode attention: our kernel vs FlexAttention's paged form, both against the memory floor.
+"""Paged decode attention: our kernel vs FlexAttention's paged form, both against the memory floor;
+and the attention of a mixed step: our one-launch kernel vs an SDPA call per sequence.
 
     python scripts/bench_paged_attention.py [--shape llama2-7b|small] [--batches 32,128] [--context 160]
-        [--block-size 16] [--iters 50] [--out profiles/<gpu|cpu>/bench_paged_attention.json]
+        [--block-size 16] [--iters 50] [--prompts 4] [--prompt-len 512]
+        [--out profiles/<gpu|cpu>/bench_paged_attention.json]
 
 One decode row per sequence, every row at `--context` positions, over a paged KV cache of
 `--block-size`-token blocks scattered at random (the engine's layout: [blocks, block_size, kv
@@ -13,8 +15,16 @@ heads, head dim]). Each batch runs:
          copy bandwidth measured in the same run
 and checks both outputs against `caraserve.attention.paged_attention_reference`. FlexAttention's
 block mask depends on the step's lengths, so a serving step would rebuild it: its build time is
-reported beside the kernel time. Writes JSON with a provenance header. `--shape small` on a CPU
-checks the script (the C kernel against FlexAttention's CPU form).
+reported beside the kernel time.
+
+Mixed step (`--prompts` prompts of `--prompt-len` tokens beside each batch's decode rows, one
+prefill-attention call for them all, as a mixed engine step makes):
+  ours   the Triton prefill kernel on CUDA (`attention_triton.prefill_attention`; on CPU the C
+         kernel with every token a row)
+  sdpa   one F.scaled_dot_product_attention per sequence over its gathered blocks (causal for a
+         whole prompt, a mask for a decode row), the form ours replaced
+both checked against the reference. Writes JSON with a provenance header. `--shape small` on a
+CPU checks the script (the C kernel against FlexAttention's CPU form).
 """
 
 from __future__ import annotations
@@ -114,6 +124,59 @@ def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: 
     return row
 
 
+def measure_mixed(args, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """A mixed step's attention: `args.prompts` whole prompts, then `batch` decode rows."""
+    from caraserve import cpu_kernels
+    from caraserve.attention import paged_attention_reference
+    from caraserve.model.llama import sdpa
+
+    shape = SHAPES[args.shape]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d = shape["hidden_size"] // heads
+    bs = args.block_size
+    query_lens = (args.prompt_len,) * args.prompts + (1,) * batch
+    ctx = (args.prompt_len,) * args.prompts + (args.context,) * batch
+    width = -(-max(ctx) // bs)
+    n = len(query_lens)
+    blocks = n * width + 1
+    g = torch.Generator().manual_seed(batch + 7)
+    k_cache = torch.randn(blocks, bs, kv, d, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(blocks, bs, kv, d, generator=g).to(dtype).to(device)
+    tables = (torch.randperm(blocks - 1, generator=g)[: n * width] + 1).view(n, width).to(device)
+    q = torch.randn(sum(query_lens), heads, d, generator=g).to(dtype).to(device)
+    row_seq = torch.tensor([i for i, m in enumerate(query_lens) for _ in range(m)], device=device)
+    row_lens = torch.tensor([c - m + j + 1 for m, c in zip(query_lens, ctx) for j in range(m)], device=device)
+    ctx_t = torch.tensor(ctx, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def ours():
+        if device.type == "cuda":
+            from caraserve import attention_triton
+
+            return attention_triton.prefill_attention(q, k_cache, v_cache, tables, query_lens, ctx_t, None)
+        return cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, row_lens, None)
+
+    def per_sequence():
+        out, start = torch.empty_like(q), 0
+        for i, (m, c) in enumerate(zip(query_lens, ctx)):
+            blk = tables[i, : -(-c // bs)]
+            keys = k_cache[blk].flatten(0, 1)[:c].transpose(0, 1)
+            vals = v_cache[blk].flatten(0, 1)[:c].transpose(0, 1)
+            qi = q[start : start + m].transpose(0, 1)
+            o = sdpa(qi, keys, vals, is_causal=True) if m == c else sdpa(qi, keys, vals)  # a decode row sees all
+            out[start : start + m] = o.transpose(0, 1)
+            start += m
+        return out
+
+    want = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, row_seq, row_lens, None)
+    row = {"batch": batch, "prompts": args.prompts, "prompt_len": args.prompt_len, "context": args.context,
+           "ours_max_err": (ours().float() - want).abs().max().item(),
+           "sdpa_max_err": (per_sequence().float() - want).abs().max().item(),
+           "ours_us": timed_us(ours, args.iters, sync), "sdpa_us": timed_us(per_sequence, args.iters, sync)}
+    row["sdpa_over_ours"] = row["sdpa_us"] / row["ours_us"]
+    return row
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +185,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=160, help="positions every row attends to")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--prompts", type=int, default=4, help="whole prompts in the mixed step")
+    ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--out", default=None, help="default: profiles/<gpu|cpu>/bench_paged_attention.json")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
@@ -135,6 +200,12 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['ours_us']:>9.1f} {flex:>9.1f} {r['floor_us']:>9.1f} {r['ours_over_floor']:>9.2f}x "
               f"{r.get('flex_over_floor', float('nan')):>9.2f}x {r.get('flex_mask_build_us', float('nan')):>12.1f}  "
               f"{r['ours_max_err']:.2g}, {r.get('flex_max_err', r.get('flex_error'))}")
+    mixed = [measure_mixed(args, int(b), device, dtype) for b in args.batches.split(",")]
+    print(f"mixed step ({args.prompts} prompts of {args.prompt_len} tokens + the batch's decode rows):")
+    print(f"{'batch':>5} {'ours us':>9} {'sdpa us':>9} {'sdpa/ours':>9}  errors (ours, sdpa)")
+    for r in mixed:
+        print(f"{r['batch']:>5} {r['ours_us']:>9.1f} {r['sdpa_us']:>9.1f} {r['sdpa_over_ours']:>8.2f}x  "
+              f"{r['ours_max_err']:.2g}, {r['sdpa_max_err']:.2g}")
     name = torch.cuda.get_device_name() if cuda else "cpu"
     out = Path(args.out or f"profiles/{'gpu' if cuda else 'cpu'}/bench_paged_attention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +214,7 @@ def main() -> None:
                    "copy_bandwidth_gbs": bw, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "command": "python scripts/bench_paged_attention.py "
                               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())},
-        "rows": rows}, indent=1))
+        "rows": rows, "mixed": mixed}, indent=1))
     print(f"wrote {out}")
 
 

@@ -21,7 +21,9 @@
 #   warm      cold vs warm restart of the 7B-shaped engine (compile cache empty vs present), and a
 #             start with captured graphs
 #   attention paged decode attention at batch 32 and 128 on the 7B shape: our Triton kernel vs
-#             FlexAttention's paged form, both against the KV bytes' memory floor
+#             FlexAttention's paged form, both against the KV bytes' memory floor; and a mixed
+#             step's attention (4 prompts of 512 tokens + the decode rows): the one-launch Triton
+#             prefill kernel vs an SDPA call per sequence
 #   overhead  the host's share of a compiled decode step (the tiny model's CUDA graph is short, so
 #             a step's time beyond it is scheduling, inputs, sampling's read-back, detokenizing)
 #   scripts/gpu_check.sh tests floor floor128      the named steps only (default: every step, as

@@ -10,7 +10,7 @@
  * block_tables[s, j / block_size] at offset j % block_size. q and out are [rows, heads,
  * head_dim]. Each row reads only its own positions: no mask, no padding to the longest context.
  * A row goes block by block, every head of a block at once, so each block is read from memory
- * once. Scores go eight keys at a time (independent vector chains, summed by a shuffle tree), the
+ * once, and asks for the next block's cache lines while it works on this one. Scores go eight keys at a time (independent vector chains, summed by a shuffle tree), the
  * weighted sum of values 64 columns at a time in registers; softmax in float32 with the maximum
  * subtracted and a vector exp. Rows are shared out over the calling thread's OpenMP team.
  */
@@ -110,6 +110,15 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
 }
 
+/* Asks for share h of `parts` of the n floats at p (NULL: nothing), a cache line at a time. A
+ * row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while a
+ * block is read head by head, each head's turn asks for its share of the next block. */
+static void prefetch_share(const float *p, int64_t n, int64_t h, int64_t parts) {
+    if (p == NULL) return;
+    const int64_t share = (n + parts - 1) / parts, end = (h + 1) * share < n ? (h + 1) * share : n;
+    for (int64_t o = h * share; o < end; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + o, 0, 3);
+}
+
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
  * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
  * block table, a length outside [1, table_width * block_size], or a block id outside the cache
@@ -159,7 +168,9 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                 const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
                 const int64_t first = b * block_size;
                 const float *kb = kc + table[b] * block_stride;
+                const float *kn = j1 < len ? kc + table[b + 1] * block_stride : NULL;
                 for (int64_t h = 0; h < heads; h++) {
+                    prefetch_share(kn, block_stride, h, heads);
                     const float *qh = qi + h * head_dim, *kh = kb + (h / group) * head_dim;
                     float *sh = scores + h * max_len;
                     int64_t j = j0;
@@ -197,9 +208,12 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                 const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
                 const int64_t first = b * block_size;
                 const float *vb = vc + table[b] * block_stride;
-                for (int64_t h = 0; h < heads; h++)
+                const float *vn = j1 < len ? vc + table[b + 1] * block_stride : NULL;
+                for (int64_t h = 0; h < heads; h++) {
+                    prefetch_share(vn, block_stride, h, heads);
                     weighted_sum(oi + h * head_dim, scores + h * max_len + first, vb + (h / group) * head_dim,
                                  pos_stride, j0 - first, j1 - first, head_dim);
+                }
                 j0 = j1;
             }
         }

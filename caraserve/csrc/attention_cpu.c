@@ -110,6 +110,34 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
 }
 
+/* Each head's scores [lo, len) (rows of max_len floats) times scale, turned into their softmax:
+ * the maximum subtracted, a vector exp, float32 sums. */
+static void softmax(float *scores, int64_t heads, int64_t max_len, int64_t lo, int64_t len, float scale) {
+    for (int64_t h = 0; h < heads; h++) {
+        float *sh = scores + h * max_len;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = lo; j < len; j++) {
+            sh[j] *= scale;
+            if (sh[j] > mx) mx = sh[j];
+        }
+        const vf mxv = (vf){0} + mx;
+        vf sv = {0};
+        int64_t j = lo;
+        for (; j + VL <= len; j += VL) {
+            const vf e = vexp(LOAD(sh + j) - mxv);
+            STORE(sh + j, e);
+            sv += e;
+        }
+        for (; j < len; j++) {
+            sh[j] = expf(sh[j] - mx);
+            sum += sh[j];
+        }
+        sum += hsum(sv);
+        const float inv = 1.0f / sum;
+        for (int64_t j = lo; j < len; j++) sh[j] *= inv;
+    }
+}
+
 /* Asks for share h of `parts` of the n floats at p (NULL: nothing), a cache line at a time. A
  * row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while a
  * block is read head by head, each head's turn asks for its share of the next block. */
@@ -162,59 +190,36 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
             const int64_t *table = block_tables + row_seq[i] * table_width;
             const float *qi = q + i * heads * head_dim;
             float *oi = out + i * heads * head_dim;
-            /* pass 1, block by block: every head's scores against the block's keys, so each
-             * block (contiguous) is read from memory once and reused from L1 by every head */
-            for (int64_t j0 = lo; j0 < len;) {
-                const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                const int64_t first = b * block_size;
-                const float *kb = kc + table[b] * block_stride;
-                const float *kn = j1 < len ? kc + table[b + 1] * block_stride : NULL;
-                for (int64_t h = 0; h < heads; h++) {
-                    prefetch_share(kn, block_stride, h, heads);
-                    const float *qh = qi + h * head_dim, *kh = kb + (h / group) * head_dim;
-                    float *sh = scores + h * max_len;
-                    int64_t j = j0;
-                    for (; j + PB <= j1; j += PB) dots(qh, kh + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
-                    for (; j < j1; j++) sh[j] = dot(qh, kh + (j - first) * pos_stride, head_dim);
+            /* pass 0 scores every head against the row's keys, pass 1 sums every head's values
+             * weighted by its softmax; both block by block, so each block (contiguous) is read
+             * from memory once and reused from L1 by every head */
+            for (int pass = 0; pass < 2; pass++) {
+                const float *cache = pass ? vc : kc;
+                if (pass) {
+                    softmax(scores, heads, max_len, lo, len, scale);
+                    for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
                 }
-                j0 = j1;
-            }
-            for (int64_t h = 0; h < heads; h++) {
-                float *sh = scores + h * max_len;
-                float mx = -INFINITY, sum = 0.0f;
-                for (int64_t j = lo; j < len; j++) {
-                    sh[j] *= scale;
-                    if (sh[j] > mx) mx = sh[j];
+                for (int64_t j0 = lo; j0 < len;) {
+                    const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                    const int64_t first = b * block_size;
+                    const float *cb = cache + table[b] * block_stride;
+                    const float *next = j1 < len ? cache + table[b + 1] * block_stride : NULL;
+                    for (int64_t h = 0; h < heads; h++) {
+                        prefetch_share(next, block_stride, h, heads);
+                        const float *ch = cb + (h / group) * head_dim;
+                        float *sh = scores + h * max_len;
+                        if (pass) {
+                            weighted_sum(oi + h * head_dim, sh + first, ch, pos_stride, j0 - first, j1 - first,
+                                         head_dim);
+                            continue;
+                        }
+                        const float *qh = qi + h * head_dim;
+                        int64_t j = j0;
+                        for (; j + PB <= j1; j += PB) dots(qh, ch + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
+                        for (; j < j1; j++) sh[j] = dot(qh, ch + (j - first) * pos_stride, head_dim);
+                    }
+                    j0 = j1;
                 }
-                const vf mxv = (vf){0} + mx;
-                vf sv = {0};
-                int64_t j = lo;
-                for (; j + VL <= len; j += VL) {
-                    const vf e = vexp(LOAD(sh + j) - mxv);
-                    STORE(sh + j, e);
-                    sv += e;
-                }
-                for (; j < len; j++) {
-                    sh[j] = expf(sh[j] - mx);
-                    sum += sh[j];
-                }
-                sum += hsum(sv);
-                const float inv = 1.0f / sum;
-                for (int64_t j = lo; j < len; j++) sh[j] *= inv;
-            }
-            for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
-            /* pass 2, block by block: every head's weighted sum of the block's values */
-            for (int64_t j0 = lo; j0 < len;) {
-                const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                const int64_t first = b * block_size;
-                const float *vb = vc + table[b] * block_stride;
-                const float *vn = j1 < len ? vc + table[b + 1] * block_stride : NULL;
-                for (int64_t h = 0; h < heads; h++) {
-                    prefetch_share(vn, block_stride, h, heads);
-                    weighted_sum(oi + h * head_dim, scores + h * max_len + first, vb + (h / group) * head_dim,
-                                 pos_stride, j0 - first, j1 - first, head_dim);
-                }
-                j0 = j1;
             }
         }
         free(scores);

@@ -60,6 +60,40 @@ def test_prefill_and_decode_logits_match_transformers(pair, layout):
                 assert rel_err(dec[t][i], full[len(p) + t]) < 1e-4
 
 
+def test_sdpa_prefill_matches_transformers(pair, monkeypatch):
+    """Prompt chunks longer than the CPU kernel takes run through SDPA (as a batch of one, which
+    reaches torch's flash kernel): whole prompts (causal, or masked under a sliding window) and
+    a prompt's second chunk after its cached first one (masked)."""
+    from caraserve.kv_cache import KVCache
+    from caraserve.model import llama
+    from caraserve.model.batch import ForwardBatch
+
+    hf, ours = pair
+    monkeypatch.setattr(llama, "PREFILL_KERNEL_MAX_TOKENS", 0)
+    real_sdpa, calls = llama.sdpa, []
+
+    def counted(*args, **kw):
+        calls.append(sorted(kw))
+        return real_sdpa(*args, **kw)
+
+    monkeypatch.setattr(llama, "sdpa", counted)
+    pre, _ = run_prefill_decode(ours, PROMPTS, [[1]] * len(PROMPTS))
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        full = hf(torch.tensor([prompt])).logits[0]
+        for i, p in enumerate(PROMPTS):
+            assert rel_err(pre[i], hf(torch.tensor([p])).logits[0]) < 1e-4
+    a = ours.args
+    kv = KVCache(4, 4, a.num_kv_heads, a.head_dim, torch.float32, ours.layer_devices())
+    table = [3, 1, 2]
+    ours.prepare_lora(None)
+    for start, end in ((0, 4), (4, len(prompt))):
+        fb = ForwardBatch.build([prompt[start:end]], [start], [table], 4, "cpu", is_decode=False)
+        logits = ours(fb, kv.layers, all_logits=True)
+    assert rel_err(logits, full[4:]) < 1e-4
+    assert ["is_causal"] in calls and ["attn_mask"] in calls  # both forms ran
+
+
 def test_packed_weights_give_the_same_logits(pair):
     """pack_weights (oneDNN's layout for the head and every projection) changes no number beyond
     float32 rounding, at batch sizes other than the hint too; unpack_weights goes back."""

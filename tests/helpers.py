@@ -160,6 +160,29 @@ def failing_weight_reads(monkeypatch, *errors: BaseException) -> list:
     return queue
 
 
+def make_runs(layout, in_f, out_f, ranks, g):
+    """Runs over consecutive rows: layout = rows per run (0 = a gap of base rows)."""
+    runs, row = [], 0
+    for i, n in enumerate(layout):
+        if n > 0:
+            r = ranks[i % len(ranks)]
+            a = torch.randn(in_f, r, generator=g) * 0.1
+            b = torch.randn(r, out_f, generator=g) * 0.1
+            runs.append((row, row + n, a, b, 0.25 + i))
+        row += max(n, 2)
+    return runs, row
+
+
+class RunsGroup:
+    """The part of a LoraGroup that add_lora_runs reads."""
+
+    def __init__(self, runs, modules=("q_proj",)):
+        self._runs, self.modules = runs, frozenset(modules)
+
+    def cpu_runs(self, layer, name):
+        return self._runs
+
+
 def lora_reference(y, x, runs):
     """y + scale * (x A) B over each (start, end, A, B, scale) run's rows, in float64."""
     out = y.double().clone()

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import itertools
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from caraserve.config import AdapterConfig
 from caraserve.lora.adapter_files import AdapterReadError
+from caraserve.lora.adapter_info import AdapterInfo, HostStoreStats, UnknownAdapterError, next_uid
 from caraserve.lora.checkpoint import (
     AdapterError,
     LoraWeights,
@@ -51,42 +50,6 @@ from caraserve.lora.weight_cache import WeightCache
 log = logging.getLogger(__name__)
 
 __all__ = ["AdapterInfo", "HostStore", "HostStoreStats", "UnknownAdapterError", "default_budget_bytes"]
-
-
-class UnknownAdapterError(KeyError):
-    """No adapter of that name is registered."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    path: str
-    rank: int
-    scale: float
-    targets: tuple[str, ...]
-    nbytes: int
-    confined: bool = True  # its files must resolve inside the store's roots (runtime loads)
-    uid: int = 0  # this registration's number: a reload under the same name gets a new one (prefix caching)
-
-
-_uids = itertools.count(1)  # registration numbers, unique in the process
-
-
-@dataclass(frozen=True)
-class HostStoreStats:
-    """A snapshot of the host tier, for metrics."""
-
-    registered: int
-    cached: int  # adapters whose weights are in host memory
-    cached_bytes: int  # their bytes (adapters added from memory included)
-    budget_bytes: int  # 0: unbounded
-    hits: int  # get / fetch calls answered from memory
-    misses: int  # get / fetch calls that waited on a disk read (one they started or one in flight)
-    disk_reads: int  # weight reads done, failed ones included
-    read_seconds_total: float  # time those reads took
 
 
 class _Entry:
@@ -179,7 +142,7 @@ class HostStore:
             self._check_room(name)  # before the read: a full store costs no disk read
         meta = inspect_adapter(path, self.model_args, name, self._limits(confined))
         info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined,
-                           next(_uids))
+                           next_uid())
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._insert(_Entry(info))
@@ -193,7 +156,7 @@ class HostStore:
         since there is no file to re-read them from."""
         check_name(weights.name)
         w = self._prepare(weights)
-        info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes, uid=next(_uids))
+        info = AdapterInfo(w.name, w.path, w.rank, w.scale, w.targets, w.nbytes, uid=next_uid())
         with self._lock:
             self._check_room(w.name)
             entry = _Entry(info, from_memory=True)

@@ -42,6 +42,32 @@ def test_cuda_engine_matches_cpu_engine(small):
     assert got == want
 
 
+def staggered(e) -> list[list[int]]:
+    """Two requests start; two more arrive while they decode (their prompts ride in mixed steps
+    beside the decode rows, the longer one in chunks of max_tokens_per_step)."""
+    ids = [e.add_request(p, GREEDY, a) for p, a in zip(PROMPTS[:2], ADAPTERS[:2])]
+    reqs = [e.request(i) for i in ids]
+    for _ in range(3):
+        e.step()
+    long_prompt = [(7 * i) % 100 + 1 for i in range(40)]
+    ids = [e.add_request(p, GREEDY, a) for p, a in ((long_prompt, ADAPTERS[2]), (PROMPTS[3], ADAPTERS[3]))]
+    reqs += [e.request(i) for i in ids]
+    while any(not r.finished for r in reqs):
+        e.step()
+    return [r.output_ids for r in reqs]
+
+
+def test_cuda_mixed_steps_match_cpu_engine(small):
+    """Prefill chunks beside decode rows: the Triton prefill kernel's one launch per layer (no
+    fallback to SDPA) gives the CPU engine's tokens."""
+    from caraserve.model import llama
+
+    want = staggered(engine(small, "cpu", max_tokens_per_step=16))
+    got = staggered(engine(small, "cuda", max_tokens_per_step=16))
+    assert got == want
+    assert llama._triton_prefill[0], "the Triton prefill kernel failed on this GPU and fell back to SDPA"
+
+
 def test_cuda_graph_decode_matches_eager(small):
     want = [r.output_ids for r in engine(small, "cuda").generate(PROMPTS, GREEDY, ADAPTERS)]
     from torch._dynamo.utils import counters

@@ -21,9 +21,19 @@ decode rows of a mixed step included, over the cache in place.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+
+def _on(t: torch.Tensor):
+    """The launch's device context: Triton launches on the current CUDA device and its stream,
+    and a placed model's layers may live on another GPU than the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
 
 # Programs (rows x KV heads) from which a decode batch fills a GPU without splitting its contexts
 SPLIT_BELOW_PROGRAMS = 256
@@ -172,26 +182,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ms = torch.empty((t, kv, splits, 2, block_g), dtype=torch.float32, device=q.device)
     else:  # the kernel neither reads nor writes them (a tensor of their own: no alias of `out`)
         part = ms = torch.empty(1, dtype=torch.float32, device=q.device)
-    _paged_attention_kernel[(t, kv, splits)](
-        out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-        KV=kv, D=d, BS=bs, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_S=triton.next_power_of_2(bs),
-    )
-    if splits > 1:
-        _combine_splits_kernel[(t, kv)](
-            out, part, ms, out.stride(0), out.stride(1),
-            KV=kv, D=d, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
+    with _on(q):
+        _paged_attention_kernel[(t, kv, splits)](
+            out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+            KV=kv, D=d, BS=bs, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(bs),
         )
+        if splits > 1:
+            _combine_splits_kernel[(t, kv)](
+                out, part, ms, out.stride(0), out.stride(1),
+                KV=kv, D=d, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
+            )
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_tab"])  # both change between steps: no variant each
 def _prefill_attention_kernel(
     out_ptr, q_ptr,  # [T, H, D]
     k_ptr, v_ptr,  # [blocks, BS, KV, D] contiguous
     tables_ptr,  # [S, W] int64
-    starts_ptr, qlens_ptr, ctx_ptr,  # [S] int64: first row of each sequence in q, its new tokens, its context
+    tiles_ptr,  # [tiles, 5] int64: sequence, its first row in q, its new tokens, its context, the tile's first token
     scale,
     window,  # 0: none
     stride_qt, stride_qh,
@@ -200,100 +211,116 @@ def _prefill_attention_kernel(
     KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
-    qlen = tl.load(qlens_ptr + seq)
-    if tile * BLOCK_Q < qlen:
-        row0 = tl.load(starts_ptr + seq)
-        ctx = tl.load(ctx_ptr + seq)
-        offs_m = tl.arange(0, BLOCK_Q * GROUP_PAD)  # tile token m // GROUP_PAD, head m % GROUP_PAD of the group
-        tok = tile * BLOCK_Q + offs_m // GROUP_PAD
-        hg = offs_m % GROUP_PAD
-        m_mask = (tok < qlen) & (hg < GROUP)
-        heads = kvh * GROUP + hg
-        pos = ctx - qlen + tok  # each query token's own position
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        q = tl.load(q_ptr + (row0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        m = tl.full((BLOCK_Q * GROUP_PAD,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_Q * GROUP_PAD,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_Q * GROUP_PAD, BLOCK_D), dtype=tl.float32)
-        # keys [lo, hi): up to the tile's last token, from the first one's window start
-        first_pos = ctx - qlen + tile * BLOCK_Q
-        hi = tl.minimum(first_pos + BLOCK_Q, ctx)
-        lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
-        offs_n = tl.arange(0, BLOCK_N)
-        pos_stride = KV * D
-        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-            n = n0 + offs_n
-            n_mask = (n >= lo) & (n < hi)
-            block = tl.load(tables_ptr + seq * stride_tab + n // BS, mask=n_mask, other=0)
-            at = block * (BS * pos_stride) + (n % BS) * pos_stride + kvh * D
-            kb = tl.load(k_ptr + at[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, tl.trans(kb)) * scale  # [BLOCK_Q * GROUP_PAD, BLOCK_N]
-            seen = n_mask[None, :] & (n[None, :] <= pos[:, None]) & \
-                ((window == 0) | (n[None, :] > pos[:, None] - window))
-            scores = tl.where(seen, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(scores - m_safe[:, None])
-            vb = tl.load(v_ptr + at[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(vb.dtype), vb)
-            acc = acc * alpha[:, None] + pv
-            s = s * alpha + tl.sum(p, axis=1)
-            m = m_new
-        o = acc / tl.where(s > 0, s, 1.0)[:, None]
-        tl.store(out_ptr + (row0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tile = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    seq = tl.load(tiles_ptr + tile * 5)
+    row0 = tl.load(tiles_ptr + tile * 5 + 1)
+    qlen = tl.load(tiles_ptr + tile * 5 + 2)
+    ctx = tl.load(tiles_ptr + tile * 5 + 3)
+    tok0 = tl.load(tiles_ptr + tile * 5 + 4)
+    offs_m = tl.arange(0, BLOCK_Q * GROUP_PAD)  # tile token m // GROUP_PAD, head m % GROUP_PAD of the group
+    tok = tok0 + offs_m // GROUP_PAD
+    hg = offs_m % GROUP_PAD
+    m_mask = (tok < qlen) & (hg < GROUP)
+    heads = kvh * GROUP + hg
+    pos = ctx - qlen + tok  # each query token's own position
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + (row0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    m = tl.full((BLOCK_Q * GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_Q * GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q * GROUP_PAD, BLOCK_D), dtype=tl.float32)
+    # keys [lo, hi): up to the tile's last token, from the first one's window start
+    first_pos = ctx - qlen + tok0
+    hi = tl.minimum(first_pos + BLOCK_Q, ctx)
+    lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    pos_stride = KV * D
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = (n >= lo) & (n < hi)
+        block = tl.load(tables_ptr + seq * stride_tab + n // BS, mask=n_mask, other=0)
+        at = block * (BS * pos_stride) + (n % BS) * pos_stride + kvh * D
+        kb = tl.load(k_ptr + at[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(kb)) * scale  # [BLOCK_Q * GROUP_PAD, BLOCK_N]
+        seen = n_mask[None, :] & (n[None, :] <= pos[:, None]) & \
+            ((window == 0) | (n[None, :] > pos[:, None] - window))
+        scores = tl.where(seen, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        vb = tl.load(v_ptr + at[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + pv
+        s = s * alpha + tl.sum(p, axis=1)
+        m = m_new
+    o = acc / tl.where(s > 0, s, 1.0)[:, None]
+    tl.store(out_ptr + (row0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      query_lens: tuple[int, ...], context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+                      query_lens: tuple[int, ...], context_lens: tuple[int, ...], window: int | None) -> torch.Tensor:
     """paged_attention_reference's result for a prefill or mixed step: sequence i's query_lens[i]
     new tokens are rows [sum(query_lens[:i]), ...) of q and the last positions of its
     context_lens[i] (their keys already in the cache), each attending causally (within the
     window) to its sequence's positions. q [T, H, D] contiguous, caches [blocks, BS, KV, D]
-    contiguous, block_tables [S, W] int64, context_lens [S] int64, on one device."""
+    contiguous of q's dtype, block_tables [S, W] int64, all on one CUDA device (or CPU tensors
+    under the Triton interpreter); query_lens and context_lens on the host."""
     t, heads, d = q.shape
     blocks, bs, kv, dk = k_cache.shape
     n = len(query_lens)
     if k_cache.shape != v_cache.shape or dk != d or heads % kv or q.dim() != 3:
         raise ValueError(f"prefill attention: q {tuple(q.shape)} and caches {tuple(k_cache.shape)} / "
                          f"{tuple(v_cache.shape)} do not fit (heads a multiple of KV heads, one head size)")
-    if block_tables.dim() != 2 or block_tables.shape[0] != n or context_lens.shape != (n,) or sum(query_lens) != t:
-        raise ValueError(f"prefill attention: block_tables {tuple(block_tables.shape)}, context_lens "
-                         f"{tuple(context_lens.shape)} and query_lens (sum {sum(query_lens)}) for {n} sequences, "
-                         f"{t} rows")
+    if block_tables.dim() != 2 or block_tables.shape[0] != n or len(context_lens) != n or sum(query_lens) != t \
+            or any(not 1 <= m <= c for m, c in zip(query_lens, context_lens)):
+        raise ValueError(f"prefill attention: block_tables {tuple(block_tables.shape)}, query_lens (sum "
+                         f"{sum(query_lens)}) and context_lens for {n} sequences, {t} rows "
+                         "(1 <= new tokens <= context)")
     if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("prefill attention: q and the caches must be contiguous")
-    if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
-        raise ValueError("prefill attention: block_tables and context_lens must be int64")
+    if block_tables.dtype != torch.int64 or not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"prefill attention: block_tables must be int64 ({block_tables.dtype}) and the caches of "
+                         f"q's dtype ({k_cache.dtype}, {v_cache.dtype} for {q.dtype})")
+    if not q.device == k_cache.device == v_cache.device == block_tables.device:
+        raise ValueError("prefill attention: q, the caches and block_tables must be on one device")
     if n == 0:
         return torch.empty_like(q)
-    starts = [0] * n
-    for i in range(1, n):
-        starts[i] = starts[i - 1] + query_lens[i - 1]
-    meta = torch.tensor([starts, list(query_lens)], dtype=torch.int64).to(q.device, non_blocking=True)
-    tables = block_tables.contiguous()
-    out = torch.empty_like(q)
     group = heads // kv
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, 64 // group_pad)  # 64 query rows a tile (tl.dot wants 16 or more)
-    block_q = max(block_q, -(-16 // group_pad))
-    grid = (n, -(-max(query_lens) // block_q), kv)
-    _prefill_attention_kernel[grid](
-        out, q, k_cache, v_cache, tables, meta[0], meta[1], context_lens.contiguous(), d ** -0.5, window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-        KV=kv, D=d, BS=bs, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=32,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
-    )
+    block_q = max(1, 64 // group_pad, -(-16 // group_pad))  # 64 query rows a tile (tl.dot wants 16 or more)
+    tiles = _tiles(tuple(query_lens), tuple(context_lens), block_q, q.device)
+    tables = block_tables.contiguous()
+    out = torch.empty_like(q)
+    with _on(q):
+        _prefill_attention_kernel[(tiles.shape[0], kv)](
+            out, q, k_cache, v_cache, tables, tiles, d ** -0.5, window or 0,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+            KV=kv, D=d, BS=bs, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=32,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        )
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _tiles(query_lens: tuple[int, ...], context_lens: tuple[int, ...], block_q: int,
+           device: torch.device) -> torch.Tensor:
+    """[tiles, 5] int64 on `device`: (sequence, its first row, its new tokens, its context, the
+    tile's first token) for every tile of block_q new tokens, those that read the most keys first
+    (the longest programs start first, so none is left running alone at the end). Made once per
+    step layout: every layer's call of a step reuses it."""
+    rows, start = [], 0
+    for s, (m, c) in enumerate(zip(query_lens, context_lens)):
+        rows += [(s, start, m, c, tok) for tok in range(0, m, block_q)]
+        start += m
+    rows.sort(key=lambda r: r[3] - r[2] + min(r[4] + block_q, r[2]), reverse=True)
+    return torch.tensor(rows, dtype=torch.int64).to(device)

@@ -52,29 +52,58 @@ def prefill_case(g, heads, kv, d, bs, query_lens, context_lens):
 
 
 @pytest.mark.parametrize("heads,kv,d,bs,window", [
-    (4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None), (4, 1, 32, 16, 9), (3, 3, 16, 1, None)])
-def test_prefill_attention_kernel_matches_the_reference(heads, kv, d, bs, window) -> None:
+    (4, 2, 16, 4, None), (6, 2, 20, 3, 5), (2, 2, 8, 8, None), (4, 1, 32, 16, 9), (3, 3, 16, 1, None),
+    (2, 1, 16, 4, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_attention_kernel_matches_the_reference(heads, kv, d, bs, window, dtype) -> None:
     """Prefill and mixed steps in one launch: whole prompts, a prompt chunk after cached
     positions, decode rows, a prompt longer than a tile (70 tokens: two tiles of 64 rows with
     one head a group), GQA with a group padded to a power of two, head sizes below 16 and not a
-    power of two, blocks of one token, a sliding window shorter and longer than a tile."""
+    power of two, blocks of one token, sliding windows shorter and longer than a tile; float32
+    (exact products) and float16 (the tensor-core form, bfloat16's too; the interpreter cannot
+    multiply bfloat16 itself)."""
     g = torch.Generator().manual_seed(heads * 10 + d)
     query_lens, context_lens = (5, 1, 70, 3, 1), (5, 12, 70, 40, 1)
     q, k, v, tables, row_seq, row_lens = prefill_case(g, heads, kv, d, bs, query_lens, context_lens)
-    want = paged_attention_reference(q, k, v, tables, row_seq, row_lens, window)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    want = paged_attention_reference(q.float(), k.float(), v.float(), tables, row_seq, row_lens, window)
     args = [t.to(DEVICE) for t in (q, k, v, tables)]
-    ctx = torch.tensor(context_lens, device=DEVICE)
-    got = attention_triton.prefill_attention(*args, query_lens, ctx, window)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    got = attention_triton.prefill_attention(*args, query_lens, context_lens, window)
+    assert got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 products: the interpreter cannot compute them")
+def test_prefill_attention_kernel_in_bfloat16() -> None:
+    g = torch.Generator().manual_seed(11)
+    query_lens, context_lens = (70, 1, 3), (70, 40, 20)
+    q, k, v, tables, row_seq, row_lens = prefill_case(g, 8, 2, 128, 16, query_lens, context_lens)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    want = paged_attention_reference(q.float(), k.float(), v.float(), tables, row_seq, row_lens, None)
+    args = [t.to(DEVICE) for t in (q, k, v, tables)]
+    got = attention_triton.prefill_attention(*args, query_lens, context_lens, None)
+    torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_prefill_attention_refuses_what_does_not_fit() -> None:
     g = torch.Generator().manual_seed(3)
     q, k, v, tables, _, _ = prefill_case(g, 4, 2, 16, 4, (2, 3), (2, 7))
-    ctx = torch.tensor([2, 7])
     with pytest.raises(ValueError, match="query_lens"):
-        attention_triton.prefill_attention(q, k, v, tables, (2, 2), ctx, None)  # 4 rows named, q has 5
+        attention_triton.prefill_attention(q, k, v, tables, (2, 2), (2, 7), None)  # 4 rows named, q has 5
+    with pytest.raises(ValueError, match="query_lens"):
+        attention_triton.prefill_attention(q, k, v, tables, (2, 3), (2, 2), None)  # more new tokens than context
     with pytest.raises(ValueError, match="int64"):
-        attention_triton.prefill_attention(q, k, v, tables, (2, 3), ctx.int(), None)
+        attention_triton.prefill_attention(q, k, v, tables.int(), (2, 3), (2, 7), None)
+    with pytest.raises(ValueError, match="dtype"):
+        attention_triton.prefill_attention(q, k.half(), v.half(), tables, (2, 3), (2, 7), None)
     with pytest.raises(ValueError, match="do not fit"):
-        attention_triton.prefill_attention(q[:, :3], k, v, tables, (2, 3), ctx, None)
+        attention_triton.prefill_attention(q[:, :3], k, v, tables, (2, 3), (2, 7), None)
+
+
+def test_prefill_tiles_go_longest_first() -> None:
+    """One program per tile of new tokens (no idle programs for short sequences), the tiles that
+    read the most keys first, made once per step layout."""
+    tiles = attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, torch.device("cpu"))
+    assert tiles.tolist() == [[2, 4, 70, 70, 64], [2, 4, 70, 70, 0], [1, 3, 1, 40, 0], [0, 0, 3, 3, 0]]
+    assert attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, torch.device("cpu")) is tiles

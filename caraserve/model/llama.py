@@ -129,8 +129,24 @@ _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 PREFILL_KERNEL_MAX_TOKENS = 512
 
 
-# [False] once the Triton prefill kernel failed on this device (then SDPA per sequence, as a fallback)
+# [False] once the Triton prefill kernel could not be built (then SDPA per sequence, as a fallback)
 _triton_prefill = [True]
+
+
+def _triton_build_errors() -> tuple[type[BaseException], ...]:
+    """What Triton raises when it cannot compile or fit a kernel for the device: nothing else
+    (out-of-memory, bad inputs, a device fault) turns the kernel off."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    found = [CompilationError, OutOfResources]
+    try:
+        from triton.runtime.errors import PTXASError
+
+        found.append(PTXASError)
+    except ImportError:  # older Triton
+        pass
+    return tuple(found)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
@@ -174,13 +190,11 @@ class Attention(nn.Module):
 
             try:
                 return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
-                                                          fb.query_lens, fb.context_lens_t, self.window)
-            except Exception as e:  # a Triton that cannot build the kernel for this device
-                if isinstance(e, ValueError):
-                    raise
+                                                          fb.query_lens, fb.context_lens, self.window)
+            except _triton_build_errors() as e:  # a Triton that cannot build the kernel for this device
                 _triton_prefill[0] = False
-                log.warning("the Triton prefill attention kernel failed (%s); prefill attention runs "
-                            "through SDPA, one call per sequence, from now on", e)
+                log.warning("the Triton prefill attention kernel cannot be built here (%s); prefill attention "
+                            "runs through SDPA, one call per sequence, from now on", e)
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
             # call for the batch instead of an SDPA call per prompt (~0.15 ms each for short ones)

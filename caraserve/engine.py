@@ -60,7 +60,8 @@ def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
 
 class Engine:
     """The serving engine. `model` may be a prebuilt CausalLM (benchmarks build random ones on the
-    device); otherwise `config.model.path` is loaded."""
+    device); otherwise `config.model.path` is loaded. On CPU in float32 the engine packs the
+    model's weights (CausalLM.pack_weights): a caller that writes them later packs again."""
 
     def __init__(self, config: EngineConfig | None = None, model: CausalLM | None = None):
         self.config = cfg = config or EngineConfig()

@@ -41,7 +41,7 @@ from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 9  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 10  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):

@@ -26,7 +26,7 @@ _lib.impl("packed_linear",
 
 @torch.library.register_fake("caraserve::packed_linear")
 def _(x, packed, bias, out_features):
-    return x.new_empty(x.shape[0], out_features)
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 # Attention over the paged KV cache (caraserve.attention.paged_attention_reference states it).

@@ -116,6 +116,10 @@ def test_packed_weights_give_the_same_logits(pair):
     assert ours._packed_head is None and all(m.packed is None for m in ours.modules() if isinstance(m, LoraLinear))
     assert ours.pack_weights(batch_hint=4, memory_share=1e-12) == 0  # copies that would not fit: none made
     assert ours._packed_head is None
+    # packing again after the weights change drops the old copies, even when it packs nothing now
+    assert ours.pack_weights(batch_hint=4) > 0
+    assert ours.pack_weights(batch_hint=4, memory_share=1e-12) == 0 and ours._packed_head is None
+    assert all(m.packed is None for m in ours.modules() if isinstance(m, LoraLinear))
 
 
 def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:

@@ -43,16 +43,26 @@ static float dot(const float *a, const float *b, int64_t d) {
     return s;
 }
 
+/* Two vectors' lanes picked by eight constant indices (0-7 from a, 8-15 from b): clang's and
+ * GCC 12's builtin, or GCC's older one with the indices as a vector */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#endif
+#endif
+#ifndef SHUF8
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (vi){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
 /* lane p of the result = the sum of the lanes of a[p]: eight horizontal sums as a tree of
  * pairwise shuffles and adds (7 vector adds instead of 56 scalar ones) */
 static vf hsum8(const vf a[8]) {
-    const vi lo = {0, 8, 2, 10, 4, 12, 6, 14}, hi = {1, 9, 3, 11, 5, 13, 7, 15};
     vf t[4], u[2];
-    for (int p = 0; p < 4; p++) t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], lo) + __builtin_shuffle(a[2 * p], a[2 * p + 1], hi);
-    const vi lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-    for (int p = 0; p < 2; p++) u[p] = __builtin_shuffle(t[2 * p], t[2 * p + 1], lo2) + __builtin_shuffle(t[2 * p], t[2 * p + 1], hi2);
-    const vi lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
-    return __builtin_shuffle(u[0], u[1], lo3) + __builtin_shuffle(u[0], u[1], hi3);
+    for (int p = 0; p < 4; p++)
+        t[p] = SHUF8(a[2 * p], a[2 * p + 1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a[2 * p], a[2 * p + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int p = 0; p < 2; p++)
+        u[p] = SHUF8(t[2 * p], t[2 * p + 1], 0, 1, 8, 9, 4, 5, 12, 13) + SHUF8(t[2 * p], t[2 * p + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF8(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* s[p] = q . k_p for the PB keys k_p = k + p * stride: PB independent accumulator chains */
@@ -86,7 +96,7 @@ static vf vexp(vf x) {
     p = p * f + 1.6666665459e-1f;
     p = p * f + 5.0000001201e-1f;
     p = p * f * f + f + 1.0f;
-    return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+    return (vf)((vi)(p * (vf)((__builtin_convertvector(n, vi) + 127) << 23)) & ~below);
 }
 
 /* o[0:d] += sum_j w[j] * v_j over j in [lo, hi), v_j = v + j * stride: 64 columns at a time in registers */
@@ -110,11 +120,11 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
 }
 
-/* Each head's scores [lo, len) (rows of max_len floats) times scale, turned into their softmax:
+/* Each head's scores [lo, len) (rows of `width` floats) times scale, turned into their softmax:
  * the maximum subtracted, a vector exp, float32 sums. */
-static void softmax(float *scores, int64_t heads, int64_t max_len, int64_t lo, int64_t len, float scale) {
+static void softmax(float *scores, int64_t heads, int64_t width, int64_t lo, int64_t len, float scale) {
     for (int64_t h = 0; h < heads; h++) {
-        float *sh = scores + h * max_len;
+        float *sh = scores + h * width;
         float mx = -INFINITY, sum = 0.0f;
         for (int64_t j = lo; j < len; j++) {
             sh[j] *= scale;
@@ -163,9 +173,11 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
         return -1;
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
     if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads) return -1;
+    int64_t longest = 1; /* the score buffers' row length: the longest row, not the table's width */
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
+        if (len > longest) longest = len;
         const int64_t lo = window > 0 && len > window ? len - window : 0;
         for (int64_t b = lo / block_size; b <= (len - 1) / block_size; b++) {
             const int64_t blk = block_tables[s * table_width + b];
@@ -178,7 +190,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #pragma omp parallel if (rows > 1) reduction(| : failed)
 #endif
     {
-        float *scores = malloc(sizeof(float) * heads * max_len);
+        float *scores = malloc(sizeof(float) * heads * longest);
         if (scores == NULL) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 2)
@@ -196,7 +208,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
             for (int pass = 0; pass < 2; pass++) {
                 const float *cache = pass ? vc : kc;
                 if (pass) {
-                    softmax(scores, heads, max_len, lo, len, scale);
+                    softmax(scores, heads, longest, lo, len, scale);
                     for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
                 }
                 for (int64_t j0 = lo; j0 < len;) {
@@ -207,7 +219,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                     for (int64_t h = 0; h < heads; h++) {
                         prefetch_share(next, block_stride, h, heads);
                         const float *ch = cb + (h / group) * head_dim;
-                        float *sh = scores + h * max_len;
+                        float *sh = scores + h * longest;
                         if (pass) {
                             weighted_sum(oi + h * head_dim, sh + first, ch, pos_stride, j0 - first, j1 - first,
                                          head_dim);

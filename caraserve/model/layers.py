@@ -137,7 +137,7 @@ class LoraLinear(nn.Module):
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b [T, out] of x [T, in], without any LoRA delta: from the packed copy of W
         when the model has one (the same numbers, computed faster on CPU)."""
-        if self.packed is not None:
+        if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             return torch.ops.caraserve.packed_linear(x, self.packed, self.bias, self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
 

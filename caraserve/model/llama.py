@@ -278,8 +278,9 @@ class CausalLM(nn.Module):
         sizes costs about as much as the product itself (the head and the projections then run
         ~1.5x faster). The copies cost the weights' size again in memory, so nothing is packed
         when they would take more than `memory_share` of the memory this process may use. Returns the
-        number of weights packed (0 where it does not apply). Call it once the weights are final:
-        a copy does not follow later writes to its weight."""
+        number of weights packed (0 where it does not apply). Call it once the weights are final,
+        and again after writing them: a copy does not follow later writes to its weight."""
+        self.unpack_weights()  # copies of an earlier packing would not follow the weights now
         lins = [m for m in self.modules() if isinstance(m, LoraLinear)]
         weights = [self.lm_head.weight] + [m.weight for m in lins]
         if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
@@ -306,7 +307,7 @@ class CausalLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab] of final hidden states [T, hidden] (already normed)."""
-        if self._packed_head is not None:
+        if self._packed_head is not None and h.dtype == torch.float32 and h.device.type == "cpu":
             return torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
         return self.lm_head(h)
 

@@ -193,7 +193,8 @@ def test_auto_serves_eagerly_and_compiles_when_idle(small, tmp_path):
 
 def test_the_server_warms_up_on_its_engine_thread_before_it_reports_ready(small, tmp_path, monkeypatch):
     """compile=true: the AsyncEngine's thread compiles before it serves (the thread that runs
-    the steps), /health's readiness waits for it, and requests queued meanwhile are served."""
+    the steps), /health's readiness and wait_ready (a Ray replica's constructor) wait for it,
+    and requests queued meanwhile are served."""
     import asyncio
     import threading
 
@@ -216,6 +217,7 @@ def test_the_server_warms_up_on_its_engine_thread_before_it_reports_ready(small,
         while not threads:
             await asyncio.sleep(0.01)
         assert threads == ["caraserve-engine"] and service.healthy and not service.ready
+        assert not service.wait_ready(0.05)  # what a Ray replica's constructor waits on
         task = asyncio.ensure_future(service.submit([5, 6, 7], GREEDY, "r8", "q"))
         await asyncio.sleep(0.2)
         assert not task.done()  # queued while the engine thread compiles
@@ -223,6 +225,7 @@ def test_the_server_warms_up_on_its_engine_thread_before_it_reports_ready(small,
         queue = await task
         while not (out := await queue.get()).finished:
             pass
+        assert service.wait_ready(1)
         return out
 
     try:

@@ -41,6 +41,11 @@ class EngineReplica:
         self.service = EngineService(self.async_engine, served_name_of(engine, server), adapter_roots(engine),
                                      server.unload_timeout_s, server.chat_template)
         self.async_engine.start()
+        # Serve routes to a replica once its constructor has returned: after the warm-up (with
+        # engine.compile=true the engine compiles first), so no request queues on a replica that
+        # is not serving yet while another is
+        if not self.async_engine.wait_ready():
+            raise RuntimeError(f"the engine failed while warming up ({self.async_engine.fault or 'stopped'})")
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RuntimeError:  # constructed outside Serve (tests)

@@ -89,6 +89,12 @@ class AsyncEngine:
         """Healthy and done warming up (engine.compile=true compiles first, on the engine thread)."""
         return self.healthy and self._warm.is_set()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Waits until the engine thread has warmed the engine up (or `timeout` seconds); whether
+        it is ready then (False: still warming, or it failed)."""
+        self._warm.wait(timeout)
+        return self.ready
+
     def is_serving(self, adapter: str) -> bool:
         return adapter in self.engine.store and adapter not in self._retired
 

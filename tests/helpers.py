@@ -191,6 +191,18 @@ def lora_reference(y, x, runs):
     return out
 
 
+def assert_lora_runs_exact() -> None:
+    """add_lora_runs over two runs equals the float64 reference (whichever path it takes)."""
+    from caraserve.lora.ops import add_lora_runs
+
+    g = torch.Generator().manual_seed(5)
+    runs, rows = make_runs([3, 5], 16, 24, (8,), g)
+    x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
+    want = lora_reference(y, x, runs)
+    add_lora_runs(y, x, (RunsGroup(runs),), 0, "q_proj", {})
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def tiny_pool(rank_buckets=(8, 16, 32, 64), slots: int = 2, device="cpu", targets=None):
     """(model args, host store of the demo adapters, an empty DevicePool) for the embedded tiny
     model: what the LoRA backend tests build their layouts from."""

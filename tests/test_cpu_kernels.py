@@ -5,7 +5,7 @@ tensors fall outside their buffers. The build cache's checks: tests/test_kernel_
 
 import pytest
 import torch
-from helpers import RunsGroup, make_runs
+from helpers import RunsGroup, assert_lora_runs_exact, make_runs
 from helpers import lora_reference as reference
 
 from caraserve import cpu_kernels, kernel_library
@@ -87,12 +87,7 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("CARASERVE_CPU_KERNELS", "0")
     monkeypatch.setattr(kernel_library, "_lib", False)
     assert kernel_library.kernel() is None
-    g = torch.Generator().manual_seed(5)
-    runs, rows = make_runs([3, 5], 16, 24, (8,), g)
-    x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
-    want = reference(y, x, runs)
-    add_lora_runs(y, x, (RunsGroup(runs),), 0, "q_proj", {})
-    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert_lora_runs_exact()  # through torch
 
 
 def attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window):

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RunsGroup, make_runs
+from helpers import assert_lora_runs_exact, make_runs
 from helpers import lora_reference as reference
 
 from caraserve import cpu_kernels, kernel_library
-from caraserve.lora.ops import add_lora_runs
 
 # --- the build cache and the library's integrity ------------------------------------------------
 # Every test below points CARASERVE_CACHE at a folder of its own and makes the module forget the
@@ -203,12 +202,7 @@ def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeyp
     with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         assert kernel_library.kernel() is None
     assert "unavailable" in caplog.text and str(lib) in caplog.text
-    g = torch.Generator().manual_seed(5)
-    runs, rows = make_runs([3, 5], 16, 24, (8,), g)
-    x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
-    want = reference(y, x, runs)
-    add_lora_runs(y, x, (RunsGroup(runs),), 0, "q_proj", {})
-    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert_lora_runs_exact()  # through torch
 
 
 def test_reset_forgets_the_library(fresh_cache, monkeypatch):

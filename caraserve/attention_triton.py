@@ -211,8 +211,8 @@ def _prefill_attention_kernel(
     KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(0)  # the fastest axis: every head of a tile starts before the next tile
+    tile = tl.program_id(1).to(tl.int64)
     seq = tl.load(tiles_ptr + tile * 5)
     row0 = tl.load(tiles_ptr + tile * 5 + 1)
     qlen = tl.load(tiles_ptr + tile * 5 + 2)
@@ -298,11 +298,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = heads // kv
     group_pad = triton.next_power_of_2(group)
     block_q = max(1, 64 // group_pad, -(-16 // group_pad))  # 64 query rows a tile (tl.dot wants 16 or more)
-    tiles = _tiles(tuple(query_lens), tuple(context_lens), block_q, q.device)
+    tiles = _tiles(tuple(query_lens), tuple(context_lens), block_q, window or 0, q.device)
     tables = block_tables.contiguous()
     out = torch.empty_like(q)
     with _on(q):
-        _prefill_attention_kernel[(tiles.shape[0], kv)](
+        _prefill_attention_kernel[(kv, tiles.shape[0])](
             out, q, k_cache, v_cache, tables, tiles, d ** -0.5, window or 0,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             KV=kv, D=d, BS=bs, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=32,
@@ -312,15 +312,25 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 @functools.lru_cache(maxsize=16)
-def _tiles(query_lens: tuple[int, ...], context_lens: tuple[int, ...], block_q: int,
+def _tiles(query_lens: tuple[int, ...], context_lens: tuple[int, ...], block_q: int, window: int,
            device: torch.device) -> torch.Tensor:
     """[tiles, 5] int64 on `device`: (sequence, its first row, its new tokens, its context, the
     tile's first token) for every tile of block_q new tokens, those that read the most keys first
     (the longest programs start first, so none is left running alone at the end). Made once per
-    step layout: every layer's call of a step reuses it."""
+    step layout: every layer's call of a step reuses it. Prefill steps run on the engine's one
+    stream and are never captured in a CUDA graph: a table the cache drops is not in use."""
     rows, start = [], 0
     for s, (m, c) in enumerate(zip(query_lens, context_lens)):
         rows += [(s, start, m, c, tok) for tok in range(0, m, block_q)]
         start += m
-    rows.sort(key=lambda r: r[3] - r[2] + min(r[4] + block_q, r[2]), reverse=True)
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+    def keys_read(r):
+        first = r[3] - r[2] + r[4]  # the tile's first position; it reads keys [lo, hi)
+        hi = min(first + block_q, r[3])
+        return hi - (max(first - window + 1, 0) if window else 0)
+
+    rows.sort(key=keys_read, reverse=True)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":  # pinned: the copy does not wait for the device's queue to drain
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)

@@ -22,7 +22,7 @@ from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
-from caraserve.model.llama import CausalLM
+from caraserve.model.llama import CausalLM, check_triton_prefill
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
 from caraserve.output_processor import OutputProcessor
 from caraserve.perf.model import DecodeFeatures, PerfModel
@@ -85,6 +85,7 @@ class Engine:
         self.kv = KVCache(plan_blocks(cfg, args, self.dtype, self.device, self.max_seq_len), cfg.kv_block_size,
                           args.num_kv_heads, args.head_dim, self.dtype, self.model.layer_devices())
         self.store, self.pool = self.catalog.store, self.catalog.pool
+        check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = handoff_for(self.config.cpu_assist, self.model.args)

@@ -243,3 +243,42 @@ def test_engine_fault_makes_the_server_unhealthy(live, monkeypatch):
     assert health.status_code == 503 and "planted fault" in health.json()["error"]["message"]
     r = completion(live)
     assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
+
+
+def test_failed_warm_up_is_not_ready_and_refuses_requests(live, monkeypatch):
+    """A warm-up that raises (a compile that cannot finish) leaves an engine that does not serve:
+    wait_ready (a Ray replica's constructor) says so with the cause, and a request queued
+    meanwhile is refused instead of waiting forever."""
+    import asyncio
+
+    from caraserve.request import SamplingParams
+    from caraserve.serve.async_engine import EngineUnavailableError
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64,
+                                 adapters=AdapterConfig(dir=str(live["adapters"]))))
+    started, release = threading.Event(), threading.Event()
+
+    def warm_up():
+        started.set()
+        release.wait(10)
+        raise RuntimeError("planted warm-up failure")
+
+    monkeypatch.setattr(engine, "warm_up", warm_up)
+    service = AsyncEngine(engine, max_queue=4)
+    service.start()
+    try:
+        assert started.wait(10) and not service.wait_ready(0.05)
+
+        async def scenario():
+            queued = asyncio.ensure_future(
+                service.submit([1, 5, 6], SamplingParams(max_tokens=2, temperature=0), None, "w"))
+            await asyncio.sleep(0.1)
+            release.set()
+            with pytest.raises(EngineUnavailableError, match="planted warm-up failure"):
+                await asyncio.wait_for(queued, 10)
+
+        asyncio.run(scenario())
+        assert not service.wait_ready(1) and "planted warm-up failure" in service.fault
+    finally:
+        release.set()
+        service.stop()

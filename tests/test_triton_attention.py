@@ -103,7 +103,12 @@ def test_prefill_attention_refuses_what_does_not_fit() -> None:
 
 def test_prefill_tiles_go_longest_first() -> None:
     """One program per tile of new tokens (no idle programs for short sequences), the tiles that
-    read the most keys first, made once per step layout."""
-    tiles = attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, torch.device("cpu"))
+    read the most keys first (under a window, a long context's decode row reads only the
+    window), made once per step layout."""
+    cpu = torch.device("cpu")
+    tiles = attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, 0, cpu)
     assert tiles.tolist() == [[2, 4, 70, 70, 64], [2, 4, 70, 70, 0], [1, 3, 1, 40, 0], [0, 0, 3, 3, 0]]
-    assert attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, torch.device("cpu")) is tiles
+    assert attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, 0, cpu) is tiles
+    windowed = attention_triton._tiles((3, 1, 70), (3, 40, 70), 64, 8, cpu).tolist()
+    # keys read: 64, then 13 (the second tile: its 6 tokens' windows of 8), 8, 3
+    assert windowed == [[2, 4, 70, 70, 0], [2, 4, 70, 70, 64], [1, 3, 1, 40, 0], [0, 0, 3, 3, 0]]

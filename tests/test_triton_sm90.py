@@ -39,7 +39,9 @@ def _specs() -> dict[str, tuple]:
             ATTENTION, "_paged_attention_kernel",
             {**dict.fromkeys(BF16_4, "*bf16"), "part_ptr": "*fp32", "ms_ptr": "*fp32", "tables_ptr": "*i64",
              "row_seq_ptr": "*i64", "lens_ptr": "*i64", "scale": "fp32"},
-            dict(KV=32, D=128, BS=16, SPLITS=splits, GROUP=1, BLOCK_G=2, BLOCK_D=128, BLOCK_S=16), ())
+            dict(KV=32, D=128, BS=16, SPLITS=splits, GROUP=1, BLOCK_G=2, BLOCK_D=128, BLOCK_S=16),
+            (*BF16_4, "part_ptr", "ms_ptr", "tables_ptr", "row_seq_ptr", "lens_ptr", "stride_qt", "stride_qh",
+             "stride_ot", "stride_oh"))
     for has_x in (True, False):
         specs[f"add_rms_norm has_x={has_x}"] = (
             LAYER_OPS, "_add_rms_norm_kernel",
@@ -49,18 +51,21 @@ def _specs() -> dict[str, tuple]:
         LAYER_OPS, "_rotary_write_kv_kernel",
         {**dict.fromkeys(("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr",
                           "v_cache_ptr"), "*bf16"), "slot_ptr": "*i64"},
-        dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64), ())
+        dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64),
+        ("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr", "slot_ptr",
+         "ld_q", "ld_k", "ld_v"))
     for block_r in (16, 64):  # the decode step's LoRA: one shrink and one expand over all rank buckets
         block = max(16, 8192 // block_r)  # triton_common.BGMV_TILE
         specs[f"bgmv shrink r={block_r}"] = (
             MULTI, "_bgmv_multi_shrink_kernel",
             {"v_ptr": "*fp32", "x_ptr": "*bf16", "meta_ptr": "*i32", "a_table": "*i64"},
-            dict(BLOCK_K=min(4096, block), BLOCK_R=block_r), ())
+            dict(BLOCK_K=min(4096, block), BLOCK_R=block_r), ("v_ptr", "x_ptr", "meta_ptr", "a_table", "IN"))
         specs[f"bgmv expand r={block_r}"] = (
             MULTI, "_bgmv_multi_expand_kernel",
             {"y_ptr": "*bf16", "v_ptr": "*fp32", "meta_ptr": "*i32", "scale_ptr": "*fp32", "b_table": "*i64",
              "outs_ptr": "*i32", "cols_ptr": "*i32"},
-            dict(SPLIT=1, BLOCK_N=min(4096, block), BLOCK_R=block_r), ())
+            dict(SPLIT=1, BLOCK_N=min(4096, block), BLOCK_R=block_r),
+            ("y_ptr", "v_ptr", "meta_ptr", "scale_ptr", "b_table", "outs_ptr", "cols_ptr", "stride_ym"))
     return specs
 
 
@@ -107,7 +112,7 @@ def _compile_all() -> dict[str, str]:
 def compiled() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)  # no "": the cwd
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -129,24 +129,30 @@ _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 PREFILL_KERNEL_MAX_TOKENS = 512
 
 
-# [False] once the Triton prefill kernel could not be built (then SDPA per sequence, as a fallback)
+# [False] once the Triton prefill kernel could not be built (check_triton_prefill): SDPA per sequence
 _triton_prefill = [True]
 
 
-def _triton_build_errors() -> tuple[type[BaseException], ...]:
-    """What Triton raises when it cannot compile or fit a kernel for the device: nothing else
-    (out-of-memory, bad inputs, a device fault) turns the kernel off."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+def check_triton_prefill(args: ModelArgs, block_size: int, dtype: torch.dtype, devices) -> bool:
+    """Builds and runs the Triton prefill attention kernel once on each CUDA device in `devices`
+    (one token over one block), in the variant the model's steps launch. Where Triton cannot
+    build it, prefill and mixed steps use an SDPA call per sequence from then on (logged). Called
+    before serving, so a failure at a step is a fault, not a reason to switch. True when it ran."""
+    from caraserve import attention_triton
 
-    found = [CompilationError, OutOfResources]
-    try:
-        from triton.runtime.errors import PTXASError
-
-        found.append(PTXASError)
-    except ImportError:  # older Triton
-        pass
-    return tuple(found)
+    for dev in dict.fromkeys(d for d in devices if d.type == "cuda"):
+        try:
+            q = torch.zeros(1, args.num_heads, args.head_dim, dtype=dtype, device=dev)
+            cache = torch.zeros(1, block_size, args.num_kv_heads, args.head_dim, dtype=dtype, device=dev)
+            table = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+            attention_triton.prefill_attention(q, cache, cache, table, (1,), (1,), None)
+            torch.cuda.synchronize(dev)
+        except Exception as e:  # whatever stops the kernel here would stop every prefill
+            _triton_prefill[0] = False
+            log.warning("the Triton prefill attention kernel does not run on %s (%s: %s); prefill attention "
+                        "uses an SDPA call per sequence", dev, type(e).__name__, e)
+            return False
+    return True
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
@@ -188,13 +194,8 @@ class Attention(nn.Module):
             # one launch for the step's prompts, chunks and decode rows, over the cache in place
             from caraserve import attention_triton
 
-            try:
-                return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
-                                                          fb.query_lens, fb.context_lens, self.window)
-            except _triton_build_errors() as e:  # a Triton that cannot build the kernel for this device
-                _triton_prefill[0] = False
-                log.warning("the Triton prefill attention kernel cannot be built here (%s); prefill attention "
-                            "runs through SDPA, one call per sequence, from now on", e)
+            return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
+                                                      fb.query_lens, fb.context_lens, self.window)
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
             # call for the batch instead of an SDPA call per prompt (~0.15 ms each for short ones)

@@ -211,8 +211,13 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine.warm_up()  # on this thread, which runs the steps; requests queue meanwhile
-        finally:
+        except Exception as e:  # nothing can be served: /health and wait_ready say so, with why
+            log.exception("engine warm-up failed: the engine does not serve")
+            self.fault = f"warm-up failed: {type(e).__name__}: {e}"
             self._warm.set()
+            self._refuse_pending()
+            return
+        self._warm.set()
         outputs = [None]
         last_busy = time.monotonic()
         while not self._stop.is_set():

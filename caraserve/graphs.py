@@ -41,7 +41,7 @@ from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-STEP_VERSION = 10  # of the compiled step's code (part of the artifact cache key)
+STEP_VERSION = 11  # of the compiled step's code (part of the artifact cache key)
 
 
 def _own_code(fn, name: str):
@@ -255,7 +255,7 @@ class DecodeGraphs:
                 torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is buf["meta"] else 0)
         mode = LORA_NONE if nb == 0 else LORA_GROUPS if nb == HOST_RUNS else LORA_ROWS
         return ForwardBatch(buf["input_ids"], buf["positions"], buf["slot_mapping"], tables, buf["rows"],
-                            buf["row_lens"], buf["row_lens"], (1,) * bsz, context_lens, True, mode,
+                            buf["row_lens"], (1,) * bsz, context_lens, True, mode,
                             (buf["meta"], buf["scale"]) if mode == LORA_ROWS else None)
 
     def _num_buckets(self, lora: LoraBatch | None) -> int:

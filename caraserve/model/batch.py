@@ -25,9 +25,8 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, W] int64, each sequence's blocks in position order
     row_seq: torch.Tensor  # [T] int64, the sequence of each token
     row_lens: torch.Tensor  # [T] int64, positions + 1: the keys each token attends to (before a window)
-    context_lens_t: torch.Tensor  # [B] int64, tokens in the cache after this step
     query_lens: tuple[int, ...]  # new tokens per sequence
-    context_lens: tuple[int, ...]  # same as context_lens_t, on the host
+    context_lens: tuple[int, ...]  # tokens in the cache after this step, per sequence
     is_decode: bool
     lora_mode: int = LORA_NONE  # how the LoRA backend finds the step's rows (caraserve.lora.backend)
     lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # LORA_ROWS: meta [3, B] int32, scale [B]
@@ -48,7 +47,6 @@ class ForwardBatch:
             block_tables=self.block_tables.to(device),
             row_seq=self.row_seq.to(device),
             row_lens=self.row_lens.to(device),
-            context_lens_t=self.context_lens_t.to(device),
         )
 
     @classmethod
@@ -86,5 +84,5 @@ class ForwardBatch:
             return torch.tensor(v, dtype=torch.int64, device=device)
 
         positions = t(pos)
-        return cls(t(flat), positions, t(slot_mapping), t(tables), t(seq), positions + 1, t(ctx), query_lens, ctx,
+        return cls(t(flat), positions, t(slot_mapping), t(tables), t(seq), positions + 1, query_lens, ctx,
                    is_decode, lora_mode)

@@ -24,6 +24,7 @@ from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
 from caraserve.model.llama import CausalLM, check_triton_prefill
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
+from caraserve.model.tiny import resolve_paths
 from caraserve.output_processor import OutputProcessor
 from caraserve.perf.model import DecodeFeatures, PerfModel
 from caraserve.request import (
@@ -43,19 +44,6 @@ from caraserve.state import EngineState, RequestView
 from caraserve.step_isolation import StepIsolation, describe
 
 log = logging.getLogger(__name__)
-
-
-
-def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
-    """(model folder, adapter folder or None); "tiny" and "demo" name the embedded default."""
-    model_path, adapter_dir = cfg.model.path, cfg.adapters.dir
-    if model_path == "tiny" or adapter_dir == "demo":
-        from caraserve.model.tiny import tiny_paths
-
-        tiny_model, tiny_adapters = tiny_paths()
-        model_path = tiny_model if model_path == "tiny" else model_path
-        adapter_dir = tiny_adapters if adapter_dir == "demo" else adapter_dir
-    return Path(model_path), (Path(adapter_dir) if adapter_dir not in ("", None, "none") else None)
 
 
 class Engine:

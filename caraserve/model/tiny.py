@@ -15,9 +15,13 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from caraserve.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,16 @@ def tiny_paths() -> tuple[Path, Path]:
     if not (root / "done").is_file():
         _build(root)
     return root / "model", root / "adapters"
+
+
+def resolve_paths(cfg: EngineConfig) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None); "tiny" and "demo" name the embedded default."""
+    model_path, adapter_dir = cfg.model.path, cfg.adapters.dir
+    if model_path == "tiny" or adapter_dir == "demo":
+        tiny_model, tiny_adapters = tiny_paths()
+        model_path = tiny_model if model_path == "tiny" else model_path
+        adapter_dir = tiny_adapters if adapter_dir == "demo" else adapter_dir
+    return Path(model_path), (Path(adapter_dir) if adapter_dir not in ("", None, "none") else None)
 
 
 def _build(root: Path) -> None:

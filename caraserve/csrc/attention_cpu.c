@@ -10,9 +10,10 @@
  * block_tables[s, j / block_size] at offset j % block_size. q and out are [rows, heads,
  * head_dim]. Each row reads only its own positions: no mask, no padding to the longest context.
  * A row goes block by block, every head of a block at once, so each block is read from memory
- * once, and asks for the next block's cache lines while it works on this one. Scores go eight keys at a time (independent vector chains, summed by a shuffle tree), the
- * weighted sum of values 64 columns at a time in registers; softmax in float32 with the maximum
- * subtracted and a vector exp. Rows are shared out over the calling thread's OpenMP team.
+ * once, and asks for the cache lines of blocks ahead (its own, then the next row's) while it
+ * works on this one. Scores go eight keys at a time (independent vector chains, summed by a
+ * shuffle tree), the weighted sum of values 64 columns at a time in registers; softmax in
+ * float32 with the maximum subtracted and a vector exp. Rows are shared out over the calling thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +21,12 @@
 
 #define VL 8
 #define MAX_HEAD_DIM 512
+/* A row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while
+ * the kernel works on one block it asks for the one PF_DIST blocks further on, into L2 (asking
+ * for only the very next block, into L1, left it waiting on memory far more often:
+ * scripts/bench_paged_attention.py) */
+#define PF_DIST 2
+#define PF_MAX 4096
 
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -148,13 +155,35 @@ static void softmax(float *scores, int64_t heads, int64_t width, int64_t lo, int
     }
 }
 
-/* Asks for share h of `parts` of the n floats at p (NULL: nothing), a cache line at a time. A
- * row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while a
- * block is read head by head, each head's turn asks for its share of the next block. */
-static void prefetch_share(const float *p, int64_t n, int64_t h, int64_t parts) {
-    if (p == NULL) return;
+/* A stretch of the cache that a row reads: n floats from p (one block's positions of the row) */
+typedef struct {
+    const float *p;
+    int64_t n;
+} span;
+
+/* Writes to s the stretches of cache c that a row reading positions [lo, len) of the sequence
+ * whose block ids are `table` reads, block by block, at most max of them; returns how many. */
+static int64_t spans_of(span *s, int64_t max, const float *c, const int64_t *table, int64_t lo, int64_t len,
+                        int64_t block_size, int64_t pos_stride) {
+    int64_t n = 0;
+    for (int64_t j0 = lo; j0 < len && n < max; n++) {
+        const int64_t first = j0 / block_size * block_size;
+        const int64_t j1 = first + block_size < len ? first + block_size : len;
+        s[n] = (span){c + (table[j0 / block_size] * block_size + j0 - first) * pos_stride, (j1 - j0) * pos_stride};
+        j0 = j1;
+    }
+    return n;
+}
+
+/* Asks for share h of `parts` of the first PF_MAX floats of s (NULL: nothing) into L2, a cache
+ * line at a time: a block ahead is asked for head by head, each head's turn its share, as
+ * spreading the requests over the block's work keeps them from queueing up at once. Past its
+ * first PF_MAX floats a stretch is one long run that the hardware prefetcher follows. */
+static void prefetch_share(const span *s, int64_t h, int64_t parts) {
+    if (s == NULL) return;
+    const int64_t n = s->n < PF_MAX ? s->n : PF_MAX;
     const int64_t share = (n + parts - 1) / parts, end = (h + 1) * share < n ? (h + 1) * share : n;
-    for (int64_t o = h * share; o < end; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + o, 0, 3);
+    for (int64_t o = h * share; o < end; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(s->p + o, 0, 2);
 }
 
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
@@ -191,33 +220,49 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #endif
     {
         float *scores = malloc(sizeof(float) * heads * longest);
-        if (scores == NULL) failed = 1;
+        /* the stretches a row reads in the order it reads them (its K blocks, then its V blocks),
+         * followed by the next row's first PF_DIST ones: while it works on item t it asks for
+         * item t + PF_DIST */
+        span *items = malloc(sizeof(span) * (2 * table_width + PF_DIST));
+        if (scores == NULL || items == NULL) failed = 1;
+        int64_t prev = -2;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 2)
 #endif
         for (int64_t i = 0; i < rows; i++) {
-            if (scores == NULL) continue;
+            if (scores == NULL || items == NULL) continue;
             const int64_t len = lens[i];
             const int64_t lo = window > 0 && len > window ? len - window : 0;
             const int64_t *table = block_tables + row_seq[i] * table_width;
             const float *qi = q + i * heads * head_dim;
             float *oi = out + i * heads * head_dim;
+            const int64_t b_lo = lo / block_size, nb = (len - 1) / block_size - b_lo + 1;
+            int64_t n_items = spans_of(items, nb, kc, table, lo, len, block_size, pos_stride);
+            n_items += spans_of(items + n_items, nb, vc, table, lo, len, block_size, pos_stride);
+            if (i + 1 < rows) {
+                const int64_t len1 = lens[i + 1], lo1 = window > 0 && len1 > window ? len1 - window : 0;
+                n_items += spans_of(items + n_items, PF_DIST, kc, block_tables + row_seq[i + 1] * table_width, lo1,
+                                    len1, block_size, pos_stride);
+            }
+            if (prev != i - 1) /* this thread's first row, or rows skipped: nothing asked for them yet */
+                for (int64_t t = 0; t < PF_DIST && t < n_items; t++) prefetch_share(&items[t], 0, 1);
+            prev = i;
             /* pass 0 scores every head against the row's keys, pass 1 sums every head's values
              * weighted by its softmax; both block by block, so each block (contiguous) is read
              * from memory once and reused from L1 by every head */
             for (int pass = 0; pass < 2; pass++) {
-                const float *cache = pass ? vc : kc;
                 if (pass) {
                     softmax(scores, heads, longest, lo, len, scale);
                     for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
                 }
-                for (int64_t j0 = lo; j0 < len;) {
-                    const int64_t b = j0 / block_size, j1 = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                    const int64_t first = b * block_size;
-                    const float *cb = cache + table[b] * block_stride;
-                    const float *next = j1 < len ? cache + table[b + 1] * block_stride : NULL;
+                for (int64_t k = 0; k < nb; k++) {
+                    const int64_t b = b_lo + k, first = b * block_size;
+                    const int64_t j0 = first > lo ? first : lo, j1 = first + block_size < len ? first + block_size : len;
+                    const int64_t t = pass * nb + k;
+                    const float *cb = (pass ? vc : kc) + table[b] * block_stride;
+                    const span *next = t + PF_DIST < n_items ? &items[t + PF_DIST] : NULL;
                     for (int64_t h = 0; h < heads; h++) {
-                        prefetch_share(next, block_stride, h, heads);
+                        prefetch_share(next, h, heads);
                         const float *ch = cb + (h / group) * head_dim;
                         float *sh = scores + h * longest;
                         if (pass) {
@@ -230,10 +275,10 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                         for (; j + PB <= j1; j += PB) dots(qh, ch + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
                         for (; j < j1; j++) sh[j] = dot(qh, ch + (j - first) * pos_stride, head_dim);
                     }
-                    j0 = j1;
                 }
             }
         }
+        free(items);
         free(scores);
     }
     return failed ? -2 : 0;

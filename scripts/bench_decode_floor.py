@@ -35,27 +35,12 @@ import torch
 
 from caraserve.model.synthetic import SHAPES, random_model
 from caraserve.profiling.machine import cpu_name
+from caraserve.profiling.timing import copy_bandwidth_gbs
 
 RANKS = (8, 16, 32, 64)
 MODE_LABELS = {"false": "eager", "true": "compiled", "capture": "captured"}
 TARGETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-
-
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    n = (1 << 30) if device.type == "cuda" else (1 << 27)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    dst.copy_(src)
-    sync()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * n / statistics.median(times) / 1e9
 
 
 def kv_bytes_per_step(model_args, batch: int, prompt_tokens: int, steps: int, elem: int) -> float:

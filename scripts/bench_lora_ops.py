@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +25,7 @@ import torch
 from caraserve.lora.backend import backend_for
 from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex
 from caraserve.profiling.machine import cpu_name
+from caraserve.profiling.timing import copy_bandwidth_gbs, median_us
 
 
 def popularity(kind: str, n: int, slots: int, g: torch.Generator) -> list[int]:
@@ -38,25 +37,6 @@ def popularity(kind: str, n: int, slots: int, g: torch.Generator) -> list[int]:
         return torch.randint(0, slots, (n,), generator=g).tolist()
     w = 1.0 / torch.arange(1, slots + 1, dtype=torch.float64) ** 1.2  # zipf
     return torch.multinomial(w, n, replacement=True, generator=g).tolist()
-
-
-def timeit(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-def bandwidth_gbs(device, sync) -> float:
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    us = timeit(lambda: dst.copy_(src), 5, sync)
-    return 2 * src.numel() / (us * 1e-6) / 1e9  # read + write
 
 
 def main():
@@ -86,7 +66,7 @@ def main():
     b = [(torch.randn(per_bucket, r, h, generator=g) * 0.05).to(device=dev, dtype=dtype) for r in ranks]
     scale = torch.full((per_bucket,), 2.0, device=dev)
     w = (torch.randn(h, h, generator=g) / h**0.5).to(device=dev, dtype=dtype)
-    bw = bandwidth_gbs(dev, sync) if dev.type == "cuda" else None
+    bw = copy_bandwidth_gbs(dev) if dev.type == "cuda" else None
 
     rows = []
     cases = [(bs, False) for bs in map(int, args.batches.split(","))] + [(args.prefill_tokens, True)]
@@ -120,7 +100,7 @@ def main():
             def base():
                 torch.nn.functional.linear(x, w)
 
-            t_b, t_l, t_base = (timeit(f, args.repeats, sync) for f in (batched, loop, base))
+            t_b, t_l, t_base = (median_us(f, args.repeats, sync) for f in (batched, loop, base))
             row = {"tokens": start, "requests": nreq, "form": "sgmv" if is_prefill else "bgmv", "popularity": pop,
                    "batched_us": t_b, "loop_us": t_l, "base_us": t_base,
                    "loop_over_batched": t_l / t_b, "batched_over_base": t_b / t_base}

@@ -13,6 +13,9 @@ heads, head dim]). Each batch runs:
          out (one physical sequence per KV head; the block table converted into a block mask)
   floor  the KV bytes a step reads (every row its own context, keys and values) / the device's
          copy bandwidth measured in the same run
+On a CPU both kernels are timed twice: as they run back to back (the KV of a small batch stays
+in the caches) and cold, with the caches flushed before each call (`CacheFlush`), as in an engine
+step, where the other layers' weights and KV have evicted this layer's.
 and checks both outputs against `caraserve.attention.paged_attention_reference`. FlexAttention's
 block mask depends on the step's lengths, so a serving step would rebuild it: its build time is
 reported beside the kernel time.
@@ -31,28 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_decode_floor import copy_bandwidth_gbs
 
 from caraserve.model.synthetic import SHAPES
 from caraserve.profiling.machine import source_commit
-
-
-def timed_us(fn, iters: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+from caraserve.profiling.timing import CacheFlush, copy_bandwidth_gbs, median_us
 
 
 def flex_setup(k_cache, v_cache, tables, lens, bs: int):
@@ -83,7 +72,8 @@ def flex_setup(k_cache, v_cache, tables, lens, bs: int):
     return build, run
 
 
-def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: float) -> dict:
+def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: float,
+            flush: CacheFlush | None) -> dict:
     from caraserve.attention import paged_attention, paged_attention_reference
 
     shape = SHAPES[args.shape]
@@ -104,14 +94,20 @@ def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: 
     ours = paged_attention(q, k_cache, v_cache, tables, rows, lens, None)
     row = {"batch": batch, "context": args.context, "heads": heads, "kv_heads": kv, "head_dim": d,
            "ours_max_err": (ours.float() - want).abs().max().item()}
-    row["ours_us"] = timed_us(lambda: paged_attention(q, k_cache, v_cache, tables, rows, lens, None), args.iters,
-                              sync)
+    def ours():
+        return paged_attention(q, k_cache, v_cache, tables, rows, lens, None)
+
+    row["ours_us"] = median_us(ours, args.iters, sync)
+    if flush is not None:
+        row["ours_cold_us"] = median_us(ours, args.iters, sync, before=flush)
     try:
         build, run = flex_setup(k_cache, v_cache, tables, lens, bs)
         mask = build()
         row["flex_max_err"] = (run(q, mask).float() - want).abs().max().item()
-        row["flex_us"] = timed_us(lambda: run(q, mask), args.iters, sync)
-        row["flex_mask_build_us"] = timed_us(build, max(3, args.iters // 10), sync)
+        row["flex_us"] = median_us(lambda: run(q, mask), args.iters, sync)
+        if flush is not None:
+            row["flex_cold_us"] = median_us(lambda: run(q, mask), args.iters, sync, before=flush)
+        row["flex_mask_build_us"] = median_us(build, max(3, args.iters // 10), sync)
     except Exception as e:  # FlexAttention is experimental: a failure is a result, not the end of the run
         row["flex_error"] = f"{type(e).__name__}: {e}"
     kv_bytes = 2 * batch * args.context * kv * d * k_cache.element_size()
@@ -121,6 +117,9 @@ def measure(args, batch: int, device: torch.device, dtype: torch.dtype, bw_gbs: 
     if "flex_us" in row:
         row["flex_over_floor"] = row["flex_us"] / row["floor_us"]
         row["flex_over_ours"] = row["flex_us"] / row["ours_us"]
+    for name in ("ours", "flex"):
+        if f"{name}_cold_us" in row:
+            row[f"{name}_cold_over_floor"] = row[f"{name}_cold_us"] / row["floor_us"]
     return row
 
 
@@ -181,7 +180,7 @@ def measure_mixed(args, batch: int, device: torch.device, dtype: torch.dtype) ->
     row = {"batch": batch, "prompts": args.prompts, "prompt_len": args.prompt_len, "context": args.context,
            "ours_max_err": (ours()[sample].float() - want).abs().max().item(),
            "sdpa_max_err": (per_sequence()[sample].float() - want).abs().max().item(),
-           "ours_us": timed_us(ours, args.iters, sync), "sdpa_us": timed_us(per_sequence, args.iters, sync)}
+           "ours_us": median_us(ours, args.iters, sync), "sdpa_us": median_us(per_sequence, args.iters, sync)}
     row["sdpa_over_ours"] = row["sdpa_us"] / row["ours_us"]
     return row
 
@@ -201,13 +200,21 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     bw = copy_bandwidth_gbs(device)
-    rows = [measure(args, int(b), device, dtype, bw) for b in args.batches.split(",")]
+    # a GPU step reads the KV from HBM anyway (it outgrows L2); a CPU's caches hold a small
+    # batch's, which a step's other layers would have evicted: there both kernels are also timed
+    # with the caches flushed before each call
+    flush = CacheFlush() if device.type == "cpu" else None
+    rows = [measure(args, int(b), device, dtype, bw, flush) for b in args.batches.split(",")]
+    nan = float("nan")
     print(f"{'batch':>5} {'ours us':>9} {'flex us':>9} {'floor us':>9} {'ours/floor':>10} {'flex/floor':>10} "
-          f"{'flex mask us':>12}  errors (ours, flex)")
+          f"{'flex mask us':>12}" + ("  cold: ours us  flex us  ours/floor" if flush else "")
+          + "  errors (ours, flex)")
     for r in rows:
-        flex = r.get("flex_us", float("nan"))
-        print(f"{r['batch']:>5} {r['ours_us']:>9.1f} {flex:>9.1f} {r['floor_us']:>9.1f} {r['ours_over_floor']:>9.2f}x "
-              f"{r.get('flex_over_floor', float('nan')):>9.2f}x {r.get('flex_mask_build_us', float('nan')):>12.1f}  "
+        cold = (f"  {r['ours_cold_us']:>14.1f} {r.get('flex_cold_us', nan):>8.1f} {r['ours_cold_over_floor']:>10.2f}x"
+                if flush else "")
+        print(f"{r['batch']:>5} {r['ours_us']:>9.1f} {r.get('flex_us', nan):>9.1f} {r['floor_us']:>9.1f} "
+              f"{r['ours_over_floor']:>9.2f}x {r.get('flex_over_floor', nan):>9.2f}x "
+              f"{r.get('flex_mask_build_us', nan):>12.1f}{cold}  "
               f"{r['ours_max_err']:.2g}, {r.get('flex_max_err', r.get('flex_error'))}")
     mixed = [measure_mixed(args, int(b), device, dtype) for b in args.batches.split(",")]
     print(f"mixed step ({args.prompts} prompts of {args.prompt_len} tokens + the batch's decode rows):")

@@ -13,7 +13,8 @@
  * once, and asks for the cache lines of blocks ahead (its own, then the next row's) while it
  * works on this one. Scores go eight keys at a time (independent vector chains, summed by a
  * shuffle tree), the weighted sum of values 64 columns at a time in registers; softmax in
- * float32 with the maximum subtracted and a vector exp. Rows are shared out over the calling thread's OpenMP team.
+ * float32 with the maximum subtracted and a vector exp. Rows are shared out over the calling
+ * thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>

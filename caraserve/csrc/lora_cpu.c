@@ -10,7 +10,8 @@
  * registers (8 x 1 or 4 x 2 vectors); a block of fewer real rows repeats its last row and stores
  * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
  * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
- * ahead; a run may instead point at a packed copy (column panels, read front to back).
+ * ahead; a run may instead point at a packed copy (column panels, read front to back, asking
+ * for the lines a few KB on).
  *
  * Every call is checked before anything is read or written (cpu_kernels.RunTable checks the
  * same first, with messages): rows inside x and y, runs disjoint (the expands of different
@@ -50,14 +51,22 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
  * row r, output columns from o0: in the pool's layout (A [in][rank], B [rank][out]; the column
  * blocks walk them with a stride, so the loops prefetch ahead) or in the packed one
  * (cpu_kernels.packed: A [rank/VL][in][VL], B [out/VL][rank][VL]; each block reads its panels
- * front to back, which the hardware prefetcher follows on its own). */
+ * front to back). */
 #define A_POOL(k, j) (a + (k) * rank + c + (j) * VL)
 #define B_POOL(r, j) (b + (r) * out + o0 + (j) * VL)
 #define A_PACKED(k, j) (a + c * in + ((j) * in + (k)) * VL)
 #define B_PACKED(r, j) (b + o0 * rank + ((j) * rank + (r)) * VL)
 #define PREFETCH_A_POOL(k, nv) __builtin_prefetch(A_POOL((k) + PREFETCH_ROWS, 0))
 #define PREFETCH_B_POOL(r, nv) __builtin_prefetch(B_POOL(r, nv)) /* the next column block */
-#define NO_PREFETCH(k, nv) ((void)0)
+/* A packed panel is read front to back, two rows a cache line: every other row asks for the
+ * line PACKED_AHEAD floats on (into L2). With the weights in memory, as they are at each step,
+ * the hardware prefetcher alone kept too few lines in flight for loops doing this little work
+ * per line. */
+#define PACKED_AHEAD 1024
+#define PREFETCH_A_PACKED(k, nv) \
+    do { if (((k) & 1) == 0) __builtin_prefetch(A_PACKED(k, 0) + PACKED_AHEAD, 0, 2); } while (0)
+#define PREFETCH_B_PACKED(r, nv) \
+    do { if (((r) & 1) == 0) __builtin_prefetch(B_PACKED(r, 0) + PACKED_AHEAD, 0, 2); } while (0)
 
 /* v[i][c : c + NV*VL] = sum_k x_i[k] * A[k][c : c + NV*VL] for the IB rows of a block */
 #define SHRINK(NAME, IB, NV, AT, PREFETCH)                                                    \
@@ -107,12 +116,12 @@ SHRINK(shrink_4_1, 4, 1, A_POOL, PREFETCH_A_POOL)
 EXPAND(expand_8_1, 8, 1, B_POOL, PREFETCH_B_POOL)
 EXPAND(expand_4_2, 4, 2, B_POOL, PREFETCH_B_POOL)
 EXPAND(expand_4_1, 4, 1, B_POOL, PREFETCH_B_POOL)
-SHRINK(pshrink_8_1, 8, 1, A_PACKED, NO_PREFETCH)
-SHRINK(pshrink_4_2, 4, 2, A_PACKED, NO_PREFETCH)
-SHRINK(pshrink_4_1, 4, 1, A_PACKED, NO_PREFETCH)
-EXPAND(pexpand_8_1, 8, 1, B_PACKED, NO_PREFETCH)
-EXPAND(pexpand_4_2, 4, 2, B_PACKED, NO_PREFETCH)
-EXPAND(pexpand_4_1, 4, 1, B_PACKED, NO_PREFETCH)
+SHRINK(pshrink_8_1, 8, 1, A_PACKED, PREFETCH_A_PACKED)
+SHRINK(pshrink_4_2, 4, 2, A_PACKED, PREFETCH_A_PACKED)
+SHRINK(pshrink_4_1, 4, 1, A_PACKED, PREFETCH_A_PACKED)
+EXPAND(pexpand_8_1, 8, 1, B_PACKED, PREFETCH_B_PACKED)
+EXPAND(pexpand_4_2, 4, 2, B_PACKED, PREFETCH_B_PACKED)
+EXPAND(pexpand_4_1, 4, 1, B_PACKED, PREFETCH_B_PACKED)
 
 /* The columns past the last full vector: plain loops */
 static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t in, int64_t rank, int64_t r0,

@@ -173,7 +173,8 @@ def measure_mixed(args, batch: int, device: torch.device, dtype: torch.dtype) ->
     # the reference gathers each row's whole table: a sample of rows (every prompt's first and
     # last token, the first decode rows) keeps it small on the 7B shape
     firsts = [sum(query_lens[:i]) for i in range(args.prompts + 1)]
-    sample = torch.tensor(sorted({*firsts, *(f - 1 for f in firsts[1:]), *range(firsts[-1], firsts[-1] + 8)}),
+    sample = torch.tensor(sorted({*firsts, *(f - 1 for f in firsts[1:]),
+                                 *range(firsts[-1], min(firsts[-1] + 8, len(row_seq)))}),
                           device=device)
     want = paged_attention_reference(q[sample].float(), k_cache.float(), v_cache.float(), tables, row_seq[sample],
                                      row_lens[sample], None)

@@ -29,10 +29,10 @@ def median_us(fn: Callable[[], object], iters: int, sync: Callable[[], None] = l
     return 1e6 * statistics.median(times)
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """The largest CPU cache's size as sysfs reports it (default when it does not)."""
+def last_level_cache_bytes(default: int = 32 << 20, root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size as sysfs reports it under `root` (default when it does not)."""
     sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for f in root.glob("index*/size"):
         text = f.read_text().strip().upper()
         unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         try:

@@ -19,15 +19,22 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define VL 8
 #define MAX_HEAD_DIM 512
 /* A row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while
- * the kernel works on one block it asks for the one PF_DIST blocks further on, into L2 (asking
- * for only the very next block, into L1, left it waiting on memory far more often:
- * scripts/bench_paged_attention.py) */
+ * the kernel works on one stretch of the cache it asks for the one PF_DIST stretches further on,
+ * far enough ahead to cover memory's latency, and into L2, as that many stretches in flight
+ * would crowd out of L1 what the current one still needs. */
 #define PF_DIST 2
+/* Of a stretch ahead only its first PF_MAX floats are asked for: a large model's block (16
+ * positions x 32 KV heads x 128 floats, 256 KB) asked for whole would evict from L2 the one
+ * being read. */
 #define PF_MAX 4096
+#define ROWS_PER_CHUNK 2 /* rows a thread takes at a time */
 
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -177,9 +184,8 @@ static int64_t spans_of(span *s, int64_t max, const float *c, const int64_t *tab
 }
 
 /* Asks for share h of `parts` of the first PF_MAX floats of s (NULL: nothing) into L2, a cache
- * line at a time: a block ahead is asked for head by head, each head's turn its share, as
- * spreading the requests over the block's work keeps them from queueing up at once. Past its
- * first PF_MAX floats a stretch is one long run that the hardware prefetcher follows. */
+ * line at a time: a stretch ahead is asked for head by head, each head's turn its share, as
+ * spreading the requests over the block's work keeps them from queueing up at once. */
 static void prefetch_share(const span *s, int64_t h, int64_t parts) {
     if (s == NULL) return;
     const int64_t n = s->n < PF_MAX ? s->n : PF_MAX;
@@ -204,11 +210,14 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
     if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads) return -1;
     int64_t longest = 1; /* the score buffers' row length: the longest row, not the table's width */
+    int64_t most_blocks = 1; /* the most blocks a row reads */
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
         if (len > longest) longest = len;
         const int64_t lo = window > 0 && len > window ? len - window : 0;
+        const int64_t nb = (len - 1) / block_size - lo / block_size + 1;
+        if (nb > most_blocks) most_blocks = nb;
         for (int64_t b = lo / block_size; b <= (len - 1) / block_size; b++) {
             const int64_t blk = block_tables[s * table_width + b];
             if (blk < 0 || blk >= num_blocks) return -1;
@@ -224,11 +233,14 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
         /* the stretches a row reads in the order it reads them (its K blocks, then its V blocks),
          * followed by the next row's first PF_DIST ones: while it works on item t it asks for
          * item t + PF_DIST */
-        span *items = malloc(sizeof(span) * (2 * table_width + PF_DIST));
+        span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST));
         if (scores == NULL || items == NULL) failed = 1;
         int64_t prev = -2;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 2)
+        const int alone = omp_get_num_threads() == 1;
+#pragma omp for schedule(dynamic, ROWS_PER_CHUNK)
+#else
+        const int alone = 1;
 #endif
         for (int64_t i = 0; i < rows; i++) {
             if (scores == NULL || items == NULL) continue;
@@ -240,7 +252,8 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
             const int64_t b_lo = lo / block_size, nb = (len - 1) / block_size - b_lo + 1;
             int64_t n_items = spans_of(items, nb, kc, table, lo, len, block_size, pos_stride);
             n_items += spans_of(items + n_items, nb, vc, table, lo, len, block_size, pos_stride);
-            if (i + 1 < rows) {
+            /* the next row, when this thread takes it too (in a team, another may) */
+            if (i + 1 < rows && (alone || (i + 1) % ROWS_PER_CHUNK != 0)) {
                 const int64_t len1 = lens[i + 1], lo1 = window > 0 && len1 > window ? len1 - window : 0;
                 n_items += spans_of(items + n_items, PF_DIST, kc, block_tables + row_seq[i + 1] * table_width, lo1,
                                     len1, block_size, pos_stride);

@@ -59,14 +59,20 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
 #define PREFETCH_A_POOL(k, nv) __builtin_prefetch(A_POOL((k) + PREFETCH_ROWS, 0))
 #define PREFETCH_B_POOL(r, nv) __builtin_prefetch(B_POOL(r, nv)) /* the next column block */
 /* A packed panel is read front to back, two rows a cache line: every other row asks for the
- * line PACKED_AHEAD floats on (into L2). With the weights in memory, as they are at each step,
- * the hardware prefetcher alone kept too few lines in flight for loops doing this little work
- * per line. */
+ * line PACKED_AHEAD floats on in each of the nv panels it reads (into L2). The weights are in
+ * memory at each step, and the hardware prefetcher alone keeps too few lines in flight for
+ * loops doing this little work per line. */
 #define PACKED_AHEAD 1024
-#define PREFETCH_A_PACKED(k, nv) \
-    do { if (((k) & 1) == 0) __builtin_prefetch(A_PACKED(k, 0) + PACKED_AHEAD, 0, 2); } while (0)
-#define PREFETCH_B_PACKED(r, nv) \
-    do { if (((r) & 1) == 0) __builtin_prefetch(B_PACKED(r, 0) + PACKED_AHEAD, 0, 2); } while (0)
+#define PREFETCH_A_PACKED(k, nv)                                                                   \
+    do {                                                                                           \
+        if (((k) & 1) == 0)                                                                        \
+            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(A_PACKED(k, j_) + PACKED_AHEAD, 0, 2); \
+    } while (0)
+#define PREFETCH_B_PACKED(r, nv)                                                                   \
+    do {                                                                                           \
+        if (((r) & 1) == 0)                                                                        \
+            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(B_PACKED(r, j_) + PACKED_AHEAD, 0, 2); \
+    } while (0)
 
 /* v[i][c : c + NV*VL] = sum_k x_i[k] * A[k][c : c + NV*VL] for the IB rows of a block */
 #define SHRINK(NAME, IB, NV, AT, PREFETCH)                                                    \

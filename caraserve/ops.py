@@ -52,7 +52,7 @@ def _(q, k_cache, v_cache, block_tables, row_seq, lens, window):
 
 
 # y += the LoRA delta of one module of one layer for the step prepared in LoRA backend `backend`
-# (caraserve.lora.backend.CpuLoraBackend): the step's rows and weights are Python objects the
+# (caraserve.lora.cpu_backend.CpuLoraBackend): the step's rows and weights are Python objects the
 # backend holds, so a compiled step passes only the backend's handle.
 _lib.define("lora_runs_(Tensor(a!) y, Tensor x, int backend, int layer, str module) -> ()")
 

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig  # noqa: E402
 from caraserve.engine import Engine  # noqa: E402
-from caraserve.lora.backend import TritonLoraBackend  # noqa: E402
+from caraserve.lora.triton_backend import TritonLoraBackend  # noqa: E402
 from caraserve.request import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)

@@ -17,7 +17,7 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
     the next table repacks it instead of reading stale weights, and keeps the other slots'."""
     from types import SimpleNamespace
 
-    from caraserve.lora.backend import CpuLoraBackend
+    from caraserve.lora.cpu_backend import CpuLoraBackend
 
     g = torch.Generator().manual_seed(11)
     pool_a, pool_b = torch.randn(2, 3, 32, 16, generator=g), torch.randn(2, 3, 16, 24, generator=g)  # [L, S, ...]
@@ -82,7 +82,7 @@ def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
     import threading
     from types import SimpleNamespace
 
-    from caraserve.lora.backend import CpuLoraBackend
+    from caraserve.lora.cpu_backend import CpuLoraBackend
 
     pool_a = torch.zeros(2, 3, 16, 8)  # [L, S, in, R]
     pool = SimpleNamespace(targets=("q_proj",), on_write=[],
@@ -127,7 +127,7 @@ def test_pool_writes_reach_the_backend():
 def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written_slot():
     """Kernel tables belong to the prepared layout: a write into a slot the layout does not read
     (another tenant's adapter landing) keeps them, a write into one it reads drops them."""
-    from caraserve.lora.backend import CpuLoraBackend
+    from caraserve.lora.cpu_backend import CpuLoraBackend
 
     args, store, pool = tiny_pool()
     backend = CpuLoraBackend(pool)
@@ -152,7 +152,8 @@ def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written
 def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
     """One StepRuns serves every (layer, module) of a decode layout mixing rank buckets, shared
     slots and adapters that leave modules alone: each equals the plain-torch backend's delta."""
-    from caraserve.lora.backend import CpuLoraBackend, TorchLoraBackend
+    from caraserve.lora.backend import TorchLoraBackend
+    from caraserve.lora.cpu_backend import CpuLoraBackend
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     args, store, pool = tiny_pool(targets=targets)
@@ -187,7 +188,7 @@ def test_records_built_while_the_copy_thread_writes_their_slot_are_used_once_not
     """A slot's run records built while the pool writes that slot (the copy thread's on_write
     arriving mid-build) serve that call only: the next use builds them again from the new
     weights."""
-    from caraserve.lora.backend import MISSING, CpuLoraBackend
+    from caraserve.lora.cpu_backend import MISSING, CpuLoraBackend
 
     args, store, pool = tiny_pool()
     backend = CpuLoraBackend(pool)

@@ -251,7 +251,8 @@ def test_fused_projection_row_form_equals_the_torch_semantics() -> None:
 
     from helpers import tiny_pool
 
-    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
+    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend
+    from caraserve.lora.triton_backend import TritonLoraBackend
     from caraserve.model.layers import LoraLinear
 
     args, store, pool = tiny_pool(device=DEVICE)
@@ -296,7 +297,8 @@ def test_fused_projections_with_one_or_no_adapted_part_in_the_row_form() -> None
 
     from helpers import tiny_pool
 
-    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend, TritonLoraBackend
+    from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, TorchLoraBackend
+    from caraserve.lora.triton_backend import TritonLoraBackend
     from caraserve.model.layers import LoraLinear
 
     args, store, pool = tiny_pool((8, 16), device=DEVICE, targets=("q_proj", "o_proj"))
@@ -366,7 +368,7 @@ def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     prompts, adapters = [[5, 6, 7], [9, 10], [20, 21, 22, 23]], ["r8", "r20", None]
     want = [r.output_ids for r in engine("false").generate(prompts, greedy, adapters)]
-    from caraserve.lora.backend import TritonLoraBackend
+    from caraserve.lora.triton_backend import TritonLoraBackend
 
     e = engine("auto")  # compiles nothing by itself on CPU: the variants below are the plain step
     graphs = e.graphs

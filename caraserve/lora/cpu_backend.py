@@ -1,0 +1,200 @@
+"""The CPU LoRA backend: every adapter's rows of a module in one call of the C kernel
+(csrc/lora_cpu.c through `caraserve.cpu_kernels`), with its caches of packed weights and run
+records. Semantics: `caraserve.lora.backend`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from caraserve import cpu_kernels, kernel_library
+from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, RunTable, StepRuns, packed, run_records
+from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, LoraBackend
+from caraserve.lora.batch import LoraBatch
+from caraserve.lora.ops import add_lora_runs
+
+MISSING = object()
+
+
+class CpuLoraBackend(LoraBackend):
+    """CPU: every adapter's rows of a module in one call of the C kernel (`add_lora_runs`; torch's
+    GEMMs for long prompt segments or where the kernel is unavailable). Steps reach it through the
+    op `caraserve::lora_runs_`, opaque to the compiler, which finds this backend by its handle and
+    reads the prepared LoraBatch: one compiled variant serves every adapter mix.
+
+    Its caches: packed copies of the slot weights (`_packs`), each slot's run records over every
+    (layer, module) (`_slots`), and the prepared batch layout's kernel runs, built from those
+    records (`_step`, a cpu_kernels.StepRuns; kept while the pool hands out the same LoraBatch,
+    i.e. while a decode batch's rows and slots stay). Layouts the kernel does not take whole
+    (long prompt segments, weights it cannot read) use per-module tables (`_tables`, with a torch
+    fallback per module). A write into a slot (DevicePool.on_write) drops that slot's copies and
+    records, and the layout's runs when the layout reads that slot, so nothing outlives the
+    weights it was made from; everything else stays (with thousands of tenants a slot is written
+    at nearly every admission, and rebuilding every table and repacking every resident adapter
+    each time cost more than the LoRA work of the steps)."""
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        self._tables: dict = {}  # (layer, module) -> cpu_kernels.RunTable of the prepared layout
+        # (A address, in, R, out) -> cpu_kernels.KernelWeights (or None) of a slot's weights
+        self._packs: dict = {}
+        # (bucket rank, slot) -> the slot's run records [L, M] (None: the kernel cannot read it)
+        self._slots: dict = {}
+        self._step = MISSING  # StepRuns of the prepared layout (None: not the kernel's), made at first use
+        # Slot writes so far, overall and per (bucket rank, slot): a record or layout built while
+        # the copy thread wrote one of its slots is used once, not kept
+        self._writes, self._slot_writes = 0, {}
+        self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
+        self._fused: dict[str, tuple] = {}  # fused projection's name -> its adapted parts (attach)
+        if hasattr(pool, "on_write"):
+            pool.on_write.append(self._slot_written)
+
+    def prepare(self, lora: LoraBatch | None) -> None:
+        if lora is not self._lora:
+            self._tables, self._step = {}, MISSING  # another batch layout
+        super().prepare(lora)
+
+    def _slot_written(self, bucket: int, slot: int) -> None:
+        lora = self._lora
+        rank = self.pool.buckets[bucket].rank
+        if self._packs:
+            written = set()  # addresses of the slot's A views, one per (module, layer)
+            for a, _ in self.pool.buckets[bucket].weights.values():
+                written.update(a[layer][slot].data_ptr() for layer in range(len(a)))
+            # This runs on the copy thread while the engine thread may add entries: dict.copy()
+            # clones the table in one C call that allocates nothing per item (list(d.items())
+            # makes a tuple per item, and a garbage collection those allocations start may run
+            # Python code and hand the GIL over mid-iteration); the dict is replaced whole.
+            packs = self._packs.copy()
+            self._packs = {k: v for k, v in packs.items() if k[0] not in written}
+        self._slots.pop((rank, slot), None)
+        if lora is not None and any(g.rank == rank and any(s == slot for *_, s in g.index.segments)
+                                    for g in lora.groups):
+            # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
+            self._tables, self._step = {}, MISSING
+        # counted last: a build that began before this write ended finds the count changed
+        self._slot_writes[(rank, slot)] = self._slot_writes.get((rank, slot), 0) + 1
+        self._writes += 1
+
+    def _weights(self, a: torch.Tensor, b: torch.Tensor) -> KernelWeights | None:
+        """The kernel's form of the slot views a [in, R], b [R, out], made (packed and checked)
+        once per slot until the pool writes that slot again."""
+        key = (a.data_ptr(), a.shape[0], a.shape[1], b.shape[1])
+        packs = self._packs  # one dict throughout: the copy thread may replace it (_slot_written)
+        if key not in packs:
+            packs[key] = KernelWeights.of(a, b, packed)
+        return packs[key]
+
+    def _pack(self, a: torch.Tensor, b: torch.Tensor):
+        """Packed copies of the slot views a and b, or None (the `pack` of a generic RunTable)."""
+        w = self._weights(a, b)
+        return (w.a, w.b) if w is not None and w.packed else None
+
+    def _table(self, groups, layer: int, name: str) -> RunTable:
+        """The kernel table of module `name` of `layer` over the groups' runs, from the slots'
+        cached KernelWeights (a step's layout changes at every admission: this is on the step)."""
+        runs, widths = [], None
+        for g in groups:
+            if name not in g.modules:
+                continue
+            la, lb = g.weights[name]
+            la, lb = la[layer], lb[layer]  # [S, in, R], [S, R, out]
+            widths = (la.shape[1], lb.shape[2])
+            base, step = la.data_ptr(), la.stride(0) * la.element_size()  # slot s's A is at base + s * step
+            for start, count, slot in g.index.segments:
+                if g.slot_targets and name not in g.slot_targets[slot]:
+                    continue
+                key = (base + slot * step, la.shape[1], la.shape[2], lb.shape[2])
+                w = self._packs.get(key, MISSING)
+                if w is MISSING:
+                    w = self._weights(la[slot], lb[slot])
+                runs.append((start, start + count, w, g.host_scale[slot]))
+        return RunTable.of_weights(*(widths or (0, 0)), runs)
+
+    def attach(self, mod) -> None:
+        parts = tuple(part for part in mod.parts if part[0] in self.targets)
+        if len(mod.parts) > 1 and parts:
+            self._fused[mod.name] = parts
+
+    def add(self, y, x, layer, name, fb):
+        if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
+            return self.add_rows(y, x, layer, name, *fb.lora_rows)
+        torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
+        return y
+
+    def add_parts(self, y, x, mod, parts, fb):
+        """A fused projection's parts in one op call (the op's body goes over the parts)."""
+        if fb.lora_mode != LORA_GROUPS or self._fused.get(mod.name) != tuple(parts):
+            return super().add_parts(y, x, mod, parts, fb)
+        torch.ops.caraserve.lora_runs_(y, x, self.handle, mod.layer, mod.name)
+        return y
+
+    def add_groups(self, y, x, groups, layer, name, tables):
+        add_lora_runs(y, x, groups, layer, name, tables, self._pack, self._table)
+
+    def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
+        """The op's body: y += the prepared step's delta of module `name`, or of each adapted
+        part of the fused projection `name` in its own columns."""
+        lora = self._lora
+        if lora is None:
+            return
+        step = self._step
+        if step is MISSING:
+            writes = self._writes
+            step = self._step_runs(lora)
+            if self._writes == writes and lora is self._lora:
+                self._step = step
+        fn = kernel_library.kernel() if step is not None and cpu_kernels.usable(y, x) else None
+        for part, lo, hi in self._fused.get(name, ((name, 0, None),)):
+            yp = y if hi is None else y[:, lo:hi]
+            if fn is not None:
+                step.apply(fn, yp, x, layer, self._modules[part])
+            else:
+                add_lora_runs(yp, x, lora.groups, layer, part, self._tables, self._pack, self._table)
+
+    def _step_runs(self, lora: LoraBatch) -> StepRuns | None:
+        """The layout's runs of every module from its slots' records (None when a segment is too
+        long for the kernel or a slot's weights are not the kernel's: torch then, per module)."""
+        records, rows, scales, targeted = [], [], [], []
+        for g in lora.groups:
+            for start, count, slot in g.index.segments:
+                rec = self._slot_records(g, slot)
+                if rec is None or count > MAX_ROWS:
+                    return None
+                records.append(rec)
+                rows.append((start, start + count))
+                scales.append(g.host_scale[slot])
+                mods = g.slot_targets[slot] if g.slot_targets else g.modules
+                targeted.append([name in mods and name in g.modules for name in self._modules])
+        if not records:
+            return None
+        widths = [(a[0].shape[-2], b[0].shape[-1]) for a, b in (lora.groups[0].weights[n] for n in self._modules)]
+        return StepRuns([rec for rec, _ in records], np.array(targeted, dtype=bool).T, rows, scales, widths,
+                        keep=records)
+
+    def _slot_records(self, g, slot: int) -> tuple | None:
+        """(run records [L, M], the weights they point at) of the adapter in the group's slot, made
+        once per slot write: packed weights for the modules it adapts, the slot's own views for
+        the rest (runs a step leaves empty). Layers on another device (a model split over
+        devices) get empty records: this backend is never called for them."""
+        key = (g.rank, slot)
+        rec = self._slots.get(key, MISSING)
+        if rec is not MISSING:
+            return rec
+        writes = self._slot_writes.get(key, 0)
+        mods = g.slot_targets[slot] if g.slot_targets else g.modules
+        weights, usable = [], True
+        for name in self._modules:
+            la, lb = g.weights[name]
+            for layer in range(len(la)):
+                a, b = la[layer][slot], lb[layer][slot]
+                if a.device.type != "cpu":
+                    weights.append(None)
+                    continue
+                w = self._weights(a, b) if name in mods else KernelWeights.of(a, b, lambda a, b: None)
+                usable = usable and w is not None
+                weights.append(w)
+        rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights) if usable else None  # [L, M]
+        if self._slot_writes.get(key, 0) == writes:
+            self._slots[key] = rec
+        return rec

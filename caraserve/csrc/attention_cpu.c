@@ -193,6 +193,79 @@ static void prefetch_share(const span *s, int64_t h, int64_t parts) {
     for (int64_t o = h * share; o < end; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(s->p + o, 0, 2);
 }
 
+/* What a call shares with each of its rows: the caches, the block tables, the shapes, the window
+ * and the scale; `longest` is the length of a row of the score buffers */
+typedef struct {
+    const float *kc, *vc;
+    const int64_t *block_tables, *row_seq, *lens;
+    int64_t heads, group, head_dim, block_size, table_width, window, pos_stride, block_stride, longest;
+    float scale;
+} attn_call;
+
+/* The first position a row of length len attends to: len - window with a sliding window */
+static int64_t first_position(const attn_call *c, int64_t len) {
+    return c->window > 0 && len > c->window ? len - c->window : 0;
+}
+
+/* Lists in items the stretches row i reads in the order it reads them (its K blocks, then its V
+ * blocks), then, when `next_row`, the first PF_DIST K stretches of row i + 1; returns how many */
+static int64_t row_items(const attn_call *c, int64_t i, int next_row, span *items) {
+    const int64_t len = c->lens[i], lo = first_position(c, len);
+    const int64_t nb = (len - 1) / c->block_size - lo / c->block_size + 1;
+    const int64_t *table = c->block_tables + c->row_seq[i] * c->table_width;
+    int64_t n = spans_of(items, nb, c->kc, table, lo, len, c->block_size, c->pos_stride);
+    n += spans_of(items + n, nb, c->vc, table, lo, len, c->block_size, c->pos_stride);
+    if (next_row) {
+        const int64_t len1 = c->lens[i + 1];
+        n += spans_of(items + n, PF_DIST, c->kc, c->block_tables + c->row_seq[i + 1] * c->table_width,
+                      first_position(c, len1), len1, c->block_size, c->pos_stride);
+    }
+    return n;
+}
+
+/* oi [heads, head_dim] = the attention of row i's query qi (the header's formula); items: the n
+ * stretches row_items listed, the one PF_DIST on asked for while each is read; scores: [heads,
+ * longest] of scratch. Pass 0 scores every head against the row's keys, pass 1 sums every
+ * head's values weighted by its softmax; both block by block, so each block (contiguous) is
+ * read from memory once and reused from L1 by every head. Always inlined: as a call of its own,
+ * the compiler stopped inlining its helpers into it and the row's loops slowed down. */
+static inline __attribute__((always_inline)) void attend_row(const attn_call *c, int64_t i, const float *qi,
+                                                             float *oi, const span *items, int64_t n,
+                                                             float *scores) {
+    const int64_t heads = c->heads, group = c->group, d = c->head_dim, bs = c->block_size;
+    const int64_t pos_stride = c->pos_stride, block_stride = c->block_stride, longest = c->longest;
+    const float *const kc = c->kc, *const vc = c->vc;
+    const int64_t len = c->lens[i], lo = first_position(c, len);
+    const int64_t b_lo = lo / bs, nb = (len - 1) / bs - b_lo + 1;
+    const int64_t *table = c->block_tables + c->row_seq[i] * c->table_width;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) {
+            softmax(scores, heads, longest, lo, len, c->scale);
+            for (int64_t e = 0; e < heads * d; e++) oi[e] = 0.0f;
+        }
+        for (int64_t k = 0; k < nb; k++) {
+            const int64_t b = b_lo + k, first = b * bs;
+            const int64_t j0 = first > lo ? first : lo, j1 = first + bs < len ? first + bs : len;
+            const int64_t t = pass * nb + k;
+            const float *cb = (pass ? vc : kc) + table[b] * block_stride;
+            const span *next = t + PF_DIST < n ? &items[t + PF_DIST] : NULL;
+            for (int64_t h = 0; h < heads; h++) {
+                prefetch_share(next, h, heads);
+                const float *ch = cb + (h / group) * d;
+                float *sh = scores + h * longest;
+                if (pass) {
+                    weighted_sum(oi + h * d, sh + first, ch, pos_stride, j0 - first, j1 - first, d);
+                    continue;
+                }
+                const float *qh = qi + h * d;
+                int64_t j = j0;
+                for (; j + PB <= j1; j += PB) dots(qh, ch + (j - first) * pos_stride, pos_stride, d, sh + j);
+                for (; j < j1; j++) sh[j] = dot(qh, ch + (j - first) * pos_stride, d);
+            }
+        }
+    }
+}
+
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
  * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
  * block table, a length outside [1, table_width * block_size], or a block id outside the cache
@@ -209,31 +282,28 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
         return -1;
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
     if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads) return -1;
-    int64_t longest = 1; /* the score buffers' row length: the longest row, not the table's width */
-    int64_t most_blocks = 1; /* the most blocks a row reads */
+    attn_call c = {kc, vc, block_tables, row_seq, lens, heads, group, head_dim, block_size, table_width, window,
+                   kv_heads * head_dim, block_size * kv_heads * head_dim, 1, scale};
+    int64_t most_blocks = 1; /* the most blocks a row reads (c.longest: the longest row) */
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
-        if (len > longest) longest = len;
-        const int64_t lo = window > 0 && len > window ? len - window : 0;
-        const int64_t nb = (len - 1) / block_size - lo / block_size + 1;
-        if (nb > most_blocks) most_blocks = nb;
+        if (len > c.longest) c.longest = len;
+        const int64_t lo = first_position(&c, len);
+        if ((len - 1) / block_size - lo / block_size + 1 > most_blocks)
+            most_blocks = (len - 1) / block_size - lo / block_size + 1;
         for (int64_t b = lo / block_size; b <= (len - 1) / block_size; b++) {
             const int64_t blk = block_tables[s * table_width + b];
             if (blk < 0 || blk >= num_blocks) return -1;
         }
     }
-    const int64_t pos_stride = kv_heads * head_dim, block_stride = block_size * pos_stride;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel if (rows > 1) reduction(| : failed)
 #endif
     {
-        float *scores = malloc(sizeof(float) * heads * longest);
-        /* the stretches a row reads in the order it reads them (its K blocks, then its V blocks),
-         * followed by the next row's first PF_DIST ones: while it works on item t it asks for
-         * item t + PF_DIST */
-        span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST));
+        float *scores = malloc(sizeof(float) * heads * c.longest);
+        span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST)); /* see row_items */
         if (scores == NULL || items == NULL) failed = 1;
         int64_t prev = -2;
 #ifdef _OPENMP
@@ -244,53 +314,12 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #endif
         for (int64_t i = 0; i < rows; i++) {
             if (scores == NULL || items == NULL) continue;
-            const int64_t len = lens[i];
-            const int64_t lo = window > 0 && len > window ? len - window : 0;
-            const int64_t *table = block_tables + row_seq[i] * table_width;
-            const float *qi = q + i * heads * head_dim;
-            float *oi = out + i * heads * head_dim;
-            const int64_t b_lo = lo / block_size, nb = (len - 1) / block_size - b_lo + 1;
-            int64_t n_items = spans_of(items, nb, kc, table, lo, len, block_size, pos_stride);
-            n_items += spans_of(items + n_items, nb, vc, table, lo, len, block_size, pos_stride);
-            /* the next row, when this thread takes it too (in a team, another may) */
-            if (i + 1 < rows && (alone || (i + 1) % ROWS_PER_CHUNK != 0)) {
-                const int64_t len1 = lens[i + 1], lo1 = window > 0 && len1 > window ? len1 - window : 0;
-                n_items += spans_of(items + n_items, PF_DIST, kc, block_tables + row_seq[i + 1] * table_width, lo1,
-                                    len1, block_size, pos_stride);
-            }
+            /* the next row's first stretches, when this thread takes it too (in a team, another may) */
+            const int64_t n = row_items(&c, i, i + 1 < rows && (alone || (i + 1) % ROWS_PER_CHUNK != 0), items);
             if (prev != i - 1) /* this thread's first row, or rows skipped: nothing asked for them yet */
-                for (int64_t t = 0; t < PF_DIST && t < n_items; t++) prefetch_share(&items[t], 0, 1);
+                for (int64_t t = 0; t < PF_DIST && t < n; t++) prefetch_share(&items[t], 0, 1);
             prev = i;
-            /* pass 0 scores every head against the row's keys, pass 1 sums every head's values
-             * weighted by its softmax; both block by block, so each block (contiguous) is read
-             * from memory once and reused from L1 by every head */
-            for (int pass = 0; pass < 2; pass++) {
-                if (pass) {
-                    softmax(scores, heads, longest, lo, len, scale);
-                    for (int64_t c = 0; c < heads * head_dim; c++) oi[c] = 0.0f;
-                }
-                for (int64_t k = 0; k < nb; k++) {
-                    const int64_t b = b_lo + k, first = b * block_size;
-                    const int64_t j0 = first > lo ? first : lo, j1 = first + block_size < len ? first + block_size : len;
-                    const int64_t t = pass * nb + k;
-                    const float *cb = (pass ? vc : kc) + table[b] * block_stride;
-                    const span *next = t + PF_DIST < n_items ? &items[t + PF_DIST] : NULL;
-                    for (int64_t h = 0; h < heads; h++) {
-                        prefetch_share(next, h, heads);
-                        const float *ch = cb + (h / group) * head_dim;
-                        float *sh = scores + h * longest;
-                        if (pass) {
-                            weighted_sum(oi + h * head_dim, sh + first, ch, pos_stride, j0 - first, j1 - first,
-                                         head_dim);
-                            continue;
-                        }
-                        const float *qh = qi + h * head_dim;
-                        int64_t j = j0;
-                        for (; j + PB <= j1; j += PB) dots(qh, ch + (j - first) * pos_stride, pos_stride, head_dim, sh + j);
-                        for (; j < j1; j++) sh[j] = dot(qh, ch + (j - first) * pos_stride, head_dim);
-                    }
-                }
-            }
+            attend_row(&c, i, q + i * heads * head_dim, out + i * heads * head_dim, items, n, scores);
         }
         free(items);
         free(scores);

@@ -93,7 +93,7 @@ def range_table(ctx: Ctx) -> dict:
     inf = float("inf")
     return {"temperature": [float("nan"), -1, 1e300, inf, -inf], "top_p": [0, -0.1, 1.5, float("nan")],
             "top_k": [-5, 2**70, 2**63, -(2**63)], "seed": [2**64, -(2**70), 2**100],
-            "max_tokens": [0, -1, 2**70, 2**63, -(2**70), ctx.max_len + 1], "n": [2, 0, -1, 2**70],
+            "max_tokens": [0, -1, 2**70, 2**63, -(2**70), ctx.max_len + 1], "n": [0, -1, 2**70],
             "logprobs": [10**6, -1, 2**70], "stop_token_ids": [[2**70], [-1], [2**63], [10**12], [-(2**70)]],
             "prompt": [[10**7], [-1], [2**70], [2**31], [0, 2**63], list(range(ctx.max_len + 1))],
             "max_completion_tokens": [0, -1, 2**70]}
@@ -200,6 +200,7 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("logprobs_true", dict(logprobs=True)), ("batched_prompt_1", dict(prompt=["Hello"])),
          ("batched_ids_1", dict(prompt=[ids])), ("prompt_ids", dict(prompt=ids)), ("ignore_eos", dict(ignore_eos=True)),
          ("stop_token_ids_empty", dict(stop_token_ids=[])), ("user_10k", dict(user="u" * 10000)), ("n_1", dict(n=1)),
+         ("n_2", dict(n=2)),  # n completions: up to the server's limits.max_n
          ("max_tokens_8.0", dict(max_tokens=8.0)), ("seed_str", dict(seed="7", temperature=1)),
          ("unknown_fields", dict(frequency_penalty=0.5, best_of=1, suffix="x", logit_bias={"1": 5})),
          ("stream_options_bad", dict(stream=True, stream_options="yes")),

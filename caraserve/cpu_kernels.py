@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from caraserve import kernel_library
-from caraserve.kernel_library import LoraRun
+from caraserve.kernel_library import LoraPart, LoraRun
 
 MAX_RANK = 1024  # the kernel's block buffer (csrc/lora_cpu.c)
 MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, which win there
 RUN_RECORD = np.dtype(LoraRun)  # the kernel's lora_run as a numpy record, field for field
+PART_RECORD = np.dtype(LoraPart)  # and its lora_part
 
 
 def _checked_run(i: int, run) -> tuple[int, int, torch.Tensor, torch.Tensor, float]:
@@ -218,22 +219,53 @@ class StepRuns:
         self.end_row = int(ends.max(initial=0))
         self._base, self._modules = rec.ctypes.data, rec.shape[1]
         self._stride = self.n * rec.itemsize
+        self.projections: dict[str, ProjectionRuns] = {}  # the caller's cache of projections over these runs
 
-    def apply(self, fn, y: torch.Tensor, x: torch.Tensor, layer: int, module: int) -> None:
-        """y[rows] += scale * (x[rows] @ A) @ B for every run of (layer, module), as RunTable.apply."""
-        if not 0 <= layer < self.records.shape[0] or not 0 <= module < self._modules:
-            raise ValueError(f"StepRuns: no layer {layer} / module {module} in records {self.records.shape}")
-        if not self.active[module]:
+
+class ProjectionRuns:
+    """A projection's share of a StepRuns as the kernel's `lora_parts` arguments, one call per
+    layer: the modules it adapts (a fused q/k/v or gate/up projection's parts, or one module),
+    each at its columns of the projection's output. Made once per step layout and projection."""
+
+    def __init__(self, step: StepRuns, parts: list[tuple[int, int]], in_features: int, out_features: int):
+        """parts: (module index in the step's records, first output column) per module, in
+        column order; in_features / out_features: the projection's input and output widths."""
+        active = [(m, col) for m, col in parts if step.active[m]]
+        end = 0
+        for m, col in active:
+            width_in, width_out = step.widths[m]
+            if width_in != in_features or not end <= col <= out_features - width_out:
+                raise ValueError(f"ProjectionRuns: module {m} ({width_in} -> {width_out} at column {col}) is not "
+                                 f"inside the projection's {in_features} -> {out_features} or overlaps another")
+            end = col + width_out
+        layers = step.records.shape[0]
+        rec = np.zeros((layers, max(1, len(active))), PART_RECORD)
+        for j, (m, col) in enumerate(active):
+            rec["col"][:, j] = col
+            rec["out"][:, j] = step.widths[m][1]
+            rec["runs"][:, j] = step._base + (np.arange(layers) * step._modules + m) * step._stride
+            rec["nruns"][:, j] = step.n
+        self.records, self.step = rec, step  # (the step owns the runs the records point at)
+        self.n, self.layers, self.end_row = len(active), layers, step.end_row
+        self.in_features, self.out_features = in_features, out_features
+        self._base, self._stride = rec.ctypes.data, rec.shape[1] * rec.itemsize
+
+    def apply(self, fn, y: torch.Tensor, x: torch.Tensor, layer: int) -> None:
+        """y[rows, cols of module m] += scale * (x[rows] @ A) @ B for every run of every part at
+        `layer`; `fn` is the library's lora_parts. Everything the kernel will read or write
+        through a pointer is checked first (ValueError naming the argument); the kernel checks again."""
+        if not 0 <= layer < self.layers:
+            raise ValueError(f"ProjectionRuns: no layer {layer} of {self.layers}")
+        if not self.n:
             return
-        in_features, out_features = self.widths[module]
-        rows, ldy = _rows("y", y, out_features)
-        x_rows, ldx = _rows("x", x, in_features)
+        rows, ldy = _rows("y", y, self.out_features)
+        x_rows, ldx = _rows("x", x, self.in_features)
         if x_rows != rows:
             raise ValueError(f"x: {x_rows} rows, but y has {rows}")
         if self.end_row > rows:
             raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
-        rc = fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, in_features, out_features,
-                self._base + (layer * self._modules + module) * self._stride, self.n)
+        rc = fn(y.data_ptr(), ldy, self.out_features, x.data_ptr(), ldx, rows, self.in_features,
+                self._base + layer * self._stride, self.n)
         if rc == -2:
             raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
         if rc:

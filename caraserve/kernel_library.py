@@ -43,12 +43,22 @@ class LoraRun(ctypes.Structure):
                 ("packed", ctypes.c_int64), ("scale", ctypes.c_float)]
 
 
+class LoraPart(ctypes.Structure):
+    """csrc/lora_cpu.c's lora_part (the library's lora_part_bytes() must agree): one adapted
+    module's columns [col, col + out) of a projection's output and its runs."""
+    _fields_ = [("col", ctypes.c_int64), ("out", ctypes.c_int64), ("runs", ctypes.c_void_p),
+                ("nruns", ctypes.c_int64)]
+
+
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # Every function the wrappers call, as (restype, argtypes): a library that lacks one is not used.
 SYMBOLS = {
     "lora_run_bytes": (_I64, []),
     # y, ldy, x, ldx, rows, in, out, runs, nruns
     "lora_runs": (ctypes.c_int, [_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64]),
+    "lora_part_bytes": (_I64, []),
+    # y, ldy, y_cols, x, ldx, rows, in, parts, nparts
+    "lora_parts": (ctypes.c_int, [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64]),
     # out, q, k_cache, v_cache, block_tables, row_seq, lens, rows, heads, kv_heads, head_dim, num_blocks,
     # block_size, num_seqs, table_width, window, scale
     "paged_attention": (ctypes.c_int, [_PTR] * 7 + [_I64] * 9 + [ctypes.c_float]),
@@ -215,10 +225,12 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:
                         "LoRA delta and decode attention run through torch", path, name)
             return None
         fn.restype, fn.argtypes = restype, argtypes
-    if lib.lora_run_bytes() != ctypes.sizeof(LoraRun):
-        log.warning("CPU kernels unavailable (%s: a lora_run of %d bytes, this wrapper's has %d); torch runs "
-                    "those parts", path, lib.lora_run_bytes(), ctypes.sizeof(LoraRun))
-        return None
+    for struct, size in (("lora_run", lib.lora_run_bytes()), ("lora_part", lib.lora_part_bytes())):
+        ours = ctypes.sizeof(LoraRun if struct == "lora_run" else LoraPart)
+        if size != ours:
+            log.warning("CPU kernels unavailable (%s: a %s of %d bytes, this wrapper's has %d); torch runs "
+                        "those parts", path, struct, size, ours)
+            return None
     return lib
 
 
@@ -245,4 +257,10 @@ def kernel():
     """The LoRA kernel function, or None when the kernels are unavailable."""
     lib = library()
     return lib.lora_runs if lib is not None else None
+
+
+def parts_kernel():
+    """The LoRA kernel over a projection's parts (lora_parts), or None when the kernels are unavailable."""
+    lib = library()
+    return lib.lora_parts if lib is not None else None
 

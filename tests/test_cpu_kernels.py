@@ -312,3 +312,43 @@ def test_paged_attention_never_hands_c_a_bad_pointer(fn):
     assert cpu_kernels.paged_attention(q, k_cache, k_cache, tables, row_seq.to("meta"), lens, None) is None
     no_heads = torch.randn(4, 8, 0, 16)
     assert cpu_kernels.paged_attention(q, no_heads, no_heads, tables, row_seq, lens, None) is None
+
+
+def _parts(*parts):
+    """A lora_part array of (first column, width, RunTable) entries, and what keeps them alive."""
+    import ctypes
+
+    from caraserve.kernel_library import LoraPart
+
+    arr = (LoraPart * len(parts))(*(LoraPart(col, out, ctypes.addressof(t.array), t.n) for col, out, t in parts))
+    return arr, parts
+
+
+def test_lora_parts_adds_each_part_in_its_columns(fn):
+    """One lora_parts call over a fused output [rows, 16 + 24]: each part's runs land in its own
+    columns, as lora_runs over each part's column view would put them."""
+    lib = kernel_library.library()
+    g = torch.Generator().manual_seed(8)
+    runs_q, rows = make_runs([3, 5], 32, 16, (8, 16), g)
+    runs_v, _ = make_runs([3, 5], 32, 24, (16, 8), g)
+    x, y = torch.randn(rows, 32, generator=g), torch.randn(rows, 40, generator=g)
+    want = torch.cat([reference(y[:, :16], x, runs_q), reference(y[:, 16:], x, runs_v)], dim=1)
+    arr, keep = _parts((0, 16, cpu_kernels.RunTable(runs_q)), (16, 24, cpu_kernels.RunTable(runs_v)))
+    assert lib.lora_parts(y.data_ptr(), 40, 40, x.data_ptr(), 32, rows, 32, arr, 2) == 0
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cols", [
+    ((0, 16), (8, 16)),  # two parts over the same columns
+    ((0, 16), (32, 16)),  # a part past y's last column
+    ((-8, 16), (16, 16)),  # a part before y's first
+])
+def test_lora_parts_refuses_parts_outside_or_over_each_other_and_writes_nothing(fn, cols):
+    lib = kernel_library.library()
+    g = torch.Generator().manual_seed(9)
+    runs, rows = make_runs([3], 8, 16, (8,), g)
+    table = cpu_kernels.RunTable(runs)
+    x, y = torch.randn(rows, 8, generator=g), torch.zeros(rows, 40)
+    arr, keep = _parts(*((col, out, table) for col, out in cols))
+    assert lib.lora_parts(y.data_ptr(), 40, 40, x.data_ptr(), 8, rows, 8, arr, 2) == -1
+    assert not y.any()  # refused before anything was written, the valid part included

@@ -211,3 +211,35 @@ def test_records_built_while_the_copy_thread_writes_their_slot_are_used_once_not
     backend.run_prepared(y, x, 0, "q_proj")  # built again, now kept
     assert (16, slot) in backend._slots and isinstance(backend._step, cpu_kernels.StepRuns)
 
+
+
+def test_a_fused_projection_gets_every_part_in_one_kernel_call_per_layer(monkeypatch):
+    """q/k/v fused into one output: the CPU backend adds each adapted part's delta in its own
+    columns with one kernel call per layer, equal to the plain-torch backend part by part."""
+    from caraserve import kernel_library
+    from caraserve.lora.backend import TorchLoraBackend
+    from caraserve.lora.cpu_backend import CpuLoraBackend
+    from caraserve.model.layers import LoraLinear
+
+    parts = ("q_proj", "k_proj", "v_proj")
+    args, store, pool = tiny_pool()
+    for name in ("demo-r8", "demo-r16", "demo-r32"):  # r8 adapts q and v only
+        assert pool.load(store.get(name))
+    lora = pool.make_batch([(0, 3, "demo-r8"), (3, 2, "demo-r16"), (5, 4, "demo-r32")], True, "cpu")
+    cpu, ref = CpuLoraBackend(pool), TorchLoraBackend(pool)
+    widths = tuple(args.module_shape(p)[1] for p in parts)
+    mod = LoraLinear(args.hidden_size, widths, False, 0, parts)
+    cpu.attach(mod)
+    cpu.prepare(lora)
+    calls, real = [], kernel_library.parts_kernel()
+    monkeypatch.setattr(kernel_library, "parts_kernel", lambda: lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    for layer in range(args.num_layers):
+        x, y0 = torch.randn(9, args.hidden_size, generator=g), torch.randn(9, sum(widths), generator=g)
+        y, expect = y0.clone(), y0.clone()
+        cpu.run_prepared(y, x, layer, mod.name)
+        for name, lo, hi in mod.parts:
+            ref.add_groups(expect[:, lo:hi], x, lora.groups, layer, name, None)
+        assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), layer
+        assert not torch.equal(y, y0)
+    assert len(calls) == args.num_layers

@@ -186,11 +186,17 @@ def test_unsafe_cache_folder_still_computes_the_same_tokens(session_kernels, fre
     assert without == with_kernels and all(len(t) == 4 for t in without)
 
 
+def every_function(run_bytes: int, part_bytes: int) -> str:
+    """A stub library with every function the wrappers call, its structs of the given sizes."""
+    sizes = {"lora_run_bytes": run_bytes, "lora_part_bytes": part_bytes}
+    return "".join(f"long {name}(void) {{ return {sizes.get(name, 0)}; }}\n" for name in kernel_library.SYMBOLS)
+
+
 @pytest.mark.parametrize("source", [
     "int lora_runs(void) { return 0; }\n",  # a library of an older version: functions missing
-    "long lora_run_bytes(void) { return 8; }\nint lora_runs(void) { return 0; }\n"
-    "int paged_attention(void) { return 0; }\n",  # every function, but another lora_run layout
-], ids=["missing-function", "other-struct"])
+    every_function(8, ctypes.sizeof(kernel_library.LoraPart)),  # every function, but another lora_run layout
+    every_function(ctypes.sizeof(kernel_library.LoraRun), 8),  # ... another lora_part layout
+], ids=["missing-function", "other-run-struct", "other-part-struct"])
 def test_library_without_what_the_wrappers_call_is_not_used(fresh_cache, monkeypatch, caplog, source):
     """A library whose hash checks out but that lacks a function (or disagrees on lora_run):
     torch runs those parts, with a warning; no AttributeError."""

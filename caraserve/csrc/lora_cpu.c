@@ -272,14 +272,63 @@ static int runs_ok(const lora_run *runs, int64_t nruns, int64_t rows, int64_t in
  * -2 when out of memory. Work items (a block's rank or output columns) are shared out over the
  * calling thread's OpenMP team when the call is big enough to pay for it: shrinks first, then,
  * after the barrier, expands. */
+static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
+                        const lora_run *runs, int64_t nruns);
+
+/* 1 when a call of these arguments stays inside its buffers, 0 when not, -2 when out of memory. */
+static int call_ok(const float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t in,
+                   int64_t out, const lora_run *runs, int64_t nruns) {
+    if (nruns < 0 || rows < 0 || in < 1 || out < 1 || in > MAX_WIDTH || out > MAX_WIDTH) return 0;
+    if (nruns > 0 && runs == NULL) return 0;
+    if (rows > 0 && (y == NULL || x == NULL)) return 0;
+    if (rows > 1 && (ldy < out || ldx < in)) return 0;
+    return runs_ok(runs, nruns, rows, in, out);
+}
+
 int lora_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t in, int64_t out,
               const lora_run *runs, int64_t nruns) {
-    if (nruns < 0 || rows < 0 || in < 1 || out < 1 || in > MAX_WIDTH || out > MAX_WIDTH) return -1;
-    if (nruns > 0 && runs == NULL) return -1;
-    if (rows > 0 && (y == NULL || x == NULL)) return -1;
-    if (rows > 1 && (ldy < out || ldx < in)) return -1;
-    const int ok = runs_ok(runs, nruns, rows, in, out);
+    const int ok = call_ok(y, ldy, x, ldx, rows, in, out, runs, nruns);
     if (ok != 1) return ok == -2 ? -2 : -1;
+    return compute_runs(y, ldy, x, ldx, in, out, runs, nruns);
+}
+
+/* One adapted module's share of a projection's output: columns [col, col + out) of y, its runs. */
+typedef struct {
+    int64_t col, out;
+    const lora_run *runs;
+    int64_t nruns;
+} lora_part;
+
+int64_t lora_part_bytes(void) { return (int64_t)sizeof(lora_part); }
+
+/* lora_runs for every part of a projection, each over its own columns of y [rows, y_cols] (a
+ * fused q/k/v or gate/up output, or one module's): one call per projection and layer. The parts
+ * are checked (columns inside y and apart, every run as lora_runs checks it) before anything is
+ * read or written; the return codes are lora_runs'. */
+int lora_parts(float *y, int64_t ldy, int64_t y_cols, const float *x, int64_t ldx, int64_t rows, int64_t in,
+               const lora_part *parts, int64_t nparts) {
+    if (nparts < 0 || (nparts > 0 && parts == NULL) || y_cols < 1 || y_cols > MAX_WIDTH) return -1;
+    if (rows > 0 && y == NULL) return -1;
+    if (rows > 1 && ldy < y_cols) return -1;
+    for (int64_t p = 0; p < nparts; p++) {
+        const lora_part *part = &parts[p];
+        if (part->col < 0 || part->out < 1 || part->out > y_cols - part->col) return -1;
+        for (int64_t q = 0; q < p; q++) /* column ranges apart */
+            if (part->col < parts[q].col + parts[q].out && parts[q].col < part->col + part->out) return -1;
+        const int ok = call_ok(rows > 0 ? y + part->col : y, ldy, x, ldx, rows, in, part->out, part->runs,
+                               part->nruns);
+        if (ok != 1) return ok == -2 ? -2 : -1;
+    }
+    for (int64_t p = 0; p < nparts && rows > 0; p++) {
+        const int rc = compute_runs(y + parts[p].col, ldy, x, ldx, in, parts[p].out, parts[p].runs, parts[p].nruns);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* The runs' deltas, the checks above passed. */
+static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
+                        const lora_run *runs, int64_t nruns) {
     int64_t nblocks = 0, vsize = 0, nshrink = 0, macs = 0;
     for (int64_t n = 0; n < nruns; n++) {
         const lora_run *run = &runs[n];

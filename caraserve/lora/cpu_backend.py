@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from caraserve import cpu_kernels, kernel_library
-from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, RunTable, StepRuns, packed, run_records
+from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, ProjectionRuns, RunTable, StepRuns, packed, run_records
 from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, LoraBackend
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.ops import add_lora_runs
@@ -46,6 +46,8 @@ class CpuLoraBackend(LoraBackend):
         self._writes, self._slot_writes = 0, {}
         self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
         self._fused: dict[str, tuple] = {}  # fused projection's name -> its adapted parts (attach)
+        # projection name -> (in, out, ((adapted module, first column), ...)) (attach)
+        self._shapes: dict[str, tuple[int, int, tuple]] = {}
         if hasattr(pool, "on_write"):
             pool.on_write.append(self._slot_written)
 
@@ -115,6 +117,8 @@ class CpuLoraBackend(LoraBackend):
         parts = tuple(part for part in mod.parts if part[0] in self.targets)
         if len(mod.parts) > 1 and parts:
             self._fused[mod.name] = parts
+        out_features, in_features = mod.weight.shape
+        self._shapes[mod.name] = (in_features, out_features, tuple((name, lo) for name, lo, _ in parts))
 
     def add(self, y, x, layer, name, fb):
         if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
@@ -144,13 +148,20 @@ class CpuLoraBackend(LoraBackend):
             step = self._step_runs(lora)
             if self._writes == writes and lora is self._lora:
                 self._step = step
-        fn = kernel_library.kernel() if step is not None and cpu_kernels.usable(y, x) else None
+        fn = kernel_library.parts_kernel() if step is not None and cpu_kernels.usable(y, x) else None
+        if fn is not None:
+            proj = step.projections.get(name)
+            if proj is None:  # (kept by the step: a layout's runs and their projections go together)
+                in_features, out_features, parts = self._shapes.get(name) or (*step.widths[self._modules[name]],
+                                                                             ((name, 0),))
+                proj = ProjectionRuns(step, [(self._modules[part], lo) for part, lo in parts], in_features,
+                                      out_features)
+                step.projections[name] = proj
+            proj.apply(fn, y, x, layer)
+            return
         for part, lo, hi in self._fused.get(name, ((name, 0, None),)):
             yp = y if hi is None else y[:, lo:hi]
-            if fn is not None:
-                step.apply(fn, yp, x, layer, self._modules[part])
-            else:
-                add_lora_runs(yp, x, lora.groups, layer, part, self._tables, self._pack, self._table)
+            add_lora_runs(yp, x, lora.groups, layer, part, self._tables, self._pack, self._table)
 
     def _step_runs(self, lora: LoraBatch) -> StepRuns | None:
         """The layout's runs of every module from its slots' records (None when a segment is too

@@ -74,6 +74,15 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
             for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(B_PACKED(r, j_) + PACKED_AHEAD, 0, 2); \
     } while (0)
 
+/* The first PACKED_AHEAD floats of a run's weights (of `len`), which the loops' own requests,
+ * always that far ahead of the line they read, never cover: asked for one run early, so a run
+ * does not begin by waiting on memory (a decode step's runs are short: a few KB to a few
+ * hundred per weight). */
+static inline void prefetch_head(const float *p, int64_t len) {
+    const int64_t n = len < PACKED_AHEAD ? len : PACKED_AHEAD;
+    for (int64_t o = 0; o < n; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + o, 0, 2);
+}
+
 /* v[i][c : c + NV*VL] = sum_k x_i[k] * A[k][c : c + NV*VL] for the IB rows of a block */
 #define SHRINK(NAME, IB, NV, AT, PREFETCH)                                                    \
     static void NAME(const float *const *xr, const float *a, int64_t in, int64_t rank, int64_t c, \
@@ -361,6 +370,11 @@ static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int6
         for (int64_t item = 0; item < nshrink; item++) {
             const lora_block *blk = &blocks[shrink_item[2 * item]];
             const int64_t c0 = (int64_t)shrink_item[2 * item + 1] * SHRINK_CHUNK;
+            if (c0 == 0) { /* a block's first item: the next run's A, or after the last, the first B */
+                const lora_block *next = blk + 1 < blocks + nblocks ? blk + 1 : NULL;
+                if (next != NULL && next->run != blk->run) prefetch_head(next->run->a, next->run->a_len);
+                if (next == NULL) prefetch_head(blocks[0].run->b, blocks[0].run->b_len);
+            }
             const int64_t c1 = c0 + SHRINK_CHUNK < blk->run->rank ? c0 + SHRINK_CHUNK : blk->run->rank;
             block_rows(blk, y, ldy, x, ldx, xr, yr);
             shrink_range(xr, blk->ib, blk->run, in, c0, c1, blk->v);
@@ -371,6 +385,8 @@ static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int6
         for (int64_t item = 0; item < nexpand; item++) {
             const lora_block *blk = &blocks[item / per_block];
             const int64_t o0 = (item % per_block) * EXPAND_CHUNK;
+            if (o0 == 0 && blk + 1 < blocks + nblocks && blk[1].run != blk->run)
+                prefetch_head(blk[1].run->b, blk[1].run->b_len); /* the next run's B */
             const int64_t o1 = o0 + EXPAND_CHUNK < out ? o0 + EXPAND_CHUNK : out;
             block_rows(blk, y, ldy, x, ldx, xr, yr);
             expand_range(yr, blk->ib, blk->rows, blk->run, out, o0, o1, blk->v);

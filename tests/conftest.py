@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run interpreted on CPU. The switch is read as `@triton.jit` decorates, triton's
+    # own library functions (tl.sum's combine) included: set before anything imports triton, which
+    # torch may do on its own (tests/triton_interpret.py re-imports our kernel modules, not triton's).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)

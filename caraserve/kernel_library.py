@@ -1,7 +1,7 @@
 """The built C library of the CPU kernels (`csrc/lora_cpu.c`, `csrc/attention_cpu.c`,
 `csrc/layer_ops_cpu.c`): finding the compiler, building, caching, checking and loading it, and
-binding the functions the wrappers in `caraserve.cpu_kernels` call, with `LoraRun`, the struct
-both sides of the ABI share.
+binding the functions the wrappers in `caraserve.cpu_kernels` and `caraserve.lora.kernel_runs`
+call, with `LoraRun` and `LoraPart`, the structs both sides of the ABI share.
 
 The library is built once per machine with the system C compiler (`$CC`, else `cc`) into
 `$CARASERVE_CACHE/kernels` (default `~/.cache/caraserve/kernels`), keyed by the sources, the

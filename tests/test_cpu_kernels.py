@@ -1,6 +1,6 @@
-"""The C kernels of the CPU path (caraserve/cpu_kernels.py, built by caraserve/kernel_library.py)
-against float64 references, and what the wrappers and kernels refuse: calls whose runs or
-tensors fall outside their buffers. The build cache's checks: tests/test_kernel_library.py."""
+"""The C kernels of the CPU path (caraserve/lora/kernel_runs.py, caraserve/cpu_kernels.py; built by
+caraserve/kernel_library.py) against float64 references, and what the wrappers and kernels
+refuse: calls whose runs or tensors fall outside their buffers. The build cache's checks: tests/test_kernel_library.py."""
 
 
 import pytest
@@ -9,6 +9,7 @@ from helpers import RunsGroup, assert_lora_runs_exact, make_runs
 from helpers import lora_reference as reference
 
 from caraserve import cpu_kernels, kernel_library
+from caraserve.lora import kernel_runs
 from caraserve.lora.ops import add_lora_runs
 
 
@@ -35,7 +36,7 @@ def test_kernel_matches_float64(fn, layout, ranks, in_f, out_f, threads):
     x = wide[:, 2 : 2 + in_f]  # a row stride that is not the width
     y = torch.randn(rows, out_f, generator=g)
     want = reference(y, x, runs)
-    table = cpu_kernels.RunTable(runs)
+    table = kernel_runs.RunTable(runs)
     assert table.fits
     table.apply(fn, y, x)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), (y.double() - want).abs().max()
@@ -47,7 +48,7 @@ def test_rows_outside_runs_untouched(fn):
     x = torch.randn(rows, 32, generator=g)
     y = torch.randn(rows, 40, generator=g)
     before = y.clone()
-    cpu_kernels.RunTable(runs).apply(fn, y, x)
+    kernel_runs.RunTable(runs).apply(fn, y, x)
     covered = torch.zeros(rows, dtype=torch.bool)
     for start, end, *_ in runs:
         covered[start:end] = True
@@ -57,17 +58,17 @@ def test_rows_outside_runs_untouched(fn):
 
 def test_table_declines_what_the_kernel_does_not_take():
     a, b = torch.randn(16, 8), torch.randn(8, 16)
-    assert cpu_kernels.RunTable([(0, cpu_kernels.MAX_ROWS, a, b, 1.0)]).fits
-    assert not cpu_kernels.RunTable([(0, cpu_kernels.MAX_ROWS + 1, a, b, 1.0)]).fits  # a prefill segment
-    assert not cpu_kernels.RunTable([(0, 4, a.double(), b.double(), 1.0)]).fits
-    assert not cpu_kernels.RunTable([(0, 4, a.t().contiguous().t(), b, 1.0)]).fits
-    big = torch.randn(16, cpu_kernels.MAX_RANK + 8)
-    assert not cpu_kernels.RunTable([(0, 4, big, torch.randn(cpu_kernels.MAX_RANK + 8, 16), 1.0)]).fits
-    assert not cpu_kernels.usable(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
-    assert not cpu_kernels.usable(torch.zeros(8, 4).t(), torch.zeros(4, 8))
+    assert kernel_runs.RunTable([(0, kernel_runs.MAX_ROWS, a, b, 1.0)]).fits
+    assert not kernel_runs.RunTable([(0, kernel_runs.MAX_ROWS + 1, a, b, 1.0)]).fits  # a prefill segment
+    assert not kernel_runs.RunTable([(0, 4, a.double(), b.double(), 1.0)]).fits
+    assert not kernel_runs.RunTable([(0, 4, a.t().contiguous().t(), b, 1.0)]).fits
+    big = torch.randn(16, kernel_runs.MAX_RANK + 8)
+    assert not kernel_runs.RunTable([(0, 4, big, torch.randn(kernel_runs.MAX_RANK + 8, 16), 1.0)]).fits
+    assert not kernel_runs.usable(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not kernel_runs.usable(torch.zeros(8, 4).t(), torch.zeros(4, 8))
 
 
-@pytest.mark.parametrize("rows_per_run", [4, cpu_kernels.MAX_ROWS + 4])  # kernel, then torch's GEMMs
+@pytest.mark.parametrize("rows_per_run", [4, kernel_runs.MAX_ROWS + 4])  # kernel, then torch's GEMMs
 def test_add_lora_runs_both_paths_agree(rows_per_run):
     g = torch.Generator().manual_seed(rows_per_run)
     runs, rows = make_runs([rows_per_run, rows_per_run], 64, 32, (8, 16), g)
@@ -80,7 +81,7 @@ def test_add_lora_runs_both_paths_agree(rows_per_run):
     add_lora_runs(y, x, groups, 0, "q_proj", tables)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
     assert list(tables) == [(0, "q_proj")] and tables[(0, "q_proj")].n == 2
-    assert tables[(0, "q_proj")].fits == (rows_per_run <= cpu_kernels.MAX_ROWS)
+    assert tables[(0, "q_proj")].fits == (rows_per_run <= kernel_runs.MAX_ROWS)
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -192,14 +193,14 @@ def test_run_table_refuses_malformed_runs(case):
         "1-D weights": [(0, 2, a.flatten(), b, 1.0)],
     }[case]
     with pytest.raises(ValueError, match=r"runs\[\d\]"):
-        cpu_kernels.RunTable(runs)
+        kernel_runs.RunTable(runs)
 
 
 def test_run_table_with_shared_rows_goes_to_torch():
     """Two runs over the same rows: the kernel expands blocks in parallel, so torch takes them."""
     a, b = weights(16, 8, 16)
-    assert not cpu_kernels.RunTable([(0, 4, a, b, 1.0), (2, 6, a, b, 1.0)]).fits
-    assert cpu_kernels.RunTable([(0, 4, a, b, 1.0), (4, 6, a, b, 1.0)]).fits
+    assert not kernel_runs.RunTable([(0, 4, a, b, 1.0), (2, 6, a, b, 1.0)]).fits
+    assert kernel_runs.RunTable([(0, 4, a, b, 1.0), (4, 6, a, b, 1.0)]).fits
 
 
 @pytest.mark.parametrize("case", ["rows past y", "x narrower", "y narrower", "fewer x rows", "float64 y",
@@ -226,7 +227,7 @@ def test_apply_refuses_what_falls_outside_the_buffers(fn, case):
         y = big_y.flatten()[:20].as_strided((4, 12), (2, 1))
     else:
         runs = [(0, 2, a.double(), b.double(), 1.0)]
-    table = cpu_kernels.RunTable(runs)
+    table = kernel_runs.RunTable(runs)
     before = big_y.clone(), y.clone()
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         table.apply(fn, y, x)
@@ -272,7 +273,7 @@ def test_kernel_refuses_inconsistent_calls(fn, case):
     elif case == "rank 0":
         runs[0] = run(rank=0)
     elif case == "rank beyond the buffer":
-        runs[0] = run(rank=cpu_kernels.MAX_RANK + 8, a_len=1 << 40, b_len=1 << 40)
+        runs[0] = run(rank=kernel_runs.MAX_RANK + 8, a_len=1 << 40, b_len=1 << 40)
     elif case == "packed rank not a multiple of 8":
         runs[0] = run(rank=4, packed=1)
     elif case == "rows shared":
@@ -333,7 +334,7 @@ def test_lora_parts_adds_each_part_in_its_columns(fn):
     runs_v, _ = make_runs([3, 5], 32, 24, (16, 8), g)
     x, y = torch.randn(rows, 32, generator=g), torch.randn(rows, 40, generator=g)
     want = torch.cat([reference(y[:, :16], x, runs_q), reference(y[:, 16:], x, runs_v)], dim=1)
-    arr, keep = _parts((0, 16, cpu_kernels.RunTable(runs_q)), (16, 24, cpu_kernels.RunTable(runs_v)))
+    arr, keep = _parts((0, 16, kernel_runs.RunTable(runs_q)), (16, 24, kernel_runs.RunTable(runs_v)))
     assert lib.lora_parts(y.data_ptr(), 40, 40, x.data_ptr(), 32, rows, 32, arr, 2) == 0
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -347,7 +348,7 @@ def test_lora_parts_refuses_parts_outside_or_over_each_other_and_writes_nothing(
     lib = kernel_library.library()
     g = torch.Generator().manual_seed(9)
     runs, rows = make_runs([3], 8, 16, (8,), g)
-    table = cpu_kernels.RunTable(runs)
+    table = kernel_runs.RunTable(runs)
     x, y = torch.randn(rows, 8, generator=g), torch.zeros(rows, 40)
     arr, keep = _parts(*((col, out, table) for col, out in cols))
     assert lib.lora_parts(y.data_ptr(), 40, 40, x.data_ptr(), 8, rows, 8, arr, 2) == -1

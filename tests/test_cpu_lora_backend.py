@@ -8,7 +8,7 @@ import torch
 from helpers import lora_reference as reference
 from helpers import tiny_pool
 
-from caraserve import cpu_kernels
+from caraserve.lora import kernel_runs
 
 
 def test_packed_copies_follow_writes_into_the_pool(fn):
@@ -28,7 +28,7 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
 
     def run_once(layer=1):
         runs = [(0, 3, pool_a[layer][1], pool_b[layer][1], 0.5), (3, 6, pool_a[layer][2], pool_b[layer][2], 2.0)]
-        table = cpu_kernels.RunTable(runs, backend._pack)
+        table = kernel_runs.RunTable(runs, backend._pack)
         y = y0.clone()
         table.apply(fn, y, x)
         assert torch.allclose(y.double(), reference(y0, x, runs), rtol=1e-5, atol=1e-5)
@@ -45,7 +45,7 @@ def test_packed_copies_follow_writes_into_the_pool(fn):
     assert again.array[1].a != table.array[1].a  # slot 2 repacked (run_once checked its new weights)
     assert again.array[0].a == table.array[0].a  # slot 1 untouched: its copy kept
     assert run_once(layer=0).array[1].a != other_layer.array[1].a  # every layer of slot 2
-    odd = cpu_kernels.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
+    odd = kernel_runs.RunTable([(0, 2, torch.randn(8, 12), torch.randn(12, 16), 1.0)])  # rank 12: unpacked
     assert odd.fits and odd.array[0].packed == 0
 
 
@@ -56,22 +56,22 @@ def test_tables_of_per_slot_weights_equal_the_reference_and_check_rows_and_width
     g = torch.Generator().manual_seed(5)
     a8, b8 = torch.randn(32, 8, generator=g), torch.randn(8, 24, generator=g)  # packed
     a12, b12 = torch.randn(32, 12, generator=g), torch.randn(12, 24, generator=g)  # rank 12: not packed
-    w8, w12 = cpu_kernels.KernelWeights.of(a8, b8), cpu_kernels.KernelWeights.of(a12, b12)
+    w8, w12 = kernel_runs.KernelWeights.of(a8, b8), kernel_runs.KernelWeights.of(a12, b12)
     assert w8.packed and not w12.packed and (w8.in_features, w8.out_features) == (32, 24)
     x, y0 = torch.randn(5, 32, generator=g), torch.randn(5, 24, generator=g)
-    table = cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 0.5), (2, 5, w12, 2.0)])
+    table = kernel_runs.RunTable.of_weights(32, 24, [(0, 2, w8, 0.5), (2, 5, w12, 2.0)])
     y = y0.clone()
     table.apply(fn, y, x)
     assert torch.allclose(y.double(), reference(y0, x, [(0, 2, a8, b8, 0.5), (2, 5, a12, b12, 2.0)]), atol=1e-5)
-    assert cpu_kernels.KernelWeights.of(a8.double(), b8.double()) is None  # not the kernel's dtype
-    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, w8, 1.0), (1, 3, w8, 1.0)]).fits  # shared rows
-    assert not cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, None, 1.0)]).fits
+    assert kernel_runs.KernelWeights.of(a8.double(), b8.double()) is None  # not the kernel's dtype
+    assert not kernel_runs.RunTable.of_weights(32, 24, [(0, 2, w8, 1.0), (1, 3, w8, 1.0)]).fits  # shared rows
+    assert not kernel_runs.RunTable.of_weights(32, 24, [(0, 2, None, 1.0)]).fits
     with pytest.raises(ValueError, match="not a range"):
-        cpu_kernels.RunTable.of_weights(32, 24, [(3, 2, w8, 1.0)])
+        kernel_runs.RunTable.of_weights(32, 24, [(3, 2, w8, 1.0)])
     with pytest.raises(ValueError, match="widths"):
-        cpu_kernels.RunTable.of_weights(32, 16, [(0, 2, w8, 1.0)])
+        kernel_runs.RunTable.of_weights(32, 16, [(0, 2, w8, 1.0)])
     with pytest.raises(ValueError, match="KernelWeights"):
-        cpu_kernels.RunTable.of_weights(32, 24, [(0, 2, (a8, b8), 1.0)])
+        kernel_runs.RunTable.of_weights(32, 24, [(0, 2, (a8, b8), 1.0)])
 
 
 def test_slot_writes_on_the_copy_thread_race_no_step_reading_the_packs():
@@ -139,7 +139,7 @@ def test_the_backend_keeps_its_tables_unless_the_prepared_step_reads_the_written
     y = torch.zeros(1, args.module_shape("q_proj")[1])
     backend.run_prepared(y, x, 0, "q_proj")
     step = backend._step
-    assert isinstance(step, cpu_kernels.StepRuns) and y.abs().sum() > 0
+    assert isinstance(step, kernel_runs.StepRuns) and y.abs().sum() > 0
     assert pool.load(store.get("demo-r8"))  # another bucket's slot written
     assert backend._step is step
     bucket, slot = pool.slot_of("demo-r16")
@@ -178,9 +178,9 @@ def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
             cpu.run_prepared(y, x, layer, name)
             ref.add_groups(expect, x, lora.groups, layer, name, None)
             assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), (layer, name)
-    assert isinstance(cpu._step, cpu_kernels.StepRuns)
+    assert isinstance(cpu._step, kernel_runs.StepRuns)
     with pytest.raises(ValueError, match="disjoint"):
-        cpu_kernels.StepRuns([cpu._step.records[..., 0]] * 2, cpu._step.records["end"][0, :, :2] > 0,
+        kernel_runs.StepRuns([cpu._step.records[..., 0]] * 2, cpu._step.records["end"][0, :, :2] > 0,
                              [(0, 3), (2, 4)], [1.0, 1.0], cpu._step.widths)
 
 
@@ -209,7 +209,7 @@ def test_records_built_while_the_copy_thread_writes_their_slot_are_used_once_not
     backend.run_prepared(y, x, 0, "q_proj")
     assert fired and (16, slot) not in backend._slots and backend._step is MISSING
     backend.run_prepared(y, x, 0, "q_proj")  # built again, now kept
-    assert (16, slot) in backend._slots and isinstance(backend._step, cpu_kernels.StepRuns)
+    assert (16, slot) in backend._slots and isinstance(backend._step, kernel_runs.StepRuns)
 
 
 

@@ -17,6 +17,7 @@ from helpers import assert_lora_runs_exact, make_runs
 from helpers import lora_reference as reference
 
 from caraserve import cpu_kernels, kernel_library
+from caraserve.lora import kernel_runs
 
 # --- the build cache and the library's integrity ------------------------------------------------
 # Every test below points CARASERVE_CACHE at a folder of its own and makes the module forget the
@@ -68,7 +69,7 @@ def check_kernel_works(fn):
     runs, rows = make_runs([3, 5], 16, 24, (8,), g)
     x, y = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
     want = reference(y, x, runs)
-    cpu_kernels.RunTable(runs).apply(fn, y, x)
+    kernel_runs.RunTable(runs).apply(fn, y, x)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
 
 

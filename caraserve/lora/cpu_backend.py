@@ -1,5 +1,5 @@
 """The CPU LoRA backend: every adapter's rows of a module in one call of the C kernel
-(csrc/lora_cpu.c through `caraserve.cpu_kernels`), with its caches of packed weights and run
+(csrc/lora_cpu.c through `caraserve.lora.kernel_runs`), with its caches of packed weights and run
 records. Semantics: `caraserve.lora.backend`."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caraserve import cpu_kernels, kernel_library
-from caraserve.cpu_kernels import MAX_ROWS, KernelWeights, ProjectionRuns, RunTable, StepRuns, packed, run_records
+from caraserve import kernel_library
+from caraserve.lora import kernel_runs
 from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, LoraBackend
 from caraserve.lora.batch import LoraBatch
+from caraserve.lora.kernel_runs import MAX_ROWS, KernelWeights, ProjectionRuns, RunTable, StepRuns, packed, run_records
 from caraserve.lora.ops import add_lora_runs
 
 MISSING = object()
@@ -24,7 +25,7 @@ class CpuLoraBackend(LoraBackend):
 
     Its caches: packed copies of the slot weights (`_packs`), each slot's run records over every
     (layer, module) (`_slots`), and the prepared batch layout's kernel runs, built from those
-    records (`_step`, a cpu_kernels.StepRuns; kept while the pool hands out the same LoraBatch,
+    records (`_step`, a kernel_runs.StepRuns; kept while the pool hands out the same LoraBatch,
     i.e. while a decode batch's rows and slots stay). Layouts the kernel does not take whole
     (long prompt segments, weights it cannot read) use per-module tables (`_tables`, with a torch
     fallback per module). A write into a slot (DevicePool.on_write) drops that slot's copies and
@@ -35,8 +36,8 @@ class CpuLoraBackend(LoraBackend):
 
     def __init__(self, pool):
         super().__init__(pool)
-        self._tables: dict = {}  # (layer, module) -> cpu_kernels.RunTable of the prepared layout
-        # (A address, in, R, out) -> cpu_kernels.KernelWeights (or None) of a slot's weights
+        self._tables: dict = {}  # (layer, module) -> kernel_runs.RunTable of the prepared layout
+        # (A address, in, R, out) -> kernel_runs.KernelWeights (or None) of a slot's weights
         self._packs: dict = {}
         # (bucket rank, slot) -> the slot's run records [L, M] (None: the kernel cannot read it)
         self._slots: dict = {}
@@ -148,7 +149,7 @@ class CpuLoraBackend(LoraBackend):
             step = self._step_runs(lora)
             if self._writes == writes and lora is self._lora:
                 self._step = step
-        fn = kernel_library.parts_kernel() if step is not None and cpu_kernels.usable(y, x) else None
+        fn = kernel_library.parts_kernel() if step is not None and kernel_runs.usable(y, x) else None
         if fn is not None:
             proj = step.projections.get(name)
             if proj is None:  # (kept by the step: a layout's runs and their projections go together)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from caraserve import cpu_kernels, kernel_library
+from caraserve import kernel_library
+from caraserve.lora import kernel_runs
 from caraserve.lora.batch import LoraIndex
 
 
@@ -49,17 +50,17 @@ def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: st
                   pack=None, make_table=None) -> None:
     """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of
     `groups` that targets module `name`. Float32 decode-sized runs go to the C kernel
-    (`cpu_kernels`), all of a module's runs in one call; `tables` (the CPU backend's, per batch
+    (`kernel_runs`), all of a module's runs in one call; `tables` (the CPU backend's, per batch
     layout) keeps their argument arrays across steps; `make_table(groups, layer, name)` builds
     one (default: a RunTable of the groups' runs whose packed weights come from `pack(a, b)`)."""
-    fn = kernel_library.kernel() if cpu_kernels.usable(y, x) else None
+    fn = kernel_library.kernel() if kernel_runs.usable(y, x) else None
     if fn is not None:
         table = tables.get((layer, name)) if tables is not None else None
         if table is None:
             if make_table is not None:
                 table = make_table(groups, layer, name)
             else:
-                table = cpu_kernels.RunTable((run for group in groups if name in group.modules
+                table = kernel_runs.RunTable((run for group in groups if name in group.modules
                                               for run in group.cpu_runs(layer, name)), pack)
             if tables is not None:
                 tables[(layer, name)] = table

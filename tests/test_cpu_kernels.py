@@ -1,6 +1,7 @@
 """The C kernels of the CPU path (caraserve/lora/kernel_runs.py, caraserve/cpu_kernels.py; built by
 caraserve/kernel_library.py) against float64 references, and what the wrappers and kernels
-refuse: calls whose runs or tensors fall outside their buffers. The build cache's checks: tests/test_kernel_library.py."""
+refuse: calls whose runs or tensors fall outside their buffers. The build cache's checks:
+tests/test_kernel_library.py."""
 
 
 import pytest

@@ -209,10 +209,14 @@ class Engine:
         adapter: str | None = None,
         request_id: str | None = None,
         after: str | None = None,
+        final_only: bool = False,
     ) -> str:
         """Validates and queues a request; raises RequestError (nothing changes) when it is bad.
         after: the id of a request of the same prompt in flight (the n completions of one API
-        call): this one is admitted once that one's prefill is done, and shares its blocks."""
+        call): this one is admitted once that one's prefill is done, and shares its blocks.
+        final_only: `step` returns this request's output only when it ends (its new tokens and
+        text then being all of them), which spares the per-step outputs and detokenizing that
+        a caller waiting for the end (offline generation) does not read."""
         params = params or SamplingParams()
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
@@ -234,7 +238,8 @@ class Engine:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
-            req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None)
+            req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None,
+                          final_only=final_only)
             if adapter is not None:  # the registration its KV depends on (a reload is another)
                 req.adapter_key = f"{adapter}#{self.store.info(adapter).uid}"
             if not params.greedy:
@@ -316,8 +321,7 @@ class Engine:
             for r, t, lp in zip(reqs, tokens, logprobs):
                 self.outputs.add_token(r, t, lp, now)
             self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed
-            texts = self.outputs.detokenize(reqs)
-            return outs + [self._emit(r, t, text) for r, t, text in zip(reqs, tokens, texts)]
+            return outs + self._emit_step(reqs, tokens)
 
     def _fail_rejected(self) -> list[RequestOutput]:
         """Ends the requests the scheduler could not admit for a reason of their own."""
@@ -342,6 +346,28 @@ class Engine:
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         n = batch.num_decode
         self.perf_model.observe(DecodeFeatures.of(ranks[:n], batch.chunk_lens[n:], ranks[n:]), seconds)
+
+    def _emit_step(self, reqs: list[Request], tokens: list[int]) -> list[RequestOutput]:
+        """The outputs of the requests that got a token this step: each streamed request's, and
+        those of final-only requests that end with it (their text decoded now, in one go, unless
+        stop strings made it grow token by token)."""
+        watched = [r for r in reqs if not r.final_only or r.params.stop]
+        texts = iter(self.outputs.detokenize(watched) if watched else ())
+        outs = []
+        for r, t in zip(reqs, tokens):
+            if r.final_only and not r.params.stop:
+                reason = self.outputs.end_reason(r)
+                if reason is not None:
+                    self.outputs.decode_all(r)
+                    self._finish(r, reason)
+                    outs.append(self.outputs.output(r, list(r.output_ids), r.text))
+                continue
+            out = self._emit(r, t, next(texts))
+            if not r.final_only:
+                outs.append(out)
+            elif out.finished:
+                outs.append(self.outputs.output(r, list(r.output_ids), r.text))
+        return outs
 
     def _emit(self, req: Request, token: int, new_text: str) -> RequestOutput:
         reason, new_text = self.outputs.stop(req, new_text)
@@ -379,7 +405,8 @@ class Engine:
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapters = adapters or [None] * n
-        reqs = [self._requests[self.add_request(p, sp, a)] for p, sp, a in zip(prompts, params_list, adapters)]
+        reqs = [self._requests[self.add_request(p, sp, a, final_only=True)]
+                for p, sp, a in zip(prompts, params_list, adapters)]
         while any(not r.finished for r in reqs):
             self.step()
         return reqs

@@ -102,7 +102,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
         try:
             user_id, kwargs = parse_line(line, number)
             try:
-                rid = engine.add_request(**kwargs)
+                rid = engine.add_request(**kwargs, final_only=True)  # the results are written at the end
             except (RequestError, AdapterError) as e:
                 raise LineError(user_id, f"line {number}: {e}") from None
             except Exception as e:  # whatever a line holds, it fails alone

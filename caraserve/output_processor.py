@@ -85,6 +85,13 @@ class OutputProcessor:
             out.append(new_text)
         return out
 
+    def decode_all(self, req: Request) -> None:
+        """Sets the request's text to its whole output decoded at once (what the incremental
+        windows add up to), for a request that was not detokenized token by token."""
+        if self.tokenizer is not None:
+            req.text = self._decode_batch([req.output_ids])[0]
+            req.detok_prefix = req.detok_read = len(req.output_ids)
+
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
         """(why the request ends now or None, the new text up to a stop string). A stop string
         found in the text cuts req.text before it."""

@@ -234,6 +234,9 @@ class Request:
     assist_cpu_layers: int = 0
     assist_device_layers: int = 0
     text: str = ""  # detokenized output (filled when a tokenizer is present)
+    # The caller takes the request's output once, when it ends (offline generation): no output
+    # per step, and its text decoded once at the end unless stop strings must watch it grow.
+    final_only: bool = False
     detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
     detok_read: int = 0
 

@@ -330,3 +330,27 @@ def test_incremental_detokenization_holds_split_characters(catalogue):
     tok = engine.tokenizer
     windows = [[tok.bos_token_id] + ids[:5] + [tok.eos_token_id], ids[3:], []]
     assert engine.outputs._decode_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)
+
+
+def test_final_only_requests_end_with_the_streamed_tokens_and_text(catalogue):
+    """Offline generation (generate, scripts/generate.py) takes each request's output once, when
+    it ends: step returns none before, and the one it returns carries every token and the whole
+    text, as a streamed request of the same prompt gets them token by token; its text is decoded
+    once at the end, never per step."""
+    engine = make_engine(catalogue)
+    sp = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    prompts = ["def main():", "naïve café → ✓ 東京"]
+    streamed = {engine.add_request(p, sp, "demo-r16"): [] for p in prompts}
+    final = {engine.add_request(p, sp, "demo-r16", final_only=True): [] for p in prompts}
+    detokenized, real = [], engine.outputs.detokenize
+    engine.outputs.detokenize = lambda reqs: detokenized.extend(r.request_id for r in reqs) or real(reqs)
+    while engine.has_unfinished():
+        for out in engine.step():
+            (streamed if out.request_id in streamed else final)[out.request_id].append(out)
+    for s_outs, f_outs in zip(streamed.values(), final.values()):
+        assert len(s_outs) == 14 and len(f_outs) == 1
+        last, only = s_outs[-1], f_outs[0]
+        assert only.finished and only.finish_reason is last.finish_reason is FinishReason.LENGTH
+        assert only.output_ids == only.new_token_ids == last.output_ids
+        assert only.text == only.new_text == last.text == "".join(o.new_text for o in s_outs) != ""
+    assert detokenized and set(detokenized) <= set(streamed)

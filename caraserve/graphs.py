@@ -223,13 +223,21 @@ class DecodeGraphs:
         return bucket_up(n, self.batch_buckets), self._num_buckets(lora)
 
     def _new_buffers(self, bsz: int, device: torch.device, pin: bool = False) -> dict[str, torch.Tensor]:
-        """Zeroed step inputs of a bsz-row batch (pinned host memory with pin=True)."""
+        """Zeroed step inputs of a bsz-row batch (pinned host memory with pin=True, a staging twin
+        without `rows`). On CPU their batch dimension is marked dynamic once, here: one variant
+        serves every batch size."""
         def z(*shape, dtype=torch.int64):
             return torch.zeros(*shape, dtype=dtype, device=device, pin_memory=pin)
 
-        return {"input_ids": z(bsz), "positions": z(bsz), "slot_mapping": z(bsz), "row_lens": z(bsz),
-                "block_tables": z(bsz, self.max_blocks),
-                "meta": z(3, bsz, dtype=torch.int32), "scale": z(bsz, dtype=torch.float32)}
+        buf = {"input_ids": z(bsz), "positions": z(bsz), "slot_mapping": z(bsz), "row_lens": z(bsz),
+               "block_tables": z(bsz, self.max_blocks),
+               "meta": z(3, bsz, dtype=torch.int32), "scale": z(bsz, dtype=torch.float32)}
+        if not pin:
+            buf["rows"] = torch.arange(bsz, device=device)
+        if not self.cuda_graphs:
+            for t in buf.values():
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is buf["meta"] else 0)
+        return buf
 
     def _step_buffers(self, bsz: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(the bucket's device buffers, the host tensors a step fills): the same tensors on CPU;
@@ -238,7 +246,6 @@ class DecodeGraphs:
         buf = self._buffers.get(bsz)
         if buf is None:
             buf = self._buffers[bsz] = self._new_buffers(bsz, self.device)
-            buf["rows"] = torch.arange(bsz, device=self.device)
             if self.device.type == "cuda":
                 self._staging[bsz] = self._new_buffers(bsz, torch.device("cpu"), pin=True)
                 self._staged[bsz] = torch.cuda.Event()
@@ -250,9 +257,6 @@ class DecodeGraphs:
     def _batch(self, bsz: int, nb: int, buf: dict, context_lens: tuple[int, ...]) -> ForwardBatch:
         """The step's ForwardBatch over the bucket's buffers."""
         tables = buf["block_tables"]
-        if not self.cuda_graphs:  # one variant for every batch size
-            for t in buf.values():
-                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is buf["meta"] else 0)
         mode = LORA_NONE if nb == 0 else LORA_GROUPS if nb == HOST_RUNS else LORA_ROWS
         return ForwardBatch(buf["input_ids"], buf["positions"], buf["slot_mapping"], tables, buf["rows"],
                             buf["row_lens"], (1,) * bsz, context_lens, True, mode,
@@ -315,7 +319,7 @@ class DecodeGraphs:
         del self.pending[key]
         bsz, nb = key if self.cuda_graphs else (2, key[1])
         buf = self._new_buffers(bsz, self.device)  # every row: position 0 of the scratch block, no adapter
-        buf["rows"], buf["row_lens"][:], buf["meta"][0] = torch.arange(bsz, device=self.device), 1, -1
+        buf["row_lens"][:], buf["meta"][0] = 1, -1
         fb = self._batch(bsz, nb, buf, (1,) * bsz)
         for backend in self.model.lora_backends.values():
             backend.prepare(None)  # a LoRA variant's dummy rows use no adapter

@@ -93,9 +93,13 @@ class CpuLoraBackend(LoraBackend):
         w = self._weights(a, b)
         return (w.a, w.b) if w is not None and w.packed else None
 
-    def _table(self, groups, layer: int, name: str) -> RunTable:
+    def _table(self, groups, layer: int, name: str) -> RunTable | None:
         """The kernel table of module `name` of `layer` over the groups' runs, from the slots'
-        cached KernelWeights (a step's layout changes at every admission: this is on the step)."""
+        cached KernelWeights (a step's layout changes at every admission: this is on the step);
+        None when a segment is longer than the kernel takes (a prompt's: torch's GEMMs then),
+        which no table is built for."""
+        if any(count > MAX_ROWS for g in groups if name in g.modules for _, count, _ in g.index.segments):
+            return None
         runs, widths = [], None
         for g in groups:
             if name not in g.modules:

@@ -14,6 +14,8 @@ from caraserve import kernel_library
 from caraserve.lora import kernel_runs
 from caraserve.lora.batch import LoraIndex
 
+_MISSING = object()
+
 
 def sgmv_reference(
     y: torch.Tensor,  # [T, out] accumulated in place
@@ -52,11 +54,12 @@ def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: st
     `groups` that targets module `name`. Float32 decode-sized runs go to the C kernel
     (`kernel_runs`), all of a module's runs in one call; `tables` (the CPU backend's, per batch
     layout) keeps their argument arrays across steps; `make_table(groups, layer, name)` builds
-    one (default: a RunTable of the groups' runs whose packed weights come from `pack(a, b)`)."""
+    one (default: a RunTable of the groups' runs whose packed weights come from `pack(a, b)`), or
+    None when the runs are not the kernel's (prompt segments: torch's GEMMs)."""
     fn = kernel_library.kernel() if kernel_runs.usable(y, x) else None
     if fn is not None:
-        table = tables.get((layer, name)) if tables is not None else None
-        if table is None:
+        table = tables.get((layer, name), _MISSING) if tables is not None else _MISSING
+        if table is _MISSING:
             if make_table is not None:
                 table = make_table(groups, layer, name)
             else:
@@ -64,7 +67,7 @@ def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: st
                                               for run in group.cpu_runs(layer, name)), pack)
             if tables is not None:
                 tables[(layer, name)] = table
-        if table.fits:
+        if table is not None and table.fits:
             table.apply(fn, y, x)
             return
     for group in groups:

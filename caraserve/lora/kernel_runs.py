@@ -68,6 +68,26 @@ def _rows(name: str, t, width: int) -> tuple[int, int]:
     return rows, row_stride
 
 
+def _activations(y, x, out_features: int, in_features: int, end_row: int) -> tuple[int, int, int]:
+    """(rows, y's row stride, x's) of a call's y [rows, out] and x [rows, in], or a ValueError
+    naming what the kernel could not read or write through their pointers."""
+    rows, ldy = _rows("y", y, out_features)
+    x_rows, ldx = _rows("x", x, in_features)
+    if x_rows != rows:
+        raise ValueError(f"x: {x_rows} rows, but y has {rows}")
+    if end_row > rows:
+        raise ValueError(f"runs: rows up to {end_row}, but y and x have {rows}")
+    return rows, ldy, ldx
+
+
+def _check(rc: int) -> None:
+    """The kernel's return code as an exception (0: done)."""
+    if rc == -2:
+        raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
+    if rc:
+        raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
+
+
 class KernelWeights(NamedTuple):
     """One adapter's A [in, R] and B [R, out] of one module as the kernel reads them: packed
     copies when R and out are multiples of 8, else the tensors themselves (kept alive here)."""
@@ -156,17 +176,8 @@ class RunTable:
             raise ValueError("runs: not the kernel's (RunTable.fits is False): the caller runs them through torch")
         if self.n == 0:
             return
-        rows, ldy = _rows("y", y, self.out_features)
-        x_rows, ldx = _rows("x", x, self.in_features)
-        if x_rows != rows:
-            raise ValueError(f"x: {x_rows} rows, but y has {rows}")
-        if self.end_row > rows:
-            raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
-        rc = fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, self.in_features, self.out_features, self.array, self.n)
-        if rc == -2:
-            raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
-        if rc:
-            raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
+        rows, ldy, ldx = _activations(y, x, self.out_features, self.in_features, self.end_row)
+        _check(fn(y.data_ptr(), ldy, x.data_ptr(), ldx, rows, self.in_features, self.out_features, self.array, self.n))
 
 
 def run_records(weights: list[KernelWeights | None]) -> np.ndarray:
@@ -255,18 +266,9 @@ class ProjectionRuns:
             raise ValueError(f"ProjectionRuns: no layer {layer} of {self.layers}")
         if not self.n:
             return
-        rows, ldy = _rows("y", y, self.out_features)
-        x_rows, ldx = _rows("x", x, self.in_features)
-        if x_rows != rows:
-            raise ValueError(f"x: {x_rows} rows, but y has {rows}")
-        if self.end_row > rows:
-            raise ValueError(f"runs: rows up to {self.end_row}, but y and x have {rows}")
-        rc = fn(y.data_ptr(), ldy, self.out_features, x.data_ptr(), ldx, rows, self.in_features,
-                self._base + layer * self._stride, self.n)
-        if rc == -2:
-            raise MemoryError("CPU LoRA kernel: no memory for its block buffers")
-        if rc:
-            raise RuntimeError(f"CPU LoRA kernel refused the call (code {rc}): a run outside its buffers")
+        rows, ldy, ldx = _activations(y, x, self.out_features, self.in_features, self.end_row)
+        _check(fn(y.data_ptr(), ldy, self.out_features, x.data_ptr(), ldx, rows, self.in_features,
+                  self._base + layer * self._stride, self.n))
 
 
 def packed(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

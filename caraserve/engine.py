@@ -321,7 +321,7 @@ class Engine:
             for r, t, lp in zip(reqs, tokens, logprobs):
                 self.outputs.add_token(r, t, lp, now)
             self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed
-            return outs + self._emit_step(reqs, tokens)
+            return outs + self.outputs.step_outputs(reqs, tokens, self._finish)
 
     def _fail_rejected(self) -> list[RequestOutput]:
         """Ends the requests the scheduler could not admit for a reason of their own."""
@@ -346,34 +346,6 @@ class Engine:
         ranks = [self.scheduler.rank_of(r) for r in batch.requests]
         n = batch.num_decode
         self.perf_model.observe(DecodeFeatures.of(ranks[:n], batch.chunk_lens[n:], ranks[n:]), seconds)
-
-    def _emit_step(self, reqs: list[Request], tokens: list[int]) -> list[RequestOutput]:
-        """The outputs of the requests that got a token this step: each streamed request's, and
-        those of final-only requests that end with it (their text decoded now, in one go, unless
-        stop strings made it grow token by token)."""
-        watched = [r for r in reqs if not r.final_only or r.params.stop]
-        texts = iter(self.outputs.detokenize(watched) if watched else ())
-        outs = []
-        for r, t in zip(reqs, tokens):
-            if r.final_only and not r.params.stop:
-                reason = self.outputs.end_reason(r)
-                if reason is not None:
-                    self.outputs.decode_all(r)
-                    self._finish(r, reason)
-                    outs.append(self.outputs.output(r, list(r.output_ids), r.text))
-                continue
-            out = self._emit(r, t, next(texts))
-            if not r.final_only:
-                outs.append(out)
-            elif out.finished:
-                outs.append(self.outputs.output(r, list(r.output_ids), r.text))
-        return outs
-
-    def _emit(self, req: Request, token: int, new_text: str) -> RequestOutput:
-        reason, new_text = self.outputs.stop(req, new_text)
-        if reason is not None:
-            self._finish(req, reason)
-        return self.outputs.output(req, [token], new_text)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finishes every unfinished request with an error: for faults of the engine as a whole

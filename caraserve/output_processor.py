@@ -7,6 +7,8 @@ RequestOutput snapshots the engine hands to its callers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from caraserve.request import FinishReason, Request, RequestOutput
 
 
@@ -84,6 +86,32 @@ class OutputProcessor:
             r.text += new_text
             out.append(new_text)
         return out
+
+    def step_outputs(self, reqs: list[Request], tokens: list[int],
+                     finish: Callable[[Request, FinishReason], None]) -> list[RequestOutput]:
+        """The outputs of the requests that got `tokens` this step (added already), ending those
+        whose last token ends them (`finish(req, reason)`): each streamed request's output, and
+        those of final-only requests that end now, with every token and the whole text (decoded
+        now, in one go, unless stop strings made it grow token by token)."""
+        watched = [r for r in reqs if not r.final_only or r.params.stop]
+        texts = iter(self.detokenize(watched) if watched else ())
+        outs = []
+        for r, t in zip(reqs, tokens):
+            if r.final_only and not r.params.stop:
+                reason = self.end_reason(r)
+                if reason is not None:
+                    self.decode_all(r)
+                    finish(r, reason)
+                    outs.append(self.output(r, list(r.output_ids), r.text))
+                continue
+            reason, new_text = self.stop(r, next(texts))
+            if reason is not None:
+                finish(r, reason)
+            if not r.final_only:
+                outs.append(self.output(r, [t], new_text))
+            elif r.finished:
+                outs.append(self.output(r, list(r.output_ids), r.text))
+        return outs
 
     def decode_all(self, req: Request) -> None:
         """Sets the request's text to its whole output decoded at once (what the incremental

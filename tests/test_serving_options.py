@@ -123,3 +123,26 @@ def test_streamed_n_completions_are_the_non_streamed_choices(live):
     for i in (0, 1):
         assert deltas[i][0]["role"] == "assistant" and all("role" not in d for d in deltas[i][1:])
         assert "".join(d.get("content", "") for d in deltas[i]) == whole["choices"][i]["message"]["content"]
+
+
+def test_a_non_streamed_call_gets_one_output_a_streamed_one_every_token(live, monkeypatch):
+    """A non-streamed completion reads only its last output: its request is final-only, so the
+    engine hands over one output for it instead of one per token; the text is the stream's."""
+    import collections
+    import json
+
+    engine = live["engine"]
+    counts, real = collections.Counter(), engine.step
+
+    def step():
+        outs = real()
+        counts.update(o.request_id for o in outs)
+        return outs
+
+    monkeypatch.setattr(engine, "step", step)
+    body = {"model": "tiny", "prompt": "class A:", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert list(counts.values()) == [1]
+    with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines() if line.startswith("data: {")]
+    assert sorted(counts.values()) == [1, 6] and "".join(texts) == plain != ""

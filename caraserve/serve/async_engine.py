@@ -99,9 +99,9 @@ class AsyncEngine:
         return adapter in self.engine.store and adapter not in self._retired
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                     request_id: str, after: str | None = None) -> asyncio.Queue:
+                     request_id: str, after: str | None = None, final_only: bool = False) -> asyncio.Queue:
         """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
-        changing anything."""
+        changing anything. final_only: its queue gets one output, when it ends (Engine.add_request)."""
         if not self.healthy:
             raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
         if self.num_waiting >= self.max_queue:
@@ -122,7 +122,7 @@ class AsyncEngine:
 
         def add():
             try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id, after)
+                self.engine.add_request(prompt_ids, params, adapter, request_id, after, final_only)
             finally:
                 with self._lock:  # on the engine thread, as the request enters (or skips) the queue
                     self._submitting -= 1

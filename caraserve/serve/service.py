@@ -127,9 +127,12 @@ class EngineService:
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    async def _start(self, prompt_ids, params, adapter, rid, after: str | None = None) -> asyncio.Queue:
+    async def _start(self, prompt_ids, params, adapter, rid, after: str | None = None,
+                     final_only: bool = False) -> asyncio.Queue:
+        """The request's output queue (every step's output; with final_only, a non-streamed
+        call's, only the last)."""
         try:
-            return await self.service.submit(prompt_ids, params, adapter, rid, after)
+            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only)
         except QueueFullError as e:
             self.metrics_.rejected("queue_full")
             raise ApiError(503, str(e), "server_overloaded") from e
@@ -155,7 +158,7 @@ class EngineService:
                     raise ApiError(499, "client disconnected", "client_closed") from None
 
     async def _start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
-                       n: int) -> list[tuple[str, asyncio.Queue]]:
+                       n: int, final_only: bool = False) -> list[tuple[str, asyncio.Queue]]:
         """Request `rid` (started: `queue`) and n - 1 more of its prompt (`{rid}-{i}`), admitted
         once `rid` has prefilled so they share its prompt's KV blocks; with a seed, request i
         samples with seed + i (the n completions differ, reproducibly)."""
@@ -164,7 +167,8 @@ class EngineService:
             for i in range(1, n):
                 seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
                 sid = f"{rid}-{i}"
-                runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid)))
+                runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid,
+                                                    final_only=final_only)))
         except BaseException:
             self._abort(runs)
             raise
@@ -232,7 +236,9 @@ class EngineService:
         ids = await self._encode(prompt)
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         echoed = self._prompt_text(prompt, ids) if body.echo else ""
-        runs = await self._start_n(ids, params, adapter, rid, await self._start(ids, params, adapter, rid), body.n)
+        final_only = not body.stream  # a non-streamed call reads the last output only
+        first = await self._start(ids, params, adapter, rid, final_only=final_only)
+        runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
             def chunker(index: int):
                 pending = [echoed]
@@ -309,7 +315,9 @@ class EngineService:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
-        runs = await self._start_n(ids, params, adapter, rid, await self._start(ids, params, adapter, rid), body.n)
+        final_only = not body.stream  # a non-streamed call reads the last output only
+        first = await self._start(ids, params, adapter, rid, final_only=final_only)
+        runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
             def chunker(index: int):
                 first = [True]

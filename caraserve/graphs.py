@@ -35,7 +35,7 @@ import torch
 from caraserve.graph_capture import GraphCapture
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
-from caraserve.lora.batch import LoraBatch
+from caraserve.lora.batch import LoraBatch, fill_row_table
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 
@@ -182,7 +182,7 @@ class DecodeGraphs:
             buf, stage = self._step_buffers(bsz)
             stage_step_inputs({k: stage[k].numpy() for k in STEP_INPUTS}, tokens, starts, tables, self.block_size)
             if nb > 0:
-                self._lora_rows(lora, stage["meta"].numpy(), stage["scale"].numpy())
+                fill_row_table(lora, self.pool.rank_buckets, stage["meta"].numpy(), stage["scale"].numpy())
             if stage is not buf:
                 for k in (*STEP_INPUTS, "meta", "scale") if nb > 0 else STEP_INPUTS:
                     buf[k].copy_(stage[k], non_blocking=True)
@@ -265,18 +265,6 @@ class DecodeGraphs:
     def _num_buckets(self, lora: LoraBatch | None) -> int:
         """Rank buckets the variant covers: all of the pool's (0 = no LoRA)."""
         return 0 if lora is None else len(self.pool.buckets)
-
-    def _lora_rows(self, lora: LoraBatch | None, meta, scale) -> None:
-        """Fills the row table: meta [3, B] int32 (rank bucket, -1 for none; slot; rank) and
-        scale [B] float32, numpy views of the step's host tensors."""
-        meta[0], meta[1:], scale[:] = -1, 0, 0.0
-        if lora is None:
-            return
-        for g in lora.groups:
-            b = self.pool.rank_buckets.index(g.rank)
-            for start, count, slot in g.index.segments:
-                meta[:, start : start + count] = ((b,), (slot,), (g.rank,))
-                scale[start : start + count] = g.host_scale[slot]
 
     def warm_up(self) -> None:
         """Compiles now what a CPU step can ask for, so no step waits for a compile: one variant

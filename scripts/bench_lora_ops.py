@@ -5,7 +5,8 @@
 
 For one q_proj-shaped projection (hidden -> hidden) and adapters of ranks 8-64 (one rank bucket
 each, as in the device pool), per batch size and popularity (distinct / uniform / zipf / identical):
-  batched : our batched operator (CPU: segment form over slot-ordered rows; CUDA: Triton BGMV/SGMV)
+  batched : our batched operator as the engine runs it (CPU: the backend's runs over slot-ordered
+            rows; CUDA: Triton SGMV for prompts, the multi-bucket BGMV over the row table for decode)
   loop    : a per-request loop, x_i @ A_i @ B_i * s_i one request at a time
   base    : the base projection x @ W^T the delta rides on
   floor   : (CUDA) bytes of the adapter weights the batch reads / measured copy bandwidth
@@ -20,10 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from caraserve.lora.backend import backend_for
-from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex
+from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex, fill_row_table
 from caraserve.profiling.machine import cpu_name
 from caraserve.profiling.timing import copy_bandwidth_gbs, median_us
 
@@ -92,6 +94,16 @@ def main():
 
             def batched():
                 backend.add_groups(y, x, groups, 0, "q_proj", None)
+
+            if dev.type == "cuda" and not is_prefill:  # decode rows: the row table, one launch pair
+                from caraserve.lora.triton_multi import bgmv_multi
+
+                meta, row_scale = np.empty((3, start), np.int32), np.empty(start, np.float32)
+                fill_row_table(LoraBatch(groups, True), tuple(ranks), meta, row_scale)
+                meta, row_scale = torch.from_numpy(meta).to(dev), torch.from_numpy(row_scale).to(dev)
+
+                def batched():
+                    bgmv_multi(y, x, a, b, meta, row_scale)
 
             def loop():
                 for st, ln, bk, k in segs:

@@ -3,10 +3,12 @@ LRU eviction, holding, zero padding, batch metadata and memory size."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import save_random_hf_model
 
+from caraserve.lora.batch import fill_row_table
 from caraserve.lora.checkpoint import TARGETS, AdapterError
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import HostStore, UnknownAdapterError
@@ -415,16 +417,21 @@ def test_make_batch_groups_by_bucket(env, pool):
     idx = g0.index
     assert idx.segments == ((4, first[1], first[0]), (4 + first[1], second[1], second[0]))
     assert (idx.row_start, idx.row_end, idx.max_seg_len) == (4, 11, 4)
-    assert idx.row_slot.tolist() == [first[0]] * first[1] + [second[0]] * second[1]
     assert idx.seg_start.tolist() == [4, 4 + first[1]] and idx.seg_len.tolist() == [first[1], second[1]]
     assert idx.seg_slot.tolist() == [first[0], second[0]] and idx.seg_slot.dtype == torch.int32
     assert g0.weights is pool.buckets[0].weights and g0.scale is pool.buckets[0].scale
-    assert g2.index.segments == ((11, 2, sc),) and g2.index.row_slot.tolist() == [sc, sc]
+    assert g2.index.segments == ((11, 2, sc),)
     assert g2.weights is pool.buckets[2].weights
 
     dec = pool.make_batch([(0, 1, None), (1, 1, "r5"), (2, 1, "r5"), (3, 1, "r17")], True, "cpu")
     assert dec.is_decode is True and [g.rank for g in dec.groups] == [8, 32]
     assert dec.groups[0].index.segments == ((1, 2, sa),) and dec.groups[1].index.segments == ((3, 1, sc),)
+    # its row form (what the GPU's decode kernels read): bucket, slot and rank per row, -1 for none
+    meta, scale = np.full((3, 5), 7, np.int32), np.full(5, 7.0, np.float32)
+    fill_row_table(dec, pool.rank_buckets, meta, scale)
+    assert meta.tolist() == [[-1, 0, 0, 2, -1], [0, sa, sa, sc, 0], [0, 8, 8, 32, 0]]
+    r5, r17 = pool.buckets[0].host_scale[sa], pool.buckets[2].host_scale[sc]
+    assert scale.tolist() == [0.0, *np.float32([r5, r5, r17]).tolist(), 0.0] and r5 > 0 and r17 > 0
 
     assert pool.make_batch([(0, 5, None), (5, 2, None)], False, "cpu") is None
     assert pool.make_batch([], True, "cpu") is None

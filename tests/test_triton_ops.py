@@ -1,4 +1,5 @@
-"""Triton SGMV/BGMV kernels against the plain-torch references (interpreter on CPU, compiled on CUDA).
+"""Triton SGMV and multi-bucket BGMV kernels against the plain-torch reference and float64
+(interpreter on CPU, compiled on CUDA).
 
 Every case builds one rank bucket inside a larger batch: base-only rows before and after it
 (plus the requests without adapter in the "partial" mix) must stay bit-identical, and so must the
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from triton_interpret import DEVICE, kernel_modules
 
 triton_ops, triton_multi = kernel_modules("caraserve.lora.triton_ops", "caraserve.lora.triton_multi")
 from caraserve.lora import ops  # noqa: E402
-from caraserve.lora.batch import LoraIndex  # noqa: E402
+from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex, fill_row_table  # noqa: E402
 
 BATCH_SIZES = (1, 3, 17, 64, 65)
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "partial")
@@ -124,55 +126,63 @@ def test_sgmv_matches_reference(n_req: int, popularity: str) -> None:
     _check(triton_ops.sgmv, ops.sgmv_reference, case)
 
 
+def row_form(y, x, a, b, scale, index, split_k=None) -> None:
+    """One bucket's delta through the decode step's kernels: the row table `fill_row_table`
+    makes of the bucket's segments, then the multi-bucket BGMV over it."""
+    group = LoraGroup(a.shape[2], {}, scale, index, host_scale=tuple(scale.tolist()))
+    meta, row_scale = np.empty((3, x.shape[0]), np.int32), np.empty(x.shape[0], np.float32)
+    fill_row_table(LoraBatch((group,), True), (a.shape[2],), meta, row_scale)
+    triton_multi.bgmv_multi(y, x, [a], [b], torch.from_numpy(meta).to(DEVICE), torch.from_numpy(row_scale).to(DEVICE),
+                            split_k=split_k)
+
+
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("n_req", BATCH_SIZES)
-def test_bgmv_matches_reference(n_req: int, popularity: str) -> None:
+def test_row_form_matches_reference(n_req: int, popularity: str) -> None:
     case = _make_case(n_req=n_req, popularity=popularity, max_tokens=1, **_case_params(n_req, popularity))
-    _check(triton_ops.bgmv, ops.bgmv_reference, case)
+    _check(row_form, ops.sgmv_reference, case)
 
 
 @pytest.mark.parametrize("rank", RANKS + (1, 33))
-@pytest.mark.parametrize("op", ("sgmv", "sgmv-decode", "bgmv"))
+@pytest.mark.parametrize("op", ("sgmv", "sgmv-decode", "rows"))
 def test_rank_sweep(op: str, rank: int) -> None:
     max_tokens = 40 if op == "sgmv" else 1
     case = _make_case(seed=rank, n_req=9, popularity="zipf", rank=rank, dims=(80, 72), max_tokens=max_tokens)
-    if op == "bgmv":
-        _check(triton_ops.bgmv, ops.bgmv_reference, case)
-    else:  # single-token segments: decode through the segment kernel
-        _check(triton_ops.sgmv, ops.sgmv_reference, case)
+    _check(row_form if op == "rows" else triton_ops.sgmv, ops.sgmv_reference, case)
 
 
 @pytest.mark.parametrize("split_k", (2, 3, 5))
-def test_bgmv_split_k(split_k: int) -> None:
-    """The atomic split-K path of the BGMV shrink (chosen automatically for large `in`)."""
+def test_row_form_split_k(split_k: int) -> None:
+    """Input features split over several programs per row (chosen automatically for a large `in`)."""
     case = _make_case(seed=split_k, n_req=5, popularity="uniform", rank=17, dims=(100, 48), max_tokens=1)
-    _check(triton_ops.bgmv, ops.bgmv_reference, case, split_k=split_k)
+    _check(row_form, ops.sgmv_reference, case, split_k=split_k)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
-@pytest.mark.parametrize("op", ("sgmv", "bgmv"))
+@pytest.mark.parametrize("op", ("sgmv", "rows"))
 def test_low_precision(op: str, dtype: torch.dtype) -> None:
     max_tokens = 40 if op == "sgmv" else 1
     case = _make_case(
         seed=7, n_req=17, popularity="zipf", rank=17, dims=(48, 100), max_tokens=max_tokens, dtype=dtype
     )
-    kernel, reference = (
-        (triton_ops.sgmv, ops.sgmv_reference) if op == "sgmv" else (triton_ops.bgmv, ops.bgmv_reference)
-    )
     tol = 2e-2 if dtype == torch.float16 else 8e-2  # y itself is stored in the low precision
-    _check(kernel, reference, case, rtol=tol, atol=tol)
+    _check(triton_ops.sgmv if op == "sgmv" else row_form, ops.sgmv_reference, case, rtol=tol, atol=tol)
 
 
 def test_rejects_mismatched_shapes() -> None:
     y_wide, y, x, a, b, scale, index = _make_case(
         seed=0, n_req=3, popularity="uniform", rank=4, dims=(32, 64), max_tokens=2
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shape mismatch"):
         triton_ops.sgmv(y, x[:, :16], a, b, scale, index)
-    with pytest.raises(ValueError):
-        triton_ops.bgmv(y, x, a, b[:, :3], scale, index)
-    with pytest.raises(ValueError):
-        triton_ops.bgmv(y, x, a, b, scale[:1], index)
+    with pytest.raises(ValueError, match="scale must be"):
+        triton_ops.sgmv(y, x, a, b, scale[:1], index)
+    meta = torch.zeros(3, x.shape[0], dtype=torch.int32, device=DEVICE)
+    row_scale = torch.ones(x.shape[0], device=DEVICE)
+    with pytest.raises(ValueError, match="bucket shapes"):
+        triton_multi.bgmv_multi(y, x, [a], [b[:, :3]], meta, row_scale)
+    with pytest.raises(ValueError, match="rows"):
+        triton_multi.bgmv_multi(y, x, [a], [b], meta, row_scale[:1])
 
 
 def _multi_case(seed: int, ranks: tuple[int, ...], n_rows: int, dims: tuple[int, int], dtype=torch.float32):
@@ -282,6 +292,13 @@ def test_fused_projection_row_form_equals_the_torch_semantics() -> None:
     mod.backend = tri
     got = mod(x, SimpleNamespace(lora_mode=LORA_ROWS, lora_rows=(meta.to(DEVICE), scale.to(DEVICE))))
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+    # an eager decode step (the step's groups): the backend makes the same row table and runs the same kernels
+    tri.prepare(lora)
+    eager = mod(x, SimpleNamespace(lora_mode=LORA_GROUPS))
+    assert torch.equal(eager.cpu(), got.cpu())
+    made, adapted = tri._rows[0].cpu(), meta[0] >= 0  # (a base row's slot and rank are not read)
+    assert torch.equal(made[0], meta[0]) and torch.equal(made[:, adapted], meta[:, adapted])
+    assert torch.equal(tri._rows[1].cpu(), scale)
     base = torch.nn.functional.linear(x, mod.weight)
     for cols in (slice(0, q), slice(q, q + kv), slice(q + kv, None)):  # demo-r16's rows: every part's delta
         assert not torch.allclose(got[5:, cols].cpu(), base[5:, cols].cpu(), atol=1e-3)
@@ -328,6 +345,8 @@ def test_fused_projections_with_one_or_no_adapted_part_in_the_row_form() -> None
         mod.backend = tri
         got = mod(x, SimpleNamespace(lora_mode=LORA_ROWS, lora_rows=(meta, scale)))
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+        tri.prepare(lora)  # an eager decode step: the same kernels over the table the backend makes
+        assert torch.equal(mod(x, SimpleNamespace(lora_mode=LORA_GROUPS)).cpu(), got.cpu())
     base = torch.nn.functional.linear(x, mods[0].weight)
     assert not torch.allclose(got.cpu(), want.cpu() * 0) and not torch.allclose(want[1:, :q], base[1:, :q])
 

@@ -2,8 +2,9 @@
 
 The runner orders the rows of a step by (rank bucket, slot), so every bucket covers one
 contiguous row range and every adapter inside it a contiguous segment. The same description
-then serves both kernel forms: SGMV walks the segments (prefill: many tokens per segment),
-BGMV reads one slot index per row (decode: one token per request).
+then serves both kernel forms: SGMV walks the segments (prefill: many tokens per segment), and
+the row form (`fill_row_table`: one rank bucket, slot and rank per row) is what the GPU's
+multi-bucket BGMV reads in decode steps.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -24,7 +26,6 @@ class LoraIndex:
     seg_start: torch.Tensor  # [G] int32, segment start rows (for the SGMV kernel)
     seg_len: torch.Tensor  # [G] int32, segment lengths
     seg_slot: torch.Tensor  # [G] int32, slot of each segment
-    row_slot: torch.Tensor  # [row_end - row_start] int32, slot of each row (for the BGMV kernel)
     max_seg_len: int  # longest segment, sizes the SGMV grid
 
     @classmethod
@@ -43,7 +44,6 @@ class LoraIndex:
                     raise ValueError("segments of one bucket must cover contiguous rows")
                 merged.append([start, count, slot])
         segs = tuple((s, n, k) for s, n, k in merged)
-        row_slot = [k for _, n, k in segs for _ in range(n)]
 
         def t(v):
             return torch.tensor(v, dtype=torch.int32, device=device)
@@ -55,7 +55,6 @@ class LoraIndex:
             seg_start=t([s for s, _, _ in segs]),
             seg_len=t([n for _, n, _ in segs]),
             seg_slot=t([k for _, _, k in segs]),
-            row_slot=t(row_slot),
             max_seg_len=max(n for _, n, _ in segs),
         )
 
@@ -125,3 +124,20 @@ class LoraBatch:
             else:
                 host.append(seg)
         return tuple(host), tuple(groups)
+
+
+def fill_row_table(lora: LoraBatch | None, rank_buckets, meta: np.ndarray, scale: np.ndarray) -> None:
+    """Writes the step's row form (what the multi-bucket BGMV reads: ForwardBatch.lora_rows) into
+    host arrays meta [3, B] int32 and scale [B] float32:
+        meta[:, i] = (rank bucket of the group, slot, rank), scale[i] = the slot's scale
+                                                for each row i of a group's segment (start, n, slot)
+        meta[:, i] = (-1, 0, 0), scale[i] = 0   for every other row (no adapter)
+    with the bucket's index in `rank_buckets` (the pool's ranks, in its bucket order)."""
+    meta[0], meta[1:], scale[:] = -1, 0, 0.0
+    if lora is None:
+        return
+    for g in lora.groups:
+        b = rank_buckets.index(g.rank)
+        for start, count, slot in g.index.segments:
+            meta[:, start : start + count] = ((b,), (slot,), (g.rank,))
+            scale[start : start + count] = g.host_scale[slot]

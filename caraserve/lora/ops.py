@@ -32,22 +32,6 @@ def sgmv_reference(
         y[start : start + count] += (delta * scale[slot]).to(y.dtype)
 
 
-def bgmv_reference(
-    y: torch.Tensor,  # [N, out] accumulated in place
-    x: torch.Tensor,  # [N, in]
-    a: torch.Tensor,  # [S, in, R]
-    b: torch.Tensor,  # [S, R, out]
-    scale: torch.Tensor,  # [S] float32
-    index: LoraIndex,
-) -> None:
-    """Row form: y[i] += scale[s_i] * (x[i] @ A[s_i]) @ B[s_i], one gathered slot per row."""
-    rows = slice(index.row_start, index.row_end)
-    slots = index.row_slot.long()
-    v = torch.bmm(x[rows].unsqueeze(1), a[slots])  # [n, 1, R]
-    delta = torch.bmm(v, b[slots]).squeeze(1) * scale[slots].unsqueeze(1)  # [n, out]
-    y[rows] += delta.to(y.dtype)
-
-
 def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str, tables: dict | None = None,
                   pack=None, make_table=None) -> None:
     """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of

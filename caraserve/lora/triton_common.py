@@ -25,16 +25,28 @@ def auto_split_k(n_rows: int, n_in: int) -> int:
 # ---- jitted pieces the kernels share (inlined into each kernel by Triton) ----------------------
 
 @triton.jit
-def segment_tile(g, m0, seg_start_ptr, seg_len_ptr, seg_slot_ptr, R, BLOCK_M: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
-    """Rows [m0, m0 + BLOCK_M) of SGMV segment g: (row mask, rows of x and y as int64, the
-    segment's slot, rank offsets, rank mask). The caller has checked m0 < the segment's length."""
+def segment_tile(seg_start_ptr, seg_len_ptr, seg_slot_ptr, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The SGMV tile of this program: rows [m0, m0 + BLOCK_M) of segment g, with g the program's
+    axis-0 id and m0 = axis-1 id * BLOCK_M. Returns (whether the tile has rows, row mask, rows of
+    x and y as int64, the segment's slot, rank offsets, rank mask)."""
+    g = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
     seg_len = tl.load(seg_len_ptr + g)
     start = tl.load(seg_start_ptr + g)
     slot = tl.load(seg_slot_ptr + g).to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    return offs_m < seg_len, (start + offs_m).to(tl.int64), slot, offs_r, offs_r < R
+    return m0 < seg_len, offs_m < seg_len, (start + offs_m).to(tl.int64), slot, offs_r, offs_r < R
+
+
+@triton.jit
+def dot(p, q, acc, DOT_F32: tl.constexpr):
+    """acc + p @ q (tl.dot, IEEE float32 accumulation) of operands of one dtype; DOT_F32 upcasts
+    them first (the interpreter has no bf16 tl.dot: it multiplies the raw bits,
+    triton-lang/triton#11584; compiled kernels keep the native dot)."""
+    if DOT_F32:
+        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(p, q, acc, input_precision="ieee")
 
 
 @triton.jit

@@ -121,20 +121,25 @@ class OutputProcessor:
             req.detok_prefix = req.detok_read = len(req.output_ids)
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
-        """(why the request ends now or None, the new text up to a stop string). A stop string
-        found in the text cuts req.text before it."""
+        """(why the request ends now or None, the text to stream now). A stop string found in the
+        text cuts req.text before it. With stop strings, the text streamed is what no stop string
+        can still claim: while the request runs, the longest tail of its text that begins a stop
+        string is held back (a later token may complete the stop string, which is never sent);
+        when it ends, the rest up to the cut."""
         reason = self.end_reason(req)
         stops = req.params.stop
-        if stops and new_text:
+        if not stops:
+            return reason, new_text
+        if new_text:
             # Only the new text and the longest stop string before it can hold a new match.
             tail_from = max(0, len(req.text) - len(new_text) - max(map(len, stops)))
             hits = [i for i in (req.text.find(s, tail_from) for s in stops) if i >= 0]
             if hits:
-                cut = min(hits)
-                new_text = new_text[: max(0, len(new_text) - (len(req.text) - cut))]
-                req.text = req.text[:cut]
+                req.text = req.text[: min(hits)]
                 reason = FinishReason.STOP
-        return reason, new_text
+        end = len(req.text) if reason is not None else len(req.text) - stop_prefix_len(req.text, stops)
+        sent, req.text_sent = req.text_sent, max(req.text_sent, end)
+        return reason, req.text[sent:end]
 
     @staticmethod
     def output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
@@ -148,3 +153,9 @@ class OutputProcessor:
             cold_start=req.cold_start,
             cached_tokens=req.cached_tokens,
         )
+
+
+def stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is the beginning (not the whole) of a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)

@@ -239,6 +239,7 @@ class Request:
     final_only: bool = False
     detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
     detok_read: int = 0
+    text_sent: int = 0  # with stop strings: characters of `text` streamed so far (the rest may begin one)
 
     @property
     def finished(self) -> bool:

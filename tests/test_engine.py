@@ -182,6 +182,41 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
     assert len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
 
 
+def test_streamed_text_never_holds_a_stop_string(catalogue):
+    """With stop strings, the streamed pieces add up to the final text, and no piece sends text
+    that a stop string later claims: the tail that begins a stop string waits for the next token
+    (here each stop string is the text's next characters: its first ones come a token early)."""
+    engine = make_engine(catalogue)
+    free = engine.generate(["def fibonacci(n):"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                           ["demo-r16"])[0]
+    pieces = [engine.outputs.tokenizer.decode([t]) for t in free.output_ids]
+    at = next(i for i in range(3, len(pieces)) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 1)
+    cut = len("".join(pieces[:at])) + 1  # a stop string starting inside token `at`, ending in the next
+    for stop in (free.text[cut : cut + len(pieces[at])], free.text[cut:cut + 2] + "\x00never"):
+        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+        outs = list(engine.stream("def fibonacci(n):", sp, "demo-r16"))
+        streamed = "".join(o.new_text for o in outs)
+        assert streamed == outs[-1].text
+        if stop in free.text:
+            assert outs[-1].finish_reason is FinishReason.STOP and streamed == free.text[:cut]
+        else:  # a stop string that never completes: everything is sent, the held tail at the end
+            assert outs[-1].finish_reason is FinishReason.LENGTH and streamed == free.text
+        sent = ""
+        for o in outs:
+            sent += o.new_text
+            assert free.text.startswith(sent) and stop not in sent
+
+
+def test_stop_prefix_len():
+    from caraserve.output_processor import stop_prefix_len
+
+    assert stop_prefix_len("abc ##", ["###D"]) == 2
+    assert stop_prefix_len("abc #", ["###D", "c #x"]) == 3
+    assert stop_prefix_len("abc", ["###D"]) == 0
+    assert stop_prefix_len("abc ###D", ["###D"]) == 0  # a whole stop string is a match, not a prefix
+    assert stop_prefix_len("", ["ab"]) == 0
+
+
 def test_abort_frees_slots(catalogue):
     engine = make_engine(catalogue, max_batch_size=2)
     rid = engine.add_request("import os", SamplingParams(max_tokens=50, ignore_eos=True), "demo-r16")

@@ -81,6 +81,13 @@ def test_completions_plain_and_streaming(client, model):
                                             stream=True, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    # a stop string a few characters in: the chunks add up to the text before it, and none sends any of it
+    stop = r.choices[0].text[3:6]
+    kw = dict(model=model, prompt="def main():", max_tokens=8, temperature=0, stop=[stop])
+    cut = client.completions.create(**kw).choices[0]
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert cut.finish_reason == "stop" and cut.text == r.choices[0].text[: r.choices[0].text.index(stop)]
+    assert "".join(c.choices[0].text for c in chunks) == cut.text
 
 
 def test_sampling_options_and_cached_tokens(client):

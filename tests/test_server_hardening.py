@@ -95,7 +95,8 @@ def stream_events(live, body) -> tuple[int, list[dict]]:
     ({"stop_token_ids": list(range(300))}, "stop_token_ids"), ({"stop_token_ids": [10**12]}, "stop_token_ids"),
     ({"stop": ["s"] * 20}, "stop"), ({"prompt": [1, True, 3]}, "prompt"), ({"prompt": [1, 2**70]}, "token ids"),
     ({"prompt": [1.0, 2.0]}, "prompt"), ({"prompt": "x" * 9000}, "max_prompt_bytes"),
-    ({"ignore_eos": "false"}, "ignore_eos"),
+    ({"ignore_eos": "false"}, "ignore_eos"), ({"stop": ""}, "stop"), ({"stream_options": 5}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
 ])
 def test_bad_fields_get_400_naming_them(live, body, field):
     r = completion(live, **body)
@@ -116,6 +117,56 @@ def test_chat_limits(live):
         body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
         r = post(live, "/v1/chat/completions", body)
         assert r.status_code == 400 and field in r.json()["error"]["message"]
+
+
+def test_content_parts_other_than_text_get_400(live):
+    for part, says in (({"type": "image_url", "image_url": {"url": "http://x"}}, "'image_url' are not supported"),
+                       ({"type": "text"}, "needs its 'text'")):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+        r = post(live, "/v1/chat/completions", body)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    parts = [{"type": "text", "text": "import "}, {"type": "text", "text": "os"}]
+    joined = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": parts}],
+                                                 "max_tokens": 4, "temperature": 0})
+    whole = post(live, "/v1/chat/completions", {"model": "tiny", "max_tokens": 4, "temperature": 0,
+                                                "messages": [{"role": "user", "content": "import os"}]})
+    assert joined.status_code == 200 and joined.json()["choices"] == whole.json()["choices"]
+
+
+def test_null_fields_take_their_defaults(live):
+    plain = completion(live, temperature=0)
+    nulls = completion(live, temperature=0, top_p=None, n=None, stream=None, stop=None, seed=None, logprobs=None)
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+
+
+def test_a_body_that_is_not_json_says_so(live):
+    r = httpx.post(live["base"] + "/v1/completions", content='{"model": "tiny", "prompt": "x"}',
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+    r = httpx.post(live["base"] + "/v1/completions", content="", headers={"Authorization": f"Bearer {KEY}",
+                                                                          "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("body:")
+
+
+def test_one_model_card_and_every_refusal_counted(live):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    card = httpx.get(live["base"] + "/v1/models/demo-r8", headers=headers).json()
+    assert card["id"] == "demo-r8" and card["object"] == "model"
+    r = httpx.get(live["base"] + "/v1/models/nope", headers=headers)
+    assert r.status_code == 404 and "`nope` does not exist" in r.json()["error"]["message"]
+
+    def rejected(reason):
+        text = httpx.get(live["base"] + "/metrics", headers=headers).text
+        line = f'caraserve_requests_total{{status="rejected_{reason}"}} '
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = rejected("bad_request"), rejected("unknown_model")
+    assert completion(live, max_tokens=0).status_code == 400  # the service's own check
+    assert completion(live, max_tokens="x").status_code == 400  # the schema's
+    assert completion(live, temperature=-1).status_code == 400  # the sampling parameters'
+    assert completion(live, model="nope").status_code == 404
+    assert (rejected("bad_request"), rejected("unknown_model")) == (before[0] + 3, before[1] + 1)
 
 
 def test_unencodable_text_gets_4xx(live):

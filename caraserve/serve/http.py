@@ -17,11 +17,28 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI-style JSON with this HTTP status (and extra headers)."""
+    """An error answered as OpenAI-style JSON with this HTTP status (and extra headers).
+    `admitted`: the request reached the engine, whose outcome metrics count it (else a refusal of
+    a generation request is counted as one, by `install_error_handlers`)."""
 
-    def __init__(self, status: int, message: str, type_: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, type_: str, headers: dict[str, str] | None = None,
+                 admitted: bool = False):
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type_, headers
+        self.admitted = admitted
+
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+# a refused generation request's metrics label (caraserve_requests_total{status="rejected_..."})
+REJECTIONS = {"invalid_request_error": "bad_request", "not_found_error": "unknown_model",
+              "server_overloaded": "queue_full", "engine_unavailable": "engine_unavailable"}
+
+
+def _count_rejection(http, reason: str | None) -> None:
+    """A generation request refused before the engine took it, in the service's metrics."""
+    count = getattr(http.app.state.service, "count_rejection", None)
+    if reason is not None and count is not None and http.url.path in GENERATION_PATHS:
+        count(reason)
 
 
 def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -35,12 +52,20 @@ def install_error_handlers(app: FastAPI) -> None:
     naming the field, anything unexpected as 500 without a stack trace."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_, e: ApiError):
+    async def _api_error(http, e: ApiError):
+        if not e.admitted:
+            _count_rejection(http, REJECTIONS.get(e.type))
         return error_response(e.status, e.message, e.type, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
+    async def _validation(http, e: RequestValidationError):
+        _count_rejection(http, "bad_request")
+        errors = e.errors()
+        ctype = http.headers.get("content-type", "")
+        if any(err["loc"][:1] == ("body",) for err in errors) and "json" not in ctype.lower():
+            return error_response(400, f"the request body must be JSON, sent with Content-Type: application/json "
+                                       f"(got {ctype or 'no Content-Type'})", "invalid_request_error")
+        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body') or 'body'}: {err['msg']}" for err in errors]
         return error_response(400, "; ".join(parts) or "invalid request", "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)

@@ -11,15 +11,27 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Strict types: JSON true is not 1, "0.5" is not a number, 1.0 is not a token id (as OpenAI's
 # API). Ranges are checked by SamplingParams and the engine, with the field named.
 _STRICT = ConfigDict(extra="ignore", strict=True)
 
 
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A field sent as JSON null takes its default, as OpenAI's and vLLM's servers read it."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str
     max_tokens: int | None = None
@@ -27,6 +39,7 @@ class _Sampling(BaseModel):
     top_p: float = 1.0
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool | int | None = None
@@ -53,6 +66,14 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: this model reads text parts")
+        if self.text is None:
+            raise ValueError("a text content part needs its 'text'")
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
@@ -63,7 +84,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The message's text (the text parts of a multi-part content, joined)."""
         if isinstance(self.content, list):
-            return "".join(part.text or "" for part in self.content if part.type == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 

@@ -76,6 +76,10 @@ class EngineService:
 
     # ---- pieces -------------------------------------------------------------------------------
 
+    def count_rejection(self, reason: str) -> None:
+        """A generation request refused before it reached the engine (http.install_error_handlers)."""
+        self.metrics_.rejected(reason)
+
     async def resolve_model(self, name: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); an adapter not registered
         yet is looked up in adapters.resolve_dirs (a disk read, off the event loop)."""
@@ -87,11 +91,9 @@ class EngineService:
             try:
                 found = await asyncio.get_running_loop().run_in_executor(None, self.engine.resolve_adapter, name)
             except RequestError as e:  # found, but refused: the caller named a broken adapter
-                self.metrics_.rejected("bad_request")
                 raise ApiError(400, str(e), "invalid_request_error") from e
             if found and self.service.is_serving(name):
                 return name
-        self.metrics_.rejected("unknown_model")
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -105,8 +107,8 @@ class EngineService:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=body.ignore_eos, logprobs=bool(logprobs),
+                seed=body.seed, stop=() if body.stop is None else body.stop,
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=bool(logprobs),
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
                 logit_bias=body.logit_bias or (),
@@ -134,12 +136,10 @@ class EngineService:
         try:
             return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only)
         except QueueFullError as e:
-            self.metrics_.rejected("queue_full")
             raise ApiError(503, str(e), "server_overloaded") from e
         except EngineUnavailableError as e:
             raise ApiError(503, str(e), "engine_unavailable") from e
         except RequestError as e:
-            self.metrics_.rejected("bad_request")
             if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
                 raise ApiError(404, str(e), "not_found_error") from e
             raise ApiError(400, str(e), "invalid_request_error") from e
@@ -155,7 +155,7 @@ class EngineService:
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
                     self.service.abort(rid)
-                    raise ApiError(499, "client disconnected", "client_closed") from None
+                    raise ApiError(499, "client disconnected", "client_closed", admitted=True) from None
 
     async def _start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
                        n: int, final_only: bool = False) -> list[tuple[str, asyncio.Queue]]:
@@ -218,7 +218,7 @@ class EngineService:
         if out.error is not None:
             status, type_ = error_kind(out)
             headers = {proto.FAULT_HEADER: "request"} if type_ == "request_failed" else None
-            raise ApiError(status, out.error, type_, headers)
+            raise ApiError(status, out.error, type_, headers, admitted=True)
 
     # ---- the API ------------------------------------------------------------------------------
 

@@ -25,9 +25,9 @@ def request_id(http: Request, prefix: str) -> str:
     return rid
 
 
-async def include_usage(http: Request) -> bool:
-    opts = (await http.json()).get("stream_options") or {}
-    return bool(isinstance(opts, dict) and opts.get("include_usage"))
+def include_usage(body: proto._Sampling) -> bool:
+    """Whether a streamed answer ends with a usage chunk (`stream_options.include_usage`)."""
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def answer(result):

@@ -2,12 +2,13 @@
 
 `limit` (1..1000) cards per page, `after` a cursor (the last id of the previous page: the base
 model's name or an adapter's); the answer says `has_more`. An `after` naming an adapter unloaded
-since still works: the page starts at the next name in order."""
+since still works: the page starts at the next name in order. GET /v1/models/{id}: one card."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 
+from caraserve.serve.http import ApiError
 from caraserve.serve.routes.common import service_of
 
 router = APIRouter()
@@ -28,3 +29,11 @@ def page(cards: list[dict], limit: int | None, after: str | None) -> tuple[list[
 async def models(http: Request, limit: int | None = Query(None, ge=1, le=1000), after: str | None = None):
     data, more = page(await service_of(http).models(), limit, after)
     return {"object": "list", "data": data, "has_more": more}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(http: Request, model_id: str):
+    card = next((c for c in await service_of(http).models() if c["id"] == model_id), None)
+    if card is None:
+        raise ApiError(404, f"The model `{model_id}` does not exist.", "not_found_error")
+    return card

@@ -309,7 +309,7 @@ class Engine:
                 return outs
             if len(rows) < len(reqs):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            tokens, logprobs, bad = self.isolation.sample(
+            tokens, logprobs, tops, bad = self.isolation.sample(
                 logits, emitting, [self._generators.get(r.request_id) for r in emitting], self.outputs.eos_ids)
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
             if batch.num_decode and self.perf_model is not None and not failed and not bad:
@@ -318,8 +318,9 @@ class Engine:
             reqs = [r for i, r in enumerate(emitting) if i not in bad]
             tokens = [t for i, t in enumerate(tokens) if i not in bad]
             logprobs = [lp for i, lp in enumerate(logprobs) if i not in bad]
-            for r, t, lp in zip(reqs, tokens, logprobs):
-                self.outputs.add_token(r, t, lp, now)
+            tops = [top for i, top in enumerate(tops) if i not in bad]
+            for r, t, lp, top in zip(reqs, tokens, logprobs, tops):
+                self.outputs.add_token(r, t, lp, top, now)
             self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed
             return outs + self.outputs.step_outputs(reqs, tokens, self._finish)
 

@@ -18,8 +18,8 @@ from caraserve.lora.checkpoint import AdapterError
 from caraserve.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "n", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "min_tokens", "logit_bias")
+                   "ignore_eos", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_tokens", "logit_bias")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
 
 
@@ -133,6 +133,8 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                                 "finish_reason": out.finish_reason.openai}
                 if out.logprobs is not None:
                     results[pos]["logprobs"] = out.logprobs
+                if out.top_logprobs is not None:  # per token: [[token id, logprob], ...], best first
+                    results[pos]["top_logprobs"] = [[list(alt) for alt in top] for top in out.top_logprobs]
                 tokens += len(out.output_ids)
             if progress is not None:
                 progress.update(1)

@@ -44,10 +44,12 @@ class OutputProcessor:
         return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True)
 
     @staticmethod
-    def add_token(req: Request, token: int, logprob: float, now: float) -> None:
+    def add_token(req: Request, token: int, logprob: float, top: tuple, now: float) -> None:
         req.output_ids.append(token)
         if req.params.logprobs:
             req.output_logprobs.append(logprob)
+            if req.params.top_logprobs:
+                req.output_top_logprobs.append(top)
         if req.first_token_s is None:
             req.first_token_s = now
 
@@ -147,6 +149,7 @@ class OutputProcessor:
             req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
             error=req.error, error_cause=req.error_cause,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            top_logprobs=list(req.output_top_logprobs) if req.params.top_logprobs else None,
             prompt_tokens=len(req.prompt_ids),
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,

@@ -76,6 +76,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False  # log-probability of each chosen token
+    top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each position
     # Logit adjustments (caraserve.sampler.adjust_logits states them): OpenAI's presence and
     # frequency penalties and logit_bias ({token id: bias}), vLLM's repetition_penalty and min_tokens
     presence_penalty: float = 0.0
@@ -132,6 +133,10 @@ class SamplingParams:
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
             bad(f"logprobs must be true or false, got {self.logprobs!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= INT64_MAX:
+            bad(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            bad("top_logprobs needs logprobs")
         if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
             bad(f"n={self.n!r} must be an integer >= 1")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -154,6 +159,8 @@ def check_limits(params: SamplingParams, lim, vocab: int) -> None:
     """Refuses (RequestError naming the field) sampling parameters beyond the limits `lim`
     (config.LimitsConfig) or a vocabulary of `vocab` tokens; SamplingParams itself has checked
     their types and ranges."""
+    if params.top_logprobs > lim.max_logprobs:
+        raise RequestError(f"top_logprobs: at most {lim.max_logprobs} (limits.max_logprobs), got {params.top_logprobs}")
     if len(params.stop) > lim.max_stop_strings:
         raise RequestError(f"stop: at most {lim.max_stop_strings} stop strings, got {len(params.stop)}")
     if sum(map(len, params.stop)) > lim.max_stop_chars:
@@ -207,6 +214,7 @@ class Request:
     state: RequestState = RequestState.WAITING
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # (token, logprob)s
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_cause: ErrorCause | None = None
@@ -286,7 +294,9 @@ class RequestOutput:
     new_text: str = ""
     error: str | None = None
     error_cause: ErrorCause | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # of output_ids (with SamplingParams.logprobs)
+    # with top_logprobs: the most likely (token, logprob)s at each position of output_ids, best first
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
     prompt_tokens: int = 0
     ttft_s: float | None = None  # arrival -> first token
     e2e_s: float | None = None  # arrival -> finish (set when finished)

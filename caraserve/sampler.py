@@ -73,10 +73,12 @@ def sample(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,  # per row, for the adjustments
     eos_ids=(),
-) -> tuple[list[int], list[float]]:
-    """One token per row, chosen from the adjusted logits (`adjust_logits`), and its
-    log-probability under the model's own (unadjusted, untempered) distribution (0.0 for rows
-    whose params do not ask for logprobs: that pass over the vocabulary is skipped)."""
+) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
+    """(token per row, logprob per row, top logprobs per row): one token per row, chosen from the
+    adjusted logits (`adjust_logits`); its log-probability under the model's own (unadjusted,
+    untempered) distribution (0.0 for rows whose params do not ask for logprobs: that pass over
+    the vocabulary is skipped); and the params' top_logprobs most likely (token, logprob) pairs
+    of that distribution, best first (() where not asked)."""
     raw = logits = logits.float()
     if histories is not None:
         logits = adjust_logits(logits, params, histories, eos_ids)
@@ -92,14 +94,22 @@ def sample(
         for row, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
     chosen = [0.0] * len(params)
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if wanted:
         idx = torch.tensor(wanted, device=logits.device)
-        rows = raw[idx]
-        lp = rows.gather(-1, tokens[idx][:, None])[:, 0] - rows.logsumexp(-1)
+        rows = raw[idx].log_softmax(-1)
+        lp = rows.gather(-1, tokens[idx][:, None])[:, 0]
         for i, v in zip(wanted, lp.tolist()):
             chosen[i] = v
-    return tokens.tolist(), chosen
+        k = min(max(params[i].top_logprobs for i in wanted), rows.shape[-1])
+        if k:
+            values, ids = rows.topk(k, -1)
+            values, ids = values.tolist(), ids.tolist()
+            for row, i in enumerate(wanted):
+                n = params[i].top_logprobs
+                tops[i] = tuple(zip(ids[row][:n], values[row][:n]))
+    return tokens.tolist(), chosen, tops
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

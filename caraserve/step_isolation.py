@@ -73,26 +73,27 @@ class StepIsolation:
 
     @staticmethod
     def sample(logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None],
-               eos_ids=()) -> tuple[list[int], list[float], dict[int, str]]:
-        """(token per row, logprob per row, {row: why it failed}) for logits [R, V]."""
+               eos_ids=()) -> tuple[list[int], list[float], list[tuple], dict[int, str]]:
+        """(token per row, logprob per row, top logprobs per row, {row: why it failed}) for
+        logits [R, V] (caraserve.sampler.sample)."""
         params = [r.params for r in reqs]
         histories = [(r.prompt_ids, r.output_ids) for r in reqs]
         states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
         try:
-            tokens, logprobs = sample(logits, params, generators, histories, eos_ids)
-            return tokens, logprobs, {}
+            tokens, logprobs, tops = sample(logits, params, generators, histories, eos_ids)
+            return tokens, logprobs, tops, {}
         except Exception as e:
             log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), describe(e))
-        tokens, logprobs, bad = [0] * len(reqs), [0.0] * len(reqs), {}
+        tokens, logprobs, tops, bad = [0] * len(reqs), [0.0] * len(reqs), [()] * len(reqs), {}
         for i in range(len(reqs)):
             if i in states:
                 generators[i].set_state(states[i])
             try:
-                (tokens[i],), (logprobs[i],) = sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1],
-                                                      histories[i : i + 1], eos_ids)
+                (tokens[i],), (logprobs[i],), (tops[i],) = sample(
+                    logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1], eos_ids)
             except Exception as e:
                 log.exception("sampling failed on request %s", reqs[i].request_id)
                 bad[i] = describe(e)
         if len(bad) == len(reqs) > 1:
             raise EngineDeadError(f"sampling failed on every row of a {len(reqs)}-row step: {bad[0]}")
-        return tokens, logprobs, bad
+        return tokens, logprobs, tops, bad

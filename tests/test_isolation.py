@@ -189,6 +189,20 @@ def test_offline_batch_survives_poisoned_lines(engine, monkeypatch):
     assert "token ids" in by_id["17"]["error"]
 
 
+def test_offline_lines_may_ask_for_top_logprobs(engine):
+    import json
+
+    line = {"id": "t", "prompt_token_ids": [1, 40, 50], "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2}
+    (result,), summary = run_offline(engine, [json.dumps(line)])
+    assert summary.errors == 0 and len(result["top_logprobs"]) == len(result["logprobs"]) == 4
+    for chosen, token, top in zip(result["logprobs"], result["token_ids"], result["top_logprobs"]):
+        assert len(top) == 2 and top[0] == [token, chosen] and top[1][1] <= chosen  # greedy: the best
+    line["top_logprobs"] = 21
+    (result,), _ = run_offline(engine, [json.dumps(line)])
+    assert "limits.max_logprobs" in result["error"]
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"temperature": math.nan}, "temperature"), ({"temperature": 1e300}, "temperature"),
     ({"temperature": True}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": math.inf}, "top_p"),
@@ -197,6 +211,7 @@ def test_offline_batch_survives_poisoned_lines(engine, monkeypatch):
     ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": True}, "n"),
     ({"stop_token_ids": [True]}, "stop_token_ids"), ({"stop_token_ids": [2**63]}, "stop_token_ids"),
     ({"stop": [""]}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"), ({"logprobs": 1}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
 ])
 def test_sampling_params_refuse_what_the_step_cannot_take(kwargs, field):
     with pytest.raises(RequestError, match=field):
@@ -234,5 +249,5 @@ def test_sampler_clamps_top_k_past_the_vocabulary():
 
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     gen = torch.Generator().manual_seed(0)
-    tokens, _ = sample(logits, [SamplingParams(temperature=1e-3, top_k=2**63 - 1)], [gen])
+    tokens, _, _ = sample(logits, [SamplingParams(temperature=1e-3, top_k=2**63 - 1)], [gen])
     assert tokens == [1]

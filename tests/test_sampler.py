@@ -14,7 +14,8 @@ def test_greedy_and_logprobs_match_log_softmax():
     logits = torch.randn(5, 300, generator=g) * 3
     logits[2, 7] = logits[2, 40] = logits[2].max() + 1  # a tie: the first one wins, as torch.argmax
     params = [SamplingParams(temperature=0, logprobs=i % 2 == 0) for i in range(5)]
-    tokens, lps = sample(logits, params, [None] * 5)
+    tokens, lps, tops = sample(logits, params, [None] * 5)
+    assert tops == [()] * 5  # no alternatives asked
     assert tokens == logits.argmax(-1).tolist() and tokens[2] == 7
     ref = logits.log_softmax(-1)
     for i, (t, lp) in enumerate(zip(tokens, lps)):
@@ -29,9 +30,28 @@ def test_seeded_sampling_respects_top_k_and_reports_logprob():
     p = SamplingParams(temperature=1.0, top_k=2, seed=3, logprobs=True)
     seen = set()
     for seed in range(40):
-        tokens, lps = sample(logits, [p], [torch.Generator().manual_seed(seed)])
+        tokens, lps, _ = sample(logits, [p], [torch.Generator().manual_seed(seed)])
         seen.add(tokens[0])
         assert abs(lps[0] - logits.log_softmax(-1)[0, tokens[0]].item()) < 1e-6
     assert seen == {1, 2}  # only the two most likely tokens
     again = [sample(logits, [p], [torch.Generator().manual_seed(7)])[0][0] for _ in range(3)]
     assert len(set(again)) == 1
+
+
+def test_top_logprobs_are_the_most_likely_of_the_model():
+    """Each row gets its own number of alternatives, best first, from the model's log-softmax
+    (not the adjusted or tempered distribution the token was sampled from)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 50, generator=g) * 2
+    params = [SamplingParams(temperature=0, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.7, seed=1, logprobs=True, top_logprobs=1, logit_bias={4: 50.0}),
+              SamplingParams(temperature=0, logprobs=True)]
+    gens = [None, torch.Generator().manual_seed(1), None]
+    tokens, lps, tops = sample(logits, params, gens, [([1], []), ([1], []), ([1], [])])
+    ref = logits.log_softmax(-1)
+    for i, n in enumerate((3, 1, 0)):
+        values, ids = ref[i].topk(3)
+        assert [t for t, _ in tops[i]] == ids[:n].tolist()
+        assert all(abs(lp - v) < 1e-5 for (_, lp), v in zip(tops[i], values[:n].tolist()))
+        assert abs(lps[i] - ref[i, tokens[i]].item()) < 1e-5
+    assert tokens[1] == 4 and tops[1][0][0] != 4  # sampled with the bias, reported without it

@@ -57,7 +57,7 @@ def test_adjustments_match_the_reference(name):
 def test_logprobs_stay_those_of_the_model():
     logits = torch.randn(1, 16, generator=torch.Generator().manual_seed(3))
     p = SamplingParams(temperature=0, logprobs=True, logit_bias={7: 100.0})
-    (token,), (lp,) = sample(logits, [p], [None], [([1], [])])
+    (token,), (lp,), _ = sample(logits, [p], [None], [([1], [])])
     assert token == 7 and lp == pytest.approx((logits[0, 7] - logits[0].logsumexp(-1)).item(), abs=1e-6)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from caraserve.request import ErrorCause, FinishReason, RequestOutput
-from caraserve.serve import protocol as proto
+from caraserve.serve import choices
 from caraserve.serve.streaming import events
 
 
@@ -15,8 +15,7 @@ def out(rid, text, finished=False, reason=None, error=None, n_out=1):
                          error_cause=ErrorCause.REQUEST if error else None, prompt_tokens=4)
 
 
-def chunker(i):
-    return lambda text, fin: proto.completion_chunk("r", "m", text, fin, i)
+chunker = choices.completion_chunker("r", "m", choices.TokenTexts(None), "")
 
 
 async def _collect(runs, first, aborted, usage=True, stop_after=None):
@@ -70,3 +69,25 @@ def test_a_consumer_going_away_aborts_every_unfinished_choice():
         return aborted
 
     assert sorted(asyncio.run(main())) == ["a", "b"]
+
+
+def test_logprobs_of_held_back_tokens_come_with_the_chunk_that_sends_their_text():
+    """A token whose text is held back (an incomplete character, the start of a stop string)
+    sends nothing; its logprobs go with the next chunk, so the chunks' tokens are every token."""
+    def lp_out(new_text, n, finished=False):
+        return RequestOutput("a", [n + 10], [11, 12, 13][:n], finished, FinishReason.LENGTH if finished else None,
+                             new_text=new_text, logprobs=[-0.5, -1.0, -1.5][:n],
+                             top_logprobs=[((11, -0.5),), ((12, -1.0),), ((14, -0.9),)][:n], prompt_tokens=2)
+
+    async def main():
+        q = asyncio.Queue()
+        for o in (lp_out("", 2), lp_out("yz", 3, True)):
+            q.put_nowait(o)
+        return await _collect([("a", q)], lp_out("x", 1), [], usage=False)
+
+    got = asyncio.run(main())
+    assert [e["choices"][0]["text"] for e in got[:-1]] == ["x", "yz"]
+    first, second = (e["choices"][0]["logprobs"] for e in got[:-1])
+    assert first == {"tokens": ["11"], "token_logprobs": [-0.5], "top_logprobs": [{"11": -0.5}], "text_offset": [0]}
+    assert second["tokens"] == ["12", "13"] and second["token_logprobs"] == [-1.0, -1.5]
+    assert second["top_logprobs"] == [{"12": -1.0}, {"14": -0.9, "13": -1.5}] and second["text_offset"] == [2, 4]

@@ -143,23 +143,26 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, str | Non
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0) -> dict:
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str | None]], prompt_tokens: int,
+def chat_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None]], prompt_tokens: int,
                   completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """choices: (text, finish_reason) of each of the n completions."""
+    """choices: (text, finish_reason, logprobs) of each of the n completions."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None} for i, (text, finish) in enumerate(choices)],
+                         "finish_reason": finish, "logprobs": logprobs}
+                        for i, (text, finish, logprobs) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
 def model_card(name: str, root: str, parent: str | None = None, **extra) -> dict:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.serve import choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.gateway_metrics import add_gateway_metrics
@@ -67,6 +68,7 @@ class EngineService:
         self.chat_template = path.read_text() if path is not None and path.is_file() else chat_template or None
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
+        self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
         self.metrics_ = ServerMetrics(service)
         add_gateway_metrics(self.metrics_.registry, service, served_name)
         service.on_output = self.metrics_.observe
@@ -97,7 +99,8 @@ class EngineService:
         raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The params of each of the body's `n` engine requests (n is the service's to fan out)."""
+        """The params of each of the body's `n` engine requests (n is the service's to fan out);
+        logprobs: None for none, else each token's with this many alternatives."""
         if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
             raise ApiError(400, f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}",
                            "invalid_request_error")
@@ -108,7 +111,8 @@ class EngineService:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop=() if body.stop is None else body.stop,
-                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=bool(logprobs),
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                logprobs=logprobs is not None, top_logprobs=logprobs or 0,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
                 logit_bias=body.logit_bias or (),
@@ -159,14 +163,15 @@ class EngineService:
 
     async def _start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
                        n: int, final_only: bool = False) -> list[tuple[str, asyncio.Queue]]:
-        """Request `rid` (started: `queue`) and n - 1 more of its prompt (`{rid}-{i}`), admitted
+        """Request `rid` (started: `queue`) and n - 1 more of its prompt (`{rid}#{i}`: a caller's
+        X-Request-Id cannot hold '#', so no caller's id is ever one of them), admitted
         once `rid` has prefilled so they share its prompt's KV blocks; with a seed, request i
         samples with seed + i (the n completions differ, reproducibly)."""
         runs = [(rid, queue)]
         try:
             for i in range(1, n):
                 seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
-                sid = f"{rid}-{i}"
+                sid = f"{rid}#{i}"
                 runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid,
                                                     final_only=final_only)))
         except BaseException:
@@ -231,8 +236,13 @@ class EngineService:
                 raise ApiError(400, "batched prompts are not supported: send one prompt per request",
                                "invalid_request_error")
             prompt = prompt[0]
-        logprobs = int(body.logprobs) if body.logprobs is not None else None
-        params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, logprobs)
+        if isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
+                           "invalid_request_error")
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported: the prompt's logprobs are not computed",
+                           "invalid_request_error")
+        params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
         ids = await self._encode(prompt)
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         echoed = self._prompt_text(prompt, ids) if body.echo else ""
@@ -240,27 +250,13 @@ class EngineService:
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            def chunker(index: int):
-                pending = [echoed]
-
-                def chunk(text, fin):
-                    text, pending[0] = pending[0] + text, ""
-                    return proto.completion_chunk(rid, body.model, text, fin, index)
-                return chunk
-
+            chunker = choices.completion_chunker(rid, body.model, self.token_texts, echoed)
             return await self._stream(runs, chunker, include_usage, disconnected)
         outs = await self._all_of(runs, disconnected)
-
-        def logprobs_of(out):
-            if not (body.logprobs and out.logprobs is not None):
-                return None
-            tok = self.engine.tokenizer
-            tokens = [tok.decode([t]) if tok else str(t) for t in out.output_ids]
-            return {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
-
-        return proto.completion_response(rid, body.model, [(echoed + o.text, o.finish_reason.openai, logprobs_of(o))
-                                                           for o in outs], len(ids),
-                                         sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
+        answers = [(echoed + o.text, o.finish_reason.openai, choices.completion_logprobs(self.token_texts, o))
+                   for o in outs]
+        return proto.completion_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
+                                         max(o.cached_tokens for o in outs))
 
     def _prompt_text(self, prompt, ids: list[int]) -> str:
         """The prompt as text, for echo (token-id prompts decoded; as ids without a tokenizer)."""
@@ -288,6 +284,8 @@ class EngineService:
         if body.logprobs is not None and not isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many)",
                            "invalid_request_error")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request_error")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
             raise ApiError(400, f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}",
                            "invalid_request_error")
@@ -298,7 +296,7 @@ class EngineService:
         adapter = await self.resolve_model(body.model)
         messages = self._chat_checks(body)
         engine = self.engine
-        wanted = (body.top_logprobs or 0) if body.logprobs else None
+        wanted = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs
         self.sampling(body, 1, wanted)  # bad parameters are refused before the template runs
 
         def render() -> list[int]:
@@ -319,19 +317,12 @@ class EngineService:
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            def chunker(index: int):
-                first = [True]
-
-                def chunk(text, fin):
-                    delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
-                    first[0] = False
-                    return proto.chat_chunk(rid, body.model, delta, fin, index)
-                return chunk
-
-            return await self._stream(runs, chunker, include_usage, disconnected)
+            return await self._stream(runs, choices.chat_chunker(rid, body.model, self.token_texts), include_usage,
+                                      disconnected)
         outs = await self._all_of(runs, disconnected)
-        return proto.chat_response(rid, body.model, [(o.text, o.finish_reason.openai) for o in outs], len(ids),
-                                   sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
+        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o)) for o in outs]
+        return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
+                                   max(o.cached_tokens for o in outs))
 
     async def models(self) -> list[dict]:
         engine = self.engine

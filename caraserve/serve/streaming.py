@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from caraserve.request import ErrorCause, RequestOutput
 from caraserve.serve import protocol as proto
 
-# chunk(index) -> (text, finish_reason) -> the chunk's JSON body; one function per choice, so a
-# choice's first chunk can carry what only the first does (the chat role, an echoed prompt)
-Chunker = Callable[[int], Callable[[str, str | None], dict]]
+# chunker(index) -> chunk(output, finish_reason) -> the chunk's JSON body, or None when the output
+# has nothing to send yet (its text held back); chunk(None, None) is an empty chunk, the usage
+# chunk's form. One function per choice, so a choice's chunks can carry what only its first does
+# (the chat role, an echoed prompt) and what earlier outputs left (their tokens' logprobs).
+Chunker = Callable[[int], Callable[[RequestOutput | None, str | None], dict | None]]
 
 
 def error_kind(out: RequestOutput) -> tuple[int, str]:
@@ -54,8 +56,9 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
         while len(finished) < len(runs):
             i, out = await merged.get()
             finish = out.finish_reason.openai if out.finished else None
-            if out.new_text or out.finished:
-                yield _sse(chunks[i](out.new_text, finish))
+            body = chunks[i](out, finish)
+            if body is not None:
+                yield _sse(body)
             if not out.finished:
                 continue
             finished[i] = out
@@ -64,7 +67,7 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
                 yield _sse(proto.error_body(out.error, type_, status))
                 break
         if final_usage:
-            body = chunks[0]("", None)
+            body = chunks[0](None, None)
             body["choices"] = []
             body["usage"] = proto.usage(first.prompt_tokens, sum(len(o.output_ids) for o in finished.values()),
                                         max(o.cached_tokens for o in finished.values()))

@@ -1,0 +1,108 @@
+"""Logprobs through the HTTP API, as OpenAI's clients read them: completions (tokens,
+token_logprobs, top_logprobs, text_offset) and chat (content entries with their alternatives),
+non-streamed and streamed alike, against the model's own log-softmax."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_server_hardening import KEY, completion, live_server, post
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("logprobs")) as server:
+        yield server
+
+
+def events(live, path: str, body: dict) -> list[dict]:
+    """The data events of a streamed answer, before [DONE]."""
+    out = []
+    with httpx.stream("POST", live["base"] + path, json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def test_completion_logprobs_streamed_and_not(live):
+    body = {"model": "demo-r8", "prompt": "def main():", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "logprobs": 3}
+    r = post(live, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    n = len(lp["tokens"])
+    assert n == 6 == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(n)]
+    for token, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 4 and chosen <= 0.0  # the 3 best, and the chosen token if not among them
+        best = max(top.values())
+        assert top.get(token) == pytest.approx(chosen, abs=1e-6) and chosen == pytest.approx(best, abs=1e-6)
+        assert sorted(top.values(), reverse=True) == list(top.values())  # best first
+    chunks = events(live, "/v1/completions", body)
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == lp["tokens"]
+    assert [v for s in streamed for v in s["token_logprobs"]] == lp["token_logprobs"]
+    assert [v for s in streamed for v in s["top_logprobs"]] == lp["top_logprobs"]
+    assert [v for s in streamed for v in s["text_offset"]] == lp["text_offset"]
+
+
+def test_completion_logprobs_zero_gives_the_chosen_tokens_only(live):
+    r = completion(live, logprobs=0)
+    lp = r.json()["choices"][0]["logprobs"]  # as OpenAI's: the chosen token is always among the alternatives
+    assert len(lp["token_logprobs"]) == 8
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
+    assert completion(live).json()["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_streamed_and_not(live):
+    body = {"model": "demo-r16", "messages": [{"role": "user", "content": "import os"}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    r = post(live, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 5 and "".join(e["token"] for e in content) == choice["message"]["content"]
+    for e in content:
+        assert e["bytes"] == list(e["token"].encode()) and len(e["top_logprobs"]) == 2
+        assert e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"], abs=1e-6)  # greedy: the best
+        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+    chunks = events(live, "/v1/chat/completions", body)
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    plain = post(live, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})
+    assert plain.json()["choices"][0]["logprobs"] is None
+
+
+def test_logprobs_of_the_model_not_of_the_sampling(live):
+    """Sampled at a temperature with a logit bias: the logprobs reported are still the model's
+    own, so the same token at the same position has the same logprob as under greedy decoding."""
+    greedy = completion(live, model="demo-r8", logprobs=1).json()["choices"][0]["logprobs"]
+    biased = completion(live, model="demo-r8", logprobs=1, temperature=0.8, seed=3,
+                        logit_bias={"11": 100}).json()["choices"][0]["logprobs"]
+    best = next(iter(greedy["top_logprobs"][0].items()))  # position 0: the same context in both
+    assert next(iter(biased["top_logprobs"][0].items())) == best
+    forced = live["engine"].tokenizer.decode([11])  # token 11, forced by the bias
+    assert biased["tokens"][0] == forced and biased["top_logprobs"][0][forced] == biased["token_logprobs"][0]
+    assert biased["token_logprobs"][0] <= best[1]
+
+
+@pytest.mark.parametrize("path,extra,says", [
+    ("/v1/completions", {"logprobs": True}, "logprobs must be a number"),
+    ("/v1/completions", {"logprobs": 2, "echo": True}, "echo with logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs must be in [0, 20]"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
+])
+def test_bad_logprobs_requests_get_400(live, path, extra, says):
+    body = {"model": "tiny", "max_tokens": 2, **extra}
+    body.update({"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    r = post(live, path, body)
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

@@ -2,7 +2,8 @@
 scripts/generate.py) share: a configuration mistake is one line on stderr and exit status 2,
 whether Hydra finds it (an override it cannot parse, a key the YAML lacks) or the typed
 dataclasses do (a value of the wrong type, a bad value, an added unknown key); and the HTTP
-servers run uvicorn with the same limits and the same clean SIGTERM."""
+servers run uvicorn with the same limits and the same clean SIGTERM, on an address taken before
+the model loads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from typing import NoReturn
 
@@ -89,7 +91,22 @@ def run(hydra_main) -> int:
     return 0
 
 
-def serve_http(app, server: ServerConfig, log: logging.Logger) -> None:
+def listen(server: ServerConfig) -> socket.socket:
+    """The server's socket, bound to server.host:server.port now: an address another process
+    holds is one line and status 2 before the model loads, not a traceback once it has."""
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((server.host, server.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"server.host/server.port: cannot listen on {server.host}:{server.port} "
+                          f"({e.strerror or e})") from None
+    return sock
+
+
+def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.socket | None = None) -> None:
     """Serves `app` until SIGTERM or SIGINT, then stops accepting and lets running requests
     finish for at most server.drain_timeout_s. uvicorn re-raises the signal afterwards to the
     handler it found: the one set here logs, so the process goes on to end normally (status 0)
@@ -103,9 +120,10 @@ def serve_http(app, server: ServerConfig, log: logging.Logger) -> None:
     that time."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: log.info("drained; exiting"))
-    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
-                timeout_graceful_shutdown=server.drain_timeout_s,
-                timeout_keep_alive=server.timeout_keep_alive_s, limit_concurrency=server.limit_concurrency)
+    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
+                            timeout_graceful_shutdown=server.drain_timeout_s,
+                            timeout_keep_alive=server.timeout_keep_alive_s, limit_concurrency=server.limit_concurrency)
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 
 
 def exit_now(status: int) -> NoReturn:

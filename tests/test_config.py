@@ -229,6 +229,19 @@ def test_entry_point_parse_error_is_one_line(tmp_path):
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and p.stderr.startswith("error: cannot parse")
 
 
+def test_server_on_a_taken_port_says_so_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        p = run_entry("-m", "caraserve.serve", f"server.port={port}", "model.path=/nonexistent", cwd=ROOT)
+    assert p.returncode == 2, p.stderr[-2000:]  # (a model load would have failed on the path)
+    assert p.stderr.splitlines() == [f"error: server.host/server.port: cannot listen on 127.0.0.1:{port} "
+                                     "(Address already in use)"]
+    assert time.monotonic() - t0 < 60
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

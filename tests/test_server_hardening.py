@@ -4,6 +4,7 @@ adapter management needs its key, and the engine's own faults make /health say s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -39,10 +40,10 @@ def serve(app, port: int):
     return server, thread
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """An in-process server (so a test can plant faults in its engine) on a loopback port."""
-    root = tmp_path_factory.mktemp("hardening")
+@contextlib.contextmanager
+def live_server(root):
+    """An in-process server (so a test can plant faults in its engine) on a loopback port:
+    {"base": its URL, "engine", "service", "adapters": its adapter folder under `root`}."""
     adapters = root / "adapters"
     shutil.copytree(tiny_paths()[1], adapters)
     engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
@@ -54,10 +55,18 @@ def live(tmp_path_factory):
     service.start()
     port = free_port()
     server, thread = serve(app, port)
-    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "service": service, "adapters": adapters}
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.stop()
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "service": service, "adapters": adapters}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("hardening")) as server:
+        yield server
 
 
 def post(live, path, body, key=KEY):
@@ -167,6 +176,20 @@ def test_one_model_card_and_every_refusal_counted(live):
     assert completion(live, temperature=-1).status_code == 400  # the sampling parameters'
     assert completion(live, model="nope").status_code == 404
     assert (rejected("bad_request"), rejected("unknown_model")) == (before[0] + 3, before[1] + 1)
+
+
+def test_a_callers_request_id_never_meets_an_n_request_of_another(live):
+    """The n - 1 extra requests of an n > 1 call have ids no caller can send: a caller's "q-1"
+    runs while "q" with n=2 does."""
+    headers = {"Authorization": f"Bearer {KEY}", "X-Request-Id": "q"}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 64, "n": 2, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", live["base"] + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # both choices admitted
+        other = httpx.post(live["base"] + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "y",
+                                                                              "max_tokens": 2},
+                           headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "q-1"})
+        assert other.status_code == 200 and other.json()["id"] == "q-1", other.text
 
 
 def test_unencodable_text_gets_4xx(live):

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from caraserve.cli import config_task, exit_now, run, serve_http
+from caraserve.cli import config_task, exit_now, listen, run, serve_http
 from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_keys, engine_config
 from caraserve.engine import Engine, resolve_paths
 from caraserve.serve.api import build_app
@@ -55,6 +55,7 @@ def served_name_of(engine: Engine, server: ServerConfig) -> str:
 @config_task
 def main(cfg: DictConfig) -> None:
     engine_cfg, server = configs(OmegaConf.to_container(cfg, resolve=True))  # before the model loads
+    sock = listen(server)  # so is the address
     engine = Engine(engine_cfg)
     served_name = served_name_of(engine, server)
     service = AsyncEngine(engine, server.max_queue)
@@ -64,7 +65,7 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
              server.host, server.port)
     try:
-        serve_http(app, server, log)  # until SIGTERM/SIGINT, then drains the running requests
+        serve_http(app, server, log, sock)  # until SIGTERM/SIGINT, then drains the running requests
     finally:
         service.stop()
 

@@ -6,9 +6,9 @@
  * B [rank, out] are contiguous row-major (a slot of the adapter pool). Rows go in blocks (eight
  * while a run has that many, then four): a block's shrink (x A) lands in a small buffer that its
  * expand reads at once, so nothing of size rows x rank is allocated, and each block reads A and
- * B once. The inner loops have fixed widths so the compiler keeps the accumulators in vector
- * registers (8 x 1 or 4 x 2 vectors); a block of fewer real rows repeats its last row and stores
- * only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
+ * B once. Shrink and expand are the same panel product (PANEL), whose inner loops have fixed
+ * widths so the compiler keeps the accumulators in vector registers (8 x 1 or 4 x 2 vectors); a
+ * block of fewer real rows repeats its last row and stores only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
  * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
  * ahead; a run may instead point at a packed copy (column panels, read front to back, asking
  * for the lines a few KB on).
@@ -47,31 +47,29 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
 #define LOAD(p) (*(const vf_u *)(p))
 
-/* Where a shrink reads vector j of A's row k, rank columns from c, and an expand vector j of B's
- * row r, output columns from o0: in the pool's layout (A [in][rank], B [rank][out]; the column
- * blocks walk them with a stride, so the loops prefetch ahead) or in the packed one
- * (cpu_kernels.packed: A [rank/VL][in][VL], B [out/VL][rank][VL]; each block reads its panels
- * front to back). */
-#define A_POOL(k, j) (a + (k) * rank + c + (j) * VL)
-#define B_POOL(r, j) (b + (r) * out + o0 + (j) * VL)
-#define A_PACKED(k, j) (a + c * in + ((j) * in + (k)) * VL)
-#define B_PACKED(r, j) (b + o0 * rank + ((j) * rank + (r)) * VL)
-#define PREFETCH_A_POOL(k, nv) __builtin_prefetch(A_POOL((k) + PREFETCH_ROWS, 0))
-#define PREFETCH_B_POOL(r, nv) __builtin_prefetch(B_POOL(r, nv)) /* the next column block */
+/* Both halves of the delta are one product, over a panel of columns [col, col + NV*VL) of a
+ * weight W with `depth` rows, for the IB rows of a block:
+ *     acc_i = sum_k s_i[k] * W[k][col : col + NV*VL]
+ *     d_i[col : col + NV*VL] = acc_i  or (accumulate)  += alpha * acc_i     for its first `rows` rows
+ * The shrink: s = the block's x rows, W = A (depth in), d = its v rows (stored). The expand: s = its
+ * v rows, W = B (depth rank), d = its y rows (accumulated, alpha = the run's scale).
+ * Where vector j of W's row k is: in the pool's layout (A [in][rank], B [rank][out]: row stride ld;
+ * the column blocks walk them with a stride, so the loops prefetch ahead, A rows ahead, B the next
+ * column block) or in the packed one (cpu_kernels.packed: A [rank/VL][in][VL], B [out/VL][rank][VL];
+ * each block reads its panels front to back). */
+#define W_POOL(k, j) (w + (k) * ld + col + (j) * VL)
+#define W_PACKED(k, j) (w + col * depth + ((j) * depth + (k)) * VL)
+#define PREFETCH_ROWS_AHEAD(k, nv) __builtin_prefetch(W_POOL((k) + PREFETCH_ROWS, 0))
+#define PREFETCH_NEXT_BLOCK(k, nv) __builtin_prefetch(W_POOL(k, nv))
 /* A packed panel is read front to back, two rows a cache line: every other row asks for the
  * line PACKED_AHEAD floats on in each of the nv panels it reads (into L2). The weights are in
  * memory at each step, and the hardware prefetcher alone keeps too few lines in flight for
  * loops doing this little work per line. */
 #define PACKED_AHEAD 1024
-#define PREFETCH_A_PACKED(k, nv)                                                                   \
+#define PREFETCH_PACKED(k, nv)                                                                     \
     do {                                                                                           \
         if (((k) & 1) == 0)                                                                        \
-            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(A_PACKED(k, j_) + PACKED_AHEAD, 0, 2); \
-    } while (0)
-#define PREFETCH_B_PACKED(r, nv)                                                                   \
-    do {                                                                                           \
-        if (((r) & 1) == 0)                                                                        \
-            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(B_PACKED(r, j_) + PACKED_AHEAD, 0, 2); \
+            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(W_PACKED(k, j_) + PACKED_AHEAD, 0, 2); \
     } while (0)
 
 /* The first PACKED_AHEAD floats of a run's weights (of `len`), which the loops' own requests,
@@ -83,128 +81,69 @@ static inline void prefetch_head(const float *p, int64_t len) {
     for (int64_t o = 0; o < n; o += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + o, 0, 2);
 }
 
-/* v[i][c : c + NV*VL] = sum_k x_i[k] * A[k][c : c + NV*VL] for the IB rows of a block */
-#define SHRINK(NAME, IB, NV, AT, PREFETCH)                                                    \
-    static void NAME(const float *const *xr, const float *a, int64_t in, int64_t rank, int64_t c, \
-                     float *v) {                                                              \
-        vf acc[IB][NV];                                                                       \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
-        for (int64_t k = 0; k < in; k++) {                                                    \
-            PREFETCH(k, NV);                                                                  \
-            vf av[NV];                                                                        \
-            for (int j = 0; j < NV; j++) av[j] = LOAD(AT(k, j));                              \
-            for (int i = 0; i < IB; i++) {                                                    \
-                const float xv = xr[i][k];                                                    \
-                for (int j = 0; j < NV; j++) acc[i][j] += xv * av[j];                         \
-            }                                                                                 \
-        }                                                                                     \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++)                                                      \
-                for (int l = 0; l < VL; l++) v[i * rank + c + j * VL + l] = acc[i][j][l];     \
+typedef void (*panel_fn)(const float *const *s, float *const *d, int rows, const float *w, int64_t depth,
+                         int64_t ld, int64_t col, int accumulate, float alpha);
+
+/* The panel product above with fixed widths (IB rows, NV vectors), so the compiler keeps the
+ * accumulators in vector registers (8 x 1 or 4 x 2). */
+#define PANEL(NAME, IB, NV, WAT, PREFETCH)                                                        \
+    static void NAME(const float *const *s, float *const *d, int rows, const float *w, int64_t depth, \
+                     int64_t ld, int64_t col, int accumulate, float alpha) {                      \
+        (void)ld;                                                                                 \
+        vf acc[IB][NV];                                                                           \
+        for (int i = 0; i < IB; i++)                                                              \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                     \
+        for (int64_t k = 0; k < depth; k++) {                                                     \
+            PREFETCH(k, NV);                                                                      \
+            vf wv[NV];                                                                            \
+            for (int j = 0; j < NV; j++) wv[j] = LOAD(WAT(k, j));                                 \
+            for (int i = 0; i < IB; i++) {                                                        \
+                const float sv = s[i][k];                                                         \
+                for (int j = 0; j < NV; j++) acc[i][j] += sv * wv[j];                             \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < rows; i++)                                                            \
+            for (int j = 0; j < NV; j++)                                                          \
+                for (int l = 0; l < VL; l++) {                                                    \
+                    float *o = &d[i][col + j * VL + l];                                           \
+                    *o = accumulate ? *o + alpha * acc[i][j][l] : acc[i][j][l];                   \
+                }                                                                                 \
     }
 
-/* y_i[o0 : o0 + NV*VL] += scale * sum_r v[i][r] * B[r][o0 : o0 + NV*VL] for the first `rows` rows */
-#define EXPAND(NAME, IB, NV, AT, PREFETCH)                                                    \
-    static void NAME(float *const *yr, int rows, const float *v, const float *b, int64_t rank,  \
-                     int64_t out, int64_t o0, float scale) {                                  \
-        vf acc[IB][NV];                                                                       \
-        for (int i = 0; i < IB; i++)                                                          \
-            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                 \
-        for (int64_t r = 0; r < rank; r++) {                                                  \
-            PREFETCH(r, NV);                                                                  \
-            vf bv[NV];                                                                        \
-            for (int j = 0; j < NV; j++) bv[j] = LOAD(AT(r, j));                              \
-            for (int i = 0; i < IB; i++) {                                                    \
-                const float vv = v[i * rank + r];                                             \
-                for (int j = 0; j < NV; j++) acc[i][j] += vv * bv[j];                         \
-            }                                                                                 \
-        }                                                                                     \
-        for (int i = 0; i < rows; i++)                                                        \
-            for (int j = 0; j < NV; j++)                                                      \
-                for (int l = 0; l < VL; l++) yr[i][o0 + j * VL + l] += scale * acc[i][j][l];  \
-    }
+/* One layout's panels: 8 rows x 1 vector, 4 x 2, 4 x 1 */
+typedef struct {
+    panel_fn p8_1, p4_2, p4_1;
+} panel_set;
 
-SHRINK(shrink_8_1, 8, 1, A_POOL, PREFETCH_A_POOL)
-SHRINK(shrink_4_2, 4, 2, A_POOL, PREFETCH_A_POOL)
-SHRINK(shrink_4_1, 4, 1, A_POOL, PREFETCH_A_POOL)
-EXPAND(expand_8_1, 8, 1, B_POOL, PREFETCH_B_POOL)
-EXPAND(expand_4_2, 4, 2, B_POOL, PREFETCH_B_POOL)
-EXPAND(expand_4_1, 4, 1, B_POOL, PREFETCH_B_POOL)
-SHRINK(pshrink_8_1, 8, 1, A_PACKED, PREFETCH_A_PACKED)
-SHRINK(pshrink_4_2, 4, 2, A_PACKED, PREFETCH_A_PACKED)
-SHRINK(pshrink_4_1, 4, 1, A_PACKED, PREFETCH_A_PACKED)
-EXPAND(pexpand_8_1, 8, 1, B_PACKED, PREFETCH_B_PACKED)
-EXPAND(pexpand_4_2, 4, 2, B_PACKED, PREFETCH_B_PACKED)
-EXPAND(pexpand_4_1, 4, 1, B_PACKED, PREFETCH_B_PACKED)
+#define PANELS(SET, WAT, PREFETCH)                        \
+    PANEL(SET##_8_1, 8, 1, WAT, PREFETCH)                 \
+    PANEL(SET##_4_2, 4, 2, WAT, PREFETCH)                 \
+    PANEL(SET##_4_1, 4, 1, WAT, PREFETCH)                 \
+    static const panel_set SET = {SET##_8_1, SET##_4_2, SET##_4_1};
 
-/* The columns past the last full vector: plain loops */
-static void shrink_tail(const float *const *xr, int ib, const float *a, int64_t in, int64_t rank, int64_t r0,
-                        int64_t r1, float *v) {
-    for (; r0 < r1; r0++) {
-        for (int i = 0; i < ib; i++) {
-            float s = 0.0f;
-            for (int64_t k = 0; k < in; k++) s += xr[i][k] * a[k * rank + r0];
-            v[i * rank + r0] = s;
-        }
-    }
-}
+PANELS(a_pool, W_POOL, PREFETCH_ROWS_AHEAD)
+PANELS(b_pool, W_POOL, PREFETCH_NEXT_BLOCK)
+PANELS(packed, W_PACKED, PREFETCH_PACKED)
 
-static void expand_tail(float *const *yr, int rows, const float *v, const float *b, int64_t rank, int64_t out,
-                        int64_t o0, int64_t o1, float scale) {
-    for (; o0 < o1; o0++) {
-        for (int i = 0; i < rows; i++) {
-            float s = 0.0f;
-            for (int64_t r = 0; r < rank; r++) s += v[i * rank + r] * b[r * out + o0];
-            yr[i][o0] += scale * s;
-        }
-    }
-}
-
-/* Rank columns [c0, c1) of one block's shrink; c0 is a multiple of VL */
-static void shrink_range(const float *const *xr, int ib, const lora_run *run, int64_t in, int64_t c0, int64_t c1,
-                         float *v) {
-    const int64_t rank = run->rank;
+/* Columns [c0, c1) of one block's panel product (c0 a multiple of VL): whole vectors through
+ * `set`, the columns past the last one (the pool layout's; a packed weight's widths are
+ * multiples of VL) through plain loops. */
+static void panel_range(const panel_set *set, const float *const *s, float *const *d, int ib, int rows,
+                        const float *w, int64_t depth, int64_t ld, int64_t c0, int64_t c1, int accumulate,
+                        float alpha) {
     int64_t c = c0;
-    if (run->packed) {
-        if (ib == 8) {
-            for (; c < c1; c += VL) pshrink_8_1(xr, run->a, in, rank, c, v);
-        } else {
-            for (; c + 2 * VL <= c1; c += 2 * VL) pshrink_4_2(xr, run->a, in, rank, c, v);
-            for (; c < c1; c += VL) pshrink_4_1(xr, run->a, in, rank, c, v);
-        }
-        return;
-    }
     if (ib == 8) {
-        for (; c + VL <= c1; c += VL) shrink_8_1(xr, run->a, in, rank, c, v);
+        for (; c + VL <= c1; c += VL) set->p8_1(s, d, rows, w, depth, ld, c, accumulate, alpha);
     } else {
-        for (; c + 2 * VL <= c1; c += 2 * VL) shrink_4_2(xr, run->a, in, rank, c, v);
-        for (; c + VL <= c1; c += VL) shrink_4_1(xr, run->a, in, rank, c, v);
+        for (; c + 2 * VL <= c1; c += 2 * VL) set->p4_2(s, d, rows, w, depth, ld, c, accumulate, alpha);
+        for (; c + VL <= c1; c += VL) set->p4_1(s, d, rows, w, depth, ld, c, accumulate, alpha);
     }
-    shrink_tail(xr, ib, run->a, in, rank, c, c1, v);
-}
-
-/* Output columns [o0, o1) of one block's expand; o0 is a multiple of VL */
-static void expand_range(float *const *yr, int ib, int rows, const lora_run *run, int64_t out, int64_t o0,
-                         int64_t o1, const float *v) {
-    const int64_t rank = run->rank;
-    int64_t c = o0;
-    if (run->packed) {
-        if (ib == 8) {
-            for (; c < o1; c += VL) pexpand_8_1(yr, rows, v, run->b, rank, out, c, run->scale);
-        } else {
-            for (; c + 2 * VL <= o1; c += 2 * VL) pexpand_4_2(yr, rows, v, run->b, rank, out, c, run->scale);
-            for (; c < o1; c += VL) pexpand_4_1(yr, rows, v, run->b, rank, out, c, run->scale);
+    for (; c < c1; c++)
+        for (int i = 0; i < rows; i++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < depth; k++) acc += s[i][k] * w[k * ld + c];
+            d[i][c] = accumulate ? d[i][c] + alpha * acc : acc;
         }
-        return;
-    }
-    if (ib == 8) {
-        for (; c + VL <= o1; c += VL) expand_8_1(yr, rows, v, run->b, rank, out, c, run->scale);
-    } else {
-        for (; c + 2 * VL <= o1; c += 2 * VL) expand_4_2(yr, rows, v, run->b, rank, out, c, run->scale);
-        for (; c + VL <= o1; c += VL) expand_4_1(yr, rows, v, run->b, rank, out, c, run->scale);
-    }
-    expand_tail(yr, rows, v, run->b, rank, out, c, o1, run->scale);
 }
 
 /* A block of rows of one run: ib (8 or 4) rows, `rows` of them real, its shrink in v */
@@ -215,12 +154,14 @@ typedef struct {
     float *v;
 } lora_block;
 
+/* The block's rows of x and y (a block of fewer real rows repeats its last one) and of its v */
 static void block_rows(const lora_block *b, float *y, int64_t ldy, const float *x, int64_t ldx,
-                       const float **xr, float **yr) {
+                       const float **xr, float **yr, float **vr) {
     for (int i = 0; i < b->ib; i++) {
         const int64_t row = b->i0 + (i < b->rows ? i : b->rows - 1);
         xr[i] = x + row * ldx;
         yr[i] = y + row * ldy;
+        vr[i] = b->v + i * b->run->rank;
     }
 }
 
@@ -363,7 +304,7 @@ static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int6
 #endif
     {
         const float *xr[MAX_IB];
-        float *yr[MAX_IB];
+        float *yr[MAX_IB], *vr[MAX_IB];
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -375,9 +316,11 @@ static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int6
                 if (next != NULL && next->run != blk->run) prefetch_head(next->run->a, next->run->a_len);
                 if (next == NULL) prefetch_head(blocks[0].run->b, blocks[0].run->b_len);
             }
-            const int64_t c1 = c0 + SHRINK_CHUNK < blk->run->rank ? c0 + SHRINK_CHUNK : blk->run->rank;
-            block_rows(blk, y, ldy, x, ldx, xr, yr);
-            shrink_range(xr, blk->ib, blk->run, in, c0, c1, blk->v);
+            const lora_run *run = blk->run;
+            const int64_t c1 = c0 + SHRINK_CHUNK < run->rank ? c0 + SHRINK_CHUNK : run->rank;
+            block_rows(blk, y, ldy, x, ldx, xr, yr, vr);
+            panel_range(run->packed ? &packed : &a_pool, xr, vr, blk->ib, blk->ib, run->a, in, run->rank, c0, c1,
+                        0, 1.0f);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -387,9 +330,11 @@ static int compute_runs(float *y, int64_t ldy, const float *x, int64_t ldx, int6
             const int64_t o0 = (item % per_block) * EXPAND_CHUNK;
             if (o0 == 0 && blk + 1 < blocks + nblocks && blk[1].run != blk->run)
                 prefetch_head(blk[1].run->b, blk[1].run->b_len); /* the next run's B */
+            const lora_run *run = blk->run;
             const int64_t o1 = o0 + EXPAND_CHUNK < out ? o0 + EXPAND_CHUNK : out;
-            block_rows(blk, y, ldy, x, ldx, xr, yr);
-            expand_range(yr, blk->ib, blk->rows, blk->run, out, o0, o1, blk->v);
+            block_rows(blk, y, ldy, x, ldx, xr, yr, vr);
+            panel_range(run->packed ? &packed : &b_pool, (const float *const *)vr, yr, blk->ib, blk->rows, run->b,
+                        run->rank, out, o0, o1, 1, run->scale);
         }
     }
     free(blocks), free(shrink_item), free(vbuf);

@@ -1,8 +1,9 @@
 """Offline batch generation: JSONL requests in, JSONL results out, in input order.
 
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
-OpenAI API (max_tokens, temperature, top_p, seed, stop) plus vLLM's top_k, ignore_eos,
-stop_token_ids}. Output line: {"id", "text", "token_ids", "finish_reason"} or {"id", "error"}.
+OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, ...) plus vLLM's (top_k, min_p,
+ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`}. Output line:
+{"id", "text", "token_ids", "finish_reason"} or {"id", "error"}.
 One bad line yields an error line and never stops the others; a blank line is skipped and counted.
 Lines are numbered from 1, in messages and as the id of a line that gives none.
 """
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.request import RequestError, SamplingParams
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_tokens", "logit_bias")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                   "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
 
 

@@ -124,10 +124,11 @@ class OutputProcessor:
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
         """(why the request ends now or None, the text to stream now). A stop string found in the
-        text cuts req.text before it. With stop strings, the text streamed is what no stop string
-        can still claim: while the request runs, the longest tail of its text that begins a stop
-        string is held back (a later token may complete the stop string, which is never sent);
-        when it ends, the rest up to the cut."""
+        text cuts req.text before it (after it with include_stop_str_in_output). With stop
+        strings, the text streamed is what no stop string can still claim: while the request
+        runs, the longest tail of its text that begins a stop string is held back (a later token
+        may complete the stop string, sent only if it stays in the text); when it ends, the rest
+        up to the cut."""
         reason = self.end_reason(req)
         stops = req.params.stop
         if not stops:
@@ -135,9 +136,10 @@ class OutputProcessor:
         if new_text:
             # Only the new text and the longest stop string before it can hold a new match.
             tail_from = max(0, len(req.text) - len(new_text) - max(map(len, stops)))
-            hits = [i for i in (req.text.find(s, tail_from) for s in stops) if i >= 0]
-            if hits:
-                req.text = req.text[: min(hits)]
+            hits = [(i, -len(s)) for s, i in ((s, req.text.find(s, tail_from)) for s in stops) if i >= 0]
+            if hits:  # the first match; at one place, the longest stop string
+                at, minus_len = min(hits)
+                req.text = req.text[: at - minus_len if req.params.include_stop_str_in_output else at]
                 reason = FinishReason.STOP
         end = len(req.text) if reason is not None else len(req.text) - stop_prefix_len(req.text, stops)
         sent, req.text_sent = req.text_sent, max(req.text_sent, end)

@@ -70,9 +70,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = off; values past the vocabulary mean off too
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 = off)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False  # log-probability of each chosen token
@@ -105,6 +107,10 @@ class SamplingParams:
             bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
             bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
         if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
             bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):

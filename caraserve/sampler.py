@@ -1,5 +1,5 @@
 """Batched token sampling: logit adjustments (penalties, logit_bias, min_tokens), then greedy,
-temperature, top-k, top-p, per-request seeds."""
+temperature, min-p, top-k, top-p, per-request seeds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import torch
 from caraserve.request import SamplingParams
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """logits [B, V] float32 (already divided by temperature); top_k [B] int64 (0 = off);
-    top_p [B] float32 -> logits with the tokens outside top-k / the top-p nucleus at -inf."""
+    top_p [B] float32; min_p [B] float32 (0 = off) -> logits at -inf for the tokens less likely
+    than min_p times the most likely one, then outside top-k, then outside the top-p nucleus of
+    what is left (the most likely token always stays)."""
+    if bool((min_p > 0).any()):  # p_t < min_p * p_max  <=>  logit_t < logit_max + log(min_p)
+        floor = logits.max(-1, keepdim=True).values + torch.log(min_p)[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
@@ -90,7 +95,8 @@ def sample(
         vocab = logits.shape[-1]  # a top_k past the vocabulary keeps every token, as off does
         top_k = torch.tensor([min(max(params[i].top_k, 0), vocab) for i in sampled], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
-        probs = _filter(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
+        min_p = torch.tensor([params[i].min_p for i in sampled], device=logits.device)
+        probs = _filter(logits[idx] / temps[:, None], top_k, top_p, min_p).softmax(-1)
         for row, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[row], 1, generator=generators[i])[0]
     chosen = [0.0] * len(params)

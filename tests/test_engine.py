@@ -171,6 +171,10 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
     stopped = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, stop=[stop_text]))[0]
     assert stopped.finish_reason is FinishReason.STOP
     assert stop_text not in stopped.text and free.text.startswith(stopped.text)
+    sp = SamplingParams(max_tokens=20, temperature=0, stop=[stop_text, "\x00"], include_stop_str_in_output=True)
+    kept = engine.generate(["def main():"], sp)[0]
+    assert kept.finish_reason is FinishReason.STOP and kept.text == stopped.text + stop_text
+    assert "".join(o.new_text for o in engine.stream("def main():", sp)) == kept.text
     tok = free.output_ids[4]
     by_id = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0,
                                                             stop_token_ids=[tok], ignore_eos=True))[0]

@@ -212,6 +212,7 @@ def test_offline_lines_may_ask_for_top_logprobs(engine):
     ({"stop_token_ids": [True]}, "stop_token_ids"), ({"stop_token_ids": [2**63]}, "stop_token_ids"),
     ({"stop": [""]}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"), ({"logprobs": 1}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": math.nan}, "min_p"), ({"include_stop_str_in_output": 1}, "include_stop"),
 ])
 def test_sampling_params_refuse_what_the_step_cannot_take(kwargs, field):
     with pytest.raises(RequestError, match=field):

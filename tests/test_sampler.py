@@ -55,3 +55,18 @@ def test_top_logprobs_are_the_most_likely_of_the_model():
         assert all(abs(lp - v) < 1e-5 for (_, lp), v in zip(tops[i], values[:n].tolist()))
         assert abs(lps[i] - ref[i, tokens[i]].item()) < 1e-5
     assert tokens[1] == 4 and tops[1][0][0] != 4  # sampled with the bias, reported without it
+
+
+def test_min_p_keeps_the_tokens_at_least_that_fraction_of_the_best():
+    """min_p = 0.15: tokens below 0.15 x the best one's probability (after the temperature) never
+    come; the others all do. It applies before top-p, whose nucleus is taken of what is left."""
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = probs.log()
+    seen = set()
+    for seed in range(300):
+        p = SamplingParams(temperature=1.0, min_p=0.15, seed=seed)
+        seen.add(sample(logits, [p], [torch.Generator().manual_seed(seed)])[0][0])
+    assert seen == {0, 1, 2}  # 0.075 is the floor: 0.06 and 0.04 are below it
+    narrow = {sample(logits, [SamplingParams(temperature=1.0, min_p=0.15, top_p=0.6)],
+                     [torch.Generator().manual_seed(seed)])[0][0] for seed in range(100)}
+    assert narrow == {0, 1}  # of 0.5 / 0.3 / 0.1 renormalised, the nucleus of 0.6 is the first two

@@ -1,4 +1,4 @@
-"""server.chat_template and echo, on an in-process server."""
+"""server.chat_template, echo and vLLM's sampling extensions, on an in-process server."""
 
 from __future__ import annotations
 
@@ -146,3 +146,18 @@ def test_a_non_streamed_call_gets_one_output_a_streamed_one_every_token(live, mo
     with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines() if line.startswith("data: {")]
     assert sorted(counts.values()) == [1, 6] and "".join(texts) == plain != ""
+
+
+def test_vllm_min_p_and_include_stop_str_in_output(live):
+    body = {"model": "tiny", "prompt": "import os\n", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    free = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    stop = free[4:7]
+    kept = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                      json={**body, "stop": [stop], "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept["finish_reason"] == "stop" and kept["text"] == free[: free.index(stop) + len(stop)]
+    # min_p = 1 keeps only the most likely token: sampling at any temperature gives the greedy text
+    hot = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                     json={**body, "temperature": 1.5, "seed": 4, "min_p": 1.0}).json()["choices"][0]["text"]
+    assert hot == free
+    bad = httpx.post(live["base"] + "/v1/completions", json={**body, "min_p": 2}, timeout=60)
+    assert bad.status_code == 400 and "min_p" in bad.json()["error"]["message"]

@@ -51,8 +51,10 @@ class _Sampling(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     top_k: int = -1
+    min_p: float = 0.0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Sampling):

@@ -110,6 +110,7 @@ class EngineService:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                min_p=body.min_p, include_stop_str_in_output=body.include_stop_str_in_output,
                 seed=body.seed, stop=() if body.stop is None else body.stop,
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                 logprobs=logprobs is not None, top_logprobs=logprobs or 0,

@@ -180,22 +180,27 @@ def check_limits(params: SamplingParams, lim, vocab: int) -> None:
         raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
 
 
+def check_prompt_text(prompt: str, tokenizer, lim) -> None:
+    """RequestError unless a text prompt can be tokenized: a tokenizer, valid Unicode, within
+    limits.max_prompt_bytes (checked before tokenizing: the tokenizer's work grows with the text)."""
+    limit = lim.max_prompt_bytes
+    if tokenizer is None:
+        raise RequestError("this model has no tokenizer: send prompt token ids")
+    if len(prompt) > limit:  # a character is at least one byte: no need to encode to know
+        raise RequestError(f"prompt: longer than {limit} bytes (limits.max_prompt_bytes)")
+    try:
+        size = len(prompt.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise RequestError(f"prompt is not valid Unicode ({e.reason} at position {e.start})") from None
+    if size > limit:
+        raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
+
+
 def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int) -> list[int]:
     """Token ids of a prompt (text through `tokenizer`, or token ids); RequestError when it is
     not one, or past the limits `lim` (config.LimitsConfig), the context length or the vocabulary."""
-    limit = lim.max_prompt_bytes
     if isinstance(prompt, str):
-        if tokenizer is None:
-            raise RequestError("this model has no tokenizer: send prompt token ids")
-        # checked before tokenizing: the tokenizer's work grows with the text
-        if len(prompt) > limit:  # a character is at least one byte: no need to encode to know
-            raise RequestError(f"prompt: longer than {limit} bytes (limits.max_prompt_bytes)")
-        try:
-            size = len(prompt.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise RequestError(f"prompt is not valid Unicode ({e.reason} at position {e.start})") from None
-        if size > limit:
-            raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
+        check_prompt_text(prompt, tokenizer, lim)
         ids = tokenizer(prompt)["input_ids"]
     elif isinstance(prompt, (list, tuple)):
         if len(prompt) > max_seq_len:

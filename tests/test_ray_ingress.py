@@ -130,3 +130,25 @@ def test_a_replica_started_after_a_runtime_load_gets_the_adapter_and_the_request
     with pytest.raises(ApiError) as e:  # still missing after the re-load: the 404 goes back
         asyncio.run(service.completion(body, "req-2", False))
     assert e.value.status == 404 and len(handle.hints) == 4
+
+
+def test_tokenize_asks_one_replica_and_returns_its_answer_or_error():
+    class FanOut:
+        def __init__(self, head):
+            self.head, self.calls = head, []
+
+        async def remote(self, hint, op, body):
+            self.calls.append((op, body))
+            return self.head
+
+    handle = FakeHandle([])
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    body = proto.TokenizeRequest(model="tiny", prompt="x")
+    handle.fan_out = FanOut(Head(200, {"count": 2, "tokens": [1, 87]}, None, "r1"))
+    assert asyncio.run(service.tokenize(body)) == {"count": 2, "tokens": [1, 87]}
+    assert handle.fan_out.calls == [("tokenize", body)]
+    handle.fan_out = FanOut(Head(404, proto.error_body("The model `x` does not exist.", "not_found_error", 404),
+                                 None, "r1"))
+    with pytest.raises(ApiError) as e:
+        asyncio.run(service.detokenize(proto.DetokenizeRequest(model="x", tokens=[1])))
+    assert e.value.status == 404 and "`x` does not exist" in e.value.message and len(handle.fan_out.calls) == 1

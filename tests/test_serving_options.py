@@ -161,3 +161,28 @@ def test_vllm_min_p_and_include_stop_str_in_output(live):
     assert hot == free
     bad = httpx.post(live["base"] + "/v1/completions", json={**body, "min_p": 2}, timeout=60)
     assert bad.status_code == 400 and "min_p" in bad.json()["error"]["message"]
+
+
+def test_tokenize_and_detokenize(live):
+    tok = live["engine"].tokenizer
+    r = httpx.post(live["base"] + "/tokenize", json={"model": "tiny", "prompt": "import os"}, timeout=60).json()
+    assert r["tokens"] == tok("import os")["input_ids"] and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 256
+    bare = httpx.post(live["base"] + "/tokenize", timeout=60,
+                      json={"model": "tiny", "prompt": "import os", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok("import os", add_special_tokens=False)["input_ids"] != r["tokens"]
+    messages = [{"role": "user", "content": "def main():"}]
+    chat = httpx.post(live["base"] + "/tokenize", json={"model": "tiny", "messages": messages}, timeout=60).json()
+    usage = httpx.post(live["base"] + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": messages, "max_tokens": 1}).json()["usage"]
+    assert chat["count"] == usage["prompt_tokens"]  # the same template, the same ids
+    back = httpx.post(live["base"] + "/detokenize", json={"model": "tiny", "tokens": bare["tokens"]}, timeout=60)
+    assert back.json() == {"prompt": "import os"}
+    for path, body, status, says in (
+            ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "`nope` does not exist"),
+            ("/tokenize", {"model": "tiny"}, 400, "either 'prompt' or 'messages'"),
+            ("/tokenize", {"model": "tiny", "prompt": "x", "messages": messages}, 400, "either"),
+            ("/detokenize", {"model": "tiny", "tokens": [10**9]}, 400, "token ids in [0,"),
+            ("/detokenize", {"model": "tiny", "tokens": ["a"]}, 400, "tokens")):
+        r = httpx.post(live["base"] + path, json=body, timeout=60)
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text

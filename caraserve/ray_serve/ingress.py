@@ -224,6 +224,22 @@ class RayService:
         self.runtime_adapters.pop(body.lora_name, None)
         return await self._everywhere("unload_adapter", body)
 
+    async def tokenize(self, body) -> dict:
+        return await self._one("tokenize", body)
+
+    async def detokenize(self, body) -> dict:
+        return await self._one("detokenize", body)
+
+    async def _one(self, op: str, body) -> dict:
+        """Any one replica's answer (every replica holds the same model and tokenizer)."""
+        try:
+            head: Head = await self.replicas.fan_out.remote(RouteHint(covered=frozenset()), op, body)
+        except TRANSPORT_ERRORS as e:
+            raise ApiError(502, f"a replica failed during {op}: {type(e).__name__}", "bad_gateway") from e
+        if head.status != 200:
+            _raise_answer(head)
+        return head.body
+
     async def models(self) -> list[dict]:
         cards: dict[str, dict] = {}
         base = None

@@ -22,7 +22,7 @@ from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
 
-FAN_OUT_OPS = ("models", "load_adapter", "unload_adapter", "health", "state")
+FAN_OUT_OPS = ("models", "load_adapter", "unload_adapter", "health", "state", "tokenize", "detokenize")
 
 
 class EngineReplica:
@@ -84,7 +84,7 @@ class EngineReplica:
         try:
             if op == "models":
                 result = {"data": await self.service.models()}
-            elif op in ("load_adapter", "unload_adapter"):
+            elif op in ("load_adapter", "unload_adapter", "tokenize", "detokenize"):
                 result = await getattr(self.service, op)(body)
             else:
                 result = await getattr(self.service, op)()

@@ -96,6 +96,31 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+
+    model_config = _STRICT
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM's)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    model: str
+    tokens: list[int]
+
+
 class LoadLoraRequest(BaseModel):
     model_config = _STRICT
 

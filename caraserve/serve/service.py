@@ -25,6 +25,7 @@ from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, Qu
 from caraserve.serve.gateway_metrics import add_gateway_metrics
 from caraserve.serve.http import ApiError
 from caraserve.serve.metrics import ServerMetrics
+from caraserve.serve.prompts import Prompts
 from caraserve.serve.streaming import Chunker, error_kind, events
 from caraserve.state import EngineState
 
@@ -45,6 +46,10 @@ class Service(Protocol):
                    disconnected: Disconnected | None = None) -> Answer: ...
 
     async def models(self) -> list[dict]: ...
+
+    async def tokenize(self, body: proto.TokenizeRequest) -> dict: ...
+
+    async def detokenize(self, body: proto.DetokenizeRequest) -> dict: ...
 
     async def load_adapter(self, body: proto.LoadLoraRequest) -> dict: ...
 
@@ -69,6 +74,7 @@ class EngineService:
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
         self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
+        self.prompts = Prompts(self.engine, self.chat_template)
         self.metrics_ = ServerMetrics(service)
         add_gateway_metrics(self.metrics_.registry, service, served_name)
         service.on_output = self.metrics_.observe
@@ -267,21 +273,11 @@ class EngineService:
         return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
 
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
-        engine, limits = self.engine, self.limits
-        if engine.tokenizer is None or not (self.chat_template or getattr(engine.tokenizer, "chat_template", None)):
-            raise ApiError(400, "this model has no chat template: use /v1/completions or set server.chat_template",
-                           "invalid_request_error")
-        if len(body.messages) > limits.max_chat_messages:
-            raise ApiError(400, f"messages: at most {limits.max_chat_messages} messages, got {len(body.messages)}",
-                           "invalid_request_error")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        limits = self.limits
         try:
-            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in messages)
-        except UnicodeEncodeError as e:
-            raise ApiError(400, f"messages: not valid Unicode ({e.reason})", "invalid_request_error") from None
-        if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
-            raise ApiError(400, f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
-                           "(limits.max_prompt_bytes)", "invalid_request_error")
+            messages = self.prompts.messages(body.messages)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
         if body.logprobs is not None and not isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many)",
                            "invalid_request_error")
@@ -300,16 +296,8 @@ class EngineService:
         wanted = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs
         self.sampling(body, 1, wanted)  # bad parameters are refused before the template runs
 
-        def render() -> list[int]:
-            try:
-                text = engine.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                            add_generation_prompt=True)
-            except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
-                raise RequestError(f"cannot apply the chat template: {e}") from e
-            return engine.encode(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-
         try:
-            ids = await self._off_loop(render)
+            ids = await self._off_loop(lambda: engine.encode(self.prompts.render(messages)))
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -324,6 +312,20 @@ class EngineService:
         answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o)) for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))
+
+    async def tokenize(self, body: proto.TokenizeRequest) -> dict:
+        await self.resolve_model(body.model)
+        return await self._tokenizer_call(self.prompts.tokenize, body)
+
+    async def detokenize(self, body: proto.DetokenizeRequest) -> dict:
+        await self.resolve_model(body.model)
+        return await self._tokenizer_call(self.prompts.detokenize, body)
+
+    async def _tokenizer_call(self, fn, body) -> dict:
+        try:
+            return await self._off_loop(fn, body)
+        except RequestError as e:
+            raise ApiError(400, str(e), "invalid_request_error") from e
 
     async def models(self) -> list[dict]:
         engine = self.engine

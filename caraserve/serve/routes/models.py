@@ -2,12 +2,14 @@
 
 `limit` (1..1000) cards per page, `after` a cursor (the last id of the previous page: the base
 model's name or an adapter's); the answer says `has_more`. An `after` naming an adapter unloaded
-since still works: the page starts at the next name in order. GET /v1/models/{id}: one card."""
+since still works: the page starts at the next name in order. GET /v1/models/{id}: one card.
+POST /tokenize and /detokenize (vLLM's): a model's tokenizer, prompt or chat messages."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 
+from caraserve.serve import protocol as proto
 from caraserve.serve.http import ApiError
 from caraserve.serve.routes.common import service_of
 
@@ -37,3 +39,13 @@ async def model(http: Request, model_id: str):
     if card is None:
         raise ApiError(404, f"The model `{model_id}` does not exist.", "not_found_error")
     return card
+
+
+@router.post("/tokenize")
+async def tokenize(body: proto.TokenizeRequest, http: Request):
+    return await service_of(http).tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: proto.DetokenizeRequest, http: Request):
+    return await service_of(http).detokenize(body)

@@ -1,0 +1,62 @@
+"""From what a caller sends to token ids and back: chat messages through the chat template, and
+vLLM's /tokenize and /detokenize. Every input is checked (limits, Unicode, the vocabulary) before
+the template or the tokenizer runs; a refusal is a RequestError naming the problem."""
+
+from __future__ import annotations
+
+from caraserve.request import RequestError, check_prompt_text
+from caraserve.serve import protocol as proto
+
+
+class Prompts:
+    def __init__(self, engine, chat_template: str | None):
+        self.engine, self.chat_template = engine, chat_template  # chat_template None: the tokenizer's
+        self.limits = engine.config.limits
+
+    def messages(self, messages: list[proto.ChatMessage]) -> list[dict]:
+        """The messages as the template takes them ({"role", "content"}), checked: a template to
+        apply, at most limits.max_chat_messages, valid Unicode within limits.max_prompt_bytes."""
+        tok, limits = self.engine.tokenizer, self.limits
+        if tok is None or not (self.chat_template or getattr(tok, "chat_template", None)):
+            raise RequestError("this model has no chat template: use /v1/completions or set server.chat_template")
+        if len(messages) > limits.max_chat_messages:
+            raise RequestError(f"messages: at most {limits.max_chat_messages} messages, got {len(messages)}")
+        out = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in out)
+        except UnicodeEncodeError as e:
+            raise RequestError(f"messages: not valid Unicode ({e.reason})") from None
+        if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
+            raise RequestError(f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
+                               "(limits.max_prompt_bytes)")
+        return out
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               add_special_tokens: bool = False) -> list[int]:
+        """Token ids of checked messages (`messages`) through the chat template."""
+        tok = self.engine.tokenizer
+        try:
+            text = tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
+            raise RequestError(f"cannot apply the chat template: {e}") from e
+        return tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def tokenize(self, body: proto.TokenizeRequest) -> dict:
+        """vLLM's /tokenize answer: the ids, their count and the context length."""
+        if body.messages is not None:
+            ids = self.render(self.messages(body.messages), body.add_generation_prompt, bool(body.add_special_tokens))
+        else:
+            check_prompt_text(body.prompt, self.engine.tokenizer, self.limits)
+            add = body.add_special_tokens is None or body.add_special_tokens
+            ids = self.engine.tokenizer(body.prompt, add_special_tokens=add)["input_ids"]
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": None}
+
+    def detokenize(self, body: proto.DetokenizeRequest) -> dict:
+        """vLLM's /detokenize answer: the ids' text (special tokens included)."""
+        tok, vocab = self.engine.tokenizer, self.engine.model.args.vocab_size
+        if tok is None:
+            raise RequestError("this model has no tokenizer")
+        if not all(0 <= t < vocab for t in body.tokens):
+            raise RequestError(f"tokens must be token ids in [0, {vocab})")
+        return {"prompt": tok.decode(body.tokens)}

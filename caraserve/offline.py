@@ -19,7 +19,8 @@ from caraserve.lora.checkpoint import AdapterError
 from caraserve.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                   "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "presence_penalty",
+                   "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "prompt_logprobs",
+                   "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
 
@@ -136,6 +137,9 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                     results[pos]["logprobs"] = out.logprobs
                 if out.top_logprobs is not None:  # per token: [[token id, logprob], ...], best first
                     results[pos]["top_logprobs"] = [[list(alt) for alt in top] for top in out.top_logprobs]
+                if out.prompt_logprobs is not None:  # per prompt token: null, then [logprob, [[id, logprob], ...]]
+                    results[pos]["prompt_logprobs"] = [None if e is None else [e[0], [list(a) for a in e[1]]]
+                                                       for e in out.prompt_logprobs]
                 tokens += len(out.output_ids)
             if progress is not None:
                 progress.update(1)

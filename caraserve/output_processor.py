@@ -152,6 +152,7 @@ class OutputProcessor:
             error=req.error, error_cause=req.error_cause,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
             top_logprobs=list(req.output_top_logprobs) if req.params.top_logprobs else None,
+            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
             prompt_tokens=len(req.prompt_ids),
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,

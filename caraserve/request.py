@@ -79,6 +79,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False  # log-probability of each chosen token
     top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each position
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives (None: off)
     # Logit adjustments (caraserve.sampler.adjust_logits states them): OpenAI's presence and
     # frequency penalties and logit_bias ({token id: bias}), vLLM's repetition_penalty and min_tokens
     presence_penalty: float = 0.0
@@ -143,6 +144,9 @@ class SamplingParams:
             bad(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
             bad("top_logprobs needs logprobs")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not
+                                                 0 <= self.prompt_logprobs <= INT64_MAX):
+            bad(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
         if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
             bad(f"n={self.n!r} must be an integer >= 1")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -167,6 +171,9 @@ def check_limits(params: SamplingParams, lim, vocab: int) -> None:
     their types and ranges."""
     if params.top_logprobs > lim.max_logprobs:
         raise RequestError(f"top_logprobs: at most {lim.max_logprobs} (limits.max_logprobs), got {params.top_logprobs}")
+    if (params.prompt_logprobs or 0) > lim.max_logprobs:
+        raise RequestError(f"prompt_logprobs: at most {lim.max_logprobs} (limits.max_logprobs), "
+                           f"got {params.prompt_logprobs}")
     if len(params.stop) > lim.max_stop_strings:
         raise RequestError(f"stop: at most {lim.max_stop_strings} stop strings, got {len(params.stop)}")
     if sum(map(len, params.stop)) > lim.max_stop_chars:
@@ -226,6 +233,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # (token, logprob)s
+    # with params.prompt_logprobs: per prompt position, None for the first, else (logprob, alternatives)
+    prompt_logprobs: list = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_cause: ErrorCause | None = None
@@ -308,6 +317,8 @@ class RequestOutput:
     logprobs: list[float] | None = None  # of output_ids (with SamplingParams.logprobs)
     # with top_logprobs: the most likely (token, logprob)s at each position of output_ids, best first
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, else (logprob, alternatives)
+    prompt_logprobs: list | None = None
     prompt_tokens: int = 0
     ttft_s: float | None = None  # arrival -> first token
     e2e_s: float | None = None  # arrival -> finish (set when finished)

@@ -13,6 +13,7 @@ from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 from caraserve.request import RequestState
+from caraserve.sampler import token_logprobs
 from caraserve.scheduler import ScheduledBatch
 
 
@@ -76,9 +77,38 @@ class ModelRunner:
             logits = self.decode_fn(tokens, starts, tables, lora)
         if logits is None:
             fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, mode)
+            scored = [(reqs[i], k) for k, i in enumerate(order) if wants_prompt_logprobs(reqs[i], starts[k])]
+            if scored:  # their rows' logits too, after each sequence's last row
+                ends = torch.tensor([len(t) for t in tokens]).cumsum(0)
+                extra = [torch.arange(int(ends[k]) - len(tokens[k]), int(ends[k])) for _, k in scored]
+                fb = replace(fb, logit_rows=torch.cat([ends - 1, *extra]).to(self.device))
             logits = self.model(fb, self.kv.layers)
+            if scored:
+                logits, rest = logits[: len(tokens)], logits[len(tokens) :]
+                for req, k in scored:
+                    add_prompt_logprobs(req, starts[k], rest[: len(tokens[k])])
+                    rest = rest[len(tokens[k]) :]
         for r, landing in assisted:  # each layer's path was chosen as the forward was launched
             on_device = sum(landing.on_device.values())
             r.assist_device_layers += on_device
             r.assist_cpu_layers += len(landing.on_device) - on_device
         return logits, order
+
+
+def wants_prompt_logprobs(req, start: int) -> bool:
+    """Whether a prefill row range from position `start` gives prompt logprobs the request still
+    lacks (its chunks come in order; a recomputed prefill after a preemption has them already)."""
+    return (req.params.prompt_logprobs is not None and req.state is RequestState.PREFILL
+            and len(req.prompt_logprobs) == (start + 1 if start else 0) and start < len(req.prompt_ids))
+
+
+def add_prompt_logprobs(req, start: int, logits: torch.Tensor) -> None:
+    """Appends the logprobs of the prompt tokens that rows at positions start.. predict (row p:
+    prompt token p + 1; the prompt's first token has none)."""
+    if start == 0:
+        req.prompt_logprobs.append(None)
+    n = min(len(logits), len(req.prompt_ids) - 1 - start)  # rows past the prompt (a recompute's) predict none
+    if n > 0:
+        targets = torch.tensor(req.prompt_ids[start + 1 : start + 1 + n])
+        lps, alts = token_logprobs(logits[:n], targets, [req.params.prompt_logprobs] * n)
+        req.prompt_logprobs.extend(zip(lps, alts))

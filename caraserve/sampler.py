@@ -104,18 +104,25 @@ def sample(
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if wanted:
         idx = torch.tensor(wanted, device=logits.device)
-        rows = raw[idx].log_softmax(-1)
-        lp = rows.gather(-1, tokens[idx][:, None])[:, 0]
-        for i, v in zip(wanted, lp.tolist()):
-            chosen[i] = v
-        k = min(max(params[i].top_logprobs for i in wanted), rows.shape[-1])
-        if k:
-            values, ids = rows.topk(k, -1)
-            values, ids = values.tolist(), ids.tolist()
-            for row, i in enumerate(wanted):
-                n = params[i].top_logprobs
-                tops[i] = tuple(zip(ids[row][:n], values[row][:n]))
+        lps, alts = token_logprobs(raw[idx], tokens[idx], [params[i].top_logprobs for i in wanted])
+        for row, i in enumerate(wanted):
+            chosen[i], tops[i] = lps[row], alts[row]
     return tokens.tolist(), chosen, tops
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]
+                   ) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+    """For logits [R, V] (the model's own) and tokens [R]: each token's log-probability and the
+    top[r] most likely (token, logprob) pairs of row r, best first."""
+    rows = logits.float().log_softmax(-1)
+    lps = rows.gather(-1, tokens.to(rows.device)[:, None])[:, 0].tolist()
+    alts: list[tuple[tuple[int, float], ...]] = [()] * len(lps)
+    k = min(max(top, default=0), rows.shape[-1])
+    if k:
+        values, ids = rows.topk(k, -1)
+        values, ids = values.tolist(), ids.tolist()
+        alts = [tuple(zip(ids[r][:n], values[r][:n])) for r, n in enumerate(top)]
+    return lps, alts
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -198,8 +198,9 @@ class Scheduler:
             return []
         tokens = req.prompt_ids + req.output_ids[: req.recompute]
         req.block_hashes = block_hashes(req.block_hashes, tokens, self.kv.block_size, req.adapter_key)
-        hit = self.kv.match(req.block_hashes[: (req.prefill_len - 1) // self.kv.block_size])
-        return hit
+        if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids):
+            return []  # the prompt's logprobs come from its own rows: every one is computed
+        return self.kv.match(req.block_hashes[: (req.prefill_len - 1) // self.kv.block_size])
 
     def _take_prefix(self, req: Request, hit: list[int]) -> None:
         """Admits the request onto its cached prefix: shares the blocks, skips their tokens."""
@@ -245,6 +246,8 @@ class Scheduler:
         self.kv.free(req.block_table)
         req.recompute = len(req.output_ids)
         req.num_computed = 0
+        if len(req.prompt_logprobs) < len(req.prompt_ids):  # cut short mid-prompt: they start over with it
+            req.prompt_logprobs.clear()
         req.published_blocks = 0
         req.state = RequestState.WAITING
         req.preemptions += 1

@@ -94,9 +94,41 @@ def test_logprobs_of_the_model_not_of_the_sampling(live):
     assert biased["token_logprobs"][0] <= best[1]
 
 
+def test_echo_with_logprobs_scores_the_prompt(live):
+    """The legacy scoring form (echo + logprobs, as evaluation harnesses send): the prompt's tokens
+    first, the first without a logprob, each other one's logprob the model's given what precedes
+    it; streamed, the first chunk carries them. The prefix cache does not skip any of them."""
+    engine = live["engine"]
+    prompt = "def fibonacci(n):\n    return n"
+    ids = engine.encode(prompt)
+    body = {"model": "demo-r32", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+            "echo": True, "logprobs": 1}
+    for attempt in range(2):  # the second finds the prompt's blocks in the prefix cache
+        r = post(live, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 2 and choice["text"].startswith(prompt)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(v is not None and v <= 0 for v in lp["token_logprobs"][1:])
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+        if attempt == 0:
+            first = lp
+        else:
+            assert lp == first
+    # position 5 of the prompt sees the distribution a generation from its first 5 tokens samples from
+    gen = completion(live, model="demo-r32", prompt=ids[:5], max_tokens=1, logprobs=1).json()["choices"][0]
+    best = gen["logprobs"]["tokens"][0]  # greedy: the most likely token, also the prompt position's best
+    assert first["top_logprobs"][5][best] == pytest.approx(gen["logprobs"]["token_logprobs"][0], abs=1e-5)
+    chunks = events(live, "/v1/completions", body)
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == first["tokens"]
+    assert [v for s in streamed for v in s["token_logprobs"]] == first["token_logprobs"]
+    assert [v for s in streamed for v in s["text_offset"]] == first["text_offset"]
+
+
 @pytest.mark.parametrize("path,extra,says", [
     ("/v1/completions", {"logprobs": True}, "logprobs must be a number"),
-    ("/v1/completions", {"logprobs": 2, "echo": True}, "echo with logprobs"),
     ("/v1/completions", {"logprobs": 21}, "logprobs must be in [0, 20]"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs needs logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs must be in [0, 20]"),

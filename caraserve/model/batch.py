@@ -30,6 +30,8 @@ class ForwardBatch:
     is_decode: bool
     lora_mode: int = LORA_NONE  # how the LoRA backend finds the step's rows (caraserve.lora.backend)
     lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # LORA_ROWS: meta [3, B] int32, scale [B]
+    # the rows whose logits the step returns, when not each sequence's last (prompt logprobs)
+    logit_rows: torch.Tensor | None = None
 
     @property
     def last_rows(self) -> torch.Tensor:
@@ -47,6 +49,7 @@ class ForwardBatch:
             block_tables=self.block_tables.to(device),
             row_seq=self.row_seq.to(device),
             row_lens=self.row_lens.to(device),
+            logit_rows=None if self.logit_rows is None else self.logit_rows.to(device),
         )
 
     @classmethod

@@ -357,8 +357,8 @@ class CausalLM(nn.Module):
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
         dev = self.model.norm.weight.device
         h, residual = h.to(dev), residual.to(dev)
-        if not all_logits and not fb.is_decode:
-            rows = fb.last_rows.to(dev)
+        if fb.logit_rows is not None or (not all_logits and not fb.is_decode):
+            rows = (fb.last_rows if fb.logit_rows is None else fb.logit_rows).to(dev)
             h, residual = h[rows], residual[rows]
         return self.head(self.model.norm(h, residual)[0].to(self.lm_head.weight.device))
 

@@ -45,18 +45,36 @@ def _tokens(texts: TokenTexts, out: RequestOutput, start: int):
     return tokens, out.logprobs[start:], tops
 
 
-def completion_logprobs(texts: TokenTexts, out: RequestOutput, start: int = 0, offset: int = 0) -> dict | None:
+def _prompt_tokens(texts: TokenTexts, prompt_ids: list[int], out: RequestOutput):
+    """_tokens' form of an echoed prompt's tokens (the first has no logprob and no alternatives)."""
+    entries = out.prompt_logprobs or [None] * len(prompt_ids)
+    logprobs = [None if e is None else e[0] for e in entries]
+    tops = [None if e is None else list(zip(texts([t for t, _ in e[1]]), [lp for _, lp in e[1]])) for e in entries]
+    return texts(prompt_ids), logprobs, tops
+
+
+def completion_logprobs(texts: TokenTexts, out: RequestOutput, start: int = 0, offset: int = 0,
+                        prompt_ids: list[int] | None = None) -> dict | None:
     """The completion logprobs of out's tokens [start:], their text offsets counted from `offset`
-    (None when the request did not ask for logprobs). As OpenAI's, each position's alternatives
+    (None when the request did not ask for logprobs); with `prompt_ids` (echo), the prompt's
+    tokens first, from the request's prompt logprobs. As OpenAI's, each position's alternatives
     hold the chosen token too: up to `logprobs` + 1 of them."""
     if out.logprobs is None:
         return None
     tokens, logprobs, tops = _tokens(texts, out, start)
+    if tops is None:
+        tops = [[]] * len(tokens)
+    if prompt_ids is not None:
+        p_tokens, p_logprobs, p_tops = _prompt_tokens(texts, prompt_ids, out)
+        tokens, logprobs, tops = p_tokens + tokens, p_logprobs + logprobs, p_tops + tops
     offsets, alternatives = [], []
-    for i, (t, lp) in enumerate(zip(tokens, logprobs)):
+    for t, lp, top in zip(tokens, logprobs, tops):
         offsets.append(offset)
         offset += len(t)
-        top = dict(tops[i]) if tops else {}
+        if top is None:  # the prompt's first token
+            alternatives.append(None)
+            continue
+        top = dict(top)
         top.setdefault(t, lp)
         alternatives.append(top)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": alternatives, "text_offset": offsets}
@@ -75,11 +93,13 @@ def chat_logprobs(texts: TokenTexts, out: RequestOutput, start: int = 0) -> dict
                         for i, (t, lp) in enumerate(zip(tokens, logprobs))]}
 
 
-def completion_chunker(rid: str, model: str, texts: TokenTexts, echoed: str):
+def completion_chunker(rid: str, model: str, texts: TokenTexts, echoed: str, prompt_ids: list[int] | None = None):
     """streaming.Chunker of a completion: choice index -> its chunk function. The first chunk of
-    a choice carries the echoed prompt (`echoed`, "" without echo)."""
+    a choice carries the echoed prompt (`echoed`, "" without echo) and, with `prompt_ids`, the
+    logprobs of its tokens."""
     def chunker(index: int):
-        state = {"echo": echoed, "sent": 0, "offset": len(echoed)}
+        state = {"echo": echoed, "sent": 0, "offset": 0 if prompt_ids is not None else len(echoed),
+                 "prompt": prompt_ids}
 
         def chunk(out: RequestOutput | None, finish: str | None) -> dict | None:
             if out is None:
@@ -87,7 +107,8 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, echoed: str):
             if not (out.new_text or out.finished):
                 return None
             text, state["echo"] = state["echo"] + out.new_text, ""
-            logprobs = completion_logprobs(texts, out, state["sent"], state["offset"])
+            logprobs = completion_logprobs(texts, out, state["sent"], state["offset"], state["prompt"])
+            state["prompt"] = None
             if logprobs is not None:
                 state["offset"] += sum(map(len, logprobs["tokens"]))
             state["sent"] = len(out.output_ids)

@@ -246,10 +246,10 @@ class EngineService:
         if isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
                            "invalid_request_error")
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs is not supported: the prompt's logprobs are not computed",
-                           "invalid_request_error")
         params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
+        scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
+        if scored:
+            params = replace(params, prompt_logprobs=body.logprobs)
         ids = await self._encode(prompt)
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         echoed = self._prompt_text(prompt, ids) if body.echo else ""
@@ -257,11 +257,11 @@ class EngineService:
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            chunker = choices.completion_chunker(rid, body.model, self.token_texts, echoed)
+            chunker = choices.completion_chunker(rid, body.model, self.token_texts, echoed, ids if scored else None)
             return await self._stream(runs, chunker, include_usage, disconnected)
         outs = await self._all_of(runs, disconnected)
-        answers = [(echoed + o.text, o.finish_reason.openai, choices.completion_logprobs(self.token_texts, o))
-                   for o in outs]
+        answers = [(echoed + o.text, o.finish_reason.openai,
+                    choices.completion_logprobs(self.token_texts, o, prompt_ids=ids if scored else None)) for o in outs]
         return proto.completion_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                          max(o.cached_tokens for o in outs))
 

@@ -1,0 +1,83 @@
+"""Prompt logprobs (SamplingParams.prompt_logprobs: each prompt token's logprob given what precedes
+it, and its alternatives) against transformers + peft, in chunks, beside other requests, past
+the prefix cache and a preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import peft_logits
+
+from caraserve.config import AdapterConfig, EngineConfig
+from caraserve.engine import Engine
+from caraserve.model.tiny import tiny_paths
+from caraserve.request import RequestError, SamplingParams
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256, max_tokens_per_step=16,
+                               adapters=AdapterConfig(dir="demo")))
+
+
+def reference(ids: list[int], adapter: str | None) -> torch.Tensor:
+    """[len(ids) - 1, V]: the log-softmax before each prompt token but the first."""
+    model_dir, adapter_dir = tiny_paths()
+    logits = peft_logits(model_dir, None if adapter is None else adapter_dir / adapter, ids)
+    return logits[:-1].log_softmax(-1)
+
+
+@pytest.mark.parametrize("adapter", [None, "demo-r32"])
+def test_prompt_logprobs_match_transformers_and_peft(engine, adapter):
+    ids = engine.encode(PROMPT)
+    assert len(ids) > 2 * 16  # a prefill of several chunks
+    sp = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2)
+    other = SamplingParams(max_tokens=3, temperature=0)
+    got, beside = engine.generate([PROMPT, "import os"], [sp, other], [adapter, "demo-r8"])  # in one batch
+    ref = reference(ids, adapter)
+    assert len(got.prompt_logprobs) == len(ids) and got.prompt_logprobs[0] is None
+    for p, (lp, alts) in enumerate(got.prompt_logprobs[1:]):
+        assert lp == pytest.approx(ref[p, ids[p + 1]].item(), abs=2e-5)
+        values, best = ref[p].topk(2)
+        assert [t for t, _ in alts] == best.tolist()
+        assert [v for _, v in alts] == pytest.approx(values.tolist(), abs=2e-5)
+    assert beside.prompt_logprobs == []  # not asked
+
+
+def test_prompt_logprobs_past_the_prefix_cache_and_a_preemption():
+    """A prompt whose blocks are cached is still computed (its rows give the logprobs); a request
+    preempted and recomputed keeps the logprobs it had, once each."""
+    small = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256, kv_block_size=16,
+                                num_kv_blocks=12, adapters=AdapterConfig(dir="none")))
+    ids = small.encode(PROMPT)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    first = small.generate([PROMPT], sp)[0].prompt_logprobs
+    assert small.kv.hit_tokens == 0
+    again = small.generate([PROMPT, PROMPT, PROMPT], sp)  # the KV blocks run out: someone is preempted
+    assert small.scheduler.num_preemptions > 0
+    assert all(r.prompt_logprobs == first for r in again) and len(first) == len(ids)
+    ref = reference(ids, None)
+    assert [lp for lp, _ in first[1:]] == pytest.approx([ref[p, ids[p + 1]].item() for p in range(len(ids) - 1)],
+                                                        abs=2e-5)
+
+
+def test_prompt_logprobs_are_checked(engine):
+    with pytest.raises(RequestError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)
+    with pytest.raises(RequestError, match="limits.max_logprobs"):
+        engine.generate(["x"], SamplingParams(prompt_logprobs=21))
+
+
+def test_a_request_preempted_mid_prompt_scores_it_again_from_the_start(engine):
+    sp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1)
+    want = engine.generate([PROMPT], sp)[0].prompt_logprobs
+    rid = engine.add_request(PROMPT, sp)
+    engine.step()  # the first chunk of 16 prompt tokens
+    req = engine.request(rid)
+    assert 0 < len(req.prompt_logprobs) < len(want)
+    engine.scheduler.preempt(req)
+    while not req.finished:
+        engine.step()
+    assert req.prompt_logprobs == want

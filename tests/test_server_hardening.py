@@ -122,7 +122,8 @@ def test_chat_limits(live):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 9000}]})
     assert r.status_code == 400 and "max_prompt_bytes" in r.json()["error"]["message"]
-    for extra, field in [({"logprobs": 10**6}, "logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs")]:
+    for extra, field in [({"logprobs": 10**6}, "logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+                         ({"max_completion_tokens": 0}, "max_completion_tokens must be")]:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
         r = post(live, "/v1/chat/completions", body)
         assert r.status_code == 400 and field in r.json()["error"]["message"]

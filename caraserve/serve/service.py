@@ -301,6 +301,9 @@ class EngineService:
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+            raise ApiError(400, f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}",
+                           "invalid_request_error")
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self._start(ids, params, adapter, rid, final_only=final_only)

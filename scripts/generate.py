@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from caraserve.cli import config_task, run
-from caraserve.config import ENGINE_SECTIONS, check_keys, engine_config
+from caraserve.config import ENGINE_SECTIONS, ConfigError, check_keys, engine_config
 from caraserve.engine import Engine
 from caraserve.offline import run_offline
 
@@ -34,25 +34,32 @@ def _demo_lines(engine: Engine) -> list[str]:
             for i, p in enumerate(DEMO_PROMPTS + DEMO_PROMPTS[:1])]
 
 
+def read_lines(path: Path) -> list[str]:
+    """The input's lines, split at "\\n" only (JSON strings may hold U+2028 and other characters
+    Python's splitlines also breaks at). A line that is not UTF-8 keeps its bytes as lone
+    surrogates, so it fails alone, naming itself, as any bad line does."""
+    if not path.is_file():
+        raise ConfigError(f"input={path}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
+    lines = path.read_bytes().decode("utf-8", "surrogateescape").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 @config_task
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     check_keys(composed, (*ENGINE_SECTIONS, "input", "output", "progress"))
+    lines = None if cfg.input is None else read_lines(Path(hydra.utils.to_absolute_path(cfg.input)))
+    out = None if cfg.output is None else Path(hydra.utils.to_absolute_path(cfg.output))
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # found now, not after the job
+        raise ConfigError(f"output={out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a folder"))
     engine = Engine(engine_config(composed))
-    if cfg.input is None:
+    if lines is None:
         lines = _demo_lines(engine)
-    else:
-        path = Path(hydra.utils.to_absolute_path(cfg.input))
-        if not path.is_file():
-            log.error("input file %s does not exist", path)
-            raise SystemExit(2)  # hydra.main drops return values
-        lines = path.read_text().splitlines()
     bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
     results, summary = run_offline(engine, lines, bar)
     bar.close()
-    if cfg.output is not None:
-        out = Path(hydra.utils.to_absolute_path(cfg.output))
+    if out is not None:
         out.write_text("".join(json.dumps(r) + "\n" for r in results))
     elif cfg.input is None:
         for line, r in zip(lines, results):

@@ -1,0 +1,51 @@
+"""scripts/generate.py as a user runs it: one output line per input line whatever the line holds,
+and input/output paths checked before the model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "progress=false",
+                           "engine.compile=false", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+
+
+def test_every_input_line_is_one_output_line(tmp_path):
+    """U+2028 (and the other characters str.splitlines breaks at) inside a JSON string, a line
+    that is not UTF-8, CRLF endings: each line is one request or one error, in order."""
+    good = {"prompt": "import os", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": "sep", **good, "prompt": "a\u2028b\u2029c\x85d\x0ce"}, ensure_ascii=False).encode(),
+             b'{"id": "latin1", "prompt": "caf\xe9", "max_tokens": 3}',
+             json.dumps({"id": "crlf", **good}).encode() + b"\r",
+             json.dumps({"id": "last", **good}).encode()]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    proc = generate(tmp_path, f"input={src}", f"output={dst}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in dst.read_text().split("\n") if x]
+    assert [r["id"] for r in rows] == ["sep", "latin1", "crlf", "last"]
+    assert len(rows[0]["token_ids"]) == 3 and "error" not in rows[0]
+    assert "not valid Unicode" in rows[1]["error"]
+    assert rows[2]["token_ids"] == rows[3]["token_ids"]
+
+
+def test_bad_paths_are_one_line_before_the_model_loads(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "x"}) + "\n")
+    for args, says in (((f"input={src}", f"output={tmp_path / 'nowhere' / 'out.jsonl'}"), "is not a folder"),
+                       ((f"input={src}", f"output={tmp_path}"), "is a folder"),
+                       ((f"input={tmp_path}",), "is a folder, not a file"),
+                       ((f"input={tmp_path / 'missing.jsonl'}",), "no such file")):
+        proc = generate(tmp_path, *args, "model.path=/nonexistent")  # (loading it would fail otherwise)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(proc.stderr.splitlines()) == 1 and says in proc.stderr

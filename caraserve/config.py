@@ -197,6 +197,7 @@ class LimitsConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check(value >= 0, f"limits.{f.name}={value} must be >= 0")
+        _check(self.max_n >= 1, f"limits.max_n={self.max_n} must be >= 1 (every request has one completion)")
 
     @classmethod
     def from_dict(cls, data, where="limits"):

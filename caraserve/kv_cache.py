@@ -21,6 +21,8 @@ from collections import OrderedDict
 
 import torch
 
+from caraserve.config_checks import ConfigError
+
 
 def blocks_for(tokens: int, block_size: int) -> int:
     """Blocks that hold `tokens` positions."""
@@ -49,7 +51,6 @@ def plan_blocks(cfg, args, dtype: torch.dtype, device: torch.device, max_seq_len
     (CUDA: gpu_memory_utilization of the device's memory less what is in use on it, so call it
     after the model and the adapter pools are allocated; CPU: the memory max_batch_size requests
     of max_seq_len tokens take). cfg: the EngineConfig; args: the model's ModelArgs."""
-    from caraserve.config_checks import ConfigError
 
     per_block = block_bytes(cfg.kv_block_size, args.num_kv_heads, args.head_dim, dtype, args.num_layers)
     if cfg.num_kv_blocks:
@@ -87,10 +88,16 @@ class KVCache:
         self.block_size = block_size
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         # per layer: k, v [blocks + 1, block_size, n_kv, hd] on that layer's device
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
-            for d in layer_devices
-        ]
+        try:
+            self.layers = [
+                (torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
+                for d in layer_devices
+            ]
+        except (RuntimeError, MemoryError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+            size = 2 * len(layer_devices) * torch.Size(shape).numel() * dtype.itemsize
+            raise ConfigError(f"the KV cache ({num_blocks} blocks of {block_size} tokens: {size / 2**30:.1f} GiB) "
+                              "cannot be allocated: lower engine.num_kv_blocks, engine.kv_cache_bytes or "
+                              "engine.max_batch_size") from e
         self._free = list(range(num_blocks, 0, -1))  # blocks holding nothing, lowest first, reused LIFO
         self._refs = [0] * (num_blocks + 1)  # requests holding each block
         self._hash_of: dict[int, bytes] = {}  # published block -> its hash

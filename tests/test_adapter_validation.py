@@ -13,6 +13,7 @@ import torch
 from helpers import copy_adapter, edit_config, peft_logits, save_peft_adapter, save_random_hf_model
 from safetensors.torch import load_file, save_file
 
+from caraserve.config import ConfigError
 from caraserve.lora.checkpoint import AdapterError, inspect_adapter, load_adapter
 from caraserve.lora.host_store import HostStore, UnknownAdapterError
 from caraserve.model.loader import load_model
@@ -332,8 +333,12 @@ def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
 
 
 def test_register_dir_missing_root(env, store, tmp_path):
-    with pytest.raises(AdapterError, match="does not exist"):
+    """adapters.dir naming no folder is a configuration error (an entry point says it in one line)."""
+    with pytest.raises(ConfigError, match="adapters.dir: .*nowhere does not exist"):
         store.register_dir(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        store.register_dir(tmp_path / "a-file")
 
 
 @pytest.mark.parametrize("src_name", ["good", "good2"])

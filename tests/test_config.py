@@ -217,11 +217,26 @@ def run_entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      "error: router.max_attempts=2.5 must be an integer"),
     ((str(ROOT / "scripts" / "generate.py"), "+engine.max_batchsize=3"),
      "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
+    (("-m", "caraserve.serve", "server.port=0", "model.path=/nonexistent", "adapters.dir=none"),
+     "error: model.path: model folder /nonexistent does not exist"),
 ])
 def test_entry_point_prints_one_line_and_exits_2(args, line, tmp_path):
     p = run_entry(*args, cwd=ROOT if args[0] == "-m" else tmp_path)
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.splitlines() == [line] and p.stdout == ""
+
+
+@pytest.mark.parametrize("args, line", [
+    ((str(ROOT / "scripts" / "generate.py"), "adapters.dir=/nonexistent"),
+     "error: adapters.dir: /nonexistent does not exist"),
+    ((str(ROOT / "scripts" / "generate.py"), "engine.num_kv_blocks=100000000000"),
+     "error: the KV cache (100000000000 blocks of 16 tokens: 6103515.6 GiB) cannot be allocated: lower "
+     "engine.num_kv_blocks, engine.kv_cache_bytes or engine.max_batch_size"),
+])
+def test_start_up_errors_after_the_model_loads_end_with_one_error_line(args, line, tmp_path):
+    p = run_entry(*args, cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.splitlines()[-1] == line
 
 
 def test_entry_point_parse_error_is_one_line(tmp_path):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from caraserve.config import AdapterConfig
+from caraserve.config import AdapterConfig, ConfigError
 from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.adapter_info import AdapterInfo, HostStoreStats, UnknownAdapterError, next_uid
 from caraserve.lora.checkpoint import (
@@ -107,7 +107,8 @@ class HostStore:
         adapter is reported and skipped, the others still register."""
         root = Path(root)
         if not root.is_dir():
-            raise AdapterError(f"adapter folder {root} does not exist")
+            raise ConfigError(f"adapters.dir: {root} " + ("is a file, not a folder" if root.exists() else
+                                                            "does not exist"))
         ok, bad = [], {}
         full = 0
         # by name: the same order as by path (one parent), and far cheaper to sort thousands

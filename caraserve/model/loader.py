@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from caraserve.config_checks import ConfigError
 from caraserve.model.layers import LoraLinear
 from caraserve.model.llama import CausalLM, ModelArgs
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
-    """The folder cannot be loaded; the message names the file and tensor."""
+class ModelLoadError(ConfigError):
+    """The folder cannot be loaded; the message names the file and tensor. A configuration error:
+    model.path names a folder that is not a loadable model (an entry point says it in one line)."""
 
 
 def load_hf_config(path: str | os.PathLike):
@@ -33,7 +35,8 @@ def load_hf_config(path: str | os.PathLike):
     folder = Path(path)
     cfg_file = folder / "config.json"
     if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist")
+        raise ModelLoadError(f"model.path: model folder {folder} does not exist"
+                             + (" (it is a file)" if folder.exists() else ""))
     if not cfg_file.is_file():
         raise ModelLoadError(f"{cfg_file} is missing: not a Hugging Face model folder")
     try:

@@ -94,6 +94,43 @@ def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_
     assert started.wait(10)
 
 
+def test_an_unload_waits_for_a_request_still_on_its_way_to_the_engine():
+    """A request accepted while the engine thread is busy is in no queue of the scheduler yet: an
+    unload of its adapter waits for it as for a running one (it used to find the adapter unused,
+    then be refused as in use once the request got in)."""
+    import asyncio
+
+    from caraserve.serve.async_engine import AsyncEngine
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256))
+    service = AsyncEngine(engine, 8)
+    service.start()
+    busy, release = threading.Event(), threading.Event()
+    try:
+        service._call(lambda: (busy.set(), release.wait(10)))  # the engine thread is in a "step"
+        assert busy.wait(10)
+
+        async def main():
+            task = asyncio.ensure_future(service.submit([1, 8, 9], SamplingParams(max_tokens=8, temperature=0),
+                                                        "demo-r8", "on-its-way"))
+            await asyncio.sleep(0.05)  # accepted, queued to the engine thread
+            unload = asyncio.ensure_future(service.retire_adapter("demo-r8", timeout_s=30))
+            await asyncio.sleep(0.1)
+            release.set()
+            queue = await task
+            while not (out := await queue.get()).finished:
+                pass
+            await unload  # no AdapterError: it waited for the request, then removed the adapter
+            return out
+
+        out = asyncio.run(main())
+    finally:
+        release.set()
+        service.stop()
+    assert out.error is None and len(out.output_ids) == 8
+    assert "demo-r8" not in engine.store
+
+
 def test_a_failing_read_ahead_leaves_the_request_served(monkeypatch):
     """The read-ahead is a hint: if it raises (the adapter unregistered meanwhile, the store
     closed), the request is still added and served, and nothing of it is left behind."""

@@ -9,6 +9,7 @@ back before anything changed. Outputs go back with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -52,6 +53,7 @@ class AsyncEngine:
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._retired: set[str] = set()
         self._submitting = 0  # accepted by a handler, not yet in the engine's queue
+        self._submitting_for: collections.Counter[str] = collections.Counter()  # of those, per adapter
         self.fault: str | None = None  # set once a fault no request explains ended every request
         self._thread = threading.Thread(target=self._run, name="caraserve-engine", daemon=True)
 
@@ -113,6 +115,8 @@ class AsyncEngine:
                 raise RequestError(f"request id {request_id!r} is already in flight")
             self._waiters[request_id] = waiter
             self._submitting += 1  # counted at once: handlers checking the queue meanwhile see it
+            if adapter is not None:  # and an unload waits for it as for a running request
+                self._submitting_for[adapter] += 1
 
         if adapter is not None:  # the read overlaps the step in progress; the add below runs after it
             try:
@@ -126,6 +130,10 @@ class AsyncEngine:
             finally:
                 with self._lock:  # on the engine thread, as the request enters (or skips) the queue
                     self._submitting -= 1
+                    if adapter is not None:
+                        self._submitting_for[adapter] -= 1
+                        if not self._submitting_for[adapter]:
+                            del self._submitting_for[adapter]
 
         try:
             await asyncio.wrap_future(self._call(add))
@@ -161,6 +169,10 @@ class AsyncEngine:
             self._retired.discard(name)
 
     def _in_use(self, name: str) -> bool:
+        """Whether a request uses the adapter: queued to the engine thread, waiting or running."""
+        with self._lock:
+            if self._submitting_for.get(name):
+                return True
         sched = self.engine.scheduler
         return any(r.adapter == name for r in list(sched.waiting) + list(sched.running))
 

@@ -19,6 +19,8 @@ ADAPTERS = {
     "e-patterns": dict(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                        rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 64}),
     "f-layer1-only": dict(r=12, lora_alpha=24, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
+    "g-layer-ranks": dict(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],  # ranks differ by layer
+                          rank_pattern={"layers.1.self_attn.q_proj": 4, "layers.0.mlp.down_proj": 16}),
 }
 PROMPTS = {  # request -> (adapter or None, prompt)
     0: ("a-r8-qv", [5, 9, 3, 17, 22, 7]),
@@ -30,6 +32,7 @@ PROMPTS = {  # request -> (adapter or None, prompt)
     6: ("e-patterns", [70, 71, 72]),
     7: ("f-layer1-only", [8, 8, 8, 8]),
     8: (None, [120]),
+    9: ("g-layer-ranks", [33, 34, 35]),
 }
 
 

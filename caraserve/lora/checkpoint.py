@@ -208,14 +208,18 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     covered: dict[str, int] = {}
     for _, module in layout.pairs:
         covered[module] = covered.get(module, 0) + 1
+    for (_, module), (_, ka, _, _) in layout.pairs.items():
+        if tensors[ka].shape[0] < layout.ranks[module]:
+            covered[module] = -1  # a layer of a lower rank (rank_pattern): its extra rank columns are zero
     for module, r in layout.ranks.items():  # stacked per module, zeros in untouched layers
         fan_in, fan_out = model_args.module_shape(module)
         new = torch.empty if covered.get(module) == model_args.num_layers else torch.zeros
         out_a[module] = new(model_args.num_layers, fan_in, r)
         out_b[module] = new(model_args.num_layers, r, fan_out)
     for (layer, module), (_, ka, kb, _) in layout.pairs.items():
-        out_a[module][layer] = tensors[ka].t()
-        out_b[module][layer] = tensors[kb].t()
+        r = tensors[ka].shape[0]  # zero-padded up to the module's rank: the delta is the same
+        out_a[module][layer][:, :r] = tensors[ka].t()
+        out_b[module][layer][:r] = tensors[kb].t()
     # The reads run beside the steps, so the values are checked in one pass per stacked module
     # without allocating: a sum is finite when every value is (huge finite values may overflow
     # it: then the exact check decides, and the per-tensor one names the culprit).
@@ -317,8 +321,7 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
         key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
         want_r = rules.rank.get(key, r)
         _check_pair(cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
-        if ranks.setdefault(module, want_r) != want_r:
-            raise _Refused(f"{module} has different ranks in different layers")
+        ranks[module] = max(ranks.get(module, 0), want_r)  # a lower-rank layer is zero-padded to it
         pairs[(layer, module)] = (key, ab["A"], ab["B"], scaling(want_r, rules.alpha.get(key, alpha)) / base_scale)
     targets = tuple(m for m in TARGETS if m in ranks)
     numel = sum(model_args.num_layers * sum(model_args.module_shape(m)) * ranks[m] for m in targets)

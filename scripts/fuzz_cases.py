@@ -69,16 +69,17 @@ def good_cases(ctx: Ctx, n: int, max_tokens: int) -> list[Case]:
 
 
 def type_tables() -> tuple[dict, dict]:
-    """Wrong-typed values per field of /v1/completions and /v1/chat/completions (null only where the
-    field is not nullable). Bools for ints and floats are wrong types too, though pydantic's lax mode
-    takes them."""
+    """Wrong-typed values per field of /v1/completions and /v1/chat/completions. A sampling field
+    sent as null takes its default (as OpenAI's and vLLM's servers read it), so null is wrong only
+    for the required fields (model, prompt, messages). Bools for ints and floats are wrong types
+    too, though pydantic's lax mode takes them."""
     ints, floats = ["abc", True, {"a": 1}, [1], 1.5, "1e3"], ["hot", True, {"v": 1}, [0.5], "NaN"]
     bools, strs = ["maybe", 2, {"a": 1}, [True], 0.5], [5, True, {"a": 1}, ["x"], 1.5]
-    sampling = {"model": strs + [None], "max_tokens": ints, "temperature": floats + [None], "top_p": floats + [None],
-                "n": ints + [None], "stream": bools + [None], "stop": [5, {"a": 1}, [1, 2], [None], [["a"]], True],
-                "seed": ints, "logprobs": ["abc", {"a": 1}, [1], 1.5], "user": strs, "top_k": ints + [None],
-                "ignore_eos": bools + [None], "stop_token_ids": ["1", [1.5], [True], [[1]], {"a": 1}, 5, ["x"]]}
-    cmpl = dict(sampling, echo=bools + [None], prompt=[5, True, {"a": 1}, None, [True, 1], [[1, "a"]], [1.5], [[]],
+    sampling = {"model": strs + [None], "max_tokens": ints, "temperature": floats, "top_p": floats,
+                "n": ints, "stream": bools, "stop": [5, {"a": 1}, [1, 2], [None], [["a"]], True],
+                "seed": ints, "logprobs": ["abc", {"a": 1}, [1], 1.5], "user": strs, "top_k": ints,
+                "ignore_eos": bools, "stop_token_ids": ["1", [1.5], [True], [[1]], {"a": 1}, 5, ["x"]]}
+    cmpl = dict(sampling, echo=bools, prompt=[5, True, {"a": 1}, None, [True, 1], [[1, "a"]], [1.5], [[]],
                                                       [], [["a"]], [None], [[1], [2]], ["a", "b"]])
     def msgs(content, role="user"):
         return [{"role": role, "content": content}]
@@ -211,6 +212,7 @@ def border_cases(ctx: Ctx) -> list[Case]:
     h = [("chat_parts", dict(messages=[{"role": "user", "content": parts}])),
          ("chat_system", dict(messages=[{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}])),
          ("chat_null_content", dict(messages=[{"role": "user", "content": None}])),
+         ("null_sampling_fields", dict(temperature=None, top_p=None, n=None, stream=None, top_k=None)),
          ("chat_both_limits", dict(max_tokens=4, max_completion_tokens=6)),
          ("chat_no_max_tokens", dict(max_tokens=MISSING)), ("chat_stream", dict(stream=True)),
          ("chat_unknown_role", dict(messages=[{"role": "nobody", "content": "x"}]))]

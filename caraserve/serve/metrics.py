@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from caraserve.request import RequestOutput
 from caraserve.serve.gc_monitor import GcMonitor
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class EngineCounters(Collector):
+    """Counts the engine keeps itself, read at scrape time and typed as counters (name -> (help,
+    read)); Prometheus exposes each as name_total."""
+
+    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]):
+        self.counters = counters
+
+    def collect(self):
+        for name, (doc, read) in self.counters.items():
+            yield CounterMetricFamily(name, doc, value=read())
 
 
 class ServerMetrics:
@@ -30,10 +46,6 @@ class ServerMetrics:
             engine.pool.used_slots)
         Gauge("caraserve_adapter_slots_total", "Device adapter slots", registry=r).set_function(
             lambda: sum(len(b.slots) for b in engine.pool.buckets))
-        Gauge("caraserve_adapter_loads_total", "Adapter copies to the device", registry=r).set_function(
-            lambda: engine.pool.loads)
-        Gauge("caraserve_adapter_evictions_total", "Adapters evicted from the device", registry=r).set_function(
-            lambda: engine.pool.evictions)
         Gauge("caraserve_adapters_resident", "Adapters in a device slot (loaded or loading)",
               registry=r).set_function(engine.pool.used_slots)
         Gauge("caraserve_kv_blocks_used", "Paged KV cache blocks held by requests", registry=r).set_function(
@@ -42,12 +54,16 @@ class ServerMetrics:
             lambda: engine.kv.num_blocks)
         Gauge("caraserve_kv_blocks_cached", "Paged KV blocks published for prefix reuse (held or not)",
               registry=r).set_function(lambda: engine.kv.cached_blocks)
-        Gauge("caraserve_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache",
-              registry=r).set_function(lambda: engine.kv.query_tokens)
-        Gauge("caraserve_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache",
-              registry=r).set_function(lambda: engine.kv.hit_tokens)
-        Gauge("caraserve_preemptions_total", "Running requests preempted to recompute (KV blocks ran out)",
-              registry=r).set_function(lambda: engine.scheduler.num_preemptions)
+        r.register(EngineCounters({  # exposed as caraserve_..._total
+            "caraserve_adapter_loads": ("Adapter copies to the device", lambda: engine.pool.loads),
+            "caraserve_adapter_evictions": ("Adapters evicted from the device", lambda: engine.pool.evictions),
+            "caraserve_prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache",
+                                                    lambda: engine.kv.query_tokens),
+            "caraserve_prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
+                                                  lambda: engine.kv.hit_tokens),
+            "caraserve_preemptions": ("Running requests preempted to recompute (KV blocks ran out)",
+                                      lambda: engine.scheduler.num_preemptions),
+        }))
         self._host_tier(engine.store, r)
         self.gc_pause = Histogram("caraserve_gc_pause_seconds", "Python garbage-collection pauses", ["generation"],
                                   buckets=_PAUSE_BUCKETS, registry=r)
@@ -60,13 +76,15 @@ class ServerMetrics:
             "caraserve_adapters_cached": ("Adapters whose weights are in host memory", lambda s: s.cached),
             "caraserve_host_tier_bytes": ("Bytes of adapter weights in host memory", lambda s: s.cached_bytes),
             "caraserve_host_tier_budget_bytes": ("Host-tier budget (0 = unbounded)", lambda s: s.budget_bytes),
-            "caraserve_host_tier_hits_total": ("Adapter weight lookups answered from memory", lambda s: s.hits),
-            "caraserve_host_tier_misses_total": ("Adapter weight lookups that waited on a disk read",
-                                                 lambda s: s.misses),
-            "caraserve_adapter_disk_reads_total": ("Adapter weight reads from disk", lambda s: s.disk_reads),
         }
         for name, (doc, get) in stat.items():
             Gauge(name, doc, registry=r).set_function(lambda get=get: get(store.stats()))
+        r.register(EngineCounters({
+            "caraserve_host_tier_hits": ("Adapter weight lookups answered from memory", lambda: store.stats().hits),
+            "caraserve_host_tier_misses": ("Adapter weight lookups that waited on a disk read",
+                                           lambda: store.stats().misses),
+            "caraserve_adapter_disk_reads": ("Adapter weight reads from disk", lambda: store.stats().disk_reads),
+        }))
         self.disk_read = Histogram("caraserve_adapter_disk_read_seconds", "Adapter weight read time",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         store.on_read = self.disk_read.observe

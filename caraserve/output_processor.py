@@ -141,7 +141,8 @@ class OutputProcessor:
                 at, minus_len = min(hits)
                 req.text = req.text[: at - minus_len if req.params.include_stop_str_in_output else at]
                 reason = FinishReason.STOP
-        end = len(req.text) if reason is not None else len(req.text) - stop_prefix_len(req.text, stops)
+        end = len(req.text) if reason is not None else \
+            len(req.text) - stop_prefix_len(req.text, stops, len(req.text) - req.text_sent)
         sent, req.text_sent = req.text_sent, max(req.text_sent, end)
         return reason, req.text[sent:end]
 
@@ -161,7 +162,16 @@ class OutputProcessor:
         )
 
 
-def stop_prefix_len(text: str, stops) -> int:
-    """Length of the longest tail of `text` that is the beginning (not the whole) of a stop string."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+def stop_prefix_len(text: str, stops, unsent: int | None = None) -> int:
+    """Length of the longest tail of `text` that is the beginning (not the whole) of a stop string,
+    among tails of at most `unsent` characters (text already streamed never begins one: it was
+    held back while it might), longest first: a token costs the text it added, not the stop
+    strings' lengths."""
+    most = len(text) if unsent is None else unsent
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, most), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

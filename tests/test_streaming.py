@@ -15,7 +15,7 @@ def out(rid, text, finished=False, reason=None, error=None, n_out=1):
                          error_cause=ErrorCause.REQUEST if error else None, prompt_tokens=4)
 
 
-chunker = choices.completion_chunker("r", "m", choices.TokenTexts(None), "")
+chunker = choices.completion_chunker("r", "m", choices.TokenTexts(None), [1, 2], "")
 
 
 async def _collect(runs, first, aborted, usage=True, stop_after=None):
@@ -91,3 +91,22 @@ def test_logprobs_of_held_back_tokens_come_with_the_chunk_that_sends_their_text(
     assert first == {"tokens": ["11"], "token_logprobs": [-0.5], "top_logprobs": [{"11": -0.5}], "text_offset": [0]}
     assert second["tokens"] == ["12", "13"] and second["token_logprobs"] == [-1.0, -1.5]
     assert second["top_logprobs"] == [{"12": -1.0}, {"14": -0.9, "13": -1.5}] and second["text_offset"] == [2, 4]
+
+
+def test_token_texts_keep_the_spaces_a_sentencepiece_decoder_drops_at_a_sequence_start():
+    """A Llama-2-style tokenizer (Metaspace) decodes "▁world" alone as "world": each token's text
+    is what it adds after the token before it, so the texts add up to the decoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    text = "hello world, hello there world of words"
+    raw.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", unk_token="<unk>")
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    alone = [tok.decode([t], skip_special_tokens=True) for t in ids]
+    assert "".join(alone) != text  # the naive form loses the spaces
+    texts = choices.TokenTexts(tok)(ids)
+    assert texts[0] == "" and "".join(texts) == tok.decode(ids, skip_special_tokens=True) == text

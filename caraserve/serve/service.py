@@ -181,7 +181,9 @@ class EngineService:
                 sid = f"{rid}#{i}"
                 runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid,
                                                     final_only=final_only)))
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
+                e.admitted = True
             self._abort(runs)
             raise
         return runs
@@ -257,11 +259,11 @@ class EngineService:
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            chunker = choices.completion_chunker(rid, body.model, self.token_texts, echoed, ids if scored else None)
+            chunker = choices.completion_chunker(rid, body.model, self.token_texts, ids, echoed, scored)
             return await self._stream(runs, chunker, include_usage, disconnected)
         outs = await self._all_of(runs, disconnected)
         answers = [(echoed + o.text, o.finish_reason.openai,
-                    choices.completion_logprobs(self.token_texts, o, prompt_ids=ids if scored else None)) for o in outs]
+                    choices.completion_logprobs(self.token_texts, o, ids, echo=scored)) for o in outs]
         return proto.completion_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                          max(o.cached_tokens for o in outs))
 
@@ -309,10 +311,10 @@ class EngineService:
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            return await self._stream(runs, choices.chat_chunker(rid, body.model, self.token_texts), include_usage,
-                                      disconnected)
+            return await self._stream(runs, choices.chat_chunker(rid, body.model, self.token_texts, ids),
+                                      include_usage, disconnected)
         outs = await self._all_of(runs, disconnected)
-        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o)) for o in outs]
+        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids)) for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))
 

@@ -110,18 +110,25 @@ def sample(
     return tokens.tolist(), chosen, tops
 
 
+LOGPROB_ROWS = 256  # rows of float32 log-softmax made at once
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]
                    ) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
     """For logits [R, V] (the model's own) and tokens [R]: each token's log-probability and the
     top[r] most likely (token, logprob) pairs of row r, best first."""
-    rows = logits.float().log_softmax(-1)
-    lps = rows.gather(-1, tokens.to(rows.device)[:, None])[:, 0].tolist()
-    alts: list[tuple[tuple[int, float], ...]] = [()] * len(lps)
-    k = min(max(top, default=0), rows.shape[-1])
-    if k:
-        values, ids = rows.topk(k, -1)
-        values, ids = values.tolist(), ids.tolist()
-        alts = [tuple(zip(ids[r][:n], values[r][:n])) for r, n in enumerate(top)]
+    lps: list[float] = []
+    alts: list[tuple[tuple[int, float], ...]] = []
+    k = min(max(top, default=0), logits.shape[-1])
+    for r0 in range(0, len(logits), LOGPROB_ROWS):  # a prompt's rows a slice at a time: bounded memory
+        rows = logits[r0 : r0 + LOGPROB_ROWS].float().log_softmax(-1)
+        lps += rows.gather(-1, tokens[r0 : r0 + LOGPROB_ROWS].to(rows.device)[:, None])[:, 0].tolist()
+        if k:
+            values, ids = rows.topk(k, -1)
+            values, ids = values.tolist(), ids.tolist()
+            alts += [tuple(zip(ids[r][:n], values[r][:n])) for r, n in enumerate(top[r0 : r0 + LOGPROB_ROWS])]
+        else:
+            alts += [()] * len(rows)
     return lps, alts
 
 

@@ -53,6 +53,9 @@ class ScheduledBatch:
     num_decode: int = 0  # the first num_decode rows decode (all of them when is_decode)
 
 
+PROMPT_LOGPROBS_CHUNK = 512  # prompt tokens a step scores per request (their rows' logits are kept)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -274,7 +277,7 @@ class Scheduler:
         chunks: list[int] = []
         for req in self.running:  # unfinished chunked prefills first (their blocks are taken already)
             if req.state is RequestState.PREFILL and budget > 0:
-                n = min(req.prefill_len - req.num_computed, budget)
+                n = self._chunk(req, budget)
                 batch.append(req)
                 chunks.append(n)
                 budget -= n
@@ -309,7 +312,7 @@ class Scheduler:
             self._take_prefix(req, hit)
             if not self.kv.grow(req.block_table, req.prefill_len):
                 raise AssertionError("KV blocks counted free could not be taken")
-            n = min(req.prefill_len - req.num_computed, budget)
+            n = self._chunk(req, budget)
             req.state = RequestState.PREFILL
             batch.append(req)
             chunks.append(n)
@@ -332,6 +335,16 @@ class Scheduler:
         if not self.mixed_steps:
             decoding = self._decode_rows()
         return ScheduledBatch(True, decoding, [1] * len(decoding), len(decoding)) if decoding else None
+
+    @staticmethod
+    def _chunk(req: Request, budget: int) -> int:
+        """The prefill tokens `req` computes this step: what is left of its prefill, within the
+        step's budget; a prompt being scored (prompt logprobs) PROMPT_LOGPROBS_CHUNK at most, so
+        its logits over the vocabulary stay bounded."""
+        n = min(req.prefill_len - req.num_computed, budget)
+        if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids):
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        return n
 
     def _slo_prefill_tokens(self, decoding: list[Request]) -> int:
         """The most prompt tokens a mixed step may carry beside `decoding` and still be predicted

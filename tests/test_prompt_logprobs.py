@@ -81,3 +81,26 @@ def test_a_request_preempted_mid_prompt_scores_it_again_from_the_start(engine):
     while not req.finished:
         engine.step()
     assert req.prompt_logprobs == want
+
+
+def test_a_scored_prompt_goes_in_bounded_chunks_and_slices(engine, monkeypatch):
+    """A prompt being scored computes at most PROMPT_LOGPROBS_CHUNK tokens a step, and its rows'
+    log-softmax is made LOGPROB_ROWS rows at a time (the logits over the vocabulary stay bounded):
+    the same logprobs."""
+    from caraserve import sampler, scheduler
+
+    sp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    want = engine.generate([PROMPT], sp)[0].prompt_logprobs
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROBS_CHUNK", 5)
+    monkeypatch.setattr(sampler, "LOGPROB_ROWS", 3)
+    rid = engine.add_request(PROMPT, sp)
+    req, chunks = engine.request(rid), []
+    while not req.finished:
+        before = req.num_computed
+        engine.step()
+        if req.num_computed != before:
+            chunks.append(req.num_computed - before)
+    assert max(chunks) == 5 and sum(chunks) == len(req.prompt_ids)
+    assert len(req.prompt_logprobs) == len(want) and req.prompt_logprobs[0] is None
+    for (lp, alts), (lp_want, alts_want) in zip(req.prompt_logprobs[1:], want[1:]):
+        assert lp == pytest.approx(lp_want, abs=1e-6) and [t for t, _ in alts] == [t for t, _ in alts_want]

@@ -338,9 +338,8 @@ class Scheduler:
 
     @staticmethod
     def _chunk(req: Request, budget: int) -> int:
-        """The prefill tokens `req` computes this step: what is left of its prefill, within the
-        step's budget; a prompt being scored (prompt logprobs) PROMPT_LOGPROBS_CHUNK at most, so
-        its logits over the vocabulary stay bounded."""
+        """The prefill tokens `req` computes this step: what is left, within the budget, and at
+        most PROMPT_LOGPROBS_CHUNK for a prompt being scored (its rows' logits are kept)."""
         n = min(req.prefill_len - req.num_computed, budget)
         if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids):
             n = min(n, PROMPT_LOGPROBS_CHUNK)

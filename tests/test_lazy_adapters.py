@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -13,6 +14,24 @@ from caraserve.engine import Engine
 from caraserve.lora import host_store
 from caraserve.request import SamplingParams
 from caraserve.serve.gc_monitor import GcMonitor, freeze_startup_heap
+
+
+@contextlib.contextmanager
+def busy_engine_thread(engine: Engine):
+    """A started AsyncEngine whose engine thread is held in a "step" until the yielded event is
+    set (set on the way out in any case); stopped on the way out."""
+    from caraserve.serve.async_engine import AsyncEngine
+
+    service = AsyncEngine(engine, 8)
+    service.start()
+    busy, release = threading.Event(), threading.Event()
+    try:
+        service._call(lambda: (busy.set(), release.wait(10)))
+        assert busy.wait(10)
+        yield service, release
+    finally:
+        release.set()
+        service.stop()
 
 
 def test_a_disk_read_in_flight_never_stalls_a_running_decode(monkeypatch):
@@ -49,8 +68,6 @@ def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_
     next schedules: it overlaps the step in progress (here a command holding the engine thread)."""
     import asyncio
 
-    from caraserve.serve.async_engine import AsyncEngine
-
     engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256))
     real_load = host_store.load_adapter
     started = threading.Event()
@@ -60,13 +77,7 @@ def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_
         return real_load(path, args, name, *a, **kw)
 
     monkeypatch.setattr(host_store, "load_adapter", load)
-    service = AsyncEngine(engine, 8)
-    service.start()
-    busy, release = threading.Event(), threading.Event()
-    try:
-        service._call(lambda: (busy.set(), release.wait(10)))  # the engine thread is in a "step"
-        assert busy.wait(10)
-
+    with busy_engine_thread(engine) as (service, release):
         async def submit():
             task = asyncio.ensure_future(service.submit([1, 8, 9], SamplingParams(max_tokens=2, temperature=0),
                                                         "demo-r64", "cold"))
@@ -78,9 +89,6 @@ def test_an_arriving_request_starts_its_adapter_read_while_the_engine_thread_is_
             return read_early, out
 
         read_early, out = asyncio.run(submit())
-    finally:
-        release.set()
-        service.stop()
     assert read_early and out.error is None and len(out.output_ids) == 2
     # a resident adapter, an unknown name or a queue as long as the batch start nothing
     started.clear()
@@ -100,16 +108,8 @@ def test_an_unload_waits_for_a_request_still_on_its_way_to_the_engine():
     then be refused as in use once the request got in)."""
     import asyncio
 
-    from caraserve.serve.async_engine import AsyncEngine
-
     engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256))
-    service = AsyncEngine(engine, 8)
-    service.start()
-    busy, release = threading.Event(), threading.Event()
-    try:
-        service._call(lambda: (busy.set(), release.wait(10)))  # the engine thread is in a "step"
-        assert busy.wait(10)
-
+    with busy_engine_thread(engine) as (service, release):
         async def main():
             task = asyncio.ensure_future(service.submit([1, 8, 9], SamplingParams(max_tokens=8, temperature=0),
                                                         "demo-r8", "on-its-way"))
@@ -124,9 +124,6 @@ def test_an_unload_waits_for_a_request_still_on_its_way_to_the_engine():
             return out
 
         out = asyncio.run(main())
-    finally:
-        release.set()
-        service.stop()
     assert out.error is None and len(out.output_ids) == 8
     assert "demo-r8" not in engine.store
 

@@ -315,10 +315,10 @@ class Engine:
             if batch.num_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)
             outs += [self._fail(emitting[i], f"sampling failed on this request ({why})") for i, why in bad.items()]
-            reqs = [r for i, r in enumerate(emitting) if i not in bad]
-            tokens = [t for i, t in enumerate(tokens) if i not in bad]
-            logprobs = [lp for i, lp in enumerate(logprobs) if i not in bad]
-            tops = [top for i, top in enumerate(tops) if i not in bad]
+            reqs = emitting
+            if bad:
+                reqs, tokens, logprobs, tops = ([x for i, x in enumerate(xs) if i not in bad]
+                                                for xs in (emitting, tokens, logprobs, tops))
             for r, t, lp, top in zip(reqs, tokens, logprobs, tops):
                 self.outputs.add_token(r, t, lp, top, now)
             self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed

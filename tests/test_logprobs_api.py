@@ -138,3 +138,12 @@ def test_bad_logprobs_requests_get_400(live, path, extra, says):
     body.update({"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
     r = post(live, path, body)
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("prompt", ["café au lait, ünïcödé \U0001F98A", [1, 43, 1675]], ids=("non-ascii", "ids"))
+def test_echoed_tokens_add_up_to_the_text_and_offsets_point_into_it(live, prompt):
+    r = completion(live, prompt=prompt, max_tokens=4, logprobs=1, echo=True)
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert all(choice["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"]))

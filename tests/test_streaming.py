@@ -110,3 +110,21 @@ def test_token_texts_keep_the_spaces_a_sentencepiece_decoder_drops_at_a_sequence
     assert "".join(alone) != text  # the naive form loses the spaces
     texts = choices.TokenTexts(tok)(ids)
     assert texts[0] == "" and "".join(texts) == tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_token_texts_of_split_characters_add_up_and_do_not_depend_on_where_a_chunk_starts():
+    """Byte-level pieces of a multi-byte character add nothing until the piece completing it, which
+    adds the whole character: the texts add up to the decoded text and text offsets hold; a run
+    read after the tokens before it (a streamed chunk) gets the texts the whole run gets."""
+    from transformers import AutoTokenizer
+
+    from caraserve.model.tiny import tiny_paths
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_paths()[0]))
+    ids = tok("café au lait, ünïcödé \U0001F98A text")["input_ids"]
+    texts = choices.TokenTexts(tok)
+    whole = texts(ids)
+    assert "".join(whole) == tok.decode(ids, skip_special_tokens=True) == "café au lait, ünïcödé \U0001F98A text"
+    assert "" in whole[1:]  # some character was split between tokens
+    for k in range(1, len(ids)):
+        assert texts(ids[k:], ids[:k]) == whole[k:]

@@ -4,9 +4,9 @@ non-streamed form, with OpenAI's logprobs.
 Completions: {"tokens": [each token's text], "token_logprobs": [...], "top_logprobs": [{text:
 logprob} per token] or None, "text_offset": [where each token's text starts in the choice's
 text]}. Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
-"bytes"}, ...]}, ...]}. A token's text is what it adds after the token before it (TokenTexts;
-special tokens add nothing), so the texts of the tokens add up to the choice's text except where
-a stop string cut it or a character is split between tokens. A streamed chunk carries the
+"bytes"}, ...]}, ...]}. A token's text is what it adds after the tokens before it (TokenTexts:
+special tokens add nothing, part of a character waits for the token completing it), so the
+tokens' texts add up to the choice's text except where a stop string cut it. A streamed chunk carries the
 logprobs of every token since the previous chunk (a token whose text is held back, a partial
 character or the start of a stop string, sends its logprobs with the chunk that sends its text).
 """
@@ -18,51 +18,64 @@ from caraserve.serve import protocol as proto
 
 
 class TokenTexts:
-    """A token's text as it reads after the token before it: decode([prev, t]) less decode([prev]),
-    special tokens skipped. A SentencePiece tokenizer drops a sequence's leading space, so a token
-    decoded alone would lose its own; a byte-level one gives the same text either way. Where the
-    pair does not extend the previous token's text (a character split between them), the token's
-    own decoding. Remembered per pair, up to a bound; str(id) without a tokenizer."""
+    """A token's text as it reads after the tokens before it: decode(before + [t]) less
+    decode(before), special tokens skipped, with up to CONTEXT tokens before it. A SentencePiece
+    tokenizer drops a sequence's leading space, so a token decoded alone would lose its own; a
+    token holding part of a character (a byte-level or byte-fallback piece) adds nothing until
+    the token that completes the character, which adds all of it. So a run of tokens' texts adds
+    up to the run's decoded text. Remembered per (tokens before, token), up to a bound; str(id)
+    without a tokenizer."""
+
+    CONTEXT = 4  # a character is at most 4 UTF-8 bytes, so at most 4 tokens
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._texts: dict[tuple[int | None, int], str] = {}
+        self._texts: dict[tuple, str] = {}
 
-    def one(self, prev: int | None, t: int) -> str:
-        text = self._texts.get((prev, t))
+    def one(self, before: tuple[int, ...], t: int) -> str:
+        key = (before, t)
+        text = self._texts.get(key)
         if text is None:
-            text = self._decode(prev, t)
+            text = self._decode(before, t)
             if len(self._texts) < 1 << 17:
-                self._texts[(prev, t)] = text
+                self._texts[key] = text
         return text
 
-    def _decode(self, prev: int | None, t: int) -> str:
+    def _decode(self, before: tuple[int, ...], t: int) -> str:
         tok = self.tokenizer
         if tok is None:
             return str(t)
-        if prev is None:
-            return tok.decode([t], skip_special_tokens=True)
-        base, both = (tok.decode(ids, skip_special_tokens=True) for ids in ([prev], [prev, t]))
-        return both[len(base):] if both.startswith(base) else tok.decode([t], skip_special_tokens=True)
+        full = tok.decode([*before, t], skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # a character still incomplete: it comes with the token completing it
+            return ""
+        base = tok.decode(list(before), skip_special_tokens=True).rstrip("\ufffd") if before else ""
+        return full[len(base):] if full.startswith(base) else tok.decode([t], skip_special_tokens=True)
 
-    def __call__(self, ids, prev: int | None = None) -> list[str]:
-        """The texts of a run of tokens `ids` that follows token `prev` (None: nothing before)."""
+    def __call__(self, ids, before=()) -> list[str]:
+        """The texts of a run of tokens `ids` that follows the tokens `before` (oldest first)."""
+        ctx = tuple(before)[-self.CONTEXT:]
         out = []
         for t in ids:
-            out.append(self.one(prev, t))
-            prev = t
+            out.append(self.one(ctx, t))
+            ctx = (*ctx, t)[-self.CONTEXT:]
         return out
 
 
-def _tokens(texts: TokenTexts, out: RequestOutput, start: int, before: int | None):
-    """(texts, logprobs, top alternatives as (text, logprob)s or None) of out's tokens [start:];
-    `before`: the token before the first of them."""
-    ids = out.output_ids[start:]
-    tokens = texts(ids, before)
-    tops = None
-    if out.top_logprobs is not None:
-        prevs = [before, *ids[:-1]]
-        tops = [[(texts.one(p, t), lp) for t, lp in top] for p, top in zip(prevs, out.top_logprobs[start:])]
+def _alternatives(texts: TokenTexts, seq: list[int], start: int, tops) -> list:
+    """Each position's alternatives as (text, logprob)s, read after the tokens before position
+    start + i of `seq` (None for a position without any)."""
+    return [None if top is None else [(texts.one(tuple(seq[max(0, p - texts.CONTEXT) : p]), t), lp)
+                                      for t, lp in top]
+            for p, top in enumerate(tops, start)]
+
+
+def _tokens(texts: TokenTexts, out: RequestOutput, start: int, prompt_ids: list[int]):
+    """(texts, logprobs, top alternatives as (text, logprob)s or None) of out's tokens [start:],
+    read after the prompt and the outputs before them."""
+    seq = [*prompt_ids[-texts.CONTEXT:], *out.output_ids]
+    at = len(seq) - len(out.output_ids) + start  # out's token `start` in seq
+    tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at])
+    tops = None if out.top_logprobs is None else _alternatives(texts, seq, at, out.top_logprobs[start:])
     return tokens, out.logprobs[start:], tops
 
 
@@ -70,14 +83,8 @@ def _prompt_tokens(texts: TokenTexts, prompt_ids: list[int], out: RequestOutput)
     """_tokens' form of an echoed prompt's tokens (the first has no logprob and no alternatives)."""
     entries = out.prompt_logprobs or [None] * len(prompt_ids)
     logprobs = [None if e is None else e[0] for e in entries]
-    prevs = [None, *prompt_ids[:-1]]
-    tops = [None if e is None else [(texts.one(p, t), lp) for t, lp in e[1]] for p, e in zip(prevs, entries)]
+    tops = _alternatives(texts, prompt_ids, 0, [None if e is None else e[1] for e in entries])
     return texts(prompt_ids), logprobs, tops
-
-
-def _before(out: RequestOutput, start: int, prompt_ids: list[int]) -> int | None:
-    """The token before out's token `start`: its previous output, else the prompt's last."""
-    return out.output_ids[start - 1] if start else (prompt_ids[-1] if prompt_ids else None)
 
 
 def completion_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[int], start: int = 0,
@@ -88,7 +95,7 @@ def completion_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[
     token too: up to `logprobs` + 1 of them."""
     if out.logprobs is None:
         return None
-    tokens, logprobs, tops = _tokens(texts, out, start, _before(out, start, prompt_ids))
+    tokens, logprobs, tops = _tokens(texts, out, start, prompt_ids)
     if tops is None:
         tops = [[]] * len(tokens)
     if echo:
@@ -115,7 +122,7 @@ def chat_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[int], 
     """The chat logprobs of out's tokens [start:] (None when the request did not ask for them)."""
     if out.logprobs is None:
         return None
-    tokens, logprobs, tops = _tokens(texts, out, start, _before(out, start, prompt_ids))
+    tokens, logprobs, tops = _tokens(texts, out, start, prompt_ids)
     return {"content": [{**_entry(t, lp), "top_logprobs": [_entry(*alt) for alt in (tops[i] if tops else ())]}
                         for i, (t, lp) in enumerate(zip(tokens, logprobs))]}
 

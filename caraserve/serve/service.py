@@ -268,11 +268,12 @@ class EngineService:
                                          max(o.cached_tokens for o in outs))
 
     def _prompt_text(self, prompt, ids: list[int]) -> str:
-        """The prompt as text, for echo (token-id prompts decoded; as ids without a tokenizer)."""
+        """The prompt as text, for echo (token-id prompts decoded as outputs are, special tokens
+        skipped; as ids without a tokenizer)."""
         if isinstance(prompt, str):
             return prompt
         tok = self.engine.tokenizer
-        return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None else " ".join(map(str, ids))
 
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
         limits = self.limits

@@ -103,11 +103,10 @@ typedef void (*panel_fn)(const float *const *s, float *const *d, int rows, const
             }                                                                                     \
         }                                                                                         \
         for (int i = 0; i < rows; i++)                                                            \
-            for (int j = 0; j < NV; j++)                                                          \
-                for (int l = 0; l < VL; l++) {                                                    \
-                    float *o = &d[i][col + j * VL + l];                                           \
-                    *o = accumulate ? *o + alpha * acc[i][j][l] : acc[i][j][l];                   \
-                }                                                                                 \
+            for (int j = 0; j < NV; j++) {                                                        \
+                vf_u *o = (vf_u *)&d[i][col + j * VL];                                            \
+                *o = accumulate ? *o + alpha * acc[i][j] : acc[i][j];                             \
+            }                                                                                     \
     }
 
 /* One layout's panels: 8 rows x 1 vector, 4 x 2, 4 x 1 */

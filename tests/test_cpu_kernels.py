@@ -354,3 +354,23 @@ def test_lora_parts_refuses_parts_outside_or_over_each_other_and_writes_nothing(
     arr, keep = _parts(*((col, out, table) for col, out in cols))
     assert lib.lora_parts(y.data_ptr(), 40, 40, x.data_ptr(), 8, rows, 8, arr, 2) == -1
     assert not y.any()  # refused before anything was written, the valid part included
+
+
+def test_custom_ops_fake_implementations_match_their_outputs():
+    """Compiled steps trust each custom op's fake implementation for the shape, strides and dtype
+    of its output (they do not re-assert them at run time): opcheck runs the op for real and
+    under fake tensors and compares the two."""
+    import caraserve.ops  # noqa: F401 (registers the ops)
+
+    w = torch.randn(24, 16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 5)
+    for rows in (1, 5, 32):
+        # (opcheck cannot take the packed weight, a oneDNN tensor without storage: the fake
+        # implementation's promise, a contiguous [rows, out] float32 tensor, is checked here)
+        x = torch.randn(rows, 16)
+        out = torch.ops.caraserve.packed_linear(x, packed, None, 24)
+        assert (out.shape, out.stride(), out.dtype) == ((rows, 24), (24, 1), torch.float32)
+        torch.testing.assert_close(out, x @ w.T)
+    q, k_cache, v_cache, tables, row_seq, lens = paged_case(4, 2, 64, 16)
+    torch.library.opcheck(torch.ops.caraserve.paged_attention.default, (q, k_cache, v_cache, tables, row_seq, lens, 0),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -147,3 +147,37 @@ def test_echoed_tokens_add_up_to_the_text_and_offsets_point_into_it(live, prompt
     lp = choice["logprobs"]
     assert "".join(lp["tokens"]) == choice["text"]
     assert all(choice["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"]))
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_and_generates_nothing(live):
+    """lm-eval-harness's and OpenAI's legacy scoring call (echo, logprobs, max_tokens 0): the
+    prompt with its tokens' logprobs, no completion token, streamed or not; the scores are the
+    ones a call that also generates gives its prompt."""
+    prompt = "def fibonacci(n):\n    return n"
+    body = {"model": "demo-r16", "prompt": prompt, "temperature": 0, "echo": True, "logprobs": 2}
+    r = post(live, "/v1/completions", {**body, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    n = len(live["engine"].encode(prompt))
+    assert choice["text"] == prompt and usage["completion_tokens"] == 0 and usage["prompt_tokens"] == n
+    scored = choice["logprobs"]
+    assert len(scored["tokens"]) == n and "".join(scored["tokens"]) == prompt
+    generating = post(live, "/v1/completions", {**body, "max_tokens": 3, "ignore_eos": True}).json()["choices"][0]
+    assert {k: v[:n] for k, v in generating["logprobs"].items()} == scored
+    chunks = events(live, "/v1/completions", {**body, "max_tokens": 0, "stream_options": {"include_usage": True}})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == prompt
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == scored["tokens"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+    plain = post(live, "/v1/completions", {"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 0})
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == prompt
+    assert plain.json()["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("extra,says", [
+    ({}, "0 only with echo"),
+    ({"echo": True, "min_tokens": 1}, "min_tokens must be 0 when max_tokens is 0"),
+])
+def test_max_tokens_zero_needs_echo(live, extra, says):
+    r = post(live, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0, **extra})
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

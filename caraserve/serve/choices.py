@@ -13,6 +13,8 @@ character or the start of a stop string, sends its logprobs with the chunk that 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from caraserve.request import RequestOutput
 from caraserve.serve import protocol as proto
 
@@ -125,6 +127,26 @@ def chat_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[int], 
     tokens, logprobs, tops = _tokens(texts, out, start, prompt_ids)
     return {"content": [{**_entry(t, lp), "top_logprobs": [_entry(*alt) for alt in (tops[i] if tops else ())]}
                         for i, (t, lp) in enumerate(zip(tokens, logprobs))]}
+
+
+def prompt_only(out: RequestOutput) -> RequestOutput:
+    """out without its generated tokens: the answer to an echo with max_tokens 0 (as vLLM's and
+    OpenAI's legacy completions: the prompt echoed and, with logprobs, scored; nothing
+    generated). The engine runs such a request for one token, which this drops."""
+    return replace(out, new_token_ids=[], output_ids=[], text="", new_text="",
+                   logprobs=None if out.logprobs is None else [],
+                   top_logprobs=None if out.top_logprobs is None else [])
+
+
+class MappedQueue:
+    """A request's output queue whose outputs pass through `fn` on the way out (get() is all the
+    server's readers call)."""
+
+    def __init__(self, queue, fn):
+        self.queue, self.fn = queue, fn
+
+    async def get(self) -> RequestOutput:
+        return self.fn(await self.queue.get())
 
 
 def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str,

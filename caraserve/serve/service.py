@@ -248,7 +248,15 @@ class EngineService:
         if isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
                            "invalid_request_error")
-        params = self.sampling(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
+        prompt_only = body.echo and body.max_tokens == 0  # score (or echo) the prompt, generate nothing
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing "
+                           "generated)", "invalid_request_error")
+        if prompt_only and body.min_tokens:
+            raise ApiError(400, f"min_tokens must be 0 when max_tokens is 0, got {body.min_tokens}",
+                           "invalid_request_error")
+        max_tokens = 1 if prompt_only else body.max_tokens if body.max_tokens is not None else 16
+        params = self.sampling(body, max_tokens, body.logprobs)
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
         if scored:
             params = replace(params, prompt_logprobs=body.logprobs)
@@ -258,6 +266,8 @@ class EngineService:
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self._start(ids, params, adapter, rid, final_only=final_only)
         runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
+        if prompt_only:
+            runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
             chunker = choices.completion_chunker(rid, body.model, self.token_texts, ids, echoed, scored)
             return await self._stream(runs, chunker, include_usage, disconnected)

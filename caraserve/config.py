@@ -183,6 +183,7 @@ class LimitsConfig:
     max_logprobs: the largest `logprobs` (completions) / `top_logprobs` (chat) accepted.
     max_chat_messages: messages in one chat request.
     max_n: completions per request (`n`); each is a request of its own sharing the prompt's blocks.
+    max_prompts: prompts in one completions request (a list of prompts, each with its n).
     """
 
     max_prompt_bytes: int = 2**20
@@ -192,12 +193,14 @@ class LimitsConfig:
     max_logprobs: int = 20
     max_chat_messages: int = 1024
     max_n: int = 16
+    max_prompts: int = 64
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check(value >= 0, f"limits.{f.name}={value} must be >= 0")
         _check(self.max_n >= 1, f"limits.max_n={self.max_n} must be >= 1 (every request has one completion)")
+        _check(self.max_prompts >= 1, f"limits.max_prompts={self.max_prompts} must be >= 1 (a request has a prompt)")
 
     @classmethod
     def from_dict(cls, data, where="limits"):

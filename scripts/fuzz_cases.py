@@ -80,7 +80,7 @@ def type_tables() -> tuple[dict, dict]:
                 "seed": ints, "logprobs": ["abc", {"a": 1}, [1], 1.5], "user": strs, "top_k": ints,
                 "ignore_eos": bools, "stop_token_ids": ["1", [1.5], [True], [[1]], {"a": 1}, 5, ["x"]]}
     cmpl = dict(sampling, echo=bools, prompt=[5, True, {"a": 1}, None, [True, 1], [[1, "a"]], [1.5], [[]],
-                                                      [], [["a"]], [None], [[1], [2]], ["a", "b"]])
+                                                      [], [["a"]], [None], [[1], ["a"]], ["a", 5]])
     def msgs(content, role="user"):
         return [{"role": role, "content": content}]
     chat = dict(sampling, max_completion_tokens=ints, messages=[

@@ -125,6 +125,45 @@ def test_streamed_n_completions_are_the_non_streamed_choices(live):
         assert "".join(d.get("content", "") for d in deltas[i]) == whole["choices"][i]["message"]["content"]
 
 
+def test_a_list_of_prompts_gives_each_prompt_its_n_choices(live):
+    """OpenAI's batched completions: prompt k's completion j is choice k * n + j, each as the
+    prompt alone gives it (seeded: completion j of a prompt samples with seed + j), streamed or
+    not; usage counts each prompt once."""
+    prompts = ["def main():", "x = [1, 2]", "import os\n"]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 5, "ignore_eos": True, "n": 2, "seed": 7,
+            "temperature": 1.0, "echo": True, "logprobs": 1}
+    r = httpx.post(live["base"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    alone = [httpx.post(live["base"] + "/v1/completions", json={**body, "prompt": p}, timeout=60).json()
+             for p in prompts]
+    for k, one in enumerate(alone):
+        for j in range(2):
+            mine = out["choices"][k * 2 + j]
+            assert (mine["text"], mine["logprobs"]) == (one["choices"][j]["text"], one["choices"][j]["logprobs"])
+    assert out["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert out["usage"]["completion_tokens"] == 30
+    events = _events(live["base"], "/v1/completions",
+                     {**body, "stream": True, "stream_options": {"include_usage": True}})
+    texts = [""] * 6
+    for e in events[:-1]:
+        (c,) = e["choices"]
+        texts[c["index"]] += c["text"]
+    assert texts == [c["text"] for c in out["choices"]]
+    assert events[-1]["usage"] == out["usage"]
+    too_many = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": ["x"] * 65, "max_tokens": 1})
+    assert too_many.status_code == 400 and "limits.max_prompts" in too_many.json()["error"]["message"]
+    ids = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                     json={"model": "tiny", "prompt": [[1, 445, 596], [1, 43]], "max_tokens": 2, "temperature": 0})
+    assert ids.status_code == 200 and len(ids.json()["choices"]) == 2, ids.text
+    for prompt in (["x", [1, 2]], [[1, 2], [10**7]]):  # text and token ids mixed (as OpenAI's API); a bad id
+        bad = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                         json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+        assert bad.status_code == 400, bad.text
+
+
 def test_a_non_streamed_call_gets_one_output_a_streamed_one_every_token(live, monkeypatch):
     """A non-streamed completion reads only its last output: its request is final-only, so the
     engine hands over one output for it instead of one per token; the text is the stream's."""

@@ -128,3 +128,19 @@ def test_token_texts_of_split_characters_add_up_and_do_not_depend_on_where_a_chu
     assert "" in whole[1:]  # some character was split between tokens
     for k in range(1, len(ids)):
         assert texts(ids[k:], ids[:k]) == whole[k:]
+
+
+def test_logprobs_json_never_holds_an_infinity():
+    """A token the model rules out has logprob -inf, which JSON cannot carry: it goes out as
+    -9999.0 (as vLLM's API sends it), in both answer forms, and the body serializes strictly."""
+    import json
+    import math
+
+    o = RequestOutput("a", [11, 12], [11, 12], True, FinishReason.LENGTH, text="", logprobs=[-0.5, -math.inf],
+                      top_logprobs=[((11, -0.5), (13, -math.inf)), ((12, -math.inf),)], prompt_tokens=2)
+    texts = choices.TokenTexts(None)
+    cmpl = choices.completion_logprobs(texts, o, [1, 2])
+    assert cmpl["token_logprobs"] == [-0.5, -9999.0] and -9999.0 in cmpl["top_logprobs"][0].values()
+    chat = choices.chat_logprobs(texts, o, [1, 2])
+    assert [e["logprob"] for e in chat["content"]] == [-0.5, -9999.0]
+    json.dumps([cmpl, chat], allow_nan=False)

@@ -110,14 +110,21 @@ def completion_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[
         if top is None:  # the prompt's first token
             alternatives.append(None)
             continue
-        top = dict(top)
-        top.setdefault(t, lp)
+        top = {token: _logprob(v) for token, v in top}
+        top.setdefault(t, _logprob(lp))
         alternatives.append(top)
+    logprobs = [None if lp is None else _logprob(lp) for lp in logprobs]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": alternatives, "text_offset": offsets}
 
 
+def _logprob(value: float) -> float:
+    """A logprob as JSON carries it: -inf (a token the model rules out) as -9999.0, as vLLM's
+    API sends it (JSON has no infinities; a NaN, which no finished request's logprobs hold, too)."""
+    return value if value >= -9999.0 else -9999.0
+
+
 def _entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
 
 def chat_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[int], start: int = 0) -> dict | None:
@@ -136,6 +143,16 @@ def prompt_only(out: RequestOutput) -> RequestOutput:
     return replace(out, new_token_ids=[], output_ids=[], text="", new_text="",
                    logprobs=None if out.logprobs is None else [],
                    top_logprobs=None if out.top_logprobs is None else [])
+
+
+def usage_counts(outs: list[RequestOutput | None], per_prompt: int) -> tuple[int, int, int]:
+    """(prompt, completion, cached prompt) tokens of a call's final outputs, in choice order with
+    `per_prompt` choices per prompt (None: a choice that did not finish, as a stream an error
+    ended leaves): each prompt counted once, as OpenAI's usage counts a prompt of n choices."""
+    groups = [[o for o in outs[k : k + per_prompt] if o is not None] for k in range(0, len(outs), per_prompt)]
+    groups = [g for g in groups if g]
+    return (sum(g[0].prompt_tokens for g in groups), sum(len(o.output_ids) for g in groups for o in g),
+            sum(max(o.cached_tokens for o in g) for g in groups))
 
 
 class MappedQueue:

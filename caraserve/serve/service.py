@@ -11,27 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 from caraserve.lora.checkpoint import AdapterError, check_name
-from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.request import RequestError, SamplingParams
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
-from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
+from caraserve.serve.async_engine import AsyncEngine
 from caraserve.serve.gateway_metrics import add_gateway_metrics
 from caraserve.serve.http import ApiError
 from caraserve.serve.metrics import ServerMetrics
 from caraserve.serve.prompts import Prompts
-from caraserve.serve.streaming import Chunker, error_kind, events
+from caraserve.serve.runs import Disconnected, Runs
 from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
 
-Disconnected = Callable[[], Awaitable[bool]]
 Answer = dict | AsyncIterator[str]
 
 
@@ -76,6 +75,7 @@ class EngineService:
         self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
         self.prompts = Prompts(self.engine, self.chat_template)
         self.metrics_ = ServerMetrics(service)
+        self.runs = Runs(service)
         add_gateway_metrics(self.metrics_.registry, service, served_name)
         service.on_output = self.metrics_.observe
         # Tokenizing and templating a large input takes a while: it runs on this thread, off the
@@ -140,111 +140,12 @@ class EngineService:
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    async def _start(self, prompt_ids, params, adapter, rid, after: str | None = None,
-                     final_only: bool = False) -> asyncio.Queue:
-        """The request's output queue (every step's output; with final_only, a non-streamed
-        call's, only the last)."""
-        try:
-            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only)
-        except QueueFullError as e:
-            raise ApiError(503, str(e), "server_overloaded") from e
-        except EngineUnavailableError as e:
-            raise ApiError(503, str(e), "engine_unavailable") from e
-        except RequestError as e:
-            if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
-                raise ApiError(404, str(e), "not_found_error") from e
-            raise ApiError(400, str(e), "invalid_request_error") from e
-
-    async def _next(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
-        """The request's next output; a caller that goes away meanwhile aborts the request."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
-                self.service.abort(rid)
-                raise
-            except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
-                    self.service.abort(rid)
-                    raise ApiError(499, "client disconnected", "client_closed", admitted=True) from None
-
-    async def _start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
-                       n: int, final_only: bool = False) -> list[tuple[str, asyncio.Queue]]:
-        """Request `rid` (started: `queue`) and n - 1 more of its prompt (`{rid}#{i}`: a caller's
-        X-Request-Id cannot hold '#', so no caller's id is ever one of them), admitted
-        once `rid` has prefilled so they share its prompt's KV blocks; with a seed, request i
-        samples with seed + i (the n completions differ, reproducibly)."""
-        runs = [(rid, queue)]
-        try:
-            for i in range(1, n):
-                seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
-                sid = f"{rid}#{i}"
-                runs.append((sid, await self._start(ids, replace(params, seed=seed), adapter, sid, after=rid,
-                                                    final_only=final_only)))
-        except BaseException as e:
-            if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
-                e.admitted = True
-            self._abort(runs)
-            raise
-        return runs
-
-    def _abort(self, runs: list[tuple[str, asyncio.Queue]]) -> None:
-        for sid, _ in runs:
-            self.service.abort(sid)
-
-    async def _all_of(self, runs: list[tuple[str, asyncio.Queue]],
-                      disconnected: Disconnected | None) -> list[RequestOutput]:
-        """The final outputs of every run; a failure aborts the ones still running."""
-        try:
-            outs = []
-            for sid, q in runs:
-                out = await self._collect(sid, q, disconnected)
-                self._check_finished(out)
-                outs.append(out)
-            return outs
-        except BaseException:
-            self._abort(runs)
-            raise
-
-    async def _collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
-        """Waits for the final output."""
-        while True:
-            out = await self._next(rid, queue, disconnected)
-            if out.finished:
-                return out
-
-    async def _stream(self, runs: list[tuple[str, asyncio.Queue]], chunker: Chunker, final_usage: bool,
-                      disconnected: Disconnected | None) -> AsyncIterator[str]:
-        """The stream of every run's outputs (caraserve.serve.streaming), once the first run's
-        first output is there: a request that fails before its first token gets its HTTP status
-        (ApiError) instead of a stream, as a non-streamed one would."""
-        try:
-            first = await self._next(*runs[0], disconnected)
-            if first.finished and not first.output_ids:
-                self._check_finished(first)
-        except BaseException:
-            self._abort(runs)
-            raise
-        return events(runs, first, chunker, final_usage, self.service.abort)
-
-    @staticmethod
-    def _check_finished(out: RequestOutput) -> None:
-        if out.error is not None:
-            status, type_ = error_kind(out)
-            headers = {proto.FAULT_HEADER: "request"} if type_ == "request_failed" else None
-            raise ApiError(status, out.error, type_, headers, admitted=True)
-
     # ---- the API ------------------------------------------------------------------------------
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
                          disconnected: Disconnected | None = None) -> Answer:
         adapter = await self.resolve_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, "batched prompts are not supported: send one prompt per request",
-                               "invalid_request_error")
-            prompt = prompt[0]
+        prompts = self._completion_prompts(body.prompt)
         if isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
                            "invalid_request_error")
@@ -260,22 +161,33 @@ class EngineService:
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
         if scored:
             params = replace(params, prompt_logprobs=body.logprobs)
-        ids = await self._encode(prompt)
+        encoded = [await self._encode(prompt) for prompt in prompts]
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
-        echoed = self._prompt_text(prompt, ids) if body.echo else ""
+        echoed = [self._prompt_text(prompt, ids) if body.echo else "" for prompt, ids in zip(prompts, encoded)]
         final_only = not body.stream  # a non-streamed call reads the last output only
-        first = await self._start(ids, params, adapter, rid, final_only=final_only)
-        runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
+        n = body.n
+        runs = await self.runs.start_prompts(encoded, params, adapter, rid, n, final_only)
         if prompt_only:
             runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
-            chunker = choices.completion_chunker(rid, body.model, self.token_texts, ids, echoed, scored)
-            return await self._stream(runs, chunker, include_usage, disconnected)
-        outs = await self._all_of(runs, disconnected)
-        answers = [(echoed + o.text, o.finish_reason.openai,
-                    choices.completion_logprobs(self.token_texts, o, ids, echo=scored)) for o in outs]
-        return proto.completion_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
-                                         max(o.cached_tokens for o in outs))
+            chunkers = [choices.completion_chunker(rid, body.model, self.token_texts, ids, text, scored)
+                        for ids, text in zip(encoded, echoed)]
+            return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
+                                          disconnected, n)
+        outs = await self.runs.all_of(runs, disconnected)
+        answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
+                    choices.completion_logprobs(self.token_texts, o, encoded[c // n], echo=scored))
+                   for c, o in enumerate(outs)]
+        return proto.completion_response(rid, body.model, answers, *choices.usage_counts(outs, n))
+
+    def _completion_prompts(self, prompt) -> list:
+        """The call's prompts: one (text or token ids) or a list of them (limits.max_prompts)."""
+        if not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)):
+            return [prompt]
+        if len(prompt) > self.limits.max_prompts:
+            raise ApiError(400, f"{len(prompt)} prompts in one request; at most {self.limits.max_prompts} "
+                           "(limits.max_prompts)", "invalid_request_error")
+        return prompt
 
     def _prompt_text(self, prompt, ids: list[int]) -> str:
         """The prompt as text, for echo (token-id prompts decoded as outputs are, special tokens
@@ -319,12 +231,12 @@ class EngineService:
                            "invalid_request_error")
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
-        first = await self._start(ids, params, adapter, rid, final_only=final_only)
-        runs = await self._start_n(ids, params, adapter, rid, first, body.n, final_only)
+        first = await self.runs.start(ids, params, adapter, rid, final_only=final_only)
+        runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
-            return await self._stream(runs, choices.chat_chunker(rid, body.model, self.token_texts, ids),
+            return await self.runs.stream(runs, choices.chat_chunker(rid, body.model, self.token_texts, ids),
                                       include_usage, disconnected)
-        outs = await self._all_of(runs, disconnected)
+        outs = await self.runs.all_of(runs, disconnected)
         answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids)) for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))

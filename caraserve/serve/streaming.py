@@ -1,9 +1,10 @@
-"""Server-sent events of one API request's n engine requests (the n choices of a completion).
+"""Server-sent events of one API request's engine requests (the n choices of each of its prompts).
 
 Each choice's outputs become chunks tagged with its `index`, in the order the engine produced
 them; choices interleave. A choice that ends with an error ends the stream: its error event
 follows its last chunk and the other choices are aborted (the caller asked for one response).
-The usage chunk (`stream_options.include_usage`) comes last and counts every choice's tokens.
+The usage chunk (`stream_options.include_usage`) comes last and counts every choice's tokens
+and each prompt once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from caraserve.request import ErrorCause, RequestOutput
 from caraserve.serve import protocol as proto
+from caraserve.serve.choices import usage_counts
 
 # chunker(index) -> chunk(output, finish_reason) -> the chunk's JSON body, or None when the output
 # has nothing to send yet (its text held back); chunk(None, None) is an empty chunk, the usage
@@ -36,10 +38,12 @@ def _sse(body: dict) -> str:
 
 
 async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, chunker: Chunker,
-                 final_usage: bool, abort: Callable[[str], None]) -> AsyncIterator[str]:
-    """The SSE lines of `runs` ((request id, output queue) per choice, in index order); `first`
-    is the first output of choice 0, already taken from its queue. Requests still running when
-    the consumer goes away are aborted."""
+                 final_usage: bool, abort: Callable[[str], None],
+                 per_prompt: int | None = None) -> AsyncIterator[str]:
+    """The SSE lines of `runs` ((request id, output queue) per choice, in index order, with
+    `per_prompt` choices per prompt: default all of them); `first` is the first output of choice
+    0, already taken from its queue. Requests still running when the consumer goes away are
+    aborted."""
     merged: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
     merged.put_nowait((0, first))
 
@@ -69,8 +73,8 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
         if final_usage:
             body = chunks[0](None, None)
             body["choices"] = []
-            body["usage"] = proto.usage(first.prompt_tokens, sum(len(o.output_ids) for o in finished.values()),
-                                        max(o.cached_tokens for o in finished.values()))
+            outs = [finished.get(i) for i in range(len(runs))]
+            body["usage"] = proto.usage(*usage_counts(outs, per_prompt or len(runs)))
             yield _sse(body)
         yield "data: [DONE]\n\n"
     finally:

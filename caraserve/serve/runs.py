@@ -1,0 +1,138 @@
+"""A call's engine requests and their outputs, under the service layer (caraserve.serve.service):
+starting them (with the HTTP status of a refusal), reading their outputs (aborting those whose
+caller went away), and answering them whole or as a stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+
+from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.serve import protocol as proto
+from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
+from caraserve.serve.http import ApiError
+from caraserve.serve.streaming import Chunker, error_kind, events
+
+Disconnected = Callable[[], Awaitable[bool]]
+Run = tuple[str, asyncio.Queue]  # (engine request id, its output queue): one choice of a call
+
+
+class Runs:
+    """The engine requests of API calls, on one AsyncEngine."""
+
+    def __init__(self, service: AsyncEngine):
+        self.service = service
+
+    async def start(self, prompt_ids, params, adapter, rid, after: str | None = None,
+                    final_only: bool = False) -> asyncio.Queue:
+        """The request's output queue (every step's output; with final_only, a non-streamed
+        call's, only the last)."""
+        try:
+            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only)
+        except QueueFullError as e:
+            raise ApiError(503, str(e), "server_overloaded") from e
+        except EngineUnavailableError as e:
+            raise ApiError(503, str(e), "engine_unavailable") from e
+        except RequestError as e:
+            if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
+                raise ApiError(404, str(e), "not_found_error") from e
+            raise ApiError(400, str(e), "invalid_request_error") from e
+
+    async def next(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
+        """The request's next output; a caller that goes away meanwhile aborts the request."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
+                self.service.abort(rid)
+                raise
+            except asyncio.TimeoutError:
+                if disconnected is not None and await disconnected():
+                    self.service.abort(rid)
+                    raise ApiError(499, "client disconnected", "client_closed", admitted=True) from None
+
+    async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
+                      n: int, final_only: bool = False, base: int = 0) -> list[Run]:
+        """Choices base .. base + n - 1 of call `rid`: the first already started (`queue`, request
+        `rid`, or `{rid}#{base}` past the first prompt) and n - 1 more of its prompt
+        (`{rid}#{i}`: a caller's X-Request-Id cannot hold '#', so no caller's id is ever one of
+        them), admitted once the first has prefilled so they share its prompt's KV blocks; with a
+        seed, completion i of the prompt samples with seed + i (they differ, reproducibly)."""
+        first = rid if base == 0 else f"{rid}#{base}"
+        runs = [(first, queue)]
+        try:
+            for i in range(1, n):
+                seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
+                sid = f"{rid}#{base + i}"
+                runs.append((sid, await self.start(ids, replace(params, seed=seed), adapter, sid, after=first,
+                                                    final_only=final_only)))
+        except BaseException as e:
+            if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
+                e.admitted = True
+            self.abort(runs)
+            raise
+        return runs
+
+    async def start_prompts(self, encoded: list[list[int]], params: SamplingParams, adapter, rid: str, n: int,
+                            final_only: bool) -> list[Run]:
+        """Every prompt's n requests, in choice order: prompt k's completion j is choice k * n + j,
+        as in OpenAI's API. A refusal of any of them aborts those already started."""
+        runs: list[Run] = []
+        try:
+            for k, ids in enumerate(encoded):
+                first = await self.start(ids, params, adapter, rid if k == 0 else f"{rid}#{k * n}",
+                                         final_only=final_only)
+                runs += await self.start_n(ids, params, adapter, rid, first, n, final_only, base=k * n)
+        except BaseException as e:
+            if runs and isinstance(e, ApiError):
+                e.admitted = True
+            self.abort(runs)
+            raise
+        return runs
+
+    def abort(self, runs: list[Run]) -> None:
+        for sid, _ in runs:
+            self.service.abort(sid)
+
+    async def all_of(self, runs: list[Run], disconnected: Disconnected | None) -> list[RequestOutput]:
+        """The final outputs of every run; a failure aborts the ones still running."""
+        try:
+            outs = []
+            for sid, q in runs:
+                out = await self.collect(sid, q, disconnected)
+                self.check_finished(out)
+                outs.append(out)
+            return outs
+        except BaseException:
+            self.abort(runs)
+            raise
+
+    async def collect(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
+        """Waits for the final output."""
+        while True:
+            out = await self.next(rid, queue, disconnected)
+            if out.finished:
+                return out
+
+    async def stream(self, runs: list[Run], chunker: Chunker, final_usage: bool,
+                     disconnected: Disconnected | None, per_prompt: int | None = None) -> AsyncIterator[str]:
+        """The stream of every run's outputs (caraserve.serve.streaming), once the first run's
+        first output is there: a request that fails before its first token gets its HTTP status
+        (ApiError) instead of a stream, as a non-streamed one would."""
+        try:
+            first = await self.next(*runs[0], disconnected)
+            if first.finished and not first.output_ids:
+                self.check_finished(first)
+        except BaseException:
+            self.abort(runs)
+            raise
+        return events(runs, first, chunker, final_usage, self.service.abort, per_prompt)
+
+    @staticmethod
+    def check_finished(out: RequestOutput) -> None:
+        """Raises the ApiError of a request that ended with an error."""
+        if out.error is not None:
+            status, type_ = error_kind(out)
+            headers = {proto.FAULT_HEADER: "request"} if type_ == "request_failed" else None
+            raise ApiError(status, out.error, type_, headers, admitted=True)

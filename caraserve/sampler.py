@@ -72,6 +72,16 @@ def adjust_logits(
     return logits
 
 
+class NonFiniteLogits(ValueError):
+    """Rows whose logits hold NaN or an infinity where a token would be chosen: no token can be
+    sampled from them (an adapter whose weights or scaling overflow float32 gives them). Raised
+    before any generator is used, so the other rows can be sampled again as they were."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"rows {rows}: the logits are not finite (NaN or infinite)")
+        self.rows = rows
+
+
 def sample(
     logits: torch.Tensor,  # [B, V] any float dtype
     params: list[SamplingParams],
@@ -88,6 +98,11 @@ def sample(
     if histories is not None:
         logits = adjust_logits(logits, params, histories, eos_ids)
     tokens = _argmax(logits)
+    # A row holding NaN has it as its maximum (numpy's argmax and torch's both pick a NaN), so
+    # checking the chosen values finds every such row, and rows of +inf or of nothing but -inf.
+    best = logits.gather(1, tokens[:, None].to(logits.device))[:, 0]
+    if not bool(torch.isfinite(best).all()):
+        raise NonFiniteLogits(torch.nonzero(~torch.isfinite(best))[:, 0].tolist())
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)

@@ -15,13 +15,15 @@ import logging
 import torch
 
 from caraserve.request import Request
-from caraserve.sampler import sample
+from caraserve.sampler import NonFiniteLogits, sample
 from caraserve.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
 # One-request steps failing in a row, none succeeding between them, that make a fault the engine's.
 FAILED_STEPS_FATAL = 3
+# Why a request whose logits are not finite fails (its own fault, not the engine's)
+NONFINITE = "the model's logits for it are NaN or infinite (an adapter whose weights or scaling overflow gives them)"
 
 
 class EngineDeadError(RuntimeError):
@@ -82,6 +84,19 @@ class StepIsolation:
         try:
             tokens, logprobs, tops = sample(logits, params, generators, histories, eos_ids)
             return tokens, logprobs, tops, {}
+        except NonFiniteLogits as e:  # those requests' own outputs: the others are sampled as one batch
+            bad = {i: NONFINITE for i in e.rows}
+            keep = [i for i in range(len(reqs)) if i not in bad]
+            tokens, logprobs, tops = [0] * len(reqs), [0.0] * len(reqs), [()] * len(reqs)
+            if keep:
+                *kept, kept_bad = StepIsolation.sample(logits[torch.tensor(keep, device=logits.device)],
+                                                       [reqs[i] for i in keep], [generators[i] for i in keep],
+                                                       eos_ids)
+                for values, out in zip(kept, (tokens, logprobs, tops)):
+                    for i, v in zip(keep, values):
+                        out[i] = v
+                bad.update({keep[j]: why for j, why in kept_bad.items()})
+            return tokens, logprobs, tops, bad
         except Exception as e:
             log.warning("sampling %d rows failed (%s): sampling each alone", len(reqs), describe(e))
         tokens, logprobs, tops, bad = [0] * len(reqs), [0.0] * len(reqs), [()] * len(reqs), {}

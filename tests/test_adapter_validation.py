@@ -134,6 +134,7 @@ CASES = {
     "r-mismatch": (_b("good", lambda d: edit_config(d, r=4)), r"has rank 8 but the config says r=4"),
     "r-not-positive": (_b("good", lambda d: edit_config(d, r=0)), r"r=0 must be a positive integer"),
     "alpha-not-number": (_b("good", lambda d: edit_config(d, lora_alpha="16")), r"lora_alpha='16' must be a number"),
+    "alpha-overflows": (_b("good", lambda d: edit_config(d, lora_alpha=1e308)), r"scaling .* beyond float32's range"),
     "peft-type-ia3": (_b("good", lambda d: edit_config(d, peft_type="IA3")), r"peft_type IA3 is not supported"),
     "shape-hidden32": (_b("hidden32", lambda d: None), r"do not fit the base model's q_proj \(64 -> 64\)"),
     "target-c-attn": (_b("good", lambda d: edit_config(d, target_modules=["c_attn"])),
@@ -299,6 +300,9 @@ def test_duplicate_name_refused(env, store):
 def test_missing_folder_refused(env, store, tmp_path):
     with pytest.raises(AdapterError, match=_msg("ghost", r"folder .*ghost does not exist")):
         store.register("ghost", tmp_path / "ghost")
+    (tmp_path / "adapter_config.json").write_text("{}")  # a path to the adapter's config, not its folder
+    with pytest.raises(AdapterError, match=_msg("file", r"adapter_config\.json is a file, not an adapter's folder")):
+        store.register("file", tmp_path / "adapter_config.json")
     assert store.names() == ["keep"]
 
 

@@ -112,6 +112,37 @@ def test_adapter_refused_on_first_read_fails_only_its_request(engine, tmp_path):
         engine.unregister_adapter("nan-r8")
 
 
+def overflowing_adapter(folder: Path) -> Path:
+    """A demo-shaped adapter of finite weights so large that the model's logits overflow to NaN."""
+    from safetensors.torch import load_file, save_file
+
+    write_random_adapter(folder, 8, 16, ["q_proj", "v_proj", "o_proj"], seed=4)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v * 1e18 for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def test_nonfinite_logits_fail_only_their_requests(engine, tmp_path):
+    """Logits that overflow (NaN or infinite) give no token: those requests fail with a message
+    saying so, even when they are every row of a step (not the engine's fault), and the others
+    get the tokens they get alone, the seeded sampled row included."""
+    clean, _, _ = run(engine)
+    engine.store.register("huge-r8", overflowing_adapter(tmp_path / "huge-r8"), confined=False)
+    try:
+        for params in (SamplingParams(max_tokens=4, temperature=0), SamplingParams(max_tokens=4, seed=1)):
+            tokens, planted, _ = run(engine, ([1, 2, 3], params, "huge-r8"))
+            assert tokens == clean
+            assert planted.finish_reason is FinishReason.ERROR and planted.error_cause is ErrorCause.REQUEST
+            assert "NaN or infinite" in planted.error and not planted.output_ids
+        alone = [engine.add_request([1, 5 + i], SamplingParams(max_tokens=3), "huge-r8") for i in range(3)]
+        finals = [out for _ in range(8) for out in engine.step() if out.finished]
+        assert sorted(out.request_id for out in finals) == sorted(alone)
+        assert all("NaN or infinite" in out.error for out in finals)
+        assert run(engine)[0] == clean  # the engine still serves
+    finally:
+        engine.unregister_adapter("huge-r8")
+
+
 def test_an_io_error_on_first_read_fails_that_request_and_the_next_one_reads_again(engine, tmp_path, monkeypatch):
     """A read that fails for a reason that may pass (EIO) fails the request waiting on it as this
     machine's fault (ErrorCause.ENGINE: a 500 a router retries on another replica), does not mark

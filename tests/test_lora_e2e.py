@@ -21,6 +21,8 @@ ADAPTERS = {
     "f-layer1-only": dict(r=12, lora_alpha=24, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
     "g-layer-ranks": dict(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],  # ranks differ by layer
                           rank_pattern={"layers.1.self_attn.q_proj": 4, "layers.0.mlp.down_proj": 16}),
+    "h-alpha0": dict(r=8, lora_alpha=0, target_modules=["q_proj", "v_proj"],
+                     alpha_pattern={"layers.1.self_attn.v_proj": 256}),
 }
 PROMPTS = {  # request -> (adapter or None, prompt)
     0: ("a-r8-qv", [5, 9, 3, 17, 22, 7]),
@@ -33,6 +35,7 @@ PROMPTS = {  # request -> (adapter or None, prompt)
     7: ("f-layer1-only", [8, 8, 8, 8]),
     8: (None, [120]),
     9: ("g-layer-ranks", [33, 34, 35]),
+    10: ("h-alpha0", [50, 51, 52]),  # adds nothing but layer 1's alpha_pattern, as PEFT's
 }
 
 

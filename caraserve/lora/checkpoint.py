@@ -249,7 +249,8 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
         raise AdapterError(f"adapter {name!r}: cannot resolve folder {folder} ({e})") from e
     limits.check_inside(name, folder, real)
     if not is_dir:
-        raise AdapterError(f"adapter {name!r}: folder {folder} does not exist")
+        what = "is a file, not an adapter's folder" if real.is_file() else "does not exist"
+        raise AdapterError(f"adapter {name!r}: folder {folder} {what}")
     cfg = _read_config(name, real, limits)
     try:  # before the weights: a refused pattern costs no weights read
         rules = module_rules(cfg, module_names(model_args.num_layers))
@@ -291,6 +292,9 @@ _MEMO_FIELDS_CHARS = 64 * 1024
 _MEMO_TENSORS = 4096
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 class _Refused(Exception):
     """A layout check failed; the message says why, without the adapter's name."""
 
@@ -311,9 +315,16 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scaling(rank, alph):
-        return alph / math.sqrt(rank) if use_rslora else alph / rank
+        value = alph / math.sqrt(rank) if use_rslora else alph / rank
+        if not abs(value) <= _FLOAT32_MAX:  # the slot's scale and the kernels' products are float32
+            raise _Refused(f"its scaling lora_alpha {'/ sqrt(r)' if use_rslora else '/ r'} = {alph} / "
+                           f"{'sqrt(' + str(rank) + ')' if use_rslora else rank} = {value:g} is beyond float32's range")
+        return value
 
-    base_scale = scaling(r, alpha)
+    # A layer whose alpha or rank differs (alpha_pattern, rank_pattern) has its ratio to the
+    # adapter's scale folded into its B; with lora_alpha 0 (an adapter that adds nothing, as
+    # PEFT loads it) the scale is 1 and every layer's own scaling is folded in.
+    base_scale = scaling(r, alpha) or 1.0
     ranks: dict[str, int] = {}
     pairs = {}
     found, ignored = _collect_pairs(cfg, rules, shapes, model_args)

@@ -152,3 +152,13 @@ def test_tokenize_asks_one_replica_and_returns_its_answer_or_error():
     with pytest.raises(ApiError) as e:
         asyncio.run(service.detokenize(proto.DetokenizeRequest(model="x", tokens=[1])))
     assert e.value.status == 404 and "`x` does not exist" in e.value.message and len(handle.fan_out.calls) == 1
+
+
+def test_the_route_hint_counts_every_prompt_of_a_batched_completion():
+    from caraserve.ray_serve.ingress import estimate_prompt_tokens
+
+    one = proto.CompletionRequest(model="m", prompt="x" * 400)
+    ids = proto.CompletionRequest(model="m", prompt=[1, 2, 3])
+    assert estimate_prompt_tokens(one) == 100 and estimate_prompt_tokens(ids) == 3
+    assert estimate_prompt_tokens(proto.CompletionRequest(model="m", prompt=["x" * 400, "y" * 40])) == 110
+    assert estimate_prompt_tokens(proto.CompletionRequest(model="m", prompt=[[1, 2], [3, 4, 5]])) == 5

@@ -55,10 +55,14 @@ def estimate_prompt_tokens(body) -> int:
     if isinstance(body, proto.ChatCompletionRequest):
         return max(1, sum(len(m.text().encode()) + 16 for m in body.messages) // 4)  # + role and template
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt)
-    if isinstance(prompt, list) and prompt:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # a list of prompts: all of them
+        return sum(_prompt_tokens(p) for p in prompt)
+    return _prompt_tokens(prompt)
+
+
+def _prompt_tokens(prompt) -> int:
+    if isinstance(prompt, list):
+        return max(1, len(prompt))
     return max(1, len(str(prompt or "").encode()) // 4)
 
 

@@ -239,9 +239,11 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.max_batch_size >= 1, f"engine.max_batch_size={self.max_batch_size} must be >= 1")
-        _check(self.max_seq_len >= 2, f"engine.max_seq_len={self.max_seq_len} must be >= 2")
-        _check(self.max_tokens_per_step >= 1, "engine.max_tokens_per_step must be >= 1")
+        # (the upper bounds: far past any machine, and inside the int32/int64 the kernels take)
+        _check(1 <= self.max_batch_size <= 2**20, f"engine.max_batch_size={self.max_batch_size} must be in 1..2^20")
+        _check(2 <= self.max_seq_len <= 2**30, f"engine.max_seq_len={self.max_seq_len} must be in 2..2^30")
+        _check(1 <= self.max_tokens_per_step <= 2**30,
+               f"engine.max_tokens_per_step={self.max_tokens_per_step} must be in 1..2^30")
         _check(1 <= self.kv_block_size <= 4096, f"engine.kv_block_size={self.kv_block_size} must be in 1..4096")
         _check(self.num_kv_blocks >= 0, f"engine.num_kv_blocks={self.num_kv_blocks} must be >= 0 (0 = from memory)")
         _check(self.kv_cache_bytes >= 0, f"engine.kv_cache_bytes={self.kv_cache_bytes} must be >= 0 (0 = auto)")

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
-from caraserve.config import EngineConfig, resolve_device
+from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
+from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache, plan_blocks
 from caraserve.lora.adapter_files import AdapterReadError
@@ -54,6 +55,15 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, model: CausalLM | None = None):
         self.config = cfg = config or EngineConfig()
         self.device = torch.device(resolve_device(cfg.device))
+        for dev in cfg.model.max_memory_bytes:
+            if dev != "cpu" and int(dev) >= torch.cuda.device_count():
+                raise ConfigError(f"model.max_memory_bytes: CUDA device {dev} does not exist (this machine has "
+                                  f"{torch.cuda.device_count()})")
+        # the files the settings name, read before the model: a bad one is a ConfigError, not a
+        # traceback once the model has loaded
+        self.perf_model = self._perf_model()
+        if cfg.cpu_assist.mode != "off":
+            ThreadPlan.load(cfg.cpu_assist.plan_file, cfg.cpu_assist.threads)
         if model is None:
             model_path, adapter_dir = resolve_paths(cfg)
             self._load(model_path)
@@ -77,7 +87,6 @@ class Engine:
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = handoff_for(self.config.cpu_assist, self.model.args)
-        self.perf_model = self._perf_model()
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,
@@ -97,8 +106,14 @@ class Engine:
         path = self.config.scheduler.perf_model
         if not path:
             return None
-        data = json.loads(Path(path).read_text())
-        return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
+        try:
+            data = json.loads(Path(path).read_text())
+            return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
+        except FileNotFoundError:
+            raise ConfigError(f"scheduler.perf_model={path}: no such file") from None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"scheduler.perf_model={path}: not a latency model written by "
+                              f"scripts/profile_decode.py ({type(e).__name__}: {e})") from None
 
     def _load(self, model_path: Path) -> None:
         cfg = self.config

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from caraserve.cli import config_task, run
 from caraserve.config import ENGINE_SECTIONS, ConfigError, check_keys, engine_config
+from caraserve.config_checks import show
 from caraserve.engine import Engine
 from caraserve.offline import run_offline
 
@@ -32,6 +35,38 @@ def _demo_lines(engine: Engine) -> list[str]:
     return [json.dumps({"id": f"demo-{i}", "prompt": p, "adapter": adapters[i % len(adapters)],
                         "max_tokens": 24, "temperature": 0})
             for i, p in enumerate(DEMO_PROMPTS + DEMO_PROMPTS[:1])]
+
+
+def path_value(key: str, value) -> Path | None:
+    """input= / output= as a path: Hydra reads `input=123` as a number, which is the file "123";
+    `true` or `1.50` would not name the file a user typed, so they are refused."""
+    if value is None or isinstance(value, str) and value:
+        return None if value is None else Path(hydra.utils.to_absolute_path(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Path(hydra.utils.to_absolute_path(str(value)))
+    raise ConfigError(f"{key}={show(value)}: expected a file path (quote a name Hydra reads as a value: "
+                      f"{key}=\"'{show(value)}'\")")
+
+
+def output_file(out: Path):
+    """A temporary file beside `out` that the results go into and then replace `out` with: made
+    now, so an output that cannot be written fails before the job, not after it; the input may
+    be the output."""
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"output={out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a folder"))
+    try:
+        return tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False)
+    except OSError as e:
+        raise ConfigError(f"output={out}: cannot write in {out.parent} ({e.strerror or e})") from None
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the output gets: the file's own when it exists, else what the umask gives a new one."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_lines(path: Path) -> list[str]:
@@ -49,23 +84,32 @@ def read_lines(path: Path) -> list[str]:
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     check_keys(composed, (*ENGINE_SECTIONS, "input", "output", "progress"))
-    lines = None if cfg.input is None else read_lines(Path(hydra.utils.to_absolute_path(cfg.input)))
-    out = None if cfg.output is None else Path(hydra.utils.to_absolute_path(cfg.output))
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # found now, not after the job
-        raise ConfigError(f"output={out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a folder"))
-    engine = Engine(engine_config(composed))
-    if lines is None:
-        lines = _demo_lines(engine)
-    bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
-    results, summary = run_offline(engine, lines, bar)
-    bar.close()
-    if out is not None:
-        out.write_text("".join(json.dumps(r) + "\n" for r in results))
-    elif cfg.input is None:
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"progress={cfg.progress!r} must be true or false")
+    source = path_value("input", cfg.input)
+    lines = None if source is None else read_lines(source)
+    out = path_value("output", cfg.output)
+    tmp = None if out is None else output_file(out)
+    try:
+        engine = Engine(engine_config(composed))
+        if lines is None:
+            lines = _demo_lines(engine)
+        bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
+        results, summary = run_offline(engine, lines, bar)
+        bar.close()
+        if tmp is not None:
+            with tmp:
+                tmp.write("".join(json.dumps(r) + "\n" for r in results))
+            os.chmod(tmp.name, _file_mode(out))
+            os.replace(tmp.name, out)
+    finally:
+        if tmp is not None and os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    if out is None and cfg.input is None:
         for line, r in zip(lines, results):
             req = json.loads(line)
             print(f"[{req['adapter'] or 'base'}] {req['prompt']!r} -> {r.get('text', r.get('error'))!r}")
-    else:
+    elif out is None:
         for r in results:
             print(json.dumps(r))
     blank = f", {summary.blank_lines} blank lines skipped" if summary.blank_lines else ""

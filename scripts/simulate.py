@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,12 +23,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from caraserve.cli import config_task, run
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
 from caraserve.cluster.policies import POLICIES
 from caraserve.cluster.simulator import load_perf_model, simulate
 from caraserve.cluster.sweep import plot_sweep, sweep
 from caraserve.cluster.workload import generate, rank_mix
-from caraserve.config import ConfigError
+from caraserve.config import ConfigError, check_keys
+from caraserve.config_checks import show
 
 log = logging.getLogger("simulate")
 
@@ -60,45 +63,69 @@ def verdict(results: dict[str, dict]) -> dict | None:
             and all(ra["tpt_mean_ms"] < v["tpt_mean_ms"] for v in base.values())}
 
 
-@hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    # Hydra drops a task's return value, so the exit status has to leave through SystemExit.
-    code = run(cfg)
-    if code:
-        raise SystemExit(code)
+TOP_KEYS = ("cluster", "workload", "scheduler", "policies", "output", "sweep_rps", "workers", "progress")
 
 
-def run(cfg: DictConfig) -> int:
-    composed = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        cluster = ClusterConfig.from_dict(composed["cluster"])
-        workload = WorkloadConfig.from_dict(composed["workload"])
-        router = RouterConfig.from_dict(composed["scheduler"])
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    policies = list(composed["policies"])
+def _options(composed: dict) -> tuple[list[str], list[float], int, Path | None]:
+    """(policies, loads to sweep, workers, output) of the top-level keys, checked before anything runs."""
+    check_keys(composed, TOP_KEYS)
+    policies = composed["policies"]
+    policies = [policies] if isinstance(policies, str) else policies
+    if not isinstance(policies, list) or not policies or not all(isinstance(p, str) for p in policies):
+        raise ConfigError(f"policies={show(composed['policies'])}: expected a list of policy names, e.g. "
+                          f"policies=[rank_aware,random]; known: {sorted(POLICIES)}")
     unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        log.error("unknown or no policies %s; known: %s", unknown, sorted(POLICIES))
-        return 2
+    if unknown:
+        raise ConfigError(f"policies: unknown {unknown}; known: {sorted(POLICIES)}")
+    loads = composed["sweep_rps"] or []
+    if not isinstance(loads, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in loads):
+        raise ConfigError(f"sweep_rps={show(composed['sweep_rps'])}: expected a list of loads > 0 (requests/s), "
+                          "e.g. sweep_rps=[100,200,300]")
+    workers = composed["workers"]
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers={show(workers)} must be an integer >= 1")
+    if not isinstance(composed["progress"], bool):
+        raise ConfigError(f"progress={show(composed['progress'])} must be true or false")
+    out = composed["output"]
+    if out is None:
+        return policies, [float(x) for x in loads], workers, None
+    if not isinstance(out, str) or not out:
+        raise ConfigError(f"output={show(out)}: expected a file path")
+    out = Path(hydra.utils.to_absolute_path(out))
+    try:  # made and tried now, so a run's results are not lost to a path that cannot be written
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output={out}: cannot write in {out.parent} ({e.strerror or e})") from None
+    if out.is_dir():
+        raise ConfigError(f"output={out}: is a folder")
+    return policies, [float(x) for x in loads], workers, out
+
+
+@hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
+@config_task
+def main(cfg: DictConfig) -> None:
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    cluster = ClusterConfig.from_dict(composed["cluster"])
+    workload = WorkloadConfig.from_dict(composed["workload"])
+    router = RouterConfig.from_dict(composed["scheduler"])
+    policies, loads, workers, out = _options(composed)
     spec = cluster.perf_model
     try:
         perf = load_perf_model(spec if spec == "linear" else hydra.utils.to_absolute_path(spec))
     except (OSError, ValueError, KeyError) as e:
-        log.error("cannot load the perf model: %s", e)
-        return 2
+        raise ConfigError(f"cluster.perf_model={spec}: cannot load it ({e})") from None
     requests = generate(workload)
-    out = Path(hydra.utils.to_absolute_path(composed["output"])) if composed["output"] else None
     report = {"header": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "perf_model": perf.header, "perf_law": perf.describe(),
                          "request_rank_mix": {str(k): v for k, v in rank_mix(requests).items()}},
               "config": {k: composed[k] for k in ("cluster", "workload", "scheduler", "policies")}}
     print(f"perf model: {perf.describe()}")
-    if composed["sweep_rps"]:
-        loads = [float(x) for x in composed["sweep_rps"]]
+    if loads:
         bar = tqdm(total=len(loads) * len(policies), desc="runs", file=sys.stderr, disable=not composed["progress"])
-        rows = sweep(cluster, workload, router, policies, loads, perf, workers=int(composed["workers"]), progress=bar)
+        rows = sweep(cluster, workload, router, policies, loads, perf, workers=workers, progress=bar)
         bar.close()
         for row in rows:
             row["verdict"] = verdict(row["results"])
@@ -118,11 +145,9 @@ def run(cfg: DictConfig) -> int:
         report["results"] = results
         report["verdict"] = verdict(results)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -45,7 +45,26 @@ def test_bad_paths_are_one_line_before_the_model_loads(tmp_path):
     for args, says in (((f"input={src}", f"output={tmp_path / 'nowhere' / 'out.jsonl'}"), "is not a folder"),
                        ((f"input={src}", f"output={tmp_path}"), "is a folder"),
                        ((f"input={tmp_path}",), "is a folder, not a file"),
-                       ((f"input={tmp_path / 'missing.jsonl'}",), "no such file")):
+                       ((f"input={tmp_path / 'missing.jsonl'}",), "no such file"),
+                       ((f"input={src}", "output=/proc/out.jsonl"), "cannot write in /proc"),
+                       (("input=true",), "expected a file path"),
+                       ((f"input={src}", "progress=maybe"), "progress='maybe' must be true or false"),
+                       ((f"input={src}", "scheduler.perf_model=/nonexistent.json"),
+                        "scheduler.perf_model=/nonexistent.json: no such file"),
+                       ((f"input={src}", "cpu_assist.mode=on", "cpu_assist.plan_file=/nonexistent.json"),
+                        "cpu_assist.plan_file=/nonexistent.json: no such file")):
         proc = generate(tmp_path, *args, "model.path=/nonexistent")  # (loading it would fail otherwise)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(proc.stderr.splitlines()) == 1 and says in proc.stderr
+
+
+def test_results_on_stdout_are_jsonl_alone_and_a_numeric_file_name_is_a_path(tmp_path):
+    """Without output=, stdout carries the results only (the logs go to stderr); `input=123`
+    (which Hydra reads as a number) names the file 123; an output file keeps no temporary beside it."""
+    (tmp_path / "123").write_text(json.dumps({"id": "a", "prompt": "import os", "max_tokens": 2}) + "\n")
+    proc = generate(tmp_path, "input=123")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ["a"]
+    assert "loaded" in proc.stderr  # the model's log line
+    assert generate(tmp_path, "input=123", "output=out.jsonl").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["123", "out.jsonl"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from caraserve.config import ConfigError
 from caraserve.cpu_assist.thread_plan import ThreadPlan, assign_cores
 from caraserve.profiling.cpu_lora import sweep
 
@@ -31,8 +32,12 @@ def test_sweep_plan_round_trip(tmp_path):
 
 
 def test_missing_plan_file_is_an_error_and_default_otherwise(tmp_path):
-    with pytest.raises(FileNotFoundError, match="plan_file"):
+    with pytest.raises(ConfigError, match="plan_file=.*nope.json: no such file"):
         ThreadPlan.load(str(tmp_path / "nope.json"), threads=1)
+    for text in ("not json", "{}", '{"plan": {"tokens": [1]}}'):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ConfigError, match="plan_file=.*bad.json: not a thread plan"):
+            ThreadPlan.load(str(tmp_path / "bad.json"), threads=1)
     cwd = os.getcwd()
     os.chdir(tmp_path)  # no profiles/cpu_lora_plan.json here
     try:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from caraserve.config_checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GFLOPS_PER_THREAD = 30.0
@@ -45,21 +47,24 @@ class ThreadPlan:
         path = Path(plan_file) if plan_file else DEFAULT_PLAN
         if not path.is_file():
             if plan_file:
-                raise FileNotFoundError(f"cpu_assist.plan_file {plan_file} does not exist")
+                raise ConfigError(f"cpu_assist.plan_file={plan_file}: no such file")
             log.info("no CPU LoRA thread plan at %s: default plan (%d threads, %.0f GFLOP/s each); "
                      "run scripts/profile_cpu_lora.py to measure one", path, max_threads, DEFAULT_GFLOPS_PER_THREAD)
             return cls(max_threads, cores=cores)
-        data = json.loads(path.read_text())
-        plan = data["plan"]
-        return cls(
-            max_threads=max_threads,
-            gflops_per_thread=float(plan["gflops_per_thread"]),
-            grid_tokens=tuple(plan["tokens"]),
-            grid_ranks=tuple(plan["ranks"]),
-            threads_table=tuple(tuple(row) for row in plan["threads"]),
-            source=str(path),
-            cores=cores,
-        )
+        try:
+            plan = json.loads(path.read_text())["plan"]
+            return cls(
+                max_threads=max_threads,
+                gflops_per_thread=float(plan["gflops_per_thread"]),
+                grid_tokens=tuple(plan["tokens"]),
+                grid_ranks=tuple(plan["ranks"]),
+                threads_table=tuple(tuple(row) for row in plan["threads"]),
+                source=str(path),
+                cores=cores,
+            )
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"cpu_assist.plan_file={path}: not a thread plan written by "
+                              f"scripts/profile_cpu_lora.py ({type(e).__name__}: {e})") from None
 
     def threads_for(self, tokens: int, rank: int) -> int:
         """Workers a request of `tokens` prompt tokens and this rank gets (clamped to the grid)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from caraserve.profiling.cli_args import output_file, positive_int, positive_ints
 from caraserve.profiling.cpu_lora import sweep
 
 log = logging.getLogger("profile_cpu_lora")
@@ -54,22 +55,22 @@ def plot(result: dict, png: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--tokens", default="16,64,256,1024")
-    ap.add_argument("--ranks", default="8,16,32,64")
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--hidden", type=positive_int, default=4096)
+    ap.add_argument("--tokens", type=positive_ints, default="16,64,256,1024")
+    ap.add_argument("--ranks", type=positive_ints, default="8,16,32,64")
+    ap.add_argument("--threads", type=positive_ints, default="1,2")
     ap.add_argument("--budget-ms", type=float, default=None)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="profiles/cpu_lora_plan.json")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--out", type=output_file, default="profiles/cpu_lora_plan.json")
     args = ap.parse_args()
+    if args.budget_ms is not None and not args.budget_ms > 0:
+        ap.error(f"argument --budget-ms: {args.budget_ms} must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ints = lambda s: sorted(int(v) for v in s.split(","))
-    tokens, ranks, threads = ints(args.tokens), ints(args.ranks), ints(args.threads)
+    tokens, ranks, threads = sorted(args.tokens), sorted(args.ranks), sorted(args.threads)
     with tqdm(total=len(tokens) * len(ranks) * len(threads), desc="cpu lora sweep", file=sys.stderr) as bar:
         result = sweep(args.hidden, tokens, ranks, threads, args.repeats,
                        None if args.budget_ms is None else args.budget_ms / 1e3, bar)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     plan = result["plan"]

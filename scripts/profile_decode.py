@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
+from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
+from caraserve.profiling.cli_args import output_file, positive_int, positive_ints
 from caraserve.profiling.decode import rank_mixes, sweep
 from caraserve.profiling.machine import cpu_name
 
@@ -74,23 +75,28 @@ def predict(model: PerfModel, row: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--batch-sizes", default="1,4,8,16,32")
-    ap.add_argument("--ranks", default="8,16,32,64,128")
-    ap.add_argument("--prompt-tokens", default="16,64,256")
-    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--batch-sizes", type=positive_ints, default="1,4,8,16,32")
+    ap.add_argument("--ranks", type=positive_ints, default="8,16,32,64,128")
+    ap.add_argument("--prompt-tokens", type=positive_ints, default="16,64,256")
+    ap.add_argument("--decode-steps", type=positive_int, default=8, help="timed decode steps per point (>= 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=output_file, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    ints = lambda s: [int(v) for v in s.split(",")]
-    sizes, ranks, tokens = ints(args.batch_sizes), ints(args.ranks), ints(args.prompt_tokens)
-    engine = Engine(EngineConfig(
-        model=ModelConfig(path=args.model),
-        adapters=AdapterConfig(dir="none", rank_buckets=RANK_BUCKETS, device_slots=max(sizes)),
-        device=args.device, compile="false", max_batch_size=max(sizes) + 1, prefix_caching=False,
-        max_seq_len=max(tokens) + args.decode_steps + len(tokens) + 8,
-        max_tokens_per_step=max(sizes) * max(tokens) + max(tokens),
-        num_kv_blocks=(max(sizes) + 1) * -(-(max(tokens) + args.decode_steps + len(tokens) + 8) // 16)))
+    sizes, ranks, tokens = args.batch_sizes, args.ranks, args.prompt_tokens
+    if max(ranks) > RANK_BUCKETS[-1]:
+        ap.error(f"argument --ranks: {max(ranks)} is above the largest rank bucket, {RANK_BUCKETS[-1]}")
+    if args.decode_steps < 2:
+        ap.error("argument --decode-steps: a decode law needs at least 2 timed steps per point")
+    device_dir = "cpu" if args.device == "cpu" else "gpu"
+    try:
+        out = args.out or output_file(f"profiles/{device_dir}/{Path(args.model).name}/latency.json")
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"the default output: {e} (choose another with --out)")
+    try:
+        engine = make_engine(args, sizes, tokens)
+    except ConfigError as e:
+        ap.error(str(e))
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
@@ -100,14 +106,22 @@ def main() -> int:
     model = PerfModel.fit([(features(r), r["seconds"]) for r in rows if r["kind"] != "prefill"],
                           [(features(r), r["seconds"]) for r in rows if r["kind"] == "prefill"],
                           header, rank_buckets=RANK_BUCKETS)
-    device_dir = "cpu" if args.device == "cpu" else "gpu"
-    out = Path(args.out or f"profiles/{device_dir}/{Path(args.model).name}/latency.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "raw": rows, "model": model.to_dict()}, indent=2) + "\n")
     plot(rows, model, out.with_suffix(".png"))
     print(model.describe())
     print(f"wrote {out}")
     return 0
+
+
+def make_engine(args, sizes: list[int], tokens: list[int]) -> Engine:
+    """The engine the sweep runs: room for the largest batch of the longest prompts."""
+    return Engine(EngineConfig(
+        model=ModelConfig(path=args.model),
+        adapters=AdapterConfig(dir="none", rank_buckets=RANK_BUCKETS, device_slots=max(sizes)),
+        device=args.device, compile="false", max_batch_size=max(sizes) + 1, prefix_caching=False,
+        max_seq_len=max(tokens) + args.decode_steps + len(tokens) + 8,
+        max_tokens_per_step=max(sizes) * max(tokens) + max(tokens),
+        num_kv_blocks=(max(sizes) + 1) * -(-(max(tokens) + args.decode_steps + len(tokens) + 8) // 16)))
 
 
 if __name__ == "__main__":

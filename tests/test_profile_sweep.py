@@ -41,3 +41,26 @@ def test_sweep_measures_mixed_steps_and_the_fit_prices_them():
 def test_sweep_refuses_an_engine_that_would_skip_prompt_tokens():
     with pytest.raises(ValueError, match="prefix_caching"):
         sweep(_engine(), [1], [8], TOKENS, decode_steps=1)
+
+
+@pytest.mark.parametrize("script,args,says", [
+    ("profile_decode.py", ["--batch-sizes", "4,abc"], "argument --batch-sizes: 'abc' is not an integer"),
+    ("profile_decode.py", ["--prompt-tokens", "0"], "argument --prompt-tokens: 0 must be >= 1"),
+    ("profile_decode.py", ["--decode-steps", "1"], "at least 2 timed steps"),
+    ("profile_decode.py", ["--ranks", "8,200"], "200 is above the largest rank bucket"),
+    ("profile_decode.py", ["--out", "/proc/latency.json"], "cannot write in /proc"),
+    ("profile_decode.py", ["--device", "tpu", "--out", "x.json"], "engine.device='tpu'"),
+    ("profile_cpu_lora.py", ["--threads", "0"], "argument --threads: 0 must be >= 1"),
+    ("profile_cpu_lora.py", ["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+])
+def test_profiling_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, args, says):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

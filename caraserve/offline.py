@@ -38,16 +38,18 @@ class OfflineSummary:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def line_id(obj, number: int) -> str:
-    """The user's id of a parsed line, else its 1-based line number (as in error messages)."""
+def line_id(obj, number: int):
+    """The user's id of a parsed line as it was given (any JSON value), else its 1-based line
+    number as a string (as in error messages)."""
     if isinstance(obj, dict) and obj.get("id") is not None:
-        return obj["id"] if isinstance(obj["id"], str) else json.dumps(obj["id"])
+        return obj["id"]
     return str(number)
 
 
-def parse_line(line: str, number: int) -> tuple[str, dict]:
+def parse_line(line: str, number: int) -> tuple[object, dict]:
     """(id, kwargs for Engine.add_request) of the 1-based line `number`; raises LineError (which
-    carries the id when the line had one) naming what is wrong."""
+    carries the id when the line had one) naming what is wrong. Bytes that are not UTF-8 come in
+    as lone surrogates (scripts/generate.py reads with surrogateescape): such a line is refused."""
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError) as e:
@@ -57,6 +59,12 @@ def parse_line(line: str, number: int) -> tuple[str, dict]:
     def bad(msg: str) -> LineError:
         return LineError(rid, f"line {number}: {msg}")
 
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00 if 0xDC80 <= ord(line[e.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"character {line[e.start]!r}"
+        raise bad(f"is not UTF-8 ({what} at character {e.start})") from None
     if not isinstance(obj, dict):
         raise bad("must be a JSON object")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
@@ -83,7 +91,7 @@ def parse_line(line: str, number: int) -> tuple[str, dict]:
 class LineError(ValueError):
     """A line that cannot become a request; `rid` is the id its error line carries."""
 
-    def __init__(self, rid: str, message: str):
+    def __init__(self, rid, message: str):
         super().__init__(message)
         self.rid = rid
 
@@ -93,7 +101,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
     non-blank line gets a result line, in input order: a bad line or a request the engine failed
     gets {"id", "error"}, and nothing stops the others."""
     results: list[dict | None] = []
-    pending: dict[str, tuple[int, str]] = {}  # engine request id -> (output index, user id)
+    pending: dict[str, tuple[int, object]] = {}  # engine request id -> (output index, user id)
     blank = 0
     engine.warm_up()  # engine.compile=true compiles here, before the job's clock starts
     t0 = time.perf_counter()

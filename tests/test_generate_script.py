@@ -35,7 +35,7 @@ def test_every_input_line_is_one_output_line(tmp_path):
     rows = [json.loads(x) for x in dst.read_text().split("\n") if x]
     assert [r["id"] for r in rows] == ["sep", "latin1", "crlf", "last"]
     assert len(rows[0]["token_ids"]) == 3 and "error" not in rows[0]
-    assert "not valid Unicode" in rows[1]["error"]
+    assert "line 2: is not UTF-8 (byte 0xe9" in rows[1]["error"]
     assert rows[2]["token_ids"] == rows[3]["token_ids"]
 
 
@@ -61,10 +61,14 @@ def test_bad_paths_are_one_line_before_the_model_loads(tmp_path):
 def test_results_on_stdout_are_jsonl_alone_and_a_numeric_file_name_is_a_path(tmp_path):
     """Without output=, stdout carries the results only (the logs go to stderr); `input=123`
     (which Hydra reads as a number) names the file 123; an output file keeps no temporary beside it."""
-    (tmp_path / "123").write_text(json.dumps({"id": "a", "prompt": "import os", "max_tokens": 2}) + "\n")
+    lines = [{"id": "a", "prompt": "import os", "max_tokens": 2}, {"id": 7, "prompt": "x", "max_tokens": 1},
+             {"id": ["k", 1], "prompt": "y", "max_tokens": 1}]
+    # (a byte order mark before the first line, as some editors write)
+    (tmp_path / "123").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in lines).encode())
     proc = generate(tmp_path, "input=123")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ["a"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["a", 7, ["k", 1]] and not any("error" in r for r in rows)  # ids as given
     assert "loaded" in proc.stderr  # the model's log line
     assert generate(tmp_path, "input=123", "output=out.jsonl").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["123", "out.jsonl"]

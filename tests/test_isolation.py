@@ -217,7 +217,7 @@ def test_offline_batch_survives_poisoned_lines(engine, monkeypatch):
     assert by_id["5"]["error"].startswith("line 5:")  # no id: the line number, counted from 1
     assert "max_tokens" in by_id["6"]["error"]
     assert "planted fault" in by_id["poison"]["error"]
-    assert "token ids" in by_id["17"]["error"]
+    assert "token ids" in by_id[17]["error"]  # the id as the line gave it
 
 
 def test_offline_lines_may_ask_for_top_logprobs(engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +46,20 @@ from caraserve.state import EngineState, RequestView
 from caraserve.step_isolation import StepIsolation, describe
 
 log = logging.getLogger(__name__)
+
+
+def _writable_dir(path: Path) -> bool:
+    """Whether `path` is, or could be made, a folder this process can create files in: tried in
+    it, or in its nearest existing ancestor (nothing is made: a cache folder appears only when
+    something is cached)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 class Engine:
@@ -141,6 +156,10 @@ class Engine:
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
+        if cache is not None and not _writable_dir(cache.parent):
+            log.warning("engine.compile_cache_dir=%s cannot be written: compiling without a cache kept "
+                        "across restarts", cfg.compile_cache_dir)
+            cache = None
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
                             cache, deferred=mode == "auto" and self.device.type != "cuda",
                             capture=cfg.cuda_graphs == "capture")

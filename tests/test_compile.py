@@ -244,3 +244,16 @@ def test_captured_cuda_graphs_leave_a_cpu_engine_as_it_was(small, tmp_path):
     assert not e.graphs.capture and e.graphs.deferred
     e.warm_up()
     assert not e.graphs._fns
+
+
+def test_an_unwritable_compile_cache_is_left_out_and_an_unused_one_never_made(tmp_path, caplog):
+    """engine.compile_cache_dir that cannot be written: compiling goes on without a cache (one
+    warning, not a compile failure and its traceback); one not written yet is not made until
+    something is cached, so a job that compiles nothing leaves no folder behind."""
+    cfg = dict(compile="true", adapters=AdapterConfig(dir="none"), max_batch_size=2, max_seq_len=64)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    engine = Engine(EngineConfig(**cfg, compile_cache_dir=str(blocked / "cache")))
+    assert engine.graphs.cache_file is None and "cannot be written" in caplog.text
+    engine = Engine(EngineConfig(**cfg, compile_cache_dir=str(tmp_path / "new" / "cache")))
+    assert engine.graphs.cache_file is not None and not (tmp_path / "new").exists()

@@ -371,6 +371,18 @@ def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path)
     assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
 
 
+def test_target_modules_the_model_lacks_are_ignored_beside_ones_it_has(env, store, tmp_path):
+    """As PEFT: a config listing a module the model lacks (shared across architectures) loads
+    with the ones it has; the weights and PEFT's logits are those of the adapter without it."""
+    root, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "extra")
+    edit_config(d, target_modules=["q_proj", "v_proj", "c_attn"])
+    info = store.register("extra", d)
+    assert info.targets == ("q_proj", "v_proj") and _same(store.get("extra"), _snapshot(store.get("keep")))
+    tokens = [3, 14, 15, 92, 65]
+    assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
+
+
 # ---------------------------------------------------------------- malformed configs and PEFT's targeting rules
 
 MALFORMED = {

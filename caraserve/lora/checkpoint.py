@@ -114,8 +114,14 @@ def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
                 raise AdapterError(f"adapter {name!r}: target_modules entries must be strings, got {t!r}")
             if t in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"adapter {name!r}: LoRA on {t} is not supported")
-            if t.split(".")[-1] not in TARGETS:
-                raise AdapterError(f"adapter {name!r}: target module {t!r} does not exist in the model")
+        # As PEFT: names the model lacks are ignored while one it has is listed (a config shared
+        # across architectures); an adapter none of whose modules exist is for another model.
+        missing = [t for t in targets if t.split(".")[-1] not in TARGETS]
+        if missing and len(missing) == len(targets):
+            raise AdapterError(f"adapter {name!r}: target module {missing[0]!r} does not exist in the model")
+        if missing:
+            log.warning("adapter %r: target_modules %s do not exist in the model: ignored, as PEFT does", name,
+                        missing)
     elif isinstance(targets, str):
         _check_regex(name, "target_modules regex", targets, targets)
     elif targets is not None:

@@ -5,6 +5,7 @@ only on the first read of the weights, which marks the adapter broken."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def _edit_tensors(d: Path, fn) -> None:
 
 def _to_bin(d: Path) -> None:
     torch.save(load_file(str(d / ST)), str(d / BIN))
+    (d / ST).unlink()
+
+
+class _NotATensor:
+    """Pickled as a call of os.getcwd: what weights-only loading must refuse to run."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def _pickle_bin(d: Path) -> None:
+    tensors = load_file(str(d / ST))
+    torch.save({**tensors, "extra": _NotATensor()}, str(d / BIN))
     (d / ST).unlink()
 
 
@@ -130,6 +144,9 @@ CASES = {
     "truncated-safetensors": (_b("good", lambda d: _truncate(d / ST)),
                               r"cannot read .*adapter_model\.safetensors"),
     "truncated-bin": (_b("good", lambda d: (_to_bin(d), _truncate(d / BIN))), r"cannot read .*adapter_model\.bin"),
+    "bin-with-objects": (_b("good", _pickle_bin),
+                         r"cannot read .*adapter_model\.bin as tensors only .*never loaded: save the adapter as "
+                         r"safetensors\)$"),
     "no-tensors": (_b("good", lambda d: save_file({}, str(d / ST))), r"holds no LoRA tensors"),
     "r-mismatch": (_b("good", lambda d: edit_config(d, r=4)), r"has rank 8 but the config says r=4"),
     "r-not-positive": (_b("good", lambda d: edit_config(d, r=0)), r"r=0 must be a positive integer"),

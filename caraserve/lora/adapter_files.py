@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import stat
 from dataclasses import dataclass
@@ -173,6 +174,10 @@ def read_weights(name: str, folder: Path, limits: ReadLimits,
                     tensors = load_file(readable)
                 else:
                     tensors = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never here
+                raise AdapterError(f"adapter {name!r}: cannot read {path} as tensors only (it is truncated, or "
+                                   "holds other objects, which are never loaded: save the adapter as "
+                                   "safetensors)") from e
             except Exception as e:  # truncated or corrupt files raise library-specific errors
                 raise read_failed(name, "cannot read", path, e) from e
         if not isinstance(tensors, dict) or not all(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,20 +46,6 @@ from caraserve.step_isolation import StepIsolation, describe
 log = logging.getLogger(__name__)
 
 
-def _writable_dir(path: Path) -> bool:
-    """Whether `path` is, or could be made, a folder this process can create files in: tried in
-    it, or in its nearest existing ancestor (nothing is made: a cache folder appears only when
-    something is cached)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
-
-
 class Engine:
     """The serving engine. `model` may be a prebuilt CausalLM (benchmarks build random ones on the
     device); otherwise `config.model.path` is loaded. On CPU in float32 the engine packs the
@@ -76,7 +60,8 @@ class Engine:
                                   f"{torch.cuda.device_count()})")
         # the files the settings name, read before the model: a bad one is a ConfigError, not a
         # traceback once the model has loaded
-        self.perf_model = self._perf_model()
+        path = cfg.scheduler.perf_model
+        self.perf_model = PerfModel.load(path, "scheduler.perf_model") if path else None
         if cfg.cpu_assist.mode != "off":
             ThreadPlan.load(cfg.cpu_assist.plan_file, cfg.cpu_assist.threads)
         if model is None:
@@ -117,19 +102,6 @@ class Engine:
         if cfg.adapters.preload != "none":
             self.catalog.preload(cfg.adapters.preload)
 
-    def _perf_model(self):
-        path = self.config.scheduler.perf_model
-        if not path:
-            return None
-        try:
-            data = json.loads(Path(path).read_text())
-            return PerfModel.from_dict(data.get("model", data))  # a profile_decode JSON or a bare model
-        except FileNotFoundError:
-            raise ConfigError(f"scheduler.perf_model={path}: no such file") from None
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ConfigError(f"scheduler.perf_model={path}: not a latency model written by "
-                              f"scripts/profile_decode.py ({type(e).__name__}: {e})") from None
-
     def _load(self, model_path: Path) -> None:
         cfg = self.config
         hf_config = load_hf_config(model_path)
@@ -156,10 +128,6 @@ class Engine:
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets)
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
-        if cache is not None and not _writable_dir(cache.parent):
-            log.warning("engine.compile_cache_dir=%s cannot be written: compiling without a cache kept "
-                        "across restarts", cfg.compile_cache_dir)
-            cache = None
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
                             cache, deferred=mode == "auto" and self.device.type != "cuda",
                             capture=cfg.cuda_graphs == "capture")

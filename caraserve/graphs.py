@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import logging
 import os
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -103,6 +104,20 @@ def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_
     out["row_lens"][n:] = 1
 
 
+def _writable_dir(path: Path) -> bool:
+    """Whether `path` is, or could be made, a folder this process can create files in: tried in
+    it, or in its nearest existing ancestor (nothing is made: a cache folder appears only when
+    something is cached)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
                  cache_file: Path | None = None, deferred: bool = False, capture: bool = False):
@@ -144,6 +159,10 @@ class DecodeGraphs:
             lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
+        if cache_file is not None and not _writable_dir(cache_file.parent):
+            log.warning("the compile cache folder %s cannot be written (engine.compile_cache_dir): compiling "
+                        "without a cache kept across restarts", cache_file.parent)
+            self.cache_file = cache_file = None
         if cache_file is not None:
             # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
             # portable artifacts below do not: keeping it beside them makes a restart cheap.

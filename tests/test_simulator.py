@@ -181,5 +181,5 @@ def test_perf_model_loads_bare_or_inside_a_profile(tmp_path):
     for name in ("bare.json", "profile.json"):
         assert load_perf_model(str(tmp_path / name)).decode_s(4, 16, 64) == pytest.approx(model.decode_s(4, 16, 64))
     assert load_perf_model("linear").decode_s(4, 16, 64) != pytest.approx(model.decode_s(4, 16, 64))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="cluster.perf_model=.*missing.json: no such file"):
         load_perf_model(str(tmp_path / "missing.json"))

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import logging
 import math
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -43,13 +41,7 @@ _IDLE, _PREFILL, _DECODE = range(3)
 def load_perf_model(spec: str) -> PerfModel:
     """"linear" = the paper-like model; anything else is a path to a perf model JSON, bare or as
     the "model" entry of a profile that scripts/profile_decode.py writes beside its raw timings."""
-    if spec == "linear":
-        return PerfModel.linear()
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"cluster.perf_model={spec!r} is neither 'linear' nor a file")
-    data = json.loads(path.read_text())
-    return PerfModel.from_dict(data["model"] if "decode" not in data and "model" in data else data)
+    return PerfModel.linear() if spec == "linear" else PerfModel.load(spec, "cluster.perf_model")
 
 
 class _Replica:

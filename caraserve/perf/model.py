@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caraserve.config_checks import ConfigError
 from caraserve.perf.linear_fit import FitReport, LinearFit, Vector, design, select_fit
 
 log = logging.getLogger(__name__)
@@ -291,5 +292,16 @@ class PerfModel:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> PerfModel:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, key: str = "perf_model") -> PerfModel:
+        """The model in a JSON file: bare (`save`), or the "model" entry of the profile
+        scripts/profile_decode.py writes beside its raw timings. A missing or malformed file is a
+        ConfigError naming the setting `key` that gave the path."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_dict(data["model"] if isinstance(data, dict) and "decode" not in data and "model" in data
+                                 else data)
+        except FileNotFoundError:
+            raise ConfigError(f"{key}={path}: no such file") from None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{key}={path}: not a latency model written by scripts/profile_decode.py "
+                              f"({type(e).__name__}: {e})") from None

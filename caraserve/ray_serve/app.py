@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from caraserve.config import ENGINE_SECTIONS, ServerConfig, check_keys, engine_config
+from caraserve.perf.model import PerfModel
 from caraserve.ray_serve.config import RayConfig, ReplicasConfig, RoutingConfig
 from caraserve.ray_serve.ingress import Ingress
 from caraserve.ray_serve.replica import EngineReplica
@@ -45,7 +46,10 @@ def app_config(composed: dict[str, Any]) -> AppConfig:
         server = dataclasses.replace(server, api_key=os.environ["CARASERVE_API_KEY"])
     engine_sections = {k: composed[k] for k in ENGINE_SECTIONS if k in composed}
     engine_config(engine_sections)  # checked here, not first in every replica
-    return AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), RoutingConfig.from_dict(composed.get("router")),
+    routing = RoutingConfig.from_dict(composed.get("router"))
+    if routing.perf_model:  # read here too: the router reads it inside Serve, where an error is no one line
+        PerfModel.load(routing.perf_model, "router.perf_model")
+    return AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), routing,
                      RayConfig.from_dict(composed.get("ray")), server,
                      {**engine_sections, "server": dataclasses.asdict(server)})
 

@@ -54,7 +54,7 @@ class RankAwareRequestRouter(RequestRouter):
         self.rng = np.random.default_rng(seed)
         self.policy = make_policy(policy, PolicyParams(slo_ms / 1e3, avg_output_tokens, resident_discount),
                                   np.random.default_rng(seed + 1))
-        self.fallback = PerfModel.load(perf_model) if perf_model else PerfModel.linear()
+        self.fallback = PerfModel.load(perf_model, "router.perf_model") if perf_model else PerfModel.linear()
         self._parsed: dict[ReplicaID, tuple[int, EngineState]] = {}  # id(stats dict) -> its EngineState
         self._routed: dict[str, tuple[ReplicaID, RequestView]] = {}  # Serve's internal id -> where, what
         self._on: dict[ReplicaID, dict[str, RequestView]] = {}  # replica -> request id -> view

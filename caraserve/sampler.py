@@ -100,10 +100,12 @@ def sample(
     tokens = _argmax(logits)
     # A row holding NaN has it as its maximum (numpy's argmax and torch's both pick a NaN), so
     # checking the chosen values finds every such row, and rows of +inf or of nothing but -inf.
-    best = logits.gather(1, tokens[:, None].to(logits.device))[:, 0]
-    if not bool(torch.isfinite(best).all()):
-        raise NonFiniteLogits(torch.nonzero(~torch.isfinite(best))[:, 0].tolist())
+    # Before sampling from them (on CUDA a NaN probability is a device-side assert); with greedy
+    # rows only, the check is read back with the tokens (no extra wait on a GPU).
+    finite = torch.isfinite(logits.gather(1, tokens[:, None].to(logits.device))[:, 0])
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled and not bool(finite.all()):
+        raise NonFiniteLogits(torch.nonzero(~finite)[:, 0].tolist())
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
         temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
@@ -122,7 +124,10 @@ def sample(
         lps, alts = token_logprobs(raw[idx], tokens[idx], [params[i].top_logprobs for i in wanted])
         for row, i in enumerate(wanted):
             chosen[i], tops[i] = lps[row], alts[row]
-    return tokens.tolist(), chosen, tops
+    tokens, ok = torch.stack((tokens.to(finite.device), finite.to(torch.int64))).tolist()
+    if not all(ok):
+        raise NonFiniteLogits([i for i, v in enumerate(ok) if not v])
+    return tokens, chosen, tops
 
 
 LOGPROB_ROWS = 256  # rows of float32 log-softmax made at once

@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
                                               ("cluster.replicas=0", "cluster.replicas=0 must be >= 1"),
                                               ("ray.temp_dir=/tmp/" + "x" * 60, "ray.temp_dir"),
                                               ("router.perf_model=/nonexistent.json",
-                                               "router.perf_model=/nonexistent.json: no such file")])
+                                               "router.perf_model=/nonexistent.json: no such file"),
+                                              ("model.path=/nonexistent", "model folder /nonexistent does not exist"),
+                                              ("adapters.dir=/nonexistent", "adapters.dir: /nonexistent does not exist"),
+                                              ("cluster.cpus_per_replica=4096", "no replica could ever start")])
 def test_bad_settings_are_one_line_and_exit_2_before_ray_starts(override, needle):
     r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", override], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)

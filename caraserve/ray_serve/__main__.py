@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from caraserve.cli import config_task, exit_now, run
-from caraserve.ray_serve.app import app_config, deploy
+from caraserve.ray_serve.app import app_config, check_local, deploy
 
 log = logging.getLogger("caraserve.ray_serve")
 
@@ -29,6 +29,7 @@ log = logging.getLogger("caraserve.ray_serve")
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     app_cfg = app_config(composed)  # a configuration mistake stops here, before Ray starts
+    check_local(app_cfg)
     faulthandler.enable()  # a crash inside Ray's shutdown leaves the Python stacks in the log
     import ray
     from ray import serve

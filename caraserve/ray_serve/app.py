@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from caraserve.config import ENGINE_SECTIONS, ServerConfig, check_keys, engine_config
+from caraserve.config import ENGINE_SECTIONS, ConfigError, ServerConfig, check_keys, engine_config
 from caraserve.perf.model import PerfModel
 from caraserve.ray_serve.config import RayConfig, ReplicasConfig, RoutingConfig
 from caraserve.ray_serve.ingress import Ingress
@@ -52,6 +52,29 @@ def app_config(composed: dict[str, Any]) -> AppConfig:
     return AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), routing,
                      RayConfig.from_dict(composed.get("ray")), server,
                      {**engine_sections, "server": dataclasses.asdict(server)})
+
+
+def check_local(cfg: AppConfig) -> None:
+    """For a local Ray instance (ray.address ""), whose replicas see this machine's folders and
+    cores: what a replica would fail on, in one line before Ray starts (inside Serve it is a
+    deployment failure buried in its controller's tracebacks, or a wait for resources that never
+    come)."""
+    from caraserve.model.loader import load_hf_config
+    from caraserve.model.tiny import resolve_paths
+
+    if cfg.ray.address:
+        return
+    replicas, ray_cfg = cfg.replicas, cfg.ray
+    model_path, adapter_dir = resolve_paths(engine_config({k: v for k, v in cfg.engine_sections.items()
+                                                            if k in ENGINE_SECTIONS}))
+    load_hf_config(model_path)
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise ConfigError(f"adapters.dir: {adapter_dir} " + ("is a file, not a folder" if adapter_dir.exists()
+                                                             else "does not exist"))
+    cpus = ray_cfg.num_cpus or os.cpu_count() or 1
+    if replicas.cpus_per_replica > cpus:
+        raise ConfigError(f"cluster.cpus_per_replica={replicas.cpus_per_replica} but the local Ray instance has "
+                          f"{cpus} CPUs (ray.num_cpus, default this machine's): no replica could ever start")
 
 
 def build_application(cfg: AppConfig):

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
                                               ("router.perf_model=/nonexistent.json",
                                                "router.perf_model=/nonexistent.json: no such file"),
                                               ("model.path=/nonexistent", "model folder /nonexistent does not exist"),
-                                              ("adapters.dir=/nonexistent", "adapters.dir: /nonexistent does not exist"),
+                                              ("adapters.dir=/nonexistent", "/nonexistent does not exist"),
                                               ("cluster.cpus_per_replica=4096", "no replica could ever start")])
 def test_bad_settings_are_one_line_and_exit_2_before_ray_starts(override, needle):
     r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", override], capture_output=True, text=True,
@@ -75,7 +75,15 @@ def test_entry_point_serves_and_stops_on_sigterm(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "demo-r8", "prompt": "x", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGTERM)
+        # SIGTERM drains, as the plain server does: a stream running then ends whole
+        body = {"model": "demo-r8", "prompt": "x", "max_tokens": 800, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # running
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and '"completion_tokens": 800' in rest[-2], rest[-3:]
         # Known issue: in the full suite (not alone) the process sometimes dies with SIGABRT while
         # serve.shutdown() stops the replicas, with no Python stack from faulthandler; cause not
         # found. What is asserted: it stops promptly on SIGTERM and does not hang.

@@ -162,3 +162,58 @@ def test_the_route_hint_counts_every_prompt_of_a_batched_completion():
     assert estimate_prompt_tokens(one) == 100 and estimate_prompt_tokens(ids) == 3
     assert estimate_prompt_tokens(proto.CompletionRequest(model="m", prompt=["x" * 400, "y" * 40])) == 110
     assert estimate_prompt_tokens(proto.CompletionRequest(model="m", prompt=[[1, 2], [3, 4, 5]])) == 5
+
+
+def test_an_adapter_unloaded_through_the_ingress_stays_gone_until_loaded_again():
+    """A replica started after the unload holds it again (from adapters.dir): the ingress answers
+    404 for it itself and leaves it out of /v1/models, until it is loaded through the ingress."""
+    class FanOut:
+        def __init__(self):
+            self.covered = 0
+
+        async def remote(self, hint, op, body=None):
+            if len(hint.covered) >= 1:  # one replica
+                return Head(200, None, None, "r1", skipped=True)
+            if op == "models":
+                return Head(200, {"data": [{"id": "tiny"}, {"id": "gone"}, {"id": "kept"}]}, None, "r1")
+            return Head(200, {"status": "ok"}, None, "r1")
+
+    handle = FakeHandle([[Head(200, {"ok": 1})]])
+    handle.fan_out = FanOut()
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    body = proto.CompletionRequest(model="gone", prompt="x", max_tokens=4)
+
+    async def go():
+        await service.unload_adapter(proto.UnloadLoraRequest(lora_name="gone"))
+        with pytest.raises(ApiError) as e:
+            await service.completion(body, "req-1", False)
+        assert e.value.status == 404 and not handle.hints  # answered without a replica
+        assert [m["id"] for m in await service.models()] == ["tiny", "kept"]
+        with pytest.raises(ApiError):  # unloaded already
+            await service.unload_adapter(proto.UnloadLoraRequest(lora_name="gone"))
+        await service.load_adapter(proto.LoadLoraRequest(lora_name="gone", lora_path="/adapters/gone"))
+        assert await service.completion(body, "req-2", False) == {"ok": 1}
+
+    asyncio.run(go())
+
+
+def test_drain_refuses_new_calls_and_waits_for_running_streams():
+    lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
+    handle = FakeHandle([[Head(200, None), *lines]])
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    body = proto.CompletionRequest(model="demo-r8", prompt="x", max_tokens=4, stream=True)
+
+    async def go():
+        stream = await service.completion(body, "req-1", False)
+        assert service.inflight == 1
+        draining = asyncio.ensure_future(service.drain(5))
+        await asyncio.sleep(0.2)
+        assert not draining.done()  # the stream is still being answered
+        with pytest.raises(ApiError) as e:
+            await service.completion(body, "req-2", False)
+        assert e.value.status == 503
+        assert [line async for line in stream] == lines
+        assert await asyncio.wait_for(draining, 2) == 0 and service.inflight == 0
+        assert await service.drain(0) == 0
+
+    asyncio.run(go())

@@ -5,7 +5,8 @@ ingress (Hydra entry point; conf/ray_serve.yaml).
         router.policy=rank_aware server.host=H server.port=P ray.address=auto ...]
 
 Starts a local Ray instance (files under ray.temp_dir), or joins one with ray.address=auto,
-deploys the application and serves until SIGTERM / SIGINT, then shuts Serve down.
+deploys the application and serves until SIGTERM / SIGINT, then drains (new calls get 503 while
+running ones finish, for at most server.drain_timeout_s) and shuts Serve down.
 """
 
 from __future__ import annotations
@@ -43,11 +44,30 @@ def main(cfg: DictConfig) -> None:
                  app_cfg.replicas.replicas, app_cfg.routing.policy)
         stop.wait()
     finally:
-        log.info("shutting down")
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the shutdown
             signal.signal(sig, signal.SIG_IGN)
+        drain(app_cfg)
+        log.info("shutting down")
         serve.shutdown()
         ray.shutdown()
+
+
+def drain(app_cfg) -> None:
+    """As the plain server does on SIGTERM: new calls are refused (503) while those being answered
+    finish, for at most server.drain_timeout_s, before Serve stops the replicas under them."""
+    from ray import serve
+
+    timeout = app_cfg.server.drain_timeout_s
+    try:
+        handle = serve.get_app_handle(app_cfg.ray.app_name)
+        left = handle.drain.remote(timeout).result(timeout_s=timeout + 10)
+    except Exception as e:  # (not deployed yet, or the ingress is gone: nothing to wait for)
+        log.warning("draining the ingress failed (%s): shutting down at once", type(e).__name__)
+        return
+    if left:
+        log.warning("drain timed out (server.drain_timeout_s=%s) with %d calls still running", timeout, left)
+    else:
+        log.info("drained")
 
 
 if __name__ == "__main__":

@@ -80,16 +80,54 @@ class RayService:
         self.registry = r = CollectorRegistry()
         self.calls = Counter("caraserve_ray_requests", "Completion calls by outcome", ["outcome"], registry=r)
         self.runtime_adapters: dict[str, proto.LoadLoraRequest] = {}  # loaded through this ingress
+        # unloaded through this ingress: gone from the whole deployment, though a replica started
+        # later (from adapters.dir) holds it again, until it is loaded through this ingress again
+        self.unloaded: set[str] = set()
+        self.inflight, self.draining = 0, False  # calls being answered; refusing new ones (drain)
         self.retries = Counter("caraserve_ray_retries", "Calls given up on a replica and retried", ["reason"],
                                registry=r)
 
     # ---- completions --------------------------------------------------------------------------
 
     async def completion(self, body, rid, include_usage, disconnected=None):
-        return await self._generate("completion", body, rid, include_usage, disconnected)
+        return await self._counted("completion", body, rid, include_usage, disconnected)
 
     async def chat(self, body, rid, include_usage, disconnected=None):
-        return await self._generate("chat", body, rid, include_usage, disconnected)
+        return await self._counted("chat", body, rid, include_usage, disconnected)
+
+    async def _counted(self, kind: str, body, rid: str, include_usage: bool, disconnected):
+        """_generate, counted in `inflight` until its answer is out (a stream: its last line)."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "engine_unavailable")
+        if body.model in self.unloaded:
+            raise ApiError(404, f"The model `{body.model}` does not exist.", "not_found_error")
+        self.inflight += 1
+        try:
+            answer = await self._generate(kind, body, rid, include_usage, disconnected)
+        except BaseException:
+            self.inflight -= 1
+            raise
+        if isinstance(answer, dict):
+            self.inflight -= 1
+            return answer
+        return self._until_done(answer)
+
+    async def _until_done(self, lines: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for line in lines:
+                yield line
+        finally:
+            self.inflight -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuses new calls (503) and waits up to timeout_s for those being answered to finish;
+        returns how many are still running."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        return self.inflight
 
     async def _generate(self, kind: str, body, rid: str, include_usage: bool, disconnected):
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -222,11 +260,16 @@ class RayService:
     async def load_adapter(self, body) -> dict:
         result = await self._everywhere("load_adapter", body)
         self.runtime_adapters[body.lora_name] = body
+        self.unloaded.discard(body.lora_name)
         return result
 
     async def unload_adapter(self, body) -> dict:
+        if body.lora_name in self.unloaded:
+            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
         self.runtime_adapters.pop(body.lora_name, None)
-        return await self._everywhere("unload_adapter", body)
+        result = await self._everywhere("unload_adapter", body)
+        self.unloaded.add(body.lora_name)
+        return result
 
     async def tokenize(self, body) -> dict:
         return await self._one("tokenize", body)
@@ -253,6 +296,8 @@ class RayService:
             data = head.body["data"]
             base = base or data[0]
             for card in data[1:]:
+                if card["id"] in self.unloaded:  # (a replica started since holds it again)
+                    continue
                 seen = cards.setdefault(card["id"], card)
                 seen["resident"] = bool(seen.get("resident")) or bool(card.get("resident"))
         if base is None:
@@ -280,6 +325,10 @@ class Ingress:
     def __init__(self, replicas, server: dict, routing: dict):
         self.server = ServerConfig.from_dict(server)
         self.service = RayService(replicas, RoutingConfig.from_dict(routing))
+
+    async def drain(self, timeout_s: float) -> int:
+        """Called through the application's handle on shutdown (caraserve.ray_serve.__main__)."""
+        return await self.service.drain(timeout_s)
 
     def __serve_build_asgi_app__(self):
         return guarded_app(self.service, self.server, title="CaraServe on Ray Serve")

@@ -217,3 +217,25 @@ def test_drain_refuses_new_calls_and_waits_for_running_streams():
         assert await service.drain(0) == 0
 
     asyncio.run(go())
+
+
+def test_a_stream_is_counted_by_how_it_ended():
+    def outcomes(service):
+        return {k: service.calls.labels(k)._value.get() for k in ("ok", "broken", "disconnected")}
+
+    lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
+    _, _, service = run([[Head(200, None), *lines]], stream=True)
+    assert outcomes(service) == {"ok": 1, "broken": 0, "disconnected": 0}
+    _, _, service = run([[Head(200, None), lines[0], ActorDiedError()]], stream=True)
+    assert outcomes(service) == {"ok": 0, "broken": 1, "disconnected": 0}
+    handle = FakeHandle([[Head(200, None), *lines]])
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+
+    async def client_leaves_after_the_first_line():
+        stream = await service.completion(proto.CompletionRequest(model="m", prompt="x", stream=True), "r", False)
+        await anext(stream)
+        await stream.aclose()
+        assert handle.gens[0].cancelled and service.inflight == 0  # at once, not when collected
+
+    asyncio.run(client_leaves_after_the_first_line())
+    assert outcomes(service) == {"ok": 0, "broken": 0, "disconnected": 1} and handle.gens[0].cancelled

@@ -112,12 +112,13 @@ class RayService:
             return answer
         return self._until_done(answer)
 
-    async def _until_done(self, lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _until_done(self, lines) -> AsyncIterator[str]:
         try:
             async for line in lines:
                 yield line
         finally:
             self.inflight -= 1
+            await lines.aclose()  # now, not when collected: a client gone aborts the replica's request at once
 
     async def drain(self, timeout_s: float) -> int:
         """Refuses new calls (503) and waits up to timeout_s for those being answered to finish;
@@ -155,9 +156,11 @@ class RayService:
                 resynced, target = True, replica
                 await self._reload(replica, body.model)
                 continue
-            self.calls.labels("ok" if not isinstance(answer, ApiError) else "refused").inc()
             if isinstance(answer, ApiError):
+                self.calls.labels("refused").inc()
                 raise answer
+            if isinstance(answer, dict):  # (a stream counts itself when it ends: _relay)
+                self.calls.labels("ok").inc()
             return answer
         self.calls.labels("failed").inc()
         raise ApiError(503 if all(e.startswith("overloaded") for e in errors) else 502,
@@ -217,19 +220,22 @@ class RayService:
             task.cancel()
 
     async def _relay(self, gen, first: str) -> AsyncIterator[str]:
-        finished = False
+        """The stream's lines; counted in caraserve_ray_requests when it ends: ok, broken (its
+        replica failed after the first token) or disconnected (the client went away)."""
+        outcome = "disconnected"
         try:
             yield first
             async for line in gen:
                 yield line
-            finished = True
+            outcome = "ok"
         except TRANSPORT_ERRORS as e:
-            finished = True
+            outcome = "broken"
             log.warning("stream broke after its first token: %s", type(e).__name__)
             err = proto.error_body(f"replica failed mid-stream: {type(e).__name__}", "bad_gateway", 502)
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away: cancelling aborts the request on the replica
+            self.calls.labels(outcome).inc()
+            if outcome == "disconnected":  # cancelling aborts the request on the replica
                 gen.cancel()
 
     # ---- fan-out ------------------------------------------------------------------------------

@@ -239,3 +239,22 @@ def test_a_stream_is_counted_by_how_it_ended():
 
     asyncio.run(client_leaves_after_the_first_line())
     assert outcomes(service) == {"ok": 0, "broken": 0, "disconnected": 1} and handle.gens[0].cancelled
+
+
+def test_a_runtime_adapters_rank_goes_with_its_requests():
+    class FanOut:
+        async def remote(self, hint, op, body=None):
+            if hint.covered:
+                return Head(200, None, None, "r1", skipped=True)
+            return Head(200, {"status": "ok", "rank": 16}, None, "r1")
+
+    handle = FakeHandle([[Head(200, {"ok": 1})]])
+    handle.fan_out = FanOut()
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+
+    async def go():
+        await service.load_adapter(proto.LoadLoraRequest(lora_name="my16", lora_path="/adapters/x"))
+        await service.completion(proto.CompletionRequest(model="my16", prompt="x", max_tokens=2), "q", False)
+
+    asyncio.run(go())
+    assert handle.hints[0].rank == 16

@@ -96,3 +96,14 @@ def test_replicas_without_the_adapter_are_skipped_and_fan_outs_go_to_the_others(
     pending = SimpleNamespace(args=[RouteHint(covered=frozenset({"r1"}))], kwargs={},
                               metadata=SimpleNamespace(internal_request_id="f"))
     assert [[r.replica_id.unique_id for r in g] for g in asyncio.run(router.choose_replicas(reps, pending))] == [["r2"]]
+
+
+def test_an_adapter_no_poll_lists_yet_is_routed_with_the_rank_the_ingress_knows():
+    """Just after a runtime load the replicas' last states do not list the adapter: its rank
+    comes from the hint (the load's answer), not 0 (the base model's)."""
+    router = make_router("rank_aware")
+    states = [idle(), idle()]
+    hint = RouteHint("fresh", 16, 32, "q", rank=32)
+    assert router._view(hint, states).rank == 32
+    assert router._view(RouteHint("fresh", 16, 32, "q"), states).rank == 0
+    assert router._view(RouteHint("a64", 16, 32, "q", rank=8), states).rank == 64  # a poll that lists it wins

@@ -80,6 +80,7 @@ class RayService:
         self.registry = r = CollectorRegistry()
         self.calls = Counter("caraserve_ray_requests", "Completion calls by outcome", ["outcome"], registry=r)
         self.runtime_adapters: dict[str, proto.LoadLoraRequest] = {}  # loaded through this ingress
+        self.runtime_ranks: dict[str, int] = {}  # their ranks, as the load answered
         # unloaded through this ingress: gone from the whole deployment, though a replica started
         # later (from adapters.dir) holds it again, until it is loaded through this ingress again
         self.unloaded: set[str] = set()
@@ -139,7 +140,7 @@ class RayService:
         for attempt in range(self.cfg.max_attempts):
             # A retry gets an id of its own: the replica tried first may still list the first one.
             hint = RouteHint(body.model, prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
-                             attempt, target=target)
+                             attempt, target=target, rank=self.runtime_ranks.get(body.model, 0))
             gen = self.replicas.options(stream=True).generate.remote(hint, kind, body, include_usage)
             try:
                 answer, replica = await self._first(gen, body.stream, disconnected)
@@ -266,6 +267,8 @@ class RayService:
     async def load_adapter(self, body) -> dict:
         result = await self._everywhere("load_adapter", body)
         self.runtime_adapters[body.lora_name] = body
+        if isinstance(result.get("rank"), int):
+            self.runtime_ranks[body.lora_name] = result["rank"]
         self.unloaded.discard(body.lora_name)
         return result
 
@@ -273,6 +276,7 @@ class RayService:
         if body.lora_name in self.unloaded:
             raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
         self.runtime_adapters.pop(body.lora_name, None)
+        self.runtime_ranks.pop(body.lora_name, None)
         result = await self._everywhere("unload_adapter", body)
         self.unloaded.add(body.lora_name)
         return result

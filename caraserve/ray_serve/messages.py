@@ -14,7 +14,9 @@ class RouteHint:
     them off replicas already tried). covered: for calls that go to every replica in turn
     (adapter loads, model lists), the replicas already done (their unique ids). target: the one
     replica the call must reach when it is up (a runtime adapter re-loaded onto a replica that
-    Serve started after the adapter was loaded, and the request retried there)."""
+    Serve started after the adapter was loaded, and the request retried there). rank: the
+    adapter's rank where the ingress knows it (loaded through it), for the polls that do not
+    list the adapter yet."""
 
     adapter: str = ""
     prompt_tokens: int = 1
@@ -23,6 +25,7 @@ class RouteHint:
     attempt: int = 0
     covered: frozenset[str] | None = None
     target: str = ""
+    rank: int = 0
 
 
 @dataclass(frozen=True)

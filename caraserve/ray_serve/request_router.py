@@ -94,7 +94,7 @@ class RankAwareRequestRouter(RequestRouter):
         known = [s for s in states if s is not None]
         if any(hint.adapter == s.model for s in known):
             return RequestView("", 0, hint.prompt_tokens, hint.max_tokens, hint.request_id)
-        rank = next((s.adapters[hint.adapter] for s in known if hint.adapter in s.adapters), 0)
+        rank = next((s.adapters[hint.adapter] for s in known if hint.adapter in s.adapters), hint.rank)
         return RequestView(hint.adapter, rank, hint.prompt_tokens, hint.max_tokens, hint.request_id)
 
     # ---- choice -------------------------------------------------------------------------------

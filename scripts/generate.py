@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> None:
         engine = Engine(engine_config(composed))
         if lines is None:
             lines = _demo_lines(engine)
-        bar = tqdm(desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
+        bar = tqdm(total=len(lines), desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
         results, summary = run_offline(engine, lines, bar)
         bar.close()
         if tmp is not None:

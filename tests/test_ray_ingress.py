@@ -258,3 +258,9 @@ def test_a_runtime_adapters_rank_goes_with_its_requests():
 
     asyncio.run(go())
     assert handle.hints[0].rank == 16
+
+
+def test_an_error_after_the_streams_last_line_is_not_the_clients():
+    lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
+    result, _, service = run([[Head(200, None), *lines, ActorDiedError()]], stream=True)
+    assert result == lines and service.calls.labels("ok")._value.get() == 1

@@ -223,13 +223,16 @@ class RayService:
     async def _relay(self, gen, first: str) -> AsyncIterator[str]:
         """The stream's lines; counted in caraserve_ray_requests when it ends: ok, broken (its
         replica failed after the first token) or disconnected (the client went away)."""
-        outcome = "disconnected"
+        outcome, last = "disconnected", first
         try:
             yield first
-            async for line in gen:
-                yield line
+            async for last in gen:
+                yield last
             outcome = "ok"
         except TRANSPORT_ERRORS as e:
+            if last.endswith("data: [DONE]\n\n"):  # the whole answer is out: what follows is not the client's
+                outcome = "ok"
+                return
             outcome = "broken"
             log.warning("stream broke after its first token: %s", type(e).__name__)
             err = proto.error_body(f"replica failed mid-stream: {type(e).__name__}", "bad_gateway", 502)

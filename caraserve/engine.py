@@ -226,16 +226,7 @@ class Engine:
         prompt_ids = self.encode(prompt)
         if adapter is not None:
             self.catalog.check(adapter)
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length {self.max_seq_len}"
-            )
-        if len(prompt_ids) + params.max_tokens > self.kv.capacity_tokens:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the whole KV "
-                f"cache ({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)"
-            )
+        self.check_fits(len(prompt_ids), params)
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests and not self._requests[rid].finished:
@@ -255,6 +246,16 @@ class Engine:
     def resolve_adapter(self, name: str) -> bool:
         """Registers an unknown adapter from adapters.resolve_dirs (AdapterCatalog.resolve)."""
         return self.catalog.resolve(name)
+
+    def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """Refuses (RequestError) a prompt of this length that, with params.max_tokens, exceeds the
+        context length or the whole KV cache."""
+        if prompt_tokens + params.max_tokens > self.max_seq_len:
+            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                               f"context length {self.max_seq_len}")
+        if prompt_tokens + params.max_tokens > self.kv.capacity_tokens:
+            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the whole "
+                               f"KV cache ({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)")
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or

@@ -11,6 +11,7 @@ Lines are numbered from 1, in messages and as the id of a line that gives none.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,21 +40,55 @@ class OfflineSummary:
 
 
 def line_id(obj, number: int):
-    """The user's id of a parsed line as it was given (any JSON value), else its 1-based line
-    number as a string (as in error messages)."""
+    """The user's id of a parsed line as it was given (any JSON value but null), else its 1-based
+    line number as a string (as in error messages)."""
     if isinstance(obj, dict) and obj.get("id") is not None:
         return obj["id"]
     return str(number)
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json(line: str, number: int):
+    """The line's JSON value: NaN and Infinity (which Python's json reads) are refused, and so is
+    a number beyond float range, as strict JSON parsers refuse what they would write back."""
+    try:
+        obj = json.loads(line, parse_constant=_constant)
+        if _has_infinity(obj):
+            raise ValueError("a number beyond float64's range")
+        return obj
+    except (ValueError, RecursionError) as e:
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as u:
+            raise LineError(str(number), f"line {number} is not UTF-8 ({_bad_char(line, u.start)})") from None
+        raise LineError(str(number), f"line {number} is not valid JSON: {e}") from None
+
+
+def _has_infinity(value) -> bool:
+    if isinstance(value, float):
+        return math.isinf(value)
+    if isinstance(value, dict):
+        return any(_has_infinity(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_infinity(v) for v in value)
+    return False
+
+
+def _bad_char(line: str, at: int) -> str:
+    """What stops `line` being UTF-8 at `at`: a byte read as a lone surrogate (surrogateescape)."""
+    code = ord(line[at])
+    return f"byte 0x{code - 0xDC00:02x} at character {at}" if 0xDC80 <= code <= 0xDCFF else \
+        f"character {line[at]!r} at character {at}"
 
 
 def parse_line(line: str, number: int) -> tuple[object, dict]:
     """(id, kwargs for Engine.add_request) of the 1-based line `number`; raises LineError (which
     carries the id when the line had one) naming what is wrong. Bytes that are not UTF-8 come in
     as lone surrogates (scripts/generate.py reads with surrogateescape): such a line is refused."""
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        raise LineError(str(number), f"line {number} is not valid JSON: {e}") from None
+    obj = _json(line, number)
     rid = line_id(obj, number)
 
     def bad(msg: str) -> LineError:
@@ -62,9 +97,7 @@ def parse_line(line: str, number: int) -> tuple[object, dict]:
     try:
         line.encode("utf-8")
     except UnicodeEncodeError as e:
-        byte = ord(line[e.start]) - 0xDC00 if 0xDC80 <= ord(line[e.start]) <= 0xDCFF else None
-        what = f"byte 0x{byte:02x}" if byte is not None else f"character {line[e.start]!r}"
-        raise bad(f"is not UTF-8 ({what} at character {e.start})") from None
+        raise bad(f"is not UTF-8 ({_bad_char(line, e.start)})") from None
     if not isinstance(obj, dict):
         raise bad("must be a JSON object")
     unknown = sorted(set(obj) - KNOWN_FIELDS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -49,15 +50,43 @@ def path_value(key: str, value) -> Path | None:
 
 
 def output_file(out: Path):
-    """A temporary file beside `out` that the results go into and then replace `out` with: made
-    now, so an output that cannot be written fails before the job, not after it; the input may
-    be the output."""
-    if out.is_dir() or not out.parent.is_dir():
-        raise ConfigError(f"output={out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a folder"))
+    """Where the results go: (the path written at the end, a temporary file beside it or None).
+    A regular file (or a new one, or a symlink to either: written at the link's target) gets a
+    temporary file made now, which the results go into and which then replaces it, so an output
+    that cannot be written fails before the job, not after it, and the input may be the output.
+    Anything else that exists (a FIFO, a device, /dev/stdout) is written through, as `> path`
+    does, at the end."""
+    if out.is_dir():
+        raise ConfigError(f"output={out}: is a folder")
+    if out.exists() and not out.is_file():
+        return out, None
+    real = Path(os.path.realpath(out))
+    if not real.parent.is_dir():
+        raise ConfigError(f"output={out}: {real.parent} is not a folder")
     try:
-        return tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False)
+        return real, tempfile.NamedTemporaryFile("w", dir=real.parent, prefix=f".{real.name}.", suffix=".tmp",
+                                                 delete=False)
     except OSError as e:
-        raise ConfigError(f"output={out}: cannot write in {out.parent} ({e.strerror or e})") from None
+        raise ConfigError(f"output={out}: cannot write in {real.parent} ({e.strerror or e})") from None
+
+
+def json_line(result: dict) -> str:
+    """A result as one line of strict JSON: no NaN or Infinity, which JSON parsers refuse (a
+    logprob of -inf, a token the model rules out, is -9999.0, as the API sends it)."""
+    try:
+        return json.dumps(result, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(result), allow_nan=False) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return -9999.0 if value < 0 else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _file_mode(path: Path) -> int:
@@ -90,7 +119,7 @@ def main(cfg: DictConfig) -> None:
     source = path_value("input", cfg.input)
     lines = None if source is None else read_lines(source)
     out = path_value("output", cfg.output)
-    tmp = None if out is None else output_file(out)
+    out, tmp = (None, None) if out is None else output_file(out)
     try:
         engine = Engine(engine_config(composed))
         if lines is None:
@@ -98,11 +127,15 @@ def main(cfg: DictConfig) -> None:
         bar = tqdm(total=len(lines), desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
         results, summary = run_offline(engine, lines, bar)
         bar.close()
+        text = "".join(json_line(r) for r in results)
         if tmp is not None:
             with tmp:
-                tmp.write("".join(json.dumps(r) + "\n" for r in results))
+                tmp.write(text)
             os.chmod(tmp.name, _file_mode(out))
             os.replace(tmp.name, out)
+        elif out is not None:
+            with open(out, "w") as f:
+                f.write(text)
     finally:
         if tmp is not None and os.path.exists(tmp.name):
             os.unlink(tmp.name)
@@ -111,8 +144,7 @@ def main(cfg: DictConfig) -> None:
             req = json.loads(line)
             print(f"[{req['adapter'] or 'base'}] {req['prompt']!r} -> {r.get('text', r.get('error'))!r}")
     elif out is None:
-        for r in results:
-            print(json.dumps(r))
+        sys.stdout.write("".join(json_line(r) for r in results))
     blank = f", {summary.blank_lines} blank lines skipped" if summary.blank_lines else ""
     print(f"{summary.requests} requests ({summary.errors} errors{blank}), {summary.output_tokens} tokens in "
           f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,3 +74,40 @@ def test_results_on_stdout_are_jsonl_alone_and_a_numeric_file_name_is_a_path(tmp
     assert "loaded" in proc.stderr  # the model's log line
     assert generate(tmp_path, "input=123", "output=out.jsonl").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["123", "out.jsonl"]
+
+
+def test_an_output_that_is_a_link_or_a_fifo_is_written_through_not_replaced(tmp_path):
+    """As `> path`: a symlink's target gets the results (the link stays), and a FIFO is written
+    into (it stays a FIFO); only a regular file is replaced by the finished results."""
+    import stat
+    import threading
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "x", "max_tokens": 1}) + "\n")
+    (tmp_path / "link.jsonl").symlink_to("target.jsonl")
+    assert generate(tmp_path, f"input={src}", "output=link.jsonl").returncode == 0
+    assert (tmp_path / "link.jsonl").is_symlink() and json.loads((tmp_path / "target.jsonl").read_text())["id"] == "a"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert generate(tmp_path, f"input={src}", f"output={fifo}").returncode == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and json.loads(got[0])["id"] == "a"
+
+
+def test_every_output_line_is_strict_json(tmp_path):
+    """Ids come back as given, but NaN, Infinity and numbers beyond float range (which Python's
+    json reads and would write back as no JSON parser reads them) are refused; a null id is no
+    id; bytes that are not UTF-8 outside a string are named as such."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": 1e400, "prompt": "x", "max_tokens": 1}\n{"id": NaN, "prompt": "x", "max_tokens": 1}\n'
+                    b'{"id": null, "prompt": "x", "max_tokens": 1}\n{"id": "u", "prompt": "x"}\xff\n')
+    proc = generate(tmp_path, f"input={src}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the output")) for line in
+            proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2", "3", "4"]
+    assert "beyond float64" in rows[0]["error"] and "NaN is not a JSON value" in rows[1]["error"]
+    assert "error" not in rows[2] and "line 4 is not UTF-8 (byte 0xff" in rows[3]["error"]

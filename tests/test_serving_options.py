@@ -164,6 +164,22 @@ def test_a_list_of_prompts_gives_each_prompt_its_n_choices(live):
         assert bad.status_code == 400, bad.text
 
 
+def test_a_list_of_prompts_is_refused_whole_before_any_starts(live):
+    """A later prompt that cannot fit (or holds a bad token id) refuses the call with a 400 naming
+    it, before the first prompt starts: it is counted as a refusal, not as an aborted request."""
+    def count(status: str) -> float:
+        text = httpx.get(live["base"] + "/metrics", timeout=10).text
+        line = f'caraserve_requests_total{{status="{status}"}} '
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = count("rejected_bad_request"), count("abort")
+    for prompt, says in ((["hi", " hello" * 200], "prompt 1: prompt ("), ([[1, 2], [1, 10**7]], "prompt 1: ")):
+        r = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": prompt, "max_tokens": 100})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(says), r.text
+    assert (count("rejected_bad_request"), count("abort")) == (before[0] + 2, before[1])
+
+
 def test_a_non_streamed_call_gets_one_output_a_streamed_one_every_token(live, monkeypatch):
     """A non-streamed completion reads only its last output: its request is final-only, so the
     engine hands over one output for it instead of one per token; the text is the stream's."""

@@ -161,7 +161,8 @@ class EngineService:
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
         if scored:
             params = replace(params, prompt_logprobs=body.logprobs)
-        encoded = [await self._encode(prompt) for prompt in prompts]
+        encoded = [await self._prompt_ids(prompt, params, k if len(prompts) > 1 else None)
+                   for k, prompt in enumerate(prompts)]
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         echoed = [self._prompt_text(prompt, ids) if body.echo else "" for prompt, ids in zip(prompts, encoded)]
         final_only = not body.stream  # a non-streamed call reads the last output only
@@ -179,6 +180,20 @@ class EngineService:
                     choices.completion_logprobs(self.token_texts, o, encoded[c // n], echo=scored))
                    for c, o in enumerate(outs)]
         return proto.completion_response(rid, body.model, answers, *choices.usage_counts(outs, n))
+
+    async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None) -> list[int]:
+        """The prompt's ids, checked to fit with params.max_tokens: a call of several prompts is
+        refused whole, before any of them starts (the message names the prompt by its index)."""
+        try:
+            ids = await self._encode(prompt)
+            self.engine.check_fits(len(ids), params)
+            return ids
+        except ApiError as e:
+            if index is not None:
+                e.message = f"prompt {index}: {e.message}"
+            raise
+        except RequestError as e:
+            raise ApiError(400, str(e) if index is None else f"prompt {index}: {e}", "invalid_request_error") from e
 
     def _completion_prompts(self, prompt) -> list:
         """The call's prompts: one (text or token ids) or a list of them (limits.max_prompts)."""

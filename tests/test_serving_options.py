@@ -226,6 +226,10 @@ def test_tokenize_and_detokenize(live):
     bare = httpx.post(live["base"] + "/tokenize", timeout=60,
                       json={"model": "tiny", "prompt": "import os", "add_special_tokens": False}).json()
     assert bare["tokens"] == tok("import os", add_special_tokens=False)["input_ids"] != r["tokens"]
+    assert r["token_strs"] is None
+    strs = httpx.post(live["base"] + "/tokenize", timeout=60,
+                      json={"model": "tiny", "prompt": "import os", "return_token_strs": True}).json()
+    assert strs["token_strs"] == tok.convert_ids_to_tokens(r["tokens"]) and len(strs["token_strs"]) == r["count"]
     messages = [{"role": "user", "content": "def main():"}]
     chat = httpx.post(live["base"] + "/tokenize", json={"model": "tiny", "messages": messages}, timeout=60).json()
     usage = httpx.post(live["base"] + "/v1/chat/completions", timeout=60,
@@ -238,6 +242,7 @@ def test_tokenize_and_detokenize(live):
             ("/tokenize", {"model": "tiny"}, 400, "either 'prompt' or 'messages'"),
             ("/tokenize", {"model": "tiny", "prompt": "x", "messages": messages}, 400, "either"),
             ("/detokenize", {"model": "tiny", "tokens": [10**9]}, 400, "token ids in [0,"),
-            ("/detokenize", {"model": "tiny", "tokens": ["a"]}, 400, "tokens")):
+            ("/detokenize", {"model": "tiny", "tokens": ["a"]}, 400, "tokens"),
+            ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix is not supported")):
         r = httpx.post(live["base"] + path, json=body, timeout=60)
         assert r.status_code == status and says in r.json()["error"]["message"], r.text

@@ -50,7 +50,8 @@ class Prompts:
             check_prompt_text(body.prompt, self.engine.tokenizer, self.limits)
             add = body.add_special_tokens is None or body.add_special_tokens
             ids = self.engine.tokenizer(body.prompt, add_special_tokens=add)["input_ids"]
-        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": None}
+        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": strs}
 
     def detokenize(self, body: proto.DetokenizeRequest) -> dict:
         """vLLM's /detokenize answer: the ids' text (special tokens included)."""

@@ -60,6 +60,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    suffix: str | None = None  # refused when given (as vLLM's): no insertion model here
 
 
 class ContentPart(BaseModel):
@@ -106,6 +107,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM's)
     add_generation_prompt: bool = True
+    return_token_strs: bool = False  # each token's string too (the tokenizer's own pieces), as vLLM's
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

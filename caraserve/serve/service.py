@@ -149,6 +149,8 @@ class EngineService:
         if isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
                            "invalid_request_error")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", "invalid_request_error")
         prompt_only = body.echo and body.max_tokens == 0  # score (or echo) the prompt, generate nothing
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing "

@@ -124,7 +124,8 @@ def main(cfg: DictConfig) -> None:
         engine = Engine(engine_config(composed))
         if lines is None:
             lines = _demo_lines(engine)
-        bar = tqdm(total=len(lines), desc="requests", unit="req", file=sys.stderr, disable=not cfg.progress)
+        bar = tqdm(total=sum(1 for line in lines if line.strip()), desc="requests", unit="req", file=sys.stderr,
+                   disable=not cfg.progress)
         results, summary = run_offline(engine, lines, bar)
         bar.close()
         text = "".join(json_line(r) for r in results)

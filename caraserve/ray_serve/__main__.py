@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from caraserve.cli import config_task, exit_now, run
-from caraserve.ray_serve.app import app_config, check_local, deploy
+from caraserve.ray_serve.app import app_config, check_local, deploy, start_ray
 
 log = logging.getLogger("caraserve.ray_serve")
 
@@ -35,13 +35,28 @@ def main(cfg: DictConfig) -> None:
     import ray
     from ray import serve
 
-    stop = threading.Event()
+    stop, deployed = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if not deployed.is_set():  # a long deploy (compiling) is cut short; what runs already drains
+            raise KeyboardInterrupt
+
     try:
-        deploy(app_cfg)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, whose own handlers they replace
-            signal.signal(sig, lambda *_: stop.set())
-        log.info("serving on http://%s:%d with %d replicas, policy %s", app_cfg.server.host, app_cfg.server.port,
-                 app_cfg.replicas.replicas, app_cfg.routing.policy)
+        start_ray(app_cfg.ray)
+        # After ray.init, whose own handlers they replace, and before the application is deployed:
+        # the ingress may answer while serve.run is still returning, and a signal then must drain
+        # too (Ray's own handler would end the process and, with it, a local instance).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        try:
+            deploy(app_cfg)
+        except KeyboardInterrupt:  # on_signal during the deploy
+            log.info("stopped while deploying")
+        else:
+            deployed.set()
+            log.info("serving on http://%s:%d with %d replicas, policy %s", app_cfg.server.host,
+                     app_cfg.server.port, app_cfg.replicas.replicas, app_cfg.routing.policy)
         stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the shutdown

@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import logging
 import os
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -39,6 +38,7 @@ from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
 from caraserve.lora.batch import LoraBatch, fill_row_table
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
+from caraserve.paths import cannot_write
 
 log = logging.getLogger(__name__)
 _USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
@@ -104,20 +104,6 @@ def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_
     out["row_lens"][n:] = 1
 
 
-def _writable_dir(path: Path) -> bool:
-    """Whether `path` is, or could be made, a folder this process can create files in: tried in
-    it, or in its nearest existing ancestor (nothing is made: a cache folder appears only when
-    something is cached)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
-
-
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
                  cache_file: Path | None = None, deferred: bool = False, capture: bool = False):
@@ -159,7 +145,7 @@ class DecodeGraphs:
             lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
-        if cache_file is not None and not _writable_dir(cache_file.parent):
+        if cache_file is not None and cannot_write(cache_file.parent) is not None:
             log.warning("the compile cache folder %s cannot be written (engine.compile_cache_dir): compiling "
                         "without a cache kept across restarts", cache_file.parent)
             self.cache_file = cache_file = None

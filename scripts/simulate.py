@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from caraserve.cluster.sweep import plot_sweep, sweep
 from caraserve.cluster.workload import generate, rank_mix
 from caraserve.config import ConfigError, check_keys
 from caraserve.config_checks import show
+from caraserve.paths import cannot_write
 
 log = logging.getLogger("simulate")
 
@@ -93,12 +93,9 @@ def _options(composed: dict) -> tuple[list[str], list[float], int, Path | None]:
     if not isinstance(out, str) or not out:
         raise ConfigError(f"output={show(out)}: expected a file path")
     out = Path(hydra.utils.to_absolute_path(out))
-    try:  # made and tried now, so a run's results are not lost to a path that cannot be written
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as e:
-        raise ConfigError(f"output={out}: cannot write in {out.parent} ({e.strerror or e})") from None
+    why = cannot_write(out.parent, make=True)  # made and tried now: a run's results are not lost at its end
+    if why is not None:
+        raise ConfigError(f"output={out}: cannot write in {out.parent} ({why})")
     if out.is_dir():
         raise ConfigError(f"output={out}: is a folder")
     return policies, [float(x) for x in loads], workers, out

@@ -114,14 +114,12 @@ def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
                 raise AdapterError(f"adapter {name!r}: target_modules entries must be strings, got {t!r}")
             if t in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"adapter {name!r}: LoRA on {t} is not supported")
-        # As PEFT: names the model lacks are ignored while one it has is listed (a config shared
-        # across architectures); an adapter none of whose modules exist is for another model.
+        # As PEFT: names the model lacks are ignored beside ones it has (a config shared across models)
         missing = [t for t in targets if t.split(".")[-1] not in TARGETS]
         if missing and len(missing) == len(targets):
             raise AdapterError(f"adapter {name!r}: target module {missing[0]!r} does not exist in the model")
         if missing:
-            log.warning("adapter %r: target_modules %s do not exist in the model: ignored, as PEFT does", name,
-                        missing)
+            log.warning("adapter %r: target_modules %s are not in the model: ignored, as PEFT does", name, missing)
     elif isinstance(targets, str):
         _check_regex(name, "target_modules regex", targets, targets)
     elif targets is not None:
@@ -298,9 +296,6 @@ _MEMO_FIELDS_CHARS = 64 * 1024
 _MEMO_TENSORS = 4096
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 class _Refused(Exception):
     """A layout check failed; the message says why, without the adapter's name."""
 
@@ -322,14 +317,13 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
 
     def scaling(rank, alph):
         value = alph / math.sqrt(rank) if use_rslora else alph / rank
-        if not abs(value) <= _FLOAT32_MAX:  # the slot's scale and the kernels' products are float32
-            raise _Refused(f"its scaling lora_alpha {'/ sqrt(r)' if use_rslora else '/ r'} = {alph} / "
-                           f"{'sqrt(' + str(rank) + ')' if use_rslora else rank} = {value:g} is beyond float32's range")
+        if not abs(value) <= torch.finfo(torch.float32).max:  # the slot's scale and the kernels' are float32
+            raise _Refused(f"its scaling (lora_alpha {alph}, r {rank}{', rslora' if use_rslora else ''}) = {value:g} "
+                           "is beyond float32's range")
         return value
 
-    # A layer whose alpha or rank differs (alpha_pattern, rank_pattern) has its ratio to the
-    # adapter's scale folded into its B; with lora_alpha 0 (an adapter that adds nothing, as
-    # PEFT loads it) the scale is 1 and every layer's own scaling is folded in.
+    # A layer of another alpha or rank (alpha_pattern, rank_pattern) has its ratio to the scale folded
+    # into its B; with lora_alpha 0 (adds nothing, as PEFT loads it) the scale is 1, each layer's folded in.
     base_scale = scaling(r, alpha) or 1.0
     ranks: dict[str, int] = {}
     pairs = {}

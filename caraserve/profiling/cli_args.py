@@ -4,8 +4,9 @@ usage error naming the option (exit status 2), before anything is built or measu
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
+
+from caraserve.paths import cannot_write
 
 
 def positive_int(text: str) -> int:
@@ -33,10 +34,7 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot write in {path.parent} ({e.strerror or e})") from None
+    why = cannot_write(path.parent, make=True)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"cannot write in {path.parent} ({why})")
     return path

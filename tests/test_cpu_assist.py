@@ -285,7 +285,9 @@ def test_cold_prefill_inside_a_mixed_step_and_after_a_prefix_hit(catalogue, cach
              (prefix + [11, 12, 13], "only-v_proj"), (prefix + [21, 22], "only-v_proj")]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = [r.output_ids for r in cached.generate([p for p, _ in items], params, [a for _, a in items])]
-    engine = make(catalogue, mode="on", gbps=SLOW_COPY_GBPS)
+    engine = make(catalogue, mode="on", gbps=FAST_COPY_GBPS)
+    gate = CopyGate(engine.pool)  # the copy lands when allowed, not when a slow machine's steps let it
+    engine.pool.copy_gate = gate
     steps = []
     run_batch = engine.runner.run
 
@@ -302,6 +304,11 @@ def test_cold_prefill_inside_a_mixed_step_and_after_a_prefix_hit(catalogue, cach
     is_decode, states, assisted = steps[-1]  # the decoding request's token beside the cold prompt
     assert not is_decode and sorted(s.value for s in states) == ["decode", "prefill"] and any(assisted)
     second = engine.request(engine.add_request(items[2][0], params, "only-v_proj"))
+    for _ in range(100):  # both cold prompts prefilled while the copy is held
+        if second.state is RequestState.DECODE:
+            break
+        engine.step()
+    gate.allow("only-v_proj", 4, 4)
     while engine.has_unfinished():
         engine.step()
     assert [warm.output_ids, first.output_ids, second.output_ids] == want

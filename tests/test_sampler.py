@@ -3,10 +3,11 @@ token (only where asked), seeded sampling respects top-k / top-p."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from caraserve.request import SamplingParams
-from caraserve.sampler import sample
+from caraserve.sampler import NonFiniteLogits, sample
 
 
 def test_greedy_and_logprobs_match_log_softmax():
@@ -23,6 +24,26 @@ def test_greedy_and_logprobs_match_log_softmax():
             assert abs(lp - ref[i, t].item()) < 1e-5
         else:
             assert lp == 0.0  # not asked: the vocabulary-wide pass is skipped
+
+
+@pytest.mark.parametrize("logprobs", [False, True], ids=["greedy-only", "with-logprobs"])
+def test_greedy_rows_take_the_first_maximum_and_name_rows_without_a_finite_one(logprobs):
+    """Greedy rows alone (the numpy path on CPU) and with a logprobs row (the torch path) agree:
+    the first maximum of each row, and NonFiniteLogits naming exactly the rows whose maximum is
+    NaN or +inf or that hold nothing but -inf."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 50, generator=g)
+    logits[1, 3] = logits[1, 9] = 10.0  # a tie
+    params = [SamplingParams(temperature=0, logprobs=logprobs and i == 0) for i in range(6)]
+    tokens, lps, tops = sample(logits, params, [None] * 6)
+    assert tokens == logits.argmax(-1).tolist() and tokens[1] == 3
+    assert tops == [()] * 6 and lps[1:] == [0.0] * 5
+    logits[2, 4] = float("nan")
+    logits[3, 0] = float("inf")
+    logits[5] = float("-inf")
+    with pytest.raises(NonFiniteLogits) as e:
+        sample(logits, params, [None] * 6)
+    assert e.value.rows == [2, 3, 5]
 
 
 def test_seeded_sampling_respects_top_k_and_reports_logprob():

@@ -54,18 +54,30 @@ class OutputProcessor:
             req.first_token_s = now
 
     def end_reason(self, req: Request) -> FinishReason | None:
-        """Why the request ends with its last token (EOS, a stop token, its length), or None."""
+        """Why the request ends with its last token (EOS, a stop token, its length), or None. A stop
+        token id is recorded as the request's stop_reason."""
         p, token = req.params, req.output_ids[-1]
         if token in self.eos_ids and not p.ignore_eos:
             return FinishReason.EOS
         if token in p.stop_token_ids:
+            req.stop_reason = token
             return FinishReason.STOP
         if len(req.output_ids) >= p.max_tokens or req.context_len >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
 
+    def text_end(self, req: Request, reason: FinishReason | None) -> int:
+        """How many of the request's output tokens its text covers: all but the last when that
+        token ends it as EOS or a stop token id, unless include_stop_str_in_output (as vLLM's
+        detokenizer, the stop token's own text is not part of the output)."""
+        n = len(req.output_ids)
+        if reason in (FinishReason.EOS, FinishReason.STOP) and not req.params.include_stop_str_in_output:
+            return n - 1
+        return n
+
     def detokenize(self, reqs: list[Request]) -> list[str]:
-        """Appends to each request's text the newly complete characters of its last token.
+        """Appends to each request's text the newly complete characters of its last token (none
+        for a token that ends it as EOS or a stop token id: `text_end`).
 
         Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
         next token completes it (or the request ends). Only a short window is decoded per token,
@@ -74,13 +86,14 @@ class OutputProcessor:
         """
         if self.tokenizer is None:
             return [""] * len(reqs)
+        reasons = [self.end_reason(r) for r in reqs]
         windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
-        windows += [r.output_ids[r.detok_prefix :] for r in reqs]
+        windows += [r.output_ids[r.detok_prefix : self.text_end(r, why)] for r, why in zip(reqs, reasons)]
         decoded = self._decode_batch(windows)
         out = []
-        for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :]):
+        for r, why, prefix, full in zip(reqs, reasons, decoded[: len(reqs)], decoded[len(reqs) :]):
             # the tail may stay incomplete only while more tokens can come to complete it
-            if len(full) <= len(prefix) or (full.endswith("\ufffd") and self.end_reason(r) is None):
+            if len(full) <= len(prefix) or (full.endswith("\ufffd") and why is None):
                 out.append("")
                 continue
             new_text = full[len(prefix) :]
@@ -102,7 +115,7 @@ class OutputProcessor:
             if r.final_only and not r.params.stop:
                 reason = self.end_reason(r)
                 if reason is not None:
-                    self.decode_all(r)
+                    self.decode_all(r, reason)
                     finish(r, reason)
                     outs.append(self.output(r, list(r.output_ids), r.text))
                 continue
@@ -115,11 +128,12 @@ class OutputProcessor:
                 outs.append(self.output(r, list(r.output_ids), r.text))
         return outs
 
-    def decode_all(self, req: Request) -> None:
+    def decode_all(self, req: Request, reason: FinishReason) -> None:
         """Sets the request's text to its whole output decoded at once (what the incremental
-        windows add up to), for a request that was not detokenized token by token."""
+        windows add up to), for a request that was not detokenized token by token and ends for
+        `reason`."""
         if self.tokenizer is not None:
-            req.text = self._decode_batch([req.output_ids])[0]
+            req.text = self._decode_batch([req.output_ids[: self.text_end(req, reason)]])[0]
             req.detok_prefix = req.detok_read = len(req.output_ids)
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
@@ -128,17 +142,19 @@ class OutputProcessor:
         strings, the text streamed is what no stop string can still claim: while the request
         runs, the longest tail of its text that begins a stop string is held back (a later token
         may complete the stop string, sent only if it stays in the text); when it ends, the rest
-        up to the cut."""
+        up to the cut. As vLLM's, stop strings count once min_tokens tokens are out, and only
+        where they end in the new text."""
         reason = self.end_reason(req)
         stops = req.params.stop
         if not stops:
             return reason, new_text
-        if new_text:
-            # Only the new text and the longest stop string before it can hold a new match.
-            tail_from = max(0, len(req.text) - len(new_text) - max(map(len, stops)))
-            hits = [(i, -len(s)) for s, i in ((s, req.text.find(s, tail_from)) for s in stops) if i >= 0]
+        if new_text and len(req.output_ids) >= req.params.min_tokens:
+            new_from = len(req.text) - len(new_text)
+            hits = [(i, -len(s)) for s, i in ((s, req.text.find(s, max(0, new_from - len(s) + 1))) for s in stops)
+                    if i >= 0]
             if hits:  # the first match; at one place, the longest stop string
                 at, minus_len = min(hits)
+                req.stop_reason = req.text[at : at - minus_len]
                 req.text = req.text[: at - minus_len if req.params.include_stop_str_in_output else at]
                 reason = FinishReason.STOP
         end = len(req.text) if reason is not None else \
@@ -159,6 +175,7 @@ class OutputProcessor:
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
             cold_start=req.cold_start,
             cached_tokens=req.cached_tokens,
+            stop_reason=req.stop_reason,
         )
 
 

@@ -262,6 +262,7 @@ class Request:
     assist_cpu_layers: int = 0
     assist_device_layers: int = 0
     text: str = ""  # detokenized output (filled when a tokenizer is present)
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     # The caller takes the request's output once, when it ends (offline generation): no output
     # per step, and its text decoded once at the end unless stop strings must watch it grow.
     final_only: bool = False
@@ -324,3 +325,4 @@ class RequestOutput:
     e2e_s: float | None = None  # arrival -> finish (set when finished)
     cold_start: bool = False  # the adapter was not resident when the request arrived
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)

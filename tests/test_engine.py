@@ -180,10 +180,44 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
                                                             stop_token_ids=[tok], ignore_eos=True))[0]
     assert by_id.finish_reason is FinishReason.STOP and by_id.output_ids[-1] == tok
     assert len(by_id.output_ids) == free.output_ids.index(tok) + 1
+    # The stop token's own text is not output (as vLLM's), unless include_stop_str_in_output;
+    # final-only, streamed and with a stop string (token by token) alike.
+    decode = engine.outputs.tokenizer.decode
+    before, through = decode(by_id.output_ids[:-1]), decode(by_id.output_ids)
+    assert by_id.text == before != through
+    for extra in ({}, {"stop": ["\x00"]}):
+        for keep in (False, True):
+            sp = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[tok], ignore_eos=True,
+                                include_stop_str_in_output=keep, **extra)
+            streamed = list(engine.stream("def main():", sp))
+            final = engine.generate(["def main():"], sp)[0]
+            assert final.text == "".join(o.new_text for o in streamed) == (through if keep else before)
+    first = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0,
+                                                            stop_token_ids=[free.output_ids[0]]))[0]
+    assert first.output_ids == free.output_ids[:1] and first.text == ""
     engine.outputs.eos_ids = {free.output_ids[2]}
     eos = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0))[0]
     assert eos.finish_reason is FinishReason.EOS
     assert len(eos.output_ids) == free.output_ids.index(free.output_ids[2]) + 1
+
+
+def test_stop_strings_count_once_min_tokens_are_out(catalogue):
+    """As vLLM's: a stop string that ends before min_tokens tokens are out does not end the
+    request; one ending in a later token's text does."""
+    engine = make_engine(catalogue)
+    free = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    decode = engine.outputs.tokenizer.decode
+    stop = free.text[len(decode(free.output_ids[:1])):][:2]  # in the second token's text (or the third's)
+    assert stop and free.text.count(stop) == 1
+    at = next(k for k in range(1, 21) if stop in decode(free.output_ids[:k]))  # the token completing it
+    early = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, stop=[stop]))[0]
+    assert early.finish_reason is FinishReason.STOP and len(early.output_ids) == at
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at + 1)
+    late = engine.generate(["def main():"], sp)[0]
+    assert late.finish_reason is FinishReason.LENGTH and late.output_ids == free.output_ids
+    assert late.text == free.text
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at)
+    assert engine.generate(["def main():"], sp)[0].output_ids == early.output_ids
 
 
 def test_streamed_text_never_holds_a_stop_string(catalogue):

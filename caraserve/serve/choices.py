@@ -6,13 +6,15 @@ logprob} per token] or None, "text_offset": [where each token's text starts in t
 text]}. Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
 "bytes"}, ...]}, ...]}. A token's text is what it adds after the tokens before it (TokenTexts:
 special tokens add nothing, part of a character waits for the token completing it), so the
-tokens' texts add up to the choice's text except where a stop string cut it. A streamed chunk carries the
-logprobs of every token since the previous chunk (a token whose text is held back, a partial
-character or the start of a stop string, sends its logprobs with the chunk that sends its text).
+tokens' texts add up to the choice's text except where a stop string or a stop token cut it. A
+streamed chunk carries the logprobs of every token since the previous chunk (a token whose text
+is held back, a partial character or the start of a stop string, sends its logprobs with the
+chunk that sends its text).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from caraserve.request import RequestOutput
@@ -170,13 +172,15 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
                        scored: bool = False):
     """streaming.Chunker of a completion: choice index -> its chunk function. The first chunk of
     a choice carries the echoed prompt (`echoed`, "" without echo) and, when `scored`, the
-    logprobs of its tokens."""
+    logprobs of its tokens. Every chunk of the stream carries the same `created`."""
+    created = int(time.time())
+
     def chunker(index: int):
         state = {"echo": echoed, "sent": 0, "offset": 0 if scored else len(echoed), "scored": scored}
 
         def chunk(out: RequestOutput | None, finish: str | None) -> dict | None:
             if out is None:
-                return proto.completion_chunk(rid, model, "", None, index)
+                return proto.completion_chunk(rid, model, "", None, index, created=created)
             if not (out.new_text or out.finished):
                 return None
             text, state["echo"] = state["echo"] + out.new_text, ""
@@ -185,19 +189,23 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
             if logprobs is not None:
                 state["offset"] += sum(map(len, logprobs["tokens"]))
             state["sent"] = len(out.output_ids)
-            return proto.completion_chunk(rid, model, text, finish, index, logprobs)
+            return proto.completion_chunk(rid, model, text, finish, index, logprobs, created,
+                                          out.stop_reason if out.finished else None)
         return chunk
     return chunker
 
 
 def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int]):
-    """streaming.Chunker of a chat completion: the first chunk of a choice names the role."""
+    """streaming.Chunker of a chat completion: the first chunk of a choice names the role. Every
+    chunk of the stream carries the same `created`."""
+    created = int(time.time())
+
     def chunker(index: int):
         state = {"first": True, "sent": 0}
 
         def chunk(out: RequestOutput | None, finish: str | None) -> dict | None:
             if out is None:
-                return proto.chat_chunk(rid, model, {}, None, index)
+                return proto.chat_chunk(rid, model, {}, None, index, created=created)
             if not (out.new_text or out.finished):
                 return None
             text = out.new_text
@@ -205,6 +213,7 @@ def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int])
             state["first"] = False
             logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
             state["sent"] = len(out.output_ids)
-            return proto.chat_chunk(rid, model, delta, finish, index, logprobs)
+            return proto.chat_chunk(rid, model, delta, finish, index, logprobs, created,
+                                    out.stop_reason if out.finished else None)
         return chunk
     return chunker

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Strict types: JSON true is not 1, "0.5" is not a number, 1.0 is not a token id (as OpenAI's
 # API). Ranges are checked by SamplingParams and the engine, with the field named.
@@ -22,6 +22,7 @@ class StreamOptions(BaseModel):
     model_config = _STRICT
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class _Sampling(BaseModel):
@@ -55,12 +56,62 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
+    # JSON mode or tools must not get free text back as if they had applied).
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict) -> dict:
+        if value.get("type") != "text":
+            raise ValueError(f"type {value.get('type')!r} is not supported: no structured outputs here (only 'text')")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list) -> list:
+        if value:
+            raise ValueError("tool calling is not supported by this server")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value):
+        if value != "none":
+            raise ValueError(f"{value!r} is not supported: tool calling is not supported by this server (only 'none')")
+        return value
+
+    @field_validator("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+    @classmethod
+    def _no_guided_decoding(cls, value):
+        raise ValueError("structured outputs (guided decoding) are not supported by this server")
+
+    @model_validator(mode="after")
+    def _stream_options_with_stream(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be given with stream: true")
+        return self
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     suffix: str | None = None  # refused when given (as vLLM's): no insertion model here
+    best_of: int | None = None  # only as many as n: every completion made is returned
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
+                             "returned (best_of may only equal n)")
+        return self
 
 
 class ContentPart(BaseModel):
@@ -163,35 +214,45 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None]],
+def completion_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None, str | int | None]],
                         prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """choices: (text, finish_reason, logprobs) of each of the n completions."""
+    """choices: (text, finish_reason, logprobs, stop_reason) of each of the n completions
+    (stop_reason: vLLM's, the stop string or stop token id that ended the completion)."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}
-                        for i, (text, finish, logprobs) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs,
+                         "stop_reason": stop_reason}
+                        for i, (text, finish, logprobs, stop_reason) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0,
-                     logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+                     logprobs: dict | None = None, created: int | None = None,
+                     stop_reason: str | int | None = None) -> dict:
+    """created: the stream's (one value for all its chunks, as OpenAI's); default now."""
+    return {"id": rid, "object": "text_completion", "created": int(time.time()) if created is None else created,
+            "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs,
+                         "stop_reason": stop_reason}]}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None]], prompt_tokens: int,
-                  completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """choices: (text, finish_reason, logprobs) of each of the n completions."""
+def chat_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None, str | int | None]],
+                  prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """choices: (text, finish_reason, logprobs, stop_reason) of each of the n completions."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": logprobs}
-                        for i, (text, finish, logprobs) in enumerate(choices)],
+                         "finish_reason": finish, "logprobs": logprobs, "stop_reason": stop_reason}
+                        for i, (text, finish, logprobs, stop_reason) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0,
-               logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+               logprobs: dict | None = None, created: int | None = None,
+               stop_reason: str | int | None = None) -> dict:
+    """created: the stream's (one value for all its chunks, as OpenAI's); default now."""
+    return {"id": rid, "object": "chat.completion.chunk",
+            "created": int(time.time()) if created is None else created, "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs,
+                         "stop_reason": stop_reason}]}
 
 
 def model_card(name: str, root: str, parent: str | None = None, **extra) -> dict:

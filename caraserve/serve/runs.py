@@ -116,7 +116,8 @@ class Runs:
                 return out
 
     async def stream(self, runs: list[Run], chunker: Chunker, final_usage: bool,
-                     disconnected: Disconnected | None, per_prompt: int | None = None) -> AsyncIterator[str]:
+                     disconnected: Disconnected | None, per_prompt: int | None = None,
+                     continuous: bool = False) -> AsyncIterator[str]:
         """The stream of every run's outputs (caraserve.serve.streaming), once the first run's
         first output is there: a request that fails before its first token gets its HTTP status
         (ApiError) instead of a stream, as a non-streamed one would."""
@@ -127,7 +128,7 @@ class Runs:
         except BaseException:
             self.abort(runs)
             raise
-        return events(runs, first, chunker, final_usage, self.service.abort, per_prompt)
+        return events(runs, first, chunker, final_usage, self.service.abort, per_prompt, continuous)
 
     @staticmethod
     def check_finished(out: RequestOutput) -> None:

@@ -61,6 +61,12 @@ class Service(Protocol):
     async def state(self) -> dict: ...
 
 
+def continuous_usage(body: proto._Sampling, include_usage: bool) -> bool:
+    """Whether every streamed chunk carries its choice's usage so far (vLLM's
+    stream_options.continuous_usage_stats, with include_usage)."""
+    return include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
+
+
 class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
@@ -176,10 +182,10 @@ class EngineService:
             chunkers = [choices.completion_chunker(rid, body.model, self.token_texts, ids, text, scored)
                         for ids, text in zip(encoded, echoed)]
             return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
-                                          disconnected, n)
+                                          disconnected, n, continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
-                    choices.completion_logprobs(self.token_texts, o, encoded[c // n], echo=scored))
+                    choices.completion_logprobs(self.token_texts, o, encoded[c // n], echo=scored), o.stop_reason)
                    for c, o in enumerate(outs)]
         return proto.completion_response(rid, body.model, answers, *choices.usage_counts(outs, n))
 
@@ -236,7 +242,8 @@ class EngineService:
         messages = self._chat_checks(body)
         engine = self.engine
         wanted = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs
-        self.sampling(body, 1, wanted)  # bad parameters are refused before the template runs
+        # bad parameters are refused before the template runs (max_tokens as small as they allow)
+        self.sampling(body, max(1, min(body.min_tokens, engine.max_seq_len)), wanted)
 
         try:
             ids = await self._off_loop(lambda: engine.encode(self.prompts.render(messages)))
@@ -252,9 +259,10 @@ class EngineService:
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
         if body.stream:
             return await self.runs.stream(runs, choices.chat_chunker(rid, body.model, self.token_texts, ids),
-                                      include_usage, disconnected)
+                                          include_usage, disconnected, continuous=continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids)) for o in outs]
+        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids), o.stop_reason)
+                   for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))
 

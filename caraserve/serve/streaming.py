@@ -4,7 +4,8 @@ Each choice's outputs become chunks tagged with its `index`, in the order the en
 them; choices interleave. A choice that ends with an error ends the stream: its error event
 follows its last chunk and the other choices are aborted (the caller asked for one response).
 The usage chunk (`stream_options.include_usage`) comes last and counts every choice's tokens
-and each prompt once.
+and each prompt once; before it, every chunk has `"usage": null`, as OpenAI's, or with
+`continuous_usage_stats` (vLLM's) its choice's usage so far.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _sse(body: dict) -> str:
 
 async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, chunker: Chunker,
                  final_usage: bool, abort: Callable[[str], None],
-                 per_prompt: int | None = None) -> AsyncIterator[str]:
+                 per_prompt: int | None = None, continuous: bool = False) -> AsyncIterator[str]:
     """The SSE lines of `runs` ((request id, output queue) per choice, in index order, with
     `per_prompt` choices per prompt: default all of them); `first` is the first output of choice
     0, already taken from its queue. Requests still running when the consumer goes away are
@@ -62,6 +63,9 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
             finish = out.finish_reason.openai if out.finished else None
             body = chunks[i](out, finish)
             if body is not None:
+                if final_usage:
+                    body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens) \
+                        if continuous else None
                 yield _sse(body)
             if not out.finished:
                 continue

@@ -1,0 +1,129 @@
+"""OpenAI and vLLM response details clients read: stop_reason, a stop token's text, min_tokens
+on chat, usage in streamed chunks, one `created` per stream, and the known fields this server
+does not serve refused by name (on an in-process server)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_server import free_port
+from test_server_hardening import serve
+
+from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
+from caraserve.engine import Engine
+from caraserve.serve.api import build_app
+from caraserve.serve.async_engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def live():
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
+                                 adapters=AdapterConfig(dir="none")))
+    service = AsyncEngine(engine, max_queue=16)
+    app = build_app(service, ServerConfig(), "tiny", [])
+    service.start()
+    server, thread = serve(app, free_port())
+    yield {"base": f"http://127.0.0.1:{server.config.port}", "engine": engine}
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.stop()
+
+
+def post(live, path: str, body: dict) -> httpx.Response:
+    return httpx.post(live["base"] + path, json=body, timeout=60)
+
+
+def chunks(live, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", live["base"] + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+BODY = {"model": "tiny", "prompt": "import os\n", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def test_stop_reason_names_the_stop_string_or_token_and_the_token_text_is_left_out(live):
+    free = post(live, "/v1/completions", {**BODY, "logprobs": 0}).json()["choices"][0]
+    tokens = free["logprobs"]["tokens"]
+    assert free["stop_reason"] is None and free["finish_reason"] == "length"
+    stop = free["text"][len(tokens[0]) + 1 :][:3]
+    by_str = post(live, "/v1/completions", {**BODY, "stop": [stop, "\x00never"]}).json()["choices"][0]
+    assert by_str["finish_reason"] == "stop" and by_str["stop_reason"] == stop
+    tok = live["engine"].tokenizer
+    ids = tok(free["text"], add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == free["text"]
+    stop_id = ids[2]
+    for stream in (False, True):
+        for keep in (False, True):
+            body = {**BODY, "stop_token_ids": [stop_id], "include_stop_str_in_output": keep}
+            if stream:
+                got = chunks(live, "/v1/completions", body)
+                text, last = "".join(c["choices"][0]["text"] for c in got), got[-1]["choices"][0]
+            else:
+                last = post(live, "/v1/completions", body).json()["choices"][0]
+                text = last["text"]
+            assert last["finish_reason"] == "stop" and last["stop_reason"] == stop_id
+            assert text == tok.decode(ids[: 3 if keep else 2])  # the stop token's text only when asked
+    chat = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 8, "temperature": 0, "stop": ["\x00never"]}).json()
+    assert chat["choices"][0]["stop_reason"] is None
+
+
+def test_chat_takes_min_tokens_above_one(live):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "min_tokens": 5, "max_tokens": 8}
+    r = post(live, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 5
+    for extra in ({"max_tokens": 3}, {"min_tokens": 10**6}, {"min_tokens": -1}):
+        bad = post(live, "/v1/chat/completions", {**body, **extra})
+        assert bad.status_code == 400 and "min_tokens" in bad.json()["error"]["message"]
+
+
+def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live):
+    body = {**BODY, "n": 2, "seed": 3, "temperature": 1.0, "stream_options": {"include_usage": True}}
+    got = chunks(live, "/v1/completions", body)
+    assert len({c["created"] for c in got}) == 1
+    *texts, final = got
+    assert all("usage" in c and c["usage"] is None for c in texts)
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 24
+    body["stream_options"]["continuous_usage_stats"] = True
+    got = chunks(live, "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "hi"}],
+                                                "prompt": None})
+    *texts, final = got
+    seen = {0: 0, 1: 0}
+    for c in texts:
+        i, u = c["choices"][0]["index"], c["usage"]
+        assert u["prompt_tokens"] == final["usage"]["prompt_tokens"] and u["completion_tokens"] >= seen[i]
+        seen[i] = u["completion_tokens"]
+    assert seen == {0: 12, 1: 12} and final["usage"]["completion_tokens"] == 24
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("tool_choice", "required", "tool_choice"),
+    ("tool_choice", "auto", "tool_choice"),
+    ("guided_json", {"type": "object"}, "guided_json"),
+    ("guided_choice", ["a", "b"], "guided_choice"),
+    ("structured_outputs", {"regex": "a+"}, "structured_outputs"),
+    ("stream_options", {"include_usage": True}, "stream_options"),
+])
+def test_fields_this_server_does_not_serve_are_refused_by_name(live, field, value, says):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = post(live, "/v1/chat/completions", {**chat, field: value})
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_fields_at_their_neutral_values_are_taken(live):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra in ({"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"}, {"tools": None}):
+        assert post(live, "/v1/chat/completions", {**chat, **extra}).status_code == 200, extra
+    assert post(live, "/v1/completions", {**BODY, "best_of": 1}).status_code == 200
+    assert post(live, "/v1/completions", {**BODY, "best_of": 2, "n": 2, "seed": 1,
+                                          "temperature": 1.0}).status_code == 200
+    bad = post(live, "/v1/completions", {**BODY, "best_of": 3})
+    assert bad.status_code == 400 and "best_of" in bad.json()["error"]["message"]

@@ -48,7 +48,8 @@ class AsyncEngine:
         self.on_output = on_output  # called on the engine thread with every RequestOutput
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
-        self._inbox: queue.Queue = queue.Queue()  # (callable, args, concurrent Future or None)
+        # (callable, args, concurrent Future, callable run instead when the call is cancelled or refused)
+        self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._retired: set[str] = set()
@@ -64,10 +65,11 @@ class AsyncEngine:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _call(self, fn, *args) -> concurrent.futures.Future:
-        """Runs fn(*args) on the engine thread between steps."""
+    def _call(self, fn, *args, skipped=None) -> concurrent.futures.Future:
+        """Runs fn(*args) on the engine thread between steps; skipped() instead (on that thread)
+        when the future was cancelled before fn started, or an engine fault refuses it."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, args, fut))
+        self._inbox.put((fn, args, fut, skipped))
         return fut
 
     async def call(self, fn, *args):
@@ -124,19 +126,27 @@ class AsyncEngine:
             except Exception:  # a hint only: the engine checks the adapter when it adds the request
                 log.debug("read-ahead of %r failed", adapter, exc_info=True)
 
+        def settle():  # on the engine thread, once: as the request enters the queue, or does not
+            with self._lock:
+                self._submitting -= 1
+                if adapter is not None:
+                    self._submitting_for[adapter] -= 1
+                    if not self._submitting_for[adapter]:
+                        del self._submitting_for[adapter]
+
         def add():
             try:
                 self.engine.add_request(prompt_ids, params, adapter, request_id, after, final_only)
             finally:
-                with self._lock:  # on the engine thread, as the request enters (or skips) the queue
-                    self._submitting -= 1
-                    if adapter is not None:
-                        self._submitting_for[adapter] -= 1
-                        if not self._submitting_for[adapter]:
-                            del self._submitting_for[adapter]
+                settle()
 
         try:
-            await asyncio.wrap_future(self._call(add))
+            await asyncio.wrap_future(self._call(add, skipped=settle))
+        except asyncio.CancelledError:
+            # The caller went away: an add already running still adds the request, which nobody
+            # would read; the abort, queued after it, ends it (and finds nothing when it did not run).
+            self.abort(request_id)
+            raise
         except BaseException:
             with self._lock:
                 self._waiters.pop(request_id, None)
@@ -197,12 +207,14 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            fn, args, fut = item
+            fn, args, fut, skipped = item
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn(*args))
                 except BaseException as e:  # handed to the awaiting handler
                     fut.set_exception(e)
+            elif skipped is not None:  # cancelled before it ran
+                skipped()
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -212,13 +224,15 @@ class AsyncEngine:
         """After an engine fault: commands still queued fail instead of waiting forever."""
         while True:
             try:
-                fn, args, fut = self._inbox.get(timeout=0.05)
+                fn, args, fut, skipped = self._inbox.get(timeout=0.05)
             except queue.Empty:
                 if self._stop.is_set():
                     return
                 continue
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineUnavailableError(f"the engine is not serving ({self.fault})"))
+            if skipped is not None:
+                skipped()
 
     def _run(self) -> None:
         try:

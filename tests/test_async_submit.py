@@ -1,0 +1,87 @@
+"""AsyncEngine.submit whose caller goes away (a client disconnect, a router's cancel): nothing it
+counted stays counted, and a request it added is aborted, whether the cancel comes before the
+engine thread ran the add or while the add runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from caraserve.config import EngineConfig
+from caraserve.engine import Engine
+from caraserve.request import SamplingParams
+from caraserve.serve.async_engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def service():
+    ae = AsyncEngine(Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256)), max_queue=4)
+    ae.start()
+    ae.wait_ready()
+    yield ae
+    ae.stop()
+
+
+def settled(ae: AsyncEngine) -> bool:
+    return ae._submitting == 0 and not ae._submitting_for and not ae.engine.has_unfinished() and not ae._waiters
+
+
+async def cancelled_submit(ae: AsyncEngine, rid: str, hold: threading.Event, running: threading.Event | None = None,
+                           release: threading.Event | None = None):
+    """Submits on demo-r8 while the engine thread is held, cancels the submit (with `running`:
+    once its add runs, then lets the add go on with `release`), lets the engine thread go and
+    waits until the inbox is drained."""
+    sp = SamplingParams(max_tokens=50, ignore_eos=True)
+    task = asyncio.ensure_future(ae.submit([1, 2, 3], sp, "demo-r8", rid))
+    await asyncio.sleep(0.05)
+    if running is not None:
+        hold.set()  # the add starts and waits inside add_request
+        assert await asyncio.to_thread(running.wait, 10)
+    assert ae._submitting == 1 and ae._submitting_for == {"demo-r8": 1}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    hold.set()
+    if release is not None:
+        release.set()
+    await asyncio.wrap_future(ae._call(lambda: None))  # after the add (or its skip) and the abort
+    for _ in range(100):
+        if settled(ae):
+            return
+        await asyncio.sleep(0.02)
+
+
+def test_a_submit_cancelled_before_its_add_runs_leaves_nothing_counted(service):
+    hold = threading.Event()
+    service._call(hold.wait, 10)  # the engine thread waits on this between steps
+
+    async def go():
+        await cancelled_submit(service, "gone-early", hold)
+        assert settled(service), (service._submitting, dict(service._submitting_for))
+        q = await service.submit([1, 2], SamplingParams(max_tokens=2, temperature=0), "demo-r8", "next")
+        while not (await q.get()).finished:
+            pass
+
+    asyncio.run(go())
+    assert settled(service)
+
+
+def test_a_submit_cancelled_while_its_add_runs_is_aborted(service, monkeypatch):
+    hold, running, release = threading.Event(), threading.Event(), threading.Event()
+    add = service.engine.add_request
+
+    def slow_add(*args, **kw):
+        running.set()
+        release.wait(10)
+        return add(*args, **kw)
+
+    monkeypatch.setattr(service.engine, "add_request", slow_add)
+    service._call(hold.wait, 10)
+
+    async def go():
+        await cancelled_submit(service, "gone-late", hold, running, release)
+        assert settled(service), (service._submitting, service.engine.has_unfinished())
+
+    asyncio.run(go())

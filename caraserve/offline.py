@@ -3,7 +3,7 @@
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
 OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, ...) plus vLLM's (top_k, min_p,
 ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`}. Output line:
-{"id", "text", "token_ids", "finish_reason"} or {"id", "error"}.
+{"id", "text", "token_ids", "finish_reason", "stop_reason"} or {"id", "error"}.
 One bad line yields an error line and never stops the others; a blank line is skipped and counted.
 Lines are numbered from 1, in messages and as the id of a line that gives none.
 """
@@ -173,7 +173,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                 results[pos] = {"id": user_id, "error": out.error}
             else:
                 results[pos] = {"id": user_id, "text": out.text, "token_ids": out.output_ids,
-                                "finish_reason": out.finish_reason.openai}
+                                "finish_reason": out.finish_reason.openai, "stop_reason": out.stop_reason}
                 if out.logprobs is not None:
                     results[pos]["logprobs"] = out.logprobs
                 if out.top_logprobs is not None:  # per token: [[token id, logprob], ...], best first

@@ -30,15 +30,24 @@ def test_every_input_line_is_one_output_line(tmp_path):
     lines = [json.dumps({"id": "sep", **good, "prompt": "a\u2028b\u2029c\x85d\x0ce"}, ensure_ascii=False).encode(),
              b'{"id": "latin1", "prompt": "caf\xe9", "max_tokens": 3}',
              json.dumps({"id": "crlf", **good}).encode() + b"\r",
-             json.dumps({"id": "last", **good}).encode()]
+             json.dumps({"id": "last", **good}).encode(),
+             json.dumps({"id": "stop", **good, "max_tokens": 8, "stop": ["\x00", "\x01"]}).encode()]
     src.write_bytes(b"\n".join(lines) + b"\n")
     proc = generate(tmp_path, f"input={src}", f"output={dst}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(x) for x in dst.read_text().split("\n") if x]
-    assert [r["id"] for r in rows] == ["sep", "latin1", "crlf", "last"]
+    assert [r["id"] for r in rows] == ["sep", "latin1", "crlf", "last", "stop"]
     assert len(rows[0]["token_ids"]) == 3 and "error" not in rows[0]
     assert "line 2: is not UTF-8 (byte 0xe9" in rows[1]["error"]
     assert rows[2]["token_ids"] == rows[3]["token_ids"]
+    assert rows[3]["finish_reason"] == "length" and rows[3]["stop_reason"] is None
+    # the stop string that ended a line is its stop_reason
+    text = rows[4]["text"]
+    stop = text[2:4]
+    src.write_text(json.dumps({"id": "stop", **good, "max_tokens": 8, "stop": ["\x00", stop]}) + "\n")
+    proc = generate(tmp_path, f"input={src}", f"output={dst}")
+    (row,) = [json.loads(x) for x in dst.read_text().split("\n") if x]
+    assert row["finish_reason"] == "stop" and row["stop_reason"] == stop and row["text"] == text[: text.index(stop)]
 
 
 def test_bad_paths_are_one_line_before_the_model_loads(tmp_path):

@@ -377,12 +377,19 @@ class Engine:
         params: SamplingParams | list[SamplingParams] | None = None,
         adapters: list[str | None] | None = None,
     ) -> list[Request]:
-        """Runs prompts to completion; returns the finished requests in input order."""
+        """Runs prompts to completion; returns the finished requests in input order. A prompt the
+        engine refuses (RequestError) raises before any runs: those added before it are aborted."""
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapters = adapters or [None] * n
-        reqs = [self._requests[self.add_request(p, sp, a, final_only=True)]
-                for p, sp, a in zip(prompts, params_list, adapters)]
+        reqs: list[Request] = []
+        try:
+            for p, sp, a in zip(prompts, params_list, adapters):
+                reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
+        except BaseException:
+            for r in reqs:
+                self.abort(r.request_id)
+            raise
         while any(not r.finished for r in reqs):
             self.step()
         return reqs

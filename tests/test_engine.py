@@ -255,6 +255,18 @@ def test_stop_prefix_len():
     assert stop_prefix_len("", ["ab"]) == 0
 
 
+def test_generate_refusing_a_prompt_leaves_nothing_queued(catalogue):
+    """A refused prompt raises before any prompt runs, and those added before it are gone: the
+    next call gets its own outputs, with nothing of the refused call's in the engine."""
+    engine = make_engine(catalogue)
+    sp = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(RequestError, match="not-an-adapter"):
+        engine.generate(["import os", "def f():", "x = 1"], sp, [None, "demo-r8", "not-an-adapter"])
+    assert not engine.has_unfinished() and engine.kv.used_blocks == 0
+    (again,) = engine.generate(["import os"], sp)
+    assert again.finished and len(again.output_ids) == 4
+
+
 def test_abort_frees_slots(catalogue):
     engine = make_engine(catalogue, max_batch_size=2)
     rid = engine.add_request("import os", SamplingParams(max_tokens=50, ignore_eos=True), "demo-r16")

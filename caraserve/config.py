@@ -244,6 +244,11 @@ class EngineConfig:
         _check(2 <= self.max_seq_len <= 2**30, f"engine.max_seq_len={self.max_seq_len} must be in 2..2^30")
         _check(1 <= self.max_tokens_per_step <= 2**30,
                f"engine.max_tokens_per_step={self.max_tokens_per_step} must be in 1..2^30")
+        # a full batch's decode rows alone must fit a step's tokens, with room left for prefill
+        # (fewer starve every prompt admitted until decoders finish; vLLM asks the same)
+        _check(self.max_tokens_per_step >= self.max_batch_size,
+               f"engine.max_tokens_per_step={self.max_tokens_per_step} must be >= engine.max_batch_size="
+               f"{self.max_batch_size} (a step holds one token of every running request)")
         _check(1 <= self.kv_block_size <= 4096, f"engine.kv_block_size={self.kv_block_size} must be in 1..4096")
         _check(self.num_kv_blocks >= 0, f"engine.num_kv_blocks={self.num_kv_blocks} must be >= 0 (0 = from memory)")
         _check(self.kv_cache_bytes >= 0, f"engine.kv_cache_bytes={self.kv_cache_bytes} must be >= 0 (0 = auto)")

@@ -76,12 +76,22 @@ class Engine:
         self.model.pack_weights(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
-        self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.catalog = AdapterCatalog(cfg.adapters, cfg.cpu_assist, args, self.dtype, self.model.layer_devices(),
                                       adapter_dir)
         # after the model and the adapter pool: on CUDA the KV cache takes the memory they left
         self.kv = KVCache(plan_blocks(cfg, args, self.dtype, self.device, self.max_seq_len), cfg.kv_block_size,
                           args.num_kv_heads, args.head_dim, self.dtype, self.model.layer_devices())
+        self._context_why = ""  # what limits a request's tokens, when not engine.max_seq_len itself
+        if self.kv.capacity_tokens < self.max_seq_len:
+            # a request longer than the cache could never run: the limit clients read (max_model_len)
+            # and size their defaults by is what the cache holds
+            self._context_why = f" (all the KV cache holds: {self.kv.num_blocks} blocks of {self.kv.block_size} tokens)"
+            log.warning("the KV cache holds %d tokens (%d blocks of %d), fewer than engine.max_seq_len=%d: a "
+                        "request's prompt + output tokens are limited to %d (more blocks: engine.num_kv_blocks, "
+                        "engine.kv_cache_bytes or engine.gpu_memory_utilization)", self.kv.capacity_tokens,
+                        self.kv.num_blocks, self.kv.block_size, self.max_seq_len, self.kv.capacity_tokens)
+            self.max_seq_len = self.kv.capacity_tokens
+        self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.store, self.pool = self.catalog.store, self.catalog.pool
         check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
         self.model.use_lora(self.pool)
@@ -252,7 +262,7 @@ class Engine:
         context length or the whole KV cache."""
         if prompt_tokens + params.max_tokens > self.max_seq_len:
             raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                               f"context length {self.max_seq_len}")
+                               f"context length {self.max_seq_len}{self._context_why}")
         if prompt_tokens + params.max_tokens > self.kv.capacity_tokens:
             raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the whole "
                                f"KV cache ({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)")

@@ -38,6 +38,15 @@ def test_int_field_refuses_what_is_not_an_integer(value, shown):
     assert refused(EngineConfig, {"max_batch_size": value}) == f"engine.max_batch_size={shown} must be an integer"
 
 
+def test_a_step_token_budget_below_the_batch_size_is_refused():
+    """A step holds one token of every running request: a smaller budget would leave admitted
+    prompts no prefill until decoders finish."""
+    assert refused(EngineConfig, {"max_batch_size": 8, "max_tokens_per_step": 4}) == (
+        "engine.max_tokens_per_step=4 must be >= engine.max_batch_size=8 (a step holds one token of every "
+        "running request)")
+    assert EngineConfig.from_dict({"max_batch_size": 8, "max_tokens_per_step": 8}).max_tokens_per_step == 8
+
+
 def test_int_field_takes_a_whole_float_as_an_int():
     cfg = AdapterConfig.from_dict({"host_mem_bytes": 8e9, "rank_buckets": [8, 16.0]})
     assert cfg.host_mem_bytes == 8_000_000_000 and type(cfg.host_mem_bytes) is int

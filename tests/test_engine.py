@@ -311,7 +311,7 @@ def test_bad_requests_change_nothing(catalogue):
 
 
 def test_long_prompt_is_prefilled_in_chunks(catalogue):
-    engine = make_engine(catalogue, max_tokens_per_step=16)
+    engine = make_engine(catalogue, max_tokens_per_step=16, max_batch_size=8)
     whole = make_engine(catalogue)
     prompt = list(range(10, 80))
     a = engine.generate([prompt], GREEDY, ["demo-r32"])[0]

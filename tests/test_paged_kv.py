@@ -93,7 +93,7 @@ def test_chunked_prefill_with_preemption_gives_the_same_tokens():
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     long_prompts = [list(range(1, 60)), list(range(100, 140)), list(range(200, 230))]
     want = [r.output_ids for r in engine().generate(long_prompts, params, ["demo-r32", None, "demo-r16"])]
-    tight = engine(kv_block_size=8, num_kv_blocks=12, max_tokens_per_step=16)
+    tight = engine(kv_block_size=8, num_kv_blocks=12, max_tokens_per_step=16, max_batch_size=8)
     got = tight.generate(long_prompts, params, ["demo-r32", None, "demo-r16"])
     assert [r.output_ids for r in got] == want and tight.scheduler.num_preemptions > 0
 
@@ -111,8 +111,11 @@ def test_the_youngest_request_is_the_one_preempted():
 
 
 def test_requests_larger_than_the_whole_cache_are_refused():
+    """A cache smaller than engine.max_seq_len limits every request to what it holds, and that is
+    the context length the engine gives (what /v1/models advertises and defaults are sized by)."""
     e = engine(kv_block_size=4, num_kv_blocks=5)
-    with pytest.raises(RequestError, match="whole KV cache"):
+    assert e.max_seq_len == 20
+    with pytest.raises(RequestError, match=r"context length 20 \(all the KV cache holds: 5 blocks of 4 tokens\)"):
         e.add_request([1, 2, 3], SamplingParams(max_tokens=18))
     assert not e.has_unfinished()
     e.add_request([1, 2, 3], SamplingParams(max_tokens=17, ignore_eos=True))  # 20 tokens: exactly the cache
@@ -140,7 +143,7 @@ def test_mixed_steps_carry_decode_rows_beside_prefill_chunks():
     from caraserve.config import SchedulerConfig
     from caraserve.request import RequestState
 
-    e = engine(max_tokens_per_step=24)
+    e = engine(max_tokens_per_step=24, max_batch_size=8)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     early = [e.add_request(p, params, a) for p, a in zip(PROMPTS[:3], ADAPTERS[:3])]
     e.step()  # their prefill
@@ -154,7 +157,7 @@ def test_mixed_steps_carry_decode_rows_beside_prefill_chunks():
 
     def stalls(mixed: bool) -> int:
         """Steps in which the early requests got no token while the long prompt prefilled."""
-        eng = engine(max_tokens_per_step=24, scheduler=SchedulerConfig(mixed_steps=mixed))
+        eng = engine(max_tokens_per_step=24, max_batch_size=8, scheduler=SchedulerConfig(mixed_steps=mixed))
         rids = [eng.add_request(p, params, a) for p, a in zip(PROMPTS[:3], ADAPTERS[:3])]
         eng.step()
         long_req = eng.request(eng.add_request(long_prompt, params, "demo-r32"))
@@ -234,7 +237,7 @@ def test_mixed_steps_give_the_tokens_of_separate_steps():
     adapters = ADAPTERS + ["demo-r64", None]
     outs = {}
     for mixed in (True, False):
-        e = engine(max_tokens_per_step=16, scheduler=SchedulerConfig(mixed_steps=mixed))
+        e = engine(max_tokens_per_step=16, max_batch_size=8, scheduler=SchedulerConfig(mixed_steps=mixed))
         reqs = []
         for p, a in zip(prompts, adapters):  # arrivals spread over the steps
             reqs.append(e.request(e.add_request(p, params, a)))

@@ -101,10 +101,14 @@ class AdapterCatalog:
     def preload(self, where: str) -> None:
         """host: every adapter's weights read into the host tier (as far as its budget holds
         them), so no first use waits for a disk read; all: every adapter resident on the device
-        (the CACHED baseline; needs enough slots)."""
-        for name in self.store.names():
+        (the CACHED baseline; needs a free slot for each: none is evicted for another)."""
+        names = self.store.names()
+        for k, name in enumerate(names):
             weights = self.store.get(name)
             if where == "all":
-                if not self.pool.load(weights):
-                    raise AdapterError(f"not enough device slots to preload adapter {name!r}")
+                if not self.pool.load(weights, evict=False):
+                    slots = ", ".join(f"{len(b.slots)} of rank {b.rank}" for b in self.pool.buckets)
+                    raise AdapterError(f"adapters.preload=all: not enough device slots for adapter {name!r} (rank "
+                                       f"{weights.rank}), the {k + 1}th of {len(names)}; the device holds {slots} "
+                                       "(adapters.device_slots per rank bucket)")
                 self.pool.wait_loaded(name)

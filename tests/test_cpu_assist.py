@@ -15,6 +15,7 @@ from caraserve.cpu_assist import handoff as handoff_mod
 from caraserve.cpu_assist.handoff import Handoff, HostSegment
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.engine import Engine
+from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.model.tiny import tiny_paths, write_random_adapter
 from caraserve.request import RequestState, SamplingParams
@@ -313,3 +314,11 @@ def test_cold_prefill_inside_a_mixed_step_and_after_a_prefix_hit(catalogue, cach
         engine.step()
     assert [warm.output_ids, first.output_ids, second.output_ids] == want
     assert first.cpu_assisted and second.cpu_assisted and second.cached_tokens == 64
+
+
+def test_preload_all_needs_a_free_slot_for_every_adapter(catalogue, cached):
+    """The CACHED baseline: every adapter resident, or a refusal naming the slots; an adapter is
+    never evicted for another (it was, leaving most of them off the device without a word)."""
+    assert all(cached.pool.state(n) is AdapterState.RESIDENT for n in cached.store.names())
+    with pytest.raises(AdapterError, match=r"adapters.preload=all: not enough device slots .* 1 of rank 8"):
+        make(catalogue, preload="all", slots=1)

@@ -12,8 +12,7 @@ paced copy thread sets once the group's share of the emulated time has passed (w
 emulation the copy is immediate). `layers_ready` counts the leading layers whose group has
 landed, so CPU-assisted prefill can move a loading adapter's rows to the device layer by layer;
 the slot turns resident only when every group has landed (`poll`). A slot whose adapter is used
-by running requests (`acquire`/`release` counts), or whose copy is in flight, is never evicted;
-when every slot of a bucket is busy, `load` returns False and the caller waits.
+by running requests (`acquire`/`release` counts), or whose copy is in flight, is never evicted.
 """
 
 from __future__ import annotations
@@ -217,11 +216,11 @@ class DevicePool:
     def used_slots(self) -> int:
         return len(self._where)
 
-    def load(self, w: LoraWeights, avoid: frozenset[int] | set[int] = frozenset()) -> bool:
+    def load(self, w: LoraWeights, avoid: frozenset[int] | set[int] = frozenset(), evict: bool = True) -> bool:
         """Starts copying `w` into a slot (no-op when already there). Its own rank bucket first (a
-        free slot, else the least recently used idle one); when every slot there is held by
-        running requests, a larger bucket's (zero-padded to that rank: the same delta, more
-        work), except the buckets in `avoid`. False when all of them are held."""
+        free slot, else (evict) the least recently used idle one); when every slot there is held,
+        a larger bucket's (zero-padded to its rank: the same delta), except those in `avoid`.
+        False when none can take it."""
         if w.name in self._where:
             return True
         self.check(w)
@@ -230,7 +229,7 @@ class DevicePool:
         for b in range(home, len(self.buckets)):
             if b != home and b in avoid:
                 continue
-            slot = self._free_or_idle(self.buckets[b])
+            slot = self._free_or_idle(self.buckets[b], evict)
             if slot is not None:
                 break
         if slot is None:
@@ -248,10 +247,10 @@ class DevicePool:
         return True
 
     @staticmethod
-    def _free_or_idle(bucket: _Bucket) -> _Slot | None:
-        """A free slot of the bucket, else its least recently used one no request holds."""
+    def _free_or_idle(bucket: _Bucket, evict: bool = True) -> _Slot | None:
+        """A free slot of the bucket, else (evict) its least recently used one no request holds."""
         slot = next((s for s in bucket.slots if s.adapter is None), None)
-        if slot is None:
+        if slot is None and evict:
             idle = [s for s in bucket.slots if s.refs == 0 and s.copy is None]
             slot = min(idle, key=lambda s: s.last_used) if idle else None
         return slot

@@ -41,7 +41,7 @@ from caraserve.request import (
 from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
 from caraserve.state import EngineState, RequestView
-from caraserve.step_isolation import StepIsolation, describe
+from caraserve.step_isolation import NONFINITE, StepIsolation, describe
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class Engine:
             now = time.perf_counter()  # sampling read the tokens back: the step has finished
             if batch.num_decode and self.perf_model is not None and not failed and not bad:
                 self._observe_step(batch, now - t0)
-            outs += [self._fail(emitting[i], f"sampling failed on this request ({why})") for i, why in bad.items()]
+            outs += [self._fail_sampling(emitting[i], why) for i, why in bad.items()]
             reqs = emitting
             if bad:
                 reqs, tokens, logprobs, tops = ([x for i, x in enumerate(xs) if i not in bad]
@@ -336,6 +336,13 @@ class Engine:
                 self.outputs.add_token(r, t, lp, top, now)
             self.scheduler.publish(batch.requests)  # the blocks this step filled, before any is freed
             return outs + self.outputs.step_outputs(reqs, tokens, self._finish)
+
+    def _fail_sampling(self, req: Request, why: str) -> RequestOutput:
+        """Ends a request its step's sampling failed on; logits that are not finite on an
+        adapter's request are that adapter's doing (the caller's choice: a 400 at the API)."""
+        if why == NONFINITE and req.adapter is not None:
+            return self._fail(req, f"adapter {req.adapter!r} cannot be used: {NONFINITE}", ErrorCause.ADAPTER)
+        return self._fail(req, f"sampling failed on this request ({why})")
 
     def _fail_rejected(self) -> list[RequestOutput]:
         """Ends the requests the scheduler could not admit for a reason of their own."""

@@ -124,16 +124,18 @@ def overflowing_adapter(folder: Path) -> Path:
 
 def test_nonfinite_logits_fail_only_their_requests(engine, tmp_path):
     """Logits that overflow (NaN or infinite) give no token: those requests fail with a message
-    saying so, even when they are every row of a step (not the engine's fault), and the others
-    get the tokens they get alone, the seeded sampled row included."""
+    naming their adapter (ErrorCause.ADAPTER: a 400 at the API, the caller's choice), even when
+    they are every row of a step (not the engine's fault), and the others get the tokens they
+    get alone, the seeded sampled row included."""
     clean, _, _ = run(engine)
     engine.store.register("huge-r8", overflowing_adapter(tmp_path / "huge-r8"), confined=False)
     try:
         for params in (SamplingParams(max_tokens=4, temperature=0), SamplingParams(max_tokens=4, seed=1)):
             tokens, planted, _ = run(engine, ([1, 2, 3], params, "huge-r8"))
             assert tokens == clean
-            assert planted.finish_reason is FinishReason.ERROR and planted.error_cause is ErrorCause.REQUEST
-            assert "NaN or infinite" in planted.error and not planted.output_ids
+            assert planted.finish_reason is FinishReason.ERROR and planted.error_cause is ErrorCause.ADAPTER
+            assert "adapter 'huge-r8'" in planted.error and "NaN or infinite" in planted.error
+            assert not planted.output_ids
         alone = [engine.add_request([1, 5 + i], SamplingParams(max_tokens=3), "huge-r8") for i in range(3)]
         finals = [out for _ in range(8) for out in engine.step() if out.finished]
         assert sorted(out.request_id for out in finals) == sorted(alone)

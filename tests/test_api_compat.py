@@ -8,27 +8,18 @@ import json
 
 import httpx
 import pytest
-from test_server import free_port
-from test_server_hardening import serve
+from test_server_hardening import in_process_server
 
 from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
 from caraserve.engine import Engine
-from caraserve.serve.api import build_app
-from caraserve.serve.async_engine import AsyncEngine
 
 
 @pytest.fixture(scope="module")
 def live():
     engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
                                  adapters=AdapterConfig(dir="none")))
-    service = AsyncEngine(engine, max_queue=16)
-    app = build_app(service, ServerConfig(), "tiny", [])
-    service.start()
-    server, thread = serve(app, free_port())
-    yield {"base": f"http://127.0.0.1:{server.config.port}", "engine": engine}
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.stop()
+    with in_process_server(engine, ServerConfig()) as (base, _):
+        yield {"base": base, "engine": engine}
 
 
 def post(live, path: str, body: dict) -> httpx.Response:

@@ -41,6 +41,22 @@ def serve(app, port: int):
 
 
 @contextlib.contextmanager
+def in_process_server(engine: Engine, cfg: ServerConfig, roots=()):
+    """The engine behind an in-process server on a loopback port: yields (its URL, its AsyncEngine)."""
+    service = AsyncEngine(engine, max_queue=16)
+    app = build_app(service, cfg, "tiny", list(roots))
+    service.start()
+    port = free_port()
+    server, thread = serve(app, port)
+    try:
+        yield f"http://127.0.0.1:{port}", service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.stop()
+
+
+@contextlib.contextmanager
 def live_server(root):
     """An in-process server (so a test can plant faults in its engine) on a loopback port:
     {"base": its URL, "engine", "service", "adapters": its adapter folder under `root`}."""
@@ -49,18 +65,9 @@ def live_server(root):
     engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
                                  adapters=AdapterConfig(dir=str(adapters)),
                                  limits=LimitsConfig(max_prompt_bytes=8000, max_chat_messages=8)))
-    service = AsyncEngine(engine, max_queue=16)
     cfg = ServerConfig(api_key=KEY, admin_api_key=ADMIN, max_body_bytes=20000, unload_timeout_s=0.3)
-    app = build_app(service, cfg, "tiny", [adapters.resolve()])
-    service.start()
-    port = free_port()
-    server, thread = serve(app, port)
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "service": service, "adapters": adapters}
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        service.stop()
+    with in_process_server(engine, cfg, [adapters.resolve()]) as (base, service):
+        yield {"base": base, "engine": engine, "service": service, "adapters": adapters}
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_server import free_port
-from test_server_hardening import serve
+from test_server_hardening import in_process_server
 
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ServerConfig
 from caraserve.engine import Engine
-from caraserve.serve.api import build_app
-from caraserve.serve.async_engine import AsyncEngine
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>"
 
@@ -21,14 +18,8 @@ def live(tmp_path_factory):
     (folder / "chat.jinja").write_text(TEMPLATE)
     engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256,
                                  adapters=AdapterConfig(dir="none")))
-    service = AsyncEngine(engine, max_queue=16)
-    app = build_app(service, ServerConfig(chat_template=str(folder / "chat.jinja")), "tiny", [])
-    service.start()
-    server, thread = serve(app, free_port())
-    yield {"base": f"http://127.0.0.1:{server.config.port}", "engine": engine}
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.stop()
+    with in_process_server(engine, ServerConfig(chat_template=str(folder / "chat.jinja"))) as (base, _):
+        yield {"base": base, "engine": engine}
 
 
 def test_chat_template_from_a_file_is_used(live):

@@ -118,3 +118,19 @@ def test_fields_at_their_neutral_values_are_taken(live):
                                           "temperature": 1.0}).status_code == 200
     bad = post(live, "/v1/completions", {**BODY, "best_of": 3})
     assert bad.status_code == 400 and "best_of" in bad.json()["error"]["message"]
+
+
+def test_chat_echo_begins_the_answer_with_the_assistants_last_message(live):
+    """vLLM's chat echo: the last message's content comes first when it is the assistant's (the
+    reply continues it), streamed in the first chunk; with another role last, nothing is echoed."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = post(live, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    echoed = post(live, "/v1/chat/completions", {**body, "echo": True}).json()["choices"][0]["message"]["content"]
+    assert echoed == "Sure: " + plain
+    got = chunks(live, "/v1/chat/completions", {**body, "echo": True})
+    assert got[0]["choices"][0]["delta"]["content"].startswith("Sure: ")
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in got) == echoed
+    user_last = {**body, "messages": messages[:1], "echo": True}
+    assert post(live, "/v1/chat/completions", user_last).json()["choices"][0]["message"]["content"] == \
+        post(live, "/v1/chat/completions", {**user_last, "echo": False}).json()["choices"][0]["message"]["content"]

@@ -195,9 +195,9 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
     return chunker
 
 
-def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int]):
-    """streaming.Chunker of a chat completion: the first chunk of a choice names the role. Every
-    chunk of the stream carries the same `created`."""
+def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str = ""):
+    """streaming.Chunker of a chat completion: the first chunk of a choice names the role (and
+    carries `echoed` before its text). Every chunk of the stream carries the same `created`."""
     created = int(time.time())
 
     def chunker(index: int):
@@ -208,7 +208,7 @@ def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int])
                 return proto.chat_chunk(rid, model, {}, None, index, created=created)
             if not (out.new_text or out.finished):
                 return None
-            text = out.new_text
+            text = echoed + out.new_text if state["first"] else out.new_text
             delta = {"role": "assistant", "content": text} if state["first"] else ({"content": text} if text else {})
             state["first"] = False
             logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])

@@ -146,6 +146,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
+    echo: bool = False  # vLLM's: the answer begins with the last message's content when it is the assistant's
 
 
 class TokenizeRequest(BaseModel):

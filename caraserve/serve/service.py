@@ -257,12 +257,15 @@ class EngineService:
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self.runs.start(ids, params, adapter, rid, final_only=final_only)
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
+        # echo (vLLM's): the answer continues the last message when it is the assistant's own
+        echoed = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
-            return await self.runs.stream(runs, choices.chat_chunker(rid, body.model, self.token_texts, ids),
-                                          include_usage, disconnected, continuous=continuous_usage(body, include_usage))
+            chunker = choices.chat_chunker(rid, body.model, self.token_texts, ids, echoed)
+            return await self.runs.stream(runs, chunker, include_usage, disconnected,
+                                          continuous=continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [(o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids), o.stop_reason)
-                   for o in outs]
+        answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids),
+                    o.stop_reason) for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))
 

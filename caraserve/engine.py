@@ -17,7 +17,7 @@ from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.kv_cache import KVCache, plan_blocks
+from caraserve.kv_cache import KVCache, blocks_for, plan_blocks
 from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
@@ -136,7 +136,7 @@ class Engine:
             return None
         cfg = self.config
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
-                                     cfg.adapters.rank_buckets)
+                                     cfg.adapters.rank_buckets, blocks_for(self.max_seq_len, cfg.kv_block_size))
         cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
                             cache, deferred=mode == "auto" and self.device.type != "cuda",
@@ -259,13 +259,10 @@ class Engine:
 
     def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
         """Refuses (RequestError) a prompt of this length that, with params.max_tokens, exceeds the
-        context length or the whole KV cache."""
+        context length (never more than the whole KV cache holds)."""
         if prompt_tokens + params.max_tokens > self.max_seq_len:
             raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                f"context length {self.max_seq_len}{self._context_why}")
-        if prompt_tokens + params.max_tokens > self.kv.capacity_tokens:
-            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the whole "
-                               f"KV cache ({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)")
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or

@@ -161,11 +161,13 @@ class DecodeGraphs:
 
     @staticmethod
     def cache_key(model_path: str, dtype: torch.dtype, device: torch.device, max_batch_size: int,
-                  rank_buckets) -> str:
+                  rank_buckets, max_blocks: int = 0) -> str:
+        """max_blocks: the step's block-table width, a static dimension of its graphs."""
         cfg = Path(model_path, "config.json")
         text = cfg.read_text() if cfg.is_file() else model_path
         # STEP_VERSION changes whenever the step function does, so stale artifacts are not reloaded
-        raw = f"{STEP_VERSION}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|{tuple(rank_buckets)}"
+        raw = (f"{STEP_VERSION}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|"
+               f"{tuple(rank_buckets)}|{max_blocks}")
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def __call__(self, tokens, starts, tables, lora: LoraBatch | None) -> torch.Tensor | None:

@@ -142,13 +142,13 @@ class OutputProcessor:
         strings, the text streamed is what no stop string can still claim: while the request
         runs, the longest tail of its text that begins a stop string is held back (a later token
         may complete the stop string, sent only if it stays in the text); when it ends, the rest
-        up to the cut. As vLLM's, stop strings count once min_tokens tokens are out, and only
-        where they end in the new text."""
+        up to the cut. As vLLM's, stop strings count only where they end in the text of a token
+        past the first min_tokens (the new text)."""
         reason = self.end_reason(req)
         stops = req.params.stop
         if not stops:
             return reason, new_text
-        if new_text and len(req.output_ids) >= req.params.min_tokens:
+        if new_text and len(req.output_ids) > req.params.min_tokens:
             new_from = len(req.text) - len(new_text)
             hits = [(i, -len(s)) for s, i in ((s, req.text.find(s, max(0, new_from - len(s) + 1))) for s in stops)
                     if i >= 0]

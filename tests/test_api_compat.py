@@ -4,7 +4,9 @@ does not serve refused by name (on an in-process server)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 
 import httpx
 import pytest
@@ -73,10 +75,15 @@ def test_chat_takes_min_tokens_above_one(live):
         assert bad.status_code == 400 and "min_tokens" in bad.json()["error"]["message"]
 
 
-def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live):
+def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live, monkeypatch):
+    clock = itertools.count(1_800_000_000)  # a clock a second further at every reading
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
     body = {**BODY, "n": 2, "seed": 3, "temperature": 1.0, "stream_options": {"include_usage": True}}
+    for prompts in (BODY["prompt"], [BODY["prompt"], "def f():"]):
+        got = chunks(live, "/v1/completions", {**body, "prompt": prompts})
+        assert len({c["created"] for c in got}) == 1
+    monkeypatch.undo()
     got = chunks(live, "/v1/completions", body)
-    assert len({c["created"] for c in got}) == 1
     *texts, final = got
     assert all("usage" in c and c["usage"] is None for c in texts)
     assert final["choices"] == [] and final["usage"]["completion_tokens"] == 24
@@ -102,6 +109,9 @@ def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live):
     ("guided_choice", ["a", "b"], "guided_choice"),
     ("structured_outputs", {"regex": "a+"}, "structured_outputs"),
     ("stream_options", {"include_usage": True}, "stream_options"),
+    ("functions", [{"name": "f", "parameters": {}}], "functions"),
+    ("function_call", "auto", "function_call"),
+    ("best_of", 3, "best_of"),
 ])
 def test_fields_this_server_does_not_serve_are_refused_by_name(live, field, value, says):
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -109,9 +119,22 @@ def test_fields_this_server_does_not_serve_are_refused_by_name(live, field, valu
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
 
 
+def test_echo_with_no_tokens_reports_no_stop(live):
+    """echo with max_tokens 0 generates nothing: no stop reason, even when the token the engine
+    ran for is a stop token."""
+    free = post(live, "/v1/completions", {**BODY, "max_tokens": 1}).json()["choices"][0]
+    tok = live["engine"].tokenizer
+    (first,) = tok(free["text"], add_special_tokens=False)["input_ids"][:1]
+    body = {**BODY, "max_tokens": 0, "echo": True, "stop_token_ids": [first]}
+    for got in (post(live, "/v1/completions", body).json()["choices"][0],
+                chunks(live, "/v1/completions", body)[-1]["choices"][0]):
+        assert got["finish_reason"] == "length" and got["stop_reason"] is None
+
+
 def test_fields_at_their_neutral_values_are_taken(live):
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for extra in ({"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"}, {"tools": None}):
+    for extra in ({"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"}, {"tools": None},
+                  {"stream_options": {}}):
         assert post(live, "/v1/chat/completions", {**chat, **extra}).status_code == 200, extra
     assert post(live, "/v1/completions", {**BODY, "best_of": 1}).status_code == 200
     assert post(live, "/v1/completions", {**BODY, "best_of": 2, "n": 2, "seed": 1,

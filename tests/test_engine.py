@@ -202,8 +202,8 @@ def test_stop_string_and_stop_token_and_eos(catalogue):
 
 
 def test_stop_strings_count_once_min_tokens_are_out(catalogue):
-    """As vLLM's: a stop string that ends before min_tokens tokens are out does not end the
-    request; one ending in a later token's text does."""
+    """As vLLM's: a stop string that ends in the text of the first min_tokens tokens does not end
+    the request; one ending in a later token's text does."""
     engine = make_engine(catalogue)
     free = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     decode = engine.outputs.tokenizer.decode
@@ -212,11 +212,11 @@ def test_stop_strings_count_once_min_tokens_are_out(catalogue):
     at = next(k for k in range(1, 21) if stop in decode(free.output_ids[:k]))  # the token completing it
     early = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0, stop=[stop]))[0]
     assert early.finish_reason is FinishReason.STOP and len(early.output_ids) == at
-    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at + 1)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at)
     late = engine.generate(["def main():"], sp)[0]
     assert late.finish_reason is FinishReason.LENGTH and late.output_ids == free.output_ids
     assert late.text == free.text
-    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop], min_tokens=at - 1)
     assert engine.generate(["def main():"], sp)[0].output_ids == early.output_ids
 
 

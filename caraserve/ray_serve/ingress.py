@@ -307,7 +307,8 @@ class RayService:
             if head.status != 200:
                 continue
             data = head.body["data"]
-            base = base or data[0]
+            if base is None or data[0].get("max_model_len", 0) < base.get("max_model_len", 0):
+                base = data[0]  # the smallest context length a replica takes: a request must fit anywhere
             for card in data[1:]:
                 if card["id"] in self.unloaded:  # (a replica started since holds it again)
                     continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from caraserve.request import RequestOutput
+from caraserve.request import FinishReason, RequestOutput
 from caraserve.serve import protocol as proto
 
 
@@ -142,7 +142,8 @@ def prompt_only(out: RequestOutput) -> RequestOutput:
     """out without its generated tokens: the answer to an echo with max_tokens 0 (as vLLM's and
     OpenAI's legacy completions: the prompt echoed and, with logprobs, scored; nothing
     generated). The engine runs such a request for one token, which this drops."""
-    return replace(out, new_token_ids=[], output_ids=[], text="", new_text="",
+    return replace(out, new_token_ids=[], output_ids=[], text="", new_text="", stop_reason=None,
+                   finish_reason=FinishReason.LENGTH if out.finished and out.error is None else out.finish_reason,
                    logprobs=None if out.logprobs is None else [],
                    top_logprobs=None if out.top_logprobs is None else [])
 
@@ -169,11 +170,11 @@ class MappedQueue:
 
 
 def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str,
-                       scored: bool = False):
+                       scored: bool = False, created: int | None = None):
     """streaming.Chunker of a completion: choice index -> its chunk function. The first chunk of
     a choice carries the echoed prompt (`echoed`, "" without echo) and, when `scored`, the
-    logprobs of its tokens. Every chunk of the stream carries the same `created`."""
-    created = int(time.time())
+    logprobs of its tokens. Every chunk carries `created` (the call's: default now)."""
+    created = int(time.time()) if created is None else created
 
     def chunker(index: int):
         state = {"echo": echoed, "sent": 0, "offset": 0 if scored else len(echoed), "scored": scored}

@@ -61,6 +61,9 @@ class _Sampling(BaseModel):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
+    functions: list | None = None  # OpenAI's older form of tools
+    function_call: str | dict | None = None
+    best_of: int | None = None  # only as many as n: every completion made is returned
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -74,14 +77,14 @@ class _Sampling(BaseModel):
             raise ValueError(f"type {value.get('type')!r} is not supported: no structured outputs here (only 'text')")
         return value
 
-    @field_validator("tools")
+    @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, value: list) -> list:
         if value:
             raise ValueError("tool calling is not supported by this server")
         return value
 
-    @field_validator("tool_choice")
+    @field_validator("tool_choice", "function_call")
     @classmethod
     def _no_tool_choice(cls, value):
         if value != "none":
@@ -95,8 +98,11 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _stream_options_with_stream(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise ValueError("stream_options can only be given with stream: true")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
+                             "returned (best_of may only equal n)")
         return self
 
 
@@ -104,14 +110,6 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     suffix: str | None = None  # refused when given (as vLLM's): no insertion model here
-    best_of: int | None = None  # only as many as n: every completion made is returned
-
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
-                             "returned (best_of may only equal n)")
-        return self
 
 
 class ContentPart(BaseModel):

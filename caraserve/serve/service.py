@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -179,7 +180,8 @@ class EngineService:
         if prompt_only:
             runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
-            chunkers = [choices.completion_chunker(rid, body.model, self.token_texts, ids, text, scored)
+            created = int(time.time())  # one value for every chunk of the call, as OpenAI's
+            chunkers = [choices.completion_chunker(rid, body.model, self.token_texts, ids, text, scored, created)
                         for ids, text in zip(encoded, echoed)]
             return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
                                           disconnected, n, continuous_usage(body, include_usage))

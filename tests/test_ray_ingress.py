@@ -197,6 +197,24 @@ def test_an_adapter_unloaded_through_the_ingress_stays_gone_until_loaded_again()
     asyncio.run(go())
 
 
+def test_models_advertise_the_smallest_context_length_of_the_replicas():
+    """Replicas whose KV caches hold different context lengths: /v1/models gives the smallest,
+    so a request sized by it fits whichever replica takes it."""
+    class FanOut:
+        async def remote(self, hint, op, body=None):
+            lens = [2048, 512, 1024]
+            k = len(hint.covered)
+            if k >= len(lens):
+                return Head(200, None, None, "none", skipped=True)
+            return Head(200, {"data": [{"id": "tiny", "max_model_len": lens[k]}, {"id": "a"}]}, None, f"r{k}")
+
+    handle = FakeHandle([])
+    handle.fan_out = FanOut()
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    cards = asyncio.run(service.models())
+    assert cards[0] == {"id": "tiny", "max_model_len": 512} and [c["id"] for c in cards] == ["tiny", "a"]
+
+
 def test_drain_refuses_new_calls_and_waits_for_running_streams():
     lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
     handle = FakeHandle([[Head(200, None), *lines]])

@@ -17,13 +17,13 @@ from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.kv_cache import KVCache, blocks_for, plan_blocks
+from caraserve.kv_cache import KVCache, blocks_for, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo
 from caraserve.model.llama import CausalLM, check_triton_prefill
-from caraserve.model.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype
+from caraserve.model.loader import load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
 from caraserve.model.tiny import resolve_paths
 from caraserve.output_processor import OutputProcessor
 from caraserve.perf.model import DecodeFeatures, PerfModel
@@ -81,16 +81,7 @@ class Engine:
         # after the model and the adapter pool: on CUDA the KV cache takes the memory they left
         self.kv = KVCache(plan_blocks(cfg, args, self.dtype, self.device, self.max_seq_len), cfg.kv_block_size,
                           args.num_kv_heads, args.head_dim, self.dtype, self.model.layer_devices())
-        self._context_why = ""  # what limits a request's tokens, when not engine.max_seq_len itself
-        if self.kv.capacity_tokens < self.max_seq_len:
-            # a request longer than the cache could never run: the limit clients read (max_model_len)
-            # and size their defaults by is what the cache holds
-            self._context_why = f" (all the KV cache holds: {self.kv.num_blocks} blocks of {self.kv.block_size} tokens)"
-            log.warning("the KV cache holds %d tokens (%d blocks of %d), fewer than engine.max_seq_len=%d: a "
-                        "request's prompt + output tokens are limited to %d (more blocks: engine.num_kv_blocks, "
-                        "engine.kv_cache_bytes or engine.gpu_memory_utilization)", self.kv.capacity_tokens,
-                        self.kv.num_blocks, self.kv.block_size, self.max_seq_len, self.kv.capacity_tokens)
-            self.max_seq_len = self.kv.capacity_tokens
+        self.max_seq_len, self._context_why = context_limit(self.kv, self.max_seq_len)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.store, self.pool = self.catalog.store, self.catalog.pool
         check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
@@ -121,16 +112,14 @@ class Engine:
             self.dtype = torch.float32  # half-precision matmuls are slow on CPUs without bf16 units
         self.model = load_model(model_path, str(self.dtype).removeprefix("torch."), str(self.device),
                                 cfg.model.max_memory_bytes or None)
-        self.tokenizer = self._tokenizer(model_path)
+        self.tokenizer = load_tokenizer_or_none(model_path)
         eos = getattr(hf_config, "eos_token_id", None)
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
         """The compiled decode step, per engine.compile: true = each variant at its first use, or
-        before serving with `warm_up` (on CPU, where one variant serves every step); auto = on
-        CUDA as true (a graphed step is ~10x an eager one), on CPU the variant compiles when the
-        engine is idle (`idle`) while steps run eagerly, so no step waits for a compile and a
-        job that never idles runs as eagerly as compile=false."""
+        before serving (`warm_up`); auto = as true on CUDA, on CPU compiled when the engine idles
+        (`idle`) while steps run eagerly: a job that never idles runs as compile=false."""
         mode = self.config.compile
         if mode == "false":
             return None
@@ -158,14 +147,6 @@ class Engine:
                 return False
             return self.graphs.compile_pending()
 
-    @staticmethod
-    def _tokenizer(path: Path):
-        try:
-            return load_tokenizer(path)
-        except Exception as e:  # a weights-only folder still serves token ids
-            log.warning("no tokenizer in %s (%s): only token-id prompts are accepted", path, e)
-            return None
-
     # ---- adapters -------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Validates and registers one adapter at run time (AdapterCatalog.register)."""
@@ -188,8 +169,7 @@ class Engine:
         return self.catalog.infos()
 
     def preload_all(self) -> None:
-        """Makes every registered adapter resident (the CACHED baseline); needs enough slots."""
-        self.catalog.preload("all")
+        self.catalog.preload("all")  # every adapter resident (the CACHED baseline): a free slot each
 
     def snapshot(self) -> EngineState:
         """The live state a router reads (`/v1/state`, a Ray replica's routing stats): running and
@@ -335,8 +315,7 @@ class Engine:
             return outs + self.outputs.step_outputs(reqs, tokens, self._finish)
 
     def _fail_sampling(self, req: Request, why: str) -> RequestOutput:
-        """Ends a request its step's sampling failed on; logits that are not finite on an
-        adapter's request are that adapter's doing (the caller's choice: a 400 at the API)."""
+        """Ends a request whose sampling failed; non-finite logits on an adapter's are the adapter's doing."""
         if why == NONFINITE and req.adapter is not None:
             return self._fail(req, f"adapter {req.adapter!r} cannot be used: {NONFINITE}", ErrorCause.ADAPTER)
         return self._fail(req, f"sampling failed on this request ({why})")
@@ -391,8 +370,8 @@ class Engine:
         params: SamplingParams | list[SamplingParams] | None = None,
         adapters: list[str | None] | None = None,
     ) -> list[Request]:
-        """Runs prompts to completion; returns the finished requests in input order. A prompt the
-        engine refuses (RequestError) raises before any runs: those added before it are aborted."""
+        """Runs prompts to completion; returns the finished requests in input order. A refused
+        prompt raises (RequestError) before any runs, the ones added before it aborted."""
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapters = adapters or [None] * n

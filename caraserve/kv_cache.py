@@ -17,11 +17,14 @@ least recently released cached ones.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 
 import torch
 
 from caraserve.config_checks import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -69,6 +72,20 @@ def plan_blocks(cfg, args, dtype: torch.dtype, device: torch.device, max_seq_len
                           f"({per_block} bytes): raise engine.kv_cache_bytes or engine.gpu_memory_utilization, "
                           "or set engine.num_kv_blocks")
     return int(blocks)
+
+
+def context_limit(kv: KVCache, max_seq_len: int) -> tuple[int, str]:
+    """(the most tokens one request may hold, what limits it when that is not max_seq_len: "").
+    A request longer than the cache could never run, so a cache holding fewer tokens than
+    max_seq_len makes its capacity the limit (a warning says so): clients read it as
+    max_model_len and size their defaults by it."""
+    if kv.capacity_tokens >= max_seq_len:
+        return max_seq_len, ""
+    log.warning("the KV cache holds %d tokens (%d blocks of %d), fewer than engine.max_seq_len=%d: a request's "
+                "prompt + output tokens are limited to %d (more blocks: engine.num_kv_blocks, engine.kv_cache_bytes "
+                "or engine.gpu_memory_utilization)", kv.capacity_tokens, kv.num_blocks, kv.block_size, max_seq_len,
+                kv.capacity_tokens)
+    return kv.capacity_tokens, f" (all the KV cache holds: {kv.num_blocks} blocks of {kv.block_size} tokens)"
 
 
 class KVCache:

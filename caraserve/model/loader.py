@@ -186,6 +186,15 @@ def load_model(
     return model
 
 
+def load_tokenizer_or_none(path: str | os.PathLike):
+    """The folder's tokenizer, or None with a warning: a weights-only folder still serves token ids."""
+    try:
+        return load_tokenizer(path)
+    except Exception as e:
+        log.warning("no tokenizer in %s (%s): only token-id prompts are accepted", path, e)
+        return None
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 

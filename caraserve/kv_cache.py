@@ -216,6 +216,16 @@ class KVCache:
             self._cached[h] = block
             self._hash_of[block] = h
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached block nobody holds (they become empty); blocks requests hold keep
+        theirs. How many were forgotten (vLLM's reset_prefix_cache: benchmarks start cold)."""
+        for block in self._evictable:
+            del self._cached[self._hash_of.pop(block)]
+            self._free.append(block)
+        n = len(self._evictable)
+        self._evictable.clear()
+        return n
+
     @property
     def bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)

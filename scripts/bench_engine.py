@@ -50,6 +50,10 @@ def run_ours(engine, prompts, adapters, new_tokens):
     from caraserve.request import SamplingParams
 
     sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    # Each run starts with the prefix cache cold, as the peer does: blocks cached by the warm-up
+    # or an earlier repeat would skip prefill the peer computes (prompts shared inside a run
+    # still share blocks, as they would in a server)
+    engine.kv.reset_prefix_cache()
     t0 = time.perf_counter()
     reqs = engine.generate(prompts, sp, adapters)
     wall = time.perf_counter() - t0

@@ -71,6 +71,13 @@ def hf_twin(model, shape: str):
     return hf.eval()
 
 
+def same_dtype(fn) -> dict:
+    """autocast_adapter_dtype=False where peft's `fn` takes it."""
+    import inspect
+
+    return {"autocast_adapter_dtype": False} if "autocast_adapter_dtype" in inspect.signature(fn).parameters else {}
+
+
 def with_adapters(hf, loras):
     """`hf` wrapped by peft with every adapter of `loras` (LoraWeights), weights copied in."""
     from peft import LoraConfig, get_peft_model
@@ -78,10 +85,12 @@ def with_adapters(hf, loras):
     model = None
     for w in loras:
         cfg = LoraConfig(r=w.rank, lora_alpha=w.scale * w.rank, target_modules=list(w.a), lora_dropout=0.0)
+        # autocast_adapter_dtype=False: the adapters in the model's dtype, as ours (peft would
+        # upcast bf16 adapters to float32 and compute them there); older peft has no such option
         if model is None:
-            model = get_peft_model(hf, cfg, adapter_name=w.name)
+            model = get_peft_model(hf, cfg, adapter_name=w.name, **same_dtype(get_peft_model))
         else:
-            model.add_adapter(w.name, cfg)
+            model.add_adapter(w.name, cfg, **same_dtype(model.add_adapter))
     layers = model.base_model.model.model.layers
     with torch.no_grad():
         for w in loras:
@@ -96,6 +105,7 @@ def with_adapters(hf, loras):
 def run_ours(engine, prompts, adapters, new_tokens) -> tuple[float, list[list[int]]]:
     from caraserve.request import SamplingParams
 
+    engine.kv.reset_prefix_cache()  # cold, as the peer: the warm-up and earlier repeats ran these prompts
     t0 = time.perf_counter()
     reqs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True), adapters)
     wall = time.perf_counter() - t0

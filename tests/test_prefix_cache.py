@@ -65,6 +65,24 @@ def test_published_blocks_are_shared_cached_and_evicted_lru():
         kv.share(t3, [hit[0]])
 
 
+def test_reset_forgets_the_cached_blocks_nobody_holds():
+    """Benchmarks start each run cold: cached blocks nobody holds are forgotten (and free), those
+    a request holds stay cached."""
+    kv = cache(blocks=4)
+    held, released = [], []
+    assert kv.grow(held, 2) and kv.grow(released, 4)
+    h_held, h_rel = block_hashes([], [1, 2], 2, ""), block_hashes([], [5, 6, 7, 8], 2, "")
+    kv.publish(held[0], h_held[0])
+    for block, h in zip(released, h_rel):
+        kv.publish(block, h)
+    kv.free(released)
+    assert kv.cached_blocks == 3 and kv.free_blocks == 3
+    assert kv.reset_prefix_cache() == 2
+    assert kv.match(h_rel) == [] and kv.match(h_held) == held and kv.free_blocks == 3
+    taken: list[int] = []
+    assert kv.grow(taken, 6) and sorted(taken) == sorted(set(range(1, 5)) - set(held))
+
+
 PROMPTS = [SYSTEM + [7, 8, 9], SYSTEM + [40, 41], SYSTEM + [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
 
 

@@ -29,6 +29,7 @@ def threads(request):
     ([3, 0, 6], (12, 5, 24), 100, 77),  # ranks and widths that are not multiples of the vector
     ([8], (128,), 688, 256),
     ([4, 4], (1, 3), 9, 3),  # smaller than one vector everywhere
+    ([37, 130, 3], (8, 64, 16), 256, 688),  # a prefill step's prompt segments
 ])
 def test_kernel_matches_float64(fn, layout, ranks, in_f, out_f, threads):
     g = torch.Generator().manual_seed(len(layout) * 31 + in_f)
@@ -59,8 +60,8 @@ def test_rows_outside_runs_untouched(fn):
 
 def test_table_declines_what_the_kernel_does_not_take():
     a, b = torch.randn(16, 8), torch.randn(8, 16)
-    assert kernel_runs.RunTable([(0, kernel_runs.MAX_ROWS, a, b, 1.0)]).fits
-    assert not kernel_runs.RunTable([(0, kernel_runs.MAX_ROWS + 1, a, b, 1.0)]).fits  # a prefill segment
+    assert kernel_runs.RunTable([(0, 4, a, b, 1.0), (4, 900, a, b, 1.0)]).fits  # a prompt segment too
+    assert not kernel_runs.RunTable([(0, 4, a, b, 1.0), (3, 6, a, b, 1.0)]).fits  # runs that share a row
     assert not kernel_runs.RunTable([(0, 4, a.double(), b.double(), 1.0)]).fits
     assert not kernel_runs.RunTable([(0, 4, a.t().contiguous().t(), b, 1.0)]).fits
     big = torch.randn(16, kernel_runs.MAX_RANK + 8)
@@ -69,10 +70,13 @@ def test_table_declines_what_the_kernel_does_not_take():
     assert not kernel_runs.usable(torch.zeros(8, 4).t(), torch.zeros(4, 8))
 
 
-@pytest.mark.parametrize("rows_per_run", [4, kernel_runs.MAX_ROWS + 4])  # kernel, then torch's GEMMs
-def test_add_lora_runs_both_paths_agree(rows_per_run):
+@pytest.mark.parametrize("rows_per_run,kernel", [(4, True), (100, True), (4, False), (100, False)])
+def test_add_lora_runs_both_paths_agree(rows_per_run, kernel):
     g = torch.Generator().manual_seed(rows_per_run)
     runs, rows = make_runs([rows_per_run, rows_per_run], 64, 32, (8, 16), g)
+    if not kernel:  # an A the kernel cannot read (not contiguous): torch's GEMMs
+        start, end, a, b, scale = runs[0]
+        runs[0] = (start, end, a.t().contiguous().t(), b, scale)
     x = torch.randn(rows, 64, generator=g)
     y = torch.randn(rows, 32, generator=g)
     want = reference(y, x, runs)
@@ -82,7 +86,7 @@ def test_add_lora_runs_both_paths_agree(rows_per_run):
     add_lora_runs(y, x, groups, 0, "q_proj", tables)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
     assert list(tables) == [(0, "q_proj")] and tables[(0, "q_proj")].n == 2
-    assert tables[(0, "q_proj")].fits == (rows_per_run <= kernel_runs.MAX_ROWS)
+    assert tables[(0, "q_proj")].fits == kernel
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -11,7 +11,7 @@ from caraserve import kernel_library
 from caraserve.lora import kernel_runs
 from caraserve.lora.backend import LORA_GROUPS, LORA_ROWS, LoraBackend
 from caraserve.lora.batch import LoraBatch
-from caraserve.lora.kernel_runs import MAX_ROWS, KernelWeights, ProjectionRuns, RunTable, StepRuns, packed, run_records
+from caraserve.lora.kernel_runs import KernelWeights, ProjectionRuns, RunTable, StepRuns, packed, run_records
 from caraserve.lora.ops import add_lora_runs
 
 MISSING = object()
@@ -19,7 +19,7 @@ MISSING = object()
 
 class CpuLoraBackend(LoraBackend):
     """CPU: every adapter's rows of a module in one call of the C kernel (`add_lora_runs`; torch's
-    GEMMs for long prompt segments or where the kernel is unavailable). Steps reach it through the
+    GEMMs where the kernel is unavailable or cannot read a slot's weights). Steps reach it through the
     op `caraserve::lora_runs_`, opaque to the compiler, which finds this backend by its handle and
     reads the prepared LoraBatch: one compiled variant serves every adapter mix.
 
@@ -27,7 +27,7 @@ class CpuLoraBackend(LoraBackend):
     (layer, module) (`_slots`), and the prepared batch layout's kernel runs, built from those
     records (`_step`, a kernel_runs.StepRuns; kept while the pool hands out the same LoraBatch,
     i.e. while a decode batch's rows and slots stay). Layouts the kernel does not take whole
-    (long prompt segments, weights it cannot read) use per-module tables (`_tables`, with a torch
+    (a slot's weights it cannot read) use per-module tables (`_tables`, with a torch
     fallback per module). A write into a slot (DevicePool.on_write) drops that slot's copies and
     records, and the layout's runs when the layout reads that slot, so nothing outlives the
     weights it was made from; everything else stays (with thousands of tenants a slot is written
@@ -96,10 +96,7 @@ class CpuLoraBackend(LoraBackend):
     def _table(self, groups, layer: int, name: str) -> RunTable | None:
         """The kernel table of module `name` of `layer` over the groups' runs, from the slots'
         cached KernelWeights (a step's layout changes at every admission: this is on the step);
-        None when a segment is longer than the kernel takes (a prompt's: torch's GEMMs then),
-        which no table is built for."""
-        if any(count > MAX_ROWS for g in groups if name in g.modules for _, count, _ in g.index.segments):
-            return None
+        runs whose weights the kernel cannot read make a table that does not fit (torch then)."""
         runs, widths = [], None
         for g in groups:
             if name not in g.modules:
@@ -169,13 +166,13 @@ class CpuLoraBackend(LoraBackend):
             add_lora_runs(yp, x, lora.groups, layer, part, self._tables, self._pack, self._table)
 
     def _step_runs(self, lora: LoraBatch) -> StepRuns | None:
-        """The layout's runs of every module from its slots' records (None when a segment is too
-        long for the kernel or a slot's weights are not the kernel's: torch then, per module)."""
+        """The layout's runs of every module from its slots' records (None when a slot's weights
+        are not the kernel's: per-module tables then)."""
         records, rows, scales, targeted = [], [], [], []
         for g in lora.groups:
             for start, count, slot in g.index.segments:
                 rec = self._slot_records(g, slot)
-                if rec is None or count > MAX_ROWS:
+                if rec is None:
                     return None
                 records.append(rec)
                 rows.append((start, start + count))

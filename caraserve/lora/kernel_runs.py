@@ -7,7 +7,9 @@ A decode step on CPU adds, for every adapted module, one small matmul pair per a
 batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
 kernel does all runs of a projection in one call, with no allocation, reading packed copies of
 the slots' weights (column panels read front to back; the pool's own layout made it walk them
-with a stride, and a step finds them in L3 or memory, not in cache).
+with a stride, and a step finds them in L3 or memory, not in cache). Prompt segments go through
+it too: its blocks of 8 rows re-read a weight panel from L2, which costs less than the skinny
+GEMMs (`x @ A` of rank 8-64 columns) torch runs for them.
 
 Where the kernel does not take a call (`fits` False, `usable` False) the caller runs torch (same
 results to float rounding). Everything the kernel will read or write through a pointer is
@@ -25,7 +27,6 @@ import torch
 from caraserve.kernel_library import LoraPart, LoraRun
 
 MAX_RANK = 1024  # the kernel's block buffer (csrc/lora_cpu.c)
-MAX_ROWS = 16  # runs longer than this (prefill segments) go to torch's GEMMs, which win there
 RUN_RECORD = np.dtype(LoraRun)  # the kernel's lora_run as a numpy record, field for field
 PART_RECORD = np.dtype(LoraPart)  # and its lora_part
 
@@ -115,7 +116,7 @@ class KernelWeights(NamedTuple):
 
 class RunTable:
     """The runs of one module of one step, as the kernel's argument array. `fits` is False when
-    the kernel should not take them (long runs, big ranks, weights that are not contiguous
+    the kernel should not take them (big ranks, weights that are not contiguous
     float32 on the CPU, runs that share rows): then the caller uses torch. Runs whose rank and
     output width are multiples of 8 point at packed copies of their weights, from `pack(a, b)`
     (default `packed`, a fresh copy; the CPU LoRA backend passes its cache); the table keeps what
@@ -130,9 +131,9 @@ class RunTable:
             if a.shape[0] != in_features or b.shape[1] != out_features:
                 raise ValueError(f"runs[{i}]: A {list(a.shape)} and B {list(b.shape)} are not of runs[0]'s widths "
                                  f"(in {in_features}, out {out_features}): one module's runs share them")
-        shaped = _disjoint(runs) and all(end - start <= MAX_ROWS for start, end, *_ in runs)
+        disjoint = _disjoint(runs)
         self._build(in_features, out_features,
-                    [(start, end, KernelWeights.of(a, b, pack) if shaped else None, scale)
+                    [(start, end, KernelWeights.of(a, b, pack) if disjoint else None, scale)
                      for start, end, a, b, scale in runs])
 
     @classmethod
@@ -152,8 +153,8 @@ class RunTable:
                                  f"of ({in_features}, {out_features})")
             checked.append((start, end, w, scale))
         table = cls.__new__(cls)
-        shaped = _disjoint(checked) and all(end - start <= MAX_ROWS for start, end, *_ in checked)
-        table._build(in_features, out_features, checked if shaped else [(s, e, None, c) for s, e, _, c in checked])
+        table._build(in_features, out_features,
+                     checked if _disjoint(checked) else [(s, e, None, c) for s, e, _, c in checked])
         return table
 
     def _build(self, in_features: int, out_features: int, runs) -> None:
@@ -202,7 +203,7 @@ class StepRuns:
     entry [l, m, j] segment j's run of module m at layer l. A segment whose adapter leaves a
     module alone has an empty row range there. Built from per-slot records (`run_records`, made
     once per slot write) with a few array operations, so a layout change costs no table per
-    module. The rows must be disjoint ranges of at most MAX_ROWS rows (the caller's segments)."""
+    module. The rows must be disjoint ranges (the caller's segments)."""
 
     def __init__(self, slot_records: list[np.ndarray], targeted: np.ndarray, rows: list[tuple[int, int]],
                  scales: list[float], widths: list[tuple[int, int]], keep=()):
@@ -213,9 +214,8 @@ class StepRuns:
                 targeted.shape[0] != len(widths):
             raise ValueError("StepRuns: one record array, row range, scale and targets column per segment, "
                              "one width pair per module")
-        if any(not 0 <= start <= end or end - start > MAX_ROWS for start, end in rows) or \
-                not _disjoint([(start, end) for start, end in rows]):
-            raise ValueError(f"StepRuns: rows {rows} are not disjoint ranges of at most {MAX_ROWS} rows")
+        if any(not 0 <= start <= end for start, end in rows) or not _disjoint(rows):
+            raise ValueError(f"StepRuns: rows {rows} are not disjoint ranges of rows")
         starts = np.array([start for start, _ in rows], dtype=np.int64)
         ends = np.array([end for _, end in rows], dtype=np.int64)
         rec = np.ascontiguousarray(np.stack(slot_records, axis=-1))  # [L, M, n], addressed by offset below

@@ -35,11 +35,11 @@ def sgmv_reference(
 def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: str, tables: dict | None = None,
                   pack=None, make_table=None) -> None:
     """The CPU form: y[rows] += scale * (x[rows] @ A) @ B, one small matmul pair per adapter of
-    `groups` that targets module `name`. Float32 decode-sized runs go to the C kernel
+    `groups` that targets module `name`. Float32 runs go to the C kernel
     (`kernel_runs`), all of a module's runs in one call; `tables` (the CPU backend's, per batch
     layout) keeps their argument arrays across steps; `make_table(groups, layer, name)` builds
     one (default: a RunTable of the groups' runs whose packed weights come from `pack(a, b)`), or
-    None when the runs are not the kernel's (prompt segments: torch's GEMMs)."""
+    None when the runs are not the kernel's (torch's GEMMs then)."""
     fn = kernel_library.kernel() if kernel_runs.usable(y, x) else None
     if fn is not None:
         table = tables.get((layer, name), _MISSING) if tables is not None else _MISSING

@@ -157,3 +157,22 @@ def test_chat_echo_begins_the_answer_with_the_assistants_last_message(live):
     user_last = {**body, "messages": messages[:1], "echo": True}
     assert post(live, "/v1/chat/completions", user_last).json()["choices"][0]["message"]["content"] == \
         post(live, "/v1/chat/completions", {**user_last, "echo": False}).json()["choices"][0]["message"]["content"]
+
+
+def test_a_body_without_model_is_for_the_served_base_model(live):
+    """vLLM's server takes a missing (or null) `model` as the base model: same tokens, and the
+    answer names the served model."""
+    want = post(live, "/v1/completions", BODY).json()
+    for model in ({}, {"model": None}):
+        body = {**{k: v for k, v in BODY.items() if k != "model"}, **model}
+        got = post(live, "/v1/completions", body).json()
+        assert got["model"] == want["model"] == "tiny"
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    with_model = post(live, "/v1/chat/completions", {**chat, "model": "tiny"}).json()
+    without = post(live, "/v1/chat/completions", chat).json()
+    assert without["model"] == "tiny" and without["choices"] == with_model["choices"]
+    assert {c["model"] for c in chunks(live, "/v1/chat/completions", chat)} == {"tiny"}
+    assert post(live, "/tokenize", {"prompt": "import os"}).json()["tokens"] == \
+        post(live, "/tokenize", {"model": "tiny", "prompt": "import os"}).json()["tokens"]
+    assert post(live, "/v1/completions", {**BODY, "model": "nope"}).status_code == 404

@@ -139,7 +139,7 @@ class RayService:
         target, resynced = "", False
         for attempt in range(self.cfg.max_attempts):
             # A retry gets an id of its own: the replica tried first may still list the first one.
-            hint = RouteHint(body.model, prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
+            hint = RouteHint(body.model or "", prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
                              attempt, target=target, rank=self.runtime_ranks.get(body.model, 0))
             gen = self.replicas.options(stream=True).generate.remote(hint, kind, body, include_usage)
             try:

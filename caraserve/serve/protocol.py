@@ -34,7 +34,7 @@ class _Sampling(BaseModel):
         """A field sent as JSON null takes its default, as OpenAI's and vLLM's servers read it."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    model: str
+    model: str | None = None  # None: the served base model (as vLLM's server takes it)
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -152,7 +152,7 @@ class TokenizeRequest(BaseModel):
 
     model_config = _STRICT
 
-    model: str
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM's)
@@ -169,7 +169,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = _STRICT
 
-    model: str
+    model: str | None = None
     tokens: list[int]
 
 

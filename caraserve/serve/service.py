@@ -95,9 +95,13 @@ class EngineService:
         """A generation request refused before it reached the engine (http.install_error_handlers)."""
         self.metrics_.rejected(reason)
 
-    async def resolve_model(self, name: str) -> str | None:
+    async def resolve_model(self, body) -> str | None:
         """The adapter a request's `model` names (None: the base model); an adapter not registered
-        yet is looked up in adapters.resolve_dirs (a disk read, off the event loop)."""
+        yet is looked up in adapters.resolve_dirs (a disk read, off the event loop). A body without
+        `model` is for the base model, and its answer names the served model."""
+        if body.model is None:
+            body.model = self.served_name
+        name = body.model
         if name == self.served_name:
             return None
         if self.service.is_serving(name):
@@ -151,7 +155,7 @@ class EngineService:
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
                          disconnected: Disconnected | None = None) -> Answer:
-        adapter = await self.resolve_model(body.model)
+        adapter = await self.resolve_model(body)
         prompts = self._completion_prompts(body.prompt)
         if isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
@@ -240,7 +244,7 @@ class EngineService:
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None) -> Answer:
-        adapter = await self.resolve_model(body.model)
+        adapter = await self.resolve_model(body)
         messages = self._chat_checks(body)
         engine = self.engine
         wanted = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs
@@ -272,11 +276,11 @@ class EngineService:
                                    max(o.cached_tokens for o in outs))
 
     async def tokenize(self, body: proto.TokenizeRequest) -> dict:
-        await self.resolve_model(body.model)
+        await self.resolve_model(body)
         return await self._tokenizer_call(self.prompts.tokenize, body)
 
     async def detokenize(self, body: proto.DetokenizeRequest) -> dict:
-        await self.resolve_model(body.model)
+        await self.resolve_model(body)
         return await self._tokenizer_call(self.prompts.detokenize, body)
 
     async def _tokenizer_call(self, fn, body) -> dict:

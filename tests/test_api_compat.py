@@ -102,7 +102,7 @@ def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live, monkey
 @pytest.mark.parametrize("field, value, says", [
     ("response_format", {"type": "json_object"}, "response_format"),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "response_format"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),  # tool_choice "auto" by default
     ("tool_choice", "required", "tool_choice"),
     ("tool_choice", "auto", "tool_choice"),
     ("guided_json", {"type": "object"}, "guided_json"),
@@ -176,3 +176,37 @@ def test_a_body_without_model_is_for_the_served_base_model(live):
     assert post(live, "/tokenize", {"prompt": "import os"}).json()["tokens"] == \
         post(live, "/tokenize", {"model": "tiny", "prompt": "import os"}).json()["tokens"]
     assert post(live, "/v1/completions", {**BODY, "model": "nope"}).status_code == 404
+
+
+def test_tools_with_tool_choice_none_are_rendered_by_the_chat_template():
+    """As vLLM's server: tools the model is told not to call (tool_choice "none") go to the chat
+    template; anywhere else they are refused (no tool calls are parsed here)."""
+    template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256,
+                                 adapters=AdapterConfig(dir="none")))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    with in_process_server(engine, ServerConfig(chat_template=template)) as (base, _):
+        live = {"base": base}
+
+        def prompt_tokens(body):
+            r = post(live, "/v1/chat/completions", body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        def count(text):
+            return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        want = count("[tool lookup]user: hi\n")
+        assert prompt_tokens({**chat, "tools": tools, "tool_choice": "none"}) == want
+        assert prompt_tokens({**chat, "functions": [tools[0]["function"]], "function_call": "none"}) == want
+        assert prompt_tokens(chat) == count("user: hi\n") < want
+        tokenized = post(live, "/tokenize", {"messages": chat["messages"], "tools": tools}).json()
+        assert tokenized["count"] == want
+        for refused in ({**chat, "tools": tools}, {**chat, "tools": tools, "tool_choice": "auto"},
+                        {**chat, "tools": ["lookup"], "tool_choice": "none"}):
+            r = post(live, "/v1/chat/completions", refused)
+            assert r.status_code == 400 and "tool" in r.json()["error"]["message"], r.text
+        r = post(live, "/v1/completions", {**BODY, "tools": tools, "tool_choice": "none"})
+        assert r.status_code == 400 and "tools" in r.json()["error"]["message"], r.text

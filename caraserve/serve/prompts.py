@@ -4,6 +4,8 @@ the template or the tokenizer runs; a refusal is a RequestError naming the probl
 
 from __future__ import annotations
 
+import json
+
 from caraserve.request import RequestError, check_prompt_text
 from caraserve.serve import protocol as proto
 
@@ -32,12 +34,21 @@ class Prompts:
         return out
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               add_special_tokens: bool = False) -> list[int]:
-        """Token ids of checked messages (`messages`) through the chat template."""
+               add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of checked messages (`messages`) through the chat template, with `tools`
+        (JSON schemas the template may render) counted into limits.max_prompt_bytes."""
         tok = self.engine.tokenizer
+        if tools:
+            try:
+                size = len(json.dumps(tools).encode())
+            except (TypeError, ValueError, UnicodeEncodeError) as e:
+                raise RequestError(f"tools: not JSON text ({e})") from None
+            if size > self.limits.max_prompt_bytes:
+                raise RequestError(f"tools: {size} bytes is more than {self.limits.max_prompt_bytes} "
+                                   "(limits.max_prompt_bytes)")
         try:
             text = tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt)
+                                           add_generation_prompt=add_generation_prompt, tools=tools or None)
         except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
             raise RequestError(f"cannot apply the chat template: {e}") from e
         return tok(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -45,7 +56,8 @@ class Prompts:
     def tokenize(self, body: proto.TokenizeRequest) -> dict:
         """vLLM's /tokenize answer: the ids, their count and the context length."""
         if body.messages is not None:
-            ids = self.render(self.messages(body.messages), body.add_generation_prompt, bool(body.add_special_tokens))
+            ids = self.render(self.messages(body.messages), body.add_generation_prompt, bool(body.add_special_tokens),
+                              body.tools)
         else:
             check_prompt_text(body.prompt, self.engine.tokenizer, self.limits)
             add = body.add_special_tokens is None or body.add_special_tokens

@@ -59,9 +59,9 @@ class _Sampling(BaseModel):
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
     # JSON mode or tools must not get free text back as if they had applied).
     response_format: dict | None = None
-    tools: list | None = None
+    tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    functions: list | None = None  # OpenAI's older form of tools
+    functions: list[dict] | None = None  # OpenAI's older form of tools
     function_call: str | dict | None = None
     best_of: int | None = None  # only as many as n: every completion made is returned
     guided_json: Any = None
@@ -77,13 +77,6 @@ class _Sampling(BaseModel):
             raise ValueError(f"type {value.get('type')!r} is not supported: no structured outputs here (only 'text')")
         return value
 
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value: list) -> list:
-        if value:
-            raise ValueError("tool calling is not supported by this server")
-        return value
-
     @field_validator("tool_choice", "function_call")
     @classmethod
     def _no_tool_choice(cls, value):
@@ -95,6 +88,25 @@ class _Sampling(BaseModel):
     @classmethod
     def _no_guided_decoding(cls, value):
         raise ValueError("structured outputs (guided decoding) are not supported by this server")
+
+    @model_validator(mode="after")
+    def _tools_only_listed(self) -> _Sampling:
+        """Tools are taken only where the model is told not to call them (chat, tool_choice
+        "none"): the chat template renders them into the prompt, as vLLM's server does. Calls
+        cannot be served: no tool-call parser here."""
+        for listed, choice, choice_name in (("tools", self.tool_choice, "tool_choice"),
+                                            ("functions", self.function_call, "function_call")):
+            if getattr(self, listed) and (choice != "none" or not isinstance(self, ChatCompletionRequest)):
+                raise ValueError(f"{listed}: tool calling is not supported by this server ({listed} are taken "
+                                 f"only on chat completions with {choice_name}: 'none', which renders them into "
+                                 "the prompt through the chat template)")
+        return self
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools (or the older `functions`, as tools) the chat template renders, or None."""
+        if self.tools:
+            return self.tools
+        return [{"type": "function", "function": f} for f in self.functions] if self.functions else None
 
     @model_validator(mode="after")
     def _stream_options_with_stream(self) -> _Sampling:
@@ -155,6 +167,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict] | None = None  # with messages: rendered by the chat template (as vLLM's)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM's)
     add_generation_prompt: bool = True
     return_token_strs: bool = False  # each token's string too (the tokenizer's own pieces), as vLLM's

@@ -252,7 +252,8 @@ class EngineService:
         self.sampling(body, max(1, min(body.min_tokens, engine.max_seq_len)), wanted)
 
         try:
-            ids = await self._off_loop(lambda: engine.encode(self.prompts.render(messages)))
+            tools = body.template_tools()
+            ids = await self._off_loop(lambda: engine.encode(self.prompts.render(messages, tools=tools)))
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

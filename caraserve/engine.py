@@ -40,7 +40,7 @@ from caraserve.request import (
 )
 from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
-from caraserve.state import EngineState, RequestView
+from caraserve.state import EngineState
 from caraserve.step_isolation import NONFINITE, StepIsolation, describe
 
 log = logging.getLogger(__name__)
@@ -176,22 +176,9 @@ class Engine:
         queued requests with their ranks and remaining output tokens, resident adapters, every
         adapter's rank, and a copy of the latency model the scheduler keeps refitting."""
         with self._lock:
-            sched = self.scheduler
-
-            def view(r: Request) -> RequestView:
-                return RequestView(r.adapter or "", sched.rank_of(r), len(r.prompt_ids),
-                                   max(r.params.max_tokens - len(r.output_ids), 0), r.request_id)
-
             names = self.store.names()
-            perf = PerfModel.from_dict(self.perf_model.to_dict()) if self.perf_model is not None else None
-            return EngineState(
-                sched.max_batch_size, tuple(view(r) for r in sched.running), tuple(view(r) for r in sched.waiting),
-                frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT),
-                {n: self.store.info(n).rank for n in names}, sched.slo_s * 1e3, perf,
-                kv_block_size=self.kv.block_size, kv_blocks_total=self.kv.num_blocks,
-                kv_blocks_free=self.kv.free_blocks, preemptions=sched.num_preemptions,
-                kv_blocks_cached=self.kv.cached_blocks, prefix_query_tokens=self.kv.query_tokens,
-                prefix_hit_tokens=self.kv.hit_tokens)
+            return EngineState.of(self.scheduler, self.kv, {n: self.store.info(n).rank for n in names},
+                                  frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT))
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -370,31 +357,38 @@ class Engine:
         params: SamplingParams | list[SamplingParams] | None = None,
         adapters: list[str | None] | None = None,
     ) -> list[Request]:
-        """Runs prompts to completion; returns the finished requests in input order. A refused
-        prompt raises (RequestError) before any runs, the ones added before it aborted."""
+        """Runs prompts to completion; returns the finished requests in input order. Lists of
+        other lengths than the prompts' or a refused prompt raise before any runs; a step that
+        raises aborts the requests (none stays queued for the next caller)."""
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapters = adapters or [None] * n
+        if not len(params_list) == len(adapters) == n:
+            raise ValueError(f"generate: {n} prompts but {len(params_list)} params and {len(adapters)} adapters")
         reqs: list[Request] = []
         try:
             for p, sp, a in zip(prompts, params_list, adapters):
                 reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
-        except BaseException:
+            while any(not r.finished for r in reqs):
+                if not self.step() and not self.scheduler.running:
+                    time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
+        finally:
             for r in reqs:
-                self.abort(r.request_id)
-            raise
-        while any(not r.finished for r in reqs):
-            self.step()
+                self.abort(r.request_id)  # (a finished one is left alone)
         return reqs
 
     def stream(
         self, prompt, params: SamplingParams | None = None, adapter: str | None = None
     ) -> Iterator[RequestOutput]:
-        """Adds one request and yields its outputs as they come, stepping the engine."""
+        """Adds one request and yields its outputs as they come, stepping the engine; closing the
+        generator early (or a step that raises) aborts the request."""
         rid = self.add_request(prompt, params, adapter)
-        while True:
-            for out in self.step():
-                if out.request_id == rid:
-                    yield out
-                    if out.finished:
-                        return
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(rid)

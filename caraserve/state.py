@@ -66,6 +66,22 @@ class EngineState:
     def __post_init__(self):
         object.__setattr__(self, "adapters", dict(self.adapters))  # a copy the caller cannot change
 
+    @classmethod
+    def of(cls, sched, kv, ranks: Mapping[str, int], resident: frozenset[str]) -> EngineState:
+        """The state of an engine's scheduler (caraserve.scheduler.Scheduler) and KV cache
+        (caraserve.kv_cache.KVCache), with every adapter's rank and the resident ones."""
+
+        def view(r) -> RequestView:
+            return RequestView(r.adapter or "", sched.rank_of(r), len(r.prompt_ids),
+                               max(r.params.max_tokens - len(r.output_ids), 0), r.request_id)
+
+        perf = sched.perf_model and PerfModel.from_dict(sched.perf_model.to_dict())  # a copy: it keeps changing
+        return cls(sched.max_batch_size, tuple(map(view, sched.running)), tuple(map(view, sched.waiting)),
+                   resident, ranks, sched.slo_s * 1e3, perf,
+                   kv_block_size=kv.block_size, kv_blocks_total=kv.num_blocks, kv_blocks_free=kv.free_blocks,
+                   preemptions=sched.num_preemptions, kv_blocks_cached=kv.cached_blocks,
+                   prefix_query_tokens=kv.query_tokens, prefix_hit_tokens=kv.hit_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (the wire form of /v1/state and of a Ray replica's routing stats)."""
         return {"model": self.model, "max_batch_size": self.max_batch_size,

@@ -1,0 +1,60 @@
+"""Engine.generate and Engine.stream, the offline Python API: what they refuse, and that a caller
+who stops early (or a step that raises) leaves nothing of its requests in the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from caraserve.config import EngineConfig
+from caraserve.engine import Engine
+from caraserve.request import SamplingParams
+
+SP = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128))
+
+
+def assert_empty(engine, free_blocks):
+    assert not engine.has_unfinished() and engine.kv.free_blocks == free_blocks
+    assert engine.snapshot().running == engine.snapshot().queued == ()
+
+
+def test_generate_refuses_lists_of_other_lengths(engine):
+    free = engine.kv.free_blocks
+    for params, adapters in (([SP, SP], None), (SP, ["demo-r8"]), ([SP] * 3, ["demo-r8"] * 2)):
+        with pytest.raises(ValueError, match="3 prompts"):
+            engine.generate(["a", "b", "c"], params, adapters)
+    assert_empty(engine, free)
+
+
+def test_closing_a_stream_early_aborts_its_request(engine):
+    free = engine.kv.free_blocks
+    gen = engine.stream(list(range(10, 50)), SP, "demo-r8")
+    outs = [next(gen) for _ in range(3)]
+    assert not outs[-1].finished and engine.has_unfinished()
+    gen.close()
+    assert_empty(engine, free)
+    engine.unregister_adapter("demo-r8")  # no request holds it any more
+    assert "demo-r8" not in {a.name for a in engine.adapters()}
+
+
+def test_a_step_that_raises_aborts_the_generate_calls_requests(engine, monkeypatch):
+    free, steps = engine.kv.free_blocks, []
+    real_step = engine.step
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate(["import os", "def f():"], SP, [None, "demo-r16"])
+    assert_empty(engine, free)
+    monkeypatch.undo()
+    (done,) = engine.generate(["import os"], SP)  # the engine goes on serving
+    assert len(done.output_ids) == 40

@@ -15,7 +15,7 @@ and a longer context recompiles nothing). On CUDA each variant is replayed as a 
 (mode="reduce-overhead"), one per batch bucket; or, with capture (engine.cuda_graphs=capture),
 the eager forward itself is captured with torch.cuda.graph per bucket, with no compile at all.
 Compiled artifacts are saved to, and loaded from, a cache folder keyed by model, dtype, device
-and torch version, so a restarted engine skips the compile.
+and torch version (`caraserve.compile_cache`), so a restarted engine skips the compile.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import os
 import time
 import types
 from pathlib import Path
@@ -32,16 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caraserve.compile_cache import CompileCache
 from caraserve.graph_capture import GraphCapture
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
 from caraserve.lora.batch import LoraBatch, fill_row_table
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
-from caraserve.paths import cannot_write
 
 log = logging.getLogger(__name__)
-_USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 STEP_VERSION = 11  # of the compiled step's code (part of the artifact cache key)
 
 
@@ -113,7 +111,6 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_batch_size)
         self.block_size = kv_layers[0][0].shape[1]
         self.max_blocks = blocks_for(max_seq_len, self.block_size)  # block-table width a request can need
-        self.cache_file = cache_file
         self.device = model.model.embed_tokens.weight.device
         self.cuda_graphs = self.device.type == "cuda"
         # CUDA: graphs captured over the eager forward (no torch.compile), else compiled ones
@@ -145,19 +142,7 @@ class DecodeGraphs:
             lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
-        if cache_file is not None and cannot_write(cache_file.parent) is not None:
-            log.warning("the compile cache folder %s cannot be written (engine.compile_cache_dir): compiling "
-                        "without a cache kept across restarts", cache_file.parent)
-            self.cache_file = cache_file = None
-        if cache_file is not None:
-            # Inductor's own cache keeps the built kernels (on CPU, compiled C++), which the
-            # portable artifacts below do not: keeping it beside them makes a restart cheap.
-            # Only when the user has not chosen a folder (torch fills the variable in on first use).
-            if not _USER_INDUCTOR_DIR:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_file.parent.resolve() / "inductor")
-            if cache_file.is_file():
-                torch.compiler.load_cache_artifacts(cache_file.read_bytes())
-                log.info("loaded compile artifacts from %s", cache_file)
+        self.cache = CompileCache(cache_file) if cache_file is not None else None
 
     @staticmethod
     def cache_key(model_path: str, dtype: torch.dtype, device: torch.device, max_batch_size: int,
@@ -368,8 +353,8 @@ class DecodeGraphs:
             out = fn(*args)
             self.compile_s += time.perf_counter() - t0
             self._fns[(bsz, nb)] = fn
-            if not self.capture:
-                self._save()
+            if not self.capture and self.cache is not None:
+                self.cache.save()
             return out
 
         return first_call
@@ -382,13 +367,3 @@ class DecodeGraphs:
             return model.run(fb, kv_layers)
 
         return step
-
-    def _save(self) -> None:
-        if self.cache_file is None:
-            return
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is not None:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(".tmp")
-            tmp.write_bytes(artifacts[0])
-            tmp.replace(self.cache_file)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import save_peft_adapter, save_random_hf_model
 
+from caraserve.compile_cache import elf_whole
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.graphs import ANY_BATCH, HOST_RUNS, STEP_INPUTS, batch_buckets, bucket_up, stage_step_inputs
@@ -109,6 +116,22 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
 
     restarted = engine(small, "true", tmp_path / "cache")
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
+
+    # A compiled kernel cut short in the cache (a process killed while linking it) made the next
+    # process fault (SIGBUS) as it loaded it: it is removed, built again, and the tokens hold
+    (kernel,) = sorted((tmp_path / "cache" / "inductor").glob("*/*.so"), key=lambda p: p.stat().st_size)[-1:]
+    cut = kernel.with_suffix(".cut")  # a new file: this process still maps the old one
+    cut.write_bytes(kernel.read_bytes()[:1000])
+    cut.replace(kernel)
+    script = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from pathlib import Path\nfrom test_compile import GREEDY, engine\n"
+              f"e = engine(Path({str(small)!r}), 'true', Path({str(tmp_path / 'cache')!r}))\n"
+              f"print(json.dumps([r.output_ids for r in e.generate({prompts!r}, GREEDY, {adapters!r})]))")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == want
+    assert "removed 1 damaged compiled kernel" in run.stderr and elf_whole(kernel)
 
 
 def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):
@@ -247,13 +270,13 @@ def test_captured_cuda_graphs_leave_a_cpu_engine_as_it_was(small, tmp_path):
 
 
 def test_an_unwritable_compile_cache_is_left_out_and_an_unused_one_never_made(tmp_path, caplog):
-    """engine.compile_cache_dir that cannot be written: compiling goes on without a cache (one
-    warning, not a compile failure and its traceback); one not written yet is not made until
-    something is cached, so a job that compiles nothing leaves no folder behind."""
+    """engine.compile_cache_dir that cannot be written: compiling goes on without saving into it
+    (one warning, not a compile failure and its traceback); one not written yet is not made
+    until something is cached, so a job that compiles nothing leaves no folder behind."""
     cfg = dict(compile="true", adapters=AdapterConfig(dir="none"), max_batch_size=2, max_seq_len=64)
     blocked = tmp_path / "file"
     blocked.write_text("")
     engine = Engine(EngineConfig(**cfg, compile_cache_dir=str(blocked / "cache")))
-    assert engine.graphs.cache_file is None and "cannot be written" in caplog.text
+    assert not engine.graphs.cache.writable and "cannot be written" in caplog.text
     engine = Engine(EngineConfig(**cfg, compile_cache_dir=str(tmp_path / "new" / "cache")))
-    assert engine.graphs.cache_file is not None and not (tmp_path / "new").exists()
+    assert engine.graphs.cache.writable and not (tmp_path / "new").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caraserve.config import AdapterConfig, CpuAssistConfig
+from caraserve.config import AdapterConfig, ConfigError, CpuAssistConfig
 from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.lora.device_pool import DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
@@ -101,14 +101,19 @@ class AdapterCatalog:
     def preload(self, where: str) -> None:
         """host: every adapter's weights read into the host tier (as far as its budget holds
         them), so no first use waits for a disk read; all: every adapter resident on the device
-        (the CACHED baseline; needs a free slot for each: none is evicted for another)."""
+        (the CACHED baseline; needs a free slot for each: none is evicted for another). An
+        adapter whose weights turn out broken is skipped (the store names it, and its requests
+        are refused), as at first use; too few slots for `all` is a ConfigError."""
         names = self.store.names()
         for k, name in enumerate(names):
-            weights = self.store.get(name)
+            try:
+                weights = self.store.get(name)
+            except AdapterError:
+                continue
             if where == "all":
                 if not self.pool.load(weights, evict=False):
                     slots = ", ".join(f"{len(b.slots)} of rank {b.rank}" for b in self.pool.buckets)
-                    raise AdapterError(f"adapters.preload=all: not enough device slots for adapter {name!r} (rank "
-                                       f"{weights.rank}), the {k + 1}th of {len(names)}; the device holds {slots} "
-                                       "(adapters.device_slots per rank bucket)")
+                    raise ConfigError(f"adapters.preload=all: not enough device slots for adapter {name!r} (rank "
+                                      f"{weights.rank}, adapter {k + 1} of {len(names)}); the device holds {slots} "
+                                      "(adapters.device_slots per rank bucket)")
                 self.pool.wait_loaded(name)

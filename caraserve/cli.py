@@ -29,7 +29,7 @@ GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 def one_line(e: BaseException) -> str:
     """The error as one line, for a user who typed an override."""
     if isinstance(e, ConfigError):
-        return str(e)
+        return " ".join(str(e).split())  # (a message quoting a library's may span lines)
     if isinstance(e, OverrideParseException):
         hint = ""
         if re.search(r"[{,]\s*['\"]", e.override):  # the grammar takes no quoted mapping keys

@@ -10,12 +10,11 @@ import time
 import pytest
 import torch
 
-from caraserve.config import AdapterConfig, CpuAssistConfig, EngineConfig, ModelConfig
+from caraserve.config import AdapterConfig, ConfigError, CpuAssistConfig, EngineConfig, ModelConfig
 from caraserve.cpu_assist import handoff as handoff_mod
 from caraserve.cpu_assist.handoff import Handoff, HostSegment
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.engine import Engine
-from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.model.tiny import tiny_paths, write_random_adapter
 from caraserve.request import RequestState, SamplingParams
@@ -320,5 +319,5 @@ def test_preload_all_needs_a_free_slot_for_every_adapter(catalogue, cached):
     """The CACHED baseline: every adapter resident, or a refusal naming the slots; an adapter is
     never evicted for another (it was, leaving most of them off the device without a word)."""
     assert all(cached.pool.state(n) is AdapterState.RESIDENT for n in cached.store.names())
-    with pytest.raises(AdapterError, match=r"adapters.preload=all: not enough device slots .* 1 of rank 8"):
+    with pytest.raises(ConfigError, match=r"adapters.preload=all: not enough device slots .* 1 of rank 8"):
         make(catalogue, preload="all", slots=1)

@@ -120,3 +120,26 @@ def test_every_output_line_is_strict_json(tmp_path):
     assert [r["id"] for r in rows] == ["1", "2", "3", "4"]
     assert "beyond float64" in rows[0]["error"] and "NaN is not a JSON value" in rows[1]["error"]
     assert "error" not in rows[2] and "line 4 is not UTF-8 (byte 0xff" in rows[3]["error"]
+
+
+def test_models_and_settings_refused_at_start_are_one_line(tmp_path):
+    """An architecture this engine does not run, a config.json transformers refuses, and too few
+    device slots for adapters.preload=all: status 2 and one line naming it, not a traceback."""
+    from caraserve.model.tiny import tiny_paths
+
+    model, _ = tiny_paths()
+    for name, edit in (("gpt2", {"architectures": ["GPT2LMHeadModel"]}), ("heads", {"num_attention_heads": 3})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in model.iterdir():
+            (folder / f.name).symlink_to(f)
+        cfg = json.loads((model / "config.json").read_text())
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps({**cfg, **edit}))
+    for args, says in ((("model.path=gpt2", "adapters.dir=none"), "GPT2LMHeadModel"),
+                       (("model.path=heads", "adapters.dir=none"), "config.json cannot be read"),
+                       (("adapters.preload=all", "adapters.device_slots=1", "adapters.rank_buckets=[64]"),
+                        "adapters.preload=all: not enough device slots")):
+        proc = generate(tmp_path, *args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and says in proc.stderr.splitlines()[-1], proc.stderr[-2000:]

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
 from caraserve.attention import paged_attention, rotary_write_kv
+from caraserve.config_checks import ConfigError
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
@@ -39,8 +40,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or an option of it is not supported."""
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture or an option of it is not supported: a configuration error
+    (model.path names a model this engine cannot run; an entry point says it in one line)."""
 
 
 @dataclass(frozen=True)

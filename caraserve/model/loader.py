@@ -42,8 +42,8 @@ def load_hf_config(path: str | os.PathLike):
     try:
         json.loads(cfg_file.read_text())
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (ValueError, OSError, KeyError) as e:
-        raise ModelLoadError(f"{cfg_file} cannot be read: {e}") from e
+    except Exception as e:  # JSON, I/O, and transformers' own checks of the values (their own types)
+        raise ModelLoadError(f"{cfg_file} cannot be read: {type(e).__name__}: {e}") from e
 
 
 def resolve_dtype(name: str, hf_config) -> torch.dtype:

@@ -266,6 +266,24 @@ class EngineConfig:
         return dataclass_from_dict(cls, data, where)
 
 
+def inline_template(value: str) -> bool:
+    """Whether server.chat_template is the template itself rather than a file's path (a long one
+    is no file name: the system refuses it as one)."""
+    return "{{" in value or "{%" in value
+
+
+def _check_template(template: str) -> None:
+    """server.chat_template (a file or the template itself) parses as Jinja, with the loop
+    controls transformers' chat templates may use."""
+    import jinja2
+
+    try:
+        text = template if inline_template(template) else Path(template).read_text()
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as e:
+        raise ConfigError(f"server.chat_template: not a usable Jinja template ({type(e).__name__}: {e})") from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The HTTP server. api_key empty = the CARASERVE_API_KEY environment variable, if set.
@@ -299,9 +317,12 @@ class ServerConfig:
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
-        _check(not self.chat_template or Path(self.chat_template).is_file() or "{{" in self.chat_template
-               or "{%" in self.chat_template,
+        _check(not self.chat_template or inline_template(self.chat_template) or Path(self.chat_template).is_file(),
                f"server.chat_template={self.chat_template!r}: no such file, and not a Jinja template")
+        if self.chat_template:  # a template that does not parse would fail every chat call as the caller's
+            _check_template(self.chat_template)
+        _check(self.host != "", "server.host is empty: give an address (0.0.0.0 for every interface)")
+        _check(self.unload_timeout_s >= 0, f"server.unload_timeout_s={self.unload_timeout_s} must be >= 0")
         _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
         _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
         _check(self.log_level in LOG_LEVELS,

@@ -76,6 +76,9 @@ class Engine:
         self.model.pack_weights(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
         args = self.model.args
         self.max_seq_len = min(cfg.max_seq_len, args.max_position)
+        if self.max_seq_len < cfg.max_seq_len:
+            log.warning("engine.max_seq_len=%d is past the model's %d positions: requests are limited to %d tokens",
+                        cfg.max_seq_len, args.max_position, self.max_seq_len)
         self.catalog = AdapterCatalog(cfg.adapters, cfg.cpu_assist, args, self.dtype, self.model.layer_devices(),
                                       adapter_dir)
         # after the model and the adapter pool: on CUDA the KV cache takes the memory they left

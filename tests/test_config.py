@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from caraserve import config
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig, engine_config
+from caraserve.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -228,6 +229,11 @@ def run_entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      "error: unknown key engine.max_batchsize; did you mean engine.max_batch_size?"),
     (("-m", "caraserve.serve", "server.port=0", "model.path=/nonexistent", "adapters.dir=none"),
      "error: model.path: model folder /nonexistent does not exist"),
+    (("-m", "caraserve.serve", "server.port=0", "server.chat_template='{% if %}'"),
+     "error: server.chat_template: not a usable Jinja template (TemplateSyntaxError: Expected an expression, "
+     "got 'end of statement block')"),
+    (("-m", "caraserve.serve", "server.port=0", "server.host=''"),
+     "error: server.host is empty: give an address (0.0.0.0 for every interface)"),
 ])
 def test_entry_point_prints_one_line_and_exits_2(args, line, tmp_path):
     p = run_entry(*args, cwd=ROOT if args[0] == "-m" else tmp_path)
@@ -241,11 +247,24 @@ def test_entry_point_prints_one_line_and_exits_2(args, line, tmp_path):
     ((str(ROOT / "scripts" / "generate.py"), "engine.num_kv_blocks=100000000000"),
      "error: the KV cache (100000000000 blocks of 16 tokens: 6103515.6 GiB) cannot be allocated: lower "
      "engine.num_kv_blocks, engine.kv_cache_bytes or engine.max_batch_size"),
+    (("-m", "caraserve.serve", "server.port=0", "server.served_model_name=demo-r8"),
+     "error: the base model's name 'demo-r8' (server.served_model_name, else model.served_name, else the model "
+     "folder's) is also an adapter's: requests naming it could not reach the adapter; rename one"),
 ])
 def test_start_up_errors_after_the_model_loads_end_with_one_error_line(args, line, tmp_path):
     p = run_entry(*args, cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.splitlines()[-1] == line
+
+
+def test_server_settings_that_would_misbehave_are_refused_or_said(caplog):
+    with pytest.raises(ConfigError, match="server.unload_timeout_s=-5"):
+        ServerConfig(unload_timeout_s=-5)
+    long_inline = "{% for m in messages %}" + "x" * 300 + "{{ m.content }}{% endfor %}"  # no file name
+    assert ServerConfig(chat_template=long_inline).chat_template == long_inline
+    engine = Engine(EngineConfig(compile="false", max_seq_len=100000, max_batch_size=1, num_kv_blocks=8,
+                                 adapters=AdapterConfig(dir="none")))
+    assert engine.max_seq_len < 100000 and "engine.max_seq_len=100000 is past the model's 4096 positions" in caplog.text
 
 
 def test_entry_point_parse_error_is_one_line(tmp_path):

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from caraserve.cli import config_task, exit_now, listen, run, serve_http
-from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_keys, engine_config
+from caraserve.config import ENGINE_SECTIONS, ConfigError, EngineConfig, ServerConfig, check_keys, engine_config
 from caraserve.engine import Engine, resolve_paths
 from caraserve.serve.api import build_app
 from caraserve.serve.async_engine import AsyncEngine
@@ -47,8 +47,13 @@ def served_name_of(engine: Engine, server: ServerConfig) -> str:
     """The base model's name in the API: server.served_model_name, else the model config's, else
     `tiny` for the embedded default or the model folder's name."""
     model_cfg = engine.config.model
-    return (server.served_model_name or model_cfg.served_name
+    name = (server.served_model_name or model_cfg.served_name
             or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
+    if name in engine.store:
+        raise ConfigError(f"the base model's name {name!r} (server.served_model_name, else model.served_name, else "
+                          "the model folder's) is also an adapter's: requests naming it could not reach the adapter; "
+                          "rename one")
+    return name
 
 
 @hydra.main(config_path="../../conf", config_name="serve", version_base="1.3")
@@ -63,7 +68,7 @@ def main(cfg: DictConfig) -> None:
     freeze_startup_heap()  # the model and libraries are never garbage: keep full collections off them
     service.start()
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
-             server.host, server.port)
+             server.host, sock.getsockname()[1])  # (server.port=0: the port the system chose)
     try:
         serve_http(app, server, log, sock)  # until SIGTERM/SIGINT, then drains the running requests
     finally:

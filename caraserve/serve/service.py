@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from caraserve.config import inline_template
 from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.request import RequestError, SamplingParams
 from caraserve.serve import choices
@@ -75,8 +76,8 @@ class EngineService:
                  chat_template: str = ""):
         self.service, self.engine = service, service.engine
         # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
-        path = Path(chat_template) if chat_template else None
-        self.chat_template = path.read_text() if path is not None and path.is_file() else chat_template or None
+        file = chat_template and not inline_template(chat_template)
+        self.chat_template = Path(chat_template).read_text() if file else chat_template or None
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
         self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs

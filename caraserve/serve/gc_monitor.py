@@ -18,8 +18,15 @@ log = logging.getLogger(__name__)
 
 def freeze_startup_heap() -> int:
     """Collects once, then exempts every object alive now from later collections; the number of
-    objects frozen."""
-    gc.collect()
+    objects frozen. The collection runs without gc.callbacks: a Ctrl-C that lands in a
+    callback's Python code is swallowed there (the interpreter ignores what callbacks raise), and
+    start-up went on as if it had not come."""
+    callbacks = gc.callbacks[:]
+    gc.callbacks.clear()
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.extend(callbacks)
     gc.freeze()
     frozen = gc.get_freeze_count()
     log.info("garbage collector: %d start-up objects frozen", frozen)

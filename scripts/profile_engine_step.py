@@ -20,6 +20,7 @@ from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.lora.synthetic import random_lora
 from caraserve.model.synthetic import SHAPES, random_model
+from caraserve.profiling.cli_args import output_file, positive_int
 from caraserve.request import SamplingParams
 
 RANKS = (8, 16, 32, 64)
@@ -29,13 +30,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--compile", default="false")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--steps", type=positive_int, default=4)
+    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
+    ap.add_argument("--compile", default="false", choices=["false", "true", "auto"])
     ap.add_argument("--lora", action="store_true", help="mixed adapters (ranks 8-64) instead of the base model")
-    ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--trace", default=None)
+    ap.add_argument("--rows", type=positive_int, default=25)
+    ap.add_argument("--trace", type=output_file, default=None)
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -21,7 +21,7 @@ from caraserve.kv_cache import KVCache, blocks_for, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
-from caraserve.lora.host_store import AdapterInfo
+from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
 from caraserve.model.llama import CausalLM, check_triton_prefill
 from caraserve.model.loader import load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
 from caraserve.model.tiny import resolve_paths
@@ -66,6 +66,8 @@ class Engine:
             ThreadPlan.load(cfg.cpu_assist.plan_file, cfg.cpu_assist.threads)
         if model is None:
             model_path, adapter_dir = resolve_paths(cfg)
+            if adapter_dir is not None:
+                check_adapter_dir(adapter_dir)  # before the model loads: a typo costs no load
             self._load(model_path)
         else:
             model_path = Path(cfg.model.path)

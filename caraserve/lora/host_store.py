@@ -66,6 +66,14 @@ class _Entry:
         self.broken: str | None = None  # why its weights were refused
 
 
+def check_adapter_dir(root: str | Path) -> Path:
+    """adapters.dir as a Path, or a ConfigError unless it is a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"adapters.dir: {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
+    return root
+
+
 class HostStore:
     """Every registered adapter. budget_bytes: -1 = default_budget_bytes(), 0 = unbounded.
     roots: folders adapter files may resolve into (None: anywhere, for plain-Python use).
@@ -105,10 +113,7 @@ class HostStore:
     def register_dir(self, root: str | Path) -> tuple[list[str], dict[str, str]]:
         """Registers every adapter folder under root. Returns (registered, {name: error}); a broken
         adapter is reported and skipped, the others still register."""
-        root = Path(root)
-        if not root.is_dir():
-            raise ConfigError(f"adapters.dir: {root} " + ("is a file, not a folder" if root.exists() else
-                                                            "does not exist"))
+        root = check_adapter_dir(root)
         ok, bad = [], {}
         full = 0
         # by name: the same order as by path (one parent), and far cheaper to sort thousands

@@ -131,7 +131,8 @@ class CpuAssistConfig:
             object.__setattr__(self, "mode", "on" if self.mode else "off")
         _check(self.mode in ("off", "on", "auto"), f"cpu_assist.mode={self.mode!r} must be off|on|auto")
         _check(self.threads >= 0, f"cpu_assist.threads={self.threads} must be >= 0")
-        _check(self.emulate_copy_gbps >= 0, "cpu_assist.emulate_copy_gbps must be >= 0")
+        _check(self.emulate_copy_gbps == 0 or self.emulate_copy_gbps >= 1e-4,  # (slower: a copy would take hours)
+               f"cpu_assist.emulate_copy_gbps={self.emulate_copy_gbps} must be 0 (off) or >= 0.0001 (0.1 MB/s)")
         _check(self.pipeline_layers >= 0, f"cpu_assist.pipeline_layers={self.pipeline_layers} must be >= 0")
 
     @classmethod

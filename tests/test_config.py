@@ -20,7 +20,15 @@ from omegaconf import OmegaConf
 
 from caraserve import config
 from caraserve.cluster.config import ClusterConfig, RouterConfig, WorkloadConfig
-from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig, ServerConfig, engine_config
+from caraserve.config import (
+    AdapterConfig,
+    ConfigError,
+    CpuAssistConfig,
+    EngineConfig,
+    ModelConfig,
+    ServerConfig,
+    engine_config,
+)
 from caraserve.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +268,8 @@ def test_start_up_errors_after_the_model_loads_end_with_one_error_line(args, lin
 def test_server_settings_that_would_misbehave_are_refused_or_said(caplog):
     with pytest.raises(ConfigError, match="server.unload_timeout_s=-5"):
         ServerConfig(unload_timeout_s=-5)
+    with pytest.raises(ConfigError, match=r"cpu_assist.emulate_copy_gbps=1e-09 must be 0 \(off\) or >= 0.0001"):
+        CpuAssistConfig(emulate_copy_gbps=1e-9)  # a copy of hours: adapters that never land
     long_inline = "{% for m in messages %}" + "x" * 300 + "{{ m.content }}{% endfor %}"  # no file name
     assert ServerConfig(chat_template=long_inline).chat_template == long_inline
     engine = Engine(EngineConfig(compile="false", max_seq_len=100000, max_batch_size=1, num_kv_blocks=8,

@@ -33,6 +33,9 @@ _CHUNK_BYTES = 64 * 2**10  # below malloc's mmap threshold: small files cost no 
 # bytes per element of each safetensors dtype torch can hold
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                 "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+# LoRA factors are trained weights: an integer or bool tensor is a file of something else (a
+# quantized or mislabelled export), and casting it to float would serve made-up deltas
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 class AdapterError(ValueError):
@@ -183,6 +186,10 @@ def read_weights(name: str, folder: Path, limits: ReadLimits,
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise AdapterError(f"adapter {name!r}: {path} does not hold a mapping of names to tensors")
+        for key, t in tensors.items():
+            if not t.is_floating_point():
+                raise AdapterError(f"adapter {name!r}: tensor {key!r} in {path} has dtype {t.dtype}: "
+                                   "LoRA weights must be floating point")
         return tensors
     raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
 
@@ -211,12 +218,16 @@ def _header_shapes(name: str, path: Path, fd: int) -> dict[str, tuple[int, ...]]
         raise bad(why)
     if end != size - 8 - n:
         raise bad(f"the header describes {end} bytes of tensor data, the file holds {size - 8 - n} (truncated?)")
-    return dict(shapes)
+    for key, _, dtype in shapes:
+        if dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} in {path} has dtype {dtype}: "
+                               "LoRA weights must be floating point")
+    return {key: shape for key, shape, _ in shapes}
 
 
 @functools.lru_cache(maxsize=32)
-def _parse_header(raw: bytes) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int, str | None]:
-    """(the tensors' (key, shape) pairs, the end of their data, None) for a valid safetensors
+def _parse_header(raw: bytes) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], int, str | None]:
+    """(the tensors' (key, shape, dtype) triples, the end of their data, None) for a valid safetensors
     header, or ((), 0, why not) for an invalid one."""
     try:
         header = json.loads(raw)
@@ -233,7 +244,7 @@ def _parse_header(raw: bytes) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], 
         if not (isinstance(dtype, str) and dtype in _DTYPE_BYTES and _ints(shape) and _ints(offsets)
                 and len(offsets) == 2 and offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[dtype]):
             return (), 0, f"tensor {key!r} has dtype {dtype!r}, shape {shape!r} and data_offsets {offsets!r}"
-        shapes.append((key, tuple(shape)))
+        shapes.append((key, tuple(shape), dtype))
         spans.append(offsets)
     end = 0
     for begin, stop in sorted(spans):

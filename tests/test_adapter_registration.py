@@ -1,0 +1,191 @@
+"""Adapter registration: names, folders, whole directories with broken members, legacy .bin
+files, and PEFT's targeting rules (what it applies, ignores or cannot mean)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from adapter_cases import BIN, CASES, ST, VALUE_CASES, build_env, keep_store, msg, same, snapshot, to_bin
+from helpers import copy_adapter, edit_config, peft_logits
+
+from caraserve.config import ConfigError
+from caraserve.lora.checkpoint import AdapterError, load_adapter
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return build_env(tmp_path_factory.mktemp("validation"))
+
+
+@pytest.fixture
+def store(env):
+    return keep_store(env)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ".", "", "x/../y", "a\\b", "..x", "x..y", "a b"])
+def test_name_with_path_separator_or_dotdot_refused(env, store, name):
+    _, src, args = env
+    with pytest.raises(AdapterError, match=rf"adapter name {re.escape(repr(name))} is not a plain name"):
+        store.register(name, src / "good")
+    if name:  # load_adapter falls back to the folder's name when given none
+        with pytest.raises(AdapterError, match="is not a plain name"):
+            load_adapter(src / "good", args, name)
+    assert store.names() == ["keep"]
+
+
+def test_name_with_trailing_newline_refused(env, store):
+    _, src, _ = env
+    with pytest.raises(AdapterError, match="is not a plain name"):
+        store.register("x\n", src / "good")
+
+
+def test_duplicate_name_refused(env, store):
+    _, src, _ = env
+    snap = snapshot(store.get("keep"))
+    with pytest.raises(AdapterError, match=r"adapter 'keep' is already registered"):
+        store.register("keep", src / "good2")
+    assert store.info("keep").rank == 8 and same(store.get("keep"), snap)
+
+
+def test_missing_folder_refused(env, store, tmp_path):
+    with pytest.raises(AdapterError, match=msg("ghost", r"folder .*ghost does not exist")):
+        store.register("ghost", tmp_path / "ghost")
+    (tmp_path / "adapter_config.json").write_text("{}")  # a path to the adapter's config, not its folder
+    with pytest.raises(AdapterError, match=msg("file", r"adapter_config\.json is a file, not an adapter's folder")):
+        store.register("file", tmp_path / "adapter_config.json")
+    assert store.names() == ["keep"]
+
+
+def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
+    _, src, args = env
+    d = tmp_path / "adapters"
+    copy_adapter(src / "good", d / "good-a")
+    copy_adapter(src / "good2", d / "good-b")
+    copy_adapter(src / "good", d / "keep")  # already registered in the store
+    copy_adapter(src / "good", d / "bad name")  # not a plain name
+    copy_adapter(src / "good", d / ".hidden")  # skipped
+    (d / "README.txt").write_text("not an adapter")  # skipped
+    broken = ["bad-json", "missing-weights", "target-c-attn", "shape-hidden32", "dora-peft"]
+    for case in broken:
+        CASES[case][0](src, d / case)
+    VALUE_CASES["nan-in-b"][0](src, d / "nan-in-b")  # registers: refused on first read
+
+    ok, bad = store.register_dir(d)
+
+    assert ok == ["good-a", "good-b", "nan-in-b"]
+    assert sorted(bad) == sorted(broken + ["keep", "bad name"])
+    for case in broken:
+        assert re.search(msg(case, CASES[case][1]), bad[case]), bad[case]
+    assert re.search(r"adapter 'keep' is already registered", bad["keep"])
+    assert re.search(r"adapter name 'bad name' is not a plain name", bad["bad name"])
+    assert store.names() == ["good-a", "good-b", "keep", "nan-in-b"]
+    with pytest.raises(AdapterError, match=msg("nan-in-b", VALUE_CASES["nan-in-b"][1])):
+        store.get("nan-in-b")
+    assert same(store.get("good-a"), snapshot(load_adapter(src / "good", args)))
+    assert same(store.get("good-b"), snapshot(load_adapter(src / "good2", args)))
+    assert store.info("keep").path == str(src / "good")
+
+
+def test_register_dir_missing_root(env, store, tmp_path):
+    """adapters.dir naming no folder is a configuration error (an entry point says it in one line)."""
+    with pytest.raises(ConfigError, match="adapters.dir: .*nowhere does not exist"):
+        store.register_dir(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        store.register_dir(tmp_path / "a-file")
+
+
+@pytest.mark.parametrize("src_name", ["good", "good2"])
+def test_bin_checkpoint_equals_safetensors(env, store, tmp_path, src_name):
+    _, src, _ = env
+    d = copy_adapter(src / src_name, tmp_path / f"{src_name}-bin")
+    to_bin(d)
+    assert not (d / ST).exists() and (d / BIN).is_file()
+    store.register("st", src / src_name)
+    store.register("pt", d)
+    a, b = store.get("st"), store.get("pt")
+    assert (a.rank, a.scale, a.targets) == (b.rank, b.scale, b.targets)
+    assert same(b, snapshot(a))
+    assert store.info("pt").nbytes == store.info("st").nbytes
+
+
+def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path):
+    root, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "fifo")
+    edit_config(d, fan_in_fan_out=True)
+    info = store.register("fifo", d)
+    assert info.rank == 8 and info.targets == ("q_proj", "v_proj")
+    assert same(store.get("fifo"), snapshot(store.get("keep")))
+    # the premise: PEFT itself ignores fan_in_fan_out for Linear targets
+    tokens = [3, 14, 15, 92, 65]
+    assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
+
+
+def test_target_modules_the_model_lacks_are_ignored_beside_ones_it_has(env, store, tmp_path):
+    """As PEFT: a config listing a module the model lacks (shared across architectures) loads
+    with the ones it has; the weights and PEFT's logits are those of the adapter without it."""
+    root, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "extra")
+    edit_config(d, target_modules=["q_proj", "v_proj", "c_attn"])
+    info = store.register("extra", d)
+    assert info.targets == ("q_proj", "v_proj") and same(store.get("extra"), snapshot(store.get("keep")))
+    tokens = [3, 14, 15, 92, 65]
+    assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
+
+
+# ---------------------------------------------------------------- malformed configs and PEFT's targeting rules
+
+MALFORMED = {
+    "target-modules-not-strings": dict(target_modules=[1]),
+    "layers-to-transform-string": dict(layers_to_transform="1"),
+    "rank-pattern-list": dict(rank_pattern=["q_proj"]),
+    "rank-pattern-bad-regex": dict(rank_pattern={"(": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_config_values_raise_adapter_error(env, store, tmp_path, case):
+    _, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / case)
+    edit_config(d, **MALFORMED[case])
+    with pytest.raises(AdapterError, match=msg(case, "")):
+        store.register(case, d)
+
+
+def test_register_dir_survives_malformed_config(env, store, tmp_path):
+    _, src, _ = env
+    d = tmp_path / "adapters"
+    copy_adapter(src / "good", d / "a-good")
+    edit_config(copy_adapter(src / "good", d / "b-weird"), target_modules=[1])
+    copy_adapter(src / "good2", d / "c-good")
+    ok, bad = store.register_dir(d)
+    assert ok == ["a-good", "c-good"] and list(bad) == ["b-weird"]
+
+
+def test_tensors_outside_target_modules_not_applied(env, store, tmp_path):
+    _, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "q-only")
+    edit_config(d, target_modules=["q_proj"])  # the file still holds v_proj tensors
+    try:
+        store.register("q-only", d)
+    except AdapterError:
+        return  # refusing is fine too
+    assert "v_proj" not in store.get("q-only").a
+
+
+def test_string_target_modules_matching_nothing_refused(env, store, tmp_path):
+    _, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "str-target")
+    edit_config(d, target_modules="c_attn")
+    with pytest.raises(AdapterError, match=msg("str-target", "c_attn")):
+        store.register("str-target", d)
+
+
+def test_alora_refused(env, store, tmp_path):
+    _, src, _ = env
+    d = copy_adapter(src / "good", tmp_path / "alora")
+    edit_config(d, alora_invocation_tokens=[9, 33])
+    with pytest.raises(AdapterError, match=msg("alora", "alora")):
+        store.register("alora", d)

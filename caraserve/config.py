@@ -356,6 +356,8 @@ def engine_config(composed: dict[str, Any]) -> EngineConfig:
     engine = dict(engine)
     nested = [f"engine.{name}" for name in ENGINE_SECTIONS if name in engine]
     _check(not nested, f"unknown key {', '.join(nested)}; those are sections of their own (model.*, adapters.*, ...)")
+    # checked here, before the sections join it: a typo is told the keys `engine.` really takes
+    check_keys(engine, {f.name for f in dataclasses.fields(EngineConfig) if f.init} - set(ENGINE_SECTIONS), "engine")
     engine["model"] = ModelConfig.from_dict(composed.get("model"))
     engine["adapters"] = AdapterConfig.from_dict(composed.get("adapters"))
     engine["cpu_assist"] = CpuAssistConfig.from_dict(composed.get("cpu_assist"))

@@ -102,6 +102,10 @@ def test_unknown_key_suggests_the_closest_known_one():
     assert msg.startswith("unknown key server.zzz (known: admin_api_key, allow_runtime_lora, ")
     with pytest.raises(ConfigError, match=r"^unknown key srever; did you mean server\?$"):
         config.check_keys({"srever": {}}, ("model", "server"))
+    # engine.* lists its own keys, not the sections that join it under other names
+    with pytest.raises(ConfigError, match=r"^unknown key engine\.foo \(known: compile, ") as e:
+        engine_config({"engine": {"foo": 1}})
+    assert "adapters" not in str(e.value) and "model" not in str(e.value)
 
 
 def test_max_memory_bytes_takes_device_indices_and_float_literals():

@@ -62,8 +62,8 @@ class Engine:
         # traceback once the model has loaded
         path = cfg.scheduler.perf_model
         self.perf_model = PerfModel.load(path, "scheduler.perf_model") if path else None
-        if cfg.cpu_assist.mode != "off":
-            ThreadPlan.load(cfg.cpu_assist.plan_file, cfg.cpu_assist.threads)
+        ca = cfg.cpu_assist
+        thread_plan = ThreadPlan.load(ca.plan_file, ca.threads) if ca.mode != "off" else None
         if model is None:
             model_path, adapter_dir = resolve_paths(cfg)
             if adapter_dir is not None:
@@ -92,7 +92,7 @@ class Engine:
         check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
-        self.handoff, assist = handoff_for(self.config.cpu_assist, self.model.args)
+        self.handoff, assist = handoff_for(ca, thread_plan, self.model.args)
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,

@@ -119,13 +119,12 @@ class Handoff:
             lane.shutdown(wait=False, cancel_futures=True)
 
 
-def handoff_for(ca, model_args):
+def handoff_for(ca, plan: ThreadPlan | None, model_args):
     """(Handoff, admission predicate(request, host weights) -> bool) for the engine's
-    cpu_assist settings (CpuAssistConfig); (None, None) when the mode is off. The predicate of
+    cpu_assist settings (CpuAssistConfig) and its thread plan; (None, None) when the mode is off. The predicate of
     "auto": the CPU path wins when its LoRA work ends before the adapter copy would."""
     if ca.mode == "off":
         return None, None
-    plan = ThreadPlan.load(ca.plan_file, ca.threads)
     if ca.mode == "on":
         return Handoff(plan), lambda req, weights: True
 

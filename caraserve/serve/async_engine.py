@@ -52,6 +52,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
+        self._idle_work = threading.Event()  # set while the engine thread does idle work (a compile)
         self._retired: set[str] = set()
         self._submitting = 0  # accepted by a handler, not yet in the engine's queue
         self._submitting_for: collections.Counter[str] = collections.Counter()  # of those, per adapter
@@ -62,8 +63,12 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the step loop. A step is waited for (up to 10 s); a warm-up or idle-time compile is
+        not: it cannot be interrupted, takes up to tens of seconds, and no request waits for it
+        once the server has drained, so the thread (a daemon) is left to end with the process."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        compiling = not self._warm.is_set() or self._idle_work.is_set()
+        self._thread.join(timeout=0.1 if compiling else 10)
 
     def _call(self, fn, *args, skipped=None) -> concurrent.futures.Future:
         """Runs fn(*args) on the engine thread between steps; skipped() instead (on that thread)
@@ -254,8 +259,13 @@ class AsyncEngine:
             self._run_commands(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
-                if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty() and self.engine.idle():
-                    last_busy = time.monotonic()
+                if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
+                    self._idle_work.set()
+                    try:
+                        if self.engine.idle():
+                            last_busy = time.monotonic()
+                    finally:
+                        self._idle_work.clear()
                 continue
             last_busy = time.monotonic()
             try:

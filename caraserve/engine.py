@@ -23,7 +23,7 @@ from caraserve.lora.checkpoint import AdapterError
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
 from caraserve.model.llama import CausalLM, check_triton_prefill
-from caraserve.model.loader import load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
+from caraserve.model.loader import eos_token_ids, load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
 from caraserve.model.tiny import resolve_paths
 from caraserve.output_processor import OutputProcessor
 from caraserve.perf.model import DecodeFeatures, PerfModel
@@ -118,8 +118,7 @@ class Engine:
         self.model = load_model(model_path, str(self.dtype).removeprefix("torch."), str(self.device),
                                 cfg.model.max_memory_bytes or None)
         self.tokenizer = load_tokenizer_or_none(model_path)
-        eos = getattr(hf_config, "eos_token_id", None)
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._eos_ids = eos_token_ids(model_path, hf_config, self.tokenizer)
 
     def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
         """The compiled decode step, per engine.compile: true = each variant at its first use, or

@@ -4,8 +4,17 @@ that never send text a stop string later claims."""
 
 from __future__ import annotations
 
-from caraserve.config import AdapterConfig, EngineConfig
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
+from caraserve.model.loader import ModelLoadError
+from caraserve.model.tiny import tiny_paths
 from caraserve.request import FinishReason, SamplingParams
 
 
@@ -104,3 +113,31 @@ def test_stop_prefix_len():
     assert stop_prefix_len("abc", ["###D"]) == 0
     assert stop_prefix_len("abc ###D", ["###D"]) == 0  # a whole stop string is a match, not a prefix
     assert stop_prefix_len("", ["ab"]) == 0
+
+
+def test_generation_config_eos_ends_requests_as_transformers_generate(tmp_path):
+    """A chat model lists its end-of-turn token in generation_config.json only (Llama 3
+    Instruct's <|eot_id|>): transformers' generate and vLLM stop at it, so the engine does too."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_paths()[0], folder)
+    cfg = EngineConfig(compile="false", model=ModelConfig(path=str(folder)), adapters=AdapterConfig(dir=""))
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    free = Engine(cfg).generate(["def main():"], greedy)[0]
+    turn_end = free.output_ids[2]
+    assert turn_end not in free.output_ids[:2]
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, turn_end]}))
+
+    engine = Engine(cfg)
+    out = engine.generate(["def main():"], greedy)[0]
+    assert out.finish_reason is FinishReason.EOS and out.output_ids == free.output_ids[:3]
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder).generate(ids, max_new_tokens=8, do_sample=False)
+    assert ref[0, ids.shape[1]:].tolist() == out.output_ids
+    ignoring = engine.generate(["def main():"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert ignoring.output_ids == free.output_ids
+
+    (folder / "generation_config.json").write_text("[2]")
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json must hold a JSON object"):
+        Engine(cfg)

@@ -186,6 +186,32 @@ def load_model(
     return model
 
 
+def eos_token_ids(path: str | os.PathLike, hf_config, tokenizer) -> set[int]:
+    """The tokens that end a generation: config.json's eos_token_id, generation_config.json's (a
+    chat model lists its end-of-turn token there, e.g. Llama 3 Instruct's <|eot_id|>) and the
+    tokenizer's, as transformers' generate and vLLM stop at any of them."""
+    ids: set[int] = set()
+
+    def add(v) -> None:
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+                ids.add(x)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_file = Path(path) / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            gen = json.loads(gen_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{gen_file} cannot be read: {type(e).__name__}: {e}") from e
+        if not isinstance(gen, dict):
+            raise ModelLoadError(f"{gen_file} must hold a JSON object")
+        add(gen.get("eos_token_id"))
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return ids
+
+
 def load_tokenizer_or_none(path: str | os.PathLike):
     """The folder's tokenizer, or None with a warning: a weights-only folder still serves token ids."""
     try:

@@ -189,6 +189,23 @@ def test_unsupported_architecture_is_refused(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("arch, option, reason", [
+    ("llama", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+    ("mistral", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported"),
+    ("qwen2", {"hidden_act": "gelu_pytorch_tanh"}, r"hidden_act='gelu_pytorch_tanh' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     r"rope type 'dynamic' is not supported \(supported: default, linear, llama3, yarn\)"),
+])
+def test_options_that_change_a_layer_are_refused(tmp_path, arch, option, reason):
+    """An option the layers would not honour is a one-line configuration error, never a model
+    that runs and gives other tokens than transformers."""
+    save_random_hf_model(tmp_path, arch)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | option))
+    with pytest.raises(UnsupportedModelError, match=reason):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_projections_hold_the_checkpoint_tensors(tmp_path, arch):
     """q/k/v and gate/up load into one projection each (one GEMM); `checkpoint_tensors` gives

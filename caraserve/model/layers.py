@@ -60,12 +60,16 @@ class RMSNorm(nn.Module):
         return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps), residual
 
 
-def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] float32 and the cos/sin scale of the config's rope type."""
+def rope_type_of(hf_config) -> str:
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE:
-        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE})")
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] float32 and the cos/sin scale of the config's rope type
+    (one of SUPPORTED_ROPE: ModelArgs.from_hf refuses the others)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = rope_type_of(hf_config)
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads

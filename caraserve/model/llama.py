@@ -26,7 +26,7 @@ from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
+from caraserve.model.layers import SUPPORTED_ROPE, LoraLinear, RMSNorm, Rotary, rope_inv_freq, rope_type_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ class ModelArgs:
                 f"architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}"
             )
         family = ARCHITECTURES[arch]
+        # options that change what a layer computes: refused, never run as something else
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported: the MLP computes SiLU (silu)")
+        rope_type = rope_type_of(cfg)
+        if rope_type not in SUPPORTED_ROPE:
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: "
+                                        f"{', '.join(SUPPORTED_ROPE)})")
         n_layers = cfg.num_hidden_layers
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

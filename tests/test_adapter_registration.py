@@ -3,15 +3,18 @@ files, and PEFT's targeting rules (what it applies, ignores or cannot mean)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
-from adapter_cases import BIN, CASES, ST, VALUE_CASES, build_env, keep_store, msg, same, snapshot, to_bin
+from adapter_cases import ALL, BIN, CASES, ST, VALUE_CASES, build_env, keep_store, msg, same, snapshot, to_bin
 from helpers import copy_adapter, edit_config, peft_logits
 
-from caraserve.config import ConfigError
+from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig
+from caraserve.engine import Engine
 from caraserve.lora.checkpoint import AdapterError, load_adapter
+from caraserve.request import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +192,44 @@ def test_alora_refused(env, store, tmp_path):
     edit_config(d, alora_invocation_tokens=[9, 33])
     with pytest.raises(AdapterError, match=msg("alora", "alora")):
         store.register("alora", d)
+
+
+def _without(key: str):
+    def fn(d):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        del cfg[key]
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return fn
+
+
+# configs whose meaning comes from PEFT's defaults or rules (each from good2: r=4, lora_alpha 8,
+# all seven modules), served as PEFT loads them
+PEFT_RULES = {
+    "no-alpha": _without("lora_alpha"),  # LoraConfig's default lora_alpha 8: scale 8 / 4, not 4 / 4
+    "null-targets": lambda d: edit_config(d, target_modules=None),  # Llama's default: q_proj, v_proj
+    "all-linear": lambda d: edit_config(d, target_modules="all-linear"),
+    "exclude-list": lambda d: edit_config(d, exclude_modules=["k_proj", "layers.1.mlp.down_proj"]),
+    "exclude-regex": lambda d: edit_config(d, exclude_modules=r".*\.0\.self_attn\.(q|o)_proj"),
+}
+
+
+def test_config_defaults_and_exclusions_served_as_peft_loads_them(env, tmp_path):
+    root, src, _ = env
+    d = tmp_path / "adapters"
+    for case, edit in PEFT_RULES.items():
+        edit(copy_adapter(src / "good2", d / case))
+    engine = Engine(EngineConfig(compile="false", model=ModelConfig(path=str(root / "base")),
+                                 adapters=AdapterConfig(dir=str(d))))
+    assert engine.store.info("no-alpha").scale == 2.0
+    assert engine.store.info("null-targets").targets == ("q_proj", "v_proj")
+    assert engine.store.info("all-linear").targets == tuple(ALL)
+    tokens = [3, 14, 15, 92, 65, 35, 89, 79]
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    got = engine.generate([tokens] * len(PEFT_RULES), sp, adapters=list(PEFT_RULES))
+    full = peft_logits(root / "base", src / "good2", tokens).log_softmax(-1)
+    for case, out in zip(PEFT_RULES, got):
+        ref = peft_logits(root / "base", d / case, tokens).log_softmax(-1)
+        want = [ref[p, tokens[p + 1]].item() for p in range(len(tokens) - 1)]
+        assert [lp for lp, _ in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-5), case
+        if case not in ("all-linear", "no-alpha"):  # the premise: the config changes what PEFT computes
+            assert not torch.allclose(ref, full, atol=1e-4), case

@@ -26,28 +26,17 @@ from types import MappingProxyType
 
 import torch
 
-from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, open_file, read_capped, read_weights
-from caraserve.lora.module_patterns import (
-    MAX_PATTERN_KEYS,
-    ModuleRules,
-    PatternError,
-    check_regex,
-    key_regex,
-    module_names,
-    module_rules,
-)
+from caraserve.lora.adapter_config import TARGETS, read_adapter_config
+from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, read_weights
+from caraserve.lora.module_patterns import ModuleRules, PatternError, module_names, module_rules
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
-# PEFT configs are a few KB (a few hundred with a key per module); parsing a huge JSON would
-# take far more memory than the file, so the config has a cap of its own below max_file_bytes.
-MAX_CONFIG_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -73,88 +62,6 @@ class LoraWeights:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(m for m in TARGETS if m in self.a)
-
-
-def _read_config(name: str, folder: Path, limits: ReadLimits) -> dict:
-    path = folder / "adapter_config.json"
-    cap = min(MAX_CONFIG_BYTES, limits.max_file_bytes or MAX_CONFIG_BYTES)
-    opened = open_file(name, path, limits, cap)
-    if opened is None:
-        raise AdapterError(f"adapter {name!r}: {path} is missing")
-    data = read_capped(name, path, opened[0], cap)
-    if len(data) > cap:  # it grew after the check
-        raise AdapterError(f"adapter {name!r}: {path} is more than {cap} bytes")
-    try:
-        cfg = json.loads(data)
-    except ValueError as e:
-        raise AdapterError(f"adapter {name!r}: {path} is not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"adapter {name!r}: {path} must hold a JSON object")
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {peft_type} is not supported (only LORA)")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"adapter {name!r}: use_dora=true (DoRA) is not supported")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"adapter {name!r}: modules_to_save={cfg['modules_to_save']} is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"adapter {name!r}: bias={cfg['bias']!r} is not supported (only 'none')")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterError(f"adapter {name!r}: r={r!r} must be a positive integer")
-    alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"adapter {name!r}: lora_alpha={alpha!r} must be a number")
-    if cfg.get("alora_invocation_tokens"):
-        raise AdapterError(f"adapter {name!r}: activated LoRA (alora_invocation_tokens) is not supported")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        for t in targets:
-            if not isinstance(t, str):
-                raise AdapterError(f"adapter {name!r}: target_modules entries must be strings, got {t!r}")
-            if t in ("embed_tokens", "lm_head"):
-                raise AdapterError(f"adapter {name!r}: LoRA on {t} is not supported")
-        # As PEFT: names the model lacks are ignored beside ones it has (a config shared across models)
-        missing = [t for t in targets if t.split(".")[-1] not in TARGETS]
-        if missing and len(missing) == len(targets):
-            raise AdapterError(f"adapter {name!r}: target module {missing[0]!r} does not exist in the model")
-        if missing:
-            log.warning("adapter %r: target_modules %s are not in the model: ignored, as PEFT does", name, missing)
-    elif isinstance(targets, str):
-        _check_regex(name, "target_modules regex", targets, targets)
-    elif targets is not None:
-        raise AdapterError(f"adapter {name!r}: target_modules must be a list of names or a regex string")
-    layers = cfg.get("layers_to_transform")
-    if layers is not None and not (
-        (isinstance(layers, int) and not isinstance(layers, bool))
-        or (isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers))
-    ):
-        raise AdapterError(f"adapter {name!r}: layers_to_transform={layers!r} must be an int or a list of ints")
-    patterns = {key: cfg.get(key) or {} for key in ("rank_pattern", "alpha_pattern")}
-    for key, pattern in patterns.items():
-        if not isinstance(pattern, dict):
-            raise AdapterError(f"adapter {name!r}: {key} must be an object of pattern -> value")
-    n_keys = sum(map(len, patterns.values()))
-    if n_keys > MAX_PATTERN_KEYS:
-        raise AdapterError(f"adapter {name!r}: rank_pattern and alpha_pattern hold {n_keys} keys, "
-                           f"more than {MAX_PATTERN_KEYS}")
-    for key, pattern in patterns.items():
-        for k, v in pattern.items():
-            _check_regex(name, f"{key} key", k, key_regex(k))
-            wrong_type = not isinstance(v, int) if key == "rank_pattern" else not isinstance(v, (int, float))
-            if wrong_type or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise AdapterError(f"adapter {name!r}: {key}[{k!r}]={v!r} must be a positive number")
-    if cfg.get("fan_in_fan_out"):
-        # PEFT turns it off for nn.Linear targets, which is all a Llama has.
-        log.warning("adapter %r: fan_in_fan_out=true ignored for Linear layers (as PEFT does)", name)
-    return cfg
-
-
-def _check_regex(name: str, what: str, pattern: str, regex: str) -> None:
-    try:
-        check_regex(what, pattern, regex)
-    except PatternError as e:
-        raise AdapterError(f"adapter {name!r}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -255,7 +162,7 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     if not is_dir:
         what = "is a file, not an adapter's folder" if real.is_file() else "does not exist"
         raise AdapterError(f"adapter {name!r}: folder {folder} {what}")
-    cfg = _read_config(name, real, limits)
+    cfg = read_adapter_config(name, real, limits)
     try:  # before the weights: a refused pattern costs no weights read
         rules = module_rules(cfg, module_names(model_args.num_layers))
     except PatternError as e:
@@ -287,9 +194,9 @@ def _layout(name: str, cfg: dict, shapes: dict[str, tuple[int, ...]], model_args
     return layout
 
 
-# the config fields _checked_layout reads (the rest of the config was checked by _read_config)
+# the config fields _checked_layout reads (the rest of the config was checked by read_adapter_config)
 _LAYOUT_FIELDS = ("r", "lora_alpha", "use_rslora", "layers_to_transform", "target_modules", "rank_pattern",
-                  "alpha_pattern")
+                  "alpha_pattern", "exclude_modules")
 # larger keys are checked each time, not kept (the memo holds 32 layouts); an adapter on all seven
 # modules of 80 layers has 1120 tensors
 _MEMO_FIELDS_CHARS = 64 * 1024
@@ -312,7 +219,7 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     except PatternError as e:
         raise _Refused(str(e)) from None
     shapes = dict(shapes)
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    r, alpha = cfg["r"], cfg["lora_alpha"]
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scaling(rank, alph):

@@ -105,14 +105,16 @@ def check_regex(what: str, pattern: str, regex: str) -> None:
 
 def module_rules(cfg: dict, names: tuple[str, ...]) -> ModuleRules:
     """PEFT's rules: a target_modules string must fullmatch a name, a list entry equal it or end it
-    after a "."; the first rank_pattern / alpha_pattern key matching a name's end gives its value.
+    after a "." (exclude_modules alike takes names out); the first rank_pattern / alpha_pattern
+    key matching a name's end gives its value.
     The config is already validated (types, check_regex on every pattern).
 
     Resolved once per distinct (patterns, names): a start-up folder of thousands of adapters
     usually holds a handful of distinct configs, and resolving costs a pass of every pattern over
     every module name. The key is the patterns as JSON (order kept: the first matching key wins)
     and INPROC_STEPS, which decides where matching runs."""
-    fields = json.dumps([cfg.get("target_modules"), cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}])
+    fields = json.dumps([cfg.get("target_modules"), cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {},
+                         cfg.get("exclude_modules")])
     if len(fields) > _MEMO_KEY_CHARS:  # a rare huge pattern set is resolved each time, not kept
         return _resolve.__wrapped__(fields, names, INPROC_STEPS)
     return _resolve(fields, names, INPROC_STEPS)
@@ -122,17 +124,20 @@ def module_rules(cfg: dict, names: tuple[str, ...]) -> ModuleRules:
 # raise, so they are not memoized (a timeout on a busy machine is tried again next time).
 @functools.lru_cache(maxsize=64)
 def _resolve(fields: str, names: tuple[str, ...], _inproc_steps: int) -> ModuleRules:
-    targets, rank_pattern, alpha_pattern = json.loads(fields)
+    targets, rank_pattern, alpha_pattern, exclude = json.loads(fields)
     jobs = [("target_modules regex", targets, targets, True)] if isinstance(targets, str) else []
+    jobs += [("exclude_modules regex", exclude, exclude, True)] if isinstance(exclude, str) else []
     jobs += [("rank_pattern key", k, key_regex(k), False) for k in rank_pattern]
     jobs += [("alpha_pattern key", k, key_regex(k), False) for k in alpha_pattern]
     found = iter(_match(jobs, names))
-    if isinstance(targets, str):
-        chosen = next(found)
-    elif targets is not None:
-        chosen = frozenset(n for n in names if any(n == t or n.endswith("." + t) for t in targets))
-    else:
-        chosen = None
+
+    def named(entries: list[str]) -> frozenset[str]:
+        return frozenset(n for n in names if any(n == t or n.endswith("." + t) for t in entries))
+
+    chosen = next(found) if isinstance(targets, str) else named(targets) if targets is not None else None
+    if exclude:
+        excluded = next(found) if isinstance(exclude, str) else named(exclude)
+        chosen = (chosen if chosen is not None else frozenset(names)) - excluded
     firsts = []
     for pattern in (rank_pattern, alpha_pattern):
         first: dict = {}

@@ -24,7 +24,8 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     drop = ranks >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     before = probs.cumsum(-1) - probs  # mass strictly before each token: keep while < top_p
-    drop |= before >= top_p[:, None]
+    # top_p 1 is off: the float32 running sum reaches 1.0 before the tail of a large vocabulary
+    drop |= (before >= top_p[:, None]) & (top_p < 1)[:, None]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

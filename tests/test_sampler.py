@@ -91,3 +91,18 @@ def test_min_p_keeps_the_tokens_at_least_that_fraction_of_the_best():
     narrow = {sample(logits, [SamplingParams(temperature=1.0, min_p=0.15, top_p=0.6)],
                      [torch.Generator().manual_seed(seed)])[0][0] for seed in range(100)}
     assert narrow == {0, 1}  # of 0.5 / 0.3 / 0.1 renormalised, the nucleus of 0.6 is the first two
+
+
+def test_top_p_one_keeps_every_token():
+    """top_p 1 (the default) filters nothing, however long the tail: the float32 running sum of
+    a peaky 128k-token distribution reaches 1.0 well before its last tokens."""
+    from caraserve.sampler import _filter
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 128_000, generator=g) * 4
+    logits[:, :8] += 30  # a few tokens hold nearly all the mass
+    off = torch.zeros(4, dtype=torch.int64)
+    kept = _filter(logits, off, torch.ones(4), torch.zeros(4))
+    assert torch.isfinite(kept).all() and torch.equal(kept, logits)
+    nucleus = _filter(logits, off, torch.full((4,), 0.999), torch.zeros(4))
+    assert (~torch.isfinite(nucleus)).sum() > 0  # a top_p below 1 still cuts the tail

@@ -121,10 +121,11 @@ def test_token_texts_of_split_characters_add_up_and_do_not_depend_on_where_a_chu
     from caraserve.model.tiny import tiny_paths
 
     tok = AutoTokenizer.from_pretrained(str(tiny_paths()[0]))
-    ids = tok("café au lait, ünïcödé \U0001F98A text")["input_ids"]
+    text = "café au lait, ünïcödé \U0001F98A 日本語 text"  # 3-byte characters in a row: a 4-token window
+    ids = tok(text)["input_ids"]                            # begins inside one of them
     texts = choices.TokenTexts(tok)
     whole = texts(ids)
-    assert "".join(whole) == tok.decode(ids, skip_special_tokens=True) == "café au lait, ünïcödé \U0001F98A text"
+    assert "".join(whole) == tok.decode(ids, skip_special_tokens=True) == text
     assert "" in whole[1:]  # some character was split between tokens
     for k in range(1, len(ids)):
         assert texts(ids[k:], ids[:k]) == whole[k:]

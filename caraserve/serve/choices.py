@@ -49,7 +49,13 @@ class TokenTexts:
         tok = self.tokenizer
         if tok is None:
             return str(t)
-        full = tok.decode([*before, t], skip_special_tokens=True)
+        # The window may begin inside a character (its first tokens the tail bytes of one): it
+        # starts at the first token from which the text reads without a broken character first.
+        for i in range(len(before) + 1):
+            full = tok.decode([*before[i:], t], skip_special_tokens=True)
+            if not full.startswith("\ufffd"):
+                break
+        before = before[i:]
         if full.endswith("\ufffd"):  # a character still incomplete: it comes with the token completing it
             return ""
         base = tok.decode(list(before), skip_special_tokens=True).rstrip("\ufffd") if before else ""

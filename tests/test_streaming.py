@@ -145,3 +145,18 @@ def test_logprobs_json_never_holds_an_infinity():
     chat = choices.chat_logprobs(texts, o, [1, 2])
     assert [e["logprob"] for e in chat["content"]] == [-0.5, -9999.0]
     json.dumps([cmpl, chat], allow_nan=False)
+
+
+def test_completion_top_logprobs_keep_each_texts_best_and_the_chosen_tokens_own():
+    """Completions key the alternatives by text, which tokens may share: a shared text keeps its
+    most likely token's logprob, and the chosen token's text always its own (as token_logprobs)."""
+
+    class SameText:  # tokens 21 and 22 read "a", 23 and 24 read ""
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join({21: "a", 22: "a", 23: "", 24: "", 25: "b"}.get(t, "?") for t in ids)
+
+    o = RequestOutput("a", [23, 25], [23, 25], True, FinishReason.LENGTH, text="b", logprobs=[-3.5, -0.1],
+                      top_logprobs=[((21, -0.2), (22, -0.9), (24, -1.5)), ((25, -0.1), (21, -2.0))],
+                      prompt_tokens=1)
+    top = choices.completion_logprobs(choices.TokenTexts(SameText()), o, [1])["top_logprobs"]
+    assert top == [{"a": -0.2, "": -3.5}, {"b": -0.1, "a": -2.0}]

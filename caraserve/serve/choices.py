@@ -118,9 +118,13 @@ def completion_logprobs(texts: TokenTexts, out: RequestOutput, prompt_ids: list[
         if top is None:  # the prompt's first token
             alternatives.append(None)
             continue
-        top = {token: _logprob(v) for token, v in top}
-        top.setdefault(t, _logprob(lp))
-        alternatives.append(top)
+        # Keyed by text, which tokens may share (byte pieces of a character read ""): each text
+        # keeps its most likely token's logprob, and the chosen token's text its own.
+        entries: dict[str, float] = {}
+        for token, v in top:
+            entries.setdefault(token, _logprob(v))
+        entries[t] = _logprob(lp)
+        alternatives.append(entries)
     logprobs = [None if lp is None else _logprob(lp) for lp in logprobs]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": alternatives, "text_offset": offsets}
 

@@ -214,8 +214,9 @@ class Engine:
                 raise RequestError(f"request id {rid!r} is already in flight")
             req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None,
                           final_only=final_only)
-            if adapter is not None:  # the registration its KV depends on (a reload is another)
-                req.adapter_key = f"{adapter}#{self.store.info(adapter).uid}"
+            # its KV depends on the adapter's registration (a reload is another) and the cache salt
+            req.adapter_key = (f"{adapter}#{self.store.info(adapter).uid}" if adapter is not None else "") + (
+                f"\0salt:{params.cache_salt}" if params.cache_salt is not None else "")
             if not params.greedy:
                 seed = params.seed if params.seed is not None else int(
                     torch.randint(0, 2**62, (1,), generator=self._seed_rng))
@@ -240,9 +241,10 @@ class Engine:
         the vocabulary (`request.check_limits`)."""
         check_limits(params, self.config.limits, self.model.args.vocab_size)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; RequestError when it is not one (`request.prompt_ids`)."""
-        return prompt_ids(prompt, self.tokenizer, self.config.limits, self.max_seq_len, self.model.args.vocab_size)
+        return prompt_ids(prompt, self.tokenizer, self.config.limits, self.max_seq_len, self.model.args.vocab_size,
+                          add_special_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slots; its final output, or None when it is unknown or

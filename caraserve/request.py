@@ -87,6 +87,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled (None: any)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only within one salt
 
     def __post_init__(self):
         def bad(msg):
@@ -153,12 +155,21 @@ class SamplingParams:
             bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids must be integers in [0, 2**63 - 1]")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 256
+                                                and self.cache_salt.isprintable()):  # (no lone surrogates)
+            bad(f"cache_salt must be 1-256 printable characters, got {self.cache_salt!r:.80}")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                bad(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
+            if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids):
+                bad("allowed_token_ids must be integers in [0, 2**63 - 1]")
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
 
     @property
     def adjusts(self) -> bool:
         """Whether any logit adjustment applies (the sampler skips the others' rows)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias)
+                    or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None)
 
     @property
     def greedy(self) -> bool:
@@ -185,6 +196,8 @@ def check_limits(params: SamplingParams, lim, vocab: int) -> None:
         raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
     if any(t >= vocab for t, _ in params.logit_bias):
         raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+    if params.allowed_token_ids is not None and any(t >= vocab for t in params.allowed_token_ids):
+        raise RequestError(f"allowed_token_ids must be token ids in [0, {vocab})")
 
 
 def check_prompt_text(prompt: str, tokenizer, lim) -> None:
@@ -203,12 +216,13 @@ def check_prompt_text(prompt: str, tokenizer, lim) -> None:
         raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
 
 
-def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int) -> list[int]:
-    """Token ids of a prompt (text through `tokenizer`, or token ids); RequestError when it is
-    not one, or past the limits `lim` (config.LimitsConfig), the context length or the vocabulary."""
+def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt (text through `tokenizer`, with its BOS unless not
+    add_special_tokens; or token ids); RequestError when it is not one, or past the limits `lim`
+    (config.LimitsConfig), the context length or the vocabulary."""
     if isinstance(prompt, str):
         check_prompt_text(prompt, tokenizer, lim)
-        ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     elif isinstance(prompt, (list, tuple)):
         if len(prompt) > max_seq_len:
             raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length {max_seq_len}")

@@ -38,6 +38,8 @@ def adjust_logits(
     eos_ids=(),
 ) -> torch.Tensor:
     """Semantics, for each row whose params adjust (a new tensor; other rows are unchanged):
+        logits[t] = -inf                                            for t not in allowed_token_ids
+                                                                    (when given)
         logits[t] += logit_bias[t]                                  for t in logit_bias
         logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r   for t in prompt or output
                                                                     (r = repetition_penalty, vLLM's)
@@ -54,6 +56,10 @@ def adjust_logits(
     for i in rows:
         p, (prompt, output) = params[i], histories[i]
         row = logits[i]
+        if p.allowed_token_ids is not None:
+            keep = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            keep[torch.tensor([t for t in p.allowed_token_ids if t < vocab], dtype=torch.int64, device=dev)] = True
+            row.masked_fill_(~keep, float("-inf"))
         bias = [(t, b) for t, b in p.logit_bias if t < vocab]
         if bias:
             row.index_add_(0, torch.tensor([t for t, _ in bias], device=dev),

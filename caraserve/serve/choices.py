@@ -71,6 +71,17 @@ class TokenTexts:
         return out
 
 
+class TokenIds(TokenTexts):
+    """vLLM's return_tokens_as_token_ids: every token named "token_id:{id}", so tokens that read
+    alike (special ones, pieces of a character) stay apart."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def one(self, before: tuple[int, ...], t: int) -> str:
+        return f"token_id:{t}"
+
+
 def _alternatives(texts: TokenTexts, seq: list[int], start: int, tops) -> list:
     """Each position's alternatives as (text, logprob)s, read after the tokens before position
     start + i of `seq` (None for a position without any)."""

@@ -9,6 +9,11 @@ import json
 from caraserve.request import RequestError, check_prompt_text
 from caraserve.serve import protocol as proto
 
+# apply_chat_template's own arguments: chat_template_kwargs may not set them
+_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
 
 class Prompts:
     def __init__(self, engine, chat_template: str | None):
@@ -33,31 +38,45 @@ class Prompts:
                                "(limits.max_prompt_bytes)")
         return out
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False,
+               tools: list[dict] | None = None, continue_final_message: bool = False,
+               template_kwargs: dict | None = None) -> list[int]:
         """Token ids of checked messages (`messages`) through the chat template, with `tools`
-        (JSON schemas the template may render) counted into limits.max_prompt_bytes."""
+        (JSON schemas the template may render) and `template_kwargs` (more variables for it, vLLM's
+        chat_template_kwargs) counted into limits.max_prompt_bytes."""
         tok = self.engine.tokenizer
-        if tools:
-            try:
-                size = len(json.dumps(tools).encode())
-            except (TypeError, ValueError, UnicodeEncodeError) as e:
-                raise RequestError(f"tools: not JSON text ({e})") from None
-            if size > self.limits.max_prompt_bytes:
-                raise RequestError(f"tools: {size} bytes is more than {self.limits.max_prompt_bytes} "
-                                   "(limits.max_prompt_bytes)")
+        for what, value in (("tools", tools), ("chat_template_kwargs", template_kwargs)):
+            if value:
+                self._check_json(what, value)
+        taken = sorted(set(template_kwargs or ()) & _TEMPLATE_ARGS)
+        if taken:
+            raise RequestError(f"chat_template_kwargs: {', '.join(taken)} cannot be set there (the request's own "
+                               "fields set the template's arguments)")
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise RequestError("continue_final_message: the last message must be the assistant's (the answer "
+                               f"continues it), got {messages[-1]['role']!r}")
         try:
             text = tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt, tools=tools or None)
+                                           add_generation_prompt=add_generation_prompt, tools=tools or None,
+                                           continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as e:  # template errors (e.g. an unsupported role) are the caller's
             raise RequestError(f"cannot apply the chat template: {e}") from e
         return tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _check_json(self, what: str, value) -> None:
+        try:
+            size = len(json.dumps(value).encode())
+        except (TypeError, ValueError, UnicodeEncodeError) as e:
+            raise RequestError(f"{what}: not JSON text ({e})") from None
+        if size > self.limits.max_prompt_bytes:
+            raise RequestError(f"{what}: {size} bytes is more than {self.limits.max_prompt_bytes} "
+                               "(limits.max_prompt_bytes)")
 
     def tokenize(self, body: proto.TokenizeRequest) -> dict:
         """vLLM's /tokenize answer: the ids, their count and the context length."""
         if body.messages is not None:
             ids = self.render(self.messages(body.messages), body.add_generation_prompt, bool(body.add_special_tokens),
-                              body.tools)
+                              body.tools, body.continue_final_message, body.chat_template_kwargs)
         else:
             check_prompt_text(body.prompt, self.engine.tokenizer, self.limits)
             add = body.add_special_tokens is None or body.add_special_tokens

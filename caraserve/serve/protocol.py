@@ -56,6 +56,22 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
+    cache_salt: str | None = None
+    # vLLM's fields that change the answer and are not served here: refused unless they hold
+    # their default (`_NOT_SERVED`); vLLM's that only matter to beam search are ignored, as it does
+    bad_words: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    priority: Any = None
+    logits_processors: Any = None
+    skip_special_tokens: Any = None
+    return_token_ids: Any = None
+    vllm_xargs: Any = None
+    kv_transfer_params: Any = None
+    mm_processor_kwargs: Any = None
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
     # JSON mode or tools must not get free text back as if they had applied).
     response_format: dict | None = None
@@ -109,6 +125,18 @@ class _Sampling(BaseModel):
         return [{"type": "function", "function": f} for f in self.functions] if self.functions else None
 
     @model_validator(mode="after")
+    def _only_served_options(self) -> _Sampling:
+        for name, (harmless, hint) in _NOT_SERVED.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in harmless:
+                raise ValueError(f"{name} is not supported by this server{hint}")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1):
+            raise ValueError(f"truncate_prompt_tokens must be -1 (the context length) or >= 1, "
+                             f"got {self.truncate_prompt_tokens}")
+        return self
+
+    @model_validator(mode="after")
     def _stream_options_with_stream(self) -> _Sampling:
         if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise ValueError("stream_options can only be given with stream: true")
@@ -118,10 +146,28 @@ class _Sampling(BaseModel):
         return self
 
 
+# field -> (the values that ask for nothing this server lacks, a hint for the others)
+_NOT_SERVED = {
+    "bad_words": (([],), ""),
+    "use_beam_search": ((False,), " (no beam search here)"),
+    "prompt_logprobs": ((), ": for the prompt's logprobs, send echo: true with logprobs"),
+    "priority": ((0,), " (requests are served first come, first served)"),
+    "logits_processors": (([],), ""),
+    "skip_special_tokens": ((True,), " (texts always skip special tokens; their ids are in the logprobs)"),
+    "return_token_ids": ((False,), ""),
+    "vllm_xargs": (({},), ""),
+    "kv_transfer_params": (({},), ""),
+    "mm_processor_kwargs": (({},), " (this model reads text)"),
+    "chat_template": ((), ": the server's template applies (server.chat_template)"),
+    "documents": (([],), ""),
+}
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     suffix: str | None = None  # refused when given (as vLLM's): no insertion model here
+    add_special_tokens: bool = True  # a text prompt's BOS (vLLM's)
 
 
 class ContentPart(BaseModel):
@@ -157,6 +203,20 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
     echo: bool = False  # vLLM's: the answer begins with the last message's content when it is the assistant's
+    # vLLM's: how the chat template renders the messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the answer continues the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
+    add_special_tokens: bool = False  # the template writes BOS itself
+    chat_template: Any = None  # refused (_NOT_SERVED)
+    documents: Any = None  # refused (_NOT_SERVED)
+
+    @model_validator(mode="after")
+    def _one_way_to_end(self) -> ChatCompletionRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message: true needs add_generation_prompt: false (the answer continues "
+                             "the last message rather than starting a new one)")
+        return self
 
 
 class TokenizeRequest(BaseModel):
@@ -170,6 +230,8 @@ class TokenizeRequest(BaseModel):
     tools: list[dict] | None = None  # with messages: rendered by the chat template (as vLLM's)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM's)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False  # each token's string too (the tokenizer's own pieces), as vLLM's
 
     @model_validator(mode="after")

@@ -81,6 +81,7 @@ class EngineService:
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
         self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
+        self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
         self.metrics_ = ServerMetrics(service)
         self.runs = Runs(service)
@@ -134,7 +135,8 @@ class EngineService:
                 logprobs=logprobs is not None, top_logprobs=logprobs or 0,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
-                logit_bias=body.logit_bias or (),
+                logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
+                cache_salt=body.cache_salt,
             )
             self.engine.check_params(params)
             return params
@@ -144,13 +146,23 @@ class EngineService:
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
-    async def _encode(self, prompt) -> list[int]:
+    async def _encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
         try:
             if isinstance(prompt, str) and len(prompt) > 1024:
-                return await self._off_loop(self.engine.encode, prompt)
-            return self.engine.encode(prompt)
+                return await self._off_loop(self.engine.encode, prompt, add_special_tokens)
+            return self.engine.encode(prompt, add_special_tokens)
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
+
+    def _truncated(self, ids: list[int], body: proto._Sampling) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the context length)."""
+        k = body.truncate_prompt_tokens
+        if k is None:
+            return ids
+        return ids[-(self.engine.max_seq_len if k == -1 else k):]
+
+    def _texts(self, body: proto._Sampling) -> choices.TokenTexts:
+        return self.token_ids if body.return_tokens_as_token_ids else self.token_texts
 
     # ---- the API ------------------------------------------------------------------------------
 
@@ -175,10 +187,13 @@ class EngineService:
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
         if scored:
             params = replace(params, prompt_logprobs=body.logprobs)
-        encoded = [await self._prompt_ids(prompt, params, k if len(prompts) > 1 else None)
+        encoded = [await self._prompt_ids(prompt, params, k if len(prompts) > 1 else None, body)
                    for k, prompt in enumerate(prompts)]
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
+        if body.truncate_prompt_tokens is not None:  # the part of the prompt that was kept
+            prompts = encoded
         echoed = [self._prompt_text(prompt, ids) if body.echo else "" for prompt, ids in zip(prompts, encoded)]
+        texts = self._texts(body)
         final_only = not body.stream  # a non-streamed call reads the last output only
         n = body.n
         runs = await self.runs.start_prompts(encoded, params, adapter, rid, n, final_only)
@@ -186,21 +201,23 @@ class EngineService:
             runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
             created = int(time.time())  # one value for every chunk of the call, as OpenAI's
-            chunkers = [choices.completion_chunker(rid, body.model, self.token_texts, ids, text, scored, created)
+            chunkers = [choices.completion_chunker(rid, body.model, texts, ids, text, scored, created)
                         for ids, text in zip(encoded, echoed)]
             return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
                                           disconnected, n, continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
-                    choices.completion_logprobs(self.token_texts, o, encoded[c // n], echo=scored), o.stop_reason)
+                    choices.completion_logprobs(texts, o, encoded[c // n], echo=scored), o.stop_reason)
                    for c, o in enumerate(outs)]
         return proto.completion_response(rid, body.model, answers, *choices.usage_counts(outs, n))
 
-    async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None) -> list[int]:
-        """The prompt's ids, checked to fit with params.max_tokens: a call of several prompts is
-        refused whole, before any of them starts (the message names the prompt by its index)."""
+    async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None,
+                          body: proto.CompletionRequest) -> list[int]:
+        """The prompt's ids (as the body asks: BOS, truncation), checked to fit with
+        params.max_tokens: a call of several prompts is refused whole, before any of them starts
+        (the message names the prompt by its index)."""
         try:
-            ids = await self._encode(prompt)
+            ids = self._truncated(await self._encode(prompt, body.add_special_tokens), body)
             self.engine.check_fits(len(ids), params)
             return ids
         except ApiError as e:
@@ -254,9 +271,12 @@ class EngineService:
 
         try:
             tools = body.template_tools()
-            ids = await self._off_loop(lambda: engine.encode(self.prompts.render(messages, tools=tools)))
+            ids = await self._off_loop(lambda: engine.encode(self.prompts.render(
+                messages, body.add_generation_prompt, body.add_special_tokens, tools, body.continue_final_message,
+                body.chat_template_kwargs)))
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
+        ids = self._truncated(ids, body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise ApiError(400, f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}",
@@ -268,11 +288,11 @@ class EngineService:
         # echo (vLLM's): the answer continues the last message when it is the assistant's own
         echoed = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
-            chunker = choices.chat_chunker(rid, body.model, self.token_texts, ids, echoed)
+            chunker = choices.chat_chunker(rid, body.model, self._texts(body), ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self.token_texts, o, ids),
+        answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self._texts(body), o, ids),
                     o.stop_reason) for o in outs]
         return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
                                    max(o.cached_tokens for o in outs))

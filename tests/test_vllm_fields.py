@@ -1,0 +1,171 @@
+"""vLLM's request fields beyond OpenAI's: those served here do what vLLM's server does with them
+(allowed_token_ids, truncate_prompt_tokens, add_special_tokens, the chat template's options,
+return_tokens_as_token_ids, cache_salt); those that would change the answer and are not served
+are refused by name, never ignored (on an in-process server)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from test_server_hardening import in_process_server
+
+from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
+from caraserve.engine import Engine
+from caraserve.request import RequestError, SamplingParams
+from caraserve.sampler import adjust_logits
+
+# a template with a variable of its own, as chat models' (e.g. enable_thinking)
+TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant{{ ' (' ~ mood ~ ')' if mood }}:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def live():
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256, kv_block_size=16,
+                                 adapters=AdapterConfig(dir="none")))
+    with in_process_server(engine, ServerConfig(chat_template=TEMPLATE)) as (base, _):
+        yield {"base": base, "engine": engine}
+
+
+def post(live, path: str, body: dict) -> httpx.Response:
+    return httpx.post(live["base"] + path, json=body, timeout=60)
+
+
+def ok(live, path: str, body: dict) -> dict:
+    r = post(live, path, body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def refused(live, path: str, body: dict, says: str) -> None:
+    r = post(live, path, body)
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+BODY = {"model": "tiny", "prompt": "def main():\n    x = 1\n    return x", "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bad_words", ["x"]), ("use_beam_search", True), ("prompt_logprobs", 1), ("priority", 1),
+    ("logits_processors", ["m.f"]), ("skip_special_tokens", False), ("return_token_ids", True),
+    ("vllm_xargs", {"a": 1}), ("kv_transfer_params", {"a": 1}), ("mm_processor_kwargs", {"a": 1}),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(live, field, value):
+    refused(live, "/v1/completions", {**BODY, field: value}, field)
+    refused(live, "/v1/chat/completions", {**CHAT, field: value}, field)
+
+
+def test_chat_only_fields_not_served_are_refused_and_neutral_values_taken(live):
+    refused(live, "/v1/chat/completions", {**CHAT, "chat_template": "{{ x }}"}, "chat_template")
+    refused(live, "/v1/chat/completions", {**CHAT, "documents": [{"text": "x"}]}, "documents")
+    neutral = {"bad_words": [], "use_beam_search": False, "priority": 0, "skip_special_tokens": True,
+               "return_token_ids": False, "length_penalty": 1.0, "documents": []}
+    want = ok(live, "/v1/chat/completions", CHAT)["choices"][0]["message"]
+    assert ok(live, "/v1/chat/completions", {**CHAT, **neutral})["choices"][0]["message"] == want
+
+
+def test_allowed_token_ids_limit_what_is_sampled(live):
+    def ids(body: dict) -> list[int]:
+        got = ok(live, "/v1/completions", {**body, "logprobs": 0, "return_tokens_as_token_ids": True})
+        return [int(t.removeprefix("token_id:")) for t in got["choices"][0]["logprobs"]["tokens"]]
+
+    free = ids(BODY)
+    allowed = [11, 57, 300]
+    assert not set(free) <= set(allowed)
+    for temperature in (0, 1.0):
+        got = ids({**BODY, "allowed_token_ids": allowed, "temperature": temperature, "seed": 3})
+        assert len(got) == BODY["max_tokens"] and set(got) <= set(allowed)
+    refused(live, "/v1/completions", {**BODY, "allowed_token_ids": []}, "allowed_token_ids")
+    refused(live, "/v1/completions", {**BODY, "allowed_token_ids": [10**6]}, "allowed_token_ids")
+
+
+def test_allowed_token_ids_keep_the_best_of_them():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 3.0, -2.0]])
+    params = [SamplingParams(allowed_token_ids=[0, 3, 4])]
+    out = adjust_logits(logits, params, [([1], [])])
+    assert out[0].tolist() == [0.0, float("-inf"), float("-inf"), 3.0, -2.0]
+    with pytest.raises(RequestError, match="allowed_token_ids must be a non-empty list"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(live):
+    ids = live["engine"].encode(BODY["prompt"])
+    k = 6
+    cut = ok(live, "/v1/completions", {**BODY, "truncate_prompt_tokens": k, "echo": True})
+    alone = ok(live, "/v1/completions", {**BODY, "prompt": ids[-k:], "echo": True})
+    assert cut["usage"]["prompt_tokens"] == k and cut["choices"][0]["text"] == alone["choices"][0]["text"]
+    whole = ok(live, "/v1/completions", {**BODY, "truncate_prompt_tokens": -1})
+    assert whole["usage"]["prompt_tokens"] == len(ids)
+    chat = ok(live, "/v1/chat/completions", {**CHAT, "truncate_prompt_tokens": 3})
+    assert chat["usage"]["prompt_tokens"] == 3
+    refused(live, "/v1/completions", {**BODY, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens")
+
+
+def test_add_special_tokens_false_leaves_out_the_bos(live):
+    engine = live["engine"]
+    ids = engine.encode(BODY["prompt"])
+    assert ids[0] == engine.tokenizer.bos_token_id
+    bare = ok(live, "/v1/completions", {**BODY, "add_special_tokens": False})
+    as_ids = ok(live, "/v1/completions", {**BODY, "prompt": ids[1:]})
+    assert bare["usage"]["prompt_tokens"] == len(ids) - 1
+    assert bare["choices"][0]["text"] == as_ids["choices"][0]["text"]
+
+
+def test_chat_template_options_render_as_tokenize_renders_them(live):
+    tok = live["engine"].tokenizer
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(**extra) -> int:
+        return ok(live, "/v1/chat/completions", {**CHAT, **extra})["usage"]["prompt_tokens"]
+
+    assert prompt_tokens() == count("user: hi there\nassistant:")
+    assert prompt_tokens(add_generation_prompt=False) == count("user: hi there\n")
+    assert prompt_tokens(chat_template_kwargs={"mood": "calm"}) == count("user: hi there\nassistant (calm):")
+    assert prompt_tokens(add_special_tokens=True) == count("user: hi there\nassistant:") + 1  # BOS
+    messages = [*CHAT["messages"], {"role": "assistant", "content": "well"}]
+    cont = ok(live, "/v1/chat/completions", {**CHAT, "messages": messages, "add_generation_prompt": False,
+                                               "continue_final_message": True})
+    tokenized = ok(live, "/tokenize", {"model": "tiny", "messages": messages, "add_generation_prompt": False,
+                                       "continue_final_message": True})
+    assert cont["usage"]["prompt_tokens"] == tokenized["count"] == count("user: hi there\nassistant: well")
+    refused(live, "/v1/chat/completions", {**CHAT, "messages": messages, "continue_final_message": True},
+            "continue_final_message: true needs add_generation_prompt: false")
+    refused(live, "/v1/chat/completions", {**CHAT, "add_generation_prompt": False, "continue_final_message": True},
+            "the last message must be the assistant's")
+    refused(live, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tokenize": True}},
+            "chat_template_kwargs: tokenize cannot be set there")
+
+
+def test_return_tokens_as_token_ids_names_each_token_by_its_id(live):
+    plain = ok(live, "/v1/completions", {**BODY, "logprobs": 2})["choices"][0]["logprobs"]
+    named = ok(live, "/v1/completions", {**BODY, "logprobs": 2, "return_tokens_as_token_ids": True})
+    lp = named["choices"][0]["logprobs"]
+    tok = live["engine"].tokenizer
+    ids = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+    assert all(t.startswith("token_id:") for t in lp["tokens"])
+    assert tok.decode(ids) == named["choices"][0]["text"] and lp["token_logprobs"] == plain["token_logprobs"]
+    assert all(k.startswith("token_id:") for top in lp["top_logprobs"] for k in top)
+    chat = ok(live, "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 1,
+                                              "return_tokens_as_token_ids": True})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert all(e["token"].startswith("token_id:") and e["top_logprobs"][0]["token"].startswith("token_id:")
+               for e in content)
+
+
+def test_cache_salt_shares_prefix_blocks_only_within_one_salt(live):
+    body = {**BODY, "prompt": BODY["prompt"] * 4, "max_tokens": 2}  # several full blocks of 16
+
+    def cached(**extra) -> int:
+        return ok(live, "/v1/completions", {**body, **extra})["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cached(cache_salt="tenant-a")
+    assert cached(cache_salt="tenant-a") >= 16
+    assert cached(cache_salt="tenant-b") == 0  # the same prompt, another salt
+    assert cached() == 0  # no salt: the unsalted blocks are others too
+    assert cached() >= 16
+    refused(live, "/v1/completions", {**body, "cache_salt": ""}, "cache_salt")

@@ -1,9 +1,10 @@
 """Offline batch generation: JSONL requests in, JSONL results out, in input order.
 
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
-OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, ...) plus vLLM's (top_k, min_p,
-ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`}. Output line:
-{"id", "text", "token_ids", "finish_reason", "stop_reason"} or {"id", "error"}.
+OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, n, ...) plus vLLM's (top_k,
+min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`}. Output
+line: {"id", "text", "token_ids", "finish_reason", "stop_reason"} (with n > 1: {"id", "choices":
+[one such object without "id" per completion]}) or {"id", "error"}.
 One bad line yields an error line and never stops the others; a blank line is skipped and counted.
 Lines are numbered from 1, in messages and as the id of a line that gives none.
 """
@@ -14,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.request import RequestError, SamplingParams
@@ -114,6 +115,11 @@ def parse_line(line: str, number: int) -> tuple[object, dict]:
     if adapter is not None and not isinstance(adapter, str):
         raise bad("'adapter' must be a name or null")
     kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj and obj[k] is not None}
+    lp = kwargs.get("logprobs")
+    if type(lp) is int:  # the completions API's form: N alternatives with each token
+        if kwargs.get("top_logprobs", lp) != lp:
+            raise bad(f"logprobs={lp} and top_logprobs={kwargs['top_logprobs']} disagree (give one)")
+        kwargs["logprobs"], kwargs["top_logprobs"] = True, lp
     try:
         params = SamplingParams(**kwargs)
     except (RequestError, TypeError) as e:
@@ -134,7 +140,8 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
     non-blank line gets a result line, in input order: a bad line or a request the engine failed
     gets {"id", "error"}, and nothing stops the others."""
     results: list[dict | None] = []
-    pending: dict[str, tuple[int, object]] = {}  # engine request id -> (output index, user id)
+    pending: dict[str, tuple[int, int]] = {}  # engine request id -> (output index, completion index)
+    parts: dict[int, tuple[object, list[dict | None]]] = {}  # output index -> (user id, its completions)
     blank = 0
     engine.warm_up()  # engine.compile=true compiles here, before the job's clock starts
     t0 = time.perf_counter()
@@ -144,19 +151,16 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
             continue
         try:
             user_id, kwargs = parse_line(line, number)
-            try:
-                rid = engine.add_request(**kwargs, final_only=True)  # the results are written at the end
-            except (RequestError, AdapterError) as e:
-                raise LineError(user_id, f"line {number}: {e}") from None
-            except Exception as e:  # whatever a line holds, it fails alone
-                raise LineError(user_id, f"line {number}: {type(e).__name__}: {e}") from None
-            pending[rid] = (len(results), user_id)
+            rids = _add(engine, kwargs, user_id, number)
+            for i, rid in enumerate(rids):
+                pending[rid] = (len(results), i)
+            parts[len(results)] = (user_id, [None] * len(rids))
             results.append(None)
         except LineError as e:
             results.append({"id": e.rid, "error": str(e)})
     if progress is not None:
         progress.reset(total=len(results))
-        progress.update(len(results) - len(pending))
+        progress.update(len(results) - len(parts))
     tokens = 0
     while pending:
         try:
@@ -168,25 +172,58 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
         for out in outs:
             if not out.finished or out.request_id not in pending:
                 continue
-            pos, user_id = pending.pop(out.request_id)
-            if out.error is not None:
-                results[pos] = {"id": user_id, "error": out.error}
-            else:
-                results[pos] = {"id": user_id, "text": out.text, "token_ids": out.output_ids,
-                                "finish_reason": out.finish_reason.openai, "stop_reason": out.stop_reason}
-                if out.logprobs is not None:
-                    results[pos]["logprobs"] = out.logprobs
-                if out.top_logprobs is not None:  # per token: [[token id, logprob], ...], best first
-                    results[pos]["top_logprobs"] = [[list(alt) for alt in top] for top in out.top_logprobs]
-                if out.prompt_logprobs is not None:  # per prompt token: null, then [logprob, [[id, logprob], ...]]
-                    results[pos]["prompt_logprobs"] = [None if e is None else [e[0], [list(a) for a in e[1]]]
-                                                       for e in out.prompt_logprobs]
-                tokens += len(out.output_ids)
-            if progress is not None:
-                progress.update(1)
+            pos, i = pending.pop(out.request_id)
+            user_id, done = parts[pos]
+            done[i] = {"error": out.error} if out.error is not None else _result(out)
+            tokens += len(out.output_ids) if out.error is None else 0
+            if all(d is not None for d in done):
+                results[pos] = _line_result(user_id, done)
+                if progress is not None:
+                    progress.update(1)
         if pending and not engine.has_unfinished():
-            for pos, user_id in pending.values():
-                results[pos] = {"id": user_id, "error": "the engine dropped this request"}
+            for pos, _ in pending.values():
+                results[pos] = {"id": parts[pos][0], "error": "the engine dropped this request"}
             break
     errors = sum(1 for r in results if "error" in r)
     return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank)
+
+
+def _add(engine, kwargs: dict, user_id, number: int) -> list[str]:
+    """The engine requests of a line: its n completions, as the server makes them (completion i
+    samples with seed + i; the others are admitted once the first has prefilled)."""
+    params = kwargs["params"]
+    rids: list[str] = []
+    try:
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            one = replace(params, n=1, seed=seed) if params.n > 1 else params
+            rids.append(engine.add_request(kwargs["prompt"], one, kwargs["adapter"], after=rids[0] if rids else None,
+                                           final_only=True))  # the results are written at the end
+    except Exception as e:  # whatever a line holds, it fails alone
+        for rid in rids:
+            engine.abort(rid)
+        why = str(e) if isinstance(e, (RequestError, AdapterError)) else f"{type(e).__name__}: {e}"
+        raise LineError(user_id, f"line {number}: {why}") from None
+    return rids
+
+
+def _result(out) -> dict:
+    result = {"text": out.text, "token_ids": out.output_ids, "finish_reason": out.finish_reason.openai,
+              "stop_reason": out.stop_reason}
+    if out.logprobs is not None:
+        result["logprobs"] = out.logprobs
+    if out.top_logprobs is not None:  # per token: [[token id, logprob], ...], best first
+        result["top_logprobs"] = [[list(alt) for alt in top] for top in out.top_logprobs]
+    if out.prompt_logprobs is not None:  # per prompt token: null, then [logprob, [[id, logprob], ...]]
+        result["prompt_logprobs"] = [None if e is None else [e[0], [list(a) for a in e[1]]]
+                                     for e in out.prompt_logprobs]
+    return result
+
+
+def _line_result(user_id, done: list[dict]) -> dict:
+    """A line's output: its one completion's fields, or with n > 1 every completion in
+    "choices"; the first error when a completion failed."""
+    failed = next((d for d in done if "error" in d), None)
+    if failed is not None:
+        return {"id": user_id, **failed}
+    return {"id": user_id, **done[0]} if len(done) == 1 else {"id": user_id, "choices": done}

@@ -3,10 +3,13 @@ who stops early (or a step that raises) leaves nothing of its requests in the en
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from caraserve.config import EngineConfig
 from caraserve.engine import Engine
+from caraserve.offline import run_offline
 from caraserve.request import SamplingParams
 
 SP = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -58,3 +61,23 @@ def test_a_step_that_raises_aborts_the_generate_calls_requests(engine, monkeypat
     monkeypatch.undo()
     (done,) = engine.generate(["import os"], SP)  # the engine goes on serving
     assert len(done.output_ids) == 40
+
+
+def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
+    """A JSONL line with n > 1 gets its n completions in "choices", completion i sampled with
+    seed + i (as the server makes them); logprobs: N is the completions API's form (N
+    alternatives with each token)."""
+    base = {"prompt": "def main():", "max_tokens": 6, "temperature": 1.0, "ignore_eos": True}
+    lines = [json.dumps({"id": "n3", **base, "n": 3, "seed": 7}),
+             json.dumps({"id": "lp", **base, "temperature": 0, "logprobs": 2}),
+             json.dumps({"id": "bad", **base, "logprobs": 2, "top_logprobs": 3})]
+    lines += [json.dumps({"id": f"s{i}", **base, "seed": 7 + i}) for i in range(3)]
+    results, summary = run_offline(engine, lines)
+    by_id = {r["id"]: r for r in results}
+    choices = by_id["n3"]["choices"]
+    assert [c["token_ids"] for c in choices] == [by_id[f"s{i}"]["token_ids"] for i in range(3)]
+    assert len({tuple(c["token_ids"]) for c in choices}) > 1
+    lp = by_id["lp"]
+    assert len(lp["logprobs"]) == 6 and all(len(top) == 2 for top in lp["top_logprobs"])
+    assert "logprobs=2 and top_logprobs=3 disagree" in by_id["bad"]["error"]
+    assert summary.requests == 6 and summary.errors == 1 and summary.output_tokens == 6 * 3 + 6 + 3 * 6

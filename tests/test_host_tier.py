@@ -5,6 +5,7 @@ broken, and the budget holds under churn without ever dropping a held adapter.""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -187,6 +188,29 @@ def test_files_changed_or_vanished_after_registration_refused_on_read(env, store
     with pytest.raises(AdapterError, match=r"adapter 'gone': no adapter_model\.safetensors"):
         store.fetch("gone").result(timeout=30)
     assert "changed since" in store.broken("changed") and "no adapter_model" in store.broken("gone")
+
+
+def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(env, stores, tmp_path):
+    """A training job saving its next checkpoint into a served folder: the shapes, rank and
+    scale stay, the weights do not. Re-read after the host tier dropped the old ones, they would
+    be served beside the prefix-cache blocks the old weights computed; they are refused instead."""
+    root, args = env
+    kept = shutil.copytree(root / "many" / "a00", tmp_path / "kept")
+    other = shutil.copytree(root / "many" / "a01", tmp_path / "other")
+    size = stores(args).register("probe", kept).nbytes
+    store = stores(args, budget_bytes=size)  # room for one of them
+    store.register("kept", kept)
+    store.register("other", other)
+    first = store.get("kept")
+    cfg = json.loads((kept / "adapter_config.json").read_text())
+    write_random_adapter(kept, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]), seed=123, shape=SHAPE)
+    store.get("other")  # the budget drops "kept"
+    with pytest.raises(AdapterError, match=r"adapter 'kept': its files in .* changed since it was registered"):
+        store.get("kept")
+    store.unregister("kept")
+    store.register("kept", kept)
+    again = store.get("kept")
+    assert not all(torch.equal(again.a[m], first.a[m]) for m in first.a)
 
 
 def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(env, stores, monkeypatch):

@@ -27,7 +27,7 @@ from types import MappingProxyType
 import torch
 
 from caraserve.lora.adapter_config import TARGETS, read_adapter_config
-from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, read_weights
+from caraserve.lora.adapter_files import WEIGHT_FILES, AdapterError, ReadLimits, check_name, read_weights
 from caraserve.lora.module_patterns import ModuleRules, PatternError, module_names, module_rules
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class LoraWeights:
     scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
     a: dict  # module -> [L, in, r_m] float tensor
     b: dict  # module -> [L, r_m, out] float tensor
+    files: tuple = ()  # files_stamp of the folder read (() for weights made in memory)
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +75,7 @@ class AdapterMeta:
     scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
     targets: tuple[str, ...]  # modules with LoRA, in TARGETS order
     numel: int  # elements of the stacked a and b tensors together
+    files: tuple = ()  # files_stamp of the folder, as registration saw it
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Host bytes of the stacked weights in `dtype`, as LoraWeights.nbytes will report them."""
@@ -98,6 +100,7 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     config and safetensors header show, reading no weights (a legacy .bin is read whole and its
     values checked too). NaN/Inf in a safetensors file is found by load_adapter, on first use."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
+    files = files_stamp(real)  # before the read: a change during it shows at the first load
     found = read_weights(name, real, limits, header_only=True)
     # all shapes (a safetensors header) or all tensors (a .bin, read whole)
     tensors = isinstance(next(iter(found.values()), None), torch.Tensor)
@@ -105,7 +108,7 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     layout = _layout(name, cfg, shapes, model_args)
     if tensors:
         _check_finite(name, layout, found)
-    return AdapterMeta(name, str(folder), layout.rank, layout.scale, layout.targets, layout.numel)
+    return AdapterMeta(name, str(folder), layout.rank, layout.scale, layout.targets, layout.numel, files)
 
 
 def load_adapter(folder: str | Path, model_args, name: str | None = None,
@@ -114,6 +117,7 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     `limits` bounds what the read may touch (default: nothing)."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
     tensors = read_weights(name, real, limits, header_only=False)
+    files = files_stamp(real)  # after the read: a change during it shows too
     layout = _layout(name, cfg, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
     out_a, out_b = {}, {}
     covered: dict[str, int] = {}
@@ -142,7 +146,21 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     for (layer, module), (*_, ratio) in layout.pairs.items():
         if ratio != 1.0:
             out_b[module][layer] *= ratio
-    return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b)
+    return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b, files)
+
+
+def files_stamp(folder: Path) -> tuple:
+    """What tells the adapter's files apart from a later version of them: each file's inode,
+    size and modification time (a training job that saves its next checkpoint into the folder
+    changes them, even when the shapes stay)."""
+    stamp = []
+    for f in ("adapter_config.json", *WEIGHT_FILES):
+        try:
+            st = os.stat(folder / f)
+        except OSError:
+            continue
+        stamp.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None, model_args):

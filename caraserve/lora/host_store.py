@@ -148,7 +148,7 @@ class HostStore:
             self._check_room(name)  # before the read: a full store costs no disk read
         meta = inspect_adapter(path, self.model_args, name, self._limits(confined))
         info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined,
-                           next_uid())
+                           next_uid(), meta.files)
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._insert(_Entry(info))
@@ -358,12 +358,17 @@ class HostStore:
 
         a = {m: conv(t) for m, t in w.a.items()}
         b = {m: conv(t) for m, t in w.b.items()}
-        return LoraWeights(w.name, w.path, w.rank, w.scale, a, b)
+        return LoraWeights(w.name, w.path, w.rank, w.scale, a, b, w.files)
 
 
 def _check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:
-    """The scheduler and the device pool plan with what registration saw; weights that differ
-    (the files were replaced since) are refused rather than served under the old plan."""
+    """The scheduler and the device pool plan with what registration saw, and the KV blocks its
+    requests left in the prefix cache were computed with its weights then: files that changed
+    since (a new checkpoint saved into the folder, even of the same shapes) are refused rather
+    than served under the old plan or mixed with the old blocks."""
+    if info.files and w.files and info.files != w.files:
+        raise AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered; "
+                           "unregister it and register it again to serve them")
     numel = sum(t.numel() for d in (w.a, w.b) for t in d.values())
     now = (w.rank, w.scale, w.targets, numel * dtype.itemsize)
     then = (info.rank, info.scale, info.targets, info.nbytes)

@@ -57,6 +57,7 @@ class AdapterCatalog:
         except AdapterError:
             self.store.unregister(name)
             raise
+        self.errors.pop(name, None)  # a start-up refusal is history once the name serves
         return info
 
     def remove(self, name: str) -> None:

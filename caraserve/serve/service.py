@@ -115,7 +115,9 @@ class EngineService:
                 raise ApiError(400, str(e), "invalid_request_error") from e
             if found and self.service.is_serving(name):
                 return name
-        raise ApiError(404, f"The model `{name}` does not exist.", "not_found_error")
+        refused = self.engine.catalog.errors.get(name)  # in adapters.dir, but refused at start
+        raise ApiError(404, f"The model `{name}` does not exist." + (f" Its adapter folder was refused at start: "
+                                                                     f"{refused}" if refused else ""), "not_found_error")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The params of each of the body's `n` engine requests (n is the service's to fan out);

@@ -13,6 +13,7 @@ from helpers import copy_adapter, edit_config, peft_logits
 
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig
 from caraserve.engine import Engine
+from caraserve.lora.adapter_files import AdapterReadError
 from caraserve.lora.checkpoint import AdapterError, load_adapter
 from caraserve.request import SamplingParams
 
@@ -112,6 +113,17 @@ def test_bin_checkpoint_equals_safetensors(env, store, tmp_path, src_name):
     assert (a.rank, a.scale, a.targets) == (b.rank, b.scale, b.targets)
     assert same(b, snapshot(a))
     assert store.info("pt").nbytes == store.info("st").nbytes
+
+
+def test_a_truncated_bin_is_the_adapters_fault_not_a_passing_read_error(env, tmp_path):
+    """A .bin torch cannot parse stays broken (a read that may pass is tried again each use)."""
+    _, src, args = env
+    d = copy_adapter(src / "good", tmp_path / "cut")
+    to_bin(d)
+    (d / BIN).write_bytes((d / BIN).read_bytes()[:1000])
+    with pytest.raises(AdapterError, match="not a whole PyTorch checkpoint") as e:
+        load_adapter(d, args)
+    assert not isinstance(e.value, AdapterReadError)
 
 
 def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path):

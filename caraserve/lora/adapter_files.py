@@ -9,12 +9,14 @@ or whole (the first use, which also checks the values).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
 import pickle
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,20 +171,26 @@ def read_weights(name: str, folder: Path, limits: ReadLimits,
                 return _header_shapes(name, path, fd)
             finally:
                 os.close(fd)
-        with os.fdopen(fd, "rb") as f:
+        if path.suffix == ".bin":
+            # read here, parsed from memory: an I/O error is told apart from a file torch cannot parse
+            data = read_capped(name, path, fd, limits.max_file_bytes or sys.maxsize)
             try:
-                if path.suffix == ".safetensors":
-                    from safetensors.torch import load_file
-
-                    tensors = load_file(readable)
-                else:
-                    tensors = torch.load(f, map_location="cpu", weights_only=True)
+                tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never here
                 raise AdapterError(f"adapter {name!r}: cannot read {path} as tensors only (it is truncated, or "
                                    "holds other objects, which are never loaded: save the adapter as "
                                    "safetensors)") from e
-            except Exception as e:  # truncated or corrupt files raise library-specific errors
-                raise read_failed(name, "cannot read", path, e) from e
+            except Exception as e:  # the library's errors for a truncated or corrupt file
+                raise AdapterError(f"adapter {name!r}: cannot read {path}: not a whole PyTorch checkpoint "
+                                   f"(truncated or corrupt? {type(e).__name__}: {e})") from e
+        else:
+            with os.fdopen(fd, "rb"):
+                try:
+                    from safetensors.torch import load_file
+
+                    tensors = load_file(readable)
+                except Exception as e:  # truncated or corrupt files raise library-specific errors
+                    raise read_failed(name, "cannot read", path, e) from e
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise AdapterError(f"adapter {name!r}: {path} does not hold a mapping of names to tensors")

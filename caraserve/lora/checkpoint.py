@@ -207,8 +207,9 @@ def _layout(name: str, cfg: dict, shapes: dict[str, tuple[int, ...]], model_args
             layout, ignored = _checked_layout(fields, key, model_args)
     except _Refused as e:
         raise AdapterError(f"adapter {name!r}: {e}") from None
-    for k in ignored:
-        log.warning("adapter %r: ignoring %s, its module is not in target_modules (as PEFT does)", name, k)
+    if ignored:  # one line per adapter: a large model's file may hold hundreds of such tensors
+        log.warning("adapter %r: ignoring %d tensors of modules not in target_modules (as PEFT does), e.g. %s",
+                    name, len(ignored), ignored[0])
     return layout
 
 

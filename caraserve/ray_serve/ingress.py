@@ -134,13 +134,17 @@ class RayService:
     async def _generate(self, kind: str, body, rid: str, include_usage: bool, disconnected):
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         max_tokens = limit if isinstance(limit, int) and limit > 0 else int(self.cfg.avg_output_tokens)
-        prompt_tokens = estimate_prompt_tokens(body)
+        prompts = len(body.prompt) if isinstance(body, proto.CompletionRequest) and isinstance(body.prompt, list) \
+            and body.prompt and not isinstance(body.prompt[0], int) else 1
+        requests = prompts * (body.n if isinstance(body.n, int) and body.n > 0 else 1)
+        prompt_tokens = max(1, estimate_prompt_tokens(body) // prompts)
         errors: list[str] = []
         target, resynced = "", False
         for attempt in range(self.cfg.max_attempts):
             # A retry gets an id of its own: the replica tried first may still list the first one.
             hint = RouteHint(body.model or "", prompt_tokens, max_tokens, rid if attempt == 0 else f"{rid}.{attempt}",
-                             attempt, target=target, rank=self.runtime_ranks.get(body.model, 0))
+                             attempt, target=target, rank=self.runtime_ranks.get(body.model, 0), origin=rid,
+                             requests=requests)
             gen = self.replicas.options(stream=True).generate.remote(hint, kind, body, include_usage)
             try:
                 answer, replica = await self._first(gen, body.stream, disconnected)

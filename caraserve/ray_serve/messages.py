@@ -16,13 +16,17 @@ class RouteHint:
     replica the call must reach when it is up (a runtime adapter re-loaded onto a replica that
     Serve started after the adapter was loaded, and the request retried there). rank: the
     adapter's rank where the ingress knows it (loaded through it), for the polls that do not
-    list the adapter yet."""
+    list the adapter yet. origin: the id of the request's first attempt (retries have ids of their
+    own, the replicas already tried are kept under this one). requests: the engine requests the
+    call makes (n completions of each prompt), each of prompt_tokens."""
 
     adapter: str = ""
     prompt_tokens: int = 1
     max_tokens: int = 16
     request_id: str = ""
     attempt: int = 0
+    origin: str = ""
+    requests: int = 1
     covered: frozenset[str] | None = None
     target: str = ""
     rank: int = 0

@@ -6,17 +6,19 @@ Each replica is judged on a `ReplicaState` built, as in the simulator, from two 
     controller polls every `request_routing_stats_period_s`: running and queued requests with
     their ranks and remaining tokens, resident adapters, the replica's latency model;
   - this router's own accounting between two polls: a request routed here counts as queued on
-    its replica until the replica's state shows it, and one that completed since no longer
-    counts although the state still shows it. So a burst between two polls spreads out instead
-    of landing on the replica that looked emptiest at the last poll.
+    its replica (as many engine requests as it makes: n completions of each prompt) until the
+    replica's state shows it, and one that completed since no longer counts although the state
+    still shows it. So a burst between two polls spreads out instead of landing on the replica
+    that looked emptiest at the last poll. A request cancelled before Serve sent it stops
+    counting, and an attempt a replica rejected counts where Serve sent the request next.
 The request's adapter, prompt and output lengths reach the router as the call's first argument
 (a RouteHint). The ranking is the policy's choice first, then the others from the least loaded
 (Serve tries them in that order when one's queue is full); ties are broken at random (the
 replicas are shuffled first) except for policies whose order is the policy (first_fit,
-round_robin), which see the replicas sorted by id. A retry of a request (hint.attempt > 0) is
-kept off the replicas already tried while others are up; a call naming a target replica goes
-there while it is up. Each decision is logged (logger
-`ray.serve.caraserve`, so it lands in the ingress replica's Serve log).
+round_robin), which see the replicas sorted by id. A retry of a request (hint.attempt > 0, an
+id of its own, hint.origin the first's) is kept off the replicas already tried while others
+are up; a call naming a target replica goes there while it is up. Each decision is logged
+(logger `ray.serve.caraserve`, so it lands in the ingress replica's Serve log).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class RankAwareRequestRouter(RequestRouter):
         self.policy = make_policy(policy, PolicyParams(slo_ms / 1e3, avg_output_tokens, resident_discount),
                                   np.random.default_rng(seed + 1))
         self.fallback = PerfModel.load(perf_model, "router.perf_model") if perf_model else PerfModel.linear()
-        self._parsed: dict[ReplicaID, tuple[int, EngineState]] = {}  # id(stats dict) -> its EngineState
-        self._routed: dict[str, tuple[ReplicaID, RequestView]] = {}  # Serve's internal id -> where, what
+        self._parsed: dict[ReplicaID, tuple[dict, EngineState]] = {}  # the stats dict last parsed, its state
+        self._routed: dict[str, tuple[ReplicaID, tuple[RequestView, ...]]] = {}  # Serve's internal id -> where, what
         self._on: dict[ReplicaID, dict[str, RequestView]] = {}  # replica -> request id -> view
         self._finished = _Bounded()  # request ids completed since (maybe) the last poll
         self._tried: _Bounded = _Bounded()  # request id -> replicas chosen for it
@@ -68,14 +70,14 @@ class RankAwareRequestRouter(RequestRouter):
         if not stats:
             return None
         cached = self._parsed.get(replica.replica_id)
-        if cached is not None and cached[0] == id(stats):
+        if cached is not None and cached[0] is stats:  # (held, so no later dict can share its address)
             return cached[1]
         try:
             state = EngineState.from_dict(stats)
         except (KeyError, ValueError, TypeError) as e:
             log.warning("replica %s published a malformed state (%s): judged as empty", replica.replica_id, e)
             return None
-        self._parsed[replica.replica_id] = (id(stats), state)
+        self._parsed[replica.replica_id] = (stats, state)
         return state
 
     def replica_state(self, replica: RunningReplica) -> ReplicaState:
@@ -90,12 +92,15 @@ class RankAwareRequestRouter(RequestRouter):
         sent = tuple(v for rid, v in self._on.get(replica.replica_id, {}).items() if rid not in seen)
         return ReplicaState.of(state, self.fallback, sent)
 
-    def _view(self, hint: RouteHint, states: list[EngineState | None]) -> RequestView:
+    def _views(self, hint: RouteHint, states: list[EngineState | None]) -> tuple[RequestView, ...]:
+        """The engine requests the call makes, under the ids the replica gives them (a call's
+        choice c > 0 is request `{id}#{c}`), so that a poll listing them replaces them."""
         known = [s for s in states if s is not None]
-        if any(hint.adapter == s.model for s in known):
-            return RequestView("", 0, hint.prompt_tokens, hint.max_tokens, hint.request_id)
-        rank = next((s.adapters[hint.adapter] for s in known if hint.adapter in s.adapters), hint.rank)
-        return RequestView(hint.adapter, rank, hint.prompt_tokens, hint.max_tokens, hint.request_id)
+        base = any(hint.adapter == s.model for s in known)
+        adapter = "" if base else hint.adapter
+        rank = 0 if base else next((s.adapters[hint.adapter] for s in known if hint.adapter in s.adapters), hint.rank)
+        ids = [hint.request_id] + [f"{hint.request_id}#{c}" for c in range(1, max(1, hint.requests))]
+        return tuple(RequestView(adapter, rank, hint.prompt_tokens, hint.max_tokens, rid) for rid in ids)
 
     # ---- choice -------------------------------------------------------------------------------
 
@@ -110,7 +115,8 @@ class RankAwareRequestRouter(RequestRouter):
         candidates = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         if hint.target:
             candidates = [r for r in candidates if r.replica_id.unique_id == hint.target] or candidates
-        tried = self._tried.get(hint.request_id) or set()
+        origin = hint.origin or hint.request_id  # retries have ids of their own
+        tried = self._tried.get(origin) or set()
         if hint.attempt > 0:
             candidates = [r for r in candidates if r.replica_id not in tried] or candidates
         if self.policy.order_breaks_ties:
@@ -121,12 +127,17 @@ class RankAwareRequestRouter(RequestRouter):
         if serving and len(serving) < len(candidates):  # only replicas that serve the model
             candidates = [candidates[i] for i in serving]
             engine_states = [engine_states[i] for i in serving]
-        view = self._view(hint, engine_states)
+        views = self._views(hint, engine_states)
+        view = views[0]
         states = [self.replica_state(r) for r in candidates]
         order = ranking(self.policy, view, states)
         chosen = candidates[order[0]]
-        self._record(pending_request.metadata.internal_request_id, chosen.replica_id, view)
-        self._tried.remember(hint.request_id, tried | {chosen.replica_id})
+        internal_id = pending_request.metadata.internal_request_id
+        self._record(internal_id, chosen.replica_id, views)
+        # A request cancelled while it waits for a replica with room is never sent, and Serve
+        # tells no hook: its future's cancellation is the only sign.
+        pending_request.future.add_done_callback(lambda f: self._forget(internal_id) if f.cancelled() else None)
+        self._tried.remember(origin, tried | {chosen.replica_id})
         log.info("routing decision: request=%s attempt=%d adapter=%s rank=%d policy=%s replica=%s "
                  "load=%s", hint.request_id, hint.attempt, view.adapter or "-", view.rank, self.policy.name,
                  chosen.replica_id.unique_id, [s.num_requests for s in states])
@@ -134,18 +145,23 @@ class RankAwareRequestRouter(RequestRouter):
 
     # ---- accounting ---------------------------------------------------------------------------
 
-    def _record(self, internal_id: str, replica_id: ReplicaID, view: RequestView) -> None:
+    def _record(self, internal_id: str, replica_id: ReplicaID, views: tuple[RequestView, ...]) -> None:
         self._forget(internal_id)  # chosen again (its first choice was full): it goes where chosen now
-        self._routed[internal_id] = (replica_id, view)
-        self._on.setdefault(replica_id, {})[view.request_id] = view
+        self._routed[internal_id] = (replica_id, views)
+        on = self._on.setdefault(replica_id, {})
+        for v in views:
+            on[v.request_id] = v
+            self._finished.pop(v.request_id, None)  # re-routed after a rejection: not finished
 
-    def _forget(self, internal_id: str) -> RequestView | None:
+    def _forget(self, internal_id: str) -> tuple[RequestView, ...]:
         where = self._routed.pop(internal_id, None)
         if where is None:
-            return None
-        replica_id, view = where
-        self._on.get(replica_id, {}).pop(view.request_id, None)
-        return view
+            return ()
+        replica_id, views = where
+        on = self._on.get(replica_id, {})
+        for v in views:
+            on.pop(v.request_id, None)
+        return views
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         where = self._routed.get(pending_request.metadata.internal_request_id)
@@ -153,9 +169,11 @@ class RankAwareRequestRouter(RequestRouter):
             self._record(pending_request.metadata.internal_request_id, replica_id, where[1])
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        view = self._forget(internal_request_id)
-        if view is not None:
-            self._finished.remember(view.request_id)
+        where = self._routed.get(internal_request_id)
+        if where is None or where[0] != replica_id:
+            return  # an attempt a replica rejected, the request re-routed elsewhere since
+        for v in self._forget(internal_request_id):
+            self._finished.remember(v.request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

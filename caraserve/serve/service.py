@@ -116,8 +116,8 @@ class EngineService:
             if found and self.service.is_serving(name):
                 return name
         refused = self.engine.catalog.errors.get(name)  # in adapters.dir, but refused at start
-        raise ApiError(404, f"The model `{name}` does not exist." + (f" Its adapter folder was refused at start: "
-                                                                     f"{refused}" if refused else ""), "not_found_error")
+        why = f" Its adapter folder was refused at start: {refused}" if refused else ""
+        raise ApiError(404, f"The model `{name}` does not exist.{why}", "not_found_error")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The params of each of the body's `n` engine requests (n is the service's to fan out);

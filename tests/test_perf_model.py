@@ -120,6 +120,33 @@ def test_online_refit_tracks_slower_hardware():
         m.observe(first, 0.0)
 
 
+def test_online_refit_keeps_what_recent_steps_do_not_exercise():
+    """Thousands of base-model steps (rank 0) say nothing of the rank terms, and steps of one
+    rank make batch size and batch x rank collinear: the refit leaves what they cannot tell
+    where the profile put it, so a mixed-rank batch is still priced right afterwards."""
+    probe = DecodeFeatures.of([64] * 32)
+    for steps in ([DecodeFeatures(bs, 0, 0) for bs in range(1, 33)] * 160,  # base model only
+                  [DecodeFeatures(bs, 64, 64 * bs) for bs in (30, 31, 32)] * 1700):  # rank 64 only
+        m = _fit()
+        for f in steps:
+            m.observe(f, padded_decode(f))
+        assert m.decode.coef[2] == pytest.approx(4e-6, rel=0.05)
+        assert m.predict(probe) == pytest.approx(padded_decode(probe), rel=0.01)
+        assert m.predict(DecodeFeatures.of([8] * 32)) == pytest.approx(padded_decode(DecodeFeatures.of([8] * 32)),
+                                                                      rel=0.02)
+        assert "refit on" in m.describe()
+
+
+def test_mixed_step_chunk_is_priced_by_the_prefill_laws_token_terms_alone():
+    """A decode law without prompt-token terms prices a mixed step's chunk by the prefill law
+    less its fixed part; a negative fixed part (a fit's intercept below zero) adds nothing."""
+    m = _fit()
+    m.prefill.coef = (-0.0076, 1.29e-4, 0.0)  # as a CPU profile's fit: 0.129 ms a token - 7.6 ms
+    base = m.decode_s(4, 8, 32)
+    assert m.decode_s(4, 8, 32, prefill_tokens=1) - base == pytest.approx(1.29e-4, rel=1e-6)
+    assert m.decode_s(4, 8, 32, prefill_tokens=100) - base == pytest.approx(100 * 1.29e-4, rel=1e-6)
+
+
 def test_online_refit_widens_the_clamped_range():
     m = _fit(max_bs=16, clamp=True)
     big = DecodeFeatures(40, 64, 40 * 64)

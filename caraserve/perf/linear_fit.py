@@ -34,6 +34,13 @@ TERM_VARS: dict[str, tuple[int, ...]] = {
 # relative error; otherwise noise alone would decide between nested feature sets.
 PARSIMONY_REL = 0.05
 PARSIMONY_ABS = 1e-4
+# The offline profile's evidence stays in every online refit as this many observations' worth,
+# never forgotten: traffic that exercises only some terms (base-model requests alone leave the
+# rank terms at zero; one rank makes batch size and batch x rank collinear) leaves the others
+# where the profile put them instead of decaying them to whatever fits the recent steps. One
+# is enough for that (where recent steps say nothing, it is all there is) and little beside the
+# ~1 / (1 - forgetting) observations that track a real drift where they do.
+PRIOR_SAMPLES = 1
 
 
 @dataclass(frozen=True)
@@ -68,10 +75,11 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 class LinearFit:
     """y = sum_k coef_k * term_k(v), with exponentially weighted sufficient statistics
-    (X^T W X and X^T W y) from which `observe` re-solves the coefficients."""
+    (X^T W X and X^T W y) from which `observe` re-solves the coefficients, beside a fixed prior:
+    the offline fit's statistics scaled to PRIOR_SAMPLES observations."""
 
     def __init__(self, terms: Sequence[str], coef: Sequence[float], lo: Sequence[float], hi: Sequence[float],
-                 xtx: np.ndarray, xty: np.ndarray, report: FitReport):
+                 xtx: np.ndarray, xty: np.ndarray, report: FitReport, prior: tuple | None = None):
         unknown = [t for t in terms if t not in TERMS]
         if unknown:
             raise ValueError(f"unknown term(s) {unknown}; known: {sorted(TERMS)}")
@@ -83,6 +91,11 @@ class LinearFit:
         self.xty = np.asarray(xty, dtype=np.float64).reshape(len(terms))
         self.report = report
         self.observed = 0
+        if prior is None:  # the fit as it stands is the offline one: its evidence, scaled
+            w = PRIOR_SAMPLES / max(report.samples, 1)
+            prior = (self.xtx * w, self.xty * w)
+        self.prior_xtx = np.asarray(prior[0], dtype=np.float64).reshape(self.xtx.shape)
+        self.prior_xty = np.asarray(prior[1], dtype=np.float64).reshape(self.xty.shape)
         self._fns = tuple(TERMS[t] for t in self.terms)
         self._used = sorted({i for t in self.terms for i in TERM_VARS[t]})
 
@@ -118,7 +131,8 @@ class LinearFit:
         x = np.array([f(v) for f in self._fns], dtype=np.float64)
         self.xtx = forgetting * self.xtx + np.outer(x, x)
         self.xty = forgetting * self.xty + x * y
-        self.coef = tuple(float(c) for c in np.linalg.lstsq(self.xtx, self.xty, rcond=None)[0])
+        coef = np.linalg.lstsq(self.xtx + self.prior_xtx, self.xty + self.prior_xty, rcond=None)[0]
+        self.coef = tuple(float(c) for c in coef)
         # What was observed has been measured, so it widens the range clamping trusts.
         self.lo = [min(a, b) for a, b in zip(self.lo, v)]
         self.hi = [max(a, b) for a, b in zip(self.hi, v)]
@@ -128,12 +142,14 @@ class LinearFit:
         return {"terms": list(self.terms), "coef": list(self.coef),
                 "lo": dict(zip(VARS, self.lo)), "hi": dict(zip(VARS, self.hi)),
                 "xtx": self.xtx.tolist(), "xty": self.xty.tolist(), "observed": self.observed,
+                "prior_xtx": self.prior_xtx.tolist(), "prior_xty": self.prior_xty.tolist(),
                 "report": self.report.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LinearFit:
+        prior = (np.array(d["prior_xtx"]), np.array(d["prior_xty"])) if "prior_xtx" in d else None
         fit = cls(d["terms"], d["coef"], [d["lo"][k] for k in VARS], [d["hi"][k] for k in VARS],
-                  np.array(d["xtx"]), np.array(d["xty"]), FitReport.from_dict(d["report"]))
+                  np.array(d["xtx"]), np.array(d["xty"]), FitReport.from_dict(d["report"]), prior)
         fit.observed = int(d.get("observed", 0))
         return fit
 

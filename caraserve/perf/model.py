@@ -197,11 +197,12 @@ class PerfModel:
 
     # ---- prediction ---------------------------------------------------------------------------
 
-    def _predict(self, fit: LinearFit, v: Vector) -> float:
+    def _raw(self, fit: LinearFit, v: Vector) -> float:
         v = bucket_rank(v, self.rank_buckets)
-        if self.clamp:
-            v = fit.clamp(v)
-        return max(fit.predict(v), 0.0)
+        return fit.predict(fit.clamp(v) if self.clamp else v)
+
+    def _predict(self, fit: LinearFit, v: Vector) -> float:
+        return max(self._raw(fit, v), 0.0)
 
     def decode_s(self, batch_size: int, max_rank: int, sum_ranks: int, prefill_tokens: int = 0,
                  prefill_token_rank: int = 0) -> float:
@@ -222,8 +223,9 @@ class PerfModel:
         prefill law without its fixed part (which the decode step already pays)."""
         if v[3] <= 0 or self.decode.uses("tokens"):
             return 0.0
+        # both unfloored: a law whose fixed part is negative must not add it back
         chunk = (1, v[1], 0, v[3], v[4])
-        return max(self._predict(self.prefill, chunk) - self.prefill.predict((1, v[1], 0, 0, 0)), 0.0)
+        return max(self._raw(self.prefill, chunk) - self._raw(self.prefill, (1, v[1], 0, 0, 0)), 0.0)
 
     def prefill_s(self, batch_size: int, tokens: int, max_rank: int, token_rank: int) -> float:
         """Seconds of one prefill of `batch_size` new requests holding `tokens` prompt tokens."""
@@ -270,8 +272,10 @@ class PerfModel:
         for name, fit in (("decode", self.decode), ("prefill", self.prefill)):
             law = " + ".join(f"{c * 1e3:.4g}ms*{t}" if t != "1" else f"{c * 1e3:.4g}ms"
                              for t, c in zip(fit.terms, fit.coef))
-            parts.append(f"{name} = {law} (R^2 {fit.report.r2:.3f}, held-out err "
-                         f"{fit.report.heldout_rel_err:.1%})")
+            quality = f"R^2 {fit.report.r2:.3f}, held-out err {fit.report.heldout_rel_err:.1%}"
+            if fit.observed:  # the offline fit's figures no longer describe these coefficients
+                quality = f"refit on {fit.observed} steps since the profile ({quality} before)"
+            parts.append(f"{name} = {law} ({quality})")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:

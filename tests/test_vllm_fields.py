@@ -102,6 +102,17 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(live):
     chat = ok(live, "/v1/chat/completions", {**CHAT, "truncate_prompt_tokens": 3})
     assert chat["usage"]["prompt_tokens"] == 3
     refused(live, "/v1/completions", {**BODY, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens")
+    # what it is for: prompts longer than the context (256 here) are cut before they are measured
+    long_ids = (ids * 40)[:300]
+    cut = ok(live, "/v1/completions", {**BODY, "prompt": long_ids, "truncate_prompt_tokens": 100})
+    alone = ok(live, "/v1/completions", {**BODY, "prompt": long_ids[-100:]})
+    assert cut["usage"]["prompt_tokens"] == 100 and cut["choices"][0]["text"] == alone["choices"][0]["text"]
+    refused(live, "/v1/completions", {**BODY, "prompt": long_ids}, "context length")
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "hi there " * 200}], "max_tokens": 4}
+    refused(live, "/v1/chat/completions", long_chat, "context length")
+    kept = ok(live, "/v1/chat/completions", {**long_chat, "truncate_prompt_tokens": 200})
+    assert kept["usage"]["prompt_tokens"] == 200
+    refused(live, "/v1/completions", {**BODY, "truncate_prompt_tokens": 257}, "more than the context length 256")
 
 
 def test_add_special_tokens_false_leaves_out_the_bos(live):

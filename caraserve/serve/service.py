@@ -156,12 +156,14 @@ class EngineService:
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
 
-    def _truncated(self, ids: list[int], body: proto._Sampling) -> list[int]:
-        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the context length)."""
+    def _keep(self, body: proto._Sampling) -> int | None:
+        """How many of the prompt's last tokens vLLM's truncate_prompt_tokens keeps (-1: the
+        context length); None: all of them."""
         k = body.truncate_prompt_tokens
-        if k is None:
-            return ids
-        return ids[-(self.engine.max_seq_len if k == -1 else k):]
+        if k is not None and k > self.engine.max_seq_len:
+            raise ApiError(400, f"truncate_prompt_tokens={k} is more than the context length {self.engine.max_seq_len}",
+                           "invalid_request_error")
+        return None if k is None else self.engine.max_seq_len if k == -1 else k
 
     def _texts(self, body: proto._Sampling) -> choices.TokenTexts:
         return self.token_ids if body.return_tokens_as_token_ids else self.token_texts
@@ -219,7 +221,11 @@ class EngineService:
         params.max_tokens: a call of several prompts is refused whole, before any of them starts
         (the message names the prompt by its index)."""
         try:
-            ids = self._truncated(await self._encode(prompt, body.add_special_tokens), body)
+            keep = self._keep(body)
+            if keep is not None and isinstance(prompt, list):  # cut before the context-length check
+                prompt = prompt[-keep:]
+            ids = await self._encode(prompt, body.add_special_tokens)
+            ids = ids if keep is None else ids[-keep:]
             self.engine.check_fits(len(ids), params)
             return ids
         except ApiError as e:
@@ -271,14 +277,14 @@ class EngineService:
         # bad parameters are refused before the template runs (max_tokens as small as they allow)
         self.sampling(body, max(1, min(body.min_tokens, engine.max_seq_len)), wanted)
 
+        keep = self._keep(body)
         try:
             tools = body.template_tools()
             ids = await self._off_loop(lambda: engine.encode(self.prompts.render(
                 messages, body.add_generation_prompt, body.add_special_tokens, tools, body.continue_final_message,
-                body.chat_template_kwargs)))
+                body.chat_template_kwargs)[-keep if keep is not None else 0:]))  # cut before the length check
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
-        ids = self._truncated(ids, body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise ApiError(400, f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}",

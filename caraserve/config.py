@@ -181,6 +181,7 @@ class LimitsConfig:
     max_prompt_bytes: a text prompt's UTF-8 bytes, checked before it is tokenized.
     max_stop_strings / max_stop_chars: number of stop strings and their total length.
     max_stop_token_ids: number of stop token ids.
+    max_allowed_token_ids: number of allowed_token_ids (the sampler masks by them every step).
     max_logprobs: the largest `logprobs` (completions) / `top_logprobs` (chat) accepted.
     max_chat_messages: messages in one chat request.
     max_n: completions per request (`n`); each is a request of its own sharing the prompt's blocks.
@@ -191,6 +192,7 @@ class LimitsConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 4096
     max_stop_token_ids: int = 256
+    max_allowed_token_ids: int = 4096
     max_logprobs: int = 20
     max_chat_messages: int = 1024
     max_n: int = 16

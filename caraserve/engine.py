@@ -239,7 +239,7 @@ class Engine:
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
         the vocabulary (`request.check_limits`)."""
-        check_limits(params, self.config.limits, self.model.args.vocab_size)
+        check_limits(params, self.config.limits, self.model.args.vocab_size, self._eos_ids)
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; RequestError when it is not one (`request.prompt_ids`)."""

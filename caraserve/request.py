@@ -163,7 +163,7 @@ class SamplingParams:
                 bad(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
             if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids):
                 bad("allowed_token_ids must be integers in [0, 2**63 - 1]")
-            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(self.allowed_token_ids))))
 
     @property
     def adjusts(self) -> bool:
@@ -176,10 +176,10 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
-def check_limits(params: SamplingParams, lim, vocab: int) -> None:
+def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
     """Refuses (RequestError naming the field) sampling parameters beyond the limits `lim`
-    (config.LimitsConfig) or a vocabulary of `vocab` tokens; SamplingParams itself has checked
-    their types and ranges."""
+    (config.LimitsConfig) or a vocabulary of `vocab` tokens, or that leave no token to sample
+    (with the model's `eos_ids`); SamplingParams itself has checked their types and ranges."""
     if params.top_logprobs > lim.max_logprobs:
         raise RequestError(f"top_logprobs: at most {lim.max_logprobs} (limits.max_logprobs), got {params.top_logprobs}")
     if (params.prompt_logprobs or 0) > lim.max_logprobs:
@@ -196,8 +196,17 @@ def check_limits(params: SamplingParams, lim, vocab: int) -> None:
         raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
     if any(t >= vocab for t, _ in params.logit_bias):
         raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
-    if params.allowed_token_ids is not None and any(t >= vocab for t in params.allowed_token_ids):
-        raise RequestError(f"allowed_token_ids must be token ids in [0, {vocab})")
+    allowed = params.allowed_token_ids
+    if allowed is not None:
+        if len(allowed) > lim.max_allowed_token_ids:
+            raise RequestError(f"allowed_token_ids: at most {lim.max_allowed_token_ids} ids "
+                               f"(limits.max_allowed_token_ids), got {len(allowed)}")
+        if any(t >= vocab for t in allowed):
+            raise RequestError(f"allowed_token_ids must be token ids in [0, {vocab})")
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        if params.min_tokens and set(allowed) <= banned:
+            raise RequestError("allowed_token_ids holds only EOS or stop token ids, which min_tokens rules out "
+                               "for the first tokens: no token could be sampled")
 
 
 def check_prompt_text(prompt: str, tokenizer, lim) -> None:

@@ -80,6 +80,15 @@ def test_allowed_token_ids_limit_what_is_sampled(live):
         assert len(got) == BODY["max_tokens"] and set(got) <= set(allowed)
     refused(live, "/v1/completions", {**BODY, "allowed_token_ids": []}, "allowed_token_ids")
     refused(live, "/v1/completions", {**BODY, "allowed_token_ids": [10**6]}, "allowed_token_ids")
+    refused(live, "/v1/completions", {**BODY, "allowed_token_ids": list(range(4097))},
+            "allowed_token_ids: at most 4096 ids (limits.max_allowed_token_ids)")
+    assert ids({**BODY, "allowed_token_ids": [57] * 5000}) == [57] * BODY["max_tokens"]  # (one id, repeated)
+    # nothing left to sample: the model's EOS alone, which min_tokens rules out for a while
+    eos = live["engine"].tokenizer.eos_token_id
+    refused(live, "/v1/completions", {**BODY, "ignore_eos": False, "allowed_token_ids": [eos], "min_tokens": 2},
+            "allowed_token_ids holds only EOS or stop token ids")
+    refused(live, "/v1/completions", {**BODY, "allowed_token_ids": [5], "stop_token_ids": [5], "min_tokens": 1},
+            "no token could be sampled")
 
 
 def test_allowed_token_ids_keep_the_best_of_them():

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from caraserve.lora.checkpoint import AdapterError
-from caraserve.request import RequestError, SamplingParams
+from caraserve.request import RequestError, SamplingParams, choice_seed
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "prompt_logprobs",
@@ -192,11 +192,13 @@ def _add(engine, kwargs: dict, user_id, number: int) -> list[str]:
     """The engine requests of a line: its n completions, as the server makes them (completion i
     samples with seed + i; the others are admitted once the first has prefilled)."""
     params = kwargs["params"]
+    max_n = engine.config.limits.max_n
+    if params.n > max_n:
+        raise LineError(user_id, f"line {number}: n={params.n} is more than limits.max_n={max_n}")
     rids: list[str] = []
     try:
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            one = replace(params, n=1, seed=seed) if params.n > 1 else params
+            one = replace(params, n=1, seed=choice_seed(params.seed, i)) if params.n > 1 else params
             rids.append(engine.add_request(kwargs["prompt"], one, kwargs["adapter"], after=rids[0] if rids else None,
                                            final_only=True))  # the results are written at the end
     except Exception as e:  # whatever a line holds, it fails alone

@@ -176,6 +176,12 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """The seed of completion i of a request of `seed` (n > 1): seed + i, wrapped into int64 as
+    SamplingParams takes seeds (so the completions differ, reproducibly)."""
+    return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
+
+
 def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
     """Refuses (RequestError naming the field) sampling parameters beyond the limits `lim`
     (config.LimitsConfig) or a vocabulary of `vocab` tokens, or that leave no token to sample

@@ -70,7 +70,9 @@ def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
     base = {"prompt": "def main():", "max_tokens": 6, "temperature": 1.0, "ignore_eos": True}
     lines = [json.dumps({"id": "n3", **base, "n": 3, "seed": 7}),
              json.dumps({"id": "lp", **base, "temperature": 0, "logprobs": 2}),
-             json.dumps({"id": "bad", **base, "logprobs": 2, "top_logprobs": 3})]
+             json.dumps({"id": "bad", **base, "logprobs": 2, "top_logprobs": 3}),
+             json.dumps({"id": "many", **base, "n": 17}),  # past limits.max_n (16)
+             json.dumps({"id": "top", **base, "n": 2, "seed": 2**63 - 1})]  # seed + 1 wraps, as the server's
     lines += [json.dumps({"id": f"s{i}", **base, "seed": 7 + i}) for i in range(3)]
     results, summary = run_offline(engine, lines)
     by_id = {r["id"]: r for r in results}
@@ -80,4 +82,6 @@ def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
     lp = by_id["lp"]
     assert len(lp["logprobs"]) == 6 and all(len(top) == 2 for top in lp["top_logprobs"])
     assert "logprobs=2 and top_logprobs=3 disagree" in by_id["bad"]["error"]
-    assert summary.requests == 6 and summary.errors == 1 and summary.output_tokens == 6 * 3 + 6 + 3 * 6
+    assert "n=17 is more than limits.max_n=16" in by_id["many"]["error"]
+    assert len(by_id["top"]["choices"]) == 2
+    assert summary.requests == 8 and summary.errors == 2 and summary.output_tokens == 6 * 3 + 6 + 2 * 6 + 3 * 6

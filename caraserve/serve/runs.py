@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
-from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.request import RequestError, RequestOutput, SamplingParams, choice_seed
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.http import ApiError
@@ -63,10 +63,9 @@ class Runs:
         runs = [(first, queue)]
         try:
             for i in range(1, n):
-                seed = params.seed if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
                 sid = f"{rid}#{base + i}"
-                runs.append((sid, await self.start(ids, replace(params, seed=seed), adapter, sid, after=first,
-                                                    final_only=final_only)))
+                one = replace(params, seed=choice_seed(params.seed, i))
+                runs.append((sid, await self.start(ids, one, adapter, sid, after=first, final_only=final_only)))
         except BaseException as e:
             if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
                 e.admitted = True

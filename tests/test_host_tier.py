@@ -6,6 +6,7 @@ broken, and the budget holds under churn without ever dropping a held adapter.""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -211,6 +212,17 @@ def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(env, sto
     store.register("kept", kept)
     again = store.get("kept")
     assert not all(torch.equal(again.a[m], first.a[m]) for m in first.a)
+    # as `tar -x` writes it: the file unlinked, made anew (its inode number may be reused) and
+    # given back its old modification time; only the change time tells
+    st = (kept / ST).stat()
+    data = bytearray((kept / ST).read_bytes())
+    data[-4:] = bytes(4)  # another value in the last tensor, the same header
+    (kept / ST).unlink()
+    (kept / ST).write_bytes(bytes(data))
+    os.utime(kept / ST, ns=(st.st_atime_ns, st.st_mtime_ns))
+    store.get("other")
+    with pytest.raises(AdapterError, match="changed since it was registered"):
+        store.get("kept")
 
 
 def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(env, stores, monkeypatch):

@@ -150,16 +150,21 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
 
 
 def files_stamp(folder: Path) -> tuple:
-    """What tells the adapter's files apart from a later version of them: each file's inode,
-    size and modification time (a training job that saves its next checkpoint into the folder
-    changes them, even when the shapes stay)."""
+    """What tells the adapter's files (its config and the weights file a read takes) apart from a
+    later version of them: each one's inode, size, and modification and change times. A training
+    job that saves its next checkpoint into the folder changes them, even when the shapes stay;
+    the change time also moves when the file is written back with its old modification time
+    (tar, rsync -t), which only the clock can set. A rewrite of the same bytes reads as a change:
+    the adapter is then refused until registered again, never served from two versions."""
     stamp = []
-    for f in ("adapter_config.json", *WEIGHT_FILES):
-        try:
-            st = os.stat(folder / f)
-        except OSError:
-            continue
-        stamp.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    for names in (("adapter_config.json",), WEIGHT_FILES):
+        for f in names:
+            try:
+                st = os.stat(folder / f)
+            except OSError:
+                continue
+            stamp.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            break  # (the .bin beside a .safetensors is never read)
     return tuple(stamp)
 
 

@@ -126,6 +126,18 @@ def test_a_truncated_bin_is_the_adapters_fault_not_a_passing_read_error(env, tmp
     assert not isinstance(e.value, AdapterReadError)
 
 
+def test_running_out_of_memory_reading_a_bin_is_a_read_that_may_pass(env, tmp_path, monkeypatch):
+    _, src, args = env
+    d = copy_adapter(src / "good", tmp_path / "oom")
+    to_bin(d)
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(AdapterReadError, match="cannot read"):
+        load_adapter(d, args)
+    monkeypatch.setattr(torch, "load", real)
+    assert load_adapter(d, args).rank == 8
+
+
 def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path):
     root, src, _ = env
     d = copy_adapter(src / "good", tmp_path / "fifo")

@@ -173,9 +173,14 @@ def read_weights(name: str, folder: Path, limits: ReadLimits,
                 os.close(fd)
         if path.suffix == ".bin":
             # read here, parsed from memory: an I/O error is told apart from a file torch cannot parse
-            data = read_capped(name, path, fd, limits.max_file_bytes or sys.maxsize)
+            cap = limits.max_file_bytes or sys.maxsize
+            data = read_capped(name, path, fd, cap)
+            if len(data) > cap:  # it grew after the size check
+                raise AdapterError(f"adapter {name!r}: {path} is more than adapters.max_file_bytes={cap} bytes")
             try:
                 tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except MemoryError as e:  # the machine's, not the file's: the next use reads again
+                raise read_failed(name, "cannot read", path, e) from e
             except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never here
                 raise AdapterError(f"adapter {name!r}: cannot read {path} as tensors only (it is truncated, or "
                                    "holds other objects, which are never loaded: save the adapter as "

@@ -129,6 +129,10 @@ def test_token_texts_of_split_characters_add_up_and_do_not_depend_on_where_a_chu
     assert "" in whole[1:]  # some character was split between tokens
     for k in range(1, len(ids)):
         assert texts(ids[k:], ids[:k]) == whole[k:]
+        assert texts(ids[k:], ids[max(0, k - 4) : k], at=k) == whole[k:]  # read after a window of it
+        # a sequence of its own (a token-id prompt, a truncated one) may begin inside a character:
+        # its texts keep the broken bytes' U+FFFD, as its decoded text does
+        assert "".join(texts(ids[k:])) == tok.decode(ids[k:], skip_special_tokens=True)
 
 
 def test_logprobs_json_never_holds_an_infinity():

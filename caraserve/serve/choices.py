@@ -36,22 +36,25 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self._texts: dict[tuple, str] = {}
 
-    def one(self, before: tuple[int, ...], t: int) -> str:
-        key = (before, t)
+    def one(self, before: tuple[int, ...], t: int, at_start: bool = False) -> str:
+        """t's text after `before`; at_start: `before` is all the sequence holds before t."""
+        key = (before, t, at_start)
         text = self._texts.get(key)
         if text is None:
-            text = self._decode(before, t)
+            text = self._decode(before, t, at_start)
             if len(self._texts) < 1 << 17:
                 self._texts[key] = text
         return text
 
-    def _decode(self, before: tuple[int, ...], t: int) -> str:
+    def _decode(self, before: tuple[int, ...], t: int, at_start: bool) -> str:
         tok = self.tokenizer
         if tok is None:
             return str(t)
-        # The window may begin inside a character (its first tokens the tail bytes of one): it
-        # starts at the first token from which the text reads without a broken character first.
-        for i in range(len(before) + 1):
+        # A window cut from a longer sequence may begin inside a character (its first tokens the
+        # tail bytes of one): it starts at the first token from which the text reads without a
+        # broken character first. A sequence that itself begins so keeps them: its decoded text
+        # holds their U+FFFD, and so do its tokens' texts.
+        for i in range(1 if at_start else len(before) + 1):
             full = tok.decode([*before[i:], t], skip_special_tokens=True)
             if not full.startswith("\ufffd"):
                 break
@@ -61,13 +64,16 @@ class TokenTexts:
         base = tok.decode(list(before), skip_special_tokens=True).rstrip("\ufffd") if before else ""
         return full[len(base):] if full.startswith(base) else tok.decode([t], skip_special_tokens=True)
 
-    def __call__(self, ids, before=()) -> list[str]:
-        """The texts of a run of tokens `ids` that follows the tokens `before` (oldest first)."""
+    def __call__(self, ids, before=(), at: int | None = None) -> list[str]:
+        """The texts of a run of tokens `ids` that follows the tokens `before` (oldest first);
+        at: where ids[0] stands in its sequence (default: `before` is all that comes before it)."""
         ctx = tuple(before)[-self.CONTEXT:]
+        seen = len(before) if at is None else at
         out = []
         for t in ids:
-            out.append(self.one(ctx, t))
+            out.append(self.one(ctx, t, seen <= self.CONTEXT))
             ctx = (*ctx, t)[-self.CONTEXT:]
+            seen += 1
         return out
 
 
@@ -78,15 +84,16 @@ class TokenIds(TokenTexts):
     def __init__(self):
         super().__init__(None)
 
-    def one(self, before: tuple[int, ...], t: int) -> str:
+    def one(self, before: tuple[int, ...], t: int, at_start: bool = False) -> str:
         return f"token_id:{t}"
 
 
-def _alternatives(texts: TokenTexts, seq: list[int], start: int, tops) -> list:
+def _alternatives(texts: TokenTexts, seq: list[int], start: int, tops, shift: int = 0) -> list:
     """Each position's alternatives as (text, logprob)s, read after the tokens before position
-    start + i of `seq` (None for a position without any)."""
-    return [None if top is None else [(texts.one(tuple(seq[max(0, p - texts.CONTEXT) : p]), t), lp)
-                                      for t, lp in top]
+    start + i of `seq`, whose first token is token `shift` of its sequence (None for a position
+    without any)."""
+    return [None if top is None else [(texts.one(tuple(seq[max(0, p - texts.CONTEXT) : p]), t,
+                                                 p + shift <= texts.CONTEXT), lp) for t, lp in top]
             for p, top in enumerate(tops, start)]
 
 
@@ -94,9 +101,10 @@ def _tokens(texts: TokenTexts, out: RequestOutput, start: int, prompt_ids: list[
     """(texts, logprobs, top alternatives as (text, logprob)s or None) of out's tokens [start:],
     read after the prompt and the outputs before them."""
     seq = [*prompt_ids[-texts.CONTEXT:], *out.output_ids]
+    shift = len(prompt_ids) - min(len(prompt_ids), texts.CONTEXT)  # seq[0]'s place in the whole sequence
     at = len(seq) - len(out.output_ids) + start  # out's token `start` in seq
-    tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at])
-    tops = None if out.top_logprobs is None else _alternatives(texts, seq, at, out.top_logprobs[start:])
+    tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at], at + shift)
+    tops = None if out.top_logprobs is None else _alternatives(texts, seq, at, out.top_logprobs[start:], shift)
     return tokens, out.logprobs[start:], tops
 
 

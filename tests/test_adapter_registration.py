@@ -232,7 +232,9 @@ PEFT_RULES = {
     "no-alpha": _without("lora_alpha"),  # LoraConfig's default lora_alpha 8: scale 8 / 4, not 4 / 4
     "null-targets": lambda d: edit_config(d, target_modules=None),  # Llama's default: q_proj, v_proj
     "all-linear": lambda d: edit_config(d, target_modules="all-linear"),
-    "exclude-list": lambda d: edit_config(d, exclude_modules=["k_proj", "layers.1.mlp.down_proj"]),
+    # (a rank_pattern entry for an excluded module allocates nothing: no rank bucket cap applies)
+    "exclude-list": lambda d: edit_config(d, exclude_modules=["k_proj", "layers.1.mlp.down_proj"],
+                                          rank_pattern={"layers.1.mlp.down_proj": 4096}),
     "exclude-regex": lambda d: edit_config(d, exclude_modules=r".*\.0\.self_attn\.(q|o)_proj"),
 }
 

@@ -190,7 +190,8 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
         rules = module_rules(cfg, module_names(model_args.num_layers))
     except PatternError as e:
         raise AdapterError(f"adapter {name!r}: {e}") from e
-    top = max([cfg["r"], *rules.rank.values()])
+    # (a rank_pattern entry for a module outside the targets, or excluded, allocates nothing)
+    top = max([cfg["r"], *(r for n, r in rules.rank.items() if rules.targets is None or n in rules.targets)])
     if limits.max_rank is not None and top > limits.max_rank:  # stacking allocates layers x rank
         raise AdapterError(f"adapter {name!r}: rank {top} is larger than the largest rank bucket "
                            f"{limits.max_rank} (adapters.rank_buckets)")

@@ -66,7 +66,7 @@ class AsyncEngine:
         """Ends the step loop. A step is waited for (up to 10 s); a warm-up or idle-time compile is
         not: it cannot be interrupted, takes up to tens of seconds, and no request waits for it
         once the server has drained, so the thread (a daemon) is left to end with the process."""
-        self._stop.set()
+        self._stop.set()  # before reading _idle_work: the engine thread sets that before reading _stop
         compiling = not self._warm.is_set() or self._idle_work.is_set()
         self._thread.join(timeout=0.1 if compiling else 10)
 
@@ -260,9 +260,9 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
                 if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
-                    self._idle_work.set()
+                    self._idle_work.set()  # then _stop: a stop() that missed this flag is seen here
                     try:
-                        if self.engine.idle():
+                        if not self._stop.is_set() and self.engine.idle():
                             last_busy = time.monotonic()
                     finally:
                         self._idle_work.clear()

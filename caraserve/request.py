@@ -60,6 +60,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a request asks of the sampler. Every field is checked against what the step can
@@ -155,9 +163,9 @@ class SamplingParams:
             bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids must be integers in [0, 2**63 - 1]")
-        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 256
-                                                and self.cache_salt.isprintable()):  # (no lone surrogates)
-            bad(f"cache_salt must be 1-256 printable characters, got {self.cache_salt!r:.80}")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 1024
+                                                and _utf8(self.cache_salt)):
+            bad(f"cache_salt must be a non-empty string of at most 1024 characters, got {self.cache_salt!r:.80}")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
                 bad(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")

@@ -159,6 +159,8 @@ def test_chat_template_options_render_as_tokenize_renders_them(live):
             "the last message must be the assistant's")
     refused(live, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tokenize": True}},
             "chat_template_kwargs: tokenize cannot be set there")
+    refused(live, "/tokenize", {"model": "tiny", "messages": messages, "continue_final_message": True},
+            "continue_final_message: true needs add_generation_prompt: false")
 
 
 def test_return_tokens_as_token_ids_names_each_token_by_its_id(live):
@@ -189,3 +191,4 @@ def test_cache_salt_shares_prefix_blocks_only_within_one_salt(live):
     assert cached() == 0  # no salt: the unsalted blocks are others too
     assert cached() >= 16
     refused(live, "/v1/completions", {**body, "cache_salt": ""}, "cache_salt")
+    assert cached(cache_salt="tenant a\n\u00e9") == 0 and cached(cache_salt="tenant a\n\u00e9") >= 16  # any text

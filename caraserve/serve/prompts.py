@@ -12,7 +12,8 @@ from caraserve.serve import protocol as proto
 # apply_chat_template's own arguments: chat_template_kwargs may not set them
 _TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                             "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                            "sanitize_control_tokens"})
 
 
 class Prompts:

@@ -238,6 +238,9 @@ class TokenizeRequest(BaseModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either 'prompt' or 'messages'")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message: true needs add_generation_prompt: false (the answer continues "
+                             "the last message rather than starting a new one)")
         return self
 
 

@@ -56,8 +56,10 @@ def test_rank_aware_cost_is_the_papers_formula():
     delta_prefill = PERF.prefill_s(2, 150, 64, 100 * 32 + 50 * 64) - PERF.prefill_s(1, 100, 32, 100 * 32)
     score = RankAware(PARAMS).score(r, 0, s)
     assert score.cost == pytest.approx(n * (delta_prefill / 200 + delta_decode))
-    assert score.per_token_s == pytest.approx(PERF.decode_s(5, 64, 3 * 16 + 32 + 64)
-                                              + 5 * PERF.prefill_s(1, 50, 64, 50 * 64) / 200)
+    # each of the 5 requests prefilled once per 200 steps, each with its own prompt and rank
+    prefills = 3 * PERF.prefill_s(1, 100, 16, 100 * 16) + PERF.prefill_s(1, 100, 32, 100 * 32) \
+        + PERF.prefill_s(1, 50, 64, 50 * 64)
+    assert score.per_token_s == pytest.approx(PERF.decode_s(5, 64, 3 * 16 + 32 + 64) + prefills / 200)
 
 
 def test_rank_aware_excludes_replicas_that_would_break_the_slo():

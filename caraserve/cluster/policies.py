@@ -68,6 +68,14 @@ class ReplicaState:
                 sum(v.prompt_tokens * v.rank for v in q))
 
     @cached_property
+    def prefills_s(self) -> float:
+        """Seconds of prefilling each running and queued request once, alone (what the SLO
+        check amortises over the output length)."""
+        perf = self.perf
+        return sum(perf.prefill_s(1, v.prompt_tokens, v.rank, v.prompt_tokens * v.rank)
+                   for v in (*self.running, *self.queued))
+
+    @cached_property
     def outstanding_tokens(self) -> int:
         """Output tokens still to generate over running and queued requests."""
         k = self.steps_since_snapshot
@@ -135,8 +143,9 @@ class RankAware(Policy):
 
     A replica whose predicted per-token latency with the request exceeds the SLO costs infinity.
     That prediction is the steady state of s with the request: one decode step of the enlarged
-    batch plus the prefills that interrupt it, each of its n + 1 requests being prefilled once
-    per avg_output_tokens steps: decode(s + r) + (n + 1) * prefill(r) / avg_output_tokens.
+    batch plus the prefills that interrupt it, each of its n + 1 requests (each its own prompt)
+    being prefilled once per avg_output_tokens steps:
+    decode(s + r) + (sum of prefill(q) over s's requests q + prefill(r)) / avg_output_tokens.
     If every open replica breaks the SLO, the request goes where that prediction is least.
     Replicas holding the request's adapter get `resident_discount` off their cost and win ties
     (an adapter load is avoided), then the lower predicted per-token latency, then the index.
@@ -152,7 +161,7 @@ class RankAware(Policy):
         delta_decode = decode_with - perf.decode_s(n, max_rank, sum_ranks)
         qn, qt, qmax, qtr = s.queue_prefill
         delta_prefill = perf.prefill_s(qn + 1, qt + p, max(qmax, r), qtr + p * r) - perf.prefill_s(qn, qt, qmax, qtr)
-        per_token = decode_with + (n + 1) * perf.prefill_s(1, p, r, p * r) / avg_out
+        per_token = decode_with + (s.prefills_s + perf.prefill_s(1, p, r, p * r)) / avg_out
         resident = request.adapter in s.resident_adapters
         cost = n * (delta_prefill / avg_out + delta_decode)
         if per_token > self.params.slo_s:

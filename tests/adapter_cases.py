@@ -1,5 +1,5 @@
 """Broken copies of PEFT adapters, each with the reason it must be refused for, and the fixtures
-the adapter validation and registration tests share."""
+the adapter validation and registration tests share (a pytest plugin: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import copy_adapter, edit_config, save_peft_adapter, save_random_hf_model
 from safetensors.torch import load_file, save_file
@@ -38,9 +39,15 @@ def build_env(root: Path):
     return root, src, model.args
 
 
-def keep_store(env) -> HostStore:
+@pytest.fixture(scope="module")
+def adapter_env(tmp_path_factory):
+    return build_env(tmp_path_factory.mktemp("validation"))
+
+
+@pytest.fixture
+def adapter_store(adapter_env) -> HostStore:
     """A store holding one good adapter, 'keep'."""
-    _, src, args = env
+    _, src, args = adapter_env
     s = HostStore(args)
     s.register("keep", src / "good")
     return s

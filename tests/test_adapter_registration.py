@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from adapter_cases import ALL, BIN, CASES, ST, VALUE_CASES, build_env, keep_store, msg, same, snapshot, to_bin
+from adapter_cases import ALL, BIN, CASES, ST, VALUE_CASES, msg, same, snapshot, to_bin
 from helpers import copy_adapter, edit_config, peft_logits
 
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig
@@ -18,52 +18,42 @@ from caraserve.lora.checkpoint import AdapterError, load_adapter
 from caraserve.request import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return build_env(tmp_path_factory.mktemp("validation"))
-
-
-@pytest.fixture
-def store(env):
-    return keep_store(env)
-
-
 @pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ".", "", "x/../y", "a\\b", "..x", "x..y", "a b"])
-def test_name_with_path_separator_or_dotdot_refused(env, store, name):
-    _, src, args = env
+def test_name_with_path_separator_or_dotdot_refused(adapter_env, adapter_store, name):
+    _, src, args = adapter_env
     with pytest.raises(AdapterError, match=rf"adapter name {re.escape(repr(name))} is not a plain name"):
-        store.register(name, src / "good")
+        adapter_store.register(name, src / "good")
     if name:  # load_adapter falls back to the folder's name when given none
         with pytest.raises(AdapterError, match="is not a plain name"):
             load_adapter(src / "good", args, name)
-    assert store.names() == ["keep"]
+    assert adapter_store.names() == ["keep"]
 
 
-def test_name_with_trailing_newline_refused(env, store):
-    _, src, _ = env
+def test_name_with_trailing_newline_refused(adapter_env, adapter_store):
+    _, src, _ = adapter_env
     with pytest.raises(AdapterError, match="is not a plain name"):
-        store.register("x\n", src / "good")
+        adapter_store.register("x\n", src / "good")
 
 
-def test_duplicate_name_refused(env, store):
-    _, src, _ = env
-    snap = snapshot(store.get("keep"))
+def test_duplicate_name_refused(adapter_env, adapter_store):
+    _, src, _ = adapter_env
+    snap = snapshot(adapter_store.get("keep"))
     with pytest.raises(AdapterError, match=r"adapter 'keep' is already registered"):
-        store.register("keep", src / "good2")
-    assert store.info("keep").rank == 8 and same(store.get("keep"), snap)
+        adapter_store.register("keep", src / "good2")
+    assert adapter_store.info("keep").rank == 8 and same(adapter_store.get("keep"), snap)
 
 
-def test_missing_folder_refused(env, store, tmp_path):
+def test_missing_folder_refused(adapter_env, adapter_store, tmp_path):
     with pytest.raises(AdapterError, match=msg("ghost", r"folder .*ghost does not exist")):
-        store.register("ghost", tmp_path / "ghost")
+        adapter_store.register("ghost", tmp_path / "ghost")
     (tmp_path / "adapter_config.json").write_text("{}")  # a path to the adapter's config, not its folder
     with pytest.raises(AdapterError, match=msg("file", r"adapter_config\.json is a file, not an adapter's folder")):
-        store.register("file", tmp_path / "adapter_config.json")
-    assert store.names() == ["keep"]
+        adapter_store.register("file", tmp_path / "adapter_config.json")
+    assert adapter_store.names() == ["keep"]
 
 
-def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
-    _, src, args = env
+def test_register_dir_keeps_good_and_reports_broken(adapter_env, adapter_store, tmp_path):
+    _, src, args = adapter_env
     d = tmp_path / "adapters"
     copy_adapter(src / "good", d / "good-a")
     copy_adapter(src / "good2", d / "good-b")
@@ -76,7 +66,7 @@ def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
         CASES[case][0](src, d / case)
     VALUE_CASES["nan-in-b"][0](src, d / "nan-in-b")  # registers: refused on first read
 
-    ok, bad = store.register_dir(d)
+    ok, bad = adapter_store.register_dir(d)
 
     assert ok == ["good-a", "good-b", "nan-in-b"]
     assert sorted(bad) == sorted(broken + ["keep", "bad name"])
@@ -84,40 +74,40 @@ def test_register_dir_keeps_good_and_reports_broken(env, store, tmp_path):
         assert re.search(msg(case, CASES[case][1]), bad[case]), bad[case]
     assert re.search(r"adapter 'keep' is already registered", bad["keep"])
     assert re.search(r"adapter name 'bad name' is not a plain name", bad["bad name"])
-    assert store.names() == ["good-a", "good-b", "keep", "nan-in-b"]
+    assert adapter_store.names() == ["good-a", "good-b", "keep", "nan-in-b"]
     with pytest.raises(AdapterError, match=msg("nan-in-b", VALUE_CASES["nan-in-b"][1])):
-        store.get("nan-in-b")
-    assert same(store.get("good-a"), snapshot(load_adapter(src / "good", args)))
-    assert same(store.get("good-b"), snapshot(load_adapter(src / "good2", args)))
-    assert store.info("keep").path == str(src / "good")
+        adapter_store.get("nan-in-b")
+    assert same(adapter_store.get("good-a"), snapshot(load_adapter(src / "good", args)))
+    assert same(adapter_store.get("good-b"), snapshot(load_adapter(src / "good2", args)))
+    assert adapter_store.info("keep").path == str(src / "good")
 
 
-def test_register_dir_missing_root(env, store, tmp_path):
+def test_register_dir_missing_root(adapter_env, adapter_store, tmp_path):
     """adapters.dir naming no folder is a configuration error (an entry point says it in one line)."""
     with pytest.raises(ConfigError, match="adapters.dir: .*nowhere does not exist"):
-        store.register_dir(tmp_path / "nowhere")
+        adapter_store.register_dir(tmp_path / "nowhere")
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
-        store.register_dir(tmp_path / "a-file")
+        adapter_store.register_dir(tmp_path / "a-file")
 
 
 @pytest.mark.parametrize("src_name", ["good", "good2"])
-def test_bin_checkpoint_equals_safetensors(env, store, tmp_path, src_name):
-    _, src, _ = env
+def test_bin_checkpoint_equals_safetensors(adapter_env, adapter_store, tmp_path, src_name):
+    _, src, _ = adapter_env
     d = copy_adapter(src / src_name, tmp_path / f"{src_name}-bin")
     to_bin(d)
     assert not (d / ST).exists() and (d / BIN).is_file()
-    store.register("st", src / src_name)
-    store.register("pt", d)
-    a, b = store.get("st"), store.get("pt")
+    adapter_store.register("st", src / src_name)
+    adapter_store.register("pt", d)
+    a, b = adapter_store.get("st"), adapter_store.get("pt")
     assert (a.rank, a.scale, a.targets) == (b.rank, b.scale, b.targets)
     assert same(b, snapshot(a))
-    assert store.info("pt").nbytes == store.info("st").nbytes
+    assert adapter_store.info("pt").nbytes == adapter_store.info("st").nbytes
 
 
-def test_a_truncated_bin_is_the_adapters_fault_not_a_passing_read_error(env, tmp_path):
+def test_a_truncated_bin_is_the_adapters_fault_not_a_passing_read_error(adapter_env, tmp_path):
     """A .bin torch cannot parse stays broken (a read that may pass is tried again each use)."""
-    _, src, args = env
+    _, src, args = adapter_env
     d = copy_adapter(src / "good", tmp_path / "cut")
     to_bin(d)
     (d / BIN).write_bytes((d / BIN).read_bytes()[:1000])
@@ -126,8 +116,8 @@ def test_a_truncated_bin_is_the_adapters_fault_not_a_passing_read_error(env, tmp
     assert not isinstance(e.value, AdapterReadError)
 
 
-def test_running_out_of_memory_reading_a_bin_is_a_read_that_may_pass(env, tmp_path, monkeypatch):
-    _, src, args = env
+def test_running_out_of_memory_reading_a_bin_is_a_read_that_may_pass(adapter_env, tmp_path, monkeypatch):
+    _, src, args = adapter_env
     d = copy_adapter(src / "good", tmp_path / "oom")
     to_bin(d)
     real = torch.load
@@ -138,26 +128,27 @@ def test_running_out_of_memory_reading_a_bin_is_a_read_that_may_pass(env, tmp_pa
     assert load_adapter(d, args).rank == 8
 
 
-def test_fan_in_fan_out_true_is_accepted_with_same_weights(env, store, tmp_path):
-    root, src, _ = env
+def test_fan_in_fan_out_true_is_accepted_with_same_weights(adapter_env, adapter_store, tmp_path):
+    root, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / "fifo")
     edit_config(d, fan_in_fan_out=True)
-    info = store.register("fifo", d)
+    info = adapter_store.register("fifo", d)
     assert info.rank == 8 and info.targets == ("q_proj", "v_proj")
-    assert same(store.get("fifo"), snapshot(store.get("keep")))
+    assert same(adapter_store.get("fifo"), snapshot(adapter_store.get("keep")))
     # the premise: PEFT itself ignores fan_in_fan_out for Linear targets
     tokens = [3, 14, 15, 92, 65]
     assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
 
 
-def test_target_modules_the_model_lacks_are_ignored_beside_ones_it_has(env, store, tmp_path):
+def test_target_modules_the_model_lacks_are_ignored_beside_ones_it_has(adapter_env, adapter_store, tmp_path):
     """As PEFT: a config listing a module the model lacks (shared across architectures) loads
     with the ones it has; the weights and PEFT's logits are those of the adapter without it."""
-    root, src, _ = env
+    root, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / "extra")
     edit_config(d, target_modules=["q_proj", "v_proj", "c_attn"])
-    info = store.register("extra", d)
-    assert info.targets == ("q_proj", "v_proj") and same(store.get("extra"), snapshot(store.get("keep")))
+    info = adapter_store.register("extra", d)
+    assert info.targets == ("q_proj", "v_proj")
+    assert same(adapter_store.get("extra"), snapshot(adapter_store.get("keep")))
     tokens = [3, 14, 15, 92, 65]
     assert torch.allclose(peft_logits(root / "base", d, tokens), peft_logits(root / "base", src / "good", tokens))
 
@@ -173,49 +164,49 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_config_values_raise_adapter_error(env, store, tmp_path, case):
-    _, src, _ = env
+def test_malformed_config_values_raise_adapter_error(adapter_env, adapter_store, tmp_path, case):
+    _, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / case)
     edit_config(d, **MALFORMED[case])
     with pytest.raises(AdapterError, match=msg(case, "")):
-        store.register(case, d)
+        adapter_store.register(case, d)
 
 
-def test_register_dir_survives_malformed_config(env, store, tmp_path):
-    _, src, _ = env
+def test_register_dir_survives_malformed_config(adapter_env, adapter_store, tmp_path):
+    _, src, _ = adapter_env
     d = tmp_path / "adapters"
     copy_adapter(src / "good", d / "a-good")
     edit_config(copy_adapter(src / "good", d / "b-weird"), target_modules=[1])
     copy_adapter(src / "good2", d / "c-good")
-    ok, bad = store.register_dir(d)
+    ok, bad = adapter_store.register_dir(d)
     assert ok == ["a-good", "c-good"] and list(bad) == ["b-weird"]
 
 
-def test_tensors_outside_target_modules_not_applied(env, store, tmp_path):
-    _, src, _ = env
+def test_tensors_outside_target_modules_not_applied(adapter_env, adapter_store, tmp_path):
+    _, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / "q-only")
     edit_config(d, target_modules=["q_proj"])  # the file still holds v_proj tensors
     try:
-        store.register("q-only", d)
+        adapter_store.register("q-only", d)
     except AdapterError:
         return  # refusing is fine too
-    assert "v_proj" not in store.get("q-only").a
+    assert "v_proj" not in adapter_store.get("q-only").a
 
 
-def test_string_target_modules_matching_nothing_refused(env, store, tmp_path):
-    _, src, _ = env
+def test_string_target_modules_matching_nothing_refused(adapter_env, adapter_store, tmp_path):
+    _, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / "str-target")
     edit_config(d, target_modules="c_attn")
     with pytest.raises(AdapterError, match=msg("str-target", "c_attn")):
-        store.register("str-target", d)
+        adapter_store.register("str-target", d)
 
 
-def test_alora_refused(env, store, tmp_path):
-    _, src, _ = env
+def test_alora_refused(adapter_env, adapter_store, tmp_path):
+    _, src, _ = adapter_env
     d = copy_adapter(src / "good", tmp_path / "alora")
     edit_config(d, alora_invocation_tokens=[9, 33])
     with pytest.raises(AdapterError, match=msg("alora", "alora")):
-        store.register("alora", d)
+        adapter_store.register("alora", d)
 
 
 def _without(key: str):
@@ -239,8 +230,8 @@ PEFT_RULES = {
 }
 
 
-def test_config_defaults_and_exclusions_served_as_peft_loads_them(env, tmp_path):
-    root, src, _ = env
+def test_config_defaults_and_exclusions_served_as_peft_loads_them(adapter_env, tmp_path):
+    root, src, _ = adapter_env
     d = tmp_path / "adapters"
     for case, edit in PEFT_RULES.items():
         edit(copy_adapter(src / "good2", d / case))

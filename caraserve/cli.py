@@ -7,6 +7,7 @@ the model loads."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import uvicorn
@@ -106,9 +108,32 @@ def listen(server: ServerConfig) -> socket.socket:
     return sock
 
 
-def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.socket | None = None) -> None:
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, which calls `before_cancel` shortly before its graceful shutdown would
+    cancel the requests still running: they can then be ended with an answer of their own."""
+
+    def __init__(self, config: uvicorn.Config, before_cancel: Callable[[], None] | None):
+        super().__init__(config)
+        self.before_cancel = before_cancel
+
+    async def shutdown(self, sockets=None) -> None:
+        timeout = self.config.timeout_graceful_shutdown
+        handle = None
+        if self.before_cancel is not None and timeout:
+            margin = min(1.0, timeout / 4)  # for the answers to be written
+            handle = asyncio.get_running_loop().call_later(timeout - margin, self.before_cancel)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+
+def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.socket | None = None,
+               before_cancel: Callable[[], None] | None = None) -> None:
     """Serves `app` until SIGTERM or SIGINT, then stops accepting and lets running requests
-    finish for at most server.drain_timeout_s. uvicorn re-raises the signal afterwards to the
+    finish for at most server.drain_timeout_s (`before_cancel` is called a moment before the
+    rest are cancelled). uvicorn re-raises the signal afterwards to the
     handler it found: the one set here logs, so the process goes on to end normally (status 0)
     rather than by the default action (143 / 130).
 
@@ -123,7 +148,7 @@ def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.sock
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                             timeout_graceful_shutdown=server.drain_timeout_s,
                             timeout_keep_alive=server.timeout_keep_alive_s, limit_concurrency=server.limit_concurrency)
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    _DrainingServer(config, before_cancel).run(sockets=[sock] if sock is not None else None)
 
 
 def exit_now(status: int) -> NoReturn:

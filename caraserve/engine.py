@@ -337,13 +337,13 @@ class Engine:
         n = batch.num_decode
         self.perf_model.observe(DecodeFeatures.of(ranks[:n], batch.chunk_lens[n:], ranks[n:]), seconds)
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
+    def fail_all(self, message: str, cause: ErrorCause = ErrorCause.ENGINE) -> list[RequestOutput]:
         """Finishes every unfinished request with an error: for faults of the engine as a whole
-        (EngineDeadError, a lost device), never for one request's fault."""
+        (EngineDeadError, a lost device) or a shutdown, never for one request's fault."""
         with self._lock:
             outs = []
             for req in list(self._requests.values()):
-                req.error, req.error_cause = message, ErrorCause.ENGINE
+                req.error, req.error_cause = message, cause
                 self._finish(req, FinishReason.ERROR)
                 outs.append(self.outputs.output(req, [], ""))
             return outs
@@ -376,7 +376,7 @@ class Engine:
             for p, sp, a in zip(prompts, params_list, adapters):
                 reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
             while any(not r.finished for r in reqs):
-                if not self.step() and not self.scheduler.running:
+                if not self.step() and self.scheduler.stalled():
                     time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
         finally:
             for r in reqs:

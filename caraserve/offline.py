@@ -167,7 +167,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
             outs = engine.step()
         except Exception as e:  # the engine as a whole failed: every pending request says so
             outs = engine.fail_all(f"engine failed: {type(e).__name__}: {e}")
-        if not outs and not engine.scheduler.running:
+        if not outs and engine.scheduler.stalled():
             time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
         for out in outs:
             if not out.finished or out.request_id not in pending:

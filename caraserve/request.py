@@ -19,6 +19,7 @@ class ErrorCause(enum.Enum):
     REQUEST = "request"  # its own part of a step raised; the other requests went on
     ADAPTER = "adapter"  # its adapter's weights were refused when first read (the caller named it)
     ENGINE = "engine"  # the engine failed as a whole: every request in flight ended
+    SHUTDOWN = "shutdown"  # the server stopped before it finished (its drain time ran out)
 
 
 class RequestState(enum.Enum):

@@ -5,15 +5,13 @@ prefill chunks: the unfinished chunked prefills first, then new prompts (mixed s
 mixed steps a step is either prefill (first) or decode. A finished request leaves at once.
 
 KV memory is paged (`caraserve.kv_cache`): a request takes its prompt's blocks when admitted
-and one more block each time its generated tokens fill one, and returns them all when it
-finishes. Admission stops when the next request's prompt would not fit (leaving a small
-watermark free while others run). When decoding requests cannot grow, the youngest running
-request is preempted: its blocks are freed and it goes back to the head of the queue, to
-recompute its prompt and generated tokens later. A request larger than the whole cache is
-refused when it arrives, so nothing deadlocks and nothing is lost.
-
-With CPU assist, a request whose adapter is still being copied is admitted for prefill at once
-(its LoRA delta computed on the CPU) and decodes once the copy has landed.
+and one more each time its tokens fill one, and returns them all when it finishes. Admission
+stops when the next prompt would not fit (a small watermark stays free while others run). When
+decoding requests cannot grow, the youngest running one is preempted: its blocks are freed and
+it goes back to the head of the queue, to recompute its tokens later. A request larger than the
+whole cache is refused when it arrives, so nothing deadlocks and nothing is lost. With CPU
+assist, a request whose adapter is being copied is admitted for prefill at once (its LoRA delta
+computed on the CPU) and decodes once the copy has landed.
 
 Admission is FCFS with skip-ahead: a request whose adapter is still being copied to the device,
 or that finds no slot (every slot of its rank bucket and of the larger ones held by running
@@ -145,34 +143,40 @@ class Scheduler:
         if name is None:
             return True
         if req.request_id not in self._holds:
-            if self.pool.state(name) is AdapterState.HOST:
-                req.cold_start = True
+            state = self.pool.state(name)
+            req.cold_start = req.cold_start or state is not AdapterState.RESIDENT  # (as it arrived)
+            if state is AdapterState.HOST:
                 bucket = self.pool.bucket_for(self.store.info(name).rank)
                 if bucket in blocked_buckets:
                     return False
-                # the read this request waits for: a failed one fails the requests that waited on
-                # it (a new fetch would start another read and hide the failure)
-                read = req.adapter_read if req.adapter_read is not None else self.store.fetch(name)
+                # its read, kept: a failure fails it (a new fetch would hide it), and the weights
+                # stay with it while it waits for a slot (the host budget may drop them)
+                read = req.adapter_read = req.adapter_read or self.store.fetch(name)
                 if not read.done():
-                    req.adapter_read = read
                     return False
-                req.adapter_read = None
                 if not self.pool.load(read.result(), avoid=blocked_buckets):
                     # it could use a slot of any bucket from its own up: younger requests take none
                     blocked_buckets.update(range(bucket, len(self.pool.rank_buckets)))
                     return False
             self.pool.acquire(name)
-            self.store.hold(name)  # its host copy stays while the device copy or CPU assist needs it
+            read, req.adapter_read = req.adapter_read, None  # the host copy stays while the copy or CPU assist needs it
+            self.store.hold(name, read.result() if read is not None and read.done() and not read.exception() else None)
             self._holds.add(req.request_id)
-            req.adapter_read = None  # a read ahead it no longer needs (another request loaded the adapter)
         if self.pool.state(name) is AdapterState.LOADING:
-            read = self.store.fetch(name)
-            if self.assist is not None and read.done() and self.assist(req, read.result()):
-                req.cpu_assisted = True
-                return True
-            req.state = RequestState.LOADING_ADAPTER
+            if self.assist is not None:  # the host copy CPU assist needs, read once per request
+                read = req.adapter_read = req.adapter_read or self.store.fetch(name)
+                if read.done() and read.exception() is None and self.assist(req, read.result()):
+                    req.cpu_assisted, req.adapter_read = True, None
+                    return True
+            req.state = RequestState.LOADING_ADAPTER  # (a failed read: it waits for the copy)
             return False
+        req.adapter_read = None
         return True
+
+    def stalled(self) -> bool:
+        """Nothing running can step: each decodes on an adapter whose device copy is in flight."""
+        return all(r.state is RequestState.DECODE and r.adapter is not None
+                   and self.pool.state(r.adapter) is not AdapterState.RESIDENT for r in self.running)
 
     def read_ahead(self, adapter: str, ahead: int = 0) -> None:
         """Starts the host read of an arriving request's adapter when the request will be among
@@ -185,14 +189,12 @@ class Scheduler:
             self.store.fetch(adapter)
 
     def _prefetch(self) -> None:
-        """Starts the host reads of the adapters the next admissions will need."""
+        """Starts the host reads of the adapters the next admissions will need (each request
+        keeps its read until admitted: `_adapter_ready`)."""
         for req in itertools.islice(self.waiting, self.max_batch_size):
-            if req.adapter is None or req.adapter_read is not None:
-                continue
-            if self.pool.state(req.adapter) is AdapterState.HOST:
-                read = self.store.fetch(req.adapter)
-                if not read.done():
-                    req.adapter_read = read
+            name = req.adapter
+            if name is not None and req.adapter_read is None and self.pool.state(name) is AdapterState.HOST:
+                req.adapter_read = self.store.fetch(name)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The published blocks the request's prefill can start from (none without prefix

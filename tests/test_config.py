@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -350,3 +351,47 @@ def test_server_exits_0_on_sigterm_during_an_idle_compile(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_requests_the_drain_time_leaves_get_a_503_not_a_cancelled_connection(tmp_path):
+    """SIGTERM with a request that cannot finish within server.drain_timeout_s (its adapter's
+    emulated copy takes minutes): it is answered with a JSON 503 saying why, the process exits 0,
+    and the log holds no traceback of cancelled handlers."""
+    from caraserve.model.tiny import tiny_paths
+
+    tiny_paths()
+    port, log_file = free_port(), tmp_path / "serve.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "caraserve.serve", f"server.port={port}",
+                                 "engine.compile=false", "server.drain_timeout_s=2", "cpu_assist.mode=off",
+                                 "cpu_assist.emulate_copy_gbps=0.0001"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        base, got = f"http://127.0.0.1:{port}", {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_file.read_text()[-2000:]
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+        def call():
+            r = httpx.post(base + "/v1/completions", timeout=60,
+                           json={"model": "demo-r64", "prompt": "x", "max_tokens": 4})
+            got["status"], got["body"] = r.status_code, r.json()
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(1.0)  # admitted, its adapter being copied
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=60)
+        assert got.get("status") == 503, got
+        assert "shutting down" in got["body"]["error"]["message"]
+        assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

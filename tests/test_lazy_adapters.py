@@ -257,3 +257,32 @@ def test_server_resolves_tenants_on_first_use_and_refuses_broken_ones_with_400(t
     assert unknown.status_code == 404
     assert [r.status_code for r in nan] == [400, 400] and all("NaN" in r.json()["error"]["message"] for r in nan)
     assert base.status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_requests_waiting_for_a_slot_keep_their_read_weights(tmp_path, mode):
+    """A host tier too small for the adapters, one slot per rank bucket and slow copies: the
+    requests that wait for the slot keep the weights their read brought, so each adapter is
+    read from disk once (they were re-read step after step as the tier dropped them). With CPU
+    assist, the engine does not spin while the assisted requests wait for their copies."""
+    import resource
+
+    from caraserve.config import AdapterConfig, CpuAssistConfig
+    from caraserve.model.tiny import tiny_paths, write_random_adapter
+
+    model_dir, _ = tiny_paths()
+    for i in range(6):
+        write_random_adapter(tmp_path / f"a{i}", 8, 16, ("q_proj", "v_proj", "down_proj"), seed=10 + i)
+    engine = Engine(EngineConfig(
+        compile="false", max_batch_size=8, max_seq_len=128,
+        model=__import__("caraserve.config", fromlist=["ModelConfig"]).ModelConfig(path=str(model_dir)),
+        adapters=AdapterConfig(dir=str(tmp_path), device_slots=1, host_mem_bytes=1),
+        cpu_assist=CpuAssistConfig(mode=mode, emulate_copy_gbps=0.001)))
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime, time.perf_counter()
+    outs = engine.generate([[5, 6, 7, 8]] * 6, sp, [f"a{i}" for i in range(6)])
+    cpu_s, wall_s = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0, time.perf_counter() - t0
+    assert all(o.error is None and len(o.output_ids) == 3 for o in outs)
+    stats = engine.store.stats()
+    assert stats.disk_reads == 6 and stats.misses == 6
+    assert cpu_s < 0.5 * wall_s, (cpu_s, wall_s)  # mostly waiting on the (emulated) copies

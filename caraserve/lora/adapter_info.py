@@ -44,6 +44,6 @@ class HostStoreStats:
     cached_bytes: int  # their bytes (adapters added from memory included)
     budget_bytes: int  # 0: unbounded
     hits: int  # get / fetch calls answered from memory
-    misses: int  # get / fetch calls that waited on a disk read (one they started or one in flight)
+    misses: int  # get / fetch calls that started a disk read (those joining one in flight count in neither)
     disk_reads: int  # weight reads done, failed ones included
     read_seconds_total: float  # time those reads took

@@ -212,9 +212,9 @@ class HostStore:
                 self._hits += 1
                 self._cache.touch(entry)
                 return entry.weights
-            self._misses += 1
             future, mine = entry.reading, entry.reading is None
             if mine:
+                self._misses += 1  # (a lookup that joins a read in flight is neither)
                 future = entry.reading = _running()
         if mine:
             self._read(name, entry, future)
@@ -232,9 +232,9 @@ class HostStore:
                 self._hits += 1
                 self._cache.touch(entry)
                 return _done(entry.weights)
-            self._misses += 1
             if entry.reading is not None:
-                return entry.reading
+                return entry.reading  # (joining a read in flight is neither a hit nor a miss)
+            self._misses += 1
             if self._closed:
                 raise RuntimeError("the host store is closed: no more reads on its I/O threads")
             if self._pool is None:
@@ -256,11 +256,16 @@ class HostStore:
             entry = self._entries.get(name)
             return None if entry is None else entry.broken
 
-    def hold(self, name: str) -> None:
-        """One more user (a request running on it or loading it): the budget keeps its weights."""
+    def hold(self, name: str, weights: LoraWeights | None = None) -> None:
+        """One more user (a request running on it or loading it): the budget keeps its weights.
+        `weights`: the ones the user's read brought, put back when the budget dropped them since
+        (so its next use needs no disk read); ignored unless they are of this registration."""
         with self._lock:
             entry = self._entry(name)
             entry.holds += 1
+            if entry.weights is None and weights is not None and weights.files == entry.info.files \
+                    and entry.broken is None:
+                self._cache.put(entry, weights)
             self._cache.touch(entry)
 
     def release(self, name: str) -> None:

@@ -70,7 +70,9 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s with %d adapters on http://%s:%d", served_name, len(engine.adapters()),
              server.host, sock.getsockname()[1])  # (server.port=0: the port the system chose)
     try:
-        serve_http(app, server, log, sock)  # until SIGTERM/SIGINT, then drains the running requests
+        # until SIGTERM/SIGINT, then drains the running requests; those the drain time leaves get a 503
+        serve_http(app, server, log, sock, lambda: service.end_all(
+            f"the server is shutting down (server.drain_timeout_s={server.drain_timeout_s} passed)"))
     finally:
         service.stop()
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from caraserve.engine import Engine
-from caraserve.request import RequestError, RequestOutput, SamplingParams
+from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,15 @@ class AsyncEngine:
 
         self._call(run)
 
+    def end_all(self, message: str) -> None:
+        """Ends every request in flight with `message` (a 503 to its caller): for a shutdown whose
+        drain time ran out, so its callers get an answer rather than a cancelled connection."""
+        def run():
+            for out in self.engine.fail_all(message, ErrorCause.SHUTDOWN):
+                self._deliver(out)
+
+        self._call(run)
+
     async def retire_adapter(self, name: str, timeout_s: float) -> None:
         """Stops new requests for the adapter at once, waits for its running ones, removes it."""
         self._retired.add(name)
@@ -255,7 +264,7 @@ class AsyncEngine:
             # Requests that only wait (an adapter being read or copied) leave nothing to step: wait
             # a little for commands instead of spinning on a core the reads and copies need.
             busy = self.engine.has_unfinished()
-            waiting_only = busy and not outputs and not self.engine.scheduler.running
+            waiting_only = busy and not outputs and self.engine.scheduler.stalled()
             self._run_commands(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least

@@ -28,9 +28,12 @@ Chunker = Callable[[int], Callable[[RequestOutput | None, str | None], dict | No
 def error_kind(out: RequestOutput) -> tuple[int, str]:
     """(HTTP status, error type) of a request that ended with an error. A request whose own part
     of a step failed is told so (type request_failed): a router must not retry it elsewhere or
-    hold it against this replica. An adapter whose weights were refused is the caller's (400)."""
+    hold it against this replica. An adapter whose weights were refused is the caller's (400); a
+    request the server's shutdown ended is a 503."""
     if out.error_cause is ErrorCause.ADAPTER:
         return 400, "invalid_request_error"
+    if out.error_cause is ErrorCause.SHUTDOWN:  # (a client or router may send it again elsewhere)
+        return 503, "service_unavailable"
     return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
 
 

@@ -286,3 +286,44 @@ def test_requests_waiting_for_a_slot_keep_their_read_weights(tmp_path, mode):
     stats = engine.store.stats()
     assert stats.disk_reads == 6 and stats.misses == 6
     assert cpu_s < 0.5 * wall_s, (cpu_s, wall_s)  # mostly waiting on the (emulated) copies
+
+
+def test_an_unload_during_a_device_copy_keeps_the_engine_serving():
+    """An adapter unloaded while its (slow) device copy is in flight: the unload waits for the
+    copy without holding the engine thread, so other requests keep being served meanwhile (the
+    engine thread used to wait for the copy, and every request with it)."""
+    import asyncio
+
+    from caraserve.config import AdapterConfig, CpuAssistConfig
+    from caraserve.serve.async_engine import AsyncEngine
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(dir="demo"),
+                                 cpu_assist=CpuAssistConfig(mode="on", emulate_copy_gbps=0.002)))
+    service = AsyncEngine(engine, 8)
+    service.start()
+
+    async def collect(queue):
+        while not (out := await queue.get()).finished:
+            pass
+        return out
+
+    async def main():
+        sp = SamplingParams(max_tokens=1, temperature=0)
+        first = await collect(await service.submit([1, 8, 9], sp, "demo-r64", "cold"))  # prefilled on CPU
+        assert first.error is None and engine.adapter_state("demo-r64") == "loading"
+        unload = asyncio.ensure_future(service.retire_adapter("demo-r64", timeout_s=60))
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        base = await collect(await service.submit([1, 5, 6], SamplingParams(max_tokens=4, temperature=0), None, "b"))
+        served_s = time.perf_counter() - t0
+        assert not unload.done() and engine.adapter_state("demo-r64") == "loading"  # (the copy is that slow)
+        await unload
+        return base, served_s
+
+    try:
+        base, served_s = asyncio.run(main())
+    finally:
+        service.stop()
+    assert base.error is None and len(base.output_ids) == 4 and served_s < 1.0
+    assert "demo-r64" not in engine.store

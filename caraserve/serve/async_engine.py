@@ -180,17 +180,26 @@ class AsyncEngine:
         self._call(run)
 
     async def retire_adapter(self, name: str, timeout_s: float) -> None:
-        """Stops new requests for the adapter at once, waits for its running ones, removes it."""
+        """Stops new requests for the adapter at once, waits for its running ones and for a
+        device copy in flight (here: removing it would wait for the copy on the engine thread,
+        and every request with it), removes it."""
         self._retired.add(name)
         try:
             deadline = time.monotonic() + timeout_s
-            while self._in_use(name):
+            while self._in_use(name) or await self.call(self._copying, name):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"adapter {name!r} is still in use after {timeout_s:.0f} s")
+                    raise TimeoutError(f"adapter {name!r} is still in use (or its device copy in flight) after "
+                                       f"{timeout_s:.0f} s")
                 await asyncio.sleep(0.05)
             await asyncio.wrap_future(self._call(self.engine.unregister_adapter, name))
         finally:
             self._retired.discard(name)
+
+    def _copying(self, name: str) -> bool:
+        """(On the engine thread.) Whether the adapter's device copy is still in flight: copies
+        that ended flip to resident here too, as at a step."""
+        self.engine.pool.poll()
+        return self.engine.adapter_state(name) == "loading"
 
     def _in_use(self, name: str) -> bool:
         """Whether a request uses the adapter: queued to the engine thread, waiting or running."""

@@ -131,7 +131,7 @@ def handoff_for(ca, plan: ThreadPlan | None, model_args):
     def pays(req, weights) -> bool:
         flops = sum(2 * model_args.num_layers * a.shape[-1] * sum(model_args.module_shape(m))
                     for m, a in weights.a.items())
-        cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops)
+        cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops, weights.rank)
         return cpu_s < plan.copy_seconds(weights.nbytes, ca.emulate_copy_gbps)
 
     return Handoff(plan), pays

@@ -76,9 +76,10 @@ class ThreadPlan:
             want = math.ceil(tokens / DEFAULT_TOKENS_PER_THREAD)
         return max(1, min(want, self.max_threads))
 
-    def cpu_lora_seconds(self, tokens: int, flops_per_token: float) -> float:
-        """Predicted CPU time of a request's LoRA deltas over a whole prefill."""
-        threads = self.threads_for(tokens, 1)
+    def cpu_lora_seconds(self, tokens: int, flops_per_token: float, rank: int = 1) -> float:
+        """Predicted CPU time of a request's LoRA deltas over a whole prefill, on the workers a
+        request of that many tokens and this rank gets."""
+        threads = self.threads_for(tokens, rank)
         return tokens * flops_per_token / (self.gflops_per_thread * 1e9 * threads)
 
     def copy_seconds(self, nbytes: int, emulate_gbps: float = 0.0) -> float:

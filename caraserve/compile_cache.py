@@ -76,6 +76,17 @@ def drop_damaged_kernels(inductor: Path) -> list[Path]:
     return removed
 
 
+def cache_file(setting: str, key: str) -> Path | None:
+    """The artifacts file of key in the folder engine.compile_cache_dir names: "auto" =
+    $CARASERVE_CACHE/compiled (beside the embedded model; ~/.cache/caraserve by default), "" =
+    none (every start compiles), else the path itself (relative to the current folder)."""
+    if setting == "auto":
+        from caraserve.model.tiny import cache_root
+
+        return cache_root() / "compiled" / f"decode-{key}.bin"
+    return Path(setting).expanduser() / f"decode-{key}.bin" if setting else None
+
+
 class CompileCache:
     """The artifacts file (`file`) and whether new artifacts can be saved into it (`writable`)."""
 

@@ -238,7 +238,7 @@ class EngineConfig:
     # (fused Triton kernels, cuBLAS, Triton attention and LoRA) captured per batch bucket at
     # start-up with torch.cuda.graph, as SGLang does by default: nothing to compile.
     cuda_graphs: str = "compile"
-    compile_cache_dir: str = "compiled/cache"
+    compile_cache_dir: str = "auto"  # auto = $CARASERVE_CACHE/compiled; "" = none (compile_cache.cache_folder)
     seed: int = 0
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
+from caraserve.compile_cache import cache_file
 from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
@@ -130,10 +131,9 @@ class Engine:
         cfg = self.config
         key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
                                      cfg.adapters.rank_buckets, blocks_for(self.max_seq_len, cfg.kv_block_size))
-        cache = Path(cfg.compile_cache_dir) / f"decode-{key}.bin" if cfg.compile_cache_dir else None
+        deferred = mode == "auto" and self.device.type != "cuda"
         return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
-                            cache, deferred=mode == "auto" and self.device.type != "cuda",
-                            capture=cfg.cuda_graphs == "capture")
+                            cache_file(cfg.compile_cache_dir, key), deferred, capture=cfg.cuda_graphs == "capture")
 
     def warm_up(self) -> None:
         """Compiles or captures now, on the calling thread (the one that will run the steps:

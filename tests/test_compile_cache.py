@@ -5,12 +5,13 @@ unreadable artifacts and failed saves are one warning each, never a failed compi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from caraserve import kernel_library
-from caraserve.compile_cache import CompileCache, drop_damaged_kernels, elf_whole
+from caraserve.compile_cache import CompileCache, cache_file, drop_damaged_kernels, elf_whole
 from caraserve.config import AdapterConfig, EngineConfig
 from caraserve.engine import Engine
 
@@ -65,3 +66,13 @@ def test_unreadable_artifacts_and_a_failed_save_are_warnings(tmp_path, caplog):
     assert engine.graphs._fns and not engine.graphs.failed  # the compiled step is kept
     (done,) = engine.generate([[5, 6, 7]])
     assert done.output_ids
+
+
+def test_the_default_cache_folder_is_beside_the_embedded_model_not_in_the_current_folder(monkeypatch, tmp_path):
+    """engine.compile_cache_dir=auto (the default) keeps artifacts under $CARASERVE_CACHE, so a
+    server started from any folder leaves nothing in it; "" keeps none; a path is that path."""
+    monkeypatch.setenv("CARASERVE_CACHE", str(tmp_path / "cc"))
+    assert EngineConfig().compile_cache_dir == "auto"
+    assert cache_file("auto", "k") == tmp_path / "cc" / "compiled" / "decode-k.bin"
+    assert cache_file("", "k") is None
+    assert cache_file("rel/dir", "k") == Path("rel/dir/decode-k.bin")

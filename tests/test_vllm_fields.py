@@ -16,7 +16,8 @@ from caraserve.request import RequestError, SamplingParams
 from caraserve.sampler import adjust_logits
 
 # a template with a variable of its own, as chat models' (e.g. enable_thinking)
-TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+TEMPLATE = ("{{ '[' ~ reasoning_effort ~ ']' if reasoning_effort }}"
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant{{ ' (' ~ mood ~ ')' if mood }}:{% endif %}")
 
 
@@ -61,8 +62,14 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(live, field, va
 def test_chat_only_fields_not_served_are_refused_and_neutral_values_taken(live):
     refused(live, "/v1/chat/completions", {**CHAT, "chat_template": "{{ x }}"}, "chat_template")
     refused(live, "/v1/chat/completions", {**CHAT, "documents": [{"text": "x"}]}, "documents")
+    refused(live, "/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities")
+    refused(live, "/v1/chat/completions", {**CHAT, "audio": {"voice": "x", "format": "wav"}}, "audio")
+    refused(live, "/v1/chat/completions", {**CHAT, "web_search_options": {}}, "web_search_options")
+    refused(live, "/v1/completions", {**BODY, "prompt_embeds": "AAAA"}, "prompt_embeds")
+    refused(live, "/v1/completions", {**BODY, "detokenize": False}, "detokenize")
     neutral = {"bad_words": [], "use_beam_search": False, "priority": 0, "skip_special_tokens": True,
-               "return_token_ids": False, "length_penalty": 1.0, "documents": []}
+               "return_token_ids": False, "length_penalty": 1.0, "documents": [], "modalities": ["text"],
+               "detokenize": True, "prediction": {"type": "content", "content": "x"}}
     want = ok(live, "/v1/chat/completions", CHAT)["choices"][0]["message"]
     assert ok(live, "/v1/chat/completions", {**CHAT, **neutral})["choices"][0]["message"] == want
 
@@ -146,6 +153,7 @@ def test_chat_template_options_render_as_tokenize_renders_them(live):
     assert prompt_tokens() == count("user: hi there\nassistant:")
     assert prompt_tokens(add_generation_prompt=False) == count("user: hi there\n")
     assert prompt_tokens(chat_template_kwargs={"mood": "calm"}) == count("user: hi there\nassistant (calm):")
+    assert prompt_tokens(reasoning_effort="low") == count("[low]user: hi there\nassistant:")
     assert prompt_tokens(add_special_tokens=True) == count("user: hi there\nassistant:") + 1  # BOS
     messages = [*CHAT["messages"], {"role": "assistant", "content": "well"}]
     cont = ok(live, "/v1/chat/completions", {**CHAT, "messages": messages, "add_generation_prompt": False,

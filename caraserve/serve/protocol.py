@@ -72,6 +72,11 @@ class _Sampling(BaseModel):
     vllm_xargs: Any = None
     kv_transfer_params: Any = None
     mm_processor_kwargs: Any = None
+    prompt_embeds: Any = None
+    detokenize: Any = None
+    modalities: Any = None  # OpenAI's: output modalities
+    audio: Any = None
+    web_search_options: Any = None
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
     # JSON mode or tools must not get free text back as if they had applied).
     response_format: dict | None = None
@@ -160,6 +165,11 @@ _NOT_SERVED = {
     "mm_processor_kwargs": (({},), " (this model reads text)"),
     "chat_template": ((), ": the server's template applies (server.chat_template)"),
     "documents": (([],), ""),
+    "prompt_embeds": ((), ": send the prompt as text or token ids"),
+    "detokenize": ((True,), " (answers always carry their text)"),
+    "modalities": ((["text"],), " other than [\"text\"] (this model writes text)"),
+    "audio": ((), " (this model writes text)"),
+    "web_search_options": ((), " (no web search here)"),
 }
 
 
@@ -207,6 +217,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the answer continues the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
+    reasoning_effort: str | None = None  # OpenAI's; a template variable (as vLLM passes it)
     add_special_tokens: bool = False  # the template writes BOS itself
     chat_template: Any = None  # refused (_NOT_SERVED)
     documents: Any = None  # refused (_NOT_SERVED)

@@ -280,9 +280,12 @@ class EngineService:
         keep = self._keep(body)
         try:
             tools = body.template_tools()
+            variables = body.chat_template_kwargs
+            if body.reasoning_effort is not None:  # a variable of reasoning models' templates (as vLLM's)
+                variables = {"reasoning_effort": body.reasoning_effort, **(variables or {})}
             ids = await self._off_loop(lambda: engine.encode(self.prompts.render(
                 messages, body.add_generation_prompt, body.add_special_tokens, tools, body.continue_final_message,
-                body.chat_template_kwargs)[-keep if keep is not None else 0:]))  # cut before the length check
+                variables)[-keep if keep is not None else 0:]))  # cut before the length check
         except RequestError as e:
             raise ApiError(400, str(e), "invalid_request_error") from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -147,7 +147,9 @@ def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.sock
         signal.signal(sig, lambda *_: log.info("drained; exiting"))
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                             timeout_graceful_shutdown=server.drain_timeout_s,
-                            timeout_keep_alive=server.timeout_keep_alive_s, limit_concurrency=server.limit_concurrency)
+                            timeout_keep_alive=server.timeout_keep_alive_s,
+                            # uvicorn refuses the request that would make it N, counting its own connection
+                            limit_concurrency=server.limit_concurrency + 1)
     _DrainingServer(config, before_cancel).run(sockets=[sock] if sock is not None else None)
 
 

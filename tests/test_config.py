@@ -353,30 +353,60 @@ def test_server_exits_0_on_sigterm_during_an_idle_compile(tmp_path):
                 proc.kill()
 
 
-def test_requests_the_drain_time_leaves_get_a_503_not_a_cancelled_connection(tmp_path):
-    """SIGTERM with a request that cannot finish within server.drain_timeout_s (its adapter's
-    emulated copy takes minutes): it is answered with a JSON 503 saying why, the process exits 0,
-    and the log holds no traceback of cancelled handlers."""
+def _start_server(tmp_path, *overrides: str):
+    """A `python -m caraserve.serve` on a free port, healthy: (process, base URL, log file)."""
     from caraserve.model.tiny import tiny_paths
 
     tiny_paths()
     port, log_file = free_port(), tmp_path / "serve.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "caraserve.serve", f"server.port={port}",
-                                 "engine.compile=false", "server.drain_timeout_s=2", "cpu_assist.mode=off",
-                                 "cpu_assist.emulate_copy_gbps=0.0001"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "caraserve.serve", f"server.port={port}", *overrides],
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                cwd=ROOT)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_file.read_text()[-2000:]
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base, log_file
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_limit_concurrency_serves_that_many_requests_at_once(tmp_path):
+    """server.limit_concurrency=2: two requests at once are served (uvicorn's own limit counts
+    the arriving connection, so it refused the second); a third at that time gets 503."""
+    proc, base, _ = _start_server(tmp_path, "engine.compile=false", "server.limit_concurrency=2",
+                                  "cpu_assist.mode=off", "cpu_assist.emulate_copy_gbps=0.002")
     try:
-        base, got = f"http://127.0.0.1:{port}", {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_file.read_text()[-2000:]
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        got = {}
+
+        def call(name, model):  # cold adapters: each waits ~2 s for its emulated copy
+            r = httpx.post(base + "/v1/completions", timeout=60, json={"model": model, "prompt": "x", "max_tokens": 2})
+            got[name] = r.status_code
+
+        slow = [threading.Thread(target=call, args=(m, m)) for m in ("demo-r32", "demo-r64")]
+        for t in slow:
+            t.start()
+            time.sleep(0.3)
+        third = httpx.get(base + "/v1/models", timeout=10)
+        for t in slow:
+            t.join(timeout=60)
+        assert got == {"demo-r32": 200, "demo-r64": 200} and third.status_code == 503
+    finally:
+        proc.kill()
+
+
+def test_requests_the_drain_time_leaves_get_a_503_not_a_cancelled_connection(tmp_path):
+    """SIGTERM with a request that cannot finish within server.drain_timeout_s (its adapter's
+    emulated copy takes minutes): it is answered with a JSON 503 saying why, the process exits 0,
+    and the log holds no traceback of cancelled handlers."""
+    proc, base, log_file = _start_server(tmp_path, "engine.compile=false", "server.drain_timeout_s=2",
+                                         "cpu_assist.mode=off", "cpu_assist.emulate_copy_gbps=0.0001")
+    try:
+        got = {}
 
         def call():
             r = httpx.post(base + "/v1/completions", timeout=60,

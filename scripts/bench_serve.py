@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="per-request read timeout")
     p.add_argument("--device", default="cpu", help="label of the server's device, written to the JSON header")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
-    p.add_argument("--out", default="profiles/cpu/bench_serve.json")
+    p.add_argument("--out", default="profiles/cpu/bench_serve.json", help="JSON results: every request, the summary")
     args = p.parse_args(argv)
     if args.requests < 1 or args.output_tokens < 1 or args.prompt_tokens < 1:
         p.error("--requests, --output-tokens and --prompt-tokens must be >= 1")

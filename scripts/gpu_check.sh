@@ -47,9 +47,15 @@ for s in $steps; do
     esac
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_check: no CUDA device here (torch.cuda.is_available() is false): run it on a GPU machine" >&2
+    exit 2
+fi
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 mkdir -p profiles/gpu
 status=0
+step=""  # the running step's `timeout`: stopped with this script, so no benchmark outlives it
+trap 'if [[ -n $step ]]; then kill -TERM "$step" 2>/dev/null; wait "$step"; fi; exit 143' TERM INT
 skipped=""
 run() {  # run LIMIT_S NAME CMD...: one step under a time limit, its output to the console and the log
     local limit=$1 name=$2 t0=$SECONDS rc left=$((deadline - SECONDS))
@@ -61,8 +67,11 @@ run() {  # run LIMIT_S NAME CMD...: one step under a time limit, its output to t
     fi
     ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s)"
-    timeout -k 10 "$limit" "$@" 2>&1
+    timeout -k 10 "$limit" "$@" 2>&1 &
+    step=$!
+    wait "$step"
     rc=$?
+    step=""
     echo "=== $name: exit $rc after $((SECONDS - t0))s"
     [[ $rc == 0 ]] || status=1
     if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi

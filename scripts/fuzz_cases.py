@@ -70,12 +70,12 @@ def good_cases(ctx: Ctx, n: int, max_tokens: int) -> list[Case]:
 
 def type_tables() -> tuple[dict, dict]:
     """Wrong-typed values per field of /v1/completions and /v1/chat/completions. A sampling field
-    sent as null takes its default (as OpenAI's and vLLM's servers read it), so null is wrong only
-    for the required fields (model, prompt, messages). Bools for ints and floats are wrong types
-    too, though pydantic's lax mode takes them."""
+    sent as null takes its default (as OpenAI's and vLLM's servers read it; a null or missing
+    model is the base model's), so null is wrong only for the required fields (prompt, messages).
+    Bools for ints and floats are wrong types too, though pydantic's lax mode takes them."""
     ints, floats = ["abc", True, {"a": 1}, [1], 1.5, "1e3"], ["hot", True, {"v": 1}, [0.5], "NaN"]
     bools, strs = ["maybe", 2, {"a": 1}, [True], 0.5], [5, True, {"a": 1}, ["x"], 1.5]
-    sampling = {"model": strs + [None], "max_tokens": ints, "temperature": floats, "top_p": floats,
+    sampling = {"model": strs, "max_tokens": ints, "temperature": floats, "top_p": floats,
                 "n": ints, "stream": bools, "stop": [5, {"a": 1}, [1, 2], [None], [["a"]], True],
                 "seed": ints, "logprobs": ["abc", {"a": 1}, [1], 1.5], "user": strs, "top_k": ints,
                 "ignore_eos": bools, "stop_token_ids": ["1", [1.5], [True], [[1]], {"a": 1}, 5, ["x"]]}

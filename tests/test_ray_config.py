@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
                                                "router.perf_model=/nonexistent.json: no such file"),
                                               ("model.path=/nonexistent", "model folder /nonexistent does not exist"),
                                               ("adapters.dir=/nonexistent", "/nonexistent does not exist"),
-                                              ("cluster.cpus_per_replica=4096", "no replica could ever start")])
+                                              ("cluster.cpus_per_replica=4096", "no replica could ever start"),
+                                              ("server.port=0", "server.port=0 is not supported"),
+                                              ("ray.address=bogus", "ray.address=bogus: cannot join a Ray instance")])
 def test_bad_settings_are_one_line_and_exit_2_before_ray_starts(override, needle):
     r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", override], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)

@@ -42,8 +42,8 @@ def main(cfg: DictConfig) -> None:
         if not deployed.is_set():  # a long deploy (compiling) is cut short; what runs already drains
             raise KeyboardInterrupt
 
+    start_ray(app_cfg.ray)  # (an address it cannot join is a one-line error: nothing to shut down yet)
     try:
-        start_ray(app_cfg.ray)
         # After ray.init, whose own handlers they replace, and before the application is deployed:
         # the ingress may answer while serve.run is still returning, and a signal then must drain
         # too (Ray's own handler would end the process and, with it, a local instance).

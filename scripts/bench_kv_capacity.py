@@ -29,6 +29,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+MAX_PROMPT, MAX_OUTPUT = 512, 256  # the workload's longest prompt and output, in tokens
+
 
 def pct(xs, q):
     xs = sorted(xs)
@@ -41,9 +43,9 @@ def workload(n: int, rate: float, seed: int, vocab: int, adapters: list[str]):
     t, items = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(64, 512))]
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(64, MAX_PROMPT))]
         adapter = rng.choice(adapters + [None])
-        items.append((t, prompt, rng.randint(32, 256), adapter))
+        items.append((t, prompt, rng.randint(32, MAX_OUTPUT), adapter))
     return items
 
 
@@ -79,18 +81,23 @@ def run(engine, items) -> dict:
 
 
 def main():
+    from caraserve.profiling.cli_args import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--requests", type=positive_int, default=256)
     ap.add_argument("--rate", type=float, default=40.0, help="Poisson arrivals per second")
-    ap.add_argument("--budget-requests", type=int, default=32)
-    ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget-requests", type=positive_int, default=32)
+    ap.add_argument("--max-seq-len", type=positive_int, default=2048)
+    ap.add_argument("--block-size", type=positive_int, default=16)
+    ap.add_argument("--max-batch-size", type=positive_int, default=256)
+    ap.add_argument("--repeats", type=positive_int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="profiles/cpu/bench_kv_capacity.json")
     args = ap.parse_args()
+    if args.max_seq_len < MAX_PROMPT + MAX_OUTPUT:
+        ap.error(f"--max-seq-len {args.max_seq_len} cannot hold the workload's longest request "
+                 f"({MAX_PROMPT} + {MAX_OUTPUT} tokens)")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 

@@ -26,6 +26,7 @@ import torch
 
 from caraserve.lora.backend import backend_for
 from caraserve.lora.batch import LoraBatch, LoraGroup, LoraIndex, fill_row_table
+from caraserve.profiling.cli_args import positive_int, positive_ints
 from caraserve.profiling.machine import cpu_name
 from caraserve.profiling.timing import copy_bandwidth_gbs, median_us
 
@@ -43,9 +44,9 @@ def popularity(kind: str, n: int, slots: int, g: torch.Generator) -> list[int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--ranks", default="8,16,32,64")
-    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--hidden", type=positive_int, default=4096)
+    ap.add_argument("--ranks", type=positive_ints, default=[8, 16, 32, 64])
+    ap.add_argument("--batches", type=positive_ints, default=[1, 8, 32, 64])
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=20)
@@ -60,7 +61,7 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     h, S = args.hidden, args.slots
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = args.ranks
     nb = len(ranks)
     # As in the device pool: one tensor pair per rank bucket; global slot s = bucket s % nb.
     per_bucket = -(-S // nb)
@@ -71,7 +72,7 @@ def main():
     bw = copy_bandwidth_gbs(dev) if dev.type == "cuda" else None
 
     rows = []
-    cases = [(bs, False) for bs in map(int, args.batches.split(","))] + [(args.prefill_tokens, True)]
+    cases = [(bs, False) for bs in args.batches] + [(args.prefill_tokens, True)]
     for n, is_prefill in cases:
         for pop in ("distinct", "uniform", "zipf", "identical"):
             nreq = max(1, n // 64) if is_prefill else n

@@ -133,9 +133,11 @@ def measure(args, batch: int, lora: bool) -> dict:
 
 
 def main() -> None:
+    from caraserve.profiling.cli_args import positive_ints
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="32,128")
-    ap.add_argument("--compile", default="true", help="engine.compile for every run")
+    ap.add_argument("--batches", type=positive_ints, default=[32, 128])
+    ap.add_argument("--compile", default="true", choices=["auto", "true", "false"], help="engine.compile for every run")
     ap.add_argument("--workloads", default="mixed,base")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -155,7 +157,7 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
 
-    cases = [(int(b), w) for b in args.batches.split(",") for w in args.workloads.split(",")]
+    cases = [(b, w) for b in args.batches for w in args.workloads.split(",")]
     runs = {case: [] for case in cases}
     for _ in range(args.repeats):  # alternating cases, so drift in the machine's speed hits all alike
         for b, w in cases:

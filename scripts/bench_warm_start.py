@@ -144,7 +144,9 @@ def main_shape(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--shape", default=None, help="a caraserve.model.synthetic shape (e.g. llama2-7b, small)")
+    from caraserve.model.synthetic import SHAPES
+
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="a caraserve.model.synthetic shape")
     ap.add_argument("--batch", type=int, default=8, help="--shape: requests in the batch")
     ap.add_argument("--out", default=None, help="default: profiles/cpu/bench_warm_start.json, "
                                                 "or profiles/<cpu|gpu>/warm_start_<shape>.json with --shape")

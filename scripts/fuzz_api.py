@@ -285,6 +285,11 @@ def main() -> int:
     p.add_argument("--output", default="", help="JSON report path (e.g. profiles/reliability/fuzz.json)")
     p.add_argument("--note", default="", help="free text for the header (e.g. which build the server runs)")
     args = p.parse_args()
+    try:  # a server that is not there is one line, not a report of nothing but connection errors
+        httpx.get(args.url.rstrip("/") + "/health", timeout=10)
+    except httpx.HTTPError as e:
+        print(f"cannot reach {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     res = asyncio.run(fuzz(args))
     report(res)
     if args.output:

@@ -80,7 +80,8 @@ class ReadLimits:
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise AdapterError(
-            f"adapter name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators or '..')"
+            f"adapter name {name!r} is not a plain name (up to 128 ASCII letters, digits, '.', '_', '-', starting "
+            "with a letter or digit; no path separators or '..')"
         )
     return name
 

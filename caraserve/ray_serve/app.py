@@ -42,8 +42,6 @@ def app_config(composed: dict[str, Any]) -> AppConfig:
     anything starts."""
     check_keys(composed, SECTIONS)
     server = ServerConfig.from_dict(composed.get("server"))
-    if server.port == 0:  # Serve's proxy would bind a port no one is told of
-        raise ConfigError("server.port=0 is not supported by the Ray Serve entry point: give a port number")
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = dataclasses.replace(server, api_key=os.environ["CARASERVE_API_KEY"])
     engine_sections = {k: composed[k] for k in ENGINE_SECTIONS if k in composed}
@@ -51,9 +49,12 @@ def app_config(composed: dict[str, Any]) -> AppConfig:
     routing = RoutingConfig.from_dict(composed.get("router"))
     if routing.perf_model:  # read here too: the router reads it inside Serve, where an error is no one line
         PerfModel.load(routing.perf_model, "router.perf_model")
-    return AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), routing,
-                     RayConfig.from_dict(composed.get("ray")), server,
-                     {**engine_sections, "server": dataclasses.asdict(server)})
+    cfg = AppConfig(ReplicasConfig.from_dict(composed.get("cluster")), routing,
+                    RayConfig.from_dict(composed.get("ray")), server,
+                    {**engine_sections, "server": dataclasses.asdict(server)})
+    if server.port == 0:  # (last: the other settings' mistakes first) Serve's proxy would bind a port no one is told
+        raise ConfigError("server.port=0 is not supported by the Ray Serve entry point: give a port number")
+    return cfg
 
 
 def check_local(cfg: AppConfig) -> None:

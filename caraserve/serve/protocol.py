@@ -26,7 +26,9 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = _STRICT
+    # Fields not declared are kept aside (model_extra), where `_only_served_options` looks for the
+    # known ones this server does not serve (`_NOT_SERVED`); the others are ignored.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -60,23 +62,6 @@ class _Sampling(BaseModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
     cache_salt: str | None = None
-    # vLLM's fields that change the answer and are not served here: refused unless they hold
-    # their default (`_NOT_SERVED`); vLLM's that only matter to beam search are ignored, as it does
-    bad_words: Any = None
-    use_beam_search: Any = None
-    prompt_logprobs: Any = None
-    priority: Any = None
-    logits_processors: Any = None
-    skip_special_tokens: Any = None
-    return_token_ids: Any = None
-    vllm_xargs: Any = None
-    kv_transfer_params: Any = None
-    mm_processor_kwargs: Any = None
-    prompt_embeds: Any = None
-    detokenize: Any = None
-    modalities: Any = None  # OpenAI's: output modalities
-    audio: Any = None
-    web_search_options: Any = None
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
     # JSON mode or tools must not get free text back as if they had applied).
     response_format: dict | None = None
@@ -131,8 +116,9 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _only_served_options(self) -> _Sampling:
+        extra = self.model_extra or {}
         for name, (harmless, hint) in _NOT_SERVED.items():
-            value = getattr(self, name, None)
+            value = extra.get(name)
             if value is not None and value not in harmless:
                 raise ValueError(f"{name} is not supported by this server{hint}")
         if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
@@ -151,7 +137,9 @@ class _Sampling(BaseModel):
         return self
 
 
-# field -> (the values that ask for nothing this server lacks, a hint for the others)
+# Fields of vLLM's and OpenAI's APIs that would change the answer and are not served here:
+# field -> (the values that ask for nothing this server lacks, a hint for the others). Those that
+# only matter to beam search (length_penalty) or change no answer (prediction) are ignored.
 _NOT_SERVED = {
     "bad_words": (([],), ""),
     "use_beam_search": ((False,), " (no beam search here)"),
@@ -219,8 +207,6 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     reasoning_effort: str | None = None  # OpenAI's; a template variable (as vLLM passes it)
     add_special_tokens: bool = False  # the template writes BOS itself
-    chat_template: Any = None  # refused (_NOT_SERVED)
-    documents: Any = None  # refused (_NOT_SERVED)
 
     @model_validator(mode="after")
     def _one_way_to_end(self) -> ChatCompletionRequest:

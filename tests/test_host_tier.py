@@ -1,12 +1,10 @@
 """The host tier is lazy and bounded: registration reads only the config and the safetensors
 header, the weights are read on first use (on the caller with `get`, on the store's I/O threads
-with `fetch`, one read in flight per adapter), bad values are refused then and mark the adapter
-broken, and the budget holds under churn without ever dropping a held adapter."""
+with `fetch`, one read in flight per adapter), and the budget holds under churn without ever
+dropping a held adapter. (Bad weights found on a read: test_host_tier_reads.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import shutil
@@ -16,53 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_random_hf_model
-from safetensors.torch import load_file, save_file
+from host_tier_cases import BIN, ST, poison, same_weights
+from safetensors.torch import load_file
 
 from caraserve.lora import host_store as host_store_module
-from caraserve.lora.checkpoint import TARGETS, AdapterError, load_adapter
-from caraserve.lora.host_store import HostStore, HostStoreStats, UnknownAdapterError
-from caraserve.model.loader import load_model
-from caraserve.model.tiny import write_random_adapter
-
-SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
-QV = ["q_proj", "v_proj"]
-ST, BIN = "adapter_model.safetensors", "adapter_model.bin"
-RANKS = (4, 8, 16)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tier")
-    save_random_hf_model(root / "base", "llama", **SHAPE)
-    write_random_adapter(root / "big", 64, 64, list(TARGETS), seed=1, shape=SHAPE)  # ~0.5 MB of weights
-    for i in range(20):
-        write_random_adapter(root / "many" / f"a{i:02d}", RANKS[i % 3], 16, QV, seed=10 + i, shape=SHAPE)
-    return root, load_model(root / "base", "float32").args
-
-
-@pytest.fixture
-def stores():
-    """Closes every store a test makes, so no I/O thread outlives it."""
-    made = []
-    yield lambda *a, **k: made.append(HostStore(*a, **k)) or made[-1]
-    for s in made:
-        s.close()
-
-
-def _same(w, ref) -> bool:
-    return (w.a.keys() == ref.a.keys() and all(torch.equal(w.a[m], ref.a[m]) for m in w.a)
-            and all(torch.equal(w.b[m], ref.b[m]) for m in w.b))
-
-
-def _poison(folder: Path) -> Path:
-    t = load_file(str(folder / ST))
-    key = next(k for k in sorted(t) if "lora_B" in k)
-    t[key] = t[key].clone()
-    t[key][0, 1] = float("nan")
-    save_file(t, str(folder / ST))
-    return folder
+from caraserve.lora.checkpoint import AdapterError, load_adapter
+from caraserve.lora.host_store import HostStoreStats, UnknownAdapterError
 
 
 def _bytes_read() -> int | None:
@@ -91,18 +48,19 @@ def slow_reads(monkeypatch):
     gate.set()
 
 
+
 # ---------------------------------------------------------------- registration is header-only
 
 
-def test_registration_reads_no_weight_bytes(env, stores, monkeypatch):
-    root, args = env
+def test_registration_reads_no_weight_bytes(tier_env, tier_stores, monkeypatch):
+    root, args = tier_env
     import safetensors
     import safetensors.torch
 
     def refuse(*a, **k):
         raise AssertionError("registration read the weights")
 
-    store = stores(args)
+    store = tier_stores(args)
     with monkeypatch.context() as m:
         for owner, attr in ((safetensors.torch, "load_file"), (safetensors, "safe_open"), (torch, "load")):
             m.setattr(owner, attr, refuse)
@@ -118,145 +76,27 @@ def test_registration_reads_no_weight_bytes(env, stores, monkeypatch):
     s = store.stats()
     assert (s.registered, s.cached, s.cached_bytes, s.disk_reads) == (1, 0, 0, 0)
     assert not store.ready("big")
-    assert _same(store.get("big"), ref)  # the first use reads them
+    assert same_weights(store.get("big"), ref)  # the first use reads them
     assert store.ready("big") and store.stats().disk_reads == 1
 
 
-def test_truncated_weights_refused_at_registration(env, stores, tmp_path):
-    root, args = env
+def test_truncated_weights_refused_at_registration(tier_env, tier_stores, tmp_path):
+    root, args = tier_env
     d = shutil.copytree(root / "many" / "a00", tmp_path / "cut")
     data = (d / ST).read_bytes()
     (d / ST).write_bytes(data[:-10])
     with pytest.raises(AdapterError, match=r"adapter 'cut': cannot read .*adapter_model\.safetensors .*truncated"):
-        stores(args).register("cut", d)
+        tier_stores(args).register("cut", d)
 
-
-# ---------------------------------------------------------------- bad weights found on first read
-
-
-@pytest.mark.parametrize("how", ["get", "fetch"])
-def test_nan_adapter_registers_and_is_refused_on_first_use(env, stores, tmp_path, how):
-    root, args = env
-    bad = _poison(shutil.copytree(root / "many" / "a00", tmp_path / "nan"))
-    store = stores(args)
-    store.register("good", root / "many" / "a01")
-    assert store.register("nan", bad).rank == 4  # the header is fine
-    assert store.broken("nan") is None
-    reason = r"adapter 'nan': .* holds NaN or Inf values"
-    with pytest.raises(AdapterError, match=reason):
-        store.get("nan") if how == "get" else store.fetch("nan").result(timeout=30)
-    assert re.search(reason, store.broken("nan"))
-    assert "nan" in store and store.names() == ["good", "nan"] and not store.ready("nan")
-    reads = store.stats().disk_reads
-    with pytest.raises(AdapterError, match=reason):  # refused again at once, no re-read
-        store.fetch("nan").result(timeout=0)
-    with pytest.raises(AdapterError, match=reason):
-        store.get("nan")
-    assert store.stats().disk_reads == reads
-    assert _same(store.fetch("good").result(timeout=30), load_adapter(root / "many" / "a01", args))  # others go on
-    store.unregister("nan")
-    assert store.broken("nan") is None and "nan" not in store
-
-
-def test_huge_finite_weights_are_not_taken_for_inf(env, stores, tmp_path):
-    """The first read checks values through a sum per module; weights whose sum overflows to Inf
-    while every value is finite are accepted (the exact check decides)."""
-    root, args = env
-    folder = shutil.copytree(root / "many" / "a00", tmp_path / "huge")
-    t = load_file(str(folder / ST))
-    key = next(k for k in sorted(t) if "lora_B" in k)
-    t[key] = t[key].clone()
-    t[key][0, :2] = 3e38  # finite in float32; their sum is not
-    save_file(t, str(folder / ST))
-    store = stores(args)
-    store.register("huge", folder)
-    w = store.get("huge")
-    assert store.broken("huge") is None and torch.isfinite(torch.cat([b.flatten() for b in w.b.values()])).all()
-
-
-def test_files_changed_or_vanished_after_registration_refused_on_read(env, stores, tmp_path):
-    root, args = env
-    store = stores(args)
-    changed = shutil.copytree(root / "many" / "a00", tmp_path / "changed")  # rank 4
-    gone = shutil.copytree(root / "many" / "a01", tmp_path / "gone")
-    store.register("changed", changed)
-    store.register("gone", gone)
-    shutil.rmtree(changed)
-    write_random_adapter(changed, 16, 16, QV, seed=99, shape=SHAPE)  # valid, but not what was registered
-    (gone / ST).unlink()
-    with pytest.raises(AdapterError, match=r"adapter 'changed': its files in .* changed since it was registered"):
-        store.get("changed")
-    with pytest.raises(AdapterError, match=r"adapter 'gone': no adapter_model\.safetensors"):
-        store.fetch("gone").result(timeout=30)
-    assert "changed since" in store.broken("changed") and "no adapter_model" in store.broken("gone")
-
-
-def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(env, stores, tmp_path):
-    """A training job saving its next checkpoint into a served folder: the shapes, rank and
-    scale stay, the weights do not. Re-read after the host tier dropped the old ones, they would
-    be served beside the prefix-cache blocks the old weights computed; they are refused instead."""
-    root, args = env
-    kept = shutil.copytree(root / "many" / "a00", tmp_path / "kept")
-    other = shutil.copytree(root / "many" / "a01", tmp_path / "other")
-    size = stores(args).register("probe", kept).nbytes
-    store = stores(args, budget_bytes=size)  # room for one of them
-    store.register("kept", kept)
-    store.register("other", other)
-    first = store.get("kept")
-    cfg = json.loads((kept / "adapter_config.json").read_text())
-    write_random_adapter(kept, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]), seed=123, shape=SHAPE)
-    store.get("other")  # the budget drops "kept"
-    with pytest.raises(AdapterError, match=r"adapter 'kept': its files in .* changed since it was registered"):
-        store.get("kept")
-    store.unregister("kept")
-    store.register("kept", kept)
-    again = store.get("kept")
-    assert not all(torch.equal(again.a[m], first.a[m]) for m in first.a)
-    # as `tar -x` writes it: the file unlinked, made anew (its inode number may be reused) and
-    # given back its old modification time; only the change time tells
-    st = (kept / ST).stat()
-    data = bytearray((kept / ST).read_bytes())
-    data[-4:] = bytes(4)  # another value in the last tensor, the same header
-    (kept / ST).unlink()
-    (kept / ST).write_bytes(bytes(data))
-    os.utime(kept / ST, ns=(st.st_atime_ns, st.st_mtime_ns))
-    store.get("other")
-    with pytest.raises(AdapterError, match="changed since it was registered"):
-        store.get("kept")
-
-
-def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(env, stores, monkeypatch):
-    """EIO (or no file descriptors, no memory) is the machine's, not the adapter's: that read
-    fails, the adapter is not marked broken, and the next use reads it again."""
-    import errno
-
-    from helpers import failing_weight_reads
-
-    from caraserve.lora.adapter_files import AdapterReadError
-
-    root, args = env
-    store = stores(args)
-    store.register("a", root / "many" / "a00")
-    failures = failing_weight_reads(monkeypatch, OSError(errno.EIO, "Input/output error"))
-    with pytest.raises(AdapterReadError, match=r"adapter 'a': cannot read .*Input/output error"):
-        store.fetch("a").result(timeout=30)
-    assert store.broken("a") is None
-    assert _same(store.fetch("a").result(timeout=30), load_adapter(root / "many" / "a00", args))
-    failures.append(PermissionError(errno.EACCES, "Permission denied"))  # says something about the files
-    store.unregister("a")
-    store.register("a", root / "many" / "a00")
-    with pytest.raises(AdapterError, match="Permission denied") as refused:
-        store.get("a")
-    assert not isinstance(refused.value, AdapterReadError) and "Permission denied" in store.broken("a")
 
 
 # ---------------------------------------------------------------- reads off the caller's thread
 
 
-def test_fetch_twice_while_a_slow_read_is_in_flight_starts_one_read(env, stores, slow_reads):
-    root, args = env
+def test_fetch_twice_while_a_slow_read_is_in_flight_starts_one_read(tier_env, tier_stores, slow_reads):
+    root, args = tier_env
     calls, gate = slow_reads
-    store = stores(args)
+    store = tier_stores(args)
     for name in ("a00", "a01"):
         store.register(name, root / "many" / name)
     gate.set()
@@ -286,9 +126,9 @@ def test_fetch_twice_while_a_slow_read_is_in_flight_starts_one_read(env, stores,
     assert store.fetch("a00").done() and store.stats().disk_reads == 2
 
 
-def test_fetch_reads_on_io_threads_and_reports_latency(env, stores):
-    root, args = env
-    store = stores(args, io_threads=2)
+def test_fetch_reads_on_io_threads_and_reports_latency(tier_env, tier_stores):
+    root, args = tier_env
+    store = tier_stores(args, io_threads=2)
     seen = []
     store.on_read = lambda s: seen.append((s, threading.current_thread().name))
     names = [f"a{i:02d}" for i in range(6)]
@@ -296,7 +136,7 @@ def test_fetch_reads_on_io_threads_and_reports_latency(env, stores):
         store.register(n, root / "many" / n)
     futures = [store.fetch(n) for n in names]
     for n, f in zip(names, futures):
-        assert _same(f.result(timeout=30), load_adapter(root / "many" / n, args))
+        assert same_weights(f.result(timeout=30), load_adapter(root / "many" / n, args))
     assert len(seen) == 6 and all(s > 0 and t.startswith("adapter-io") for s, t in seen)
     assert len({t for _, t in seen}) <= 2
     store.get("a00")
@@ -311,12 +151,12 @@ def test_fetch_reads_on_io_threads_and_reports_latency(env, stores):
     store.register("a01", root / "many" / "a01")
     with pytest.raises(RuntimeError, match="closed"):
         store.fetch("a01")
-    assert _same(store.get("a01"), load_adapter(root / "many" / "a01", args))  # get still reads itself
+    assert same_weights(store.get("a01"), load_adapter(root / "many" / "a01", args))  # get still reads itself
 
 
-def test_unknown_names(env, stores):
-    _, args = env
-    store = stores(args)
+def test_unknown_names(tier_env, tier_stores):
+    _, args = tier_env
+    store = tier_stores(args)
     for call in (store.get, store.fetch, store.hold, store.info):
         with pytest.raises(UnknownAdapterError, match="adapter 'ghost' is not registered"):
             call("ghost")
@@ -327,13 +167,13 @@ def test_unknown_names(env, stores):
 # ---------------------------------------------------------------- the budget under churn
 
 
-def test_budget_respected_under_churn_and_held_never_dropped(env, stores):
-    root, args = env
+def test_budget_respected_under_churn_and_held_never_dropped(tier_env, tier_stores):
+    root, args = tier_env
     names = [f"a{i:02d}" for i in range(20)]
-    probe = stores(args)
+    probe = tier_stores(args)
     sizes = {n: probe.register(n, root / "many" / n).nbytes for n in names}
     budget = 3 * max(sizes.values())
-    store = stores(args, budget_bytes=budget, io_threads=2)
+    store = tier_stores(args, budget_bytes=budget, io_threads=2)
     for n in names:
         store.register(n, root / "many" / n)
     held: dict[str, int] = {}
@@ -359,7 +199,7 @@ def test_budget_respected_under_churn_and_held_never_dropped(env, stores):
         if op < 0.15 and len(held) < 3:
             store.hold(n)
             held[n] = held.get(n, 0) + 1
-            assert _same(store.fetch(n).result(timeout=30), refs[n])
+            assert same_weights(store.fetch(n).result(timeout=30), refs[n])
         elif op < 0.3 and held:
             h = rng.choice(sorted(held))
             store.release(h)
@@ -367,7 +207,7 @@ def test_budget_respected_under_churn_and_held_never_dropped(env, stores):
             if not held[h]:
                 del held[h]
         elif op < 0.65:
-            assert _same(store.fetch(n).result(timeout=30), refs[n])
+            assert same_weights(store.fetch(n).result(timeout=30), refs[n])
         else:
             futures = [store.fetch(x) for x in rng.sample(names, 4)]  # several reads in flight
             for f in futures:
@@ -386,9 +226,9 @@ def test_budget_respected_under_churn_and_held_never_dropped(env, stores):
     assert s.disk_reads > 20 and s.hits > 0 and s.misses >= s.disk_reads
 
 
-def test_held_adapters_kept_beyond_the_budget_until_released(env, stores):
-    root, args = env
-    store = stores(args, budget_bytes=1)  # nothing fits: only held and just-read weights stay
+def test_held_adapters_kept_beyond_the_budget_until_released(tier_env, tier_stores):
+    root, args = tier_env
+    store = tier_stores(args, budget_bytes=1)  # nothing fits: only held and just-read weights stay
     for n in ("a01", "a04", "a07"):  # rank 8 each
         store.register(n, root / "many" / n)
     store.hold("a01")
@@ -408,9 +248,9 @@ def test_held_adapters_kept_beyond_the_budget_until_released(env, stores):
 # ---------------------------------------------------------------- listing thousands
 
 
-def test_names_page_pages_in_order(env, stores):
-    root, args = env
-    store = stores(args)
+def test_names_page_pages_in_order(tier_env, tier_stores):
+    root, args = tier_env
+    store = tier_stores(args)
     names = [f"t{i:03d}" for i in _shuffled(25)]
     for n in names:
         store.register(n, root / "many" / "a00")
@@ -443,23 +283,24 @@ def _shuffled(n: int) -> list[int]:
 # ---------------------------------------------------------------- legacy .bin
 
 
-def test_bin_adapter_is_read_at_registration_and_still_works(env, stores, tmp_path, monkeypatch):
-    root, args = env
+def test_bin_adapter_is_read_at_registration_and_still_works(tier_env, tier_stores, tmp_path, monkeypatch):
+    root, args = tier_env
     d = shutil.copytree(root / "many" / "a05", tmp_path / "legacy")
     torch.save(load_file(str(d / ST)), str(d / BIN))
     (d / ST).unlink()
     loads = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
-    store = stores(args)
+    store = tier_stores(args)
     info = store.register("legacy", d)
     assert len(loads) == 1  # no header to read: the pickle is read whole
     ref = load_adapter(root / "many" / "a05", args)
     assert (info.rank, info.targets, info.nbytes) == (ref.rank, ref.targets, ref.nbytes)
-    assert _same(store.fetch("legacy").result(timeout=30), ref)
+    assert same_weights(store.fetch("legacy").result(timeout=30), ref)
     # its values are checked at registration too, since they were read
-    nan = _poison(shutil.copytree(root / "many" / "a00", tmp_path / "nan-bin"))
+    nan = poison(shutil.copytree(root / "many" / "a00", tmp_path / "nan-bin"))
     torch.save(load_file(str(nan / ST)), str(nan / BIN))
     (nan / ST).unlink()
     with pytest.raises(AdapterError, match=r"adapter 'nan-bin': .* holds NaN or Inf"):
         store.register("nan-bin", nan)
+

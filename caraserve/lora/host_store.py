@@ -257,14 +257,12 @@ class HostStore:
             return None if entry is None else entry.broken
 
     def hold(self, name: str, weights: LoraWeights | None = None) -> None:
-        """One more user (a request running on it or loading it): the budget keeps its weights.
-        `weights`: the ones the user's read brought, put back when the budget dropped them since
-        (so its next use needs no disk read); ignored unless they are of this registration."""
+        """One more user (a request running on it or loading it): the budget keeps its weights;
+        `weights` (its read's, of this registration) are put back if the budget dropped them."""
         with self._lock:
             entry = self._entry(name)
             entry.holds += 1
-            if entry.weights is None and weights is not None and weights.files == entry.info.files \
-                    and entry.broken is None:
+            if entry.weights is None and weights is not None and weights.files == entry.info.files and not entry.broken:
                 self._cache.put(entry, weights)
             self._cache.touch(entry)
 

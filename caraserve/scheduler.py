@@ -16,9 +16,8 @@ computed on the CPU) and decodes once the copy has landed.
 Admission is FCFS with skip-ahead: a request whose adapter is still being copied to the device,
 or that finds no slot (every slot of its rank bucket and of the larger ones held by running
 requests; DevicePool.load spills into a larger bucket when its own is held), waits without
-holding back requests behind it. To keep it from starving, once the oldest such request is
-blocked, no younger request may take a slot of the buckets it could use (they drain as running
-requests finish).
+holding back requests behind it. Against starving, once the oldest such request is blocked, no
+younger one may take a slot of the buckets it could use (they drain as running requests finish).
 
 Rank-bucket grouping (`max_passed_over` not None): when more requests wait than the batch has
 room for, those whose rank bucket the running batch already has (or base-model ones) are taken
@@ -149,8 +148,7 @@ class Scheduler:
                 bucket = self.pool.bucket_for(self.store.info(name).rank)
                 if bucket in blocked_buckets:
                     return False
-                # its read, kept: a failure fails it (a new fetch would hide it), and the weights
-                # stay with it while it waits for a slot (the host budget may drop them)
+                # its read, kept: a failure fails it (a refetch hides it); its weights wait with it for a slot
                 read = req.adapter_read = req.adapter_read or self.store.fetch(name)
                 if not read.done():
                     return False
@@ -399,4 +397,4 @@ class Scheduler:
             self.store.release(req.adapter)
 
     def holds_adapter(self, name: str) -> bool:
-        return any(r.adapter == name for r in list(self.waiting) + self.running if r.request_id in self._holds)
+        return any(r.adapter == name and r.request_id in self._holds for r in (*self.waiting, *self.running))

@@ -249,8 +249,11 @@ def test_adapter_management_needs_the_admin_key(live):
     assert post(live, "/v1/unload_lora_adapter", {"lora_name": "again-r8"}, key=ADMIN).status_code == 200
 
 
-def test_unloading_an_adapter_in_use_is_a_conflict(live):
+def test_unloading_an_adapter_in_use_is_a_conflict(live, monkeypatch):
     done = {}
+    engine = live["engine"]
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.005), step())[1])  # 200 tokens outlast the 0.3 s
 
     def long_request():
         done["r"] = completion(live, model="demo-r32", max_tokens=200)

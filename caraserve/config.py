@@ -112,7 +112,7 @@ class CpuAssistConfig:
     mode: off = wait for the adapter copy (on-demand loading); on = prefill at once with the LoRA
     delta computed on the CPU; auto = on only when the thread plan predicts the CPU path ends
     the prefill before the copy would. plan_file: a plan written by scripts/profile_cpu_lora.py
-    ("" = profiles/cpu_lora_plan.json if present, else a default). threads: CPU worker threads
+    ("" = the project's profiles/cpu_lora_plan.json if present, else a default). threads: CPU worker threads
     (0 = all cores but one, at least one). emulate_copy_gbps: on a CPU-only machine the "device"
     copy is a memcpy; a value > 0 paces it at that bandwidth to emulate PCIe (benchmarks, tests).
     pipeline_layers: an adapter is copied in groups of this many layers, and a CPU-assisted

@@ -1,7 +1,7 @@
 """Profile CPU LoRA throughput and write the thread plan CPU-assisted prefill uses.
 
     python scripts/profile_cpu_lora.py [--hidden 4096] [--tokens 16,64,256,1024] [--ranks 8,16,32,64]
-        [--threads 1,2] [--budget-ms MS] [--repeats 5] [--out profiles/cpu_lora_plan.json]
+        [--threads 1,2] [--budget-ms MS] [--repeats 5] [--out PATH]
 
 Sweeps tokens x rank x threads, timing scale * (x A) B for one hidden x hidden projection on
 CPU worker threads (each thread a slice of the tokens, as the hand-off splits them). Per
@@ -9,7 +9,8 @@ CPU worker threads (each thread a slice of the tokens, as the hand-off splits th
 by default the time of the base projection itself (what the CPU work hides behind on a device
 of this machine's speed; on a GPU host give the measured per-layer GPU time). Writes JSON with
 provenance and, when matplotlib is installed, a PNG beside it. Point the engine at it with
-`cpu_assist.plan_file=...` (profiles/cpu_lora_plan.json is picked up by default).
+`cpu_assist.plan_file=...`; the default --out, the project's profiles/cpu_lora_plan.json, is
+picked up by the engine from any working directory.
 Run it with OMP_NUM_THREADS=1 so each worker is one core.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from caraserve.cpu_assist.thread_plan import DEFAULT_PLAN
 from caraserve.profiling.cli_args import output_file, positive_int, positive_ints
 from caraserve.profiling.cpu_lora import sweep
 
@@ -61,7 +63,7 @@ def main() -> int:
     ap.add_argument("--threads", type=positive_ints, default="1,2")
     ap.add_argument("--budget-ms", type=float, default=None)
     ap.add_argument("--repeats", type=positive_int, default=5)
-    ap.add_argument("--out", type=output_file, default="profiles/cpu_lora_plan.json")
+    ap.add_argument("--out", type=output_file, default=str(DEFAULT_PLAN))
     args = ap.parse_args()
     if args.budget_ms is not None and not args.budget_ms > 0:
         ap.error(f"argument --budget-ms: {args.budget_ms} must be > 0")

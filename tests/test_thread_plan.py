@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from caraserve.config import ConfigError
+from caraserve.cpu_assist import thread_plan
 from caraserve.cpu_assist.thread_plan import ThreadPlan, assign_cores
 from caraserve.profiling.cpu_lora import sweep
 
@@ -38,12 +39,25 @@ def test_missing_plan_file_is_an_error_and_default_otherwise(tmp_path):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(ConfigError, match="plan_file=.*bad.json: not a thread plan"):
             ThreadPlan.load(str(tmp_path / "bad.json"), threads=1)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # no profiles/cpu_lora_plan.json here
-    try:
-        assert ThreadPlan.load("", threads=2).source == "default"
-    finally:
-        os.chdir(cwd)
+
+
+def test_default_plan_is_the_projects_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no profiles/ here
+    shipped = ROOT / "profiles" / "cpu_lora_plan.json"
+    assert ThreadPlan.load("", threads=2).source == str(shipped)
+    monkeypatch.setattr(thread_plan, "DEFAULT_PLAN", tmp_path / "profiles" / "cpu_lora_plan.json")
+    assert ThreadPlan.load("", threads=2).source == "default"
+
+
+def test_more_threads_than_cores_is_warned(caplog):
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level("WARNING", logger=thread_plan.__name__):
+        ThreadPlan.load("", threads=cores)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger=thread_plan.__name__):
+        plan = ThreadPlan.load("", threads=cores + 1)
+    assert plan.max_threads == cores + 1
+    assert f"cpu_assist.threads={cores + 1} is more than the {cores} cores" in caplog.text
 
 
 def test_profile_script_writes_json_and_png(tmp_path):

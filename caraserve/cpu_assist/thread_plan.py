@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GFLOPS_PER_THREAD = 30.0
 DEFAULT_TOKENS_PER_THREAD = 256  # below this, splitting a prompt costs more than it saves
-DEFAULT_PLAN = Path("profiles") / "cpu_lora_plan.json"
+# The project's own profiles folder, not the working directory's: a server started elsewhere
+# must pick the same plan up.
+DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "profiles" / "cpu_lora_plan.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ThreadPlan:
     def load(cls, plan_file: str, threads: int) -> ThreadPlan:
         cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
         max_threads = threads or max(1, len(cores) - 1 if cores else (os.cpu_count() or 2) - 1)
+        if cores and threads > len(cores):
+            log.warning("cpu_assist.threads=%d is more than the %d cores this process may use: "
+                        "workers will share cores and run slower than the plan predicts",
+                        threads, len(cores))
         path = Path(plan_file) if plan_file else DEFAULT_PLAN
         if not path.is_file():
             if plan_file:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from caraserve.profiling.timing import pct
+
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog and then",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
@@ -39,11 +41,6 @@ PROMPTS = [
     "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND",
     "Licensed under the Apache License, Version 2.0 (the License); you may not use",
 ]
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def run_ours(engine, prompts, adapters, new_tokens):

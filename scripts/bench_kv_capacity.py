@@ -29,12 +29,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from caraserve.profiling.timing import pct
+
 MAX_PROMPT, MAX_OUTPUT = 512, 256  # the workload's longest prompt and output, in tokens
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def workload(n: int, rate: float, seed: int, vocab: int, adapters: list[str]):

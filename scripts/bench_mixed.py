@@ -26,10 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+from caraserve.profiling.timing import pct
 
 
 def run(engine, args, vocab: int, adapters: list[str]) -> dict:

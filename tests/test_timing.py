@@ -1,5 +1,5 @@
-"""The benchmarks' timing helpers (caraserve.profiling.timing) and the attention benchmark that
-uses them, run on a small shape on CPU."""
+"""The benchmarks' timing helpers (caraserve.profiling.timing) and the attention and cold-start
+benchmarks that use them, run on a small shape on CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caraserve.profiling.timing import CacheFlush, last_level_cache_bytes, median_us
+from caraserve.profiling.timing import CacheFlush, busy_cpu_s, last_level_cache_bytes, median_us, own_cpu_s, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,34 @@ def test_cache_flush_reads_a_buffer_of_the_given_size():
     assert flush.buffer.numel() * flush.buffer.element_size() == 1 << 20
     flush()
     assert torch.equal(flush.buffer, torch.ones_like(flush.buffer))  # read, never written
+
+
+def test_pct_is_the_nearest_rank_value():
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [pct(xs, q) for q in (0, 25, 50, 99, 100)] == [1.0, 2.0, 3.0, 5.0, 5.0]
+    assert pct([7], 50) == 7
+
+
+def test_cpu_seconds_count_this_process_and_the_machine():
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
+    sum(i * i for i in range(2_000_000))
+    assert own_cpu_s() > own0
+    assert busy0 is None or busy_cpu_s() >= busy0 + (own_cpu_s() - own0) * 0.5
+
+
+def test_bench_cold_start_policies_give_cached_tokens(tmp_path):
+    """Every loading policy, on a few cold adapters, emits the CACHED run's greedy tokens."""
+    out = tmp_path / "cold.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cold_start.py"), "--requests", "6",
+                           "--adapters", "4", "--rate", "20", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"CACHED", "on-demand", "CPU-assisted", "auto"}
+    assert {s["outputs_equal_to_cached"] for s in report["systems"].values()} == {"6/6"}
+    assert report["systems"]["on-demand"]["cold_starts"] > 0 and report["systems"]["CACHED"]["cold_starts"] == 0
+    assert "on-demand / CPU-assisted mean latency" in report["pairs"]
 
 
 @pytest.mark.slow

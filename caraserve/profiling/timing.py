@@ -1,8 +1,10 @@
-"""Timing for the benchmarks: the median time of a call, with caches warm or cold, and the
-device's copy bandwidth (the memory floor the benchmarks hold kernels against)."""
+"""Timing for the benchmarks: the median time of a call, with caches warm or cold, the
+device's copy bandwidth (the memory floor the benchmarks hold kernels against), percentiles of
+a run's latencies and the CPU time other processes took during it."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -62,3 +64,24 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     dst = torch.zeros_like(src)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return 2 * n / (median_us(lambda: dst.copy_(src), 10, sync) * 1e-6) / 1e9
+
+
+def pct(xs, q: float):
+    """The q-th percentile of xs by nearest rank (one of its values, no interpolation)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def busy_cpu_s() -> float | None:
+    """Seconds of CPU time every process on the machine has used (Linux /proc/stat), or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def own_cpu_s() -> float:
+    """Seconds of CPU time this process has used."""
+    t = os.times()
+    return t.user + t.system

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
-pytest_plugins = ("adapter_cases", "host_tier_cases")  # fixtures shared by test files
+pytest_plugins = ("adapter_cases", "host_tier_cases", "pool_cases")  # fixtures shared by test files
 torch.set_num_threads(1)
 
 

@@ -1,203 +1,30 @@
-"""HostStore's memory budget (drop and re-read) and DevicePool's slots on CPU: rank buckets, states,
-LRU eviction, holding, zero padding, batch metadata and memory size."""
+"""DevicePool's slots on CPU: rank buckets, states, LRU eviction, holding, zero padding, batch
+metadata and memory size."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_random_hf_model
+from pool_cases import DIMS, L
 
 from caraserve.lora.batch import fill_row_table
 from caraserve.lora.checkpoint import TARGETS, AdapterError
 from caraserve.lora.device_pool import AdapterState, DevicePool
-from caraserve.lora.host_store import HostStore, UnknownAdapterError
-from caraserve.model.loader import load_model
-from caraserve.model.tiny import write_random_adapter
-
-SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
-L = 2
-# (in, out) of each module for hidden 64, 4 heads of 16, 2 kv heads, intermediate 112
-DIMS = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
-        "gate_proj": (64, 112), "up_proj": (64, 112), "down_proj": (112, 64)}
-QV = ["q_proj", "v_proj"]
-ALL = list(TARGETS)
-# name -> (rank, alpha, targets)
-ADAPTERS = {
-    "r5": (5, 10, QV),
-    "r5b": (5, 5, ["q_proj", "k_proj"]),
-    "r8": (8, 16, QV),
-    "r9-qv": (9, 18, QV),
-    "r12-all": (12, 12, ALL),
-    "r16-all": (16, 8, ALL),
-    "r17": (17, 17, ["o_proj", "down_proj"]),
-    "r32": (32, 64, ALL),
-    "r40": (40, 40, QV),
-}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    save_random_hf_model(root / "base", "llama")
-    for i, (name, (r, alpha, targets)) in enumerate(ADAPTERS.items()):
-        write_random_adapter(root / "adapters" / name, r, alpha, targets, seed=100 + i, shape=SHAPE)
-    for i in range(5):  # same size each: r=8 on q_proj, v_proj
-        write_random_adapter(root / "budget" / f"b{i}", 8, 16, QV, seed=200 + i, shape=SHAPE)
-    args = load_model(root / "base", "float32").args
-    assert {m: args.module_shape(m) for m in TARGETS} == DIMS
-    store = HostStore(args)
-    ok, bad = store.register_dir(root / "adapters")
-    assert sorted(ok) == sorted(ADAPTERS) and not bad
-    return root, args, store
 
 
 @pytest.fixture
-def pool(env):
-    _, args, _ = env
+def pool(pool_env):
+    _, args, _ = pool_env
     return DevicePool(args, (8, 16, 32), 2, torch.float32, [torch.device("cpu")] * L)
-
-
-def _clone(w):
-    return {("a", m): t.clone() for m, t in w.a.items()} | {("b", m): t.clone() for m, t in w.b.items()}
-
-
-def _equal(w, snap):
-    now = _clone(w)
-    return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
-
-
-def _qv8_bytes() -> int:
-    # a: [L, in, 8], b: [L, 8, out] for q_proj (64 -> 64) and v_proj (64 -> 32), float32
-    return 4 * L * 8 * ((64 + 64) + (64 + 32))
-
-
-# ---------------------------------------------------------------- HostStore budget
-
-
-def _reads(store) -> int:
-    return store.stats().disk_reads
-
-
-def _cached_bytes(store) -> int:
-    return store.stats().cached_bytes
-
-
-def test_budget_keeps_at_most_budget_and_rereads_dropped(env):
-    root, args, _ = env
-    nb = _qv8_bytes()
-    budget = nb * 5 // 2  # room for two
-    store = HostStore(args, budget_bytes=budget)
-    first = {}
-    for i in range(5):
-        name = f"b{i}"
-        info = store.register(name, root / "budget" / name)
-        assert info.nbytes == nb
-        assert _reads(store) == i and _cached_bytes(store) <= budget  # registration reads no weights
-        first[name] = _clone(store.get(name))  # the first use reads them
-        assert _reads(store) == i + 1
-        store.get(name)  # now in memory
-        assert _reads(store) == i + 1 and _cached_bytes(store) <= budget
-    assert store.names() == [f"b{i}" for i in range(5)]
-    assert _cached_bytes(store) == 2 * nb  # b3, b4
-    assert _reads(store) == 5
-
-    for name in ("b4", "b3"):
-        w = store.get(name)
-        assert _reads(store) == 5 and _equal(w, first[name])
-    w0 = store.get("b0")  # dropped: read again
-    assert _reads(store) == 6
-    assert _equal(w0, first["b0"])
-    assert _cached_bytes(store) == 2 * nb  # b0 in, b4 (least recently used) out
-    assert store.get("b0") is w0 and _reads(store) == 6
-    store.get("b3")
-    assert _reads(store) == 6
-    w4 = store.get("b4")
-    assert _reads(store) == 7 and _equal(w4, first["b4"])
-    for i in range(5):
-        assert _equal(store.get(f"b{i}"), first[f"b{i}"])
-        assert _cached_bytes(store) <= budget
-    # differently seeded adapters differ, so the equality checks above mean something
-    assert not torch.equal(first["b0"][("a", "q_proj")], first["b1"][("a", "q_proj")])
-
-
-def test_budget_lru_follows_get(env):
-    root, args, _ = env
-    nb = _qv8_bytes()
-    store = HostStore(args, budget_bytes=nb * 5 // 2)
-    store.register("b0", root / "budget" / "b0")
-    store.register("b1", root / "budget" / "b1")
-    store.get("b1")
-    store.get("b0")  # b1 is now the least recently used
-    store.register("b2", root / "budget" / "b2")
-    store.get("b2")
-    assert _reads(store) == 3
-    store.get("b0")
-    assert _reads(store) == 3
-    store.get("b1")
-    assert _reads(store) == 4
-
-
-def test_no_budget_keeps_everything_and_tiny_budget_keeps_one(env):
-    root, args, _ = env
-    nb = _qv8_bytes()
-    unlimited = HostStore(args)
-    tiny = HostStore(args, budget_bytes=nb // 2)
-    for i in range(5):
-        for store in (unlimited, tiny):
-            store.register(f"b{i}", root / "budget" / f"b{i}")
-            store.get(f"b{i}")
-    assert _cached_bytes(unlimited) == 5 * nb
-    assert _cached_bytes(tiny) == nb  # the newest stays even when alone it exceeds the budget
-    for i in range(5):
-        unlimited.get(f"b{i}")
-    assert _reads(unlimited) == 5
-
-
-def test_store_dtype_sets_resident_size(env):
-    root, args, _ = env
-    store = HostStore(args, dtype=torch.float16)
-    info = store.register("b0", root / "budget" / "b0")
-    assert info.nbytes == _qv8_bytes() // 2
-    assert all(t.dtype == torch.float16 for t in store.get("b0").a.values())
-    assert _cached_bytes(store) == info.nbytes == store.get("b0").nbytes
-
-
-def test_unregister_then_get_raises(env):
-    root, args, _ = env
-    nb = _qv8_bytes()
-    store = HostStore(args, budget_bytes=nb * 5 // 2)
-    for i in range(3):
-        store.register(f"b{i}", root / "budget" / f"b{i}")
-        store.get(f"b{i}")
-    store.unregister("b2")  # in memory
-    store.unregister("b0")  # dropped by the budget
-    assert store.names() == ["b1"] and "b2" not in store and "b0" not in store
-    assert _cached_bytes(store) == nb
-    for name in ("b0", "b2"):
-        with pytest.raises(UnknownAdapterError, match=f"adapter '{name}' is not registered"):
-            store.get(name)
-        with pytest.raises(UnknownAdapterError):
-            store.info(name)
-        with pytest.raises(UnknownAdapterError):
-            store.unregister(name)
-    assert _reads(store) == 3
-    store.register("b2", root / "budget" / "b3")  # the name is free again, now for other weights
-    ref = HostStore(args)
-    ref.register("b3", root / "budget" / "b3")
-    assert _equal(store.get("b2"), _clone(ref.get("b3")))
-
-
-# ---------------------------------------------------------------- DevicePool
 
 
 def _expected_pool_bytes(buckets, slots, targets, elem):
     return sum(L * slots * (DIMS[m][0] * R + R * DIMS[m][1]) * elem for R in buckets for m in targets)
 
 
-def test_pool_nbytes(env):
-    _, args, _ = env
+def test_pool_nbytes(pool_env):
+    _, args, _ = pool_env
     cpu = [torch.device("cpu")] * L
     p = DevicePool(args, (8, 16, 32), 2, torch.float32, cpu)
     assert p.nbytes == _expected_pool_bytes((8, 16, 32), 2, TARGETS, 4) == 2 * 2 * 56 * 976 * 4
@@ -208,8 +35,8 @@ def test_pool_nbytes(env):
 
 
 @pytest.mark.parametrize("name,bucket", [("r5", 0), ("r8", 0), ("r9-qv", 1), ("r16-all", 1), ("r17", 2), ("r32", 2)])
-def test_rank_bucket_and_state(env, pool, name, bucket):
-    _, _, store = env
+def test_rank_bucket_and_state(pool_env, pool, name, bucket):
+    _, _, store = pool_env
     w = store.get(name)
     assert pool.state(name) is AdapterState.HOST
     assert pool.load(w) is True
@@ -232,8 +59,8 @@ def test_rank_bucket_and_state(env, pool, name, bucket):
     assert pool.load(w) is True and pool.slot_of(name) == (b, s) and pool.loads == 1
 
 
-def test_rank_over_largest_bucket_refused(env, pool):
-    _, _, store = env
+def test_rank_over_largest_bucket_refused(pool_env, pool):
+    _, _, store = pool_env
     with pytest.raises(AdapterError, match=r"rank 40 exceeds the largest rank bucket 32"):
         pool.load(store.get("r40"))
     assert pool.state("r40") is AdapterState.HOST and pool.used_slots() == 0 and pool.loads == 0
@@ -242,14 +69,14 @@ def test_rank_over_largest_bucket_refused(env, pool):
     assert [pool.bucket_for(r) for r in (1, 8, 9, 16, 17, 32)] == [0, 0, 1, 1, 2, 2]
 
 
-def test_rank_refusal_names_adapter(env, pool):
-    _, _, store = env
+def test_rank_refusal_names_adapter(pool_env, pool):
+    _, _, store = pool_env
     with pytest.raises(AdapterError, match=r"'r40'"):
         pool.load(store.get("r40"))
 
 
-def test_targets_outside_pool_refused(env):
-    _, args, store = env
+def test_targets_outside_pool_refused(pool_env):
+    _, args, store = pool_env
     p = DevicePool(args, (8, 16, 32), 2, torch.float32, [torch.device("cpu")] * L, targets=("q_proj", "v_proj"))
     assert p.load(store.get("r8"))
     with pytest.raises(AdapterError, match=r"adapter 'r16-all' targets \['k_proj', 'o_proj'"):
@@ -257,8 +84,8 @@ def test_targets_outside_pool_refused(env):
     assert p.state("r16-all") is AdapterState.HOST and p.used_slots() == 1
 
 
-def test_lru_eviction_picks_least_recently_used_idle_slot(env, pool):
-    _, _, store = env
+def test_lru_eviction_picks_least_recently_used_idle_slot(pool_env, pool):
+    _, _, store = pool_env
     assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
     s5, s5b = pool.slot_of("r5")[1], pool.slot_of("r5b")[1]
     assert s5 != s5b
@@ -276,10 +103,10 @@ def test_lru_eviction_picks_least_recently_used_idle_slot(env, pool):
     assert pool.load(store.get("r17")) and pool.slot_of("r17")[0] == 2 and pool.evictions == 2
 
 
-def test_batch_layouts_outlive_loads_of_other_adapters_but_not_an_eviction(env, pool):
+def test_batch_layouts_outlive_loads_of_other_adapters_but_not_an_eviction(pool_env, pool):
     """make_batch's cached layouts (and what kernels keep per layout) stay while other adapters
     load; an evicted adapter's layouts go, so its next slot is the one a new layout names."""
-    _, _, store = env
+    _, _, store = pool_env
 
     def touch(name):
         pool.acquire(name)
@@ -304,8 +131,8 @@ def test_batch_layouts_outlive_loads_of_other_adapters_but_not_an_eviction(env, 
     assert layout("r5b") is not again
 
 
-def test_held_slot_never_evicted(env, pool):
-    _, _, store = env
+def test_held_slot_never_evicted(pool_env, pool):
+    _, _, store = pool_env
     assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
     pool.acquire("r5")  # held, and then made the least recently used
     pool.acquire("r5b")
@@ -330,10 +157,10 @@ def test_held_slot_never_evicted(env, pool):
     assert pool.state("r8") is AdapterState.RESIDENT
 
 
-def test_a_held_bucket_spills_into_a_larger_one(env, pool):
+def test_a_held_bucket_spills_into_a_larger_one(pool_env, pool):
     """Every slot of its own bucket held by running requests: the adapter takes a larger bucket's
     slot (zero-padded, the same delta) rather than wait; False only when those are held too."""
-    _, _, store = env
+    _, _, store = pool_env
     for name in ("r5", "r5b"):
         assert pool.load(store.get(name))
         pool.acquire(name)
@@ -344,8 +171,8 @@ def test_a_held_bucket_spills_into_a_larger_one(env, pool):
     assert pool.evictions == 0 and pool.spills == 1
 
 
-def test_evict_refuses_while_held(env, pool):
-    _, _, store = env
+def test_evict_refuses_while_held(pool_env, pool):
+    _, _, store = pool_env
     assert pool.load(store.get("r5")) and pool.load(store.get("r5b"))
     pool.acquire("r5")
     assert pool.evict("r5") is False
@@ -361,8 +188,8 @@ def test_evict_refuses_while_held(env, pool):
     assert pool.state("r5b") is AdapterState.RESIDENT
 
 
-def test_reused_slot_is_zero_padded(env, pool):
-    _, _, store = env
+def test_reused_slot_is_zero_padded(pool_env, pool):
+    _, _, store = pool_env
     y, z, x = store.get("r16-all"), store.get("r12-all"), store.get("r9-qv")
     assert pool.load(y) and pool.load(z)
     b, sy = pool.slot_of("r16-all")
@@ -393,8 +220,8 @@ def test_reused_slot_is_zero_padded(env, pool):
     assert bk.scale[sz].item() == pytest.approx(z.scale)
 
 
-def test_make_batch_groups_by_bucket(env, pool):
-    _, _, store = env
+def test_make_batch_groups_by_bucket(pool_env, pool):
+    _, _, store = pool_env
     for name in ("r5", "r8", "r17"):
         assert pool.load(store.get(name))
     sa, sb, sc = pool.slot_of("r5")[1], pool.slot_of("r8")[1], pool.slot_of("r17")[1]

@@ -295,3 +295,19 @@ def test_server_on_a_taken_port_says_so_before_loading_the_model():
     assert p.stderr.splitlines() == [f"error: server.host/server.port: cannot listen on 127.0.0.1:{port} "
                                      "(Address already in use)"]
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("args, usage, sections", [
+    (("-m", "caraserve.serve"), "python -m caraserve.serve",
+     {"model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "server"}),
+    ((str(ROOT / "scripts" / "generate.py"),), "python scripts/generate.py",
+     {"model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output", "progress"}),
+])
+def test_help_shows_the_entry_points_own_sections_only(args, usage, sections, tmp_path):
+    """--help lists the sections this entry point reads, not every config group in conf/ (cluster,
+    workload and ray are other entry points')."""
+    p = run_entry(*args, "--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(f"usage: {usage} [section.key=value ...]")
+    top = {line.split(":")[0] for line in p.stdout.splitlines()[1:] if re.match(r"^[a-z_]+:", line)}
+    assert top == sections

@@ -88,8 +88,18 @@ class ModelArgs:
             windows = [int(cfg.sliding_window)] * n_layers
         layer_types = getattr(cfg, "layer_types", None)
         if family == "qwen2" and getattr(cfg, "use_sliding_window", False) and layer_types:
+            if "sliding_attention" in layer_types and not getattr(cfg, "sliding_window", None):
+                raise UnsupportedModelError("use_sliding_window is true and layers are sliding_attention, "
+                                            "but sliding_window is not set")
             windows = [int(cfg.sliding_window) if t == "sliding_attention" else None for t in layer_types]
-        attn_bias = bool(getattr(cfg, "attention_bias", False))
+        inv_freq, _ = rope_inv_freq(cfg)
+        if 2 * inv_freq.numel() != head_dim:
+            factor = dict(getattr(cfg, "rope_parameters", None) or {}).get(
+                "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
+            raise UnsupportedModelError(f"rope over {2 * inv_freq.numel()} of the head's {head_dim} dimensions "
+                                        f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
+        # transformers reads the bias options for Llama only: Mistral has none, Qwen2 q/k/v only
+        attn_bias = family == "llama" and bool(getattr(cfg, "attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=cfg.vocab_size,
@@ -103,7 +113,7 @@ class ModelArgs:
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else attn_bias,
             o_bias=False if family == "qwen2" else attn_bias,
-            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
             sliding_windows=tuple(windows),
             max_position=getattr(cfg, "max_position_embeddings", 2048),
         )

@@ -58,8 +58,11 @@ def resolve_dtype(name: str, hf_config) -> torch.dtype:
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
-    index = folder / "model.safetensors.index.json"
+    """Tensor name -> the safetensors file holding it. A single model.safetensors is read before
+    an index, as transformers reads them (a folder may hold a stale one beside new shards)."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return dict.fromkeys(_open(single).keys(), single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -89,6 +92,19 @@ def _read_tensor(folder: Path, files: dict[str, Path], handles: dict, name: str)
         return handles[file].get_tensor(name)
     except Exception as e:
         raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from e
+
+
+# dtypes a checkpoint's weights may have: a quantized or integer tensor cast to the compute dtype
+# would be served as other weights than the model's
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _refuse_quantized(hf_config, folder: Path) -> None:
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ModelLoadError(f"{folder / 'config.json'}: quantized checkpoints (quantization_config, "
+                             f"quant_method={method!r}) are not supported; give an unquantized model")
 
 
 def _open(file: Path):
@@ -138,6 +154,7 @@ def load_model(
     """Builds our decoder from a Hugging Face folder, reading each tensor onto its device."""
     folder = Path(path)
     hf_config = load_hf_config(folder)
+    _refuse_quantized(hf_config, folder)
     args = ModelArgs.from_hf(hf_config)
     torch_dtype = resolve_dtype(dtype, hf_config)
     with torch.device("meta"):
@@ -146,8 +163,14 @@ def load_model(
     files = _weight_files(folder)
     handles: dict[Path, object] = {}
     expected = dict(model.named_parameters())
+    embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    source: dict[str, str] = {}  # the checkpoint tensor a parameter is read from, where not its own
     if args.tie_embeddings:
-        expected.pop("lm_head.weight", None)
+        # As transformers: a tied checkpoint may hold either tensor, and one holding both with
+        # different values keeps them apart (compared below).
+        expected.pop(head_name, None)
+        if embed_name not in files and head_name in files:
+            source[embed_name] = head_name
     used = set()
     for name, param in expected.items():
         module_name, _, attr = name.rpartition(".")
@@ -159,7 +182,11 @@ def load_model(
         value = None if len(parts) == 1 else torch.empty(param.shape, dtype=torch_dtype, device=dev)
         for ck, lo, hi in parts:
             shape = (hi - lo, *param.shape[1:]) if value is not None else tuple(param.shape)
+            ck = source.get(ck, ck)
             tensor = _read_tensor(folder, files, handles, ck)
+            if tensor.dtype not in FLOAT_DTYPES:
+                raise ModelLoadError(f"tensor {ck!r} in {files[ck]} is {str(tensor.dtype).removeprefix('torch.')}: "
+                                     "quantized or integer weights are not supported")
             if tuple(tensor.shape) != shape:
                 raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
             if value is None:
@@ -170,11 +197,27 @@ def load_model(
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         embed = model.model.embed_tokens.weight
-        head_dev = _device_for("lm_head.weight", placement)
-        model.lm_head.weight = embed if str(embed.device) == head_dev else nn.Parameter(
-            embed.detach().to(head_dev), requires_grad=False
-        )
-    extra = sorted(set(files) - used - {"lm_head.weight"})
+        head_dev = _device_for(head_name, placement)
+        head = None
+        if head_name in files and head_name not in used:
+            head = _read_tensor(folder, files, handles, head_name)
+            if head.dtype not in FLOAT_DTYPES or tuple(head.shape) != tuple(embed.shape):
+                raise ModelLoadError(f"tensor {head_name!r} in {files[head_name]} is {head.dtype} of shape "
+                                     f"{tuple(head.shape)}, expected a float tensor of shape {tuple(embed.shape)}")
+            head = head.to(device=head_dev, dtype=torch_dtype)
+            if torch.equal(head.to(embed.device), embed):
+                head = None
+            else:
+                log.warning("%s: tie_word_embeddings is set but %s differs from %s: the two are kept apart, "
+                            "as transformers does", folder, head_name, embed_name)
+        if head is not None:
+            model.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        else:
+            model.lm_head.weight = embed if str(embed.device) == head_dev else nn.Parameter(
+                embed.detach().to(head_dev), requires_grad=False)
+    if args.tie_embeddings:
+        used.add(head_name)  # read and compared, or the embeddings' own
+    extra = sorted(set(files) - used)
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
     from caraserve.model.layers import rope_inv_freq
@@ -187,9 +230,10 @@ def load_model(
 
 
 def eos_token_ids(path: str | os.PathLike, hf_config, tokenizer) -> set[int]:
-    """The tokens that end a generation: config.json's eos_token_id, generation_config.json's (a
-    chat model lists its end-of-turn token there, e.g. Llama 3 Instruct's <|eot_id|>) and the
-    tokenizer's, as transformers' generate and vLLM stop at any of them."""
+    """The tokens that end a generation, as vLLM takes them: the tokenizer's EOS and the
+    generation config's, which is generation_config.json's eos_token_id when the file gives one
+    (a chat model lists its end-of-turn token there, e.g. Llama 3 Instruct's <|eot_id|>) and
+    config.json's otherwise (transformers' generate does the same without the tokenizer's)."""
     ids: set[int] = set()
 
     def add(v) -> None:
@@ -197,8 +241,7 @@ def eos_token_ids(path: str | os.PathLike, hf_config, tokenizer) -> set[int]:
             if isinstance(x, int) and not isinstance(x, bool) and x >= 0:
                 ids.add(x)
 
-    add(getattr(hf_config, "eos_token_id", None))
-    gen_file = Path(path) / "generation_config.json"
+    gen, gen_file = {}, Path(path) / "generation_config.json"
     if gen_file.is_file():
         try:
             gen = json.loads(gen_file.read_text())
@@ -206,7 +249,7 @@ def eos_token_ids(path: str | os.PathLike, hf_config, tokenizer) -> set[int]:
             raise ModelLoadError(f"{gen_file} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(gen, dict):
             raise ModelLoadError(f"{gen_file} must hold a JSON object")
-        add(gen.get("eos_token_id"))
+    add(gen["eos_token_id"] if gen.get("eos_token_id") is not None else getattr(hf_config, "eos_token_id", None))
     if tokenizer is not None:
         add(getattr(tokenizer, "eos_token_id", None))
     return ids

@@ -129,6 +129,11 @@ class _DrainingServer(uvicorn.Server):
                 handle.cancel()
 
 
+# connections uvicorn takes beyond server.limit_concurrency: room for health and metrics probes
+# (and for the JSON 503 of the requests over the limit) while that many requests are served
+PROBE_CONNECTIONS = 64
+
+
 def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.socket | None = None,
                before_cancel: Callable[[], None] | None = None) -> None:
     """Serves `app` until SIGTERM or SIGINT, then stops accepting and lets running requests
@@ -137,19 +142,19 @@ def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.sock
     handler it found: the one set here logs, so the process goes on to end normally (status 0)
     rather than by the default action (143 / 130).
 
-    Limits: an idle keep-alive connection is closed after server.timeout_keep_alive_s, and past
-    server.limit_concurrency connections or tasks at once new requests get 503. uvicorn (h11)
-    has no timeout for a connection that never completes its request headers: such a client
-    holds a connection (bounded in bytes by h11's 16 KiB header limit, and in count by
-    limit_concurrency) until it goes away. A proxy in front (nginx client_header_timeout) bounds
-    that time."""
+    Limits: an idle keep-alive connection is closed after server.timeout_keep_alive_s; past
+    server.limit_concurrency requests at once the app answers a JSON 503 (http.Guard), probes
+    excepted, and uvicorn refuses connections past PROBE_CONNECTIONS more than that with its own
+    plain 503. uvicorn (h11) has no timeout for a connection that never completes its request
+    headers: such a client holds a connection (bounded in bytes by h11's 16 KiB header limit,
+    and in count by uvicorn's limit) until it goes away. A proxy in front (nginx
+    client_header_timeout) bounds that time."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: log.info("drained; exiting"))
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                             timeout_graceful_shutdown=server.drain_timeout_s,
                             timeout_keep_alive=server.timeout_keep_alive_s,
-                            # uvicorn refuses the request that would make it N, counting its own connection
-                            limit_concurrency=server.limit_concurrency + 1)
+                            limit_concurrency=server.limit_concurrency + PROBE_CONNECTIONS)
     _DrainingServer(config, before_cancel).run(sockets=[sock] if sock is not None else None)
 
 

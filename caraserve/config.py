@@ -297,7 +297,7 @@ class ServerConfig:
     timeout_keep_alive_s: an idle keep-alive connection is closed after this long.
     chat_template: the chat template of /v1/chat/completions, as a file or inline Jinja (vLLM's
     --chat-template), for models whose tokenizer has none or to replace it.
-    limit_concurrency: connections and tasks beyond this many at once get 503.
+    limit_concurrency: requests beyond this many at once get 503 (health and metrics probes excepted).
     """
 
     host: str = "127.0.0.1"

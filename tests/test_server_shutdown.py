@@ -88,8 +88,9 @@ def _start_server(tmp_path, *overrides: str):
 
 
 def test_limit_concurrency_serves_that_many_requests_at_once(tmp_path):
-    """server.limit_concurrency=2: two requests at once are served (uvicorn's own limit counts
-    the arriving connection, so it refused the second); a third at that time gets 503."""
+    """server.limit_concurrency=2: two requests at once are served; a third at that time gets an
+    OpenAI-style JSON 503 (uvicorn's own limit answered plain text), counted in /metrics, while
+    the health and metrics probes are still answered."""
     proc, base, _ = _start_server(tmp_path, "engine.compile=false", "server.limit_concurrency=2",
                                   "cpu_assist.mode=off", "cpu_assist.emulate_copy_gbps=0.002")
     try:
@@ -103,10 +104,17 @@ def test_limit_concurrency_serves_that_many_requests_at_once(tmp_path):
         for t in slow:
             t.start()
             time.sleep(0.3)
-        third = httpx.get(base + "/v1/models", timeout=10)
+        third = httpx.post(base + "/v1/completions", timeout=10, json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        probes = [httpx.get(base + path, timeout=10).status_code for path in ("/health", "/metrics")]
         for t in slow:
             t.join(timeout=60)
-        assert got == {"demo-r32": 200, "demo-r64": 200} and third.status_code == 503
+        assert got == {"demo-r32": 200, "demo-r64": 200} and probes == [200, 200]
+        assert third.status_code == 503 and third.headers["retry-after"] == "1"
+        assert third.json()["error"]["type"] == "server_overloaded"
+        assert "server.limit_concurrency" in third.json()["error"]["message"]
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        assert 'caraserve_requests_total{status="rejected_concurrency_limit"} 1.0' in metrics
+        assert httpx.get(base + "/v1/models", timeout=10).status_code == 200  # served again
     finally:
         proc.kill()
 

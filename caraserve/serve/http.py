@@ -1,5 +1,5 @@
 """HTTP pieces shared by the server and the Ray ingress: OpenAI-style errors and the guard
-middleware (API key, request body size). Nothing here imports torch, so the ingress stays light."""
+middleware (API key, requests at once, request body size). Nothing here imports torch, so the ingress stays light."""
 
 from __future__ import annotations
 
@@ -79,20 +79,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+# probes are answered however busy the server is: an orchestrator restarts a server whose
+# liveness probe fails, and it would do so exactly when the server is at its busiest
+PROBE_PATHS = ("/health", "/metrics")
 
 
 class Guard:
-    """ASGI middleware: API keys and request body size, checked before the app sees a request.
+    """ASGI middleware: API keys, requests at once and request body size, checked before the app
+    sees a request.
 
     Keys: api_key guards every path but /health. The adapter-management paths take admin_key
     instead when one is set; with no key at all they are off unless allow_admin (anyone who can
-    reach the server could otherwise load files into it). Body: a declared Content-Length over
+    reach the server could otherwise load files into it). Requests at once: past
+    limit_concurrency requests being served (probes not counted), a new one gets a JSON 503
+    `server_overloaded` and `on_overload(path)` is called. Body: a declared Content-Length over
     the limit is refused at once; a body without one (chunked) is read up to the limit and
     refused as soon as it passes it, so the app never sees a partial body."""
 
-    def __init__(self, app, api_key: str, max_body_bytes: int, admin_key: str = "", allow_admin: bool = False):
+    def __init__(self, app, api_key: str, max_body_bytes: int, admin_key: str = "", allow_admin: bool = False,
+                 limit_concurrency: int | None = None, on_overload=None):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
         self.admin_key, self.allow_admin = admin_key, allow_admin
+        self.limit_concurrency, self.on_overload = limit_concurrency, on_overload
+        self.in_flight = 0  # requests being served, probes not counted (one event loop: no lock)
 
     def _refusal(self, path: str, auth: str) -> tuple[int, str, str] | None:
         """(status, message, type) when the caller may not use this path, else None."""
@@ -119,6 +128,21 @@ class Guard:
         refusal = self._refusal(scope["path"], headers.get(b"authorization", b"").decode("latin-1"))
         if refusal is not None:
             return await error_response(*refusal)(scope, receive, send)
+        if self.limit_concurrency is None or scope["path"] in PROBE_PATHS:
+            return await self._within_size(scope, receive, send, headers)
+        if self.in_flight >= self.limit_concurrency:
+            if self.on_overload is not None:
+                self.on_overload(scope["path"])
+            return await error_response(
+                503, f"{self.in_flight} requests are being served (server.limit_concurrency): retry later",
+                "server_overloaded", {"Retry-After": "1"})(scope, receive, send)
+        self.in_flight += 1
+        try:
+            return await self._within_size(scope, receive, send, headers)
+        finally:
+            self.in_flight -= 1
+
+    async def _within_size(self, scope, receive, send, headers: dict):
         too_large = error_response(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error")
         length = headers.get(b"content-length")
         if length is not None:

@@ -61,6 +61,20 @@ def test_a_failed_choice_ends_the_stream_and_aborts_the_others():
     assert aborted == ["a"]  # still running when its sibling failed
 
 
+def test_usage_after_a_failed_choice_counts_the_tokens_every_choice_was_sent():
+    async def main():
+        q0, q1 = asyncio.Queue(), asyncio.Queue()
+        q0.put_nowait(out("a", " y", n_out=3))
+        await asyncio.sleep(0)
+        q1.put_nowait(out("b", "p", n_out=2))
+        q1.put_nowait(out("b", "", True, FinishReason.ERROR, error="boom", n_out=2))
+        return await _collect([("a", q0), ("b", q1)], out("a", "x", n_out=2), [])
+
+    got = asyncio.run(main())
+    assert got[-3]["error"]["message"] == "boom" and got[-1] == "data: [DONE]"
+    assert got[-2]["usage"]["completion_tokens"] == 3 + 2 and got[-2]["usage"]["prompt_tokens"] == 4
+
+
 def test_a_consumer_going_away_aborts_every_unfinished_choice():
     async def main():
         q0, q1 = asyncio.Queue(), asyncio.Queue()

@@ -178,9 +178,10 @@ def prompt_only(out: RequestOutput) -> RequestOutput:
 
 
 def usage_counts(outs: list[RequestOutput | None], per_prompt: int) -> tuple[int, int, int]:
-    """(prompt, completion, cached prompt) tokens of a call's final outputs, in choice order with
-    `per_prompt` choices per prompt (None: a choice that did not finish, as a stream an error
-    ended leaves): each prompt counted once, as OpenAI's usage counts a prompt of n choices."""
+    """(prompt, completion, cached prompt) tokens of a call's last outputs, in choice order with
+    `per_prompt` choices per prompt (a stream an error ended gives its choices' last outputs so
+    far, None for one that sent nothing): each prompt counted once, as OpenAI's usage counts a
+    prompt of n choices."""
     groups = [[o for o in outs[k : k + per_prompt] if o is not None] for k in range(0, len(outs), per_prompt)]
     groups = [g for g in groups if g]
     return (sum(g[0].prompt_tokens for g in groups), sum(len(o.output_ids) for g in groups for o in g),

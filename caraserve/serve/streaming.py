@@ -4,8 +4,9 @@ Each choice's outputs become chunks tagged with its `index`, in the order the en
 them; choices interleave. A choice that ends with an error ends the stream: its error event
 follows its last chunk and the other choices are aborted (the caller asked for one response).
 The usage chunk (`stream_options.include_usage`) comes last and counts every choice's tokens
-and each prompt once; before it, every chunk has `"usage": null`, as OpenAI's, or with
-`continuous_usage_stats` (vLLM's) its choice's usage so far.
+sent, those of choices an error cut short included, and each prompt once; before it, every
+chunk has `"usage": null`, as OpenAI's, or with `continuous_usage_stats` (vLLM's) its choice's
+usage so far.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
     pumps = [asyncio.ensure_future(pump(i, q, i == 0 and first.finished)) for i, (_, q) in enumerate(runs)]
     chunks = [chunker(i) for i in range(len(runs))]
     finished: dict[int, RequestOutput] = {}
+    latest: dict[int, RequestOutput] = {}  # each choice's last output: what the client has been sent
     try:
         while len(finished) < len(runs):
             i, out = await merged.get()
+            latest[i] = out
             finish = out.finish_reason.openai if out.finished else None
             body = chunks[i](out, finish)
             if body is not None:
@@ -80,7 +83,7 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
         if final_usage:
             body = chunks[0](None, None)
             body["choices"] = []
-            outs = [finished.get(i) for i in range(len(runs))]
+            outs = [latest.get(i) for i in range(len(runs))]
             body["usage"] = proto.usage(*usage_counts(outs, per_prompt or len(runs)))
             yield _sse(body)
         yield "data: [DONE]\n\n"

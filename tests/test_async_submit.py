@@ -81,3 +81,32 @@ def test_a_submit_cancelled_while_its_add_runs_is_aborted(service, monkeypatch):
         assert settled(service), (service._submitting, service.engine.has_unfinished())
 
     asyncio.run(go())
+
+
+def test_state_is_answered_during_an_idle_time_compile(monkeypatch):
+    """A compile at an idle moment holds the engine thread for seconds: /v1/state (a router's
+    poll) answers meanwhile with the snapshot taken as the engine went idle."""
+    from types import SimpleNamespace
+
+    from caraserve.serve import async_engine
+
+    monkeypatch.setattr(async_engine, "IDLE_WORK_AFTER_S", 0.0)
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256))
+    entered, release = threading.Event(), threading.Event()
+
+    def compiling() -> bool:
+        entered.set()
+        release.wait(30)
+        return False
+
+    engine.idle = compiling
+    engine.graphs = SimpleNamespace(pending={(4, 1): 3}, capture=False)  # a variant waiting for its compile
+    ae = AsyncEngine(engine, max_queue=4)
+    ae.start()
+    try:
+        assert ae.wait_ready(30) and entered.wait(30)
+        state = asyncio.run(asyncio.wait_for(ae.state(), timeout=2))
+        assert state.max_batch_size == 4 and state.running == () and state.kv_blocks_free == state.kv_blocks_total
+    finally:
+        release.set()
+        ae.stop()

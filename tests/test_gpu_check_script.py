@@ -41,6 +41,7 @@ def test_every_command_is_one_its_script_accepts(monkeypatch, script, args):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.syspath_prepend(str((ROOT / script).parent))  # as `python scripts/x.py` puts its folder first
     with pytest.raises(_Parsed):
         runpy.run_path(str(ROOT / script), run_name="__main__")
 

@@ -53,6 +53,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._idle_work = threading.Event()  # set while the engine thread does idle work (a compile)
+        self._idle_state = None  # the engine's snapshot as it went idle (what `state` answers meanwhile)
         self._retired: set[str] = set()
         self._submitting = 0  # accepted by a handler, not yet in the engine's queue
         self._submitting_for: collections.Counter[str] = collections.Counter()  # of those, per adapter
@@ -76,6 +77,15 @@ class AsyncEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put((fn, args, fut, skipped))
         return fut
+
+    async def state(self):
+        """The engine's snapshot (Engine.snapshot), taken between steps; during an idle-time
+        compile, the one taken as it began: nothing ran since, and a router polling the state
+        must not wait seconds for the compile."""
+        idle_state = self._idle_state
+        if self._idle_work.is_set() and idle_state is not None:
+            return idle_state
+        return await self.call(self.engine.snapshot)
 
     async def call(self, fn, *args):
         """Runs fn(*args) on the engine thread between steps and returns its result."""
@@ -278,6 +288,8 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
                 if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
+                    if self.engine.graphs is not None and self.engine.graphs.pending:
+                        self._idle_state = self.engine.snapshot()  # before the flag: `state` reads it then
                     self._idle_work.set()  # then _stop: a stop() that missed this flag is seen here
                     try:
                         if not self._stop.is_set() and self.engine.idle():

@@ -378,7 +378,7 @@ class EngineService:
 
     async def engine_state(self) -> EngineState:
         """The typed EngineState (Engine.snapshot) with the served model's name."""
-        return replace(await self.service.call(self.engine.snapshot), model=self.served_name)
+        return replace(await self.service.state(), model=self.served_name)
 
     async def state(self) -> dict:
         """The EngineState's wire form (/v1/state)."""

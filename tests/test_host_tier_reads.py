@@ -112,6 +112,30 @@ def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(tier_env
         store.get("kept")
 
 
+def test_the_same_bytes_copied_or_touched_are_served_when_read_again(tier_env, tier_stores, tmp_path):
+    """A re-read after the host tier dropped the weights compares what it read with what the
+    adapter served, not file times: a `touch`, or a copy of the same bytes over the file (a new
+    inode, new times), changes nothing a request sees."""
+    root, args = tier_env
+    kept = shutil.copytree(root / "many" / "a00", tmp_path / "kept")
+    other = shutil.copytree(root / "many" / "a01", tmp_path / "other")
+    size = tier_stores(args).register("probe", kept).nbytes
+    store = tier_stores(args, budget_bytes=size)  # room for one of them
+    store.register("kept", kept)
+    store.register("other", other)
+    first = {m: t.clone() for m, t in store.get("kept").a.items()}
+    os.utime(kept / ST, ns=(1, 1))
+    os.utime(kept / "adapter_config.json")
+    store.get("other")  # the budget drops "kept"
+    assert all(torch.equal(store.get("kept").a[m], first[m]) for m in first)
+    data = (kept / ST).read_bytes()
+    (kept / ST).unlink()
+    (kept / ST).write_bytes(data)
+    store.get("other")
+    assert all(torch.equal(store.get("kept").a[m], first[m]) for m in first)
+    assert store.broken("kept") is None and store.stats().disk_reads >= 4
+
+
 def test_an_io_error_fails_that_read_only_and_the_next_use_reads_again(tier_env, tier_stores, monkeypatch):
     """EIO (or no file descriptors, no memory) is the machine's, not the adapter's: that read
     fails, the adapter is not marked broken, and the next use reads it again."""

@@ -24,7 +24,6 @@ class AdapterInfo:
     nbytes: int
     confined: bool = True  # its files must resolve inside the store's roots (runtime loads)
     uid: int = 0  # this registration's number: a reload under the same name gets a new one (prefix caching)
-    files: tuple = ()  # its files as registration saw them (checkpoint.files_stamp)
 
 
 _uids = itertools.count(1)  # registration numbers, unique in the process

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import stat
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from types import MappingProxyType
 import torch
 
 from caraserve.lora.adapter_config import TARGETS, read_adapter_config
-from caraserve.lora.adapter_files import WEIGHT_FILES, AdapterError, ReadLimits, check_name, read_weights
+from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, read_weights
 from caraserve.lora.module_patterns import ModuleRules, PatternError, module_names, module_rules
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class LoraWeights:
     scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
     a: dict  # module -> [L, in, r_m] float tensor
     b: dict  # module -> [L, r_m, out] float tensor
-    files: tuple = ()  # files_stamp of the folder read (() for weights made in memory)
+    digest: tuple = ()  # content_digest of what was read (() for weights made in memory)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +76,6 @@ class AdapterMeta:
     scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
     targets: tuple[str, ...]  # modules with LoRA, in TARGETS order
     numel: int  # elements of the stacked a and b tensors together
-    files: tuple = ()  # files_stamp of the folder, as registration saw it
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Host bytes of the stacked weights in `dtype`, as LoraWeights.nbytes will report them."""
@@ -100,7 +100,6 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     config and safetensors header show, reading no weights (a legacy .bin is read whole and its
     values checked too). NaN/Inf in a safetensors file is found by load_adapter, on first use."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
-    files = files_stamp(real)  # before the read: a change during it shows at the first load
     found = read_weights(name, real, limits, header_only=True)
     # all shapes (a safetensors header) or all tensors (a .bin, read whole)
     tensors = isinstance(next(iter(found.values()), None), torch.Tensor)
@@ -108,7 +107,7 @@ def inspect_adapter(folder: str | Path, model_args, name: str | None = None,
     layout = _layout(name, cfg, shapes, model_args)
     if tensors:
         _check_finite(name, layout, found)
-    return AdapterMeta(name, str(folder), layout.rank, layout.scale, layout.targets, layout.numel, files)
+    return AdapterMeta(name, str(folder), layout.rank, layout.scale, layout.targets, layout.numel)
 
 
 def load_adapter(folder: str | Path, model_args, name: str | None = None,
@@ -117,7 +116,7 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     `limits` bounds what the read may touch (default: nothing)."""
     name, folder, real, cfg, rules, limits = _open_folder(folder, name, limits, model_args)
     tensors = read_weights(name, real, limits, header_only=False)
-    files = files_stamp(real)  # after the read: a change during it shows too
+    digest = content_digest(cfg, tensors)
     layout = _layout(name, cfg, {k: tuple(t.shape) for k, t in tensors.items()}, model_args)
     out_a, out_b = {}, {}
     covered: dict[str, int] = {}
@@ -146,26 +145,22 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     for (layer, module), (*_, ratio) in layout.pairs.items():
         if ratio != 1.0:
             out_b[module][layer] *= ratio
-    return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b, files)
+    return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b, digest)
 
 
-def files_stamp(folder: Path) -> tuple:
-    """What tells the adapter's files (its config and the weights file a read takes) apart from a
-    later version of them: each one's inode, size, and modification and change times. A training
-    job that saves its next checkpoint into the folder changes them, even when the shapes stay;
-    the change time also moves when the file is written back with its old modification time
-    (tar, rsync -t), which only the clock can set. A rewrite of the same bytes reads as a change:
-    the adapter is then refused until registered again, never served from two versions."""
-    stamp = []
-    for names in (("adapter_config.json",), WEIGHT_FILES):
-        for f in names:
-            try:
-                st = os.stat(folder / f)
-            except OSError:
-                continue
-            stamp.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-            break  # (the .bin beside a .safetensors is never read)
-    return tuple(stamp)
+def content_digest(cfg: dict, tensors: Mapping[str, torch.Tensor]) -> tuple:
+    """What tells an adapter's content apart from another version of it: a CRC-32 of its config
+    and of each tensor's bytes. The host tier re-reads an adapter its budget dropped, and a
+    training job may have saved its next checkpoint into the folder meanwhile, of the same
+    shapes; file times cannot tell that from a copy or a `touch` of the same bytes, this can.
+    (A checksum, not a cryptographic hash: it guards against versions, not against an attacker,
+    who could write any weights into the folder anyway. CRC-32 runs at several GB/s and
+    releases the GIL, so the reads beside the steps pay little for it.)"""
+    digest = [zlib.crc32(json.dumps(cfg, sort_keys=True, default=str).encode())]
+    for key in sorted(tensors):
+        data = tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.append(zlib.crc32(data, zlib.crc32(key.encode())))
+    return tuple(digest)
 
 
 def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None, model_args):

@@ -55,7 +55,7 @@ __all__ = ["AdapterInfo", "HostStore", "HostStoreStats", "UnknownAdapterError", 
 class _Entry:
     """One registered adapter; mutated only under the store's lock."""
 
-    __slots__ = ("info", "weights", "from_memory", "holds", "reading", "broken")
+    __slots__ = ("info", "weights", "from_memory", "holds", "reading", "broken", "digest")
 
     def __init__(self, info: AdapterInfo, from_memory: bool = False):
         self.info = info
@@ -64,6 +64,7 @@ class _Entry:
         self.holds = 0
         self.reading: Future | None = None  # the read in flight
         self.broken: str | None = None  # why its weights were refused
+        self.digest: tuple | None = None  # content_digest of the weights first read: every read must match it
 
 
 def check_adapter_dir(root: str | Path) -> Path:
@@ -148,7 +149,7 @@ class HostStore:
             self._check_room(name)  # before the read: a full store costs no disk read
         meta = inspect_adapter(path, self.model_args, name, self._limits(confined))
         info = AdapterInfo(name, str(path), meta.rank, meta.scale, meta.targets, meta.nbytes(self.dtype), confined,
-                           next_uid(), meta.files)
+                           next_uid())
         with self._lock:
             self._check_room(name)  # again: others may have registered during the read
             self._insert(_Entry(info))
@@ -262,7 +263,7 @@ class HostStore:
         with self._lock:
             entry = self._entry(name)
             entry.holds += 1
-            if entry.weights is None and weights is not None and weights.files == entry.info.files and not entry.broken:
+            if entry.weights is None and weights is not None and weights.digest == entry.digest and not entry.broken:
                 self._cache.put(entry, weights)
             self._cache.touch(entry)
 
@@ -335,6 +336,10 @@ class HostStore:
             self._read_s += seconds
             entry.reading = None
             if self._entries.get(name) is entry:  # not unregistered meanwhile
+                if weights is not None and entry.digest not in (None, weights.digest):
+                    error, weights = _changed(entry.info), None
+                elif weights is not None:
+                    entry.digest = weights.digest
                 # other errors (memory, an I/O error that may pass, ...) are not the adapter's
                 if isinstance(error, AdapterError) and not isinstance(error, AdapterReadError):
                     entry.broken = str(error)
@@ -361,25 +366,25 @@ class HostStore:
 
         a = {m: conv(t) for m, t in w.a.items()}
         b = {m: conv(t) for m, t in w.b.items()}
-        return LoraWeights(w.name, w.path, w.rank, w.scale, a, b, w.files)
+        return LoraWeights(w.name, w.path, w.rank, w.scale, a, b, w.digest)
 
 
 def _check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:
-    """The scheduler and the device pool plan with what registration saw, and the KV blocks its
-    requests left in the prefix cache were computed with its weights then: files that changed
-    since (a new checkpoint saved into the folder, even of the same shapes) are refused rather
-    than served under the old plan or mixed with the old blocks."""
-    if info.files and w.files and info.files != w.files:
-        raise AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered; "
-                           "unregister it and register it again to serve them")
+    """Files whose rank, scale, modules or size changed since registration are refused: the
+    scheduler and the device pool plan with what registration saw."""
     numel = sum(t.numel() for d in (w.a, w.b) for t in d.values())
-    now = (w.rank, w.scale, w.targets, numel * dtype.itemsize)
-    then = (info.rank, info.scale, info.targets, info.nbytes)
+    now, then = (w.rank, w.scale, w.targets, numel * dtype.itemsize), (info.rank, info.scale, info.targets, info.nbytes)
     if now != then:
-        raise AdapterError(
-            f"adapter {info.name!r}: its files in {info.path} changed since it was registered (rank, scale, "
-            f"modules, bytes were {then}, now {now}); unregister it and register it again"
-        )
+        raise AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (rank, "
+                           f"scale, modules, bytes were {then}, now {now}); unload it and load it again to serve them")
+
+
+def _changed(info: AdapterInfo) -> AdapterError:
+    """A re-read of other weights than the adapter served before (a new checkpoint saved into its
+    folder, of the same shapes): its prefix-cache blocks and device slot hold the old ones, so
+    the new ones are refused, not mixed with them. The same bytes, copied or touched, are served."""
+    return AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (other "
+                        "weights than it served before); unload it and load it again to serve them")
 
 
 def _running() -> Future:

@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 from caraserve.config import AdapterConfig, ConfigError, CpuAssistConfig
+from caraserve.lora.adapter_files import RegistryFullError, without_name
 from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.lora.device_pool import DevicePool
 from caraserve.lora.host_store import AdapterInfo, HostStore
-from caraserve.request import RequestError
+from caraserve.request import CapacityError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ class AdapterCatalog:
             except AdapterError as e:
                 if name in self.store:  # registered meanwhile by a concurrent resolve
                     return True
-                raise RequestError(f"adapter {name!r} found in {folder} but refused: {e}") from e
+                if isinstance(e, RegistryFullError):
+                    raise CapacityError(f"adapter {name!r} is in {folder}, but the server holds as many adapters "
+                                        "as it may (adapters.max_registered): retry later") from e
+                raise RequestError(f"adapter {name!r} found in {folder} but refused ({without_name(e, name)})") from e
             log.info("resolved adapter %s from %s", name, folder)
             return True
         return name in self.store
@@ -94,7 +98,7 @@ class AdapterCatalog:
             raise RequestError(f"unknown adapter {name!r}")
         why = self.store.broken(name)
         if why is not None:
-            raise RequestError(f"adapter {name!r} cannot be used: {why}")
+            raise RequestError(f"adapter {name!r} cannot be used ({without_name(why, name)})")
 
     def infos(self) -> list[AdapterInfo]:
         return [self.store.info(n) for n in self.store.names()]

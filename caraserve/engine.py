@@ -19,8 +19,7 @@ from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
 from caraserve.kv_cache import KVCache, blocks_for, context_limit, plan_blocks
-from caraserve.lora.adapter_files import AdapterReadError
-from caraserve.lora.checkpoint import AdapterError
+from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
 from caraserve.model.llama import CausalLM, check_triton_prefill
@@ -310,7 +309,7 @@ class Engine:
     def _fail_sampling(self, req: Request, why: str) -> RequestOutput:
         """Ends a request whose sampling failed; non-finite logits on an adapter's are the adapter's doing."""
         if why == NONFINITE and req.adapter is not None:
-            return self._fail(req, f"adapter {req.adapter!r} cannot be used: {NONFINITE}", ErrorCause.ADAPTER)
+            return self._fail(req, f"adapter {req.adapter!r} cannot be used ({NONFINITE})", ErrorCause.ADAPTER)
         return self._fail(req, f"sampling failed on this request ({why})")
 
     def _fail_rejected(self) -> list[RequestOutput]:
@@ -321,7 +320,8 @@ class Engine:
                 why = f"adapter {req.adapter!r} could not be read ({e}); retry"
                 outs.append(self._fail(req, why, ErrorCause.ENGINE))
             elif isinstance(e, AdapterError):
-                outs.append(self._fail(req, f"adapter {req.adapter!r} cannot be used: {e}", ErrorCause.ADAPTER))
+                why = f"adapter {req.adapter!r} cannot be used ({without_name(e, req.adapter)})"
+                outs.append(self._fail(req, why, ErrorCause.ADAPTER))
             else:
                 outs.append(self._fail(req, f"its adapter cannot be used ({describe(e)})"))
         return outs

@@ -13,6 +13,10 @@ class RequestError(ValueError):
     """A request is invalid (bad parameters, unknown adapter, prompt too long)."""
 
 
+class CapacityError(RequestError):
+    """A valid request the server cannot take now, by a limit of its operator's (a 503, not a 400)."""
+
+
 class ErrorCause(enum.Enum):
     """Why a request ended with an error."""
 

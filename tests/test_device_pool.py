@@ -178,9 +178,10 @@ def test_evict_refuses_while_held(pool_env, pool):
     assert pool.evict("r5") is False
     assert pool.state("r5") is AdapterState.RESIDENT and pool.used_slots() == 2
     pool.release("r5")
-    slot = pool.slot_of("r5")
+    slot, evictions = pool.slot_of("r5"), pool.evictions
     assert pool.evict("r5") is True
     assert pool.state("r5") is AdapterState.HOST and pool.used_slots() == 1
+    assert pool.evictions == evictions + 1  # loads - evictions = adapters resident, unloads included
     assert pool.evict("r5") is True  # not resident: nothing to do
     evictions = pool.evictions
     assert pool.load(store.get("r8"))  # takes the freed slot without evicting r5b

@@ -44,6 +44,19 @@ class AdapterError(ValueError):
     """The adapter cannot be used; the message names it and says why."""
 
 
+def without_name(error, name: str) -> str:
+    """An adapter error's message less the adapter's name it starts with, for a message of the
+    caller's that names the adapter already."""
+    text = str(error)
+    for head in (f"adapter {name!r} refused: ", f"adapter {name!r}: "):
+        text = text.removeprefix(head)
+    return text
+
+
+class RegistryFullError(AdapterError):
+    """adapters.max_registered adapters are registered: the operator's limit, not the adapter's fault."""
+
+
 class AdapterReadError(AdapterError):
     """A read failed for a reason of the machine's, not the adapter's (an I/O error, no file
     descriptors or memory left): this use fails, the next one reads again."""

@@ -344,6 +344,7 @@ class DevicePool:
             slot.copy = None
         self._forget(name)
         slot.adapter = None
+        self.evictions += 1
         return True
 
     def _forget(self, name: str) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from caraserve.config import AdapterConfig, ConfigError
-from caraserve.lora.adapter_files import AdapterReadError
+from caraserve.lora.adapter_files import AdapterReadError, RegistryFullError
 from caraserve.lora.adapter_info import AdapterInfo, HostStoreStats, UnknownAdapterError, next_uid
 from caraserve.lora.checkpoint import (
     AdapterError,
@@ -312,7 +312,7 @@ class HostStore:
         if name in self._entries:
             raise AdapterError(f"adapter {name!r} is already registered (from {self._entries[name].info.path})")
         if len(self._entries) >= self.max_registered:
-            raise AdapterError(self._full_message(name))
+            raise RegistryFullError(self._full_message(name))
 
     def _full_message(self, name: str) -> str:
         return (f"adapter {name!r} refused: {len(self._entries)} adapters are registered, the cap "

@@ -31,7 +31,8 @@ class ApiError(Exception):
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 # a refused generation request's metrics label (caraserve_requests_total{status="rejected_..."})
 REJECTIONS = {"invalid_request_error": "bad_request", "not_found_error": "unknown_model",
-              "server_overloaded": "queue_full", "engine_unavailable": "engine_unavailable"}
+              "server_overloaded": "queue_full", "engine_unavailable": "engine_unavailable",
+              "adapter_capacity": "adapter_capacity"}
 
 
 def _count_rejection(http, reason: str | None) -> None:

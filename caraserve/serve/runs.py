@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
-from caraserve.request import RequestError, RequestOutput, SamplingParams, choice_seed
+from caraserve.request import CapacityError, RequestError, RequestOutput, SamplingParams, choice_seed
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.http import ApiError
@@ -34,6 +34,8 @@ class Runs:
             raise ApiError(503, str(e), "server_overloaded") from e
         except EngineUnavailableError as e:
             raise ApiError(503, str(e), "engine_unavailable") from e
+        except CapacityError as e:
+            raise ApiError(503, str(e), "adapter_capacity", {"Retry-After": "1"}) from e
         except RequestError as e:
             if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
                 raise ApiError(404, str(e), "not_found_error") from e

@@ -10,6 +10,7 @@ whose type carries its HTTP status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from caraserve.config import inline_template
+from caraserve.lora.adapter_files import AdapterReadError
+from caraserve.lora.adapter_info import UnknownAdapterError
 from caraserve.lora.checkpoint import AdapterError, check_name
-from caraserve.request import RequestError, SamplingParams
+from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine
@@ -111,6 +114,8 @@ class EngineService:
         if self.engine.config.adapters.resolve_dirs:
             try:
                 found = await asyncio.get_running_loop().run_in_executor(None, self.engine.resolve_adapter, name)
+            except CapacityError as e:  # found, but the registry is full
+                raise ApiError(503, str(e), "adapter_capacity", {"Retry-After": "1"}) from e
             except RequestError as e:  # found, but refused: the caller named a broken adapter
                 raise ApiError(400, str(e), "invalid_request_error") from e
             if found and self.service.is_serving(name):
@@ -354,6 +359,16 @@ class EngineService:
         except (OSError, ValueError) as e:  # unreadable files of the caller's choosing
             raise ApiError(400, f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})",
                            "invalid_request_error") from e
+        # Its weights are read now (into the host tier), as vLLM's load does: weights that cannot
+        # be served (NaN, Inf) are refused to this call, not to the adapter's first request.
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.store.get, info.name)
+        except (AdapterReadError, UnknownAdapterError):  # an I/O error that may pass, or unloaded meanwhile
+            log.warning("adapter %s: its weights were not read at load", info.name, exc_info=True)
+        except AdapterError as e:
+            with contextlib.suppress(TimeoutError, AdapterError, UnknownAdapterError):
+                await self.service.retire_adapter(info.name, self.unload_timeout_s)
+            raise ApiError(400, str(e), "invalid_request_error") from e
         return {"status": "ok", "lora_name": info.name, "rank": info.rank}
 
     async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:

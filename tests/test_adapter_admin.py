@@ -1,0 +1,78 @@
+"""Adapters loaded at run time, through the HTTP API: a load reads the weights (bad ones are
+refused to that call, as vLLM's load does), and a full registry is the server's limit (503),
+not the caller's fault (400)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from test_isolation import nan_adapter
+
+from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
+from caraserve.engine import Engine
+from caraserve.model.tiny import write_random_adapter
+from caraserve.serve.api import build_app
+from caraserve.serve.async_engine import AsyncEngine
+
+
+def _serve(engine: Engine, calls, roots=()):
+    """Runs `calls(client)` against the API over `engine` (runtime loads on, from `roots`)."""
+    service = AsyncEngine(engine, 8)
+    app = build_app(service, ServerConfig(allow_runtime_lora=True), "tiny", list(roots))
+    service.start()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await calls(c)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        service.stop()
+
+
+def _completion(model: str) -> dict:
+    return {"model": model, "prompt": [1, 5, 6], "max_tokens": 2, "temperature": 0}
+
+
+def test_a_load_of_weights_that_cannot_be_served_is_refused_by_the_load(tmp_path):
+    nan_adapter(tmp_path / "bad")
+    write_random_adapter(tmp_path / "good", 8, 16, ["q_proj", "v_proj"], seed=5)
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128, adapters=AdapterConfig(dir="")))
+
+    async def calls(c):
+        bad = await c.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": str(tmp_path / "bad")})
+        models = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+        after = await c.post("/v1/completions", json=_completion("t1"))
+        good = await c.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": str(tmp_path / "good")})
+        served = await c.post("/v1/completions", json=_completion("t1"))
+        return bad, models, after, good, served
+
+    bad, models, after, good, served = _serve(engine, calls, [tmp_path])
+    assert bad.status_code == 400 and "NaN" in bad.json()["error"]["message"]
+    assert "t1" not in models and after.status_code == 404  # nothing of it stays registered
+    assert good.status_code == 200 and served.status_code == 200  # and the name is free again
+    assert engine.store.stats().cached == 1  # the good one's weights were read at its load
+
+
+def test_a_full_registry_is_a_503_for_a_tenant_found_on_first_use(tmp_path):
+    tenants = tmp_path / "tenants"
+    for i in range(3):
+        write_random_adapter(tenants / f"tenant-{i}", 8, 16, ["q_proj", "v_proj"], seed=i)
+    nan_adapter(tenants / "tenant-nan")
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(dir="", resolve_dirs=(str(tenants),), max_registered=2)))
+
+    async def calls(c):
+        outs = [await c.post("/v1/completions", json=_completion(m)) for m in ("tenant-nan", "tenant-0", "tenant-1")]
+        return outs, (await c.get("/metrics")).text
+
+    (nan, first, full), metrics = _serve(engine, calls)
+    assert nan.status_code == 400 and first.status_code == 200
+    message = nan.json()["error"]["message"]
+    assert message.startswith("adapter 'tenant-nan' cannot be used (") and "used: adapter" not in message
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    error = full.json()["error"]
+    assert error["type"] == "adapter_capacity" and "adapters.max_registered" in error["message"]
+    assert 'caraserve_requests_total{status="rejected_adapter_capacity"} 1.0' in metrics

@@ -2,6 +2,7 @@
 
     python scripts/profile_decode.py [--model tiny] [--batch-sizes 1,4,8,16,32] [--ranks 8,16,32,64,128]
         [--prompt-tokens 16,64,256] [--decode-steps 8] [--out profiles/<device>/<model>/latency.json]
+    python scripts/profile_decode.py --refit FILE [--out FILE]
 
 Runs the real engine (eager, so compile time does not leak into the numbers) over batch size x
 rank mix (each rank alone, all mixed, and base only; every request with an adapter of its own)
@@ -9,7 +10,10 @@ and, for prefill and mixed steps (the batch decoding while a new prompt is prefi
 step), x prompt tokens. Fits caraserve.perf.model.PerfModel (candidate feature
 sets chosen by held-out error), prints R^2 and the held-out relative error, and writes the raw
 medians and the fitted model as JSON with a provenance header, plus a PNG of measured vs
-predicted. Run with OMP_NUM_THREADS=1 on a shared CPU.
+predicted. Run with OMP_NUM_THREADS=1 on a shared CPU. Each grid dimension needs two values at
+least: from one rank (or one batch size, one prompt length) a law cannot tell its terms apart.
+--refit fits a profile's raw timings again with this version's fitting (no measuring), in place
+unless --out is given.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -81,9 +86,15 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=positive_int, default=8, help="timed decode steps per point (>= 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=output_file, default=None)
+    ap.add_argument("--refit", type=Path, default=None, help="a profile this script wrote: fit its raw timings again")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.refit is not None:
+        return refit(ap, args.refit, args.out or args.refit)
     sizes, ranks, tokens = args.batch_sizes, args.ranks, args.prompt_tokens
+    for flag, values in (("--batch-sizes", sizes), ("--ranks", ranks), ("--prompt-tokens", tokens)):
+        if len(set(values)) < 2:
+            ap.error(f"argument {flag}: give two values at least (a law cannot tell its terms apart from one)")
     if max(ranks) > RANK_BUCKETS[-1]:
         ap.error(f"argument --ranks: {max(ranks)} is above the largest rank bucket, {RANK_BUCKETS[-1]}")
     if args.decode_steps < 2:
@@ -97,20 +108,42 @@ def main() -> int:
         engine = make_engine(args, sizes, tokens)
     except ConfigError as e:
         ap.error(str(e))
+    if max(tokens) + args.decode_steps + len(tokens) + 8 > engine.max_seq_len:
+        ap.error(f"argument --prompt-tokens: {max(tokens)} tokens and the decode steps after them do not fit the "
+                 f"{engine.max_seq_len} positions a request of this model may hold")
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     header = make_header(dev_name, args.model, str(engine.dtype).removeprefix("torch."),
                          threads=torch.get_num_threads(), cpu=cpu_name())
-    model = PerfModel.fit([(features(r), r["seconds"]) for r in rows if r["kind"] != "prefill"],
-                          [(features(r), r["seconds"]) for r in rows if r["kind"] == "prefill"],
-                          header, rank_buckets=RANK_BUCKETS)
+    return write(ap, header, rows, out)
+
+
+def write(ap, header: dict, rows: list[dict], out: Path) -> int:
+    """Fits the latency model to the raw rows and writes it beside them (and the plot)."""
+    try:
+        model = PerfModel.fit([(features(r), r["seconds"]) for r in rows if r["kind"] != "prefill"],
+                              [(features(r), r["seconds"]) for r in rows if r["kind"] == "prefill"],
+                              header, rank_buckets=RANK_BUCKETS)
+    except ValueError as e:
+        ap.error(f"the timings cannot be fitted: {e}")
     out.write_text(json.dumps({"header": header, "raw": rows, "model": model.to_dict()}, indent=2) + "\n")
     plot(rows, model, out.with_suffix(".png"))
     print(model.describe())
     print(f"wrote {out}")
     return 0
+
+
+def refit(ap, source: Path, out: Path) -> int:
+    """The profile in `source` fitted again from its raw timings (its header gains `refit`)."""
+    try:
+        data = json.loads(source.read_text())
+        header, rows = dict(data["header"]), list(data["raw"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        ap.error(f"argument --refit: {source} is not a profile this script wrote ({type(e).__name__}: {e})")
+    header["refit"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return write(ap, header, rows, out)
 
 
 def make_engine(args, sizes: list[int], tokens: list[int]) -> Engine:

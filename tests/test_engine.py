@@ -233,12 +233,12 @@ def test_slo_admission_limits_the_batch_and_refits_online(catalogue, tmp_path):
     from caraserve.config import SchedulerConfig
     from caraserve.perf.model import PerfModel
 
-    # 1 request: 20 ms per step, 2 requests: 30 ms; a 5 ms SLO stays below every real step here too
-    # (the model refits online toward this machine's ~10 ms steps), so one request runs at a time
+    # 1 request: 20 ms per step, 2 requests: 30 ms; a 0.3 ms SLO stays below every real step here too
+    # (the model refits online toward this machine's ~1-10 ms steps), so one request runs at a time
     model = PerfModel.linear(decode_base_ms=10.0, decode_per_request_ms=10.0, decode_per_rank_request_ms=0.0)
     path = tmp_path / "latency.json"
     path.write_text(_json.dumps({"model": model.to_dict()}))
-    engine = make_engine(catalogue, scheduler=SchedulerConfig(slo_ms=5.0, perf_model=str(path)))
+    engine = make_engine(catalogue, scheduler=SchedulerConfig(slo_ms=0.3, perf_model=str(path)))
     ids = [engine.add_request("import os", GREEDY, a) for a in ("demo-r8", None, "demo-r64")]
     most = 0
     while engine.has_unfinished():
@@ -248,7 +248,7 @@ def test_slo_admission_limits_the_batch_and_refits_online(catalogue, tmp_path):
     assert engine.perf_model.decode_s(1, 8, 8) != pytest.approx(0.020, rel=1e-6)  # moved toward measured steps
     free = make_engine(catalogue)
     want = [r.output_ids for r in free.generate(["import os"] * 3, GREEDY, ["demo-r8", None, "demo-r64"])]
-    again = make_engine(catalogue, scheduler=SchedulerConfig(slo_ms=5.0, perf_model=str(path)))
+    again = make_engine(catalogue, scheduler=SchedulerConfig(slo_ms=0.3, perf_model=str(path)))
     assert [r.output_ids for r in again.generate(["import os"] * 3, GREEDY, ["demo-r8", None, "demo-r64"])] == want
 
 

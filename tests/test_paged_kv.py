@@ -212,9 +212,10 @@ def test_a_latency_law_with_prompt_token_terms_learns_from_mixed_steps(tmp_path)
     from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
 
     rng = np.random.default_rng(0)
-    dec = [(DecodeFeatures.of([16] * int(b), [int(t)], [16]), 0.002 + 1e-4 * b + 1e-5 * t)
-           for b, t in zip(rng.integers(1, 9, 40), rng.integers(0, 200, 40))]
-    pre = [(PrefillFeatures.of([int(t)], [16]), 0.001 + 1e-5 * t) for t in rng.integers(8, 200, 20)]
+    ranks = rng.choice([8, 16, 64], 40)  # two ranks at least, or no rank term can be fitted
+    dec = [(DecodeFeatures.of([int(r)] * int(b), [int(t)], [int(r)]), 0.002 + 1e-4 * b + 1e-5 * t)
+           for b, t, r in zip(rng.integers(1, 9, 40), rng.integers(0, 200, 40), ranks)]
+    pre = [(PrefillFeatures.of([int(t)], [int(r)]), 0.001 + 1e-5 * t) for t, r in zip(rng.integers(8, 200, 20), ranks)]
     model = PerfModel.fit(dec, pre, make_header("test", "tiny", "float32"))
     assert "tokens" in model.decode.terms
     path = tmp_path / "latency.json"

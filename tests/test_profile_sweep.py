@@ -3,6 +3,8 @@ engine, and a latency model fitted on them that prices a mixed step's prompt tok
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from caraserve.config import AdapterConfig, EngineConfig
@@ -50,6 +52,10 @@ def test_sweep_refuses_an_engine_that_would_skip_prompt_tokens():
     ("profile_decode.py", ["--ranks", "8,200"], "200 is above the largest rank bucket"),
     ("profile_decode.py", ["--out", "/proc/latency.json"], "cannot write in /proc"),
     ("profile_decode.py", ["--device", "tpu", "--out", "x.json"], "engine.device='tpu'"),
+    ("profile_decode.py", ["--ranks", "8"], "argument --ranks: give two values at least"),
+    ("profile_decode.py", ["--prompt-tokens", "16,100000", "--out", "x.json"],
+     "argument --prompt-tokens: 100000 tokens and the decode steps after them do not fit"),
+    ("profile_decode.py", ["--refit", "/nonexistent.json"], "argument --refit: /nonexistent.json is not a profile"),
     ("profile_cpu_lora.py", ["--threads", "0"], "argument --threads: 0 must be >= 1"),
     ("profile_cpu_lora.py", ["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
 ])
@@ -64,3 +70,25 @@ def test_profiling_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, ar
                           cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_refit_fits_a_profiles_raw_timings_again(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from caraserve.perf.model import PerfModel
+
+    root = Path(__file__).resolve().parents[1]
+    profile = shutil.copy(root / "profiles" / "cpu" / "tiny" / "latency.json", tmp_path / "latency.json")
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "profile_decode.py"), "--refit", str(profile),
+                           "--out", str(tmp_path / "again.json")], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "again.json").read_text())
+    before = json.loads(Path(profile).read_text())
+    assert again["raw"] == before["raw"] and "refit" in again["header"]
+    shipped, refitted = PerfModel.load(profile), PerfModel.load(tmp_path / "again.json")
+    assert refitted.decode_s(8, 32, 128) == pytest.approx(shipped.decode_s(8, 32, 128), rel=1e-9)

@@ -1,10 +1,17 @@
 """Linear laws over batch features: least-squares fits, selection among candidate feature sets by
 held-out error, and exponentially weighted sufficient statistics for online refits. The latency
 model (model.py) is built from these. Nothing here imports torch.
+
+Fits minimize relative error (each sample weighted by 1 / its time squared), the error the
+selection judges and the one an SLO check suffers: unweighted, a profile's long prefills
+(hundreds of ms) decide the law, and a short one's fixed cost vanishes into them. Every term
+is a cost, so none may come out negative (`nonneg_solve`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +70,39 @@ class FitReport:
                    tuple(d.get("candidates", ())))
 
 
+def nonneg_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """argmin over c >= 0 of |X c - y|^2, from X^T X and X^T y. Every term of a latency law is a
+    cost (a fixed part, per row, per rank, per token), so none may be negative: an unconstrained
+    fit of noisy or one-sided data (a single rank, short prompts) trades a negative term against
+    a too-large one and prices some batches at zero. Exact: the unconstrained solution when it is
+    nonnegative, else the best over the subsets of terms kept free (laws have a few terms)."""
+    k = len(xty)
+    coef = np.linalg.lstsq(xtx, xty, rcond=None)[0]
+    if np.all(coef >= 0):
+        return coef
+    best, best_obj = np.zeros(k), 0.0  # no term: the objective's constant part, |y|^2, left out
+    for size in range(1, k + 1):
+        for keep in itertools.combinations(range(k), size):
+            idx = list(keep)
+            sub = np.linalg.lstsq(xtx[np.ix_(idx, idx)], xty[idx], rcond=None)[0]
+            if np.any(sub < 0):
+                continue
+            obj = float(sub @ xtx[np.ix_(idx, idx)] @ sub - 2 * xty[idx] @ sub)
+            if obj < best_obj - 1e-15 * max(1.0, abs(best_obj)):
+                best, best_obj = np.zeros(k), obj
+                best[idx] = sub
+    return best
+
+
+def identifiable(x: np.ndarray) -> bool:
+    """Whether the samples (rows of the design matrix x) tell every term apart from the others:
+    one rank makes batch size and batch x rank the same column, one prompt length makes the fixed
+    part and the per-token one the same; such a term's coefficient is whatever the split of the
+    noise makes it."""
+    scaled = x / np.maximum(np.abs(x).max(axis=0), 1e-300)  # columns of one scale: the rank test's tolerance fits all
+    return x.shape[0] >= x.shape[1] and np.linalg.matrix_rank(scaled) == x.shape[1]
+
+
 def design(terms: Sequence[str], vectors: Sequence[Vector]) -> np.ndarray:
     return np.array([[TERMS[t](v) for t in terms] for v in vectors], dtype=np.float64)
 
@@ -73,16 +113,26 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
 
+def weighted_stats(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """X^T W X and X^T W y of samples (rows of x, times y > 0) with W = diag(1 / y^2)."""
+    xw = x / y[:, None]
+    return xw.T @ xw, xw.T @ np.ones_like(y)
+
+
 class LinearFit:
     """y = sum_k coef_k * term_k(v), with exponentially weighted sufficient statistics
-    (X^T W X and X^T W y) from which `observe` re-solves the coefficients, beside a fixed prior:
-    the offline fit's statistics scaled to PRIOR_SAMPLES observations."""
+    (X^T W X and X^T W y, W = 1 / y^2 per sample) from which `observe` re-solves the
+    coefficients, beside a fixed prior: the offline fit's statistics scaled to PRIOR_SAMPLES
+    observations."""
 
     def __init__(self, terms: Sequence[str], coef: Sequence[float], lo: Sequence[float], hi: Sequence[float],
                  xtx: np.ndarray, xty: np.ndarray, report: FitReport, prior: tuple | None = None):
         unknown = [t for t in terms if t not in TERMS]
         if unknown:
             raise ValueError(f"unknown term(s) {unknown}; known: {sorted(TERMS)}")
+        if len(coef) != len(terms) or not all(math.isfinite(c) for c in coef):
+            raise ValueError(f"coefficients {list(coef)} must be {len(terms)} finite numbers, one per term "
+                             f"{list(terms)}")
         self.terms = tuple(terms)
         self.coef = tuple(float(c) for c in coef)
         self.lo = [float(x) for x in lo]
@@ -103,17 +153,23 @@ class LinearFit:
     def from_samples(cls, terms: Sequence[str], vectors: Sequence[Vector], y: np.ndarray,
                      report: FitReport | None = None) -> LinearFit:
         x = design(terms, vectors)
-        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        xtx, xty = weighted_stats(x, y)
+        coef = nonneg_solve(xtx, xty)
         arr = np.array(vectors, dtype=np.float64)
         if report is None:
             report = FitReport(tuple(terms), _r2(y, x @ coef), float("nan"), len(y))
-        return cls(terms, coef, arr.min(axis=0), arr.max(axis=0), x.T @ x, x.T @ y, report)
+        return cls(terms, coef, arr.min(axis=0), arr.max(axis=0), xtx, xty, report)
 
     def predict(self, v: Vector) -> float:
         y = 0.0
         for c, f in zip(self.coef, self._fns):
             y += c * f(v)
         return y
+
+    def describe_law(self) -> str:
+        """The law in milliseconds, e.g. "3.2ms + 0.21ms*bs"."""
+        return " + ".join(f"{c * 1e3:.4g}ms*{t}" if t != "1" else f"{c * 1e3:.4g}ms"
+                          for t, c in zip(self.terms, self.coef))
 
     def uses(self, term: str) -> bool:
         return term in self.terms
@@ -128,10 +184,12 @@ class LinearFit:
         return all(self.lo[i] <= v[i] <= self.hi[i] for i in self._used)
 
     def observe(self, v: Vector, y: float, forgetting: float) -> None:
-        x = np.array([f(v) for f in self._fns], dtype=np.float64)
+        if not y > 0:
+            return
+        x = np.array([f(v) for f in self._fns], dtype=np.float64) / y
         self.xtx = forgetting * self.xtx + np.outer(x, x)
-        self.xty = forgetting * self.xty + x * y
-        coef = np.linalg.lstsq(self.xtx + self.prior_xtx, self.xty + self.prior_xty, rcond=None)[0]
+        self.xty = forgetting * self.xty + x
+        coef = nonneg_solve(self.xtx + self.prior_xtx, self.xty + self.prior_xty)
         self.coef = tuple(float(c) for c in coef)
         # What was observed has been measured, so it widens the range clamping trusts.
         self.lo = [min(a, b) for a, b in zip(self.lo, v)]
@@ -141,12 +199,15 @@ class LinearFit:
     def to_dict(self) -> dict:
         return {"terms": list(self.terms), "coef": list(self.coef),
                 "lo": dict(zip(VARS, self.lo)), "hi": dict(zip(VARS, self.hi)),
-                "xtx": self.xtx.tolist(), "xty": self.xty.tolist(), "observed": self.observed,
+                "weights": "relative", "xtx": self.xtx.tolist(), "xty": self.xty.tolist(), "observed": self.observed,
                 "prior_xtx": self.prior_xtx.tolist(), "prior_xty": self.prior_xty.tolist(),
                 "report": self.report.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LinearFit:
+        if d.get("weights") != "relative":
+            raise ValueError("the fit's statistics are unweighted (written before fits minimized relative error): "
+                             "refit its profile with scripts/profile_decode.py --refit FILE")
         prior = (np.array(d["prior_xtx"]), np.array(d["prior_xty"])) if "prior_xtx" in d else None
         fit = cls(d["terms"], d["coef"], [d["lo"][k] for k in VARS], [d["hi"][k] for k in VARS],
                   np.array(d["xtx"]), np.array(d["xty"]), FitReport.from_dict(d["report"]), prior)
@@ -172,12 +233,15 @@ def select_fit(vectors: Sequence[Vector], seconds: Sequence[float], candidates: 
         if len(train) < len(terms) + 1:
             continue
         x_tr = design(terms, [vectors[i] for i in train])
-        coef = np.linalg.lstsq(x_tr, y[train], rcond=None)[0]
+        if not identifiable(design(terms, vectors)):
+            continue
+        coef = nonneg_solve(*weighted_stats(x_tr, y[train]))
         pred = design(terms, [vectors[i] for i in test]) @ coef
         err = float(np.mean(np.abs(pred - y[test]) / y[test]))
         tried.append({"terms": list(terms), "heldout_rel_err": err, "r2_train": _r2(y[train], x_tr @ coef)})
     if not tried:
-        raise ValueError(f"{n} samples are too few to fit and test any of {list(candidates)}")
+        raise ValueError(f"{n} samples are too few, or too alike (one rank, one prompt length), to fit and test "
+                         f"any of {list(candidates)}")
     best = min(c["heldout_rel_err"] for c in tried)
     ok = [c for c in tried if c["heldout_rel_err"] <= best * (1 + PARSIMONY_REL) + PARSIMONY_ABS]
     chosen = min(ok, key=lambda c: (len(c["terms"]), c["heldout_rel_err"]))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from caraserve.config_checks import ConfigError
-from caraserve.perf.linear_fit import FitReport, LinearFit, Vector, design, select_fit
+from caraserve.perf.linear_fit import FitReport, LinearFit, Vector, design, nonneg_solve, select_fit, weighted_stats
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,9 @@ class PerfModel:
         fits = []
         for terms, coef, grid in ((decode_terms, decode_coef, dec), (prefill_terms, prefill_coef, pre)):
             x = design(terms, grid)
-            y = x @ coef
             arr = np.array(grid, dtype=np.float64)
             report = FitReport(terms, 1.0, 0.0, len(grid))
-            fits.append(LinearFit(terms, coef, arr.min(axis=0), arr.max(axis=0), x.T @ x, x.T @ y, report))
+            fits.append(LinearFit(terms, coef, arr.min(axis=0), arr.max(axis=0), *weighted_stats(x, x @ coef), report))
         header = make_header("A100-80GB (paper-calibrated, not measured)", "Llama-2-7B", "float16",
                              source="linear(paper-like)")
         return cls(fits[0], fits[1], header, clamp=clamp, forgetting=forgetting)
@@ -270,8 +269,7 @@ class PerfModel:
     def describe(self) -> str:
         parts = []
         for name, fit in (("decode", self.decode), ("prefill", self.prefill)):
-            law = " + ".join(f"{c * 1e3:.4g}ms*{t}" if t != "1" else f"{c * 1e3:.4g}ms"
-                             for t, c in zip(fit.terms, fit.coef))
+            law = fit.describe_law()
             quality = f"R^2 {fit.report.r2:.3f}, held-out err {fit.report.heldout_rel_err:.1%}"
             if fit.observed:  # the offline fit's figures no longer describe these coefficients
                 quality = f"refit on {fit.observed} steps since the profile ({quality} before)"
@@ -288,9 +286,17 @@ class PerfModel:
         for key in ("header", "decode", "prefill"):
             if key not in d:
                 raise ValueError(f"not a perf model: no {key!r} key")
-        return cls(LinearFit.from_dict(d["decode"]), LinearFit.from_dict(d["prefill"]), d["header"],
-                   clamp=bool(d.get("clamp", False)), forgetting=float(d.get("forgetting", 0.99)),
-                   rank_buckets=d.get("rank_buckets", ()))
+        if not isinstance(d.get("clamp", False), bool):
+            raise ValueError(f"clamp={d['clamp']!r} must be true or false")
+        fits = [LinearFit.from_dict(d[phase]) for phase in ("decode", "prefill")]
+        for phase, fit in zip(("decode", "prefill"), fits):
+            if any(c < 0 for c in fit.coef):  # an unconstrained fit (an older profile): refit within the law
+                before = fit.describe_law()
+                fit.coef = tuple(float(c) for c in nonneg_solve(fit.xtx, fit.xty))
+                log.warning("perf model: the %s law %s has a negative term; refitted from its samples to %s",
+                            phase, before, fit.describe_law())
+        return cls(fits[0], fits[1], d["header"], clamp=d.get("clamp", False),
+                   forgetting=float(d.get("forgetting", 0.99)), rank_buckets=d.get("rank_buckets", ()))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -58,10 +58,10 @@ class Engine:
             if dev != "cpu" and int(dev) >= torch.cuda.device_count():
                 raise ConfigError(f"model.max_memory_bytes: CUDA device {dev} does not exist (this machine has "
                                   f"{torch.cuda.device_count()})")
-        # the files the settings name, read before the model: a bad one is a ConfigError, not a
-        # traceback once the model has loaded
+        # files the settings name, read before the model: a bad one is a ConfigError, not a late traceback
         path = cfg.scheduler.perf_model
-        self.perf_model = PerfModel.load(path, "scheduler.perf_model") if path else None
+        self.perf_model = PerfModel.load(path, "scheduler.perf_model", self.device.type,
+                                         cfg.model.path) if path else None
         ca = cfg.cpu_assist
         thread_plan = ThreadPlan.load(ca.plan_file, ca.threads) if ca.mode != "off" else None
         if model is None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from caraserve.cpu_assist.thread_plan import DEFAULT_PLAN
+from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.profiling.cli_args import output_file, positive_int, positive_ints
 from caraserve.profiling.cpu_lora import sweep
 
@@ -65,10 +67,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--out", type=output_file, default=str(DEFAULT_PLAN))
     args = ap.parse_args()
-    if args.budget_ms is not None and not args.budget_ms > 0:
-        ap.error(f"argument --budget-ms: {args.budget_ms} must be > 0")
+    if args.budget_ms is not None and not 0 < args.budget_ms < math.inf:
+        ap.error(f"argument --budget-ms: {args.budget_ms} must be a number of milliseconds > 0")
+    tokens, ranks, threads = sorted(set(args.tokens)), sorted(set(args.ranks)), sorted(set(args.threads))
+    need = 4 * args.hidden * (args.hidden + 2 * max(ranks) + 2 * max(tokens))  # weights, adapter, x and y
+    if need > usable_memory_bytes():
+        ap.error(f"argument --hidden: {args.hidden} needs {need / 2**30:.1f} GiB, more than this process may use")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tokens, ranks, threads = sorted(args.tokens), sorted(args.ranks), sorted(args.threads)
     with tqdm(total=len(tokens) * len(ranks) * len(threads), desc="cpu lora sweep", file=sys.stderr) as bar:
         result = sweep(args.hidden, tokens, ranks, threads, args.repeats,
                        None if args.budget_ms is None else args.budget_ms / 1e3, bar)

@@ -5,8 +5,9 @@
 
 Builds a random-weight model of the shape on the device (as bench_decode_floor.py does), fills a
 batch of requests past their prefill, then profiles `--steps` engine steps and prints the wall
-time per step, the host time per step outside torch ops (Python, scheduling, sampling), and the
-ops that take the most device (or, on CPU, host) time. `--trace` writes a Chrome trace.
+time per step, the host time per step inside torch ops (the rest of a step's host time is
+Python: scheduling, the step's inputs, sampling), and the ops that take the most device (or,
+on CPU, host) time. `--trace` writes a Chrome trace.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main():
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
     if args.trace:
-        prof.export_chrome_trace(args.trace)
+        prof.export_chrome_trace(str(args.trace))  # (torch's exporter takes a str, not a Path)
 
 
 if __name__ == "__main__":

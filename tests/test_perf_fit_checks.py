@@ -98,3 +98,12 @@ def test_a_loaded_negative_term_is_refitted_from_the_profiles_samples(tmp_path, 
     assert all(c >= 0 for c in model.prefill.coef) and "refitted from its samples" in caplog.text
     want = PerfModel.linear().prefill_s(1, 256, 64, 256 * 64)
     assert model.prefill_s(1, 256, 64, 256 * 64) == pytest.approx(want, rel=1e-6)
+
+
+def test_a_profile_of_another_device_or_model_is_warned_about(tmp_path, caplog):
+    PerfModel.linear().save(tmp_path / "p.json")  # its header: Llama-2-7B on an A100
+    PerfModel.load(tmp_path / "p.json", "scheduler.perf_model", "cpu", "/models/tiny")
+    assert "was measured for Llama-2-7B on A100" in caplog.text and "not for /models/tiny on cpu" in caplog.text
+    caplog.clear()
+    PerfModel.load(tmp_path / "p.json", "scheduler.perf_model", "cuda", "/models/Llama-2-7B")
+    assert "was measured" not in caplog.text

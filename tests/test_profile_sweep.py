@@ -57,6 +57,8 @@ def test_sweep_refuses_an_engine_that_would_skip_prompt_tokens():
      "argument --prompt-tokens: 100000 tokens and the decode steps after them do not fit"),
     ("profile_decode.py", ["--refit", "/nonexistent.json"], "argument --refit: /nonexistent.json is not a profile"),
     ("profile_cpu_lora.py", ["--threads", "0"], "argument --threads: 0 must be >= 1"),
+    ("profile_cpu_lora.py", ["--budget-ms", "inf"], "argument --budget-ms: inf must be a number of milliseconds"),
+    ("profile_cpu_lora.py", ["--hidden", "10000000"], "argument --hidden: 10000000 needs"),
     ("profile_cpu_lora.py", ["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
 ])
 def test_profiling_scripts_refuse_bad_arguments_in_one_line(tmp_path, script, args, says):

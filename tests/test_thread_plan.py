@@ -32,6 +32,11 @@ def test_sweep_plan_round_trip(tmp_path):
     assert ThreadPlan.load(str(path), threads=1).threads_for(32, 16) == 1  # capped by the workers
 
 
+def test_a_sweep_without_one_thread_rates_a_thread_from_the_fewest_measured():
+    result = sweep(64, [4, 16, 16], [4], [2], repeats=1, budget_s=None)
+    assert result["plan"]["gflops_per_thread"] > 0 and result["header"]["dtype"] == "float32"
+
+
 def test_missing_plan_file_is_an_error_and_default_otherwise(tmp_path):
     with pytest.raises(ConfigError, match="plan_file=.*nope.json: no such file"):
         ThreadPlan.load(str(tmp_path / "nope.json"), threads=1)

@@ -302,16 +302,24 @@ class PerfModel:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path, key: str = "perf_model") -> PerfModel:
+    def load(cls, path: str | Path, key: str = "perf_model", device_type: str = "", model: str = "") -> PerfModel:
         """The model in a JSON file: bare (`save`), or the "model" entry of the profile
         scripts/profile_decode.py writes beside its raw timings. A missing or malformed file is a
-        ConfigError naming the setting `key` that gave the path."""
+        ConfigError naming the setting `key` that gave the path. device_type ("cpu", "cuda") and
+        model (its folder): what the model will price; a profile of another is warned about."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls.from_dict(data["model"] if isinstance(data, dict) and "decode" not in data and "model" in data
-                                 else data)
+            loaded = cls.from_dict(data["model"] if isinstance(data, dict) and "decode" not in data and "model" in data
+                                   else data)
         except FileNotFoundError:
             raise ConfigError(f"{key}={path}: no such file") from None
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise ConfigError(f"{key}={path}: not a latency model written by scripts/profile_decode.py "
                               f"({type(e).__name__}: {e})") from None
+        measured_on = "cpu" if loaded.header["device"] == "cpu" else "cuda"
+        other = (device_type and measured_on != device_type) or (model and Path(str(loaded.header["model"])).name
+                                                                  != Path(model).name)
+        if other:
+            log.warning("%s=%s was measured for %s on %s, not for %s on %s: its predictions are that machine's",
+                        key, path, loaded.header["model"], loaded.header["device"], model, device_type)
+        return loaded

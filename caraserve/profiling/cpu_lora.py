@@ -62,12 +62,14 @@ def sweep(hidden: int, tokens: list[int], ranks: list[int], threads: list[int], 
     finally:
         for p in pools.values():
             p.shutdown()
-    single = [row["gflops"] for row in rows if row["threads"] == 1]
+    fewest = min(threads)  # one thread's rate, from the runs on the fewest threads measured
+    per_thread = [row["gflops"] / fewest for row in rows if row["threads"] == fewest]
     return {
         "header": {"device": "cpu", "cpu": cpu_name(), "torch": torch.__version__,
+                   "model": f"a {hidden} x {hidden} projection", "dtype": "float32",
                    "intra_op_threads": torch.get_num_threads(), "hidden": hidden,
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        "plan": {"gflops_per_thread": statistics.median(single), "tokens": tokens, "ranks": ranks, "threads": plan,
+        "plan": {"gflops_per_thread": statistics.median(per_thread), "tokens": tokens, "ranks": ranks, "threads": plan,
                  "budget": "base projection time" if budget_s is None else f"{budget_s * 1e3:.3f} ms"},
         "measurements": rows,
     }

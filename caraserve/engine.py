@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -35,6 +36,7 @@ from caraserve.request import (
     RequestOutput,
     RequestState,
     SamplingParams,
+    batch_inputs,
     check_limits,
     prompt_ids,
 )
@@ -357,24 +359,17 @@ class Engine:
         self._requests.pop(req.request_id, None)
 
     # ---- conveniences ---------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: list[str | list[int]],
-        params: SamplingParams | list[SamplingParams] | None = None,
-        adapters: list[str | None] | None = None,
-    ) -> list[Request]:
-        """Runs prompts to completion; returns the finished requests in input order. Lists of
-        other lengths than the prompts' or a refused prompt raise before any runs; a step that
+    def generate(self, prompts: list[str | list[int]] | str | list[int],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | str | None = None) -> list[Request]:
+        """Runs prompts to completion; returns the finished requests in input order (arguments as
+        request.batch_inputs takes them). A refused prompt raises before any runs; a step that
         raises aborts the requests (none stays queued for the next caller)."""
-        n = len(prompts)
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
-        adapters = adapters or [None] * n
-        if not len(params_list) == len(adapters) == n:
-            raise ValueError(f"generate: {n} prompts but {len(params_list)} params and {len(adapters)} adapters")
         reqs: list[Request] = []
         try:
-            for p, sp, a in zip(prompts, params_list, adapters):
-                reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
+            for p, sp, a in zip(*batch_inputs(prompts, params, adapters)):
+                with self._lock:  # another thread's step may end and forget it once the lock is free
+                    reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
             while any(not r.finished for r in reqs):
                 if not self.step() and self.scheduler.stalled():
                     time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
@@ -383,18 +378,23 @@ class Engine:
                 self.abort(r.request_id)  # (a finished one is left alone)
         return reqs
 
-    def stream(
-        self, prompt, params: SamplingParams | None = None, adapter: str | None = None
-    ) -> Iterator[RequestOutput]:
-        """Adds one request and yields its outputs as they come, stepping the engine; closing the
-        generator early (or a step that raises) aborts the request."""
-        rid = self.add_request(prompt, params, adapter)
+    def stream(self, prompt, params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
+        """Adds one request and yields its outputs as they come, stepping the engine; outputs made
+        by another caller's step (streams in other threads) reach it too. Closing the generator
+        early (or a step that raises) aborts the request."""
+        with self._lock:
+            rid = self.add_request(prompt, params, adapter)
+            mine = self.outputs.watched[rid] = collections.deque()
         try:
             while True:
-                for out in self.step():
-                    if out.request_id == rid:
-                        yield out
-                        if out.finished:
-                            return
+                while mine:
+                    out = mine.popleft()
+                    yield out
+                    if out.finished:
+                        return
+                if not self.step() and self.scheduler.stalled():
+                    time.sleep(0.001)
         finally:
+            self.outputs.watched.pop(rid, None)
             self.abort(rid)

@@ -7,6 +7,7 @@ RequestOutput snapshots the engine hands to its callers.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 from caraserve.request import FinishReason, Request, RequestOutput
@@ -18,6 +19,9 @@ class OutputProcessor:
         self.eos_ids = eos_ids
         self.max_seq_len = max_seq_len
         self._decode_batch = self._batch_decoder(tokenizer)
+        # request id -> the outputs made for it, in order, for a reader other than the stepping
+        # caller (Engine.stream): whoever's step makes an output, its stream gets it
+        self.watched: dict[str, collections.deque] = {}
 
     @staticmethod
     def _batch_decoder(tokenizer):
@@ -162,9 +166,8 @@ class OutputProcessor:
         sent, req.text_sent = req.text_sent, max(req.text_sent, end)
         return reason, req.text[sent:end]
 
-    @staticmethod
-    def output(req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
-        return RequestOutput(
+    def output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+        out = RequestOutput(
             req.request_id, new_ids, list(req.output_ids), req.finished, req.finish_reason, req.text, new_text,
             error=req.error, error_cause=req.error_cause,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
@@ -177,6 +180,12 @@ class OutputProcessor:
             cached_tokens=req.cached_tokens,
             stop_reason=req.stop_reason,
         )
+        watcher = self.watched.get(req.request_id)
+        if watcher is not None:
+            watcher.append(out)
+            if out.finished:  # the last one: the watch ends even if its reader stops asking here
+                del self.watched[req.request_id]
+        return out
 
 
 def stop_prefix_len(text: str, stops, unsent: int | None = None) -> int:

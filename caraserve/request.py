@@ -195,6 +195,29 @@ def choice_seed(seed: int | None, i: int) -> int | None:
     return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
 
 
+def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams], list[str | None]]:
+    """Engine.generate's arguments as lists of one entry per prompt, taken as vLLM's LLM.generate
+    takes them: one prompt (a str, or a list of token ids) or a list of prompts; one
+    SamplingParams (None: the defaults) for all, or a list of one per prompt; one adapter name
+    (None: the base model) for all, or a list of one per prompt. Else a TypeError or ValueError."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(map(_is_int, prompts))):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those, not {type(prompts).__name__}")
+    n = len(prompts)
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * n
+    elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError(f"params must be a SamplingParams or a list of one per prompt, not {type(params).__name__}")
+    if adapters is None or isinstance(adapters, str):
+        adapters = [adapters] * n
+    elif not isinstance(adapters, (list, tuple)) or not all(a is None or isinstance(a, str) for a in adapters):
+        raise TypeError("adapters must be an adapter's name (None: the base model) or a list of one per prompt")
+    if not len(params) == len(adapters) == n:
+        raise ValueError(f"generate: {n} prompts but {len(params)} params and {len(adapters)} adapters")
+    return list(prompts), list(params), list(adapters)
+
+
 def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
     """Refuses (RequestError naming the field) sampling parameters beyond the limits `lim`
     (config.LimitsConfig) or a vocabulary of `vocab` tokens, or that leave no token to sample

@@ -85,3 +85,48 @@ def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
     assert "n=17 is more than limits.max_n=16" in by_id["many"]["error"]
     assert len(by_id["top"]["choices"]) == 2
     assert summary.requests == 8 and summary.errors == 2 and summary.output_tokens == 6 * 3 + 6 + 2 * 6 + 3 * 6
+
+
+def test_generate_takes_one_prompt_one_params_and_one_adapter_as_vllm_does(engine):
+    short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    (one,) = engine.generate("import os", short, "demo-r32")  # a str is one prompt, not one per character
+    (ids,) = engine.generate(list(one.prompt_ids), short, "demo-r32")  # so is a list of token ids
+    listed = engine.generate(["import os", "x = 1"], (short, short), "demo-r32")
+    assert one.output_ids == ids.output_ids == listed[0].output_ids
+    for bad, says in (({"max_tokens": 4}, "params must be a SamplingParams"), ([short, "x"], "params must be"),):
+        with pytest.raises(TypeError, match=says):
+            engine.generate(["a"], bad)
+    with pytest.raises(TypeError, match="adapters must be"):
+        engine.generate(["a"], short, 8)
+
+
+def test_streams_read_together_each_get_every_output_of_their_own(engine):
+    """Two streams advanced in turn (or from two threads): each step serves both, and each
+    stream gets all of its tokens, whichever of them stepped."""
+    import threading
+
+    prompts, adapters = [list(range(10, 30)), list(range(40, 55))], ["demo-r32", None]
+    want = [r.output_ids for r in engine.generate(prompts, SP, adapters)]
+    a, b = (engine.stream(p, SP, ad) for p, ad in zip(prompts, adapters))
+    got = {0: [], 1: []}
+    live = {0: a, 1: b}
+    while live:
+        for i, gen in list(live.items()):
+            out = next(gen)
+            got[i] += out.new_token_ids
+            if out.finished:
+                del live[i]
+    assert [got[0], got[1]] == want
+
+    threaded = {}
+
+    def consume(i):
+        threaded[i] = [t for out in engine.stream(prompts[i], SP, adapters[i]) for t in out.new_token_ids]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and [threaded[0], threaded[1]] == want
+    assert not engine.outputs.watched and not engine.has_unfinished()

@@ -18,6 +18,7 @@ from typing import Any
 from caraserve.config_checks import (  # noqa: F401  (ConfigError, check_keys, unknown_key: re-exported)
     ConfigError,
     _check,
+    check_fields,
     check_keys,
     dataclass_from_dict,
     show,
@@ -45,6 +46,7 @@ class ModelConfig:
     max_memory_bytes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
+        check_fields(self, "model")
         _check(bool(self.path), "model.path must not be empty")
         _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
         for dev, budget in self.max_memory_bytes.items():
@@ -83,6 +85,7 @@ class AdapterConfig:
     resolve_dirs: tuple[str, ...] = ()
 
     def __post_init__(self):
+        check_fields(self, "adapters")
         bad = [m for m in self.target_modules if m not in LORA_TARGETS]
         _check(not bad and len(self.target_modules) > 0,
                f"adapters.target_modules={self.target_modules} must be a non-empty subset of {LORA_TARGETS}")
@@ -127,6 +130,7 @@ class CpuAssistConfig:
     pipeline_layers: int = 0
 
     def __post_init__(self):
+        check_fields(self, "cpu_assist")
         if isinstance(self.mode, bool):  # YAML 1.1 reads a bare off/on as a boolean
             object.__setattr__(self, "mode", "on" if self.mode else "off")
         _check(self.mode in ("off", "on", "auto"), f"cpu_assist.mode={self.mode!r} must be off|on|auto")
@@ -163,6 +167,7 @@ class SchedulerConfig:
     mixed_steps: bool = True
 
     def __post_init__(self):
+        check_fields(self, "scheduler")
         _check(self.slo_ms >= 0, f"scheduler.slo_ms={self.slo_ms} must be >= 0")
         _check(self.max_passed_over >= 0, f"scheduler.max_passed_over={self.max_passed_over} must be >= 0")
         _check(not (self.slo_ms > 0 and not self.perf_model),
@@ -199,6 +204,7 @@ class LimitsConfig:
     max_prompts: int = 64
 
     def __post_init__(self):
+        check_fields(self, "limits")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check(value >= 0, f"limits.{f.name}={value} must be >= 0")
@@ -242,6 +248,9 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.model, str):  # EngineConfig(model="/models/x"), as vLLM's LLM(model=...)
+            object.__setattr__(self, "model", ModelConfig(path=self.model))
+        check_fields(self, "engine")
         # (the upper bounds: far past any machine, and inside the int32/int64 the kernels take)
         _check(1 <= self.max_batch_size <= 2**20, f"engine.max_batch_size={self.max_batch_size} must be in 1..2^20")
         _check(2 <= self.max_seq_len <= 2**30, f"engine.max_seq_len={self.max_seq_len} must be in 2..2^30")
@@ -316,6 +325,7 @@ class ServerConfig:
     chat_template: str = ""  # a Jinja file, or the template itself; "" = the tokenizer's own
 
     def __post_init__(self):
+        check_fields(self, "server")
         _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")

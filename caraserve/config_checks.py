@@ -152,3 +152,12 @@ def dataclass_from_dict(cls, data: Mapping[str, Any] | None, where: str):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     check_keys(data, names, where)
     return cls(**{name: check_type(value, hints[name], _join(where, name)) for name, value in data.items()})
+
+
+def check_fields(obj, where: str) -> None:
+    """Every field of the frozen dataclass `obj` checked against its annotation and stored as
+    check_type converts it: a config built in Python (`EngineConfig(max_batch_size="8")`, a
+    nested section given as a mapping) is checked as one read from YAML, naming the key."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, check_type(getattr(obj, f.name), hints[f.name], _join(where, f.name)))

@@ -311,3 +311,20 @@ def test_help_shows_the_entry_points_own_sections_only(args, usage, sections, tm
     assert p.stdout.startswith(f"usage: {usage} [section.key=value ...]")
     top = {line.split(":")[0] for line in p.stdout.splitlines()[1:] if re.match(r"^[a-z_]+:", line)}
     assert top == sections
+
+
+def test_a_config_built_in_python_is_checked_as_one_read_from_yaml():
+    """EngineConfig(model=path) as vLLM's LLM(model=path); a section given as a mapping is read as
+    that section; a value of the wrong type is a ConfigError naming the key, not a TypeError or
+    an AttributeError deep in the engine."""
+    assert EngineConfig(model="/models/x").model == ModelConfig(path="/models/x")
+    assert EngineConfig(adapters={"dir": "none", "device_slots": 2}).adapters.device_slots == 2
+    assert EngineConfig(max_batch_size=8.0).max_batch_size == 8
+    for kw, says in ((dict(max_batch_size="8"), "engine.max_batch_size='8' must be an integer"),
+                     (dict(adapters={"dri": "x"}), "did you mean engine.adapters.dir"),
+                     (dict(model=5), "engine.model=5 must be a mapping"),
+                     (dict(compile=3), "engine.compile='3' must be auto|true|false")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            EngineConfig(**kw)
+    with pytest.raises(ConfigError, match=re.escape("adapters.device_slots='2' must be an integer")):
+        AdapterConfig(device_slots="2")

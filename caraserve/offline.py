@@ -34,6 +34,7 @@ class OfflineSummary:
     output_tokens: int
     seconds: float
     blank_lines: int = 0  # skipped, not requests
+    interrupted: bool = False  # stopped by KeyboardInterrupt (Ctrl-C, or SIGTERM as generate.py maps it)
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,7 +139,8 @@ class LineError(ValueError):
 def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict], OfflineSummary]:
     """Runs every line through the engine at once (continuous batching does the rest). Every
     non-blank line gets a result line, in input order: a bad line or a request the engine failed
-    gets {"id", "error"}, and nothing stops the others."""
+    gets {"id", "error"}, and nothing stops the others. Interrupted (KeyboardInterrupt) while the
+    requests run, it returns what finished and an error for the others, and aborts them."""
     results: list[dict | None] = []
     pending: dict[str, tuple[int, int]] = {}  # engine request id -> (output index, completion index)
     parts: dict[int, tuple[object, list[dict | None]]] = {}  # output index -> (user id, its completions)
@@ -161,12 +163,18 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
     if progress is not None:
         progress.reset(total=len(results))
         progress.update(len(results) - len(parts))
-    tokens = 0
+    tokens, interrupted = 0, False
     while pending:
         try:
             outs = engine.step()
         except Exception as e:  # the engine as a whole failed: every pending request says so
             outs = engine.fail_all(f"engine failed: {type(e).__name__}: {e}")
+        except KeyboardInterrupt:
+            interrupted = True
+            for rid, (pos, _) in pending.items():
+                engine.abort(rid)
+                results[pos] = {"id": parts[pos][0], "error": "interrupted before it finished"}
+            break
         if not outs and engine.scheduler.stalled():
             time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
         for out in outs:
@@ -185,7 +193,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                 results[pos] = {"id": parts[pos][0], "error": "the engine dropped this request"}
             break
     errors = sum(1 for r in results if "error" in r)
-    return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank)
+    return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank, interrupted)
 
 
 def _add(engine, kwargs: dict, user_id, number: int) -> list[str]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -149,7 +150,19 @@ def main(cfg: DictConfig) -> None:
     blank = f", {summary.blank_lines} blank lines skipped" if summary.blank_lines else ""
     print(f"{summary.requests} requests ({summary.errors} errors{blank}), {summary.output_tokens} tokens in "
           f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    if summary.interrupted:
+        print("interrupted: the requests that had finished are written, the others as errors", file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a batch scheduler's stop, taken as Ctrl-C: the finished lines are written
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.exit(run(main))
+    except KeyboardInterrupt:
+        print("interrupted before the requests ran: nothing written", file=sys.stderr)
+        sys.exit(130)

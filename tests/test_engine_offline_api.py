@@ -87,6 +87,29 @@ def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
     assert summary.requests == 8 and summary.errors == 2 and summary.output_tokens == 6 * 3 + 6 + 2 * 6 + 3 * 6
 
 
+def test_an_interrupted_offline_job_keeps_what_finished(engine, monkeypatch):
+    """Ctrl-C (or SIGTERM, which scripts/generate.py takes as one) while the requests run: the
+    lines that finished keep their results, the others say they were interrupted, and nothing
+    stays in the engine."""
+    free = engine.kv.free_blocks
+    lines = [json.dumps({"id": i, "prompt_token_ids": [5 + i, 6, 7], "max_tokens": 2 if i < 2 else 60,
+                         "ignore_eos": True}) for i in range(5)]
+    real_step, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    results, summary = run_offline(engine, lines)
+    assert summary.interrupted and summary.requests == 5
+    assert [("text" in r) for r in results] == [True, True, False, False, False]
+    assert all(r["error"] == "interrupted before it finished" for r in results[2:])
+    assert_empty(engine, free)
+
+
 def test_generate_takes_one_prompt_one_params_and_one_adapter_as_vllm_does(engine):
     short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     (one,) = engine.generate("import os", short, "demo-r32")  # a str is one prompt, not one per character

@@ -103,10 +103,14 @@ def read_lines(path: Path) -> list[str]:
     """The input's lines, split at "\\n" only (JSON strings may hold U+2028 and other characters
     Python's splitlines also breaks at), after a UTF-8 byte order mark if the file starts with
     one. A line that is not UTF-8 keeps its bytes as lone surrogates, so it fails alone, naming
-    itself, as any bad line does."""
-    if not path.is_file():
+    itself, as any bad line does. A pipe (input=/dev/stdin, a FIFO) is read to its end."""
+    if path.is_dir() or not path.exists():
         raise ConfigError(f"input={path}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
-    lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape").split("\n")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"input={path}: cannot be read ({e.strerror or e})") from None
+    lines = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape").split("\n")
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 

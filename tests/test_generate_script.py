@@ -85,6 +85,19 @@ def test_results_on_stdout_are_jsonl_alone_and_a_numeric_file_name_is_a_path(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["123", "out.jsonl"]
 
 
+def test_an_input_piped_in_is_read(tmp_path):
+    """input=/dev/stdin (a pipe, as `cat lines.jsonl | generate.py input=/dev/stdin` makes it)
+    is read to its end; it was refused as "no such file" (not a regular file)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    line = '{"id": "p", "prompt": "x", "max_tokens": 2}\n'
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "progress=false",
+                           "engine.compile=false", "input=/dev/stdin"], input=line,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["id"] == "p" and len(row["token_ids"]) == 2
+
+
 def test_an_output_that_is_a_link_or_a_fifo_is_written_through_not_replaced(tmp_path):
     """As `> path`: a symlink's target gets the results (the link stays), and a FIFO is written
     into (it stays a FIFO); only a regular file is replaced by the finished results."""

@@ -255,7 +255,7 @@ class Engine:
             if req is None or req.finished:
                 return None
             self._finish(req, FinishReason.ABORT)
-            return self.outputs.output(req, [], "")
+            return self.outputs.aborted(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

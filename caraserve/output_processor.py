@@ -132,6 +132,15 @@ class OutputProcessor:
                 outs.append(self.output(r, list(r.output_ids), r.text))
         return outs
 
+    def aborted(self, req: Request) -> RequestOutput:
+        """The output of a request just aborted: what it has, as its last output; a final-only
+        request's (whose text was not decoded as it went) with all its tokens and its text."""
+        if not req.final_only:
+            return self.output(req, [], "")
+        if not req.params.stop:
+            self.decode_all(req, FinishReason.ABORT)
+        return self.output(req, list(req.output_ids), req.text)
+
     def decode_all(self, req: Request, reason: FinishReason) -> None:
         """Sets the request's text to its whole output decoded at once (what the incremental
         windows add up to), for a request that was not detokenized token by token and ends for

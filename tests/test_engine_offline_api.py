@@ -153,3 +153,13 @@ def test_streams_read_together_each_get_every_output_of_their_own(engine):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads) and [threaded[0], threaded[1]] == want
     assert not engine.outputs.watched and not engine.has_unfinished()
+
+
+def test_aborting_a_final_only_request_gives_its_tokens_and_their_text(engine):
+    rid = engine.add_request("import os", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                             final_only=True)
+    for _ in range(6):
+        engine.step()
+    out = engine.abort(rid)
+    assert out.finished and len(out.output_ids) >= 4 and out.new_token_ids == out.output_ids
+    assert out.text and out.text == engine.tokenizer.decode(out.output_ids, skip_special_tokens=True)

@@ -95,7 +95,9 @@ class AdapterCatalog:
         """Refuses (RequestError) an adapter that is not registered and cannot be resolved, or
         whose weights were refused when first read."""
         if name not in self.store and not self.resolve(name):
-            raise RequestError(f"unknown adapter {name!r}")
+            refused = self.errors.get(name)
+            raise RequestError(f"unknown adapter {name!r}" + (f": its folder was refused at start ({refused})"
+                                                              if refused else ""))
         why = self.store.broken(name)
         if why is not None:
             raise RequestError(f"adapter {name!r} cannot be used ({without_name(why, name)})")

@@ -76,3 +76,17 @@ def test_a_full_registry_is_a_503_for_a_tenant_found_on_first_use(tmp_path):
     error = full.json()["error"]
     assert error["type"] == "adapter_capacity" and "adapters.max_registered" in error["message"]
     assert 'caraserve_requests_total{status="rejected_adapter_capacity"} 1.0' in metrics
+
+
+def test_a_request_for_an_adapter_refused_at_start_says_why(tmp_path):
+    import pytest
+
+    from caraserve.request import RequestError
+
+    write_random_adapter(tmp_path / "good", 8, 16, ["q_proj", "v_proj"], seed=1)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64,
+                                 adapters=AdapterConfig(dir=str(tmp_path))))
+    with pytest.raises(RequestError, match=r"unknown adapter 'broken': its folder was refused at start \(.*json"):
+        engine.add_request("x", None, "broken")

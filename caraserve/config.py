@@ -10,6 +10,7 @@ caraserve/config_checks.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.model, str):  # EngineConfig(model="/models/x"), as vLLM's LLM(model=...)
+        if isinstance(self.model, (str, os.PathLike)):  # EngineConfig(model="/models/x"), as vLLM's LLM(model=...)
             object.__setattr__(self, "model", ModelConfig(path=self.model))
         check_fields(self, "engine")
         # (the upper bounds: far past any machine, and inside the int32/int64 the kernels take)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -103,20 +105,23 @@ def check_type(value: Any, tp: Any, key: str) -> Any:
             refuse()
         return value
     if tp is int:
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
             return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             refuse()
-        return value
+        return int(value)  # (a numpy integer too)
     if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             refuse()
         return float(value)
     if tp is str:
         # An int is taken as its digits (an API key or a name may be all digits, and Hydra reads
-        # a bare 12345 as an int); a float or a bool would not round-trip, so it is refused.
+        # a bare 12345 as an int); a float or a bool would not round-trip, so it is refused. A
+        # path object (pathlib.Path) is its path.
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if not isinstance(value, str):
             refuse()
         return value

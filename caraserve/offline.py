@@ -164,34 +164,37 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
         progress.reset(total=len(results))
         progress.update(len(results) - len(parts))
     tokens, interrupted = 0, False
-    while pending:
-        try:
-            outs = engine.step()
-        except Exception as e:  # the engine as a whole failed: every pending request says so
-            outs = engine.fail_all(f"engine failed: {type(e).__name__}: {e}")
-        except KeyboardInterrupt:
-            interrupted = True
-            for rid, (pos, _) in pending.items():
-                engine.abort(rid)
+    try:
+        while pending:
+            try:
+                outs = engine.step()
+            except Exception as e:  # the engine as a whole failed: every pending request says so
+                outs = engine.fail_all(f"engine failed: {type(e).__name__}: {e}")
+            if not outs and engine.scheduler.stalled():
+                time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
+            for out in outs:
+                if not out.finished or out.request_id not in pending:
+                    continue
+                pos, i = pending[out.request_id]
+                user_id, done = parts[pos]
+                done[i] = {"error": out.error} if out.error is not None else _result(out)
+                del pending[out.request_id]
+                tokens += len(out.output_ids) if out.error is None else 0
+                if all(d is not None for d in done):
+                    results[pos] = _line_result(user_id, done)
+                    if progress is not None:
+                        progress.update(1)
+            if pending and not engine.has_unfinished():
+                for pos, _ in pending.values():
+                    results[pos] = {"id": parts[pos][0], "error": "the engine dropped this request"}
+                break
+    except KeyboardInterrupt:  # wherever it lands: in a step, a wait, or between outputs
+        interrupted = True
+        for rid in pending:
+            engine.abort(rid)
+        for pos, r in enumerate(results):
+            if r is None:
                 results[pos] = {"id": parts[pos][0], "error": "interrupted before it finished"}
-            break
-        if not outs and engine.scheduler.stalled():
-            time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
-        for out in outs:
-            if not out.finished or out.request_id not in pending:
-                continue
-            pos, i = pending.pop(out.request_id)
-            user_id, done = parts[pos]
-            done[i] = {"error": out.error} if out.error is not None else _result(out)
-            tokens += len(out.output_ids) if out.error is None else 0
-            if all(d is not None for d in done):
-                results[pos] = _line_result(user_id, done)
-                if progress is not None:
-                    progress.update(1)
-        if pending and not engine.has_unfinished():
-            for pos, _ in pending.values():
-                results[pos] = {"id": parts[pos][0], "error": "the engine dropped this request"}
-            break
     errors = sum(1 for r in results if "error" in r)
     return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank, interrupted)
 

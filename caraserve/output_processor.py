@@ -193,7 +193,7 @@ class OutputProcessor:
         if watcher is not None:
             watcher.append(out)
             if out.finished:  # the last one: the watch ends even if its reader stops asking here
-                del self.watched[req.request_id]
+                self.watched.pop(req.request_id, None)  # (or its reader, closing, ended it already)
         return out
 
 

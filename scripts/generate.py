@@ -168,5 +168,5 @@ if __name__ == "__main__":
     try:
         sys.exit(run(main))
     except KeyboardInterrupt:
-        print("interrupted before the requests ran: nothing written", file=sys.stderr)
+        print("interrupted: nothing written", file=sys.stderr)
         sys.exit(130)

@@ -87,22 +87,29 @@ def test_offline_lines_take_n_and_the_completions_logprobs_form(engine):
     assert summary.requests == 8 and summary.errors == 2 and summary.output_tokens == 6 * 3 + 6 + 2 * 6 + 3 * 6
 
 
-def test_an_interrupted_offline_job_keeps_what_finished(engine, monkeypatch):
-    """Ctrl-C (or SIGTERM, which scripts/generate.py takes as one) while the requests run: the
-    lines that finished keep their results, the others say they were interrupted, and nothing
-    stays in the engine."""
+@pytest.mark.parametrize("where", ["step", "wait"])
+def test_an_interrupted_offline_job_keeps_what_finished(engine, monkeypatch, where):
+    """Ctrl-C (or SIGTERM, which scripts/generate.py takes as one) while the requests run, in a
+    step or between steps: the lines that finished keep their results, the others say they were
+    interrupted, and nothing stays in the engine."""
     free = engine.kv.free_blocks
     lines = [json.dumps({"id": i, "prompt_token_ids": [5 + i, 6, 7], "max_tokens": 2 if i < 2 else 60,
                          "ignore_eos": True}) for i in range(5)]
-    real_step, calls = engine.step, []
+    real_step, real_stalled, calls = engine.step, engine.scheduler.stalled, []
 
     def step():
         calls.append(1)
-        if len(calls) == 8:
+        if len(calls) == 8 and where == "step":
             raise KeyboardInterrupt
         return real_step()
 
+    def stalled():  # what the loop asks between steps
+        if len(calls) == 8 and where == "wait":
+            raise KeyboardInterrupt
+        return real_stalled()
+
     monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine.scheduler, "stalled", stalled)
     results, summary = run_offline(engine, lines)
     assert summary.interrupted and summary.requests == 5
     assert [("text" in r) for r in results] == [True, True, False, False, False]
@@ -133,7 +140,9 @@ def test_streams_read_together_each_get_every_output_of_their_own(engine):
     a, b = (engine.stream(p, SP, ad) for p, ad in zip(prompts, adapters))
     got = {0: [], 1: []}
     live = {0: a, 1: b}
-    while live:
+    for _ in range(200):  # (bounded: a stream that lost its last output would wait for it forever)
+        if not live:
+            break
         for i, gen in list(live.items()):
             out = next(gen)
             got[i] += out.new_token_ids

@@ -29,6 +29,7 @@ import torch
 
 from caraserve.lora.adapter_config import TARGETS, read_adapter_config
 from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, read_weights
+from caraserve.lora.adapter_info import AdapterInfo
 from caraserve.lora.module_patterns import ModuleRules, PatternError, module_names, module_rules
 
 log = logging.getLogger(__name__)
@@ -325,3 +326,21 @@ def _check_finite(name: str, layout: _Layout, tensors: dict) -> None:
     for key, ka, kb, _ in layout.pairs.values():
         if not (torch.isfinite(tensors[ka]).all() and torch.isfinite(tensors[kb]).all()):
             raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")
+
+
+def check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:
+    """Files whose rank, scale, modules or size changed since registration are refused: the
+    scheduler and the device pool plan with what registration saw."""
+    numel = sum(t.numel() for d in (w.a, w.b) for t in d.values())
+    now, then = (w.rank, w.scale, w.targets, numel * dtype.itemsize), (info.rank, info.scale, info.targets, info.nbytes)
+    if now != then:
+        raise AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (rank, "
+                           f"scale, modules, bytes were {then}, now {now}); unload it and load it again to serve them")
+
+
+def changed_error(info: AdapterInfo) -> AdapterError:
+    """A re-read of other weights than the adapter served before (a new checkpoint saved into its
+    folder, of the same shapes): its prefix-cache blocks and device slot hold the old ones, so
+    the new ones are refused, not mixed with them. The same bytes, copied or touched, are served."""
+    return AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (other "
+                        "weights than it served before); unload it and load it again to serve them")

@@ -335,10 +335,8 @@ class DevicePool:
     def evict(self, name: str) -> bool:
         """Frees the adapter's slot now; False when running requests still hold it."""
         slot = self._where.get(name)
-        if slot is None:
-            return True
-        if slot.refs > 0:
-            return False
+        if slot is None or slot.refs > 0:
+            return slot is None
         if slot.copy is not None:
             slot.copy.wait()
             slot.copy = None

@@ -40,7 +40,9 @@ from caraserve.lora.checkpoint import (
     AdapterError,
     LoraWeights,
     ReadLimits,
+    changed_error,
     check_name,
+    check_unchanged,
     inspect_adapter,
     load_adapter,
 )
@@ -326,7 +328,7 @@ class HostStore:
         try:
             info = entry.info
             w = load_adapter(info.path, self.model_args, name, self._limits(info.confined))
-            _check_unchanged(info, w, self.dtype)
+            check_unchanged(info, w, self.dtype)
             weights = self._prepare(w)
         except BaseException as e:  # the future must be answered, or its waiters hang
             error = e
@@ -337,7 +339,7 @@ class HostStore:
             entry.reading = None
             if self._entries.get(name) is entry:  # not unregistered meanwhile
                 if weights is not None and entry.digest not in (None, weights.digest):
-                    error, weights = _changed(entry.info), None
+                    error, weights = changed_error(entry.info), None
                 elif weights is not None:
                     entry.digest = weights.digest
                 # other errors (memory, an I/O error that may pass, ...) are not the adapter's
@@ -367,24 +369,6 @@ class HostStore:
         a = {m: conv(t) for m, t in w.a.items()}
         b = {m: conv(t) for m, t in w.b.items()}
         return LoraWeights(w.name, w.path, w.rank, w.scale, a, b, w.digest)
-
-
-def _check_unchanged(info: AdapterInfo, w: LoraWeights, dtype: torch.dtype) -> None:
-    """Files whose rank, scale, modules or size changed since registration are refused: the
-    scheduler and the device pool plan with what registration saw."""
-    numel = sum(t.numel() for d in (w.a, w.b) for t in d.values())
-    now, then = (w.rank, w.scale, w.targets, numel * dtype.itemsize), (info.rank, info.scale, info.targets, info.nbytes)
-    if now != then:
-        raise AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (rank, "
-                           f"scale, modules, bytes were {then}, now {now}); unload it and load it again to serve them")
-
-
-def _changed(info: AdapterInfo) -> AdapterError:
-    """A re-read of other weights than the adapter served before (a new checkpoint saved into its
-    folder, of the same shapes): its prefix-cache blocks and device slot hold the old ones, so
-    the new ones are refused, not mixed with them. The same bytes, copied or touched, are served."""
-    return AdapterError(f"adapter {info.name!r}: its files in {info.path} changed since it was registered (other "
-                        "weights than it served before); unload it and load it again to serve them")
 
 
 def _running() -> Future:

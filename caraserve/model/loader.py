@@ -137,6 +137,13 @@ def plan_placement(
     return placed
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one ("cuda" is the current CUDA device, "cuda:0" may be it too)."""
+    def index(d: torch.device):
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+    return a.type == b.type and (a.type == "cpu" or index(a) == index(b))
+
+
 def _device_for(name: str, placement: dict[str, str]) -> str:
     best, dev = -1, placement.get("", "cpu")
     for prefix, d in placement.items():
@@ -197,24 +204,25 @@ def load_model(
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         embed = model.model.embed_tokens.weight
-        head_dev = _device_for(head_name, placement)
+        head_dev = torch.device(_device_for(head_name, placement))
         head = None
         if head_name in files and head_name not in used:
             head = _read_tensor(folder, files, handles, head_name)
             if head.dtype not in FLOAT_DTYPES or tuple(head.shape) != tuple(embed.shape):
                 raise ModelLoadError(f"tensor {head_name!r} in {files[head_name]} is {head.dtype} of shape "
                                      f"{tuple(head.shape)}, expected a float tensor of shape {tuple(embed.shape)}")
-            head = head.to(device=head_dev, dtype=torch_dtype)
-            if torch.equal(head.to(embed.device), embed):
+            # compared on the host: a device copy of either would sit outside the memory budget
+            if torch.equal(head.to(torch_dtype), embed.detach().cpu()):
                 head = None
             else:
                 log.warning("%s: tie_word_embeddings is set but %s differs from %s: the two are kept apart, "
                             "as transformers does", folder, head_name, embed_name)
         if head is not None:
-            model.lm_head.weight = nn.Parameter(head, requires_grad=False)
+            model.lm_head.weight = nn.Parameter(head.to(device=head_dev, dtype=torch_dtype), requires_grad=False)
+        elif _same_device(embed.device, head_dev):
+            model.lm_head.weight = embed
         else:
-            model.lm_head.weight = embed if str(embed.device) == head_dev else nn.Parameter(
-                embed.detach().to(head_dev), requires_grad=False)
+            model.lm_head.weight = nn.Parameter(embed.detach().to(head_dev), requires_grad=False)
     if args.tie_embeddings:
         used.add(head_name)  # read and compared, or the embeddings' own
     extra = sorted(set(files) - used)

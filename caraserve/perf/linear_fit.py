@@ -10,7 +10,6 @@ is a cost, so none may come out negative (`nonneg_solve`).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,24 +73,38 @@ def nonneg_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
     """argmin over c >= 0 of |X c - y|^2, from X^T X and X^T y. Every term of a latency law is a
     cost (a fixed part, per row, per rank, per token), so none may be negative: an unconstrained
     fit of noisy or one-sided data (a single rank, short prompts) trades a negative term against
-    a too-large one and prices some batches at zero. Exact: the unconstrained solution when it is
-    nonnegative, else the best over the subsets of terms kept free (laws have a few terms)."""
+    a too-large one and prices some batches at zero. Lawson and Hanson's active-set method on the
+    normal equations: terms are freed one at a time, each step the most wanted by the gradient,
+    and a free term that would turn negative is held at zero again; a few solves of at most k
+    terms, where trying every subset of free terms (exact too) cost up to 2^k."""
     k = len(xty)
-    coef = np.linalg.lstsq(xtx, xty, rcond=None)[0]
+    coef = np.linalg.lstsq(xtx, xty, rcond=None)[0] if k else np.zeros(0)
     if np.all(coef >= 0):
         return coef
-    best, best_obj = np.zeros(k), 0.0  # no term: the objective's constant part, |y|^2, left out
-    for size in range(1, k + 1):
-        for keep in itertools.combinations(range(k), size):
-            idx = list(keep)
-            sub = np.linalg.lstsq(xtx[np.ix_(idx, idx)], xty[idx], rcond=None)[0]
-            if np.any(sub < 0):
-                continue
-            obj = float(sub @ xtx[np.ix_(idx, idx)] @ sub - 2 * xty[idx] @ sub)
-            if obj < best_obj - 1e-15 * max(1.0, abs(best_obj)):
-                best, best_obj = np.zeros(k), obj
-                best[idx] = sub
-    return best
+    tol = 1e-12 * max(float(np.abs(xty).max()), 1e-300)  # of the gradient, which has xty's scale
+    x, free = np.zeros(k), np.zeros(k, dtype=bool)
+    for _ in range(3 * k + 3):  # each pass frees a term; holding terms back ends in at most k more
+        grad = xty - xtx @ x  # minus half the objective's gradient: > 0 where raising a term helps
+        wanted = np.where(free, -np.inf, grad)
+        if not (~free).any() or wanted.max() <= tol:
+            break
+        free[int(np.argmax(wanted))] = True
+        while True:
+            idx = np.flatnonzero(free)
+            trial = np.zeros(k)
+            trial[idx] = np.linalg.lstsq(xtx[np.ix_(idx, idx)], xty[idx], rcond=None)[0]
+            if np.all(trial[idx] > 0):
+                x = trial
+                break
+            # step from x toward the trial as far as every free term stays >= 0; hold those at 0
+            bad = idx[trial[idx] <= 0]
+            alpha = min(1.0, float(np.min(x[bad] / np.maximum(x[bad] - trial[bad], 1e-300))))
+            x = x + alpha * (trial - x)
+            free &= x > 1e-12 * max(float(np.abs(x).max()), 1e-300)  # (those the step brought to zero)
+            x[~free] = 0.0
+            if not free.any():
+                break
+    return x
 
 
 def identifiable(x: np.ndarray) -> bool:

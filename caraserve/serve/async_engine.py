@@ -296,6 +296,7 @@ class AsyncEngine:
                             last_busy = time.monotonic()
                     finally:
                         self._idle_work.clear()
+                        self._idle_state = None  # of this idle moment only: later ones take their own
                 continue
             last_busy = time.monotonic()
             try:

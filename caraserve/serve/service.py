@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 from caraserve.config import inline_template
-from caraserve.lora.adapter_files import AdapterReadError
+from caraserve.lora.adapter_files import AdapterError, AdapterReadError, check_name
 from caraserve.lora.adapter_info import UnknownAdapterError
-from caraserve.lora.checkpoint import AdapterError, check_name
 from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
@@ -90,11 +89,8 @@ class EngineService:
         self.runs = Runs(service)
         add_gateway_metrics(self.metrics_.registry, service, served_name)
         service.on_output = self.metrics_.observe
-        # Tokenizing and templating a large input takes a while: it runs on this thread, off the
-        # event loop, one input at a time (the tokenizer's state is not shared with other threads).
+        # inputs are tokenized and templated here, off the event loop, one at a time (a tokenizer is not shared)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caraserve-tokenize")
-
-    # ---- pieces -------------------------------------------------------------------------------
 
     def count_rejection(self, reason: str) -> None:
         """A generation request refused before it reached the engine (http.install_error_handlers)."""
@@ -365,10 +361,13 @@ class EngineService:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.store.get, info.name)
         except (AdapterReadError, UnknownAdapterError):  # an I/O error that may pass, or unloaded meanwhile
             log.warning("adapter %s: its weights were not read at load", info.name, exc_info=True)
-        except AdapterError as e:
+        except Exception as e:  # weights refused (400), or a failure of the machine's: nothing of it stays
             with contextlib.suppress(TimeoutError, AdapterError, UnknownAdapterError):
                 await self.service.retire_adapter(info.name, self.unload_timeout_s)
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            if isinstance(e, AdapterError):
+                raise ApiError(400, str(e), "invalid_request_error") from e
+            raise ApiError(500, f"adapter {info.name!r} could not be read ({type(e).__name__}: {e})",
+                           "internal_error") from e
         return {"status": "ok", "lora_name": info.name, "rank": info.rank}
 
     async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:

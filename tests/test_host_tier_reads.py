@@ -78,17 +78,24 @@ def test_files_changed_or_vanished_after_registration_refused_on_read(tier_env, 
     assert "changed since" in store.broken("changed") and "no adapter_model" in store.broken("gone")
 
 
-def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(tier_env, tier_stores, tmp_path):
-    """A training job saving its next checkpoint into a served folder: the shapes, rank and
-    scale stay, the weights do not. Re-read after the host tier dropped the old ones, they would
-    be served beside the prefix-cache blocks the old weights computed; they are refused instead."""
+def _room_for_one_of_two(tier_env, tier_stores, tmp_path):
+    """(a store whose budget holds one of its adapters "kept" and "other", kept's folder): getting
+    one drops the other's weights."""
     root, args = tier_env
     kept = shutil.copytree(root / "many" / "a00", tmp_path / "kept")
     other = shutil.copytree(root / "many" / "a01", tmp_path / "other")
     size = tier_stores(args).register("probe", kept).nbytes
-    store = tier_stores(args, budget_bytes=size)  # room for one of them
+    store = tier_stores(args, budget_bytes=size)
     store.register("kept", kept)
     store.register("other", other)
+    return store, kept
+
+
+def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(tier_env, tier_stores, tmp_path):
+    """A training job saving its next checkpoint into a served folder: the shapes, rank and
+    scale stay, the weights do not. Re-read after the host tier dropped the old ones, they would
+    be served beside the prefix-cache blocks the old weights computed; they are refused instead."""
+    store, kept = _room_for_one_of_two(tier_env, tier_stores, tmp_path)
     first = store.get("kept")
     cfg = json.loads((kept / "adapter_config.json").read_text())
     write_random_adapter(kept, cfg["r"], cfg["lora_alpha"], tuple(cfg["target_modules"]), seed=123, shape=SHAPE)
@@ -100,7 +107,7 @@ def test_a_new_checkpoint_of_the_same_shapes_is_refused_when_read_again(tier_env
     again = store.get("kept")
     assert not all(torch.equal(again.a[m], first.a[m]) for m in first.a)
     # as `tar -x` writes it: the file unlinked, made anew (its inode number may be reused) and
-    # given back its old modification time; only the change time tells
+    # given back its old modification time; the content tells
     st = (kept / ST).stat()
     data = bytearray((kept / ST).read_bytes())
     data[-4:] = bytes(4)  # another value in the last tensor, the same header
@@ -116,13 +123,7 @@ def test_the_same_bytes_copied_or_touched_are_served_when_read_again(tier_env, t
     """A re-read after the host tier dropped the weights compares what it read with what the
     adapter served, not file times: a `touch`, or a copy of the same bytes over the file (a new
     inode, new times), changes nothing a request sees."""
-    root, args = tier_env
-    kept = shutil.copytree(root / "many" / "a00", tmp_path / "kept")
-    other = shutil.copytree(root / "many" / "a01", tmp_path / "other")
-    size = tier_stores(args).register("probe", kept).nbytes
-    store = tier_stores(args, budget_bytes=size)  # room for one of them
-    store.register("kept", kept)
-    store.register("other", other)
+    store, kept = _room_for_one_of_two(tier_env, tier_stores, tmp_path)
     first = {m: t.clone() for m, t in store.get("kept").a.items()}
     os.utime(kept / ST, ns=(1, 1))
     os.utime(kept / "adapter_config.json")

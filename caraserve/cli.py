@@ -23,6 +23,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from caraserve.config import ConfigError, ServerConfig, unknown_key
+from caraserve.serve.http import PROBE_CONNECTIONS
 
 USAGE = 2  # exit status of a configuration error (as argparse's)
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
@@ -127,11 +128,6 @@ class _DrainingServer(uvicorn.Server):
         finally:
             if handle is not None:
                 handle.cancel()
-
-
-# connections uvicorn takes beyond server.limit_concurrency: room for health and metrics probes
-# (and for the JSON 503 of the requests over the limit) while that many requests are served
-PROBE_CONNECTIONS = 64
 
 
 def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.socket | None = None,

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
                                               ("model.path=/nonexistent", "model folder /nonexistent does not exist"),
                                               ("adapters.dir=/nonexistent", "/nonexistent does not exist"),
                                               ("cluster.cpus_per_replica=4096", "no replica could ever start"),
+                                              ("cluster.replicas=4096", "would wait for CPUs forever"),
                                               ("server.port=0", "server.port=0 is not supported"),
                                               ("ray.address=bogus", "ray.address=bogus: cannot join a Ray instance")])
 def test_bad_settings_are_one_line_and_exit_2_before_ray_starts(override, needle):
@@ -94,3 +95,16 @@ def test_entry_point_serves_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_port_another_process_holds_is_one_line_before_ray_starts():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", f"server.port={port}"], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: server.host/server.port: cannot listen on 127.0.0.1:{port} (Address already in use)"], r.stderr

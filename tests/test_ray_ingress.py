@@ -282,3 +282,24 @@ def test_an_error_after_the_streams_last_line_is_not_the_clients():
     lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
     result, _, service = run([[Head(200, None), *lines, ActorDiedError()]], stream=True)
     assert result == lines and service.calls.labels("ok")._value.get() == 1
+
+
+def test_an_id_in_flight_is_refused_again_as_a_single_server_does():
+    """Two calls with one X-Request-Id at once would each reach a replica of their own, which
+    could not tell; the ingress refuses the second (400) while the first runs, and takes the id
+    again once it has ended."""
+    lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
+    handle = FakeHandle([[Head(200, None), *lines], [Head(200, None), *lines]])
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    body = proto.CompletionRequest(model="demo-r8", prompt="x", max_tokens=4, stream=True)
+
+    async def go():
+        stream = await service.completion(body, "same", False)
+        with pytest.raises(ApiError) as e:
+            await service.completion(body, "same", False)
+        assert e.value.status == 400 and "request id 'same' is already in flight" in e.value.message
+        assert [line async for line in stream] == lines
+        again = await service.completion(body, "same", False)
+        assert [line async for line in again] == lines and not service.live_ids
+
+    asyncio.run(go())

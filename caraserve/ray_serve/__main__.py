@@ -19,7 +19,7 @@ import threading
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from caraserve.cli import config_task, exit_now, run
+from caraserve.cli import config_task, exit_now, listen, run
 from caraserve.ray_serve.app import app_config, check_local, deploy, start_ray
 
 log = logging.getLogger("caraserve.ray_serve")
@@ -31,6 +31,8 @@ def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
     app_cfg = app_config(composed)  # a configuration mistake stops here, before Ray starts
     check_local(app_cfg)
+    if not app_cfg.ray.address:  # Serve's proxy binds the port on this machine: one line now if it cannot
+        listen(app_cfg.server).close()
     faulthandler.enable()  # a crash inside Ray's shutdown leaves the Python stacks in the log
     import ray
     from ray import serve

@@ -22,6 +22,7 @@ from caraserve.ray_serve.config import RayConfig, ReplicasConfig, RoutingConfig
 from caraserve.ray_serve.ingress import Ingress
 from caraserve.ray_serve.replica import EngineReplica
 from caraserve.ray_serve.request_router import RankAwareRequestRouter
+from caraserve.serve.http import PROBE_CONNECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ def check_local(cfg: AppConfig) -> None:
     if replicas.cpus_per_replica > cpus:
         raise ConfigError(f"cluster.cpus_per_replica={replicas.cpus_per_replica} but the local Ray instance has "
                           f"{cpus} CPUs (ray.num_cpus, default this machine's): no replica could ever start")
+    if replicas.replicas * replicas.cpus_per_replica > cpus:
+        raise ConfigError(f"cluster.replicas={replicas.replicas} x cluster.cpus_per_replica="
+                          f"{replicas.cpus_per_replica} CPUs is more than the local Ray instance's {cpus} "
+                          "(ray.num_cpus, default this machine's): the replicas past those would wait for CPUs forever")
 
 
 def build_application(cfg: AppConfig):
@@ -99,8 +104,11 @@ def build_application(cfg: AppConfig):
             request_routing_stats_period_s=routing.stats_period_s,
             request_routing_stats_timeout_s=max(routing.stats_period_s, 5.0)),
     )
+    # Serve queues what passes max_ongoing_requests at its proxy, silently: the ingress's own
+    # check (http.Guard) answers requests past server.limit_concurrency with a JSON 503 instead
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.server.limit_concurrency)
+        num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=cfg.server.limit_concurrency + PROBE_CONNECTIONS)
     return ingress.bind(replica.bind(cfg.engine_sections), dataclasses.asdict(cfg.server),
                         dataclasses.asdict(routing))
 

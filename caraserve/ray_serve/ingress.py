@@ -85,6 +85,7 @@ class RayService:
         # later (from adapters.dir) holds it again, until it is loaded through this ingress again
         self.unloaded: set[str] = set()
         self.inflight, self.draining = 0, False  # calls being answered; refusing new ones (drain)
+        self.live_ids: set[str] = set()  # their ids: one in flight is refused again, as a single server does
         self.retries = Counter("caraserve_ray_retries", "Calls given up on a replica and retried", ["reason"],
                                registry=r)
 
@@ -102,23 +103,30 @@ class RayService:
             raise ApiError(503, "the server is shutting down", "engine_unavailable")
         if body.model in self.unloaded:
             raise ApiError(404, f"The model `{body.model}` does not exist.", "not_found_error")
+        if rid in self.live_ids:  # (replicas could not tell: each would take one of them)
+            raise ApiError(400, f"request id {rid!r} is already in flight", "invalid_request_error")
         self.inflight += 1
+        self.live_ids.add(rid)
         try:
             answer = await self._generate(kind, body, rid, include_usage, disconnected)
         except BaseException:
-            self.inflight -= 1
+            self._done(rid)
             raise
         if isinstance(answer, dict):
-            self.inflight -= 1
+            self._done(rid)
             return answer
-        return self._until_done(answer)
+        return self._until_done(answer, rid)
 
-    async def _until_done(self, lines) -> AsyncIterator[str]:
+    def _done(self, rid: str) -> None:
+        self.inflight -= 1
+        self.live_ids.discard(rid)
+
+    async def _until_done(self, lines, rid: str) -> AsyncIterator[str]:
         try:
             async for line in lines:
                 yield line
         finally:
-            self.inflight -= 1
+            self._done(rid)
             await lines.aclose()  # now, not when collected: a client gone aborts the replica's request at once
 
     async def drain(self, timeout_s: float) -> int:

@@ -83,6 +83,9 @@ ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # probes are answered however busy the server is: an orchestrator restarts a server whose
 # liveness probe fails, and it would do so exactly when the server is at its busiest
 PROBE_PATHS = ("/health", "/metrics")
+# connections (or, in Ray Serve, ongoing calls) taken beyond server.limit_concurrency: room for
+# the probes, and for the JSON 503 of the requests over the limit, while that many are served
+PROBE_CONNECTIONS = 64
 
 
 class Guard:

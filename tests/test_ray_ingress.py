@@ -189,8 +189,8 @@ def test_an_adapter_unloaded_through_the_ingress_stays_gone_until_loaded_again()
             await service.completion(body, "req-1", False)
         assert e.value.status == 404 and not handle.hints  # answered without a replica
         assert [m["id"] for m in await service.models()] == ["tiny", "kept"]
-        with pytest.raises(ApiError):  # unloaded already
-            await service.unload_adapter(proto.UnloadLoraRequest(lora_name="gone"))
+        # unloaded again: what replicas started since hold of it goes too (here the one replica)
+        assert (await service.unload_adapter(proto.UnloadLoraRequest(lora_name="gone")))["replicas"] == 1
         await service.load_adapter(proto.LoadLoraRequest(lora_name="gone", lora_path="/adapters/gone"))
         assert await service.completion(body, "req-2", False) == {"ok": 1}
 
@@ -301,5 +301,49 @@ def test_an_id_in_flight_is_refused_again_as_a_single_server_does():
         assert [line async for line in stream] == lines
         again = await service.completion(body, "same", False)
         assert [line async for line in again] == lines and not service.live_ids
+
+    asyncio.run(go())
+
+
+def _replicas_answering(unload_status: list[int]):
+    """A fan-out over len(unload_status) replicas: unload answers each its status (409: still in
+    use), load 200; the calls are recorded."""
+    class FanOut:
+        calls: list[tuple[str, str]] = []
+
+        async def remote(self, hint, op, body=None):
+            k = len(hint.covered)
+            if k >= len(unload_status):
+                return Head(200, None, None, "none", skipped=True)
+            self.calls.append((op, f"r{k}"))
+            status = unload_status[k] if op == "unload_adapter" else 200
+            body = {"status": "ok"} if status == 200 else {"error": {"message": "still in use", "type": "conflict"}}
+            return Head(status, body, None, f"r{k}")
+
+    return FanOut()
+
+
+def test_an_unload_one_replica_refuses_leaves_the_deployment_whole():
+    """r0 unloads, r1 refuses (409): a runtime adapter is loaded again on r0, as a single server
+    keeps an adapter whose unload it refused; one of adapters.dir is unloaded at the ingress
+    (404 from now) and a later unload clears the replicas that still hold it."""
+    handle = FakeHandle([])
+    handle.fan_out = _replicas_answering([200, 409])
+    service = RayService(handle, RoutingConfig(max_attempts=3, first_token_timeout_s=2))
+    load = proto.LoadLoraRequest(lora_name="rt", lora_path="/adapters/rt")
+
+    async def go():
+        await service.load_adapter(load)
+        handle.fan_out.calls.clear()
+        with pytest.raises(ApiError) as e:
+            await service.unload_adapter(proto.UnloadLoraRequest(lora_name="rt"))
+        assert e.value.status == 409 and "loaded it again" in e.value.message
+        assert ("load_adapter", "r0") in handle.fan_out.calls and "rt" in service.runtime_adapters
+        assert "rt" not in service.unloaded
+        with pytest.raises(ApiError) as e:
+            await service.unload_adapter(proto.UnloadLoraRequest(lora_name="dir-one"))
+        assert e.value.status == 409 and "dir-one" in service.unloaded
+        handle.fan_out = _replicas_answering([404, 200])  # r1's requests ended
+        assert (await service.unload_adapter(proto.UnloadLoraRequest(lora_name="dir-one")))["status"] == "ok"
 
     asyncio.run(go())

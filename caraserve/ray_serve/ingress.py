@@ -288,13 +288,35 @@ class RayService:
         return result
 
     async def unload_adapter(self, body) -> dict:
-        if body.lora_name in self.unloaded:
-            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
-        self.runtime_adapters.pop(body.lora_name, None)
-        self.runtime_ranks.pop(body.lora_name, None)
-        result = await self._everywhere("unload_adapter", body)
-        self.unloaded.add(body.lora_name)
-        return result
+        """Unloads on every replica, one after another. When one refuses (409: still in use past
+        server.unload_timeout_s) after others had unloaded it, the deployment is made whole
+        again: an adapter loaded through this ingress is loaded again where it went, as a single
+        server keeps an adapter whose unload it refused; one of adapters.dir (whose files this
+        ingress does not know) stays unloaded, answered 404 here, and the answer says so."""
+        name = body.lora_name
+        heads = await self._fan_out("unload_adapter", body)
+        # unloaded here before: a replica that answers 404 has gone already (the others: those
+        # that refused then, or that hold it from adapters.dir since they started)
+        gone = name in self.unloaded
+        if gone and all(h.status == 404 for h in heads):
+            raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error")
+        refused = next((h for h in heads if h.status != 200 and not (gone and h.status == 404)), None)
+        if refused is None:
+            self.runtime_adapters.pop(name, None)
+            self.runtime_ranks.pop(name, None)
+            self.unloaded.add(name)
+            return {**next(h.body for h in heads if h.status == 200), "replicas": len(heads)}
+        err = (refused.body or {}).get("error", {})
+        why = f"replica {refused.replica}: {err.get('message', '')}"
+        done = sum(h.status == 200 for h in heads)
+        if done and name in self.runtime_adapters:
+            await self._fan_out("load_adapter", self.runtime_adapters[name])  # (where it stayed: refused, unchanged)
+            why += f"; the {done} replica(s) that had unloaded it loaded it again"
+        elif done:
+            self.unloaded.add(name)
+            why += f"; {done} replica(s) had unloaded it: it is unloaded here (404) and goes from the others " \
+                   "once their requests end and it is unloaded again"
+        raise ApiError(refused.status, why, err.get("type", "internal_error"), refused.headers)
 
     async def tokenize(self, body) -> dict:
         return await self._one("tokenize", body)

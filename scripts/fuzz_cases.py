@@ -108,8 +108,9 @@ def bad_variants(ctx: Ctx, rng: random.Random) -> list[Case]:
                                        type_tables()):
         for name, values in types.items():
             out += [jcase(f"type:{ep}.{name}", path, with_fields(base, **{name: v})) for v in values]
-        for name in ("model", "prompt" if ep == "cmpl" else "messages"):
-            out.append(jcase(f"missing:{ep}.{name}", path, with_fields(base, **{name: MISSING})))
+        # (a body without `model` is for the base model, as vLLM's: a border case, not a bad one)
+        name = "prompt" if ep == "cmpl" else "messages"
+        out.append(jcase(f"missing:{ep}.{name}", path, with_fields(base, **{name: MISSING})))
         for name, values in range_table(ctx).items():
             if (ep, name) not in (("chat", "prompt"), ("cmpl", "max_completion_tokens")):
                 hot = {"temperature": 1} if name in ("top_k", "top_p", "seed") else {}  # greedy would skip them
@@ -206,7 +207,8 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("unknown_fields", dict(frequency_penalty=0.5, best_of=1, suffix="x", logit_bias={"1": 5})),
          ("stream_options_bad", dict(stream=True, stream_options="yes")),
          ("stream_usage", dict(stream=True, stream_options={"include_usage": True})),
-         ("max_tokens_fill_context", dict(prompt=ids, max_tokens=ctx.max_len - len(ids), temperature=0))]
+         ("max_tokens_fill_context", dict(prompt=ids, max_tokens=ctx.max_len - len(ids), temperature=0)),
+         ("no_model", dict(model=MISSING))]
     out = [jcase(f"border:cmpl.{n}", "/v1/completions", with_fields(cmpl, **kw), "border") for n, kw in c]
     parts = [{"type": "text", "text": "Hi"}, {"type": "image_url"}]
     h = [("chat_parts", dict(messages=[{"role": "user", "content": parts}])),
@@ -215,7 +217,8 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("null_sampling_fields", dict(temperature=None, top_p=None, n=None, stream=None, top_k=None)),
          ("chat_both_limits", dict(max_tokens=4, max_completion_tokens=6)),
          ("chat_no_max_tokens", dict(max_tokens=MISSING)), ("chat_stream", dict(stream=True)),
-         ("chat_unknown_role", dict(messages=[{"role": "nobody", "content": "x"}]))]
+         ("chat_unknown_role", dict(messages=[{"role": "nobody", "content": "x"}])),
+         ("chat_no_model", dict(model=MISSING))]
     out += [jcase(f"border:{n}", "/v1/chat/completions", with_fields(chat, **kw), "border") for n, kw in h]
     body = dumps(with_fields(cmpl, temperature=0))
     return out + [

@@ -89,6 +89,9 @@ def test_register_dir_missing_root(adapter_env, adapter_store, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         adapter_store.register_dir(tmp_path / "a-file")
+    one = adapter_env[1] / "good"  # one adapter's own folder, a newcomer's mistake: it would register none
+    with pytest.raises(ConfigError, match=r"is an adapter's own folder .*give the folder that holds"):
+        adapter_store.register_dir(one)
 
 
 @pytest.mark.parametrize("src_name", ["good", "good2"])

@@ -244,6 +244,12 @@ def test_shape_mismatch_names_tensor_and_file(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_hub_id_is_told_to_be_fetched_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"Qwen/Qwen2-0.5B does not exist \(a hub id\? .*huggingface-cli download"):
+        load_model("Qwen/Qwen2-0.5B")
+
+
 def test_unreadable_weights_and_missing_config(tmp_path):
     save_random_hf_model(tmp_path, "llama")
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")

@@ -74,6 +74,9 @@ def check_adapter_dir(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"adapters.dir: {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
+    if (root / "adapter_config.json").is_file():  # one adapter's own folder: it would register none
+        raise ConfigError(f"adapters.dir: {root} is an adapter's own folder (it holds adapter_config.json); give "
+                          f"the folder that holds the adapters' folders, e.g. {root.parent}")
     return root
 
 

@@ -35,8 +35,12 @@ def load_hf_config(path: str | os.PathLike):
     folder = Path(path)
     cfg_file = folder / "config.json"
     if not folder.is_dir():
+        # "org/name" that is no folder here reads as a Hugging Face hub id: nothing is downloaded
+        hub = not folder.exists() and not folder.is_absolute() and len(folder.parts) == 2
         raise ModelLoadError(f"model.path: model folder {folder} does not exist"
-                             + (" (it is a file)" if folder.exists() else ""))
+                             + (" (it is a file)" if folder.exists() else "")
+                             + (f" (a hub id? models are read from local folders only: fetch it first, e.g. "
+                                f"huggingface-cli download {folder} --local-dir DIR)" if hub else ""))
     if not cfg_file.is_file():
         raise ModelLoadError(f"{cfg_file} is missing: not a Hugging Face model folder")
     try:

@@ -343,8 +343,8 @@ class EngineService:
             raise ApiError(400, f"lora_path {body.lora_path!r} is not a usable path ({e})",
                            "invalid_request_error") from e
         if not any(resolved == root or resolved.is_relative_to(root) for root in self.adapter_roots):
-            raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots",
-                           "invalid_request_error")
+            raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots "
+                                f"(adapters.allowed_roots)", "invalid_request_error")
         if body.lora_name == self.served_name:
             raise ApiError(400, f"{body.lora_name!r} is the base model's name", "invalid_request_error")
         try:

@@ -146,6 +146,29 @@ def test_paged_attention_matches_float64(fn, heads, kv_heads, hd, window, block_
     assert torch.allclose(ref.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,hd,window,block_size", [
+    (4, 2, 64, None, 16), (6, 3, 20, 6, 3), (8, 1, 80, None, 1), (4, 4, 128, 13, 5)])
+def test_paged_attention_prompt_runs_match_float64(fn, heads, kv_heads, hd, window, block_size, threads):
+    """Consecutive tokens of one prompt, which the kernel attends to as tiles of several rows:
+    runs of every length around the tile's (1-21 tokens), starting at position 0 or mid-sequence
+    (a chunk after a cached prefix), beside decode rows, with windows that cut some of a tile's
+    rows and not others."""
+    g = torch.Generator().manual_seed(heads * 7 + hd)
+    runs = [(0, 0, 21), (1, 5, 8), (2, 30, 17), (0, 21, 1), (3, 0, 9), (1, 13, 3), (2, 47, 1), (4, 2, 16)]
+    longest = max(start + n for _, start, n in runs)
+    width = -(-longest // block_size)
+    k_cache = torch.randn(5 * width + 1, block_size, kv_heads, hd, generator=g)
+    v_cache = torch.randn(5 * width + 1, block_size, kv_heads, hd, generator=g)
+    tables = (torch.randperm(5 * width, generator=g) + 1).view(5, width).contiguous()
+    row_seq = torch.tensor([s for s, _, n in runs for _ in range(n)])
+    lens = torch.tensor([start + i + 1 for _, start, n in runs for i in range(n)])
+    q = torch.randn(len(lens), heads, hd, generator=g)
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, window)
+    want = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, window)
+    assert out is not None
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
+
+
 def test_paged_attention_peaked_softmax(fn):
     """Scores hundreds apart (most weights underflow to zero, e^x below float32's range) still
     give the float64 result: the vector exp's clamp and the maximum subtraction."""

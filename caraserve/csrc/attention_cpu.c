@@ -13,8 +13,11 @@
  * once, and asks for the cache lines of blocks ahead (its own, then the next row's) while it
  * works on this one. Scores go eight keys at a time (independent vector chains, summed by a
  * shuffle tree), the weighted sum of values 64 columns at a time in registers; softmax in
- * float32 with the maximum subtracted and a vector exp. Rows are shared out over the calling
- * thread's OpenMP team.
+ * float32 with the maximum subtracted and a vector exp. QT consecutive prompt tokens of one
+ * sequence (rows of the same sequence whose lengths rise by one) go together as a tile: each
+ * key and value vector loaded is used by all QT queries, which halves the loads per
+ * multiply-add of the single-row loops (prefill is bound by them, decode by memory). Rows and
+ * tiles are shared out over the calling thread's OpenMP team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,7 +37,17 @@
  * positions x 32 KV heads x 128 floats, 256 KB) asked for whole would evict from L2 the one
  * being read. */
 #define PF_MAX 4096
-#define ROWS_PER_CHUNK 2 /* rows a thread takes at a time */
+#define ROWS_PER_CHUNK 2 /* rows (or tiles) a thread takes at a time */
+/* A tile: QT queries times TK keys of accumulators (and QT rows times TCW vectors of columns
+ * in the weighted sum), plus the vectors loaded, must stay in the vector registers: 32 with
+ * AVX-512, 16 without. QT * TK is a multiple of 8 (the shuffle tree sums eight at a time). */
+#ifdef __AVX512F__
+#define QT 8
+#else
+#define QT 4
+#endif
+#define TK 2
+#define TCW 2
 
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -71,7 +84,7 @@ static float dot(const float *a, const float *b, int64_t d) {
 
 /* lane p of the result = the sum of the lanes of a[p]: eight horizontal sums as a tree of
  * pairwise shuffles and adds (7 vector adds instead of 56 scalar ones) */
-static vf hsum8(const vf a[8]) {
+static inline __attribute__((always_inline)) vf hsum8(const vf a[8]) {
     vf t[4], u[2];
     for (int p = 0; p < 4; p++)
         t[p] = SHUF8(a[2 * p], a[2 * p + 1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a[2 * p], a[2 * p + 1], 1, 9, 3, 11, 5, 13, 7, 15);
@@ -135,19 +148,78 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
 }
 
+/* s[r * s_stride + p] = q_r . k_p for the QT queries q_r = q + r * q_stride and the TK keys
+ * k_p = k + p * stride: QT x TK independent chains, summed eight at a time by the shuffle tree */
+static void dots_tile(const float *q, int64_t q_stride, const float *k, int64_t stride, int64_t d, float *s,
+                      int64_t s_stride) {
+    vf acc[QT * TK];
+    for (int a = 0; a < QT * TK; a++) acc[a] = (vf){0};
+    int64_t c = 0;
+    for (; c + VL <= d; c += VL) {
+        vf kv[TK];
+        for (int p = 0; p < TK; p++) kv[p] = LOAD(k + p * stride + c);
+        for (int r = 0; r < QT; r++) {
+            const vf qv = LOAD(q + r * q_stride + c);
+            for (int p = 0; p < TK; p++) acc[r * TK + p] += qv * kv[p];
+        }
+    }
+    for (int g = 0; g < QT * TK / 8; g++) { /* lane l of sums: query 8 / TK * g + l / TK, key l % TK */
+        vf sums = hsum8(acc + 8 * g);
+        for (int l = 0; l < 8; l++) {
+            const int r = 8 / TK * g + l / TK, p = l % TK;
+            for (int64_t e = c; e < d; e++) sums[l] += q[r * q_stride + e] * k[p * stride + e];
+            s[r * s_stride + p] = sums[l];
+        }
+    }
+}
+
+/* o_r[0:d] += sum_j w_r[j] * v_j over j in [lo, hi) for the QT rows o_r = o + r * o_stride,
+ * w_r = w + r * w_stride, v_j = v + j * stride: each value vector loaded serves every row */
+static void weighted_sum_tile(float *o, int64_t o_stride, const float *w, int64_t w_stride, const float *v,
+                              int64_t stride, int64_t lo, int64_t hi, int64_t d) {
+    int64_t c = 0;
+    for (; c + TCW * VL <= d; c += TCW * VL) {
+        vf acc[QT][TCW];
+        for (int r = 0; r < QT; r++)
+            for (int t = 0; t < TCW; t++) acc[r][t] = LOAD(o + r * o_stride + c + t * VL);
+        for (int64_t j = lo; j < hi; j++) {
+            vf vv[TCW];
+            for (int t = 0; t < TCW; t++) vv[t] = LOAD(v + j * stride + c + t * VL);
+            for (int r = 0; r < QT; r++) {
+                const float x = w[r * w_stride + j];
+                const vf wr = {x, x, x, x, x, x, x, x};
+                for (int t = 0; t < TCW; t++) acc[r][t] += wr * vv[t];
+            }
+        }
+        for (int r = 0; r < QT; r++)
+            for (int t = 0; t < TCW; t++) STORE(o + r * o_stride + c + t * VL, acc[r][t]);
+    }
+    for (int r = 0; r < QT; r++) weighted_sum(o + r * o_stride + c, w + r * w_stride, v + c, stride, lo, hi, d - c);
+}
+
 /* Each head's scores [lo, len) (rows of `width` floats) times scale, turned into their softmax:
  * the maximum subtracted, a vector exp, float32 sums. */
 static void softmax(float *scores, int64_t heads, int64_t width, int64_t lo, int64_t len, float scale) {
     for (int64_t h = 0; h < heads; h++) {
         float *sh = scores + h * width;
         float mx = -INFINITY, sum = 0.0f;
-        for (int64_t j = lo; j < len; j++) {
+        vf mv = (vf){0} - INFINITY;
+        int64_t j = lo;
+        for (; j + VL <= len; j += VL) {
+            const vf x = LOAD(sh + j) * scale;
+            const vi more = x > mv;
+            STORE(sh + j, x);
+            mv = (vf)(((vi)x & more) | ((vi)mv & ~more));
+        }
+        for (; j < len; j++) {
             sh[j] *= scale;
             if (sh[j] > mx) mx = sh[j];
         }
+        for (int l = 0; l < VL; l++)
+            if (mv[l] > mx) mx = mv[l];
         const vf mxv = (vf){0} + mx;
         vf sv = {0};
-        int64_t j = lo;
+        j = lo;
         for (; j + VL <= len; j += VL) {
             const vf e = vexp(LOAD(sh + j) - mxv);
             STORE(sh + j, e);
@@ -207,24 +279,37 @@ static int64_t first_position(const attn_call *c, int64_t len) {
     return c->window > 0 && len > c->window ? len - c->window : 0;
 }
 
-/* Lists in items the stretches row i reads in the order it reads them (its K blocks, then its V
- * blocks), then, when `next_row`, the first PF_DIST K stretches of row i + 1; returns how many */
-static int64_t row_items(const attn_call *c, int64_t i, int next_row, span *items) {
-    const int64_t len = c->lens[i], lo = first_position(c, len);
-    const int64_t nb = (len - 1) / c->block_size - lo / c->block_size + 1;
-    const int64_t *table = c->block_tables + c->row_seq[i] * c->table_width;
-    int64_t n = spans_of(items, nb, c->kc, table, lo, len, c->block_size, c->pos_stride);
-    n += spans_of(items + n, nb, c->vc, table, lo, len, c->block_size, c->pos_stride);
-    if (next_row) {
-        const int64_t len1 = c->lens[i + 1];
-        n += spans_of(items + n, PF_DIST, c->kc, c->block_tables + c->row_seq[i + 1] * c->table_width,
-                      first_position(c, len1), len1, c->block_size, c->pos_stride);
-    }
+/* A unit of a call's work: one row, or a tile of QT rows (rows first .. first + QT - 1 of one
+ * sequence, each one position further than the one before). It reads positions [lo, len) of its
+ * sequence: its first row's first position to its last row's own; block ids from `table`. */
+typedef struct {
+    int64_t first, count, lo, len;
+    const int64_t *table;
+} unit;
+
+static unit unit_at(const attn_call *c, int64_t first, int64_t count) {
+    return (unit){first, count, first_position(c, c->lens[first]), c->lens[first + count - 1],
+                  c->block_tables + c->row_seq[first] * c->table_width};
+}
+
+/* The blocks unit u reads */
+static int64_t unit_blocks(const attn_call *c, const unit *u) {
+    return (u->len - 1) / c->block_size - u->lo / c->block_size + 1;
+}
+
+/* Lists in items the stretches unit u reads in the order it reads them (its K blocks, then its V
+ * blocks), then, when next is not NULL, the first PF_DIST K stretches of next; returns how many */
+static int64_t unit_items(const attn_call *c, const unit *u, const unit *next, span *items) {
+    const int64_t nb = unit_blocks(c, u);
+    int64_t n = spans_of(items, nb, c->kc, u->table, u->lo, u->len, c->block_size, c->pos_stride);
+    n += spans_of(items + n, nb, c->vc, u->table, u->lo, u->len, c->block_size, c->pos_stride);
+    if (next != NULL)
+        n += spans_of(items + n, PF_DIST, c->kc, next->table, next->lo, next->len, c->block_size, c->pos_stride);
     return n;
 }
 
 /* oi [heads, head_dim] = the attention of row i's query qi (the header's formula); items: the n
- * stretches row_items listed, the one PF_DIST on asked for while each is read; scores: [heads,
+ * stretches unit_items listed for the row, the one PF_DIST on asked for while each is read; scores: [heads,
  * longest] of scratch. Pass 0 scores every head against the row's keys, pass 1 sums every
  * head's values weighted by its softmax; both block by block, so each block (contiguous) is
  * read from memory once and reused from L1 by every head. Always inlined: as a call of its own,
@@ -266,6 +351,57 @@ static inline __attribute__((always_inline)) void attend_row(const attn_call *c,
     }
 }
 
+/* The QT rows of tile u, as attend_row does one (q rows from qi, out rows from oi): pass 0 scores
+ * every query of the tile against the tile's keys [u->lo, u->len); each row then takes the
+ * softmax of its own positions [lo_r, len_r) and zero weight elsewhere; pass 1 sums the values.
+ * scores: [QT, heads, longest] of scratch. */
+static inline __attribute__((always_inline)) void attend_tile(const attn_call *c, const unit *u, const float *qi,
+                                                              float *oi, const span *items, int64_t n,
+                                                              float *scores) {
+    const int64_t heads = c->heads, group = c->group, d = c->head_dim, bs = c->block_size;
+    const int64_t pos_stride = c->pos_stride, block_stride = c->block_stride, longest = c->longest;
+    const int64_t row_stride = heads * d, s_stride = heads * longest;
+    const int64_t b_lo = u->lo / bs, nb = unit_blocks(c, u);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) {
+            for (int r = 0; r < QT; r++) {
+                const int64_t len = c->lens[u->first + r], lo = first_position(c, len);
+                float *sr = scores + r * s_stride;
+                softmax(sr, heads, longest, lo, len, c->scale);
+                for (int64_t h = 0; h < heads; h++) {
+                    for (int64_t j = u->lo; j < lo; j++) sr[h * longest + j] = 0.0f;
+                    for (int64_t j = len; j < u->len; j++) sr[h * longest + j] = 0.0f;
+                }
+            }
+            for (int64_t e = 0; e < QT * row_stride; e++) oi[e] = 0.0f;
+        }
+        for (int64_t k = 0; k < nb; k++) {
+            const int64_t b = b_lo + k, first = b * bs;
+            const int64_t j0 = first > u->lo ? first : u->lo, j1 = first + bs < u->len ? first + bs : u->len;
+            const int64_t t = pass * nb + k;
+            const float *cb = (pass ? c->vc : c->kc) + u->table[b] * block_stride;
+            const span *next = t + PF_DIST < n ? &items[t + PF_DIST] : NULL;
+            for (int64_t h = 0; h < heads; h++) {
+                prefetch_share(next, h, heads);
+                const float *ch = cb + (h / group) * d;
+                float *sh = scores + h * longest;
+                if (pass) {
+                    weighted_sum_tile(oi + h * d, row_stride, sh + first, s_stride, ch, pos_stride, j0 - first,
+                                      j1 - first, d);
+                    continue;
+                }
+                const float *qh = qi + h * d;
+                int64_t j = j0;
+                for (; j + TK <= j1; j += TK)
+                    dots_tile(qh, row_stride, ch + (j - first) * pos_stride, pos_stride, d, sh + j, s_stride);
+                for (; j < j1; j++)
+                    for (int r = 0; r < QT; r++)
+                        sh[r * s_stride + j] = dot(qh + r * row_stride, ch + (j - first) * pos_stride, d);
+            }
+        }
+    }
+}
+
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
  * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
  * block table, a length outside [1, table_width * block_size], or a block id outside the cache
@@ -281,29 +417,41 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
                      row_seq == NULL || lens == NULL))
         return -1;
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
-    if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads) return -1;
+    if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads / QT) return -1;
     attn_call c = {kc, vc, block_tables, row_seq, lens, heads, group, head_dim, block_size, table_width, window,
                    kv_heads * head_dim, block_size * kv_heads * head_dim, 1, scale};
-    int64_t most_blocks = 1; /* the most blocks a row reads (c.longest: the longest row) */
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;
         if (len > c.longest) c.longest = len;
-        const int64_t lo = first_position(&c, len);
-        if ((len - 1) / block_size - lo / block_size + 1 > most_blocks)
-            most_blocks = (len - 1) / block_size - lo / block_size + 1;
-        for (int64_t b = lo / block_size; b <= (len - 1) / block_size; b++) {
+        for (int64_t b = first_position(&c, len) / block_size; b <= (len - 1) / block_size; b++) {
             const int64_t blk = block_tables[s * table_width + b];
             if (blk < 0 || blk >= num_blocks) return -1;
         }
     }
+    /* The units: rows starts[u] .. starts[u + 1] - 1, a tile where QT rows in a row are
+     * consecutive tokens of one sequence. A tile reads the union of its rows' positions, which
+     * the checks above covered. most_blocks: the most blocks a unit reads. */
+    int64_t *starts = malloc(sizeof(int64_t) * (rows + 1));
+    if (starts == NULL) return -2;
+    int64_t units = 0, most_blocks = 1;
+    for (int64_t i = 0; i < rows;) {
+        int64_t t = 1;
+        while (t < QT && i + t < rows && row_seq[i + t] == row_seq[i] && lens[i + t] == lens[i] + t) t++;
+        if (t < QT) t = 1;
+        const unit u = unit_at(&c, i, t);
+        if (unit_blocks(&c, &u) > most_blocks) most_blocks = unit_blocks(&c, &u);
+        starts[units++] = i;
+        i += t;
+    }
+    starts[units] = rows;
     int failed = 0;
 #ifdef _OPENMP
-#pragma omp parallel if (rows > 1) reduction(| : failed)
+#pragma omp parallel if (units > 1) reduction(| : failed)
 #endif
     {
-        float *scores = malloc(sizeof(float) * heads * c.longest);
-        span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST)); /* see row_items */
+        float *scores = malloc(sizeof(float) * QT * heads * c.longest);
+        span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST)); /* see unit_items */
         if (scores == NULL || items == NULL) failed = 1;
         int64_t prev = -2;
 #ifdef _OPENMP
@@ -312,17 +460,25 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #else
         const int alone = 1;
 #endif
-        for (int64_t i = 0; i < rows; i++) {
+        for (int64_t v = 0; v < units; v++) {
             if (scores == NULL || items == NULL) continue;
-            /* the next row's first stretches, when this thread takes it too (in a team, another may) */
-            const int64_t n = row_items(&c, i, i + 1 < rows && (alone || (i + 1) % ROWS_PER_CHUNK != 0), items);
-            if (prev != i - 1) /* this thread's first row, or rows skipped: nothing asked for them yet */
+            const unit u = unit_at(&c, starts[v], starts[v + 1] - starts[v]);
+            /* the next unit's first stretches, when this thread takes it too (in a team, another may) */
+            const int ahead = v + 1 < units && (alone || (v + 1) % ROWS_PER_CHUNK != 0);
+            const unit next = ahead ? unit_at(&c, starts[v + 1], starts[v + 2] - starts[v + 1]) : u;
+            const int64_t n = unit_items(&c, &u, ahead ? &next : NULL, items);
+            if (prev != v - 1) /* this thread's first unit, or units skipped: nothing asked for them yet */
                 for (int64_t t = 0; t < PF_DIST && t < n; t++) prefetch_share(&items[t], 0, 1);
-            prev = i;
-            attend_row(&c, i, q + i * heads * head_dim, out + i * heads * head_dim, items, n, scores);
+            prev = v;
+            const int64_t at = u.first * heads * head_dim;
+            if (u.count == 1)
+                attend_row(&c, u.first, q + at, out + at, items, n, scores);
+            else
+                attend_tile(&c, &u, q + at, out + at, items, n, scores);
         }
         free(items);
         free(scores);
     }
+    free(starts);
     return failed ? -2 : 0;
 }

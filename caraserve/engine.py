@@ -137,10 +137,9 @@ class Engine:
                             cache_file(cfg.compile_cache_dir, key), deferred, capture=cfg.cuda_graphs == "capture")
 
     def warm_up(self) -> None:
-        """Compiles or captures now, on the calling thread (the one that will run the steps:
-        variants compiled on another thread made later CPU steps slower), what steps can be
-        made ahead of, so no request waits for it: with engine.compile=true on CPU the one
-        variant; on CUDA with engine.cuda_graphs=capture every batch bucket's graphs."""
+        """Compiles or captures now, on the thread that will run the steps (variants compiled on
+        another made later CPU steps slower), what can be made ahead so no request waits for it:
+        compile=true on CPU the one variant, on CUDA with cuda_graphs=capture every bucket's graphs."""
         if self.graphs is not None and (self.config.compile == "true" or self.graphs.capture):
             self.graphs.warm_up()
 
@@ -330,6 +329,7 @@ class Engine:
 
     def _fail(self, req: Request, why: str, cause: ErrorCause = ErrorCause.REQUEST) -> RequestOutput:
         req.error, req.error_cause = why, cause
+        self.kv.unpublish(req.block_table[: req.published_blocks])  # its KV may be what went wrong
         self._finish(req, FinishReason.ERROR)
         return self.outputs.output(req, [], "")
 

@@ -216,6 +216,18 @@ class KVCache:
             self._cached[h] = block
             self._hash_of[block] = h
 
+    def unpublish(self, blocks: list[int]) -> None:
+        """Makes `blocks` unfindable (their KV may be wrong: a request that filled or read them
+        failed); whoever holds them keeps them, and a block nobody holds becomes empty."""
+        for block in blocks:
+            h = self._hash_of.pop(block, None)
+            if h is None:
+                continue
+            del self._cached[h]
+            if block in self._evictable:
+                del self._evictable[block]
+                self._free.append(block)
+
     def reset_prefix_cache(self) -> int:
         """Forgets every cached block nobody holds (they become empty); blocks requests hold keep
         theirs. How many were forgotten (vLLM's reset_prefix_cache: benchmarks start cold)."""

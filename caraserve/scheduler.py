@@ -207,7 +207,7 @@ class Scheduler:
 
     def _take_prefix(self, req: Request, hit: list[int]) -> None:
         """Admits the request onto its cached prefix: shares the blocks, skips their tokens."""
-        if self.prefix_caching:
+        if self.prefix_caching and not req.preemptions:  # (a recompute is no new query: vLLM's)
             self.kv.query_tokens += req.prefill_len
             self.kv.hit_tokens += len(hit) * self.kv.block_size
         if not hit:

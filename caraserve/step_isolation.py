@@ -4,8 +4,10 @@ When the batched forward raises, each request runs again alone and eagerly (writ
 entries again is harmless), so only the requests whose own forward raises fail. When the
 batched sampler raises, the rows are sampled one by one from the generators' states before the
 batched attempt, so the requests that do not fail get the tokens they would have got without the
-others. A fault no request explains (every row fails alone, or one-request steps keep failing)
-is the engine's: EngineDeadError.
+others. When no row is left (every row fails alone, or a step's only request fails), a probe
+decides whose fault it is: one token of the base model through the same forward (or one greedy
+row through the sampler). The probe runs: those requests' own faults, and the engine serves on.
+The probe fails too: the engine's fault, EngineDeadError.
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ import logging
 
 import torch
 
-from caraserve.request import Request
+from caraserve.request import Request, RequestState, SamplingParams
 from caraserve.sampler import NonFiniteLogits, sample
 from caraserve.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
-# One-request steps failing in a row, none succeeding between them, that make a fault the engine's.
-FAILED_STEPS_FATAL = 3
 # Why a request whose logits are not finite fails (its own fault, not the engine's)
 NONFINITE = "the model's logits for it are NaN or infinite (an adapter whose weights or scaling overflow gives them)"
 
@@ -39,19 +39,18 @@ class StepIsolation:
 
     def __init__(self, runner):
         self.runner = runner  # runner.run(batch, eager=...) -> (logits [B, V], row order)
-        self._failed_steps = 0  # consecutive one-request steps whose forward raised
 
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request], list[tuple[Request, str]]]:
-        """(logits [R, V], the request of each row, [(request, why it failed)])."""
+        """(logits [R, V] or None when no row is left, the request of each row, [(request, why it failed)])."""
         try:
             logits, order = self.runner.run(batch)
-            self._failed_steps = 0
             return logits, [batch.requests[i] for i in order], []
         except Exception as e:
             if len(batch.requests) == 1:
                 log.exception("step failed on request %s", batch.requests[0].request_id)
-                self._count_failed_step(describe(e))
-                return None, [], [(batch.requests[0], describe(e))]
+                failed = [(batch.requests[0], describe(e))]
+                self._probe_forward(failed)
+                return None, [], failed
             log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), describe(e))
         rows, reqs, failed = [], [], []
         for req, n in zip(batch.requests, batch.chunk_lens):
@@ -62,16 +61,20 @@ class StepIsolation:
                 log.exception("step failed on request %s", req.request_id)
                 failed.append((req, describe(e)))
         if not rows:
-            raise EngineDeadError(f"every request of a {len(failed)}-request step failed alone: {failed[0][1]}")
-        self._failed_steps = 0
+            self._probe_forward(failed)
+            return None, [], failed
         return torch.cat(rows), reqs, failed
 
-    def _count_failed_step(self, why: str) -> None:
-        """A one-request step that fails may be that request's fault or the engine's; several in
-        a row with no step succeeding between them are the engine's."""
-        self._failed_steps += 1
-        if self._failed_steps >= FAILED_STEPS_FATAL:
-            raise EngineDeadError(f"{self._failed_steps} steps in a row failed, each on its only request: {why}")
+    def _probe_forward(self, failed: list[tuple[Request, str]]) -> None:
+        """Every row of a step failed: runs one token of the base model at position 0 of the KV
+        cache's scratch block (block 0, which no request holds), eagerly. EngineDeadError when
+        that fails too; otherwise the rows' faults were their own."""
+        probe = Request("probe", [0], SamplingParams(max_tokens=1), state=RequestState.PREFILL, block_table=[0])
+        try:
+            self.runner.run(ScheduledBatch(False, [probe], [1]), eager=True)
+        except Exception as e:
+            raise EngineDeadError(f"a step's every request failed ({failed[0][1]}), and so does a one-token "
+                                  f"forward of the base model ({describe(e)})") from e
 
     @staticmethod
     def sample(logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None],
@@ -110,5 +113,15 @@ class StepIsolation:
                 log.exception("sampling failed on request %s", reqs[i].request_id)
                 bad[i] = describe(e)
         if len(bad) == len(reqs) > 1:
-            raise EngineDeadError(f"sampling failed on every row of a {len(reqs)}-row step: {bad[0]}")
+            StepIsolation._probe_sampler(logits, bad[0])
         return tokens, logprobs, tops, bad
+
+    @staticmethod
+    def _probe_sampler(logits: torch.Tensor, why: str) -> None:
+        """Sampling failed on every row: samples one greedy row of zeros like the step's logits.
+        EngineDeadError when that fails too; otherwise the rows' faults were their own."""
+        try:
+            sample(torch.zeros_like(logits[:1]), [SamplingParams(max_tokens=1, temperature=0)], [None], [([], [])])
+        except Exception as e:
+            raise EngineDeadError(f"sampling failed on a step's every row ({why}), and on one greedy row of zeros "
+                                  f"({describe(e)})") from e

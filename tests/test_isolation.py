@@ -200,6 +200,52 @@ def test_fault_of_every_row_is_the_engines(engine, monkeypatch):
     assert not engine.has_unfinished()
 
 
+def test_faults_of_every_row_that_are_the_requests_own_leave_the_engine_serving(engine, monkeypatch):
+    """Requests whose own forward raises fail alone even when nothing else shares their step (a
+    step of two such, then three one-request steps in a row): a one-token probe of the base model
+    runs, so the fault is theirs, and the engine goes on serving with the same tokens."""
+    clean, _, _ = run(engine)
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    both = [engine.add_request([1, MARK, i], SamplingParams(max_tokens=3)) for i in (2, 3)]
+    finals = [out for _ in range(4) for out in engine.step() if out.finished]
+    assert sorted(o.request_id for o in finals) == sorted(both)
+    for i in range(3):
+        out = engine.generate([[1, MARK, 10 + i]], SamplingParams(max_tokens=3))[0]
+        assert out.finish_reason is FinishReason.ERROR and out.error_cause is ErrorCause.REQUEST
+        assert "planted fault" in out.error
+    assert run(engine)[0] == clean
+
+
+def test_a_failed_prompt_withdraws_its_cached_blocks(tmp_path):
+    """A fault that spoils a chunk of a prompt's KV (NaN, once) fails that request when its last
+    chunk's logits show it; the blocks it published on the way are withdrawn from the prefix
+    cache, so a later request sharing the prefix computes it again and gets the clean tokens."""
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256, max_tokens_per_step=32))
+    system = list(range(100, 110)) + [MARK] + list(range(110, 150))  # 51 tokens: two chunks and a bit
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    want = engine.generate([system + [11, 12, 13]], greedy)[0].output_ids
+    engine.kv.reset_prefix_cache()
+    armed = [True]
+
+    def spoil(module, args, out):
+        marked = args[0] == MARK
+        if armed[0] and bool(marked.any()):
+            armed[0] = False
+            out = out.clone()
+            out[marked] = float("nan")
+            return out
+
+    hook = engine.model.model.embed_tokens.register_forward_hook(spoil)
+    try:
+        first = engine.generate([system + [7, 8, 9]], greedy)[0]
+        assert first.finish_reason is FinishReason.ERROR and "NaN or infinite" in first.error
+        assert not armed[0] and engine.kv.cached_blocks == 0
+        again = engine.generate([system + [11, 12, 13]], greedy)[0]
+        assert again.error is None and again.output_ids == want
+    finally:
+        hook.remove()
+
+
 def test_offline_batch_survives_poisoned_lines(engine, monkeypatch):
     clean, _, _ = run(engine)
     monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))

@@ -83,6 +83,8 @@ def test_preempted_requests_recompute_the_same_tokens(params):
     assert [r.output_ids for r in reqs] == want
     assert all(r.finish_reason is FinishReason.LENGTH for r in reqs)
     assert tight.scheduler.num_preemptions > 0 and tight.kv.free_blocks == 12
+    # a recompute after a preemption is not a new prefix-cache query (vLLM's counters)
+    assert tight.kv.query_tokens == sum(map(len, PROMPTS))
     state = tight.snapshot()
     assert (state.preemptions, state.kv_blocks_total, state.kv_blocks_free, state.kv_block_size) == (
         tight.scheduler.num_preemptions, 12, 12, 4)

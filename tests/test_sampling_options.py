@@ -54,6 +54,22 @@ def test_adjustments_match_the_reference(name):
     assert not torch.equal(got[0], logits[0])  # the case changes something
 
 
+def test_a_tiny_repetition_penalty_keeps_finite_logits_finite():
+    """A penalty near zero divides a positive logit past float32's range: it stays the largest
+    finite value (the token ranks first, as the infinity would), so the row is still sampled,
+    greedy or not; an infinity or NaN the model gave stays what it was."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    p = SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1e-40)
+    got = adjust_logits(logits, [p], [([0, 1], [])])
+    assert torch.isfinite(got).all() and int(got.argmax()) == 0 and got[0, 0] == torch.finfo(torch.float32).max
+    assert sample(logits, [p], [None], [([0, 1], [])])[0] == [0]
+    seeded = SamplingParams(max_tokens=1, temperature=1.0, seed=3, repetition_penalty=1e-40)
+    assert sample(logits, [seeded], [torch.Generator().manual_seed(3)], [([0, 1], [])])[0] == [0]
+    odd = torch.tensor([[float("inf"), float("nan"), 1.0]])
+    got = adjust_logits(odd, [p], [([0, 1, 2], [])])
+    assert got[0, 0] == float("inf") and got[0, 1].isnan() and torch.isfinite(got[0, 2])
+
+
 def test_logprobs_stay_those_of_the_model():
     logits = torch.randn(1, 16, generator=torch.Generator().manual_seed(3))
     p = SamplingParams(temperature=0, logprobs=True, logit_bias={7: 100.0})

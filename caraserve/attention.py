@@ -52,6 +52,53 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return rotary_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
+def check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int | None) -> None:
+    """A ValueError naming what paged attention cannot compute: shapes that do not fit the
+    semantics below, tensors on other devices, sequences outside the block table, lengths
+    outside [1, table width x block size], block ids outside the cache for a position a row
+    reads. Reads the index tensors' values (a host sync on a GPU): the check of calls a kernel
+    declined, before the reference runs them, not of every step."""
+    def bad(why: str):
+        raise ValueError(f"paged attention: {why}")
+
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, row_seq=row_seq, lens=lens)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            bad(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            bad(f"{name} is on {t.device}, q on {q.device}")
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        bad(f"expected q [T, H, hd] and caches [blocks, block_size, KV, hd] of one shape, got q {list(q.shape)}, "
+            f"k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}")
+    (t, heads, hd), (blocks, bs, kv_heads, cache_hd) = q.shape, k_cache.shape
+    if hd < 1 or hd != cache_hd or kv_heads < 1 or heads % kv_heads or blocks < 1 or bs < 1:
+        bad(f"q {list(q.shape)} does not fit caches {list(k_cache.shape)} (head sizes equal and at least 1, "
+            "query heads a multiple of KV heads, at least one block of one position)")
+    if not q.is_floating_point() or q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        bad(f"q and the caches must share one floating dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name in ("block_tables", "row_seq", "lens"):
+        if tensors[name].dtype not in (torch.int32, torch.int64):
+            bad(f"{name} must hold int32 or int64, got {tensors[name].dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[1] < 1 or row_seq.shape != (t,) or lens.shape != (t,):
+        bad(f"expected block_tables [S, W >= 1] and row_seq, lens [{t}], got {list(block_tables.shape)}, "
+            f"{list(row_seq.shape)}, {list(lens.shape)}")
+    if window is not None and window < 0:
+        bad(f"window must be None or >= 0, got {window}")
+    if not t:
+        return
+    seqs, width = block_tables.shape
+    if int(row_seq.min()) < 0 or int(row_seq.max()) >= seqs:
+        bad(f"row_seq holds {int(row_seq.min())}..{int(row_seq.max())}, outside the block table's {seqs} sequences")
+    if int(lens.min()) < 1 or int(lens.max()) > width * bs:
+        bad(f"lens hold {int(lens.min())}..{int(lens.max())}, outside [1, {width * bs}] (table width x block size)")
+    lo = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+    j = torch.arange(width, device=q.device)
+    read = (j[None, :] >= (lo // bs)[:, None]) & (j[None, :] <= ((lens - 1) // bs)[:, None])
+    ids = block_tables[row_seq.long()]
+    if bool((read & ((ids < 0) | (ids >= blocks))).any()):
+        bad(f"a row reads a block id outside the cache's {blocks} blocks")
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, row_seq: torch.Tensor, lens: torch.Tensor,
                               window: int | None) -> torch.Tensor:
@@ -90,4 +137,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         from caraserve import attention_triton
 
         return attention_triton.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, row_seq, lens, window)
+    check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window)

@@ -49,7 +49,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return None
     n, heads, hd = q.shape
     blocks, block_size, kv_heads, _ = k_cache.shape
-    if kv_heads < 1 or heads % kv_heads or block_tables.shape[1] < 1:
+    if kv_heads < 1 or heads % kv_heads or block_tables.shape[1] < 1 or hd < 1:
         return None
     block_tables, row_seq, lens = block_tables.contiguous(), row_seq.contiguous(), lens.contiguous()
     out = torch.empty_like(q)

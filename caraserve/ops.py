@@ -19,9 +19,14 @@ _lib = torch.library.Library("caraserve", "DEF")
 # x [T, in] @ W^T (+ bias) with W in oneDNN's packed layout (CausalLM.pack_weights): the packed
 # weight has no strides inductor can lower.
 _lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
-_lib.impl("packed_linear",
-          lambda x, packed, bias, out_features: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
-          "CompositeExplicitAutograd")  # the packed weight is an MkldnnCPU tensor, x a CPU one
+def _packed_linear(x, packed, bias, out_features: int) -> torch.Tensor:
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if y.shape[-1] != out_features:  # the fake kernel's shape must be the real one
+        raise ValueError(f"packed_linear: the packed weight gives {y.shape[-1]} features, not {out_features}")
+    return y
+
+
+_lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")  # packed: an MkldnnCPU tensor, x a CPU one
 
 
 @torch.library.register_fake("caraserve::packed_linear")
@@ -38,8 +43,11 @@ def _paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: i
     out = cpu_kernels.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
     if out is not None:
         return out
-    from caraserve.attention import paged_attention_reference
+    from caraserve.attention import check_paged_attention, paged_attention_reference
 
+    # the kernel declined: tensors it does not read (another dtype, a head size past its
+    # limit) run through the reference, inputs no path computes are refused by name
+    check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
 
 
@@ -48,6 +56,10 @@ _lib.impl("paged_attention", _paged_attention, "CPU")
 
 @torch.library.register_fake("caraserve::paged_attention")
 def _(q, k_cache, v_cache, block_tables, row_seq, lens, window):
+    # (also what a call mixing meta and real tensors dispatches to: it must not hand back memory)
+    for t in (k_cache, v_cache, block_tables, row_seq, lens):
+        if t.device != q.device:
+            raise ValueError(f"paged attention: a {list(t.shape)} input is on {t.device}, q on {q.device}")
     return torch.empty_like(q)
 
 

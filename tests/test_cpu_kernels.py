@@ -315,6 +315,60 @@ def test_kernel_refuses_inconsistent_calls(fn, case):
     assert torch.equal(big_y, before)
 
 
+def test_paged_attention_op_refuses_by_name_what_no_path_computes():
+    """Where the C kernel declines a call, the op checks it before the torch reference runs it:
+    out-of-range sequences, lengths and block ids, mismatched caches and mixed devices are
+    refused by name (the reference's indexing would wrap negatives and mask the rest, and a meta
+    input would hand back uninitialised memory); what the kernel only does not read (float64,
+    int32 tables) still gives the kernel's numbers."""
+    op = torch.ops.caraserve.paged_attention
+    q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(10, 4, 2, 16), torch.randn(10, 4, 2, 16)
+    tables, row_seq, lens = torch.tensor([[3, 6, 2], [9, 4, 7]]), torch.tensor([0, 1]), torch.tensor([4, 7])
+    cases = [
+        ((q, k_cache, v_cache, torch.tensor([[3, 6, 2], [-1, 4, 7]]), row_seq, lens), "block id outside"),
+        ((q, k_cache, v_cache, torch.tensor([[3, 6, 2], [-1, 4, 7]]).int(), row_seq, lens), "block id outside"),
+        ((q, k_cache, v_cache, tables, torch.tensor([0, -1]), lens), "row_seq holds"),
+        ((q, k_cache, v_cache, tables, row_seq, torch.tensor([4, 1000])), r"outside \[1, 12\]"),
+        ((q, k_cache, v_cache, tables, row_seq, torch.tensor([0, 7])), "lens hold"),
+        ((q, k_cache, v_cache, tables[:, :0], row_seq, lens), "block_tables"),
+        ((q, k_cache, v_cache[:, :, :1].contiguous(), tables, row_seq, lens), "of one shape"),
+        ((q, k_cache, v_cache, tables.to("meta"), row_seq, lens), "on meta"),
+        ((q, k_cache, v_cache, tables, row_seq, lens.to("meta")), "on meta"),
+        ((q[..., :0], k_cache[..., :0], v_cache[..., :0], tables, row_seq, lens), "head sizes"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            op(*args, 0)
+    want = op(q, k_cache, v_cache, tables, row_seq, lens, 0)
+    wide = op(q.double(), k_cache.double(), v_cache.double(), tables, row_seq, lens, 0)
+    assert wide.dtype == torch.float64 and torch.allclose(wide.float(), want, atol=1e-5)
+    assert torch.allclose(op(q, k_cache, v_cache, tables.int(), row_seq.int(), lens.int(), 0), want, atol=1e-5)
+
+
+def test_packed_linear_refuses_a_width_that_is_not_its_weights():
+    """The op's fake gives [.., out_features]; the real one must agree or say so."""
+    w = torch.randn(24, 16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 5)
+    x = torch.randn(5, 16)
+    assert torch.allclose(torch.ops.caraserve.packed_linear(x, packed, None, 24), x @ w.T, atol=1e-5)
+    with pytest.raises(ValueError, match="gives 24 features, not 7"):
+        torch.ops.caraserve.packed_linear(x, packed, None, 7)
+
+
+def test_lora_torch_path_refuses_runs_past_the_rows():
+    """The torch path (here: y with a column stride the kernel does not read) checks a run's rows
+    as the kernel does, instead of slicing it short."""
+    g = torch.Generator().manual_seed(5)
+    a, b, x = torch.randn(16, 8, generator=g), torch.randn(8, 24, generator=g), torch.randn(4, 16, generator=g)
+    y = torch.zeros(24, 4).t()  # [4, 24], column stride 4
+    with pytest.raises(ValueError, match=r"rows 0..6 of module 'q_proj', but y and x have 4 and 4 rows"):
+        add_lora_runs(y, x, [RunsGroup([(0, 6, a, b, 1.0)])], 0, "q_proj")
+    add_lora_runs(y, x, [RunsGroup([(1, 3, a, b, 0.5)])], 0, "q_proj")
+    want = torch.zeros(4, 24, dtype=torch.float64)
+    want[1:3] = 0.5 * (x[1:3].double() @ a.double()) @ b.double()
+    assert torch.allclose(y.double(), want, atol=1e-5)
+
+
 def test_paged_attention_refuses_inconsistent_inputs(fn):
     k_cache = torch.randn(4, 8, 2, 16)
     q = torch.randn(2, 4, 16)

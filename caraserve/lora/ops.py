@@ -57,4 +57,7 @@ def add_lora_runs(y: torch.Tensor, x: torch.Tensor, groups, layer: int, name: st
     for group in groups:
         if name in group.modules:
             for start, end, a, b, scale in group.cpu_runs(layer, name):
+                if not 0 <= start <= end <= min(len(y), len(x)):  # (a slice would cut the run short)
+                    raise ValueError(f"LoRA runs: rows {start}..{end} of module {name!r}, but y and x have "
+                                     f"{len(y)} and {len(x)} rows")
                 y[start:end].addmm_(torch.mm(x[start:end], a), b, alpha=scale)

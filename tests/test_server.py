@@ -250,6 +250,11 @@ def test_queue_full_gets_503_and_server_recovers(server, client):
         t.join()
     assert 503 in results and 200 in results and set(results) <= {200, 503}
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).usage.completion_tokens >= 1
+    # a call is admitted or refused whole: n choices of two prompts are 32 requests, far past
+    # server.max_queue=2 and the batch of 4, and the idle server takes them all
+    many = client.completions.create(model="tiny", prompt=["a", "b"], n=16, max_tokens=12,
+                                     extra_body={"ignore_eos": True})
+    assert len(many.choices) == 32 and sorted(c.index for c in many.choices) == list(range(32))
 
 
 def test_disconnect_mid_stream_aborts(server):

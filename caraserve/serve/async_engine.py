@@ -118,12 +118,15 @@ class AsyncEngine:
         return adapter in self.engine.store and adapter not in self._retired
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                     request_id: str, after: str | None = None, final_only: bool = False) -> asyncio.Queue:
+                     request_id: str, after: str | None = None, final_only: bool = False,
+                     joins_call: bool = False) -> asyncio.Queue:
         """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
-        changing anything. final_only: its queue gets one output, when it ends (Engine.add_request)."""
+        changing anything. final_only: its queue gets one output, when it ends (Engine.add_request).
+        joins_call: another request of a call already queued (its other choices and prompts),
+        which the queue's bound does not refuse: the call was admitted or refused whole."""
         if not self.healthy:
             raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
-        if self.num_waiting >= self.max_queue:
+        if not joins_call and self.num_waiting >= self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, asyncio.Queue())

@@ -25,11 +25,11 @@ class Runs:
         self.service = service
 
     async def start(self, prompt_ids, params, adapter, rid, after: str | None = None,
-                    final_only: bool = False) -> asyncio.Queue:
+                    final_only: bool = False, joins_call: bool = False) -> asyncio.Queue:
         """The request's output queue (every step's output; with final_only, a non-streamed
-        call's, only the last)."""
+        call's, only the last). joins_call: not the call's first request (AsyncEngine.submit)."""
         try:
-            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only)
+            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only, joins_call)
         except QueueFullError as e:
             raise ApiError(503, str(e), "server_overloaded") from e
         except EngineUnavailableError as e:
@@ -67,7 +67,7 @@ class Runs:
             for i in range(1, n):
                 sid = f"{rid}#{base + i}"
                 one = replace(params, seed=choice_seed(params.seed, i))
-                runs.append((sid, await self.start(ids, one, adapter, sid, after=first, final_only=final_only)))
+                runs.append((sid, await self.start(ids, one, adapter, sid, first, final_only, joins_call=True)))
         except BaseException as e:
             if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
                 e.admitted = True
@@ -83,7 +83,7 @@ class Runs:
         try:
             for k, ids in enumerate(encoded):
                 first = await self.start(ids, params, adapter, rid if k == 0 else f"{rid}#{k * n}",
-                                         final_only=final_only)
+                                         final_only=final_only, joins_call=k > 0)
                 runs += await self.start_n(ids, params, adapter, rid, first, n, final_only, base=k * n)
         except BaseException as e:
             if runs and isinstance(e, ApiError):

@@ -94,7 +94,7 @@ class Engine:
         check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
-        self.handoff, assist = handoff_for(ca, thread_plan, self.model.args)
+        self.handoff, assist = handoff_for(ca, thread_plan, self.model.args, self.pool.emulate_copy_gbps)
         self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,

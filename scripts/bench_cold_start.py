@@ -300,7 +300,9 @@ def main():
     per_bucket = max(sum(r == b for r in adapter_ranks.values()) for b in RANKS)
 
     size = {r: next((w.nbytes for w in adapters if w.rank == r), 0) for r in RANKS}
-    copy_ms = {r: 1e3 * size[r] / (args.copy_gbps * 1e9) if args.copy_gbps > 0 else 0.0 for r in RANKS}
+    # copies are real on CUDA (the pool ignores the emulated rate there): None, not a made-up time
+    emulated = args.copy_gbps > 0 and args.device != "cuda"
+    copy_ms = {r: 1e3 * size[r] / (args.copy_gbps * 1e9) if emulated else None for r in RANKS}
     rank_counts = {r: sum(v == r for v in adapter_ranks.values()) for r in RANKS}
     used = sorted({it.adapter for it in items})
 

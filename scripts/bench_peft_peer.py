@@ -1,7 +1,7 @@
 """Mixed-LoRA decode throughput vs Hugging Face transformers + peft, same model, adapters and prompts.
 
     python scripts/bench_peft_peer.py [--shape llama2-7b|small] [--batch 32] [--adapters 32]
-        [--targets all|attn] [--prompt-tokens 128] [--new-tokens 32] [--compile true] [--out PATH]
+        [--targets all|attn] [--prompt-tokens 128] [--new-tokens 32] [--compile true|capture] [--out PATH]
 
 Builds a model of the given shape with random weights on the device (caraserve.model.synthetic,
 no checkpoint) and hands the very same weight tensors to a transformers LlamaForCausalLM (no
@@ -45,7 +45,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--targets", default="all", choices=sorted(TARGETS))
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--compile", default="true", help="the engine's engine.compile")
+    ap.add_argument("--compile", default="true", choices=["false", "true", "auto", "capture"],
+                    help="the engine's engine.compile; capture: true with engine.cuda_graphs=capture (CUDA "
+                         "graphs of the eager forward, no inductor compile)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--out", default=None, help="default: profiles/<cpu|gpu>/peft_peer_<shape>.json")
@@ -149,7 +151,8 @@ def main() -> None:
                                device_slots=-(-args.adapters // len(RANKS))),
         device=device.type, max_batch_size=args.batch, max_seq_len=args.prompt_tokens + args.new_tokens + 8,
         num_kv_blocks=args.batch * -(-(args.prompt_tokens + args.new_tokens + 8) // 16),
-        compile=args.compile, compile_cache_dir=""), model=model)
+        compile="true" if args.compile == "capture" else args.compile, compile_cache_dir="",
+        cuda_graphs="capture" if args.compile == "capture" else "compile"), model=model)
     for w in loras:
         engine.store.add(w)
     systems = {"caraserve": lambda: run_ours(engine, prompts, adapters, args.new_tokens),

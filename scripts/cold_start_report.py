@@ -49,8 +49,11 @@ def print_report(args, result: dict) -> None:
           f"slots/bucket {args.slots} (CACHED {w['cached_slots_per_bucket']}); repeats {args.repeats} (medians); "
           f"load average {header['loadavg_1_5_15_start'][0]:.2f} at start, "
           f"{header['loadavg_1_5_15_end'][0]:.2f} at end")
-    print(f"emulated copy at {args.copy_gbps:g} GB/s: "
-          + ", ".join(f"r{r} {em['adapter_bytes'][r] / 2**20:.2f} MiB -> {em['copy_ms'][r]:.1f} ms" for r in RANKS))
+    if all(em["copy_ms"][r] is None for r in RANKS):
+        print("real copies (CUDA): " + ", ".join(f"r{r} {em['adapter_bytes'][r] / 2**20:.2f} MiB" for r in RANKS))
+    else:
+        print(f"emulated copy at {args.copy_gbps:g} GB/s: " + ", ".join(
+            f"r{r} {em['adapter_bytes'][r] / 2**20:.2f} MiB -> {em['copy_ms'][r]:.1f} ms" for r in RANKS))
     print("prefill here (rank-64 adapter resident): "
           + ", ".join(f"{n} tok {ms:.1f} ms" for n, ms in em['prefill_ms_rank64_resident'].items()))
     cols = "".join(f" {m.upper() + ' ' + q:>10s}" for m in METRICS for q in ("mean", "p50", "p99"))

@@ -53,6 +53,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 mkdir -p profiles/gpu
+stamp=$(mktemp)  # what this run wrote is newer: results committed from earlier runs are not copied to OUT
 status=0
 step=""  # the running step's `timeout`: stopped with this script, so no benchmark outlives it
 trap 'if [[ -n $step ]]; then kill -TERM "$step" 2>/dev/null; wait "$step"; fi; exit 143' TERM INT
@@ -74,14 +75,14 @@ run() {  # run LIMIT_S NAME CMD...: one step under a time limit, its output to t
     step=""
     echo "=== $name: exit $rc after $((SECONDS - t0))s"
     [[ $rc == 0 ]] || status=1
-    if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi
+    if [[ -n "${OUT:-}" ]]; then find profiles/gpu -name '*.json' -newer "$stamp" -exec cp {} "$OUT"/ \; 2>/dev/null || true; fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
     "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
 if want tests; then
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py \
-        tests/test_triton_attention.py \
+        tests/test_triton_multi.py tests/test_triton_attention.py \
         tests/test_layer_ops.py
 fi
 if want floor; then
@@ -90,7 +91,7 @@ if want floor; then
 fi
 if want peft; then  # target: mixed-LoRA throughput >= 10x transformers + peft's
     run 150 peft "$PY" scripts/bench_peft_peer.py --shape llama2-7b --batch 32 --adapters 32 --targets all \
-        --out profiles/gpu/peft_peer_llama2-7b.json
+        --compile capture --out profiles/gpu/peft_peer_llama2-7b.json
 fi
 if want cold; then
     # Cold starts on the 7B shape with rank-64 adapters: CACHED vs on-demand vs CPU-assisted vs auto
@@ -121,6 +122,6 @@ if want overhead; then
         --workloads mixed --repeats 1 --steps 50 --out profiles/gpu/bench_step_overhead.json
 fi
 echo "gpu_check: steps '$steps' -> $([[ $status == 0 ]] && echo ok || echo FAILED)${skipped:+ (skipped:$skipped)}"
-if [[ -n "${OUT:-}" ]]; then cp profiles/gpu/*.json "$OUT"/ 2>/dev/null || true; fi
+if [[ -n "${OUT:-}" ]]; then find profiles/gpu -name '*.json' -newer "$stamp" -exec cp {} "$OUT"/ \; 2>/dev/null || true; fi
 if [[ $status == 0 && -n $skipped ]]; then exit 3; fi
 exit $status

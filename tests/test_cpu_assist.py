@@ -144,6 +144,23 @@ def test_auto_uses_the_cpu_only_when_the_plan_says_it_pays():
     assert plan.threads_for(4096, 64) == 1 and ThreadPlan(max_threads=8).threads_for(1000, 64) == 4
 
 
+def test_auto_prices_the_copy_at_the_rate_the_pool_copies():
+    """"auto" compares the CPU work with the copy the pool will really make: at the emulated rate
+    on a CPU-only machine, at the plan's measured one where the pool copies for real (CUDA ignores
+    cpu_assist.emulate_copy_gbps, so pricing it there sent every cold start to the CPU)."""
+    from types import SimpleNamespace
+
+    plan = ThreadPlan(max_threads=1, gflops_per_thread=30.0, copy_gbps=16.0)
+    args = SimpleNamespace(num_layers=32, module_shape=lambda m: (4096, 4096))
+    weights = SimpleNamespace(a={"q_proj": torch.empty(1, 64)}, rank=64, nbytes=64 << 20)  # 4 ms at 16 GB/s
+    req = SimpleNamespace(prompt_ids=[0] * 512)  # ~0.5 s of CPU LoRA on one thread
+    ca = CpuAssistConfig(mode="auto", emulate_copy_gbps=0.1)
+    _, pays = handoff_mod.handoff_for(ca, plan, args, emulate_copy_gbps=0.1)  # a CPU-only pool: ~0.7 s copies
+    assert pays(req, weights)
+    _, pays = handoff_mod.handoff_for(ca, plan, args, emulate_copy_gbps=0.0)  # a CUDA pool
+    assert not pays(req, weights)
+
+
 class CopyGate:
     """DevicePool.copy_gate for tests: group g of adapter `name` lands only once allow(name, n > g)."""
 

@@ -119,10 +119,12 @@ class Handoff:
             lane.shutdown(wait=False, cancel_futures=True)
 
 
-def handoff_for(ca, plan: ThreadPlan | None, model_args):
+def handoff_for(ca, plan: ThreadPlan | None, model_args, emulate_copy_gbps: float = 0.0):
     """(Handoff, admission predicate(request, host weights) -> bool) for the engine's
     cpu_assist settings (CpuAssistConfig) and its thread plan; (None, None) when the mode is off. The predicate of
-    "auto": the CPU path wins when its LoRA work ends before the adapter copy would."""
+    "auto": the CPU path wins when its LoRA work ends before the adapter copy would, at the copy
+    rate the device pool emulates (`emulate_copy_gbps`: the pool's, 0 on CUDA, which copies for
+    real), else the plan's measured one."""
     if ca.mode == "off":
         return None, None
     if ca.mode == "on":
@@ -132,6 +134,6 @@ def handoff_for(ca, plan: ThreadPlan | None, model_args):
         flops = sum(2 * model_args.num_layers * a.shape[-1] * sum(model_args.module_shape(m))
                     for m, a in weights.a.items())
         cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops, weights.rank)
-        return cpu_s < plan.copy_seconds(weights.nbytes, ca.emulate_copy_gbps)
+        return cpu_s < plan.copy_seconds(weights.nbytes, emulate_copy_gbps)
 
     return Handoff(plan), pays

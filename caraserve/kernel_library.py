@@ -78,7 +78,8 @@ class _Refused(RuntimeError):
     """A cache folder or file that this process will not load code from."""
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's feature flags as /proc/cpuinfo lists them (the machine's name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -97,7 +98,7 @@ def artifact(cc: str) -> Path:
     """The library built by compiler `cc` on this machine, keyed by the sources, the compiler's
     version and the CPU's flags (another CPU or compiler builds its own)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + _cpu_flags().encode()
+    text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + cpu_flags().encode()
     return cache_dir() / f"cpu-{hashlib.sha256(text).hexdigest()[:16]}.so"
 
 

@@ -144,6 +144,23 @@ def test_auto_uses_the_cpu_only_when_the_plan_says_it_pays():
     assert plan.threads_for(4096, 64) == 1 and ThreadPlan(max_threads=8).threads_for(1000, 64) == 4
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_delta_of_bf16_weights_either_way(monkeypatch, native):
+    """A bfloat16 adapter's CPU delta: in bfloat16 where the CPU has the instructions, in float32
+    where it would emulate them (several times slower): there only the result is rounded."""
+    from caraserve.cpu_assist import worker
+
+    monkeypatch.setattr(worker, "native_bf16", lambda: native)
+    g = torch.Generator().manual_seed(2)
+    x, a, b = (torch.randn(*s, generator=g).bfloat16() for s in ((9, 64), (64, 8), (8, 48)))
+    out = worker.lora_delta(x, a, b, 0.5)
+    want = 0.5 * (x.double() @ a.double()) @ b.double()
+    assert out.dtype == torch.bfloat16 and out.shape == (9, 48)
+    assert (out.double() - want).norm() / want.norm() < 1e-2  # x @ A rounded to bfloat16 on the way
+    if not native:  # float32 throughout: one rounding, at most half a bfloat16 unit (2^-8 relative)
+        assert torch.allclose(out.double(), want, rtol=2 ** -8, atol=1e-3)
+
+
 def test_auto_prices_the_copy_at_the_rate_the_pool_copies():
     """"auto" compares the CPU work with the copy the pool will really make: at the emulated rate
     on a CPU-only machine, at the plan's measured one where the pool copies for real (CUDA ignores

@@ -167,6 +167,11 @@ def test_paged_attention_prompt_runs_match_float64(fn, heads, kv_heads, hd, wind
     want = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, window)
     assert out is not None
     assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
+    # and to the bit what each row gives alone: a prompt's numbers do not depend on how it is
+    # chunked or batched (chunked prefill, prompt logprobs, a prefix-cache hit give the same)
+    alone = torch.cat([cpu_kernels.paged_attention(q[i : i + 1], k_cache, v_cache, tables, row_seq[i : i + 1],
+                                                   lens[i : i + 1], window) for i in range(len(lens))])
+    assert torch.equal(out, alone)
 
 
 def test_paged_attention_peaked_softmax(fn):

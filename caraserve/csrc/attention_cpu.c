@@ -28,6 +28,15 @@
 
 #define VL 8
 #define MAX_HEAD_DIM 512
+/* Scalar sums of products are written as MADD: with fused multiply-adds in the hardware the
+ * compiler otherwise fuses some and pairs others into a vector multiply and two adds, depending
+ * on how many terms a call has, and a tile's rows would not get attend_row's numbers to the bit
+ * (the vector ones always fuse). Without them nothing fuses, and fmaf would be a library call. */
+#if defined(__FMA__) || defined(__aarch64__)
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
 /* A row's blocks sit at unrelated addresses, which the hardware prefetchers cannot guess: while
  * the kernel works on one stretch of the cache it asks for the one PF_DIST stretches further on,
  * far enough ahead to cover memory's latency, and into L2, as that many stretches in flight
@@ -67,7 +76,7 @@ static float dot(const float *a, const float *b, int64_t d) {
     int64_t c = 0;
     for (; c + VL <= d; c += VL) acc += LOAD(a + c) * LOAD(b + c);
     float s = hsum(acc);
-    for (; c < d; c++) s += a[c] * b[c];
+    for (; c < d; c++) s = MADD(a[c], b[c], s);
     return s;
 }
 
@@ -105,7 +114,7 @@ static void dots(const float *q, const float *k, int64_t stride, int64_t d, floa
     }
     vf r = hsum8(acc);
     for (int64_t e = c; e < d; e++)
-        for (int p = 0; p < PB; p++) r[p] += q[e] * k[p * stride + e];
+        for (int p = 0; p < PB; p++) r[p] = MADD(q[e], k[p * stride + e], r[p]);
     STORE(s, r);
 }
 
@@ -143,7 +152,7 @@ static void weighted_sum(float *o, const float *w, const float *v, int64_t strid
     }
     for (; c < d; c++) {
         float t = o[c];
-        for (int64_t j = lo; j < hi; j++) t += w[j] * v[j * stride + c];
+        for (int64_t j = lo; j < hi; j++) t = MADD(w[j], v[j * stride + c], t);
         o[c] = t;
     }
 }
@@ -167,18 +176,21 @@ static void dots_tile(const float *q, int64_t q_stride, const float *k, int64_t 
         vf sums = hsum8(acc + 8 * g);
         for (int l = 0; l < 8; l++) {
             const int r = 8 / TK * g + l / TK, p = l % TK;
-            for (int64_t e = c; e < d; e++) sums[l] += q[r * q_stride + e] * k[p * stride + e];
+            for (int64_t e = c; e < d; e++) sums[l] = MADD(q[r * q_stride + e], k[p * stride + e], sums[l]);
             s[r * s_stride + p] = sums[l];
         }
     }
 }
 
 /* o_r[0:d] += sum_j w_r[j] * v_j over j in [lo, hi) for the QT rows o_r = o + r * o_stride,
- * w_r = w + r * w_stride, v_j = v + j * stride: each value vector loaded serves every row */
+ * w_r = w + r * w_stride, v_j = v + j * stride: each value vector loaded serves every row. The
+ * columns weighted_sum takes in vectors go in vectors, the others through weighted_sum's own
+ * loop: the same operations on every number. */
 static void weighted_sum_tile(float *o, int64_t o_stride, const float *w, int64_t w_stride, const float *v,
                               int64_t stride, int64_t lo, int64_t hi, int64_t d) {
+    const int64_t vectors = d / (CW * VL) * (CW * VL);
     int64_t c = 0;
-    for (; c + TCW * VL <= d; c += TCW * VL) {
+    for (; c + TCW * VL <= vectors; c += TCW * VL) {
         vf acc[QT][TCW];
         for (int r = 0; r < QT; r++)
             for (int t = 0; t < TCW; t++) acc[r][t] = LOAD(o + r * o_stride + c + t * VL);
@@ -351,52 +363,58 @@ static inline __attribute__((always_inline)) void attend_row(const attn_call *c,
     }
 }
 
-/* The QT rows of tile u, as attend_row does one (q rows from qi, out rows from oi): pass 0 scores
- * every query of the tile against the tile's keys [u->lo, u->len); each row then takes the
- * softmax of its own positions [lo_r, len_r) and zero weight elsewhere; pass 1 sums the values.
- * scores: [QT, heads, longest] of scratch. */
+/* The QT rows of tile u, each with attend_row's result bit for bit (q rows from qi, out rows from
+ * oi; scores: [QT, heads, longest] of scratch). The rows share their first position (a tile
+ * forms only so), and every row reads the positions below the first row's length: over those,
+ * each key and value loaded serves all QT rows, the keys scored in attend_row's chunks of PB
+ * (the same sums in the same order); each row goes on alone over its remaining positions. So
+ * no row reads a position past its own, not even with a zero weight (0 x a NaN is a NaN). */
 static inline __attribute__((always_inline)) void attend_tile(const attn_call *c, const unit *u, const float *qi,
                                                               float *oi, const span *items, int64_t n,
                                                               float *scores) {
     const int64_t heads = c->heads, group = c->group, d = c->head_dim, bs = c->block_size;
     const int64_t pos_stride = c->pos_stride, block_stride = c->block_stride, longest = c->longest;
-    const int64_t row_stride = heads * d, s_stride = heads * longest;
+    const int64_t row_stride = heads * d, s_stride = heads * longest, shared = c->lens[u->first];
     const int64_t b_lo = u->lo / bs, nb = unit_blocks(c, u);
     for (int pass = 0; pass < 2; pass++) {
         if (pass) {
-            for (int r = 0; r < QT; r++) {
-                const int64_t len = c->lens[u->first + r], lo = first_position(c, len);
-                float *sr = scores + r * s_stride;
-                softmax(sr, heads, longest, lo, len, c->scale);
-                for (int64_t h = 0; h < heads; h++) {
-                    for (int64_t j = u->lo; j < lo; j++) sr[h * longest + j] = 0.0f;
-                    for (int64_t j = len; j < u->len; j++) sr[h * longest + j] = 0.0f;
-                }
-            }
+            for (int r = 0; r < QT; r++)
+                softmax(scores + r * s_stride, heads, longest, u->lo, c->lens[u->first + r], c->scale);
             for (int64_t e = 0; e < QT * row_stride; e++) oi[e] = 0.0f;
         }
         for (int64_t k = 0; k < nb; k++) {
             const int64_t b = b_lo + k, first = b * bs;
-            const int64_t j0 = first > u->lo ? first : u->lo, j1 = first + bs < u->len ? first + bs : u->len;
+            const int64_t j0 = first > u->lo ? first : u->lo;
             const int64_t t = pass * nb + k;
             const float *cb = (pass ? c->vc : c->kc) + u->table[b] * block_stride;
             const span *next = t + PF_DIST < n ? &items[t + PF_DIST] : NULL;
+            /* [j0, js): every row's positions in this block; the tile's keys end at a chunk boundary */
+            const int64_t js = first + bs < shared ? first + bs : (shared > j0 ? shared : j0);
+            const int64_t jt = pass ? js : j0 + (js - j0) / PB * PB;
             for (int64_t h = 0; h < heads; h++) {
                 prefetch_share(next, h, heads);
                 const float *ch = cb + (h / group) * d;
                 float *sh = scores + h * longest;
-                if (pass) {
+                if (pass)
                     weighted_sum_tile(oi + h * d, row_stride, sh + first, s_stride, ch, pos_stride, j0 - first,
-                                      j1 - first, d);
-                    continue;
+                                      jt - first, d);
+                else
+                    for (int64_t j = j0; j + TK <= jt; j += TK)
+                        dots_tile(qi + h * d, row_stride, ch + (j - first) * pos_stride, pos_stride, d, sh + j,
+                                  s_stride);
+                for (int r = 0; r < QT; r++) { /* the row's own positions [jt, j1) of the block */
+                    const int64_t len = c->lens[u->first + r], j1 = first + bs < len ? first + bs : len;
+                    float *sr = sh + r * s_stride;
+                    if (pass) {
+                        if (jt < j1) weighted_sum(oi + r * row_stride + h * d, sr + first, ch, pos_stride,
+                                                  jt - first, j1 - first, d);
+                        continue;
+                    }
+                    const float *qh = qi + r * row_stride + h * d;
+                    int64_t j = jt;
+                    for (; j + PB <= j1; j += PB) dots(qh, ch + (j - first) * pos_stride, pos_stride, d, sr + j);
+                    for (; j < j1; j++) sr[j] = dot(qh, ch + (j - first) * pos_stride, d);
                 }
-                const float *qh = qi + h * d;
-                int64_t j = j0;
-                for (; j + TK <= j1; j += TK)
-                    dots_tile(qh, row_stride, ch + (j - first) * pos_stride, pos_stride, d, sh + j, s_stride);
-                for (; j < j1; j++)
-                    for (int r = 0; r < QT; r++)
-                        sh[r * s_stride + j] = dot(qh + r * row_stride, ch + (j - first) * pos_stride, d);
             }
         }
     }
@@ -437,7 +455,9 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
     int64_t units = 0, most_blocks = 1;
     for (int64_t i = 0; i < rows;) {
         int64_t t = 1;
-        while (t < QT && i + t < rows && row_seq[i + t] == row_seq[i] && lens[i + t] == lens[i] + t) t++;
+        while (t < QT && i + t < rows && row_seq[i + t] == row_seq[i] && lens[i + t] == lens[i] + t &&
+               first_position(&c, lens[i + t]) == first_position(&c, lens[i]))
+            t++;
         if (t < QT) t = 1;
         const unit u = unit_at(&c, i, t);
         if (unit_blocks(&c, &u) > most_blocks) most_blocks = unit_blocks(&c, &u);

@@ -43,7 +43,8 @@ def adjust_logits(
         logits[t] += logit_bias[t]                                  for t in logit_bias
         logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r   for t in prompt or output
                                                                     (r = repetition_penalty, vLLM's;
-                                                                    a finite logit stays finite)
+                                                                    a finite logit stays finite, also
+                                                                    divided by the temperature)
         logits[t] -= frequency_penalty * count(t in output) + presence_penalty * (t in output)
         logits[t] = -inf  for t in stop_token_ids and (unless ignore_eos) eos_ids,
                           while fewer than min_tokens tokens are out
@@ -69,9 +70,10 @@ def adjust_logits(
             seen = torch.tensor(sorted({t for t in prompt if t < vocab} | {t for t in output if t < vocab}),
                                 dtype=torch.int64, device=dev)
             v = row[seen]
-            # a small penalty divides a large logit past float's range: the largest finite value
-            # ranks the token as the infinity would, and leaves the row sampleable
-            big = torch.finfo(row.dtype).max
+            # a small penalty divides a large logit past float's range: a value that stays finite
+            # when the temperature divides it too ranks the token as the infinity would, and
+            # leaves the row sampleable
+            big = torch.finfo(row.dtype).max * min(p.temperature or 1.0, 1.0)
             penalized = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
             row[seen] = torch.where(torch.isfinite(v), penalized.clamp(-big, big), penalized)
         if (p.frequency_penalty or p.presence_penalty) and output:

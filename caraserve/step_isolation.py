@@ -5,9 +5,11 @@ entries again is harmless), so only the requests whose own forward raises fail. 
 batched sampler raises, the rows are sampled one by one from the generators' states before the
 batched attempt, so the requests that do not fail get the tokens they would have got without the
 others. When no row is left (every row fails alone, or a step's only request fails), a probe
-decides whose fault it is: one token of the base model through the same forward (or one greedy
-row through the sampler). The probe runs: those requests' own faults, and the engine serves on.
-The probe fails too: the engine's fault, EngineDeadError.
+decides whose fault it is: one row of the step's kind (a prompt token or a decode row) of the
+base model through the same forward, or a greedy and a sampled row through the sampler. The
+probe runs: those requests' own faults, and the engine serves on. The probe fails too: the
+engine's fault, EngineDeadError. A probe runs less than a real step does (no adapter, one
+position), so many steps in a row with no row left are the engine's fault as well.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from caraserve.sampler import NonFiniteLogits, sample
 from caraserve.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
+
+# Steps in a row with no row left, each probe passing, none with a row between them, that make a
+# fault the engine's: a fault on a path the probe does not take (the requests' own faults are
+# rarely that many in a row).
+FAILED_STEPS_FATAL = 8
 
 # Why a request whose logits are not finite fails (its own fault, not the engine's)
 NONFINITE = "the model's logits for it are NaN or infinite (an adapter whose weights or scaling overflow gives them)"
@@ -39,17 +46,19 @@ class StepIsolation:
 
     def __init__(self, runner):
         self.runner = runner  # runner.run(batch, eager=...) -> (logits [B, V], row order)
+        self._failed_steps = 0  # steps in a row with no row left (FAILED_STEPS_FATAL)
 
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request], list[tuple[Request, str]]]:
         """(logits [R, V] or None when no row is left, the request of each row, [(request, why it failed)])."""
         try:
             logits, order = self.runner.run(batch)
+            self._failed_steps = 0
             return logits, [batch.requests[i] for i in order], []
         except Exception as e:
             if len(batch.requests) == 1:
                 log.exception("step failed on request %s", batch.requests[0].request_id)
                 failed = [(batch.requests[0], describe(e))]
-                self._probe_forward(failed)
+                self._probe_forward(failed, batch.is_decode)
                 return None, [], failed
             log.warning("a step of %d requests failed (%s): running each alone", len(batch.requests), describe(e))
         rows, reqs, failed = [], [], []
@@ -61,20 +70,27 @@ class StepIsolation:
                 log.exception("step failed on request %s", req.request_id)
                 failed.append((req, describe(e)))
         if not rows:
-            self._probe_forward(failed)
+            self._probe_forward(failed, batch.is_decode)
             return None, [], failed
+        self._failed_steps = 0
         return torch.cat(rows), reqs, failed
 
-    def _probe_forward(self, failed: list[tuple[Request, str]]) -> None:
-        """Every row of a step failed: runs one token of the base model at position 0 of the KV
-        cache's scratch block (block 0, which no request holds), eagerly. EngineDeadError when
-        that fails too; otherwise the rows' faults were their own."""
-        probe = Request("probe", [0], SamplingParams(max_tokens=1), state=RequestState.PREFILL, block_table=[0])
+    def _probe_forward(self, failed: list[tuple[Request, str]], is_decode: bool) -> None:
+        """Every row of a step failed: runs one row of the base model of the step's kind (a
+        prompt token, or a decode row) at position 0 of the KV cache's scratch block (block 0,
+        which no request holds), eagerly. EngineDeadError when that fails too, or when
+        FAILED_STEPS_FATAL steps in a row have failed so; otherwise the rows' faults were their own."""
+        probe = Request("probe", [0], SamplingParams(max_tokens=1), output_ids=[0] if is_decode else [],
+                        state=RequestState.DECODE if is_decode else RequestState.PREFILL, block_table=[0])
         try:
-            self.runner.run(ScheduledBatch(False, [probe], [1]), eager=True)
+            self.runner.run(ScheduledBatch(is_decode, [probe], [1], num_decode=int(is_decode)), eager=True)
         except Exception as e:
-            raise EngineDeadError(f"a step's every request failed ({failed[0][1]}), and so does a one-token "
+            raise EngineDeadError(f"a step's every request failed ({failed[0][1]}), and so does a one-row "
                                   f"forward of the base model ({describe(e)})") from e
+        self._failed_steps += 1
+        if self._failed_steps >= FAILED_STEPS_FATAL:
+            raise EngineDeadError(f"{self._failed_steps} steps in a row failed on every request, the last with "
+                                  f"{failed[0][1]}")
 
     @staticmethod
     def sample(logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None],
@@ -118,10 +134,13 @@ class StepIsolation:
 
     @staticmethod
     def _probe_sampler(logits: torch.Tensor, why: str) -> None:
-        """Sampling failed on every row: samples one greedy row of zeros like the step's logits.
-        EngineDeadError when that fails too; otherwise the rows' faults were their own."""
+        """Sampling failed on every row: samples a greedy and a seeded sampled row of zeros like the
+        step's logits. EngineDeadError when that fails too; otherwise the rows' faults were their own."""
+        params = [SamplingParams(max_tokens=1, temperature=0),
+                  SamplingParams(max_tokens=1, temperature=1.0, top_k=5, top_p=0.9, seed=0)]
+        gens = [None, torch.Generator(device=logits.device).manual_seed(0)]
         try:
-            sample(torch.zeros_like(logits[:1]), [SamplingParams(max_tokens=1, temperature=0)], [None], [([], [])])
+            sample(logits.new_zeros(2, logits.shape[-1]), params, gens, [([], []), ([], [])])
         except Exception as e:
             raise EngineDeadError(f"sampling failed on a step's every row ({why}), and on one greedy row of zeros "
                                   f"({describe(e)})") from e

@@ -123,5 +123,6 @@ if want overhead; then
 fi
 echo "gpu_check: steps '$steps' -> $([[ $status == 0 ]] && echo ok || echo FAILED)${skipped:+ (skipped:$skipped)}"
 if [[ -n "${OUT:-}" ]]; then find profiles/gpu -name '*.json' -newer "$stamp" -exec cp {} "$OUT"/ \; 2>/dev/null || true; fi
+rm -f "$stamp"
 if [[ $status == 0 && -n $skipped ]]; then exit 3; fi
 exit $status

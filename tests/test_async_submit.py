@@ -110,3 +110,32 @@ def test_state_is_answered_during_an_idle_time_compile(monkeypatch):
     finally:
         release.set()
         ae.stop()
+
+
+def test_a_call_is_admitted_whole_when_it_fits_or_nothing_waits(service):
+    """server.max_queue (4 here) takes a call of several requests whole: refused when the
+    requests already waiting and the call's would pass it, admitted past it when nothing waits."""
+    from caraserve.serve.async_engine import QueueFullError
+
+    hold = threading.Event()
+    service._call(hold.wait, 10)  # the engine thread waits: submits stay counted as waiting
+    sp = SamplingParams(max_tokens=2, temperature=0)
+
+    async def go():
+        first = asyncio.ensure_future(service.submit([1, 2], sp, None, "big", call_size=10))  # nothing waits
+        await asyncio.sleep(0.05)
+        assert service.num_waiting == 1
+        joined = [asyncio.ensure_future(service.submit([1, 2], sp, None, f"big#{i}", joins_call=True))
+                  for i in range(1, 3)]
+        await asyncio.sleep(0.05)
+        assert service.num_waiting == 3  # a call's other requests pass the bound
+        with pytest.raises(QueueFullError, match="3 of 4 requests waiting, 2 more asked"):
+            await service.submit([1, 2], sp, None, "pair", call_size=2)
+        alone = asyncio.ensure_future(service.submit([1, 2], sp, None, "one"))  # 3 + 1 fits
+        hold.set()
+        for q in await asyncio.gather(first, *joined, alone):
+            while not (await q.get()).finished:
+                pass
+
+    asyncio.run(go())
+    assert settled(service)

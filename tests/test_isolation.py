@@ -216,6 +216,44 @@ def test_faults_of_every_row_that_are_the_requests_own_leave_the_engine_serving(
     assert run(engine)[0] == clean
 
 
+def test_a_fault_of_every_decode_step_is_the_engines(engine, monkeypatch):
+    """The probe runs a row of the failed step's kind: a decode path that always raises fails the
+    one-token decode probe too, though prompts still run: the engine's fault at the first step."""
+    model = engine.runner.model
+
+    def decode_fails(fb, kv, *args, **kwargs):
+        if fb.is_decode:
+            raise RuntimeError("planted decode fault")
+        return model(fb, kv, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "model", type("M", (), {"__call__": staticmethod(decode_fails),
+                                                               "__getattr__": lambda self, n: getattr(model, n)})())
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+    with pytest.raises(EngineDeadError, match="planted decode fault"):
+        for _ in range(4):
+            engine.step()
+    engine.fail_all("engine failed")
+
+
+def test_many_steps_with_no_row_left_are_the_engines_though_the_probe_runs(engine, monkeypatch):
+    """A fault on a path the probe does not take (here: any forward holding MARK, which every
+    request then holds) fails the requests one by one until FAILED_STEPS_FATAL steps in a row
+    have had no row left: then it is the engine's; a step with a row between them starts over."""
+    from caraserve.step_isolation import FAILED_STEPS_FATAL
+
+    monkeypatch.setattr(engine.runner, "model", FaultyModel(engine.runner.model))
+    for i in range(FAILED_STEPS_FATAL - 1):
+        out = engine.generate([[1, MARK, i]], SamplingParams(max_tokens=2))[0]
+        assert out.error_cause is ErrorCause.REQUEST
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].error is None  # a row: count starts over
+    for i in range(FAILED_STEPS_FATAL - 1):
+        assert engine.generate([[1, MARK, i]], SamplingParams(max_tokens=2))[0].error_cause is ErrorCause.REQUEST
+    engine.add_request([1, MARK, 99], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineDeadError, match=f"{FAILED_STEPS_FATAL} steps in a row"):
+        engine.step()
+    engine.fail_all("engine failed")
+
+
 def test_a_failed_prompt_withdraws_its_cached_blocks(tmp_path):
     """A fault that spoils a chunk of a prompt's KV (NaN, once) fails that request when its last
     chunk's logits show it; the blocks it published on the way are withdrawn from the prefix

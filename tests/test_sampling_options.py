@@ -63,8 +63,9 @@ def test_a_tiny_repetition_penalty_keeps_finite_logits_finite():
     got = adjust_logits(logits, [p], [([0, 1], [])])
     assert torch.isfinite(got).all() and int(got.argmax()) == 0 and got[0, 0] == torch.finfo(torch.float32).max
     assert sample(logits, [p], [None], [([0, 1], [])])[0] == [0]
-    seeded = SamplingParams(max_tokens=1, temperature=1.0, seed=3, repetition_penalty=1e-40)
-    assert sample(logits, [seeded], [torch.Generator().manual_seed(3)], [([0, 1], [])])[0] == [0]
+    for temperature in (1.0, 0.7, 1e-3):  # (the temperature divides the penalized logits again)
+        seeded = SamplingParams(max_tokens=1, temperature=temperature, seed=3, repetition_penalty=1e-40)
+        assert sample(logits, [seeded], [torch.Generator().manual_seed(3)], [([0, 1], [])])[0] == [0]
     odd = torch.tensor([[float("inf"), float("nan"), 1.0]])
     got = adjust_logits(odd, [p], [([0, 1, 2], [])])
     assert got[0, 0] == float("inf") and got[0, 1].isnan() and torch.isfinite(got[0, 2])

@@ -470,7 +470,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
 #pragma omp parallel if (units > 1) reduction(| : failed)
 #endif
     {
-        float *scores = malloc(sizeof(float) * QT * heads * c.longest);
+        float *scores = malloc(sizeof(float) * (units < rows ? QT : 1) * heads * c.longest); /* tiles: QT rows */
         span *items = malloc(sizeof(span) * (2 * most_blocks + PF_DIST)); /* see unit_items */
         if (scores == NULL || items == NULL) failed = 1;
         int64_t prev = -2;

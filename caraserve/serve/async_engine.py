@@ -119,15 +119,18 @@ class AsyncEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                      request_id: str, after: str | None = None, final_only: bool = False,
-                     joins_call: bool = False) -> asyncio.Queue:
+                     call_size: int = 1, joins_call: bool = False) -> asyncio.Queue:
         """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
         changing anything. final_only: its queue gets one output, when it ends (Engine.add_request).
-        joins_call: another request of a call already queued (its other choices and prompts),
-        which the queue's bound does not refuse: the call was admitted or refused whole."""
+        A call of several requests (choices, prompts) is admitted or refused whole, at its first
+        (`call_size`: how many it has): when they all fit in server.max_queue, or nothing waits
+        (a call larger than the queue still runs, alone). joins_call: one of its other requests."""
         if not self.healthy:
             raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
-        if not joins_call and self.num_waiting >= self.max_queue:
-            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        waiting = self.num_waiting
+        if not joins_call and waiting and waiting + call_size > self.max_queue:
+            raise QueueFullError(f"the queue is full ({waiting} of {self.max_queue} requests waiting, "
+                                 f"{call_size} more asked); retry later")
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, asyncio.Queue())
         with self._lock:

@@ -25,11 +25,12 @@ class Runs:
         self.service = service
 
     async def start(self, prompt_ids, params, adapter, rid, after: str | None = None,
-                    final_only: bool = False, joins_call: bool = False) -> asyncio.Queue:
+                    final_only: bool = False, call_size: int = 1, joins_call: bool = False) -> asyncio.Queue:
         """The request's output queue (every step's output; with final_only, a non-streamed
-        call's, only the last). joins_call: not the call's first request (AsyncEngine.submit)."""
+        call's, only the last). call_size, joins_call: AsyncEngine.submit's."""
         try:
-            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only, joins_call)
+            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only, call_size,
+                                             joins_call)
         except QueueFullError as e:
             raise ApiError(503, str(e), "server_overloaded") from e
         except EngineUnavailableError as e:
@@ -83,7 +84,7 @@ class Runs:
         try:
             for k, ids in enumerate(encoded):
                 first = await self.start(ids, params, adapter, rid if k == 0 else f"{rid}#{k * n}",
-                                         final_only=final_only, joins_call=k > 0)
+                                         final_only=final_only, call_size=len(encoded) * n, joins_call=k > 0)
                 runs += await self.start_n(ids, params, adapter, rid, first, n, final_only, base=k * n)
         except BaseException as e:
             if runs and isinstance(e, ApiError):

@@ -295,7 +295,7 @@ class EngineService:
                            "invalid_request_error")
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
-        first = await self.runs.start(ids, params, adapter, rid, final_only=final_only)
+        first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n)
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
         # echo (vLLM's): the answer continues the last message when it is the assistant's own
         echoed = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""

@@ -5,6 +5,7 @@ engine thread ran the add or while the add runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -136,6 +137,27 @@ def test_a_call_is_admitted_whole_when_it_fits_or_nothing_waits(service):
         for q in await asyncio.gather(first, *joined, alone):
             while not (await q.get()).finished:
                 pass
+
+    asyncio.run(go())
+    assert settled(service)
+
+
+def test_a_retried_call_answers_with_the_callers_id(service):
+    """A router's retry runs under an id of its own (`req-7.1`: the replica tried first may still
+    list `req-7`) but answers with the caller's, streamed or not, completion or chat."""
+    from caraserve.serve import protocol as proto
+    from caraserve.serve.service import EngineService
+
+    api = EngineService(service, "tiny", [], 1.0)
+
+    async def go():
+        body = proto.CompletionRequest(model="tiny", prompt="x", max_tokens=2)
+        assert (await api.completion(body, "req-7.1", False, answer_id="req-7"))["id"] == "req-7"
+        chat = proto.ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                           stream=True)
+        lines = [line async for line in await api.chat(chat, "req-8.2", False, answer_id="req-8")]
+        chunks = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+        assert chunks and {c["id"] for c in chunks} == {"req-8"}
 
     asyncio.run(go())
     assert settled(service)

@@ -61,7 +61,7 @@ class EngineReplica:
         """A completion ("completion") or chat ("chat") call: a Head, then SSE lines if streamed."""
         call = self.service.completion if kind == "completion" else self.service.chat
         try:
-            answer = await call(body, hint.request_id, include_usage)
+            answer = await call(body, hint.request_id, include_usage, answer_id=hint.origin or None)
         except ApiError as e:
             yield Head(e.status, proto.error_body(e.message, e.type, e.status), e.headers, self.replica_id)
             return

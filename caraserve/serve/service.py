@@ -40,13 +40,14 @@ Answer = dict | AsyncIterator[str]
 
 class Service(Protocol):
     """What the routes need. disconnected: tells whether the client went away (a non-streamed
-    call aborts its request then); a stream's consumer going away aborts it by closing it."""
+    call aborts its request then); a stream's consumer going away aborts it by closing it.
+    answer_id: the answer's id when it is not the request's (a router's retry: the caller's id)."""
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
-                         disconnected: Disconnected | None = None) -> Answer: ...
+                         disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer: ...
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
-                   disconnected: Disconnected | None = None) -> Answer: ...
+                   disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer: ...
 
     async def models(self) -> list[dict]: ...
 
@@ -172,7 +173,7 @@ class EngineService:
     # ---- the API ------------------------------------------------------------------------------
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
-                         disconnected: Disconnected | None = None) -> Answer:
+                         disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
         adapter = await self.resolve_model(body)
         prompts = self._completion_prompts(body.prompt)
         if isinstance(body.logprobs, bool):
@@ -206,7 +207,7 @@ class EngineService:
             runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
             created = int(time.time())  # one value for every chunk of the call, as OpenAI's
-            chunkers = [choices.completion_chunker(rid, body.model, texts, ids, text, scored, created)
+            chunkers = [choices.completion_chunker(answer_id or rid, body.model, texts, ids, text, scored, created)
                         for ids, text in zip(encoded, echoed)]
             return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
                                           disconnected, n, continuous_usage(body, include_usage))
@@ -214,7 +215,7 @@ class EngineService:
         answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
                     choices.completion_logprobs(texts, o, encoded[c // n], echo=scored), o.stop_reason)
                    for c, o in enumerate(outs)]
-        return proto.completion_response(rid, body.model, answers, *choices.usage_counts(outs, n))
+        return proto.completion_response(answer_id or rid, body.model, answers, *choices.usage_counts(outs, n))
 
     async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None,
                           body: proto.CompletionRequest) -> list[int]:
@@ -270,7 +271,7 @@ class EngineService:
         return messages
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
-                   disconnected: Disconnected | None = None) -> Answer:
+                   disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
         adapter = await self.resolve_model(body)
         messages = self._chat_checks(body)
         engine = self.engine
@@ -300,14 +301,14 @@ class EngineService:
         # echo (vLLM's): the answer continues the last message when it is the assistant's own
         echoed = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
-            chunker = choices.chat_chunker(rid, body.model, self._texts(body), ids, echoed)
+            chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=continuous_usage(body, include_usage))
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self._texts(body), o, ids),
                     o.stop_reason) for o in outs]
-        return proto.chat_response(rid, body.model, answers, len(ids), sum(len(o.output_ids) for o in outs),
-                                   max(o.cached_tokens for o in outs))
+        return proto.chat_response(answer_id or rid, body.model, answers, len(ids),
+                                   sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 
     async def tokenize(self, body: proto.TokenizeRequest) -> dict:
         await self.resolve_model(body)

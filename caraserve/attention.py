@@ -110,8 +110,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     q [T, H, hd]; caches [blocks, bs, n_kv, hd]; block_tables [S, W] int64; row_seq, lens [T]
     int64 -> out [T, H, hd]. Gathers each row's W * bs keys: the reference and the fallback of
-    small steps, not a fast path."""
-    tables = block_tables[row_seq]  # [T, W]
+    small steps, not a fast path. Table entries of blocks a row does not read may hold anything."""
+    tables = block_tables[row_seq].clamp(0, k_cache.shape[0] - 1)  # [T, W] (unread entries masked below)
     t, w = tables.shape
     bs = k_cache.shape[1]
     keys = k_cache[tables].reshape(t, w * bs, *k_cache.shape[2:]).transpose(1, 2)  # [T, n_kv, W*bs, hd]

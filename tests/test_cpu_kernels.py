@@ -348,6 +348,10 @@ def test_paged_attention_op_refuses_by_name_what_no_path_computes():
     wide = op(q.double(), k_cache.double(), v_cache.double(), tables, row_seq, lens, 0)
     assert wide.dtype == torch.float64 and torch.allclose(wide.float(), want, atol=1e-5)
     assert torch.allclose(op(q, k_cache, v_cache, tables.int(), row_seq.int(), lens.int(), 0), want, atol=1e-5)
+    # entries past what a row reads may hold anything (padding): the kernel ignores them, and so does the reference
+    padded = torch.tensor([[3, 10**6, -1], [9, 4, 7]])  # row 0 reads its 4 positions from block 3 only
+    assert torch.allclose(op(q, k_cache, v_cache, padded.int(), row_seq, lens, 0),
+                          op(q, k_cache, v_cache, padded, row_seq, lens, 0), atol=1e-5)
 
 
 def test_packed_linear_refuses_a_width_that_is_not_its_weights():

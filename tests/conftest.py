@@ -47,3 +47,12 @@ def fn():
     if f is None:
         pytest.fail("the CPU LoRA kernel did not build (is a C compiler installed?)")
     return f
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """Intra-op threads: with 2 the kernels share a call's work out over an OpenMP team."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -142,5 +142,5 @@ class StepIsolation:
         try:
             sample(logits.new_zeros(2, logits.shape[-1]), params, gens, [([], []), ([], [])])
         except Exception as e:
-            raise EngineDeadError(f"sampling failed on a step's every row ({why}), and on one greedy row of zeros "
-                                  f"({describe(e)})") from e
+            raise EngineDeadError(f"sampling failed on a step's every row ({why}), and on a greedy and a sampled row "
+                                  f"of zeros ({describe(e)})") from e

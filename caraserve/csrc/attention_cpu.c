@@ -420,6 +420,29 @@ static inline __attribute__((always_inline)) void attend_tile(const attn_call *c
     }
 }
 
+/* Splits the call's rows into units, rows starts[u] .. starts[u + 1] - 1 (starts: rows + 1
+ * entries): a tile where QT rows in a row are consecutive tokens of one sequence sharing their
+ * first position, else one row. A tile reads the union of its rows' positions, which the
+ * entry point's checks of each row covered. Returns how many; *most_blocks: the most blocks a
+ * unit reads. */
+static int64_t split_units(const attn_call *c, int64_t rows, int64_t *starts, int64_t *most_blocks) {
+    int64_t units = 0;
+    *most_blocks = 1;
+    for (int64_t i = 0; i < rows;) {
+        int64_t t = 1;
+        while (t < QT && i + t < rows && c->row_seq[i + t] == c->row_seq[i] && c->lens[i + t] == c->lens[i] + t &&
+               first_position(c, c->lens[i + t]) == first_position(c, c->lens[i]))
+            t++;
+        if (t < QT) t = 1;
+        const unit u = unit_at(c, i, t);
+        if (unit_blocks(c, &u) > *most_blocks) *most_blocks = unit_blocks(c, &u);
+        starts[units++] = i;
+        i += t;
+    }
+    starts[units] = rows;
+    return units;
+}
+
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
  * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
  * block table, a length outside [1, table_width * block_size], or a block id outside the cache
@@ -447,24 +470,10 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
             if (blk < 0 || blk >= num_blocks) return -1;
         }
     }
-    /* The units: rows starts[u] .. starts[u + 1] - 1, a tile where QT rows in a row are
-     * consecutive tokens of one sequence. A tile reads the union of its rows' positions, which
-     * the checks above covered. most_blocks: the most blocks a unit reads. */
     int64_t *starts = malloc(sizeof(int64_t) * (rows + 1));
     if (starts == NULL) return -2;
-    int64_t units = 0, most_blocks = 1;
-    for (int64_t i = 0; i < rows;) {
-        int64_t t = 1;
-        while (t < QT && i + t < rows && row_seq[i + t] == row_seq[i] && lens[i + t] == lens[i] + t &&
-               first_position(&c, lens[i + t]) == first_position(&c, lens[i]))
-            t++;
-        if (t < QT) t = 1;
-        const unit u = unit_at(&c, i, t);
-        if (unit_blocks(&c, &u) > most_blocks) most_blocks = unit_blocks(&c, &u);
-        starts[units++] = i;
-        i += t;
-    }
-    starts[units] = rows;
+    int64_t most_blocks;
+    const int64_t units = split_units(&c, rows, starts, &most_blocks);
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel if (units > 1) reduction(| : failed)

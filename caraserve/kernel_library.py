@@ -33,6 +33,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("lora_cpu.c", "attention_cpu.c", "layer_ops_cpu.c"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / f for f in ("attention_vec.h",))  # included by SOURCES
 
 
 class LoraRun(ctypes.Structure):
@@ -98,7 +99,7 @@ def artifact(cc: str) -> Path:
     """The library built by compiler `cc` on this machine, keyed by the sources, the compiler's
     version and the CPU's flags (another CPU or compiler builds its own)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    text = b"".join(p.read_bytes() for p in SOURCES) + version.encode() + cpu_flags().encode()
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + version.encode() + cpu_flags().encode()
     return cache_dir() / f"cpu-{hashlib.sha256(text).hexdigest()[:16]}.so"
 
 

@@ -219,3 +219,17 @@ def test_reset_forgets_the_library(fresh_cache, monkeypatch):
     assert kernel_library.kernel() is None  # remembered
     kernel_library.reset()
     assert kernel_library.kernel() is not None
+
+
+def test_the_built_library_is_keyed_by_every_source_and_header(monkeypatch, tmp_path):
+    """A change to a kernel's source or to a header it includes names another library (built
+    anew), never the one built from the old text."""
+    before = kernel_library.artifact(compiler())
+    for name in ("SOURCES", "HEADERS"):
+        files = getattr(kernel_library, name)
+        changed = tmp_path / f"{name}-{files[0].name}"
+        changed.write_bytes(files[0].read_bytes() + b"\n/* changed */\n")
+        monkeypatch.setattr(kernel_library, name, (changed, *files[1:]))
+        assert kernel_library.artifact(compiler()) != before
+        monkeypatch.setattr(kernel_library, name, files)
+    assert kernel_library.artifact(compiler()) == before

@@ -4,8 +4,10 @@ errors, the Serve config file's application, the KubeRay example's."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 pytest.importorskip("ray")
 
-from caraserve.ray_serve.app import app_builder  # noqa: E402
+from caraserve.ray_serve.app import _unreachable, app_builder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +35,29 @@ def test_bad_settings_are_one_line_and_exit_2_before_ray_starts(override, needle
     r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", override], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_address_nothing_answers_is_refused_in_seconds_not_waited_on():
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "caraserve.ray_serve", f"ray.address=127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"ray.address=127.0.0.1:{port}: cannot join a Ray instance there (no connection" in r.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_the_probe_passes_addresses_it_cannot_judge_and_listening_ones():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert _unreachable(f"127.0.0.1:{port}", 5) is None
+        assert _unreachable(f"ray://127.0.0.1:{port}", 5) is None
+    assert _unreachable("auto", 5) is None and _unreachable("bogus", 5) is None
+    assert "no connection to 127.0.0.1:" in _unreachable(f"ray://127.0.0.1:{port}", 5)
 
 
 @pytest.mark.parametrize("path", ["conf/ray/serve_config.yaml", "deploy/rayservice.yaml"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -27,6 +28,7 @@ from caraserve.serve.http import PROBE_CONNECTIONS
 log = logging.getLogger(__name__)
 
 SECTIONS = (*ENGINE_SECTIONS, "server", "cluster", "router", "ray")
+JOIN_PROBE_S = 5.0  # a Ray instance's GCS (or Ray Client server) that does not answer this soon is not there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,9 @@ def start_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address:
+        unreachable = _unreachable(cfg.address, JOIN_PROBE_S)
+        if unreachable:  # ray.init would wait for the instance's GCS without end
+            raise ConfigError(f"ray.address={cfg.address}: cannot join a Ray instance there ({unreachable})")
         try:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as e:  # a malformed address, or no instance there
@@ -126,6 +131,20 @@ def start_ray(cfg: RayConfig) -> None:
     os.makedirs(cfg.temp_dir, exist_ok=True)
     ray.init(num_cpus=cfg.num_cpus or None, _temp_dir=os.path.abspath(cfg.temp_dir), include_dashboard=False,
              logging_level=logging.WARNING)
+
+
+def _unreachable(address: str, timeout_s: float) -> str | None:
+    """Why no TCP connection reaches an explicit host:port address (plain or ray://) within
+    timeout_s, or None when one does or the address names no port ("auto", which Ray resolves
+    and refuses at once when no instance runs)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"no connection to {host}:{port} within {timeout_s:g} s: {e.strerror or e}"
 
 
 def deploy(cfg: AppConfig, blocking: bool = False):

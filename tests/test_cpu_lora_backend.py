@@ -243,3 +243,27 @@ def test_a_fused_projection_gets_every_part_in_one_kernel_call_per_layer(monkeyp
         assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), layer
         assert not torch.equal(y, y0)
     assert len(calls) == args.num_layers
+def test_records_stored_as_the_copy_thread_writes_their_slot_are_not_kept():
+    """The copy thread's on_write may land between a build's last look at the write count and
+    its store: the stored records are dropped all the same."""
+    from caraserve.lora.cpu_backend import MISSING, CpuLoraBackend
+
+    args, store, pool = tiny_pool()
+    backend = CpuLoraBackend(pool)
+    assert pool.load(store.get("demo-r16"))
+    lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")
+    bucket, slot = pool.slot_of("demo-r16")
+    fired = []
+
+    class Slots(dict):
+        def __setitem__(self, key, value):
+            if not fired:  # the write lands right at the store
+                fired.append(1)
+                backend._slot_written(bucket, slot)
+            super().__setitem__(key, value)
+
+    backend._slots = Slots()
+    backend.prepare(lora)
+    x, y = torch.randn(1, args.hidden_size), torch.zeros(1, args.module_shape("q_proj")[1])
+    backend.run_prepared(y, x, 0, "q_proj")
+    assert fired and (16, slot) not in backend._slots and backend._step is MISSING

@@ -43,7 +43,7 @@ class CpuLoraBackend(LoraBackend):
         self._slots: dict = {}
         self._step = MISSING  # StepRuns of the prepared layout (None: not the kernel's), made at first use
         # Slot writes so far, overall and per (bucket rank, slot): a record or layout built while
-        # the copy thread wrote one of its slots is used once, not kept
+        # the copy thread wrote one of its slots is used once, not kept (_slot_written)
         self._writes, self._slot_writes = 0, {}
         self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
         self._fused: dict[str, tuple] = {}  # fused projection's name -> its adapted parts (attach)
@@ -60,6 +60,11 @@ class CpuLoraBackend(LoraBackend):
     def _slot_written(self, bucket: int, slot: int) -> None:
         lora = self._lora
         rank = self.pool.buckets[bucket].rank
+        # Counted first (the slot's new weights are in place by now): a build on the engine thread
+        # stores what it made, then compares the count it began with, so one stored before this
+        # count is dropped below and one stored after it is dropped by its builder
+        self._slot_writes[(rank, slot)] = self._slot_writes.get((rank, slot), 0) + 1
+        self._writes += 1
         if self._packs:
             written = set()  # addresses of the slot's A views, one per (module, layer)
             for a, _ in self.pool.buckets[bucket].weights.values():
@@ -75,9 +80,6 @@ class CpuLoraBackend(LoraBackend):
                                     for g in lora.groups):
             # the prepared step reads that slot (CPU-assisted rows of a landing adapter)
             self._tables, self._step = {}, MISSING
-        # counted last: a build that began before this write ended finds the count changed
-        self._slot_writes[(rank, slot)] = self._slot_writes.get((rank, slot), 0) + 1
-        self._writes += 1
 
     def _weights(self, a: torch.Tensor, b: torch.Tensor) -> KernelWeights | None:
         """The kernel's form of the slot views a [in, R], b [R, out], made (packed and checked)
@@ -148,8 +150,10 @@ class CpuLoraBackend(LoraBackend):
         if step is MISSING:
             writes = self._writes
             step = self._step_runs(lora)
-            if self._writes == writes and lora is self._lora:
+            if lora is self._lora:
                 self._step = step
+                if self._writes != writes:  # a slot was written meanwhile: used once, not kept
+                    self._step = MISSING
         fn = kernel_library.parts_kernel() if step is not None and kernel_runs.usable(y, x) else None
         if fn is not None:
             proj = step.projections.get(name)
@@ -208,6 +212,7 @@ class CpuLoraBackend(LoraBackend):
                 usable = usable and w is not None
                 weights.append(w)
         rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights) if usable else None  # [L, M]
-        if self._slot_writes.get(key, 0) == writes:
-            self._slots[key] = rec
+        self._slots[key] = rec
+        if self._slot_writes.get(key, 0) != writes:  # the slot was written meanwhile: used once, not kept
+            self._slots.pop(key, None)
         return rec

@@ -91,7 +91,7 @@ class Engine:
         self.max_seq_len, self._context_why = context_limit(self.kv, self.max_seq_len)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
         self.store, self.pool = self.catalog.store, self.catalog.pool
-        check_triton_prefill(args, cfg.kv_block_size, self.dtype, self.model.layer_devices())  # CUDA only
+        check_triton_prefill(self.model, cfg.kv_block_size, self.dtype)  # CUDA only
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = handoff_for(ca, thread_plan, self.model.args, self.pool.emulate_copy_gbps)

@@ -60,12 +60,12 @@ def staggered(e) -> list[list[int]]:
 def test_cuda_mixed_steps_match_cpu_engine(small):
     """Prefill chunks beside decode rows: the Triton prefill kernel's one launch per layer (no
     fallback to SDPA) gives the CPU engine's tokens."""
-    from caraserve.model import llama
-
     want = staggered(engine(small, "cpu", max_tokens_per_step=16))
-    got = staggered(engine(small, "cuda", max_tokens_per_step=16))
+    cuda = engine(small, "cuda", max_tokens_per_step=16)
+    got = staggered(cuda)
     assert got == want
-    assert llama._triton_prefill[0], "the Triton prefill kernel failed on this GPU and fell back to SDPA"
+    assert all(layer.self_attn.triton_prefill for layer in cuda.model.model.layers), \
+        "the Triton prefill kernel failed on this GPU and fell back to SDPA"
 
 
 def test_cuda_graph_decode_matches_eager(small):

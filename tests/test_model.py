@@ -286,3 +286,20 @@ def test_placement_is_honoured_on_cpu(tmp_path):
     pre, _ = run_prefill_decode(ours, PROMPTS[:1], [[1]])
     with torch.no_grad():
         assert rel_err(pre[0], hf(torch.tensor(PROMPTS[:1])).logits[0]) < 1e-4
+
+
+def test_a_failed_triton_prefill_check_switches_that_model_only(tmp_path):
+    """Where the Triton prefill kernel cannot run on a model's device, that model's layers take
+    SDPA from then on; another model in the process keeps the kernel."""
+    from transformers import AutoConfig
+
+    from caraserve.model.llama import CausalLM, ModelArgs, check_triton_prefill
+
+    save_random_hf_model(tmp_path, "llama")
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    failing, other = CausalLM(ModelArgs.from_hf(cfg), cfg), CausalLM(ModelArgs.from_hf(cfg), cfg)
+    assert check_triton_prefill(failing, 16, torch.float32)  # CPU layers: nothing to check
+    failing.layer_devices = lambda: [torch.device("cuda", 99)]  # no such device: the kernel cannot run
+    assert not check_triton_prefill(failing, 16, torch.float32)
+    assert not any(layer.self_attn.triton_prefill for layer in failing.model.layers)
+    assert all(layer.self_attn.triton_prefill for layer in other.model.layers)

@@ -149,18 +149,16 @@ _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 PREFILL_KERNEL_MAX_TOKENS = 512
 
 
-# [False] once the Triton prefill kernel could not be built (check_triton_prefill): SDPA per sequence
-_triton_prefill = [True]
-
-
-def check_triton_prefill(args: ModelArgs, block_size: int, dtype: torch.dtype, devices) -> bool:
-    """Builds and runs the Triton prefill attention kernel once on each CUDA device in `devices`
-    (one token over one block), in the variant the model's steps launch. Where Triton cannot
-    build it, prefill and mixed steps use an SDPA call per sequence from then on (logged). Called
-    before serving, so a failure at a step is a fault, not a reason to switch. True when it ran."""
+def check_triton_prefill(model: CausalLM, block_size: int, dtype: torch.dtype) -> bool:
+    """Builds and runs the Triton prefill attention kernel once on each CUDA device of the model's
+    layers (one token over one block), in the variant its steps launch. Where Triton cannot build
+    it, the model's prefill and mixed steps use an SDPA call per sequence from then on (logged).
+    Called before serving, so a failure at a step is a fault, not a reason to switch. True when
+    it ran."""
     from caraserve import attention_triton
 
-    for dev in dict.fromkeys(d for d in devices if d.type == "cuda"):
+    args = model.args
+    for dev in dict.fromkeys(d for d in model.layer_devices() if d.type == "cuda"):
         try:
             q = torch.zeros(1, args.num_heads, args.head_dim, dtype=dtype, device=dev)
             cache = torch.zeros(1, block_size, args.num_kv_heads, args.head_dim, dtype=dtype, device=dev)
@@ -168,7 +166,8 @@ def check_triton_prefill(args: ModelArgs, block_size: int, dtype: torch.dtype, d
             attention_triton.prefill_attention(q, cache, cache, table, (1,), (1,), None)
             torch.cuda.synchronize(dev)
         except Exception as e:  # whatever stops the kernel here would stop every prefill
-            _triton_prefill[0] = False
+            for layer in model.model.layers:
+                layer.self_attn.triton_prefill = False
             log.warning("the Triton prefill attention kernel does not run on %s (%s: %s); prefill attention "
                         "uses an SDPA call per sequence", dev, type(e).__name__, e)
             return False
@@ -194,6 +193,7 @@ class Attention(nn.Module):
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
+        self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
@@ -210,7 +210,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb)
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
-        if q.is_cuda and _triton_prefill[0]:
+        if q.is_cuda and self.triton_prefill:
             # one launch for the step's prompts, chunks and decode rows, over the cache in place
             from caraserve import attention_triton
 

@@ -150,25 +150,40 @@ def splits_for(rows: int, kv_heads: int, table_width: int) -> int:
     return max(1, min(MAX_SPLITS, table_width // MIN_BLOCKS_PER_SPLIT, -(-SPLIT_BELOW_PROGRAMS // (rows * kv_heads))))
 
 
+def _check_common(kind: str, q, k_cache, v_cache, block_tables) -> tuple[int, int, int, int, int]:
+    """The attention kernels' shared checks, before any shape is unpacked: q [T, H, D] and the
+    caches [blocks, BS, KV, D] contiguous of one dtype, H a multiple of KV, block_tables [S, W]
+    int64, all on one device. Returns (T, H, D, BS, KV)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_tables.dim() != 2 \
+            or k_cache.shape[3] != q.shape[2] or k_cache.shape[2] == 0 or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{kind}: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} and "
+                         f"block_tables {tuple(block_tables.shape)} do not fit (q [T, H, D], caches [blocks, BS, KV, "
+                         "D], H a multiple of KV, block_tables [S, W])")
+    if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"{kind}: q and the caches must be contiguous")
+    if block_tables.dtype != torch.int64 or not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"{kind}: block_tables must be int64 ({block_tables.dtype}) and the caches of q's dtype "
+                         f"({k_cache.dtype}, {v_cache.dtype} for {q.dtype})")
+    if not q.device == k_cache.device == v_cache.device == block_tables.device:
+        raise ValueError(f"{kind}: q, the caches and block_tables must be on one device")
+    t, heads, d = q.shape
+    return t, heads, d, k_cache.shape[1], k_cache.shape[2]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
                     splits: int | None = None) -> torch.Tensor:
     """paged_attention_reference's result; q [T, H, D] contiguous, caches [blocks, BS, KV, D]
-    contiguous, block_tables [S, W] int64, row_seq / lens [T] int64, on one device; splits: shares
-    of each row's own blocks walked in parallel (None: `splits_for`). Every shape is checked here;
-    block ids and lengths are the caller's (the scheduler's) to keep in range."""
-    t, heads, d = q.shape
-    blocks, bs, kv, dk = k_cache.shape
-    if k_cache.shape != v_cache.shape or dk != d or heads % kv or q.dim() != 3:
-        raise ValueError(f"paged attention: q {tuple(q.shape)} and caches {tuple(k_cache.shape)} / "
-                         f"{tuple(v_cache.shape)} do not fit (heads a multiple of KV heads, one head size)")
-    if block_tables.dim() != 2 or row_seq.shape != (t,) or lens.shape != (t,):
+    contiguous of q's dtype, block_tables [S, W] int64, row_seq / lens [T] int64, on one device;
+    splits: shares of each row's own blocks walked in parallel (None: `splits_for`). Shapes,
+    dtypes and devices are checked here; the values of block ids and lengths stay on the device
+    (reading them would synchronize every step), the caller's (the scheduler's) to keep in range."""
+    t, heads, d, bs, kv = _check_common("paged attention", q, k_cache, v_cache, block_tables)
+    if row_seq.shape != (t,) or lens.shape != (t,):
         raise ValueError(f"paged attention: block_tables {tuple(block_tables.shape)}, row_seq "
                          f"{tuple(row_seq.shape)}, lens {tuple(lens.shape)} for {t} rows")
-    if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("paged attention: q and the caches must be contiguous")
-    if any(x.dtype != torch.int64 for x in (block_tables, row_seq, lens)):
-        raise ValueError("paged attention: block_tables, row_seq and lens must be int64")
+    if any(x.dtype != torch.int64 or x.device != q.device for x in (row_seq, lens)):
+        raise ValueError("paged attention: row_seq and lens must be int64 on q's device")
     width = block_tables.shape[1]
     splits = splits_for(t, kv, width) if splits is None else splits
     if not 1 <= splits <= max(1, width):
@@ -275,24 +290,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     window) to its sequence's positions. q [T, H, D] contiguous, caches [blocks, BS, KV, D]
     contiguous of q's dtype, block_tables [S, W] int64, all on one CUDA device (or CPU tensors
     under the Triton interpreter); query_lens and context_lens on the host."""
-    t, heads, d = q.shape
-    blocks, bs, kv, dk = k_cache.shape
+    t, heads, d, bs, kv = _check_common("prefill attention", q, k_cache, v_cache, block_tables)
     n = len(query_lens)
-    if k_cache.shape != v_cache.shape or dk != d or heads % kv or q.dim() != 3:
-        raise ValueError(f"prefill attention: q {tuple(q.shape)} and caches {tuple(k_cache.shape)} / "
-                         f"{tuple(v_cache.shape)} do not fit (heads a multiple of KV heads, one head size)")
-    if block_tables.dim() != 2 or block_tables.shape[0] != n or len(context_lens) != n or sum(query_lens) != t \
+    if block_tables.shape[0] != n or len(context_lens) != n or sum(query_lens) != t \
             or any(not 1 <= m <= c for m, c in zip(query_lens, context_lens)):
         raise ValueError(f"prefill attention: block_tables {tuple(block_tables.shape)}, query_lens (sum "
                          f"{sum(query_lens)}) and context_lens for {n} sequences, {t} rows "
                          "(1 <= new tokens <= context)")
-    if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("prefill attention: q and the caches must be contiguous")
-    if block_tables.dtype != torch.int64 or not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"prefill attention: block_tables must be int64 ({block_tables.dtype}) and the caches of "
-                         f"q's dtype ({k_cache.dtype}, {v_cache.dtype} for {q.dtype})")
-    if not q.device == k_cache.device == v_cache.device == block_tables.device:
-        raise ValueError("prefill attention: q, the caches and block_tables must be on one device")
     if n == 0:
         return torch.empty_like(q)
     group = heads // kv

@@ -20,6 +20,8 @@ _lib = torch.library.Library("caraserve", "DEF")
 # weight has no strides inductor can lower.
 _lib.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
 def _packed_linear(x, packed, bias, out_features: int) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype != torch.float32:  # what the weights were packed for
+        raise ValueError(f"packed_linear: x must be float32 on the CPU, got {x.dtype} on {x.device}")
     y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if y.shape[-1] != out_features:  # the fake kernel's shape must be the real one
         raise ValueError(f"packed_linear: the packed weight gives {y.shape[-1]} features, not {out_features}")

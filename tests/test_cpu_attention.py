@@ -162,6 +162,8 @@ def test_packed_linear_refuses_a_width_that_is_not_its_weights():
     assert torch.allclose(torch.ops.caraserve.packed_linear(x, packed, None, 24), x @ w.T, atol=1e-5)
     with pytest.raises(ValueError, match="gives 24 features, not 7"):
         torch.ops.caraserve.packed_linear(x, packed, None, 7)
+    with pytest.raises(ValueError, match="x must be float32 on the CPU, got torch.float64"):
+        torch.ops.caraserve.packed_linear(x.double(), packed, None, 24)
 
 
 def test_paged_attention_refuses_inconsistent_inputs(fn):

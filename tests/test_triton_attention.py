@@ -34,6 +34,14 @@ def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window, 
         attention_triton.paged_attention(*args, window, splits=width + 1)
     with pytest.raises(ValueError, match="int64"):
         attention_triton.paged_attention(*args[:4], args[4].int(), args[5], window)
+    with pytest.raises(ValueError, match="do not fit"):  # a 2-D q: refused, not unpacked
+        attention_triton.paged_attention(args[0][:, 0], *args[1:], window)
+    with pytest.raises(ValueError, match="one device"):
+        attention_triton.paged_attention(*args[:3], args[3].to("meta"), *args[4:], window)
+    with pytest.raises(ValueError, match="q's device"):
+        attention_triton.paged_attention(*args[:5], args[5].to("meta"), window)
+    with pytest.raises(ValueError, match="dtype"):
+        attention_triton.paged_attention(args[0], args[1].double(), args[2].double(), *args[3:], window)
 
 
 def prefill_case(g, heads, kv, d, bs, query_lens, context_lens):
@@ -99,6 +107,8 @@ def test_prefill_attention_refuses_what_does_not_fit() -> None:
         attention_triton.prefill_attention(q, k.half(), v.half(), tables, (2, 3), (2, 7), None)
     with pytest.raises(ValueError, match="do not fit"):
         attention_triton.prefill_attention(q[:, :3], k, v, tables, (2, 3), (2, 7), None)
+    with pytest.raises(ValueError, match="do not fit"):  # a 4-D q: refused, not unpacked
+        attention_triton.prefill_attention(q[None], k, v, tables, (2, 3), (2, 7), None)
 
 
 def test_prefill_tiles_go_longest_first() -> None:

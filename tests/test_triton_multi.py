@@ -189,6 +189,14 @@ def test_bgmv_multi_rejects_bad_arguments() -> None:
         triton_multi.bgmv_multi(y, x, [t[:, :16] for t in a], b, meta, scale)
     with pytest.raises(ValueError, match="contiguous"):
         triton_multi.bgmv_multi(y, x, [t.transpose(1, 2).contiguous().transpose(1, 2) for t in a], b, meta, scale)
+    with pytest.raises(ValueError, match="meta must be int32"):
+        triton_multi.bgmv_multi(y, x, a, b, meta.long(), scale)
+    with pytest.raises(ValueError, match="unit column stride"):
+        triton_multi.bgmv_multi(y, x, a, b, meta.t().contiguous().t(), scale)
+    with pytest.raises(ValueError, match="scale float32"):
+        triton_multi.bgmv_multi(y, x, a, b, meta, scale.double())
+    with pytest.raises(ValueError, match="share a device"):
+        triton_multi.bgmv_multi(y, x, a, b, meta.to("meta"), scale)
 
 
 def test_decode_step_triton_lora_form_matches_eager_engine(tmp_path) -> None:

@@ -9,6 +9,8 @@ small and odd where possible: the interpreter costs several milliseconds per gri
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,15 @@ def test_rejects_mismatched_shapes() -> None:
         triton_ops.sgmv(y, x[:, :16], a, b, scale, index)
     with pytest.raises(ValueError, match="scale must be"):
         triton_ops.sgmv(y, x, a, b, scale[:1], index)
+    with pytest.raises(ValueError, match="scale float32"):
+        triton_ops.sgmv(y, x, a, b, scale.double(), index)
+    with pytest.raises(ValueError, match="x's dtype"):
+        triton_ops.sgmv(y, x, a.double(), b, scale, index)
+    far = dataclasses.replace(index, segments=((index.row_start, 1, a.shape[0]),))  # a slot past the pool
+    with pytest.raises(ValueError, match="slots"):
+        triton_ops.sgmv(y, x, a, b, scale, far)
+    with pytest.raises(ValueError, match="seg_slot is on meta"):
+        triton_ops.sgmv(y, x, a, b, scale, dataclasses.replace(index, seg_slot=index.seg_slot.to("meta")))
     meta = torch.zeros(3, x.shape[0], dtype=torch.int32, device=DEVICE)
     row_scale = torch.ones(x.shape[0], device=DEVICE)
     with pytest.raises(ValueError, match="bucket shapes"):

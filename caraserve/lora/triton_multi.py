@@ -144,24 +144,21 @@ def bgmv_multi(
     bgmv_multi_parts(y, x, [(a, b, 0)], meta, scale, split_k, tables)
 
 
-def bgmv_multi_parts(
-    y: torch.Tensor,  # [N, columns] accumulated in place
-    x: torch.Tensor,  # [N, in]
-    parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]],  # (A per bucket, B per bucket, first column)
-    meta: torch.Tensor,  # [3, N] int32: bucket (-1 = none), slot, rank of each row
-    scale: torch.Tensor,  # [N] float32, each row's scale
-    split_k: int | None = None,
-    tables: tuple[torch.Tensor, ...] | None = None,  # part_tables(parts), if built already
-) -> None:
-    """For each part (A_p, B_p, c_p) of modules reading x: y[i, c_p:c_p + out_p] += scale[i] *
-    (x[i] @ A_p,b[s]) @ B_p,b[s] with (b, s) = meta[:2, i], in one launch pair for all parts;
-    rows with b = -1 untouched. Deterministic, as bgmv_multi."""
+def _check_multi_args(y, x, parts, meta, scale) -> int:
+    """bgmv_multi_parts' inputs checked before a kernel reads them (the rows' bucket and slot
+    values stay on the device, unread). Returns the number of rank buckets."""
     n_rows, n_in = x.shape
     if not parts:
         raise ValueError("expected at least one part")
     if meta.shape != (3, n_rows) or scale.shape != (n_rows,) or y.shape[0] != n_rows:
         raise ValueError(f"rows: x {tuple(x.shape)}, y {tuple(y.shape)}, meta {tuple(meta.shape)}, "
                          f"scale {tuple(scale.shape)}")
+    if meta.dtype != torch.int32 or meta.stride(1) != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"meta must be int32 with unit column stride and scale float32, got meta {meta.dtype} "
+                         f"strides {meta.stride()}, scale {scale.dtype}")
+    if len({x.device, y.device, meta.device, scale.device}) != 1:
+        raise ValueError(f"x, y, meta and scale must share a device, got {x.device}, {y.device}, {meta.device}, "
+                         f"{scale.device}")
     n_buckets = len(parts[0][0])
     for a, b, col in parts:
         if len(a) != len(b) or len(a) != n_buckets or not a:
@@ -179,6 +176,23 @@ def bgmv_multi_parts(
                 raise ValueError(f"bucket weights must be A in x's dtype and device ({x.dtype}, {x.device}) and B "
                                  f"in y's ({y.dtype}, {y.device}), got {ai.dtype} on {ai.device}, {bi.dtype} on "
                                  f"{bi.device}")
+    return n_buckets
+
+
+def bgmv_multi_parts(
+    y: torch.Tensor,  # [N, columns] accumulated in place
+    x: torch.Tensor,  # [N, in]
+    parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]],  # (A per bucket, B per bucket, first column)
+    meta: torch.Tensor,  # [3, N] int32: bucket (-1 = none), slot, rank of each row
+    scale: torch.Tensor,  # [N] float32, each row's scale
+    split_k: int | None = None,
+    tables: tuple[torch.Tensor, ...] | None = None,  # part_tables(parts), if built already
+) -> None:
+    """For each part (A_p, B_p, c_p) of modules reading x: y[i, c_p:c_p + out_p] += scale[i] *
+    (x[i] @ A_p,b[s]) @ B_p,b[s] with (b, s) = meta[:2, i], in one launch pair for all parts;
+    rows with b = -1 untouched. Deterministic, as bgmv_multi."""
+    n_rows, n_in = x.shape
+    n_buckets = _check_multi_args(y, x, parts, meta, scale)
     n_parts = len(parts)
     a_table, b_table, outs, cols = tables if tables is not None else part_tables(parts)
     if a_table.shape != (n_parts, n_buckets) or b_table.shape != (n_parts, n_buckets) or \
@@ -187,6 +201,9 @@ def bgmv_multi_parts(
         raise ValueError(f"tables: expected [{n_parts}, {n_buckets}] int64 address tables and [{n_parts}] widths "
                          f"and columns, got {tuple(a_table.shape)} {a_table.dtype}, {tuple(b_table.shape)}, "
                          f"{tuple(outs.shape)}, {tuple(cols.shape)}")
+    if any(t.device != y.device for t in (a_table, b_table, outs, cols)) or outs.dtype != torch.int32 or \
+            cols.dtype != torch.int32:
+        raise ValueError(f"tables must be on y's device ({y.device}), widths and columns int32")
     if split_k is None:
         split_k = auto_split_k(n_rows, n_in)
     block_r = np2(max(t.shape[2] for a, _, _ in parts for t in a))

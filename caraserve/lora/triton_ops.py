@@ -93,7 +93,8 @@ def _sgmv_expand_kernel(
 def _check_args(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, index: LoraIndex
 ) -> tuple[int, int, int]:
-    """Validates shapes and devices (no device sync); returns (in, R, out)."""
+    """Validates shapes, dtypes, devices and the segments' rows and slots (host data: no device
+    sync); returns (in, R, out)."""
     if x.dim() != 2 or y.dim() != 2 or a.dim() != 3 or b.dim() != 3:
         raise ValueError(f"expected x, y 2-D and a, b 3-D; got {x.shape}, {y.shape}, {a.shape}, {b.shape}")
     n_in, rank, n_out = a.shape[1], a.shape[2], b.shape[2]
@@ -103,8 +104,16 @@ def _check_args(
         raise ValueError(f"rows: x {x.shape[0]}, y {y.shape[0]}, bucket ends at {index.row_end}")
     if scale.dim() != 1 or scale.shape[0] != a.shape[0]:
         raise ValueError(f"scale must be [S={a.shape[0]}], got {tuple(scale.shape)}")
+    if a.dtype != x.dtype or b.dtype != y.dtype or scale.dtype != torch.float32:
+        raise ValueError(f"a must be in x's dtype ({x.dtype}), b in y's ({y.dtype}) and scale float32, got "
+                         f"{a.dtype}, {b.dtype}, {scale.dtype}")
+    if any(not (index.row_start <= start and start + count <= index.row_end and 0 <= slot < a.shape[0])
+           for start, count, slot in index.segments):
+        raise ValueError(f"segments {index.segments} leave rows [{index.row_start}, {index.row_end}) or slots "
+                         f"[0, {a.shape[0]})")
     dev = y.device
-    for name, t in (("x", x), ("a", a), ("b", b), ("scale", scale), ("index", index.seg_start)):
+    for name, t in (("x", x), ("a", a), ("b", b), ("scale", scale), ("seg_start", index.seg_start),
+                    ("seg_len", index.seg_len), ("seg_slot", index.seg_slot)):
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device}, y on {dev}")
     return n_in, rank, n_out

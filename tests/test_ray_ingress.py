@@ -101,6 +101,13 @@ def test_every_attempt_failing_is_a_502_naming_them():
     assert result.message.count("transport") == 3
 
 
+def test_every_replica_overloaded_is_a_503_to_come_back_later_and_a_mix_a_502():
+    result, _, _ = run([[error_head(503, "server_overloaded")]] * 3)
+    assert isinstance(result, ApiError) and (result.status, result.type) == (503, "server_overloaded")
+    result, _, _ = run([[error_head(503, "server_overloaded")]] * 2 + [[ActorDiedError()]])
+    assert isinstance(result, ApiError) and (result.status, result.type) == (502, "bad_gateway")
+
+
 def test_stream_retried_before_its_first_token_and_ended_with_an_error_event_after():
     lines = ["data: {\"a\": 1}\n\n", "data: [DONE]\n\n"]
     result, handle, _ = run([[Head(200, None), ActorDiedError()], [Head(200, None), *lines]], stream=True)

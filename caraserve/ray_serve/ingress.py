@@ -47,7 +47,12 @@ TRANSPORT_ERRORS = (ray_errors.RayError, RayServeException, asyncio.TimeoutError
 
 
 class Retry(Exception):
-    """This replica could not serve this request; another may."""
+    """This replica could not serve this request; another may. reason: "overloaded" (it answered
+    503), "replica_fault" (another 5xx of its own), "timeout" or "transport"."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 def estimate_prompt_tokens(body) -> int:
@@ -146,7 +151,7 @@ class RayService:
             and body.prompt and not isinstance(body.prompt[0], int) else 1
         requests = prompts * (body.n if isinstance(body.n, int) and body.n > 0 else 1)
         prompt_tokens = max(1, estimate_prompt_tokens(body) // prompts)
-        errors: list[str] = []
+        errors: list[Retry] = []
         target, resynced = "", False
         for attempt in range(self.cfg.max_attempts):
             # A retry gets an id of its own: the replica tried first may still list the first one.
@@ -158,7 +163,7 @@ class RayService:
                 answer, replica = await self._first(gen, body.stream, disconnected)
             except Retry as e:
                 gen.cancel()
-                errors.append(str(e))
+                errors.append(e)
                 log.warning("request %s: attempt %d failed (%s)", rid, attempt, e)
                 continue
             except BaseException:
@@ -176,9 +181,9 @@ class RayService:
                 self.calls.labels("ok").inc()
             return answer
         self.calls.labels("failed").inc()
-        raise ApiError(503 if all(e.startswith("overloaded") for e in errors) else 502,
-                       f"no replica could serve the request after {len(errors)} attempts: " + "; ".join(errors),
-                       "server_overloaded" if all(e.startswith("overloaded") for e in errors) else "bad_gateway")
+        overloaded = all(e.reason == "overloaded" for e in errors)  # every replica full: come back later
+        raise ApiError(503 if overloaded else 502, f"no replica could serve the request after {len(errors)} "
+                       "attempts: " + "; ".join(map(str, errors)), "server_overloaded" if overloaded else "bad_gateway")
 
     async def _first(self, gen, stream: bool, disconnected):
         """(The replica's answer, the replica): a dict, an ApiError for the client, or a stream (its
@@ -192,7 +197,7 @@ class RayService:
                 if head.status >= 500 and (head.headers or {}).get(proto.FAULT_HEADER) != "request":
                     reason = "overloaded" if head.status == 503 else "replica_fault"
                     self.retries.labels(reason).inc()
-                    raise Retry(f"{reason}: replica {head.replica} answered {head.status}")
+                    raise Retry(reason, f"replica {head.replica} answered {head.status}")
                 try:
                     _raise_answer(head)
                 except ApiError as e:
@@ -201,7 +206,7 @@ class RayService:
         except TRANSPORT_ERRORS as e:
             reason = "timeout" if isinstance(e, asyncio.TimeoutError) else "transport"
             self.retries.labels(reason).inc()
-            raise Retry(f"{reason}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            raise Retry(reason, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         return self._relay(gen, first), head.replica
 
     async def _reload(self, replica: str, name: str) -> None:

@@ -35,7 +35,7 @@ from caraserve.config import ServerConfig
 from caraserve.ray_serve.config import RoutingConfig
 from caraserve.ray_serve.messages import Head, RouteHint
 from caraserve.serve import protocol as proto
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import ApiError, BadGateway, BadRequest, ClientClosed, EngineUnavailable, NotFound, Overloaded
 from caraserve.serve.routes import guarded_app
 
 log = logging.getLogger("ray.serve.caraserve")
@@ -105,11 +105,11 @@ class RayService:
     async def _counted(self, kind: str, body, rid: str, include_usage: bool, disconnected):
         """_generate, counted in `inflight` until its answer is out (a stream: its last line)."""
         if self.draining:
-            raise ApiError(503, "the server is shutting down", "engine_unavailable")
+            raise EngineUnavailable("the server is shutting down")
         if body.model in self.unloaded:
-            raise ApiError(404, f"The model `{body.model}` does not exist.", "not_found_error")
+            raise NotFound(f"The model `{body.model}` does not exist.")
         if rid in self.live_ids:  # (replicas could not tell: each would take one of them)
-            raise ApiError(400, f"request id {rid!r} is already in flight", "invalid_request_error")
+            raise BadRequest(f"request id {rid!r} is already in flight")
         self.inflight += 1
         self.live_ids.add(rid)
         try:
@@ -233,7 +233,7 @@ class RayService:
                 if loop.time() >= deadline:
                     raise asyncio.TimeoutError
                 if disconnected is not None and await disconnected():
-                    raise ApiError(499, "client disconnected", "client_closed")
+                    raise ClientClosed("client disconnected")
         finally:
             task.cancel()
 
@@ -268,7 +268,7 @@ class RayService:
             try:
                 head: Head = await self.replicas.fan_out.remote(RouteHint(covered=frozenset(covered)), op, body)
             except TRANSPORT_ERRORS as e:
-                raise ApiError(502, f"a replica failed during {op}: {type(e).__name__}", "bad_gateway") from e
+                raise BadGateway(f"a replica failed during {op}: {type(e).__name__}") from e
             if head.skipped or head.replica in covered:
                 break
             covered.add(head.replica)
@@ -304,7 +304,7 @@ class RayService:
         # that refused then, or that hold it from adapters.dir since they started)
         gone = name in self.unloaded
         if gone and all(h.status == 404 for h in heads):
-            raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error")
+            raise NotFound(f"adapter {name!r} is not loaded")
         refused = next((h for h in heads if h.status != 200 and not (gone and h.status == 404)), None)
         if refused is None:
             self.runtime_adapters.pop(name, None)
@@ -334,7 +334,7 @@ class RayService:
         try:
             head: Head = await self.replicas.fan_out.remote(RouteHint(covered=frozenset()), op, body)
         except TRANSPORT_ERRORS as e:
-            raise ApiError(502, f"a replica failed during {op}: {type(e).__name__}", "bad_gateway") from e
+            raise BadGateway(f"a replica failed during {op}: {type(e).__name__}") from e
         if head.status != 200:
             _raise_answer(head)
         return head.body
@@ -354,14 +354,14 @@ class RayService:
                 seen = cards.setdefault(card["id"], card)
                 seen["resident"] = bool(seen.get("resident")) or bool(card.get("resident"))
         if base is None:
-            raise ApiError(503, "no replica answered", "server_overloaded")
+            raise Overloaded("no replica answered")
         return [base, *cards.values()]
 
     async def health(self) -> dict:
         heads = await self._fan_out("health")
         up = sum(h.status == 200 for h in heads)
         if not up:
-            raise ApiError(503, "no replica is serving", "engine_unavailable")
+            raise EngineUnavailable("no replica is serving")
         return {"status": "ok", "replicas_up": up, "replicas": len(heads)}
 
     async def metrics(self) -> tuple[bytes, str]:

@@ -28,6 +28,55 @@ class ApiError(Exception):
         self.admitted = admitted
 
 
+class _Kind(ApiError):
+    """An ApiError whose class fixes its status and OpenAI error type (and default headers)."""
+
+    STATUS, TYPE, HEADERS = 500, "internal_error", None
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, admitted: bool = False):
+        super().__init__(self.STATUS, message, self.TYPE, headers or self.HEADERS, admitted)
+
+
+class BadRequest(_Kind):
+    STATUS, TYPE = 400, "invalid_request_error"
+
+
+class NotFound(_Kind):
+    STATUS, TYPE = 404, "not_found_error"
+
+
+class Conflict(_Kind):
+    STATUS, TYPE = 409, "conflict_error"
+
+
+class ClientClosed(_Kind):
+    STATUS, TYPE = 499, "client_closed"
+
+
+class InternalError(_Kind):
+    STATUS, TYPE = 500, "internal_error"
+
+
+class BadGateway(_Kind):
+    STATUS, TYPE = 502, "bad_gateway"
+
+
+class Overloaded(_Kind):
+    """The queue (or every replica) is full: come back later."""
+
+    STATUS, TYPE = 503, "server_overloaded"
+
+
+class EngineUnavailable(_Kind):
+    STATUS, TYPE = 503, "engine_unavailable"
+
+
+class AdapterCapacity(_Kind):
+    """The adapter exists but cannot be registered or placed now: come back in a second."""
+
+    STATUS, TYPE, HEADERS = 503, "adapter_capacity", {"Retry-After": "1"}
+
+
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 # a refused generation request's metrics label (caraserve_requests_total{status="rejected_..."})
 REJECTIONS = {"invalid_request_error": "bad_request", "not_found_error": "unknown_model",

@@ -11,7 +11,15 @@ from dataclasses import replace
 from caraserve.request import CapacityError, RequestError, RequestOutput, SamplingParams, choice_seed
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import (
+    AdapterCapacity,
+    ApiError,
+    BadRequest,
+    ClientClosed,
+    EngineUnavailable,
+    NotFound,
+    Overloaded,
+)
 from caraserve.serve.streaming import Chunker, error_kind, events
 
 Disconnected = Callable[[], Awaitable[bool]]
@@ -32,15 +40,15 @@ class Runs:
             return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only, call_size,
                                              joins_call)
         except QueueFullError as e:
-            raise ApiError(503, str(e), "server_overloaded") from e
+            raise Overloaded(str(e)) from e
         except EngineUnavailableError as e:
-            raise ApiError(503, str(e), "engine_unavailable") from e
+            raise EngineUnavailable(str(e)) from e
         except CapacityError as e:
-            raise ApiError(503, str(e), "adapter_capacity", {"Retry-After": "1"}) from e
+            raise AdapterCapacity(str(e)) from e
         except RequestError as e:
             if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
-                raise ApiError(404, str(e), "not_found_error") from e
-            raise ApiError(400, str(e), "invalid_request_error") from e
+                raise NotFound(str(e)) from e
+            raise BadRequest(str(e)) from e
 
     async def next(self, rid: str, queue: asyncio.Queue, disconnected: Disconnected | None) -> RequestOutput:
         """The request's next output; a caller that goes away meanwhile aborts the request."""
@@ -53,7 +61,7 @@ class Runs:
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
                     self.service.abort(rid)
-                    raise ApiError(499, "client disconnected", "client_closed", admitted=True) from None
+                    raise ClientClosed("client disconnected", admitted=True) from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
                       n: int, final_only: bool = False, base: int = 0) -> list[Run]:

@@ -27,7 +27,15 @@ from caraserve.serve import choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine
 from caraserve.serve.gateway_metrics import add_gateway_metrics
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import (
+    AdapterCapacity,
+    ApiError,
+    BadRequest,
+    Conflict,
+    EngineUnavailable,
+    InternalError,
+    NotFound,
+)
 from caraserve.serve.metrics import ServerMetrics
 from caraserve.serve.prompts import Prompts
 from caraserve.serve.runs import Disconnected, Runs
@@ -112,24 +120,22 @@ class EngineService:
             try:
                 found = await asyncio.get_running_loop().run_in_executor(None, self.engine.resolve_adapter, name)
             except CapacityError as e:  # found, but the registry is full
-                raise ApiError(503, str(e), "adapter_capacity", {"Retry-After": "1"}) from e
+                raise AdapterCapacity(str(e)) from e
             except RequestError as e:  # found, but refused: the caller named a broken adapter
-                raise ApiError(400, str(e), "invalid_request_error") from e
+                raise BadRequest(str(e)) from e
             if found and self.service.is_serving(name):
                 return name
         refused = self.engine.catalog.errors.get(name)  # in adapters.dir, but refused at start
         why = f" Its adapter folder was refused at start: {refused}" if refused else ""
-        raise ApiError(404, f"The model `{name}` does not exist.{why}", "not_found_error")
+        raise NotFound(f"The model `{name}` does not exist.{why}")
 
     def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The params of each of the body's `n` engine requests (n is the service's to fan out);
         logprobs: None for none, else each token's with this many alternatives."""
         if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
-            raise ApiError(400, f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}",
-                           "invalid_request_error")
+            raise BadRequest(f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}")
         if not 1 <= body.n <= self.limits.max_n:
-            raise ApiError(400, f"n must be in [1, {self.limits.max_n}] (limits.max_n), got {body.n}",
-                           "invalid_request_error")
+            raise BadRequest(f"n must be in [1, {self.limits.max_n}] (limits.max_n), got {body.n}")
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -145,7 +151,7 @@ class EngineService:
             self.engine.check_params(params)
             return params
         except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
@@ -156,15 +162,14 @@ class EngineService:
                 return await self._off_loop(self.engine.encode, prompt, add_special_tokens)
             return self.engine.encode(prompt, add_special_tokens)
         except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
 
     def _keep(self, body: proto._Sampling) -> int | None:
         """How many of the prompt's last tokens vLLM's truncate_prompt_tokens keeps (-1: the
         context length); None: all of them."""
         k = body.truncate_prompt_tokens
         if k is not None and k > self.engine.max_seq_len:
-            raise ApiError(400, f"truncate_prompt_tokens={k} is more than the context length {self.engine.max_seq_len}",
-                           "invalid_request_error")
+            raise BadRequest(f"truncate_prompt_tokens={k} is more than the context length {self.engine.max_seq_len}")
         return None if k is None else self.engine.max_seq_len if k == -1 else k
 
     def _texts(self, body: proto._Sampling) -> choices.TokenTexts:
@@ -177,17 +182,15 @@ class EngineService:
         adapter = await self.resolve_model(body)
         prompts = self._completion_prompts(body.prompt)
         if isinstance(body.logprobs, bool):
-            raise ApiError(400, "logprobs must be a number for completions (how many alternatives with each token)",
-                           "invalid_request_error")
+            raise BadRequest("logprobs must be a number for completions (how many alternatives with each token)")
         if body.suffix:
-            raise ApiError(400, "suffix is not supported", "invalid_request_error")
+            raise BadRequest("suffix is not supported")
         prompt_only = body.echo and body.max_tokens == 0  # score (or echo) the prompt, generate nothing
         if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing "
-                           "generated)", "invalid_request_error")
+            raise BadRequest("max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing "
+                           "generated)")
         if prompt_only and body.min_tokens:
-            raise ApiError(400, f"min_tokens must be 0 when max_tokens is 0, got {body.min_tokens}",
-                           "invalid_request_error")
+            raise BadRequest(f"min_tokens must be 0 when max_tokens is 0, got {body.min_tokens}")
         max_tokens = 1 if prompt_only else body.max_tokens if body.max_tokens is not None else 16
         params = self.sampling(body, max_tokens, body.logprobs)
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
@@ -235,15 +238,15 @@ class EngineService:
                 e.message = f"prompt {index}: {e.message}"
             raise
         except RequestError as e:
-            raise ApiError(400, str(e) if index is None else f"prompt {index}: {e}", "invalid_request_error") from e
+            raise BadRequest(str(e) if index is None else f"prompt {index}: {e}") from e
 
     def _completion_prompts(self, prompt) -> list:
         """The call's prompts: one (text or token ids) or a list of them (limits.max_prompts)."""
         if not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)):
             return [prompt]
         if len(prompt) > self.limits.max_prompts:
-            raise ApiError(400, f"{len(prompt)} prompts in one request; at most {self.limits.max_prompts} "
-                           "(limits.max_prompts)", "invalid_request_error")
+            raise BadRequest(f"{len(prompt)} prompts in one request; at most {self.limits.max_prompts} "
+                           "(limits.max_prompts)")
         return prompt
 
     def _prompt_text(self, prompt, ids: list[int]) -> str:
@@ -259,15 +262,13 @@ class EngineService:
         try:
             messages = self.prompts.messages(body.messages)
         except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
         if body.logprobs is not None and not isinstance(body.logprobs, bool):
-            raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many)",
-                           "invalid_request_error")
+            raise BadRequest("logprobs must be true or false for chat (top_logprobs says how many)")
         if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request_error")
+            raise BadRequest("top_logprobs needs logprobs: true")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
-            raise ApiError(400, f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}",
-                           "invalid_request_error")
+            raise BadRequest(f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}")
         return messages
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
@@ -289,11 +290,10 @@ class EngineService:
                 messages, body.add_generation_prompt, body.add_special_tokens, tools, body.continue_final_message,
                 variables)[-keep if keep is not None else 0:]))  # cut before the length check
         except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
-            raise ApiError(400, f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}",
-                           "invalid_request_error")
+            raise BadRequest(f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}")
         params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n)
@@ -322,7 +322,7 @@ class EngineService:
         try:
             return await self._off_loop(fn, body)
         except RequestError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
 
     async def models(self) -> list[dict]:
         engine = self.engine
@@ -337,25 +337,23 @@ class EngineService:
         try:
             check_name(body.lora_name)
         except AdapterError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
         try:
             resolved = Path(body.lora_path).expanduser().resolve()
         except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, unknown ~user
-            raise ApiError(400, f"lora_path {body.lora_path!r} is not a usable path ({e})",
-                           "invalid_request_error") from e
+            raise BadRequest(f"lora_path {body.lora_path!r} is not a usable path ({e})") from e
         if not any(resolved == root or resolved.is_relative_to(root) for root in self.adapter_roots):
-            raise ApiError(400, f"lora_path {body.lora_path!r} is outside the allowed adapter roots "
-                                f"(adapters.allowed_roots)", "invalid_request_error")
+            raise BadRequest(f"lora_path {body.lora_path!r} is outside the allowed adapter roots "
+                                f"(adapters.allowed_roots)")
         if body.lora_name == self.served_name:
-            raise ApiError(400, f"{body.lora_name!r} is the base model's name", "invalid_request_error")
+            raise BadRequest(f"{body.lora_name!r} is the base model's name")
         try:
             info = await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.register_adapter, body.lora_name, resolved)
         except AdapterError as e:
-            raise ApiError(400, str(e), "invalid_request_error") from e
+            raise BadRequest(str(e)) from e
         except (OSError, ValueError) as e:  # unreadable files of the caller's choosing
-            raise ApiError(400, f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})",
-                           "invalid_request_error") from e
+            raise BadRequest(f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})") from e
         # Its weights are read now (into the host tier), as vLLM's load does: weights that cannot
         # be served (NaN, Inf) are refused to this call, not to the adapter's first request.
         try:
@@ -366,26 +364,24 @@ class EngineService:
             with contextlib.suppress(TimeoutError, AdapterError, UnknownAdapterError):
                 await self.service.retire_adapter(info.name, self.unload_timeout_s)
             if isinstance(e, AdapterError):
-                raise ApiError(400, str(e), "invalid_request_error") from e
-            raise ApiError(500, f"adapter {info.name!r} could not be read ({type(e).__name__}: {e})",
-                           "internal_error") from e
+                raise BadRequest(str(e)) from e
+            raise InternalError(f"adapter {info.name!r} could not be read ({type(e).__name__}: {e})") from e
         return {"status": "ok", "lora_name": info.name, "rank": info.rank}
 
     async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:
         if not self.service.is_serving(body.lora_name):
-            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
+            raise NotFound(f"adapter {body.lora_name!r} is not loaded")
         try:
             await self.service.retire_adapter(body.lora_name, self.unload_timeout_s)
         except (TimeoutError, AdapterError) as e:  # still in use: the caller may retry later
-            raise ApiError(409, f"cannot unload adapter {body.lora_name!r}: {e}", "conflict_error") from e
+            raise Conflict(f"cannot unload adapter {body.lora_name!r}: {e}") from e
         return {"status": "ok", "lora_name": body.lora_name}
 
     async def health(self) -> dict:
         if not self.service.healthy:
-            raise ApiError(503, f"the engine is not serving ({self.service.fault or 'stopped'})",
-                           "engine_unavailable")
+            raise EngineUnavailable(f"the engine is not serving ({self.service.fault or 'stopped'})")
         if not self.service.ready:
-            raise ApiError(503, "the engine is warming up (compiling its decode step)", "engine_unavailable")
+            raise EngineUnavailable("the engine is warming up (compiling its decode step)")
         return {"status": "ok"}
 
     async def metrics(self) -> tuple[bytes, str]:

@@ -6,7 +6,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from caraserve.serve import protocol as proto
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import BadRequest
 
 
 def service_of(http: Request):
@@ -20,8 +20,7 @@ def request_id(http: Request, prefix: str) -> str:
     if rid is None:
         return proto.new_id(prefix)
     if not proto.valid_request_id(rid):
-        raise ApiError(400, "X-Request-Id must be 1-128 characters of letters, digits, '-', '_', '.' or ':'",
-                       "invalid_request_error")
+        raise BadRequest("X-Request-Id must be 1-128 characters of letters, digits, '-', '_', '.' or ':'")
     return rid
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 
 from caraserve.serve import protocol as proto
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import NotFound
 from caraserve.serve.routes.common import service_of
 
 router = APIRouter()
@@ -37,7 +37,7 @@ async def models(http: Request, limit: int | None = Query(None, ge=1, le=1000), 
 async def model(http: Request, model_id: str):
     card = next((c for c in await service_of(http).models() if c["id"] == model_id), None)
     if card is None:
-        raise ApiError(404, f"The model `{model_id}` does not exist.", "not_found_error")
+        raise NotFound(f"The model `{model_id}` does not exist.")
     return card
 
 

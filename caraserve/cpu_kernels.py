@@ -2,9 +2,8 @@
 attention over the paged KV cache (`csrc/attention_cpu.c`, decode rows and prompt tokens alike)
 and the fused elementwise layer ops (`csrc/layer_ops_cpu.c`).
 
-Decode attention through torch's SDPA takes a mask over the longest context and ~0.4 ms a layer
-for a 32-row batch of the embedded model; the attention kernel reads each row's own positions
-only.
+Decode attention through torch's SDPA takes a mask over the longest context of the batch; the
+attention kernel reads each row's own positions only.
 
 The library itself (built, cached, checked and loaded once per machine) is
 `caraserve.kernel_library`; where it is unavailable these wrappers answer None and torch runs

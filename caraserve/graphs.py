@@ -209,7 +209,7 @@ class DecodeGraphs:
         """(batch bucket, LoRA form) of the variant a step of n rows runs: on CUDA the padded
         batch bucket and how many rank buckets its BGMV covers (0: no LoRA); on CPU ANY_BATCH
         (a dynamic batch dimension) and HOST_RUNS, one variant for every step (with no LoRA rows
-        the op adds nothing, for ~1% of a base step)."""
+        the op adds nothing but its calls)."""
         if not self.cuda_graphs:
             return ANY_BATCH, HOST_RUNS if self.host_runs and self.pool.targets else self._num_buckets(lora)
         return bucket_up(n, self.batch_buckets), self._num_buckets(lora)
@@ -292,7 +292,7 @@ class DecodeGraphs:
         adapter). False when nothing is pending. The engine calls it when it has nothing to step:
         compiling then delays no step, and it runs in the thread that runs the steps (with
         several OpenMP threads, variants compiled on another thread made every later step
-        2.5-4x slower)."""
+        several times slower)."""
         if not self.pending:
             return False
         key = max(self.pending, key=self.pending.get)
@@ -332,9 +332,9 @@ class DecodeGraphs:
         mode = "reduce-overhead" if self.cuda_graphs else None  # reduce-overhead = CUDA graph replay
         name = f"decode_b{bsz or 'any'}_" + ("runs" if nb == HOST_RUNS else f"r{nb}")
         # The step reads the model's modules (weights, layer indices, windows), which never change
-        # for the engine's lifetime: guarding them cost ~0.2 ms of a ~10 ms CPU step, where a
-        # step's host time is its time. For the same reason the compiled code does not re-assert
-        # each tensor's sizes and strides (~60 checks a step): Dynamo's guards check the inputs,
+        # for the engine's lifetime: guarding them is a few percent of a CPU step, where a step's
+        # host time is its time. For the same reason the compiled code does not re-assert each
+        # tensor's sizes and strides: Dynamo's guards check the inputs,
         # and the tests hold every custom op's output to the shape its fake implementation gives.
         # (GPU steps replay CUDA graphs: their guards and checks are left alone.)
         options = None if self.cuda_graphs else {

@@ -27,9 +27,9 @@ class OutputProcessor:
     def _batch_decoder(tokenizer):
         """lists of ids -> texts without special tokens. A fast tokenizer's own Rust decoder, one
         window at a time, when transformers would add nothing to it (no space clean-up): the same
-        text without the per-id Python conversions of `batch_decode` (~1 ms per 32-row step), and
-        without `decode_batch`'s thread pool, whose hand-off costs more than a step's windows of a
-        token or two take to decode (~1.6x the time of the plain loop, 128 rows). A window of one
+        text without the per-id Python conversions of `batch_decode`, and without `decode_batch`'s
+        thread pool, whose hand-off costs more than a step's windows of a token or two take to
+        decode. A window of one
         token (most previous-text windows) is decoded once per vocabulary id and remembered."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):

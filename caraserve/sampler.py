@@ -172,7 +172,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]
 def _greedy_cpu(logits: torch.Tensor) -> tuple[list[int], list[float], list[tuple]]:
     """`sample` of CPU logits [B, V] float32 whose rows are all greedy without logprobs, in numpy:
     three array operations where the general path takes eight torch ones (after a step has
-    flushed the caches, each costs tens of microseconds, most of the sampling time)."""
+    flushed the caches, each op's fixed cost is most of the sampling time)."""
     a = logits.numpy()
     tokens = a.argmax(-1)
     finite = np.isfinite(a[np.arange(len(a)), tokens])  # (as in `sample`: NaN rows pick a NaN)
@@ -183,7 +183,7 @@ def _greedy_cpu(logits: torch.Tensor) -> tuple[list[int], list[float], list[tupl
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B] int64, the first maximum of each row. On CPU numpy's vectorised argmax is
-    ~10x faster than torch's reduction for a vocabulary-wide row; both take the first of ties."""
+    much faster than torch's reduction for a vocabulary-wide row; both take the first of ties."""
     if logits.device.type == "cpu":
         return torch.from_numpy(logits.numpy().argmax(-1).astype("int64"))
     return logits.argmax(-1)

@@ -4,7 +4,7 @@ from per-slot records) and a projection's share of them (`ProjectionRuns`, one c
 projection and layer), and the packed weight layout the kernel reads.
 
 A decode step on CPU adds, for every adapted module, one small matmul pair per adapter in the
-batch; through torch each pair costs ~20 us of call overhead around ~3 us of arithmetic. The
+batch; through torch each pair costs several times more in call overhead than in arithmetic. The
 kernel does all runs of a projection in one call, with no allocation, reading packed copies of
 the slots' weights (column panels read front to back; the pool's own layout made it walk them
 with a stride, and a step finds them in L3 or memory, not in cache). Prompt segments go through

@@ -138,9 +138,9 @@ def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.
     return mask
 
 
-# Eager attention on CUDA leaves cuDNN's backend out: it spent ~1.3 ms of host time per call (41
-# of a 70 ms eager decode step of a 7B-shaped model on an H200, torch 2.11), while its device time
-# was 40 us. Compiled steps keep torch's choice (a CUDA graph replays no host work).
+# Eager attention on CUDA leaves cuDNN's backend out: its host-side setup per call costs many
+# times its device time, and eager decode steps are host-bound. Compiled steps keep torch's choice
+# (a CUDA graph replays no host work).
 _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -177,7 +177,7 @@ def check_triton_prefill(model: CausalLM, block_size: int, dtype: torch.dtype) -
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """F.scaled_dot_product_attention with GQA over q [H, n, hd], k / v [KV, ctx, hd], minus
     cuDNN's backend on CUDA (see above). It runs as a batch of one: on CPU only 4-D inputs reach
-    torch's flash kernel (3-D ones take the math path, 3-5x slower for 512-2048 tokens)."""
+    torch's flash kernel (3-D ones take the math path, several times slower on long prompts)."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=True, **kw)[0]
     with sdpa_kernel(_EAGER_CUDA_SDPA):
@@ -218,7 +218,7 @@ class Attention(nn.Module):
                                                       fb.query_lens, fb.context_lens, self.window)
         if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
-            # call for the batch instead of an SDPA call per prompt (~0.15 ms each for short ones)
+            # call for the batch instead of an SDPA call per prompt, whose fixed cost dominates short ones
             out = cpu_kernels.paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens,
                                               self.window)
             if out is not None:
@@ -296,11 +296,11 @@ class CausalLM(nn.Module):
     def pack_weights(self, batch_hint: int, memory_share: float = 0.25) -> int:
         """On CPU in float32, keeps a copy of the LM head's and every projection's weight in
         oneDNN's blocked layout: F.linear re-packs the weight on every call, which at decode batch
-        sizes costs about as much as the product itself (the head and the projections then run
-        ~1.5x faster). The copies cost the weights' size again in memory, so nothing is packed
-        when they would take more than `memory_share` of the memory this process may use. Returns the
-        number of weights packed (0 where it does not apply). Call it once the weights are final,
-        and again after writing them: a copy does not follow later writes to its weight."""
+        sizes costs about as much as the product itself. The copies cost the weights' size again
+        in memory, so nothing is packed when they would take more than `memory_share` of the
+        memory this process may use. Returns the number of weights packed (0 where it does not
+        apply). Call it once the weights are final, and again after writing them: a copy does not
+        follow later writes to its weight."""
         self.unpack_weights()  # copies of an earlier packing would not follow the weights now
         lins = [m for m in self.modules() if isinstance(m, LoraLinear)]
         weights = [self.lm_head.weight] + [m.weight for m in lins]

@@ -35,7 +35,6 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
 

@@ -1,9 +1,13 @@
 """AsyncEngine: runs the engine's step loop on its own thread and feeds asyncio callers.
 
-Only the engine thread touches the engine's queues: handlers send it commands (add, abort,
+Only the engine thread changes the engine's queues: handlers send it commands (add, abort,
 unregister) through an inbox it drains between steps, and await a future for the result. So a
 handler never waits for a step to finish to get the engine lock, and a validation error comes
-back before anything changed. Outputs go back with `loop.call_soon_threadsafe`.
+back before anything changed. Handlers do read the scheduler's queues without the lock (their
+lengths, a copy of them: single C-level operations under the GIL) for admission counts and
+adapter use, which may be a step old; the engine re-checks whatever such a read decides, and an
+adapter read ahead (`read_ahead`) is a hint the host store serializes. Outputs go back with
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def main():
             y = torch.zeros(start, h, device=dev, dtype=dtype)
 
             def batched():
-                backend.add_groups(y, x, groups, 0, "q_proj", None)
+                backend.add_groups(y, x, groups, 0, "q_proj")
 
             if dev.type == "cuda" and not is_prefill:  # decode rows: the row table, one launch pair
                 from caraserve.lora.triton_multi import bgmv_multi

@@ -176,7 +176,7 @@ def test_step_runs_of_a_mixed_layout_equal_the_torch_backend():
             x, y0 = torch.randn(row, fan_in, generator=g), torch.randn(row, fan_out, generator=g)
             y, expect = y0.clone(), y0.clone()
             cpu.run_prepared(y, x, layer, name)
-            ref.add_groups(expect, x, lora.groups, layer, name, None)
+            ref.add_groups(expect, x, lora.groups, layer, name)
             assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), (layer, name)
     assert isinstance(cpu._step, kernel_runs.StepRuns)
     with pytest.raises(ValueError, match="disjoint"):
@@ -239,7 +239,7 @@ def test_a_fused_projection_gets_every_part_in_one_kernel_call_per_layer(monkeyp
         y, expect = y0.clone(), y0.clone()
         cpu.run_prepared(y, x, layer, mod.name)
         for name, lo, hi in mod.parts:
-            ref.add_groups(expect[:, lo:hi], x, lora.groups, layer, name, None)
+            ref.add_groups(expect[:, lo:hi], x, lora.groups, layer, name)
         assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), layer
         assert not torch.equal(y, y0)
     assert len(calls) == args.num_layers

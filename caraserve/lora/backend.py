@@ -51,12 +51,17 @@ class LoraBackend:
         _live[self.handle] = weakref.ref(self, lambda _, h=self.handle: _live.pop(h, None))
 
     def prepare(self, lora: LoraBatch | None) -> None:
-        """The step's LoRA rows; called once per step before the forward."""
+        """Semantics: self.step = lora (the step's groups, segments and CPU-assisted rows; None:
+        no LoRA rows). Called by the runner once per step, before the forward."""
         self._lora = lora
 
     def linear(self, mod, x: torch.Tensor, fb) -> torch.Tensor:
-        """mod's x @ W^T + b plus the delta of the step's LoRA rows (see the module docstring);
-        a fused projection (mod.parts) gets each part's delta in its own columns."""
+        """Semantics (x [T, in] -> y [T, out]):
+            y = x @ mod.W^T + mod.b
+            for each part (name, lo, hi) of mod.parts whose module the pool adapts:
+                y[:, lo:hi] += delta(name, mod.layer, x)      (the module docstring's delta)
+        fb.lora_mode says where the rows come from: none, the prepared groups, fb.lora_rows, or
+        the prepared groups plus CPU-assisted segments."""
         mode = fb.lora_mode
         if mode == LORA_HOST:
             return self._linear_with_host(mod, x)
@@ -69,8 +74,9 @@ class LoraBackend:
         return self.add_parts(y, x, mod, parts, fb) if parts else y
 
     def add_parts(self, y, x, mod, parts, fb) -> torch.Tensor:
-        """y plus the delta of each adapted part (name, first, end column) of the fused
-        projection `mod`, each in its own columns of y; may work in place."""
+        """Semantics (x [T, in], y [T, out] of the fused projection `mod`):
+            for (name, lo, hi) in parts: y[:, lo:hi] += delta(name, mod.layer, x)
+            return y                                          (may be y itself, updated in place)"""
         if fb.lora_mode == LORA_ROWS and len(parts) > 1:
             return self.add_rows_parts(y, x, mod.layer, parts, *fb.lora_rows)
         for name, lo, hi in parts:
@@ -81,11 +87,12 @@ class LoraBackend:
         return y
 
     def attach(self, mod) -> None:
-        """Called once for each projection using this backend (before any step)."""
+        """Called once for each projection using this backend (before any step): its shape and
+        parts, for backends that plan per projection. Semantics: no effect on any result."""
 
     def add_rows_parts(self, y, x, layer: int, parts, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """The row form over the parts (name, first, end column) of a fused projection, each
-        into its own columns of y (here one part at a time, out of place)."""
+        """Semantics: for (name, lo, hi) in parts: y[:, lo:hi] = add_rows(y[:, lo:hi], x, layer,
+        name, meta, row_scale); return y. (Here one part at a time; kernels take all at once.)"""
         for name, lo, hi in parts:
             part = y[:, lo:hi]
             part.copy_(self.add_rows(part, x, layer, name, meta, row_scale))
@@ -100,32 +107,42 @@ class LoraBackend:
         for (name, lo, hi), work in zip(mod.parts, pending):
             part = y if len(mod.parts) == 1 else y[:, lo:hi]
             if name in self.targets:
-                self.add_groups(part, x, groups, mod.layer, name, None)
+                self.add_groups(part, x, groups, mod.layer, name)
             if work:
                 lora.handoff.add(part, work)
         return y
 
     def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, fb) -> torch.Tensor:
-        """y plus the delta of the step's rows (LORA_GROUPS or LORA_ROWS); may work in place."""
+        """Semantics (x [T, in], y [T, out]): return y + delta(name, layer, x) over the step's
+        rows, from the prepared groups (LORA_GROUPS) or fb.lora_rows (LORA_ROWS); may update y
+        in place and return it."""
         if fb.lora_mode == LORA_ROWS:
             return self.add_rows(y, x, layer, name, *fb.lora_rows)
-        self.add_groups(y, x, self._lora.groups, layer, name, None)
+        self.add_groups(y, x, self._lora.groups, layer, name)
         return y
 
-    def add_groups(self, y, x, groups, layer: int, name: str, tables: dict | None) -> None:
-        """y += the delta of `groups` (LoraGroups) in place, a group at a time."""
+    def add_groups(self, y, x, groups, layer: int, name: str) -> None:
+        """Semantics (x [T, in], y [T, out], in place):
+            for g in groups if name in g.modules:
+                for (s, n, k) in g.index.segments whose adapter targets `name`:
+                    y[s:s+n] += g.scale[k] * (x[s:s+n] @ A_g,name[layer, k]) @ B_g,name[layer, k]"""
         for group in groups:
             if name in group.modules:
                 a, b = group.weights[name]
                 self.add_group(y, x, a[layer], b[layer], group)
 
     def add_group(self, y, x, a: torch.Tensor, b: torch.Tensor, group) -> None:
-        """y += one rank bucket's delta: a [S, in, R], b [S, R, out] the module's slots at one layer."""
+        """Semantics (a [S, in, R], b [S, R, out]: one rank bucket's slots of a module at one
+        layer; in place): for (s, n, k) in group.index.segments:
+            y[s:s+n] += group.scale[k] * (x[s:s+n] @ a[k]) @ b[k]"""
         raise NotImplementedError
 
     def add_rows(self, y, x, layer: int, name: str, meta: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """The row form: meta [3, B] int32 (rank bucket or -1, slot, rank), row_scale [B]. In torch
-        ops here (every row gathers its slot's weights; y + delta, not in place)."""
+        """Semantics of the row form (x [B, in], y [B, out], meta [3, B] int32: rank bucket or -1,
+        slot, rank of each row; row_scale [B] float32):
+            for each row i with meta[0, i] = b >= 0, k = meta[1, i]:
+                y[i] += row_scale[i] * (x[i] @ A_b,name[layer, k]) @ B_b,name[layer, k]
+        Here in torch ops (every row gathers its slot's weights; y + delta, not in place)."""
         slot = meta[1].long()
         for b, bucket in enumerate(self.pool.buckets):
             la, lb = bucket.weights[name]

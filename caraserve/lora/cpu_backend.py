@@ -137,8 +137,8 @@ class CpuLoraBackend(LoraBackend):
         torch.ops.caraserve.lora_runs_(y, x, self.handle, mod.layer, mod.name)
         return y
 
-    def add_groups(self, y, x, groups, layer, name, tables):
-        add_lora_runs(y, x, groups, layer, name, tables, self._pack, self._table)
+    def add_groups(self, y, x, groups, layer, name):
+        add_lora_runs(y, x, groups, layer, name, None, self._pack, self._table)
 
     def run_prepared(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
         """The op's body: y += the prepared step's delta of module `name`, or of each adapted

@@ -267,8 +267,7 @@ class DecodeGraphs:
             if self.capture:
                 t0 = time.perf_counter()
                 forms = (0, len(self.pool.buckets)) if self.pool.targets and self.pool.buckets else (0,)
-                for backend in self.model.lora_backends.values():
-                    backend.prepare(None)  # a LoRA variant's dummy rows use no adapter
+                self.model.prepare_lora(None)  # a LoRA variant's dummy rows use no adapter (steps prepare their own)
                 with self._on_device():
                     for bsz in reversed(self.batch_buckets):  # largest first: the smaller reuse its pool
                         for nb in forms:
@@ -301,8 +300,7 @@ class DecodeGraphs:
         buf = self._new_buffers(bsz, self.device)  # every row: position 0 of the scratch block, no adapter
         buf["row_lens"][:], buf["meta"][0] = 1, -1
         fb = self._batch(bsz, nb, buf, (1,) * bsz)
-        for backend in self.model.lora_backends.values():
-            backend.prepare(None)  # a LoRA variant's dummy rows use no adapter
+        self.model.prepare_lora(None)  # a LoRA variant's dummy rows use no adapter (steps prepare their own)
         try:
             with torch.inference_mode():
                 self._variant(*key)(fb)

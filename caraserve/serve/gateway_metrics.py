@@ -25,16 +25,16 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 
 class GatewayMetrics(Collector):
-    def __init__(self, service, model_name: str):
-        self.service, self.model_name = service, model_name
+    def __init__(self, async_engine, model_name: str):
+        self.async_engine, self.model_name = async_engine, model_name
 
     def collect(self):
-        engine = self.service.engine
+        engine = self.async_engine.engine
         sched, pool, kv = engine.scheduler, engine.pool, engine.kv
         running, waiting = list(sched.running), list(sched.waiting)  # copies: the engine thread moves them
         for name, doc, value in (("vllm:num_requests_running", "Requests in the running batch", len(running)),
                                  ("vllm:num_requests_waiting", "Requests waiting to be scheduled",
-                                  self.service.num_waiting)):
+                                  self.async_engine.num_waiting)):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], value)
             yield g
@@ -60,5 +60,5 @@ class GatewayMetrics(Collector):
         yield info
 
 
-def add_gateway_metrics(registry: CollectorRegistry, service, model_name: str) -> None:
-    registry.register(GatewayMetrics(service, model_name))
+def add_gateway_metrics(registry: CollectorRegistry, async_engine, model_name: str) -> None:
+    registry.register(GatewayMetrics(async_engine, model_name))

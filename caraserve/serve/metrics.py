@@ -30,7 +30,7 @@ class EngineCounters(Collector):
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, service):
+    def __init__(self, async_engine):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("caraserve_requests", "Requests by final status", ["status"], registry=r)
         self.ttft = Histogram("caraserve_ttft_seconds", "Time to first token", ["adapter"],
@@ -38,10 +38,10 @@ class ServerMetrics:
         self.tpot = Histogram("caraserve_tpot_seconds", "Time per output token after the first", ["adapter"],
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("caraserve_generated_tokens", "Tokens generated", registry=r)
-        engine = service.engine
-        Gauge("caraserve_queue_length", "Requests waiting", registry=r).set_function(lambda: service.num_waiting)
+        engine = async_engine.engine
+        Gauge("caraserve_queue_length", "Requests waiting", registry=r).set_function(lambda: async_engine.num_waiting)
         Gauge("caraserve_running_batch_size", "Requests running", registry=r).set_function(
-            lambda: service.num_running)
+            lambda: async_engine.num_running)
         Gauge("caraserve_adapter_slots_used", "Device adapter slots in use", registry=r).set_function(
             engine.pool.used_slots)
         Gauge("caraserve_adapter_slots_total", "Device adapter slots", registry=r).set_function(

@@ -29,15 +29,15 @@ Run = tuple[str, asyncio.Queue]  # (engine request id, its output queue): one ch
 class Runs:
     """The engine requests of API calls, on one AsyncEngine."""
 
-    def __init__(self, service: AsyncEngine):
-        self.service = service
+    def __init__(self, async_engine: AsyncEngine):
+        self.async_engine = async_engine
 
     async def start(self, prompt_ids, params, adapter, rid, after: str | None = None,
                     final_only: bool = False, call_size: int = 1, joins_call: bool = False) -> asyncio.Queue:
         """The request's output queue (every step's output; with final_only, a non-streamed
         call's, only the last). call_size, joins_call: AsyncEngine.submit's."""
         try:
-            return await self.service.submit(prompt_ids, params, adapter, rid, after, final_only, call_size,
+            return await self.async_engine.submit(prompt_ids, params, adapter, rid, after, final_only, call_size,
                                              joins_call)
         except QueueFullError as e:
             raise Overloaded(str(e)) from e
@@ -46,7 +46,7 @@ class Runs:
         except CapacityError as e:
             raise AdapterCapacity(str(e)) from e
         except RequestError as e:
-            if adapter is not None and not self.service.is_serving(adapter):  # unloaded meanwhile
+            if adapter is not None and not self.async_engine.is_serving(adapter):  # unloaded meanwhile
                 raise NotFound(str(e)) from e
             raise BadRequest(str(e)) from e
 
@@ -56,11 +56,11 @@ class Runs:
             try:
                 return await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
-                self.service.abort(rid)
+                self.async_engine.abort(rid)
                 raise
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
-                    self.service.abort(rid)
+                    self.async_engine.abort(rid)
                     raise ClientClosed("client disconnected", admitted=True) from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
@@ -103,7 +103,7 @@ class Runs:
 
     def abort(self, runs: list[Run]) -> None:
         for sid, _ in runs:
-            self.service.abort(sid)
+            self.async_engine.abort(sid)
 
     async def all_of(self, runs: list[Run], disconnected: Disconnected | None) -> list[RequestOutput]:
         """The final outputs of every run; a failure aborts the ones still running."""
@@ -138,7 +138,7 @@ class Runs:
         except BaseException:
             self.abort(runs)
             raise
-        return events(runs, first, chunker, final_usage, self.service.abort, per_prompt, continuous)
+        return events(runs, first, chunker, final_usage, self.async_engine.abort, per_prompt, continuous)
 
     @staticmethod
     def check_finished(out: RequestOutput) -> None:

@@ -83,9 +83,9 @@ def continuous_usage(body: proto._Sampling, include_usage: bool) -> bool:
 class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
-    def __init__(self, service: AsyncEngine, served_name: str, adapter_roots: list[Path], unload_timeout_s: float,
-                 chat_template: str = ""):
-        self.service, self.engine = service, service.engine
+    def __init__(self, async_engine: AsyncEngine, served_name: str, adapter_roots: list[Path],
+                 unload_timeout_s: float, chat_template: str = ""):
+        self.async_engine, self.engine = async_engine, async_engine.engine
         # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
         file = chat_template and not inline_template(chat_template)
         self.chat_template = Path(chat_template).read_text() if file else chat_template or None
@@ -94,10 +94,10 @@ class EngineService:
         self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
         self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
-        self.metrics_ = ServerMetrics(service)
-        self.runs = Runs(service)
-        add_gateway_metrics(self.metrics_.registry, service, served_name)
-        service.on_output = self.metrics_.observe
+        self.metrics_ = ServerMetrics(async_engine)
+        self.runs = Runs(async_engine)
+        add_gateway_metrics(self.metrics_.registry, async_engine, served_name)
+        async_engine.on_output = self.metrics_.observe
         # inputs are tokenized and templated here, off the event loop, one at a time (a tokenizer is not shared)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caraserve-tokenize")
 
@@ -114,7 +114,7 @@ class EngineService:
         name = body.model
         if name == self.served_name:
             return None
-        if self.service.is_serving(name):
+        if self.async_engine.is_serving(name):
             return name
         if self.engine.config.adapters.resolve_dirs:
             try:
@@ -123,7 +123,7 @@ class EngineService:
                 raise AdapterCapacity(str(e)) from e
             except RequestError as e:  # found, but refused: the caller named a broken adapter
                 raise BadRequest(str(e)) from e
-            if found and self.service.is_serving(name):
+            if found and self.async_engine.is_serving(name):
                 return name
         refused = self.engine.catalog.errors.get(name)  # in adapters.dir, but refused at start
         why = f" Its adapter folder was refused at start: {refused}" if refused else ""
@@ -328,7 +328,7 @@ class EngineService:
         engine = self.engine
         cards = [proto.model_card(self.served_name, str(engine.model_path), max_model_len=engine.max_seq_len)]
         for info in engine.adapters():
-            if self.service.is_serving(info.name):
+            if self.async_engine.is_serving(info.name):
                 cards.append(proto.model_card(info.name, info.path, parent=self.served_name, rank=info.rank,
                                               resident=engine.adapter_state(info.name) == "resident"))
         return cards
@@ -362,25 +362,25 @@ class EngineService:
             log.warning("adapter %s: its weights were not read at load", info.name, exc_info=True)
         except Exception as e:  # weights refused (400), or a failure of the machine's: nothing of it stays
             with contextlib.suppress(TimeoutError, AdapterError, UnknownAdapterError):
-                await self.service.retire_adapter(info.name, self.unload_timeout_s)
+                await self.async_engine.retire_adapter(info.name, self.unload_timeout_s)
             if isinstance(e, AdapterError):
                 raise BadRequest(str(e)) from e
             raise InternalError(f"adapter {info.name!r} could not be read ({type(e).__name__}: {e})") from e
         return {"status": "ok", "lora_name": info.name, "rank": info.rank}
 
     async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:
-        if not self.service.is_serving(body.lora_name):
+        if not self.async_engine.is_serving(body.lora_name):
             raise NotFound(f"adapter {body.lora_name!r} is not loaded")
         try:
-            await self.service.retire_adapter(body.lora_name, self.unload_timeout_s)
+            await self.async_engine.retire_adapter(body.lora_name, self.unload_timeout_s)
         except (TimeoutError, AdapterError) as e:  # still in use: the caller may retry later
             raise Conflict(f"cannot unload adapter {body.lora_name!r}: {e}") from e
         return {"status": "ok", "lora_name": body.lora_name}
 
     async def health(self) -> dict:
-        if not self.service.healthy:
-            raise EngineUnavailable(f"the engine is not serving ({self.service.fault or 'stopped'})")
-        if not self.service.ready:
+        if not self.async_engine.healthy:
+            raise EngineUnavailable(f"the engine is not serving ({self.async_engine.fault or 'stopped'})")
+        if not self.async_engine.ready:
             raise EngineUnavailable("the engine is warming up (compiling its decode step)")
         return {"status": "ok"}
 
@@ -389,7 +389,7 @@ class EngineService:
 
     async def engine_state(self) -> EngineState:
         """The typed EngineState (Engine.snapshot) with the served model's name."""
-        return replace(await self.service.state(), model=self.served_name)
+        return replace(await self.async_engine.state(), model=self.served_name)
 
     async def state(self) -> dict:
         """The EngineState's wire form (/v1/state)."""

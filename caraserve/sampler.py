@@ -74,7 +74,10 @@ def adjust_logits(
             # when the temperature divides it too ranks the token as the infinity would, and
             # leaves the row sampleable
             big = torch.finfo(row.dtype).max * min(p.temperature or 1.0, 1.0)
-            penalized = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+            # and a penalty below the dtype's smallest normal would be 0 there: -inf (a token
+            # allowed_token_ids masked) times 0 is NaN, so it is taken at that smallest normal
+            r = max(p.repetition_penalty, torch.finfo(row.dtype).tiny)
+            penalized = torch.where(v > 0, v / r, v * r)
             row[seen] = torch.where(torch.isfinite(v), penalized.clamp(-big, big), penalized)
         if (p.frequency_penalty or p.presence_penalty) and output:
             counts = torch.bincount(torch.tensor(output, device=dev), minlength=vocab)[:vocab].to(row.dtype)

@@ -55,13 +55,13 @@ def test_adjustments_match_the_reference(name):
 
 
 def test_a_tiny_repetition_penalty_keeps_finite_logits_finite():
-    """A penalty near zero divides a positive logit past float32's range: it stays the largest
-    finite value (the token ranks first, as the infinity would), so the row is still sampled,
+    """A penalty near zero divides a positive logit past float32's range: it stays finite and
+    huge (the token ranks first, as the infinity would), so the row is still sampled,
     greedy or not; an infinity or NaN the model gave stays what it was."""
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     p = SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1e-40)
     got = adjust_logits(logits, [p], [([0, 1], [])])
-    assert torch.isfinite(got).all() and int(got.argmax()) == 0 and got[0, 0] == torch.finfo(torch.float32).max
+    assert torch.isfinite(got).all() and int(got.argmax()) == 0 and got[0, 0] > 1e38
     assert sample(logits, [p], [None], [([0, 1], [])])[0] == [0]
     for temperature in (1.0, 0.7, 1e-3):  # (the temperature divides the penalized logits again)
         seeded = SamplingParams(max_tokens=1, temperature=temperature, seed=3, repetition_penalty=1e-40)
@@ -69,6 +69,16 @@ def test_a_tiny_repetition_penalty_keeps_finite_logits_finite():
     odd = torch.tensor([[float("inf"), float("nan"), 1.0]])
     got = adjust_logits(odd, [p], [([0, 1, 2], [])])
     assert got[0, 0] == float("inf") and got[0, 1].isnan() and torch.isfinite(got[0, 2])
+
+
+def test_a_penalty_below_float32_keeps_masked_tokens_masked_not_nan():
+    """A penalty that is 0 in float32 (1e-300): the tokens allowed_token_ids masks stay -inf
+    (-inf times 0 would be NaN, and the row unsampleable), the allowed one is chosen."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    p = SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1e-300, allowed_token_ids=[2])
+    got = adjust_logits(logits, [p], [([0, 1, 2, 3], [])])
+    assert not got.isnan().any() and got[0, [0, 1, 3]].eq(float("-inf")).all() and torch.isfinite(got[0, 2])
+    assert sample(logits, [p], [None], [([0, 1, 2, 3], [])])[0] == [2]
 
 
 def test_logprobs_stay_those_of_the_model():

@@ -161,3 +161,35 @@ def test_a_retried_call_answers_with_the_callers_id(service):
 
     asyncio.run(go())
     assert settled(service)
+
+
+def test_a_call_of_many_choices_is_queued_to_the_engine_at_once(service, monkeypatch):
+    """After the call's first request, its other choices and prompts reach the engine thread
+    together: no step runs between their adds (each waiting for a step of its own stalled a
+    call of a thousand choices for as many steps, disconnects unseen)."""
+    from caraserve.serve import protocol as proto
+    from caraserve.serve.service import EngineService
+
+    engine, steps, adds = service.engine, [0], []
+    step, add_request = engine.step, engine.add_request
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    def recorded_add(*args, **kw):
+        adds.append(steps[0])
+        return add_request(*args, **kw)
+
+    monkeypatch.setattr(engine, "step", counted_step)
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    api = EngineService(service, "tiny", [], 1.0)
+
+    async def go():
+        body = proto.CompletionRequest(model="demo-r8", prompt=["a b", "c d e"], n=5, max_tokens=3, temperature=0)
+        return await api.completion(body, "many", False)
+
+    answer = asyncio.run(go())
+    assert len(answer["choices"]) == 10 and len(adds) == 10
+    assert len(set(adds[1:])) == 1, adds  # one drain of the inbox, no step between
+    assert settled(service)

@@ -64,41 +64,51 @@ class Runs:
                     raise ClientClosed("client disconnected", admitted=True) from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
-                      n: int, final_only: bool = False, base: int = 0) -> list[Run]:
-        """Choices base .. base + n - 1 of call `rid`: the first already started (`queue`, request
-        `rid`, or `{rid}#{base}` past the first prompt) and n - 1 more of its prompt
-        (`{rid}#{i}`: a caller's X-Request-Id cannot hold '#', so no caller's id is ever one of
-        them), admitted once the first has prefilled so they share its prompt's KV blocks; with a
-        seed, completion i of the prompt samples with seed + i (they differ, reproducibly)."""
-        first = rid if base == 0 else f"{rid}#{base}"
-        runs = [(first, queue)]
-        try:
-            for i in range(1, n):
-                sid = f"{rid}#{base + i}"
-                one = replace(params, seed=choice_seed(params.seed, i))
-                runs.append((sid, await self.start(ids, one, adapter, sid, first, final_only, joins_call=True)))
-        except BaseException as e:
-            if isinstance(e, ApiError):  # the first request was admitted: its abort is what the metrics count
-                e.admitted = True
-            self.abort(runs)
-            raise
-        return runs
+                      n: int, final_only: bool = False) -> list[Run]:
+        """The call's n choices of one prompt: the first already started (`queue`, request `rid`)
+        and n - 1 more (`_choices`), all queued to the engine at once."""
+        return await self._join([(rid, queue)], self._choices(ids, params, rid, n, 0), adapter, final_only)
 
     async def start_prompts(self, encoded: list[list[int]], params: SamplingParams, adapter, rid: str, n: int,
                             final_only: bool) -> list[Run]:
         """Every prompt's n requests, in choice order: prompt k's completion j is choice k * n + j,
-        as in OpenAI's API. A refusal of any of them aborts those already started."""
-        runs: list[Run] = []
+        as in OpenAI's API. The first request admits the call whole (AsyncEngine.submit), the
+        others are queued to the engine at once: each its own wait for a step would stall a call
+        of many choices for as many steps. A refusal of any of them aborts those already started."""
+        first = await self.start(encoded[0], params, adapter, rid, final_only=final_only,
+                                 call_size=len(encoded) * n)
+        later = self._choices(encoded[0], params, rid, n, 0)
+        for k, ids in enumerate(encoded[1:], 1):
+            later += [(ids, params, f"{rid}#{k * n}", None), *self._choices(ids, params, rid, n, k * n)]
+        return await self._join([(rid, first)], later, adapter, final_only)
+
+    @staticmethod
+    def _choices(ids, params: SamplingParams, rid: str, n: int, base: int) -> list[tuple]:
+        """(prompt ids, params, request id, the request it waits for) of choices base + 1 ..
+        base + n - 1 of call `rid`, whose choice `base` starts the prompt: `{rid}#{i}` (a caller's
+        X-Request-Id cannot hold '#', so no caller's id is ever one of them), admitted once that
+        first one has prefilled so they share its prompt's KV blocks; with a seed, completion i of
+        the prompt samples with seed + i (they differ, reproducibly)."""
+        first = rid if base == 0 else f"{rid}#{base}"
+        return [(ids, replace(params, seed=choice_seed(params.seed, i)), f"{rid}#{base + i}", first)
+                for i in range(1, n)]
+
+    async def _join(self, runs: list[Run], later: list[tuple], adapter, final_only: bool) -> list[Run]:
+        """runs plus the runs of `later` requests of the same call, submitted together (queued to
+        the engine thread in this order, so a choice's first request is there before it)."""
         try:
-            for k, ids in enumerate(encoded):
-                first = await self.start(ids, params, adapter, rid if k == 0 else f"{rid}#{k * n}",
-                                         final_only=final_only, call_size=len(encoded) * n, joins_call=k > 0)
-                runs += await self.start_n(ids, params, adapter, rid, first, n, final_only, base=k * n)
-        except BaseException as e:
-            if runs and isinstance(e, ApiError):
-                e.admitted = True
+            started = await asyncio.gather(*(self.start(ids, p, adapter, sid, after, final_only, joins_call=True)
+                                             for ids, p, sid, after in later), return_exceptions=True)
+        except BaseException:  # cancelled: the later ones abort themselves (AsyncEngine.submit)
             self.abort(runs)
             raise
+        runs = runs + [(spec[2], q) for spec, q in zip(later, started) if not isinstance(q, BaseException)]
+        error = next((e for e in started if isinstance(e, BaseException)), None)
+        if error is not None:
+            if isinstance(error, ApiError):  # the first request was admitted: its abort is what the metrics count
+                error.admitted = True
+            self.abort(runs)
+            raise error
         return runs
 
     def abort(self, runs: list[Run]) -> None:

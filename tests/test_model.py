@@ -61,15 +61,15 @@ def test_prefill_and_decode_logits_match_transformers(pair, layout):
 
 
 def test_sdpa_prefill_matches_transformers(pair, monkeypatch):
-    """Prompt chunks longer than the CPU kernel takes run through SDPA (as a batch of one, which
-    reaches torch's flash kernel): whole prompts (causal, or masked under a sliding window) and
-    a prompt's second chunk after its cached first one (masked)."""
+    """Prompt chunks the CPU kernel declines run through SDPA (as a batch of one, which reaches
+    torch's flash kernel): whole prompts (causal, or masked under a sliding window) and a
+    prompt's second chunk after its cached first one (masked)."""
     from caraserve.kv_cache import KVCache
     from caraserve.model import llama
     from caraserve.model.batch import ForwardBatch
 
     hf, ours = pair
-    monkeypatch.setattr(llama, "PREFILL_KERNEL_MAX_TOKENS", 0)
+    monkeypatch.setattr(llama.cpu_kernels, "paged_attention", lambda *args: None)  # the kernel declines
     real_sdpa, calls = llama.sdpa, []
 
     def counted(*args, **kw):

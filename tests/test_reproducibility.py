@@ -89,3 +89,30 @@ def test_outputs_do_not_depend_on_the_company_a_request_keeps(name, reference):
             want = reference.generate([s["prompt"]], s["params"], adapters=[s["adapter"]])[0]
             assert list(out.output_ids) == list(want.output_ids), (name, seed, i)
     assert engine.scheduler.num_preemptions > 0 or name != "tight KV (preemption)"
+
+
+def test_long_prompts_give_the_same_numbers_whole_chunked_or_after_a_prefix_hit():
+    """A prompt of several hundred tokens computed whole, after a prefix-cache hit of most of it,
+    or in chunks: its logprobs are the same bit for bit; and a short prompt computed in the same
+    step as a long one gets those it gets alone."""
+    def engine(**kw):
+        return Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=1024,
+                                   adapters=AdapterConfig(dir="demo", preload="all"), **kw))
+
+    whole_engine = engine()
+    rng = random.Random(5)
+    vocab = whole_engine.model.args.vocab_size
+    long, short = [rng.randrange(3, vocab) for _ in range(700)], [rng.randrange(3, vocab) for _ in range(9)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=True)
+
+    def numbers(e, prompts):
+        return [r.output_logprobs for r in e.generate(prompts, params, adapters=["demo-r16"] * len(prompts))]
+
+    (whole,) = numbers(whole_engine, [long])  # a miss: 700 prompt tokens in one step
+    hits = whole_engine.kv.hit_tokens
+    assert numbers(whole_engine, [long]) == [whole]  # most of it from the prefix cache
+    assert whole_engine.kv.hit_tokens - hits >= 600
+    assert numbers(engine(max_tokens_per_step=64), [long]) == [whole]  # in chunks of 64
+    (alone,) = numbers(whole_engine, [short])
+    assert whole_engine.kv.reset_prefix_cache() >= 0
+    assert numbers(whole_engine, [long, short])[1] == alone  # beside a 700-token prompt in one step

@@ -143,11 +143,6 @@ def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.
 _EAGER_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# Prompt chunks up to this long use the CPU attention kernel (measured faster than SDPA's GQA path
-# up to 512 tokens, 4 heads over 2 KV heads of 64); longer ones use SDPA's blocked kernels.
-PREFILL_KERNEL_MAX_TOKENS = 512
-
-
 def check_triton_prefill(model: CausalLM, block_size: int, dtype: torch.dtype) -> bool:
     """Builds and runs the Triton prefill attention kernel once on each CUDA device of the model's
     layers (one token over one block), in the variant its steps launch. Where Triton cannot build
@@ -215,9 +210,12 @@ class Attention(nn.Module):
 
             return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
                                                       fb.query_lens, fb.context_lens, self.window)
-        if not q.is_cuda and max(fb.query_lens) <= PREFILL_KERNEL_MAX_TOKENS:
+        if not q.is_cuda:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
-            # call for the batch instead of an SDPA call per prompt, whose fixed cost dominates short ones
+            # call for the batch instead of an SDPA call per prompt, whose fixed cost dominates short
+            # ones; and each row's numbers are those it gets alone, however its prompt is chunked
+            # or batched (SDPA's blocked sums differ from the kernel's in the last bits, and are
+            # faster only on chunks of many hundred tokens)
             out = cpu_kernels.paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens,
                                               self.window)
             if out is not None:

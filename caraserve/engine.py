@@ -257,7 +257,7 @@ class Engine:
             return self.outputs.aborted(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return bool(self.scheduler.waiting or self.scheduler.running)
 
     def request(self, request_id: str) -> Request | None:
         """The request while it is in flight (finished requests are forgotten)."""

@@ -123,6 +123,11 @@ class KVCache:
         self.query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of those, found cached
 
+    def count_query(self, tokens: int, hit_blocks: int) -> None:
+        """A prefix-cache lookup of a prompt's `tokens`, `hit_blocks` whole blocks of them found."""
+        self.query_tokens += tokens
+        self.hit_tokens += hit_blocks * self.block_size
+
     @property
     def free_blocks(self) -> int:
         """Blocks a request can take: the empty ones and the cached ones nobody holds."""

@@ -98,10 +98,6 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def rank_of(self, req: Request) -> int:
         return self.store.info(req.adapter).rank if req.adapter is not None else 0
 
@@ -111,8 +107,11 @@ class Scheduler:
         if self.slo_s <= 0 or self.perf_model is None or not batch:
             return True
         ranks = [self.rank_of(r) for r in batch] + [self.rank_of(req)]
-        bucket = next((b for b in self.pool.rank_buckets if b >= max(ranks)), max(ranks)) if max(ranks) else 0
-        return self.perf_model.decode_s(len(ranks), bucket, sum(ranks)) <= self.slo_s
+        return self.perf_model.decode_s(len(ranks), self._priced_bucket(max(ranks)), sum(ranks)) <= self.slo_s
+
+    def _priced_bucket(self, rank: int) -> int:
+        """The rank bucket a step whose largest adapter rank is `rank` runs at (0: no adapter)."""
+        return next((b for b in self.pool.rank_buckets if b >= rank), rank) if rank else 0
 
     def _bucket(self, req: Request) -> int:
         return self.pool.bucket_for(self.rank_of(req)) if req.adapter is not None else -1
@@ -208,8 +207,7 @@ class Scheduler:
     def _take_prefix(self, req: Request, hit: list[int]) -> None:
         """Admits the request onto its cached prefix: shares the blocks, skips their tokens."""
         if self.prefix_caching and not req.preemptions:  # (a recompute is no new query: vLLM's)
-            self.kv.query_tokens += req.prefill_len
-            self.kv.hit_tokens += len(hit) * self.kv.block_size
+            self.kv.count_query(req.prefill_len, len(hit))
         if not hit:
             return
         self.kv.share(req.block_table, hit)
@@ -355,8 +353,7 @@ class Scheduler:
         prompts = [r for r in self.running if r.state is RequestState.PREFILL]
         prompts += list(itertools.islice(self.waiting, self.max_batch_size))
         chunk_rank = max((self.rank_of(r) for r in prompts), default=0)  # priced at the costliest
-        top = max(max(ranks), chunk_rank)
-        bucket = next((b for b in self.pool.rank_buckets if b >= top), top) if top else 0
+        bucket = self._priced_bucket(max(max(ranks), chunk_rank))
 
         def fits(tokens: int) -> bool:
             return self.perf_model.decode_s(len(ranks), bucket, sum(ranks), tokens, tokens * chunk_rank) <= self.slo_s

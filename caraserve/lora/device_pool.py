@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_COPY_GROUPS = 8  # default pipelining: about this many layer groups (and markers) per copy
+BATCH_LAYOUTS_KEPT = 256  # make_batch's cache: more layouts than a batch goes through between joins
 
 
 class _HostMarker(threading.Event):
@@ -370,7 +371,7 @@ class DevicePool:
         cached = self._batches.get(key)
         if cached is not None:
             return cached
-        if len(self._batches) >= 256:
+        if len(self._batches) >= BATCH_LAYOUTS_KEPT:
             self._batches.clear()
         self._batches[key] = batch = self._build_batch(runs, is_decode, device)
         return batch

@@ -165,6 +165,22 @@ def test_a_body_that_is_not_json_says_so(live):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("body:")
 
 
+@pytest.mark.parametrize("body, said", [('{"model": "tiny", "prompt": "x",}', "not valid JSON: Expecting property"),
+                                        (b'{"prompt": "\xff\xfe"}', "could not be read as JSON: it is not UTF-8"),
+                                        ("[" * 5000 + "]" * 5000, "could not be read as JSON: it is nested too deeply"),
+                                        ('{"max_tokens": 1' + "0" * 5000 + "}", "could not be read as JSON: Exceeds")])
+def test_a_body_that_is_not_readable_json_says_why(live, body, said):
+    r = httpx.post(live["base"] + "/v1/completions", content=body,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and said in r.json()["error"]["message"], r.text
+
+
+def test_ignored_vllm_fields_are_still_type_checked(live):
+    assert completion(live, temperature=0, length_penalty=1.5, spaces_between_special_tokens=False).status_code == 200
+    r = completion(live, temperature=0, length_penalty="abc")
+    assert r.status_code == 400 and "length_penalty" in r.json()["error"]["message"]
+
+
 def test_one_model_card_and_every_refusal_counted(live):
     headers = {"Authorization": f"Bearer {KEY}"}
     card = httpx.get(live["base"] + "/v1/models/demo-r8", headers=headers).json()

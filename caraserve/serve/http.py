@@ -64,7 +64,7 @@ class BadGateway(_Kind):
 class Overloaded(_Kind):
     """The queue (or every replica) is full: come back later."""
 
-    STATUS, TYPE = 503, "server_overloaded"
+    STATUS, TYPE, HEADERS = 503, "server_overloaded", {"Retry-After": "1"}
 
 
 class EngineUnavailable(_Kind):
@@ -115,11 +115,21 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(err["loc"][:1] == ("body",) for err in errors) and "json" not in ctype.lower():
             return error_response(400, f"the request body must be JSON, sent with Content-Type: application/json "
                                        f"(got {ctype or 'no Content-Type'})", "invalid_request_error")
+        bad_json = next((err for err in errors if err.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            where = bad_json["loc"][-1]
+            return error_response(400, f"the request body is not valid JSON: {bad_json.get('ctx', {}).get('error')} "
+                                       f"(at character {where})", "invalid_request_error")
         parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body') or 'body'}: {err['msg']}" for err in errors]
         return error_response(400, "; ".join(parts) or "invalid request", "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
+        cause = e.__cause__  # FastAPI's "error parsing the body" carries what the JSON reader raised
+        if e.status_code == 400 and isinstance(cause, (UnicodeDecodeError, RecursionError, ValueError)):
+            why = {UnicodeDecodeError: "it is not UTF-8", RecursionError: "it is nested too deeply"}.get(
+                type(cause), str(cause))
+            return error_response(400, f"the request body could not be read as JSON: {why}", "invalid_request_error")
         return error_response(e.status_code, str(e.detail), "invalid_request_error")
 
     @app.exception_handler(Exception)

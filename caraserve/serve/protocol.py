@@ -62,6 +62,10 @@ class _Sampling(BaseModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
     cache_salt: str | None = None
+    # vLLM's, accepted and type-checked but without effect here: beam search alone reads
+    # length_penalty, and texts never hold special tokens to put spaces between
+    length_penalty: float = 1.0
+    spaces_between_special_tokens: bool = True
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
     # JSON mode or tools must not get free text back as if they had applied).
     response_format: dict | None = None

@@ -36,24 +36,29 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from caraserve.cpu_assist.thread_plan import ThreadPlan, assign_cores
 from caraserve.cpu_assist.worker import lora_delta, pin_worker
 
+if TYPE_CHECKING:
+    from caraserve.lora.batch import Landing
+    from caraserve.lora.checkpoint import LoraWeights
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HostSegment:
-    """Rows [start, start + count) use `weights` (a host LoraWeights) through the CPU path, except at
-    the layers where `landing` (a lora.batch.Landing, or None) finds the adapter's slot landed."""
+    """Rows [start, start + count) use the adapter's host `weights` through the CPU path, except at
+    the layers where `landing` (None: at none) finds the adapter's slot landed."""
 
     start: int
     count: int
-    weights: object
-    landing: object = None
+    weights: LoraWeights
+    landing: Landing | None = None
 
 
 @dataclass

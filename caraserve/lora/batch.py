@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from caraserve.cpu_assist.handoff import Handoff, HostSegment
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ class LoraGroup:
     """One rank bucket's weights and the rows that use them in this step."""
 
     rank: int  # the bucket's rank R
-    weights: dict  # module name -> (A [L, S, in, R], B [L, S, R, out]) slot tensors of the bucket
+    # module name -> (A, B) slot tensors of the bucket, indexed by layer: A [L, S, in, R] and
+    # B [L, S, R, out] stacked, or lists of [S, in, R] / [S, R, out] when layers span devices
+    weights: dict[str, tuple]
     scale: torch.Tensor  # [S] float32, lora_alpha / r (or / sqrt(r)) of each slot
     index: LoraIndex
     modules: frozenset = frozenset()  # modules targeted by some adapter of the group (others are zero)
@@ -109,8 +115,8 @@ class LoraBatch:
 
     groups: tuple[LoraGroup, ...]
     is_decode: bool  # one row per request (BGMV form) rather than prompt segments (SGMV form)
-    host: tuple = ()  # cpu_assist HostSegments: rows whose adapter is not resident yet (prefill only)
-    handoff: object = None  # the cpu_assist Handoff that computes `host` on CPU workers
+    host: tuple[HostSegment, ...] = ()  # rows whose adapter is not resident yet (prefill only)
+    handoff: Handoff | None = None  # computes `host` on CPU workers
 
     def at_layer(self, layer: int) -> tuple[tuple, tuple[LoraGroup, ...]]:
         """(host segments whose delta at `layer` comes from the CPU, groups computed on the device):

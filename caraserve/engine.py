@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
-from caraserve.compile_cache import cache_file
 from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.kv_cache import KVCache, blocks_for, context_limit, plan_blocks
+from caraserve.kv_cache import KVCache, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
@@ -99,7 +98,8 @@ class Engine:
                                    assist, self.perf_model, cfg.scheduler.slo_ms,
                                    cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,
                                    prefix_caching=cfg.prefix_caching, mixed_steps=cfg.scheduler.mixed_steps)
-        self.graphs = self._decode_graphs(model_path)
+        self.graphs = DecodeGraphs.for_engine(cfg, self.model, self.kv.layers, self.pool, self.max_seq_len, model_path,
+                                              self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
         self.isolation = StepIsolation(self.runner)
         self._requests: dict[str, Request] = {}
@@ -122,19 +122,19 @@ class Engine:
         self.tokenizer = load_tokenizer_or_none(model_path)
         self._eos_ids = eos_token_ids(model_path, hf_config, self.tokenizer)
 
-    def _decode_graphs(self, model_path: Path) -> DecodeGraphs | None:
-        """The compiled decode step, per engine.compile: true = each variant at its first use, or
-        before serving (`warm_up`); auto = as true on CUDA, on CPU compiled when the engine idles
-        (`idle`) while steps run eagerly: a job that never idles runs as compile=false."""
-        mode = self.config.compile
-        if mode == "false":
-            return None
-        cfg = self.config
-        key = DecodeGraphs.cache_key(str(model_path), self.dtype, self.device, cfg.max_batch_size,
-                                     cfg.adapters.rank_buckets, blocks_for(self.max_seq_len, cfg.kv_block_size))
-        deferred = mode == "auto" and self.device.type != "cuda"
-        return DecodeGraphs(self.model, self.kv.layers, self.pool, self.max_seq_len, cfg.max_batch_size,
-                            cache_file(cfg.compile_cache_dir, key), deferred, capture=cfg.cuda_graphs == "capture")
+    def close(self) -> None:
+        """Ends the engine's worker threads (CPU-assist lanes, adapter reads): call it when done
+        with the engine, after which adapters not in host memory cannot be read. `with
+        Engine(...) as engine:` closes it at the end of the block."""
+        if self.handoff is not None:
+            self.handoff.close()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def warm_up(self) -> None:
         """Compiles or captures now, on the thread that will run the steps (variants compiled on

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caraserve.compile_cache import CompileCache
+from caraserve.compile_cache import CompileCache, cache_file
 from caraserve.graph_capture import GraphCapture
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import LORA_GROUPS, LORA_NONE, LORA_ROWS
@@ -103,8 +103,23 @@ def stage_step_inputs(out: dict[str, np.ndarray], tokens, starts, tables, block_
 
 
 class DecodeGraphs:
+    @classmethod
+    def for_engine(cls, cfg, model: CausalLM, kv_layers, pool, max_seq_len: int, model_path: Path,
+                   dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
+        """The compiled decode step an EngineConfig asks for (None: compile=false): true = each
+        variant at its first use, or before serving (`warm_up`); auto = as true on CUDA, on CPU
+        compiled when the engine idles (`compile_pending`) while steps run eagerly, so a job that
+        never idles runs as compile=false."""
+        if cfg.compile == "false":
+            return None
+        key = cls.cache_key(str(model_path), dtype, device, cfg.max_batch_size, cfg.adapters.rank_buckets,
+                            blocks_for(max_seq_len, cfg.kv_block_size))
+        deferred = cfg.compile == "auto" and device.type != "cuda"
+        return cls(model, kv_layers, pool, max_seq_len, cfg.max_batch_size, cache_file(cfg.compile_cache_dir, key),
+                   deferred, capture=cfg.cuda_graphs == "capture")
+
     def __init__(self, model: CausalLM, kv_layers, pool, max_seq_len: int, max_batch_size: int,
-                 cache_file: Path | None = None, deferred: bool = False, capture: bool = False):
+                 cache_path: Path | None = None, deferred: bool = False, capture: bool = False):
         self.model = model
         self.kv_layers = kv_layers
         self.pool = pool
@@ -142,7 +157,7 @@ class DecodeGraphs:
             lora = [t for w in lora for t in (w if isinstance(w, list) else [w])]
             for t in [t for kv in kv_layers for t in kv] + lora:
                 torch._dynamo.mark_static_address(t)
-        self.cache = CompileCache(cache_file) if cache_file is not None else None
+        self.cache = CompileCache(cache_path) if cache_path is not None else None
 
     @staticmethod
     def cache_key(model_path: str, dtype: torch.dtype, device: torch.device, max_batch_size: int,

@@ -172,3 +172,26 @@ def test_aborting_a_final_only_request_gives_its_tokens_and_their_text(engine):
     out = engine.abort(rid)
     assert out.finished and len(out.output_ids) >= 4 and out.new_token_ids == out.output_ids
     assert out.text and out.text == engine.tokenizer.decode(out.output_ids, skip_special_tokens=True)
+
+
+def test_closing_an_engine_ends_its_worker_threads():
+    """`with Engine(...)` ends the CPU-assist lanes and the adapter-read threads it started."""
+    import threading
+
+    from caraserve.config import AdapterConfig, CpuAssistConfig
+
+    def workers():
+        return {t for t in threading.enumerate() if t.name.startswith(("caraserve-cpu-lora", "adapter-io"))}
+
+    before = workers()
+    assist = CpuAssistConfig(mode="on", emulate_copy_gbps=0.01, threads=1)  # a slow copy: the CPU path runs
+    with Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64, cpu_assist=assist,
+                             adapters=AdapterConfig(dir="demo", preload="none", device_slots=1))) as e:
+        out = e.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0), adapters=["demo-r8"])[0]
+        assert out.error is None and len(out.output_ids) == 3
+        started = workers() - before
+        assert any(t.name.startswith("caraserve-cpu-lora") for t in started)
+        assert any(t.name.startswith("adapter-io") for t in started)
+    for t in started:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in started)

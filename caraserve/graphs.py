@@ -21,6 +21,7 @@ and torch version (`caraserve.compile_cache`), so a restarted engine skips the c
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -40,7 +41,19 @@ from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 
 log = logging.getLogger(__name__)
-STEP_VERSION = 11  # of the compiled step's code (part of the artifact cache key)
+# The compiled step's code: the artifact cache key covers these sources, so a changed step never
+# meets the artifacts of an earlier one (which torch would not load, but would keep on disk)
+STEP_SOURCES = ("model/*.py", "lora/*.py", "attention*.py", "ops.py", "cpu_kernels.py", "layer_ops_triton.py",
+                "graphs.py", "graph_capture.py", "csrc/*")
+
+
+@functools.cache
+def step_digest(root: Path = Path(__file__).parent) -> str:
+    """A digest of the compiled step's sources (STEP_SOURCES, below the package's folder)."""
+    h = hashlib.sha256()
+    for path in sorted({p for pattern in STEP_SOURCES for p in root.glob(pattern) if p.is_file()}):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _own_code(fn, name: str):
@@ -165,8 +178,7 @@ class DecodeGraphs:
         """max_blocks: the step's block-table width, a static dimension of its graphs."""
         cfg = Path(model_path, "config.json")
         text = cfg.read_text() if cfg.is_file() else model_path
-        # STEP_VERSION changes whenever the step function does, so stale artifacts are not reloaded
-        raw = (f"{STEP_VERSION}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|"
+        raw = (f"{step_digest()}|{text}|{dtype}|{device.type}|{torch.__version__}|{max_batch_size}|"
                f"{tuple(rank_buckets)}|{max_blocks}")
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

@@ -76,3 +76,27 @@ def test_the_default_cache_folder_is_beside_the_embedded_model_not_in_the_curren
     assert cache_file("auto", "k") == tmp_path / "cc" / "compiled" / "decode-k.bin"
     assert cache_file("", "k") is None
     assert cache_file("rel/dir", "k") == Path("rel/dir/decode-k.bin")
+
+
+def test_the_artifact_key_follows_the_step_sources(tmp_path):
+    """The compiled step's artifacts are keyed by its sources: an edit to one of them (a new
+    release, a local change) gives a new key; files outside them do not."""
+    import shutil
+
+    import torch
+
+    from caraserve import graphs
+
+    package = Path(graphs.__file__).parent
+    shutil.copytree(package, tmp_path / "pkg", ignore=shutil.ignore_patterns("__pycache__"))
+    root = tmp_path / "pkg"
+    before = graphs.step_digest(root)
+    assert before == graphs.step_digest(package)
+    (root / "serve" / "service.py").write_text("# not the step\n")
+    assert graphs.step_digest.__wrapped__(root) == before
+    with open(root / "model" / "llama.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert graphs.step_digest.__wrapped__(root) != before
+    key = graphs.DecodeGraphs.cache_key("/m", torch.float32, torch.device("cpu"), 8, (8, 16))
+    assert key == graphs.DecodeGraphs.cache_key("/m", torch.float32, torch.device("cpu"), 8, (8, 16))
+    assert key != graphs.DecodeGraphs.cache_key("/m", torch.float32, torch.device("cpu"), 16, (8, 16))

@@ -156,6 +156,58 @@ def _device_for(name: str, placement: dict[str, str]) -> str:
     return dev
 
 
+def _read_parameter(folder, files, handles, module, module_name: str, name: str, param, source: dict,
+                    dtype: torch.dtype, dev: str, used: set) -> torch.Tensor:
+    """The checkpoint's value of parameter `name` (meta `param`) on `dev` in `dtype`: one tensor, or
+    the parts a fused projection stacks (each read straight into its rows), checked for dtype and
+    shape; the checkpoint names read go into `used`."""
+    attr = name.rpartition(".")[2]
+    parts = module.checkpoint_parts(module_name, attr) if isinstance(module, LoraLinear) else \
+        [(name, 0, param.shape[0] if param.dim() else 0)]
+    value = None if len(parts) == 1 else torch.empty(param.shape, dtype=dtype, device=dev)
+    for ck, lo, hi in parts:
+        shape = (hi - lo, *param.shape[1:]) if value is not None else tuple(param.shape)
+        ck = source.get(ck, ck)
+        tensor = _read_tensor(folder, files, handles, ck)
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ModelLoadError(f"tensor {ck!r} in {files[ck]} is {str(tensor.dtype).removeprefix('torch.')}: "
+                                 "quantized or integer weights are not supported")
+        if tuple(tensor.shape) != shape:
+            raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
+        if value is None:
+            value = tensor.to(device=dev, dtype=dtype)
+        else:  # each part straight into its rows: no second copy of the fused parameter
+            value[lo:hi].copy_(tensor)
+        used.add(ck)
+    return value
+
+
+def _tie_lm_head(model: CausalLM, folder, files, handles, used: set, dtype: torch.dtype,
+                 head_dev: torch.device) -> None:
+    """A tied model's LM head, as transformers sets it: the embeddings, unless the checkpoint
+    holds an lm_head of other values (kept apart, with a warning)."""
+    embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    embed = model.model.embed_tokens.weight
+    head = None
+    if head_name in files and head_name not in used:
+        head = _read_tensor(folder, files, handles, head_name)
+        if head.dtype not in FLOAT_DTYPES or tuple(head.shape) != tuple(embed.shape):
+            raise ModelLoadError(f"tensor {head_name!r} in {files[head_name]} is {head.dtype} of shape "
+                                 f"{tuple(head.shape)}, expected a float tensor of shape {tuple(embed.shape)}")
+        # compared on the host: a device copy of either would sit outside the memory budget
+        if torch.equal(head.to(dtype), embed.detach().cpu()):
+            head = None
+        else:
+            log.warning("%s: tie_word_embeddings is set but %s differs from %s: the two are kept apart, "
+                        "as transformers does", folder, head_name, embed_name)
+    if head is not None:
+        model.lm_head.weight = nn.Parameter(head.to(device=head_dev, dtype=dtype), requires_grad=False)
+    elif _same_device(embed.device, head_dev):
+        model.lm_head.weight = embed
+    else:
+        model.lm_head.weight = nn.Parameter(embed.detach().to(head_dev), requires_grad=False)
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str = "auto",
@@ -182,60 +234,20 @@ def load_model(
         expected.pop(head_name, None)
         if embed_name not in files and head_name in files:
             source[embed_name] = head_name
-    used = set()
+    used: set[str] = set()
     for name, param in expected.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        # a fused projection's parameter stacks its parts' checkpoint tensors
-        parts = module.checkpoint_parts(module_name, attr) if isinstance(module, LoraLinear) else \
-            [(name, 0, param.shape[0] if param.dim() else 0)]
-        dev = _device_for(name, placement)
-        value = None if len(parts) == 1 else torch.empty(param.shape, dtype=torch_dtype, device=dev)
-        for ck, lo, hi in parts:
-            shape = (hi - lo, *param.shape[1:]) if value is not None else tuple(param.shape)
-            ck = source.get(ck, ck)
-            tensor = _read_tensor(folder, files, handles, ck)
-            if tensor.dtype not in FLOAT_DTYPES:
-                raise ModelLoadError(f"tensor {ck!r} in {files[ck]} is {str(tensor.dtype).removeprefix('torch.')}: "
-                                     "quantized or integer weights are not supported")
-            if tuple(tensor.shape) != shape:
-                raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
-            if value is None:
-                value = tensor.to(device=dev, dtype=torch_dtype)
-            else:  # each part straight into its rows: no second copy of the fused parameter
-                value[lo:hi].copy_(tensor)
-            used.add(ck)
+        value = _read_parameter(folder, files, handles, module, module_name, name, param, source, torch_dtype,
+                                _device_for(name, placement), used)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
-        embed = model.model.embed_tokens.weight
-        head_dev = torch.device(_device_for(head_name, placement))
-        head = None
-        if head_name in files and head_name not in used:
-            head = _read_tensor(folder, files, handles, head_name)
-            if head.dtype not in FLOAT_DTYPES or tuple(head.shape) != tuple(embed.shape):
-                raise ModelLoadError(f"tensor {head_name!r} in {files[head_name]} is {head.dtype} of shape "
-                                     f"{tuple(head.shape)}, expected a float tensor of shape {tuple(embed.shape)}")
-            # compared on the host: a device copy of either would sit outside the memory budget
-            if torch.equal(head.to(torch_dtype), embed.detach().cpu()):
-                head = None
-            else:
-                log.warning("%s: tie_word_embeddings is set but %s differs from %s: the two are kept apart, "
-                            "as transformers does", folder, head_name, embed_name)
-        if head is not None:
-            model.lm_head.weight = nn.Parameter(head.to(device=head_dev, dtype=torch_dtype), requires_grad=False)
-        elif _same_device(embed.device, head_dev):
-            model.lm_head.weight = embed
-        else:
-            model.lm_head.weight = nn.Parameter(embed.detach().to(head_dev), requires_grad=False)
-    if args.tie_embeddings:
+        _tie_lm_head(model, folder, files, handles, used, torch_dtype, torch.device(_device_for(head_name, placement)))
         used.add(head_name)  # read and compared, or the embeddings' own
     extra = sorted(set(files) - used)
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
-    from caraserve.model.layers import rope_inv_freq
-
-    inv_freq, _ = rope_inv_freq(hf_config)
-    model.rotary.inv_freq = inv_freq.to(_device_for("model.layers.0", placement))
+    model.rotary.inv_freq = model.rotary.inv_freq.to(_device_for("model.layers.0", placement))  # (built on CPU)
     model.eval()
     log.info("loaded %s (%s, %s) from %s", args.architecture, torch_dtype, placement, folder)
     return model

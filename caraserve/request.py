@@ -73,6 +73,10 @@ def _utf8(text: str) -> bool:
         return False
 
 
+def _bad(msg: str):
+    raise RequestError(msg)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a request asks of the sampler. Every field is checked against what the step can
@@ -104,78 +108,90 @@ class SamplingParams:
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only within one salt
 
     def __post_init__(self):
-        def bad(msg):
-            raise RequestError(msg)
+        self._take_lists()
+        self._check_scalars()
+        object.__setattr__(self, "logit_bias", self._checked_logit_bias())
+        self._check_lists()
 
+    def _take_lists(self) -> None:
+        """stop and stop_token_ids as tuples (stop may be one string)."""
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if not isinstance(self.stop, (list, tuple)) and self.stop is not None:
-            bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+            _bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         if not isinstance(self.stop_token_ids, (list, tuple)) and self.stop_token_ids is not None:
-            bad(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
+            _bad(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+
+    def _check_scalars(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            _bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            bad(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+            _bad(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            _bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
-            bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
+            _bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            bad(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+            _bad(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         if not isinstance(self.include_stop_str_in_output, bool):
-            bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
+            _bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
         if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
-            bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
+            _bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                bad(f"{name} must be a number in [-2, 2], got {value!r}")
+                _bad(f"{name} must be a number in [-2, 2], got {value!r}")
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], "
-                f"got {self.repetition_penalty!r}")
+            _bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], "
+                 f"got {self.repetition_penalty!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+            _bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            _bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.logprobs, bool):
+            _bad(f"logprobs must be true or false, got {self.logprobs!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= INT64_MAX:
+            _bad(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            _bad("top_logprobs needs logprobs")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not
+                                                 0 <= self.prompt_logprobs <= INT64_MAX):
+            _bad(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
+            _bad(f"n={self.n!r} must be an integer >= 1")
+
+    def _checked_logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as ((token id, bias), ...), from a mapping or pairs; token ids may be decimal
+        strings (JSON object keys)."""
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:  # JSON object keys are strings: OpenAI's logit_bias names token ids as "123"
             bias = tuple((int(t) if isinstance(t, str) and t.isdecimal() else t, b) for t, b in (bias or ()))
         except (TypeError, ValueError):
-            bad("logit_bias must map token ids to numbers")
+            _bad("logit_bias must map token ids to numbers")
         if len(bias) > MAX_LOGIT_BIAS:
-            bad(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+            _bad(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         for t, b in bias:
             if not _is_int(t) or not 0 <= t <= INT64_MAX:
-                bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+                _bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
             if not _is_number(b) or not -100 <= b <= 100:
-                bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
-        object.__setattr__(self, "logit_bias", bias)
-        if not isinstance(self.ignore_eos, bool):
-            bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        if not isinstance(self.logprobs, bool):
-            bad(f"logprobs must be true or false, got {self.logprobs!r}")
-        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= INT64_MAX:
-            bad(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
-        if self.top_logprobs and not self.logprobs:
-            bad("top_logprobs needs logprobs")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not
-                                                 0 <= self.prompt_logprobs <= INT64_MAX):
-            bad(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
-        if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
-            bad(f"n={self.n!r} must be an integer >= 1")
+                _bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
+        return bias
+
+    def _check_lists(self) -> None:
         if not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop must be a string or a list of non-empty strings")
+            _bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
-            bad("stop_token_ids must be integers in [0, 2**63 - 1]")
+            _bad("stop_token_ids must be integers in [0, 2**63 - 1]")
         if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 1024
                                                 and _utf8(self.cache_salt)):
-            bad(f"cache_salt must be a non-empty string of at most 1024 characters, got {self.cache_salt!r:.80}")
+            _bad(f"cache_salt must be a non-empty string of at most 1024 characters, got {self.cache_salt!r:.80}")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
-                bad(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
+                _bad(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
             if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids):
-                bad("allowed_token_ids must be integers in [0, 2**63 - 1]")
+                _bad("allowed_token_ids must be integers in [0, 2**63 - 1]")
             object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(self.allowed_token_ids))))
 
     @property

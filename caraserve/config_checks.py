@@ -73,79 +73,96 @@ def _plural(tp: Any) -> str:
     return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(tp, _describe(tp))
 
 
+_REFUSED = object()
+
+
+def _as_bool(value):
+    return value if isinstance(value, bool) else _REFUSED
+
+
+def _as_int(value):
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+        return int(value)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        return _REFUSED
+    return int(value)  # (a numpy integer too)
+
+
+def _as_float(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+        return _REFUSED
+    return float(value)
+
+
+def _as_str(value):
+    # An int is taken as its digits (an API key or a name may be all digits, and Hydra reads a
+    # bare 12345 as an int); a float or a bool would not round-trip, so it is refused. A path
+    # object (pathlib.Path) is its path.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value if isinstance(value, str) else _REFUSED
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
 def check_type(value: Any, tp: Any, key: str) -> Any:
     """`value` checked against the annotation `tp`, as it is to be stored: a whole float as an
     int (40e9 for an int of bytes), a list as a tuple, a nested mapping as its dataclass. Raises
     ConfigError naming `key`, the value and the expected type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def refuse():
-        raise ConfigError(f"{key}={show(value)} must be {_describe(tp)}")
-
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is not type(None):
-                try:
-                    return check_type(value, a, key)
-                except ConfigError:
-                    pass
-        refuse()
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            refuse()
-        return dataclass_from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            refuse()
-        return value
-    if tp is int:
-        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
-            return int(value)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            refuse()
-        return int(value)  # (a numpy integer too)
-    if tp is float:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
-            refuse()
-        return float(value)
-    if tp is str:
-        # An int is taken as its digits (an API key or a name may be all digits, and Hydra reads
-        # a bare 12345 as an int); a float or a bool would not round-trip, so it is refused. A
-        # path object (pathlib.Path) is its path.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if not isinstance(value, str):
-            refuse()
-        return value
-    if tp is tuple or origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            refuse()
+        out = _check_union(value, args, key)
+    elif dataclasses.is_dataclass(tp):
+        out = value if isinstance(value, tp) else \
+            dataclass_from_dict(tp, value, key) if isinstance(value, Mapping) else _REFUSED
+    elif tp in _SCALARS:
+        out = _SCALARS[tp](value)
+    elif tp is tuple or origin is tuple:
         elem = args[0] if args else Any
-        return tuple(check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is dict or origin is dict:
-        if value is None:  # YAML null: conf/model/tiny.yaml writes an empty budget so, as Hydra
-            # cannot override an empty mapping in place
-            return {}
-        if not isinstance(value, Mapping):
-            refuse()
-        kt, vt = args or (Any, Any)
-        out = {}
-        for k, v in value.items():
+        out = tuple(check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value)) \
+            if isinstance(value, (list, tuple)) else _REFUSED
+    elif tp is dict or origin is dict:
+        out = _check_dict(value, args or (Any, Any), key)
+    else:
+        out = value
+    if out is _REFUSED:
+        raise ConfigError(f"{key}={show(value)} must be {_describe(tp)}")
+    return out
+
+
+def _check_union(value: Any, args: tuple, key: str) -> Any:
+    """The first of the union's types `value` passes as (None where the union allows it)."""
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is not type(None):
             try:
-                k = check_type(k, kt, "")
+                return check_type(value, a, key)
             except ConfigError:
-                raise ConfigError(f"{key}: the key {show(k)} must be {_describe(kt)}") from None
-            out[k] = check_type(v, vt, _join(key, k))
-        return out
-    return value
+                pass
+    return _REFUSED
+
+
+def _check_dict(value: Any, kv_types: tuple, key: str) -> Any:
+    if value is None:  # YAML null: conf/model/tiny.yaml writes an empty budget so, as Hydra
+        # cannot override an empty mapping in place
+        return {}
+    if not isinstance(value, Mapping):
+        return _REFUSED
+    kt, vt = kv_types
+    out = {}
+    for k, v in value.items():
+        try:
+            k = check_type(k, kt, "")
+        except ConfigError:
+            raise ConfigError(f"{key}: the key {show(k)} must be {_describe(kt)}") from None
+        out[k] = check_type(v, vt, _join(key, k))
+    return out
 
 
 def dataclass_from_dict(cls, data: Mapping[str, Any] | None, where: str):

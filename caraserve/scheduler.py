@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from caraserve.kv_cache import KVCache, block_hashes
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import HostStore
+from caraserve.perf.slo import SloPricing
 from caraserve.request import Request, RequestState
 
 
@@ -81,6 +82,7 @@ class Scheduler:
         self.assist = assist
         self.perf_model = perf_model  # perf.model.PerfModel, used when slo_ms > 0
         self.slo_s = slo_ms / 1e3
+        self.slo = SloPricing(perf_model, self.slo_s, pool.rank_buckets)
         self.max_passed_over = max_passed_over  # None: strict FCFS admission
         self._passed_over: dict[str, int] = {}  # request id -> times a younger request went first
         self._rejected: list[tuple[Request, Exception]] = []  # not admitted, for a reason of their own
@@ -104,14 +106,7 @@ class Scheduler:
     def _within_slo(self, batch: list[Request], req: Request) -> bool:
         """Would the decode step with `req` added still meet the per-token SLO? (A lone request
         always runs, so an SLO tighter than any step cannot stall the engine.)"""
-        if self.slo_s <= 0 or self.perf_model is None or not batch:
-            return True
-        ranks = [self.rank_of(r) for r in batch] + [self.rank_of(req)]
-        return self.perf_model.decode_s(len(ranks), self._priced_bucket(max(ranks)), sum(ranks)) <= self.slo_s
-
-    def _priced_bucket(self, rank: int) -> int:
-        """The rank bucket a step whose largest adapter rank is `rank` runs at (0: no adapter)."""
-        return next((b for b in self.pool.rank_buckets if b >= rank), rank) if rank else 0
+        return not self.slo.active or not batch or self.slo.decode_fits([self.rank_of(r) for r in (*batch, req)])
 
     def _bucket(self, req: Request) -> int:
         return self.pool.bucket_for(self.rank_of(req)) if req.adapter is not None else -1
@@ -279,9 +274,27 @@ class Scheduler:
                 batch.append(req)
                 chunks.append(n)
                 budget -= n
+        arrival = list(self.waiting)
+        admitted = self._admit(arrival, budget, batch, chunks)
+        for req in admitted:
+            self.waiting.remove(req)
+            self.running.append(req)
+            self._passed_over.pop(req.request_id, None)
+        self._count_passed_over(arrival, admitted)
+        self._prefetch()
+        if batch:
+            decoding = [r for r in decoding if r in self.running]
+            return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks, len(decoding))
+        if not self.mixed_steps:
+            decoding = self._decode_rows()
+        return ScheduledBatch(True, decoding, [1] * len(decoding), len(decoding)) if decoding else None
+
+    def _admit(self, arrival: list[Request], budget: int, batch: list[Request], chunks: list[int]) -> list[Request]:
+        """Waiting requests (`arrival`, in arrival order) admitted this step within the token
+        budget, the batch and KV limits, the SLO and adapter readiness; each joins `batch` with
+        its first chunk in `chunks`. Admitted requests stay in `waiting` for the caller to move."""
         blocked: set[int] = set()
         admitted: list[Request] = []
-        arrival = list(self.waiting)
         for req in self._admission_order(arrival):
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
                 break
@@ -316,23 +329,16 @@ class Scheduler:
             chunks.append(n)
             budget -= n
             admitted.append(req)
-        for req in admitted:
-            self.waiting.remove(req)
-            self.running.append(req)
-            self._passed_over.pop(req.request_id, None)
+        return admitted
+
+    def _count_passed_over(self, arrival: list[Request], admitted: list[Request]) -> None:
+        """Rank grouping: every request older than an admitted one and still waiting was passed over once more."""
         if admitted and self.max_passed_over is not None:
             taken = set(map(id, admitted))
             youngest = max(i for i, r in enumerate(arrival) if id(r) in taken)
             for req in arrival[:youngest]:
-                if id(req) not in taken:  # older than an admitted request and still waiting
+                if id(req) not in taken:
                     self._passed_over[req.request_id] = self._passed_over.get(req.request_id, 0) + 1
-        self._prefetch()
-        if batch:
-            decoding = [r for r in decoding if r in self.running]
-            return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks, len(decoding))
-        if not self.mixed_steps:
-            decoding = self._decode_rows()
-        return ScheduledBatch(True, decoding, [1] * len(decoding), len(decoding)) if decoding else None
 
     @staticmethod
     def _chunk(req: Request, budget: int) -> int:
@@ -347,22 +353,13 @@ class Scheduler:
         """The most prompt tokens a mixed step may carry beside `decoding` and still be predicted
         within the per-token SLO (unbounded without an SLO or decode rows). At least one KV
         block's worth, so prompts progress however tight the SLO (as a lone request always runs)."""
-        if self.slo_s <= 0 or self.perf_model is None or not decoding:
+        if not self.slo.active or not decoding:
             return self.max_tokens_per_step
-        ranks = [self.rank_of(r) for r in decoding]
         prompts = [r for r in self.running if r.state is RequestState.PREFILL]
         prompts += list(itertools.islice(self.waiting, self.max_batch_size))
         chunk_rank = max((self.rank_of(r) for r in prompts), default=0)  # priced at the costliest
-        bucket = self._priced_bucket(max(max(ranks), chunk_rank))
-
-        def fits(tokens: int) -> bool:
-            return self.perf_model.decode_s(len(ranks), bucket, sum(ranks), tokens, tokens * chunk_rank) <= self.slo_s
-
-        lo, hi = 0, self.max_tokens_per_step  # largest t in [lo, hi] that fits: binary search
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return max(lo, self.kv.block_size)
+        return self.slo.prefill_tokens([self.rank_of(r) for r in decoding], chunk_rank, self.max_tokens_per_step,
+                                       self.kv.block_size)
 
     def _decode_rows(self) -> list[Request]:
         """The decoding requests, oldest first, each with the KV block its next token needs (the

@@ -78,6 +78,27 @@ def test_a_full_registry_is_a_503_for_a_tenant_found_on_first_use(tmp_path):
     assert 'caraserve_requests_total{status="rejected_adapter_capacity"} 1.0' in metrics
 
 
+def test_a_runtime_load_into_a_full_registry_is_a_503_to_retry(tmp_path):
+    """The registry's cap is the operator's limit, cleared by an unload: a controller told 503
+    with Retry-After retries, where a 400 would read as a bad adapter."""
+    for i in range(2):
+        write_random_adapter(tmp_path / f"a{i}", 8, 16, ["q_proj", "v_proj"], seed=i)
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(dir="", max_registered=1)))
+
+    async def calls(c):
+        first = await c.post("/v1/load_lora_adapter", json={"lora_name": "a0", "lora_path": str(tmp_path / "a0")})
+        full = await c.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(tmp_path / "a1")})
+        await c.post("/v1/unload_lora_adapter", json={"lora_name": "a0"})
+        again = await c.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(tmp_path / "a1")})
+        return first, full, again
+
+    first, full, again = _serve(engine, calls, [tmp_path])
+    assert first.status_code == 200 and again.status_code == 200
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["type"] == "adapter_capacity" and "max_registered" in full.json()["error"]["message"]
+
+
 def test_a_request_for_an_adapter_refused_at_start_says_why(tmp_path):
     import pytest
 

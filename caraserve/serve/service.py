@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from caraserve.config import inline_template
-from caraserve.lora.adapter_files import AdapterError, AdapterReadError, check_name
+from caraserve.lora.adapter_files import AdapterError, AdapterReadError, RegistryFullError, check_name
 from caraserve.lora.adapter_info import UnknownAdapterError
 from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import choices
@@ -350,6 +350,8 @@ class EngineService:
         try:
             info = await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.register_adapter, body.lora_name, resolved)
+        except RegistryFullError as e:  # the operator's limit, which an unload clears: come back later
+            raise AdapterCapacity(str(e)) from e
         except AdapterError as e:
             raise BadRequest(str(e)) from e
         except (OSError, ValueError) as e:  # unreadable files of the caller's choosing

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -193,3 +194,45 @@ def test_a_call_of_many_choices_is_queued_to_the_engine_at_once(service, monkeyp
     assert len(answer["choices"]) == 10 and len(adds) == 10
     assert len(set(adds[1:])) == 1, adds  # one drain of the inbox, no step between
     assert settled(service)
+
+
+def test_the_heap_is_trimmed_once_per_idle_moment(monkeypatch):
+    """The engine thread gives the C heap's free pages back when it goes idle after steps: once
+    after a request's steps, not again until the engine has stepped since."""
+    from caraserve.serve import async_engine, gc_monitor
+
+    trims = []
+    monkeypatch.setattr(gc_monitor, "trim_heap", lambda: trims.append(threading.current_thread()) or True)
+    monkeypatch.setattr(async_engine, "IDLE_WORK_AFTER_S", 0.05)
+    ae = AsyncEngine(Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64)), max_queue=4)
+    ae.start()
+    try:
+        ae.wait_ready()
+        time.sleep(0.5)
+        assert trims.count(ae._thread) == 0  # nothing stepped yet (other engines' trims aside)
+
+        async def one():
+            q = await ae.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=0), None, "t1")
+            while not (await q.get()).finished:
+                pass
+
+        asyncio.run(one())
+        time.sleep(0.5)
+        assert trims.count(ae._thread) == 1
+    finally:
+        ae.stop()
+
+
+def test_a_server_that_never_idles_trims_every_so_often(monkeypatch):
+    from caraserve.serve import gc_monitor
+
+    trims, now = [], [0.0]
+    monkeypatch.setattr(gc_monitor, "trim_heap", lambda: trims.append(now[0]) or True)
+    heap = gc_monitor.HeapTrimmer(busy_every_s=10, clock=lambda: now[0])
+    for _ in range(250):  # 25 s of 0.1 s steps
+        heap.stepped()
+        now[0] += 0.1
+    assert len(trims) == 2 and trims[0] >= 10
+    heap.idle()
+    heap.idle()
+    assert len(trims) == 3  # once at the idle moment, not again without steps

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from caraserve.engine import Engine
 from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
+from caraserve.serve.gc_monitor import HeapTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         # (callable, args, concurrent Future, callable run instead when the call is cancelled or refused)
         self._inbox: queue.Queue = queue.Queue()
+        self._heap = HeapTrimmer()  # the engine thread's: freed tensors' memory goes back to the system
         self._stop = threading.Event()
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._idle_work = threading.Event()  # set while the engine thread does idle work (a compile)
@@ -298,6 +300,7 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
                 if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
+                    self._heap.idle()  # what the steps' tensors left goes back
                     if self.engine.graphs is not None and self.engine.graphs.pending:
                         self._idle_state = self.engine.snapshot()  # before the flag: `state` reads it then
                     self._idle_work.set()  # then _stop: a stop() that missed this flag is seen here
@@ -309,6 +312,7 @@ class AsyncEngine:
                         self._idle_state = None  # of this idle moment only: later ones take their own
                 continue
             last_busy = time.monotonic()
+            self._heap.stepped()
             try:
                 outputs = self.engine.step()
             except Exception as e:

@@ -15,10 +15,10 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from caraserve.lora.checkpoint import AdapterError
-from caraserve.request import RequestError, SamplingParams, choice_seed
+from caraserve.request import RequestError, SamplingParams, choice_params
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "prompt_logprobs",
@@ -209,7 +209,7 @@ def _add(engine, kwargs: dict, user_id, number: int) -> list[str]:
     rids: list[str] = []
     try:
         for i in range(params.n):
-            one = replace(params, n=1, seed=choice_seed(params.seed, i)) if params.n > 1 else params
+            one = choice_params(params, i) if params.n > 1 else params
             rids.append(engine.add_request(kwargs["prompt"], one, kwargs["adapter"], after=rids[0] if rids else None,
                                            final_only=True))  # the results are written at the end
     except Exception as e:  # whatever a line holds, it fails alone

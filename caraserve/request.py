@@ -6,7 +6,7 @@ import enum
 import math
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class RequestError(ValueError):
@@ -205,10 +205,12 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
-def choice_seed(seed: int | None, i: int) -> int | None:
-    """The seed of completion i of a request of `seed` (n > 1): seed + i, wrapped into int64 as
-    SamplingParams takes seeds (so the completions differ, reproducibly)."""
-    return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
+def choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    """The params of completion i of a request's n (the server's and offline jobs' alike): one
+    completion, sampled with seed + i (wrapped into int64 as SamplingParams takes seeds), so the
+    completions differ, reproducibly; completion 0 keeps the seed."""
+    seed = None if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
+    return replace(params, n=1, seed=seed)
 
 
 def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams], list[str | None]]:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 
-from caraserve.request import CapacityError, RequestError, RequestOutput, SamplingParams, choice_seed
+from caraserve.request import CapacityError, RequestError, RequestOutput, SamplingParams, choice_params
 from caraserve.serve import protocol as proto
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from caraserve.serve.http import (
@@ -90,7 +89,7 @@ class Runs:
         first one has prefilled so they share its prompt's KV blocks; with a seed, completion i of
         the prompt samples with seed + i (they differ, reproducibly)."""
         first = rid if base == 0 else f"{rid}#{base}"
-        return [(ids, replace(params, seed=choice_seed(params.seed, i)), f"{rid}#{base + i}", first)
+        return [(ids, choice_params(params, i), f"{rid}#{base + i}", first)
                 for i in range(1, n)]
 
     async def _join(self, runs: list[Run], later: list[tuple], adapter, final_only: bool) -> list[Run]:

@@ -236,3 +236,39 @@ def test_a_server_that_never_idles_trims_every_so_often(monkeypatch):
     heap.idle()
     heap.idle()
     assert len(trims) == 3  # once at the idle moment, not again without steps
+
+
+def test_a_call_cancelled_during_admission_leaves_none_of_its_requests_running():
+    """A caller that goes away while a call's choices are being admitted: the choices already in
+    the engine are aborted with the first, those still queued abort themselves."""
+    from caraserve.serve.runs import Runs
+
+    class Engine:
+        def __init__(self):
+            self.added, self.aborted = [], []
+
+        async def submit(self, ids, params, adapter, rid, after=None, final_only=False, call_size=1,
+                         joins_call=False):
+            self.added.append(rid)
+            try:
+                await asyncio.sleep(0 if rid in ("call#1", "call#2") else 10)  # admitted at once, or still queued
+            except asyncio.CancelledError:
+                self.abort(rid)  # as AsyncEngine.submit does
+                raise
+            return asyncio.Queue()
+
+        def abort(self, rid):
+            self.aborted.append(rid)
+
+    engine = Engine()
+
+    async def go():
+        task = asyncio.ensure_future(Runs(engine).start_n([1, 2], SamplingParams(max_tokens=3), None, "call",
+                                                          asyncio.Queue(), 6))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert len(engine.added) == 5 and set(engine.added) | {"call"} <= set(engine.aborted)

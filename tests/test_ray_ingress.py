@@ -104,6 +104,7 @@ def test_every_attempt_failing_is_a_502_naming_them():
 def test_every_replica_overloaded_is_a_503_to_come_back_later_and_a_mix_a_502():
     result, _, _ = run([[error_head(503, "server_overloaded")]] * 3)
     assert isinstance(result, ApiError) and (result.status, result.type) == (503, "server_overloaded")
+    assert result.headers == {"Retry-After": "1"}
     result, _, _ = run([[error_head(503, "server_overloaded")]] * 2 + [[ActorDiedError()]])
     assert isinstance(result, ApiError) and (result.status, result.type) == (502, "bad_gateway")
 

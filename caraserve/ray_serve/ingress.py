@@ -181,9 +181,10 @@ class RayService:
                 self.calls.labels("ok").inc()
             return answer
         self.calls.labels("failed").inc()
-        overloaded = all(e.reason == "overloaded" for e in errors)  # every replica full: come back later
-        raise ApiError(503 if overloaded else 502, f"no replica could serve the request after {len(errors)} "
-                       "attempts: " + "; ".join(map(str, errors)), "server_overloaded" if overloaded else "bad_gateway")
+        why = f"no replica could serve the request after {len(errors)} attempts: " + "; ".join(map(str, errors))
+        if all(e.reason == "overloaded" for e in errors):  # every replica full: come back later
+            raise Overloaded(why)
+        raise BadGateway(why)
 
     async def _first(self, gen, stream: bool, disconnected):
         """(The replica's answer, the replica): a dict, an ApiError for the client, or a stream (its

@@ -98,8 +98,10 @@ class Runs:
         try:
             started = await asyncio.gather(*(self.start(ids, p, adapter, sid, after, final_only, joins_call=True)
                                              for ids, p, sid, after in later), return_exceptions=True)
-        except BaseException:  # cancelled: the later ones abort themselves (AsyncEngine.submit)
-            self.abort(runs)
+        except BaseException:  # cancelled: the later ones not admitted yet abort themselves
+            # (AsyncEngine.submit), those admitted are aborted here (an abort finds nothing where
+            # the add never ran, and runs after the add where it is still queued)
+            self.abort(runs + [(spec[2], None) for spec in later])
             raise
         runs = runs + [(spec[2], q) for spec, q in zip(later, started) if not isinstance(q, BaseException)]
         error = next((e for e in started if isinstance(e, BaseException)), None)

@@ -243,9 +243,13 @@ def test_a_fused_projection_gets_every_part_in_one_kernel_call_per_layer(monkeyp
         assert torch.allclose(y, expect, rtol=1e-4, atol=1e-4), layer
         assert not torch.equal(y, y0)
     assert len(calls) == args.num_layers
-def test_records_stored_as_the_copy_thread_writes_their_slot_are_not_kept():
-    """The copy thread's on_write may land between a build's last look at the write count and
-    its store: the stored records are dropped all the same."""
+def test_a_build_that_starts_during_a_slot_write_waits_for_it_and_keeps_only_the_new_weights():
+    """The engine thread starts building a slot's records while the copy thread is in the middle
+    of dropping that slot's packed copies: the build waits for the write to end, then packs the
+    new weights; no copy made before the write is kept."""
+    import threading
+    import time
+
     from caraserve.lora.cpu_backend import MISSING, CpuLoraBackend
 
     args, store, pool = tiny_pool()
@@ -253,17 +257,32 @@ def test_records_stored_as_the_copy_thread_writes_their_slot_are_not_kept():
     assert pool.load(store.get("demo-r16"))
     lora = pool.make_batch([(0, 1, "demo-r16")], True, "cpu")
     bucket, slot = pool.slot_of("demo-r16")
-    fired = []
-
-    class Slots(dict):
-        def __setitem__(self, key, value):
-            if not fired:  # the write lands right at the store
-                fired.append(1)
-                backend._slot_written(bucket, slot)
-            super().__setitem__(key, value)
-
-    backend._slots = Slots()
     backend.prepare(lora)
     x, y = torch.randn(1, args.hidden_size), torch.zeros(1, args.module_shape("q_proj")[1])
     backend.run_prepared(y, x, 0, "q_proj")
-    assert fired and (16, slot) not in backend._slots and backend._step is MISSING
+    old = list(backend._packs.values())  # made from the slot's weights before the write
+    assert any(w is not None for w in old)
+    paused, go = threading.Event(), threading.Event()
+
+    class Packs(dict):
+        def copy(self):  # the copy thread, mid-invalidation
+            paused.set()
+            go.wait(10)
+            return dict(self)
+
+    backend._packs = Packs(backend._packs)
+    backend._slots.clear()
+    backend._step = MISSING  # the next call builds again
+    writer = threading.Thread(target=backend._slot_written, args=(bucket, slot))
+    writer.start()
+    assert paused.wait(10)
+    reader = threading.Thread(target=backend.run_prepared, args=(y, x, 0, "q_proj"))
+    reader.start()
+    time.sleep(0.2)
+    waited = reader.is_alive()
+    go.set()
+    writer.join(10)
+    reader.join(10)
+    assert waited  # the build waited for the write
+    kept = backend._slots[(16, slot)][1]
+    assert kept and not any(w is o for w in kept for o in old if o is not None)

@@ -4,6 +4,8 @@ records. Semantics: `caraserve.lora.backend`."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -45,6 +47,7 @@ class CpuLoraBackend(LoraBackend):
         # Slot writes so far, overall and per (bucket rank, slot): a record or layout built while
         # the copy thread wrote one of its slots is used once, not kept (_slot_written)
         self._writes, self._slot_writes = 0, {}
+        self._lock = threading.Lock()
         self._modules = {name: m for m, name in enumerate(self.pool.targets)}  # module -> records column
         self._fused: dict[str, tuple] = {}  # fused projection's name -> its adapted parts (attach)
         # projection name -> (in, out, ((adapted module, first column), ...)) (attach)
@@ -58,11 +61,16 @@ class CpuLoraBackend(LoraBackend):
         super().prepare(lora)
 
     def _slot_written(self, bucket: int, slot: int) -> None:
+        """(The copy thread, once the slot's new weights are in place.) Drops what was made from
+        the slot's earlier weights. Under the lock, which a build on the engine thread also takes
+        to read the write counts as it starts and to compare them as it stores: a build that began
+        before this write is not kept, and one that begins after it finds only the new weights."""
+        with self._lock:
+            self._invalidate(bucket, slot)
+
+    def _invalidate(self, bucket: int, slot: int) -> None:
         lora = self._lora
         rank = self.pool.buckets[bucket].rank
-        # Counted first (the slot's new weights are in place by now): a build on the engine thread
-        # stores what it made, then compares the count it began with, so one stored before this
-        # count is dropped below and one stored after it is dropped by its builder
         self._slot_writes[(rank, slot)] = self._slot_writes.get((rank, slot), 0) + 1
         self._writes += 1
         if self._packs:
@@ -148,12 +156,12 @@ class CpuLoraBackend(LoraBackend):
             return
         step = self._step
         if step is MISSING:
-            writes = self._writes
+            with self._lock:
+                writes = self._writes
             step = self._step_runs(lora)
-            if lora is self._lora:
-                self._step = step
-                if self._writes != writes:  # a slot was written meanwhile: used once, not kept
-                    self._step = MISSING
+            with self._lock:
+                if self._writes == writes and lora is self._lora:  # (else a slot was written meanwhile: used once)
+                    self._step = step
         fn = kernel_library.parts_kernel() if step is not None and kernel_runs.usable(y, x) else None
         if fn is not None:
             proj = step.projections.get(name)
@@ -198,7 +206,8 @@ class CpuLoraBackend(LoraBackend):
         rec = self._slots.get(key, MISSING)
         if rec is not MISSING:
             return rec
-        writes = self._slot_writes.get(key, 0)
+        with self._lock:
+            writes = self._slot_writes.get(key, 0)
         mods = g.slot_targets[slot] if g.slot_targets else g.modules
         weights, usable = [], True
         for name in self._modules:
@@ -212,7 +221,7 @@ class CpuLoraBackend(LoraBackend):
                 usable = usable and w is not None
                 weights.append(w)
         rec = (run_records(weights).reshape(len(self._modules), -1).T.copy(), weights) if usable else None  # [L, M]
-        self._slots[key] = rec
-        if self._slot_writes.get(key, 0) != writes:  # the slot was written meanwhile: used once, not kept
-            self._slots.pop(key, None)
+        with self._lock:
+            if self._slot_writes.get(key, 0) == writes:  # (else the slot was written meanwhile: used once)
+                self._slots[key] = rec
         return rec

@@ -308,6 +308,8 @@ class ServerConfig:
     chat_template: the chat template of /v1/chat/completions, as a file or inline Jinja (vLLM's
     --chat-template), for models whose tokenizer has none or to replace it.
     limit_concurrency: requests beyond this many at once get 503 (health and metrics probes excepted).
+    heap_trim_s: the engine thread hands the C heap's free pages back to the system when it goes
+    idle and after every this many seconds of steps (glibc's malloc_trim; 0: never).
     """
 
     host: str = "127.0.0.1"
@@ -324,6 +326,7 @@ class ServerConfig:
     unload_timeout_s: float = 60.0
     log_level: str = "info"
     chat_template: str = ""  # a Jinja file, or the template itself; "" = the tokenizer's own
+    heap_trim_s: float = 10.0
 
     def __post_init__(self):
         check_fields(self, "server")
@@ -339,6 +342,7 @@ class ServerConfig:
         _check(self.unload_timeout_s >= 0, f"server.unload_timeout_s={self.unload_timeout_s} must be >= 0")
         _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
         _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
+        _check(self.heap_trim_s >= 0, f"server.heap_trim_s={self.heap_trim_s} must be >= 0 (0: never)")
         _check(self.log_level in LOG_LEVELS,
                f"server.log_level={self.log_level!r} must be one of {'|'.join(LOG_LEVELS)}")
 

@@ -47,7 +47,7 @@ class _Waiter:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int, on_output=None):
+    def __init__(self, engine: Engine, max_queue: int, on_output=None, heap_trim_s: float = 10.0):
         self.engine = engine
         self.max_queue = max_queue
         self.on_output = on_output  # called on the engine thread with every RequestOutput
@@ -55,7 +55,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         # (callable, args, concurrent Future, callable run instead when the call is cancelled or refused)
         self._inbox: queue.Queue = queue.Queue()
-        self._heap = HeapTrimmer()  # the engine thread's: freed tensors' memory goes back to the system
+        # the engine thread's: freed tensors' memory goes back to the system (None: never)
+        self._heap = HeapTrimmer(heap_trim_s) if heap_trim_s > 0 else None
         self._stop = threading.Event()
         self._warm = threading.Event()  # set once the engine thread has warmed the engine up
         self._idle_work = threading.Event()  # set while the engine thread does idle work (a compile)
@@ -300,7 +301,8 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
                 if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
-                    self._heap.idle()  # what the steps' tensors left goes back
+                    if self._heap is not None:
+                        self._heap.idle()  # what the steps' tensors left goes back
                     if self.engine.graphs is not None and self.engine.graphs.pending:
                         self._idle_state = self.engine.snapshot()  # before the flag: `state` reads it then
                     self._idle_work.set()  # then _stop: a stop() that missed this flag is seen here
@@ -312,7 +314,8 @@ class AsyncEngine:
                         self._idle_state = None  # of this idle moment only: later ones take their own
                 continue
             last_busy = time.monotonic()
-            self._heap.stepped()
+            if self._heap is not None:
+                self._heap.stepped()
             try:
                 outputs = self.engine.step()
             except Exception as e:

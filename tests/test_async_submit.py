@@ -236,6 +236,9 @@ def test_a_server_that_never_idles_trims_every_so_often(monkeypatch):
     heap.idle()
     heap.idle()
     assert len(trims) == 3  # once at the idle moment, not again without steps
+    never = AsyncEngine(Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=64)), max_queue=4,
+                        heap_trim_s=0)
+    assert never._heap is None  # server.heap_trim_s=0: never trimmed
 
 
 def test_a_call_cancelled_during_admission_leaves_none_of_its_requests_running():

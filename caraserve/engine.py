@@ -18,6 +18,7 @@ from caraserve.config import ConfigError, EngineConfig, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
+from caraserve.input_checks import check_limits, prompt_ids
 from caraserve.kv_cache import KVCache, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
@@ -36,8 +37,6 @@ from caraserve.request import (
     RequestState,
     SamplingParams,
     batch_inputs,
-    check_limits,
-    prompt_ids,
 )
 from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
@@ -238,11 +237,11 @@ class Engine:
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
-        the vocabulary (`request.check_limits`)."""
+        the vocabulary (`input_checks.check_limits`)."""
         check_limits(params, self.config.limits, self.model.args.vocab_size, self._eos_ids)
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt; RequestError when it is not one (`request.prompt_ids`)."""
+        """Token ids of a prompt; RequestError when it is not one (`input_checks.prompt_ids`)."""
         return prompt_ids(prompt, self.tokenizer, self.config.limits, self.max_seq_len, self.model.args.vocab_size,
                           add_special_tokens)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from caraserve.request import RequestError, check_prompt_text
+from caraserve.input_checks import check_prompt_text
+from caraserve.request import RequestError
 from caraserve.serve import protocol as proto
 
 # apply_chat_template's own arguments: chat_template_kwargs may not set them

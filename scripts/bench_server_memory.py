@@ -12,7 +12,6 @@ writes JSON (default profiles/cpu/bench_server_memory.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
@@ -20,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -28,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caraserve.profiling.machine import cpu_name, source_commit  # noqa: E402
+from caraserve.profiling.machine import cpu_header, write_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -103,15 +101,10 @@ def main() -> None:
     trim, never = summary["heap_trim_s=10 (default)"], summary["heap_trim_s=0 (never)"]
     ratio = (trim["idle_mb"][-1] - trim["start_mb"]) / max(1.0, never["idle_mb"][-1] - never["start_mb"])
     print(f"growth over start-up once idle, trimming vs never: {ratio:.2f}x")
-    header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(),
-              "device": "cpu", "cpu": cpu_name(), "model": "embedded tiny", "dtype": "float32"}
-    result = {"header": header, "workload": {
-        "passes": args.passes, "prompts_per_pass": [len(p) for p in passes], "idle_s": args.idle_s,
-        "rounds": args.rounds, "command": " ".join(sys.argv)}, "summary": summary, "runs": runs,
-        "ratios": {"growth once idle, trimming vs never": ratio}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    workload = {"passes": args.passes, "prompts_per_pass": [len(p) for p in passes], "idle_s": args.idle_s,
+                "rounds": args.rounds, "command": " ".join(sys.argv)}
+    write_json(args.out, {"header": cpu_header(model="embedded tiny", dtype="float32"), "workload": workload,
+                          "summary": summary, "runs": runs, "ratios": {"growth once idle, trimming vs never": ratio}})
 
 
 if __name__ == "__main__":

@@ -25,3 +25,20 @@ def source_commit() -> str:
                               cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def cpu_header(**fields) -> dict:
+    """A CPU benchmark's provenance header: when, from which commit, on which CPU, plus `fields`."""
+    from datetime import datetime, timezone
+
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(),
+            "device": "cpu", "cpu": cpu_name(), **fields}
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """Writes a benchmark's result (its folder made as needed) and says where."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")

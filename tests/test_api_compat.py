@@ -152,7 +152,8 @@ def test_chat_echo_begins_the_answer_with_the_assistants_last_message(live):
     echoed = post(live, "/v1/chat/completions", {**body, "echo": True}).json()["choices"][0]["message"]["content"]
     assert echoed == "Sure: " + plain
     got = chunks(live, "/v1/chat/completions", {**body, "echo": True})
-    assert got[0]["choices"][0]["delta"]["content"].startswith("Sure: ")
+    assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # the role alone, as OpenAI's
+    assert got[1]["choices"][0]["delta"]["content"].startswith("Sure: ")
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in got) == echoed
     user_last = {**body, "messages": messages[:1], "echo": True}
     assert post(live, "/v1/chat/completions", user_last).json()["choices"][0]["message"]["content"] == \
@@ -210,3 +211,22 @@ def test_tools_with_tool_choice_none_are_rendered_by_the_chat_template():
             assert r.status_code == 400 and "tool" in r.json()["error"]["message"], r.text
         r = post(live, "/v1/completions", {**BODY, "tools": tools, "tool_choice": "none"})
         assert r.status_code == 400 and "tools" in r.json()["error"]["message"], r.text
+
+
+def test_each_chat_choice_streams_its_role_alone_first(live):
+    """As OpenAI's and vLLM's servers: every choice's first chunk is {"role": "assistant",
+    "content": ""} (no logprobs, 0 completion tokens so far), then its text without the role."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2, "seed": 1,
+            "temperature": 1.0, "logprobs": True, "stream_options": {"include_usage": True,
+                                                                      "continuous_usage_stats": True}}
+    got = chunks(live, "/v1/chat/completions", body)
+    for index in (0, 1):
+        mine = [c for c in got if c["choices"] and c["choices"][0]["index"] == index]
+        first, rest = mine[0], mine[1:]
+        assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert first["choices"][0]["logprobs"] is None and first["usage"]["completion_tokens"] == 0
+        assert rest and not any("role" in c["choices"][0]["delta"] for c in rest)
+    whole = post(live, "/v1/chat/completions", {**body, "stream": False, "stream_options": None}).json()
+    streamed = ["".join(c["choices"][0]["delta"].get("content", "") for c in got
+                        if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
+    assert streamed == [c["message"]["content"] for c in whole["choices"]]

@@ -227,8 +227,9 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
 
 
 def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str = ""):
-    """streaming.Chunker of a chat completion: the first chunk of a choice names the role (and
-    carries `echoed` before its text). Every chunk of the stream carries the same `created`."""
+    """streaming.Chunker of a chat completion: a choice's first text chunk carries `echoed` before
+    its text (the role comes in a chunk of its own before it: streaming.events). Every chunk of
+    the stream carries the same `created`."""
     created = int(time.time())
 
     def chunker(index: int):
@@ -240,7 +241,7 @@ def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int],
             if not (out.new_text or out.finished):
                 return None
             text = echoed + out.new_text if state["first"] else out.new_text
-            delta = {"role": "assistant", "content": text} if state["first"] else ({"content": text} if text else {})
+            delta = {"content": text} if text or state["first"] else {}
             state["first"] = False
             logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
             state["sent"] = len(out.output_ids)

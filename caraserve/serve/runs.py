@@ -138,7 +138,7 @@ class Runs:
 
     async def stream(self, runs: list[Run], chunker: Chunker, final_usage: bool,
                      disconnected: Disconnected | None, per_prompt: int | None = None,
-                     continuous: bool = False) -> AsyncIterator[str]:
+                     continuous: bool = False, role: str | None = None) -> AsyncIterator[str]:
         """The stream of every run's outputs (caraserve.serve.streaming), once the first run's
         first output is there: a request that fails before its first token gets its HTTP status
         (ApiError) instead of a stream, as a non-streamed one would."""
@@ -149,7 +149,7 @@ class Runs:
         except BaseException:
             self.abort(runs)
             raise
-        return events(runs, first, chunker, final_usage, self.async_engine.abort, per_prompt, continuous)
+        return events(runs, first, chunker, final_usage, self.async_engine.abort, per_prompt, continuous, role)
 
     @staticmethod
     def check_finished(out: RequestOutput) -> None:

@@ -303,7 +303,7 @@ class EngineService:
         if body.stream:
             chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
-                                          continuous=continuous_usage(body, include_usage))
+                                          continuous=continuous_usage(body, include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self._texts(body), o, ids),
                     o.stop_reason) for o in outs]

@@ -43,12 +43,13 @@ def _sse(body: dict) -> str:
 
 
 async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, chunker: Chunker,
-                 final_usage: bool, abort: Callable[[str], None],
-                 per_prompt: int | None = None, continuous: bool = False) -> AsyncIterator[str]:
+                 final_usage: bool, abort: Callable[[str], None], per_prompt: int | None = None,
+                 continuous: bool = False, role: str | None = None) -> AsyncIterator[str]:
     """The SSE lines of `runs` ((request id, output queue) per choice, in index order, with
     `per_prompt` choices per prompt: default all of them); `first` is the first output of choice
-    0, already taken from its queue. Requests still running when the consumer goes away are
-    aborted."""
+    0, already taken from its queue. With a `role` (chat), each choice's first chunk is
+    `{"role": role, "content": ""}` alone, as OpenAI's and vLLM's servers send it. Requests still
+    running when the consumer goes away are aborted."""
     merged: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
     merged.put_nowait((0, first))
 
@@ -65,6 +66,12 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
     try:
         while len(finished) < len(runs):
             i, out = await merged.get()
+            if role is not None and i not in latest:
+                body = chunks[i](None, None)
+                body["choices"][0]["delta"] = {"role": role, "content": ""}
+                if final_usage:
+                    body["usage"] = proto.usage(out.prompt_tokens, 0, out.cached_tokens) if continuous else None
+                yield _sse(body)
             latest[i] = out
             finish = out.finish_reason.openai if out.finished else None
             body = chunks[i](out, finish)

@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each setting, alternating")
     ap.add_argument("--passes", type=int, default=3, help="passes of new prompt lengths per round")
     ap.add_argument("--idle-s", type=float, default=2.5, help="idle time before each idle reading")
-    ap.add_argument("--out", default=str(ROOT / "profiles/cpu/bench_server_memory.json"))
+    ap.add_argument("--out", default="profiles/cpu/bench_server_memory.json")
     args = ap.parse_args()
     passes = [list(range(5 + k, 1000, 7)) for k in range(args.passes)]  # each pass: lengths no earlier one used
     settings = {"heap_trim_s=10 (default)": 10.0, "heap_trim_s=0 (never)": 0.0}

@@ -109,16 +109,28 @@ typedef void (*panel_fn)(const float *const *s, float *const *d, int rows, const
             }                                                                                     \
     }
 
-/* One layout's panels: 8 rows x 1 vector, 4 x 2, 4 x 1 */
+/* One layout's panels: 8 rows x 2 vectors (where the CPU has 32 vector registers: its 16
+ * accumulators, 2 weight vectors and a broadcast fit; with 16 registers they would spill, and
+ * p8_2 is 0), 8 x 1, 4 x 2, 4 x 1. A wider panel reads each broadcast row value for twice the
+ * columns; every output element still sums over k in the same order, so the results are the same. */
 typedef struct {
-    panel_fn p8_1, p4_2, p4_1;
+    panel_fn p8_2, p8_1, p4_2, p4_1;
 } panel_set;
 
+#ifdef __AVX512VL__
+#define PANEL_8_2(SET, WAT, PREFETCH) PANEL(SET##_8_2, 8, 2, WAT, PREFETCH)
+#define P8_2(SET) SET##_8_2
+#else
+#define PANEL_8_2(SET, WAT, PREFETCH)
+#define P8_2(SET) 0
+#endif
+
 #define PANELS(SET, WAT, PREFETCH)                        \
+    PANEL_8_2(SET, WAT, PREFETCH)                         \
     PANEL(SET##_8_1, 8, 1, WAT, PREFETCH)                 \
     PANEL(SET##_4_2, 4, 2, WAT, PREFETCH)                 \
     PANEL(SET##_4_1, 4, 1, WAT, PREFETCH)                 \
-    static const panel_set SET = {SET##_8_1, SET##_4_2, SET##_4_1};
+    static const panel_set SET = {P8_2(SET), SET##_8_1, SET##_4_2, SET##_4_1};
 
 PANELS(a_pool, W_POOL, PREFETCH_ROWS_AHEAD)
 PANELS(b_pool, W_POOL, PREFETCH_NEXT_BLOCK)
@@ -132,6 +144,8 @@ static void panel_range(const panel_set *set, const float *const *s, float *cons
                         float alpha) {
     int64_t c = c0;
     if (ib == 8) {
+        if (set->p8_2 != 0)
+            for (; c + 2 * VL <= c1; c += 2 * VL) set->p8_2(s, d, rows, w, depth, ld, c, accumulate, alpha);
         for (; c + VL <= c1; c += VL) set->p8_1(s, d, rows, w, depth, ld, c, accumulate, alpha);
     } else {
         for (; c + 2 * VL <= c1; c += 2 * VL) set->p4_2(s, d, rows, w, depth, ld, c, accumulate, alpha);

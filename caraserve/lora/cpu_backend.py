@@ -135,15 +135,24 @@ class CpuLoraBackend(LoraBackend):
     def add(self, y, x, layer, name, fb):
         if fb.lora_mode == LORA_ROWS:  # the GPU row form, run on CPU (tests of that form)
             return self.add_rows(y, x, layer, name, *fb.lora_rows)
-        torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
+        self._run(y, x, layer, name)
         return y
 
     def add_parts(self, y, x, mod, parts, fb):
         """A fused projection's parts in one op call (the op's body goes over the parts)."""
         if fb.lora_mode != LORA_GROUPS or self._fused.get(mod.name) != tuple(parts):
             return super().add_parts(y, x, mod, parts, fb)
-        torch.ops.caraserve.lora_runs_(y, x, self.handle, mod.layer, mod.name)
+        self._run(y, x, mod.layer, mod.name)
         return y
+
+    def _run(self, y, x, layer: int, name: str) -> None:
+        """run_prepared, through the op `caraserve::lora_runs_` while compiling (the compiler
+        takes it as one opaque call) and directly in eager steps, which the op's dispatch would
+        only slow (a few microseconds a call, 16 calls a step on the embedded default)."""
+        if torch.compiler.is_compiling():
+            torch.ops.caraserve.lora_runs_(y, x, self.handle, layer, name)
+        else:
+            self.run_prepared(y, x, layer, name)
 
     def add_groups(self, y, x, groups, layer, name):
         add_lora_runs(y, x, groups, layer, name, None, self._pack, self._table)

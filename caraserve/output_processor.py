@@ -83,35 +83,28 @@ class OutputProcessor:
         """Appends to each request's text the newly complete characters of its last token (none
         for a token that ends it as EOS or a stop token id: `text_end`).
 
-        Byte-level tokens can end inside a UTF-8 character; such a tail is held back until the
-        next token completes it (or the request ends). Only a short window is decoded per token,
-        so the cost does not grow with the output length, and every request of the step is
-        decoded in one batched call.
+        Each token's text is read in a window of the tokens before it (the prompt's last ones for
+        the first), as vLLM's detokenizer reads it, so a decoder that drops a sequence's leading
+        space keeps the output's. Byte-level tokens can end inside a UTF-8 character; such a tail
+        is held back until the next token completes it (or the request ends). Only a short
+        window is decoded per token, so the cost does not grow with the output length, and every
+        request of the step is decoded in one batched call.
         """
         if self.tokenizer is None:
             return [""] * len(reqs)
         reasons = [self.end_reason(r) for r in reqs]
-        windows = [r.output_ids[r.detok_prefix : r.detok_read] for r in reqs]
-        windows += [r.output_ids[r.detok_prefix : self.text_end(r, why)] for r, why in zip(reqs, reasons)]
-        decoded = self._decode_batch(windows)
-        out = []
-        for r, why, prefix, full in zip(reqs, reasons, decoded[: len(reqs)], decoded[len(reqs) :]):
-            # the tail may stay incomplete only while more tokens can come to complete it
-            if len(full) <= len(prefix) or (full.endswith("\ufffd") and why is None):
-                out.append("")
-                continue
-            new_text = full[len(prefix) :]
-            r.detok_prefix, r.detok_read = r.detok_read, len(r.output_ids)
-            r.text += new_text
-            out.append(new_text)
-        return out
+        decoded = self._decode_batch(
+            [r.sequence(r.detok_prefix, r.detok_read) for r in reqs]
+            + [r.sequence(r.detok_prefix, len(r.prompt_ids) + self.text_end(r, why)) for r, why in zip(reqs, reasons)])
+        return [_advance(r, prefix, full, why is not None)
+                for r, why, prefix, full in zip(reqs, reasons, decoded[: len(reqs)], decoded[len(reqs) :])]
 
     def step_outputs(self, reqs: list[Request], tokens: list[int],
                      finish: Callable[[Request, FinishReason], None]) -> list[RequestOutput]:
         """The outputs of the requests that got `tokens` this step (added already), ending those
         whose last token ends them (`finish(req, reason)`): each streamed request's output, and
         those of final-only requests that end now, with every token and the whole text (decoded
-        now, in one go, unless stop strings made it grow token by token)."""
+        now, `decode_all`, unless stop strings made it grow token by token)."""
         watched = [r for r in reqs if not r.final_only or r.params.stop]
         texts = iter(self.detokenize(watched) if watched else ())
         outs = []
@@ -142,12 +135,20 @@ class OutputProcessor:
         return self.output(req, list(req.output_ids), req.text)
 
     def decode_all(self, req: Request, reason: FinishReason) -> None:
-        """Sets the request's text to its whole output decoded at once (what the incremental
-        windows add up to), for a request that was not detokenized token by token and ends for
-        `reason`."""
-        if self.tokenizer is not None:
-            req.text = self._decode_batch([req.output_ids[: self.text_end(req, reason)]])[0]
-            req.detok_prefix = req.detok_read = len(req.output_ids)
+        """Sets the text of a request that was not detokenized token by token and ends for
+        `reason`: the windows `detokenize` would have read, token after token, so its text is
+        the same as a streamed request's (decoding the output in one go is not: a byte-fallback
+        decoder makes every byte of a broken run U+FFFD, whole characters before it included)."""
+        if self.tokenizer is None:
+            return
+        start, n = len(req.prompt_ids), len(req.output_ids)
+        req.detok_prefix, req.detok_read = req.detok_start()
+        req.text, req.output_texts = "", []
+        for j in range(1, n + 1):  # as the step that added output token j - 1 read it
+            end = start + (j if j < n else self.text_end(req, reason))
+            prefix, full = self._decode_batch([req.sequence(req.detok_prefix, req.detok_read),
+                                               req.sequence(req.detok_prefix, end)])
+            _advance(req, prefix, full, j == n, start + j)
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
         """(why the request ends now or None, the text to stream now). A stop string found in the
@@ -181,6 +182,7 @@ class OutputProcessor:
             error=req.error, error_cause=req.error_cause,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,
             top_logprobs=list(req.output_top_logprobs) if req.params.top_logprobs else None,
+            token_texts=list(req.output_texts) if req.params.logprobs and self.tokenizer is not None else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
             prompt_tokens=len(req.prompt_ids),
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
@@ -195,6 +197,24 @@ class OutputProcessor:
             if out.finished:  # the last one: the watch ends even if its reader stops asking here
                 self.watched.pop(req.request_id, None)  # (or its reader, closing, ended it already)
         return out
+
+
+def _advance(req: Request, prefix: str, full: str, final: bool, read: int | None = None) -> str:
+    """The text the token at `read` - 1 of the sequence (default: the last) adds to the request's
+    (also appended to req.text): `full`, its window decoded through it, less `prefix`, the
+    window's tokens already text. Nothing while the window's text ends inside a character
+    (U+FFFD) and more tokens may come to complete it; the window then moves on to start at the
+    tokens just read."""
+    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+        new_text = ""
+    else:
+        new_text = full[len(prefix) :]
+        req.detok_prefix = req.detok_read
+        req.detok_read = len(req.prompt_ids) + len(req.output_ids) if read is None else read
+        req.text += new_text
+    if req.params.logprobs:
+        req.output_texts.append(new_text)
+    return new_text
 
 
 def stop_prefix_len(text: str, stops, unsent: int | None = None) -> int:

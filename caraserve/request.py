@@ -55,6 +55,7 @@ MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+DETOK_CONTEXT = 5  # prompt tokens before the output its detokenization reads (vLLM's offset)
 
 
 def _is_int(value) -> bool:
@@ -247,6 +248,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # (token, logprob)s
+    # with logprobs and a tokenizer: the text each output token added (OutputProcessor.detokenize),
+    # which add up to the output's text until a stop string cuts it
+    output_texts: list[str] = field(default_factory=list)
     # with params.prompt_logprobs: per prompt position, None for the first, else (logprob, alternatives)
     prompt_logprobs: list = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -280,9 +284,28 @@ class Request:
     # The caller takes the request's output once, when it ends (offline generation): no output
     # per step, and its text decoded once at the end unless stop strings must watch it grow.
     final_only: bool = False
-    detok_prefix: int = 0  # incremental detokenization window: tokens [prefix, read) are text already
+    # Incremental detokenization's window over the whole sequence (prompt, then outputs): tokens
+    # [prefix, read) are text already (OutputProcessor.detokenize; set in __post_init__)
+    detok_prefix: int = 0
     detok_read: int = 0
     text_sent: int = 0  # with stop strings: characters of `text` streamed so far (the rest may begin one)
+
+    def __post_init__(self):
+        self.detok_prefix, self.detok_read = self.detok_start()
+
+    def detok_start(self) -> tuple[int, int]:
+        """The detokenization window at the output's start: the output's text is read after the
+        prompt's last DETOK_CONTEXT tokens, as vLLM's detokenizer reads it (a SentencePiece
+        decoder drops a sequence's leading space: the first output token decoded alone would
+        lose its own)."""
+        return max(0, len(self.prompt_ids) - DETOK_CONTEXT), len(self.prompt_ids)
+
+    def sequence(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the whole sequence: the prompt, then the outputs."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:end] + self.output_ids[: max(0, end - n)]
 
     @property
     def finished(self) -> bool:
@@ -332,6 +355,7 @@ class RequestOutput:
     logprobs: list[float] | None = None  # of output_ids (with SamplingParams.logprobs)
     # with top_logprobs: the most likely (token, logprob)s at each position of output_ids, best first
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    token_texts: list[str] | None = None  # of output_ids (with logprobs and a tokenizer): Request.output_texts
     # with SamplingParams.prompt_logprobs: per prompt token, None for the first, else (logprob, alternatives)
     prompt_logprobs: list | None = None
     prompt_tokens: int = 0

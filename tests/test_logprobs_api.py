@@ -53,6 +53,39 @@ def test_completion_logprobs_streamed_and_not(live):
     assert [v for s in streamed for v in s["text_offset"]] == lp["text_offset"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logprob_tokens_add_up_to_the_text_over_broken_characters(live, path):
+    """Outputs of lone UTF-8 bytes (the tiny tokenizer's "ä" = 0xE4 starts a 3-byte character,
+    "¸" = 0xB8 continues one, "æ" and "¨" too): the chosen tokens' texts are the engine's, so they
+    add up to the text however the bytes fall, a character cut off at the end included, streamed
+    or not."""
+    for seed in range(8):
+        body = {"model": "demo-r16", "max_tokens": 5, "temperature": 1.0, "seed": seed, "ignore_eos": True,
+                "logit_bias": {"164": 40, "120": 40, "166": 40, "105": 40}}
+        if path == "/v1/completions":
+            body |= {"prompt": "x", "logprobs": 2}
+        else:
+            body |= {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2}
+        r = post(live, path, body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        chunks = [c["choices"][0] for c in events(live, path, body) if c["choices"]]
+        if path == "/v1/completions":
+            text, tokens = choice["text"], choice["logprobs"]["tokens"]
+            assert choice["logprobs"]["text_offset"] == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+            streamed = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]]
+            streamed_text = "".join(c["text"] for c in chunks)
+        else:
+            text = choice["message"]["content"]
+            tokens = [e["token"] for e in choice["logprobs"]["content"]]
+            joined = b"".join(bytes(e["bytes"]) for e in choice["logprobs"]["content"])
+            assert joined.decode("utf-8") == text
+            streamed = [e["token"] for c in chunks if c.get("logprobs") for e in c["logprobs"]["content"]]
+            streamed_text = "".join(c["delta"].get("content", "") for c in chunks)
+        assert "\ufffd" in text and len(tokens) == 5
+        assert "".join(tokens) == text == streamed_text and streamed == tokens, (seed, text, tokens)
+
+
 def test_completion_logprobs_zero_gives_the_chosen_tokens_only(live):
     r = completion(live, logprobs=0)
     lp = r.json()["choices"][0]["logprobs"]  # as OpenAI's: the chosen token is always among the alternatives

@@ -141,11 +141,12 @@ def test_content_parts_other_than_text_get_400(live):
         body = {"model": "tiny", "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
         r = post(live, "/v1/chat/completions", body)
         assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
-    parts = [{"type": "text", "text": "import "}, {"type": "text", "text": "os"}]
+    # text parts are joined a line each, as vLLM joins them
+    parts = [{"type": "text", "text": "import os"}, {"type": "text", "text": "import sys"}]
     joined = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": parts}],
                                                  "max_tokens": 4, "temperature": 0})
     whole = post(live, "/v1/chat/completions", {"model": "tiny", "max_tokens": 4, "temperature": 0,
-                                                "messages": [{"role": "user", "content": "import os"}]})
+                                                "messages": [{"role": "user", "content": "import os\nimport sys"}]})
     assert joined.status_code == 200 and joined.json()["choices"] == whole.json()["choices"]
 
 

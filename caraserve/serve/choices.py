@@ -31,6 +31,7 @@ class TokenTexts:
     without a tokenizer."""
 
     CONTEXT = 4  # a character is at most 4 UTF-8 bytes, so at most 4 tokens
+    ENGINE_TEXTS = True  # a chosen output token reads as the engine's detokenizer read it (_tokens)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -81,6 +82,8 @@ class TokenIds(TokenTexts):
     """vLLM's return_tokens_as_token_ids: every token named "token_id:{id}", so tokens that read
     alike (special ones, pieces of a character) stay apart."""
 
+    ENGINE_TEXTS = False
+
     def __init__(self):
         super().__init__(None)
 
@@ -99,11 +102,15 @@ def _alternatives(texts: TokenTexts, seq: list[int], start: int, tops, shift: in
 
 def _tokens(texts: TokenTexts, out: RequestOutput, start: int, prompt_ids: list[int]):
     """(texts, logprobs, top alternatives as (text, logprob)s or None) of out's tokens [start:],
-    read after the prompt and the outputs before them."""
+    read after the prompt and the outputs before them: the chosen tokens' texts those the
+    engine's detokenizer gave them (out.token_texts), which add up to the output's text."""
     seq = [*prompt_ids[-texts.CONTEXT:], *out.output_ids]
     shift = len(prompt_ids) - min(len(prompt_ids), texts.CONTEXT)  # seq[0]'s place in the whole sequence
     at = len(seq) - len(out.output_ids) + start  # out's token `start` in seq
-    tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at], at + shift)
+    if texts.ENGINE_TEXTS and out.token_texts is not None:
+        tokens = out.token_texts[start:]
+    else:
+        tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at], at + shift)
     tops = None if out.top_logprobs is None else _alternatives(texts, seq, at, out.top_logprobs[start:], shift)
     return tokens, out.logprobs[start:], tops
 
@@ -174,7 +181,8 @@ def prompt_only(out: RequestOutput) -> RequestOutput:
     return replace(out, new_token_ids=[], output_ids=[], text="", new_text="", stop_reason=None,
                    finish_reason=FinishReason.LENGTH if out.finished and out.error is None else out.finish_reason,
                    logprobs=None if out.logprobs is None else [],
-                   top_logprobs=None if out.top_logprobs is None else [])
+                   top_logprobs=None if out.top_logprobs is None else [],
+                   token_texts=None if out.token_texts is None else [])
 
 
 def usage_counts(outs: list[RequestOutput | None], per_prompt: int) -> tuple[int, int, int]:

@@ -194,9 +194,9 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """The message's text (the text parts of a multi-part content, joined)."""
+        """The message's text (the text parts of a multi-part content, one a line, as vLLM joins them)."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
 
 

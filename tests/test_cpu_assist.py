@@ -13,7 +13,7 @@ import torch
 from caraserve.config import AdapterConfig, ConfigError, CpuAssistConfig, EngineConfig, ModelConfig
 from caraserve.cpu_assist import handoff as handoff_mod
 from caraserve.cpu_assist.handoff import Handoff, HostSegment
-from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.cpu_assist.thread_plan import DEFAULT_TOKENS_PER_THREAD, ThreadPlan
 from caraserve.engine import Engine
 from caraserve.lora.device_pool import AdapterState
 from caraserve.model.tiny import tiny_paths, write_random_adapter
@@ -133,6 +133,29 @@ def test_state_machine_and_no_eviction_during_assisted_prefill(catalogue):
     while engine.has_unfinished():
         engine.step()
     assert pool.load(other, avoid=larger) and pool.slot_of("only-gate_proj")[0] == pool.bucket_for(other.rank)
+
+
+def test_a_segment_split_over_lanes_adds_each_slice_at_its_rows():
+    """A long prompt's segment is cut into slices computed in parallel: each slice's delta lands on
+    its own rows of the output."""
+    g = torch.Generator().manual_seed(0)
+
+    class Weights:
+        a = {"q_proj": torch.randn(1, 16, 4, generator=g)}
+        b = {"q_proj": torch.randn(1, 4, 8, generator=g)}
+        scale = 0.5
+
+    rows = 2 * DEFAULT_TOKENS_PER_THREAD
+    h = Handoff(ThreadPlan(max_threads=2))
+    try:
+        x, y = torch.randn(rows, 16, generator=g), torch.zeros(rows, 8)
+        pending = h.submit(x, 0, "q_proj", (HostSegment(0, rows, Weights()),))
+        assert len(pending[0].parts) == 2
+        h.add(y, pending)
+    finally:
+        h.close()
+    want = 0.5 * (x @ Weights.a["q_proj"][0]) @ Weights.b["q_proj"][0]
+    assert torch.allclose(y, want, atol=1e-5)
 
 
 def test_auto_uses_the_cpu_only_when_the_plan_says_it_pays():

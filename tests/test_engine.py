@@ -276,6 +276,14 @@ def test_rank_grouping_keeps_the_bucket_and_does_not_starve(catalogue):
                 engine.step()
             engine.step()
             assert _admitted(engine, "bcd") == ["b", "c"]
+    # a base-model request adds no rank to the batch: it goes ahead of a larger bucket too
+    engine = make_engine(catalogue, max_batch_size=2, scheduler=SchedulerConfig(rank_grouping=True, max_passed_over=1))
+    engine.add_request("import os", short, "demo-r8", "a")
+    engine.step()
+    engine.add_request("x = 1", long, "demo-r64", "b")
+    engine.add_request("x = 2", long, None, "c")
+    engine.step()
+    assert _admitted(engine, "bc") == ["c"]
 
 
 def test_rank_grouping_lets_requests_that_fit_the_slo_go_ahead(catalogue, tmp_path):

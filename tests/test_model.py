@@ -19,6 +19,8 @@ CONFIGS = {
     "llama3-rope": ("llama", {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "yarn-rope": ("llama", {"rope_parameters": {  # (its attention factor scales cos and sin)
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}}),
     "mistral-window": ("mistral", {"sliding_window": 6}),
     "qwen2-bias": ("qwen2", {"num_key_value_heads": 1}),
 }

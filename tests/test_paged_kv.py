@@ -112,6 +112,33 @@ def test_the_youngest_request_is_the_one_preempted():
     assert e.kv.free_blocks == 8
 
 
+def test_a_lone_request_as_long_as_the_whole_cache_runs():
+    """Admission keeps blocks free for running requests to grow into, but none when nothing runs:
+    a request of every block's worth of tokens starts on an idle engine and finishes."""
+    e = engine(kv_block_size=16, num_kv_blocks=4)
+    req = e.request(e.add_request(list(range(100, 160)), SamplingParams(max_tokens=4, temperature=0,
+                                                                          ignore_eos=True)))
+    for _ in range(20):
+        if not e.has_unfinished():
+            break
+        e.step()
+    assert req.finished and len(req.output_ids) == 4 and e.kv.free_blocks == 4
+
+
+def test_a_preempted_request_is_admitted_again_before_later_arrivals():
+    e = engine(kv_block_size=4, num_kv_blocks=12, max_batch_size=2, max_seq_len=48)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ids = [e.add_request([1, 2, 3, 4, 5, 6, 7, 8 + i], params) for i in range(4)]
+    admitted = []  # (arrival index, preemptions before this admission)
+    while e.has_unfinished():
+        before = {r.request_id for r in e.scheduler.running}
+        e.step()
+        admitted += [(ids.index(r.request_id), r.preemptions) for r in e.scheduler.running
+                     if r.request_id not in before]
+    assert e.scheduler.num_preemptions == 2
+    assert admitted == [(0, 0), (1, 0), (1, 1), (2, 0), (3, 0), (3, 1)]
+
+
 def test_requests_larger_than_the_whole_cache_are_refused():
     """A cache smaller than engine.max_seq_len limits every request to what it holds, and that is
     the context length the engine gives (what /v1/models advertises and defaults are sized by)."""

@@ -111,6 +111,8 @@ def test_most_idle_and_dlora_count_different_things():
     assert choose("most_idle", req(8), [long_few, short_many]) == 0
     assert choose("dlora", req(8), [long_few, short_many]) == 1
     assert short_many.outstanding_tokens == 5 * 30
+    # steps since the snapshot shorten the running requests only: a queued one has not started
+    assert replica([8], queued=[8, 8], remaining=50, steps=20).outstanding_tokens == 30 + 2 * 200
 
 
 def test_round_robin_cycles_and_skips_full_replicas():

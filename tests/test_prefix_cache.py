@@ -102,6 +102,17 @@ def test_prefix_hits_give_the_tokens_of_a_cold_run(adapter):
     assert again.output_ids == want[0] and again.cached_tokens == 80
 
 
+def test_a_prompt_of_whole_blocks_computes_its_last_block_again():
+    """A prompt of exactly k blocks sent again takes k - 1 from the cache: its last token must be
+    computed for the first output's logits (a request needs at least one new token)."""
+    e = engine()
+    prompt = list(range(100, 164))  # 4 blocks of 16
+    cold = e.generate([prompt], GREEDY)[0]
+    again = e.generate([prompt], GREEDY)[0]
+    assert again.error is None and again.output_ids == cold.output_ids
+    assert (cold.cached_tokens, again.cached_tokens) == (0, 48)
+
+
 def test_a_finished_conversation_turn_is_reused_by_the_next():
     """Multi-turn chat: the next turn resends the history with the reply; the reply's blocks are cached too."""
     e = engine()

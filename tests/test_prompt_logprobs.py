@@ -83,6 +83,27 @@ def test_a_request_preempted_mid_prompt_scores_it_again_from_the_start(engine):
     assert req.prompt_logprobs == want
 
 
+def test_a_scored_prompt_preempted_by_a_growing_request_scores_every_token():
+    """A long prompt being scored in chunks is preempted when a running request needs its blocks:
+    it starts over and still gives one logprob per prompt token, those of a run alone."""
+    def tight():
+        return Engine(EngineConfig(compile="false", kv_block_size=16, num_kv_blocks=72, max_tokens_per_step=32,
+                                   adapters=AdapterConfig(dir="demo", preload="host")))
+
+    scored = list(range(200, 1300))
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, ignore_eos=True)
+    want = tight().generate([scored], sp)[0].prompt_logprobs
+    e = tight()
+    first = e.add_request(list(range(100, 110)), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    while e.request(first).context_len < 31:
+        e.step()
+    req = e.request(e.add_request(scored, sp))
+    while e.has_unfinished():
+        e.step()
+    assert e.scheduler.num_preemptions >= 1 and req.preemptions >= 1
+    assert len(req.prompt_logprobs) == len(scored) and req.prompt_logprobs == want
+
+
 def test_a_scored_prompt_goes_in_bounded_chunks_and_slices(engine, monkeypatch):
     """A prompt being scored computes at most PROMPT_LOGPROBS_CHUNK tokens a step, and its rows'
     log-softmax is made LOGPROB_ROWS rows at a time (the logits over the vocabulary stay bounded):

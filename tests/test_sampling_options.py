@@ -54,6 +54,15 @@ def test_adjustments_match_the_reference(name):
     assert not torch.equal(got[0], logits[0])  # the case changes something
 
 
+def test_min_tokens_holds_back_stops_until_exactly_min_tokens_are_out():
+    """The ban lasts while fewer than min_tokens tokens are out: at min_tokens - 1 out, EOS and the
+    stop tokens are banned; at min_tokens, nothing is."""
+    p = SamplingParams(max_tokens=20, min_tokens=3, stop_token_ids=[5])
+    got = adjust_logits(torch.zeros(2, 10), [p, p], [([1], [7, 7]), ([1], [7, 7, 7])], eos_ids={2})
+    assert got[0, 5] == got[0, 2] == float("-inf") and torch.equal(got[0, [0, 1, 3, 4, 6, 7, 8, 9]], torch.zeros(8))
+    assert torch.equal(got[1], torch.zeros(10))
+
+
 def test_a_tiny_repetition_penalty_keeps_finite_logits_finite():
     """A penalty near zero divides a positive logit past float32's range: it stays finite and
     huge (the token ranks first, as the infinity would), so the row is still sampled,

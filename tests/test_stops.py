@@ -15,7 +15,8 @@ from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
 from caraserve.model.loader import ModelLoadError
 from caraserve.model.tiny import tiny_paths
-from caraserve.request import FinishReason, SamplingParams
+from caraserve.output_processor import OutputProcessor
+from caraserve.request import FinishReason, Request, SamplingParams
 
 
 def make_engine() -> Engine:
@@ -141,3 +142,30 @@ def test_generation_config_eos_ends_requests_as_transformers_generate(tmp_path):
     (folder / "generation_config.json").write_text("[2]")
     with pytest.raises(ModelLoadError, match=r"generation_config\.json must hold a JSON object"):
         Engine(cfg)
+
+
+def test_eos_or_a_stop_token_as_the_last_allowed_token_ends_as_itself():
+    """A request whose max_tokens-th token is EOS ends as EOS, one whose last is a stop token id as
+    STOP with that id as its stop_reason (not as LENGTH: their text leaves the token out)."""
+    proc = OutputProcessor(None, {2}, 100)
+    eos = Request("a", [1], SamplingParams(max_tokens=3))
+    eos.output_ids = [5, 6, 2]
+    assert proc.end_reason(eos) is FinishReason.EOS and proc.text_end(eos, FinishReason.EOS) == 2
+    stop = Request("b", [1], SamplingParams(max_tokens=2, stop_token_ids=[9]))
+    stop.output_ids = [5, 9]
+    assert proc.end_reason(stop) is FinishReason.STOP and stop.stop_reason == 9
+    ignored = Request("c", [1], SamplingParams(max_tokens=3, ignore_eos=True))
+    ignored.output_ids = [5, 6, 2]
+    assert proc.end_reason(ignored) is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("stops,text,kept,reason", [
+    (["world", "hello"], "say hello world", "say ", "hello"),  # the first place a stop string ends the text
+    (["\n", "\n\n"], "ab\n\ncd", "ab", "\n\n"),  # at one place, the longest stop string
+])
+def test_the_first_stop_string_in_the_text_cuts_it(stops, text, kept, reason):
+    proc = OutputProcessor(None, {2}, 100)
+    req = Request("a", [1], SamplingParams(max_tokens=10, stop=stops))
+    req.output_ids, req.text = [5], text
+    assert proc.stop(req, text) == (FinishReason.STOP, kept)
+    assert req.text == kept and req.stop_reason == reason

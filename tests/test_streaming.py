@@ -178,3 +178,12 @@ def test_completion_top_logprobs_keep_each_texts_best_and_the_chosen_tokens_own(
                       prompt_tokens=1)
     top = choices.completion_logprobs(choices.TokenTexts(SameText()), o, [1])["top_logprobs"]
     assert top == [{"a": -0.2, "": -3.5}, {"b": -0.1, "a": -2.0}]
+
+
+def test_usage_counts_a_prompt_once_with_the_cache_hits_of_its_best_choice():
+    """n choices of one prompt: its tokens once, every choice's output, and the cached prompt
+    tokens of the choice that found the most (the first prefills; its siblings share its blocks)."""
+    def done(cached, n_out):
+        return RequestOutput("r", [], [1] * n_out, True, FinishReason.LENGTH, prompt_tokens=96, cached_tokens=cached)
+
+    assert choices.usage_counts([done(0, 3), done(80, 5), done(64, 2), done(16, 4)], 2) == (192, 14, 144)

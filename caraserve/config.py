@@ -45,11 +45,16 @@ class ModelConfig:
     dtype: str = "auto"
     served_name: str = ""
     max_memory_bytes: dict[str, int] = field(default_factory=dict)
+    # sampling defaults for what a request does not set (caraserve.model.generation_config): auto
+    # = the model folder's generation_config.json (as vLLM's server), none = the engine's own, or
+    # a folder holding a generation_config.json
+    generation_config: str = "auto"
 
     def __post_init__(self):
         check_fields(self, "model")
         _check(bool(self.path), "model.path must not be empty")
         _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        _check(bool(self.generation_config), "model.generation_config must be auto, none or a folder")
         for dev, budget in self.max_memory_bytes.items():
             _check(str(dev).isdigit() or dev == "cpu",
                    f"model.max_memory_bytes: the key {dev!r} must be a CUDA device index (0, 1, ...) or cpu")
@@ -360,6 +365,15 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda"):
         _check(torch.cuda.is_available(), f"engine.device={device!r} but CUDA is not available")
     return device
+
+
+def check_devices(max_memory_bytes: dict) -> None:
+    """A placement budget (model.max_memory_bytes) may name only CUDA devices this machine has."""
+    import torch
+
+    for dev in max_memory_bytes:
+        _check(dev == "cpu" or int(dev) < torch.cuda.device_count(), f"model.max_memory_bytes: CUDA device {dev} "
+               f"does not exist (this machine has {torch.cuda.device_count()})")
 
 
 ENGINE_SECTIONS = ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits")

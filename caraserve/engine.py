@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from caraserve.adapter_catalog import AdapterCatalog
-from caraserve.config import ConfigError, EngineConfig, resolve_device
+from caraserve.config import EngineConfig, check_devices, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
@@ -23,6 +23,7 @@ from caraserve.kv_cache import KVCache, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
+from caraserve.model.generation_config import sampling_defaults
 from caraserve.model.llama import CausalLM, check_triton_prefill
 from caraserve.model.loader import eos_token_ids, load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
 from caraserve.model.tiny import resolve_paths
@@ -54,10 +55,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, model: CausalLM | None = None):
         self.config = cfg = config or EngineConfig()
         self.device = torch.device(resolve_device(cfg.device))
-        for dev in cfg.model.max_memory_bytes:
-            if dev != "cpu" and int(dev) >= torch.cuda.device_count():
-                raise ConfigError(f"model.max_memory_bytes: CUDA device {dev} does not exist (this machine has "
-                                  f"{torch.cuda.device_count()})")
+        check_devices(cfg.model.max_memory_bytes)
         # files the settings name, read before the model: a bad one is a ConfigError, not a late traceback
         path = cfg.scheduler.perf_model
         self.perf_model = PerfModel.load(path, "scheduler.perf_model", self.device.type,
@@ -72,7 +70,7 @@ class Engine:
         else:
             model_path = Path(cfg.model.path)
             adapter_dir = resolve_paths(replace(cfg, model=replace(cfg.model, path=str(model_path))))[1]
-            self.model, self.tokenizer, self._eos_ids = model, None, set()
+            self.model, self.tokenizer, self._eos_ids, self.sampling_defaults = model, None, set(), {}
             self.dtype = model.model.embed_tokens.weight.dtype
         self.model_path = model_path
         self.model.pack_weights(cfg.max_batch_size)  # CPU float32 only; a no-op elsewhere
@@ -120,6 +118,7 @@ class Engine:
                                 cfg.model.max_memory_bytes or None)
         self.tokenizer = load_tokenizer_or_none(model_path)
         self._eos_ids = eos_token_ids(model_path, hf_config, self.tokenizer)
+        self.sampling_defaults = sampling_defaults(model_path, cfg.model.generation_config)  # for unset fields
 
     def close(self) -> None:
         """Ends the engine's worker threads (CPU-assist lanes, adapter reads): call it when done
@@ -199,7 +198,7 @@ class Engine:
         final_only: `step` returns this request's output only when it ends (its new tokens and
         text then being all of them), which spares the per-step outputs and detokenizing that
         a caller waiting for the end (offline generation) does not read."""
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.sampling_defaults)  # (the model's generation config's)
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
         self.check_params(params)

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from caraserve.lora.checkpoint import AdapterError
+from caraserve.model.generation_config import with_defaults
 from caraserve.request import RequestError, SamplingParams, choice_params
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
@@ -86,10 +87,12 @@ def _bad_char(line: str, at: int) -> str:
         f"character {line[at]!r} at character {at}"
 
 
-def parse_line(line: str, number: int) -> tuple[object, dict]:
+def parse_line(line: str, number: int, defaults: dict | None = None) -> tuple[object, dict]:
     """(id, kwargs for Engine.add_request) of the 1-based line `number`; raises LineError (which
     carries the id when the line had one) naming what is wrong. Bytes that are not UTF-8 come in
-    as lone surrogates (scripts/generate.py reads with surrogateescape): such a line is refused."""
+    as lone surrogates (scripts/generate.py reads with surrogateescape): such a line is refused.
+    defaults: the model's sampling defaults (Engine.sampling_defaults), for the fields the line
+    does not set."""
     obj = _json(line, number)
     rid = line_id(obj, number)
 
@@ -122,7 +125,7 @@ def parse_line(line: str, number: int) -> tuple[object, dict]:
             raise bad(f"logprobs={lp} and top_logprobs={kwargs['top_logprobs']} disagree (give one)")
         kwargs["logprobs"], kwargs["top_logprobs"] = True, lp
     try:
-        params = SamplingParams(**kwargs)
+        params = SamplingParams(**with_defaults(kwargs, kwargs, defaults or {}))
     except (RequestError, TypeError) as e:
         raise bad(str(e)) from None
     return rid, {"prompt": prompt, "params": params, "adapter": adapter}
@@ -152,7 +155,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
             blank += 1
             continue
         try:
-            user_id, kwargs = parse_line(line, number)
+            user_id, kwargs = parse_line(line, number, engine.sampling_defaults)
             rids = _add(engine, kwargs, user_id, number)
             for i, rid in enumerate(rids):
                 pending[rid] = (len(results), i)

@@ -214,7 +214,7 @@ def choice_params(params: SamplingParams, i: int) -> SamplingParams:
     return replace(params, n=1, seed=seed)
 
 
-def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams], list[str | None]]:
+def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams | None], list[str | None]]:
     """Engine.generate's arguments as lists of one entry per prompt, taken as vLLM's LLM.generate
     takes them: one prompt (a str, or a list of token ids) or a list of prompts; one
     SamplingParams (None: the defaults) for all, or a list of one per prompt; one adapter name
@@ -225,7 +225,7 @@ def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams],
         raise TypeError(f"prompts must be a str, a list of token ids, or a list of those, not {type(prompts).__name__}")
     n = len(prompts)
     if params is None or isinstance(params, SamplingParams):
-        params = [params or SamplingParams()] * n
+        params = [params] * n  # (None: Engine.add_request's defaults)
     elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
         raise TypeError(f"params must be a SamplingParams or a list of one per prompt, not {type(params).__name__}")
     if adapters is None or isinstance(adapters, str):

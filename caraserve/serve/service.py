@@ -22,6 +22,7 @@ from typing import Protocol
 from caraserve.config import inline_template
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, RegistryFullError, check_name
 from caraserve.lora.adapter_info import UnknownAdapterError
+from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
@@ -136,18 +137,19 @@ class EngineService:
             raise BadRequest(f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}")
         if not 1 <= body.n <= self.limits.max_n:
             raise BadRequest(f"n must be in [1, {self.limits.max_n}] (limits.max_n), got {body.n}")
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                min_p=body.min_p, include_stop_str_in_output=body.include_stop_str_in_output,
-                seed=body.seed, stop=() if body.stop is None else body.stop,
-                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                logprobs=logprobs is not None, top_logprobs=logprobs or 0,
-                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
-                logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
-                cache_salt=body.cache_salt,
-            )
+        values = dict(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, include_stop_str_in_output=body.include_stop_str_in_output,
+            seed=body.seed, stop=() if body.stop is None else body.stop,
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+            logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+            logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
+            cache_salt=body.cache_salt,
+        )
+        try:  # what the body leaves out of the model's sampling defaults comes from them
+            params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
             self.engine.check_params(params)
             return params
         except RequestError as e:

@@ -1,0 +1,68 @@
+"""The sampling defaults a model's creator recommends in its generation_config.json, which a
+request that does not set a parameter gets, as vLLM's server gives them (its
+`--generation-config auto`, the default since vLLM 0.8; `model.generation_config` here)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from caraserve.config_checks import ConfigError
+from caraserve.request import RequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# The generation config's fields that are sampling defaults (max_new_tokens becomes a limit on
+# every request's max_tokens, as in vLLM)
+FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def sampling_defaults(model_path: str | os.PathLike, setting: str) -> dict:
+    """{SamplingParams field: value} of the generation config `setting` names: "auto" the model
+    folder's generation_config.json (none there: no defaults), "none" no defaults, else a folder
+    holding one. As vLLM reads it: the FIELDS the file sets (GenerationConfig.to_diff_dict),
+    max_new_tokens as max_tokens. ConfigError when the file cannot be read or its values are not
+    valid sampling parameters."""
+    if setting == "none":
+        return {}
+    folder = Path(model_path) if setting == "auto" else Path(setting).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        if setting == "auto":
+            return {}
+        raise ConfigError(f"model.generation_config={setting}: no generation_config.json in that folder")
+    from transformers import GenerationConfig
+
+    try:
+        with warnings.catch_warnings():  # (transformers warns of values its own generate would ignore)
+            warnings.simplefilter("ignore")
+            diff = GenerationConfig.from_pretrained(str(folder)).to_diff_dict()
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{folder / 'generation_config.json'} cannot be read: {type(e).__name__}: {e}") from e
+    found = {k: diff[k] for k in FIELDS if diff.get(k) is not None}
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    if found.get("top_k") == 0:  # transformers' "no top-k" is 0; here (and in vLLM) -1
+        found["top_k"] = -1
+    try:
+        SamplingParams(**found)
+    except (RequestError, TypeError) as e:
+        raise ConfigError(f"{folder / 'generation_config.json'}: its sampling defaults {found} are not valid "
+                          f"({e}); model.generation_config=none serves without them") from e
+    if found:
+        log.warning("sampling defaults from the model's generation config (what a request that does not set "
+                    "them gets): %s; model.generation_config=none for the engine's own", found)
+    return found
+
+
+def with_defaults(values: dict, given, defaults: dict) -> dict:
+    """`values` ({field: value} of a request) with each of `defaults` that the request did not
+    give (`given`: the names it set); max_tokens is capped by the default's instead."""
+    out = dict(values)
+    for k, v in defaults.items():
+        if k == "max_tokens":
+            out[k] = v if out.get(k) is None else min(out[k], v)
+        elif k not in given:
+            out[k] = v
+    return out

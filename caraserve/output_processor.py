@@ -86,7 +86,8 @@ class OutputProcessor:
         Each token's text is read in a window of the tokens before it (the prompt's last ones for
         the first), as vLLM's detokenizer reads it, so a decoder that drops a sequence's leading
         space keeps the output's. Byte-level tokens can end inside a UTF-8 character; such a tail
-        is held back until the next token completes it (or the request ends). Only a short
+        is held back until a later token completes it (a request that ends first leaves it out,
+        as vLLM's detokenizer does). Only a short
         window is decoded per token, so the cost does not grow with the output length, and every
         request of the step is decoded in one batched call.
         """
@@ -96,8 +97,7 @@ class OutputProcessor:
         decoded = self._decode_batch(
             [r.sequence(r.detok_prefix, r.detok_read) for r in reqs]
             + [r.sequence(r.detok_prefix, len(r.prompt_ids) + self.text_end(r, why)) for r, why in zip(reqs, reasons)])
-        return [_advance(r, prefix, full, why is not None)
-                for r, why, prefix, full in zip(reqs, reasons, decoded[: len(reqs)], decoded[len(reqs) :])]
+        return [_advance(r, prefix, full) for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :])]
 
     def step_outputs(self, reqs: list[Request], tokens: list[int],
                      finish: Callable[[Request, FinishReason], None]) -> list[RequestOutput]:
@@ -137,8 +137,9 @@ class OutputProcessor:
     def decode_all(self, req: Request, reason: FinishReason) -> None:
         """Sets the text of a request that was not detokenized token by token and ends for
         `reason`: the windows `detokenize` would have read, token after token, so its text is
-        the same as a streamed request's (decoding the output in one go is not: a byte-fallback
-        decoder makes every byte of a broken run U+FFFD, whole characters before it included)."""
+        the same as a streamed request's (decoding the output in one go is not: it keeps a broken
+        last character as U+FFFD, and a byte-fallback decoder makes every byte of a broken run
+        U+FFFD, whole characters before it included)."""
         if self.tokenizer is None:
             return
         start, n = len(req.prompt_ids), len(req.output_ids)
@@ -148,7 +149,7 @@ class OutputProcessor:
             end = start + (j if j < n else self.text_end(req, reason))
             prefix, full = self._decode_batch([req.sequence(req.detok_prefix, req.detok_read),
                                                req.sequence(req.detok_prefix, end)])
-            _advance(req, prefix, full, j == n, start + j)
+            _advance(req, prefix, full, start + j)
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:
         """(why the request ends now or None, the text to stream now). A stop string found in the
@@ -199,13 +200,14 @@ class OutputProcessor:
         return out
 
 
-def _advance(req: Request, prefix: str, full: str, final: bool, read: int | None = None) -> str:
+def _advance(req: Request, prefix: str, full: str, read: int | None = None) -> str:
     """The text the token at `read` - 1 of the sequence (default: the last) adds to the request's
     (also appended to req.text): `full`, its window decoded through it, less `prefix`, the
-    window's tokens already text. Nothing while the window's text ends inside a character
-    (U+FFFD) and more tokens may come to complete it; the window then moves on to start at the
-    tokens just read."""
-    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+    window's tokens already text; the window then moves on to start at the tokens just read.
+    Nothing while the window's text ends inside a character (U+FFFD): a later token may complete
+    it, and a request that ends first leaves it out of its text, as vLLM's detokenizer does (the
+    text never ends in a broken character; its token ids still hold the bytes)."""
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
         new_text = ""
     else:
         new_text = full[len(prefix) :]

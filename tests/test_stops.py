@@ -52,7 +52,8 @@ def test_stop_string_and_stop_token_and_eos():
                                 include_stop_str_in_output=keep, **extra)
             streamed = list(engine.stream("def main():", sp))
             final = engine.generate(["def main():"], sp)[0]
-            assert final.text == "".join(o.new_text for o in streamed) == (through if keep else before)
+            # (a broken character the stop token leaves at the end is left out, as vLLM's detokenizer does)
+            assert final.text == "".join(o.new_text for o in streamed) == (through.rstrip("\ufffd") if keep else before)
     first = engine.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0,
                                                             stop_token_ids=[free.output_ids[0]]))[0]
     assert first.output_ids == free.output_ids[:1] and first.text == ""

@@ -25,14 +25,15 @@ class OutputProcessor:
 
     @staticmethod
     def _batch_decoder(tokenizer):
-        """lists of ids -> texts without special tokens. A fast tokenizer's own Rust decoder, one
-        window at a time, when transformers would add nothing to it (no space clean-up): the same
-        text without the per-id Python conversions of `batch_decode`, and without `decode_batch`'s
-        thread pool, whose hand-off costs more than a step's windows of a token or two take to
-        decode. A window of one
-        token (most previous-text windows) is decoded once per vocabulary id and remembered."""
+        """lists of ids -> texts without special tokens, and without transformers' space clean-up
+        (" ," read as ","), which vLLM's detokenizer never applies either (a tokenizer may ask for
+        it: Llama 3's does). A fast tokenizer's own Rust decoder, one window at a time: the same
+        text without the per-id Python conversions of `batch_decode`, and without
+        `decode_batch`'s thread pool, whose hand-off costs more than a step's windows of a token
+        or two take to decode. A window of one token (most previous-text windows) is decoded once
+        per vocabulary id and remembered."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        if backend is not None:
             decode = backend.decode
             singles: dict[int, str] = {}  # a one-token window's text (at most one entry per vocabulary id)
 
@@ -45,7 +46,8 @@ class OutputProcessor:
                 return text
 
             return lambda windows: [window(w) for w in windows]
-        return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True)
+        return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True,
+                                                      clean_up_tokenization_spaces=False)
 
     @staticmethod
     def add_token(req: Request, token: int, logprob: float, top: tuple, now: float) -> None:

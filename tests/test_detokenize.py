@@ -104,3 +104,32 @@ def test_the_output_keeps_the_leading_space_its_first_token_decodes_with(llama2_
     expected = tok.decode(ids[-DETOK_CONTEXT:] + final.output_ids, skip_special_tokens=True)[len(context):]
     assert expected.startswith(" ") and not tok.decode(final.output_ids).startswith(" ")
     assert final.text == streamed == expected
+
+
+class CleaningUp:
+    """A tokenizer asking for transformers' space clean-up (clean_up_tokenization_spaces, as Llama
+    3's does), which transformers 4 applies in decode unless told not to: " ," read as ","."""
+
+    clean_up_tokenization_spaces = True
+
+    def __init__(self, tok):
+        self.tok, self.backend_tokenizer = tok, tok.backend_tokenizer
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        text = self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text if clean_up_tokenization_spaces is False else text.replace(" ,", ",")
+
+    def batch_decode(self, windows, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return [self.decode(w, skip_special_tokens, clean_up_tokenization_spaces) for w in windows]
+
+
+def test_texts_never_get_transformers_space_clean_up(llama2_style):
+    """As vLLM's detokenizer: the decoder's text as it is, whatever the tokenizer's config asks."""
+    from caraserve.serve.choices import TokenTexts
+
+    _, tok = llama2_style
+    ids = tok("hello , world", add_special_tokens=False)["input_ids"]
+    cleaning = CleaningUp(tok)
+    assert cleaning.decode(ids) == "hello, world"
+    assert OutputProcessor(cleaning, {2}, 4096)._decode_batch([ids]) == ["hello , world"]
+    assert "".join(TokenTexts(cleaning)(ids, before=[1], at=1)) == "hello , world"

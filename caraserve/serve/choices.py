@@ -21,6 +21,12 @@ from caraserve.request import FinishReason, RequestOutput
 from caraserve.serve import protocol as proto
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    """ids' text without special tokens or transformers' space clean-up, as the engine's output
+    text is decoded (OutputProcessor._batch_decoder)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class TokenTexts:
     """A token's text as it reads after the tokens before it: decode(before + [t]) less
     decode(before), special tokens skipped, with up to CONTEXT tokens before it. A SentencePiece
@@ -56,14 +62,14 @@ class TokenTexts:
         # broken character first. A sequence that itself begins so keeps them: its decoded text
         # holds their U+FFFD, and so do its tokens' texts.
         for i in range(1 if at_start else len(before) + 1):
-            full = tok.decode([*before[i:], t], skip_special_tokens=True)
+            full = decode(tok, [*before[i:], t])
             if not full.startswith("\ufffd"):
                 break
         before = before[i:]
         if full.endswith("\ufffd"):  # a character still incomplete: it comes with the token completing it
             return ""
-        base = tok.decode(list(before), skip_special_tokens=True).rstrip("\ufffd") if before else ""
-        return full[len(base):] if full.startswith(base) else tok.decode([t], skip_special_tokens=True)
+        base = decode(tok, list(before)).rstrip("\ufffd") if before else ""
+        return full[len(base):] if full.startswith(base) else decode(tok, [t])
 
     def __call__(self, ids, before=(), at: int | None = None) -> list[str]:
         """The texts of a run of tokens `ids` that follows the tokens `before` (oldest first);

@@ -170,7 +170,7 @@ def test_completion_top_logprobs_keep_each_texts_best_and_the_chosen_tokens_own(
     most likely token's logprob, and the chosen token's text always its own (as token_logprobs)."""
 
     class SameText:  # tokens 21 and 22 read "a", 23 and 24 read ""
-        def decode(self, ids, skip_special_tokens=True):
+        def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=None):
             return "".join({21: "a", 22: "a", 23: "", 24: "", 25: "b"}.get(t, "?") for t in ids)
 
     o = RequestOutput("a", [23, 25], [23, 25], True, FinishReason.LENGTH, text="b", logprobs=[-3.5, -0.1],

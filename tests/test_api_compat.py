@@ -145,7 +145,8 @@ def test_fields_at_their_neutral_values_are_taken(live):
 
 def test_chat_echo_begins_the_answer_with_the_assistants_last_message(live):
     """vLLM's chat echo: the last message's content comes first when it is the assistant's (the
-    reply continues it), streamed in the first chunk; with another role last, nothing is echoed."""
+    reply continues it), streamed in the first chunk; with another role last, nothing is echoed,
+    unless there is no generation prompt (the reply then continues that message, whatever its role)."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
     body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     plain = post(live, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
@@ -158,6 +159,9 @@ def test_chat_echo_begins_the_answer_with_the_assistants_last_message(live):
     user_last = {**body, "messages": messages[:1], "echo": True}
     assert post(live, "/v1/chat/completions", user_last).json()["choices"][0]["message"]["content"] == \
         post(live, "/v1/chat/completions", {**user_last, "echo": False}).json()["choices"][0]["message"]["content"]
+    continued = {**user_last, "add_generation_prompt": False}
+    assert post(live, "/v1/chat/completions", continued).json()["choices"][0]["message"]["content"] == "hi" + \
+        post(live, "/v1/chat/completions", {**continued, "echo": False}).json()["choices"][0]["message"]["content"]
 
 
 def test_a_body_without_model_is_for_the_served_base_model(live):
@@ -230,3 +234,63 @@ def test_each_chat_choice_streams_its_role_alone_first(live):
     streamed = ["".join(c["choices"][0]["delta"].get("content", "") for c in got
                         if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
     assert streamed == [c["message"]["content"] for c in whole["choices"]]
+
+
+# a template that writes what a conversation with tools carries: calls, their answers, names
+TOOLS_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+                  "{% for c in m.tool_calls or [] %}<call {{ c.id }}>{{ c.function.name }}"
+                  "{{ c.function.arguments | tojson }}{% endfor %}"
+                  "{% if m.tool_call_id %}<answers {{ m.tool_call_id }}>{% endif %}"
+                  "{% if m.name %}<name {{ m.name }}>{% endif %}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_conversation_with_tool_calls_reaches_the_template_as_transformers_renders_it():
+    """An assistant turn's tool_calls (arguments read from their JSON text, as vLLM hands them
+    over), a tool turn's tool_call_id and a message's name all reach the chat template."""
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=512,
+                                 adapters=AdapterConfig(dir="none")))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?", "name": "ann"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'}]
+    as_template_takes = [messages[0], {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}, messages[2]]
+    text = engine.tokenizer.apply_chat_template(as_template_takes, chat_template=TOOLS_TEMPLATE, tokenize=False,
+                                                add_generation_prompt=True)
+    assert '<call call_1>get_weather{"city": "Paris"}' in text and "<answers call_1>" in text and "<name ann>" in text
+    with in_process_server(engine, ServerConfig(chat_template=TOOLS_TEMPLATE)) as (base, _):
+        r = httpx.post(base + "/tokenize", json={"messages": messages}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bad = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "f", "arguments": "{oops"}}]}]
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": bad, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and "messages[1].tool_calls[0].function.arguments is not JSON" in r.text
+
+
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for c in m['content'] %}"
+                  "{% if c['type'] == 'text' %}{{ c['text'] }}|{% endif %}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_template_that_loops_over_content_parts_gets_them():
+    """A template reading OpenAI's content parts (multimodal models' templates do) gets each
+    message's content as a list of text parts, a plain text as one part (vLLM detects the form
+    the same way); a template reading text gets text."""
+    from caraserve.serve.prompts import loops_over_content
+
+    assert loops_over_content(PARTS_TEMPLATE) and not loops_over_content(TOOLS_TEMPLATE)
+    assert loops_over_content("{% for m in messages %}{% for c in m.content | list %}{{ c.text }}{% endfor %}"
+                              "{% endfor %}")
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256,
+                                 adapters=AdapterConfig(dir="none")))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+                {"role": "assistant", "content": "yes"}]
+    as_parts = [messages[0], {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    text = engine.tokenizer.apply_chat_template(as_parts, chat_template=PARTS_TEMPLATE, tokenize=False,
+                                                add_generation_prompt=True)
+    assert text == "<user>hello|world|<assistant>yes|<assistant>"
+    with in_process_server(engine, ServerConfig(chat_template=PARTS_TEMPLATE)) as (base, _):
+        r = httpx.post(base + "/tokenize", json={"messages": messages}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == engine.tokenizer(text, add_special_tokens=False)["input_ids"]

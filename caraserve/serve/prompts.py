@@ -17,28 +17,92 @@ _TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "c
                             "sanitize_control_tokens"})
 
 
+def _message(i: int, m: proto.ChatMessage) -> dict:
+    """Message i as chat templates take it, as vLLM hands it to them: {"role", "content"} (a text,
+    "" for none), with the "name", "tool_call_id" and "tool_calls" a conversation with tools
+    carries, each call's arguments read from their JSON text into an object."""
+    msg = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError as e:
+                raise RequestError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON text ({e})") from None
+            calls.append({"id": call.id, "type": call.type,
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        msg["tool_calls"] = calls
+    return msg
+
+
+def loops_over_content(template: str) -> bool:
+    """Whether a Jinja chat template has a loop over a message's content (`for part in
+    message['content']` or `message.content`, filtered or not)."""
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # (applying it says what is wrong)
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        while isinstance(it, nodes.Filter):
+            it = it.node
+        if (isinstance(it, nodes.Getattr) and it.attr == "content") or (
+                isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) and it.arg.value == "content"):
+            return True
+    return False
+
+
+def _extra_bytes(msg: dict) -> int:
+    """The size of a message's fields besides its role and content (their JSON text)."""
+    extra = {k: v for k, v in msg.items() if k not in ("role", "content")}
+    return len(json.dumps(extra, ensure_ascii=False).encode()) if extra else 0
+
+
 class Prompts:
     def __init__(self, engine, chat_template: str | None):
         self.engine, self.chat_template = engine, chat_template  # chat_template None: the tokenizer's
         self.limits = engine.config.limits
+        self._parts: bool | None = None  # _reads_parts, once known
 
     def messages(self, messages: list[proto.ChatMessage]) -> list[dict]:
-        """The messages as the template takes them ({"role", "content"}), checked: a template to
-        apply, at most limits.max_chat_messages, valid Unicode within limits.max_prompt_bytes."""
+        """The messages as the template takes them (`_message`), checked: a template to apply, at
+        most limits.max_chat_messages, valid Unicode within limits.max_prompt_bytes."""
         tok, limits = self.engine.tokenizer, self.limits
         if tok is None or not (self.chat_template or getattr(tok, "chat_template", None)):
             raise RequestError("this model has no chat template: use /v1/completions or set server.chat_template")
         if len(messages) > limits.max_chat_messages:
             raise RequestError(f"messages: at most {limits.max_chat_messages} messages, got {len(messages)}")
-        out = [{"role": m.role, "content": m.text()} for m in messages]
+        out = [_message(i, m) for i, m in enumerate(messages)]
         try:
-            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in out)
+            size = sum(len(m["content"].encode()) + len(m["role"].encode()) + _extra_bytes(m) for m in out)
         except UnicodeEncodeError as e:
             raise RequestError(f"messages: not valid Unicode ({e.reason})") from None
         if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
             raise RequestError(f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
                                "(limits.max_prompt_bytes)")
+        if self._reads_parts():
+            for msg, m in zip(out, messages):
+                msg["content"] = [{"type": "text", "text": part.text} for part in m.content] if isinstance(
+                    m.content, list) else [{"type": "text", "text": m.content}] if m.content else []
         return out
+
+    def _reads_parts(self) -> bool:
+        """Whether the chat template reads a message's content as OpenAI's list of parts (it loops
+        over it) rather than as a text: then messages carry their parts, as vLLM detects and
+        hands them over (its "openai" content format); a text is one part. Decided once."""
+        if self._parts is None:
+            template = self.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
+            if isinstance(template, dict):  # named templates: the default one
+                template = template.get("default")
+            self._parts = isinstance(template, str) and loops_over_content(template)
+        return self._parts
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False,
                tools: list[dict] | None = None, continue_final_message: bool = False,

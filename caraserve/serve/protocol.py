@@ -187,11 +187,32 @@ class ContentPart(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    arguments: str  # JSON text, as OpenAI's API sends it
+
+
+class ToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as a client sends the history back."""
+
+    model_config = _STRICT
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: str
     content: str | list[ContentPart] | None = None
+    # a conversation with tools: an assistant turn's calls, a tool turn's answer to one of them
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The message's text (the text parts of a multi-part content, one a line, as vLLM joins them)."""

@@ -300,8 +300,8 @@ class EngineService:
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n)
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
-        # echo (vLLM's): the answer continues the last message when it is the assistant's own
-        echoed = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
+        last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
+        echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
         if body.stream:
             chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,

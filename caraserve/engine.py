@@ -23,7 +23,7 @@ from caraserve.kv_cache import KVCache, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
 from caraserve.lora.host_store import AdapterInfo, check_adapter_dir
-from caraserve.model.generation_config import sampling_defaults
+from caraserve.model.generation_config import sampling_defaults, with_defaults
 from caraserve.model.llama import CausalLM, check_triton_prefill
 from caraserve.model.loader import eos_token_ids, load_hf_config, load_model, load_tokenizer_or_none, resolve_dtype
 from caraserve.model.tiny import resolve_paths
@@ -198,7 +198,7 @@ class Engine:
         final_only: `step` returns this request's output only when it ends (its new tokens and
         text then being all of them), which spares the per-step outputs and detokenizing that
         a caller waiting for the end (offline generation) does not read."""
-        params = params or SamplingParams(**self.sampling_defaults)  # (the model's generation config's)
+        params = params or SamplingParams(**with_defaults({}, (), self.sampling_defaults))  # the model's defaults
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
         self.check_params(params)

@@ -202,19 +202,28 @@ class OutputProcessor:
         return out
 
 
+# Tokens a character's text may wait for: a UTF-8 character is at most 4 bytes, so text held back
+# over more tokens than this is broken bytes, not a character still to complete (twice that: a
+# run of broken bytes just before a character split over tokens still lets it complete)
+HELD_TOKENS = 8
+
+
 def _advance(req: Request, prefix: str, full: str, read: int | None = None) -> str:
     """The text the token at `read` - 1 of the sequence (default: the last) adds to the request's
     (also appended to req.text): `full`, its window decoded through it, less `prefix`, the
     window's tokens already text; the window then moves on to start at the tokens just read.
     Nothing while the window's text ends inside a character (U+FFFD): a later token may complete
     it, and a request that ends first leaves it out of its text, as vLLM's detokenizer does (the
-    text never ends in a broken character; its token ids still hold the bytes)."""
-    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+    text never ends in a broken character; its token ids still hold the bytes). Past HELD_TOKENS
+    tokens held back, the text is let out as it reads (broken bytes as U+FFFD), so no window grows
+    without bound (a run of broken bytes, or of special tokens, which read as nothing, would make
+    every later token's window, and a final-only request's replay, as long as the run)."""
+    read = len(req.prompt_ids) + len(req.output_ids) if read is None else read
+    if read - req.detok_read <= HELD_TOKENS and (len(full) <= len(prefix) or full.endswith("\ufffd")):
         new_text = ""
     else:
         new_text = full[len(prefix) :]
-        req.detok_prefix = req.detok_read
-        req.detok_read = len(req.prompt_ids) + len(req.output_ids) if read is None else read
+        req.detok_prefix, req.detok_read = req.detok_read, read
         req.text += new_text
     if req.params.logprobs:
         req.output_texts.append(new_text)

@@ -266,6 +266,10 @@ def test_a_conversation_with_tool_calls_reaches_the_template_as_transformers_ren
         bad = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "f", "arguments": "{oops"}}]}]
         r = httpx.post(base + "/v1/chat/completions", json={"messages": bad, "max_tokens": 2}, timeout=60)
         assert r.status_code == 400 and "messages[1].tool_calls[0].function.arguments is not JSON" in r.text
+        deep = "[" * 5000 + "]" * 5000  # past the JSON reader's nesting depth
+        bad[1]["tool_calls"][0]["function"]["arguments"] = deep
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": bad, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and "arguments is not JSON" in r.text
 
 
 PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for c in m['content'] %}"
@@ -282,14 +286,20 @@ def test_a_template_that_loops_over_content_parts_gets_them():
     assert loops_over_content(PARTS_TEMPLATE) and not loops_over_content(TOOLS_TEMPLATE)
     assert loops_over_content("{% for m in messages %}{% for c in m.content | list %}{{ c.text }}{% endfor %}"
                               "{% endfor %}")
+    assert loops_over_content("{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}"
+                              "{% endfor %}{% endfor %}")
+    assert not loops_over_content("{% for t in tools %}{% for x in t.function.content %}{{ x }}{% endfor %}"
+                                  "{% endfor %}")  # a loop over something else's content
     engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256,
                                  adapters=AdapterConfig(dir="none")))
-    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+    messages = [{"role": "system", "content": ""},
+                {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
                 {"role": "assistant", "content": "yes"}]
-    as_parts = [messages[0], {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": ""}]},  # an empty text: one empty part
+                messages[1], {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
     text = engine.tokenizer.apply_chat_template(as_parts, chat_template=PARTS_TEMPLATE, tokenize=False,
                                                 add_generation_prompt=True)
-    assert text == "<user>hello|world|<assistant>yes|<assistant>"
+    assert text == "<system>|<user>hello|world|<assistant>yes|<assistant>"
     with in_process_server(engine, ServerConfig(chat_template=PARTS_TEMPLATE)) as (base, _):
         r = httpx.post(base + "/tokenize", json={"messages": messages}, timeout=60)
         assert r.status_code == 200, r.text

@@ -133,3 +133,28 @@ def test_texts_never_get_transformers_space_clean_up(llama2_style):
     assert cleaning.decode(ids) == "hello, world"
     assert OutputProcessor(cleaning, {2}, 4096)._decode_batch([ids]) == ["hello , world"]
     assert "".join(TokenTexts(cleaning)(ids, before=[1], at=1)) == "hello , world"
+
+
+@pytest.mark.parametrize("run", ["broken bytes", "special tokens"])
+def test_a_long_run_of_tokens_without_text_keeps_the_window_short(llama2_style, run):
+    """Broken bytes (lone continuation bytes) or special tokens (they read as nothing) for
+    hundreds of tokens: each token's window stays within HELD_TOKENS tokens of held-back text
+    (it would grow with the run, and so would every step's decode and a final-only replay), and
+    the text is the same streamed and final-only."""
+    from caraserve.output_processor import HELD_TOKENS
+
+    _, tok = llama2_style
+    proc = OutputProcessor(tok, {2}, 4096)
+    prompt = tok("hello")["input_ids"]
+    token = byte_ids(tok, b"\x80")[0] if run == "broken bytes" else 1  # <s>
+    outputs = [token] * 300 + tok("done", add_special_tokens=False)["input_ids"]
+    req = Request("s", prompt, params(outputs))
+    for t in outputs:
+        req.output_ids.append(t)
+        proc.detokenize([req])
+        assert len(req.prompt_ids) + len(req.output_ids) - req.detok_read <= HELD_TOKENS
+    assert req.text.endswith("done") and set(req.text.removesuffix("done").strip()) <= {"\ufffd"}
+    final = Request("f", prompt, params(outputs), final_only=True)
+    final.output_ids = list(outputs)
+    proc.decode_all(final, proc.end_reason(final))
+    assert (final.text, final.output_texts) == (req.text, req.output_texts)

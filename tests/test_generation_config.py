@@ -16,7 +16,7 @@ from caraserve.engine import Engine
 from caraserve.model.generation_config import sampling_defaults, with_defaults
 from caraserve.model.tiny import tiny_paths
 from caraserve.offline import parse_line
-from caraserve.request import SamplingParams
+from caraserve.request import RequestError, SamplingParams
 
 
 def folder_with(tmp_path, generation: dict | None):
@@ -62,6 +62,10 @@ def test_a_request_keeps_what_it_sets_and_max_tokens_is_capped():
                                                                "seed": 3}
     assert with_defaults({"max_tokens": 4}, set(), defaults)["max_tokens"] == 4
     assert with_defaults({}, set(), defaults)["max_tokens"] == 7
+    # a cap past the request's own default leaves the default (16, SamplingParams')
+    assert with_defaults({}, set(), {"max_tokens": 300})["max_tokens"] == 16
+    with pytest.raises(RequestError, match=r"min_tokens=10 is more than max_tokens can be: .* caps it at 7"):
+        with_defaults({"max_tokens": 20, "min_tokens": 10}, {"max_tokens", "min_tokens"}, defaults)
 
 
 @pytest.fixture(scope="module")

@@ -217,3 +217,19 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_and_generates_nothing(live)
 def test_max_tokens_zero_needs_echo(live, extra, says):
     r = post(live, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0, **extra})
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_the_stop_token_reads_as_its_own_text_among_its_alternatives(live):
+    """A request ended by a stop token id leaves its text out of the output, but its logprob entry
+    names it as its alternatives do: one key for one token (lm-eval's is-greedy check)."""
+    body = {"model": "demo-r8", "prompt": "def main():", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "logprobs": 2, "return_tokens_as_token_ids": True}
+    free = post(live, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+    stop = int(free[3].removeprefix("token_id:"))
+    r = post(live, "/v1/completions", {**body, "return_tokens_as_token_ids": False, "stop_token_ids": [stop]})
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop and len(lp["tokens"]) == 4
+    last, alternatives = lp["tokens"][-1], lp["top_logprobs"][-1]
+    assert last and len(alternatives) == 2 and alternatives[last] == lp["token_logprobs"][-1]
+    assert max(alternatives.values()) == alternatives[last]  # greedy: the chosen one is the best

@@ -58,11 +58,18 @@ def sampling_defaults(model_path: str | os.PathLike, setting: str) -> dict:
 
 def with_defaults(values: dict, given, defaults: dict) -> dict:
     """`values` ({field: value} of a request) with each of `defaults` that the request did not
-    give (`given`: the names it set); max_tokens is capped by the default's instead."""
+    give (`given`: the names it set). A default max_tokens (the file's max_new_tokens) caps the
+    request's, or SamplingParams' default when it has none, as vLLM caps it; a RequestError when
+    the cap leaves less than the request's min_tokens."""
     out = dict(values)
     for k, v in defaults.items():
         if k == "max_tokens":
-            out[k] = v if out.get(k) is None else min(out[k], v)
+            asked = out.get(k) if out.get(k) is not None else SamplingParams.max_tokens
+            out[k] = min(asked, v)
+            if out.get("min_tokens", 0) > out[k]:
+                raise RequestError(f"min_tokens={out['min_tokens']} is more than max_tokens can be: the model's "
+                                   f"generation_config.json caps it at {v} (max_new_tokens; the server's "
+                                   "model.generation_config=none lifts the cap)")
         elif k not in given:
             out[k] = v
     return out

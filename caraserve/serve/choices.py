@@ -114,7 +114,14 @@ def _tokens(texts: TokenTexts, out: RequestOutput, start: int, prompt_ids: list[
     shift = len(prompt_ids) - min(len(prompt_ids), texts.CONTEXT)  # seq[0]'s place in the whole sequence
     at = len(seq) - len(out.output_ids) + start  # out's token `start` in seq
     if texts.ENGINE_TEXTS and out.token_texts is not None:
-        tokens = out.token_texts[start:]
+        tokens = list(out.token_texts[start:])
+        ended_on_token = out.finish_reason is FinishReason.EOS or (
+            out.finish_reason is FinishReason.STOP and isinstance(out.stop_reason, int))
+        if tokens and out.finished and ended_on_token:
+            # the token that ended it (EOS, a stop token id) reads as its own text, as among its
+            # alternatives, though the output's text leaves it out
+            last = len(seq) - 1
+            tokens[-1] = texts([seq[last]], seq[max(0, last - texts.CONTEXT) : last], last + shift)[0]
     else:
         tokens = texts(seq[at:], seq[max(0, at - texts.CONTEXT) : at], at + shift)
     tops = None if out.top_logprobs is None else _alternatives(texts, seq, at, out.top_logprobs[start:], shift)

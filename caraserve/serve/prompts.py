@@ -31,7 +31,7 @@ def _message(i: int, m: proto.ChatMessage) -> dict:
         for j, call in enumerate(m.tool_calls):
             try:
                 arguments = json.loads(call.function.arguments)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise RequestError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON text ({e})") from None
             calls.append({"id": call.id, "type": call.type,
                           "function": {"name": call.function.name, "arguments": arguments}})
@@ -40,23 +40,28 @@ def _message(i: int, m: proto.ChatMessage) -> dict:
 
 
 def loops_over_content(template: str) -> bool:
-    """Whether a Jinja chat template has a loop over a message's content (`for part in
-    message['content']` or `message.content`, filtered or not)."""
+    """Whether a Jinja chat template loops over a message's content: `for part in m['content']` or
+    `m.content` (filtered or not), m a name (the loop variable of the messages), or over a name
+    set to it first (`set content = m['content']`)."""
     import jinja2
     from jinja2 import nodes
+
+    def content_of_a_name(node) -> bool:
+        while isinstance(node, nodes.Filter):
+            node = node.node
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content" and isinstance(node.node, nodes.Name)
+        return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+                and isinstance(node.node, nodes.Name))
 
     try:
         ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except jinja2.TemplateSyntaxError:
         return False  # (applying it says what is wrong)
-    for loop in ast.find_all(nodes.For):
-        it = loop.iter
-        while isinstance(it, nodes.Filter):
-            it = it.node
-        if (isinstance(it, nodes.Getattr) and it.attr == "content") or (
-                isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) and it.arg.value == "content"):
-            return True
-    return False
+    named = {a.target.name for a in ast.find_all(nodes.Assign)
+             if isinstance(a.target, nodes.Name) and content_of_a_name(a.node)}
+    return any(content_of_a_name(loop.iter) or (isinstance(loop.iter, nodes.Name) and loop.iter.name in named)
+               for loop in ast.find_all(nodes.For))
 
 
 def _extra_bytes(msg: dict) -> int:
@@ -90,7 +95,7 @@ class Prompts:
         if self._reads_parts():
             for msg, m in zip(out, messages):
                 msg["content"] = [{"type": "text", "text": part.text} for part in m.content] if isinstance(
-                    m.content, list) else [{"type": "text", "text": m.content}] if m.content else []
+                    m.content, list) else [{"type": "text", "text": m.content}] if m.content is not None else []
         return out
 
     def _reads_parts(self) -> bool:

@@ -118,7 +118,8 @@ class Engine:
                                 cfg.model.max_memory_bytes or None)
         self.tokenizer = load_tokenizer_or_none(model_path)
         self._eos_ids = eos_token_ids(model_path, hf_config, self.tokenizer)
-        self.sampling_defaults = sampling_defaults(model_path, cfg.model.generation_config)  # for unset fields
+        self.sampling_defaults = sampling_defaults(model_path, cfg.model.generation_config,  # for unset fields
+                                                   cfg.model.override_generation_config)
 
     def close(self) -> None:
         """Ends the engine's worker threads (CPU-assist lanes, adapter reads): call it when done

@@ -40,6 +40,22 @@ def test_the_sampling_fields_the_file_sets(tmp_path):
         {"top_k": -1, "min_p": 0.05}  # transformers' "no top-k" is 0, ours -1
 
 
+def test_overrides_go_over_the_file_and_apply_without_one(tmp_path):
+    """model.override_generation_config (vLLM's --override-generation-config): its values over the
+    file's, also with model.generation_config=none; only sampling defaults may be named."""
+    folder = folder_with(tmp_path, {"temperature": 0.6, "top_p": 0.9})
+    over = {"temperature": 0.2, "max_new_tokens": 9}
+    assert sampling_defaults(folder, "auto", over) == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 9}
+    assert sampling_defaults(folder, "none", over) == {"temperature": 0.2, "max_tokens": 9}
+    with pytest.raises(ConfigError, match=r"\['do_sample'\] are not sampling defaults"):
+        sampling_defaults(folder, "auto", {"do_sample": 1})
+    with pytest.raises(ConfigError, match="temperature"):
+        sampling_defaults(folder, "none", {"temperature": -1})
+    assert ModelConfig.from_dict({"override_generation_config": None}).override_generation_config == {}
+    assert ModelConfig.from_dict({"override_generation_config": {"top_k": 5}}).override_generation_config == \
+        {"top_k": 5}
+
+
 @pytest.mark.parametrize("generation,says", [
     ({"temperature": -0.5}, "temperature"),
     ({"top_p": 1.5}, "top_p"),

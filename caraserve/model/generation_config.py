@@ -19,18 +19,43 @@ log = logging.getLogger(__name__)
 FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
-def sampling_defaults(model_path: str | os.PathLike, setting: str) -> dict:
+def sampling_defaults(model_path: str | os.PathLike, setting: str, overrides: dict | None = None) -> dict:
     """{SamplingParams field: value} of the generation config `setting` names: "auto" the model
     folder's generation_config.json (none there: no defaults), "none" no defaults, else a folder
-    holding one. As vLLM reads it: the FIELDS the file sets (GenerationConfig.to_diff_dict),
-    max_new_tokens as max_tokens. ConfigError when the file cannot be read or its values are not
-    valid sampling parameters."""
+    holding one; then `overrides` (model.override_generation_config: generation-config names and
+    values, over the file's, as vLLM's --override-generation-config). As vLLM reads them: the
+    FIELDS set (GenerationConfig.to_diff_dict), max_new_tokens as max_tokens. ConfigError when
+    the file cannot be read, an override is not one of FIELDS, or the values are not valid
+    sampling parameters."""
+    found, source = _file_fields(model_path, setting)
+    unknown = sorted(set(overrides or ()) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"model.override_generation_config: {unknown} are not sampling defaults (one of {FIELDS})")
+    found.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    if found.get("top_k") == 0:  # transformers' "no top-k" is 0; here (and in vLLM) -1
+        found["top_k"] = -1
+    try:
+        SamplingParams(**found)
+    except (RequestError, TypeError) as e:
+        raise ConfigError(f"{source}: its sampling defaults {found} are not valid ({e}); "
+                          "model.generation_config=none serves without the file's") from e
+    if found:
+        log.warning("sampling defaults of the model's generation config (what a request that does not set "
+                    "them gets): %s; model.generation_config=none for the engine's own", found)
+    return found
+
+
+def _file_fields(model_path, setting: str) -> tuple[dict, str]:
+    """(the FIELDS the generation config `setting` names sets, what they came from)."""
     if setting == "none":
-        return {}
+        return {}, "model.override_generation_config"
     folder = Path(model_path) if setting == "auto" else Path(setting).expanduser()
-    if not (folder / "generation_config.json").is_file():
+    file = folder / "generation_config.json"
+    if not file.is_file():
         if setting == "auto":
-            return {}
+            return {}, "model.override_generation_config"
         raise ConfigError(f"model.generation_config={setting}: no generation_config.json in that folder")
     from transformers import GenerationConfig
 
@@ -39,21 +64,8 @@ def sampling_defaults(model_path: str | os.PathLike, setting: str) -> dict:
             warnings.simplefilter("ignore")
             diff = GenerationConfig.from_pretrained(str(folder)).to_diff_dict()
     except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{folder / 'generation_config.json'} cannot be read: {type(e).__name__}: {e}") from e
-    found = {k: diff[k] for k in FIELDS if diff.get(k) is not None}
-    if "max_new_tokens" in found:
-        found["max_tokens"] = found.pop("max_new_tokens")
-    if found.get("top_k") == 0:  # transformers' "no top-k" is 0; here (and in vLLM) -1
-        found["top_k"] = -1
-    try:
-        SamplingParams(**found)
-    except (RequestError, TypeError) as e:
-        raise ConfigError(f"{folder / 'generation_config.json'}: its sampling defaults {found} are not valid "
-                          f"({e}); model.generation_config=none serves without them") from e
-    if found:
-        log.warning("sampling defaults from the model's generation config (what a request that does not set "
-                    "them gets): %s; model.generation_config=none for the engine's own", found)
-    return found
+        raise ConfigError(f"{file} cannot be read: {type(e).__name__}: {e}") from e
+    return {k: diff[k] for k in FIELDS if diff.get(k) is not None}, str(file)
 
 
 def with_defaults(values: dict, given, defaults: dict) -> dict:

@@ -22,7 +22,8 @@ from caraserve.model.generation_config import with_defaults
 from caraserve.request import RequestError, SamplingParams, choice_params
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                   "include_stop_str_in_output", "ignore_eos", "n", "logprobs", "top_logprobs", "prompt_logprobs",
+                   "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "n", "logprobs", "top_logprobs",
+                   "prompt_logprobs",
                    "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "allowed_token_ids")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}

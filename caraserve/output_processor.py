@@ -25,29 +25,29 @@ class OutputProcessor:
 
     @staticmethod
     def _batch_decoder(tokenizer):
-        """lists of ids -> texts without special tokens, and without transformers' space clean-up
-        (" ," read as ","), which vLLM's detokenizer never applies either (a tokenizer may ask for
-        it: Llama 3's does). A fast tokenizer's own Rust decoder, one window at a time: the same
-        text without the per-id Python conversions of `batch_decode`, and without
-        `decode_batch`'s thread pool, whose hand-off costs more than a step's windows of a token
-        or two take to decode. A window of one token (most previous-text windows) is decoded once
-        per vocabulary id and remembered."""
+        """(lists of ids, and per list whether to skip special tokens) -> texts, without
+        transformers' space clean-up (" ," read as ","), which vLLM's detokenizer never applies
+        either (a tokenizer may ask for it: Llama 3's does). A fast tokenizer's own Rust decoder,
+        one window at a time: the same text without the per-id Python conversions of
+        `batch_decode`, and without `decode_batch`'s thread pool, whose hand-off costs more than
+        a step's windows of a token or two take to decode. A window of one token (most
+        previous-text windows) is decoded once per vocabulary id and remembered."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             decode = backend.decode
-            singles: dict[int, str] = {}  # a one-token window's text (at most one entry per vocabulary id)
+            singles: dict[tuple[int, bool], str] = {}  # a one-token window's text, per (id, skip)
 
-            def window(ids: list[int]) -> str:
+            def window(ids: list[int], skip: bool) -> str:
                 if len(ids) != 1:
-                    return decode(ids, skip_special_tokens=True) if ids else ""
-                text = singles.get(ids[0])
+                    return decode(ids, skip_special_tokens=skip) if ids else ""
+                text = singles.get((ids[0], skip))
                 if text is None:
-                    text = singles[ids[0]] = decode(ids, skip_special_tokens=True)
+                    text = singles[ids[0], skip] = decode(ids, skip_special_tokens=skip)
                 return text
 
-            return lambda windows: [window(w) for w in windows]
-        return lambda windows: tokenizer.batch_decode(windows, skip_special_tokens=True,
-                                                      clean_up_tokenization_spaces=False)
+            return lambda windows, skips: [window(w, k) for w, k in zip(windows, skips)]
+        return lambda windows, skips: [tokenizer.decode(w, skip_special_tokens=k, clean_up_tokenization_spaces=False)
+                                       for w, k in zip(windows, skips)]
 
     @staticmethod
     def add_token(req: Request, token: int, logprob: float, top: tuple, now: float) -> None:
@@ -98,7 +98,8 @@ class OutputProcessor:
         reasons = [self.end_reason(r) for r in reqs]
         decoded = self._decode_batch(
             [r.sequence(r.detok_prefix, r.detok_read) for r in reqs]
-            + [r.sequence(r.detok_prefix, len(r.prompt_ids) + self.text_end(r, why)) for r, why in zip(reqs, reasons)])
+            + [r.sequence(r.detok_prefix, len(r.prompt_ids) + self.text_end(r, why)) for r, why in zip(reqs, reasons)],
+            [r.params.skip_special_tokens for r in reqs] * 2)
         return [_advance(r, prefix, full) for r, prefix, full in zip(reqs, decoded[: len(reqs)], decoded[len(reqs) :])]
 
     def step_outputs(self, reqs: list[Request], tokens: list[int],
@@ -144,13 +145,13 @@ class OutputProcessor:
         U+FFFD, whole characters before it included)."""
         if self.tokenizer is None:
             return
-        start, n = len(req.prompt_ids), len(req.output_ids)
+        start, n, skips = len(req.prompt_ids), len(req.output_ids), [req.params.skip_special_tokens] * 2
         req.detok_prefix, req.detok_read = req.detok_start()
         req.text, req.output_texts = "", []
         for j in range(1, n + 1):  # as the step that added output token j - 1 read it
             end = start + (j if j < n else self.text_end(req, reason))
             prefix, full = self._decode_batch([req.sequence(req.detok_prefix, req.detok_read),
-                                               req.sequence(req.detok_prefix, end)])
+                                               req.sequence(req.detok_prefix, end)], skips)
             _advance(req, prefix, full, start + j)
 
     def stop(self, req: Request, new_text: str) -> tuple[FinishReason | None, str]:

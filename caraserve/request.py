@@ -93,6 +93,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
+    skip_special_tokens: bool = True  # texts leave special tokens out (false: their text is in, vLLM's)
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False  # log-probability of each chosen token
@@ -136,8 +137,9 @@ class SamplingParams:
             _bad(f"top_k must be -1 (off) or an integer in [0, 2**63 - 1], got {self.top_k!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             _bad(f"min_p must be a number in [0, 1], got {self.min_p!r}")
-        if not isinstance(self.include_stop_str_in_output, bool):
-            _bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
             _bad(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -131,7 +131,7 @@ def test_texts_never_get_transformers_space_clean_up(llama2_style):
     ids = tok("hello , world", add_special_tokens=False)["input_ids"]
     cleaning = CleaningUp(tok)
     assert cleaning.decode(ids) == "hello, world"
-    assert OutputProcessor(cleaning, {2}, 4096)._decode_batch([ids]) == ["hello , world"]
+    assert OutputProcessor(cleaning, {2}, 4096)._decode_batch([ids], [True]) == ["hello , world"]
     assert "".join(TokenTexts(cleaning)(ids, before=[1], at=1)) == "hello , world"
 
 

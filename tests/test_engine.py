@@ -330,7 +330,8 @@ def test_incremental_detokenization_holds_split_characters(catalogue):
     # the step's batched decoder (the tokenizer's Rust one) equals transformers' batch_decode
     tok = engine.tokenizer
     windows = [[tok.bos_token_id] + ids[:5] + [tok.eos_token_id], ids[3:], []]
-    assert engine.outputs._decode_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)
+    assert engine.outputs._decode_batch(windows, [True] * 3) == tok.batch_decode(windows, skip_special_tokens=True)
+    assert engine.outputs._decode_batch(windows, [False] * 3) == tok.batch_decode(windows, skip_special_tokens=False)
 
 
 def test_final_only_requests_end_with_the_streamed_tokens_and_text(catalogue):

@@ -5,6 +5,8 @@ are refused by name, never ignored (on an in-process server)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -51,7 +53,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], 
 
 @pytest.mark.parametrize("field, value", [
     ("bad_words", ["x"]), ("use_beam_search", True), ("prompt_logprobs", 1), ("priority", 1),
-    ("logits_processors", ["m.f"]), ("skip_special_tokens", False), ("return_token_ids", True),
+    ("logits_processors", ["m.f"]), ("return_token_ids", True),
     ("vllm_xargs", {"a": 1}), ("kv_transfer_params", {"a": 1}), ("mm_processor_kwargs", {"a": 1}),
 ])
 def test_fields_that_would_change_the_answer_are_refused_by_name(live, field, value):
@@ -72,6 +74,26 @@ def test_chat_only_fields_not_served_are_refused_and_neutral_values_taken(live):
                "detokenize": True, "prediction": {"type": "content", "content": "x"}}
     want = ok(live, "/v1/chat/completions", CHAT)["choices"][0]["message"]
     assert ok(live, "/v1/chat/completions", {**CHAT, **neutral})["choices"][0]["message"] == want
+
+
+def test_skip_special_tokens_false_keeps_their_text(live):
+    """vLLM's skip_special_tokens: false: a special token's text (here <s>, forced by logit_bias) is
+    in the output text, its logprob texts and the stream; by default it reads as nothing."""
+    body = {**BODY, "max_tokens": 4, "logit_bias": {"1": 100}, "logprobs": 0}
+    skipped = ok(live, "/v1/completions", body)["choices"][0]
+    assert skipped["text"] == "" and skipped["logprobs"]["tokens"] == [""] * 4
+    kept = ok(live, "/v1/completions", {**body, "skip_special_tokens": False})["choices"][0]
+    assert kept["text"] == "<s>" * 4 and kept["logprobs"]["tokens"] == ["<s>"] * 4
+    assert kept["logprobs"]["top_logprobs"] == [{"<s>": v} for v in kept["logprobs"]["token_logprobs"]]
+    with httpx.stream("POST", live["base"] + "/v1/completions", json={**body, "skip_special_tokens": False,
+                                                                      "stream": True}, timeout=60) as r:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                 if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert "".join(texts) == "<s>" * 4
+    from caraserve.offline import parse_line  # offline lines take it too
+
+    assert parse_line(json.dumps({"prompt": "x", "skip_special_tokens": False}), 1)[1]["params"].skip_special_tokens \
+        is False
 
 
 def test_allowed_token_ids_limit_what_is_sampled(live):

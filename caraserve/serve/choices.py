@@ -21,15 +21,16 @@ from caraserve.request import FinishReason, RequestOutput
 from caraserve.serve import protocol as proto
 
 
-def decode(tokenizer, ids: list[int]) -> str:
-    """ids' text without special tokens or transformers' space clean-up, as the engine's output
-    text is decoded (OutputProcessor._batch_decoder)."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """ids' text without transformers' space clean-up, and (by default) without special tokens,
+    as the engine's output text is decoded (OutputProcessor._batch_decoder)."""
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
 
 class TokenTexts:
     """A token's text as it reads after the tokens before it: decode(before + [t]) less
-    decode(before), special tokens skipped, with up to CONTEXT tokens before it. A SentencePiece
+    decode(before), special tokens skipped (unless skip_special_tokens is false: then they read as
+    their own text, as in a request's output text), with up to CONTEXT tokens before it. A SentencePiece
     tokenizer drops a sequence's leading space, so a token decoded alone would lose its own; a
     token holding part of a character (a byte-level or byte-fallback piece) adds nothing until
     the token that completes the character, which adds all of it. So a run of tokens' texts adds
@@ -39,8 +40,8 @@ class TokenTexts:
     CONTEXT = 4  # a character is at most 4 UTF-8 bytes, so at most 4 tokens
     ENGINE_TEXTS = True  # a chosen output token reads as the engine's detokenizer read it (_tokens)
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self._texts: dict[tuple, str] = {}
 
     def one(self, before: tuple[int, ...], t: int, at_start: bool = False) -> str:
@@ -62,14 +63,14 @@ class TokenTexts:
         # broken character first. A sequence that itself begins so keeps them: its decoded text
         # holds their U+FFFD, and so do its tokens' texts.
         for i in range(1 if at_start else len(before) + 1):
-            full = decode(tok, [*before[i:], t])
+            full = decode(tok, [*before[i:], t], self.skip_special_tokens)
             if not full.startswith("\ufffd"):
                 break
         before = before[i:]
         if full.endswith("\ufffd"):  # a character still incomplete: it comes with the token completing it
             return ""
-        base = decode(tok, list(before)).rstrip("\ufffd") if before else ""
-        return full[len(base):] if full.startswith(base) else decode(tok, [t])
+        base = decode(tok, list(before), self.skip_special_tokens).rstrip("\ufffd") if before else ""
+        return full[len(base):] if full.startswith(base) else decode(tok, [t], self.skip_special_tokens)
 
     def __call__(self, ids, before=(), at: int | None = None) -> list[str]:
         """The texts of a run of tokens `ids` that follows the tokens `before` (oldest first);

@@ -58,12 +58,14 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # false: special tokens' text is in the output text (vLLM's)
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
     cache_salt: str | None = None
     # vLLM's, accepted and type-checked but without effect here: beam search alone reads
-    # length_penalty, and texts never hold special tokens to put spaces between
+    # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
+    # vLLM's detokenizer for fast tokenizers)
     length_penalty: float = 1.0
     spaces_between_special_tokens: bool = True
     # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
@@ -150,7 +152,6 @@ _NOT_SERVED = {
     "prompt_logprobs": ((), ": for the prompt's logprobs, send echo: true with logprobs"),
     "priority": ((0,), " (requests are served first come, first served)"),
     "logits_processors": (([],), ""),
-    "skip_special_tokens": ((True,), " (texts always skip special tokens; their ids are in the logprobs)"),
     "return_token_ids": ((False,), ""),
     "vllm_xargs": (({},), ""),
     "kv_transfer_params": (({},), ""),

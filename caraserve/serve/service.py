@@ -92,7 +92,7 @@ class EngineService:
         self.chat_template = Path(chat_template).read_text() if file else chat_template or None
         self.served_name, self.adapter_roots, self.unload_timeout_s = served_name, adapter_roots, unload_timeout_s
         self.limits = self.engine.config.limits
-        self.token_texts = choices.TokenTexts(self.engine.tokenizer)  # for logprobs
+        self.token_texts = {skip: choices.TokenTexts(self.engine.tokenizer, skip) for skip in (True, False)}  # logprobs
         self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
         self.metrics_ = ServerMetrics(async_engine)
@@ -146,7 +146,7 @@ class EngineService:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
             logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
-            cache_salt=body.cache_salt,
+            cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens,
         )
         try:  # what the body leaves out of the model's sampling defaults comes from them
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
@@ -175,7 +175,7 @@ class EngineService:
         return None if k is None else self.engine.max_seq_len if k == -1 else k
 
     def _texts(self, body: proto._Sampling) -> choices.TokenTexts:
-        return self.token_ids if body.return_tokens_as_token_ids else self.token_texts
+        return self.token_ids if body.return_tokens_as_token_ids else self.token_texts[body.skip_special_tokens]
 
     # ---- the API ------------------------------------------------------------------------------
 

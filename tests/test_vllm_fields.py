@@ -222,3 +222,16 @@ def test_cache_salt_shares_prefix_blocks_only_within_one_salt(live):
     assert cached() >= 16
     refused(live, "/v1/completions", {**body, "cache_salt": ""}, "cache_salt")
     assert cached(cache_salt="tenant a\n\u00e9") == 0 and cached(cache_salt="tenant a\n\u00e9") >= 16  # any text
+
+
+def test_an_echoed_token_prompt_reads_as_its_logprob_texts(live):
+    """echo of a token-id prompt with logprobs: the echoed text is the prompt's tokens decoded as
+    the outputs are (special tokens in with skip_special_tokens false), so the prompt tokens'
+    texts add up to it and their offsets point into it."""
+    for skip in (True, False):
+        body = {**BODY, "prompt": [1, 43, 1675, 1], "max_tokens": 1, "echo": True, "logprobs": 0,
+                "skip_special_tokens": skip}
+        choice = ok(live, "/v1/completions", body)["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"].startswith("".join(lp["tokens"][:4])) and ("<s>" in choice["text"]) is not skip
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]

@@ -203,7 +203,8 @@ class EngineService:
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         if body.truncate_prompt_tokens is not None:  # the part of the prompt that was kept
             prompts = encoded
-        echoed = [self._prompt_text(prompt, ids) if body.echo else "" for prompt, ids in zip(prompts, encoded)]
+        echoed = [self._prompt_text(prompt, ids, body.skip_special_tokens) if body.echo else ""
+                  for prompt, ids in zip(prompts, encoded)]
         texts = self._texts(body)
         final_only = not body.stream  # a non-streamed call reads the last output only
         n = body.n
@@ -251,13 +252,12 @@ class EngineService:
                            "(limits.max_prompts)")
         return prompt
 
-    def _prompt_text(self, prompt, ids: list[int]) -> str:
-        """The prompt as text, for echo (token-id prompts decoded as outputs are, special tokens
-        skipped; as ids without a tokenizer)."""
+    def _prompt_text(self, prompt, ids: list[int], skip_special_tokens: bool) -> str:
+        """The prompt as text, for echo: token-id prompts decoded as outputs are (ids without a tokenizer)."""
         if isinstance(prompt, str):
             return prompt
         tok = self.engine.tokenizer
-        return tok.decode(ids, skip_special_tokens=True) if tok is not None else " ".join(map(str, ids))
+        return choices.decode(tok, ids, skip_special_tokens) if tok is not None else " ".join(map(str, ids))
 
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
         limits = self.limits

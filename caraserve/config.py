@@ -49,9 +49,9 @@ class ModelConfig:
     # = the model folder's generation_config.json (as vLLM's server), none = the engine's own, or
     # a folder holding a generation_config.json
     generation_config: str = "auto"
-    # generation-config values over the file's (vLLM's --override-generation-config), e.g.
-    # 'model.override_generation_config={temperature: 0.5, max_new_tokens: 512}'
-    override_generation_config: dict[str, int | float] = field(default_factory=dict)
+    # values over the file's, a null dropping one (vLLM's --override-generation-config), e.g.
+    # 'model.override_generation_config={temperature: 0.5}' (checked by sampling_defaults)
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields(self, "model")

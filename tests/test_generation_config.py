@@ -47,10 +47,13 @@ def test_overrides_go_over_the_file_and_apply_without_one(tmp_path):
     over = {"temperature": 0.2, "max_new_tokens": 9}
     assert sampling_defaults(folder, "auto", over) == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 9}
     assert sampling_defaults(folder, "none", over) == {"temperature": 0.2, "max_tokens": 9}
+    assert sampling_defaults(folder, "auto", {"temperature": None}) == {"top_p": 0.9}  # a null drops the file's
     with pytest.raises(ConfigError, match=r"\['do_sample'\] are not sampling defaults"):
-        sampling_defaults(folder, "auto", {"do_sample": 1})
-    with pytest.raises(ConfigError, match="temperature"):
+        sampling_defaults(folder, "auto", {"do_sample": False})
+    with pytest.raises(ConfigError, match=r"^model.override_generation_config: .*temperature"):
         sampling_defaults(folder, "none", {"temperature": -1})
+    with pytest.raises(ConfigError, match=r"^model.override_generation_config: .*top_p"):
+        sampling_defaults(folder, "auto", {"top_p": 2})  # blamed on the override, not the file
     assert ModelConfig.from_dict({"override_generation_config": None}).override_generation_config == {}
     assert ModelConfig.from_dict({"override_generation_config": {"top_k": 5}}).override_generation_config == \
         {"top_k": 5}

@@ -23,28 +23,45 @@ def sampling_defaults(model_path: str | os.PathLike, setting: str, overrides: di
     """{SamplingParams field: value} of the generation config `setting` names: "auto" the model
     folder's generation_config.json (none there: no defaults), "none" no defaults, else a folder
     holding one; then `overrides` (model.override_generation_config: generation-config names and
-    values, over the file's, as vLLM's --override-generation-config). As vLLM reads them: the
-    FIELDS set (GenerationConfig.to_diff_dict), max_new_tokens as max_tokens. ConfigError when
-    the file cannot be read, an override is not one of FIELDS, or the values are not valid
-    sampling parameters."""
+    values over the file's, a null dropping the file's, as vLLM's --override-generation-config).
+    As vLLM reads them: the FIELDS set (GenerationConfig.to_diff_dict), max_new_tokens as
+    max_tokens. ConfigError when the file cannot be read, an override is not one of FIELDS, or
+    the file's or the overrides' values are not valid sampling parameters (naming which)."""
     found, source = _file_fields(model_path, setting)
+    _check(found, f"{source}: its sampling defaults", "; model.generation_config=none serves without them")
     unknown = sorted(set(overrides or ()) - set(FIELDS))
     if unknown:
         raise ConfigError(f"model.override_generation_config: {unknown} are not sampling defaults (one of {FIELDS})")
-    found.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if "max_new_tokens" in found:
-        found["max_tokens"] = found.pop("max_new_tokens")
-    if found.get("top_k") == 0:  # transformers' "no top-k" is 0; here (and in vLLM) -1
-        found["top_k"] = -1
+    for k, v in (overrides or {}).items():
+        if v is None:
+            found.pop(k, None)
+        else:
+            found[k] = v
+    if overrides:
+        _check(found, "model.override_generation_config: the sampling defaults with it", "")
+    defaults = _as_params(found)
+    if defaults:
+        log.warning("sampling defaults (of the model's generation config and model.override_generation_config: "
+                    "what a request that does not set them gets): %s", defaults)
+    return defaults
+
+
+def _as_params(fields: dict) -> dict:
+    """Generation-config FIELDS as SamplingParams fields: max_new_tokens as max_tokens, and top_k 0
+    (transformers' "no top-k") as -1 (ours and vLLM's)."""
+    out = dict(fields)
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    if out.get("top_k") == 0:
+        out["top_k"] = -1
+    return out
+
+
+def _check(fields: dict, what: str, hint: str) -> None:
     try:
-        SamplingParams(**found)
+        SamplingParams(**_as_params(fields))
     except (RequestError, TypeError) as e:
-        raise ConfigError(f"{source}: its sampling defaults {found} are not valid ({e}); "
-                          "model.generation_config=none serves without the file's") from e
-    if found:
-        log.warning("sampling defaults of the model's generation config (what a request that does not set "
-                    "them gets): %s; model.generation_config=none for the engine's own", found)
-    return found
+        raise ConfigError(f"{what} {fields} are not valid ({e}){hint}") from e
 
 
 def _file_fields(model_path, setting: str) -> tuple[dict, str]:

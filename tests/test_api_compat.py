@@ -304,3 +304,22 @@ def test_a_template_that_loops_over_content_parts_gets_them():
         r = httpx.post(base + "/tokenize", json={"messages": messages}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["tokens"] == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_named_templates_are_read_as_transformers_picks_them():
+    """A tokenizer with named chat templates: with tools, transformers applies "tool_use" (here a
+    template reading content parts), else "default" (reading text): each gets its form."""
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=256,
+                                 adapters=AdapterConfig(dir="none")))
+    engine.tokenizer.chat_template = {"default": TOOLS_TEMPLATE, "tool_use": PARTS_TEMPLATE}
+    messages = [{"role": "user", "content": "hello"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    texts = [engine.tokenizer.apply_chat_template(m, tools=t, tokenize=False, add_generation_prompt=True)
+             for m, t in ((messages, None), (as_parts, tools))]
+    assert texts[1] == "<user>hello|<assistant>" and texts[0] != texts[1]
+    with in_process_server(engine, ServerConfig()) as (base, _):
+        for extra, text in zip(({}, {"tools": tools}), texts):
+            r = httpx.post(base + "/tokenize", json={"messages": messages, **extra}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["tokens"] == engine.tokenizer(text, add_special_tokens=False)["input_ids"], extra

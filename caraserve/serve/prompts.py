@@ -74,11 +74,12 @@ class Prompts:
     def __init__(self, engine, chat_template: str | None):
         self.engine, self.chat_template = engine, chat_template  # chat_template None: the tokenizer's
         self.limits = engine.config.limits
-        self._parts: bool | None = None  # _reads_parts, once known
+        self._parts: dict[bool, bool] = {}  # _reads_parts, once known (without and with tools)
 
-    def messages(self, messages: list[proto.ChatMessage]) -> list[dict]:
-        """The messages as the template takes them (`_message`), checked: a template to apply, at
-        most limits.max_chat_messages, valid Unicode within limits.max_prompt_bytes."""
+    def messages(self, messages: list[proto.ChatMessage], with_tools: bool = False) -> list[dict]:
+        """The messages as the template takes them (`_message`; with_tools: the request gives
+        tools), checked: a template to apply, at most limits.max_chat_messages, valid Unicode
+        within limits.max_prompt_bytes."""
         tok, limits = self.engine.tokenizer, self.limits
         if tok is None or not (self.chat_template or getattr(tok, "chat_template", None)):
             raise RequestError("this model has no chat template: use /v1/completions or set server.chat_template")
@@ -92,22 +93,23 @@ class Prompts:
         if size > limits.max_prompt_bytes:  # checked before templating and tokenizing, as for prompts
             raise RequestError(f"messages: {size} bytes is more than {limits.max_prompt_bytes} "
                                "(limits.max_prompt_bytes)")
-        if self._reads_parts():
+        if self._reads_parts(with_tools):
             for msg, m in zip(out, messages):
                 msg["content"] = [{"type": "text", "text": part.text} for part in m.content] if isinstance(
                     m.content, list) else [{"type": "text", "text": m.content}] if m.content is not None else []
         return out
 
-    def _reads_parts(self) -> bool:
-        """Whether the chat template reads a message's content as OpenAI's list of parts (it loops
-        over it) rather than as a text: then messages carry their parts, as vLLM detects and
-        hands them over (its "openai" content format); a text is one part. Decided once."""
-        if self._parts is None:
+    def _reads_parts(self, with_tools: bool) -> bool:
+        """Whether the chat template `render` applies reads a message's content as OpenAI's list
+        of parts (it loops over it) rather than as a text: then messages carry their parts, as
+        vLLM detects and hands them over (its "openai" content format); a text is one part.
+        Decided once (per whether tools are given: named templates have one for them)."""
+        if with_tools not in self._parts:
             template = self.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
-            if isinstance(template, dict):  # named templates: the default one
-                template = template.get("default")
-            self._parts = isinstance(template, str) and loops_over_content(template)
-        return self._parts
+            if isinstance(template, dict):  # named templates: the one transformers applies
+                template = template.get("tool_use" if with_tools and "tool_use" in template else "default")
+            self._parts[with_tools] = isinstance(template, str) and loops_over_content(template)
+        return self._parts[with_tools]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False,
                tools: list[dict] | None = None, continue_final_message: bool = False,
@@ -146,8 +148,9 @@ class Prompts:
     def tokenize(self, body: proto.TokenizeRequest) -> dict:
         """vLLM's /tokenize answer: the ids, their count and the context length."""
         if body.messages is not None:
-            ids = self.render(self.messages(body.messages), body.add_generation_prompt, bool(body.add_special_tokens),
-                              body.tools, body.continue_final_message, body.chat_template_kwargs)
+            ids = self.render(self.messages(body.messages, bool(body.tools)), body.add_generation_prompt,
+                              bool(body.add_special_tokens), body.tools, body.continue_final_message,
+                              body.chat_template_kwargs)
         else:
             check_prompt_text(body.prompt, self.engine.tokenizer, self.limits)
             add = body.add_special_tokens is None or body.add_special_tokens

@@ -262,7 +262,7 @@ class EngineService:
     def _chat_checks(self, body: proto.ChatCompletionRequest) -> list[dict]:
         limits = self.limits
         try:
-            messages = self.prompts.messages(body.messages)
+            messages = self.prompts.messages(body.messages, bool(body.template_tools()))
         except RequestError as e:
             raise BadRequest(str(e)) from e
         if body.logprobs is not None and not isinstance(body.logprobs, bool):

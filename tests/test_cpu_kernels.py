@@ -4,6 +4,11 @@ refuse: calls whose runs or tensors fall outside their buffers. The build cache'
 tests/test_kernel_library.py."""
 
 
+import ctypes
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 from helpers import RunsGroup, assert_lora_runs_exact, make_runs
@@ -33,6 +38,42 @@ def test_kernel_matches_float64(fn, layout, ranks, in_f, out_f, threads):
     assert table.fits
     table.apply(fn, y, x)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), (y.double() - want).abs().max()
+
+
+def _lora_kernel_built_for(march: str, tmp_path):
+    """The LoRA kernel of csrc/lora_cpu.c compiled for another target (`-march=...`), bound as
+    the library binds it; None without a compiler or when this CPU cannot run that target."""
+    cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    flags = kernel_library.cpu_flags().split()
+    if cc is None or not {"avx2", "fma"} <= set(flags):
+        return None
+    out = tmp_path / f"lora-{march}.so"
+    subprocess.run([cc, "-O3", f"-march={march}", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp",
+                    str(kernel_library.SOURCES[0]), "-o", str(out)], check=True, capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(out))
+    restype, argtypes = kernel_library.SYMBOLS["lora_runs"]
+    lib.lora_runs.restype, lib.lora_runs.argtypes = restype, argtypes
+    return lib.lora_runs
+
+
+def test_every_panel_width_gives_the_same_bits(fn, tmp_path):
+    """This machine's build (16-float panels where the CPU has AVX-512) against the AVX2 one
+    (8-float vectors): each output sums over the same k in the same order, so every bit agrees."""
+    avx2 = _lora_kernel_built_for("x86-64-v3", tmp_path)
+    if avx2 is None:
+        pytest.skip("needs a C compiler and an AVX2 CPU")
+    g = torch.Generator().manual_seed(11)
+    for layout, ranks, in_f, out_f in [([8, 8, 8, 8], (8, 16, 32, 64), 256, 688),
+                                        ([1, 4, 5, 9, 15, 16], (16, 24), 64, 48),
+                                        ([3, 6], (12, 5), 100, 77), ([37, 130], (64, 128), 688, 256)]:
+        runs, rows = make_runs(layout, in_f, out_f, ranks, g)
+        x, y = torch.randn(rows, in_f, generator=g), torch.randn(rows, out_f, generator=g)
+        ours, theirs = y.clone(), y.clone()
+        table = kernel_runs.RunTable(runs)
+        table.apply(fn, ours, x)
+        table.apply(avx2, theirs, x)
+        assert torch.equal(ours, theirs), (layout, (ours - theirs).abs().max())
+        assert not torch.equal(ours, y)
 
 
 def test_rows_outside_runs_untouched(fn):

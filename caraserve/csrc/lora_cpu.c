@@ -62,14 +62,17 @@ typedef float vf_u __attribute__((vector_size(VL * sizeof(float)), aligned(sizeo
 #define PREFETCH_ROWS_AHEAD(k, nv) __builtin_prefetch(W_POOL((k) + PREFETCH_ROWS, 0))
 #define PREFETCH_NEXT_BLOCK(k, nv) __builtin_prefetch(W_POOL(k, nv))
 /* A packed panel is read front to back, two rows a cache line: every other row asks for the
- * line PACKED_AHEAD floats on in each of the nv panels it reads (into L2). The weights are in
- * memory at each step, and the hardware prefetcher alone keeps too few lines in flight for
- * loops doing this little work per line. */
-#define PACKED_AHEAD 1024
+ * line PACKED_AHEAD floats (16 KB) on in each of the nv panels it reads, into L1. The weights
+ * are in memory at each step, and the hardware prefetcher alone keeps too few lines in flight
+ * for loops doing this little work per line. 16 KB is past the end of most panels (an A panel
+ * of 256 input features is 8 KB), so the requests run into the next panels and the next run's
+ * weights: a decode step's runs are too short for a nearer distance to cover memory's latency
+ * (profiles/HISTORY.md has the distances and hints tried). */
+#define PACKED_AHEAD 4096
 #define PREFETCH_PACKED(k, nv)                                                                     \
     do {                                                                                           \
         if (((k) & 1) == 0)                                                                        \
-            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(W_PACKED(k, j_) + PACKED_AHEAD, 0, 2); \
+            for (int j_ = 0; j_ < (nv); j_++) __builtin_prefetch(W_PACKED(k, j_) + PACKED_AHEAD, 0, 3); \
     } while (0)
 
 /* The first PACKED_AHEAD floats of a run's weights (of `len`), which the loops' own requests,
@@ -109,8 +112,46 @@ typedef void (*panel_fn)(const float *const *s, float *const *d, int rows, const
             }                                                                                     \
     }
 
-/* One layout's panels: 8 rows x 2 vectors (where the CPU has 32 vector registers: its 16
- * accumulators, 2 weight vectors and a broadcast fit; with 16 registers they would spill, and
+/* Where the CPU has AVX-512, a panel two vectors wide keeps each row's accumulator in one
+ * 16-float register, fed by both vectors of W's row k joined: half the multiply-adds of two
+ * 8-float accumulators, which is what a core with full-width AVX-512 units gains from. Every
+ * output element still sums over k in the same order, so the results are those of PANEL. (It
+ * needs __builtin_shufflevector: GCC 12, clang.) */
+#if defined(__AVX512F__) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define WIDE_PANELS 1
+#endif
+#endif
+#ifdef WIDE_PANELS
+typedef float vw __attribute__((vector_size(2 * VL * sizeof(float))));
+#define JOIN(lo, hi) __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define HALF(v, h) __builtin_shufflevector(v, v, 8 * (h), 8 * (h) + 1, 8 * (h) + 2, 8 * (h) + 3, 8 * (h) + 4, \
+                                           8 * (h) + 5, 8 * (h) + 6, 8 * (h) + 7)
+#define PANEL_WIDE(NAME, IB, WAT, PREFETCH)                                                       \
+    static void NAME(const float *const *s, float *const *d, int rows, const float *w, int64_t depth, \
+                     int64_t ld, int64_t col, int accumulate, float alpha) {                      \
+        (void)ld;                                                                                 \
+        vw acc[IB];                                                                               \
+        for (int i = 0; i < IB; i++) acc[i] = (vw){0};                                            \
+        for (int64_t k = 0; k < depth; k++) {                                                     \
+            PREFETCH(k, 2);                                                                       \
+            const vw wv = JOIN(LOAD(WAT(k, 0)), LOAD(WAT(k, 1)));                                 \
+            for (int i = 0; i < IB; i++) acc[i] += s[i][k] * wv;                                  \
+        }                                                                                         \
+        for (int i = 0; i < rows; i++)                                                            \
+            for (int j = 0; j < 2; j++) {                                                         \
+                vf_u *o = (vf_u *)&d[i][col + j * VL];                                            \
+                const vf part = j ? HALF(acc[i], 1) : HALF(acc[i], 0);                            \
+                *o = accumulate ? *o + alpha * part : part;                                       \
+            }                                                                                     \
+    }
+#define PANEL_2(NAME, IB, WAT, PREFETCH) PANEL_WIDE(NAME, IB, WAT, PREFETCH)
+#else
+#define PANEL_2(NAME, IB, WAT, PREFETCH) PANEL(NAME, IB, 2, WAT, PREFETCH)
+#endif
+
+/* One layout's panels: 8 rows x 2 vectors (where the CPU has 32 vector registers: its
+ * accumulators, the weight vectors and a broadcast fit; with 16 registers they would spill, and
  * p8_2 is 0), 8 x 1, 4 x 2, 4 x 1. A wider panel reads each broadcast row value for twice the
  * columns; every output element still sums over k in the same order, so the results are the same. */
 typedef struct {
@@ -118,7 +159,7 @@ typedef struct {
 } panel_set;
 
 #ifdef __AVX512VL__
-#define PANEL_8_2(SET, WAT, PREFETCH) PANEL(SET##_8_2, 8, 2, WAT, PREFETCH)
+#define PANEL_8_2(SET, WAT, PREFETCH) PANEL_2(SET##_8_2, 8, WAT, PREFETCH)
 #define P8_2(SET) SET##_8_2
 #else
 #define PANEL_8_2(SET, WAT, PREFETCH)
@@ -128,7 +169,7 @@ typedef struct {
 #define PANELS(SET, WAT, PREFETCH)                        \
     PANEL_8_2(SET, WAT, PREFETCH)                         \
     PANEL(SET##_8_1, 8, 1, WAT, PREFETCH)                 \
-    PANEL(SET##_4_2, 4, 2, WAT, PREFETCH)                 \
+    PANEL_2(SET##_4_2, 4, WAT, PREFETCH)                  \
     PANEL(SET##_4_1, 4, 1, WAT, PREFETCH)                 \
     static const panel_set SET = {P8_2(SET), SET##_8_1, SET##_4_2, SET##_4_1};
 

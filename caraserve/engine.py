@@ -43,6 +43,7 @@ from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
 from caraserve.state import EngineState
 from caraserve.step_isolation import NONFINITE, StepIsolation, describe
+from caraserve.structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Engine:
                           args.num_kv_heads, args.head_dim, self.dtype, self.model.layer_devices())
         self.max_seq_len, self._context_why = context_limit(self.kv, self.max_seq_len)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids, self.max_seq_len)
+        self.grammars = Grammars(self.tokenizer, args.vocab_size, self._eos_ids)  # structured outputs
         self.store, self.pool = self.catalog.store, self.catalog.pool
         check_triton_prefill(self.model, cfg.kv_block_size, self.dtype)  # CUDA only
         self.model.use_lora(self.pool)
@@ -184,15 +186,8 @@ class Engine:
                                   frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT))
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        adapter: str | None = None,
-        request_id: str | None = None,
-        after: str | None = None,
-        final_only: bool = False,
-    ) -> str:
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None,
+                    request_id: str | None = None, after: str | None = None, final_only: bool = False) -> str:
         """Validates and queues a request; raises RequestError (nothing changes) when it is bad.
         after: the id of a request of the same prompt in flight (the n completions of one API
         call): this one is admitted once that one's prefill is done, and shares its blocks.
@@ -207,12 +202,13 @@ class Engine:
         if adapter is not None:
             self.catalog.check(adapter)
         self.check_fits(len(prompt_ids), params)
+        grammar = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
             req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None,
-                          final_only=final_only)
+                          final_only=final_only, grammar=grammar)
             # its KV depends on the adapter's registration (a reload is another) and the cache salt
             req.adapter_key = (f"{adapter}#{self.store.info(adapter).uid}" if adapter is not None else "") + (
                 f"\0salt:{params.cache_salt}" if params.cache_salt is not None else "")
@@ -237,7 +233,8 @@ class Engine:
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
-        the vocabulary (`input_checks.check_limits`)."""
+        the vocabulary (`input_checks.check_limits`); structured outputs are checked as they
+        compile, in add_request (or before, off the engine thread: `grammars.compile`)."""
         check_limits(params, self.config.limits, self.model.args.vocab_size, self._eos_ids)
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:

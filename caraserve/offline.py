@@ -2,7 +2,8 @@
 
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
 OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, n, ...) plus vLLM's (top_k,
-min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`}. Output
+min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, structured_outputs, ...):
+`SAMPLING_FIELDS`}. Output
 line: {"id", "text", "token_ids", "finish_reason", "stop_reason"} (with n > 1: {"id", "choices":
 [one such object without "id" per completion]}) or {"id", "error"}.
 One bad line yields an error line and never stops the others; a blank line is skipped and counted.
@@ -23,9 +24,8 @@ from caraserve.request import RequestError, SamplingParams, choice_params
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "n", "logprobs", "top_logprobs",
-                   "prompt_logprobs",
-                   "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "allowed_token_ids")
+                   "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                   "logit_bias", "allowed_token_ids", "structured_outputs")
 KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
 
 

@@ -8,9 +8,12 @@ RequestOutput snapshots the engine hands to its callers.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable
 
 from caraserve.request import FinishReason, Request, RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -52,6 +55,8 @@ class OutputProcessor:
     @staticmethod
     def add_token(req: Request, token: int, logprob: float, top: tuple, now: float) -> None:
         req.output_ids.append(token)
+        if req.grammar is not None and not req.grammar.accept(token):  # (the sampler allowed only its tokens)
+            log.error("request %s: token %d is not one its structured output allows", req.request_id, token)
         if req.params.logprobs:
             req.output_logprobs.append(logprob)
             if req.params.top_logprobs:
@@ -63,8 +68,8 @@ class OutputProcessor:
         """Why the request ends with its last token (EOS, a stop token, its length), or None. A stop
         token id is recorded as the request's stop_reason."""
         p, token = req.params, req.output_ids[-1]
-        if token in self.eos_ids and not p.ignore_eos:
-            return FinishReason.EOS
+        if token in self.eos_ids and (not p.ignore_eos or req.grammar is not None and req.grammar.terminated):
+            return FinishReason.EOS  # (a complete structured output allows nothing after its EOS)
         if token in p.stop_token_ids:
             req.stop_reason = token
             return FinishReason.STOP

@@ -7,6 +7,10 @@ import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from caraserve.structured_output import Grammar, StructuredOutputs
 
 
 class RequestError(ValueError):
@@ -108,12 +112,18 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled (None: any)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only within one salt
+    # what the output must match (caraserve.structured_output; a mapping of its fields is taken too)
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         self._take_lists()
         self._check_scalars()
         object.__setattr__(self, "logit_bias", self._checked_logit_bias())
         self._check_lists()
+        if self.structured_outputs is not None:
+            from caraserve.structured_output import StructuredOutputs  # (it imports this module)
+
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.of(self.structured_outputs))
 
     def _take_lists(self) -> None:
         """stop and stop_token_ids as tuples (stop may be one string)."""
@@ -291,6 +301,7 @@ class Request:
     detok_prefix: int = 0
     detok_read: int = 0
     text_sent: int = 0  # with stop strings: characters of `text` streamed so far (the rest may begin one)
+    grammar: Grammar | None = None  # with params.structured_outputs: its matcher (Engine.add_request)
 
     def __post_init__(self):
         self.detok_prefix, self.detok_read = self.detok_start()

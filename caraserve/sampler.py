@@ -1,5 +1,5 @@
-"""Batched token sampling: logit adjustments (penalties, logit_bias, min_tokens), then greedy,
-temperature, min-p, top-k, top-p, per-request seeds."""
+"""Batched token sampling: logit adjustments (penalties, logit_bias, min_tokens) and structured
+outputs' grammar masks, then greedy, temperature, min-p, top-k, top-p, per-request seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from caraserve.request import SamplingParams
+from caraserve.structured_output import mask_logits
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -106,15 +107,19 @@ def sample(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,  # per row, for the adjustments
     eos_ids=(),
+    grammars: list | None = None,  # per row, its structured output's Grammar or None
 ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """(token per row, logprob per row, top logprobs per row): one token per row, chosen from the
-    adjusted logits (`adjust_logits`); its log-probability under the model's own (unadjusted,
-    untempered) distribution (0.0 for rows whose params do not ask for logprobs: that pass over
-    the vocabulary is skipped); and the params' top_logprobs most likely (token, logprob) pairs
-    of that distribution, best first (() where not asked)."""
+    adjusted logits (`adjust_logits`, then `structured_output.mask_logits`: only tokens a row's
+    grammar allows); its log-probability under the model's own (unadjusted, untempered)
+    distribution (0.0 for rows whose params do not ask for logprobs: that pass over the
+    vocabulary is skipped); and the params' top_logprobs most likely (token, logprob) pairs of
+    that distribution, best first (() where not asked)."""
     raw = logits = logits.float()
     if histories is not None:
         logits = adjust_logits(logits, params, histories, eos_ids)
+    if grammars is not None and any(g is not None for g in grammars):
+        logits = mask_logits(logits.clone() if logits is raw else logits, grammars)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if not sampled and not wanted and logits.device.type == "cpu":

@@ -99,9 +99,10 @@ class StepIsolation:
         logits [R, V] (caraserve.sampler.sample)."""
         params = [r.params for r in reqs]
         histories = [(r.prompt_ids, r.output_ids) for r in reqs]
+        grammars = [r.grammar for r in reqs]
         states = {i: g.get_state() for i, g in enumerate(generators) if g is not None}
         try:
-            tokens, logprobs, tops = sample(logits, params, generators, histories, eos_ids)
+            tokens, logprobs, tops = sample(logits, params, generators, histories, eos_ids, grammars)
             return tokens, logprobs, tops, {}
         except NonFiniteLogits as e:  # those requests' own outputs: the others are sampled as one batch
             bad = {i: NONFINITE for i in e.rows}
@@ -124,7 +125,8 @@ class StepIsolation:
                 generators[i].set_state(states[i])
             try:
                 (tokens[i],), (logprobs[i],), (tops[i],) = sample(
-                    logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1], eos_ids)
+                    logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1], eos_ids,
+                    grammars[i : i + 1])
             except Exception as e:
                 log.exception("sampling failed on request %s", reqs[i].request_id)
                 bad[i] = describe(e)

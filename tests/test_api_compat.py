@@ -100,14 +100,12 @@ def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live, monkey
 
 
 @pytest.mark.parametrize("field, value, says", [
-    ("response_format", {"type": "json_object"}, "response_format"),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "response_format"),
+    ("response_format", {"type": "structural_tag"}, "response_format"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),  # tool_choice "auto" by default
     ("tool_choice", "required", "tool_choice"),
     ("tool_choice", "auto", "tool_choice"),
-    ("guided_json", {"type": "object"}, "guided_json"),
-    ("guided_choice", ["a", "b"], "guided_choice"),
-    ("structured_outputs", {"regex": "a+"}, "structured_outputs"),
+    ("guided_decoding_backend", "outlines", "guided_decoding_backend"),
+    ("structured_outputs", {"structural_tag": "{}"}, "structural_tag"),
     ("stream_options", {"include_usage": True}, "stream_options"),
     ("functions", [{"name": "f", "parameters": {}}], "functions"),
     ("function_call", "auto", "function_call"),

@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from caraserve.request import RequestError
+from caraserve.structured_output import StructuredOutputs
+
 # Strict types: JSON true is not 1, "0.5" is not a number, 1.0 is not a token id (as OpenAI's
 # API). Ranges are checked by SamplingParams and the engine, with the field named.
 _STRICT = ConfigDict(extra="ignore", strict=True)
@@ -68,26 +71,22 @@ class _Sampling(BaseModel):
     # vLLM's detokenizer for fast tokenizers)
     length_penalty: float = 1.0
     spaces_between_special_tokens: bool = True
-    # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
-    # JSON mode or tools must not get free text back as if they had applied).
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (at most one of them; `structured_outputs` reads them)
     response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # xgrammar (or auto) is the one served
+    # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
+    # tools must not get free text back as if they had applied).
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None  # OpenAI's older form of tools
     function_call: str | dict | None = None
     best_of: int | None = None  # only as many as n: every completion made is returned
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict) -> dict:
-        if value.get("type") != "text":
-            raise ValueError(f"type {value.get('type')!r} is not supported: no structured outputs here (only 'text')")
-        return value
 
     @field_validator("tool_choice", "function_call")
     @classmethod
@@ -95,11 +94,6 @@ class _Sampling(BaseModel):
         if value != "none":
             raise ValueError(f"{value!r} is not supported: tool calling is not supported by this server (only 'none')")
         return value
-
-    @field_validator("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-    @classmethod
-    def _no_guided_decoding(cls, value):
-        raise ValueError("structured outputs (guided decoding) are not supported by this server")
 
     @model_validator(mode="after")
     def _tools_only_listed(self) -> _Sampling:
@@ -113,6 +107,11 @@ class _Sampling(BaseModel):
                                  f"only on chat completions with {choice_name}: 'none', which renders them into "
                                  "the prompt through the chat template)")
         return self
+
+    def continuous_usage(self, include_usage: bool) -> bool:
+        """Whether every streamed chunk carries its choice's usage so far (vLLM's
+        stream_options.continuous_usage_stats, with include_usage)."""
+        return include_usage and self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def template_tools(self) -> list[dict] | None:
         """The tools (or the older `functions`, as tools) the chat template renders, or None."""
@@ -141,6 +140,36 @@ class _Sampling(BaseModel):
             raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
                              "returned (best_of may only equal n)")
         return self
+
+
+def structured_outputs(body: _Sampling) -> StructuredOutputs | None:
+    """The body's structured output, from whichever field names it: response_format (OpenAI's:
+    type text, json_object or json_schema with json_schema.schema), structured_outputs (vLLM's)
+    or guided_json / guided_regex / guided_choice / guided_grammar (vLLM's older names). More
+    than one is a RequestError, as is a form this server does not serve."""
+    given = {}
+    if body.response_format is not None:
+        kind, spec = body.response_format.get("type"), body.response_format.get("json_schema")
+        if kind == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+                raise RequestError("response_format: type 'json_schema' needs json_schema.schema, a JSON schema")
+            given["response_format"] = {"json": spec["schema"] if spec["schema"] is not True else {}}
+        elif kind != "text":
+            raise RequestError(f"response_format: type {kind!r} is not supported (text, json_object, json_schema)")
+    if body.structured_outputs is not None:
+        given["structured_outputs"] = body.structured_outputs
+    for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                        ("guided_grammar", "grammar")):
+        if getattr(body, name) is not None:
+            given[name] = {field: getattr(body, name)}
+    if len(given) > 1:
+        raise RequestError(f"structured outputs: give one of response_format, structured_outputs and the guided_* "
+                           f"fields (got {', '.join(given)})")
+    if body.guided_decoding_backend not in (None, "auto", "xgrammar"):
+        raise RequestError(f"guided_decoding_backend {body.guided_decoding_backend!r} is not served here (xgrammar)")
+    return StructuredOutputs.of(next(iter(given.values()))) if given else None
 
 
 # Fields of vLLM's and OpenAI's APIs that would change the answer and are not served here:

@@ -75,12 +75,6 @@ class Service(Protocol):
     async def state(self) -> dict: ...
 
 
-def continuous_usage(body: proto._Sampling, include_usage: bool) -> bool:
-    """Whether every streamed chunk carries its choice's usage so far (vLLM's
-    stream_options.continuous_usage_stats, with include_usage)."""
-    return include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
-
-
 class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
@@ -130,9 +124,10 @@ class EngineService:
         why = f" Its adapter folder was refused at start: {refused}" if refused else ""
         raise NotFound(f"The model `{name}` does not exist.{why}")
 
-    def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    async def sampling(self, body: proto._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The params of each of the body's `n` engine requests (n is the service's to fan out);
-        logprobs: None for none, else each token's with this many alternatives."""
+        logprobs: None for none, else each token's with this many alternatives. A structured
+        output is compiled here, off the event loop, so the engine thread finds it compiled."""
         if logprobs is not None and not 0 <= logprobs <= self.limits.max_logprobs:
             raise BadRequest(f"logprobs must be in [0, {self.limits.max_logprobs}], got {logprobs}")
         if not 1 <= body.n <= self.limits.max_n:
@@ -146,11 +141,14 @@ class EngineService:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
             logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
-            cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens,
-        )
+            cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens)
         try:  # what the body leaves out of the model's sampling defaults comes from them
+            values["structured_outputs"] = proto.structured_outputs(body)
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
             self.engine.check_params(params)
+            if params.structured_outputs is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.compile,
+                                                                 params.structured_outputs)
             return params
         except RequestError as e:
             raise BadRequest(str(e)) from e
@@ -189,12 +187,11 @@ class EngineService:
             raise BadRequest("suffix is not supported")
         prompt_only = body.echo and body.max_tokens == 0  # score (or echo) the prompt, generate nothing
         if body.max_tokens == 0 and not body.echo:
-            raise BadRequest("max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing "
-                           "generated)")
+            raise BadRequest("max_tokens must be at least 1 (0 only with echo: the prompt echoed, nothing generated)")
         if prompt_only and body.min_tokens:
             raise BadRequest(f"min_tokens must be 0 when max_tokens is 0, got {body.min_tokens}")
         max_tokens = 1 if prompt_only else body.max_tokens if body.max_tokens is not None else 16
-        params = self.sampling(body, max_tokens, body.logprobs)
+        params = await self.sampling(body, max_tokens, body.logprobs)
         scored = body.echo and body.logprobs is not None  # the echoed prompt's tokens get logprobs too
         if scored:
             params = replace(params, prompt_logprobs=body.logprobs)
@@ -216,7 +213,7 @@ class EngineService:
             chunkers = [choices.completion_chunker(answer_id or rid, body.model, texts, ids, text, scored, created)
                         for ids, text in zip(encoded, echoed)]
             return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
-                                          disconnected, n, continuous_usage(body, include_usage))
+                                          disconnected, n, body.continuous_usage(include_usage))
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
                     choices.completion_logprobs(texts, o, encoded[c // n], echo=scored), o.stop_reason)
@@ -280,7 +277,7 @@ class EngineService:
         engine = self.engine
         wanted = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs
         # bad parameters are refused before the template runs (max_tokens as small as they allow)
-        self.sampling(body, max(1, min(body.min_tokens, engine.max_seq_len)), wanted)
+        await self.sampling(body, max(1, min(body.min_tokens, engine.max_seq_len)), wanted)
 
         keep = self._keep(body)
         try:
@@ -296,7 +293,8 @@ class EngineService:
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise BadRequest(f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}")
-        params = self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)), wanted)
+        params = await self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)),
+                                     wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n)
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
@@ -305,7 +303,7 @@ class EngineService:
         if body.stream:
             chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
-                                          continuous=continuous_usage(body, include_usage), role="assistant")
+                                          continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self._texts(body), o, ids),
                     o.stop_reason) for o in outs]

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caraserve.config_checks import (  # noqa: F401  (ConfigError, check_keys, unknown_key: re-exported)
+from caraserve.config_checks import (  # noqa: F401  (re-exported)
     ConfigError,
     _check,
+    _check_template,
     check_fields,
     check_keys,
     dataclass_from_dict,
+    inline_template,
     show,
     unknown_key,
 )
@@ -287,24 +289,6 @@ class EngineConfig:
         return dataclass_from_dict(cls, data, where)
 
 
-def inline_template(value: str) -> bool:
-    """Whether server.chat_template is the template itself rather than a file's path (a long one
-    is no file name: the system refuses it as one)."""
-    return "{{" in value or "{%" in value
-
-
-def _check_template(template: str) -> None:
-    """server.chat_template (a file or the template itself) parses as Jinja, with the loop
-    controls transformers' chat templates may use."""
-    import jinja2
-
-    try:
-        text = template if inline_template(template) else Path(template).read_text()
-        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
-    except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as e:
-        raise ConfigError(f"server.chat_template: not a usable Jinja template ({type(e).__name__}: {e})") from None
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """The HTTP server. api_key empty = the CARASERVE_API_KEY environment variable, if set.
@@ -318,6 +302,7 @@ class ServerConfig:
     limit_concurrency: requests beyond this many at once get 503 (health and metrics probes excepted).
     heap_trim_s: the engine thread hands the C heap's free pages back to the system when it goes
     idle and after every this many seconds of steps (glibc's malloc_trim; 0: never).
+    stall_timeout_s: /health answers 503 once requests have waited this long on one step (0: never).
     """
 
     host: str = "127.0.0.1"
@@ -335,6 +320,7 @@ class ServerConfig:
     log_level: str = "info"
     chat_template: str = ""  # a Jinja file, or the template itself; "" = the tokenizer's own
     heap_trim_s: float = 10.0
+    stall_timeout_s: float = 300.0
 
     def __post_init__(self):
         check_fields(self, "server")
@@ -351,6 +337,7 @@ class ServerConfig:
         _check(self.timeout_keep_alive_s > 0, "server.timeout_keep_alive_s must be > 0")
         _check(self.limit_concurrency >= 1, f"server.limit_concurrency={self.limit_concurrency} must be >= 1")
         _check(self.heap_trim_s >= 0, f"server.heap_trim_s={self.heap_trim_s} must be >= 0 (0: never)")
+        _check(self.stall_timeout_s >= 0, f"server.stall_timeout_s={self.stall_timeout_s} must be >= 0 (0: never)")
         _check(self.log_level in LOG_LEVELS,
                f"server.log_level={self.log_level!r} must be one of {'|'.join(LOG_LEVELS)}")
 

@@ -15,6 +15,7 @@ import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -183,3 +184,21 @@ def check_fields(obj, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         object.__setattr__(obj, f.name, check_type(getattr(obj, f.name), hints[f.name], _join(where, f.name)))
+
+
+def inline_template(value: str) -> bool:
+    """Whether server.chat_template is the template itself rather than a file's path (a long one
+    is no file name: the system refuses it as one)."""
+    return "{{" in value or "{%" in value
+
+
+def _check_template(template: str) -> None:
+    """server.chat_template (a file or the template itself) parses as Jinja, with the loop
+    controls transformers' chat templates may use."""
+    import jinja2
+
+    try:
+        text = template if inline_template(template) else Path(template).read_text()
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as e:
+        raise ConfigError(f"server.chat_template: not a usable Jinja template ({type(e).__name__}: {e})") from None

@@ -187,13 +187,14 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None,
-                    request_id: str | None = None, after: str | None = None, final_only: bool = False) -> str:
+                    request_id: str | None = None, after: str | None = None, final_only: bool = False,
+                    arrival_s: float | None = None) -> str:
         """Validates and queues a request; raises RequestError (nothing changes) when it is bad.
         after: the id of a request of the same prompt in flight (the n completions of one API
         call): this one is admitted once that one's prefill is done, and shares its blocks.
         final_only: `step` returns this request's output only when it ends (its new tokens and
-        text then being all of them), which spares the per-step outputs and detokenizing that
-        a caller waiting for the end (offline generation) does not read."""
+        text then being all of them), sparing per-step outputs a caller waiting for the end does
+        not read. arrival_s: when it arrived (time.perf_counter(); default now), for its TTFT."""
         params = params or SamplingParams(**with_defaults({}, (), self.sampling_defaults))  # the model's defaults
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
@@ -208,7 +209,7 @@ class Engine:
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
             req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None,
-                          final_only=final_only, grammar=grammar)
+                          final_only=final_only, grammar=grammar, arrival_s=arrival_s or time.perf_counter())
             # its KV depends on the adapter's registration (a reload is another) and the cache salt
             req.adapter_key = (f"{adapter}#{self.store.info(adapter).uid}" if adapter is not None else "") + (
                 f"\0salt:{params.cache_salt}" if params.cache_salt is not None else "")

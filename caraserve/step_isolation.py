@@ -37,6 +37,12 @@ class EngineDeadError(RuntimeError):
     """A step failed in a way no single request explains: the engine cannot serve any more."""
 
 
+def who(req: Request, is_decode: bool | None = None) -> str:
+    """A request as its failure's log line names it: id, adapter, and the step's kind."""
+    step = "" if is_decode is None else ", a decode step" if is_decode else ", a prefill step"
+    return f"{req.request_id} (adapter {req.adapter or 'none'}{step})"
+
+
 def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -56,7 +62,7 @@ class StepIsolation:
             return logits, [batch.requests[i] for i in order], []
         except Exception as e:
             if len(batch.requests) == 1:
-                log.exception("step failed on request %s", batch.requests[0].request_id)
+                log.exception("step failed on request %s", who(batch.requests[0], batch.is_decode))
                 failed = [(batch.requests[0], describe(e))]
                 self._probe_forward(failed, batch.is_decode)
                 return None, [], failed
@@ -67,7 +73,7 @@ class StepIsolation:
                 rows.append(self.runner.run(ScheduledBatch(batch.is_decode, [req], [n]), eager=True)[0])
                 reqs.append(req)
             except Exception as e:
-                log.exception("step failed on request %s", req.request_id)
+                log.exception("step failed on request %s", who(req, batch.is_decode))
                 failed.append((req, describe(e)))
         if not rows:
             self._probe_forward(failed, batch.is_decode)
@@ -128,7 +134,7 @@ class StepIsolation:
                     logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1], eos_ids,
                     grammars[i : i + 1])
             except Exception as e:
-                log.exception("sampling failed on request %s", reqs[i].request_id)
+                log.exception("sampling failed on request %s", who(reqs[i]))
                 bad[i] = describe(e)
         if len(bad) == len(reqs) > 1:
             StepIsolation._probe_sampler(logits, bad[0])

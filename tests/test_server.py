@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -278,7 +279,8 @@ def test_metrics_exposed(server, client):
     for name in ("caraserve_ttft_seconds_bucket", "caraserve_tpot_seconds", "caraserve_queue_length",
                  "caraserve_adapter_slots_used", "caraserve_adapter_loads_total", "caraserve_generated_tokens_total",
                  'caraserve_requests_total{status="length"}', "caraserve_kv_blocks_total", "caraserve_kv_blocks_used",
-                 "caraserve_preemptions_total"):
+                 "caraserve_preemptions_total", "caraserve_prompt_tokens_total",
+                 'caraserve_e2e_request_latency_seconds_bucket{le="0.005",status="length"}'):
         assert name in text, name
 
 
@@ -312,4 +314,7 @@ def test_sigterm_drains_running_requests(server):
     assert proc.wait(timeout=60) == 0
     log = Path(server["root"] / "server.log").read_text()
     assert "Traceback" not in log, log[-3000:]
+    # the server's own lines carry their time, level and logger
+    line = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO caraserve\.serve: serving tiny"
+    assert re.search(line, log, re.M), log[:2000]
     assert json.dumps(done["body"])  # a complete JSON body came back

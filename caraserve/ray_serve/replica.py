@@ -37,7 +37,8 @@ class EngineReplica:
 
         engine_cfg, server = configs(composed)
         engine = Engine(engine_cfg)
-        self.async_engine = AsyncEngine(engine, server.max_queue, heap_trim_s=server.heap_trim_s)
+        self.async_engine = AsyncEngine(engine, server.max_queue, heap_trim_s=server.heap_trim_s,
+                                        stall_timeout_s=server.stall_timeout_s)
         self.service = EngineService(self.async_engine, served_name_of(engine, server), adapter_roots(engine),
                                      server.unload_timeout_s, server.chat_template)
         self.async_engine.start()

@@ -63,7 +63,8 @@ def main(cfg: DictConfig) -> None:
     sock = listen(server)  # so is the address
     engine = Engine(engine_cfg)
     served_name = served_name_of(engine, server)
-    service = AsyncEngine(engine, server.max_queue, heap_trim_s=server.heap_trim_s)
+    service = AsyncEngine(engine, server.max_queue, heap_trim_s=server.heap_trim_s,
+                          stall_timeout_s=server.stall_timeout_s)
     app = build_app(service, server, served_name, adapter_roots(engine))
     freeze_startup_heap()  # the model and libraries are never garbage: keep full collections off them
     service.start()

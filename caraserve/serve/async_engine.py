@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Seconds without requests before the engine thread does idle work (Engine.idle)
 IDLE_WORK_AFTER_S = 1.0
+# Seconds a state call waits for the engine thread (a router polls it; one step is far shorter)
+STATE_WAIT_S = 5.0
 
 
 class QueueFullError(RuntimeError):
@@ -47,9 +49,12 @@ class _Waiter:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int, on_output=None, heap_trim_s: float = 10.0):
+    def __init__(self, engine: Engine, max_queue: int, on_output=None, heap_trim_s: float = 10.0,
+                 stall_timeout_s: float = 0.0):
         self.engine = engine
         self.max_queue = max_queue
+        self.stall_timeout_s = stall_timeout_s  # `stalled` past this long in one call (0: never)
+        self._beat = time.monotonic()  # when the engine thread last came round its loop
         self.on_output = on_output  # called on the engine thread with every RequestOutput
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
@@ -92,7 +97,11 @@ class AsyncEngine:
         idle_state = self._idle_state
         if self._idle_work.is_set() and idle_state is not None:
             return idle_state
-        return await self.call(self.engine.snapshot)
+        try:
+            return await asyncio.wait_for(self.call(self.engine.snapshot), STATE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError(f"the engine thread took no state call for {STATE_WAIT_S:.0f} s "
+                                         f"({self.stalled_for()})") from None
 
     async def call(self, fn, *args):
         """Runs fn(*args) on the engine thread between steps and returns its result."""
@@ -109,6 +118,22 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self.fault is None and self._thread.is_alive() and not self._stop.is_set()
+
+    def stalled_for(self) -> str:
+        return f"the engine thread came round its loop {time.monotonic() - self._beat:.1f} s ago"
+
+    @property
+    def stalled(self) -> str | None:
+        """Why /health fails while requests wait and the engine thread has been inside one call
+        (a step, a command) for more than stall_timeout_s: a hung step. None otherwise, and
+        during idle work the thread chose (a compile at an idle moment) or with no timeout."""
+        stuck = time.monotonic() - self._beat
+        if not self.stall_timeout_s or stuck <= self.stall_timeout_s or self._idle_work.is_set():
+            return None
+        if not (self.num_waiting or self.num_running or not self._inbox.empty()):
+            return None
+        return (f"the engine thread has been in one step for {stuck:.0f} s with requests waiting "
+                f"(server.stall_timeout_s={self.stall_timeout_s:g})")
 
     @property
     def ready(self) -> bool:
@@ -134,6 +159,7 @@ class AsyncEngine:
         (a call larger than the queue still runs, alone). joins_call: one of its other requests."""
         if not self.healthy:
             raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
+        arrival = time.perf_counter()  # its TTFT counts the wait for the engine thread (a step, a compile)
         waiting = self.num_waiting
         if not joins_call and waiting and waiting + call_size > self.max_queue:
             raise QueueFullError(f"the queue is full ({waiting} of {self.max_queue} requests waiting, "
@@ -164,7 +190,7 @@ class AsyncEngine:
 
         def add():
             try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id, after, final_only)
+                self.engine.add_request(prompt_ids, params, adapter, request_id, after, final_only, arrival)
             finally:
                 settle()
 
@@ -197,7 +223,10 @@ class AsyncEngine:
         """Ends every request in flight with `message` (a 503 to its caller): for a shutdown whose
         drain time ran out, so its callers get an answer rather than a cancelled connection."""
         def run():
-            for out in self.engine.fail_all(message, ErrorCause.SHUTDOWN):
+            outs = self.engine.fail_all(message, ErrorCause.SHUTDOWN)
+            if outs:
+                log.warning("%d requests still in flight end with a 503: %s", len(outs), message)
+            for out in outs:
                 self._deliver(out)
 
         self._call(run)
@@ -293,6 +322,7 @@ class AsyncEngine:
         outputs = [None]
         last_busy = time.monotonic()
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             # Requests that only wait (an adapter being read or copied) leave nothing to step: wait
             # a little for commands instead of spinning on a core the reads and copies need.
             busy = self.engine.has_unfinished()

@@ -38,6 +38,10 @@ class ServerMetrics:
         self.tpot = Histogram("caraserve_tpot_seconds", "Time per output token after the first", ["adapter"],
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("caraserve_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("caraserve_prompt_tokens", "Prompt tokens of requests that got their first token",
+                                     registry=r)
+        self.e2e = Histogram("caraserve_e2e_request_latency_seconds", "Arrival to finish, of every finished request",
+                             ["status"], buckets=_LATENCY_BUCKETS, registry=r)
         engine = async_engine.engine
         Gauge("caraserve_queue_length", "Requests waiting", registry=r).set_function(lambda: async_engine.num_waiting)
         Gauge("caraserve_running_batch_size", "Requests running", registry=r).set_function(
@@ -90,15 +94,21 @@ class ServerMetrics:
         store.on_read = self.disk_read.observe
 
     def observe(self, out: RequestOutput) -> None:
+        """Every output of every request (the engine thread's): TTFT and the prompt's tokens with
+        the output that carries its first token (streamed: at once; final-only: at the end),
+        the rest when it finishes."""
         self.tokens.inc(len(out.new_token_ids))
+        kind = "cold" if out.cold_start else "warm"
+        if out.new_token_ids and len(out.new_token_ids) == len(out.output_ids) and out.ttft_s is not None:
+            self.ttft.labels(kind).observe(out.ttft_s)
+            self.prompt_tokens.inc(out.prompt_tokens)
         if not out.finished:
             return
         self.requests.labels(out.finish_reason.value).inc()
-        kind = "cold" if out.cold_start else "warm"
-        if out.ttft_s is not None:
-            self.ttft.labels(kind).observe(out.ttft_s)
-            if out.e2e_s is not None and len(out.output_ids) > 1:
-                self.tpot.labels(kind).observe((out.e2e_s - out.ttft_s) / (len(out.output_ids) - 1))
+        if out.e2e_s is not None:
+            self.e2e.labels(out.finish_reason.value).observe(out.e2e_s)
+        if out.ttft_s is not None and out.e2e_s is not None and len(out.output_ids) > 1:
+            self.tpot.labels(kind).observe((out.e2e_s - out.ttft_s) / (len(out.output_ids) - 1))
 
     def rejected(self, reason: str) -> None:
         self.requests.labels(f"rejected_{reason}").inc()

@@ -10,7 +10,6 @@ whose type carries its HTTP status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,22 +18,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-from caraserve.config import inline_template
-from caraserve.lora.adapter_files import AdapterError, AdapterReadError, RegistryFullError, check_name
-from caraserve.lora.adapter_info import UnknownAdapterError
+from caraserve.config_checks import inline_template
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
-from caraserve.serve.async_engine import AsyncEngine
+from caraserve.serve.adapter_admin import AdapterAdmin
+from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
 from caraserve.serve.gateway_metrics import add_gateway_metrics
 from caraserve.serve.http import (
     AdapterCapacity,
     ApiError,
     BadRequest,
-    Conflict,
     EngineUnavailable,
-    InternalError,
     NotFound,
 )
 from caraserve.serve.metrics import ServerMetrics
@@ -91,6 +87,7 @@ class EngineService:
         self.prompts = Prompts(self.engine, self.chat_template)
         self.metrics_ = ServerMetrics(async_engine)
         self.runs = Runs(async_engine)
+        self.admin = AdapterAdmin(async_engine, served_name, adapter_roots, unload_timeout_s)
         add_gateway_metrics(self.metrics_.registry, async_engine, served_name)
         async_engine.on_output = self.metrics_.observe
         # inputs are tokenized and templated here, off the event loop, one at a time (a tokenizer is not shared)
@@ -334,56 +331,18 @@ class EngineService:
         return cards
 
     async def load_adapter(self, body: proto.LoadLoraRequest) -> dict:
-        try:
-            check_name(body.lora_name)
-        except AdapterError as e:
-            raise BadRequest(str(e)) from e
-        try:
-            resolved = Path(body.lora_path).expanduser().resolve()
-        except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, unknown ~user
-            raise BadRequest(f"lora_path {body.lora_path!r} is not a usable path ({e})") from e
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.adapter_roots):
-            raise BadRequest(f"lora_path {body.lora_path!r} is outside the allowed adapter roots "
-                                f"(adapters.allowed_roots)")
-        if body.lora_name == self.served_name:
-            raise BadRequest(f"{body.lora_name!r} is the base model's name")
-        try:
-            info = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.register_adapter, body.lora_name, resolved)
-        except RegistryFullError as e:  # the operator's limit, which an unload clears: come back later
-            raise AdapterCapacity(str(e)) from e
-        except AdapterError as e:
-            raise BadRequest(str(e)) from e
-        except (OSError, ValueError) as e:  # unreadable files of the caller's choosing
-            raise BadRequest(f"adapter {body.lora_name!r} cannot be read ({type(e).__name__}: {e})") from e
-        # Its weights are read now (into the host tier), as vLLM's load does: weights that cannot
-        # be served (NaN, Inf) are refused to this call, not to the adapter's first request.
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.store.get, info.name)
-        except (AdapterReadError, UnknownAdapterError):  # an I/O error that may pass, or unloaded meanwhile
-            log.warning("adapter %s: its weights were not read at load", info.name, exc_info=True)
-        except Exception as e:  # weights refused (400), or a failure of the machine's: nothing of it stays
-            with contextlib.suppress(TimeoutError, AdapterError, UnknownAdapterError):
-                await self.async_engine.retire_adapter(info.name, self.unload_timeout_s)
-            if isinstance(e, AdapterError):
-                raise BadRequest(str(e)) from e
-            raise InternalError(f"adapter {info.name!r} could not be read ({type(e).__name__}: {e})") from e
-        return {"status": "ok", "lora_name": info.name, "rank": info.rank}
+        return await self.admin.load(body)
 
     async def unload_adapter(self, body: proto.UnloadLoraRequest) -> dict:
-        if not self.async_engine.is_serving(body.lora_name):
-            raise NotFound(f"adapter {body.lora_name!r} is not loaded")
-        try:
-            await self.async_engine.retire_adapter(body.lora_name, self.unload_timeout_s)
-        except (TimeoutError, AdapterError) as e:  # still in use: the caller may retry later
-            raise Conflict(f"cannot unload adapter {body.lora_name!r}: {e}") from e
-        return {"status": "ok", "lora_name": body.lora_name}
+        return await self.admin.unload(body)
 
     async def health(self) -> dict:
         if not self.async_engine.healthy:
             raise EngineUnavailable(f"the engine is not serving ({self.async_engine.fault or 'stopped'})")
         if not self.async_engine.ready:
             raise EngineUnavailable("the engine is warming up (compiling its decode step)")
+        if self.async_engine.stalled is not None:
+            raise EngineUnavailable(self.async_engine.stalled)
         return {"status": "ok"}
 
     async def metrics(self) -> tuple[bytes, str]:
@@ -391,7 +350,10 @@ class EngineService:
 
     async def engine_state(self) -> EngineState:
         """The typed EngineState (Engine.snapshot) with the served model's name."""
-        return replace(await self.async_engine.state(), model=self.served_name)
+        try:
+            return replace(await self.async_engine.state(), model=self.served_name)
+        except EngineUnavailableError as e:
+            raise EngineUnavailable(str(e)) from e
 
     async def state(self) -> dict:
         """The EngineState's wire form (/v1/state)."""

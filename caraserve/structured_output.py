@@ -150,8 +150,11 @@ class Grammars:
                                f"{str(e).strip() or type(e).__name__}") from None
 
     def _make_compiler(self):
-        import xgrammar as xgr
-
+        try:
+            import xgrammar as xgr
+        except ImportError as e:  # a declared dependency, missing from this environment
+            raise RequestError(f"structured outputs need the xgrammar package, which does not import here ({e})") \
+                from None
         with self._lock:
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,

@@ -267,3 +267,14 @@ def test_offline_lines_take_structured_outputs(engine):
     by_id = {r["id"]: r for r in results}
     assert by_id["a"]["text"] in ("yes", "no") and by_id["a"]["finish_reason"] == "stop"
     assert "regex does not compile" in by_id["b"]["error"] and "exactly one" in by_id["c"]["error"]
+
+
+def test_without_xgrammar_a_structured_request_says_why(engine, monkeypatch):
+    import sys
+
+    from caraserve.structured_output import Grammars
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar raises ImportError
+    grammars = Grammars(engine.tokenizer, engine.model.args.vocab_size, engine._eos_ids)
+    with pytest.raises(RequestError, match="need the xgrammar package"):
+        grammars.compile(SPECS["regex"])

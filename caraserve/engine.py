@@ -43,7 +43,7 @@ from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
 from caraserve.state import EngineState
 from caraserve.step_isolation import NONFINITE, StepIsolation, describe
-from caraserve.structured_output import Grammars
+from caraserve.structured_output import CONFLICT, Grammars
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ class Engine:
             if rid in self._requests and not self._requests[rid].finished:
                 raise RequestError(f"request id {rid!r} is already in flight")
             req = Request(rid, prompt_ids, params, adapter, after=self._requests.get(after) if after else None,
-                          final_only=final_only, grammar=grammar, arrival_s=arrival_s or time.perf_counter())
+                          final_only=final_only, grammar=grammar,
+                          arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
             # its KV depends on the adapter's registration (a reload is another) and the cache salt
             req.adapter_key = (f"{adapter}#{self.store.info(adapter).uid}" if adapter is not None else "") + (
                 f"\0salt:{params.cache_salt}" if params.cache_salt is not None else "")
@@ -308,6 +309,8 @@ class Engine:
         """Ends a request whose sampling failed; non-finite logits on an adapter's are the adapter's doing."""
         if why == NONFINITE and req.adapter is not None:
             return self._fail(req, f"adapter {req.adapter!r} cannot be used ({NONFINITE})", ErrorCause.ADAPTER)
+        if why == CONFLICT:
+            return self._fail(req, CONFLICT, ErrorCause.PARAMS)
         return self._fail(req, f"sampling failed on this request ({why})")
 
     def _fail_rejected(self) -> list[RequestOutput]:

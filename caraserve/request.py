@@ -26,6 +26,7 @@ class ErrorCause(enum.Enum):
 
     REQUEST = "request"  # its own part of a step raised; the other requests went on
     ADAPTER = "adapter"  # its adapter's weights were refused when first read (the caller named it)
+    PARAMS = "params"  # its settings left nothing to sample (a grammar and allowed_token_ids apart): the caller's
     ENGINE = "engine"  # the engine failed as a whole: every request in flight ended
     SHUTDOWN = "shutdown"  # the server stopped before it finished (its drain time ran out)
 

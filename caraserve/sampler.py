@@ -119,7 +119,7 @@ def sample(
     if histories is not None:
         logits = adjust_logits(logits, params, histories, eos_ids)
     if grammars is not None and any(g is not None for g in grammars):
-        logits = mask_logits(logits.clone() if logits is raw else logits, grammars)
+        logits = mask_logits(logits.clone() if logits is raw else logits, grammars, raw)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if not sampled and not wanted and logits.device.type == "cpu":

@@ -21,6 +21,7 @@ import torch
 from caraserve.request import Request, RequestState, SamplingParams
 from caraserve.sampler import NonFiniteLogits, sample
 from caraserve.scheduler import ScheduledBatch
+from caraserve.structured_output import CONFLICT, GrammarConflict
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ class StepIsolation:
         try:
             tokens, logprobs, tops = sample(logits, params, generators, histories, eos_ids, grammars)
             return tokens, logprobs, tops, {}
-        except NonFiniteLogits as e:  # those requests' own outputs: the others are sampled as one batch
-            bad = {i: NONFINITE for i in e.rows}
+        except (NonFiniteLogits, GrammarConflict) as e:  # those requests' own: the others are sampled as one batch
+            bad = {i: NONFINITE if isinstance(e, NonFiniteLogits) else CONFLICT for i in e.rows}
             keep = [i for i in range(len(reqs)) if i not in bad]
             tokens, logprobs, tops = [0] * len(reqs), [0.0] * len(reqs), [()] * len(reqs)
             if keep:

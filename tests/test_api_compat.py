@@ -105,6 +105,7 @@ def test_streamed_chunks_carry_one_created_and_usage_null_or_so_far(live, monkey
     ("tool_choice", "required", "tool_choice"),
     ("tool_choice", "auto", "tool_choice"),
     ("guided_decoding_backend", "outlines", "guided_decoding_backend"),
+    ("guided_whitespace_pattern", " ", "guided_whitespace_pattern"),
     ("structured_outputs", {"structural_tag": "{}"}, "structural_tag"),
     ("stream_options", {"include_usage": True}, "stream_options"),
     ("functions", [{"name": "f", "parameters": {}}], "functions"),

@@ -251,7 +251,7 @@ def test_a_call_cancelled_during_admission_leaves_none_of_its_requests_running()
             self.added, self.aborted = [], []
 
         async def submit(self, ids, params, adapter, rid, after=None, final_only=False, call_size=1,
-                         joins_call=False):
+                         joins_call=False, arrival_s=None):
             self.added.append(rid)
             try:
                 await asyncio.sleep(0 if rid in ("call#1", "call#2") else 10)  # admitted at once, or still queued

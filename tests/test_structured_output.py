@@ -18,7 +18,7 @@ from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
 from caraserve.engine import Engine
 from caraserve.model.tiny import tiny_paths
 from caraserve.offline import run_offline
-from caraserve.request import FinishReason, RequestError, SamplingParams
+from caraserve.request import ErrorCause, FinishReason, RequestError, SamplingParams
 from caraserve.structured_output import GrammarConflict, StructuredOutputs, choice_grammar, mask_logits
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
@@ -131,7 +131,44 @@ def test_a_grammar_the_other_settings_rule_out_fails_that_request_only(engine):
     free = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     failed, ok = engine.generate([prompt, prompt], [bad, free])
     assert failed.finish_reason is FinishReason.ERROR and "structured output" in failed.error
+    assert failed.error_cause is ErrorCause.PARAMS  # the caller's settings: a 400
     assert ok.finish_reason is FinishReason.LENGTH and len(ok.output_ids) == 8
+
+
+def test_a_complete_grammar_ends_the_request_before_min_tokens(engine):
+    """min_tokens bans EOS, but a complete grammar allows nothing else: its end wins, as over ignore_eos."""
+    req = engine.generate(["a"], SamplingParams(max_tokens=30, temperature=0, min_tokens=20,
+                                                structured_outputs=SPECS["choice"]))[0]
+    assert req.finish_reason is FinishReason.EOS and req.text in SPECS["choice"].choice
+
+
+def test_json_keys_come_in_the_schemas_order(engine):
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    for spec in (StructuredOutputs(json=schema, disable_any_whitespace=True),
+                 StructuredOutputs(json=json.dumps(schema), disable_any_whitespace=True)):
+        req = engine.generate(["a"], SamplingParams(max_tokens=30, temperature=0, structured_outputs=spec))[0]
+        assert list(json.loads(req.text)) == ["zeta", "alpha"], req.text
+
+
+@pytest.mark.parametrize("choices", [
+    ("yes", "no", "y", "yes!", "ye"),  # choices that are prefixes of others
+    tuple(f"option-{i}" for i in range(300)),
+    ('a "quoted" \\ line\n', "tab\there", "émoji 😀", "a", "a"),  # escapes, unicode, a duplicate
+    tuple("a" * k for k in range(1, 90)),  # a prefix tree deeper than CHOICE_DEPTH: the flat form
+])
+def test_a_choice_grammar_takes_exactly_the_choices(engine, choices):
+    import random
+
+    compiled = engine.grammars.compile(StructuredOutputs(choice=choices))
+    members = set(choices)
+    rng = random.Random(0)
+    probes = list(members) + [c[:-1] for c in choices if c[:-1]] + [c + "x" for c in choices] + \
+        ["".join(rng.choice("aeynos-0123") for _ in range(rng.randint(1, 6))) for _ in range(200)]
+    for text in probes:
+        m = xgr.GrammarMatcher(compiled)
+        taken = m.accept_string(text)
+        assert (taken and m.is_completed()) == (text in members), text
 
 
 def test_preempted_requests_keep_their_grammar(engine):
@@ -154,8 +191,12 @@ def test_mask_logits_masks_only_the_rows_with_a_grammar(engine):
     assert out is logits and torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     keep = allowed(reference_matcher(engine, SPECS["choice"]), logits.shape[1])
     assert torch.equal(torch.isfinite(logits[1]), keep) and torch.equal(logits[1][keep], before[1][keep])
-    with pytest.raises(GrammarConflict, match="rows \\[0\\]"):
-        mask_logits(torch.where(keep, float("-inf"), 0.0)[None].clone(), [g])
+    with pytest.raises(GrammarConflict, match="allows no token") as conflict:
+        mask_logits(torch.where(keep, float("-inf"), 0.0).repeat(2, 1), [None, g])
+    assert conflict.value.rows == [1]
+    strided = before.t().contiguous().t()  # not contiguous: xgrammar's own form of the mask
+    assert not strided.is_contiguous()
+    assert torch.equal(mask_logits(strided, [None, g, None]), logits)
 
 
 @pytest.mark.parametrize("kw, says", [
@@ -171,7 +212,7 @@ def test_bad_specs_are_refused_by_name(kw, says):
 
 
 def test_specs_from_mappings():
-    assert StructuredOutputs.of({"json": {"b": 1, "a": 2}}).json == '{"a": 2, "b": 1}'
+    assert StructuredOutputs.of({"json": {"b": 1, "a": 2}}).json == '{"b": 1, "a": 2}'  # in its order
     assert SamplingParams(structured_outputs={"choice": ["x"]}).structured_outputs == StructuredOutputs(choice=("x",))
     with pytest.raises(RequestError, match="whitespace_pattern"):
         StructuredOutputs.of({"regex": "a", "whitespace_pattern": " "})
@@ -278,3 +319,11 @@ def test_without_xgrammar_a_structured_request_says_why(engine, monkeypatch):
     grammars = Grammars(engine.tokenizer, engine.model.args.vocab_size, engine._eos_ids)
     with pytest.raises(RequestError, match="need the xgrammar package"):
         grammars.compile(SPECS["regex"])
+
+
+def test_settings_that_leave_the_grammar_nothing_are_a_400(live):
+    post, _ = live
+    space = post("/tokenize", {"model": "tiny", "prompt": " ", "add_special_tokens": False}).json()["tokens"]
+    r = post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5, "guided_choice": ["yes", "no"],
+                                 "allowed_token_ids": space})
+    assert r.status_code == 400 and "allows no token" in r.json()["error"]["message"], r.text

@@ -11,7 +11,7 @@
  * block of fewer real rows repeats its last row and stores only the real ones. The weights mostly come from L3 or memory (a step reads each slot once):
  * in the pool's layout the column blocks walk them with a stride, so those loops prefetch
  * ahead; a run may instead point at a packed copy (column panels, read front to back, asking
- * for the lines a few KB on).
+ * for the lines 16 KB on).
  *
  * Every call is checked before anything is read or written (cpu_kernels.RunTable checks the
  * same first, with messages): rows inside x and y, runs disjoint (the expands of different

@@ -102,3 +102,5 @@ class EngineReplica:
         """Serve replaces a replica whose engine failed as a whole."""
         if not self.async_engine.healthy:
             raise RuntimeError(f"the engine is not serving ({self.async_engine.fault or 'stopped'})")
+        if self.async_engine.stalled is not None:  # a hung engine thread: Serve replaces the replica
+            raise RuntimeError(self.async_engine.stalled)

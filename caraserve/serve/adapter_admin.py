@@ -35,7 +35,7 @@ class AdapterAdmin:
             raise BadRequest(f"lora_path {body.lora_path!r} is not a usable path ({e})") from e
         if not any(resolved == root or resolved.is_relative_to(root) for root in self.adapter_roots):
             raise BadRequest(f"lora_path {body.lora_path!r} is outside the allowed adapter roots "
-                                f"(adapters.allowed_roots)")
+                             f"(adapters.allowed_roots)")
         if body.lora_name == self.served_name:
             raise BadRequest(f"{body.lora_name!r} is the base model's name")
         try:

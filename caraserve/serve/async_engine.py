@@ -132,7 +132,7 @@ class AsyncEngine:
             return None
         if not (self.num_waiting or self.num_running or not self._inbox.empty()):
             return None
-        return (f"the engine thread has been in one step for {stuck:.0f} s with requests waiting "
+        return (f"the engine thread has been in one step (or command) for {stuck:.0f} s with requests waiting "
                 f"(server.stall_timeout_s={self.stall_timeout_s:g})")
 
     @property
@@ -151,15 +151,18 @@ class AsyncEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                      request_id: str, after: str | None = None, final_only: bool = False,
-                     call_size: int = 1, joins_call: bool = False) -> asyncio.Queue:
+                     call_size: int = 1, joins_call: bool = False, arrival_s: float | None = None) -> asyncio.Queue:
         """Queues a request; raises RequestError / QueueFullError / EngineUnavailableError without
         changing anything. final_only: its queue gets one output, when it ends (Engine.add_request).
         A call of several requests (choices, prompts) is admitted or refused whole, at its first
         (`call_size`: how many it has): when they all fit in server.max_queue, or nothing waits
-        (a call larger than the queue still runs, alone). joins_call: one of its other requests."""
+        (a call larger than the queue still runs, alone). joins_call: one of its other requests.
+        arrival_s: when its call reached the server (time.perf_counter(); default now), which its
+        TTFT counts from: templating, tokenizing, a grammar's compile and the wait for the engine
+        thread (a step, a compile) all count."""
         if not self.healthy:
             raise EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})")
-        arrival = time.perf_counter()  # its TTFT counts the wait for the engine thread (a step, a compile)
+        arrival = arrival_s if arrival_s is not None else time.perf_counter()
         waiting = self.num_waiting
         if not joins_call and waiting and waiting + call_size > self.max_queue:
             raise QueueFullError(f"the queue is full ({waiting} of {self.max_queue} requests waiting, "
@@ -340,6 +343,7 @@ class AsyncEngine:
                         if not self._stop.is_set() and self.engine.idle():
                             last_busy = time.monotonic()
                     finally:
+                        self._beat = time.monotonic()  # (before the flag: the idle work was not a stall)
                         self._idle_work.clear()
                         self._idle_state = None  # of this idle moment only: later ones take their own
                 continue

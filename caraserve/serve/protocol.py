@@ -192,6 +192,8 @@ _NOT_SERVED = {
     "modalities": ((["text"],), " other than [\"text\"] (this model writes text)"),
     "audio": ((), " (this model writes text)"),
     "web_search_options": ((), " (no web search here)"),
+    "guided_whitespace_pattern": ((), ": JSON's whitespace is xgrammar's (structured_outputs.disable_any_whitespace "
+                                      "takes it out)"),
 }
 
 

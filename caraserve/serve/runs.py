@@ -31,13 +31,13 @@ class Runs:
     def __init__(self, async_engine: AsyncEngine):
         self.async_engine = async_engine
 
-    async def start(self, prompt_ids, params, adapter, rid, after: str | None = None,
-                    final_only: bool = False, call_size: int = 1, joins_call: bool = False) -> asyncio.Queue:
+    async def start(self, prompt_ids, params, adapter, rid, after: str | None = None, final_only: bool = False,
+                    call_size: int = 1, joins_call: bool = False, arrival_s: float | None = None) -> asyncio.Queue:
         """The request's output queue (every step's output; with final_only, a non-streamed
-        call's, only the last). call_size, joins_call: AsyncEngine.submit's."""
+        call's, only the last). call_size, joins_call, arrival_s: AsyncEngine.submit's."""
         try:
             return await self.async_engine.submit(prompt_ids, params, adapter, rid, after, final_only, call_size,
-                                             joins_call)
+                                                  joins_call, arrival_s)
         except QueueFullError as e:
             raise Overloaded(str(e)) from e
         except EngineUnavailableError as e:
@@ -63,23 +63,24 @@ class Runs:
                     raise ClientClosed("client disconnected", admitted=True) from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
-                      n: int, final_only: bool = False) -> list[Run]:
+                      n: int, final_only: bool = False, arrival_s: float | None = None) -> list[Run]:
         """The call's n choices of one prompt: the first already started (`queue`, request `rid`)
         and n - 1 more (`_choices`), all queued to the engine at once."""
-        return await self._join([(rid, queue)], self._choices(ids, params, rid, n, 0), adapter, final_only)
+        return await self._join([(rid, queue)], self._choices(ids, params, rid, n, 0), adapter, final_only,
+                                arrival_s)
 
     async def start_prompts(self, encoded: list[list[int]], params: SamplingParams, adapter, rid: str, n: int,
-                            final_only: bool) -> list[Run]:
+                            final_only: bool, arrival_s: float | None = None) -> list[Run]:
         """Every prompt's n requests, in choice order: prompt k's completion j is choice k * n + j,
         as in OpenAI's API. The first request admits the call whole (AsyncEngine.submit), the
         others are queued to the engine at once: each its own wait for a step would stall a call
         of many choices for as many steps. A refusal of any of them aborts those already started."""
         first = await self.start(encoded[0], params, adapter, rid, final_only=final_only,
-                                 call_size=len(encoded) * n)
+                                 call_size=len(encoded) * n, arrival_s=arrival_s)
         later = self._choices(encoded[0], params, rid, n, 0)
         for k, ids in enumerate(encoded[1:], 1):
             later += [(ids, params, f"{rid}#{k * n}", None), *self._choices(ids, params, rid, n, k * n)]
-        return await self._join([(rid, first)], later, adapter, final_only)
+        return await self._join([(rid, first)], later, adapter, final_only, arrival_s)
 
     @staticmethod
     def _choices(ids, params: SamplingParams, rid: str, n: int, base: int) -> list[tuple]:
@@ -92,11 +93,13 @@ class Runs:
         return [(ids, choice_params(params, i), f"{rid}#{base + i}", first)
                 for i in range(1, n)]
 
-    async def _join(self, runs: list[Run], later: list[tuple], adapter, final_only: bool) -> list[Run]:
+    async def _join(self, runs: list[Run], later: list[tuple], adapter, final_only: bool,
+                    arrival_s: float | None = None) -> list[Run]:
         """runs plus the runs of `later` requests of the same call, submitted together (queued to
         the engine thread in this order, so a choice's first request is there before it)."""
         try:
-            started = await asyncio.gather(*(self.start(ids, p, adapter, sid, after, final_only, joins_call=True)
+            started = await asyncio.gather(*(self.start(ids, p, adapter, sid, after, final_only, joins_call=True,
+                                                        arrival_s=arrival_s)
                                              for ids, p, sid, after in later), return_exceptions=True)
         except BaseException:  # cancelled: the later ones not admitted yet abort themselves
             # (AsyncEngine.submit), those admitted are aborted here (an abort finds nothing where

@@ -176,6 +176,7 @@ class EngineService:
 
     async def completion(self, body: proto.CompletionRequest, rid: str, include_usage: bool,
                          disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
+        received = time.perf_counter()  # TTFT counts from here
         adapter = await self.resolve_model(body)
         prompts = self._completion_prompts(body.prompt)
         if isinstance(body.logprobs, bool):
@@ -202,7 +203,7 @@ class EngineService:
         texts = self._texts(body)
         final_only = not body.stream  # a non-streamed call reads the last output only
         n = body.n
-        runs = await self.runs.start_prompts(encoded, params, adapter, rid, n, final_only)
+        runs = await self.runs.start_prompts(encoded, params, adapter, rid, n, final_only, received)
         if prompt_only:
             runs = [(sid, choices.MappedQueue(q, choices.prompt_only)) for sid, q in runs]
         if body.stream:
@@ -269,6 +270,7 @@ class EngineService:
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
+        received = time.perf_counter()  # TTFT counts from here
         adapter = await self.resolve_model(body)
         messages = self._chat_checks(body)
         engine = self.engine
@@ -293,8 +295,9 @@ class EngineService:
         params = await self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)),
                                      wanted)
         final_only = not body.stream  # a non-streamed call reads the last output only
-        first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n)
-        runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only)
+        first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n,
+                                      arrival_s=received)
+        runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only, received)
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
         if body.stream:

@@ -29,9 +29,10 @@ Chunker = Callable[[int], Callable[[RequestOutput | None, str | None], dict | No
 def error_kind(out: RequestOutput) -> tuple[int, str]:
     """(HTTP status, error type) of a request that ended with an error. A request whose own part
     of a step failed is told so (type request_failed): a router must not retry it elsewhere or
-    hold it against this replica. An adapter whose weights were refused is the caller's (400); a
+    hold it against this replica. An adapter whose weights were refused, or settings that leave
+    nothing to sample, are the caller's (400); a
     request the server's shutdown ended is a 503."""
-    if out.error_cause is ErrorCause.ADAPTER:
+    if out.error_cause in (ErrorCause.ADAPTER, ErrorCause.PARAMS):
         return 400, "invalid_request_error"
     if out.error_cause is ErrorCause.SHUTDOWN:  # (a client or router may send it again elsewhere)
         return 503, "service_unavailable"

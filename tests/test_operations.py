@@ -100,6 +100,37 @@ def test_a_hung_engine_thread_fails_health_and_state_says_so(live, monkeypatch):
     assert httpx.get(live["base"] + "/v1/state").status_code == 200
 
 
+def test_vllms_request_series_for_dashboards_made_for_vllm(live):
+    names = {"prompt": 'vllm:prompt_tokens_total{model_name="tiny"}',
+             "generated": 'vllm:generation_tokens_total{model_name="tiny"}',
+             "ttft": 'vllm:time_to_first_token_seconds_count{model_name="tiny"}',
+             "e2e": 'vllm:e2e_request_latency_seconds_count{model_name="tiny"}',
+             "length": 'vllm:request_success_total{finished_reason="length",model_name="tiny"}'}
+    before = {k: metric(live, name) for k, name in names.items()}
+    r = httpx.post(live["base"] + "/v1/completions", timeout=60,
+                   json={"model": "demo-r16", "prompt": "def f(x):", "max_tokens": 3, "n": 2, "seed": 1,
+                         "ignore_eos": True}).json()
+    delta = {k: metric(live, name) - before[k] for k, name in names.items()}
+    assert delta == {"prompt": 2 * r["usage"]["prompt_tokens"], "generated": r["usage"]["completion_tokens"],
+                     "ttft": 2, "e2e": 2, "length": 2}
+
+
+def test_requests_waiting_for_an_adapter_are_counted():
+    from caraserve.request import SamplingParams
+    from caraserve.serve.metrics import waiting_for_adapter
+
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(dir="demo")))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for adapter in ("demo-r8", "demo-r16", None):
+        engine.add_request("x", params, adapter)
+    assert waiting_for_adapter(engine) == 2  # the base request needs no adapter
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request("x", params, "demo-r8")  # its adapter resident now
+    assert waiting_for_adapter(engine) == 0
+
+
 def test_state_of_a_failed_engine_is_a_503(live, monkeypatch):
     """Last in this module: the engine stops serving for good."""
     service = live["service"]

@@ -14,12 +14,17 @@ server's /metrics and, for vLLM, read:
       a server already running its adapter, else to one with room for another adapter.
 This collector computes them at scrape time, one series each (vLLM's own gauge keeps a series
 per label combination ever seen; a scraper takes the newest, which is the only one here).
+`VllmRequestMetrics` keeps vLLM's per-request series under vLLM's names too, for dashboards made
+for vLLM: vllm:prompt_tokens_total, vllm:generation_tokens_total,
+vllm:time_to_first_token_seconds, vllm:e2e_request_latency_seconds and
+vllm:request_success_total{finished_reason} (stop, length, abort).
 """
 
 from __future__ import annotations
 
 import time
 
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -58,6 +63,23 @@ class GatewayMetrics(Collector):
         names = [",".join(sorted({r.adapter for r in reqs if r.adapter})) for reqs in (running, waiting)]
         info.add_metric([str(max_lora), *names], time.time())
         yield info
+
+
+class VllmRequestMetrics:
+    """vLLM's per-request series of one served model, fed by ServerMetrics.observe."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, buckets):
+        self.model_name = model_name
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens", ["model_name"],
+                                     registry=registry).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", ["model_name"],
+                                         registry=registry).labels(model_name)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", ["model_name"],
+                              buckets=buckets, registry=registry).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish", ["model_name"],
+                             buckets=buckets, registry=registry).labels(model_name)
+        self.success = Counter("vllm:request_success", "Requests finished (not failed), by finish reason",
+                               ["model_name", "finished_reason"], registry=registry)
 
 
 def add_gateway_metrics(registry: CollectorRegistry, async_engine, model_name: str) -> None:

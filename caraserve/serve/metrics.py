@@ -8,7 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from caraserve.request import RequestOutput
+from caraserve.lora.device_pool import AdapterState
+from caraserve.request import FinishReason, RequestOutput
+from caraserve.serve.gateway_metrics import VllmRequestMetrics
 from caraserve.serve.gc_monitor import GcMonitor
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -30,8 +32,10 @@ class EngineCounters(Collector):
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, async_engine):
+    def __init__(self, async_engine, model_name: str | None = None):
+        """model_name: the served model's, for vLLM's per-request series (gateway_metrics); None: none."""
         self.registry = r = CollectorRegistry()
+        self.vllm = VllmRequestMetrics(r, model_name, _LATENCY_BUCKETS) if model_name is not None else None
         self.requests = Counter("caraserve_requests", "Requests by final status", ["status"], registry=r)
         self.ttft = Histogram("caraserve_ttft_seconds", "Time to first token", ["adapter"],
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -46,6 +50,9 @@ class ServerMetrics:
         Gauge("caraserve_queue_length", "Requests waiting", registry=r).set_function(lambda: async_engine.num_waiting)
         Gauge("caraserve_running_batch_size", "Requests running", registry=r).set_function(
             lambda: async_engine.num_running)
+        Gauge("caraserve_requests_waiting_for_adapter", "Waiting requests whose adapter is not on the device yet "
+              "(no free slot, or its copy in flight)", registry=r).set_function(
+            lambda: waiting_for_adapter(engine))
         Gauge("caraserve_adapter_slots_used", "Device adapter slots in use", registry=r).set_function(
             engine.pool.used_slots)
         Gauge("caraserve_adapter_slots_total", "Device adapter slots", registry=r).set_function(
@@ -98,15 +105,24 @@ class ServerMetrics:
         the output that carries its first token (streamed: at once; final-only: at the end),
         the rest when it finishes."""
         self.tokens.inc(len(out.new_token_ids))
-        kind = "cold" if out.cold_start else "warm"
+        kind, vllm = "cold" if out.cold_start else "warm", self.vllm
+        if vllm is not None:
+            vllm.generation_tokens.inc(len(out.new_token_ids))
         if out.new_token_ids and len(out.new_token_ids) == len(out.output_ids) and out.ttft_s is not None:
             self.ttft.labels(kind).observe(out.ttft_s)
             self.prompt_tokens.inc(out.prompt_tokens)
+            if vllm is not None:
+                vllm.ttft.observe(out.ttft_s)
+                vllm.prompt_tokens.inc(out.prompt_tokens)
         if not out.finished:
             return
         self.requests.labels(out.finish_reason.value).inc()
         if out.e2e_s is not None:
             self.e2e.labels(out.finish_reason.value).observe(out.e2e_s)
+            if vllm is not None:
+                vllm.e2e.observe(out.e2e_s)
+        if vllm is not None and out.finish_reason is not FinishReason.ERROR:
+            vllm.success.labels(vllm.model_name, out.finish_reason.openai).inc()
         if out.ttft_s is not None and out.e2e_s is not None and len(out.output_ids) > 1:
             self.tpot.labels(kind).observe((out.e2e_s - out.ttft_s) / (len(out.output_ids) - 1))
 
@@ -115,3 +131,11 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def waiting_for_adapter(engine) -> int:
+    """Queued requests whose adapter is not resident on the device (scrape time, off the engine
+    thread: a copy of the queue, and each adapter's state as of now)."""
+    resident = AdapterState.RESIDENT
+    return sum(1 for r in list(engine.scheduler.waiting) if r.adapter is not None and
+               engine.pool.state(r.adapter) is not resident)

@@ -85,7 +85,7 @@ class EngineService:
         self.token_texts = {skip: choices.TokenTexts(self.engine.tokenizer, skip) for skip in (True, False)}  # logprobs
         self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
-        self.metrics_ = ServerMetrics(async_engine)
+        self.metrics_ = ServerMetrics(async_engine, served_name)
         self.runs = Runs(async_engine)
         self.admin = AdapterAdmin(async_engine, served_name, adapter_roots, unload_timeout_s)
         add_gateway_metrics(self.metrics_.registry, async_engine, served_name)

@@ -15,6 +15,7 @@ chunk that sends its text).
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import replace
 
 from caraserve.request import FinishReason, RequestOutput
@@ -244,6 +245,44 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
             state["sent"] = len(out.output_ids)
             return proto.completion_chunk(rid, model, text, finish, index, logprobs, created,
                                           out.stop_reason if out.finished else None)
+        return chunk
+    return chunker
+
+
+def tool_call_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], forced):
+    """streaming.Chunker of a chat completion whose output is a forced tool call (ForcedTools): a
+    named function's call streams as deltas of its `arguments` (OpenAI's form: the first delta
+    names the call), tool_choice "required"'s list comes whole in the last chunk (its calls are
+    known once the list is). An output that is no whole call (max_tokens cut it) ends with its
+    text as content."""
+    created = int(time.time())
+
+    def chunker(index: int):
+        state = {"sent": 0, "text": "", "call_id": None}
+
+        def chunk(out: RequestOutput | None, finish: str | None) -> dict | None:
+            if out is None:
+                return proto.chat_chunk(rid, model, {}, None, index, created=created)
+            state["text"] += out.new_text
+            logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
+            state["sent"] = len(out.output_ids)
+            delta: dict = {}
+            if forced.name is not None and (out.new_text or state["call_id"] is None):
+                call = {"index": 0, "function": {"arguments": out.new_text}}
+                if state["call_id"] is None:
+                    state["call_id"] = f"chatcmpl-tool-{uuid.uuid4().hex}"
+                    call.update(id=state["call_id"], type="function")
+                    call["function"]["name"] = forced.name
+                delta = {"tool_calls": [call]}
+            elif out.finished and forced.name is None:
+                calls = forced.calls(state["text"])
+                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else \
+                    {"content": state["text"]}
+                finish = forced.finish_reason(finish, calls) if finish else finish
+            if not delta and not out.finished:
+                return None
+            return proto.chat_chunk(rid, model, delta, finish, index, logprobs, created,
+                                    out.stop_reason if out.finished else None)
         return chunk
     return chunker
 

@@ -13,9 +13,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from caraserve.request import RequestError
-from caraserve.structured_output import StructuredOutputs
-
 # Strict types: JSON true is not 1, "0.5" is not a number, 1.0 is not a token id (as OpenAI's
 # API). Ranges are checked by SamplingParams and the engine, with the field named.
 _STRICT = ConfigDict(extra="ignore", strict=True)
@@ -88,24 +85,42 @@ class _Sampling(BaseModel):
     function_call: str | dict | None = None
     best_of: int | None = None  # only as many as n: every completion made is returned
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value):
+    def _no_function_call(cls, value):
         if value != "none":
-            raise ValueError(f"{value!r} is not supported: tool calling is not supported by this server (only 'none')")
+            raise ValueError(f"{value!r} is not supported: send tools with tool_choice 'required' or a named function "
+                             "for a forced call (function_call takes only 'none')")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_form(cls, value):
+        named = isinstance(value, dict) and value.get("type") == "function" and isinstance(
+            value.get("function"), dict) and isinstance(value["function"].get("name"), str)
+        if value not in ("none", "auto", "required") and not named:
+            raise ValueError(f"{value!r} is not a tool_choice: 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'function': {'name': ...}}")
         return value
 
     @model_validator(mode="after")
     def _tools_only_listed(self) -> _Sampling:
-        """Tools are taken only where the model is told not to call them (chat, tool_choice
-        "none"): the chat template renders them into the prompt, as vLLM's server does. Calls
-        cannot be served: no tool-call parser here."""
-        for listed, choice, choice_name in (("tools", self.tool_choice, "tool_choice"),
-                                            ("functions", self.function_call, "function_call")):
-            if getattr(self, listed) and (choice != "none" or not isinstance(self, ChatCompletionRequest)):
-                raise ValueError(f"{listed}: tool calling is not supported by this server ({listed} are taken "
-                                 f"only on chat completions with {choice_name}: 'none', which renders them into "
-                                 "the prompt through the chat template)")
+        """Tools are taken on chat completions, where the chat template renders them into the
+        prompt (as vLLM's server does), with a tool_choice this server serves: 'none', or a call
+        it forces through a grammar ('required', a named function: caraserve.serve.constraints).
+        'auto', OpenAI's default with tools, would need a parser of the model's own call syntax."""
+        if (self.tools or self.functions) and not isinstance(self, ChatCompletionRequest):
+            raise ValueError("tools and functions are taken on chat completions only")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools (as vLLM's)")
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise ValueError("tool_choice 'auto' (the default with tools) is not supported: it needs a parser of the "
+                             "model's tool-call syntax, which this server has not. Send tool_choice 'required' or a "
+                             "named function (the output is constrained to the call), or 'none' (the tools reach "
+                             "the chat template only)")
+        if self.functions and self.function_call != "none":
+            raise ValueError("functions are taken with function_call 'none' only (for a forced call, send tools "
+                             "with tool_choice 'required' or a named function)")
         return self
 
     def continuous_usage(self, include_usage: bool) -> bool:
@@ -140,36 +155,6 @@ class _Sampling(BaseModel):
             raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
                              "returned (best_of may only equal n)")
         return self
-
-
-def structured_outputs(body: _Sampling) -> StructuredOutputs | None:
-    """The body's structured output, from whichever field names it: response_format (OpenAI's:
-    type text, json_object or json_schema with json_schema.schema), structured_outputs (vLLM's)
-    or guided_json / guided_regex / guided_choice / guided_grammar (vLLM's older names). More
-    than one is a RequestError, as is a form this server does not serve."""
-    given = {}
-    if body.response_format is not None:
-        kind, spec = body.response_format.get("type"), body.response_format.get("json_schema")
-        if kind == "json_object":
-            given["response_format"] = {"json_object": True}
-        elif kind == "json_schema":
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
-                raise RequestError("response_format: type 'json_schema' needs json_schema.schema, a JSON schema")
-            given["response_format"] = {"json": spec["schema"] if spec["schema"] is not True else {}}
-        elif kind != "text":
-            raise RequestError(f"response_format: type {kind!r} is not supported (text, json_object, json_schema)")
-    if body.structured_outputs is not None:
-        given["structured_outputs"] = body.structured_outputs
-    for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                        ("guided_grammar", "grammar")):
-        if getattr(body, name) is not None:
-            given[name] = {field: getattr(body, name)}
-    if len(given) > 1:
-        raise RequestError(f"structured outputs: give one of response_format, structured_outputs and the guided_* "
-                           f"fields (got {', '.join(given)})")
-    if body.guided_decoding_backend not in (None, "auto", "xgrammar"):
-        raise RequestError(f"guided_decoding_backend {body.guided_decoding_backend!r} is not served here (xgrammar)")
-    return StructuredOutputs.of(next(iter(given.values()))) if given else None
 
 
 # Fields of vLLM's and OpenAI's APIs that would change the answer and are not served here:
@@ -366,13 +351,15 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None, index:
                          "stop_reason": stop_reason}]}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str | None, dict | None, str | int | None]],
-                  prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """choices: (text, finish_reason, logprobs, stop_reason) of each of the n completions."""
+def chat_response(rid: str, model: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int,
+                  cached_tokens: int = 0) -> dict:
+    """choices: (text, finish_reason, logprobs, stop_reason, tool calls or None) of each of the n
+    completions; a message with tool calls has no content (null), as OpenAI's."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text} if not calls else
+                         {"role": "assistant", "content": None, "tool_calls": calls},
                          "finish_reason": finish, "logprobs": logprobs, "stop_reason": stop_reason}
-                        for i, (text, finish, logprobs, stop_reason) in enumerate(choices)],
+                        for i, (text, finish, logprobs, stop_reason, calls) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 

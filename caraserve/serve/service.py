@@ -25,6 +25,7 @@ from caraserve.serve import choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.adapter_admin import AdapterAdmin
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
+from caraserve.serve.constraints import ForcedTools, structured_outputs
 from caraserve.serve.gateway_metrics import add_gateway_metrics
 from caraserve.serve.http import (
     AdapterCapacity,
@@ -140,7 +141,7 @@ class EngineService:
             logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
             cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens)
         try:  # what the body leaves out of the model's sampling defaults comes from them
-            values["structured_outputs"] = proto.structured_outputs(body)
+            values["structured_outputs"] = structured_outputs(body)
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
             self.engine.check_params(params)
             if params.structured_outputs is not None:
@@ -300,13 +301,18 @@ class EngineService:
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only, received)
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
+        forced = ForcedTools.of(body)  # (checked with the params above)
         if body.stream:
-            chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed)
+            chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed) \
+                if forced is None else choices.tool_call_chunker(answer_id or rid, body.model, self._texts(body), ids,
+                                                                 forced)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [(echoed + o.text, o.finish_reason.openai, choices.chat_logprobs(self._texts(body), o, ids),
-                    o.stop_reason) for o in outs]
+        calls = [forced.calls(o.text) if forced is not None else None for o in outs]
+        answers = [(echoed + o.text, o.finish_reason.openai if forced is None else
+                    forced.finish_reason(o.finish_reason.openai, c), choices.chat_logprobs(self._texts(body), o, ids),
+                    o.stop_reason, c) for o, c in zip(outs, calls)]
         return proto.chat_response(answer_id or rid, body.model, answers, len(ids),
                                    sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from caraserve.request import SamplingParams
-from caraserve.structured_output import mask_logits
+from caraserve.structured_output import GrammarConflict, conflicts, mask_logits
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -120,6 +120,18 @@ def sample(
         logits = adjust_logits(logits, params, histories, eos_ids)
     if grammars is not None and any(g is not None for g in grammars):
         logits = mask_logits(logits.clone() if logits is raw else logits, grammars, raw)
+    try:
+        return _choose(logits, raw, params, generators)
+    except NonFiniteLogits as e:  # rows with nothing to sample: those a grammar emptied are the caller's
+        emptied = conflicts(logits, grammars, e.rows)
+        if emptied:
+            raise GrammarConflict(emptied) from None
+        raise
+
+
+def _choose(logits: torch.Tensor, raw: torch.Tensor, params: list[SamplingParams],
+            generators: list[torch.Generator | None]) -> tuple[list[int], list[float], list[tuple]]:
+    """`sample` from logits ready to sample (raw: the model's own, for the logprobs)."""
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if not sampled and not wanted and logits.device.type == "cpu":

@@ -226,8 +226,8 @@ def mask_logits(logits: torch.Tensor, grammars: list[Grammar | None], unadjusted
         logits[i, t] = -inf     for every token t the grammar does not allow next
     and where that leaves row i nothing to sample while its grammar is complete (its end is all
     it allows, and min_tokens' ban on EOS took that), logits[i, s] = unadjusted[i, s] for its
-    stop tokens s: a complete output ends, as it does with ignore_eos. GrammarConflict for the
-    rows still left with nothing (every logit -inf)."""
+    stop tokens s: a complete output ends, as it does with ignore_eos. A row still left with
+    nothing is found when sampling finds no token (`conflicts`)."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return logits
@@ -251,12 +251,15 @@ def mask_logits(logits: torch.Tensor, grammars: list[Grammar | None], unadjusted
         xgr.apply_token_bitmask_inplace(rows_of, bitmask.to(logits.device, non_blocking=True), indices=rows)
         if rows_of is not logits:
             logits.copy_(rows_of)
-    idx = torch.tensor(rows, device=logits.device)
-    empty = [i for i, e in zip(rows, torch.isneginf(logits.index_select(0, idx).amax(-1)).tolist()) if e]
-    for i in [i for i in empty if unadjusted is not None and grammars[i].completed]:
-        stops = torch.tensor(grammars[i].stop_token_ids, device=logits.device)
-        logits[i, stops] = unadjusted[i, stops]
-    conflicts = [i for i in empty if bool(torch.isneginf(logits[i].amax()))]
-    if conflicts:
-        raise GrammarConflict(conflicts)
+    for i in rows:  # (a complete grammar is the rare case: only its rows are looked at)
+        if unadjusted is not None and grammars[i].completed and bool(torch.isneginf(logits[i]).all()):
+            stops = torch.tensor(grammars[i].stop_token_ids, device=logits.device)
+            logits[i, stops] = unadjusted[i, stops]
     return logits
+
+
+def conflicts(logits: torch.Tensor, grammars: list[Grammar | None] | None, rows: list[int]) -> list[int]:
+    """Of rows that had no token to sample, those whose grammar left them nothing (every logit
+    -inf, not NaN): the sampler's GrammarConflict, told apart only when sampling finds no token."""
+    return [i for i in rows if grammars is not None and grammars[i] is not None
+            and bool(torch.isneginf(logits[i].float()).all())]

@@ -19,6 +19,7 @@ from caraserve.engine import Engine
 from caraserve.model.tiny import tiny_paths
 from caraserve.offline import run_offline
 from caraserve.request import ErrorCause, FinishReason, RequestError, SamplingParams
+from caraserve.sampler import NonFiniteLogits, sample
 from caraserve.structured_output import GrammarConflict, StructuredOutputs, choice_grammar, mask_logits
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
@@ -191,9 +192,15 @@ def test_mask_logits_masks_only_the_rows_with_a_grammar(engine):
     assert out is logits and torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     keep = allowed(reference_matcher(engine, SPECS["choice"]), logits.shape[1])
     assert torch.equal(torch.isfinite(logits[1]), keep) and torch.equal(logits[1][keep], before[1][keep])
+    emptied = torch.where(keep, float("-inf"), 0.0).repeat(2, 1)  # row 1: every token its grammar allows banned
+    params = [SamplingParams(temperature=0)] * 2
     with pytest.raises(GrammarConflict, match="allows no token") as conflict:
-        mask_logits(torch.where(keep, float("-inf"), 0.0).repeat(2, 1), [None, g])
+        sample(emptied, params, [None, None], grammars=[None, g])
     assert conflict.value.rows == [1]
+    nan = emptied.clone()
+    nan[1] = float("nan")
+    with pytest.raises(NonFiniteLogits):  # NaN logits are not the grammar's doing
+        sample(nan, params, [None, None], grammars=[None, g])
     strided = before.t().contiguous().t()  # not contiguous: xgrammar's own form of the mask
     assert not strided.is_contiguous()
     assert torch.equal(mask_logits(strided, [None, g, None]), logits)

@@ -250,39 +250,42 @@ def completion_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list
 
 
 def tool_call_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], forced):
-    """streaming.Chunker of a chat completion whose output is a forced tool call (ForcedTools): a
-    named function's call streams as deltas of its `arguments` (OpenAI's form: the first delta
-    names the call), tool_choice "required"'s list comes whole in the last chunk (its calls are
-    known once the list is). An output that is no whole call (max_tokens cut it) ends with its
-    text as content."""
+    """streaming.Chunker of a chat completion whose output is a forced tool call (ForcedTools),
+    in OpenAI's form: a named function's call streams as deltas of its `arguments` (the first
+    delta names the call); tool_choice "required"'s calls each in one delta once it is whole;
+    the finish reason in a chunk of its own. What is streamed adds up to the whole answer."""
     created = int(time.time())
 
     def chunker(index: int):
-        state = {"sent": 0, "text": "", "call_id": None}
+        state = {"sent": 0, "text": "", "calls": 0, "call_id": None}
 
         def chunk(out: RequestOutput | None, finish: str | None) -> dict | None:
             if out is None:
                 return proto.chat_chunk(rid, model, {}, None, index, created=created)
             state["text"] += out.new_text
-            logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
-            state["sent"] = len(out.output_ids)
-            delta: dict = {}
-            if forced.name is not None and (out.new_text or state["call_id"] is None):
+            calls = []
+            if forced.name is not None and (out.new_text or (state["call_id"] is None and out.finished)):
                 call = {"index": 0, "function": {"arguments": out.new_text}}
                 if state["call_id"] is None:
                     state["call_id"] = f"chatcmpl-tool-{uuid.uuid4().hex}"
                     call.update(id=state["call_id"], type="function")
                     call["function"]["name"] = forced.name
-                delta = {"tool_calls": [call]}
-            elif out.finished and forced.name is None:
-                calls = forced.calls(state["text"])
-                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else \
-                    {"content": state["text"]}
-                finish = forced.finish_reason(finish, calls) if finish else finish
-            if not delta and not out.finished:
-                return None
-            return proto.chat_chunk(rid, model, delta, finish, index, logprobs, created,
-                                    out.stop_reason if out.finished else None)
+                calls = [call]
+            elif forced.name is None:
+                whole = forced.calls(state["text"])
+                calls = [{"index": state["calls"] + i, **c} for i, c in enumerate(whole[state["calls"]:])]
+                state["calls"] = len(whole)
+            if not calls and not out.finished:
+                return None  # (its tokens' logprobs go with the next chunk sent)
+            logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
+            state["sent"] = len(out.output_ids)
+            finish = forced.finish_reason(finish) if finish else None
+            stop_reason = out.stop_reason if out.finished else None
+            if not calls:
+                return proto.chat_chunk(rid, model, {}, finish, index, logprobs, created, stop_reason)
+            body = proto.chat_chunk(rid, model, {"tool_calls": calls}, None, index, logprobs, created)
+            return body if finish is None else [body, proto.chat_chunk(rid, model, {}, finish, index, None, created,
+                                                                       stop_reason)]
         return chunk
     return chunker
 

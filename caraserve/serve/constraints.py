@@ -24,11 +24,12 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 @dataclass(frozen=True)
 class ForcedTools:
     """A chat call's forced tool calls: `name` the named function's (None: tool_choice
-    "required": one or more calls of any listed tool); `tools` each listed function's (name,
-    parameters schema as JSON text)."""
+    "required": calls of any listed tool, at most one unless `parallel`); `tools` each listed
+    function's (name, parameters schema as JSON text)."""
 
     tools: tuple[tuple[str, str], ...]
     name: str | None
+    parallel: bool = True
 
     @classmethod
     def of(cls, body) -> ForcedTools | None:
@@ -45,8 +46,11 @@ class ForcedTools:
                 raise RequestError(f"tools[{i}]: a tool is {{'type': 'function', 'function': {{'name': ..., "
                                    "'parameters': {...}}}")
             parameters = function.get("parameters", NO_PARAMETERS)
-            if not isinstance(parameters, dict):
-                raise RequestError(f"tools[{i}].function.parameters must be a JSON schema (an object)")
+            if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+                raise RequestError(f"tools[{i}].function.parameters must be a JSON schema of an object (the "
+                                   "arguments)")
+            if function["name"] in dict(tools):
+                raise RequestError(f"tools[{i}]: a second function named {function['name']!r}")
             tools.append((function["name"], json.dumps(parameters)))
         if not tools:
             raise RequestError(f"tool_choice {choice!r} needs tools to call")
@@ -55,38 +59,64 @@ class ForcedTools:
                                f"({', '.join(n for n, _ in tools)})")
         if getattr(body, "echo", False):
             raise RequestError("echo cannot be combined with a forced tool call (the answer is the call)")
-        return cls(tuple(tools), name)
+        return cls(tuple(tools), name, getattr(body, "parallel_tool_calls", True) is not False)
 
     def spec(self) -> StructuredOutputs:
-        """The grammar of the output: the named function's arguments, or the list of calls."""
+        """The grammar of the output: the named function's arguments, or the list of calls, whose
+        functions' definitions ($defs, definitions) move to the list's root, where their
+        references ("#/$defs/...") point (RequestError when two functions define one name apart)."""
         if self.name is not None:  # (compact JSON: no whitespace for a weak model to loop on)
             return StructuredOutputs(json=dict(self.tools)[self.name], disable_any_whitespace=True)
-        calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
-                                                   "parameters": json.loads(parameters)},
-                  "required": ["name", "parameters"], "additionalProperties": False}
-                 for name, parameters in self.tools]
-        return StructuredOutputs(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}},
-                                 disable_any_whitespace=True)
+        calls, shared = [], {}
+        for name, text in self.tools:
+            parameters = json.loads(text)
+            for key in ("$defs", "definitions"):
+                for ref, schema in (parameters.pop(key, None) or {}).items():
+                    if shared.setdefault(key, {}).setdefault(ref, schema) != schema:
+                        raise RequestError(f"tools: two functions define {key}/{ref} differently (function {name!r})")
+            calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                                           "parameters": parameters},
+                          "required": ["name", "parameters"], "additionalProperties": False})
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **shared}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutputs(json=schema, disable_any_whitespace=True)
 
-    def calls(self, text: str) -> list[dict] | None:
-        """The output's tool calls in OpenAI's form ({"id", "type": "function", "function":
-        {"name", "arguments": JSON text}}), or None when the text is not a whole call (max_tokens
-        or a stop string cut it: the answer then carries the text as its content)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if self.name is not None:  # its arguments as the model wrote them
+    def calls(self, text: str) -> list[dict]:
+        """The output's whole calls in OpenAI's form ({"id", "type": "function", "function":
+        {"name", "arguments": JSON text}}): a named function's one call, its arguments as the
+        model wrote them (cut short when max_tokens or a stop string cut them, as vLLM's); of
+        tool_choice "required"'s list, the calls it holds whole."""
+        if self.name is not None:
             pairs = [(self.name, text.strip())]
         else:
-            pairs = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
-        return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-                 "function": {"name": name, "arguments": arguments}} for name, arguments in pairs]
+            pairs = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in whole_calls(text)]
+        return [tool_call(name, arguments) for name, arguments in pairs]
 
-    def finish_reason(self, finish: str, calls: list[dict] | None) -> str:
-        """OpenAI's: "tool_calls" when tool_choice "required" made calls; a named function's
-        call finishes as "stop" (its output's own reason)."""
-        return "tool_calls" if calls and self.name is None else finish
+    def finish_reason(self, finish: str) -> str:
+        """OpenAI's: "tool_calls" when tool_choice "required"'s list ended; a named function's
+        call, and a list cut short, finish with their output's own reason ("stop", "length")."""
+        return "tool_calls" if self.name is None and finish == "stop" else finish
+
+
+def tool_call(name: str, arguments: str) -> dict:
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def whole_calls(text: str) -> list[dict]:
+    """The whole JSON values at the start of a JSON list's text so far ('[{...}, {...}, {"na'
+    holds two): what a stream of tool_choice "required" can send, and all that a cut list holds."""
+    decoder, at, values = json.JSONDecoder(), text.find("[") + 1, []
+    while at > 0:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            break
+        values.append(value)
+    return values
 
 
 def structured_outputs(body) -> StructuredOutputs | None:

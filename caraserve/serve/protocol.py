@@ -248,6 +248,7 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: bool = False  # the answer continues the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     reasoning_effort: str | None = None  # OpenAI's; a template variable (as vLLM passes it)
+    parallel_tool_calls: bool = True  # false: tool_choice "required" makes one call
     add_special_tokens: bool = False  # the template writes BOS itself
 
     @model_validator(mode="after")
@@ -354,9 +355,10 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None, index:
 def chat_response(rid: str, model: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int,
                   cached_tokens: int = 0) -> dict:
     """choices: (text, finish_reason, logprobs, stop_reason, tool calls or None) of each of the n
-    completions; a message with tool calls has no content (null), as OpenAI's."""
+    completions; a forced call's message has its calls (None: not one) and no content (null),
+    as OpenAI's."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text} if not calls else
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text} if calls is None else
                          {"role": "assistant", "content": None, "tool_calls": calls},
                          "finish_reason": finish, "logprobs": logprobs, "stop_reason": stop_reason}
                         for i, (text, finish, logprobs, stop_reason, calls) in enumerate(choices)],

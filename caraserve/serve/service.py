@@ -309,10 +309,9 @@ class EngineService:
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
-        calls = [forced.calls(o.text) if forced is not None else None for o in outs]
         answers = [(echoed + o.text, o.finish_reason.openai if forced is None else
-                    forced.finish_reason(o.finish_reason.openai, c), choices.chat_logprobs(self._texts(body), o, ids),
-                    o.stop_reason, c) for o, c in zip(outs, calls)]
+                    forced.finish_reason(o.finish_reason.openai), choices.chat_logprobs(self._texts(body), o, ids),
+                    o.stop_reason, None if forced is None else forced.calls(o.text)) for o in outs]
         return proto.chat_response(answer_id or rid, body.model, answers, len(ids),
                                    sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 

@@ -19,11 +19,12 @@ from caraserve.request import ErrorCause, RequestOutput
 from caraserve.serve import protocol as proto
 from caraserve.serve.choices import usage_counts
 
-# chunker(index) -> chunk(output, finish_reason) -> the chunk's JSON body, or None when the output
-# has nothing to send yet (its text held back); chunk(None, None) is an empty chunk, the usage
+# chunker(index) -> chunk(output, finish_reason) -> the chunk's JSON body (or a list of bodies), or
+# None when the output has nothing to send yet (its text held back); chunk(None, None) is an empty
+# chunk (one body), the usage
 # chunk's form. One function per choice, so a choice's chunks can carry what only its first does
 # (the chat role, an echoed prompt) and what earlier outputs left (their tokens' logprobs).
-Chunker = Callable[[int], Callable[[RequestOutput | None, str | None], dict | None]]
+Chunker = Callable[[int], Callable[[RequestOutput | None, str | None], dict | list[dict] | None]]
 
 
 def error_kind(out: RequestOutput) -> tuple[int, str]:
@@ -37,6 +38,12 @@ def error_kind(out: RequestOutput) -> tuple[int, str]:
     if out.error_cause is ErrorCause.SHUTDOWN:  # (a client or router may send it again elsewhere)
         return 503, "service_unavailable"
     return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
+
+
+def _bodies(body: dict | list[dict] | None) -> list[dict]:
+    """A chunker's answer as the chunks to send (none, one, or several: a forced tool call's last
+    call and, apart, its finish reason)."""
+    return [] if body is None else body if isinstance(body, list) else [body]
 
 
 def _sse(body: dict) -> str:
@@ -75,8 +82,7 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
                 yield _sse(body)
             latest[i] = out
             finish = out.finish_reason.openai if out.finished else None
-            body = chunks[i](out, finish)
-            if body is not None:
+            for body in _bodies(chunks[i](out, finish)):
                 if final_usage:
                     body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens) \
                         if continuous else None

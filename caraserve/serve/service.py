@@ -93,6 +93,9 @@ class EngineService:
         async_engine.on_output = self.metrics_.observe
         # inputs are tokenized and templated here, off the event loop, one at a time (a tokenizer is not shared)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caraserve-tokenize")
+        # structured outputs' grammars compile here: a few slow compiles wait for each other
+        # rather than taking every thread of the loop's default executor (adapter reads, resolves)
+        self._grammar_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="caraserve-grammar")
 
     def count_rejection(self, reason: str) -> None:
         """A generation request refused before it reached the engine (http.install_error_handlers)."""
@@ -145,7 +148,7 @@ class EngineService:
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
             self.engine.check_params(params)
             if params.structured_outputs is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.compile,
+                await asyncio.get_running_loop().run_in_executor(self._grammar_threads, self.engine.grammars.compile,
                                                                  params.structured_outputs)
             return params
         except RequestError as e:

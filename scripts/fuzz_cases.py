@@ -132,7 +132,28 @@ def bad_variants(ctx: Ctx, rng: random.Random) -> list[Case]:
         ("huge:body_5MB", "/v1/completions", with_fields(cmpl, prompt="a" * BIG_BODY)))]
     out.append(Case("huge:chunked_5MB", "bad", "/v1/completions", dumps(with_fields(cmpl, prompt="a" * BIG_BODY)),
                     chunked=True, heavy=True))
-    return out + encoding_variants(cmpl) + header_variants(cmpl) + admin_variants(ctx)
+    return out + encoding_variants(cmpl) + header_variants(cmpl) + admin_variants(ctx) + constraint_variants(cmpl, chat)
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                      "properties": {"a": {"enum": [1, 2]}}}}}]
+
+
+def constraint_variants(cmpl: dict, chat: dict) -> list[Case]:
+    """Structured outputs and forced tool calls that cannot be served: each a 4xx naming why."""
+    bad = [("guided_regex", "([a"), ("guided_regex", 5), ("guided_choice", []), ("guided_choice", "ab"),
+           ("guided_choice", [""]), ("guided_json", {"type": "nosuchtype"}), ("guided_json", "{"),
+           ("guided_grammar", "root ::= "), ("structured_outputs", {"regex": "a", "json": "{}"}),
+           ("structured_outputs", {"nosuchkind": 1}), ("structured_outputs", "a+"),
+           ("response_format", {"type": "xml"}), ("response_format", {"type": "json_schema"}),
+           ("guided_decoding_backend", "outlines")]
+    out = [jcase(f"constraint:cmpl.{name}", "/v1/completions", with_fields(cmpl, **{name: v})) for name, v in bad]
+    calls = [dict(tools=TOOLS), dict(tools=TOOLS, tool_choice="auto"), dict(tool_choice="required"),
+             dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}),
+             dict(tools=TOOLS, tool_choice="required", guided_regex="a"), dict(tools=TOOLS * 2, tool_choice="required"),
+             dict(tools=[{"type": "function", "function": {"name": "f", "parameters": 1}}], tool_choice="required"),
+             dict(tools=TOOLS, tool_choice={"type": "function"})]
+    return out + [jcase("constraint:chat.tool_choice", "/v1/chat/completions", with_fields(chat, **kw)) for kw in calls]
 
 
 def encoding_variants(cmpl: dict) -> list[Case]:
@@ -208,7 +229,10 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("stream_options_bad", dict(stream=True, stream_options="yes")),
          ("stream_usage", dict(stream=True, stream_options={"include_usage": True})),
          ("max_tokens_fill_context", dict(prompt=ids, max_tokens=ctx.max_len - len(ids), temperature=0)),
-         ("no_model", dict(model=MISSING))]
+         ("no_model", dict(model=MISSING)),
+         ("guided_regex", dict(guided_regex="[a-z]{1,5}")), ("guided_choice_logprobs", dict(guided_choice=["a", "b"],
+                                                                                            logprobs=2)),
+         ("structured_json_ignore_eos", dict(structured_outputs={"json_object": True}, ignore_eos=True))]
     out = [jcase(f"border:cmpl.{n}", "/v1/completions", with_fields(cmpl, **kw), "border") for n, kw in c]
     parts = [{"type": "text", "text": "Hi"}, {"type": "image_url"}]
     h = [("chat_parts", dict(messages=[{"role": "user", "content": parts}])),
@@ -218,7 +242,14 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("chat_both_limits", dict(max_tokens=4, max_completion_tokens=6)),
          ("chat_no_max_tokens", dict(max_tokens=MISSING)), ("chat_stream", dict(stream=True)),
          ("chat_unknown_role", dict(messages=[{"role": "nobody", "content": "x"}])),
-         ("chat_no_model", dict(model=MISSING))]
+         ("chat_no_model", dict(model=MISSING)),
+         ("chat_json_object", dict(response_format={"type": "json_object"}, max_tokens=16)),
+         ("chat_json_schema_stream", dict(stream=True, response_format={"type": "json_schema", "json_schema": {
+             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}})),
+         ("chat_tool_required", dict(tools=TOOLS, tool_choice="required")),
+         ("chat_tool_named_stream", dict(stream=True, tools=TOOLS,
+                                         tool_choice={"type": "function", "function": {"name": "f"}})),
+         ("chat_guided_choice_n", dict(guided_choice=["yes", "no"], n=2, temperature=1, seed=3))]
     out += [jcase(f"border:{n}", "/v1/chat/completions", with_fields(chat, **kw), "border") for n, kw in h]
     body = dumps(with_fields(cmpl, temperature=0))
     return out + [

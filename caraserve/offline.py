@@ -2,8 +2,8 @@
 
 Input line: {"id", "prompt" | "prompt_token_ids", "adapter", and sampling fields named as in the
 OpenAI API (max_tokens, temperature, top_p, seed, stop, logprobs, n, ...) plus vLLM's (top_k,
-min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, structured_outputs, ...):
-`SAMPLING_FIELDS`}. Output
+min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, ...): `SAMPLING_FIELDS`; a
+structured output as the server takes it: response_format, structured_outputs, guided_*}. Output
 line: {"id", "text", "token_ids", "finish_reason", "stop_reason"} (with n > 1: {"id", "choices":
 [one such object without "id" per completion]}) or {"id", "error"}.
 One bad line yields an error line and never stops the others; a blank line is skipped and counted.
@@ -17,16 +17,21 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from caraserve.lora.checkpoint import AdapterError
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import RequestError, SamplingParams, choice_params
+from caraserve.serve.constraints import structured_outputs
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "n", "logprobs", "top_logprobs",
                    "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-                   "logit_bias", "allowed_token_ids", "structured_outputs")
-KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS}
+                   "logit_bias", "allowed_token_ids")
+# a structured output, in any of the server's forms (caraserve.serve.constraints): at most one
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", "guided_decoding_backend")
+KNOWN_FIELDS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_FIELDS, *CONSTRAINT_FIELDS}
 
 
 @dataclass
@@ -120,6 +125,14 @@ def parse_line(line: str, number: int, defaults: dict | None = None) -> tuple[ob
     if adapter is not None and not isinstance(adapter, str):
         raise bad("'adapter' must be a name or null")
     kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj and obj[k] is not None}
+    if any(obj.get(k) is not None for k in CONSTRAINT_FIELDS):
+        if obj.get("response_format") is not None and not isinstance(obj["response_format"], dict):
+            raise bad("'response_format' must be an object")
+        try:
+            kwargs["structured_outputs"] = structured_outputs(SimpleNamespace(**{k: obj.get(k) for k in
+                                                                                 CONSTRAINT_FIELDS}))
+        except RequestError as e:
+            raise bad(str(e)) from None
     lp = kwargs.get("logprobs")
     if type(lp) is int:  # the completions API's form: N alternatives with each token
         if kwargs.get("top_logprobs", lp) != lp:

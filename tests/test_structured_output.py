@@ -311,10 +311,17 @@ def test_offline_lines_take_structured_outputs(engine):
              json.dumps({"id": "b", "prompt": "x", "max_tokens": 30, "structured_outputs": {"regex": "("}}),
              json.dumps({"id": "c", "prompt": "x", "max_tokens": 30,
                          "structured_outputs": {"regex": "a", "json": "{}"}})]
+    lines += [json.dumps({"id": "d", "prompt": "x", "max_tokens": 30, "temperature": 0, "guided_choice": ["ab", "cd"]}),
+              json.dumps({"id": "e", "prompt": "x", "max_tokens": 30, "temperature": 0,
+                          "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
+                          "guided_regex": "a"}),
+              json.dumps({"id": "f", "prompt": "x", "max_tokens": 30, "response_format": "json"})]
     results, _ = run_offline(engine, lines)
     by_id = {r["id"]: r for r in results}
     assert by_id["a"]["text"] in ("yes", "no") and by_id["a"]["finish_reason"] == "stop"
     assert "regex does not compile" in by_id["b"]["error"] and "exactly one" in by_id["c"]["error"]
+    assert by_id["d"]["text"] in ("ab", "cd")  # the server's forms too
+    assert "response_format, guided_regex" in by_id["e"]["error"] and "must be an object" in by_id["f"]["error"]
 
 
 def test_without_xgrammar_a_structured_request_says_why(engine, monkeypatch):

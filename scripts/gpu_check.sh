@@ -9,7 +9,8 @@
 # variants: the floor steps now capture their graphs instead, and the compiled comparison comes
 # later. Steps:
 #   tests     the GPU tests (Triton kernels compiled for the device, CUDA engine == CPU engine,
-#             CUDA-graph decode == eager and actually graphed, async adapter copies)
+#             CUDA-graph decode == eager and actually graphed, async adapter copies; structured
+#             outputs' CUDA mask where xgrammar imports: the device image lacks it, carry its wheel)
 #   floor     decode step vs the memory floor on a Llama-2-7B-shaped model with random bf16
 #             weights made on the GPU, 32 adapters of ranks 8-64 on all seven projections, batch 32
 #             (CUDA graphs captured over the eager forward, and eager; LoRA and base); floor128:

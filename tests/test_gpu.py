@@ -177,3 +177,21 @@ def test_cuda_kv_cache_is_sized_from_the_memory_left(small):
         del e
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_structured_outputs_on_cuda_match_cpu():
+    """xgrammar's mask of CUDA logits (its kernel) against the CPU form, greedy, with adapters."""
+    pytest.importorskip("xgrammar")  # (not in every GPU image: carry its wheel)
+    from caraserve.structured_output import StructuredOutputs
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    specs = [StructuredOutputs(regex=r"[a-z]{3}-\d{2}"), StructuredOutputs(choice=("yes", "no", "maybe")),
+             StructuredOutputs(json=schema, disable_any_whitespace=True)]
+    params = [SamplingParams(max_tokens=24, temperature=0, structured_outputs=s) for s in specs]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        e = Engine(EngineConfig(device=device, compile="false", max_batch_size=4, max_seq_len=256,
+                                adapters=AdapterConfig(dir="demo")))
+        outs[device] = [r.output_ids for r in e.generate(["x = "] * 3, params, [None, "demo-r8", "demo-r16"])]
+    assert outs["cuda"] == outs["cpu"]

@@ -191,6 +191,22 @@ def test_the_start_up_collection_runs_no_gc_callback():
         gc.unfreeze()
 
 
+def test_a_monitor_dropped_in_a_collection_leaves_the_next_monitor_its_timing():
+    """A monitor that goes in a collection (a reference cycle held it) must not make the
+    collection skip the next monitor's callback (it did when the callback removed itself)."""
+    pauses: list[int] = []
+    dropped = GcMonitor(lambda gen, s: None)
+    kept = GcMonitor(lambda gen, s: pauses.append(gen))
+    try:
+        cycle: list = [dropped]
+        cycle.append(cycle)
+        del dropped, cycle
+        gc.collect()  # frees the first monitor mid-collection
+        assert pauses[-1:] == [2] and len([c for c in gc.callbacks if c is kept._callback]) == 1
+    finally:
+        kept.close()
+
+
 def test_a_dropped_monitor_leaves_no_callback():
     before = len(gc.callbacks)
     GcMonitor(lambda gen, s: None)

@@ -87,7 +87,9 @@ def freeze_startup_heap() -> int:
 class GcMonitor:
     """Calls observe(generation, seconds) after every collection, from the thread that collected.
     Registered in gc.callbacks through a weak reference, so a monitor that is dropped (or closed)
-    leaves no callback behind."""
+    leaves no callback behind: its finalizer takes the callback out, never the callback itself
+    (a collection calls gc.callbacks by index, and one that removed itself would make it skip the
+    next, another monitor's)."""
 
     def __init__(self, observe):
         self._observe = observe
@@ -96,13 +98,12 @@ class GcMonitor:
 
         def callback(phase: str, info: dict) -> None:
             monitor = ref()
-            if monitor is None:
-                gc.callbacks.remove(callback)
-                return
-            monitor._on(phase, info)
+            if monitor is not None:
+                monitor._on(phase, info)
 
         self._callback = callback
         gc.callbacks.append(callback)
+        weakref.finalize(self, _forget, callback)
 
     def _on(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -112,5 +113,9 @@ class GcMonitor:
             self._observe(info.get("generation", -1), seconds)
 
     def close(self) -> None:
-        if self._callback in gc.callbacks:
-            gc.callbacks.remove(self._callback)
+        _forget(self._callback)
+
+
+def _forget(callback) -> None:
+    if callback in gc.callbacks:
+        gc.callbacks.remove(callback)

@@ -303,6 +303,7 @@ class ServerConfig:
     heap_trim_s: the engine thread hands the C heap's free pages back to the system when it goes
     idle and after every this many seconds of steps (glibc's malloc_trim; 0: never).
     stall_timeout_s: /health answers 503 once requests have waited this long on one step (0: never).
+    log_requests: a log line for every request as it ends (vLLM's --enable-log-requests).
     """
 
     host: str = "127.0.0.1"
@@ -321,6 +322,7 @@ class ServerConfig:
     chat_template: str = ""  # a Jinja file, or the template itself; "" = the tokenizer's own
     heap_trim_s: float = 10.0
     stall_timeout_s: float = 300.0
+    log_requests: bool = False
 
     def __post_init__(self):
         check_fields(self, "server")

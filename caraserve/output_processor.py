@@ -196,7 +196,7 @@ class OutputProcessor:
             prompt_tokens=len(req.prompt_ids),
             ttft_s=None if req.first_token_s is None else req.first_token_s - req.arrival_s,
             e2e_s=None if req.finish_s is None else req.finish_s - req.arrival_s,
-            cold_start=req.cold_start,
+            cold_start=req.cold_start, adapter=req.adapter,
             cached_tokens=req.cached_tokens,
             stop_reason=req.stop_reason,
         )

@@ -376,5 +376,6 @@ class RequestOutput:
     ttft_s: float | None = None  # arrival -> first token
     e2e_s: float | None = None  # arrival -> finish (set when finished)
     cold_start: bool = False  # the adapter was not resident when the request arrived
+    adapter: str | None = None  # the adapter it named (None: the base model)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)

@@ -140,3 +140,17 @@ def test_state_of_a_failed_engine_is_a_503(live, monkeypatch):
     assert r.status_code == 500
     state = httpx.get(live["base"] + "/v1/state", timeout=10)
     assert state.status_code == 503 and "planted engine fault" in state.json()["error"]["message"], state.text
+
+
+def test_a_log_line_for_each_request_when_asked(caplog):
+    engine = Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128,
+                                 adapters=AdapterConfig(dir="demo")))
+    with in_process_server(engine, ServerConfig(log_requests=True)) as (base, _), caplog.at_level("INFO"):
+        r = httpx.post(base + "/v1/completions", timeout=60, headers={"x-request-id": "logged-1"},
+                       json={"model": "demo-r16", "prompt": "x", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200
+        deadline = time.time() + 5
+        while "logged-1" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+    line = next(rec.getMessage() for rec in caplog.records if "logged-1" in rec.getMessage())
+    assert "length, adapter demo-r16" in line and "3 generated tokens" in line and "TTFT" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +14,7 @@ from caraserve.request import FinishReason, RequestOutput
 from caraserve.serve.gateway_metrics import VllmRequestMetrics
 from caraserve.serve.gc_monitor import GcMonitor
 
+log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -32,8 +34,10 @@ class EngineCounters(Collector):
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, async_engine, model_name: str | None = None):
-        """model_name: the served model's, for vLLM's per-request series (gateway_metrics); None: none."""
+    def __init__(self, async_engine, model_name: str | None = None, log_requests: bool = False):
+        """model_name: the served model's, for vLLM's per-request series (gateway_metrics); None: none.
+        log_requests: a log line for each request as it ends (server.log_requests)."""
+        self.log_requests = log_requests
         self.registry = r = CollectorRegistry()
         self.vllm = VllmRequestMetrics(r, model_name, _LATENCY_BUCKETS) if model_name is not None else None
         self.requests = Counter("caraserve_requests", "Requests by final status", ["status"], registry=r)
@@ -117,6 +121,11 @@ class ServerMetrics:
         if not out.finished:
             return
         self.requests.labels(out.finish_reason.value).inc()
+        if self.log_requests:
+            log.info("request %s finished: %s, adapter %s (%s), %d prompt + %d generated tokens, TTFT %s, e2e %s%s",
+                     out.request_id, out.finish_reason.value, out.adapter or "none", kind, out.prompt_tokens,
+                     len(out.output_ids), _seconds(out.ttft_s), _seconds(out.e2e_s),
+                     f": {out.error}" if out.error else "")
         if out.e2e_s is not None:
             self.e2e.labels(out.finish_reason.value).observe(out.e2e_s)
             if vllm is not None:
@@ -139,3 +148,7 @@ def waiting_for_adapter(engine) -> int:
     resident = AdapterState.RESIDENT
     return sum(1 for r in list(engine.scheduler.waiting) if r.adapter is not None and
                engine.pool.state(r.adapter) is not resident)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"

@@ -76,7 +76,7 @@ class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
     def __init__(self, async_engine: AsyncEngine, served_name: str, adapter_roots: list[Path],
-                 unload_timeout_s: float, chat_template: str = ""):
+                 unload_timeout_s: float, chat_template: str = "", log_requests: bool = False):
         self.async_engine, self.engine = async_engine, async_engine.engine
         # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
         file = chat_template and not inline_template(chat_template)
@@ -86,7 +86,7 @@ class EngineService:
         self.token_texts = {skip: choices.TokenTexts(self.engine.tokenizer, skip) for skip in (True, False)}  # logprobs
         self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
-        self.metrics_ = ServerMetrics(async_engine, served_name)
+        self.metrics_ = ServerMetrics(async_engine, served_name, log_requests)
         self.runs = Runs(async_engine)
         self.admin = AdapterAdmin(async_engine, served_name, adapter_roots, unload_timeout_s)
         add_gateway_metrics(self.metrics_.registry, async_engine, served_name)

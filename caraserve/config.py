@@ -31,6 +31,7 @@ from caraserve.config_checks import (  # noqa: F401  (re-exported)
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # caraserve.serve.tool_parsers
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,9 @@ class ServerConfig:
     idle and after every this many seconds of steps (glibc's malloc_trim; 0: never).
     stall_timeout_s: /health answers 503 once requests have waited this long on one step (0: never).
     log_requests: a log line for every request as it ends (vLLM's --enable-log-requests).
+    tool_call_parser: the syntax the model writes tool calls in (hermes, llama3_json, mistral,
+    pythonic), which serves tool_choice "auto" (vLLM's --enable-auto-tool-choice with
+    --tool-call-parser); "" refuses "auto" (the default when a chat call sends tools).
     """
 
     host: str = "127.0.0.1"
@@ -323,9 +327,13 @@ class ServerConfig:
     heap_trim_s: float = 10.0
     stall_timeout_s: float = 300.0
     log_requests: bool = False
+    tool_call_parser: str = ""
 
     def __post_init__(self):
         check_fields(self, "server")
+        _check(self.tool_call_parser in ("", *TOOL_CALL_PARSERS),
+               f"server.tool_call_parser={self.tool_call_parser!r} must be one of {'|'.join(TOOL_CALL_PARSERS)} "
+               "(or empty: tool_choice 'auto' refused)")
         _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")

@@ -171,8 +171,8 @@ def test_streamed_calls_and_logprobs_add_up_to_the_whole_answer(live, tool_choic
 
 
 @pytest.mark.parametrize("extra, says", [
-    ({"tool_choice": "auto"}, "tool_choice 'auto'"),
-    ({}, "tool_choice 'auto'"),  # OpenAI's default with tools
+    ({"tool_choice": "auto"}, "server.tool_call_parser"),  # (a server without a parser)
+    ({}, "server.tool_call_parser"),  # OpenAI's default with tools
     ({"tool_choice": "required", "tools": []}, "needs tools"),
     ({"tool_choice": "auto", "tools": None}, "needs tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format, tool_choice"),

@@ -40,7 +40,8 @@ class EngineReplica:
         self.async_engine = AsyncEngine(engine, server.max_queue, heap_trim_s=server.heap_trim_s,
                                         stall_timeout_s=server.stall_timeout_s)
         self.service = EngineService(self.async_engine, served_name_of(engine, server), adapter_roots(engine),
-                                     server.unload_timeout_s, server.chat_template, server.log_requests)
+                                     server.unload_timeout_s, server.chat_template, server.log_requests,
+                                     server.tool_call_parser)
         self.async_engine.start()
         # Serve routes to a replica once its constructor has returned: after the warm-up (with
         # engine.compile=true the engine compiles first), so no request queues on a replica that

@@ -290,6 +290,59 @@ def tool_call_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[
     return chunker
 
 
+def auto_tool_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], parser, echoed: str = ""):
+    """streaming.Chunker of a chat completion under tool_choice "auto" (a ToolParser): the
+    output's content as the parser tells it (text that may start a call waits), each call in one
+    delta once whole, and after calls the finish reason in a chunk of its own. What is streamed
+    adds up to the whole answer (chat_choice)."""
+    created = int(time.time())
+
+    def chunker(index: int):
+        stream, state = parser.stream(), {"echo": echoed, "sent": 0}
+
+        def chunk(out: RequestOutput | None, finish: str | None) -> dict | list[dict] | None:
+            if out is None:
+                return proto.chat_chunk(rid, model, {}, None, index, created=created)
+            content, calls = stream.feed(out.new_text)
+            if out.finished:
+                more, last = stream.finish()
+                content, calls = content + more, calls + last
+            if not (content or calls or out.finished):
+                return None  # (its tokens' logprobs go with the next chunk sent)
+            content, state["echo"] = state["echo"] + content, ""
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = [{"index": stream.called - len(calls) + i, **parser.tool_call(c)}
+                                       for i, c in enumerate(calls)]
+            logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
+            state["sent"] = len(out.output_ids)
+            finish = parser.finish_reason(stream.called, finish) if finish else None
+            stop_reason = out.stop_reason if out.finished else None
+            if not (calls and finish):
+                return proto.chat_chunk(rid, model, delta, finish, index, logprobs, created, stop_reason)
+            return [proto.chat_chunk(rid, model, delta, None, index, logprobs, created),
+                    proto.chat_chunk(rid, model, {}, finish, index, None, created, stop_reason)]
+        return chunk
+    return chunker
+
+
+def chat_choice(out: RequestOutput, texts: TokenTexts, prompt_ids: list[int], echoed: str = "", forced=None,
+                parser=None) -> tuple:
+    """A non-streamed chat choice, as proto.chat_response takes it: (content, finish reason,
+    logprobs, stop reason, tool calls or None), of a forced call (ForcedTools: no content), of
+    tool_choice "auto" (a ToolParser: the calls the output holds, if any) or of text."""
+    logprobs, finish = chat_logprobs(texts, out, prompt_ids), out.finish_reason.openai
+    if forced is not None:
+        return None, forced.finish_reason(finish), logprobs, out.stop_reason, forced.calls(out.text)
+    if parser is None:
+        return echoed + out.text, finish, logprobs, out.stop_reason, None
+    content, calls = parser.parse(out.text)
+    if not calls:
+        return echoed + content, finish, logprobs, out.stop_reason, None
+    return (echoed + content or None, parser.finish_reason(len(calls), finish), logprobs, out.stop_reason,
+            [parser.tool_call(c) for c in calls])
+
+
 def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str = ""):
     """streaming.Chunker of a chat completion: a choice's first text chunk carries `echoed` before
     its text (the role comes in a chunk of its own before it: streaming.events). Every chunk of

@@ -77,8 +77,8 @@ class _Sampling(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None  # xgrammar (or auto) is the one served
-    # Known to OpenAI's or vLLM's API and not served here: refused by name (a client relying on
-    # tools must not get free text back as if they had applied).
+    # Tools (chat only; _tools_only_listed). What this server does not serve of them is refused by
+    # name: a client relying on tools must not get free text back as if they had applied.
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None  # OpenAI's older form of tools
@@ -106,18 +106,13 @@ class _Sampling(BaseModel):
     @model_validator(mode="after")
     def _tools_only_listed(self) -> _Sampling:
         """Tools are taken on chat completions, where the chat template renders them into the
-        prompt (as vLLM's server does), with a tool_choice this server serves: 'none', or a call
-        it forces through a grammar ('required', a named function: caraserve.serve.constraints).
-        'auto', OpenAI's default with tools, would need a parser of the model's own call syntax."""
+        prompt (as vLLM's server does): 'none', a call forced through a grammar ('required', a named
+        function: caraserve.serve.constraints), or 'auto', OpenAI's default with tools, which the
+        service serves when it has a parser of the model's own call syntax (server.tool_call_parser)."""
         if (self.tools or self.functions) and not isinstance(self, ChatCompletionRequest):
             raise ValueError("tools and functions are taken on chat completions only")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools (as vLLM's)")
-        if self.tools and self.tool_choice in (None, "auto"):
-            raise ValueError("tool_choice 'auto' (the default with tools) is not supported: it needs a parser of the "
-                             "model's tool-call syntax, which this server has not. Send tool_choice 'required' or a "
-                             "named function (the output is constrained to the call), or 'none' (the tools reach "
-                             "the chat template only)")
         if self.functions and self.function_call != "none":
             raise ValueError("functions are taken with function_call 'none' only (for a forced call, send tools "
                              "with tool_choice 'required' or a named function)")
@@ -354,12 +349,12 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None, index:
 
 def chat_response(rid: str, model: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int,
                   cached_tokens: int = 0) -> dict:
-    """choices: (text, finish_reason, logprobs, stop_reason, tool calls or None) of each of the n
-    completions; a forced call's message has its calls (None: not one) and no content (null),
-    as OpenAI's."""
+    """choices: (content, finish_reason, logprobs, stop_reason, tool calls or None) of each of the
+    n completions; a message with calls has them as tool_calls, and its content may be None
+    (null), as OpenAI's."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text} if calls is None else
-                         {"role": "assistant", "content": None, "tool_calls": calls},
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text,
+                                                 **({} if calls is None else {"tool_calls": calls})},
                          "finish_reason": finish, "logprobs": logprobs, "stop_reason": stop_reason}
                         for i, (text, finish, logprobs, stop_reason, calls) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

@@ -37,6 +37,7 @@ from caraserve.serve.http import (
 from caraserve.serve.metrics import ServerMetrics
 from caraserve.serve.prompts import Prompts
 from caraserve.serve.runs import Disconnected, Runs
+from caraserve.serve.tool_parsers import ToolParser
 from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class EngineService:
     """One engine behind the OpenAI API (see the module docstring)."""
 
     def __init__(self, async_engine: AsyncEngine, served_name: str, adapter_roots: list[Path],
-                 unload_timeout_s: float, chat_template: str = "", log_requests: bool = False):
+                 unload_timeout_s: float, chat_template: str = "", log_requests: bool = False,
+                 tool_call_parser: str = ""):
         self.async_engine, self.engine = async_engine, async_engine.engine
         # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
         file = chat_template and not inline_template(chat_template)
@@ -86,6 +88,8 @@ class EngineService:
         self.token_texts = {skip: choices.TokenTexts(self.engine.tokenizer, skip) for skip in (True, False)}  # logprobs
         self.token_ids = choices.TokenIds()  # for logprobs with return_tokens_as_token_ids
         self.prompts = Prompts(self.engine, self.chat_template)
+        # tool_choice "auto" (server.tool_call_parser): the calls are read from the model's own syntax
+        self.tool_parser = ToolParser(tool_call_parser, self.engine.tokenizer) if tool_call_parser else None
         self.metrics_ = ServerMetrics(async_engine, served_name, log_requests)
         self.runs = Runs(async_engine)
         self.admin = AdapterAdmin(async_engine, served_name, adapter_roots, unload_timeout_s)
@@ -270,7 +274,22 @@ class EngineService:
             raise BadRequest("top_logprobs needs logprobs: true")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
             raise BadRequest(f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}")
+        if self._auto_tools(body) and self.tool_parser.keeps_special_tokens:
+            body.skip_special_tokens = False  # the parser reads the call's marker, a special token here
         return messages
+
+    def _auto_tools(self, body: proto.ChatCompletionRequest) -> ToolParser | None:
+        """The parser of a call with tool_choice "auto" (OpenAI's default with tools), None for
+        another call; BadRequest when this server has no parser."""
+        if not body.tools or body.tool_choice not in (None, "auto"):
+            return None
+        if self.tool_parser is None:
+            raise BadRequest("tool_choice 'auto' (the default with tools) needs a parser of the model's tool-call "
+                             "syntax: start the server with server.tool_call_parser=hermes|llama3_json|mistral|"
+                             "pythonic (vLLM's --tool-call-parser). Or send tool_choice 'required' or a named "
+                             "function (the output is constrained to the call), or 'none' (the tools reach the "
+                             "chat template only)")
+        return self.tool_parser
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
@@ -304,17 +323,16 @@ class EngineService:
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only, received)
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
-        forced = ForcedTools.of(body)  # (checked with the params above)
+        forced, parser, texts = ForcedTools.of(body), self._auto_tools(body), self._texts(body)  # (checked above)
         if body.stream:
-            chunker = choices.chat_chunker(answer_id or rid, body.model, self._texts(body), ids, echoed) \
-                if forced is None else choices.tool_call_chunker(answer_id or rid, body.model, self._texts(body), ids,
-                                                                 forced)
+            aid = answer_id or rid
+            chunker = choices.tool_call_chunker(aid, body.model, texts, ids, forced) if forced is not None else \
+                choices.auto_tool_chunker(aid, body.model, texts, ids, parser, echoed) if parser is not None else \
+                choices.chat_chunker(aid, body.model, texts, ids, echoed)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [(echoed + o.text, o.finish_reason.openai if forced is None else
-                    forced.finish_reason(o.finish_reason.openai), choices.chat_logprobs(self._texts(body), o, ids),
-                    o.stop_reason, None if forced is None else forced.calls(o.text)) for o in outs]
+        answers = [choices.chat_choice(o, texts, ids, echoed, forced, parser) for o in outs]
         return proto.chat_response(answer_id or rid, body.model, answers, len(ids),
                                    sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
 

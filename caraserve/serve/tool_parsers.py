@@ -1,0 +1,280 @@
+"""Tool calls written in a model's own syntax, for tool_choice "auto" (vLLM's
+`--tool-call-parser`; here `server.tool_call_parser`). The model is free to answer in text or to
+call; the parser finds the calls in what it wrote:
+
+  hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>, any number, anywhere
+               (Hermes 2/3, Qwen 2.5/3 and most models fine-tuned on their template)
+  llama3_json  {"name": ..., "parameters": {...}} at the start of the output (after Llama 3.1's
+               <|python_tag|> when the text keeps it), several separated by ";"
+  mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...], or the newer
+               [TOOL_CALLS]name[ARGS]{...} per call; ids of 9 letters and digits, as Mistral's
+               templates check when the calls come back in the conversation
+  pythonic     [get_weather(city="Paris"), now()] as the whole output (Llama 3.2/4 and others)
+
+One `CallStream` reads an output's text as it grows and tells what is content and what is calls,
+so a streamed answer and a whole one are the same function of the text (`parse` feeds it the
+whole text at once). The rules: text before a call's start, between calls and after them is
+content, but a stretch of only whitespace (and, for llama3_json, ";") beside a call is not;
+text that may still become a call's start is held back; a call that does not parse (bad JSON, no
+name, arguments not an object, cut by max_tokens) stays content, as the model wrote it, so no
+text is lost.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import secrets
+import string
+import uuid
+from dataclasses import dataclass
+
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: str  # JSON text of an object
+
+
+def _call(name, arguments) -> Call | None:
+    """A call from a parsed name and arguments (an object, or JSON text of one), or None."""
+    try:
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            return None
+        return Call(name, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
+    except ValueError:  # not JSON, or NaN / Infinity, which JSON has not
+        return None
+
+
+def _json_at(text: str, at: int) -> tuple[object, int] | None:
+    """The JSON value starting at text[at] (after whitespace) and where it ends, or None."""
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    try:
+        return _DECODER.raw_decode(text, at)
+    except ValueError:
+        return None
+
+
+class Format:
+    """One syntax. `start` finds where a call starts; `take` reads the call at the start of a text
+    as (characters it spans, its calls, or None when they do not parse), or None while the text
+    may still grow into it (final: the output has ended)."""
+
+    markers: tuple[str, ...] = ()  # text that starts a call; may be special tokens of a tokenizer
+    separators = " \t\r\n"  # between calls: not content
+
+    def start(self, text: str, clean: bool) -> int:
+        """Where the first call in text starts (-1: none). clean: nothing but separators came
+        since the output's start or the last call."""
+        found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
+        return min(found, default=-1)
+
+    def holdback(self, text: str, clean: bool) -> int:
+        """How many characters at text's end could begin a call's start."""
+        return max((k for m in self.markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
+
+    def take(self, text: str, final: bool) -> tuple[int, list[Call] | None] | None:
+        raise NotImplementedError
+
+    def call_id(self) -> str:
+        return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+class Hermes(Format):
+    markers, end = ("<tool_call>",), "</tool_call>"
+
+    def take(self, text, final):
+        j = text.find(self.end)
+        if j < 0:
+            return (len(text), None) if final else None
+        try:
+            body = json.loads(text[len(self.markers[0]):j])
+        except ValueError:
+            return j + len(self.end), None
+        call = _call(body.get("name"), body.get("arguments", body.get("parameters", {}))) \
+            if isinstance(body, dict) else None
+        return j + len(self.end), None if call is None else [call]
+
+
+class Llama3Json(Format):
+    markers, separators = ("<|python_tag|>",), " \t\r\n;"
+
+    def start(self, text, clean):
+        if clean:  # a call's JSON object can only open the output, or follow a call
+            stripped = text.lstrip(self.separators)
+            if stripped.startswith("{"):
+                return len(text) - len(stripped)
+        return super().start(text, clean)
+
+    def take(self, text, final):
+        at = len(self.markers[0]) if text.startswith(self.markers[0]) else 0
+        found = _json_at(text, at)
+        if found is None:
+            return (len(text), None) if final else None
+        body, end = found
+        call = _call(body.get("name"), body.get("parameters", body.get("arguments", {}))) \
+            if isinstance(body, dict) else None
+        return end, None if call is None else [call]
+
+
+class Mistral(Format):
+    markers, args = ("[TOOL_CALLS]",), "[ARGS]"
+
+    def take(self, text, final):
+        at = len(self.markers[0])
+        if text[at:].lstrip().startswith("["):  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
+            found = _json_at(text, at)
+            if found is None:
+                return (len(text), None) if final else None
+            body, end = found
+            calls = [_call(c.get("name"), c.get("arguments", {})) if isinstance(c, dict) else None
+                     for c in (body if isinstance(body, list) else [None])]
+            return end, None if not calls or None in calls else calls
+        k = text.find(self.args, at)  # [TOOL_CALLS]name[ARGS]{...}
+        found = None if k < 0 else _json_at(text, k + len(self.args))
+        if found is None:
+            return (len(text), None) if final else None
+        name = text[at:k].strip()
+        call = _call(name, found[0]) if re.fullmatch(r"[\w.\-]+", name) else None
+        return found[1], None if call is None else [call]
+
+    def call_id(self) -> str:  # Mistral's templates refuse a tool_call_id that is not 9 letters/digits
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+class Pythonic(Format):
+    def start(self, text, clean):
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if clean and stripped.startswith("[") else -1
+
+    def take(self, text, final):
+        end = text.find("]")
+        while end >= 0:
+            try:
+                tree = ast.parse(text[:end + 1].strip(), mode="eval").body
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                end = text.find("]", end + 1)
+                continue
+            return end + 1, _python_calls(tree)
+        return (len(text), None) if final else None
+
+
+def _python_calls(tree: ast.expr) -> list[Call] | None:
+    """[f(a=1), g()]'s calls, None unless every item is a call of a name with literal keyword arguments."""
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for item in tree.elts:
+        if not (isinstance(item, ast.Call) and isinstance(item.func, ast.Name) and not item.args
+                and all(k.arg is not None for k in item.keywords)):
+            return None
+        try:
+            arguments = {k.arg: ast.literal_eval(k.value) for k in item.keywords}
+            calls.append(Call(item.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False)))
+        except (ValueError, TypeError, SyntaxError, RecursionError):  # not a literal, or not JSON's
+            return None
+    return calls
+
+
+# (config.TOOL_CALL_PARSERS names these, for the config's check)
+FORMATS: dict[str, type[Format]] = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral,
+                                    "pythonic": Pythonic}
+
+
+class CallStream:
+    """One output's text, fed as it grows: `feed` and, at the end, `finish` each answer (content
+    to send, calls to send). See the module docstring for what is which."""
+
+    def __init__(self, fmt: Format):
+        self.fmt = fmt
+        self.buf = ""  # text read and not decided yet
+        self.in_call = False  # buf starts at a call's start
+        self.clean = True  # the current stretch (since the output's start or the last call) is only separators
+        self.held = ""  # that stretch so far: content only if more than separators follows
+        self.called = 0
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[Call]]:
+        self.buf += text
+        content, calls = [], []
+        while self.buf:
+            if self.in_call:
+                taken = self.fmt.take(self.buf, final)
+                if taken is None:
+                    break
+                n, got = taken
+                raw, self.buf, self.in_call = self.buf[:n], self.buf[n:], False
+                if got:
+                    calls += got
+                    self.called += len(got)
+                    self.clean, self.held = True, ""
+                else:
+                    content.append(self._content(raw, force=True))
+                continue
+            i = self.fmt.start(self.buf, self.clean)
+            if i < 0:
+                keep = 0 if final else self.fmt.holdback(self.buf, self.clean)
+                content.append(self._content(self.buf[:len(self.buf) - keep]))
+                self.buf = self.buf[len(self.buf) - keep:]
+                break
+            content.append(self._content(self.buf[:i]))
+            self.buf, self.in_call = self.buf[i:], True
+        if final and not self.called:  # an output without calls is all content, whitespace too
+            content.append(self.held)
+            self.held = ""
+        return "".join(content), calls
+
+    def finish(self) -> tuple[str, list[Call]]:
+        return self.feed("", final=True)
+
+    def _content(self, text: str, force: bool = False) -> str:
+        """What of text is sent as content now (a stretch of separators waits)."""
+        if not self.clean:
+            return text
+        if force or text.strip(self.fmt.separators):
+            sent, self.held, self.clean = self.held + text, "", False
+            return sent
+        self.held += text
+        return ""
+
+
+class ToolParser:
+    """server.tool_call_parser's syntax, with what it needs of the tokenizer."""
+
+    def __init__(self, name: str, tokenizer=None):
+        if name not in FORMATS:
+            raise ValueError(f"tool_call_parser {name!r} is not one of {', '.join(FORMATS)}")
+        self.name, self.fmt = name, FORMATS[name]()
+        # a marker the tokenizer holds as a special token is dropped from text that skips them
+        self.keeps_special_tokens = tokenizer is not None and any(_special(tokenizer, m) for m in self.fmt.markers)
+
+    def stream(self) -> CallStream:
+        return CallStream(self.fmt)
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        """(content, calls) of a whole output."""
+        s = self.stream()
+        content, calls = s.feed(text)
+        more, last = s.finish()
+        return content + more, calls + last
+
+    @staticmethod
+    def finish_reason(called: int, finish: str) -> str:
+        """OpenAI's: "tool_calls" when an output that made calls ended by itself; one cut short
+        keeps its own reason ("length")."""
+        return "tool_calls" if called and finish == "stop" else finish
+
+    def tool_call(self, call: Call) -> dict:
+        """A call in OpenAI's form."""
+        return {"id": self.fmt.call_id(), "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _special(tokenizer, text: str) -> bool:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.decode(ids, skip_special_tokens=True) != tokenizer.decode(ids, skip_special_tokens=False)

@@ -30,8 +30,6 @@ import string
 import uuid
 from dataclasses import dataclass
 
-_DECODER = json.JSONDecoder()
-
 
 @dataclass(frozen=True)
 class Call:
@@ -51,20 +49,49 @@ def _call(name, arguments) -> Call | None:
         return None
 
 
-def _json_at(text: str, at: int) -> tuple[object, int] | None:
-    """The JSON value starting at text[at] (after whitespace) and where it ends, or None."""
+class Closing:
+    """Where the bracket that opens a growing text's value (at `at`) closes: one scan, resumed as
+    the text grows (quoted strings and their escapes skipped), so each character of a call is
+    read once however many pieces it comes in. The value is then parsed once."""
+
+    def __init__(self, at: int, quotes: str = '"'):
+        self.pos, self.depth, self.quote, self.escaped, self.quotes = at, 0, "", False, quotes
+
+    def end(self, text: str) -> int | None:
+        """Just past the closing bracket, or None while the value is still open."""
+        for i in range(self.pos, len(text)):
+            c = text[i]
+            if self.quote:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == self.quote:
+                    self.quote = ""
+            elif c in self.quotes:
+                self.quote = c
+            elif c in "[{(":
+                self.depth += 1
+            elif c in "]})":
+                self.depth -= 1
+                if self.depth <= 0:
+                    self.pos = i + 1
+                    return i + 1
+        self.pos = len(text)
+        return None
+
+
+def _skip(text: str, at: int) -> int:
     while at < len(text) and text[at] in " \t\r\n":
         at += 1
-    try:
-        return _DECODER.raw_decode(text, at)
-    except ValueError:
-        return None
+    return at
 
 
 class Format:
     """One syntax. `start` finds where a call starts; `take` reads the call at the start of a text
     as (characters it spans, its calls, or None when they do not parse), or None while the text
-    may still grow into it (final: the output has ended)."""
+    may still grow into it (final: the output has ended; memo: a dict of this call's, for a scan
+    to resume where the text given before ended)."""
 
     markers: tuple[str, ...] = ()  # text that starts a call; may be special tokens of a tokenizer
     separators = " \t\r\n"  # between calls: not content
@@ -79,27 +106,49 @@ class Format:
         """How many characters at text's end could begin a call's start."""
         return max((k for m in self.markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
-    def take(self, text: str, final: bool) -> tuple[int, list[Call] | None] | None:
+    def take(self, text: str, final: bool, memo: dict) -> tuple[int, list[Call] | None] | None:
         raise NotImplementedError
 
     def call_id(self) -> str:
         return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
+    @staticmethod
+    def _value(text: str, at: int, final: bool, memo: dict, opener: str, quotes: str = '"'):
+        """(end, the value's text) of the bracketed value at text[at] (after whitespace); (at,
+        None) when something else is there; None while it may still come."""
+        at = _skip(text, at)
+        if at == len(text):
+            return (at, None) if final else None
+        if text[at] != opener:
+            return at, None
+        end = memo.setdefault("closing", Closing(at, quotes)).end(text)
+        if end is None:
+            return (len(text), None) if final else None
+        return end, text[at:end]
+
 
 class Hermes(Format):
     markers, end = ("<tool_call>",), "</tool_call>"
 
-    def take(self, text, final):
-        j = text.find(self.end)
+    def take(self, text, final, memo):
+        j = text.find(self.end, memo.get("pos", len(self.markers[0])))
         if j < 0:
+            memo["pos"] = max(len(self.markers[0]), len(text) - len(self.end))
             return (len(text), None) if final else None
         try:
             body = json.loads(text[len(self.markers[0]):j])
-        except ValueError:
+        except (ValueError, RecursionError):
             return j + len(self.end), None
         call = _call(body.get("name"), body.get("arguments", body.get("parameters", {}))) \
             if isinstance(body, dict) else None
         return j + len(self.end), None if call is None else [call]
+
+
+def _json(value: str | None):
+    try:
+        return None if value is None else json.loads(value)
+    except (ValueError, RecursionError):
+        return None
 
 
 class Llama3Json(Format):
@@ -112,12 +161,11 @@ class Llama3Json(Format):
                 return len(text) - len(stripped)
         return super().start(text, clean)
 
-    def take(self, text, final):
-        at = len(self.markers[0]) if text.startswith(self.markers[0]) else 0
-        found = _json_at(text, at)
-        if found is None:
-            return (len(text), None) if final else None
-        body, end = found
+    def take(self, text, final, memo):
+        taken = self._value(text, len(self.markers[0]) if text.startswith(self.markers[0]) else 0, final, memo, "{")
+        if taken is None:
+            return None
+        end, body = taken[0], _json(taken[1])
         call = _call(body.get("name"), body.get("parameters", body.get("arguments", {}))) \
             if isinstance(body, dict) else None
         return end, None if call is None else [call]
@@ -126,23 +174,28 @@ class Llama3Json(Format):
 class Mistral(Format):
     markers, args = ("[TOOL_CALLS]",), "[ARGS]"
 
-    def take(self, text, final):
-        at = len(self.markers[0])
-        if text[at:].lstrip().startswith("["):  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
-            found = _json_at(text, at)
-            if found is None:
-                return (len(text), None) if final else None
-            body, end = found
+    def take(self, text, final, memo):
+        at = _skip(text, len(self.markers[0]))
+        if at == len(text) and not final:
+            return None
+        if text[at:at + 1] == "[":  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
+            taken = self._value(text, at, final, memo, "[")
+            if taken is None:
+                return None
+            body = _json(taken[1])
             calls = [_call(c.get("name"), c.get("arguments", {})) if isinstance(c, dict) else None
                      for c in (body if isinstance(body, list) else [None])]
-            return end, None if not calls or None in calls else calls
-        k = text.find(self.args, at)  # [TOOL_CALLS]name[ARGS]{...}
-        found = None if k < 0 else _json_at(text, k + len(self.args))
-        if found is None:
+            return taken[0], None if not calls or None in calls else calls
+        k = text.find(self.args, memo.get("pos", at))  # [TOOL_CALLS]name[ARGS]{...}
+        if k < 0:
+            memo["pos"] = max(at, len(text) - len(self.args))
             return (len(text), None) if final else None
+        taken = self._value(text, k + len(self.args), final, memo, "{")
+        if taken is None:
+            return None
         name = text[at:k].strip()
-        call = _call(name, found[0]) if re.fullmatch(r"[\w.\-]+", name) else None
-        return found[1], None if call is None else [call]
+        call = _call(name, _json(taken[1])) if re.fullmatch(r"[\w.\-]+", name) else None
+        return taken[0], None if call is None else [call]
 
     def call_id(self) -> str:  # Mistral's templates refuse a tool_call_id that is not 9 letters/digits
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
@@ -153,16 +206,14 @@ class Pythonic(Format):
         stripped = text.lstrip()
         return len(text) - len(stripped) if clean and stripped.startswith("[") else -1
 
-    def take(self, text, final):
-        end = text.find("]")
-        while end >= 0:
-            try:
-                tree = ast.parse(text[:end + 1].strip(), mode="eval").body
-            except (SyntaxError, ValueError, RecursionError, MemoryError):
-                end = text.find("]", end + 1)
-                continue
-            return end + 1, _python_calls(tree)
-        return (len(text), None) if final else None
+    def take(self, text, final, memo):
+        taken = self._value(text, 0, final, memo, "[", quotes="\"'")
+        if taken is None or taken[1] is None:
+            return taken
+        try:
+            return taken[0], _python_calls(ast.parse(taken[1], mode="eval").body)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return taken[0], None
 
 
 def _python_calls(tree: ast.expr) -> list[Call] | None:
@@ -198,13 +249,14 @@ class CallStream:
         self.clean = True  # the current stretch (since the output's start or the last call) is only separators
         self.held = ""  # that stretch so far: content only if more than separators follows
         self.called = 0
+        self.memo: dict = {}  # the current call's (Format.take)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[Call]]:
         self.buf += text
         content, calls = [], []
         while self.buf:
             if self.in_call:
-                taken = self.fmt.take(self.buf, final)
+                taken = self.fmt.take(self.buf, final, self.memo)
                 if taken is None:
                     break
                 n, got = taken
@@ -223,7 +275,7 @@ class CallStream:
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
             content.append(self._content(self.buf[:i]))
-            self.buf, self.in_call = self.buf[i:], True
+            self.buf, self.in_call, self.memo = self.buf[i:], True, {}
         if final and not self.called:  # an output without calls is all content, whitespace too
             content.append(self.held)
             self.held = ""

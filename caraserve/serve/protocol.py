@@ -62,6 +62,7 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
+    return_token_ids: bool = False  # the answer carries prompt and output token ids (serve.token_ids)
     cache_salt: str | None = None
     # vLLM's, accepted and type-checked but without effect here: beam search alone reads
     # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
@@ -161,7 +162,6 @@ _NOT_SERVED = {
     "prompt_logprobs": ((), ": for the prompt's logprobs, send echo: true with logprobs"),
     "priority": ((0,), " (requests are served first come, first served)"),
     "logits_processors": (([],), ""),
-    "return_token_ids": ((False,), ""),
     "vllm_xargs": (({},), ""),
     "kv_transfer_params": (({},), ""),
     "mm_processor_kwargs": (({},), " (this model reads text)"),

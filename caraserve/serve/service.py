@@ -21,7 +21,7 @@ from typing import Protocol
 from caraserve.config_checks import inline_template
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
-from caraserve.serve import choices
+from caraserve.serve import choices, token_ids
 from caraserve.serve import protocol as proto
 from caraserve.serve.adapter_admin import AdapterAdmin
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
@@ -218,13 +218,19 @@ class EngineService:
             created = int(time.time())  # one value for every chunk of the call, as OpenAI's
             chunkers = [choices.completion_chunker(answer_id or rid, body.model, texts, ids, text, scored, created)
                         for ids, text in zip(encoded, echoed)]
-            return await self.runs.stream(runs, lambda index: chunkers[index // n](index), include_usage,
-                                          disconnected, n, body.continuous_usage(include_usage))
+
+            def chunker(index: int):
+                return chunkers[index // n](index)
+            if body.return_token_ids:
+                chunker = token_ids.streamed(chunker, lambda c: encoded[c // n], chat=False)
+            return await self.runs.stream(runs, chunker, include_usage, disconnected, n,
+                                          body.continuous_usage(include_usage))
         outs = await self.runs.all_of(runs, disconnected)
         answers = [(echoed[c // n] + o.text, o.finish_reason.openai,
                     choices.completion_logprobs(texts, o, encoded[c // n], echo=scored), o.stop_reason)
                    for c, o in enumerate(outs)]
-        return proto.completion_response(answer_id or rid, body.model, answers, *choices.usage_counts(outs, n))
+        answer = proto.completion_response(answer_id or rid, body.model, answers, *choices.usage_counts(outs, n))
+        return token_ids.add(answer, outs, lambda c: encoded[c // n], chat=False) if body.return_token_ids else answer
 
     async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None,
                           body: proto.CompletionRequest) -> list[int]:
@@ -329,12 +335,15 @@ class EngineService:
             chunker = choices.tool_call_chunker(aid, body.model, texts, ids, forced) if forced is not None else \
                 choices.auto_tool_chunker(aid, body.model, texts, ids, parser, echoed) if parser is not None else \
                 choices.chat_chunker(aid, body.model, texts, ids, echoed)
+            if body.return_token_ids:
+                chunker = token_ids.streamed(chunker, lambda _: ids, chat=True)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
         answers = [choices.chat_choice(o, texts, ids, echoed, forced, parser) for o in outs]
-        return proto.chat_response(answer_id or rid, body.model, answers, len(ids),
-                                   sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
+        answer = proto.chat_response(answer_id or rid, body.model, answers, len(ids),
+                                     sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
+        return token_ids.add(answer, outs, lambda _: ids, chat=True) if body.return_token_ids else answer
 
     async def tokenize(self, body: proto.TokenizeRequest) -> dict:
         await self.resolve_model(body)

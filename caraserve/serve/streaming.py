@@ -40,7 +40,7 @@ def error_kind(out: RequestOutput) -> tuple[int, str]:
     return 500, "request_failed" if out.error_cause is ErrorCause.REQUEST else "internal_error"
 
 
-def _bodies(body: dict | list[dict] | None) -> list[dict]:
+def bodies(body: dict | list[dict] | None) -> list[dict]:
     """A chunker's answer as the chunks to send (none, one, or several: a forced tool call's last
     call and, apart, its finish reason)."""
     return [] if body is None else body if isinstance(body, list) else [body]
@@ -82,7 +82,7 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
                 yield _sse(body)
             latest[i] = out
             finish = out.finish_reason.openai if out.finished else None
-            for body in _bodies(chunks[i](out, finish)):
+            for body in bodies(chunks[i](out, finish)):
                 if final_usage:
                     body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens) \
                         if continuous else None

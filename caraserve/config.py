@@ -32,6 +32,7 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # caraserve.serve.tool_parsers
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # caraserve.serve.reasoning
 
 
 @dataclass(frozen=True)
@@ -305,9 +306,9 @@ class ServerConfig:
     idle and after every this many seconds of steps (glibc's malloc_trim; 0: never).
     stall_timeout_s: /health answers 503 once requests have waited this long on one step (0: never).
     log_requests: a log line for every request as it ends (vLLM's --enable-log-requests).
-    tool_call_parser: the syntax the model writes tool calls in (hermes, llama3_json, mistral,
-    pythonic), which serves tool_choice "auto" (vLLM's --enable-auto-tool-choice with
-    --tool-call-parser); "" refuses "auto" (the default when a chat call sends tools).
+    tool_call_parser: the model's tool-call syntax, which serves tool_choice "auto" (vLLM's
+    --tool-call-parser; "" refuses "auto"). reasoning_parser: how a thinking model's reasoning
+    is told from its answer (vLLM's --reasoning-parser), which chat answers carry as `reasoning`.
     """
 
     host: str = "127.0.0.1"
@@ -328,12 +329,13 @@ class ServerConfig:
     stall_timeout_s: float = 300.0
     log_requests: bool = False
     tool_call_parser: str = ""
+    reasoning_parser: str = ""
 
     def __post_init__(self):
         check_fields(self, "server")
-        _check(self.tool_call_parser in ("", *TOOL_CALL_PARSERS),
-               f"server.tool_call_parser={self.tool_call_parser!r} must be one of {'|'.join(TOOL_CALL_PARSERS)} "
-               "(or empty: tool_choice 'auto' refused)")
+        for name, known in (("tool_call_parser", TOOL_CALL_PARSERS), ("reasoning_parser", REASONING_PARSERS)):
+            value = getattr(self, name)
+            _check(value in ("", *known), f"server.{name}={value!r} must be one of {'|'.join(known)} (or empty: none)")
         _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
         _check(self.max_queue >= 1, f"server.max_queue={self.max_queue} must be >= 1")
         _check(self.max_body_bytes >= 1024, f"server.max_body_bytes={self.max_body_bytes} must be >= 1024")

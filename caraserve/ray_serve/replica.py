@@ -41,7 +41,7 @@ class EngineReplica:
                                         stall_timeout_s=server.stall_timeout_s)
         self.service = EngineService(self.async_engine, served_name_of(engine, server), adapter_roots(engine),
                                      server.unload_timeout_s, server.chat_template, server.log_requests,
-                                     server.tool_call_parser)
+                                     server.tool_call_parser, server.reasoning_parser)
         self.async_engine.start()
         # Serve routes to a replica once its constructor has returned: after the warm-up (with
         # engine.compile=true the engine compiles first), so no request queues on a replica that

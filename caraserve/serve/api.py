@@ -14,4 +14,5 @@ from caraserve.serve.service import EngineService
 
 def build_app(service: AsyncEngine, server: ServerConfig, served_name: str, adapter_roots: list[Path]) -> Guard:
     return guarded_app(EngineService(service, served_name, adapter_roots, server.unload_timeout_s,
-                                     server.chat_template, server.log_requests, server.tool_call_parser), server)
+                                     server.chat_template, server.log_requests, server.tool_call_parser,
+                                     server.reasoning_parser), server)

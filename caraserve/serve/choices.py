@@ -20,6 +20,8 @@ from dataclasses import replace
 
 from caraserve.request import FinishReason, RequestOutput
 from caraserve.serve import protocol as proto
+from caraserve.serve.reasoning import OutputSplitter
+from caraserve.serve.tool_parsers import ToolParser
 
 
 def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -290,33 +292,33 @@ def tool_call_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[
     return chunker
 
 
-def auto_tool_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], parser, echoed: str = ""):
-    """streaming.Chunker of a chat completion under tool_choice "auto" (a ToolParser): the
-    output's content as the parser tells it (text that may start a call waits), each call in one
-    delta once whole, and after calls the finish reason in a chunk of its own. What is streamed
-    adds up to the whole answer (chat_choice)."""
+def parsed_chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], tools=None, reasoning=None,
+                        echoed: str = ""):
+    """streaming.Chunker of a chat completion whose text goes through a reasoning parser and/or a
+    tool parser (tool_choice "auto"): the reasoning and the content as the parsers tell them (text
+    that may begin a marker waits), each call in one delta once whole, and after calls the finish
+    reason in a chunk of its own. What is streamed adds up to the whole answer (chat_choice)."""
     created = int(time.time())
 
     def chunker(index: int):
-        stream, state = parser.stream(), {"echo": echoed, "sent": 0}
+        split, state = OutputSplitter(reasoning, tools), {"echo": echoed, "sent": 0}
 
         def chunk(out: RequestOutput | None, finish: str | None) -> dict | list[dict] | None:
             if out is None:
                 return proto.chat_chunk(rid, model, {}, None, index, created=created)
-            content, calls = stream.feed(out.new_text)
-            if out.finished:
-                more, last = stream.finish()
-                content, calls = content + more, calls + last
-            if not (content or calls or out.finished):
+            thought, content, calls = split.feed(out.new_text, final=out.finished)
+            if not (thought or content or calls or out.finished):
                 return None  # (its tokens' logprobs go with the next chunk sent)
             content, state["echo"] = state["echo"] + content, ""
-            delta = {"content": content} if content else {}
+            delta = {"reasoning": thought} if thought else {}
+            if content:
+                delta["content"] = content
             if calls:
-                delta["tool_calls"] = [{"index": stream.called - len(calls) + i, **parser.tool_call(c)}
+                delta["tool_calls"] = [{"index": split.called - len(calls) + i, **tools.tool_call(c)}
                                        for i, c in enumerate(calls)]
             logprobs = chat_logprobs(texts, out, prompt_ids, state["sent"])
             state["sent"] = len(out.output_ids)
-            finish = parser.finish_reason(stream.called, finish) if finish else None
+            finish = ToolParser.finish_reason(split.called, finish) if finish else None
             stop_reason = out.stop_reason if out.finished else None
             if not (calls and finish):
                 return proto.chat_chunk(rid, model, delta, finish, index, logprobs, created, stop_reason)
@@ -327,20 +329,24 @@ def auto_tool_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[
 
 
 def chat_choice(out: RequestOutput, texts: TokenTexts, prompt_ids: list[int], echoed: str = "", forced=None,
-                parser=None) -> tuple:
-    """A non-streamed chat choice, as proto.chat_response takes it: (content, finish reason,
-    logprobs, stop reason, tool calls or None), of a forced call (ForcedTools: no content), of
-    tool_choice "auto" (a ToolParser: the calls the output holds, if any) or of text."""
+                tools=None, reasoning=None) -> tuple[dict, str, dict | None, str | int | None]:
+    """A non-streamed chat choice, as proto.chat_response takes it: (message, finish reason,
+    logprobs, stop reason); the message of a forced call (ForcedTools: its calls, no content), of
+    text through a reasoning parser ("reasoning", and "content" None when empty) and/or a tool
+    parser (tool_choice "auto": the calls the output holds, if any), or of text."""
     logprobs, finish = chat_logprobs(texts, out, prompt_ids), out.finish_reason.openai
     if forced is not None:
-        return None, forced.finish_reason(finish), logprobs, out.stop_reason, forced.calls(out.text)
-    if parser is None:
-        return echoed + out.text, finish, logprobs, out.stop_reason, None
-    content, calls = parser.parse(out.text)
-    if not calls:
-        return echoed + content, finish, logprobs, out.stop_reason, None
-    return (echoed + content or None, parser.finish_reason(len(calls), finish), logprobs, out.stop_reason,
-            [parser.tool_call(c) for c in calls])
+        message = {"content": None, "tool_calls": forced.calls(out.text)}
+        return message, forced.finish_reason(finish), logprobs, out.stop_reason
+    if tools is None and reasoning is None:
+        return {"content": echoed + out.text}, finish, logprobs, out.stop_reason
+    thought, content, calls = OutputSplitter(reasoning, tools).feed(out.text, final=True)
+    message = {"content": echoed + content or (None if calls or reasoning is not None else "")}
+    if reasoning is not None:
+        message["reasoning"] = thought or None
+    if calls:
+        message["tool_calls"] = [tools.tool_call(c) for c in calls]
+    return message, ToolParser.finish_reason(len(calls), finish), logprobs, out.stop_reason
 
 
 def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str = ""):

@@ -20,12 +20,15 @@ _TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "c
 def _message(i: int, m: proto.ChatMessage) -> dict:
     """Message i as chat templates take it, as vLLM hands it to them: {"role", "content"} (a text,
     "" for none), with the "name", "tool_call_id" and "tool_calls" a conversation with tools
-    carries, each call's arguments read from their JSON text into an object."""
+    carries, each call's arguments read from their JSON text into an object, and an assistant
+    turn's thinking as "reasoning" and "reasoning_content"."""
     msg = {"role": m.role, "content": m.text()}
     if m.name is not None:
         msg["name"] = m.name
     if m.tool_call_id is not None:
         msg["tool_call_id"] = m.tool_call_id
+    if m.reasoning is not None or m.reasoning_content is not None:  # (templates read either name)
+        msg["reasoning"] = msg["reasoning_content"] = m.reasoning if m.reasoning is not None else m.reasoning_content
     if m.tool_calls:
         calls = []
         for j, call in enumerate(m.tool_calls):

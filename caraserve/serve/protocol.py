@@ -225,6 +225,8 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning: str | None = None  # an assistant turn's thinking, sent back (vLLM's; older: reasoning_content)
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         """The message's text (the text parts of a multi-part content, one a line, as vLLM joins them)."""
@@ -349,14 +351,12 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None, index:
 
 def chat_response(rid: str, model: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int,
                   cached_tokens: int = 0) -> dict:
-    """choices: (content, finish_reason, logprobs, stop_reason, tool calls or None) of each of the
-    n completions; a message with calls has them as tool_calls, and its content may be None
-    (null), as OpenAI's."""
+    """choices: (message, finish_reason, logprobs, stop_reason) of each of the n completions; a
+    message is {"content"} and maybe "tool_calls" and "reasoning" (content may then be None)."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text,
-                                                 **({} if calls is None else {"tool_calls": calls})},
+            "choices": [{"index": i, "message": {"role": "assistant", **message},
                          "finish_reason": finish, "logprobs": logprobs, "stop_reason": stop_reason}
-                        for i, (text, finish, logprobs, stop_reason, calls) in enumerate(choices)],
+                        for i, (message, finish, logprobs, stop_reason) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 

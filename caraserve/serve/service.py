@@ -27,15 +27,10 @@ from caraserve.serve.adapter_admin import AdapterAdmin
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
 from caraserve.serve.constraints import ForcedTools, structured_outputs
 from caraserve.serve.gateway_metrics import add_gateway_metrics
-from caraserve.serve.http import (
-    AdapterCapacity,
-    ApiError,
-    BadRequest,
-    EngineUnavailable,
-    NotFound,
-)
+from caraserve.serve.http import AdapterCapacity, ApiError, BadRequest, EngineUnavailable, NotFound
 from caraserve.serve.metrics import ServerMetrics
 from caraserve.serve.prompts import Prompts
+from caraserve.serve.reasoning import ReasoningParser
 from caraserve.serve.runs import Disconnected, Runs
 from caraserve.serve.tool_parsers import ToolParser
 from caraserve.state import EngineState
@@ -78,7 +73,7 @@ class EngineService:
 
     def __init__(self, async_engine: AsyncEngine, served_name: str, adapter_roots: list[Path],
                  unload_timeout_s: float, chat_template: str = "", log_requests: bool = False,
-                 tool_call_parser: str = ""):
+                 tool_call_parser: str = "", reasoning_parser: str = ""):
         self.async_engine, self.engine = async_engine, async_engine.engine
         # server.chat_template: a file's text, or the template itself ("" = the tokenizer's)
         file = chat_template and not inline_template(chat_template)
@@ -90,6 +85,7 @@ class EngineService:
         self.prompts = Prompts(self.engine, self.chat_template)
         # tool_choice "auto" (server.tool_call_parser): the calls are read from the model's own syntax
         self.tool_parser = ToolParser(tool_call_parser, self.engine.tokenizer) if tool_call_parser else None
+        self.reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None  # server.reasoning_parser
         self.metrics_ = ServerMetrics(async_engine, served_name, log_requests)
         self.runs = Runs(async_engine)
         self.admin = AdapterAdmin(async_engine, served_name, adapter_roots, unload_timeout_s)
@@ -330,17 +326,19 @@ class EngineService:
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
         forced, parser, texts = ForcedTools.of(body), self._auto_tools(body), self._texts(body)  # (checked above)
+        # a structured output's text is all answer: a grammar leaves no room to think
+        thinks = self.reasoning if params.structured_outputs is None else None
         if body.stream:
             aid = answer_id or rid
             chunker = choices.tool_call_chunker(aid, body.model, texts, ids, forced) if forced is not None else \
-                choices.auto_tool_chunker(aid, body.model, texts, ids, parser, echoed) if parser is not None else \
-                choices.chat_chunker(aid, body.model, texts, ids, echoed)
+                choices.parsed_chat_chunker(aid, body.model, texts, ids, parser, thinks, echoed) if parser or thinks \
+                else choices.chat_chunker(aid, body.model, texts, ids, echoed)
             if body.return_token_ids:
                 chunker = token_ids.streamed(chunker, lambda _: ids, chat=True)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
-        answers = [choices.chat_choice(o, texts, ids, echoed, forced, parser) for o in outs]
+        answers = [choices.chat_choice(o, texts, ids, echoed, forced, parser, thinks) for o in outs]
         answer = proto.chat_response(answer_id or rid, body.model, answers, len(ids),
                                      sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
         return token_ids.add(answer, outs, lambda _: ids, chat=True) if body.return_token_ids else answer

@@ -187,3 +187,26 @@ def test_usage_counts_a_prompt_once_with_the_cache_hits_of_its_best_choice():
         return RequestOutput("r", [], [1] * n_out, True, FinishReason.LENGTH, prompt_tokens=96, cached_tokens=cached)
 
     assert choices.usage_counts([done(0, 3), done(80, 5), done(64, 2), done(16, 4)], 2) == (192, 14, 144)
+
+
+def test_a_chunk_that_fails_to_form_ends_the_stream_with_an_error_event():
+    def breaking(index):
+        chunk = chunker(index)
+
+        def formed(o, finish):
+            if o is not None and o.new_text == "boom":
+                raise RecursionError("nested too deep")
+            return chunk(o, finish)
+        return formed
+
+    async def main():
+        q0, q1 = asyncio.Queue(), asyncio.Queue()
+        q0.put_nowait(out("a", "boom"))
+        aborted, lines = [], []
+        async for line in events([("a", q0), ("b", q1)], out("a", "x"), breaking, False, aborted.append):
+            lines.append(line)
+        return [json.loads(x[6:]) if x.startswith("data: {") else x.strip() for x in lines], aborted
+
+    got, aborted = asyncio.run(main())
+    assert got[0]["choices"][0]["text"] == "x"
+    assert got[1]["error"]["code"] == 500 and got[-1] == "data: [DONE]" and sorted(aborted) == ["a", "b"]

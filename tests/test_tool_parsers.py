@@ -28,6 +28,13 @@ CASES = [
     ("hermes", "No tools needed: 1 < 2.", "No tools needed: 1 < 2.", []),
     ("hermes", "\n  ", "\n  ", []),  # without calls, all of the output is content
     ("hermes", '<tool_call>{"name": "now", "argu', '<tool_call>{"name": "now", "argu', []),  # cut
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "now", "arguments": {}}\n', "Sure.\n", [NOW]),  # (stopped at </tool_call>)
+    ("hermes", '<tool_call>{"name": "now", "arguments": null}</tool_call>', "", [NOW]),
+    ("hermes", "<tool_call>" + "[" * 3000 + "</tool_call>", "<tool_call>" + "[" * 3000 + "</tool_call>", []),
+    ("hermes", '<tool_call>{"name": "x", "arguments": "' + "[" * 3000 + "]" * 3000 + '"}</tool_call>',
+     '<tool_call>{"name": "x", "arguments": "' + "[" * 3000 + "]" * 3000 + '"}</tool_call>', []),
+    ("llama3_json", '{"a":' + "[" * 3000 + "]" * 3000 + "}", '{"a":' + "[" * 3000 + "]" * 3000 + "}", []),
+    ("mistral", "[TOOL_CALLS]" + "[" * 3000 + "]" * 3000, "[TOOL_CALLS]" + "[" * 3000 + "]" * 3000, []),
     ("hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),  # no name
     ("hermes", f'<tool_call>[1]</tool_call><tool_call>{WEATHER}</tool_call>', "<tool_call>[1]</tool_call>", [PARIS]),
     ("hermes", '<tool_call>{"name": "x", "arguments": {"v": NaN}}</tool_call>',
@@ -89,6 +96,12 @@ def test_text_that_may_begin_a_call_waits_and_plain_text_does_not():
     assert stream.feed('\n{"name": "now", ') == ("", [])
     assert stream.feed('"parameters": {}}') == ("", [NOW])
     assert stream.finish() == ("", [])
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = f"<tool_call>{WEATHER}</tool_call>\n<tool_call>{{\"name\": \"now\"}}</tool_call>"
+    assert ToolParser("hermes").one_call().parse(text) == ("", [PARIS])
+    assert ToolParser("hermes").parse(text) == ("", [PARIS, NOW])
 
 
 def test_the_answer_forms_and_ids():
@@ -195,3 +208,28 @@ def test_a_marker_that_is_a_special_token_reaches_the_parser(live):
     service.tool_parser.keeps_special_tokens = True
     service._chat_checks(body)
     assert not body.skip_special_tokens
+
+
+def test_forced_calls_take_the_parsers_ids():
+    """With server.tool_call_parser=mistral, tool_choice "required" and named calls get Mistral's
+    9-character ids too (its templates refuse others when the calls come back)."""
+    engine = Engine(EngineConfig(compile="false", max_batch_size=2, max_seq_len=512,
+                                 adapters=AdapterConfig(dir="demo")))
+    body = {**CHAT, "tools": TOOLS[1:], "structured_outputs": None, "max_tokens": 60}  # (now(): a short call)
+    with httpx.Client(timeout=60) as client, \
+            in_process_server(engine, ServerConfig(tool_call_parser="mistral")) as (base, _):
+        for choice in ("required", {"type": "function", "function": {"name": "now"}}):
+            r = client.post(base + "/v1/chat/completions", json={**body, "tool_choice": choice})
+            calls = r.json()["choices"][0]["message"]["tool_calls"]
+            assert calls and all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in calls), r.text
+            with client.stream("POST", base + "/v1/chat/completions",
+                               json={**body, "tool_choice": choice, "stream": True}) as s:
+                ids = [p["id"] for ln in s.iter_lines() if ln.startswith("data: {")
+                       for p in json.loads(ln[6:])["choices"][0]["delta"].get("tool_calls") or () if "id" in p]
+            assert ids and all(re.fullmatch("[A-Za-z0-9]{9}", i) for i in ids)
+
+
+def test_parallel_tool_calls_false_makes_auto_one_call(live):
+    client, base, _ = live
+    r = client.post(base + "/v1/chat/completions", json={**CHAT, "parallel_tool_calls": False})
+    assert [c["function"]["name"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == ["get_weather"]

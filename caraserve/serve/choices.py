@@ -15,7 +15,6 @@ chunk that sends its text).
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import replace
 
 from caraserve.request import FinishReason, RequestOutput
@@ -269,7 +268,7 @@ def tool_call_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[
             if forced.name is not None and (out.new_text or (state["call_id"] is None and out.finished)):
                 call = {"index": 0, "function": {"arguments": out.new_text}}
                 if state["call_id"] is None:
-                    state["call_id"] = f"chatcmpl-tool-{uuid.uuid4().hex}"
+                    state["call_id"] = forced.new_id()
                     call.update(id=state["call_id"], type="function")
                     call["function"]["name"] = forced.name
                 calls = [call]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from caraserve.request import RequestError
 from caraserve.structured_output import StructuredOutputs
@@ -25,14 +26,16 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 class ForcedTools:
     """A chat call's forced tool calls: `name` the named function's (None: tool_choice
     "required": calls of any listed tool, at most one unless `parallel`); `tools` each listed
-    function's (name, parameters schema as JSON text)."""
+    function's (name, parameters schema as JSON text); `new_id` makes a call's id (a tool
+    parser's own form where the server has one: Mistral's templates check theirs)."""
 
     tools: tuple[tuple[str, str], ...]
     name: str | None
     parallel: bool = True
+    new_id: Callable[[], str] = field(default=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}", compare=False)
 
     @classmethod
-    def of(cls, body) -> ForcedTools | None:
+    def of(cls, body, new_id: Callable[[], str] | None = None) -> ForcedTools | None:
         """The body's forced calls, None when it forces none; RequestError when its tools and
         tool_choice do not make one."""
         choice = getattr(body, "tool_choice", None)
@@ -59,7 +62,8 @@ class ForcedTools:
                                f"({', '.join(n for n, _ in tools)})")
         if getattr(body, "echo", False):
             raise RequestError("echo cannot be combined with a forced tool call (the answer is the call)")
-        return cls(tuple(tools), name, getattr(body, "parallel_tool_calls", True) is not False)
+        return cls(tuple(tools), name, getattr(body, "parallel_tool_calls", True) is not False,
+                   **({} if new_id is None else {"new_id": new_id}))
 
     def spec(self) -> StructuredOutputs:
         """The grammar of the output: the named function's arguments, or the list of calls, whose
@@ -91,17 +95,13 @@ class ForcedTools:
             pairs = [(self.name, text.strip())]
         else:
             pairs = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in whole_calls(text)]
-        return [tool_call(name, arguments) for name, arguments in pairs]
+        return [{"id": self.new_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+                for name, arguments in pairs]
 
     def finish_reason(self, finish: str) -> str:
         """OpenAI's: "tool_calls" when tool_choice "required"'s list ended; a named function's
         call, and a list cut short, finish with their output's own reason ("stop", "length")."""
         return "tool_calls" if self.name is None and finish == "stop" else finish
-
-
-def tool_call(name: str, arguments: str) -> dict:
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
 
 
 def whole_calls(text: str) -> list[dict]:
@@ -140,10 +140,10 @@ def structured_outputs(body) -> StructuredOutputs | None:
             raise RequestError(f"response_format: type {kind!r} is not supported (text, json_object, json_schema)")
     if body.structured_outputs is not None:
         given["structured_outputs"] = body.structured_outputs
-    for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                        ("guided_grammar", "grammar")):
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
         if getattr(body, name) is not None:
-            given[name] = {field: getattr(body, name)}
+            given[name] = {kind: getattr(body, name)}
     forced = ForcedTools.of(body)
     if forced is not None:
         given["tool_choice"] = forced.spec()

@@ -291,7 +291,7 @@ class EngineService:
                              "pythonic (vLLM's --tool-call-parser). Or send tool_choice 'required' or a named "
                              "function (the output is constrained to the call), or 'none' (the tools reach the "
                              "chat template only)")
-        return self.tool_parser
+        return self.tool_parser if body.parallel_tool_calls else self.tool_parser.one_call()
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
@@ -325,7 +325,8 @@ class EngineService:
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only, received)
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
-        forced, parser, texts = ForcedTools.of(body), self._auto_tools(body), self._texts(body)  # (checked above)
+        parser, texts = self._auto_tools(body), self._texts(body)  # (checked above)
+        forced = ForcedTools.of(body, self.tool_parser.fmt.call_id if self.tool_parser is not None else None)
         # a structured output's text is all answer: a grammar leaves no room to think
         thinks = self.reasoning if params.structured_outputs is None else None
         if body.stream:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from caraserve.request import ErrorCause, RequestOutput
 from caraserve.serve import protocol as proto
 from caraserve.serve.choices import usage_counts
+
+log = logging.getLogger(__name__)
 
 # chunker(index) -> chunk(output, finish_reason) -> the chunk's JSON body (or a list of bodies), or
 # None when the output has nothing to send yet (its text held back); chunk(None, None) is an empty
@@ -82,7 +85,13 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
                 yield _sse(body)
             latest[i] = out
             finish = out.finish_reason.openai if out.finished else None
-            for body in bodies(chunks[i](out, finish)):
+            try:
+                sent = bodies(chunks[i](out, finish))
+            except Exception:  # (a bug in forming the answer: the client is told, the other choices end)
+                log.exception("forming a streamed chunk failed")
+                yield _sse(proto.error_body("the server failed to form this answer", "internal_error", 500))
+                break
+            for body in sent:
                 if final_usage:
                     body["usage"] = proto.usage(out.prompt_tokens, len(out.output_ids), out.cached_tokens) \
                         if continuous else None

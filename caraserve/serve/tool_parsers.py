@@ -17,12 +17,14 @@ whole text at once). The rules: text before a call's start, between calls and af
 content, but a stretch of only whitespace (and, for llama3_json, ";") beside a call is not;
 text that may still become a call's start is held back; a call that does not parse (bad JSON, no
 name, arguments not an object, cut by max_tokens) stays content, as the model wrote it, so no
-text is lost.
+text is lost. A hermes block the output ended in before </tool_call> (a stop string on it, EOS)
+is a call when its JSON is whole, as vLLM's reads it.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import secrets
@@ -38,14 +40,15 @@ class Call:
 
 
 def _call(name, arguments) -> Call | None:
-    """A call from a parsed name and arguments (an object, or JSON text of one), or None."""
+    """A call from a parsed name and arguments (an object, JSON text of one, or null: none), or None."""
     try:
         if isinstance(arguments, str):
             arguments = json.loads(arguments)
+        arguments = {} if arguments is None else arguments
         if not isinstance(name, str) or not name or not isinstance(arguments, dict):
             return None
         return Call(name, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
-    except ValueError:  # not JSON, or NaN / Infinity, which JSON has not
+    except (ValueError, RecursionError):  # not JSON, NaN / Infinity (JSON has not), nested past Python's stack
         return None
 
 
@@ -134,14 +137,13 @@ class Hermes(Format):
         j = text.find(self.end, memo.get("pos", len(self.markers[0])))
         if j < 0:
             memo["pos"] = max(len(self.markers[0]), len(text) - len(self.end))
-            return (len(text), None) if final else None
-        try:
-            body = json.loads(text[len(self.markers[0]):j])
-        except (ValueError, RecursionError):
-            return j + len(self.end), None
+            if not final:
+                return None
+            j = len(text)  # an output that ended (a stop string, EOS) before the closing tag: its call if whole
+        body = _json(text[len(self.markers[0]):j])
         call = _call(body.get("name"), body.get("arguments", body.get("parameters", {}))) \
             if isinstance(body, dict) else None
-        return j + len(self.end), None if call is None else [call]
+        return min(j + len(self.end), len(text)), None if call is None else [call]
 
 
 def _json(value: str | None):
@@ -242,8 +244,8 @@ class CallStream:
     """One output's text, fed as it grows: `feed` and, at the end, `finish` each answer (content
     to send, calls to send). See the module docstring for what is which."""
 
-    def __init__(self, fmt: Format):
-        self.fmt = fmt
+    def __init__(self, fmt: Format, max_calls: int | None = None):
+        self.fmt, self.max_calls = fmt, max_calls  # calls past max_calls are dropped (parallel_tool_calls false)
         self.buf = ""  # text read and not decided yet
         self.in_call = False  # buf starts at a call's start
         self.clean = True  # the current stretch (since the output's start or the last call) is only separators
@@ -262,6 +264,7 @@ class CallStream:
                 n, got = taken
                 raw, self.buf, self.in_call = self.buf[:n], self.buf[n:], False
                 if got:
+                    got = got if self.max_calls is None else got[:max(0, self.max_calls - self.called)]
                     calls += got
                     self.called += len(got)
                     self.clean, self.held = True, ""
@@ -301,12 +304,18 @@ class ToolParser:
     def __init__(self, name: str, tokenizer=None):
         if name not in FORMATS:
             raise ValueError(f"tool_call_parser {name!r} is not one of {', '.join(FORMATS)}")
-        self.name, self.fmt = name, FORMATS[name]()
+        self.name, self.fmt, self.max_calls = name, FORMATS[name](), None
         # a marker the tokenizer holds as a special token is dropped from text that skips them
         self.keeps_special_tokens = tokenizer is not None and any(_special(tokenizer, m) for m in self.fmt.markers)
 
     def stream(self) -> CallStream:
-        return CallStream(self.fmt)
+        return CallStream(self.fmt, self.max_calls)
+
+    def one_call(self) -> ToolParser:
+        """This parser keeping an output's first call only (parallel_tool_calls false, as vLLM's)."""
+        parser = copy.copy(self)
+        parser.max_calls = 1
+        return parser
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """(content, calls) of a whole output."""

@@ -264,7 +264,7 @@ class Request:
     # with logprobs and a tokenizer: the text each output token added (OutputProcessor.detokenize),
     # which add up to the output's text until a stop string cuts it
     output_texts: list[str] = field(default_factory=list)
-    # with params.prompt_logprobs: per prompt position, None for the first, else (logprob, alternatives)
+    # with params.prompt_logprobs: per prompt position, None for the first, else (logprob, alternatives, rank)
     prompt_logprobs: list = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -370,7 +370,7 @@ class RequestOutput:
     # with top_logprobs: the most likely (token, logprob)s at each position of output_ids, best first
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
     token_texts: list[str] | None = None  # of output_ids (with logprobs and a tokenizer): Request.output_texts
-    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, else (logprob, alternatives)
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, else (logprob, alternatives, rank)
     prompt_logprobs: list | None = None
     prompt_tokens: int = 0
     ttft_s: float | None = None  # arrival -> first token

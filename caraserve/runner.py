@@ -13,7 +13,7 @@ from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.llama import CausalLM
 from caraserve.request import RequestState
-from caraserve.sampler import token_logprobs
+from caraserve.sampler import token_logprobs, token_ranks
 from caraserve.scheduler import ScheduledBatch
 
 
@@ -115,12 +115,12 @@ def wants_prompt_logprobs(req, start: int) -> bool:
 
 
 def add_prompt_logprobs(req, start: int, logits: torch.Tensor) -> None:
-    """Appends the logprobs of the prompt tokens that rows at positions start.. predict (row p:
-    prompt token p + 1; the prompt's first token has none)."""
+    """Appends the (logprob, alternatives, rank) of the prompt tokens that rows at positions
+    start.. predict (row p: prompt token p + 1; the prompt's first token has none)."""
     if start == 0:
         req.prompt_logprobs.append(None)
     n = min(len(logits), len(req.prompt_ids) - 1 - start)  # rows past the prompt (a recompute's) predict none
     if n > 0:
         targets = torch.tensor(req.prompt_ids[start + 1 : start + 1 + n])
         lps, alts = token_logprobs(logits[:n], targets, [req.params.prompt_logprobs] * n)
-        req.prompt_logprobs.extend(zip(lps, alts))
+        req.prompt_logprobs.extend(zip(lps, alts, token_ranks(logits[:n], targets)))

@@ -189,6 +189,17 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]
     return lps, alts
 
 
+def token_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> list[int]:
+    """For logits [R, V] and tokens [R]: each token's rank in its row, 1 for the most likely (ties
+    share the better rank), as vLLM reports a prompt token's."""
+    ranks: list[int] = []
+    for r0 in range(0, len(logits), LOGPROB_ROWS):
+        rows = logits[r0 : r0 + LOGPROB_ROWS].float()
+        chosen = rows.gather(-1, tokens[r0 : r0 + LOGPROB_ROWS].to(rows.device)[:, None])
+        ranks += ((rows > chosen).sum(-1) + 1).tolist()
+    return ranks
+
+
 def _greedy_cpu(logits: torch.Tensor) -> tuple[list[int], list[float], list[tuple]]:
     """`sample` of CPU logits [B, V] float32 whose rows are all greedy without logprobs, in numpy:
     three array operations where the general path takes eight torch ones (after a step has

@@ -38,8 +38,10 @@ def test_prompt_logprobs_match_transformers_and_peft(engine, adapter):
     got, beside = engine.generate([PROMPT, "import os"], [sp, other], [adapter, "demo-r8"])  # in one batch
     ref = reference(ids, adapter)
     assert len(got.prompt_logprobs) == len(ids) and got.prompt_logprobs[0] is None
-    for p, (lp, alts) in enumerate(got.prompt_logprobs[1:]):
+    for p, (lp, alts, rank) in enumerate(got.prompt_logprobs[1:]):
         assert lp == pytest.approx(ref[p, ids[p + 1]].item(), abs=2e-5)
+        chosen = ref[p, ids[p + 1]]  # its rank: 1 + the tokens more likely (those within tolerance either way)
+        assert 1 + (ref[p] > chosen + 2e-5).sum().item() <= rank <= 1 + (ref[p] > chosen - 2e-5).sum().item()
         values, best = ref[p].topk(2)
         assert [t for t, _ in alts] == best.tolist()
         assert [v for _, v in alts] == pytest.approx(values.tolist(), abs=2e-5)
@@ -59,7 +61,7 @@ def test_prompt_logprobs_past_the_prefix_cache_and_a_preemption():
     assert small.scheduler.num_preemptions > 0
     assert all(r.prompt_logprobs == first for r in again) and len(first) == len(ids)
     ref = reference(ids, None)
-    assert [lp for lp, _ in first[1:]] == pytest.approx([ref[p, ids[p + 1]].item() for p in range(len(ids) - 1)],
+    assert [e[0] for e in first[1:]] == pytest.approx([ref[p, ids[p + 1]].item() for p in range(len(ids) - 1)],
                                                         abs=2e-5)
 
 
@@ -123,5 +125,6 @@ def test_a_scored_prompt_goes_in_bounded_chunks_and_slices(engine, monkeypatch):
             chunks.append(req.num_computed - before)
     assert max(chunks) == 5 and sum(chunks) == len(req.prompt_ids)
     assert len(req.prompt_logprobs) == len(want) and req.prompt_logprobs[0] is None
-    for (lp, alts), (lp_want, alts_want) in zip(req.prompt_logprobs[1:], want[1:]):
+    for (lp, alts, rank), (lp_want, alts_want, rank_want) in zip(req.prompt_logprobs[1:], want[1:]):
         assert lp == pytest.approx(lp_want, abs=1e-6) and [t for t, _ in alts] == [t for t, _ in alts_want]
+        assert rank == rank_want

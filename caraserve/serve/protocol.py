@@ -62,7 +62,8 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}"
-    return_token_ids: bool = False  # the answer carries prompt and output token ids (serve.token_ids)
+    return_token_ids: bool = False  # the answer carries prompt and output token ids (serve.answer_extras)
+    prompt_logprobs: int | None = None  # each prompt token's logprob, rank and k alternatives (serve.prompt_logprobs)
     cache_salt: str | None = None
     # vLLM's, accepted and type-checked but without effect here: beam search alone reads
     # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
@@ -147,6 +148,8 @@ class _Sampling(BaseModel):
     def _stream_options_with_stream(self) -> _Sampling:
         if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise ValueError("stream_options can only be given with stream: true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not given with stream: true (as vLLM's)")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of={self.best_of} is not supported: each of the n={self.n} completions is "
                              "returned (best_of may only equal n)")
@@ -159,7 +162,6 @@ class _Sampling(BaseModel):
 _NOT_SERVED = {
     "bad_words": (([],), ""),
     "use_beam_search": ((False,), " (no beam search here)"),
-    "prompt_logprobs": ((), ": for the prompt's logprobs, send echo: true with logprobs"),
     "priority": ((0,), " (requests are served first come, first served)"),
     "logits_processors": (([],), ""),
     "vllm_xargs": (({},), ""),
@@ -182,6 +184,14 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None  # refused when given (as vLLM's): no insertion model here
     add_special_tokens: bool = True  # a text prompt's BOS (vLLM's)
+
+    @model_validator(mode="after")
+    def _one_prompt_scoring(self) -> CompletionRequest:
+        """echo with logprobs scores the prompt with `logprobs` alternatives; prompt_logprobs may only agree."""
+        if self.echo and self.logprobs is not None and self.prompt_logprobs not in (None, self.logprobs):
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs} with echo and logprobs={self.logprobs}: the "
+                             "prompt is scored once, so give them the same number (or leave prompt_logprobs out)")
+        return self
 
 
 class ContentPart(BaseModel):

@@ -21,7 +21,7 @@ from typing import Protocol
 from caraserve.config_checks import inline_template
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
-from caraserve.serve import choices, token_ids
+from caraserve.serve import answer_extras, choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.adapter_admin import AdapterAdmin
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
@@ -142,7 +142,8 @@ class EngineService:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
             logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
-            cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens)
+            cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens,
+            prompt_logprobs=body.prompt_logprobs)
         try:  # what the body leaves out of the model's sampling defaults comes from them
             values["structured_outputs"] = structured_outputs(body)
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
@@ -218,7 +219,7 @@ class EngineService:
             def chunker(index: int):
                 return chunkers[index // n](index)
             if body.return_token_ids:
-                chunker = token_ids.streamed(chunker, lambda c: encoded[c // n], chat=False)
+                chunker = answer_extras.streamed(chunker, lambda c: encoded[c // n], chat=False)
             return await self.runs.stream(runs, chunker, include_usage, disconnected, n,
                                           body.continuous_usage(include_usage))
         outs = await self.runs.all_of(runs, disconnected)
@@ -226,7 +227,7 @@ class EngineService:
                     choices.completion_logprobs(texts, o, encoded[c // n], echo=scored), o.stop_reason)
                    for c, o in enumerate(outs)]
         answer = proto.completion_response(answer_id or rid, body.model, answers, *choices.usage_counts(outs, n))
-        return token_ids.add(answer, outs, lambda c: encoded[c // n], chat=False) if body.return_token_ids else answer
+        return answer_extras.add(answer, outs, body, texts, lambda c: encoded[c // n], chat=False)
 
     async def _prompt_ids(self, prompt, params: SamplingParams, index: int | None,
                           body: proto.CompletionRequest) -> list[int]:
@@ -335,14 +336,14 @@ class EngineService:
                 choices.parsed_chat_chunker(aid, body.model, texts, ids, parser, thinks, echoed) if parser or thinks \
                 else choices.chat_chunker(aid, body.model, texts, ids, echoed)
             if body.return_token_ids:
-                chunker = token_ids.streamed(chunker, lambda _: ids, chat=True)
+                chunker = answer_extras.streamed(chunker, lambda _: ids, chat=True)
             return await self.runs.stream(runs, chunker, include_usage, disconnected,
                                           continuous=body.continuous_usage(include_usage), role="assistant")
         outs = await self.runs.all_of(runs, disconnected)
         answers = [choices.chat_choice(o, texts, ids, echoed, forced, parser, thinks) for o in outs]
         answer = proto.chat_response(answer_id or rid, body.model, answers, len(ids),
                                      sum(len(o.output_ids) for o in outs), max(o.cached_tokens for o in outs))
-        return token_ids.add(answer, outs, lambda _: ids, chat=True) if body.return_token_ids else answer
+        return answer_extras.add(answer, outs, body, texts, lambda _: ids, chat=True)
 
     async def tokenize(self, body: proto.TokenizeRequest) -> dict:
         await self.resolve_model(body)

@@ -1,4 +1,5 @@
-"""vLLM's return_token_ids: the answer's prompt and output token ids, whole and streamed."""
+"""What an answer carries beside its text when asked (vLLM's fields): return_token_ids (the
+prompt's and the output's token ids, whole and streamed) and prompt_logprobs."""
 
 from __future__ import annotations
 
@@ -62,3 +63,44 @@ def test_chat_carries_the_prompts_ids_once_and_each_choices_output_ids(live):
         mine = [k["choices"][0] for k in streamed if k["choices"] and k["choices"][0]["index"] == c["index"]]
         assert [t for k in mine for t in k["token_ids"]] == c["token_ids"]
     assert streamed[-1]["choices"] == [] and "token_ids" not in json.dumps(streamed[-1])  # the usage chunk
+
+
+def test_prompt_logprobs_score_the_prompt_as_echo_does(live):
+    client, base, engine = live
+    body = {"model": "demo-r32", "prompt": "The cat sat on the mat", "max_tokens": 2, "temperature": 0,
+            "prompt_logprobs": 3}
+    choice = client.post(base + "/v1/completions", json=body).json()["choices"][0]
+    echoed = client.post(base + "/v1/completions", json={**body, "prompt_logprobs": None, "echo": True,
+                                                          "logprobs": 3, "max_tokens": 0}).json()["choices"][0]
+    ids = engine.encode(body["prompt"])
+    scores = choice["prompt_logprobs"]
+    assert len(scores) == len(ids) and scores[0] is None
+    echo = echoed["logprobs"]  # (echo's scores are checked against transformers + peft elsewhere)
+    for p in range(1, len(ids)):
+        mine = scores[p][str(ids[p])]
+        assert mine["logprob"] == pytest.approx(echo["token_logprobs"][p], abs=1e-5)
+        assert mine["decoded_token"] == echo["tokens"][p]
+        # both hold the 3 most likely tokens and the prompt's own (OpenAI's echo: up to logprobs + 1)
+        assert {v["decoded_token"]: v["logprob"] for v in scores[p].values()} == \
+            pytest.approx(echo["top_logprobs"][p], abs=1e-5)
+        assert sorted(v["rank"] for k, v in scores[p].items() if k != str(ids[p]))[:3] in ([1, 2, 3], [1, 2], [1])
+        assert (mine["rank"] == 1) == (max(echo["top_logprobs"][p].values()) <= echo["token_logprobs"][p] + 1e-6)
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = client.post(base + "/v1/chat/completions", json={"model": "demo-r32", "messages": messages,
+                                                             "max_tokens": 2, "prompt_logprobs": 0}).json()
+    prompt = client.post(base + "/tokenize", json={"model": "demo-r32", "messages": messages}).json()["tokens"]
+    assert len(chat["prompt_logprobs"]) == len(prompt) and chat["prompt_logprobs"][0] is None
+    assert all(list(e) == [str(t)] for e, t in zip(chat["prompt_logprobs"][1:], prompt[1:]))  # k 0: its own only
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"stream": True}, "stream"),
+    ({"echo": True, "logprobs": 2}, "same number"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "max_logprobs"),
+])
+def test_prompt_logprobs_refusals(live, extra, says):
+    client, base, _ = live
+    body = {"model": "tiny", "prompt": "hi there", "max_tokens": 2, "prompt_logprobs": 3, **extra}
+    r = client.post(base + "/v1/completions", json=body)
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

@@ -242,7 +242,7 @@ class Engine:
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; RequestError when it is not one (`input_checks.prompt_ids`)."""
         return prompt_ids(prompt, self.tokenizer, self.config.limits, self.max_seq_len, self.model.args.vocab_size,
-                          add_special_tokens)
+                          add_special_tokens, self._context_why)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its slots; its final output, or None when it is unknown or

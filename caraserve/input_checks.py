@@ -56,16 +56,18 @@ def check_prompt_text(prompt: str, tokenizer, lim) -> None:
         raise RequestError(f"prompt: {size} bytes is more than {limit} (limits.max_prompt_bytes)")
 
 
-def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int, add_special_tokens: bool = True) -> list[int]:
+def prompt_ids(prompt, tokenizer, lim, max_seq_len: int, vocab: int, add_special_tokens: bool = True,
+               why: str = "") -> list[int]:
     """Token ids of a prompt (text through `tokenizer`, with its BOS unless not
     add_special_tokens; or token ids); RequestError when it is not one, or past the limits `lim`
-    (config.LimitsConfig), the context length or the vocabulary."""
+    (config.LimitsConfig), the context length (`why` says what sets it, when not the model) or
+    the vocabulary."""
     if isinstance(prompt, str):
         check_prompt_text(prompt, tokenizer, lim)
         ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     elif isinstance(prompt, (list, tuple)):
         if len(prompt) > max_seq_len:
-            raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length {max_seq_len}")
+            raise RequestError(f"prompt: {len(prompt)} token ids is more than the context length {max_seq_len}{why}")
         ids = list(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")

@@ -146,6 +146,8 @@ def test_requests_larger_than_the_whole_cache_are_refused():
     assert e.max_seq_len == 20
     with pytest.raises(RequestError, match=r"context length 20 \(all the KV cache holds: 5 blocks of 4 tokens\)"):
         e.add_request([1, 2, 3], SamplingParams(max_tokens=18))
+    with pytest.raises(RequestError, match=r"21 token ids .* context length 20 \(all the KV cache holds"):
+        e.add_request([1] * 21, SamplingParams(max_tokens=1))  # a prompt alone past it says so too
     assert not e.has_unfinished()
     e.add_request([1, 2, 3], SamplingParams(max_tokens=17, ignore_eos=True))  # 20 tokens: exactly the cache
     while e.has_unfinished():

@@ -57,8 +57,9 @@ def test_chat_carries_the_prompts_ids_once_and_each_choices_output_ids(live):
     for c in answer["choices"]:
         assert len(c["token_ids"]) == 6 and engine.tokenizer.decode(c["token_ids"]) == c["message"]["content"]
     streamed = chunks(client, base + "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
-    assert [k["prompt_token_ids"] for k in streamed if "prompt_token_ids" in k] == [prompt]
-    assert "prompt_token_ids" in streamed[0]
+    with_prompt = [k for k in streamed if "prompt_token_ids" in k]  # each choice's role chunk (as vLLM's)
+    assert [(k["choices"][0]["index"], k["choices"][0]["delta"].get("role")) for k in with_prompt] == [
+        (0, "assistant"), (1, "assistant")] and all(k["prompt_token_ids"] == prompt for k in with_prompt)
     for c in answer["choices"]:
         mine = [k["choices"][0] for k in streamed if k["choices"] and k["choices"][0]["index"] == c["index"]]
         assert [t for k in mine for t in k["token_ids"]] == c["token_ids"]

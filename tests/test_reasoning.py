@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -146,3 +147,16 @@ def test_on_a_server_the_answer_carries_its_reasoning(live):
     constrained = {**body, "structured_outputs": {"regex": "[a-z]{5}"}}  # a grammar's output is all answer
     message = client.post(base + "/v1/chat/completions", json=constrained).json()["choices"][0]["message"]
     assert len(message["content"]) == 5 and "reasoning" not in message
+
+
+def test_include_reasoning_false_and_content_of_an_output_that_did_not_think(live):
+    client, base, _ = live
+    body = {"model": "demo-r8", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    message = client.post(base + "/v1/chat/completions", json={**body, "include_reasoning": False}).json()
+    assert message["choices"][0]["message"] == {"role": "assistant", "content": None, "reasoning": None}
+    texts = choices.TokenTexts(None)
+    empty = RequestOutput("r", [5], [5], True, FinishReason.STOP, text="", new_text="")
+    plain, *_ = choices.chat_choice(empty, texts, [1], reasoning=ReasoningParser("qwen3"))
+    assert plain == {"content": "", "reasoning": None}  # nothing thought: an empty answer is "", as without a parser
+    cut, *_ = choices.chat_choice(replace(empty, text="<think>x"), texts, [1], reasoning=ReasoningParser("qwen3"))
+    assert cut == {"content": None, "reasoning": "x"}

@@ -2,9 +2,9 @@
 
 return_token_ids: a completion's choice has `prompt_token_ids` (its prompt's) and `token_ids`
 (those it generated); a chat answer has `prompt_token_ids` once, at its top level, and each choice
-its `token_ids`. Streamed, the prompt's ids come with a choice's first chunk (chat: the stream's
-first), and each chunk has the ids of the tokens generated since the choice's previous chunk, so
-they add up to the whole answer's.
+its `token_ids`. Streamed, the prompt's ids come with each choice's first chunk (chat: its role
+chunk, at the top level), and each chunk has the ids of the tokens generated since the choice's
+previous chunk, so they add up to the whole answer's (as vLLM's).
 
 prompt_logprobs: k (caraserve.serve.prompt_logprobs): a completion's choice has its prompt's, a
 chat answer its prompt's once, at its top level (not streamed).
@@ -36,11 +36,9 @@ def add(answer: dict, outs: list[RequestOutput], body, texts: TokenTexts, prompt
 
 def streamed(chunker: Chunker, prompt_ids: Callable[[int], list[int]], chat: bool) -> Chunker:
     """chunker's chunks with the ids (a chunk without a choice, the usage chunk, has none)."""
-    once = {"first": True}  # chat: the prompt's ids once, with the stream's first chunk
 
     def with_ids(index: int):
-        chunk, state = chunker(index), {"sent": 0}
-        first = once if chat else {"first": True}
+        chunk, state, first = chunker(index), {"sent": 0}, {"first": True}
 
         def chunk_ids(out: RequestOutput | None, finish: str | None):
             answer = chunk(out, finish)

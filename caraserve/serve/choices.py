@@ -339,8 +339,9 @@ def chat_choice(out: RequestOutput, texts: TokenTexts, prompt_ids: list[int], ec
         return message, forced.finish_reason(finish), logprobs, out.stop_reason
     if tools is None and reasoning is None:
         return {"content": echoed + out.text}, finish, logprobs, out.stop_reason
-    thought, content, calls = OutputSplitter(reasoning, tools).feed(out.text, final=True)
-    message = {"content": echoed + content or (None if calls or reasoning is not None else "")}
+    split = OutputSplitter(reasoning, tools)
+    thought, content, calls = split.feed(out.text, final=True)
+    message = {"content": echoed + content or (None if calls or split.thought else "")}
     if reasoning is not None:
         message["reasoning"] = thought or None
     if calls:

@@ -255,6 +255,7 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: bool = False  # the answer continues the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     reasoning_effort: str | None = None  # OpenAI's; a template variable (as vLLM passes it)
+    include_reasoning: bool = True  # vLLM's: false leaves a reasoning parser's reasoning out of the answer
     parallel_tool_calls: bool = True  # false: tool_choice "required" makes one call
     add_special_tokens: bool = False  # the template writes BOS itself
 

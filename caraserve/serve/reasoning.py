@@ -30,13 +30,18 @@ def _holdback(text: str, marker: str) -> int:
 class ThinkStream:
     """One output's reasoning and content as its text grows: feed -> (reasoning, content) to send."""
 
-    def __init__(self, thinks_first: bool):
+    def __init__(self, thinks_first: bool, keep: bool = True):
         self.thinks_first = thinks_first  # deepseek_r1: thinking unless told otherwise
+        self.keep = keep  # false: the reasoning is read and dropped (include_reasoning false)
         self.state = "start"  # -> "thinking" -> "after" (whitespace after </think>) -> "answer"
         self.buf = ""
         self.thought = False  # any of the output was inside the block
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        reasoning, content = self._feed(text, final)
+        return (reasoning if self.keep else ""), content
+
+    def _feed(self, text: str, final: bool) -> tuple[str, str]:
         self.buf += text
         reasoning = ""
         if self.state == "start":
@@ -67,13 +72,17 @@ class ThinkStream:
 class ReasoningParser:
     """server.reasoning_parser's syntax."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, keep: bool = True):
         if name not in ("deepseek_r1", "qwen3"):
             raise ValueError(f"reasoning_parser {name!r} is not one of deepseek_r1, qwen3")
-        self.name = name
+        self.name, self.keep = name, keep
 
     def stream(self) -> ThinkStream:
-        return ThinkStream(thinks_first=self.name == "deepseek_r1")
+        return ThinkStream(self.name == "deepseek_r1", self.keep)
+
+    def hidden(self) -> ReasoningParser:
+        """This parser dropping the reasoning from the answer (vLLM's include_reasoning false)."""
+        return ReasoningParser(self.name, keep=False)
 
 
 class OutputSplitter:

@@ -330,6 +330,7 @@ class EngineService:
         forced = ForcedTools.of(body, self.tool_parser.fmt.call_id if self.tool_parser is not None else None)
         # a structured output's text is all answer: a grammar leaves no room to think
         thinks = self.reasoning if params.structured_outputs is None else None
+        thinks = thinks.hidden() if thinks is not None and not body.include_reasoning else thinks
         if body.stream:
             aid = answer_id or rid
             chunker = choices.tool_call_chunker(aid, body.model, texts, ids, forced) if forced is not None else \

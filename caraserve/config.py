@@ -20,10 +20,12 @@ from caraserve.config_checks import (  # noqa: F401  (re-exported)
     ConfigError,
     _check,
     _check_template,
+    check_devices,
     check_fields,
     check_keys,
     dataclass_from_dict,
     inline_template,
+    resolve_device,
     show,
     unknown_key,
 )
@@ -33,6 +35,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # caraserve.serve.tool_parsers
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # caraserve.serve.reasoning
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -171,18 +174,25 @@ class SchedulerConfig:
 
     mixed_steps: a step carries every decoding request's next token and, with the rest of
     engine.max_tokens_per_step, prefill chunks; false: a step is either prefill or decode, and
-    prefill goes first (a long prompt stalls every running request's next token)."""
+    prefill goes first (a long prompt stalls every running request's next token).
+
+    policy: "fcfs" (arrival order) or "priority" (vLLM's --scheduling-policy: a request's
+    `priority`, lower first, then arrival; a running request of a lower priority is preempted
+    for one of a strictly higher priority that finds no room; see caraserve.scheduler)."""
 
     slo_ms: float = 0.0
     perf_model: str = ""
     rank_grouping: bool = True
     max_passed_over: int = 8
     mixed_steps: bool = True
+    policy: str = "fcfs"
 
     def __post_init__(self):
         check_fields(self, "scheduler")
         _check(self.slo_ms >= 0, f"scheduler.slo_ms={self.slo_ms} must be >= 0")
         _check(self.max_passed_over >= 0, f"scheduler.max_passed_over={self.max_passed_over} must be >= 0")
+        _check(self.policy in SCHEDULING_POLICIES,
+               f"scheduler.policy={self.policy!r} must be one of {'|'.join(SCHEDULING_POLICIES)}")
         _check(not (self.slo_ms > 0 and not self.perf_model),
                "scheduler.slo_ms needs scheduler.perf_model (a latency JSON from scripts/profile_decode.py)")
 
@@ -356,26 +366,6 @@ class ServerConfig:
     @classmethod
     def from_dict(cls, data, where="server"):
         return dataclass_from_dict(cls, data, where)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    _check(device == "cpu" or device.startswith("cuda"), f"engine.device={device!r} must be auto|cpu|cuda[:N]")
-    if device.startswith("cuda"):
-        _check(torch.cuda.is_available(), f"engine.device={device!r} but CUDA is not available")
-    return device
-
-
-def check_devices(max_memory_bytes: dict) -> None:
-    """A placement budget (model.max_memory_bytes) may name only CUDA devices this machine has."""
-    import torch
-
-    for dev in max_memory_bytes:
-        _check(dev == "cpu" or int(dev) < torch.cuda.device_count(), f"model.max_memory_bytes: CUDA device {dev} "
-               f"does not exist (this machine has {torch.cuda.device_count()})")
 
 
 ENGINE_SECTIONS = ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits")

@@ -202,3 +202,23 @@ def _check_template(template: str) -> None:
         jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
     except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as e:
         raise ConfigError(f"server.chat_template: not a usable Jinja template ({type(e).__name__}: {e})") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    _check(device == "cpu" or device.startswith("cuda"), f"engine.device={device!r} must be auto|cpu|cuda[:N]")
+    if device.startswith("cuda"):
+        _check(torch.cuda.is_available(), f"engine.device={device!r} but CUDA is not available")
+    return device
+
+
+def check_devices(max_memory_bytes: dict) -> None:
+    """A placement budget (model.max_memory_bytes) may name only CUDA devices this machine has."""
+    import torch
+
+    for dev in max_memory_bytes:
+        _check(dev == "cpu" or int(dev) < torch.cuda.device_count(), f"model.max_memory_bytes: CUDA device {dev} "
+               f"does not exist (this machine has {torch.cuda.device_count()})")

@@ -93,10 +93,7 @@ class Engine:
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = handoff_for(ca, thread_plan, self.model.args, self.pool.emulate_copy_gbps)
-        self.scheduler = Scheduler(self.kv, self.pool, self.store, cfg.max_batch_size, cfg.max_tokens_per_step,
-                                   assist, self.perf_model, cfg.scheduler.slo_ms,
-                                   cfg.scheduler.max_passed_over if cfg.scheduler.rank_grouping else None,
-                                   prefix_caching=cfg.prefix_caching, mixed_steps=cfg.scheduler.mixed_steps)
+        self.scheduler = Scheduler.for_engine(cfg, self.kv, self.pool, self.store, assist, self.perf_model)
         self.graphs = DecodeGraphs.for_engine(cfg, self.model, self.kv.layers, self.pool, self.max_seq_len, model_path,
                                               self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)
@@ -234,10 +231,11 @@ class Engine:
                                f"context length {self.max_seq_len}{self._context_why}")
 
     def check_params(self, params: SamplingParams) -> None:
-        """Refuses (RequestError naming the field) sampling parameters beyond engine.limits or
-        the vocabulary (`input_checks.check_limits`); structured outputs are checked as they
-        compile, in add_request (or before, off the engine thread: `grammars.compile`)."""
+        """Refuses (RequestError naming the field) sampling parameters beyond engine.limits, the
+        vocabulary (`input_checks.check_limits`) or the scheduling policy; structured outputs are
+        checked as they compile, in add_request (or before, off the engine thread: `grammars.compile`)."""
         check_limits(params, self.config.limits, self.model.args.vocab_size, self._eos_ids)
+        self.scheduler.check(params)
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; RequestError when it is not one (`input_checks.prompt_ids`)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -200,6 +200,11 @@ class KVCache:
     def evictable_among(self, blocks: list[int]) -> int:
         """How many of `blocks` nobody holds (sharing them takes them from the free count)."""
         return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def held_only_by(self, tables: list[list[int]]) -> set[int]:
+        """The blocks that freeing all of `tables` would release (no other table holds them)."""
+        holders = Counter(b for table in tables for b in table)
+        return {b for b, n in holders.items() if self._refs[b] == n}
 
     def share(self, table: list[int], blocks: list[int]) -> None:
         """Puts published `blocks` (from `match`) at the start of an empty `table`, holding them."""

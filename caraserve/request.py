@@ -113,6 +113,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled (None: any)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only within one salt
+    priority: int = 0  # vLLM's: with scheduler.policy=priority, lower values are served first
     # what the output must match (caraserve.structured_output; a mapping of its fields is taken too)
     structured_outputs: StructuredOutputs | None = None
 
@@ -175,6 +176,8 @@ class SamplingParams:
             _bad(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
         if not _is_int(self.n) or not 1 <= self.n <= INT64_MAX:
             _bad(f"n={self.n!r} must be an integer >= 1")
+        if not _is_int(self.priority) or not INT64_MIN <= self.priority <= INT64_MAX:
+            _bad(f"priority must be an integer in [-2**63, 2**63 - 1], got {self.priority!r}")
 
     def _checked_logit_bias(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as ((token id, bias), ...), from a mapping or pairs; token ids may be decimal

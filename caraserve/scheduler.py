@@ -25,6 +25,13 @@ first, so the decode step does not take on another, larger bucket needlessly; an
 request whose rank would push the predicted step past it lets the requests behind it that fit go
 ahead. A request overtaken `max_passed_over` times is overtaken no more: it goes first, and with
 an SLO it waits at the head until the batch has shrunk enough for it.
+
+Priority (`by_priority`, vLLM's priority policy): the queue is ordered by each request's
+`priority` (lower first), then arrival; rank grouping reorders only within a priority. When KV
+blocks run out, the running request of the lowest priority (the youngest of it) is preempted.
+A request that finds no room (the batch full, or too few free blocks) preempts running requests
+of a strictly lower priority, lowest first, when they hold enough to make room: requests of one
+priority never preempt one another, so a preempted request cannot take its place back at once.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from caraserve.kv_cache import KVCache, block_hashes
+from caraserve import prefix_cache
+from caraserve.adapter_admission import AdapterAdmission
+from caraserve.kv_cache import KVCache
 from caraserve.lora.device_pool import AdapterState, DevicePool
 from caraserve.lora.host_store import HostStore
 from caraserve.perf.slo import SloPricing
-from caraserve.request import Request, RequestState
+from caraserve.request import Request, RequestError, RequestState
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Scheduler:
         max_passed_over: int | None = None,
         prefix_caching: bool = False,
         mixed_steps: bool = False,
+        by_priority: bool = False,
     ):
         self.kv = kv
         self.pool = pool
@@ -76,10 +86,7 @@ class Scheduler:
         self.max_tokens_per_step = max_tokens_per_step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling (maybe chunked) or decoding
-        self._holds: set[str] = set()  # request ids holding an adapter slot reference
-        # assist(request, weights) -> bool: prefill now with a CPU-computed LoRA delta instead of
-        # waiting for the adapter's copy (None: always wait)
-        self.assist = assist
+        self.adapters = AdapterAdmission(pool, store, assist)
         self.perf_model = perf_model  # perf.model.PerfModel, used when slo_ms > 0
         self.slo_s = slo_ms / 1e3
         self.slo = SloPricing(perf_model, self.slo_s, pool.rank_buckets)
@@ -89,6 +96,15 @@ class Scheduler:
         self.num_preemptions = 0  # running requests sent back to recompute when KV blocks ran out
         self.prefix_caching = prefix_caching
         self.mixed_steps = mixed_steps
+        self.by_priority = by_priority
+
+    @classmethod
+    def for_engine(cls, cfg, kv: KVCache, pool: DevicePool, store: HostStore, assist, perf_model) -> Scheduler:
+        """The scheduler of an engine of config `cfg` (config.EngineConfig)."""
+        sc = cfg.scheduler
+        return cls(kv, pool, store, cfg.max_batch_size, cfg.max_tokens_per_step, assist, perf_model, sc.slo_ms,
+                   sc.max_passed_over if sc.rank_grouping else None, prefix_caching=cfg.prefix_caching,
+                   mixed_steps=sc.mixed_steps, by_priority=sc.policy == "priority")
 
     def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
@@ -98,7 +114,26 @@ class Scheduler:
         return rejected
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        if self.by_priority:
+            self._queue(req)
+        else:
+            self.waiting.append(req)
+
+    def check(self, params) -> None:
+        """Refuses (RequestError) a priority the policy does not serve."""
+        if params.priority and not self.by_priority:
+            raise RequestError(f"priority={params.priority}: requests are served first come, first served here "
+                               "(start the engine with scheduler.policy=priority to serve priorities)")
+
+    def _order(self, req: Request) -> tuple:
+        """Where a request stands in line: by priority (by_priority), then arrival."""
+        return (req.params.priority if self.by_priority else 0, req.arrival_s)
+
+    def _queue(self, req: Request) -> None:
+        """Puts a request in the priority-ordered queue behind those that go before it."""
+        key = self._order(req)
+        at = next((i for i, r in enumerate(self.waiting) if self._order(r) > key), len(self.waiting))
+        self.waiting.insert(at, req)
 
     def rank_of(self, req: Request) -> int:
         return self.store.info(req.adapter).rank if req.adapter is not None else 0
@@ -125,45 +160,8 @@ class Scheduler:
         due = [r for r in waiting if not self._may_overtake(r)]
         grouped = [r for r in waiting if self._may_overtake(r) and self._bucket(r) in present]
         others = [r for r in waiting if self._may_overtake(r) and self._bucket(r) not in present]
-        return due + grouped + others
-
-    def _adapter_ready(self, req: Request, blocked_buckets: set[int]) -> bool:
-        """Makes sure the request's adapter is (being) loaded and held; True when it may run.
-        Never waits: weights not in host memory are read on the store's I/O threads while the
-        request waits here and the others run. Raises the AdapterError of weights refused on
-        their first read."""
-        name = req.adapter
-        if name is None:
-            return True
-        if req.request_id not in self._holds:
-            state = self.pool.state(name)
-            req.cold_start = req.cold_start or state is not AdapterState.RESIDENT  # (as it arrived)
-            if state is AdapterState.HOST:
-                bucket = self.pool.bucket_for(self.store.info(name).rank)
-                if bucket in blocked_buckets:
-                    return False
-                # its read, kept: a failure fails it (a refetch hides it); its weights wait with it for a slot
-                read = req.adapter_read = req.adapter_read or self.store.fetch(name)
-                if not read.done():
-                    return False
-                if not self.pool.load(read.result(), avoid=blocked_buckets):
-                    # it could use a slot of any bucket from its own up: younger requests take none
-                    blocked_buckets.update(range(bucket, len(self.pool.rank_buckets)))
-                    return False
-            self.pool.acquire(name)
-            read, req.adapter_read = req.adapter_read, None  # the host copy stays while the copy or CPU assist needs it
-            self.store.hold(name, read.result() if read is not None and read.done() and not read.exception() else None)
-            self._holds.add(req.request_id)
-        if self.pool.state(name) is AdapterState.LOADING:
-            if self.assist is not None:  # the host copy CPU assist needs, read once per request
-                read = req.adapter_read = req.adapter_read or self.store.fetch(name)
-                if read.done() and read.exception() is None and self.assist(req, read.result()):
-                    req.cpu_assisted, req.adapter_read = True, None
-                    return True
-            req.state = RequestState.LOADING_ADAPTER  # (a failed read: it waits for the copy)
-            return False
-        req.adapter_read = None
-        return True
+        order = due + grouped + others
+        return sorted(order, key=lambda r: r.params.priority) if self.by_priority else order  # (stable)
 
     def stalled(self) -> bool:
         """Nothing running can step: each decodes on an adapter whose device copy is in flight."""
@@ -180,60 +178,23 @@ class Scheduler:
                 self.pool.state(adapter) is AdapterState.HOST:
             self.store.fetch(adapter)
 
-    def _prefetch(self) -> None:
-        """Starts the host reads of the adapters the next admissions will need (each request
-        keeps its read until admitted: `_adapter_ready`)."""
-        for req in itertools.islice(self.waiting, self.max_batch_size):
-            name = req.adapter
-            if name is not None and req.adapter_read is None and self.pool.state(name) is AdapterState.HOST:
-                req.adapter_read = self.store.fetch(name)
-
     def _cached_prefix(self, req: Request) -> list[int]:
-        """The published blocks the request's prefill can start from (none without prefix
-        caching). At least the prefill's last token is left to compute: its logits are needed."""
-        if not self.prefix_caching:
-            return []
-        tokens = req.prompt_ids + req.output_ids[: req.recompute]
-        req.block_hashes = block_hashes(req.block_hashes, tokens, self.kv.block_size, req.adapter_key)
-        if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids):
-            return []  # the prompt's logprobs come from its own rows: every one is computed
-        return self.kv.match(req.block_hashes[: (req.prefill_len - 1) // self.kv.block_size])
-
-    def _take_prefix(self, req: Request, hit: list[int]) -> None:
-        """Admits the request onto its cached prefix: shares the blocks, skips their tokens."""
-        if self.prefix_caching and not req.preemptions:  # (a recompute is no new query: vLLM's)
-            self.kv.count_query(req.prefill_len, len(hit))
-        if not hit:
-            return
-        self.kv.share(req.block_table, hit)
-        req.num_computed = len(hit) * self.kv.block_size
-        req.published_blocks = len(hit)
-        if not req.preemptions:
-            req.cached_tokens = req.num_computed
+        """The published blocks the request's prefill can start from (none without prefix caching)."""
+        return prefix_cache.cached_prefix(self.kv, req) if self.prefix_caching else []
 
     def publish(self, reqs: list[Request]) -> None:
-        """Publishes the blocks the step filled (prefix caching): each request's full blocks whose
-        tokens are all in the cache."""
-        if not self.prefix_caching:
-            return
-        bs = self.kv.block_size
-        for req in reqs:
-            full = req.kv_tokens // bs
-            if full <= req.published_blocks or req.finished:
-                continue
-            tokens = req.prompt_ids + req.output_ids
-            req.block_hashes = block_hashes(req.block_hashes, tokens[: full * bs], bs, req.adapter_key)
-            for i in range(req.published_blocks, full):
-                self.kv.publish(req.block_table[i], req.block_hashes[i])
-            req.published_blocks = full
+        """Publishes the blocks the step filled (prefix caching)."""
+        if self.prefix_caching:
+            prefix_cache.publish(self.kv, reqs)
 
     def _watermark(self, others_running: bool) -> int:
         """Blocks admission leaves free while other requests run, so they can grow a while
         before one is preempted (none when nothing else runs: a lone request always starts)."""
         return max(1, self.kv.num_blocks // 100) if others_running else 0
 
-    def _youngest_running(self) -> Request:
-        return max(self.running, key=lambda r: r.arrival_s)
+    def _victim(self) -> Request:
+        """The running request preempted first: the youngest (of the lowest priority)."""
+        return max(self.running, key=self._order)
 
     def preempt(self, req: Request) -> None:
         """Frees a running request's KV blocks and sends it back to the head of the queue: it
@@ -249,13 +210,16 @@ class Scheduler:
         req.preemptions += 1
         self.num_preemptions += 1
         self.running.remove(req)
-        self.waiting.appendleft(req)
+        if self.by_priority:
+            self._queue(req)
+        else:
+            self.waiting.appendleft(req)
 
     def _grow_or_preempt(self, req: Request, tokens: int) -> bool:
         """Gives `req` blocks for `tokens` positions, preempting the youngest running requests
-        (`req` itself last) until they fit; False when `req` was preempted."""
+        (of the lowest priority; `req` itself last) until they fit; False when `req` was preempted."""
         while not self.kv.grow(req.block_table, tokens):
-            victim = self._youngest_running()
+            victim = self._victim()
             self.preempt(victim)
             if victim is req:
                 return False
@@ -281,7 +245,7 @@ class Scheduler:
             self.running.append(req)
             self._passed_over.pop(req.request_id, None)
         self._count_passed_over(arrival, admitted)
-        self._prefetch()
+        self.adapters.prefetch(itertools.islice(self.waiting, self.max_batch_size))
         if batch:
             decoding = [r for r in decoding if r in self.running]
             return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks, len(decoding))
@@ -296,7 +260,7 @@ class Scheduler:
         blocked: set[int] = set()
         admitted: list[Request] = []
         for req in self._admission_order(arrival):
-            if budget <= 0 or len(self.running) + len(admitted) >= self.max_batch_size:
+            if budget <= 0:
                 break
             first = req.after
             if self.prefix_caching and first is not None and not first.finished and first.state in (
@@ -305,22 +269,21 @@ class Scheduler:
             # the whole prefill's blocks are taken at admission, so a chunked prefill never waits;
             # blocks of a cached prefix are shared instead
             hit = self._cached_prefix(req)
-            need = self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
-            if need + self._watermark(bool(self.running or admitted)) > self.kv.free_blocks:
-                break  # KV memory: later requests wait too, so this one is next when blocks free up
+            if not self._fits(req, hit, admitted) and not self._make_room(req, hit, batch, admitted):
+                break  # no batch place or KV blocks: later requests wait too, so this one is next
             if not self._within_slo(self.running + admitted, req):
                 if self._may_overtake(req):
                     continue  # rank grouping: a lower-rank request behind it may still fit
                 break  # FCFS: later requests wait too, so this one is next when the batch shrinks
             try:
-                ready = self._adapter_ready(req, blocked)
+                ready = self.adapters.ready(req, blocked)
             except Exception as e:  # this request's adapter, not the engine: it alone fails
                 self.waiting.remove(req)
                 self._rejected.append((req, e))
                 continue
             if not ready:
                 continue
-            self._take_prefix(req, hit)
+            prefix_cache.take_prefix(self.kv, req, hit, count=self.prefix_caching)
             if not self.kv.grow(req.block_table, req.prefill_len):
                 raise AssertionError("KV blocks counted free could not be taken")
             n = self._chunk(req, budget)
@@ -330,6 +293,38 @@ class Scheduler:
             budget -= n
             admitted.append(req)
         return admitted
+
+    def _fits(self, req: Request, hit: list[int], admitted: list[Request]) -> bool:
+        """Whether a batch place and the blocks of the request's prefill (on its cached prefix
+        `hit`, whose blocks nobody holds count as taken) are free, the watermark kept."""
+        if len(self.running) + len(admitted) >= self.max_batch_size:
+            return False
+        need = self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
+        return need + self._watermark(bool(self.running or admitted)) <= self.kv.free_blocks
+
+    def _make_room(self, req: Request, hit: list[int], batch: list[Request], admitted: list[Request]) -> bool:
+        """by_priority: preempts running requests of a strictly lower priority than `req` (the
+        lowest first; none of this step's prefill chunks) until it fits (`_fits`), and only when
+        together they hold enough for it and leave it within the SLO: else nothing changes.
+        True when it fits now."""
+        if not self.by_priority:
+            return False
+        victims = sorted((r for r in self.running if r.params.priority > req.params.priority and r not in batch),
+                         key=self._order, reverse=True)
+        if not victims or len(self.running) + len(admitted) - len(victims) >= self.max_batch_size:
+            return False
+        released = self.kv.held_only_by([r.block_table for r in victims])
+        need = (self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
+                + len(released.intersection(hit)))  # (blocks of its prefix that only victims hold)
+        if need + self._watermark(True) > self.kv.free_blocks + len(released):
+            return False
+        if not self._within_slo([r for r in self.running + admitted if r not in victims], req):
+            return False
+        for victim in victims:
+            if self._fits(req, hit, admitted):
+                break
+            self.preempt(victim)
+        return self._fits(req, hit, admitted)
 
     def _count_passed_over(self, arrival: list[Request], admitted: list[Request]) -> None:
         """Rank grouping: every request older than an admitted one and still waiting was passed over once more."""
@@ -362,11 +357,12 @@ class Scheduler:
                                        self.kv.block_size)
 
     def _decode_rows(self) -> list[Request]:
-        """The decoding requests, oldest first, each with the KV block its next token needs (the
-        youngest running requests preempted when blocks run out). Decode never uses the CPU
-        path: a CPU-assisted request decodes once its adapter landed."""
+        """The decoding requests, oldest (of the highest priority) first, each with the KV block
+        its next token needs (the youngest running requests, of the lowest priority, preempted
+        when blocks run out). Decode never uses the CPU path: a CPU-assisted request decodes once
+        its adapter landed."""
         decoding = []
-        for req in sorted(self.running, key=lambda r: r.arrival_s):
+        for req in sorted(self.running, key=self._order):
             if req.state is not RequestState.DECODE:  # (a preempted request is WAITING again)
                 continue
             if req.adapter is not None and self.pool.state(req.adapter) is not AdapterState.RESIDENT:
@@ -385,10 +381,7 @@ class Scheduler:
             self.waiting.remove(req)
         if req.block_table:
             self.kv.free(req.block_table)
-        if req.request_id in self._holds:
-            self._holds.discard(req.request_id)
-            self.pool.release(req.adapter)
-            self.store.release(req.adapter)
+        self.adapters.release(req)
 
     def holds_adapter(self, name: str) -> bool:
-        return any(r.adapter == name and r.request_id in self._holds for r in (*self.waiting, *self.running))
+        return self.adapters.holds(name, (*self.waiting, *self.running))

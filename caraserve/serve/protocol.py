@@ -65,6 +65,7 @@ class _Sampling(BaseModel):
     return_token_ids: bool = False  # the answer carries prompt and output token ids (serve.answer_extras)
     prompt_logprobs: int | None = None  # each prompt token's logprob, rank and k alternatives (serve.prompt_logprobs)
     cache_salt: str | None = None
+    priority: int = 0  # lower first, with scheduler.policy=priority (vLLM's)
     # vLLM's, accepted and type-checked but without effect here: beam search alone reads
     # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
     # vLLM's detokenizer for fast tokenizers)
@@ -162,7 +163,6 @@ class _Sampling(BaseModel):
 _NOT_SERVED = {
     "bad_words": (([],), ""),
     "use_beam_search": ((False,), " (no beam search here)"),
-    "priority": ((0,), " (requests are served first come, first served)"),
     "logits_processors": (([],), ""),
     "vllm_xargs": (({},), ""),
     "kv_transfer_params": (({},), ""),

@@ -209,6 +209,9 @@ class LimitsConfig:
     max_prompt_bytes: a text prompt's UTF-8 bytes, checked before it is tokenized.
     max_stop_strings / max_stop_chars: number of stop strings and their total length.
     max_stop_token_ids: number of stop token ids.
+    max_bad_words: number of bad_words (twice that of bad_words_token_ids sequences: a word
+    is two, as it starts a text and after a space), each at most max_stop_chars characters (a
+    sequence max_stop_token_ids tokens).
     max_allowed_token_ids: number of allowed_token_ids (the sampler masks by them every step).
     max_logprobs: the largest `logprobs` (completions) / `top_logprobs` (chat) accepted.
     max_chat_messages: messages in one chat request.
@@ -220,6 +223,7 @@ class LimitsConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 4096
     max_stop_token_ids: int = 256
+    max_bad_words: int = 64
     max_allowed_token_ids: int = 4096
     max_logprobs: int = 20
     max_chat_messages: int = 1024

@@ -18,7 +18,7 @@ from caraserve.config import EngineConfig, check_devices, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
 from caraserve.graphs import DecodeGraphs
-from caraserve.input_checks import check_limits, prompt_ids
+from caraserve.input_checks import check_limits, prompt_ids, with_bad_words_ids
 from caraserve.kv_cache import KVCache, context_limit, plan_blocks
 from caraserve.lora.adapter_files import AdapterError, AdapterReadError, without_name
 from caraserve.lora.device_pool import AdapterState
@@ -196,6 +196,7 @@ class Engine:
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
         self.check_params(params)
+        params = with_bad_words_ids(params, self.tokenizer)
         prompt_ids = self.encode(prompt)
         if adapter is not None:
             self.catalog.check(adapter)

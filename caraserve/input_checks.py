@@ -4,6 +4,8 @@ naming the field."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from caraserve.request import RequestError, SamplingParams
 
 
@@ -27,6 +29,7 @@ def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
         raise RequestError(f"stop_token_ids must be token ids in [0, {vocab})")
     if any(t >= vocab for t, _ in params.logit_bias):
         raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+    check_bad_words(params, lim, vocab)
     allowed = params.allowed_token_ids
     if allowed is not None:
         if len(allowed) > lim.max_allowed_token_ids:
@@ -38,6 +41,51 @@ def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
         if params.min_tokens and set(allowed) <= banned:
             raise RequestError("allowed_token_ids holds only EOS or stop token ids, which min_tokens rules out "
                                "for the first tokens: no token could be sampled")
+
+
+def check_bad_words(params: SamplingParams, lim, vocab: int) -> None:
+    """bad_words and bad_words_token_ids within the limits and the vocabulary; and not every
+    token allowed_token_ids leaves banned outright (no token could be sampled)."""
+    for name, words, count, size in (
+            ("bad_words", params.bad_words, lim.max_bad_words, lim.max_stop_chars),
+            ("bad_words_token_ids", params.bad_words_token_ids, 2 * lim.max_bad_words, lim.max_stop_token_ids)):
+        if len(words) > count:  # (a word's token sequences: as it starts a text, and after a space)
+            raise RequestError(f"{name}: at most {count} (limits.max_bad_words), got {len(words)}")
+        if any(len(w) > size for w in words):
+            raise RequestError(f"{name}: each at most {size} " + ("characters (limits.max_stop_chars)"
+                                                                  if name == "bad_words" else
+                                                                  "tokens (limits.max_stop_token_ids)"))
+    if any(t >= vocab for w in params.bad_words_token_ids for t in w):
+        raise RequestError(f"bad_words_token_ids must be token ids in [0, {vocab})")
+    banned = {w[0] for w in params.bad_words_token_ids if len(w) == 1}
+    if params.allowed_token_ids is not None and banned and set(params.allowed_token_ids) <= banned:
+        raise RequestError("allowed_token_ids holds only tokens bad_words bans: no token could be sampled")
+
+
+def with_bad_words_ids(params: SamplingParams, tokenizer) -> SamplingParams:
+    """The params with their bad_words as token sequences (bad_words_ids) beside any given so."""
+    if not params.bad_words:
+        return params
+    return replace(params, bad_words=(), bad_words_token_ids=params.bad_words_token_ids
+                   + bad_words_ids(params.bad_words, tokenizer))
+
+
+def bad_words_ids(words, tokenizer) -> tuple[tuple[int, ...], ...]:
+    """vLLM's token sequences of bad_words: each word (leading whitespace dropped) as it starts
+    a text, and as it follows a space where that is other tokens of the same count (the word in
+    the middle of a text). RequestError without a tokenizer or for a word of no tokens."""
+    if tokenizer is None:
+        raise RequestError("bad_words needs the model's tokenizer: give bad_words_token_ids")
+    seqs = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not alone:
+            raise RequestError(f"bad_words: {word!r:.40} is no tokens")
+        seqs.append(tuple(alone))
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            seqs.append(tuple(spaced))
+    return tuple(seqs)
 
 
 def check_prompt_text(prompt: str, tokenizer, lim) -> None:

@@ -27,7 +27,7 @@ from caraserve.serve.constraints import structured_outputs
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "n", "logprobs", "top_logprobs",
                    "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-                   "logit_bias", "allowed_token_ids", "priority")
+                   "logit_bias", "allowed_token_ids", "priority", "bad_words")
 # a structured output, in any of the server's forms (caraserve.serve.constraints): at most one
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar", "guided_decoding_backend")

@@ -114,6 +114,10 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled (None: any)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only within one salt
     priority: int = 0  # vLLM's: with scheduler.policy=priority, lower values are served first
+    # vLLM's bad_words: words never generated. Engine.add_request tokenizes them into
+    # bad_words_token_ids (input_checks.bad_words_ids), which a caller may also give itself
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # what the output must match (caraserve.structured_output; a mapping of its fields is taken too)
     structured_outputs: StructuredOutputs | None = None
 
@@ -137,6 +141,13 @@ class SamplingParams:
             _bad(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if not isinstance(self.bad_words, (list, tuple)):
+            _bad(f"bad_words must be a list of strings, got {type(self.bad_words).__name__}")
+        if not isinstance(self.bad_words_token_ids, (list, tuple)) or not all(
+                isinstance(w, (list, tuple)) for w in self.bad_words_token_ids):
+            _bad("bad_words_token_ids must be a list of lists of token ids")
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        object.__setattr__(self, "bad_words_token_ids", tuple(map(tuple, self.bad_words_token_ids)))
 
     def _check_scalars(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -201,6 +212,10 @@ class SamplingParams:
             _bad("stop must be a string or a list of non-empty strings")
         if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             _bad("stop_token_ids must be integers in [0, 2**63 - 1]")
+        if not all(isinstance(w, str) and w.strip() and _utf8(w) for w in self.bad_words):
+            _bad("bad_words must be strings with a character other than whitespace")
+        if not all(w and all(_is_int(t) and 0 <= t <= INT64_MAX for t in w) for w in self.bad_words_token_ids):
+            _bad("bad_words_token_ids must be non-empty lists of token ids (integers >= 0)")
         if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 1024
                                                 and _utf8(self.cache_salt)):
             _bad(f"cache_salt must be a non-empty string of at most 1024 characters, got {self.cache_salt!r:.80}")
@@ -215,7 +230,8 @@ class SamplingParams:
     def adjusts(self) -> bool:
         """Whether any logit adjustment applies (the sampler skips the others' rows)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None)
+                    or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None
+                    or self.bad_words_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -49,6 +49,8 @@ def adjust_logits(
         logits[t] -= frequency_penalty * count(t in output) + presence_penalty * (t in output)
         logits[t] = -inf  for t in stop_token_ids and (unless ignore_eos) eos_ids,
                           while fewer than min_tokens tokens are out
+        logits[w[-1]] = -inf  for w in bad_words_token_ids whose other tokens end the output
+                              (always for a one-token w; vLLM's: the prompt is not read)
     in that order. Token ids past the vocabulary are ignored."""
     rows = [i for i, p in enumerate(params) if p.adjusts]
     if not rows:
@@ -88,6 +90,10 @@ def adjust_logits(
             banned = sorted(t for t in banned if t < vocab)
             if banned:
                 row[torch.tensor(banned, device=dev)] = float("-inf")
+        bad = sorted({w[-1] for w in p.bad_words_token_ids if w[-1] < vocab and len(output) >= len(w) - 1
+                      and tuple(output[len(output) - len(w) + 1:]) == w[:-1]})
+        if bad:
+            row[torch.tensor(bad, device=dev)] = float("-inf")
     return logits
 
 

@@ -66,6 +66,7 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = None  # each prompt token's logprob, rank and k alternatives (serve.prompt_logprobs)
     cache_salt: str | None = None
     priority: int = 0  # lower first, with scheduler.policy=priority (vLLM's)
+    bad_words: list[str] | None = None  # words never generated (vLLM's)
     # vLLM's, accepted and type-checked but without effect here: beam search alone reads
     # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
     # vLLM's detokenizer for fast tokenizers)
@@ -161,7 +162,6 @@ class _Sampling(BaseModel):
 # field -> (the values that ask for nothing this server lacks, a hint for the others). Those that
 # only matter to beam search (length_penalty) or change no answer (prediction) are ignored.
 _NOT_SERVED = {
-    "bad_words": (([],), ""),
     "use_beam_search": ((False,), " (no beam search here)"),
     "logits_processors": (([],), ""),
     "vllm_xargs": (({},), ""),

@@ -143,7 +143,7 @@ class EngineService:
             repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
             logit_bias=body.logit_bias or (), allowed_token_ids=body.allowed_token_ids,
             cache_salt=body.cache_salt, skip_special_tokens=body.skip_special_tokens,
-            prompt_logprobs=body.prompt_logprobs, priority=body.priority)
+            prompt_logprobs=body.prompt_logprobs, priority=body.priority, bad_words=tuple(body.bad_words or ()))
         try:  # what the body leaves out of the model's sampling defaults comes from them
             values["structured_outputs"] = structured_outputs(body)
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))

@@ -1,0 +1,113 @@
+"""Beam search (vLLM's LLM.beam_search and `use_beam_search`): the engine's search equals a plain
+implementation of vLLM's algorithm over transformers' log-probabilities (the same beams, tokens
+and scores), with adapters, EOS, length penalties and several prompts at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caraserve.beam_search import BeamSearchParams, beam_search
+from caraserve.config import AdapterConfig, EngineConfig
+from caraserve.engine import Engine
+from caraserve.model.tiny import tiny_paths
+from caraserve.request import RequestError
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(device="cpu", compile="false", adapters=AdapterConfig(dir="demo", preload="host")))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapter_dir = tiny_paths()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return base, lambda name: PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(adapter_dir / name)).eval()
+
+
+def reference(model, prompt: list[int], width: int, max_tokens: int, eos: set[int], length_penalty=1.0,
+              ignore_eos=False):
+    """vLLM's beam search, written out: [(tokens after the prompt, cum logprob)] best first."""
+    def score(tokens, cum):
+        n = len(tokens) - (1 if tokens[-1] in eos else 0)
+        return cum / n ** length_penalty
+
+    live, done = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        if not live:
+            break
+        grown = []
+        for tokens, cum in live:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
+            top = torch.topk(lp, 2 * width)
+            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+                (done if t in eos and not ignore_eos else grown).append((tokens + [t], cum + v))
+        live = sorted(grown, key=lambda b: score(*b), reverse=True)[:width]
+    best = sorted(done + live, key=lambda b: score(*b), reverse=True)[:width]
+    return [(tokens[len(prompt):], cum) for tokens, cum in best]
+
+
+def check(got, want):
+    assert [b.tokens for b in got] == [t for t, _ in want]
+    assert [b.cum_logprob for b in got] == pytest.approx([c for _, c in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("width, length_penalty", [(1, 1.0), (3, 1.0), (4, 0.5)])
+def test_beams_equal_the_reference(engine, hf, width, length_penalty):
+    prompt = engine.encode("def fibonacci(n):")
+    params = BeamSearchParams(beam_width=width, max_tokens=6, length_penalty=length_penalty,
+                              include_stop_str_in_output=True)
+    [got] = beam_search(engine, [prompt], params)
+    assert len(got) == width and all(b.finish_reason == "length" for b in got)
+    got_gen = [type(b)(b.tokens[len(prompt):], b.cum_logprob) for b in got]
+    check(got_gen, reference(hf[0], prompt, width, 6, set(), length_penalty))
+    if width == 1:  # a beam of one is greedy decoding
+        from caraserve.request import SamplingParams
+        greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+        assert got_gen[0].tokens == greedy.output_ids
+
+
+def test_eos_ends_beams_and_several_prompts_search_together(engine, hf):
+    """A token the plain search ranks second is made EOS: beams that take it end there (and it
+    leaves their tokens unless include_stop_str_in_output), as in the reference."""
+    prompts = [engine.encode("import os"), engine.encode("class A:")]
+    free = reference(hf[0], prompts[0], 2, 4, set())
+    eos = {free[1][0][0]}
+    saved = engine.outputs.eos_ids
+    engine.outputs.eos_ids = eos
+    try:
+        got = beam_search(engine, prompts, BeamSearchParams(beam_width=2, max_tokens=4))
+        kept = beam_search(engine, prompts[:1], BeamSearchParams(beam_width=2, max_tokens=4,
+                                                                 include_stop_str_in_output=True))[0]
+    finally:
+        engine.outputs.eos_ids = saved
+    for beams, prompt in zip(got, prompts):
+        want = reference(hf[0], prompt, 2, 4, eos)
+        assert [b.tokens[len(prompt):] for b in beams] == [t[:-1] if t and t[-1] in eos else t for t, _ in want]
+        assert [b.cum_logprob for b in beams] == pytest.approx([c for _, c in want], abs=1e-4)
+    assert any(b.finish_reason == "stop" for b in kept) and all(
+        b.tokens[-1] in eos for b in kept if b.finish_reason == "stop")
+
+
+def test_an_adapter_searches_with_its_weights(engine, hf):
+    prompt = engine.encode("hello world")
+    [got] = beam_search(engine, [prompt], BeamSearchParams(beam_width=2, max_tokens=5), "demo-r32")
+    check([type(b)(b.tokens[len(prompt):], b.cum_logprob) for b in got],
+          reference(hf[1]("demo-r32"), prompt, 2, 5, set(engine.outputs.eos_ids)))
+
+
+def test_bad_params_are_refused_by_name(engine):
+    for kw, says in ((dict(beam_width=0, max_tokens=4), "beam width"), (dict(beam_width=2, max_tokens=0), "max_tokens"),
+                     (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), "length_penalty")):
+        with pytest.raises(RequestError, match=says):
+            BeamSearchParams(**kw)
+    with pytest.raises(RequestError, match="context length"):
+        beam_search(engine, [[1] * 10], BeamSearchParams(beam_width=2, max_tokens=10**6))
+    with pytest.raises(RequestError, match="beam width"):
+        beam_search(engine, [[1, 2]], BeamSearchParams(beam_width=11, max_tokens=2))

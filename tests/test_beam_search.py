@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caraserve.beam_search import BeamSearchParams, beam_search
-from caraserve.config import AdapterConfig, EngineConfig
+from caraserve.config import AdapterConfig, EngineConfig, ServerConfig
 from caraserve.engine import Engine
 from caraserve.model.tiny import tiny_paths
 from caraserve.request import RequestError
@@ -111,3 +111,38 @@ def test_bad_params_are_refused_by_name(engine):
         beam_search(engine, [[1] * 10], BeamSearchParams(beam_width=2, max_tokens=10**6))
     with pytest.raises(RequestError, match="beam width"):
         beam_search(engine, [[1, 2]], BeamSearchParams(beam_width=11, max_tokens=2))
+
+
+def test_the_server_answers_use_beam_search_with_the_best_beams(engine):
+    import httpx
+    from test_server_hardening import in_process_server
+
+    from caraserve.serve import choices
+
+    body = {"model": "demo-r16", "prompt": ["def fibonacci(n):", "import os"], "max_tokens": 5, "n": 3,
+            "use_beam_search": True, "ignore_eos": True, "length_penalty": 0.7}
+    prompts = [engine.encode(p) for p in body["prompt"]]
+    want = beam_search(engine, prompts, BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True,
+                                                         length_penalty=0.7), "demo-r16")
+    with in_process_server(engine, ServerConfig()) as (base, _):
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        texts = [choices.decode(engine.tokenizer, b.tokens[len(p):]) for bs, p in zip(want, prompts) for b in bs]
+        assert [c["text"] for c in got["choices"]] == texts and [c["index"] for c in got["choices"]] == list(range(6))
+        assert all(c["finish_reason"] == "length" for c in got["choices"])
+        assert got["usage"]["completion_tokens"] == 30 and got["usage"]["prompt_tokens"] == sum(map(len, prompts))
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+                "use_beam_search": True}
+        r = httpx.post(base + "/v1/chat/completions", json=chat, timeout=60)
+        assert r.status_code == 200, r.text
+        ids = engine.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                 add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)
+        [beams] = beam_search(engine, [ids], BeamSearchParams(beam_width=2, max_tokens=4))
+        assert [c["message"]["content"] for c in r.json()["choices"]] == [
+            choices.decode(engine.tokenizer, b.tokens[len(ids):]) for b in beams]
+        for extra, says in (({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"), ({"stop": ["x"]}, "stop"),
+                            ({"n": 11}, "beam width")):
+            r = httpx.post(base + "/v1/completions", json={**body, "prompt": "x", **extra}, timeout=60)
+            assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

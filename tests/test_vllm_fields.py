@@ -52,7 +52,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], 
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_beam_search", True), ("priority", 1),
+    ("priority", 1),
     ("logits_processors", ["m.f"]),
     ("vllm_xargs", {"a": 1}), ("kv_transfer_params", {"a": 1}), ("mm_processor_kwargs", {"a": 1}),
 ])

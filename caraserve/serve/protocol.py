@@ -67,10 +67,10 @@ class _Sampling(BaseModel):
     cache_salt: str | None = None
     priority: int = 0  # lower first, with scheduler.policy=priority (vLLM's)
     bad_words: list[str] | None = None  # words never generated (vLLM's)
-    # vLLM's, accepted and type-checked but without effect here: beam search alone reads
-    # length_penalty, and a fast tokenizer's decoder puts nothing between special tokens (as in
-    # vLLM's detokenizer for fast tokenizers)
-    length_penalty: float = 1.0
+    use_beam_search: bool = False  # vLLM's: n is the beam width (caraserve.serve.beams)
+    length_penalty: float = 1.0  # a beam's score is its logprob over its length ** this (beam search)
+    # vLLM's, accepted and type-checked but without effect here: a fast tokenizer's decoder puts
+    # nothing between special tokens (as in vLLM's detokenizer for fast tokenizers)
     spaces_between_special_tokens: bool = True
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them; `structured_outputs` reads them)
@@ -160,9 +160,8 @@ class _Sampling(BaseModel):
 
 # Fields of vLLM's and OpenAI's APIs that would change the answer and are not served here:
 # field -> (the values that ask for nothing this server lacks, a hint for the others). Those that
-# only matter to beam search (length_penalty) or change no answer (prediction) are ignored.
+# change no answer (prediction) are ignored.
 _NOT_SERVED = {
-    "use_beam_search": ((False,), " (no beam search here)"),
     "logits_processors": (([],), ""),
     "vllm_xargs": (({},), ""),
     "kv_transfer_params": (({},), ""),

@@ -21,7 +21,7 @@ from typing import Protocol
 from caraserve.config_checks import inline_template
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
-from caraserve.serve import answer_extras, choices
+from caraserve.serve import answer_extras, beams, choices
 from caraserve.serve import protocol as proto
 from caraserve.serve.adapter_admin import AdapterAdmin
 from caraserve.serve.async_engine import AsyncEngine, EngineUnavailableError
@@ -32,7 +32,7 @@ from caraserve.serve.metrics import ServerMetrics
 from caraserve.serve.prompts import Prompts
 from caraserve.serve.reasoning import ReasoningParser
 from caraserve.serve.runs import Disconnected, Runs
-from caraserve.serve.tool_parsers import ToolParser
+from caraserve.serve.tool_parsers import ToolParser, auto_tool_parser
 from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ class EngineService:
             params = replace(params, prompt_logprobs=body.logprobs)
         encoded = [await self._prompt_ids(prompt, params, k if len(prompts) > 1 else None, body)
                    for k, prompt in enumerate(prompts)]
+        if body.use_beam_search:
+            return await beams.completion(self, body, encoded, max_tokens, adapter, answer_id or rid, disconnected)
         # echo: the prompt's text comes before the completion's (the first streamed chunk carries it)
         if body.truncate_prompt_tokens is not None:  # the part of the prompt that was kept
             prompts = encoded
@@ -277,22 +279,9 @@ class EngineService:
             raise BadRequest("top_logprobs needs logprobs: true")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limits.max_logprobs:
             raise BadRequest(f"top_logprobs must be in [0, {limits.max_logprobs}], got {body.top_logprobs}")
-        if self._auto_tools(body) and self.tool_parser.keeps_special_tokens:
+        if auto_tool_parser(body, self.tool_parser) and self.tool_parser.keeps_special_tokens:
             body.skip_special_tokens = False  # the parser reads the call's marker, a special token here
         return messages
-
-    def _auto_tools(self, body: proto.ChatCompletionRequest) -> ToolParser | None:
-        """The parser of a call with tool_choice "auto" (OpenAI's default with tools), None for
-        another call; BadRequest when this server has no parser."""
-        if not body.tools or body.tool_choice not in (None, "auto"):
-            return None
-        if self.tool_parser is None:
-            raise BadRequest("tool_choice 'auto' (the default with tools) needs a parser of the model's tool-call "
-                             "syntax: start the server with server.tool_call_parser=hermes|llama3_json|mistral|"
-                             "pythonic (vLLM's --tool-call-parser). Or send tool_choice 'required' or a named "
-                             "function (the output is constrained to the call), or 'none' (the tools reach the "
-                             "chat template only)")
-        return self.tool_parser if body.parallel_tool_calls else self.tool_parser.one_call()
 
     async def chat(self, body: proto.ChatCompletionRequest, rid: str, include_usage: bool,
                    disconnected: Disconnected | None = None, answer_id: str | None = None) -> Answer:
@@ -320,13 +309,15 @@ class EngineService:
             raise BadRequest(f"max_completion_tokens must be an integer >= 1, got {body.max_completion_tokens}")
         params = await self.sampling(body, limit if limit is not None else max(1, engine.max_seq_len - len(ids)),
                                      wanted)
+        if body.use_beam_search:
+            return await beams.chat(self, body, ids, params.max_tokens, adapter, answer_id or rid, disconnected)
         final_only = not body.stream  # a non-streamed call reads the last output only
         first = await self.runs.start(ids, params, adapter, rid, final_only=final_only, call_size=body.n,
                                       arrival_s=received)
         runs = await self.runs.start_n(ids, params, adapter, rid, first, body.n, final_only, received)
         last = body.messages[-1]  # echo (vLLM's): the assistant's, or any role's without a generation prompt
         echoed = last.text() if body.echo and (last.role == "assistant" or not body.add_generation_prompt) else ""
-        parser, texts = self._auto_tools(body), self._texts(body)  # (checked above)
+        parser, texts = auto_tool_parser(body, self.tool_parser), self._texts(body)  # (checked above)
         forced = ForcedTools.of(body, self.tool_parser.fmt.call_id if self.tool_parser is not None else None)
         # a structured output's text is all answer: a grammar leaves no room to think
         thinks = self.reasoning if params.structured_outputs is None else None

@@ -32,6 +32,8 @@ import string
 import uuid
 from dataclasses import dataclass
 
+from caraserve.serve.http import BadRequest
+
 
 @dataclass(frozen=True)
 class Call:
@@ -339,3 +341,18 @@ class ToolParser:
 def _special(tokenizer, text: str) -> bool:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.decode(ids, skip_special_tokens=True) != tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def auto_tool_parser(body, parser: ToolParser | None) -> ToolParser | None:
+    """The parser of a chat call (protocol.ChatCompletionRequest) with tool_choice "auto"
+    (OpenAI's default with tools) on a server with `parser` (server.tool_call_parser), None for
+    another call; BadRequest when the server has no parser."""
+    if not body.tools or body.tool_choice not in (None, "auto"):
+        return None
+    if parser is None:
+        raise BadRequest("tool_choice 'auto' (the default with tools) needs a parser of the model's tool-call "
+                         "syntax: start the server with server.tool_call_parser=hermes|llama3_json|mistral|"
+                         "pythonic (vLLM's --tool-call-parser). Or send tool_choice 'required' or a named "
+                         "function (the output is constrained to the call), or 'none' (the tools reach the "
+                         "chat template only)")
+    return parser if body.parallel_tool_calls else parser.one_call()

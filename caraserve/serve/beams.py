@@ -1,0 +1,106 @@
+"""`use_beam_search: true` (vLLM's) on completions and chat: the call's n is the beam width and
+its n choices are the best beams, best first (caraserve.beam_search). Each search step is one
+batch of one-token engine requests, as other calls' requests are. Of the sampling fields,
+max_tokens, temperature, length_penalty, ignore_eos, include_stop_str_in_output,
+skip_special_tokens and priority apply; any other that would change the answer is refused by
+name (a 400), as is `stream`, rather than ignored."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from caraserve.beam_search import Beam, BeamSearch, BeamSearchParams, check_width, step_fit
+from caraserve.request import RequestError
+from caraserve.serve import choices
+from caraserve.serve import protocol as proto
+from caraserve.serve.http import BadRequest
+
+# fields that change the answer and that a beam search does not read
+NOT_WITH_BEAMS = ("stream", "stop", "stop_token_ids", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
+                  "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "min_p",
+                  "top_p", "top_k", "seed", "allowed_token_ids", "bad_words", "response_format", "structured_outputs",
+                  "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "functions",
+                  "return_token_ids", "return_tokens_as_token_ids")
+
+
+def check(body: proto._Sampling) -> None:
+    """BadRequest naming a field set to something a beam search does not serve."""
+    fields = type(body).model_fields
+    for name in NOT_WITH_BEAMS:
+        if name in fields and name in body.model_fields_set and getattr(body, name) not in (
+                fields[name].default, None):
+            raise BadRequest(f"{name} is not served with use_beam_search (a beam search reads n, max_tokens, "
+                             "temperature, length_penalty, ignore_eos, include_stop_str_in_output, "
+                             "skip_special_tokens and priority)")
+
+
+def params_of(service, body: proto._Sampling, max_tokens: int) -> BeamSearchParams:
+    try:
+        params = BeamSearchParams(beam_width=body.n, max_tokens=max_tokens, ignore_eos=body.ignore_eos,
+                                  temperature=body.temperature if body.temperature is not None else 0.0,
+                                  length_penalty=body.length_penalty,
+                                  include_stop_str_in_output=body.include_stop_str_in_output)
+        check_width(params, service.limits.max_logprobs)
+        return params
+    except RequestError as e:
+        raise BadRequest(str(e)) from e
+
+
+async def search(service, prompts: list[list[int]], params: BeamSearchParams, priority: int, adapter, rid: str,
+                 disconnected) -> list[list[Beam]]:
+    """Each prompt's best beams; the searches step together, one batch of requests a step."""
+    engine = service.engine
+    for k, ids in enumerate(prompts):
+        try:
+            engine.check_fits(len(ids), step_fit(params))
+        except RequestError as e:
+            raise BadRequest(str(e) if len(prompts) == 1 else f"prompt {k}: {e}") from e
+    searches = [BeamSearch(ids, params, frozenset(engine.outputs.eos_ids)) for ids in prompts]
+    step_params = replace(searches[0].step_params(), priority=priority)
+    step = 0
+    while not all(s.finished for s in searches):
+        lists = [t for s in searches for t in s.pending()]
+        runs = await service.runs.start_prompts(lists, step_params, adapter, f"{rid}-beam{step}", 1, True)
+        outs = await service.runs.all_of(runs, disconnected)
+        at = 0
+        for s in searches:
+            k = len(s.pending())
+            if k:
+                s.advance([o.top_logprobs[0] for o in outs[at: at + k]])
+                at += k
+        step += 1
+    return [s.best() for s in searches]
+
+
+def _texts(service, beams: list[Beam], prompt: list[int], skip_special_tokens: bool) -> list[tuple]:
+    """(text, finish reason, generated tokens) of each beam."""
+    tok = service.engine.tokenizer
+    out = []
+    for b in beams:
+        gen = b.tokens[len(prompt):]
+        text = choices.decode(tok, gen, skip_special_tokens) if tok is not None else ""
+        out.append((text, b.finish_reason, gen))
+    return out
+
+
+async def completion(service, body: proto.CompletionRequest, prompts: list[list[int]], max_tokens: int, adapter,
+                     rid: str, disconnected) -> dict:
+    check(body)
+    params = params_of(service, body, max_tokens)
+    found = await search(service, prompts, params, body.priority, adapter, rid, disconnected)
+    answers, generated = [], 0
+    for beams, prompt in zip(found, prompts):
+        for text, finish, gen in _texts(service, beams, prompt, body.skip_special_tokens):
+            answers.append((text, finish, None, None))
+            generated += len(gen)
+    return proto.completion_response(rid, body.model, answers, sum(map(len, prompts)), generated)
+
+
+async def chat(service, body: proto.ChatCompletionRequest, ids: list[int], max_tokens: int, adapter, rid: str,
+               disconnected) -> dict:
+    check(body)
+    params = params_of(service, body, max_tokens)
+    [beams] = await search(service, [ids], params, body.priority, adapter, rid, disconnected)
+    answers = [({"content": text}, finish, None, None) for text, finish, _ in
+               _texts(service, beams, ids, body.skip_special_tokens)]
+    return proto.chat_response(rid, body.model, answers, len(ids), sum(len(b.tokens) - len(ids) for b in beams))

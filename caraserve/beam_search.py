@@ -17,6 +17,7 @@ Semantics (vLLM's):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from caraserve.request import RequestError
@@ -24,9 +25,10 @@ from caraserve.request import RequestError
 
 @dataclass(frozen=True)
 class BeamSearchParams:
-    """beam_width: beams kept, and sequences answered. temperature divides the logits whose
-    log-probabilities rank the tokens (0: as they are). include_stop_str_in_output: an answer
-    that ended in EOS keeps it in its tokens."""
+    """beam_width: beams kept, and sequences answered. temperature: taken, as vLLM's, and changes
+    nothing: the ranking reads the model's own log-probabilities (those vLLM returns by default).
+    include_stop_str_in_output: an answer that ended in EOS keeps it in its tokens. A
+    length_penalty so large that a length's power overflows scores as its limit (0 or -inf)."""
 
     beam_width: int
     max_tokens: int
@@ -76,7 +78,13 @@ class BeamSearch:
 
     def score(self, beam: Beam) -> float:
         n = len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] in self.eos_ids else 0)
-        return beam.cum_logprob / (max(n, 1) ** self.params.length_penalty)
+        try:
+            length = float(max(n, 1)) ** self.params.length_penalty
+        except OverflowError:
+            length = math.inf
+        if length == 0.0:  # (a negative penalty past the float range)
+            return -math.inf if beam.cum_logprob < 0 else 0.0
+        return beam.cum_logprob / length
 
     def pending(self) -> list[list[int]]:
         return [b.tokens for b in self.live] if self.steps < self.params.max_tokens else []
@@ -116,7 +124,7 @@ class BeamSearch:
         """The one-token request of each pending list: its 2 x width most likely next tokens."""
         from caraserve.request import SamplingParams
 
-        return SamplingParams(max_tokens=1, temperature=self.params.temperature, ignore_eos=True, logprobs=True,
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=True,
                               top_logprobs=2 * self.params.beam_width)
 
 

@@ -196,7 +196,7 @@ class Engine:
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")
         self.check_params(params)
-        params = with_bad_words_ids(params, self.tokenizer)
+        params = with_bad_words_ids(params, self.tokenizer, self.config.limits, self.model.args.vocab_size)
         prompt_ids = self.encode(prompt)
         if adapter is not None:
             self.catalog.check(adapter)

@@ -44,30 +44,39 @@ def check_limits(params: SamplingParams, lim, vocab: int, eos_ids=()) -> None:
 
 
 def check_bad_words(params: SamplingParams, lim, vocab: int) -> None:
-    """bad_words and bad_words_token_ids within the limits and the vocabulary; and not every
-    token allowed_token_ids leaves banned outright (no token could be sampled)."""
-    for name, words, count, size in (
-            ("bad_words", params.bad_words, lim.max_bad_words, lim.max_stop_chars),
-            ("bad_words_token_ids", params.bad_words_token_ids, 2 * lim.max_bad_words, lim.max_stop_token_ids)):
+    """bad_words and bad_words_token_ids within the limits (check_bad_word_ids for the ids)."""
+    for name, words, count in (("bad_words", params.bad_words, lim.max_bad_words),
+                               ("bad_words_token_ids", params.bad_words_token_ids, 2 * lim.max_bad_words)):
         if len(words) > count:  # (a word's token sequences: as it starts a text, and after a space)
             raise RequestError(f"{name}: at most {count} (limits.max_bad_words), got {len(words)}")
-        if any(len(w) > size for w in words):
-            raise RequestError(f"{name}: each at most {size} " + ("characters (limits.max_stop_chars)"
-                                                                  if name == "bad_words" else
-                                                                  "tokens (limits.max_stop_token_ids)"))
+    if any(len(w) > lim.max_stop_chars for w in params.bad_words):
+        raise RequestError(f"bad_words: each at most {lim.max_stop_chars} characters (limits.max_stop_chars)")
+    check_bad_word_ids(params, lim, vocab)
+
+
+def check_bad_word_ids(params: SamplingParams, lim, vocab: int, name: str = "bad_words_token_ids") -> None:
+    """The banned token sequences within limits.max_stop_token_ids and the vocabulary; and not
+    every token allowed_token_ids leaves banned outright (no token could be sampled). Checked
+    again once bad_words are tokenized (with_bad_words_ids): a word may be many tokens."""
+    if any(len(w) > lim.max_stop_token_ids for w in params.bad_words_token_ids):
+        raise RequestError(f"{name}: each at most {lim.max_stop_token_ids} tokens (limits.max_stop_token_ids)")
     if any(t >= vocab for w in params.bad_words_token_ids for t in w):
-        raise RequestError(f"bad_words_token_ids must be token ids in [0, {vocab})")
+        raise RequestError(f"{name} must be token ids in [0, {vocab})")
     banned = {w[0] for w in params.bad_words_token_ids if len(w) == 1}
     if params.allowed_token_ids is not None and banned and set(params.allowed_token_ids) <= banned:
         raise RequestError("allowed_token_ids holds only tokens bad_words bans: no token could be sampled")
 
 
-def with_bad_words_ids(params: SamplingParams, tokenizer) -> SamplingParams:
-    """The params with their bad_words as token sequences (bad_words_ids) beside any given so."""
+def with_bad_words_ids(params: SamplingParams, tokenizer, lim, vocab: int) -> SamplingParams:
+    """The params with their bad_words as token sequences (bad_words_ids) beside any given so,
+    checked (check_bad_word_ids). The server calls it once per call, off its event loop; the
+    engine's add_request finds the words tokenized then."""
     if not params.bad_words:
         return params
-    return replace(params, bad_words=(), bad_words_token_ids=params.bad_words_token_ids
-                   + bad_words_ids(params.bad_words, tokenizer))
+    params = replace(params, bad_words=(), bad_words_token_ids=params.bad_words_token_ids
+                     + bad_words_ids(params.bad_words, tokenizer))
+    check_bad_word_ids(params, lim, vocab, "bad_words")
+    return params
 
 
 def bad_words_ids(words, tokenizer) -> tuple[tuple[int, ...], ...]:

@@ -134,3 +134,54 @@ def test_the_server_and_offline_lines_take_bad_words(engine):
         assert r.status_code == 400 and "limits.max_bad_words" in r.json()["error"]["message"], r.text
     _, kw = parse_line(json.dumps({"prompt": "x", "bad_words": ["a b", "c"]}), 1)
     assert kw["params"].bad_words == ("a b", "c")
+
+
+def test_tokenized_words_are_checked_against_allowed_token_ids_and_the_limits(engine):
+    """A word's tokens are checked once known: allowed_token_ids holding only what the words ban,
+    or a word of more tokens than limits.max_stop_token_ids, is a RequestError (a 400), not a
+    failure inside the step."""
+    tok = engine.tokenizer
+    banned = [t for seq in bad_words_ids(["return"], tok) for t in seq]
+    with pytest.raises(RequestError, match="only tokens bad_words bans"):
+        engine.add_request("x", SamplingParams(allowed_token_ids=banned, bad_words=["return"]))
+    long_word = "".join(f"{i}," for i in range(700))  # within max_stop_chars, past max_stop_token_ids in tokens
+    assert len(tok.encode(long_word, add_special_tokens=False)) > engine.config.limits.max_stop_token_ids
+    with pytest.raises(RequestError, match=r"bad_words: each at most 256 tokens"):
+        engine.add_request("x", SamplingParams(bad_words=[long_word]))
+    assert not engine.has_unfinished()
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "allowed_token_ids": banned, "bad_words": ["return"]}
+    with in_process_server(engine, ServerConfig()) as (base, _):
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "only tokens bad_words bans" in r.json()["error"]["message"], r.text
+
+
+def test_the_server_tokenizes_the_words_once_per_call_off_the_engine_thread(engine, monkeypatch):
+    """The call's n requests reach the engine with the words as token ids (the engine thread
+    tokenizes nothing), and generate what the words given so would."""
+    import asyncio
+
+    from caraserve.serve import protocol as proto
+    from caraserve.serve.async_engine import AsyncEngine
+    from caraserve.serve.service import EngineService
+
+    seen, add_request = [], engine.add_request
+
+    def recorded_add(prompt, params=None, *args, **kw):
+        seen.append(params)
+        return add_request(prompt, params, *args, **kw)
+
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    service = AsyncEngine(engine, max_queue=16)
+    service.start()
+    try:
+        api = EngineService(service, "tiny", [], 1.0)
+        body = proto.CompletionRequest(model="tiny", prompt="def fibonacci(n):", n=3, max_tokens=8, temperature=0,
+                                       bad_words=["return", "fib"], ignore_eos=True)
+        answer = asyncio.run(api.completion(body, "bw", False))
+    finally:
+        service.stop()
+    ids = bad_words_ids(["return", "fib"], engine.tokenizer)
+    assert len(seen) == 3 and all(p.bad_words == () and p.bad_words_token_ids == ids for p in seen)
+    want = engine.generate(["def fibonacci(n):"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                                 bad_words_token_ids=ids))[0].text
+    assert [c["text"] for c in answer["choices"]] == [want] * 3

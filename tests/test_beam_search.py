@@ -146,3 +146,87 @@ def test_the_server_answers_use_beam_search_with_the_best_beams(engine):
                             ({"n": 11}, "beam width")):
             r = httpx.post(base + "/v1/completions", json={**body, "prompt": "x", **extra}, timeout=60)
             assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def _api(engine, **kw):
+    from caraserve.serve.async_engine import AsyncEngine
+    from caraserve.serve.service import EngineService
+
+    service = AsyncEngine(engine, max_queue=16)
+    service.start()
+    return service, EngineService(service, "tiny", [], 1.0, **kw)
+
+
+def test_beam_calls_take_neutral_fields_salt_and_the_reasoning_parser(engine, monkeypatch):
+    """Fields set to what changes nothing are taken; the cache salt reaches every step's
+    requests; temperature and seed change nothing; a chat's reasoning parser reads the beams."""
+    import asyncio
+
+    from caraserve.serve import choices
+    from caraserve.serve import protocol as proto
+
+    seen, add_request = [], engine.add_request
+
+    def recorded_add(prompt, params=None, *args, **kw):
+        seen.append(params)
+        return add_request(prompt, params, *args, **kw)
+
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    service, api = _api(engine, reasoning_parser="deepseek_r1")
+    neutral = dict(stop=[], stop_token_ids=[], logit_bias={}, top_k=0, seed=7, temperature=0.8, tools=[],
+                   response_format={"type": "text"}, bad_words=[], echo=False, return_token_ids=False)
+    try:
+        body = proto.CompletionRequest(model="tiny", prompt="import os", n=2, max_tokens=3, use_beam_search=True,
+                                       cache_salt="tenant-a", **neutral)
+        got = asyncio.run(api.completion(body, "b1", False))
+        salted = [p.cache_salt for p in seen]  # the completion's steps: 1 + 2 + 2 requests
+        chat = proto.ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                           max_tokens=3, use_beam_search=True, logprobs=False, **neutral)
+        answer = asyncio.run(api.chat(chat, "b2", False))
+    finally:
+        service.stop()
+    ids = engine.encode("import os")
+    want = beam_search(engine, [ids], BeamSearchParams(beam_width=2, max_tokens=3))[0]
+    assert [c["text"] for c in got["choices"]] == [choices.decode(engine.tokenizer, b.tokens[len(ids):])
+                                                   for b in want]
+    assert len(salted) == 5 and set(salted) == {"tenant-a"}, salted
+    # deepseek_r1: an output that never closes </think> is all reasoning
+    assert all(c["message"]["content"] is None and c["message"]["reasoning"] for c in answer["choices"])
+
+
+def test_beam_calls_end_when_the_caller_goes_away(engine):
+    """Each step's requests end before the server's wait looks at the connection: the search
+    asks between steps, and a caller gone ends it with nothing left running."""
+    import asyncio
+
+    from caraserve.serve import protocol as proto
+    from caraserve.serve.http import ClientClosed
+
+    asked = []
+
+    async def disconnected():
+        asked.append(1)
+        return len(asked) >= 2
+
+    service, api = _api(engine)
+    try:
+        body = proto.CompletionRequest(model="tiny", prompt="import os", n=2, max_tokens=50, use_beam_search=True,
+                                       ignore_eos=True)
+        with pytest.raises(ClientClosed):
+            asyncio.run(api.completion(body, "gone", False, disconnected))
+    finally:
+        service.stop()
+    assert len(asked) == 2 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("length_penalty", [1e308, -1e308, 100.0])
+def test_extreme_length_penalties_score_as_their_limit(engine, hf, length_penalty):
+    """A length ** length_penalty past the float range scores as its limit (no OverflowError or
+    ZeroDivisionError), and a finite one still equals the reference."""
+    prompt = engine.encode("import os")
+    [got] = beam_search(engine, [prompt], BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True,
+                                                           length_penalty=length_penalty))
+    assert len(got) == 2 and all(len(b.tokens) == len(prompt) + 3 for b in got)
+    if length_penalty == 100.0:
+        check([type(b)(b.tokens[len(prompt):], b.cum_logprob) for b in got],
+              reference(hf[0], prompt, 2, 3, set(), length_penalty, ignore_eos=True))

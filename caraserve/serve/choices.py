@@ -337,16 +337,23 @@ def chat_choice(out: RequestOutput, texts: TokenTexts, prompt_ids: list[int], ec
     if forced is not None:
         message = {"content": None, "tool_calls": forced.calls(out.text)}
         return message, forced.finish_reason(finish), logprobs, out.stop_reason
+    message, calls = chat_message(out.text, echoed, tools, reasoning)
+    return message, ToolParser.finish_reason(calls, finish), logprobs, out.stop_reason
+
+
+def chat_message(text: str, echoed: str = "", tools=None, reasoning=None) -> tuple[dict, int]:
+    """(message, tool calls in it) of a whole output's text: through a reasoning parser
+    ("reasoning", and "content" None when empty) and/or a tool parser, or the text as it is."""
     if tools is None and reasoning is None:
-        return {"content": echoed + out.text}, finish, logprobs, out.stop_reason
+        return {"content": echoed + text}, 0
     split = OutputSplitter(reasoning, tools)
-    thought, content, calls = split.feed(out.text, final=True)
+    thought, content, calls = split.feed(text, final=True)
     message = {"content": echoed + content or (None if calls or split.thought else "")}
     if reasoning is not None:
         message["reasoning"] = thought or None
     if calls:
         message["tool_calls"] = [tools.tool_call(c) for c in calls]
-    return message, ToolParser.finish_reason(len(calls), finish), logprobs, out.stop_reason
+    return message, len(calls)
 
 
 def chat_chunker(rid: str, model: str, texts: TokenTexts, prompt_ids: list[int], echoed: str = ""):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from caraserve.config_checks import inline_template
+from caraserve.input_checks import with_bad_words_ids
 from caraserve.model.generation_config import with_defaults
 from caraserve.request import CapacityError, RequestError, SamplingParams
 from caraserve.serve import answer_extras, beams, choices
@@ -148,6 +149,9 @@ class EngineService:
             values["structured_outputs"] = structured_outputs(body)
             params = SamplingParams(**with_defaults(values, body.model_fields_set, self.engine.sampling_defaults))
             self.engine.check_params(params)
+            if params.bad_words:  # tokenized once for the call's n requests, off the event loop
+                params = await self._off_loop(with_bad_words_ids, params, self.engine.tokenizer, self.limits,
+                                              self.engine.model.args.vocab_size)
             if params.structured_outputs is not None:
                 await asyncio.get_running_loop().run_in_executor(self._grammar_threads, self.engine.grammars.compile,
                                                                  params.structured_outputs)

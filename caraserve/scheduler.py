@@ -246,8 +246,8 @@ class Scheduler:
             self._passed_over.pop(req.request_id, None)
         self._count_passed_over(arrival, admitted)
         self.adapters.prefetch(itertools.islice(self.waiting, self.max_batch_size))
+        decoding = [r for r in decoding if r in self.running]  # (not those preempted for an admission)
         if batch:
-            decoding = [r for r in decoding if r in self.running]
             return ScheduledBatch(False, decoding + batch, [1] * len(decoding) + chunks, len(decoding))
         if not self.mixed_steps:
             decoding = self._decode_rows()
@@ -269,9 +269,10 @@ class Scheduler:
             # the whole prefill's blocks are taken at admission, so a chunked prefill never waits;
             # blocks of a cached prefix are shared instead
             hit = self._cached_prefix(req)
-            if not self._fits(req, hit, admitted) and not self._make_room(req, hit, batch, admitted):
+            victims = [] if self._fits(req, hit, admitted) else self._room(req, hit, batch, admitted)
+            if victims is None:
                 break  # no batch place or KV blocks: later requests wait too, so this one is next
-            if not self._within_slo(self.running + admitted, req):
+            if not self._within_slo([r for r in self.running + admitted if r not in victims], req):
                 if self._may_overtake(req):
                     continue  # rank grouping: a lower-rank request behind it may still fit
                 break  # FCFS: later requests wait too, so this one is next when the batch shrinks
@@ -282,7 +283,9 @@ class Scheduler:
                 self._rejected.append((req, e))
                 continue
             if not ready:
-                continue
+                continue  # (nothing preempted for it: its room is made once it can run)
+            for victim in victims:
+                self.preempt(victim)
             prefix_cache.take_prefix(self.kv, req, hit, count=self.prefix_caching)
             if not self.kv.grow(req.block_table, req.prefill_len):
                 raise AssertionError("KV blocks counted free could not be taken")
@@ -302,29 +305,26 @@ class Scheduler:
         need = self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
         return need + self._watermark(bool(self.running or admitted)) <= self.kv.free_blocks
 
-    def _make_room(self, req: Request, hit: list[int], batch: list[Request], admitted: list[Request]) -> bool:
-        """by_priority: preempts running requests of a strictly lower priority than `req` (the
-        lowest first; none of this step's prefill chunks) until it fits (`_fits`), and only when
-        together they hold enough for it and leave it within the SLO: else nothing changes.
-        True when it fits now."""
+    def _room(self, req: Request, hit: list[int], batch: list[Request],
+              admitted: list[Request]) -> list[Request] | None:
+        """by_priority: the running requests of a strictly lower priority than `req` (the lowest
+        first; none of this step's prefill chunks) whose preemption makes it fit (`_fits`, on its
+        cached prefix `hit`); None when they cannot. Nothing changes here: the caller preempts
+        them once `req` can run (its adapter ready), so no request is preempted for nothing."""
         if not self.by_priority:
-            return False
-        victims = sorted((r for r in self.running if r.params.priority > req.params.priority and r not in batch),
-                         key=self._order, reverse=True)
-        if not victims or len(self.running) + len(admitted) - len(victims) >= self.max_batch_size:
-            return False
-        released = self.kv.held_only_by([r.block_table for r in victims])
-        need = (self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
-                + len(released.intersection(hit)))  # (blocks of its prefix that only victims hold)
-        if need + self._watermark(True) > self.kv.free_blocks + len(released):
-            return False
-        if not self._within_slo([r for r in self.running + admitted if r not in victims], req):
-            return False
-        for victim in victims:
-            if self._fits(req, hit, admitted):
-                break
-            self.preempt(victim)
-        return self._fits(req, hit, admitted)
+            return None
+        candidates = sorted((r for r in self.running if r.params.priority > req.params.priority and r not in batch),
+                            key=self._order, reverse=True)
+        need = self.kv.blocks_needed(hit, req.prefill_len) + self.kv.evictable_among(hit)
+        for k in range(1, len(candidates) + 1):
+            victims = candidates[:k]
+            staying = len(self.running) + len(admitted) - k
+            released = self.kv.held_only_by([r.block_table for r in victims])
+            # blocks of its prefix that only victims hold become free, and are then taken from the free count
+            blocks = need + len(released.intersection(hit)) + self._watermark(staying > 0)
+            if staying < self.max_batch_size and blocks <= self.kv.free_blocks + len(released):
+                return victims
+        return None
 
     def _count_passed_over(self, arrival: list[Request], admitted: list[Request]) -> None:
         """Rank grouping: every request older than an admitted one and still waiting was passed over once more."""

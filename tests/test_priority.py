@@ -209,3 +209,30 @@ def test_an_fcfs_server_refuses_a_priority_by_its_setting():
         r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "priority": 0,
                                                             "messages": [{"role": "user", "content": "x"}]}, timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_a_request_waiting_for_its_adapter_preempts_nothing_until_it_can_run():
+    """A high-priority request whose adapter is still being read preempts no one meanwhile (a
+    preemption then would free room for nobody, or for a lower priority: the inversion), and
+    once it runs, the request it preempted recomputes to its own tokens (it was once left in
+    the step's decode rows with no blocks, and failed)."""
+    def cold(**kw):  # adapters read on first use
+        return Engine(EngineConfig(device="cpu", compile="false", max_batch_size=1, adapters=AdapterConfig(dir="demo"),
+                                   scheduler=SchedulerConfig(policy="priority"), **kw))
+
+    want = {p: r.output_ids for p, r in zip(("v", "m", "h"), cold().generate(
+        [[1, 5, 9, 13], [1, 2, 3], [1, 7, 300]], params(), [None, None, "demo-r16"]))}
+    e = cold()
+    v = e.add_request([1, 5, 9, 13], params(priority=5), request_id="v")
+    for _ in range(3):
+        e.step()
+    e.add_request([1, 2, 3], params(priority=7), request_id="m")
+    e.step()
+    e.add_request([1, 7, 300], params(priority=0), "demo-r16", request_id="h")
+    reqs = {rid: e.request(rid) for rid in "vmh"}
+    admitted = run(e)
+    assert admitted.index("h") < admitted.index("m"), admitted  # the lower priority waited behind it
+    assert e.scheduler.num_preemptions == 1  # v, once, when h could run
+    for rid, r in reqs.items():
+        assert r.finish_reason.name == "LENGTH" and r.output_ids == want[rid], rid
+    assert reqs[v].preemptions == 1 and e.kv.free_blocks == e.kv.num_blocks

@@ -4,7 +4,7 @@ The Gateway API Inference Extension (and llm-d and KServe, which build on it) sc
 server's /metrics and, for vLLM, read:
   vllm:num_requests_waiting / vllm:num_requests_running   queue depth and batch size (gauges)
   vllm:kv_cache_usage_perc   the fraction of the KV cache's blocks in use (0-1), for KV-aware scorers
-  vllm:num_preemptions_total requests preempted because KV blocks ran out (counter)
+  vllm:num_preemptions_total requests preempted (KV blocks ran out, or a higher priority needed room) (counter)
   vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total   prompt tokens looked up in and
       found in the prefix cache (counters; their ratio is the hit rate)
   vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}
@@ -47,7 +47,8 @@ class GatewayMetrics(Collector):
                                   labels=["model_name"])
         usage.add_metric([self.model_name], kv.used_blocks / kv.num_blocks)
         yield usage
-        preempted = CounterMetricFamily("vllm:num_preemptions", "Requests preempted (KV blocks ran out)",
+        preempted = CounterMetricFamily("vllm:num_preemptions", "Requests preempted (KV blocks ran out, or a "
+                                        "higher priority needed room)",
                                         labels=["model_name"])
         preempted.add_metric([self.model_name], sched.num_preemptions)
         yield preempted

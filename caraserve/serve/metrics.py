@@ -76,7 +76,8 @@ class ServerMetrics:
                                                     lambda: engine.kv.query_tokens),
             "caraserve_prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
                                                   lambda: engine.kv.hit_tokens),
-            "caraserve_preemptions": ("Running requests preempted to recompute (KV blocks ran out)",
+            "caraserve_preemptions": ("Running requests preempted to recompute (KV blocks ran out, or a higher "
+                                      "priority needed room)",
                                       lambda: engine.scheduler.num_preemptions),
         }))
         self._host_tier(engine.store, r)

@@ -140,15 +140,25 @@ def beam_search(engine, prompts, params: BeamSearchParams, adapter: str | None =
         engine.check_fits(len(ids), step_fit(params))
         searches.append(BeamSearch(ids, params, frozenset(engine.outputs.eos_ids)))
     while not all(s.finished for s in searches):
-        lists = [(s, t) for s in searches for t in s.pending()]
-        reqs = engine.generate([t for _, t in lists], searches[0].step_params(), adapter)
-        at = 0
-        for s in searches:
-            k = len(s.pending())
-            if k:
-                s.advance([r.output_top_logprobs[0] for r in reqs[at: at + k]])
-                at += k
+        reqs = engine.generate(pending(searches), searches[0].step_params(), adapter)
+        advance(searches, [r.output_top_logprobs[0] for r in reqs])
     return [s.best() for s in searches]
+
+
+def pending(searches: list[BeamSearch]) -> list[list[int]]:
+    """The token lists of a step of searches that step together: each search's pending, in order."""
+    return [t for s in searches for t in s.pending()]
+
+
+def advance(searches: list[BeamSearch], tops: list[tuple[tuple[int, float], ...]]) -> None:
+    """Advances each search by the alternatives of its pending lists (`tops`, one per list of
+    `pending(searches)`, in its order)."""
+    at = 0
+    for s in searches:
+        k = len(s.pending())
+        if k:
+            s.advance(tops[at: at + k])
+            at += k
 
 
 def check_width(params: BeamSearchParams, max_logprobs: int) -> None:

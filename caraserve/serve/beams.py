@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from caraserve.beam_search import Beam, BeamSearch, BeamSearchParams, check_width, step_fit
+from caraserve.beam_search import Beam, BeamSearch, BeamSearchParams, advance, check_width, pending, step_fit
 from caraserve.request import RequestError
 from caraserve.serve import choices
 from caraserve.serve import protocol as proto
@@ -72,15 +72,10 @@ async def search(service, prompts: list[list[int]], params: BeamSearchParams, bo
         # a step's requests are short: the caller's leaving is seen here, not in their wait
         if step and disconnected is not None and await disconnected():
             raise ClientClosed("client disconnected", admitted=True)
-        lists = [t for s in searches for t in s.pending()]
-        runs = await service.runs.start_prompts(lists, step_params, adapter, f"{rid}-beam{step}", 1, True)
+        runs = await service.runs.start_prompts(pending(searches), step_params, adapter, f"{rid}-beam{step}", 1,
+                                                True)
         outs = await service.runs.all_of(runs, disconnected)
-        at = 0
-        for s in searches:
-            k = len(s.pending())
-            if k:
-                s.advance([o.top_logprobs[0] for o in outs[at: at + k]])
-                at += k
+        advance(searches, [o.top_logprobs[0] for o in outs])
         step += 1
     return [s.best() for s in searches]
 

@@ -148,11 +148,11 @@ def test_the_server_answers_use_beam_search_with_the_best_beams(engine):
             assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
 
 
-def _api(engine, **kw):
+def _api(engine, max_queue=16, **kw):
     from caraserve.serve.async_engine import AsyncEngine
     from caraserve.serve.service import EngineService
 
-    service = AsyncEngine(engine, max_queue=16)
+    service = AsyncEngine(engine, max_queue=max_queue)
     service.start()
     return service, EngineService(service, "tiny", [], 1.0, **kw)
 
@@ -217,6 +217,42 @@ def test_beam_calls_end_when_the_caller_goes_away(engine):
     finally:
         service.stop()
     assert len(asked) == 2 and not engine.has_unfinished()
+
+
+def test_a_beam_call_is_admitted_whole_at_its_first_step(engine, monkeypatch):
+    """A beam call is admitted at its widest (prompts x width) before its first step, so a full
+    queue refuses it before it starts (a 503), never between its steps: each call answers whole
+    or was refused with none of its requests run."""
+    import asyncio
+
+    from caraserve.serve import protocol as proto
+    from caraserve.serve.http import Overloaded
+
+    added, add_request = [], engine.add_request
+
+    def recorded_add(prompt, params=None, adapter=None, request_id=None, *args, **kw):
+        added.append(request_id)
+        return add_request(prompt, params, adapter, request_id, *args, **kw)
+
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    service, api = _api(engine, max_queue=8)
+    body = proto.CompletionRequest(model="tiny", prompt=["import os", "def f("], n=5, max_tokens=3,
+                                   use_beam_search=True, ignore_eos=True)
+
+    async def calls():
+        return await asyncio.gather(*(api.completion(body, f"c{i}", False) for i in range(4)),
+                                    return_exceptions=True)
+
+    try:
+        got = asyncio.run(calls())
+    finally:
+        service.stop()
+    refused = [i for i, g in enumerate(got) if isinstance(g, BaseException)]
+    assert all(isinstance(got[i], Overloaded) for i in refused), got
+    assert len(refused) < 4  # the queue holds one call's widest step
+    for i, g in enumerate(got):
+        ran = [r for r in added if r.startswith(f"c{i}-")]
+        assert (not ran) if i in refused else len(g["choices"]) == 10, (i, ran)
 
 
 @pytest.mark.parametrize("length_penalty", [1e308, -1e308, 100.0])

@@ -72,8 +72,11 @@ async def search(service, prompts: list[list[int]], params: BeamSearchParams, bo
         # a step's requests are short: the caller's leaving is seen here, not in their wait
         if step and disconnected is not None and await disconnected():
             raise ClientClosed("client disconnected", admitted=True)
+        # admitted once, at its widest (every prompt's beams), so no later step of a search under
+        # way is refused for a queue that filled after it began
         runs = await service.runs.start_prompts(pending(searches), step_params, adapter, f"{rid}-beam{step}", 1,
-                                                True)
+                                                True, call_size=len(prompts) * params.beam_width,
+                                                joins_call=step > 0)
         outs = await service.runs.all_of(runs, disconnected)
         advance(searches, [o.top_logprobs[0] for o in outs])
         step += 1

@@ -70,13 +70,17 @@ class Runs:
                                 arrival_s)
 
     async def start_prompts(self, encoded: list[list[int]], params: SamplingParams, adapter, rid: str, n: int,
-                            final_only: bool, arrival_s: float | None = None) -> list[Run]:
+                            final_only: bool, arrival_s: float | None = None, call_size: int | None = None,
+                            joins_call: bool = False) -> list[Run]:
         """Every prompt's n requests, in choice order: prompt k's completion j is choice k * n + j,
         as in OpenAI's API. The first request admits the call whole (AsyncEngine.submit), the
         others are queued to the engine at once: each its own wait for a step would stall a call
-        of many choices for as many steps. A refusal of any of them aborts those already started."""
+        of many choices for as many steps. A refusal of any of them aborts those already started.
+        call_size: the call's size when it is more than these requests (a beam search admits its
+        widest step at its first); joins_call: a call admitted before (its later steps)."""
         first = await self.start(encoded[0], params, adapter, rid, final_only=final_only,
-                                 call_size=len(encoded) * n, arrival_s=arrival_s)
+                                 call_size=call_size or len(encoded) * n, joins_call=joins_call,
+                                 arrival_s=arrival_s)
         later = self._choices(encoded[0], params, rid, n, 0)
         for k, ids in enumerate(encoded[1:], 1):
             later += [(ids, params, f"{rid}#{k * n}", None), *self._choices(ids, params, rid, n, k * n)]

@@ -6,8 +6,9 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from caraserve.lora.device_pool import AdapterState
 from caraserve.request import FinishReason, RequestOutput
@@ -29,6 +30,40 @@ class EngineCounters(Collector):
     def collect(self):
         for name, (doc, read) in self.counters.items():
             yield CounterMetricFamily(name, doc, value=read())
+
+
+class GcPauses(Collector):
+    """The garbage collector's pauses as a histogram by generation, fed from inside the collector
+    (GcMonitor's callback, on whatever thread allocated). It takes no lock: a collection can start
+    at any allocation, also one a thread makes while holding a metric's lock (prometheus_client's
+    are not reentrant, and its own histogram's observe takes the lock its collect holds), and a
+    callback waiting on that lock would wait forever. Two collections never run at once, so the
+    plain list updates below have one writer; a scrape reads them as they are."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.bounds = name, doc, buckets
+        # generation -> [count per bucket (the last one +Inf), sum of seconds]; CPython's three
+        # made up front, so a scrape never sees the dict grow
+        self._gens: dict[str, list] = {str(g): [0] * (len(buckets) + 1) + [0.0] for g in range(3)}
+
+    def observe(self, generation: int, seconds: float) -> None:
+        row = self._gens.get(str(generation))
+        if row is None:  # (not CPython's 0-2: made inside the collection, so no scrape is iterating)
+            row = self._gens.setdefault(str(generation), [0] * (len(self.bounds) + 1) + [0.0])
+        i = next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))
+        row[i] += 1
+        row[-1] += seconds
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.doc, labels=["generation"])
+        for gen, row in self._gens.copy().items():
+            row = list(row)
+            cumulative, total = [], 0
+            for bound, n in zip((*map(floatToGoString, self.bounds), "+Inf"), row[:-1]):
+                total += n
+                cumulative.append((bound, total))
+            family.add_metric([gen], cumulative, sum_value=row[-1])
+        yield family
 
 
 class ServerMetrics:
@@ -81,9 +116,9 @@ class ServerMetrics:
                                       lambda: engine.scheduler.num_preemptions),
         }))
         self._host_tier(engine.store, r)
-        self.gc_pause = Histogram("caraserve_gc_pause_seconds", "Python garbage-collection pauses", ["generation"],
-                                  buckets=_PAUSE_BUCKETS, registry=r)
-        self.gc_monitor = GcMonitor(lambda gen, s: self.gc_pause.labels(str(gen)).observe(s))
+        self.gc_pause = GcPauses("caraserve_gc_pause_seconds", "Python garbage-collection pauses", _PAUSE_BUCKETS)
+        r.register(self.gc_pause)
+        self.gc_monitor = GcMonitor(self.gc_pause.observe)
 
     def _host_tier(self, store, r: CollectorRegistry) -> None:
         """The adapters' host tier: what it holds, how often it had to read, how long reads took."""

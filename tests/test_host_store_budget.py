@@ -121,3 +121,37 @@ def test_unregister_then_get_raises(pool_env):
     ref = HostStore(args)
     ref.register("b3", root / "budget" / "b3")
     assert equal(store.get("b2"), clone(ref.get("b3")))
+
+
+def test_a_read_landing_after_a_hold_put_the_weights_back_counts_them_once(pool_env, monkeypatch):
+    """A request admitted on weights read earlier puts them back (hold) while a later request's
+    re-read of the same adapter is on its way; the read lands after: the adapter is in memory
+    once, and once it is gone nothing is left counted (the budget would otherwise shrink for good)."""
+    import threading
+
+    import caraserve.lora.host_store as host_store
+
+    root, args, _ = pool_env
+    nb = qv8_bytes()
+    gate = threading.Event()
+    gate.set()
+    load = host_store.load_adapter
+    monkeypatch.setattr(host_store, "load_adapter", lambda *a, **k: gate.wait(30) and load(*a, **k))
+    store = HostStore(args, budget_bytes=nb * 3 // 2)  # room for one
+    for name in ("b0", "b1"):
+        store.register(name, root / "budget" / name)
+    early = store.fetch("b0").result()  # a request's read, done while b0 is in memory
+    store.get("b1")  # the budget drops b0
+    assert not store.ready("b0")
+    gate.clear()
+    reread = store.fetch("b0")  # another request's read, held up on its I/O thread
+    store.hold("b0", early)  # the first request is admitted: its weights go back in
+    gate.set()
+    assert equal(reread.result(), clone(early))
+    stats = store.stats()
+    assert (stats.cached, stats.cached_bytes) == (1, nb)
+    store.release("b0")
+    store.unregister("b0")
+    store.unregister("b1")
+    stats = store.stats()
+    assert (stats.cached, stats.cached_bytes) == (0, 0)

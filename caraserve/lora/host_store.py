@@ -349,7 +349,7 @@ class HostStore:
                 if isinstance(error, AdapterError) and not isinstance(error, AdapterReadError):
                     entry.broken = str(error)
                     log.error("%s; requests naming it are refused until it is unregistered", error)
-                elif weights is not None:
+                elif weights is not None and entry.weights is None:  # (a hold may have put a read's back)
                     self._cache.put(entry, weights)
         on_read = self.on_read
         if on_read is not None:

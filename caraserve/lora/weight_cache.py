@@ -20,7 +20,11 @@ class WeightCache:
         self._lru: OrderedDict[str, object] = OrderedDict()  # droppable entries in memory, oldest use first
 
     def put(self, entry, weights) -> None:
-        """Keeps weights just read (or added) and trims the others to the budget."""
+        """Keeps weights just read (or added) and trims the others to the budget; weights the
+        entry already had are replaced, counted once."""
+        if entry.weights is not None:
+            self.count -= 1
+            self.nbytes -= entry.weights.nbytes
         entry.weights = weights
         self.count += 1
         self.nbytes += weights.nbytes

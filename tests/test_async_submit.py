@@ -260,7 +260,7 @@ def test_a_call_cancelled_during_admission_leaves_none_of_its_requests_running()
                 raise
             return asyncio.Queue()
 
-        def abort(self, rid):
+        def abort(self, rid, queue=None):
             self.aborted.append(rid)
 
     engine = Engine()
@@ -275,3 +275,85 @@ def test_a_call_cancelled_during_admission_leaves_none_of_its_requests_running()
 
     asyncio.run(go())
     assert len(engine.added) == 5 and set(engine.added) | {"call"} <= set(engine.aborted)
+
+
+def _gated_engine():
+    """An AsyncEngine whose next step can be held on the engine thread (hold cleared), with
+    `entered` set once a step waits there."""
+    ae = AsyncEngine(Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=256)), max_queue=8)
+    step, entered, hold = ae.engine.step, threading.Event(), threading.Event()
+    hold.set()
+
+    def gated():
+        if not hold.is_set():
+            entered.set()
+            hold.wait(30)
+        return step()
+
+    ae.engine.step = gated
+    ae.start()
+    assert ae.wait_ready(60)
+    return ae, entered, hold
+
+
+def test_an_aborted_id_is_not_handed_to_a_call_that_reuses_it_mid_step():
+    """A caller goes away while a step runs and retries with the same request id: until the engine
+    thread has run the abort the id is still in flight (400), and the retry then gets its own
+    request's outputs, never the step's outputs of the aborted one."""
+    from caraserve.serve.async_engine import RequestError
+
+    ae, entered, hold = _gated_engine()
+    old, new = [5, 6, 7, 8, 9, 10, 11, 12], [1, 2]
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def main():
+        first = await ae.submit(old, greedy, None, "X")
+        await first.get()
+        hold.clear()  # the next step waits on the engine thread
+        assert await asyncio.to_thread(entered.wait, 30)
+        ae.abort("X", first)
+        with pytest.raises(RequestError, match="already in flight"):
+            await ae.submit(new, greedy, None, "X")
+        hold.set()
+        for _ in range(100):  # once the abort has run, the id is free
+            try:
+                retry = await ae.submit(new, greedy, None, "X")
+                break
+            except RequestError:
+                await asyncio.sleep(0.05)
+        outs = [await asyncio.wait_for(retry.get(), 30)]
+        while not outs[-1].finished:
+            outs.append(await asyncio.wait_for(retry.get(), 30))
+        return first, outs
+
+    try:
+        first, outs = asyncio.run(main())
+    finally:
+        hold.set()
+        ae.stop()
+    assert {o.prompt_tokens for o in outs} == {len(new)} and len(outs[-1].output_ids) == 3
+    assert first.empty()  # the aborted call got nothing after its abort
+
+
+def test_a_late_abort_of_an_ended_request_leaves_the_ids_next_holder_alone():
+    """A call whose request has ended aborts it late (its client went away as it finished) after
+    another call took the same id: the other call's request runs to its end."""
+    ae, _, _ = _gated_engine()
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def main():
+        ended = await ae.submit([3, 4, 5], SamplingParams(max_tokens=1, temperature=0), None, "Y")
+        while not (await asyncio.wait_for(ended.get(), 30)).finished:
+            pass
+        holder = await ae.submit([1, 2], greedy, None, "Y")
+        ae.abort("Y", ended)
+        outs = [await asyncio.wait_for(holder.get(), 30)]
+        while not outs[-1].finished:
+            outs.append(await asyncio.wait_for(holder.get(), 30))
+        return outs[-1]
+
+    try:
+        last = asyncio.run(main())
+    finally:
+        ae.stop()
+    assert last.error is None and len(last.output_ids) == 4

@@ -46,6 +46,7 @@ class EngineUnavailableError(RuntimeError):
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    aborted: bool = False  # its caller went away: outputs are dropped until the engine thread ends it
 
 
 class AsyncEngine:
@@ -202,7 +203,7 @@ class AsyncEngine:
         except asyncio.CancelledError:
             # The caller went away: an add already running still adds the request, which nobody
             # would read; the abort, queued after it, ends it (and finds nothing when it did not run).
-            self.abort(request_id)
+            self.abort(request_id, waiter.queue)
             raise
         except BaseException:
             with self._lock:
@@ -210,12 +211,23 @@ class AsyncEngine:
             raise
         return waiter.queue
 
-    def abort(self, request_id: str) -> None:
-        """Queues the abort (no await: it must work from a cancelled handler too)."""
+    def abort(self, request_id: str, queue: asyncio.Queue | None = None) -> None:
+        """Queues the abort of the request `submit` returned `queue` for (None: whichever holds the
+        id); no await: it must work from a cancelled handler too. A request that has ended (its
+        last output delivered) is left alone, and so is the id: another call may hold it by now.
+        The id stays taken until the engine thread has run the abort: a call that reused it
+        meanwhile would otherwise be handed the outputs of the step in progress, the aborted
+        request's."""
         with self._lock:
-            self._waiters.pop(request_id, None)
+            waiter = self._waiters.get(request_id)
+            if waiter is None or (queue is not None and waiter.queue is not queue):
+                return
+            waiter.aborted = True
 
         def run():
+            with self._lock:
+                if self._waiters.get(request_id) is waiter:
+                    del self._waiters[request_id]
             out = self.engine.abort(request_id)
             if out is not None and self.on_output is not None:
                 self.on_output(out)
@@ -276,7 +288,7 @@ class AsyncEngine:
             waiter = self._waiters.get(out.request_id)
             if waiter is not None and out.finished:
                 del self._waiters[out.request_id]
-        if waiter is not None:
+        if waiter is not None and not waiter.aborted:
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, out)
 
     def _run_commands(self, block: bool, timeout_s: float = 0.05) -> None:

@@ -55,11 +55,11 @@ class Runs:
             try:
                 return await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.CancelledError:  # the caller went away (e.g. a Ray ingress cancelled the call)
-                self.async_engine.abort(rid)
+                self.async_engine.abort(rid, queue)
                 raise
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
-                    self.async_engine.abort(rid)
+                    self.async_engine.abort(rid, queue)
                     raise ClientClosed("client disconnected", admitted=True) from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
@@ -120,8 +120,8 @@ class Runs:
         return runs
 
     def abort(self, runs: list[Run]) -> None:
-        for sid, _ in runs:
-            self.async_engine.abort(sid)
+        for sid, queue in runs:
+            self.async_engine.abort(sid, queue)
 
     async def all_of(self, runs: list[Run], disconnected: Disconnected | None) -> list[RequestOutput]:
         """The final outputs of every run; a failure aborts the ones still running."""

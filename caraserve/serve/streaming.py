@@ -54,7 +54,7 @@ def _sse(body: dict) -> str:
 
 
 async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, chunker: Chunker,
-                 final_usage: bool, abort: Callable[[str], None], per_prompt: int | None = None,
+                 final_usage: bool, abort: Callable[[str, asyncio.Queue], None], per_prompt: int | None = None,
                  continuous: bool = False, role: str | None = None) -> AsyncIterator[str]:
     """The SSE lines of `runs` ((request id, output queue) per choice, in index order, with
     `per_prompt` choices per prompt: default all of them); `first` is the first output of choice
@@ -113,6 +113,6 @@ async def events(runs: list[tuple[str, asyncio.Queue]], first: RequestOutput, ch
     finally:
         for p in pumps:
             p.cancel()
-        for i, (rid, _) in enumerate(runs):
+        for i, (rid, queue) in enumerate(runs):
             if i not in finished:  # the consumer went away, or another choice failed
-                abort(rid)
+                abort(rid, queue)

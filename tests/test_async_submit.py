@@ -307,9 +307,8 @@ def test_an_aborted_id_is_not_handed_to_a_call_that_reuses_it_mid_step():
     greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 
     async def main():
+        hold.clear()  # the first step (the old request's prefill) waits on the engine thread
         first = await ae.submit(old, greedy, None, "X")
-        await first.get()
-        hold.clear()  # the next step waits on the engine thread
         assert await asyncio.to_thread(entered.wait, 30)
         ae.abort("X", first)
         with pytest.raises(RequestError, match="already in flight"):
@@ -332,7 +331,7 @@ def test_an_aborted_id_is_not_handed_to_a_call_that_reuses_it_mid_step():
         hold.set()
         ae.stop()
     assert {o.prompt_tokens for o in outs} == {len(new)} and len(outs[-1].output_ids) == 3
-    assert first.empty()  # the aborted call got nothing after its abort
+    assert first.empty()  # the aborted call got nothing: its step's output went to no one
 
 
 def test_a_late_abort_of_an_ended_request_leaves_the_ids_next_holder_alone():

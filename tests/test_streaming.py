@@ -20,7 +20,7 @@ chunker = choices.completion_chunker("r", "m", choices.TokenTexts(None), [1, 2],
 
 async def _collect(runs, first, aborted, usage=True, stop_after=None):
     lines = []
-    gen = events(runs, first, chunker, usage, aborted.append)
+    gen = events(runs, first, chunker, usage, lambda rid, queue: aborted.append(rid))
     async for line in gen:
         lines.append(line)
         if stop_after is not None and len(lines) == stop_after:
@@ -203,7 +203,8 @@ def test_a_chunk_that_fails_to_form_ends_the_stream_with_an_error_event():
         q0, q1 = asyncio.Queue(), asyncio.Queue()
         q0.put_nowait(out("a", "boom"))
         aborted, lines = [], []
-        async for line in events([("a", q0), ("b", q1)], out("a", "x"), breaking, False, aborted.append):
+        async for line in events([("a", q0), ("b", q1)], out("a", "x"), breaking, False,
+                                     lambda rid, queue: aborted.append(rid)):
             lines.append(line)
         return [json.loads(x[6:]) if x.startswith("data: {") else x.strip() for x in lines], aborted
 

@@ -16,13 +16,13 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
 
 from caraserve.engine import Engine
 from caraserve.request import ErrorCause, RequestError, RequestOutput, SamplingParams
+from caraserve.serve.engine_commands import EngineCommands
 from caraserve.serve.gc_monitor import HeapTrimmer
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class AsyncEngine:
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         # (callable, args, concurrent Future, callable run instead when the call is cancelled or refused)
-        self._inbox: queue.Queue = queue.Queue()
+        self._commands = EngineCommands(
+            lambda: EngineUnavailableError(f"the engine is not serving ({self.fault or 'stopped'})"))
         # the engine thread's: freed tensors' memory goes back to the system (None: never)
         self._heap = HeapTrimmer(heap_trim_s) if heap_trim_s > 0 else None
         self._stop = threading.Event()
@@ -87,9 +88,16 @@ class AsyncEngine:
     def _call(self, fn, *args, skipped=None) -> concurrent.futures.Future:
         """Runs fn(*args) on the engine thread between steps; skipped() instead (on that thread)
         when the future was cancelled before fn started, or an engine fault refuses it."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, args, fut, skipped))
+        fut = self._commands.put(fn, args, skipped)
+        if self.ended:  # nobody would ever take it (and the thread may have ended before the put)
+            self._commands.refuse_queued()
         return fut
+
+    @property
+    def ended(self) -> bool:
+        """The engine thread has ended (stopped, or it failed past its own fault handling): nothing
+        queued to it will run, and no request in flight will have another output."""
+        return self._thread.ident is not None and not self._thread.is_alive()
 
     async def state(self):
         """The engine's snapshot (Engine.snapshot), taken between steps; during an idle-time
@@ -131,7 +139,7 @@ class AsyncEngine:
         stuck = time.monotonic() - self._beat
         if not self.stall_timeout_s or stuck <= self.stall_timeout_s or self._idle_work.is_set():
             return None
-        if not (self.num_waiting or self.num_running or not self._inbox.empty()):
+        if not (self.num_waiting or self.num_running or not self._commands.empty()):
             return None
         return (f"the engine thread has been in one step (or command) for {stuck:.0f} s with requests waiting "
                 f"(server.stall_timeout_s={self.stall_timeout_s:g})")
@@ -283,46 +291,16 @@ class AsyncEngine:
 
     def _deliver(self, out: RequestOutput) -> None:
         if self.on_output is not None:
-            self.on_output(out)
+            try:
+                self.on_output(out)
+            except Exception:  # (metrics, logs): they must not keep an output from its caller
+                log.exception("the output callback failed for request %s", out.request_id)
         with self._lock:
             waiter = self._waiters.get(out.request_id)
             if waiter is not None and out.finished:
                 del self._waiters[out.request_id]
         if waiter is not None and not waiter.aborted:
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, out)
-
-    def _run_commands(self, block: bool, timeout_s: float = 0.05) -> None:
-        try:
-            item = self._inbox.get(timeout=timeout_s) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            fn, args, fut, skipped = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as e:  # handed to the awaiting handler
-                    fut.set_exception(e)
-            elif skipped is not None:  # cancelled before it ran
-                skipped()
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _refuse_pending(self) -> None:
-        """After an engine fault: commands still queued fail instead of waiting forever."""
-        while True:
-            try:
-                fn, args, fut, skipped = self._inbox.get(timeout=0.05)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(EngineUnavailableError(f"the engine is not serving ({self.fault})"))
-            if skipped is not None:
-                skipped()
 
     def _run(self) -> None:
         try:
@@ -331,9 +309,28 @@ class AsyncEngine:
             log.exception("engine warm-up failed: the engine does not serve")
             self.fault = f"warm-up failed: {type(e).__name__}: {e}"
             self._warm.set()
-            self._refuse_pending()
+            self._commands.refuse_until(self._stop)
             return
         self._warm.set()
+        try:
+            self._serve()
+        except BaseException as e:
+            # The engine isolates one request's faults itself (Engine.step): what reaches here is the
+            # engine's own, or the loop's (idle work, delivering outputs), so every request ends,
+            # commands are refused and /health reports it from now on, rather than callers
+            # waiting on a thread that cannot go on.
+            log.exception("the engine failed: it stops serving")
+            if self.fault is None:
+                self.fault = f"{type(e).__name__}: {e}"
+            try:
+                for out in self.engine.fail_all(f"internal error: {self.fault}"):
+                    self._deliver(out)
+            except BaseException:
+                log.exception("ending the requests in flight failed")
+            self._commands.refuse_until(self._stop)
+
+    def _serve(self) -> None:
+        """The step loop: commands between steps, idle-time work, steps and their outputs."""
         outputs = [None]
         last_busy = time.monotonic()
         while not self._stop.is_set():
@@ -342,10 +339,10 @@ class AsyncEngine:
             # a little for commands instead of spinning on a core the reads and copies need.
             busy = self.engine.has_unfinished()
             waiting_only = busy and not outputs and self.engine.scheduler.stalled()
-            self._run_commands(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
+            self._commands.run(block=not busy or waiting_only, timeout_s=0.002 if waiting_only else 0.05)
             if not self.engine.has_unfinished():
                 # idle for a while: the moment a compile (engine.compile=auto) delays the least
-                if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._inbox.empty():
+                if time.monotonic() - last_busy >= IDLE_WORK_AFTER_S and self._commands.empty():
                     if self._heap is not None:
                         self._heap.idle()  # what the steps' tensors left goes back
                     if self.engine.graphs is not None and self.engine.graphs.pending:
@@ -362,15 +359,6 @@ class AsyncEngine:
             last_busy = time.monotonic()
             if self._heap is not None:
                 self._heap.stepped()
-            try:
-                outputs = self.engine.step()
-            except Exception as e:
-                # The engine isolates one request's faults itself (Engine.step): what reaches here
-                # is the engine's own, so every request ends and /health reports it from now on.
-                log.exception("engine step failed: the engine stops serving")
-                self.fault = f"{type(e).__name__}: {e}"
-                outputs = self.engine.fail_all(f"internal error: {self.fault}")
+            outputs = self.engine.step()
             for out in outputs:
                 self._deliver(out)
-            if self.fault is not None:
-                self._refuse_pending()

@@ -61,6 +61,8 @@ class Runs:
                 if disconnected is not None and await disconnected():
                     self.async_engine.abort(rid, queue)
                     raise ClientClosed("client disconnected", admitted=True) from None
+                if self.async_engine.ended and queue.empty():  # (no output will come)
+                    raise EngineUnavailable("the engine is not serving (its thread has ended)") from None
 
     async def start_n(self, ids, params: SamplingParams, adapter, rid: str, queue: asyncio.Queue,
                       n: int, final_only: bool = False, arrival_s: float | None = None) -> list[Run]:

@@ -103,7 +103,7 @@ class AdapterCatalog:
             raise RequestError(f"adapter {name!r} cannot be used ({without_name(why, name)})")
 
     def infos(self) -> list[AdapterInfo]:
-        return [self.store.info(n) for n in self.store.names()]
+        return self.store.infos()
 
     def preload(self, where: str) -> None:
         """host: every adapter's weights read into the host tier (as far as its budget holds

@@ -178,9 +178,9 @@ class Engine:
         queued requests with their ranks and remaining output tokens, resident adapters, every
         adapter's rank, and a copy of the latency model the scheduler keeps refitting."""
         with self._lock:
-            names = self.store.names()
-            return EngineState.of(self.scheduler, self.kv, {n: self.store.info(n).rank for n in names},
-                                  frozenset(n for n in names if self.pool.state(n) is AdapterState.RESIDENT))
+            ranks = {info.name: info.rank for info in self.store.infos()}
+            return EngineState.of(self.scheduler, self.kv, ranks,
+                                  frozenset(n for n in ranks if self.pool.state(n) is AdapterState.RESIDENT))
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None,

@@ -155,3 +155,48 @@ def test_a_read_landing_after_a_hold_put_the_weights_back_counts_them_once(pool_
     store.unregister("b1")
     stats = store.stats()
     assert (stats.cached, stats.cached_bytes) == (0, 0)
+
+
+def test_listing_adapters_while_others_come_and_go_never_meets_a_missing_one(pool_env):
+    """/v1/models and the engine's snapshot list every adapter's info while loads and unloads run
+    on other threads: each listing is of one moment, never an UnknownAdapterError (a 500)."""
+    import dataclasses
+    import sys
+    import threading
+    import types
+
+    from caraserve.adapter_catalog import AdapterCatalog
+    from caraserve.lora.synthetic import random_lora
+
+    _, args, _ = pool_env
+    store = HostStore(args)
+    w = random_lora("x", 8, args, ("q_proj",), 0)
+    names = [f"a{i:04d}" for i in range(1500)]
+    for name in names:
+        store.add(dataclasses.replace(w, name=name))
+    stop, errors = threading.Event(), []
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            name = names[i % len(names)]
+            store.unregister(name)
+            store.add(dataclasses.replace(w, name=name))
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(150):
+            try:
+                infos = AdapterCatalog.infos(types.SimpleNamespace(store=store))
+                assert [i.name for i in infos] == sorted(i.name for i in infos)
+            except UnknownAdapterError as e:
+                errors.append(e)
+    finally:
+        stop.set()
+        worker.join()
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} of 150 listings met an adapter unregistered meanwhile: {errors[0]}"

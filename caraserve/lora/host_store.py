@@ -206,6 +206,12 @@ class HostStore:
     def info(self, name: str) -> AdapterInfo:
         return self._entry(name).info
 
+    def infos(self) -> list[AdapterInfo]:
+        """Every registered adapter's info, sorted by name, as of one moment (names() then info()
+        of each could meet a name unregistered in between)."""
+        with self._lock:
+            return [self._entries[name].info for name in self._sorted]
+
     # ---- the weights ----------------------------------------------------------------------
     def get(self, name: str) -> LoraWeights:
         """The adapter's weights, read from disk on this thread when not in memory (or waiting

@@ -207,8 +207,14 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                 break
     except KeyboardInterrupt:  # wherever it lands: in a step, a wait, or between outputs
         interrupted = True
-        for rid in pending:
-            engine.abort(rid)
+        while True:
+            try:  # (a second Ctrl-C here, as people press it, must not lose the finished lines)
+                for rid in list(pending):
+                    engine.abort(rid)
+                    del pending[rid]
+                break
+            except KeyboardInterrupt:
+                continue
         for pos, r in enumerate(results):
             if r is None:
                 results[pos] = {"id": parts[pos][0], "error": "interrupted before it finished"}

@@ -90,6 +90,13 @@ def _finite(value):
     return value
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _file_mode(path: Path) -> int:
     """The mode the output gets: the file's own when it exists, else what the umask gives a new one."""
     if path.exists():
@@ -132,8 +139,17 @@ def main(cfg: DictConfig) -> None:
         bar = tqdm(total=sum(1 for line in lines if line.strip()), desc="requests", unit="req", file=sys.stderr,
                    disable=not cfg.progress)
         results, summary = run_offline(engine, lines, bar)
+        # What finished is written whatever else comes: a second Ctrl-C or a SIGTERM now would
+        # lose it all for the few seconds of writing it saves.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         bar.close()
         text = "".join(json_line(r) for r in results)
+        if summary.interrupted and tmp is not None and source is not None and _same_file(source, out):
+            # The input is the output: replacing it would turn the lines that did not run into
+            # errors and lose their requests, so it stays, and the results go beside it.
+            out = out.with_name(out.name + ".interrupted")
+            print(f"interrupted: input={source} is kept as it was; the results are in {out}", file=sys.stderr)
         if tmp is not None:
             with tmp:
                 tmp.write(text)

@@ -195,3 +195,31 @@ def test_closing_an_engine_ends_its_worker_threads():
     for t in started:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in started)
+
+
+def test_a_second_ctrl_c_while_the_job_ends_keeps_what_finished(engine, monkeypatch):
+    """Ctrl-C pressed twice: the second lands while the unfinished requests are being aborted;
+    the finished lines keep their results all the same, and nothing stays in the engine."""
+    free = engine.kv.free_blocks
+    lines = [json.dumps({"id": i, "prompt_token_ids": [5 + i, 6, 7], "max_tokens": 2 if i < 2 else 60,
+                         "ignore_eos": True}) for i in range(5)]
+    real_step, real_abort, calls, aborts = engine.step, engine.abort, [], []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_step()
+
+    def abort(rid):
+        aborts.append(rid)
+        if len(aborts) == 2:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        return real_abort(rid)
+
+    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "abort", abort)
+    results, summary = run_offline(engine, lines)
+    assert summary.interrupted and [("text" in r) for r in results] == [True, True, False, False, False]
+    assert all(r["error"] == "interrupted before it finished" for r in results[2:])
+    assert_empty(engine, free)

@@ -156,3 +156,33 @@ def test_models_and_settings_refused_at_start_are_one_line(tmp_path):
         proc = generate(tmp_path, *args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and says in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_an_interrupted_job_whose_input_is_its_output_keeps_the_input(tmp_path):
+    """input=output and SIGTERM mid-job: the input stays as it was (replacing it would lose the
+    requests that did not run), and the results go beside it, one line per input line."""
+    import signal
+    import time
+
+    src = tmp_path / "jobs.jsonl"
+    text = "".join(json.dumps({"id": i, "prompt": f"line {i}", "max_tokens": 400, "ignore_eos": True}) + "\n"
+                   for i in range(64))
+    src.write_text(text)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "progress=true",
+                             "engine.compile=false", f"input={src}", f"output={src}"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    seen = b""
+    while b"requests:" not in seen:  # the progress bar appears as the requests start
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    err = (seen + proc.stderr.read()).decode(errors="replace")
+    assert proc.wait(timeout=120) == 130, err[-2000:]
+    assert src.read_text() == text
+    rows = [json.loads(x) for x in (tmp_path / "jobs.jsonl.interrupted").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(64))
+    assert any(r.get("error") == "interrupted before it finished" for r in rows)
+    assert f"input={src} is kept as it was" in err

@@ -51,9 +51,19 @@ class OfflineSummary:
 def line_id(obj, number: int):
     """The user's id of a parsed line as it was given (any JSON value but null), else its 1-based
     line number as a string (as in error messages)."""
-    if isinstance(obj, dict) and obj.get("id") is not None:
+    if isinstance(obj, dict) and obj.get("id") is not None and _utf8(obj["id"]):
         return obj["id"]
     return str(number)
+
+
+def _utf8(value) -> bool:
+    """Whether a JSON value holds text UTF-8 can carry (a "\\udc80" escape reads as a lone
+    surrogate, which strict JSON parsers refuse in the output)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _constant(name: str):
@@ -111,6 +121,9 @@ def parse_line(line: str, number: int, defaults: dict | None = None) -> tuple[ob
         raise bad(f"is not UTF-8 ({_bad_char(line, e.start)})") from None
     if not isinstance(obj, dict):
         raise bad("must be a JSON object")
+    if not _utf8(obj.get("id")):
+        raise bad("'id' holds a lone surrogate (a \\ud800-\\udfff escape), which the output cannot carry as "
+                  "strict JSON: the line is named by its number")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
     if unknown:
         raise bad(f"unknown field(s) {unknown}")

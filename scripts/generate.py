@@ -150,14 +150,24 @@ def main(cfg: DictConfig) -> None:
             # errors and lose their requests, so it stays, and the results go beside it.
             out = out.with_name(out.name + ".interrupted")
             print(f"interrupted: input={source} is kept as it was; the results are in {out}", file=sys.stderr)
-        if tmp is not None:
-            with tmp:
-                tmp.write(text)
-            os.chmod(tmp.name, _file_mode(out))
-            os.replace(tmp.name, out)
-        elif out is not None:
-            with open(out, "w") as f:
-                f.write(text)
+        try:
+            if tmp is not None:
+                with tmp:
+                    tmp.write(text)
+                os.chmod(tmp.name, _file_mode(out))
+                os.replace(tmp.name, out)
+            elif out is not None:
+                with open(out, "w") as f:
+                    f.write(text)
+            elif cfg.input is not None:
+                if sys.stdout is None:  # (closed by the caller: `>&-`)
+                    raise OSError("standard output is closed")
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except OSError as e:  # (a full disk, a closed pipe): one line, not a traceback
+            print(f"error: the results could not be written to {out or 'standard output'} "
+                  f"({e.strerror or e}); {summary.requests} requests ran", file=sys.stderr)
+            sys.exit(1)
     finally:
         if tmp is not None and os.path.exists(tmp.name):
             os.unlink(tmp.name)
@@ -165,8 +175,6 @@ def main(cfg: DictConfig) -> None:
         for line, r in zip(lines, results):
             req = json.loads(line)
             print(f"[{req['adapter'] or 'base'}] {req['prompt']!r} -> {r.get('text', r.get('error'))!r}")
-    elif out is None:
-        sys.stdout.write("".join(json_line(r) for r in results))
     blank = f", {summary.blank_lines} blank lines skipped" if summary.blank_lines else ""
     print(f"{summary.requests} requests ({summary.errors} errors{blank}), {summary.output_tokens} tokens in "
           f"{summary.seconds:.2f} s: {summary.tokens_per_s:.1f} tokens/s", file=sys.stderr)

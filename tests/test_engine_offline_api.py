@@ -223,3 +223,15 @@ def test_a_second_ctrl_c_while_the_job_ends_keeps_what_finished(engine, monkeypa
     assert summary.interrupted and [("text" in r) for r in results] == [True, True, False, False, False]
     assert all(r["error"] == "interrupted before it finished" for r in results[2:])
     assert_empty(engine, free)
+
+
+def test_an_id_strict_json_cannot_carry_is_refused_and_the_line_named_by_its_number(engine):
+    """An id holding a lone surrogate ("\\udc80", as a JSON escape) would make its output line
+    one that strict JSON parsers refuse: the line fails alone, under its line number."""
+    lines = ['{"id": "\\udc80", "prompt": "x", "max_tokens": 2}',
+             '{"id": ["ok", "\\u00e9"], "prompt": "x", "max_tokens": 2}']
+    results, _ = run_offline(engine, lines)
+    assert results[0]["id"] == "1" and "'id' holds a lone surrogate" in results[0]["error"]
+    assert results[1]["id"] == ["ok", "\u00e9"] and "error" not in results[1]
+    for r in results:
+        json.dumps(r, ensure_ascii=False).encode("utf-8")

@@ -186,3 +186,12 @@ def test_an_interrupted_job_whose_input_is_its_output_keeps_the_input(tmp_path):
     assert [r["id"] for r in rows] == list(range(64))
     assert any(r.get("error") == "interrupted before it finished" for r in rows)
     assert f"input={src} is kept as it was" in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_results_that_cannot_be_written_are_one_line_not_a_traceback(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "x", "max_tokens": 2}) + "\n")
+    proc = generate(tmp_path, f"input={src}", "output=/dev/full")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "the results could not be written to /dev/full (No space left on device); 1 requests ran" in proc.stderr

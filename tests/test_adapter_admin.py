@@ -111,3 +111,67 @@ def test_a_request_for_an_adapter_refused_at_start_says_why(tmp_path):
                                  adapters=AdapterConfig(dir=str(tmp_path))))
     with pytest.raises(RequestError, match=r"unknown adapter 'broken': its folder was refused at start \(.*json"):
         engine.add_request("x", None, "broken")
+
+
+def test_an_unload_waits_for_a_request_caught_between_waiting_and_running():
+    """The engine thread paused in the middle of admitting a request for the adapter (out of the
+    waiting queue, not yet in the running one) as the unload asks whether the adapter is in use:
+    the unload still waits for that request and then removes the adapter; it used to see the
+    adapter unused, and the removal was refused (a 409)."""
+    import inspect
+    import sys
+    import threading
+
+    from caraserve import scheduler as scheduler_module
+    from caraserve.request import SamplingParams
+
+    source = inspect.getsource(scheduler_module).splitlines()
+    (line,) = [i + 1 for i, text in enumerate(source) if "self.running.append(req)" in text
+               and "self.waiting.remove(req)" in source[i - 1]]  # (1-based, as f_lineno)
+    armed, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def trace(frame, event, arg):
+        if frame.f_code.co_filename != scheduler_module.__file__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and armed.is_set():
+                armed.clear()
+                paused.set()
+                go.wait(30)
+            return local
+        return local
+
+    ae = AsyncEngine(Engine(EngineConfig(compile="false", max_batch_size=4, max_seq_len=128)), max_queue=8)
+    threading.settrace(trace)  # the engine thread starts below: it is traced
+    try:
+        ae.start()
+    finally:
+        threading.settrace(None)
+    assert ae.wait_ready(60)
+
+    async def main():
+        warm = await ae.submit([4, 5], SamplingParams(max_tokens=1), "demo-r8", "warm")  # the adapter resident
+        while not (await asyncio.wait_for(warm.get(), 30)).finished:
+            pass
+        armed.set()
+        queue = await ae.submit([1, 2, 3], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                                "demo-r8", "r")
+        assert await asyncio.to_thread(paused.wait, 30)
+        unload = asyncio.ensure_future(ae.retire_adapter("demo-r8", 30))
+        await asyncio.sleep(0.1)
+        go.set()
+        await unload
+        out = await asyncio.wait_for(queue.get(), 30)
+        while not out.finished:
+            out = await asyncio.wait_for(queue.get(), 30)
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        go.set()
+        ae.stop()
+    assert out.error is None and len(out.output_ids) == 30
+    assert "demo-r8" not in ae.engine.store
+    assert sys.gettrace() is None

@@ -261,28 +261,30 @@ class AsyncEngine:
         self._retired.add(name)
         try:
             deadline = time.monotonic() + timeout_s
-            while self._in_use(name) or await self.call(self._copying, name):
+            while not await self.call(self._remove_if_unused, name):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"adapter {name!r} is still in use (or its device copy in flight) after "
                                        f"{timeout_s:.0f} s")
                 await asyncio.sleep(0.05)
-            await asyncio.wrap_future(self._call(self.engine.unregister_adapter, name))
         finally:
             self._retired.discard(name)
 
-    def _copying(self, name: str) -> bool:
-        """(On the engine thread.) Whether the adapter's device copy is still in flight: copies
-        that ended flip to resident here too, as at a step."""
-        self.engine.pool.poll()
-        return self.engine.adapter_state(name) == "loading"
-
-    def _in_use(self, name: str) -> bool:
-        """Whether a request uses the adapter: queued to the engine thread, waiting or running."""
+    def _remove_if_unused(self, name: str) -> bool:
+        """(On the engine thread, where the queues hold still: a request moving from waiting to
+        running is never seen in neither.) Removes the adapter when no request uses it (queued
+        to this thread, waiting or running) and no device copy of it is in flight (copies that
+        ended flip to resident here, as at a step); whether it did."""
         with self._lock:
             if self._submitting_for.get(name):
-                return True
+                return False
         sched = self.engine.scheduler
-        return any(r.adapter == name for r in list(sched.waiting) + list(sched.running))
+        if any(r.adapter == name for r in (*sched.waiting, *sched.running)):
+            return False
+        self.engine.pool.poll()
+        if self.engine.adapter_state(name) == "loading":
+            return False
+        self.engine.unregister_adapter(name)
+        return True
 
     async def drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -121,9 +121,8 @@ class Engine:
                                                    cfg.model.override_generation_config)
 
     def close(self) -> None:
-        """Ends the engine's worker threads (CPU-assist lanes, adapter reads): call it when done
-        with the engine, after which adapters not in host memory cannot be read. `with
-        Engine(...) as engine:` closes it at the end of the block."""
+        """Ends the engine's worker threads (CPU-assist lanes, adapter reads), after which it takes
+        no requests. `with Engine(...) as engine:` closes it at the end of the block."""
         if self.handoff is not None:
             self.handoff.close()
         self.store.close()
@@ -192,6 +191,8 @@ class Engine:
         final_only: `step` returns this request's output only when it ends (its new tokens and
         text then being all of them), sparing per-step outputs a caller waiting for the end does
         not read. arrival_s: when it arrived (time.perf_counter(); default now), for its TTFT."""
+        if self.store.closed:  # (its adapter reads and CPU-assist lanes are gone)
+            raise RuntimeError("the engine is closed (Engine.close): make a new one")
         params = params or SamplingParams(**with_defaults({}, (), self.sampling_defaults))  # the model's defaults
         if params.n != 1:
             raise RequestError(f"n={params.n}: an engine request generates one sequence (the server runs n of them)")

@@ -195,6 +195,9 @@ def test_closing_an_engine_ends_its_worker_threads():
     for t in started:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in started)
+    for adapter in ("demo-r8", None):  # it takes no more requests, with or without an adapter
+        with pytest.raises(RuntimeError, match="the engine is closed"):
+            e.generate([[5, 6, 7]], SamplingParams(max_tokens=3), adapters=[adapter])
 
 
 def test_a_second_ctrl_c_while_the_job_ends_keeps_what_finished(engine, monkeypatch):

@@ -190,6 +190,8 @@ class HostStore:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    closed = property(lambda self: self._closed, doc="closed: no more reads on its I/O threads")
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._sorted)

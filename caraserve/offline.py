@@ -220,17 +220,7 @@ def run_offline(engine, lines: Iterable[str], progress=None) -> tuple[list[dict]
                 break
     except KeyboardInterrupt:  # wherever it lands: in a step, a wait, or between outputs
         interrupted = True
-        while True:
-            try:  # (a second Ctrl-C here, as people press it, must not lose the finished lines)
-                for rid in list(pending):
-                    engine.abort(rid)
-                    del pending[rid]
-                break
-            except KeyboardInterrupt:
-                continue
-        for pos, r in enumerate(results):
-            if r is None:
-                results[pos] = {"id": parts[pos][0], "error": "interrupted before it finished"}
+        _end_interrupted(engine, pending, results, parts)
     errors = sum(1 for r in results if "error" in r)
     return results, OfflineSummary(len(results), errors, tokens, time.perf_counter() - t0, blank, interrupted)
 
@@ -276,3 +266,19 @@ def _line_result(user_id, done: list[dict]) -> dict:
     if failed is not None:
         return {"id": user_id, **failed}
     return {"id": user_id, **done[0]} if len(done) == 1 else {"id": user_id, "choices": done}
+
+
+def _end_interrupted(engine, pending: dict, results: list, parts: dict) -> None:
+    """After an interrupt: the requests still running are aborted, their lines say so. A second
+    Ctrl-C meanwhile, as people press it, must not lose the lines that finished."""
+    while True:
+        try:
+            for rid in list(pending):
+                engine.abort(rid)
+                del pending[rid]
+            break
+        except KeyboardInterrupt:
+            continue
+    for pos, r in enumerate(results):
+        if r is None:
+            results[pos] = {"id": parts[pos][0], "error": "interrupted before it finished"}

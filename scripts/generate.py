@@ -22,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from caraserve.cli import config_task, run
-from caraserve.config import ENGINE_SECTIONS, ConfigError, check_keys, engine_config
+from caraserve.config import ENGINE_SECTIONS, ConfigError, ServerConfig, check_keys, engine_config
 from caraserve.config_checks import show
 from caraserve.engine import Engine
 from caraserve.offline import run_offline
+from caraserve.serve.openai_batch import SERVER_KEYS, is_batch_file, run_openai_batch
 
 log = logging.getLogger("generate")
 
+FORMATS = ("auto", "caraserve", "openai")
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Server:", "The quick brown fox"]
 
 
@@ -69,6 +71,23 @@ def output_file(out: Path):
                                                  delete=False)
     except OSError as e:
         raise ConfigError(f"output={out}: cannot write in {real.parent} ({e.strerror or e})") from None
+
+
+def batch_server(composed: dict, lines: list[str] | None) -> ServerConfig | None:
+    """With format=openai (or auto and OpenAI batch lines), the server settings the calls are
+    answered by; None for CaraServe's own lines."""
+    fmt = composed["format"]
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={show(fmt)} must be one of {'|'.join(FORMATS)}")
+    server = composed.get("server") or {}
+    if not isinstance(server, dict):
+        raise ConfigError(f"server={show(server)} must be a mapping of keys ({', '.join(SERVER_KEYS)})")
+    check_keys(server, SERVER_KEYS, "server")
+    if fmt == "caraserve" or fmt == "auto" and (lines is None or not is_batch_file(lines)):
+        return None
+    if lines is None:
+        raise ConfigError("format=openai needs input= (a file of OpenAI batch lines)")
+    return ServerConfig.from_dict(server)
 
 
 def json_line(result: dict) -> str:
@@ -125,11 +144,12 @@ def read_lines(path: Path) -> list[str]:
 @config_task
 def main(cfg: DictConfig) -> None:
     composed = OmegaConf.to_container(cfg, resolve=True)
-    check_keys(composed, (*ENGINE_SECTIONS, "input", "output", "progress"))
+    check_keys(composed, (*ENGINE_SECTIONS, "input", "output", "progress", "format", "server"))
     if not isinstance(cfg.progress, bool):
         raise ConfigError(f"progress={cfg.progress!r} must be true or false")
     source = path_value("input", cfg.input)
     lines = None if source is None else read_lines(source)
+    batch = batch_server(composed, lines)
     out = path_value("output", cfg.output)
     out, tmp = (None, None) if out is None else output_file(out)
     try:
@@ -138,7 +158,8 @@ def main(cfg: DictConfig) -> None:
             lines = _demo_lines(engine)
         bar = tqdm(total=sum(1 for line in lines if line.strip()), desc="requests", unit="req", file=sys.stderr,
                    disable=not cfg.progress)
-        results, summary = run_offline(engine, lines, bar)
+        results, summary = run_offline(engine, lines, bar) if batch is None else \
+            run_openai_batch(engine, batch, lines, bar)
         # What finished is written whatever else comes: a second Ctrl-C or a SIGTERM now would
         # lose it all for the few seconds of writing it saves.
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -197,7 +197,7 @@ def convert(name: str, cfg: dict) -> None:
         app_config(cfg)
     elif name == "generate":
         config.check_keys(cfg, ("model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output",
-                         "progress"))
+                         "progress", "format", "server"))
         engine_config(cfg)
     else:  # as scripts/simulate.py
         ClusterConfig.from_dict(cfg["cluster"])
@@ -303,7 +303,8 @@ def test_server_on_a_taken_port_says_so_before_loading_the_model():
     (("-m", "caraserve.serve"), "python -m caraserve.serve",
      {"model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "server"}),
     ((str(ROOT / "scripts" / "generate.py"),), "python scripts/generate.py",
-     {"model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output", "progress"}),
+     {"model", "adapters", "engine", "cpu_assist", "scheduler", "limits", "input", "output", "progress", "format",
+      "server"}),
 ])
 def test_help_shows_the_entry_points_own_sections_only(args, usage, sections, tmp_path):
     """--help lists the sections this entry point reads, not every config group in conf/ (cluster,

@@ -31,7 +31,8 @@ class EngineReplica:
     def __init__(self, composed: dict[str, Any]):
         # Imported here: the ingress process imports this module for the class, not torch.
         from caraserve.engine import Engine
-        from caraserve.serve.__main__ import adapter_roots, configs, served_name_of
+        from caraserve.serve.__main__ import configs
+        from caraserve.serve.api import adapter_roots, served_name_of
         from caraserve.serve.async_engine import AsyncEngine
         from caraserve.serve.service import EngineService
 

@@ -9,29 +9,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from caraserve.cli import config_task, exit_now, listen, run, serve_http
-from caraserve.config import ENGINE_SECTIONS, ConfigError, EngineConfig, ServerConfig, check_keys, engine_config
-from caraserve.engine import Engine, resolve_paths
-from caraserve.serve.api import build_app
+from caraserve.config import ENGINE_SECTIONS, EngineConfig, ServerConfig, check_keys, engine_config
+from caraserve.engine import Engine
+from caraserve.serve.api import adapter_roots, build_app, served_name_of
 from caraserve.serve.async_engine import AsyncEngine
 from caraserve.serve.gc_monitor import freeze_startup_heap
 
 log = logging.getLogger("caraserve.serve")
-
-
-def adapter_roots(engine: Engine) -> list[Path]:
-    cfg = engine.config
-    roots = list(cfg.adapters.allowed_roots)
-    if not roots:
-        adapter_dir = resolve_paths(cfg)[1] if cfg.adapters.dir == "demo" else cfg.adapters.dir
-        roots = [adapter_dir] if adapter_dir not in ("", None, "none") else []
-    return [Path(r).expanduser().resolve() for r in roots]
 
 
 def configs(composed: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
@@ -41,19 +31,6 @@ def configs(composed: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
     if not server.api_key and os.environ.get("CARASERVE_API_KEY"):
         server = replace(server, api_key=os.environ["CARASERVE_API_KEY"])
     return engine_config(composed), server
-
-
-def served_name_of(engine: Engine, server: ServerConfig) -> str:
-    """The base model's name in the API: server.served_model_name, else the model config's, else
-    `tiny` for the embedded default or the model folder's name."""
-    model_cfg = engine.config.model
-    name = (server.served_model_name or model_cfg.served_name
-            or ("tiny" if model_cfg.path == "tiny" else Path(engine.model_path).name))
-    if name in engine.store:
-        raise ConfigError(f"the base model's name {name!r} (server.served_model_name, else model.served_name, else "
-                          "the model folder's) is also an adapter's: requests naming it could not reach the adapter; "
-                          "rename one")
-    return name
 
 
 @hydra.main(config_path="../../conf", config_name="serve", version_base="1.3")

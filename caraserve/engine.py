@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from caraserve.adapter_catalog import AdapterCatalog
 from caraserve.config import EngineConfig, check_devices, resolve_device
 from caraserve.cpu_assist.handoff import handoff_for
 from caraserve.cpu_assist.thread_plan import ThreadPlan
+from caraserve.engine_api import EngineConveniences
 from caraserve.graphs import DecodeGraphs
 from caraserve.input_checks import check_limits, prompt_ids, with_bad_words_ids
 from caraserve.kv_cache import KVCache, context_limit, plan_blocks
@@ -37,7 +36,6 @@ from caraserve.request import (
     RequestOutput,
     RequestState,
     SamplingParams,
-    batch_inputs,
 )
 from caraserve.runner import ModelRunner
 from caraserve.scheduler import Scheduler
@@ -48,7 +46,7 @@ from caraserve.structured_output import CONFLICT, Grammars
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(EngineConveniences):
     """The serving engine. `model` may be a prebuilt CausalLM (benchmarks build random ones on the
     device); otherwise `config.model.path` is loaded. On CPU in float32 the engine packs the
     model's weights (CausalLM.pack_weights): a caller that writes them later packs again."""
@@ -357,44 +355,3 @@ class Engine:
         self.scheduler.finish(req)
         self._generators.pop(req.request_id, None)
         self._requests.pop(req.request_id, None)
-
-    # ---- conveniences ---------------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]] | str | list[int],
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 adapters: list[str | None] | str | None = None) -> list[Request]:
-        """Runs prompts to completion; returns the finished requests in input order (arguments as
-        request.batch_inputs takes them). A refused prompt raises before any runs; a step that
-        raises aborts the requests (none stays queued for the next caller)."""
-        reqs: list[Request] = []
-        try:
-            for p, sp, a in zip(*batch_inputs(prompts, params, adapters)):
-                with self._lock:  # another thread's step may end and forget it once the lock is free
-                    reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
-            while any(not r.finished for r in reqs):
-                if not self.step() and self.scheduler.stalled():
-                    time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores
-        finally:
-            for r in reqs:
-                self.abort(r.request_id)  # (a finished one is left alone)
-        return reqs
-
-    def stream(self, prompt, params: SamplingParams | None = None,
-               adapter: str | None = None) -> Iterator[RequestOutput]:
-        """Adds one request and yields its outputs as they come, stepping the engine; outputs made
-        by another caller's step (streams in other threads) reach it too. Closing the generator
-        early (or a step that raises) aborts the request."""
-        with self._lock:
-            rid = self.add_request(prompt, params, adapter)
-            mine = self.outputs.watched[rid] = collections.deque()
-        try:
-            while True:
-                while mine:
-                    out = mine.popleft()
-                    yield out
-                    if out.finished:
-                        return
-                if not self.step() and self.scheduler.stalled():
-                    time.sleep(0.001)
-        finally:
-            self.outputs.watched.pop(rid, None)
-            self.abort(rid)

@@ -101,7 +101,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # texts leave special tokens out (false: their text is in, vLLM's)
     ignore_eos: bool = False
     n: int = 1
-    logprobs: bool = False  # log-probability of each chosen token
+    logprobs: bool = False  # log-probability of each chosen token (vLLM's int N: also top_logprobs=N)
     top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each position
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives (None: off)
     # Logit adjustments (caraserve.sampler.adjust_logits states them): OpenAI's presence and
@@ -176,8 +176,13 @@ class SamplingParams:
             _bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if not isinstance(self.ignore_eos, bool):
             _bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is None or _is_int(self.logprobs) and self.logprobs >= 0:  # vLLM's forms: None, or N
+            if self.logprobs and self.top_logprobs not in (0, self.logprobs):
+                _bad(f"logprobs={self.logprobs} and top_logprobs={self.top_logprobs} disagree (give one)")
+            object.__setattr__(self, "top_logprobs", self.logprobs or self.top_logprobs)
+            object.__setattr__(self, "logprobs", self.logprobs is not None)
         if not isinstance(self.logprobs, bool):
-            _bad(f"logprobs must be true or false, got {self.logprobs!r}")
+            _bad(f"logprobs must be true or false, or a number of alternatives >= 0, got {self.logprobs!r}")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= INT64_MAX:
             _bad(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
@@ -244,29 +249,6 @@ def choice_params(params: SamplingParams, i: int) -> SamplingParams:
     completions differ, reproducibly; completion 0 keeps the seed."""
     seed = None if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
     return replace(params, n=1, seed=seed)
-
-
-def batch_inputs(prompts, params, adapters) -> tuple[list, list[SamplingParams | None], list[str | None]]:
-    """Engine.generate's arguments as lists of one entry per prompt, taken as vLLM's LLM.generate
-    takes them: one prompt (a str, or a list of token ids) or a list of prompts; one
-    SamplingParams (None: the defaults) for all, or a list of one per prompt; one adapter name
-    (None: the base model) for all, or a list of one per prompt. Else a TypeError or ValueError."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and all(map(_is_int, prompts))):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those, not {type(prompts).__name__}")
-    n = len(prompts)
-    if params is None or isinstance(params, SamplingParams):
-        params = [params] * n  # (None: Engine.add_request's defaults)
-    elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
-        raise TypeError(f"params must be a SamplingParams or a list of one per prompt, not {type(params).__name__}")
-    if adapters is None or isinstance(adapters, str):
-        adapters = [adapters] * n
-    elif not isinstance(adapters, (list, tuple)) or not all(a is None or isinstance(a, str) for a in adapters):
-        raise TypeError("adapters must be an adapter's name (None: the base model) or a list of one per prompt")
-    if not len(params) == len(adapters) == n:
-        raise ValueError(f"generate: {n} prompts but {len(params)} params and {len(adapters)} adapters")
-    return list(prompts), list(params), list(adapters)
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field, in queues and lookups

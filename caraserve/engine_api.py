@@ -8,7 +8,7 @@ import collections
 import time
 from collections.abc import Iterator
 
-from caraserve.request import Request, RequestError, RequestOutput, SamplingParams, _is_int
+from caraserve.request import Request, RequestError, RequestOutput, SamplingParams, _is_int, choice_params
 
 
 class EngineConveniences:
@@ -18,13 +18,20 @@ class EngineConveniences:
                  params: SamplingParams | list[SamplingParams] | None = None,
                  adapters: list[str | None] | str | None = None) -> list[Request]:
         """Runs prompts to completion; returns the finished requests in input order (arguments as
-        request.batch_inputs takes them). A refused prompt raises before any runs; a step that
-        raises aborts the requests (none stays queued for the next caller)."""
+        batch_inputs takes them), a prompt whose params ask n > 1 completions giving its n in a
+        row (completion i samples with seed + i, as the server's; SGLang's Engine.generate
+        lists them so too). A refused prompt raises; a step that raises aborts the requests
+        (none stays queued for the next caller)."""
         reqs: list[Request] = []
         try:
             for p, sp, a in zip(*batch_inputs(prompts, params, adapters)):
-                with self._lock:  # another thread's step may end and forget it once the lock is free
-                    reqs.append(self._requests[self.add_request(p, sp, a, final_only=True)])
+                n, first = (sp.n if sp is not None else 1), None
+                for i in range(n):
+                    with self._lock:  # another thread's step may end and forget it once the lock is free
+                        rid = self.add_request(p, choice_params(sp, i) if n > 1 else sp, a, after=first,
+                                               final_only=True)  # (the others start once the first prefilled)
+                        reqs.append(self._requests[rid])
+                    first = first or rid
             while any(not r.finished for r in reqs):
                 if not self.step() and self.scheduler.stalled():
                     time.sleep(0.001)  # only waiting on adapter reads or copies: leave their threads the cores

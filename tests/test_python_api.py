@@ -95,3 +95,21 @@ def test_logprobs_as_a_number_is_vllms_form():
         (out,) = engine.generate("import os", SamplingParams(max_tokens=4, temperature=0, logprobs=2))
         assert len(out.output_logprobs) == 4 and all(len(top) == 2 for top in out.output_top_logprobs)
         assert all(top[0][0] == t for top, t in zip(out.output_top_logprobs, out.output_ids))  # greedy: the best
+
+
+def test_generate_with_n_gives_each_prompts_completions_in_a_row():
+    """n > 1 in Engine.generate: a prompt's n completions one after another, completion i sampled
+    with seed + i, so each equals the request of its own params run alone (and the server's)."""
+    from caraserve import Engine, EngineConfig, SamplingParams
+    from caraserve.request import choice_params
+
+    sampled = SamplingParams(max_tokens=5, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    with Engine(EngineConfig(compile="false", max_batch_size=8, max_seq_len=128)) as engine:
+        outs = engine.generate(["import os", "def main():"], [sampled, greedy], adapters=["demo-r8", None])
+        alone = [engine.generate("import os", choice_params(sampled, i), "demo-r8")[0] for i in range(3)]
+        base = engine.generate("def main():", greedy)[0]
+    assert len(outs) == 4 and [o.prompt_ids for o in outs[:3]] == [alone[0].prompt_ids] * 3
+    assert [o.output_ids for o in outs[:3]] == [o.output_ids for o in alone]
+    assert len({tuple(o.output_ids) for o in outs[:3]}) > 1  # the seeds differ, and so do the completions
+    assert outs[3].output_ids == base.output_ids and outs[3].adapter is None

@@ -16,17 +16,18 @@ class AdapterAdmission:
     def __init__(self, pool: DevicePool, store: HostStore, assist=None):
         self.pool = pool
         self.store = store
-        # assist(request, weights) -> bool: prefill now with a CPU-computed LoRA delta instead of
-        # waiting for the adapter's copy (None: always wait)
+        # assist(request, weights, tokens) -> bool: prefill now with a CPU-computed LoRA delta
+        # instead of waiting for the adapter's copy, `tokens` of prefill to compute (None: always wait)
         self.assist = assist
         self._holds: set[str] = set()  # request ids holding an adapter slot reference
 
-    def ready(self, req: Request, blocked_buckets: set[int]) -> bool:
+    def ready(self, req: Request, blocked_buckets: set[int], todo: int | None = None) -> bool:
         """Makes sure the request's adapter is (being) loaded and held; True when it may run.
         Never waits: weights not in host memory are read on the store's I/O threads while the
         request waits and the others run. `blocked_buckets` (the step's, shared by its calls):
         rank buckets an older request found no slot in, which younger ones may not take. Raises
-        the AdapterError of weights refused on their first read."""
+        the AdapterError of weights refused on their first read. todo: the prefill tokens left to
+        compute (its cached prefix off; default the whole prefill), what CPU assist would cost."""
         name = req.adapter
         if name is None:
             return True
@@ -52,7 +53,8 @@ class AdapterAdmission:
         if self.pool.state(name) is AdapterState.LOADING:
             if self.assist is not None:  # the host copy CPU assist needs, read once per request
                 read = req.adapter_read = req.adapter_read or self.store.fetch(name)
-                if read.done() and read.exception() is None and self.assist(req, read.result()):
+                tokens = req.prefill_len if todo is None else max(todo, 1)
+                if read.done() and read.exception() is None and self.assist(req, read.result(), tokens):
                     req.cpu_assisted, req.adapter_read = True, None
                     return True
             req.state = RequestState.LOADING_ADAPTER  # (a failed read: it waits for the copy)

@@ -193,7 +193,8 @@ class Engine(EngineConveniences):
             raise RuntimeError("the engine is closed (Engine.close): make a new one")
         params = params or SamplingParams(**with_defaults({}, (), self.sampling_defaults))  # the model's defaults
         if params.n != 1:
-            raise RequestError(f"n={params.n}: an engine request generates one sequence (Engine.generate and the server run n of them)")
+            raise RequestError(f"n={params.n}: an engine request generates one sequence (Engine.generate and the "
+                               "server run n of them)")
         self.check_params(params)
         params = with_bad_words_ids(params, self.tokenizer, self.config.limits, self.model.args.vocab_size)
         prompt_ids = self.encode(prompt)

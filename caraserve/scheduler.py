@@ -277,7 +277,7 @@ class Scheduler:
                     continue  # rank grouping: a lower-rank request behind it may still fit
                 break  # FCFS: later requests wait too, so this one is next when the batch shrinks
             try:
-                ready = self.adapters.ready(req, blocked)
+                ready = self.adapters.ready(req, blocked, req.prefill_len - len(hit) * self.kv.block_size)
             except Exception as e:  # this request's adapter, not the engine: it alone fails
                 self.waiting.remove(req)
                 self._rejected.append((req, e))

@@ -125,7 +125,7 @@ class Handoff:
 
 
 def handoff_for(ca, plan: ThreadPlan | None, model_args, emulate_copy_gbps: float = 0.0):
-    """(Handoff, admission predicate(request, host weights) -> bool) for the engine's
+    """(Handoff, admission predicate(request, host weights, prefill tokens to compute) -> bool) for the engine's
     cpu_assist settings (CpuAssistConfig) and its thread plan; (None, None) when the mode is off. The predicate of
     "auto": the CPU path wins when its LoRA work ends before the adapter copy would, at the copy
     rate the device pool emulates (`emulate_copy_gbps`: the pool's, 0 on CUDA, which copies for
@@ -133,12 +133,12 @@ def handoff_for(ca, plan: ThreadPlan | None, model_args, emulate_copy_gbps: floa
     if ca.mode == "off":
         return None, None
     if ca.mode == "on":
-        return Handoff(plan), lambda req, weights: True
+        return Handoff(plan), lambda req, weights, tokens: True
 
-    def pays(req, weights) -> bool:
+    def pays(req, weights, tokens: int) -> bool:
         flops = sum(2 * model_args.num_layers * a.shape[-1] * sum(model_args.module_shape(m))
                     for m, a in weights.a.items())
-        cpu_s = plan.cpu_lora_seconds(len(req.prompt_ids), flops, weights.rank)
+        cpu_s = plan.cpu_lora_seconds(tokens, flops, weights.rank)
         return cpu_s < plan.copy_seconds(weights.nbytes, emulate_copy_gbps)
 
     return Handoff(plan), pays

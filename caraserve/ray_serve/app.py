@@ -95,11 +95,13 @@ def build_application(cfg: AppConfig):
     routing = cfg.routing
     router_kwargs = {"policy": routing.policy, "slo_ms": routing.slo_ms, "avg_output_tokens": routing.avg_output_tokens,
                      "resident_discount": routing.resident_discount, "perf_model": routing.perf_model,
-                     "seed": routing.seed}
+                     "seed": routing.seed, "max_calls": cfg.replicas.max_ongoing_requests}
     replica = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=cfg.replicas.replicas,
         ray_actor_options={"num_cpus": cfg.replicas.cpus_per_replica, "num_gpus": gpus},
-        max_ongoing_requests=cfg.replicas.max_ongoing_requests,
+        # Serve counts every call against this: the completions' own limit (cluster.max_ongoing_requests)
+        # is the replica's, and probes and adapter fan-outs get room past it, as at the ingress
+        max_ongoing_requests=cfg.replicas.max_ongoing_requests + PROBE_CONNECTIONS,
         health_check_period_s=cfg.replicas.health_check_period_s,
         request_router_config=RequestRouterConfig(
             request_router_class=RankAwareRequestRouter, request_router_kwargs=router_kwargs,
@@ -111,7 +113,8 @@ def build_application(cfg: AppConfig):
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=cfg.server.limit_concurrency + PROBE_CONNECTIONS)
-    return ingress.bind(replica.bind(cfg.engine_sections), dataclasses.asdict(cfg.server),
+    return ingress.bind(replica.bind(cfg.engine_sections, cfg.replicas.max_ongoing_requests),
+                        dataclasses.asdict(cfg.server),
                         dataclasses.asdict(routing))
 
 

@@ -13,9 +13,10 @@ from caraserve.config import _check, dataclass_from_dict
 class ReplicasConfig:
     """replicas: engine replicas (Ray Serve's num_replicas). cpus_per_replica: the CPU share each
     replica's actor reserves; gpus_per_replica: GPUs each takes (-1: one where the Ray cluster
-    has GPUs, else none). max_ongoing_requests: requests Ray Serve lets a replica hold at once
-    (the engine queues beyond its batch). health_check_period_s: how often Serve asks a replica
-    whether its engine still serves (a failed engine is replaced)."""
+    has GPUs, else none). max_ongoing_requests: completion calls a replica takes at once (the
+    engine queues beyond its batch); one more is refused (503) and tried on another replica.
+    health_check_period_s: how often Serve asks a replica whether its engine still serves (a
+    failed engine is replaced)."""
 
     replicas: int = 2
     cpus_per_replica: float = 1.0
@@ -90,6 +91,11 @@ class RayConfig:
         _check(len(self.temp_dir) <= 40, f"ray.temp_dir={self.temp_dir!r}: keep it under 40 characters "
                "(Ray puts Unix sockets below it, whose paths are limited to 107 bytes)")
         _check(self.num_cpus >= 0, "ray.num_cpus must be >= 0")
+        # Serve's own rule (serve.run refuses the rest, once Ray has started)
+        prefix = self.route_prefix
+        _check(prefix.startswith("/") and (prefix == "/" or not prefix.endswith("/")) and not {"{", "}"} & set(prefix),
+               f"ray.route_prefix={prefix!r} must start with '/', not end with one (but '/' itself), "
+               "and hold no '{' or '}'")
 
     @classmethod
     def from_dict(cls, data, where="ray"):

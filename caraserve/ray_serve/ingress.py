@@ -15,9 +15,11 @@ an error event and [DONE].
 Fan-out. Adapter loads and unloads go to every replica, one after the other (each call names
 the replicas already done; the router sends it to another, and a call reaching a replica done
 already ends the round); /v1/models is the union of the replicas' lists; /health counts the
-replicas that answer healthy. The ingress remembers the adapters loaded through it: a replica
-that answers 404 for one of them (Serve started it after the load: a replacement, or a scale-up)
-gets the adapter loaded, and the request is retried there once.
+replicas that answer healthy. A load is all or nothing (one replica refuses: those that took it
+unload it again); an unload counts a replica that answers 404 as done. The ingress remembers
+the adapters loaded through it: a replica that answers 404 for one of them (Serve started it
+after the load: a replacement, or a scale-up) gets the adapter loaded, and the request is
+retried there once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ray.serve.exceptions import RayServeException
 
 from caraserve.config import ServerConfig
 from caraserve.ray_serve.config import RoutingConfig
-from caraserve.ray_serve.messages import Head, RouteHint
+from caraserve.ray_serve.messages import Head, RouteHint, estimate_prompt_tokens
 from caraserve.serve import protocol as proto
 from caraserve.serve.http import ApiError, BadGateway, BadRequest, ClientClosed, EngineUnavailable, NotFound, Overloaded
 from caraserve.serve.routes import guarded_app
@@ -55,20 +57,13 @@ class Retry(Exception):
         self.reason = reason
 
 
-def estimate_prompt_tokens(body) -> int:
-    """The ingress has no tokenizer: token ids are counted, text is taken at ~4 bytes a token."""
-    if isinstance(body, proto.ChatCompletionRequest):
-        return max(1, sum(len(m.text().encode()) + 16 for m in body.messages) // 4)  # + role and template
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # a list of prompts: all of them
-        return sum(_prompt_tokens(p) for p in prompt)
-    return _prompt_tokens(prompt)
-
-
-def _prompt_tokens(prompt) -> int:
-    if isinstance(prompt, list):
-        return max(1, len(prompt))
-    return max(1, len(str(prompt or "").encode()) // 4)
+async def _started(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An async generator run to its first yield (an empty line, dropped): a client gone before
+    the first line is sent leaves the stream never iterated, and a generator never started runs
+    no `finally` (the call stays in flight, its replica generating). Started, it runs it when
+    closed or collected."""
+    await anext(lines)
+    return lines
 
 
 def _raise_answer(head: Head) -> None:
@@ -120,7 +115,7 @@ class RayService:
         if isinstance(answer, dict):
             self._done(rid)
             return answer
-        return self._until_done(answer, rid)
+        return await _started(self._until_done(answer, rid))
 
     def _done(self, rid: str) -> None:
         self.inflight -= 1
@@ -128,6 +123,7 @@ class RayService:
 
     async def _until_done(self, lines, rid: str) -> AsyncIterator[str]:
         try:
+            yield ""  # (taken by _started)
             async for line in lines:
                 yield line
         finally:
@@ -172,7 +168,7 @@ class RayService:
             if (isinstance(answer, ApiError) and answer.status == 404 and body.model in self.runtime_adapters
                     and not resynced and attempt + 1 < self.cfg.max_attempts):
                 resynced, target = True, replica
-                await self._reload(replica, body.model)
+                await self._on_replica(replica, "load_adapter", self.runtime_adapters[body.model])
                 continue
             if isinstance(answer, ApiError):
                 self.calls.labels("refused").inc()
@@ -208,17 +204,17 @@ class RayService:
             reason = "timeout" if isinstance(e, asyncio.TimeoutError) else "transport"
             self.retries.labels(reason).inc()
             raise Retry(reason, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return self._relay(gen, first), head.replica
+        return await _started(self._relay(gen, first)), head.replica
 
-    async def _reload(self, replica: str, name: str) -> None:
-        """Loads a runtime adapter onto a replica started after it was loaded."""
+    async def _on_replica(self, replica: str, op: str, body) -> None:
+        """An adapter's load or unload on one replica: a runtime adapter loaded onto a replica
+        started after its load, or unloaded from one that took a load another refused."""
         try:
-            head: Head = await self.replicas.fan_out.remote(RouteHint(target=replica), "load_adapter",
-                                                            self.runtime_adapters[name])
+            head: Head = await self.replicas.fan_out.remote(RouteHint(target=replica), op, body)
         except TRANSPORT_ERRORS as e:
-            log.warning("re-loading adapter %s onto replica %s failed: %s", name, replica, type(e).__name__)
+            log.warning("%s %s on replica %s failed: %s", op, body.lora_name, replica, type(e).__name__)
             return
-        log.info("adapter %s re-loaded onto replica %s: %d", name, head.replica, head.status)
+        log.info("%s %s on replica %s: %d", op, body.lora_name, head.replica, head.status)
 
     @staticmethod
     async def _wait(step, timeout: float, disconnected):
@@ -243,6 +239,7 @@ class RayService:
         replica failed after the first token) or disconnected (the client went away)."""
         outcome, last = "disconnected", first
         try:
+            yield ""  # (taken by _started)
             yield first
             async for last in gen:
                 yield last
@@ -262,9 +259,11 @@ class RayService:
 
     # ---- fan-out ------------------------------------------------------------------------------
 
-    async def _fan_out(self, op: str, body=None) -> list[Head]:
+    async def _fan_out(self, op: str, body=None, heads: list[Head] | None = None) -> list[Head]:
+        """Every replica's answer to op, one after another; `heads` (when given) is filled as they
+        come, so a caller sees which replicas acted before one failed."""
         covered: set[str] = set()
-        heads: list[Head] = []
+        heads = [] if heads is None else heads
         while len(covered) < MAX_FAN_OUT:
             try:
                 head: Head = await self.replicas.fan_out.remote(RouteHint(covered=frozenset(covered)), op, body)
@@ -276,8 +275,8 @@ class RayService:
             heads.append(head)
         return heads
 
-    async def _everywhere(self, op: str, body) -> dict:
-        heads = await self._fan_out(op, body)
+    async def _everywhere(self, op: str, body, heads: list[Head] | None = None) -> dict:
+        heads = await self._fan_out(op, body, heads)
         for head in heads:
             if head.status != 200:
                 err = (head.body or {}).get("error", {})
@@ -286,7 +285,18 @@ class RayService:
         return {**heads[0].body, "replicas": len(heads)}
 
     async def load_adapter(self, body) -> dict:
-        result = await self._everywhere("load_adapter", body)
+        heads: list[Head] = []
+        try:
+            result = await self._everywhere("load_adapter", body, heads)
+        except ApiError:
+            # All or nothing, as a single server's load: a replica that kept it would serve an
+            # adapter the caller was told failed to load, and refuse the same load sent again
+            # ("already registered")
+            for head in heads:
+                if head.status == 200:
+                    await self._on_replica(head.replica, "unload_adapter",
+                                           proto.UnloadLoraRequest(lora_name=body.lora_name))
+            raise
         self.runtime_adapters[body.lora_name] = body
         if isinstance(result.get("rank"), int):
             self.runtime_ranks[body.lora_name] = result["rank"]
@@ -301,12 +311,11 @@ class RayService:
         ingress does not know) stays unloaded, answered 404 here, and the answer says so."""
         name = body.lora_name
         heads = await self._fan_out("unload_adapter", body)
-        # unloaded here before: a replica that answers 404 has gone already (the others: those
-        # that refused then, or that hold it from adapters.dir since they started)
-        gone = name in self.unloaded
-        if gone and all(h.status == 404 for h in heads):
+        # A replica that answers 404 does not serve it: it is where the unload leaves every replica
+        # (unloaded there before, or a replacement Serve started after a load through here)
+        if all(h.status == 404 for h in heads):
             raise NotFound(f"adapter {name!r} is not loaded")
-        refused = next((h for h in heads if h.status != 200 and not (gone and h.status == 404)), None)
+        refused = next((h for h in heads if h.status not in (200, 404)), None)
         if refused is None:
             self.runtime_adapters.pop(name, None)
             self.runtime_ranks.pop(name, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from caraserve.serve import protocol as proto
+
 
 @dataclass(frozen=True)
 class RouteHint:
@@ -43,3 +45,19 @@ class Head:
     headers: dict[str, str] | None = None
     replica: str = ""
     skipped: bool = False  # a fan-out call that reached a replica already covered: nothing was done
+
+
+def estimate_prompt_tokens(body) -> int:
+    """The ingress has no tokenizer: token ids are counted, text is taken at ~4 bytes a token."""
+    if isinstance(body, proto.ChatCompletionRequest):
+        return max(1, sum(len(m.text().encode()) + 16 for m in body.messages) // 4)  # + role and template
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # a list of prompts: all of them
+        return sum(_prompt_tokens(p) for p in prompt)
+    return _prompt_tokens(prompt)
+
+
+def _prompt_tokens(prompt) -> int:
+    if isinstance(prompt, list):
+        return max(1, len(prompt))
+    return max(1, len(str(prompt or "").encode()) // 4)

@@ -17,7 +17,7 @@ from ray import serve
 
 from caraserve.ray_serve.messages import Head, RouteHint
 from caraserve.serve import protocol as proto
-from caraserve.serve.http import ApiError
+from caraserve.serve.http import ApiError, Overloaded
 from caraserve.state import EngineState
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ FAN_OUT_OPS = ("models", "load_adapter", "unload_adapter", "health", "state", "t
 class EngineReplica:
     """composed: the plain server's composed configuration (engine sections and `server`)."""
 
-    def __init__(self, composed: dict[str, Any]):
+    def __init__(self, composed: dict[str, Any], max_calls: int | None = None):
         # Imported here: the ingress process imports this module for the class, not torch.
         from caraserve.engine import Engine
         from caraserve.serve.__main__ import configs
@@ -44,6 +44,10 @@ class EngineReplica:
                                      server.unload_timeout_s, server.chat_template, server.log_requests,
                                      server.tool_call_parser, server.reasoning_parser)
         self.async_engine.start()
+        # cluster.max_ongoing_requests: completion calls taken at once, more are refused (503, the
+        # ingress tries another replica). Serve's own limit is set above it (app.py): it counts
+        # every call, and probes and adapter fan-outs must not wait behind a full replica's completions
+        self.max_calls, self.calls = max_calls, 0
         # Serve routes to a replica once its constructor has returned: after the warm-up (with
         # engine.compile=true the engine compiles first), so no request queues on a replica that
         # is not serving yet while another is
@@ -63,20 +67,28 @@ class EngineReplica:
     async def generate(self, hint: RouteHint, kind: str, body, include_usage: bool) -> AsyncIterator:
         """A completion ("completion") or chat ("chat") call: a Head, then SSE lines if streamed."""
         call = self.service.completion if kind == "completion" else self.service.chat
-        try:
-            answer = await call(body, hint.request_id, include_usage, answer_id=hint.origin or None)
-        except ApiError as e:
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            e = Overloaded(f"{self.calls} completion calls are running on this replica (cluster.max_ongoing_requests)")
             yield Head(e.status, proto.error_body(e.message, e.type, e.status), e.headers, self.replica_id)
             return
-        if isinstance(answer, dict):
-            yield Head(200, answer, None, self.replica_id)
-            return
-        yield Head(200, None, None, self.replica_id)
+        self.calls += 1
+        answer = None
         try:
+            try:
+                answer = await call(body, hint.request_id, include_usage, answer_id=hint.origin or None)
+            except ApiError as e:
+                yield Head(e.status, proto.error_body(e.message, e.type, e.status), e.headers, self.replica_id)
+                return
+            if isinstance(answer, dict):
+                yield Head(200, answer, None, self.replica_id)
+                return
+            yield Head(200, None, None, self.replica_id)
             async for line in answer:
                 yield line
-        finally:  # the ingress went away (cancelled): closing the stream aborts the request
-            await answer.aclose()
+        finally:
+            self.calls -= 1
+            if answer is not None and not isinstance(answer, dict):  # (the ingress went away, cancelled:
+                await answer.aclose()  # closing the stream aborts the request)
 
     async def fan_out(self, hint: RouteHint, op: str, body=None) -> Head:
         """One replica's part of a call that goes to every replica (see FAN_OUT_OPS)."""

@@ -24,7 +24,7 @@ are up; a call naming a target replica goes there while it is up. Each decision 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from typing import Any
 
@@ -52,8 +52,10 @@ class _Bounded(OrderedDict):
 
 class RankAwareRequestRouter(RequestRouter):
     def initialize_state(self, policy: str = "rank_aware", slo_ms: float = 40.0, avg_output_tokens: float = 64.0,
-                         resident_discount: float = 0.1, perf_model: str = "", seed: int = 0, **_: Any) -> None:
+                         resident_discount: float = 0.1, perf_model: str = "", seed: int = 0, max_calls: int = 0,
+                         **_: Any) -> None:
         self.rng = np.random.default_rng(seed)
+        self.max_calls = max_calls  # a replica's completion calls at once (cluster.max_ongoing_requests; 0: no limit)
         self.policy = make_policy(policy, PolicyParams(slo_ms / 1e3, avg_output_tokens, resident_discount),
                                   np.random.default_rng(seed + 1))
         self.fallback = PerfModel.load(perf_model, "router.perf_model") if perf_model else PerfModel.linear()
@@ -130,7 +132,7 @@ class RankAwareRequestRouter(RequestRouter):
         views = self._views(hint, engine_states)
         view = views[0]
         states = [self.replica_state(r) for r in candidates]
-        order = ranking(self.policy, view, states)
+        order = self._with_room_first(ranking(self.policy, view, states), candidates)
         chosen = candidates[order[0]]
         internal_id = pending_request.metadata.internal_request_id
         self._record(internal_id, chosen.replica_id, views)
@@ -142,6 +144,15 @@ class RankAwareRequestRouter(RequestRouter):
                  "load=%s", hint.request_id, hint.attempt, view.adapter or "-", view.rank, self.policy.name,
                  chosen.replica_id.unique_id, [s.num_requests for s in states])
         return [[candidates[i]] for i in order]
+
+    def _with_room_first(self, order: list[int], candidates: list[RunningReplica]) -> list[int]:
+        """A replica at max_calls refuses one more (503) although Serve, whose own limit leaves room
+        for probes, would send it: the others come first, in the policy's order."""
+        if not self.max_calls:
+            return order
+        calls = Counter(where for where, _ in self._routed.values())
+        room = [i for i in order if calls[candidates[i].replica_id] < self.max_calls]
+        return room + [i for i in order if i not in room]
 
     # ---- accounting ---------------------------------------------------------------------------
 

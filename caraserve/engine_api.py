@@ -72,6 +72,11 @@ class EngineConveniences:
         the API would refuse raises RequestError naming it, before any conversation runs."""
         from caraserve.serve.prompts import Prompts
 
+        # the API refuses a non-boolean flag; here "no" would be taken as true and change the prompt
+        for name, flag in (("add_generation_prompt", add_generation_prompt),
+                           ("continue_final_message", continue_final_message)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, not {flag!r}")
         prompts = Prompts(self, chat_template)
         ids = [prompts.render(prompts.messages(chat_messages(c, i), bool(tools)), add_generation_prompt,
                               tools=tools, continue_final_message=continue_final_message,

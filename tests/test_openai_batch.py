@@ -118,7 +118,8 @@ def test_more_calls_than_the_queue_takes_wait_their_turn(engine):
 def test_batch_files_are_told_by_their_first_line():
     assert is_batch_file(["", _line("a", "/v1/completions", {}), '{"prompt": "x"}'])
     assert not is_batch_file(['{"prompt": "x"}', _line("a", "/v1/completions", {})])
-    assert not is_batch_file(["{broken", _line("a", "/v1/completions", {})])
+    assert is_batch_file(["{broken", "[1]", _line("a", "/v1/completions", {})])  # a bad first line fails alone
+    assert not is_batch_file(["{broken", '{"prompt": "x"}', _line("a", "/v1/completions", {})])
     assert not is_batch_file([])
 
 

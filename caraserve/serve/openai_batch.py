@@ -9,6 +9,7 @@ or url, a streamed body) has "response": null and "error": {"code", "message"}."
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -32,14 +33,17 @@ SERVER_KEYS = ("served_model_name", "chat_template", "tool_call_parser", "reason
 
 
 def is_batch_file(lines: Iterable[str]) -> bool:
-    """Whether a job's lines are OpenAI batch lines: its first non-blank line is a JSON object
-    with a "custom_id" (which CaraServe's own lines never carry)."""
+    """Whether a job's lines are OpenAI batch lines: its first line that is a JSON object has a
+    "custom_id" (which CaraServe's own lines never carry). A broken line before it is passed
+    over: it fails alone either way, and must not turn every other line of the file into one of
+    the other format."""
     for line in lines:
-        if line.strip():
-            try:
-                return isinstance(obj := json.loads(line), dict) and "custom_id" in obj
-            except (ValueError, RecursionError):
-                return False
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return "custom_id" in obj
     return False
 
 
@@ -80,8 +84,19 @@ def parse_batch_line(line: str, number: int) -> BatchCall:
         raise bad("'body' must be a JSON object (the endpoint's request)")
     if body.get("stream"):
         raise bad("'body.stream' must be false: a batch line's answer is written whole")
+    return BatchCall(custom_id, obj["url"], body, _weight(obj["url"], body))
+
+
+def _weight(url: str, body: dict) -> int:
+    """The engine requests a call queues at once, as the server counts them: n per prompt, and a
+    completions call's prompt may be a list of prompts (texts or token-id lists). A body the
+    server will refuse weighs 1."""
     n = body.get("n")
-    return BatchCall(custom_id, obj["url"], body, n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    prompt = body.get("prompt")
+    many = url == "/v1/completions" and isinstance(prompt, list) and prompt and not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+    return n * (len(prompt) if many else 1)
 
 
 def _output(custom_id, response: dict | None, error: dict | None) -> dict:
@@ -90,23 +105,42 @@ def _output(custom_id, response: dict | None, error: dict | None) -> dict:
 
 class _Slots:
     """server.max_queue as a budget the calls in flight share (a call takes its weight, at most
-    the whole budget), so no call meets a full queue: each waits its turn instead of a 503."""
+    the whole budget), so no call meets a full queue: each waits its turn instead of a 503.
+    Waiters are served first come, first served, and a give wakes only those it lets in: waking
+    every waiter per finished call would cost the event loop time quadratic in the job's lines."""
 
     def __init__(self, total: int):
         self.total, self.free = total, total
-        self.cond = asyncio.Condition()
+        self.waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
     async def take(self, weight: int) -> int:
         weight = min(weight, self.total)
-        async with self.cond:
-            await self.cond.wait_for(lambda: self.free >= weight)
+        if not self.waiters and self.free >= weight:
             self.free -= weight
+            return weight
+        turn = asyncio.get_running_loop().create_future()
+        self.waiters.append((weight, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if not turn.cancelled():  # let in, then cancelled: its share goes back
+                self.free += weight
+            turn.cancel()  # (a cancelled turn in the queue is passed over, not searched for)
+            self._wake()  # (a big call leaving the head may let the smaller ones behind it in)
+            raise
         return weight
 
     async def give(self, weight: int) -> None:
-        async with self.cond:
-            self.free += weight
-            self.cond.notify_all()
+        self.free += weight
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters and (self.waiters[0][1].cancelled() or self.waiters[0][0] <= self.free):
+            w, turn = self.waiters.popleft()
+            if turn.cancelled():
+                continue
+            self.free -= w
+            turn.set_result(None)
 
 
 class _Job:

@@ -327,7 +327,7 @@ def test_offline_lines_may_ask_for_top_logprobs(engine):
     ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 1.5}, "seed"),
     ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": True}, "n"),
     ({"stop_token_ids": [True]}, "stop_token_ids"), ({"stop_token_ids": [2**63]}, "stop_token_ids"),
-    ({"stop": [""]}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"), ({"logprobs": 1}, "logprobs"),
+    ({"stop": [""]}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"), ({"logprobs": -1}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"), ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"min_p": 1.5}, "min_p"), ({"min_p": math.nan}, "min_p"), ({"include_stop_str_in_output": 1}, "include_stop"),
 ])

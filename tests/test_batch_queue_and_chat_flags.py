@@ -75,3 +75,11 @@ def test_chat_refuses_flags_that_are_not_booleans(engine):
     for kwargs in ({"add_generation_prompt": "no"}, {"continue_final_message": 1}):
         with pytest.raises(TypeError, match="must be True or False"):
             engine.chat(msgs, **kwargs)
+
+
+def test_calls_in_flight_stay_within_the_apps_concurrency_limit(engine):
+    """server.max_queue above server.limit_concurrency: the calls past the app's limit wait too."""
+    lines = [json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+                         "body": {"model": "tiny", "prompt": f"x {i}", "max_tokens": 2}}) for i in range(6)]
+    results, summary = run_openai_batch(engine, ServerConfig(max_queue=8, limit_concurrency=2), lines)
+    assert [r["response"]["status_code"] for r in results] == [200] * 6 and summary.errors == 0

@@ -215,7 +215,8 @@ def run_openai_batch(engine, server: ServerConfig, lines: Iterable[str], progres
     loop = asyncio.new_event_loop()
     looper = threading.Thread(target=loop.run_forever, name="caraserve-batch", daemon=True)
     looper.start()
-    job, interrupted = _Job(app, calls, server.max_queue, progress), False
+    # calls in flight within the app's own limit too (server.limit_concurrency: past it, a 503)
+    job, interrupted = _Job(app, calls, min(server.max_queue, server.limit_concurrency), progress), False
     try:
         service.wait_ready()  # the engine thread compiles first with engine.compile=true
         t0 = time.perf_counter()

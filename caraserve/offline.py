@@ -70,7 +70,7 @@ def _constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _json(line: str, number: int):
+def parse_json_line(line: str, number: int):
     """The line's JSON value: NaN and Infinity (which Python's json reads) are refused, and so is
     a number beyond float range, as strict JSON parsers refuse what they would write back."""
     try:
@@ -109,7 +109,7 @@ def parse_line(line: str, number: int, defaults: dict | None = None) -> tuple[ob
     as lone surrogates (scripts/generate.py reads with surrogateescape): such a line is refused.
     defaults: the model's sampling defaults (Engine.sampling_defaults), for the fields the line
     does not set."""
-    obj = _json(line, number)
+    obj = parse_json_line(line, number)
     rid = line_id(obj, number)
 
     def bad(msg: str) -> LineError:

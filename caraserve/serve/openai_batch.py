@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 
 from caraserve.config import ServerConfig
-from caraserve.offline import LineError, OfflineSummary, _json
+from caraserve.offline import LineError, OfflineSummary, parse_json_line
 from caraserve.serve.api import adapter_roots, build_app, served_name_of
 from caraserve.serve.async_engine import AsyncEngine
 
@@ -59,7 +59,7 @@ def parse_batch_line(line: str, number: int) -> BatchCall:
     """The call of the 1-based line `number`, or a LineError (carrying the custom_id when the
     line gives one) naming what is wrong."""
     try:
-        obj = _json(line, number)
+        obj = parse_json_line(line, number)
     except LineError as e:  # no custom_id to name it: the output's place tells the line
         raise LineError(None, str(e)) from None
     custom_id = obj.get("custom_id") if isinstance(obj, dict) else None

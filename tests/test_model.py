@@ -23,6 +23,10 @@ CONFIGS = {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}}),
     "mistral-window": ("mistral", {"sliding_window": 6}),
     "qwen2-bias": ("qwen2", {"num_key_value_heads": 1}),
+    # head_dim set apart from hidden / heads (as Qwen3's 128), q/k/o bias, a per-head q/k norm
+    "qwen3-qk-norm": ("qwen3", {"head_dim": 24, "attention_bias": True}),
+    "qwen3-window": ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 6,
+                              "max_window_layers": 1}),  # layer 1 slides, layer 0 sees everything
 }
 PROMPTS = [[5, 9, 3, 17, 22, 7, 1, 90, 4], [11, 2, 60], [3], [40, 41, 42, 43, 44, 45, 46]]
 

@@ -1,7 +1,8 @@
 """A Llama-family decoder built for serving: packed batches, explicit positions, paged KV cache.
 
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
-MistralForCausalLM (sliding window) and Qwen2ForCausalLM (q/k/v bias). Parameter names equal
+MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias) and Qwen3ForCausalLM (an RMSNorm
+over each query and key head before rotary). Parameter names equal
 the Hugging Face checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
 loader stacks their checkpoint tensors, and `checkpoint_tensors` names them back.
@@ -34,6 +35,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
@@ -59,6 +61,7 @@ class ModelArgs:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # an RMSNorm over each query and key head (its head_dim) before rotary (Qwen3)
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
 
@@ -86,7 +89,7 @@ class ModelArgs:
         if family == "mistral" and getattr(cfg, "sliding_window", None):
             windows = [int(cfg.sliding_window)] * n_layers
         layer_types = getattr(cfg, "layer_types", None)
-        if family == "qwen2" and getattr(cfg, "use_sliding_window", False) and layer_types:
+        if family in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False) and layer_types:
             if "sliding_attention" in layer_types and not getattr(cfg, "sliding_window", None):
                 raise UnsupportedModelError("use_sliding_window is true and layers are sliding_attention, "
                                             "but sliding_window is not set")
@@ -97,8 +100,9 @@ class ModelArgs:
                 "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
             raise UnsupportedModelError(f"rope over {2 * inv_freq.numel()} of the head's {head_dim} dimensions "
                                         f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
-        # transformers reads the bias options for Llama only: Mistral has none, Qwen2 q/k/v only
-        attn_bias = family == "llama" and bool(getattr(cfg, "attention_bias", False))
+        # transformers reads the bias options for Llama only, attention_bias for Qwen3 too (q/k/v
+        # and o); Mistral has none, Qwen2 on q/k/v always
+        attn_bias = family in ("llama", "qwen3") and bool(getattr(cfg, "attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=cfg.vocab_size,
@@ -113,6 +117,7 @@ class ModelArgs:
             qkv_bias=True if family == "qwen2" else attn_bias,
             o_bias=False if family == "qwen2" else attn_bias,
             mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=family == "qwen3",
             sliding_windows=tuple(windows),
             max_position=getattr(cfg, "max_position_embeddings", 2048),
         )
@@ -187,12 +192,18 @@ class Attention(nn.Module):
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_eps)
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
+        if a.qk_norm:  # each head's vector normed alone: rows of head_dim
+            q = self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0]
+            k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache

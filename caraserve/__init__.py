@@ -5,6 +5,12 @@ imported on first use, so `import caraserve` alone loads no torch."""
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("caraserve")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {"Engine": "caraserve.engine", "EngineConfig": "caraserve.config", "SamplingParams": "caraserve.request"}
 __all__ = sorted(_EXPORTS)

@@ -253,6 +253,18 @@ def test_request_fault_fails_it_alone(live, monkeypatch):
     assert httpx.get(live["base"] + "/health").status_code == 200
 
 
+def test_ping_answers_as_health_without_a_key_and_version_needs_one(live):
+    """vLLM's /ping (GET and POST) is /health's probe, open like it; /version is the package's."""
+    import caraserve
+
+    assert httpx.get(live["base"] + "/ping").status_code == 200
+    assert httpx.post(live["base"] + "/ping").json() == httpx.get(live["base"] + "/health").json()
+    assert httpx.get(live["base"] + "/version").status_code == 401
+    r = httpx.get(live["base"] + "/version", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json() == {"version": caraserve.__version__}
+    assert caraserve.__version__ not in ("", "0+unknown")  # the installed package's own
+
+
 def test_adapter_management_needs_the_admin_key(live):
     body = {"lora_name": "again-r8", "lora_path": str(live["adapters"] / "demo-r8")}
     r = post(live, "/v1/load_lora_adapter", body, key=KEY)
@@ -336,6 +348,7 @@ def test_engine_fault_makes_the_server_unhealthy(live, monkeypatch):
     assert (r.status_code, r.json()["error"]["type"]) == (500, "internal_error")
     health = httpx.get(live["base"] + "/health")
     assert health.status_code == 503 and "planted fault" in health.json()["error"]["message"]
+    assert httpx.get(live["base"] + "/ping").json() == health.json()
     r = completion(live)
     assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
 

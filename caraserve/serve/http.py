@@ -141,7 +141,9 @@ def install_error_handlers(app: FastAPI) -> None:
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # probes are answered however busy the server is: an orchestrator restarts a server whose
 # liveness probe fails, and it would do so exactly when the server is at its busiest
-PROBE_PATHS = ("/health", "/metrics")
+PROBE_PATHS = ("/health", "/ping", "/metrics")
+# answered without the API key: an orchestrator's liveness probe carries none
+OPEN_PATHS = ("/health", "/ping")
 # connections (or, in Ray Serve, ongoing calls) taken beyond server.limit_concurrency: room for
 # the probes, and for the JSON 503 of the requests over the limit, while that many are served
 PROBE_CONNECTIONS = 64
@@ -151,7 +153,7 @@ class Guard:
     """ASGI middleware: API keys, requests at once and request body size, checked before the app
     sees a request.
 
-    Keys: api_key guards every path but /health. The adapter-management paths take admin_key
+    Keys: api_key guards every path but the liveness probes (OPEN_PATHS). The adapter-management paths take admin_key
     instead when one is set; with no key at all they are off unless allow_admin (anyone who can
     reach the server could otherwise load files into it). Requests at once: past
     limit_concurrency requests being served (probes not counted), a new one gets a JSON 503
@@ -180,7 +182,7 @@ class Guard:
                 which = "admin API key" if self.admin_key else "API key"
                 return 401, f"missing or invalid {which} (Authorization: Bearer <key>)", "authentication_error"
             return None
-        if self.api_key and path != "/health" and not matches(self.api_key):
+        if self.api_key and path not in OPEN_PATHS and not matches(self.api_key):
             return 401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error"
         return None
 

@@ -1,10 +1,12 @@
-"""GET /health, /metrics (Prometheus) and /v1/state (the EngineState's wire form)."""
+"""GET /health (and vLLM's /ping), /metrics (Prometheus), /version and /v1/state (the
+EngineState's wire form)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from caraserve import __version__
 from caraserve.serve.routes.common import service_of
 
 router = APIRouter()
@@ -13,6 +15,17 @@ router = APIRouter()
 @router.get("/health")
 async def health(http: Request):
     return await service_of(http).health()
+
+
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping(http: Request):
+    """vLLM's (SageMaker's) liveness probe: /health's answer."""
+    return await service_of(http).health()
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
 
 
 @router.get("/metrics")

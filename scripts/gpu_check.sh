@@ -84,7 +84,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if want tests; then
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py \
         tests/test_triton_multi.py tests/test_triton_attention.py \
-        tests/test_layer_ops.py tests/test_qwen3.py::test_qwen3_on_cuda_matches_transformers_peft
+        tests/test_layer_ops.py tests/test_arch_lora.py::test_on_cuda_matches_transformers_peft
 fi
 if want floor; then
     run 240 floor "$PY" scripts/bench_decode_floor.py --shape llama2-7b --batch 32 --adapters 32 --targets all \

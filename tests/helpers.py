@@ -15,6 +15,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
@@ -26,6 +28,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
     }
     cfg_cls, model_cls = classes[arch]
     kw = dict(
@@ -33,6 +36,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
+    if arch == "phi3":  # its defaults name token ids past this vocabulary
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)

@@ -105,6 +105,11 @@ def test_a_quantization_config_is_refused(tmp_path):
     ("qwen2", {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 0,
                "layer_types": ["sliding_attention", "sliding_attention"]},
      r"use_sliding_window is true and layers are sliding_attention, but sliding_window is not set"),
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
+     r"rope over 12 of the head's 16 dimensions \(partial_rotary_factor=0.75\) is not supported"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                  "long_factor": [2.0] * 8, "original_max_position_embeddings": 256}},
+     r"rope type 'longrope' is not supported"),
 ])
 def test_configs_the_layers_cannot_honour_are_refused(tmp_path, arch, option, reason):
     save_random_hf_model(tmp_path, arch)

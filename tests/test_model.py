@@ -27,6 +27,8 @@ CONFIGS = {
     "qwen3-qk-norm": ("qwen3", {"head_dim": 24, "attention_bias": True}),
     "qwen3-window": ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 6,
                               "max_window_layers": 1}),  # layer 1 slides, layer 0 sees everything
+    # q/k/v and gate/up fused in the checkpoint, a window over every layer
+    "phi3-window": ("phi3", {"sliding_window": 5}),
 }
 PROMPTS = [[5, 9, 3, 17, 22, 7, 1, 90, 4], [11, 2, 60], [3], [40, 41, 42, 43, 44, 45, 46]]
 

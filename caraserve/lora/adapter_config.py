@@ -15,17 +15,17 @@ import math
 from pathlib import Path
 
 from caraserve.lora.adapter_files import AdapterError, ReadLimits, open_file, read_capped
-from caraserve.lora.module_patterns import MAX_PATTERN_KEYS, PatternError, check_regex, key_regex
+from caraserve.lora.module_patterns import MAX_PATTERN_KEYS, SPLIT_MODULES, PatternError, check_regex, key_regex
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = SPLIT_MODULES  # the projections the device pool holds LoRA for
 # PEFT configs are a few KB (a few hundred with a key per module); parsing a huge JSON would
 # take far more memory than the file, so the config has a cap of its own below max_file_bytes.
 MAX_CONFIG_BYTES = 16 * 2**20
 # LoraConfig's default lora_alpha (a config that omits it is scaled 8 / r, as PEFT loads it)
 PEFT_DEFAULT_ALPHA = 8
-# PEFT's target_modules for Llama, Mistral and Qwen2 when a config gives none
+# PEFT's target_modules for Llama, Mistral, Qwen2 and Qwen3 when a config gives none
 PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # init_lora_weights values whose adapters run as plain LoRA on the base weights; the others
 # ("pissa...", "olora", "corda", "loftq", "lora_ga") rewrite the base weights at load
@@ -47,9 +47,10 @@ _UNSUPPORTED = {
 }
 
 
-def read_adapter_config(name: str, folder: Path, limits: ReadLimits) -> dict:
+def read_adapter_config(name: str, folder: Path, limits: ReadLimits, modules: tuple[str, ...] = TARGETS) -> dict:
     """The folder's adapter_config.json, checked; `lora_alpha` and `target_modules` filled in
-    with PEFT's defaults where the file leaves them out."""
+    with PEFT's defaults where the file leaves them out. `modules`: the projections the base
+    model's checkpoint names (ModelArgs.adapter_modules), which target_modules names."""
     path = folder / "adapter_config.json"
     cap = min(MAX_CONFIG_BYTES, limits.max_file_bytes or MAX_CONFIG_BYTES)
     opened = open_file(name, path, limits, cap)
@@ -72,10 +73,13 @@ def read_adapter_config(name: str, folder: Path, limits: ReadLimits) -> dict:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise AdapterError(f"adapter {name!r}: lora_alpha={alpha!r} must be a number")
     if cfg.get("target_modules") is None:
+        if modules != TARGETS:  # PEFT has defaults for models with split projections only
+            raise AdapterError(f"adapter {name!r}: target_modules is not set, and PEFT has no default for this "
+                               f"model; name some of {', '.join(modules)}")
         cfg["target_modules"] = PEFT_DEFAULT_TARGETS
     elif cfg["target_modules"] == "all-linear":  # PEFT's word for every linear layer but the output one
-        cfg["target_modules"] = list(TARGETS)
-    _check_targets(name, cfg)
+        cfg["target_modules"] = list(modules)
+    _check_targets(name, cfg, modules)
     layers = cfg.get("layers_to_transform")
     if layers is not None and not (
         (isinstance(layers, int) and not isinstance(layers, bool))
@@ -109,7 +113,7 @@ def _check_kind(name: str, cfg: dict) -> None:
             "converted to a plain LoRA (PEFT's path_initial_model_for_weight_conversion)")
 
 
-def _check_targets(name: str, cfg: dict) -> None:
+def _check_targets(name: str, cfg: dict, modules: tuple[str, ...]) -> None:
     targets = cfg["target_modules"]
     if isinstance(targets, list):
         for t in targets:
@@ -118,7 +122,7 @@ def _check_targets(name: str, cfg: dict) -> None:
             if t in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"adapter {name!r}: LoRA on {t} is not supported")
         # As PEFT: names the model lacks are ignored beside ones it has (a config shared across models)
-        missing = [t for t in targets if t.split(".")[-1] not in TARGETS]
+        missing = [t for t in targets if t.split(".")[-1] not in modules]
         if missing and len(missing) == len(targets):
             raise AdapterError(f"adapter {name!r}: target module {missing[0]!r} does not exist in the model")
         if missing:

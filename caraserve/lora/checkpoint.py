@@ -30,12 +30,10 @@ import torch
 from caraserve.lora.adapter_config import TARGETS, read_adapter_config
 from caraserve.lora.adapter_files import AdapterError, ReadLimits, check_name, read_weights
 from caraserve.lora.adapter_info import AdapterInfo
-from caraserve.lora.module_patterns import ModuleRules, PatternError, module_names, module_rules
+from caraserve.lora.module_patterns import PARENT, ModuleRules, PatternError, module_names, module_rules
 
 log = logging.getLogger(__name__)
 
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
@@ -90,7 +88,9 @@ class _Layout:
     rank: int
     scale: float
     ranks: Mapping  # module -> rank
-    pairs: Mapping  # (layer, module) -> (module key, key of lora_A, key of lora_B, ratio folded into b)
+    # (layer, module) -> (module key, key of lora_A, key of lora_B, ratio folded into b, B's first
+    # and end row: a part of a fused checkpoint module takes its rows of the fused B)
+    pairs: Mapping
     targets: tuple[str, ...]  # the modules in ranks, in TARGETS order
     numel: int  # elements of the stacked a and b tensors together
 
@@ -123,7 +123,7 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
     covered: dict[str, int] = {}
     for _, module in layout.pairs:
         covered[module] = covered.get(module, 0) + 1
-    for (_, module), (_, ka, _, _) in layout.pairs.items():
+    for (_, module), (_, ka, *_) in layout.pairs.items():
         if tensors[ka].shape[0] < layout.ranks[module]:
             covered[module] = -1  # a layer of a lower rank (rank_pattern): its extra rank columns are zero
     for module, r in layout.ranks.items():  # stacked per module, zeros in untouched layers
@@ -131,10 +131,10 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
         new = torch.empty if covered.get(module) == model_args.num_layers else torch.zeros
         out_a[module] = new(model_args.num_layers, fan_in, r)
         out_b[module] = new(model_args.num_layers, r, fan_out)
-    for (layer, module), (_, ka, kb, _) in layout.pairs.items():
+    for (layer, module), (_, ka, kb, _, lo, hi) in layout.pairs.items():
         r = tensors[ka].shape[0]  # zero-padded up to the module's rank: the delta is the same
         out_a[module][layer][:, :r] = tensors[ka].t()
-        out_b[module][layer][:r] = tensors[kb].t()
+        out_b[module][layer][:r] = tensors[kb][lo:hi].t()
     # The reads run beside the steps, so the values are checked in one pass per stacked module
     # without allocating: a sum is finite when every value is (huge finite values may overflow
     # it: then the exact check decides, and the per-tensor one names the culprit).
@@ -143,7 +143,7 @@ def load_adapter(folder: str | Path, model_args, name: str | None = None,
             not all(bool(torch.isfinite(t).all()) for t in stacked):
         _check_finite(name, layout, tensors)
         raise AdapterError(f"adapter {name!r}: holds values beyond float32's range")
-    for (layer, module), (*_, ratio) in layout.pairs.items():
+    for (layer, module), (_, _, _, ratio, _, _) in layout.pairs.items():
         if ratio != 1.0:
             out_b[module][layer] *= ratio
     return LoraWeights(name, str(folder), layout.rank, layout.scale, out_a, out_b, digest)
@@ -181,9 +181,9 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     if not is_dir:
         what = "is a file, not an adapter's folder" if real.is_file() else "does not exist"
         raise AdapterError(f"adapter {name!r}: folder {folder} {what}")
-    cfg = read_adapter_config(name, real, limits)
+    cfg = read_adapter_config(name, real, limits, model_args.adapter_modules)
     try:  # before the weights: a refused pattern costs no weights read
-        rules = module_rules(cfg, module_names(model_args.num_layers))
+        rules = module_rules(cfg, module_names(model_args.num_layers, model_args.adapter_modules))
     except PatternError as e:
         raise AdapterError(f"adapter {name!r}: {e}") from e
     # (a rank_pattern entry for a module outside the targets, or excluded, allocates nothing)
@@ -236,7 +236,8 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     `fields` (JSON of _LAYOUT_FIELDS) and whose tensors have `shapes` ((key, shape) pairs)."""
     cfg = {k: v for k, v in zip(_LAYOUT_FIELDS, json.loads(fields)) if v is not None}
     try:
-        rules = module_rules(cfg, module_names(model_args.num_layers))  # memoized: _open_folder resolved it
+        # memoized: _open_folder resolved it
+        rules = module_rules(cfg, module_names(model_args.num_layers, model_args.adapter_modules))
     except PatternError as e:
         raise _Refused(str(e)) from None
     shapes = dict(shapes)
@@ -257,11 +258,13 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     pairs = {}
     found, ignored = _collect_pairs(cfg, rules, shapes, model_args)
     for (layer, module), ab in sorted(found.items()):
-        key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
+        key = f"model.layers.{layer}.{PARENT[module]}.{module}"
         want_r = rules.rank.get(key, r)
         _check_pair(cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
-        ranks[module] = max(ranks.get(module, 0), want_r)  # a lower-rank layer is zero-padded to it
-        pairs[(layer, module)] = (key, ab["A"], ab["B"], scaling(want_r, rules.alpha.get(key, alpha)) / base_scale)
+        ratio = scaling(want_r, rules.alpha.get(key, alpha)) / base_scale
+        for part, lo, hi in model_args.module_parts(module):  # a fused module: its parts, B's rows split
+            ranks[part] = max(ranks.get(part, 0), want_r)  # a lower-rank layer is zero-padded to it
+            pairs[(layer, part)] = (key, ab["A"], ab["B"], ratio, lo, hi)
     targets = tuple(m for m in TARGETS if m in ranks)
     numel = sum(model_args.num_layers * sum(model_args.module_shape(m)) * ranks[m] for m in targets)
     layout = _Layout(max(ranks.values()), base_scale, MappingProxyType({m: ranks[m] for m in targets}),
@@ -287,7 +290,7 @@ def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
         if m is None:
             raise _Refused(f"unexpected tensor {key!r}")
         layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
-        if module not in TARGETS or _PARENT[module] != parent:
+        if module not in model_args.adapter_modules or PARENT[module] != parent:
             raise _Refused(f"target module {parent}.{module} does not exist in the model")
         if layer >= model_args.num_layers:
             raise _Refused(f"tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}")
@@ -323,7 +326,7 @@ def _check_pair(cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: 
 
 
 def _check_finite(name: str, layout: _Layout, tensors: dict) -> None:
-    for key, ka, kb, _ in layout.pairs.values():
+    for key, ka, kb, *_ in layout.pairs.values():
         if not (torch.isfinite(tensors[ka]).all() and torch.isfinite(tensors[kb]).all()):
             raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf values")
 

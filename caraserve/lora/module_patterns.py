@@ -5,7 +5,8 @@ Python's `re` backtracks: `(a+)+$` or `(x+x+)+y` take exponential time, `.*.*.*.
 time with a large exponent, and the GIL is held throughout, so a thread cannot be given a
 timeout. The rule here:
 - a pattern is only ever matched against the model's finite set of module names
-  (model.layers.{i}.{self_attn|mlp}.{q_proj..down_proj}), and is at most MAX_PATTERN_CHARS long;
+  (model.layers.{i}.{self_attn|mlp}.{q_proj..down_proj}, or Phi-3's qkv_proj and gate_up_proj),
+  and is at most MAX_PATTERN_CHARS long;
   an adapter holds at most MAX_PATTERN_KEYS rank_pattern + alpha_pattern keys;
 - a pattern without repeats, lookarounds or backreferences has a static bound on its
   backtracking (the product of its alternations' branch counts, times its length, per start
@@ -81,11 +82,19 @@ class ModuleRules:
     alpha: Mapping[str, float]  # module name -> alpha_pattern value, likewise
 
 
+# the module each LoRA-targetable projection sits in, as checkpoints and adapters name them
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+          "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # (fused in Phi-3's checkpoints)
+SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 @functools.lru_cache(maxsize=16)
-def module_names(num_layers: int) -> tuple[str, ...]:
-    parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-    return tuple(f"model.layers.{i}.{p}.{m}" for i in range(num_layers) for m, p in parent.items())
+def module_names(num_layers: int, modules: tuple[str, ...] = SPLIT_MODULES) -> tuple[str, ...]:
+    """Every adapter-targetable module's full name in a model of `num_layers` whose checkpoint
+    names the projections `modules` (ModelArgs.adapter_modules)."""
+    return tuple(f"model.layers.{i}.{PARENT[m]}.{m}" for i in range(num_layers) for m in modules)
 
 
 def key_regex(key: str) -> str:

@@ -108,9 +108,9 @@ class LoraLinear(nn.Module):
     """y = x W^T + b, plus each token's own LoRA delta scale * (x A) B when the step has LoRA rows.
 
     Projections that read the same input are fused into one (q/k/v, gate/up: one GEMM instead of
-    three or two): `parts` names the checkpoint projection behind each column range of y, and
-    each part gets the delta of its own adapter module. The checkpoint keeps its separate tensors;
-    the loader stacks them (`checkpoint_parts`).
+    three or two): `parts` names the projection behind each column range of y, and each part gets
+    the delta of its own adapter module. The checkpoint keeps its separate tensors, which the
+    loader stacks (`checkpoint_parts`), unless it stores them fused (`fused_checkpoint`: Phi-3).
 
     The adapter weights live in the device pool, not here: the layer's LoRA backend
     (`caraserve.lora.backend`, attached by CausalLM.use_lora) holds the step's rows and computes
@@ -118,7 +118,7 @@ class LoraLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool, layer: int,
-                 name: str | tuple[str, ...]):
+                 name: str | tuple[str, ...], fused_checkpoint: bool = False):
         super().__init__()
         names = (name,) if isinstance(name, str) else tuple(name)
         outs = (out_features,) if isinstance(out_features, int) else tuple(out_features)
@@ -130,6 +130,7 @@ class LoraLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ends[-1])) if bias else None  # [out]
         self.layer = layer
         self.name = "+".join(names)
+        self.fused_checkpoint = fused_checkpoint
         self.backend = None  # LoraBackend of this layer's device; None: a model without adapters
         self.packed: torch.Tensor | None = None  # weight in oneDNN's layout (CausalLM.pack_weights)
 
@@ -148,8 +149,9 @@ class LoraLinear(nn.Module):
     def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
         """(checkpoint tensor name, first row, end row) of this layer's parameter `attr` (weight
         or bias) for a module named `prefix`: a fused projection's parameter stacks the
-        checkpoint tensors of its parts (their modules are the fused module's siblings)."""
-        if len(self.parts) == 1:
+        checkpoint tensors of its parts (their modules are the fused module's siblings), unless the
+        checkpoint holds it fused under the module's own name."""
+        if len(self.parts) == 1 or self.fused_checkpoint:
             return [(f"{prefix}.{attr}", 0, self.parts[0][2])]
         parent = prefix.rpartition(".")[0]
         return [(f"{parent}.{name}.{attr}" if parent else f"{name}.{attr}", lo, hi) for name, lo, hi in self.parts]

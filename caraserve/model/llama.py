@@ -1,11 +1,12 @@
 """A Llama-family decoder built for serving: packed batches, explicit positions, paged KV cache.
 
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
-MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias) and Qwen3ForCausalLM (an RMSNorm
-over each query and key head before rotary). Parameter names equal
-the Hugging Face checkpoint names, except that projections reading the same input are fused
-(`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
-loader stacks their checkpoint tensors, and `checkpoint_tensors` names them back.
+MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (an RMSNorm
+over each query and key head before rotary) and Phi3ForCausalLM (q/k/v and gate/up fused in the
+checkpoint). Parameter names equal the Hugging Face checkpoint names, except that projections
+reading the same input are fused (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks
+gate/up: one GEMM each); the loader stacks their checkpoint tensors (Phi-3's are stacked
+already), and `checkpoint_tensors` names them back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
+from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import SUPPORTED_ROPE, LoraLinear, RMSNorm, Rotary, rope_inv_freq, rope_type_of
 
@@ -36,7 +38,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
+
 
 KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
 
@@ -62,6 +66,7 @@ class ModelArgs:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # an RMSNorm over each query and key head (its head_dim) before rotary (Qwen3)
+    fused_checkpoint: bool  # the checkpoint (and adapters) hold qkv_proj and gate_up_proj (Phi-3)
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
 
@@ -86,7 +91,7 @@ class ModelArgs:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         windows: list[int | None] = [None] * n_layers
-        if family == "mistral" and getattr(cfg, "sliding_window", None):
+        if family in ("mistral", "phi3") and getattr(cfg, "sliding_window", None):
             windows = [int(cfg.sliding_window)] * n_layers
         layer_types = getattr(cfg, "layer_types", None)
         if family in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False) and layer_types:
@@ -95,10 +100,13 @@ class ModelArgs:
                                             "but sliding_window is not set")
             windows = [int(cfg.sliding_window) if t == "sliding_attention" else None for t in layer_types]
         inv_freq, _ = rope_inv_freq(cfg)
-        if 2 * inv_freq.numel() != head_dim:
-            factor = dict(getattr(cfg, "rope_parameters", None) or {}).get(
-                "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-            raise UnsupportedModelError(f"rope over {2 * inv_freq.numel()} of the head's {head_dim} dimensions "
+        factor = dict(getattr(cfg, "rope_parameters", None) or {}).get(
+            "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
+        rotary = 2 * inv_freq.numel()
+        if family == "phi3" and factor is not None:  # Phi-3's default rope reads it too (Llama's, Qwen's do not)
+            rotary = min(rotary, int(head_dim * factor))
+        if rotary != head_dim:
+            raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
                                         f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
         # transformers reads the bias options for Llama only, attention_bias for Qwen3 too (q/k/v
         # and o); Mistral has none, Qwen2 on q/k/v always
@@ -118,19 +126,37 @@ class ModelArgs:
             o_bias=False if family == "qwen2" else attn_bias,
             mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
             qk_norm=family == "qwen3",
+            fused_checkpoint=family == "phi3",
             sliding_windows=tuple(windows),
             max_position=getattr(cfg, "max_position_embeddings", 2048),
         )
 
+    @property
+    def adapter_modules(self) -> tuple[str, ...]:
+        """The projections the checkpoint names, which its adapters' target_modules name."""
+        return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
+
     def module_shape(self, name: str) -> tuple[int, int]:
-        """(in_features, out_features) of a LoRA-targetable projection."""
+        """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         shapes = {
             "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i),
         }
         return shapes[name]
+
+    def module_parts(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """(projection, first, end output row) of each part of an adapter module: a fused one's
+        q/k/v or gate/up rows, in the order the checkpoint stacks them; else the module whole. A
+        fused module's LoRA is its parts' LoRAs: the same A, and B's rows split between them."""
+        q, kv, i = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        if name == "qkv_proj":
+            return ("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)
+        if name == "gate_up_proj":
+            return ("gate_proj", 0, i), ("up_proj", i, 2 * i)
+        return ((name, 0, self.module_shape(name)[1]),)
 
 
 def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
@@ -190,7 +216,8 @@ class Attention(nn.Module):
         self.window = args.sliding_windows[layer]
         h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.widths = (q, kv, kv)
-        self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"))
+        self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
+                                   args.fused_checkpoint)
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_eps)
@@ -252,7 +279,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         h, i = args.hidden_size, args.intermediate_size
-        self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"))
+        self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"),
+                                       args.fused_checkpoint)
         self.down_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
 
     def forward(self, x, fb: ForwardBatch):

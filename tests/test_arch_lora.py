@@ -1,0 +1,163 @@
+"""Architectures past Llama served with mixed adapters: the engine's greedy tokens equal
+transformers + peft, eager and compiled, through preemption, and with the prefill's LoRA delta
+computed on the CPU while the adapter is copied.
+- Qwen3: an RMSNorm over each query and key head before rotary (the q/k deltas come before it).
+- Phi-3: q/k/v and gate/up fused in the checkpoint, and so in its adapters: a qkv_proj LoRA is
+  served as q/k/v LoRAs sharing its A, each with its rows of B."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import save_peft_adapter, save_random_hf_model
+
+from caraserve.config import AdapterConfig, CpuAssistConfig, EngineConfig, ModelConfig
+from caraserve.engine import Engine
+from caraserve.request import SamplingParams
+
+NEW_TOKENS = 10
+MODELS = {  # arch -> (model overrides, adapters)
+    "qwen3": ({"head_dim": 32, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
+    }),
+    "phi3": ({"sliding_window": 8}, {
+        "qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear",
+                        rank_pattern={"layers.1.self_attn.qkv_proj": 4}, alpha_pattern={"gate_up_proj": 64}),
+        "o-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["o_proj", "gate_up_proj", "down_proj"],
+                         layers_to_transform=[0]),
+    }),
+}
+PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
+           [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request, tmp_path_factory):
+    arch = request.param
+    overrides, adapters = MODELS[arch]
+    root = tmp_path_factory.mktemp(arch)
+    save_random_hf_model(root / "base", arch, **overrides)
+    for i, (name, kw) in enumerate(adapters.items()):
+        save_peft_adapter(root / "base", root / "adapters" / name, seed=20 + i, **kw)
+    names = [None, *adapters]
+    return arch, root, [names[i % len(names)] for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Greedy tokens of transformers (+ peft) for each request alone. As ignore_eos: no end token,
+    so EOS is a token like any other (min_new_tokens would ban it instead)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    arch, root, adapters = model
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
+    names = list(MODELS[arch][1])
+    peft = PeftModel.from_pretrained(base, str(root / "adapters" / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(str(root / "adapters" / n), adapter_name=n)
+    out = []
+    base.generation_config.eos_token_id = None
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    for ids, adapter in zip(PROMPTS, adapters):
+        with torch.no_grad():
+            if adapter is None:
+                with peft.disable_adapter():
+                    seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
+            else:
+                peft.set_adapter(adapter)
+                seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
+        out.append(seq[0, len(ids):].tolist())
+    assert len({tuple(r) for r in out}) == len(out)  # the adapters change the tokens
+    return out
+
+
+def make_engine(root, slots=2, device="cpu", **kw) -> Engine:
+    return Engine(EngineConfig(model=ModelConfig(path=str(root / "base"), dtype="float32"),
+                               adapters=AdapterConfig(dir=str(root / "adapters"), rank_buckets=(8, 16),
+                                                      device_slots=slots, preload="host"),
+                               max_batch_size=8, max_seq_len=64, device=device, **kw))
+
+
+@pytest.mark.parametrize("compile_mode, kv_blocks", [("false", 0), ("false", 6), ("true", 6)])
+def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mode, kv_blocks):
+    arch, root, adapters = model
+    kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
+    engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
+    args = engine.model.args
+    assert (args.qk_norm, args.fused_checkpoint) == (arch == "qwen3", arch == "phi3")
+    assert args.sliding_windows == ((None, 8) if arch == "qwen3" else (8, 8))
+    reqs = engine.generate(PROMPTS, GREEDY, adapters)
+    assert [r.output_ids for r in reqs] == reference
+    if kv_blocks:  # 6 blocks of 4 hold a request or two of these: the others wait or are preempted
+        assert engine.scheduler.num_preemptions > 0
+    if compile_mode == "true":
+        assert engine.graphs.compile_s > 0
+
+
+def test_cpu_assisted_prefill_matches_transformers_peft(model, reference):
+    """One slot per bucket and copies paced at 0.01 GB/s: requests start on adapters still being
+    copied, their prefill's delta computed on the CPU, layer groups moving over as they land."""
+    _, root, adapters = model
+    engine = make_engine(root, slots=1, compile="false",
+                         cpu_assist=CpuAssistConfig(mode="on", threads=1, emulate_copy_gbps=0.01, pipeline_layers=1))
+    reqs = engine.generate(PROMPTS, GREEDY, adapters)
+    assert [r.output_ids for r in reqs] == reference
+    assert any(r.cpu_assisted for r in reqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", ["false", "true"])
+def test_on_cuda_matches_transformers_peft(model, reference, compile_mode):
+    """The Triton kernels (Qwen3's heads' norm among the fused norms), and compiled steps replayed
+    as CUDA graphs, in float32: the tokens of transformers + peft on the CPU."""
+    _, root, adapters = model
+    engine = make_engine(root, compile=compile_mode, compile_cache_dir="", device="cuda")
+    assert [r.output_ids for r in engine.generate(PROMPTS, GREEDY, adapters)] == reference
+
+
+def test_phi3_adapters_name_the_fused_modules(tmp_path):
+    """A Phi-3 adapter targets qkv_proj / gate_up_proj as its checkpoint names them: a config
+    without target_modules (PEFT has no default for Phi-3) or naming only split projections is
+    refused, and so is a file of split projections' tensors; the fused ones load into q/k/v and
+    gate/up with the same A and B's rows."""
+    import shutil
+
+    from helpers import edit_config
+    from safetensors.torch import load_file, save_file
+
+    from caraserve.lora.checkpoint import AdapterError, inspect_adapter, load_adapter
+    from caraserve.model.loader import load_model
+
+    save_random_hf_model(tmp_path / "base", "phi3")
+    args = load_model(tmp_path / "base", "float32").args
+    good = save_peft_adapter(tmp_path / "base", tmp_path / "good", seed=3, r=4, target_modules=["qkv_proj"])
+    w = load_adapter(good, args)
+    tensors = load_file(good / "adapter_model.safetensors")
+    a = tensors["base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"]  # [r, hidden]
+    b = tensors["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"]  # [q + 2 kv, r]
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    assert w.targets == ("q_proj", "k_proj", "v_proj")
+    for m, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+        assert torch.equal(w.a[m][0], a.t()) and torch.equal(w.b[m][0], b[lo:hi].t())
+
+    def refused(folder, reason):
+        with pytest.raises(AdapterError, match=reason):
+            inspect_adapter(folder, args)
+
+    shutil.copytree(good, tmp_path / "no-targets")
+    edit_config(tmp_path / "no-targets", target_modules=None)
+    refused(tmp_path / "no-targets", r"target_modules is not set, and PEFT has no default for this model; name "
+                                     r"some of qkv_proj, o_proj, gate_up_proj, down_proj")
+    shutil.copytree(good, tmp_path / "split-names")
+    edit_config(tmp_path / "split-names", target_modules=["q_proj", "v_proj"])
+    refused(tmp_path / "split-names", r"target module 'q_proj' does not exist in the model")
+    shutil.copytree(good, tmp_path / "split-tensors")
+    edit_config(tmp_path / "split-tensors", target_modules="all-linear")
+    save_file({k.replace("qkv_proj", "q_proj"): v[:q] if "lora_B" in k else v for k, v in tensors.items()},
+              tmp_path / "split-tensors" / "adapter_model.safetensors")
+    refused(tmp_path / "split-tensors", r"target module self_attn.q_proj does not exist in the model")

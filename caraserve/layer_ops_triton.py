@@ -27,9 +27,10 @@ def _add_rms_norm_kernel(
     x_ptr,  # [T, D] rows at stride ld_x (unused without HAS_X)
     w_ptr,  # [D]
     dim, ld_x, eps,
-    HAS_X: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_X: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """r = round(residual + x); out = round(w * round(r / sqrt(mean(r^2) + eps))), one row per program."""
+    """r = round(residual + x); n = r / sqrt(mean(r^2) + eps); out = round(w * round(n)), or with
+    UNIT_OFFSET round(n * (1 + w)) in float32 (Gemma's), one row per program."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -40,14 +41,19 @@ def _add_rms_norm_kernel(
         tl.store(res_ptr + t * dim + cols, r, mask=mask)
     z = r.to(tl.float32)
     inv = tl.rsqrt(tl.sum(z * z, axis=0) / dim + eps)
-    y = (z * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * dim + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    if UNIT_OFFSET:
+        y = (z * inv) * (1.0 + w)
+    else:
+        y = w * (z * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * dim + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 unit_offset: bool = False) -> torch.Tensor:
     """The normalized rows [T, D]; residual (contiguous [T, D]) becomes residual + x in place (x
-    None: left as it is). x [T, D] with unit column stride, weight [D], one device and dtype."""
+    None: left as it is). x [T, D] with unit column stride, weight [D], one device and dtype.
+    unit_offset: the weight is Gemma's, 1's offset (add_rms_norm_reference)."""
     if residual.dim() != 2 or not residual.is_contiguous():
         raise ValueError(f"add_rms_norm: residual must be a contiguous 2-D tensor, got {list(residual.shape)}")
     rows, dim = residual.shape
@@ -62,7 +68,7 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
         with _on(residual):
             _add_rms_norm_kernel[(rows,)](out, residual, residual if x is None else x, weight, dim,
                                           0 if x is None else x.stride(0), eps, HAS_X=x is not None,
-                                          BLOCK=block, num_warps=min(16, max(4, block // 512)))
+                                          UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=min(16, max(4, block // 512)))
     return out
 
 

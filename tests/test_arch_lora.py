@@ -3,7 +3,9 @@ transformers + peft, eager and compiled, through preemption, and with the prefil
 computed on the CPU while the adapter is copied.
 - Qwen3: an RMSNorm over each query and key head before rotary (the q/k deltas come before it).
 - Phi-3: q/k/v and gate/up fused in the checkpoint, and so in its adapters: a qkv_proj LoRA is
-  served as q/k/v LoRAs sharing its A, each with its rows of B."""
+  served as q/k/v LoRAs sharing its A, each with its rows of B.
+- Gemma: scaled embeddings, norms of 1 + w, GELU; Gemma 3 adds norms after attention and the MLP,
+  per-head q/k norms, and a rope of their own for its sliding layers."""
 
 from __future__ import annotations
 
@@ -29,7 +31,18 @@ MODELS = {  # arch -> (model overrides, adapters)
         "o-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["o_proj", "gate_up_proj", "down_proj"],
                          layers_to_transform=[0]),
     }),
+    "gemma": ({"tie_word_embeddings": True}, {
+        "q-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    }),
+    "gemma3": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
+    }),
 }
+WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma3": (8, None)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -89,8 +102,8 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
     args = engine.model.args
-    assert (args.qk_norm, args.fused_checkpoint) == (arch == "qwen3", arch == "phi3")
-    assert args.sliding_windows == ((None, 8) if arch == "qwen3" else (8, 8))
+    assert (args.qk_norm, args.fused_checkpoint) == (arch in ("qwen3", "gemma3"), arch == "phi3")
+    assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)
     assert [r.output_ids for r in reqs] == reference
     if kv_blocks:  # 6 blocks of 4 hold a request or two of these: the others wait or are preempted

@@ -39,11 +39,13 @@ def rotary_case(tokens: int, heads: int, kv: int, hd: int, dtype=torch.float32, 
 
 
 @needs_library
+@pytest.mark.parametrize("unit_offset", [False, True])
 @pytest.mark.parametrize("with_x", [True, False])
-def test_cpu_add_rms_norm_equals_the_reference(with_x):
+def test_cpu_add_rms_norm_equals_the_reference(with_x, unit_offset):
+    """(unit_offset: Gemma's norm, as RMSNorm runs it on the kernel: the weight 1 + w)"""
     x, residual, w = norm_case(7, 37)
-    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5)
-    got = cpu_kernels.add_rms_norm(x if with_x else None, residual, w, 1e-5)
+    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5, unit_offset)
+    got = cpu_kernels.add_rms_norm(x if with_x else None, residual, w + 1 if unit_offset else w, 1e-5)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(residual, want_sum)  # the sum, written into the residual's own memory
 
@@ -118,12 +120,13 @@ def layer_ops_triton():
     return kernel_modules("caraserve.layer_ops_triton")[0]
 
 
+@pytest.mark.parametrize("unit_offset", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_x", [True, False])
-def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_x):
+def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_x, unit_offset):
     x, residual, w = norm_case(3, 24, dtype, DEVICE, seed=2)
-    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5)
-    got = layer_ops_triton.add_rms_norm(x if with_x else None, residual, w, 1e-5)
+    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5, unit_offset)
+    got = layer_ops_triton.add_rms_norm(x if with_x else None, residual, w, 1e-5, unit_offset)
     # float32 sums in another order: a bfloat16 result may differ by its last bit
     torch.testing.assert_close(got, want, **tolerance(dtype, ulps=1))
     torch.testing.assert_close(residual, want_sum, **tolerance(dtype, ulps=0))

@@ -29,6 +29,14 @@ CONFIGS = {
                               "max_window_layers": 1}),  # layer 1 slides, layer 0 sees everything
     # q/k/v and gate/up fused in the checkpoint, a window over every layer
     "phi3-window": ("phi3", {"sliding_window": 5}),
+    # scaled embeddings, norms of 1 + w, GELU; tied head, one KV head
+    "gemma": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # Gemma's, plus 4 norms a layer, per-head q/k norms, layer 0 sliding with its own rope, a
+    # query scale of another head size than the heads'
+    "gemma3": ("gemma3", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
+                          "query_pre_attn_scalar": 24, "rope_parameters": {
+                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}}),
 }
 PROMPTS = [[5, 9, 3, 17, 22, 7, 1, 90, 4], [11, 2, 60], [3], [40, 41, 42, 43, 44, 45, 46]]
 

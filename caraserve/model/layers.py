@@ -12,14 +12,18 @@ SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           eps: float, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics (x, residual [T, D]; weight [D]; one dtype):
         r = residual + x        (r = residual when x is None; the sum in the activations' dtype)
-        out = weight * (r32 / sqrt(mean(r32^2) + eps)).to(dtype),  r32 = r in float32 (as Llama)
+        n = r32 / sqrt(mean(r32^2) + eps),  r32 = r in float32
+        out = weight * n.to(dtype)                    (Llama)
+        out = (n * (1 + weight32)).to(dtype)          (unit_offset: Gemma's weight is 1's offset)
     -> (out, r): the normalized rows, and the residual stream carried on to the next add."""
     r = residual if x is None else residual + x
     h = r.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.to(torch.float32))).to(r.dtype), r
     return weight * h.to(r.dtype), r
 
 
@@ -37,13 +41,15 @@ def fused_kernels(t: torch.Tensor) -> str | None:
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the variance taken in float32 (as Llama does), with the
-    residual add before it fused in (`add_rms_norm_reference`)."""
+    """y = w * x / sqrt(mean(x^2) + eps), the variance taken in float32 (as Llama does), or with
+    unit_offset (1 + w) * ..., all in float32 (as Gemma does), with the residual add before it
+    fused in (`add_rms_norm_reference`)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))  # [dim]
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x); x None: (norm(residual), residual). Eager steps run
@@ -51,25 +57,36 @@ class RMSNorm(nn.Module):
         residual it owns and uses only the one returned."""
         kind = fused_kernels(residual)
         if kind is None:
-            return add_rms_norm_reference(x, residual, self.weight, self.eps)
+            return add_rms_norm_reference(x, residual, self.weight, self.eps, self.unit_offset)
         residual = residual.contiguous()
-        if kind == "cpu":
-            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
+        if kind == "cpu":  # (float32 only: 1 + w then w' * n is Gemma's n * (1 + w), bit for bit)
+            weight = self.weight + 1.0 if self.unit_offset else self.weight
+            return cpu_kernels.add_rms_norm(x, residual, weight, self.eps), residual
         from caraserve import layer_ops_triton
 
-        return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps), residual
+        return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset), residual
 
 
-def rope_type_of(hf_config) -> str:
+def rope_params(hf_config, layer_type: str | None = None) -> dict:
+    """The config's rope parameters; a model with a rope per layer type (Gemma 3: a dict per
+    "full_attention" / "sliding_attention") gives that type's."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params.get(layer_type) or {})
+    return params
+
+
+def rope_type_of(hf_config, layer_type: str | None = None) -> str:
+    params = rope_params(hf_config, layer_type)
     return params.get("rope_type", params.get("type", "default"))
 
 
-def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] float32 and the cos/sin scale of the config's rope type
-    (one of SUPPORTED_ROPE: ModelArgs.from_hf refuses the others)."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    rope_type = rope_type_of(hf_config)
+    (one of SUPPORTED_ROPE: ModelArgs.from_hf refuses the others), for `layer_type`'s rope in a
+    model with one per layer type."""
+    params = rope_params(hf_config, layer_type)
+    rope_type = rope_type_of(hf_config, layer_type)
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -77,7 +94,8 @@ def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=torch.device("cpu"))
+    kw = {} if layer_type is None else {"layer_type": layer_type}
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=torch.device("cpu"), **kw)
     return inv.float(), float(scale)
 
 

@@ -2,18 +2,20 @@
 
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
 MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (an RMSNorm
-over each query and key head before rotary) and Phi3ForCausalLM (q/k/v and gate/up fused in the
-checkpoint). Parameter names equal the Hugging Face checkpoint names, except that projections
-reading the same input are fused (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks
-gate/up: one GEMM each); the loader stacks their checkpoint tensors (Phi-3's are stacked
-already), and `checkpoint_tensors` names them back.
+over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up fused in the
+checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU) and Gemma3ForCausalLM
+(Gemma's, plus norms after attention and the MLP, sliding layers with a rope of their own);
+`caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
+checkpoint names, except that projections reading the same input are fused
+(`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
+loader stacks their checkpoint tensors (Phi-3's are stacked already), and `checkpoint_tensors`
+names them back.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,141 +24,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
 from caraserve.attention import paged_attention, rotary_write_kv
-from caraserve.config_checks import ConfigError
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
-from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
+from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError  # noqa: F401  (re-exported)
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import SUPPORTED_ROPE, LoraLinear, RMSNorm, Rotary, rope_inv_freq, rope_type_of
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Phi3ForCausalLM": "phi3",
-}
-
-
 KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [blocks, block_size, n_kv, hd]
-
-
-class UnsupportedModelError(ConfigError):
-    """The checkpoint's architecture or an option of it is not supported: a configuration error
-    (model.path names a model this engine cannot run; an entry point says it in one line)."""
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_eps: float
-    tie_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool  # an RMSNorm over each query and key head (its head_dim) before rotary (Qwen3)
-    fused_checkpoint: bool  # the checkpoint (and adapters) hold qkv_proj and gate_up_proj (Phi-3)
-    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
-    max_position: int
-
-    @classmethod
-    def from_hf(cls, cfg) -> ModelArgs:
-        archs = list(getattr(cfg, "architectures", None) or [])
-        arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
-        if arch not in ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}"
-            )
-        family = ARCHITECTURES[arch]
-        # options that change what a layer computes: refused, never run as something else
-        act = getattr(cfg, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"hidden_act={act!r} is not supported: the MLP computes SiLU (silu)")
-        rope_type = rope_type_of(cfg)
-        if rope_type not in SUPPORTED_ROPE:
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: "
-                                        f"{', '.join(SUPPORTED_ROPE)})")
-        n_layers = cfg.num_hidden_layers
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        windows: list[int | None] = [None] * n_layers
-        if family in ("mistral", "phi3") and getattr(cfg, "sliding_window", None):
-            windows = [int(cfg.sliding_window)] * n_layers
-        layer_types = getattr(cfg, "layer_types", None)
-        if family in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False) and layer_types:
-            if "sliding_attention" in layer_types and not getattr(cfg, "sliding_window", None):
-                raise UnsupportedModelError("use_sliding_window is true and layers are sliding_attention, "
-                                            "but sliding_window is not set")
-            windows = [int(cfg.sliding_window) if t == "sliding_attention" else None for t in layer_types]
-        inv_freq, _ = rope_inv_freq(cfg)
-        factor = dict(getattr(cfg, "rope_parameters", None) or {}).get(
-            "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-        rotary = 2 * inv_freq.numel()
-        if family == "phi3" and factor is not None:  # Phi-3's default rope reads it too (Llama's, Qwen's do not)
-            rotary = min(rotary, int(head_dim * factor))
-        if rotary != head_dim:
-            raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
-                                        f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
-        # transformers reads the bias options for Llama only, attention_bias for Qwen3 too (q/k/v
-        # and o); Mistral has none, Qwen2 on q/k/v always
-        attn_bias = family in ("llama", "qwen3") and bool(getattr(cfg, "attention_bias", False))
-        return cls(
-            architecture=arch,
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_layers=n_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            rms_eps=cfg.rms_norm_eps,
-            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else attn_bias,
-            o_bias=False if family == "qwen2" else attn_bias,
-            mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm=family == "qwen3",
-            fused_checkpoint=family == "phi3",
-            sliding_windows=tuple(windows),
-            max_position=getattr(cfg, "max_position_embeddings", 2048),
-        )
-
-    @property
-    def adapter_modules(self) -> tuple[str, ...]:
-        """The projections the checkpoint names, which its adapters' target_modules name."""
-        return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
-
-    def module_shape(self, name: str) -> tuple[int, int]:
-        """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shapes = {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i),
-        }
-        return shapes[name]
-
-    def module_parts(self, name: str) -> tuple[tuple[str, int, int], ...]:
-        """(projection, first, end output row) of each part of an adapter module: a fused one's
-        q/k/v or gate/up rows, in the order the checkpoint stacks them; else the module whole. A
-        fused module's LoRA is its parts' LoRAs: the same A, and B's rows split between them."""
-        q, kv, i = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
-        if name == "qkv_proj":
-            return ("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)
-        if name == "gate_up_proj":
-            return ("gate_proj", 0, i), ("up_proj", i, 2 * i)
-        return ((name, 0, self.module_shape(name)[1]),)
 
 
 def _attention_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
@@ -220,8 +98,8 @@ class Attention(nn.Module):
                                    args.fused_checkpoint)
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_eps)
+            self.q_norm = RMSNorm(args.head_dim, args.rms_eps, args.norm_unit_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_eps, args.norm_unit_offset)
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
@@ -231,6 +109,8 @@ class Attention(nn.Module):
         if a.qk_norm:  # each head's vector normed alone: rows of head_dim
             q = self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0]
             k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
+        if a.query_scale != 1.0:  # the kernels scale scores by 1/sqrt(head_dim); Gemma 3 by another
+            q = q * a.query_scale
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache
@@ -278,6 +158,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.gelu = args.activation == "gelu_tanh"
         h, i = args.hidden_size, args.intermediate_size
         self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"),
                                        args.fused_checkpoint)
@@ -285,23 +166,35 @@ class MLP(nn.Module):
 
     def forward(self, x, fb: ForwardBatch):
         gate, up = self.gate_up_proj(x, fb).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, fb)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up, fb)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
+        def norm():
+            return RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.post_attention_layernorm = norm()
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:  # Gemma 3: post_attention_layernorm takes the attention's output alone
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(args, layer)
 
     def forward(self, x, residual, cos, sin, fb: ForwardBatch, cache):
         """(this layer's output, the residual stream before it is added): the add happens in the
         next norm, fused with it. The first layer gets x None and the embeddings as residual."""
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, fb, cache), residual)
-        return self.mlp(h, fb), residual
+        h = self.self_attn(h, cos, sin, fb, cache)
+        if not self.sandwich:
+            h, residual = self.post_attention_layernorm(h, residual)
+            return self.mlp(h, fb), residual
+        h, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(None, h)[0], residual)
+        return self.post_feedforward_layernorm(None, self.mlp(h, fb))[0], residual
 
 
 class Decoder(nn.Module):
@@ -309,7 +202,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
 
 
 class CausalLM(nn.Module):
@@ -324,8 +217,12 @@ class CausalLM(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         with torch.device("cpu"):  # real values even when the model is built on the meta device
-            inv_freq, scale = rope_inv_freq(hf_config)
-        self.rotary = Rotary(inv_freq, scale)
+            self.rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None))
+            # Gemma 3's sliding layers' own rope (None: every layer takes self.rotary)
+            self.local_rotary = Rotary(*rope_inv_freq(hf_config, "sliding_attention")) if args.local_rope else None
+            # Gemma's embedding scale as transformers applies it: rounded to the weights' dtype first
+            self.embed_scales = {dt: torch.tensor(args.embed_scale, dtype=dt).item()
+                                 for dt in (torch.float32, torch.bfloat16, torch.float16)}
         self._packed_head: torch.Tensor | None = None  # see pack_weights
         self.lora_backends: dict = {}  # layer device -> LoraBackend (use_lora)
 
@@ -401,15 +298,18 @@ class CausalLM(nn.Module):
         steps compile (caraserve.graphs), for every step kind."""
         dtype = self.model.embed_tokens.weight.dtype
         residual = self.model.embed_tokens(fb.input_ids.to(self.model.embed_tokens.weight.device))
+        if self.args.embed_scale != 1.0:
+            residual = residual * self.embed_scales[dtype]
         h = None  # each layer's output, added to the residual stream by the next norm
-        batches: dict[torch.device, tuple[ForwardBatch, torch.Tensor, torch.Tensor]] = {}
+        batches: dict[torch.device, tuple[ForwardBatch, tuple, tuple | None]] = {}
         for layer, cache in zip(self.model.layers, kv):
             dev = layer.input_layernorm.weight.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
-                cos, sin = self.rotary.cos_sin(fbd.positions.to(self.rotary.inv_freq.device), dtype)
-                batches[dev] = (fbd, cos.to(dev), sin.to(dev))
-            fbd, cos, sin = batches[dev]
+                ropes = [self._cos_sin(r, fbd.positions, dtype, dev) for r in (self.rotary, self.local_rotary)]
+                batches[dev] = (fbd, *ropes)
+            fbd, rope, local = batches[dev]
+            cos, sin = local if local is not None and layer.self_attn.window is not None else rope
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
         dev = self.model.norm.weight.device
         h, residual = h.to(dev), residual.to(dev)
@@ -417,6 +317,14 @@ class CausalLM(nn.Module):
             rows = (fb.last_rows if fb.logit_rows is None else fb.logit_rows).to(dev)
             h, residual = h[rows], residual[rows]
         return self.head(self.model.norm(h, residual)[0].to(self.lm_head.weight.device))
+
+
+    @staticmethod
+    def _cos_sin(rotary: Rotary | None, positions: torch.Tensor, dtype: torch.dtype, dev: torch.device):
+        if rotary is None:
+            return None
+        cos, sin = rotary.cos_sin(positions.to(rotary.inv_freq.device), dtype)
+        return cos.to(dev), sin.to(dev)
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -247,7 +247,9 @@ def load_model(
     extra = sorted(set(files) - used)
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
-    model.rotary.inv_freq = model.rotary.inv_freq.to(_device_for("model.layers.0", placement))  # (built on CPU)
+    for rotary in (model.rotary, model.local_rotary):  # (built on CPU)
+        if rotary is not None:
+            rotary.inv_freq = rotary.inv_freq.to(_device_for("model.layers.0", placement))
     model.eval()
     log.info("loaded %s (%s, %s) from %s", args.architecture, torch_dtype, placement, folder)
     return model

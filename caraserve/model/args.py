@@ -1,0 +1,184 @@
+"""What the decoder needs to know of a Hugging Face config (`ModelArgs.from_hf`), and the
+checkpoints it can run: options that would make a layer compute something else are refused,
+never run as something else."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from caraserve.config_checks import ConfigError
+from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
+from caraserve.model.layers import SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma3ForCausalLM": "gemma3",
+}
+# Gemma 3 gives its sliding layers a rope of their own
+ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture or an option of it is not supported: a configuration error
+    (model.path names a model this engine cannot run; an entry point says it in one line)."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # an RMSNorm over each query and key head (its head_dim) before rotary (Qwen3, Gemma 3)
+    fused_checkpoint: bool  # the checkpoint (and adapters) hold qkv_proj and gate_up_proj (Phi-3)
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    max_position: int
+    activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
+    norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
+    embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden))
+    sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 3)
+    query_scale: float = 1.0  # queries times this before attention: 1/sqrt(query_pre_attn_scalar) over 1/sqrt(hd)
+    local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3)
+
+    @classmethod
+    def from_hf(cls, cfg) -> ModelArgs:
+        family, arch = _family(cfg)
+        n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        gemma = family in ("gemma", "gemma3")
+        _check_rope(cfg, family, head_dim)
+        if family == "gemma3":
+            _check_gemma3(cfg)
+        # transformers reads attention_bias for Llama, Qwen3 and Gemma (q/k/v and o); Mistral and
+        # Phi-3 have none, Qwen2 on q/k/v always
+        attn_bias = family in ("llama", "qwen3", "gemma", "gemma3") and bool(getattr(cfg, "attention_bias", False))
+        scalar = getattr(cfg, "query_pre_attn_scalar", None) if family == "gemma3" else None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_eps=cfg.rms_norm_eps,
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else attn_bias,
+            o_bias=False if family == "qwen2" else attn_bias,
+            mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=family in ("qwen3", "gemma3"),
+            fused_checkpoint=family == "phi3",
+            sliding_windows=_windows(cfg, family, n_layers),
+            max_position=getattr(cfg, "max_position_embeddings", 2048),
+            activation=_activation(cfg, family),
+            norm_unit_offset=gemma,
+            embed_scale=math.sqrt(cfg.hidden_size) if gemma else 1.0,
+            sandwich_norms=family == "gemma3",
+            query_scale=math.sqrt(head_dim / scalar) if scalar else 1.0,
+            local_rope=family == "gemma3",
+        )
+
+    @property
+    def adapter_modules(self) -> tuple[str, ...]:
+        """The projections the checkpoint names, which its adapters' target_modules name."""
+        return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i),
+        }
+        return shapes[name]
+
+    def module_parts(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """(projection, first, end output row) of each part of an adapter module: a fused one's
+        q/k/v or gate/up rows, in the order the checkpoint stacks them; else the module whole. A
+        fused module's LoRA is its parts' LoRAs: the same A, and B's rows split between them."""
+        q, kv, i = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        if name == "qkv_proj":
+            return ("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)
+        if name == "gate_up_proj":
+            return ("gate_proj", 0, i), ("up_proj", i, 2 * i)
+        return ((name, 0, self.module_shape(name)[1]),)
+
+
+def _family(cfg) -> tuple[str, str]:
+    archs = list(getattr(cfg, "architectures", None) or [])
+    arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch], arch
+
+
+def _activation(cfg, family: str) -> str:
+    """The MLP's activation, as transformers reads it for the family."""
+    if family in ("gemma", "gemma3"):
+        field = "hidden_activation" if family == "gemma3" else "hidden_act"
+        act = getattr(cfg, field, None)
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise UnsupportedModelError(f"{field}={act!r} is not supported: the MLP computes GELU's tanh form "
+                                        "(gelu_pytorch_tanh)")
+        return "gelu_tanh"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"hidden_act={act!r} is not supported: the MLP computes SiLU (silu)")
+    return "silu"
+
+
+def _check_rope(cfg, family: str, head_dim: int) -> None:
+    for layer_type in ROPE_LAYER_TYPES if family == "gemma3" else (None,):
+        rope_type = rope_type_of(cfg, layer_type)
+        if rope_type not in SUPPORTED_ROPE:
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: "
+                                        f"{', '.join(SUPPORTED_ROPE)})")
+        inv_freq, _ = rope_inv_freq(cfg, layer_type)
+        factor = rope_params(cfg, layer_type).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
+        rotary = 2 * inv_freq.numel()
+        if family == "phi3" and factor is not None:  # Phi-3's default rope reads it too (Llama's, Qwen's do not)
+            rotary = min(rotary, int(head_dim * factor))
+        if rotary != head_dim:
+            raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
+                                        f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
+
+
+def _check_gemma3(cfg) -> None:
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, field, None) is not None:
+            raise UnsupportedModelError(f"{field}={getattr(cfg, field)} is not supported (logit soft-capping)")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
+
+
+def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window, as transformers reads the family's config; None = full."""
+    window = getattr(cfg, "sliding_window", None)
+    if family in ("mistral", "phi3") and window:
+        return (int(window),) * n_layers
+    layer_types = getattr(cfg, "layer_types", None)
+    slides = family == "gemma3" or (family in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False))
+    if slides and layer_types:
+        if "sliding_attention" in layer_types and not window:
+            what = "layers are" if family == "gemma3" else "use_sliding_window is true and layers are"
+            raise UnsupportedModelError(f"{what} sliding_attention, but sliding_window is not set")
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return (None,) * n_layers

@@ -1,6 +1,6 @@
 """CaraServe: a multi-LoRA serving engine. `from caraserve import Engine, EngineConfig,
-SamplingParams` for the Python API (as vLLM's `from vllm import LLM, SamplingParams`); they are
-imported on first use, so `import caraserve` alone loads no torch."""
+SamplingParams` (and `StructuredOutputs`) for the Python API (as vLLM's `from vllm import LLM,
+SamplingParams`); they are imported on first use, so `import caraserve` alone loads no torch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-_EXPORTS = {"Engine": "caraserve.engine", "EngineConfig": "caraserve.config", "SamplingParams": "caraserve.request"}
+_EXPORTS = {"Engine": "caraserve.engine", "EngineConfig": "caraserve.config", "SamplingParams": "caraserve.request",
+            "StructuredOutputs": "caraserve.structured_output"}
 __all__ = sorted(_EXPORTS)
 
 

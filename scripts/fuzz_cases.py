@@ -225,7 +225,8 @@ def border_cases(ctx: Ctx) -> list[Case]:
          ("stop_token_ids_empty", dict(stop_token_ids=[])), ("user_10k", dict(user="u" * 10000)), ("n_1", dict(n=1)),
          ("n_2", dict(n=2)),  # n completions: up to the server's limits.max_n
          ("max_tokens_8.0", dict(max_tokens=8.0)), ("seed_str", dict(seed="7", temperature=1)),
-         ("unknown_fields", dict(frequency_penalty=0.5, best_of=1, suffix="x", logit_bias={"1": 5})),
+         ("other_fields", dict(frequency_penalty=0.5, best_of=1, logit_bias={"1": 5})),
+         ("unknown_fields", dict(foo=1, metadata={"k": "v"})), ("suffix", dict(suffix="x")),
          ("stream_options_bad", dict(stream=True, stream_options="yes")),
          ("stream_usage", dict(stream=True, stream_options={"include_usage": True})),
          ("max_tokens_fill_context", dict(prompt=ids, max_tokens=ctx.max_len - len(ids), temperature=0)),

@@ -136,3 +136,19 @@ def test_the_server_fills_in_what_a_body_leaves_out(top1):
         assert any(s != greedy for s in sampled)
         assert ids(complete(temperature=5.0, top_k=None, seed=0, max_tokens=5, return_tokens_as_token_ids=True)) \
             == greedy
+
+
+def test_reading_the_file_does_not_say_its_values_may_be_ignored(tmp_path):
+    """transformers logs that temperature and top_p without do_sample "may be ignored": here they
+    are applied, so the reading keeps that line out of the log (in a fresh process: transformers
+    logs it once per process)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    code = ("import sys; from caraserve.model.generation_config import sampling_defaults; "
+            f"print(sampling_defaults({str(tmp_path)!r}, 'auto'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "{'temperature': 0.6, 'top_p': 0.9}"
+    assert "may be ignored" not in run.stderr + run.stdout

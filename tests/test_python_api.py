@@ -32,10 +32,12 @@ def test_import_caraserve_loads_no_torch_until_a_name_is_used():
     probe = ("import sys, caraserve; assert 'torch' not in sys.modules; "
              "from caraserve import Engine, EngineConfig, SamplingParams; "
              "from caraserve.engine import Engine as E; assert Engine is E and 'torch' in sys.modules; "
+             "from caraserve import StructuredOutputs; from caraserve.structured_output import StructuredOutputs as S; "
+             "assert StructuredOutputs is S; "
              "print(sorted(caraserve.__all__))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "['Engine', 'EngineConfig', 'SamplingParams']"
+    assert out.stdout.strip() == "['Engine', 'EngineConfig', 'SamplingParams', 'StructuredOutputs']"
 
 
 CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},

@@ -208,6 +208,21 @@ def test_bad_requests_get_openai_errors(server, client, body, status, needle):
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_validation_errors_carry_openais_param_and_plain_messages(server):
+    """A field's check names it in `param` and the message; a check over several fields says its
+    own words, without pydantic's "body: Value error," before them."""
+    def error(**fields):
+        body = {"model": "tiny", "prompt": "x", **fields}
+        r = httpx.post(server["base"] + "/v1/completions", headers=auth(), json=body)
+        assert r.status_code == 400
+        return r.json()["error"]
+
+    assert error(temperature="hot") == {"message": "temperature: Input should be a valid number",
+                                        "param": "temperature", "type": "invalid_request_error", "code": 400}
+    err = error(best_of=2)
+    assert err["param"] is None and err["message"].startswith("best_of=2 is not supported")
+
+
 def test_state_for_routers_and_request_ids(server, client):
     r = httpx.post(server["base"] + "/v1/completions", headers={**auth(), "X-Request-Id": "rt-test-1"},
                    json={"model": "demo-r16", "prompt": "x", "max_tokens": 2})

@@ -76,12 +76,19 @@ def _file_fields(model_path, setting: str) -> tuple[dict, str]:
         raise ConfigError(f"model.generation_config={setting}: no generation_config.json in that folder")
     from transformers import GenerationConfig
 
+    # transformers warns (and logs) that values its own generate would ignore without do_sample
+    # "may be ignored": here they are applied, and the start-up log says so
+    quiet = logging.getLogger("transformers.generation.configuration_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # (transformers warns of values its own generate would ignore)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             diff = GenerationConfig.from_pretrained(str(folder)).to_diff_dict()
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{file} cannot be read: {type(e).__name__}: {e}") from e
+    finally:
+        quiet.setLevel(level)
     return {k: diff[k] for k in FIELDS if diff.get(k) is not None}, str(file)
 
 

@@ -91,10 +91,19 @@ def _count_rejection(http, reason: str | None) -> None:
         count(reason)
 
 
-def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> JSONResponse:
     # A message may quote the caller's input, lone surrogates included: escape what UTF-8 cannot carry.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse(proto.error_body(message, type_, status), status_code=status, headers=headers)
+    return JSONResponse(proto.error_body(message, type_, status, param), status_code=status, headers=headers)
+
+
+def _validation_message(err: dict) -> tuple[str | None, str]:
+    """(the field, its message) of one pydantic error: a field's check names the field; a check
+    of the whole body (several fields together) says its own words, which name them."""
+    field = ".".join(str(x) for x in err["loc"] if x != "body") or None
+    msg = err["msg"].removeprefix("Value error, ")
+    return field, msg if field is None else f"{field}: {msg}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -120,8 +129,9 @@ def install_error_handlers(app: FastAPI) -> None:
             where = bad_json["loc"][-1]
             return error_response(400, f"the request body is not valid JSON: {bad_json.get('ctx', {}).get('error')} "
                                        f"(at character {where})", "invalid_request_error")
-        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body') or 'body'}: {err['msg']}" for err in errors]
-        return error_response(400, "; ".join(parts) or "invalid request", "invalid_request_error")
+        parts = [_validation_message(err) for err in errors]
+        return error_response(400, "; ".join(msg for _, msg in parts) or "invalid request", "invalid_request_error",
+                              param=next((field for field, _ in parts if field), None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):

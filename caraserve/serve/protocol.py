@@ -316,8 +316,9 @@ class UnloadLoraRequest(BaseModel):
 FAULT_HEADER = "x-caraserve-fault"
 
 
-def error_body(message: str, type_: str, code: int) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code}}
+def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
+    """OpenAI's error object; `param`: the request field at fault, where one is."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def new_id(prefix: str) -> str:

@@ -101,12 +101,13 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, wind
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, row_seq: torch.Tensor, lens: torch.Tensor,
-                              window: int | None) -> torch.Tensor:
+                              window: int | None, softcap: float = 0.0) -> torch.Tensor:
     """Semantics:
         for each row i, s = row_seq[i], n = lens[i]:
             K_s[j] = k_cache[block_tables[s, j // bs], j % bs]  (V_s alike), j in [lo, n)
-            out[i, h] = softmax_j(q[i, h] . K_s[j, h // G] / sqrt(hd)) @ V_s[j, h // G]
-        lo = max(0, n - window) with a window, else 0; G = H / n_kv (GQA).
+            out[i, h] = softmax_j(cap(q[i, h] . K_s[j, h // G] / sqrt(hd))) @ V_s[j, h // G]
+        lo = max(0, n - window) with a window, else 0; G = H / n_kv (GQA); cap(x) = softcap *
+        tanh(x / softcap) with softcap > 0 (Gemma 2's soft cap, in float32), else x.
 
     q [T, H, hd]; caches [blocks, bs, n_kv, hd]; block_tables [S, W] int64; row_seq, lens [T]
     int64 -> out [T, H, hd]. Gathers each row's W * bs keys: the reference and the fallback of
@@ -120,22 +121,40 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     mask = j[None, :] < lens[:, None]
     if window:
         mask &= j[None, :] >= (lens - window)[:, None]
+    if softcap:
+        return capped_attention(q.unsqueeze(2), keys, vals, mask[:, None, None, :], softcap).squeeze(2)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :],
                                          enable_gqa=True)
     return out.squeeze(2)
 
 
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     softcap: float) -> torch.Tensor:
+    """SDPA's result with the scores soft-capped (which SDPA cannot do), in float32 (Gemma 2's
+    eager attention caps them in the activations' dtype): q [..., H, n, hd], k / v [..., KV,
+    ctx, hd], mask bool broadcasting to [..., H, n, ctx] (True: attended)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (weights @ v.float()).to(q.dtype)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor:
+                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
+                    softcap: float = 0.0) -> torch.Tensor:
     """paged_attention_reference's result from the device's kernel: on CPU an op running the C
     kernel (the reference where the kernel declines the tensors); on CUDA the Triton kernel
     (`caraserve.attention_triton`: each row reads its own blocks in place, where the reference
     gathers the table's whole width); elsewhere the reference."""
     if q.device.type == "cpu":
-        return torch.ops.caraserve.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or 0)
+        return torch.ops.caraserve.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or 0,
+                                                   softcap)
     if q.is_cuda:
         from caraserve import attention_triton
 
-        return attention_triton.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, row_seq, lens, window)
+        return attention_triton.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, row_seq, lens, window,
+                                                softcap=softcap)
     check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window)
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window)
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window, softcap)

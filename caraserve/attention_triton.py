@@ -35,6 +35,12 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+@triton.jit
+def _cap(scores, softcap):
+    """softcap * tanh(scores / softcap) (Gemma 2's soft cap), tanh as 2 sigmoid(2x) - 1"""
+    return softcap * (2.0 * tl.sigmoid(2.0 * (scores / softcap)) - 1.0)
+
+
 # Programs (rows x KV heads) from which a decode batch fills a GPU without splitting its contexts
 SPLIT_BELOW_PROGRAMS = 256
 MAX_SPLITS = 16
@@ -52,11 +58,13 @@ def _paged_attention_kernel(
     row_seq_ptr, lens_ptr,  # [T] int64
     scale,
     window,  # 0: none
+    softcap,  # read with SOFTCAP only
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_tab,
     KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -90,6 +98,8 @@ def _paged_attention_kernel(
         kb = tl.load(k_ptr + base + offs_s[:, None] * pos_stride + offs_d[None, :],
                      mask=p_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
         scores = tl.sum(q[:, None, :] * kb[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_S]
+        if SOFTCAP:
+            scores = _cap(scores, softcap)
         scores = tl.where(p_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
@@ -172,10 +182,11 @@ def _check_common(kind: str, q, k_cache, v_cache, block_tables) -> tuple[int, in
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """paged_attention_reference's result; q [T, H, D] contiguous, caches [blocks, BS, KV, D]
     contiguous of q's dtype, block_tables [S, W] int64, row_seq / lens [T] int64, on one device;
-    splits: shares of each row's own blocks walked in parallel (None: `splits_for`). Shapes,
+    splits: shares of each row's own blocks walked in parallel (None: `splits_for`); softcap > 0:
+    the scores soft-capped (Gemma 2's). Shapes,
     dtypes and devices are checked here; the values of block ids and lengths stay on the device
     (reading them would synchronize every step), the caller's (the scheduler's) to keep in range."""
     t, heads, d, bs, kv = _check_common("paged attention", q, k_cache, v_cache, block_tables)
@@ -199,10 +210,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part = ms = torch.empty(1, dtype=torch.float32, device=q.device)
     with _on(q):
         _paged_attention_kernel[(t, kv, splits)](
-            out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0,
+            out, part, ms, q, k_cache, v_cache, tables, row_seq, lens, d ** -0.5, window or 0, float(softcap or 1.0),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             KV=kv, D=d, BS=bs, SPLITS=splits, GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(bs),
+            BLOCK_S=triton.next_power_of_2(bs), SOFTCAP=bool(softcap),
         )
         if splits > 1:
             _combine_splits_kernel[(t, kv)](
@@ -220,11 +231,13 @@ def _prefill_attention_kernel(
     tiles_ptr,  # [tiles, 5] int64: sequence, its first row in q, its new tokens, its context, the tile's first token
     scale,
     window,  # 0: none
+    softcap,  # read with SOFTCAP only
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_tab,
     KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     kvh = tl.program_id(0)  # the fastest axis: every head of a tile starts before the next tile
     tile = tl.program_id(1).to(tl.int64)
@@ -262,6 +275,8 @@ def _prefill_attention_kernel(
             scores = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
         else:
             scores = tl.dot(q, tl.trans(kb)) * scale  # [BLOCK_Q * GROUP_PAD, BLOCK_N]
+        if SOFTCAP:
+            scores = _cap(scores, softcap)
         seen = n_mask[None, :] & (n[None, :] <= pos[:, None]) & \
             ((window == 0) | (n[None, :] > pos[:, None] - window))
         scores = tl.where(seen, scores, float("-inf"))
@@ -283,13 +298,15 @@ def _prefill_attention_kernel(
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      query_lens: tuple[int, ...], context_lens: tuple[int, ...], window: int | None) -> torch.Tensor:
+                      query_lens: tuple[int, ...], context_lens: tuple[int, ...], window: int | None,
+                      softcap: float = 0.0) -> torch.Tensor:
     """paged_attention_reference's result for a prefill or mixed step: sequence i's query_lens[i]
     new tokens are rows [sum(query_lens[:i]), ...) of q and the last positions of its
     context_lens[i] (their keys already in the cache), each attending causally (within the
     window) to its sequence's positions. q [T, H, D] contiguous, caches [blocks, BS, KV, D]
     contiguous of q's dtype, block_tables [S, W] int64, all on one CUDA device (or CPU tensors
-    under the Triton interpreter); query_lens and context_lens on the host."""
+    under the Triton interpreter); query_lens and context_lens on the host; softcap > 0: the
+    scores soft-capped (Gemma 2's)."""
     t, heads, d, bs, kv = _check_common("prefill attention", q, k_cache, v_cache, block_tables)
     n = len(query_lens)
     if block_tables.shape[0] != n or len(context_lens) != n or sum(query_lens) != t \
@@ -307,10 +324,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.empty_like(q)
     with _on(q):
         _prefill_attention_kernel[(kv, tiles.shape[0])](
-            out, q, k_cache, v_cache, tables, tiles, d ** -0.5, window or 0,
+            out, q, k_cache, v_cache, tables, tiles, d ** -0.5, window or 0, float(softcap or 1.0),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             KV=kv, D=d, BS=bs, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=32,
-            BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32, SOFTCAP=bool(softcap),
         )
     return out
 

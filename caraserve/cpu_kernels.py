@@ -20,7 +20,8 @@ from caraserve import kernel_library
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor | None:
+                    row_seq: torch.Tensor, lens: torch.Tensor, window: int | None,
+                    softcap: float = 0.0) -> torch.Tensor | None:
     """Attention of one query token per row over its sequence's positions [0, len) of a paged
     cache (or the last `window` of them), see csrc/attention_cpu.c and
     `caraserve.attention.paged_attention_reference` for the semantics: q [n, H, hd], caches
@@ -28,8 +29,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     token sits at position len - 1 of sequence row_seq: a decode row, or a prompt token whose
     keys are already in the cache). None when the kernel is unavailable or does not take these
     tensors (or sequences, lengths and block ids outside the table and the cache). row_seq and
-    lens that are not one entry per row of q, or a negative window, raise a ValueError: no path
-    computes those."""
+    lens that are not one entry per row of q, or a negative window or soft cap, raise a
+    ValueError: no path computes those. softcap > 0: scores are capped (Gemma 2's)."""
     n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
     for name, t in (("row_seq", row_seq), ("lens", lens)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
@@ -41,6 +42,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"paged_attention: block_tables must be a 2-D tensor [sequences, blocks], got {shape}")
     if window is not None and window < 0:
         raise ValueError(f"paged_attention: window must be None or >= 0, got {window}")
+    if not softcap >= 0:
+        raise ValueError(f"paged_attention: softcap must be >= 0 (0: none), got {softcap}")
     lib = kernel_library.library()
     if lib is None or not attention_usable(q, k_cache, v_cache):
         return None
@@ -55,7 +58,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     rc = lib.paged_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                              block_tables.data_ptr(), row_seq.data_ptr(), lens.data_ptr(), n, heads, kv_heads, hd,
                              blocks, block_size, block_tables.shape[0], block_tables.shape[1], window or 0,
-                             hd ** -0.5)
+                             hd ** -0.5, softcap)
     if rc == -2:
         raise MemoryError("paged attention: no memory for the score buffer")
     return out if rc == 0 else None

@@ -62,7 +62,7 @@ SYMBOLS = {
     "lora_parts": (ctypes.c_int, [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64]),
     # out, q, k_cache, v_cache, block_tables, row_seq, lens, rows, heads, kv_heads, head_dim, num_blocks,
     # block_size, num_seqs, table_width, window, scale
-    "paged_attention": (ctypes.c_int, [_PTR] * 7 + [_I64] * 9 + [ctypes.c_float]),
+    "paged_attention": (ctypes.c_int, [_PTR] * 7 + [_I64] * 9 + [ctypes.c_float] * 2),
     # out, residual, x, w, rows, dim, ld_x, eps
     "add_rms_norm": (ctypes.c_int, [_PTR] * 4 + [_I64] * 3 + [ctypes.c_float]),
     # q_out, q, k, v, cos, sin, k_cache, v_cache, slots, tokens, heads, kv_heads, head_dim, ld_q, ld_k, ld_v,

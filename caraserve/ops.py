@@ -39,11 +39,11 @@ def _(x, packed, bias, out_features):
 
 # Attention over the paged KV cache (caraserve.attention.paged_attention_reference states it).
 _lib.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor row_seq, "
-            "Tensor lens, int window) -> Tensor")
+            "Tensor lens, int window, float softcap=0.0) -> Tensor")
 
 
-def _paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int) -> torch.Tensor:
-    out = cpu_kernels.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
+def _paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int, softcap: float = 0.0):
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None, softcap)
     if out is not None:
         return out
     from caraserve.attention import check_paged_attention, paged_attention_reference
@@ -51,14 +51,14 @@ def _paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: i
     # the kernel declined: tensors it does not read (another dtype, a head size past its
     # limit) run through the reference, inputs no path computes are refused by name
     check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window or None)
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, row_seq, lens, window or None, softcap)
 
 
 _lib.impl("paged_attention", _paged_attention, "CPU")
 
 
 @torch.library.register_fake("caraserve::paged_attention")
-def _(q, k_cache, v_cache, block_tables, row_seq, lens, window):
+def _(q, k_cache, v_cache, block_tables, row_seq, lens, window, softcap=0.0):
     # (also what a call mixing meta and real tensors dispatches to: it must not hand back memory)
     for t in (k_cache, v_cache, block_tables, row_seq, lens):
         if t.device != q.device:

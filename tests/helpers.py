@@ -11,6 +11,8 @@ from caraserve.model.batch import ForwardBatch
 def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):
     """Writes a random tiny HF checkpoint of `arch` to folder and returns the HF model (float32)."""
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
         GemmaConfig,
@@ -34,6 +36,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
         "gemma": (GemmaConfig, GemmaForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }
     cfg_cls, model_cls = classes[arch]
@@ -42,7 +45,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch in ("phi3", "gemma", "gemma3"):  # their defaults name token ids past this vocabulary, or
+    if arch in ("phi3", "gemma", "gemma2", "gemma3"):  # their defaults name token ids past this vocabulary, or
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)  # heads of 256
     kw.update(overrides)
     cfg = cfg_cls(**kw)

@@ -110,7 +110,7 @@ def test_a_quantization_config_is_refused(tmp_path):
     ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
                                   "long_factor": [2.0] * 8, "original_max_position_embeddings": 256}},
      r"rope type 'longrope' is not supported"),
-    ("gemma3", {"final_logit_softcapping": 30.0}, r"final_logit_softcapping=30.0 is not supported"),
+    ("gemma2", {"final_logit_softcapping": -30.0}, r"final_logit_softcapping=-30.0 must be a positive number"),
     ("gemma3", {"hidden_activation": "silu"}, r"hidden_activation='silu' is not supported: the MLP computes GELU"),
     ("gemma3", {"use_bidirectional_attention": True}, r"use_bidirectional_attention=true is not supported"),
     ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "longrope", "rope_theta": 1e6},

@@ -8,8 +8,9 @@ import torch
 from caraserve import cpu_kernels
 
 
-def attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window):
-    """float64 softmax attention of each row's query over its sequence's visible positions."""
+def attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window, softcap=0.0):
+    """float64 softmax attention of each row's query over its sequence's visible positions (the
+    scores soft-capped with softcap > 0)."""
     n, heads, hd = q.shape
     group, bs = heads // k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(n, heads, hd, dtype=torch.float64)
@@ -23,7 +24,8 @@ def attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window):
         for h in range(heads):
             k = keys[lo:length, h // group].double()
             v = vals[lo:length, h // group].double()
-            w = torch.softmax(k @ q[i, h].double() / hd ** 0.5, 0)
+            scores = k @ q[i, h].double() / hd ** 0.5
+            w = torch.softmax(torch.tanh(scores / softcap) * softcap if softcap else scores, 0)
             out[i, h] = w @ v
     return out
 
@@ -84,6 +86,30 @@ def test_paged_attention_prompt_runs_match_float64(fn, heads, kv_heads, hd, wind
     alone = torch.cat([cpu_kernels.paged_attention(q[i : i + 1], k_cache, v_cache, tables, row_seq[i : i + 1],
                                                    lens[i : i + 1], window) for i in range(len(lens))])
     assert torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,window,block_size", [(4, 2, 64, None, 16), (6, 2, 20, 5, 3)])
+def test_soft_capped_attention_matches_float64(fn, heads, kv_heads, hd, window, block_size, threads):
+    """Gemma 2's soft cap (scores cap * tanh(score / cap)), queries large enough that it bites:
+    decode rows and a prompt's tiles of consecutive tokens, the kernel and the torch reference."""
+    from caraserve.attention import paged_attention_reference
+
+    q, k_cache, v_cache, tables, row_seq, lens = paged_case(heads, kv_heads, hd, block_size, hd)
+    tiles = torch.arange(1, 18)  # 17 consecutive tokens of sequence 1: tiles of the kernel
+    row_seq, lens = torch.cat([row_seq, torch.ones_like(tiles)]), torch.cat([lens, tiles])
+    q = 8 * torch.cat([q, torch.randn(len(tiles), heads, hd, generator=torch.Generator().manual_seed(1))])
+    want = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, window, softcap=3.0)
+    uncapped = attention_reference(q, k_cache, v_cache, tables.tolist(), row_seq, lens, window)
+    assert (want - uncapped).abs().max() > 0.1  # the cap changes the answer
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, window, softcap=3.0)
+    assert out is not None
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), (out.double() - want).abs().max()
+    ref = paged_attention_reference(q, k_cache, v_cache, tables, row_seq, lens, window, softcap=3.0)
+    assert torch.allclose(ref.double(), want, rtol=1e-5, atol=1e-5)
+    op = torch.ops.caraserve.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, window or 0, 3.0)
+    assert torch.equal(op, out)
+    with pytest.raises(ValueError, match="softcap must be >= 0"):
+        cpu_kernels.paged_attention(q, k_cache, v_cache, tables, row_seq, lens, window, softcap=-1.0)
 
 
 def test_paged_attention_peaked_softmax(fn):

@@ -31,6 +31,10 @@ CONFIGS = {
     "phi3-window": ("phi3", {"sliding_window": 5}),
     # scaled embeddings, norms of 1 + w, GELU; tied head, one KV head
     "gemma": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # Gemma's, plus 4 norms a layer, attention scores and logits soft-capped (caps low enough to
+    # bite at these weights), layer 0 sliding
+    "gemma2": ("gemma2", {"sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
+                          "query_pre_attn_scalar": 24}),
     # Gemma's, plus 4 norms a layer, per-head q/k norms, layer 0 sliding with its own rope, a
     # query scale of another head size than the heads'
     "gemma3": ("gemma3", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
@@ -93,6 +97,13 @@ def test_sdpa_prefill_matches_transformers(pair, monkeypatch):
         return real_sdpa(*args, **kw)
 
     monkeypatch.setattr(llama, "sdpa", counted)
+    real_capped = llama.capped_attention
+
+    def capped(*args, **kw):  # a soft-capped model's form: SDPA cannot cap the scores
+        calls.append(["softcap"])
+        return real_capped(*args, **kw)
+
+    monkeypatch.setattr(llama, "capped_attention", capped)
     pre, _ = run_prefill_decode(ours, PROMPTS, [[1]] * len(PROMPTS))
     prompt = PROMPTS[0]
     with torch.no_grad():
@@ -107,7 +118,10 @@ def test_sdpa_prefill_matches_transformers(pair, monkeypatch):
         fb = ForwardBatch.build([prompt[start:end]], [start], [table], 4, "cpu", is_decode=False)
         logits = ours(fb, kv.layers, all_logits=True)
     assert rel_err(logits, full[4:]) < 1e-4
-    assert ["is_causal"] in calls and ["attn_mask"] in calls  # both forms ran
+    if ours.args.attn_softcap:
+        assert calls and all(c == ["softcap"] for c in calls)
+    else:
+        assert ["is_causal"] in calls and ["attn_mask"] in calls  # both forms ran
 
 
 def test_packed_weights_give_the_same_logits(pair):
@@ -116,7 +130,7 @@ def test_packed_weights_give_the_same_logits(pair):
     _, ours = pair
     g = torch.Generator().manual_seed(2)
     h = torch.randn(6, ours.args.hidden_size, generator=g)
-    want_head = ours.lm_head(h)
+    want_head = ours.head(h)  # (the unpacked head; with its soft cap where the model caps logits)
     want_pre, want_dec = run_prefill_decode(ours, PROMPTS, [[5, 9, 1]] * len(PROMPTS))
     n_lin = sum(isinstance(m, LoraLinear) for m in ours.modules())
     assert ours.pack_weights(batch_hint=4) == 1 + n_lin  # CPU, float32: every GEMM weight

@@ -44,6 +44,24 @@ def test_paged_attention_kernel_matches_the_reference(heads, kv, d, bs, window, 
         attention_triton.paged_attention(args[0], args[1].double(), args[2].double(), *args[3:], window)
 
 
+@pytest.mark.parametrize("splits", (1, 3))
+def test_soft_capped_kernels_match_the_reference(splits) -> None:
+    """Gemma 2's soft cap in the decode kernel (in one pass and in splits) and the prefill one,
+    queries large enough that the cap bites."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv, d, bs, window = 4, 2, 16, 4, 6
+    q, k, v, tables, row_seq, lens = prefill_case(g, heads, kv, d, bs, (9, 1, 3), (9, 14, 20))
+    q = 8 * q
+    want = paged_attention_reference(q, k, v, tables, row_seq, lens, window, softcap=2.5)
+    assert (want - paged_attention_reference(q, k, v, tables, row_seq, lens, window)).abs().max() > 0.1
+    args = [t.to(DEVICE) for t in (q, k, v, tables)]
+    got = attention_triton.paged_attention(*args, row_seq.to(DEVICE), lens.to(DEVICE), window, splits=splits,
+                                           softcap=2.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    got = attention_triton.prefill_attention(*args, (9, 1, 3), (9, 14, 20), window, softcap=2.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 def prefill_case(g, heads, kv, d, bs, query_lens, context_lens):
     """Sequences with scattered blocks; sequence i's last query_lens[i] positions of its
     context_lens[i] are the step's tokens, as rows of q in sequence order. Returns the kernel's

@@ -1,8 +1,9 @@
 /* Attention of single query tokens on CPU over a paged KV cache: a decode row, or one token of a
  * prompt whose keys are already in the cache (causal by construction).
  *
- *     out[i, h] = softmax_j(scale * q[i, h] . K[s_i, j, h / G]) @ V[s_i, j, h / G]
+ *     out[i, h] = softmax_j(cap(scale * q[i, h] . K[s_i, j, h / G])) @ V[s_i, j, h / G]
  *
+ * cap(x) = softcap * tanh(x / softcap) with a soft cap (softcap > 0: Gemma 2's), else x;
  * over the positions j in [lo_i, len_i) of row i's sequence s_i = row_seq[i]: len_i - 1 is the
  * token's own position, and lo_i is max(0, len_i - window) with a sliding window, else 0. G =
  * heads / kv_heads query heads share a KV head (GQA). The cache is [blocks, block_size,
@@ -76,7 +77,7 @@ typedef struct {
     const float *kc, *vc;
     const int64_t *block_tables, *row_seq, *lens;
     int64_t heads, group, head_dim, block_size, table_width, window, pos_stride, block_stride, longest;
-    float scale;
+    float scale, softcap;
 } attn_call;
 
 /* The first position a row of length len attends to: len - window with a sliding window */
@@ -130,7 +131,7 @@ static inline __attribute__((always_inline)) void attend_row(const attn_call *c,
     const int64_t *table = c->block_tables + c->row_seq[i] * c->table_width;
     for (int pass = 0; pass < 2; pass++) {
         if (pass) {
-            softmax(scores, heads, longest, lo, len, c->scale);
+            softmax(scores, heads, longest, lo, len, c->scale, c->softcap);
             for (int64_t e = 0; e < heads * d; e++) oi[e] = 0.0f;
         }
         for (int64_t k = 0; k < nb; k++) {
@@ -172,7 +173,8 @@ static inline __attribute__((always_inline)) void attend_tile(const attn_call *c
     for (int pass = 0; pass < 2; pass++) {
         if (pass) {
             for (int r = 0; r < QT; r++)
-                softmax(scores + r * s_stride, heads, longest, u->lo, c->lens[u->first + r], c->scale);
+                softmax(scores + r * s_stride, heads, longest, u->lo, c->lens[u->first + r], c->scale,
+                        c->softcap);
             for (int64_t e = 0; e < QT * row_stride; e++) oi[e] = 0.0f;
         }
         for (int64_t k = 0; k < nb; k++) {
@@ -237,14 +239,15 @@ static int64_t split_units(const attn_call *c, int64_t rows, int64_t *starts, in
 }
 
 /* Returns 0; -1 (nothing written) for shapes beyond the limits above or empty ones, heads that
- * are not a multiple of kv_heads, a negative window, a row whose sequence is not a row of the
+ * are not a multiple of kv_heads, a negative window or soft cap, a row whose sequence is not a row of the
  * block table, a length outside [1, table_width * block_size], or a block id outside the cache
  * for a position the row reads; -2 when out of memory. */
 int paged_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *block_tables,
                     const int64_t *row_seq, const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t num_seqs, int64_t table_width,
-                    int64_t window, float scale) {
+                    int64_t window, float scale, float softcap) {
     if (rows < 0 || heads < 1 || kv_heads < 1 || head_dim < 1 || head_dim > MAX_HEAD_DIM) return -1;
+    if (!(softcap >= 0.0f)) return -1;
     if (num_blocks < 1 || block_size < 1 || num_seqs < 0 || table_width < 1 || window < 0) return -1;
     if (table_width > INT64_MAX / block_size) return -1;
     if (rows > 0 && (out == NULL || q == NULL || kc == NULL || vc == NULL || block_tables == NULL ||
@@ -253,7 +256,7 @@ int paged_attention(float *out, const float *q, const float *kc, const float *vc
     const int64_t group = heads / kv_heads, max_len = table_width * block_size;
     if (group * kv_heads != heads || max_len > INT64_MAX / (int64_t)sizeof(float) / heads / QT) return -1;
     attn_call c = {kc, vc, block_tables, row_seq, lens, heads, group, head_dim, block_size, table_width, window,
-                   kv_heads * head_dim, block_size * kv_heads * head_dim, 1, scale};
+                   kv_heads * head_dim, block_size * kv_heads * head_dim, 1, scale, softcap};
     for (int64_t i = 0; i < rows; i++) {
         const int64_t s = row_seq[i], len = lens[i];
         if (s < 0 || s >= num_seqs || len < 1 || len > max_len) return -1;

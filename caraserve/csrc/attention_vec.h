@@ -182,20 +182,25 @@ static void weighted_sum_tile(float *o, int64_t o_stride, const float *w, int64_
 
 /* Each head's scores [lo, len) (rows of `width` floats) times scale, turned into their softmax:
  * the maximum subtracted, a vector exp, float32 sums. */
-static void softmax(float *scores, int64_t heads, int64_t width, int64_t lo, int64_t len, float scale) {
+static void softmax(float *scores, int64_t heads, int64_t width, int64_t lo, int64_t len, float scale,
+                    float softcap) {
     for (int64_t h = 0; h < heads; h++) {
         float *sh = scores + h * width;
+        if (softcap > 0.0f) { /* Gemma 2's: cap * tanh(scale * s / cap), then the softmax of those */
+            for (int64_t j = lo; j < len; j++) sh[j] = softcap * tanhf(sh[j] * scale / softcap);
+        }
+        const float sc = softcap > 0.0f ? 1.0f : scale;
         float mx = -INFINITY, sum = 0.0f;
         vf mv = (vf){0} - INFINITY;
         int64_t j = lo;
         for (; j + VL <= len; j += VL) {
-            const vf x = LOAD(sh + j) * scale;
+            const vf x = LOAD(sh + j) * sc;
             const vi more = x > mv;
             STORE(sh + j, x);
             mv = (vf)(((vi)x & more) | ((vi)mv & ~more));
         }
         for (; j < len; j++) {
-            sh[j] *= scale;
+            sh[j] *= sc;
             if (sh[j] > mx) mx = sh[j];
         }
         for (int l = 0; l < VL; l++)

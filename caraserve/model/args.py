@@ -18,8 +18,10 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
 }
+GEMMAS = ("gemma", "gemma2", "gemma3")
 # Gemma 3 gives its sliding layers a rope of their own
 ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -51,23 +53,26 @@ class ModelArgs:
     activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
     norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden))
-    sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 3)
+    sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
     query_scale: float = 1.0  # queries times this before attention: 1/sqrt(query_pre_attn_scalar) over 1/sqrt(hd)
     local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3)
+    attn_softcap: float = 0.0  # attention scores capped to cap * tanh(score / cap) (Gemma 2); 0: none
+    final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
 
     @classmethod
     def from_hf(cls, cfg) -> ModelArgs:
         family, arch = _family(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        gemma = family in ("gemma", "gemma3")
+        gemma = family in GEMMAS
         _check_rope(cfg, family, head_dim)
-        if family == "gemma3":
-            _check_gemma3(cfg)
+        if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
+            raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
         # transformers reads attention_bias for Llama, Qwen3 and Gemma (q/k/v and o); Mistral and
         # Phi-3 have none, Qwen2 on q/k/v always
-        attn_bias = family in ("llama", "qwen3", "gemma", "gemma3") and bool(getattr(cfg, "attention_bias", False))
-        scalar = getattr(cfg, "query_pre_attn_scalar", None) if family == "gemma3" else None
+        attn_bias = family in ("llama", "qwen3", *GEMMAS) and bool(getattr(cfg, "attention_bias", False))
+        scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
+        caps = family in ("gemma2", "gemma3")  # (Gemma 3's are off by default)
         return cls(
             architecture=arch,
             vocab_size=cfg.vocab_size,
@@ -89,9 +94,11 @@ class ModelArgs:
             activation=_activation(cfg, family),
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else 1.0,
-            sandwich_norms=family == "gemma3",
+            sandwich_norms=family in ("gemma2", "gemma3"),
             query_scale=math.sqrt(head_dim / scalar) if scalar else 1.0,
             local_rope=family == "gemma3",
+            attn_softcap=_softcap(cfg, "attn_logit_softcapping") if caps else 0.0,
+            final_softcap=_softcap(cfg, "final_logit_softcapping") if caps else 0.0,
         )
 
     @property
@@ -132,8 +139,8 @@ def _family(cfg) -> tuple[str, str]:
 
 def _activation(cfg, family: str) -> str:
     """The MLP's activation, as transformers reads it for the family."""
-    if family in ("gemma", "gemma3"):
-        field = "hidden_activation" if family == "gemma3" else "hidden_act"
+    if family in GEMMAS:
+        field = "hidden_act" if family == "gemma" else "hidden_activation"
         act = getattr(cfg, field, None)
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise UnsupportedModelError(f"{field}={act!r} is not supported: the MLP computes GELU's tanh form "
@@ -161,12 +168,13 @@ def _check_rope(cfg, family: str, head_dim: int) -> None:
                                         f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
 
 
-def _check_gemma3(cfg) -> None:
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(cfg, field, None) is not None:
-            raise UnsupportedModelError(f"{field}={getattr(cfg, field)} is not supported (logit soft-capping)")
-    if getattr(cfg, "use_bidirectional_attention", False):
-        raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
+def _softcap(cfg, field: str) -> float:
+    value = getattr(cfg, field, None)
+    if value is None:
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise UnsupportedModelError(f"{field}={value!r} must be a positive number or null")
+    return float(value)
 
 
 def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
@@ -175,10 +183,11 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     if family in ("mistral", "phi3") and window:
         return (int(window),) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
-    slides = family == "gemma3" or (family in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False))
+    slides = family in ("gemma2", "gemma3") or (family in ("qwen2", "qwen3")
+                                                and getattr(cfg, "use_sliding_window", False))
     if slides and layer_types:
         if "sliding_attention" in layer_types and not window:
-            what = "layers are" if family == "gemma3" else "use_sliding_window is true and layers are"
+            what = "layers are" if family in GEMMAS else "use_sliding_window is true and layers are"
             raise UnsupportedModelError(f"{what} sliding_attention, but sliding_window is not set")
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
     return (None,) * n_layers

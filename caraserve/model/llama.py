@@ -3,8 +3,9 @@
 Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
 MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (an RMSNorm
 over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up fused in the
-checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU) and Gemma3ForCausalLM
-(Gemma's, plus norms after attention and the MLP, sliding layers with a rope of their own);
+checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU), Gemma2ForCausalLM
+(Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits) and
+Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own);
 `caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
-from caraserve.attention import paged_attention, rotary_write_kv
+from caraserve.attention import capped_attention, paged_attention, rotary_write_kv
 from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
@@ -92,6 +93,7 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         self.window = args.sliding_windows[layer]
+        self.softcap = args.attn_softcap
         h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
@@ -116,7 +118,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping)
         if fb.is_decode:
-            out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window)
+            out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window,
+                                  self.softcap)
         else:
             out = self._prefill(q, fb, k_cache, v_cache)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb)
@@ -127,7 +130,7 @@ class Attention(nn.Module):
             from caraserve import attention_triton
 
             return attention_triton.prefill_attention(q.contiguous(), k_cache, v_cache, fb.block_tables,
-                                                      fb.query_lens, fb.context_lens, self.window)
+                                                      fb.query_lens, fb.context_lens, self.window, self.softcap)
         if not q.is_cuda:
             # every prompt token as a row of the C kernel (its keys are in the cache already): one
             # call for the batch instead of an SDPA call per prompt, whose fixed cost dominates short
@@ -135,7 +138,7 @@ class Attention(nn.Module):
             # or batched (SDPA's blocked sums differ from the kernel's in the last bits, and are
             # faster only on chunks of many hundred tokens)
             out = cpu_kernels.paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens,
-                                              self.window)
+                                              self.window, self.softcap)
             if out is not None:
                 return out
         out = torch.empty_like(q)
@@ -145,7 +148,10 @@ class Attention(nn.Module):
             keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [n_kv, ctx, hd]
             vals = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
             qi = q[start : start + n].transpose(0, 1)  # [H, n, hd]
-            if n == ctx and (self.window is None or ctx <= self.window):
+            if self.softcap:  # (SDPA cannot cap the scores)
+                mask = _attention_mask(fb.positions[start : start + n], ctx, self.window)
+                o = capped_attention(qi, keys, vals, mask, self.softcap)
+            elif n == ctx and (self.window is None or ctx <= self.window):
                 o = sdpa(qi, keys, vals, is_causal=True)
             else:
                 mask = _attention_mask(fb.positions[start : start + n], ctx, self.window)
@@ -260,10 +266,14 @@ class CausalLM(nn.Module):
                 m.packed = None
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [T, vocab] of final hidden states [T, hidden] (already normed)."""
+        """Logits [T, vocab] of final hidden states [T, hidden] (already normed), soft-capped
+        where the model caps them (Gemma 2: cap * tanh(logits / cap), in their dtype)."""
         if self._packed_head is not None and h.dtype == torch.float32 and h.device.type == "cpu":
-            return torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
-        return self.lm_head(h)
+            logits = torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
+        else:
+            logits = self.lm_head(h)
+        cap = self.args.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def layer_devices(self) -> list[torch.device]:
         return [layer.input_layernorm.weight.device for layer in self.model.layers]

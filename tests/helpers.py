@@ -17,6 +17,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         Gemma3TextConfig,
         GemmaConfig,
         GemmaForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -38,6 +40,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         "gemma": (GemmaConfig, GemmaForCausalLM),
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+        "granite": (GraniteConfig, GraniteForCausalLM),
     }
     cfg_cls, model_cls = classes[arch]
     kw = dict(

@@ -6,7 +6,8 @@ computed on the CPU while the adapter is copied.
   served as q/k/v LoRAs sharing its A, each with its rows of B.
 - Gemma: scaled embeddings, norms of 1 + w, GELU; Gemma 2 adds norms after attention and the MLP
   and soft-capped attention scores and logits; Gemma 3 Gemma 2's norms, per-head q/k norms, and a
-  rope of their own for its sliding layers."""
+  rope of their own for its sliding layers.
+- Granite: Llama's layers, with the embeddings, attention scores, layer outputs and logits scaled."""
 
 from __future__ import annotations
 
@@ -41,13 +42,19 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    "granite": ({"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                 "logits_scaling": 2.0}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
     "gemma3": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
         "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
     }),
 }
-WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None)}
+WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None),
+           "granite": (None, None)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)

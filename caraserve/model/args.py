@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "GraniteForCausalLM": "granite",
 }
 GEMMAS = ("gemma", "gemma2", "gemma3")
 # Gemma 3 gives its sliding layers a rope of their own
@@ -52,12 +53,16 @@ class ModelArgs:
     max_position: int
     activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
     norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
-    embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden))
+    embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
-    query_scale: float = 1.0  # queries times this before attention: 1/sqrt(query_pre_attn_scalar) over 1/sqrt(hd)
+    # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
+    # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
+    query_scale: float = 1.0
     local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3)
     attn_softcap: float = 0.0  # attention scores capped to cap * tanh(score / cap) (Gemma 2); 0: none
     final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
+    residual_scale: float = 1.0  # each layer's attention and MLP outputs times this before they join the residual
+    logits_divisor: float = 1.0  # logits divided by this (Granite's logits_scaling)
 
     @classmethod
     def from_hf(cls, cfg) -> ModelArgs:
@@ -70,9 +75,12 @@ class ModelArgs:
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
         # transformers reads attention_bias for Llama, Qwen3 and Gemma (q/k/v and o); Mistral and
         # Phi-3 have none, Qwen2 on q/k/v always
-        attn_bias = family in ("llama", "qwen3", *GEMMAS) and bool(getattr(cfg, "attention_bias", False))
+        attn_bias = family in ("llama", "qwen3", "granite", *GEMMAS) and bool(getattr(cfg, "attention_bias", False))
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         caps = family in ("gemma2", "gemma3")  # (Gemma 3's are off by default)
+        granite = {k: _multiplier(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
+                                                    "residual_multiplier", "logits_scaling")} \
+            if family == "granite" else {}
         return cls(
             architecture=arch,
             vocab_size=cfg.vocab_size,
@@ -86,19 +94,22 @@ class ModelArgs:
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else attn_bias,
             o_bias=False if family == "qwen2" else attn_bias,
-            mlp_bias=family == "llama" and bool(getattr(cfg, "mlp_bias", False)),
+            mlp_bias=family in ("llama", "granite") and bool(getattr(cfg, "mlp_bias", False)),
             qk_norm=family in ("qwen3", "gemma3"),
             fused_checkpoint=family == "phi3",
             sliding_windows=_windows(cfg, family, n_layers),
             max_position=getattr(cfg, "max_position_embeddings", 2048),
             activation=_activation(cfg, family),
             norm_unit_offset=gemma,
-            embed_scale=math.sqrt(cfg.hidden_size) if gemma else 1.0,
+            embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             sandwich_norms=family in ("gemma2", "gemma3"),
-            query_scale=math.sqrt(head_dim / scalar) if scalar else 1.0,
+            query_scale=(math.sqrt(head_dim / scalar) if scalar else
+                         granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family == "gemma3",
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if caps else 0.0,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if caps else 0.0,
+            residual_scale=granite.get("residual_multiplier", 1.0),
+            logits_divisor=granite.get("logits_scaling", 1.0),
         )
 
     @property
@@ -166,6 +177,13 @@ def _check_rope(cfg, family: str, head_dim: int) -> None:
         if rotary != head_dim:
             raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
                                         f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
+
+
+def _multiplier(cfg, field: str) -> float:
+    value = getattr(cfg, field, 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise UnsupportedModelError(f"{field}={value!r} must be a positive number")
+    return float(value)
 
 
 def _softcap(cfg, field: str) -> float:

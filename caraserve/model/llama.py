@@ -5,7 +5,8 @@ MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCaus
 over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up fused in the
 checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU), Gemma2ForCausalLM
 (Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits) and
-Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own);
+Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own),
+GraniteForCausalLM (Llama's, with embeddings, attention scores, layer outputs and logits scaled);
 `caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
@@ -186,6 +187,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = norm()
         self.sandwich = args.sandwich_norms
+        self.residual_scale = args.residual_scale
         if self.sandwich:  # Gemma 3: post_attention_layernorm takes the attention's output alone
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
@@ -196,6 +198,9 @@ class DecoderLayer(nn.Module):
         next norm, fused with it. The first layer gets x None and the embeddings as residual."""
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, fb, cache)
+        if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
+            h, residual = self.post_attention_layernorm(h * self.residual_scale, residual)
+            return self.mlp(h, fb) * self.residual_scale, residual
         if not self.sandwich:
             h, residual = self.post_attention_layernorm(h, residual)
             return self.mlp(h, fb), residual
@@ -266,12 +271,15 @@ class CausalLM(nn.Module):
                 m.packed = None
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [T, vocab] of final hidden states [T, hidden] (already normed), soft-capped
-        where the model caps them (Gemma 2: cap * tanh(logits / cap), in their dtype)."""
+        """Logits [T, vocab] of final hidden states [T, hidden] (already normed), divided where the
+        model divides them (Granite) and soft-capped where it caps them (Gemma 2: cap * tanh(logits
+        / cap)), in their dtype."""
         if self._packed_head is not None and h.dtype == torch.float32 and h.device.type == "cpu":
             logits = torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
         else:
             logits = self.lm_head(h)
+        if self.args.logits_divisor != 1.0:  # Granite's logits_scaling
+            logits = logits / self.args.logits_divisor
         cap = self.args.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

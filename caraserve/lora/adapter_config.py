@@ -25,7 +25,8 @@ TARGETS = SPLIT_MODULES  # the projections the device pool holds LoRA for
 MAX_CONFIG_BYTES = 16 * 2**20
 # LoraConfig's default lora_alpha (a config that omits it is scaled 8 / r, as PEFT loads it)
 PEFT_DEFAULT_ALPHA = 8
-# PEFT's target_modules for Llama, Mistral, Qwen2 and Qwen3 when a config gives none
+# PEFT's target_modules for Llama, Mistral, Qwen2, Qwen3 and Gemma when a config gives none (PEFT
+# saves them in every config it writes; it has no default for Phi-3, refused below, or Granite)
 PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # init_lora_weights values whose adapters run as plain LoRA on the base weights; the others
 # ("pissa...", "olora", "corda", "loftq", "lora_ga") rewrite the base weights at load

@@ -31,6 +31,9 @@ CONFIGS = {
     "phi3-window": ("phi3", {"sliding_window": 5}),
     # scaled embeddings, norms of 1 + w, GELU; tied head, one KV head
     "gemma": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # transformers' Gemma 3 caps its logits and leaves its attention scores as they are, whatever
+    # attn_logit_softcapping says
+    "gemma3-caps": ("gemma3", {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     # the embeddings, attention scores, layer outputs and logits scaled; biases everywhere
     "granite": ("granite", {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                             "logits_scaling": 2.0, "attention_bias": True, "mlp_bias": True}),

@@ -77,7 +77,9 @@ class ModelArgs:
         # Phi-3 have none, Qwen2 on q/k/v always
         attn_bias = family in ("llama", "qwen3", "granite", *GEMMAS) and bool(getattr(cfg, "attention_bias", False))
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
-        caps = family in ("gemma2", "gemma3")  # (Gemma 3's are off by default)
+        # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
+        # cap (its attention ignores attn_logit_softcapping), and so does this
+        final_cap = family in ("gemma2", "gemma3")
         granite = {k: _multiplier(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
                                                     "residual_multiplier", "logits_scaling")} \
             if family == "granite" else {}
@@ -106,8 +108,8 @@ class ModelArgs:
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family == "gemma3",
-            attn_softcap=_softcap(cfg, "attn_logit_softcapping") if caps else 0.0,
-            final_softcap=_softcap(cfg, "final_logit_softcapping") if caps else 0.0,
+            attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
+            final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
             logits_divisor=granite.get("logits_scaling", 1.0),
         )

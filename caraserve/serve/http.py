@@ -100,10 +100,13 @@ def error_response(status: int, message: str, type_: str, headers: dict[str, str
 
 def _validation_message(err: dict) -> tuple[str | None, str]:
     """(the field, its message) of one pydantic error: a field's check names the field; a check
-    of the whole body (several fields together) says its own words, which name them."""
+    of several fields together says its own words, which name them; an error of the body as a
+    whole (none sent) says "body"."""
     field = ".".join(str(x) for x in err["loc"] if x != "body") or None
-    msg = err["msg"].removeprefix("Value error, ")
-    return field, msg if field is None else f"{field}: {msg}"
+    msg = err["msg"].removeprefix("Value error, ")  # (our checks' own words follow it)
+    if field is not None:
+        return field, f"{field}: {msg}"
+    return None, msg if err.get("type") == "value_error" else f"body: {msg}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

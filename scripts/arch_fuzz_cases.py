@@ -1,0 +1,110 @@
+"""Random model configurations, PEFT adapters and prompts for scripts/fuzz_architectures.py: each
+architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
+apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
+supported rope type, Gemma 3's rope per layer type, soft caps, Granite's multipliers), and
+adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
+
+from __future__ import annotations
+
+import random
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite")
+SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
+VOCAB = 128  # tests/helpers.save_random_hf_model's
+
+
+def rope(rng: random.Random, theta: float | None = None) -> dict:
+    kind = rng.choice(("default", "linear", "llama3", "yarn"))
+    out = {"rope_type": kind, "rope_theta": theta or rng.choice((10000.0, 500.0, 1e6, 50.0))}
+    if kind == "linear":
+        out["factor"] = rng.choice((2.0, 4.0, 8.0))
+    elif kind == "llama3":
+        out.update(factor=rng.choice((4.0, 8.0)), low_freq_factor=1.0, high_freq_factor=rng.choice((2.0, 4.0)),
+                   original_max_position_embeddings=rng.choice((16, 32, 64)))
+    elif kind == "yarn":
+        out.update(factor=rng.choice((2.0, 4.0, 8.0)), original_max_position_embeddings=rng.choice((64, 128)))
+    return out
+
+
+def model_config(rng: random.Random, arch: str) -> dict:
+    """save_random_hf_model overrides of one random model of `arch`."""
+    heads = rng.choice((1, 2, 3, 4, 6))
+    layers = rng.randint(1, 3)
+    hidden = rng.choice([h for h in range(32, 97, 8) if h % heads == 0])  # (Gemma 3 checks it)
+    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+               num_key_value_heads=rng.choice([d for d in range(1, heads + 1) if heads % d == 0]),
+               head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
+               tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
+    if arch in ("llama", "qwen3", "gemma", "gemma2", "gemma3", "granite") and rng.random() < 0.4:
+        cfg["attention_bias"] = True
+    window = rng.randint(3, 8)
+    types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
+    if arch in ("mistral", "phi3") and rng.random() < 0.7:
+        cfg["sliding_window"] = window
+    if arch in ("qwen2", "qwen3") and rng.random() < 0.6:
+        cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
+    if arch in ("gemma2", "gemma3"):
+        cfg.update(sliding_window=window, layer_types=types, query_pre_attn_scalar=rng.choice((8, 24, 100)),
+                   final_logit_softcapping=rng.choice((None, 3.0, 30.0)))
+    if arch == "gemma2":
+        cfg["attn_logit_softcapping"] = rng.choice((None, 2.0, 50.0))
+    if arch == "gemma3":
+        cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
+                                  "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
+    elif arch != "phi3":
+        cfg["rope_parameters"] = rope(rng)
+    if arch == "granite":
+        cfg.update(embedding_multiplier=rng.choice((1.0, 3.0, 12.0)), attention_multiplier=rng.choice((0.05, 0.2)),
+                   residual_multiplier=rng.choice((0.2, 0.5, 1.0)), logits_scaling=rng.choice((1.0, 2.0, 8.0)))
+    return cfg
+
+
+def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
+    """save_peft_adapter keywords of one random adapter for a model of `arch`."""
+    names = FUSED if arch == "phi3" else SPLIT
+    targets = "all-linear" if rng.random() < 0.2 else rng.sample(names, rng.randint(1, len(names)))
+    used = names if targets == "all-linear" else targets
+    kw = dict(r=rng.choice((2, 4, 8, 16)), lora_alpha=rng.choice((1, 4, 8, 16, 32)), target_modules=targets)
+    if rng.random() < 0.3:
+        module = rng.choice(used)
+        parent = "mlp" if "gate" in module or "up" in module or "down" in module else "self_attn"
+        key = module if rng.random() < 0.5 else f"layers.{rng.randrange(layers)}.{parent}.{module}"
+        kw["rank_pattern"] = {key: rng.choice((2, 4, 8, 16))}
+    if rng.random() < 0.3:
+        kw["alpha_pattern"] = {rng.choice(used): rng.choice((2, 64))}
+    if rng.random() < 0.3 and layers > 1 and targets != "all-linear":
+        kw["layers_to_transform"] = sorted(rng.sample(range(layers), rng.randint(1, layers - 1)))
+    if rng.random() < 0.15:
+        kw["use_rslora"] = True
+    return kw
+
+
+def prompts(rng: random.Random, adapters: int) -> tuple[list[list[int]], list[str | None], int]:
+    """(prompts, each one's adapter, n): the first n of 3-5 random prompts, then as many sharing a
+    prefix of 8 tokens or more with them, on the same adapter (prefix-cache hits)."""
+    names = [None] + [f"a{i}" for i in range(adapters)]
+    first = [[rng.randrange(VOCAB) for _ in range(rng.choice((1, 2, 5, 9, 13, 17, 20, 31, 40)))]
+             for _ in range(rng.randint(3, 5))]
+    owners = [names[i % len(names)] for i in range(len(first))]
+    second = []
+    for p in first:
+        if len(p) >= 9:
+            second.append(p[: rng.randint(8, len(p))] + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 6))])
+        else:
+            second.append([rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))])
+    return first + second, owners + owners, len(first)
+
+
+def engine_options(rng: random.Random, longest: int) -> list[dict]:
+    """The engine settings each configuration runs under: eager with the default cache; a cache
+    small enough to preempt; chunked prefill; two rounds (the second hits the prefix cache); one
+    device slot a bucket with odd block sizes; CPU-assisted prefill."""
+    return [
+        {"name": "eager"},
+        {"name": "small_kv", "kv_block_size": 4, "num_kv_blocks": -(-longest // 4) + rng.randint(1, 3)},
+        {"name": "chunked", "max_batch_size": 4, "max_tokens_per_step": rng.choice((4, 5, 7))},
+        {"name": "prefix_hits", "kv_block_size": 4, "two_rounds": True},
+        {"name": "one_slot", "slots": 1, "kv_block_size": rng.choice((1, 2, 8))},
+        {"name": "cpu_assist", "slots": 1, "cpu_assist": True},
+    ]

@@ -118,11 +118,14 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     assert [r.output_ids for r in restarted.generate(prompts, GREEDY, adapters)] == want
 
     # A compiled kernel cut short in the cache (a process killed while linking it) made the next
-    # process fault (SIGBUS) as it loaded it: it is removed, built again, and the tokens hold
-    (kernel,) = sorted((tmp_path / "cache" / "inductor").glob("*/*.so"), key=lambda p: p.stat().st_size)[-1:]
-    cut = kernel.with_suffix(".cut")  # a new file: this process still maps the old one
-    cut.write_bytes(kernel.read_bytes()[:1000])
-    cut.replace(kernel)
+    # process fault (SIGBUS) as it loaded it: it is removed, built again, and the tokens hold.
+    # Every kernel is cut: which of them the next process loads (and so builds again) depends on
+    # the machine's compiler and the artifacts it finds
+    kernels = sorted((tmp_path / "cache" / "inductor").glob("*/*.so"))
+    for kernel in kernels:
+        cut = kernel.with_suffix(".cut")  # a new file: this process still maps the old one
+        cut.write_bytes(kernel.read_bytes()[:1000])
+        cut.replace(kernel)
     script = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from pathlib import Path\nfrom test_compile import GREEDY, engine\n"
               f"e = engine(Path({str(small)!r}), 'true', Path({str(tmp_path / 'cache')!r}))\n"
@@ -131,7 +134,9 @@ def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == want
-    assert "removed 1 damaged compiled kernel" in run.stderr and elf_whole(kernel)
+    assert f"removed {len(kernels)} damaged compiled kernel(s)" in run.stderr
+    # (the kernels it loaded are whole again; none left cut short)
+    assert all(elf_whole(k) for k in (tmp_path / "cache" / "inductor").glob("*/*.so"))
 
 
 def test_compiled_steps_with_preemption_give_the_eager_tokens(small, tmp_path):

@@ -17,7 +17,6 @@ seed, configuration and setting to JSON; exits 1 when any is a mismatch.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -30,45 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
 from arch_fuzz_cases import ARCHS, adapter_config, engine_options, model_config, prompts  # noqa: E402
-from helpers import save_peft_adapter, save_random_hf_model  # noqa: E402
+from helpers import peft_greedy, peft_reference, save_peft_adapter, save_random_hf_model, with_adapter  # noqa: E402
 
 from caraserve.config import AdapterConfig, CpuAssistConfig, EngineConfig, ModelConfig  # noqa: E402
 from caraserve.engine import Engine  # noqa: E402
+from caraserve.profiling.machine import cpu_header, write_json  # noqa: E402
 from caraserve.request import SamplingParams  # noqa: E402
-
-
-def reference_model(root: Path, adapters: int):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
-    base.generation_config.eos_token_id = None  # as ignore_eos: EOS is a token like any other
-    peft = PeftModel.from_pretrained(base, str(root / "adapters" / "a0"), adapter_name="a0")
-    for i in range(1, adapters):
-        peft.load_adapter(str(root / "adapters" / f"a{i}"), adapter_name=f"a{i}")
-    return peft.eval()
-
-
-def with_adapter(peft, adapter: str | None, fn):
-    if adapter is None:
-        with peft.disable_adapter():
-            return fn()
-    peft.set_adapter(adapter)
-    return fn()
-
-
-@torch.no_grad()
-def reference_tokens(peft, batch: list[list[int]], owners: list[str | None], new_tokens: int) -> list[list[int]]:
-    """Each request's greedy tokens alone (transformers' generate; the attention mask given, or
-    generate would mask the prompt's tokens equal to the pad id out)."""
-    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    out = []
-    for p, a in zip(batch, owners):
-        ids = torch.tensor([p])
-        seq = with_adapter(peft, a, lambda ids=ids: peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                                  **kw))
-        out.append(seq[0, len(p):].tolist())
-    return out
 
 
 @torch.no_grad()
@@ -114,8 +80,8 @@ def run_seed(seed: int, archs: tuple[str, ...], compile_every: int, work: Path) 
     save_random_hf_model(root / "base", arch, seed=seed, **cfg)
     for i, kw in enumerate(adapters):
         save_peft_adapter(root / "base", root / "adapters" / f"a{i}", seed=1000 + 10 * seed + i, **kw)
-    peft = reference_model(root, len(adapters))
-    want = reference_tokens(peft, batch, owners, new_tokens)
+    peft = peft_reference(root / "base", {f"a{i}": root / "adapters" / f"a{i}" for i in range(len(adapters))})
+    want = peft_greedy(peft, list(zip(batch, owners)), new_tokens)
     options = engine_options(rng, max(map(len, batch)) + new_tokens)
     if compile_every and seed % compile_every == 0:
         options.append({"name": "compiled", "compile": "true"})
@@ -155,10 +121,8 @@ def main() -> int:
     real = [(r["seed"], m) for r in results for m in r["mismatches"] if not m["tie"]]
     print(f"{len(results)} configurations, {sum(len(r['settings']) for r in results)} engine runs: "
           f"{len(real)} real mismatches, {sum(len(r['mismatches']) for r in results) - len(real)} ties")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out, {"header": cpu_header(command=" ".join(sys.argv), torch=torch.__version__),
+                          "summary": {"configurations": len(results), "mismatches": len(real)}, "results": results})
     return 1 if real else 0
 
 

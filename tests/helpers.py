@@ -146,6 +146,44 @@ def peft_logits(base_folder, adapter_folder, tokens):
         return model(torch.tensor([tokens])).logits[0]
 
 
+def peft_reference(base_folder, adapters: dict):
+    """transformers + peft with every adapter of `adapters` ({name: folder}) loaded by its name,
+    in eval mode, with no end token: as the engine's ignore_eos, EOS is a token like any other."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None
+    (first, folder), *rest = adapters.items()
+    peft = PeftModel.from_pretrained(base, str(folder), adapter_name=first)
+    for name, folder in rest:
+        peft.load_adapter(str(folder), adapter_name=name)
+    return peft.eval()
+
+
+def with_adapter(peft, adapter: str | None, fn):
+    """fn() with `adapter` active in a peft_reference model (None: the base model)."""
+    if adapter is None:
+        with peft.disable_adapter():
+            return fn()
+    peft.set_adapter(adapter)
+    return fn()
+
+
+@torch.no_grad()
+def peft_greedy(peft, requests, new_tokens: int) -> list[list[int]]:
+    """Each (prompt ids, adapter or None) request's greedy tokens alone, from a peft_reference
+    model (the attention mask given: generate would mask out prompt tokens equal to the pad id)."""
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    out = []
+    for ids, adapter in requests:
+        x = torch.tensor([ids])
+        seq = with_adapter(peft, adapter,
+                           lambda x=x: peft.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw))
+        out.append(seq[0, len(ids):].tolist())
+    return out
+
+
 def copy_adapter(src, dst):
     """A copy of the adapter folder `src` at `dst` (to break without touching the original)."""
     import shutil

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_peft_adapter, save_random_hf_model
+from helpers import peft_greedy, peft_reference, save_peft_adapter, save_random_hf_model
 
 from caraserve.config import AdapterConfig, CpuAssistConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
@@ -74,29 +74,10 @@ def model(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model):
-    """Greedy tokens of transformers (+ peft) for each request alone. As ignore_eos: no end token,
-    so EOS is a token like any other (min_new_tokens would ban it instead)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    """Greedy tokens of transformers (+ peft) for each request alone, EOS a token like any other."""
     arch, root, adapters = model
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
-    names = list(MODELS[arch][1])
-    peft = PeftModel.from_pretrained(base, str(root / "adapters" / names[0]), adapter_name=names[0])
-    for n in names[1:]:
-        peft.load_adapter(str(root / "adapters" / n), adapter_name=n)
-    out = []
-    base.generation_config.eos_token_id = None
-    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    for ids, adapter in zip(PROMPTS, adapters):
-        with torch.no_grad():
-            if adapter is None:
-                with peft.disable_adapter():
-                    seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
-            else:
-                peft.set_adapter(adapter)
-                seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
-        out.append(seq[0, len(ids):].tolist())
+    peft = peft_reference(root / "base", {n: root / "adapters" / n for n in MODELS[arch][1]})
+    out = peft_greedy(peft, list(zip(PROMPTS, adapters)), NEW_TOKENS)
     assert len({tuple(r) for r in out}) == len(out)  # the adapters change the tokens
     return out
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from caraserve.config import AdapterConfig, EngineConfig, ModelConfig
 from caraserve.engine import Engine
@@ -54,26 +53,10 @@ def workload(catalogue):
 @pytest.fixture(scope="module")
 def reference(catalogue, workload):
     """Greedy tokens of transformers (+ peft) for each request alone."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from helpers import peft_greedy, peft_reference
 
     model_dir, adapters, names = catalogue
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    peft = PeftModel.from_pretrained(base, str(adapters / names[0]), adapter_name=names[0])
-    for n in names[1:]:
-        peft.load_adapter(str(adapters / n), adapter_name=n)
-    out = []
-    for ids, adapter in workload:
-        kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3)
-        with torch.no_grad():
-            if adapter is None:
-                with peft.disable_adapter():
-                    seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
-            else:
-                peft.set_adapter(adapter)
-                seq = peft.generate(input_ids=torch.tensor([ids]), **kw)
-        out.append(seq[0, len(ids):].tolist())
-    return out
+    return peft_greedy(peft_reference(model_dir, {n: adapters / n for n in names}), workload, NEW_TOKENS)
 
 
 def make_engine(catalogue, **engine_kw) -> Engine:

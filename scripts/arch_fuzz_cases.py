@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite")
+# (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -36,7 +37,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
                num_key_value_heads=rng.choice([d for d in range(1, heads + 1) if heads % d == 0]),
                head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
                tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
-    if arch in ("llama", "qwen3", "gemma", "gemma2", "gemma3", "granite") and rng.random() < 0.4:
+    gemma3 = arch in ("gemma3", "gemma3-mm")
+    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite") or gemma3) and rng.random() < 0.4:
         cfg["attention_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
@@ -44,12 +46,12 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["sliding_window"] = window
     if arch in ("qwen2", "qwen3") and rng.random() < 0.6:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
-    if arch in ("gemma2", "gemma3"):
+    if arch == "gemma2" or gemma3:
         cfg.update(sliding_window=window, layer_types=types, query_pre_attn_scalar=rng.choice((8, 24, 100)),
                    final_logit_softcapping=rng.choice((None, 3.0, 30.0)))
     if arch == "gemma2":
         cfg["attn_logit_softcapping"] = rng.choice((None, 2.0, 50.0))
-    if arch == "gemma3":
+    if gemma3:
         cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
     elif arch != "phi3":

@@ -14,6 +14,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         Gemma2Config,
         Gemma2ForCausalLM,
         Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
         Gemma3TextConfig,
         GemmaConfig,
         GemmaForCausalLM,
@@ -41,6 +42,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),
+        "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
     }
     cfg_cls, model_cls = classes[arch]
     kw = dict(
@@ -48,10 +50,18 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch in ("phi3", "gemma", "gemma2", "gemma3"):  # their defaults name token ids past this vocabulary, or
-        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)  # heads of 256
+    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm"):
+        # their defaults name token ids past this vocabulary, or heads of 256
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     kw.update(overrides)
     cfg = cfg_cls(**kw)
+    if arch == "gemma3-mm":  # the text model inside a multimodal checkpoint, a one-layer vision tower
+        from transformers import Gemma3Config
+
+        cfg = Gemma3Config(text_config=cfg.to_dict(), tie_word_embeddings=cfg.tie_word_embeddings,
+                           vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14),
+                           mm_tokens_per_image=4, image_token_index=127, boi_token_index=125, eoi_token_index=126)
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():

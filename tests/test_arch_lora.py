@@ -42,6 +42,13 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    # the language model of a multimodal checkpoint: its adapters name model.language_model's
+    # modules, and all-linear (or a bare q_proj) takes the vision tower's too, which text leaves out
+    "gemma3-mm": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "lm-regex-r4": dict(r=4, lora_alpha=4, target_modules=r".*language_model.*\.(v_proj|down_proj)"),
+    }),
     "granite": ({"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                  "logits_scaling": 2.0}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
@@ -54,7 +61,7 @@ MODELS = {  # arch -> (model overrides, adapters)
     }),
 }
 WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None),
-           "granite": (None, None)}
+           "gemma3-mm": (8, None), "granite": (None, None)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -95,7 +102,8 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
     args = engine.model.args
-    assert (args.qk_norm, args.fused_checkpoint) == (arch in ("qwen3", "gemma3"), arch == "phi3")
+    assert (args.qk_norm, args.fused_checkpoint) == (arch in ("qwen3", "gemma3", "gemma3-mm"), arch == "phi3")
+    assert args.multimodal == (arch == "gemma3-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)
     assert [r.output_ids for r in reqs] == reference
@@ -167,3 +175,27 @@ def test_phi3_adapters_name_the_fused_modules(tmp_path):
     save_file({k.replace("qkv_proj", "q_proj"): v[:q] if "lora_B" in k else v for k, v in tensors.items()},
               tmp_path / "split-tensors" / "adapter_model.safetensors")
     refused(tmp_path / "split-tensors", r"target module self_attn.q_proj does not exist in the model")
+
+
+def test_multimodal_adapters_of_either_naming_load_alike(tmp_path):
+    """A Gemma 3 multimodal adapter saved with transformers 5's names (model.language_model.layers)
+    or earlier ones (language_model.model.layers) gives the same weights; its vision tower's
+    tensors are left out."""
+    from safetensors.torch import load_file, save_file
+
+    from caraserve.lora.checkpoint import load_adapter
+    from caraserve.model.loader import load_model
+
+    save_random_hf_model(tmp_path / "base", "gemma3-mm")
+    args = load_model(tmp_path / "base", "float32").args
+    new = save_peft_adapter(tmp_path / "base", tmp_path / "new", seed=4, r=4, target_modules="all-linear")
+    tensors = load_file(new / "adapter_model.safetensors")
+    assert any("vision_tower" in k for k in tensors)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text((new / "adapter_config.json").read_text())
+    save_file({k.replace("model.language_model.", "language_model.model."): v for k, v in tensors.items()},
+              old / "adapter_model.safetensors")
+    a, b = load_adapter(new, args), load_adapter(old, args)
+    assert a.targets == b.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert all(torch.equal(a.a[m], b.a[m]) and torch.equal(a.b[m], b.b[m]) for m in a.targets)

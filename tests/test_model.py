@@ -33,6 +33,9 @@ CONFIGS = {
     "gemma": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
     # transformers' Gemma 3 caps its logits and leaves its attention scores as they are, whatever
     # attn_logit_softcapping says
+    # Gemma 3's language model inside its multimodal checkpoint (language_model.model.*, a vision tower)
+    "gemma3-mm": ("gemma3-mm", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
+                                "tie_word_embeddings": True}),
     "gemma3-caps": ("gemma3", {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     # the embeddings, attention scores, layer outputs and logits scaled; biases everywhere
     "granite": ("granite", {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,

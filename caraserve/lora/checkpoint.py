@@ -34,9 +34,14 @@ from caraserve.lora.module_patterns import PARENT, ModuleRules, PatternError, mo
 
 log = logging.getLogger(__name__)
 
+# a decoder layer's LoRA tensor; a multimodal model's language model names its layers
+# model.language_model.layers (transformers 5) or language_model.model.layers (earlier)
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\."
+    r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
+# a multimodal model's parts besides its language model: their LoRA tensors are not used
+_OTHER_TOWERS = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
         raise AdapterError(f"adapter {name!r}: folder {folder} {what}")
     cfg = read_adapter_config(name, real, limits, model_args.adapter_modules)
     try:  # before the weights: a refused pattern costs no weights read
-        rules = module_rules(cfg, module_names(model_args.num_layers, model_args.adapter_modules))
+        rules = module_rules(cfg, _module_names(model_args))
     except PatternError as e:
         raise AdapterError(f"adapter {name!r}: {e}") from e
     # (a rank_pattern entry for a module outside the targets, or excluded, allocates nothing)
@@ -210,8 +215,8 @@ def _layout(name: str, cfg: dict, shapes: dict[str, tuple[int, ...]], model_args
     except _Refused as e:
         raise AdapterError(f"adapter {name!r}: {e}") from None
     if ignored:  # one line per adapter: a large model's file may hold hundreds of such tensors
-        log.warning("adapter %r: ignoring %d tensors of modules not in target_modules (as PEFT does), e.g. %s",
-                    name, len(ignored), ignored[0])
+        log.warning("adapter %r: ignoring %d tensors of modules not in target_modules (as PEFT does) or of a "
+                    "multimodal model's vision tower (not used for text), e.g. %s", name, len(ignored), ignored[0])
     return layout
 
 
@@ -236,8 +241,7 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     `fields` (JSON of _LAYOUT_FIELDS) and whose tensors have `shapes` ((key, shape) pairs)."""
     cfg = {k: v for k, v in zip(_LAYOUT_FIELDS, json.loads(fields)) if v is not None}
     try:
-        # memoized: _open_folder resolved it
-        rules = module_rules(cfg, module_names(model_args.num_layers, model_args.adapter_modules))
+        rules = module_rules(cfg, _module_names(model_args))  # memoized: _open_folder resolved it
     except PatternError as e:
         raise _Refused(str(e)) from None
     shapes = dict(shapes)
@@ -258,7 +262,7 @@ def _checked_layout(fields: str, shapes: tuple, model_args) -> tuple[_Layout, tu
     pairs = {}
     found, ignored = _collect_pairs(cfg, rules, shapes, model_args)
     for (layer, module), ab in sorted(found.items()):
-        key = f"model.layers.{layer}.{PARENT[module]}.{module}"
+        key = f"{model_args.layer_prefix}.{layer}.{PARENT[module]}.{module}"
         want_r = rules.rank.get(key, r)
         _check_pair(cfg, key, layer, module, {k: shapes[v] for k, v in ab.items()}, want_r, model_args)
         ratio = scaling(want_r, rules.alpha.get(key, alpha)) / base_scale
@@ -286,6 +290,9 @@ def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
             raise _Refused(f"LoRA on lm_head ({key}) is not supported")
         if "magnitude_vector" in key:
             raise _Refused(f"DoRA weights ({key}) are not supported")
+        if model_args.multimodal and _OTHER_TOWERS.match(key):  # text in, text out: the vision tower's
+            ignored.append(key)
+            continue
         m = _KEY.match(key)
         if m is None:
             raise _Refused(f"unexpected tensor {key!r}")
@@ -294,7 +301,7 @@ def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
             raise _Refused(f"target module {parent}.{module} does not exist in the model")
         if layer >= model_args.num_layers:
             raise _Refused(f"tensor {key!r} is for layer {layer}, the model has {model_args.num_layers}")
-        if rules.targets is not None and f"model.layers.{layer}.{parent}.{module}" not in rules.targets:
+        if rules.targets is not None and f"{model_args.layer_prefix}.{layer}.{parent}.{module}" not in rules.targets:
             ignored.append(key)
             continue
         pairs.setdefault((layer, module), {})[ab] = key
@@ -303,6 +310,10 @@ def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
             raise _Refused(f"target_modules regex {cfg['target_modules']!r} matches no module of the model")
         raise _Refused("the checkpoint holds no LoRA tensors")
     return pairs, ignored
+
+
+def _module_names(model_args) -> tuple[str, ...]:
+    return module_names(model_args.num_layers, model_args.adapter_modules, model_args.layer_prefix)
 
 
 def _check_pair(cfg: dict, key: str, layer: int, module: str, ab: dict, want_r: int, model_args) -> None:

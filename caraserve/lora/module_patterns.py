@@ -91,10 +91,12 @@ FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @functools.lru_cache(maxsize=16)
-def module_names(num_layers: int, modules: tuple[str, ...] = SPLIT_MODULES) -> tuple[str, ...]:
+def module_names(num_layers: int, modules: tuple[str, ...] = SPLIT_MODULES,
+                 layers: str = "model.layers") -> tuple[str, ...]:
     """Every adapter-targetable module's full name in a model of `num_layers` whose checkpoint
-    names the projections `modules` (ModelArgs.adapter_modules)."""
-    return tuple(f"model.layers.{i}.{PARENT[m]}.{m}" for i in range(num_layers) for m in modules)
+    names the projections `modules` (ModelArgs.adapter_modules), its layers `layers`
+    (ModelArgs.layer_prefix)."""
+    return tuple(f"{layers}.{i}.{PARENT[m]}.{m}" for i in range(num_layers) for m in modules)
 
 
 def key_regex(key: str) -> str:

@@ -23,6 +23,11 @@ ARCHITECTURES = {
     "GraniteForCausalLM": "granite",
 }
 GEMMAS = ("gemma", "gemma2", "gemma3")
+# multimodal checkpoints whose language model is served (text in, text out): architecture -> the
+# language model's family. Their text model's weights sit under a prefix, and their adapters'
+# modules under model.language_model (the vision tower's LoRA, if any, is not used)
+TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
+MULTIMODAL_LAYERS = "model.language_model.layers"
 # Gemma 3 gives its sliding layers a rope of their own
 ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -63,10 +68,18 @@ class ModelArgs:
     final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
     residual_scale: float = 1.0  # each layer's attention and MLP outputs times this before they join the residual
     logits_divisor: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    multimodal: bool = False  # the language model of a multimodal checkpoint (TEXT_OF_MULTIMODAL)
+
+    @property
+    def layer_prefix(self) -> str:
+        """The decoder layers' module name as the adapters' module names spell it."""
+        return MULTIMODAL_LAYERS if self.multimodal else "model.layers"
 
     @classmethod
     def from_hf(cls, cfg) -> ModelArgs:
         family, arch = _family(cfg)
+        multimodal = arch in TEXT_OF_MULTIMODAL
+        cfg = text_config_of(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gemma = family in GEMMAS
@@ -112,6 +125,7 @@ class ModelArgs:
             final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
             logits_divisor=granite.get("logits_scaling", 1.0),
+            multimodal=multimodal,
         )
 
     @property
@@ -142,11 +156,22 @@ class ModelArgs:
         return ((name, 0, self.module_shape(name)[1]),)
 
 
+def text_config_of(cfg):
+    """The config of the language model: a multimodal checkpoint's text_config, else cfg."""
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if archs and archs[0] in TEXT_OF_MULTIMODAL:
+        return cfg.text_config
+    return cfg
+
+
 def _family(cfg) -> tuple[str, str]:
     archs = list(getattr(cfg, "architectures", None) or [])
     arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
+    if arch in TEXT_OF_MULTIMODAL:
+        return TEXT_OF_MULTIMODAL[arch], arch
     if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
+                                    f"{sorted([*ARCHITECTURES, *TEXT_OF_MULTIMODAL])}")
     return ARCHITECTURES[arch], arch
 
 

@@ -30,7 +30,7 @@ from caraserve.kv_cache import blocks_for
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
-from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError  # noqa: F401  (re-exported)
+from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
 
@@ -227,6 +227,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        hf_config = text_config_of(hf_config)
         with torch.device("cpu"):  # real values even when the model is built on the meta device
             self.rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None))
             # Gemma 3's sliding layers' own rope (None: every layer takes self.rotary)

@@ -111,6 +111,24 @@ def _refuse_quantized(hf_config, folder: Path) -> None:
                              f"quant_method={method!r}) are not supported; give an unquantized model")
 
 
+# a multimodal checkpoint's parts besides its language model, which text serving does not read
+_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# where a multimodal checkpoint keeps its language model's tensors: (its prefix, ours)
+_LANGUAGE_MODEL = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                   ("language_model.lm_head.", "lm_head."))
+
+
+def _language_model_names(files: dict[str, Path]) -> dict[str, str]:
+    """Our parameter name -> the tensor holding it in a multimodal checkpoint: its language model's
+    under language_model.model (as released) or model.language_model (as transformers 5 names it)."""
+    out = {}
+    for name in files:
+        for theirs, ours in _LANGUAGE_MODEL:
+            if name.startswith(theirs):
+                out[ours + name[len(theirs):]] = name
+    return out
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
@@ -183,10 +201,10 @@ def _read_parameter(folder, files, handles, module, module_name: str, name: str,
 
 
 def _tie_lm_head(model: CausalLM, folder, files, handles, used: set, dtype: torch.dtype,
-                 head_dev: torch.device) -> None:
+                 head_dev: torch.device, head_name: str = "lm_head.weight") -> None:
     """A tied model's LM head, as transformers sets it: the embeddings, unless the checkpoint
-    holds an lm_head of other values (kept apart, with a warning)."""
-    embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    holds an lm_head (`head_name`) of other values (kept apart, with a warning)."""
+    embed_name = "model.embed_tokens.weight"
     embed = model.model.embed_tokens.weight
     head = None
     if head_name in files and head_name not in used:
@@ -227,13 +245,14 @@ def load_model(
     handles: dict[Path, object] = {}
     expected = dict(model.named_parameters())
     embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
-    source: dict[str, str] = {}  # the checkpoint tensor a parameter is read from, where not its own
+    # the checkpoint tensor a parameter is read from, where not its own name
+    source: dict[str, str] = _language_model_names(files) if args.multimodal else {}
     if args.tie_embeddings:
         # As transformers: a tied checkpoint may hold either tensor, and one holding both with
         # different values keeps them apart (compared below).
         expected.pop(head_name, None)
-        if embed_name not in files and head_name in files:
-            source[embed_name] = head_name
+        if source.get(embed_name, embed_name) not in files and source.get(head_name, head_name) in files:
+            source[embed_name] = source.get(head_name, head_name)
     used: set[str] = set()
     for name, param in expected.items():
         module_name, _, attr = name.rpartition(".")
@@ -242,9 +261,11 @@ def load_model(
                                 _device_for(name, placement), used)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
-        _tie_lm_head(model, folder, files, handles, used, torch_dtype, torch.device(_device_for(head_name, placement)))
-        used.add(head_name)  # read and compared, or the embeddings' own
-    extra = sorted(set(files) - used)
+        head_ck = source.get(head_name, head_name)
+        _tie_lm_head(model, folder, files, handles, used, torch_dtype, torch.device(_device_for(head_name, placement)),
+                     head_ck)
+        used.add(head_ck)  # read and compared, or the embeddings' own
+    extra = sorted(n for n in set(files) - used if not (args.multimodal and n.startswith(_OTHER_TOWERS)))
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
     for rotary in (model.rotary, model.local_rotary):  # (built on CPU)

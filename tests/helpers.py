@@ -8,8 +8,9 @@ from caraserve.kv_cache import KVCache, blocks_for
 from caraserve.model.batch import ForwardBatch
 
 
-def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):
-    """Writes a random tiny HF checkpoint of `arch` to folder and returns the HF model (float32)."""
+def _hf_classes(arch: str):
+    """(config class, model class) of a test architecture: a transformers one, or gemma3-mm (Gemma
+    3's language model inside its multimodal checkpoint, made from a text config)."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -32,7 +33,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         Qwen3ForCausalLM,
     )
 
-    classes = {
+    return {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -43,8 +44,12 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),
         "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
-    }
-    cfg_cls, model_cls = classes[arch]
+    }[arch]
+
+
+def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):
+    """Writes a random tiny HF checkpoint of `arch` to folder and returns the HF model (float32)."""
+    cfg_cls, model_cls = _hf_classes(arch)
     kw = dict(
         vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -4,10 +4,11 @@ Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
 MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (an RMSNorm
 over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up fused in the
 checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU), Gemma2ForCausalLM
-(Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits) and
-Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own),
-GraniteForCausalLM (Llama's, with embeddings, attention scores, layer outputs and logits scaled);
-`caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
+(Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits),
+Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own;
+also the language model of Gemma3ForConditionalGeneration) and GraniteForCausalLM (Llama's, with
+embeddings, attention scores, layer outputs and logits scaled); `caraserve.model.args` reads
+which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
 loader stacks their checkpoint tensors (Phi-3's are stacked already), and `checkpoint_tensors`

@@ -1,7 +1,8 @@
 """Random model configurations, PEFT adapters and prompts for scripts/fuzz_architectures.py: each
 architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
 apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
-supported rope type, Gemma 3's rope per layer type, soft caps, Granite's multipliers), and
+supported rope type, Gemma 3's and OLMo 3's rope per layer type, soft caps, Granite's
+multipliers, SmolLM3's layers without rope), and
 adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import random
 
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
+         "olmo2", "olmo3", "smollm3", "ministral")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -38,8 +40,11 @@ def model_config(rng: random.Random, arch: str) -> dict:
                head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
                tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
     gemma3 = arch in ("gemma3", "gemma3-mm")
-    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite") or gemma3) and rng.random() < 0.4:
+    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3") or gemma3) \
+            and rng.random() < 0.4:
         cfg["attention_bias"] = True
+    if arch in ("llama", "granite", "smollm3") and rng.random() < 0.3:
+        cfg["mlp_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
     if arch in ("mistral", "phi3") and rng.random() < 0.7:
@@ -51,7 +56,11 @@ def model_config(rng: random.Random, arch: str) -> dict:
                    final_logit_softcapping=rng.choice((None, 3.0, 30.0)))
     if arch == "gemma2":
         cfg["attn_logit_softcapping"] = rng.choice((None, 2.0, 50.0))
-    if gemma3:
+    if arch in ("olmo3", "ministral") or (arch == "smollm3" and rng.random() < 0.6):
+        cfg.update(sliding_window=window, layer_types=types, use_sliding_window=True)
+    if arch == "smollm3":
+        cfg["no_rope_layers"] = [rng.choice((0, 1)) for _ in range(layers)]
+    if gemma3 or arch == "olmo3":
         cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
     elif arch != "phi3":

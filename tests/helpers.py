@@ -23,14 +23,22 @@ def _hf_classes(arch: str):
         GraniteForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
+        MinistralConfig,
+        MinistralForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
 
     return {
@@ -43,6 +51,10 @@ def _hf_classes(arch: str):
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),
+        "ministral": (MinistralConfig, MinistralForCausalLM),
+        "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+        "olmo3": (Olmo3Config, Olmo3ForCausalLM),
+        "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
     }[arch]
 
@@ -55,8 +67,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm"):
-        # their defaults name token ids past this vocabulary, or heads of 256
+    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral"):
+        # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     kw.update(overrides)
     cfg = cfg_cls(**kw)

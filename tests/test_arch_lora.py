@@ -7,7 +7,10 @@ computed on the CPU while the adapter is copied.
 - Gemma: scaled embeddings, norms of 1 + w, GELU; Gemma 2 adds norms after attention and the MLP
   and soft-capped attention scores and logits; Gemma 3 Gemma 2's norms, per-head q/k norms, and a
   rope of their own for its sliding layers.
-- Granite: Llama's layers, with the embeddings, attention scores, layer outputs and logits scaled."""
+- Granite: Llama's layers, with the embeddings, attention scores, layer outputs and logits scaled.
+- OLMo 2: norms after attention and the MLP and none before them, q/k norms over all heads; OLMo 3
+  adds sliding layers with a rope of their own.
+- SmolLM3: layers without rotary (NoPE); Ministral: Mistral's layers, windows per layer."""
 
 from __future__ import annotations
 
@@ -59,9 +62,29 @@ MODELS = {  # arch -> (model overrides, adapters)
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
         "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
     }),
+    "olmo2": ({"attention_bias": True}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "o-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["o_proj", "up_proj"]),
+    }),
+    "olmo3": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, {
+        "kv-r8": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
+    "smollm3": ({"no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": 8,
+                 "layer_types": ["full_attention", "sliding_attention"]}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
+    "ministral": ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
 }
 WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None),
-           "gemma3-mm": (8, None), "granite": (None, None)}
+           "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
+           "smollm3": (None, 8), "ministral": (None, 8)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3")
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -102,7 +125,9 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
     args = engine.model.args
-    assert (args.qk_norm, args.fused_checkpoint) == (arch in ("qwen3", "gemma3", "gemma3-mm"), arch == "phi3")
+    assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, arch == "phi3")
+    assert args.post_norms_only == (arch in ("olmo2", "olmo3"))
+    assert args.no_rope_layers == ((1,) if arch == "smollm3" else ())
     assert args.multimodal == (arch == "gemma3-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)

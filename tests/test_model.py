@@ -50,6 +50,19 @@ CONFIGS = {
                           "query_pre_attn_scalar": 24, "rope_parameters": {
                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}}),
+    # norms after attention and the MLP and none before them, one q and one k norm over all heads,
+    # biases on q/k/v/o
+    "olmo2": ("olmo2", {"attention_bias": True}),
+    # OLMo 2's layers, layer 0 sliding with a rope of its own
+    "olmo3": ("olmo3", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
+                        "rope_parameters": {
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}}),
+    # layer 1 without rotary (NoPE), and it slides
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": 6,
+                            "layer_types": ["full_attention", "sliding_attention"], "mlp_bias": True}),
+    # Mistral's layers, a window on layer 1 only
+    "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }
 PROMPTS = [[5, 9, 3, 17, 22, 7, 1, 90, 4], [11, 2, 60], [3], [40, 41, 42, 43, 44, 45, 46]]
 

@@ -21,14 +21,20 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    "MinistralForCausalLM": "ministral",
+    "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 GEMMAS = ("gemma", "gemma2", "gemma3")
+OLMOS = ("olmo2", "olmo3")
+# families whose sliding layers have a rope of their own (rope_parameters per layer type)
+LOCAL_ROPE = ("gemma3", "olmo3")
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> the
 # language model's family. Their text model's weights sit under a prefix, and their adapters'
 # modules under model.language_model (the vision tower's LoRA, if any, is not used)
 TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
 MULTIMODAL_LAYERS = "model.language_model.layers"
-# Gemma 3 gives its sliding layers a rope of their own
 ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -52,18 +58,21 @@ class ModelArgs:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # an RMSNorm over each query and key head (its head_dim) before rotary (Qwen3, Gemma 3)
+    qk_norm: bool  # an RMSNorm over the queries and over the keys before rotary (Qwen3, Gemma 3, OLMo 2)
     fused_checkpoint: bool  # the checkpoint (and adapters) hold qkv_proj and gate_up_proj (Phi-3)
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
     activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
     norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
+    qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2)
     sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
+    post_norms_only: bool = False  # a norm after attention and after the MLP, none before them (OLMo 2)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
     query_scale: float = 1.0
-    local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3)
+    local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3, OLMo 3)
+    no_rope_layers: tuple[int, ...] = ()  # layers whose attention takes no rotary (SmolLM3's NoPE layers)
     attn_softcap: float = 0.0  # attention scores capped to cap * tanh(score / cap) (Gemma 2); 0: none
     final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
     residual_scale: float = 1.0  # each layer's attention and MLP outputs times this before they join the residual
@@ -86,9 +95,10 @@ class ModelArgs:
         _check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
-        # transformers reads attention_bias for Llama, Qwen3 and Gemma (q/k/v and o); Mistral and
-        # Phi-3 have none, Qwen2 on q/k/v always
-        attn_bias = family in ("llama", "qwen3", "granite", *GEMMAS) and bool(getattr(cfg, "attention_bias", False))
+        # transformers reads attention_bias for Llama, Qwen3, Gemma, OLMo and SmolLM3 (q/k/v and o);
+        # Mistral, Ministral and Phi-3 have none, Qwen2 on q/k/v always
+        attn_bias = family in ("llama", "qwen3", "granite", "smollm3", *GEMMAS, *OLMOS) \
+            and bool(getattr(cfg, "attention_bias", False))
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
@@ -109,8 +119,9 @@ class ModelArgs:
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else attn_bias,
             o_bias=False if family == "qwen2" else attn_bias,
-            mlp_bias=family in ("llama", "granite") and bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3"),
+            mlp_bias=family in ("llama", "granite", "smollm3") and bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=family in ("qwen3", "gemma3", *OLMOS),
+            qk_norm_per_head=family not in OLMOS,
             fused_checkpoint=family == "phi3",
             sliding_windows=_windows(cfg, family, n_layers),
             max_position=getattr(cfg, "max_position_embeddings", 2048),
@@ -118,9 +129,11 @@ class ModelArgs:
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             sandwich_norms=family in ("gemma2", "gemma3"),
+            post_norms_only=family in OLMOS,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
-            local_rope=family == "gemma3",
+            local_rope=family in LOCAL_ROPE,
+            no_rope_layers=_no_rope_layers(cfg, n_layers) if family == "smollm3" else (),
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
@@ -191,7 +204,7 @@ def _activation(cfg, family: str) -> str:
 
 
 def _check_rope(cfg, family: str, head_dim: int) -> None:
-    for layer_type in ROPE_LAYER_TYPES if family == "gemma3" else (None,):
+    for layer_type in ROPE_LAYER_TYPES if family in LOCAL_ROPE else (None,):
         rope_type = rope_type_of(cfg, layer_type)
         if rope_type not in SUPPORTED_ROPE:
             raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: "
@@ -228,11 +241,20 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     if family in ("mistral", "phi3") and window:
         return (int(window),) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
-    slides = family in ("gemma2", "gemma3") or (family in ("qwen2", "qwen3")
-                                                and getattr(cfg, "use_sliding_window", False))
+    slides = family in ("gemma2", "gemma3", "olmo3", "ministral") or (
+        family in ("qwen2", "qwen3", "smollm3") and getattr(cfg, "use_sliding_window", False))
     if slides and layer_types:
         if "sliding_attention" in layer_types and not window:
-            what = "layers are" if family in GEMMAS else "use_sliding_window is true and layers are"
+            what = "use_sliding_window is true and layers are" if family in ("qwen2", "qwen3", "smollm3") \
+                else "layers are"
             raise UnsupportedModelError(f"{what} sliding_attention, but sliding_window is not set")
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
     return (None,) * n_layers
+
+
+def _no_rope_layers(cfg, n_layers: int) -> tuple[int, ...]:
+    """SmolLM3's layers without rotary: no_rope_layers holds a flag per layer, 1 where it takes rope."""
+    flags = getattr(cfg, "no_rope_layers", None)
+    if not isinstance(flags, (list, tuple)) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
+        raise UnsupportedModelError(f"no_rope_layers={flags!r} must hold a 0 or 1 for each of the {n_layers} layers")
+    return tuple(i for i, f in enumerate(flags) if not f)

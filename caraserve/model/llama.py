@@ -95,24 +95,29 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         self.window = args.sliding_windows[layer]
+        # which of the model's ropes this layer takes (CausalLM.ropes): none is the identity
+        self.rope = "none" if layer in args.no_rope_layers else \
+            "local" if args.local_rope and self.window is not None else "global"
         self.softcap = args.attn_softcap
         h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
                                    args.fused_checkpoint)
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
-        if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_eps, args.norm_unit_offset)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_eps, args.norm_unit_offset)
+        if args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
+            self.q_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else q, args.rms_eps, args.norm_unit_offset)
+            self.k_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else kv, args.rms_eps, args.norm_unit_offset)
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
-        if a.qk_norm:  # each head's vector normed alone: rows of head_dim
+        if a.qk_norm and a.qk_norm_per_head:  # each head's vector normed alone: rows of head_dim
             q = self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0]
             k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
+        elif a.qk_norm:  # a token's queries normed together, and its keys
+            q, k = self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
         if a.query_scale != 1.0:  # the kernels scale scores by 1/sqrt(head_dim); Gemma 3 by another
             q = q * a.query_scale
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
@@ -184,19 +189,31 @@ class DecoderLayer(nn.Module):
         def norm():
             return RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
 
-        self.input_layernorm = norm()
+        self.post_norms_only = args.post_norms_only
+        if not self.post_norms_only:  # (OLMo 2 has no norm before attention or the MLP)
+            self.input_layernorm = norm()
         self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = norm()
         self.sandwich = args.sandwich_norms
         self.residual_scale = args.residual_scale
-        if self.sandwich:  # Gemma 3: post_attention_layernorm takes the attention's output alone
-            self.pre_feedforward_layernorm = norm()
+        if self.sandwich or self.post_norms_only:  # post_attention_layernorm takes the attention's output alone
             self.post_feedforward_layernorm = norm()
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
         self.mlp = MLP(args, layer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_attention_layernorm.weight.device
 
     def forward(self, x, residual, cos, sin, fb: ForwardBatch, cache):
         """(this layer's output, the residual stream before it is added): the add happens in the
         next norm, fused with it. The first layer gets x None and the embeddings as residual."""
+        if self.post_norms_only:  # OLMo 2: r += norm(attention(r)); out = norm(mlp(r))
+            residual = residual if x is None else residual + x
+            h = self.post_attention_layernorm(None, self.self_attn(residual, cos, sin, fb, cache))[0]
+            residual = residual + h
+            return self.post_feedforward_layernorm(None, self.mlp(residual, fb))[0], residual
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, fb, cache)
         if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
@@ -230,9 +247,15 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         hf_config = text_config_of(hf_config)
         with torch.device("cpu"):  # real values even when the model is built on the meta device
-            self.rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None))
-            # Gemma 3's sliding layers' own rope (None: every layer takes self.rotary)
-            self.local_rotary = Rotary(*rope_inv_freq(hf_config, "sliding_attention")) if args.local_rope else None
+            rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None))
+            # each layer takes one of these by its Attention.rope: Gemma 3's and OLMo 3's sliding
+            # layers a rope of their own; SmolLM3's NoPE layers the identity (cos 1, sin 0: x * 1 +
+            # rotate_half(x) * 0 is x, bit for bit)
+            self.ropes = nn.ModuleDict({"global": rotary})
+            if args.local_rope:
+                self.ropes["local"] = Rotary(*rope_inv_freq(hf_config, "sliding_attention"))
+            if args.no_rope_layers:
+                self.ropes["none"] = Rotary(torch.zeros_like(rotary.inv_freq), 1.0)
             # Gemma's embedding scale as transformers applies it: rounded to the weights' dtype first
             self.embed_scales = {dt: torch.tensor(args.embed_scale, dtype=dt).item()
                                  for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -286,14 +309,14 @@ class CausalLM(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def layer_devices(self) -> list[torch.device]:
-        return [layer.input_layernorm.weight.device for layer in self.model.layers]
+        return [layer.device for layer in self.model.layers]
 
     def use_lora(self, pool, make=backend_for) -> None:
         """Attaches the adapter pool: every projection of a layer gets its device's LoRA backend
         (`make(device, pool)`; tests pass another backend class to run its form elsewhere)."""
         self.lora_backends = {}
         for layer in self.model.layers:
-            dev = layer.input_layernorm.weight.device
+            dev = layer.device
             if dev not in self.lora_backends:
                 self.lora_backends[dev] = make(dev, pool)
             for mod in layer.modules():
@@ -321,15 +344,14 @@ class CausalLM(nn.Module):
         if self.args.embed_scale != 1.0:
             residual = residual * self.embed_scales[dtype]
         h = None  # each layer's output, added to the residual stream by the next norm
-        batches: dict[torch.device, tuple[ForwardBatch, tuple, tuple | None]] = {}
+        batches: dict[torch.device, tuple[ForwardBatch, dict[str, tuple]]] = {}
         for layer, cache in zip(self.model.layers, kv):
-            dev = layer.input_layernorm.weight.device
+            dev = layer.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
-                ropes = [self._cos_sin(r, fbd.positions, dtype, dev) for r in (self.rotary, self.local_rotary)]
-                batches[dev] = (fbd, *ropes)
-            fbd, rope, local = batches[dev]
-            cos, sin = local if local is not None and layer.self_attn.window is not None else rope
+                batches[dev] = fbd, {k: self._cos_sin(r, fbd.positions, dtype, dev) for k, r in self.ropes.items()}
+            fbd, ropes = batches[dev]
+            cos, sin = ropes[layer.self_attn.rope]
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
         dev = self.model.norm.weight.device
         h, residual = h.to(dev), residual.to(dev)
@@ -340,9 +362,7 @@ class CausalLM(nn.Module):
 
 
     @staticmethod
-    def _cos_sin(rotary: Rotary | None, positions: torch.Tensor, dtype: torch.dtype, dev: torch.device):
-        if rotary is None:
-            return None
+    def _cos_sin(rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype, dev: torch.device):
         cos, sin = rotary.cos_sin(positions.to(rotary.inv_freq.device), dtype)
         return cos.to(dev), sin.to(dev)
 

@@ -268,9 +268,8 @@ def load_model(
     extra = sorted(n for n in set(files) - used if not (args.multimodal and n.startswith(_OTHER_TOWERS)))
     if extra:
         log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), folder, extra[:3])
-    for rotary in (model.rotary, model.local_rotary):  # (built on CPU)
-        if rotary is not None:
-            rotary.inv_freq = rotary.inv_freq.to(_device_for("model.layers.0", placement))
+    for rotary in model.ropes.values():  # (built on CPU)
+        rotary.inv_freq = rotary.inv_freq.to(_device_for("model.layers.0", placement))
     model.eval()
     log.info("loaded %s (%s, %s) from %s", args.architecture, torch_dtype, placement, folder)
     return model

@@ -33,5 +33,5 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device | str) -> 
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=g)
-    model.rotary.inv_freq = rope_inv_freq(cfg)[0].to(device)
+    model.ropes["global"].inv_freq = rope_inv_freq(cfg)[0].to(device)
     return model.eval()

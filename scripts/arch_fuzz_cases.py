@@ -11,7 +11,7 @@ import random
 
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
-         "olmo2", "olmo3", "smollm3", "ministral")
+         "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -43,7 +43,9 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3") or gemma3) \
             and rng.random() < 0.4:
         cfg["attention_bias"] = True
-    if arch in ("llama", "granite", "smollm3") and rng.random() < 0.3:
+    if arch == "seed_oss":
+        cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
+    if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
         cfg["mlp_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
@@ -56,8 +58,10 @@ def model_config(rng: random.Random, arch: str) -> dict:
                    final_logit_softcapping=rng.choice((None, 3.0, 30.0)))
     if arch == "gemma2":
         cfg["attn_logit_softcapping"] = rng.choice((None, 2.0, 50.0))
-    if arch in ("olmo3", "ministral") or (arch == "smollm3" and rng.random() < 0.6):
+    if arch in ("olmo3", "ministral") or (arch in ("smollm3", "exaone4") and rng.random() < 0.6):
         cfg.update(sliding_window=window, layer_types=types, use_sliding_window=True)
+    elif arch == "exaone4":  # no window: every layer full, with rope
+        cfg.update(sliding_window=None, layer_types=["full_attention"] * layers)
     if arch == "smollm3":
         cfg["no_rope_layers"] = [rng.choice((0, 1)) for _ in range(layers)]
     if gemma3 or arch == "olmo3":

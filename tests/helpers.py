@@ -12,6 +12,8 @@ def _hf_classes(arch: str):
     """(config class, model class) of a test architecture: a transformers one, or gemma3-mm (Gemma
     3's language model inside its multimodal checkpoint, made from a text config)."""
     from transformers import (
+        Exaone4Config,
+        Exaone4ForCausalLM,
         Gemma2Config,
         Gemma2ForCausalLM,
         Gemma3ForCausalLM,
@@ -37,6 +39,8 @@ def _hf_classes(arch: str):
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SeedOssConfig,
+        SeedOssForCausalLM,
         SmolLM3Config,
         SmolLM3ForCausalLM,
     )
@@ -55,6 +59,8 @@ def _hf_classes(arch: str):
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
+        "exaone4": (Exaone4Config, Exaone4ForCausalLM),
+        "seed_oss": (SeedOssConfig, SeedOssForCausalLM),
         "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
     }[arch]
 
@@ -67,7 +73,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral"):
+    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
+                "exaone4", "seed_oss"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     kw.update(overrides)

@@ -10,7 +10,9 @@ computed on the CPU while the adapter is copied.
 - Granite: Llama's layers, with the embeddings, attention scores, layer outputs and logits scaled.
 - OLMo 2: norms after attention and the MLP and none before them, q/k norms over all heads; OLMo 3
   adds sliding layers with a rope of their own.
-- SmolLM3: layers without rotary (NoPE); Ministral: Mistral's layers, windows per layer."""
+- SmolLM3: layers without rotary (NoPE); Ministral: Mistral's layers, windows per layer.
+- EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
+  sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
 from __future__ import annotations
 
@@ -80,11 +82,20 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    "exaone4": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
+    "seed_oss": ({"attention_bias": True, "attention_out_bias": True}, {
+        "qo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
 }
 WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None),
            "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
-           "smollm3": (None, 8), "ministral": (None, 8)}
-QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3")
+           "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4")
+NO_ROPE = {"smollm3": (1,), "exaone4": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -126,8 +137,8 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
     args = engine.model.args
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, arch == "phi3")
-    assert args.post_norms_only == (arch in ("olmo2", "olmo3"))
-    assert args.no_rope_layers == ((1,) if arch == "smollm3" else ())
+    assert args.post_norms_only == (arch in ("olmo2", "olmo3", "exaone4"))
+    assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert args.multimodal == (arch == "gemma3-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)

@@ -61,6 +61,10 @@ CONFIGS = {
     # layer 1 without rotary (NoPE), and it slides
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": 6,
                             "layer_types": ["full_attention", "sliding_attention"], "mlp_bias": True}),
+    # OLMo 2's norms, per-head q/k norms, layer 0 sliding and layer 1 (full attention) without rope
+    "exaone4": ("exaone4", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
+    # biases on q/k/v and the MLP, none on o
+    "seed_oss": ("seed_oss", {"attention_bias": True, "attention_out_bias": False, "mlp_bias": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

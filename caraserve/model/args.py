@@ -25,9 +25,12 @@ ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
+    "Exaone4ForCausalLM": "exaone4",
+    "SeedOssForCausalLM": "seed_oss",
 }
 GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
+POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
 # families whose sliding layers have a rope of their own (rope_parameters per layer type)
 LOCAL_ROPE = ("gemma3", "olmo3")
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> the
@@ -67,12 +70,12 @@ class ModelArgs:
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2)
     sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
-    post_norms_only: bool = False  # a norm after attention and after the MLP, none before them (OLMo 2)
+    post_norms_only: bool = False  # a norm after attention and after the MLP, none before them (OLMo 2, EXAONE 4)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
     query_scale: float = 1.0
     local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3, OLMo 3)
-    no_rope_layers: tuple[int, ...] = ()  # layers whose attention takes no rotary (SmolLM3's NoPE layers)
+    no_rope_layers: tuple[int, ...] = ()  # layers whose attention takes no rotary (NoPE: SmolLM3, EXAONE 4)
     attn_softcap: float = 0.0  # attention scores capped to cap * tanh(score / cap) (Gemma 2); 0: none
     final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
     residual_scale: float = 1.0  # each layer's attention and MLP outputs times this before they join the residual
@@ -96,9 +99,11 @@ class ModelArgs:
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
         # transformers reads attention_bias for Llama, Qwen3, Gemma, OLMo and SmolLM3 (q/k/v and o);
-        # Mistral, Ministral and Phi-3 have none, Qwen2 on q/k/v always
-        attn_bias = family in ("llama", "qwen3", "granite", "smollm3", *GEMMAS, *OLMOS) \
+        # Mistral, Ministral, Phi-3 and EXAONE 4 have none, Qwen2 on q/k/v always, Seed-OSS on q/k/v
+        # where attention_bias says and on o where attention_out_bias does
+        attn_bias = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *OLMOS) \
             and bool(getattr(cfg, "attention_bias", False))
+        o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn_bias
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
@@ -118,9 +123,9 @@ class ModelArgs:
             rms_eps=cfg.rms_norm_eps,
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else attn_bias,
-            o_bias=False if family == "qwen2" else attn_bias,
-            mlp_bias=family in ("llama", "granite", "smollm3") and bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3", *OLMOS),
+            o_bias=False if family == "qwen2" else o_bias,
+            mlp_bias=family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=family in ("qwen3", "gemma3", "exaone4", *OLMOS),
             qk_norm_per_head=family not in OLMOS,
             fused_checkpoint=family == "phi3",
             sliding_windows=_windows(cfg, family, n_layers),
@@ -129,11 +134,11 @@ class ModelArgs:
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             sandwich_norms=family in ("gemma2", "gemma3"),
-            post_norms_only=family in OLMOS,
+            post_norms_only=family in POST_NORMS,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
-            no_rope_layers=_no_rope_layers(cfg, n_layers) if family == "smollm3" else (),
+            no_rope_layers=_no_rope_layers(cfg, family, n_layers),
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
@@ -241,7 +246,7 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     if family in ("mistral", "phi3") and window:
         return (int(window),) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
-    slides = family in ("gemma2", "gemma3", "olmo3", "ministral") or (
+    slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4") or (
         family in ("qwen2", "qwen3", "smollm3") and getattr(cfg, "use_sliding_window", False))
     if slides and layer_types:
         if "sliding_attention" in layer_types and not window:
@@ -252,8 +257,15 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     return (None,) * n_layers
 
 
-def _no_rope_layers(cfg, n_layers: int) -> tuple[int, ...]:
-    """SmolLM3's layers without rotary: no_rope_layers holds a flag per layer, 1 where it takes rope."""
+def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
+    """The layers without rotary: SmolLM3's no_rope_layers holds a flag per layer, 1 where it takes
+    rope; EXAONE 4's full-attention layers take none when the model has a sliding window."""
+    if family == "exaone4":
+        if getattr(cfg, "sliding_window", None) is None:
+            return ()
+        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention")
+    if family != "smollm3":
+        return ()
     flags = getattr(cfg, "no_rope_layers", None)
     if not isinstance(flags, (list, tuple)) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
         raise UnsupportedModelError(f"no_rope_layers={flags!r} must hold a 0 or 1 for each of the {n_layers} layers")

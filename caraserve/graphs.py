@@ -125,6 +125,12 @@ class DecodeGraphs:
         never idles runs as compile=false."""
         if cfg.compile == "false":
             return None
+        if model.args.moe is not None and device.type == "cuda":
+            # the experts' op groups rows by the router's choices on the host: a CUDA graph cannot
+            # hold that, so these steps run eagerly
+            log.warning("a mixture-of-experts model's decode steps on CUDA run eagerly (engine.compile=%s is not "
+                        "applied): its experts route rows on the host, which a CUDA graph cannot replay", cfg.compile)
+            return None
         key = cls.cache_key(str(model_path), dtype, device, cfg.max_batch_size, cfg.adapters.rank_buckets,
                             blocks_for(max_seq_len, cfg.kv_block_size))
         deferred = cfg.compile == "auto" and device.type != "cuda"

@@ -84,3 +84,23 @@ _lib.impl("lora_runs_", _lora_runs, "CPU")
 @torch.library.register_fake("caraserve::lora_runs_")
 def _(y, x, backend, layer, module) -> None:
     return None
+
+
+# A mixture-of-experts layer's experts over the router's choices (caraserve.model.moe.
+# moe_experts_reference states it): which rows each expert takes is data, so the op is opaque.
+_lib.define("moe_experts(Tensor x, Tensor top_ids, Tensor top_weights, Tensor gate_up, Tensor down) -> Tensor")
+
+
+def _moe_experts(x, top_ids, top_weights, gate_up, down) -> torch.Tensor:
+    from caraserve.model.moe import check_moe_inputs, moe_experts_reference
+
+    check_moe_inputs(x, top_ids, top_weights, gate_up, down)
+    return moe_experts_reference(x, top_ids, top_weights, gate_up, down)
+
+
+_lib.impl("moe_experts", _moe_experts, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("caraserve::moe_experts")
+def _(x, top_ids, top_weights, gate_up, down):
+    return torch.empty_like(x)

@@ -11,7 +11,8 @@ import random
 
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
-         "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss")
+         "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -49,8 +50,14 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["mlp_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
-    if arch in ("mistral", "phi3") and rng.random() < 0.7:
+    if arch in ("mistral", "phi3", "mixtral") and rng.random() < 0.7:
         cfg["sliding_window"] = window
+    if arch in MOE:
+        experts = rng.choice((2, 3, 4, 8))
+        cfg.update(num_local_experts=experts, num_experts=experts, num_experts_per_tok=rng.randint(1, min(experts, 4)),
+                   moe_intermediate_size=rng.choice((16, 24, 40)), norm_topk_prob=rng.random() < 0.5)
+    if arch == "qwen3_moe" and rng.random() < 0.4:
+        cfg.update(use_sliding_window=True, sliding_window=window)
     if arch in ("qwen2", "qwen3") and rng.random() < 0.6:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "gemma2" or gemma3:
@@ -77,8 +84,9 @@ def model_config(rng: random.Random, arch: str) -> dict:
 
 def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
     """save_peft_adapter keywords of one random adapter for a model of `arch`."""
-    names = FUSED if arch == "phi3" else SPLIT
-    targets = "all-linear" if rng.random() < 0.2 else rng.sample(names, rng.randint(1, len(names)))
+    names = FUSED if arch == "phi3" else SPLIT[:4] if arch in MOE else SPLIT
+    # (all-linear on a mixture-of-experts model adapts its experts, which is refused)
+    targets = "all-linear" if rng.random() < 0.2 and arch not in MOE else rng.sample(names, rng.randint(1, len(names)))
     used = names if targets == "all-linear" else targets
     kw = dict(r=rng.choice((2, 4, 8, 16)), lora_alpha=rng.choice((1, 4, 8, 16, 32)), target_modules=targets)
     if rng.random() < 0.3:

@@ -29,6 +29,8 @@ def _hf_classes(arch: str):
         MinistralForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Olmo2Config,
         Olmo2ForCausalLM,
         Olmo3Config,
@@ -39,6 +41,8 @@ def _hf_classes(arch: str):
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
         SeedOssConfig,
         SeedOssForCausalLM,
         SmolLM3Config,
@@ -61,6 +65,8 @@ def _hf_classes(arch: str):
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
         "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
     }[arch]
 
@@ -74,9 +80,11 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         tie_word_embeddings=False,
     )
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
-                "exaone4", "seed_oss"):
+                "exaone4", "seed_oss", "mixtral", "qwen3_moe"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
+    if arch in ("mixtral", "qwen3_moe"):  # 4 experts of 32, two a token
+        kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     kw.update(overrides)
     cfg = cfg_cls(**kw)
     if arch == "gemma3-mm":  # the text model inside a multimodal checkpoint, a one-layer vision tower

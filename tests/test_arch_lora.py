@@ -90,11 +90,22 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    # mixture-of-experts models: LoRA on attention (PEFT's all-linear adapts the experts' parameters
+    # too, refused), the experts routed as transformers routes them
+    "mixtral": ({"sliding_window": 8}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "qkvo-r16": dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    }),
+    "qwen3_moe": ({"norm_topk_prob": True}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
+    }),
 }
 WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": (8, None), "gemma3": (8, None),
            "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
-           "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None)}
-QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4")
+           "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None),
+           "mixtral": (8, 8), "qwen3_moe": (None, None)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
@@ -139,6 +150,7 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, arch == "phi3")
     assert args.post_norms_only == (arch in ("olmo2", "olmo3", "exaone4"))
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
+    assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe"))
     assert args.multimodal == (arch == "gemma3-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)

@@ -65,6 +65,10 @@ CONFIGS = {
     "exaone4": ("exaone4", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
     # biases on q/k/v and the MLP, none on o
     "seed_oss": ("seed_oss", {"attention_bias": True, "attention_out_bias": False, "mlp_bias": True}),
+    # Mistral's attention, 4 experts of which the router picks 2 a token, renormalized; a window
+    "mixtral": ("mixtral", {"sliding_window": 6}),
+    # Qwen3's attention, the experts' weights not renormalized
+    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 3}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # a decoder layer's LoRA tensor; a multimodal model's language model names its layers
 # model.language_model.layers (transformers 5) or language_model.model.layers (earlier)
+_MOE_KEY = re.compile(r"\.layers\.\d+\.(mlp|block_sparse_moe)\.(experts|gate)\.")
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\."
     r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
@@ -293,6 +294,9 @@ def _collect_pairs(cfg: dict, rules: ModuleRules, shapes: dict,
         if model_args.multimodal and _OTHER_TOWERS.match(key):  # text in, text out: the vision tower's
             ignored.append(key)
             continue
+        if getattr(model_args, "moe", None) is not None and _MOE_KEY.search(key):
+            raise _Refused(f"LoRA on a mixture-of-experts model's experts or router ({key}) is not supported: "
+                           f"adapt {', '.join(model_args.adapter_modules)}")
         m = _KEY.match(key)
         if m is None:
             raise _Refused(f"unexpected tensor {key!r}")

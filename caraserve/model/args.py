@@ -11,6 +11,8 @@ from caraserve.config_checks import ConfigError
 from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
 from caraserve.model.layers import SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
 
+ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -27,7 +29,11 @@ ARCHITECTURES = {
     "SmolLM3ForCausalLM": "smollm3",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+# mixture-of-experts families -> the family whose attention and norms they share
+MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
 GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
 POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
@@ -44,6 +50,20 @@ ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 class UnsupportedModelError(ConfigError):
     """The checkpoint's architecture or an option of it is not supported: a configuration error
     (model.path names a model this engine cannot run; an entry point says it in one line)."""
+
+
+@dataclass(frozen=True)
+class MoeArgs:
+    """A mixture-of-experts feed-forward (every layer's): a router picks each token's top_k of
+    num_experts SwiGLU experts of intermediate_size, whose outputs add up weighted by the router's
+    probabilities (renormalized over the top k where norm_topk_prob)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    module: str  # the layer's feed-forward module: "mlp" (Qwen3-MoE) or "block_sparse_moe" (Mixtral)
+    expert_names: tuple[str, str, str]  # an expert's gate, up and down projections in the checkpoint
+    float32_weights: bool  # the weighted sum takes the router's weights in float32 (Mixtral), else in the dtype
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class ModelArgs:
     residual_scale: float = 1.0  # each layer's attention and MLP outputs times this before they join the residual
     logits_divisor: float = 1.0  # logits divided by this (Granite's logits_scaling)
     multimodal: bool = False  # the language model of a multimodal checkpoint (TEXT_OF_MULTIMODAL)
+    moe: MoeArgs | None = None  # the experts of a mixture-of-experts model; None: a dense MLP
 
     @property
     def layer_prefix(self) -> str:
@@ -93,6 +114,9 @@ class ModelArgs:
         multimodal = arch in TEXT_OF_MULTIMODAL
         cfg = text_config_of(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        moe = _moe_args(cfg, family) if family in MOE_BASES else None
+        windows = _windows(cfg, family, n_layers)
+        family = MOE_BASES.get(family, family)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gemma = family in GEMMAS
         _check_rope(cfg, family, head_dim)
@@ -128,7 +152,7 @@ class ModelArgs:
             qk_norm=family in ("qwen3", "gemma3", "exaone4", *OLMOS),
             qk_norm_per_head=family not in OLMOS,
             fused_checkpoint=family == "phi3",
-            sliding_windows=_windows(cfg, family, n_layers),
+            sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
             activation=_activation(cfg, family),
             norm_unit_offset=gemma,
@@ -144,12 +168,21 @@ class ModelArgs:
             residual_scale=granite.get("residual_multiplier", 1.0),
             logits_divisor=granite.get("logits_scaling", 1.0),
             multimodal=multimodal,
+            moe=moe,
         )
 
     @property
     def adapter_modules(self) -> tuple[str, ...]:
-        """The projections the checkpoint names, which its adapters' target_modules name."""
+        """The projections the checkpoint names, which its adapters' target_modules name: a
+        mixture-of-experts model's attention projections only (LoRA on experts is not served)."""
+        if self.moe is not None:
+            return ATTENTION_MODULES
         return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
+
+    @property
+    def lora_modules(self) -> tuple[str, ...]:
+        """The split projections a LoRA can adapt (the device pool's modules at most)."""
+        return ATTENTION_MODULES if self.moe is not None else SPLIT_MODULES
 
     def module_shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""
@@ -243,8 +276,10 @@ def _softcap(cfg, field: str) -> float:
 def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window, as transformers reads the family's config; None = full."""
     window = getattr(cfg, "sliding_window", None)
-    if family in ("mistral", "phi3") and window:
+    if family in ("mistral", "phi3", "mixtral") and window:
         return (int(window),) * n_layers
+    if family == "qwen3_moe":  # one window over every layer where use_sliding_window
+        return (int(window) if window and getattr(cfg, "use_sliding_window", False) else None,) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
     slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4") or (
         family in ("qwen2", "qwen3", "smollm3") and getattr(cfg, "use_sliding_window", False))
@@ -270,3 +305,24 @@ def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
     if not isinstance(flags, (list, tuple)) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
         raise UnsupportedModelError(f"no_rope_layers={flags!r} must hold a 0 or 1 for each of the {n_layers} layers")
     return tuple(i for i, f in enumerate(flags) if not f)
+
+
+def _moe_args(cfg, family: str) -> MoeArgs:
+    """The experts of a Mixtral or Qwen3-MoE config; dense MLP layers among them are refused."""
+    qwen = family == "qwen3_moe"
+    if qwen and (getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1):
+        raise UnsupportedModelError(
+            f"mlp_only_layers={cfg.mlp_only_layers!r}, decoder_sparse_step={cfg.decoder_sparse_step!r} is not "
+            "supported: every layer's feed-forward must be the experts (mlp_only_layers empty, decoder_sparse_step 1)")
+    experts = cfg.num_experts if qwen else cfg.num_local_experts
+    top_k = cfg.num_experts_per_tok
+    if not (isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k <= experts):
+        raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
+    return MoeArgs(
+        num_experts=experts, top_k=top_k,
+        intermediate_size=cfg.moe_intermediate_size if qwen else cfg.intermediate_size,
+        norm_topk_prob=bool(cfg.norm_topk_prob) if qwen else True,
+        module="mlp" if qwen else "block_sparse_moe",
+        expert_names=("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2"),
+        float32_weights=not qwen,
+    )

@@ -34,6 +34,7 @@ from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
+from caraserve.model.moe import SparseMoE
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,13 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
-        self.mlp = MLP(args, layer)
+        # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
+        self.ffn_name = args.moe.module if args.moe is not None else "mlp"
+        setattr(self, self.ffn_name, SparseMoE(args) if args.moe is not None else MLP(args, layer))
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.ffn_name)
 
     @property
     def device(self) -> torch.device:
@@ -213,17 +220,17 @@ class DecoderLayer(nn.Module):
             residual = residual if x is None else residual + x
             h = self.post_attention_layernorm(None, self.self_attn(residual, cos, sin, fb, cache))[0]
             residual = residual + h
-            return self.post_feedforward_layernorm(None, self.mlp(residual, fb))[0], residual
+            return self.post_feedforward_layernorm(None, self.ffn(residual, fb))[0], residual
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, fb, cache)
         if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
             h, residual = self.post_attention_layernorm(h * self.residual_scale, residual)
-            return self.mlp(h, fb) * self.residual_scale, residual
+            return self.ffn(h, fb) * self.residual_scale, residual
         if not self.sandwich:
             h, residual = self.post_attention_layernorm(h, residual)
-            return self.mlp(h, fb), residual
+            return self.ffn(h, fb), residual
         h, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(None, h)[0], residual)
-        return self.post_feedforward_layernorm(None, self.mlp(h, fb))[0], residual
+        return self.post_feedforward_layernorm(None, self.ffn(h, fb))[0], residual
 
 
 class Decoder(nn.Module):
@@ -374,7 +381,7 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         prefix, _, attr = name.rpartition(".")
         mod = model.get_submodule(prefix)
-        if isinstance(mod, LoraLinear):
+        if hasattr(mod, "checkpoint_parts"):  # a fused projection, or the experts stacked
             out.update((ck, p[lo:hi]) for ck, lo, hi in mod.checkpoint_parts(prefix, attr))
         else:
             out[name] = p

@@ -16,7 +16,6 @@ from safetensors import safe_open
 from torch import nn
 
 from caraserve.config_checks import ConfigError
-from caraserve.model.layers import LoraLinear
 from caraserve.model.llama import CausalLM, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,7 @@ def _read_parameter(folder, files, handles, module, module_name: str, name: str,
     the parts a fused projection stacks (each read straight into its rows), checked for dtype and
     shape; the checkpoint names read go into `used`."""
     attr = name.rpartition(".")[2]
-    parts = module.checkpoint_parts(module_name, attr) if isinstance(module, LoraLinear) else \
+    parts = module.checkpoint_parts(module_name, attr) if hasattr(module, "checkpoint_parts") else \
         [(name, 0, param.shape[0] if param.dim() else 0)]
     value = None if len(parts) == 1 else torch.empty(param.shape, dtype=dtype, device=dev)
     for ck, lo, hi in parts:

@@ -1,0 +1,113 @@
+"""The mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks each token's top-k
+experts, and their SwiGLU outputs add up weighted by the router's probabilities.
+
+The experts' work depends on the data (which rows each expert takes), so steps call it as one
+opaque op (`caraserve::moe_experts`, registered in `caraserve.ops`), whose semantics are
+`moe_experts_reference`; the router around it is plain torch, compiled with the rest of a step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caraserve.model.args import ModelArgs
+
+
+def check_moe_inputs(x, top_ids, top_weights, gate_up, down) -> None:
+    """Refuses, by name, inputs `moe_experts_reference` would misread."""
+    if x.dim() != 2 or top_ids.dim() != 2 or top_ids.shape != top_weights.shape or top_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: x {list(x.shape)}, top_ids {list(top_ids.shape)} and top_weights "
+                         f"{list(top_weights.shape)} must be [T, H], [T, k] and [T, k]")
+    hidden = x.shape[1]
+    if down.dim() != 2 or gate_up.dim() != 2 or down.shape[0] % hidden or gate_up.shape[1] != hidden \
+            or gate_up.shape[0] != 2 * down.shape[1] * (down.shape[0] // hidden):
+        raise ValueError(f"moe_experts: gate_up {list(gate_up.shape)} and down {list(down.shape)} are not the "
+                         f"experts' [E * 2I, {hidden}] and [E * {hidden}, I]")
+    if top_ids.dtype != torch.int64:
+        raise ValueError(f"moe_experts: top_ids must be int64, got {top_ids.dtype}")
+    experts = down.shape[0] // hidden
+    if top_ids.numel() and (int(top_ids.min()) < 0 or int(top_ids.max()) >= experts):
+        raise ValueError(f"moe_experts: an expert id is outside 0..{experts - 1}")
+    for t in (top_ids, top_weights, gate_up, down):
+        if t.device != x.device:
+            raise ValueError(f"moe_experts: a {list(t.shape)} input is on {t.device}, x on {x.device}")
+
+
+def moe_experts_reference(x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor,
+                          gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Semantics (x [T, H]; top_ids [T, k] int64 expert ids, distinct per row; top_weights [T, k]
+    in x's dtype or float32; gate_up [E * 2I, H]: expert e's gate rows, then its up rows; down
+    [E * H, I]):
+        out = zeros [T, H] in x's dtype
+        for e in ascending order, over the rows t that chose it (top_ids[t, j] == e):
+            g, u = (x[t] @ gate_up[e].T).chunk(2)
+            out[t] += ((silu(g) * u) @ down[e].T * top_weights[t, j]).to(x.dtype)
+    -> out. Each row's experts add in ascending order, as transformers' loop adds them."""
+    num_experts, hidden = down.shape[0] // x.shape[1], x.shape[1]
+    gate_up = gate_up.view(num_experts, -1, hidden)
+    down = down.view(num_experts, hidden, -1)
+    k = top_ids.shape[1]
+    flat = top_ids.flatten()
+    order = torch.argsort(flat, stable=True)  # the (row, choice) pairs grouped by expert, ascending
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    weights = top_weights.flatten()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        rows = pairs // k
+        g, u = F.linear(x[rows], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, down[e]) * weights[pairs, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+    return out
+
+
+class Experts(nn.Module):
+    """Every expert's weights stacked in two parameters (`moe_experts_reference` gives their
+    layout); the checkpoint holds them per expert (`checkpoint_parts`)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        moe = args.moe
+        e, i, h = moe.num_experts, moe.intermediate_size, args.hidden_size
+        self.num_experts, self.intermediate_size, self.hidden_size = e, i, h
+        self.names = moe.expert_names
+        self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e * h, i))
+
+    def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
+        """(checkpoint tensor name, first row, end row) of each expert's part of parameter `attr`
+        of the module named `prefix` (e.g. model.layers.0.mlp.experts.3.gate_proj.weight)."""
+        gate, up, down = self.names
+        i, h = self.intermediate_size, self.hidden_size
+        if attr == "gate_up_proj":
+            return [part for e in range(self.num_experts) for part in (
+                (f"{prefix}.{e}.{gate}.weight", 2 * i * e, 2 * i * e + i),
+                (f"{prefix}.{e}.{up}.weight", 2 * i * e + i, 2 * i * (e + 1)))]
+        return [(f"{prefix}.{e}.{down}.weight", h * e, h * (e + 1)) for e in range(self.num_experts)]
+
+
+class SparseMoE(nn.Module):
+    """Router (`gate`, a linear layer without bias) and experts. The router's softmax, top-k and
+    renormalization run in float32, as transformers runs them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.moe = args.moe
+        self.gate = nn.Linear(args.hidden_size, self.moe.num_experts, bias=False)
+        self.experts = Experts(args)
+
+    def forward(self, x: torch.Tensor, fb=None) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        top_weights, top_ids = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        if not self.moe.float32_weights:
+            top_weights = top_weights.to(x.dtype)
+        return torch.ops.caraserve.moe_experts(x.contiguous(), top_ids, top_weights, self.experts.gate_up_proj,
+                                               self.experts.down_proj)

@@ -122,12 +122,7 @@ class ModelArgs:
         _check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
-        # transformers reads attention_bias for Llama, Qwen3, Gemma, OLMo and SmolLM3 (q/k/v and o);
-        # Mistral, Ministral, Phi-3 and EXAONE 4 have none, Qwen2 on q/k/v always, Seed-OSS on q/k/v
-        # where attention_bias says and on o where attention_out_bias does
-        attn_bias = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *OLMOS) \
-            and bool(getattr(cfg, "attention_bias", False))
-        o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn_bias
+        qkv_bias, o_bias, mlp_bias = _biases(cfg, family)
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
@@ -146,9 +141,9 @@ class ModelArgs:
             head_dim=head_dim,
             rms_eps=cfg.rms_norm_eps,
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else attn_bias,
-            o_bias=False if family == "qwen2" else o_bias,
-            mlp_bias=family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
             qk_norm=family in ("qwen3", "gemma3", "exaone4", *OLMOS),
             qk_norm_per_head=family not in OLMOS,
             fused_checkpoint=family == "phi3",
@@ -224,6 +219,20 @@ def _family(cfg) -> tuple[str, str]:
         raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
                                     f"{sorted([*ARCHITECTURES, *TEXT_OF_MULTIMODAL])}")
     return ARCHITECTURES[arch], arch
+
+
+def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
+    """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
+    Qwen3, Gemma, OLMo and SmolLM3; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
+    Qwen2's on q/k/v always; Seed-OSS's on q/k/v where attention_bias says and on o where
+    attention_out_bias does; mlp_bias for Llama, Granite, SmolLM3 and Seed-OSS."""
+    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *OLMOS) \
+        and bool(getattr(cfg, "attention_bias", False))
+    if family == "qwen2":
+        return True, False, False
+    o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
+    mlp = family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False))
+    return attn, o_bias, mlp
 
 
 def _activation(cfg, family: str) -> str:

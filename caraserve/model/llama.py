@@ -6,8 +6,13 @@ over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up 
 checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU), Gemma2ForCausalLM
 (Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits),
 Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own;
-also the language model of Gemma3ForConditionalGeneration) and GraniteForCausalLM (Llama's, with
-embeddings, attention scores, layer outputs and logits scaled); `caraserve.model.args` reads
+also the language model of Gemma3ForConditionalGeneration), GraniteForCausalLM (Llama's, with
+embeddings, attention scores, layer outputs and logits scaled), MinistralForCausalLM (Mistral's
+with a window per layer type), Olmo2ForCausalLM and Olmo3ForCausalLM (norms after attention and
+the MLP only, q/k norms over all heads; OLMo 3's sliding layers with a rope of their own),
+Exaone4ForCausalLM (OLMo 2's norms, per-head q/k norms, NoPE full-attention layers),
+SeedOssForCausalLM, SmolLM3ForCausalLM (NoPE layers), and the mixture-of-experts
+MixtralForCausalLM and Qwen3MoeForCausalLM (`caraserve.model.moe`); `caraserve.model.args` reads
 which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the

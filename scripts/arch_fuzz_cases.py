@@ -11,8 +11,9 @@ import random
 
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
-         "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe")
-MOE = ("mixtral", "qwen3_moe")
+         "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
+         "olmoe")
+MOE = ("mixtral", "qwen3_moe", "olmoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -41,7 +42,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
                head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
                tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
     gemma3 = arch in ("gemma3", "gemma3-mm")
-    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3") or gemma3) \
+    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe") or gemma3) \
             and rng.random() < 0.4:
         cfg["attention_bias"] = True
     if arch == "seed_oss":
@@ -56,6 +57,9 @@ def model_config(rng: random.Random, arch: str) -> dict:
         experts = rng.choice((2, 3, 4, 8))
         cfg.update(num_local_experts=experts, num_experts=experts, num_experts_per_tok=rng.randint(1, min(experts, 4)),
                    moe_intermediate_size=rng.choice((16, 24, 40)), norm_topk_prob=rng.random() < 0.5)
+    if arch == "olmoe":  # (its experts' size is intermediate_size; q/k norms over all heads need head_dim apart)
+        cfg.update(intermediate_size=cfg["moe_intermediate_size"], head_dim=hidden // heads,
+                   clip_qkv=rng.choice((None, 0.5, 3.0)))
     if arch == "qwen3_moe" and rng.random() < 0.4:
         cfg.update(use_sliding_window=True, sliding_window=window)
     if arch in ("qwen2", "qwen3") and rng.random() < 0.6:

@@ -69,6 +69,8 @@ CONFIGS = {
     "mixtral": ("mixtral", {"sliding_window": 6}),
     # Qwen3's attention, the experts' weights not renormalized
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 3}),
+    # Llama's layers with q/k norms over all heads, q/k/v clipped (low enough to bite), experts
+    "olmoe": ("olmoe", {"clip_qkv": 0.3, "attention_bias": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -31,11 +31,14 @@ ARCHITECTURES = {
     "SeedOssForCausalLM": "seed_oss",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
 }
-# mixture-of-experts families -> the family whose attention and norms they share
-MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
+# mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
+# Llama's layers with q/k norms over all heads and clipped q/k/v)
+MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe"}
 GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
+WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
 POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
 # families whose sliding layers have a rope of their own (rope_parameters per layer type)
 LOCAL_ROPE = ("gemma3", "olmo3")
@@ -88,7 +91,8 @@ class ModelArgs:
     activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
     norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
-    qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2)
+    qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
+    clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
     sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
     post_norms_only: bool = False  # a norm after attention and after the MLP, none before them (OLMo 2, EXAONE 4)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
@@ -144,8 +148,9 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=family in ("qwen3", "gemma3", "exaone4", *OLMOS),
-            qk_norm_per_head=family not in OLMOS,
+            qk_norm=family in ("qwen3", "gemma3", "exaone4", *WHOLE_QK_NORMS),
+            qk_norm_per_head=family not in WHOLE_QK_NORMS,
+            clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
             fused_checkpoint=family == "phi3",
             sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
@@ -223,10 +228,10 @@ def _family(cfg) -> tuple[str, str]:
 
 def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
-    Qwen3, Gemma, OLMo and SmolLM3; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
+    Qwen3, Gemma, OLMo, OLMoE and SmolLM3; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
     Qwen2's on q/k/v always; Seed-OSS's on q/k/v where attention_bias says and on o where
     attention_out_bias does; mlp_bias for Llama, Granite, SmolLM3 and Seed-OSS."""
-    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *OLMOS) \
+    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS) \
         and bool(getattr(cfg, "attention_bias", False))
     if family == "qwen2":
         return True, False, False
@@ -316,9 +321,18 @@ def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
     return tuple(i for i, f in enumerate(flags) if not f)
 
 
+def _clip_qkv(cfg) -> float:
+    value = getattr(cfg, "clip_qkv", None)
+    if value is None:
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise UnsupportedModelError(f"clip_qkv={value!r} must be a positive number or null")
+    return float(value)
+
+
 def _moe_args(cfg, family: str) -> MoeArgs:
-    """The experts of a Mixtral or Qwen3-MoE config; dense MLP layers among them are refused."""
-    qwen = family == "qwen3_moe"
+    """The experts of a Mixtral, Qwen3-MoE or OLMoE config; dense MLP layers among them are refused."""
+    qwen = family in ("qwen3_moe", "olmoe")  # (the same router and expert names)
     if qwen and (getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1):
         raise UnsupportedModelError(
             f"mlp_only_layers={cfg.mlp_only_layers!r}, decoder_sparse_step={cfg.decoder_sparse_step!r} is not "
@@ -329,7 +343,7 @@ def _moe_args(cfg, family: str) -> MoeArgs:
         raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
     return MoeArgs(
         num_experts=experts, top_k=top_k,
-        intermediate_size=cfg.moe_intermediate_size if qwen else cfg.intermediate_size,
+        intermediate_size=cfg.moe_intermediate_size if family == "qwen3_moe" else cfg.intermediate_size,
         norm_topk_prob=bool(cfg.norm_topk_prob) if qwen else True,
         module="mlp" if qwen else "block_sparse_moe",
         expert_names=("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2"),

@@ -12,7 +12,8 @@ with a window per layer type), Olmo2ForCausalLM and Olmo3ForCausalLM (norms afte
 the MLP only, q/k norms over all heads; OLMo 3's sliding layers with a rope of their own),
 Exaone4ForCausalLM (OLMo 2's norms, per-head q/k norms, NoPE full-attention layers),
 SeedOssForCausalLM, SmolLM3ForCausalLM (NoPE layers), and the mixture-of-experts
-MixtralForCausalLM and Qwen3MoeForCausalLM (`caraserve.model.moe`); `caraserve.model.args` reads
+MixtralForCausalLM, Qwen3MoeForCausalLM and OlmoeForCausalLM (q/k norms over all heads, clipped
+q/k/v; `caraserve.model.moe`); `caraserve.model.args` reads
 which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
@@ -124,6 +125,8 @@ class Attention(nn.Module):
             k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
         elif a.qk_norm:  # a token's queries normed together, and its keys
             q, k = self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
+        if a.clip_qkv:  # OLMoE
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
         if a.query_scale != 1.0:  # the kernels scale scores by 1/sqrt(head_dim); Gemma 3 by another
             q = q * a.query_scale
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)

@@ -12,8 +12,8 @@ import random
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
-         "olmoe")
-MOE = ("mixtral", "qwen3_moe", "olmoe")
+         "olmoe", "qwen2_moe")
+MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -60,6 +60,10 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if arch == "olmoe":  # (its experts' size is intermediate_size; q/k norms over all heads need head_dim apart)
         cfg.update(intermediate_size=cfg["moe_intermediate_size"], head_dim=hidden // heads,
                    clip_qkv=rng.choice((None, 0.5, 3.0)))
+    if arch == "qwen2_moe":
+        cfg.update(shared_expert_intermediate_size=rng.choice((16, 48)), qkv_bias=rng.random() < 0.7)
+    if arch == "qwen2_moe" and rng.random() < 0.6:  # (Qwen2's windows: below max_window_layers)
+        cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "qwen3_moe" and rng.random() < 0.4:
         cfg.update(use_sliding_window=True, sliding_window=window)
     if arch in ("qwen2", "qwen3") and rng.random() < 0.6:

@@ -71,6 +71,10 @@ CONFIGS = {
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 3}),
     # Llama's layers with q/k norms over all heads, q/k/v clipped (low enough to bite), experts
     "olmoe": ("olmoe", {"clip_qkv": 0.3, "attention_bias": True}),
+    # Qwen2's attention (its q/k/v bias as qkv_bias says), the experts plus a gated shared
+    # expert; layer 0 slides
+    "qwen2_moe": ("qwen2_moe", {"qkv_bias": False, "use_sliding_window": True, "sliding_window": 6,
+                                "max_window_layers": 1, "norm_topk_prob": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -5,6 +5,8 @@ test_model.py and test_arch_lora.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import save_peft_adapter, save_random_hf_model
@@ -71,30 +73,33 @@ def test_dense_layers_among_experts_are_refused():
         ModelArgs.from_hf(cfg)
 
 
-def test_lora_on_experts_or_router_is_refused(tmp_path):
+@pytest.mark.parametrize("arch, module", [("qwen3_moe", "mlp.experts.1.gate_proj"),
+                                          ("qwen2_moe", "mlp.shared_expert.up_proj")])
+def test_lora_on_experts_or_router_is_refused(tmp_path, arch, module):
     """PEFT's all-linear on a MoE model adapts the experts' parameters (target_parameters), and
-    adapters saved when experts were linear layers hold tensors under mlp.experts.N: both are
-    refused by name; an attention adapter loads, and the device pool holds attention slots only."""
+    adapters saved when experts were linear layers hold tensors under mlp.experts.N (Qwen2-MoE's
+    shared expert is one still): both are refused by name; an attention adapter loads, and the
+    device pool holds attention slots only."""
     from safetensors.torch import load_file, save_file
 
     from caraserve.lora.checkpoint import AdapterError, inspect_adapter, load_adapter
     from caraserve.lora.device_pool import DevicePool
     from caraserve.model.loader import load_model
 
-    save_random_hf_model(tmp_path / "base", "qwen3_moe")
+    save_random_hf_model(tmp_path / "base", arch)
     args = load_model(tmp_path / "base", "float32").args
     assert args.adapter_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     every = save_peft_adapter(tmp_path / "base", tmp_path / "all", seed=1, r=4, target_modules="all-linear")
-    with pytest.raises(AdapterError, match="target_parameters=.* is not supported"):
+    with pytest.raises(AdapterError, match=r"(target_parameters=|experts or router \().* is not supported"):
         inspect_adapter(every, args)
     good = save_peft_adapter(tmp_path / "base", tmp_path / "good", seed=2, r=4, target_modules=["q_proj", "o_proj"])
     assert load_adapter(good, args).targets == ("q_proj", "o_proj")
     tensors = load_file(good / "adapter_model.safetensors")
     a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-    tensors["base_model.model.model.layers.0.mlp.experts.1.gate_proj.lora_A.weight"] = a.clone()
+    tensors[f"base_model.model.model.layers.0.{module}.lora_A.weight"] = a.clone()
     save_file(tensors, good / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match=r"LoRA on a mixture-of-experts model's experts or router "
-                                           r"\(.*mlp\.experts\.1\.gate_proj.*\) is not supported: adapt q_proj"):
+                                           rf"\(.*{re.escape(module)}.*\) is not supported: adapt q_proj"):
         inspect_adapter(good, args)
     pool = DevicePool(args, (4,), 1, torch.float32, [torch.device("cpu")] * args.num_layers)
     assert pool.targets == ("q_proj", "k_proj", "v_proj", "o_proj")

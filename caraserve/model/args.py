@@ -32,10 +32,11 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
-MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe"}
+MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe", "qwen2_moe": "qwen2"}
 GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
 WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
@@ -67,6 +68,9 @@ class MoeArgs:
     module: str  # the layer's feed-forward module: "mlp" (Qwen3-MoE) or "block_sparse_moe" (Mixtral)
     expert_names: tuple[str, str, str]  # an expert's gate, up and down projections in the checkpoint
     float32_weights: bool  # the weighted sum takes the router's weights in float32 (Mixtral), else in the dtype
+    # a shared expert every token takes, of this size, its output gated by sigmoid(a linear of the
+    # input) (Qwen2-MoE); 0: none
+    shared_expert_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,13 +124,14 @@ class ModelArgs:
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         moe = _moe_args(cfg, family) if family in MOE_BASES else None
         windows = _windows(cfg, family, n_layers)
+        qkv_bias = bool(getattr(cfg, "qkv_bias", True)) if family == "qwen2_moe" else None  # (Qwen2's: always)
         family = MOE_BASES.get(family, family)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gemma = family in GEMMAS
         _check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
-        qkv_bias, o_bias, mlp_bias = _biases(cfg, family)
+        qkv_bias, o_bias, mlp_bias = _biases(cfg, family) if qkv_bias is None else (qkv_bias, False, False)
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
@@ -296,10 +301,10 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
         return (int(window) if window and getattr(cfg, "use_sliding_window", False) else None,) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
     slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4") or (
-        family in ("qwen2", "qwen3", "smollm3") and getattr(cfg, "use_sliding_window", False))
+        family in ("qwen2", "qwen3", "smollm3", "qwen2_moe") and getattr(cfg, "use_sliding_window", False))
     if slides and layer_types:
         if "sliding_attention" in layer_types and not window:
-            what = "use_sliding_window is true and layers are" if family in ("qwen2", "qwen3", "smollm3") \
+            what = "use_sliding_window is true and layers are" if family in ("qwen2", "qwen3", "smollm3", "qwen2_moe") \
                 else "layers are"
             raise UnsupportedModelError(f"{what} sliding_attention, but sliding_window is not set")
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
@@ -331,8 +336,9 @@ def _clip_qkv(cfg) -> float:
 
 
 def _moe_args(cfg, family: str) -> MoeArgs:
-    """The experts of a Mixtral, Qwen3-MoE or OLMoE config; dense MLP layers among them are refused."""
-    qwen = family in ("qwen3_moe", "olmoe")  # (the same router and expert names)
+    """The experts of a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE config; dense MLP layers among them
+    are refused."""
+    qwen = family in ("qwen2_moe", "qwen3_moe", "olmoe")  # (the same router and expert names)
     if qwen and (getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1):
         raise UnsupportedModelError(
             f"mlp_only_layers={cfg.mlp_only_layers!r}, decoder_sparse_step={cfg.decoder_sparse_step!r} is not "
@@ -343,9 +349,10 @@ def _moe_args(cfg, family: str) -> MoeArgs:
         raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
     return MoeArgs(
         num_experts=experts, top_k=top_k,
-        intermediate_size=cfg.moe_intermediate_size if family == "qwen3_moe" else cfg.intermediate_size,
+        intermediate_size=cfg.intermediate_size if family in ("mixtral", "olmoe") else cfg.moe_intermediate_size,
         norm_topk_prob=bool(cfg.norm_topk_prob) if qwen else True,
         module="mlp" if qwen else "block_sparse_moe",
         expert_names=("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2"),
         float32_weights=not qwen,
+        shared_expert_size=cfg.shared_expert_intermediate_size if family == "qwen2_moe" else 0,
     )

@@ -1,5 +1,6 @@
-"""The mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks each token's top-k
-experts, and their SwiGLU outputs add up weighted by the router's probabilities.
+"""The mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router picks
+each token's top-k experts, and their SwiGLU outputs add up weighted by the router's
+probabilities (plus Qwen2-MoE's gated shared expert).
 
 The experts' work depends on the data (which rows each expert takes), so steps call it as one
 opaque op (`caraserve::moe_experts`, registered in `caraserve.ops`), whose semantics are
@@ -92,8 +93,22 @@ class Experts(nn.Module):
         return [(f"{prefix}.{e}.{down}.weight", h * e, h * (e + 1)) for e in range(self.num_experts)]
 
 
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's expert every token takes: down(silu(gate(x)) * up(x)), no LoRA."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class SparseMoE(nn.Module):
-    """Router (`gate`, a linear layer without bias) and experts. The router's softmax, top-k and
+    """Router (`gate`, a linear layer without bias) and experts, and where the model has one a
+    shared expert gated by sigmoid(shared_expert_gate(x)). The router's softmax, top-k and
     renormalization run in float32, as transformers runs them."""
 
     def __init__(self, args: ModelArgs):
@@ -101,6 +116,9 @@ class SparseMoE(nn.Module):
         self.moe = args.moe
         self.gate = nn.Linear(args.hidden_size, self.moe.num_experts, bias=False)
         self.experts = Experts(args)
+        if self.moe.shared_expert_size:
+            self.shared_expert = SharedExpert(args.hidden_size, self.moe.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, fb=None) -> torch.Tensor:
         probs = torch.softmax(self.gate(x).float(), dim=-1)
@@ -109,5 +127,8 @@ class SparseMoE(nn.Module):
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         if not self.moe.float32_weights:
             top_weights = top_weights.to(x.dtype)
-        return torch.ops.caraserve.moe_experts(x.contiguous(), top_ids, top_weights, self.experts.gate_up_proj,
-                                               self.experts.down_proj)
+        out = torch.ops.caraserve.moe_experts(x.contiguous(), top_ids, top_weights, self.experts.gate_up_proj,
+                                              self.experts.down_proj)
+        if self.moe.shared_expert_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -126,7 +126,7 @@ class Attention(nn.Module):
         elif a.qk_norm:  # a token's queries normed together, and its keys
             q, k = self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
         if a.clip_qkv:  # OLMoE
-            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+            q, k, v = (u.clamp(-a.clip_qkv, a.clip_qkv) for u in (q, k, v))
         if a.query_scale != 1.0:  # the kernels scale scores by 1/sqrt(head_dim); Gemma 3 by another
             q = q * a.query_scale
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
@@ -199,7 +199,7 @@ class DecoderLayer(nn.Module):
             return RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
 
         self.post_norms_only = args.post_norms_only
-        if not self.post_norms_only:  # (OLMo 2 has no norm before attention or the MLP)
+        if not self.post_norms_only:  # (OLMo 2 and EXAONE 4 have no norm before attention or the MLP)
             self.input_layernorm = norm()
         self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = norm()

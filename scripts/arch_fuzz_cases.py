@@ -12,8 +12,8 @@ import random
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
-         "olmoe", "qwen2_moe")
-MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+         "olmoe", "qwen2_moe", "granitemoe")
+MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 VOCAB = 128  # tests/helpers.save_random_hf_model's
@@ -42,7 +42,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
                head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
                tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
     gemma3 = arch in ("gemma3", "gemma3-mm")
-    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe") or gemma3) \
+    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe", "granitemoe")
+            or gemma3) \
             and rng.random() < 0.4:
         cfg["attention_bias"] = True
     if arch == "seed_oss":
@@ -60,6 +61,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if arch == "olmoe":  # (its experts' size is intermediate_size; q/k norms over all heads need head_dim apart)
         cfg.update(intermediate_size=cfg["moe_intermediate_size"], head_dim=hidden // heads,
                    clip_qkv=rng.choice((None, 0.5, 3.0)))
+    if arch == "granitemoe":  # (its experts' size is intermediate_size; Llama's heads of hidden / heads)
+        cfg.update(intermediate_size=cfg["moe_intermediate_size"], head_dim=hidden // heads)
     if arch == "qwen2_moe":
         cfg.update(shared_expert_intermediate_size=rng.choice((16, 48)), qkv_bias=rng.random() < 0.7)
     if arch == "qwen2_moe" and rng.random() < 0.6:  # (Qwen2's windows: below max_window_layers)
@@ -84,7 +87,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
     elif arch != "phi3":
         cfg["rope_parameters"] = rope(rng)
-    if arch == "granite":
+    if arch in ("granite", "granitemoe"):
         cfg.update(embedding_multiplier=rng.choice((1.0, 3.0, 12.0)), attention_multiplier=rng.choice((0.05, 0.2)),
                    residual_multiplier=rng.choice((0.2, 0.5, 1.0)), logits_scaling=rng.choice((1.0, 2.0, 8.0)))
     return cfg

@@ -23,6 +23,8 @@ def _hf_classes(arch: str):
         GemmaForCausalLM,
         GraniteConfig,
         GraniteForCausalLM,
+        GraniteMoeConfig,
+        GraniteMoeForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
         MinistralConfig,
@@ -73,6 +75,7 @@ def _hf_classes(arch: str):
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+        "granitemoe": (GraniteMoeConfig, GraniteMoeForCausalLM),
         "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
     }[arch]
 
@@ -87,15 +90,15 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     )
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
                 "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
-                "qwen2_moe"):
+                "qwen2_moe", "granitemoe"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
-    if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"):  # 4 experts of 32, two a token
+    if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token
         kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         if arch == "qwen2_moe":  # and a shared expert of 48
             kw["shared_expert_intermediate_size"] = 48
-        if arch == "olmoe":  # (its experts' size is intermediate_size)
-            kw.pop("num_local_experts")
+        if arch in ("olmoe", "granitemoe"):  # (their experts' size is intermediate_size)
+            kw.pop("num_local_experts" if arch == "olmoe" else "num_experts")
             kw["intermediate_size"] = 32
     kw.update(overrides)
     cfg = cfg_cls(**kw)

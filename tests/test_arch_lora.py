@@ -12,7 +12,8 @@ computed on the CPU while the adapter is copied.
   adds sliding layers with a rope of their own.
 - SmolLM3: layers without rotary (NoPE); Ministral: Mistral's layers, windows per layer.
 - Mixtral, Qwen2-MoE (a gated shared expert), Qwen3-MoE, OLMoE (q/k norms over all heads,
-  clipped q/k/v): the router's top-k experts, LoRA on attention.
+  clipped q/k/v), GraniteMoE (Granite's multipliers, experts stacked in the checkpoint): the
+  router's top-k experts, LoRA on attention.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -106,6 +107,11 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "kvo-r16": dict(r=16, lora_alpha=8, target_modules=["k_proj", "v_proj", "o_proj"]),
     }),
+    "granitemoe": ({"embedding_multiplier": 1.5, "attention_multiplier": 0.2, "residual_multiplier": 0.9,
+                    "logits_scaling": 2.0}, {
+        "qo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
+        "kv-r16": dict(r=16, lora_alpha=8, target_modules=["k_proj", "v_proj"]),
+    }),
     "qwen3_moe": ({"norm_topk_prob": True}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
@@ -115,7 +121,7 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
            "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None),
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
-           "qwen2_moe": (None, None)}
+           "qwen2_moe": (None, None), "granitemoe": (None, None)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
@@ -161,7 +167,7 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, arch == "phi3")
     assert args.post_norms_only == (arch in ("olmo2", "olmo3", "exaone4"))
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
-    assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"))
+    assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))
     assert args.multimodal == (arch == "gemma3-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 # a decoder layer's LoRA tensor; a multimodal model's language model names its layers
 # model.language_model.layers (transformers 5) or language_model.model.layers (earlier)
-_MOE_KEY = re.compile(r"\.layers\.\d+\.(mlp|block_sparse_moe)\.(experts|gate|shared_expert|shared_expert_gate)\.")
+_MOE_KEY = re.compile(r"\.layers\.\d+\.(mlp|block_sparse_moe)\."
+                      r"(experts|gate|router|input_linear|output_linear|shared_expert|shared_expert_gate)\.")
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\."
     r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"

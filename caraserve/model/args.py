@@ -33,10 +33,12 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "GraniteMoeForCausalLM": "granitemoe",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
-MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe", "qwen2_moe": "qwen2"}
+MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe", "qwen2_moe": "qwen2",
+             "granitemoe": "granite"}
 GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
 WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
@@ -66,8 +68,14 @@ class MoeArgs:
     intermediate_size: int
     norm_topk_prob: bool
     module: str  # the layer's feed-forward module: "mlp" (Qwen3-MoE) or "block_sparse_moe" (Mixtral)
-    expert_names: tuple[str, str, str]  # an expert's gate, up and down projections in the checkpoint
+    # an expert's gate, up and down projections in the checkpoint; with stacked_checkpoint, the
+    # tensors of every expert's gate and up rows together, and of the down rows (GraniteMoE)
+    expert_names: tuple[str, ...]
     float32_weights: bool  # the weighted sum takes the router's weights in float32 (Mixtral), else in the dtype
+    router_name: str = "gate"  # the router's linear layer in the checkpoint, under the module
+    stacked_checkpoint: bool = False  # the checkpoint holds the experts' weights as [E, rows, in] tensors
+    # the router's softmax over the top-k logits (GraniteMoE), else top-k of the softmax over all
+    softmax_after_topk: bool = False
     # a shared expert every token takes, of this size, its output gated by sigmoid(a linear of the
     # input) (Qwen2-MoE); 0: none
     shared_expert_size: int = 0
@@ -326,6 +334,13 @@ def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
     return tuple(i for i, f in enumerate(flags) if not f)
 
 
+def _top_k(cfg, experts) -> int:
+    top_k = cfg.num_experts_per_tok
+    if not (isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k <= experts):
+        raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
+    return top_k
+
+
 def _clip_qkv(cfg) -> float:
     value = getattr(cfg, "clip_qkv", None)
     if value is None:
@@ -338,17 +353,19 @@ def _clip_qkv(cfg) -> float:
 def _moe_args(cfg, family: str) -> MoeArgs:
     """The experts of a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE config; dense MLP layers among them
     are refused."""
+    if family == "granitemoe":  # its router's softmax over the top-k logits, its experts stacked
+        return MoeArgs(num_experts=cfg.num_local_experts, top_k=_top_k(cfg, cfg.num_local_experts),
+                       intermediate_size=cfg.intermediate_size, norm_topk_prob=False, module="block_sparse_moe",
+                       expert_names=("input_linear", "output_linear"), float32_weights=False,
+                       router_name="router.layer", stacked_checkpoint=True, softmax_after_topk=True)
     qwen = family in ("qwen2_moe", "qwen3_moe", "olmoe")  # (the same router and expert names)
     if qwen and (getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1):
         raise UnsupportedModelError(
             f"mlp_only_layers={cfg.mlp_only_layers!r}, decoder_sparse_step={cfg.decoder_sparse_step!r} is not "
             "supported: every layer's feed-forward must be the experts (mlp_only_layers empty, decoder_sparse_step 1)")
     experts = cfg.num_experts if qwen else cfg.num_local_experts
-    top_k = cfg.num_experts_per_tok
-    if not (isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k <= experts):
-        raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
     return MoeArgs(
-        num_experts=experts, top_k=top_k,
+        num_experts=experts, top_k=_top_k(cfg, experts),
         intermediate_size=cfg.intermediate_size if family in ("mixtral", "olmoe") else cfg.moe_intermediate_size,
         norm_topk_prob=bool(cfg.norm_topk_prob) if qwen else True,
         module="mlp" if qwen else "block_sparse_moe",

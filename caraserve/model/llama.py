@@ -12,8 +12,9 @@ with a window per layer type), Olmo2ForCausalLM and Olmo3ForCausalLM (norms afte
 the MLP only, q/k norms over all heads; OLMo 3's sliding layers with a rope of their own),
 Exaone4ForCausalLM (OLMo 2's norms, per-head q/k norms, NoPE full-attention layers),
 SeedOssForCausalLM, SmolLM3ForCausalLM (NoPE layers), and the mixture-of-experts
-MixtralForCausalLM, Qwen2MoeForCausalLM (a gated shared expert), Qwen3MoeForCausalLM and
-OlmoeForCausalLM (q/k norms over all heads, clipped q/k/v; `caraserve.model.moe`);
+MixtralForCausalLM, Qwen2MoeForCausalLM (a gated shared expert), Qwen3MoeForCausalLM,
+OlmoeForCausalLM (q/k norms over all heads, clipped q/k/v) and GraniteMoeForCausalLM (Granite's
+multipliers; `caraserve.model.moe`);
 `caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
 checkpoint names, except that projections reading the same input are fused
 (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the

@@ -189,6 +189,8 @@ def _read_parameter(folder, files, handles, module, module_name: str, name: str,
         if tensor.dtype not in FLOAT_DTYPES:
             raise ModelLoadError(f"tensor {ck!r} in {files[ck]} is {str(tensor.dtype).removeprefix('torch.')}: "
                                  "quantized or integer weights are not supported")
+        if getattr(module, "stacked_checkpoint", False) and tensor.dim() == 3:  # [E, rows, in]: its rows
+            tensor = tensor.flatten(0, 1)
         if tuple(tensor.shape) != shape:
             raise ModelLoadError(f"tensor {ck!r} in {files[ck]} has shape {tuple(tensor.shape)}, expected {shape}")
         if value is None:

@@ -1,4 +1,4 @@
-"""The mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router picks
+"""The mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): a router picks
 each token's top-k experts, and their SwiGLU outputs add up weighted by the router's
 probabilities (plus Qwen2-MoE's gated shared expert).
 
@@ -70,7 +70,8 @@ def moe_experts_reference(x: torch.Tensor, top_ids: torch.Tensor, top_weights: t
 
 class Experts(nn.Module):
     """Every expert's weights stacked in two parameters (`moe_experts_reference` gives their
-    layout); the checkpoint holds them per expert (`checkpoint_parts`)."""
+    layout); the checkpoint holds them per expert, or stacked as [E, 2I, H] and [E, H, I]
+    (`checkpoint_parts`, `stacked_checkpoint`: the loader reads such a tensor as its rows)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -78,19 +79,34 @@ class Experts(nn.Module):
         e, i, h = moe.num_experts, moe.intermediate_size, args.hidden_size
         self.num_experts, self.intermediate_size, self.hidden_size = e, i, h
         self.names = moe.expert_names
+        self.stacked_checkpoint = moe.stacked_checkpoint
         self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e * h, i))
 
     def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
         """(checkpoint tensor name, first row, end row) of each expert's part of parameter `attr`
         of the module named `prefix` (e.g. model.layers.0.mlp.experts.3.gate_proj.weight)."""
-        gate, up, down = self.names
         i, h = self.intermediate_size, self.hidden_size
+        if self.stacked_checkpoint:
+            name, rows = (self.names[0], 2 * i) if attr == "gate_up_proj" else (self.names[1], h)
+            return [(f"{prefix.rpartition('.')[0]}.{name}.weight", 0, self.num_experts * rows)]
+        gate, up, down = self.names
         if attr == "gate_up_proj":
             return [part for e in range(self.num_experts) for part in (
                 (f"{prefix}.{e}.{gate}.weight", 2 * i * e, 2 * i * e + i),
                 (f"{prefix}.{e}.{up}.weight", 2 * i * e + i, 2 * i * (e + 1)))]
         return [(f"{prefix}.{e}.{down}.weight", h * e, h * (e + 1)) for e in range(self.num_experts)]
+
+
+class Router(nn.Linear):
+    """The router's linear layer (no bias), named in the checkpoint as the model names it."""
+
+    def __init__(self, hidden: int, experts: int, checkpoint_name: str):
+        super().__init__(hidden, experts, bias=False)
+        self.checkpoint_name = checkpoint_name
+
+    def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
+        return [(f"{prefix.rpartition('.')[0]}.{self.checkpoint_name}.{attr}", 0, self.out_features)]
 
 
 class SharedExpert(nn.Module):
@@ -114,15 +130,19 @@ class SparseMoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.moe = args.moe
-        self.gate = nn.Linear(args.hidden_size, self.moe.num_experts, bias=False)
+        self.gate = Router(args.hidden_size, self.moe.num_experts, self.moe.router_name)
         self.experts = Experts(args)
         if self.moe.shared_expert_size:
             self.shared_expert = SharedExpert(args.hidden_size, self.moe.shared_expert_size)
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, fb=None) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        top_weights, top_ids = torch.topk(probs, self.moe.top_k, dim=-1)
+        logits = self.gate(x).float()
+        if self.moe.softmax_after_topk:
+            top_logits, top_ids = torch.topk(logits, self.moe.top_k, dim=-1)
+            top_weights = torch.softmax(top_logits, dim=-1)
+        else:
+            top_weights, top_ids = torch.topk(torch.softmax(logits, dim=-1), self.moe.top_k, dim=-1)
         if self.moe.norm_topk_prob:
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         if not self.moe.float32_weights:

@@ -199,7 +199,8 @@ CASES = {
     "kasa": (_b("good", lambda d: edit_config(d, kasa_config={"x": 1})), r"kasa_config=.* \(KaSA\) is not supported"),
     "bdlora": (_b("good", lambda d: edit_config(d, use_bdlora={"nblocks": 2})), r"use_bdlora=.*is not supported"),
     "target-parameters": (_b("good", lambda d: edit_config(d, target_parameters=["mlp.experts.gate_up_proj"])),
-                          r"target_parameters=.* \(LoRA on parameters\) is not supported"),
+                          r"target_parameters=.* \(LoRA on parameters, such as a mixture-of-experts model.s experts\) "
+                          r"is not supported"),
     "trainable-tokens": (_b("good", lambda d: edit_config(d, trainable_token_indices=[5, 6])),
                          r"trainable_token_indices=\[5, 6\] \(trainable tokens\) is not supported"),
     "a-without-b": (_b("good", lambda d: _edit_tensors(d, _drop("layers.0.self_attn.v_proj.lora_B"))),

@@ -44,7 +44,7 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": "activated LoRA",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on parameters",
+    "target_parameters": "LoRA on parameters, such as a mixture-of-experts model's experts",
 }
 
 

@@ -104,3 +104,34 @@ _lib.impl("moe_experts", _moe_experts, "CompositeExplicitAutograd")
 @torch.library.register_fake("caraserve::moe_experts")
 def _(x, top_ids, top_weights, gate_up, down):
     return torch.empty_like(x)
+
+
+# The same over each expert's weights in oneDNN's packed layout (caraserve.model.moe.moe_experts_packed).
+_lib.define("moe_experts_packed(Tensor x, Tensor top_ids, Tensor top_weights, Tensor[] gate_up, "
+            "Tensor[] down) -> Tensor")
+
+
+def _moe_experts_packed(x, top_ids, top_weights, gate_up, down) -> torch.Tensor:
+    from caraserve.model.moe import moe_experts_packed
+
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"moe_experts_packed: x must be [T, H] float32 on the CPU, got {x.dtype} {list(x.shape)} "
+                         f"on {x.device}")
+    if len(gate_up) != len(down) or top_ids.dtype != torch.int64 or top_ids.shape != top_weights.shape:
+        raise ValueError("moe_experts_packed: gate_up and down need a weight per expert, top_ids int64 shaped as "
+                         "top_weights")
+    if top_ids.numel() and (int(top_ids.min()) < 0 or int(top_ids.max()) >= len(gate_up)):
+        raise ValueError(f"moe_experts_packed: an expert id is outside 0..{len(gate_up) - 1}")
+    out = moe_experts_packed(x, top_ids, top_weights, gate_up, down)
+    if out.shape != x.shape:  # the fake kernel's shape must be the real one
+        raise ValueError(f"moe_experts_packed: the packed weights give {list(out.shape)}, not {list(x.shape)}")
+    return out
+
+
+_lib.impl("moe_experts_packed", _moe_experts_packed, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("caraserve::moe_experts_packed")
+def _(x, top_ids, top_weights, gate_up, down):
+    return torch.empty_like(x)
+

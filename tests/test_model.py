@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from caraserve.model.layers import LoraLinear
 from caraserve.model.llama import UnsupportedModelError
 from caraserve.model.loader import ModelLoadError, load_model, plan_placement
+from caraserve.model.moe import Experts
 
 CONFIGS = {
     "llama-gqa": ("llama", {}),
@@ -171,10 +172,11 @@ def test_packed_weights_give_the_same_logits(pair):
     h = torch.randn(6, ours.args.hidden_size, generator=g)
     want_head = ours.head(h)  # (the unpacked head; with its soft cap where the model caps logits)
     want_pre, want_dec = run_prefill_decode(ours, PROMPTS, [[5, 9, 1]] * len(PROMPTS))
-    n_lin = sum(isinstance(m, LoraLinear) for m in ours.modules())
-    assert ours.pack_weights(batch_hint=4) == 1 + n_lin  # CPU, float32: every GEMM weight
+    packs = [m for m in ours.modules() if isinstance(m, (LoraLinear, Experts))]
+    n_weights = sum(2 if isinstance(m, Experts) else 1 for m in packs)  # (a mixture's experts: two stacks)
+    assert ours.pack_weights(batch_hint=4) == 1 + n_weights  # CPU, float32: every GEMM weight
     try:
-        assert all(m.packed is not None for m in ours.modules() if isinstance(m, LoraLinear))
+        assert all(m.packed is not None for m in packs)
         assert rel_err(ours.head(h), want_head) < 1e-5
         assert rel_err(ours.head(h[:1]), want_head[:1]) < 1e-5
         pre, dec = run_prefill_decode(ours, PROMPTS, [[5, 9, 1]] * len(PROMPTS))
@@ -182,7 +184,7 @@ def test_packed_weights_give_the_same_logits(pair):
             assert rel_err(a, b) < 1e-5
     finally:
         ours.unpack_weights()
-    assert ours._packed_head is None and all(m.packed is None for m in ours.modules() if isinstance(m, LoraLinear))
+    assert ours._packed_head is None and all(m.packed is None for m in packs)
     assert ours.pack_weights(batch_hint=4, memory_share=1e-12) == 0  # copies that would not fit: none made
     assert ours._packed_head is None
     # packing again after the weights change drops the old copies, even when it packs nothing now

@@ -1,25 +1,14 @@
 """A Llama-family decoder built for serving: packed batches, explicit positions, paged KV cache.
 
-Covers LlamaForCausalLM (Llama 2/3, GQA, llama3 rope scaling, tied embeddings),
-MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (an RMSNorm
-over each query and key head before rotary), Phi3ForCausalLM (q/k/v and gate/up fused in the
-checkpoint), GemmaForCausalLM (scaled embeddings, norms of 1 + w, GELU), Gemma2ForCausalLM
-(Gemma's, plus norms after attention and the MLP, soft-capped attention scores and logits),
-Gemma3ForCausalLM (Gemma 2's norms, per-head q/k norms, sliding layers with a rope of their own;
-also the language model of Gemma3ForConditionalGeneration), GraniteForCausalLM (Llama's, with
-embeddings, attention scores, layer outputs and logits scaled), MinistralForCausalLM (Mistral's
-with a window per layer type), Olmo2ForCausalLM and Olmo3ForCausalLM (norms after attention and
-the MLP only, q/k norms over all heads; OLMo 3's sliding layers with a rope of their own),
-Exaone4ForCausalLM (OLMo 2's norms, per-head q/k norms, NoPE full-attention layers),
-SeedOssForCausalLM, SmolLM3ForCausalLM (NoPE layers), and the mixture-of-experts
-MixtralForCausalLM, Qwen2MoeForCausalLM (a gated shared expert), Qwen3MoeForCausalLM,
-OlmoeForCausalLM (q/k norms over all heads, clipped q/k/v) and GraniteMoeForCausalLM (Granite's
-multipliers; `caraserve.model.moe`);
-`caraserve.model.args` reads which a checkpoint is. Parameter names equal the Hugging Face
-checkpoint names, except that projections reading the same input are fused
-(`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each); the
-loader stacks their checkpoint tensors (Phi-3's are stacked already), and `checkpoint_tensors`
-names them back.
+Covers every architecture in `caraserve.model.args.ARCHITECTURES`: Llama's layers and what
+the others change in them (biases, q/k norms per head or over all heads, norms after attention
+and the MLP, fused checkpoint projections, scaled embeddings and scores, soft caps, sliding
+windows per layer, a rope per layer type or none, and the mixture-of-experts feed-forward of
+`caraserve.model.moe`); `caraserve.model.args` reads which a checkpoint is. Parameter names
+equal the Hugging Face checkpoint names, except that projections reading the same input are
+fused (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each) and
+a mixture's experts are stacked; the loader stacks their checkpoint tensors (Phi-3's are
+stacked already), and `checkpoint_tensors` names them back.
 """
 
 from __future__ import annotations
@@ -41,7 +30,7 @@ from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
-from caraserve.model.moe import SparseMoE
+from caraserve.model.moe import Experts, SparseMoE
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +277,9 @@ class CausalLM(nn.Module):
         follow later writes to its weight."""
         self.unpack_weights()  # copies of an earlier packing would not follow the weights now
         lins = [m for m in self.modules() if isinstance(m, LoraLinear)]
-        weights = [self.lm_head.weight] + [m.weight for m in lins]
+        experts = [m for m in self.modules() if isinstance(m, Experts)]
+        weights = [self.lm_head.weight] + [m.weight for m in lins] + \
+            [w for m in experts for w in (m.gate_up_proj, m.down_proj)]
         if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
             return 0
         if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
@@ -302,13 +293,15 @@ class CausalLM(nn.Module):
         self._packed_head = pack(self.lm_head.weight.detach(), batch_hint)
         for m in lins:
             m.packed = pack(m.weight.detach(), batch_hint)
+        for m in experts:
+            m.pack(pack, batch_hint)
         return len(weights)
 
     def unpack_weights(self) -> None:
         """Drops the packed copies (pack_weights): every GEMM reads the weights themselves again."""
         self._packed_head = None
         for m in self.modules():
-            if isinstance(m, LoraLinear):
+            if isinstance(m, (LoraLinear, Experts)):
                 m.packed = None
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

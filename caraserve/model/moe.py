@@ -49,6 +49,23 @@ def moe_experts_reference(x: torch.Tensor, top_ids: torch.Tensor, top_weights: t
     num_experts, hidden = down.shape[0] // x.shape[1], x.shape[1]
     gate_up = gate_up.view(num_experts, -1, hidden)
     down = down.view(num_experts, hidden, -1)
+    return _run_experts(x, top_ids, top_weights, num_experts, lambda e, h: F.linear(h, gate_up[e]),
+                        lambda e, h: F.linear(h, down[e]))
+
+
+def moe_experts_packed(x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor,
+                       gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+    """`moe_experts_reference` over each expert's weights in oneDNN's packed layout (float32 on
+    the CPU, `Experts.pack`): F.linear re-packs a weight at every call, which at a decode step's
+    few rows an expert costs about as much as its product."""
+    def linear(packed):
+        return lambda e, h: torch.ops.mkldnn._linear_pointwise(h, packed[e], None, "none", [], "")
+
+    return _run_experts(x, top_ids, top_weights, len(gate_up), linear(gate_up), linear(down))
+
+
+def _run_experts(x, top_ids, top_weights, num_experts: int, gate_up, down) -> torch.Tensor:
+    """The loop of `moe_experts_reference`, gate_up(e, rows) and down(e, rows) its products."""
     k = top_ids.shape[1]
     flat = top_ids.flatten()
     order = torch.argsort(flat, stable=True)  # the (row, choice) pairs grouped by expert, ascending
@@ -62,8 +79,8 @@ def moe_experts_reference(x: torch.Tensor, top_ids: torch.Tensor, top_weights: t
         pairs = order[start : start + n]
         start += n
         rows = pairs // k
-        g, u = F.linear(x[rows], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down[e]) * weights[pairs, None]
+        g, u = gate_up(e, x[rows]).chunk(2, dim=-1)
+        y = down(e, F.silu(g) * u) * weights[pairs, None]
         out.index_add_(0, rows, y.to(out.dtype))
     return out
 
@@ -82,6 +99,14 @@ class Experts(nn.Module):
         self.stacked_checkpoint = moe.stacked_checkpoint
         self.gate_up_proj = nn.Parameter(torch.empty(e * 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e * h, i))
+        self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (gate_up, down) per expert
+
+    def pack(self, pack, batch_hint: int) -> None:
+        """Keeps each expert's two weights in oneDNN's packed layout (`pack`, as
+        CausalLM.pack_weights packs the projections); a later write to the weights is not followed."""
+        e = self.num_experts
+        self.packed = ([pack(w.detach(), batch_hint) for w in self.gate_up_proj.view(e, -1, self.hidden_size)],
+                       [pack(w.detach(), batch_hint) for w in self.down_proj.view(e, self.hidden_size, -1)])
 
     def checkpoint_parts(self, prefix: str, attr: str) -> list[tuple[str, int, int]]:
         """(checkpoint tensor name, first row, end row) of each expert's part of parameter `attr`
@@ -147,8 +172,12 @@ class SparseMoE(nn.Module):
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         if not self.moe.float32_weights:
             top_weights = top_weights.to(x.dtype)
-        out = torch.ops.caraserve.moe_experts(x.contiguous(), top_ids, top_weights, self.experts.gate_up_proj,
-                                              self.experts.down_proj)
+        packed = self.experts.packed
+        if packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            out = torch.ops.caraserve.moe_experts_packed(x.contiguous(), top_ids, top_weights, *packed)
+        else:
+            out = torch.ops.caraserve.moe_experts(x.contiguous(), top_ids, top_weights, self.experts.gate_up_proj,
+                                                  self.experts.down_proj)
         if self.moe.shared_expert_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

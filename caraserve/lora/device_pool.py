@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from caraserve.config_checks import ConfigError
 from caraserve.lora.batch import Landing, LoraBatch, LoraGroup, LoraIndex
 from caraserve.lora.checkpoint import TARGETS, AdapterError, LoraWeights
 
@@ -137,12 +136,7 @@ class DevicePool:
         if pipeline_layers < 0:
             raise ValueError(f"pipeline_layers={pipeline_layers} must be >= 0")
         self.rank_buckets = tuple(rank_buckets)
-        # the model's adaptable projections among them (a mixture-of-experts model's attention only)
-        adaptable = getattr(model_args, "lora_modules", TARGETS)
-        self.targets = tuple(t for t in targets if t in adaptable)
-        if not self.targets:
-            raise ConfigError(f"adapters.target_modules={tuple(targets)} names none of the projections LoRA can "
-                              f"adapt in this model ({', '.join(adaptable)})")
+        self.targets = model_args.pool_targets(targets)
         self.device = layer_devices[0]
         self._one_device = len(set(layer_devices)) == 1
         self._clock = itertools.count(1)

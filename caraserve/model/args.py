@@ -192,10 +192,15 @@ class ModelArgs:
             return ATTENTION_MODULES
         return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
 
-    @property
-    def lora_modules(self) -> tuple[str, ...]:
-        """The split projections a LoRA can adapt (the device pool's modules at most)."""
-        return ATTENTION_MODULES if self.moe is not None else SPLIT_MODULES
+    def pool_targets(self, targets) -> tuple[str, ...]:
+        """The projections among `targets` (adapters.target_modules) a LoRA can adapt in this
+        model, which the device pool holds slots for: a mixture-of-experts model's attention only."""
+        adaptable = ATTENTION_MODULES if self.moe is not None else SPLIT_MODULES
+        chosen = tuple(t for t in targets if t in adaptable)
+        if not chosen:
+            raise ConfigError(f"adapters.target_modules={tuple(targets)} names none of the projections LoRA can "
+                              f"adapt in this model ({', '.join(adaptable)})")
+        return chosen
 
     def module_shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""

@@ -7,77 +7,39 @@ import torch
 from caraserve.kv_cache import KVCache, blocks_for
 from caraserve.model.batch import ForwardBatch
 
+# test architecture -> (transformers config class, model class); gemma3-mm is Gemma 3's language
+# model inside its multimodal checkpoint, made from a text config
+_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM"),
+    "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
+}
+
 
 def _hf_classes(arch: str):
-    """(config class, model class) of a test architecture: a transformers one, or gemma3-mm (Gemma
-    3's language model inside its multimodal checkpoint, made from a text config)."""
-    from transformers import (
-        Exaone4Config,
-        Exaone4ForCausalLM,
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        Gemma3ForCausalLM,
-        Gemma3ForConditionalGeneration,
-        Gemma3TextConfig,
-        GemmaConfig,
-        GemmaForCausalLM,
-        GraniteConfig,
-        GraniteForCausalLM,
-        GraniteMoeConfig,
-        GraniteMoeForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MinistralConfig,
-        MinistralForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        MixtralConfig,
-        MixtralForCausalLM,
-        Olmo2Config,
-        Olmo2ForCausalLM,
-        Olmo3Config,
-        Olmo3ForCausalLM,
-        OlmoeConfig,
-        OlmoeForCausalLM,
-        Phi3Config,
-        Phi3ForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen2MoeConfig,
-        Qwen2MoeForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-        Qwen3MoeConfig,
-        Qwen3MoeForCausalLM,
-        SeedOssConfig,
-        SeedOssForCausalLM,
-        SmolLM3Config,
-        SmolLM3ForCausalLM,
-    )
+    """(config class, model class) of a test architecture (_HF_CLASSES)."""
+    import transformers
 
-    return {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        "phi3": (Phi3Config, Phi3ForCausalLM),
-        "gemma": (GemmaConfig, GemmaForCausalLM),
-        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
-        "granite": (GraniteConfig, GraniteForCausalLM),
-        "ministral": (MinistralConfig, MinistralForCausalLM),
-        "olmo2": (Olmo2Config, Olmo2ForCausalLM),
-        "olmo3": (Olmo3Config, Olmo3ForCausalLM),
-        "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
-        "exaone4": (Exaone4Config, Exaone4ForCausalLM),
-        "seed_oss": (SeedOssConfig, SeedOssForCausalLM),
-        "mixtral": (MixtralConfig, MixtralForCausalLM),
-        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
-        "olmoe": (OlmoeConfig, OlmoeForCausalLM),
-        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
-        "granitemoe": (GraniteMoeConfig, GraniteMoeForCausalLM),
-        "gemma3-mm": (Gemma3TextConfig, Gemma3ForConditionalGeneration),
-    }[arch]
+    config, model = _HF_CLASSES[arch]
+    return getattr(transformers, config), getattr(transformers, model)
 
 
 def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides):

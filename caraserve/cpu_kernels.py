@@ -114,9 +114,10 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor | None:
     """csrc/layer_ops_cpu.c's rotary_write_kv: the rotated q as a new contiguous [T, H, hd] tensor;
     the rotated k and v written to the caches [blocks, bs, KV, hd] at slot_mapping [T] int64. q
-    [T, H, hd], k / v [T, KV, hd] with rows of unit-stride heads, cos / sin [T, hd] contiguous, all
-    float32 on the CPU. None when the kernel is unavailable; tensors it cannot take raise a
-    ValueError naming them (a slot outside the caches too, before anything is written)."""
+    [T, H, hd], k / v [T, KV, hd] with rows of unit-stride heads, cos / sin [T, r] contiguous (the
+    first r dimensions of each head rotate, r even and at most hd), all float32 on the CPU. None
+    when the kernel is unavailable; tensors it cannot take raise a ValueError naming them (a slot
+    outside the caches too, before anything is written)."""
     lib = kernel_library.library()
     if lib is None:
         return None
@@ -134,10 +135,12 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
             raise ValueError(f"rotary_write_kv: {name} must be [{t}, {n}, {hd}] in rows of contiguous heads, "
                              f"got {list(x.shape)} strides {x.stride()}")
         lds.append(_float_rows(f"rotary_write_kv: {name}", x.flatten(1), n * hd))
+    rot = cos.shape[-1]
     for name, x in (("cos", cos), ("sin", sin)):
-        if not x.is_contiguous() or x.shape != (t, hd):
-            raise ValueError(f"rotary_write_kv: {name} must be contiguous [{t}, {hd}], got {list(x.shape)}")
-        _float_rows(f"rotary_write_kv: {name}", x, hd)
+        if not x.is_contiguous() or x.shape != (t, rot) or rot < 2 or rot % 2 or rot > hd:
+            raise ValueError(f"rotary_write_kv: {name} must be contiguous [{t}, r] with r even and at most {hd} "
+                             f"(and sin as cos), got {list(x.shape)}")
+        _float_rows(f"rotary_write_kv: {name}", x, rot)
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_cpu or slot_mapping.shape != (t,):
         raise ValueError(f"rotary_write_kv: slot_mapping must be int64 CPU [{t}], got {list(slot_mapping.shape)} "
                          f"{slot_mapping.dtype}")
@@ -146,7 +149,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     q_out = torch.empty((t, heads, hd), dtype=torch.float32)
     rc = lib.rotary_write_kv(q_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), t, heads, kv,
-                             hd, *lds, num_slots)
+                             hd, rot, *lds, num_slots)
     if rc:
         raise ValueError(f"rotary_write_kv: the kernel refused the call (code {rc}): an odd head size or a slot "
                          f"outside the caches' {num_slots}")

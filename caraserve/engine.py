@@ -91,7 +91,8 @@ class Engine(EngineConveniences):
         self.model.use_lora(self.pool)
         self.adapter_errors = self.catalog.errors
         self.handoff, assist = handoff_for(ca, thread_plan, self.model.args, self.pool.emulate_copy_gbps)
-        self.scheduler = Scheduler.for_engine(cfg, self.kv, self.pool, self.store, assist, self.perf_model)
+        self.scheduler = Scheduler.for_engine(cfg, self.kv, self.pool, self.store, assist, self.perf_model,
+                                              args.long_rope_from)
         self.graphs = DecodeGraphs.for_engine(cfg, self.model, self.kv.layers, self.pool, self.max_seq_len, model_path,
                                               self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.pool, self.device, self.graphs, self.store, self.handoff)

@@ -92,13 +92,14 @@ def _rotate(dst_ptr, src_ptr, src_stride, dst_stride, n_heads, c1, c2, s1, s2, h
 def _rotary_write_kv_kernel(
     q_out_ptr,  # [T, H, D] contiguous
     q_ptr, k_ptr, v_ptr,  # [T, H | KV, D]: rows at ld_q / ld_k / ld_v, heads contiguous
-    cos_ptr, sin_ptr,  # [T, D] contiguous
+    cos_ptr, sin_ptr,  # [T, 2 * HALF] contiguous
     k_cache_ptr, v_cache_ptr,  # [blocks * BS, KV, D] contiguous
     slot_ptr,  # [T] int64
     n_heads, n_kv, ld_q, ld_k, ld_v,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """q_out[t] = rot_t(q[t]); K[slot[t]] = rot_t(k[t]); V[slot[t]] = v[t], one token per program."""
+    """q_out[t] = rot_t(q[t]); K[slot[t]] = rot_t(k[t]); V[slot[t]] = v[t], one token per program;
+    rot_t turns each head's first 2 * HALF dimensions and passes the others."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     heads = tl.arange(0, BLOCK_H)
@@ -109,35 +110,43 @@ def _rotary_write_kv_kernel(
     c2 = tl.load(cs + HALF, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sn, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(sn + HALF, mask=m, other=0.0).to(tl.float32)
-    _rotate(q_out_ptr + t * n_heads * 2 * HALF, q_ptr + t * ld_q, 2 * HALF, 2 * HALF, n_heads, c1, c2, s1, s2,
-            heads, i, HALF)
+    _rotate(q_out_ptr + t * n_heads * D, q_ptr + t * ld_q, D, D, n_heads, c1, c2, s1, s2, heads, i, HALF)
     slot = tl.load(slot_ptr + t)
-    row = slot * n_kv * 2 * HALF
-    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, 2 * HALF, 2 * HALF, n_kv, c1, c2, s1, s2, heads, i, HALF)
-    mask = (heads[:, None] < n_kv) & (i[None, :] < HALF)
-    offs = heads[:, None] * 2 * HALF + i[None, :]
-    for half in tl.static_range(2):
-        vals = tl.load(v_ptr + t * ld_v + offs + half * HALF, mask=mask)
-        tl.store(v_cache_ptr + row + offs + half * HALF, vals, mask=mask)
+    row = slot * n_kv * D
+    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, D, D, n_kv, c1, c2, s1, s2, heads, i, HALF)
+    j = tl.arange(0, BLOCK_D)
+    offs = heads[:, None] * D + j[None, :]
+    if 2 * HALF < D:  # partial rotary: the dimensions past the turned ones pass unchanged
+        passing = (j[None, :] >= 2 * HALF) & (j[None, :] < D)
+        mask = passing & (heads[:, None] < n_heads)
+        tl.store(q_out_ptr + t * n_heads * D + offs, tl.load(q_ptr + t * ld_q + offs, mask=mask), mask=mask)
+        mask = passing & (heads[:, None] < n_kv)
+        tl.store(k_cache_ptr + row + offs, tl.load(k_ptr + t * ld_k + offs, mask=mask), mask=mask)
+    mask = (heads[:, None] < n_kv) & (j[None, :] < D)
+    tl.store(v_cache_ptr + row + offs, tl.load(v_ptr + t * ld_v + offs, mask=mask), mask=mask)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """The rotated q as a new contiguous [T, H, D]; the rotated k and v written to the caches
     [blocks, BS, KV, D] at slot_mapping [T] int64. q / k / v with contiguous heads (rows may be
-    strided), cos / sin [T, D] contiguous, one device and dtype. Slots are the scheduler's to keep
+    strided), cos / sin [T, r] contiguous (each head's first r dimensions turn; r even, at most D),
+    one device and dtype. Slots are the scheduler's to keep
     inside the caches."""
     t, heads, d = q.shape
-    if d % 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
         raise ValueError(f"rotary_write_kv: q {list(q.shape)} and caches {list(k_cache.shape)} / "
-                         f"{list(v_cache.shape)} do not fit (an even head size shared by both)")
+                         f"{list(v_cache.shape)} do not fit (a head size shared by both)")
     kv = k_cache.shape[2]
     for name, x, n in (("q", q, heads), ("k", k, kv), ("v", v, kv)):
         if x.shape != (t, n, d) or x.stride(2) != 1 or x.stride(1) != d or x.dtype != k_cache.dtype:
             raise ValueError(f"rotary_write_kv: {name} must be [{t}, {n}, {d}] {k_cache.dtype} with contiguous "
                              f"heads, got {list(x.shape)} {x.dtype} strides {x.stride()}")
-    if cos.shape != (t, d) or sin.shape != (t, d) or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"rotary_write_kv: cos / sin must be contiguous [{t}, {d}]")
+    r = cos.shape[-1]
+    if cos.shape != (t, r) or sin.shape != (t, r) or not (cos.is_contiguous() and sin.is_contiguous()) or \
+            r < 2 or r % 2 or r > d:
+        raise ValueError(f"rotary_write_kv: cos / sin must be contiguous [{t}, r] with r even and at most {d}, got "
+                         f"{list(cos.shape)} / {list(sin.shape)}")
     if slot_mapping.shape != (t,) or slot_mapping.dtype != torch.int64:
         raise ValueError(f"rotary_write_kv: slot_mapping must be int64 [{t}]")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -147,6 +156,6 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         with _on(q):  # no fused multiply-adds: each product rounds as in the torch form, float32 too
             _rotary_write_kv_kernel[(t,)](
                 q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping.contiguous(), heads, kv,
-                q.stride(0), k.stride(0), v.stride(0), HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
-                BLOCK_HALF=triton.next_power_of_2(d // 2), enable_fp_fusion=False)
+                q.stride(0), k.stride(0), v.stride(0), HALF=r // 2, D=d, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
+                BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d), enable_fp_fusion=False)
     return q_out

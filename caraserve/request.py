@@ -276,6 +276,7 @@ class Request:
     # prompt and the tokens it had generated, then goes on decoding.
     recompute: int = 0
     preemptions: int = 0
+    rope_long: bool = False  # it turns with longrope's long factors: it outgrew the original context
     # Prefix caching: the adapter registration the KV depends on ("" = base model), the hashes of
     # the request's full blocks so far, how many of its blocks are published, and the prompt
     # tokens its first admission found cached.

@@ -39,7 +39,9 @@ class ModelRunner:
         if batch.is_decode and self.decode_fn is not None and not eager:
             logits = self.decode_fn(tokens, starts, tables, lora)
         if logits is None:
-            fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, mode)
+            long = [batch.requests[i].rope_long for i in order] if self.model.args.long_rope_from is not None else None
+            fb = ForwardBatch.build(tokens, starts, tables, self.kv.block_size, self.device, batch.is_decode, mode,
+                                    long)
             logits = self._forward([batch.requests[i] for i in order], tokens, starts, fb)
         for r, landing in assisted:  # each layer's path was chosen as the forward was launched
             device_layers = sum(landing.on_device.values())

@@ -78,6 +78,7 @@ class Scheduler:
         prefix_caching: bool = False,
         mixed_steps: bool = False,
         by_priority: bool = False,
+        long_rope_from: int | None = None,
     ):
         self.kv = kv
         self.pool = pool
@@ -97,14 +98,16 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         self.mixed_steps = mixed_steps
         self.by_priority = by_priority
+        self.long_rope_from = long_rope_from  # ModelArgs.long_rope_from (longrope models)
 
     @classmethod
-    def for_engine(cls, cfg, kv: KVCache, pool: DevicePool, store: HostStore, assist, perf_model) -> Scheduler:
+    def for_engine(cls, cfg, kv: KVCache, pool: DevicePool, store: HostStore, assist, perf_model,
+                   long_rope_from: int | None = None) -> Scheduler:
         """The scheduler of an engine of config `cfg` (config.EngineConfig)."""
         sc = cfg.scheduler
         return cls(kv, pool, store, cfg.max_batch_size, cfg.max_tokens_per_step, assist, perf_model, sc.slo_ms,
                    sc.max_passed_over if sc.rank_grouping else None, prefix_caching=cfg.prefix_caching,
-                   mixed_steps=sc.mixed_steps, by_priority=sc.policy == "priority")
+                   mixed_steps=sc.mixed_steps, by_priority=sc.policy == "priority", long_rope_from=long_rope_from)
 
     def take_rejected(self) -> list[tuple[Request, Exception]]:
         """(request, why) for the waiting requests admission refused since the last call (e.g. an
@@ -114,6 +117,7 @@ class Scheduler:
         return rejected
 
     def add(self, req: Request) -> None:
+        prefix_cache.set_rope(req, self.long_rope_from)
         if self.by_priority:
             self._queue(req)
         else:
@@ -196,19 +200,21 @@ class Scheduler:
         """The running request preempted first: the youngest (of the lowest priority)."""
         return max(self.running, key=self._order)
 
-    def preempt(self, req: Request) -> None:
+    def preempt(self, req: Request, count: bool = True) -> None:
         """Frees a running request's KV blocks and sends it back to the head of the queue: it
         recomputes its prompt and the tokens it generated (the same tokens: the recomputed keys
-        are those it had) and goes on decoding. It keeps its adapter reference."""
+        are those it had) and goes on decoding. It keeps its adapter reference. count: a
+        preemption for KV blocks (num_preemptions), not a longrope switch."""
         self.kv.free(req.block_table)
         req.recompute = len(req.output_ids)
         req.num_computed = 0
+        prefix_cache.set_rope(req, self.long_rope_from)
         if len(req.prompt_logprobs) < len(req.prompt_ids):  # cut short mid-prompt: they start over with it
             req.prompt_logprobs.clear()
         req.published_blocks = 0
         req.state = RequestState.WAITING
         req.preemptions += 1
-        self.num_preemptions += 1
+        self.num_preemptions += count
         self.running.remove(req)
         if self.by_priority:
             self._queue(req)
@@ -366,6 +372,11 @@ class Scheduler:
             if req.state is not RequestState.DECODE:  # (a preempted request is WAITING again)
                 continue
             if req.adapter is not None and self.pool.state(req.adapter) is not AdapterState.RESIDENT:
+                continue
+            if not req.rope_long and self.long_rope_from is not None and req.context_len > self.long_rope_from:
+                # it outgrows the original context: its keys so far turned with longrope's short
+                # factors, so it recomputes them with the long ones (transformers' Phi-3 does)
+                self.preempt(req, count=False)
                 continue
             if self._grow_or_preempt(req, req.context_len):
                 decoding.append(req)

@@ -87,6 +87,17 @@ def model_config(rng: random.Random, arch: str) -> dict:
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
     elif arch != "phi3":
         cfg["rope_parameters"] = rope(rng)
+    else:  # Phi-4-mini's rope over part of each head; Phi-3.5's longrope over a short original context
+        partial = rng.choice((1.0, 0.5, 0.75))
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+        if rng.random() < 0.5:  # (transformers checks the factors against heads of hidden / heads)
+            cfg["head_dim"] = hidden // heads
+            if int(cfg["head_dim"] * partial) % 2:  # (its factors cannot cover an odd rotary width)
+                cfg["rope_parameters"]["partial_rotary_factor"] = partial = 1.0
+            half = int(cfg["head_dim"] * partial) // 2
+            cfg["rope_parameters"].update(rope_type="longrope", short_factor=[rng.uniform(1, 3) for _ in range(half)],
+                                          long_factor=[rng.uniform(0.05, 8) for _ in range(half)])
+            cfg.update(original_max_position_embeddings=rng.randint(4, 24), max_position_embeddings=512)
     if arch in ("granite", "granitemoe"):
         cfg.update(embedding_multiplier=rng.choice((1.0, 3.0, 12.0)), attention_multiplier=rng.choice((0.05, 0.2)),
                    residual_multiplier=rng.choice((0.2, 0.5, 1.0)), logits_scaling=rng.choice((1.0, 2.0, 8.0)))

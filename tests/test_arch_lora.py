@@ -34,7 +34,13 @@ MODELS = {  # arch -> (model overrides, adapters)
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
         "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
     }),
-    "phi3": ({"sliding_window": 8}, {
+    # Phi-3.5-mini's longrope over an original context of 12 (prompt + 10 tokens outgrow it: the
+    # engine recomputes those sequences with the long factors, transformers' generate too) and
+    # Phi-4-mini's rope over 3/4 of each head
+    "phi3": ({"sliding_window": 8, "max_position_embeddings": 48, "original_max_position_embeddings": 12,
+              "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                  "short_factor": [1.0 + 0.3 * i for i in range(6)],
+                                  "long_factor": [2.0 + 0.9 * i for i in range(6)]}}, {
         "qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear",
                         rank_pattern={"layers.1.self_attn.qkv_proj": 4}, alpha_pattern={"gate_up_proj": 64}),

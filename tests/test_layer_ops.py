@@ -22,15 +22,17 @@ def norm_case(rows: int, dim: int, dtype=torch.float32, device="cpu", seed: int 
         torch.randn(dim, generator=g).to(dtype).to(device)
 
 
-def rotary_case(tokens: int, heads: int, kv: int, hd: int, dtype=torch.float32, device="cpu", seed: int = 0):
-    """q, k, v as column views of one fused projection's output, cos/sin of random positions, caches
-    full of a marker value, and distinct slots."""
+def rotary_case(tokens: int, heads: int, kv: int, hd: int, dtype=torch.float32, device="cpu", seed: int = 0,
+                rot: int | None = None):
+    """q, k, v as column views of one fused projection's output, cos/sin of random positions over
+    the heads' first `rot` dimensions (all by default), caches full of a marker value, and distinct
+    slots."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (heads + 2 * kv) * hd + 3, generator=g).to(dtype).to(device)
     q = qkv[:, : heads * hd].view(tokens, heads, hd)
     k = qkv[:, heads * hd : (heads + kv) * hd].view(tokens, kv, hd)
     v = qkv[:, (heads + kv) * hd : (heads + 2 * kv) * hd].view(tokens, kv, hd)
-    angles = torch.rand(tokens, hd // 2, generator=g) * 6.3
+    angles = torch.rand(tokens, (rot or hd) // 2, generator=g) * 6.3
     emb = torch.cat((angles, angles), -1)
     cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
     caches = [torch.full((6, 4, kv, hd), 7.0, dtype=dtype, device=device) for _ in range(2)]
@@ -64,9 +66,9 @@ def test_cpu_add_rms_norm_refuses_what_it_cannot_read():
 
 
 @needs_library
-@pytest.mark.parametrize("heads, kv", [(4, 2), (3, 3)])
-def test_cpu_rotary_write_kv_equals_the_reference(heads, kv):
-    q, k, v, cos, sin, (kc, vc), slots = rotary_case(5, heads, kv, 8)
+@pytest.mark.parametrize("heads, kv, rot", [(4, 2, None), (3, 3, None), (4, 2, 6), (2, 1, 2)])
+def test_cpu_rotary_write_kv_equals_the_reference(heads, kv, rot):
+    q, k, v, cos, sin, (kc, vc), slots = rotary_case(5, heads, kv, 8, rot=rot)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
     got = cpu_kernels.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
@@ -89,6 +91,9 @@ def test_cpu_rotary_write_kv_refuses_a_slot_outside_the_caches_before_writing():
         cpu_kernels.rotary_write_kv(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, cos, sin, kc, vc, slots)
     with pytest.raises(ValueError, match="cos must be contiguous"):
         cpu_kernels.rotary_write_kv(q, k, v, cos.t(), sin, kc, vc, slots)
+    for bad in (cos[:, :3], torch.cat((cos, cos), 1)):  # an odd rotary width; one wider than the heads
+        with pytest.raises(ValueError, match="r even and at most 8"):
+            cpu_kernels.rotary_write_kv(q, k, v, bad, bad, kc, vc, slots)
 
 
 def test_compiled_steps_take_the_torch_form():
@@ -132,9 +137,11 @@ def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_
     torch.testing.assert_close(residual, want_sum, **tolerance(dtype, ulps=0))
 
 
+@pytest.mark.parametrize("rot", [None, 8])  # every dimension; the first 8 of 12 (partial rotary)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype):
-    q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 3, 1, 12, dtype, DEVICE, seed=3)  # odd heads, hd/2 = 6
+def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, rot):
+    # odd heads, hd/2 = 6
+    q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 3, 1, 12, dtype, DEVICE, seed=3, rot=rot)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
     got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)

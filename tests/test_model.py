@@ -30,6 +30,8 @@ CONFIGS = {
                               "max_window_layers": 1}),  # layer 1 slides, layer 0 sees everything
     # q/k/v and gate/up fused in the checkpoint, a window over every layer
     "phi3-window": ("phi3", {"sliding_window": 5}),
+    # Phi-4-mini's rope over the first 3/4 of each head (12 of 16 dimensions), the rest passing
+    "phi3-partial-rope": ("phi3", {"partial_rotary_factor": 0.75}),
     # scaled embeddings, norms of 1 + w, GELU; tied head, one KV head
     "gemma": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
     # transformers' Gemma 3 caps its logits and leaves its attention scores as they are, whatever
@@ -267,7 +269,8 @@ def test_unsupported_architecture_is_refused(tmp_path):
     ("mistral", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported"),
     ("qwen2", {"hidden_act": "gelu_pytorch_tanh"}, r"hidden_act='gelu_pytorch_tanh' is not supported"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
-     r"rope type 'dynamic' is not supported \(supported: default, linear, llama3, yarn\)"),
+     r"rope type 'dynamic' is not supported for llama \(supported: default, linear, llama3, yarn; longrope "
+     r"for Phi-3\)"),
 ])
 def test_options_that_change_a_layer_are_refused(tmp_path, arch, option, reason):
     """An option the layers would not honour is a one-line configuration error, never a model

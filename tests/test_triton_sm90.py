@@ -51,7 +51,7 @@ def _specs() -> dict[str, tuple]:
         LAYER_OPS, "_rotary_write_kv_kernel",
         {**dict.fromkeys(("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr",
                           "v_cache_ptr"), "*bf16"), "slot_ptr": "*i64"},
-        dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64),
+        dict(HALF=64, D=128, BLOCK_H=32, BLOCK_HALF=64, BLOCK_D=128),
         ("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr", "slot_ptr",
          "ld_q", "ld_k", "ld_v"))
     for block_r in (16, 64):  # the decode step's LoRA: one shrink and one expand over all rank buckets

@@ -3,8 +3,10 @@
  *
  *   add_rms_norm:     r[t] += x[t] (skipped when x is NULL);  out[t] = w * r[t] / sqrt(mean(r[t]^2) + eps)
  *   rotary_write_kv:  q_out[t, h] = rot_t(q[t, h]);  K[slot[t]] = rot_t(k[t]);  V[slot[t]] = v[t]
- *                     rot_t(x)[i] = x[i] cos[t, i] - x[i + d/2] sin[t, i]          (i <  d/2)
- *                     rot_t(x)[i] = x[i] cos[t, i] + x[i - d/2] sin[t, i]          (i >= d/2)
+ *                     rot_t(x)[i] = x[i] cos[t, i] - x[i + r/2] sin[t, i]          (i <  r/2)
+ *                     rot_t(x)[i] = x[i] cos[t, i] + x[i - r/2] sin[t, i]          (r/2 <= i < r)
+ *                     rot_t(x)[i] = x[i]                                           (r <= i < d)
+ *                     over the first r (rot_dim, even, <= d) of each head's d dimensions: cos/sin [T, r]
  *
  * where slot[t] = block * block_size + offset names a position of the paged caches [blocks,
  * block_size, kv_heads, head_dim] (contiguous). Rows of x, q, k, v may be strided views (the
@@ -61,37 +63,40 @@ int add_rms_norm(float *out, float *residual, const float *x, const float *w, in
     return 0;
 }
 
-static void rotate(float *dst, const float *x, const float *c, const float *s, int64_t half) {
+static void rotate(float *dst, const float *x, const float *c, const float *s, int64_t half, int64_t head_dim) {
     for (int64_t i = 0; i < half; i++) {
         const float a = x[i], b = x[i + half];
         dst[i] = a * c[i] - b * s[i];
         dst[i + half] = b * c[i + half] + a * s[i + half];
     }
+    if (2 * half < head_dim) memcpy(dst + 2 * half, x + 2 * half, sizeof(float) * (head_dim - 2 * half));
 }
 
-/* Returns 0; -1 (nothing written) for shapes out of range, missing pointers, an odd head_dim, or
- * a slot outside the caches. */
+/* Returns 0; -1 (nothing written) for shapes out of range, missing pointers, an odd rot_dim or one
+ * over head_dim, or a slot outside the caches. */
 int rotary_write_kv(float *q_out, const float *q, const float *k, const float *v, const float *cos_t,
                     const float *sin_t, float *k_cache, float *v_cache, const int64_t *slots, int64_t tokens,
-                    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t ld_q, int64_t ld_k, int64_t ld_v,
-                    int64_t num_slots) {
-    if (tokens < 0 || heads < 1 || kv_heads < 1 || head_dim < 2 || head_dim % 2 || num_slots < 1) return -1;
+                    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim, int64_t ld_q, int64_t ld_k,
+                    int64_t ld_v, int64_t num_slots) {
+    if (tokens < 0 || heads < 1 || kv_heads < 1 || rot_dim < 2 || rot_dim % 2 || rot_dim > head_dim || num_slots < 1)
+        return -1;
     if (ld_q < heads * head_dim || ld_k < kv_heads * head_dim || ld_v < kv_heads * head_dim) return -1;
     if (tokens > 0 && (q_out == NULL || q == NULL || k == NULL || v == NULL || cos_t == NULL || sin_t == NULL ||
                        k_cache == NULL || v_cache == NULL || slots == NULL))
         return -1;
     for (int64_t t = 0; t < tokens; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
-    const int64_t half = head_dim / 2, kv_width = kv_heads * head_dim;
+    const int64_t half = rot_dim / 2, kv_width = kv_heads * head_dim;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (tokens * (heads + kv_heads) * head_dim >= (1 << 16))
 #endif
     for (int64_t t = 0; t < tokens; t++) {
-        const float *c = cos_t + t * head_dim, *s = sin_t + t * head_dim;
+        const float *c = cos_t + t * rot_dim, *s = sin_t + t * rot_dim;
         for (int64_t h = 0; h < heads; h++)
-            rotate(q_out + (t * heads + h) * head_dim, q + t * ld_q + h * head_dim, c, s, half);
+            rotate(q_out + (t * heads + h) * head_dim, q + t * ld_q + h * head_dim, c, s, half, head_dim);
         float *kc = k_cache + slots[t] * kv_width;
-        for (int64_t h = 0; h < kv_heads; h++) rotate(kc + h * head_dim, k + t * ld_k + h * head_dim, c, s, half);
+        for (int64_t h = 0; h < kv_heads; h++)
+            rotate(kc + h * head_dim, k + t * ld_k + h * head_dim, c, s, half, head_dim);
         memcpy(v_cache + slots[t] * kv_width, v + t * ld_v, sizeof(float) * kv_width);
     }
     return 0;

@@ -111,6 +111,8 @@ class ModelArgs:
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
     query_scale: float = 1.0
     local_rope: bool = False  # sliding layers have a rope of their own (Gemma 3, OLMo 3)
+    # Phi-3's longrope: a sequence of more tokens than this turns with the long factors (all of it)
+    long_rope_from: int | None = None
     no_rope_layers: tuple[int, ...] = ()  # layers whose attention takes no rotary (NoPE: SmolLM3, EXAONE 4)
     attn_softcap: float = 0.0  # attention scores capped to cap * tanh(score / cap) (Gemma 2); 0: none
     final_softcap: float = 0.0  # logits capped alike (Gemma 2); 0: none
@@ -136,7 +138,7 @@ class ModelArgs:
         family = MOE_BASES.get(family, family)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gemma = family in GEMMAS
-        _check_rope(cfg, family, head_dim)
+        long_rope_from = _check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
         qkv_bias, o_bias, mlp_bias = _biases(cfg, family) if qkv_bias is None else (qkv_bias, False, False)
@@ -175,6 +177,7 @@ class ModelArgs:
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
+            long_rope_from=long_rope_from,
             no_rope_layers=_no_rope_layers(cfg, family, n_layers),
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
@@ -273,20 +276,31 @@ def _activation(cfg, family: str) -> str:
     return "silu"
 
 
-def _check_rope(cfg, family: str, head_dim: int) -> None:
+def _check_rope(cfg, family: str, head_dim: int) -> int | None:
+    """Refuses the ropes the layers cannot turn; returns longrope's original_max_position_embeddings
+    (ModelArgs.long_rope_from), else None."""
+    long_from = None
     for layer_type in ROPE_LAYER_TYPES if family in LOCAL_ROPE else (None,):
         rope_type = rope_type_of(cfg, layer_type)
-        if rope_type not in SUPPORTED_ROPE:
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: "
-                                        f"{', '.join(SUPPORTED_ROPE)})")
+        # longrope switches a sequence to its long factors once it outgrows the original context;
+        # transformers' Phi-3 then recomputes the sequence's cache with them, as the engine does
+        # (its other models keep the keys turned with the short factors)
+        if rope_type not in SUPPORTED_ROPE or (rope_type == "longrope" and family != "phi3"):
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported for {family} (supported: "
+                                        f"{', '.join(r for r in SUPPORTED_ROPE if r != 'longrope')}; longrope "
+                                        "for Phi-3)")
+        if rope_type == "longrope":
+            long_from = int(rope_params(cfg)["original_max_position_embeddings"])
         inv_freq, _ = rope_inv_freq(cfg, layer_type)
         factor = rope_params(cfg, layer_type).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
         rotary = 2 * inv_freq.numel()
-        if family == "phi3" and factor is not None:  # Phi-3's default rope reads it too (Llama's, Qwen's do not)
-            rotary = min(rotary, int(head_dim * factor))
-        if rotary != head_dim:
+        # Phi-3's attention turns the heads' first dimensions and passes the rest (Phi-4-mini's rope
+        # over 3/4 of each head); the other families' attention turns whole heads
+        if rotary != head_dim and not (family == "phi3" and 2 <= rotary <= head_dim):
             raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
-                                        f"(partial_rotary_factor={factor}) is not supported: rope covers whole heads")
+                                        f"(partial_rotary_factor={factor}) is not supported for {family}: its rope "
+                                        "covers whole heads")
+    return long_from
 
 
 def _multiplier(cfg, field: str) -> float:

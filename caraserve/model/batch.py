@@ -32,6 +32,9 @@ class ForwardBatch:
     lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # LORA_ROWS: meta [3, B] int32, scale [B]
     # the rows whose logits the step returns, when not each sequence's last (prompt logprobs)
     logit_rows: torch.Tensor | None = None
+    # [T] bool, longrope models: the rows of sequences that turn with the long factors (Rotary);
+    # None: the rows at positions past the original context (a decode step's rule)
+    rope_long: torch.Tensor | None = None
 
     @property
     def last_rows(self) -> torch.Tensor:
@@ -50,6 +53,7 @@ class ForwardBatch:
             row_seq=self.row_seq.to(device),
             row_lens=self.row_lens.to(device),
             logit_rows=None if self.logit_rows is None else self.logit_rows.to(device),
+            rope_long=None if self.rope_long is None else self.rope_long.to(device),
         )
 
     @classmethod
@@ -62,9 +66,11 @@ class ForwardBatch:
         device: torch.device | str,
         is_decode: bool,
         lora_mode: int = LORA_NONE,
+        rope_long: list[bool] | None = None,
     ) -> ForwardBatch:
         """From host lists: new tokens per sequence, the position of each one's first new token,
-        and each sequence's KV block table (enough blocks for its context after this step)."""
+        and each sequence's KV block table (enough blocks for its context after this step);
+        rope_long: whether each sequence turns with longrope's long factors."""
         if not (len(token_ids) == len(start_positions) == len(block_tables)) or not token_ids:
             raise ValueError("token_ids, start_positions and block_tables must be non-empty and of one length")
         query_lens = tuple(len(t) for t in token_ids)
@@ -87,5 +93,7 @@ class ForwardBatch:
             return torch.tensor(v, dtype=torch.int64, device=device)
 
         positions = t(pos)
+        long = None if rope_long is None else torch.tensor([rope_long[i] for i in seq], dtype=torch.bool,
+                                                           device=device)
         return cls(t(flat), positions, t(slot_mapping), t(tables), t(seq), positions + 1, query_lens, ctx,
-                   is_decode, lora_mode)
+                   is_decode, lora_mode, rope_long=long)

@@ -8,7 +8,7 @@ from torch import nn
 
 from caraserve import cpu_kernels, kernel_library
 
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -90,6 +90,8 @@ def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tenso
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        if getattr(hf_config, "model_type", None) == "phi3":  # Phi-3's default rope reads it (Llama's does not)
+            dim = int(dim * params.get("partial_rotary_factor", 1.0))
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -99,25 +101,50 @@ def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tenso
     return inv.float(), float(scale)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding for explicit positions (one per token)."""
+def rope_long_inv_freq(hf_config) -> tuple[torch.Tensor, int]:
+    """longrope's inverse frequencies for sequences longer than the original context (its long
+    factors), and that context: original_max_position_embeddings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    def __init__(self, inv_freq: torch.Tensor, scale: float):
+    original = int(rope_params(hf_config)["original_max_position_embeddings"])
+    inv, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_config, device=torch.device("cpu"), seq_len=original + 1)
+    return inv.float(), original
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding for explicit positions (one per token). With `long_inv_freq`
+    (longrope), the rows of long sequences turn with those frequencies instead."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float, long_inv_freq: torch.Tensor | None = None,
+                 long_from: int = 0):
         super().__init__()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim/2] float32
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary/2] float32
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)  # [rotary/2] float32, or None
+        self.long_from = long_from
         self.scale = scale
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64 -> cos, sin [T, head_dim] in `dtype`."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                long: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 -> cos, sin [T, rotary] in `dtype`. long [T] bool: the rows of
+        sequences longer than long_from (longrope); None: the rows at positions >= long_from, which
+        for a decode step is the same (a sequence's cache is recomputed as it outgrows long_from)."""
+        inv = self.inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            long = positions >= self.long_from if long is None else long
+            inv = torch.where(long[:, None], self.long_inv_freq[None, :], inv)
+        freqs = positions[:, None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, head_dim]: x*cos + rotate_half(x)*sin, each product
-    and the sum in x's dtype (rotate_half(x) = (-x[d/2:], x[:d/2]))."""
-    half = x.shape[-1] // 2
+    """x [T, heads, head_dim]; cos/sin [T, r]: the first r dimensions of each head rotate,
+    x_r*cos + rotate_half(x_r)*sin with each product and the sum in x's dtype (rotate_half(x_r) =
+    (-x_r[r/2:], x_r[:r/2])), and the other head_dim - r pass unchanged (partial rotary: Phi-4-mini)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
 

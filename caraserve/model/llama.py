@@ -29,7 +29,7 @@ from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq, rope_long_inv_freq
 from caraserve.model.moe import Experts, SparseMoE
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         hf_config = text_config_of(hf_config)
         with torch.device("cpu"):  # real values even when the model is built on the meta device
-            rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None))
+            rotary = Rotary(*rope_inv_freq(hf_config, "full_attention" if args.local_rope else None),
+                            *(rope_long_inv_freq(hf_config) if args.long_rope_from is not None else ()))
             # each layer takes one of these by its Attention.rope: Gemma 3's and OLMo 3's sliding
             # layers a rope of their own; SmolLM3's NoPE layers the identity (cos 1, sin 0: x * 1 +
             # rotate_half(x) * 0 is x, bit for bit)
@@ -358,7 +359,7 @@ class CausalLM(nn.Module):
             dev = layer.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
-                batches[dev] = fbd, {k: self._cos_sin(r, fbd.positions, dtype, dev) for k, r in self.ropes.items()}
+                batches[dev] = fbd, {k: self._cos_sin(r, fbd, dtype, dev) for k, r in self.ropes.items()}
             fbd, ropes = batches[dev]
             cos, sin = ropes[layer.self_attn.rope]
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
@@ -371,8 +372,9 @@ class CausalLM(nn.Module):
 
 
     @staticmethod
-    def _cos_sin(rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype, dev: torch.device):
-        cos, sin = rotary.cos_sin(positions.to(rotary.inv_freq.device), dtype)
+    def _cos_sin(rotary: Rotary, fb: ForwardBatch, dtype: torch.dtype, dev: torch.device):
+        at = rotary.inv_freq.device
+        cos, sin = rotary.cos_sin(fb.positions.to(at), dtype, None if fb.rope_long is None else fb.rope_long.to(at))
         return cos.to(dev), sin.to(dev)
 
 

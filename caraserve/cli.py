@@ -147,7 +147,10 @@ def serve_http(app, server: ServerConfig, log: logging.Logger, sock: socket.sock
     client_header_timeout) bounds that time."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: log.info("drained; exiting"))
-    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
+    # log_config=None: uvicorn's loggers keep no handlers of their own and reach the root
+    # logger's, so its lines (start, access, shutdown) come on the same stream, in the same
+    # format, as the server's; uvicorn's default config would print them to stderr and stdout.
+    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level, log_config=None,
                             timeout_graceful_shutdown=server.drain_timeout_s,
                             timeout_keep_alive=server.timeout_keep_alive_s,
                             limit_concurrency=server.limit_concurrency + PROBE_CONNECTIONS)

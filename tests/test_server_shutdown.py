@@ -4,6 +4,7 @@ time running out, and server.limit_concurrency (each on a `python -m caraserve.s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,15 +67,15 @@ def test_server_exits_0_on_sigterm_during_an_idle_compile(tmp_path):
 
 
 def _start_server(tmp_path, *overrides: str):
-    """A `python -m caraserve.serve` on a free port, healthy: (process, base URL, log file)."""
+    """A `python -m caraserve.serve` on a free port, healthy: (process, base URL, log file). The
+    log file is its stdout; its stderr goes to serve.err beside it."""
     from caraserve.model.tiny import tiny_paths
 
     tiny_paths()
     port, log_file = free_port(), tmp_path / "serve.log"
-    with open(log_file, "w") as log:
+    with open(log_file, "w") as log, open(tmp_path / "serve.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "caraserve.serve", f"server.port={port}", *overrides],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                cwd=ROOT)
+                                stdout=log, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, log_file.read_text()[-2000:]
@@ -141,7 +142,16 @@ def test_requests_the_drain_time_leaves_get_a_503_not_a_cancelled_connection(tmp
         assert got.get("status") == 503, got
         assert "shutting down" in got["body"]["error"]["message"]
         assert proc.wait(timeout=60) == 0
-        assert "Traceback" not in log_file.read_text()
+        out, err = log_file.read_text(), (tmp_path / "serve.err").read_text()
+        assert "Traceback" not in out + err
+        # One log on stdout, every line stamped, uvicorn's lines (start, access, shutdown) among them
+        lines = out.splitlines()
+        stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+        assert lines and all(stamped.match(line) for line in lines), out
+        for expected in ("uvicorn.error: Started server process", '"POST /v1/completions HTTP/1.1" 503',
+                         "uvicorn.error: Finished server process", "caraserve.serve: drained; exiting"):
+            assert any(expected in line for line in lines), (expected, out)
+        assert "uvicorn" not in err and "INFO" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -31,25 +31,28 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
 
 def rotary_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor) -> torch.Tensor:
-    """Semantics: q_rot = apply_rotary(q, cos, sin); write_kv(caches, slot_mapping, apply_rotary(k,
-    cos, sin), v); returns q_rot. q [T, H, hd], k / v [T, n_kv, hd], cos / sin [T, hd]."""
-    write_kv(k_cache, v_cache, slot_mapping, apply_rotary(k, cos, sin), v)
-    return apply_rotary(q, cos, sin)
+                              slot_mapping: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Semantics: q_rot = apply_rotary(q, cos, sin, interleaved); write_kv(caches, slot_mapping,
+    apply_rotary(k, cos, sin, interleaved), v); returns q_rot. q [T, H, hd], k / v [T, n_kv, hd],
+    cos / sin [T, r] (the first r <= hd dimensions of each head turn)."""
+    write_kv(k_cache, v_cache, slot_mapping, apply_rotary(k, cos, sin, interleaved), v)
+    return apply_rotary(q, cos, sin, interleaved)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    interleaved: bool = False) -> torch.Tensor:
     """rotary_write_kv_reference's result (and cache writes) from one kernel in eager steps
     (`caraserve.model.layers.fused_kernels`), from the torch form in compiled ones."""
     kind = fused_kernels(q)
+    args = (q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
     if kind == "cpu":
-        return cpu_kernels.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return cpu_kernels.rotary_write_kv(*args)
     if kind == "cuda":
         from caraserve import layer_ops_triton
 
-        return layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    return rotary_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return layer_ops_triton.rotary_write_kv(*args)
+    return rotary_write_kv_reference(*args)
 
 
 def check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int | None) -> None:

@@ -111,11 +111,13 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor | None:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    interleaved: bool = False) -> torch.Tensor | None:
     """csrc/layer_ops_cpu.c's rotary_write_kv: the rotated q as a new contiguous [T, H, hd] tensor;
     the rotated k and v written to the caches [blocks, bs, KV, hd] at slot_mapping [T] int64. q
     [T, H, hd], k / v [T, KV, hd] with rows of unit-stride heads, cos / sin [T, r] contiguous (the
-    first r dimensions of each head rotate, r even and at most hd), all float32 on the CPU. None
+    first r dimensions of each head rotate, r even and at most hd; in pairs (2i, 2i + 1) where
+    interleaved, else (i, i + r/2)), all float32 on the CPU. None
     when the kernel is unavailable; tensors it cannot take raise a ValueError naming them (a slot
     outside the caches too, before anything is written)."""
     lib = kernel_library.library()
@@ -149,7 +151,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     q_out = torch.empty((t, heads, hd), dtype=torch.float32)
     rc = lib.rotary_write_kv(q_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), t, heads, kv,
-                             hd, rot, *lds, num_slots)
+                             hd, rot, *lds, num_slots, int(bool(interleaved)))
     if rc:
         raise ValueError(f"rotary_write_kv: the kernel refused the call (code {rc}): an odd head size or a slot "
                          f"outside the caches' {num_slots}")

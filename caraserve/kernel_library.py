@@ -66,8 +66,8 @@ SYMBOLS = {
     # out, residual, x, w, rows, dim, ld_x, eps
     "add_rms_norm": (ctypes.c_int, [_PTR] * 4 + [_I64] * 3 + [ctypes.c_float]),
     # q_out, q, k, v, cos, sin, k_cache, v_cache, slots, tokens, heads, kv_heads, head_dim, rot_dim, ld_q, ld_k,
-    # ld_v, num_slots
-    "rotary_write_kv": (ctypes.c_int, [_PTR] * 9 + [_I64] * 9),
+    # ld_v, num_slots, interleaved
+    "rotary_write_kv": (ctypes.c_int, [_PTR] * 9 + [_I64] * 10),
 }
 
 # The process's one loaded library (dlopen'ed code cannot be unloaded); `reset()` forgets it.

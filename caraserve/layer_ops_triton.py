@@ -73,19 +73,27 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
 
 
 @triton.jit
-def _rotate(dst_ptr, src_ptr, src_stride, dst_stride, n_heads, c1, c2, s1, s2, heads, i, HALF: tl.constexpr):
+def _rotate(dst_ptr, src_ptr, src_stride, dst_stride, n_heads, c1, c2, s1, s2, heads, i, HALF: tl.constexpr,
+            INTERLEAVED: tl.constexpr):
     """dst[h] = rot(src[h]) for the heads h < n_heads, with each product and the sum rounded to
-    the destination's dtype (as the unfused x * cos + rotate_half(x) * sin)."""
+    the destination's dtype (as the unfused x * cos + rotate_half(x) * sin); pair i is (i, i +
+    HALF), or (2i, 2i + 1) where INTERLEAVED (GLM's rope)."""
     mask = (heads[:, None] < n_heads) & (i[None, :] < HALF)
-    src = src_ptr + heads[:, None] * src_stride + i[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        first = 2 * i[None, :]
+        second = first + 1
+    else:
+        first = i[None, :]
+        second = first + HALF
+    src = src_ptr + heads[:, None] * src_stride
+    x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
     ty = dst_ptr.dtype.element_ty
     o1 = (x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)
     o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
-    dst = dst_ptr + heads[:, None] * dst_stride + i[None, :]
-    tl.store(dst, o1.to(ty), mask=mask)
-    tl.store(dst + HALF, o2.to(ty), mask=mask)
+    dst = dst_ptr + heads[:, None] * dst_stride
+    tl.store(dst + first, o1.to(ty), mask=mask)
+    tl.store(dst + second, o2.to(ty), mask=mask)
 
 
 @triton.jit
@@ -97,9 +105,10 @@ def _rotary_write_kv_kernel(
     slot_ptr,  # [T] int64
     n_heads, n_kv, ld_q, ld_k, ld_v,
     HALF: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """q_out[t] = rot_t(q[t]); K[slot[t]] = rot_t(k[t]); V[slot[t]] = v[t], one token per program;
-    rot_t turns each head's first 2 * HALF dimensions and passes the others."""
+    rot_t turns each head's first 2 * HALF dimensions (in pairs as _rotate says) and passes the others."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     heads = tl.arange(0, BLOCK_H)
@@ -110,10 +119,10 @@ def _rotary_write_kv_kernel(
     c2 = tl.load(cs + HALF, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sn, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(sn + HALF, mask=m, other=0.0).to(tl.float32)
-    _rotate(q_out_ptr + t * n_heads * D, q_ptr + t * ld_q, D, D, n_heads, c1, c2, s1, s2, heads, i, HALF)
+    _rotate(q_out_ptr + t * n_heads * D, q_ptr + t * ld_q, D, D, n_heads, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED)
     slot = tl.load(slot_ptr + t)
     row = slot * n_kv * D
-    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, D, D, n_kv, c1, c2, s1, s2, heads, i, HALF)
+    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, D, D, n_kv, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED)
     j = tl.arange(0, BLOCK_D)
     offs = heads[:, None] * D + j[None, :]
     if 2 * HALF < D:  # partial rotary: the dimensions past the turned ones pass unchanged
@@ -127,10 +136,12 @@ def _rotary_write_kv_kernel(
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    interleaved: bool = False) -> torch.Tensor:
     """The rotated q as a new contiguous [T, H, D]; the rotated k and v written to the caches
     [blocks, BS, KV, D] at slot_mapping [T] int64. q / k / v with contiguous heads (rows may be
-    strided), cos / sin [T, r] contiguous (each head's first r dimensions turn; r even, at most D),
+    strided), cos / sin [T, r] contiguous (each head's first r dimensions turn; r even, at most D;
+    in pairs (2i, 2i + 1) where interleaved, else (i, i + r/2)),
     one device and dtype. Slots are the scheduler's to keep
     inside the caches."""
     t, heads, d = q.shape
@@ -157,5 +168,6 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
             _rotary_write_kv_kernel[(t,)](
                 q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping.contiguous(), heads, kv,
                 q.stride(0), k.stride(0), v.stride(0), HALF=r // 2, D=d, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
-                BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d), enable_fp_fusion=False)
+                BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d),
+                INTERLEAVED=bool(interleaved), enable_fp_fusion=False)
     return q_out

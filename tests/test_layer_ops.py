@@ -66,18 +66,35 @@ def test_cpu_add_rms_norm_refuses_what_it_cannot_read():
 
 
 @needs_library
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("heads, kv, rot", [(4, 2, None), (3, 3, None), (4, 2, 6), (2, 1, 2)])
-def test_cpu_rotary_write_kv_equals_the_reference(heads, kv, rot):
+def test_cpu_rotary_write_kv_equals_the_reference(heads, kv, rot, interleaved):
     q, k, v, cos, sin, (kc, vc), slots = rotary_case(5, heads, kv, 8, rot=rot)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
-    got = cpu_kernels.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots, interleaved)
+    got = cpu_kernels.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots, interleaved)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kc, kc_ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(vc, vc_ref)
     untouched = torch.ones(24, dtype=torch.bool)
     untouched[slots] = False
     assert (kc.view(24, -1)[untouched] == 7.0).all()  # no other slot written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot", [None, 6])
+def test_interleaved_rotary_reference_equals_transformers_glm(dtype, rot):
+    """apply_rotary(interleaved=True) against transformers' GLM-4 rope (pairs (2i, 2i + 1) over
+    the first r dimensions, the rest passing), bit for bit; and it differs from the half-split form."""
+    from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb
+
+    from caraserve.model.layers import apply_rotary
+
+    q, k, _, cos, sin, _, _ = rotary_case(5, 4, 2, 8, dtype, seed=1, rot=rot)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    got_q, got_k = apply_rotary(q, cos, sin, interleaved=True), apply_rotary(k, cos, sin, interleaved=True)
+    assert torch.equal(got_q, want_q[0].transpose(0, 1)) and torch.equal(got_k, want_k[0].transpose(0, 1))
+    assert not torch.allclose(apply_rotary(q, cos, sin), got_q, atol=1e-2)
 
 
 @needs_library
@@ -137,14 +154,15 @@ def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_
     torch.testing.assert_close(residual, want_sum, **tolerance(dtype, ulps=0))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])  # GLM's pairs (2i, 2i + 1)
 @pytest.mark.parametrize("rot", [None, 8])  # every dimension; the first 8 of 12 (partial rotary)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, rot):
+def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, rot, interleaved):
     # odd heads, hd/2 = 6
     q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 3, 1, 12, dtype, DEVICE, seed=3, rot=rot)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots)
-    got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots, interleaved)
+    got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots, interleaved)
     # each product and the sum rounded to the dtype, as the torch form does: the same bits
     torch.testing.assert_close(got, want, **tolerance(dtype, ulps=0))
     torch.testing.assert_close(kc, kc_ref, **tolerance(dtype, ulps=0))

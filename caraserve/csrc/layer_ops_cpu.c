@@ -6,7 +6,10 @@
  *                     rot_t(x)[i] = x[i] cos[t, i] - x[i + r/2] sin[t, i]          (i <  r/2)
  *                     rot_t(x)[i] = x[i] cos[t, i] + x[i - r/2] sin[t, i]          (r/2 <= i < r)
  *                     rot_t(x)[i] = x[i]                                           (r <= i < d)
- *                     over the first r (rot_dim, even, <= d) of each head's d dimensions: cos/sin [T, r]
+ *                     over the first r (rot_dim, even, <= d) of each head's d dimensions: cos/sin [T, r];
+ *                     with `interleaved` (GLM's rope) the pairs are (x[2i], x[2i + 1]) instead of
+ *                     (x[i], x[i + r/2]), turned alike: the same as the form above on a head whose first
+ *                     r dimensions are reordered evens first, then odds (and put back after)
  *
  * where slot[t] = block * block_size + offset names a position of the paged caches [blocks,
  * block_size, kv_heads, head_dim] (contiguous). Rows of x, q, k, v may be strided views (the
@@ -63,11 +66,22 @@ int add_rms_norm(float *out, float *residual, const float *x, const float *w, in
     return 0;
 }
 
-static void rotate(float *dst, const float *x, const float *c, const float *s, int64_t half, int64_t head_dim) {
-    for (int64_t i = 0; i < half; i++) {
-        const float a = x[i], b = x[i + half];
-        dst[i] = a * c[i] - b * s[i];
-        dst[i + half] = b * c[i + half] + a * s[i + half];
+/* Turns the pairs (x[i], x[i + half]), or with `interleaved` (x[2i], x[2i + 1]) (GLM's rope), by
+ * pair i's angle; the head's dimensions past 2 * half pass. Two loops, so each vectorizes. */
+static void rotate(float *dst, const float *x, const float *c, const float *s, int64_t half, int64_t head_dim,
+                   int interleaved) {
+    if (interleaved) {
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x[2 * i], b = x[2 * i + 1];
+            dst[2 * i] = a * c[i] - b * s[i];
+            dst[2 * i + 1] = b * c[i + half] + a * s[i + half];
+        }
+    } else {
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x[i], b = x[i + half];
+            dst[i] = a * c[i] - b * s[i];
+            dst[i + half] = b * c[i + half] + a * s[i + half];
+        }
     }
     if (2 * half < head_dim) memcpy(dst + 2 * half, x + 2 * half, sizeof(float) * (head_dim - 2 * half));
 }
@@ -77,8 +91,9 @@ static void rotate(float *dst, const float *x, const float *c, const float *s, i
 int rotary_write_kv(float *q_out, const float *q, const float *k, const float *v, const float *cos_t,
                     const float *sin_t, float *k_cache, float *v_cache, const int64_t *slots, int64_t tokens,
                     int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim, int64_t ld_q, int64_t ld_k,
-                    int64_t ld_v, int64_t num_slots) {
-    if (tokens < 0 || heads < 1 || kv_heads < 1 || rot_dim < 2 || rot_dim % 2 || rot_dim > head_dim || num_slots < 1)
+                    int64_t ld_v, int64_t num_slots, int64_t interleaved) {
+    if (tokens < 0 || heads < 1 || kv_heads < 1 || rot_dim < 2 || rot_dim % 2 || rot_dim > head_dim || num_slots < 1 ||
+        (interleaved != 0 && interleaved != 1))
         return -1;
     if (ld_q < heads * head_dim || ld_k < kv_heads * head_dim || ld_v < kv_heads * head_dim) return -1;
     if (tokens > 0 && (q_out == NULL || q == NULL || k == NULL || v == NULL || cos_t == NULL || sin_t == NULL ||
@@ -93,10 +108,11 @@ int rotary_write_kv(float *q_out, const float *q, const float *k, const float *v
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos_t + t * rot_dim, *s = sin_t + t * rot_dim;
         for (int64_t h = 0; h < heads; h++)
-            rotate(q_out + (t * heads + h) * head_dim, q + t * ld_q + h * head_dim, c, s, half, head_dim);
+            rotate(q_out + (t * heads + h) * head_dim, q + t * ld_q + h * head_dim, c, s, half, head_dim,
+                   (int)interleaved);
         float *kc = k_cache + slots[t] * kv_width;
         for (int64_t h = 0; h < kv_heads; h++)
-            rotate(kc + h * head_dim, k + t * ld_k + h * head_dim, c, s, half, head_dim);
+            rotate(kc + h * head_dim, k + t * ld_k + h * head_dim, c, s, half, head_dim, (int)interleaved);
         memcpy(v_cache + slots[t] * kv_width, v + t * ld_v, sizeof(float) * kv_width);
     }
     return 0;

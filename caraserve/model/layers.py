@@ -9,6 +9,8 @@ from torch import nn
 from caraserve import cpu_kernels, kernel_library
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
+# model types whose attention turns the first partial_rotary_factor of each head and passes the rest
+PARTIAL_ROPE = ("phi3", "glm", "glm4")
 
 
 def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -90,7 +92,7 @@ def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tenso
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        if getattr(hf_config, "model_type", None) == "phi3":  # Phi-3's default rope reads it (Llama's does not)
+        if getattr(hf_config, "model_type", None) in PARTIAL_ROPE:  # their default rope reads it (Llama's does not)
             dim = int(dim * params.get("partial_rotary_factor", 1.0))
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv, 1.0
@@ -137,13 +139,18 @@ class Rotary(nn.Module):
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """x [T, heads, head_dim]; cos/sin [T, r]: the first r dimensions of each head rotate,
     x_r*cos + rotate_half(x_r)*sin with each product and the sum in x's dtype (rotate_half(x_r) =
-    (-x_r[r/2:], x_r[:r/2])), and the other head_dim - r pass unchanged (partial rotary: Phi-4-mini)."""
+    (-x_r[r/2:], x_r[:r/2])), and the other head_dim - r pass unchanged (partial rotary: Phi-4-mini).
+    interleaved (GLM's rope): the pairs turned together are (x_r[2i], x_r[2i+1]), not (x_r[i],
+    x_r[i + r/2]): the same turn of x_r reordered evens first, then odds, and put back after."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
-        return torch.cat((apply_rotary(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+        return torch.cat((apply_rotary(x[..., :r], cos, sin, interleaved), x[..., r:]), dim=-1)
+    if interleaved:
+        y = apply_rotary(torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1), cos, sin)
+        return torch.stack((y[..., : r // 2], y[..., r // 2 :]), dim=-1).flatten(-2)
     half = r // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture or an option of it is not supported: a configuration error
+    (model.path names a model this engine cannot run; an entry point says it in one line)."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from caraserve.config_checks import ConfigError
+from caraserve.config_checks import ConfigError, UnsupportedModelError
 from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
 from caraserve.model.layers import SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
+from caraserve.model.moe_args import MoeArgs, moe_args
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
 
@@ -51,34 +52,6 @@ LOCAL_ROPE = ("gemma3", "olmo3")
 TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
 MULTIMODAL_LAYERS = "model.language_model.layers"
 ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-class UnsupportedModelError(ConfigError):
-    """The checkpoint's architecture or an option of it is not supported: a configuration error
-    (model.path names a model this engine cannot run; an entry point says it in one line)."""
-
-
-@dataclass(frozen=True)
-class MoeArgs:
-    """A mixture-of-experts feed-forward (every layer's): a router picks each token's top_k of
-    num_experts SwiGLU experts of intermediate_size, whose outputs add up weighted by the router's
-    probabilities (renormalized over the top k where norm_topk_prob)."""
-    num_experts: int
-    top_k: int
-    intermediate_size: int
-    norm_topk_prob: bool
-    module: str  # the layer's feed-forward module: "mlp" (Qwen3-MoE) or "block_sparse_moe" (Mixtral)
-    # an expert's gate, up and down projections in the checkpoint; with stacked_checkpoint, the
-    # tensors of every expert's gate and up rows together, and of the down rows (GraniteMoE)
-    expert_names: tuple[str, ...]
-    float32_weights: bool  # the weighted sum takes the router's weights in float32 (Mixtral), else in the dtype
-    router_name: str = "gate"  # the router's linear layer in the checkpoint, under the module
-    stacked_checkpoint: bool = False  # the checkpoint holds the experts' weights as [E, rows, in] tensors
-    # the router's softmax over the top-k logits (GraniteMoE), else top-k of the softmax over all
-    softmax_after_topk: bool = False
-    # a shared expert every token takes, of this size, its output gated by sigmoid(a linear of the
-    # input) (Qwen2-MoE); 0: none
-    shared_expert_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,7 +105,7 @@ class ModelArgs:
         multimodal = arch in TEXT_OF_MULTIMODAL
         cfg = text_config_of(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        moe = _moe_args(cfg, family) if family in MOE_BASES else None
+        moe = moe_args(cfg, family) if family in MOE_BASES else None
         windows = _windows(cfg, family, n_layers)
         qkv_bias = bool(getattr(cfg, "qkv_bias", True)) if family == "qwen2_moe" else None  # (Qwen2's: always)
         family = MOE_BASES.get(family, family)
@@ -353,13 +326,6 @@ def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
     return tuple(i for i, f in enumerate(flags) if not f)
 
 
-def _top_k(cfg, experts) -> int:
-    top_k = cfg.num_experts_per_tok
-    if not (isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k <= experts):
-        raise UnsupportedModelError(f"num_experts_per_tok={top_k!r} must be between 1 and the {experts!r} experts")
-    return top_k
-
-
 def _clip_qkv(cfg) -> float:
     value = getattr(cfg, "clip_qkv", None)
     if value is None:
@@ -367,28 +333,3 @@ def _clip_qkv(cfg) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
         raise UnsupportedModelError(f"clip_qkv={value!r} must be a positive number or null")
     return float(value)
-
-
-def _moe_args(cfg, family: str) -> MoeArgs:
-    """The experts of a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE config; dense MLP layers among them
-    are refused."""
-    if family == "granitemoe":  # its router's softmax over the top-k logits, its experts stacked
-        return MoeArgs(num_experts=cfg.num_local_experts, top_k=_top_k(cfg, cfg.num_local_experts),
-                       intermediate_size=cfg.intermediate_size, norm_topk_prob=False, module="block_sparse_moe",
-                       expert_names=("input_linear", "output_linear"), float32_weights=False,
-                       router_name="router.layer", stacked_checkpoint=True, softmax_after_topk=True)
-    qwen = family in ("qwen2_moe", "qwen3_moe", "olmoe")  # (the same router and expert names)
-    if qwen and (getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1):
-        raise UnsupportedModelError(
-            f"mlp_only_layers={cfg.mlp_only_layers!r}, decoder_sparse_step={cfg.decoder_sparse_step!r} is not "
-            "supported: every layer's feed-forward must be the experts (mlp_only_layers empty, decoder_sparse_step 1)")
-    experts = cfg.num_experts if qwen else cfg.num_local_experts
-    return MoeArgs(
-        num_experts=experts, top_k=_top_k(cfg, experts),
-        intermediate_size=cfg.intermediate_size if family in ("mixtral", "olmoe") else cfg.moe_intermediate_size,
-        norm_topk_prob=bool(cfg.norm_topk_prob) if qwen else True,
-        module="mlp" if qwen else "block_sparse_moe",
-        expert_names=("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2"),
-        float32_weights=not qwen,
-        shared_expert_size=cfg.shared_expert_intermediate_size if family == "qwen2_moe" else 0,
-    )

@@ -1,8 +1,8 @@
 """Random model configurations, PEFT adapters and prompts for scripts/fuzz_architectures.py: each
 architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
 apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
-supported rope type, Gemma 3's and OLMo 3's rope per layer type, soft caps, Granite's
-multipliers, SmolLM3's layers without rope), and
+supported rope type, Gemma 3's and OLMo 3's rope per layer type, rope over part of each head
+(Phi-3, GLM), soft caps, Granite's multipliers, SmolLM3's layers without rope), and
 adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import random
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
-         "olmoe", "qwen2_moe", "granitemoe")
+         "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
+GLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")  # GLM's (gate/up fused)
 VOCAB = 128  # tests/helpers.save_random_hf_model's
 
 
@@ -46,6 +47,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
             or gemma3) \
             and rng.random() < 0.4:
         cfg["attention_bias"] = True
+    if arch in ("glm", "glm4"):
+        cfg["attention_bias"] = rng.random() < 0.7
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
@@ -85,6 +88,10 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if gemma3 or arch == "olmo3":
         cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
+    elif arch in ("glm", "glm4"):  # its rope over pairs (2i, 2i + 1) of part of each head (GLM-4's half)
+        cfg["rope_parameters"] = rope(rng) | {"partial_rotary_factor": rng.choice((1.0, 0.5, 0.25))}
+        if int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"]) % 2:
+            cfg["rope_parameters"]["partial_rotary_factor"] = 1.0
     elif arch != "phi3":
         cfg["rope_parameters"] = rope(rng)
     else:  # Phi-4-mini's rope over part of each head; Phi-3.5's longrope over a short original context
@@ -106,7 +113,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
 
 def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
     """save_peft_adapter keywords of one random adapter for a model of `arch`."""
-    names = FUSED if arch == "phi3" else SPLIT[:4] if arch in MOE else SPLIT
+    names = FUSED if arch == "phi3" else GLM if arch in ("glm", "glm4") else SPLIT[:4] if arch in MOE else SPLIT
     # (all-linear on a mixture-of-experts model adapts its experts, which is refused)
     targets = "all-linear" if rng.random() < 0.2 and arch not in MOE else rng.sample(names, rng.randint(1, len(names)))
     used = names if targets == "all-linear" else targets

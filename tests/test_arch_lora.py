@@ -14,6 +14,8 @@ computed on the CPU while the adapter is copied.
 - Mixtral, Qwen2-MoE (a gated shared expert), Qwen3-MoE, OLMoE (q/k norms over all heads,
   clipped q/k/v), GraniteMoE (Granite's multipliers, experts stacked in the checkpoint): the
   router's top-k experts, LoRA on attention.
+- GLM, GLM-4: rope over pairs (2i, 2i + 1) of the first half of each head; gate/up fused in the
+  checkpoint and adapters, q/k/v apart; GLM-4 adds norms after attention and the MLP.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -118,6 +120,17 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
         "kv-r16": dict(r=16, lora_alpha=8, target_modules=["k_proj", "v_proj"]),
     }),
+    # GLM's rope over pairs (2i, 2i + 1) of half of each head, gate/up fused in the checkpoint and
+    # its adapters (q/k/v apart); GLM-4's norms after attention and the MLP too
+    "glm": ({}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"layers.1.self_attn.k_proj": 4}),
+    }),
+    "glm4": ({"attention_bias": False}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", alpha_pattern={"gate_up_proj": 64}),
+        "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["gate_up_proj", "down_proj"], layers_to_transform=[1]),
+    }),
     "qwen3_moe": ({"norm_topk_prob": True}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
@@ -127,7 +140,7 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
            "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None),
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
-           "qwen2_moe": (None, None), "granitemoe": (None, None)}
+           "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
@@ -170,8 +183,10 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)
     args = engine.model.args
-    assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, arch == "phi3")
-    assert args.post_norms_only == (arch in ("olmo2", "olmo3", "exaone4"))
+    fused = ("qkv_proj", "gate_up_proj") if arch == "phi3" else ("gate_up_proj",) if arch in ("glm", "glm4") else ()
+    assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, fused)
+    assert args.rope_interleaved == (arch in ("glm", "glm4"))
+    assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))
     assert args.multimodal == (arch == "gemma3-mm")

@@ -81,6 +81,13 @@ CONFIGS = {
     # Granite's multipliers, the router's softmax over its top-k logits, experts stacked in the checkpoint
     "granitemoe": ("granitemoe", {"embedding_multiplier": 3.0, "attention_multiplier": 0.2,
                                   "residual_multiplier": 0.5, "logits_scaling": 2.0, "num_experts_per_tok": 3}),
+    # GLM: q/k/v bias, gate/up fused in the checkpoint, rope over pairs (2i, 2i + 1) of each
+    # head's first half; GLM-4 adds norms after attention and the MLP
+    "glm": ("glm", {}),
+    "glm4": ("glm4", {"num_key_value_heads": 1}),
+    # GLM-4 with rope over whole heads and no biases
+    "glm4-full-rope": ("glm4", {"attention_bias": False, "rope_parameters": {"rope_type": "default",
+                                                                             "rope_theta": 500.0}}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }
@@ -282,10 +289,11 @@ def test_options_that_change_a_layer_are_refused(tmp_path, arch, option, reason)
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "glm4", "phi3"])
 def test_fused_projections_hold_the_checkpoint_tensors(tmp_path, arch):
     """q/k/v and gate/up load into one projection each (one GEMM); `checkpoint_tensors` gives
-    back every checkpoint tensor, bit for bit, under its own name (qwen2: q/k/v biases too), and
+    back every checkpoint tensor, bit for bit, under its own name (qwen2, glm4: q/k/v biases too;
+    glm4: gate/up fused in the checkpoint, four norms a layer; phi3: q/k/v and gate/up fused), and
     no checkpoint tensor is left unused."""
     from caraserve.model.llama import checkpoint_tensors
 
@@ -294,7 +302,7 @@ def test_fused_projections_hold_the_checkpoint_tensors(tmp_path, arch):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert [n for n, *_ in attn.qkv_proj.parts] == ["q_proj", "k_proj", "v_proj"]
     assert [n for n, *_ in mlp.gate_up_proj.parts] == ["gate_proj", "up_proj"]
-    assert (attn.qkv_proj.bias is not None) == (arch == "qwen2")
+    assert (attn.qkv_proj.bias is not None) == (arch in ("qwen2", "glm4"))
     ours, theirs = checkpoint_tensors(model), load_file(str(tmp_path / "model.safetensors"))
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 from caraserve.config_checks import ConfigError, UnsupportedModelError
-from caraserve.lora.module_patterns import FUSED_MODULES, SPLIT_MODULES
-from caraserve.model.layers import SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
+from caraserve.lora.module_patterns import FUSED_PARTS, SPLIT_MODULES
+from caraserve.model.layers import PARTIAL_ROPE, SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
 from caraserve.model.moe_args import MoeArgs, moe_args
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
@@ -35,6 +35,8 @@ ARCHITECTURES = {
     "OlmoeForCausalLM": "olmoe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "GraniteMoeForCausalLM": "granitemoe",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -44,6 +46,16 @@ GEMMAS = ("gemma", "gemma2", "gemma3")
 OLMOS = ("olmo2", "olmo3")
 WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
 POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
+GLMS = ("glm", "glm4")  # q/k/v bias, gate/up fused in the checkpoint, rope over pairs (2i, 2i + 1) of part of a head
+# the checkpoint's names of a layer's norms by where they sit: before attention, after it, before
+# the MLP, after it (None: no norm there)
+LAYER_NORMS = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),  # Llama's
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),  # Gemma 2, 3
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2, EXAONE 4
+    "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+}
 # families whose sliding layers have a rope of their own (rope_parameters per layer type)
 LOCAL_ROPE = ("gemma3", "olmo3")
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> the
@@ -70,7 +82,8 @@ class ModelArgs:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # an RMSNorm over the queries and over the keys before rotary (Qwen3, Gemma 3, OLMo 2)
-    fused_checkpoint: bool  # the checkpoint (and adapters) hold qkv_proj and gate_up_proj (Phi-3)
+    # the fused projections the checkpoint (and adapters) hold: qkv_proj and gate_up_proj (Phi-3), gate_up_proj (GLM)
+    fused_checkpoint: tuple[str, ...]
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
     activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
@@ -78,8 +91,8 @@ class ModelArgs:
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
     clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
-    sandwich_norms: bool = False  # a norm after attention and after the MLP too (Gemma 2, 3)
-    post_norms_only: bool = False  # a norm after attention and after the MLP, none before them (OLMo 2, EXAONE 4)
+    layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
+    rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
     query_scale: float = 1.0
@@ -139,14 +152,15 @@ class ModelArgs:
             qk_norm=family in ("qwen3", "gemma3", "exaone4", *WHOLE_QK_NORMS),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
             clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
-            fused_checkpoint=family == "phi3",
+            fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
             sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
             activation=_activation(cfg, family),
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
-            sandwich_norms=family in ("gemma2", "gemma3"),
-            post_norms_only=family in POST_NORMS,
+            layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
+                                    else "glm4" if family == "glm4" else "pre"],
+            rope_interleaved=family in GLMS,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
@@ -166,7 +180,8 @@ class ModelArgs:
         mixture-of-experts model's attention projections only (LoRA on experts is not served)."""
         if self.moe is not None:
             return ATTENTION_MODULES
-        return FUSED_MODULES if self.fused_checkpoint else SPLIT_MODULES
+        fused_as = {part: name for name in self.fused_checkpoint for part in FUSED_PARTS[name]}
+        return tuple(dict.fromkeys(fused_as.get(m, m) for m in SPLIT_MODULES))
 
     def pool_targets(self, targets) -> tuple[str, ...]:
         """The projections among `targets` (adapters.target_modules) a LoRA can adapt in this
@@ -223,12 +238,15 @@ def _family(cfg) -> tuple[str, str]:
 def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
     Qwen3, Gemma, OLMo, OLMoE and SmolLM3; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
-    Qwen2's on q/k/v always; Seed-OSS's on q/k/v where attention_bias says and on o where
-    attention_out_bias does; mlp_bias for Llama, Granite, SmolLM3 and Seed-OSS."""
+    Qwen2's on q/k/v always, GLM's on q/k/v where attention_bias says; Seed-OSS's on q/k/v where
+    attention_bias says and on o where attention_out_bias does; mlp_bias for Llama, Granite,
+    SmolLM3 and Seed-OSS."""
     attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS) \
         and bool(getattr(cfg, "attention_bias", False))
     if family == "qwen2":
         return True, False, False
+    if family in GLMS:  # (attention_bias is on by default in their configs)
+        return bool(getattr(cfg, "attention_bias", True)), False, False
     o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
     mlp = family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False))
     return attn, o_bias, mlp
@@ -267,9 +285,9 @@ def _check_rope(cfg, family: str, head_dim: int) -> int | None:
         inv_freq, _ = rope_inv_freq(cfg, layer_type)
         factor = rope_params(cfg, layer_type).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
         rotary = 2 * inv_freq.numel()
-        # Phi-3's attention turns the heads' first dimensions and passes the rest (Phi-4-mini's rope
-        # over 3/4 of each head); the other families' attention turns whole heads
-        if rotary != head_dim and not (family == "phi3" and 2 <= rotary <= head_dim):
+        # Phi-3's and GLM's attention turn the heads' first dimensions and pass the rest (Phi-4-mini's
+        # rope over 3/4 of each head, GLM's over half); the other families' attention turns whole heads
+        if rotary != head_dim and not (family in PARTIAL_ROPE and 2 <= rotary <= head_dim):
             raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
                                         f"(partial_rotary_factor={factor}) is not supported for {family}: its rope "
                                         "covers whole heads")

@@ -204,6 +204,6 @@ class LoraLinear(nn.Module):
         checkpoint tensors of its parts (their modules are the fused module's siblings), unless the
         checkpoint holds it fused under the module's own name."""
         if len(self.parts) == 1 or self.fused_checkpoint:
-            return [(f"{prefix}.{attr}", 0, self.parts[0][2])]
+            return [(f"{prefix}.{attr}", 0, self.parts[-1][2])]
         parent = prefix.rpartition(".")[0]
         return [(f"{parent}.{name}.{attr}" if parent else f"{name}.{attr}", lo, hi) for name, lo, hi in self.parts]

@@ -3,12 +3,13 @@
 Covers every architecture in `caraserve.model.args.ARCHITECTURES`: Llama's layers and what
 the others change in them (biases, q/k norms per head or over all heads, norms after attention
 and the MLP, fused checkpoint projections, scaled embeddings and scores, soft caps, sliding
-windows per layer, a rope per layer type or none, and the mixture-of-experts feed-forward of
+windows per layer, a rope per layer type or none, over part of each head or its neighbouring
+pairs (GLM), and the mixture-of-experts feed-forward of
 `caraserve.model.moe`); `caraserve.model.args` reads which a checkpoint is. Parameter names
 equal the Hugging Face checkpoint names, except that projections reading the same input are
 fused (`self_attn.qkv_proj` stacks q/k/v, `mlp.gate_up_proj` stacks gate/up: one GEMM each) and
-a mixture's experts are stacked; the loader stacks their checkpoint tensors (Phi-3's are
-stacked already), and `checkpoint_tensors` names them back.
+a mixture's experts are stacked; the loader stacks their checkpoint tensors (Phi-3's, and GLM's
+gate/up, are stacked already), and `checkpoint_tensors` names them back.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Attention(nn.Module):
         h, q, kv = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
-                                   args.fused_checkpoint)
+                                   "qkv_proj" in args.fused_checkpoint)
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
         if args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
             self.q_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else q, args.rms_eps, args.norm_unit_offset)
@@ -122,7 +123,7 @@ class Attention(nn.Module):
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache
-        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping)
+        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved)
         if fb.is_decode:
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window,
                                   self.softcap)
@@ -173,7 +174,7 @@ class MLP(nn.Module):
         self.gelu = args.activation == "gelu_tanh"
         h, i = args.hidden_size, args.intermediate_size
         self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"),
-                                       args.fused_checkpoint)
+                                       "gate_up_proj" in args.fused_checkpoint)
         self.down_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
 
     def forward(self, x, fb: ForwardBatch):
@@ -185,20 +186,17 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        def norm():
-            return RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
-
-        self.post_norms_only = args.post_norms_only
-        if not self.post_norms_only:  # (OLMo 2 and EXAONE 4 have no norm before attention or the MLP)
-            self.input_layernorm = norm()
+        # the norms the model has (ModelArgs.layer_norms: before / after attention, before / after
+        # the MLP), each under its checkpoint name
+        self.norm_names = args.layer_norms
+        pre_attn, post_attn, pre_mlp, post_mlp = self.norm_names
+        if pre_attn is not None:
+            setattr(self, pre_attn, RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset))
         self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = norm()
-        self.sandwich = args.sandwich_norms
+        for name in (post_attn, pre_mlp, post_mlp):
+            if name is not None:
+                setattr(self, name, RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset))
         self.residual_scale = args.residual_scale
-        if self.sandwich or self.post_norms_only:  # post_attention_layernorm takes the attention's output alone
-            self.post_feedforward_layernorm = norm()
-        if self.sandwich:
-            self.pre_feedforward_layernorm = norm()
         # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
         self.ffn_name = args.moe.module if args.moe is not None else "mlp"
         setattr(self, self.ffn_name, SparseMoE(args) if args.moe is not None else MLP(args, layer))
@@ -209,26 +207,31 @@ class DecoderLayer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.post_attention_layernorm.weight.device
+        return self.self_attn.o_proj.weight.device
+
+    def norms(self) -> list[RMSNorm | None]:
+        """The norms before attention, after it, before the MLP and after it (None where there is none)."""
+        return [None if name is None else getattr(self, name) for name in self.norm_names]
 
     def forward(self, x, residual, cos, sin, fb: ForwardBatch, cache):
         """(this layer's output, the residual stream before it is added): the add happens in the
         next norm, fused with it. The first layer gets x None and the embeddings as residual."""
-        if self.post_norms_only:  # OLMo 2: r += norm(attention(r)); out = norm(mlp(r))
+        pre_attn, post_attn, pre_mlp, post_mlp = self.norms()
+        if pre_attn is None:  # OLMo 2: r += norm(attention(r)); out = norm(mlp(r))
             residual = residual if x is None else residual + x
-            h = self.post_attention_layernorm(None, self.self_attn(residual, cos, sin, fb, cache))[0]
+            h = post_attn(None, self.self_attn(residual, cos, sin, fb, cache))[0]
             residual = residual + h
-            return self.post_feedforward_layernorm(None, self.ffn(residual, fb))[0], residual
-        h, residual = self.input_layernorm(x, residual)
+            return post_mlp(None, self.ffn(residual, fb))[0], residual
+        h, residual = pre_attn(x, residual)
         h = self.self_attn(h, cos, sin, fb, cache)
         if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
-            h, residual = self.post_attention_layernorm(h * self.residual_scale, residual)
+            h, residual = pre_mlp(h * self.residual_scale, residual)
             return self.ffn(h, fb) * self.residual_scale, residual
-        if not self.sandwich:
-            h, residual = self.post_attention_layernorm(h, residual)
-            return self.ffn(h, fb), residual
-        h, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(None, h)[0], residual)
-        return self.post_feedforward_layernorm(None, self.ffn(h, fb))[0], residual
+        if post_attn is not None:  # Gemma 2, GLM-4: a norm over attention's output alone
+            h = post_attn(None, h)[0]
+        h, residual = pre_mlp(h, residual)
+        h = self.ffn(h, fb)
+        return (h if post_mlp is None else post_mlp(None, h)[0]), residual
 
 
 class Decoder(nn.Module):

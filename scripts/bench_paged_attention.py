@@ -127,7 +127,7 @@ def measure_mixed(args, batch: int, device: torch.device, dtype: torch.dtype) ->
     """A mixed step's attention: `args.prompts` whole prompts, then `batch` decode rows."""
     from caraserve import cpu_kernels
     from caraserve.attention import paged_attention_reference
-    from caraserve.model.llama import _attention_mask, sdpa
+    from caraserve.model.self_attention import _attention_mask, sdpa
 
     shape = SHAPES[args.shape]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]

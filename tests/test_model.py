@@ -134,25 +134,25 @@ def test_sdpa_prefill_matches_transformers(pair, monkeypatch):
     torch's flash kernel): whole prompts (causal, or masked under a sliding window) and a
     prompt's second chunk after its cached first one (masked)."""
     from caraserve.kv_cache import KVCache
-    from caraserve.model import llama
+    from caraserve.model import self_attention
     from caraserve.model.batch import ForwardBatch
 
     hf, ours = pair
-    monkeypatch.setattr(llama.cpu_kernels, "paged_attention", lambda *args: None)  # the kernel declines
-    real_sdpa, calls = llama.sdpa, []
+    monkeypatch.setattr(self_attention.cpu_kernels, "paged_attention", lambda *args: None)  # the kernel declines
+    real_sdpa, calls = self_attention.sdpa, []
 
     def counted(*args, **kw):
         calls.append(sorted(kw))
         return real_sdpa(*args, **kw)
 
-    monkeypatch.setattr(llama, "sdpa", counted)
-    real_capped = llama.capped_attention
+    monkeypatch.setattr(self_attention, "sdpa", counted)
+    real_capped = self_attention.capped_attention
 
     def capped(*args, **kw):  # a soft-capped model's form: SDPA cannot cap the scores
         calls.append(["softcap"])
         return real_capped(*args, **kw)
 
-    monkeypatch.setattr(llama, "capped_attention", capped)
+    monkeypatch.setattr(self_attention, "capped_attention", capped)
     pre, _ = run_prefill_decode(ours, PROMPTS, [[1]] * len(PROMPTS))
     prompt = PROMPTS[0]
     with torch.no_grad():

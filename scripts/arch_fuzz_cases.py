@@ -2,7 +2,8 @@
 architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
 apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
 supported rope type, Gemma 3's and OLMo 3's rope per layer type, rope over part of each head
-(Phi-3, GLM), soft caps, Granite's multipliers, SmolLM3's layers without rope), and
+(Phi-3, GLM), soft caps, Granite's and Cohere's multipliers, SmolLM3's layers without rope, Cohere's
+q/k LayerNorms), and
 adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
-         "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4")
+         "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -49,6 +50,11 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["attention_bias"] = True
     if arch in ("glm", "glm4"):
         cfg["attention_bias"] = rng.random() < 0.7
+    if arch in ("cohere", "cohere2"):  # (LayerNorms: their eps is layer_norm_eps)
+        cfg.update(attention_bias=rng.random() < 0.4, layer_norm_eps=cfg["rms_norm_eps"],
+                   logit_scale=rng.choice((0.0625, 0.5, 1.0, 2.0)))
+    if arch == "cohere":
+        cfg["use_qk_norm"] = rng.random() < 0.5
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
@@ -79,7 +85,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
                    final_logit_softcapping=rng.choice((None, 3.0, 30.0)))
     if arch == "gemma2":
         cfg["attn_logit_softcapping"] = rng.choice((None, 2.0, 50.0))
-    if arch in ("olmo3", "ministral") or (arch in ("smollm3", "exaone4") and rng.random() < 0.6):
+    if arch in ("olmo3", "ministral", "cohere2") or (arch in ("smollm3", "exaone4") and rng.random() < 0.6):
         cfg.update(sliding_window=window, layer_types=types, use_sliding_window=True)
     elif arch == "exaone4":  # no window: every layer full, with rope
         cfg.update(sliding_window=None, layer_types=["full_attention"] * layers)

@@ -16,6 +16,8 @@ computed on the CPU while the adapter is copied.
   router's top-k experts, LoRA on attention.
 - GLM, GLM-4: rope over pairs (2i, 2i + 1) of the first half of each head; gate/up fused in the
   checkpoint and adapters, q/k/v apart; GLM-4 adds norms after attention and the MLP.
+- Cohere: LayerNorms (per-head q/k ones), attention and the MLP side by side on one norm, rope
+  over neighbouring pairs, scaled logits; Cohere 2 adds sliding layers, rope on those only.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -131,6 +133,16 @@ MODELS = {  # arch -> (model overrides, adapters)
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", alpha_pattern={"gate_up_proj": 64}),
         "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["gate_up_proj", "down_proj"], layers_to_transform=[1]),
     }),
+    # Cohere: LayerNorms (per-head q/k ones), attention and the MLP on one norm, rope over
+    # neighbouring pairs, scaled logits; Cohere 2: rope on its sliding layers only
+    "cohere": ({"use_qk_norm": True, "logit_scale": 0.5}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
+    "cohere2": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "logit_scale": 2.0}, {
+        "kv-r8": dict(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj", "up_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
     "qwen3_moe": ({"norm_topk_prob": True}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
@@ -140,9 +152,10 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "gemma3-mm": (8, None), "granite": (None, None), "olmo2": (None, None), "olmo3": (8, None),
            "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None),
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
-           "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None)}
-QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe")
-NO_ROPE = {"smollm3": (1,), "exaone4": (1,)}
+           "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
+           "cohere": (None, None), "cohere2": (8, None)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere")
+NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -185,7 +198,8 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     args = engine.model.args
     fused = ("qkv_proj", "gate_up_proj") if arch == "phi3" else ("gate_up_proj",) if arch in ("glm", "glm4") else ()
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, fused)
-    assert args.rope_interleaved == (arch in ("glm", "glm4"))
+    assert args.rope_interleaved == (arch in ("glm", "glm4", "cohere", "cohere2"))
+    assert args.parallel_block == args.layer_norm == (arch in ("cohere", "cohere2"))
     assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))

@@ -88,6 +88,13 @@ CONFIGS = {
     # GLM-4 with rope over whole heads and no biases
     "glm4-full-rope": ("glm4", {"attention_bias": False, "rope_parameters": {"rope_type": "default",
                                                                              "rope_theta": 500.0}}),
+    # Cohere: LayerNorms, attention and the MLP on one norm, rope over pairs (2i, 2i + 1), logits
+    # scaled; LayerNorms over each query and key head with weights per head, biases on q/k/v/o
+    "cohere": ("cohere", {"use_qk_norm": True, "attention_bias": True, "logit_scale": 0.5}),
+    "cohere-tied": ("cohere", {"tie_word_embeddings": True}),
+    # Cohere 2: layer 0 slides and takes rope, layer 1 sees everything without rope
+    "cohere2": ("cohere2", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
+                            "logit_scale": 0.25}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -37,6 +37,8 @@ ARCHITECTURES = {
     "GraniteMoeForCausalLM": "granitemoe",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
+    "CohereForCausalLM": "cohere",
+    "Cohere2ForCausalLM": "cohere2",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -47,6 +49,8 @@ OLMOS = ("olmo2", "olmo3")
 WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
 POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
 GLMS = ("glm", "glm4")  # q/k/v bias, gate/up fused in the checkpoint, rope over pairs (2i, 2i + 1) of part of a head
+# LayerNorms (no bias), attention and the MLP side by side on one normed input, rope over pairs (2i, 2i + 1)
+COHERES = ("cohere", "cohere2")
 # the checkpoint's names of a layer's norms by where they sit: before attention, after it, before
 # the MLP, after it (None: no norm there)
 LAYER_NORMS = {
@@ -55,6 +59,7 @@ LAYER_NORMS = {
                  "post_feedforward_layernorm"),  # Gemma 2, 3
     "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2, EXAONE 4
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    "parallel": ("input_layernorm", None, None, None),  # Cohere's: attention and the MLP read one norm
 }
 # families whose sliding layers have a rope of their own (rope_parameters per layer type)
 LOCAL_ROPE = ("gemma3", "olmo3")
@@ -92,7 +97,10 @@ class ModelArgs:
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
     clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
     layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
-    rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM)
+    rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM, Cohere)
+    layer_norm: bool = False  # the norms are LayerNorms without bias (Cohere), not RMSNorms
+    parallel_block: bool = False  # a layer adds attention(n) and mlp(n) of one norm n to the residual (Cohere)
+    logit_scale: float = 1.0  # logits times this (Cohere's logit_scale)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
     query_scale: float = 1.0
@@ -144,12 +152,13 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            rms_eps=cfg.rms_norm_eps,
+            rms_eps=cfg.layer_norm_eps if family in COHERES else cfg.rms_norm_eps,
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=family in ("qwen3", "gemma3", "exaone4", *WHOLE_QK_NORMS),
+            qk_norm=family in ("qwen3", "gemma3", "exaone4", *WHOLE_QK_NORMS) or (
+                family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
             clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
             fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
@@ -159,8 +168,11 @@ class ModelArgs:
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
-                                    else "glm4" if family == "glm4" else "pre"],
-            rope_interleaved=family in GLMS,
+                                    else "glm4" if family == "glm4" else "parallel" if family in COHERES else "pre"],
+            rope_interleaved=family in (*GLMS, *COHERES),
+            layer_norm=family in COHERES,
+            parallel_block=family in COHERES,
+            logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
@@ -237,11 +249,11 @@ def _family(cfg) -> tuple[str, str]:
 
 def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
-    Qwen3, Gemma, OLMo, OLMoE and SmolLM3; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
+    Qwen3, Gemma, OLMo, OLMoE, SmolLM3 and Cohere; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
     Qwen2's on q/k/v always, GLM's on q/k/v where attention_bias says; Seed-OSS's on q/k/v where
     attention_bias says and on o where attention_out_bias does; mlp_bias for Llama, Granite,
     SmolLM3 and Seed-OSS."""
-    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS) \
+    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS, *COHERES) \
         and bool(getattr(cfg, "attention_bias", False))
     if family == "qwen2":
         return True, False, False
@@ -318,7 +330,7 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     if family == "qwen3_moe":  # one window over every layer where use_sliding_window
         return (int(window) if window and getattr(cfg, "use_sliding_window", False) else None,) * n_layers
     layer_types = getattr(cfg, "layer_types", None)
-    slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4") or (
+    slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4", "cohere2") or (
         family in ("qwen2", "qwen3", "smollm3", "qwen2_moe") and getattr(cfg, "use_sliding_window", False))
     if slides and layer_types:
         if "sliding_attention" in layer_types and not window:
@@ -331,11 +343,15 @@ def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
 
 def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
     """The layers without rotary: SmolLM3's no_rope_layers holds a flag per layer, 1 where it takes
-    rope; EXAONE 4's full-attention layers take none when the model has a sliding window."""
+    rope; EXAONE 4's full-attention layers take none when the model has a sliding window; Cohere 2's
+    rope turns only its sliding layers."""
     if family == "exaone4":
         if getattr(cfg, "sliding_window", None) is None:
             return ()
         return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention")
+    if family == "cohere2":  # rope on its sliding layers only
+        window = getattr(cfg, "sliding_window", None)
+        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention" or window is None)
     if family != "smollm3":
         return ()
     flags = getattr(cfg, "no_rope_layers", None)

@@ -69,6 +69,40 @@ class RMSNorm(nn.Module):
         return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset), residual
 
 
+def layer_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics (Cohere's LayerNorm, without bias; x, residual [..., D]; weight broadcast over
+    them: [D], or [heads, D] for rows of heads):
+        r = residual + x        (r = residual when x is None; the sum in the activations' dtype)
+        c = r32 - mean(r32),  r32 = r in float32        (over the last dimension)
+        out = (weight32 * c / sqrt(mean(c^2) + eps)).to(dtype)
+    -> (out, r)."""
+    r = residual if x is None else residual + x
+    h = r.to(torch.float32)
+    centred = h - h.mean(-1, keepdim=True)
+    h = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(torch.float32) * h).to(r.dtype), r
+
+
+class LayerNorm(nn.Module):
+    """Cohere's LayerNorm (`layer_norm_reference`), with the residual add before it, in torch ops;
+    `shape` (heads, head_dim) gives each head weights of its own (Cohere's q/k norms)."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer_norm_reference(x, residual, self.weight, self.eps)
+
+
+def make_norm(shape: int | tuple[int, ...], eps: float, unit_offset: bool = False,
+              layer_norm: bool = False) -> RMSNorm | LayerNorm:
+    """A model's norm: Cohere's LayerNorm where layer_norm, else RMSNorm (Gemma's with unit_offset)."""
+    return LayerNorm(shape, eps) if layer_norm else RMSNorm(shape, eps, unit_offset)
+
+
 def rope_params(hf_config, layer_type: str | None = None) -> dict:
     """The config's rope parameters; a model with a rope per layer type (Gemma 3: a dict per
     "full_attention" / "sliding_attention") gives that type's."""

@@ -27,7 +27,7 @@ from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, rope_inv_freq, rope_long_inv_freq
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, make_norm, rope_inv_freq, rope_long_inv_freq
 from caraserve.model.moe import Experts, SparseMoE
 from caraserve.model.self_attention import Attention, check_triton_prefill  # noqa: F401  (the engine's)
 
@@ -58,13 +58,17 @@ class DecoderLayer(nn.Module):
         # the MLP), each under its checkpoint name
         self.norm_names = args.layer_norms
         pre_attn, post_attn, pre_mlp, post_mlp = self.norm_names
+        def norm():
+            return make_norm(args.hidden_size, args.rms_eps, args.norm_unit_offset, args.layer_norm)
+
         if pre_attn is not None:
-            setattr(self, pre_attn, RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset))
+            setattr(self, pre_attn, norm())
         self.self_attn = Attention(args, layer)
         for name in (post_attn, pre_mlp, post_mlp):
             if name is not None:
-                setattr(self, name, RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset))
+                setattr(self, name, norm())
         self.residual_scale = args.residual_scale
+        self.parallel = args.parallel_block
         # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
         self.ffn_name = args.moe.module if args.moe is not None else "mlp"
         setattr(self, self.ffn_name, SparseMoE(args) if args.moe is not None else MLP(args, layer))
@@ -91,6 +95,8 @@ class DecoderLayer(nn.Module):
             residual = residual + h
             return post_mlp(None, self.ffn(residual, fb))[0], residual
         h, residual = pre_attn(x, residual)
+        if self.parallel:  # Cohere: (r + attention(n)) + mlp(n), both of one norm n
+            return self.ffn(h, fb), residual + self.self_attn(h, cos, sin, fb, cache)
         h = self.self_attn(h, cos, sin, fb, cache)
         if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
             h, residual = pre_mlp(h * self.residual_scale, residual)
@@ -107,7 +113,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_eps, args.norm_unit_offset)
+        self.norm = make_norm(args.hidden_size, args.rms_eps, args.norm_unit_offset, args.layer_norm)
 
 
 class CausalLM(nn.Module):
@@ -186,6 +192,8 @@ class CausalLM(nn.Module):
             logits = self.lm_head(h)
         if self.args.logits_divisor != 1.0:  # Granite's logits_scaling
             logits = logits / self.args.logits_divisor
+        if self.args.logit_scale != 1.0:  # Cohere's logit_scale
+            logits = logits * self.args.logit_scale
         cap = self.args.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -17,7 +17,7 @@ from caraserve.attention import capped_attention, paged_attention, rotary_write_
 from caraserve.kv_cache import blocks_for
 from caraserve.model.args import ModelArgs
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm
+from caraserve.model.layers import LayerNorm, LoraLinear, RMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,10 @@ class Attention(nn.Module):
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
                                    "qkv_proj" in args.fused_checkpoint)
         self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
-        if args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
+        if args.qk_norm and args.layer_norm:  # Cohere: a LayerNorm over each head, its weights per head
+            self.q_norm = LayerNorm((args.num_heads, args.head_dim), args.rms_eps)
+            self.k_norm = LayerNorm((args.num_kv_heads, args.head_dim), args.rms_eps)
+        elif args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
             self.q_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else q, args.rms_eps, args.norm_unit_offset)
             self.k_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else kv, args.rms_eps, args.norm_unit_offset)
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
@@ -95,7 +98,10 @@ class Attention(nn.Module):
         a = self.args
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
-        if a.qk_norm and a.qk_norm_per_head:  # each head's vector normed alone: rows of head_dim
+        if a.qk_norm and a.layer_norm:  # rows of heads, each head's weights its own
+            q = self.q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0]
+            k = self.k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0]
+        elif a.qk_norm and a.qk_norm_per_head:  # each head's vector normed alone: rows of head_dim
             q = self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0]
             k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
         elif a.qk_norm:  # a token's queries normed together, and its keys

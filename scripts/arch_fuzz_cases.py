@@ -13,7 +13,8 @@ import random
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
-         "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2")
+         "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
+         "ernie4_5")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -55,6 +56,10 @@ def model_config(rng: random.Random, arch: str) -> dict:
                    logit_scale=rng.choice((0.0625, 0.5, 1.0, 2.0)))
     if arch == "cohere":
         cfg["use_qk_norm"] = rng.random() < 0.5
+    if arch == "helium":  # (its o_proj reads hidden_size columns: heads of hidden / heads)
+        cfg.update(attention_bias=rng.random() < 0.4, mlp_bias=rng.random() < 0.3, head_dim=hidden // heads)
+    if arch == "ernie4_5":
+        cfg["use_bias"] = rng.random() < 0.5
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:

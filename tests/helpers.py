@@ -34,6 +34,8 @@ _HF_CLASSES = {
     "glm4": ("Glm4Config", "Glm4ForCausalLM"),
     "cohere": ("CohereConfig", "CohereForCausalLM"),
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM"),
+    "helium": ("HeliumConfig", "HeliumForCausalLM"),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
 }
 
@@ -56,7 +58,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     )
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
                 "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
-                "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2"):
+                "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token

@@ -95,6 +95,10 @@ CONFIGS = {
     # Cohere 2: layer 0 slides and takes rope, layer 1 sees everything without rope
     "cohere2": ("cohere2", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
                             "logit_scale": 0.25}),
+    # Llama's layers with rope over neighbouring pairs: Helium (q/k/v and MLP biases), ERNIE 4.5
+    # (biases everywhere, a tied head)
+    "helium": ("helium", {"attention_bias": True, "mlp_bias": True}),
+    "ernie4_5": ("ernie4_5", {"use_bias": True, "tie_word_embeddings": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -39,6 +39,8 @@ ARCHITECTURES = {
     "Glm4ForCausalLM": "glm4",
     "CohereForCausalLM": "cohere",
     "Cohere2ForCausalLM": "cohere2",
+    "HeliumForCausalLM": "helium",
+    "Ernie4_5ForCausalLM": "ernie4_5",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -51,6 +53,8 @@ POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, no
 GLMS = ("glm", "glm4")  # q/k/v bias, gate/up fused in the checkpoint, rope over pairs (2i, 2i + 1) of part of a head
 # LayerNorms (no bias), attention and the MLP side by side on one normed input, rope over pairs (2i, 2i + 1)
 COHERES = ("cohere", "cohere2")
+# rope over the pairs (2i, 2i + 1) of a head (GLM's, Cohere's; Helium and ERNIE 4.5: Llama's layers otherwise)
+INTERLEAVED_ROPE = (*GLMS, *COHERES, "helium", "ernie4_5")
 # the checkpoint's names of a layer's norms by where they sit: before attention, after it, before
 # the MLP, after it (None: no norm there)
 LAYER_NORMS = {
@@ -169,7 +173,7 @@ class ModelArgs:
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
                                     else "glm4" if family == "glm4" else "parallel" if family in COHERES else "pre"],
-            rope_interleaved=family in (*GLMS, *COHERES),
+            rope_interleaved=family in INTERLEAVED_ROPE,
             layer_norm=family in COHERES,
             parallel_block=family in COHERES,
             logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
@@ -250,7 +254,8 @@ def _family(cfg) -> tuple[str, str]:
 def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
     Qwen3, Gemma, OLMo, OLMoE, SmolLM3 and Cohere; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
-    Qwen2's on q/k/v always, GLM's on q/k/v where attention_bias says; Seed-OSS's on q/k/v where
+    Qwen2's on q/k/v always, GLM's and Helium's on q/k/v where attention_bias says (Helium's MLP's
+    where mlp_bias does), ERNIE 4.5's everywhere where use_bias does; Seed-OSS's on q/k/v where
     attention_bias says and on o where attention_out_bias does; mlp_bias for Llama, Granite,
     SmolLM3 and Seed-OSS."""
     attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS, *COHERES) \
@@ -259,6 +264,10 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
         return True, False, False
     if family in GLMS:  # (attention_bias is on by default in their configs)
         return bool(getattr(cfg, "attention_bias", True)), False, False
+    if family == "ernie4_5":
+        return (bool(getattr(cfg, "use_bias", False)),) * 3
+    if family == "helium":
+        return bool(getattr(cfg, "attention_bias", False)), False, bool(getattr(cfg, "mlp_bias", False))
     o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
     mlp = family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False))
     return attn, o_bias, mlp

@@ -86,8 +86,8 @@ CONFIGS = {
     "glm": ("glm", {}),
     "glm4": ("glm4", {"num_key_value_heads": 1}),
     # GLM-4 with rope over whole heads and no biases
-    "glm4-full-rope": ("glm4", {"attention_bias": False, "rope_parameters": {"rope_type": "default",
-                                                                             "rope_theta": 500.0}}),
+    "glm4-full-rope": ("glm4", {"attention_bias": False, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}}),
     # Cohere: LayerNorms, attention and the MLP on one norm, rope over pairs (2i, 2i + 1), logits
     # scaled; LayerNorms over each query and key head with weights per head, biases on q/k/v/o
     "cohere": ("cohere", {"use_qk_norm": True, "attention_bias": True, "logit_scale": 0.5}),

@@ -31,28 +31,29 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
 
 def rotary_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Semantics: q_rot = apply_rotary(q, cos, sin, interleaved); write_kv(caches, slot_mapping,
-    apply_rotary(k, cos, sin, interleaved), v); returns q_rot. q [T, H, hd], k / v [T, n_kv, hd],
-    cos / sin [T, r] (the first r <= hd dimensions of each head turn)."""
-    write_kv(k_cache, v_cache, slot_mapping, apply_rotary(k, cos, sin, interleaved), v)
-    return apply_rotary(q, cos, sin, interleaved)
+                              slot_mapping: torch.Tensor, interleaved: bool = False,
+                              float32: bool = False) -> torch.Tensor:
+    """Semantics: q_rot = apply_rotary(q, cos, sin, interleaved, float32); write_kv(caches,
+    slot_mapping, apply_rotary(k, cos, sin, interleaved, float32), v); returns q_rot. q [T, H, hd],
+    k / v [T, n_kv, hd], cos / sin [T, r] (the first r <= hd dimensions of each head turn)."""
+    write_kv(k_cache, v_cache, slot_mapping, apply_rotary(k, cos, sin, interleaved, float32), v)
+    return apply_rotary(q, cos, sin, interleaved, float32)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    interleaved: bool = False) -> torch.Tensor:
+                    interleaved: bool = False, float32: bool = False) -> torch.Tensor:
     """rotary_write_kv_reference's result (and cache writes) from one kernel in eager steps
     (`caraserve.model.layers.fused_kernels`), from the torch form in compiled ones."""
     kind = fused_kernels(q)
     args = (q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
-    if kind == "cpu":
+    if kind == "cpu":  # (float32 activations: `float32` changes nothing)
         return cpu_kernels.rotary_write_kv(*args)
     if kind == "cuda":
         from caraserve import layer_ops_triton
 
-        return layer_ops_triton.rotary_write_kv(*args)
-    return rotary_write_kv_reference(*args)
+        return layer_ops_triton.rotary_write_kv(*args, float32)
+    return rotary_write_kv_reference(*args, float32)
 
 
 def check_paged_attention(q, k_cache, v_cache, block_tables, row_seq, lens, window: int | None) -> None:

@@ -27,10 +27,11 @@ def _add_rms_norm_kernel(
     x_ptr,  # [T, D] rows at stride ld_x (unused without HAS_X)
     w_ptr,  # [D]
     dim, ld_x, eps,
-    HAS_X: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_X: tl.constexpr, UNIT_OFFSET: tl.constexpr, F32_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """r = round(residual + x); n = r / sqrt(mean(r^2) + eps); out = round(w * round(n)), or with
-    UNIT_OFFSET round(n * (1 + w)) in float32 (Gemma's), one row per program."""
+    UNIT_OFFSET round(n * (1 + w)) in float32 (Gemma's), with F32_WEIGHT round(w * n) in float32
+    (OLMo 2's), one row per program."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -44,16 +45,19 @@ def _add_rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if UNIT_OFFSET:
         y = (z * inv) * (1.0 + w)
+    elif F32_WEIGHT:
+        y = w * (z * inv)
     else:
         y = w * (z * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + t * dim + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 unit_offset: bool = False) -> torch.Tensor:
+                 unit_offset: bool = False, float32_weight: bool = False) -> torch.Tensor:
     """The normalized rows [T, D]; residual (contiguous [T, D]) becomes residual + x in place (x
     None: left as it is). x [T, D] with unit column stride, weight [D], one device and dtype.
-    unit_offset: the weight is Gemma's, 1's offset (add_rms_norm_reference)."""
+    unit_offset: the weight is Gemma's, 1's offset; float32_weight: the weight applied in float32
+    (add_rms_norm_reference)."""
     if residual.dim() != 2 or not residual.is_contiguous():
         raise ValueError(f"add_rms_norm: residual must be a contiguous 2-D tensor, got {list(residual.shape)}")
     rows, dim = residual.shape
@@ -68,16 +72,18 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
         with _on(residual):
             _add_rms_norm_kernel[(rows,)](out, residual, residual if x is None else x, weight, dim,
                                           0 if x is None else x.stride(0), eps, HAS_X=x is not None,
-                                          UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+                                          UNIT_OFFSET=unit_offset, F32_WEIGHT=float32_weight, BLOCK=block,
+                                          num_warps=min(16, max(4, block // 512)))
     return out
 
 
 @triton.jit
 def _rotate(dst_ptr, src_ptr, src_stride, dst_stride, n_heads, c1, c2, s1, s2, heads, i, HALF: tl.constexpr,
-            INTERLEAVED: tl.constexpr):
+            INTERLEAVED: tl.constexpr, F32_MATH: tl.constexpr):
     """dst[h] = rot(src[h]) for the heads h < n_heads, with each product and the sum rounded to
-    the destination's dtype (as the unfused x * cos + rotate_half(x) * sin); pair i is (i, i +
-    HALF), or (2i, 2i + 1) where INTERLEAVED (GLM's rope)."""
+    the destination's dtype (as the unfused x * cos + rotate_half(x) * sin), or with F32_MATH in
+    float32 and rounded once; pair i is (i, i + HALF), or (2i, 2i + 1) where INTERLEAVED (GLM's
+    rope)."""
     mask = (heads[:, None] < n_heads) & (i[None, :] < HALF)
     if INTERLEAVED:
         first = 2 * i[None, :]
@@ -89,8 +95,12 @@ def _rotate(dst_ptr, src_ptr, src_stride, dst_stride, n_heads, c1, c2, s1, s2, h
     x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
     ty = dst_ptr.dtype.element_ty
-    o1 = (x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)
-    o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+    if F32_MATH:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    else:
+        o1 = (x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)
+        o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
     dst = dst_ptr + heads[:, None] * dst_stride
     tl.store(dst + first, o1.to(ty), mask=mask)
     tl.store(dst + second, o2.to(ty), mask=mask)
@@ -105,10 +115,10 @@ def _rotary_write_kv_kernel(
     slot_ptr,  # [T] int64
     n_heads, n_kv, ld_q, ld_k, ld_v,
     HALF: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, F32_MATH: tl.constexpr,
 ):
     """q_out[t] = rot_t(q[t]); K[slot[t]] = rot_t(k[t]); V[slot[t]] = v[t], one token per program;
-    rot_t turns each head's first 2 * HALF dimensions (in pairs as _rotate says) and passes the others."""
+    rot_t turns each head's first 2 * HALF dimensions (as _rotate says) and passes the others."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     heads = tl.arange(0, BLOCK_H)
@@ -119,10 +129,12 @@ def _rotary_write_kv_kernel(
     c2 = tl.load(cs + HALF, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sn, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(sn + HALF, mask=m, other=0.0).to(tl.float32)
-    _rotate(q_out_ptr + t * n_heads * D, q_ptr + t * ld_q, D, D, n_heads, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED)
+    _rotate(q_out_ptr + t * n_heads * D, q_ptr + t * ld_q, D, D, n_heads, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED,
+            F32_MATH)
     slot = tl.load(slot_ptr + t)
     row = slot * n_kv * D
-    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, D, D, n_kv, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED)
+    _rotate(k_cache_ptr + row, k_ptr + t * ld_k, D, D, n_kv, c1, c2, s1, s2, heads, i, HALF, INTERLEAVED,
+            F32_MATH)
     j = tl.arange(0, BLOCK_D)
     offs = heads[:, None] * D + j[None, :]
     if 2 * HALF < D:  # partial rotary: the dimensions past the turned ones pass unchanged
@@ -137,11 +149,12 @@ def _rotary_write_kv_kernel(
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    interleaved: bool = False) -> torch.Tensor:
+                    interleaved: bool = False, float32: bool = False) -> torch.Tensor:
     """The rotated q as a new contiguous [T, H, D]; the rotated k and v written to the caches
     [blocks, BS, KV, D] at slot_mapping [T] int64. q / k / v with contiguous heads (rows may be
     strided), cos / sin [T, r] contiguous (each head's first r dimensions turn; r even, at most D;
-    in pairs (2i, 2i + 1) where interleaved, else (i, i + r/2)),
+    in pairs (2i, 2i + 1) where interleaved, else (i, i + r/2); in float32 arithmetic rounded once
+    where float32, cos / sin then of any float dtype),
     one device and dtype. Slots are the scheduler's to keep
     inside the caches."""
     t, heads, d = q.shape
@@ -169,5 +182,5 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
                 q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping.contiguous(), heads, kv,
                 q.stride(0), k.stride(0), v.stride(0), HALF=r // 2, D=d, BLOCK_H=triton.next_power_of_2(max(heads, kv)),
                 BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d),
-                INTERLEAVED=bool(interleaved), enable_fp_fusion=False)
+                INTERLEAVED=bool(interleaved), F32_MATH=bool(float32), enable_fp_fusion=False)
     return q_out

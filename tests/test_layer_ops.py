@@ -97,6 +97,56 @@ def test_interleaved_rotary_reference_equals_transformers_glm(dtype, rot):
     assert not torch.allclose(apply_rotary(q, cos, sin), got_q, atol=1e-2)
 
 
+@pytest.mark.parametrize("family, interleaved, f32_tables", [
+    ("cohere", True, False),  # q.float() * cos over tables in the dtype
+    ("ernie4_5", True, True),  # tables and arithmetic in float32
+    ("olmo2", False, True),
+])
+def test_float32_rope_equals_transformers_in_bfloat16(family, interleaved, f32_tables):
+    """apply_rotary(float32=True), with the tables in the dtype or in float32 as each family keeps
+    them, against that family's own transformers rope in bfloat16, bit for bit; the per-product
+    rounding of the default form differs from it."""
+    import importlib
+
+    from caraserve.model.layers import apply_rotary
+
+    rope = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+    q, k, _, cos, sin, _, _ = rotary_case(9, 4, 2, 16, seed=4)
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    if not f32_tables:
+        cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    if family == "cohere":  # (its tables repeat each angle in place: cos[2i] = cos[2i + 1])
+        hf_cos, hf_sin = (t[:, : t.shape[1] // 2].repeat_interleave(2, -1) for t in (cos, sin))
+    else:
+        hf_cos, hf_sin = cos, sin
+    want_q, want_k = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos[None], hf_sin[None])
+    got_q = apply_rotary(q, cos, sin, interleaved, float32=True)
+    assert got_q.dtype == torch.bfloat16
+    assert torch.equal(got_q, want_q[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(k, cos, sin, interleaved, float32=True), want_k[0].transpose(0, 1))
+    per_product = apply_rotary(q, cos.to(torch.bfloat16), sin.to(torch.bfloat16), interleaved)
+    assert not torch.equal(per_product, got_q)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "helium", "llama"])
+def test_rms_norm_forms_equal_transformers_in_bfloat16(family):
+    """add_rms_norm_reference's forms against transformers' norms in bfloat16, bit for bit: OLMo
+    2's and Helium's weight applied in float32 (float32_weight), Llama's to the rounded rows."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    name = {"olmo2": "Olmo2RMSNorm", "helium": "HeliumRMSNorm", "llama": "LlamaRMSNorm"}[family]
+    norm = getattr(module, name)(64, 1e-6).to(torch.bfloat16)  # (a bfloat16 model's weights)
+    _, residual, w = norm_case(16, 64, torch.bfloat16, seed=5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        want = norm(residual)
+    got, _ = add_rms_norm_reference(None, residual, w, 1e-6, float32_weight=family != "llama")
+    assert torch.equal(got, want)
+    other, _ = add_rms_norm_reference(None, residual, w, 1e-6, float32_weight=family == "llama")
+    assert not torch.equal(other, want)
+
+
 @needs_library
 def test_cpu_rotary_write_kv_refuses_a_slot_outside_the_caches_before_writing():
     q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 2, 2, 8)
@@ -142,27 +192,31 @@ def layer_ops_triton():
     return kernel_modules("caraserve.layer_ops_triton")[0]
 
 
-@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("unit_offset, float32_weight", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_x", [True, False])
-def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_x, unit_offset):
+def test_triton_add_rms_norm_equals_the_reference(layer_ops_triton, dtype, with_x, unit_offset, float32_weight):
     x, residual, w = norm_case(3, 24, dtype, DEVICE, seed=2)
-    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5, unit_offset)
-    got = layer_ops_triton.add_rms_norm(x if with_x else None, residual, w, 1e-5, unit_offset)
+    want, want_sum = add_rms_norm_reference(x if with_x else None, residual.clone(), w, 1e-5, unit_offset,
+                                            float32_weight)
+    got = layer_ops_triton.add_rms_norm(x if with_x else None, residual, w, 1e-5, unit_offset, float32_weight)
     # float32 sums in another order: a bfloat16 result may differ by its last bit
     torch.testing.assert_close(got, want, **tolerance(dtype, ulps=1))
     torch.testing.assert_close(residual, want_sum, **tolerance(dtype, ulps=0))
 
 
+@pytest.mark.parametrize("float32", [False, True])  # products rounded each, or float32 math rounded once
 @pytest.mark.parametrize("interleaved", [False, True])  # GLM's pairs (2i, 2i + 1)
 @pytest.mark.parametrize("rot", [None, 8])  # every dimension; the first 8 of 12 (partial rotary)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, rot, interleaved):
+def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, rot, interleaved, float32):
     # odd heads, hd/2 = 6
     q, k, v, cos, sin, (kc, vc), slots = rotary_case(3, 3, 1, 12, dtype, DEVICE, seed=3, rot=rot)
+    if float32:  # (tables kept in float32, as OLMo 2's)
+        cos, sin = (torch.rand_like(cos, dtype=torch.float32) * 2 - 1 for _ in range(2))
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots, interleaved)
-    got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots, interleaved)
+    want = rotary_write_kv_reference(q, k, v, cos, sin, kc_ref, vc_ref, slots, interleaved, float32)
+    got = layer_ops_triton.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots, interleaved, float32)
     # each product and the sum rounded to the dtype, as the torch form does: the same bits
     torch.testing.assert_close(got, want, **tolerance(dtype, ulps=0))
     torch.testing.assert_close(kc, kc_ref, **tolerance(dtype, ulps=0))

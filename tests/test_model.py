@@ -253,6 +253,34 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert rel_err(pre[0], ref) < 1e-4
 
 
+@pytest.mark.parametrize("arch, f32_weight, f32_rope, f32_tables", [
+    ("llama", False, False, False), ("olmo2", True, True, True), ("helium", True, False, False),
+    ("cohere", False, True, False), ("ernie4_5", False, True, True)])
+def test_bfloat16_norms_and_rope_round_as_the_family_does(tmp_path, monkeypatch, arch, f32_weight, f32_rope,
+                                                          f32_tables):
+    """In bfloat16, the forms tests/test_layer_ops.py checks bit for bit against each family's
+    transformers norm and rope reach the model's layers: the norms' weights applied in float32
+    (OLMo 2, Helium), rope's arithmetic in float32 (OLMo 2, Cohere, ERNIE 4.5) over float32
+    tables (OLMo 2, ERNIE 4.5)."""
+    from caraserve.model import self_attention
+    from caraserve.model.layers import RMSNorm
+
+    save_random_hf_model(tmp_path, arch)
+    ours = load_model(tmp_path, "bfloat16")
+    norms = [m for m in ours.modules() if isinstance(m, RMSNorm)]
+    assert all(m.float32_weight == f32_weight for m in norms) and bool(norms) == (arch != "cohere")  # (LayerNorms)
+    calls, real = [], self_attention.rotary_write_kv
+
+    def recorded(q, k, v, cos, sin, *rest):
+        calls.append((cos.dtype, rest[-1]))
+        return real(q, k, v, cos, sin, *rest)
+
+    monkeypatch.setattr(self_attention, "rotary_write_kv", recorded)
+    run_prefill_decode(ours, PROMPTS[:2], [[1]] * 2)
+    table = torch.float32 if f32_tables else torch.bfloat16
+    assert calls and set(calls) == {(table, f32_rope)}
+
+
 def test_bfloat16_loads_and_runs(tmp_path):
     hf = save_random_hf_model(tmp_path, "llama")
     ours = load_model(tmp_path, "bfloat16")

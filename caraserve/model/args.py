@@ -103,6 +103,11 @@ class ModelArgs:
     layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
     rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM, Cohere)
     layer_norm: bool = False  # the norms are LayerNorms without bias (Cohere), not RMSNorms
+    norm_float32_weight: bool = False  # RMSNorm's weight applied in float32, rounded once (OLMo 2/3, Helium)
+    # rope's products and sum in float32, rounded once (OLMo 2/3, Cohere, ERNIE 4.5), its cos / sin
+    # tables too kept in float32 (rope_tables_float32: OLMo 2/3, ERNIE 4.5)
+    rope_float32: bool = False
+    rope_tables_float32: bool = False
     parallel_block: bool = False  # a layer adds attention(n) and mlp(n) of one norm n to the residual (Cohere)
     logit_scale: float = 1.0  # logits times this (Cohere's logit_scale)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
@@ -175,6 +180,9 @@ class ModelArgs:
                                     else "glm4" if family == "glm4" else "parallel" if family in COHERES else "pre"],
             rope_interleaved=family in INTERLEAVED_ROPE,
             layer_norm=family in COHERES,
+            norm_float32_weight=family in (*OLMOS, "helium"),
+            rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
+            rope_tables_float32=family in (*OLMOS, "ernie4_5"),
             parallel_block=family in COHERES,
             logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else

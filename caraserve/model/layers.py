@@ -14,18 +14,23 @@ PARTIAL_ROPE = ("phi3", "glm", "glm4")
 
 
 def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           eps: float, unit_offset: bool = False,
+                           float32_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics (x, residual [T, D]; weight [D]; one dtype):
         r = residual + x        (r = residual when x is None; the sum in the activations' dtype)
         n = r32 / sqrt(mean(r32^2) + eps),  r32 = r in float32
         out = weight * n.to(dtype)                    (Llama)
         out = (n * (1 + weight32)).to(dtype)          (unit_offset: Gemma's weight is 1's offset)
-    -> (out, r): the normalized rows, and the residual stream carried on to the next add."""
+        out = (weight32 * n).to(dtype)                (float32_weight: OLMo 2, Helium)
+    -> (out, r): the normalized rows, and the residual stream carried on to the next add. (In
+    float32 the Llama and float32_weight forms are the same numbers.)"""
     r = residual if x is None else residual + x
     h = r.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
         return (h * (1.0 + weight.to(torch.float32))).to(r.dtype), r
+    if float32_weight:
+        return (weight.to(torch.float32) * h).to(r.dtype), r
     return weight * h.to(r.dtype), r
 
 
@@ -47,11 +52,12 @@ class RMSNorm(nn.Module):
     unit_offset (1 + w) * ..., all in float32 (as Gemma does), with the residual add before it
     fused in (`add_rms_norm_reference`)."""
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, float32_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))  # [dim]
         self.eps = eps
         self.unit_offset = unit_offset
+        self.float32_weight = float32_weight
 
     def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x); x None: (norm(residual), residual). Eager steps run
@@ -59,14 +65,15 @@ class RMSNorm(nn.Module):
         residual it owns and uses only the one returned."""
         kind = fused_kernels(residual)
         if kind is None:
-            return add_rms_norm_reference(x, residual, self.weight, self.eps, self.unit_offset)
+            return add_rms_norm_reference(x, residual, self.weight, self.eps, self.unit_offset, self.float32_weight)
         residual = residual.contiguous()
         if kind == "cpu":  # (float32 only: 1 + w then w' * n is Gemma's n * (1 + w), bit for bit)
             weight = self.weight + 1.0 if self.unit_offset else self.weight
             return cpu_kernels.add_rms_norm(x, residual, weight, self.eps), residual
         from caraserve import layer_ops_triton
 
-        return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset), residual
+        return layer_ops_triton.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset,
+                                             self.float32_weight), residual
 
 
 def layer_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -97,10 +104,12 @@ class LayerNorm(nn.Module):
         return layer_norm_reference(x, residual, self.weight, self.eps)
 
 
-def make_norm(shape: int | tuple[int, ...], eps: float, unit_offset: bool = False,
-              layer_norm: bool = False) -> RMSNorm | LayerNorm:
-    """A model's norm: Cohere's LayerNorm where layer_norm, else RMSNorm (Gemma's with unit_offset)."""
-    return LayerNorm(shape, eps) if layer_norm else RMSNorm(shape, eps, unit_offset)
+def norm_of(args, shape: int | tuple[int, ...]) -> RMSNorm | LayerNorm:
+    """A norm of the model's kind (a ModelArgs' layer_norm, rms_eps, norm_unit_offset and
+    norm_float32_weight) over `shape`: Cohere's LayerNorm, else an RMSNorm."""
+    if args.layer_norm:
+        return LayerNorm(shape, args.rms_eps)
+    return RMSNorm(shape, args.rms_eps, args.norm_unit_offset, args.norm_float32_weight)
 
 
 def rope_params(hf_config, layer_type: str | None = None) -> dict:
@@ -173,12 +182,17 @@ class Rotary(nn.Module):
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                 float32: bool = False) -> torch.Tensor:
     """x [T, heads, head_dim]; cos/sin [T, r]: the first r dimensions of each head rotate,
     x_r*cos + rotate_half(x_r)*sin with each product and the sum in x's dtype (rotate_half(x_r) =
     (-x_r[r/2:], x_r[:r/2])), and the other head_dim - r pass unchanged (partial rotary: Phi-4-mini).
     interleaved (GLM's rope): the pairs turned together are (x_r[2i], x_r[2i+1]), not (x_r[i],
-    x_r[i + r/2]): the same turn of x_r reordered evens first, then odds, and put back after."""
+    x_r[i + r/2]): the same turn of x_r reordered evens first, then odds, and put back after.
+    float32 (OLMo 2, Cohere, ERNIE 4.5): the products and the sum in float32, rounded once to x's
+    dtype."""
+    if float32 and x.dtype != torch.float32:
+        return apply_rotary(x.float(), cos.float(), sin.float(), interleaved).to(x.dtype)
     r = cos.shape[-1]
     if r < x.shape[-1]:
         return torch.cat((apply_rotary(x[..., :r], cos, sin, interleaved), x[..., r:]), dim=-1)

@@ -27,7 +27,7 @@ from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, make_norm, rope_inv_freq, rope_long_inv_freq
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, norm_of, rope_inv_freq, rope_long_inv_freq
 from caraserve.model.moe import Experts, SparseMoE
 from caraserve.model.self_attention import Attention, check_triton_prefill  # noqa: F401  (the engine's)
 
@@ -58,15 +58,12 @@ class DecoderLayer(nn.Module):
         # the MLP), each under its checkpoint name
         self.norm_names = args.layer_norms
         pre_attn, post_attn, pre_mlp, post_mlp = self.norm_names
-        def norm():
-            return make_norm(args.hidden_size, args.rms_eps, args.norm_unit_offset, args.layer_norm)
-
         if pre_attn is not None:
-            setattr(self, pre_attn, norm())
+            setattr(self, pre_attn, norm_of(args, args.hidden_size))
         self.self_attn = Attention(args, layer)
         for name in (post_attn, pre_mlp, post_mlp):
             if name is not None:
-                setattr(self, name, norm())
+                setattr(self, name, norm_of(args, args.hidden_size))
         self.residual_scale = args.residual_scale
         self.parallel = args.parallel_block
         # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
@@ -113,7 +110,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = make_norm(args.hidden_size, args.rms_eps, args.norm_unit_offset, args.layer_norm)
+        self.norm = norm_of(args, args.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -238,7 +235,8 @@ class CausalLM(nn.Module):
             dev = layer.device
             if dev not in batches:
                 fbd = fb if fb.input_ids.device == dev else fb.to(dev)
-                batches[dev] = fbd, {k: self._cos_sin(r, fbd, dtype, dev) for k, r in self.ropes.items()}
+                rope_dtype = torch.float32 if self.args.rope_tables_float32 else dtype
+                batches[dev] = fbd, {k: self._cos_sin(r, fbd, rope_dtype, dev) for k, r in self.ropes.items()}
             fbd, ropes = batches[dev]
             cos, sin = ropes[layer.self_attn.rope]
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)

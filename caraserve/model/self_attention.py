@@ -17,7 +17,7 @@ from caraserve.attention import capped_attention, paged_attention, rotary_write_
 from caraserve.kv_cache import blocks_for
 from caraserve.model.args import ModelArgs
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LayerNorm, LoraLinear, RMSNorm
+from caraserve.model.layers import LayerNorm, LoraLinear, norm_of
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class Attention(nn.Module):
             self.q_norm = LayerNorm((args.num_heads, args.head_dim), args.rms_eps)
             self.k_norm = LayerNorm((args.num_kv_heads, args.head_dim), args.rms_eps)
         elif args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
-            self.q_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else q, args.rms_eps, args.norm_unit_offset)
-            self.k_norm = RMSNorm(args.head_dim if args.qk_norm_per_head else kv, args.rms_eps, args.norm_unit_offset)
+            self.q_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else q)
+            self.k_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else kv)
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache
-        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved)
+        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved, a.rope_float32)
         if fb.is_decode:
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window,
                                   self.softcap)

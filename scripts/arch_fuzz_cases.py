@@ -14,11 +14,12 @@ import random
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
-         "ernie4_5")
+         "ernie4_5", "starcoder2")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 GLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")  # GLM's (gate/up fused)
+STARCODER2 = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")  # (an MLP without a gate)
 VOCAB = 128  # tests/helpers.save_random_hf_model's
 
 
@@ -60,13 +61,15 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg.update(attention_bias=rng.random() < 0.4, mlp_bias=rng.random() < 0.3, head_dim=hidden // heads)
     if arch == "ernie4_5":
         cfg["use_bias"] = rng.random() < 0.5
+    if arch == "starcoder2":  # (LayerNorms: their eps is norm_epsilon)
+        cfg.update(use_bias=rng.random() < 0.5, norm_epsilon=cfg["rms_norm_eps"])
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
         cfg["mlp_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
-    if arch in ("mistral", "phi3", "mixtral") and rng.random() < 0.7:
+    if arch in ("mistral", "phi3", "mixtral", "starcoder2") and rng.random() < 0.7:
         cfg["sliding_window"] = window
     if arch in MOE:
         experts = rng.choice((2, 3, 4, 8))
@@ -124,14 +127,15 @@ def model_config(rng: random.Random, arch: str) -> dict:
 
 def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
     """save_peft_adapter keywords of one random adapter for a model of `arch`."""
-    names = FUSED if arch == "phi3" else GLM if arch in ("glm", "glm4") else SPLIT[:4] if arch in MOE else SPLIT
+    names = FUSED if arch == "phi3" else GLM if arch in ("glm", "glm4") else STARCODER2 if arch == "starcoder2" \
+        else SPLIT[:4] if arch in MOE else SPLIT
     # (all-linear on a mixture-of-experts model adapts its experts, which is refused)
     targets = "all-linear" if rng.random() < 0.2 and arch not in MOE else rng.sample(names, rng.randint(1, len(names)))
     used = names if targets == "all-linear" else targets
     kw = dict(r=rng.choice((2, 4, 8, 16)), lora_alpha=rng.choice((1, 4, 8, 16, 32)), target_modules=targets)
     if rng.random() < 0.3:
         module = rng.choice(used)
-        parent = "mlp" if "gate" in module or "up" in module or "down" in module else "self_attn"
+        parent = "mlp" if any(w in module for w in ("gate", "up", "down", "c_fc", "c_proj")) else "self_attn"
         key = module if rng.random() < 0.5 else f"layers.{rng.randrange(layers)}.{parent}.{module}"
         kw["rank_pattern"] = {key: rng.choice((2, 4, 8, 16))}
     if rng.random() < 0.3:

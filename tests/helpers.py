@@ -36,6 +36,7 @@ _HF_CLASSES = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM"),
     "helium": ("HeliumConfig", "HeliumForCausalLM"),
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
 }
 
@@ -58,7 +59,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     )
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
                 "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
-                "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5"):
+                "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5",
+                "starcoder2"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token
@@ -80,8 +82,9 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():
-        for p in model.parameters():  # larger weights than the default init: sharper logits
-            p.normal_(0, 0.1)
+        for name, p in model.named_parameters():  # larger weights than the default init: sharper logits
+            # (a LayerNorm's bias as large would add one vector to every position: tokens repeat)
+            p.normal_(0, 0.01 if "norm.bias" in name else 0.1)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
 

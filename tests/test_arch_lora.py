@@ -19,6 +19,7 @@ computed on the CPU while the adapter is copied.
 - Cohere: LayerNorms (per-head q/k ones), attention and the MLP side by side on one norm, rope
   over neighbouring pairs, scaled logits; Cohere 2 adds sliding layers, rope on those only.
 - Helium, ERNIE 4.5: Llama's layers with rope over neighbouring pairs.
+- StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), windows.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -153,6 +154,13 @@ MODELS = {  # arch -> (model overrides, adapters)
         "ko-r8": dict(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    # StarCoder2: torch's LayerNorms with biases, an MLP without a gate under its own names (c_fc,
+    # c_proj: the pool's up and down), a window over every layer (the projections' biases left out:
+    # at these weights they pull every position to the same tokens; test_model checks them)
+    "starcoder2": ({"sliding_window": 8, "use_bias": False}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_fc"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"c_proj": 4}),
+    }),
     "qwen3_moe": ({"norm_topk_prob": True}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
@@ -163,7 +171,8 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "smollm3": (None, 8), "ministral": (None, 8), "exaone4": (8, None), "seed_oss": (None, None),
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
            "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
-           "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None)}
+           "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
+           "starcoder2": (8, 8)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
@@ -209,7 +218,7 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     fused = ("qkv_proj", "gate_up_proj") if arch == "phi3" else ("gate_up_proj",) if arch in ("glm", "glm4") else ()
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, fused)
     assert args.rope_interleaved == (arch in ("glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5"))
-    assert args.parallel_block == args.layer_norm == (arch in ("cohere", "cohere2"))
+    assert args.parallel_block == (args.layer_norm == "cohere") == (arch in ("cohere", "cohere2"))
     assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))

@@ -99,6 +99,10 @@ CONFIGS = {
     # (biases everywhere, a tied head)
     "helium": ("helium", {"attention_bias": True, "mlp_bias": True}),
     "ernie4_5": ("ernie4_5", {"use_bias": True, "tie_word_embeddings": True}),
+    # StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), biases
+    # everywhere, a window over every layer
+    "starcoder2": ("starcoder2", {"sliding_window": 6}),
+    "starcoder2-no-bias": ("starcoder2", {"use_bias": False, "tie_word_embeddings": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

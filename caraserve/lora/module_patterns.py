@@ -85,7 +85,8 @@ class ModuleRules:
 # the module each LoRA-targetable projection sits in, as checkpoints and adapters name them
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-          "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # (fused in Phi-3's and GLM's checkpoints)
+          "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # (fused in Phi-3's and GLM's checkpoints)
+          "c_fc": "mlp", "c_proj": "mlp"}  # (StarCoder2's MLP without a gate: up and down)
 SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 

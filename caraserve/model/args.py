@@ -13,6 +13,7 @@ from caraserve.model.layers import PARTIAL_ROPE, SUPPORTED_ROPE, rope_inv_freq, 
 from caraserve.model.moe_args import MoeArgs, moe_args
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
+PLAIN_MLP = {"c_fc": "up_proj", "c_proj": "down_proj"}  # an MLP without a gate (StarCoder2): its names -> ours
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -41,6 +42,7 @@ ARCHITECTURES = {
     "Cohere2ForCausalLM": "cohere2",
     "HeliumForCausalLM": "helium",
     "Ernie4_5ForCausalLM": "ernie4_5",
+    "Starcoder2ForCausalLM": "starcoder2",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -102,7 +104,10 @@ class ModelArgs:
     clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
     layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
     rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM, Cohere)
-    layer_norm: bool = False  # the norms are LayerNorms without bias (Cohere), not RMSNorms
+    # the norms' kind: "" RMSNorms; "cohere" Cohere's LayerNorms without bias; "torch" torch's
+    # LayerNorm with bias (StarCoder2)
+    layer_norm: str = ""
+    mlp_gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x))) (StarCoder2's c_fc, c_proj)
     norm_float32_weight: bool = False  # RMSNorm's weight applied in float32, rounded once (OLMo 2/3, Helium)
     # rope's products and sum in float32, rounded once (OLMo 2/3, Cohere, ERNIE 4.5), its cos / sin
     # tables too kept in float32 (rope_tables_float32: OLMo 2/3, ERNIE 4.5)
@@ -161,7 +166,8 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            rms_eps=cfg.layer_norm_eps if family in COHERES else cfg.rms_norm_eps,
+            rms_eps=cfg.layer_norm_eps if family in COHERES else cfg.norm_epsilon if family == "starcoder2" else
+            cfg.rms_norm_eps,
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -179,7 +185,8 @@ class ModelArgs:
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
                                     else "glm4" if family == "glm4" else "parallel" if family in COHERES else "pre"],
             rope_interleaved=family in INTERLEAVED_ROPE,
-            layer_norm=family in COHERES,
+            layer_norm="cohere" if family in COHERES else "torch" if family == "starcoder2" else "",
+            mlp_gated=family != "starcoder2",
             norm_float32_weight=family in (*OLMOS, "helium"),
             rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
             rope_tables_float32=family in (*OLMOS, "ernie4_5"),
@@ -204,13 +211,15 @@ class ModelArgs:
         mixture-of-experts model's attention projections only (LoRA on experts is not served)."""
         if self.moe is not None:
             return ATTENTION_MODULES
+        if not self.mlp_gated:
+            return (*ATTENTION_MODULES, *PLAIN_MLP)
         fused_as = {part: name for name in self.fused_checkpoint for part in FUSED_PARTS[name]}
         return tuple(dict.fromkeys(fused_as.get(m, m) for m in SPLIT_MODULES))
 
     def pool_targets(self, targets) -> tuple[str, ...]:
         """The projections among `targets` (adapters.target_modules) a LoRA can adapt in this
         model, which the device pool holds slots for: a mixture-of-experts model's attention only."""
-        adaptable = ATTENTION_MODULES if self.moe is not None else SPLIT_MODULES
+        adaptable = tuple(part for m in self.adapter_modules for part, _, _ in self.module_parts(m))
         chosen = tuple(t for t in targets if t in adaptable)
         if not chosen:
             raise ConfigError(f"adapters.target_modules={tuple(targets)} names none of the projections LoRA can "
@@ -224,7 +233,7 @@ class ModelArgs:
         shapes = {
             "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i), "c_fc": (h, i), "c_proj": (i, h),
         }
         return shapes[name]
 
@@ -237,6 +246,8 @@ class ModelArgs:
             return ("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)
         if name == "gate_up_proj":
             return ("gate_proj", 0, i), ("up_proj", i, 2 * i)
+        if name in PLAIN_MLP:  # StarCoder2's names for the up and down projections
+            return ((PLAIN_MLP[name], 0, self.module_shape(name)[1]),)
         return ((name, 0, self.module_shape(name)[1]),)
 
 
@@ -272,8 +283,8 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
         return True, False, False
     if family in GLMS:  # (attention_bias is on by default in their configs)
         return bool(getattr(cfg, "attention_bias", True)), False, False
-    if family == "ernie4_5":
-        return (bool(getattr(cfg, "use_bias", False)),) * 3
+    if family in ("ernie4_5", "starcoder2"):
+        return (bool(getattr(cfg, "use_bias", family == "starcoder2")),) * 3
     if family == "helium":
         return bool(getattr(cfg, "attention_bias", False)), False, bool(getattr(cfg, "mlp_bias", False))
     o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
@@ -283,8 +294,8 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
 
 def _activation(cfg, family: str) -> str:
     """The MLP's activation, as transformers reads it for the family."""
-    if family in GEMMAS:
-        field = "hidden_act" if family == "gemma" else "hidden_activation"
+    if family in (*GEMMAS, "starcoder2"):
+        field = "hidden_act" if family in ("gemma", "starcoder2") else "hidden_activation"
         act = getattr(cfg, field, None)
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise UnsupportedModelError(f"{field}={act!r} is not supported: the MLP computes GELU's tanh form "
@@ -342,7 +353,7 @@ def _softcap(cfg, field: str) -> float:
 def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window, as transformers reads the family's config; None = full."""
     window = getattr(cfg, "sliding_window", None)
-    if family in ("mistral", "phi3", "mixtral") and window:
+    if family in ("mistral", "phi3", "mixtral", "starcoder2") and window:
         return (int(window),) * n_layers
     if family == "qwen3_moe":  # one window over every layer where use_sliding_window
         return (int(window) if window and getattr(cfg, "use_sliding_window", False) else None,) * n_layers

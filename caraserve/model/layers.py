@@ -92,23 +92,28 @@ def layer_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight:
 
 
 class LayerNorm(nn.Module):
-    """Cohere's LayerNorm (`layer_norm_reference`), with the residual add before it, in torch ops;
-    `shape` (heads, head_dim) gives each head weights of its own (Cohere's q/k norms)."""
+    """A LayerNorm with the residual add before it, in torch ops: Cohere's (`layer_norm_reference`,
+    no bias; `shape` (heads, head_dim) gives each head weights of its own, Cohere's q/k norms), or
+    with `torch_form` torch's own, with a bias (StarCoder2's nn.LayerNorm)."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float):
+    def __init__(self, shape: int | tuple[int, ...], eps: float, torch_form: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if torch_form else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer_norm_reference(x, residual, self.weight, self.eps)
+        if self.bias is None:
+            return layer_norm_reference(x, residual, self.weight, self.eps)
+        r = residual if x is None else residual + x
+        return F.layer_norm(r, self.weight.shape, self.weight, self.bias, self.eps), r
 
 
 def norm_of(args, shape: int | tuple[int, ...]) -> RMSNorm | LayerNorm:
     """A norm of the model's kind (a ModelArgs' layer_norm, rms_eps, norm_unit_offset and
     norm_float32_weight) over `shape`: Cohere's LayerNorm, else an RMSNorm."""
     if args.layer_norm:
-        return LayerNorm(shape, args.rms_eps)
+        return LayerNorm(shape, args.rms_eps, torch_form=args.layer_norm == "torch")
     return RMSNorm(shape, args.rms_eps, args.norm_unit_offset, args.norm_float32_weight)
 
 

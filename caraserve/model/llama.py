@@ -51,6 +51,20 @@ class MLP(nn.Module):
         return self.down_proj(act * up, fb)
 
 
+class PlainMLP(nn.Module):
+    """An MLP without a gate, under StarCoder2's names: c_proj(gelu_tanh(c_fc(x))); its LoRA parts
+    are the pool's up_proj and down_proj (ModelArgs.module_parts)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        h, i = args.hidden_size, args.intermediate_size
+        self.c_fc = LoraLinear(h, i, args.mlp_bias, layer, "up_proj")
+        self.c_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
+
+    def forward(self, x, fb: ForwardBatch):
+        return self.c_proj(F.gelu(self.c_fc(x, fb), approximate="tanh"), fb)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -68,7 +82,8 @@ class DecoderLayer(nn.Module):
         self.parallel = args.parallel_block
         # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
         self.ffn_name = args.moe.module if args.moe is not None else "mlp"
-        setattr(self, self.ffn_name, SparseMoE(args) if args.moe is not None else MLP(args, layer))
+        mlp = MLP if args.mlp_gated else PlainMLP
+        setattr(self, self.ffn_name, SparseMoE(args) if args.moe is not None else mlp(args, layer))
 
     @property
     def ffn(self) -> nn.Module:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from caraserve.config_checks import ConfigError, UnsupportedModelError
 from caraserve.lora.module_patterns import FUSED_PARTS, SPLIT_MODULES
-from caraserve.model.layers import PARTIAL_ROPE, SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
 from caraserve.model.moe_args import MoeArgs, moe_args
+from caraserve.model.positions import LOCAL_ROPE, check_rope, no_rope_layers, sliding_windows
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
 PLAIN_MLP = {"c_fc": "up_proj", "c_proj": "down_proj"}  # an MLP without a gate (StarCoder2): its names -> ours
@@ -67,14 +67,11 @@ LAYER_NORMS = {
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
     "parallel": ("input_layernorm", None, None, None),  # Cohere's: attention and the MLP read one norm
 }
-# families whose sliding layers have a rope of their own (rope_parameters per layer type)
-LOCAL_ROPE = ("gemma3", "olmo3")
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> the
 # language model's family. Their text model's weights sit under a prefix, and their adapters'
 # modules under model.language_model (the vision tower's LoRA, if any, is not used)
 TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
 MULTIMODAL_LAYERS = "model.language_model.layers"
-ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -141,12 +138,12 @@ class ModelArgs:
         cfg = text_config_of(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         moe = moe_args(cfg, family) if family in MOE_BASES else None
-        windows = _windows(cfg, family, n_layers)
+        windows = sliding_windows(cfg, family, n_layers)
         qkv_bias = bool(getattr(cfg, "qkv_bias", True)) if family == "qwen2_moe" else None  # (Qwen2's: always)
         family = MOE_BASES.get(family, family)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gemma = family in GEMMAS
-        long_rope_from = _check_rope(cfg, family, head_dim)
+        long_rope_from = check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
         qkv_bias, o_bias, mlp_bias = _biases(cfg, family) if qkv_bias is None else (qkv_bias, False, False)
@@ -196,7 +193,7 @@ class ModelArgs:
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
             long_rope_from=long_rope_from,
-            no_rope_layers=_no_rope_layers(cfg, family, n_layers),
+            no_rope_layers=no_rope_layers(cfg, family, n_layers),
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
@@ -307,33 +304,6 @@ def _activation(cfg, family: str) -> str:
     return "silu"
 
 
-def _check_rope(cfg, family: str, head_dim: int) -> int | None:
-    """Refuses the ropes the layers cannot turn; returns longrope's original_max_position_embeddings
-    (ModelArgs.long_rope_from), else None."""
-    long_from = None
-    for layer_type in ROPE_LAYER_TYPES if family in LOCAL_ROPE else (None,):
-        rope_type = rope_type_of(cfg, layer_type)
-        # longrope switches a sequence to its long factors once it outgrows the original context;
-        # transformers' Phi-3 then recomputes the sequence's cache with them, as the engine does
-        # (its other models keep the keys turned with the short factors)
-        if rope_type not in SUPPORTED_ROPE or (rope_type == "longrope" and family != "phi3"):
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported for {family} (supported: "
-                                        f"{', '.join(r for r in SUPPORTED_ROPE if r != 'longrope')}; longrope "
-                                        "for Phi-3)")
-        if rope_type == "longrope":
-            long_from = int(rope_params(cfg)["original_max_position_embeddings"])
-        inv_freq, _ = rope_inv_freq(cfg, layer_type)
-        factor = rope_params(cfg, layer_type).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-        rotary = 2 * inv_freq.numel()
-        # Phi-3's and GLM's attention turn the heads' first dimensions and pass the rest (Phi-4-mini's
-        # rope over 3/4 of each head, GLM's over half); the other families' attention turns whole heads
-        if rotary != head_dim and not (family in PARTIAL_ROPE and 2 <= rotary <= head_dim):
-            raise UnsupportedModelError(f"rope over {rotary} of the head's {head_dim} dimensions "
-                                        f"(partial_rotary_factor={factor}) is not supported for {family}: its rope "
-                                        "covers whole heads")
-    return long_from
-
-
 def _multiplier(cfg, field: str) -> float:
     value = getattr(cfg, field, 1.0)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
@@ -348,44 +318,6 @@ def _softcap(cfg, field: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
         raise UnsupportedModelError(f"{field}={value!r} must be a positive number or null")
     return float(value)
-
-
-def _windows(cfg, family: str, n_layers: int) -> tuple[int | None, ...]:
-    """Each layer's sliding window, as transformers reads the family's config; None = full."""
-    window = getattr(cfg, "sliding_window", None)
-    if family in ("mistral", "phi3", "mixtral", "starcoder2") and window:
-        return (int(window),) * n_layers
-    if family == "qwen3_moe":  # one window over every layer where use_sliding_window
-        return (int(window) if window and getattr(cfg, "use_sliding_window", False) else None,) * n_layers
-    layer_types = getattr(cfg, "layer_types", None)
-    slides = family in ("gemma2", "gemma3", "olmo3", "ministral", "exaone4", "cohere2") or (
-        family in ("qwen2", "qwen3", "smollm3", "qwen2_moe") and getattr(cfg, "use_sliding_window", False))
-    if slides and layer_types:
-        if "sliding_attention" in layer_types and not window:
-            what = "use_sliding_window is true and layers are" if family in ("qwen2", "qwen3", "smollm3", "qwen2_moe") \
-                else "layers are"
-            raise UnsupportedModelError(f"{what} sliding_attention, but sliding_window is not set")
-        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-    return (None,) * n_layers
-
-
-def _no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
-    """The layers without rotary: SmolLM3's no_rope_layers holds a flag per layer, 1 where it takes
-    rope; EXAONE 4's full-attention layers take none when the model has a sliding window; Cohere 2's
-    rope turns only its sliding layers."""
-    if family == "exaone4":
-        if getattr(cfg, "sliding_window", None) is None:
-            return ()
-        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention")
-    if family == "cohere2":  # rope on its sliding layers only
-        window = getattr(cfg, "sliding_window", None)
-        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention" or window is None)
-    if family != "smollm3":
-        return ()
-    flags = getattr(cfg, "no_rope_layers", None)
-    if not isinstance(flags, (list, tuple)) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
-        raise UnsupportedModelError(f"no_rope_layers={flags!r} must hold a 0 or 1 for each of the {n_layers} layers")
-    return tuple(i for i, f in enumerate(flags) if not f)
 
 
 def _clip_qkv(cfg) -> float:

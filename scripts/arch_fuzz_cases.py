@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import random
 
-# (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint)
+# (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint; mistral3-mm: Mistral's inside
+# Mistral 3's; llava-mm: Qwen2's inside LLaVA's)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
-         "ernie4_5", "starcoder2")
+         "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -69,7 +70,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["mlp_bias"] = True
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
-    if arch in ("mistral", "phi3", "mixtral", "starcoder2") and rng.random() < 0.7:
+    if arch in ("mistral", "phi3", "mixtral", "starcoder2", "mistral3-mm") and rng.random() < 0.7:
         cfg["sliding_window"] = window
     if arch in MOE:
         experts = rng.choice((2, 3, 4, 8))
@@ -86,7 +87,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "qwen3_moe" and rng.random() < 0.4:
         cfg.update(use_sliding_window=True, sliding_window=window)
-    if arch in ("qwen2", "qwen3") and rng.random() < 0.6:
+    if arch in ("qwen2", "qwen3", "llava-mm") and rng.random() < 0.6:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "gemma2" or gemma3:
         cfg.update(sliding_window=window, layer_types=types, query_pre_attn_scalar=rng.choice((8, 24, 100)),

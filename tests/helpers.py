@@ -8,7 +8,8 @@ from caraserve.kv_cache import KVCache, blocks_for
 from caraserve.model.batch import ForwardBatch
 
 # test architecture -> (transformers config class, model class); gemma3-mm is Gemma 3's language
-# model inside its multimodal checkpoint, made from a text config
+# model inside its multimodal checkpoint, made from a text config (mistral3-mm: Mistral's inside
+# Mistral 3's; llava-mm: Qwen2's inside LLaVA's)
 _HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -38,6 +39,8 @@ _HF_CLASSES = {
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
+    "mistral3-mm": ("MistralConfig", "Mistral3ForConditionalGeneration"),
+    "llava-mm": ("Qwen2Config", "LlavaForConditionalGeneration"),
 }
 
 
@@ -57,8 +60,8 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "olmo2", "olmo3", "smollm3", "ministral",
-                "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
+    if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "mistral3-mm", "olmo2", "olmo3", "smollm3",
+                "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
                 "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5",
                 "starcoder2"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
@@ -79,6 +82,14 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
                            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                               num_attention_heads=2, image_size=28, patch_size=14),
                            mm_tokens_per_image=4, image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    if arch in ("mistral3-mm", "llava-mm"):  # a one-layer vision tower (Pixtral's, CLIP's)
+        from transformers import LlavaConfig, Mistral3Config
+
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        mm_cls = Mistral3Config if arch == "mistral3-mm" else LlavaConfig
+        cfg = mm_cls(text_config=cfg.to_dict(), tie_word_embeddings=cfg.tie_word_embeddings,
+                     vision_config=vision | ({"head_dim": 16} if arch == "mistral3-mm" else {}), image_token_index=127)
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():
@@ -87,6 +98,17 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
             p.normal_(0, 0.01 if "norm.bias" in name else 0.1)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
+
+
+def load_hf_model(folder):
+    """The float32 transformers model of a checkpoint folder: AutoModelForCausalLM's, or for the
+    multimodal classes it does not map (Mistral 3, LLaVA) the checkpoint's own class."""
+    import transformers
+
+    arch = transformers.AutoConfig.from_pretrained(str(folder)).architectures[0]
+    own = arch in ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+    cls = getattr(transformers, arch) if own else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(str(folder), dtype=torch.float32)
 
 
 def block_tables_for(lengths: list[int], block_size: int, layout: str = "in_order") -> tuple[list[list[int]], int]:
@@ -145,9 +167,7 @@ def run_prefill_decode(model, prompts, decode_tokens, device="cpu", lora_fn=None
 def save_peft_adapter(base_folder, out_folder, seed: int, **lora_kwargs):
     """Trains nothing: wraps the HF model in peft with random (nonzero) A and B and saves it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    base = load_hf_model(base_folder)
     kw = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
               bias="none", task_type="CAUSAL_LM", init_lora_weights=False)
     kw.update(lora_kwargs)
@@ -163,9 +183,7 @@ def save_peft_adapter(base_folder, out_folder, seed: int, **lora_kwargs):
 
 def peft_logits(base_folder, adapter_folder, tokens):
     """Logits [len, V] of transformers (+ peft when adapter_folder) for one sequence alone."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    model = load_hf_model(base_folder).eval()
     if adapter_folder is not None:
         from peft import PeftModel
 
@@ -178,9 +196,8 @@ def peft_reference(base_folder, adapters: dict):
     """transformers + peft with every adapter of `adapters` ({name: folder}) loaded by its name,
     in eval mode, with no end token: as the engine's ignore_eos, EOS is a token like any other."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    base = load_hf_model(base_folder).eval()
     base.generation_config.eos_token_id = None
     (first, folder), *rest = adapters.items()
     peft = PeftModel.from_pretrained(base, str(folder), adapter_name=first)

@@ -19,6 +19,7 @@ computed on the CPU while the adapter is copied.
 - Cohere: LayerNorms (per-head q/k ones), attention and the MLP side by side on one norm, rope
   over neighbouring pairs, scaled logits; Cohere 2 adds sliding layers, rope on those only.
 - Helium, ERNIE 4.5: Llama's layers with rope over neighbouring pairs.
+- Mistral 3 (Mistral Small 3.1's multimodal checkpoint): its Mistral language model.
 - StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), windows.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
@@ -68,6 +69,12 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
         "lm-regex-r4": dict(r=4, lora_alpha=4, target_modules=r".*language_model.*\.(v_proj|down_proj)"),
+    }),
+    # Mistral Small 3.1's checkpoint (Mistral 3): its Mistral language model, the vision tower's
+    # LoRA (all-linear adapts it too) left out
+    "mistral3-mm": ({"sliding_window": 8}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
     "granite": ({"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                  "logits_scaling": 2.0}, {
@@ -172,7 +179,7 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
            "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
            "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
-           "starcoder2": (8, 8)}
+           "starcoder2": (8, 8), "mistral3-mm": (8, 8)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
@@ -222,7 +229,7 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))
-    assert args.multimodal == (arch == "gemma3-mm")
+    assert args.multimodal == arch.endswith("-mm")
     assert args.sliding_windows == WINDOWS[arch]
     reqs = engine.generate(PROMPTS, GREEDY, adapters)
     assert [r.output_ids for r in reqs] == reference

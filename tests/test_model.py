@@ -39,6 +39,10 @@ CONFIGS = {
     # Gemma 3's language model inside its multimodal checkpoint (language_model.model.*, a vision tower)
     "gemma3-mm": ("gemma3-mm", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
                                 "tie_word_embeddings": True}),
+    # Mistral's language model inside Mistral 3's multimodal checkpoint (Mistral Small 3.1), a tied
+    # head; Qwen2's inside LLaVA's
+    "mistral3-mm": ("mistral3-mm", {"sliding_window": 6, "tie_word_embeddings": True}),
+    "llava-mm": ("llava-mm", {}),
     "gemma3-caps": ("gemma3", {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     # the embeddings, attention scores, layer outputs and logits scaled; biases everywhere
     "granite": ("granite", {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,

@@ -68,9 +68,12 @@ LAYER_NORMS = {
     "parallel": ("input_layernorm", None, None, None),  # Cohere's: attention and the MLP read one norm
 }
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> the
-# language model's family. Their text model's weights sit under a prefix, and their adapters'
+# language model's family (None: its text_config's model_type names it, for LLaVA's of the
+# LLAVA_TEXT families). Their text model's weights sit under a prefix, and their adapters'
 # modules under model.language_model (the vision tower's LoRA, if any, is not used)
-TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
+TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3", "Mistral3ForConditionalGeneration": "mistral",
+                      "LlavaForConditionalGeneration": None}
+LLAVA_TEXT = ("llama", "mistral", "qwen2")
 MULTIMODAL_LAYERS = "model.language_model.layers"
 
 
@@ -135,6 +138,8 @@ class ModelArgs:
     def from_hf(cls, cfg) -> ModelArgs:
         family, arch = _family(cfg)
         multimodal = arch in TEXT_OF_MULTIMODAL
+        # (a multimodal model ties its head as its own config says, whatever its text config says)
+        tie = bool(getattr(cfg, "tie_word_embeddings", False))
         cfg = text_config_of(cfg)
         n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         moe = moe_args(cfg, family) if family in MOE_BASES else None
@@ -165,7 +170,7 @@ class ModelArgs:
             head_dim=head_dim,
             rms_eps=cfg.layer_norm_eps if family in COHERES else cfg.norm_epsilon if family == "starcoder2" else
             cfg.rms_norm_eps,
-            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            tie_embeddings=tie,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -260,7 +265,13 @@ def _family(cfg) -> tuple[str, str]:
     archs = list(getattr(cfg, "architectures", None) or [])
     arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
     if arch in TEXT_OF_MULTIMODAL:
-        return TEXT_OF_MULTIMODAL[arch], arch
+        family = TEXT_OF_MULTIMODAL[arch]
+        if family is None:  # LLaVA: the family its language model's config names
+            family = getattr(cfg.text_config, "model_type", None)
+            if family not in LLAVA_TEXT:
+                raise UnsupportedModelError(f"{arch} with a {family!r} language model is not supported; "
+                                            f"supported: {', '.join(LLAVA_TEXT)}")
+        return family, arch
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
                                     f"{sorted([*ARCHITECTURES, *TEXT_OF_MULTIMODAL])}")

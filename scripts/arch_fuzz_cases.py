@@ -15,7 +15,8 @@ import random
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
-         "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm")
+         "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm",
+         "hunyuan")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -47,8 +48,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
                head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
                tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
     gemma3 = arch in ("gemma3", "gemma3-mm")
-    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe", "granitemoe")
-            or gemma3) \
+    if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe", "granitemoe",
+                 "hunyuan") or gemma3) \
             and rng.random() < 0.4:
         cfg["attention_bias"] = True
     if arch in ("glm", "glm4"):
@@ -107,6 +108,9 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["rope_parameters"] = rope(rng) | {"partial_rotary_factor": rng.choice((1.0, 0.5, 0.25))}
         if int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"]) % 2:
             cfg["rope_parameters"]["partial_rotary_factor"] = 1.0
+    elif arch == "hunyuan" and rng.random() < 0.5:  # its fixed NTK alpha
+        cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": rng.choice((1e4, 500.0)),
+                                  "alpha": rng.choice((10.0, 1000.0)), "factor": 1.0}
     elif arch != "phi3":
         cfg["rope_parameters"] = rope(rng)
     else:  # Phi-4-mini's rope over part of each head; Phi-3.5's longrope over a short original context

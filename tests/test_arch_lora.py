@@ -20,6 +20,7 @@ computed on the CPU while the adapter is copied.
   over neighbouring pairs, scaled logits; Cohere 2 adds sliding layers, rope on those only.
 - Helium, ERNIE 4.5: Llama's layers with rope over neighbouring pairs.
 - Mistral 3 (Mistral Small 3.1's multimodal checkpoint): its Mistral language model.
+- HunYuan (dense): per-head q/k norms after rope, a fixed NTK alpha.
 - StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), windows.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
@@ -168,6 +169,12 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_fc"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"c_proj": 4}),
     }),
+    # HunYuan: per-head q/k norms after rope, its fixed NTK alpha
+    "hunyuan": ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 100.0, "factor": 1.0}}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+        "v-mlp-r4": dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"]),
+    }),
     "qwen3_moe": ({"norm_topk_prob": True}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
         "ko-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
@@ -179,8 +186,8 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
            "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
            "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
-           "starcoder2": (8, 8), "mistral3-mm": (8, 8)}
-QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere")
+           "starcoder2": (8, 8), "mistral3-mm": (8, 8), "hunyuan": (None, None)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere", "hunyuan")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]

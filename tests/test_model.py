@@ -107,6 +107,11 @@ CONFIGS = {
     # everywhere, a window over every layer
     "starcoder2": ("starcoder2", {"sliding_window": 6}),
     "starcoder2-no-bias": ("starcoder2", {"use_bias": False, "tie_word_embeddings": True}),
+    # HunYuan: per-head q/k norms after rope, biases on q/k/v/o; its fixed NTK alpha (a "dynamic"
+    # rope with alpha: a larger base, static)
+    "hunyuan": ("hunyuan", {"attention_bias": True}),
+    "hunyuan-ntk-alpha": ("hunyuan", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                          "alpha": 1000.0, "factor": 1.0}}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }
@@ -325,6 +330,12 @@ def test_unsupported_architecture_is_refused(tmp_path):
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      r"rope type 'dynamic' is not supported for llama \(supported: default, linear, llama3, yarn; longrope "
      r"for Phi-3\)"),
+    # HunYuan's dynamic rope without a fixed alpha changes with the length: refused as Llama's
+    ("hunyuan", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     r"rope type 'dynamic' is not supported for hunyuan"),
+    ("starcoder2", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported: the MLP computes GELU's tanh form"),
+    ("llava-mm", {"text_config": {"model_type": "gemma", "vocab_size": 128}},
+     r"LlavaForConditionalGeneration with a 'gemma' language model is not supported; supported: llama, mistral, qwen2"),
 ])
 def test_options_that_change_a_layer_are_refused(tmp_path, arch, option, reason):
     """An option the layers would not honour is a one-line configuration error, never a model

@@ -43,6 +43,7 @@ ARCHITECTURES = {
     "HeliumForCausalLM": "helium",
     "Ernie4_5ForCausalLM": "ernie4_5",
     "Starcoder2ForCausalLM": "starcoder2",
+    "HunYuanDenseV1ForCausalLM": "hunyuan",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -113,6 +114,7 @@ class ModelArgs:
     # tables too kept in float32 (rope_tables_float32: OLMo 2/3, ERNIE 4.5)
     rope_float32: bool = False
     rope_tables_float32: bool = False
+    qk_norm_after_rope: bool = False  # the per-head q/k norms come after rope (HunYuan's query/key_layernorm)
     parallel_block: bool = False  # a layer adds attention(n) and mlp(n) of one norm n to the residual (Cohere)
     logit_scale: float = 1.0  # logits times this (Cohere's logit_scale)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
@@ -174,7 +176,7 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=family in ("qwen3", "gemma3", "exaone4", *WHOLE_QK_NORMS) or (
+            qk_norm=family in ("qwen3", "gemma3", "exaone4", "hunyuan", *WHOLE_QK_NORMS) or (
                 family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
             clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
@@ -192,6 +194,7 @@ class ModelArgs:
             norm_float32_weight=family in (*OLMOS, "helium"),
             rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
             rope_tables_float32=family in (*OLMOS, "ernie4_5"),
+            qk_norm_after_rope=family == "hunyuan",
             parallel_block=family in COHERES,
             logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
@@ -285,7 +288,8 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
     where mlp_bias does), ERNIE 4.5's everywhere where use_bias does; Seed-OSS's on q/k/v where
     attention_bias says and on o where attention_out_bias does; mlp_bias for Llama, Granite,
     SmolLM3 and Seed-OSS."""
-    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", *GEMMAS, *WHOLE_QK_NORMS, *COHERES) \
+    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", "hunyuan", *GEMMAS, *WHOLE_QK_NORMS,
+                      *COHERES) \
         and bool(getattr(cfg, "attention_bias", False))
     if family == "qwen2":
         return True, False, False

@@ -131,15 +131,25 @@ def rope_type_of(hf_config, layer_type: str | None = None) -> str:
     return params.get("rope_type", params.get("type", "default"))
 
 
+def is_ntk_alpha(hf_config) -> bool:
+    """HunYuan's "dynamic" rope with a fixed `alpha`: static frequencies of a stretched base (its
+    transformers model calls it ntk_alpha), unlike the dynamic type, which changes with the length."""
+    params = rope_params(hf_config)
+    return getattr(hf_config, "model_type", None) == "hunyuan_v1_dense" and rope_type_of(hf_config) == "dynamic" \
+        and bool(params.get("alpha"))
+
+
 def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] float32 and the cos/sin scale of the config's rope type
     (one of SUPPORTED_ROPE: ModelArgs.from_hf refuses the others), for `layer_type`'s rope in a
     model with one per layer type."""
     params = rope_params(hf_config, layer_type)
     rope_type = rope_type_of(hf_config, layer_type)
-    if rope_type == "default":
+    if rope_type == "default" or is_ntk_alpha(hf_config):
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        if rope_type != "default":  # HunYuan's fixed NTK alpha: a larger base, whatever the length
+            base = base * params["alpha"] ** (dim / (dim - 2))
         if getattr(hf_config, "model_type", None) in PARTIAL_ROPE:  # their default rope reads it (Llama's does not)
             dim = int(dim * params.get("partial_rotary_factor", 1.0))
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))

@@ -4,7 +4,7 @@ cannot), its sliding window, and the layers that take no rope at all."""
 from __future__ import annotations
 
 from caraserve.config_checks import UnsupportedModelError
-from caraserve.model.layers import PARTIAL_ROPE, SUPPORTED_ROPE, rope_inv_freq, rope_params, rope_type_of
+from caraserve.model.layers import PARTIAL_ROPE, SUPPORTED_ROPE, is_ntk_alpha, rope_inv_freq, rope_params, rope_type_of
 
 # families whose sliding layers have a rope of their own (rope_parameters per layer type)
 LOCAL_ROPE = ("gemma3", "olmo3")
@@ -20,7 +20,9 @@ def check_rope(cfg, family: str, head_dim: int) -> int | None:
         # longrope switches a sequence to its long factors once it outgrows the original context;
         # transformers' Phi-3 then recomputes the sequence's cache with them, as the engine does
         # (its other models keep the keys turned with the short factors)
-        if rope_type not in SUPPORTED_ROPE or (rope_type == "longrope" and family != "phi3"):
+        if is_ntk_alpha(cfg):
+            pass  # (HunYuan's fixed alpha)
+        elif rope_type not in SUPPORTED_ROPE or (rope_type == "longrope" and family != "phi3"):
             raise UnsupportedModelError(f"rope type {rope_type!r} is not supported for {family} (supported: "
                                         f"{', '.join(r for r in SUPPORTED_ROPE if r != 'longrope')}; longrope "
                                         "for Phi-3)")

@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from caraserve import cpu_kernels
-from caraserve.attention import capped_attention, paged_attention, rotary_write_kv
+from caraserve.attention import capped_attention, paged_attention, rotary_write_kv, write_kv
 from caraserve.kv_cache import blocks_for
 from caraserve.model.args import ModelArgs
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LayerNorm, LoraLinear, norm_of
+from caraserve.model.layers import LayerNorm, LoraLinear, apply_rotary, norm_of
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class Attention(nn.Module):
         if args.qk_norm and args.layer_norm:  # Cohere: a LayerNorm over each head, its weights per head
             self.q_norm = LayerNorm((args.num_heads, args.head_dim), args.rms_eps)
             self.k_norm = LayerNorm((args.num_kv_heads, args.head_dim), args.rms_eps)
+        elif args.qk_norm_after_rope:  # HunYuan's, under its names
+            self.query_layernorm, self.key_layernorm = norm_of(args, args.head_dim), norm_of(args, args.head_dim)
         elif args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
             self.q_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else q)
             self.k_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else kv)
@@ -98,7 +100,9 @@ class Attention(nn.Module):
         a = self.args
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
-        if a.qk_norm and a.layer_norm:  # rows of heads, each head's weights its own
+        if a.qk_norm_after_rope:
+            pass  # (after rope, below)
+        elif a.qk_norm and a.layer_norm:  # rows of heads, each head's weights its own
             q = self.q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0]
             k = self.k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0]
         elif a.qk_norm and a.qk_norm_per_head:  # each head's vector normed alone: rows of head_dim
@@ -113,7 +117,14 @@ class Attention(nn.Module):
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache
-        q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved, a.rope_float32)
+        if a.qk_norm_after_rope:  # HunYuan: rope, then each head's norm, then the cache write
+            q = self.query_layernorm(None, apply_rotary(q, cos, sin).reshape(t * a.num_heads, a.head_dim))[0]
+            k = self.key_layernorm(None, apply_rotary(k, cos, sin).reshape(t * a.num_kv_heads, a.head_dim))[0]
+            q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
+            write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
+        else:
+            q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved,
+                                a.rope_float32)
         if fb.is_decode:
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window,
                                   self.softcap)

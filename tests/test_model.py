@@ -336,6 +336,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
     ("starcoder2", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported: the MLP computes GELU's tanh form"),
     ("llava-mm", {"text_config": {"model_type": "gemma", "vocab_size": 128}},
      r"LlavaForConditionalGeneration with a 'gemma' language model is not supported; supported: llama, mistral, qwen2"),
+    # Ministral 3 / Devstral Small 2 (a ministral3 language model: queries scaled by position)
+    ("mistral3-mm", {"text_config": {"model_type": "ministral3", "vocab_size": 128}},
+     r"Mistral3ForConditionalGeneration with a 'ministral3' language model is not supported; supported: mistral"),
 ])
 def test_options_that_change_a_layer_are_refused(tmp_path, arch, option, reason):
     """An option the layers would not honour is a one-line configuration error, never a model

@@ -68,13 +68,14 @@ LAYER_NORMS = {
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
     "parallel": ("input_layernorm", None, None, None),  # Cohere's: attention and the MLP read one norm
 }
-# multimodal checkpoints whose language model is served (text in, text out): architecture -> the
-# language model's family (None: its text_config's model_type names it, for LLaVA's of the
-# LLAVA_TEXT families). Their text model's weights sit under a prefix, and their adapters'
-# modules under model.language_model (the vision tower's LoRA, if any, is not used)
-TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3", "Mistral3ForConditionalGeneration": "mistral",
-                      "LlavaForConditionalGeneration": None}
-LLAVA_TEXT = ("llama", "mistral", "qwen2")
+# multimodal checkpoints whose language model is served (text in, text out): architecture -> {its
+# text_config's model_type: the language model's family}, the language models served inside it
+# (Mistral 3's ministral3, with its own query scaling, is not). Their text model's weights sit
+# under a prefix, and their adapters' modules under model.language_model (the vision tower's
+# LoRA, if any, is not used)
+TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": {"gemma3_text": "gemma3"},
+                      "Mistral3ForConditionalGeneration": {"mistral": "mistral"},
+                      "LlavaForConditionalGeneration": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}}
 MULTIMODAL_LAYERS = "model.language_model.layers"
 
 
@@ -268,13 +269,11 @@ def _family(cfg) -> tuple[str, str]:
     archs = list(getattr(cfg, "architectures", None) or [])
     arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(cfg.model_type, cfg.model_type)
     if arch in TEXT_OF_MULTIMODAL:
-        family = TEXT_OF_MULTIMODAL[arch]
-        if family is None:  # LLaVA: the family its language model's config names
-            family = getattr(cfg.text_config, "model_type", None)
-            if family not in LLAVA_TEXT:
-                raise UnsupportedModelError(f"{arch} with a {family!r} language model is not supported; "
-                                            f"supported: {', '.join(LLAVA_TEXT)}")
-        return family, arch
+        text_type, served = getattr(cfg.text_config, "model_type", None), TEXT_OF_MULTIMODAL[arch]
+        if text_type not in served:
+            raise UnsupportedModelError(f"{arch} with a {text_type!r} language model is not supported; "
+                                        f"supported: {', '.join(served)}")
+        return served[text_type], arch
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
                                     f"{sorted([*ARCHITECTURES, *TEXT_OF_MULTIMODAL])}")

@@ -100,16 +100,8 @@ class Attention(nn.Module):
         a = self.args
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, fb).split(self.widths, dim=-1)
-        if a.qk_norm_after_rope:
-            pass  # (after rope, below)
-        elif a.qk_norm and a.layer_norm:  # rows of heads, each head's weights its own
-            q = self.q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0]
-            k = self.k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0]
-        elif a.qk_norm and a.qk_norm_per_head:  # each head's vector normed alone: rows of head_dim
-            q = self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0]
-            k = self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0]
-        elif a.qk_norm:  # a token's queries normed together, and its keys
-            q, k = self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
+        if a.qk_norm and not a.qk_norm_after_rope:
+            q, k = self._qk_norms(q, k)
         if a.clip_qkv:  # OLMoE
             q, k, v = (u.clamp(-a.clip_qkv, a.clip_qkv) for u in (q, k, v))
         if a.query_scale != 1.0:  # the kernels scale scores by 1/sqrt(head_dim); Gemma 3 by another
@@ -117,20 +109,38 @@ class Attention(nn.Module):
         q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
         v = v.view(t, a.num_kv_heads, a.head_dim)
         k_cache, v_cache = cache
-        if a.qk_norm_after_rope:  # HunYuan: rope, then each head's norm, then the cache write
-            q = self.query_layernorm(None, apply_rotary(q, cos, sin).reshape(t * a.num_heads, a.head_dim))[0]
-            k = self.key_layernorm(None, apply_rotary(k, cos, sin).reshape(t * a.num_kv_heads, a.head_dim))[0]
-            q, k = q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
-            write_kv(k_cache, v_cache, fb.slot_mapping, k, v)
-        else:
-            q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, fb.slot_mapping, a.rope_interleaved,
-                                a.rope_float32)
+        q = self._rope_and_write(q, k, v, cos, sin, fb.slot_mapping, k_cache, v_cache)
         if fb.is_decode:
             out = paged_attention(q, k_cache, v_cache, fb.block_tables, fb.row_seq, fb.row_lens, self.window,
                                   self.softcap)
         else:
             out = self._prefill(q, fb, k_cache, v_cache)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim), fb)
+
+    def _qk_norms(self, q, k):
+        """The queries and keys [T, heads * head_dim] normed before rope: each head's vector alone
+        (Qwen3, Gemma 3; Cohere's LayerNorms with weights of each head's own), or a token's queries
+        together and its keys (OLMo 2)."""
+        a, t = self.args, q.shape[0]
+        if a.layer_norm:
+            return (self.q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0],
+                    self.k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0])
+        if a.qk_norm_per_head:
+            return (self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0],
+                    self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0])
+        return self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
+
+    def _rope_and_write(self, q, k, v, cos, sin, slots, k_cache, v_cache):
+        """q [T, H, hd] turned; k turned and v written to the caches at `slots`. HunYuan norms each
+        turned query and key head before the write."""
+        a = self.args
+        if not a.qk_norm_after_rope:  # one fused kernel in eager steps
+            return rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, a.rope_interleaved, a.rope_float32)
+        t = q.shape[0]
+        q = self.query_layernorm(None, apply_rotary(q, cos, sin).reshape(t * a.num_heads, a.head_dim))[0]
+        k = self.key_layernorm(None, apply_rotary(k, cos, sin).reshape(t * a.num_kv_heads, a.head_dim))[0]
+        write_kv(k_cache, v_cache, slots, k.view(t, a.num_kv_heads, a.head_dim), v)
+        return q.view(t, a.num_heads, a.head_dim)
 
     def _prefill(self, q, fb: ForwardBatch, k_cache, v_cache):
         if q.is_cuda and self.triton_prefill:

@@ -48,6 +48,27 @@ def test_tied_config_with_a_different_head_keeps_the_head_as_transformers(tmp_pa
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
+def test_a_tied_checkpoint_holding_its_own_head_is_placed_with_the_head_counted(tmp_path, monkeypatch):
+    """The head a tied checkpoint holds may be kept apart (above): the placement plan (which
+    model.max_memory_bytes spreads over devices) sees it as a tensor of its own, not the
+    embeddings' second name; a tied checkpoint without one is planned tied."""
+    from caraserve.model import loader
+
+    planned, real = [], loader.plan_placement
+
+    def seen(model, *args):
+        planned.append(model.lm_head.weight is model.model.embed_tokens.weight)
+        return real(model, *args)
+
+    monkeypatch.setattr(loader, "plan_placement", seen)
+    save_random_hf_model(tmp_path, "llama")
+    _edit_config(tmp_path, tie_word_embeddings=True)
+    load_model(tmp_path, "float32")
+    _edit_tensors(tmp_path, lambda t: t.pop("lm_head.weight"))
+    load_model(tmp_path, "float32")
+    assert planned == [False, True]
+
+
 def test_tied_checkpoint_holding_both_or_only_the_head(tmp_path, caplog):
     save_random_hf_model(tmp_path, "llama", tie_word_embeddings=True)
     _edit_tensors(tmp_path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))

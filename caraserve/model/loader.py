@@ -239,15 +239,19 @@ def load_model(
     _refuse_quantized(hf_config, folder)
     args = ModelArgs.from_hf(hf_config)
     torch_dtype = resolve_dtype(dtype, hf_config)
-    with torch.device("meta"):
-        model = CausalLM(args, hf_config)
-    placement = plan_placement(model, torch_dtype, device, max_memory_bytes)
     files = _weight_files(folder)
-    handles: dict[Path, object] = {}
-    expected = dict(model.named_parameters())
     embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
     # the checkpoint tensor a parameter is read from, where not its own name
     source: dict[str, str] = _language_model_names(files) if args.multimodal else {}
+    with torch.device("meta"):
+        model = CausalLM(args, hf_config)
+        if args.tie_embeddings and all(source.get(n, n) in files for n in (embed_name, head_name)):
+            # a tied checkpoint holding a head of its own may keep it apart (_tie_lm_head, as
+            # Mistral Small 3.1's does): the placement budgets it as a tensor of its own
+            model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight), requires_grad=False)
+    placement = plan_placement(model, torch_dtype, device, max_memory_bytes)
+    handles: dict[Path, object] = {}
+    expected = dict(model.named_parameters())
     if args.tie_embeddings:
         # As transformers: a tied checkpoint may hold either tensor, and one holding both with
         # different values keeps them apart (compared below).

@@ -11,12 +11,12 @@ from __future__ import annotations
 import random
 
 # (gemma3-mm: Gemma 3's language model inside its multimodal checkpoint; mistral3-mm: Mistral's inside
-# Mistral 3's; llava-mm: Qwen2's inside LLaVA's)
+# Mistral 3's; llava-mm: Qwen2's inside LLaVA's; qwen2_5_vl-mm: Qwen2.5-VL's)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "gemma3-mm",
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
          "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm",
-         "hunyuan")
+         "hunyuan", "qwen2_5_vl-mm")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -61,6 +61,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["use_qk_norm"] = rng.random() < 0.5
     if arch == "helium":  # (its o_proj reads hidden_size columns: heads of hidden / heads)
         cfg.update(attention_bias=rng.random() < 0.4, mlp_bias=rng.random() < 0.3, head_dim=hidden // heads)
+    if arch == "qwen2_5_vl-mm":  # (its text attention's heads are hidden / heads, whatever head_dim says)
+        cfg["head_dim"] = hidden // heads
     if arch == "ernie4_5":
         cfg["use_bias"] = rng.random() < 0.5
     if arch == "starcoder2":  # (LayerNorms: their eps is norm_epsilon)
@@ -88,7 +90,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "qwen3_moe" and rng.random() < 0.4:
         cfg.update(use_sliding_window=True, sliding_window=window)
-    if arch in ("qwen2", "qwen3", "llava-mm") and rng.random() < 0.6:
+    if arch in ("qwen2", "qwen3", "llava-mm", "qwen2_5_vl-mm") and rng.random() < 0.6:
         cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=rng.randint(0, layers))
     if arch == "gemma2" or gemma3:
         cfg.update(sliding_window=window, layer_types=types, query_pre_attn_scalar=rng.choice((8, 24, 100)),

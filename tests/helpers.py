@@ -9,7 +9,7 @@ from caraserve.model.batch import ForwardBatch
 
 # test architecture -> (transformers config class, model class); gemma3-mm is Gemma 3's language
 # model inside its multimodal checkpoint, made from a text config (mistral3-mm: Mistral's inside
-# Mistral 3's; llava-mm: Qwen2's inside LLaVA's)
+# Mistral 3's; llava-mm: Qwen2's inside LLaVA's; qwen2_5_vl-mm: Qwen2.5-VL's)
 _HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -42,6 +42,7 @@ _HF_CLASSES = {
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
     "mistral3-mm": ("MistralConfig", "Mistral3ForConditionalGeneration"),
     "llava-mm": ("Qwen2Config", "LlavaForConditionalGeneration"),
+    "qwen2_5_vl-mm": ("Qwen2Config", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 
@@ -91,6 +92,17 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
         mm_cls = Mistral3Config if arch == "mistral3-mm" else LlavaConfig
         cfg = mm_cls(text_config=cfg.to_dict(), tie_word_embeddings=cfg.tie_word_embeddings,
                      vision_config=vision | ({"head_dim": 16} if arch == "mistral3-mm" else {}), image_token_index=127)
+    if arch == "qwen2_5_vl-mm":  # its text model's rope split over 3 axes; a one-block vision tower
+        from transformers import Qwen2_5_VLConfig
+
+        half = cfg.hidden_size // cfg.num_attention_heads // 2  # (its attention's heads: hidden / heads)
+        sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        text = cfg.to_dict() | {"rope_parameters": dict(cfg.rope_parameters, mrope_section=sections)}
+        cfg = Qwen2_5_VLConfig(text_config=text, tie_word_embeddings=cfg.tie_word_embeddings, image_token_id=127,
+                               video_token_id=126, vision_start_token_id=125,
+                               vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                                  out_hidden_size=cfg.hidden_size, window_size=28,
+                                                  fullatt_block_indexes=[0]))
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():
@@ -103,11 +115,12 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
 
 def load_hf_model(folder):
     """The float32 transformers model of a checkpoint folder: AutoModelForCausalLM's, or for the
-    multimodal classes it does not map (Mistral 3, LLaVA) the checkpoint's own class."""
+    multimodal classes it does not map (Mistral 3, LLaVA, Qwen2.5-VL) the checkpoint's own class."""
     import transformers
 
     arch = transformers.AutoConfig.from_pretrained(str(folder)).architectures[0]
-    own = arch in ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+    own = arch in ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
+                   "Qwen2_5_VLForConditionalGeneration")
     cls = getattr(transformers, arch) if own else transformers.AutoModelForCausalLM
     return cls.from_pretrained(str(folder), dtype=torch.float32)
 

@@ -31,6 +31,8 @@ CONFIGS = {
     # head; Qwen2's inside LLaVA's
     "mistral3-mm": ("mistral3-mm", {"sliding_window": 6, "tie_word_embeddings": True}),
     "llava-mm": ("llava-mm", {}),
+    # Qwen2.5-VL's language model (its rope over three axes turns text as Qwen2's), a tied head
+    "qwen2_5_vl-mm": ("qwen2_5_vl-mm", {"tie_word_embeddings": True}),
     "gemma3-caps": ("gemma3", {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     # the embeddings, attention scores, layer outputs and logits scaled; biases everywhere
     "granite": ("granite", {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,

@@ -19,7 +19,7 @@ computed on the CPU while the adapter is copied.
 - Cohere: LayerNorms (per-head q/k ones), attention and the MLP side by side on one norm, rope
   over neighbouring pairs, scaled logits; Cohere 2 adds sliding layers, rope on those only.
 - Helium, ERNIE 4.5: Llama's layers with rope over neighbouring pairs.
-- Mistral 3 (Mistral Small 3.1's multimodal checkpoint): its Mistral language model.
+- Mistral 3 (Mistral Small 3.1's multimodal checkpoint), Qwen2.5-VL: their language models.
 - HunYuan (dense): per-head q/k norms after rope, a fixed NTK alpha.
 - StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), windows.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
@@ -74,6 +74,11 @@ MODELS = {  # arch -> (model overrides, adapters)
     # Mistral Small 3.1's checkpoint (Mistral 3): its Mistral language model, the vision tower's
     # LoRA (all-linear adapts it too) left out
     "mistral3-mm": ({"sliding_window": 8}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
+    # Qwen2.5-VL's language model (all-linear adapts its vision blocks too: left out)
+    "qwen2_5_vl-mm": ({}, {
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
@@ -186,7 +191,8 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "mixtral": (8, 8), "qwen3_moe": (None, None), "olmoe": (None, None),
            "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
            "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
-           "starcoder2": (8, 8), "mistral3-mm": (8, 8), "hunyuan": (None, None)}
+           "starcoder2": (8, 8), "mistral3-mm": (8, 8), "hunyuan": (None, None),
+           "qwen2_5_vl-mm": (None, None)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere", "hunyuan")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],

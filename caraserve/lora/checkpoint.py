@@ -43,7 +43,7 @@ _KEY = re.compile(
     r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
 # a multimodal model's parts besides its language model: their LoRA tensors are not used
-_OTHER_TOWERS = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+_OTHER_TOWERS = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|multi_modal_projector|visual)\.")
 
 
 @dataclass(frozen=True)

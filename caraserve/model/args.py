@@ -75,7 +75,10 @@ LAYER_NORMS = {
 # LoRA, if any, is not used)
 TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": {"gemma3_text": "gemma3"},
                       "Mistral3ForConditionalGeneration": {"mistral": "mistral"},
-                      "LlavaForConditionalGeneration": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}}
+                      "LlavaForConditionalGeneration": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"},
+                      # (their multimodal rope turns text alike on its three axes: Qwen2's rope)
+                      "Qwen2VLForConditionalGeneration": {"qwen2_vl_text": "qwen2"},
+                      "Qwen2_5_VLForConditionalGeneration": {"qwen2_5_vl_text": "qwen2"}}
 MULTIMODAL_LAYERS = "model.language_model.layers"
 
 

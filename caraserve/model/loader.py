@@ -111,7 +111,8 @@ def _refuse_quantized(hf_config, folder: Path) -> None:
 
 
 # a multimodal checkpoint's parts besides its language model, which text serving does not read
-_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_OTHER_TOWERS = tuple(f"{prefix}{part}." for prefix in ("", "model.")
+                      for part in ("vision_tower", "multi_modal_projector", "visual"))  # (visual: Qwen2-VL's)
 # where a multimodal checkpoint keeps its language model's tensors: (its prefix, ours)
 _LANGUAGE_MODEL = (("language_model.model.", "model."), ("model.language_model.", "model."),
                    ("language_model.lm_head.", "lm_head."))

@@ -2,8 +2,8 @@
 architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
 apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
 supported rope type, Gemma 3's and OLMo 3's rope per layer type, rope over part of each head
-(Phi-3, GLM), soft caps, Granite's and Cohere's multipliers, SmolLM3's layers without rope, Cohere's
-q/k LayerNorms), and
+(Phi-3, GLM, Phi, StableLM), soft caps, Granite's and Cohere's multipliers, SmolLM3's layers without rope, Cohere's
+Phi's and StableLM's q/k LayerNorms, parallel layers and activations), and
 adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
          "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm",
-         "hunyuan", "qwen2_5_vl-mm")
+         "hunyuan", "qwen2_5_vl-mm", "phi", "stablelm")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
 GLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")  # GLM's (gate/up fused)
 STARCODER2 = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")  # (an MLP without a gate)
+PHI = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")  # (o named dense, an MLP without a gate)
 VOCAB = 128  # tests/helpers.save_random_hf_model's
 
 
@@ -67,6 +68,12 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["use_bias"] = rng.random() < 0.5
     if arch == "starcoder2":  # (LayerNorms: their eps is norm_epsilon)
         cfg.update(use_bias=rng.random() < 0.5, norm_epsilon=cfg["rms_norm_eps"])
+    if arch in ("phi", "stablelm"):  # (LayerNorms: their eps is layer_norm_eps; heads of hidden / heads)
+        cfg.update(layer_norm_eps=cfg["rms_norm_eps"], head_dim=hidden // heads, qk_layernorm=rng.random() < 0.5)
+    if arch == "phi":
+        cfg["hidden_act"] = rng.choice(("gelu_new", "gelu_pytorch_tanh", "gelu"))
+    if arch == "stablelm":
+        cfg.update(use_qkv_bias=rng.random() < 0.5, use_parallel_residual=rng.random() < 0.5)
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
@@ -106,8 +113,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if gemma3 or arch == "olmo3":
         cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
-    elif arch in ("glm", "glm4"):  # its rope over pairs (2i, 2i + 1) of part of each head (GLM-4's half)
-        cfg["rope_parameters"] = rope(rng) | {"partial_rotary_factor": rng.choice((1.0, 0.5, 0.25))}
+    elif arch in ("glm", "glm4", "phi", "stablelm"):  # rope over part of each head (GLM's pairs (2i, 2i + 1))
+        cfg["rope_parameters"] = rope(rng) | {"partial_rotary_factor": rng.choice((1.0, 0.5, 0.4, 0.25))}
         if int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"]) % 2:
             cfg["rope_parameters"]["partial_rotary_factor"] = 1.0
     elif arch == "hunyuan" and rng.random() < 0.5:  # its fixed NTK alpha
@@ -135,14 +142,14 @@ def model_config(rng: random.Random, arch: str) -> dict:
 def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
     """save_peft_adapter keywords of one random adapter for a model of `arch`."""
     names = FUSED if arch == "phi3" else GLM if arch in ("glm", "glm4") else STARCODER2 if arch == "starcoder2" \
-        else SPLIT[:4] if arch in MOE else SPLIT
+        else PHI if arch == "phi" else SPLIT[:4] if arch in MOE else SPLIT
     # (all-linear on a mixture-of-experts model adapts its experts, which is refused)
     targets = "all-linear" if rng.random() < 0.2 and arch not in MOE else rng.sample(names, rng.randint(1, len(names)))
     used = names if targets == "all-linear" else targets
     kw = dict(r=rng.choice((2, 4, 8, 16)), lora_alpha=rng.choice((1, 4, 8, 16, 32)), target_modules=targets)
     if rng.random() < 0.3:
         module = rng.choice(used)
-        parent = "mlp" if any(w in module for w in ("gate", "up", "down", "c_fc", "c_proj")) else "self_attn"
+        parent = "mlp" if any(w in module for w in ("gate", "up", "down", "fc", "c_proj")) else "self_attn"
         key = module if rng.random() < 0.5 else f"layers.{rng.randrange(layers)}.{parent}.{module}"
         kw["rank_pattern"] = {key: rng.choice((2, 4, 8, 16))}
     if rng.random() < 0.3:

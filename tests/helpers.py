@@ -39,6 +39,8 @@ _HF_CLASSES = {
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
     "hunyuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM"),
+    "phi": ("PhiConfig", "PhiForCausalLM"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
     "mistral3-mm": ("MistralConfig", "Mistral3ForConditionalGeneration"),
     "llava-mm": ("Qwen2Config", "LlavaForConditionalGeneration"),
@@ -65,7 +67,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "mistral3-mm", "olmo2", "olmo3", "smollm3",
                 "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
                 "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5",
-                "starcoder2", "hunyuan"):
+                "starcoder2", "hunyuan", "phi", "stablelm"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token
@@ -107,8 +109,9 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():  # larger weights than the default init: sharper logits
-            # (a LayerNorm's bias as large would add one vector to every position: tokens repeat)
-            p.normal_(0, 0.01 if "norm.bias" in name else 0.1)
+            # (a LayerNorm's bias as large would add one vector to every position: tokens repeat;
+            # Phi's projections and head all have biases, which as large do the same)
+            p.normal_(0, 0.01 if "norm.bias" in name or (arch == "phi" and name.endswith(".bias")) else 0.1)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
 

@@ -102,6 +102,17 @@ CONFIGS = {
     "hunyuan": ("hunyuan", {"attention_bias": True}),
     "hunyuan-ntk-alpha": ("hunyuan", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
                                                           "alpha": 1000.0, "factor": 1.0}}),
+    # Phi (phi-1.5, phi-2): attention and an MLP without a gate (fc1, fc2; gelu_new) on one
+    # LayerNorm, summed before the residual; rope over half of each head; biases everywhere, the
+    # head's too; with qk_layernorm, one LayerNorm over each query and key head
+    "phi": ("phi", {}),
+    "phi-qk-norm": ("phi", {"qk_layernorm": True, "num_key_value_heads": 1, "tie_word_embeddings": True,
+                            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0,
+                                                "partial_rotary_factor": 0.75}}),
+    # StableLM: torch's LayerNorms, rope over a quarter of each head; StableLM 2 12B's parallel
+    # layers, q/k/v biases and a LayerNorm per query and key head
+    "stablelm": ("stablelm", {}),
+    "stablelm-parallel": ("stablelm", {"use_parallel_residual": True, "use_qkv_bias": True, "qk_layernorm": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

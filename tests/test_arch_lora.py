@@ -22,6 +22,9 @@ computed on the CPU while the adapter is copied.
 - Mistral 3 (Mistral Small 3.1's multimodal checkpoint), Qwen2.5-VL: their language models.
 - HunYuan (dense): per-head q/k norms after rope, a fixed NTK alpha.
 - StarCoder2: torch's LayerNorms with biases, an MLP without a gate (c_fc, c_proj), windows.
+- Phi: attention and an MLP without a gate (fc1, fc2) on one LayerNorm, summed before the
+  residual, o named dense, a head with a bias; StableLM: LayerNorms per q/k head, parallel layers;
+  both turn part of each head.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -174,6 +177,19 @@ MODELS = {  # arch -> (model overrides, adapters)
         "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_fc"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"c_proj": 4}),
     }),
+    # Phi: attention and an MLP without a gate (fc1, fc2) on one LayerNorm, o named dense, a head
+    # with a bias, rope over half of each head, per-head q/k LayerNorms
+    "phi": ({"qk_layernorm": True}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "fc1"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"dense": 4}),
+        "default-r4": dict(r=4, lora_alpha=8, target_modules=None),  # (PEFT's Phi default: q, v, fc1, fc2)
+    }),
+    # StableLM 2 12B's layers: attention and the MLP of one LayerNorm, a LayerNorm per q/k head,
+    # rope over a quarter of each head
+    "stablelm": ({"use_parallel_residual": True, "qk_layernorm": True, "use_qkv_bias": True}, {
+        "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
     # HunYuan: per-head q/k norms after rope, its fixed NTK alpha
     "hunyuan": ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 100.0, "factor": 1.0}}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
@@ -192,8 +208,9 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "qwen2_moe": (None, None), "granitemoe": (None, None), "glm": (None, None), "glm4": (None, None),
            "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
            "starcoder2": (8, 8), "mistral3-mm": (8, 8), "hunyuan": (None, None),
-           "qwen2_5_vl-mm": (None, None)}
-QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere", "hunyuan")
+           "qwen2_5_vl-mm": (None, None), "phi": (None, None), "stablelm": (None, None)}
+QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere", "hunyuan",
+           "phi", "stablelm")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
 PROMPTS = [[5, 9, 3, 17, 22, 7], [11, 2, 60, 61], [3], [40, 41, 42, 43, 44, 45, 46, 47], [99, 98],
            [1, 2, 3, 4, 5], [70, 71, 72], [8, 8, 8, 8]]
@@ -238,7 +255,10 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     fused = ("qkv_proj", "gate_up_proj") if arch == "phi3" else ("gate_up_proj",) if arch in ("glm", "glm4") else ()
     assert (args.qk_norm, args.fused_checkpoint) == (arch in QK_NORM, fused)
     assert args.rope_interleaved == (arch in ("glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5"))
-    assert args.parallel_block == (args.layer_norm == "cohere") == (arch in ("cohere", "cohere2"))
+    assert args.parallel_block == ("outputs_first" if arch == "phi" else
+                                   "residual_first" if arch in ("cohere", "cohere2", "stablelm") else "")
+    assert args.layer_norm == ("cohere" if arch in ("cohere", "cohere2") else
+                               "torch" if arch in ("starcoder2", "phi", "stablelm") else "")
     assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())
     assert (args.moe is not None) == (arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"))

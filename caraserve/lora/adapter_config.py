@@ -48,10 +48,12 @@ _UNSUPPORTED = {
 }
 
 
-def read_adapter_config(name: str, folder: Path, limits: ReadLimits, modules: tuple[str, ...] = TARGETS) -> dict:
+def read_adapter_config(name: str, folder: Path, limits: ReadLimits, modules: tuple[str, ...] = TARGETS,
+                        defaults: tuple[str, ...] | None = None) -> dict:
     """The folder's adapter_config.json, checked; `lora_alpha` and `target_modules` filled in
     with PEFT's defaults where the file leaves them out. `modules`: the projections the base
-    model's checkpoint names (ModelArgs.adapter_modules), which target_modules names."""
+    model's checkpoint names (ModelArgs.adapter_modules), which target_modules names; `defaults`:
+    PEFT's target_modules for that model where they are not q_proj and v_proj (Phi's)."""
     path = folder / "adapter_config.json"
     cap = min(MAX_CONFIG_BYTES, limits.max_file_bytes or MAX_CONFIG_BYTES)
     opened = open_file(name, path, limits, cap)
@@ -73,7 +75,9 @@ def read_adapter_config(name: str, folder: Path, limits: ReadLimits, modules: tu
     alpha = cfg.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise AdapterError(f"adapter {name!r}: lora_alpha={alpha!r} must be a number")
-    if cfg.get("target_modules") is None:
+    if cfg.get("target_modules") is None and defaults is not None:  # the model's own (ModelArgs.peft_default_targets)
+        cfg["target_modules"] = list(defaults)
+    elif cfg.get("target_modules") is None:
         if modules != TARGETS:  # PEFT has defaults for models with split projections only
             raise AdapterError(f"adapter {name!r}: target_modules is not set, and PEFT has no default for this "
                                f"model; name some of {', '.join(modules)}")

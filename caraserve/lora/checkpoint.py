@@ -188,7 +188,7 @@ def _open_folder(folder: str | Path, name: str | None, limits: ReadLimits | None
     if not is_dir:
         what = "is a file, not an adapter's folder" if real.is_file() else "does not exist"
         raise AdapterError(f"adapter {name!r}: folder {folder} {what}")
-    cfg = read_adapter_config(name, real, limits, model_args.adapter_modules)
+    cfg = read_adapter_config(name, real, limits, model_args.adapter_modules, model_args.peft_default_targets)
     try:  # before the weights: a refused pattern costs no weights read
         rules = module_rules(cfg, _module_names(model_args))
     except PatternError as e:

@@ -86,7 +86,8 @@ class ModuleRules:
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
           "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # (fused in Phi-3's and GLM's checkpoints)
-          "c_fc": "mlp", "c_proj": "mlp"}  # (StarCoder2's MLP without a gate: up and down)
+          "c_fc": "mlp", "c_proj": "mlp",  # (StarCoder2's MLP without a gate: up and down)
+          "dense": "self_attn", "fc1": "mlp", "fc2": "mlp"}  # (Phi's o, up and down)
 SPLIT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 

@@ -13,7 +13,17 @@ from caraserve.model.moe_args import MoeArgs, moe_args
 from caraserve.model.positions import LOCAL_ROPE, check_rope, no_rope_layers, sliding_windows
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
-PLAIN_MLP = {"c_fc": "up_proj", "c_proj": "down_proj"}  # an MLP without a gate (StarCoder2): its names -> ours
+# projections the checkpoint (and its adapters) name otherwise than we do, theirs -> ours: the MLPs
+# without a gate (StarCoder2's c_fc / c_proj, Phi's fc1 / fc2: up and down) and Phi's attention output
+RENAMED = {"starcoder2": {"c_fc": "up_proj", "c_proj": "down_proj"},
+           "phi": {"dense": "o_proj", "fc1": "up_proj", "fc2": "down_proj"}}
+PLAIN_MLPS = ("starcoder2", "phi")  # an MLP without a gate: down(act(up(x)))
+# torch's LayerNorms with biases where the others have RMSNorms; Phi's and StableLM's attention
+# turns the first partial_rotary_factor of each head (rotate_half), as Phi-3's does
+TORCH_LAYER_NORMS = ("starcoder2", "phi", "stablelm")
+# PEFT's target_modules where an adapter's config names none (its defaults by model type); the
+# other families with q_proj and v_proj take those two
+PEFT_DEFAULT_TARGETS = {"phi": ("q_proj", "v_proj", "fc1", "fc2")}
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -44,6 +54,8 @@ ARCHITECTURES = {
     "Ernie4_5ForCausalLM": "ernie4_5",
     "Starcoder2ForCausalLM": "starcoder2",
     "HunYuanDenseV1ForCausalLM": "hunyuan",
+    "PhiForCausalLM": "phi",
+    "StableLmForCausalLM": "stablelm",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -66,8 +78,12 @@ LAYER_NORMS = {
                  "post_feedforward_layernorm"),  # Gemma 2, 3
     "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2, EXAONE 4
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
-    "parallel": ("input_layernorm", None, None, None),  # Cohere's: attention and the MLP read one norm
+    "parallel": ("input_layernorm", None, None, None),  # Cohere's, Phi's: attention and the MLP read one norm
 }
+# a layer whose attention and MLP read one norm n adds both to the residual r, in one of two orders
+# (the sums round differently): (r + attention(n)) + mlp(n) (Cohere, StableLM) or r + (attention(n)
+# + mlp(n)) (Phi)
+PARALLEL_SUMS = ("residual_first", "outputs_first")
 # multimodal checkpoints whose language model is served (text in, text out): architecture -> {its
 # text_config's model_type: the language model's family}, the language models served inside it
 # (Mistral 3's ministral3, with its own query scaling, is not). Their text model's weights sit
@@ -102,7 +118,7 @@ class ModelArgs:
     fused_checkpoint: tuple[str, ...]
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
-    activation: str = "silu"  # the MLP's: silu, or gelu_tanh (Gemma's)
+    activation: str = "silu"  # the MLP's (caraserve.model.layers.activation): silu, gelu_tanh (Gemma's), gelu_new, gelu
     norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
@@ -110,16 +126,21 @@ class ModelArgs:
     layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
     rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM, Cohere)
     # the norms' kind: "" RMSNorms; "cohere" Cohere's LayerNorms without bias; "torch" torch's
-    # LayerNorm with bias (StarCoder2)
+    # LayerNorm with bias (StarCoder2, Phi, StableLM)
     layer_norm: str = ""
-    mlp_gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x))) (StarCoder2's c_fc, c_proj)
+    mlp_gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x))) (StarCoder2, Phi)
+    renamed: tuple[tuple[str, str], ...] = ()  # (checkpoint name, ours) of projections named otherwise (RENAMED)
+    peft_default_targets: tuple[str, ...] | None = None  # PEFT's target_modules for a config naming none
+    final_norm: str = "norm"  # the checkpoint's name of the norm before the head (Phi's final_layernorm)
+    head_bias: bool = False  # the LM head has a bias (Phi)
+    qk_norm_head_weights: bool = False  # each head's q/k norm has weights of its own (Cohere, StableLM)
     norm_float32_weight: bool = False  # RMSNorm's weight applied in float32, rounded once (OLMo 2/3, Helium)
     # rope's products and sum in float32, rounded once (OLMo 2/3, Cohere, ERNIE 4.5), its cos / sin
     # tables too kept in float32 (rope_tables_float32: OLMo 2/3, ERNIE 4.5)
     rope_float32: bool = False
     rope_tables_float32: bool = False
     qk_norm_after_rope: bool = False  # the per-head q/k norms come after rope (HunYuan's query/key_layernorm)
-    parallel_block: bool = False  # a layer adds attention(n) and mlp(n) of one norm n to the residual (Cohere)
+    parallel_block: str = ""  # attention and the MLP of one norm, summed as PARALLEL_SUMS names; "": in turn
     logit_scale: float = 1.0  # logits times this (Cohere's logit_scale)
     # queries times this before attention: the model's score scale over 1/sqrt(head_dim) (Gemma 2/3's
     # 1/sqrt(query_pre_attn_scalar), Granite's attention_multiplier)
@@ -152,7 +173,8 @@ class ModelArgs:
         windows = sliding_windows(cfg, family, n_layers)
         qkv_bias = bool(getattr(cfg, "qkv_bias", True)) if family == "qwen2_moe" else None  # (Qwen2's: always)
         family = MOE_BASES.get(family, family)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        # (StableLM's attention takes heads of hidden / heads whatever head_dim says)
+        head_dim = (None if family == "stablelm" else getattr(cfg, "head_dim", None)) or cfg.hidden_size // heads
         gemma = family in GEMMAS
         long_rope_from = check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
@@ -162,6 +184,9 @@ class ModelArgs:
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
         final_cap = family in ("gemma2", "gemma3")
+        # attention and the MLP of one norm (PARALLEL_SUMS): Cohere's, Phi's, StableLM's where use_parallel_residual
+        parallel = "outputs_first" if family == "phi" else "residual_first" if family in COHERES or (
+            family == "stablelm" and getattr(cfg, "use_parallel_residual", False)) else ""
         granite = {k: _multiplier(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
                                                     "residual_multiplier", "logits_scaling")} \
             if family == "granite" else {}
@@ -174,14 +199,15 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            rms_eps=cfg.layer_norm_eps if family in COHERES else cfg.norm_epsilon if family == "starcoder2" else
-            cfg.rms_norm_eps,
+            rms_eps=cfg.layer_norm_eps if family in (*COHERES, "phi", "stablelm") else
+            cfg.norm_epsilon if family == "starcoder2" else cfg.rms_norm_eps,
             tie_embeddings=tie,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             qk_norm=family in ("qwen3", "gemma3", "exaone4", "hunyuan", *WHOLE_QK_NORMS) or (
-                family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))),
+                family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))) or (
+                family in ("phi", "stablelm") and bool(getattr(cfg, "qk_layernorm", False))),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
             clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
             fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
@@ -191,15 +217,20 @@ class ModelArgs:
             norm_unit_offset=gemma,
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
-                                    else "glm4" if family == "glm4" else "parallel" if family in COHERES else "pre"],
+                                    else "glm4" if family == "glm4" else "parallel" if parallel else "pre"],
             rope_interleaved=family in INTERLEAVED_ROPE,
-            layer_norm="cohere" if family in COHERES else "torch" if family == "starcoder2" else "",
-            mlp_gated=family != "starcoder2",
+            layer_norm="cohere" if family in COHERES else "torch" if family in TORCH_LAYER_NORMS else "",
+            mlp_gated=family not in PLAIN_MLPS,
+            renamed=tuple(RENAMED.get(family, {}).items()),
+            peft_default_targets=PEFT_DEFAULT_TARGETS.get(family),
+            final_norm="final_layernorm" if family == "phi" else "norm",
+            head_bias=family == "phi",
+            qk_norm_head_weights=family in ("cohere", "stablelm"),
             norm_float32_weight=family in (*OLMOS, "helium"),
             rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
             rope_tables_float32=family in (*OLMOS, "ernie4_5"),
             qk_norm_after_rope=family == "hunyuan",
-            parallel_block=family in COHERES,
+            parallel_block=parallel,
             logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
@@ -220,10 +251,10 @@ class ModelArgs:
         mixture-of-experts model's attention projections only (LoRA on experts is not served)."""
         if self.moe is not None:
             return ATTENTION_MODULES
-        if not self.mlp_gated:
-            return (*ATTENTION_MODULES, *PLAIN_MLP)
-        fused_as = {part: name for name in self.fused_checkpoint for part in FUSED_PARTS[name]}
-        return tuple(dict.fromkeys(fused_as.get(m, m) for m in SPLIT_MODULES))
+        theirs = {ours: name for name, ours in self.renamed}
+        theirs.update((part, name) for name in self.fused_checkpoint for part in FUSED_PARTS[name])
+        split = SPLIT_MODULES if self.mlp_gated else tuple(m for m in SPLIT_MODULES if m != "gate_proj")
+        return tuple(dict.fromkeys(theirs.get(m, m) for m in split))
 
     def pool_targets(self, targets) -> tuple[str, ...]:
         """The projections among `targets` (adapters.target_modules) a LoRA can adapt in this
@@ -236,13 +267,15 @@ class ModelArgs:
         return chosen
 
     def module_shape(self, name: str) -> tuple[int, int]:
-        """(in_features, out_features) of a LoRA-targetable projection (or of a fused one)."""
+        """(in_features, out_features) of a LoRA-targetable projection (or of a fused one), by our
+        name or the checkpoint's."""
+        name = dict(self.renamed).get(name, name)
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         shapes = {
             "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i), "c_fc": (h, i), "c_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i),
         }
         return shapes[name]
 
@@ -255,9 +288,12 @@ class ModelArgs:
             return ("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)
         if name == "gate_up_proj":
             return ("gate_proj", 0, i), ("up_proj", i, 2 * i)
-        if name in PLAIN_MLP:  # StarCoder2's names for the up and down projections
-            return ((PLAIN_MLP[name], 0, self.module_shape(name)[1]),)
-        return ((name, 0, self.module_shape(name)[1]),)
+        ours = dict(self.renamed).get(name, name)  # (StarCoder2's, Phi's names for ours)
+        return ((ours, 0, self.module_shape(name)[1]),)
+
+    def checkpoint_name(self, ours: str) -> str:
+        """The checkpoint's name of our projection `ours` (Phi's dense for o_proj)."""
+        return {o: theirs for theirs, o in self.renamed}.get(ours, ours)
 
 
 def text_config_of(cfg):
@@ -299,6 +335,10 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
         return bool(getattr(cfg, "attention_bias", True)), False, False
     if family in ("ernie4_5", "starcoder2"):
         return (bool(getattr(cfg, "use_bias", family == "starcoder2")),) * 3
+    if family == "phi":  # (every projection's)
+        return True, True, True
+    if family == "stablelm":
+        return bool(getattr(cfg, "use_qkv_bias", False)), False, False
     if family == "helium":
         return bool(getattr(cfg, "attention_bias", False)), False, bool(getattr(cfg, "mlp_bias", False))
     o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
@@ -307,7 +347,13 @@ def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
 
 
 def _activation(cfg, family: str) -> str:
-    """The MLP's activation, as transformers reads it for the family."""
+    """The MLP's activation, as transformers reads it for the family (caraserve.model.layers.activation)."""
+    if family == "phi":  # (its MLP takes any of transformers' activations: these are served)
+        act = getattr(cfg, "hidden_act", None)
+        served = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+        if act not in served:
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported for phi; supported: {', '.join(served)}")
+        return served[act]
     if family in (*GEMMAS, "starcoder2"):
         field = "hidden_act" if family in ("gemma", "starcoder2") else "hidden_activation"
         act = getattr(cfg, field, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,22 @@ from caraserve import cpu_kernels, kernel_library
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 # model types whose attention turns the first partial_rotary_factor of each head and passes the rest
-PARTIAL_ROPE = ("phi3", "glm", "glm4")
+PARTIAL_ROPE = ("phi3", "glm", "glm4", "phi", "stablelm")
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation of x, in x's dtype, as transformers computes it: silu; gelu_tanh
+    (torch's tanh form, gelu_pytorch_tanh); gelu_new (the same curve written out in tensor ops,
+    Phi's: its roundings differ from gelu_tanh's); gelu (the exact erf form)."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu_new":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if name == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"unknown activation {name!r}")
 
 
 def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -107,6 +124,21 @@ class LayerNorm(nn.Module):
             return layer_norm_reference(x, residual, self.weight, self.eps)
         r = residual if x is None else residual + x
         return F.layer_norm(r, self.weight.shape, self.weight, self.bias, self.eps), r
+
+
+class HeadLayerNorms(nn.Module):
+    """StableLM's q/k norms: torch's LayerNorm without bias over each head's vector, with that
+    head's own weights (`norms.{i}`, as the checkpoint names them), one call per head as
+    transformers makes them (one call over all heads, times the weights, rounds otherwise in
+    half precision)."""
+
+    def __init__(self, heads: int, dim: int, eps: float):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(heads))
+
+    def forward(self, x: None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [T, heads, dim] -> (each head normed, residual)."""
+        return torch.stack([norm(residual[:, i]) for i, norm in enumerate(self.norms)], dim=1), residual
 
 
 def norm_of(args, shape: int | tuple[int, ...]) -> RMSNorm | LayerNorm:

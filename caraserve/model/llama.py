@@ -18,7 +18,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.caraserve.*)
@@ -27,7 +26,7 @@ from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
 from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, norm_of, rope_inv_freq, rope_long_inv_freq
+from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, activation, norm_of, rope_inv_freq, rope_long_inv_freq
 from caraserve.model.moe import Experts, SparseMoE
 from caraserve.model.self_attention import Attention, check_triton_prefill  # noqa: F401  (the engine's)
 
@@ -39,7 +38,7 @@ KVCacheLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.gelu = args.activation == "gelu_tanh"
+        self.activation = args.activation
         h, i = args.hidden_size, args.intermediate_size
         self.gate_up_proj = LoraLinear(h, (i, i), args.mlp_bias, layer, ("gate_proj", "up_proj"),
                                        "gate_up_proj" in args.fused_checkpoint)
@@ -47,22 +46,24 @@ class MLP(nn.Module):
 
     def forward(self, x, fb: ForwardBatch):
         gate, up = self.gate_up_proj(x, fb).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(act * up, fb)
+        return self.down_proj(activation(self.activation, gate) * up, fb)
 
 
 class PlainMLP(nn.Module):
-    """An MLP without a gate, under StarCoder2's names: c_proj(gelu_tanh(c_fc(x))); its LoRA parts
-    are the pool's up_proj and down_proj (ModelArgs.module_parts)."""
+    """An MLP without a gate, down(act(up(x))), under the checkpoint's names (StarCoder2's c_fc and
+    c_proj, Phi's fc1 and fc2); its LoRA parts are the pool's up_proj and down_proj."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         h, i = args.hidden_size, args.intermediate_size
-        self.c_fc = LoraLinear(h, i, args.mlp_bias, layer, "up_proj")
-        self.c_proj = LoraLinear(i, h, args.mlp_bias, layer, "down_proj")
+        self.activation = args.activation
+        self.names = args.checkpoint_name("up_proj"), args.checkpoint_name("down_proj")
+        setattr(self, self.names[0], LoraLinear(h, i, args.mlp_bias, layer, "up_proj"))
+        setattr(self, self.names[1], LoraLinear(i, h, args.mlp_bias, layer, "down_proj"))
 
     def forward(self, x, fb: ForwardBatch):
-        return self.c_proj(F.gelu(self.c_fc(x, fb), approximate="tanh"), fb)
+        up, down = self._modules[self.names[0]], self._modules[self.names[1]]
+        return down(activation(self.activation, up(x, fb)), fb)
 
 
 class DecoderLayer(nn.Module):
@@ -107,8 +108,10 @@ class DecoderLayer(nn.Module):
             residual = residual + h
             return post_mlp(None, self.ffn(residual, fb))[0], residual
         h, residual = pre_attn(x, residual)
-        if self.parallel:  # Cohere: (r + attention(n)) + mlp(n), both of one norm n
+        if self.parallel == "residual_first":  # Cohere, StableLM: (r + attention(n)) + mlp(n), of one norm n
             return self.ffn(h, fb), residual + self.self_attn(h, cos, sin, fb, cache)
+        if self.parallel == "outputs_first":  # Phi: r + (attention(n) + mlp(n)) (the next norm adds r)
+            return self.self_attn(h, cos, sin, fb, cache) + self.ffn(h, fb), residual
         h = self.self_attn(h, cos, sin, fb, cache)
         if self.residual_scale != 1.0:  # Granite: the outputs scaled before they join the residual
             h, residual = pre_mlp(h * self.residual_scale, residual)
@@ -125,7 +128,13 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = norm_of(args, args.hidden_size)
+        self.final_norm = args.final_norm  # (the checkpoint's name: Phi's final_layernorm)
+        setattr(self, self.final_norm, norm_of(args, args.hidden_size))
+
+    @property
+    def norm(self) -> nn.Module:
+        """The norm before the head."""
+        return self._modules[self.final_norm]
 
 
 class CausalLM(nn.Module):
@@ -136,7 +145,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.head_bias)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         hf_config = text_config_of(hf_config)
@@ -199,7 +208,7 @@ class CausalLM(nn.Module):
         model divides them (Granite) and soft-capped where it caps them (Gemma 2: cap * tanh(logits
         / cap)), in their dtype."""
         if self._packed_head is not None and h.dtype == torch.float32 and h.device.type == "cpu":
-            logits = torch.ops.caraserve.packed_linear(h, self._packed_head, None, self.args.vocab_size)
+            logits = torch.ops.caraserve.packed_linear(h, self._packed_head, self.lm_head.bias, self.args.vocab_size)
         else:
             logits = self.lm_head(h)
         if self.args.logits_divisor != 1.0:  # Granite's logits_scaling

@@ -17,7 +17,7 @@ from caraserve.attention import capped_attention, paged_attention, rotary_write_
 from caraserve.kv_cache import blocks_for
 from caraserve.model.args import ModelArgs
 from caraserve.model.batch import ForwardBatch
-from caraserve.model.layers import LayerNorm, LoraLinear, apply_rotary, norm_of
+from caraserve.model.layers import HeadLayerNorms, LayerNorm, LoraLinear, apply_rotary, norm_of
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,33 @@ class Attention(nn.Module):
         self.widths = (q, kv, kv)
         self.qkv_proj = LoraLinear(h, self.widths, args.qkv_bias, layer, ("q_proj", "k_proj", "v_proj"),
                                    "qkv_proj" in args.fused_checkpoint)
-        self.o_proj = LoraLinear(q, h, args.o_bias, layer, "o_proj")
-        if args.qk_norm and args.layer_norm:  # Cohere: a LayerNorm over each head, its weights per head
-            self.q_norm = LayerNorm((args.num_heads, args.head_dim), args.rms_eps)
-            self.k_norm = LayerNorm((args.num_kv_heads, args.head_dim), args.rms_eps)
+        self.o_name = args.checkpoint_name("o_proj")  # (Phi's dense)
+        setattr(self, self.o_name, LoraLinear(q, h, args.o_bias, layer, "o_proj"))
+        # the q/k norms under the checkpoint's names: q_norm / k_norm, Phi's and StableLM's q_layernorm / k_layernorm
+        self.qk_names = ("q_layernorm", "k_layernorm") if args.layer_norm == "torch" else ("q_norm", "k_norm")
+        if args.qk_norm and args.layer_norm == "cohere":  # Cohere: a LayerNorm over each head, its weights per head
+            self._qk_norm_modules(LayerNorm((args.num_heads, args.head_dim), args.rms_eps),
+                                  LayerNorm((args.num_kv_heads, args.head_dim), args.rms_eps))
+        elif args.qk_norm and args.qk_norm_head_weights:  # StableLM: torch's LayerNorm per head, no bias
+            self._qk_norm_modules(HeadLayerNorms(args.num_heads, args.head_dim, args.rms_eps),
+                                  HeadLayerNorms(args.num_kv_heads, args.head_dim, args.rms_eps))
+        elif args.qk_norm and args.layer_norm:  # Phi: torch's LayerNorm over each head's vector, one for all heads
+            self._qk_norm_modules(norm_of(args, args.head_dim), norm_of(args, args.head_dim))
         elif args.qk_norm_after_rope:  # HunYuan's, under its names
             self.query_layernorm, self.key_layernorm = norm_of(args, args.head_dim), norm_of(args, args.head_dim)
         elif args.qk_norm:  # over a head's vector (Qwen3, Gemma 3) or the whole projection (OLMo 2)
-            self.q_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else q)
-            self.k_norm = norm_of(args, args.head_dim if args.qk_norm_per_head else kv)
+            self._qk_norm_modules(norm_of(args, args.head_dim if args.qk_norm_per_head else q),
+                                  norm_of(args, args.head_dim if args.qk_norm_per_head else kv))
         self.triton_prefill = True  # False once the kernel could not be built (check_triton_prefill)
+
+    @property
+    def o_proj(self) -> LoraLinear:
+        """The output projection (under the checkpoint's name, `o_name`)."""
+        return self._modules[self.o_name]
+
+    def _qk_norm_modules(self, q_norm: nn.Module, k_norm: nn.Module) -> None:
+        setattr(self, self.qk_names[0], q_norm)
+        setattr(self, self.qk_names[1], k_norm)
 
     def forward(self, x, cos, sin, fb: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         a = self.args
@@ -119,16 +136,17 @@ class Attention(nn.Module):
 
     def _qk_norms(self, q, k):
         """The queries and keys [T, heads * head_dim] normed before rope: each head's vector alone
-        (Qwen3, Gemma 3; Cohere's LayerNorms with weights of each head's own), or a token's queries
-        together and its keys (OLMo 2)."""
+        (Qwen3, Gemma 3, Phi; Cohere's and StableLM's LayerNorms with weights of each head's own),
+        or a token's queries together and its keys (OLMo 2)."""
         a, t = self.args, q.shape[0]
+        q_norm, k_norm = self._modules[self.qk_names[0]], self._modules[self.qk_names[1]]
         if a.layer_norm:
-            return (self.q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0],
-                    self.k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0])
+            return (q_norm(None, q.reshape(t, a.num_heads, a.head_dim))[0],
+                    k_norm(None, k.reshape(t, a.num_kv_heads, a.head_dim))[0])
         if a.qk_norm_per_head:
-            return (self.q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0],
-                    self.k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0])
-        return self.q_norm(None, q.contiguous())[0], self.k_norm(None, k.contiguous())[0]
+            return (q_norm(None, q.reshape(t * a.num_heads, a.head_dim))[0],
+                    k_norm(None, k.reshape(t * a.num_kv_heads, a.head_dim))[0])
+        return q_norm(None, q.contiguous())[0], k_norm(None, k.contiguous())[0]
 
     def _rope_and_write(self, q, k, v, cos, sin, slots, k_cache, v_cache):
         """q [T, H, hd] turned; k turned and v written to the caches at `slots`. HunYuan norms each

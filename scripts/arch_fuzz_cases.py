@@ -2,9 +2,10 @@
 architecture's options drawn over what its transformers config accepts (GQA/MQA/MHA, head sizes
 apart from hidden / heads, tied heads, biases, sliding windows shorter than the prompts, every
 supported rope type, Gemma 3's and OLMo 3's rope per layer type, rope over part of each head
-(Phi-3, GLM, Phi, StableLM), soft caps, Granite's and Cohere's multipliers, SmolLM3's layers without rope, Cohere's
-Phi's and StableLM's q/k LayerNorms, parallel layers and activations), and
-adapters over random targets with rank / alpha patterns, layers_to_transform and rsLoRA."""
+(Phi-3, GLM, Phi, StableLM, Nemotron), soft caps, Granite's and Cohere's multipliers, SmolLM3's
+layers without rope, Cohere's, Phi's and StableLM's q/k LayerNorms, parallel layers, the
+activations of MLPs without a gate), and adapters over random targets with rank / alpha
+patterns, layers_to_transform and rsLoRA."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
          "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm",
-         "hunyuan", "qwen2_5_vl-mm", "phi", "stablelm")
+         "hunyuan", "qwen2_5_vl-mm", "phi", "stablelm", "nemotron", "arcee")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -74,6 +75,9 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["hidden_act"] = rng.choice(("gelu_new", "gelu_pytorch_tanh", "gelu"))
     if arch == "stablelm":
         cfg.update(use_qkv_bias=rng.random() < 0.5, use_parallel_residual=rng.random() < 0.5)
+    if arch in ("nemotron", "arcee"):  # (Nemotron's LayerNorms: their eps is norm_eps)
+        cfg.update(attention_bias=rng.random() < 0.4, mlp_bias=rng.random() < 0.4, norm_eps=cfg["rms_norm_eps"],
+                   hidden_act=rng.choice(("relu2", "relu2", "gelu_new", "silu")))
     if arch == "seed_oss":
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
@@ -113,7 +117,7 @@ def model_config(rng: random.Random, arch: str) -> dict:
     if gemma3 or arch == "olmo3":
         cfg["rope_parameters"] = {"full_attention": rope(rng, rng.choice((1e6, 1e4))),
                                   "sliding_attention": rope(rng, rng.choice((1e4, 100.0)))}
-    elif arch in ("glm", "glm4", "phi", "stablelm"):  # rope over part of each head (GLM's pairs (2i, 2i + 1))
+    elif arch in ("glm", "glm4", "phi", "stablelm", "nemotron"):  # rope over part of each head (GLM's: pairs)
         cfg["rope_parameters"] = rope(rng) | {"partial_rotary_factor": rng.choice((1.0, 0.5, 0.4, 0.25))}
         if int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"]) % 2:
             cfg["rope_parameters"]["partial_rotary_factor"] = 1.0

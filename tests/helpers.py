@@ -41,6 +41,8 @@ _HF_CLASSES = {
     "hunyuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM"),
     "phi": ("PhiConfig", "PhiForCausalLM"),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM"),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
     "mistral3-mm": ("MistralConfig", "Mistral3ForConditionalGeneration"),
     "llava-mm": ("Qwen2Config", "LlavaForConditionalGeneration"),
@@ -67,7 +69,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "mistral3-mm", "olmo2", "olmo3", "smollm3",
                 "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
                 "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5",
-                "starcoder2", "hunyuan", "phi", "stablelm"):
+                "starcoder2", "hunyuan", "phi", "stablelm", "nemotron", "arcee"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token

@@ -113,6 +113,16 @@ CONFIGS = {
     # layers, q/k/v biases and a LayerNorm per query and key head
     "stablelm": ("stablelm", {}),
     "stablelm-parallel": ("stablelm", {"use_parallel_residual": True, "use_qkv_bias": True, "qk_layernorm": True}),
+    # Nemotron (Minitron): LayerNorms of weights 1's offset with biases, an MLP without a gate
+    # (ReLU²), rope over half of each head; biases on attention and the MLP
+    "nemotron": ("nemotron", {"attention_bias": True, "mlp_bias": True}),
+    "nemotron-tied": ("nemotron", {"tie_word_embeddings": True, "num_key_value_heads": 1,
+                                   "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 1.0}}),
+    # Arcee (AFM): Llama's layers with an MLP without a gate (ReLU²)
+    "arcee": ("arcee", {"attention_bias": True, "mlp_bias": True}),
+    "arcee-yarn": ("arcee", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                 "original_max_position_embeddings": 64}}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -221,3 +221,39 @@ def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, ro
     torch.testing.assert_close(got, want, **tolerance(dtype, ulps=0))
     torch.testing.assert_close(kc, kc_ref, **tolerance(dtype, ulps=0))
     assert torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_forms_and_activations_equal_transformers(dtype):
+    """Phi's, StableLM's and Nemotron's norms and the plain MLPs' activations against transformers'
+    modules, bit for bit: torch's LayerNorm with a bias; Nemotron's LayerNorm1P (w + 1 in the
+    weight's dtype); StableLM's LayerNorm per head; gelu_new and ReLU² (transformers' ACT2FN)."""
+    from transformers.activations import ACT2FN
+    from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
+    from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
+
+    from caraserve.model.layers import HeadLayerNorms, LayerNorm, activation
+
+    g = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(7, 3, 16, generator=g).mul(3).to(dtype) for _ in range(2))
+    for unit_offset, hf_norm in ((False, torch.nn.LayerNorm(16, eps=1e-5)), (True, NemotronLayerNorm1P(16, eps=1e-5))):
+        ours = LayerNorm(16, 1e-5, torch_form=True, unit_offset=unit_offset).to(dtype)
+        with torch.no_grad():
+            for p in (*ours.parameters(), *hf_norm.parameters()):
+                p.copy_(torch.randn(16, generator=g).to(dtype))
+            hf_norm.weight.copy_(ours.weight)
+            hf_norm.bias.copy_(ours.bias)
+            out, summed = ours(x, r)
+            assert torch.equal(summed, r + x) and torch.equal(out, hf_norm.to(dtype)(r + x))
+    heads = StableLmLayerNormPerHead(16, 3, eps=1e-5).to(dtype)
+    ours = HeadLayerNorms(3, 16, 1e-5).to(dtype)
+    with torch.no_grad():
+        for norm in heads.norms:
+            norm.weight.copy_(torch.randn(16, generator=g).to(dtype))
+        ours.load_state_dict(heads.state_dict())
+        want = heads(x.transpose(0, 1)[None])[0].transpose(0, 1)  # (its heads on dim 1: [B, H, T, D])
+        assert torch.equal(ours(None, x)[0], want)
+    for ours_name, hf_name in (("gelu_new", "gelu_new"), ("relu2", "relu2"), ("gelu_tanh", "gelu_pytorch_tanh"),
+                               ("gelu", "gelu"), ("silu", "silu")):
+        assert torch.equal(activation(ours_name, x), ACT2FN[hf_name](x)), ours_name
+    assert not torch.equal(activation("gelu_new", x), activation("gelu_tanh", x))  # (their roundings differ)

@@ -234,8 +234,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
     ("hunyuan", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      r"rope type 'dynamic' is not supported for hunyuan"),
     ("starcoder2", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported: the MLP computes GELU's tanh form"),
-    ("phi", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported for phi; supported: gelu_new, "
-     r"gelu_pytorch_tanh, gelu"),
+    ("phi", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported for phi; supported: relu2, gelu_new, "
+     r"gelu_pytorch_tanh, gelu, silu"),
+    ("nemotron", {"hidden_act": "gelu_fast"}, r"hidden_act='gelu_fast' is not supported for nemotron"),
     ("llava-mm", {"text_config": {"model_type": "gemma", "vocab_size": 128}},
      r"LlavaForConditionalGeneration with a 'gemma' language model is not supported; supported: llama, mistral, qwen2"),
     # Ministral 3 / Devstral Small 2 (a ministral3 language model: queries scaled by position)

@@ -9,67 +9,30 @@ from dataclasses import dataclass
 
 from caraserve.config_checks import ConfigError, UnsupportedModelError
 from caraserve.lora.module_patterns import FUSED_PARTS, SPLIT_MODULES
+from caraserve.model.families import (  # noqa: F401  (ARCHITECTURES: the served architectures, read from here too)
+    ARCHITECTURES,
+    COHERES,
+    GEMMAS,
+    GLMS,
+    INTERLEAVED_ROPE,
+    MOE_BASES,
+    OLMOS,
+    PEFT_DEFAULT_TARGETS,
+    PLAIN_MLPS,
+    POST_NORMS,
+    RENAMED,
+    TORCH_LAYER_NORMS,
+    WHOLE_QK_NORMS,
+    biases,
+    clip_qkv,
+    mlp_activation,
+    positive_number,
+    softcap,
+)
 from caraserve.model.moe_args import MoeArgs, moe_args
 from caraserve.model.positions import LOCAL_ROPE, check_rope, no_rope_layers, sliding_windows
 
 ATTENTION_MODULES = SPLIT_MODULES[:4]  # q/k/v/o
-# projections the checkpoint (and its adapters) name otherwise than we do, theirs -> ours: the MLPs
-# without a gate (StarCoder2's c_fc / c_proj, Phi's fc1 / fc2: up and down) and Phi's attention output
-RENAMED = {"starcoder2": {"c_fc": "up_proj", "c_proj": "down_proj"},
-           "phi": {"dense": "o_proj", "fc1": "up_proj", "fc2": "down_proj"}}
-PLAIN_MLPS = ("starcoder2", "phi")  # an MLP without a gate: down(act(up(x)))
-# torch's LayerNorms with biases where the others have RMSNorms; Phi's and StableLM's attention
-# turns the first partial_rotary_factor of each head (rotate_half), as Phi-3's does
-TORCH_LAYER_NORMS = ("starcoder2", "phi", "stablelm")
-# PEFT's target_modules where an adapter's config names none (its defaults by model type); the
-# other families with q_proj and v_proj take those two
-PEFT_DEFAULT_TARGETS = {"phi": ("q_proj", "v_proj", "fc1", "fc2")}
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Phi3ForCausalLM": "phi3",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "GraniteForCausalLM": "granite",
-    "MinistralForCausalLM": "ministral",
-    "Olmo2ForCausalLM": "olmo2",
-    "Olmo3ForCausalLM": "olmo3",
-    "SmolLM3ForCausalLM": "smollm3",
-    "Exaone4ForCausalLM": "exaone4",
-    "SeedOssForCausalLM": "seed_oss",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "OlmoeForCausalLM": "olmoe",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "GraniteMoeForCausalLM": "granitemoe",
-    "GlmForCausalLM": "glm",
-    "Glm4ForCausalLM": "glm4",
-    "CohereForCausalLM": "cohere",
-    "Cohere2ForCausalLM": "cohere2",
-    "HeliumForCausalLM": "helium",
-    "Ernie4_5ForCausalLM": "ernie4_5",
-    "Starcoder2ForCausalLM": "starcoder2",
-    "HunYuanDenseV1ForCausalLM": "hunyuan",
-    "PhiForCausalLM": "phi",
-    "StableLmForCausalLM": "stablelm",
-}
-# mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
-# Llama's layers with q/k norms over all heads and clipped q/k/v)
-MOE_BASES = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmoe", "qwen2_moe": "qwen2",
-             "granitemoe": "granite"}
-GEMMAS = ("gemma", "gemma2", "gemma3")
-OLMOS = ("olmo2", "olmo3")
-WHOLE_QK_NORMS = (*OLMOS, "olmoe")  # one q norm and one k norm over all heads
-POST_NORMS = (*OLMOS, "exaone4")  # a norm after attention and after the MLP, none before them
-GLMS = ("glm", "glm4")  # q/k/v bias, gate/up fused in the checkpoint, rope over pairs (2i, 2i + 1) of part of a head
-# LayerNorms (no bias), attention and the MLP side by side on one normed input, rope over pairs (2i, 2i + 1)
-COHERES = ("cohere", "cohere2")
-# rope over the pairs (2i, 2i + 1) of a head (GLM's, Cohere's; Helium and ERNIE 4.5: Llama's layers otherwise)
-INTERLEAVED_ROPE = (*GLMS, *COHERES, "helium", "ernie4_5")
 # the checkpoint's names of a layer's norms by where they sit: before attention, after it, before
 # the MLP, after it (None: no norm there)
 LAYER_NORMS = {
@@ -119,7 +82,9 @@ class ModelArgs:
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     max_position: int
     activation: str = "silu"  # the MLP's (caraserve.model.layers.activation): silu, gelu_tanh (Gemma's), gelu_new, gelu
-    norm_unit_offset: bool = False  # RMSNorm weights are 1's offset, applied in float32 (Gemma)
+    # the norms' weights are 1's offset: an RMSNorm's applied in float32 (Gemma), a LayerNorm's w + 1
+    # in the weights' dtype (Nemotron's LayerNorm1P)
+    norm_unit_offset: bool = False
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
     clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
@@ -179,7 +144,7 @@ class ModelArgs:
         long_rope_from = check_rope(cfg, family, head_dim)
         if family == "gemma3" and getattr(cfg, "use_bidirectional_attention", False):
             raise UnsupportedModelError("use_bidirectional_attention=true is not supported: attention is causal")
-        qkv_bias, o_bias, mlp_bias = _biases(cfg, family) if qkv_bias is None else (qkv_bias, False, False)
+        qkv_bias, o_bias, mlp_bias = biases(cfg, family) if qkv_bias is None else (qkv_bias, False, False)
         scalar = getattr(cfg, "query_pre_attn_scalar", None) if family in ("gemma2", "gemma3") else None
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
@@ -187,7 +152,7 @@ class ModelArgs:
         # attention and the MLP of one norm (PARALLEL_SUMS): Cohere's, Phi's, StableLM's where use_parallel_residual
         parallel = "outputs_first" if family == "phi" else "residual_first" if family in COHERES or (
             family == "stablelm" and getattr(cfg, "use_parallel_residual", False)) else ""
-        granite = {k: _multiplier(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
+        granite = {k: positive_number(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
                                                     "residual_multiplier", "logits_scaling")} \
             if family == "granite" else {}
         return cls(
@@ -200,7 +165,7 @@ class ModelArgs:
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             rms_eps=cfg.layer_norm_eps if family in (*COHERES, "phi", "stablelm") else
-            cfg.norm_epsilon if family == "starcoder2" else cfg.rms_norm_eps,
+            cfg.norm_epsilon if family == "starcoder2" else cfg.norm_eps if family == "nemotron" else cfg.rms_norm_eps,
             tie_embeddings=tie,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -209,12 +174,12 @@ class ModelArgs:
                 family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))) or (
                 family in ("phi", "stablelm") and bool(getattr(cfg, "qk_layernorm", False))),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
-            clip_qkv=_clip_qkv(cfg) if family == "olmoe" else 0.0,
+            clip_qkv=clip_qkv(cfg) if family == "olmoe" else 0.0,
             fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
             sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
-            activation=_activation(cfg, family),
-            norm_unit_offset=gemma,
+            activation=mlp_activation(cfg, family),
+            norm_unit_offset=gemma or family == "nemotron",
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
                                     else "glm4" if family == "glm4" else "parallel" if parallel else "pre"],
@@ -231,14 +196,14 @@ class ModelArgs:
             rope_tables_float32=family in (*OLMOS, "ernie4_5"),
             qk_norm_after_rope=family == "hunyuan",
             parallel_block=parallel,
-            logit_scale=_multiplier(cfg, "logit_scale") if family in COHERES else 1.0,
+            logit_scale=positive_number(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
             local_rope=family in LOCAL_ROPE,
             long_rope_from=long_rope_from,
             no_rope_layers=no_rope_layers(cfg, family, n_layers),
-            attn_softcap=_softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
-            final_softcap=_softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
+            attn_softcap=softcap(cfg, "attn_logit_softcapping") if family == "gemma2" else 0.0,
+            final_softcap=softcap(cfg, "final_logit_softcapping") if final_cap else 0.0,
             residual_scale=granite.get("residual_multiplier", 1.0),
             logits_divisor=granite.get("logits_scaling", 1.0),
             multimodal=multimodal,
@@ -317,76 +282,3 @@ def _family(cfg) -> tuple[str, str]:
         raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
                                     f"{sorted([*ARCHITECTURES, *TEXT_OF_MULTIMODAL])}")
     return ARCHITECTURES[arch], arch
-
-
-def _biases(cfg, family: str) -> tuple[bool, bool, bool]:
-    """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
-    Qwen3, Gemma, OLMo, OLMoE, SmolLM3 and Cohere; none on attention for Mistral, Ministral, Phi-3 and EXAONE 4;
-    Qwen2's on q/k/v always, GLM's and Helium's on q/k/v where attention_bias says (Helium's MLP's
-    where mlp_bias does), ERNIE 4.5's everywhere where use_bias does; Seed-OSS's on q/k/v where
-    attention_bias says and on o where attention_out_bias does; mlp_bias for Llama, Granite,
-    SmolLM3 and Seed-OSS."""
-    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", "hunyuan", *GEMMAS, *WHOLE_QK_NORMS,
-                      *COHERES) \
-        and bool(getattr(cfg, "attention_bias", False))
-    if family == "qwen2":
-        return True, False, False
-    if family in GLMS:  # (attention_bias is on by default in their configs)
-        return bool(getattr(cfg, "attention_bias", True)), False, False
-    if family in ("ernie4_5", "starcoder2"):
-        return (bool(getattr(cfg, "use_bias", family == "starcoder2")),) * 3
-    if family == "phi":  # (every projection's)
-        return True, True, True
-    if family == "stablelm":
-        return bool(getattr(cfg, "use_qkv_bias", False)), False, False
-    if family == "helium":
-        return bool(getattr(cfg, "attention_bias", False)), False, bool(getattr(cfg, "mlp_bias", False))
-    o_bias = bool(getattr(cfg, "attention_out_bias", False)) if family == "seed_oss" else attn
-    mlp = family in ("llama", "granite", "smollm3", "seed_oss") and bool(getattr(cfg, "mlp_bias", False))
-    return attn, o_bias, mlp
-
-
-def _activation(cfg, family: str) -> str:
-    """The MLP's activation, as transformers reads it for the family (caraserve.model.layers.activation)."""
-    if family == "phi":  # (its MLP takes any of transformers' activations: these are served)
-        act = getattr(cfg, "hidden_act", None)
-        served = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-        if act not in served:
-            raise UnsupportedModelError(f"hidden_act={act!r} is not supported for phi; supported: {', '.join(served)}")
-        return served[act]
-    if family in (*GEMMAS, "starcoder2"):
-        field = "hidden_act" if family in ("gemma", "starcoder2") else "hidden_activation"
-        act = getattr(cfg, field, None)
-        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise UnsupportedModelError(f"{field}={act!r} is not supported: the MLP computes GELU's tanh form "
-                                        "(gelu_pytorch_tanh)")
-        return "gelu_tanh"
-    act = getattr(cfg, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UnsupportedModelError(f"hidden_act={act!r} is not supported: the MLP computes SiLU (silu)")
-    return "silu"
-
-
-def _multiplier(cfg, field: str) -> float:
-    value = getattr(cfg, field, 1.0)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise UnsupportedModelError(f"{field}={value!r} must be a positive number")
-    return float(value)
-
-
-def _softcap(cfg, field: str) -> float:
-    value = getattr(cfg, field, None)
-    if value is None:
-        return 0.0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise UnsupportedModelError(f"{field}={value!r} must be a positive number or null")
-    return float(value)
-
-
-def _clip_qkv(cfg) -> float:
-    value = getattr(cfg, "clip_qkv", None)
-    if value is None:
-        return 0.0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise UnsupportedModelError(f"clip_qkv={value!r} must be a positive number or null")
-    return float(value)

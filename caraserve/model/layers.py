@@ -12,13 +12,14 @@ from caraserve import cpu_kernels, kernel_library
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 # model types whose attention turns the first partial_rotary_factor of each head and passes the rest
-PARTIAL_ROPE = ("phi3", "glm", "glm4", "phi", "stablelm")
+PARTIAL_ROPE = ("phi3", "glm", "glm4", "phi", "stablelm", "nemotron")
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     """The MLP's activation of x, in x's dtype, as transformers computes it: silu; gelu_tanh
     (torch's tanh form, gelu_pytorch_tanh); gelu_new (the same curve written out in tensor ops,
-    Phi's: its roundings differ from gelu_tanh's); gelu (the exact erf form)."""
+    Phi's: its roundings differ from gelu_tanh's); gelu (the exact erf form); relu2 (relu(x)^2:
+    Nemotron, Arcee)."""
     if name == "silu":
         return F.silu(x)
     if name == "gelu_tanh":
@@ -27,6 +28,8 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
     if name == "gelu":
         return F.gelu(x)
+    if name == "relu2":
+        return torch.square(F.relu(x))
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -111,19 +114,22 @@ def layer_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight:
 class LayerNorm(nn.Module):
     """A LayerNorm with the residual add before it, in torch ops: Cohere's (`layer_norm_reference`,
     no bias; `shape` (heads, head_dim) gives each head weights of its own, Cohere's q/k norms), or
-    with `torch_form` torch's own, with a bias (StarCoder2's nn.LayerNorm)."""
+    with `torch_form` torch's own, with a bias (StarCoder2's nn.LayerNorm), its weight 1's offset
+    with `unit_offset` (Nemotron's LayerNorm1P: w + 1 in the weight's dtype)."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float, torch_form: bool = False):
+    def __init__(self, shape: int | tuple[int, ...], eps: float, torch_form: bool = False, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape)) if torch_form else None
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bias is None:
             return layer_norm_reference(x, residual, self.weight, self.eps)
         r = residual if x is None else residual + x
-        return F.layer_norm(r, self.weight.shape, self.weight, self.bias, self.eps), r
+        weight = self.weight + 1.0 if self.unit_offset else self.weight
+        return F.layer_norm(r, self.weight.shape, weight, self.bias, self.eps), r
 
 
 class HeadLayerNorms(nn.Module):
@@ -145,7 +151,7 @@ def norm_of(args, shape: int | tuple[int, ...]) -> RMSNorm | LayerNorm:
     """A norm of the model's kind (a ModelArgs' layer_norm, rms_eps, norm_unit_offset and
     norm_float32_weight) over `shape`: Cohere's LayerNorm, else an RMSNorm."""
     if args.layer_norm:
-        return LayerNorm(shape, args.rms_eps, torch_form=args.layer_norm == "torch")
+        return LayerNorm(shape, args.rms_eps, torch_form=args.layer_norm == "torch", unit_offset=args.norm_unit_offset)
     return RMSNorm(shape, args.rms_eps, args.norm_unit_offset, args.norm_float32_weight)
 
 

@@ -146,7 +146,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
 def adapter_config(rng: random.Random, arch: str, layers: int) -> dict:
     """save_peft_adapter keywords of one random adapter for a model of `arch`."""
     names = FUSED if arch == "phi3" else GLM if arch in ("glm", "glm4") else STARCODER2 if arch == "starcoder2" \
-        else PHI if arch == "phi" else SPLIT[:4] if arch in MOE else SPLIT
+        else PHI if arch == "phi" else SPLIT[:4] if arch in MOE else \
+        tuple(m for m in SPLIT if m != "gate_proj") if arch in ("nemotron", "arcee") else SPLIT
     # (all-linear on a mixture-of-experts model adapts its experts, which is refused)
     targets = "all-linear" if rng.random() < 0.2 and arch not in MOE else rng.sample(names, rng.randint(1, len(names)))
     used = names if targets == "all-linear" else targets

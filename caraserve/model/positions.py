@@ -67,9 +67,8 @@ def no_rope_layers(cfg, family: str, n_layers: int) -> tuple[int, ...]:
         if getattr(cfg, "sliding_window", None) is None:
             return ()
         return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention")
-    if family == "cohere2":  # rope on its sliding layers only
-        window = getattr(cfg, "sliding_window", None)
-        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention" or window is None)
+    if family == "cohere2":  # rope on its sliding layers only (sliding_windows refuses them without a window)
+        return tuple(i for i, t in enumerate(cfg.layer_types) if t != "sliding_attention")
     if family != "smollm3":
         return ()
     flags = getattr(cfg, "no_rope_layers", None)

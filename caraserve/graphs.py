@@ -150,7 +150,7 @@ class DecodeGraphs:
         # CUDA: graphs captured over the eager forward (no torch.compile), else compiled ones
         self.capture = capture and self.cuda_graphs
         self.capturer = GraphCapture(self.device)  # (used with capture only)
-        devices = {*model.layer_devices(), model.model.norm.weight.device, model.lm_head.weight.device}
+        devices = {*model.layer_devices(), model.model.norm_device, model.lm_head.weight.device}
         if self.capture and devices != {self.device}:
             # a capture records one device's stream: cross-device copies between layers would not
             # be recorded (or would synchronize), so a placed model gets the compiled variants

@@ -17,7 +17,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma
          "olmo2", "olmo3", "smollm3", "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe",
          "olmoe", "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium",
          "ernie4_5", "starcoder2", "mistral3-mm", "llava-mm",
-         "hunyuan", "qwen2_5_vl-mm", "phi", "stablelm", "nemotron", "arcee")
+         "hunyuan", "qwen2_5_vl-mm", "phi", "stablelm", "nemotron", "arcee", "olmo")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe")
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's checkpoint and adapter names
@@ -75,6 +75,8 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg["hidden_act"] = rng.choice(("gelu_new", "gelu_pytorch_tanh", "gelu"))
     if arch == "stablelm":
         cfg.update(use_qkv_bias=rng.random() < 0.5, use_parallel_residual=rng.random() < 0.5)
+    if arch == "olmo":
+        cfg.update(attention_bias=rng.random() < 0.4, clip_qkv=rng.choice((None, 0.5, 3.0)))
     if arch in ("nemotron", "arcee"):  # (Nemotron's LayerNorms: their eps is norm_eps)
         cfg.update(attention_bias=rng.random() < 0.4, mlp_bias=rng.random() < 0.4, norm_eps=cfg["rms_norm_eps"],
                    hidden_act=rng.choice(("relu2", "relu2", "gelu_new", "silu")))

@@ -43,6 +43,7 @@ _HF_CLASSES = {
     "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
     "nemotron": ("NemotronConfig", "NemotronForCausalLM"),
     "arcee": ("ArceeConfig", "ArceeForCausalLM"),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM"),
     "gemma3-mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
     "mistral3-mm": ("MistralConfig", "Mistral3ForConditionalGeneration"),
     "llava-mm": ("Qwen2Config", "LlavaForConditionalGeneration"),
@@ -69,7 +70,7 @@ def save_random_hf_model(folder, arch: str = "llama", seed: int = 0, **overrides
     if arch in ("phi3", "gemma", "gemma2", "gemma3", "gemma3-mm", "mistral3-mm", "olmo2", "olmo3", "smollm3",
                 "ministral", "exaone4", "seed_oss", "mixtral", "qwen3_moe", "olmoe",
                 "qwen2_moe", "granitemoe", "glm", "glm4", "cohere", "cohere2", "helium", "ernie4_5",
-                "starcoder2", "hunyuan", "phi", "stablelm", "nemotron", "arcee"):
+                "starcoder2", "hunyuan", "phi", "stablelm", "nemotron", "arcee", "olmo"):
         # their defaults name token ids past this vocabulary, heads of 256, or no head_dim (Ministral)
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
     if arch in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe"):  # 4 experts of 32, two a token

@@ -123,6 +123,9 @@ CONFIGS = {
     "arcee": ("arcee", {"attention_bias": True, "mlp_bias": True}),
     "arcee-yarn": ("arcee", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                                  "original_max_position_embeddings": 64}}),
+    # OLMo (1): LayerNorms without weight or bias, q/k/v clipped, biases on attention
+    "olmo": ("olmo", {"clip_qkv": 0.3, "attention_bias": True}),
+    "olmo-tied": ("olmo", {"tie_word_embeddings": True}),
     # Mistral's layers, a window on layer 1 only
     "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]}),
 }

@@ -26,7 +26,7 @@ computed on the CPU while the adapter is copied.
   residual, o named dense, a head with a bias; StableLM: LayerNorms per q/k head, parallel layers;
   both turn part of each head.
 - Nemotron: LayerNorms of weights 1's offset, an MLP without a gate (ReLU²); Arcee: Llama's
-  layers with that MLP.
+  layers with that MLP; OLMo: LayerNorms without parameters, q/k/v clipped.
 - EXAONE 4: OLMo 2's norms, per-head q/k norms, full-attention layers without rotary beside
   sliding ones; Seed-OSS: Llama's layers, o's bias apart from q/k/v's."""
 
@@ -202,6 +202,11 @@ MODELS = {  # arch -> (model overrides, adapters)
         "ko-r8": dict(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "down_proj"]),
         "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
     }),
+    # OLMo (1): LayerNorms without parameters, q/k/v clipped
+    "olmo": ({"clip_qkv": 0.5}, {
+        "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"]),
+        "all-r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    }),
     # HunYuan: per-head q/k norms after rope, its fixed NTK alpha
     "hunyuan": ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 100.0, "factor": 1.0}}, {
         "qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
@@ -221,7 +226,7 @@ WINDOWS = {"qwen3": (None, 8), "phi3": (8, 8), "gemma": (None, None), "gemma2": 
            "cohere": (None, None), "cohere2": (8, None), "helium": (None, None), "ernie4_5": (None, None),
            "starcoder2": (8, 8), "mistral3-mm": (8, 8), "hunyuan": (None, None),
            "qwen2_5_vl-mm": (None, None), "phi": (None, None), "stablelm": (None, None),
-           "nemotron": (None, None), "arcee": (None, None)}
+           "nemotron": (None, None), "arcee": (None, None), "olmo": (None, None)}
 QK_NORM = ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "exaone4", "qwen3_moe", "olmoe", "cohere", "hunyuan",
            "phi", "stablelm")
 NO_ROPE = {"smollm3": (1,), "exaone4": (1,), "cohere2": (1,)}
@@ -271,7 +276,8 @@ def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mo
     assert args.parallel_block == ("outputs_first" if arch == "phi" else
                                    "residual_first" if arch in ("cohere", "cohere2", "stablelm") else "")
     assert args.layer_norm == ("cohere" if arch in ("cohere", "cohere2") else
-                               "torch" if arch in ("starcoder2", "phi", "stablelm", "nemotron") else "")
+                               "torch" if arch in ("starcoder2", "phi", "stablelm", "nemotron") else
+                               "plain" if arch == "olmo" else "")
     assert args.mlp_gated == (arch not in ("starcoder2", "phi", "nemotron", "arcee"))
     assert (args.layer_norms[0] is None) == (arch in ("olmo2", "olmo3", "exaone4"))  # no norm before attention
     assert args.no_rope_layers == NO_ROPE.get(arch, ())

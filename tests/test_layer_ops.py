@@ -225,11 +225,13 @@ def test_triton_rotary_write_kv_equals_the_reference(layer_ops_triton, dtype, ro
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_norm_forms_and_activations_equal_transformers(dtype):
-    """Phi's, StableLM's and Nemotron's norms and the plain MLPs' activations against transformers'
-    modules, bit for bit: torch's LayerNorm with a bias; Nemotron's LayerNorm1P (w + 1 in the
-    weight's dtype); StableLM's LayerNorm per head; gelu_new and ReLU² (transformers' ACT2FN)."""
+    """Phi's, StableLM's, Nemotron's and OLMo's norms and the plain MLPs' activations against
+    transformers' modules, bit for bit: torch's LayerNorm with a bias; Nemotron's LayerNorm1P (w + 1
+    in the weight's dtype); OLMo's without parameters; StableLM's LayerNorm per head; gelu_new and
+    ReLU² (transformers' ACT2FN)."""
     from transformers.activations import ACT2FN
     from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
     from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
 
     from caraserve.model.layers import HeadLayerNorms, LayerNorm, activation
@@ -237,7 +239,7 @@ def test_layer_norm_forms_and_activations_equal_transformers(dtype):
     g = torch.Generator().manual_seed(5)
     x, r = (torch.randn(7, 3, 16, generator=g).mul(3).to(dtype) for _ in range(2))
     for unit_offset, hf_norm in ((False, torch.nn.LayerNorm(16, eps=1e-5)), (True, NemotronLayerNorm1P(16, eps=1e-5))):
-        ours = LayerNorm(16, 1e-5, torch_form=True, unit_offset=unit_offset).to(dtype)
+        ours = LayerNorm(16, 1e-5, "torch", unit_offset=unit_offset).to(dtype)
         with torch.no_grad():
             for p in (*ours.parameters(), *hf_norm.parameters()):
                 p.copy_(torch.randn(16, generator=g).to(dtype))
@@ -245,6 +247,8 @@ def test_layer_norm_forms_and_activations_equal_transformers(dtype):
             hf_norm.bias.copy_(ours.bias)
             out, summed = ours(x, r)
             assert torch.equal(summed, r + x) and torch.equal(out, hf_norm.to(dtype)(r + x))
+    out, _ = LayerNorm(16, 1e-5, "plain")(None, x)  # OLMo's: no weight or bias, float32 inside
+    assert torch.equal(out, OlmoLayerNorm(16)(x)) and not list(LayerNorm(16, 1e-5, "plain").parameters())
     heads = StableLmLayerNormPerHead(16, 3, eps=1e-5).to(dtype)
     ours = HeadLayerNorms(3, 16, 1e-5).to(dtype)
     with torch.no_grad():

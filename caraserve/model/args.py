@@ -87,11 +87,12 @@ class ModelArgs:
     norm_unit_offset: bool = False
     embed_scale: float = 1.0  # the embeddings times this, rounded to the dtype (Gemma: sqrt(hidden); Granite's)
     qk_norm_per_head: bool = True  # the q/k norms span one head (Qwen3, Gemma 3), else all heads (OLMo 2, OLMoE)
-    clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMoE); 0: none
+    clip_qkv: float = 0.0  # queries, keys and values clamped to [-c, c] after the norms (OLMo, OLMoE); 0: none
     layer_norms: tuple[str | None, ...] = LAYER_NORMS["pre"]  # a layer's norms: LAYER_NORMS
     rope_interleaved: bool = False  # rope turns the pairs (2i, 2i + 1) of a head, not (i, i + r/2) (GLM, Cohere)
-    # the norms' kind: "" RMSNorms; "cohere" Cohere's LayerNorms without bias; "torch" torch's
-    # LayerNorm with bias (StarCoder2, Phi, StableLM)
+    # the norms' kind: "" RMSNorms; else a LayerNorm's kind (layers.LayerNorm): "cohere" Cohere's
+    # without bias; "torch" torch's with bias (StarCoder2, Phi, StableLM, Nemotron); "plain" without
+    # weight or bias (OLMo)
     layer_norm: str = ""
     mlp_gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x))) (StarCoder2, Phi)
     renamed: tuple[tuple[str, str], ...] = ()  # (checkpoint name, ours) of projections named otherwise (RENAMED)
@@ -165,7 +166,8 @@ class ModelArgs:
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             rms_eps=cfg.layer_norm_eps if family in (*COHERES, "phi", "stablelm") else
-            cfg.norm_epsilon if family == "starcoder2" else cfg.norm_eps if family == "nemotron" else cfg.rms_norm_eps,
+            cfg.norm_epsilon if family == "starcoder2" else cfg.norm_eps if family == "nemotron" else
+            1e-5 if family == "olmo" else cfg.rms_norm_eps,  # (OLMo's LayerNorms: a fixed eps)
             tie_embeddings=tie,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -174,7 +176,7 @@ class ModelArgs:
                 family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))) or (
                 family in ("phi", "stablelm") and bool(getattr(cfg, "qk_layernorm", False))),
             qk_norm_per_head=family not in WHOLE_QK_NORMS,
-            clip_qkv=clip_qkv(cfg) if family == "olmoe" else 0.0,
+            clip_qkv=clip_qkv(cfg) if family in ("olmoe", "olmo") else 0.0,
             fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
             sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
@@ -184,7 +186,8 @@ class ModelArgs:
             layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
                                     else "glm4" if family == "glm4" else "parallel" if parallel else "pre"],
             rope_interleaved=family in INTERLEAVED_ROPE,
-            layer_norm="cohere" if family in COHERES else "torch" if family in TORCH_LAYER_NORMS else "",
+            layer_norm="cohere" if family in COHERES else "torch" if family in TORCH_LAYER_NORMS else
+            "plain" if family == "olmo" else "",
             mlp_gated=family not in PLAIN_MLPS,
             renamed=tuple(RENAMED.get(family, {}).items()),
             peft_default_targets=PEFT_DEFAULT_TARGETS.get(family),

@@ -56,6 +56,7 @@ ARCHITECTURES = {
     "StableLmForCausalLM": "stablelm",
     "NemotronForCausalLM": "nemotron",
     "ArceeForCausalLM": "arcee",
+    "OlmoForCausalLM": "olmo",
 }
 # mixture-of-experts families -> the family whose attention and norms they share (OLMoE's own:
 # Llama's layers with q/k norms over all heads and clipped q/k/v)
@@ -74,14 +75,14 @@ INTERLEAVED_ROPE = (*GLMS, *COHERES, "helium", "ernie4_5")
 
 def biases(cfg, family: str) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers reads them: attention_bias on q/k/v and o for Llama,
-    Qwen3, Gemma, OLMo, OLMoE, SmolLM3, Cohere, HunYuan, Nemotron and Arcee; none on attention for
+    Qwen3, Gemma, OLMo (1-3), OLMoE, SmolLM3, Cohere, HunYuan, Nemotron and Arcee; none on attention for
     Mistral, Ministral, Phi-3 and EXAONE 4; Qwen2's on q/k/v always, GLM's and Helium's on q/k/v
     where attention_bias says (Helium's MLP's where mlp_bias does), ERNIE 4.5's and StarCoder2's
     everywhere where use_bias does, Phi's everywhere, StableLM's on q/k/v where use_qkv_bias says;
     Seed-OSS's on q/k/v where attention_bias says and on o where attention_out_bias does; mlp_bias
     for Llama, Granite, SmolLM3, Seed-OSS, Nemotron and Arcee."""
-    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", "hunyuan", "nemotron", "arcee", *GEMMAS,
-                      *WHOLE_QK_NORMS, *COHERES) \
+    attn = family in ("llama", "qwen3", "granite", "smollm3", "seed_oss", "hunyuan", "nemotron", "arcee", "olmo",
+                      *GEMMAS, *WHOLE_QK_NORMS, *COHERES) \
         and bool(getattr(cfg, "attention_bias", False))
     if family == "qwen2":
         return True, False, False

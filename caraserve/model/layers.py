@@ -112,24 +112,29 @@ def layer_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight:
 
 
 class LayerNorm(nn.Module):
-    """A LayerNorm with the residual add before it, in torch ops: Cohere's (`layer_norm_reference`,
-    no bias; `shape` (heads, head_dim) gives each head weights of its own, Cohere's q/k norms), or
-    with `torch_form` torch's own, with a bias (StarCoder2's nn.LayerNorm), its weight 1's offset
-    with `unit_offset` (Nemotron's LayerNorm1P: w + 1 in the weight's dtype)."""
+    """A LayerNorm with the residual add before it, in torch ops, of one of three kinds:
+    "cohere" (`layer_norm_reference`, no bias; `shape` (heads, head_dim) gives each head weights of
+    its own, Cohere's q/k norms); "torch", torch's own with a bias (StarCoder2's nn.LayerNorm), its
+    weight 1's offset with `unit_offset` (Nemotron's LayerNorm1P: w + 1 in the weight's dtype);
+    "plain", torch's without weight or bias, in float32, rounded once (OLMo's)."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float, torch_form: bool = False, unit_offset: bool = False):
+    def __init__(self, shape: int | tuple[int, ...], eps: float, kind: str = "cohere", unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(shape))
-        self.bias = nn.Parameter(torch.zeros(shape)) if torch_form else None
-        self.eps = eps
-        self.unit_offset = unit_offset
+        if kind not in ("cohere", "torch", "plain"):
+            raise ValueError(f"LayerNorm kind {kind!r}: expected cohere, torch or plain")
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.weight = nn.Parameter(torch.ones(shape)) if kind != "plain" else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if kind == "torch" else None
+        self.kind, self.eps, self.unit_offset = kind, eps, unit_offset
 
     def forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bias is None:
+        if self.kind == "cohere":
             return layer_norm_reference(x, residual, self.weight, self.eps)
         r = residual if x is None else residual + x
+        if self.kind == "plain":
+            return F.layer_norm(r.to(torch.float32), self.shape, None, None, self.eps).to(r.dtype), r
         weight = self.weight + 1.0 if self.unit_offset else self.weight
-        return F.layer_norm(r, self.weight.shape, weight, self.bias, self.eps), r
+        return F.layer_norm(r, self.shape, weight, self.bias, self.eps), r
 
 
 class HeadLayerNorms(nn.Module):
@@ -151,7 +156,7 @@ def norm_of(args, shape: int | tuple[int, ...]) -> RMSNorm | LayerNorm:
     """A norm of the model's kind (a ModelArgs' layer_norm, rms_eps, norm_unit_offset and
     norm_float32_weight) over `shape`: Cohere's LayerNorm, else an RMSNorm."""
     if args.layer_norm:
-        return LayerNorm(shape, args.rms_eps, torch_form=args.layer_norm == "torch", unit_offset=args.norm_unit_offset)
+        return LayerNorm(shape, args.rms_eps, args.layer_norm, args.norm_unit_offset)
     return RMSNorm(shape, args.rms_eps, args.norm_unit_offset, args.norm_float32_weight)
 
 

@@ -136,6 +136,12 @@ class Decoder(nn.Module):
         """The norm before the head."""
         return self._modules[self.final_norm]
 
+    @property
+    def norm_device(self) -> torch.device:
+        """Where the norm before the head runs: its weights', or the last layer's (OLMo's norm has none)."""
+        weight = next(iter(self.norm.parameters()), None)
+        return self.layers[-1].device if weight is None else weight.device
+
 
 class CausalLM(nn.Module):
     """The decoder plus LM head. `forward` returns logits of each sequence's last token (or of
@@ -264,7 +270,7 @@ class CausalLM(nn.Module):
             fbd, ropes = batches[dev]
             cos, sin = ropes[layer.self_attn.rope]
             h, residual = layer(None if h is None else h.to(dev), residual.to(dev), cos, sin, fbd, cache)
-        dev = self.model.norm.weight.device
+        dev = self.model.norm_device
         h, residual = h.to(dev), residual.to(dev)
         if fb.logit_rows is not None or (not all_logits and not fb.is_decode):
             rows = (fb.last_rows if fb.logit_rows is None else fb.logit_rows).to(dev)

@@ -30,6 +30,9 @@ from tqdm import tqdm
 
 from caraserve.config import AdapterConfig, ConfigError, EngineConfig, ModelConfig
 from caraserve.engine import Engine
+from caraserve.model.args import ModelArgs
+from caraserve.model.loader import load_hf_config
+from caraserve.model.tiny import resolve_paths
 from caraserve.perf.model import DecodeFeatures, PerfModel, PrefillFeatures, make_header
 from caraserve.profiling.cli_args import output_file, positive_int, positive_ints
 from caraserve.profiling.decode import rank_mixes, sweep
@@ -105,12 +108,14 @@ def main() -> int:
     except argparse.ArgumentTypeError as e:
         ap.error(f"the default output: {e} (choose another with --out)")
     try:
+        # before the engine, whose KV cache is sized for the longest prompts
+        positions = model_positions(args.model)
+        if max(tokens) + args.decode_steps + len(tokens) + 8 > positions:
+            ap.error(f"argument --prompt-tokens: {max(tokens)} tokens and the decode steps after them do not fit the "
+                     f"{positions} positions a request of this model may hold")
         engine = make_engine(args, sizes, tokens)
     except ConfigError as e:
         ap.error(str(e))
-    if max(tokens) + args.decode_steps + len(tokens) + 8 > engine.max_seq_len:
-        ap.error(f"argument --prompt-tokens: {max(tokens)} tokens and the decode steps after them do not fit the "
-                 f"{engine.max_seq_len} positions a request of this model may hold")
     total = len(rank_mixes(ranks)) * len(sizes) * len(tokens)
     with tqdm(total=total, desc="latency sweep", file=sys.stderr) as bar:
         rows = sweep(engine, sizes, ranks, tokens, args.decode_steps, bar)
@@ -144,6 +149,12 @@ def refit(ap, source: Path, out: Path) -> int:
         ap.error(f"argument --refit: {source} is not a profile this script wrote ({type(e).__name__}: {e})")
     header["refit"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return write(ap, header, rows, out)
+
+
+def model_positions(model: str) -> int:
+    """The positions a request of the model may hold (its config's max_position_embeddings)."""
+    path, _ = resolve_paths(EngineConfig(model=ModelConfig(path=model), adapters=AdapterConfig(dir="none")))
+    return ModelArgs.from_hf(load_hf_config(path)).max_position  # (a ConfigError names what is wrong)
 
 
 def make_engine(args, sizes: list[int], tokens: list[int]) -> Engine:

@@ -264,8 +264,26 @@ def make_engine(root, slots=2, device="cpu", **kw) -> Engine:
                                max_batch_size=8, max_seq_len=64, device=device, **kw))
 
 
-@pytest.mark.parametrize("compile_mode, kv_blocks", [("false", 0), ("false", 6), ("true", 6)])
-def test_greedy_matches_transformers_peft(model, reference, tmp_path, compile_mode, kv_blocks):
+@pytest.mark.parametrize("kv_blocks", [0, 6])
+def test_greedy_matches_transformers_peft(model, reference, tmp_path, kv_blocks):
+    _check_engine(model, reference, tmp_path, "false", kv_blocks)
+
+
+# compiled steps of every architecture (a compile takes 5-15 s): these few in the quick run, the
+# others marked slow
+COMPILED_QUICK = ("phi3", "gemma2", "mixtral", "cohere", "phi")
+
+
+@pytest.mark.parametrize("model", [pytest.param(a, marks=() if a in COMPILED_QUICK else pytest.mark.slow)
+                                   for a in sorted(MODELS)], indirect=True)
+def test_compiled_greedy_matches_transformers_peft(model, reference, tmp_path):
+    """Compiled steps, with a KV budget that preempts."""
+    _check_engine(model, reference, tmp_path, "true", 6)
+
+
+def _check_engine(model, reference, tmp_path, compile_mode: str, kv_blocks: int) -> None:
+    """The engine reads the model's configuration as its architecture says, and its greedy tokens
+    are transformers + peft's."""
     arch, root, adapters = model
     kv = dict(kv_block_size=4, num_kv_blocks=kv_blocks) if kv_blocks else {}
     engine = make_engine(root, compile=compile_mode, compile_cache_dir=str(tmp_path), **kv)

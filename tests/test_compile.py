@@ -83,6 +83,7 @@ def test_bucket_helpers():
         bucket_up(7, batch_buckets(6))
 
 
+@pytest.mark.slow
 def test_compiled_decode_equals_eager_and_persists(small, tmp_path):
     prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23], [1]]
     adapters = ["r8", None, "r20", "r8"]
@@ -187,6 +188,7 @@ def test_cpu_with_several_threads_compiles_lora_steps(small, tmp_path):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_compiled_bgmv_form_equals_eager(small, tmp_path):
     """The GPU form of the compiled LoRA step (BGMV over the rank buckets), run here on CPU."""
     prompts = [[5, 6, 7], [9, 10], [20, 21, 22, 23]]

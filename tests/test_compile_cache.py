@@ -49,6 +49,7 @@ def test_damaged_kernels_are_removed_unless_another_process_builds_them(shared_o
     assert drop_damaged_kernels(inductor) == [busy]
 
 
+@pytest.mark.slow
 def test_unreadable_artifacts_and_a_failed_save_are_warnings(tmp_path, caplog):
     file = tmp_path / "cache" / "decode-x.bin"
     file.parent.mkdir()

@@ -130,6 +130,7 @@ def _generate(tmp_path: Path, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, **popen)
 
 
+@pytest.mark.slow
 def test_generate_script_takes_batch_files_and_refuses_bad_settings(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(_line("chat", "/v1/chat/completions", CHAT) + "\n" + _line("text", "/v1/completions",

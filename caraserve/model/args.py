@@ -13,20 +13,15 @@ from caraserve.model.families import (  # noqa: F401  (ARCHITECTURES: the served
     ARCHITECTURES,
     COHERES,
     GEMMAS,
-    GLMS,
     INTERLEAVED_ROPE,
     MOE_BASES,
     OLMOS,
-    PEFT_DEFAULT_TARGETS,
-    PLAIN_MLPS,
     POST_NORMS,
-    RENAMED,
-    TORCH_LAYER_NORMS,
-    WHOLE_QK_NORMS,
     biases,
     clip_qkv,
-    mlp_activation,
+    norm_fields,
     positive_number,
+    projection_fields,
     softcap,
 )
 from caraserve.model.moe_args import MoeArgs, moe_args
@@ -95,7 +90,7 @@ class ModelArgs:
     # weight or bias (OLMo)
     layer_norm: str = ""
     mlp_gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x))) (StarCoder2, Phi)
-    renamed: tuple[tuple[str, str], ...] = ()  # (checkpoint name, ours) of projections named otherwise (RENAMED)
+    renamed: tuple[tuple[str, str], ...] = ()  # (checkpoint name, ours): families.RENAMED
     peft_default_targets: tuple[str, ...] | None = None  # PEFT's target_modules for a config naming none
     final_norm: str = "norm"  # the checkpoint's name of the norm before the head (Phi's final_layernorm)
     head_bias: bool = False  # the LM head has a bias (Phi)
@@ -150,9 +145,6 @@ class ModelArgs:
         # Gemma 2 caps attention scores and logits; transformers' Gemma 3 reads only the logits'
         # cap (its attention ignores attn_logit_softcapping), and so does this
         final_cap = family in ("gemma2", "gemma3")
-        # attention and the MLP of one norm (PARALLEL_SUMS): Cohere's, Phi's, StableLM's where use_parallel_residual
-        parallel = "outputs_first" if family == "phi" else "residual_first" if family in COHERES or (
-            family == "stablelm" and getattr(cfg, "use_parallel_residual", False)) else ""
         granite = {k: positive_number(cfg, k) for k in ("embedding_multiplier", "attention_multiplier",
                                                     "residual_multiplier", "logits_scaling")} \
             if family == "granite" else {}
@@ -165,40 +157,17 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            rms_eps=cfg.layer_norm_eps if family in (*COHERES, "phi", "stablelm") else
-            cfg.norm_epsilon if family == "starcoder2" else cfg.norm_eps if family == "nemotron" else
-            1e-5 if family == "olmo" else cfg.rms_norm_eps,  # (OLMo's LayerNorms: a fixed eps)
             tie_embeddings=tie,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=family in ("qwen3", "gemma3", "exaone4", "hunyuan", *WHOLE_QK_NORMS) or (
-                family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))) or (
-                family in ("phi", "stablelm") and bool(getattr(cfg, "qk_layernorm", False))),
-            qk_norm_per_head=family not in WHOLE_QK_NORMS,
             clip_qkv=clip_qkv(cfg) if family in ("olmoe", "olmo") else 0.0,
-            fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
             sliding_windows=windows,
             max_position=getattr(cfg, "max_position_embeddings", 2048),
-            activation=mlp_activation(cfg, family),
-            norm_unit_offset=gemma or family == "nemotron",
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
-            layer_norms=LAYER_NORMS["sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS
-                                    else "glm4" if family == "glm4" else "parallel" if parallel else "pre"],
             rope_interleaved=family in INTERLEAVED_ROPE,
-            layer_norm="cohere" if family in COHERES else "torch" if family in TORCH_LAYER_NORMS else
-            "plain" if family == "olmo" else "",
-            mlp_gated=family not in PLAIN_MLPS,
-            renamed=tuple(RENAMED.get(family, {}).items()),
-            peft_default_targets=PEFT_DEFAULT_TARGETS.get(family),
-            final_norm="final_layernorm" if family == "phi" else "norm",
-            head_bias=family == "phi",
-            qk_norm_head_weights=family in ("cohere", "stablelm"),
-            norm_float32_weight=family in (*OLMOS, "helium"),
             rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
             rope_tables_float32=family in (*OLMOS, "ernie4_5"),
-            qk_norm_after_rope=family == "hunyuan",
-            parallel_block=parallel,
             logit_scale=positive_number(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),
@@ -211,6 +180,9 @@ class ModelArgs:
             logits_divisor=granite.get("logits_scaling", 1.0),
             multimodal=multimodal,
             moe=moe,
+            **_layout(cfg, family),
+            **norm_fields(cfg, family),
+            **projection_fields(cfg, family),
         )
 
     @property
@@ -262,6 +234,16 @@ class ModelArgs:
     def checkpoint_name(self, ours: str) -> str:
         """The checkpoint's name of our projection `ours` (Phi's dense for o_proj)."""
         return {o: theirs for theirs, o in self.renamed}.get(ours, ours)
+
+
+def _layout(cfg, family: str) -> dict:
+    """ModelArgs' layer_norms and parallel_block: where a layer's norms sit, and whether attention
+    and the MLP read one norm (PARALLEL_SUMS: Cohere's, Phi's, StableLM's where use_parallel_residual)."""
+    parallel = "outputs_first" if family == "phi" else "residual_first" if family in COHERES or (
+        family == "stablelm" and getattr(cfg, "use_parallel_residual", False)) else ""
+    layout = "sandwich" if family in ("gemma2", "gemma3") else "post" if family in POST_NORMS else \
+        "glm4" if family == "glm4" else "parallel" if parallel else "pre"
+    return dict(layer_norms=LAYER_NORMS[layout], parallel_block=parallel)
 
 
 def text_config_of(cfg):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from caraserve.config_checks import UnsupportedModelError
+from caraserve.lora.module_patterns import FUSED_PARTS
 
 # projections the checkpoint (and its adapters) name otherwise than we do, theirs -> ours: the MLPs
 # without a gate (StarCoder2's c_fc / c_proj, Phi's fc1 / fc2: up and down) and Phi's attention output
@@ -71,6 +72,40 @@ GLMS = ("glm", "glm4")  # q/k/v bias, gate/up fused in the checkpoint, rope over
 COHERES = ("cohere", "cohere2")
 # rope over the pairs (2i, 2i + 1) of a head (GLM's, Cohere's; Helium and ERNIE 4.5: Llama's layers otherwise)
 INTERLEAVED_ROPE = (*GLMS, *COHERES, "helium", "ernie4_5")
+
+
+def norm_fields(cfg, family: str) -> dict:
+    """ModelArgs' fields of the family's norms: their kind, eps and forms, the final one's name,
+    and the q/k norms."""
+    return dict(
+        rms_eps=cfg.layer_norm_eps if family in (*COHERES, "phi", "stablelm") else
+        cfg.norm_epsilon if family == "starcoder2" else cfg.norm_eps if family == "nemotron" else
+        1e-5 if family == "olmo" else cfg.rms_norm_eps,  # (OLMo's LayerNorms: a fixed eps)
+        layer_norm="cohere" if family in COHERES else "torch" if family in TORCH_LAYER_NORMS else
+        "plain" if family == "olmo" else "",
+        norm_unit_offset=family in (*GEMMAS, "nemotron"),
+        norm_float32_weight=family in (*OLMOS, "helium"),
+        final_norm="final_layernorm" if family == "phi" else "norm",
+        qk_norm=family in ("qwen3", "gemma3", "exaone4", "hunyuan", *WHOLE_QK_NORMS) or (
+            family == "cohere" and bool(getattr(cfg, "use_qk_norm", False))) or (
+            family in ("phi", "stablelm") and bool(getattr(cfg, "qk_layernorm", False))),
+        qk_norm_per_head=family not in WHOLE_QK_NORMS,
+        qk_norm_head_weights=family in ("cohere", "stablelm"),
+        qk_norm_after_rope=family == "hunyuan",
+    )
+
+
+def projection_fields(cfg, family: str) -> dict:
+    """ModelArgs' fields of the family's projections: fused or renamed in the checkpoint, the MLP's
+    form and activation, the head's bias, PEFT's default targets."""
+    return dict(
+        fused_checkpoint=tuple(FUSED_PARTS) if family == "phi3" else ("gate_up_proj",) if family in GLMS else (),
+        renamed=tuple(RENAMED.get(family, {}).items()),
+        mlp_gated=family not in PLAIN_MLPS,
+        activation=mlp_activation(cfg, family),
+        head_bias=family == "phi",
+        peft_default_targets=PEFT_DEFAULT_TARGETS.get(family),
+    )
 
 
 def biases(cfg, family: str) -> tuple[bool, bool, bool]:

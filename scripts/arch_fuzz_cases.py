@@ -40,15 +40,8 @@ def rope(rng: random.Random, theta: float | None = None) -> dict:
     return out
 
 
-def model_config(rng: random.Random, arch: str) -> dict:
-    """save_random_hf_model overrides of one random model of `arch`."""
-    heads = rng.choice((1, 2, 3, 4, 6))
-    layers = rng.randint(1, 3)
-    hidden = rng.choice([h for h in range(32, 97, 8) if h % heads == 0])  # (Gemma 3 checks it)
-    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
-               num_key_value_heads=rng.choice([d for d in range(1, heads + 1) if heads % d == 0]),
-               head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
-               tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
+def _biases_and_norms(rng: random.Random, arch: str, cfg: dict, hidden: int, heads: int) -> None:
+    """Draws the family's biases, norm options, activation and head size constraints into cfg."""
     gemma3 = arch in ("gemma3", "gemma3-mm")
     if (arch in ("llama", "qwen3", "gemma", "gemma2", "granite", "olmo2", "olmo3", "smollm3", "olmoe", "granitemoe",
                  "hunyuan") or gemma3) \
@@ -84,6 +77,19 @@ def model_config(rng: random.Random, arch: str) -> dict:
         cfg.update(attention_bias=rng.random() < 0.7, attention_out_bias=rng.random() < 0.4)
     if arch in ("llama", "granite", "smollm3", "seed_oss") and rng.random() < 0.3:
         cfg["mlp_bias"] = True
+
+
+def model_config(rng: random.Random, arch: str) -> dict:
+    """save_random_hf_model overrides of one random model of `arch`."""
+    heads = rng.choice((1, 2, 3, 4, 6))
+    layers = rng.randint(1, 3)
+    hidden = rng.choice([h for h in range(32, 97, 8) if h % heads == 0])  # (Gemma 3 checks it)
+    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+               num_key_value_heads=rng.choice([d for d in range(1, heads + 1) if heads % d == 0]),
+               head_dim=rng.choice((8, 12, 16, 24, 32)), intermediate_size=rng.choice((32, 48, 80, 112)),
+               tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice((1e-6, 1e-5)))
+    gemma3 = arch in ("gemma3", "gemma3-mm")
+    _biases_and_norms(rng, arch, cfg, hidden, heads)
     window = rng.randint(3, 8)
     types = [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)]
     if arch in ("mistral", "phi3", "mixtral", "starcoder2", "mistral3-mm") and rng.random() < 0.7:

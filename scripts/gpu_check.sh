@@ -82,10 +82,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
     "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
 if want tests; then
-    # every architecture's eager steps; graphed steps for the two that differ most from Llama's
+    # eager steps of the architectures whose layers differ most from Llama's (Phi: LayerNorms, attention
+    # and MLP on one norm, gelu_new, partial rope); graphed steps for two of them
     ARCH=tests/test_arch_lora.py::test_on_cuda_matches_transformers_peft
     ARCHS="$ARCH[gemma2-true] $ARCH[gemma3-true]"
-    for a in gemma gemma2 gemma3 granite phi3 qwen3; do ARCHS="$ARCHS $ARCH[$a-false]"; done
+    for a in gemma gemma2 gemma3 granite phi3 qwen3 phi; do ARCHS="$ARCHS $ARCH[$a-false]"; done
     run 150 tests "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py tests/test_triton_ops.py \
         tests/test_triton_multi.py tests/test_triton_attention.py tests/test_layer_ops.py $ARCHS
 fi

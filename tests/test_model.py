@@ -194,6 +194,24 @@ def test_bfloat16_norms_and_rope_round_as_the_family_does(tmp_path, monkeypatch,
     assert calls and set(calls) == {(table, f32_rope)}
 
 
+@pytest.mark.parametrize("case", ["phi-qk-norm", "stablelm-parallel", "nemotron", "arcee", "olmo", "olmo-tied",
+                                  "starcoder2"])
+def test_bfloat16_logits_equal_transformers_bit_for_bit(tmp_path, case):
+    """In bfloat16 the LayerNorm families and the MLPs without a gate round as transformers does,
+    against a transformers model loaded in bfloat16 (its rope tables as it keeps them: OLMo's in
+    float32, turned in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    arch, overrides = CONFIGS[case]
+    save_random_hf_model(tmp_path, arch, **overrides)
+    ours = load_model(tmp_path, "bfloat16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    pre, _ = run_prefill_decode(ours, PROMPTS[:1], [[]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(PROMPTS[:1])).logits[0, -1]
+    assert torch.equal(pre[0][-1] if pre[0].dim() == 2 else pre[0], ref)
+
+
 def test_bfloat16_loads_and_runs(tmp_path):
     hf = save_random_hf_model(tmp_path, "llama")
     ours = load_model(tmp_path, "bfloat16")

@@ -166,8 +166,8 @@ class ModelArgs:
             max_position=getattr(cfg, "max_position_embeddings", 2048),
             embed_scale=math.sqrt(cfg.hidden_size) if gemma else granite.get("embedding_multiplier", 1.0),
             rope_interleaved=family in INTERLEAVED_ROPE,
-            rope_float32=family in (*OLMOS, *COHERES, "ernie4_5"),
-            rope_tables_float32=family in (*OLMOS, "ernie4_5"),
+            rope_float32=family in (*OLMOS, "olmo", *COHERES, "ernie4_5"),
+            rope_tables_float32=family in (*OLMOS, "olmo", "ernie4_5"),
             logit_scale=positive_number(cfg, "logit_scale") if family in COHERES else 1.0,
             query_scale=(math.sqrt(head_dim / scalar) if scalar else
                          granite["attention_multiplier"] * math.sqrt(head_dim) if granite else 1.0),

@@ -24,7 +24,7 @@ from caraserve import cpu_kernels, ops  # noqa: F401  (ops registers torch.ops.c
 from caraserve.lora.backend import backend_for, lora_mode
 from caraserve.lora.batch import LoraBatch
 from caraserve.lora.host_memory import usable_memory_bytes
-from caraserve.model.args import ARCHITECTURES, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401
+from caraserve.model.args import ARCHITECTURES, PARALLEL_SUMS, ModelArgs, UnsupportedModelError, text_config_of  # noqa: F401  (ARCHITECTURES: read from here too)
 from caraserve.model.batch import ForwardBatch
 from caraserve.model.layers import LoraLinear, RMSNorm, Rotary, activation, norm_of, rope_inv_freq, rope_long_inv_freq
 from caraserve.model.moe import Experts, SparseMoE
@@ -80,6 +80,8 @@ class DecoderLayer(nn.Module):
             if name is not None:
                 setattr(self, name, norm_of(args, args.hidden_size))
         self.residual_scale = args.residual_scale
+        if args.parallel_block not in ("", *PARALLEL_SUMS):
+            raise ValueError(f"parallel_block={args.parallel_block!r}: expected '' or one of {PARALLEL_SUMS}")
         self.parallel = args.parallel_block
         # the feed-forward under the checkpoint's name: mlp, or Mixtral's block_sparse_moe
         self.ffn_name = args.moe.module if args.moe is not None else "mlp"
